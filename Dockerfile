@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+
+# edgegate container image: cargo-chef for cached dependency builds, a slim
+# Debian runtime. Build: `docker build -t edgegate .` (Fly builds it remotely).
+#
+# The builder is Debian 12 (bookworm) like the runtime, so the binary's glibc
+# (2.36) matches. rust-version in Cargo.toml is 1.94; the image pins 1.95.
+# aws-lc-sys (crypto for rustls and jsonwebtoken) compiles AWS-LC from C
+# sources: the gcc in rust:*-bookworm is enough, no cmake or bindgen needed.
+
+FROM rust:1.95-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.78
+WORKDIR /app
+
+# The recipe holds only manifests and the lock file, so the cook layer below is
+# rebuilt only when dependencies change, not on every source edit.
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+# Queries are plain runtime sqlx::query calls; never reach for a database at
+# build time. migrations/ is embedded by sqlx::migrate! when the crate builds.
+ENV SQLX_OFFLINE=true
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin edgegate
+
+FROM debian:bookworm-slim AS runtime
+# ca-certificates: reqwest's rustls-platform-verifier trusts the system roots.
+# SQLite is bundled into the binary, so nothing else is needed.
+# The CA bundle is deliberately left unpinned: it should track Debian's
+# bookworm security updates, and a pinned version disappears from the archive
+# once superseded, which would break every later build.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 edgegate \
+    && useradd --system --uid 10001 --gid edgegate --home-dir /data \
+        --no-create-home --shell /usr/sbin/nologin edgegate \
+    && mkdir /data \
+    && chown edgegate:edgegate /data
+
+COPY --from=builder /app/target/release/edgegate /usr/local/bin/edgegate
+
+# The default DATABASE_URL (sqlite://edgegate.db) is relative to the working
+# directory, which the non-root user must be able to write. Production sets a
+# Postgres DATABASE_URL instead (a Fly secret).
+WORKDIR /data
+USER 10001:10001
+
+ENV LOG_FORMAT=json \
+    PORT=8080 \
+    HOST=0.0.0.0
+EXPOSE 8080
+
+# edgegate drains in-flight requests for 25 s on SIGTERM; give the runtime
+# (docker stop -t, Fly kill_timeout) a little longer than that.
+STOPSIGNAL SIGTERM
+# No curl in the image: the binary probes its own /healthz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["edgegate", "healthcheck"]
+
+ENTRYPOINT ["edgegate"]
+CMD ["serve"]
