@@ -1,0 +1,109 @@
+//! edgegate: one service that takes over a Supabase project's Edge Functions and verifies the
+//! legacy JWT secret and the new JWT signing keys side by side.
+//!
+//! `app(state)` builds the router with its middleware; `run(config, listener, shutdown)` serves it.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use axum::Router;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use state::AppState;
+pub use store::Store;
+
+/// The whole HTTP application: every route behind the middleware stack.
+pub fn app(state: AppState) -> Router {
+    server::middleware::apply(routes::router(), &state)
+}
+
+/// Options of `run` beyond the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Apply pending migrations before serving (the default; `serve --no-migrate` turns it off).
+    pub migrate: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { migrate: true }
+    }
+}
+
+/// Opens the database, migrates it, and serves until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(config, listener, shutdown, RunOptions::default()).await
+}
+
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    let tls = config.tls.as_ref().map(server::load_tls).transpose()?;
+    let store = Store::connect(&config.database_url).await?;
+    if options.migrate {
+        store.migrate().await?;
+    }
+    let drain = config.shutdown_drain;
+    let state = AppState::new(config, store.clone());
+    let address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    tracing::info!(
+        %address,
+        tls = tls.is_some(),
+        database = store.kind().as_str(),
+        "edgegate listening"
+    );
+    server::serve(app(state), listener, tls, shutdown, drain)
+        .await
+        .context("serving HTTP")?;
+    store.close().await;
+    tracing::info!("edgegate stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,101 @@
+//! What the CLI's subcommands do, apart from `serve` (see `run`).
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// `edgegate migrate`: apply pending migrations and report the applied versions.
+pub async fn migrate(config: &Config) -> anyhow::Result<String> {
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    let applied = store.applied_migrations().await?;
+    store.close().await;
+    Ok(format!(
+        "migrated {} ({} migrations applied, latest {})",
+        config.database_url.redacted(),
+        applied.len(),
+        applied
+            .last()
+            .map_or_else(|| "none".to_owned(), i64::to_string)
+    ))
+}
+
+/// One line of `edgegate check`.
+#[derive(Debug)]
+pub struct CheckLine {
+    pub item: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// `edgegate check`: the configuration (already valid, or we would not be here) and each
+/// dependency it names. Nothing printed holds a secret.
+pub async fn check(config: &Config) -> Vec<CheckLine> {
+    let mut lines = vec![CheckLine {
+        item: "configuration",
+        ok: true,
+        detail: format!(
+            "valid; listening on {}:{}{}",
+            config.host,
+            config.port,
+            if config.tls.is_some() { " (TLS)" } else { "" }
+        ),
+    }];
+    let database = async {
+        let store = Store::connect(&config.database_url).await?;
+        store.ping().await?;
+        let applied = store.applied_migrations().await.unwrap_or_default();
+        store.close().await;
+        anyhow::Ok(applied.len())
+    };
+    lines.push(
+        match tokio::time::timeout(Duration::from_secs(10), database).await {
+            Ok(Ok(migrations)) => CheckLine {
+                item: "database",
+                ok: true,
+                detail: format!(
+                    "{} answers; {migrations} migrations applied",
+                    config.database_url.redacted()
+                ),
+            },
+            Ok(Err(err)) => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!("{}: {err:#}", config.database_url.redacted()),
+            },
+            Err(_) => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!("{}: no answer within 10 s", config.database_url.redacted()),
+            },
+        },
+    );
+    lines
+}
+
+/// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.
+pub fn default_health_url(config: &Config) -> String {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://127.0.0.1:{}/healthz", config.port)
+}
+
+/// `edgegate healthcheck [URL]`: Ok when the URL answers 200 within 5 s.
+pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        // The certificate names the public host, not 127.0.0.1; only our own default probe skips it.
+        .tls_danger_accept_invalid_certs(loopback_default)
+        .build()?;
+    let response = client.get(url).send().await?;
+    anyhow::ensure!(
+        response.status() == reqwest::StatusCode::OK,
+        "{url} answered {}",
+        response.status()
+    );
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! Typed configuration, built once from the environment (and `.env`) and validated at start.
+//!
+//! Every variable of `CONTRACT.md` is read here, even those whose features come later, so a
+//! malformed value stops start-up before anything listens. Errors name the variable and the rule,
+//! never the value. No other module reads the environment.
+
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+pub use parse::ConfigError;
+use parse::Vars;
+
+/// Where the service keeps its state when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://edgegate.db";
+/// Listen port when `PORT` is not set.
+pub const DEFAULT_PORT: u16 = 8080;
+/// How long in-flight requests may take to finish after SIGTERM before the process exits.
+pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
+
+/// The whole configuration of the service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+    pub database_url: DatabaseUrl,
+    pub shutdown_drain: Duration,
+    pub cors_allowed_origins: CorsOrigins,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub jwt: JwtConfig,
+    pub api_keys: ApiKeys,
+    pub stripe: StripeConfig,
+    pub twilio: TwilioConfig,
+    pub sms: SmsConfig,
+    pub public_url: Option<Url>,
+}
+
+/// PEM files for serving HTTPS directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A database location. Its `Debug` hides the password a Postgres URL may hold.
+#[derive(Clone)]
+pub struct DatabaseUrl(SecretString);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        secrecy::ExposeSecret::expose_secret(&self.0)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.expose().starts_with("postgres://") || self.expose().starts_with("postgresql://")
+    }
+
+    /// The URL with any password replaced, for logs and `check` output.
+    pub fn redacted(&self) -> String {
+        match Url::parse(self.expose()) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("REDACTED"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => self.expose().to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Everything the credential layer needs.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub supabase_url: Option<Url>,
+    pub jwks_url: Option<Url>,
+    /// Entries of `SUPABASE_JWKS`, kept as JSON; the key ring decides what each one is.
+    pub inline_jwks: Vec<Redacted<serde_json::Value>>,
+    pub legacy_secret: Option<SecretString>,
+    /// `None` means `iss` is not checked (neither `JWT_ISSUERS` nor `SUPABASE_URL` set).
+    pub issuers: Option<Vec<String>>,
+    pub audiences: Vec<String>,
+    pub leeway: Duration,
+    pub jwks_cache_ttl: Duration,
+    pub jwks_min_refresh: Duration,
+}
+
+/// The new opaque Supabase API keys, by name.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeys {
+    pub secret: BTreeMap<String, SecretString>,
+    pub publishable: BTreeMap<String, SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub secret_key: Option<SecretString>,
+    pub webhook_secrets: Vec<SecretString>,
+    pub api_base: Url,
+}
+
+#[derive(Debug, Clone)]
+pub struct TwilioConfig {
+    pub account_sid: Option<String>,
+    pub auth_token: Option<SecretString>,
+    pub sender: Option<SmsSender>,
+    pub api_base: Url,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmsSender {
+    From(String),
+    MessagingService(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SmsConfig {
+    /// Empty means any E.164 number may be texted.
+    pub allowed_prefixes: Vec<String>,
+    pub max_per_recipient_per_hour: u32,
+    pub max_per_minute: u32,
+}
+
+/// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct Redacted<T>(pub T);
+
+impl<T> fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl Config {
+    /// Reads `.env` from the working directory (if any), then the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env is normal; a malformed one is a configuration error.
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(err) if err.not_found() => {}
+            Err(err) => {
+                return Err(ConfigError::new(".env", format!("cannot be read: {err}")));
+            }
+        }
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any source of variables (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let vars = Vars::new(lookup);
+        let supabase_url = vars.url("SUPABASE_URL", parse::UrlRule::HttpsOrLoopback)?;
+        let jwks_url = match vars.url("SUPABASE_JWKS_URL", parse::UrlRule::HttpsOrLoopback)? {
+            Some(url) => Some(url),
+            None => supabase_url
+                .as_ref()
+                .map(|base| parse::join_path(base, "auth/v1/.well-known/jwks.json")),
+        };
+        let issuers = match vars.list("JWT_ISSUERS")? {
+            Some(list) => Some(list),
+            None => supabase_url.as_ref().map(|base| {
+                vec![
+                    parse::join_path(base, "auth/v1")
+                        .as_str()
+                        .trim_end_matches('/')
+                        .to_owned(),
+                    "supabase".to_owned(),
+                ]
+            }),
+        };
+        let jwks_cache_ttl = vars.seconds("JWKS_CACHE_TTL_SECONDS", 600, 30..=86_400)?;
+        let jwks_min_refresh = vars.seconds("JWKS_MIN_REFRESH_SECONDS", 30, 1..=3_600)?;
+        if jwks_min_refresh > jwks_cache_ttl {
+            return Err(ConfigError::new(
+                "JWKS_MIN_REFRESH_SECONDS",
+                "must not exceed JWKS_CACHE_TTL_SECONDS",
+            ));
+        }
+        let jwt = JwtConfig {
+            supabase_url,
+            jwks_url,
+            inline_jwks: vars.jwks("SUPABASE_JWKS")?,
+            legacy_secret: vars.legacy_secret("SUPABASE_JWT_SECRET")?,
+            issuers,
+            audiences: vars
+                .list("JWT_AUDIENCES")?
+                .unwrap_or_else(|| vec!["authenticated".to_owned()]),
+            leeway: vars.seconds("JWT_LEEWAY_SECONDS", 30, 0..=300)?,
+            jwks_cache_ttl,
+            jwks_min_refresh,
+        };
+
+        let api_keys = ApiKeys {
+            secret: vars.api_keys("SUPABASE_SECRET_KEYS", "SUPABASE_SECRET_KEY", "sb_secret_")?,
+            publishable: vars.api_keys(
+                "SUPABASE_PUBLISHABLE_KEYS",
+                "SUPABASE_PUBLISHABLE_KEY",
+                "sb_publishable_",
+            )?,
+        };
+
+        let stripe = StripeConfig {
+            secret_key: vars.secret_with_prefix(
+                "STRIPE_SECRET_KEY",
+                &["sk_live_", "sk_test_", "rk_live_", "rk_test_"],
+            )?,
+            webhook_secrets: vars.secret_list_with_prefix("STRIPE_WEBHOOK_SECRET", "whsec_")?,
+            api_base: vars
+                .url("STRIPE_API_BASE", parse::UrlRule::Http)?
+                .unwrap_or_else(|| parse::static_url("https://api.stripe.com/")),
+        };
+
+        let twilio = TwilioConfig {
+            account_sid: vars.sid("TWILIO_ACCOUNT_SID", "AC")?,
+            auth_token: vars.secret("TWILIO_AUTH_TOKEN")?,
+            sender: match (
+                vars.e164("TWILIO_FROM_NUMBER")?,
+                vars.sid("TWILIO_MESSAGING_SERVICE_SID", "MG")?,
+            ) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        "TWILIO_FROM_NUMBER",
+                        "set either it or TWILIO_MESSAGING_SERVICE_SID, not both",
+                    ));
+                }
+                (Some(number), None) => Some(SmsSender::From(number)),
+                (None, Some(sid)) => Some(SmsSender::MessagingService(sid)),
+                (None, None) => None,
+            },
+            api_base: vars
+                .url("TWILIO_API_BASE", parse::UrlRule::Http)?
+                .unwrap_or_else(|| parse::static_url("https://api.twilio.com")),
+        };
+        if twilio.account_sid.is_some() != twilio.auth_token.is_some() {
+            let missing = if twilio.account_sid.is_some() {
+                "TWILIO_AUTH_TOKEN"
+            } else {
+                "TWILIO_ACCOUNT_SID"
+            };
+            return Err(ConfigError::new(
+                missing,
+                "must be set together with the other Twilio credential",
+            ));
+        }
+
+        let sms = SmsConfig {
+            allowed_prefixes: vars.e164_prefixes("SMS_ALLOWED_PREFIXES")?,
+            max_per_recipient_per_hour: vars.number(
+                "SMS_MAX_PER_RECIPIENT_PER_HOUR",
+                5,
+                1..=1_000,
+            )?,
+            max_per_minute: vars.number("SMS_MAX_PER_MINUTE", 60, 1..=100_000)?,
+        };
+
+        let tls = match (vars.path("TLS_CERT_FILE")?, vars.path("TLS_KEY_FILE")?) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "TLS_KEY_FILE",
+                    "must be set when TLS_CERT_FILE is",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "TLS_CERT_FILE",
+                    "must be set when TLS_KEY_FILE is",
+                ));
+            }
+        };
+
+        Ok(Config {
+            host: vars
+                .ip("HOST")?
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            port: vars.number("PORT", DEFAULT_PORT, 0..=u16::MAX)?,
+            tls,
+            database_url: vars.database_url("DATABASE_URL")?,
+            shutdown_drain: vars.seconds(
+                "SHUTDOWN_DRAIN_SECONDS",
+                DEFAULT_SHUTDOWN_DRAIN.as_secs(),
+                0..=300,
+            )?,
+            cors_allowed_origins: vars.cors_origins("CORS_ALLOWED_ORIGINS")?,
+            log_format: vars.log_format("LOG_FORMAT")?,
+            log_filter: vars.log_filter("RUST_LOG")?,
+            jwt,
+            api_keys,
+            stripe,
+            twilio,
+            sms,
+            public_url: vars.url("PUBLIC_URL", parse::UrlRule::Http)?,
+        })
+    }
+
+    /// A configuration for tests and tools: every default, nothing configured.
+    pub fn defaults() -> Self {
+        Self::from_lookup(|_| None).expect("the defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests;

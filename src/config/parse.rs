@@ -1,0 +1,425 @@
+//! One function per kind of value, each with the rule it enforces. Values never reach an error.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use super::{CorsOrigins, DEFAULT_DATABASE_URL, DatabaseUrl, LogFormat, Redacted};
+
+/// A configuration value that breaks its rule. Displays as one line: the variable and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable} {rule}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub rule: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &str, rule: impl Into<String>) -> Self {
+        Self {
+            variable: variable.to_owned(),
+            rule: rule.into(),
+        }
+    }
+}
+
+pub(super) enum UrlRule {
+    /// `http://` or `https://`.
+    Http,
+    /// `https://`, or `http://` only when the host is a loopback address or `localhost`.
+    HttpsOrLoopback,
+}
+
+pub(super) struct Vars<F> {
+    lookup: F,
+}
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    pub(super) fn new(lookup: F) -> Self {
+        Self { lookup }
+    }
+
+    /// The value, with an empty or all-blank value treated as unset (as `.env` files often hold).
+    fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    pub(super) fn number<T>(
+        &self,
+        name: &str,
+        default: T,
+        range: RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        let rule = || {
+            ConfigError::new(
+                name,
+                format!(
+                    "must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        };
+        let value: T = raw.trim().parse().map_err(|_| rule())?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(rule())
+        }
+    }
+
+    pub(super) fn seconds(
+        &self,
+        name: &str,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        self.number(name, default, range).map(Duration::from_secs)
+    }
+
+    pub(super) fn ip(&self, name: &str) -> Result<Option<IpAddr>, ConfigError> {
+        self.get(name)
+            .map(|raw| {
+                raw.trim()
+                    .parse()
+                    .map_err(|_| ConfigError::new(name, "must be an IPv4 or IPv6 address"))
+            })
+            .transpose()
+    }
+
+    pub(super) fn path(&self, name: &str) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(raw.trim());
+        if !path.is_file() {
+            return Err(ConfigError::new(name, "must name a readable file"));
+        }
+        Ok(Some(path))
+    }
+
+    pub(super) fn url(&self, name: &str, rule: UrlRule) -> Result<Option<Url>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let url = Url::parse(raw.trim())
+            .ok()
+            .filter(|url| url.host_str().is_some_and(|host| !host.is_empty()))
+            .ok_or_else(|| ConfigError::new(name, "must be an absolute http(s) URL"))?;
+        if url.password().is_some() || !url.username().is_empty() {
+            return Err(ConfigError::new(name, "must not carry credentials"));
+        }
+        match (url.scheme(), rule) {
+            ("https", _) => Ok(Some(url)),
+            ("http", UrlRule::Http) => Ok(Some(url)),
+            ("http", UrlRule::HttpsOrLoopback) if is_loopback(&url) => Ok(Some(url)),
+            ("http", UrlRule::HttpsOrLoopback) => Err(ConfigError::new(
+                name,
+                "must use https:// (http:// is allowed on loopback only)",
+            )),
+            _ => Err(ConfigError::new(name, "must be an absolute http(s) URL")),
+        }
+    }
+
+    /// A comma-separated list; blank items are dropped, and a list with none left is an error.
+    pub(super) fn list(&self, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let items: Vec<String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if items.is_empty() {
+            return Err(ConfigError::new(
+                name,
+                "must be a comma-separated list with at least one item",
+            ));
+        }
+        Ok(Some(items))
+    }
+
+    pub(super) fn secret(&self, name: &str) -> Result<Option<SecretString>, ConfigError> {
+        Ok(self.get(name).map(|raw| SecretString::from(raw.trim())))
+    }
+
+    pub(super) fn legacy_secret(&self, name: &str) -> Result<Option<SecretString>, ConfigError> {
+        match self.get(name) {
+            Some(raw) if raw.trim().len() < 32 => {
+                Err(ConfigError::new(name, "must be at least 32 bytes long"))
+            }
+            Some(raw) => Ok(Some(SecretString::from(raw.trim()))),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn secret_with_prefix(
+        &self,
+        name: &str,
+        prefixes: &[&str],
+    ) -> Result<Option<SecretString>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let raw = raw.trim();
+        if !prefixes
+            .iter()
+            .any(|prefix| raw.starts_with(prefix) && raw.len() > prefix.len())
+        {
+            return Err(ConfigError::new(
+                name,
+                format!("must start with {}", prefixes.join(", ")),
+            ));
+        }
+        Ok(Some(SecretString::from(raw)))
+    }
+
+    pub(super) fn secret_list_with_prefix(
+        &self,
+        name: &str,
+        prefix: &str,
+    ) -> Result<Vec<SecretString>, ConfigError> {
+        let Some(items) = self.list(name)? else {
+            return Ok(Vec::new());
+        };
+        items
+            .into_iter()
+            .map(|item| {
+                if item.starts_with(prefix) && item.len() > prefix.len() {
+                    Ok(SecretString::from(item))
+                } else {
+                    Err(ConfigError::new(
+                        name,
+                        format!("must be a comma-separated list of {prefix}… secrets"),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// A Twilio SID: the two-letter prefix then 32 hexadecimal digits.
+    pub(super) fn sid(&self, name: &str, prefix: &str) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let raw = raw.trim();
+        let valid = raw.len() == prefix.len() + 32
+            && raw.starts_with(prefix)
+            && raw[prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit());
+        if !valid {
+            return Err(ConfigError::new(
+                name,
+                format!("must be {prefix} followed by 32 hexadecimal digits"),
+            ));
+        }
+        Ok(Some(raw.to_owned()))
+    }
+
+    pub(super) fn e164(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        let raw = raw.trim();
+        if !is_e164(raw) {
+            return Err(ConfigError::new(
+                name,
+                "must be an E.164 number: + then 2 to 15 digits, the first not 0",
+            ));
+        }
+        Ok(Some(raw.to_owned()))
+    }
+
+    pub(super) fn e164_prefixes(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(items) = self.list(name)? else {
+            return Ok(Vec::new());
+        };
+        for item in &items {
+            let digits = item.strip_prefix('+').unwrap_or_default();
+            let valid = (1..=15).contains(&digits.len())
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && !digits.starts_with('0');
+            if !valid {
+                return Err(ConfigError::new(
+                    name,
+                    "must be comma-separated E.164 prefixes such as +1,+44",
+                ));
+            }
+        }
+        Ok(items)
+    }
+
+    pub(super) fn jwks(&self, name: &str) -> Result<Vec<Redacted<serde_json::Value>>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let rule = || {
+            ConfigError::new(
+                name,
+                "must be JSON: {\"keys\":[…]} or an array of JWK objects",
+            )
+        };
+        let value: serde_json::Value = serde_json::from_str(&raw).map_err(|_| rule())?;
+        let keys = match value {
+            serde_json::Value::Array(keys) => keys,
+            serde_json::Value::Object(mut object) => match object.remove("keys") {
+                Some(serde_json::Value::Array(keys)) => keys,
+                _ => return Err(rule()),
+            },
+            _ => return Err(rule()),
+        };
+        if keys
+            .iter()
+            .any(|key| !key.get("kty").is_some_and(serde_json::Value::is_string))
+        {
+            return Err(ConfigError::new(
+                name,
+                "must hold JWK objects, each with a \"kty\" string",
+            ));
+        }
+        Ok(keys.into_iter().map(Redacted).collect())
+    }
+
+    /// `NAME_KEYS` (a JSON map of name to key) merged with the singular `NAME_KEY` as "default".
+    pub(super) fn api_keys(
+        &self,
+        map_name: &str,
+        single_name: &str,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, SecretString>, ConfigError> {
+        let mut keys = BTreeMap::new();
+        if let Some(raw) = self.get(map_name) {
+            let rule = || {
+                ConfigError::new(
+                    map_name,
+                    format!("must be a JSON object of names to {prefix}… keys"),
+                )
+            };
+            let map: BTreeMap<String, String> = serde_json::from_str(&raw).map_err(|_| rule())?;
+            if map.is_empty() {
+                return Err(rule());
+            }
+            for (name, key) in map {
+                if name.trim().is_empty() || !key.starts_with(prefix) || key.len() <= prefix.len() {
+                    return Err(rule());
+                }
+                keys.insert(name, SecretString::from(key));
+            }
+        }
+        if let Some(key) = self.secret_with_prefix(single_name, &[prefix])? {
+            if keys.contains_key("default") {
+                return Err(ConfigError::new(
+                    single_name,
+                    format!("conflicts with the \"default\" entry of {map_name}"),
+                ));
+            }
+            keys.insert("default".to_owned(), key);
+        }
+        Ok(keys)
+    }
+
+    pub(super) fn database_url(&self, name: &str) -> Result<DatabaseUrl, ConfigError> {
+        let raw = self
+            .get(name)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let raw = raw.trim();
+        let is_sqlite = raw.starts_with("sqlite:") && raw.len() > "sqlite:".len();
+        let is_postgres = (raw.starts_with("postgres://") || raw.starts_with("postgresql://"))
+            && Url::parse(raw).is_ok_and(|url| url.host_str().is_some_and(|h| !h.is_empty()));
+        if !is_sqlite && !is_postgres {
+            return Err(ConfigError::new(
+                name,
+                "must be sqlite://PATH or postgres://USER@HOST/DB",
+            ));
+        }
+        Ok(DatabaseUrl(SecretString::from(raw)))
+    }
+
+    pub(super) fn cors_origins(&self, name: &str) -> Result<CorsOrigins, ConfigError> {
+        let Some(items) = self.list(name)? else {
+            return Ok(CorsOrigins::Any);
+        };
+        if items.iter().any(|item| item == "*") {
+            if items.len() > 1 {
+                return Err(ConfigError::new(
+                    name,
+                    "must be * alone or a list of origins",
+                ));
+            }
+            return Ok(CorsOrigins::Any);
+        }
+        for item in &items {
+            let valid = Url::parse(item).is_ok_and(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.host_str().is_some()
+                    && url.path() == "/"
+                    && !item.ends_with('/')
+                    && url.query().is_none()
+            });
+            if !valid {
+                return Err(ConfigError::new(
+                    name,
+                    "must be * or comma-separated origins like https://app.example.com",
+                ));
+            }
+        }
+        Ok(CorsOrigins::List(items))
+    }
+
+    pub(super) fn log_format(&self, name: &str) -> Result<LogFormat, ConfigError> {
+        match self.get(name).as_deref().map(str::trim) {
+            None | Some("pretty") => Ok(LogFormat::Pretty),
+            Some("json") => Ok(LogFormat::Json),
+            Some(_) => Err(ConfigError::new(name, "must be pretty or json")),
+        }
+    }
+
+    pub(super) fn log_filter(&self, name: &str) -> Result<String, ConfigError> {
+        let filter = self.get(name).unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&filter)
+            .map_err(|_| ConfigError::new(name, "must be a valid tracing filter such as info"))?;
+        Ok(filter)
+    }
+}
+
+pub(super) fn is_e164(number: &str) -> bool {
+    number.strip_prefix('+').is_some_and(|digits| {
+        (2..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+    })
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `base` with `path` appended below its own path (a base of `https://x.co/sub` keeps `/sub`).
+pub(super) fn join_path(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let joined = format!("{}/{}", base.path().trim_end_matches('/'), path);
+    url.set_path(&joined);
+    url
+}
+
+pub(super) fn static_url(url: &str) -> Url {
+    Url::parse(url).expect("built-in URLs are valid")
+}

@@ -1,0 +1,358 @@
+use std::collections::HashMap;
+
+use secrecy::ExposeSecret;
+
+use super::*;
+
+fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Config::from_lookup(|name| map.get(name).cloned())
+}
+
+/// Asserts the variable is refused, that the message names it, and that it never holds the value.
+fn refused(name: &str, value: &str) -> ConfigError {
+    let err = config(&[(name, value)]).expect_err(&format!("{name}={value} must be refused"));
+    assert_eq!(err.variable, name);
+    let line = err.to_string();
+    assert!(line.starts_with(name), "{line}");
+    assert!(!line.contains('\n'), "one line: {line}");
+    // A value that is itself a fragment of the rule's fixed text (say `sk_live_`) cannot leak.
+    if value.len() >= 4 && !err.rule.contains(value) {
+        assert!(!line.contains(value), "the message leaks the value: {line}");
+    }
+    err
+}
+
+#[test]
+fn nothing_set_gives_the_contract_defaults() {
+    let config = config(&[]).unwrap();
+    assert_eq!(config.port, 8080);
+    assert_eq!(config.host.to_string(), "0.0.0.0");
+    assert_eq!(config.database_url.expose(), "sqlite://edgegate.db");
+    assert!(config.tls.is_none());
+    assert_eq!(config.jwt.issuers, None);
+    assert_eq!(config.jwt.audiences, vec!["authenticated"]);
+    assert_eq!(config.jwt.leeway, Duration::from_secs(30));
+    assert_eq!(config.jwt.jwks_cache_ttl, Duration::from_secs(600));
+    assert_eq!(config.jwt.jwks_min_refresh, Duration::from_secs(30));
+    assert_eq!(config.jwt.jwks_url, None);
+    assert_eq!(config.stripe.api_base.as_str(), "https://api.stripe.com/");
+    assert_eq!(config.twilio.api_base.as_str(), "https://api.twilio.com/");
+    assert_eq!(config.sms.max_per_recipient_per_hour, 5);
+    assert_eq!(config.sms.max_per_minute, 60);
+    assert_eq!(config.cors_allowed_origins, CorsOrigins::Any);
+    assert_eq!(config.log_format, LogFormat::Pretty);
+    assert_eq!(config.shutdown_drain, Duration::from_secs(25));
+}
+
+#[test]
+fn supabase_url_derives_issuers_and_jwks_url() {
+    let config = config(&[("SUPABASE_URL", "https://abcd.supabase.co")]).unwrap();
+    assert_eq!(
+        config.jwt.jwks_url.unwrap().as_str(),
+        "https://abcd.supabase.co/auth/v1/.well-known/jwks.json"
+    );
+    assert_eq!(
+        config.jwt.issuers.unwrap(),
+        vec!["https://abcd.supabase.co/auth/v1", "supabase"]
+    );
+}
+
+#[test]
+fn explicit_issuers_and_jwks_url_win() {
+    let config = config(&[
+        ("SUPABASE_URL", "https://abcd.supabase.co"),
+        ("SUPABASE_JWKS_URL", "http://127.0.0.1:9999/jwks.json"),
+        ("JWT_ISSUERS", "a, b"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.jwt.jwks_url.unwrap().as_str(),
+        "http://127.0.0.1:9999/jwks.json"
+    );
+    assert_eq!(config.jwt.issuers.unwrap(), vec!["a", "b"]);
+}
+
+#[test]
+fn urls_must_be_absolute_http() {
+    refused("SUPABASE_URL", "abcd.supabase.co");
+    refused("STRIPE_API_BASE", "ftp://example.com");
+    refused("TWILIO_API_BASE", "not a url");
+    refused("PUBLIC_URL", "https://");
+}
+
+#[test]
+fn urls_must_not_carry_credentials() {
+    refused("STRIPE_API_BASE", "https://user:pass@api.example.com");
+}
+
+#[test]
+fn jwks_url_needs_https_except_on_loopback() {
+    let err = refused("SUPABASE_JWKS_URL", "http://example.com/jwks.json");
+    assert!(err.rule.contains("https"));
+    refused("SUPABASE_URL", "http://abcd.supabase.co");
+    assert!(config(&[("SUPABASE_JWKS_URL", "http://localhost:1/j")]).is_ok());
+    assert!(config(&[("SUPABASE_JWKS_URL", "http://[::1]:1/j")]).is_ok());
+}
+
+#[test]
+fn stripe_secret_key_prefixes() {
+    let err = refused("STRIPE_SECRET_KEY", "pk_live_x");
+    assert!(err.rule.contains("sk_live_"));
+    refused("STRIPE_SECRET_KEY", "sk_live_");
+    for good in ["sk_live_abc", "sk_test_abc", "rk_live_abc", "rk_test_abc"] {
+        let config = config(&[("STRIPE_SECRET_KEY", good)]).unwrap();
+        assert_eq!(config.stripe.secret_key.unwrap().expose_secret(), good);
+    }
+}
+
+#[test]
+fn stripe_webhook_secrets_are_a_whsec_list() {
+    refused("STRIPE_WEBHOOK_SECRET", "whsec_a,secret_b");
+    let config = config(&[("STRIPE_WEBHOOK_SECRET", "whsec_a, whsec_b")]).unwrap();
+    let secrets: Vec<_> = config
+        .stripe
+        .webhook_secrets
+        .iter()
+        .map(|s| s.expose_secret().to_owned())
+        .collect();
+    assert_eq!(secrets, vec!["whsec_a", "whsec_b"]);
+}
+
+#[test]
+fn twilio_sender_is_e164_or_a_messaging_service() {
+    refused("TWILIO_FROM_NUMBER", "5551234567");
+    refused("TWILIO_FROM_NUMBER", "+0123456");
+    refused("TWILIO_FROM_NUMBER", "+1234567890123456");
+    refused("TWILIO_MESSAGING_SERVICE_SID", "MG123");
+    let ok = config(&[("TWILIO_FROM_NUMBER", "+15005550006")]).unwrap();
+    assert_eq!(
+        ok.twilio.sender,
+        Some(SmsSender::From("+15005550006".into()))
+    );
+    let both = config(&[
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+        (
+            "TWILIO_MESSAGING_SERVICE_SID",
+            "MG0123456789abcdef0123456789abcdef",
+        ),
+    ]);
+    assert_eq!(both.unwrap_err().variable, "TWILIO_FROM_NUMBER");
+}
+
+#[test]
+fn twilio_credentials_come_in_pairs() {
+    refused("TWILIO_ACCOUNT_SID", "AC0123");
+    let err = config(&[("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef")]).unwrap_err();
+    assert_eq!(err.variable, "TWILIO_AUTH_TOKEN");
+    let err = config(&[("TWILIO_AUTH_TOKEN", "0123456789abcdef0123456789abcdef")]).unwrap_err();
+    assert_eq!(err.variable, "TWILIO_ACCOUNT_SID");
+}
+
+#[test]
+fn sms_prefixes_are_e164_prefixes() {
+    refused("SMS_ALLOWED_PREFIXES", "+1,44");
+    refused("SMS_ALLOWED_PREFIXES", "+1a");
+    let ok = config(&[("SMS_ALLOWED_PREFIXES", "+1, +44")]).unwrap();
+    assert_eq!(ok.sms.allowed_prefixes, vec!["+1", "+44"]);
+}
+
+#[test]
+fn inline_jwks_must_be_a_key_set() {
+    refused("SUPABASE_JWKS", "{not json");
+    refused("SUPABASE_JWKS", r#"{"keys":{}}"#);
+    refused("SUPABASE_JWKS", r#"[{"k":"abc"}]"#);
+    refused("SUPABASE_JWKS", "42");
+    let set = config(&[(
+        "SUPABASE_JWKS",
+        r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#,
+    )])
+    .unwrap();
+    assert_eq!(set.jwt.inline_jwks.len(), 1);
+    let bare = config(&[("SUPABASE_JWKS", r#"[{"kty":"EC"},{"kty":"RSA"}]"#)]).unwrap();
+    assert_eq!(bare.jwt.inline_jwks.len(), 2);
+}
+
+#[test]
+fn api_key_maps_are_json_with_the_right_prefix() {
+    refused("SUPABASE_SECRET_KEYS", "sb_secret_abc");
+    refused(
+        "SUPABASE_SECRET_KEYS",
+        r#"{"default":"sb_publishable_abc"}"#,
+    );
+    refused("SUPABASE_PUBLISHABLE_KEYS", r#"{"web":"sb_secret_abc"}"#);
+    refused("SUPABASE_PUBLISHABLE_KEY", "pk_abc");
+    let ok = config(&[
+        ("SUPABASE_SECRET_KEYS", r#"{"backend":"sb_secret_abc"}"#),
+        ("SUPABASE_SECRET_KEY", "sb_secret_def"),
+        ("SUPABASE_PUBLISHABLE_KEY", "sb_publishable_ghi"),
+    ])
+    .unwrap();
+    let names: Vec<_> = ok.api_keys.secret.keys().cloned().collect();
+    assert_eq!(names, vec!["backend", "default"]);
+    assert_eq!(ok.api_keys.publishable.len(), 1);
+    let clash = config(&[
+        ("SUPABASE_SECRET_KEYS", r#"{"default":"sb_secret_abc"}"#),
+        ("SUPABASE_SECRET_KEY", "sb_secret_def"),
+    ]);
+    assert_eq!(clash.unwrap_err().variable, "SUPABASE_SECRET_KEY");
+}
+
+#[test]
+fn legacy_secret_needs_32_bytes() {
+    refused("SUPABASE_JWT_SECRET", "too-short-secret");
+    let ok = config(&[(
+        "SUPABASE_JWT_SECRET",
+        "super-secret-jwt-token-with-at-least-32-characters-long",
+    )])
+    .unwrap();
+    assert!(ok.jwt.legacy_secret.is_some());
+}
+
+#[test]
+fn numbers_must_be_in_range() {
+    refused("PORT", "70000");
+    refused("PORT", "http");
+    refused("JWT_LEEWAY_SECONDS", "301");
+    refused("JWKS_CACHE_TTL_SECONDS", "5");
+    refused("JWKS_MIN_REFRESH_SECONDS", "0");
+    refused("SMS_MAX_PER_RECIPIENT_PER_HOUR", "0");
+    refused("SMS_MAX_PER_MINUTE", "-1");
+    refused("SHUTDOWN_DRAIN_SECONDS", "3600");
+    let err = config(&[
+        ("JWKS_CACHE_TTL_SECONDS", "60"),
+        ("JWKS_MIN_REFRESH_SECONDS", "120"),
+    ])
+    .unwrap_err();
+    assert_eq!(err.variable, "JWKS_MIN_REFRESH_SECONDS");
+}
+
+#[test]
+fn host_must_be_an_ip_address() {
+    refused("HOST", "example.com");
+    assert_eq!(config(&[("HOST", "::1")]).unwrap().host.to_string(), "::1");
+}
+
+#[test]
+fn database_url_is_sqlite_or_postgres() {
+    refused("DATABASE_URL", "mysql://root@localhost/db");
+    refused("DATABASE_URL", "postgres://");
+    let pg = config(&[("DATABASE_URL", "postgres://u:hunter22@db.internal:5432/app")]).unwrap();
+    assert!(pg.database_url.is_postgres());
+    let shown = format!("{:?}", pg.database_url);
+    assert!(!shown.contains("hunter22"), "{shown}");
+    assert!(shown.contains("db.internal"), "{shown}");
+}
+
+#[test]
+fn tls_files_come_in_pairs_and_must_exist() {
+    let cert = tempfile::NamedTempFile::new().unwrap();
+    let path = cert.path().to_str().unwrap();
+    assert_eq!(
+        config(&[("TLS_CERT_FILE", path)]).unwrap_err().variable,
+        "TLS_KEY_FILE"
+    );
+    assert_eq!(
+        config(&[("TLS_KEY_FILE", path)]).unwrap_err().variable,
+        "TLS_CERT_FILE"
+    );
+    refused("TLS_CERT_FILE", "/definitely/not/here.pem");
+    let both = config(&[("TLS_CERT_FILE", path), ("TLS_KEY_FILE", path)]).unwrap();
+    assert!(both.tls.is_some());
+}
+
+#[test]
+fn cors_origins_are_star_or_origins() {
+    refused("CORS_ALLOWED_ORIGINS", "https://app.example.com/path");
+    refused("CORS_ALLOWED_ORIGINS", "*,https://app.example.com");
+    refused("CORS_ALLOWED_ORIGINS", "app.example.com");
+    let ok = config(&[(
+        "CORS_ALLOWED_ORIGINS",
+        "https://app.example.com,http://localhost:3000",
+    )])
+    .unwrap();
+    assert_eq!(
+        ok.cors_allowed_origins,
+        CorsOrigins::List(vec![
+            "https://app.example.com".into(),
+            "http://localhost:3000".into()
+        ])
+    );
+}
+
+#[test]
+fn log_settings_are_checked() {
+    refused("LOG_FORMAT", "xml");
+    refused("RUST_LOG", "info,[=");
+    let ok = config(&[("LOG_FORMAT", "json"), ("RUST_LOG", "edgegate=debug")]).unwrap();
+    assert_eq!(ok.log_format, LogFormat::Json);
+}
+
+#[test]
+fn blank_values_count_as_unset() {
+    let config = config(&[("STRIPE_SECRET_KEY", ""), ("PORT", "  ")]).unwrap();
+    assert!(config.stripe.secret_key.is_none());
+    assert_eq!(config.port, 8080);
+}
+
+#[test]
+fn debug_output_redacts_every_secret() {
+    // (variable, value, the part of the value that must never show)
+    let secrets = [
+        (
+            "SUPABASE_JWT_SECRET",
+            "legacy-secret-value-0123456789abcdef",
+            "legacy-secret-value",
+        ),
+        (
+            "STRIPE_SECRET_KEY",
+            "sk_live_stripesecretvalue",
+            "stripesecretvalue",
+        ),
+        (
+            "STRIPE_WEBHOOK_SECRET",
+            "whsec_webhooksecretvalue",
+            "webhooksecretvalue",
+        ),
+        (
+            "TWILIO_AUTH_TOKEN",
+            "twiliotokenvalue0123456789abcdef",
+            "twiliotokenvalue",
+        ),
+        (
+            "SUPABASE_SECRET_KEY",
+            "sb_secret_apikeyvalue",
+            "apikeyvalue",
+        ),
+        (
+            "SUPABASE_PUBLISHABLE_KEY",
+            "sb_publishable_pubvalue",
+            "pubvalue",
+        ),
+        (
+            "DATABASE_URL",
+            "postgres://app:dbpasswordvalue@db/app",
+            "dbpasswordvalue",
+        ),
+    ];
+    let mut vars: Vec<(&str, &str)> = secrets
+        .iter()
+        .map(|(name, value, _)| (*name, *value))
+        .collect();
+    vars.push(("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"));
+    vars.push((
+        "SUPABASE_JWKS",
+        r#"[{"kty":"oct","k":"aW5saW5lb2N0c2VjcmV0dmFsdWU"}]"#,
+    ));
+    let shown = format!("{:?}", config(&vars).unwrap());
+    for (name, _, secret_part) in secrets {
+        assert!(
+            !shown.contains(secret_part),
+            "{name} leaks through Debug: {shown}"
+        );
+    }
+    assert!(!shown.contains("aW5saW5lb2N0c2VjcmV0dmFsdWU"), "{shown}");
+}

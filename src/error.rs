@@ -1,0 +1,137 @@
+//! The one error type of the HTTP API, mapped once to the contract's `{"code","message"}` body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Everything a handler can answer besides success. Internal causes are logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A 401 with one of the contract's `UNAUTHORIZED_*` codes.
+    #[error("{message}")]
+    Unauthorized { code: &'static str, message: String },
+    #[error("{0}")]
+    ForbiddenRole(String),
+    #[error("{0}")]
+    InvalidSignature(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{field}: {message}")]
+    ValidationFailed { field: String, message: String },
+    #[error("{0}")]
+    SyncInProgress(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is over the route's limit; the message says the limit when it is known.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("{0}")]
+    UpstreamUnavailable(String),
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the request took longer than {0} seconds")]
+    Timeout(u64),
+    /// Anything unexpected: logged with its cause chain, answered as an opaque 500.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::ForbiddenRole(_) => StatusCode::FORBIDDEN,
+            Self::InvalidSignature(_) | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ValidationFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::SyncInProgress(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::NotConfigured(_) | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized { code, .. } => code,
+            Self::ForbiddenRole(_) => "FORBIDDEN_ROLE",
+            Self::InvalidSignature(_) => "INVALID_SIGNATURE",
+            Self::InvalidRequest(_) => "INVALID_REQUEST",
+            Self::ValidationFailed { .. } => "VALIDATION_FAILED",
+            Self::SyncInProgress(_) => "SYNC_IN_PROGRESS",
+            Self::Conflict(_) => "CONFLICT",
+            Self::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
+            Self::NotConfigured(_) => "NOT_CONFIGURED",
+            Self::NotReady(_) => "NOT_READY",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::Timeout(_) => "TIMEOUT",
+            Self::Internal(_) => "INTERNAL_ERROR",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = match &self {
+            Self::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error");
+                "internal error; the request id identifies it in the logs".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let status = self.status();
+        let code = self.code();
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                code,
+                message: &message,
+            }),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Self::Unauthorized { .. } => {
+                headers.insert("sb-error-code", HeaderValue::from_static(code));
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

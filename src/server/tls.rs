@@ -1,0 +1,31 @@
+//! HTTPS served by edgegate itself, for hosts without a TLS-terminating proxy.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsFiles;
+
+/// Builds the TLS acceptor from the PEM files (aws-lc-rs, the service's one crypto backend).
+pub fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .context("TLS_CERT_FILE holds no readable PEM certificate chain")?;
+    if certs.is_empty() {
+        anyhow::bail!("TLS_CERT_FILE holds no certificate");
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .context("TLS_KEY_FILE holds no readable PEM private key")?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS_CERT_FILE and TLS_KEY_FILE do not form a usable certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,231 @@
+//! The storage interface. One `Store`, two backends (SQLite embedded, PostgreSQL in production),
+//! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
+//! (connection setup, migrations, locks) lives in the backend's own file.
+
+mod postgres;
+mod sqlite;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use sqlx::{PgPool, SqlitePool};
+
+use crate::config::DatabaseUrl;
+
+/// Runs `$body` with `$pool` bound to whichever pool the store holds. The body is compiled once
+/// per backend, so it may only use SQL that both SQLite and PostgreSQL accept (`$1` placeholders).
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A handle on the database; cheap to clone (the pools are shared).
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+}
+
+/// Which engine a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Sqlite,
+    Postgres,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// One privileged action: who did it (the credential, never its secret), what, and the outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at_ms: i64,
+    pub request_id: Option<String>,
+    /// `signing_key`, `legacy_secret`, `api_key`, or `system` for the service's own actions.
+    pub credential_source: String,
+    /// The kid, `legacy`, or the API key's name.
+    pub credential_id: String,
+    pub action: String,
+    pub outcome: String,
+    /// Extra JSON about the action, with no secrets in it.
+    pub detail: Option<String>,
+}
+
+impl AuditEntry {
+    pub fn new(
+        request_id: Option<String>,
+        credential_source: &str,
+        credential_id: &str,
+        action: &str,
+        outcome: &str,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            at_ms: now_ms(),
+            request_id,
+            credential_source: credential_source.to_owned(),
+            credential_id: credential_id.to_owned(),
+            action: action.to_owned(),
+            outcome: outcome.to_owned(),
+            detail: None,
+        }
+    }
+}
+
+type AuditRow = (
+    String,
+    i64,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+);
+
+impl Store {
+    /// Opens the database `url` names; a SQLite file is created if missing.
+    pub async fn connect(url: &DatabaseUrl) -> anyhow::Result<Self> {
+        let backend = if url.is_postgres() {
+            Backend::Postgres(postgres::connect(url.expose()).await?)
+        } else {
+            Backend::Sqlite(sqlite::connect(url.expose()).await?)
+        };
+        Ok(Self { backend })
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self.backend {
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+            Backend::Postgres(_) => BackendKind::Postgres,
+        }
+    }
+
+    /// Applies every pending migration of this backend; safe to run again and concurrently.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Sqlite(pool) => sqlite::migrator().run(pool).await,
+            Backend::Postgres(pool) => postgres::migrator().run(pool).await,
+        }
+        .context("applying migrations")
+    }
+
+    /// The versions the database has applied, oldest first.
+    pub async fn applied_migrations(&self) -> anyhow::Result<Vec<i64>> {
+        let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version";
+        let versions = with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await)
+            .context("reading applied migrations")?;
+        Ok(versions)
+    }
+
+    /// A round trip to the database, for readiness.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        with_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("database did not answer")?;
+        Ok(())
+    }
+
+    pub async fn record_audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {
+        let sql = "INSERT INTO audit_log \
+                   (id, at, request_id, credential_source, credential_id, action, outcome, detail) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        with_pool!(self, |pool| {
+            sqlx::query(sql)
+                .bind(&entry.id)
+                .bind(entry.at_ms)
+                .bind(&entry.request_id)
+                .bind(&entry.credential_source)
+                .bind(&entry.credential_id)
+                .bind(&entry.action)
+                .bind(&entry.outcome)
+                .bind(&entry.detail)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .context("writing the audit log")?;
+        Ok(())
+    }
+
+    /// The newest audit entries, newest first.
+    pub async fn recent_audit(&self, limit: i64) -> anyhow::Result<Vec<AuditEntry>> {
+        let sql = "SELECT id, at, request_id, credential_source, credential_id, action, outcome, \
+                   detail FROM audit_log ORDER BY at DESC, id DESC LIMIT $1";
+        let rows: Vec<AuditRow> = with_pool!(self, |pool| {
+            sqlx::query_as(sql).bind(limit).fetch_all(pool).await
+        })
+        .context("reading the audit log")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    id,
+                    at_ms,
+                    request_id,
+                    credential_source,
+                    credential_id,
+                    action,
+                    outcome,
+                    detail,
+                )| {
+                    AuditEntry {
+                        id,
+                        at_ms,
+                        request_id,
+                        credential_source,
+                        credential_id,
+                        action,
+                        outcome,
+                        detail,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        with_pool!(self, |pool| pool.close().await)
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every time column.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The migration versions and names shipped for each backend, for the test that keeps them equal.
+pub fn shipped_migrations() -> [(BackendKind, Vec<(i64, String)>); 2] {
+    let list = |migrator: &sqlx::migrate::Migrator| {
+        migrator
+            .iter()
+            .map(|m| (m.version, m.description.to_string()))
+            .collect()
+    };
+    [
+        (BackendKind::Sqlite, list(&sqlite::migrator())),
+        (BackendKind::Postgres, list(&postgres::migrator())),
+    ]
+}
