@@ -40,9 +40,30 @@ fn sensitive_request_headers() -> [HeaderName; 5] {
     ]
 }
 
+/// The service-wide bounds on a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: REQUEST_TIMEOUT,
+            body: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// Wraps `router` in the service's middleware with the default limits.
+pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
+    apply_with(router, state, Limits::default())
+}
+
 /// Wraps `router` in the service's middleware, outermost first:
 /// sensitive headers, request id, tracing span, catch-panic, timeout, body limit, CORS, metrics.
-pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
+pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(
             sensitive_request_headers(),
@@ -52,11 +73,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::from_fn_with_state(REQUEST_TIMEOUT, timeout))
-        .layer(middleware::from_fn_with_state(
-            DEFAULT_BODY_LIMIT,
-            limit_body,
-        ))
+        .layer(middleware::from_fn_with_state(limits.timeout, timeout))
+        .layer(middleware::from_fn_with_state(limits.body, limit_body))
         .layer(cors(&state.config.cors_allowed_origins))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),

@@ -1,0 +1,198 @@
+//! The `edgegate` binary as an operator runs it: start-up, signals, exit codes, subcommands.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::support::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgegate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary with a clean environment (nothing of the developer's leaks in) plus `vars`.
+fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .current_dir(dir)
+        .env("HOST", "127.0.0.1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    command
+}
+
+fn output(command: &mut Command) -> Output {
+    command.output().expect("run edgegate")
+}
+
+async fn wait_healthy(port: u16) -> bool {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        if let Ok(response) = client.get(url).send().await
+            && response.status() == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..500 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    panic!("edgegate did not exit within 10 s of the signal");
+}
+
+async fn serve_then_signal(signal_name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = edgegate(dir.path(), &[("PORT", &port.to_string())])
+        .spawn()
+        .unwrap();
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(
+        dir.path().join("edgegate.db").exists(),
+        "default SQLite file not created"
+    );
+
+    signal(&child, signal_name);
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(0), "exit status after {signal_name}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[tokio::test]
+async fn with_no_configuration_it_serves_on_sqlite_and_exits_0_on_sigterm() {
+    serve_then_signal("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_also_shuts_down_cleanly() {
+    serve_then_signal("INT").await;
+}
+
+#[test]
+fn a_malformed_variable_stops_start_up_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output(&mut edgegate(
+        dir.path(),
+        &[("STRIPE_SECRET_KEY", "pk_live_x")],
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("STRIPE_SECRET_KEY"), "{stderr}");
+    assert!(!stderr.contains("pk_live_x"), "the value leaked: {stderr}");
+    assert!(
+        !dir.path().join("edgegate.db").exists(),
+        "nothing may start"
+    );
+}
+
+#[test]
+fn a_dotenv_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "SMS_MAX_PER_MINUTE=zero\n").unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SMS_MAX_PER_MINUTE"));
+}
+
+#[tokio::test]
+async fn migrate_and_check_report_on_the_database() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("DATABASE_URL", db.url.as_str())];
+    let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 migrations applied"));
+
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("database")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_fails_and_hides_the_password_when_the_database_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("postgres://app:hunter2hunter2@127.0.0.1:{port}/app");
+    let out = output(edgegate(dir.path(), &[("DATABASE_URL", &url)]).arg("check"));
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("database")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2hunter2"), "{stdout}");
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_only_when_healthz_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let out = output(edgegate(dir.path(), &[("PORT", &port)]).arg("healthcheck"));
+    assert_eq!(out.status.code(), Some(1), "nothing listens yet");
+
+    let mut child = edgegate(dir.path(), &[("PORT", &port)]).spawn().unwrap();
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let out = output(edgegate(dir.path(), &[("PORT", &port)]).arg("healthcheck"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = output(
+        edgegate(dir.path(), &[])
+            .arg("healthcheck")
+            .arg(format!("http://127.0.0.1:{port}/nope")),
+    );
+    assert_eq!(out.status.code(), Some(1), "a 404 is not healthy");
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}

@@ -1,0 +1,60 @@
+//! fly.toml agrees with the code: the port, the release command, the kill timeout.
+
+use edgegate::config::{DEFAULT_PORT, DEFAULT_SHUTDOWN_DRAIN};
+
+fn fly() -> toml::Table {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fly.toml");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .parse()
+        .expect("fly.toml is TOML")
+}
+
+#[test]
+fn fly_toml_serves_the_default_port() {
+    let fly = fly();
+    let port = fly["http_service"]["internal_port"].as_integer().unwrap();
+    assert_eq!(port, i64::from(DEFAULT_PORT));
+    assert_eq!(
+        fly["env"]["PORT"].as_str(),
+        Some(DEFAULT_PORT.to_string().as_str())
+    );
+}
+
+#[test]
+fn fly_toml_migrates_before_a_rolling_deploy() {
+    let fly = fly();
+    let deploy = &fly["deploy"];
+    // Fly replaces the image's CMD with release_command and keeps ENTRYPOINT ["edgegate"].
+    assert_eq!(deploy["release_command"].as_str(), Some("migrate"));
+    assert_eq!(deploy["strategy"].as_str(), Some("rolling"));
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["edgegate"]"#));
+}
+
+#[test]
+fn fly_toml_lets_the_drain_finish() {
+    let fly = fly();
+    assert_eq!(fly["kill_signal"].as_str(), Some("SIGTERM"));
+    let kill_timeout = fly["kill_timeout"].as_integer().unwrap();
+    assert!(kill_timeout > DEFAULT_SHUTDOWN_DRAIN.as_secs() as i64);
+}
+
+#[test]
+fn fly_toml_checks_healthz_as_https() {
+    let fly = fly();
+    let checks = fly["http_service"]["checks"].as_array().unwrap();
+    let check = checks
+        .iter()
+        .find(|check| check["path"].as_str() == Some("/healthz"))
+        .expect("an HTTP check on /healthz");
+    assert_eq!(
+        check["headers"]["X-Forwarded-Proto"].as_str(),
+        Some("https")
+    );
+    assert_eq!(
+        fly["http_service"]["concurrency"]["type"].as_str(),
+        Some("requests")
+    );
+}

@@ -1,0 +1,402 @@
+//! The HTTP skeleton: health endpoints, errors, and each middleware behaviour, over real TCP.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use edgegate::extract::RawBody;
+use edgegate::server::middleware::Limits;
+use edgegate::{AppState, routes};
+use serde_json::Value;
+
+use crate::support::{TestServer, serve, spawn_app};
+use crate::test_db;
+
+async fn json(response: reqwest::Response) -> Value {
+    response.json().await.expect("a JSON body")
+}
+
+/// The real routes plus a few that exercise the middleware.
+fn test_router() -> Router<AppState> {
+    routes::router()
+        .route(
+            "/test/echo",
+            post(|RawBody(body): RawBody| async move { body }),
+        )
+        .route(
+            "/test/panic",
+            get(|| async {
+                panic!("boom");
+                #[allow(unreachable_code)]
+                ""
+            }),
+        )
+        .route(
+            "/test/slow",
+            get(|| async { std::future::pending::<&str>().await }),
+        )
+        .route(
+            "/test/authorization-debug",
+            get(|headers: HeaderMap| async move { format!("{:?}", headers.get("authorization")) }),
+        )
+}
+
+async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
+    let db = crate::support::TestDb::new().await?;
+    let state = AppState::new(db.config(vars), db.store().await);
+    Some(serve(test_router(), &state, limits, Duration::from_secs(1)).await)
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_200_on_a_fresh_database() {
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    let health = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(json(health).await["status"], "ok");
+    let ready = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body = json(ready).await;
+    assert_eq!(body["checks"]["database"]["ok"], true);
+    let backend = if db.is_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(body["checks"]["database"]["backend"], backend);
+}
+
+#[tokio::test]
+async fn readyz_answers_503_when_the_database_is_gone() {
+    let db = test_db!();
+    let (server, state) = spawn_app(&db, &[]).await;
+    state.store.close().await;
+    let ready = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body = json(ready).await;
+    assert_eq!(body["code"], "NOT_READY");
+    assert_eq!(body["checks"]["database"]["ok"], false);
+    let health = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "liveness must not depend on the database"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json_errors() {
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    let missing = server
+        .client
+        .get(server.url("/functions/v1/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(json(missing).await["code"], "NOT_FOUND");
+    let wrong = server
+        .client
+        .delete(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    let body = json(wrong).await;
+    assert_eq!(body["code"], "METHOD_NOT_ALLOWED");
+    assert!(body["message"].is_string());
+}
+
+#[tokio::test]
+async fn request_ids_are_set_and_propagated() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let first = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let generated = first.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let second = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        second.headers()["x-request-id"].to_str().unwrap(),
+        generated
+    );
+    let given = server
+        .client
+        .get(server.url("/healthz"))
+        .header("x-request-id", "from-the-caller-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "from-the-caller-42");
+}
+
+#[tokio::test]
+async fn credentials_are_marked_sensitive_before_anything_logs_them() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let shown = server
+        .client
+        .get(server.url("/test/authorization-debug"))
+        .bearer_auth("eyJhbGciOiJIUzI1NiJ9.secret.token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(shown, "Some(Sensitive)");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_500_json_and_the_server_lives_on() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let response = server
+        .client
+        .get(server.url("/test/panic"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body = json(response).await;
+    assert_eq!(body["code"], "INTERNAL_ERROR");
+    assert!(!body["message"].as_str().unwrap().contains("boom"));
+    let after = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
+}
+
+#[tokio::test]
+async fn a_slow_request_times_out_with_json() {
+    let limits = Limits {
+        timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let Some(server) = test_server(limits, &[]).await else {
+        return;
+    };
+    let response = server
+        .client
+        .get(server.url("/test/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(json(response).await["code"], "TIMEOUT");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_with_413_json() {
+    let limits = Limits {
+        body: 1024,
+        ..Limits::default()
+    };
+    let Some(server) = test_server(limits, &[]).await else {
+        return;
+    };
+    let small = server
+        .client
+        .post(server.url("/test/echo"))
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    assert_eq!(small.bytes().await.unwrap().len(), 1024);
+
+    let declared = server
+        .client
+        .post(server.url("/test/echo"))
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    assert_eq!(json(declared).await["code"], "PAYLOAD_TOO_LARGE");
+
+    // No Content-Length: the limit must hold while the body streams in.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b'b'; 512])).collect();
+    let streamed = server
+        .client
+        .post(server.url("/test/echo"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 413);
+    assert_eq!(json(streamed).await["code"], "PAYLOAD_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn cors_preflight_needs_no_credentials() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let preflight = server
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            server.url("/functions/v1/jwt-test"),
+        )
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,x-client-info,apikey,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for name in ["authorization", "x-client-info", "apikey", "content-type"] {
+        assert!(allowed.contains(name), "{name} missing from {allowed}");
+    }
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+}
+
+#[tokio::test]
+async fn cors_allows_only_the_configured_origins() {
+    let vars = [("CORS_ALLOWED_ORIGINS", "https://app.example.com")];
+    let Some(server) = test_server(Limits::default(), &vars).await else {
+        return;
+    };
+    let preflight = |origin: &'static str| {
+        server
+            .client
+            .request(
+                reqwest::Method::OPTIONS,
+                server.url("/functions/v1/jwt-test"),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let other = preflight("https://evil.example.net").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_matched_route_and_status() {
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    for _ in 0..3 {
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+    }
+    server
+        .client
+        .get(server.url("/probe/abc123"))
+        .send()
+        .await
+        .unwrap();
+    let response = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"edgegate_http_requests_total{method="GET",route="/healthz",status="200"} 3"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"route="unmatched",status="404"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains("abc123"), "raw paths must not become labels");
+    assert!(
+        text.contains(r#"edgegate_http_request_duration_seconds_count{method="GET",route="/healthz",status="200"} 3"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_errors_carry_the_supabase_headers() {
+    use axum::response::IntoResponse;
+    let response = edgegate::error::ApiError::Unauthorized {
+        code: "UNAUTHORIZED_LEGACY_JWT",
+        message: "legacy secret revoked".into(),
+    }
+    .into_response();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["sb-error-code"],
+        "UNAUTHORIZED_LEGACY_JWT"
+    );
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    let body = axum::body::to_bytes(response.into_body(), 1024)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["code"], "UNAUTHORIZED_LEGACY_JWT");
+    assert_eq!(body["message"], "legacy secret revoked");
+}

@@ -1,0 +1,145 @@
+//! The storage conformance suite: the same tests on SQLite and on PostgreSQL.
+
+use edgegate::store::{AuditEntry, BackendKind, shipped_migrations};
+
+use crate::support::TestDb;
+use crate::test_db;
+
+#[test]
+fn both_backends_ship_the_same_migrations() {
+    let [(_, sqlite), (_, postgres)] = shipped_migrations();
+    assert!(!sqlite.is_empty(), "no migrations found");
+    assert_eq!(
+        sqlite, postgres,
+        "migrations/sqlite and migrations/postgres differ"
+    );
+}
+
+#[test]
+fn migration_folders_hold_the_same_file_names() {
+    let names = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    assert_eq!(
+        names(&format!("{root}/migrations/sqlite")),
+        names(&format!("{root}/migrations/postgres"))
+    );
+}
+
+#[tokio::test]
+async fn migrate_applies_every_version_and_is_idempotent() {
+    let db = test_db!();
+    let store = db.store().await;
+    let expected_kind = if db.is_postgres() {
+        BackendKind::Postgres
+    } else {
+        BackendKind::Sqlite
+    };
+    assert_eq!(store.kind(), expected_kind);
+    store.migrate().await.expect("a second migrate is a no-op");
+    let shipped: Vec<i64> = shipped_migrations()[0].1.iter().map(|(v, _)| *v).collect();
+    assert_eq!(store.applied_migrations().await.unwrap(), shipped);
+}
+
+#[tokio::test]
+async fn concurrent_migrations_from_two_instances_agree() {
+    let db = test_db!();
+    let config = db.config(&[]);
+    let (a, b) = tokio::join!(
+        edgegate::Store::connect(&config.database_url),
+        edgegate::Store::connect(&config.database_url)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(
+        a.applied_migrations().await.unwrap(),
+        b.applied_migrations().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn every_table_later_features_need_exists() {
+    let db = test_db!();
+    let store = db.store().await;
+    let url = db.config(&[]).database_url;
+    let tables = [
+        "stripe_products",
+        "stripe_prices",
+        "stripe_events",
+        "sync_runs",
+        "locks",
+        "sms_messages",
+        "key_usage_hourly",
+        "audit_log",
+    ];
+    for table in tables {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"));
+        let count: i64 = if db.is_postgres() {
+            let pool = sqlx::PgPool::connect(url.expose()).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
+        } else {
+            let pool = sqlx::SqlitePool::connect(url.expose()).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap()
+        };
+        assert_eq!(count, 0, "{table} should start empty");
+    }
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn audit_entries_round_trip_newest_first() {
+    let db = test_db!();
+    let store = db.store().await;
+    let mut first = AuditEntry::new(
+        Some("req-1".into()),
+        "legacy_secret",
+        "legacy",
+        "sync_stripe_products",
+        "ok",
+    );
+    first.at_ms -= 1_000;
+    let mut second = AuditEntry::new(None, "api_key", "backend", "refresh_signing_keys", "error");
+    second.detail = Some(r#"{"reason":"jwks host down"}"#.into());
+    store.record_audit(&first).await.unwrap();
+    store.record_audit(&second).await.unwrap();
+    let entries = store.recent_audit(10).await.unwrap();
+    assert_eq!(entries, vec![second.clone(), first]);
+    assert_eq!(store.recent_audit(1).await.unwrap(), vec![second]);
+}
+
+#[tokio::test]
+async fn an_audit_id_is_never_written_twice() {
+    let db = test_db!();
+    let store = db.store().await;
+    let entry = AuditEntry::new(None, "system", "edgegate", "migrate", "ok");
+    store.record_audit(&entry).await.unwrap();
+    assert!(store.record_audit(&entry).await.is_err());
+    assert_eq!(store.recent_audit(10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_is_created_on_first_use_in_wal_mode() {
+    let db = TestDb::sqlite();
+    let path = db.url.trim_start_matches("sqlite://").to_owned();
+    assert!(!std::path::Path::new(&path).exists());
+    let store = db.store().await;
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "the database file was not created"
+    );
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    store.close().await;
+}

@@ -1,0 +1,164 @@
+//! Test harness: a fresh database per test and the app served on 127.0.0.1:0.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use edgegate::server::middleware::{self, Limits};
+use edgegate::{AppState, Config, Store};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A database of the suite's backend, private to one test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+impl TestDb {
+    /// SQLite in a temporary folder, or, when `TEST_POSTGRES_URL` is set, a new schema there.
+    /// `None` (after a printed notice) when PostgreSQL was asked for but does not answer,
+    /// except under `CI=true`, where that fails the test.
+    pub async fn new() -> Option<Self> {
+        match std::env::var("TEST_POSTGRES_URL") {
+            Ok(base) if !base.is_empty() => Self::postgres(&base).await,
+            _ => Some(Self::sqlite()),
+        }
+    }
+
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let url = format!("sqlite://{}", dir.path().join("edgegate.db").display());
+        Self {
+            url,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres(base: &str) -> Option<Self> {
+        let admin = match sqlx::PgPool::connect(base).await {
+            Ok(pool) => pool,
+            Err(err) if !in_ci() => {
+                eprintln!("SKIPPED: PostgreSQL at TEST_POSTGRES_URL does not answer ({err})");
+                return None;
+            }
+            Err(err) => {
+                panic!("CI=true and PostgreSQL at TEST_POSTGRES_URL does not answer: {err}")
+            }
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("create the test schema");
+        admin.close().await;
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        Some(Self { url, _dir: None })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres")
+    }
+
+    /// A configuration on this database with `vars` set and every other variable unset.
+    pub fn config(&self, vars: &[(&str, &str)]) -> Config {
+        let mut map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        map.insert("DATABASE_URL".to_owned(), self.url.clone());
+        Config::from_lookup(|name| map.get(name).cloned()).expect("valid test configuration")
+    }
+
+    pub async fn store(&self) -> Store {
+        let store = Store::connect(&self.config(&[]).database_url)
+            .await
+            .expect("connect to the test database");
+        store.migrate().await.expect("migrate the test database");
+        store
+    }
+}
+
+/// Skips the calling test (returning from it) when its database is not available.
+#[macro_export]
+macro_rules! test_db {
+    () => {
+        match $crate::support::TestDb::new().await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+/// A server on 127.0.0.1:0 and a way to stop it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends the shutdown signal; the server stops accepting and drains.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// Serves `router` (wrapped in the real middleware stack with `limits`) over TCP.
+pub async fn serve(
+    router: Router<AppState>,
+    state: &AppState,
+    limits: Limits,
+    drain: Duration,
+) -> TestServer {
+    let app = middleware::apply_with(router, state, limits);
+    serve_app(app, drain).await
+}
+
+pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(edgegate::server::serve(
+        app,
+        listener,
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+        drain,
+    ));
+    TestServer {
+        addr,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// The whole application, as `edgegate::app` builds it, on a fresh state.
+pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
+    let state = AppState::new(db.config(vars), db.store().await);
+    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    (server, state)
+}

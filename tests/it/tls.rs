@@ -1,0 +1,80 @@
+//! HTTPS served by edgegate itself, with a certificate made for the test.
+
+use tokio::net::TcpListener;
+
+use crate::support::TestDb;
+
+#[tokio::test]
+async fn with_tls_files_set_the_same_app_is_served_over_https() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let config = db.config(&[
+        ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
+        ("TLS_KEY_FILE", key_path.to_str().unwrap()),
+    ]);
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(edgegate::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let root = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([root])
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let mut answered = None;
+    for _ in 0..100 {
+        match client
+            .get(format!("https://localhost:{port}/healthz"))
+            .send()
+            .await
+        {
+            Ok(response) => {
+                answered = Some(response);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let response = answered.expect("the HTTPS endpoint never answered");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "same middleware stack"
+    );
+
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(
+        plain.is_err() || plain.is_ok_and(|r| r.status() != 200),
+        "plain HTTP must not be served on the TLS port"
+    );
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_tls_files_stop_start_up() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let config = db.config(&[
+        ("TLS_CERT_FILE", junk.to_str().unwrap()),
+        ("TLS_KEY_FILE", junk.to_str().unwrap()),
+    ]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = edgegate::run(config, listener, std::future::pending())
+        .await
+        .expect_err("junk PEM files must be refused");
+    assert!(format!("{err:#}").contains("TLS_CERT_FILE"), "{err:#}");
+}
