@@ -88,6 +88,20 @@ impl AuditEntry {
     }
 }
 
+/// Verifications of one key in one hour (or, when read back, over a period).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// Start of the hour, epoch milliseconds (when read back over a period: the earliest hour).
+    pub hour_start_ms: i64,
+    /// `signing_key`, `legacy_secret` or `api_key`.
+    pub source: String,
+    /// The kid, the API key's name, or empty for the legacy secret.
+    pub kid: String,
+    pub alg: String,
+    pub verified_count: i64,
+    pub last_verified_at_ms: i64,
+}
+
 type AuditRow = (
     String,
     i64,
@@ -200,6 +214,70 @@ impl Store {
                 },
             )
             .collect())
+    }
+
+    /// Adds counted verifications; rows of the same hour and key from every instance are summed.
+    pub async fn add_key_usage(&self, rows: &[KeyUsage]) -> anyhow::Result<()> {
+        let sql = "INSERT INTO key_usage_hourly \
+                   (hour_start, source, kid, alg, verified_count, last_verified_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6) \
+                   ON CONFLICT (hour_start, source, kid, alg) DO UPDATE SET \
+                   verified_count = key_usage_hourly.verified_count + excluded.verified_count, \
+                   last_verified_at = CASE \
+                     WHEN excluded.last_verified_at > key_usage_hourly.last_verified_at \
+                     THEN excluded.last_verified_at ELSE key_usage_hourly.last_verified_at END";
+        with_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for row in rows {
+                sqlx::query(sql)
+                    .bind(row.hour_start_ms)
+                    .bind(&row.source)
+                    .bind(&row.kid)
+                    .bind(&row.alg)
+                    .bind(row.verified_count)
+                    .bind(row.last_verified_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        })
+        .context("recording key usage")?;
+        Ok(())
+    }
+
+    /// Usage per key summed over the hours starting at or after `since_ms`.
+    pub async fn key_usage_since(&self, since_ms: i64) -> anyhow::Result<Vec<KeyUsage>> {
+        let sql = "SELECT MIN(hour_start), source, kid, alg, \
+                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at) \
+                   FROM key_usage_hourly WHERE hour_start >= $1 \
+                   GROUP BY source, kid, alg ORDER BY source, kid, alg";
+        let rows: Vec<(i64, String, String, String, i64, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(sql).bind(since_ms).fetch_all(pool).await
+        })
+        .context("reading key usage")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(hour_start_ms, source, kid, alg, verified_count, last_verified_at_ms)| KeyUsage {
+                    hour_start_ms,
+                    source,
+                    kid,
+                    alg,
+                    verified_count,
+                    last_verified_at_ms,
+                },
+            )
+            .collect())
+    }
+
+    /// The start of the earliest hour with any recorded usage: how far back the evidence goes.
+    pub async fn key_usage_first_hour(&self) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MIN(hour_start) FROM key_usage_hourly";
+        let first: Option<i64> = with_pool!(self, |pool| {
+            sqlx::query_scalar(sql).fetch_one(pool).await
+        })
+        .context("reading key usage")?;
+        Ok(first)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

@@ -1,6 +1,6 @@
 //! The storage conformance suite: the same tests on SQLite and on PostgreSQL.
 
-use edgegate::store::{AuditEntry, BackendKind, shipped_migrations};
+use edgegate::store::{AuditEntry, BackendKind, KeyUsage, shipped_migrations};
 
 use crate::support::TestDb;
 use crate::test_db;
@@ -142,4 +142,67 @@ async fn sqlite_is_created_on_first_use_in_wal_mode() {
         .unwrap();
     assert_eq!(mode, "wal");
     store.close().await;
+}
+
+fn usage(hour: i64, source: &str, kid: &str, count: i64, last: i64) -> KeyUsage {
+    KeyUsage {
+        hour_start_ms: hour,
+        source: source.into(),
+        kid: kid.into(),
+        alg: if source == "legacy_secret" {
+            "HS256"
+        } else {
+            "ES256"
+        }
+        .into(),
+        verified_count: count,
+        last_verified_at_ms: last,
+    }
+}
+
+#[tokio::test]
+async fn key_usage_from_several_instances_is_summed_per_key() {
+    let db = test_db!();
+    let (a, b) = (db.store().await, db.store().await);
+    const HOUR: i64 = 3_600_000;
+    let h1 = 1_000 * HOUR;
+    let h2 = h1 + HOUR;
+    a.add_key_usage(&[
+        usage(h1, "legacy_secret", "", 5, h1 + 10),
+        usage(h2, "signing_key", "kid-a", 2, h2 + 50),
+    ])
+    .await
+    .unwrap();
+    b.add_key_usage(&[
+        usage(h2, "signing_key", "kid-a", 3, h2 + 20),
+        usage(h2, "legacy_secret", "", 1, h2 + 5),
+    ])
+    .await
+    .unwrap();
+
+    let all = a.key_usage_since(0).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            usage(h1, "legacy_secret", "", 6, h2 + 5),
+            usage(h2, "signing_key", "kid-a", 5, h2 + 50),
+        ]
+    );
+    let recent = b.key_usage_since(h2).await.unwrap();
+    assert_eq!(
+        recent,
+        vec![
+            usage(h2, "legacy_secret", "", 1, h2 + 5),
+            usage(h2, "signing_key", "kid-a", 5, h2 + 50),
+        ]
+    );
+    assert_eq!(a.key_usage_first_hour().await.unwrap(), Some(h1));
+}
+
+#[tokio::test]
+async fn no_usage_means_no_evidence() {
+    let db = test_db!();
+    let store = db.store().await;
+    assert_eq!(store.key_usage_first_hour().await.unwrap(), None);
+    assert!(store.key_usage_since(0).await.unwrap().is_empty());
 }
