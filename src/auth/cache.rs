@@ -10,6 +10,7 @@
 //!
 //! Sharded mutexes keep the critical sections tiny and spread contention.
 
+use crate::auth::error::Failure;
 use crate::auth::verify::{Verified, check_times, numeric_date};
 use aws_lc_rs::digest::{SHA256, digest};
 use std::collections::HashMap;
@@ -71,8 +72,11 @@ impl TokenCache {
         }
         let hit = shard.entries.get(hash)?.clone();
         let nbf = numeric_date(&hit.claims, "nbf").ok().flatten();
-        if check_times(hit.exp, nbf, now, leeway).is_err() {
-            shard.entries.remove(hash);
+        if let Err(failure) = check_times(hit.exp, nbf, now, leeway) {
+            // An expired entry will never be served again; a not-yet-valid one may be later.
+            if failure == Failure::Expired {
+                shard.entries.remove(hash);
+            }
             return None;
         }
         Some((*hit).clone())

@@ -12,7 +12,7 @@
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::json::object_from_slice_strict;
 use crate::auth::keyring::{KeyRing, KeySource};
-use crate::auth::keys::{Alg, kid_is_well_formed};
+use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
@@ -152,22 +152,28 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if key.alg != alg {
                 return Err(AuthError::Asymmetric(Failure::AlgorithmMismatch));
             }
-            // Fixed-size signatures: refuse DER-encoded ECDSA and anything truncated or padded
-            // before the crypto layer sees it.
-            let expected_len = match alg {
-                Alg::ES256 | Alg::EdDSA => Some(64),
-                _ => None,
-            };
-            if expected_len.is_some_and(|n| signature.len() != n) {
-                return Err(AuthError::Asymmetric(Failure::BadSignature));
-            }
-            if !check(sig_b64, signing_input, &key.key, alg) {
+            if !signature_ok(key, signing_input, &signature) {
                 return Err(AuthError::Asymmetric(Failure::BadSignature));
             }
             KeySource::SigningKey
         }
     };
     Ok(SignedPayload { alg, kid: kid.map(str::to_owned), source, payload })
+}
+
+/// Verifies a raw signature with an asymmetric key: the same path tokens take.
+///
+/// Fixed-size signatures are checked first, so a DER-encoded ECDSA signature, or anything
+/// truncated or padded, is refused before the crypto layer sees it.
+pub fn signature_ok(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    let expected_len = match key.alg {
+        Alg::ES256 | Alg::EdDSA => Some(64),
+        Alg::RS256 | Alg::HS256 => None,
+    };
+    if expected_len.is_some_and(|n| signature.len() != n) {
+        return false;
+    }
+    check(&URL_SAFE_NO_PAD.encode(signature), message, &key.key, key.alg)
 }
 
 /// jsonwebtoken's signature primitive: HMAC via aws-lc `hmac::verify` (constant time),

@@ -1,1 +1,10 @@
+//! Tests of the credential layer as a whole: Wycheproof vectors, attacks, key parsing,
+//! rotation against an in-process JWKS host, API keys.
 
+mod api_keys;
+mod attacks;
+mod claims;
+mod keys_parsing;
+mod rotation;
+mod util;
+mod wycheproof;
