@@ -95,9 +95,10 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     else {
         return Err(AuthError::InvalidFormat("expected three dot-separated parts"));
     };
-    // An empty payload is a valid JWS (it then fails as claims); header and signature are not.
-    if header_b64.is_empty() || sig_b64.is_empty() {
-        return Err(AuthError::InvalidFormat("empty header or signature"));
+    // An empty payload is a valid JWS (it then fails as claims). An empty signature is judged
+    // after `alg`, so that `alg: none` tokens are reported as the unsupported algorithm they are.
+    if header_b64.is_empty() {
+        return Err(AuthError::InvalidFormat("empty header"));
     }
     if !(is_b64url(header_b64) && is_b64url(payload_b64) && is_b64url(sig_b64)) {
         return Err(AuthError::InvalidFormat("not base64url"));
@@ -126,6 +127,9 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     let signature = URL_SAFE_NO_PAD
         .decode(sig_b64)
         .map_err(|_| AuthError::InvalidFormat("signature is not base64url"))?;
+    if signature.is_empty() {
+        return Err(family_error(alg, Failure::BadSignature));
+    }
     let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
     let source = match alg {
