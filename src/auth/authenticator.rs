@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything the credential layer needs, filled from the service configuration.
-#[derive(Debug, Clone)]
+/// `Debug` redacts secrets, including `oct` members of inline JWKs.
+#[derive(Clone)]
 pub struct AuthSettings {
     /// `SUPABASE_JWT_SECRET` (HS256, used as raw bytes). Empty: HS256 tokens are refused.
     pub legacy_secrets: Vec<SecretString>,
@@ -56,6 +57,31 @@ impl Default for AuthSettings {
             publishable_api_keys: Vec::new(),
             token_cache_capacity: 10_000,
         }
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Inline JWKs may hold `oct` secrets: show only their kid and kty.
+        let inline: Vec<(Option<&str>, Option<&str>)> = self
+            .inline_jwks
+            .iter()
+            .map(|j| (j.get("kid").and_then(Value::as_str), j.get("kty").and_then(Value::as_str)))
+            .collect();
+        let names = |keys: &[(String, SecretString)]| keys.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        f.debug_struct("AuthSettings")
+            .field("legacy_secrets", &self.legacy_secrets.len())
+            .field("inline_jwks (kid, kty)", &inline)
+            .field("jwks_url", &self.jwks_url.as_ref().map(url::Url::as_str))
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .field("leeway", &self.leeway)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("min_refresh", &self.min_refresh)
+            .field("secret_api_keys", &names(&self.secret_api_keys))
+            .field("publishable_api_keys", &names(&self.publishable_api_keys))
+            .field("token_cache_capacity", &self.token_cache_capacity)
+            .finish()
     }
 }
 

@@ -3,7 +3,6 @@
 
 mod api_keys;
 mod attacks;
-mod claims;
 mod keys_parsing;
 mod rotation;
 mod util;
