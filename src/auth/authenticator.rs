@@ -66,9 +66,16 @@ impl std::fmt::Debug for AuthSettings {
         let inline: Vec<(Option<&str>, Option<&str>)> = self
             .inline_jwks
             .iter()
-            .map(|j| (j.get("kid").and_then(Value::as_str), j.get("kty").and_then(Value::as_str)))
+            .map(|j| {
+                (
+                    j.get("kid").and_then(Value::as_str),
+                    j.get("kty").and_then(Value::as_str),
+                )
+            })
             .collect();
-        let names = |keys: &[(String, SecretString)]| keys.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let names = |keys: &[(String, SecretString)]| {
+            keys.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+        };
         f.debug_struct("AuthSettings")
             .field("legacy_secrets", &self.legacy_secrets.len())
             .field("inline_jwks (kid, kty)", &inline)
@@ -142,7 +149,11 @@ impl Authenticator {
         let ring = Arc::new(KeyRingHandle::new(KeyRing::new(legacy, inline.keys)));
         let fetcher = settings.jwks_url.clone().map(|url| {
             JwksFetcher::new(
-                JwksConfig { url, ttl: settings.cache_ttl, min_refresh: settings.min_refresh },
+                JwksConfig {
+                    url,
+                    ttl: settings.cache_ttl,
+                    min_refresh: settings.min_refresh,
+                },
                 client,
                 ring.clone(),
                 clock.clone(),
@@ -225,7 +236,9 @@ impl Authenticator {
                         let result = verify(&ring, &self.settings, token, self.clock.unix_now());
                         (ring, result)
                     }
-                    RefetchOutcome::Suppressed | RefetchOutcome::Failed => (ring, Err(AuthError::UnknownKid)),
+                    RefetchOutcome::Suppressed | RefetchOutcome::Failed => {
+                        (ring, Err(AuthError::UnknownKid))
+                    }
                 },
                 None => (ring, Err(AuthError::UnknownKid)),
             },
@@ -235,7 +248,8 @@ impl Authenticator {
             AuthError::UnknownKid => AuthError::Asymmetric(Failure::UnknownKid),
             e => e,
         })?;
-        self.cache.insert(hash, ring.generation(), verified.clone(), now);
+        self.cache
+            .insert(hash, ring.generation(), verified.clone(), now);
         Ok(verified)
     }
 

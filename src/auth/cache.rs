@@ -44,7 +44,10 @@ impl TokenCache {
     /// A cache holding about `capacity` entries; 0 disables it.
     pub fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
-        Self { per_shard, shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect() }
+        Self {
+            per_shard,
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+        }
     }
 
     fn shard(&self, hash: &TokenHash) -> Option<std::sync::MutexGuard<'_, Shard>> {
@@ -59,7 +62,13 @@ impl TokenCache {
 
     /// The cached result for `hash` if it was verified under `generation` and is still within
     /// `exp`/`nbf` at `now` (seconds) with `leeway` (seconds).
-    pub fn get(&self, hash: &TokenHash, generation: u64, now: i64, leeway: i64) -> Option<Verified> {
+    pub fn get(
+        &self,
+        hash: &TokenHash,
+        generation: u64,
+        now: i64,
+        leeway: i64,
+    ) -> Option<Verified> {
         let mut shard = self.shard(hash)?;
         if generation > shard.generation {
             shard.entries.clear();
@@ -86,7 +95,9 @@ impl TokenCache {
     /// to a newer generation: the key that verified it may be gone).
     pub fn insert(&self, hash: TokenHash, generation: u64, verified: Verified, now: i64) {
         let per_shard = self.per_shard;
-        let Some(mut shard) = self.shard(&hash) else { return };
+        let Some(mut shard) = self.shard(&hash) else {
+            return;
+        };
         if shard.generation != generation {
             if generation < shard.generation {
                 return;
@@ -97,17 +108,20 @@ impl TokenCache {
         if shard.entries.len() >= per_shard {
             shard.entries.retain(|_, v| v.exp > now);
         }
-        if shard.entries.len() >= per_shard {
-            if let Some(victim) = shard.entries.keys().next().copied() {
-                shard.entries.remove(&victim);
-            }
+        if shard.entries.len() >= per_shard
+            && let Some(victim) = shard.entries.keys().next().copied()
+        {
+            shard.entries.remove(&victim);
         }
         shard.entries.insert(hash, Arc::new(verified));
     }
 
     /// Number of cached entries (all generations).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map_or(0, |s| s.entries.len())).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.entries.len()))
+            .sum()
     }
 
     /// True when nothing is cached.
@@ -145,10 +159,16 @@ mod tests {
         let h = token_hash("a.b.c");
         cache.insert(h, 1, verified(1_000, None), 0);
         assert!(cache.get(&h, 1, 900, 0).is_some());
-        assert!(cache.get(&h, 1, 1_000, 0).is_none(), "expired entry must not be served");
+        assert!(
+            cache.get(&h, 1, 1_000, 0).is_none(),
+            "expired entry must not be served"
+        );
         let h2 = token_hash("d.e.f");
         cache.insert(h2, 1, verified(10_000, Some(500)), 0);
-        assert!(cache.get(&h2, 1, 100, 30).is_none(), "nbf in the future must not be served");
+        assert!(
+            cache.get(&h2, 1, 100, 30).is_none(),
+            "nbf in the future must not be served"
+        );
         assert!(cache.get(&h2, 1, 480, 30).is_some());
     }
 
@@ -158,7 +178,10 @@ mod tests {
         let h = token_hash("a.b.c");
         cache.insert(h, 1, verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
-        assert!(cache.get(&h, 1, 0, 0).is_none(), "old entries are gone, not hidden");
+        assert!(
+            cache.get(&h, 1, 0, 0).is_none(),
+            "old entries are gone, not hidden"
+        );
         // A late insert from a verification under the old generation is ignored.
         cache.insert(h, 1, verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());

@@ -11,7 +11,11 @@ pub struct Clock(Arc<Inner>);
 #[derive(Debug)]
 enum Inner {
     System,
-    Manual { base: Instant, base_wall: SystemTime, offset_ms: AtomicU64 },
+    Manual {
+        base: Instant,
+        base_wall: SystemTime,
+        offset_ms: AtomicU64,
+    },
 }
 
 impl Default for Clock {
@@ -46,7 +50,9 @@ impl Clock {
     fn offset(&self) -> Duration {
         match &*self.0 {
             Inner::System => Duration::ZERO,
-            Inner::Manual { offset_ms, .. } => Duration::from_millis(offset_ms.load(Ordering::SeqCst)),
+            Inner::Manual { offset_ms, .. } => {
+                Duration::from_millis(offset_ms.load(Ordering::SeqCst))
+            }
         }
     }
 

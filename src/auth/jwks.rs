@@ -27,7 +27,8 @@ pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// How long the last good set keeps verifying while fetches fail.
 pub const MAX_STALE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Bounds applied to a server's `Cache-Control: max-age`.
-pub const MAX_AGE_BOUNDS: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(3600));
+pub const MAX_AGE_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(3600));
 const BACKOFF_START: Duration = Duration::from_secs(5);
 
 /// Fetcher settings.
@@ -197,13 +198,20 @@ pub struct JwksFetcher {
 
 impl std::fmt::Debug for JwksFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwksFetcher").field("url", &self.inner.cfg.url.as_str()).finish_non_exhaustive()
+        f.debug_struct("JwksFetcher")
+            .field("url", &self.inner.cfg.url.as_str())
+            .finish_non_exhaustive()
     }
 }
 
 impl JwksFetcher {
     /// A fetcher that writes into `ring`. Nothing is fetched until asked or [`JwksFetcher::spawn`]ed.
-    pub fn new(cfg: JwksConfig, client: reqwest::Client, ring: Arc<KeyRingHandle>, clock: Clock) -> Self {
+    pub fn new(
+        cfg: JwksConfig,
+        client: reqwest::Client,
+        ring: Arc<KeyRingHandle>,
+        clock: Clock,
+    ) -> Self {
         let (done, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
@@ -244,7 +252,9 @@ impl JwksFetcher {
 
     fn in_cooldown(&self) -> bool {
         let now = self.inner.clock.now();
-        self.state().last_attempt.is_some_and(|t| now < t + self.inner.cfg.min_refresh)
+        self.state()
+            .last_attempt
+            .is_some_and(|t| now < t + self.inner.cfg.min_refresh)
     }
 
     /// Asks for a refetch because a token named a kid the ring does not hold. Returns at once
@@ -255,17 +265,29 @@ impl JwksFetcher {
         match self.inner.fetch_lock.try_lock() {
             Ok(guard) => {
                 if self.in_cooldown() {
-                    self.inner.stats.refetch_suppressed.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .stats
+                        .refetch_suppressed
+                        .fetch_add(1, Ordering::Relaxed);
                     return RefetchOutcome::Suppressed;
                 }
-                self.inner.stats.unknown_kid_refetches.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .stats
+                    .unknown_kid_refetches
+                    .fetch_add(1, Ordering::Relaxed);
                 let result = self.fetch_locked().await;
                 drop(guard);
-                if result.is_ok() { RefetchOutcome::Fetched } else { RefetchOutcome::Failed }
+                if result.is_ok() {
+                    RefetchOutcome::Fetched
+                } else {
+                    RefetchOutcome::Failed
+                }
             }
             Err(_) => {
                 // A fetch is running: share it rather than start another.
-                match tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done.changed()).await {
+                match tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done.changed())
+                    .await
+                {
                     Ok(Ok(())) => RefetchOutcome::Joined,
                     _ => RefetchOutcome::Failed,
                 }
@@ -323,7 +345,10 @@ impl JwksFetcher {
                 done.borrow_and_update();
             }
         });
-        RefreshTask { stop: stop_tx, join: Some(join) }
+        RefreshTask {
+            stop: stop_tx,
+            join: Some(join),
+        }
     }
 
     /// One fetch; the caller holds `fetch_lock`.
@@ -343,7 +368,9 @@ impl JwksFetcher {
                 }
                 let stats = &self.inner.stats;
                 stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
-                stats.last_success_unix.store(self.inner.clock.unix_now(), Ordering::Relaxed);
+                stats
+                    .last_success_unix
+                    .store(self.inner.clock.unix_now(), Ordering::Relaxed);
                 stats.stale.store(false, Ordering::Relaxed);
                 stats.expired.store(false, Ordering::Relaxed);
             }
@@ -358,7 +385,10 @@ impl JwksFetcher {
                     let age = self.inner.clock.now().saturating_duration_since(last);
                     stats.stale.store(age > info.ttl, Ordering::Relaxed);
                     if age > MAX_STALE && ring.fetched_len() > 0 {
-                        tracing::error!(age_secs = age.as_secs(), "JWKS stale beyond the limit: fetched keys dropped");
+                        tracing::error!(
+                            age_secs = age.as_secs(),
+                            "JWKS stale beyond the limit: fetched keys dropped"
+                        );
                         self.inner.ring.clear_fetched();
                         stats.expired.store(true, Ordering::Relaxed);
                     }
@@ -378,11 +408,18 @@ impl JwksFetcher {
     async fn fetch_inner(&self) -> Result<FetchReport, FetchError> {
         let ring = self.inner.ring.load();
         let etag = ring.fetched_info().and_then(|i| i.etag.clone());
-        let mut request = self.inner.client.get(self.inner.cfg.url.clone()).timeout(FETCH_TIMEOUT);
+        let mut request = self
+            .inner
+            .client
+            .get(self.inner.cfg.url.clone())
+            .timeout(FETCH_TIMEOUT);
         if let Some(etag) = &etag {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
-        let mut response = request.send().await.map_err(|e| FetchError::Transport(e.without_url().to_string()))?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?;
         let status = response.status();
         let ttl = jitter(freshness(response.headers(), self.inner.cfg.ttl));
         let new_etag = response
@@ -398,19 +435,33 @@ impl JwksFetcher {
             ttl,
         };
 
-        if status == reqwest::StatusCode::NOT_MODIFIED && etag.is_some() && ring.fetched_info().is_some() {
+        if status == reqwest::StatusCode::NOT_MODIFIED
+            && etag.is_some()
+            && ring.fetched_info().is_some()
+        {
             let generation = self.inner.ring.touch_fetched(info(new_etag.or(etag)));
-            return Ok(FetchReport { keys: ring.fetched_len(), dropped: Vec::new(), not_modified: true, generation, ttl });
+            return Ok(FetchReport {
+                keys: ring.fetched_len(),
+                dropped: Vec::new(),
+                not_modified: true,
+                generation,
+                ttl,
+            });
         }
         if status != reqwest::StatusCode::OK {
             return Err(FetchError::Status(status.as_u16()));
         }
-        if response.content_length().is_some_and(|n| n > MAX_JWKS_BYTES as u64) {
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
             return Err(FetchError::TooLarge);
         }
         let mut body = Vec::new();
-        while let Some(chunk) =
-            response.chunk().await.map_err(|e| FetchError::Transport(e.without_url().to_string()))?
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?
         {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(FetchError::TooLarge);
@@ -421,8 +472,19 @@ impl JwksFetcher {
         let parsed = parse_fetched_keys(&values);
         let keys = parsed.keys.len();
         let generation = self.inner.ring.replace_fetched(parsed.keys, info(new_etag));
-        tracing::info!(keys, dropped = parsed.dropped.len(), generation, "JWKS fetched");
-        Ok(FetchReport { keys, dropped: parsed.dropped, not_modified: false, generation, ttl })
+        tracing::info!(
+            keys,
+            dropped = parsed.dropped.len(),
+            generation,
+            "JWKS fetched"
+        );
+        Ok(FetchReport {
+            keys,
+            dropped: parsed.dropped,
+            not_modified: false,
+            generation,
+            ttl,
+        })
     }
 }
 
@@ -439,10 +501,10 @@ pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Dur
             if lower == "no-cache" || lower == "no-store" {
                 return lo;
             }
-            if let Some(secs) = lower.strip_prefix("max-age=") {
-                if let Ok(secs) = secs.trim_matches('"').parse::<u64>() {
-                    found = Some(Duration::from_secs(secs).clamp(lo, hi));
-                }
+            if let Some(secs) = lower.strip_prefix("max-age=")
+                && let Ok(secs) = secs.trim_matches('"').parse::<u64>()
+            {
+                found = Some(Duration::from_secs(secs).clamp(lo, hi));
             }
         }
     }
@@ -454,7 +516,10 @@ pub fn jitter(d: Duration) -> Duration {
     use aws_lc_rs::rand::SecureRandom;
     let mut bytes = [0u8; 2];
     // Without randomness, no jitter: the schedule is still correct.
-    if aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+    if aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .is_err()
+    {
         return d;
     }
     let r = f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX);
@@ -498,7 +563,10 @@ mod tests {
         assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=86400"));
         assert_eq!(freshness(&h, ttl), Duration::from_secs(3600));
-        h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=120, must-revalidate"));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("max-age=120, must-revalidate"),
+        );
         assert_eq!(freshness(&h, ttl), Duration::from_secs(120));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
@@ -513,7 +581,10 @@ mod tests {
         let mut seen_high = false;
         for _ in 0..200 {
             let j = jitter(d);
-            assert!(j >= Duration::from_secs(900) && j <= Duration::from_secs(1100), "{j:?}");
+            assert!(
+                j >= Duration::from_secs(900) && j <= Duration::from_secs(1100),
+                "{j:?}"
+            );
             seen_low |= j < d;
             seen_high |= j > d;
         }

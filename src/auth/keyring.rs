@@ -73,13 +73,25 @@ pub struct KeyRing {
 impl KeyRing {
     /// A ring from the configuration alone (no fetched keys yet), generation 0.
     pub fn new(legacy: Vec<LegacySecret>, inline: Vec<VerifyingKey>) -> Self {
-        let inline = inline.into_iter().map(|k| (k.kid.clone(), Arc::new(k))).collect();
-        Self { legacy, inline, fetched: HashMap::new(), fetched_info: None, generation: 0 }
+        let inline = inline
+            .into_iter()
+            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .collect();
+        Self {
+            legacy,
+            inline,
+            fetched: HashMap::new(),
+            fetched_info: None,
+            generation: 0,
+        }
     }
 
     /// The asymmetric key for `kid`: inline keys (set by the operator) win over fetched ones.
     pub fn find(&self, kid: &str) -> Option<&VerifyingKey> {
-        self.inline.get(kid).or_else(|| self.fetched.get(kid)).map(Arc::as_ref)
+        self.inline
+            .get(kid)
+            .or_else(|| self.fetched.get(kid))
+            .map(Arc::as_ref)
     }
 
     /// The HS256 secrets; empty means the legacy secret is revoked.
@@ -134,8 +146,11 @@ impl KeyRing {
     }
 
     fn fetched_fingerprint(&self) -> Vec<(&str, &str, &[u8])> {
-        let mut fp: Vec<_> =
-            self.fetched.values().map(|k| (k.kid.as_str(), k.alg.as_str(), k.fingerprint.as_slice())).collect();
+        let mut fp: Vec<_> = self
+            .fetched
+            .values()
+            .map(|k| (k.kid.as_str(), k.alg.as_str(), k.fingerprint.as_slice()))
+            .collect();
         fp.sort_unstable();
         fp
     }
@@ -150,7 +165,9 @@ pub struct KeyRingHandle {
 impl KeyRingHandle {
     /// Starts from `ring`.
     pub fn new(ring: KeyRing) -> Self {
-        Self { current: ArcSwap::from_pointee(ring) }
+        Self {
+            current: ArcSwap::from_pointee(ring),
+        }
     }
 
     /// The current snapshot (lock-free).
@@ -163,8 +180,10 @@ impl KeyRingHandle {
     /// keys only updates the metadata, so the token cache survives routine refreshes.
     /// Returns the new generation.
     pub fn replace_fetched(&self, keys: Vec<VerifyingKey>, info: FetchedInfo) -> u64 {
-        let fetched: HashMap<String, Arc<VerifyingKey>> =
-            keys.into_iter().map(|k| (k.kid.clone(), Arc::new(k))).collect();
+        let fetched: HashMap<String, Arc<VerifyingKey>> = keys
+            .into_iter()
+            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .collect();
         self.swap(|old| {
             let mut ring = old.clone();
             ring.fetched = fetched.clone();

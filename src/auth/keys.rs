@@ -12,7 +12,10 @@
 //!
 //! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
+    RsaPublicKeyComponents,
+};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::DecodingKey;
@@ -136,7 +139,11 @@ impl LegacySecret {
     /// A secret used as its raw bytes, as Supabase Auth does with `SUPABASE_JWT_SECRET`
     /// (the string's UTF-8 bytes, not base64-decoded).
     pub fn from_env_secret(secret: &[u8]) -> Self {
-        Self { kid: None, origin: KeyOrigin::Env, key: DecodingKey::from_secret(secret) }
+        Self {
+            kid: None,
+            origin: KeyOrigin::Env,
+            key: DecodingKey::from_secret(secret),
+        }
     }
     /// The kid of an inline `oct` JWK, if it had one.
     pub fn kid(&self) -> Option<&str> {
@@ -188,7 +195,10 @@ pub const MAX_JWKS_KEYS: usize = 100;
 
 /// Parses a JWKS document: `{"keys":[...]}`, or a bare array when `allow_bare_array`
 /// (the `SUPABASE_JWKS` variable accepts both; the fetched set must be an object).
-pub fn parse_jwks_document(bytes: &[u8], allow_bare_array: bool) -> Result<Vec<Value>, JwksDocError> {
+pub fn parse_jwks_document(
+    bytes: &[u8],
+    allow_bare_array: bool,
+) -> Result<Vec<Value>, JwksDocError> {
     let doc = crate::auth::json::from_slice_strict(bytes).map_err(|_| JwksDocError::NotJson)?;
     let keys = match doc {
         Value::Object(mut map) => match map.remove("keys") {
@@ -232,7 +242,12 @@ fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
         match parse_one(jwk, origin) {
             Ok(Parsed::Asymmetric(key)) => {
                 if out.keys.iter().any(|k| k.kid == key.kid) {
-                    drop_key(&mut out, kid, "duplicate kid (the first key with it is kept)", origin);
+                    drop_key(
+                        &mut out,
+                        kid,
+                        "duplicate kid (the first key with it is kept)",
+                        origin,
+                    );
                 } else {
                     out.keys.push(key);
                 }
@@ -246,7 +261,11 @@ fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
 
 fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: KeyOrigin) {
     tracing::warn!(kid = ?kid, reason, origin = origin.as_str(), "JWK dropped");
-    out.dropped.push(DroppedKey { kid, reason: reason.to_owned(), origin });
+    out.dropped.push(DroppedKey {
+        kid,
+        reason: reason.to_owned(),
+        origin,
+    });
 }
 
 fn short_kid(kid: &str) -> String {
@@ -266,7 +285,10 @@ pub(crate) fn kid_is_well_formed(kid: &str) -> bool {
     !kid.is_empty() && kid.len() <= MAX_KID_LEN && !kid.chars().any(char::is_control)
 }
 
-fn str_member<'a>(jwk: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, &'static str> {
+fn str_member<'a>(
+    jwk: &'a Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, &'static str> {
     match jwk.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -276,7 +298,9 @@ fn str_member<'a>(jwk: &'a Map<String, Value>, name: &str) -> Result<Option<&'a 
 
 fn b64_member(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, &'static str> {
     let s = str_member(jwk, name)?.ok_or("a required key member is missing")?;
-    URL_SAFE_NO_PAD.decode(s).map_err(|_| "a key member is not base64url")
+    URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| "a key member is not base64url")
 }
 
 fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
@@ -285,10 +309,8 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
     let kid = str_member(jwk, "kid")?;
     let alg = str_member(jwk, "alg")?;
 
-    if let Some(use_) = str_member(jwk, "use")? {
-        if use_ != "sig" {
-            return Err("use is not sig");
-        }
+    if str_member(jwk, "use")?.is_some_and(|u| u != "sig") {
+        return Err("use is not sig");
     }
     if let Some(ops) = jwk.get("key_ops") {
         let ops = ops.as_array().ok_or("key_ops is not an array")?;
@@ -302,15 +324,15 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             return Err("private key material in a public JWK");
         }
     }
-    if let Some(kid) = kid {
-        if !kid_is_well_formed(kid) {
-            return Err("kid is empty, too long or has control characters");
-        }
+    if kid.is_some_and(|kid| !kid_is_well_formed(kid)) {
+        return Err("kid is empty, too long or has control characters");
     }
 
     if kty == "oct" {
         if origin == KeyOrigin::Jwks {
-            return Err("oct key in a fetched JWKS (HMAC secrets are never taken from the network)");
+            return Err(
+                "oct key in a fetched JWKS (HMAC secrets are never taken from the network)",
+            );
         }
         if alg.is_some_and(|a| a != "HS256") {
             return Err("oct key with an alg other than HS256");
@@ -356,7 +378,8 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
             // Checks the point is on the curve now rather than at every verification.
-            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point).map_err(|_| "EC point is not on P-256")?;
+            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+                .map_err(|_| "EC point is not on P-256")?;
             (DecodingKey::from_ec_der(&point), point)
         }
         Alg::EdDSA => {
@@ -387,7 +410,13 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         }
         Alg::HS256 => return Err("unsupported alg"),
     };
-    Ok(Parsed::Asymmetric(VerifyingKey { kid, alg: implied, origin, key, fingerprint }))
+    Ok(Parsed::Asymmetric(VerifyingKey {
+        kid,
+        alg: implied,
+        origin,
+        key,
+        fingerprint,
+    }))
 }
 
 fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {

@@ -9,8 +9,8 @@ pub mod authenticator;
 pub mod cache;
 pub mod clock;
 pub mod error;
-pub mod jwks;
 pub(crate) mod json;
+pub mod jwks;
 pub mod keyring;
 pub mod keys;
 pub mod verify;
@@ -18,7 +18,9 @@ pub mod verify;
 pub use authenticator::{AuthSettings, Authenticator};
 pub use clock::Clock;
 pub use error::{AuthError, Failure};
-pub use jwks::{JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask};
+pub use jwks::{
+    JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask,
+};
 pub use keyring::{KeyListing, KeyRing, KeyRingHandle, KeySource};
 pub use keys::{Alg, DroppedKey, KeyOrigin};
 pub use verify::{Verified, VerifySettings, verify};

@@ -70,7 +70,8 @@ pub struct SignedPayload {
 }
 
 fn is_b64url(part: &str) -> bool {
-    part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    part.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn family_error(alg: Alg, failure: Failure) -> AuthError {
@@ -93,7 +94,9 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(AuthError::InvalidFormat("expected three dot-separated parts"));
+        return Err(AuthError::InvalidFormat(
+            "expected three dot-separated parts",
+        ));
     };
     // An empty payload is a valid JWS (it then fails as claims). An empty signature is judged
     // after `alg`, so that `alg: none` tokens are reported as the unsupported algorithm they are.
@@ -106,14 +109,19 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     let header_bytes = URL_SAFE_NO_PAD
         .decode(header_b64)
         .map_err(|_| AuthError::InvalidFormat("header is not base64url"))?;
-    let header = object_from_slice_strict(&header_bytes)
-        .ok_or(AuthError::InvalidFormat("header is not a JSON object without duplicate members"))?;
+    let header = object_from_slice_strict(&header_bytes).ok_or(AuthError::InvalidFormat(
+        "header is not a JSON object without duplicate members",
+    ))?;
     let alg = match header.get("alg") {
         None => return Err(AuthError::InvalidFormat("header has no alg")),
         Some(Value::String(s)) => Alg::from_jose(s).ok_or(AuthError::UnsupportedAlgorithm)?,
         Some(_) => return Err(AuthError::UnsupportedAlgorithm),
     };
-    if header.contains_key("crit") || KEY_SUPPLYING_MEMBERS.iter().any(|m| header.contains_key(*m)) {
+    if header.contains_key("crit")
+        || KEY_SUPPLYING_MEMBERS
+            .iter()
+            .any(|m| header.contains_key(*m))
+    {
         return Err(family_error(alg, Failure::RejectedHeader));
     }
     let kid = match header.get("kid") {
@@ -162,7 +170,12 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             KeySource::SigningKey
         }
     };
-    Ok(SignedPayload { alg, kid: kid.map(str::to_owned), source, payload })
+    Ok(SignedPayload {
+        alg,
+        kid: kid.map(str::to_owned),
+        source,
+        payload,
+    })
 }
 
 /// Verifies a raw signature with an asymmetric key: the same path tokens take.
@@ -177,7 +190,12 @@ pub fn signature_ok(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> boo
     if expected_len.is_some_and(|n| signature.len() != n) {
         return false;
     }
-    check(&URL_SAFE_NO_PAD.encode(signature), message, &key.key, key.alg)
+    check(
+        &URL_SAFE_NO_PAD.encode(signature),
+        message,
+        &key.key,
+        key.alg,
+    )
 }
 
 /// jsonwebtoken's signature primitive: HMAC via aws-lc `hmac::verify` (constant time),
@@ -188,10 +206,16 @@ fn check(sig_b64: &str, message: &[u8], key: &jsonwebtoken::DecodingKey, alg: Al
 
 /// Verifies `token` completely: signature (see [`verify_signature`]) and claims at `now`
 /// (seconds since the Unix epoch).
-pub fn verify(ring: &KeyRing, settings: &VerifySettings, token: &str, now: i64) -> Result<Verified, AuthError> {
+pub fn verify(
+    ring: &KeyRing,
+    settings: &VerifySettings,
+    token: &str,
+    now: i64,
+) -> Result<Verified, AuthError> {
     let signed = verify_signature(ring, token)?;
     let fail = |f: Failure| family_error(signed.alg, f);
-    let claims = object_from_slice_strict(&signed.payload).ok_or_else(|| fail(Failure::MalformedClaims))?;
+    let claims =
+        object_from_slice_strict(&signed.payload).ok_or_else(|| fail(Failure::MalformedClaims))?;
     let exp = check_claims(&claims, settings, now).map_err(fail)?;
     let role = optional_string(&claims, "role").map_err(fail)?;
     let sub = optional_string(&claims, "sub").map_err(fail)?;
@@ -215,7 +239,10 @@ fn optional_string(claims: &Map<String, Value>, name: &str) -> Result<Option<Str
 }
 
 /// A NumericDate must be a JSON number (a string is not accepted); fractions are floored.
-pub(crate) fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Failure> {
+pub(crate) fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<i64>, Failure> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => {
@@ -233,7 +260,11 @@ pub(crate) fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Op
 }
 
 /// Checks time, issuer and audience claims; returns `exp`.
-pub(crate) fn check_claims(claims: &Map<String, Value>, settings: &VerifySettings, now: i64) -> Result<i64, Failure> {
+pub(crate) fn check_claims(
+    claims: &Map<String, Value>,
+    settings: &VerifySettings,
+    now: i64,
+) -> Result<i64, Failure> {
     let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
     let exp = numeric_date(claims, "exp")?.ok_or(Failure::MissingExp)?;
     let nbf = numeric_date(claims, "nbf")?;
@@ -246,18 +277,17 @@ pub(crate) fn check_claims(claims: &Map<String, Value>, settings: &VerifySetting
     let iss = optional_string(claims, "iss")?;
     if let Some(issuers) = &settings.issuers {
         match iss {
-            Some(iss) if issuers.iter().any(|i| *i == iss) => {}
+            Some(iss) if issuers.contains(&iss) => {}
             _ => return Err(Failure::WrongIssuer),
         }
     }
 
     match claims.get("aud") {
         None => {}
-        Some(Value::String(aud)) => {
-            if !settings.audiences.iter().any(|a| a == aud) {
-                return Err(Failure::WrongAudience);
-            }
+        Some(Value::String(aud)) if !settings.audiences.contains(aud) => {
+            return Err(Failure::WrongAudience);
         }
+        Some(Value::String(_)) => {}
         Some(Value::Array(auds)) => {
             let mut matched = false;
             for aud in auds {
@@ -274,7 +304,12 @@ pub(crate) fn check_claims(claims: &Map<String, Value>, settings: &VerifySetting
 }
 
 /// `exp` and `nbf` against `now` with `leeway`; also used on every cache hit.
-pub(crate) fn check_times(exp: i64, nbf: Option<i64>, now: i64, leeway: i64) -> Result<(), Failure> {
+pub(crate) fn check_times(
+    exp: i64,
+    nbf: Option<i64>,
+    now: i64,
+    leeway: i64,
+) -> Result<(), Failure> {
     if now >= exp.saturating_add(leeway) {
         return Err(Failure::Expired);
     }

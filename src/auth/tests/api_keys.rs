@@ -28,8 +28,14 @@ fn secret_key_is_service_role_named_by_its_name() {
     assert_eq!(v.source, KeySource::ApiKey);
     assert_eq!(v.role.as_deref(), Some("service_role"));
     assert_eq!(v.kid.as_deref(), Some("default"));
-    assert!(!format!("{v:?}").contains(SECRET), "the key never appears in the result");
-    assert_eq!(auth().verify_api_key(SECRET_2, false).map(|v| v.kid), Ok(Some("rotated".into())));
+    assert!(
+        !format!("{v:?}").contains(SECRET),
+        "the key never appears in the result"
+    );
+    assert_eq!(
+        auth().verify_api_key(SECRET_2, false).map(|v| v.kid),
+        Ok(Some("rotated".into()))
+    );
 }
 
 #[test]
@@ -41,18 +47,40 @@ fn secret_key_from_a_browser_is_refused() {
 
 #[test]
 fn publishable_key_is_anon_even_from_a_browser() {
-    let v = auth().verify_api_key(PUBLISHABLE, true).expect("publishable key");
-    assert_eq!((v.role.as_deref(), v.kid.as_deref()), (Some("anon"), Some("web")));
+    let v = auth()
+        .verify_api_key(PUBLISHABLE, true)
+        .expect("publishable key");
+    assert_eq!(
+        (v.role.as_deref(), v.kid.as_deref()),
+        (Some("anon"), Some("web"))
+    );
 }
 
 #[test]
 fn unknown_keys_are_refused() {
     let a = auth();
-    for key in [&SECRET[..SECRET.len() - 1], "sb_secret_", "sb_publishable_x", "x", &format!("{SECRET} "), &"k".repeat(5000)] {
+    for key in [
+        &SECRET[..SECRET.len() - 1],
+        "sb_secret_",
+        "sb_publishable_x",
+        "x",
+        &format!("{SECRET} "),
+        &"k".repeat(5000),
+    ] {
         let r = a.verify_api_key(key, false);
-        assert_eq!(r.map_err(|e| e.code()), Err("UNAUTHORIZED_INVALID_API_KEY"), "{key:?}");
+        assert_eq!(
+            r.map_err(|e| e.code()),
+            Err("UNAUTHORIZED_INVALID_API_KEY"),
+            "{key:?}"
+        );
     }
-    assert_eq!(a.verify_api_key("", false).map_err(|e| e.code()), Err("UNAUTHORIZED_NO_AUTH_HEADER"));
+    assert_eq!(
+        a.verify_api_key("", false).map_err(|e| e.code()),
+        Err("UNAUTHORIZED_NO_AUTH_HEADER")
+    );
     let none = Authenticator::new(AuthSettings::default(), reqwest::Client::new());
-    assert_eq!(none.verify_api_key(SECRET, false), Err(AuthError::InvalidApiKey));
+    assert_eq!(
+        none.verify_api_key(SECRET, false),
+        Err(AuthError::InvalidApiKey)
+    );
 }

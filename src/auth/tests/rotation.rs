@@ -41,14 +41,25 @@ struct JwksHost {
 async fn serve_jwks(State(s): State<HostState>, headers: HeaderMap) -> Response {
     s.hits.fetch_add(1, Ordering::SeqCst);
     s.notify.notify_one();
-    let reply = s.reply.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone());
-    if let (Some(etag), Some(inm)) = (&reply.etag, headers.get(header::IF_NONE_MATCH)) {
-        if inm.as_bytes() == etag.as_bytes() {
-            return StatusCode::NOT_MODIFIED.into_response();
-        }
+    let reply = s
+        .reply
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    if let (Some(etag), Some(inm)) = (&reply.etag, headers.get(header::IF_NONE_MATCH))
+        && inm.as_bytes() == etag.as_bytes()
+    {
+        return StatusCode::NOT_MODIFIED.into_response();
     }
-    let mut response = (StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK), reply.body).into_response();
-    if let Some(cc) = reply.cache_control.and_then(|v| HeaderValue::from_str(&v).ok()) {
+    let mut response = (
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK),
+        reply.body,
+    )
+        .into_response();
+    if let Some(cc) = reply
+        .cache_control
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
         response.headers_mut().insert(header::CACHE_CONTROL, cc);
     }
     if let Some(etag) = reply.etag.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -69,8 +80,12 @@ impl JwksHost {
                 etag: None,
             })),
         };
-        let app = Router::new().route("/auth/v1/.well-known/jwks.json", get(serve_jwks)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = Router::new()
+            .route("/auth/v1/.well-known/jwks.json", get(serve_jwks))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -80,8 +95,14 @@ impl JwksHost {
                 })
                 .await;
         });
-        let url = url::Url::parse(&format!("http://{addr}/auth/v1/.well-known/jwks.json")).expect("url");
-        Self { url, state, shutdown: Some(tx), task: Some(task) }
+        let url =
+            url::Url::parse(&format!("http://{addr}/auth/v1/.well-known/jwks.json")).expect("url");
+        Self {
+            url,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     fn hits(&self) -> usize {
@@ -112,13 +133,18 @@ impl JwksHost {
 
 fn client() -> reqwest::Client {
     // No pooled connections: a stopped host must look down at once.
-    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client")
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
 }
 
 fn auth_for(host: &JwksHost, clock: &Clock, legacy: bool) -> Authenticator {
     let settings = AuthSettings {
         legacy_secrets: if legacy {
-            vec![SecretString::from(String::from_utf8_lossy(LEGACY_SECRET).into_owned())]
+            vec![SecretString::from(
+                String::from_utf8_lossy(LEGACY_SECRET).into_owned(),
+            )]
         } else {
             Vec::new()
         },
@@ -132,7 +158,11 @@ fn auth_for(host: &JwksHost, clock: &Clock, legacy: bool) -> Authenticator {
 }
 
 async fn initial_fetch(auth: &Authenticator) {
-    auth.fetcher().expect("fetcher").refresh_now().await.expect("initial fetch");
+    auth.fetcher()
+        .expect("fetcher")
+        .refresh_now()
+        .await
+        .expect("initial fetch");
 }
 
 #[tokio::test]
@@ -146,7 +176,10 @@ async fn standby_key_is_accepted_without_refetch() {
     assert_eq!(host.hits(), 1);
     let n = clock.unix_now();
     assert!(auth.verify_bearer(&current.token(&claims(n))).await.is_ok());
-    let v = auth.verify_bearer(&standby.token(&claims(n))).await.expect("standby key verifies");
+    let v = auth
+        .verify_bearer(&standby.token(&claims(n)))
+        .await
+        .expect("standby key verifies");
     assert_eq!((v.alg, v.kid.as_deref()), ("RS256", Some("standby")));
     assert_eq!(host.hits(), 1, "no refetch for a key already in the set");
 }
@@ -162,7 +195,10 @@ async fn new_kid_costs_exactly_one_fetch() {
     clock.advance(Duration::from_secs(31));
     host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
     let n = clock.unix_now();
-    let v = auth.verify_bearer(&k2.token(&claims(n))).await.expect("new key after one refetch");
+    let v = auth
+        .verify_bearer(&k2.token(&claims(n)))
+        .await
+        .expect("new key after one refetch");
     assert_eq!(v.kid.as_deref(), Some("k2"));
     assert_eq!(host.hits(), 2);
     for _ in 0..10 {
@@ -183,14 +219,21 @@ async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
         let n = clock.unix_now();
         for i in 0..1000 {
             let kid = format!("random-{round}-{i}-{}", uuid::Uuid::new_v4());
-            let t = k1.token_with_header(&json!({"alg":"ES256","kid":kid}).to_string(), &claims(n).to_string());
+            let t = k1.token_with_header(
+                &json!({"alg":"ES256","kid":kid}).to_string(),
+                &claims(n).to_string(),
+            );
             let r = auth.verify_bearer(&t).await;
             assert_eq!(r, Err(AuthError::Asymmetric(Failure::UnknownKid)));
             assert_eq!(r.map_err(|e| e.code()), Err("UNAUTHORIZED_ASYMMETRIC_JWT"));
         }
         assert_eq!(host.hits(), 1 + round, "one refetch per cool-down interval");
     }
-    let stats = auth.fetcher().expect("fetcher").stats().snapshot(clock.unix_now());
+    let stats = auth
+        .fetcher()
+        .expect("fetcher")
+        .stats()
+        .snapshot(clock.unix_now());
     assert_eq!(stats.refetches_suppressed, 3 * 999);
     assert_eq!(stats.unknown_kid_refetches, 3);
 
@@ -201,7 +244,10 @@ async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let auth = auth.clone();
-        let t = k1.token_with_header(&json!({"alg":"ES256","kid":format!("c{i}")}).to_string(), &claims(n).to_string());
+        let t = k1.token_with_header(
+            &json!({"alg":"ES256","kid":format!("c{i}")}).to_string(),
+            &claims(n).to_string(),
+        );
         tasks.push(tokio::spawn(async move { auth.verify_bearer(&t).await }));
     }
     for t in tasks {
@@ -220,24 +266,47 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
     let fetcher = auth.fetcher().expect("fetcher");
 
     host.update(|r| r.status = 503);
-    assert_eq!(fetcher.refresh_now().await.map(|_| ()), Err(FetchError::Status(503)));
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::Status(503))
+    );
     host.update(|r| {
         r.status = 200;
         r.body = "{not json".into();
     });
-    assert!(matches!(fetcher.refresh_now().await, Err(FetchError::Document(_))));
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Document(_))
+    ));
     host.update(|r| r.body = format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(70 * 1024)));
-    assert_eq!(fetcher.refresh_now().await.map(|_| ()), Err(FetchError::TooLarge));
-    let many: Vec<Value> = (0..101).map(|i| TestKey::eddsa(&format!("m{i}")).public_jwk()).collect();
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::TooLarge)
+    );
+    let many: Vec<Value> = (0..101)
+        .map(|i| TestKey::eddsa(&format!("m{i}")).public_jwk())
+        .collect();
     host.set_keys(&many);
-    assert!(matches!(fetcher.refresh_now().await, Err(FetchError::Document(_))));
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Document(_))
+    ));
     host.stop().await;
-    assert!(matches!(fetcher.refresh_now().await, Err(FetchError::Transport(_))));
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Transport(_))
+    ));
 
     let n = clock.unix_now();
-    assert!(auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(), "last good set still verifies");
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
+        "last good set still verifies"
+    );
     let stats = fetcher.stats().snapshot(clock.unix_now());
-    assert_eq!((stats.fetches_ok, stats.fetches_failed, stats.stale), (1, 5, false));
+    assert_eq!(
+        (stats.fetches_ok, stats.fetches_failed, stats.stale),
+        (1, 5, false)
+    );
 
     clock.advance(Duration::from_secs(700));
     assert!(fetcher.refresh_now().await.is_err());
@@ -247,14 +316,19 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
     assert!(status.last_error.is_some());
     assert_eq!(status.stats.key_set_age_seconds, Some(700));
     let n = clock.unix_now();
-    assert!(auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(), "stale but within 24 h");
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
+        "stale but within 24 h"
+    );
 
     clock.advance(Duration::from_secs(24 * 3600));
     assert!(fetcher.refresh_now().await.is_err());
     assert!(fetcher.status().stats.expired);
     let n = clock.unix_now();
     assert_eq!(
-        auth.verify_bearer(&k1.token(&claims(n))).await.map_err(|e| e.code()),
+        auth.verify_bearer(&k1.token(&claims(n)))
+            .await
+            .map_err(|e| e.code()),
         Err("UNAUTHORIZED_ASYMMETRIC_JWT"),
         "keys stale beyond 24 h are dropped"
     );
@@ -277,7 +351,10 @@ async fn removed_key_stops_after_next_refresh_and_at_once_after_refresh_now() {
     assert_eq!(auth.cache().len(), 1);
 
     host.set_keys(&[k1.public_jwk()]);
-    assert!(auth.verify_bearer(&t2).await.is_ok(), "until the next refresh the cached set stands");
+    assert!(
+        auth.verify_bearer(&t2).await.is_ok(),
+        "until the next refresh the cached set stands"
+    );
     assert!(fetcher.refresh_if_due().await.is_none(), "not due yet");
     clock.advance(Duration::from_secs(661)); // past TTL + 10 % jitter
     assert!(matches!(fetcher.refresh_if_due().await, Some(Ok(_))));
@@ -286,15 +363,25 @@ async fn removed_key_stops_after_next_refresh_and_at_once_after_refresh_now() {
         Err(AuthError::Asymmetric(Failure::UnknownKid)),
         "removed key no longer verifies, cached or not"
     );
-    assert!(auth.verify_bearer(&k1.token(&claims(clock.unix_now()))).await.is_ok());
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
 
     // Urgent revocation: refresh_now ignores the cool-down.
     host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
     fetcher.refresh_now().await.expect("refresh");
-    assert_eq!(auth.verify_bearer(&t2).await.map(|v| v.kid), Ok(Some("k2".to_owned())));
+    assert_eq!(
+        auth.verify_bearer(&t2).await.map(|v| v.kid),
+        Ok(Some("k2".to_owned()))
+    );
     host.set_keys(&[k1.public_jwk()]);
     fetcher.refresh_now().await.expect("refresh");
-    assert_eq!(auth.verify_bearer(&t2).await.map_err(|e| e.code()), Err("UNAUTHORIZED_ASYMMETRIC_JWT"));
+    assert_eq!(
+        auth.verify_bearer(&t2).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_ASYMMETRIC_JWT")
+    );
 }
 
 #[tokio::test]
@@ -303,17 +390,30 @@ async fn legacy_revoked_while_signing_keys_pass() {
     let host = JwksHost::start(&[k1.public_jwk()]).await;
     let clock = Clock::manual();
     let n = clock.unix_now();
-    let hs = hs256_token(LEGACY_SECRET, r#"{"alg":"HS256","typ":"JWT"}"#, &claims(n).to_string());
+    let hs = hs256_token(
+        LEGACY_SECRET,
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &claims(n).to_string(),
+    );
 
     let with_legacy = auth_for(&host, &clock, true);
     initial_fetch(&with_legacy).await;
-    assert!(with_legacy.verify_bearer(&hs).await.is_ok(), "HS256 passes while the secret is configured");
+    assert!(
+        with_legacy.verify_bearer(&hs).await.is_ok(),
+        "HS256 passes while the secret is configured"
+    );
 
     let auth = auth_for(&host, &clock, false);
     initial_fetch(&auth).await;
     assert_eq!(auth.verify_bearer(&hs).await, Err(AuthError::LegacyRevoked));
-    assert_eq!(auth.verify_bearer(&hs).await.map_err(|e| e.code()), Err("UNAUTHORIZED_LEGACY_JWT"));
-    let v = auth.verify_bearer(&k1.token(&claims(n))).await.expect("ES256 passes");
+    assert_eq!(
+        auth.verify_bearer(&hs).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_LEGACY_JWT")
+    );
+    let v = auth
+        .verify_bearer(&k1.token(&claims(n)))
+        .await
+        .expect("ES256 passes");
     assert_eq!(v.source, crate::auth::KeySource::SigningKey);
 }
 
@@ -330,12 +430,20 @@ async fn cache_control_etag_and_backoff() {
     let fetcher = auth.fetcher().expect("fetcher");
     let first = fetcher.refresh_now().await.expect("fetch");
     assert!(!first.not_modified);
-    assert!(first.ttl >= Duration::from_millis(40_500) && first.ttl <= Duration::from_millis(49_500), "{:?}", first.ttl);
+    assert!(
+        first.ttl >= Duration::from_millis(40_500) && first.ttl <= Duration::from_millis(49_500),
+        "{:?}",
+        first.ttl
+    );
     assert_eq!(fetcher.time_until_due(), first.ttl);
     let second = fetcher.refresh_now().await.expect("conditional fetch");
     assert!(second.not_modified, "If-None-Match answered 304");
     assert_eq!(second.generation, first.generation);
-    assert!(auth.verify_bearer(&k1.token(&claims(clock.unix_now()))).await.is_ok());
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
 
     // Failures back off exponentially from 5 s, never under min_refresh (30 s), capped at the TTL (600 s).
     host.update(|r| {
@@ -347,7 +455,10 @@ async fn cache_control_etag_and_backoff() {
         assert!(fetcher.refresh_now().await.is_err());
         dues.push(fetcher.time_until_due().as_secs_f64());
     }
-    assert!(dues[..3].iter().all(|d| (29.9..=33.1).contains(d)), "{dues:?}");
+    assert!(
+        dues[..3].iter().all(|d| (29.9..=33.1).contains(d)),
+        "{dues:?}"
+    );
     assert!((36.0..=44.0).contains(&dues[3]), "{dues:?}");
     assert!((72.0..=88.0).contains(&dues[4]), "{dues:?}");
     assert!(dues[9] <= 660.0 && dues[9] >= 540.0, "{dues:?}");
@@ -366,9 +477,13 @@ async fn background_task_refreshes_and_stops() {
     let auth = Authenticator::new(settings, client());
     let task = auth.spawn_refresh().expect("task");
     for _ in 0..3 {
-        tokio::time::timeout(Duration::from_secs(10), host.state.notify.notified()).await.expect("a refresh");
+        tokio::time::timeout(Duration::from_secs(10), host.state.notify.notified())
+            .await
+            .expect("a refresh");
     }
     assert!(host.hits() >= 3);
     assert!(auth.key_ring().load().find("k1").is_some());
-    tokio::time::timeout(Duration::from_secs(10), task.stop()).await.expect("task stops");
+    tokio::time::timeout(Duration::from_secs(10), task.stop())
+        .await
+        .expect("task stops");
 }

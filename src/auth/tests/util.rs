@@ -35,15 +35,25 @@ pub struct TestKey {
 impl TestKey {
     pub fn es256(kid: &str) -> Self {
         let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("generate P-256");
-        Self { kid: kid.to_owned(), key: KeyMaterial::Es(key) }
+        Self {
+            kid: kid.to_owned(),
+            key: KeyMaterial::Es(key),
+        }
     }
     pub fn eddsa(kid: &str) -> Self {
         let key = Ed25519KeyPair::generate().expect("generate Ed25519");
-        Self { kid: kid.to_owned(), key: KeyMaterial::Ed(key) }
+        Self {
+            kid: kid.to_owned(),
+            key: KeyMaterial::Ed(key),
+        }
     }
     pub fn rs256(kid: &str) -> Self {
-        let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("generate RSA");
-        Self { kid: kid.to_owned(), key: KeyMaterial::Rsa(key) }
+        let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+            .expect("generate RSA");
+        Self {
+            kid: kid.to_owned(),
+            key: KeyMaterial::Rsa(key),
+        }
     }
 
     pub fn alg(&self) -> &'static str {
@@ -61,7 +71,9 @@ impl TestKey {
                 let point = k.public_key().as_ref();
                 json!({"kty":"EC","crv":"P-256","x":b64(&point[1..33]),"y":b64(&point[33..65])})
             }
-            KeyMaterial::Ed(k) => json!({"kty":"OKP","crv":"Ed25519","x":b64(k.public_key().as_ref())}),
+            KeyMaterial::Ed(k) => {
+                json!({"kty":"OKP","crv":"Ed25519","x":b64(k.public_key().as_ref())})
+            }
             KeyMaterial::Rsa(k) => {
                 let public = k.public_key();
                 json!({"kty":"RSA",
@@ -87,8 +99,15 @@ impl TestKey {
 
     pub fn public_pem(&self) -> String {
         let body = STANDARD.encode(self.public_der());
-        let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
-        format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", lines.join("\n"))
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
     }
 
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
@@ -98,7 +117,8 @@ impl TestKey {
             KeyMaterial::Ed(k) => k.sign(message).as_ref().to_vec(),
             KeyMaterial::Rsa(k) => {
                 let mut sig = vec![0; k.public_modulus_len()];
-                k.sign(&RSA_PKCS1_SHA256, &rng, message, &mut sig).expect("sign");
+                k.sign(&RSA_PKCS1_SHA256, &rng, message, &mut sig)
+                    .expect("sign");
                 sig
             }
         }
@@ -106,7 +126,10 @@ impl TestKey {
 
     /// A token with the standard header `{"alg","kid","typ"}`.
     pub fn token(&self, claims: &Value) -> String {
-        self.token_with_header(&json!({"alg":self.alg(),"kid":self.kid,"typ":"JWT"}).to_string(), &claims.to_string())
+        self.token_with_header(
+            &json!({"alg":self.alg(),"kid":self.kid,"typ":"JWT"}).to_string(),
+            &claims.to_string(),
+        )
     }
 
     /// A token with exactly these header and claims JSON texts, correctly signed.
@@ -150,14 +173,22 @@ pub fn now() -> i64 {
 /// A ring with an optional legacy secret, inline JWKs and a fetched JWKS.
 pub fn ring(legacy: Option<&[u8]>, inline: &[Value], fetched: &[Value]) -> KeyRing {
     let inline = parse_inline_keys(inline);
-    let mut secrets: Vec<LegacySecret> = legacy.map(LegacySecret::from_env_secret).into_iter().collect();
+    let mut secrets: Vec<LegacySecret> = legacy
+        .map(LegacySecret::from_env_secret)
+        .into_iter()
+        .collect();
     secrets.extend(inline.legacy);
     let handle = KeyRingHandle::new(KeyRing::new(secrets, inline.keys));
     if !fetched.is_empty() {
         let parsed = parse_fetched_keys(fetched);
         handle.replace_fetched(
             parsed.keys,
-            FetchedInfo { fetched_at: SystemTime::now(), fetched_instant: Instant::now(), etag: None, ttl: Duration::from_secs(600) },
+            FetchedInfo {
+                fetched_at: SystemTime::now(),
+                fetched_instant: Instant::now(),
+                etag: None,
+                ttl: Duration::from_secs(600),
+            },
         );
     }
     (*handle.load()).clone()

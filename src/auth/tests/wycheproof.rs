@@ -10,10 +10,15 @@ use std::path::PathBuf;
 
 /// Reads a vector file, or returns `None` (skip) when the folder is absent outside CI.
 fn load(name: &str) -> Option<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/wycheproof").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/vectors/wycheproof")
+        .join(name);
     if !path.exists() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("Wycheproof vectors missing at {} (required when CI=true)", path.display());
+            panic!(
+                "Wycheproof vectors missing at {} (required when CI=true)",
+                path.display()
+            );
         }
         eprintln!("SKIP: Wycheproof vectors not found at {}", path.display());
         return None;
@@ -23,7 +28,10 @@ fn load(name: &str) -> Option<Value> {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 /// The algorithm a group's key is for, if it is one edgegate supports.
@@ -51,7 +59,9 @@ const CONTRADICTORY_JWS_CASES: [u64; 4] = [367, 370, 372, 373];
 
 #[test]
 fn json_web_signature_vectors() {
-    let Some(doc) = load("json_web_signature_test.json") else { return };
+    let Some(doc) = load("json_web_signature_test.json") else {
+        return;
+    };
     let (mut valid_ok, mut invalid_rejected, mut skipped, mut contradictory) = (0, 0, 0, 0);
     let mut failures = Vec::new();
     for group in doc["testGroups"].as_array().expect("groups") {
@@ -62,22 +72,31 @@ fn json_web_signature_vectors() {
             continue;
         };
         let ring = if alg == Alg::HS256 {
-            let k = URL_SAFE_NO_PAD.decode(key["k"].as_str().expect("k")).expect("k b64");
+            let k = URL_SAFE_NO_PAD
+                .decode(key["k"].as_str().expect("k"))
+                .expect("k b64");
             ring(Some(&k), &[], &[])
         } else {
             ring(None, &[], std::slice::from_ref(key))
         };
         for t in tests {
-            let jws = t["jws"].as_str().expect("compact or JSON serialization as a string");
+            let jws = t["jws"]
+                .as_str()
+                .expect("compact or JSON serialization as a string");
             let result = verify_signature(&ring, jws);
             let id = t["tcId"].as_u64().expect("tcId");
             match (t["result"].as_str(), &result) {
                 (Some("valid"), Ok(_)) => valid_ok += 1,
                 (Some("invalid"), Err(_)) => invalid_rejected += 1,
-                (Some("invalid"), Ok(_)) | (Some("valid"), Err(_)) if CONTRADICTORY_JWS_CASES.contains(&id) => {
+                (Some("invalid"), Ok(_)) | (Some("valid"), Err(_))
+                    if CONTRADICTORY_JWS_CASES.contains(&id) =>
+                {
                     contradictory += 1;
                 }
-                (expected, got) => failures.push(format!("tcId {} {:?}: expected {expected:?}, got {got:?}", t["tcId"], t["comment"])),
+                (expected, got) => failures.push(format!(
+                    "tcId {} {:?}: expected {expected:?}, got {got:?}",
+                    t["tcId"], t["comment"]
+                )),
             }
         }
     }
@@ -87,7 +106,10 @@ fn json_web_signature_vectors() {
     );
     assert_eq!(contradictory, CONTRADICTORY_JWS_CASES.len());
     assert!(failures.is_empty(), "{failures:#?}");
-    assert!(valid_ok >= 10 && invalid_rejected >= 250, "too few cases ran");
+    assert!(
+        valid_ok >= 10 && invalid_rejected >= 250,
+        "too few cases ran"
+    );
 }
 
 /// Runs a primitive vector file (raw message and signature) through [`signature_ok`].
@@ -100,7 +122,9 @@ fn primitive_file(name: &str, jwk_member: &str, alg: &str) -> Option<(usize, usi
             Some(jwk) => jwk.clone(),
             // A few ECDSA groups carry only the uncompressed point.
             None => {
-                let point = hex(group["publicKey"]["uncompressed"].as_str().expect("uncompressed point"));
+                let point = hex(group["publicKey"]["uncompressed"]
+                    .as_str()
+                    .expect("uncompressed point"));
                 json!({"kty":"EC","crv":"P-256","x":URL_SAFE_NO_PAD.encode(&point[1..33]),"y":URL_SAFE_NO_PAD.encode(&point[33..])})
             }
         };
@@ -109,37 +133,56 @@ fn primitive_file(name: &str, jwk_member: &str, alg: &str) -> Option<(usize, usi
         let parsed = parse_fetched_keys(std::slice::from_ref(&jwk));
         let key = parsed.keys.first();
         for t in group["tests"].as_array().expect("tests") {
-            let ok = key.is_some_and(|k| signature_ok(k, &hex(t["msg"].as_str().expect("msg")), &hex(t["sig"].as_str().expect("sig"))));
+            let ok = key.is_some_and(|k| {
+                signature_ok(
+                    k,
+                    &hex(t["msg"].as_str().expect("msg")),
+                    &hex(t["sig"].as_str().expect("sig")),
+                )
+            });
             match (t["result"].as_str(), ok) {
                 (Some("valid"), true) => valid_ok += 1,
                 (Some("invalid"), false) => invalid_rejected += 1,
                 (Some("acceptable"), _) => acceptable += 1,
-                (expected, got) => failures.push(format!("{name} tcId {} {:?}: expected {expected:?}, verified={got}", t["tcId"], t["comment"])),
+                (expected, got) => failures.push(format!(
+                    "{name} tcId {} {:?}: expected {expected:?}, verified={got}",
+                    t["tcId"], t["comment"]
+                )),
             }
         }
     }
-    println!("wycheproof {name}: {valid_ok} valid accepted, {invalid_rejected} invalid rejected, {acceptable} acceptable, {} failures", failures.len());
+    println!(
+        "wycheproof {name}: {valid_ok} valid accepted, {invalid_rejected} invalid rejected, {acceptable} acceptable, {} failures",
+        failures.len()
+    );
     assert!(failures.is_empty(), "{failures:#?}");
     Some((valid_ok, invalid_rejected, acceptable))
 }
 
 #[test]
 fn ecdsa_p256_p1363_vectors() {
-    if let Some((valid, invalid, _)) = primitive_file("ecdsa_secp256r1_sha256_p1363_test.json", "publicKeyJwk", "ES256") {
+    if let Some((valid, invalid, _)) = primitive_file(
+        "ecdsa_secp256r1_sha256_p1363_test.json",
+        "publicKeyJwk",
+        "ES256",
+    ) {
         assert!(valid > 100 && invalid > 50);
     }
 }
 
 #[test]
 fn ed25519_vectors() {
-    if let Some((valid, invalid, _)) = primitive_file("ed25519_test.json", "publicKeyJwk", "EdDSA") {
+    if let Some((valid, invalid, _)) = primitive_file("ed25519_test.json", "publicKeyJwk", "EdDSA")
+    {
         assert!(valid > 50 && invalid > 50);
     }
 }
 
 #[test]
 fn rsa_2048_sha256_vectors() {
-    if let Some((valid, invalid, _)) = primitive_file("rsa_signature_2048_sha256_test.json", "keyJwk", "RS256") {
+    if let Some((valid, invalid, _)) =
+        primitive_file("rsa_signature_2048_sha256_test.json", "keyJwk", "RS256")
+    {
         assert!(valid > 5 && invalid > 200);
     }
 }
