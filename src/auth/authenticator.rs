@@ -201,6 +201,11 @@ impl Authenticator {
         &self.inline_dropped
     }
 
+    /// True when at least one key of any kind can verify a token (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.ring.load().can_verify()
+    }
+
     /// The verified-token cache.
     pub fn cache(&self) -> &TokenCache {
         &self.cache

@@ -362,7 +362,8 @@ impl JwksFetcher {
                 state.consecutive_failures = 0;
                 state.last_error = None;
                 state.last_success = Some(started);
-                state.next_delay = report.ttl;
+                // `min_refresh` is the least time between two fetches, whatever max-age said.
+                state.next_delay = report.ttl.max(self.inner.cfg.min_refresh);
                 if !report.not_modified {
                     state.dropped = report.dropped.clone();
                 }

@@ -224,3 +224,69 @@ impl KeyRingHandle {
         self.current.load().generation
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keys::parse_fetched_keys;
+    use serde_json::json;
+
+    fn info() -> FetchedInfo {
+        FetchedInfo {
+            fetched_at: SystemTime::now(),
+            fetched_instant: Instant::now(),
+            etag: None,
+            ttl: Duration::from_secs(600),
+        }
+    }
+
+    fn ed_jwk(kid: &str, x_byte: u8) -> serde_json::Value {
+        // 32 bytes that aws-lc accepts as an Ed25519 public key; signatures are not needed here.
+        let mut x = [0u8; 32];
+        x[0] = x_byte;
+        use base64::Engine;
+        json!({"kty":"OKP","crv":"Ed25519","kid":kid,
+            "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)})
+    }
+
+    #[test]
+    fn generation_bumps_only_when_the_set_changes() {
+        let handle = KeyRingHandle::new(KeyRing::default());
+        let keys = |jwks: &[serde_json::Value]| parse_fetched_keys(jwks).keys;
+        let a = ed_jwk("a", 0x3b);
+        let b = ed_jwk("b", 0x3b);
+        assert_eq!(
+            keys(std::slice::from_ref(&a)).len(),
+            1,
+            "test key must parse"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            1
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            1,
+            "same set"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(&[a.clone(), b.clone()]), info()),
+            2,
+            "key added"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            3,
+            "key removed"
+        );
+        let a2 = ed_jwk("a", 0x3c);
+        assert_eq!(
+            handle.replace_fetched(keys(&[a2]), info()),
+            4,
+            "same kid, new key material"
+        );
+        assert_eq!(handle.clear_fetched(), 5);
+        assert_eq!(handle.clear_fetched(), 5, "nothing left to drop");
+        assert!(handle.load().find("a").is_none());
+    }
+}

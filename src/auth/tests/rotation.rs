@@ -487,3 +487,29 @@ async fn background_task_refreshes_and_stops() {
         .await
         .expect("task stops");
 }
+
+#[tokio::test]
+async fn scheduled_refresh_never_comes_sooner_than_min_refresh() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| r.cache_control = Some("max-age=1".into()));
+    let clock = Clock::manual();
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.clone()),
+        min_refresh: Duration::from_secs(90),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let fetcher = auth.fetcher().expect("fetcher");
+    let report = fetcher.refresh_now().await.expect("fetch");
+    assert!(
+        report.ttl <= Duration::from_secs(33),
+        "max-age=1 is clamped up to 30 s (± jitter)"
+    );
+    assert_eq!(fetcher.time_until_due(), Duration::from_secs(90));
+    clock.advance(Duration::from_secs(60));
+    assert!(fetcher.refresh_if_due().await.is_none());
+    clock.advance(Duration::from_secs(30));
+    assert!(matches!(fetcher.refresh_if_due().await, Some(Ok(_))));
+    assert_eq!(host.hits(), 2);
+}
