@@ -48,6 +48,9 @@ pub enum FetchError {
     /// Connection error or timeout.
     #[error("JWKS request failed: {0}")]
     Transport(String),
+    /// The answer came from another URL: keys are taken only from the configured location.
+    #[error("JWKS request was redirected")]
+    Redirected,
     /// A status other than 200 (or 304 after `If-None-Match`).
     #[error("JWKS answered HTTP {0}")]
     Status(u16),
@@ -206,6 +209,8 @@ impl std::fmt::Debug for JwksFetcher {
 
 impl JwksFetcher {
     /// A fetcher that writes into `ring`. Nothing is fetched until asked or [`JwksFetcher::spawn`]ed.
+    /// Redirects are refused whatever `client`'s policy (a redirected answer is a failure);
+    /// building `client` with `redirect::Policy::none()` saves the extra request.
     pub fn new(
         cfg: JwksConfig,
         client: reqwest::Client,
@@ -421,6 +426,9 @@ impl JwksFetcher {
             .send()
             .await
             .map_err(|e| FetchError::Transport(e.without_url().to_string()))?;
+        if response.url() != &self.inner.cfg.url {
+            return Err(FetchError::Redirected);
+        }
         let status = response.status();
         let ttl = jitter(freshness(response.headers(), self.inner.cfg.ttl));
         let new_etag = response

@@ -4,6 +4,18 @@
 //! File map: [`keys`] parses JWKs, [`keyring`] holds the trusted keys as an atomically swapped
 //! snapshot, [`verify`] checks one token against a snapshot, [`jwks`] refreshes the fetched
 //! keys, [`cache`] remembers verified tokens, [`Authenticator`] ties them together.
+//!
+//! Wiring, in short:
+//! ```no_run
+//! # async fn demo(settings: edgegate::auth::AuthSettings) {
+//! let auth = edgegate::auth::Authenticator::new(settings, reqwest::Client::new());
+//! let _refresh = auth.spawn_refresh(); // keep it; dropping it stops the refresh
+//! match auth.verify_bearer("eyJ...").await {
+//!     Ok(verified) => println!("{:?} {:?}", verified.source, verified.role),
+//!     Err(e) => println!("401 {}: {}", e.code(), e.message()),
+//! }
+//! # }
+//! ```
 
 pub mod authenticator;
 pub mod cache;

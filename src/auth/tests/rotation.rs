@@ -82,6 +82,12 @@ impl JwksHost {
         };
         let app = Router::new()
             .route("/auth/v1/.well-known/jwks.json", get(serve_jwks))
+            .route(
+                "/moved",
+                get(|| async {
+                    axum::response::Redirect::temporary("/auth/v1/.well-known/jwks.json")
+                }),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -512,4 +518,21 @@ async fn scheduled_refresh_never_comes_sooner_than_min_refresh() {
     clock.advance(Duration::from_secs(30));
     assert!(matches!(fetcher.refresh_if_due().await, Some(Ok(_))));
     assert_eq!(host.hits(), 2);
+}
+
+#[tokio::test]
+async fn redirects_are_refused() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.join("/moved").expect("url")),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::new(settings, reqwest::Client::new());
+    let fetcher = auth.fetcher().expect("fetcher");
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::Redirected)
+    );
+    assert!(auth.key_ring().load().find("k1").is_none());
 }
