@@ -259,7 +259,7 @@ impl JwksFetcher {
         let now = self.inner.clock.now();
         self.state()
             .last_attempt
-            .is_some_and(|t| now < t + self.inner.cfg.min_refresh)
+            .is_some_and(|t| now.saturating_duration_since(t) < self.inner.cfg.min_refresh)
     }
 
     /// Asks for a refetch because a token named a kid the ring does not hold. Returns at once
@@ -321,7 +321,10 @@ impl JwksFetcher {
         let state = self.state();
         match state.last_attempt {
             None => Duration::ZERO,
-            Some(t) => (t + state.next_delay).saturating_duration_since(self.inner.clock.now()),
+            Some(t) => {
+                let elapsed = self.inner.clock.now().saturating_duration_since(t);
+                state.next_delay.saturating_sub(elapsed)
+            }
         }
     }
 
@@ -532,7 +535,8 @@ pub fn jitter(d: Duration) -> Duration {
         return d;
     }
     let r = f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX);
-    d.mul_f64(0.9 + 0.2 * r)
+    // `try_from` rather than `mul_f64`: an absurdly large configured TTL must not panic.
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + 0.2 * r)).unwrap_or(d)
 }
 
 /// The running background refresh. Dropping it stops the task too.
