@@ -8,7 +8,8 @@
 //! - RSA moduli under 2048 (or over 8192) bits, unsupported curves and asymmetric keys without
 //!   `kid` are dropped;
 //! - `oct` keys from a fetched set are always dropped (a remote party must never be able to
-//!   hand us an HMAC secret); inline `oct` keys are legacy secrets.
+//!   hand us an HMAC secret); inline `oct` keys (no `alg`, or `alg: HS256`; `kid` optional and
+//!   only listed) are legacy secrets.
 //!
 //! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
 
