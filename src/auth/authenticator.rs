@@ -1,0 +1,295 @@
+//! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
+
+use crate::auth::cache::{TokenCache, token_hash};
+use crate::auth::clock::Clock;
+use crate::auth::error::{AuthError, Failure};
+use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
+use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
+use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
+use crate::auth::verify::{MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
+use aws_lc_rs::constant_time::verify_slices_are_equal;
+use aws_lc_rs::digest::{SHA256, digest};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything the credential layer needs, filled from the service configuration.
+/// `Debug` redacts secrets, including `oct` members of inline JWKs.
+#[derive(Clone)]
+pub struct AuthSettings {
+    /// `SUPABASE_JWT_SECRET` (HS256, used as raw bytes). Empty: HS256 tokens are refused.
+    pub legacy_secrets: Vec<SecretString>,
+    /// `SUPABASE_JWKS`: one JWK per element (see [`crate::auth::keys::parse_jwks_document`]).
+    pub inline_jwks: Vec<Value>,
+    /// JWKS location; `None` disables fetching.
+    pub jwks_url: Option<url::Url>,
+    /// Accepted `iss` values; `None`: not checked.
+    pub issuers: Option<Vec<String>>,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Clock leeway for `exp`, `nbf`, `iat`.
+    pub leeway: Duration,
+    /// JWKS freshness when the server sends no `max-age` (`JWKS_CACHE_TTL_SECONDS`).
+    pub cache_ttl: Duration,
+    /// Least time between two JWKS fetches (`JWKS_MIN_REFRESH_SECONDS`).
+    pub min_refresh: Duration,
+    /// `SUPABASE_SECRET_KEYS`: (name, `sb_secret_…`).
+    pub secret_api_keys: Vec<(String, SecretString)>,
+    /// `SUPABASE_PUBLISHABLE_KEYS`: (name, `sb_publishable_…`).
+    pub publishable_api_keys: Vec<(String, SecretString)>,
+    /// Capacity of the verified-token cache; 0 disables it.
+    pub token_cache_capacity: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            legacy_secrets: Vec::new(),
+            inline_jwks: Vec::new(),
+            jwks_url: None,
+            issuers: None,
+            audiences: vec!["authenticated".to_owned()],
+            leeway: Duration::from_secs(30),
+            cache_ttl: Duration::from_secs(600),
+            min_refresh: Duration::from_secs(30),
+            secret_api_keys: Vec::new(),
+            publishable_api_keys: Vec::new(),
+            token_cache_capacity: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Inline JWKs may hold `oct` secrets: show only their kid and kty.
+        let inline: Vec<(Option<&str>, Option<&str>)> = self
+            .inline_jwks
+            .iter()
+            .map(|j| {
+                (
+                    j.get("kid").and_then(Value::as_str),
+                    j.get("kty").and_then(Value::as_str),
+                )
+            })
+            .collect();
+        let names = |keys: &[(String, SecretString)]| {
+            keys.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+        };
+        f.debug_struct("AuthSettings")
+            .field("legacy_secrets", &self.legacy_secrets.len())
+            .field("inline_jwks (kid, kty)", &inline)
+            .field("jwks_url", &self.jwks_url.as_ref().map(url::Url::as_str))
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .field("leeway", &self.leeway)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("min_refresh", &self.min_refresh)
+            .field("secret_api_keys", &names(&self.secret_api_keys))
+            .field("publishable_api_keys", &names(&self.publishable_api_keys))
+            .field("token_cache_capacity", &self.token_cache_capacity)
+            .finish()
+    }
+}
+
+/// An API key kept only as its SHA-256, compared in constant time.
+struct ApiKey {
+    name: String,
+    digest: [u8; 32],
+    secret: bool,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
+    out
+}
+
+/// Longest API key looked at; real ones are well under 100 bytes.
+const MAX_API_KEY_BYTES: usize = 1024;
+
+/// Verifies bearer tokens (with cache and JWKS refetch) and API keys.
+pub struct Authenticator {
+    ring: Arc<KeyRingHandle>,
+    settings: VerifySettings,
+    cache: TokenCache,
+    fetcher: Option<JwksFetcher>,
+    api_keys: Vec<ApiKey>,
+    clock: Clock,
+    inline_dropped: Vec<DroppedKey>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("settings", &self.settings)
+            .field("fetcher", &self.fetcher)
+            .field("api_keys", &self.api_keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Builds the key ring from the settings. Nothing is fetched yet: call
+    /// [`Authenticator::spawn_refresh`] (or [`JwksFetcher::refresh_now`]).
+    pub fn new(settings: AuthSettings, client: reqwest::Client) -> Self {
+        Self::with_clock(settings, client, Clock::system())
+    }
+
+    /// As [`Authenticator::new`], with an injected clock (tests).
+    pub fn with_clock(settings: AuthSettings, client: reqwest::Client, clock: Clock) -> Self {
+        let inline = parse_inline_keys(&settings.inline_jwks);
+        let mut legacy: Vec<LegacySecret> = settings
+            .legacy_secrets
+            .iter()
+            .filter(|s| !s.expose_secret().is_empty())
+            .map(|s| LegacySecret::from_env_secret(s.expose_secret().as_bytes()))
+            .collect();
+        legacy.extend(inline.legacy);
+        let ring = Arc::new(KeyRingHandle::new(KeyRing::new(legacy, inline.keys)));
+        let fetcher = settings.jwks_url.clone().map(|url| {
+            JwksFetcher::new(
+                JwksConfig {
+                    url,
+                    ttl: settings.cache_ttl,
+                    min_refresh: settings.min_refresh,
+                },
+                client,
+                ring.clone(),
+                clock.clone(),
+            )
+        });
+        let api_keys = settings
+            .secret_api_keys
+            .iter()
+            .map(|k| (k, true))
+            .chain(settings.publishable_api_keys.iter().map(|k| (k, false)))
+            .filter(|((_, key), _)| !key.expose_secret().is_empty())
+            .map(|((name, key), secret)| ApiKey {
+                name: name.clone(),
+                digest: sha256(key.expose_secret().as_bytes()),
+                secret,
+            })
+            .collect();
+        Self {
+            ring,
+            settings: VerifySettings {
+                issuers: settings.issuers,
+                audiences: settings.audiences,
+                leeway: settings.leeway,
+            },
+            cache: TokenCache::new(settings.token_cache_capacity),
+            fetcher,
+            api_keys,
+            clock,
+            inline_dropped: inline.dropped,
+        }
+    }
+
+    /// The key ring (for listings and readiness).
+    pub fn key_ring(&self) -> &Arc<KeyRingHandle> {
+        &self.ring
+    }
+
+    /// The JWKS fetcher, when a JWKS URL is configured.
+    pub fn fetcher(&self) -> Option<&JwksFetcher> {
+        self.fetcher.as_ref()
+    }
+
+    /// Inline JWKs that were refused at start, with reasons.
+    pub fn inline_dropped(&self) -> &[DroppedKey] {
+        &self.inline_dropped
+    }
+
+    /// True when at least one key of any kind can verify a token (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.ring.load().can_verify()
+    }
+
+    /// The verified-token cache.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Starts the background JWKS refresh (a fetch at once, then whenever due).
+    pub fn spawn_refresh(&self) -> Option<RefreshTask> {
+        self.fetcher.as_ref().map(JwksFetcher::spawn)
+    }
+
+    /// Verifies a bearer JWT: cache, then the key ring; an unknown kid asks the fetcher for
+    /// one single-flight refetch and retries once if it happened.
+    pub async fn verify_bearer(&self, token: &str) -> Result<Verified, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::NoCredential);
+        }
+        // Before hashing, so an oversized token costs nothing.
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::InvalidFormat("token is too large"));
+        }
+        let hash = token_hash(token);
+        let leeway = i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        let ring = self.ring.load();
+        let now = self.clock.unix_now();
+        if let Some(hit) = self.cache.get(&hash, ring.generation(), now, leeway) {
+            return Ok(hit);
+        }
+        let (ring, result) = match verify(&ring, &self.settings, token, now) {
+            Err(AuthError::UnknownKid) => match &self.fetcher {
+                Some(fetcher) => match fetcher.on_unknown_kid().await {
+                    RefetchOutcome::Fetched | RefetchOutcome::Joined => {
+                        let ring = self.ring.load();
+                        let result = verify(&ring, &self.settings, token, self.clock.unix_now());
+                        (ring, result)
+                    }
+                    RefetchOutcome::Suppressed | RefetchOutcome::Failed => {
+                        (ring, Err(AuthError::UnknownKid))
+                    }
+                },
+                None => (ring, Err(AuthError::UnknownKid)),
+            },
+            other => (ring, other),
+        };
+        let verified = result.map_err(|e| match e {
+            AuthError::UnknownKid => AuthError::Asymmetric(Failure::UnknownKid),
+            e => e,
+        })?;
+        self.cache
+            .insert(hash, ring.generation(), verified.clone(), now);
+        Ok(verified)
+    }
+
+    /// Verifies an opaque API key from the `apikey` header. Secret keys (`service_role`) are
+    /// refused when the request came from a browser (`has_origin`). Every configured key is
+    /// compared, in constant time, whatever matches first.
+    pub fn verify_api_key(&self, key: &str, has_origin: bool) -> Result<Verified, AuthError> {
+        if key.is_empty() {
+            return Err(AuthError::NoCredential);
+        }
+        if key.len() > MAX_API_KEY_BYTES {
+            return Err(AuthError::InvalidApiKey);
+        }
+        let presented = sha256(key.as_bytes());
+        let mut found: Option<&ApiKey> = None;
+        for candidate in &self.api_keys {
+            if verify_slices_are_equal(&candidate.digest, &presented).is_ok() && found.is_none() {
+                found = Some(candidate);
+            }
+        }
+        let found = found.ok_or(AuthError::InvalidApiKey)?;
+        if found.secret && has_origin {
+            return Err(AuthError::SecretKeyInBrowser);
+        }
+        let role = if found.secret { "service_role" } else { "anon" };
+        let mut claims = Map::new();
+        claims.insert("role".to_owned(), Value::String(role.to_owned()));
+        Ok(Verified {
+            source: KeySource::ApiKey,
+            kid: Some(found.name.clone()),
+            alg: "opaque",
+            role: Some(role.to_owned()),
+            sub: None,
+            claims,
+            exp: i64::MAX,
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! Verified-token cache (the role of Envoy's `jwt_cache`): skips signature checks for tokens
+//! seen recently.
+//!
+//! - Keyed by SHA-256 of the token, so the cache never holds a bearer credential.
+//! - Every hit re-checks `exp`/`nbf` against the current time.
+//! - Entries remember the key-ring generation that verified them; when the generation changes
+//!   (a key was added or removed) each shard empties itself on its next use, so a removed key
+//!   stops vouching for cached tokens at once.
+//! - Bounded: a full shard first drops expired entries, then an arbitrary one.
+//!
+//! Sharded mutexes keep the critical sections tiny and spread contention.
+
+use crate::auth::error::Failure;
+use crate::auth::verify::{Verified, check_times, numeric_date};
+use aws_lc_rs::digest::{SHA256, digest};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const SHARDS: usize = 16;
+
+type TokenHash = [u8; 32];
+
+#[derive(Debug, Default)]
+struct Shard {
+    generation: u64,
+    entries: HashMap<TokenHash, Arc<Verified>>,
+}
+
+/// A bounded map from token hash to its verification result.
+#[derive(Debug)]
+pub struct TokenCache {
+    per_shard: usize,
+    shards: Vec<Mutex<Shard>>,
+}
+
+/// SHA-256 of a token: the cache key.
+pub fn token_hash(token: &str) -> TokenHash {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+impl TokenCache {
+    /// A cache holding about `capacity` entries; 0 disables it.
+    pub fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS);
+        Self {
+            per_shard,
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+        }
+    }
+
+    fn shard(&self, hash: &TokenHash) -> Option<std::sync::MutexGuard<'_, Shard>> {
+        if self.per_shard == 0 {
+            return None;
+        }
+        // A poisoned shard only means another thread panicked mid-update of a cache:
+        // its content is still a valid map, so keep using it.
+        let shard = self.shards.get(usize::from(hash[0]) % SHARDS)?;
+        Some(shard.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The cached result for `hash` if it was verified under `generation` and is still within
+    /// `exp`/`nbf` at `now` (seconds) with `leeway` (seconds).
+    pub fn get(
+        &self,
+        hash: &TokenHash,
+        generation: u64,
+        now: i64,
+        leeway: i64,
+    ) -> Option<Verified> {
+        let mut shard = self.shard(hash)?;
+        if generation > shard.generation {
+            shard.entries.clear();
+            shard.generation = generation;
+            return None;
+        }
+        if generation < shard.generation {
+            // A caller still holding an older snapshot: nothing cached applies to it.
+            return None;
+        }
+        let hit = shard.entries.get(hash)?.clone();
+        let nbf = numeric_date(&hit.claims, "nbf").ok().flatten();
+        if let Err(failure) = check_times(hit.exp, nbf, now, leeway) {
+            // An expired entry will never be served again; a not-yet-valid one may be later.
+            if failure == Failure::Expired {
+                shard.entries.remove(hash);
+            }
+            return None;
+        }
+        Some((*hit).clone())
+    }
+
+    /// Remembers a result verified under `generation` (ignored if the cache already moved on
+    /// to a newer generation: the key that verified it may be gone).
+    pub fn insert(&self, hash: TokenHash, generation: u64, verified: Verified, now: i64) {
+        let per_shard = self.per_shard;
+        let Some(mut shard) = self.shard(&hash) else {
+            return;
+        };
+        if shard.generation != generation {
+            if generation < shard.generation {
+                return;
+            }
+            shard.entries.clear();
+            shard.generation = generation;
+        }
+        if shard.entries.len() >= per_shard {
+            shard.entries.retain(|_, v| v.exp > now);
+        }
+        if shard.entries.len() >= per_shard
+            && let Some(victim) = shard.entries.keys().next().copied()
+        {
+            shard.entries.remove(&victim);
+        }
+        shard.entries.insert(hash, Arc::new(verified));
+    }
+
+    /// Number of cached entries (all generations).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.entries.len()))
+            .sum()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keyring::KeySource;
+    use serde_json::Map;
+
+    fn verified(exp: i64, nbf: Option<i64>) -> Verified {
+        let mut claims = Map::new();
+        claims.insert("exp".into(), exp.into());
+        if let Some(nbf) = nbf {
+            claims.insert("nbf".into(), nbf.into());
+        }
+        Verified {
+            source: KeySource::SigningKey,
+            kid: Some("k".into()),
+            alg: "ES256",
+            role: None,
+            sub: None,
+            claims,
+            exp,
+        }
+    }
+
+    #[test]
+    fn hit_rechecks_exp_and_nbf() {
+        let cache = TokenCache::new(100);
+        let h = token_hash("a.b.c");
+        cache.insert(h, 1, verified(1_000, None), 0);
+        assert!(cache.get(&h, 1, 900, 0).is_some());
+        assert!(
+            cache.get(&h, 1, 1_000, 0).is_none(),
+            "expired entry must not be served"
+        );
+        let h2 = token_hash("d.e.f");
+        cache.insert(h2, 1, verified(10_000, Some(500)), 0);
+        assert!(
+            cache.get(&h2, 1, 100, 30).is_none(),
+            "nbf in the future must not be served"
+        );
+        assert!(cache.get(&h2, 1, 480, 30).is_some());
+    }
+
+    #[test]
+    fn generation_change_empties() {
+        let cache = TokenCache::new(100);
+        let h = token_hash("a.b.c");
+        cache.insert(h, 1, verified(1_000, None), 0);
+        assert!(cache.get(&h, 2, 0, 0).is_none());
+        assert!(
+            cache.get(&h, 1, 0, 0).is_none(),
+            "old entries are gone, not hidden"
+        );
+        // A late insert from a verification under the old generation is ignored.
+        cache.insert(h, 1, verified(1_000, None), 0);
+        assert!(cache.get(&h, 2, 0, 0).is_none());
+    }
+
+    #[test]
+    fn bounded() {
+        let cache = TokenCache::new(32);
+        for i in 0..1_000 {
+            cache.insert(token_hash(&format!("t{i}")), 1, verified(10_000, None), 0);
+        }
+        assert!(cache.len() <= 32, "len {}", cache.len());
+        let off = TokenCache::new(0);
+        off.insert(token_hash("x"), 1, verified(10_000, None), 0);
+        assert!(off.is_empty());
+    }
+}

@@ -1,0 +1,87 @@
+//! An injectable clock, so expiry, cool-downs and staleness are tested without sleeping.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Monotonic and wall time. [`Clock::system`] in production; [`Clock::manual`] in tests.
+#[derive(Clone, Debug)]
+pub struct Clock(Arc<Inner>);
+
+#[derive(Debug)]
+enum Inner {
+    System,
+    Manual {
+        base: Instant,
+        base_wall: SystemTime,
+        offset_ms: AtomicU64,
+    },
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl Clock {
+    /// The real clocks.
+    pub fn system() -> Self {
+        Self(Arc::new(Inner::System))
+    }
+
+    /// A clock that stands still until [`Clock::advance`] moves it.
+    pub fn manual() -> Self {
+        Self(Arc::new(Inner::Manual {
+            base: Instant::now(),
+            base_wall: SystemTime::now(),
+            offset_ms: AtomicU64::new(0),
+        }))
+    }
+
+    /// Moves a manual clock forward; does nothing to the system clock.
+    pub fn advance(&self, by: Duration) {
+        if let Inner::Manual { offset_ms, .. } = &*self.0 {
+            let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+            offset_ms.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+
+    fn offset(&self) -> Duration {
+        match &*self.0 {
+            Inner::System => Duration::ZERO,
+            Inner::Manual { offset_ms, .. } => {
+                Duration::from_millis(offset_ms.load(Ordering::SeqCst))
+            }
+        }
+    }
+
+    /// Monotonic now.
+    pub fn now(&self) -> Instant {
+        match &*self.0 {
+            Inner::System => Instant::now(),
+            Inner::Manual { base, .. } => *base + self.offset(),
+        }
+    }
+
+    /// Wall-clock now.
+    pub fn wall(&self) -> SystemTime {
+        match &*self.0 {
+            Inner::System => SystemTime::now(),
+            Inner::Manual { base_wall, .. } => *base_wall + self.offset(),
+        }
+    }
+
+    /// Wall-clock now in whole seconds since the Unix epoch (JWT NumericDate).
+    pub fn unix_now(&self) -> i64 {
+        unix_seconds(self.wall())
+    }
+}
+
+/// Seconds since the Unix epoch; negative before it.
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}

@@ -1,0 +1,606 @@
+//! The JWKS fetcher: keeps the fetched part of the key ring fresh.
+//!
+//! - One fetch at a time (single flight); a fetch takes at most [`FETCH_TIMEOUT`], reads at most
+//!   [`MAX_JWKS_BYTES`] and [`MAX_JWKS_KEYS`](crate::auth::keys::MAX_JWKS_KEYS) keys.
+//! - A failed or unusable answer never replaces the last good set (stale-if-error), until the
+//!   set is older than [`MAX_STALE`]: then the fetched keys are dropped, since keys that old may
+//!   have been revoked long ago.
+//! - Freshness: `Cache-Control: max-age` clamped to [30 s, 1 h], else the configured TTL, with
+//!   ±10 % jitter so a fleet does not fetch in lockstep. Failures back off exponentially from
+//!   5 s, capped at the TTL and never below `min_refresh`.
+//! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
+//!   refused at once, and one that arrives while a fetch is running shares that fetch.
+
+use crate::auth::clock::Clock;
+use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
+use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_keys, parse_jwks_document};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use url::Url;
+
+/// Longest a single JWKS request may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS body read.
+pub const MAX_JWKS_BYTES: usize = 64 * 1024;
+/// How long the last good set keeps verifying while fetches fail.
+pub const MAX_STALE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Bounds applied to a server's `Cache-Control: max-age`.
+pub const MAX_AGE_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(3600));
+const BACKOFF_START: Duration = Duration::from_secs(5);
+
+/// Fetcher settings.
+#[derive(Debug, Clone)]
+pub struct JwksConfig {
+    /// The JWKS location.
+    pub url: Url,
+    /// Freshness when the server sends no usable `max-age`.
+    pub ttl: Duration,
+    /// Least time between two fetches (`JWKS_MIN_REFRESH_SECONDS`).
+    pub min_refresh: Duration,
+}
+
+/// Why a fetch produced no new key set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// Connection error or timeout.
+    #[error("JWKS request failed: {0}")]
+    Transport(String),
+    /// The answer came from another URL: keys are taken only from the configured location.
+    #[error("JWKS request was redirected")]
+    Redirected,
+    /// A status other than 200 (or 304 after `If-None-Match`).
+    #[error("JWKS answered HTTP {0}")]
+    Status(u16),
+    /// The body exceeded [`MAX_JWKS_BYTES`].
+    #[error("JWKS body exceeds {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    /// Not a usable JWKS document.
+    #[error(transparent)]
+    Document(#[from] JwksDocError),
+}
+
+/// What a successful fetch did.
+#[derive(Debug, Clone)]
+pub struct FetchReport {
+    /// Keys now in the fetched set.
+    pub keys: usize,
+    /// Keys refused from the document, with reasons.
+    pub dropped: Vec<DroppedKey>,
+    /// The server answered 304: the set is unchanged.
+    pub not_modified: bool,
+    /// Key ring generation after the fetch.
+    pub generation: u64,
+    /// Freshness lifetime chosen for the set.
+    pub ttl: Duration,
+}
+
+/// What [`JwksFetcher::on_unknown_kid`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefetchOutcome {
+    /// This call fetched and the ring was updated: look the kid up again.
+    Fetched,
+    /// Another fetch was running; this call waited for it: look the kid up again.
+    Joined,
+    /// Within the cool-down: refused at once.
+    Suppressed,
+    /// The fetch failed; the ring is unchanged.
+    Failed,
+}
+
+/// Counters for metrics; all updates are lock-free.
+#[derive(Debug)]
+pub struct JwksStats {
+    fetch_ok: AtomicU64,
+    fetch_failed: AtomicU64,
+    refetch_suppressed: AtomicU64,
+    unknown_kid_refetches: AtomicU64,
+    last_success_unix: AtomicI64,
+    stale: AtomicBool,
+    expired: AtomicBool,
+}
+
+impl Default for JwksStats {
+    fn default() -> Self {
+        Self {
+            fetch_ok: AtomicU64::new(0),
+            fetch_failed: AtomicU64::new(0),
+            refetch_suppressed: AtomicU64::new(0),
+            unknown_kid_refetches: AtomicU64::new(0),
+            last_success_unix: AtomicI64::new(i64::MIN),
+            stale: AtomicBool::new(false),
+            expired: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A point-in-time copy of [`JwksStats`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JwksStatsSnapshot {
+    /// Successful fetches (200 or 304).
+    pub fetches_ok: u64,
+    /// Failed fetches.
+    pub fetches_failed: u64,
+    /// Unknown-kid refetches refused by the cool-down.
+    pub refetches_suppressed: u64,
+    /// Fetches started because of an unknown kid.
+    pub unknown_kid_refetches: u64,
+    /// Last successful fetch, Unix seconds.
+    pub last_success_unix: Option<i64>,
+    /// Age of the fetched set in seconds.
+    pub key_set_age_seconds: Option<i64>,
+    /// The set is past its freshness lifetime because fetches fail.
+    pub stale: bool,
+    /// The set went stale beyond [`MAX_STALE`] and its keys were dropped.
+    pub expired: bool,
+}
+
+impl JwksStats {
+    /// Copies the counters; `now_unix` gives the key set's age.
+    pub fn snapshot(&self, now_unix: i64) -> JwksStatsSnapshot {
+        let last = self.last_success_unix.load(Ordering::Relaxed);
+        let last = (last != i64::MIN).then_some(last);
+        JwksStatsSnapshot {
+            fetches_ok: self.fetch_ok.load(Ordering::Relaxed),
+            fetches_failed: self.fetch_failed.load(Ordering::Relaxed),
+            refetches_suppressed: self.refetch_suppressed.load(Ordering::Relaxed),
+            unknown_kid_refetches: self.unknown_kid_refetches.load(Ordering::Relaxed),
+            last_success_unix: last,
+            key_set_age_seconds: last.map(|t| now_unix.saturating_sub(t).max(0)),
+            stale: self.stale.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State for the admin endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JwksStatus {
+    /// The JWKS location.
+    pub url: String,
+    /// Counters.
+    pub stats: JwksStatsSnapshot,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Keys the last successful fetch refused, with reasons.
+    pub dropped: Vec<DroppedKey>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    last_attempt: Option<Instant>,
+    last_success: Option<Instant>,
+    next_delay: Duration,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    dropped: Vec<DroppedKey>,
+}
+
+struct Inner {
+    cfg: JwksConfig,
+    client: reqwest::Client,
+    ring: Arc<KeyRingHandle>,
+    clock: Clock,
+    stats: JwksStats,
+    /// Held for the whole of a fetch: the single flight.
+    fetch_lock: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    /// Bumped after every fetch attempt, so waiters can join a running fetch.
+    done: watch::Sender<u64>,
+}
+
+/// Fetches the JWKS into a [`KeyRingHandle`]. Cheap to clone.
+#[derive(Clone)]
+pub struct JwksFetcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for JwksFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksFetcher")
+            .field("url", &self.inner.cfg.url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwksFetcher {
+    /// A fetcher that writes into `ring`. Nothing is fetched until asked or [`JwksFetcher::spawn`]ed.
+    /// Redirects are refused whatever `client`'s policy (a redirected answer is a failure);
+    /// building `client` with `redirect::Policy::none()` saves the extra request.
+    pub fn new(
+        cfg: JwksConfig,
+        client: reqwest::Client,
+        ring: Arc<KeyRingHandle>,
+        clock: Clock,
+    ) -> Self {
+        let (done, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                ring,
+                clock,
+                stats: JwksStats::default(),
+                fetch_lock: tokio::sync::Mutex::new(()),
+                state: Mutex::new(State::default()),
+                done,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state holds plain values that are always left consistent; a poisoned lock
+        // (a panic elsewhere) does not make them unusable.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &JwksStats {
+        &self.inner.stats
+    }
+
+    /// Counters plus failure details, for the admin endpoint.
+    pub fn status(&self) -> JwksStatus {
+        let state = self.state();
+        JwksStatus {
+            url: self.inner.cfg.url.to_string(),
+            stats: self.inner.stats.snapshot(self.inner.clock.unix_now()),
+            consecutive_failures: state.consecutive_failures,
+            last_error: state.last_error.clone(),
+            dropped: state.dropped.clone(),
+        }
+    }
+
+    fn in_cooldown(&self) -> bool {
+        let now = self.inner.clock.now();
+        self.state()
+            .last_attempt
+            .is_some_and(|t| now.saturating_duration_since(t) < self.inner.cfg.min_refresh)
+    }
+
+    /// Asks for a refetch because a token named a kid the ring does not hold. Returns at once
+    /// (with [`RefetchOutcome::Suppressed`]) during the cool-down; never queues behind it.
+    pub async fn on_unknown_kid(&self) -> RefetchOutcome {
+        let mut done = self.inner.done.subscribe();
+        done.borrow_and_update();
+        match self.inner.fetch_lock.try_lock() {
+            Ok(guard) => {
+                if self.in_cooldown() {
+                    self.inner
+                        .stats
+                        .refetch_suppressed
+                        .fetch_add(1, Ordering::Relaxed);
+                    return RefetchOutcome::Suppressed;
+                }
+                self.inner
+                    .stats
+                    .unknown_kid_refetches
+                    .fetch_add(1, Ordering::Relaxed);
+                let result = self.fetch_locked().await;
+                drop(guard);
+                if result.is_ok() {
+                    RefetchOutcome::Fetched
+                } else {
+                    RefetchOutcome::Failed
+                }
+            }
+            Err(_) => {
+                // A fetch is running: share it rather than start another.
+                match tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done.changed())
+                    .await
+                {
+                    Ok(Ok(())) => RefetchOutcome::Joined,
+                    _ => RefetchOutcome::Failed,
+                }
+            }
+        }
+    }
+
+    /// Fetches now, for urgent revocation: ignores the cool-down, but still one fetch at a time.
+    pub async fn refresh_now(&self) -> Result<FetchReport, FetchError> {
+        let _guard = self.inner.fetch_lock.lock().await;
+        self.fetch_locked().await
+    }
+
+    /// Fetches if the set's freshness lifetime (or the failure backoff) has run out;
+    /// `None` when not due. This is what the background task runs.
+    pub async fn refresh_if_due(&self) -> Option<Result<FetchReport, FetchError>> {
+        let _guard = self.inner.fetch_lock.lock().await;
+        if !self.time_until_due().is_zero() {
+            return None;
+        }
+        Some(self.fetch_locked().await)
+    }
+
+    /// Time left until the next scheduled fetch (zero when due, or never fetched).
+    pub fn time_until_due(&self) -> Duration {
+        let state = self.state();
+        match state.last_attempt {
+            None => Duration::ZERO,
+            Some(t) => {
+                let elapsed = self.inner.clock.now().saturating_duration_since(t);
+                state.next_delay.saturating_sub(elapsed)
+            }
+        }
+    }
+
+    /// Starts the background refresh: a fetch at once, then one whenever due.
+    pub fn spawn(&self) -> RefreshTask {
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let fetcher = self.clone();
+        let join = tokio::spawn(async move {
+            let mut done = fetcher.inner.done.subscribe();
+            loop {
+                let wait = fetcher.time_until_due();
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = stop_rx.changed() => return,
+                        // Someone else fetched: the schedule moved, recompute it.
+                        _ = done.changed() => continue,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                if *stop_rx.borrow() {
+                    return;
+                }
+                if let Some(Err(e)) = fetcher.refresh_if_due().await {
+                    tracing::warn!(error = %e, "JWKS refresh failed");
+                }
+                done.borrow_and_update();
+            }
+        });
+        RefreshTask {
+            stop: stop_tx,
+            join: Some(join),
+        }
+    }
+
+    /// One fetch; the caller holds `fetch_lock`.
+    async fn fetch_locked(&self) -> Result<FetchReport, FetchError> {
+        let started = self.inner.clock.now();
+        self.state().last_attempt = Some(started);
+        let result = self.fetch_inner().await;
+        let mut state = self.state();
+        match &result {
+            Ok(report) => {
+                state.consecutive_failures = 0;
+                state.last_error = None;
+                state.last_success = Some(started);
+                // `min_refresh` is the least time between two fetches, whatever max-age said.
+                state.next_delay = report.ttl.max(self.inner.cfg.min_refresh);
+                if !report.not_modified {
+                    state.dropped = report.dropped.clone();
+                }
+                let stats = &self.inner.stats;
+                stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .last_success_unix
+                    .store(self.inner.clock.unix_now(), Ordering::Relaxed);
+                stats.stale.store(false, Ordering::Relaxed);
+                stats.expired.store(false, Ordering::Relaxed);
+            }
+            Err(e) => {
+                state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+                state.last_error = Some(e.to_string());
+                state.next_delay = self.backoff(state.consecutive_failures);
+                let stats = &self.inner.stats;
+                stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
+                let ring = self.inner.ring.load();
+                if let (Some(info), Some(last)) = (ring.fetched_info(), state.last_success) {
+                    let age = self.inner.clock.now().saturating_duration_since(last);
+                    stats.stale.store(age > info.ttl, Ordering::Relaxed);
+                    if age > MAX_STALE && ring.fetched_len() > 0 {
+                        tracing::error!(
+                            age_secs = age.as_secs(),
+                            "JWKS stale beyond the limit: fetched keys dropped"
+                        );
+                        self.inner.ring.clear_fetched();
+                        stats.expired.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        drop(state);
+        self.inner.done.send_modify(|n| *n = n.wrapping_add(1));
+        result
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = BACKOFF_START.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        jitter(exp.min(self.inner.cfg.ttl)).max(self.inner.cfg.min_refresh)
+    }
+
+    async fn fetch_inner(&self) -> Result<FetchReport, FetchError> {
+        let ring = self.inner.ring.load();
+        let etag = ring.fetched_info().and_then(|i| i.etag.clone());
+        let mut request = self
+            .inner
+            .client
+            .get(self.inner.cfg.url.clone())
+            .timeout(FETCH_TIMEOUT);
+        if let Some(etag) = &etag {
+            request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+        }
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?;
+        if response.url() != &self.inner.cfg.url {
+            return Err(FetchError::Redirected);
+        }
+        let status = response.status();
+        let ttl = jitter(freshness(response.headers(), self.inner.cfg.ttl));
+        let new_etag = response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 256)
+            .map(str::to_owned);
+        let info = |etag| FetchedInfo {
+            fetched_at: self.inner.clock.wall(),
+            fetched_instant: self.inner.clock.now(),
+            etag,
+            ttl,
+        };
+
+        if status == reqwest::StatusCode::NOT_MODIFIED
+            && etag.is_some()
+            && ring.fetched_info().is_some()
+        {
+            let generation = self.inner.ring.touch_fetched(info(new_etag.or(etag)));
+            return Ok(FetchReport {
+                keys: ring.fetched_len(),
+                dropped: Vec::new(),
+                not_modified: true,
+                generation,
+                ttl,
+            });
+        }
+        if status != reqwest::StatusCode::OK {
+            return Err(FetchError::Status(status.as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(FetchError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(FetchError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let values = parse_jwks_document(&body, false)?;
+        let parsed = parse_fetched_keys(&values);
+        let keys = parsed.keys.len();
+        let generation = self.inner.ring.replace_fetched(parsed.keys, info(new_etag));
+        tracing::info!(
+            keys,
+            dropped = parsed.dropped.len(),
+            generation,
+            "JWKS fetched"
+        );
+        Ok(FetchReport {
+            keys,
+            dropped: parsed.dropped,
+            not_modified: false,
+            generation,
+            ttl,
+        })
+    }
+}
+
+/// Freshness from `Cache-Control: max-age`, clamped to [`MAX_AGE_BOUNDS`]; `no-cache`/`no-store`
+/// count as the lower bound; otherwise `default`.
+pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Duration {
+    let (lo, hi) = MAX_AGE_BOUNDS;
+    let mut found = None;
+    for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',') {
+            let directive = directive.trim();
+            let lower = directive.to_ascii_lowercase();
+            if lower == "no-cache" || lower == "no-store" {
+                return lo;
+            }
+            if let Some(secs) = lower.strip_prefix("max-age=")
+                && let Ok(secs) = secs.trim_matches('"').parse::<u64>()
+            {
+                found = Some(Duration::from_secs(secs).clamp(lo, hi));
+            }
+        }
+    }
+    found.unwrap_or(default)
+}
+
+/// `d` scaled by a random factor in [0.9, 1.1].
+pub fn jitter(d: Duration) -> Duration {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut bytes = [0u8; 2];
+    // Without randomness, no jitter: the schedule is still correct.
+    if aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .is_err()
+    {
+        return d;
+    }
+    let r = f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX);
+    // `try_from` rather than `mul_f64`: an absurdly large configured TTL must not panic.
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + 0.2 * r)).unwrap_or(d)
+}
+
+/// The running background refresh. Dropping it stops the task too.
+#[derive(Debug)]
+pub struct RefreshTask {
+    stop: watch::Sender<bool>,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RefreshTask {
+    /// Stops the task and waits for it to end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+}
+
+impl Drop for RefreshTask {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{CACHE_CONTROL, HeaderMap, HeaderValue};
+
+    #[test]
+    fn max_age_is_clamped() {
+        let ttl = Duration::from_secs(600);
+        let mut h = HeaderMap::new();
+        assert_eq!(freshness(&h, ttl), ttl);
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=5"));
+        assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=86400"));
+        assert_eq!(freshness(&h, ttl), Duration::from_secs(3600));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("max-age=120, must-revalidate"),
+        );
+        assert_eq!(freshness(&h, ttl), Duration::from_secs(120));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=banana"));
+        assert_eq!(freshness(&h, ttl), ttl);
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let d = Duration::from_secs(1000);
+        let mut seen_low = false;
+        let mut seen_high = false;
+        for _ in 0..200 {
+            let j = jitter(d);
+            assert!(
+                j >= Duration::from_secs(900) && j <= Duration::from_secs(1100),
+                "{j:?}"
+            );
+            seen_low |= j < d;
+            seen_high |= j > d;
+        }
+        assert!(seen_low && seen_high, "jitter must spread both ways");
+    }
+}

@@ -1,0 +1,292 @@
+//! The key ring: an immutable snapshot of every key edgegate trusts, swapped atomically.
+//!
+//! Verification loads the current snapshot without a lock and never waits on the network;
+//! the JWKS fetcher builds a new snapshot and swaps it in, bumping the generation so that
+//! caches keyed on it (the verified-token cache) drop what the old keys vouched for.
+
+use crate::auth::keys::{KeyOrigin, LegacySecret, VerifyingKey};
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Which kind of credential vouched for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// An asymmetric JWT signing key (inline or fetched JWKS).
+    SigningKey,
+    /// The legacy HS256 JWT secret.
+    LegacySecret,
+    /// An opaque `sb_secret_…` / `sb_publishable_…` API key.
+    ApiKey,
+}
+
+impl KeySource {
+    /// The contract's name: `signing_key`, `legacy_secret` or `api_key`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SigningKey => "signing_key",
+            Self::LegacySecret => "legacy_secret",
+            Self::ApiKey => "api_key",
+        }
+    }
+}
+
+/// What is known about the fetched JWKS currently in the ring.
+#[derive(Debug, Clone)]
+pub struct FetchedInfo {
+    /// When the set was last fetched (or confirmed unchanged with a 304).
+    pub fetched_at: SystemTime,
+    /// Monotonic twin of `fetched_at`, for age computations.
+    pub fetched_instant: Instant,
+    /// The response's `ETag`, sent back as `If-None-Match`.
+    pub etag: Option<String>,
+    /// The freshness lifetime used for this set (after clamping and jitter).
+    pub ttl: Duration,
+}
+
+/// One row of the admin key listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyListing {
+    /// `signing_key` or `legacy_secret`.
+    pub source: KeySource,
+    /// The key's kid, if any.
+    pub kid: Option<String>,
+    /// The one algorithm the key verifies.
+    pub alg: &'static str,
+    /// `env`, `inline` or `jwks`.
+    pub origin: KeyOrigin,
+}
+
+/// An immutable snapshot of the trusted keys.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    legacy: Vec<LegacySecret>,
+    inline: HashMap<String, Arc<VerifyingKey>>,
+    fetched: HashMap<String, Arc<VerifyingKey>>,
+    fetched_info: Option<FetchedInfo>,
+    generation: u64,
+}
+
+impl KeyRing {
+    /// A ring from the configuration alone (no fetched keys yet), generation 0.
+    pub fn new(legacy: Vec<LegacySecret>, inline: Vec<VerifyingKey>) -> Self {
+        let inline = inline
+            .into_iter()
+            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .collect();
+        Self {
+            legacy,
+            inline,
+            fetched: HashMap::new(),
+            fetched_info: None,
+            generation: 0,
+        }
+    }
+
+    /// The asymmetric key for `kid`: inline keys (set by the operator) win over fetched ones.
+    pub fn find(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.inline
+            .get(kid)
+            .or_else(|| self.fetched.get(kid))
+            .map(Arc::as_ref)
+    }
+
+    /// The HS256 secrets; empty means the legacy secret is revoked.
+    pub fn legacy_secrets(&self) -> &[LegacySecret] {
+        &self.legacy
+    }
+
+    /// Changes whenever the trusted key set is replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Metadata of the fetched set, if one was ever fetched.
+    pub fn fetched_info(&self) -> Option<&FetchedInfo> {
+        self.fetched_info.as_ref()
+    }
+
+    /// Number of fetched keys in the ring.
+    pub fn fetched_len(&self) -> usize {
+        self.fetched.len()
+    }
+
+    /// True when at least one key of any kind is present (readiness).
+    pub fn can_verify(&self) -> bool {
+        !self.legacy.is_empty() || !self.inline.is_empty() || !self.fetched.is_empty()
+    }
+
+    /// Every trusted key, for the admin endpoint: legacy secrets, then inline, then fetched keys,
+    /// each group sorted by kid.
+    pub fn listing(&self) -> Vec<KeyListing> {
+        let mut out: Vec<KeyListing> = self
+            .legacy
+            .iter()
+            .map(|s| KeyListing {
+                source: KeySource::LegacySecret,
+                kid: s.kid.clone(),
+                alg: "HS256",
+                origin: s.origin,
+            })
+            .collect();
+        for group in [&self.inline, &self.fetched] {
+            let mut keys: Vec<_> = group.values().collect();
+            keys.sort_by(|a, b| a.kid.cmp(&b.kid));
+            out.extend(keys.into_iter().map(|k| KeyListing {
+                source: KeySource::SigningKey,
+                kid: Some(k.kid.clone()),
+                alg: k.alg.as_str(),
+                origin: k.origin,
+            }));
+        }
+        out
+    }
+
+    fn fetched_fingerprint(&self) -> Vec<(&str, &str, &[u8])> {
+        let mut fp: Vec<_> = self
+            .fetched
+            .values()
+            .map(|k| (k.kid.as_str(), k.alg.as_str(), k.fingerprint.as_slice()))
+            .collect();
+        fp.sort_unstable();
+        fp
+    }
+}
+
+/// The shared, atomically swapped current [`KeyRing`].
+#[derive(Debug)]
+pub struct KeyRingHandle {
+    current: ArcSwap<KeyRing>,
+}
+
+impl KeyRingHandle {
+    /// Starts from `ring`.
+    pub fn new(ring: KeyRing) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(ring),
+        }
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn load(&self) -> Arc<KeyRing> {
+        self.current.load_full()
+    }
+
+    /// Replaces the fetched keys and their metadata. The generation is bumped when the set of
+    /// (kid, alg, public key) differs from the current one; a refresh that brings the same
+    /// keys only updates the metadata, so the token cache survives routine refreshes.
+    /// Returns the new generation.
+    pub fn replace_fetched(&self, keys: Vec<VerifyingKey>, info: FetchedInfo) -> u64 {
+        let fetched: HashMap<String, Arc<VerifyingKey>> = keys
+            .into_iter()
+            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .collect();
+        self.swap(|old| {
+            let mut ring = old.clone();
+            ring.fetched = fetched.clone();
+            ring.fetched_info = Some(info.clone());
+            if ring.fetched_fingerprint() != old.fetched_fingerprint() {
+                ring.generation = old.generation.wrapping_add(1);
+            }
+            ring
+        })
+    }
+
+    /// Updates only the metadata (a 304 Not Modified answer).
+    pub fn touch_fetched(&self, info: FetchedInfo) -> u64 {
+        self.swap(|old| {
+            let mut ring = old.clone();
+            ring.fetched_info = Some(info.clone());
+            ring
+        })
+    }
+
+    /// Drops every fetched key (the set went stale beyond the allowed limit). Bumps the
+    /// generation if any key was dropped.
+    pub fn clear_fetched(&self) -> u64 {
+        self.swap(|old| {
+            let mut ring = old.clone();
+            if !ring.fetched.is_empty() {
+                ring.fetched.clear();
+                ring.generation = old.generation.wrapping_add(1);
+            }
+            ring
+        })
+    }
+
+    fn swap(&self, f: impl Fn(&KeyRing) -> KeyRing) -> u64 {
+        let prev = self.current.rcu(|old| Arc::new(f(old)));
+        // `rcu` returns the snapshot it replaced; read back the one now current.
+        drop(prev);
+        self.current.load().generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keys::parse_fetched_keys;
+    use serde_json::json;
+
+    fn info() -> FetchedInfo {
+        FetchedInfo {
+            fetched_at: SystemTime::now(),
+            fetched_instant: Instant::now(),
+            etag: None,
+            ttl: Duration::from_secs(600),
+        }
+    }
+
+    fn ed_jwk(kid: &str, x_byte: u8) -> serde_json::Value {
+        // 32 bytes that aws-lc accepts as an Ed25519 public key; signatures are not needed here.
+        let mut x = [0u8; 32];
+        x[0] = x_byte;
+        use base64::Engine;
+        json!({"kty":"OKP","crv":"Ed25519","kid":kid,
+            "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)})
+    }
+
+    #[test]
+    fn generation_bumps_only_when_the_set_changes() {
+        let handle = KeyRingHandle::new(KeyRing::default());
+        let keys = |jwks: &[serde_json::Value]| parse_fetched_keys(jwks).keys;
+        let a = ed_jwk("a", 0x3b);
+        let b = ed_jwk("b", 0x3b);
+        assert_eq!(
+            keys(std::slice::from_ref(&a)).len(),
+            1,
+            "test key must parse"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            1
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            1,
+            "same set"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(&[a.clone(), b.clone()]), info()),
+            2,
+            "key added"
+        );
+        assert_eq!(
+            handle.replace_fetched(keys(std::slice::from_ref(&a)), info()),
+            3,
+            "key removed"
+        );
+        let a2 = ed_jwk("a", 0x3c);
+        assert_eq!(
+            handle.replace_fetched(keys(&[a2]), info()),
+            4,
+            "same kid, new key material"
+        );
+        assert_eq!(handle.clear_fetched(), 5);
+        assert_eq!(handle.clear_fetched(), 5, "nothing left to drop");
+        assert!(handle.load().find("a").is_none());
+    }
+}

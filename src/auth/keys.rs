@@ -1,0 +1,436 @@
+//! JWK parsing: each accepted key becomes a [`VerifyingKey`] bound to exactly one algorithm.
+//!
+//! Rules, strictest for keys fetched from the network:
+//! - the algorithm is the JWK's `alg` when present (it must be ES256, RS256 or EdDSA and agree
+//!   with `kty`/`crv`), else it follows strictly from `kty`/`crv` (EC P-256 → ES256,
+//!   OKP Ed25519 → EdDSA, RSA → RS256);
+//! - `use`, when present, must be `sig`; `key_ops`, when present, must hold `verify`;
+//! - RSA moduli under 2048 (or over 8192) bits, unsupported curves and asymmetric keys without
+//!   `kid` are dropped;
+//! - `oct` keys from a fetched set are always dropped (a remote party must never be able to
+//!   hand us an HMAC secret); inline `oct` keys (no `alg`, or `alg: HS256`; `kid` optional and
+//!   only listed) are legacy secrets.
+//!
+//! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
+
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
+    RsaPublicKeyComponents,
+};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::DecodingKey;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The algorithms edgegate accepts, and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Alg {
+    /// HMAC SHA-256: the legacy Supabase JWT secret.
+    HS256,
+    /// ECDSA P-256 SHA-256, signature in the 64-byte P1363 form.
+    ES256,
+    /// RSASSA-PKCS1-v1_5 SHA-256, moduli of 2048 to 8192 bits.
+    RS256,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl Alg {
+    /// Exact, case-sensitive match of a JOSE `alg` value.
+    pub fn from_jose(s: &str) -> Option<Self> {
+        match s {
+            "HS256" => Some(Self::HS256),
+            "ES256" => Some(Self::ES256),
+            "RS256" => Some(Self::RS256),
+            "EdDSA" => Some(Self::EdDSA),
+            _ => None,
+        }
+    }
+
+    /// The JOSE name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::ES256 => "ES256",
+            Self::RS256 => "RS256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    pub(crate) fn jsonwebtoken(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Self::HS256 => jsonwebtoken::Algorithm::HS256,
+            Self::ES256 => jsonwebtoken::Algorithm::ES256,
+            Self::RS256 => jsonwebtoken::Algorithm::RS256,
+            Self::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        }
+    }
+}
+
+/// Where a key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrigin {
+    /// `SUPABASE_JWT_SECRET`.
+    Env,
+    /// `SUPABASE_JWKS` (inline JSON in the configuration).
+    Inline,
+    /// The fetched JWKS.
+    Jwks,
+}
+
+impl KeyOrigin {
+    /// Lower-case name used in listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Env => "env",
+            Self::Inline => "inline",
+            Self::Jwks => "jwks",
+        }
+    }
+}
+
+/// An asymmetric public key bound to one algorithm.
+#[derive(Clone)]
+pub struct VerifyingKey {
+    pub(crate) kid: String,
+    pub(crate) alg: Alg,
+    pub(crate) origin: KeyOrigin,
+    pub(crate) key: DecodingKey,
+    /// Canonical public key bytes, to tell whether two key sets are the same.
+    pub(crate) fingerprint: Vec<u8>,
+}
+
+impl VerifyingKey {
+    /// The key id.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+    /// The one algorithm this key verifies.
+    pub fn alg(&self) -> Alg {
+        self.alg
+    }
+    /// Where the key came from.
+    pub fn origin(&self) -> KeyOrigin {
+        self.origin
+    }
+}
+
+impl fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An HS256 secret (the legacy Supabase JWT secret, or an inline `oct` JWK).
+#[derive(Clone)]
+pub struct LegacySecret {
+    pub(crate) kid: Option<String>,
+    pub(crate) origin: KeyOrigin,
+    pub(crate) key: DecodingKey,
+}
+
+impl LegacySecret {
+    /// A secret used as its raw bytes, as Supabase Auth does with `SUPABASE_JWT_SECRET`
+    /// (the string's UTF-8 bytes, not base64-decoded).
+    pub fn from_env_secret(secret: &[u8]) -> Self {
+        Self {
+            kid: None,
+            origin: KeyOrigin::Env,
+            key: DecodingKey::from_secret(secret),
+        }
+    }
+    /// The kid of an inline `oct` JWK, if it had one.
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+    /// Where the secret came from.
+    pub fn origin(&self) -> KeyOrigin {
+        self.origin
+    }
+}
+
+impl fmt::Debug for LegacySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LegacySecret")
+            .field("kid", &self.kid)
+            .field("origin", &self.origin)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
+/// A JWK that was not accepted, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DroppedKey {
+    /// The JWK's kid (shortened to 64 characters), if it had a string one.
+    pub kid: Option<String>,
+    /// Why it was dropped.
+    pub reason: String,
+    /// Where it came from.
+    pub origin: KeyOrigin,
+}
+
+/// A JWKS document that cannot be used at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksDocError {
+    /// Not JSON, or duplicate members.
+    #[error("JWKS is not valid JSON")]
+    NotJson,
+    /// Neither `{"keys":[...]}` nor (where allowed) a bare array.
+    #[error("JWKS is neither {{\"keys\":[...]}} nor an array of keys")]
+    WrongShape,
+    /// More keys than allowed.
+    #[error("JWKS holds more than {0} keys")]
+    TooManyKeys(usize),
+}
+
+/// Most keys accepted from one JWKS document; Supabase publishes a handful.
+pub const MAX_JWKS_KEYS: usize = 100;
+
+/// Parses a JWKS document: `{"keys":[...]}`, or a bare array when `allow_bare_array`
+/// (the `SUPABASE_JWKS` variable accepts both; the fetched set must be an object).
+pub fn parse_jwks_document(
+    bytes: &[u8],
+    allow_bare_array: bool,
+) -> Result<Vec<Value>, JwksDocError> {
+    let doc = crate::auth::json::from_slice_strict(bytes).map_err(|_| JwksDocError::NotJson)?;
+    let keys = match doc {
+        Value::Object(mut map) => match map.remove("keys") {
+            Some(Value::Array(keys)) => keys,
+            _ => return Err(JwksDocError::WrongShape),
+        },
+        Value::Array(keys) if allow_bare_array => keys,
+        _ => return Err(JwksDocError::WrongShape),
+    };
+    if keys.len() > MAX_JWKS_KEYS {
+        return Err(JwksDocError::TooManyKeys(MAX_JWKS_KEYS));
+    }
+    Ok(keys)
+}
+
+/// Keys accepted from one source, and those dropped.
+#[derive(Debug, Default)]
+pub struct ParsedKeys {
+    /// Asymmetric keys, each bound to one algorithm.
+    pub keys: Vec<VerifyingKey>,
+    /// HS256 secrets (only ever from inline keys).
+    pub legacy: Vec<LegacySecret>,
+    /// What was refused, and why.
+    pub dropped: Vec<DroppedKey>,
+}
+
+/// Parses keys from the fetched JWKS: `oct` keys are always dropped.
+pub fn parse_fetched_keys(jwks: &[Value]) -> ParsedKeys {
+    parse_keys(jwks, KeyOrigin::Jwks)
+}
+
+/// Parses keys from `SUPABASE_JWKS`: `oct` entries become legacy HS256 secrets.
+pub fn parse_inline_keys(jwks: &[Value]) -> ParsedKeys {
+    parse_keys(jwks, KeyOrigin::Inline)
+}
+
+fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
+    let mut out = ParsedKeys::default();
+    for jwk in jwks {
+        let kid = jwk.get("kid").and_then(Value::as_str).map(short_kid);
+        match parse_one(jwk, origin) {
+            Ok(Parsed::Asymmetric(key)) => {
+                if out.keys.iter().any(|k| k.kid == key.kid) {
+                    drop_key(
+                        &mut out,
+                        kid,
+                        "duplicate kid (the first key with it is kept)",
+                        origin,
+                    );
+                } else {
+                    out.keys.push(key);
+                }
+            }
+            Ok(Parsed::Legacy(secret)) => out.legacy.push(secret),
+            Err(reason) => drop_key(&mut out, kid, reason, origin),
+        }
+    }
+    out
+}
+
+fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: KeyOrigin) {
+    tracing::warn!(kid = ?kid, reason, origin = origin.as_str(), "JWK dropped");
+    out.dropped.push(DroppedKey {
+        kid,
+        reason: reason.to_owned(),
+        origin,
+    });
+}
+
+fn short_kid(kid: &str) -> String {
+    kid.chars().take(64).collect()
+}
+
+enum Parsed {
+    Asymmetric(VerifyingKey),
+    Legacy(LegacySecret),
+}
+
+/// Longest kid accepted on a key or in a token header.
+pub const MAX_KID_LEN: usize = 256;
+
+/// A kid must be short and printable: it ends up in logs and admin listings.
+pub(crate) fn kid_is_well_formed(kid: &str) -> bool {
+    !kid.is_empty() && kid.len() <= MAX_KID_LEN && !kid.chars().any(char::is_control)
+}
+
+fn str_member<'a>(
+    jwk: &'a Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, &'static str> {
+    match jwk.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err("a member has the wrong JSON type"),
+    }
+}
+
+fn b64_member(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, &'static str> {
+    let s = str_member(jwk, name)?.ok_or("a required key member is missing")?;
+    URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| "a key member is not base64url")
+}
+
+fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
+    let jwk = jwk.as_object().ok_or("not a JSON object")?;
+    let kty = str_member(jwk, "kty")?.ok_or("no kty")?;
+    let kid = str_member(jwk, "kid")?;
+    let alg = str_member(jwk, "alg")?;
+
+    if str_member(jwk, "use")?.is_some_and(|u| u != "sig") {
+        return Err("use is not sig");
+    }
+    if let Some(ops) = jwk.get("key_ops") {
+        let ops = ops.as_array().ok_or("key_ops is not an array")?;
+        if !ops.iter().any(|op| op.as_str() == Some("verify")) {
+            return Err("key_ops lacks verify");
+        }
+    }
+    if jwk.contains_key("d") || jwk.contains_key("p") {
+        // A private key in a public set means a publishing mistake; do not keep secrets around.
+        if kty != "oct" {
+            return Err("private key material in a public JWK");
+        }
+    }
+    if kid.is_some_and(|kid| !kid_is_well_formed(kid)) {
+        return Err("kid is empty, too long or has control characters");
+    }
+
+    if kty == "oct" {
+        if origin == KeyOrigin::Jwks {
+            return Err(
+                "oct key in a fetched JWKS (HMAC secrets are never taken from the network)",
+            );
+        }
+        if alg.is_some_and(|a| a != "HS256") {
+            return Err("oct key with an alg other than HS256");
+        }
+        let k = b64_member(jwk, "k")?;
+        if k.is_empty() {
+            return Err("empty oct key");
+        }
+        return Ok(Parsed::Legacy(LegacySecret {
+            kid: kid.map(str::to_owned),
+            origin,
+            key: DecodingKey::from_secret(&k),
+        }));
+    }
+
+    let crv = str_member(jwk, "crv")?;
+    let implied = match (kty, crv) {
+        ("EC", Some("P-256")) => Alg::ES256,
+        ("OKP", Some("Ed25519")) => Alg::EdDSA,
+        ("RSA", _) => Alg::RS256,
+        ("EC", _) | ("OKP", _) => return Err("unsupported curve"),
+        _ => return Err("unsupported kty"),
+    };
+    if let Some(alg) = alg {
+        match Alg::from_jose(alg) {
+            Some(Alg::HS256) | None => return Err("unsupported alg"),
+            Some(a) if a != implied => return Err("alg does not agree with kty/crv"),
+            Some(_) => {}
+        }
+    }
+    let kid = kid.ok_or("asymmetric key without kid")?.to_owned();
+
+    let (key, fingerprint) = match implied {
+        Alg::ES256 => {
+            let x = b64_member(jwk, "x")?;
+            let y = b64_member(jwk, "y")?;
+            // RFC 7518 §6.2.1.2: coordinates are full-length, leading zeros included.
+            if x.len() != 32 || y.len() != 32 {
+                return Err("EC coordinates are not 32 bytes");
+            }
+            let mut point = Vec::with_capacity(65);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            // Checks the point is on the curve now rather than at every verification.
+            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+                .map_err(|_| "EC point is not on P-256")?;
+            (DecodingKey::from_ec_der(&point), point)
+        }
+        Alg::EdDSA => {
+            let x = b64_member(jwk, "x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 key is not 32 bytes");
+            }
+            ParsedPublicKey::new(&ED25519, &x).map_err(|_| "invalid Ed25519 key")?;
+            (DecodingKey::from_ed_der(&x), x)
+        }
+        Alg::RS256 => {
+            // Some publishers keep a leading zero byte; aws-lc wants minimal big-endian.
+            let n = strip_leading_zeros(&b64_member(jwk, "n")?).to_vec();
+            let e = strip_leading_zeros(&b64_member(jwk, "e")?).to_vec();
+            let bits = modulus_bits(&n);
+            if bits < 2048 {
+                return Err("RSA modulus under 2048 bits");
+            }
+            if bits > 8192 {
+                return Err("RSA modulus over 8192 bits");
+            }
+            RsaPublicKeyComponents { n: &n, e: &e }
+                .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
+                .map_err(|_| "invalid RSA key")?;
+            let mut fp = n.clone();
+            fp.extend_from_slice(&e);
+            (DecodingKey::from_rsa_raw_components(&n, &e), fp)
+        }
+        Alg::HS256 => return Err("unsupported alg"),
+    };
+    Ok(Parsed::Asymmetric(VerifyingKey {
+        kid,
+        alg: implied,
+        origin,
+        key,
+        fingerprint,
+    }))
+}
+
+fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
+    while let [0, tail @ ..] = bytes {
+        bytes = tail;
+    }
+    bytes
+}
+
+/// Bit length of a minimal big-endian unsigned integer.
+fn modulus_bits(n: &[u8]) -> usize {
+    match n.first() {
+        Some(first) => n.len() * 8 - first.leading_zeros() as usize,
+        None => 0,
+    }
+}

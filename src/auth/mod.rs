@@ -1,0 +1,41 @@
+//! The credential layer: legacy HS256 secrets, Supabase JWT signing keys (JWKS) and opaque
+//! API keys, verified side by side.
+//!
+//! File map: [`keys`] parses JWKs, [`keyring`] holds the trusted keys as an atomically swapped
+//! snapshot, [`verify`] checks one token against a snapshot, [`jwks`] refreshes the fetched
+//! keys, [`cache`] remembers verified tokens, [`Authenticator`] ties them together.
+//!
+//! Wiring, in short:
+//! ```no_run
+//! # async fn demo(settings: edgegate::auth::AuthSettings) {
+//! let auth = edgegate::auth::Authenticator::new(settings, reqwest::Client::new());
+//! let _refresh = auth.spawn_refresh(); // keep it; dropping it stops the refresh
+//! match auth.verify_bearer("eyJ...").await {
+//!     Ok(verified) => println!("{:?} {:?}", verified.source, verified.role),
+//!     Err(e) => println!("401 {}: {}", e.code(), e.message()),
+//! }
+//! # }
+//! ```
+
+pub mod authenticator;
+pub mod cache;
+pub mod clock;
+pub mod error;
+pub(crate) mod json;
+pub mod jwks;
+pub mod keyring;
+pub mod keys;
+pub mod verify;
+
+pub use authenticator::{AuthSettings, Authenticator};
+pub use clock::Clock;
+pub use error::{AuthError, Failure};
+pub use jwks::{
+    JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask,
+};
+pub use keyring::{KeyListing, KeyRing, KeyRingHandle, KeySource};
+pub use keys::{Alg, DroppedKey, KeyOrigin};
+pub use verify::{Verified, VerifySettings, verify};
+
+#[cfg(test)]
+mod tests;

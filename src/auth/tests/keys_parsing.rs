@@ -1,0 +1,277 @@
+//! JWK parsing rules: one algorithm per key, and every refusal reported with its reason.
+
+use super::util::*;
+use crate::auth::keys::{
+    Alg, JwksDocError, KeyOrigin, parse_fetched_keys, parse_inline_keys, parse_jwks_document,
+};
+use crate::auth::{AuthSettings, Authenticator, KeySource};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+fn reason_for(jwk: Value) -> Option<String> {
+    let parsed = parse_fetched_keys(&[jwk]);
+    assert!(
+        parsed.legacy.is_empty(),
+        "a fetched set never yields HMAC secrets"
+    );
+    parsed.dropped.first().map(|d| d.reason.clone())
+}
+
+fn with(mut jwk: Value, patch: Value) -> Value {
+    for (k, v) in patch.as_object().cloned().unwrap_or_default() {
+        if v.is_null() {
+            jwk.as_object_mut().map(|m| m.remove(&k));
+        } else {
+            jwk[k] = v;
+        }
+    }
+    jwk
+}
+
+#[test]
+fn algorithm_comes_from_alg_or_strictly_from_kty_crv() {
+    let es = TestKey::es256("es").public_jwk();
+    let ed = TestKey::eddsa("ed").public_jwk();
+    let rs = TestKey::rs256("rs").public_jwk();
+    let no_alg = |j: &Value| with(j.clone(), json!({"alg": null}));
+    let parsed = parse_fetched_keys(&[no_alg(&es), no_alg(&ed), no_alg(&rs)]);
+    let algs: Vec<Alg> = parsed.keys.iter().map(|k| k.alg()).collect();
+    assert_eq!(algs, vec![Alg::ES256, Alg::EdDSA, Alg::RS256]);
+    assert!(parsed.dropped.is_empty());
+
+    assert_eq!(
+        reason_for(with(es.clone(), json!({"alg":"RS256"}))).as_deref(),
+        Some("alg does not agree with kty/crv")
+    );
+    assert_eq!(
+        reason_for(with(ed.clone(), json!({"alg":"ES256"}))).as_deref(),
+        Some("alg does not agree with kty/crv")
+    );
+    assert_eq!(
+        reason_for(with(es.clone(), json!({"alg":"ES384"}))).as_deref(),
+        Some("unsupported alg")
+    );
+    assert_eq!(
+        reason_for(with(rs.clone(), json!({"alg":"PS256"}))).as_deref(),
+        Some("unsupported alg")
+    );
+    assert_eq!(
+        reason_for(with(rs.clone(), json!({"alg":"HS256"}))).as_deref(),
+        Some("unsupported alg")
+    );
+    assert_eq!(
+        reason_for(with(es.clone(), json!({"alg":"es256"}))).as_deref(),
+        Some("unsupported alg")
+    );
+}
+
+#[test]
+fn fetched_set_drops_with_reasons() {
+    let es = TestKey::es256("es").public_jwk();
+    let ed = TestKey::eddsa("ed").public_jwk();
+    let mut short_n = vec![0xC0u8];
+    short_n.extend([0x55u8; 127]); // 1024-bit modulus
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"kty":"oct","k":"c2VjcmV0","kid":"hmac"}),
+            "oct key in a fetched JWKS (HMAC secrets are never taken from the network)",
+        ),
+        (
+            json!({"kty":"RSA","kid":"small","n":b64(&short_n),"e":"AQAB"}),
+            "RSA modulus under 2048 bits",
+        ),
+        (with(es.clone(), json!({"use":"enc"})), "use is not sig"),
+        (
+            with(es.clone(), json!({"key_ops":["sign"]})),
+            "key_ops lacks verify",
+        ),
+        (
+            with(es.clone(), json!({"kid":null})),
+            "asymmetric key without kid",
+        ),
+        (
+            with(es.clone(), json!({"crv":"P-384","alg":null})),
+            "unsupported curve",
+        ),
+        (
+            with(ed.clone(), json!({"crv":"X25519","alg":null})),
+            "unsupported curve",
+        ),
+        (
+            json!({"kty":"EC","crv":"secp256k1","kid":"k1","x":"AA","y":"AA"}),
+            "unsupported curve",
+        ),
+        (json!({"kty":"PQ","kid":"pq"}), "unsupported kty"),
+        (
+            with(es.clone(), json!({"d":"AAAA"})),
+            "private key material in a public JWK",
+        ),
+        (
+            with(es.clone(), json!({"x": b64(&[1u8; 31])})),
+            "EC coordinates are not 32 bytes",
+        ),
+        (
+            with(es.clone(), json!({"y": b64(&[7u8; 32])})),
+            "EC point is not on P-256",
+        ),
+        (
+            with(ed.clone(), json!({"x": b64(&[1u8; 33])})),
+            "Ed25519 key is not 32 bytes",
+        ),
+        (
+            with(es.clone(), json!({"kid":"bad\nkid"})),
+            "kid is empty, too long or has control characters",
+        ),
+        (
+            with(es.clone(), json!({"x": "not base64!"})),
+            "a key member is not base64url",
+        ),
+        (json!("a string"), "not a JSON object"),
+    ];
+    for (jwk, reason) in &cases {
+        assert_eq!(reason_for(jwk.clone()).as_deref(), Some(*reason), "{jwk}");
+    }
+    // use=sig and key_ops with verify among others are fine; absent use/key_ops too.
+    assert!(reason_for(with(es.clone(), json!({"key_ops":["verify","sign"]}))).is_none());
+    assert!(reason_for(with(es.clone(), json!({"use":null,"key_ops":null}))).is_none());
+
+    let all: Vec<Value> = cases
+        .iter()
+        .map(|(j, _)| j.clone())
+        .chain([es.clone(), with(es.clone(), json!({}))])
+        .collect();
+    let parsed = parse_fetched_keys(&all);
+    assert_eq!(parsed.keys.len(), 1);
+    assert_eq!(
+        parsed.dropped.len(),
+        cases.len() + 1,
+        "the second key with kid 'es' is a duplicate"
+    );
+    assert_eq!(
+        parsed.dropped.last().map(|d| (d.kid.as_deref(), d.origin)),
+        Some((Some("es"), KeyOrigin::Jwks))
+    );
+    assert_eq!(parsed.dropped[1].kid.as_deref(), Some("small"));
+}
+
+#[test]
+fn inline_oct_keys_are_legacy_secrets() {
+    let inline = parse_inline_keys(&[
+        json!({"kty":"oct","k":b64(LEGACY_SECRET)}),
+        json!({"kty":"oct","k":"c2VjcmV0","kid":"old","alg":"HS256"}),
+        json!({"kty":"oct","k":"c2VjcmV0","alg":"HS512"}),
+        json!({"kty":"oct","k":""}),
+        TestKey::es256("in-1").public_jwk(),
+    ]);
+    assert_eq!(inline.legacy.len(), 2);
+    assert_eq!(inline.keys.len(), 1);
+    assert_eq!(inline.dropped.len(), 2);
+    assert!(
+        inline
+            .legacy
+            .iter()
+            .all(|s| s.origin() == KeyOrigin::Inline)
+    );
+    // A token signed with the inline oct key verifies as legacy.
+    let ring = ring(None, &[json!({"kty":"oct","k":b64(LEGACY_SECRET)})], &[]);
+    let t = hs256_token(
+        LEGACY_SECRET,
+        r#"{"alg":"HS256"}"#,
+        &claims(now()).to_string(),
+    );
+    let v = crate::auth::verify(&ring, &settings(), &t, now()).expect("inline legacy secret");
+    assert_eq!(v.source, KeySource::LegacySecret);
+}
+
+#[test]
+fn jwks_document_shapes() {
+    let k = TestKey::eddsa("e").public_jwk();
+    let obj = json!({"keys":[k.clone()]}).to_string();
+    let arr = json!([k.clone()]).to_string();
+    assert_eq!(
+        parse_jwks_document(obj.as_bytes(), false).map(|v| v.len()),
+        Ok(1)
+    );
+    assert_eq!(
+        parse_jwks_document(arr.as_bytes(), true).map(|v| v.len()),
+        Ok(1)
+    );
+    assert_eq!(
+        parse_jwks_document(arr.as_bytes(), false),
+        Err(JwksDocError::WrongShape)
+    );
+    assert_eq!(
+        parse_jwks_document(br#"{"keys":{}}"#, true),
+        Err(JwksDocError::WrongShape)
+    );
+    assert_eq!(
+        parse_jwks_document(br#"{"keys":[],"keys":[]}"#, true),
+        Err(JwksDocError::NotJson)
+    );
+    let many = json!({"keys": vec![k; 101]}).to_string();
+    assert_eq!(
+        parse_jwks_document(many.as_bytes(), false),
+        Err(JwksDocError::TooManyKeys(100))
+    );
+}
+
+#[test]
+fn listing_and_debug_never_show_secrets() {
+    let secret = "legacy-secret-value-0123456789abcdef";
+    let api = "sb_secret_abcdefghijklmnopqrstuvwxyz012345";
+    let inline = TestKey::eddsa("inline-1").public_jwk();
+    let settings = AuthSettings {
+        legacy_secrets: vec![SecretString::from(secret.to_owned())],
+        inline_jwks: vec![
+            inline,
+            json!({"kty":"oct","k":b64(b"inline-oct-secret"),"kid":"oct-1"}),
+            json!({"kty":"oct"}),
+        ],
+        secret_api_keys: vec![("default".into(), SecretString::from(api.to_owned()))],
+        ..AuthSettings::default()
+    };
+    let debug_settings = format!("{settings:?}");
+    let auth = Authenticator::new(settings, reqwest::Client::new());
+    let ring = auth.key_ring().load();
+    for text in [
+        debug_settings,
+        format!("{auth:?}"),
+        format!("{ring:?}"),
+        format!("{:?}", ring.listing()),
+    ] {
+        assert!(
+            !text.contains(secret)
+                && !text.contains(api)
+                && !text.contains(&b64(b"inline-oct-secret")),
+            "{text}"
+        );
+    }
+    let listing: Vec<(&str, Option<&str>, &str, &str)> = ring
+        .listing()
+        .iter()
+        .map(|k| {
+            (
+                k.source.as_str(),
+                k.kid.as_deref(),
+                k.alg,
+                k.origin.as_str(),
+            )
+        })
+        .map(|(s, kid, alg, o)| (s, kid.map(|k| &*k.to_owned().leak()), alg, o))
+        .collect();
+    assert_eq!(
+        listing,
+        vec![
+            ("legacy_secret", None, "HS256", "env"),
+            ("legacy_secret", Some("oct-1"), "HS256", "inline"),
+            ("signing_key", Some("inline-1"), "EdDSA", "inline"),
+        ]
+    );
+    assert_eq!(auth.inline_dropped().len(), 1);
+    assert!(ring.can_verify());
+    let json = serde_json::to_value(ring.listing()).expect("serialize");
+    assert_eq!(
+        json[2],
+        json!({"source":"signing_key","kid":"inline-1","alg":"EdDSA","origin":"inline"})
+    );
+}

@@ -1,0 +1,9 @@
+//! Tests of the credential layer as a whole: Wycheproof vectors, attacks, key parsing,
+//! rotation against an in-process JWKS host, API keys.
+
+mod api_keys;
+mod attacks;
+mod keys_parsing;
+mod rotation;
+mod util;
+mod wycheproof;

@@ -1,0 +1,538 @@
+//! Key rotation against an in-process JWKS host on 127.0.0.1:0 that counts its requests.
+
+use super::util::*;
+use crate::auth::error::{AuthError, Failure};
+use crate::auth::jwks::FetchError;
+use crate::auth::{AuthSettings, Authenticator, Clock};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot};
+
+#[derive(Clone)]
+struct HostState {
+    hits: Arc<AtomicUsize>,
+    notify: Arc<Notify>,
+    reply: Arc<Mutex<Reply>>,
+}
+
+#[derive(Clone)]
+struct Reply {
+    status: u16,
+    body: String,
+    cache_control: Option<String>,
+    etag: Option<String>,
+}
+
+struct JwksHost {
+    url: url::Url,
+    state: HostState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn serve_jwks(State(s): State<HostState>, headers: HeaderMap) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    s.notify.notify_one();
+    let reply = s
+        .reply
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    if let (Some(etag), Some(inm)) = (&reply.etag, headers.get(header::IF_NONE_MATCH))
+        && inm.as_bytes() == etag.as_bytes()
+    {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    let mut response = (
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK),
+        reply.body,
+    )
+        .into_response();
+    if let Some(cc) = reply
+        .cache_control
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        response.headers_mut().insert(header::CACHE_CONTROL, cc);
+    }
+    if let Some(etag) = reply.etag.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+impl JwksHost {
+    async fn start(keys: &[Value]) -> Self {
+        let state = HostState {
+            hits: Arc::new(AtomicUsize::new(0)),
+            notify: Arc::new(Notify::new()),
+            reply: Arc::new(Mutex::new(Reply {
+                status: 200,
+                body: json!({"keys": keys}).to_string(),
+                cache_control: None,
+                etag: None,
+            })),
+        };
+        let app = Router::new()
+            .route("/auth/v1/.well-known/jwks.json", get(serve_jwks))
+            .route(
+                "/moved",
+                get(|| async {
+                    axum::response::Redirect::temporary("/auth/v1/.well-known/jwks.json")
+                }),
+            )
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        let url =
+            url::Url::parse(&format!("http://{addr}/auth/v1/.well-known/jwks.json")).expect("url");
+        Self {
+            url,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Reply)) {
+        let mut reply = self.state.reply.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut reply);
+    }
+
+    fn set_keys(&self, keys: &[Value]) {
+        self.update(|r| {
+            r.status = 200;
+            r.body = json!({"keys": keys}).to_string();
+        });
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    // No pooled connections: a stopped host must look down at once.
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
+fn auth_for(host: &JwksHost, clock: &Clock, legacy: bool) -> Authenticator {
+    let settings = AuthSettings {
+        legacy_secrets: if legacy {
+            vec![SecretString::from(
+                String::from_utf8_lossy(LEGACY_SECRET).into_owned(),
+            )]
+        } else {
+            Vec::new()
+        },
+        jwks_url: Some(host.url.clone()),
+        issuers: Some(vec![ISS.to_owned()]),
+        min_refresh: Duration::from_secs(30),
+        cache_ttl: Duration::from_secs(600),
+        ..AuthSettings::default()
+    };
+    Authenticator::with_clock(settings, client(), clock.clone())
+}
+
+async fn initial_fetch(auth: &Authenticator) {
+    auth.fetcher()
+        .expect("fetcher")
+        .refresh_now()
+        .await
+        .expect("initial fetch");
+}
+
+#[tokio::test]
+async fn standby_key_is_accepted_without_refetch() {
+    let current = TestKey::es256("current");
+    let standby = TestKey::rs256("standby");
+    let host = JwksHost::start(&[current.public_jwk(), standby.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    assert_eq!(host.hits(), 1);
+    let n = clock.unix_now();
+    assert!(auth.verify_bearer(&current.token(&claims(n))).await.is_ok());
+    let v = auth
+        .verify_bearer(&standby.token(&claims(n)))
+        .await
+        .expect("standby key verifies");
+    assert_eq!((v.alg, v.kid.as_deref()), ("RS256", Some("standby")));
+    assert_eq!(host.hits(), 1, "no refetch for a key already in the set");
+}
+
+#[tokio::test]
+async fn new_kid_costs_exactly_one_fetch() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::eddsa("k2");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    clock.advance(Duration::from_secs(31));
+    host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
+    let n = clock.unix_now();
+    let v = auth
+        .verify_bearer(&k2.token(&claims(n)))
+        .await
+        .expect("new key after one refetch");
+    assert_eq!(v.kid.as_deref(), Some("k2"));
+    assert_eq!(host.hits(), 2);
+    for _ in 0..10 {
+        assert!(auth.verify_bearer(&k2.token(&claims(n))).await.is_ok());
+    }
+    assert_eq!(host.hits(), 2, "the new key is now in the ring");
+}
+
+#[tokio::test]
+async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    for round in 1..=3usize {
+        clock.advance(Duration::from_secs(31));
+        let n = clock.unix_now();
+        for i in 0..1000 {
+            let kid = format!("random-{round}-{i}-{}", uuid::Uuid::new_v4());
+            let t = k1.token_with_header(
+                &json!({"alg":"ES256","kid":kid}).to_string(),
+                &claims(n).to_string(),
+            );
+            let r = auth.verify_bearer(&t).await;
+            assert_eq!(r, Err(AuthError::Asymmetric(Failure::UnknownKid)));
+            assert_eq!(r.map_err(|e| e.code()), Err("UNAUTHORIZED_ASYMMETRIC_JWT"));
+        }
+        assert_eq!(host.hits(), 1 + round, "one refetch per cool-down interval");
+    }
+    let stats = auth
+        .fetcher()
+        .expect("fetcher")
+        .stats()
+        .snapshot(clock.unix_now());
+    assert_eq!(stats.refetches_suppressed, 3 * 999);
+    assert_eq!(stats.unknown_kid_refetches, 3);
+
+    // Concurrent unknown kids within one interval share at most one fetch.
+    clock.advance(Duration::from_secs(31));
+    let auth = Arc::new(auth);
+    let n = clock.unix_now();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let auth = auth.clone();
+        let t = k1.token_with_header(
+            &json!({"alg":"ES256","kid":format!("c{i}")}).to_string(),
+            &claims(n).to_string(),
+        );
+        tasks.push(tokio::spawn(async move { auth.verify_bearer(&t).await }));
+    }
+    for t in tasks {
+        assert!(t.await.expect("join").is_err());
+    }
+    assert_eq!(host.hits(), 5);
+}
+
+#[tokio::test]
+async fn host_down_keeps_the_last_set_until_max_stale() {
+    let k1 = TestKey::es256("k1");
+    let mut host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    let fetcher = auth.fetcher().expect("fetcher");
+
+    host.update(|r| r.status = 503);
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::Status(503))
+    );
+    host.update(|r| {
+        r.status = 200;
+        r.body = "{not json".into();
+    });
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Document(_))
+    ));
+    host.update(|r| r.body = format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(70 * 1024)));
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::TooLarge)
+    );
+    let many: Vec<Value> = (0..101)
+        .map(|i| TestKey::eddsa(&format!("m{i}")).public_jwk())
+        .collect();
+    host.set_keys(&many);
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Document(_))
+    ));
+    host.stop().await;
+    assert!(matches!(
+        fetcher.refresh_now().await,
+        Err(FetchError::Transport(_))
+    ));
+
+    let n = clock.unix_now();
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
+        "last good set still verifies"
+    );
+    let stats = fetcher.stats().snapshot(clock.unix_now());
+    assert_eq!(
+        (stats.fetches_ok, stats.fetches_failed, stats.stale),
+        (1, 5, false)
+    );
+
+    clock.advance(Duration::from_secs(700));
+    assert!(fetcher.refresh_now().await.is_err());
+    let status = fetcher.status();
+    assert!(status.stats.stale, "past its TTL");
+    assert!(!status.stats.expired);
+    assert!(status.last_error.is_some());
+    assert_eq!(status.stats.key_set_age_seconds, Some(700));
+    let n = clock.unix_now();
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
+        "stale but within 24 h"
+    );
+
+    clock.advance(Duration::from_secs(24 * 3600));
+    assert!(fetcher.refresh_now().await.is_err());
+    assert!(fetcher.status().stats.expired);
+    let n = clock.unix_now();
+    assert_eq!(
+        auth.verify_bearer(&k1.token(&claims(n)))
+            .await
+            .map_err(|e| e.code()),
+        Err("UNAUTHORIZED_ASYMMETRIC_JWT"),
+        "keys stale beyond 24 h are dropped"
+    );
+}
+
+#[tokio::test]
+async fn removed_key_stops_after_next_refresh_and_at_once_after_refresh_now() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::es256("k2");
+    let host = JwksHost::start(&[k1.public_jwk(), k2.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    let fetcher = auth.fetcher().expect("fetcher");
+    let n = clock.unix_now();
+    let mut long_lived = claims(n);
+    long_lived["exp"] = json!(n + 5000);
+    let t2 = k2.token(&long_lived);
+    assert!(auth.verify_bearer(&t2).await.is_ok());
+    assert_eq!(auth.cache().len(), 1);
+
+    host.set_keys(&[k1.public_jwk()]);
+    assert!(
+        auth.verify_bearer(&t2).await.is_ok(),
+        "until the next refresh the cached set stands"
+    );
+    assert!(fetcher.refresh_if_due().await.is_none(), "not due yet");
+    clock.advance(Duration::from_secs(661)); // past TTL + 10 % jitter
+    assert!(matches!(fetcher.refresh_if_due().await, Some(Ok(_))));
+    assert_eq!(
+        auth.verify_bearer(&t2).await,
+        Err(AuthError::Asymmetric(Failure::UnknownKid)),
+        "removed key no longer verifies, cached or not"
+    );
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
+
+    // Urgent revocation: refresh_now ignores the cool-down.
+    host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
+    fetcher.refresh_now().await.expect("refresh");
+    assert_eq!(
+        auth.verify_bearer(&t2).await.map(|v| v.kid),
+        Ok(Some("k2".to_owned()))
+    );
+    host.set_keys(&[k1.public_jwk()]);
+    fetcher.refresh_now().await.expect("refresh");
+    assert_eq!(
+        auth.verify_bearer(&t2).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_ASYMMETRIC_JWT")
+    );
+}
+
+#[tokio::test]
+async fn legacy_revoked_while_signing_keys_pass() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let n = clock.unix_now();
+    let hs = hs256_token(
+        LEGACY_SECRET,
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &claims(n).to_string(),
+    );
+
+    let with_legacy = auth_for(&host, &clock, true);
+    initial_fetch(&with_legacy).await;
+    assert!(
+        with_legacy.verify_bearer(&hs).await.is_ok(),
+        "HS256 passes while the secret is configured"
+    );
+
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    assert_eq!(auth.verify_bearer(&hs).await, Err(AuthError::LegacyRevoked));
+    assert_eq!(
+        auth.verify_bearer(&hs).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_LEGACY_JWT")
+    );
+    let v = auth
+        .verify_bearer(&k1.token(&claims(n)))
+        .await
+        .expect("ES256 passes");
+    assert_eq!(v.source, crate::auth::KeySource::SigningKey);
+}
+
+#[tokio::test]
+async fn cache_control_etag_and_backoff() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| {
+        r.cache_control = Some("public, max-age=45".into());
+        r.etag = Some("\"v1\"".into());
+    });
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    let fetcher = auth.fetcher().expect("fetcher");
+    let first = fetcher.refresh_now().await.expect("fetch");
+    assert!(!first.not_modified);
+    assert!(
+        first.ttl >= Duration::from_millis(40_500) && first.ttl <= Duration::from_millis(49_500),
+        "{:?}",
+        first.ttl
+    );
+    assert_eq!(fetcher.time_until_due(), first.ttl);
+    let second = fetcher.refresh_now().await.expect("conditional fetch");
+    assert!(second.not_modified, "If-None-Match answered 304");
+    assert_eq!(second.generation, first.generation);
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
+
+    // Failures back off exponentially from 5 s, never under min_refresh (30 s), capped at the TTL (600 s).
+    host.update(|r| {
+        r.status = 500;
+        r.etag = None;
+    });
+    let mut dues = Vec::new();
+    for _ in 0..10 {
+        assert!(fetcher.refresh_now().await.is_err());
+        dues.push(fetcher.time_until_due().as_secs_f64());
+    }
+    assert!(
+        dues[..3].iter().all(|d| (29.9..=33.1).contains(d)),
+        "{dues:?}"
+    );
+    assert!((36.0..=44.0).contains(&dues[3]), "{dues:?}");
+    assert!((72.0..=88.0).contains(&dues[4]), "{dues:?}");
+    assert!(dues[9] <= 660.0 && dues[9] >= 540.0, "{dues:?}");
+}
+
+#[tokio::test]
+async fn background_task_refreshes_and_stops() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.clone()),
+        cache_ttl: Duration::from_millis(50),
+        min_refresh: Duration::ZERO,
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::new(settings, client());
+    let task = auth.spawn_refresh().expect("task");
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), host.state.notify.notified())
+            .await
+            .expect("a refresh");
+    }
+    assert!(host.hits() >= 3);
+    assert!(auth.key_ring().load().find("k1").is_some());
+    tokio::time::timeout(Duration::from_secs(10), task.stop())
+        .await
+        .expect("task stops");
+}
+
+#[tokio::test]
+async fn scheduled_refresh_never_comes_sooner_than_min_refresh() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| r.cache_control = Some("max-age=1".into()));
+    let clock = Clock::manual();
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.clone()),
+        min_refresh: Duration::from_secs(90),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let fetcher = auth.fetcher().expect("fetcher");
+    let report = fetcher.refresh_now().await.expect("fetch");
+    assert!(
+        report.ttl <= Duration::from_secs(33),
+        "max-age=1 is clamped up to 30 s (± jitter)"
+    );
+    assert_eq!(fetcher.time_until_due(), Duration::from_secs(90));
+    clock.advance(Duration::from_secs(60));
+    assert!(fetcher.refresh_if_due().await.is_none());
+    clock.advance(Duration::from_secs(30));
+    assert!(matches!(fetcher.refresh_if_due().await, Some(Ok(_))));
+    assert_eq!(host.hits(), 2);
+}
+
+#[tokio::test]
+async fn redirects_are_refused() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.join("/moved").expect("url")),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::new(settings, reqwest::Client::new());
+    let fetcher = auth.fetcher().expect("fetcher");
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::Redirected)
+    );
+    assert!(auth.key_ring().load().find("k1").is_none());
+}

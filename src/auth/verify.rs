@@ -1,0 +1,320 @@
+//! Token verification against one [`KeyRing`] snapshot: pure, synchronous, no I/O.
+//!
+//! Order of checks, cheapest and least trusting first: size cap, shape (three base64url
+//! parts), strict header JSON, `alg` allow-list, header members, key selection by family
+//! (HS256 → legacy secrets whatever the `kid`; others → `kid` → key bound to that `alg`),
+//! signature, then strict claims.
+//!
+//! Header members `jwk`, `jku`, `x5u`, `x5c` (keys or key locations supplied by the token
+//! itself) are never used; a token that carries any of them is rejected outright, as is one
+//! with `crit` (no extension is understood, so RFC 7515 §4.1.11 requires rejection).
+
+use crate::auth::error::{AuthError, Failure};
+use crate::auth::json::object_from_slice_strict;
+use crate::auth::keyring::{KeyRing, KeySource};
+use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// Largest token accepted, checked before any decoding.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Header members that would let a token choose its own key.
+const KEY_SUPPLYING_MEMBERS: [&str; 4] = ["jwk", "jku", "x5u", "x5c"];
+
+/// Claim checks.
+#[derive(Debug, Clone, Default)]
+pub struct VerifySettings {
+    /// Accepted `iss` values; `None` means `iss` is not checked.
+    pub issuers: Option<Vec<String>>,
+    /// Accepted `aud` values, checked only when the token carries `aud`. An empty list with a
+    /// token that carries `aud` fails (nothing to intersect with).
+    pub audiences: Vec<String>,
+    /// Clock leeway for `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+}
+
+/// A credential that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// What vouched for it.
+    pub source: KeySource,
+    /// The key's kid (for API keys: the key's configured name, never the key).
+    pub kid: Option<String>,
+    /// The algorithm (`"opaque"` for API keys).
+    pub alg: &'static str,
+    /// The `role` claim.
+    pub role: Option<String>,
+    /// The `sub` claim.
+    pub sub: Option<String>,
+    /// Every claim.
+    pub claims: Map<String, Value>,
+    /// `exp` (for API keys, `i64::MAX`: they do not expire).
+    pub exp: i64,
+}
+
+/// What the signature layer established: the header's algorithm and kid, the key family that
+/// verified it, and the decoded payload.
+#[derive(Debug, Clone)]
+pub struct SignedPayload {
+    /// The verified algorithm.
+    pub alg: Alg,
+    /// The header's kid, if any.
+    pub kid: Option<String>,
+    /// Legacy secret or signing key.
+    pub source: KeySource,
+    /// The decoded payload bytes (not yet parsed).
+    pub payload: Vec<u8>,
+}
+
+fn is_b64url(part: &str) -> bool {
+    part.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn family_error(alg: Alg, failure: Failure) -> AuthError {
+    match alg {
+        Alg::HS256 => AuthError::Legacy(failure),
+        _ if failure == Failure::UnknownKid => AuthError::UnknownKid,
+        _ => AuthError::Asymmetric(failure),
+    }
+}
+
+/// Checks shape, header and signature of a compact JWS; does not look at the claims.
+pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, AuthError> {
+    if token.is_empty() {
+        return Err(AuthError::InvalidFormat("empty token"));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::InvalidFormat("token is too large"));
+    }
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::InvalidFormat(
+            "expected three dot-separated parts",
+        ));
+    };
+    // An empty payload is a valid JWS (it then fails as claims). An empty signature is judged
+    // after `alg`, so that `alg: none` tokens are reported as the unsupported algorithm they are.
+    if header_b64.is_empty() {
+        return Err(AuthError::InvalidFormat("empty header"));
+    }
+    if !(is_b64url(header_b64) && is_b64url(payload_b64) && is_b64url(sig_b64)) {
+        return Err(AuthError::InvalidFormat("not base64url"));
+    }
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(header_b64)
+        .map_err(|_| AuthError::InvalidFormat("header is not base64url"))?;
+    let header = object_from_slice_strict(&header_bytes).ok_or(AuthError::InvalidFormat(
+        "header is not a JSON object without duplicate members",
+    ))?;
+    let alg = match header.get("alg") {
+        None => return Err(AuthError::InvalidFormat("header has no alg")),
+        Some(Value::String(s)) => Alg::from_jose(s).ok_or(AuthError::UnsupportedAlgorithm)?,
+        Some(_) => return Err(AuthError::UnsupportedAlgorithm),
+    };
+    if header.contains_key("crit")
+        || KEY_SUPPLYING_MEMBERS
+            .iter()
+            .any(|m| header.contains_key(*m))
+    {
+        return Err(family_error(alg, Failure::RejectedHeader));
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(s)) if kid_is_well_formed(s) => Some(s.as_str()),
+        Some(_) => return Err(family_error(alg, Failure::MalformedKid)),
+    };
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload_b64)
+        .map_err(|_| AuthError::InvalidFormat("payload is not base64url"))?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(sig_b64)
+        .map_err(|_| AuthError::InvalidFormat("signature is not base64url"))?;
+    if signature.is_empty() {
+        return Err(family_error(alg, Failure::BadSignature));
+    }
+    let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
+
+    let source = match alg {
+        Alg::HS256 => {
+            // Whatever the kid: after a migration legacy tokens may carry a kid that is not
+            // (and must not be looked up) in the JWKS.
+            let secrets = ring.legacy_secrets();
+            if secrets.is_empty() {
+                return Err(AuthError::LegacyRevoked);
+            }
+            // Try every secret so timing does not reveal which one matched.
+            let mut ok = false;
+            for secret in secrets {
+                ok |= check(sig_b64, signing_input, &secret.key, alg);
+            }
+            if !ok {
+                return Err(AuthError::Legacy(Failure::BadSignature));
+            }
+            KeySource::LegacySecret
+        }
+        Alg::ES256 | Alg::RS256 | Alg::EdDSA => {
+            let kid = kid.ok_or(AuthError::Asymmetric(Failure::MissingKid))?;
+            let key = ring.find(kid).ok_or(AuthError::UnknownKid)?;
+            if key.alg != alg {
+                return Err(AuthError::Asymmetric(Failure::AlgorithmMismatch));
+            }
+            if !signature_ok(key, signing_input, &signature) {
+                return Err(AuthError::Asymmetric(Failure::BadSignature));
+            }
+            KeySource::SigningKey
+        }
+    };
+    Ok(SignedPayload {
+        alg,
+        kid: kid.map(str::to_owned),
+        source,
+        payload,
+    })
+}
+
+/// Verifies a raw signature with an asymmetric key: the same path tokens take.
+///
+/// Fixed-size signatures are checked first, so a DER-encoded ECDSA signature, or anything
+/// truncated or padded, is refused before the crypto layer sees it.
+pub fn signature_ok(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    let expected_len = match key.alg {
+        Alg::ES256 | Alg::EdDSA => Some(64),
+        Alg::RS256 | Alg::HS256 => None,
+    };
+    if expected_len.is_some_and(|n| signature.len() != n) {
+        return false;
+    }
+    check(
+        &URL_SAFE_NO_PAD.encode(signature),
+        message,
+        &key.key,
+        key.alg,
+    )
+}
+
+/// jsonwebtoken's signature primitive: HMAC via aws-lc `hmac::verify` (constant time),
+/// ECDSA with the FIXED (P1363) encoding, RSA PKCS#1 v1.5 2048–8192 bits, Ed25519.
+fn check(sig_b64: &str, message: &[u8], key: &jsonwebtoken::DecodingKey, alg: Alg) -> bool {
+    jsonwebtoken::crypto::verify(sig_b64, message, key, alg.jsonwebtoken()).unwrap_or(false)
+}
+
+/// Verifies `token` completely: signature (see [`verify_signature`]) and claims at `now`
+/// (seconds since the Unix epoch).
+pub fn verify(
+    ring: &KeyRing,
+    settings: &VerifySettings,
+    token: &str,
+    now: i64,
+) -> Result<Verified, AuthError> {
+    let signed = verify_signature(ring, token)?;
+    let fail = |f: Failure| family_error(signed.alg, f);
+    let claims =
+        object_from_slice_strict(&signed.payload).ok_or_else(|| fail(Failure::MalformedClaims))?;
+    let exp = check_claims(&claims, settings, now).map_err(fail)?;
+    let role = optional_string(&claims, "role").map_err(fail)?;
+    let sub = optional_string(&claims, "sub").map_err(fail)?;
+    Ok(Verified {
+        source: signed.source,
+        kid: signed.kid,
+        alg: signed.alg.as_str(),
+        role,
+        sub,
+        claims,
+        exp,
+    })
+}
+
+fn optional_string(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, Failure> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(Failure::MalformedClaims),
+    }
+}
+
+/// A NumericDate must be a JSON number (a string is not accepted); fractions are floored.
+pub(crate) fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<i64>, Failure> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else if let Some(f) = n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15) {
+                // Bounded above, so the cast cannot saturate in a surprising way.
+                Ok(Some(f.floor() as i64))
+            } else {
+                Err(Failure::MalformedClaims)
+            }
+        }
+        Some(_) => Err(Failure::MalformedClaims),
+    }
+}
+
+/// Checks time, issuer and audience claims; returns `exp`.
+pub(crate) fn check_claims(
+    claims: &Map<String, Value>,
+    settings: &VerifySettings,
+    now: i64,
+) -> Result<i64, Failure> {
+    let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
+    let exp = numeric_date(claims, "exp")?.ok_or(Failure::MissingExp)?;
+    let nbf = numeric_date(claims, "nbf")?;
+    let iat = numeric_date(claims, "iat")?;
+    check_times(exp, nbf, now, leeway)?;
+    if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
+        return Err(Failure::IssuedInFuture);
+    }
+
+    let iss = optional_string(claims, "iss")?;
+    if let Some(issuers) = &settings.issuers {
+        match iss {
+            Some(iss) if issuers.contains(&iss) => {}
+            _ => return Err(Failure::WrongIssuer),
+        }
+    }
+
+    match claims.get("aud") {
+        None => {}
+        Some(Value::String(aud)) if !settings.audiences.contains(aud) => {
+            return Err(Failure::WrongAudience);
+        }
+        Some(Value::String(_)) => {}
+        Some(Value::Array(auds)) => {
+            let mut matched = false;
+            for aud in auds {
+                let aud = aud.as_str().ok_or(Failure::MalformedClaims)?;
+                matched |= settings.audiences.iter().any(|a| a == aud);
+            }
+            if !matched {
+                return Err(Failure::WrongAudience);
+            }
+        }
+        Some(_) => return Err(Failure::MalformedClaims),
+    }
+    Ok(exp)
+}
+
+/// `exp` and `nbf` against `now` with `leeway`; also used on every cache hit.
+pub(crate) fn check_times(
+    exp: i64,
+    nbf: Option<i64>,
+    now: i64,
+    leeway: i64,
+) -> Result<(), Failure> {
+    if now >= exp.saturating_add(leeway) {
+        return Err(Failure::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Err(Failure::NotYetValid);
+    }
+    Ok(())
+}
