@@ -64,6 +64,9 @@ pub async fn run_with(
     }
     let drain = config.shutdown_drain;
     let state = AppState::new(config, store.clone());
+    let refresh = state.auth.spawn_refresh();
+    let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
+    let usage = state.usage.clone();
     let address = listener
         .local_addr()
         .context("reading the listen address")?;
@@ -73,10 +76,18 @@ pub async fn run_with(
         database = store.kind().as_str(),
         "edgegate listening"
     );
-    server::serve(app(state), listener, tls, shutdown, drain)
+    let served = server::serve(app(state), listener, tls, shutdown, drain)
         .await
-        .context("serving HTTP")?;
+        .context("serving HTTP");
+    if let Some(refresh) = refresh {
+        refresh.stop().await;
+    }
+    flusher.abort();
+    if let Err(err) = usage.flush(&store).await {
+        tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
+    }
     store.close().await;
+    served?;
     tracing::info!("edgegate stopped");
     Ok(())
 }

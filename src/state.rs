@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::auth::metrics::AuthMetrics;
+use crate::auth::usage::UsageTracker;
+use crate::auth::{Authenticator, settings_from};
 use crate::config::Config;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -12,14 +15,31 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    pub auth: Arc<Authenticator>,
+    pub auth_metrics: AuthMetrics,
+    pub usage: Arc<UsageTracker>,
+    /// The one HTTP client for outbound calls (JWKS, Stripe, Twilio).
+    pub http: reqwest::Client,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Store) -> Self {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        let auth = Arc::new(Authenticator::new(settings_from(&config), http.clone()));
+        let auth_metrics = AuthMetrics::default();
+        let mut metrics = Metrics::new();
+        auth_metrics.register(metrics.registry_mut(), auth.clone());
         Self {
             config: Arc::new(config),
             store,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
+            auth,
+            auth_metrics,
+            usage: Arc::new(UsageTracker::default()),
+            http,
         }
     }
 }

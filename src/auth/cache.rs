@@ -14,6 +14,7 @@ use crate::auth::error::Failure;
 use crate::auth::verify::{Verified, check_times, numeric_date};
 use aws_lc_rs::digest::{SHA256, digest};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 16;
@@ -31,6 +32,7 @@ struct Shard {
 pub struct TokenCache {
     per_shard: usize,
     shards: Vec<Mutex<Shard>>,
+    hits: AtomicU64,
 }
 
 /// SHA-256 of a token: the cache key.
@@ -47,6 +49,7 @@ impl TokenCache {
         Self {
             per_shard,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -88,7 +91,13 @@ impl TokenCache {
             }
             return None;
         }
+        self.hits.fetch_add(1, Ordering::Relaxed);
         Some((*hit).clone())
+    }
+
+    /// How many lookups were answered from the cache.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
     /// Remembers a result verified under `generation` (ignored if the cache already moved on

@@ -21,10 +21,14 @@ pub mod authenticator;
 pub mod cache;
 pub mod clock;
 pub mod error;
+pub mod extract;
 pub(crate) mod json;
 pub mod jwks;
 pub mod keyring;
 pub mod keys;
+pub mod metrics;
+pub mod mint;
+pub mod usage;
 pub mod verify;
 
 pub use authenticator::{AuthSettings, Authenticator};
@@ -36,6 +40,29 @@ pub use jwks::{
 pub use keyring::{KeyListing, KeyRing, KeyRingHandle, KeySource};
 pub use keys::{Alg, DroppedKey, KeyOrigin};
 pub use verify::{Verified, VerifySettings, verify};
+
+/// The credential layer's settings, taken from the service configuration.
+pub fn settings_from(config: &crate::config::Config) -> AuthSettings {
+    let jwt = &config.jwt;
+    let named = |keys: &std::collections::BTreeMap<String, secrecy::SecretString>| {
+        keys.iter()
+            .map(|(name, key)| (name.clone(), key.clone()))
+            .collect()
+    };
+    AuthSettings {
+        legacy_secrets: jwt.legacy_secret.iter().cloned().collect(),
+        inline_jwks: jwt.inline_jwks.iter().map(|key| key.0.clone()).collect(),
+        jwks_url: jwt.jwks_url.clone(),
+        issuers: jwt.issuers.clone(),
+        audiences: jwt.audiences.clone(),
+        leeway: jwt.leeway,
+        cache_ttl: jwt.jwks_cache_ttl,
+        min_refresh: jwt.jwks_min_refresh,
+        secret_api_keys: named(&config.api_keys.secret),
+        publishable_api_keys: named(&config.api_keys.publishable),
+        ..AuthSettings::default()
+    }
+}
 
 #[cfg(test)]
 mod tests;

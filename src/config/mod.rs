@@ -109,6 +109,8 @@ pub struct JwtConfig {
     pub leeway: Duration,
     pub jwks_cache_ttl: Duration,
     pub jwks_min_refresh: Duration,
+    /// How long the legacy secret must go unused before revoking it is called safe.
+    pub legacy_revocation_window: Duration,
 }
 
 /// The new opaque Supabase API keys, by name.
@@ -213,6 +215,11 @@ impl Config {
             leeway: vars.seconds("JWT_LEEWAY_SECONDS", 30, 0..=300)?,
             jwks_cache_ttl,
             jwks_min_refresh,
+            legacy_revocation_window: vars.seconds(
+                "LEGACY_REVOCATION_WINDOW_SECONDS",
+                86_400,
+                1..=30 * 86_400,
+            )?,
         };
 
         let api_keys = ApiKeys {

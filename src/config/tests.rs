@@ -46,6 +46,10 @@ fn nothing_set_gives_the_contract_defaults() {
     assert_eq!(config.cors_allowed_origins, CorsOrigins::Any);
     assert_eq!(config.log_format, LogFormat::Pretty);
     assert_eq!(config.shutdown_drain, Duration::from_secs(25));
+    assert_eq!(
+        config.jwt.legacy_revocation_window,
+        Duration::from_secs(86_400)
+    );
 }
 
 #[test]
@@ -222,6 +226,7 @@ fn numbers_must_be_in_range() {
     refused("SMS_MAX_PER_RECIPIENT_PER_HOUR", "0");
     refused("SMS_MAX_PER_MINUTE", "-1");
     refused("SHUTDOWN_DRAIN_SECONDS", "3600");
+    refused("LEGACY_REVOCATION_WINDOW_SECONDS", "0");
     let err = config(&[
         ("JWKS_CACHE_TTL_SECONDS", "60"),
         ("JWKS_MIN_REFRESH_SECONDS", "120"),

@@ -25,8 +25,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             json!({ "ok": false, "backend": state.store.kind().as_str(), "error": "database did not answer" })
         }
     };
-    let ready = database["ok"] == true;
-    let checks = json!({ "database": database });
+    let key_ring = key_ring_check(&state);
+    let ready = database["ok"] == true && key_ring["ok"] == true;
+    let checks = json!({ "database": database, "key_ring": key_ring });
     if ready {
         (
             StatusCode::OK,
@@ -44,6 +45,33 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response()
     }
+}
+
+/// The key ring is ready when it can verify something; with no credential configured at all
+/// there is nothing to wait for. A stale JWKS still verifies (stale-if-error) and is reported.
+fn key_ring_check(state: &AppState) -> serde_json::Value {
+    let ring = state.auth.key_ring().load();
+    let config = &state.config;
+    let configured = ring.can_verify()
+        || config.jwt.jwks_url.is_some()
+        || !config.api_keys.secret.is_empty()
+        || !config.api_keys.publishable.is_empty();
+    let jwks = state.auth.fetcher().map(|fetcher| {
+        let status = fetcher.status();
+        json!({
+            "key_set_age_seconds": status.stats.key_set_age_seconds,
+            "stale": status.stats.stale,
+            "expired": status.stats.expired,
+            "consecutive_failures": status.consecutive_failures,
+        })
+    });
+    let api_keys = !config.api_keys.secret.is_empty() || !config.api_keys.publishable.is_empty();
+    json!({
+        "ok": !configured || ring.can_verify() || api_keys,
+        "configured": configured,
+        "keys": ring.listing().len(),
+        "jwks": jwks,
+    })
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

@@ -1,10 +1,12 @@
 //! The routes, each a thin handler: parse, call one domain function, map the result.
 
+mod admin;
 mod health;
+mod jwt_test;
 
 use axum::Router;
 use axum::http::Uri;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -15,6 +17,12 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route(
+            "/functions/v1/jwt-test",
+            get(jwt_test::jwt_test).post(jwt_test::jwt_test),
+        )
+        .route("/admin/signing-keys", get(admin::signing_keys))
+        .route("/admin/signing-keys/refresh", post(admin::refresh))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -2,9 +2,6 @@
 //! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
-mod postgres;
-mod sqlite;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -22,6 +19,10 @@ macro_rules! with_pool {
         }
     };
 }
+
+// Declared after the macro so the backend files (and later ones) can use it.
+mod postgres;
+mod sqlite;
 
 #[derive(Clone, Debug)]
 enum Backend {

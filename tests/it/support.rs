@@ -103,6 +103,8 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<std::io::Result<()>>,
+    /// The JWKS background refresh, as `run` starts it; stopped when the server is dropped.
+    refresh: Option<edgegate::auth::RefreshTask>,
 }
 
 impl TestServer {
@@ -153,12 +155,60 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
         client: reqwest::Client::new(),
         stop: Some(stop),
         task,
+        refresh: None,
     }
 }
 
-/// The whole application, as `edgegate::app` builds it, on a fresh state.
+/// The whole application, as `edgegate::run` starts it (JWKS refresh included), on a fresh state.
 pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
     let state = AppState::new(db.config(vars), db.store().await);
-    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    let mut server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    server.refresh = state.auth.spawn_refresh();
     (server, state)
+}
+
+/// A stand-in for Supabase's JWKS host: serves whatever key set the test puts in it, with
+/// Supabase's `Cache-Control`, and counts its requests.
+pub struct JwksHost {
+    pub url: String,
+    keys: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _server: TestServer,
+}
+
+impl JwksHost {
+    pub async fn start(keys: serde_json::Value) -> Self {
+        use axum::routing::get;
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(keys));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = Router::new().route(
+            "/auth/v1/.well-known/jwks.json",
+            get({
+                let (shared, hits) = (shared.clone(), hits.clone());
+                move || async move {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = shared.lock().unwrap().clone();
+                    (
+                        [("cache-control", "public, max-age=600")],
+                        axum::Json(serde_json::json!({ "keys": body })),
+                    )
+                }
+            }),
+        );
+        let server = serve_app(app, Duration::from_millis(100)).await;
+        Self {
+            url: server.url("/auth/v1/.well-known/jwks.json"),
+            keys: shared,
+            hits,
+            _server: server,
+        }
+    }
+
+    pub fn set_keys(&self, keys: serde_json::Value) {
+        *self.keys.lock().unwrap() = keys;
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }

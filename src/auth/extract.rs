@@ -1,0 +1,248 @@
+//! Credential extractors: a handler's signature states the access it needs.
+//!
+//! `User` accepts any valid credential of the contract's *user* kind; `ServiceRole` also demands
+//! the `service_role` role (a secret API key counts as one).
+
+use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+
+use crate::auth::metrics::VerificationLabels;
+use crate::auth::usage::usage_kid;
+use crate::auth::{AuthError, KeySource, Verified};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{AuditEntry, now_ms};
+
+/// Who made the request, as established by its credential.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub verified: Verified,
+    pub request_id: Option<String>,
+}
+
+impl Principal {
+    /// How the audit log names the credential: the kid, `legacy`, or the API key's name.
+    pub fn credential_id(&self) -> String {
+        match self.verified.source {
+            KeySource::LegacySecret => "legacy".to_owned(),
+            _ => self.verified.kid.clone().unwrap_or_default(),
+        }
+    }
+
+    /// An audit row for an action this principal took.
+    pub fn audit(&self, action: &str, outcome: &str) -> AuditEntry {
+        AuditEntry::new(
+            self.request_id.clone(),
+            self.verified.source.as_str(),
+            &self.credential_id(),
+            action,
+            outcome,
+        )
+    }
+}
+
+/// Any valid credential: a JWT (legacy or signing key) or an API key.
+#[derive(Clone, Debug)]
+pub struct User(pub Principal);
+
+/// A valid credential whose role is `service_role`.
+#[derive(Clone, Debug)]
+pub struct ServiceRole(pub Principal);
+
+/// The credential a request presents, per the contract: a Bearer JWT wins over `apikey`; a
+/// Bearer that starts with `sb_` counts only when it equals `apikey`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Presented<'a> {
+    Jwt(&'a str),
+    ApiKey(&'a str),
+}
+
+pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
+    let apikey = match headers.get("apikey") {
+        Some(value) => Some(value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim())
+            .filter(|key| !key.is_empty()),
+        None => None,
+    };
+    if let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) {
+        let value = authorization
+            .to_str()
+            .map_err(|_| AuthError::InvalidFormat("Authorization is not Bearer <token>"))?;
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::InvalidFormat(
+            "Authorization is not Bearer <token>",
+        ))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::InvalidFormat(
+                "Authorization is not Bearer <token>",
+            ));
+        }
+        let token = token.trim();
+        if !token.starts_with("sb_") {
+            return Ok(Presented::Jwt(token));
+        }
+        if apikey == Some(token) {
+            return Ok(Presented::ApiKey(token));
+        }
+        // An sb_ Bearer that differs from apikey does not count; fall through to apikey.
+    }
+    match apikey {
+        Some(key) if key.starts_with("sb_") => Ok(Presented::ApiKey(key)),
+        // A legacy anon or service_role key is itself a JWT.
+        Some(key) => Ok(Presented::Jwt(key)),
+        None => Err(AuthError::NoCredential),
+    }
+}
+
+/// The source a failed credential would have had, for metrics.
+fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) -> &'static str {
+    match (presented, err) {
+        (Ok(Presented::ApiKey(_)), _) => "api_key",
+        (_, AuthError::LegacyRevoked | AuthError::Legacy(_)) => "legacy_secret",
+        (_, AuthError::UnknownKid | AuthError::Asymmetric(_)) => "signing_key",
+        _ => "none",
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        ApiError::Unauthorized {
+            code: err.code(),
+            message: err.message(),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = presented(&parts.headers);
+        let result = match &presented {
+            Ok(Presented::Jwt(token)) => state.auth.verify_bearer(token).await,
+            Ok(Presented::ApiKey(key)) => state
+                .auth
+                .verify_api_key(key, parts.headers.contains_key(axum::http::header::ORIGIN)),
+            Err(err) => Err(err.clone()),
+        };
+        match result {
+            Ok(verified) => {
+                state.usage.record(&verified, now_ms());
+                let kid = match verified.source {
+                    KeySource::LegacySecret => "legacy".to_owned(),
+                    _ => usage_kid(&verified),
+                };
+                state
+                    .auth_metrics
+                    .verifications
+                    .get_or_create(&VerificationLabels {
+                        source: verified.source.as_str(),
+                        kid,
+                        alg: verified.alg,
+                        outcome: "ok",
+                    })
+                    .inc();
+                let request_id = parts
+                    .headers
+                    .get("x-request-id")
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_owned);
+                Ok(User(Principal {
+                    verified,
+                    request_id,
+                }))
+            }
+            Err(err) => {
+                state
+                    .auth_metrics
+                    .verifications
+                    .get_or_create(&VerificationLabels {
+                        source: failed_source(&presented, &err),
+                        kid: "unknown".to_owned(),
+                        alg: "unknown",
+                        outcome: err.code(),
+                    })
+                    .inc();
+                tracing::debug!(code = err.code(), reason = %err, "credential refused");
+                Err(err.into())
+            }
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for ServiceRole {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let User(principal) = User::from_request_parts(parts, state).await?;
+        if principal.verified.role.as_deref() == Some("service_role") {
+            Ok(ServiceRole(principal))
+        } else {
+            Err(ApiError::ForbiddenRole(
+                "this endpoint needs the service_role role".to_owned(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn a_bearer_jwt_wins_over_apikey() {
+        let h = headers(&[
+            ("authorization", "Bearer a.b.c"),
+            ("apikey", "sb_publishable_x"),
+        ]);
+        assert_eq!(presented(&h), Ok(Presented::Jwt("a.b.c")));
+    }
+
+    #[test]
+    fn an_sb_bearer_counts_only_when_it_equals_apikey() {
+        let same = headers(&[
+            ("authorization", "Bearer sb_secret_x"),
+            ("apikey", "sb_secret_x"),
+        ]);
+        assert_eq!(presented(&same), Ok(Presented::ApiKey("sb_secret_x")));
+        let alone = headers(&[("authorization", "Bearer sb_secret_x")]);
+        assert_eq!(presented(&alone), Err(AuthError::NoCredential));
+        let other = headers(&[
+            ("authorization", "Bearer sb_secret_x"),
+            ("apikey", "sb_publishable_y"),
+        ]);
+        assert_eq!(presented(&other), Ok(Presented::ApiKey("sb_publishable_y")));
+    }
+
+    #[test]
+    fn apikey_alone_is_an_api_key_or_a_legacy_key_jwt() {
+        let new = headers(&[("apikey", "sb_publishable_x")]);
+        assert_eq!(presented(&new), Ok(Presented::ApiKey("sb_publishable_x")));
+        let legacy = headers(&[("apikey", "eyJ.a.b")]);
+        assert_eq!(presented(&legacy), Ok(Presented::Jwt("eyJ.a.b")));
+    }
+
+    #[test]
+    fn malformed_or_missing_authorization() {
+        assert_eq!(presented(&headers(&[])), Err(AuthError::NoCredential));
+        let basic = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
+        assert!(matches!(
+            presented(&basic),
+            Err(AuthError::InvalidFormat(_))
+        ));
+        let bare = headers(&[("authorization", "eyJ.a.b")]);
+        assert!(matches!(presented(&bare), Err(AuthError::InvalidFormat(_))));
+        let lower = headers(&[("authorization", "bearer a.b.c")]);
+        assert_eq!(presented(&lower), Ok(Presented::Jwt("a.b.c")));
+    }
+}

@@ -1,0 +1,118 @@
+//! The credential layer's metrics: verifications by source, kid, alg and outcome; JWKS fetches
+//! by result; key-set age; token-cache hits; refetches suppressed.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::auth::Authenticator;
+
+/// Labels of one verification. `kid` is a kid the key ring holds (or an API key's name,
+/// `legacy`, `none`), never a value the caller chose, so the label set stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    pub source: &'static str,
+    pub kid: String,
+    pub alg: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    pub verifications: Family<VerificationLabels, Counter>,
+}
+
+impl AuthMetrics {
+    pub fn register(&self, registry: &mut Registry, auth: Arc<Authenticator>) {
+        registry.register(
+            "credential_verifications",
+            "Credentials checked, by source, kid, algorithm and outcome (ok or the error code)",
+            self.verifications.clone(),
+        );
+        registry.register_collector(Box::new(AuthCollector { auth }));
+    }
+}
+
+/// Reads the fetcher's and the cache's own counters at scrape time.
+#[derive(Debug)]
+struct AuthCollector {
+    auth: Arc<Authenticator>,
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for AuthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        counter(
+            &mut encoder,
+            "token_cache_hits",
+            "Bearer tokens answered from the verified-token cache",
+            self.auth.cache().hits(),
+        )?;
+        let ring = self.auth.key_ring().load();
+        gauge(
+            &mut encoder,
+            "trusted_keys",
+            "Keys the key ring holds (legacy secrets, inline and fetched signing keys)",
+            i64::try_from(ring.listing().len()).unwrap_or(i64::MAX),
+        )?;
+        let Some(fetcher) = self.auth.fetcher() else {
+            return Ok(());
+        };
+        let stats = fetcher.status().stats;
+        let fetches = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "jwks_fetches",
+            "JWKS fetches, by result",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (result, value) in [("ok", stats.fetches_ok), ("failed", stats.fetches_failed)] {
+            let labels = [("result", result)];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        counter(
+            &mut encoder,
+            "jwks_refetches_suppressed",
+            "Unknown-kid refetches refused because of the cool-down",
+            stats.refetches_suppressed,
+        )?;
+        counter(
+            &mut encoder,
+            "jwks_unknown_kid_refetches",
+            "JWKS fetches started because a token named an unknown kid",
+            stats.unknown_kid_refetches,
+        )?;
+        gauge(
+            &mut encoder,
+            "jwks_key_set_age_seconds",
+            "Age of the fetched key set (-1 before the first successful fetch)",
+            stats.key_set_age_seconds.unwrap_or(-1),
+        )?;
+        gauge(
+            &mut encoder,
+            "jwks_stale",
+            "1 while the fetched key set is past its freshness because fetches fail",
+            i64::from(stats.stale),
+        )?;
+        Ok(())
+    }
+}

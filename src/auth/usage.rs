@@ -1,0 +1,248 @@
+//! Evidence for revocation: verifications counted per key in memory, flushed to the database in
+//! hourly buckets, so every instance's traffic adds up and survives restarts.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::auth::{KeySource, Verified};
+use crate::store::{KeyUsage, Store, now_ms};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// How often counts reach the database; also done once more at shutdown.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Bucket {
+    hour_start_ms: i64,
+    source: KeySource,
+    kid: String,
+    alg: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Count {
+    verified: i64,
+    last_ms: i64,
+}
+
+/// Counts verifications since the last flush.
+#[derive(Debug, Default)]
+pub struct UsageTracker {
+    pending: Mutex<HashMap<Bucket, Count>>,
+}
+
+/// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
+/// legacy secret (one secret, whatever `kid` its tokens carry).
+pub fn usage_kid(verified: &Verified) -> String {
+    match verified.source {
+        KeySource::LegacySecret => String::new(),
+        _ => verified.kid.clone().unwrap_or_default(),
+    }
+}
+
+impl UsageTracker {
+    pub fn record(&self, verified: &Verified, at_ms: i64) {
+        let bucket = Bucket {
+            hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
+            source: verified.source,
+            kid: usage_kid(verified),
+            alg: verified.alg,
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let count = pending.entry(bucket).or_default();
+        count.verified += 1;
+        count.last_ms = count.last_ms.max(at_ms);
+    }
+
+    fn take(&self) -> Vec<KeyUsage> {
+        let drained: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        drained
+            .into_iter()
+            .map(|(bucket, count)| KeyUsage {
+                hour_start_ms: bucket.hour_start_ms,
+                source: bucket.source.as_str().to_owned(),
+                kid: bucket.kid,
+                alg: bucket.alg.to_owned(),
+                verified_count: count.verified,
+                last_verified_at_ms: count.last_ms,
+            })
+            .collect()
+    }
+
+    /// Writes the pending counts; on failure they are kept for the next flush.
+    pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
+        let rows = self.take();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if let Err(err) = store.add_key_usage(&rows).await {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for row in rows {
+                let source = match row.source.as_str() {
+                    "legacy_secret" => KeySource::LegacySecret,
+                    "api_key" => KeySource::ApiKey,
+                    _ => KeySource::SigningKey,
+                };
+                let bucket = Bucket {
+                    hour_start_ms: row.hour_start_ms,
+                    source,
+                    kid: row.kid,
+                    alg: static_alg(&row.alg),
+                };
+                let count = pending.entry(bucket).or_default();
+                count.verified += row.verified_count;
+                count.last_ms = count.last_ms.max(row.last_verified_at_ms);
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Everything counted here and not yet flushed, summed per key (for the admin report).
+    pub fn pending_since(&self, since_ms: i64) -> Vec<KeyUsage> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<(KeySource, String, &'static str), KeyUsage> = HashMap::new();
+        for (bucket, count) in pending.iter().filter(|(b, _)| b.hour_start_ms >= since_ms) {
+            let entry = out
+                .entry((bucket.source, bucket.kid.clone(), bucket.alg))
+                .or_insert_with(|| KeyUsage {
+                    hour_start_ms: bucket.hour_start_ms,
+                    source: bucket.source.as_str().to_owned(),
+                    kid: bucket.kid.clone(),
+                    alg: bucket.alg.to_owned(),
+                    verified_count: 0,
+                    last_verified_at_ms: 0,
+                });
+            entry.hour_start_ms = entry.hour_start_ms.min(bucket.hour_start_ms);
+            entry.verified_count += count.verified;
+            entry.last_verified_at_ms = entry.last_verified_at_ms.max(count.last_ms);
+        }
+        out.into_values().collect()
+    }
+}
+
+fn static_alg(alg: &str) -> &'static str {
+    match alg {
+        "HS256" => "HS256",
+        "ES256" => "ES256",
+        "RS256" => "RS256",
+        "EdDSA" => "EdDSA",
+        _ => "opaque",
+    }
+}
+
+/// Flushes every `FLUSH_INTERVAL` until the returned handle is aborted.
+pub fn spawn_flusher(
+    tracker: std::sync::Arc<UsageTracker>,
+    store: Store,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(err) = tracker.flush(&store).await {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "key usage not flushed; will retry"
+                );
+            }
+        }
+    })
+}
+
+/// The verdict on revoking the legacy secret, with the evidence behind it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LegacyVerdict {
+    pub legacy_revocation_safe: bool,
+    pub reason: String,
+}
+
+/// Decides from usage over the window (database plus this instance's pending counts).
+pub fn legacy_verdict(
+    legacy_configured: bool,
+    usage: &[KeyUsage],
+    evidence_since_ms: Option<i64>,
+    window: Duration,
+    now: i64,
+) -> LegacyVerdict {
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let window_text = humanize(window);
+    // Rows are hourly; a key whose last use is before the window did not verify in it.
+    let in_window = |source: &str| -> i64 {
+        usage
+            .iter()
+            .filter(|u| u.source == source && u.last_verified_at_ms >= now - window_ms)
+            .map(|u| u.verified_count)
+            .sum()
+    };
+    let legacy = in_window("legacy_secret");
+    let signing = in_window("signing_key");
+    let verdict = |safe: bool, reason: String| LegacyVerdict {
+        legacy_revocation_safe: safe,
+        reason,
+    };
+    if !legacy_configured {
+        return verdict(
+            true,
+            "the legacy secret is not configured: HS256 tokens are already refused".to_owned(),
+        );
+    }
+    if legacy > 0 {
+        return verdict(
+            false,
+            format!(
+                "{legacy} request(s) verified with the legacy secret in the last {window_text}"
+            ),
+        );
+    }
+    if signing == 0 {
+        return verdict(
+            false,
+            format!(
+                "no request was verified with a signing key in the last {window_text}: clients may not have moved yet"
+            ),
+        );
+    }
+    let observed_long_enough = evidence_since_ms.is_some_and(|first| now - first >= window_ms);
+    if !observed_long_enough {
+        return verdict(
+            false,
+            format!(
+                "usage has been recorded for less than {window_text}; wait until the whole window is covered"
+            ),
+        );
+    }
+    verdict(
+        true,
+        format!(
+            "no legacy-verified request in the last {window_text}, and {signing} request(s) verified with signing keys"
+        ),
+    )
+}
+
+fn humanize(window: Duration) -> String {
+    let secs = window.as_secs();
+    if secs.is_multiple_of(3600) {
+        format!("{} h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// The start of the first hourly bucket that can hold usage from the window ending now.
+pub fn window_first_hour(window: Duration) -> i64 {
+    let start = now_ms() - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    start - start.rem_euclid(HOUR_MS)
+}

@@ -1,0 +1,517 @@
+//! The credential layer through HTTP, as the contract states it: `jwt-test`, the 401 codes and
+//! headers, roles, `/admin/signing-keys` and its refresh, metrics and readiness.
+
+use std::time::Duration;
+
+use edgegate::auth::Alg;
+use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
+use edgegate::store::{KeyUsage, now_ms};
+use serde_json::{Value, json};
+
+use crate::support::{JwksHost, TestServer, spawn_app};
+use crate::test_db;
+
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+const ISSUER: &str = "https://abcdefghijklmnop.supabase.co/auth/v1";
+const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
+const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
+
+fn now() -> i64 {
+    now_ms() / 1000
+}
+
+fn user_token(key: &SigningKey) -> String {
+    key.token(&user_claims(ISSUER, "authenticated", "user-1", now(), 3600))
+        .unwrap()
+}
+
+fn legacy_user_token() -> String {
+    legacy_token(
+        SECRET.as_bytes(),
+        &user_claims(ISSUER, "authenticated", "user-2", now(), 3600),
+        None,
+    )
+}
+
+fn legacy_key(role: &str) -> String {
+    legacy_token(
+        SECRET.as_bytes(),
+        &api_key_claims("abcdefghijklmnop", role, now(), 3600),
+        None,
+    )
+}
+
+/// An app that trusts the legacy secret, a JWKS host and two API keys.
+async fn app_with(
+    db: &crate::support::TestDb,
+    host: &JwksHost,
+    extra: &[(&str, &str)],
+) -> TestServer {
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let publishable_keys = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
+    let mut vars = vec![
+        ("SUPABASE_JWKS_URL", host.url.as_str()),
+        (
+            "JWT_ISSUERS",
+            "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+        ),
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("SUPABASE_PUBLISHABLE_KEYS", publishable_keys.as_str()),
+    ];
+    if !extra.iter().any(|(name, _)| *name == "SUPABASE_JWT_SECRET") {
+        vars.push(("SUPABASE_JWT_SECRET", SECRET));
+    }
+    vars.extend_from_slice(extra);
+    vars.retain(|(_, value)| !value.is_empty());
+    spawn_app(db, &vars).await.0
+}
+
+async fn call(
+    server: &TestServer,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = server.client.get(server.url("/functions/v1/jwt-test"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.json().await.unwrap())
+}
+
+async fn bearer(server: &TestServer, token: &str) -> (u16, Value) {
+    let auth = format!("Bearer {token}");
+    let (status, _, body) = call(server, &[("authorization", &auth)]).await;
+    (status, body)
+}
+
+/// Waits (bounded) until the background refresh has fetched the JWKS once.
+async fn until_fetched(host: &JwksHost) {
+    for _ in 0..200 {
+        if host.hits() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the JWKS was never fetched");
+}
+
+#[tokio::test]
+async fn jwt_test_names_the_key_that_verified_each_kind_of_credential() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+
+    let (status, body) = bearer(&server, &user_token(&es)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["valid"], true);
+    assert_eq!(body["role"], "authenticated");
+    assert_eq!(body["sub"], "user-1");
+    assert_eq!(
+        body["key"],
+        json!({"source": "signing_key", "kid": es.kid(), "alg": "ES256"})
+    );
+    assert_eq!(body["claims"]["aud"], "authenticated");
+    assert_eq!(body["claims"]["is_anonymous"], false);
+
+    let (status, body) = bearer(&server, &legacy_user_token()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["source"], "legacy_secret");
+    assert_eq!(body["key"]["alg"], "HS256");
+
+    // After migration, legacy tokens may carry a kid the JWKS does not have.
+    let with_kid = legacy_token(
+        SECRET.as_bytes(),
+        &user_claims(ISSUER, "authenticated", "user-3", now(), 3600),
+        Some("legacy-kid-not-in-jwks"),
+    );
+    let (status, body) = bearer(&server, &with_kid).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["source"], "legacy_secret");
+
+    // supabase-js with a legacy anon key sends it as apikey (and Bearer).
+    let anon = legacy_key("anon");
+    let (status, _, body) = call(&server, &[("apikey", &anon)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "anon");
+    assert_eq!(body["sub"], Value::Null);
+
+    let (status, _, body) = call(&server, &[("apikey", PUBLISHABLE_KEY)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "anon");
+    assert_eq!(body["key"]["source"], "api_key");
+    assert_eq!(body["key"]["kid"], "web");
+    assert!(
+        !body.to_string().contains(PUBLISHABLE_KEY),
+        "the key itself must not echo"
+    );
+
+    let (status, _, body) = call(&server, &[("apikey", SECRET_KEY)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "service_role");
+
+    // POST works the same way (functions.invoke posts).
+    let response = server
+        .client
+        .post(server.url("/functions/v1/jwt-test"))
+        .bearer_auth(user_token(&es))
+        .json(&json!({"hello": "world"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn refusals_carry_the_contract_code_and_headers() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let stranger = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+
+    let (status, headers, body) = call(&server, &[]).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "UNAUTHORIZED_NO_AUTH_HEADER");
+    assert_eq!(headers["sb-error-code"], "UNAUTHORIZED_NO_AUTH_HEADER");
+    assert_eq!(
+        headers["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
+
+    let none = format!(
+        "{}.{}.",
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJyb2xlIjoic2VydmljZV9yb2xlIn0"
+    );
+    let cases = [
+        ("not-a-jwt".to_owned(), "UNAUTHORIZED_INVALID_JWT_FORMAT"),
+        ("a".repeat(64 * 1024), "UNAUTHORIZED_INVALID_JWT_FORMAT"),
+        (none, "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM"),
+        (user_token(&stranger), "UNAUTHORIZED_ASYMMETRIC_JWT"),
+        (
+            legacy_token(
+                b"another-secret-that-is-32-bytes-long!!",
+                &json!({"exp": now() + 60}),
+                None,
+            ),
+            "UNAUTHORIZED_LEGACY_JWT",
+        ),
+        (
+            es.token(&user_claims(
+                "https://evil.example/auth/v1",
+                "authenticated",
+                "x",
+                now(),
+                60,
+            ))
+            .unwrap(),
+            "UNAUTHORIZED_ASYMMETRIC_JWT",
+        ),
+    ];
+    for (token, code) in cases {
+        let (status, headers, body) =
+            call(&server, &[("authorization", &format!("Bearer {token}"))]).await;
+        assert_eq!((status, body["code"].as_str()), (401, Some(code)), "{body}");
+        assert_eq!(headers["sb-error-code"], code);
+        let message = body["message"].as_str().unwrap();
+        assert!(!message.is_empty() && !message.contains(&token[..token.len().min(40)]));
+    }
+
+    let (status, _, body) = call(&server, &[("apikey", "sb_publishable_wrong")]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_INVALID_API_KEY"))
+    );
+    let (status, _, body) = call(
+        &server,
+        &[
+            ("apikey", SECRET_KEY),
+            ("origin", "https://app.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_INVALID_API_KEY")),
+        "a secret key from a browser is refused"
+    );
+}
+
+#[tokio::test]
+async fn without_the_legacy_secret_hs256_is_refused_and_signing_keys_pass() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[("SUPABASE_JWT_SECRET", "")]).await;
+    let (status, body) = bearer(&server, &legacy_user_token()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_LEGACY_JWT"))
+    );
+    let (status, body) = bearer(&server, &user_token(&es)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_the_service_role() {
+    let db = test_db!();
+    let host = JwksHost::start(json!([])).await;
+    let server = app_with(&db, &host, &[]).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/signing-keys"),
+        (reqwest::Method::POST, "/admin/signing-keys/refresh"),
+    ] {
+        let response = server
+            .client
+            .request(method.clone(), server.url(path))
+            .bearer_auth(legacy_user_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "FORBIDDEN_ROLE");
+        let response = server
+            .client
+            .request(method, server.url(path))
+            .header("apikey", PUBLISHABLE_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+    }
+}
+
+async fn signing_keys(server: &TestServer) -> Value {
+    let response = server
+        .client
+        .get(server.url("/admin/signing-keys"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_report_lists_keys_usage_and_a_verdict() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let rs = SigningKey::generate(Alg::RS256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk(), rs.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+    until_fetched(&host).await;
+    for _ in 0..3 {
+        assert_eq!(bearer(&server, &user_token(&es)).await.0, 200);
+    }
+    assert_eq!(bearer(&server, &legacy_user_token()).await.0, 200);
+
+    let report = signing_keys(&server).await;
+    let keys = report["keys"].as_array().unwrap();
+    let es_row = keys
+        .iter()
+        .find(|k| k["kid"] == es.kid())
+        .expect("ES256 key listed");
+    assert_eq!(es_row["source"], "signing_key");
+    assert_eq!(es_row["alg"], "ES256");
+    assert_eq!(es_row["origin"], "jwks");
+    assert_eq!(es_row["verified_count"], 3);
+    assert!(es_row["last_verified_at_ms"].as_i64().unwrap() > 0);
+    let rs_row = keys
+        .iter()
+        .find(|k| k["kid"] == rs.kid())
+        .expect("standby RS256 key listed");
+    assert_eq!(rs_row["verified_count"], 0);
+    assert!(keys.iter().any(|k| k["source"] == "legacy_secret"));
+    assert_eq!(report["legacy_secret"]["configured"], true);
+    assert_eq!(report["legacy_secret"]["verified_count"], 1);
+    assert_eq!(report["legacy_revocation_safe"], false);
+    assert!(report["reason"].as_str().unwrap().contains("legacy secret"));
+    assert_eq!(report["window_seconds"], 86_400);
+    assert!(
+        !report.to_string().contains(SECRET),
+        "the legacy secret must never show"
+    );
+}
+
+#[tokio::test]
+async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
+    let db = test_db!();
+    let host = JwksHost::start(json!([])).await;
+    let server = app_with(&db, &host, &[("LEGACY_REVOCATION_WINDOW_SECONDS", "3600")]).await;
+    let store = db.store().await;
+    const HOUR: i64 = 3_600_000;
+    let hour = now_ms() - now_ms() % HOUR;
+    let row = |hours_ago: i64, source: &str, kid: &str, alg: &str, last: i64| KeyUsage {
+        hour_start_ms: hour - hours_ago * HOUR,
+        source: source.into(),
+        kid: kid.into(),
+        alg: alg.into(),
+        verified_count: 10,
+        last_verified_at_ms: last,
+    };
+    // Legacy traffic stopped three hours ago; signing keys carry traffic now.
+    store
+        .add_key_usage(&[
+            row(3, "legacy_secret", "", "HS256", hour - 3 * HOUR + 60_000),
+            row(0, "signing_key", "kid-1", "ES256", now_ms() - 1_000),
+        ])
+        .await
+        .unwrap();
+    let report = signing_keys(&server).await;
+    assert_eq!(report["legacy_revocation_safe"], true, "{report}");
+
+    // One legacy request now flips it back, before any flush.
+    assert_eq!(bearer(&server, &legacy_user_token()).await.0, 200);
+    let report = signing_keys(&server).await;
+    assert_eq!(report["legacy_revocation_safe"], false, "{report}");
+}
+
+#[tokio::test]
+async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+    let token = user_token(&es);
+    assert_eq!(bearer(&server, &token).await.0, 200);
+
+    host.set_keys(json!([]));
+    assert_eq!(
+        bearer(&server, &token).await.0,
+        200,
+        "the cached set still holds it"
+    );
+    let response = server
+        .client
+        .post(server.url("/admin/signing-keys/refresh"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["keys"], 0);
+    let (status, body) = bearer(&server, &token).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_ASYMMETRIC_JWT"))
+    );
+
+    let audit = db.store().await.recent_audit(10).await.unwrap();
+    let refresh = audit
+        .iter()
+        .find(|entry| entry.action == "refresh_signing_keys")
+        .expect("an audit row for the refresh");
+    assert_eq!(refresh.credential_source, "api_key");
+    assert_eq!(refresh.credential_id, "backend");
+    assert_eq!(refresh.outcome, "ok");
+    assert!(refresh.request_id.is_some());
+}
+
+#[tokio::test]
+async fn a_new_kid_costs_one_fetch_and_random_kids_cost_no_more() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([])).await;
+    let vars = [
+        ("JWKS_MIN_REFRESH_SECONDS", "2"),
+        ("JWKS_CACHE_TTL_SECONDS", "3600"),
+    ];
+    let server = app_with(&db, &host, &vars).await;
+    until_fetched(&host).await;
+    // The start-up fetch opened a cool-down; let it pass so the new kid may fetch.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let before = host.hits();
+    host.set_keys(json!([es.public_jwk()]));
+    let started = std::time::Instant::now();
+    let (status, body) = bearer(&server, &user_token(&es)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(host.hits(), before + 1, "a new kid costs exactly one fetch");
+    for _ in 0..300 {
+        let random = SigningKey::generate(Alg::ES256).unwrap();
+        assert_eq!(bearer(&server, &user_token(&random)).await.0, 401);
+    }
+    // At most one more fetch per two-second interval that has begun since.
+    let intervals = started.elapsed().as_secs() / 2;
+    let extra = host.hits() - before - 1;
+    assert!(
+        extra as u64 <= intervals,
+        "{extra} extra fetches in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn metrics_and_readiness_show_the_credential_layer() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[("SUPABASE_JWT_SECRET", "")]).await;
+    until_fetched(&host).await;
+    let token = user_token(&es);
+    for _ in 0..2 {
+        assert_eq!(bearer(&server, &token).await.0, 200);
+    }
+    assert_eq!(bearer(&server, &legacy_user_token()).await.0, 401);
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ok_line = format!(
+        r#"edgegate_credential_verifications_total{{source="signing_key",kid="{}",alg="ES256",outcome="ok"}} 2"#,
+        es.kid()
+    );
+    assert!(text.contains(&ok_line), "{text}");
+    assert!(
+        text.contains(r#"outcome="UNAUTHORIZED_LEGACY_JWT"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("edgegate_token_cache_hits_total 1"), "{text}");
+    assert!(
+        text.contains(r#"edgegate_jwks_fetches_total{result="ok"}"#),
+        "{text}"
+    );
+    assert!(text.contains("edgegate_jwks_key_set_age_seconds"), "{text}");
+
+    let ready: Value = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["key_ring"]["ok"], true, "{ready}");
+}
+
+#[tokio::test]
+async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
+    let db = test_db!();
+    // Nothing listens here: the JWKS never arrives, so nothing can be verified.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json");
+    let (server, _) = spawn_app(&db, &[("SUPABASE_JWKS_URL", url.as_str())]).await;
+    let response = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["checks"]["key_ring"]["ok"], false, "{body}");
+}
