@@ -107,6 +107,12 @@ impl UsageTracker {
         Ok(())
     }
 
+    /// The earliest hour this instance counted and has not flushed yet.
+    pub fn first_pending_hour(&self) -> Option<i64> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.keys().map(|bucket| bucket.hour_start_ms).min()
+    }
+
     /// Everything counted here and not yet flushed, summed per key (for the admin report).
     pub fn pending_since(&self, since_ms: i64) -> Vec<KeyUsage> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());

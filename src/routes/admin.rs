@@ -50,7 +50,13 @@ pub async fn signing_keys(
 ) -> ApiResult<Json<Value>> {
     let usage = usage_in_window(&state).await?;
     let window = state.config.jwt.legacy_revocation_window;
-    let evidence_since = state.store.key_usage_first_hour().await?;
+    let evidence_since = match (
+        state.store.key_usage_first_hour().await?,
+        state.usage.first_pending_hour(),
+    ) {
+        (Some(stored), Some(pending)) => Some(stored.min(pending)),
+        (stored, pending) => stored.or(pending),
+    };
     let ring = state.auth.key_ring().load();
     let find = |source: &str, kid: &str| {
         usage

@@ -1,11 +1,13 @@
 //! Integration tests: the real server over TCP, on SQLite by default and on PostgreSQL when
 //! `TEST_POSTGRES_URL` is set (each test in its own schema).
 
+mod process;
 mod support;
 
 mod auth;
 mod binary;
 mod deploy;
+mod drill;
 mod http;
 mod shutdown;
 mod store;

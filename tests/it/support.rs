@@ -178,7 +178,13 @@ pub struct JwksHost {
 
 impl JwksHost {
     pub async fn start(keys: serde_json::Value) -> Self {
+        Self::start_with_max_age(keys, 600).await
+    }
+
+    /// As Supabase's host, with `Cache-Control: public, max-age={max_age}`.
+    pub async fn start_with_max_age(keys: serde_json::Value, max_age: u32) -> Self {
         use axum::routing::get;
+        let cache_control = format!("public, max-age={max_age}");
         let shared = std::sync::Arc::new(std::sync::Mutex::new(keys));
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let app = Router::new().route(
@@ -189,7 +195,7 @@ impl JwksHost {
                     hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let body = shared.lock().unwrap().clone();
                     (
-                        [("cache-control", "public, max-age=600")],
+                        [("cache-control", cache_control)],
                         axum::Json(serde_json::json!({ "keys": body })),
                     )
                 }

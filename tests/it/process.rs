@@ -1,0 +1,78 @@
+//! Running the `edgegate` binary as an operator would: a clean environment, signals, exit codes.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgegate");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary with a clean environment (nothing of the developer's leaks in) plus `vars`.
+pub fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .current_dir(dir)
+        .env("HOST", "127.0.0.1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    command
+}
+
+pub fn output(command: &mut Command) -> Output {
+    command.output().expect("run edgegate")
+}
+
+pub async fn wait_healthy(port: u16) -> bool {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        if let Ok(response) = client.get(url).send().await
+            && response.status() == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+pub async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..500 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    panic!("edgegate did not exit within 10 s of the signal");
+}
+
+/// A long-running server: its output goes to `log` in `dir`, so an unread pipe can never block it.
+pub fn spawn_server(dir: &std::path::Path, log: &str, vars: &[(&str, &str)]) -> Child {
+    let file = std::fs::File::create(dir.join(log)).expect("create the log file");
+    edgegate(dir, vars)
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start edgegate")
+}
