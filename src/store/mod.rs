@@ -135,8 +135,8 @@ impl Store {
     /// Applies every pending migration of this backend; safe to run again and concurrently.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         match &self.backend {
-            Backend::Sqlite(pool) => sqlite::migrator().run(pool).await,
-            Backend::Postgres(pool) => postgres::migrator().run(pool).await,
+            Backend::Sqlite(pool) => sqlite::migrate(pool).await,
+            Backend::Postgres(pool) => postgres::migrator().run(pool).await.map_err(Into::into),
         }
         .context("applying migrations")
     }

@@ -31,3 +31,31 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         .await
         .context("opening the SQLite database")
 }
+
+/// Applies the migrations, one process at a time. SQLite has no advisory lock, so sqlx's
+/// migrator does not serialize two instances starting together on one file; an exclusive lock
+/// on a file next to the database does.
+pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
+    let database = pool.connect_options().get_filename().to_path_buf();
+    let in_memory =
+        database.as_os_str().is_empty() || database.to_string_lossy().contains(":memory:");
+    let _guard = if in_memory {
+        None
+    } else {
+        let mut lock_path = database.into_os_string();
+        lock_path.push(".migrate-lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .context("opening the SQLite migration lock file")?;
+        let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+            .await
+            .context("waiting for the SQLite migration lock")?
+            .context("taking the SQLite migration lock")?;
+        Some(file)
+    };
+    migrator().run(pool).await?;
+    Ok(())
+}
