@@ -53,7 +53,7 @@ impl BackendKind {
 }
 
 /// One privileged action: who did it (the credential, never its secret), what, and the outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditEntry {
     pub id: String,
     pub at_ms: i64,
@@ -90,7 +90,7 @@ impl AuditEntry {
 }
 
 /// Verifications of one key in one hour (or, when read back, over a period).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct KeyUsage {
     /// Start of the hour, epoch milliseconds (when read back over a period: the earliest hour).
     pub hour_start_ms: i64,
@@ -102,17 +102,6 @@ pub struct KeyUsage {
     pub verified_count: i64,
     pub last_verified_at_ms: i64,
 }
-
-type AuditRow = (
-    String,
-    i64,
-    Option<String>,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-);
 
 impl Store {
     /// Opens the database `url` names; a SQLite file is created if missing.
@@ -183,38 +172,13 @@ impl Store {
 
     /// The newest audit entries, newest first.
     pub async fn recent_audit(&self, limit: i64) -> anyhow::Result<Vec<AuditEntry>> {
-        let sql = "SELECT id, at, request_id, credential_source, credential_id, action, outcome, \
-                   detail FROM audit_log ORDER BY at DESC, id DESC LIMIT $1";
-        let rows: Vec<AuditRow> = with_pool!(self, |pool| {
+        let sql = "SELECT id, at AS at_ms, request_id, credential_source, credential_id, action, \
+                   outcome, detail FROM audit_log ORDER BY at DESC, id DESC LIMIT $1";
+        let entries = with_pool!(self, |pool| {
             sqlx::query_as(sql).bind(limit).fetch_all(pool).await
         })
         .context("reading the audit log")?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    id,
-                    at_ms,
-                    request_id,
-                    credential_source,
-                    credential_id,
-                    action,
-                    outcome,
-                    detail,
-                )| {
-                    AuditEntry {
-                        id,
-                        at_ms,
-                        request_id,
-                        credential_source,
-                        credential_id,
-                        action,
-                        outcome,
-                        detail,
-                    }
-                },
-            )
-            .collect())
+        Ok(entries)
     }
 
     /// Adds counted verifications; rows of the same hour and key from every instance are summed.
@@ -248,27 +212,16 @@ impl Store {
 
     /// Usage per key summed over the hours starting at or after `since_ms`.
     pub async fn key_usage_since(&self, since_ms: i64) -> anyhow::Result<Vec<KeyUsage>> {
-        let sql = "SELECT MIN(hour_start), source, kid, alg, \
-                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at) \
+        let sql = "SELECT MIN(hour_start) AS hour_start_ms, source, kid, alg, \
+                   CAST(SUM(verified_count) AS BIGINT) AS verified_count, \
+                   MAX(last_verified_at) AS last_verified_at_ms \
                    FROM key_usage_hourly WHERE hour_start >= $1 \
                    GROUP BY source, kid, alg ORDER BY source, kid, alg";
-        let rows: Vec<(i64, String, String, String, i64, i64)> = with_pool!(self, |pool| {
+        let usage = with_pool!(self, |pool| {
             sqlx::query_as(sql).bind(since_ms).fetch_all(pool).await
         })
         .context("reading key usage")?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(hour_start_ms, source, kid, alg, verified_count, last_verified_at_ms)| KeyUsage {
-                    hour_start_ms,
-                    source,
-                    kid,
-                    alg,
-                    verified_count,
-                    last_verified_at_ms,
-                },
-            )
-            .collect())
+        Ok(usage)
     }
 
     /// The start of the earliest hour with any recorded usage: how far back the evidence goes.

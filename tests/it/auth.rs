@@ -457,15 +457,7 @@ async fn metrics_and_readiness_show_the_credential_layer() {
         assert_eq!(bearer(&server, &token).await.0, 200);
     }
     assert_eq!(bearer(&server, &legacy_user_token()).await.0, 401);
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.get("/metrics").await.text().await.unwrap();
     let ok_line = format!(
         r#"edgegate_credential_verifications_total{{source="signing_key",kid="{}",alg="ES256",outcome="ok"}} 2"#,
         es.kid()
@@ -482,15 +474,7 @@ async fn metrics_and_readiness_show_the_credential_layer() {
     );
     assert!(text.contains("edgegate_jwks_key_set_age_seconds"), "{text}");
 
-    let ready: Value = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = server.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["checks"]["key_ring"]["ok"], true, "{ready}");
 }
 
@@ -505,12 +489,7 @@ async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
         .port();
     let url = format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json");
     let (server, _) = spawn_app(&db, &[("SUPABASE_JWKS_URL", url.as_str())]).await;
-    let response = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/readyz").await;
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["checks"]["key_ring"]["ok"], false, "{body}");

@@ -52,20 +52,10 @@ async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer
 async fn healthz_and_readyz_answer_200_on_a_fresh_database() {
     let db = test_db!();
     let (server, _) = spawn_app(&db, &[]).await;
-    let health = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.get("/healthz").await;
     assert_eq!(health.status(), 200);
     assert_eq!(json(health).await["status"], "ok");
-    let ready = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = server.get("/readyz").await;
     assert_eq!(ready.status(), 200);
     let body = json(ready).await;
     assert_eq!(body["checks"]["database"]["ok"], true);
@@ -82,22 +72,12 @@ async fn readyz_answers_503_when_the_database_is_gone() {
     let db = test_db!();
     let (server, state) = spawn_app(&db, &[]).await;
     state.store.close().await;
-    let ready = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = server.get("/readyz").await;
     assert_eq!(ready.status(), 503);
     let body = json(ready).await;
     assert_eq!(body["code"], "NOT_READY");
     assert_eq!(body["checks"]["database"]["ok"], false);
-    let health = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.get("/healthz").await;
     assert_eq!(
         health.status(),
         200,
@@ -109,12 +89,7 @@ async fn readyz_answers_503_when_the_database_is_gone() {
 async fn unknown_routes_and_methods_answer_json_errors() {
     let db = test_db!();
     let (server, _) = spawn_app(&db, &[]).await;
-    let missing = server
-        .client
-        .get(server.url("/functions/v1/nope"))
-        .send()
-        .await
-        .unwrap();
+    let missing = server.get("/functions/v1/nope").await;
     assert_eq!(missing.status(), 404);
     assert_eq!(json(missing).await["code"], "NOT_FOUND");
     let wrong = server
@@ -134,20 +109,10 @@ async fn request_ids_are_set_and_propagated() {
     let Some(server) = test_server(Limits::default(), &[]).await else {
         return;
     };
-    let first = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let first = server.get("/healthz").await;
     let generated = first.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
-    let second = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let second = server.get("/healthz").await;
     assert_ne!(
         second.headers()["x-request-id"].to_str().unwrap(),
         generated
@@ -185,23 +150,13 @@ async fn a_panicking_handler_answers_500_json_and_the_server_lives_on() {
     let Some(server) = test_server(Limits::default(), &[]).await else {
         return;
     };
-    let response = server
-        .client
-        .get(server.url("/test/panic"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/test/panic").await;
     assert_eq!(response.status(), 500);
     assert!(response.headers().contains_key("x-request-id"));
     let body = json(response).await;
     assert_eq!(body["code"], "INTERNAL_ERROR");
     assert!(!body["message"].as_str().unwrap().contains("boom"));
-    let after = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let after = server.get("/healthz").await;
     assert_eq!(after.status(), 200);
 }
 
@@ -214,12 +169,7 @@ async fn a_slow_request_times_out_with_json() {
     let Some(server) = test_server(limits, &[]).await else {
         return;
     };
-    let response = server
-        .client
-        .get(server.url("/test/slow"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/test/slow").await;
     assert_eq!(response.status(), 504);
     assert_eq!(json(response).await["code"], "TIMEOUT");
 }
@@ -338,25 +288,10 @@ async fn metrics_count_requests_by_matched_route_and_status() {
     let db = test_db!();
     let (server, _) = spawn_app(&db, &[]).await;
     for _ in 0..3 {
-        server
-            .client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap();
+        server.get("/healthz").await;
     }
-    server
-        .client
-        .get(server.url("/probe/abc123"))
-        .send()
-        .await
-        .unwrap();
-    let response = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    server.get("/probe/abc123").await;
+    let response = server.get("/metrics").await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     assert!(

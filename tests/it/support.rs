@@ -112,6 +112,11 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` with no credentials.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
     /// Sends the shutdown signal; the server stops accepting and drains.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
