@@ -128,10 +128,18 @@ async fn client_loop(plan: Shared, stop: Arc<std::sync::atomic::AtomicBool>) {
     }
 }
 
-fn enter(plan: &Shared, phase: &'static str, credentials: Vec<Credential>) {
+fn enter(plan: &Shared, phase: &'static str, credentials: Vec<Credential>) -> u64 {
     let mut plan = plan.lock().unwrap();
     plan.phase = phase;
     plan.credentials = credentials;
+    plan.credentials.len() as u64
+}
+
+/// Enters a phase that drops credentials, and returns once a full round has run in it: from
+/// then on no request with a dropped credential is in flight.
+async fn enter_settled(plan: &Shared, phase: &'static str, credentials: Vec<Credential>) {
+    let round = enter(plan, phase, credentials);
+    steady(plan, phase, round).await;
 }
 
 /// Lets the client run in the current phase for a while (at least a few rounds).
@@ -385,11 +393,12 @@ async fn zero_downtime_migration_from_the_legacy_secret_to_signing_keys() {
     );
 
     // Legacy tokens have expired and clients moved to the new API keys: legacy traffic stops.
-    enter(
+    enter_settled(
         &plan,
         "2b legacy traffic stopped",
         [api_keys.clone(), vec![es_user.clone()]].concat(),
-    );
+    )
+    .await;
     let stopped_at = Instant::now();
     steady(&plan, "2b legacy traffic stopped", 20).await;
     let early = admin(&client, port_a).await;
@@ -483,11 +492,12 @@ async fn zero_downtime_migration_from_the_legacy_secret_to_signing_keys() {
     steady(&plan, "4 rotated to RS256", 40).await;
 
     // The ES256 key is revoked: gone from the JWKS. B is refreshed by hand, C by its schedule.
-    enter(
+    enter_settled(
         &plan,
         "4 es256 revoked",
         [api_keys.clone(), vec![rs_user.clone()]].concat(),
-    );
+    )
+    .await;
     host.set_keys(json!([rs.public_jwk()]));
     let revoked_at = Instant::now();
     refresh(&client, port_b).await;
