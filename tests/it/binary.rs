@@ -7,7 +7,7 @@ use crate::support::TestDb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_edgegate");
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 }
 
 /// The binary with a clean environment (nothing of the developer's leaks in) plus `vars`.
-fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
+pub(crate) fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
     let mut command = Command::new(BIN);
     command
         .env_clear()
@@ -32,11 +32,11 @@ fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
     command
 }
 
-fn output(command: &mut Command) -> Output {
+pub(crate) fn output(command: &mut Command) -> Output {
     command.output().expect("run edgegate")
 }
 
-async fn wait_healthy(port: u16) -> bool {
+pub(crate) async fn wait_healthy(port: u16) -> bool {
     let client = reqwest::Client::new();
     for _ in 0..300 {
         let url = format!("http://127.0.0.1:{port}/healthz");
@@ -50,7 +50,7 @@ async fn wait_healthy(port: u16) -> bool {
     false
 }
 
-fn signal(child: &Child, name: &str) {
+pub(crate) fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .args([format!("-{name}"), child.id().to_string()])
         .status()
@@ -58,7 +58,7 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..500 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod binary;
+mod cli;
 mod deploy;
 mod http;
 mod shutdown;
