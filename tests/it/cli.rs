@@ -220,15 +220,21 @@ fn a_bad_key_file_or_ttl_is_refused_without_echoing_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
 }
 
-/// Runs `edgegate check` off the async runtime (the fake JWKS host answers on it).
-async fn check(vars: Vec<(String, String)>) -> Output {
-    tokio::task::spawn_blocking(move || {
+/// Runs `edgegate check` off the async runtime (the fake JWKS host answers on it):
+/// the exit code, stdout and stderr.
+async fn check(vars: Vec<(&'static str, String)>) -> (Option<i32>, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap();
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(n, v)| (*n, v.as_str())).collect();
         output(edgegate(dir.path(), &vars).arg("check"))
     })
     .await
-    .unwrap()
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn line<'a>(stdout: &'a str, item: &str) -> &'a str {
@@ -251,14 +257,13 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
     let secret_keys = r#"{"backend":"sb_secret_0123456789abcdefghijklmn"}"#;
     let vars = |jwks_url: &str| {
         vec![
-            ("SUPABASE_JWKS_URL".to_owned(), jwks_url.to_owned()),
-            ("SUPABASE_JWT_SECRET".to_owned(), SECRET.to_owned()),
-            ("SUPABASE_SECRET_KEYS".to_owned(), secret_keys.to_owned()),
+            ("SUPABASE_JWKS_URL", jwks_url.to_owned()),
+            ("SUPABASE_JWT_SECRET", SECRET.to_owned()),
+            ("SUPABASE_SECRET_KEYS", secret_keys.to_owned()),
         ]
     };
-    let out = check(vars(&host.url)).await;
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{printed}");
+    let (code, printed, logged) = check(vars(&host.url)).await;
+    assert_eq!(code, Some(0), "{printed}");
     assert_eq!(host.hits(), 1);
     let jwks = line(&printed, "jwks");
     assert!(jwks.starts_with("ok"), "{jwks}");
@@ -279,7 +284,7 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
         line(&printed, "api keys").contains("secret: backend"),
         "{printed}"
     );
-    let everything = format!("{printed}{}", String::from_utf8_lossy(&out.stderr));
+    let everything = format!("{printed}{logged}");
     assert!(!everything.contains(SECRET), "{everything}");
     assert!(!everything.contains("sb_secret_0123"), "{everything}");
 
@@ -288,9 +293,8 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
         "http://127.0.0.1:{}/auth/v1/.well-known/jwks.json",
         free_port()
     );
-    let out = check(vars(&nowhere)).await;
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{printed}");
+    let (code, printed, _) = check(vars(&nowhere)).await;
+    assert_eq!(code, Some(1), "{printed}");
     assert!(line(&printed, "jwks").starts_with("FAIL"), "{printed}");
     assert!(
         line(&printed, "legacy secret").starts_with("ok"),
@@ -301,9 +305,9 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
 #[tokio::test]
 async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     let host = JwksHost::start(json!([{"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}])).await;
-    let out = check(vec![("SUPABASE_JWKS_URL".to_owned(), host.url.clone())]).await;
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{printed}");
+    let only_jwks = || vec![("SUPABASE_JWKS_URL", host.url.clone())];
+    let (code, printed, _) = check(only_jwks()).await;
+    assert_eq!(code, Some(1), "{printed}");
     assert!(line(&printed, "jwks").starts_with("FAIL"), "{printed}");
     assert!(
         line(&printed, "legacy secret").contains("is not set"),
@@ -311,10 +315,9 @@ async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     );
 
     host.set_keys(json!([]));
-    let out = check(vec![("SUPABASE_JWKS_URL".to_owned(), host.url.clone())]).await;
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, printed, _) = check(only_jwks()).await;
     assert_eq!(
-        out.status.code(),
+        code,
         Some(0),
         "an empty set is a project on the legacy secret: {printed}"
     );
