@@ -295,7 +295,12 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
     );
     let (code, printed, _) = check(vars(&nowhere)).await;
     assert_eq!(code, Some(1), "{printed}");
-    assert!(line(&printed, "jwks").starts_with("FAIL"), "{printed}");
+    let jwks = line(&printed, "jwks");
+    assert!(jwks.starts_with("FAIL"), "{printed}");
+    assert!(
+        jwks.contains("tcp connect error"),
+        "the cause is told: {jwks}"
+    );
     assert!(
         line(&printed, "legacy secret").starts_with("ok"),
         "{printed}"
