@@ -59,6 +59,7 @@ Output (stdout only; nothing is logged):
           dashboard, or put it in a JSON array in supabase/signing_keys.json for the
           Supabase CLI. It is a secret: keep it out of logs and version control.
   line 2  the public JWKS {\"keys\":[…]}: what SUPABASE_JWKS accepts.
+--output private or public prints only that line (public alone: the private key is lost).
 
 Examples:
   edgegate keys generate --alg ES256 > key.txt
