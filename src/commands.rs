@@ -1,5 +1,9 @@
 //! What the CLI's subcommands do, apart from `serve` (see `run`).
 
+pub mod jwt_check;
+pub mod keys;
+pub mod token;
+
 use std::time::Duration;
 
 use crate::config::Config;
@@ -71,7 +75,17 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
         },
     );
+    lines.extend(jwt_check::lines(config, check_client()).await);
     lines
+}
+
+/// The HTTP client `check` reaches dependencies with.
+fn check_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION"), " (check)"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
 }
 
 /// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.

@@ -1,8 +1,13 @@
 //! The `edgegate` command line. Everything it runs lives in the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use edgegate::auth::{Alg, Clock};
+use edgegate::commands::keys::KeyOutput;
+use edgegate::commands::token::{MintOptions, Signer};
 use edgegate::{Config, RunOptions, commands, telemetry};
 
 #[derive(Parser)]
@@ -28,11 +33,119 @@ enum Command {
     Migrate,
     /// Validate the configuration and reach each configured dependency.
     Check,
+    /// JWT signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Tokens for local testing.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Exit 0 when /healthz answers 200 (for images without curl).
     Healthcheck {
         /// The URL to probe; defaults to this instance on loopback.
         url: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new private JWK (the format Supabase imports) and its public JWKS.
+    #[command(after_help = "\
+Output (stdout only; nothing is logged):
+  line 1  the private JWK, as `supabase gen signing-key` prints it: import it in the
+          dashboard, or put it in a JSON array in supabase/signing_keys.json for the
+          Supabase CLI. It is a secret: keep it out of logs and version control.
+  line 2  the public JWKS {\"keys\":[…]}: what SUPABASE_JWKS accepts.
+--output private or public prints only that line (public alone: the private key is lost).
+
+Examples:
+  edgegate keys generate --alg ES256 > key.txt
+  head -n1 key.txt > private.jwk.json
+  edgegate keys generate --alg EdDSA --output private > private.jwk.json")]
+    Generate {
+        /// The signing algorithm.
+        #[arg(long, value_enum, ignore_case = true)]
+        alg: AlgArg,
+        /// What to print: the private JWK, the public JWKS, or both, one line each.
+        #[arg(long, value_enum, default_value_t = OutputArg::Both)]
+        output: OutputArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a token shaped like Supabase's, signed with a private JWK or the legacy secret.
+    #[command(
+        group(ArgGroup::new("signer").required(true).args(["jwk", "legacy"])),
+        after_help = "\
+Claims:
+  with --sub, or for a role other than anon and service_role: a Supabase Auth access token
+    (iss ${SUPABASE_URL}/auth/v1, else the first of JWT_ISSUERS, else \"supabase\";
+    aud \"authenticated\"; a random UUID sub when --sub is not given)
+  anon or service_role without --sub: a legacy API key,
+    {\"iss\":\"supabase\",\"ref\",\"role\",\"iat\",\"exp\"} (ref from SUPABASE_URL)
+
+Examples:
+  edgegate token mint --role authenticated --sub 8f1c… --jwk private.jwk.json
+  edgegate token mint --role service_role --ttl 15m --legacy
+  edgegate token mint --role authenticated --jwk supabase/signing_keys.json")]
+    Mint {
+        /// The `role` claim: authenticated, anon, service_role or a custom role.
+        #[arg(long)]
+        role: String,
+        /// The `sub` claim (a user id).
+        #[arg(long)]
+        sub: Option<String>,
+        /// Lifetime: 30s, 15m, 1h, 7d or a number of seconds.
+        #[arg(long, default_value = "1h", value_parser = commands::token::parse_ttl)]
+        ttl: Duration,
+        /// A private JWK file: one JWK, {"keys":[…]} or an array (the first key signs).
+        #[arg(long, value_name = "FILE")]
+        jwk: Option<PathBuf>,
+        /// Sign HS256 with the legacy secret, SUPABASE_JWT_SECRET.
+        #[arg(long)]
+        legacy: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AlgArg {
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+}
+
+impl From<AlgArg> for Alg {
+    fn from(alg: AlgArg) -> Self {
+        match alg {
+            AlgArg::Es256 => Alg::ES256,
+            AlgArg::Rs256 => Alg::RS256,
+            AlgArg::EdDsa => Alg::EdDSA,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputArg {
+    Private,
+    Public,
+    Both,
+}
+
+impl From<OutputArg> for KeyOutput {
+    fn from(output: OutputArg) -> Self {
+        match output {
+            OutputArg::Private => KeyOutput::Private,
+            OutputArg::Public => KeyOutput::Public,
+            OutputArg::Both => KeyOutput::Both,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,6 +219,43 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Keys {
+            command: KeysCommand::Generate { alg, output },
+        } => match commands::keys::generate(alg.into(), output.into(), &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("edgegate: cannot generate a key: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Token {
+            command:
+                TokenCommand::Mint {
+                    role,
+                    sub,
+                    ttl,
+                    jwk,
+                    legacy: _,
+                },
+        } => {
+            let options = MintOptions {
+                role,
+                sub,
+                ttl,
+                // clap's "signer" group makes exactly one of --jwk and --legacy present.
+                signer: jwk.map_or(Signer::Legacy, Signer::Jwk),
+            };
+            match commands::token::mint(&config, &options, Clock::system().unix_now()) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("edgegate: cannot mint a token: {err:#}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Healthcheck { url } => {

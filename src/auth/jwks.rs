@@ -62,6 +62,22 @@ pub enum FetchError {
     Document(#[from] JwksDocError),
 }
 
+impl FetchError {
+    /// A transport failure with its causes ("… : tcp connect error: Connection refused"),
+    /// which say more to an operator than reqwest's top-level message alone.
+    fn transport(err: reqwest::Error) -> Self {
+        let err = err.without_url();
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::Transport(message)
+    }
+}
+
 /// What a successful fetch did.
 #[derive(Debug, Clone)]
 pub struct FetchReport {
@@ -425,10 +441,7 @@ impl JwksFetcher {
         if let Some(etag) = &etag {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?;
+        let mut response = request.send().await.map_err(FetchError::transport)?;
         if response.url() != &self.inner.cfg.url {
             return Err(FetchError::Redirected);
         }
@@ -470,11 +483,7 @@ impl JwksFetcher {
             return Err(FetchError::TooLarge);
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| FetchError::Transport(e.without_url().to_string()))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(FetchError::transport)? {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(FetchError::TooLarge);
             }

@@ -420,7 +420,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
     }))
 }
 
-fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
+pub(crate) fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
     while let [0, tail @ ..] = bytes {
         bytes = tail;
     }
@@ -428,7 +428,7 @@ fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
 }
 
 /// Bit length of a minimal big-endian unsigned integer.
-fn modulus_bits(n: &[u8]) -> usize {
+pub(crate) fn modulus_bits(n: &[u8]) -> usize {
     match n.first() {
         Some(first) => n.len() * 8 - first.leading_zeros() as usize,
         None => 0,

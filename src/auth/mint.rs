@@ -1,15 +1,23 @@
 //! Making keys and tokens, for `edgegate keys generate`, `edgegate token mint` and tests.
-//! Tokens are shaped like Supabase Auth's.
+//! Tokens are shaped like Supabase Auth's; private JWKs are shaped like the ones the Supabase
+//! CLI (`supabase gen signing-key`) prints and the dashboard imports.
 
+mod der;
+
+use aws_lc_rs::encoding::{AsBigEndian as _, AsDer as _};
 use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::rsa::{KeyPairComponents, PublicKeyComponents};
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RSA_PKCS1_SHA256,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde_json::{Value, json};
+use secrecy::SecretString;
+use secrecy::zeroize::Zeroizing;
+use serde_json::{Map, Value, json};
 
 use crate::auth::Alg;
+use crate::auth::keys::{kid_is_well_formed, modulus_bits, strip_leading_zeros};
 
 fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
@@ -21,7 +29,7 @@ enum Material {
     Rs256(aws_lc_rs::rsa::KeyPair),
 }
 
-/// A private signing key with its kid.
+/// A private signing key with its kid. `Debug` shows the kid and algorithm only.
 pub struct SigningKey {
     kid: String,
     material: Material,
@@ -35,6 +43,11 @@ impl std::fmt::Debug for SigningKey {
             .finish_non_exhaustive()
     }
 }
+
+/// Why a private JWK could not be loaded. The messages name members, never their values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("private JWK: {0}")]
+pub struct PrivateJwkError(String);
 
 impl SigningKey {
     /// A new key pair with a random UUID kid.
@@ -76,31 +89,197 @@ impl SigningKey {
         }
     }
 
-    /// The public JWK, as Supabase publishes it in its JWKS.
-    pub fn public_jwk(&self) -> Value {
-        let mut jwk = match &self.material {
+    fn kty(&self) -> &'static str {
+        match self.material {
+            Material::Es256(_) => "EC",
+            Material::EdDsa(_) => "OKP",
+            Material::Rs256(_) => "RSA",
+        }
+    }
+
+    /// The members every JWK of this key starts with, in the Supabase CLI's order.
+    fn head(&self, key_ops: &[&str]) -> Vec<(&'static str, Value)> {
+        vec![
+            ("kty", json!(self.kty())),
+            ("kid", json!(self.kid)),
+            ("use", json!("sig")),
+            ("key_ops", json!(key_ops)),
+            ("alg", json!(self.alg().as_str())),
+            ("ext", json!(true)),
+        ]
+    }
+
+    fn public_members(&self) -> Vec<(&'static str, Value)> {
+        match &self.material {
             Material::Es256(key) => {
                 let point = key.public_key().as_ref();
-                json!({"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+                vec![
+                    ("crv", json!("P-256")),
+                    ("x", json!(b64(&point[1..33]))),
+                    ("y", json!(b64(&point[33..65]))),
+                ]
             }
-            Material::EdDsa(key) => {
-                json!({"kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key().as_ref())})
-            }
+            Material::EdDsa(key) => vec![
+                ("crv", json!("Ed25519")),
+                ("x", json!(b64(key.public_key().as_ref()))),
+            ],
             Material::Rs256(key) => {
                 let public = key.public_key();
-                json!({
-                    "kty": "RSA",
-                    "n": b64(public.modulus().big_endian_without_leading_zero()),
-                    "e": b64(public.exponent().big_endian_without_leading_zero()),
-                })
+                vec![
+                    (
+                        "n",
+                        json!(b64(public.modulus().big_endian_without_leading_zero())),
+                    ),
+                    (
+                        "e",
+                        json!(b64(public.exponent().big_endian_without_leading_zero())),
+                    ),
+                ]
             }
+        }
+    }
+
+    /// The public JWK, as Supabase publishes it in its JWKS.
+    pub fn public_jwk(&self) -> Value {
+        Value::Object(
+            self.head(&["verify"])
+                .into_iter()
+                .chain(self.public_members())
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+        )
+    }
+
+    /// The public JWKS holding only this key: `{"keys":[public JWK]}`.
+    pub fn public_jwks(&self) -> Value {
+        json!({ "keys": [self.public_jwk()] })
+    }
+
+    /// The private JWK as one line of JSON, member for member what `supabase gen signing-key`
+    /// prints and the dashboard imports: `kty, kid, use, key_ops ["sign","verify"], alg, ext`,
+    /// then `d, crv, x, y` (EC), `d, crv, x` (OKP) or `n, e, d, p, q, dp, dq, qi` (RSA).
+    /// It is a secret, hence the wrapper.
+    pub fn private_jwk(&self) -> anyhow::Result<SecretString> {
+        let export_failed = |_| anyhow::anyhow!("cannot export the private key");
+        let mut members = self.head(&["sign", "verify"]);
+        match &self.material {
+            Material::Es256(key) => {
+                let d = key.private_key().as_be_bytes().map_err(export_failed)?;
+                anyhow::ensure!(d.as_ref().len() == 32, "P-256 private key is not 32 bytes");
+                members.push(("d", json!(b64(d.as_ref()))));
+                members.extend(self.public_members());
+            }
+            Material::EdDsa(key) => {
+                let seed = key.seed().map_err(export_failed)?;
+                let seed = seed.as_be_bytes().map_err(export_failed)?;
+                members.push(("d", json!(b64(seed.as_ref()))));
+                members.extend(self.public_members());
+            }
+            Material::Rs256(key) => {
+                let pkcs8 = key.as_der().map_err(export_failed)?;
+                let parts = der::rsa_private_key_from_pkcs8(pkcs8.as_ref())?;
+                let public = key.public_key();
+                anyhow::ensure!(
+                    parts.n == public.modulus().big_endian_without_leading_zero()
+                        && parts.e == public.exponent().big_endian_without_leading_zero(),
+                    "the exported RSA key does not match its public key"
+                );
+                members.extend(self.public_members());
+                for (name, value) in [
+                    ("d", parts.d),
+                    ("p", parts.p),
+                    ("q", parts.q),
+                    ("dp", parts.dp),
+                    ("dq", parts.dq),
+                    ("qi", parts.qi),
+                ] {
+                    members.push((name, json!(b64(value))));
+                }
+            }
+        }
+        Ok(SecretString::from(ordered_object(&members)))
+    }
+
+    /// Loads a private JWK (as printed by [`SigningKey::private_jwk`] or the Supabase CLI).
+    /// Errors name the member at fault, never a value.
+    pub fn from_private_jwk(jwk: &Value) -> Result<Self, PrivateJwkError> {
+        let jwk = jwk
+            .as_object()
+            .ok_or(PrivateJwkError::new("not a JSON object"))?;
+        let kty = str_member(jwk, "kty")?.ok_or(PrivateJwkError::new("no kty"))?;
+        let kid = str_member(jwk, "kid")?.ok_or(PrivateJwkError::new(
+            "no kid (tokens name their key by kid)",
+        ))?;
+        if !kid_is_well_formed(kid) {
+            return Err(PrivateJwkError::new(
+                "kid is empty, too long or has control characters",
+            ));
+        }
+        if str_member(jwk, "use")?.is_some_and(|u| u != "sig") {
+            return Err(PrivateJwkError::new("use is not sig"));
+        }
+        if let Some(ops) = jwk.get("key_ops") {
+            let ops = ops
+                .as_array()
+                .ok_or(PrivateJwkError::new("key_ops is not an array"))?;
+            if !ops.iter().any(|op| op.as_str() == Some("sign")) {
+                return Err(PrivateJwkError::new("key_ops lacks sign"));
+            }
+        }
+        let implied = match (kty, str_member(jwk, "crv")?) {
+            ("EC", Some("P-256")) => Alg::ES256,
+            ("OKP", Some("Ed25519")) => Alg::EdDSA,
+            ("RSA", _) => Alg::RS256,
+            ("oct", _) => {
+                return Err(PrivateJwkError::new(
+                    "an oct key is a shared secret, not a signing key (HS256 tokens: --legacy)",
+                ));
+            }
+            ("EC", _) => return Err(PrivateJwkError::new("unsupported curve (ES256 is P-256)")),
+            ("OKP", _) => {
+                return Err(PrivateJwkError::new("unsupported curve (EdDSA is Ed25519)"));
+            }
+            _ => return Err(PrivateJwkError::new("unsupported kty (EC, RSA or OKP)")),
         };
-        jwk["kid"] = json!(self.kid);
-        jwk["alg"] = json!(self.alg().as_str());
-        jwk["use"] = json!("sig");
-        jwk["key_ops"] = json!(["verify"]);
-        jwk["ext"] = json!(true);
-        jwk
+        if let Some(alg) = str_member(jwk, "alg")?
+            && alg != implied.as_str()
+        {
+            return Err(PrivateJwkError::new(
+                "alg is not ES256, RS256 or EdDSA, or does not agree with kty/crv",
+            ));
+        }
+        let material = match implied {
+            Alg::ES256 => {
+                let d = fixed_member(jwk, "d", 32)?;
+                let mut point = Vec::with_capacity(65);
+                point.push(0x04);
+                point.extend_from_slice(&fixed_member(jwk, "x", 32)?);
+                point.extend_from_slice(&fixed_member(jwk, "y", 32)?);
+                Material::Es256(
+                    EcdsaKeyPair::from_private_key_and_public_key(
+                        &ECDSA_P256_SHA256_FIXED_SIGNING,
+                        &d,
+                        &point,
+                    )
+                    .map_err(|_| PrivateJwkError::new("d, x and y are not one P-256 key pair"))?,
+                )
+            }
+            Alg::EdDSA => {
+                let d = fixed_member(jwk, "d", 32)?;
+                let x = fixed_member(jwk, "x", 32)?;
+                Material::EdDsa(
+                    Ed25519KeyPair::from_seed_and_public_key(&d, &x).map_err(|_| {
+                        PrivateJwkError::new("d and x are not one Ed25519 key pair")
+                    })?,
+                )
+            }
+            Alg::RS256 => Material::Rs256(rsa_from_jwk(jwk)?),
+            Alg::HS256 => unreachable!("no kty implies HS256"),
+        };
+        Ok(Self {
+            kid: kid.to_owned(),
+            material,
+        })
     }
 
     fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -129,6 +308,93 @@ impl SigningKey {
         let signature = self.sign(input.as_bytes())?;
         Ok(format!("{input}.{}", b64(&signature)))
     }
+}
+
+impl PrivateJwkError {
+    fn new(reason: &'static str) -> Self {
+        Self(reason.into())
+    }
+}
+
+/// A JSON object with its members in this order (`serde_json` here sorts them).
+fn ordered_object(members: &[(&str, Value)]) -> String {
+    let members: Vec<String> = members
+        .iter()
+        .map(|(name, value)| format!("{}:{value}", Value::from(*name)))
+        .collect();
+    format!("{{{}}}", members.join(","))
+}
+
+fn str_member<'a>(
+    jwk: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, PrivateJwkError> {
+    match jwk.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(PrivateJwkError(format!("{name} is not a string"))),
+    }
+}
+
+/// A base64url member, decoded into memory that is wiped when dropped.
+fn bytes_member(
+    jwk: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Zeroizing<Vec<u8>>, PrivateJwkError> {
+    let text = str_member(jwk, name)?.ok_or_else(|| PrivateJwkError(format!("no {name}")))?;
+    URL_SAFE_NO_PAD
+        .decode(text)
+        .map(Zeroizing::new)
+        .map_err(|_| PrivateJwkError(format!("{name} is not base64url")))
+}
+
+/// A member that must decode to exactly `len` bytes (RFC 7518: EC and OKP members are
+/// full length, leading zeros included).
+fn fixed_member(
+    jwk: &Map<String, Value>,
+    name: &'static str,
+    len: usize,
+) -> Result<Zeroizing<Vec<u8>>, PrivateJwkError> {
+    let bytes = bytes_member(jwk, name)?;
+    if bytes.len() != len {
+        return Err(PrivateJwkError(format!("{name} is not {len} bytes")));
+    }
+    Ok(bytes)
+}
+
+fn rsa_from_jwk(jwk: &Map<String, Value>) -> Result<aws_lc_rs::rsa::KeyPair, PrivateJwkError> {
+    if jwk.contains_key("oth") {
+        return Err(PrivateJwkError::new(
+            "multi-prime RSA keys (oth) are not supported",
+        ));
+    }
+    let n = bytes_member(jwk, "n")?;
+    let e = bytes_member(jwk, "e")?;
+    let (n, e) = (strip_leading_zeros(&n), strip_leading_zeros(&e));
+    if !(2048..=8192).contains(&modulus_bits(n)) {
+        return Err(PrivateJwkError::new(
+            "n is not an RSA modulus of 2048 to 8192 bits",
+        ));
+    }
+    let private = |name| {
+        bytes_member(jwk, name).map_err(|_| {
+            PrivateJwkError::new("an RSA private JWK needs d, p, q, dp, dq and qi, each base64url")
+        })
+    };
+    let (d, p, q) = (private("d")?, private("p")?, private("q")?);
+    let (dp, dq, qi) = (private("dp")?, private("dq")?, private("qi")?);
+    let components = KeyPairComponents {
+        public_key: PublicKeyComponents { n, e },
+        d: d.as_slice(),
+        p: p.as_slice(),
+        q: q.as_slice(),
+        dP: dp.as_slice(),
+        dQ: dq.as_slice(),
+        qInv: qi.as_slice(),
+    };
+    // aws-lc checks the whole key (RSA_check_key), so a wrong d or CRT value fails here.
+    aws_lc_rs::rsa::KeyPair::from_components(&components)
+        .map_err(|_| PrivateJwkError::new("n, e, d, p, q, dp, dq and qi are not one RSA key"))
 }
 
 /// An HS256 token signed with the legacy secret (`header` lets a test add a `kid`).
@@ -171,3 +437,6 @@ pub fn user_claims(issuer: &str, role: &str, sub: &str, now: i64, ttl_secs: i64)
 pub fn api_key_claims(project_ref: &str, role: &str, now: i64, ttl_secs: i64) -> Value {
     json!({"iss": "supabase", "ref": project_ref, "role": role, "iat": now, "exp": now + ttl_secs})
 }
+
+#[cfg(test)]
+mod tests;

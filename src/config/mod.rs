@@ -113,6 +113,27 @@ pub struct JwtConfig {
     pub legacy_revocation_window: Duration,
 }
 
+impl JwtConfig {
+    /// `${SUPABASE_URL}/auth/v1`, the `iss` of the project's Supabase Auth tokens.
+    pub fn auth_issuer(&self) -> Option<String> {
+        self.supabase_url.as_ref().map(auth_issuer)
+    }
+
+    /// The project ref, `<ref>` of `https://<ref>.supabase.co`, when `SUPABASE_URL` is one.
+    pub fn project_ref(&self) -> Option<&str> {
+        let host = self.supabase_url.as_ref()?.host_str()?;
+        let project_ref = host.strip_suffix(".supabase.co")?;
+        (!project_ref.is_empty() && !project_ref.contains('.')).then_some(project_ref)
+    }
+}
+
+fn auth_issuer(supabase_url: &Url) -> String {
+    parse::join_path(supabase_url, "auth/v1")
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 /// The new opaque Supabase API keys, by name.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
@@ -185,15 +206,9 @@ impl Config {
         };
         let issuers = match vars.list("JWT_ISSUERS")? {
             Some(list) => Some(list),
-            None => supabase_url.as_ref().map(|base| {
-                vec![
-                    parse::join_path(base, "auth/v1")
-                        .as_str()
-                        .trim_end_matches('/')
-                        .to_owned(),
-                    "supabase".to_owned(),
-                ]
-            }),
+            None => supabase_url
+                .as_ref()
+                .map(|base| vec![auth_issuer(base), "supabase".to_owned()]),
         };
         let jwks_cache_ttl = vars.seconds("JWKS_CACHE_TTL_SECONDS", 600, 30..=86_400)?;
         let jwks_min_refresh = vars.seconds("JWKS_MIN_REFRESH_SECONDS", 30, 1..=3_600)?;

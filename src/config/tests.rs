@@ -66,6 +66,28 @@ fn supabase_url_derives_issuers_and_jwks_url() {
 }
 
 #[test]
+fn the_auth_issuer_and_project_ref_come_from_supabase_url() {
+    let jwt = config(&[("SUPABASE_URL", "https://abcd.supabase.co/")])
+        .unwrap()
+        .jwt;
+    assert_eq!(
+        jwt.auth_issuer().as_deref(),
+        Some("https://abcd.supabase.co/auth/v1")
+    );
+    assert_eq!(jwt.project_ref(), Some("abcd"));
+
+    let local = config(&[("SUPABASE_URL", "http://127.0.0.1:54321")])
+        .unwrap()
+        .jwt;
+    assert_eq!(
+        local.auth_issuer().as_deref(),
+        Some("http://127.0.0.1:54321/auth/v1")
+    );
+    assert_eq!(local.project_ref(), None);
+    assert_eq!(config(&[]).unwrap().jwt.auth_issuer(), None);
+}
+
+#[test]
 fn explicit_issuers_and_jwks_url_win() {
     let config = config(&[
         ("SUPABASE_URL", "https://abcd.supabase.co"),

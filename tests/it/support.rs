@@ -17,7 +17,7 @@ pub struct TestDb {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
 }
 

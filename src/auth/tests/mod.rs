@@ -5,5 +5,5 @@ mod api_keys;
 mod attacks;
 mod keys_parsing;
 mod rotation;
-mod util;
+pub(super) mod util;
 mod wycheproof;

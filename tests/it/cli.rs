@@ -1,0 +1,465 @@
+//! `edgegate keys generate`, `edgegate token mint` and the credential lines of `edgegate check`,
+//! as an operator runs them, with tokens checked by a running edgegate; and keys made by the
+//! official Supabase CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+
+use edgegate::auth::mint::SigningKey;
+use serde_json::{Value, json};
+
+use crate::process::{edgegate, free_port, output, signal, wait_exit, wait_healthy};
+use crate::support::{JwksHost, in_ci};
+
+const ISSUERS: &str = "https://abcdefghijklmnop.supabase.co/auth/v1,supabase";
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// `keys generate --alg ALG`: the private JWK line and the public JWKS line.
+fn generate(dir: &Path, alg: &str) -> (Value, Value) {
+    let printed = stdout(&output(
+        edgegate(dir, &[]).args(["keys", "generate", "--alg", alg]),
+    ));
+    let lines: Vec<Value> = printed
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{printed}");
+    (lines[0].clone(), lines[1].clone())
+}
+
+/// `token mint` with `args` and `vars`; the token printed.
+fn mint(dir: &Path, vars: &[(&str, &str)], args: &[&str]) -> String {
+    let mut command = edgegate(dir, vars);
+    command.args(["token", "mint"]).args(args);
+    let token = stdout(&output(&mut command));
+    assert_eq!(token.lines().count(), 1, "{token}");
+    token.trim().to_owned()
+}
+
+/// An `edgegate serve` child, stopped (and waited for) when dropped.
+struct Served {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start(vars: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let port_text = port.to_string();
+        let mut vars = vars.to_vec();
+        vars.push(("PORT", &port_text));
+        let child = edgegate(dir.path(), &vars).spawn().unwrap();
+        let served = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+        served
+    }
+
+    async fn jwt_test(&self, token: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{}/functions/v1/jwt-test",
+                self.port
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        signal(&self.child, "TERM");
+        assert_eq!(wait_exit(&mut self.child).await.code(), Some(0));
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // After stop() the child has exited and this is a no-op; after a panic it is not.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn generated_keys_sign_minted_tokens_that_a_running_edgegate_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut published = Vec::new();
+    let mut minted = Vec::new();
+    for alg in ["ES256", "RS256", "EdDSA"] {
+        let (private, jwks) = generate(dir.path(), alg);
+        let kid = private["kid"].as_str().unwrap().to_owned();
+        assert_eq!(private["alg"], alg);
+        assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
+        assert!(jwks["keys"][0].get("d").is_none(), "public JWKS only");
+        published.push(jwks["keys"][0].clone());
+
+        let file = dir.path().join(format!("{alg}.json"));
+        std::fs::write(&file, private.to_string()).unwrap();
+        let file = file.to_str().unwrap();
+        let vars = [("JWT_ISSUERS", ISSUERS)];
+        let user = mint(
+            dir.path(),
+            &vars,
+            &["--role", "authenticated", "--sub", "user-1", "--jwk", file],
+        );
+        let anon = mint(
+            dir.path(),
+            &vars,
+            &["--role", "anon", "--ttl", "15m", "--jwk", file],
+        );
+        minted.push((alg, kid, user, anon));
+    }
+
+    let jwks = json!({ "keys": published }).to_string();
+    let server = Served::start(&[("SUPABASE_JWKS", &jwks), ("JWT_ISSUERS", ISSUERS)]).await;
+    for (alg, kid, user, anon) in minted {
+        let (status, body) = server.jwt_test(&user).await;
+        assert_eq!(status, 200, "{alg}: {body}");
+        assert_eq!(
+            body["key"],
+            json!({"source": "signing_key", "kid": kid, "alg": alg}),
+            "{alg}"
+        );
+        assert_eq!(body["role"], "authenticated");
+        assert_eq!(body["sub"], "user-1");
+        assert_eq!(
+            body["claims"]["iss"],
+            "https://abcdefghijklmnop.supabase.co/auth/v1"
+        );
+
+        let (status, body) = server.jwt_test(&anon).await;
+        assert_eq!(status, 200, "{alg} anon: {body}");
+        assert_eq!(body["role"], "anon");
+        assert_eq!(body["claims"]["iss"], "supabase");
+        let claims = &body["claims"];
+        let ttl = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+        assert_eq!(ttl, 900, "{alg}: --ttl 15m");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_tokens_verify_as_the_legacy_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("SUPABASE_JWT_SECRET", SECRET), ("JWT_ISSUERS", ISSUERS)];
+    let token = mint(
+        dir.path(),
+        &vars,
+        &["--role", "service_role", "--sub", "svc", "--legacy"],
+    );
+    let server = Served::start(&vars).await;
+    let (status, body) = server.jwt_test(&token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["source"], "legacy_secret");
+    assert_eq!(body["key"]["alg"], "HS256");
+    assert_eq!(body["role"], "service_role");
+
+    // Another secret's token is refused: the signature is really checked.
+    let other = mint(
+        dir.path(),
+        &[("SUPABASE_JWT_SECRET", &SECRET.replace("super", "other"))],
+        &["--role", "service_role", "--legacy"],
+    );
+    let (status, body) = server.jwt_test(&other).await;
+    assert_eq!(status, 401, "{body}");
+    server.stop().await;
+}
+
+#[test]
+fn legacy_without_the_secret_exits_non_zero_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        output(edgegate(dir.path(), &[]).args(["token", "mint", "--role", "anon", "--legacy"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no token printed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SUPABASE_JWT_SECRET"), "{stderr}");
+}
+
+#[test]
+fn a_bad_key_file_or_ttl_is_refused_without_echoing_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut private, _) = generate(dir.path(), "ES256");
+    let d = private["d"].as_str().unwrap().to_owned();
+    private["x"] = json!(d);
+    let file = dir.path().join("mismatched.json");
+    std::fs::write(&file, private.to_string()).unwrap();
+    let out = output(
+        edgegate(dir.path(), &[])
+            .args(["token", "mint", "--role", "anon", "--jwk"])
+            .arg(&file),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mismatched.json"), "{stderr}");
+    assert!(stderr.contains("not one P-256 key pair"), "{stderr}");
+    assert!(!stderr.contains(&d), "d leaked: {stderr}");
+
+    let out = output(
+        edgegate(dir.path(), &[])
+            .args(["token", "mint", "--role", "anon", "--legacy", "--ttl", "1w"]),
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
+}
+
+/// Runs `edgegate check` off the async runtime (the fake JWKS host answers on it):
+/// the exit code, stdout and stderr.
+async fn check(vars: Vec<(&'static str, String)>) -> (Option<i32>, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        output(edgegate(dir.path(), &vars).arg("check"))
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn line<'a>(stdout: &'a str, item: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|line| line.get(5..).is_some_and(|rest| rest.starts_with(item)))
+        .unwrap_or_else(|| panic!("no {item} line in:\n{stdout}"))
+}
+
+#[tokio::test]
+async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
+    let es = SigningKey::generate_with_kid(edgegate::auth::Alg::ES256, "es-1").unwrap();
+    let rs = SigningKey::generate_with_kid(edgegate::auth::Alg::RS256, "rs-1").unwrap();
+    let host = JwksHost::start(json!([
+        es.public_jwk(),
+        rs.public_jwk(),
+        {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+    ]))
+    .await;
+    let secret_keys = r#"{"backend":"sb_secret_0123456789abcdefghijklmn"}"#;
+    let vars = |jwks_url: &str| {
+        vec![
+            ("SUPABASE_JWKS_URL", jwks_url.to_owned()),
+            ("SUPABASE_JWT_SECRET", SECRET.to_owned()),
+            ("SUPABASE_SECRET_KEYS", secret_keys.to_owned()),
+        ]
+    };
+    let (code, printed, logged) = check(vars(&host.url)).await;
+    assert_eq!(code, Some(0), "{printed}");
+    assert_eq!(host.hits(), 1);
+    let jwks = line(&printed, "jwks");
+    assert!(jwks.starts_with("ok"), "{jwks}");
+    assert!(jwks.contains(&host.url), "{jwks}");
+    assert!(
+        jwks.contains("2 keys: es-1 (ES256), rs-1 (RS256)"),
+        "{jwks}"
+    );
+    assert!(
+        jwks.contains("dropped 1: hmac (oct key in a fetched JWKS"),
+        "{jwks}"
+    );
+    assert!(
+        line(&printed, "legacy secret").contains("is set"),
+        "{printed}"
+    );
+    assert!(
+        line(&printed, "api keys").contains("secret: backend"),
+        "{printed}"
+    );
+    let everything = format!("{printed}{logged}");
+    assert!(!everything.contains(SECRET), "{everything}");
+    assert!(!everything.contains("sb_secret_0123"), "{everything}");
+
+    // Nothing listening: the JWKS line fails, and so does check.
+    let nowhere = format!(
+        "http://127.0.0.1:{}/auth/v1/.well-known/jwks.json",
+        free_port()
+    );
+    let (code, printed, _) = check(vars(&nowhere)).await;
+    assert_eq!(code, Some(1), "{printed}");
+    let jwks = line(&printed, "jwks");
+    assert!(jwks.starts_with("FAIL"), "{printed}");
+    assert!(
+        jwks.contains("tcp connect error"),
+        "the cause is told: {jwks}"
+    );
+    assert!(
+        line(&printed, "legacy secret").starts_with("ok"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
+    let host = JwksHost::start(json!([{"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}])).await;
+    let only_jwks = || vec![("SUPABASE_JWKS_URL", host.url.clone())];
+    let (code, printed, _) = check(only_jwks()).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(line(&printed, "jwks").starts_with("FAIL"), "{printed}");
+    assert!(
+        line(&printed, "legacy secret").contains("is not set"),
+        "{printed}"
+    );
+
+    host.set_keys(json!([]));
+    let (code, printed, _) = check(only_jwks()).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "an empty set is a project on the legacy secret: {printed}"
+    );
+    assert!(
+        line(&printed, "jwks").contains("no signing keys published yet"),
+        "{printed}"
+    );
+}
+
+/// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
+/// except under `CI=true`, where its absence fails the test.
+fn supabase_cli() -> Option<PathBuf> {
+    let cli =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/node_modules/.bin/supabase");
+    if cli.exists() {
+        return Some(cli);
+    }
+    assert!(
+        !in_ci(),
+        "CI=true and the Supabase CLI is not installed at {}",
+        cli.display()
+    );
+    eprintln!(
+        "SKIPPED: the Supabase CLI is not installed at {}",
+        cli.display()
+    );
+    None
+}
+
+/// The public JWK of a private one, derived without edgegate's code: drop the private members.
+fn public_part(private: &Value) -> Value {
+    let mut public = private.clone();
+    let members = public.as_object_mut().unwrap();
+    for name in ["d", "p", "q", "dp", "dq", "qi"] {
+        members.remove(name);
+    }
+    members.insert("key_ops".to_owned(), json!(["verify"]));
+    public
+}
+
+/// Signs a JWT with Node's crypto (OpenSSL) from a private JWK read on stdin.
+const NODE_SIGN: &str = r#"
+const crypto = require('node:crypto');
+let input = '';
+process.stdin.on('data', (chunk) => (input += chunk)).on('end', () => {
+  const { jwk, claims } = JSON.parse(input);
+  const key = crypto.createPrivateKey({ key: jwk, format: 'jwk' });
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const signed = part({ alg: jwk.alg, kid: jwk.kid, typ: 'JWT' }) + '.' + part(claims);
+  const digest = jwk.alg === 'EdDSA' ? null : 'sha256';
+  const signature = crypto.sign(digest, Buffer.from(signed), { key, dsaEncoding: 'ieee-p1363' });
+  process.stdout.write(signed + '.' + signature.toString('base64url'));
+});
+"#;
+
+fn node_sign(jwk: &Value, claims: &Value) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("node")
+        .args(["-e", NODE_SIGN])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node runs (the Supabase CLI needs it too)");
+    let input = json!({"jwk": jwk, "claims": claims}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "node failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn keys_from_the_supabase_cli_mint_tokens_and_ours_load_in_openssl() {
+    let Some(cli) = supabase_cli() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut published = Vec::new();
+    let mut expected = Vec::new();
+    for alg in ["ES256", "RS256"] {
+        let out = std::process::Command::new(&cli)
+            .args(["gen", "signing-key", "--algorithm", alg])
+            .current_dir(dir.path())
+            .env("DO_NOT_TRACK", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the Supabase CLI");
+        assert!(
+            out.status.success(),
+            "supabase gen signing-key --algorithm {alg} failed"
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let private: Value = serde_json::from_str(printed.trim()).expect("the CLI prints one JWK");
+        SigningKey::from_private_jwk(&private).expect("the CLI's key loads");
+        // The CLI's own file layout: supabase/signing_keys.json is an array of keys.
+        let file = dir.path().join(format!("signing_keys_{alg}.json"));
+        std::fs::write(&file, json!([private]).to_string()).unwrap();
+        let token = mint(
+            dir.path(),
+            &[("JWT_ISSUERS", ISSUERS)],
+            &[
+                "--role",
+                "authenticated",
+                "--sub",
+                "cli-user",
+                "--jwk",
+                file.to_str().unwrap(),
+            ],
+        );
+        published.push(public_part(&private));
+        expected.push((alg, private["kid"].clone(), token));
+    }
+    // And the other way: our private JWKs, loaded by OpenSSL through Node, sign valid tokens.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for alg in ["ES256", "RS256", "EdDSA"] {
+        let (private, jwks) = generate(dir.path(), alg);
+        let claims = json!({"iss": "supabase", "role": "anon", "iat": now, "exp": now + 600});
+        published.push(jwks["keys"][0].clone());
+        expected.push((alg, private["kid"].clone(), node_sign(&private, &claims)));
+    }
+
+    let jwks = json!({ "keys": published }).to_string();
+    let server = Served::start(&[("SUPABASE_JWKS", &jwks), ("JWT_ISSUERS", ISSUERS)]).await;
+    for (alg, kid, token) in expected {
+        let (status, body) = server.jwt_test(&token).await;
+        assert_eq!(status, 200, "{alg}: {body}");
+        assert_eq!(
+            body["key"],
+            json!({"source": "signing_key", "kid": kid, "alg": alg})
+        );
+    }
+    server.stop().await;
+}
