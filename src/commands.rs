@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::store::Store;
+use crate::twilio::client::TwilioApi;
 
 /// `edgegate migrate`: apply pending migrations and report the applied versions.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
@@ -71,7 +72,36 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
         },
     );
+    lines.push(check_twilio(config).await);
     lines
+}
+
+/// Twilio's account endpoint with the configured credentials; the token is never shown.
+async fn check_twilio(config: &Config) -> CheckLine {
+    let http = reqwest::Client::new();
+    let Some(api) = TwilioApi::from_config(&http, &config.twilio) else {
+        return CheckLine {
+            item: "twilio",
+            ok: true,
+            detail: "not configured (send-sms answers 503)".to_owned(),
+        };
+    };
+    let (ok, detail) = match api.fetch_account().await {
+        Ok(account) => (
+            true,
+            format!(
+                "account {} answers; status {}",
+                api.account_sid(),
+                account.status.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        Err(err) => (false, format!("account {}: {err}", api.account_sid())),
+    };
+    CheckLine {
+        item: "twilio",
+        ok,
+        detail,
+    }
 }
 
 /// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.

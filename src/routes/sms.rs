@@ -1,0 +1,51 @@
+//! `send-sms` and `twilio-status`: thin adapters over `twilio::send` and `twilio::status`.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+
+use crate::auth::extract::ServiceRole;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, RawBody};
+use crate::state::AppState;
+use crate::twilio::send::{SendSmsRequest, SmsReceipt, send_sms as send};
+use crate::twilio::status::{Callback, apply_callback};
+
+pub async fn send_sms(
+    State(app): State<AppState>,
+    ServiceRole(principal): ServiceRole,
+    Json(request): Json<SendSmsRequest>,
+) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
+    let result = send(&app.store, &app.config, &app.http, request).await;
+    let (outcome, id) = match &result {
+        Ok(sent) if sent.replayed => ("replayed", Some(sent.receipt.id.as_str())),
+        Ok(sent) => ("sent", Some(sent.receipt.id.as_str())),
+        Err(err) => (err.code(), None),
+    };
+    let mut entry = principal.audit("send_sms", &outcome.to_ascii_lowercase());
+    entry.detail = id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
+    if let Err(err) = app.store.record_audit(&entry).await {
+        // The send already happened (or was refused); the audit gap is logged, not answered.
+        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
+    }
+    result.map(|sent| (StatusCode::ACCEPTED, axum::Json(sent.receipt)))
+}
+
+pub async fn twilio_status(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    RawBody(body): RawBody,
+) -> ApiResult<StatusCode> {
+    let signature = headers
+        .get("x-twilio-signature")
+        .map(|value| value.to_str())
+        .transpose()
+        .map_err(|_| ApiError::InvalidSignature("X-Twilio-Signature is not text".to_owned()))?;
+    let callback = Callback {
+        signature,
+        query: uri.query(),
+        body: &body,
+    };
+    apply_callback(&app.store, &app.config, callback).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

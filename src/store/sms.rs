@@ -1,0 +1,374 @@
+//! SMS rows: a send is reserved (idempotency key and send limits checked, row written) in one
+//! serialized transaction, so the rules hold across every instance on the database; delivery
+//! statuses then only move forward, compared in SQL so concurrent callbacks cannot regress them.
+
+use std::sync::LazyLock;
+
+use anyhow::Context as _;
+
+use super::{Backend, Store};
+use crate::twilio::status::STATUS_RANKS;
+
+/// Postgres advisory lock key that serializes SMS reservations across instances ("edgesms" in
+/// ASCII); distinct from any other lock key of the service.
+const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
+
+const HOUR_MS: i64 = 3_600_000;
+const MINUTE_MS: i64 = 60_000;
+
+const COLUMNS: &str = "id, idempotency_key, to_number, body, status, twilio_sid, error_code, \
+                       error_message, created_at, updated_at";
+
+/// One stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmsMessage {
+    pub id: String,
+    pub idempotency_key: Option<String>,
+    pub to_number: String,
+    pub body: String,
+    pub status: String,
+    pub twilio_sid: Option<String>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+type SmsRow = (
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+impl From<SmsRow> for SmsMessage {
+    fn from(row: SmsRow) -> Self {
+        let (
+            id,
+            idempotency_key,
+            to_number,
+            body,
+            status,
+            twilio_sid,
+            error_code,
+            error_message,
+            created_at_ms,
+            updated_at_ms,
+        ) = row;
+        Self {
+            id,
+            idempotency_key,
+            to_number,
+            body,
+            status,
+            twilio_sid,
+            error_code,
+            error_message,
+            created_at_ms,
+            updated_at_ms,
+        }
+    }
+}
+
+/// A message to reserve before it is handed to Twilio.
+#[derive(Clone, Copy, Debug)]
+pub struct NewSms<'a> {
+    pub id: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub to_number: &'a str,
+    pub body: &'a str,
+    /// The status the row starts with, before Twilio has seen it.
+    pub status: &'a str,
+}
+
+/// The send limits, counted over every row in the database.
+#[derive(Clone, Copy, Debug)]
+pub struct SmsLimits {
+    pub per_recipient_per_hour: u32,
+    pub per_minute: u32,
+}
+
+/// What reserving a send came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// A new row: this caller, and only this one, may send it.
+    Created(SmsMessage),
+    /// The idempotency key was used before; this is its message, which must not be sent again.
+    Existing(SmsMessage),
+    /// A limit is reached; a slot frees in this many milliseconds.
+    Limited { retry_after_ms: i64 },
+}
+
+/// What a delivery status did to the stored message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    Applied,
+    /// The message already has this status or a later one.
+    Stale,
+    /// No message has this SID.
+    UnknownSid,
+}
+
+/// `CASE status WHEN 'queued' THEN 1 … ELSE 0 END`, built from the one rank table. The values are
+/// the table's own constants, never request input.
+static RANK_OF_STATUS_SQL: LazyLock<String> = LazyLock::new(|| {
+    let whens: String = STATUS_RANKS
+        .iter()
+        .map(|(status, rank)| format!(" WHEN '{status}' THEN {rank}"))
+        .collect();
+    format!("CASE status{whens} ELSE 0 END")
+});
+
+/// The reservation's reads and write, the same SQL on both engines. `$tx` must already hold the
+/// backend's serialization (advisory lock or SQLite's write lock).
+macro_rules! reserve_in {
+    ($tx:ident, $new:expr, $limits:expr, $now:expr) => {{
+        let new: NewSms<'_> = $new;
+        let limits: SmsLimits = $limits;
+        let now: i64 = $now;
+        let existing = match new.idempotency_key {
+            Some(key) => {
+                let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
+                sqlx::query_as::<_, SmsRow>(sqlx::AssertSqlSafe(sql))
+                    .bind(key)
+                    .fetch_optional(&mut *$tx)
+                    .await?
+            }
+            None => None,
+        };
+        if let Some(row) = existing {
+            Reservation::Existing(row.into())
+        } else {
+            // The newest `limit` rows in each window: when there are that many, the oldest of them
+            // is the one whose expiry frees a slot.
+            let recipient: Vec<i64> = sqlx::query_scalar(
+                "SELECT created_at FROM sms_messages WHERE to_number = $1 AND created_at > $2 \
+                 ORDER BY created_at DESC LIMIT $3",
+            )
+            .bind(new.to_number)
+            .bind(now - HOUR_MS)
+            .bind(i64::from(limits.per_recipient_per_hour))
+            .fetch_all(&mut *$tx)
+            .await?;
+            let global: Vec<i64> = sqlx::query_scalar(
+                "SELECT created_at FROM sms_messages WHERE created_at > $1 \
+                 ORDER BY created_at DESC LIMIT $2",
+            )
+            .bind(now - MINUTE_MS)
+            .bind(i64::from(limits.per_minute))
+            .fetch_all(&mut *$tx)
+            .await?;
+            let frees_at = [
+                slot_frees_at(&recipient, limits.per_recipient_per_hour, HOUR_MS),
+                slot_frees_at(&global, limits.per_minute, MINUTE_MS),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            match frees_at {
+                Some(at) => Reservation::Limited {
+                    retry_after_ms: (at - now).max(1),
+                },
+                None => {
+                    sqlx::query(
+                        "INSERT INTO sms_messages (id, idempotency_key, to_number, body, status, \
+                         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                    )
+                    .bind(new.id)
+                    .bind(new.idempotency_key)
+                    .bind(new.to_number)
+                    .bind(new.body)
+                    .bind(new.status)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    Reservation::Created(SmsMessage {
+                        id: new.id.to_owned(),
+                        idempotency_key: new.idempotency_key.map(str::to_owned),
+                        to_number: new.to_number.to_owned(),
+                        body: new.body.to_owned(),
+                        status: new.status.to_owned(),
+                        twilio_sid: None,
+                        error_code: None,
+                        error_message: None,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                    })
+                }
+            }
+        }
+    }};
+}
+
+/// When a window holding `newest` (newest first, at most `limit` long) has room again, if full.
+fn slot_frees_at(newest: &[i64], limit: u32, window_ms: i64) -> Option<i64> {
+    let full = newest.len() >= usize::try_from(limit).unwrap_or(usize::MAX);
+    full.then(|| newest.last().map(|oldest| oldest + window_ms))
+        .flatten()
+}
+
+impl Store {
+    /// Checks the idempotency key and the send limits and, when both allow it, writes the row —
+    /// all under one lock shared by every instance, so two instances can neither both send one
+    /// key nor both take the last slot. `now_ms` is the caller's clock.
+    pub async fn reserve_sms(
+        &self,
+        new: NewSms<'_>,
+        limits: SmsLimits,
+        now_ms: i64,
+    ) -> anyhow::Result<Reservation> {
+        let reserved: Result<Reservation, sqlx::Error> = match &self.backend {
+            Backend::Sqlite(pool) => {
+                async {
+                    // sqlx's begin() is DEFERRED: two connections could both count, then both
+                    // write. IMMEDIATE takes the file's write lock before the first read, and
+                    // other processes on the file wait for it (busy timeout).
+                    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                    let reservation = reserve_in!(tx, new, limits, now_ms);
+                    tx.commit().await?;
+                    Ok(reservation)
+                }
+                .await
+            }
+            Backend::Postgres(pool) => {
+                async {
+                    let mut tx = pool.begin().await?;
+                    // Held across the count and the insert; released at commit or rollback.
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(SMS_RESERVATION_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    let reservation = reserve_in!(tx, new, limits, now_ms);
+                    tx.commit().await?;
+                    Ok(reservation)
+                }
+                .await
+            }
+        };
+        reserved.context("reserving the SMS")
+    }
+
+    /// Records Twilio's answer to the send: its SID and the status it gave.
+    pub async fn sms_accepted_by_twilio(
+        &self,
+        id: &str,
+        twilio_sid: &str,
+        status: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let sql = "UPDATE sms_messages SET twilio_sid = $1, status = $2, updated_at = $3 \
+                   WHERE id = $4";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(twilio_sid)
+            .bind(status)
+            .bind(now_ms)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("recording Twilio's SID")
+    }
+
+    /// Records that the send failed (`failed`) or could not be confirmed (`unknown`), and why.
+    pub async fn sms_not_sent(
+        &self,
+        id: &str,
+        status: &str,
+        error_code: Option<i64>,
+        error_message: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let sql = "UPDATE sms_messages SET status = $1, error_code = $2, error_message = $3, \
+                   updated_at = $4 WHERE id = $5";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(status)
+            .bind(error_code)
+            .bind(error_message)
+            .bind(now_ms)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("recording the failed SMS")
+    }
+
+    /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
+    /// current one (`rank` is `status`'s place in `STATUS_RANKS`). One statement, so two
+    /// callbacks racing cannot leave the earlier status last.
+    pub async fn apply_sms_status(
+        &self,
+        twilio_sid: &str,
+        status: &str,
+        rank: i64,
+        error_code: Option<i64>,
+        now_ms: i64,
+    ) -> anyhow::Result<StatusChange> {
+        let update = format!(
+            "UPDATE sms_messages SET status = $1, error_code = COALESCE($2, error_code), \
+             updated_at = $3 WHERE twilio_sid = $4 AND {} < $5",
+            *RANK_OF_STATUS_SQL
+        );
+        let changed = with_pool!(self, |pool| sqlx::query(sqlx::AssertSqlSafe(update))
+            .bind(status)
+            .bind(error_code)
+            .bind(now_ms)
+            .bind(twilio_sid)
+            .bind(rank)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .context("updating the SMS status")?;
+        if changed > 0 {
+            return Ok(StatusChange::Applied);
+        }
+        let known: Option<i32> = with_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT 1 FROM sms_messages WHERE twilio_sid = $1")
+                .bind(twilio_sid)
+                .fetch_optional(pool)
+                .await
+        })
+        .context("reading the SMS")?;
+        Ok(if known.is_some() {
+            StatusChange::Stale
+        } else {
+            StatusChange::UnknownSid
+        })
+    }
+
+    pub async fn sms_message(&self, id: &str) -> anyhow::Result<Option<SmsMessage>> {
+        let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE id = $1");
+        let row: Option<SmsRow> = with_pool!(self, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+        })
+        .context("reading the SMS")?;
+        Ok(row.map(SmsMessage::from))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_is_full_only_at_its_limit_and_frees_when_its_oldest_counted_row_expires() {
+        assert_eq!(slot_frees_at(&[30, 20], 3, 100), None);
+        assert_eq!(slot_frees_at(&[30, 20, 10], 3, 100), Some(110));
+        assert_eq!(slot_frees_at(&[], 0, 100), None);
+    }
+
+    #[test]
+    fn the_rank_case_names_every_status() {
+        for (status, rank) in STATUS_RANKS {
+            assert!(RANK_OF_STATUS_SQL.contains(&format!("WHEN '{status}' THEN {rank}")));
+        }
+    }
+}
