@@ -117,12 +117,34 @@ fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> ApiResult<V
     })
 }
 
+/// How a send ended, and the stored message it concerned, if it got that far (for the audit).
+#[derive(Debug)]
+pub struct SendAttempt {
+    pub message_id: Option<String>,
+    pub outcome: ApiResult<Sent>,
+}
+
 /// Sends `request` unless its idempotency key was seen before or a limit is reached.
 pub async fn send_sms(
     store: &Store,
     config: &Config,
     http: &reqwest::Client,
     request: SendSmsRequest,
+) -> SendAttempt {
+    let mut message_id = None;
+    let outcome = send_once(store, config, http, request, &mut message_id).await;
+    SendAttempt {
+        message_id,
+        outcome,
+    }
+}
+
+async fn send_once(
+    store: &Store,
+    config: &Config,
+    http: &reqwest::Client,
+    request: SendSmsRequest,
+    message_id: &mut Option<String>,
 ) -> ApiResult<Sent> {
     let api =
         TwilioApi::from_config(http, &config.twilio).ok_or(ApiError::NotConfigured("Twilio"))?;
@@ -148,6 +170,7 @@ pub async fn send_sms(
     let message = match store.reserve_sms(new, limits, now_ms()).await? {
         Reservation::Created(message) => message,
         Reservation::Existing(message) => {
+            *message_id = Some(message.id.clone());
             if message.to_number != valid.to || message.body != valid.body {
                 return Err(ApiError::Conflict(
                     "idempotency_key was already used for a different message".to_owned(),
@@ -167,6 +190,7 @@ pub async fn send_sms(
         }
     };
 
+    *message_id = Some(message.id.clone());
     let callback = config.public_url.as_ref().map(super::status_callback_url);
     let mut form: Vec<(&str, &str)> = vec![("To", &valid.to), ("Body", &valid.body)];
     form.push(match sender {
