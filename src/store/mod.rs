@@ -25,7 +25,7 @@ mod postgres;
 mod sms;
 mod sqlite;
 
-pub use sms::{NewSms, Reservation, SmsLimits, SmsMessage, StatusChange};
+pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 
 #[derive(Clone, Debug)]
 enum Backend {

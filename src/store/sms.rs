@@ -20,7 +20,7 @@ const COLUMNS: &str = "id, idempotency_key, to_number, body, status, twilio_sid,
                        error_message, created_at, updated_at";
 
 /// One stored message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct SmsMessage {
     pub id: String,
     pub idempotency_key: Option<String>,
@@ -30,50 +30,10 @@ pub struct SmsMessage {
     pub twilio_sid: Option<String>,
     pub error_code: Option<i64>,
     pub error_message: Option<String>,
+    #[sqlx(rename = "created_at")]
     pub created_at_ms: i64,
+    #[sqlx(rename = "updated_at")]
     pub updated_at_ms: i64,
-}
-
-type SmsRow = (
-    String,
-    Option<String>,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    i64,
-    i64,
-);
-
-impl From<SmsRow> for SmsMessage {
-    fn from(row: SmsRow) -> Self {
-        let (
-            id,
-            idempotency_key,
-            to_number,
-            body,
-            status,
-            twilio_sid,
-            error_code,
-            error_message,
-            created_at_ms,
-            updated_at_ms,
-        ) = row;
-        Self {
-            id,
-            idempotency_key,
-            to_number,
-            body,
-            status,
-            twilio_sid,
-            error_code,
-            error_message,
-            created_at_ms,
-            updated_at_ms,
-        }
-    }
 }
 
 /// A message to reserve before it is handed to Twilio.
@@ -85,6 +45,15 @@ pub struct NewSms<'a> {
     pub body: &'a str,
     /// The status the row starts with, before Twilio has seen it.
     pub status: &'a str,
+}
+
+/// What the call to Twilio came to, for the row reserved before it.
+#[derive(Clone, Copy, Debug)]
+pub struct SendResult<'a> {
+    pub status: &'a str,
+    pub twilio_sid: Option<&'a str>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<&'a str>,
 }
 
 /// The send limits, counted over every row in the database.
@@ -135,15 +104,15 @@ macro_rules! reserve_in {
         let existing = match new.idempotency_key {
             Some(key) => {
                 let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
-                sqlx::query_as::<_, SmsRow>(sqlx::AssertSqlSafe(sql))
+                sqlx::query_as::<_, SmsMessage>(sqlx::AssertSqlSafe(sql))
                     .bind(key)
                     .fetch_optional(&mut *$tx)
                     .await?
             }
             None => None,
         };
-        if let Some(row) = existing {
-            Reservation::Existing(row.into())
+        if let Some(message) = existing {
+            Reservation::Existing(message)
         } else {
             // The newest `limit` rows in each window: when there are that many, the oldest of them
             // is the one whose expiry frees a slot.
@@ -254,48 +223,27 @@ impl Store {
         reserved.context("reserving the SMS")
     }
 
-    /// Records Twilio's answer to the send: its SID and the status it gave.
-    pub async fn sms_accepted_by_twilio(
+    /// Records what handing the message to Twilio came to: its SID and status, or why it was
+    /// not sent.
+    pub async fn record_sms_send(
         &self,
         id: &str,
-        twilio_sid: &str,
-        status: &str,
+        result: SendResult<'_>,
         now_ms: i64,
     ) -> anyhow::Result<()> {
-        let sql = "UPDATE sms_messages SET twilio_sid = $1, status = $2, updated_at = $3 \
-                   WHERE id = $4";
+        let sql = "UPDATE sms_messages SET status = $1, twilio_sid = $2, error_code = $3, \
+                   error_message = $4, updated_at = $5 WHERE id = $6";
         with_pool!(self, |pool| sqlx::query(sql)
-            .bind(twilio_sid)
-            .bind(status)
+            .bind(result.status)
+            .bind(result.twilio_sid)
+            .bind(result.error_code)
+            .bind(result.error_message)
             .bind(now_ms)
             .bind(id)
             .execute(pool)
             .await
             .map(|_| ()))
-        .context("recording Twilio's SID")
-    }
-
-    /// Records that the send failed (`failed`) or could not be confirmed (`unknown`), and why.
-    pub async fn sms_not_sent(
-        &self,
-        id: &str,
-        status: &str,
-        error_code: Option<i64>,
-        error_message: &str,
-        now_ms: i64,
-    ) -> anyhow::Result<()> {
-        let sql = "UPDATE sms_messages SET status = $1, error_code = $2, error_message = $3, \
-                   updated_at = $4 WHERE id = $5";
-        with_pool!(self, |pool| sqlx::query(sql)
-            .bind(status)
-            .bind(error_code)
-            .bind(error_message)
-            .bind(now_ms)
-            .bind(id)
-            .execute(pool)
-            .await
-            .map(|_| ()))
-        .context("recording the failed SMS")
+        .context("recording the SMS send")
     }
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
@@ -343,14 +291,14 @@ impl Store {
 
     pub async fn sms_message(&self, id: &str) -> anyhow::Result<Option<SmsMessage>> {
         let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE id = $1");
-        let row: Option<SmsRow> = with_pool!(self, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let message = with_pool!(self, |pool| {
+            sqlx::query_as::<_, SmsMessage>(sqlx::AssertSqlSafe(sql))
                 .bind(id)
                 .fetch_optional(pool)
                 .await
         })
         .context("reading the SMS")?;
-        Ok(row.map(SmsMessage::from))
+        Ok(message)
     }
 }
 

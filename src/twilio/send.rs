@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::client::{CallError, MessageResource, TwilioApi, TwilioErrorBody};
 use crate::config::{Config, SmsSender, is_e164};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{NewSms, Reservation, SmsLimits, SmsMessage, Store, now_ms};
+use crate::store::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, now_ms};
 
 /// The longest body Twilio takes.
 pub const MAX_BODY_CHARS: usize = 1_600;
@@ -203,10 +203,13 @@ async fn send_once(
 
     match create_with_retries(&api, &form, config.twilio.retry_base_delay).await {
         Ok(created) => {
-            if let Err(err) = store
-                .sms_accepted_by_twilio(&message.id, &created.sid, &created.status, now_ms())
-                .await
-            {
+            let result = SendResult {
+                status: &created.status,
+                twilio_sid: Some(&created.sid),
+                error_code: None,
+                error_message: None,
+            };
+            if let Err(err) = store.record_sms_send(&message.id, result, now_ms()).await {
                 // The text is on its way; failing the request now would invite a resend.
                 tracing::error!(id = %message.id, sid = %created.sid, error = format!("{err:#}"),
                     "SMS sent but its SID was not stored");
@@ -286,10 +289,13 @@ async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
         ),
     };
     tracing::warn!(id, status, error = %detail, "SMS not sent");
-    if let Err(store_err) = store
-        .sms_not_sent(id, status, code, &detail, now_ms())
-        .await
-    {
+    let result = SendResult {
+        status,
+        twilio_sid: None,
+        error_code: code,
+        error_message: Some(&detail),
+    };
+    if let Err(store_err) = store.record_sms_send(id, result, now_ms()).await {
         tracing::error!(
             id,
             error = format!("{store_err:#}"),

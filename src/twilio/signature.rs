@@ -130,25 +130,20 @@ mod tests {
     #[test]
     fn accepts_the_url_with_or_without_the_default_port() {
         let params = params(&[("MessageSid", "SM1"), ("MessageStatus", "sent")]);
-        let with_port = compute(b"t", "https://edge.example.com:443/cb", &params);
-        assert!(is_valid(
-            b"t",
-            "https://edge.example.com/cb",
-            &params,
-            &with_port
-        ));
-        let without = compute(b"t", "https://edge.example.com/cb", &params);
-        assert!(is_valid(
-            b"t",
-            "https://edge.example.com/cb",
-            &params,
-            &without
-        ));
-        assert!(!is_valid(
-            b"t",
-            "https://edge.example.com/other",
-            &params,
-            &without
-        ));
+        let ours = "https://edge.example.com/cb";
+        let cases = [
+            ("https://edge.example.com:443/cb", true),
+            ("https://edge.example.com/cb", true),
+            ("https://edge.example.com/other", false),
+            ("http://edge.example.com/cb", false),
+        ];
+        for (signed_url, accepted) in cases {
+            let signature = compute(b"t", signed_url, &params);
+            assert_eq!(
+                is_valid(b"t", ours, &params, &signature),
+                accepted,
+                "{signed_url}"
+            );
+        }
     }
 }
