@@ -9,7 +9,7 @@ use edgegate::twilio::signature;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::fake_twilio::{FakeTwilio, Reply};
+use crate::fake_twilio::{ClosingTwilio, FakeTwilio, Reply};
 use crate::support::{TestDb, TestServer, serve_app};
 use crate::test_db;
 
@@ -432,6 +432,22 @@ async fn sms_a_timeout_after_sending_is_never_retried() {
     let answer = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
     assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
     assert_eq!(fake.requests().len(), 2);
+    assert_eq!(only_message_status(&app).await.0, "unknown");
+}
+
+#[tokio::test]
+async fn sms_a_connection_closed_after_the_request_was_written_is_never_retried() {
+    let db = test_db!();
+    let closing = ClosingTwilio::start().await;
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(&db, Some(&fake), &[("TWILIO_API_BASE", &closing.base)]).await;
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    assert_eq!(
+        closing.connections(),
+        1,
+        "a delivered request was sent again"
+    );
     assert_eq!(only_message_status(&app).await.0, "unknown");
 }
 
