@@ -192,16 +192,38 @@ async fn send_once(
 
     *message_id = Some(message.id.clone());
     let callback = config.public_url.as_ref().map(super::status_callback_url);
-    let mut form: Vec<(&str, &str)> = vec![("To", &valid.to), ("Body", &valid.body)];
+    let mut form: Vec<(&'static str, String)> = vec![("To", valid.to), ("Body", valid.body)];
     form.push(match sender {
-        SmsSender::From(number) => ("From", number.as_str()),
-        SmsSender::MessagingService(sid) => ("MessagingServiceSid", sid.as_str()),
+        SmsSender::From(number) => ("From", number.clone()),
+        SmsSender::MessagingService(sid) => ("MessagingServiceSid", sid.clone()),
     });
-    if let Some(callback) = &callback {
+    if let Some(callback) = callback {
         form.push(("StatusCallback", callback));
     }
+    // In its own task, so a caller who hangs up (which drops this future) cannot stop the result
+    // being recorded once Twilio may have the message.
+    let delivery = tokio::spawn(deliver(
+        store.clone(),
+        api,
+        form,
+        message.id,
+        config.twilio.retry_base_delay,
+    ));
+    delivery
+        .await
+        .map_err(|err| ApiError::Internal(anyhow::anyhow!("the SMS delivery task failed: {err}")))?
+}
 
-    match create_with_retries(&api, &form, config.twilio.retry_base_delay).await {
+/// Hands the reserved message `id` to Twilio and records what came of it.
+async fn deliver(
+    store: Store,
+    api: TwilioApi,
+    form: Vec<(&'static str, String)>,
+    id: String,
+    retry_base_delay: Duration,
+) -> ApiResult<Sent> {
+    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match create_with_retries(&api, &form, retry_base_delay).await {
         Ok(created) => {
             let result = SendResult {
                 status: &created.status,
@@ -209,21 +231,21 @@ async fn send_once(
                 error_code: None,
                 error_message: None,
             };
-            if let Err(err) = store.record_sms_send(&message.id, result, now_ms()).await {
+            if let Err(err) = store.record_sms_send(&id, result, now_ms()).await {
                 // The text is on its way; failing the request now would invite a resend.
-                tracing::error!(id = %message.id, sid = %created.sid, error = format!("{err:#}"),
+                tracing::error!(%id, sid = %created.sid, error = format!("{err:#}"),
                     "SMS sent but its SID was not stored");
             }
             Ok(Sent {
                 receipt: SmsReceipt {
-                    id: message.id,
+                    id,
                     sid: Some(created.sid),
                     status: created.status,
                 },
                 replayed: false,
             })
         }
-        Err(err) => Err(record_failure(store, &message.id, err).await),
+        Err(err) => Err(record_failure(&store, &id, err).await),
     }
 }
 

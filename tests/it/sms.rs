@@ -283,6 +283,38 @@ async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently()
 }
 
 #[tokio::test]
+async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(&db, Some(&fake), &[]).await;
+    fake.set_latency(Duration::from_millis(300));
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "hang-up"});
+    let impatient = app
+        .server
+        .client
+        .post(app.server.url("/functions/v1/send-sms"))
+        .header("apikey", SECRET_KEY)
+        .json(&message)
+        .timeout(Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the caller was meant to give up first");
+
+    // The caller retries with the same key until the first send's outcome is recorded.
+    let mut replay = send(&app, message.clone()).await;
+    for _ in 0..100 {
+        if replay.body["sid"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        replay = send(&app, message.clone()).await;
+    }
+    assert_eq!(replay.status, 202, "{}", replay.body);
+    assert_eq!(replay.body["status"], "queued", "{}", replay.body);
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
 async fn sms_per_recipient_limit_holds_across_instances_with_retry_after() {
     let db = test_db!();
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
