@@ -734,3 +734,72 @@ async fn sms_check_reaches_the_twilio_account_without_printing_the_token() {
         assert!(!line.detail.contains(wrong_token) && !line.detail.contains(TOKEN));
     }
 }
+
+#[tokio::test]
+async fn sms_store_windows_slide_with_the_injected_clock() {
+    use edgegate::store::{NewSms, Reservation, SmsLimits};
+    let db = test_db!();
+    let store = db.store().await;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 2,
+        per_minute: 3,
+    };
+    let hour = 3_600_000;
+    let reserve = |id: &'static str, to: &'static str, at: i64| {
+        let store = store.clone();
+        async move {
+            let new = NewSms {
+                id,
+                idempotency_key: None,
+                to_number: to,
+                body: "hi",
+                status: "accepted",
+            };
+            store.reserve_sms(new, limits, at).await.unwrap()
+        }
+    };
+    let t0 = 1_000_000_000;
+    assert!(matches!(
+        reserve("a", "+12025550101", t0).await,
+        Reservation::Created(_)
+    ));
+    assert!(matches!(
+        reserve("b", "+12025550101", t0 + 1_000).await,
+        Reservation::Created(_)
+    ));
+    // Full for this recipient until the oldest of its two rows is an hour old.
+    assert_eq!(
+        reserve("c", "+12025550101", t0 + 2_000).await,
+        Reservation::Limited {
+            retry_after_ms: hour - 2_000
+        }
+    );
+    assert_eq!(
+        reserve("c", "+12025550101", t0 + hour - 1).await,
+        Reservation::Limited { retry_after_ms: 1 }
+    );
+    assert!(matches!(
+        reserve("c", "+12025550101", t0 + hour).await,
+        Reservation::Created(_)
+    ));
+
+    // Globally: three in a minute, whoever they go to.
+    let t1 = t0 + 10 * hour;
+    for (id, to) in [
+        ("d", "+12025550102"),
+        ("e", "+12025550103"),
+        ("f", "+12025550104"),
+    ] {
+        assert!(matches!(reserve(id, to, t1).await, Reservation::Created(_)));
+    }
+    assert_eq!(
+        reserve("g", "+12025550105", t1 + 59_000).await,
+        Reservation::Limited {
+            retry_after_ms: 1_000
+        }
+    );
+    assert!(matches!(
+        reserve("g", "+12025550105", t1 + 60_000).await,
+        Reservation::Created(_)
+    ));
+}
