@@ -15,23 +15,16 @@ pub async fn send_sms(
     ServiceRole(principal): ServiceRole,
     Json(request): Json<SendSmsRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
-    let attempt = send(&app.store, &app.config, &app.http, request).await;
-    let outcome = match &attempt.outcome {
-        Ok(sent) if sent.replayed => "replayed",
-        Ok(_) => "sent",
-        Err(err) => err.code(),
-    };
-    let mut entry = principal.audit("send_sms", &outcome.to_ascii_lowercase());
-    entry.detail = attempt
-        .message_id
-        .map(|id| serde_json::json!({ "sms_id": id }).to_string());
-    if let Err(err) = app.store.record_audit(&entry).await {
-        // The send already happened (or was refused); the audit gap is logged, not answered.
-        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
-    }
-    attempt
-        .outcome
-        .map(|sent| (StatusCode::ACCEPTED, axum::Json(sent.receipt)))
+    let audit = principal.audit("send_sms", "pending");
+    let sent = send(
+        app.store.clone(),
+        app.config.clone(),
+        app.http.clone(),
+        request,
+        audit,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(sent.receipt)))
 }
 
 pub async fn twilio_status(

@@ -100,7 +100,8 @@ macro_rules! reserve_in {
     ($tx:ident, $new:expr, $limits:expr, $now:expr) => {{
         let new: NewSms<'_> = $new;
         let limits: SmsLimits = $limits;
-        let now: i64 = $now;
+        // Read once the lock is held, so rows are stamped in the order they were admitted.
+        let now: i64 = $now();
         let existing = match new.idempotency_key {
             Some(key) => {
                 let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
@@ -133,17 +134,15 @@ macro_rules! reserve_in {
             .bind(i64::from(limits.per_minute))
             .fetch_all(&mut *$tx)
             .await?;
-            let frees_at = [
-                slot_frees_at(&recipient, limits.per_recipient_per_hour, HOUR_MS),
-                slot_frees_at(&global, limits.per_minute, MINUTE_MS),
+            let wait = [
+                wait_for_slot(&recipient, limits.per_recipient_per_hour, HOUR_MS, now),
+                wait_for_slot(&global, limits.per_minute, MINUTE_MS, now),
             ]
             .into_iter()
             .flatten()
             .max();
-            match frees_at {
-                Some(at) => Reservation::Limited {
-                    retry_after_ms: (at - now).max(1),
-                },
+            match wait {
+                Some(retry_after_ms) => Reservation::Limited { retry_after_ms },
                 None => {
                     sqlx::query(
                         "INSERT INTO sms_messages (id, idempotency_key, to_number, body, status, \
@@ -175,22 +174,24 @@ macro_rules! reserve_in {
     }};
 }
 
-/// When a window holding `newest` (newest first, at most `limit` long) has room again, if full.
-fn slot_frees_at(newest: &[i64], limit: u32, window_ms: i64) -> Option<i64> {
+/// How long until a window holding `newest` (newest first, at most `limit` long) has room, if
+/// it is full. Bounded by the window, as another machine's clock may run ahead of ours.
+fn wait_for_slot(newest: &[i64], limit: u32, window_ms: i64, now: i64) -> Option<i64> {
     let full = newest.len() >= usize::try_from(limit).unwrap_or(usize::MAX);
-    full.then(|| newest.last().map(|oldest| oldest + window_ms))
+    full.then(|| newest.last())
         .flatten()
+        .map(|oldest| (oldest + window_ms - now).clamp(1, window_ms))
 }
 
 impl Store {
     /// Checks the idempotency key and the send limits and, when both allow it, writes the row —
     /// all under one lock shared by every instance, so two instances can neither both send one
-    /// key nor both take the last slot. `now_ms` is the caller's clock.
+    /// key nor both take the last slot. `clock` (epoch milliseconds) is read under the lock.
     pub async fn reserve_sms(
         &self,
         new: NewSms<'_>,
         limits: SmsLimits,
-        now_ms: i64,
+        clock: impl Fn() -> i64,
     ) -> anyhow::Result<Reservation> {
         let reserved: Result<Reservation, sqlx::Error> = match &self.backend {
             Backend::Sqlite(pool) => {
@@ -199,7 +200,7 @@ impl Store {
                     // write. IMMEDIATE takes the file's write lock before the first read, and
                     // other processes on the file wait for it (busy timeout).
                     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                    let reservation = reserve_in!(tx, new, limits, now_ms);
+                    let reservation = reserve_in!(tx, new, limits, clock);
                     tx.commit().await?;
                     Ok(reservation)
                 }
@@ -213,7 +214,7 @@ impl Store {
                         .bind(SMS_RESERVATION_LOCK)
                         .execute(&mut *tx)
                         .await?;
-                    let reservation = reserve_in!(tx, new, limits, now_ms);
+                    let reservation = reserve_in!(tx, new, limits, clock);
                     tx.commit().await?;
                     Ok(reservation)
                 }
@@ -308,9 +309,12 @@ mod tests {
 
     #[test]
     fn a_window_is_full_only_at_its_limit_and_frees_when_its_oldest_counted_row_expires() {
-        assert_eq!(slot_frees_at(&[30, 20], 3, 100), None);
-        assert_eq!(slot_frees_at(&[30, 20, 10], 3, 100), Some(110));
-        assert_eq!(slot_frees_at(&[], 0, 100), None);
+        assert_eq!(wait_for_slot(&[30, 20], 3, 100, 40), None);
+        assert_eq!(wait_for_slot(&[30, 20, 10], 3, 100, 40), Some(70));
+        assert_eq!(wait_for_slot(&[30, 20, 10], 3, 100, 110), Some(1));
+        // A row stamped ahead of our clock never asks for more than the window.
+        assert_eq!(wait_for_slot(&[90, 80, 70], 3, 100, 40), Some(100));
+        assert_eq!(wait_for_slot(&[], 0, 100, 40), None);
     }
 
     #[test]

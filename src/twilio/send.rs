@@ -1,6 +1,7 @@
 //! Sending one SMS: validate, reserve the row under the shared limits (idempotency included),
 //! call Twilio, record its answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -8,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::client::{CallError, MessageResource, TwilioApi, TwilioErrorBody};
 use crate::config::{Config, SmsSender, is_e164};
 use crate::error::{ApiError, ApiResult};
-use crate::store::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, now_ms};
+use crate::store::{
+    AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, now_ms,
+};
 
 /// The longest body Twilio takes.
 pub const MAX_BODY_CHARS: usize = 1_600;
@@ -117,25 +120,43 @@ fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> ApiResult<V
     })
 }
 
-/// How a send ended, and the stored message it concerned, if it got that far (for the audit).
-#[derive(Debug)]
-pub struct SendAttempt {
-    pub message_id: Option<String>,
-    pub outcome: ApiResult<Sent>,
+/// Sends `request` unless its idempotency key was seen before or a limit is reached, and
+/// records `audit` (the caller's entry for this action) with the outcome.
+///
+/// The work runs in its own task: a caller who hangs up drops this future, and must not leave a
+/// reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the audit row unwritten.
+pub async fn send_sms(
+    store: Store,
+    config: Arc<Config>,
+    http: reqwest::Client,
+    request: SendSmsRequest,
+    audit: AuditEntry,
+) -> ApiResult<Sent> {
+    let task = tokio::spawn(async move {
+        let mut message_id = None;
+        let outcome = send_once(&store, &config, &http, request, &mut message_id).await;
+        record_audit(&store, audit, &outcome, message_id).await;
+        outcome
+    });
+    task.await
+        .map_err(|err| ApiError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
 }
 
-/// Sends `request` unless its idempotency key was seen before or a limit is reached.
-pub async fn send_sms(
+async fn record_audit(
     store: &Store,
-    config: &Config,
-    http: &reqwest::Client,
-    request: SendSmsRequest,
-) -> SendAttempt {
-    let mut message_id = None;
-    let outcome = send_once(store, config, http, request, &mut message_id).await;
-    SendAttempt {
-        message_id,
-        outcome,
+    mut entry: AuditEntry,
+    outcome: &ApiResult<Sent>,
+    message_id: Option<String>,
+) {
+    entry.outcome = match outcome {
+        Ok(sent) if sent.replayed => "replayed".to_owned(),
+        Ok(_) => "sent".to_owned(),
+        Err(err) => err.code().to_ascii_lowercase(),
+    };
+    entry.detail = message_id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
+    if let Err(err) = store.record_audit(&entry).await {
+        // The send already happened (or was refused); the gap is logged, not answered.
+        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
     }
 }
 
@@ -167,7 +188,7 @@ async fn send_once(
         body: &valid.body,
         status: STATUS_ACCEPTED,
     };
-    let message = match store.reserve_sms(new, limits, now_ms()).await? {
+    let message = match store.reserve_sms(new, limits, now_ms).await? {
         Reservation::Created(message) => message,
         Reservation::Existing(message) => {
             *message_id = Some(message.id.clone());
@@ -192,38 +213,33 @@ async fn send_once(
 
     *message_id = Some(message.id.clone());
     let callback = config.public_url.as_ref().map(super::status_callback_url);
-    let mut form: Vec<(&'static str, String)> = vec![("To", valid.to), ("Body", valid.body)];
+    let mut form: Vec<(&str, &str)> = vec![("To", &valid.to), ("Body", &valid.body)];
     form.push(match sender {
-        SmsSender::From(number) => ("From", number.clone()),
-        SmsSender::MessagingService(sid) => ("MessagingServiceSid", sid.clone()),
+        SmsSender::From(number) => ("From", number),
+        SmsSender::MessagingService(sid) => ("MessagingServiceSid", sid),
     });
-    if let Some(callback) = callback {
+    if let Some(callback) = &callback {
         form.push(("StatusCallback", callback));
     }
-    // In its own task, so a caller who hangs up (which drops this future) cannot stop the result
-    // being recorded once Twilio may have the message.
-    let delivery = tokio::spawn(deliver(
-        store.clone(),
-        api,
-        form,
-        message.id,
+    deliver(
+        store,
+        &api,
+        &form,
+        &message.id,
         config.twilio.retry_base_delay,
-    ));
-    delivery
-        .await
-        .map_err(|err| ApiError::Internal(anyhow::anyhow!("the SMS delivery task failed: {err}")))?
+    )
+    .await
 }
 
 /// Hands the reserved message `id` to Twilio and records what came of it.
 async fn deliver(
-    store: Store,
-    api: TwilioApi,
-    form: Vec<(&'static str, String)>,
-    id: String,
+    store: &Store,
+    api: &TwilioApi,
+    form: &[(&str, &str)],
+    id: &str,
     retry_base_delay: Duration,
 ) -> ApiResult<Sent> {
-    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    match create_with_retries(&api, &form, retry_base_delay).await {
+    match create_with_retries(api, form, retry_base_delay).await {
         Ok(created) => {
             let result = SendResult {
                 status: &created.status,
@@ -231,21 +247,21 @@ async fn deliver(
                 error_code: None,
                 error_message: None,
             };
-            if let Err(err) = store.record_sms_send(&id, result, now_ms()).await {
+            if let Err(err) = store.record_sms_send(id, result, now_ms()).await {
                 // The text is on its way; failing the request now would invite a resend.
                 tracing::error!(%id, sid = %created.sid, error = format!("{err:#}"),
                     "SMS sent but its SID was not stored");
             }
             Ok(Sent {
                 receipt: SmsReceipt {
-                    id,
+                    id: id.to_owned(),
                     sid: Some(created.sid),
                     status: created.status,
                 },
                 replayed: false,
             })
         }
-        Err(err) => Err(record_failure(&store, &id, err).await),
+        Err(err) => Err(record_failure(store, id, err).await),
     }
 }
 

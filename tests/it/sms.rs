@@ -62,6 +62,17 @@ async fn instance(db: &TestDb, fake: Option<&FakeTwilio>, extra: &[(&str, &str)]
     Instance { server, state }
 }
 
+/// A fresh database, a fake Twilio, and one instance on them; returns from the test when the
+/// database is not available (see `test_db!`).
+macro_rules! one_instance {
+    ($extra:expr) => {{
+        let db = test_db!();
+        let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+        let app = instance(&db, Some(&fake), $extra).await;
+        (db, fake, app)
+    }};
+}
+
 struct Answer {
     status: u16,
     retry_after: Option<u64>,
@@ -120,11 +131,17 @@ async fn only_message_status(instance: &Instance) -> (String, Option<i64>) {
     (row.status, row.error_code)
 }
 
+/// Sends one text to `to`, expects 502 `UPSTREAM_UNAVAILABLE`, and the row left `row_status`.
+async fn expect_upstream_failure(app: &Instance, to: &str, row_status: &str) -> Answer {
+    let answer = send(app, json!({"to": to, "body": "hi"})).await;
+    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    assert_eq!(only_message_status(app).await.0, row_status);
+    answer
+}
+
 #[tokio::test]
 async fn sms_sends_a_form_with_basic_auth_and_a_status_callback_and_stores_the_sid() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, fake, app) = one_instance!(&[]);
 
     let answer = send(
         &app,
@@ -163,17 +180,10 @@ async fn sms_sends_a_form_with_basic_auth_and_a_status_callback_and_stores_the_s
 
 #[tokio::test]
 async fn sms_through_a_messaging_service_without_public_url_sends_no_from_and_no_callback() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(
-        &db,
-        Some(&fake),
-        &[
-            ("TWILIO_MESSAGING_SERVICE_SID", SERVICE),
-            ("PUBLIC_URL", ""),
-        ],
-    )
-    .await;
+    let (_db, fake, app) = one_instance!(&[
+        ("TWILIO_MESSAGING_SERVICE_SID", SERVICE),
+        ("PUBLIC_URL", ""),
+    ]);
 
     let answer = send(&app, json!({"to": "+447700900123", "body": "hello"})).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
@@ -186,9 +196,7 @@ async fn sms_through_a_messaging_service_without_public_url_sends_no_from_and_no
 
 #[tokio::test]
 async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twilio() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[("SMS_ALLOWED_PREFIXES", "+1,+44")]).await;
+    let (_db, fake, app) = one_instance!(&[("SMS_ALLOWED_PREFIXES", "+1,+44")]);
 
     let long_body = "x".repeat(1601);
     let long_key = "k".repeat(256);
@@ -227,9 +235,7 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
 
 #[tokio::test]
 async fn sms_needs_the_service_role_and_twilio_configured() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (db, fake, app) = one_instance!(&[]);
     let body = json!({"to": "+12025550123", "body": "hi"}).to_string();
     let answer = post_sms(&app, PUBLISHABLE_KEY, &body).await;
     assert_error(&answer, 403, "FORBIDDEN_ROLE");
@@ -284,10 +290,9 @@ async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently()
 
 #[tokio::test]
 async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
-    fake.set_latency(Duration::from_millis(300));
+    let (_db, fake, app) = one_instance!(&[]);
+    // Twilio answers after the caller gives up, within edgegate's own timeout (500 ms here).
+    fake.set_latency(Duration::from_millis(400));
     let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "hang-up"});
     let impatient = app
         .server
@@ -295,22 +300,27 @@ async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_s
         .post(app.server.url("/functions/v1/send-sms"))
         .header("apikey", SECRET_KEY)
         .json(&message)
-        .timeout(Duration::from_millis(50))
+        .timeout(Duration::from_millis(100))
         .send()
         .await;
     assert!(impatient.is_err(), "the caller was meant to give up first");
 
-    // The caller retries with the same key until the first send's outcome is recorded.
-    let mut replay = send(&app, message.clone()).await;
-    for _ in 0..100 {
-        if replay.body["sid"].is_string() {
+    // The first send goes on without its caller: its answer and its audit row are recorded.
+    let mut sent_audited = false;
+    for _ in 0..250 {
+        let audit = app.state.store.recent_audit(10).await.unwrap();
+        sent_audited = audit.iter().any(|entry| entry.outcome == "sent");
+        if sent_audited {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        replay = send(&app, message.clone()).await;
     }
+    assert!(sent_audited, "the abandoned send was never recorded");
+    // The caller's retry with the same key gets that message and sends nothing.
+    let replay = send(&app, message).await;
     assert_eq!(replay.status, 202, "{}", replay.body);
     assert_eq!(replay.body["status"], "queued", "{}", replay.body);
+    assert!(replay.body["sid"].is_string(), "{}", replay.body);
     assert_eq!(fake.requests().len(), 1);
 }
 
@@ -374,9 +384,7 @@ async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two
 
 #[tokio::test]
 async fn sms_numbers_twilio_refuses_are_422_naming_to() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, fake, app) = one_instance!(&[]);
 
     fake.script([Reply::invalid_to()]);
     let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
@@ -413,9 +421,7 @@ async fn sms_numbers_twilio_refuses_are_422_naming_to() {
 
 #[tokio::test]
 async fn sms_throttling_is_retried_then_succeeds_or_gives_502() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, fake, app) = one_instance!(&[]);
 
     fake.script([
         Reply::throttled(),
@@ -431,27 +437,21 @@ async fn sms_throttling_is_retried_then_succeeds_or_gives_502() {
     assert_eq!(stored(&app, &answer).await.status, "queued");
 
     fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
-    let answer = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
-    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    expect_upstream_failure(&app, "+12025550124", "failed").await;
     assert_eq!(fake.requests().len(), 6);
-    assert_eq!(only_message_status(&app).await.0, "failed");
 }
 
 #[tokio::test]
 async fn sms_a_timeout_after_sending_is_never_retried() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, fake, app) = one_instance!(&[]);
 
     fake.script([Reply::Hang]);
-    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
-    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
     assert_eq!(
         fake.requests().len(),
         1,
         "a request Twilio may have seen was sent again"
     );
-    assert_eq!(only_message_status(&app).await.0, "unknown");
     let audit = app.state.store.recent_audit(1).await.unwrap();
     assert_eq!(audit[0].outcome, "upstream_unavailable");
 
@@ -461,10 +461,8 @@ async fn sms_a_timeout_after_sending_is_never_retried() {
         code: 20500,
         message: "Internal Server Error",
     }]);
-    let answer = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
-    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    expect_upstream_failure(&app, "+12025550124", "unknown").await;
     assert_eq!(fake.requests().len(), 2);
-    assert_eq!(only_message_status(&app).await.0, "unknown");
 }
 
 #[tokio::test]
@@ -473,14 +471,12 @@ async fn sms_a_connection_closed_after_the_request_was_written_is_never_retried(
     let closing = ClosingTwilio::start().await;
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let app = instance(&db, Some(&fake), &[("TWILIO_API_BASE", &closing.base)]).await;
-    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
-    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
     assert_eq!(
         closing.connections(),
         1,
         "a delivered request was sent again"
     );
-    assert_eq!(only_message_status(&app).await.0, "unknown");
 }
 
 #[tokio::test]
@@ -649,9 +645,7 @@ print(RequestValidator(token).compute_signature(url, params))\n";
 
 #[tokio::test]
 async fn sms_status_signatures_made_by_twilios_library() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, _fake, app) = one_instance!(&[]);
     let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
     let sid = answer.body["sid"].as_str().unwrap().to_owned();
     let params = status_params(&sid, "delivered");
@@ -702,9 +696,7 @@ async fn sms_status_signatures_made_by_twilios_library() {
 
 #[tokio::test]
 async fn sms_status_without_public_url_is_not_configured() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[("PUBLIC_URL", "")]).await;
+    let (_db, _fake, app) = one_instance!(&[("PUBLIC_URL", "")]);
     let params = status_params("SM00000000000000000000000000000000", "sent");
     let (status, body) = post_callback_answer(&app, &params, Some("x")).await;
     assert_eq!(
@@ -715,9 +707,7 @@ async fn sms_status_without_public_url_is_not_configured() {
 
 #[tokio::test]
 async fn sms_check_reaches_the_twilio_account_without_printing_the_token() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let app = instance(&db, Some(&fake), &[]).await;
+    let (_db, _fake, app) = one_instance!(&[]);
     let lines = edgegate::commands::check(&app.state.config).await;
     let twilio = lines.iter().find(|line| line.item == "twilio").unwrap();
     assert!(twilio.ok, "{}", twilio.detail);
@@ -755,7 +745,7 @@ async fn sms_store_windows_slide_with_the_injected_clock() {
                 body: "hi",
                 status: "accepted",
             };
-            store.reserve_sms(new, limits, at).await.unwrap()
+            store.reserve_sms(new, limits, || at).await.unwrap()
         }
     };
     let t0 = 1_000_000_000;
