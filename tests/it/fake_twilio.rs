@@ -32,14 +32,6 @@ pub enum Reply {
 }
 
 impl Reply {
-    pub fn invalid_to() -> Self {
-        Reply::Error {
-            http: 400,
-            code: 21211,
-            message: "Invalid 'To' Phone Number",
-        }
-    }
-
     pub fn throttled() -> Self {
         Reply::Error {
             http: 429,

@@ -73,6 +73,17 @@ macro_rules! one_instance {
     }};
 }
 
+/// Like `one_instance!`, with two instances on the one database (as two machines would be).
+macro_rules! two_instances {
+    ($extra:expr) => {{
+        let db = test_db!();
+        let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+        let a = instance(&db, Some(&fake), $extra).await;
+        let b = instance(&db, Some(&fake), $extra).await;
+        (db, fake, a, b)
+    }};
+}
+
 struct Answer {
     status: u16,
     retry_after: Option<u64>,
@@ -248,12 +259,7 @@ async fn sms_needs_the_service_role_and_twilio_configured() {
 
 #[tokio::test]
 async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let (a, b) = (
-        instance(&db, Some(&fake), &[]).await,
-        instance(&db, Some(&fake), &[]).await,
-    );
+    let (_db, fake, a, b) = two_instances!(&[]);
     let message = json!({"to": "+12025550123", "body": "once", "idempotency_key": "order-1"});
 
     let first = send(&a, message.clone()).await;
@@ -326,13 +332,8 @@ async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_s
 
 #[tokio::test]
 async fn sms_per_recipient_limit_holds_across_instances_with_retry_after() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let limit = [("SMS_MAX_PER_RECIPIENT_PER_HOUR", "2")];
-    let (a, b) = (
-        instance(&db, Some(&fake), &limit).await,
-        instance(&db, Some(&fake), &limit).await,
-    );
+    let (_db, fake, a, b) = two_instances!(&limit);
     let to_alice = json!({"to": "+12025550123", "body": "code"});
     assert_eq!(send(&a, to_alice.clone()).await.status, 202);
     assert_eq!(send(&b, to_alice.clone()).await.status, 202);
@@ -355,13 +356,8 @@ async fn sms_per_recipient_limit_holds_across_instances_with_retry_after() {
 
 #[tokio::test]
 async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two_instances() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let limit = [("SMS_MAX_PER_MINUTE", "3")];
-    let (a, b) = (
-        instance(&db, Some(&fake), &limit).await,
-        instance(&db, Some(&fake), &limit).await,
-    );
+    let (_db, fake, a, b) = two_instances!(&limit);
     let answers = join_all((0..8).map(|i| {
         let target = if i % 2 == 0 { &a } else { &b };
         send(
@@ -385,38 +381,60 @@ async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two
 #[tokio::test]
 async fn sms_numbers_twilio_refuses_are_422_naming_to() {
     let (_db, fake, app) = one_instance!(&[]);
-
-    fake.script([Reply::invalid_to()]);
-    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
-    assert_error(&answer, 422, "VALIDATION_FAILED");
-    let message = answer.body["message"].as_str().unwrap();
-    assert!(
-        message.starts_with("to:") && message.contains("21211"),
-        "{message}"
-    );
+    let refusals = [
+        (
+            21211,
+            "The 'To' number +12025550120 is not a valid phone number.",
+            422,
+        ),
+        (21614, "'To' number is not a valid mobile number", 422),
+        (
+            21612,
+            "The 'To' phone number is not currently reachable via SMS",
+            422,
+        ),
+        (
+            21408,
+            "Permission to send an SMS has not been enabled for the region",
+            422,
+        ),
+        (21610, "Attempt to send to unsubscribed recipient", 422),
+        // Not about the recipient: Twilio's (or our configuration's) failure, not the caller's.
+        (
+            21606,
+            "The 'From' phone number provided is not a valid message-capable Twilio phone number.",
+            502,
+        ),
+    ];
+    for (i, (code, message, expected)) in refusals.into_iter().enumerate() {
+        fake.script([Reply::Error {
+            http: 400,
+            code,
+            message,
+        }]);
+        let to = format!("+1202555012{i}");
+        let answer = send(&app, json!({"to": to, "body": "hi"})).await;
+        assert_eq!(answer.status, expected, "{code}: {}", answer.body);
+        let text = answer.body["message"].as_str().unwrap();
+        if expected == 422 {
+            assert_eq!(answer.body["code"], "VALIDATION_FAILED");
+            assert!(
+                text.starts_with("to:") && text.contains(&code.to_string()),
+                "{text}"
+            );
+        } else {
+            assert_eq!(answer.body["code"], "UPSTREAM_UNAVAILABLE");
+        }
+        assert_eq!(
+            only_message_status(&app).await,
+            ("failed".to_owned(), Some(code))
+        );
+    }
     assert_eq!(
-        only_message_status(&app).await,
-        ("failed".to_owned(), Some(21211))
+        fake.requests().len(),
+        refusals.len(),
+        "refusals are not retried"
     );
-
-    fake.script([Reply::Error {
-        http: 400,
-        code: 21610,
-        message: "Attempt to send to unsubscribed recipient",
-    }]);
-    let answer = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
-    assert_error(&answer, 422, "VALIDATION_FAILED");
-    assert!(answer.body["message"].as_str().unwrap().starts_with("to:"));
-
-    // An error that is not about the recipient is Twilio's failure, not the caller's.
-    fake.script([Reply::Error {
-        http: 400,
-        code: 21606,
-        message: "The 'From' phone number provided is not a valid message-capable Twilio phone number.",
-    }]);
-    let answer = send(&app, json!({"to": "+12025550125", "body": "hi"})).await;
-    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
-    assert_eq!(fake.requests().len(), 3, "refusals are not retried");
 }
 
 #[tokio::test]
@@ -556,12 +574,7 @@ fn status_params<'a>(sid: &'a str, status: &'a str) -> Vec<(&'a str, &'a str)> {
 
 #[tokio::test]
 async fn sms_status_only_moves_forward_even_out_of_order_or_concurrently() {
-    let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
-    let (a, b) = (
-        instance(&db, Some(&fake), &[]).await,
-        instance(&db, Some(&fake), &[]).await,
-    );
+    let (_db, _fake, a, b) = two_instances!(&[]);
     let answer = send(&a, json!({"to": "+12025550123", "body": "hi"})).await;
     let sid = answer.body["sid"].as_str().unwrap().to_owned();
 
