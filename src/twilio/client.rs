@@ -42,6 +42,20 @@ pub struct TwilioErrorBody {
     pub status: Option<u16>,
 }
 
+impl TwilioErrorBody {
+    /// Twilio's own words for the error: "message (error 21211)".
+    pub fn describe(&self, http_status: u16) -> String {
+        let message = self
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("HTTP {http_status}"));
+        match self.code {
+            Some(code) => format!("{message} (error {code})"),
+            None => message,
+        }
+    }
+}
+
 /// Twilio's "too many requests" error code (also sent with HTTP 429).
 pub const TOO_MANY_REQUESTS: i64 = 20429;
 
@@ -55,7 +69,7 @@ pub enum CallError {
     #[error("Twilio is throttling requests")]
     Throttled { retry_after: Option<Duration> },
     /// Twilio answered with an error; nothing was created.
-    #[error("Twilio refused the request (HTTP {http_status}, error {code:?})", code = .body.code)]
+    #[error("Twilio refused the request: {}", .body.describe(*.http_status))]
     Rejected {
         http_status: u16,
         body: TwilioErrorBody,
@@ -177,4 +191,34 @@ fn describe(err: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_auth_token() {
+        let mut config = crate::config::Config::defaults().twilio;
+        config.account_sid = Some("AC0123456789abcdef0123456789abcdef".to_owned());
+        config.auth_token = Some("tok-that-must-not-leak".to_owned().into());
+        let api = TwilioApi::from_config(&reqwest::Client::new(), &config).unwrap();
+        let shown = format!("{api:?} {config:?}");
+        assert!(shown.contains("AC0123456789abcdef0123456789abcdef"));
+        assert!(!shown.contains("tok-that-must-not-leak"), "{shown}");
+    }
+
+    #[test]
+    fn an_error_reads_as_twilio_wrote_it() {
+        let body = TwilioErrorBody {
+            code: Some(21211),
+            message: Some("The 'To' number 123 is not a valid phone number.".to_owned()),
+            ..TwilioErrorBody::default()
+        };
+        assert_eq!(
+            body.describe(400),
+            "The 'To' number 123 is not a valid phone number. (error 21211)"
+        );
+        assert_eq!(TwilioErrorBody::default().describe(401), "HTTP 401");
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::client::{CallError, MessageResource, TwilioApi, TwilioErrorBody};
+use super::client::{CallError, MessageResource, TwilioApi};
 use crate::config::{Config, SmsSender, is_e164};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{
@@ -300,7 +300,7 @@ async fn create_with_retries(
 async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
-            let detail = twilio_message(*http_status, body);
+            let detail = body.describe(*http_status);
             let answer = match body.code {
                 Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail.clone()),
                 _ => ApiError::UpstreamUnavailable(format!("Twilio refused the message: {detail}")),
@@ -341,18 +341,6 @@ async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
         );
     }
     answer
-}
-
-/// Twilio's own words for an error: "message (error 21211)".
-fn twilio_message(http_status: u16, body: &TwilioErrorBody) -> String {
-    let message = body
-        .message
-        .clone()
-        .unwrap_or_else(|| format!("HTTP {http_status}"));
-    match body.code {
-        Some(code) => format!("{message} (error {code})"),
-        None => message,
-    }
 }
 
 #[cfg(test)]
