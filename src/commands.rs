@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::store::Store;
+use crate::twilio::client::TwilioApi;
 
 /// `edgegate migrate`: apply pending migrations and report the applied versions.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
@@ -76,6 +77,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         },
     );
     lines.extend(jwt_check::lines(config, check_client()).await);
+    lines.push(check_twilio(config, check_client()).await);
     lines
 }
 
@@ -86,6 +88,33 @@ fn check_client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Twilio's account endpoint with the configured credentials; the token is never shown.
+async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
+    let Some(api) = TwilioApi::from_config(&http, &config.twilio) else {
+        return CheckLine {
+            item: "twilio",
+            ok: true,
+            detail: "not configured (send-sms answers 503)".to_owned(),
+        };
+    };
+    let (ok, detail) = match api.fetch_account().await {
+        Ok(account) => (
+            true,
+            format!(
+                "account {} answers; status {}",
+                api.account_sid(),
+                account.status.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        Err(err) => (false, format!("account {}: {err}", api.account_sid())),
+    };
+    CheckLine {
+        item: "twilio",
+        ok,
+        detail,
+    }
 }
 
 /// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.

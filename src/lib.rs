@@ -13,6 +13,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod twilio;
 
 use std::future::Future;
 

@@ -15,13 +15,17 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
-pub use parse::ConfigError;
 use parse::Vars;
+pub use parse::{ConfigError, is_e164};
 
 /// Where the service keeps its state when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://edgegate.db";
 /// Listen port when `PORT` is not set.
 pub const DEFAULT_PORT: u16 = 8080;
+/// How long one Twilio call may take; well inside the 30 s request timeout, retries included.
+pub const DEFAULT_TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first backoff after a throttled or unsent Twilio call.
+pub const DEFAULT_TWILIO_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// How long in-flight requests may take to finish after SIGTERM before the process exits.
 pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
 
@@ -154,6 +158,10 @@ pub struct TwilioConfig {
     pub auth_token: Option<SecretString>,
     pub sender: Option<SmsSender>,
     pub api_base: Url,
+    /// How long one call to Twilio may take. Not an environment variable: tests shorten it.
+    pub request_timeout: Duration,
+    /// The first pause before retrying a call Twilio throttled or never received; it doubles.
+    pub retry_base_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +285,8 @@ impl Config {
             api_base: vars
                 .url("TWILIO_API_BASE", parse::UrlRule::Http)?
                 .unwrap_or_else(|| parse::static_url("https://api.twilio.com")),
+            request_timeout: DEFAULT_TWILIO_TIMEOUT,
+            retry_base_delay: DEFAULT_TWILIO_RETRY_DELAY,
         };
         if twilio.account_sid.is_some() != twilio.auth_token.is_some() {
             let missing = if twilio.account_sid.is_some() {

@@ -395,7 +395,8 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
     }
 }
 
-pub(super) fn is_e164(number: &str) -> bool {
+/// `+` then 2 to 15 digits, the first not 0 (ITU-T E.164).
+pub fn is_e164(number: &str) -> bool {
     number.strip_prefix('+').is_some_and(|digits| {
         (2..=15).contains(&digits.len())
             && digits.bytes().all(|b| b.is_ascii_digit())

@@ -3,6 +3,7 @@
 mod admin;
 mod health;
 mod jwt_test;
+mod sms;
 
 use axum::Router;
 use axum::http::Uri;
@@ -20,6 +21,11 @@ pub fn router() -> Router<AppState> {
         .route(
             "/functions/v1/jwt-test",
             get(jwt_test::jwt_test).post(jwt_test::jwt_test),
+        )
+        .route("/functions/v1/send-sms", post(sms::send_sms))
+        .route(
+            crate::twilio::STATUS_CALLBACK_PATH,
+            post(sms::twilio_status),
         )
         .route("/admin/signing-keys", get(admin::signing_keys))
         .route("/admin/signing-keys/refresh", post(admin::refresh))

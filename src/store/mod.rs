@@ -22,7 +22,10 @@ macro_rules! with_pool {
 
 // Declared after the macro so the backend files (and later ones) can use it.
 mod postgres;
+mod sms;
 mod sqlite;
+
+pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 
 #[derive(Clone, Debug)]
 enum Backend {

@@ -1,0 +1,48 @@
+//! `send-sms` and `twilio-status`: thin adapters over `twilio::send` and `twilio::status`.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+
+use crate::auth::extract::ServiceRole;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, RawBody};
+use crate::state::AppState;
+use crate::twilio::send::{SendSmsRequest, SmsReceipt, send_sms as send};
+use crate::twilio::status::{Callback, apply_callback};
+
+pub async fn send_sms(
+    State(app): State<AppState>,
+    ServiceRole(principal): ServiceRole,
+    Json(request): Json<SendSmsRequest>,
+) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
+    let audit = principal.audit("send_sms", "pending");
+    let sent = send(
+        app.store.clone(),
+        app.config.clone(),
+        app.http.clone(),
+        request,
+        audit,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(sent.receipt)))
+}
+
+pub async fn twilio_status(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    RawBody(body): RawBody,
+) -> ApiResult<StatusCode> {
+    let signature = headers
+        .get("x-twilio-signature")
+        .map(|value| value.to_str())
+        .transpose()
+        .map_err(|_| ApiError::InvalidSignature("X-Twilio-Signature is not text".to_owned()))?;
+    let callback = Callback {
+        signature,
+        query: uri.query(),
+        body: &body,
+    };
+    apply_callback(&app.store, &app.config, callback).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

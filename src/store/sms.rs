@@ -1,0 +1,326 @@
+//! SMS rows: a send is reserved (idempotency key and send limits checked, row written) in one
+//! serialized transaction, so the rules hold across every instance on the database; delivery
+//! statuses then only move forward, compared in SQL so concurrent callbacks cannot regress them.
+
+use std::sync::LazyLock;
+
+use anyhow::Context as _;
+
+use super::{Backend, Store};
+use crate::twilio::status::STATUS_RANKS;
+
+/// Postgres advisory lock key that serializes SMS reservations across instances ("edgesms" in
+/// ASCII); distinct from any other lock key of the service.
+const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
+
+const HOUR_MS: i64 = 3_600_000;
+const MINUTE_MS: i64 = 60_000;
+
+const COLUMNS: &str = "id, idempotency_key, to_number, body, status, twilio_sid, error_code, \
+                       error_message, created_at, updated_at";
+
+/// One stored message.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct SmsMessage {
+    pub id: String,
+    pub idempotency_key: Option<String>,
+    pub to_number: String,
+    pub body: String,
+    pub status: String,
+    pub twilio_sid: Option<String>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<String>,
+    #[sqlx(rename = "created_at")]
+    pub created_at_ms: i64,
+    #[sqlx(rename = "updated_at")]
+    pub updated_at_ms: i64,
+}
+
+/// A message to reserve before it is handed to Twilio.
+#[derive(Clone, Copy, Debug)]
+pub struct NewSms<'a> {
+    pub id: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub to_number: &'a str,
+    pub body: &'a str,
+    /// The status the row starts with, before Twilio has seen it.
+    pub status: &'a str,
+}
+
+/// What the call to Twilio came to, for the row reserved before it.
+#[derive(Clone, Copy, Debug)]
+pub struct SendResult<'a> {
+    pub status: &'a str,
+    pub twilio_sid: Option<&'a str>,
+    pub error_code: Option<i64>,
+    pub error_message: Option<&'a str>,
+}
+
+/// The send limits, counted over every row in the database.
+#[derive(Clone, Copy, Debug)]
+pub struct SmsLimits {
+    pub per_recipient_per_hour: u32,
+    pub per_minute: u32,
+}
+
+/// What reserving a send came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// A new row: this caller, and only this one, may send it.
+    Created(SmsMessage),
+    /// The idempotency key was used before; this is its message, which must not be sent again.
+    Existing(SmsMessage),
+    /// A limit is reached; a slot frees in this many milliseconds.
+    Limited { retry_after_ms: i64 },
+}
+
+/// What a delivery status did to the stored message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    Applied,
+    /// The message already has this status or a later one.
+    Stale,
+    /// No message has this SID.
+    UnknownSid,
+}
+
+/// `CASE status WHEN 'queued' THEN 1 … ELSE 0 END`, built from the one rank table. The values are
+/// the table's own constants, never request input.
+static RANK_OF_STATUS_SQL: LazyLock<String> = LazyLock::new(|| {
+    let whens: String = STATUS_RANKS
+        .iter()
+        .map(|(status, rank)| format!(" WHEN '{status}' THEN {rank}"))
+        .collect();
+    format!("CASE status{whens} ELSE 0 END")
+});
+
+/// The reservation's reads and write, the same SQL on both engines. `$tx` must already hold the
+/// backend's serialization (advisory lock or SQLite's write lock).
+macro_rules! reserve_in {
+    ($tx:ident, $new:expr, $limits:expr, $now:expr) => {{
+        let new: NewSms<'_> = $new;
+        let limits: SmsLimits = $limits;
+        // Read once the lock is held, so rows are stamped in the order they were admitted.
+        let now: i64 = $now();
+        let existing = match new.idempotency_key {
+            Some(key) => {
+                let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
+                sqlx::query_as::<_, SmsMessage>(sqlx::AssertSqlSafe(sql))
+                    .bind(key)
+                    .fetch_optional(&mut *$tx)
+                    .await?
+            }
+            None => None,
+        };
+        if let Some(message) = existing {
+            Reservation::Existing(message)
+        } else {
+            // The newest `limit` rows in each window: when there are that many, the oldest of them
+            // is the one whose expiry frees a slot.
+            let recipient: Vec<i64> = sqlx::query_scalar(
+                "SELECT created_at FROM sms_messages WHERE to_number = $1 AND created_at > $2 \
+                 ORDER BY created_at DESC LIMIT $3",
+            )
+            .bind(new.to_number)
+            .bind(now - HOUR_MS)
+            .bind(i64::from(limits.per_recipient_per_hour))
+            .fetch_all(&mut *$tx)
+            .await?;
+            let global: Vec<i64> = sqlx::query_scalar(
+                "SELECT created_at FROM sms_messages WHERE created_at > $1 \
+                 ORDER BY created_at DESC LIMIT $2",
+            )
+            .bind(now - MINUTE_MS)
+            .bind(i64::from(limits.per_minute))
+            .fetch_all(&mut *$tx)
+            .await?;
+            let wait = [
+                wait_for_slot(&recipient, limits.per_recipient_per_hour, HOUR_MS, now),
+                wait_for_slot(&global, limits.per_minute, MINUTE_MS, now),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            match wait {
+                Some(retry_after_ms) => Reservation::Limited { retry_after_ms },
+                None => {
+                    sqlx::query(
+                        "INSERT INTO sms_messages (id, idempotency_key, to_number, body, status, \
+                         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                    )
+                    .bind(new.id)
+                    .bind(new.idempotency_key)
+                    .bind(new.to_number)
+                    .bind(new.body)
+                    .bind(new.status)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    Reservation::Created(SmsMessage {
+                        id: new.id.to_owned(),
+                        idempotency_key: new.idempotency_key.map(str::to_owned),
+                        to_number: new.to_number.to_owned(),
+                        body: new.body.to_owned(),
+                        status: new.status.to_owned(),
+                        twilio_sid: None,
+                        error_code: None,
+                        error_message: None,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                    })
+                }
+            }
+        }
+    }};
+}
+
+/// How long until a window holding `newest` (newest first, at most `limit` long) has room, if
+/// it is full. Bounded by the window, as another machine's clock may run ahead of ours.
+fn wait_for_slot(newest: &[i64], limit: u32, window_ms: i64, now: i64) -> Option<i64> {
+    let full = newest.len() >= usize::try_from(limit).unwrap_or(usize::MAX);
+    full.then(|| newest.last())
+        .flatten()
+        .map(|oldest| (oldest + window_ms - now).clamp(1, window_ms))
+}
+
+impl Store {
+    /// Checks the idempotency key and the send limits and, when both allow it, writes the row —
+    /// all under one lock shared by every instance, so two instances can neither both send one
+    /// key nor both take the last slot. `clock` (epoch milliseconds) is read under the lock.
+    pub async fn reserve_sms(
+        &self,
+        new: NewSms<'_>,
+        limits: SmsLimits,
+        clock: impl Fn() -> i64,
+    ) -> anyhow::Result<Reservation> {
+        let reserved: Result<Reservation, sqlx::Error> = match &self.backend {
+            Backend::Sqlite(pool) => {
+                async {
+                    // sqlx's begin() is DEFERRED: two connections could both count, then both
+                    // write. IMMEDIATE takes the file's write lock before the first read, and
+                    // other processes on the file wait for it (busy timeout).
+                    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                    let reservation = reserve_in!(tx, new, limits, clock);
+                    tx.commit().await?;
+                    Ok(reservation)
+                }
+                .await
+            }
+            Backend::Postgres(pool) => {
+                async {
+                    let mut tx = pool.begin().await?;
+                    // Held across the count and the insert; released at commit or rollback.
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(SMS_RESERVATION_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    let reservation = reserve_in!(tx, new, limits, clock);
+                    tx.commit().await?;
+                    Ok(reservation)
+                }
+                .await
+            }
+        };
+        reserved.context("reserving the SMS")
+    }
+
+    /// Records what handing the message to Twilio came to: its SID and status, or why it was
+    /// not sent.
+    pub async fn record_sms_send(
+        &self,
+        id: &str,
+        result: SendResult<'_>,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let sql = "UPDATE sms_messages SET status = $1, twilio_sid = $2, error_code = $3, \
+                   error_message = $4, updated_at = $5 WHERE id = $6";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(result.status)
+            .bind(result.twilio_sid)
+            .bind(result.error_code)
+            .bind(result.error_message)
+            .bind(now_ms)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("recording the SMS send")
+    }
+
+    /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
+    /// current one (`rank` is `status`'s place in `STATUS_RANKS`). One statement, so two
+    /// callbacks racing cannot leave the earlier status last.
+    pub async fn apply_sms_status(
+        &self,
+        twilio_sid: &str,
+        status: &str,
+        rank: i64,
+        error_code: Option<i64>,
+        now_ms: i64,
+    ) -> anyhow::Result<StatusChange> {
+        let update = format!(
+            "UPDATE sms_messages SET status = $1, error_code = COALESCE($2, error_code), \
+             updated_at = $3 WHERE twilio_sid = $4 AND {} < $5",
+            *RANK_OF_STATUS_SQL
+        );
+        let changed = with_pool!(self, |pool| sqlx::query(sqlx::AssertSqlSafe(update))
+            .bind(status)
+            .bind(error_code)
+            .bind(now_ms)
+            .bind(twilio_sid)
+            .bind(rank)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .context("updating the SMS status")?;
+        if changed > 0 {
+            return Ok(StatusChange::Applied);
+        }
+        let known: Option<i32> = with_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT 1 FROM sms_messages WHERE twilio_sid = $1")
+                .bind(twilio_sid)
+                .fetch_optional(pool)
+                .await
+        })
+        .context("reading the SMS")?;
+        Ok(if known.is_some() {
+            StatusChange::Stale
+        } else {
+            StatusChange::UnknownSid
+        })
+    }
+
+    pub async fn sms_message(&self, id: &str) -> anyhow::Result<Option<SmsMessage>> {
+        let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE id = $1");
+        let message = with_pool!(self, |pool| {
+            sqlx::query_as::<_, SmsMessage>(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+        })
+        .context("reading the SMS")?;
+        Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_is_full_only_at_its_limit_and_frees_when_its_oldest_counted_row_expires() {
+        assert_eq!(wait_for_slot(&[30, 20], 3, 100, 40), None);
+        assert_eq!(wait_for_slot(&[30, 20, 10], 3, 100, 40), Some(70));
+        assert_eq!(wait_for_slot(&[30, 20, 10], 3, 100, 110), Some(1));
+        // A row stamped ahead of our clock never asks for more than the window.
+        assert_eq!(wait_for_slot(&[90, 80, 70], 3, 100, 40), Some(100));
+        assert_eq!(wait_for_slot(&[], 0, 100, 40), None);
+    }
+
+    #[test]
+    fn the_rank_case_names_every_status() {
+        for (status, rank) in STATUS_RANKS {
+            assert!(RANK_OF_STATUS_SQL.contains(&format!("WHEN '{status}' THEN {rank}")));
+        }
+    }
+}

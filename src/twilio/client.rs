@@ -1,0 +1,224 @@
+//! Twilio's REST API (2010-04-01), as much as edgegate uses: create a Message, read the Account.
+//! Calls are classified by what they may have done at Twilio, because that decides whether a
+//! retry could text someone twice.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use crate::config::TwilioConfig;
+
+/// Account credentials and where to reach the API. `Debug` redacts the token.
+#[derive(Clone, Debug)]
+pub struct TwilioApi {
+    http: reqwest::Client,
+    base: Url,
+    account_sid: String,
+    auth_token: SecretString,
+    timeout: Duration,
+}
+
+/// The fields of Twilio's Message resource that edgegate keeps.
+#[derive(Clone, Debug, Deserialize)]
+pub struct MessageResource {
+    pub sid: String,
+    pub status: String,
+}
+
+/// The fields of Twilio's Account resource that `check` shows.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AccountResource {
+    pub status: Option<String>,
+}
+
+/// Twilio's error body: `{"code":21211,"message":"…","more_info":"https://…","status":400}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TwilioErrorBody {
+    pub code: Option<i64>,
+    pub message: Option<String>,
+    pub more_info: Option<String>,
+    pub status: Option<u16>,
+}
+
+impl TwilioErrorBody {
+    /// Twilio's own words for the error: "message (error 21211)".
+    pub fn describe(&self, http_status: u16) -> String {
+        let message = self
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("HTTP {http_status}"));
+        match self.code {
+            Some(code) => format!("{message} (error {code})"),
+            None => message,
+        }
+    }
+}
+
+/// Twilio's "too many requests" error code (also sent with HTTP 429).
+pub const TOO_MANY_REQUESTS: i64 = 20429;
+
+/// A call that did not give a resource.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The connection failed before the request was written: Twilio never saw it.
+    #[error("Twilio could not be reached: {0}")]
+    NotSent(String),
+    /// Twilio refused for load (HTTP 429 or error 20429); nothing was created.
+    #[error("Twilio is throttling requests")]
+    Throttled { retry_after: Option<Duration> },
+    /// Twilio answered with an error; nothing was created.
+    #[error("Twilio refused the request: {}", .body.describe(*.http_status))]
+    Rejected {
+        http_status: u16,
+        body: TwilioErrorBody,
+    },
+    /// The request may have reached Twilio, but its outcome is unknown (timeout, connection
+    /// lost after writing, a server error, an unreadable success).
+    #[error("Twilio's answer is unknown: {0}")]
+    Unconfirmed(String),
+}
+
+impl TwilioApi {
+    /// `None` when the account SID or the auth token is missing.
+    pub fn from_config(http: &reqwest::Client, config: &TwilioConfig) -> Option<Self> {
+        Some(Self {
+            http: http.clone(),
+            base: config.api_base.clone(),
+            account_sid: config.account_sid.clone()?,
+            auth_token: config.auth_token.clone()?,
+            timeout: config.request_timeout,
+        })
+    }
+
+    pub fn account_sid(&self) -> &str {
+        &self.account_sid
+    }
+
+    fn account_url(&self, tail: &str) -> String {
+        format!(
+            "{}/2010-04-01/Accounts/{}{tail}",
+            self.base.as_str().trim_end_matches('/'),
+            self.account_sid
+        )
+    }
+
+    /// `POST /Accounts/{sid}/Messages.json` with `form`, once (retrying is the caller's choice).
+    pub async fn create_message(
+        &self,
+        form: &[(&str, &str)],
+    ) -> Result<MessageResource, CallError> {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let request = self
+            .http
+            .post(self.account_url("/Messages.json"))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body);
+        self.call(request).await
+    }
+
+    /// `GET /Accounts/{sid}.json`: whether the credentials work.
+    pub async fn fetch_account(&self) -> Result<AccountResource, CallError> {
+        self.call(self.http.get(self.account_url(".json"))).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, CallError> {
+        let response = request
+            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|err| {
+                // Only a failed connect proves the request never left; anything later (a
+                // timeout, a reset while waiting for the answer) may follow a delivered request.
+                if err.is_connect() {
+                    CallError::NotSent(describe(&err))
+                } else {
+                    CallError::Unconfirmed(describe(&err))
+                }
+            })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = response.bytes().await;
+        if status.is_success() {
+            let bytes = bytes.map_err(|err| CallError::Unconfirmed(describe(&err)))?;
+            return serde_json::from_slice(&bytes).map_err(|err| {
+                CallError::Unconfirmed(format!("Twilio's answer could not be read: {err}"))
+            });
+        }
+        let body: TwilioErrorBody = bytes
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS || body.code == Some(TOO_MANY_REQUESTS)
+        {
+            return Err(CallError::Throttled { retry_after });
+        }
+        if status.is_server_error() {
+            // A 5xx does not prove the message was not created.
+            return Err(CallError::Unconfirmed(format!("Twilio answered {status}")));
+        }
+        Err(CallError::Rejected {
+            http_status: status.as_u16(),
+            body,
+        })
+    }
+}
+
+/// reqwest's error with its causes (the URL holds the account SID, no secret; the token travels
+/// in a header reqwest marks sensitive).
+fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_auth_token() {
+        let mut config = crate::config::Config::defaults().twilio;
+        config.account_sid = Some("AC0123456789abcdef0123456789abcdef".to_owned());
+        config.auth_token = Some("tok-that-must-not-leak".to_owned().into());
+        let api = TwilioApi::from_config(&reqwest::Client::new(), &config).unwrap();
+        let shown = format!("{api:?} {config:?}");
+        assert!(shown.contains("AC0123456789abcdef0123456789abcdef"));
+        assert!(!shown.contains("tok-that-must-not-leak"), "{shown}");
+    }
+
+    #[test]
+    fn an_error_reads_as_twilio_wrote_it() {
+        let body = TwilioErrorBody {
+            code: Some(21211),
+            message: Some("The 'To' number 123 is not a valid phone number.".to_owned()),
+            ..TwilioErrorBody::default()
+        };
+        assert_eq!(
+            body.describe(400),
+            "The 'To' number 123 is not a valid phone number. (error 21211)"
+        );
+        assert_eq!(TwilioErrorBody::default().describe(401), "HTTP 401");
+    }
+}

@@ -1,0 +1,415 @@
+//! Sending one SMS: validate, reserve the row under the shared limits (idempotency included),
+//! call Twilio, record its answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{CallError, MessageResource, TwilioApi};
+use crate::config::{Config, SmsSender, is_e164};
+use crate::error::{ApiError, ApiResult};
+use crate::store::{
+    AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, now_ms,
+};
+
+/// The longest body Twilio takes.
+pub const MAX_BODY_CHARS: usize = 1_600;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+/// Calls per send, the first included; only calls Twilio certainly did not act on are repeated.
+const MAX_ATTEMPTS: u32 = 3;
+/// The longest pause a Twilio `Retry-After` may impose on one send.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// Our status for a row not yet handed to Twilio.
+const STATUS_ACCEPTED: &str = "accepted";
+/// Twilio refused, or certainly never received, the message.
+const STATUS_FAILED: &str = "failed";
+/// The request may have reached Twilio, but we do not know: never sent again.
+const STATUS_UNKNOWN: &str = "unknown";
+
+/// Twilio errors that mean the `To` number cannot be texted: invalid (21211), not a mobile
+/// number (21614), unreachable from this sender (21612), region not enabled (21408), opted out
+/// (21610).
+const RECIPIENT_ERRORS: [i64; 5] = [21211, 21614, 21612, 21408, 21610];
+
+/// The body of `send-sms`. Fields are optional here so a missing one is a 422 naming it.
+#[derive(Debug, Deserialize)]
+pub struct SendSmsRequest {
+    pub to: Option<String>,
+    pub body: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// The contract's 202 body.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SmsReceipt {
+    pub id: String,
+    pub sid: Option<String>,
+    pub status: String,
+}
+
+impl From<&SmsMessage> for SmsReceipt {
+    fn from(message: &SmsMessage) -> Self {
+        Self {
+            id: message.id.clone(),
+            sid: message.twilio_sid.clone(),
+            status: message.status.clone(),
+        }
+    }
+}
+
+/// A send that was answered, and whether it repeated an earlier one (same idempotency key).
+#[derive(Debug)]
+pub struct Sent {
+    pub receipt: SmsReceipt,
+    pub replayed: bool,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::ValidationFailed {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+struct Valid {
+    to: String,
+    body: String,
+    idempotency_key: Option<String>,
+}
+
+fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> ApiResult<Valid> {
+    let to = request.to.ok_or_else(|| invalid("to", "is required"))?;
+    if !is_e164(&to) {
+        return Err(invalid(
+            "to",
+            "must be an E.164 number: + then 2 to 15 digits, the first not 0",
+        ));
+    }
+    if !allowed_prefixes.is_empty() && !allowed_prefixes.iter().any(|p| to.starts_with(p.as_str()))
+    {
+        return Err(invalid(
+            "to",
+            format!(
+                "this service may only text numbers starting with {}",
+                allowed_prefixes.join(", ")
+            ),
+        ));
+    }
+    let body = request.body.ok_or_else(|| invalid("body", "is required"))?;
+    let length = body.chars().count();
+    if !(1..=MAX_BODY_CHARS).contains(&length) {
+        return Err(invalid(
+            "body",
+            format!("must be 1 to {MAX_BODY_CHARS} characters (it has {length})"),
+        ));
+    }
+    if let Some(key) = &request.idempotency_key
+        && !(1..=MAX_IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count())
+    {
+        return Err(invalid(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+        ));
+    }
+    Ok(Valid {
+        to,
+        body,
+        idempotency_key: request.idempotency_key,
+    })
+}
+
+/// Sends `request` unless its idempotency key was seen before or a limit is reached, and
+/// records `audit` (the caller's entry for this action) with the outcome.
+///
+/// The work runs in its own task: a caller who hangs up drops this future, and must not leave a
+/// reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the audit row unwritten.
+pub async fn send_sms(
+    store: Store,
+    config: Arc<Config>,
+    http: reqwest::Client,
+    request: SendSmsRequest,
+    audit: AuditEntry,
+) -> ApiResult<Sent> {
+    let task = tokio::spawn(async move {
+        let mut message_id = None;
+        let outcome = send_once(&store, &config, &http, request, &mut message_id).await;
+        record_audit(&store, audit, &outcome, message_id).await;
+        outcome
+    });
+    task.await
+        .map_err(|err| ApiError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
+}
+
+async fn record_audit(
+    store: &Store,
+    mut entry: AuditEntry,
+    outcome: &ApiResult<Sent>,
+    message_id: Option<String>,
+) {
+    entry.outcome = match outcome {
+        Ok(sent) if sent.replayed => "replayed".to_owned(),
+        Ok(_) => "sent".to_owned(),
+        Err(err) => err.code().to_ascii_lowercase(),
+    };
+    entry.detail = message_id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
+    if let Err(err) = store.record_audit(&entry).await {
+        // The send already happened (or was refused); the gap is logged, not answered.
+        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
+    }
+}
+
+async fn send_once(
+    store: &Store,
+    config: &Config,
+    http: &reqwest::Client,
+    request: SendSmsRequest,
+    message_id: &mut Option<String>,
+) -> ApiResult<Sent> {
+    let api =
+        TwilioApi::from_config(http, &config.twilio).ok_or(ApiError::NotConfigured("Twilio"))?;
+    let sender = config
+        .twilio
+        .sender
+        .as_ref()
+        .ok_or(ApiError::NotConfigured("the Twilio sender"))?;
+    let valid = validate(request, &config.sms.allowed_prefixes)?;
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let limits = SmsLimits {
+        per_recipient_per_hour: config.sms.max_per_recipient_per_hour,
+        per_minute: config.sms.max_per_minute,
+    };
+    let new = NewSms {
+        id: &id,
+        idempotency_key: valid.idempotency_key.as_deref(),
+        to_number: &valid.to,
+        body: &valid.body,
+        status: STATUS_ACCEPTED,
+    };
+    let message = match store.reserve_sms(new, limits, now_ms).await? {
+        Reservation::Created(message) => message,
+        Reservation::Existing(message) => {
+            *message_id = Some(message.id.clone());
+            if message.to_number != valid.to || message.body != valid.body {
+                return Err(ApiError::Conflict(
+                    "idempotency_key was already used for a different message".to_owned(),
+                ));
+            }
+            return Ok(Sent {
+                receipt: SmsReceipt::from(&message),
+                replayed: true,
+            });
+        }
+        Reservation::Limited { retry_after_ms } => {
+            let retry_after_secs = u64::try_from(retry_after_ms).unwrap_or(1).div_ceil(1000);
+            return Err(ApiError::RateLimited {
+                message: "the SMS send limit is reached; try again later".to_owned(),
+                retry_after_secs: retry_after_secs.max(1),
+            });
+        }
+    };
+
+    *message_id = Some(message.id.clone());
+    let callback = config.public_url.as_ref().map(super::status_callback_url);
+    let mut form: Vec<(&str, &str)> = vec![("To", &valid.to), ("Body", &valid.body)];
+    form.push(match sender {
+        SmsSender::From(number) => ("From", number),
+        SmsSender::MessagingService(sid) => ("MessagingServiceSid", sid),
+    });
+    if let Some(callback) = &callback {
+        form.push(("StatusCallback", callback));
+    }
+    deliver(
+        store,
+        &api,
+        &form,
+        &message.id,
+        config.twilio.retry_base_delay,
+    )
+    .await
+}
+
+/// Hands the reserved message `id` to Twilio and records what came of it.
+async fn deliver(
+    store: &Store,
+    api: &TwilioApi,
+    form: &[(&str, &str)],
+    id: &str,
+    retry_base_delay: Duration,
+) -> ApiResult<Sent> {
+    match create_with_retries(api, form, retry_base_delay).await {
+        Ok(created) => {
+            let result = SendResult {
+                status: &created.status,
+                twilio_sid: Some(&created.sid),
+                error_code: None,
+                error_message: None,
+            };
+            if let Err(err) = store.record_sms_send(id, result, now_ms()).await {
+                // The text is on its way; failing the request now would invite a resend.
+                tracing::error!(%id, sid = %created.sid, error = format!("{err:#}"),
+                    "SMS sent but its SID was not stored");
+            }
+            Ok(Sent {
+                receipt: SmsReceipt {
+                    id: id.to_owned(),
+                    sid: Some(created.sid),
+                    status: created.status,
+                },
+                replayed: false,
+            })
+        }
+        Err(err) => Err(record_failure(store, id, err).await),
+    }
+}
+
+/// Calls Twilio, repeating only what Twilio certainly did not act on (throttled, or never
+/// connected), with doubling pauses.
+async fn create_with_retries(
+    api: &TwilioApi,
+    form: &[(&str, &str)],
+    base_delay: Duration,
+) -> Result<MessageResource, CallError> {
+    let mut attempt = 1;
+    loop {
+        let err = match api.create_message(form).await {
+            Ok(created) => return Ok(created),
+            Err(err) => err,
+        };
+        let asked = match &err {
+            CallError::Throttled { retry_after } => *retry_after,
+            CallError::NotSent(_) => None,
+            CallError::Rejected { .. } | CallError::Unconfirmed(_) => return Err(err),
+        };
+        if attempt >= MAX_ATTEMPTS {
+            return Err(err);
+        }
+        let backoff = base_delay.saturating_mul(2u32.saturating_pow(attempt - 1));
+        let pause = asked
+            .map_or(backoff, |asked| asked.max(backoff))
+            .min(MAX_RETRY_PAUSE);
+        tracing::info!(attempt, pause_ms = pause.as_millis(), reason = %err, "retrying Twilio");
+        tokio::time::sleep(pause).await;
+        attempt += 1;
+    }
+}
+
+/// Stores why the send failed and maps it to the answer.
+async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
+    let (status, code, detail, answer) = match &err {
+        CallError::Rejected { http_status, body } => {
+            let detail = body.describe(*http_status);
+            let answer = match body.code {
+                Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail.clone()),
+                _ => ApiError::UpstreamUnavailable(format!("Twilio refused the message: {detail}")),
+            };
+            (STATUS_FAILED, body.code, detail, answer)
+        }
+        CallError::Throttled { .. } | CallError::NotSent(_) => (
+            STATUS_FAILED,
+            None,
+            err.to_string(),
+            ApiError::UpstreamUnavailable(format!(
+                "Twilio did not take the message after {MAX_ATTEMPTS} attempts"
+            )),
+        ),
+        CallError::Unconfirmed(_) => (
+            STATUS_UNKNOWN,
+            None,
+            err.to_string(),
+            ApiError::UpstreamUnavailable(
+                "Twilio did not confirm the message; it may still be delivered, so it was not \
+                 sent again"
+                    .to_owned(),
+            ),
+        ),
+    };
+    tracing::warn!(id, status, error = %detail, "SMS not sent");
+    let result = SendResult {
+        status,
+        twilio_sid: None,
+        error_code: code,
+        error_message: Some(&detail),
+    };
+    if let Err(store_err) = store.record_sms_send(id, result, now_ms()).await {
+        tracing::error!(
+            id,
+            error = format!("{store_err:#}"),
+            "SMS failure not stored"
+        );
+    }
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(to: &str, body: &str, key: Option<&str>) -> SendSmsRequest {
+        SendSmsRequest {
+            to: Some(to.to_owned()),
+            body: Some(body.to_owned()),
+            idempotency_key: key.map(str::to_owned),
+        }
+    }
+
+    fn field_of(result: ApiResult<Valid>) -> String {
+        match result {
+            Err(ApiError::ValidationFailed { field, .. }) => field,
+            Err(other) => panic!("not a validation failure: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let none: &[String] = &[];
+        assert_eq!(
+            field_of(validate(request("12025550123", "hi", None), none)),
+            "to"
+        );
+        assert_eq!(field_of(validate(request("+0123", "hi", None), none)), "to");
+        let uk = ["+44".to_owned()];
+        assert_eq!(
+            field_of(validate(request("+12025550123", "hi", None), &uk)),
+            "to"
+        );
+        assert_eq!(
+            field_of(validate(request("+12025550123", "", None), none)),
+            "body"
+        );
+        let long = "é".repeat(MAX_BODY_CHARS + 1);
+        assert_eq!(
+            field_of(validate(request("+12025550123", &long, None), none)),
+            "body"
+        );
+        let key = "k".repeat(MAX_IDEMPOTENCY_KEY_CHARS + 1);
+        assert_eq!(
+            field_of(validate(request("+12025550123", "hi", Some(&key)), none)),
+            "idempotency_key"
+        );
+        let missing = SendSmsRequest {
+            to: Some("+12025550123".to_owned()),
+            body: None,
+            idempotency_key: None,
+        };
+        assert_eq!(field_of(validate(missing, none)), "body");
+    }
+
+    #[test]
+    fn the_limits_are_inclusive() {
+        let none: &[String] = &[];
+        let longest = "é".repeat(MAX_BODY_CHARS);
+        let key = "k".repeat(MAX_IDEMPOTENCY_KEY_CHARS);
+        assert!(
+            validate(
+                request("+447700900123", &longest, Some(&key)),
+                &["+44".to_owned()]
+            )
+            .is_ok()
+        );
+        assert!(validate(request("+12025550123", "x", None), none).is_ok());
+    }
+}

@@ -1,0 +1,127 @@
+//! Delivery-status callbacks: Twilio posts `MessageSid`, `MessageStatus` and, on failure,
+//! `ErrorCode` to the `StatusCallback` URL, signed with the auth token.
+
+use secrecy::ExposeSecret as _;
+
+use crate::config::Config;
+use crate::error::{ApiError, ApiResult};
+use crate::store::{StatusChange, Store, now_ms};
+
+/// Where each status stands in a message's life; a status only replaces a lower one. The final
+/// outcomes share a rank, so the first to arrive stays. (`read` follows `delivered` on channels
+/// that report it.) Statuses outside the table are ignored.
+pub const STATUS_RANKS: &[(&str, i64)] = &[
+    ("accepted", 0),
+    ("scheduled", 0),
+    ("queued", 1),
+    ("sending", 2),
+    ("sent", 3),
+    ("delivered", 4),
+    ("undelivered", 4),
+    ("failed", 4),
+    ("canceled", 4),
+    ("partially_delivered", 4),
+    ("read", 5),
+];
+
+pub fn rank(status: &str) -> Option<i64> {
+    STATUS_RANKS
+        .iter()
+        .find(|(name, _)| *name == status)
+        .map(|(_, rank)| *rank)
+}
+
+/// A status callback as it reached us.
+#[derive(Debug)]
+pub struct Callback<'a> {
+    pub signature: Option<&'a str>,
+    /// The query string of the request, if any (Twilio signs the whole URL).
+    pub query: Option<&'a str>,
+    /// The form-encoded body.
+    pub body: &'a [u8],
+}
+
+/// Checks the signature, then moves the message forward. Nothing is written unless the
+/// signature is Twilio's.
+pub async fn apply_callback(
+    store: &Store,
+    config: &Config,
+    callback: Callback<'_>,
+) -> ApiResult<()> {
+    let token = config
+        .twilio
+        .auth_token
+        .as_ref()
+        .ok_or(ApiError::NotConfigured("Twilio"))?;
+    // The signature covers the URL Twilio called; only PUBLIC_URL says what that was.
+    let public_url = config
+        .public_url
+        .as_ref()
+        .ok_or(ApiError::NotConfigured("PUBLIC_URL"))?;
+    let mut url = super::status_callback_url(public_url);
+    if let Some(query) = callback.query.filter(|query| !query.is_empty()) {
+        url.push('?');
+        url.push_str(query);
+    }
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(callback.body)
+        .into_owned()
+        .collect();
+    let signature = callback
+        .signature
+        .ok_or_else(|| ApiError::InvalidSignature("X-Twilio-Signature is missing".to_owned()))?;
+    if !super::signature::is_valid(token.expose_secret().as_bytes(), &url, &params, signature) {
+        return Err(ApiError::InvalidSignature(
+            "X-Twilio-Signature does not match this request".to_owned(),
+        ));
+    }
+
+    let field = |name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    let sid = field("MessageSid")
+        .ok_or_else(|| ApiError::InvalidRequest("MessageSid is missing".to_owned()))?;
+    let status = field("MessageStatus")
+        .ok_or_else(|| ApiError::InvalidRequest("MessageStatus is missing".to_owned()))?;
+    let Some(rank) = rank(status) else {
+        tracing::warn!(
+            sid,
+            status,
+            "Twilio status callback with an unknown status ignored"
+        );
+        return Ok(());
+    };
+    // Twilio sends an empty or absent ErrorCode when there is none; a garbled one is dropped
+    // rather than refusing a signed callback.
+    let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
+    match store
+        .apply_sms_status(sid, status, rank, error_code, now_ms())
+        .await?
+    {
+        StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),
+        StatusChange::Stale => tracing::debug!(sid, status, "late SMS status ignored"),
+        StatusChange::UnknownSid => {
+            tracing::warn!(
+                sid,
+                status,
+                "Twilio status callback for a message we do not know"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_only_move_forward() {
+        assert!(rank("queued") < rank("sent"));
+        assert!(rank("sent") < rank("delivered"));
+        assert_eq!(rank("delivered"), rank("undelivered"));
+        assert_eq!(rank("receiving"), None);
+    }
+}

@@ -1,0 +1,292 @@
+//! A stand-in for Twilio's REST API: records each request (form fields, basic auth) and answers
+//! with Twilio's real shapes, or as the test scripts it (errors, throttling, hanging).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::support::{TestServer, serve_app};
+
+/// How the fake answers one `Messages.json` request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// 201 with a new message resource.
+    Created,
+    /// An error in Twilio's shape.
+    Error {
+        http: u16,
+        code: i64,
+        message: &'static str,
+    },
+    /// Reads the request, then never answers: the caller times out after sending.
+    Hang,
+}
+
+impl Reply {
+    pub fn throttled() -> Self {
+        Reply::Error {
+            http: 429,
+            code: 20429,
+            message: "Too Many Requests",
+        }
+    }
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub form: Vec<(String, String)>,
+    pub basic_auth: Option<(String, String)>,
+}
+
+impl Recorded {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+struct Shared {
+    account_sid: String,
+    auth_token: String,
+    requests: Mutex<Vec<Recorded>>,
+    script: Mutex<VecDeque<Reply>>,
+    latency: Mutex<Duration>,
+}
+
+pub struct FakeTwilio {
+    pub base: String,
+    shared: Arc<Shared>,
+    _server: TestServer,
+}
+
+impl FakeTwilio {
+    /// A fake account `account_sid` whose API takes `auth_token`.
+    pub async fn start(account_sid: &str, auth_token: &str) -> Self {
+        let shared = Arc::new(Shared {
+            account_sid: account_sid.to_owned(),
+            auth_token: auth_token.to_owned(),
+            requests: Mutex::new(Vec::new()),
+            script: Mutex::new(VecDeque::new()),
+            latency: Mutex::new(Duration::ZERO),
+        });
+        let app = Router::new()
+            .route("/2010-04-01/Accounts/{account}/Messages.json", post(create))
+            .route("/2010-04-01/Accounts/{account}", get(account))
+            .with_state(shared.clone());
+        let server = serve_app(app, Duration::from_millis(100)).await;
+        Self {
+            base: server.url(""),
+            shared,
+            _server: server,
+        }
+    }
+
+    /// The next answers, in order; after them every request gets `Reply::Created`.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    /// A pause before each answer, to widen the window in which concurrent sends overlap.
+    pub fn set_latency(&self, latency: Duration) {
+        *self.shared.latency.lock().unwrap() = latency;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+}
+
+fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+fn error(http: u16, code: i64, message: &str) -> Response {
+    let status = StatusCode::from_u16(http).unwrap();
+    let body = json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": http,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+fn authenticated(shared: &Shared, account: &str, headers: &HeaderMap) -> bool {
+    account == shared.account_sid
+        && basic_auth(headers) == Some((shared.account_sid.clone(), shared.auth_token.clone()))
+}
+
+async fn create(
+    State(shared): State<Arc<Shared>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let recorded = Recorded {
+        form,
+        basic_auth: basic_auth(&headers),
+    };
+    shared.requests.lock().unwrap().push(recorded.clone());
+    if !authenticated(&shared, &account, &headers) {
+        return error(401, 20003, "Authenticate");
+    }
+    let latency = *shared.latency.lock().unwrap();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let reply = shared
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Reply::Created);
+    match reply {
+        Reply::Created => (
+            StatusCode::CREATED,
+            axum::Json(message(&account, &recorded)),
+        )
+            .into_response(),
+        Reply::Error {
+            http,
+            code,
+            message,
+        } => error(http, code, message),
+        Reply::Hang => std::future::pending().await,
+    }
+}
+
+/// A message resource as Twilio's API returns it on creation.
+fn message(account: &str, request: &Recorded) -> Value {
+    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+    let service = request.field("MessagingServiceSid");
+    let now = "Thu, 26 Nov 2026 10:00:00 +0000";
+    json!({
+        "account_sid": account,
+        "api_version": "2010-04-01",
+        "body": request.field("Body"),
+        "date_created": now,
+        "date_sent": null,
+        "date_updated": now,
+        "direction": "outbound-api",
+        "error_code": null,
+        "error_message": null,
+        "from": request.field("From"),
+        "messaging_service_sid": service,
+        "num_media": "0",
+        // A Messaging Service picks the sender later, so it reports 0 segments at first.
+        "num_segments": if service.is_some() { "0" } else { "1" },
+        "price": null,
+        "price_unit": "USD",
+        "sid": sid,
+        // Twilio answers `accepted` for a Messaging Service, `queued` for a From number.
+        "status": if service.is_some() { "accepted" } else { "queued" },
+        "subresource_uris": {
+            "media": format!("/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"),
+        },
+        "to": request.field("To"),
+        "uri": format!("/2010-04-01/Accounts/{account}/Messages/{sid}.json"),
+    })
+}
+
+async fn account(
+    State(shared): State<Arc<Shared>>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let account = file.strip_suffix(".json").unwrap_or_default();
+    if !authenticated(&shared, account, &headers) {
+        return error(401, 20003, "Authenticate");
+    }
+    axum::Json(json!({
+        "sid": account,
+        "friendly_name": "edgegate test account",
+        "status": "active",
+        "type": "Full",
+        "date_created": "Thu, 26 Nov 2026 10:00:00 +0000",
+        "uri": format!("/2010-04-01/Accounts/{account}.json"),
+    }))
+    .into_response()
+}
+
+/// A Twilio that reads each request whole, then closes the connection without a word: the
+/// request was delivered, its outcome never comes back.
+pub struct ClosingTwilio {
+    pub base: String,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClosingTwilio {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                read_request(&mut socket).await;
+                // Dropped here: closed after the whole request was read.
+            }
+        });
+        Self {
+            base,
+            connections,
+            task,
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ClosingTwilio {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 request: the head, then `Content-Length` bytes of body.
+async fn read_request(socket: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            if received.len() >= end + 4 + length {
+                return;
+            }
+        }
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => received.extend_from_slice(&chunk[..read]),
+        }
+    }
+}

@@ -1,0 +1,808 @@
+//! `send-sms` and `twilio-status` through HTTP against a fake Twilio: the request Twilio gets,
+//! validation, idempotency and the send limits across two instances on one database, retries
+//! that can never text twice, and signed status callbacks (signatures from Twilio's own library).
+
+use std::time::Duration;
+
+use edgegate::AppState;
+use edgegate::twilio::signature;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use crate::fake_twilio::{ClosingTwilio, FakeTwilio, Reply};
+use crate::support::{TestDb, TestServer, serve_app};
+use crate::test_db;
+
+const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+const FROM: &str = "+15005550006";
+const SERVICE: &str = "MG0123456789abcdef0123456789abcdef";
+const PUBLIC_URL: &str = "https://edgegate.example.com";
+const CALLBACK_URL: &str = "https://edgegate.example.com/functions/v1/twilio-status";
+const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
+const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
+
+/// One edgegate instance with Twilio pointed at `fake` (or unconfigured when `fake` is None).
+struct Instance {
+    server: TestServer,
+    state: AppState,
+}
+
+async fn instance(db: &TestDb, fake: Option<&FakeTwilio>, extra: &[(&str, &str)]) -> Instance {
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let publishable_keys = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
+    let mut vars = vec![
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("SUPABASE_PUBLISHABLE_KEYS", publishable_keys.as_str()),
+    ];
+    if let Some(fake) = fake {
+        vars.extend([
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("TWILIO_API_BASE", fake.base.as_str()),
+        ]);
+    }
+    let sender_given = extra
+        .iter()
+        .any(|(name, _)| name.starts_with("TWILIO_FROM") || name.starts_with("TWILIO_MESSAGING"));
+    if fake.is_some() && !sender_given {
+        vars.push(("TWILIO_FROM_NUMBER", FROM));
+    }
+    if !extra.iter().any(|(name, _)| *name == "PUBLIC_URL") {
+        vars.push(("PUBLIC_URL", PUBLIC_URL));
+    }
+    vars.extend_from_slice(extra);
+    vars.retain(|(_, value)| !value.is_empty());
+    let mut config = db.config(&vars);
+    // Short enough for tests; the retry and timeout logic is the same at any length.
+    config.twilio.request_timeout = Duration::from_millis(500);
+    config.twilio.retry_base_delay = Duration::from_millis(5);
+    let state = AppState::new(config, db.store().await);
+    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(1)).await;
+    Instance { server, state }
+}
+
+/// A fresh database, a fake Twilio, and one instance on them; returns from the test when the
+/// database is not available (see `test_db!`).
+macro_rules! one_instance {
+    ($extra:expr) => {{
+        let db = test_db!();
+        let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+        let app = instance(&db, Some(&fake), $extra).await;
+        (db, fake, app)
+    }};
+}
+
+/// Like `one_instance!`, with two instances on the one database (as two machines would be).
+macro_rules! two_instances {
+    ($extra:expr) => {{
+        let db = test_db!();
+        let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+        let a = instance(&db, Some(&fake), $extra).await;
+        let b = instance(&db, Some(&fake), $extra).await;
+        (db, fake, a, b)
+    }};
+}
+
+struct Answer {
+    status: u16,
+    retry_after: Option<u64>,
+    body: Value,
+}
+
+async fn post_sms(instance: &Instance, key: &str, body: &str) -> Answer {
+    let response = instance
+        .server
+        .client
+        .post(instance.server.url("/functions/v1/send-sms"))
+        .header("apikey", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().parse().unwrap());
+    let body = response.json().await.unwrap_or(Value::Null);
+    Answer {
+        status,
+        retry_after,
+        body,
+    }
+}
+
+async fn send(instance: &Instance, body: Value) -> Answer {
+    post_sms(instance, SECRET_KEY, &body.to_string()).await
+}
+
+fn assert_error(answer: &Answer, status: u16, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.body["code"], code, "{}", answer.body);
+}
+
+async fn stored(instance: &Instance, answer: &Answer) -> edgegate::store::SmsMessage {
+    let id = answer.body["id"].as_str().expect("an id");
+    instance
+        .state
+        .store
+        .sms_message(id)
+        .await
+        .unwrap()
+        .expect("the row")
+}
+
+async fn only_message_status(instance: &Instance) -> (String, Option<i64>) {
+    let audit = instance.state.store.recent_audit(1).await.unwrap();
+    let detail: Value = serde_json::from_str(audit[0].detail.as_deref().expect("detail")).unwrap();
+    let id = detail["sms_id"].as_str().unwrap();
+    let row = instance.state.store.sms_message(id).await.unwrap().unwrap();
+    (row.status, row.error_code)
+}
+
+/// Sends one text to `to`, expects 502 `UPSTREAM_UNAVAILABLE`, and the row left `row_status`.
+async fn expect_upstream_failure(app: &Instance, to: &str, row_status: &str) -> Answer {
+    let answer = send(app, json!({"to": to, "body": "hi"})).await;
+    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    assert_eq!(only_message_status(app).await.0, row_status);
+    answer
+}
+
+#[tokio::test]
+async fn sms_sends_a_form_with_basic_auth_and_a_status_callback_and_stores_the_sid() {
+    let (_db, fake, app) = one_instance!(&[]);
+
+    let answer = send(
+        &app,
+        json!({"to": "+12025550123", "body": "Your code is 123456"}),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let sid = answer.body["sid"].as_str().unwrap().to_owned();
+    assert!(sid.starts_with("SM") && sid.len() == 34, "{sid}");
+    assert_eq!(answer.body["status"], "queued");
+
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(
+        request.basic_auth,
+        Some((ACCOUNT.to_owned(), TOKEN.to_owned()))
+    );
+    assert_eq!(request.field("To"), Some("+12025550123"));
+    assert_eq!(request.field("Body"), Some("Your code is 123456"));
+    assert_eq!(request.field("From"), Some(FROM));
+    assert_eq!(request.field("MessagingServiceSid"), None);
+    assert_eq!(request.field("StatusCallback"), Some(CALLBACK_URL));
+
+    let row = stored(&app, &answer).await;
+    assert_eq!(row.twilio_sid.as_deref(), Some(sid.as_str()));
+    assert_eq!(row.status, "queued");
+    assert_eq!(row.to_number, "+12025550123");
+
+    let audit = app.state.store.recent_audit(1).await.unwrap();
+    assert_eq!(audit[0].action, "send_sms");
+    assert_eq!(audit[0].outcome, "sent");
+    assert_eq!(audit[0].credential_source, "api_key");
+    assert!(!audit[0].detail.as_deref().unwrap_or("").contains(TOKEN));
+}
+
+#[tokio::test]
+async fn sms_through_a_messaging_service_without_public_url_sends_no_from_and_no_callback() {
+    let (_db, fake, app) = one_instance!(&[
+        ("TWILIO_MESSAGING_SERVICE_SID", SERVICE),
+        ("PUBLIC_URL", ""),
+    ]);
+
+    let answer = send(&app, json!({"to": "+447700900123", "body": "hello"})).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(answer.body["status"], "accepted");
+    let request = &fake.requests()[0];
+    assert_eq!(request.field("MessagingServiceSid"), Some(SERVICE));
+    assert_eq!(request.field("From"), None);
+    assert_eq!(request.field("StatusCallback"), None);
+}
+
+#[tokio::test]
+async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twilio() {
+    let (_db, fake, app) = one_instance!(&[("SMS_ALLOWED_PREFIXES", "+1,+44")]);
+
+    let long_body = "x".repeat(1601);
+    let long_key = "k".repeat(256);
+    let cases = [
+        (json!({"to": "2025550123", "body": "hi"}), "to"),
+        (json!({"to": "+33612345678", "body": "hi"}), "to"),
+        (json!({"body": "hi"}), "to"),
+        (json!({"to": "+12025550123", "body": ""}), "body"),
+        (json!({"to": "+12025550123", "body": long_body}), "body"),
+        (json!({"to": "+12025550123"}), "body"),
+        (
+            json!({"to": "+12025550123", "body": "hi", "idempotency_key": long_key}),
+            "idempotency_key",
+        ),
+    ];
+    for (body, field) in cases {
+        let answer = send(&app, body.clone()).await;
+        assert_error(&answer, 422, "VALIDATION_FAILED");
+        let message = answer.body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{body}: {message}"
+        );
+    }
+
+    let answer = post_sms(&app, SECRET_KEY, "{\"to\": \"+1202").await;
+    assert_error(&answer, 400, "INVALID_REQUEST");
+    let answer = post_sms(&app, SECRET_KEY, r#"{"to": 12025550123, "body": "hi"}"#).await;
+    assert_error(&answer, 400, "INVALID_REQUEST");
+
+    // The longest body and key are accepted.
+    let longest = json!({"to": "+447700900123", "body": "é".repeat(1600), "idempotency_key": "k".repeat(255)});
+    assert_eq!(send(&app, longest).await.status, 202);
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn sms_needs_the_service_role_and_twilio_configured() {
+    let (db, fake, app) = one_instance!(&[]);
+    let body = json!({"to": "+12025550123", "body": "hi"}).to_string();
+    let answer = post_sms(&app, PUBLISHABLE_KEY, &body).await;
+    assert_error(&answer, 403, "FORBIDDEN_ROLE");
+
+    let unconfigured = instance(&db, None, &[]).await;
+    let answer = send(&unconfigured, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_error(&answer, 503, "NOT_CONFIGURED");
+    assert!(fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently() {
+    let (_db, fake, a, b) = two_instances!(&[]);
+    let message = json!({"to": "+12025550123", "body": "once", "idempotency_key": "order-1"});
+
+    let first = send(&a, message.clone()).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let again = send(&b, message.clone()).await;
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.body, first.body);
+    assert_eq!(fake.requests().len(), 1);
+
+    // The same key for another message is a conflict, not a silent replay.
+    let other = json!({"to": "+12025550123", "body": "twice", "idempotency_key": "order-1"});
+    assert_error(&send(&b, other).await, 409, "CONFLICT");
+
+    // Eight at once, split over both instances, while Twilio is slow to answer.
+    fake.set_latency(Duration::from_millis(100));
+    let message = json!({"to": "+12025550124", "body": "race", "idempotency_key": "order-2"});
+    let answers = join_all((0..8).map(|i| {
+        let target = if i % 2 == 0 { &a } else { &b };
+        send(target, message.clone())
+    }))
+    .await;
+    let ids: Vec<&Value> = answers.iter().map(|answer| &answer.body["id"]).collect();
+    assert!(answers.iter().all(|answer| answer.status == 202), "{ids:?}");
+    assert!(
+        ids.iter().all(|id| *id == ids[0] && id.is_string()),
+        "{ids:?}"
+    );
+    assert_eq!(fake.requests().len(), 2, "order-2 was sent more than once");
+
+    let audit = a.state.store.recent_audit(20).await.unwrap();
+    let replayed = audit.iter().filter(|e| e.outcome == "replayed").count();
+    assert_eq!(replayed, 8, "one replay for order-1, seven for order-2");
+}
+
+#[tokio::test]
+async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
+    let (_db, fake, app) = one_instance!(&[]);
+    // Twilio answers after the caller gives up, within edgegate's own timeout (500 ms here).
+    fake.set_latency(Duration::from_millis(400));
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "hang-up"});
+    let impatient = app
+        .server
+        .client
+        .post(app.server.url("/functions/v1/send-sms"))
+        .header("apikey", SECRET_KEY)
+        .json(&message)
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the caller was meant to give up first");
+
+    // The first send goes on without its caller: its answer and its audit row are recorded.
+    let mut sent_audited = false;
+    for _ in 0..250 {
+        let audit = app.state.store.recent_audit(10).await.unwrap();
+        sent_audited = audit.iter().any(|entry| entry.outcome == "sent");
+        if sent_audited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sent_audited, "the abandoned send was never recorded");
+    // The caller's retry with the same key gets that message and sends nothing.
+    let replay = send(&app, message).await;
+    assert_eq!(replay.status, 202, "{}", replay.body);
+    assert_eq!(replay.body["status"], "queued", "{}", replay.body);
+    assert!(replay.body["sid"].is_string(), "{}", replay.body);
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn sms_per_recipient_limit_holds_across_instances_with_retry_after() {
+    let limit = [("SMS_MAX_PER_RECIPIENT_PER_HOUR", "2")];
+    let (_db, fake, a, b) = two_instances!(&limit);
+    let to_alice = json!({"to": "+12025550123", "body": "code"});
+    assert_eq!(send(&a, to_alice.clone()).await.status, 202);
+    assert_eq!(send(&b, to_alice.clone()).await.status, 202);
+
+    let refused = send(&a, to_alice.clone()).await;
+    assert_error(&refused, 429, "RATE_LIMITED");
+    let retry_after = refused.retry_after.expect("Retry-After");
+    assert!((3590..=3600).contains(&retry_after), "{retry_after}");
+    assert_error(&send(&b, to_alice).await, 429, "RATE_LIMITED");
+
+    let to_bob = json!({"to": "+12025550199", "body": "code"});
+    assert_eq!(send(&b, to_bob).await.status, 202);
+    assert_eq!(fake.requests().len(), 3);
+    let audit = a.state.store.recent_audit(10).await.unwrap();
+    assert_eq!(
+        audit.iter().filter(|e| e.outcome == "rate_limited").count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two_instances() {
+    let limit = [("SMS_MAX_PER_MINUTE", "3")];
+    let (_db, fake, a, b) = two_instances!(&limit);
+    let answers = join_all((0..8).map(|i| {
+        let target = if i % 2 == 0 { &a } else { &b };
+        send(
+            target,
+            json!({"to": format!("+1202555010{i}"), "body": "hi"}),
+        )
+    }))
+    .await;
+    let accepted = answers.iter().filter(|a| a.status == 202).count();
+    let limited: Vec<&Answer> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(accepted, 3);
+    assert_eq!(limited.len(), 5);
+    for answer in limited {
+        assert_error(answer, 429, "RATE_LIMITED");
+        let retry_after = answer.retry_after.expect("Retry-After");
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+    }
+    assert_eq!(fake.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn sms_numbers_twilio_refuses_are_422_naming_to() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let refusals = [
+        (
+            21211,
+            "The 'To' number +12025550120 is not a valid phone number.",
+            422,
+        ),
+        (21614, "'To' number is not a valid mobile number", 422),
+        (
+            21612,
+            "The 'To' phone number is not currently reachable via SMS",
+            422,
+        ),
+        (
+            21408,
+            "Permission to send an SMS has not been enabled for the region",
+            422,
+        ),
+        (21610, "Attempt to send to unsubscribed recipient", 422),
+        // Not about the recipient: Twilio's (or our configuration's) failure, not the caller's.
+        (
+            21606,
+            "The 'From' phone number provided is not a valid message-capable Twilio phone number.",
+            502,
+        ),
+    ];
+    for (i, (code, message, expected)) in refusals.into_iter().enumerate() {
+        fake.script([Reply::Error {
+            http: 400,
+            code,
+            message,
+        }]);
+        let to = format!("+1202555012{i}");
+        let answer = send(&app, json!({"to": to, "body": "hi"})).await;
+        assert_eq!(answer.status, expected, "{code}: {}", answer.body);
+        let text = answer.body["message"].as_str().unwrap();
+        if expected == 422 {
+            assert_eq!(answer.body["code"], "VALIDATION_FAILED");
+            assert!(
+                text.starts_with("to:") && text.contains(&code.to_string()),
+                "{text}"
+            );
+        } else {
+            assert_eq!(answer.body["code"], "UPSTREAM_UNAVAILABLE");
+        }
+        assert_eq!(
+            only_message_status(&app).await,
+            ("failed".to_owned(), Some(code))
+        );
+    }
+    assert_eq!(
+        fake.requests().len(),
+        refusals.len(),
+        "refusals are not retried"
+    );
+}
+
+#[tokio::test]
+async fn sms_throttling_is_retried_then_succeeds_or_gives_502() {
+    let (_db, fake, app) = one_instance!(&[]);
+
+    fake.script([
+        Reply::throttled(),
+        Reply::Error {
+            http: 503,
+            code: 20429,
+            message: "Too Many Requests",
+        },
+    ]);
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(stored(&app, &answer).await.status, "queued");
+
+    fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
+    expect_upstream_failure(&app, "+12025550124", "failed").await;
+    assert_eq!(fake.requests().len(), 6);
+}
+
+#[tokio::test]
+async fn sms_a_timeout_after_sending_is_never_retried() {
+    let (_db, fake, app) = one_instance!(&[]);
+
+    fake.script([Reply::Hang]);
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "a request Twilio may have seen was sent again"
+    );
+    let audit = app.state.store.recent_audit(1).await.unwrap();
+    assert_eq!(audit[0].outcome, "upstream_unavailable");
+
+    // A server error is no proof that nothing was created either.
+    fake.script([Reply::Error {
+        http: 500,
+        code: 20500,
+        message: "Internal Server Error",
+    }]);
+    expect_upstream_failure(&app, "+12025550124", "unknown").await;
+    assert_eq!(fake.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn sms_a_connection_closed_after_the_request_was_written_is_never_retried() {
+    let db = test_db!();
+    let closing = ClosingTwilio::start().await;
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(&db, Some(&fake), &[("TWILIO_API_BASE", &closing.base)]).await;
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
+    assert_eq!(
+        closing.connections(),
+        1,
+        "a delivered request was sent again"
+    );
+}
+
+#[tokio::test]
+async fn sms_a_refused_connection_is_retried_then_marked_failed() {
+    let db = test_db!();
+    // A port that was free a moment ago: nothing listens there.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(&db, Some(&fake), &[("TWILIO_API_BASE", &closed)]).await;
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    assert!(
+        answer.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 attempts")
+    );
+    assert_eq!(only_message_status(&app).await.0, "failed");
+}
+
+/// Posts a status callback signed with `token` (by our own signer; Twilio's library signs in
+/// `sms_status_signatures_made_by_twilios_library`).
+async fn callback(app: &Instance, params: &[(&str, &str)], token: &str) -> u16 {
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let signature = signature::compute(token.as_bytes(), CALLBACK_URL, &owned);
+    post_callback(app, params, Some(&signature)).await
+}
+
+async fn post_callback(app: &Instance, params: &[(&str, &str)], signature: Option<&str>) -> u16 {
+    let (status, body) = post_callback_answer(app, params, signature).await;
+    if status == 400 {
+        assert_eq!(body["code"], "INVALID_SIGNATURE", "{body}");
+    }
+    status
+}
+
+async fn post_callback_answer(
+    app: &Instance,
+    params: &[(&str, &str)],
+    signature: Option<&str>,
+) -> (u16, Value) {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    let mut request = app
+        .server
+        .client
+        .post(app.server.url("/functions/v1/twilio-status"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    if let Some(signature) = signature {
+        request = request.header("x-twilio-signature", signature);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn status_params<'a>(sid: &'a str, status: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("AccountSid", ACCOUNT),
+        ("ApiVersion", "2010-04-01"),
+        ("From", FROM),
+        ("MessageSid", sid),
+        ("MessageStatus", status),
+        ("SmsSid", sid),
+        ("SmsStatus", status),
+        ("To", "+12025550123"),
+    ]
+}
+
+#[tokio::test]
+async fn sms_status_only_moves_forward_even_out_of_order_or_concurrently() {
+    let (_db, _fake, a, b) = two_instances!(&[]);
+    let answer = send(&a, json!({"to": "+12025550123", "body": "hi"})).await;
+    let sid = answer.body["sid"].as_str().unwrap().to_owned();
+
+    assert_eq!(callback(&a, &status_params(&sid, "sent"), TOKEN).await, 204);
+    assert_eq!(stored(&a, &answer).await.status, "sent");
+    assert_eq!(
+        callback(&b, &status_params(&sid, "delivered"), TOKEN).await,
+        204
+    );
+    // Late arrivals of earlier statuses change nothing.
+    for late in ["sent", "queued", "sending"] {
+        assert_eq!(callback(&a, &status_params(&sid, late), TOKEN).await, 204);
+    }
+    // Nor does a second final outcome.
+    let mut failed = status_params(&sid, "failed");
+    failed.push(("ErrorCode", "30003"));
+    assert_eq!(callback(&b, &failed, TOKEN).await, 204);
+    let row = stored(&a, &answer).await;
+    assert_eq!((row.status.as_str(), row.error_code), ("delivered", None));
+
+    // Racing callbacks on both instances settle on the latest status.
+    let answer = send(&a, json!({"to": "+12025550124", "body": "hi"})).await;
+    let sid = answer.body["sid"].as_str().unwrap().to_owned();
+    let mut undelivered = status_params(&sid, "undelivered");
+    undelivered.push(("ErrorCode", "30005"));
+    let sequence = ["sending", "sent", "queued", "sent", "sending"];
+    let mut posts: Vec<Vec<(&str, &str)>> =
+        sequence.iter().map(|s| status_params(&sid, s)).collect();
+    posts.insert(2, undelivered);
+    let codes = join_all(posts.iter().enumerate().map(|(i, params)| {
+        let target = if i % 2 == 0 { &a } else { &b };
+        callback(target, params, TOKEN)
+    }))
+    .await;
+    assert!(codes.iter().all(|code| *code == 204), "{codes:?}");
+    let row = stored(&a, &answer).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code),
+        ("undelivered", Some(30005))
+    );
+
+    // A message we never sent is acknowledged (Twilio must not retry it) and changes nothing.
+    let unknown = "SM00000000000000000000000000000000";
+    assert_eq!(
+        callback(&a, &status_params(unknown, "delivered"), TOKEN).await,
+        204
+    );
+}
+
+/// A signature made by Twilio's official Python library (`pip install twilio`), or None (after a
+/// notice) when it is not installed, except under CI=true where that fails the test.
+fn official_signature(token: &str, url: &str, params: &[(&str, &str)]) -> Option<String> {
+    const SCRIPT: &str = "import json, sys\n\
+try:\n    from twilio.request_validator import RequestValidator\n\
+except ImportError:\n    sys.exit(3)\n\
+token, url, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n\
+print(RequestValidator(token).compute_signature(url, params))\n";
+    let params: serde_json::Map<String, Value> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+        .collect();
+    let output = std::process::Command::new("python3")
+        .args(["-c", SCRIPT, token, url, &Value::Object(params).to_string()])
+        .output();
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    match output {
+        Ok(out) if out.status.success() => {
+            Some(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+        }
+        Ok(out) if out.status.code() == Some(3) && !in_ci => {
+            eprintln!("SKIPPED: the Python package twilio is not installed");
+            None
+        }
+        Err(err) if !in_ci => {
+            eprintln!("SKIPPED: python3 cannot run ({err})");
+            None
+        }
+        other => panic!("Twilio's Python library could not sign: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sms_status_signatures_made_by_twilios_library() {
+    let (_db, _fake, app) = one_instance!(&[]);
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    let sid = answer.body["sid"].as_str().unwrap().to_owned();
+    let params = status_params(&sid, "delivered");
+    let Some(valid) = official_signature(TOKEN, CALLBACK_URL, &params) else {
+        return;
+    };
+    // Sanity: our signer agrees with Twilio's on the same input.
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(
+        signature::compute(TOKEN.as_bytes(), CALLBACK_URL, &owned),
+        valid
+    );
+
+    // Tampered: signed for "delivered", posted as "failed".
+    let tampered = status_params(&sid, "failed");
+    assert_eq!(post_callback(&app, &tampered, Some(&valid)).await, 400);
+    // Another account's token.
+    let wrong = official_signature("0000000000000000000000000000dead", CALLBACK_URL, &params)
+        .expect("the library signed a moment ago");
+    assert_eq!(post_callback(&app, &params, Some(&wrong)).await, 400);
+    // No signature at all.
+    assert_eq!(post_callback(&app, &params, None).await, 400);
+    assert_eq!(
+        stored(&app, &answer).await.status,
+        "queued",
+        "a refused callback changed the row"
+    );
+
+    assert_eq!(post_callback(&app, &params, Some(&valid)).await, 204);
+    assert_eq!(stored(&app, &answer).await.status, "delivered");
+
+    // Twilio may sign the URL with its default port written out.
+    let with_port = official_signature(
+        TOKEN,
+        "https://edgegate.example.com:443/functions/v1/twilio-status",
+        &status_params(&sid, "read"),
+    )
+    .unwrap();
+    assert_eq!(
+        post_callback(&app, &status_params(&sid, "read"), Some(&with_port)).await,
+        204
+    );
+    assert_eq!(stored(&app, &answer).await.status, "read");
+}
+
+#[tokio::test]
+async fn sms_status_without_public_url_is_not_configured() {
+    let (_db, _fake, app) = one_instance!(&[("PUBLIC_URL", "")]);
+    let params = status_params("SM00000000000000000000000000000000", "sent");
+    let (status, body) = post_callback_answer(&app, &params, Some("x")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("NOT_CONFIGURED"))
+    );
+}
+
+#[tokio::test]
+async fn sms_check_reaches_the_twilio_account_without_printing_the_token() {
+    let (_db, _fake, app) = one_instance!(&[]);
+    let lines = edgegate::commands::check(&app.state.config).await;
+    let twilio = lines.iter().find(|line| line.item == "twilio").unwrap();
+    assert!(twilio.ok, "{}", twilio.detail);
+    assert!(twilio.detail.contains("active"), "{}", twilio.detail);
+
+    let wrong_token = "00000000000000000000000000000000";
+    let mut config = (*app.state.config).clone();
+    config.twilio.auth_token = Some(wrong_token.to_owned().into());
+    let lines = edgegate::commands::check(&config).await;
+    let twilio = lines.iter().find(|line| line.item == "twilio").unwrap();
+    assert!(!twilio.ok);
+    assert!(twilio.detail.contains("20003"), "{}", twilio.detail);
+    for line in &lines {
+        assert!(!line.detail.contains(wrong_token) && !line.detail.contains(TOKEN));
+    }
+}
+
+#[tokio::test]
+async fn sms_store_windows_slide_with_the_injected_clock() {
+    use edgegate::store::{NewSms, Reservation, SmsLimits};
+    let db = test_db!();
+    let store = db.store().await;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 2,
+        per_minute: 3,
+    };
+    let hour = 3_600_000;
+    let reserve = |id: &'static str, to: &'static str, at: i64| {
+        let store = store.clone();
+        async move {
+            let new = NewSms {
+                id,
+                idempotency_key: None,
+                to_number: to,
+                body: "hi",
+                status: "accepted",
+            };
+            store.reserve_sms(new, limits, || at).await.unwrap()
+        }
+    };
+    let t0 = 1_000_000_000;
+    assert!(matches!(
+        reserve("a", "+12025550101", t0).await,
+        Reservation::Created(_)
+    ));
+    assert!(matches!(
+        reserve("b", "+12025550101", t0 + 1_000).await,
+        Reservation::Created(_)
+    ));
+    // Full for this recipient until the oldest of its two rows is an hour old.
+    assert_eq!(
+        reserve("c", "+12025550101", t0 + 2_000).await,
+        Reservation::Limited {
+            retry_after_ms: hour - 2_000
+        }
+    );
+    assert_eq!(
+        reserve("c", "+12025550101", t0 + hour - 1).await,
+        Reservation::Limited { retry_after_ms: 1 }
+    );
+    assert!(matches!(
+        reserve("c", "+12025550101", t0 + hour).await,
+        Reservation::Created(_)
+    ));
+
+    // Globally: three in a minute, whoever they go to.
+    let t1 = t0 + 10 * hour;
+    for (id, to) in [
+        ("d", "+12025550102"),
+        ("e", "+12025550103"),
+        ("f", "+12025550104"),
+    ] {
+        assert!(matches!(reserve(id, to, t1).await, Reservation::Created(_)));
+    }
+    assert_eq!(
+        reserve("g", "+12025550105", t1 + 59_000).await,
+        Reservation::Limited {
+            retry_after_ms: 1_000
+        }
+    );
+    assert!(matches!(
+        reserve("g", "+12025550105", t1 + 60_000).await,
+        Reservation::Created(_)
+    ));
+}
