@@ -282,7 +282,8 @@ impl SigningKey {
         })
     }
 
-    fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    /// The raw signature of `message` (P1363 for ES256, PKCS#1 v1.5 for RS256).
+    pub fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
         let rng = SystemRandom::new();
         let failed = |_| anyhow::anyhow!("signing failed");
         Ok(match &self.material {
@@ -297,14 +298,25 @@ impl SigningKey {
         })
     }
 
+    /// The public key as SubjectPublicKeyInfo DER.
+    pub fn public_der(&self) -> anyhow::Result<Vec<u8>> {
+        let der = match &self.material {
+            Material::Es256(key) => key.public_key().as_der().map(|d| d.as_ref().to_vec()),
+            Material::EdDsa(key) => key.public_key().as_der().map(|d| d.as_ref().to_vec()),
+            Material::Rs256(key) => key.public_key().as_der().map(|d| d.as_ref().to_vec()),
+        };
+        der.map_err(|_| anyhow::anyhow!("cannot encode the public key"))
+    }
+
     /// A compact JWS of `claims` with header `{"alg","kid","typ":"JWT"}`.
     pub fn token(&self, claims: &Value) -> anyhow::Result<String> {
         let header = json!({"alg": self.alg().as_str(), "kid": self.kid, "typ": "JWT"});
-        let input = format!(
-            "{}.{}",
-            b64(header.to_string().as_bytes()),
-            b64(claims.to_string().as_bytes())
-        );
+        self.token_with_header(&header.to_string(), &claims.to_string())
+    }
+
+    /// A compact JWS of exactly these header and claims texts (tests build odd ones).
+    pub fn token_with_header(&self, header: &str, claims: &str) -> anyhow::Result<String> {
+        let input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
         let signature = self.sign(input.as_bytes())?;
         Ok(format!("{input}.{}", b64(&signature)))
     }

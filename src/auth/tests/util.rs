@@ -1,13 +1,10 @@
 //! Test keys generated in-process, token minting, and ring builders.
 
+use crate::auth::Alg;
 use crate::auth::keyring::{FetchedInfo, KeyRing, KeyRingHandle};
 use crate::auth::keys::{LegacySecret, parse_fetched_keys, parse_inline_keys};
+use crate::auth::mint::SigningKey;
 use crate::auth::verify::VerifySettings;
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RSA_PKCS1_SHA256,
-};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
@@ -20,81 +17,42 @@ pub fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub enum KeyMaterial {
-    Es(EcdsaKeyPair),
-    Ed(Ed25519KeyPair),
-    Rsa(aws_lc_rs::rsa::KeyPair),
-}
-
-/// A private key with its kid, able to sign tokens and export its public JWK.
+/// A private key with its kid, able to sign tokens and export its public JWK (a thin test face
+/// over the service's own [`SigningKey`], which panics instead of returning errors).
 pub struct TestKey {
     pub kid: String,
-    pub key: KeyMaterial,
+    key: SigningKey,
 }
 
 impl TestKey {
-    pub fn es256(kid: &str) -> Self {
-        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("generate P-256");
+    fn new(alg: Alg, kid: &str) -> Self {
         Self {
             kid: kid.to_owned(),
-            key: KeyMaterial::Es(key),
+            key: SigningKey::generate_with_kid(alg, kid).expect("generate a key"),
         }
+    }
+    pub fn es256(kid: &str) -> Self {
+        Self::new(Alg::ES256, kid)
     }
     pub fn eddsa(kid: &str) -> Self {
-        let key = Ed25519KeyPair::generate().expect("generate Ed25519");
-        Self {
-            kid: kid.to_owned(),
-            key: KeyMaterial::Ed(key),
-        }
+        Self::new(Alg::EdDSA, kid)
     }
     pub fn rs256(kid: &str) -> Self {
-        let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-            .expect("generate RSA");
-        Self {
-            kid: kid.to_owned(),
-            key: KeyMaterial::Rsa(key),
-        }
+        Self::new(Alg::RS256, kid)
     }
 
     pub fn alg(&self) -> &'static str {
-        match self.key {
-            KeyMaterial::Es(_) => "ES256",
-            KeyMaterial::Ed(_) => "EdDSA",
-            KeyMaterial::Rsa(_) => "RS256",
-        }
+        self.key.alg().as_str()
     }
 
     /// Public JWK the way Supabase publishes it.
     pub fn public_jwk(&self) -> Value {
-        let mut jwk = match &self.key {
-            KeyMaterial::Es(k) => {
-                let point = k.public_key().as_ref();
-                json!({"kty":"EC","crv":"P-256","x":b64(&point[1..33]),"y":b64(&point[33..65])})
-            }
-            KeyMaterial::Ed(k) => {
-                json!({"kty":"OKP","crv":"Ed25519","x":b64(k.public_key().as_ref())})
-            }
-            KeyMaterial::Rsa(k) => {
-                let public = k.public_key();
-                json!({"kty":"RSA",
-                    "n":b64(public.modulus().big_endian_without_leading_zero()),
-                    "e":b64(public.exponent().big_endian_without_leading_zero())})
-            }
-        };
-        jwk["kid"] = json!(self.kid);
-        jwk["alg"] = json!(self.alg());
-        jwk["use"] = json!("sig");
-        jwk["key_ops"] = json!(["verify"]);
-        jwk
+        self.key.public_jwk()
     }
 
     /// SubjectPublicKeyInfo DER of the public key.
     pub fn public_der(&self) -> Vec<u8> {
-        match &self.key {
-            KeyMaterial::Es(k) => k.public_key().as_der().expect("der").as_ref().to_vec(),
-            KeyMaterial::Ed(k) => k.public_key().as_der().expect("der").as_ref().to_vec(),
-            KeyMaterial::Rsa(_) => panic!("not needed"),
-        }
+        self.key.public_der().expect("der")
     }
 
     pub fn public_pem(&self) -> String {
@@ -110,33 +68,14 @@ impl TestKey {
         )
     }
 
-    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
-        let rng = SystemRandom::new();
-        match &self.key {
-            KeyMaterial::Es(k) => k.sign(&rng, message).expect("sign").as_ref().to_vec(),
-            KeyMaterial::Ed(k) => k.sign(message).as_ref().to_vec(),
-            KeyMaterial::Rsa(k) => {
-                let mut sig = vec![0; k.public_modulus_len()];
-                k.sign(&RSA_PKCS1_SHA256, &rng, message, &mut sig)
-                    .expect("sign");
-                sig
-            }
-        }
-    }
-
     /// A token with the standard header `{"alg","kid","typ"}`.
     pub fn token(&self, claims: &Value) -> String {
-        self.token_with_header(
-            &json!({"alg":self.alg(),"kid":self.kid,"typ":"JWT"}).to_string(),
-            &claims.to_string(),
-        )
+        self.key.token(claims).expect("token")
     }
 
     /// A token with exactly these header and claims JSON texts, correctly signed.
     pub fn token_with_header(&self, header: &str, claims: &str) -> String {
-        let input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
-        let sig = self.sign(input.as_bytes());
-        format!("{input}.{}", b64(&sig))
+        self.key.token_with_header(header, claims).expect("token")
     }
 }
 
