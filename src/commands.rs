@@ -71,7 +71,38 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
         },
     );
+    if let Some(line) = check_stripe(config).await {
+        lines.push(line);
+    }
     lines
+}
+
+/// The Stripe line of `check`: one call with the configured key, reporting the mode Stripe says
+/// the key is in. `None` when no key is configured.
+async fn check_stripe(config: &Config) -> Option<CheckLine> {
+    let policy = crate::stripe::RetryPolicy {
+        max_attempts: 2,
+        attempt_timeout: Duration::from_secs(10),
+        ..crate::stripe::RetryPolicy::default()
+    };
+    let client =
+        crate::stripe::StripeClient::from_config(reqwest::Client::new(), &config.stripe, policy)?;
+    let base = config.stripe.api_base.as_str();
+    Some(match client.livemode().await {
+        Ok(live) => CheckLine {
+            item: "stripe",
+            ok: true,
+            detail: format!(
+                "{base} accepts the key; {} mode",
+                if live { "live" } else { "test" }
+            ),
+        },
+        Err(err) => CheckLine {
+            item: "stripe",
+            ok: false,
+            detail: format!("{base}: {err}"),
+        },
+    })
 }
 
 /// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.

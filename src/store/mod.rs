@@ -23,6 +23,12 @@ macro_rules! with_pool {
 // Declared after the macro so the backend files (and later ones) can use it.
 mod postgres;
 mod sqlite;
+mod stripe;
+
+pub use stripe::{
+    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, PriceRow, ProductRow,
+    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun,
+};
 
 #[derive(Clone, Debug)]
 enum Backend {
