@@ -164,8 +164,12 @@ pub struct SyncRun {
     pub error: Option<String>,
 }
 
-/// The advisory-lock key of the catalogue sync on PostgreSQL (any constant that no other lock uses).
-const SYNC_ADVISORY_KEY: i64 = 0x6564_6765_5354_5250; // "edgeSTRP"
+/// The advisory lock of the catalogue sync on PostgreSQL: a class no other lock uses, and the
+/// schema, since advisory locks are per database while the synced tables are per schema.
+const SYNC_LOCK_TRY: &str =
+    "SELECT pg_try_advisory_lock(1701079920, hashtext(current_schema()))";
+const SYNC_LOCK_RELEASE: &str =
+    "SELECT pg_advisory_unlock(1701079920, hashtext(current_schema()))";
 /// The `locks` row name of the catalogue sync on SQLite.
 const SYNC_LOCK_NAME: &str = "stripe_sync";
 
@@ -220,8 +224,7 @@ impl SyncLock {
         match self.inner {
             LockInner::Postgres(mut conn) => {
                 use sqlx::Connection as _;
-                sqlx::query("SELECT pg_advisory_unlock($1)")
-                    .bind(SYNC_ADVISORY_KEY)
+                sqlx::query(SYNC_LOCK_RELEASE)
                     .execute(&mut conn)
                     .await
                     .context("releasing the sync lock")?;
@@ -538,8 +541,7 @@ impl Store {
                     .await
                     .context("opening the sync lock session")?
                     .detach();
-                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(SYNC_ADVISORY_KEY)
+                let locked: bool = sqlx::query_scalar(SYNC_LOCK_TRY)
                     .fetch_one(&mut conn)
                     .await
                     .context("taking the sync lock")?;

@@ -4,9 +4,11 @@
 mod support;
 
 mod auth;
+mod fake_stripe;
 mod binary;
 mod deploy;
 mod http;
 mod shutdown;
 mod store;
+mod stripe;
 mod tls;
