@@ -166,10 +166,8 @@ pub struct SyncRun {
 
 /// The advisory lock of the catalogue sync on PostgreSQL: a class no other lock uses, and the
 /// schema, since advisory locks are per database while the synced tables are per schema.
-const SYNC_LOCK_TRY: &str =
-    "SELECT pg_try_advisory_lock(1701079920, hashtext(current_schema()))";
-const SYNC_LOCK_RELEASE: &str =
-    "SELECT pg_advisory_unlock(1701079920, hashtext(current_schema()))";
+const SYNC_LOCK_TRY: &str = "SELECT pg_try_advisory_lock(1701079920, hashtext(current_schema()))";
+const SYNC_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock(1701079920, hashtext(current_schema()))";
 /// The `locks` row name of the catalogue sync on SQLite.
 const SYNC_LOCK_NAME: &str = "stripe_sync";
 
@@ -246,10 +244,13 @@ impl SyncLock {
 }
 
 // Columns and statements shared by the sync and the webhook; built from constants only.
-const PRODUCT_INSERT: &str = "INSERT INTO stripe_products (id, active, name, description, \
-    default_price_id, metadata, livemode, stripe_created, stripe_updated, last_event_created, \
-    synced_at, deactivated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-    ON CONFLICT (id) DO UPDATE SET active = excluded.active, name = excluded.name, \
+const PRODUCT_COLUMNS: (&str, usize) = (
+    "INSERT INTO stripe_products (id, active, name, description, default_price_id, metadata, \
+     livemode, stripe_created, stripe_updated, last_event_created, synced_at, deactivated_at) \
+     VALUES ",
+    12,
+);
+const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = excluded.active, name = excluded.name, \
     description = excluded.description, default_price_id = excluded.default_price_id, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, stripe_updated = excluded.stripe_updated, \
@@ -266,11 +267,13 @@ const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL 
     OR stripe_products.livemode IS DISTINCT FROM excluded.livemode \
     OR stripe_products.stripe_created IS DISTINCT FROM excluded.stripe_created \
     OR stripe_products.stripe_updated IS DISTINCT FROM excluded.stripe_updated)";
-const PRICE_INSERT: &str = "INSERT INTO stripe_prices (id, product_id, active, currency, \
-    unit_amount, price_type, recurring_interval, recurring_interval_count, lookup_key, \
-    nickname, metadata, livemode, stripe_created, last_event_created, synced_at, \
-    deactivated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-    $16) ON CONFLICT (id) DO UPDATE SET product_id = excluded.product_id, \
+const PRICE_COLUMNS: (&str, usize) = (
+    "INSERT INTO stripe_prices (id, product_id, active, currency, unit_amount, price_type, \
+     recurring_interval, recurring_interval_count, lookup_key, nickname, metadata, livemode, \
+     stripe_created, last_event_created, synced_at, deactivated_at) VALUES ",
+    16,
+);
+const PRICE_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET product_id = excluded.product_id, \
     active = excluded.active, currency = excluded.currency, unit_amount = excluded.unit_amount, \
     price_type = excluded.price_type, recurring_interval = excluded.recurring_interval, \
     recurring_interval_count = excluded.recurring_interval_count, \
@@ -345,10 +348,10 @@ const INVOICE_UPSERT: &str = "INSERT INTO stripe_invoices (id, customer_id, subs
     WHERE stripe_invoices.last_event_created IS NULL \
     OR stripe_invoices.last_event_created <= excluded.last_event_created";
 
-/// Binds a `ProductRow` to `PRODUCT_INSERT`'s twelve parameters.
+/// Binds a `ProductRow` to the next `PRODUCT_COLUMNS.1` parameters of `$query`.
 macro_rules! bind_product {
-    ($sql:expr, $row:expr, $now:expr) => {
-        sqlx::query($sql)
+    ($query:expr, $row:expr, $now:expr) => {
+        $query
             .bind(&$row.id)
             .bind($row.active)
             .bind(&$row.name)
@@ -364,10 +367,10 @@ macro_rules! bind_product {
     };
 }
 
-/// Binds a `PriceRow` to `PRICE_INSERT`'s sixteen parameters.
+/// Binds a `PriceRow` to the next `PRICE_COLUMNS.1` parameters of `$query`.
 macro_rules! bind_price {
-    ($sql:expr, $row:expr, $now:expr) => {
-        sqlx::query($sql)
+    ($query:expr, $row:expr, $now:expr) => {
+        $query
             .bind(&$row.id)
             .bind(&$row.product_id)
             .bind($row.active)
@@ -387,29 +390,58 @@ macro_rules! bind_price {
     };
 }
 
-/// Writes one page of the listing in one transaction: rows whose content differs (or that were
-/// deactivated) are upserted, the others only stamped as seen. Returns how many were upserted.
+/// `($1, …, $width), ($width+1, …)`: the placeholders of a multi-row VALUES list.
+fn placeholders(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let fields: Vec<String> = (1..=width)
+                .map(|f| format!("${}", row * width + f))
+                .collect();
+            format!("({})", fields.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The upsert of `rows` rows; statements are built from the constants above and placeholders.
+fn upsert_sql(columns: (&str, usize), conflict: &str, changed_only: &str, rows: usize) -> String {
+    format!(
+        "{}{}{conflict}{changed_only}",
+        columns.0,
+        placeholders(rows, columns.1)
+    )
+}
+
+/// Writes one page of the listing in one transaction, in two statements: every listed id is
+/// stamped as seen (`synced_at`), then one multi-row upsert writes only rows whose content
+/// differs (or that were deactivated). Returns how many rows that upsert wrote.
 macro_rules! sync_page {
-    ($store:expr, $rows:expr, $now:expr, $bind:ident, $insert:expr, $changed:expr, $table:literal) => {{
-        let upsert = format!("{}{}", $insert, $changed);
-        let seen = concat!("UPDATE ", $table, " SET synced_at = $2 WHERE id = $1");
+    ($store:expr, $rows:expr, $now:expr, $bind:ident, $columns:expr, $conflict:expr, $changed:expr, $table:literal) => {{
+        let rows = $rows;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let seen = format!(
+            "UPDATE {} SET synced_at = $1 WHERE id IN ({})",
+            $table,
+            (2..rows.len() + 2)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let upsert = upsert_sql($columns, $conflict, $changed, rows.len());
         let upserted: Result<u64, sqlx::Error> = with_pool!($store, |pool| {
             let mut tx = pool.begin().await?;
-            let mut upserted = 0;
-            for row in $rows {
-                let written = $bind!(AssertSqlSafe(upsert.as_str()), row, $now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if written == 0 {
-                    sqlx::query(seen)
-                        .bind(&row.id)
-                        .bind($now)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                upserted += written;
+            let mut stamp = sqlx::query(AssertSqlSafe(seen.as_str())).bind($now);
+            for row in rows {
+                stamp = stamp.bind(&row.id);
             }
+            stamp.execute(&mut *tx).await?;
+            let mut write = sqlx::query(AssertSqlSafe(upsert.as_str()));
+            for row in rows {
+                write = $bind!(write, row, $now);
+            }
+            let upserted = write.execute(&mut *tx).await?.rows_affected();
             tx.commit().await?;
             Ok(upserted)
         });
@@ -423,12 +455,14 @@ macro_rules! apply_effect {
         match $effect {
             StripeEffect::None => {}
             StripeEffect::Product(row) => {
-                bind_product!(PRODUCT_INSERT, row, $now)
+                let sql = upsert_sql(PRODUCT_COLUMNS, PRODUCT_CONFLICT, "", 1);
+                bind_product!(sqlx::query(AssertSqlSafe(sql)), row, $now)
                     .execute(&mut *$tx)
                     .await?;
             }
             StripeEffect::Price(row) => {
-                bind_price!(PRICE_INSERT, row, $now)
+                let sql = upsert_sql(PRICE_COLUMNS, PRICE_CONFLICT, "", 1);
+                bind_price!(sqlx::query(AssertSqlSafe(sql)), row, $now)
                     .execute(&mut *$tx)
                     .await?;
             }
@@ -657,7 +691,8 @@ impl Store {
             rows,
             now,
             bind_product,
-            PRODUCT_INSERT,
+            PRODUCT_COLUMNS,
+            PRODUCT_CONFLICT,
             PRODUCT_CHANGED,
             "stripe_products"
         )
@@ -670,7 +705,8 @@ impl Store {
             rows,
             now,
             bind_price,
-            PRICE_INSERT,
+            PRICE_COLUMNS,
+            PRICE_CONFLICT,
             PRICE_CHANGED,
             "stripe_prices"
         )

@@ -4,9 +4,9 @@
 mod support;
 
 mod auth;
-mod fake_stripe;
 mod binary;
 mod deploy;
+mod fake_stripe;
 mod http;
 mod shutdown;
 mod store;

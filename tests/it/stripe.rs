@@ -120,11 +120,18 @@ async fn sync_lists_every_page_and_a_rerun_upserts_nothing() {
     // Pages of 100: 25 for products and 75 for prices, and nothing more.
     assert_eq!(fake.requests(), 100);
     assert!(fake.limits().iter().all(|limit| limit == "100"));
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 2500);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM stripe_products").await,
+        2500
+    );
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_prices").await, 7500);
     // Inactive objects are synced too, as they are in Stripe.
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM stripe_products WHERE active = FALSE").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE active = FALSE"
+        )
+        .await,
         (0..2500).filter(|i| i % 7 == 0).count() as i64
     );
     let price = format!(
@@ -141,7 +148,11 @@ async fn sync_lists_every_page_and_a_rerun_upserts_nothing() {
     assert_eq!(counts(&body, "prices"), (7500, 0, 0));
     eprintln!(
         "sync of 2500 products and 7500 prices on {}: first {first:?}, rerun {second:?}",
-        if db.is_postgres() { "PostgreSQL" } else { "SQLite" }
+        if db.is_postgres() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
     );
 
     // A changed product is the only one upserted.
@@ -179,7 +190,11 @@ async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
     assert_eq!(count(&db, &gone).await, 1);
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 20);
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
         3
     );
 
@@ -219,11 +234,19 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     assert_eq!(fake.requests(), 4 + 2 + 3, "two pages, then three attempts");
 
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
         0
     );
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
         0
     );
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
@@ -332,7 +355,10 @@ async fn sync_needs_a_key_and_the_service_role() {
     let response = app
         .server
         .client
-        .post(app.server.url("/functions/v1/sync-stripe-products-hardened"))
+        .post(
+            app.server
+                .url("/functions/v1/sync-stripe-products-hardened"),
+        )
         .send()
         .await
         .unwrap();
@@ -473,7 +499,11 @@ async fn webhook_signed_by_the_stripe_sdk_is_applied_once() {
     assert_eq!(product_name(&db, 1).await, "Second");
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 2);
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM stripe_events WHERE applied = TRUE").await,
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_events WHERE applied = TRUE"
+        )
+        .await,
         2
     );
 }
@@ -506,11 +536,7 @@ async fn webhook_refuses_every_bad_signature_and_stores_nothing() {
             Some(sdk_sign(&body, WHSEC, now() - 301)),
         ),
         ("missing header", body.clone(), None),
-        (
-            "only v0",
-            body.clone(),
-            Some(good.replace("v1=", "v0=")),
-        ),
+        ("only v0", body.clone(), Some(good.replace("v1=", "v0="))),
         ("garbage", body.clone(), Some("nonsense".to_owned())),
     ];
     for (case, payload, signature) in cases {
@@ -552,14 +578,27 @@ async fn webhook_accepts_either_secret_while_one_is_rolled() {
     assert_eq!(status, 200, "{answer}");
     let payload = body(2);
     let next_only = sdk_sign(&payload, WHSEC_NEXT, t);
-    assert_eq!(deliver(&old_only.server, &payload, Some(&next_only)).await.0, 400);
+    assert_eq!(
+        deliver(&old_only.server, &payload, Some(&next_only))
+            .await
+            .0,
+        400
+    );
 
     // edgegate configured with both secrets accepts a signature by either.
     let rolled = webhook_app(&db, &format!("{WHSEC_NEXT},{WHSEC}")).await;
-    assert_eq!(deliver(&rolled.server, &payload, Some(&next_only)).await.0, 200);
+    assert_eq!(
+        deliver(&rolled.server, &payload, Some(&next_only)).await.0,
+        200
+    );
     let payload = body(3);
     let current_only = sdk_sign(&payload, WHSEC, t);
-    assert_eq!(deliver(&rolled.server, &payload, Some(&current_only)).await.0, 200);
+    assert_eq!(
+        deliver(&rolled.server, &payload, Some(&current_only))
+            .await
+            .0,
+        200
+    );
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
 }
 
@@ -634,11 +673,35 @@ async fn webhook_billing_events_leave_what_access_needs() {
     customer["id"] = json!("cus_T1");
 
     let deliveries = [
-        event(&fixtures, "evt_B1", "checkout.session.completed", t - 50, session),
-        event(&fixtures, "evt_B2", "customer.subscription.created", t - 49, subscription),
-        event(&fixtures, "evt_B3", "invoice.payment_failed", t - 48, invoice.clone()),
+        event(
+            &fixtures,
+            "evt_B1",
+            "checkout.session.completed",
+            t - 50,
+            session,
+        ),
+        event(
+            &fixtures,
+            "evt_B2",
+            "customer.subscription.created",
+            t - 49,
+            subscription,
+        ),
+        event(
+            &fixtures,
+            "evt_B3",
+            "invoice.payment_failed",
+            t - 48,
+            invoice.clone(),
+        ),
         event(&fixtures, "evt_B4", "invoice.paid", t - 47, invoice),
-        event(&fixtures, "evt_B5", "customer.subscription.deleted", t - 40, canceled),
+        event(
+            &fixtures,
+            "evt_B5",
+            "customer.subscription.deleted",
+            t - 40,
+            canceled,
+        ),
         event(&fixtures, "evt_B6", "customer.created", t - 30, customer),
     ];
     for body in &deliveries {
@@ -675,10 +738,16 @@ async fn webhook_failing_to_apply_answers_500_and_leaves_no_ledger_row() {
     // Break the table the effect goes to, so applying fails after the ledger insert.
     if db.is_postgres() {
         let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE stripe_invoices").execute(&pool).await.unwrap();
+        sqlx::query("DROP TABLE stripe_invoices")
+            .execute(&pool)
+            .await
+            .unwrap();
     } else {
         let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE stripe_invoices").execute(&pool).await.unwrap();
+        sqlx::query("DROP TABLE stripe_invoices")
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     let mut invoice = resource(&fixtures, "invoice");
     invoice["id"] = json!("in_T9");
@@ -716,7 +785,11 @@ async fn same_event_to_two_instances_at_once_is_applied_once() {
             .iter()
             .filter(|answer| answer["duplicate"] == true)
             .count();
-        assert_eq!(duplicates, 1, "exactly one delivery applies: {} {}", a.1, b.1);
+        assert_eq!(
+            duplicates, 1,
+            "exactly one delivery applies: {} {}",
+            a.1, b.1
+        );
     }
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 8);
 }
