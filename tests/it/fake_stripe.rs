@@ -70,7 +70,7 @@ pub fn product(fixtures: &Value, i: usize) -> Value {
     object["id"] = json!(product_id(i));
     object["name"] = json!(format!("Product {i}"));
     object["default_price"] = json!(price_id(i * 3));
-    object["active"] = json!(i % 7 != 0);
+    object["active"] = json!(!i.is_multiple_of(7));
     object
 }
 
@@ -80,8 +80,8 @@ pub fn price(fixtures: &Value, i: usize) -> Value {
     object["id"] = json!(price_id(i));
     object["product"] = json!(product_id(i / 3));
     object["unit_amount"] = json!(100 + i);
-    object["active"] = json!(i % 5 != 0);
-    if i % 2 == 0 {
+    object["active"] = json!(!i.is_multiple_of(5));
+    if i.is_multiple_of(2) {
         object["type"] = json!("one_time");
         object["recurring"] = Value::Null;
     }

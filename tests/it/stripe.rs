@@ -132,7 +132,7 @@ async fn sync_lists_every_page_and_a_rerun_upserts_nothing() {
             "SELECT COUNT(*) FROM stripe_products WHERE active = FALSE"
         )
         .await,
-        (0..2500).filter(|i| i % 7 == 0).count() as i64
+        (0..2500).filter(|i: &usize| i.is_multiple_of(7)).count() as i64
     );
     let price = format!(
         "SELECT unit_amount FROM stripe_prices WHERE id = '{}'",
