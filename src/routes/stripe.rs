@@ -9,7 +9,7 @@ use crate::auth::extract::ServiceRole;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::RawBody;
 use crate::state::AppState;
-use crate::store::now_ms;
+use crate::store::{AuditEntry, now_ms};
 use crate::stripe::StripeClient;
 use crate::stripe::sync::{self, SyncError, SyncReport};
 use crate::stripe::webhook::{self, WebhookError};
@@ -45,6 +45,7 @@ pub async fn sync_products(
     let Some(client) =
         StripeClient::from_config(state.http.clone(), &state.config.stripe, state.stripe_retry)
     else {
+        audit(&state, principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
     // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
@@ -65,10 +66,18 @@ pub async fn sync_products(
     if let Ok(report) = &result {
         entry.detail = serde_json::to_string(report).ok();
     }
-    if let Err(err) = state.store.record_audit(&entry).await {
-        tracing::error!(error = format!("{err:#}"), action, "audit row not written");
-    }
+    audit(&state, entry).await;
     Ok(Json(result?))
+}
+
+async fn audit(state: &AppState, entry: AuditEntry) {
+    if let Err(err) = state.store.record_audit(&entry).await {
+        tracing::error!(
+            error = format!("{err:#}"),
+            action = entry.action,
+            "audit row not written"
+        );
+    }
 }
 
 pub async fn webhook(

@@ -579,7 +579,14 @@ impl Store {
                     .fetch_one(&mut conn)
                     .await
                     .context("taking the sync lock")?;
-                Ok(locked.then(|| SyncLock {
+                if !locked {
+                    use sqlx::Connection as _;
+                    conn.close()
+                        .await
+                        .context("closing the sync lock session")?;
+                    return Ok(None);
+                }
+                Ok(Some(SyncLock {
                     inner: LockInner::Postgres(conn),
                 }))
             }

@@ -10,8 +10,9 @@ use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 
 use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY, product_id, resource};
-use crate::support::{TestDb, TestServer, serve_app};
+use crate::support::{TestDb, TestServer, serve, serve_app};
 use crate::{stripe_fixtures, test_db};
+use edgegate::server::middleware::Limits;
 
 const SB_SECRET: &str = "sb_secret_0123456789abcdefghijklmn";
 const WHSEC: &str = "whsec_edgegate_test_current";
@@ -839,4 +840,44 @@ async fn check_reports_the_stripe_mode() {
     let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
     assert!(!stripe.ok);
     assert!(!stripe.detail.contains("sk_live_not_the_fake_key"));
+}
+
+#[tokio::test]
+async fn sync_outlives_the_default_request_timeout() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 3).await;
+    let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
+    let mut state = AppState::new(
+        db.config(&[
+            ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+        ]),
+        db.store().await,
+    );
+    state.stripe_retry = fast_retry();
+    let limits = Limits {
+        timeout: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let server = serve(
+        edgegate::routes::router(),
+        &state,
+        limits,
+        Duration::from_secs(1),
+    )
+    .await;
+    fake.fault_at(0, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = sync(&server).await;
+        (result, server)
+    });
+    fake.arrived().await;
+    // The route's own timeout is the thing under test, so real time has to pass here.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fake.release();
+    let ((status, body), server) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    drop(server);
 }
