@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::store::{Store, SyncCounts, SyncLock, now_ms};
+use crate::store::{PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
@@ -134,6 +135,56 @@ async fn run_locked(
     result
 }
 
+/// A listed resource the sync writes: how it is listed, stored and counted.
+trait Catalogued: DeserializeOwned + Listed {
+    const RESOURCE: &'static str;
+    type Row: Sync;
+    fn to_row(&self, fetched_at: i64) -> Self::Row;
+    fn write(
+        store: &Store,
+        rows: &[Self::Row],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+    /// The (seen, upserted) counters of this resource.
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64);
+}
+
+impl Catalogued for Product {
+    const RESOURCE: &'static str = "products";
+    type Row = ProductRow;
+    fn to_row(&self, fetched_at: i64) -> ProductRow {
+        self.row(fetched_at, None)
+    }
+    fn write(
+        store: &Store,
+        rows: &[ProductRow],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send {
+        store.sync_products_page(rows, now)
+    }
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
+        (&mut counts.products_seen, &mut counts.products_upserted)
+    }
+}
+
+impl Catalogued for Price {
+    const RESOURCE: &'static str = "prices";
+    type Row = PriceRow;
+    fn to_row(&self, fetched_at: i64) -> PriceRow {
+        self.row(fetched_at, None)
+    }
+    fn write(
+        store: &Store,
+        rows: &[PriceRow],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send {
+        store.sync_prices_page(rows, now)
+    }
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
+        (&mut counts.prices_seen, &mut counts.prices_upserted)
+    }
+}
+
 /// Lists and writes both resources, then deactivates what the complete listing did not return.
 async fn walk(
     store: &Store,
@@ -143,22 +194,8 @@ async fn walk(
     started_at: i64,
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
-    let mut products = Pages::<Product>::new(client, "products");
-    while let Some(page) = next_page(&mut products).await? {
-        let fetched_at = now_ms();
-        let rows: Vec<_> = page.iter().map(|p| p.row(fetched_at, None)).collect();
-        counts.products_seen += len(&rows);
-        counts.products_upserted += count(store.sync_products_page(&rows, now_ms()).await?);
-        checkpoint(store, lock, run_id, counts).await?;
-    }
-    let mut prices = Pages::<Price>::new(client, "prices");
-    while let Some(page) = next_page(&mut prices).await? {
-        let fetched_at = now_ms();
-        let rows: Vec<_> = page.iter().map(|p| p.row(fetched_at, None)).collect();
-        counts.prices_seen += len(&rows);
-        counts.prices_upserted += count(store.sync_prices_page(&rows, now_ms()).await?);
-        checkpoint(store, lock, run_id, counts).await?;
-    }
+    walk_resource::<Product>(store, client, lock, run_id, counts).await?;
+    walk_resource::<Price>(store, client, lock, run_id, counts).await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
     let (products, prices) = store.deactivate_unseen(started_at, now_ms()).await?;
     counts.products_deactivated = count(products);
@@ -166,11 +203,29 @@ async fn walk(
     Ok(())
 }
 
-/// A Stripe failure (after the client's retries) stops the walk as an upstream error.
-async fn next_page<T: serde::de::DeserializeOwned + Listed>(
-    pages: &mut Pages<'_, T>,
-) -> Result<Option<Vec<T>>, Stop> {
-    pages.next().await.map_err(Stop::Upstream)
+/// Every page of one resource, each written in its own transaction as soon as it arrives. A
+/// Stripe failure (after the client's retries) stops the walk as an upstream error.
+async fn walk_resource<T: Catalogued>(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    run_id: &str,
+    counts: &mut SyncCounts,
+) -> Result<(), Stop> {
+    let mut pages = Pages::<T>::new(client, T::RESOURCE);
+    while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
+        let fetched_at = now_ms();
+        let rows: Vec<T::Row> = page
+            .iter()
+            .map(|object| object.to_row(fetched_at))
+            .collect();
+        let upserted = count(T::write(store, &rows, now_ms()).await?);
+        let (seen, written) = T::counters(counts);
+        *seen += len(&rows);
+        *written += upserted;
+        checkpoint(store, lock, run_id, counts).await?;
+    }
+    Ok(())
 }
 
 /// Keeps the lock and leaves the counts so far in the run's row, so a crash mid-run still shows
