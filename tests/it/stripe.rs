@@ -450,10 +450,18 @@ async fn deliver_signed(server: &TestServer, body: &str) -> (u16, Value) {
     deliver(server, body, Some(&sdk_sign(body, WHSEC, now()))).await
 }
 
-fn named_product(fixtures: &Value, i: usize, name: &str) -> Value {
+/// A product event whose object is the fixture product `i` named `name`.
+fn product_event(
+    fixtures: &Value,
+    id: &str,
+    kind: &str,
+    created: i64,
+    i: usize,
+    name: &str,
+) -> String {
     let mut object = fake_stripe::product(fixtures, i);
     object["name"] = json!(name);
-    object
+    event(fixtures, id, kind, created, object)
 }
 
 async fn product_name(db: &TestDb, i: usize) -> String {
@@ -471,25 +479,13 @@ async fn webhook_signed_by_the_stripe_sdk_is_applied_once() {
     let db = test_db!();
     let app = webhook_app(&db, WHSEC).await;
     let t = now();
-    let first = event(
-        &fixtures,
-        "evt_T1",
-        "product.created",
-        t - 20,
-        named_product(&fixtures, 1, "First"),
-    );
+    let first = product_event(&fixtures, "evt_T1", "product.created", t - 20, 1, "First");
     let (status, body) = deliver_signed(&app.server, &first).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"received": true, "duplicate": false}));
     assert_eq!(product_name(&db, 1).await, "First");
 
-    let newer = event(
-        &fixtures,
-        "evt_T2",
-        "product.updated",
-        t - 10,
-        named_product(&fixtures, 1, "Second"),
-    );
+    let newer = product_event(&fixtures, "evt_T2", "product.updated", t - 10, 1, "Second");
     assert_eq!(deliver_signed(&app.server, &newer).await.0, 200);
     assert_eq!(product_name(&db, 1).await, "Second");
 
@@ -515,13 +511,7 @@ async fn webhook_refuses_every_bad_signature_and_stores_nothing() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let app = webhook_app(&db, WHSEC).await;
-    let body = event(
-        &fixtures,
-        "evt_T3",
-        "product.created",
-        now(),
-        named_product(&fixtures, 3, "Three"),
-    );
+    let body = product_event(&fixtures, "evt_T3", "product.created", now(), 3, "Three");
     let good = sdk_sign(&body, WHSEC, now());
     let tampered = body.replace("Three", "Free");
     let cases: Vec<(&str, String, Option<String>)> = vec![
@@ -559,12 +549,13 @@ async fn webhook_accepts_either_secret_while_one_is_rolled() {
     let db = test_db!();
     let t = now();
     let body = |n: usize| {
-        event(
+        product_event(
             &fixtures,
             &format!("evt_R{n}"),
             "product.created",
             t,
-            named_product(&fixtures, n, "Rolled"),
+            n,
+            "Rolled",
         )
     };
     // During a roll Stripe signs with both secrets: two v1 values under one timestamp.
@@ -610,20 +601,8 @@ async fn webhook_out_of_order_event_never_overwrites_newer_state() {
     let db = test_db!();
     let app = webhook_app(&db, WHSEC).await;
     let t = now();
-    let newer = event(
-        &fixtures,
-        "evt_N",
-        "product.updated",
-        t - 5,
-        named_product(&fixtures, 9, "Newer"),
-    );
-    let older = event(
-        &fixtures,
-        "evt_O",
-        "product.updated",
-        t - 60,
-        named_product(&fixtures, 9, "Older"),
-    );
+    let newer = product_event(&fixtures, "evt_N", "product.updated", t - 5, 9, "Newer");
+    let older = product_event(&fixtures, "evt_O", "product.updated", t - 60, 9, "Older");
     assert_eq!(deliver_signed(&app.server, &newer).await.0, 200);
     let (status, body) = deliver_signed(&app.server, &older).await;
     assert_eq!(status, 200);
@@ -769,12 +748,13 @@ async fn same_event_to_two_instances_at_once_is_applied_once() {
     let two = webhook_app(&db, WHSEC).await;
     let t = now();
     for n in 0..8 {
-        let body = event(
+        let body = product_event(
             &fixtures,
             &format!("evt_C{n}"),
             "product.updated",
             t,
-            named_product(&fixtures, n, "Concurrent"),
+            n,
+            "Concurrent",
         );
         let signature = sdk_sign(&body, WHSEC, t);
         let (a, b) = tokio::join!(
