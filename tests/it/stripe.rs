@@ -503,6 +503,18 @@ async fn webhook_signed_by_the_stripe_sdk_is_applied_once() {
         .await,
         2
     );
+    let metrics = app
+        .server
+        .client
+        .get(app.server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let duplicate = r#"edgegate_stripe_webhook_events_total{event_type="product.created",outcome="duplicate"} 1"#;
+    assert!(metrics.contains(duplicate), "{metrics}");
 }
 
 #[tokio::test]
