@@ -198,9 +198,16 @@ fn ttl_ms(ttl: Duration) -> i64 {
 }
 
 impl SyncLock {
-    /// Keeps the lock alive across a long run (SQLite rows expire; PostgreSQL needs nothing).
+    /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session is
+    /// checked, since a dropped session (idle timeout, proxy restart) took its lock with it.
     /// Errors when the lock was lost, so the run stops instead of racing another one.
     pub async fn renew(&mut self, now: i64) -> anyhow::Result<()> {
+        if let LockInner::Postgres(conn) = &mut self.inner {
+            use sqlx::Connection as _;
+            conn.ping()
+                .await
+                .context("the sync lock session was lost")?;
+        }
         if let LockInner::Sqlite { pool, holder, ttl } = &self.inner {
             let renewed =
                 sqlx::query("UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2")

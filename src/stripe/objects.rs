@@ -349,3 +349,59 @@ pub struct Event {
     pub livemode: Option<bool>,
     pub data: EventData,
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn reads_any_api_version_leniently() {
+        // Expanded references, nulls, missing and unknown fields.
+        let product: Product = serde_json::from_value(json!({
+            "id": "prod_1", "name": null, "default_price": {"id": "price_9", "object": "price"},
+            "created": 2, "brand_new_field": {"x": 1}
+        }))
+        .unwrap();
+        let row = product.row(5, None);
+        assert_eq!(row.default_price_id.as_deref(), Some("price_9"));
+        assert_eq!(
+            (row.name.as_str(), row.active, row.stripe_created),
+            ("", false, 2000)
+        );
+        assert_eq!(row.metadata, "{}");
+
+        // Period end on the item (2025-03-31 and later) or on the subscription (before).
+        let new_style: Subscription = serde_json::from_value(json!({
+            "id": "sub_1", "customer": {"id": "cus_1"}, "status": "active",
+            "items": {"data": [{"price": {"id": "price_1", "product": "prod_1"},
+                                "quantity": 2, "current_period_end": 100}]}
+        }))
+        .unwrap();
+        let row = new_style.row(1);
+        assert_eq!(row.customer_id, "cus_1");
+        assert_eq!(row.product_id.as_deref(), Some("prod_1"));
+        assert_eq!(row.current_period_end, Some(100_000));
+        let old_style: Subscription =
+            serde_json::from_value(json!({"id": "sub_2", "current_period_end": 7})).unwrap();
+        assert_eq!(old_style.row(1).current_period_end, Some(7000));
+
+        // The invoice's subscription moved under `parent` in 2025-03-31.
+        let invoice: Invoice = serde_json::from_value(json!({
+            "id": "in_1",
+            "parent": {"subscription_details": {"subscription": "sub_3"}},
+            "status_transitions": {"paid_at": 9}
+        }))
+        .unwrap();
+        let row = invoice.row(1, InvoiceOutcome::Paid);
+        assert_eq!(row.subscription_id.as_deref(), Some("sub_3"));
+        assert_eq!((row.paid_at, row.payment_failed_at), (Some(9000), None));
+    }
+
+    #[test]
+    fn hostile_times_do_not_overflow() {
+        assert_eq!(ms(i64::MAX), i64::MAX);
+        assert_eq!(ms(i64::MIN), i64::MIN);
+    }
+}
