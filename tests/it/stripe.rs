@@ -549,6 +549,12 @@ async fn webhook_refuses_every_bad_signature_and_stores_nothing() {
     }
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 0);
+    // Signed but not an event: refused as a bad request, nothing stored.
+    let junk = "not an event";
+    let (status, answer) = deliver(&app.server, junk, Some(&sdk_sign(junk, WHSEC, now()))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["code"], "INVALID_REQUEST");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
     // A signature well inside the tolerance is fine.
     let recent = sdk_sign(&body, WHSEC, now() - 200);
     assert_eq!(deliver(&app.server, &body, Some(&recent)).await.0, 200);
