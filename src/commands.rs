@@ -78,6 +78,9 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     );
     lines.extend(jwt_check::lines(config, check_client()).await);
     lines.push(check_twilio(config, check_client()).await);
+    if let Some(line) = check_stripe(config, check_client()).await {
+        lines.push(line);
+    }
     lines
 }
 
@@ -115,6 +118,33 @@ async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
         ok,
         detail,
     }
+}
+
+/// The Stripe line of `check`: one call with the configured key, reporting the mode Stripe says
+/// the key is in. `None` when no key is configured.
+async fn check_stripe(config: &Config, http: reqwest::Client) -> Option<CheckLine> {
+    let policy = crate::stripe::RetryPolicy {
+        max_attempts: 2,
+        attempt_timeout: Duration::from_secs(10),
+        ..crate::stripe::RetryPolicy::default()
+    };
+    let client = crate::stripe::StripeClient::from_config(http, &config.stripe, policy)?;
+    let base = config.stripe.api_base.as_str();
+    Some(match client.livemode().await {
+        Ok(live) => CheckLine {
+            item: "stripe",
+            ok: true,
+            detail: format!(
+                "{base} accepts the key; {} mode",
+                if live { "live" } else { "test" }
+            ),
+        },
+        Err(err) => CheckLine {
+            item: "stripe",
+            ok: false,
+            detail: format!("{base}: {err}"),
+        },
+    })
 }
 
 /// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.

@@ -12,6 +12,7 @@ pub mod routes;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod stripe;
 pub mod telemetry;
 pub mod twilio;
 

@@ -7,6 +7,7 @@ use crate::auth::usage::UsageTracker;
 use crate::auth::{Authenticator, settings_from};
 use crate::config::Config;
 use crate::store::Store;
+use crate::stripe::{RetryPolicy, StripeMetrics};
 use crate::telemetry::Metrics;
 
 /// Shared application state; cloning it is cheap.
@@ -20,6 +21,9 @@ pub struct AppState {
     pub usage: Arc<UsageTracker>,
     /// The one HTTP client for outbound calls (JWKS, Stripe, Twilio).
     pub http: reqwest::Client,
+    pub stripe_metrics: StripeMetrics,
+    /// How the Stripe client retries; tests shorten the delays.
+    pub stripe_retry: RetryPolicy,
 }
 
 impl AppState {
@@ -32,6 +36,8 @@ impl AppState {
         let auth_metrics = AuthMetrics::default();
         let mut metrics = Metrics::new();
         auth_metrics.register(metrics.registry_mut(), auth.clone());
+        let stripe_metrics = StripeMetrics::default();
+        stripe_metrics.register(metrics.registry_mut());
         Self {
             config: Arc::new(config),
             store,
@@ -40,6 +46,8 @@ impl AppState {
             auth_metrics,
             usage: Arc::new(UsageTracker::default()),
             http,
+            stripe_metrics,
+            stripe_retry: RetryPolicy::default(),
         }
     }
 }

@@ -4,9 +4,11 @@ mod admin;
 mod health;
 mod jwt_test;
 mod sms;
+mod stripe;
 
 use axum::Router;
 use axum::http::Uri;
+use axum::middleware;
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
@@ -26,6 +28,17 @@ pub fn router() -> Router<AppState> {
         .route(
             crate::twilio::STATUS_CALLBACK_PATH,
             post(sms::twilio_status),
+        )
+        .route(
+            "/functions/v1/sync-stripe-products-hardened",
+            post(stripe::sync_products),
+        )
+        .route(
+            "/functions/v1/stripe-webhook",
+            post(stripe::webhook).layer(middleware::from_fn_with_state(
+                stripe::WEBHOOK_BODY_LIMIT,
+                crate::server::middleware::limit_body,
+            )),
         )
         .route("/admin/signing-keys", get(admin::signing_keys))
         .route("/admin/signing-keys/refresh", post(admin::refresh))

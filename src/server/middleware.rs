@@ -24,6 +24,11 @@ use crate::state::AppState;
 
 /// How long a request may take before it is answered 504 `TIMEOUT`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the routes in `LONG_RUNNING_ROUTES` may take: a full catalogue sync pages through
+/// Stripe's whole catalogue, retries included.
+pub const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Routes (matched patterns) that get `LONG_REQUEST_TIMEOUT` instead of the default.
+pub const LONG_RUNNING_ROUTES: &[&str] = &["/functions/v1/sync-stripe-products-hardened"];
 /// The largest request body any route takes; routes may set a smaller limit of their own.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
@@ -103,6 +108,16 @@ fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response
 }
 
 async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    // Layered on the router, this runs after routing, so the matched pattern is known.
+    let long_running = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|path| LONG_RUNNING_ROUTES.contains(&path.as_str()));
+    let limit = if long_running {
+        limit.max(LONG_REQUEST_TIMEOUT)
+    } else {
+        limit
+    };
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),

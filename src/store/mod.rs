@@ -24,6 +24,12 @@ macro_rules! with_pool {
 mod postgres;
 mod sms;
 mod sqlite;
+mod stripe;
+
+pub use stripe::{
+    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, PriceRow, ProductRow,
+    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun,
+};
 
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 

@@ -1,0 +1,329 @@
+//! A small typed Stripe client over the service's one reqwest client, speaking Stripe's wire
+//! format: `Authorization: Bearer sk_…`, list pagination with `limit`, `starting_after` and
+//! `has_more`, JSON answers read leniently (see `objects`).
+//!
+//! Why not async-stripe (1.0.0-rc.10, the version crates.io offers): it brings its own hyper-util
+//! client and hyper-rustls connector (a second HTTP client stack beside reqwest, which cannot
+//! share our client); its backoff is `2^n` seconds with no jitter and cannot be tuned or made
+//! fast for tests; without a `Stripe-Should-Retry` header it does not retry a 5xx; and its
+//! generated types are strict about fields a differently pinned API version may not send.
+//!
+//! Retries: a failed attempt (connection error, per-attempt timeout, truncated or unreadable
+//! body, 409, 429, 5xx) is tried again after an exponentially growing, jittered delay, up to
+//! `RetryPolicy::max_attempts`. `Stripe-Should-Retry: true|false` overrides that judgement.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::config::StripeConfig;
+
+/// Stripe's largest page.
+pub const PAGE_SIZE: u32 = 100;
+
+/// How hard the client tries before giving up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// The delay before the first retry; each further retry doubles it, up to `max_delay`.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// How long one attempt may take, answer body included.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(8),
+            attempt_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1-based): "equal jitter", half the exponential step
+    /// plus a random part of the other half, so instances that failed together spread out.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let step = self
+            .base_delay
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
+            .min(self.max_delay);
+        let half = step / 2;
+        let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        half + Duration::from_millis(random_u64() % half_ms.saturating_add(1))
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // A failing system RNG only costs the jitter, never the retry.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// Why a Stripe call failed. Messages never hold the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    #[error("Stripe did not answer after {attempts} attempts (last: {last})")]
+    Unavailable { attempts: u32, last: String },
+    /// An answer that retrying will not change (401 bad key, 403, 404…).
+    #[error("Stripe refused the request: {0}")]
+    Rejected(String),
+}
+
+/// One list page as Stripe answers it.
+#[derive(Debug, Deserialize)]
+pub struct ListPage<T> {
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+/// Objects listed by id, so the next page can start after the last one.
+pub trait Listed {
+    fn id(&self) -> &str;
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<String>,
+}
+
+/// What went wrong with one attempt, and whether another may succeed.
+struct Failure {
+    retry: bool,
+    reason: String,
+}
+
+/// The Stripe API with one secret key.
+#[derive(Clone)]
+pub struct StripeClient {
+    http: reqwest::Client,
+    base: Url,
+    key: SecretString,
+    policy: RetryPolicy,
+}
+
+impl std::fmt::Debug for StripeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeClient")
+            .field("base", &self.base.as_str())
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StripeClient {
+    /// `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn from_config(
+        http: reqwest::Client,
+        config: &StripeConfig,
+        policy: RetryPolicy,
+    ) -> Option<Self> {
+        let key = config.secret_key.clone()?;
+        let mut base = config.api_base.clone();
+        // `join` replaces the last segment of a base without a trailing slash.
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Some(Self {
+            http,
+            base,
+            key,
+            policy,
+        })
+    }
+
+    /// One page of `/v1/{resource}` (every object, active or not), after `starting_after`.
+    pub async fn list_page<T: DeserializeOwned>(
+        &self,
+        resource: &str,
+        starting_after: Option<&str>,
+    ) -> Result<ListPage<T>, StripeError> {
+        let mut url = self.url(&format!("v1/{resource}"))?;
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("limit", &PAGE_SIZE.to_string());
+            if let Some(after) = starting_after {
+                query.append_pair("starting_after", after);
+            }
+        }
+        self.get(url).await
+    }
+
+    /// Whether the key is a live-mode one, as Stripe itself reports it (`GET /v1/balance`).
+    pub async fn livemode(&self) -> Result<bool, StripeError> {
+        #[derive(Deserialize)]
+        struct Balance {
+            livemode: bool,
+        }
+        let balance: Balance = self.get(self.url("v1/balance")?).await?;
+        Ok(balance.livemode)
+    }
+
+    fn url(&self, path: &str) -> Result<Url, StripeError> {
+        self.base
+            .join(path)
+            .map_err(|err| StripeError::Rejected(format!("bad Stripe URL for {path}: {err}")))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, StripeError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let failure =
+                match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(failure)) => failure,
+                    Err(_) => Failure {
+                        retry: true,
+                        reason: format!(
+                            "no answer within {} ms",
+                            self.policy.attempt_timeout.as_millis()
+                        ),
+                    },
+                };
+            if !failure.retry {
+                return Err(StripeError::Rejected(failure.reason));
+            }
+            if attempt >= self.policy.max_attempts {
+                return Err(StripeError::Unavailable {
+                    attempts: attempt,
+                    last: failure.reason,
+                });
+            }
+            let delay = self.policy.delay(attempt);
+            tracing::warn!(
+                path = url.path(),
+                attempt,
+                reason = failure.reason,
+                delay_ms = delay.as_millis() as u64,
+                "Stripe request failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, Failure> {
+        let response = self
+            .http
+            .get(url.clone())
+            .bearer_auth(self.key.expose_secret())
+            .send()
+            .await
+            .map_err(|err| Failure {
+                retry: true,
+                reason: format!("connection failed: {}", err.without_url()),
+            })?;
+        let status = response.status();
+        let should_retry = response
+            .headers()
+            .get("stripe-should-retry")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<bool>().ok());
+        // A body cut short is a transient failure like a dropped connection.
+        let body = response.bytes().await.map_err(|err| Failure {
+            retry: true,
+            reason: format!("answer cut short: {}", err.without_url()),
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|err| Failure {
+                retry: true,
+                reason: format!("unreadable answer ({status}): {err}"),
+            });
+        }
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .ok()
+            .map(|body| {
+                let kind = body.error.kind.unwrap_or_default();
+                match body.error.code {
+                    Some(code) => format!(" {kind}/{code}"),
+                    None => format!(" {kind}"),
+                }
+            })
+            .unwrap_or_default();
+        let transient =
+            status.as_u16() == 409 || status.as_u16() == 429 || status.is_server_error();
+        Err(Failure {
+            retry: should_retry.unwrap_or(transient),
+            reason: format!("HTTP {}{detail}", status.as_u16()),
+        })
+    }
+}
+
+/// Every object of a list, one page at a time (never the whole list in memory).
+pub struct Pages<'a, T> {
+    client: &'a StripeClient,
+    resource: &'static str,
+    cursor: Option<String>,
+    done: bool,
+    _item: std::marker::PhantomData<T>,
+}
+
+impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
+    pub fn new(client: &'a StripeClient, resource: &'static str) -> Self {
+        Self {
+            client,
+            resource,
+            cursor: None,
+            done: false,
+            _item: std::marker::PhantomData,
+        }
+    }
+
+    /// The next page, or `None` once Stripe said `has_more: false`.
+    pub async fn next(&mut self) -> Result<Option<Vec<T>>, StripeError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page: ListPage<T> = self
+            .client
+            .list_page(self.resource, self.cursor.as_deref())
+            .await?;
+        match page.data.last() {
+            Some(last) if page.has_more => self.cursor = Some(last.id().to_owned()),
+            // An empty page that claims more would loop forever; treat it as the end.
+            _ => self.done = true,
+        }
+        Ok(Some(page.data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_jittered_and_capped() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1000),
+            attempt_timeout: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let first = policy.delay(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.delay(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let capped = policy.delay(30);
+            assert!(capped >= Duration::from_millis(500) && capped <= Duration::from_millis(1000));
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| policy.delay(4)).collect();
+        assert!(spread.len() > 1, "the delay is jittered");
+    }
+}

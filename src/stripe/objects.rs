@@ -1,0 +1,407 @@
+//! Stripe objects read leniently: only the fields edgegate stores, every one optional where any
+//! API version could omit or null it, unknown fields ignored. An account pinned to another API
+//! version therefore still syncs and delivers webhooks. Stripe's times are seconds; rows hold ms.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::store::{
+    CheckoutSessionRow, CustomerRow, InvoiceRow, PriceRow, ProductRow, SubscriptionRow,
+};
+use crate::stripe::client::Listed;
+
+/// A reference Stripe sends either as an id or, when expanded, as the object itself.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IdOrObject {
+    Id(String),
+    Object { id: String },
+}
+
+impl IdOrObject {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Id(id) | Self::Object { id } => id,
+        }
+    }
+}
+
+fn id_of(reference: &Option<IdOrObject>) -> Option<String> {
+    reference.as_ref().map(|r| r.id().to_owned())
+}
+
+/// Seconds to milliseconds, saturating (a hostile number must not overflow).
+pub fn ms(seconds: i64) -> i64 {
+    seconds.saturating_mul(1000)
+}
+
+fn metadata_text(metadata: &Option<Value>) -> String {
+    match metadata {
+        // serde_json's map is ordered, so equal metadata gives equal text (the sync compares it).
+        Some(value @ Value::Object(_)) => value.to_string(),
+        _ => "{}".to_owned(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Product {
+    pub id: String,
+    pub active: Option<bool>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub default_price: Option<IdOrObject>,
+    pub metadata: Option<Value>,
+    pub livemode: Option<bool>,
+    pub created: Option<i64>,
+    pub updated: Option<i64>,
+}
+
+impl Listed for Product {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Product {
+    /// The row for this product as it was at `as_of` (ms); `deactivated_at` marks a deletion.
+    pub fn row(&self, as_of: i64, deactivated_at: Option<i64>) -> ProductRow {
+        ProductRow {
+            id: self.id.clone(),
+            active: self.active.unwrap_or(false) && deactivated_at.is_none(),
+            name: self.name.clone().unwrap_or_default(),
+            description: self.description.clone(),
+            default_price_id: id_of(&self.default_price),
+            metadata: metadata_text(&self.metadata),
+            livemode: self.livemode.unwrap_or(false),
+            stripe_created: ms(self.created.unwrap_or(0)),
+            stripe_updated: self.updated.map(ms),
+            as_of,
+            deactivated_at,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Recurring {
+    pub interval: Option<String>,
+    pub interval_count: Option<i64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Price {
+    pub id: String,
+    pub product: Option<IdOrObject>,
+    pub active: Option<bool>,
+    pub currency: Option<String>,
+    pub unit_amount: Option<i64>,
+    #[serde(rename = "type")]
+    pub price_type: Option<String>,
+    pub recurring: Option<Recurring>,
+    pub lookup_key: Option<String>,
+    pub nickname: Option<String>,
+    pub metadata: Option<Value>,
+    pub livemode: Option<bool>,
+    pub created: Option<i64>,
+}
+
+impl Listed for Price {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Price {
+    pub fn row(&self, as_of: i64, deactivated_at: Option<i64>) -> PriceRow {
+        let recurring = self.recurring.as_ref();
+        PriceRow {
+            id: self.id.clone(),
+            product_id: id_of(&self.product).unwrap_or_default(),
+            active: self.active.unwrap_or(false) && deactivated_at.is_none(),
+            currency: self.currency.clone().unwrap_or_default(),
+            unit_amount: self.unit_amount,
+            price_type: self.price_type.clone().unwrap_or_else(|| {
+                if recurring.is_some() {
+                    "recurring"
+                } else {
+                    "one_time"
+                }
+                .to_owned()
+            }),
+            recurring_interval: recurring.and_then(|r| r.interval.clone()),
+            recurring_interval_count: recurring.and_then(|r| r.interval_count),
+            lookup_key: self.lookup_key.clone(),
+            nickname: self.nickname.clone(),
+            metadata: metadata_text(&self.metadata),
+            livemode: self.livemode.unwrap_or(false),
+            stripe_created: ms(self.created.unwrap_or(0)),
+            as_of,
+            deactivated_at,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CustomerDetails {
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CheckoutSession {
+    pub id: String,
+    pub customer: Option<IdOrObject>,
+    pub customer_email: Option<String>,
+    pub customer_details: Option<CustomerDetails>,
+    pub client_reference_id: Option<String>,
+    pub mode: Option<String>,
+    pub status: Option<String>,
+    pub payment_status: Option<String>,
+    pub subscription: Option<IdOrObject>,
+    pub payment_intent: Option<IdOrObject>,
+    pub amount_total: Option<i64>,
+    pub currency: Option<String>,
+    pub metadata: Option<Value>,
+    pub livemode: Option<bool>,
+    pub created: Option<i64>,
+}
+
+impl CheckoutSession {
+    pub fn rows(&self, as_of: i64) -> (CheckoutSessionRow, Option<CustomerRow>) {
+        let details = self.customer_details.as_ref();
+        let email = details
+            .and_then(|d| d.email.clone())
+            .or_else(|| self.customer_email.clone());
+        let livemode = self.livemode.unwrap_or(false);
+        let customer = id_of(&self.customer).map(|id| CustomerRow {
+            id,
+            email: email.clone(),
+            name: details.and_then(|d| d.name.clone()),
+            livemode,
+            as_of,
+        });
+        let session = CheckoutSessionRow {
+            id: self.id.clone(),
+            customer_id: id_of(&self.customer),
+            customer_email: email,
+            client_reference_id: self.client_reference_id.clone(),
+            mode: self.mode.clone(),
+            status: self.status.clone(),
+            payment_status: self.payment_status.clone(),
+            subscription_id: id_of(&self.subscription),
+            payment_intent_id: id_of(&self.payment_intent),
+            amount_total: self.amount_total,
+            currency: self.currency.clone(),
+            metadata: metadata_text(&self.metadata),
+            livemode,
+            stripe_created: ms(self.created.unwrap_or(0)),
+            as_of,
+        };
+        (session, customer)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PriceRef {
+    pub id: String,
+    pub product: Option<IdOrObject>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SubscriptionItem {
+    pub price: Option<PriceRef>,
+    pub quantity: Option<i64>,
+    /// Where API versions from 2025-03-31 put the period end.
+    pub current_period_end: Option<i64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SubscriptionItems {
+    #[serde(default)]
+    pub data: Vec<SubscriptionItem>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Subscription {
+    pub id: String,
+    pub customer: Option<IdOrObject>,
+    pub status: Option<String>,
+    pub items: Option<SubscriptionItems>,
+    /// Where API versions before 2025-03-31 put the period end.
+    pub current_period_end: Option<i64>,
+    pub cancel_at_period_end: Option<bool>,
+    pub canceled_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub metadata: Option<Value>,
+    pub livemode: Option<bool>,
+    pub created: Option<i64>,
+}
+
+impl Subscription {
+    pub fn row(&self, as_of: i64) -> SubscriptionRow {
+        let first = self.items.as_ref().and_then(|items| items.data.first());
+        let price = first.and_then(|item| item.price.as_ref());
+        SubscriptionRow {
+            id: self.id.clone(),
+            customer_id: id_of(&self.customer).unwrap_or_default(),
+            status: self.status.clone().unwrap_or_default(),
+            price_id: price.map(|p| p.id.clone()),
+            product_id: price.and_then(|p| id_of(&p.product)),
+            quantity: first.and_then(|item| item.quantity),
+            current_period_end: self
+                .current_period_end
+                .or_else(|| first.and_then(|item| item.current_period_end))
+                .map(ms),
+            cancel_at_period_end: self.cancel_at_period_end.unwrap_or(false),
+            canceled_at: self.canceled_at.map(ms),
+            ended_at: self.ended_at.map(ms),
+            metadata: metadata_text(&self.metadata),
+            livemode: self.livemode.unwrap_or(false),
+            stripe_created: ms(self.created.unwrap_or(0)),
+            as_of,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SubscriptionDetails {
+    pub subscription: Option<IdOrObject>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct InvoiceParent {
+    pub subscription_details: Option<SubscriptionDetails>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct StatusTransitions {
+    pub paid_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Invoice {
+    pub id: String,
+    pub customer: Option<IdOrObject>,
+    /// Before API version 2025-03-31.
+    pub subscription: Option<IdOrObject>,
+    /// From API version 2025-03-31.
+    pub parent: Option<InvoiceParent>,
+    pub status: Option<String>,
+    pub amount_due: Option<i64>,
+    pub amount_paid: Option<i64>,
+    pub currency: Option<String>,
+    pub attempt_count: Option<i64>,
+    pub status_transitions: Option<StatusTransitions>,
+    pub livemode: Option<bool>,
+    pub created: Option<i64>,
+}
+
+/// What an invoice event says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvoiceOutcome {
+    Paid,
+    PaymentFailed,
+}
+
+impl Invoice {
+    pub fn row(&self, as_of: i64, outcome: InvoiceOutcome) -> InvoiceRow {
+        let subscription = id_of(&self.subscription).or_else(|| {
+            self.parent
+                .as_ref()
+                .and_then(|p| p.subscription_details.as_ref())
+                .and_then(|d| id_of(&d.subscription))
+        });
+        let paid_at = self
+            .status_transitions
+            .as_ref()
+            .and_then(|t| t.paid_at)
+            .map(ms)
+            .unwrap_or(as_of);
+        InvoiceRow {
+            id: self.id.clone(),
+            customer_id: id_of(&self.customer),
+            subscription_id: subscription,
+            status: self.status.clone(),
+            amount_due: self.amount_due,
+            amount_paid: self.amount_paid,
+            currency: self.currency.clone(),
+            paid_at: (outcome == InvoiceOutcome::Paid).then_some(paid_at),
+            payment_failed_at: (outcome == InvoiceOutcome::PaymentFailed).then_some(as_of),
+            attempt_count: self.attempt_count,
+            livemode: self.livemode.unwrap_or(false),
+            stripe_created: ms(self.created.unwrap_or(0)),
+            as_of,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct EventData {
+    pub object: Value,
+}
+
+/// A webhook event: the envelope, with `data.object` kept raw until its type is known.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub created: i64,
+    pub livemode: Option<bool>,
+    pub data: EventData,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn reads_any_api_version_leniently() {
+        // Expanded references, nulls, missing and unknown fields.
+        let product: Product = serde_json::from_value(json!({
+            "id": "prod_1", "name": null, "default_price": {"id": "price_9", "object": "price"},
+            "created": 2, "brand_new_field": {"x": 1}
+        }))
+        .unwrap();
+        let row = product.row(5, None);
+        assert_eq!(row.default_price_id.as_deref(), Some("price_9"));
+        assert_eq!(
+            (row.name.as_str(), row.active, row.stripe_created),
+            ("", false, 2000)
+        );
+        assert_eq!(row.metadata, "{}");
+
+        // Period end on the item (2025-03-31 and later) or on the subscription (before).
+        let new_style: Subscription = serde_json::from_value(json!({
+            "id": "sub_1", "customer": {"id": "cus_1"}, "status": "active",
+            "items": {"data": [{"price": {"id": "price_1", "product": "prod_1"},
+                                "quantity": 2, "current_period_end": 100}]}
+        }))
+        .unwrap();
+        let row = new_style.row(1);
+        assert_eq!(row.customer_id, "cus_1");
+        assert_eq!(row.product_id.as_deref(), Some("prod_1"));
+        assert_eq!(row.current_period_end, Some(100_000));
+        let old_style: Subscription =
+            serde_json::from_value(json!({"id": "sub_2", "current_period_end": 7})).unwrap();
+        assert_eq!(old_style.row(1).current_period_end, Some(7000));
+
+        // The invoice's subscription moved under `parent` in 2025-03-31.
+        let invoice: Invoice = serde_json::from_value(json!({
+            "id": "in_1",
+            "parent": {"subscription_details": {"subscription": "sub_3"}},
+            "status_transitions": {"paid_at": 9}
+        }))
+        .unwrap();
+        let row = invoice.row(1, InvoiceOutcome::Paid);
+        assert_eq!(row.subscription_id.as_deref(), Some("sub_3"));
+        assert_eq!((row.paid_at, row.payment_failed_at), (Some(9000), None));
+    }
+
+    #[test]
+    fn hostile_times_do_not_overflow() {
+        assert_eq!(ms(i64::MAX), i64::MAX);
+        assert_eq!(ms(i64::MIN), i64::MIN);
+    }
+}

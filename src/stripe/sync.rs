@@ -1,0 +1,249 @@
+//! The catalogue sync: every product and price, active or not, listed page by page and written
+//! page by page (one transaction each); after a *complete* listing, rows Stripe no longer returns
+//! are deactivated. One sync at a time across all instances (`Store::try_lock_sync`).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::{PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
+use crate::stripe::objects::{Price, Product};
+
+/// How long a SQLite lock row lives without renewal (renewed after every page).
+const LOCK_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ResourceCounts {
+    pub seen: i64,
+    pub upserted: i64,
+    pub deactivated: i64,
+}
+
+/// The contract's answer to a sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    pub products: ResourceCounts,
+    pub prices: ResourceCounts,
+    pub duration_ms: u64,
+}
+
+impl SyncReport {
+    fn new(counts: &SyncCounts, duration: Duration) -> Self {
+        Self {
+            products: ResourceCounts {
+                seen: counts.products_seen,
+                upserted: counts.products_upserted,
+                deactivated: counts.products_deactivated,
+            },
+            prices: ResourceCounts {
+                seen: counts.prices_seen,
+                upserted: counts.prices_upserted,
+                deactivated: counts.prices_deactivated,
+            },
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("another catalogue sync is running")]
+    InProgress,
+    /// Stripe failed after retries; what was written so far stays, nothing was deactivated.
+    #[error("{error} (run {run_id}: {counts:?} before it stopped)")]
+    Upstream {
+        run_id: String,
+        counts: SyncCounts,
+        error: StripeError,
+    },
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl SyncError {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Upstream { .. } => "upstream_error",
+            Self::Internal(_) => "error",
+        }
+    }
+}
+
+/// Why a walk stopped early.
+enum Stop {
+    Upstream(StripeError),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(err: anyhow::Error) -> Self {
+        Self::Internal(err)
+    }
+}
+
+/// Runs one sync as `holder` (names the instance in the SQLite lock row).
+pub async fn run(
+    store: &Store,
+    client: &StripeClient,
+    holder: &str,
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let started_at = now_ms();
+    let Some(mut lock) = store.try_lock_sync(holder, started_at, LOCK_TTL).await? else {
+        return Err(SyncError::InProgress);
+    };
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let result = run_locked(store, client, &mut lock, &run_id, started_at).await;
+    if let Err(err) = lock.release().await {
+        tracing::warn!(
+            error = format!("{err:#}"),
+            "sync lock not released; it expires"
+        );
+    }
+    result.map(|counts| SyncReport::new(&counts, started.elapsed()))
+}
+
+async fn run_locked(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    run_id: &str,
+    started_at: i64,
+) -> Result<SyncCounts, SyncError> {
+    store.start_sync_run(run_id, started_at).await?;
+    let mut counts = SyncCounts::default();
+    let walked = walk(store, client, lock, run_id, started_at, &mut counts).await;
+    let (outcome, error, result) = match walked {
+        Ok(()) => ("ok", None, Ok(counts)),
+        Err(Stop::Upstream(error)) => (
+            "upstream_error",
+            Some(error.to_string()),
+            Err(SyncError::Upstream {
+                run_id: run_id.to_owned(),
+                counts,
+                error,
+            }),
+        ),
+        Err(Stop::Internal(err)) => ("error", Some(format!("{err:#}")), Err(err.into())),
+    };
+    store
+        .record_sync_run(run_id, &counts, Some((now_ms(), outcome, error.as_deref())))
+        .await?;
+    result
+}
+
+/// A listed resource the sync writes: how it is listed, stored and counted.
+trait Catalogued: DeserializeOwned + Listed {
+    const RESOURCE: &'static str;
+    type Row: Sync;
+    fn to_row(&self, fetched_at: i64) -> Self::Row;
+    fn write(
+        store: &Store,
+        rows: &[Self::Row],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+    /// The (seen, upserted) counters of this resource.
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64);
+}
+
+impl Catalogued for Product {
+    const RESOURCE: &'static str = "products";
+    type Row = ProductRow;
+    fn to_row(&self, fetched_at: i64) -> ProductRow {
+        self.row(fetched_at, None)
+    }
+    fn write(
+        store: &Store,
+        rows: &[ProductRow],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send {
+        store.sync_products_page(rows, now)
+    }
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
+        (&mut counts.products_seen, &mut counts.products_upserted)
+    }
+}
+
+impl Catalogued for Price {
+    const RESOURCE: &'static str = "prices";
+    type Row = PriceRow;
+    fn to_row(&self, fetched_at: i64) -> PriceRow {
+        self.row(fetched_at, None)
+    }
+    fn write(
+        store: &Store,
+        rows: &[PriceRow],
+        now: i64,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send {
+        store.sync_prices_page(rows, now)
+    }
+    fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
+        (&mut counts.prices_seen, &mut counts.prices_upserted)
+    }
+}
+
+/// Lists and writes both resources, then deactivates what the complete listing did not return.
+async fn walk(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    run_id: &str,
+    started_at: i64,
+    counts: &mut SyncCounts,
+) -> Result<(), Stop> {
+    walk_resource::<Product>(store, client, lock, run_id, counts).await?;
+    walk_resource::<Price>(store, client, lock, run_id, counts).await?;
+    // Only here is the listing known to be complete; an interrupted one deactivates nothing.
+    let (products, prices) = store.deactivate_unseen(started_at, now_ms()).await?;
+    counts.products_deactivated = count(products);
+    counts.prices_deactivated = count(prices);
+    Ok(())
+}
+
+/// Every page of one resource, each written in its own transaction as soon as it arrives. A
+/// Stripe failure (after the client's retries) stops the walk as an upstream error.
+async fn walk_resource<T: Catalogued>(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    run_id: &str,
+    counts: &mut SyncCounts,
+) -> Result<(), Stop> {
+    let mut pages = Pages::<T>::new(client, T::RESOURCE);
+    while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
+        let fetched_at = now_ms();
+        let rows: Vec<T::Row> = page
+            .iter()
+            .map(|object| object.to_row(fetched_at))
+            .collect();
+        let upserted = count(T::write(store, &rows, now_ms()).await?);
+        let (seen, written) = T::counters(counts);
+        *seen += len(&rows);
+        *written += upserted;
+        checkpoint(store, lock, run_id, counts).await?;
+    }
+    Ok(())
+}
+
+/// Keeps the lock and leaves the counts so far in the run's row, so a crash mid-run still shows
+/// how far it got.
+async fn checkpoint(
+    store: &Store,
+    lock: &mut SyncLock,
+    run_id: &str,
+    counts: &SyncCounts,
+) -> anyhow::Result<()> {
+    lock.renew(now_ms()).await?;
+    store.record_sync_run(run_id, counts, None).await
+}
+
+fn len<T>(rows: &[T]) -> i64 {
+    i64::try_from(rows.len()).unwrap_or(i64::MAX)
+}
+
+fn count(rows: u64) -> i64 {
+    i64::try_from(rows).unwrap_or(i64::MAX)
+}

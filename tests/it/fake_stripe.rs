@@ -1,0 +1,333 @@
+//! A stand-in for the Stripe API: list endpoints paged exactly as Stripe pages them, built from
+//! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
+//! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::support::{TestServer, serve_app};
+
+pub const SECRET_KEY: &str = "sk_test_fake0123456789abcdefghij";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// Stripe's example objects, or `None` (after a notice) when `../shared/vectors` is absent;
+/// under `CI=true` a missing file fails the test.
+pub fn fixtures() -> Option<Arc<Value>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/vectors/stripe/fixtures3.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => Some(Arc::new(
+            serde_json::from_slice(&bytes).expect("fixtures3.json is JSON"),
+        )),
+        Err(err) if !in_ci() => {
+            eprintln!("SKIPPED: {} is not readable ({err})", path.display());
+            None
+        }
+        Err(err) => panic!("CI=true and {} is not readable: {err}", path.display()),
+    }
+}
+
+/// Returns from the calling test when the Stripe fixtures are absent (outside CI).
+#[macro_export]
+macro_rules! stripe_fixtures {
+    () => {
+        match $crate::fake_stripe::fixtures() {
+            Some(fixtures) => fixtures,
+            None => return,
+        }
+    };
+}
+
+/// One of Stripe's example objects (`resources.<name>`), to be varied by the test.
+pub fn resource(fixtures: &Value, name: &str) -> Value {
+    fixtures["resources"][name].clone()
+}
+
+pub fn product_id(i: usize) -> String {
+    format!("prod_T{i:06}")
+}
+
+pub fn price_id(i: usize) -> String {
+    format!("price_T{i:06}")
+}
+
+/// Stripe's example product with id, name and default price varied by `i`.
+pub fn product(fixtures: &Value, i: usize) -> Value {
+    let mut object = resource(fixtures, "product");
+    object["id"] = json!(product_id(i));
+    object["name"] = json!(format!("Product {i}"));
+    object["default_price"] = json!(price_id(i * 3));
+    object["active"] = json!(!i.is_multiple_of(7));
+    object
+}
+
+/// Stripe's example price `i`, belonging to product `i / 3`.
+pub fn price(fixtures: &Value, i: usize) -> Value {
+    let mut object = resource(fixtures, "price");
+    object["id"] = json!(price_id(i));
+    object["product"] = json!(product_id(i / 3));
+    object["unit_amount"] = json!(100 + i);
+    object["active"] = json!(!i.is_multiple_of(5));
+    if i.is_multiple_of(2) {
+        object["type"] = json!("one_time");
+        object["recurring"] = Value::Null;
+    }
+    object
+}
+
+/// What one request gets instead of (or before) its normal answer.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// 429 with `Stripe-Should-Retry` set to the value, or without it.
+    TooMany(Option<bool>),
+    /// 500 with `Stripe-Should-Retry` set to the value, or without it.
+    ServerError(Option<bool>),
+    /// 400 with `Stripe-Should-Retry` set to the value, or without it.
+    BadRequest(Option<bool>),
+    /// The normal answer, after this delay.
+    Slow(Duration),
+    /// 200 with only the first half of the normal body.
+    Truncated,
+    /// Waits until the test calls `release` (the test can wait for `arrived`).
+    Hold,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// By request number (0-based, every list request counted).
+    at: HashMap<usize, Fault>,
+    /// For every request from this number on.
+    from: Option<(usize, Fault)>,
+}
+
+struct Catalogue {
+    products: Vec<Value>,
+    prices: Vec<Value>,
+}
+
+struct Shared {
+    catalogue: Mutex<Catalogue>,
+    faults: Mutex<Faults>,
+    requests: AtomicUsize,
+    limits: Mutex<Vec<String>>,
+    arrived: Notify,
+    release: Semaphore,
+}
+
+pub struct FakeStripe {
+    pub base: String,
+    shared: Arc<Shared>,
+    _server: TestServer,
+}
+
+impl FakeStripe {
+    /// `products` products and `prices` prices built from the fixtures.
+    pub async fn start(fixtures: &Value, products: usize, prices: usize) -> Self {
+        let shared = Arc::new(Shared {
+            catalogue: Mutex::new(Catalogue {
+                products: (0..products).map(|i| product(fixtures, i)).collect(),
+                prices: (0..prices).map(|i| price(fixtures, i)).collect(),
+            }),
+            faults: Mutex::new(Faults::default()),
+            requests: AtomicUsize::new(0),
+            limits: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            release: Semaphore::new(0),
+        });
+        let app = Router::new()
+            .route("/v1/products", get(list_products))
+            .route("/v1/prices", get(list_prices))
+            .route("/v1/balance", get(balance))
+            .with_state(shared.clone());
+        let server = serve_app(app, Duration::from_millis(100)).await;
+        Self {
+            base: server.url("/"),
+            shared,
+            _server: server,
+        }
+    }
+
+    /// List requests answered so far (retries included).
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The `limit` of every list request so far.
+    pub fn limits(&self) -> Vec<String> {
+        self.shared.limits.lock().unwrap().clone()
+    }
+
+    pub fn fault_at(&self, request: usize, fault: Fault) {
+        self.shared.faults.lock().unwrap().at.insert(request, fault);
+    }
+
+    pub fn fault_from(&self, request: usize, fault: Fault) {
+        self.shared.faults.lock().unwrap().from = Some((request, fault));
+    }
+
+    pub fn clear_faults(&self) {
+        *self.shared.faults.lock().unwrap() = Faults::default();
+    }
+
+    /// Resolves once a held request has arrived.
+    pub async fn arrived(&self) {
+        self.shared.arrived.notified().await;
+    }
+
+    /// Lets one held request go on.
+    pub fn release(&self) {
+        self.shared.release.add_permits(1);
+    }
+
+    /// Removes product `id` and its prices, as deleting them in Stripe would.
+    pub fn remove_product(&self, id: &str) {
+        let mut catalogue = self.shared.catalogue.lock().unwrap();
+        catalogue.products.retain(|p| p["id"] != id);
+        catalogue.prices.retain(|p| p["product"] != id);
+    }
+
+    pub fn add_product(&self, object: Value) {
+        self.shared.catalogue.lock().unwrap().products.push(object);
+    }
+
+    pub fn edit_product(&self, id: &str, edit: impl FnOnce(&mut Value)) {
+        let mut catalogue = self.shared.catalogue.lock().unwrap();
+        if let Some(product) = catalogue.products.iter_mut().find(|p| p["id"] == id) {
+            edit(product);
+        }
+    }
+}
+
+fn stripe_error(status: StatusCode, should_retry: Option<bool>, kind: &str) -> Response {
+    let body = json!({"error": {"type": kind, "message": "injected by the fake"}});
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(value) = should_retry {
+        response.headers_mut().insert(
+            "stripe-should-retry",
+            if value { "true" } else { "false" }.parse().unwrap(),
+        );
+    }
+    response
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value == format!("Bearer {SECRET_KEY}"))
+}
+
+async fn list_products(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    list(shared, headers, query, "/v1/products", |c| &c.products).await
+}
+
+async fn list_prices(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    list(shared, headers, query, "/v1/prices", |c| &c.prices).await
+}
+
+async fn balance(headers: HeaderMap) -> Response {
+    if !authorized(&headers) {
+        return stripe_error(StatusCode::UNAUTHORIZED, None, "invalid_request_error");
+    }
+    axum::Json(json!({"object": "balance", "available": [], "pending": [], "livemode": false}))
+        .into_response()
+}
+
+/// One page as Stripe answers it: `limit` (default 10, 1 to 100), objects after
+/// `starting_after` (400 when that id is unknown), `has_more` when any are left.
+async fn list(
+    shared: Arc<Shared>,
+    headers: HeaderMap,
+    query: HashMap<String, String>,
+    url: &str,
+    objects: fn(&Catalogue) -> &Vec<Value>,
+) -> Response {
+    let number = shared.requests.fetch_add(1, Ordering::SeqCst);
+    shared
+        .limits
+        .lock()
+        .unwrap()
+        .push(query.get("limit").cloned().unwrap_or_default());
+    if !authorized(&headers) {
+        return stripe_error(StatusCode::UNAUTHORIZED, None, "invalid_request_error");
+    }
+    let fault = {
+        let faults = shared.faults.lock().unwrap();
+        faults.at.get(&number).cloned().or_else(|| {
+            faults
+                .from
+                .as_ref()
+                .filter(|(from, _)| number >= *from)
+                .map(|(_, fault)| fault.clone())
+        })
+    };
+    match &fault {
+        Some(Fault::TooMany(retry)) => {
+            return stripe_error(StatusCode::TOO_MANY_REQUESTS, *retry, "rate_limit_error");
+        }
+        Some(Fault::ServerError(retry)) => {
+            return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, *retry, "api_error");
+        }
+        Some(Fault::BadRequest(retry)) => {
+            return stripe_error(StatusCode::BAD_REQUEST, *retry, "invalid_request_error");
+        }
+        Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
+        Some(Fault::Hold) => {
+            shared.arrived.notify_one();
+            shared.release.acquire().await.unwrap().forget();
+        }
+        Some(Fault::Truncated) | None => {}
+    }
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 10,
+        Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
+        Some(_) => return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error"),
+    };
+    let body = {
+        let catalogue = shared.catalogue.lock().unwrap();
+        let all = objects(&catalogue);
+        let start = match query.get("starting_after") {
+            None => 0,
+            Some(after) => match all.iter().position(|o| o["id"] == after.as_str()) {
+                Some(index) => index + 1,
+                None => {
+                    return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
+                }
+            },
+        };
+        let end = (start + limit).min(all.len());
+        json!({
+            "object": "list",
+            "data": all[start..end],
+            "has_more": end < all.len(),
+            "url": url,
+        })
+    };
+    let text = body.to_string();
+    if matches!(fault, Some(Fault::Truncated)) {
+        let cut = text.len() / 2;
+        return (StatusCode::OK, text[..cut].to_owned()).into_response();
+    }
+    (StatusCode::OK, [("content-type", "application/json")], text).into_response()
+}

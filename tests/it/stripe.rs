@@ -1,0 +1,881 @@
+//! Stripe through HTTP, as the contract states it: the catalogue sync against a fake Stripe
+//! built from Stripe's own objects, and webhooks signed by Stripe's official Python SDK.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgegate::AppState;
+use edgegate::store::now_ms;
+use edgegate::stripe::RetryPolicy;
+use serde_json::{Value, json};
+
+use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY, product_id, resource};
+use crate::support::{TestDb, TestServer, serve, serve_app};
+use crate::{stripe_fixtures, test_db};
+use edgegate::server::middleware::Limits;
+
+const SB_SECRET: &str = "sb_secret_0123456789abcdefghijklmn";
+const WHSEC: &str = "whsec_edgegate_test_current";
+const WHSEC_NEXT: &str = "whsec_edgegate_test_next";
+const WHSEC_OTHER: &str = "whsec_edgegate_test_unrelated";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// Retries without real waiting: tests exercise the decisions, not the delays.
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(4),
+        attempt_timeout: Duration::from_secs(10),
+    }
+}
+
+struct App {
+    server: TestServer,
+    #[allow(dead_code)]
+    state: AppState,
+}
+
+async fn app(db: &TestDb, vars: &[(&str, &str)], retry: RetryPolicy) -> App {
+    let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
+    let mut all = vec![("SUPABASE_SECRET_KEYS", secret_keys.as_str())];
+    all.extend_from_slice(vars);
+    let mut state = AppState::new(db.config(&all), db.store().await);
+    state.stripe_retry = retry;
+    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    App { server, state }
+}
+
+async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy) -> App {
+    app(
+        db,
+        &[
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+        ],
+        retry,
+    )
+    .await
+}
+
+async fn sync(server: &TestServer) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url("/functions/v1/sync-stripe-products-hardened"))
+        .header("apikey", SB_SECRET)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Runs one query on the test database and returns its single value.
+macro_rules! scalar {
+    ($db:expr, $ty:ty, $sql:expr) => {{
+        let sql = sqlx::AssertSqlSafe($sql.to_string());
+        if $db.is_postgres() {
+            let pool = sqlx::PgPool::connect(&$db.url).await.unwrap();
+            let value: $ty = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            value
+        } else {
+            let pool = sqlx::SqlitePool::connect(&$db.url).await.unwrap();
+            let value: $ty = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            value
+        }
+    }};
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    scalar!(db, i64, sql)
+}
+
+fn counts(body: &Value, resource: &str) -> (i64, i64, i64) {
+    let part = &body[resource];
+    (
+        part["seen"].as_i64().unwrap(),
+        part["upserted"].as_i64().unwrap(),
+        part["deactivated"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn sync_lists_every_page_and_a_rerun_upserts_nothing() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2500, 7500).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+
+    let started = Instant::now();
+    let (status, body) = sync(&app.server).await;
+    let first = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (2500, 2500, 0));
+    assert_eq!(counts(&body, "prices"), (7500, 7500, 0));
+    assert!(body["duration_ms"].as_u64().is_some());
+    // Pages of 100: 25 for products and 75 for prices, and nothing more.
+    assert_eq!(fake.requests(), 100);
+    assert!(fake.limits().iter().all(|limit| limit == "100"));
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM stripe_products").await,
+        2500
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_prices").await, 7500);
+    // Inactive objects are synced too, as they are in Stripe.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE active = FALSE"
+        )
+        .await,
+        (0..2500).filter(|i: &usize| i.is_multiple_of(7)).count() as i64
+    );
+    let price = format!(
+        "SELECT unit_amount FROM stripe_prices WHERE id = '{}'",
+        fake_stripe::price_id(4321)
+    );
+    assert_eq!(scalar!(db, Option<i64>, price), Some(4421));
+
+    let started = Instant::now();
+    let (status, body) = sync(&app.server).await;
+    let second = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (2500, 0, 0));
+    assert_eq!(counts(&body, "prices"), (7500, 0, 0));
+    eprintln!(
+        "sync of 2500 products and 7500 prices on {}: first {first:?}, rerun {second:?}",
+        if db.is_postgres() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
+
+    // A changed product is the only one upserted.
+    fake.edit_product(&product_id(7), |p| p["name"] = json!("Renamed"));
+    let (_, body) = sync(&app.server).await;
+    assert_eq!(counts(&body, "products"), (2500, 1, 0));
+
+    let runs = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND finished_at IS NOT NULL \
+                AND products_seen = 2500 AND prices_seen = 7500";
+    assert_eq!(count(&db, runs).await, 3);
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'sync_stripe_products' \
+                 AND outcome = 'ok' AND credential_source = 'api_key'";
+    assert_eq!(count(&db, audit).await, 3);
+}
+
+#[tokio::test]
+async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 20, 60).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, _) = sync(&app.server).await;
+    assert_eq!(status, 200);
+
+    fake.remove_product(&product_id(4));
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (19, 0, 1));
+    assert_eq!(counts(&body, "prices"), (57, 0, 3));
+    let gone = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
+         AND deactivated_at IS NOT NULL",
+        product_id(4)
+    );
+    assert_eq!(count(&db, &gone).await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 20);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        3
+    );
+
+    // Already deactivated rows are not counted again.
+    let (_, body) = sync(&app.server).await;
+    assert_eq!(counts(&body, "products"), (19, 0, 0));
+
+    // A product that comes back is reactivated.
+    fake.add_product(fake_stripe::product(&fixtures, 4));
+    let (_, body) = sync(&app.server).await;
+    assert_eq!(counts(&body, "products"), (20, 1, 0));
+    let back = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = TRUE \
+         AND deactivated_at IS NULL",
+        product_id(4)
+    );
+    assert_eq!(count(&db, &back).await, 1);
+}
+
+#[tokio::test]
+async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partial_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 300, 30).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, _) = sync(&app.server).await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.requests(), 4);
+
+    fake.remove_product(&product_id(5));
+    // The third page of products fails on every attempt.
+    fake.fault_from(6, Fault::ServerError(None));
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    assert!(!body["message"].as_str().unwrap().contains(SECRET_KEY));
+    assert_eq!(fake.requests(), 4 + 2 + 3, "two pages, then three attempts");
+
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
+               AND finished_at IS NOT NULL AND products_seen = 200 AND prices_seen = 0 \
+               AND products_deactivated = 0 AND error LIKE '%3 attempts%HTTP 500%'";
+    assert_eq!(count(&db, run).await, 1);
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'sync_stripe_products' \
+                 AND outcome = 'upstream_error'";
+    assert_eq!(count(&db, audit).await, 1);
+
+    // Once Stripe answers again the deactivation happens.
+    fake.clear_faults();
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (299, 0, 1));
+}
+
+#[tokio::test]
+async fn sync_retries_429_500_slow_and_truncated_pages() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 150, 10).await;
+    let retry = RetryPolicy {
+        max_attempts: 5,
+        attempt_timeout: Duration::from_millis(300),
+        ..fast_retry()
+    };
+    let app = sync_app(&db, &fake, retry).await;
+    fake.fault_at(0, Fault::TooMany(None));
+    fake.fault_at(1, Fault::ServerError(None));
+    fake.fault_at(2, Fault::Slow(Duration::from_secs(3)));
+    fake.fault_at(3, Fault::Truncated);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (150, 150, 0));
+    assert_eq!(counts(&body, "prices"), (10, 10, 0));
+    assert_eq!(fake.requests(), 4 + 3);
+}
+
+#[tokio::test]
+async fn sync_follows_stripe_should_retry() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+
+    // A 429 that Stripe says not to retry is not retried.
+    fake.fault_at(0, Fault::TooMany(Some(false)));
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(fake.requests(), 1);
+
+    // A 400 that Stripe says to retry is retried.
+    fake.clear_faults();
+    fake.fault_at(1, Fault::BadRequest(Some(true)));
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests(), 1 + 3);
+
+    // Without the header a 400 is final.
+    fake.fault_at(4, Fault::BadRequest(None));
+    let (status, _) = sync(&app.server).await;
+    assert_eq!(status, 502);
+    assert_eq!(fake.requests(), 5);
+}
+
+#[tokio::test]
+async fn two_concurrent_syncs_give_one_409() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 10, 10).await;
+    let first = sync_app(&db, &fake, fast_retry()).await;
+    // A second instance on the same database: the lock holds across instances.
+    let second = sync_app(&db, &fake, fast_retry()).await;
+    fake.fault_at(0, Fault::Hold);
+
+    let running = tokio::spawn(async move {
+        let result = sync(&first.server).await;
+        (result, first)
+    });
+    fake.arrived().await;
+    let (status, body) = sync(&second.server).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "SYNC_IN_PROGRESS");
+    fake.release();
+    let ((status, body), _first) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // The lock is free again.
+    let (status, body) = sync(&second.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (10, 0, 0));
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'sync_stripe_products' \
+                 AND outcome = 'in_progress'";
+    assert_eq!(count(&db, audit).await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM sync_runs").await, 2);
+}
+
+#[tokio::test]
+async fn sync_needs_a_key_and_the_service_role() {
+    let db = test_db!();
+    let app = app(&db, &[], fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["code"], "NOT_CONFIGURED");
+    let response = app
+        .server
+        .client
+        .post(
+            app.server
+                .url("/functions/v1/sync-stripe-products-hardened"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+// ---- webhooks ----
+
+fn sdk_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import stripe"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Returns from the calling test when Python's `stripe` package is missing (outside CI).
+macro_rules! stripe_sdk {
+    () => {
+        if !sdk_available() {
+            assert!(
+                !in_ci(),
+                "CI=true and Python's stripe package is missing (python3 -m pip install stripe)"
+            );
+            eprintln!("SKIPPED: Python's stripe package is not installed");
+            return;
+        }
+    };
+}
+
+/// A `Stripe-Signature` header made by Stripe's own Python library.
+fn sdk_sign(payload: &str, secret: &str, timestamp: i64) -> String {
+    use std::io::Write as _;
+    let script = "import sys, stripe\n\
+                  payload = sys.stdin.buffer.read().decode('utf-8')\n\
+                  print(stripe.WebhookSignature.generate_signature_header(\
+                  payload, sys.argv[1], timestamp=int(sys.argv[2])), end='')";
+    let mut child = Command::new("python3")
+        .args(["-c", script, secret, &timestamp.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "the Stripe SDK could not sign");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn now() -> i64 {
+    now_ms() / 1000
+}
+
+fn event(fixtures: &Value, id: &str, kind: &str, created: i64, object: Value) -> String {
+    let mut event = resource(fixtures, "event");
+    event["id"] = json!(id);
+    event["type"] = json!(kind);
+    event["created"] = json!(created);
+    event["data"] = json!({ "object": object });
+    event.to_string()
+}
+
+async fn webhook_app(db: &TestDb, secrets: &str) -> App {
+    app(db, &[("STRIPE_WEBHOOK_SECRET", secrets)], fast_retry()).await
+}
+
+async fn deliver(server: &TestServer, body: &str, signature: Option<&str>) -> (u16, Value) {
+    let mut request = server
+        .client
+        .post(server.url("/functions/v1/stripe-webhook"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(signature) = signature {
+        request = request.header("stripe-signature", signature);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+async fn deliver_signed(server: &TestServer, body: &str) -> (u16, Value) {
+    deliver(server, body, Some(&sdk_sign(body, WHSEC, now()))).await
+}
+
+/// A product event whose object is the fixture product `i` named `name`.
+fn product_event(
+    fixtures: &Value,
+    id: &str,
+    kind: &str,
+    created: i64,
+    i: usize,
+    name: &str,
+) -> String {
+    let mut object = fake_stripe::product(fixtures, i);
+    object["name"] = json!(name);
+    event(fixtures, id, kind, created, object)
+}
+
+async fn product_name(db: &TestDb, i: usize) -> String {
+    let sql = format!(
+        "SELECT name FROM stripe_products WHERE id = '{}'",
+        product_id(i)
+    );
+    scalar!(db, String, sql)
+}
+
+#[tokio::test]
+async fn webhook_signed_by_the_stripe_sdk_is_applied_once() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+    let first = product_event(&fixtures, "evt_T1", "product.created", t - 20, 1, "First");
+    let (status, body) = deliver_signed(&app.server, &first).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"received": true, "duplicate": false}));
+    assert_eq!(product_name(&db, 1).await, "First");
+
+    let newer = product_event(&fixtures, "evt_T2", "product.updated", t - 10, 1, "Second");
+    assert_eq!(deliver_signed(&app.server, &newer).await.0, 200);
+    assert_eq!(product_name(&db, 1).await, "Second");
+
+    // Stripe redelivers the first event: acknowledged, and it changes nothing.
+    let (status, body) = deliver_signed(&app.server, &first).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"received": true, "duplicate": true}));
+    assert_eq!(product_name(&db, 1).await, "Second");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 2);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_events WHERE applied = TRUE"
+        )
+        .await,
+        2
+    );
+    let metrics = app
+        .server
+        .client
+        .get(app.server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let duplicate = r#"edgegate_stripe_webhook_events_total{event_type="product.created",outcome="duplicate"} 1"#;
+    assert!(metrics.contains(duplicate), "{metrics}");
+}
+
+#[tokio::test]
+async fn webhook_refuses_every_bad_signature_and_stores_nothing() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let body = product_event(&fixtures, "evt_T3", "product.created", now(), 3, "Three");
+    let good = sdk_sign(&body, WHSEC, now());
+    let tampered = body.replace("Three", "Free");
+    let cases: Vec<(&str, String, Option<String>)> = vec![
+        ("tampered body", tampered, Some(good.clone())),
+        (
+            "wrong secret",
+            body.clone(),
+            Some(sdk_sign(&body, WHSEC_OTHER, now())),
+        ),
+        (
+            "older than 300 s",
+            body.clone(),
+            Some(sdk_sign(&body, WHSEC, now() - 301)),
+        ),
+        ("missing header", body.clone(), None),
+        ("only v0", body.clone(), Some(good.replace("v1=", "v0="))),
+        ("garbage", body.clone(), Some("nonsense".to_owned())),
+    ];
+    for (case, payload, signature) in cases {
+        let (status, answer) = deliver(&app.server, &payload, signature.as_deref()).await;
+        assert_eq!(status, 400, "{case}: {answer}");
+        assert_eq!(answer["code"], "INVALID_SIGNATURE", "{case}");
+    }
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 0);
+    // Signed but not an event: refused as a bad request, nothing stored.
+    let junk = "not an event";
+    let (status, answer) = deliver(&app.server, junk, Some(&sdk_sign(junk, WHSEC, now()))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["code"], "INVALID_REQUEST");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+    // A signature well inside the tolerance is fine.
+    let recent = sdk_sign(&body, WHSEC, now() - 200);
+    assert_eq!(deliver(&app.server, &body, Some(&recent)).await.0, 200);
+}
+
+#[tokio::test]
+async fn webhook_accepts_either_secret_while_one_is_rolled() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let t = now();
+    let body = |n: usize| {
+        product_event(
+            &fixtures,
+            &format!("evt_R{n}"),
+            "product.created",
+            t,
+            n,
+            "Rolled",
+        )
+    };
+    // During a roll Stripe signs with both secrets: two v1 values under one timestamp.
+    let both = |payload: &str| {
+        let current = sdk_sign(payload, WHSEC, t);
+        let next = sdk_sign(payload, WHSEC_NEXT, t);
+        format!("{current},{}", next.split_once(',').unwrap().1)
+    };
+    let old_only = webhook_app(&db, WHSEC).await;
+    let payload = body(1);
+    let (status, answer) = deliver(&old_only.server, &payload, Some(&both(&payload))).await;
+    assert_eq!(status, 200, "{answer}");
+    let payload = body(2);
+    let next_only = sdk_sign(&payload, WHSEC_NEXT, t);
+    assert_eq!(
+        deliver(&old_only.server, &payload, Some(&next_only))
+            .await
+            .0,
+        400
+    );
+
+    // edgegate configured with both secrets accepts a signature by either.
+    let rolled = webhook_app(&db, &format!("{WHSEC_NEXT},{WHSEC}")).await;
+    assert_eq!(
+        deliver(&rolled.server, &payload, Some(&next_only)).await.0,
+        200
+    );
+    let payload = body(3);
+    let current_only = sdk_sign(&payload, WHSEC, t);
+    assert_eq!(
+        deliver(&rolled.server, &payload, Some(&current_only))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
+}
+
+#[tokio::test]
+async fn webhook_out_of_order_event_never_overwrites_newer_state() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+    let newer = product_event(&fixtures, "evt_N", "product.updated", t - 5, 9, "Newer");
+    let older = product_event(&fixtures, "evt_O", "product.updated", t - 60, 9, "Older");
+    assert_eq!(deliver_signed(&app.server, &newer).await.0, 200);
+    let (status, body) = deliver_signed(&app.server, &older).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["duplicate"], false, "a distinct event, recorded");
+    assert_eq!(product_name(&db, 9).await, "Newer");
+
+    // Prices follow the same rule.
+    let mut price = fake_stripe::price(&fixtures, 27);
+    price["unit_amount"] = json!(999);
+    let newer = event(&fixtures, "evt_PN", "price.updated", t - 5, price.clone());
+    price["unit_amount"] = json!(111);
+    let older = event(&fixtures, "evt_PO", "price.updated", t - 60, price);
+    assert_eq!(deliver_signed(&app.server, &newer).await.0, 200);
+    assert_eq!(deliver_signed(&app.server, &older).await.0, 200);
+    let amount = format!(
+        "SELECT unit_amount FROM stripe_prices WHERE id = '{}'",
+        fake_stripe::price_id(27)
+    );
+    assert_eq!(scalar!(db, Option<i64>, amount), Some(999));
+}
+
+#[tokio::test]
+async fn webhook_billing_events_leave_what_access_needs() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+
+    let mut session = resource(&fixtures, "checkout.session");
+    session["id"] = json!("cs_test_T1");
+    session["customer"] = json!("cus_T1");
+    session["client_reference_id"] = json!("user-42");
+    session["subscription"] = json!("sub_T1");
+    session["mode"] = json!("subscription");
+    session["payment_status"] = json!("paid");
+    session["status"] = json!("complete");
+    let mut subscription = resource(&fixtures, "subscription");
+    subscription["id"] = json!("sub_T1");
+    subscription["customer"] = json!("cus_T1");
+    subscription["status"] = json!("active");
+    let mut canceled = subscription.clone();
+    canceled["status"] = json!("canceled");
+    let mut invoice = resource(&fixtures, "invoice");
+    invoice["id"] = json!("in_T1");
+    invoice["customer"] = json!("cus_T1");
+    let mut customer = resource(&fixtures, "customer");
+    customer["id"] = json!("cus_T1");
+
+    let deliveries = [
+        event(
+            &fixtures,
+            "evt_B1",
+            "checkout.session.completed",
+            t - 50,
+            session,
+        ),
+        event(
+            &fixtures,
+            "evt_B2",
+            "customer.subscription.created",
+            t - 49,
+            subscription,
+        ),
+        event(
+            &fixtures,
+            "evt_B3",
+            "invoice.payment_failed",
+            t - 48,
+            invoice.clone(),
+        ),
+        event(&fixtures, "evt_B4", "invoice.paid", t - 47, invoice),
+        event(
+            &fixtures,
+            "evt_B5",
+            "customer.subscription.deleted",
+            t - 40,
+            canceled,
+        ),
+        event(&fixtures, "evt_B6", "customer.created", t - 30, customer),
+    ];
+    for body in &deliveries {
+        let (status, answer) = deliver_signed(&app.server, body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["duplicate"], false);
+    }
+    let session = "SELECT COUNT(*) FROM stripe_checkout_sessions WHERE id = 'cs_test_T1' \
+                   AND client_reference_id = 'user-42' AND customer_id = 'cus_T1' \
+                   AND subscription_id = 'sub_T1' AND payment_status = 'paid'";
+    assert_eq!(count(&db, session).await, 1);
+    let customer = "SELECT COUNT(*) FROM stripe_customers WHERE id = 'cus_T1' \
+                    AND email = 'example@example.com'";
+    assert_eq!(count(&db, customer).await, 1);
+    let subscription = "SELECT status FROM stripe_subscriptions WHERE id = 'sub_T1'";
+    assert_eq!(scalar!(db, String, subscription), "canceled");
+    let price = "SELECT COUNT(*) FROM stripe_subscriptions WHERE price_id IS NOT NULL \
+                 AND product_id IS NOT NULL";
+    assert_eq!(count(&db, price).await, 1);
+    let invoice = "SELECT COUNT(*) FROM stripe_invoices WHERE id = 'in_T1' \
+                   AND paid_at IS NOT NULL AND payment_failed_at IS NOT NULL";
+    assert_eq!(count(&db, invoice).await, 1);
+    // A type edgegate does not act on is recorded and acknowledged.
+    let other = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_B6' AND applied = FALSE";
+    assert_eq!(count(&db, other).await, 1);
+}
+
+#[tokio::test]
+async fn webhook_failing_to_apply_answers_500_and_leaves_no_ledger_row() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    // Break the table the effect goes to, so applying fails after the ledger insert.
+    if db.is_postgres() {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        sqlx::query("DROP TABLE stripe_invoices")
+            .execute(&pool)
+            .await
+            .unwrap();
+    } else {
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        sqlx::query("DROP TABLE stripe_invoices")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let mut invoice = resource(&fixtures, "invoice");
+    invoice["id"] = json!("in_T9");
+    let body = event(&fixtures, "evt_F1", "invoice.paid", now(), invoice);
+    let (status, answer) = deliver_signed(&app.server, &body).await;
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(answer["code"], "INTERNAL_ERROR");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+}
+
+#[tokio::test]
+async fn same_event_to_two_instances_at_once_is_applied_once() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    // Two instances (two pools) on one database: PostgreSQL, or one SQLite file.
+    let one = webhook_app(&db, WHSEC).await;
+    let two = webhook_app(&db, WHSEC).await;
+    let t = now();
+    for n in 0..8 {
+        let body = product_event(
+            &fixtures,
+            &format!("evt_C{n}"),
+            "product.updated",
+            t,
+            n,
+            "Concurrent",
+        );
+        let signature = sdk_sign(&body, WHSEC, t);
+        let (a, b) = tokio::join!(
+            deliver(&one.server, &body, Some(&signature)),
+            deliver(&two.server, &body, Some(&signature))
+        );
+        assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
+        let duplicates = [&a.1, &b.1]
+            .iter()
+            .filter(|answer| answer["duplicate"] == true)
+            .count();
+        assert_eq!(
+            duplicates, 1,
+            "exactly one delivery applies: {} {}",
+            a.1, b.1
+        );
+    }
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 8);
+}
+
+#[tokio::test]
+async fn webhook_body_limit_and_configuration() {
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let big = "x".repeat(512 * 1024 + 1);
+    let (status, answer) = deliver(&app.server, &big, Some("t=1,v1=00")).await;
+    assert_eq!(status, 413);
+    assert_eq!(answer["code"], "PAYLOAD_TOO_LARGE");
+    let (status, answer) = deliver(&app.server, "{}", None).await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["code"], "INVALID_SIGNATURE");
+
+    let unconfigured = app_without_secret(&db).await;
+    let (status, answer) = deliver(&unconfigured.server, "{}", Some("t=1,v1=00")).await;
+    assert_eq!(status, 503);
+    assert_eq!(answer["code"], "NOT_CONFIGURED");
+}
+
+async fn app_without_secret(db: &TestDb) -> App {
+    app(db, &[], fast_retry()).await
+}
+
+#[tokio::test]
+async fn check_reports_the_stripe_mode() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let config = db.config(&[
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]);
+    let lines = edgegate::commands::check(&config).await;
+    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    assert!(stripe.ok, "{}", stripe.detail);
+    assert!(stripe.detail.contains("test mode"), "{}", stripe.detail);
+    assert!(!stripe.detail.contains(SECRET_KEY));
+
+    let wrong = db.config(&[
+        ("STRIPE_SECRET_KEY", "sk_live_not_the_fake_key"),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]);
+    let lines = edgegate::commands::check(&wrong).await;
+    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    assert!(!stripe.ok);
+    assert!(!stripe.detail.contains("sk_live_not_the_fake_key"));
+}
+
+#[tokio::test]
+async fn sync_outlives_the_default_request_timeout() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 3).await;
+    let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
+    let mut state = AppState::new(
+        db.config(&[
+            ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+        ]),
+        db.store().await,
+    );
+    state.stripe_retry = fast_retry();
+    let limits = Limits {
+        timeout: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let server = serve(
+        edgegate::routes::router(),
+        &state,
+        limits,
+        Duration::from_secs(1),
+    )
+    .await;
+    fake.fault_at(0, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = sync(&server).await;
+        (result, server)
+    });
+    fake.arrived().await;
+    // The route's own timeout is the thing under test, so real time has to pass here.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fake.release();
+    let ((status, body), server) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+}
