@@ -1,14 +1,12 @@
 //! The `edgegate` binary as an operator runs it: start-up, signals, exit codes, subcommands.
 
-use crate::process::{edgegate, free_port, output, signal, wait_exit, wait_healthy};
+use crate::process::{edgegate, free_port, output, signal, spawn_server, wait_exit, wait_healthy};
 use crate::support::TestDb;
 
 async fn serve_then_signal(signal_name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = edgegate(dir.path(), &[("PORT", &port.to_string())])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_server(dir.path(), "server.log", &[("PORT", &port.to_string())]);
     assert!(wait_healthy(port).await, "edgegate never answered /healthz");
     let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
         .await
@@ -115,7 +113,7 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
     let out = output(edgegate(dir.path(), &[("PORT", &port)]).arg("healthcheck"));
     assert_eq!(out.status.code(), Some(1), "nothing listens yet");
 
-    let mut child = edgegate(dir.path(), &[("PORT", &port)]).spawn().unwrap();
+    let mut child = spawn_server(dir.path(), "server.log", &[("PORT", &port)]);
     assert!(wait_healthy(port.parse().unwrap()).await);
     let out = output(edgegate(dir.path(), &[("PORT", &port)]).arg("healthcheck"));
     assert_eq!(

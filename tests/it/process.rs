@@ -67,12 +67,39 @@ pub async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     panic!("edgegate did not exit within 10 s of the signal");
 }
 
+/// A server process that is killed if the test ends (or panics) while it still runs.
+pub struct Server(Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A long-running server: its output goes to `log` in `dir`, so an unread pipe can never block it.
-pub fn spawn_server(dir: &std::path::Path, log: &str, vars: &[(&str, &str)]) -> Child {
+pub fn spawn_server(dir: &std::path::Path, log: &str, vars: &[(&str, &str)]) -> Server {
     let file = std::fs::File::create(dir.join(log)).expect("create the log file");
-    edgegate(dir, vars)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("start edgegate")
+    Server(
+        edgegate(dir, vars)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start edgegate"),
+    )
 }
