@@ -16,6 +16,9 @@
 #   paced        ES256 traffic at a fixed offered rate (VALID_RATE req/s), alone
 #   flood        the same paced traffic plus random-kid tokens at FLOOD_FACTOR x VALID_RATE;
 #                JWKS fetches during it are counted at the JWKS host
+# Variables: RUNS, DURATION, WARMUP, CONNECTIONS, VALID_RATE, FLOOD_FACTOR, MIN_REFRESH
+# (JWKS_MIN_REFRESH_SECONDS of both servers), SCENARIOS, SERVERS ("edgegate peer"),
+# EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU.
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
 # (VmHWM) per server, and the ratios edgegate/peer.
 set -euo pipefail
@@ -63,7 +66,8 @@ fi
 
 log "building edgegate (release) and the token generator"
 cargo build --release --locked --quiet --bin edgegate --example bench_tokens
-EDGEGATE=$CARGO_TARGET_DIR/release/edgegate
+# EDGEGATE_BIN measures another build (e.g. the parent commit's) with the same harness.
+EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
 
 log "installing the peer (deno, jose) from the npm registry"
 (cd "$BENCH/peer" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
