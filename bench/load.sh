@@ -167,8 +167,9 @@ record() { # server scenario run RESULT-line [extra]
 }
 
 # Paced connections: each waits delay_ms between requests, so connections * 1000 / delay_ms
-# is the offered rate while answers come back quickly.
-PACED_CONNECTIONS=10
+# is the offered rate while answers come back quickly; many connections with a long delay keep
+# a rise in latency under the flood from lowering the offered rate much.
+PACED_CONNECTIONS=50
 paced_delay_ms() { awk -v c="$PACED_CONNECTIONS" -v r="$1" 'BEGIN {printf "%d", c * 1000 / r}'; }
 
 run_scenario() { # server scenario run
@@ -226,4 +227,5 @@ done
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
+echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
 python3 "$BENCH/summarize.py" "$RESULTS" "$RSS"
