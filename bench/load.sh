@@ -8,11 +8,12 @@
 #
 # Scenarios (each RUNS times, DURATION seconds, after a short warm-up):
 #   es256        2,000 distinct ES256 tokens, cycled
-#   es256_fresh  ES256 tokens that do not repeat within a run (60,000, cycled): a signature
-#                check on every request, even for edgegate's verified-token cache
 #   es256_one    one ES256 token, repeated
 #   hs256        2,000 distinct HS256 (legacy secret) tokens
 #   rs256        2,000 distinct RS256 tokens
+#   es256_fresh  ES256 tokens that do not repeat within a run (60,000, cycled): a signature
+#                check on every request, even for edgegate's verified-token cache (run after
+#                the others, since it churns that cache)
 #   paced        ES256 traffic at a fixed offered rate (VALID_RATE req/s), alone
 #   flood        the same paced traffic plus random-kid tokens at FLOOD_FACTOR x VALID_RATE;
 #                JWKS fetches during it are counted at the JWKS host
@@ -32,7 +33,7 @@ FLOOD_FACTOR=${FLOOD_FACTOR:-10}
 MIN_REFRESH=${MIN_REFRESH:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-es256 es256_fresh es256_one hs256 rs256 paced flood}
+SCENARIOS=${SCENARIOS:-es256 es256_one hs256 rs256 es256_fresh paced flood}
 SERVERS=${SERVERS:-edgegate peer}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
