@@ -253,8 +253,7 @@ impl Authenticator {
             AuthError::UnknownKid => AuthError::Asymmetric(Failure::UnknownKid),
             e => e,
         })?;
-        self.cache
-            .insert(hash, ring.generation(), verified.clone(), now);
+        self.cache.insert(hash, ring.generation(), &verified, now);
         Ok(verified)
     }
 

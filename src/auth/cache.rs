@@ -7,24 +7,73 @@
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
 //!   stops vouching for cached tokens at once.
 //! - Bounded: a full shard first drops expired entries, then an arbitrary one.
+//! - Compact: an entry keeps the claims as their JSON text (about a quarter of the memory of a
+//!   parsed claims map), so a full cache stays small; a hit parses them again, which costs
+//!   about what cloning the map did.
 //!
 //! Sharded mutexes keep the critical sections tiny and spread contention.
 
 use crate::auth::error::Failure;
+use crate::auth::keyring::KeySource;
 use crate::auth::verify::{Verified, check_times, numeric_date};
 use aws_lc_rs::digest::{SHA256, digest};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 16;
 
 type TokenHash = [u8; 32];
 
+/// A [`Verified`] in compact form.
+#[derive(Debug)]
+struct Entry {
+    source: KeySource,
+    kid: Option<Box<str>>,
+    alg: &'static str,
+    role: Option<Box<str>>,
+    sub: Option<Box<str>>,
+    exp: i64,
+    nbf: Option<i64>,
+    /// The claims serialized back to JSON.
+    claims: Box<str>,
+}
+
+impl Entry {
+    fn new(verified: &Verified) -> Option<Self> {
+        Some(Self {
+            source: verified.source,
+            kid: verified.kid.as_deref().map(Box::from),
+            alg: verified.alg,
+            role: verified.role.as_deref().map(Box::from),
+            sub: verified.sub.as_deref().map(Box::from),
+            exp: verified.exp,
+            nbf: numeric_date(&verified.claims, "nbf").ok().flatten(),
+            claims: serde_json::to_string(&verified.claims)
+                .ok()?
+                .into_boxed_str(),
+        })
+    }
+
+    fn verified(&self) -> Option<Verified> {
+        let claims: Map<String, Value> = serde_json::from_str(&self.claims).ok()?;
+        Some(Verified {
+            source: self.source,
+            kid: self.kid.as_deref().map(str::to_owned),
+            alg: self.alg,
+            role: self.role.as_deref().map(str::to_owned),
+            sub: self.sub.as_deref().map(str::to_owned),
+            claims,
+            exp: self.exp,
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shard {
     generation: u64,
-    entries: HashMap<TokenHash, Arc<Verified>>,
+    entries: HashMap<TokenHash, Entry>,
 }
 
 /// A bounded map from token hash to its verification result.
@@ -82,17 +131,17 @@ impl TokenCache {
             // A caller still holding an older snapshot: nothing cached applies to it.
             return None;
         }
-        let hit = shard.entries.get(hash)?.clone();
-        let nbf = numeric_date(&hit.claims, "nbf").ok().flatten();
-        if let Err(failure) = check_times(hit.exp, nbf, now, leeway) {
+        let hit = shard.entries.get(hash)?;
+        if let Err(failure) = check_times(hit.exp, hit.nbf, now, leeway) {
             // An expired entry will never be served again; a not-yet-valid one may be later.
             if failure == Failure::Expired {
                 shard.entries.remove(hash);
             }
             return None;
         }
+        let verified = hit.verified()?;
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some((*hit).clone())
+        Some(verified)
     }
 
     /// How many lookups were answered from the cache.
@@ -102,8 +151,15 @@ impl TokenCache {
 
     /// Remembers a result verified under `generation` (ignored if the cache already moved on
     /// to a newer generation: the key that verified it may be gone).
-    pub fn insert(&self, hash: TokenHash, generation: u64, verified: Verified, now: i64) {
+    pub fn insert(&self, hash: TokenHash, generation: u64, verified: &Verified, now: i64) {
         let per_shard = self.per_shard;
+        if per_shard == 0 {
+            return;
+        }
+        // Built before the lock, to keep the critical section short.
+        let Some(entry) = Entry::new(verified) else {
+            return;
+        };
         let Some(mut shard) = self.shard(&hash) else {
             return;
         };
@@ -122,7 +178,7 @@ impl TokenCache {
         {
             shard.entries.remove(&victim);
         }
-        shard.entries.insert(hash, Arc::new(verified));
+        shard.entries.insert(hash, entry);
     }
 
     /// Number of cached entries (all generations).
@@ -166,14 +222,14 @@ mod tests {
     fn hit_rechecks_exp_and_nbf() {
         let cache = TokenCache::new(100);
         let h = token_hash("a.b.c");
-        cache.insert(h, 1, verified(1_000, None), 0);
+        cache.insert(h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 1, 900, 0).is_some());
         assert!(
             cache.get(&h, 1, 1_000, 0).is_none(),
             "expired entry must not be served"
         );
         let h2 = token_hash("d.e.f");
-        cache.insert(h2, 1, verified(10_000, Some(500)), 0);
+        cache.insert(h2, 1, &verified(10_000, Some(500)), 0);
         assert!(
             cache.get(&h2, 1, 100, 30).is_none(),
             "nbf in the future must not be served"
@@ -182,17 +238,33 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_returns_what_was_verified() {
+        let cache = TokenCache::new(100);
+        let h = token_hash("a.b.c");
+        let mut original = verified(10_000, Some(5));
+        original.role = Some("authenticated".into());
+        original.sub = Some("user-1".into());
+        original.claims.insert(
+            "app_metadata".into(),
+            serde_json::json!({"providers": ["email"], "n": 1.5, "big": u64::MAX, "neg": -3}),
+        );
+        cache.insert(h, 1, &original, 0);
+        assert_eq!(cache.get(&h, 1, 100, 0), Some(original));
+        assert_eq!(cache.hits(), 1);
+    }
+
+    #[test]
     fn generation_change_empties() {
         let cache = TokenCache::new(100);
         let h = token_hash("a.b.c");
-        cache.insert(h, 1, verified(1_000, None), 0);
+        cache.insert(h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
         assert!(
             cache.get(&h, 1, 0, 0).is_none(),
             "old entries are gone, not hidden"
         );
         // A late insert from a verification under the old generation is ignored.
-        cache.insert(h, 1, verified(1_000, None), 0);
+        cache.insert(h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
     }
 
@@ -200,11 +272,11 @@ mod tests {
     fn bounded() {
         let cache = TokenCache::new(32);
         for i in 0..1_000 {
-            cache.insert(token_hash(&format!("t{i}")), 1, verified(10_000, None), 0);
+            cache.insert(token_hash(&format!("t{i}")), 1, &verified(10_000, None), 0);
         }
         assert!(cache.len() <= 32, "len {}", cache.len());
         let off = TokenCache::new(0);
-        off.insert(token_hash("x"), 1, verified(10_000, None), 0);
+        off.insert(token_hash("x"), 1, &verified(10_000, None), 0);
         assert!(off.is_empty());
     }
 }

@@ -1,24 +1,42 @@
 //! `jwt-test`: tells the caller which key verified its credential and with what claims.
 
 use axum::Json;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::auth::extract::User;
 use crate::extract::RawBody;
 
+/// The answer, serialized straight from the verified credential (no intermediate JSON tree).
+#[derive(Serialize)]
+pub struct JwtTestBody {
+    valid: bool,
+    role: Option<String>,
+    sub: Option<String>,
+    key: KeyBody,
+    claims: Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct KeyBody {
+    source: &'static str,
+    kid: Option<String>,
+    alg: &'static str,
+}
+
 /// The body (what `functions.invoke` sends) is read and ignored, so a request is complete, and
 /// counted as in flight, until its body has arrived.
-pub async fn jwt_test(User(principal): User, RawBody(_body): RawBody) -> Json<Value> {
+pub async fn jwt_test(User(principal): User, RawBody(_body): RawBody) -> Json<JwtTestBody> {
     let verified = principal.verified;
-    Json(json!({
-        "valid": true,
-        "role": verified.role,
-        "sub": verified.sub,
-        "key": {
-            "source": verified.source.as_str(),
-            "kid": verified.kid,
-            "alg": verified.alg,
+    Json(JwtTestBody {
+        valid: true,
+        role: verified.role,
+        sub: verified.sub,
+        key: KeyBody {
+            source: verified.source.as_str(),
+            kid: verified.kid,
+            alg: verified.alg,
         },
-        "claims": verified.claims,
-    }))
+        claims: verified.claims,
+    })
 }

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# Load test of jwt-test: edgegate (release build) against the Edge Function it replaces
+# (bench/peer: Deno 2 + jose), one after the other in the same run, each pinned to one core with
+# wrk on the other, both verifying against the same local JWKS host. Loopback only; every wrk
+# run is bounded; the servers this script starts are stopped on exit.
+#
+# usage: bench/load.sh            (RUNS=3 DURATION=10 by default; see the variables below)
+#
+# Scenarios (each RUNS times, DURATION seconds, after a short warm-up):
+#   es256        2,000 distinct ES256 tokens, cycled
+#   es256_one    one ES256 token, repeated
+#   hs256        2,000 distinct HS256 (legacy secret) tokens
+#   rs256        2,000 distinct RS256 tokens
+#   es256_fresh  ES256 tokens that do not repeat within a run (60,000, cycled): a signature
+#                check on every request, even for edgegate's verified-token cache (run after
+#                the others, since it churns that cache)
+#   paced        ES256 traffic at a fixed offered rate (VALID_RATE req/s), alone
+#   flood        the same paced traffic plus random-kid tokens at FLOOD_FACTOR x VALID_RATE;
+#                JWKS fetches during it are counted at the JWKS host
+# Variables: RUNS, DURATION, WARMUP, CONNECTIONS, VALID_RATE, FLOOD_FACTOR, MIN_REFRESH
+# (JWKS_MIN_REFRESH_SECONDS of both servers), SCENARIOS, SERVERS ("edgegate peer"),
+# EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU.
+# Output: one line per run, then a table of medians with the spread (min-max), peak RSS
+# (VmHWM) per server, and the ratios edgegate/peer.
+set -euo pipefail
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+VALID_RATE=${VALID_RATE:-500}
+FLOOD_FACTOR=${FLOOD_FACTOR:-10}
+MIN_REFRESH=${MIN_REFRESH:-5}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+SCENARIOS=${SCENARIOS:-es256 es256_one hs256 rs256 es256_fresh paced flood}
+SERVERS=${SERVERS:-edgegate peer}
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/bench
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+ISSUER=https://bench.supabase.co/auth/v1
+SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
+JWKS_PORT=${JWKS_PORT:-18800}
+SERVER_PORT=${SERVER_PORT:-18801}
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '%s\n' "$*" >&2; }
+
+if ! command -v wrk >/dev/null; then
+    log "installing wrk"
+    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+
+log "building edgegate (release) and the token generator"
+cargo build --release --locked --quiet --bin edgegate --example bench_tokens
+# EDGEGATE_BIN measures another build (e.g. the parent commit's) with the same harness.
+EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
+
+log "installing the peer (deno, jose) from the npm registry"
+(cd "$BENCH/peer" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+DENO=$BENCH/peer/node_modules/@deno/linux-x64-glibc/deno
+export DENO_DIR=$BENCH/peer/.deno
+export DENO_NO_UPDATE_CHECK=1
+
+log "generating keys and tokens"
+"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$ISSUER" "$SECRET" 2000 60000 >/dev/null
+TOKENS=$WORK/tokens
+
+FETCH_LOG=$WORK/jwks_fetches.log
+: >"$FETCH_LOG"
+taskset -c "$LOAD_CPU" python3 "$BENCH/jwks_host.py" "$JWKS_PORT" "$TOKENS/jwks.json" "$FETCH_LOG" &
+PIDS+=($!)
+
+wait_for() { # URL
+    local i
+    for i in $(seq 1 200); do
+        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    log "no answer from $1"
+    return 1
+}
+wait_for "http://127.0.0.1:$JWKS_PORT/jwks.json"
+: >"$FETCH_LOG"
+
+SERVER_PID=
+start_server() { # edgegate|peer
+    local jwks_url="http://127.0.0.1:$JWKS_PORT/jwks.json"
+    case $1 in
+    edgegate)
+        mkdir -p "$WORK/db"
+        # The container's logging defaults (JSON at info), so the cost of logging is counted.
+        env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
+            DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
+            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$SECRET" \
+            JWT_ISSUERS="$ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
+            LOG_FORMAT=json RUST_LOG=info \
+            taskset -c "$SERVER_CPU" "$EDGEGATE" serve >"$WORK/edgegate.log" 2>&1 &
+        ;;
+    peer)
+        env -i PATH="$PATH" DENO_DIR="$DENO_DIR" DENO_NO_UPDATE_CHECK=1 PORT="$SERVER_PORT" \
+            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$SECRET" \
+            JWT_ISSUER="$ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
+            taskset -c "$SERVER_CPU" "$DENO" run --cached-only --no-prompt \
+            --allow-net=127.0.0.1 --allow-env --config "$BENCH/peer/deno.json" \
+            "$BENCH/peer/jwt-test.ts" >"$WORK/peer.log" 2>&1 &
+        ;;
+    esac
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    local i
+    for i in $(seq 1 200); do
+        if [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(cat "$TOKENS/es256_one.txt")" \
+            "http://127.0.0.1:$SERVER_PORT/functions/v1/jwt-test")" = 200 ]; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    log "$1 did not answer 200 with a valid token; its log:"
+    cat "$WORK/$1.log" >&2
+    return 1
+}
+
+stop_server() {
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+}
+
+peak_rss_kib() { awk '/^VmHWM/ {print $2}' "/proc/$SERVER_PID/status"; }
+
+# wrk pinned to the load core, printing the RESULT line of tokens.lua.
+drive() { # seconds connections token_file [delay_ms]
+    taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
+        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" | grep '^RESULT'
+}
+
+field() { # RESULT-line name
+    sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
+}
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+record() { # server scenario run RESULT-line [extra]
+    local requests duration rps
+    requests=$(field "$4" requests)
+    duration=$(field "$4" duration_us)
+    rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
+    if [ "$(field "$4" non2xx)" != 0 ] || [ "$(field "$4" socket_errors)" != 0 ]; then
+        log "WARNING: $1 $2 run $3: $(field "$4" non2xx) non-2xx answers, $(field "$4" socket_errors) socket errors"
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$rps" \
+        "$(field "$4" p50_us)" "$(field "$4" p99_us)" "${5:-}" >>"$RESULTS"
+    log "$1 $2 run $3: $rps req/s, p50 $(field "$4" p50_us) us, p99 $(field "$4" p99_us) us ${5:-}"
+}
+
+# Paced connections: each waits delay_ms between requests, so connections * 1000 / delay_ms
+# is the offered rate while answers come back quickly; many connections with a long delay keep
+# a rise in latency under the flood from lowering the offered rate much.
+PACED_CONNECTIONS=50
+paced_delay_ms() { awk -v c="$PACED_CONNECTIONS" -v r="$1" 'BEGIN {printf "%d", c * 1000 / r}'; }
+
+run_scenario() { # server scenario run
+    local result flood_result fetches_before fetches
+    case $2 in
+    es256 | es256_fresh | es256_one | hs256 | rs256)
+        result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/$2.txt")
+        record "$1" "$2" "$3" "$result"
+        ;;
+    paced)
+        result=$(drive "$DURATION" "$PACED_CONNECTIONS" "$TOKENS/es256.txt" "$(paced_delay_ms "$VALID_RATE")")
+        record "$1" "$2" "$3" "$result"
+        ;;
+    flood)
+        fetches_before=$(wc -l <"$FETCH_LOG")
+        # The random-kid tokens answer 401 by design: only the valid stream's result counts.
+        local flood_connections=$((PACED_CONNECTIONS * FLOOD_FACTOR))
+        taskset -c "$LOAD_CPU" wrk -t1 -c "$flood_connections" -d "${DURATION}s" --timeout 5s \
+            -s "$BENCH/tokens.lua" "http://127.0.0.1:$SERVER_PORT" -- \
+            "$TOKENS/random_kid.txt" "$(paced_delay_ms "$VALID_RATE")" \
+            >"$WORK/flood.out" &
+        local flood_pid=$!
+        PIDS+=("$flood_pid")
+        result=$(drive "$DURATION" "$PACED_CONNECTIONS" "$TOKENS/es256.txt" "$(paced_delay_ms "$VALID_RATE")")
+        wait "$flood_pid" || true
+        flood_result=$(grep '^RESULT' "$WORK/flood.out")
+        fetches=$(($(wc -l <"$FETCH_LOG") - fetches_before))
+        record "$1" "$2" "$3" "$result" \
+            "flood_rps=$(awk -v r="$(field "$flood_result" requests)" -v d="$(field "$flood_result" duration_us)" 'BEGIN {printf "%.0f", r / (d / 1e6)}') jwks_fetches=$fetches"
+        ;;
+    esac
+}
+
+RSS=$WORK/rss.tsv
+: >"$RSS"
+for server in $SERVERS; do
+    log "== $server"
+    start_server "$server"
+    log "warm-up (${WARMUP}s per token set)"
+    for set in es256 hs256 rs256; do
+        drive "$WARMUP" "$CONNECTIONS" "$TOKENS/$set.txt" >/dev/null
+    done
+    for scenario in $SCENARIOS; do
+        for run in $(seq 1 "$RUNS"); do
+            run_scenario "$server" "$scenario" "$run"
+        done
+    done
+    if [ "$server" = edgegate ]; then
+        curl -s "http://127.0.0.1:$SERVER_PORT/metrics" | grep -E '^[a-z_]*token_cache_hits' >&2 || true
+    fi
+    printf '%s\t%s\n' "$server" "$(peak_rss_kib)" >>"$RSS"
+    stop_server
+done
+
+echo
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
+echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
+python3 "$BENCH/summarize.py" "$RESULTS" "$RSS"

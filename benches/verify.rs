@@ -1,0 +1,254 @@
+//! Micro-benchmarks of the token verification path (issue 6).
+//!
+//! Per algorithm (HS256, ES256, RS256, EdDSA):
+//! - `raw/crypto_verify`: jsonwebtoken 11's signature primitive alone (aws-lc-rs), the in-process
+//!   limit the service is compared with;
+//! - `raw/decode`: jsonwebtoken's `decode` with a `DecodingKey` and the same claim checks;
+//! - `verify`: `edgegate::auth::verify`, everything edgegate checks for one token;
+//! - `verify_bearer_miss`: `Authenticator::verify_bearer` with the token cache off (every call
+//!   hashes, misses and verifies);
+//!
+//! and `verify_bearer_hit`: an ES256 token answered from the verified-token cache.
+//!
+//! Every benchmark first asserts that its tokens verify, so a broken setup cannot time a fast
+//! failure. Run with `cargo bench --bench verify`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use edgegate::auth::keyring::KeyRing;
+use edgegate::auth::keys::{LegacySecret, parse_inline_keys};
+use edgegate::auth::mint::{SigningKey, legacy_token, user_claims};
+use edgegate::auth::{Alg, AuthSettings, Authenticator, KeySource, VerifySettings, verify};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use secrecy::SecretString;
+use serde_json::Value;
+
+const ISSUER: &str = "https://bench.supabase.co/auth/v1";
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+/// Distinct tokens per algorithm, cycled through by each benchmark.
+const TOKENS: usize = 64;
+
+struct Fixture {
+    ring: KeyRing,
+    settings: VerifySettings,
+    inline_jwks: Vec<Value>,
+    /// (alg, tokens, jsonwebtoken's key for them)
+    sets: Vec<(Alg, Vec<String>, DecodingKey)>,
+}
+
+fn now() -> i64 {
+    edgegate::auth::Clock::system().unix_now()
+}
+
+fn str_of<'a>(jwk: &'a Value, member: &str) -> &'a str {
+    jwk[member].as_str().expect("JWK member")
+}
+
+fn decoding_key(jwk: &Value) -> DecodingKey {
+    match str_of(jwk, "kty") {
+        "EC" => DecodingKey::from_ec_components(str_of(jwk, "x"), str_of(jwk, "y")),
+        "RSA" => DecodingKey::from_rsa_components(str_of(jwk, "n"), str_of(jwk, "e")),
+        "OKP" => DecodingKey::from_ed_components(str_of(jwk, "x")),
+        other => panic!("unexpected kty {other}"),
+    }
+    .expect("a valid public JWK")
+}
+
+fn fixture() -> Fixture {
+    let now = now();
+    let claims = |i: usize| user_claims(ISSUER, "authenticated", &format!("user-{i}"), now, 3600);
+    let mut sets = Vec::new();
+    let mut inline_jwks = Vec::new();
+    let hs = (0..TOKENS)
+        .map(|i| legacy_token(SECRET.as_bytes(), &claims(i), None))
+        .collect();
+    sets.push((Alg::HS256, hs, DecodingKey::from_secret(SECRET.as_bytes())));
+    for alg in [Alg::ES256, Alg::RS256, Alg::EdDSA] {
+        let key = SigningKey::generate(alg).expect("generate a key");
+        let jwk = key.public_jwk();
+        let tokens = (0..TOKENS)
+            .map(|i| key.token(&claims(i)).expect("sign"))
+            .collect();
+        sets.push((alg, tokens, decoding_key(&jwk)));
+        inline_jwks.push(jwk);
+    }
+    let parsed = parse_inline_keys(&inline_jwks);
+    assert!(parsed.dropped.is_empty(), "{:?}", parsed.dropped);
+    let ring = KeyRing::new(
+        vec![LegacySecret::from_env_secret(SECRET.as_bytes())],
+        parsed.keys,
+    );
+    let settings = VerifySettings {
+        issuers: Some(vec![ISSUER.to_owned()]),
+        audiences: vec!["authenticated".to_owned()],
+        leeway: Duration::from_secs(30),
+    };
+    Fixture {
+        ring,
+        settings,
+        inline_jwks,
+        sets,
+    }
+}
+
+fn authenticator(fixture: &Fixture, cache_capacity: usize) -> Authenticator {
+    let settings = AuthSettings {
+        legacy_secrets: vec![SecretString::from(SECRET)],
+        inline_jwks: fixture.inline_jwks.clone(),
+        issuers: fixture.settings.issuers.clone(),
+        audiences: fixture.settings.audiences.clone(),
+        leeway: fixture.settings.leeway,
+        token_cache_capacity: cache_capacity,
+        ..AuthSettings::default()
+    };
+    Authenticator::new(settings, reqwest::Client::new())
+}
+
+fn jsonwebtoken_alg(alg: Alg) -> Algorithm {
+    match alg {
+        Alg::HS256 => Algorithm::HS256,
+        Alg::ES256 => Algorithm::ES256,
+        Alg::RS256 => Algorithm::RS256,
+        Alg::EdDSA => Algorithm::EdDSA,
+    }
+}
+
+/// (signature, signing input) of a compact JWS.
+fn split(token: &str) -> (&str, &[u8]) {
+    let dot = token.rfind('.').expect("a compact JWS");
+    (&token[dot + 1..], &token.as_bytes()[..dot])
+}
+
+fn expected_source(alg: Alg) -> KeySource {
+    if alg == Alg::HS256 {
+        KeySource::LegacySecret
+    } else {
+        KeySource::SigningKey
+    }
+}
+
+/// Cycles through `items` one per call.
+struct Cycle<'a, T> {
+    items: &'a [T],
+    next: usize,
+}
+
+impl<'a, T> Cycle<'a, T> {
+    fn new(items: &'a [T]) -> Self {
+        Self { items, next: 0 }
+    }
+    fn next(&mut self) -> &'a T {
+        let item = &self.items[self.next];
+        self.next = (self.next + 1) % self.items.len();
+        item
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let fixture = fixture();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let uncached = authenticator(&fixture, 0);
+
+    for (alg, tokens, key) in &fixture.sets {
+        let alg = *alg;
+        let mut group = c.benchmark_group(alg.as_str());
+        let jwt_alg = jsonwebtoken_alg(alg);
+
+        for token in tokens {
+            let (signature, message) = split(token);
+            assert!(
+                jsonwebtoken::crypto::verify(signature, message, key, jwt_alg).expect("verify"),
+                "{alg:?}: raw signature check failed"
+            );
+        }
+        group.bench_function("raw/crypto_verify", |b| {
+            let mut cycle = Cycle::new(tokens);
+            b.iter(|| {
+                let (signature, message) = split(cycle.next());
+                jsonwebtoken::crypto::verify(black_box(signature), black_box(message), key, jwt_alg)
+                    .unwrap_or(false)
+            });
+        });
+
+        let mut validation = Validation::new(jwt_alg);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&["authenticated"]);
+        validation.leeway = fixture.settings.leeway.as_secs();
+        for token in tokens {
+            jsonwebtoken::decode::<Value>(token, key, &validation)
+                .unwrap_or_else(|e| panic!("{alg:?}: jsonwebtoken::decode failed: {e}"));
+        }
+        group.bench_function("raw/decode", |b| {
+            let mut cycle = Cycle::new(tokens);
+            b.iter(|| jsonwebtoken::decode::<Value>(black_box(cycle.next()), key, &validation));
+        });
+
+        let now = now();
+        for token in tokens {
+            let verified = verify(&fixture.ring, &fixture.settings, token, now)
+                .unwrap_or_else(|e| panic!("{alg:?}: edgegate verify failed: {e:?}"));
+            assert_eq!(verified.source, expected_source(alg));
+            assert_eq!(verified.alg, alg.as_str());
+        }
+        group.bench_function("verify", |b| {
+            let mut cycle = Cycle::new(tokens);
+            b.iter(|| {
+                verify(
+                    &fixture.ring,
+                    &fixture.settings,
+                    black_box(cycle.next()),
+                    now,
+                )
+            });
+        });
+
+        for token in tokens {
+            let verified = runtime
+                .block_on(uncached.verify_bearer(token))
+                .unwrap_or_else(|e| panic!("{alg:?}: verify_bearer failed: {e:?}"));
+            assert_eq!(verified.source, expected_source(alg));
+        }
+        assert_eq!(uncached.cache().hits(), 0, "the cache must be off");
+        group.bench_function("verify_bearer_miss", |b| {
+            let mut cycle = Cycle::new(tokens);
+            b.to_async(&runtime)
+                .iter(|| uncached.verify_bearer(black_box(cycle.next())));
+        });
+        group.finish();
+    }
+
+    let cached = authenticator(&fixture, 10_000);
+    let (_, es256_tokens, _) = fixture
+        .sets
+        .iter()
+        .find(|(alg, _, _)| *alg == Alg::ES256)
+        .expect("ES256 tokens");
+    let token = &es256_tokens[0];
+    let first = runtime
+        .block_on(cached.verify_bearer(token))
+        .expect("the cached token verifies");
+    let hits = cached.cache().hits();
+    let again = runtime
+        .block_on(cached.verify_bearer(token))
+        .expect("the cached token verifies again");
+    assert_eq!(first, again);
+    assert_eq!(cached.cache().hits(), hits + 1, "the second call must hit");
+    c.bench_function("ES256/verify_bearer_hit", |b| {
+        b.to_async(&runtime)
+            .iter(|| cached.verify_bearer(black_box(token)));
+    });
+}
+
+criterion_group! {
+    name = verify_benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(verify_benches);
