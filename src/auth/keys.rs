@@ -98,7 +98,9 @@ pub struct VerifyingKey {
     pub(crate) kid: String,
     pub(crate) alg: Alg,
     pub(crate) origin: KeyOrigin,
-    pub(crate) key: DecodingKey,
+    /// The public key, parsed and validated once when the key set is loaded, bound to the key's
+    /// one algorithm (ECDSA P-256 fixed-length signatures, Ed25519, or RSA PKCS#1 v1.5 SHA-256).
+    pub(crate) key: ParsedPublicKey,
     /// Canonical public key bytes, to tell whether two key sets are the same.
     pub(crate) fingerprint: Vec<u8>,
 }
@@ -378,18 +380,18 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            // Checks the point is on the curve now rather than at every verification.
-            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+            // The point is checked to be on the curve now, not at every verification.
+            let key = ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
                 .map_err(|_| "EC point is not on P-256")?;
-            (DecodingKey::from_ec_der(&point), point)
+            (key, point)
         }
         Alg::EdDSA => {
             let x = b64_member(jwk, "x")?;
             if x.len() != 32 {
                 return Err("Ed25519 key is not 32 bytes");
             }
-            ParsedPublicKey::new(&ED25519, &x).map_err(|_| "invalid Ed25519 key")?;
-            (DecodingKey::from_ed_der(&x), x)
+            let key = ParsedPublicKey::new(&ED25519, &x).map_err(|_| "invalid Ed25519 key")?;
+            (key, x)
         }
         Alg::RS256 => {
             // Some publishers keep a leading zero byte; aws-lc wants minimal big-endian.
@@ -402,12 +404,12 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             if bits > 8192 {
                 return Err("RSA modulus over 8192 bits");
             }
-            RsaPublicKeyComponents { n: &n, e: &e }
+            let key = RsaPublicKeyComponents { n: &n, e: &e }
                 .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
                 .map_err(|_| "invalid RSA key")?;
             let mut fp = n.clone();
             fp.extend_from_slice(&e);
-            (DecodingKey::from_rsa_raw_components(&n, &e), fp)
+            (key, fp)
         }
         Alg::HS256 => return Err("unsupported alg"),
     };
