@@ -13,6 +13,7 @@
 #                                  after the build)
 # Variables: RUNS, N, K, DUP_PERCENT, CONNECTIONS, PHASES ("sync webhook"), BACKENDS
 # ("postgres sqlite"), PG (server URL without database), PG_DB (dropped and created per run),
+# PG_DB_SETTING (name=value set on that database, for diagnosis),
 # FIXTURES, SERVER_CPU (edgegate), LOAD_CPU (the fake Stripe and the load client).
 # PostgreSQL itself is the local server, not pinned.
 set -euo pipefail
@@ -28,6 +29,8 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 PG_DB=${PG_DB:-edgegate_bench}
+# A diagnostic: a PostgreSQL setting for the bench database, e.g. plan_cache_mode=force_custom_plan.
+PG_DB_SETTING=${PG_DB_SETTING:-}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
@@ -72,6 +75,10 @@ fresh_database() { # backend -> prints DATABASE_URL
     postgres)
         dropdb --if-exists -h 127.0.0.1 -U postgres "$PG_DB"
         createdb -h 127.0.0.1 -U postgres "$PG_DB"
+        if [ -n "$PG_DB_SETTING" ]; then
+            psql -X -q -h 127.0.0.1 -U postgres -d postgres \
+                -c "ALTER DATABASE $PG_DB SET ${PG_DB_SETTING%%=*} = '${PG_DB_SETTING#*=}'" >&2
+        fi
         echo "$PG/$PG_DB"
         ;;
     sqlite)

@@ -94,11 +94,9 @@ fn generate(
         &std::fs::read(fixtures).with_context(|| format!("reading {}", fixtures.display()))?,
     )?;
     let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())?;
-    let every = if dup_percent == 0 {
-        usize::MAX
-    } else {
-        (100 / dup_percent).max(1)
-    };
+    let every = 100usize
+        .checked_div(dup_percent)
+        .map_or(usize::MAX, |n| n.max(1));
     let mut bodies: Vec<String> = Vec::with_capacity(k);
     let mut out = String::new();
     let mut duplicates = 0;
