@@ -44,19 +44,8 @@ SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 JWKS_PORT=${JWKS_PORT:-18800}
 SERVER_PORT=${SERVER_PORT:-18801}
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 log() { printf '%s\n' "$*" >&2; }
 

@@ -44,20 +44,11 @@ WHSEC=whsec_bench0123456789abcdefghijklmnop
 # Every call is bounded: a sync or a whole webhook run taking longer than this fails the script.
 MAX_SECONDS=${MAX_SECONDS:-600}
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
+cleanup_extra() {
     dropdb --if-exists -h 127.0.0.1 -U postgres "$PG_DB" 2>/dev/null || true
-    rm -rf "$WORK"
 }
-trap cleanup EXIT
 
 log() { printf '%s\n' "$*" >&2; }
 

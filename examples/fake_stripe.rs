@@ -22,6 +22,9 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+#[path = "../tests/common/stripe_catalogue.rs"]
+mod stripe_catalogue;
+
 struct Fake {
     products: usize,
     product: Value,
@@ -46,25 +49,11 @@ fn index(id: &str, prefix: &str, count: usize) -> Option<usize> {
 
 impl Fake {
     fn product(&self, i: usize) -> Value {
-        let mut object = self.product.clone();
-        object["id"] = json!(product_id(i));
-        object["name"] = json!(format!("Product {i}"));
-        object["default_price"] = json!(price_id(i * 3));
-        object["active"] = json!(!i.is_multiple_of(7));
-        object
+        stripe_catalogue::product(&self.product, i, product_id(i), price_id(i * 3))
     }
 
     fn price(&self, i: usize) -> Value {
-        let mut object = self.price.clone();
-        object["id"] = json!(price_id(i));
-        object["product"] = json!(product_id(i / 3));
-        object["unit_amount"] = json!(100 + i);
-        object["active"] = json!(!i.is_multiple_of(5));
-        if i.is_multiple_of(2) {
-            object["type"] = json!("one_time");
-            object["recurring"] = Value::Null;
-        }
-        object
+        stripe_catalogue::price(&self.price, i, price_id(i), product_id(i / 3))
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {

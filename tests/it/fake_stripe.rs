@@ -17,6 +17,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::support::{TestServer, serve_app};
 
+#[path = "../common/stripe_catalogue.rs"]
+mod stripe_catalogue;
+
 pub const SECRET_KEY: &str = "sk_test_fake0123456789abcdefghij";
 
 fn in_ci() -> bool {
@@ -66,26 +69,22 @@ pub fn price_id(i: usize) -> String {
 
 /// Stripe's example product with id, name and default price varied by `i`.
 pub fn product(fixtures: &Value, i: usize) -> Value {
-    let mut object = resource(fixtures, "product");
-    object["id"] = json!(product_id(i));
-    object["name"] = json!(format!("Product {i}"));
-    object["default_price"] = json!(price_id(i * 3));
-    object["active"] = json!(!i.is_multiple_of(7));
-    object
+    stripe_catalogue::product(
+        &resource(fixtures, "product"),
+        i,
+        product_id(i),
+        price_id(i * 3),
+    )
 }
 
 /// Stripe's example price `i`, belonging to product `i / 3`.
 pub fn price(fixtures: &Value, i: usize) -> Value {
-    let mut object = resource(fixtures, "price");
-    object["id"] = json!(price_id(i));
-    object["product"] = json!(product_id(i / 3));
-    object["unit_amount"] = json!(100 + i);
-    object["active"] = json!(!i.is_multiple_of(5));
-    if i.is_multiple_of(2) {
-        object["type"] = json!("one_time");
-        object["recurring"] = Value::Null;
-    }
-    object
+    stripe_catalogue::price(
+        &resource(fixtures, "price"),
+        i,
+        price_id(i),
+        product_id(i / 3),
+    )
 }
 
 /// What one request gets instead of (or before) its normal answer.
