@@ -13,14 +13,14 @@ use crate::test_db;
 
 const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
 const ISSUER: &str = "https://abcdefghijklmnop.supabase.co/auth/v1";
-const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
+pub(crate) const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
 const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
 
 fn now() -> i64 {
     now_ms() / 1000
 }
 
-fn user_token(key: &SigningKey) -> String {
+pub(crate) fn user_token(key: &SigningKey) -> String {
     key.token(&user_claims(ISSUER, "authenticated", "user-1", now(), 3600))
         .unwrap()
 }
@@ -33,7 +33,7 @@ fn legacy_user_token() -> String {
     )
 }
 
-fn legacy_key(role: &str) -> String {
+pub(crate) fn legacy_key(role: &str) -> String {
     legacy_token(
         SECRET.as_bytes(),
         &api_key_claims("abcdefghijklmnop", role, now(), 3600),
@@ -42,7 +42,7 @@ fn legacy_key(role: &str) -> String {
 }
 
 /// An app that trusts the legacy secret, a JWKS host and two API keys.
-async fn app_with(
+pub(crate) async fn app_with(
     db: &crate::support::TestDb,
     host: &JwksHost,
     extra: &[(&str, &str)],
@@ -66,7 +66,7 @@ async fn app_with(
     spawn_app(db, &vars).await.0
 }
 
-async fn call(
+pub(crate) async fn call(
     server: &TestServer,
     headers: &[(&str, &str)],
 ) -> (u16, reqwest::header::HeaderMap, Value) {
@@ -80,14 +80,14 @@ async fn call(
     (status, headers, response.json().await.unwrap())
 }
 
-async fn bearer(server: &TestServer, token: &str) -> (u16, Value) {
+pub(crate) async fn bearer(server: &TestServer, token: &str) -> (u16, Value) {
     let auth = format!("Bearer {token}");
     let (status, _, body) = call(server, &[("authorization", &auth)]).await;
     (status, body)
 }
 
 /// Waits (bounded) until the background refresh has fetched the JWKS once.
-async fn until_fetched(host: &JwksHost) {
+pub(crate) async fn until_fetched(host: &JwksHost) {
     for _ in 0..200 {
         if host.hits() > 0 {
             return;
@@ -284,7 +284,7 @@ async fn admin_endpoints_need_the_service_role() {
     }
 }
 
-async fn signing_keys(server: &TestServer) -> Value {
+pub(crate) async fn signing_keys(server: &TestServer) -> Value {
     let response = server
         .client
         .get(server.url("/admin/signing-keys"))
