@@ -137,7 +137,8 @@ async fn a_legacy_anon_key_alone_keeps_revocation_unsafe() {
 }
 
 /// MIGRATION §4.3: a job that last ran ten days ago is invisible to the default 24 h window and
-/// keeps the verdict unsafe under the longest window edgegate takes, 30 days.
+/// keeps the verdict unsafe under the longest window edgegate takes, 30 days; that window also
+/// needs 30 days of recorded usage.
 #[tokio::test]
 async fn a_thirty_day_window_still_sees_a_monthly_job() {
     let db = test_db!();
@@ -172,6 +173,32 @@ async fn a_thirty_day_window_still_sees_a_monthly_job() {
         "3 request(s) verified with the legacy secret in the last 720 h"
     );
     assert_eq!(report["legacy_secret"]["verified_count"], 3);
+
+    // The cost: a whole window of recorded usage is needed, not only a window without legacy use.
+    let Some(fresh) = crate::support::TestDb::new().await else {
+        return;
+    };
+    fresh
+        .store()
+        .await
+        .add_key_usage(&[usage("signing_key", "kid-1", "ES256", now - HOUR_MS, 5)])
+        .await
+        .unwrap();
+    let month = app_with(
+        &fresh,
+        &host,
+        &[("LEGACY_REVOCATION_WINDOW_SECONDS", "2592000")],
+    )
+    .await;
+    let report = signing_keys(&month).await;
+    assert_eq!(report["legacy_revocation_safe"], false, "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("usage has been recorded for less than 720 h"),
+        "{report}"
+    );
 
     let longer = edgegate::Config::from_lookup(|name| {
         (name == "LEGACY_REVOCATION_WINDOW_SECONDS").then(|| "2592001".to_owned())
