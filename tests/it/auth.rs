@@ -13,7 +13,7 @@ use crate::test_db;
 
 const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
 const ISSUER: &str = "https://abcdefghijklmnop.supabase.co/auth/v1";
-pub(crate) const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
+const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
 const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
 
 fn now() -> i64 {
@@ -284,16 +284,25 @@ async fn admin_endpoints_need_the_service_role() {
     }
 }
 
-pub(crate) async fn signing_keys(server: &TestServer) -> Value {
+/// An admin endpoint called with a secret key; it must answer 200.
+async fn admin(server: &TestServer, method: reqwest::Method, path: &str) -> Value {
     let response = server
         .client
-        .get(server.url("/admin/signing-keys"))
+        .request(method, server.url(path))
         .header("apikey", SECRET_KEY)
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 200, "{path}");
     response.json().await.unwrap()
+}
+
+pub(crate) async fn force_refresh(server: &TestServer) -> Value {
+    admin(server, reqwest::Method::POST, "/admin/signing-keys/refresh").await
+}
+
+pub(crate) async fn signing_keys(server: &TestServer) -> Value {
+    admin(server, reqwest::Method::GET, "/admin/signing-keys").await
 }
 
 #[tokio::test]
@@ -385,15 +394,7 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
         200,
         "the cached set still holds it"
     );
-    let response = server
-        .client
-        .post(server.url("/admin/signing-keys/refresh"))
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let body = force_refresh(&server).await;
     assert_eq!(body["keys"], 0);
     let (status, body) = bearer(&server, &token).await;
     assert_eq!(

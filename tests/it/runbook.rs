@@ -5,16 +5,21 @@
 use edgegate::auth::Alg;
 use edgegate::auth::mint::SigningKey;
 use edgegate::store::{KeyUsage, now_ms};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::auth::{
-    SECRET_KEY, app_with, bearer, call, legacy_key, signing_keys, until_fetched, user_token,
+    app_with, bearer, call, force_refresh, legacy_key, signing_keys, until_fetched, user_token,
 };
 use crate::support::JwksHost;
 use crate::test_db;
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
+
+fn assert_reason_starts_with(report: &Value, prefix: &str) {
+    let reason = report["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with(prefix), "{report}");
+}
 
 fn usage(source: &str, kid: &str, alg: &str, last_ms: i64, count: i64) -> KeyUsage {
     KeyUsage {
@@ -44,22 +49,20 @@ async fn a_rotation_ahead_of_the_jwks_refuses_the_new_kid_until_the_instance_is_
     until_fetched(&host).await;
 
     let token = user_token(&es);
-    let (status, body) = bearer(&server, &token).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (401, Some("UNAUTHORIZED_ASYMMETRIC_JWT")),
-        "{body}"
-    );
+    let refused = || async {
+        let (status, body) = bearer(&server, &token).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("UNAUTHORIZED_ASYMMETRIC_JWT")),
+            "{body}"
+        );
+    };
+    refused().await;
 
     // The key is published now, but this instance holds back refetches until its cool-down ends.
     host.set_keys(json!([es.public_jwk()]));
     let fetches = host.hits();
-    let (status, body) = bearer(&server, &token).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (401, Some("UNAUTHORIZED_ASYMMETRIC_JWT")),
-        "{body}"
-    );
+    refused().await;
     assert_eq!(host.hits(), fetches, "the cool-down held the refetch back");
     let report = signing_keys(&server).await;
     assert!(
@@ -69,15 +72,7 @@ async fn a_rotation_ahead_of_the_jwks_refuses_the_new_kid_until_the_instance_is_
         "{report}"
     );
 
-    let response = server
-        .client
-        .post(server.url("/admin/signing-keys/refresh"))
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let refreshed: serde_json::Value = response.json().await.unwrap();
+    let refreshed = force_refresh(&server).await;
     assert_eq!(refreshed["keys"], 1, "{refreshed}");
     let (status, body) = bearer(&server, &token).await;
     assert_eq!(status, 200, "{body}");
@@ -113,13 +108,7 @@ async fn a_legacy_anon_key_alone_keeps_revocation_unsafe() {
 
     let report = signing_keys(&server).await;
     assert_eq!(report["legacy_revocation_safe"], false, "{report}");
-    assert!(
-        report["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("1 request(s) verified with the legacy secret"),
-        "{report}"
-    );
+    assert_reason_starts_with(&report, "1 request(s) verified with the legacy secret");
     assert_eq!(report["legacy_secret"]["verified_count"], 1);
     assert!(
         report["legacy_secret"]["last_verified_at_ms"]
@@ -192,13 +181,7 @@ async fn a_thirty_day_window_still_sees_a_monthly_job() {
     .await;
     let report = signing_keys(&month).await;
     assert_eq!(report["legacy_revocation_safe"], false, "{report}");
-    assert!(
-        report["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("usage has been recorded for less than 720 h"),
-        "{report}"
-    );
+    assert_reason_starts_with(&report, "usage has been recorded for less than 720 h");
 
     let longer = edgegate::Config::from_lookup(|name| {
         (name == "LEGACY_REVOCATION_WINDOW_SECONDS").then(|| "2592001".to_owned())
