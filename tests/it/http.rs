@@ -42,7 +42,7 @@ fn test_router() -> Router<AppState> {
         )
 }
 
-async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
+pub async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
     let db = crate::support::TestDb::new().await?;
     let state = AppState::new(db.config(vars), db.store().await);
     Some(serve(test_router(), &state, limits, Duration::from_secs(1)).await)
