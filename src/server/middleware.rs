@@ -78,7 +78,11 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(crate::telemetry::log_response),
+        )
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(limits.timeout, timeout))
@@ -90,7 +94,8 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
     router.layer(stack).with_state(state.clone())
 }
 
-/// One span per request, named by the matched route so traces group by endpoint.
+/// One span per request, named by the matched route so traces group by endpoint. The credential
+/// extractor fills in `credential_source` and `credential_kid`.
 fn request_span(req: &Request) -> tracing::Span {
     let route = req
         .extensions()
@@ -101,7 +106,14 @@ fn request_span(req: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    tracing::info_span!("request", method = %req.method(), route, request_id)
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route,
+        request_id,
+        credential_source = tracing::field::Empty,
+        credential_kid = tracing::field::Empty,
+    )
 }
 
 fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {

@@ -13,6 +13,7 @@ mod drill;
 mod fake_stripe;
 mod fake_twilio;
 mod http;
+mod logs;
 mod shutdown;
 mod sms;
 mod store;
