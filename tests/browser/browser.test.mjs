@@ -7,13 +7,14 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, existsSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { startEdgegate, stopEdgegate } from "../common/edgegate.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "..", "..");
@@ -47,28 +48,6 @@ let edgegate;
 let pageServer;
 let browser;
 let run; // { results, traceContext, requests, kid, pageOrigin, edgegateUrl }
-
-function freePort() {
-  return new Promise((ok) => {
-    const probe = createServer();
-    probe.listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => ok(port));
-    });
-  });
-}
-
-async function until(check, what) {
-  for (let i = 0; i < 300; i++) {
-    try {
-      if (await check()) return;
-    } catch {
-      // not up yet
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 /** The edgegate CLI with only `env` set (plus PATH), in the scratch folder. */
 function edgegateCli(args, env = {}) {
@@ -124,25 +103,13 @@ before(async () => {
     secretKey: SECRET_KEY,
   };
 
-  const port = await freePort();
-  config.url = `http://127.0.0.1:${port}`;
-  edgegate = spawn(bin, ["serve"], {
-    cwd: work,
-    env: {
-      PATH: process.env.PATH,
-      HOST: "127.0.0.1",
-      PORT: String(port),
-      DATABASE_URL: `sqlite://${join(work, "edgegate.db")}`,
-      SUPABASE_JWT_SECRET: LEGACY_SECRET,
-      SUPABASE_JWKS: key.jwks,
-      JWT_ISSUERS: "supabase",
-      SUPABASE_PUBLISHABLE_KEYS: JSON.stringify({ web: PUBLISHABLE }),
-      SUPABASE_SECRET_KEYS: JSON.stringify({ backend: SECRET_KEY }),
-      RUST_LOG: "warn",
-    },
-    stdio: ["ignore", "inherit", "inherit"],
-  });
-  await until(async () => (await fetch(`${config.url}/readyz`)).status === 200, "edgegate /readyz");
+  ({ child: edgegate, url: config.url } = await startEdgegate(bin, work, {
+    SUPABASE_JWT_SECRET: LEGACY_SECRET,
+    SUPABASE_JWKS: key.jwks,
+    JWT_ISSUERS: "supabase",
+    SUPABASE_PUBLISHABLE_KEYS: JSON.stringify({ web: PUBLISHABLE }),
+    SUPABASE_SECRET_KEYS: JSON.stringify({ backend: SECRET_KEY }),
+  }));
 
   pageServer = await startPageServer();
   const pageOrigin = `http://127.0.0.1:${pageServer.address().port}`;
@@ -173,11 +140,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   pageServer?.close();
-  if (edgegate) {
-    const exited = new Promise((ok) => edgegate.once("exit", (code) => ok(code)));
-    edgegate.kill("SIGTERM");
-    assert.equal(await exited, 0, "edgegate exits 0 on SIGTERM");
-  }
+  if (edgegate) assert.equal(await stopEdgegate(edgegate), 0, "edgegate exits 0 on SIGTERM");
   rmSync(work, { recursive: true, force: true });
 });
 

@@ -67,10 +67,13 @@ async fn a_preflight_allows_each_header_supabase_js_sends_and_the_configured_ext
         return;
     };
     for name in SUPABASE_JS_HEADERS.into_iter().chain(["x-tenant-id"]) {
+        // No credentials: a browser never sends them on a preflight.
         let answer = preflight(&server, PAGE, name).await;
         assert_eq!(answer.status(), 200, "{name}");
         let headers = answer.headers();
         assert_eq!(headers["access-control-allow-origin"], "*", "{name}");
+        let methods = listed(headers, "access-control-allow-methods");
+        assert!(methods.iter().any(|m| m == "post"), "{methods:?}");
         let allowed = listed(headers, "access-control-allow-headers");
         assert!(
             allowed.iter().any(|h| h == name),
