@@ -159,7 +159,7 @@ pub async fn limit_body(State(limit): State<usize>, req: Request, next: Next) ->
 /// Request headers a browser may send: what supabase-js can add (`x-region` with a region,
 /// `traceparent`/`tracestate`/`baggage` with trace propagation) and what Supabase's own CORS
 /// helper for Edge Functions allows (`x-retry-count`).
-pub const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
+const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
     "authorization",
     "x-client-info",
     "apikey",
