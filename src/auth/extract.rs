@@ -131,6 +131,12 @@ impl FromRequestParts<AppState> for User {
                     KeySource::LegacySecret => "legacy".to_owned(),
                     _ => usage_kid(&verified),
                 };
+                // Names of the credential for the request's log lines, never the credential.
+                let span = tracing::Span::current();
+                span.record("credential_source", verified.source.as_str());
+                if !kid.is_empty() {
+                    span.record("credential_kid", kid.as_str());
+                }
                 state
                     .auth_metrics
                     .verifications
@@ -152,11 +158,13 @@ impl FromRequestParts<AppState> for User {
                 }))
             }
             Err(err) => {
+                let source = failed_source(&presented, &err);
+                tracing::Span::current().record("credential_source", source);
                 state
                     .auth_metrics
                     .verifications
                     .get_or_create(&VerificationLabels {
-                        source: failed_source(&presented, &err),
+                        source,
                         kid: "unknown".to_owned(),
                         alg: "unknown",
                         outcome: err.code(),

@@ -38,6 +38,8 @@ pub struct Config {
     pub database_url: DatabaseUrl,
     pub shutdown_drain: Duration,
     pub cors_allowed_origins: CorsOrigins,
+    /// Request headers a browser may send beyond the built-in list (lowercase).
+    pub cors_allowed_headers: Vec<String>,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub jwt: JwtConfig,
@@ -340,6 +342,7 @@ impl Config {
                 0..=300,
             )?,
             cors_allowed_origins: vars.cors_origins("CORS_ALLOWED_ORIGINS")?,
+            cors_allowed_headers: vars.header_names("CORS_ALLOWED_HEADERS")?,
             log_format: vars.log_format("LOG_FORMAT")?,
             log_filter: vars.log_filter("RUST_LOG")?,
             jwt,

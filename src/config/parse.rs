@@ -379,6 +379,25 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         Ok(CorsOrigins::List(items))
     }
 
+    /// Comma-separated HTTP header names (RFC 9110 tokens), lowercased. `*` is refused: in
+    /// `Access-Control-Allow-Headers` it would mean "any header", not a name.
+    pub(super) fn header_names(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(items) = self.list(name)? else {
+            return Ok(Vec::new());
+        };
+        let is_token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'+-.^_`|~".contains(&b);
+        if items.iter().any(|item| !item.bytes().all(is_token_char)) {
+            return Err(ConfigError::new(
+                name,
+                "must be comma-separated header names such as x-custom-header",
+            ));
+        }
+        Ok(items
+            .into_iter()
+            .map(|item| item.to_ascii_lowercase())
+            .collect())
+    }
+
     pub(super) fn log_format(&self, name: &str) -> Result<LogFormat, ConfigError> {
         match self.get(name).as_deref().map(str::trim) {
             None | Some("pretty") => Ok(LogFormat::Pretty),

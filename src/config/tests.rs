@@ -311,6 +311,21 @@ fn cors_origins_are_star_or_origins() {
 }
 
 #[test]
+fn cors_allowed_headers_are_header_names() {
+    assert!(config(&[]).unwrap().cors_allowed_headers.is_empty());
+    refused("CORS_ALLOWED_HEADERS", "*");
+    refused("CORS_ALLOWED_HEADERS", "x-good,x bad");
+    refused("CORS_ALLOWED_HEADERS", "x-tenant:1");
+    refused("CORS_ALLOWED_HEADERS", "x-caf\u{e9}");
+    refused("CORS_ALLOWED_HEADERS", ",");
+    let ok = config(&[("CORS_ALLOWED_HEADERS", "X-Tenant-Id, x-feature_flag")]).unwrap();
+    assert_eq!(
+        ok.cors_allowed_headers,
+        vec!["x-tenant-id", "x-feature_flag"]
+    );
+}
+
+#[test]
 fn log_settings_are_checked() {
     refused("LOG_FORMAT", "xml");
     refused("RUST_LOG", "info,[=");

@@ -18,7 +18,7 @@ use tower_http::sensitive_headers::{
 };
 use tower_http::trace::TraceLayer;
 
-use crate::config::CorsOrigins;
+use crate::config::{Config, CorsOrigins};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -67,7 +67,9 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 }
 
 /// Wraps `router` in the service's middleware, outermost first:
-/// sensitive headers, request id, tracing span, catch-panic, timeout, body limit, CORS, metrics.
+/// sensitive headers, request id, tracing span, CORS, catch-panic, timeout, body limit, metrics.
+/// CORS wraps every layer that can answer on its own (500, 504, 413), so a page can read those
+/// errors too instead of seeing an opaque network failure.
 pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(
@@ -76,11 +78,15 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(crate::telemetry::log_response),
+        )
+        .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(limits.timeout, timeout))
         .layer(middleware::from_fn_with_state(limits.body, limit_body))
-        .layer(cors(&state.config.cors_allowed_origins))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::telemetry::track_metrics,
@@ -88,7 +94,8 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
     router.layer(stack).with_state(state.clone())
 }
 
-/// One span per request, named by the matched route so traces group by endpoint.
+/// One span per request, named by the matched route so traces group by endpoint. The credential
+/// extractor fills in `credential_source` and `credential_kid`.
 fn request_span(req: &Request) -> tracing::Span {
     let route = req
         .extensions()
@@ -99,7 +106,14 @@ fn request_span(req: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    tracing::info_span!("request", method = %req.method(), route, request_id)
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route,
+        request_id,
+        credential_source = tracing::field::Empty,
+        credential_kid = tracing::field::Empty,
+    )
 }
 
 fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -142,8 +156,25 @@ pub async fn limit_body(State(limit): State<usize>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-fn cors(origins: &CorsOrigins) -> CorsLayer {
-    let allow_origin = match origins {
+/// Request headers a browser may send: what supabase-js can add (`x-region` with a region,
+/// `traceparent`/`tracestate`/`baggage` with trace propagation) and what Supabase's own CORS
+/// helper for Edge Functions allows (`x-retry-count`).
+const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
+    "authorization",
+    "x-client-info",
+    "apikey",
+    "content-type",
+    "x-retry-count",
+    "x-region",
+    "traceparent",
+    "tracestate",
+    "baggage",
+];
+
+/// `*` or the listed origins (echoed one at a time, with `Vary: Origin`); never credentials,
+/// which a browser refuses beside `*` anyway.
+fn cors(config: &Config) -> CorsLayer {
+    let allow_origin = match &config.cors_allowed_origins {
         CorsOrigins::Any => AllowOrigin::any(),
         CorsOrigins::List(list) => AllowOrigin::list(
             list.iter()
@@ -151,15 +182,23 @@ fn cors(origins: &CorsOrigins) -> CorsLayer {
                 .collect::<Vec<_>>(),
         ),
     };
+    let mut allow_headers: Vec<HeaderName> = Vec::new();
+    for name in DEFAULT_ALLOWED_HEADERS
+        .iter()
+        .copied()
+        .chain(config.cors_allowed_headers.iter().map(String::as_str))
+    {
+        // Config validated the extras as header names; a repeat of a default is dropped.
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+            && !allow_headers.contains(&name)
+        {
+            allow_headers.push(name);
+        }
+    }
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            HeaderName::from_static("x-client-info"),
-            HeaderName::from_static("apikey"),
-            header::CONTENT_TYPE,
-        ])
+        .allow_headers(allow_headers)
         .expose_headers([REQUEST_ID.clone(), HeaderName::from_static("sb-error-code")])
         .max_age(Duration::from_secs(86_400))
 }

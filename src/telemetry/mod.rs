@@ -4,6 +4,9 @@ mod metrics;
 
 pub use metrics::{HttpLabels, Metrics, track_metrics};
 
+use std::io::IsTerminal;
+use std::time::Duration;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -15,10 +18,22 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
+        // Colour codes only for a person at a terminal, never into files or log collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second call (tests start several apps) keeps the first subscriber.
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+/// The line that closes each request, inside its span (which carries the request id, method,
+/// matched route and credential): the status and the latency in milliseconds.
+pub fn log_response<B>(response: &http::Response<B>, latency: Duration, _span: &tracing::Span) {
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "response"
+    );
 }

@@ -8,7 +8,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { mkdtempSync, mkdirSync, writeFileSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -17,6 +17,7 @@ import { fileURLToPath } from "node:url";
 import { createClient, FunctionsHttpError } from "@supabase/supabase-js";
 import { SignJWT, importJWK, generateKeyPair, exportJWK } from "jose";
 import WebSocket from "ws";
+import { startEdgegate, stopEdgegate } from "../common/edgegate.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "..", "..");
@@ -69,28 +70,6 @@ function cliBearer(privateJwk, claims) {
   return out.trim().split("\n").pop().trim();
 }
 
-function freePort() {
-  return new Promise((ok) => {
-    const probe = createServer();
-    probe.listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => ok(port));
-    });
-  });
-}
-
-async function until(check, what) {
-  for (let i = 0; i < 300; i++) {
-    try {
-      if (await check()) return;
-    } catch {
-      // not up yet
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
 before(async () => {
   assert.ok(existsSync(bin), `edgegate binary not found at ${bin}; run cargo build first`);
   assert.ok(existsSync(supabaseCli), "the Supabase CLI is not installed: run npm ci in tests/interop");
@@ -112,33 +91,17 @@ before(async () => {
   await new Promise((ok) => jwksServer.listen(0, "127.0.0.1", ok));
   const jwksUrl = `http://127.0.0.1:${jwksServer.address().port}/auth/v1/.well-known/jwks.json`;
 
-  const port = await freePort();
-  edgegateUrl = `http://127.0.0.1:${port}`;
-  edgegate = spawn(bin, ["serve"], {
-    cwd: work,
-    env: {
-      PATH: process.env.PATH,
-      HOST: "127.0.0.1",
-      PORT: String(port),
-      DATABASE_URL: `sqlite://${join(work, "edgegate.db")}`,
-      SUPABASE_JWKS_URL: jwksUrl,
-      SUPABASE_JWT_SECRET: LEGACY_SECRET,
-      JWT_ISSUERS: `${ISSUER},supabase`,
-      SUPABASE_PUBLISHABLE_KEYS: JSON.stringify({ web: PUBLISHABLE }),
-      SUPABASE_SECRET_KEYS: JSON.stringify({ backend: SECRET_KEY }),
-      RUST_LOG: "warn",
-    },
-    stdio: ["ignore", "inherit", "inherit"],
-  });
-  await until(async () => (await fetch(`${edgegateUrl}/readyz`)).status === 200, "edgegate /readyz");
+  ({ child: edgegate, url: edgegateUrl } = await startEdgegate(bin, work, {
+    SUPABASE_JWKS_URL: jwksUrl,
+    SUPABASE_JWT_SECRET: LEGACY_SECRET,
+    JWT_ISSUERS: `${ISSUER},supabase`,
+    SUPABASE_PUBLISHABLE_KEYS: JSON.stringify({ web: PUBLISHABLE }),
+    SUPABASE_SECRET_KEYS: JSON.stringify({ backend: SECRET_KEY }),
+  }));
 });
 
 after(async () => {
-  if (edgegate) {
-    const exited = new Promise((ok) => edgegate.once("exit", (code) => ok(code)));
-    edgegate.kill("SIGTERM");
-    assert.equal(await exited, 0, "edgegate exits 0 on SIGTERM");
-  }
+  if (edgegate) assert.equal(await stopEdgegate(edgegate), 0, "edgegate exits 0 on SIGTERM");
   jwksServer?.close();
 });
 

@@ -42,7 +42,7 @@ fn test_router() -> Router<AppState> {
         )
 }
 
-async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
+pub async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
     let db = crate::support::TestDb::new().await?;
     let state = AppState::new(db.config(vars), db.store().await);
     Some(serve(test_router(), &state, limits, Duration::from_secs(1)).await)
@@ -217,70 +217,6 @@ async fn bodies_over_the_limit_are_refused_with_413_json() {
         .unwrap();
     assert_eq!(streamed.status(), 413);
     assert_eq!(json(streamed).await["code"], "PAYLOAD_TOO_LARGE");
-}
-
-#[tokio::test]
-async fn cors_preflight_needs_no_credentials() {
-    let Some(server) = test_server(Limits::default(), &[]).await else {
-        return;
-    };
-    let preflight = server
-        .client
-        .request(
-            reqwest::Method::OPTIONS,
-            server.url("/functions/v1/jwt-test"),
-        )
-        .header("origin", "https://app.example.com")
-        .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "authorization,x-client-info,apikey,content-type",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(preflight.status(), 200);
-    let headers = preflight.headers();
-    assert_eq!(headers["access-control-allow-origin"], "*");
-    let allowed = headers["access-control-allow-headers"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    for name in ["authorization", "x-client-info", "apikey", "content-type"] {
-        assert!(allowed.contains(name), "{name} missing from {allowed}");
-    }
-    assert!(
-        headers["access-control-allow-methods"]
-            .to_str()
-            .unwrap()
-            .contains("POST")
-    );
-}
-
-#[tokio::test]
-async fn cors_allows_only_the_configured_origins() {
-    let vars = [("CORS_ALLOWED_ORIGINS", "https://app.example.com")];
-    let Some(server) = test_server(Limits::default(), &vars).await else {
-        return;
-    };
-    let preflight = |origin: &'static str| {
-        server
-            .client
-            .request(
-                reqwest::Method::OPTIONS,
-                server.url("/functions/v1/jwt-test"),
-            )
-            .header("origin", origin)
-            .header("access-control-request-method", "POST")
-            .send()
-    };
-    let allowed = preflight("https://app.example.com").await.unwrap();
-    assert_eq!(
-        allowed.headers()["access-control-allow-origin"],
-        "https://app.example.com"
-    );
-    let other = preflight("https://evil.example.net").await.unwrap();
-    assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
 
 #[tokio::test]

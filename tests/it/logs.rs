@@ -1,0 +1,155 @@
+//! Logs as an operator gets them from the real process: JSON lines a collector can parse, with
+//! the request's id, method, route, status, latency and credential (never the credential
+//! itself), and no colour codes when the output is a file.
+
+use edgegate::auth::Alg;
+use edgegate::auth::mint::{SigningKey, legacy_token, user_claims};
+use edgegate::store::now_ms;
+use serde_json::Value;
+
+use crate::process::{free_port, signal, spawn_server, wait_exit, wait_healthy};
+
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+const PUBLISHABLE_KEY: &str = "sb_publishable_logs0123456789abcdefgh";
+
+/// Serves with `vars`, runs `requests` against it, stops it with SIGTERM and returns its log.
+async fn log_of<F, Fut>(vars: &[(&str, &str)], requests: F) -> String
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let mut all = vec![("PORT", port_text.as_str())];
+    all.extend_from_slice(vars);
+    let mut server = spawn_server(dir.path(), "server.log", &all);
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    requests(format!("http://127.0.0.1:{port}")).await;
+    signal(&server, "TERM");
+    assert_eq!(wait_exit(&mut server).await.code(), Some(0));
+    std::fs::read_to_string(dir.path().join("server.log")).unwrap()
+}
+
+/// A field of a JSON log line: the event's own, else its request span's.
+fn field<'a>(line: &'a Value, name: &str) -> Option<&'a Value> {
+    line.get(name).or_else(|| line.get("span")?.get(name))
+}
+
+/// The one line that closes the request with this id.
+fn response_line<'a>(lines: &'a [Value], request_id: &str) -> &'a Value {
+    let found: Vec<&Value> = lines
+        .iter()
+        .filter(|line| field(line, "request_id").and_then(Value::as_str) == Some(request_id))
+        .filter(|line| field(line, "status").is_some())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one response line for {request_id}: {found:?}"
+    );
+    found[0]
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_and_its_credential_but_never_the_secret() {
+    let key = SigningKey::generate(Alg::ES256).unwrap();
+    let stranger = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = key.public_jwks().to_string();
+    let publishable = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
+    let now = now_ms() / 1000;
+    let claims = user_claims("supabase", "authenticated", "user-1", now, 3600);
+    let user = key.token(&claims).unwrap();
+    let unknown = stranger.token(&claims).unwrap();
+    let legacy = legacy_token(
+        SECRET.as_bytes(),
+        &user_claims("supabase", "authenticated", "user-2", now, 3600),
+        None,
+    );
+    let vars = [
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("SUPABASE_JWKS", jwks.as_str()),
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("SUPABASE_PUBLISHABLE_KEYS", publishable.as_str()),
+    ];
+    let calls = [
+        ("log-es256", Some(format!("Bearer {user}")), None),
+        ("log-legacy", Some(format!("Bearer {legacy}")), None),
+        ("log-publishable", None, Some(PUBLISHABLE_KEY)),
+        ("log-refused", Some(format!("Bearer {unknown}")), None),
+    ];
+    let log = log_of(&vars, |base| async move {
+        let client = reqwest::Client::new();
+        for (id, authorization, apikey) in calls {
+            let mut request = client
+                .get(format!("{base}/functions/v1/jwt-test"))
+                .header("x-request-id", id);
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            if let Some(value) = apikey {
+                request = request.header("apikey", value);
+            }
+            request.send().await.unwrap();
+        }
+    })
+    .await;
+
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let expected = [
+        ("log-es256", 200, "signing_key", Some(key.kid())),
+        ("log-legacy", 200, "legacy_secret", Some("legacy")),
+        ("log-publishable", 200, "api_key", Some("web")),
+        ("log-refused", 401, "signing_key", None),
+    ];
+    for (id, status, source, kid) in expected {
+        let line = response_line(&lines, id);
+        assert_eq!(field(line, "method").unwrap(), "GET", "{line}");
+        assert_eq!(
+            field(line, "route").unwrap(),
+            "/functions/v1/jwt-test",
+            "{line}"
+        );
+        assert_eq!(field(line, "status").unwrap(), status, "{line}");
+        assert!(field(line, "latency_ms").unwrap().is_number(), "{line}");
+        assert_eq!(field(line, "credential_source").unwrap(), source, "{line}");
+        assert_eq!(
+            field(line, "credential_kid").and_then(Value::as_str),
+            kid,
+            "{line}"
+        );
+    }
+    let signature = user.rsplit('.').next().unwrap();
+    for secret in [
+        user.as_str(),
+        signature,
+        legacy.as_str(),
+        SECRET,
+        PUBLISHABLE_KEY,
+    ] {
+        assert!(
+            !log.contains(secret),
+            "a credential reached the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pretty_logs_to_a_file_carry_no_colour_codes() {
+    let log = log_of(&[("RUST_LOG", "info")], |base| async move {
+        reqwest::get(format!("{base}/functions/v1/jwt-test"))
+            .await
+            .unwrap();
+    })
+    .await;
+    assert!(
+        log.contains("/functions/v1/jwt-test"),
+        "no request line:\n{log}"
+    );
+    assert!(!log.contains("\x1b["), "ANSI escapes in a file:\n{log:?}");
+}
