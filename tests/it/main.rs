@@ -11,6 +11,7 @@ mod deploy;
 mod drill;
 mod fake_stripe;
 mod fake_twilio;
+mod hostile;
 mod http;
 mod shutdown;
 mod sms;
