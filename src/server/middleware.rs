@@ -67,7 +67,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 }
 
 /// Wraps `router` in the service's middleware, outermost first:
-/// sensitive headers, request id (a client's kept only when well-formed), tracing span, catch-panic, timeout, body limit, CORS, metrics.
+/// sensitive headers, request id (a client's kept only when well-formed), tracing span,
+/// catch-panic, timeout, body limit, CORS, metrics.
 pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(
