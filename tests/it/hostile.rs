@@ -101,6 +101,24 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     (status, head)
 }
 
+/// Sends one more header line every 200 ms (progress that never finishes the head) until the
+/// server closes `stream`; see [`closed_within`].
+async fn drip_until_closed(stream: TcpStream, limit: Duration) -> Option<Duration> {
+    let (mut reader, mut writer) = stream.into_split();
+    let drip = tokio::spawn(async move {
+        for i in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let line = format!("X-Drip-{i}: 1\r\n");
+            if writer.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let closed = closed_within(&mut reader, limit).await;
+    drip.abort();
+    closed
+}
+
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: edgegate\r\n\r\n";
 
 #[tokio::test]
@@ -127,22 +145,7 @@ async fn hostile_silent_and_dripping_clients_are_closed_within_the_header_timeou
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: edgegate\r\n")
             .await
             .unwrap();
-        let (mut reader, mut writer) = stream.into_split();
-        let drip = tokio::spawn(async move {
-            for i in 0..100 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if writer
-                    .write_all(format!("X-Drip-{i}: 1\r\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let closed = closed_within(&mut reader, limit).await;
-        drip.abort();
-        closed
+        drip_until_closed(stream, limit).await
     };
     // The same, for the second head on a keep-alive connection: timed from its first byte.
     let dripping_second_head = async {
@@ -157,21 +160,7 @@ async fn hostile_silent_and_dripping_clients_are_closed_within_the_header_timeou
             .await
             .unwrap();
         let started = Instant::now();
-        let (mut reader, mut writer) = stream.into_split();
-        let drip = tokio::spawn(async move {
-            for i in 0..100 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if writer
-                    .write_all(format!("X-{i}: 1\r\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let closed = closed_within(&mut reader, limit).await;
-        drip.abort();
+        let closed = drip_until_closed(stream, limit).await;
         closed.map(|_| started.elapsed())
     };
     let (silent, dripping, second) = tokio::join!(silent, dripping, dripping_second_head);
@@ -219,11 +208,7 @@ async fn hostile_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
     let db = TestDb::sqlite();
     let config = db.config(&[
         ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
