@@ -76,7 +76,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
         },
     );
-    lines.extend(jwt_check::lines(config, check_client()).await);
+    lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client()).await);
     if let Some(line) = check_stripe(config, check_client()).await {
         lines.push(line);

@@ -65,6 +65,12 @@ pub async fn run_with(
         store.migrate().await?;
     }
     let drain = config.shutdown_drain;
+    let connections = config.connections;
+    if config.jwt.issuers.is_none() {
+        tracing::warn!(
+            "neither JWT_ISSUERS nor SUPABASE_URL is set: the iss claim of tokens is not checked"
+        );
+    }
     let state = AppState::new(config, store.clone());
     let refresh = state.auth.spawn_refresh();
     let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
@@ -78,7 +84,7 @@ pub async fn run_with(
         database = store.kind().as_str(),
         "edgegate listening"
     );
-    let served = server::serve(app(state), listener, tls, shutdown, drain)
+    let served = server::serve_with_limits(app(state), listener, tls, shutdown, drain, connections)
         .await
         .context("serving HTTP");
     if let Some(refresh) = refresh {

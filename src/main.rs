@@ -177,6 +177,11 @@ fn main() -> ExitCode {
 async fn execute(command: Command, config: Config) -> ExitCode {
     match command {
         Command::Serve { no_migrate } => {
+            if let Err(err) = edgegate::server::raise_file_limit(config.connections.max_connections)
+            {
+                eprintln!("edgegate: invalid configuration: {err}");
+                return ExitCode::from(2);
+            }
             let address = (config.host, config.port);
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => listener,

@@ -19,7 +19,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub auth_metrics: AuthMetrics,
     pub usage: Arc<UsageTracker>,
-    /// The one HTTP client for outbound calls (JWKS, Stripe, Twilio).
+    /// The HTTP client for outbound calls to Stripe and Twilio (the JWKS has its own).
     pub http: reqwest::Client,
     pub stripe_metrics: StripeMetrics,
     /// How the Stripe client retries; tests shorten the delays.
@@ -32,7 +32,10 @@ impl AppState {
             .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        let auth = Arc::new(Authenticator::new(settings_from(&config), http.clone()));
+        let auth = Arc::new(Authenticator::new(
+            settings_from(&config),
+            crate::auth::jwks::http_client(),
+        ));
         let auth_metrics = AuthMetrics::default();
         let mut metrics = Metrics::new();
         auth_metrics.register(metrics.registry_mut(), auth.clone());

@@ -31,6 +31,19 @@ pub const MAX_AGE_BOUNDS: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(3600));
 const BACKOFF_START: Duration = Duration::from_secs(5);
 
+/// The client the JWKS is fetched with, apart from the one used for Stripe and Twilio: it never
+/// follows a redirect, so a JWKS host cannot point edgegate's requests at another address.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION"), " (jwks)"))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(FETCH_TIMEOUT)
+        .build()
+        // Building fails only when the TLS backend cannot start, and then so would any client;
+        // the fetcher still refuses an answer from another URL.
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
 /// Fetcher settings.
 #[derive(Debug, Clone)]
 pub struct JwksConfig {
@@ -48,9 +61,13 @@ pub enum FetchError {
     /// Connection error or timeout.
     #[error("JWKS request failed: {0}")]
     Transport(String),
-    /// The answer came from another URL: keys are taken only from the configured location.
-    #[error("JWKS request was redirected")]
-    Redirected,
+    /// A redirect: keys are taken only from the configured location, and a redirect is not
+    /// followed (a JWKS host must not be able to point edgegate's requests elsewhere).
+    #[error("JWKS answered HTTP {0}, a redirect, which is not followed")]
+    Redirected(u16),
+    /// The client passed in followed a redirect: the answer came from another URL.
+    #[error("JWKS request was redirected to another URL")]
+    RedirectFollowed,
     /// A status other than 200 (or 304 after `If-None-Match`).
     #[error("JWKS answered HTTP {0}")]
     Status(u16),
@@ -225,8 +242,9 @@ impl std::fmt::Debug for JwksFetcher {
 
 impl JwksFetcher {
     /// A fetcher that writes into `ring`. Nothing is fetched until asked or [`JwksFetcher::spawn`]ed.
-    /// Redirects are refused whatever `client`'s policy (a redirected answer is a failure);
-    /// building `client` with `redirect::Policy::none()` saves the extra request.
+    /// Redirects are refused whatever `client`'s policy (a redirected answer is a failure), but
+    /// only a client that does not follow them ([`http_client`]) keeps the JWKS host from
+    /// making edgegate send a request elsewhere.
     pub fn new(
         cfg: JwksConfig,
         client: reqwest::Client,
@@ -442,10 +460,14 @@ impl JwksFetcher {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
         let mut response = request.send().await.map_err(FetchError::transport)?;
-        if response.url() != &self.inner.cfg.url {
-            return Err(FetchError::Redirected);
-        }
         let status = response.status();
+        if status.is_redirection() && status != reqwest::StatusCode::NOT_MODIFIED {
+            return Err(FetchError::Redirected(status.as_u16()));
+        }
+        if response.url() != &self.inner.cfg.url {
+            // A client that follows redirects was passed in; refuse what it followed to.
+            return Err(FetchError::RedirectFollowed);
+        }
         let ttl = jitter(freshness(response.headers(), self.inner.cfg.ttl));
         let new_etag = response
             .headers()

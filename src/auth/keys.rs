@@ -5,11 +5,11 @@
 //!   with `kty`/`crv`), else it follows strictly from `kty`/`crv` (EC P-256 → ES256,
 //!   OKP Ed25519 → EdDSA, RSA → RS256);
 //! - `use`, when present, must be `sig`; `key_ops`, when present, must hold `verify`;
-//! - RSA moduli under 2048 (or over 8192) bits, unsupported curves and asymmetric keys without
-//!   `kid` are dropped;
+//! - RSA moduli under 2048 (or over 8192) bits, RSA exponents that are even or under 3,
+//!   unsupported curves and asymmetric keys without `kid` are dropped;
 //! - `oct` keys from a fetched set are always dropped (a remote party must never be able to
 //!   hand us an HMAC secret); inline `oct` keys (no `alg`, or `alg: HS256`; `kid` optional and
-//!   only listed) are legacy secrets.
+//!   only listed) of at least 32 bytes are legacy secrets (the configuration refuses shorter).
 //!
 //! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
 
@@ -283,9 +283,28 @@ enum Parsed {
 /// Longest kid accepted on a key or in a token header.
 pub const MAX_KID_LEN: usize = 256;
 
-/// A kid must be short and printable: it ends up in logs and admin listings.
+/// A kid must be short and printable: it ends up in logs, admin listings and metric labels.
+/// Control characters and invisible formatting characters (bidi overrides, zero-width marks)
+/// are refused, so a kid always reads as what it is.
 pub(crate) fn kid_is_well_formed(kid: &str) -> bool {
-    !kid.is_empty() && kid.len() <= MAX_KID_LEN && !kid.chars().any(char::is_control)
+    !kid.is_empty()
+        && kid.len() <= MAX_KID_LEN
+        && !kid.chars().any(|c| c.is_control() || is_format_char(c))
+}
+
+/// Unicode's invisible format characters (category Cf) that can reorder or hide text.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 fn str_member<'a>(
@@ -343,6 +362,9 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         let k = b64_member(jwk, "k")?;
         if k.is_empty() {
             return Err("empty oct key");
+        }
+        if k.len() < crate::config::MIN_HMAC_KEY_BYTES {
+            return Err("oct key shorter than 32 bytes");
         }
         return Ok(Parsed::Legacy(LegacySecret {
             kid: kid.map(str::to_owned),
@@ -404,6 +426,9 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             if bits > 8192 {
                 return Err("RSA modulus over 8192 bits");
             }
+            if !exponent_is_usable(&e) {
+                return Err("RSA exponent is not an odd number of at least 3");
+            }
             let key = RsaPublicKeyComponents { n: &n, e: &e }
                 .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
                 .map_err(|_| "invalid RSA key")?;
@@ -420,6 +445,14 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         key,
         fingerprint,
     }))
+}
+
+/// An RSA public exponent must be odd and at least 3 (RFC 8017 §3.1); `e = 1` would make every
+/// "signature" its own message. `e` is minimal big-endian, and longer than 4 bytes is refused
+/// (aws-lc takes at most 33 bits; real keys use 65537).
+fn exponent_is_usable(e: &[u8]) -> bool {
+    let odd = e.last().is_some_and(|last| last & 1 == 1);
+    odd && e.len() <= 4 && (e.len() > 1 || e[0] >= 3)
 }
 
 pub(crate) fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {

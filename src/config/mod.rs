@@ -16,7 +16,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use parse::Vars;
-pub use parse::{ConfigError, is_e164};
+pub use parse::{ConfigError, MIN_HMAC_KEY_BYTES, is_e164};
 
 /// Where the service keeps its state when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://edgegate.db";
@@ -28,6 +28,10 @@ pub const DEFAULT_TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TWILIO_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// How long in-flight requests may take to finish after SIGTERM before the process exits.
 pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
+/// `HTTP_HEADER_READ_TIMEOUT_SECONDS`, `HTTP_IDLE_TIMEOUT_SECONDS`, `HTTP_MAX_CONNECTIONS`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// The whole configuration of the service.
 #[derive(Debug, Clone)]
@@ -37,6 +41,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub database_url: DatabaseUrl,
     pub shutdown_drain: Duration,
+    pub connections: ConnectionLimits,
     pub cors_allowed_origins: CorsOrigins,
     /// Request headers a browser may send beyond the built-in list (lowercase).
     pub cors_allowed_headers: Vec<String>,
@@ -55,6 +60,29 @@ pub struct Config {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// What a client may hold of the server: time to send a request head, time idle between
+/// requests, and how many connections at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accept (TLS handshake included) to a whole request head; also bounds each later
+    /// head on a keep-alive connection, from its first byte.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Open connections at most; past it, new clients wait in the kernel backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// A database location. Its `Debug` hides the password a Postgres URL may hold.
@@ -341,6 +369,23 @@ impl Config {
                 DEFAULT_SHUTDOWN_DRAIN.as_secs(),
                 0..=300,
             )?,
+            connections: ConnectionLimits {
+                header_read_timeout: vars.seconds(
+                    "HTTP_HEADER_READ_TIMEOUT_SECONDS",
+                    DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+                    1..=300,
+                )?,
+                idle_timeout: vars.seconds(
+                    "HTTP_IDLE_TIMEOUT_SECONDS",
+                    DEFAULT_IDLE_TIMEOUT.as_secs(),
+                    1..=3_600,
+                )?,
+                max_connections: vars.number(
+                    "HTTP_MAX_CONNECTIONS",
+                    DEFAULT_MAX_CONNECTIONS,
+                    1..=1_000_000,
+                )?,
+            },
             cors_allowed_origins: vars.cors_origins("CORS_ALLOWED_ORIGINS")?,
             cors_allowed_headers: vars.header_names("CORS_ALLOWED_HEADERS")?,
             log_format: vars.log_format("LOG_FORMAT")?,

@@ -159,9 +159,10 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 
     pub(super) fn legacy_secret(&self, name: &str) -> Result<Option<SecretString>, ConfigError> {
         match self.get(name) {
-            Some(raw) if raw.trim().len() < 32 => {
-                Err(ConfigError::new(name, "must be at least 32 bytes long"))
-            }
+            Some(raw) if raw.trim().len() < MIN_HMAC_KEY_BYTES => Err(ConfigError::new(
+                name,
+                format!("must be at least {MIN_HMAC_KEY_BYTES} bytes long"),
+            )),
             Some(raw) => Ok(Some(SecretString::from(raw.trim()))),
             None => Ok(None),
         }
@@ -290,6 +291,16 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 "must hold JWK objects, each with a \"kty\" string",
             ));
         }
+        // An inline `oct` key is an HS256 secret: it gets the legacy secret's minimum length.
+        if keys.iter().any(is_short_oct_key) {
+            return Err(ConfigError::new(
+                name,
+                format!(
+                    "must not hold an oct key shorter than {MIN_HMAC_KEY_BYTES} bytes \
+                     (the minimum of SUPABASE_JWT_SECRET)"
+                ),
+            ));
+        }
         Ok(keys.into_iter().map(Redacted).collect())
     }
 
@@ -412,6 +423,25 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             .map_err(|_| ConfigError::new(name, "must be a valid tracing filter such as info"))?;
         Ok(filter)
     }
+}
+
+/// The shortest HS256 secret taken, from `SUPABASE_JWT_SECRET` or an inline `oct` JWK.
+pub const MIN_HMAC_KEY_BYTES: usize = 32;
+
+/// An `oct` JWK whose `k` decodes to fewer than [`MIN_HMAC_KEY_BYTES`]. A `k` that is not
+/// base64url at all is left to the key ring, which drops the key with its reason.
+fn is_short_oct_key(jwk: &serde_json::Value) -> bool {
+    use base64::Engine as _;
+    jwk.get("kty").and_then(serde_json::Value::as_str) == Some("oct")
+        && jwk
+            .get("k")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|k| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(k)
+                    .ok()
+            })
+            .is_some_and(|k| k.len() < MIN_HMAC_KEY_BYTES)
 }
 
 /// `+` then 2 to 15 digits, the first not 0 (ITU-T E.164).

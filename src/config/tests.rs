@@ -192,14 +192,58 @@ fn inline_jwks_must_be_a_key_set() {
     refused("SUPABASE_JWKS", r#"{"keys":{}}"#);
     refused("SUPABASE_JWKS", r#"[{"k":"abc"}]"#);
     refused("SUPABASE_JWKS", "42");
+    // 32 bytes: as long as the legacy secret must be.
+    let k32 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY";
     let set = config(&[(
         "SUPABASE_JWKS",
-        r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#,
+        &format!(r#"{{"keys":[{{"kty":"oct","k":"{k32}"}}]}}"#),
     )])
     .unwrap();
     assert_eq!(set.jwt.inline_jwks.len(), 1);
     let bare = config(&[("SUPABASE_JWKS", r#"[{"kty":"EC"},{"kty":"RSA"}]"#)]).unwrap();
     assert_eq!(bare.jwt.inline_jwks.len(), 2);
+}
+
+#[test]
+fn inline_oct_keys_need_32_bytes() {
+    // One byte, then 31: an HMAC secret that short can be brute-forced from one token.
+    for k in ["YQ", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZQ"] {
+        let err = refused(
+            "SUPABASE_JWKS",
+            &format!(r#"[{{"kty":"oct","kid":"hs","k":"{k}"}}]"#),
+        );
+        assert!(err.rule.contains("32 bytes"), "{err}");
+    }
+}
+
+#[test]
+fn connection_limits_have_defaults_and_ranges() {
+    let defaults = config(&[]).unwrap().connections;
+    assert_eq!(defaults, ConnectionLimits::default());
+    assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(defaults.idle_timeout, Duration::from_secs(75));
+    assert_eq!(defaults.max_connections, 4096);
+    let set = config(&[
+        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "30"),
+        ("HTTP_MAX_CONNECTIONS", "100"),
+    ])
+    .unwrap()
+    .connections;
+    assert_eq!(
+        set,
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 100,
+        }
+    );
+    refused("HTTP_HEADER_READ_TIMEOUT_SECONDS", "0");
+    refused("HTTP_HEADER_READ_TIMEOUT_SECONDS", "ten");
+    refused("HTTP_IDLE_TIMEOUT_SECONDS", "0");
+    refused("HTTP_IDLE_TIMEOUT_SECONDS", "86400");
+    refused("HTTP_MAX_CONNECTIONS", "0");
+    refused("HTTP_MAX_CONNECTIONS", "-5");
 }
 
 #[test]
@@ -387,7 +431,7 @@ fn debug_output_redacts_every_secret() {
     vars.push(("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"));
     vars.push((
         "SUPABASE_JWKS",
-        r#"[{"kty":"oct","k":"aW5saW5lb2N0c2VjcmV0dmFsdWU"}]"#,
+        r#"[{"kty":"oct","k":"aW5saW5lb2N0c2VjcmV0dmFsdWUtMDEyMzQ1Njc4OWFi"}]"#,
     ));
     let shown = format!("{:?}", config(&vars).unwrap());
     for (name, _, secret_part) in secrets {

@@ -27,7 +27,10 @@ pub fn router() -> Router<AppState> {
         .route("/functions/v1/send-sms", post(sms::send_sms))
         .route(
             crate::twilio::STATUS_CALLBACK_PATH,
-            post(sms::twilio_status),
+            post(sms::twilio_status).layer(middleware::from_fn_with_state(
+                crate::twilio::status::BODY_LIMIT,
+                crate::server::middleware::limit_body,
+            )),
         )
         .route(
             "/functions/v1/sync-stripe-products-hardened",

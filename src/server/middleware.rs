@@ -67,15 +67,16 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 }
 
 /// Wraps `router` in the service's middleware, outermost first:
-/// sensitive headers, request id, tracing span, CORS, catch-panic, timeout, body limit, metrics.
-/// CORS wraps every layer that can answer on its own (500, 504, 413), so a page can read those
-/// errors too instead of seeing an opaque network failure.
+/// sensitive headers, request id (a client's kept only when well-formed), tracing span, CORS,
+/// catch-panic, timeout, body limit, metrics. CORS wraps every layer that can answer on its own
+/// (500, 504, 413), so a page can read those errors too instead of seeing an opaque network failure.
 pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(
             sensitive_request_headers(),
         ))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
+        .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(
@@ -92,6 +93,33 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
             crate::telemetry::track_metrics,
         ));
     router.layer(stack).with_state(state.clone())
+}
+
+/// The longest client `x-request-id` kept (the contract's bound).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's `x-request-id` may be kept: at most [`MAX_REQUEST_ID_LEN`] characters of
+/// `[A-Za-z0-9._:-]`, so it can be echoed, logged and stored as it is.
+pub fn is_usable_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Removes a client `x-request-id` that may not be kept (or several), so the next layer makes one.
+fn drop_unusable_request_id(mut req: Request) -> Request {
+    let mut ids = req.headers().get_all(&REQUEST_ID).iter();
+    let usable = match (ids.next(), ids.next()) {
+        (Some(id), None) => is_usable_request_id(id.as_bytes()),
+        (None, _) => true,
+        (Some(_), Some(_)) => false,
+    };
+    if !usable {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    req
 }
 
 /// One span per request, named by the matched route so traces group by endpoint. The credential

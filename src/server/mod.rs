@@ -1,30 +1,44 @@
-//! Serving: the accept loop (plain TCP or TLS), graceful shutdown, and the middleware stack.
+//! Serving: the accept loop (plain TCP or TLS), connection limits, graceful shutdown, and the
+//! middleware stack.
 
+mod conn;
+mod files;
 pub mod middleware;
 mod tls;
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
+pub use crate::config::ConnectionLimits;
+pub use files::{RESERVED_FILES, raise_file_limit};
 pub use tls::load_tls;
 
-/// How long a client may take to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use conn::{ConnState, TimedIo, Tracked};
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
-/// closed, so new connections are refused) and lets in-flight requests finish for up to `drain`.
+/// The largest request head (request line and headers) read over HTTP/1: what a connection may
+/// make the server buffer before it has a request. Over it, hyper answers 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// HTTP/2 streams one connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// How often an HTTP/2 connection is pinged, and how long the answer may take, so a peer that
+/// vanished does not hold its connection until the idle timeout.
+pub const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Serves `app` on `listener` with the default [`ConnectionLimits`]; see [`serve_with_limits`].
 pub async fn serve(
     app: Router,
     listener: TcpListener,
@@ -32,62 +46,100 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> std::io::Result<()> {
+    serve_with_limits(
+        app,
+        listener,
+        tls,
+        shutdown,
+        drain,
+        ConnectionLimits::default(),
+    )
+    .await
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
+/// closed, so new connections are refused) and lets in-flight requests finish for up to `drain`.
+/// At most `limits.max_connections` connections are open at once: past it, the loop stops
+/// accepting until one closes, and new clients wait in the kernel's backlog.
+pub async fn serve_with_limits(
+    app: Router,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let builder = builder();
     let service =
         TowerToHyperService::new(app.map_request(|req: Request<Incoming>| req.map(Body::new)));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    backoff.reset();
+                    pair
+                }
                 Err(err) => {
-                    // Running out of file descriptors is transient; don't spin on it.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let pause = backoff.failed(&err);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let state = ConnState::new(&limits);
+        let io = TimedIo::new(stream, state.clone());
+        let service = Tracked::new(service.clone(), state);
         let builder = builder.clone();
-        let service = service.clone();
         let watcher = graceful.watcher();
-        match tls.clone() {
-            None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = watcher.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                });
-            }
-            Some(acceptor) => {
-                tokio::spawn(async move {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(err)) => {
-                                tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
+        let tls = tls.clone();
+        let head_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            // Held until the connection ends: a free slot is what lets the loop accept again.
+            let _slot = slot;
+            let served = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    // The IO's own deadline covers the handshake; this bound is the backstop.
+                    let stream = match tokio::time::timeout(head_timeout, acceptor.accept(io)).await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(err) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                });
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
-        }
+        });
     }
     drop(listener);
     tracing::info!(
@@ -102,4 +154,70 @@ pub async fn serve(
         tracing::warn!("drain period over; closing the connections still open");
     }
     Ok(())
+}
+
+/// hyper's settings. HTTP/1 gets no timer on purpose: with one, hyper's `header_read_timeout`
+/// (30 s unless set) also closes idle keep-alive connections; the deadlines are kept by
+/// [`conn`] instead.
+fn builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEP_ALIVE)
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+}
+
+/// Pauses after failed accepts. Out of file descriptors (or kernel memory) the listener fails at
+/// once on every call, so the pause doubles up to a second; a client that gave up before we
+/// accepted it costs nothing. Logged at most once per second, with the count of failures since.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    pause: Duration,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn reset(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    fn failed(&mut self, err: &std::io::Error) -> Duration {
+        use std::io::ErrorKind;
+        if matches!(
+            err.kind(),
+            ErrorKind::ConnectionAborted
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionRefused
+        ) {
+            return Duration::ZERO;
+        }
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MAX);
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+        {
+            tracing::warn!(
+                error = %err,
+                failures = self.unlogged,
+                pause_ms = self.pause.as_millis(),
+                "accept failed; pausing before the next accept"
+            );
+            self.last_logged = Some(now);
+            self.unlogged = 0;
+        }
+        self.pause
+    }
 }

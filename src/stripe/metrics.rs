@@ -10,11 +10,41 @@ pub struct SyncLabels {
     pub outcome: &'static str,
 }
 
-/// `event_type` comes only from signature-checked bodies, so only Stripe chooses it.
+/// `event_type` is one of [`LABELLED_EVENT_TYPES`] or `other`: the raw type comes from a body
+/// (signed, but whoever holds a webhook secret chooses it), so it never becomes a label as is.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabels {
-    pub event_type: String,
+    pub event_type: &'static str,
     pub outcome: &'static str,
+}
+
+/// The event types edgegate applies (see `webhook::effect_of`), and `unknown` for a delivery
+/// whose type could not be read; every other type is counted as `other`.
+pub const LABELLED_EVENT_TYPES: &[&str] = &[
+    "product.created",
+    "product.updated",
+    "product.deleted",
+    "price.created",
+    "price.updated",
+    "price.deleted",
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "invoice.paid",
+    "invoice.payment_failed",
+    "unknown",
+];
+
+/// The label for `event_type`: itself when it is one of [`LABELLED_EVENT_TYPES`], else `other`.
+pub fn event_type_label(event_type: &str) -> &'static str {
+    LABELLED_EVENT_TYPES
+        .iter()
+        .find(|known| **known == event_type)
+        .copied()
+        .unwrap_or("other")
 }
 
 #[derive(Clone, Debug, Default)]
@@ -44,9 +74,29 @@ impl StripeMetrics {
     pub fn webhook_event(&self, event_type: &str, outcome: &'static str) {
         self.webhook_events
             .get_or_create(&WebhookLabels {
-                event_type: event_type.to_owned(),
+                event_type: event_type_label(event_type),
                 outcome,
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_outside_the_known_set_are_other() {
+        assert_eq!(event_type_label("invoice.paid"), "invoice.paid");
+        assert_eq!(event_type_label("unknown"), "unknown");
+        for outside in [
+            "charge.refunded",
+            "invoice.paid\u{202e}",
+            "x\ny",
+            "",
+            "INVOICE.PAID",
+        ] {
+            assert_eq!(event_type_label(outside), "other", "{outside:?}");
+        }
     }
 }

@@ -20,6 +20,12 @@ pub fn compute(auth_token: &[u8], url: &str, params: &[(String, String)]) -> Str
     STANDARD.encode(hmac::sign(&key, data.as_bytes()).as_ref())
 }
 
+/// Whether `signature` could be one at all: the standard base64 of a 20-byte HMAC-SHA1.
+pub fn is_well_formed(signature: &str) -> bool {
+    // 28 characters encode 20 bytes; anything longer is refused before it is decoded.
+    signature.len() == 28 && STANDARD.decode(signature).is_ok_and(|mac| mac.len() == 20)
+}
+
 /// Whether `signature` is Twilio's for this request. Twilio is inconsistent about writing the
 /// default port, so (as its own libraries do) the URL is tried without a port and with one.
 pub fn is_valid(
@@ -125,6 +131,23 @@ mod tests {
             &params,
             "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
         ));
+    }
+
+    #[test]
+    fn only_a_base64_hmac_sha1_is_well_formed() {
+        let (url, params) = documented();
+        assert!(is_well_formed(&compute(b"12345", url, &params)));
+        for malformed in [
+            "",
+            "x",
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ",
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ==",
+            "0/KCTR6DLpKmkAf8muzZqo1nDg!=",
+            "0_KCTR6DLpKmkAf8muzZqo1nDgQ=",
+        ] {
+            assert!(!is_well_formed(malformed), "{malformed:?}");
+        }
+        assert!(!is_well_formed(&"A".repeat(100_000)));
     }
 
     #[test]

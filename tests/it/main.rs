@@ -12,6 +12,7 @@ mod deploy;
 mod drill;
 mod fake_stripe;
 mod fake_twilio;
+mod hostile;
 mod http;
 mod logs;
 mod runbook;

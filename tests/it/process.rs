@@ -94,9 +94,15 @@ impl Drop for Server {
 
 /// A long-running server: its output goes to `log` in `dir`, so an unread pipe can never block it.
 pub fn spawn_server(dir: &std::path::Path, log: &str, vars: &[(&str, &str)]) -> Server {
+    spawn_logged(edgegate(dir, vars), dir, log)
+}
+
+/// Starts `command` (an edgegate server, possibly behind a wrapper such as `prlimit`) with its
+/// stderr in `log` in `dir`.
+pub fn spawn_logged(mut command: Command, dir: &std::path::Path, log: &str) -> Server {
     let file = std::fs::File::create(dir.join(log)).expect("create the log file");
     Server(
-        edgegate(dir, vars)
+        command
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

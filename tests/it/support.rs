@@ -223,3 +223,19 @@ impl JwksHost {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A self-signed certificate for `localhost`, written as `cert.pem` and `key.pem` in `dir`.
+pub fn self_signed_localhost(
+    dir: &std::path::Path,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    (certified, cert_path, key_path)
+}

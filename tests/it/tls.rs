@@ -8,11 +8,7 @@ use crate::support::TestDb;
 async fn with_tls_files_set_the_same_app_is_served_over_https() {
     let db = TestDb::sqlite();
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
     let config = db.config(&[
         ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
         ("TLS_KEY_FILE", key_path.to_str().unwrap()),

@@ -273,7 +273,14 @@ fn hostile_kids() {
         Err(AuthError::Asymmetric(Failure::MalformedKid))
     );
 
-    for kid in ["es-1\r\nX-Injected: 1", "es-1\n", "\u{0}es-1", ""] {
+    for kid in [
+        "es-1\r\nX-Injected: 1",
+        "es-1\n",
+        "\u{0}es-1",
+        "",
+        "es-1\u{202e}",
+        "\u{200b}es-1",
+    ] {
         let t = f.es_token_with(json!({"alg":"ES256","kid":kid}), claims(f.now));
         assert_eq!(
             f.check(&t),

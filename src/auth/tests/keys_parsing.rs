@@ -69,6 +69,7 @@ fn algorithm_comes_from_alg_or_strictly_from_kty_crv() {
 fn fetched_set_drops_with_reasons() {
     let es = TestKey::es256("es").public_jwk();
     let ed = TestKey::eddsa("ed").public_jwk();
+    let rs = TestKey::rs256("rs").public_jwk();
     let mut short_n = vec![0xC0u8];
     short_n.extend([0x55u8; 127]); // 1024-bit modulus
     let cases: Vec<(Value, &str)> = vec![
@@ -79,6 +80,18 @@ fn fetched_set_drops_with_reasons() {
         (
             json!({"kty":"RSA","kid":"small","n":b64(&short_n),"e":"AQAB"}),
             "RSA modulus under 2048 bits",
+        ),
+        (
+            with(rs.clone(), json!({"e":"AQ"})),
+            "RSA exponent is not an odd number of at least 3",
+        ),
+        (
+            with(rs.clone(), json!({"e":"AAE"})),
+            "RSA exponent is not an odd number of at least 3",
+        ),
+        (
+            with(rs.clone(), json!({"e":"AQAA"})),
+            "RSA exponent is not an odd number of at least 3",
         ),
         (with(es.clone(), json!({"use":"enc"})), "use is not sig"),
         (
@@ -123,6 +136,10 @@ fn fetched_set_drops_with_reasons() {
             "kid is empty, too long or has control characters",
         ),
         (
+            with(es.clone(), json!({"kid":"es\u{202e}1"})),
+            "kid is empty, too long or has control characters",
+        ),
+        (
             with(es.clone(), json!({"x": "not base64!"})),
             "a key member is not base64url",
         ),
@@ -134,6 +151,8 @@ fn fetched_set_drops_with_reasons() {
     // use=sig and key_ops with verify among others are fine; absent use/key_ops too.
     assert!(reason_for(with(es.clone(), json!({"key_ops":["verify","sign"]}))).is_none());
     assert!(reason_for(with(es.clone(), json!({"use":null,"key_ops":null}))).is_none());
+    // e = 3 is the smallest exponent allowed.
+    assert!(reason_for(with(rs.clone(), json!({"e":"Aw"}))).is_none());
 
     let all: Vec<Value> = cases
         .iter()
@@ -158,14 +177,19 @@ fn fetched_set_drops_with_reasons() {
 fn inline_oct_keys_are_legacy_secrets() {
     let inline = parse_inline_keys(&[
         json!({"kty":"oct","k":b64(LEGACY_SECRET)}),
-        json!({"kty":"oct","k":"c2VjcmV0","kid":"old","alg":"HS256"}),
-        json!({"kty":"oct","k":"c2VjcmV0","alg":"HS512"}),
+        json!({"kty":"oct","k":b64(LEGACY_SECRET),"kid":"old","alg":"HS256"}),
+        json!({"kty":"oct","k":b64(LEGACY_SECRET),"alg":"HS512"}),
         json!({"kty":"oct","k":""}),
+        json!({"kty":"oct","k":"c2VjcmV0","kid":"short"}),
         TestKey::es256("in-1").public_jwk(),
     ]);
     assert_eq!(inline.legacy.len(), 2);
     assert_eq!(inline.keys.len(), 1);
-    assert_eq!(inline.dropped.len(), 2);
+    assert_eq!(inline.dropped.len(), 3);
+    assert_eq!(
+        inline.dropped.last().map(|d| d.reason.as_str()),
+        Some("oct key shorter than 32 bytes")
+    );
     assert!(
         inline
             .legacy
@@ -224,7 +248,7 @@ fn listing_and_debug_never_show_secrets() {
         legacy_secrets: vec![SecretString::from(secret.to_owned())],
         inline_jwks: vec![
             inline,
-            json!({"kty":"oct","k":b64(b"inline-oct-secret"),"kid":"oct-1"}),
+            json!({"kty":"oct","k":b64(b"inline-oct-secret-0123456789abcdef"),"kid":"oct-1"}),
             json!({"kty":"oct"}),
         ],
         secret_api_keys: vec![("default".into(), SecretString::from(api.to_owned()))],
@@ -242,7 +266,7 @@ fn listing_and_debug_never_show_secrets() {
         assert!(
             !text.contains(secret)
                 && !text.contains(api)
-                && !text.contains(&b64(b"inline-oct-secret")),
+                && !text.contains(&b64(b"inline-oct-secret-0123456789abcdef")),
             "{text}"
         );
     }

@@ -532,7 +532,7 @@ async fn redirects_are_refused() {
     let fetcher = auth.fetcher().expect("fetcher");
     assert_eq!(
         fetcher.refresh_now().await.map(|_| ()),
-        Err(FetchError::Redirected)
+        Err(FetchError::RedirectFollowed)
     );
     assert!(auth.key_ring().load().find("k1").is_none());
 }

@@ -1,0 +1,59 @@
+//! The process's open-file limit, which bounds how many connections can be held.
+
+use crate::config::ConfigError;
+
+/// Open files kept back from client connections: the listener, the database pool, outbound
+/// HTTP (JWKS, Stripe, Twilio, OTLP), the runtime's own descriptors, logs and the TLS files.
+pub const RESERVED_FILES: u64 = 128;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, then checks that `max_connections` plus
+/// [`RESERVED_FILES`] fit under it. Returns the limit now in force.
+pub fn raise_file_limit(max_connections: usize) -> Result<u64, ConfigError> {
+    let limit = raise_soft_limit();
+    let needed = (max_connections as u64).saturating_add(RESERVED_FILES);
+    match limit {
+        Some(limit) if limit < needed => Err(ConfigError::new(
+            "HTTP_MAX_CONNECTIONS",
+            format!(
+                "must be at most {} under this process's open-file limit (RLIMIT_NOFILE) of \
+                 {limit}, which also keeps {RESERVED_FILES} files for the database and outbound \
+                 clients: lower HTTP_MAX_CONNECTIONS or raise the limit (ulimit -n)",
+                limit.saturating_sub(RESERVED_FILES)
+            ),
+        )),
+        Some(limit) => Ok(limit),
+        // No limit known (or none at all): nothing to check against.
+        None => Ok(u64::MAX),
+    }
+}
+
+#[cfg(unix)]
+fn raise_soft_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct it is given, which lives on our stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct. A refusal (macOS caps the soft limit below an
+        // unlimited hard one) leaves the old limit, which is then what is checked.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            limit = raised;
+        }
+    }
+    // `rlim_t` is u64 on Linux, but not on every Unix.
+    #[allow(clippy::unnecessary_cast)]
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn raise_soft_limit() -> Option<u64> {
+    None
+}
