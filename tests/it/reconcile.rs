@@ -391,3 +391,41 @@ async fn same_second_without_stripe_answers_5xx_and_stores_no_ledger_row() {
     assert_eq!(count(&db, ledger).await, 1);
     assert_eq!(product_name(&db, 3).await, "As Stripe has it");
 }
+
+#[tokio::test]
+async fn periodic_reconciliation_applies_missed_events_with_no_request() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    fake.add_events((0..4).map(|n| history_event(&fixtures, n, now() - 60 + n as i64)));
+    let app = full_app(&db, &fake).await;
+    let client = edgegate::stripe::StripeClient::from_config(
+        app.state.http.clone(),
+        &app.state.config.stripe,
+        fast_retry(),
+    )
+    .unwrap();
+    // The configuration allows a minute at least; the task itself takes any interval.
+    let task = edgegate::stripe::reconcile::spawn_periodic(
+        app.state.store.clone(),
+        client,
+        std::time::Duration::from_millis(50),
+        app.state.reconcile_metrics.clone(),
+    );
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic' \
+                AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&db, runs).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic run within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 4);
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
+    assert!(metrics.contains(line), "{metrics}");
+}
