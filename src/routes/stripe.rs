@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::auth::extract::ServiceRole;
+use crate::auth::extract::{Principal, ServiceRole};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::RawBody;
 use crate::state::AppState;
@@ -68,25 +68,38 @@ pub async fn sync_products(
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
     // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
-    let store = state.store.clone();
-    let holder = principal
-        .request_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (store, holder) = (state.store.clone(), holder(&principal));
     let result = tokio::spawn(async move { sync::run(&store, &client, &holder).await })
         .await
         .unwrap_or_else(|err| Err(SyncError::Internal(anyhow::anyhow!("sync task: {err}"))));
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(err) => err.outcome(),
-    };
+    let outcome = audit_run(&state, &principal, action, &result, SyncError::outcome).await;
     state.stripe_metrics.sync_run(outcome);
+    Ok(Json(result?))
+}
+
+/// The name a run's lock row carries: the request id, which the logs show too.
+fn holder(principal: &Principal) -> String {
+    principal
+        .request_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Audits a finished run (its outcome and, on success, its answer); returns the outcome.
+async fn audit_run<R: serde::Serialize, E>(
+    state: &AppState,
+    principal: &Principal,
+    action: &str,
+    result: &Result<R, E>,
+    outcome_of: fn(&E) -> &'static str,
+) -> &'static str {
+    let outcome = result.as_ref().map_or_else(outcome_of, |_| "ok");
     let mut entry = principal.audit(action, outcome);
-    if let Ok(report) = &result {
+    if let Ok(report) = result {
         entry.detail = serde_json::to_string(report).ok();
     }
-    audit(&state, entry).await;
-    Ok(Json(result?))
+    audit(state, entry).await;
+    outcome
 }
 
 /// The optional body of `/admin/stripe/reconcile`.
@@ -126,12 +139,8 @@ pub async fn reconcile(
         audit(&state, principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
-    let store = state.store.clone();
-    let holder = principal
-        .request_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // Spawned, as the sync is.
+    let (store, holder) = (state.store.clone(), holder(&principal));
     let result = tokio::spawn(async move {
         reconcile::run(&store, &client, &holder, Trigger::Manual, since).await
     })
@@ -142,15 +151,7 @@ pub async fn reconcile(
         )))
     });
     state.reconcile_metrics.record(Trigger::Manual, &result);
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(err) => err.outcome(),
-    };
-    let mut entry = principal.audit(action, outcome);
-    if let Ok(report) = &result {
-        entry.detail = serde_json::to_string(report).ok();
-    }
-    audit(&state, entry).await;
+    audit_run(&state, &principal, action, &result, ReconcileError::outcome).await;
     Ok(Json(result?))
 }
 

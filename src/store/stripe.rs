@@ -642,6 +642,16 @@ fn conflict_rule(sql: String, strict: bool) -> String {
     }
 }
 
+/// The `finished_at`, `outcome` and `error` columns of a run row, finished or still running.
+fn run_end<'a>(
+    finished: Option<(i64, &'a str, Option<&'a str>)>,
+) -> (Option<i64>, &'a str, Option<&'a str>) {
+    match finished {
+        Some((at, outcome, error)) => (Some(at), outcome, error),
+        None => (None, "running", None),
+    }
+}
+
 type SyncRunRow = (
     String,
     i64,
@@ -657,15 +667,28 @@ type SyncRunRow = (
 );
 
 impl Store {
-    /// Takes the catalogue-sync lock if no one holds it: `None` while another sync runs.
-    pub async fn try_lock_sync(
+    /// Runs `body` holding `job`'s lock, then releases it: `None` (and `body` not run) while
+    /// that job runs elsewhere. A failed release is logged; the lock then expires.
+    pub async fn with_job_lock<T>(
         &self,
+        job: Job,
         holder: &str,
         now: i64,
         ttl: Duration,
-    ) -> anyhow::Result<Option<SyncLock>> {
-        self.try_lock_job(Job::CatalogueSync, holder, now, ttl)
-            .await
+        body: impl AsyncFnOnce(&mut SyncLock) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        let Some(mut lock) = self.try_lock_job(job, holder, now, ttl).await? else {
+            return Ok(None);
+        };
+        let result = body(&mut lock).await;
+        if let Err(err) = lock.release().await {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                ?job,
+                "lock not released; it expires"
+            );
+        }
+        Ok(Some(result))
     }
 
     /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
@@ -749,10 +772,7 @@ impl Store {
         counts: &SyncCounts,
         finished: Option<(i64, &str, Option<&str>)>,
     ) -> anyhow::Result<()> {
-        let (finished_at, outcome, error) = match finished {
-            Some((at, outcome, error)) => (Some(at), outcome, error),
-            None => (None, "running", None),
-        };
+        let (finished_at, outcome, error) = run_end(finished);
         let sql = "UPDATE sync_runs SET products_seen = $2, products_upserted = $3, \
                    products_deactivated = $4, prices_seen = $5, prices_upserted = $6, \
                    prices_deactivated = $7, finished_at = $8, outcome = $9, error = $10 \
@@ -953,10 +973,7 @@ impl Store {
         last_event_id: Option<&str>,
         finished: Option<(i64, &str, Option<&str>)>,
     ) -> anyhow::Result<()> {
-        let (finished_at, outcome, error) = match finished {
-            Some((at, outcome, error)) => (Some(at), outcome, error),
-            None => (None, "running", None),
-        };
+        let (finished_at, outcome, error) = run_end(finished);
         let sql = "UPDATE reconcile_runs SET events_seen = $2, events_applied = $3, \
                    events_already_applied = $4, events_ignored = $5, last_event_id = $6, \
                    finished_at = $7, outcome = $8, error = $9 WHERE id = $1";

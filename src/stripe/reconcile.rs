@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::store::{Job, ReconcileCounts, Store, SyncLock, now_ms};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
+use crate::stripe::sync::Stop;
 use crate::stripe::webhook::{self, Outcome, WebhookError};
 
 /// How long a SQLite lock row lives without renewal (renewed after every page).
@@ -119,46 +120,23 @@ pub async fn run(
 ) -> Result<ReconcileReport, ReconcileError> {
     let started = Instant::now();
     let started_at = now_ms();
-    let Some(mut lock) = store
-        .try_lock_job(Job::Reconcile, holder, started_at, LOCK_TTL)
+    let locked = async |lock: &mut SyncLock| {
+        // Read under the lock, so it sees every run that finished before this one.
+        let since = match since {
+            Some(since) => since,
+            None => default_since(store, started_at.div_euclid(1000)).await?,
+        };
+        let events = run_locked(store, client, lock, trigger, since, started_at).await?;
+        Ok(ReconcileReport {
+            events,
+            since,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    };
+    store
+        .with_job_lock(Job::Reconcile, holder, started_at, LOCK_TTL, locked)
         .await?
-    else {
-        return Err(ReconcileError::InProgress);
-    };
-    // Read under the lock, so it sees every run that finished before this one.
-    let since = match since {
-        Some(since) => Ok(since),
-        None => default_since(store, started_at.div_euclid(1000)).await,
-    };
-    let result = match since {
-        Ok(since) => run_locked(store, client, &mut lock, trigger, since, started_at)
-            .await
-            .map(|events| ReconcileReport {
-                events,
-                since,
-                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            }),
-        Err(err) => Err(err.into()),
-    };
-    if let Err(err) = lock.release().await {
-        tracing::warn!(
-            error = format!("{err:#}"),
-            "reconcile lock not released; it expires"
-        );
-    }
-    result
-}
-
-/// Why a walk stopped early.
-enum Stop {
-    Upstream(StripeError),
-    Internal(anyhow::Error),
-}
-
-impl From<anyhow::Error> for Stop {
-    fn from(err: anyhow::Error) -> Self {
-        Self::Internal(err)
-    }
+        .ok_or(ReconcileError::InProgress)?
 }
 
 async fn run_locked(
@@ -185,19 +163,7 @@ async fn run_locked(
         &mut last_event,
     )
     .await;
-    let (outcome, error, result) = match walked {
-        Ok(()) => ("ok", None, Ok(counts)),
-        Err(Stop::Upstream(error)) => (
-            "upstream_error",
-            Some(error.to_string()),
-            Err(ReconcileError::Upstream {
-                run_id: run_id.clone(),
-                counts,
-                error,
-            }),
-        ),
-        Err(Stop::Internal(err)) => ("error", Some(format!("{err:#}")), Err(err.into())),
-    };
+    let (outcome, error) = Stop::outcome(&walked);
     store
         .record_reconcile_run(
             &run_id,
@@ -206,7 +172,14 @@ async fn run_locked(
             Some((now_ms(), outcome, error.as_deref())),
         )
         .await?;
-    result
+    walked.map(|()| counts).map_err(|stop| match stop {
+        Stop::Upstream(error) => ReconcileError::Upstream {
+            run_id,
+            counts,
+            error,
+        },
+        Stop::Internal(err) => err.into(),
+    })
 }
 
 /// Every page of events since `since`, each event applied as a webhook delivery would be; after

@@ -86,6 +86,13 @@ fn history_event(fixtures: &Value, n: usize, created: i64) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Events `0..count` of a history, event `n` created at `first + step * n`.
+fn history(fixtures: &Value, count: usize, first: i64, step: i64) -> Vec<Value> {
+    (0..count)
+        .map(|n| history_event(fixtures, n, first + step * n as i64))
+        .collect()
+}
+
 #[tokio::test]
 async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     stripe_sdk!();
@@ -95,9 +102,7 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     let app = full_app(&db, &fake).await;
     let t = now();
     // 250 events over the last 21 minutes: three pages of up to 100, newest first.
-    let history: Vec<Value> = (0..250)
-        .map(|n| history_event(&fixtures, n, t - 1300 + 5 * n as i64))
-        .collect();
+    let history = history(&fixtures, 250, t - 1300, 5);
     // One from three days ago, before the default window: not listed.
     let old = history_event(&fixtures, 9999, t - 3 * 86_400);
     fake.add_events(history.iter().cloned().chain([old]));
@@ -166,10 +171,7 @@ async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     let app = full_app(&db, &fake).await;
     let t = now();
     // Two and a half hours of events: more than the one-hour overlap of a default window.
-    let history: Vec<Value> = (0..250)
-        .map(|n| history_event(&fixtures, n, t - 9000 + 30 * n as i64))
-        .collect();
-    fake.add_events(history);
+    fake.add_events(history(&fixtures, 250, t - 9000, 30));
     // The first page comes; every later request fails, retries included.
     fake.fault_from(1, Fault::ServerError(None));
     let (status, body) = reconcile(&app.server).await;
@@ -199,7 +201,7 @@ async fn two_concurrent_reconciles_on_two_instances_give_one_409() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    fake.add_events((0..5).map(|n| history_event(&fixtures, n, now() - 60 + n as i64)));
+    fake.add_events(history(&fixtures, 5, now() - 60, 1));
     let first = full_app(&db, &fake).await;
     let second = full_app(&db, &fake).await;
     fake.fault_at(0, Fault::Hold);
@@ -397,7 +399,7 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    fake.add_events((0..4).map(|n| history_event(&fixtures, n, now() - 60 + n as i64)));
+    fake.add_events(history(&fixtures, 4, now() - 60, 1));
     let app = full_app(&db, &fake).await;
     let client = edgegate::stripe::StripeClient::from_config(
         app.state.http.clone(),
