@@ -58,6 +58,7 @@ log() { printf '%s\n' "$*" >&2; }
 
 [ -r "$FIXTURES" ] || { log "fixtures not readable: $FIXTURES"; exit 1; }
 
+log "load at start: $(uptime)"
 log "building edgegate (release), the fake Stripe and the webhook load client"
 cargo build --release --locked --quiet --bin edgegate --example fake_stripe --example webhook_load
 EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
@@ -132,12 +133,16 @@ print(sys.argv[2], p["seen"], p["upserted"], q["seen"], q["upserted"],
       p["deactivated"] + q["deactivated"], b["duration_ms"])' "$out" "$seconds"
 }
 
-# One reconciliation (default window: everything Stripe keeps, on an empty ledger); prints
-# "seconds seen applied already_applied ignored duration_ms" after checking it answered 200.
-reconcile_once() {
-    local out=$WORK/reconcile.json status seconds
+# One reconciliation from `since` (unix seconds), or without a body (the default window: on an
+# empty ledger, everything Stripe keeps); prints "seconds seen applied already_applied ignored
+# duration_ms since" after checking it answered 200.
+reconcile_once() { # [since]
+    local out=$WORK/reconcile.json status seconds body=()
+    if [ $# -gt 0 ]; then
+        body=(-H 'content-type: application/json' -d "{\"since\": $1}")
+    fi
     read -r status seconds < <(curl -sS -o "$out" -w '%{http_code} %{time_total}\n' \
-        --max-time "$MAX_SECONDS" -X POST -H "apikey: $SB_SECRET" \
+        --max-time "$MAX_SECONDS" -X POST -H "apikey: $SB_SECRET" "${body[@]}" \
         "http://127.0.0.1:$SERVER_PORT/admin/stripe/reconcile")
     if [ "$status" != 200 ]; then
         log "reconcile answered $status: $(cat "$out")"
@@ -146,7 +151,8 @@ reconcile_once() {
     python3 -c 'import json, sys
 b = json.load(open(sys.argv[1]))
 e = b["events"]
-print(sys.argv[2], e["seen"], e["applied"], e["already_applied"], e["ignored"], b["duration_ms"])' \
+print(sys.argv[2], e["seen"], e["applied"], e["already_applied"], e["ignored"], b["duration_ms"],
+      b["since"])' \
         "$out" "$seconds"
 }
 
@@ -197,12 +203,13 @@ run_reconcile() { # backend run
     start_edgegate "$url"
     first=$(reconcile_once)
     rss1=$(peak_rss_kib)
-    second=$(reconcile_once)
+    read -r s1 seen1 applied1 already1 ignored1 ms1 since1 <<<"$first"
+    # The same window again (a default one would now start an hour before the newest event).
+    second=$(reconcile_once "$since1")
     rss2=$(peak_rss_kib)
     stop_edgegate
     rows=$(ledger_rows "$1")
-    read -r s1 seen1 applied1 already1 ignored1 ms1 <<<"$first"
-    read -r s2 seen2 applied2 already2 ignored2 ms2 <<<"$second"
+    read -r s2 seen2 applied2 already2 ignored2 ms2 _ <<<"$second"
     expect "first reconcile: seen applied already_applied ignored" \
         "$seen1 $applied1 $already1 $ignored1" "$E $((E - E / 10)) 0 $((E / 10))"
     expect "rerun: seen applied already_applied ignored" \
