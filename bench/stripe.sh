@@ -8,10 +8,13 @@
 #            re-sends, interleaved (examples/webhook_load.rs), each sent once with CONNECTIONS
 #            in flight; events/s, p50/p99, the duplicate answers, then the ledger and the rows the
 #            events wrote are checked with psql (every event stored once and applied once).
+#   reconcile POST /admin/stripe/reconcile of E events listed by the fake Stripe's /v1/events
+#            (newest first, pages of 100), into an empty database, then a rerun that finds every
+#            event in the ledger: wall time and edgegate's peak RSS (VmHWM) after each, the
+#            answer's counts and the ledger checked; a fresh database and process per run.
 #
-# usage: bench/stripe.sh          (RUNS=3 N=10000 K=20000 DUP_PERCENT=10 by default; ~6 minutes
-#                                  after the build)
-# Variables: RUNS, N, K, DUP_PERCENT, CONNECTIONS, PHASES ("sync webhook"), BACKENDS
+# usage: bench/stripe.sh          (RUNS=3 N=10000 K=20000 DUP_PERCENT=10 E=10000 by default)
+# Variables: RUNS, N, K, DUP_PERCENT, E, CONNECTIONS, PHASES ("sync webhook reconcile"), BACKENDS
 # ("postgres sqlite"), PG (server URL without database), PG_DB (dropped and created per run),
 # PG_DB_SETTING (name=value set on that database, for diagnosis),
 # FIXTURES, SERVER_CPU (edgegate), LOAD_CPU (the fake Stripe and the load client).
@@ -22,8 +25,9 @@ RUNS=${RUNS:-3}
 N=${N:-10000}
 K=${K:-20000}
 DUP_PERCENT=${DUP_PERCENT:-10}
+E=${E:-10000}
 CONNECTIONS=${CONNECTIONS:-64}
-PHASES=${PHASES:-sync webhook}
+PHASES=${PHASES:-sync webhook reconcile}
 BACKENDS=${BACKENDS:-postgres sqlite}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -54,6 +58,7 @@ log() { printf '%s\n' "$*" >&2; }
 
 [ -r "$FIXTURES" ] || { log "fixtures not readable: $FIXTURES"; exit 1; }
 
+log "load at start: $(uptime)"
 log "building edgegate (release), the fake Stripe and the webhook load client"
 cargo build --release --locked --quiet --bin edgegate --example fake_stripe --example webhook_load
 EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
@@ -95,7 +100,8 @@ start_edgegate() { # DATABASE_URL
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="$1" \
         SUPABASE_SECRET_KEYS="{\"bench\":\"$SB_SECRET\"}" \
         STRIPE_SECRET_KEY="$STRIPE_KEY" STRIPE_API_BASE="http://127.0.0.1:$STRIPE_PORT/" \
-        STRIPE_WEBHOOK_SECRET="$WHSEC" LOG_FORMAT=json RUST_LOG=info \
+        STRIPE_WEBHOOK_SECRET="$WHSEC" STRIPE_RECONCILE_INTERVAL_SECONDS=0 \
+        LOG_FORMAT=json RUST_LOG=info \
         taskset -c "$SERVER_CPU" "$EDGEGATE" serve >>"$WORK/edgegate.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -127,6 +133,36 @@ print(sys.argv[2], p["seen"], p["upserted"], q["seen"], q["upserted"],
       p["deactivated"] + q["deactivated"], b["duration_ms"])' "$out" "$seconds"
 }
 
+# One reconciliation from `since` (unix seconds), or without a body (the default window: on an
+# empty ledger, everything Stripe keeps); prints "seconds seen applied already_applied ignored
+# duration_ms since" after checking it answered 200.
+reconcile_once() { # [since]
+    local out=$WORK/reconcile.json status seconds body=()
+    if [ $# -gt 0 ]; then
+        body=(-H 'content-type: application/json' -d "{\"since\": $1}")
+    fi
+    read -r status seconds < <(curl -sS -o "$out" -w '%{http_code} %{time_total}\n' \
+        --max-time "$MAX_SECONDS" -X POST -H "apikey: $SB_SECRET" "${body[@]}" \
+        "http://127.0.0.1:$SERVER_PORT/admin/stripe/reconcile")
+    if [ "$status" != 200 ]; then
+        log "reconcile answered $status: $(cat "$out")"
+        return 1
+    fi
+    python3 -c 'import json, sys
+b = json.load(open(sys.argv[1]))
+e = b["events"]
+print(sys.argv[2], e["seen"], e["applied"], e["already_applied"], e["ignored"], b["duration_ms"],
+      b["since"])' \
+        "$out" "$seconds"
+}
+
+ledger_rows() { # backend
+    case $1 in
+    postgres) psql_value 'SELECT count(*) FROM stripe_events' ;;
+    sqlite) sqlite3 "$WORK/db/edgegate.db" 'SELECT count(*) FROM stripe_events' ;;
+    esac
+}
+
 expect() { # what got wanted
     if [ "$2" != "$3" ]; then
         log "FAILED: $1: got $2, wanted $3"
@@ -136,8 +172,10 @@ expect() { # what got wanted
 
 SYNC_RESULTS=$WORK/sync.tsv
 WEBHOOK_RESULTS=$WORK/webhook.tsv
+RECONCILE_RESULTS=$WORK/reconcile.tsv
 : >"$SYNC_RESULTS"
 : >"$WEBHOOK_RESULTS"
+: >"$RECONCILE_RESULTS"
 
 run_sync() { # backend run
     local url first second rss1 rss2
@@ -157,6 +195,29 @@ run_sync() { # backend run
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$s1" "$ms1" "$rss1" "$s2" "$ms2" "$rss2" \
         >>"$SYNC_RESULTS"
     log "sync $1 run $2: first ${s1}s (server ${ms1} ms), VmHWM ${rss1} KiB; second ${s2}s (server ${ms2} ms), VmHWM ${rss2} KiB"
+}
+
+run_reconcile() { # backend run
+    local url first second rss1 rss2 rows
+    url=$(fresh_database "$1")
+    start_edgegate "$url"
+    first=$(reconcile_once)
+    rss1=$(peak_rss_kib)
+    read -r s1 seen1 applied1 already1 ignored1 ms1 since1 <<<"$first"
+    # The same window again (a default one would now start an hour before the newest event).
+    second=$(reconcile_once "$since1")
+    rss2=$(peak_rss_kib)
+    stop_edgegate
+    rows=$(ledger_rows "$1")
+    read -r s2 seen2 applied2 already2 ignored2 ms2 _ <<<"$second"
+    expect "first reconcile: seen applied already_applied ignored" \
+        "$seen1 $applied1 $already1 $ignored1" "$E $((E - E / 10)) 0 $((E / 10))"
+    expect "rerun: seen applied already_applied ignored" \
+        "$seen2 $applied2 $already2 $ignored2" "$E 0 $E 0"
+    expect "stripe_events rows" "$rows" "$E"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$s1" "$ms1" "$rss1" "$s2" "$ms2" "$rss2" \
+        >>"$RECONCILE_RESULTS"
+    log "reconcile $1 run $2: first ${s1}s (server ${ms1} ms), VmHWM ${rss1} KiB; rerun ${s2}s (server ${ms2} ms), VmHWM ${rss2} KiB; ledger $rows rows"
 }
 
 field() { # RESULT-line name
@@ -230,10 +291,26 @@ for phase in $PHASES; do
             run_webhook "$run"
         done
         ;;
+    reconcile)
+        taskset -c "$LOAD_CPU" "$EXAMPLES/fake_stripe" "$STRIPE_PORT" 0 "$FIXTURES" "$STRIPE_KEY" "$E" \
+            2>"$WORK/fake_stripe.log" &
+        STRIPE_PID=$!
+        PIDS+=("$STRIPE_PID")
+        wait_for "http://127.0.0.1:$STRIPE_PORT/v1/balance" -H "Authorization: Bearer $STRIPE_KEY"
+        for backend in $BACKENDS; do
+            for run in $(seq 1 "$RUNS"); do
+                run_reconcile "$backend" "$run"
+            done
+        done
+        kill "$STRIPE_PID"
+        wait "$STRIPE_PID" 2>/dev/null || true
+        ;;
     esac
 done
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); edgegate on CPU $SERVER_CPU, fake Stripe and load client on CPU $LOAD_CPU; PostgreSQL $(psql -X -A -t -h 127.0.0.1 -U postgres -d postgres -c 'SHOW server_version') not pinned"
-echo "sync: N=$N products, $((3 * N)) prices; webhook: K=$K events + $DUP_PERCENT % duplicates, $CONNECTIONS in flight; $RUNS runs each"
-python3 "$BENCH/stripe_summary.py" "$SYNC_RESULTS" "$WEBHOOK_RESULTS" "$((4 * N))"
+echo "sync: N=$N products, $((3 * N)) prices; webhook: K=$K events + $DUP_PERCENT % duplicates, $CONNECTIONS in flight; reconcile: E=$E events; $RUNS runs each"
+echo "load: $(uptime)"
+python3 "$BENCH/stripe_summary.py" "$SYNC_RESULTS" "$WEBHOOK_RESULTS" "$((4 * N))" \
+    "$RECONCILE_RESULTS" "$E"

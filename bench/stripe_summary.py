@@ -1,6 +1,6 @@
-"""Summary of bench/stripe.sh: median and spread (min-max) of the sync and webhook runs.
+"""Summary of bench/stripe.sh: median and spread (min-max) of the sync, webhook and reconcile runs.
 
-usage: stripe_summary.py SYNC_TSV WEBHOOK_TSV OBJECTS_PER_SYNC"""
+usage: stripe_summary.py SYNC_TSV WEBHOOK_TSV OBJECTS_PER_SYNC [RECONCILE_TSV EVENTS]"""
 
 import statistics
 import sys
@@ -49,3 +49,25 @@ if webhook:
         f"| {requests[0]} | {duplicates[0]} | {cell(rps, '{:.0f}')} | {cell(p50)} "
         f"| {cell(p99)} | {cell(rss, '{:.1f}')} |"
     )
+
+if len(sys.argv) > 5:
+    events = int(sys.argv[5])
+    reconcile = {}
+    for line in open(sys.argv[4]):
+        backend, _run, s1, _ms1, rss1, s2, _ms2, rss2 = line.rstrip("\n").split("\t")
+        reconcile.setdefault(backend, []).append(
+            (float(s1), int(rss1) / 1024, float(s2), int(rss2) / 1024)
+        )
+    if reconcile:
+        print()
+        print(
+            f"| database | reconcile {events} events s | events/s | VmHWM after it MiB "
+            "| rerun (all already applied) s | VmHWM after both MiB |"
+        )
+        print("|---|---|---|---|---|---|")
+        for backend, rows in reconcile.items():
+            first, rss1, second, rss2 = (list(c) for c in zip(*rows))
+            print(
+                f"| {backend} | {cell(first)} | {cell([events / s for s in first], '{:.0f}')} "
+                f"| {cell(rss1, '{:.1f}')} | {cell(second)} | {cell(rss2, '{:.1f}')} |"
+            )

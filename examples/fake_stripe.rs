@@ -1,4 +1,5 @@
-//! A fake Stripe for `bench/stripe.sh`: `/v1/products` (N products) and `/v1/prices` (3N prices)
+//! A fake Stripe for `bench/stripe.sh`: `/v1/products` (N products), `/v1/prices` (3N prices)
+//! and `/v1/events` (E events, newest first, `created[gte]` honoured)
 //! paged exactly as Stripe pages them (`limit` 1 to 100, default 10; `starting_after`, 400 when
 //! the id is unknown; `has_more`; `{"object":"list","data":[…],"has_more":…,"url":…}`), and
 //! `/v1/balance` for `edgegate check`. Objects are Stripe's example `product` and `price` from
@@ -8,7 +9,11 @@
 //! state: a page is built when it is asked for (at most 100 objects), so the catalogue is never
 //! held in memory, and the same N gives the same catalogue on every run.
 //!
-//! `cargo run --release --example fake_stripe -- PORT N FIXTURES_JSON SECRET_KEY`
+//! Event `i` (0 is the newest) is `evt_B{i:07}`, created `i / 10` seconds before the fake
+//! started: a `product.updated` of product `i` (Stripe's example event around that product), and
+//! every tenth a `customer.created`, a type edgegate records without acting on.
+//!
+//! `cargo run --release --example fake_stripe -- PORT N FIXTURES_JSON SECRET_KEY [E]`
 //! (binds 127.0.0.1 only; answers 401 to any other key).
 
 use std::sync::Arc;
@@ -29,6 +34,10 @@ struct Fake {
     products: usize,
     product: Value,
     price: Value,
+    event: Value,
+    events: usize,
+    /// Unix seconds of the newest event.
+    newest: i64,
     key: String,
 }
 
@@ -38,6 +47,10 @@ fn product_id(i: usize) -> String {
 
 fn price_id(i: usize) -> String {
     format!("price_B{i:07}")
+}
+
+fn event_id(i: usize) -> String {
+    format!("evt_B{i:07}")
 }
 
 /// The index in an id made by `product_id`/`price_id`, if it is one of `count`.
@@ -56,6 +69,37 @@ impl Fake {
         stripe_catalogue::price(&self.price, i, price_id(i), product_id(i / 3))
     }
 
+    fn created(&self, i: usize) -> i64 {
+        self.newest - i64::try_from(i / 10).unwrap_or(i64::MAX)
+    }
+
+    fn event(&self, i: usize) -> Value {
+        let mut event = self.event.clone();
+        event["id"] = json!(event_id(i));
+        event["created"] = json!(self.created(i));
+        if i % 10 == 9 {
+            event["type"] = json!("customer.created");
+            event["data"] = json!({"object": {"id": format!("cus_B{i:07}"), "object": "customer"}});
+        } else {
+            event["type"] = json!("product.updated");
+            event["data"] = json!({"object": self.product(i)});
+        }
+        event
+    }
+
+    /// How many events (from the newest) were created at `since` or later.
+    fn events_since(&self, since: Option<i64>) -> usize {
+        match since {
+            None => self.events,
+            Some(since) if since > self.newest => 0,
+            Some(since) => {
+                let seconds = usize::try_from(self.newest - since).unwrap_or(usize::MAX);
+                self.events
+                    .min(seconds.saturating_add(1).saturating_mul(10))
+            }
+        }
+    }
+
     fn authorized(&self, headers: &HeaderMap) -> bool {
         headers
             .get("authorization")
@@ -69,6 +113,8 @@ impl Fake {
 struct ListQuery {
     limit: Option<String>,
     starting_after: Option<String>,
+    #[serde(rename = "created[gte]")]
+    created_gte: Option<i64>,
 }
 
 fn stripe_error(status: StatusCode, message: &str) -> Response {
@@ -128,6 +174,15 @@ async fn prices(
     page(&fake, &headers, &query, list, Fake::price)
 }
 
+async fn list_events(
+    State(fake): State<Arc<Fake>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let list = ("/v1/events", "evt_B", fake.events_since(query.created_gte));
+    page(&fake, &headers, &query, list, Fake::event)
+}
+
 async fn balance(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response {
     if !fake.authorized(&headers) {
         return stripe_error(StatusCode::UNAUTHORIZED, "invalid API key");
@@ -139,11 +194,15 @@ async fn balance(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: fake_stripe PORT N FIXTURES_JSON SECRET_KEY";
+    let usage = "usage: fake_stripe PORT N FIXTURES_JSON SECRET_KEY [E]";
     let port: u16 = args.next().context(usage)?.parse().context("PORT")?;
     let count: usize = args.next().context(usage)?.parse().context("N")?;
     let fixtures_path = args.next().context(usage)?;
     let key = args.next().context(usage)?;
+    let events: usize = match args.next() {
+        Some(events) => events.parse().context("E")?,
+        None => 0,
+    };
     let fixtures: Value = serde_json::from_slice(
         &std::fs::read(&fixtures_path).with_context(|| format!("reading {fixtures_path}"))?,
     )
@@ -152,22 +211,30 @@ async fn main() -> anyhow::Result<()> {
         products: count,
         product: fixtures["resources"]["product"].clone(),
         price: fixtures["resources"]["price"].clone(),
+        event: fixtures["resources"]["event"].clone(),
+        events,
+        newest: i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs(),
+        )?,
         key,
     });
     anyhow::ensure!(
-        fake.product.is_object() && fake.price.is_object(),
-        "no product or price in the fixtures"
+        fake.product.is_object() && fake.price.is_object() && fake.event.is_object(),
+        "no product, price or event in the fixtures"
     );
     let app = Router::new()
         .route("/v1/products", get(products))
         .route("/v1/prices", get(prices))
+        .route("/v1/events", get(list_events))
         .route("/v1/balance", get(balance))
         .with_state(fake);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     eprintln!(
-        "fake Stripe on 127.0.0.1:{port}: {count} products, {} prices",
+        "fake Stripe on 127.0.0.1:{port}: {count} products, {} prices, {events} events",
         count * 3
     );
     axum::serve(listener, app).await?;

@@ -74,6 +74,7 @@ pub async fn run_with(
     let state = AppState::new(config, store.clone());
     let refresh = state.auth.spawn_refresh();
     let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
+    let reconciler = spawn_reconciler(&state);
     let usage = state.usage.clone();
     let address = listener
         .local_addr()
@@ -91,6 +92,9 @@ pub async fn run_with(
         refresh.stop().await;
     }
     flusher.abort();
+    if let Some(reconciler) = reconciler {
+        reconciler.abort();
+    }
     if let Err(err) = usage.flush(&store).await {
         tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
     }
@@ -98,6 +102,22 @@ pub async fn run_with(
     served?;
     tracing::info!("edgegate stopped");
     Ok(())
+}
+
+/// The periodic Stripe reconciliation, when `STRIPE_RECONCILE_INTERVAL_SECONDS` is on.
+fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
+    let interval = state.config.stripe.reconcile_interval?;
+    let client = stripe::StripeClient::from_config(
+        state.http.clone(),
+        &state.config.stripe,
+        state.stripe_retry,
+    )?;
+    Some(stripe::reconcile::spawn_periodic(
+        state.store.clone(),
+        client,
+        interval,
+        state.reconcile_metrics.clone(),
+    ))
 }
 
 /// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C).

@@ -7,6 +7,7 @@ use crate::auth::usage::UsageTracker;
 use crate::auth::{Authenticator, settings_from};
 use crate::config::Config;
 use crate::store::Store;
+use crate::stripe::reconcile::ReconcileMetrics;
 use crate::stripe::{RetryPolicy, StripeMetrics};
 use crate::telemetry::Metrics;
 
@@ -22,6 +23,7 @@ pub struct AppState {
     /// The HTTP client for outbound calls to Stripe and Twilio (the JWKS has its own).
     pub http: reqwest::Client,
     pub stripe_metrics: StripeMetrics,
+    pub reconcile_metrics: ReconcileMetrics,
     /// How the Stripe client retries; tests shorten the delays.
     pub stripe_retry: RetryPolicy,
 }
@@ -41,6 +43,8 @@ impl AppState {
         auth_metrics.register(metrics.registry_mut(), auth.clone());
         let stripe_metrics = StripeMetrics::default();
         stripe_metrics.register(metrics.registry_mut());
+        let reconcile_metrics = ReconcileMetrics::default();
+        reconcile_metrics.register(metrics.registry_mut());
         Self {
             config: Arc::new(config),
             store,
@@ -50,6 +54,7 @@ impl AppState {
             usage: Arc::new(UsageTracker::default()),
             http,
             stripe_metrics,
+            reconcile_metrics,
             stripe_retry: RetryPolicy::default(),
         }
     }

@@ -175,11 +175,18 @@ pub struct ApiKeys {
     pub publishable: BTreeMap<String, SecretString>,
 }
 
+/// `STRIPE_RECONCILE_INTERVAL_SECONDS` bounds, besides `0` (off): a minute to Stripe's 30-day
+/// event retention (a longer interval would lose events for good).
+const RECONCILE_INTERVAL_MIN: u64 = 60;
+const RECONCILE_INTERVAL_MAX: u64 = 30 * 86_400;
+
 #[derive(Debug, Clone)]
 pub struct StripeConfig {
     pub secret_key: Option<SecretString>,
     pub webhook_secrets: Vec<SecretString>,
     pub api_base: Url,
+    /// How often missed events are reconciled; `None` when off (`0`, or no secret key).
+    pub reconcile_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -284,11 +291,27 @@ impl Config {
             )?,
         };
 
+        let stripe_secret_key = vars.secret_with_prefix(
+            "STRIPE_SECRET_KEY",
+            &["sk_live_", "sk_test_", "rk_live_", "rk_test_"],
+        )?;
+        let reconcile_interval = vars.seconds(
+            "STRIPE_RECONCILE_INTERVAL_SECONDS",
+            3_600,
+            0..=RECONCILE_INTERVAL_MAX,
+        )?;
+        if (1..RECONCILE_INTERVAL_MIN).contains(&reconcile_interval.as_secs()) {
+            return Err(ConfigError::new(
+                "STRIPE_RECONCILE_INTERVAL_SECONDS",
+                format!(
+                    "must be 0 (off) or from {RECONCILE_INTERVAL_MIN} to {RECONCILE_INTERVAL_MAX}"
+                ),
+            ));
+        }
         let stripe = StripeConfig {
-            secret_key: vars.secret_with_prefix(
-                "STRIPE_SECRET_KEY",
-                &["sk_live_", "sk_test_", "rk_live_", "rk_test_"],
-            )?,
+            reconcile_interval: (stripe_secret_key.is_some() && !reconcile_interval.is_zero())
+                .then_some(reconcile_interval),
+            secret_key: stripe_secret_key,
             webhook_secrets: vars.secret_list_with_prefix("STRIPE_WEBHOOK_SECRET", "whsec_")?,
             api_base: vars
                 .url("STRIPE_API_BASE", parse::UrlRule::Http)?

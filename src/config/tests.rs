@@ -442,3 +442,23 @@ fn debug_output_redacts_every_secret() {
     }
     assert!(!shown.contains("aW5saW5lb2N0c2VjcmV0dmFsdWU"), "{shown}");
 }
+
+#[test]
+fn reconcile_interval_defaults_to_an_hour_with_a_stripe_key() {
+    let key = ("STRIPE_SECRET_KEY", "sk_test_x");
+    assert_eq!(config(&[]).unwrap().stripe.reconcile_interval, None);
+    assert_eq!(
+        config(&[key]).unwrap().stripe.reconcile_interval,
+        Some(Duration::from_secs(3600))
+    );
+    let every_ten_minutes = config(&[key, ("STRIPE_RECONCILE_INTERVAL_SECONDS", "600")]).unwrap();
+    assert_eq!(
+        every_ten_minutes.stripe.reconcile_interval,
+        Some(Duration::from_secs(600))
+    );
+    let off = config(&[key, ("STRIPE_RECONCILE_INTERVAL_SECONDS", "0")]).unwrap();
+    assert_eq!(off.stripe.reconcile_interval, None);
+    refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "59");
+    refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "2592001");
+    refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "hourly");
+}

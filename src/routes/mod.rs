@@ -45,6 +45,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/admin/signing-keys", get(admin::signing_keys))
         .route("/admin/signing-keys/refresh", post(admin::refresh))
+        .route("/admin/stripe/reconcile", post(stripe::reconcile))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -25,10 +25,13 @@ use crate::state::AppState;
 /// How long a request may take before it is answered 504 `TIMEOUT`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the routes in `LONG_RUNNING_ROUTES` may take: a full catalogue sync pages through
-/// Stripe's whole catalogue, retries included.
+/// Stripe's whole catalogue, a reconciliation through 30 days of events, retries included.
 pub const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Routes (matched patterns) that get `LONG_REQUEST_TIMEOUT` instead of the default.
-pub const LONG_RUNNING_ROUTES: &[&str] = &["/functions/v1/sync-stripe-products-hardened"];
+pub const LONG_RUNNING_ROUTES: &[&str] = &[
+    "/functions/v1/sync-stripe-products-hardened",
+    "/admin/stripe/reconcile",
+];
 /// The largest request body any route takes; routes may set a smaller limit of their own.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 

@@ -27,8 +27,9 @@ mod sqlite;
 mod stripe;
 
 pub use stripe::{
-    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, PriceRow, ProductRow,
-    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun,
+    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, Job, LedgerEvent, PriceRow,
+    ProductRow, ReconcileCounts, SameSecond, StripeEffect, SubscriptionRow, SyncCounts, SyncLock,
+    SyncRun,
 };
 
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};

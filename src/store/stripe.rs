@@ -140,6 +140,19 @@ pub enum EventReceipt {
     Applied,
     /// The ledger already had this id: nothing was changed.
     Duplicate,
+    /// The row was last written by an event of the same `created` second, so this event alone
+    /// cannot say which state is newer. Nothing was stored (no ledger row either): the caller
+    /// fetches the object's current state and applies that with `SameSecond::Overwrite`.
+    SameSecond,
+}
+
+/// What to do when the row an event writes was last written by an event of the same second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSecond {
+    /// Store nothing and answer `EventReceipt::SameSecond`.
+    Detect,
+    /// Write: the effect holds the object's current state, fetched from Stripe.
+    Overwrite,
 }
 
 /// Counts of one sync run, as stored in `sync_runs`.
@@ -153,6 +166,19 @@ pub struct SyncCounts {
     pub prices_deactivated: i64,
 }
 
+/// Counts of one reconciliation, as answered and stored in `reconcile_runs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileCounts {
+    /// Events Stripe listed.
+    pub seen: i64,
+    /// New to the ledger, and their effect written.
+    pub applied: i64,
+    /// Already in the ledger (delivered by webhook or an earlier run): nothing done.
+    pub already_applied: i64,
+    /// New to the ledger but of a type edgegate does not act on: recorded, nothing else.
+    pub ignored: i64,
+}
+
 /// One row of `sync_runs`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncRun {
@@ -164,16 +190,40 @@ pub struct SyncRun {
     pub error: Option<String>,
 }
 
-/// The advisory lock of the catalogue sync on PostgreSQL: a class no other lock uses, and the
-/// schema, since advisory locks are per database while the synced tables are per schema.
-const SYNC_LOCK_TRY: &str = "SELECT pg_try_advisory_lock(1701079920, hashtext(current_schema()))";
-const SYNC_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock(1701079920, hashtext(current_schema()))";
-/// The `locks` row name of the catalogue sync on SQLite.
-const SYNC_LOCK_NAME: &str = "stripe_sync";
+/// A job that runs one at a time across every instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    CatalogueSync,
+    Reconcile,
+}
 
-/// The one-sync-at-a-time lock; `release` it when done. Dropped without release, a PostgreSQL
-/// lock goes with its connection (closed, not returned to the pool) and a SQLite one expires.
+impl Job {
+    /// PostgreSQL: the advisory lock class (one no other lock uses); the key is the schema, since
+    /// advisory locks are per database while the synced tables are per schema.
+    fn advisory_class(self) -> i32 {
+        match self {
+            Self::CatalogueSync => 1_701_079_920,
+            Self::Reconcile => 1_701_079_921,
+        }
+    }
+
+    /// SQLite: the `locks` row name.
+    fn lock_name(self) -> &'static str {
+        match self {
+            Self::CatalogueSync => "stripe_sync",
+            Self::Reconcile => "stripe_reconcile",
+        }
+    }
+}
+
+const JOB_LOCK_TRY: &str = "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))";
+const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_schema()))";
+
+/// The one-job-at-a-time lock (catalogue sync or reconciliation); `release` it when done.
+/// Dropped without release, a PostgreSQL lock goes with its connection (closed, not returned to
+/// the pool) and a SQLite one expires.
 pub struct SyncLock {
+    job: Job,
     inner: LockInner,
 }
 
@@ -189,7 +239,9 @@ enum LockInner {
 
 impl std::fmt::Debug for SyncLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncLock").finish_non_exhaustive()
+        f.debug_struct("SyncLock")
+            .field("job", &self.job)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,7 +263,7 @@ impl SyncLock {
         if let LockInner::Sqlite { pool, holder, ttl } = &self.inner {
             let renewed =
                 sqlx::query("UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2")
-                    .bind(SYNC_LOCK_NAME)
+                    .bind(self.job.lock_name())
                     .bind(holder.as_str())
                     .bind(now.saturating_add(ttl_ms(*ttl)))
                     .execute(pool)
@@ -229,7 +281,8 @@ impl SyncLock {
         match self.inner {
             LockInner::Postgres(mut conn) => {
                 use sqlx::Connection as _;
-                sqlx::query(SYNC_LOCK_RELEASE)
+                sqlx::query(JOB_LOCK_RELEASE)
+                    .bind(self.job.advisory_class())
                     .execute(&mut conn)
                     .await
                     .context("releasing the sync lock")?;
@@ -239,7 +292,7 @@ impl SyncLock {
             }
             LockInner::Sqlite { pool, holder, .. } => {
                 sqlx::query("DELETE FROM locks WHERE name = $1 AND holder = $2")
-                    .bind(SYNC_LOCK_NAME)
+                    .bind(self.job.lock_name())
                     .bind(holder)
                     .execute(&pool)
                     .await
@@ -461,22 +514,31 @@ macro_rules! sync_page {
     }};
 }
 
-/// Applies one webhook effect inside the ledger's transaction `$tx`.
+/// Applies one webhook effect inside the ledger's transaction `$tx`. With `$strict` a row last
+/// written by an event of the same `created` is left alone (see `SameSecond`). Evaluates to the
+/// effect's main row, `Some((table, id, as_of, rows written))`, or `None` for no effect.
 macro_rules! apply_effect {
-    ($tx:expr, $effect:expr, $now:expr) => {
+    ($tx:expr, $effect:expr, $now:expr, $strict:expr) => {
         match $effect {
-            StripeEffect::None => {}
+            StripeEffect::None => None,
             StripeEffect::Product(row) => {
-                let sql = upsert_sql(PRODUCT_COLUMNS, PRODUCT_CONFLICT, "", 1);
-                bind_product!(sqlx::query(AssertSqlSafe(sql)), row, $now)
+                let sql = conflict_rule(
+                    upsert_sql(PRODUCT_COLUMNS, PRODUCT_CONFLICT, "", 1),
+                    $strict,
+                );
+                let written = bind_product!(sqlx::query(AssertSqlSafe(sql)), row, $now)
                     .execute(&mut *$tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                Some(("stripe_products", &row.id, row.as_of, written))
             }
             StripeEffect::Price(row) => {
-                let sql = upsert_sql(PRICE_COLUMNS, PRICE_CONFLICT, "", 1);
-                bind_price!(sqlx::query(AssertSqlSafe(sql)), row, $now)
+                let sql = conflict_rule(upsert_sql(PRICE_COLUMNS, PRICE_CONFLICT, "", 1), $strict);
+                let written = bind_price!(sqlx::query(AssertSqlSafe(sql)), row, $now)
                     .execute(&mut *$tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                Some(("stripe_prices", &row.id, row.as_of, written))
             }
             StripeEffect::CheckoutSession { session, customer } => {
                 if let Some(customer) = customer {
@@ -490,7 +552,8 @@ macro_rules! apply_effect {
                         .execute(&mut *$tx)
                         .await?;
                 }
-                sqlx::query(CHECKOUT_UPSERT)
+                let sql = conflict_rule(CHECKOUT_UPSERT.to_owned(), $strict);
+                let written = sqlx::query(AssertSqlSafe(sql))
                     .bind(&session.id)
                     .bind(&session.customer_id)
                     .bind(&session.customer_email)
@@ -508,10 +571,18 @@ macro_rules! apply_effect {
                     .bind(session.as_of)
                     .bind($now)
                     .execute(&mut *$tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                Some((
+                    "stripe_checkout_sessions",
+                    &session.id,
+                    session.as_of,
+                    written,
+                ))
             }
             StripeEffect::Subscription(row) => {
-                sqlx::query(SUBSCRIPTION_UPSERT)
+                let sql = conflict_rule(SUBSCRIPTION_UPSERT.to_owned(), $strict);
+                let written = sqlx::query(AssertSqlSafe(sql))
                     .bind(&row.id)
                     .bind(&row.customer_id)
                     .bind(&row.status)
@@ -528,10 +599,13 @@ macro_rules! apply_effect {
                     .bind(row.as_of)
                     .bind($now)
                     .execute(&mut *$tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                Some(("stripe_subscriptions", &row.id, row.as_of, written))
             }
             StripeEffect::Invoice(row) => {
-                sqlx::query(INVOICE_UPSERT)
+                let sql = conflict_rule(INVOICE_UPSERT.to_owned(), $strict);
+                let written = sqlx::query(AssertSqlSafe(sql))
                     .bind(&row.id)
                     .bind(&row.customer_id)
                     .bind(&row.subscription_id)
@@ -547,10 +621,35 @@ macro_rules! apply_effect {
                     .bind(row.as_of)
                     .bind($now)
                     .execute(&mut *$tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                Some(("stripe_invoices", &row.id, row.as_of, written))
             }
         }
     };
+}
+
+/// Every upsert above lets state of the same `as_of` overwrite (`<=`); `strict` turns that into
+/// strictly newer only (`<`), so a same-second write is refused and can be detected.
+fn conflict_rule(sql: String, strict: bool) -> String {
+    if strict {
+        sql.replace(
+            "<= excluded.last_event_created",
+            "< excluded.last_event_created",
+        )
+    } else {
+        sql
+    }
+}
+
+/// The `finished_at`, `outcome` and `error` columns of a run row, finished or still running.
+fn run_end<'a>(
+    finished: Option<(i64, &'a str, Option<&'a str>)>,
+) -> (Option<i64>, &'a str, Option<&'a str>) {
+    match finished {
+        Some((at, outcome, error)) => (Some(at), outcome, error),
+        None => (None, "running", None),
+    }
 }
 
 type SyncRunRow = (
@@ -568,12 +667,36 @@ type SyncRunRow = (
 );
 
 impl Store {
-    /// Takes the catalogue-sync lock if no one holds it: `None` while another sync runs, on any
-    /// instance. PostgreSQL: a session advisory lock on a connection of its own. SQLite: a
-    /// `locks` row that expires after `ttl` unless renewed, so a crashed holder cannot block
-    /// syncs forever.
-    pub async fn try_lock_sync(
+    /// Runs `body` holding `job`'s lock, then releases it: `None` (and `body` not run) while
+    /// that job runs elsewhere. A failed release is logged; the lock then expires.
+    pub async fn with_job_lock<T>(
         &self,
+        job: Job,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+        body: impl AsyncFnOnce(&mut SyncLock) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        let Some(mut lock) = self.try_lock_job(job, holder, now, ttl).await? else {
+            return Ok(None);
+        };
+        let result = body(&mut lock).await;
+        if let Err(err) = lock.release().await {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                ?job,
+                "lock not released; it expires"
+            );
+        }
+        Ok(Some(result))
+    }
+
+    /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
+    /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
+    /// that expires after `ttl` unless renewed, so a crashed holder cannot block the job forever.
+    pub async fn try_lock_job(
+        &self,
+        job: Job,
         holder: &str,
         now: i64,
         ttl: Duration,
@@ -587,7 +710,8 @@ impl Store {
                     .await
                     .context("opening the sync lock session")?
                     .detach();
-                let locked: bool = sqlx::query_scalar(SYNC_LOCK_TRY)
+                let locked: bool = sqlx::query_scalar(JOB_LOCK_TRY)
+                    .bind(job.advisory_class())
                     .fetch_one(&mut conn)
                     .await
                     .context("taking the sync lock")?;
@@ -599,6 +723,7 @@ impl Store {
                     return Ok(None);
                 }
                 Ok(Some(SyncLock {
+                    job,
                     inner: LockInner::Postgres(conn),
                 }))
             }
@@ -609,7 +734,7 @@ impl Store {
                      holder = excluded.holder, acquired_at = excluded.acquired_at, \
                      expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at",
                 )
-                .bind(SYNC_LOCK_NAME)
+                .bind(job.lock_name())
                 .bind(holder)
                 .bind(now)
                 .bind(now.saturating_add(ttl_ms(ttl)))
@@ -617,6 +742,7 @@ impl Store {
                 .await
                 .context("taking the sync lock")?;
                 Ok((taken.rows_affected() == 1).then(|| SyncLock {
+                    job,
                     inner: LockInner::Sqlite {
                         pool: pool.clone(),
                         holder: holder.to_owned(),
@@ -646,10 +772,7 @@ impl Store {
         counts: &SyncCounts,
         finished: Option<(i64, &str, Option<&str>)>,
     ) -> anyhow::Result<()> {
-        let (finished_at, outcome, error) = match finished {
-            Some((at, outcome, error)) => (Some(at), outcome, error),
-            None => (None, "running", None),
-        };
+        let (finished_at, outcome, error) = run_end(finished);
         let sql = "UPDATE sync_runs SET products_seen = $2, products_upserted = $3, \
                    products_deactivated = $4, prices_seen = $5, prices_upserted = $6, \
                    prices_deactivated = $7, finished_at = $8, outcome = $9, error = $10 \
@@ -766,10 +889,14 @@ impl Store {
     /// ledger row goes first: a concurrent delivery of the same id waits on its unique key and
     /// then finds it, so an event is applied once however many instances receive it. Any error
     /// rolls the whole transaction back, so Stripe's retry finds no ledger row.
+    ///
+    /// An event strictly older than the row changes nothing but is recorded; one of the same
+    /// second as the row is handled as `same_second` says.
     pub async fn apply_stripe_event(
         &self,
         event: &LedgerEvent,
         effect: &StripeEffect,
+        same_second: SameSecond,
     ) -> anyhow::Result<EventReceipt> {
         let ledger = "INSERT INTO stripe_events (id, event_type, created, livemode, received_at, \
                       applied) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING";
@@ -791,11 +918,106 @@ impl Store {
                 tx.rollback().await?;
                 Ok(EventReceipt::Duplicate)
             } else {
-                apply_effect!(tx, effect, now);
-                tx.commit().await?;
-                Ok(EventReceipt::Applied)
+                let strict = same_second == SameSecond::Detect;
+                let mut tie = false;
+                if let Some((table, id, as_of, 0)) = apply_effect!(tx, effect, now, strict)
+                    && strict
+                {
+                    // Refused: strictly newer state, or a tie (same `as_of`) to settle.
+                    let sql = format!("SELECT last_event_created FROM {table} WHERE id = $1");
+                    let last: Option<Option<i64>> = sqlx::query_scalar(AssertSqlSafe(sql))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    tie = last.flatten() == Some(as_of);
+                }
+                if tie {
+                    tx.rollback().await?;
+                    Ok(EventReceipt::SameSecond)
+                } else {
+                    tx.commit().await?;
+                    Ok(EventReceipt::Applied)
+                }
             }
         });
         receipt.with_context(|| format!("applying Stripe event {}", event.id))
+    }
+
+    pub async fn start_reconcile_run(
+        &self,
+        id: &str,
+        started_by: &str,
+        since: i64,
+        started_at: i64,
+    ) -> anyhow::Result<()> {
+        let sql = "INSERT INTO reconcile_runs (id, started_by, since, started_at, outcome) \
+                   VALUES ($1, $2, $3, $4, 'running')";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(started_by)
+            .bind(since)
+            .bind(started_at)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("recording the reconcile run")?;
+        Ok(())
+    }
+
+    /// Records a run's counts and the last event it handled; with `finished` (at, outcome,
+    /// error) it closes the run.
+    pub async fn record_reconcile_run(
+        &self,
+        id: &str,
+        counts: &ReconcileCounts,
+        last_event_id: Option<&str>,
+        finished: Option<(i64, &str, Option<&str>)>,
+    ) -> anyhow::Result<()> {
+        let (finished_at, outcome, error) = run_end(finished);
+        let sql = "UPDATE reconcile_runs SET events_seen = $2, events_applied = $3, \
+                   events_already_applied = $4, events_ignored = $5, last_event_id = $6, \
+                   finished_at = $7, outcome = $8, error = $9 WHERE id = $1";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(counts.seen)
+            .bind(counts.applied)
+            .bind(counts.already_applied)
+            .bind(counts.ignored)
+            .bind(last_event_id)
+            .bind(finished_at)
+            .bind(outcome)
+            .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .context("recording the reconcile run")?;
+        Ok(())
+    }
+
+    /// The newest `created` (ms) in the webhook ledger.
+    pub async fn newest_stripe_event_created(&self) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MAX(created) FROM stripe_events";
+        let newest: Option<i64> =
+            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
+                .context("reading the newest ledger event")?;
+        Ok(newest)
+    }
+
+    /// What earlier reconciliations leave to the next: the start (ms) of the last successful
+    /// one, and the earliest `since` (s) of any run after it that did not finish (failed or
+    /// crashed), whose older events may still be missing.
+    pub async fn reconcile_history(&self) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+        let last_ok = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok'";
+        let unfinished = "SELECT MIN(since) FROM reconcile_runs \
+                          WHERE outcome <> 'ok' AND started_at > $1";
+        let history: Result<(Option<i64>, Option<i64>), sqlx::Error> = with_pool!(self, |pool| {
+            let last_ok: Option<i64> = sqlx::query_scalar(last_ok).fetch_one(pool).await?;
+            let unfinished: Option<i64> = sqlx::query_scalar(unfinished)
+                .bind(last_ok.unwrap_or(i64::MIN))
+                .fetch_one(pool)
+                .await?;
+            Ok((last_ok, unfinished))
+        });
+        history.context("reading earlier reconcile runs")
     }
 }

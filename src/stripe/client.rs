@@ -73,9 +73,12 @@ fn random_u64() -> u64 {
 pub enum StripeError {
     #[error("Stripe did not answer after {attempts} attempts (last: {last})")]
     Unavailable { attempts: u32, last: String },
-    /// An answer that retrying will not change (401 bad key, 403, 404…).
+    /// An answer that retrying will not change (401 bad key, 403, 400…).
     #[error("Stripe refused the request: {0}")]
     Rejected(String),
+    /// 404: the object does not exist (any more).
+    #[error("Stripe has no such object: {0}")]
+    NotFound(String),
 }
 
 /// One list page as Stripe answers it.
@@ -106,6 +109,8 @@ struct ErrorDetail {
 /// What went wrong with one attempt, and whether another may succeed.
 struct Failure {
     retry: bool,
+    /// A 404 that no `Stripe-Should-Retry` asked to retry.
+    missing: bool,
     reason: String,
 }
 
@@ -148,20 +153,40 @@ impl StripeClient {
         })
     }
 
-    /// One page of `/v1/{resource}` (every object, active or not), after `starting_after`.
+    /// One page of `/v1/{resource}` (every object, active or not), after `starting_after`,
+    /// narrowed by `filters` (such as `created[gte]`).
     pub async fn list_page<T: DeserializeOwned>(
         &self,
         resource: &str,
+        filters: &[(&str, String)],
         starting_after: Option<&str>,
     ) -> Result<ListPage<T>, StripeError> {
         let mut url = self.url(&format!("v1/{resource}"))?;
         {
             let mut query = url.query_pairs_mut();
             query.append_pair("limit", &PAGE_SIZE.to_string());
+            for (name, value) in filters {
+                query.append_pair(name, value);
+            }
             if let Some(after) = starting_after {
                 query.append_pair("starting_after", after);
             }
         }
+        self.get(url).await
+    }
+
+    /// One object, `GET /v1/{resource}/{id}`: its current state.
+    pub async fn retrieve<T: DeserializeOwned>(
+        &self,
+        resource: &str,
+        id: &str,
+    ) -> Result<T, StripeError> {
+        // One path segment: an id from an event must not walk elsewhere in the API.
+        let mut url = self.url(&format!("v1/{resource}/"))?;
+        url.path_segments_mut()
+            .map_err(|()| StripeError::Rejected(format!("bad Stripe URL for {resource}")))?
+            .pop_if_empty()
+            .push(id);
         self.get(url).await
     }
 
@@ -191,12 +216,16 @@ impl StripeClient {
                     Ok(Err(failure)) => failure,
                     Err(_) => Failure {
                         retry: true,
+                        missing: false,
                         reason: format!(
                             "no answer within {} ms",
                             self.policy.attempt_timeout.as_millis()
                         ),
                     },
                 };
+            if failure.missing {
+                return Err(StripeError::NotFound(failure.reason));
+            }
             if !failure.retry {
                 return Err(StripeError::Rejected(failure.reason));
             }
@@ -227,6 +256,7 @@ impl StripeClient {
             .await
             .map_err(|err| Failure {
                 retry: true,
+                missing: false,
                 reason: format!("connection failed: {}", err.without_url()),
             })?;
         let status = response.status();
@@ -238,11 +268,13 @@ impl StripeClient {
         // A body cut short is a transient failure like a dropped connection.
         let body = response.bytes().await.map_err(|err| Failure {
             retry: true,
+            missing: false,
             reason: format!("answer cut short: {}", err.without_url()),
         })?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| Failure {
                 retry: true,
+                missing: false,
                 reason: format!("unreadable answer ({status}): {err}"),
             });
         }
@@ -258,8 +290,10 @@ impl StripeClient {
             .unwrap_or_default();
         let transient =
             status.as_u16() == 409 || status.as_u16() == 429 || status.is_server_error();
+        let retry = should_retry.unwrap_or(transient);
         Err(Failure {
-            retry: should_retry.unwrap_or(transient),
+            retry,
+            missing: status.as_u16() == 404 && !retry,
             reason: format!("HTTP {}{detail}", status.as_u16()),
         })
     }
@@ -269,6 +303,7 @@ impl StripeClient {
 pub struct Pages<'a, T> {
     client: &'a StripeClient,
     resource: &'static str,
+    filters: Vec<(&'static str, String)>,
     cursor: Option<String>,
     done: bool,
     _item: std::marker::PhantomData<T>,
@@ -276,9 +311,19 @@ pub struct Pages<'a, T> {
 
 impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
     pub fn new(client: &'a StripeClient, resource: &'static str) -> Self {
+        Self::filtered(client, resource, Vec::new())
+    }
+
+    /// Only the objects that match `filters`, such as `("created[gte]", "1700000000")`.
+    pub fn filtered(
+        client: &'a StripeClient,
+        resource: &'static str,
+        filters: Vec<(&'static str, String)>,
+    ) -> Self {
         Self {
             client,
             resource,
+            filters,
             cursor: None,
             done: false,
             _item: std::marker::PhantomData,
@@ -292,7 +337,7 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
         }
         let page: ListPage<T> = self
             .client
-            .list_page(self.resource, self.cursor.as_deref())
+            .list_page(self.resource, &self.filters, self.cursor.as_deref())
             .await?;
         match page.data.last() {
             Some(last) if page.has_more => self.cursor = Some(last.id().to_owned()),

@@ -1,5 +1,6 @@
 //! Stripe: the API client (`client`), the catalogue sync (`sync`), webhook signatures
-//! (`signature`) and webhook events (`webhook`). Nothing here knows axum; `routes::stripe` maps
+//! (`signature`), webhook events (`webhook`) and the reconciliation of missed events
+//! (`reconcile`). Nothing here knows axum; `routes::stripe` maps
 //! these results to HTTP.
 //!
 //! The client is a small typed one over the shared reqwest client rather than async-stripe: see
@@ -8,6 +9,7 @@
 pub mod client;
 pub mod metrics;
 pub mod objects;
+pub mod reconcile;
 pub mod signature;
 pub mod sync;
 pub mod webhook;

@@ -350,6 +350,12 @@ pub struct Event {
     pub data: EventData,
 }
 
+impl Listed for Event {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

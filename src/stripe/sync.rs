@@ -1,13 +1,13 @@
 //! The catalogue sync: every product and price, active or not, listed page by page and written
 //! page by page (one transaction each); after a *complete* listing, rows Stripe no longer returns
-//! are deactivated. One sync at a time across all instances (`Store::try_lock_sync`).
+//! are deactivated. One sync at a time across all instances (`Job::CatalogueSync`).
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::store::{Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
@@ -72,8 +72,8 @@ impl SyncError {
     }
 }
 
-/// Why a walk stopped early.
-enum Stop {
+/// Why a walk through Stripe's pages (a sync, a reconciliation) stopped early.
+pub(crate) enum Stop {
     Upstream(StripeError),
     Internal(anyhow::Error),
 }
@@ -81,6 +81,17 @@ enum Stop {
 impl From<anyhow::Error> for Stop {
     fn from(err: anyhow::Error) -> Self {
         Self::Internal(err)
+    }
+}
+
+impl Stop {
+    /// The run row's `outcome` and `error` for a walk that ended so.
+    pub(crate) fn outcome<T>(walked: &Result<T, Stop>) -> (&'static str, Option<String>) {
+        match walked {
+            Ok(_) => ("ok", None),
+            Err(Self::Upstream(error)) => ("upstream_error", Some(error.to_string())),
+            Err(Self::Internal(err)) => ("error", Some(format!("{err:#}"))),
+        }
     }
 }
 
@@ -92,17 +103,13 @@ pub async fn run(
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let started_at = now_ms();
-    let Some(mut lock) = store.try_lock_sync(holder, started_at, LOCK_TTL).await? else {
-        return Err(SyncError::InProgress);
-    };
     let run_id = uuid::Uuid::now_v7().to_string();
-    let result = run_locked(store, client, &mut lock, &run_id, started_at).await;
-    if let Err(err) = lock.release().await {
-        tracing::warn!(
-            error = format!("{err:#}"),
-            "sync lock not released; it expires"
-        );
-    }
+    let locked =
+        async |lock: &mut SyncLock| run_locked(store, client, lock, &run_id, started_at).await;
+    let result = store
+        .with_job_lock(Job::CatalogueSync, holder, started_at, LOCK_TTL, locked)
+        .await?
+        .ok_or(SyncError::InProgress)?;
     result.map(|counts| SyncReport::new(&counts, started.elapsed()))
 }
 
@@ -116,23 +123,18 @@ async fn run_locked(
     store.start_sync_run(run_id, started_at).await?;
     let mut counts = SyncCounts::default();
     let walked = walk(store, client, lock, run_id, started_at, &mut counts).await;
-    let (outcome, error, result) = match walked {
-        Ok(()) => ("ok", None, Ok(counts)),
-        Err(Stop::Upstream(error)) => (
-            "upstream_error",
-            Some(error.to_string()),
-            Err(SyncError::Upstream {
-                run_id: run_id.to_owned(),
-                counts,
-                error,
-            }),
-        ),
-        Err(Stop::Internal(err)) => ("error", Some(format!("{err:#}")), Err(err.into())),
-    };
+    let (outcome, error) = Stop::outcome(&walked);
     store
         .record_sync_run(run_id, &counts, Some((now_ms(), outcome, error.as_deref())))
         .await?;
-    result
+    walked.map(|()| counts).map_err(|stop| match stop {
+        Stop::Upstream(error) => SyncError::Upstream {
+            run_id: run_id.to_owned(),
+            counts,
+            error,
+        },
+        Stop::Internal(err) => err.into(),
+    })
 }
 
 /// A listed resource the sync writes: how it is listed, stored and counted.

@@ -1,10 +1,16 @@
 //! Webhook events: check the signature, read the event leniently, turn it into its effect, and
-//! store ledger row and effect in one transaction (see `Store::apply_stripe_event`).
+//! store ledger row and effect in one transaction (see `Store::apply_stripe_event`). `apply` is
+//! shared with the reconciliation, so an event is applied once however it arrives.
+//!
+//! Ordering: each row keeps the `created` of the event that wrote it; an older event changes
+//! nothing. Two events of one object in the same second cannot be ordered by `created` (Stripe's
+//! times are seconds), so then the object's current state is fetched from Stripe and written.
 
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 
-use crate::store::{EventReceipt, LedgerEvent, Store, StripeEffect};
+use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
+use crate::stripe::client::{StripeClient, StripeError};
 use crate::stripe::objects::{
     CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms,
 };
@@ -20,6 +26,27 @@ pub enum WebhookError {
     /// Applying failed and was rolled back; Stripe retries on the error answer.
     #[error(transparent)]
     Store(anyhow::Error),
+    /// A same-second event needs the object's current state and no `STRIPE_SECRET_KEY` is set;
+    /// nothing was stored, so Stripe redelivers.
+    #[error(
+        "event {0} ties with the stored state of its object in the same second; \
+         settling it needs STRIPE_SECRET_KEY"
+    )]
+    NeedsSecretKey(String),
+    /// A same-second event's object could not be fetched; nothing was stored.
+    #[error("event {event}: the current state of its object could not be fetched: {error}")]
+    Upstream { event: String, error: StripeError },
+}
+
+/// What became of one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// New, and its effect written.
+    Applied,
+    /// New, of a type edgegate does not act on: recorded in the ledger only.
+    Ignored,
+    /// Already in the ledger: nothing done.
+    Duplicate,
 }
 
 /// What became of a delivery.
@@ -30,8 +57,10 @@ pub struct Delivery {
 }
 
 /// Verifies and applies one delivery. `now_ms` is the receiving time (signature age, row stamps).
+/// `stripe` settles same-second events (see `apply`).
 pub async fn receive(
     store: &Store,
+    stripe: Option<&StripeClient>,
     secrets: &[SecretString],
     signature_header: Option<&str>,
     body: &[u8],
@@ -40,7 +69,23 @@ pub async fn receive(
     signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
     let event: Event = serde_json::from_slice(body)
         .map_err(|err| WebhookError::Unreadable(format!("the event cannot be read: {err}")))?;
-    let effect = effect_of(&event, now_ms)?;
+    let outcome = apply(store, stripe, &event, now_ms).await?;
+    Ok(Delivery {
+        event_type: event.event_type,
+        duplicate: outcome == Outcome::Duplicate,
+    })
+}
+
+/// Records one event in the ledger and writes its effect, once. When the row was last written
+/// by an event of the same second, the object's current state is fetched from Stripe and
+/// written instead; failing that, nothing is stored and the error says why.
+pub async fn apply(
+    store: &Store,
+    stripe: Option<&StripeClient>,
+    event: &Event,
+    now_ms: i64,
+) -> Result<Outcome, WebhookError> {
+    let effect = effect_of(event, now_ms)?;
     let ledger = LedgerEvent {
         id: event.id.clone(),
         event_type: event.event_type.clone(),
@@ -48,13 +93,94 @@ pub async fn receive(
         livemode: event.livemode.unwrap_or(false),
         received_at: now_ms,
     };
-    let receipt = store
-        .apply_stripe_event(&ledger, &effect)
+    let mut receipt = store
+        .apply_stripe_event(&ledger, &effect, SameSecond::Detect)
         .await
         .map_err(WebhookError::Store)?;
-    Ok(Delivery {
-        event_type: event.event_type,
-        duplicate: receipt == EventReceipt::Duplicate,
+    if receipt == EventReceipt::SameSecond {
+        let Some(client) = stripe else {
+            return Err(WebhookError::NeedsSecretKey(event.id.clone()));
+        };
+        let current = current_effect(client, &effect, now_ms)
+            .await
+            .map_err(|error| WebhookError::Upstream {
+                event: event.id.clone(),
+                error,
+            })?;
+        receipt = store
+            .apply_stripe_event(&ledger, &current, SameSecond::Overwrite)
+            .await
+            .map_err(WebhookError::Store)?;
+    }
+    Ok(match receipt {
+        EventReceipt::Duplicate => Outcome::Duplicate,
+        _ if effect == StripeEffect::None => Outcome::Ignored,
+        _ => Outcome::Applied,
+    })
+}
+
+/// `effect` rewritten with its object's state as Stripe reports it now, at the same `as_of`.
+/// An object Stripe no longer has is written as deleted (products, prices) or left as stored.
+async fn current_effect(
+    client: &StripeClient,
+    effect: &StripeEffect,
+    now_ms: i64,
+) -> Result<StripeEffect, StripeError> {
+    let gone = |result: Result<StripeEffect, StripeError>, deleted: StripeEffect| match result {
+        Err(StripeError::NotFound(_)) => Ok(deleted),
+        other => other,
+    };
+    Ok(match effect {
+        StripeEffect::None => StripeEffect::None,
+        StripeEffect::Product(row) => {
+            let fetched = client
+                .retrieve::<Product>("products", &row.id)
+                .await
+                .map(|p| StripeEffect::Product(p.row(row.as_of, None)));
+            let mut deleted = row.clone();
+            deleted.active = false;
+            deleted.deactivated_at = Some(deleted.deactivated_at.unwrap_or(now_ms));
+            gone(fetched, StripeEffect::Product(deleted))?
+        }
+        StripeEffect::Price(row) => {
+            let fetched = client
+                .retrieve::<Price>("prices", &row.id)
+                .await
+                .map(|p| StripeEffect::Price(p.row(row.as_of, None)));
+            let mut deleted = row.clone();
+            deleted.active = false;
+            deleted.deactivated_at = Some(deleted.deactivated_at.unwrap_or(now_ms));
+            gone(fetched, StripeEffect::Price(deleted))?
+        }
+        StripeEffect::CheckoutSession { session, .. } => {
+            let fetched = client
+                .retrieve::<CheckoutSession>("checkout/sessions", &session.id)
+                .await
+                .map(|s| {
+                    let (session, customer) = s.rows(session.as_of);
+                    StripeEffect::CheckoutSession { session, customer }
+                });
+            gone(fetched, StripeEffect::None)?
+        }
+        StripeEffect::Subscription(row) => {
+            let fetched = client
+                .retrieve::<Subscription>("subscriptions", &row.id)
+                .await
+                .map(|s| StripeEffect::Subscription(s.row(row.as_of)));
+            gone(fetched, StripeEffect::None)?
+        }
+        StripeEffect::Invoice(row) => {
+            let outcome = if row.payment_failed_at.is_some() {
+                InvoiceOutcome::PaymentFailed
+            } else {
+                InvoiceOutcome::Paid
+            };
+            let fetched = client
+                .retrieve::<Invoice>("invoices", &row.id)
+                .await
+                .map(|i| StripeEffect::Invoice(i.row(row.as_of, outcome)));
+            gone(fetched, StripeEffect::None)?
+        }
     })
 }
 

@@ -1,6 +1,8 @@
 //! A stand-in for the Stripe API: list endpoints paged exactly as Stripe pages them, built from
 //! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
 //! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held).
+//! `/v1/events` lists newest first and takes `created[gte]`; single products and prices can be
+//! fetched (`GET /v1/products/{id}`), with faults of their own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -115,11 +117,16 @@ struct Faults {
 struct Catalogue {
     products: Vec<Value>,
     prices: Vec<Value>,
+    /// Newest first, as Stripe lists them.
+    events: Vec<Value>,
 }
 
 struct Shared {
     catalogue: Mutex<Catalogue>,
     faults: Mutex<Faults>,
+    /// Every `GET /v1/{resource}/{id}` gets this instead of its object, when set.
+    object_fault: Mutex<Option<Fault>>,
+    object_requests: AtomicUsize,
     requests: AtomicUsize,
     limits: Mutex<Vec<String>>,
     arrived: Notify,
@@ -139,8 +146,11 @@ impl FakeStripe {
             catalogue: Mutex::new(Catalogue {
                 products: (0..products).map(|i| product(fixtures, i)).collect(),
                 prices: (0..prices).map(|i| price(fixtures, i)).collect(),
+                events: Vec::new(),
             }),
             faults: Mutex::new(Faults::default()),
+            object_fault: Mutex::new(None),
+            object_requests: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             limits: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -149,6 +159,9 @@ impl FakeStripe {
         let app = Router::new()
             .route("/v1/products", get(list_products))
             .route("/v1/prices", get(list_prices))
+            .route("/v1/events", get(list_events))
+            .route("/v1/products/{id}", get(retrieve_product))
+            .route("/v1/prices/{id}", get(retrieve_price))
             .route("/v1/balance", get(balance))
             .with_state(shared.clone());
         let server = serve_app(app, Duration::from_millis(100)).await;
@@ -198,8 +211,31 @@ impl FakeStripe {
         catalogue.prices.retain(|p| p["product"] != id);
     }
 
+    /// Adds events to `/v1/events`, which keeps them newest first (by `created`).
+    pub fn add_events(&self, events: impl IntoIterator<Item = Value>) {
+        let mut catalogue = self.shared.catalogue.lock().unwrap();
+        catalogue.events.extend(events);
+        catalogue
+            .events
+            .sort_by_key(|event| std::cmp::Reverse(event["created"].as_i64()));
+    }
+
+    /// Object requests (`GET /v1/products/{id}`, `/v1/prices/{id}`) answered so far.
+    pub fn object_requests(&self) -> usize {
+        self.shared.object_requests.load(Ordering::SeqCst)
+    }
+
+    /// What every object request gets from now on (`None`: the object).
+    pub fn fault_objects(&self, fault: Option<Fault>) {
+        *self.shared.object_fault.lock().unwrap() = fault;
+    }
+
     pub fn add_product(&self, object: Value) {
         self.shared.catalogue.lock().unwrap().products.push(object);
+    }
+
+    pub fn add_price(&self, object: Value) {
+        self.shared.catalogue.lock().unwrap().prices.push(object);
     }
 
     pub fn edit_product(&self, id: &str, edit: impl FnOnce(&mut Value)) {
@@ -245,6 +281,90 @@ async fn list_prices(
     list(shared, headers, query, "/v1/prices", |c| &c.prices).await
 }
 
+async fn list_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    list(shared, headers, query, "/v1/events", |c| &c.events).await
+}
+
+async fn retrieve_product(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    retrieve(shared, headers, &id, |c| &c.products).await
+}
+
+async fn retrieve_price(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    retrieve(shared, headers, &id, |c| &c.prices).await
+}
+
+/// One object as it is now, or Stripe's 404 (`resource_missing`).
+async fn retrieve(
+    shared: Arc<Shared>,
+    headers: HeaderMap,
+    id: &str,
+    objects: fn(&Catalogue) -> &Vec<Value>,
+) -> Response {
+    shared.object_requests.fetch_add(1, Ordering::SeqCst);
+    if !authorized(&headers) {
+        return stripe_error(StatusCode::UNAUTHORIZED, None, "invalid_request_error");
+    }
+    let fault = shared.object_fault.lock().unwrap().clone();
+    if let Some(response) = apply_fault(&shared, fault.as_ref()).await {
+        return response;
+    }
+    let found = objects(&shared.catalogue.lock().unwrap())
+        .iter()
+        .find(|o| o["id"] == id)
+        .cloned();
+    match found {
+        Some(object) => axum::Json(object).into_response(),
+        None => {
+            let body = json!({"error": {"type": "invalid_request_error",
+                "code": "resource_missing", "message": format!("No such object: '{id}'")}});
+            (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+        }
+    }
+}
+
+/// Answers an error fault, or waits as a delay fault says; `None` when the request goes on.
+async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response> {
+    match fault {
+        Some(Fault::TooMany(retry)) => Some(stripe_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            *retry,
+            "rate_limit_error",
+        )),
+        Some(Fault::ServerError(retry)) => Some(stripe_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            *retry,
+            "api_error",
+        )),
+        Some(Fault::BadRequest(retry)) => Some(stripe_error(
+            StatusCode::BAD_REQUEST,
+            *retry,
+            "invalid_request_error",
+        )),
+        Some(Fault::Slow(delay)) => {
+            tokio::time::sleep(*delay).await;
+            None
+        }
+        Some(Fault::Hold) => {
+            shared.arrived.notify_one();
+            shared.release.acquire().await.unwrap().forget();
+            None
+        }
+        Some(Fault::Truncated) | None => None,
+    }
+}
+
 async fn balance(headers: HeaderMap) -> Response {
     if !authorized(&headers) {
         return stripe_error(StatusCode::UNAUTHORIZED, None, "invalid_request_error");
@@ -281,34 +401,30 @@ async fn list(
                 .map(|(_, fault)| fault.clone())
         })
     };
-    match &fault {
-        Some(Fault::TooMany(retry)) => {
-            return stripe_error(StatusCode::TOO_MANY_REQUESTS, *retry, "rate_limit_error");
-        }
-        Some(Fault::ServerError(retry)) => {
-            return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, *retry, "api_error");
-        }
-        Some(Fault::BadRequest(retry)) => {
-            return stripe_error(StatusCode::BAD_REQUEST, *retry, "invalid_request_error");
-        }
-        Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
-        Some(Fault::Hold) => {
-            shared.arrived.notify_one();
-            shared.release.acquire().await.unwrap().forget();
-        }
-        Some(Fault::Truncated) | None => {}
+    if let Some(response) = apply_fault(&shared, fault.as_ref()).await {
+        return response;
     }
     let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
         None => 10,
         Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
         Some(_) => return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error"),
     };
+    let since = match query.get("created[gte]").map(|s| s.parse::<i64>()) {
+        None => None,
+        Some(Ok(since)) => Some(since),
+        Some(Err(_)) => {
+            return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
+        }
+    };
     let body = {
         let catalogue = shared.catalogue.lock().unwrap();
-        let all = objects(&catalogue);
+        let all: Vec<&Value> = objects(&catalogue)
+            .iter()
+            .filter(|o| since.is_none_or(|since| o["created"].as_i64() >= Some(since)))
+            .collect();
         let start = match query.get("starting_after") {
             None => 0,
-            Some(after) => match all.iter().position(|o| o["id"] == after.as_str()) {
+            Some(after) => match all.iter().position(|o| o["id"] == *after) {
                 Some(index) => index + 1,
                 None => {
                     return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");

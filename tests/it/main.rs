@@ -15,6 +15,7 @@ mod fake_twilio;
 mod hostile;
 mod http;
 mod logs;
+mod reconcile;
 mod runbook;
 mod shutdown;
 mod sms;

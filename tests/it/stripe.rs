@@ -14,17 +14,17 @@ use crate::support::{TestDb, TestServer, serve, serve_app};
 use crate::{stripe_fixtures, test_db};
 use edgegate::server::middleware::Limits;
 
-const SB_SECRET: &str = "sb_secret_0123456789abcdefghijklmn";
-const WHSEC: &str = "whsec_edgegate_test_current";
+pub(crate) const SB_SECRET: &str = "sb_secret_0123456789abcdefghijklmn";
+pub(crate) const WHSEC: &str = "whsec_edgegate_test_current";
 const WHSEC_NEXT: &str = "whsec_edgegate_test_next";
 const WHSEC_OTHER: &str = "whsec_edgegate_test_unrelated";
 
-fn in_ci() -> bool {
+pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
 }
 
 /// Retries without real waiting: tests exercise the decisions, not the delays.
-fn fast_retry() -> RetryPolicy {
+pub(crate) fn fast_retry() -> RetryPolicy {
     RetryPolicy {
         max_attempts: 3,
         base_delay: Duration::from_millis(1),
@@ -33,13 +33,13 @@ fn fast_retry() -> RetryPolicy {
     }
 }
 
-struct App {
-    server: TestServer,
+pub(crate) struct App {
+    pub(crate) server: TestServer,
     #[allow(dead_code)]
-    state: AppState,
+    pub(crate) state: AppState,
 }
 
-async fn app(db: &TestDb, vars: &[(&str, &str)], retry: RetryPolicy) -> App {
+pub(crate) async fn app(db: &TestDb, vars: &[(&str, &str)], retry: RetryPolicy) -> App {
     let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
     let mut all = vec![("SUPABASE_SECRET_KEYS", secret_keys.as_str())];
     all.extend_from_slice(vars);
@@ -91,7 +91,9 @@ macro_rules! scalar {
     }};
 }
 
-async fn count(db: &TestDb, sql: &str) -> i64 {
+pub(crate) use scalar;
+
+pub(crate) async fn count(db: &TestDb, sql: &str) -> i64 {
     scalar!(db, i64, sql)
 }
 
@@ -368,7 +370,7 @@ async fn sync_needs_a_key_and_the_service_role() {
 
 // ---- webhooks ----
 
-fn sdk_available() -> bool {
+pub(crate) fn sdk_available() -> bool {
     Command::new("python3")
         .args(["-c", "import stripe"])
         .stdout(Stdio::null())
@@ -391,8 +393,10 @@ macro_rules! stripe_sdk {
     };
 }
 
+pub(crate) use stripe_sdk;
+
 /// A `Stripe-Signature` header made by Stripe's own Python library.
-fn sdk_sign(payload: &str, secret: &str, timestamp: i64) -> String {
+pub(crate) fn sdk_sign(payload: &str, secret: &str, timestamp: i64) -> String {
     use std::io::Write as _;
     let script = "import sys, stripe\n\
                   payload = sys.stdin.buffer.read().decode('utf-8')\n\
@@ -415,11 +419,11 @@ fn sdk_sign(payload: &str, secret: &str, timestamp: i64) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     now_ms() / 1000
 }
 
-fn event(fixtures: &Value, id: &str, kind: &str, created: i64, object: Value) -> String {
+pub(crate) fn event(fixtures: &Value, id: &str, kind: &str, created: i64, object: Value) -> String {
     let mut event = resource(fixtures, "event");
     event["id"] = json!(id);
     event["type"] = json!(kind);
@@ -432,7 +436,11 @@ async fn webhook_app(db: &TestDb, secrets: &str) -> App {
     app(db, &[("STRIPE_WEBHOOK_SECRET", secrets)], fast_retry()).await
 }
 
-async fn deliver(server: &TestServer, body: &str, signature: Option<&str>) -> (u16, Value) {
+pub(crate) async fn deliver(
+    server: &TestServer,
+    body: &str,
+    signature: Option<&str>,
+) -> (u16, Value) {
     let mut request = server
         .client
         .post(server.url("/functions/v1/stripe-webhook"))
@@ -446,12 +454,12 @@ async fn deliver(server: &TestServer, body: &str, signature: Option<&str>) -> (u
     (status, response.json().await.unwrap())
 }
 
-async fn deliver_signed(server: &TestServer, body: &str) -> (u16, Value) {
+pub(crate) async fn deliver_signed(server: &TestServer, body: &str) -> (u16, Value) {
     deliver(server, body, Some(&sdk_sign(body, WHSEC, now()))).await
 }
 
 /// A product event whose object is the fixture product `i` named `name`.
-fn product_event(
+pub(crate) fn product_event(
     fixtures: &Value,
     id: &str,
     kind: &str,
@@ -464,7 +472,7 @@ fn product_event(
     event(fixtures, id, kind, created, object)
 }
 
-async fn product_name(db: &TestDb, i: usize) -> String {
+pub(crate) async fn product_name(db: &TestDb, i: usize) -> String {
     let sql = format!(
         "SELECT name FROM stripe_products WHERE id = '{}'",
         product_id(i)

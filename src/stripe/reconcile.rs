@@ -1,0 +1,345 @@
+//! Reconciliation: walk Stripe's event list (`GET /v1/events`, newest first) and feed every event
+//! through the webhook's own `webhook::apply`, so an event the endpoint never received (down,
+//! wrong `whsec_`, disabled in the dashboard) is applied exactly once, and one it did receive is
+//! skipped. One run at a time across all instances (`Job::Reconcile`), each recorded in
+//! `reconcile_runs` with the last event it handled.
+
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::store::{Job, ReconcileCounts, Store, SyncLock, now_ms};
+use crate::stripe::client::{Pages, StripeClient, StripeError};
+use crate::stripe::objects::Event;
+use crate::stripe::sync::Stop;
+use crate::stripe::webhook::{self, Outcome, WebhookError};
+
+/// How long a SQLite lock row lives without renewal (renewed after every page).
+const LOCK_TTL: Duration = Duration::from_secs(300);
+/// Stripe keeps events for 30 days: nothing older can be listed.
+pub const RETENTION_SECONDS: i64 = 30 * 86_400;
+/// How far before the newest known event a default run starts, for events Stripe created
+/// around it but delivered (or failed to deliver) later.
+pub const OVERLAP_SECONDS: i64 = 3_600;
+
+/// Who started a run (stored in `reconcile_runs.started_by`, a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    Manual,
+    Periodic,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manual => "manual",
+            Self::Periodic => "periodic",
+        }
+    }
+}
+
+/// The contract's answer to a reconciliation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    pub events: ReconcileCounts,
+    /// The start of the listed window, unix seconds (`created[gte]`).
+    pub since: i64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("another reconciliation is running")]
+    InProgress,
+    /// Stripe failed after retries; what was applied stays applied.
+    #[error(
+        "{error} (run {run_id} stopped after {counts:?}; run it again to finish: \
+         what was applied stays applied)"
+    )]
+    Upstream {
+        run_id: String,
+        counts: ReconcileCounts,
+        error: StripeError,
+    },
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ReconcileError {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Upstream { .. } => "upstream_error",
+            Self::Internal(_) => "error",
+        }
+    }
+}
+
+/// The window's start when the caller gives none: the newest event in the ledger minus an hour,
+/// widened back to the last successful run's start minus an hour (so consecutive runs leave no
+/// gap even while webhooks keep the ledger fresh) and to the `since` of any later run that did
+/// not finish; never earlier than Stripe's retention, and the retention when there is no
+/// history at all.
+pub async fn default_since(store: &Store, now_s: i64) -> anyhow::Result<i64> {
+    let oldest = now_s - RETENTION_SECONDS;
+    let newest = store.newest_stripe_event_created().await?;
+    let (last_ok, unfinished) = store.reconcile_history().await?;
+    let candidates = [
+        newest.map(|ms| ms.div_euclid(1000) - OVERLAP_SECONDS),
+        last_ok.map(|ms| ms.div_euclid(1000) - OVERLAP_SECONDS),
+        unfinished,
+    ];
+    Ok(candidates
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(oldest, |since| since.max(oldest)))
+}
+
+/// A requested `since` (unix seconds), checked: `Err` names the rule it breaks. An earlier one
+/// than Stripe keeps is moved up to the retention limit (the answer's `since` says so).
+pub fn requested_since(since: i64, now_s: i64) -> Result<i64, String> {
+    if since > now_s {
+        return Err("must not be in the future".to_owned());
+    }
+    Ok(since.max(now_s - RETENTION_SECONDS))
+}
+
+/// Runs one reconciliation as `holder` (names the instance in the SQLite lock row) from `since`
+/// (unix seconds), or from `default_since` when `None`.
+pub async fn run(
+    store: &Store,
+    client: &StripeClient,
+    holder: &str,
+    trigger: Trigger,
+    since: Option<i64>,
+) -> Result<ReconcileReport, ReconcileError> {
+    let started = Instant::now();
+    let started_at = now_ms();
+    let locked = async |lock: &mut SyncLock| {
+        // Read under the lock, so it sees every run that finished before this one.
+        let since = match since {
+            Some(since) => since,
+            None => default_since(store, started_at.div_euclid(1000)).await?,
+        };
+        let events = run_locked(store, client, lock, trigger, since, started_at).await?;
+        Ok(ReconcileReport {
+            events,
+            since,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    };
+    store
+        .with_job_lock(Job::Reconcile, holder, started_at, LOCK_TTL, locked)
+        .await?
+        .ok_or(ReconcileError::InProgress)?
+}
+
+async fn run_locked(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    trigger: Trigger,
+    since: i64,
+    started_at: i64,
+) -> Result<ReconcileCounts, ReconcileError> {
+    let run_id = uuid::Uuid::now_v7().to_string();
+    store
+        .start_reconcile_run(&run_id, trigger.as_str(), since, started_at)
+        .await?;
+    let mut counts = ReconcileCounts::default();
+    let mut last_event = None;
+    let walked = walk(
+        store,
+        client,
+        lock,
+        &run_id,
+        since,
+        &mut counts,
+        &mut last_event,
+    )
+    .await;
+    let (outcome, error) = Stop::outcome(&walked);
+    store
+        .record_reconcile_run(
+            &run_id,
+            &counts,
+            last_event.as_deref(),
+            Some((now_ms(), outcome, error.as_deref())),
+        )
+        .await?;
+    walked.map(|()| counts).map_err(|stop| match stop {
+        Stop::Upstream(error) => ReconcileError::Upstream {
+            run_id,
+            counts,
+            error,
+        },
+        Stop::Internal(err) => err.into(),
+    })
+}
+
+/// Every page of events since `since`, each event applied as a webhook delivery would be; after
+/// each page the lock is renewed and the run row shows the counts and the last event handled.
+async fn walk(
+    store: &Store,
+    client: &StripeClient,
+    lock: &mut SyncLock,
+    run_id: &str,
+    since: i64,
+    counts: &mut ReconcileCounts,
+    last_event: &mut Option<String>,
+) -> Result<(), Stop> {
+    let mut pages =
+        Pages::<Event>::filtered(client, "events", vec![("created[gte]", since.to_string())]);
+    while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
+        for event in &page {
+            counts.seen += 1;
+            match webhook::apply(store, Some(client), event, now_ms()).await {
+                Ok(Outcome::Applied) => counts.applied += 1,
+                Ok(Outcome::Ignored) => counts.ignored += 1,
+                Ok(Outcome::Duplicate) => counts.already_applied += 1,
+                // Signed by Stripe's own API yet unreadable: skipping it is all a rerun could do.
+                Err(WebhookError::Unreadable(reason)) => {
+                    tracing::warn!(event = event.id, reason, "listed event skipped");
+                    counts.ignored += 1;
+                }
+                Err(WebhookError::Upstream { error, .. }) => return Err(Stop::Upstream(error)),
+                Err(err) => return Err(Stop::Internal(anyhow::Error::new(err))),
+            }
+            *last_event = Some(event.id.clone());
+        }
+        lock.renew(now_ms()).await?;
+        store
+            .record_reconcile_run(run_id, counts, last_event.as_deref(), None)
+            .await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    started_by: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    result: &'static str,
+}
+
+/// Reconciliation metrics: runs by trigger and outcome, listed events by what became of them.
+#[derive(Clone, Debug, Default)]
+pub struct ReconcileMetrics {
+    runs: Family<RunLabels, Counter>,
+    events: Family<EventLabels, Counter>,
+}
+
+impl ReconcileMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "stripe_reconcile_runs",
+            "Stripe reconciliations, by who started them (manual, periodic) and outcome \
+             (ok, in_progress, upstream_error, error)",
+            self.runs.clone(),
+        );
+        registry.register(
+            "stripe_reconcile_events",
+            "Events listed by reconciliations, by result (applied, already_applied, ignored)",
+            self.events.clone(),
+        );
+    }
+
+    /// Counts one run; the events of a run that stopped midway are counted too.
+    pub fn record(&self, trigger: Trigger, result: &Result<ReconcileReport, ReconcileError>) {
+        let (outcome, counts) = match result {
+            Ok(report) => ("ok", Some(report.events)),
+            Err(ReconcileError::Upstream { counts, .. }) => ("upstream_error", Some(*counts)),
+            Err(err) => (err.outcome(), None),
+        };
+        self.runs
+            .get_or_create(&RunLabels {
+                started_by: trigger.as_str(),
+                outcome,
+            })
+            .inc();
+        if let Some(counts) = counts {
+            for (result, n) in [
+                ("applied", counts.applied),
+                ("already_applied", counts.already_applied),
+                ("ignored", counts.ignored),
+            ] {
+                self.events
+                    .get_or_create(&EventLabels { result })
+                    .inc_by(u64::try_from(n).unwrap_or(0));
+            }
+        }
+    }
+}
+
+/// Runs a reconciliation every `interval` (plus up to a tenth of it at random, so a fleet
+/// started together spreads out), the first one interval after start. Where another instance
+/// holds the lock the run is skipped (counted as `in_progress`).
+pub fn spawn_periodic(
+    store: Store,
+    client: StripeClient,
+    interval: Duration,
+    metrics: ReconcileMetrics,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let holder = format!("periodic-{}", uuid::Uuid::new_v4());
+        loop {
+            tokio::time::sleep(jittered(interval)).await;
+            let result = run(&store, &client, &holder, Trigger::Periodic, None).await;
+            metrics.record(Trigger::Periodic, &result);
+            match &result {
+                Ok(report) => tracing::info!(
+                    seen = report.events.seen,
+                    applied = report.events.applied,
+                    since = report.since,
+                    "periodic Stripe reconciliation done"
+                ),
+                Err(ReconcileError::InProgress) => {
+                    tracing::debug!("periodic Stripe reconciliation skipped: another one runs");
+                }
+                Err(err) => tracing::warn!(
+                    error = format!("{err:#}"),
+                    "periodic Stripe reconciliation failed; the next one retries"
+                ),
+            }
+        }
+    })
+}
+
+fn jittered(interval: Duration) -> Duration {
+    let mut byte = [0u8; 2];
+    // A failing system RNG only costs the jitter.
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
+    interval + interval.div_f64(10.0).mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_since_is_checked_and_kept_within_retention() {
+        let now = 2_000_000_000;
+        assert_eq!(requested_since(now - 60, now), Ok(now - 60));
+        assert_eq!(requested_since(0, now), Ok(now - RETENTION_SECONDS));
+        assert!(requested_since(now + 1, now).is_err());
+    }
+
+    #[test]
+    fn jitter_stays_within_a_tenth() {
+        let interval = Duration::from_secs(3600);
+        for _ in 0..100 {
+            let wait = jittered(interval);
+            assert!(wait >= interval && wait <= interval + Duration::from_secs(360));
+        }
+    }
+}

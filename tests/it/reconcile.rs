@@ -1,0 +1,433 @@
+//! Nothing lost: `POST /admin/stripe/reconcile` against a fake Stripe whose `/v1/events` lists
+//! newest first, and same-second webhook events settled by the object's current state. Webhook
+//! deliveries are signed by Stripe's official Python SDK.
+
+use serde_json::{Value, json};
+
+use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY};
+use crate::stripe::{
+    App, SB_SECRET, WHSEC, app, count, deliver_signed, event, fast_retry, in_ci, now,
+    product_event, product_name, scalar, sdk_available, stripe_sdk,
+};
+use crate::support::{TestDb, TestServer};
+use crate::{stripe_fixtures, test_db};
+
+const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
+
+/// An instance with the Stripe key, the webhook secret and a publishable key.
+async fn full_app(db: &TestDb, fake: &FakeStripe) -> App {
+    let publishable = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
+    app(
+        db,
+        &[
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+            ("SUPABASE_PUBLISHABLE_KEYS", publishable.as_str()),
+        ],
+        fast_retry(),
+    )
+    .await
+}
+
+async fn reconcile_as(
+    server: &TestServer,
+    apikey: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = server.client.post(server.url("/admin/stripe/reconcile"));
+    if let Some(key) = apikey {
+        request = request.header("apikey", key);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+async fn reconcile(server: &TestServer) -> (u16, Value) {
+    reconcile_as(server, Some(SB_SECRET), None).await
+}
+
+fn events(body: &Value) -> (i64, i64, i64, i64) {
+    let e = &body["events"];
+    (
+        e["seen"].as_i64().unwrap(),
+        e["applied"].as_i64().unwrap(),
+        e["already_applied"].as_i64().unwrap(),
+        e["ignored"].as_i64().unwrap(),
+    )
+}
+
+/// Event `n` of a history: every seventh a type edgegate does not act on, the others renaming
+/// product `n` to `Name n`.
+fn history_event(fixtures: &Value, n: usize, created: i64) -> Value {
+    let id = format!("evt_R{n:05}");
+    let body = if n % 7 == 3 {
+        event(
+            fixtures,
+            &id,
+            "payment_intent.created",
+            created,
+            json!({"id": format!("pi_{n}"), "object": "payment_intent"}),
+        )
+    } else {
+        product_event(
+            fixtures,
+            &id,
+            "product.updated",
+            created,
+            n,
+            &format!("Name {n}"),
+        )
+    };
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Events `0..count` of a history, event `n` created at `first + step * n`.
+fn history(fixtures: &Value, count: usize, first: i64, step: i64) -> Vec<Value> {
+    (0..count)
+        .map(|n| history_event(fixtures, n, first + step * n as i64))
+        .collect()
+}
+
+#[tokio::test]
+async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // 250 events over the last 21 minutes: three pages of up to 100, newest first.
+    let history = history(&fixtures, 250, t - 1300, 5);
+    // One from three days ago, before the default window: not listed.
+    let old = history_event(&fixtures, 9999, t - 3 * 86_400);
+    fake.add_events(history.iter().cloned().chain([old]));
+    // Events 140 to 159 were delivered: newest first, page one ends at 150 (events 249..150).
+    for delivered in &history[140..160] {
+        let (status, body) = deliver_signed(&app.server, &delivered.to_string()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    let ignored_missed = (0..250)
+        .filter(|n| n % 7 == 3 && !(140..160).contains(n))
+        .count() as i64;
+    assert_eq!(
+        events(&body),
+        (250, 230 - ignored_missed, 20, ignored_missed)
+    );
+    // The default window: the newest ledger event (159, delivered) minus an hour.
+    assert_eq!(body["since"], json!(t - 1300 + 5 * 159 - 3600));
+    assert!(body["duration_ms"].as_u64().is_some());
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_R09999'"
+        )
+        .await,
+        0
+    );
+    for n in [0, 1, 149, 151, 155, 200, 249] {
+        assert_eq!(product_name(&db, n).await, format!("Name {n}"));
+    }
+    let products = 250 - (0..250).filter(|n| n % 7 == 3).count() as i64;
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM stripe_products").await,
+        products
+    );
+
+    // Everything is in the ledger now: a rerun applies nothing.
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (250, 0, 250, 0));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND started_by = 'manual' \
+                AND finished_at IS NOT NULL AND events_seen = 250 AND last_event_id = 'evt_R00000'";
+    assert_eq!(count(&db, runs).await, 2);
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
+                 AND outcome = 'ok' AND credential_source = 'api_key'";
+    assert_eq!(count(&db, audit).await, 2);
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    for line in [
+        r#"edgegate_stripe_reconcile_runs_total{started_by="manual",outcome="ok"} 2"#,
+        r#"edgegate_stripe_reconcile_events_total{result="already_applied"} 270"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // Two and a half hours of events: more than the one-hour overlap of a default window.
+    fake.add_events(history(&fixtures, 250, t - 9000, 30));
+    // The first page comes; every later request fails, retries included.
+    fake.fault_from(1, Fault::ServerError(None));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    // What was applied stays applied, and the run row says where it stopped.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 100);
+    let stopped = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'upstream_error' \
+                   AND events_seen = 100 AND last_event_id = 'evt_R00150' AND error IS NOT NULL";
+    assert_eq!(count(&db, stopped).await, 1);
+
+    fake.clear_faults();
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    let (seen, applied, already, ignored) = events(&body);
+    assert_eq!((seen, already), (250, 100));
+    assert_eq!(applied + ignored, 150);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
+                 AND outcome = 'upstream_error'";
+    assert_eq!(count(&db, audit).await, 1);
+}
+
+#[tokio::test]
+async fn two_concurrent_reconciles_on_two_instances_give_one_409() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    fake.add_events(history(&fixtures, 5, now() - 60, 1));
+    let first = full_app(&db, &fake).await;
+    let second = full_app(&db, &fake).await;
+    fake.fault_at(0, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = reconcile(&first.server).await;
+        (result, first)
+    });
+    fake.arrived().await;
+    let (status, body) = reconcile(&second.server).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "SYNC_IN_PROGRESS");
+    fake.release();
+    let ((status, body), _first) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body).0, 5);
+
+    // The lock is free again, and a catalogue sync never held it.
+    let (status, body) = reconcile(&second.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (5, 0, 5, 0));
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
+                 AND outcome = 'in_progress'";
+    assert_eq!(count(&db, audit).await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM reconcile_runs").await, 2);
+}
+
+#[tokio::test]
+async fn reconcile_needs_a_key_the_service_role_and_a_sound_body() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    fake.add_events([history_event(&fixtures, 1, now() - 10)]);
+    let app = full_app(&db, &fake).await;
+
+    let (status, body) = reconcile_as(&app.server, None, None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_NO_AUTH_HEADER"))
+    );
+    let (status, body) = reconcile_as(&app.server, Some(PUBLISHABLE_KEY), None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("FORBIDDEN_ROLE"))
+    );
+
+    let future = json!({"since": now() + 3600});
+    let (status, body) = reconcile_as(&app.server, Some(SB_SECRET), Some(future)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("VALIDATION_FAILED"))
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("since"),
+        "{body}"
+    );
+    let (status, body) = reconcile_as(
+        &app.server,
+        Some(SB_SECRET),
+        Some(json!({"since": "yesterday"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    assert_eq!(fake.requests(), 0, "nothing reached Stripe");
+
+    // A `since` older than Stripe keeps is moved up to its 30-day retention.
+    let (status, body) =
+        reconcile_as(&app.server, Some(SB_SECRET), Some(json!({"since": 0}))).await;
+    assert_eq!(status, 200, "{body}");
+    let since = body["since"].as_i64().unwrap();
+    assert!((now() - 30 * 86_400 - since).abs() <= 5, "{body}");
+    assert_eq!(events(&body).0, 1);
+
+    let without_key = app_without_key(&db).await;
+    let (status, body) = reconcile(&without_key.server).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("NOT_CONFIGURED"))
+    );
+}
+
+async fn app_without_key(db: &TestDb) -> App {
+    app(db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)], fast_retry()).await
+}
+
+// ---- same-second ordering ----
+
+/// Product `i` in the fake, as Stripe would return it now.
+fn stripe_now(fixtures: &Value, fake: &FakeStripe, i: usize) {
+    let mut object = fake_stripe::product(fixtures, i);
+    object["name"] = json!("As Stripe has it");
+    fake.add_product(object);
+}
+
+#[tokio::test]
+async fn same_second_updates_end_in_the_object_stripe_returns_in_either_order() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now() - 30;
+    for (i, order) in [(1, ["A", "B"]), (2, ["B", "A"])] {
+        stripe_now(&fixtures, &fake, i);
+        for name in order {
+            let body = product_event(
+                &fixtures,
+                &format!("evt_S{i}{name}"),
+                "product.updated",
+                t,
+                i,
+                name,
+            );
+            let (status, answer) = deliver_signed(&app.server, &body).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+        assert_eq!(
+            product_name(&db, i).await,
+            "As Stripe has it",
+            "order {order:?}"
+        );
+    }
+    // Only the second event of each pair needed Stripe.
+    assert_eq!(fake.object_requests(), 2);
+
+    // A strictly older event still changes nothing, without asking Stripe.
+    let older = product_event(&fixtures, "evt_S1old", "product.updated", t - 1, 1, "Older");
+    assert_eq!(deliver_signed(&app.server, &older).await.0, 200);
+    assert_eq!(product_name(&db, 1).await, "As Stripe has it");
+    assert_eq!(fake.object_requests(), 2);
+
+    // Prices too.
+    let mut price = fake_stripe::price(&fixtures, 6);
+    price["unit_amount"] = json!(4242);
+    fake.add_price(price.clone());
+    for (id, amount) in [("evt_SP1", 1), ("evt_SP2", 2)] {
+        price["unit_amount"] = json!(amount);
+        let body = event(&fixtures, id, "price.updated", t, price.clone());
+        assert_eq!(deliver_signed(&app.server, &body).await.0, 200);
+    }
+    let amount = format!(
+        "SELECT unit_amount FROM stripe_prices WHERE id = '{}'",
+        fake_stripe::price_id(6)
+    );
+    assert_eq!(scalar!(db, Option<i64>, amount), Some(4242));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 7);
+}
+
+#[tokio::test]
+async fn same_second_without_stripe_answers_5xx_and_stores_no_ledger_row() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    stripe_now(&fixtures, &fake, 3);
+    let t = now() - 30;
+    let first = product_event(&fixtures, "evt_U1", "product.updated", t, 3, "First");
+    let second = product_event(&fixtures, "evt_U2", "product.updated", t, 3, "Second");
+    assert_eq!(deliver_signed(&app.server, &first).await.0, 200);
+
+    fake.fault_objects(Some(Fault::ServerError(None)));
+    let (status, body) = deliver_signed(&app.server, &second).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("UPSTREAM_UNAVAILABLE")),
+        "{body}"
+    );
+    let ledger = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_U2'";
+    assert_eq!(count(&db, ledger).await, 0);
+    assert_eq!(product_name(&db, 3).await, "First");
+
+    // Without a Stripe key the tie cannot be settled either.
+    let without_key = app_without_key(&db).await;
+    let (status, body) = deliver_signed(&without_key.server, &second).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("NOT_CONFIGURED")),
+        "{body}"
+    );
+    assert_eq!(count(&db, ledger).await, 0);
+
+    // Stripe redelivers once it answers again.
+    fake.fault_objects(None);
+    let (status, body) = deliver_signed(&app.server, &second).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&db, ledger).await, 1);
+    assert_eq!(product_name(&db, 3).await, "As Stripe has it");
+}
+
+#[tokio::test]
+async fn periodic_reconciliation_applies_missed_events_with_no_request() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    fake.add_events(history(&fixtures, 4, now() - 60, 1));
+    let app = full_app(&db, &fake).await;
+    let client = edgegate::stripe::StripeClient::from_config(
+        app.state.http.clone(),
+        &app.state.config.stripe,
+        fast_retry(),
+    )
+    .unwrap();
+    // The configuration allows a minute at least; the task itself takes any interval.
+    let task = edgegate::stripe::reconcile::spawn_periodic(
+        app.state.store.clone(),
+        client,
+        std::time::Duration::from_millis(50),
+        app.state.reconcile_metrics.clone(),
+    );
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic' \
+                AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&db, runs).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic run within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 4);
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
+    assert!(metrics.contains(line), "{metrics}");
+}
