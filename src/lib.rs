@@ -68,6 +68,8 @@ pub async fn run_with(
     let state = AppState::new(config, store.clone());
     let refresh = state.auth.spawn_refresh();
     let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
+    let sweeper =
+        twilio::send::spawn_unanswered_sweeper(store.clone(), state.config.twilio.request_timeout);
     let usage = state.usage.clone();
     let address = listener
         .local_addr()
@@ -85,6 +87,7 @@ pub async fn run_with(
         refresh.stop().await;
     }
     flusher.abort();
+    sweeper.abort();
     if let Err(err) = usage.flush(&store).await {
         tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
     }

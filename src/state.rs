@@ -38,13 +38,15 @@ impl AppState {
         auth_metrics.register(metrics.registry_mut(), auth.clone());
         let stripe_metrics = StripeMetrics::default();
         stripe_metrics.register(metrics.registry_mut());
+        let usage = Arc::new(UsageTracker::default());
+        usage.register(metrics.registry_mut());
         Self {
             config: Arc::new(config),
             store,
             metrics: Arc::new(metrics),
             auth,
             auth_metrics,
-            usage: Arc::new(UsageTracker::default()),
+            usage,
             http,
             stripe_metrics,
             stripe_retry: RetryPolicy::default(),
