@@ -7,6 +7,7 @@ mod support;
 mod auth;
 mod binary;
 mod cli;
+mod crash;
 mod deploy;
 mod drill;
 mod fake_stripe;

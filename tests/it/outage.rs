@@ -30,8 +30,8 @@ use crate::{stripe_fixtures, test_db};
 pub const WHSEC: &str = "whsec_edgegate_outage_test";
 pub const SECRET_KEY: &str = "sb_secret_outage0123456789abcdefgh";
 const JWT_SECRET: &str = "outage-legacy-secret-with-at-least-32-bytes";
-const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
-const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+pub const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+pub const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
 
 /// A TCP proxy between edgegate and PostgreSQL whose link the test cuts and restores.
 struct PgProxy {
@@ -153,7 +153,7 @@ impl Outage {
 }
 
 /// Runs one query on the test database (directly, never through the proxy).
-async fn scalar_i64(db: &TestDb, sql: &str) -> i64 {
+pub async fn scalar_i64(db: &TestDb, sql: &str) -> i64 {
     let sql = sqlx::AssertSqlSafe(sql.to_owned());
     if db.is_postgres() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -212,7 +212,7 @@ pub async fn redeliver(client: &reqwest::Client, base: &str, body: &str) {
 }
 
 /// Every row `sql` (two TEXT columns) returns, read directly (never through the proxy).
-async fn text_pairs(db: &TestDb, sql: &str) -> Vec<(String, String)> {
+pub async fn text_pairs(db: &TestDb, sql: &str) -> Vec<(String, String)> {
     let sql = sqlx::AssertSqlSafe(sql.to_owned());
     if db.is_postgres() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -245,7 +245,7 @@ pub async fn assert_each_event_applied_once(db: &TestDb, events: usize) {
 }
 
 /// Webhook deliveries from `workers` concurrent senders, each event once, until `stop`.
-struct Traffic {
+pub struct Traffic {
     answers: Arc<Mutex<BTreeMap<usize, u16>>>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
@@ -254,7 +254,7 @@ struct Traffic {
 const MAX_EVENTS: usize = 2_000;
 
 impl Traffic {
-    fn start(fixtures: Arc<Value>, base: String, workers: usize) -> Self {
+    pub fn start(fixtures: Arc<Value>, base: String, workers: usize) -> Self {
         let answers: Arc<Mutex<BTreeMap<usize, u16>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicUsize::new(0));
@@ -288,7 +288,7 @@ impl Traffic {
     }
 
     /// Waits (bounded) until `enough` answers match `status`.
-    async fn wait_for(&self, enough: usize, status: impl Fn(u16) -> bool + Copy, what: &str) {
+    pub async fn wait_for(&self, enough: usize, status: impl Fn(u16) -> bool + Copy, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.answered(status) < enough {
             assert!(Instant::now() < deadline, "waiting for {enough} {what}");
@@ -296,8 +296,13 @@ impl Traffic {
         }
     }
 
+    /// Asks the senders to start no new delivery; those in flight go on.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
     /// Stops the senders; every event attempted, with its answer.
-    async fn finish(self) -> BTreeMap<usize, u16> {
+    pub async fn finish(self) -> BTreeMap<usize, u16> {
         self.stop.store(true, Ordering::SeqCst);
         for worker in self.workers {
             worker.await.unwrap();
