@@ -150,6 +150,16 @@ async fn record_audit(
     outcome: &ApiResult<Sent>,
     message_id: Option<String>,
 ) {
+    if let Err(ApiError::NotReady(_)) = outcome {
+        // The database is away: the row cannot be written, and trying would only hold the
+        // answer for another timeout. Nothing was sent.
+        tracing::warn!(
+            request_id = ?entry.request_id,
+            credential = entry.credential_id,
+            "send_sms refused while the database is unavailable; no audit row"
+        );
+        return;
+    }
     entry.outcome = match outcome {
         Ok(sent) if sent.replayed => "replayed".to_owned(),
         Ok(_) => "sent".to_owned(),

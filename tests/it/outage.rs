@@ -393,10 +393,16 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
         let (status, body) = status_and_body(response).await;
         assert_eq!(status, 200, "jwt-test during the outage: {body}");
     }
+    let asked = Instant::now();
     let (status, body) = status_and_body(server.get("/readyz").await).await;
+    eprintln!(
+        "readyz answered {status} in {:?} during the cut",
+        asked.elapsed()
+    );
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "NOT_READY");
     assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
+    let asked = Instant::now();
     let response = client
         .post(format!("{base}/functions/v1/send-sms"))
         .header("apikey", SECRET_KEY)
@@ -405,6 +411,10 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
         .await
         .unwrap();
     let (status, body) = status_and_body(response).await;
+    eprintln!(
+        "send-sms answered {status} in {:?} during the cut",
+        asked.elapsed()
+    );
     assert_eq!(status, 503, "send-sms during the outage: {body}");
     assert_eq!(body["code"], "NOT_READY");
     assert!(twilio.requests().is_empty(), "Twilio was called");
