@@ -186,7 +186,13 @@ pub fn product_event(fixtures: &Value, i: usize) -> String {
     event.to_string()
 }
 
-/// Delivers `body` as Stripe would (signed now) to `base`; the status, or 0 when no answer came.
+/// `deliver`'s answer when the request was sent and no answer came (the server died under it).
+pub const NO_ANSWER: u16 = 0;
+/// `deliver`'s answer when no connection could be made (nothing was sent).
+pub const NOT_CONNECTED: u16 = 1;
+
+/// Delivers `body` as Stripe would (signed now) to `base`: the status, `NO_ANSWER` or
+/// `NOT_CONNECTED`.
 pub async fn deliver(client: &reqwest::Client, base: &str, body: &str) -> u16 {
     let signature = edgegate::stripe::signature::sign(body.as_bytes(), WHSEC, now_ms() / 1000);
     let sent = client
@@ -197,7 +203,11 @@ pub async fn deliver(client: &reqwest::Client, base: &str, body: &str) -> u16 {
         .timeout(Duration::from_secs(20))
         .send()
         .await;
-    sent.map_or(0, |response| response.status().as_u16())
+    match sent {
+        Ok(response) => response.status().as_u16(),
+        Err(err) if err.is_connect() => NOT_CONNECTED,
+        Err(_) => NO_ANSWER,
+    }
 }
 
 /// Redelivers `body` until it is taken, as Stripe's retries would (bounded).
@@ -294,11 +304,6 @@ impl Traffic {
             assert!(Instant::now() < deadline, "waiting for {enough} {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    /// Asks the senders to start no new delivery; those in flight go on.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
     }
 
     /// Stops the senders; every event attempted, with its answer.
