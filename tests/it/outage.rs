@@ -186,6 +186,22 @@ pub fn product_event(fixtures: &Value, i: usize) -> String {
     event.to_string()
 }
 
+async fn post_event(
+    client: &reqwest::Client,
+    base: &str,
+    body: &str,
+) -> reqwest::Result<reqwest::Response> {
+    let signature = edgegate::stripe::signature::sign(body.as_bytes(), WHSEC, now_ms() / 1000);
+    client
+        .post(format!("{base}/functions/v1/stripe-webhook"))
+        .header("content-type", "application/json")
+        .header("stripe-signature", signature)
+        .body(body.to_owned())
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+}
+
 /// `deliver`'s answer when the request was sent and no answer came (the server died under it).
 pub const NO_ANSWER: u16 = 0;
 /// `deliver`'s answer when no connection could be made (nothing was sent).
@@ -194,16 +210,7 @@ pub const NOT_CONNECTED: u16 = 1;
 /// Delivers `body` as Stripe would (signed now) to `base`: the status, `NO_ANSWER` or
 /// `NOT_CONNECTED`.
 pub async fn deliver(client: &reqwest::Client, base: &str, body: &str) -> u16 {
-    let signature = edgegate::stripe::signature::sign(body.as_bytes(), WHSEC, now_ms() / 1000);
-    let sent = client
-        .post(format!("{base}/functions/v1/stripe-webhook"))
-        .header("content-type", "application/json")
-        .header("stripe-signature", signature)
-        .body(body.to_owned())
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await;
-    match sent {
+    match post_event(client, base, body).await {
         Ok(response) => response.status().as_u16(),
         Err(err) if err.is_connect() => NOT_CONNECTED,
         Err(_) => NO_ANSWER,
@@ -330,6 +337,18 @@ async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The one message the test tries to send, always with the same idempotency key.
+async fn send_sms(client: &reqwest::Client, base: &str) -> (u16, Value) {
+    let response = client
+        .post(format!("{base}/functions/v1/send-sms"))
+        .header("apikey", SECRET_KEY)
+        .json(&json!({"to": "+12025550123", "body": "hi", "idempotency_key": "outage-1"}))
+        .send()
+        .await
+        .unwrap();
+    status_and_body(response).await
+}
+
 fn legacy_bearer() -> String {
     let claims = user_claims("supabase", "authenticated", "user-1", now_ms() / 1000, 3600);
     format!(
@@ -408,14 +427,7 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     assert_eq!(body["code"], "NOT_READY");
     assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
     let asked = Instant::now();
-    let response = client
-        .post(format!("{base}/functions/v1/send-sms"))
-        .header("apikey", SECRET_KEY)
-        .json(&json!({"to": "+12025550123", "body": "hi", "idempotency_key": "outage-1"}))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_and_body(response).await;
+    let (status, body) = send_sms(&client, &base).await;
     eprintln!(
         "send-sms answered {status} in {:?} during the cut",
         asked.elapsed()
@@ -470,21 +482,8 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     }
     // A delivery that was taken once is a duplicate now, whatever the outage did.
     let first_taken = answers.iter().find(|(_, s)| **s == 200).unwrap().0;
-    let response = client
-        .post(format!("{base}/functions/v1/stripe-webhook"))
-        .header(
-            "stripe-signature",
-            edgegate::stripe::signature::sign(
-                product_event(&fixtures, *first_taken).as_bytes(),
-                WHSEC,
-                now_ms() / 1000,
-            ),
-        )
-        .body(product_event(&fixtures, *first_taken))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_and_body(response).await;
+    let response = post_event(&client, &base, &product_event(&fixtures, *first_taken)).await;
+    let (status, body) = status_and_body(response.unwrap()).await;
     assert_eq!((status, body["duplicate"].clone()), (200, json!(true)));
     assert_each_event_applied_once(&db, answers.len()).await;
 
@@ -499,13 +498,6 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(1.0));
 
     // And send-sms works again on the same process.
-    let response = client
-        .post(format!("{base}/functions/v1/send-sms"))
-        .header("apikey", SECRET_KEY)
-        .json(&json!({"to": "+12025550123", "body": "hi", "idempotency_key": "outage-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    assert_eq!(send_sms(&client, &base).await.0, 202);
     assert_eq!(twilio.requests().len(), 1);
 }
