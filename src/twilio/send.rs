@@ -280,24 +280,30 @@ pub fn spawn_unanswered_sweeper(
     let started_at = now_ms();
     let deadline_ms = i64::try_from(send_deadline(request_timeout).as_millis()).unwrap_or(i64::MAX);
     tokio::spawn(async move {
-        let mut cutoff = started_at;
+        let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
+                      the message, so it is not sent again";
+        let mut swept_start = false;
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
-            let reason = "the sender stopped before Twilio's answer was recorded; Twilio may \
-                          have the message, so it is not sent again";
+            // Until the start-up sweep succeeds, it is the one retried.
+            let cutoff = if swept_start {
+                now_ms().saturating_sub(deadline_ms)
+            } else {
+                started_at
+            };
             match store
                 .mark_unanswered_sms_unknown(cutoff, reason, now_ms())
                 .await
             {
-                Ok(0) => {}
-                Ok(marked) => tracing::warn!(marked, "unanswered SMS marked unknown"),
-                Err(err) => {
-                    tracing::warn!(error = format!("{err:#}"), "unanswered SMS not swept");
-                    continue;
+                Ok(marked) => {
+                    swept_start = true;
+                    if marked > 0 {
+                        tracing::warn!(marked, "unanswered SMS marked unknown");
+                    }
                 }
+                Err(err) => tracing::warn!(error = format!("{err:#}"), "unanswered SMS not swept"),
             }
-            cutoff = now_ms().saturating_sub(deadline_ms);
         }
     })
 }
