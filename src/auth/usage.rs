@@ -225,18 +225,28 @@ pub fn spawn_flusher(
     tracker: std::sync::Arc<UsageTracker>,
     store: Store,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_flusher_every(tracker, store, FLUSH_INTERVAL, FLUSH_RETRY)
+}
+
+/// `spawn_flusher` with its pauses given (tests shorten them).
+pub fn spawn_flusher_every(
+    tracker: std::sync::Arc<UsageTracker>,
+    store: Store,
+    interval: Duration,
+    retry: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut pause = FLUSH_INTERVAL;
+        let mut pause = interval;
         loop {
             tokio::time::sleep(pause).await;
             pause = match tracker.flush(&store).await {
-                Ok(()) => FLUSH_INTERVAL,
+                Ok(()) => interval,
                 Err(err) => {
                     tracing::warn!(
                         error = format!("{err:#}"),
                         "key usage not flushed; kept in memory, will retry"
                     );
-                    FLUSH_RETRY
+                    retry
                 }
             };
         }

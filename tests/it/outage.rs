@@ -394,6 +394,13 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     store.migrate().await.unwrap();
     let state = AppState::new(config, store.clone());
     let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    // As `run` starts it, with pauses short enough for a test.
+    let flusher = edgegate::auth::usage::spawn_flusher_every(
+        state.usage.clone(),
+        store.clone(),
+        Duration::from_millis(200),
+        Duration::from_millis(100),
+    );
     let base = format!("http://{}", server.addr);
     let client = reqwest::Client::new();
 
@@ -435,14 +442,18 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     assert_eq!(status, 503, "send-sms during the outage: {body}");
     assert_eq!(body["code"], "NOT_READY");
     assert!(twilio.requests().is_empty(), "Twilio was called");
-    // The counts cannot be written now; they are kept.
-    assert!(state.usage.flush(&store).await.is_err());
-    let metrics = server.get("/metrics").await.text().await.unwrap();
-    assert_eq!(
-        metric(&metrics, "edgegate_key_usage_flush_failures_total"),
-        Some(1.0)
-    );
-    assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(0.0));
+    // The counts cannot be written now; the flusher fails and keeps them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = server.get("/metrics").await.text().await.unwrap();
+        if metric(&metrics, "edgegate_key_usage_flush_failures_total") >= Some(1.0) {
+            assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(0.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no key-usage flush failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(key_usage_total(&db).await, 0);
 
     outage.restore().await;
     let restored = Instant::now();
@@ -488,8 +499,16 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     assert_each_event_applied_once(&db, answers.len()).await;
 
     // The counts verified during the outage reach the database now that it is back.
-    state.usage.flush(&store).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while key_usage_total(&db).await < verified_in_outage {
+        assert!(
+            Instant::now() < deadline,
+            "the kept key usage never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(key_usage_total(&db).await, verified_in_outage);
+    flusher.abort();
     let metrics = server.get("/metrics").await.text().await.unwrap();
     assert_eq!(
         metric(&metrics, "edgegate_key_usage_dropped_total"),
