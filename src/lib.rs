@@ -75,6 +75,8 @@ pub async fn run_with(
     let refresh = state.auth.spawn_refresh();
     let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
     let reconciler = spawn_reconciler(&state);
+    let sweeper =
+        twilio::send::spawn_unanswered_sweeper(store.clone(), state.config.twilio.request_timeout);
     let usage = state.usage.clone();
     let address = listener
         .local_addr()
@@ -95,6 +97,7 @@ pub async fn run_with(
     if let Some(reconciler) = reconciler {
         reconciler.abort();
     }
+    sweeper.abort();
     if let Err(err) = usage.flush(&store).await {
         tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
     }

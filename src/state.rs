@@ -43,6 +43,8 @@ impl AppState {
         auth_metrics.register(metrics.registry_mut(), auth.clone());
         let stripe_metrics = StripeMetrics::default();
         stripe_metrics.register(metrics.registry_mut());
+        let usage = Arc::new(UsageTracker::default());
+        usage.register(metrics.registry_mut());
         let reconcile_metrics = ReconcileMetrics::default();
         reconcile_metrics.register(metrics.registry_mut());
         Self {
@@ -51,7 +53,7 @@ impl AppState {
             metrics: Arc::new(metrics),
             auth,
             auth_metrics,
-            usage: Arc::new(UsageTracker::default()),
+            usage,
             http,
             stripe_metrics,
             reconcile_metrics,

@@ -1,10 +1,14 @@
 //! Evidence for revocation: verifications counted per key in memory, flushed to the database in
-//! hourly buckets, so every instance's traffic adds up and survives restarts.
+//! hourly buckets, so every instance's traffic adds up and survives restarts. While the database
+//! is away the counts stay in memory (bounded by `MAX_PENDING_BUCKETS`; what does not fit is
+//! counted in `edgegate_key_usage_dropped_total`) and reach it once it is back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::auth::{KeySource, Verified};
@@ -14,6 +18,13 @@ const HOUR_MS: i64 = 3_600_000;
 
 /// How often counts reach the database; also done once more at shutdown.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
+/// After a failed flush, how soon the next one is tried: counts reach the database within
+/// seconds of its return.
+pub const FLUSH_RETRY: Duration = Duration::from_secs(5);
+/// Distinct (hour, key) buckets held in memory at most. Only keys that verified a token make a
+/// bucket, so this is hundreds of hours of outage for a handful of keys; past it, the
+/// verifications of a new bucket are dropped and counted, never silently.
+pub const MAX_PENDING_BUCKETS: usize = 10_000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Bucket {
@@ -30,9 +41,19 @@ struct Count {
 }
 
 /// Counts verifications since the last flush.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UsageTracker {
     pending: Mutex<HashMap<Bucket, Count>>,
+    max_buckets: usize,
+    /// Verifications not kept because the buffer was full.
+    dropped: Counter,
+    flush_failures: Counter,
+}
+
+impl Default for UsageTracker {
+    fn default() -> Self {
+        Self::with_max_buckets(MAX_PENDING_BUCKETS)
+    }
 }
 
 /// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
@@ -45,6 +66,35 @@ pub fn usage_kid(verified: &Verified) -> String {
 }
 
 impl UsageTracker {
+    /// A tracker that holds at most `max_buckets` distinct (hour, key) counts.
+    pub fn with_max_buckets(max_buckets: usize) -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            max_buckets,
+            dropped: Counter::default(),
+            flush_failures: Counter::default(),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "key_usage_dropped",
+            "Verifications left out of the key-usage evidence because the in-memory buffer was \
+             full while the database was unavailable",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "key_usage_flush_failures",
+            "Key-usage flushes that failed (the counts were kept for the next one)",
+            self.flush_failures.clone(),
+        );
+    }
+
+    /// Verifications dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
     pub fn record(&self, verified: &Verified, at_ms: i64) {
         let bucket = Bucket {
             hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
@@ -52,10 +102,30 @@ impl UsageTracker {
             kid: usage_kid(verified),
             alg: verified.alg,
         };
+        let count = Count {
+            verified: 1,
+            last_ms: at_ms,
+        };
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let count = pending.entry(bucket).or_default();
-        count.verified += 1;
-        count.last_ms = count.last_ms.max(at_ms);
+        self.add(&mut pending, bucket, count);
+    }
+
+    /// Adds `count` to its bucket, or drops and counts it when a new bucket would not fit.
+    fn add(&self, pending: &mut HashMap<Bucket, Count>, bucket: Bucket, count: Count) {
+        let full = pending.len() >= self.max_buckets;
+        match pending.get_mut(&bucket) {
+            Some(held) => {
+                held.verified += count.verified;
+                held.last_ms = held.last_ms.max(count.last_ms);
+            }
+            None if full => {
+                self.dropped
+                    .inc_by(u64::try_from(count.verified).unwrap_or(0));
+            }
+            None => {
+                pending.insert(bucket, count);
+            }
+        }
     }
 
     fn take(&self) -> Vec<KeyUsage> {
@@ -85,6 +155,7 @@ impl UsageTracker {
             return Ok(());
         }
         if let Err(err) = store.add_key_usage(&rows).await {
+            self.flush_failures.inc();
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for row in rows {
                 let source = match row.source.as_str() {
@@ -98,9 +169,11 @@ impl UsageTracker {
                     kid: row.kid,
                     alg: static_alg(&row.alg),
                 };
-                let count = pending.entry(bucket).or_default();
-                count.verified += row.verified_count;
-                count.last_ms = count.last_ms.max(row.last_verified_at_ms);
+                let count = Count {
+                    verified: row.verified_count,
+                    last_ms: row.last_verified_at_ms,
+                };
+                self.add(&mut pending, bucket, count);
             }
             return Err(err);
         }
@@ -146,22 +219,36 @@ fn static_alg(alg: &str) -> &'static str {
     }
 }
 
-/// Flushes every `FLUSH_INTERVAL` until the returned handle is aborted.
+/// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until the returned
+/// handle is aborted.
 pub fn spawn_flusher(
     tracker: std::sync::Arc<UsageTracker>,
     store: Store,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_flusher_every(tracker, store, FLUSH_INTERVAL, FLUSH_RETRY)
+}
+
+/// `spawn_flusher` with its pauses given (tests shorten them).
+pub fn spawn_flusher_every(
+    tracker: std::sync::Arc<UsageTracker>,
+    store: Store,
+    interval: Duration,
+    retry: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-        tick.tick().await;
+        let mut pause = interval;
         loop {
-            tick.tick().await;
-            if let Err(err) = tracker.flush(&store).await {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    "key usage not flushed; will retry"
-                );
-            }
+            tokio::time::sleep(pause).await;
+            pause = match tracker.flush(&store).await {
+                Ok(()) => interval,
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "key usage not flushed; kept in memory, will retry"
+                    );
+                    retry
+                }
+            };
         }
     })
 }
@@ -251,4 +338,64 @@ fn humanize(window: Duration) -> String {
 pub fn window_first_hour(window: Duration) -> i64 {
     let start = now_ms() - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     start - start.rem_euclid(HOUR_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signing_key(kid: &str) -> Verified {
+        Verified {
+            source: KeySource::SigningKey,
+            kid: Some(kid.to_owned()),
+            alg: "ES256",
+            role: None,
+            sub: None,
+            claims: serde_json::Map::new(),
+            exp: i64::MAX,
+        }
+    }
+
+    fn counted(tracker: &UsageTracker) -> i64 {
+        tracker
+            .pending_since(0)
+            .iter()
+            .map(|usage| usage.verified_count)
+            .sum()
+    }
+
+    #[test]
+    fn a_full_buffer_keeps_counting_held_keys_and_counts_what_it_drops() {
+        let tracker = UsageTracker::with_max_buckets(2);
+        let at = 10 * HOUR_MS;
+        tracker.record(&signing_key("a"), at);
+        tracker.record(&signing_key("b"), at);
+        tracker.record(&signing_key("c"), at);
+        tracker.record(&signing_key("c"), at + 1);
+        // A held key still counts; a new hour of it is a new bucket and does not fit.
+        tracker.record(&signing_key("a"), at + 2);
+        tracker.record(&signing_key("a"), at + HOUR_MS);
+        assert_eq!(counted(&tracker), 3);
+        assert_eq!(tracker.dropped(), 3);
+        let kids: Vec<String> = tracker
+            .pending_since(0)
+            .into_iter()
+            .map(|u| u.kid)
+            .collect();
+        assert!(!kids.contains(&"c".to_owned()), "{kids:?}");
+    }
+
+    #[test]
+    fn the_dropped_count_is_exported() {
+        let tracker = UsageTracker::with_max_buckets(0);
+        tracker.record(&signing_key("a"), 0);
+        let mut registry = Registry::with_prefix("edgegate");
+        tracker.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("edgegate_key_usage_dropped_total 1"),
+            "{text}"
+        );
+    }
 }

@@ -15,7 +15,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// 200 when every dependency needed to serve answers; 503 `NOT_READY` with the detail otherwise.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let database = match state.store.ping().await {
+    let probed = state.store.ping().await;
+    state.metrics.database_ready.set(i64::from(probed.is_ok()));
+    let database = match probed {
         Ok(()) => json!({ "ok": true, "backend": state.store.kind().as_str() }),
         Err(err) => {
             tracing::warn!(

@@ -2,7 +2,7 @@
 //! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use sqlx::{PgPool, SqlitePool};
@@ -148,14 +148,26 @@ impl Store {
         Ok(versions)
     }
 
-    /// A round trip to the database, for readiness.
+    /// Whether the database can take a write now, for readiness: PostgreSQL answers a query;
+    /// SQLite's write lock can be taken (a file locked by another process still answers reads).
+    /// Bounded by `READINESS_TIMEOUT`, so a dead database gives a prompt answer.
     pub async fn ping(&self) -> anyhow::Result<()> {
-        with_pool!(self, |pool| sqlx::query("SELECT 1")
-            .execute(pool)
-            .await
-            .map(|_| ()))
-        .context("database did not answer")?;
-        Ok(())
+        let store = self.clone();
+        // Spawned, so a probe whose caller hangs up still ends in its own rollback.
+        let probe = tokio::spawn(async move {
+            match &store.backend {
+                Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
+                Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            }
+        });
+        match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
+            Ok(Ok(answered)) => answered.context("database did not answer"),
+            Ok(Err(join)) => Err(anyhow::anyhow!("database probe failed: {join}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "database did not answer within {} s",
+                READINESS_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     pub async fn record_audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {
@@ -248,6 +260,44 @@ impl Store {
     pub async fn close(&self) {
         with_pool!(self, |pool| pool.close().await)
     }
+}
+
+/// How long the readiness probe waits for the database.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether `err` says the database could not be reached or written at all (connection lost or
+/// refused, pool exhausted, file locked by another process), as opposed to a failed statement.
+/// Nothing was written then, so the caller may answer 503 and be retried.
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(sqlx_unavailable)
+    })
+}
+
+fn sqlx_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        // A connection the server (or a proxy) closes mid-handshake shows as a protocol error.
+        sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| unavailable_code(&code)),
+        _ => false,
+    }
+}
+
+/// SQLite result codes (their primary part: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN) and
+/// PostgreSQL SQLSTATE classes (08 connection exception, 53 insufficient resources, 57P0x
+/// shutdown) that mean "not now" rather than "never".
+fn unavailable_code(code: &str) -> bool {
+    if let Ok(sqlite) = code.parse::<i32>() {
+        return matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
+    }
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P0")
 }
 
 /// Milliseconds since the Unix epoch, the unit of every time column.

@@ -290,6 +290,29 @@ impl Store {
         })
     }
 
+    /// Marks every message still `accepted` (reserved, Twilio's answer never recorded) and
+    /// created before `created_before` as `unknown`, with `reason`: its sender died or lost the
+    /// database mid-send, so Twilio may have it, and it is never sent again. Returns how many rows
+    /// moved. A sender that is in fact still running records its answer over this afterwards,
+    /// which is what should happen. The statuses are literals so the partial index serves it.
+    pub async fn mark_unanswered_sms_unknown(
+        &self,
+        created_before: i64,
+        reason: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<u64> {
+        let sql = "UPDATE sms_messages SET status = 'unknown', error_message = $1, updated_at = $2 \
+                   WHERE status = 'accepted' AND created_at < $3";
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(reason)
+            .bind(now_ms)
+            .bind(created_before)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .context("marking unanswered SMS unknown")
+    }
+
     pub async fn sms_message(&self, id: &str) -> anyhow::Result<Option<SmsMessage>> {
         let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE id = $1");
         let message = with_pool!(self, |pool| {

@@ -15,6 +15,11 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
     migrator
 }
 
+/// How long a statement waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The readiness probe's wait for the write lock: short, so `/readyz` answers promptly.
+const PROBE_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
 pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
         .context("DATABASE_URL is not a usable SQLite location")?
@@ -24,9 +29,12 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
         // Writers from other connections or processes wait instead of failing at once.
-        .busy_timeout(Duration::from_secs(5));
+        .busy_timeout(BUSY_TIMEOUT);
     SqlitePoolOptions::new()
         .max_connections(8)
+        // A file locked by another process shows as SQLITE_BUSY after the busy timeout; the
+        // acquire timeout only bounds waiting for one of our own connections.
+        .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
         .context("opening the SQLite database")
@@ -58,4 +66,24 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
     };
     migrator().run(pool).await?;
     Ok(())
+}
+
+/// Takes and releases the write lock on a pooled connection, waiting `PROBE_BUSY_TIMEOUT` at
+/// most; the connection's own busy timeout is restored whatever the probe came to.
+pub(super) async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    use sqlx::Connection as _;
+    let busy = |timeout: Duration| {
+        sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", timeout.as_millis()))
+    };
+    let mut conn = pool.acquire().await?;
+    sqlx::query(busy(PROBE_BUSY_TIMEOUT))
+        .execute(&mut *conn)
+        .await?;
+    let probed = match conn.begin_with("BEGIN IMMEDIATE").await {
+        Ok(tx) => tx.rollback().await,
+        Err(err) => Err(err),
+    };
+    let restored = sqlx::query(busy(BUSY_TIMEOUT)).execute(&mut *conn).await;
+    probed?;
+    restored.map(|_| ())
 }

@@ -10,6 +10,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,8 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_duration: HistogramFamily,
+    /// 1 when the last readiness probe reached the database, 0 when it did not.
+    pub database_ready: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,10 +61,17 @@ impl Metrics {
             "HTTP request latency, by method, matched route and status",
             http_request_duration.clone(),
         );
+        let database_ready = Gauge::default();
+        registry.register(
+            "database_ready",
+            "1 when the last /readyz probe could write to the database, else 0",
+            database_ready.clone(),
+        );
         Self {
             registry,
             http_requests,
             http_request_duration,
+            database_ready,
         }
     }
 

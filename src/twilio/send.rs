@@ -10,7 +10,8 @@ use super::client::{CallError, MessageResource, TwilioApi};
 use crate::config::{Config, SmsSender, is_e164};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{
-    AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, now_ms,
+    AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, is_unavailable,
+    now_ms,
 };
 
 /// The longest body Twilio takes.
@@ -21,7 +22,8 @@ const MAX_ATTEMPTS: u32 = 3;
 /// The longest pause a Twilio `Retry-After` may impose on one send.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
-/// Our status for a row not yet handed to Twilio.
+/// Our status for a row not yet handed to Twilio, or whose Twilio answer is not recorded yet.
+/// `Store::mark_unanswered_sms_unknown` names it (and `STATUS_UNKNOWN`) in its SQL.
 const STATUS_ACCEPTED: &str = "accepted";
 /// Twilio refused, or certainly never received, the message.
 const STATUS_FAILED: &str = "failed";
@@ -148,6 +150,16 @@ async fn record_audit(
     outcome: &ApiResult<Sent>,
     message_id: Option<String>,
 ) {
+    if let Err(ApiError::NotReady(_)) = outcome {
+        // The database is away: the row cannot be written, and trying would only hold the
+        // answer for another timeout. Nothing was sent.
+        tracing::warn!(
+            request_id = ?entry.request_id,
+            credential = entry.credential_id,
+            "send_sms refused while the database is unavailable; no audit row"
+        );
+        return;
+    }
     entry.outcome = match outcome {
         Ok(sent) if sent.replayed => "replayed".to_owned(),
         Ok(_) => "sent".to_owned(),
@@ -188,7 +200,22 @@ async fn send_once(
         body: &valid.body,
         status: STATUS_ACCEPTED,
     };
-    let message = match store.reserve_sms(new, limits, now_ms).await? {
+    let reserved = store
+        .reserve_sms(new, limits, now_ms)
+        .await
+        .map_err(|err| {
+            if is_unavailable(&err) {
+                // Nothing was reserved, so nothing can be sent: a retry later is safe.
+                tracing::warn!(error = format!("{err:#}"), "send_sms: database unavailable");
+                ApiError::NotReady(
+                    "the database is unavailable; the message was not sent, try again later"
+                        .to_owned(),
+                )
+            } else {
+                ApiError::Internal(err)
+            }
+        })?;
+    let message = match reserved {
         Reservation::Created(message) => message,
         Reservation::Existing(message) => {
             *message_id = Some(message.id.clone());
@@ -229,6 +256,56 @@ async fn send_once(
         config.twilio.retry_base_delay,
     )
     .await
+}
+
+/// How often rows left `accepted` by a crash or an outage are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The longest one send can take, every attempt and pause included, with room to record the
+/// answer: a row still `accepted` after this has no sender left.
+fn send_deadline(request_timeout: Duration) -> Duration {
+    request_timeout.saturating_mul(MAX_ATTEMPTS)
+        + MAX_RETRY_PAUSE.saturating_mul(MAX_ATTEMPTS - 1)
+        + Duration::from_secs(30)
+}
+
+/// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
+/// answer was stored) as `unknown`, so no row claims a send is still to come. At start, every
+/// row reserved before this process began; then, every `SWEEP_INTERVAL`, rows older than a
+/// send can take (another instance may have crashed). Runs until the handle is aborted.
+pub fn spawn_unanswered_sweeper(
+    store: Store,
+    request_timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let started_at = now_ms();
+    let deadline_ms = i64::try_from(send_deadline(request_timeout).as_millis()).unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
+                      the message, so it is not sent again";
+        let mut swept_start = false;
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            // Until the start-up sweep succeeds, it is the one retried.
+            let cutoff = if swept_start {
+                now_ms().saturating_sub(deadline_ms)
+            } else {
+                started_at
+            };
+            match store
+                .mark_unanswered_sms_unknown(cutoff, reason, now_ms())
+                .await
+            {
+                Ok(marked) => {
+                    swept_start = true;
+                    if marked > 0 {
+                        tracing::warn!(marked, "unanswered SMS marked unknown");
+                    }
+                }
+                Err(err) => tracing::warn!(error = format!("{err:#}"), "unanswered SMS not swept"),
+            }
+        }
+    })
 }
 
 /// Hands the reserved message `id` to Twilio and records what came of it.

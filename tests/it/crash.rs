@@ -1,0 +1,283 @@
+//! Crash safety: real edgegate processes killed with SIGKILL in the middle of a webhook apply, a
+//! catalogue sync page and an SMS send, then restarted on the same database. Nothing may be
+//! half-applied: redelivered events are applied once, a rerun sync converges, and an SMS Twilio
+//! may already have is marked `unknown` and never sent again.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fake_stripe::{self, FakeStripe, Fault};
+use crate::fake_twilio::FakeTwilio;
+use crate::outage::{
+    ACCOUNT, NO_ANSWER, SECRET_KEY, TOKEN, Traffic, WHSEC, assert_each_event_applied_once, deliver,
+    product_event, redeliver, scalar_i64, text_pairs,
+};
+use crate::process::{Server, free_port, spawn_server, wait_exit, wait_healthy};
+use crate::support::TestDb;
+use crate::{stripe_fixtures, test_db};
+
+/// A served edgegate process on `db`, with `vars`, logging into `dir`.
+async fn start(
+    db: &TestDb,
+    dir: &std::path::Path,
+    log: &str,
+    vars: &[(&str, &str)],
+) -> (Server, String) {
+    let port = free_port().to_string();
+    let mut all = vec![("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
+    all.extend_from_slice(vars);
+    let server = spawn_server(dir, log, &all);
+    let port: u16 = port.parse().unwrap();
+    assert!(wait_healthy(port).await, "edgegate did not start");
+    (server, format!("http://127.0.0.1:{port}"))
+}
+
+async fn kill(server: &mut Server) {
+    // `Child::kill` is SIGKILL, sent at once (no `kill` process to spawn first).
+    server.kill().expect("SIGKILL");
+    let status = wait_exit(server).await;
+    assert!(!status.success(), "edgegate was not killed: {status}");
+}
+
+#[tokio::test]
+async fn sigkill_under_webhook_traffic_then_redelivery_applies_each_event_once() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("STRIPE_WEBHOOK_SECRET", WHSEC)];
+    let (mut first, base) = start(&db, dir.path(), "first.log", &vars).await;
+
+    let traffic = Traffic::start(fixtures.clone(), base, 8);
+    traffic.wait_for(50, |s| s == 200, "events taken").await;
+    // The senders keep going until the process is gone: those in flight get no answer.
+    kill(&mut first).await;
+    let answers = traffic.finish().await;
+    let cut = answers.values().filter(|s| **s == NO_ANSWER).count();
+    assert!(cut > 0, "the kill cut no delivery in flight: {answers:?}");
+
+    // Stripe redelivers what was not answered 200; an answer lost in the crash may hide an event
+    // that was applied, so those are redelivered too and must come back as duplicates.
+    let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
+    let client = reqwest::Client::new();
+    for (i, status) in &answers {
+        let body = product_event(&fixtures, *i);
+        if *status == 200 {
+            assert_eq!(deliver(&client, &base, &body).await, 200);
+        } else {
+            redeliver(&client, &base, &body).await;
+        }
+    }
+    assert_each_event_applied_once(&db, answers.len()).await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_sms_send_leaves_it_unknown_and_a_retry_sends_nothing() {
+    let db = test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let twilio = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    // Twilio takes the request and is slow to answer: the window in which only Twilio knows.
+    twilio.set_latency(Duration::from_secs(30));
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let vars = [
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("TWILIO_ACCOUNT_SID", ACCOUNT),
+        ("TWILIO_AUTH_TOKEN", TOKEN),
+        ("TWILIO_API_BASE", twilio.base.as_str()),
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+    ];
+    let (mut first, base) = start(&db, dir.path(), "first.log", &vars).await;
+    let request = json!({"to": "+12025550123", "body": "your code is 123456",
+                         "idempotency_key": "crash-1"});
+    let send = |base: String| {
+        let request = request.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/functions/v1/send-sms"))
+                .header("apikey", SECRET_KEY)
+                .json(&request)
+                .send()
+                .await
+        }
+    };
+    let in_flight = tokio::spawn(send(base));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while twilio.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the send never reached Twilio");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kill(&mut first).await;
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the killed send answered"
+    );
+    let rows = text_pairs(&db, "SELECT idempotency_key, status FROM sms_messages").await;
+    assert_eq!(rows, [("crash-1".to_owned(), "accepted".to_owned())]);
+
+    let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = text_pairs(&db, "SELECT idempotency_key, status FROM sms_messages").await;
+        if rows == [("crash-1".to_owned(), "unknown".to_owned())] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted process left the row as {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retried = send(base).await.unwrap();
+    assert_eq!(retried.status(), 202);
+    let body: Value = retried.json().await.unwrap();
+    assert_eq!(body["status"], "unknown", "{body}");
+    assert_eq!(
+        twilio.requests().len(),
+        1,
+        "the message went to Twilio twice"
+    );
+}
+
+async fn sync(base: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/functions/v1/sync-stripe-products-hardened"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn sigkill_mid_sync_page_then_a_rerun_converges() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    // Pages of 100: products are requests 0-2, prices 3-10.
+    let stripe = FakeStripe::start(&fixtures, 250, 750).await;
+    stripe.fault_at(5, Fault::Hold);
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let vars = [
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("STRIPE_SECRET_KEY", fake_stripe::SECRET_KEY),
+        ("STRIPE_API_BASE", stripe.base.as_str()),
+    ];
+    let (mut first, base) = start(&db, dir.path(), "first.log", &vars).await;
+    let running = tokio::spawn(async move { sync(&base).await });
+    tokio::time::timeout(Duration::from_secs(30), stripe.arrived())
+        .await
+        .expect("the sync reached the held page");
+    kill(&mut first).await;
+    running.abort();
+    assert_eq!(
+        scalar_i64(&db, "SELECT COUNT(*) FROM stripe_prices").await,
+        200
+    );
+    stripe.clear_faults();
+
+    let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
+    if !db.is_postgres() {
+        // SQLite's lock is a row that outlives its holder until its TTL (5 min) passes; the
+        // PostgreSQL lock went with the killed session. Expire it as that wait would.
+        let (status, body) = sync(&base).await;
+        assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
+        expire_sqlite_sync_lock(&db).await;
+    }
+    let (status, body) = sync(&base).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["products"]["seen"], 250);
+    assert_eq!(body["prices"]["seen"], 750);
+    assert_eq!(body["prices"]["deactivated"], 0);
+    assert_eq!(
+        scalar_i64(&db, "SELECT COUNT(*) FROM stripe_products").await,
+        250
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT COUNT(*) FROM stripe_prices").await,
+        750
+    );
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    // A second rerun finds nothing to change: the state converged.
+    let (status, body) = sync(&base).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["products"]["upserted"], 0);
+    assert_eq!(body["prices"]["upserted"], 0);
+}
+
+async fn expire_sqlite_sync_lock(db: &TestDb) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    let expired = sqlx::query("UPDATE locks SET expires_at = 0 WHERE name = 'stripe_sync'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(expired.rows_affected(), 1);
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands() {
+    use edgegate::store::{NewSms, SendResult, SmsLimits};
+    let db = test_db!();
+    let store = db.store().await;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 10,
+        per_minute: 10,
+    };
+    let t0 = 1_000_000_000;
+    for (id, status, at) in [
+        ("old", "accepted", t0),
+        ("sent", "accepted", t0),
+        ("new", "accepted", t0 + 10_000),
+    ] {
+        let new = NewSms {
+            id,
+            idempotency_key: Some(id),
+            to_number: "+12025550101",
+            body: "hi",
+            status,
+        };
+        store.reserve_sms(new, limits, || at).await.unwrap();
+    }
+    let answered = SendResult {
+        status: "queued",
+        twilio_sid: Some("SM0001"),
+        error_code: None,
+        error_message: None,
+    };
+    store
+        .record_sms_send("sent", answered, t0 + 1)
+        .await
+        .unwrap();
+
+    let marked = store
+        .mark_unanswered_sms_unknown(t0 + 5_000, "test", t0 + 20_000)
+        .await
+        .unwrap();
+    assert_eq!(marked, 1);
+    let status = |id: &'static str| {
+        let store = store.clone();
+        async move { store.sms_message(id).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status("old").await, "unknown");
+    assert_eq!(status("sent").await, "queued");
+    assert_eq!(status("new").await, "accepted");
+    // A sender that was only slow records Twilio's answer over the sweep's guess.
+    let late = SendResult {
+        twilio_sid: Some("SM0002"),
+        ..answered
+    };
+    store
+        .record_sms_send("old", late, t0 + 30_000)
+        .await
+        .unwrap();
+    assert_eq!(status("old").await, "queued");
+}

@@ -1,0 +1,522 @@
+//! Database outages: the database goes away under webhook traffic and comes back, and the same
+//! process must refuse what needs it (webhook 5xx so Stripe retries, send-sms 503 before Twilio,
+//! readyz 503), keep serving what does not (credentials), keep key-usage counts in memory, and
+//! be ready again within seconds of the database's return, without a restart.
+//!
+//! PostgreSQL is cut with a TCP proxy the test owns between edgegate and the server (every open
+//! connection dropped, every new one closed at once); SQLite with a second connection holding
+//! `BEGIN EXCLUSIVE` on the file, as another process locking it would (the suite runs as root,
+//! so file permissions would not stop it).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgegate::auth::mint::{legacy_token, user_claims};
+use edgegate::store::now_ms;
+use edgegate::{AppState, Config, Store};
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::fake_stripe::{self, product_id};
+use crate::fake_twilio::FakeTwilio;
+use crate::support::{TestDb, serve_app};
+use crate::{stripe_fixtures, test_db};
+
+pub const WHSEC: &str = "whsec_edgegate_outage_test";
+pub const SECRET_KEY: &str = "sb_secret_outage0123456789abcdefgh";
+const JWT_SECRET: &str = "outage-legacy-secret-with-at-least-32-bytes";
+pub const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+pub const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+
+/// A TCP proxy between edgegate and PostgreSQL whose link the test cuts and restores.
+struct PgProxy {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl PgProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (open, links) = (open.clone(), links.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        // Closed at once: the client sees its connection end, as when the
+                        // database host is gone.
+                        drop(inbound);
+                        continue;
+                    }
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut upstream) = TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                        }
+                    });
+                    links.lock().unwrap().push(link);
+                }
+            }
+        });
+        Self {
+            addr,
+            open,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every open connection and closes every new one until `restore`.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// How the test takes the database away from edgegate.
+enum Outage {
+    Proxy(PgProxy),
+    /// SQLite: a connection of the test's own, holding the file's write lock while cut.
+    Lock {
+        url: String,
+        holder: Option<sqlx::SqliteConnection>,
+    },
+}
+
+impl Outage {
+    /// The outage for `db`, and the `DATABASE_URL` edgegate must use so the test can cut it.
+    async fn new(db: &TestDb) -> (Self, String) {
+        if db.is_postgres() {
+            let mut url = url::Url::parse(&db.url).unwrap();
+            let target = SocketAddr::new(
+                url.host_str().unwrap().parse().expect("an IP address"),
+                url.port().unwrap_or(5432),
+            );
+            let proxy = PgProxy::start(target).await;
+            url.set_port(Some(proxy.addr.port())).unwrap();
+            (Self::Proxy(proxy), url.to_string())
+        } else {
+            let outage = Self::Lock {
+                url: db.url.clone(),
+                holder: None,
+            };
+            (outage, db.url.clone())
+        }
+    }
+
+    async fn cut(&mut self) {
+        match self {
+            Self::Proxy(proxy) => proxy.cut(),
+            Self::Lock { url, holder } => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::query("BEGIN EXCLUSIVE")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                *holder = Some(conn);
+            }
+        }
+    }
+
+    async fn restore(&mut self) {
+        match self {
+            Self::Proxy(proxy) => proxy.restore(),
+            Self::Lock { holder, .. } => {
+                let mut conn = holder.take().expect("cut before restore");
+                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+}
+
+/// Runs one query on the test database (directly, never through the proxy).
+pub async fn scalar_i64(db: &TestDb, sql: &str) -> i64 {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let value: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        value
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        let value: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        value
+    }
+}
+
+/// The name event `i` gives its product, so a test can tell which event wrote a row.
+pub fn product_name(i: usize) -> String {
+    format!("outage product {i}")
+}
+
+/// `product.created` number `i` (id `evt_outage_{i}`), for product `i`.
+pub fn product_event(fixtures: &Value, i: usize) -> String {
+    let mut object = fake_stripe::product(fixtures, i);
+    object["name"] = json!(product_name(i));
+    let mut event = fake_stripe::resource(fixtures, "event");
+    event["id"] = json!(format!("evt_outage_{i}"));
+    event["type"] = json!("product.created");
+    // Fixed, so a redelivery is the very same body, as Stripe's is.
+    event["created"] = json!(1_800_000_000 + i);
+    event["data"] = json!({ "object": object });
+    event.to_string()
+}
+
+async fn post_event(
+    client: &reqwest::Client,
+    base: &str,
+    body: &str,
+) -> reqwest::Result<reqwest::Response> {
+    let signature = edgegate::stripe::signature::sign(body.as_bytes(), WHSEC, now_ms() / 1000);
+    client
+        .post(format!("{base}/functions/v1/stripe-webhook"))
+        .header("content-type", "application/json")
+        .header("stripe-signature", signature)
+        .body(body.to_owned())
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+}
+
+/// `deliver`'s answer when the request was sent and no answer came (the server died under it).
+pub const NO_ANSWER: u16 = 0;
+/// `deliver`'s answer when no connection could be made (nothing was sent).
+pub const NOT_CONNECTED: u16 = 1;
+
+/// Delivers `body` as Stripe would (signed now) to `base`: the status, `NO_ANSWER` or
+/// `NOT_CONNECTED`.
+pub async fn deliver(client: &reqwest::Client, base: &str, body: &str) -> u16 {
+    match post_event(client, base, body).await {
+        Ok(response) => response.status().as_u16(),
+        Err(err) if err.is_connect() => NOT_CONNECTED,
+        Err(_) => NO_ANSWER,
+    }
+}
+
+/// Redelivers `body` until it is taken, as Stripe's retries would (bounded).
+pub async fn redeliver(client: &reqwest::Client, base: &str, body: &str) {
+    for _ in 0..50 {
+        if deliver(client, base, body).await == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("a redelivered event was never taken");
+}
+
+/// Every row `sql` (two TEXT columns) returns, read directly (never through the proxy).
+pub async fn text_pairs(db: &TestDb, sql: &str) -> Vec<(String, String)> {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let rows = sqlx::query_as(sql).fetch_all(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        rows
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        let rows = sqlx::query_as(sql).fetch_all(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        rows
+    }
+}
+
+/// Asserts every event `0..events` is in the ledger once, and that the product rows are exactly
+/// the ones those events wrote.
+pub async fn assert_each_event_applied_once(db: &TestDb, events: usize) {
+    let ledger = text_pairs(db, "SELECT id, event_type FROM stripe_events ORDER BY id").await;
+    let mut expected: Vec<(String, String)> = (0..events)
+        .map(|i| (format!("evt_outage_{i}"), "product.created".to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(ledger, expected, "the ledger holds each event once");
+    let products = text_pairs(db, "SELECT id, name FROM stripe_products ORDER BY id").await;
+    let mut expected: Vec<(String, String)> = (0..events)
+        .map(|i| (product_id(i), product_name(i)))
+        .collect();
+    expected.sort();
+    assert_eq!(products, expected, "each event's product, once");
+}
+
+/// Webhook deliveries from `workers` concurrent senders, each event once, until `stop`.
+pub struct Traffic {
+    answers: Arc<Mutex<BTreeMap<usize, u16>>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+const MAX_EVENTS: usize = 2_000;
+
+impl Traffic {
+    pub fn start(fixtures: Arc<Value>, base: String, workers: usize) -> Self {
+        let answers: Arc<Mutex<BTreeMap<usize, u16>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let client = reqwest::Client::new();
+        let workers = (0..workers)
+            .map(|_| {
+                let (answers, stop, next) = (answers.clone(), stop.clone(), next.clone());
+                let (fixtures, base, client) = (fixtures.clone(), base.clone(), client.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= MAX_EVENTS {
+                            break;
+                        }
+                        let status = deliver(&client, &base, &product_event(&fixtures, i)).await;
+                        answers.lock().unwrap().insert(i, status);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            answers,
+            stop,
+            workers,
+        }
+    }
+
+    fn answered(&self, status: impl Fn(u16) -> bool) -> usize {
+        let answers = self.answers.lock().unwrap();
+        answers.values().filter(|s| status(**s)).count()
+    }
+
+    /// Waits (bounded) until `enough` answers match `status`.
+    pub async fn wait_for(&self, enough: usize, status: impl Fn(u16) -> bool + Copy, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.answered(status) < enough {
+            assert!(Instant::now() < deadline, "waiting for {enough} {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the senders; every event attempted, with its answer.
+    pub async fn finish(self) -> BTreeMap<usize, u16> {
+        self.stop.store(true, Ordering::SeqCst);
+        for worker in self.workers {
+            worker.await.unwrap();
+        }
+        Arc::try_unwrap(self.answers).unwrap().into_inner().unwrap()
+    }
+}
+
+fn config(url: &str, vars: &[(&str, &str)]) -> Config {
+    let mut map: BTreeMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    map.insert("DATABASE_URL".to_owned(), url.to_owned());
+    Config::from_lookup(|name| map.get(name).cloned()).expect("valid test configuration")
+}
+
+async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The one message the test tries to send, always with the same idempotency key.
+async fn send_sms(client: &reqwest::Client, base: &str) -> (u16, Value) {
+    let response = client
+        .post(format!("{base}/functions/v1/send-sms"))
+        .header("apikey", SECRET_KEY)
+        .json(&json!({"to": "+12025550123", "body": "hi", "idempotency_key": "outage-1"}))
+        .send()
+        .await
+        .unwrap();
+    status_and_body(response).await
+}
+
+fn legacy_bearer() -> String {
+    let claims = user_claims("supabase", "authenticated", "user-1", now_ms() / 1000, 3600);
+    format!(
+        "Bearer {}",
+        legacy_token(JWT_SECRET.as_bytes(), &claims, None)
+    )
+}
+
+async fn key_usage_total(db: &TestDb) -> i64 {
+    scalar_i64(
+        db,
+        "SELECT CAST(COALESCE(SUM(verified_count), 0) AS BIGINT) FROM key_usage_hourly \
+         WHERE source = 'legacy_secret'",
+    )
+    .await
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recovers_in_place() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let twilio = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let (mut outage, url) = Outage::new(&db).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let config = config(
+        &url,
+        &[
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+            ("SUPABASE_JWT_SECRET", JWT_SECRET),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("TWILIO_API_BASE", &twilio.base),
+            ("TWILIO_FROM_NUMBER", "+15005550006"),
+        ],
+    );
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let state = AppState::new(config, store.clone());
+    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    // As `run` starts it, with pauses short enough for a test.
+    let flusher = edgegate::auth::usage::spawn_flusher_every(
+        state.usage.clone(),
+        store.clone(),
+        Duration::from_millis(200),
+        Duration::from_millis(100),
+    );
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+
+    let traffic = Traffic::start(fixtures.clone(), base.clone(), 4);
+    traffic.wait_for(20, |s| s == 200, "events taken").await;
+
+    outage.cut().await;
+    traffic
+        .wait_for(4, |s| s >= 500, "deliveries refused during the cut")
+        .await;
+
+    // Credentials need no database.
+    let verified_in_outage = 5;
+    for _ in 0..verified_in_outage {
+        let response = client
+            .get(format!("{base}/functions/v1/jwt-test"))
+            .header("authorization", legacy_bearer())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_body(response).await;
+        assert_eq!(status, 200, "jwt-test during the outage: {body}");
+    }
+    let asked = Instant::now();
+    let (status, body) = status_and_body(server.get("/readyz").await).await;
+    eprintln!(
+        "readyz answered {status} in {:?} during the cut",
+        asked.elapsed()
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "NOT_READY");
+    assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
+    let asked = Instant::now();
+    let (status, body) = send_sms(&client, &base).await;
+    eprintln!(
+        "send-sms answered {status} in {:?} during the cut",
+        asked.elapsed()
+    );
+    assert_eq!(status, 503, "send-sms during the outage: {body}");
+    assert_eq!(body["code"], "NOT_READY");
+    assert!(twilio.requests().is_empty(), "Twilio was called");
+    // The counts cannot be written now; the flusher fails and keeps them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = server.get("/metrics").await.text().await.unwrap();
+        if metric(&metrics, "edgegate_key_usage_flush_failures_total") >= Some(1.0) {
+            assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(0.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no key-usage flush failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(key_usage_total(&db).await, 0);
+
+    outage.restore().await;
+    let restored = Instant::now();
+    loop {
+        if server.get("/readyz").await.status() == 200 {
+            break;
+        }
+        assert!(
+            restored.elapsed() < Duration::from_secs(10),
+            "not ready again 10 s after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("ready again {:?} after the restore", restored.elapsed());
+    let after = traffic.answered(|s| s == 200);
+    traffic
+        .wait_for(after + 20, |s| s == 200, "events taken after the restore")
+        .await;
+    let answers = traffic.finish().await;
+
+    let refused: Vec<usize> = answers
+        .iter()
+        .filter(|(_, status)| **status != 200)
+        .map(|(i, _)| *i)
+        .collect();
+    assert!(
+        refused.len() >= 4,
+        "the cut refused {} deliveries",
+        refused.len()
+    );
+    assert!(
+        refused.iter().all(|i| answers[i] >= 500),
+        "a refused delivery was not a 5xx: {answers:?}"
+    );
+    for i in &refused {
+        redeliver(&client, &base, &product_event(&fixtures, *i)).await;
+    }
+    // A delivery that was taken once is a duplicate now, whatever the outage did.
+    let first_taken = answers.iter().find(|(_, s)| **s == 200).unwrap().0;
+    let response = post_event(&client, &base, &product_event(&fixtures, *first_taken)).await;
+    let (status, body) = status_and_body(response.unwrap()).await;
+    assert_eq!((status, body["duplicate"].clone()), (200, json!(true)));
+    assert_each_event_applied_once(&db, answers.len()).await;
+
+    // The counts verified during the outage reach the database now that it is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while key_usage_total(&db).await < verified_in_outage {
+        assert!(
+            Instant::now() < deadline,
+            "the kept key usage never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(key_usage_total(&db).await, verified_in_outage);
+    flusher.abort();
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(
+        metric(&metrics, "edgegate_key_usage_dropped_total"),
+        Some(0.0)
+    );
+    assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(1.0));
+
+    // And send-sms works again on the same process.
+    assert_eq!(send_sms(&client, &base).await.0, 202);
+    assert_eq!(twilio.requests().len(), 1);
+}
