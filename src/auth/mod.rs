@@ -19,6 +19,7 @@
 
 pub mod authenticator;
 pub mod cache;
+pub mod callers;
 pub mod clock;
 pub mod error;
 pub mod extract;

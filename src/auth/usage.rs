@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
 use crate::store::{KeyUsage, Store, now_ms};
 
@@ -33,6 +34,8 @@ struct Count {
 #[derive(Debug, Default)]
 pub struct UsageTracker {
     pending: Mutex<HashMap<Bucket, Count>>,
+    /// Who the legacy and API-key verifications came from, flushed with these counts.
+    pub callers: CallerTracker,
 }
 
 /// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
@@ -78,8 +81,13 @@ impl UsageTracker {
             .collect()
     }
 
-    /// Writes the pending counts; on failure they are kept for the next flush.
+    /// Writes the pending counts, callers included; on failure they are kept for the next flush.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
+        let callers = self.callers.flush(store).await;
+        self.flush_keys(store).await.and(callers)
+    }
+
+    async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
         let rows = self.take();
         if rows.is_empty() {
             return Ok(());

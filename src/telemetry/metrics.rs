@@ -24,10 +24,18 @@ pub struct HttpLabels {
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
+/// Label of a legacy verification: `anon_key`, `service_role_key` or `user_session`. No client
+/// label: client names are the caller's choice, so they would grow the label set without bound.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegacyKindLabels {
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_duration: HistogramFamily,
+    pub legacy_verifications: Family<LegacyKindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,10 +66,17 @@ impl Metrics {
             "HTTP request latency, by method, matched route and status",
             http_request_duration.clone(),
         );
+        let legacy_verifications = Family::<LegacyKindLabels, Counter>::default();
+        registry.register(
+            "legacy_verifications",
+            "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
+            legacy_verifications.clone(),
+        );
         Self {
             registry,
             http_requests,
             http_request_duration,
+            legacy_verifications,
         }
     }
 
