@@ -27,6 +27,7 @@ pub(crate) mod json;
 pub mod jwks;
 pub mod keyring;
 pub mod keys;
+pub mod legacy_report;
 pub mod metrics;
 pub mod mint;
 pub mod usage;

@@ -244,7 +244,7 @@ pub fn legacy_verdict(
     )
 }
 
-fn humanize(window: Duration) -> String {
+pub(crate) fn humanize(window: Duration) -> String {
     let secs = window.as_secs();
     if secs.is_multiple_of(3600) {
         format!("{} h", secs / 3600)

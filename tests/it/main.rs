@@ -12,6 +12,7 @@ mod drill;
 mod fake_stripe;
 mod fake_twilio;
 mod http;
+mod legacy_usage;
 mod shutdown;
 mod sms;
 mod store;
