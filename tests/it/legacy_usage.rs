@@ -262,6 +262,21 @@ async fn keys_report_reads_a_running_edgegate() {
     );
     assert!(!text.contains(SECRET_KEY));
 
+    // A window the API does not take: the contract's error, naming the field.
+    for bad in ["0", "2592001", "24h", ""] {
+        let response = a
+            .client
+            .get(a.url(&format!("/admin/signing-keys?window_seconds={bad}")))
+            .header("apikey", SECRET_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{bad:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "VALIDATION_FAILED");
+        assert!(body["message"].as_str().unwrap().starts_with("window_seconds"));
+    }
+
     // Without the key: a configuration error naming the variable.
     let refused = run(vec![], url).await.unwrap();
     assert_eq!(refused.status.code(), Some(2));
