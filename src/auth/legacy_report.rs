@@ -152,46 +152,35 @@ struct SeriesTable {
     by_id: HashMap<(String, String, String, Option<String>), Series>,
 }
 
-/// One hourly row of either table.
-trait HourlyRow {
-    fn hour(&self) -> i64;
-    fn count(&self) -> i64;
-    fn last(&self) -> i64;
+/// What one hourly row of either table adds to a series: its hour, count and last use.
+struct HourCount {
+    hour: i64,
+    count: i64,
+    last: i64,
 }
 
-impl HourlyRow for KeyUsage {
-    fn hour(&self) -> i64 {
-        self.hour_start_ms
-    }
-    fn count(&self) -> i64 {
-        self.verified_count
-    }
-    fn last(&self) -> i64 {
-        self.last_verified_at_ms
+impl From<&KeyUsage> for HourCount {
+    fn from(row: &KeyUsage) -> Self {
+        Self {
+            hour: row.hour_start_ms,
+            count: row.verified_count,
+            last: row.last_verified_at_ms,
+        }
     }
 }
 
-impl HourlyRow for CallerUsage {
-    fn hour(&self) -> i64 {
-        self.hour_start_ms
-    }
-    fn count(&self) -> i64 {
-        self.verified_count
-    }
-    fn last(&self) -> i64 {
-        self.last_verified_at_ms
+impl From<&CallerUsage> for HourCount {
+    fn from(row: &CallerUsage) -> Self {
+        Self {
+            hour: row.hour_start_ms,
+            count: row.verified_count,
+            last: row.last_verified_at_ms,
+        }
     }
 }
 
 impl SeriesTable {
-    fn add(
-        &mut self,
-        source: &str,
-        key: &str,
-        alg: &str,
-        kind: Option<&str>,
-        row: &impl HourlyRow,
-    ) {
+    fn add(&mut self, source: &str, key: &str, alg: &str, kind: Option<&str>, row: HourCount) {
         let columns = self.columns;
         let id = (
             source.to_owned(),
@@ -209,12 +198,12 @@ impl SeriesTable {
             hourly: vec![0; columns],
         });
         // Rows from an instance whose clock runs ahead land in the newest column.
-        let column = usize::try_from((row.hour() - self.first) / HOUR_MS)
+        let column = usize::try_from((row.hour - self.first) / HOUR_MS)
             .unwrap_or(0)
             .min(columns - 1);
-        entry.count += row.count();
-        entry.last_seen = entry.last_seen.max(row.last());
-        entry.hourly[column] += row.count();
+        entry.count += row.count;
+        entry.last_seen = entry.last_seen.max(row.last);
+        entry.hourly[column] += row.count;
     }
 }
 
@@ -237,13 +226,13 @@ pub fn summarize(
         by_id: HashMap::new(),
     };
     for row in keys.iter().filter(|row| row.hour_start_ms >= first) {
-        series.add(&row.source, &row.kid, &row.alg, None, row);
+        series.add(&row.source, &row.kid, &row.alg, None, row.into());
     }
 
     let mut summed: BTreeMap<(&str, &str, &str, &str), CallerRow> = BTreeMap::new();
     for row in callers.iter().filter(|row| row.hour_start_ms >= first) {
         if row.source == "legacy_secret" {
-            series.add("legacy_secret", "", "HS256", Some(&row.kind), row);
+            series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
         }
         let entry = summed
             .entry((&row.source, &row.kind, &row.route, &row.client))
@@ -344,23 +333,20 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
         return;
     }
     let total: i64 = legacy_usage.iter().map(|row| row.count).sum();
-    let others = legacy_usage.len() - 1;
-    let mut reason = format!(
-        "legacy {} still used by {} on {}, {} time{} in the last {}",
+    let callers = legacy_usage.len();
+    let reason = format!(
+        "legacy {} still used by {} on {}, {} time{} in the last {}; {} request{} verified with \
+         the legacy secret in all, from {callers} caller{}",
         top.kind,
         top.client,
         top.route,
         thousands(top.count),
         if top.count == 1 { "" } else { "s" },
-        humanize(window)
+        humanize(window),
+        thousands(total),
+        if total == 1 { "" } else { "s" },
+        if callers == 1 { "" } else { "s" },
     );
-    if others > 0 {
-        reason.push_str(&format!(
-            " ({} legacy-verified in all, {others} more caller{})",
-            thousands(total),
-            if others == 1 { "" } else { "s" }
-        ));
-    }
     verdict.reason = reason;
 }
 

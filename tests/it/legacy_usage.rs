@@ -173,7 +173,7 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
     assert_eq!(
         report["reason"],
         "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 5 times \
-         in the last 24 h (10 legacy-verified in all, 2 more callers)"
+         in the last 24 h; 10 requests verified with the legacy secret in all, from 3 callers"
     );
     let kinds = report["legacy_kinds"].as_array().unwrap();
     let counts: Vec<(&str, i64)> = kinds
@@ -274,7 +274,12 @@ async fn keys_report_reads_a_running_edgegate() {
         assert_eq!(response.status(), 422, "{bad:?}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "VALIDATION_FAILED");
-        assert!(body["message"].as_str().unwrap().starts_with("window_seconds"));
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("window_seconds")
+        );
     }
 
     // Without the key: a configuration error naming the variable.
