@@ -204,11 +204,6 @@ fn caller_cells(kind: String, row: &CallerRow) -> Vec<String> {
 /// The report as text: the keys with hourly bars, the callers, the verdict.
 pub fn render(view: &ReportView, now_ms: i64) -> String {
     let window = Duration::from_secs(view.usage_window_seconds);
-    let hours = view
-        .usage_hourly
-        .series
-        .first()
-        .map_or(0, |series| series.hourly.len());
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -242,7 +237,6 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
             &rows,
             &[2],
         );
-        debug_assert!(rows.iter().all(|row| row[4].chars().count() == hours));
     }
     out.push('\n');
     let callers: Vec<Vec<String>> = view
