@@ -2,6 +2,7 @@
 
 pub mod jwt_check;
 pub mod keys;
+pub mod report;
 pub mod token;
 
 use std::time::Duration;

@@ -73,6 +73,29 @@ Examples:
         #[arg(long, value_enum, default_value_t = OutputArg::Both)]
         output: OutputArg,
     },
+    /// Who still uses which key: legacy usage by kind, route and client, with hourly bars.
+    #[command(after_help = "\
+Reads GET /admin/signing-keys of a running edgegate when --url is given, with the sb_secret_
+key in EDGEGATE_SECRET_KEY (never on the command line); else reads the database DATABASE_URL
+names (flushed counts only: each instance writes its counts every 60 s).
+
+Examples:
+  EDGEGATE_SECRET_KEY=sb_secret_... edgegate keys report --url https://my-edgegate.fly.dev
+  DATABASE_URL=postgres://... edgegate keys report --window 7d")]
+    Report {
+        /// A running edgegate to ask, e.g. https://my-edgegate.fly.dev.
+        #[arg(long)]
+        url: Option<String>,
+        /// The span of the usage: 24h, 90m, 7d (at most 30d); default: the revocation window.
+        #[arg(long, value_parser = commands::report::parse_window)]
+        window: Option<Duration>,
+        /// The sb_secret_ key for --url; from the environment only.
+        #[arg(long, env = "EDGEGATE_SECRET_KEY", hide = true, hide_env_values = true)]
+        secret_key: Option<String>,
+        /// The report's "now", epoch milliseconds (tests).
+        #[arg(long, hide = true)]
+        now_ms: Option<i64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +258,40 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Keys {
+            command:
+                KeysCommand::Report {
+                    url,
+                    window,
+                    secret_key,
+                    now_ms,
+                },
+        } => {
+            let now_ms = now_ms.unwrap_or_else(edgegate::store::now_ms);
+            let view = match (url, secret_key) {
+                (Some(url), Some(key)) => {
+                    let key = secrecy::SecretString::from(key);
+                    commands::report::from_api(&url, &key, window).await
+                }
+                (Some(_), None) => {
+                    eprintln!(
+                        "edgegate: invalid configuration: EDGEGATE_SECRET_KEY must be set (an sb_secret_ key) to read the report from --url"
+                    );
+                    return ExitCode::from(2);
+                }
+                (None, _) => commands::report::from_database(&config, window, now_ms).await,
+            };
+            match view {
+                Ok(view) => {
+                    print!("{}", commands::report::render(&view, now_ms));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("edgegate: cannot read the report: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Token {
             command:
                 TokenCommand::Mint {

@@ -3,16 +3,18 @@
 //! `User` accepts any valid credential of the contract's *user* kind; `ServiceRole` also demands
 //! the `service_role` role (a secret API key counts as one).
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, MatchedPath};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 
+use crate::auth::callers::{CallerKind, client_name};
 use crate::auth::metrics::VerificationLabels;
 use crate::auth::usage::usage_kid;
 use crate::auth::{AuthError, KeySource, Verified};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{AuditEntry, now_ms};
+use crate::telemetry::LegacyKindLabels;
 
 /// Who made the request, as established by its credential.
 #[derive(Clone, Debug)]
@@ -103,6 +105,30 @@ fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) 
     }
 }
 
+/// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
+/// path, which the caller chooses).
+fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
+    let Some(kind) = CallerKind::of(verified) else {
+        return;
+    };
+    if let CallerKind::Legacy(legacy) = &kind {
+        let labels = LegacyKindLabels {
+            kind: legacy.as_str(),
+        };
+        state
+            .metrics
+            .legacy_verifications
+            .get_or_create(&labels)
+            .inc();
+    }
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let client = client_name(&parts.headers);
+    state.usage.callers.record(&kind, route, client, now_ms());
+}
+
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         ApiError::Unauthorized {
@@ -127,6 +153,7 @@ impl FromRequestParts<AppState> for User {
         match result {
             Ok(verified) => {
                 state.usage.record(&verified, now_ms());
+                record_caller(parts, state, &verified);
                 let kid = match verified.source {
                     KeySource::LegacySecret => "legacy".to_owned(),
                     _ => usage_kid(&verified),

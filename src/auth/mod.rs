@@ -19,6 +19,7 @@
 
 pub mod authenticator;
 pub mod cache;
+pub mod callers;
 pub mod clock;
 pub mod error;
 pub mod extract;
@@ -26,6 +27,7 @@ pub(crate) mod json;
 pub mod jwks;
 pub mod keyring;
 pub mod keys;
+pub mod legacy_report;
 pub mod metrics;
 pub mod mint;
 pub mod usage;

@@ -11,6 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
 use crate::store::{KeyUsage, Store, now_ms};
 
@@ -48,6 +49,8 @@ pub struct UsageTracker {
     /// Verifications not kept because the buffer was full.
     dropped: Counter,
     flush_failures: Counter,
+    /// Who the legacy and API-key verifications came from, flushed with these counts.
+    pub callers: CallerTracker,
 }
 
 impl Default for UsageTracker {
@@ -73,6 +76,7 @@ impl UsageTracker {
             max_buckets,
             dropped: Counter::default(),
             flush_failures: Counter::default(),
+            callers: CallerTracker::default(),
         }
     }
 
@@ -148,8 +152,13 @@ impl UsageTracker {
             .collect()
     }
 
-    /// Writes the pending counts; on failure they are kept for the next flush.
+    /// Writes the pending counts, callers included; on failure they are kept for the next flush.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
+        let callers = self.callers.flush(store).await;
+        self.flush_keys(store).await.and(callers)
+    }
+
+    async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
         let rows = self.take();
         if rows.is_empty() {
             return Ok(());
@@ -323,7 +332,7 @@ pub fn legacy_verdict(
     )
 }
 
-fn humanize(window: Duration) -> String {
+pub(crate) fn humanize(window: Duration) -> String {
     let secs = window.as_secs();
     if secs.is_multiple_of(3600) {
         format!("{} h", secs / 3600)

@@ -2,12 +2,14 @@
 //! secret can be revoked; `/admin/signing-keys/refresh`: refetch the JWKS now.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
 
 use crate::auth::extract::{Principal, ServiceRole};
+use crate::auth::legacy_report::{self, first_hour};
 use crate::auth::usage::{legacy_verdict, window_first_hour};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -44,12 +46,38 @@ async fn audit(state: &AppState, principal: &Principal, action: &str, outcome: &
     }
 }
 
+/// Longest span `?window_seconds=` may ask the usage for (the revocation window's own limit).
+const MAX_USAGE_WINDOW_SECONDS: u64 = 2_592_000;
+
+/// `?window_seconds=N` (1 to 30 days): the span of the usage lists and hourly series; the
+/// verdict always covers the revocation window.
+fn usage_window(query: Option<&str>, default: Duration) -> ApiResult<Duration> {
+    let Some(value) = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("window_seconds="))
+    else {
+        return Ok(default);
+    };
+    match value.parse::<u64>() {
+        Ok(seconds @ 1..=MAX_USAGE_WINDOW_SECONDS) => Ok(Duration::from_secs(seconds)),
+        _ => Err(ApiError::ValidationFailed {
+            field: "window_seconds".to_owned(),
+            message: format!(
+                "must be a whole number of seconds from 1 to {MAX_USAGE_WINDOW_SECONDS}"
+            ),
+        }),
+    }
+}
+
 pub async fn signing_keys(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let usage = usage_in_window(&state).await?;
     let window = state.config.jwt.legacy_revocation_window;
+    let asked_window = usage_window(query.as_deref(), window)?;
+    let usage = usage_in_window(&state).await?;
     let evidence_since = match (
         state.store.key_usage_first_hour().await?,
         state.usage.first_pending_hour(),
@@ -98,7 +126,19 @@ pub async fn signing_keys(
         .collect();
     let legacy_configured = !ring.legacy_secrets().is_empty();
     let (legacy_count, legacy_last) = find("legacy_secret", "");
-    let verdict = legacy_verdict(legacy_configured, &usage, evidence_since, window, now_ms());
+    let now = now_ms();
+    let verdict = legacy_verdict(legacy_configured, &usage, evidence_since, window, now);
+    let since = first_hour(window, now).min(first_hour(asked_window, now));
+    let (hourly_keys, hourly_callers) =
+        legacy_report::hourly_rows(&state.store, Some(&state.usage), since).await?;
+    let report = legacy_report::view(
+        &hourly_keys,
+        &hourly_callers,
+        verdict,
+        window,
+        asked_window,
+        now,
+    );
     audit(&state, &principal, "list_signing_keys", "ok").await;
     Ok(Json(json!({
         "keys": keys,
@@ -110,8 +150,13 @@ pub async fn signing_keys(
         },
         "window_seconds": window.as_secs(),
         "evidence_since_ms": evidence_since,
-        "legacy_revocation_safe": verdict.legacy_revocation_safe,
-        "reason": verdict.reason,
+        "legacy_revocation_safe": report.legacy_revocation_safe,
+        "reason": report.reason,
+        "legacy_usage": report.legacy_usage,
+        "api_key_usage": report.api_key_usage,
+        "legacy_kinds": report.legacy_kinds,
+        "usage_window_seconds": report.usage_window_seconds,
+        "usage_hourly": report.usage_hourly,
         "jwks": state.auth.fetcher().map(|fetcher| fetcher.status()),
     })))
 }

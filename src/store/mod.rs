@@ -21,6 +21,7 @@ macro_rules! with_pool {
 }
 
 // Declared after the macro so the backend files (and later ones) can use it.
+mod callers;
 mod postgres;
 mod sms;
 mod sqlite;
@@ -32,6 +33,7 @@ pub use stripe::{
     SyncRun,
 };
 
+pub use callers::CallerUsage;
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 
 #[derive(Clone, Debug)]

@@ -25,12 +25,20 @@ pub struct HttpLabels {
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
+/// Label of a legacy verification: `anon_key`, `service_role_key` or `user_session`. No client
+/// label: client names are the caller's choice, so they would grow the label set without bound.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegacyKindLabels {
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_duration: HistogramFamily,
     /// 1 when the last readiness probe reached the database, 0 when it did not.
     pub database_ready: Gauge,
+    pub legacy_verifications: Family<LegacyKindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,11 +75,18 @@ impl Metrics {
             "1 when the last /readyz probe could write to the database, else 0",
             database_ready.clone(),
         );
+        let legacy_verifications = Family::<LegacyKindLabels, Counter>::default();
+        registry.register(
+            "legacy_verifications",
+            "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
+            legacy_verifications.clone(),
+        );
         Self {
             registry,
             http_requests,
             http_request_duration,
             database_ready,
+            legacy_verifications,
         }
     }
 

@@ -2,7 +2,7 @@
 
 mod metrics;
 
-pub use metrics::{HttpLabels, Metrics, track_metrics};
+pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
 
 use std::io::IsTerminal;
 use std::time::Duration;

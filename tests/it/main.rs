@@ -15,6 +15,7 @@ mod fake_stripe;
 mod fake_twilio;
 mod hostile;
 mod http;
+mod legacy_usage;
 mod logs;
 mod outage;
 mod reconcile;

@@ -1,0 +1,354 @@
+//! Who still uses which key, over a window: the callers of the legacy secret (by kind, route and
+//! client) and of each API key, each kind's last use, and hourly series per key and kind. Built
+//! from hourly rows (the database's plus an instance's unflushed ones), so
+//! `GET /admin/signing-keys` and `edgegate keys report` show the same numbers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::callers::LegacyKind;
+use crate::auth::usage::{LegacyVerdict, UsageTracker, humanize};
+use crate::store::{CallerUsage, KeyUsage, Store};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// One caller over the window: `kind` is a legacy kind, or the API key's name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerRow {
+    pub kind: String,
+    pub route: String,
+    pub client: String,
+    pub count: i64,
+    /// Epoch milliseconds.
+    pub last_seen: i64,
+}
+
+/// One legacy kind over the window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindUse {
+    pub kind: String,
+    pub count: i64,
+    /// Epoch milliseconds; `None` when not seen in the window.
+    pub last_seen: Option<i64>,
+}
+
+/// Verifications of one key (or one legacy kind) per hour, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Series {
+    /// `legacy_secret`, `signing_key` or `api_key`.
+    pub source: String,
+    /// The kid, the API key's name, or empty for the legacy secret.
+    pub key: String,
+    pub alg: String,
+    /// For the legacy secret's rows per kind; `None` for a key's total.
+    pub kind: Option<String>,
+    pub count: i64,
+    pub last_seen: i64,
+    pub hourly: Vec<i64>,
+}
+
+/// The hourly series over the window: column `i` is the hour starting at
+/// `first_hour_ms + i * 3600000`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hourly {
+    pub first_hour_ms: i64,
+    pub series: Vec<Series>,
+}
+
+/// Everything the report shows about usage over one window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Legacy callers, most used first.
+    pub legacy_usage: Vec<CallerRow>,
+    /// API-key callers (kind: the key's name), most used first.
+    pub api_key_usage: Vec<CallerRow>,
+    /// Each legacy kind, in a fixed order.
+    pub legacy_kinds: Vec<KindUse>,
+    pub hourly: Hourly,
+}
+
+/// What `edgegate keys report` shows; `GET /admin/signing-keys` carries the same fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportView {
+    /// The span of the usage below (the revocation window unless asked otherwise).
+    pub usage_window_seconds: u64,
+    /// The verdict, always over the revocation window.
+    pub legacy_revocation_safe: bool,
+    pub reason: String,
+    pub legacy_usage: Vec<CallerRow>,
+    pub api_key_usage: Vec<CallerRow>,
+    pub legacy_kinds: Vec<KindUse>,
+    pub usage_hourly: Hourly,
+}
+
+/// The hourly key and caller rows of the hours from `since_ms`: the database's, plus this
+/// instance's unflushed counts when a tracker is given.
+pub async fn hourly_rows(
+    store: &Store,
+    pending: Option<&UsageTracker>,
+    since_ms: i64,
+) -> anyhow::Result<(Vec<KeyUsage>, Vec<CallerUsage>)> {
+    let mut keys = store.key_usage_hours_since(since_ms).await?;
+    let mut callers = store.caller_usage_hours_since(since_ms).await?;
+    if let Some(tracker) = pending {
+        // Unflushed key counts are summed per key; their hour is the earliest one they cover.
+        keys.extend(tracker.pending_since(since_ms));
+        callers.extend(tracker.callers.pending_since(since_ms));
+    }
+    Ok((keys, callers))
+}
+
+/// The report over `usage_window`, with the verdict's reason naming the top legacy caller of
+/// the revocation window.
+pub fn view(
+    keys: &[KeyUsage],
+    callers: &[CallerUsage],
+    mut verdict: LegacyVerdict,
+    revocation_window: Duration,
+    usage_window: Duration,
+    now_ms: i64,
+) -> ReportView {
+    let revocation = summarize(keys, callers, revocation_window, now_ms);
+    name_top_caller(&mut verdict, &revocation.legacy_usage, revocation_window);
+    let usage = if usage_window == revocation_window {
+        revocation
+    } else {
+        summarize(keys, callers, usage_window, now_ms)
+    };
+    ReportView {
+        usage_window_seconds: usage_window.as_secs(),
+        legacy_revocation_safe: verdict.legacy_revocation_safe,
+        reason: verdict.reason,
+        legacy_usage: usage.legacy_usage,
+        api_key_usage: usage.api_key_usage,
+        legacy_kinds: usage.legacy_kinds,
+        usage_hourly: usage.hourly,
+    }
+}
+
+fn hour_of(at_ms: i64) -> i64 {
+    at_ms - at_ms.rem_euclid(HOUR_MS)
+}
+
+/// The start of the first hour that can hold usage from the window ending at `now_ms`.
+pub fn first_hour(window: Duration, now_ms: i64) -> i64 {
+    hour_of(now_ms.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)))
+}
+
+fn source_rank(source: &str) -> u8 {
+    match source {
+        "legacy_secret" => 0,
+        "signing_key" => 1,
+        _ => 2,
+    }
+}
+
+/// Series being summed, by (source, key, alg, kind).
+struct SeriesTable {
+    columns: usize,
+    first: i64,
+    by_id: HashMap<(String, String, String, Option<String>), Series>,
+}
+
+/// What one hourly row of either table adds to a series: its hour, count and last use.
+struct HourCount {
+    hour: i64,
+    count: i64,
+    last: i64,
+}
+
+impl From<&KeyUsage> for HourCount {
+    fn from(row: &KeyUsage) -> Self {
+        Self {
+            hour: row.hour_start_ms,
+            count: row.verified_count,
+            last: row.last_verified_at_ms,
+        }
+    }
+}
+
+impl From<&CallerUsage> for HourCount {
+    fn from(row: &CallerUsage) -> Self {
+        Self {
+            hour: row.hour_start_ms,
+            count: row.verified_count,
+            last: row.last_verified_at_ms,
+        }
+    }
+}
+
+impl SeriesTable {
+    fn add(&mut self, source: &str, key: &str, alg: &str, kind: Option<&str>, row: HourCount) {
+        let columns = self.columns;
+        let id = (
+            source.to_owned(),
+            key.to_owned(),
+            alg.to_owned(),
+            kind.map(str::to_owned),
+        );
+        let entry = self.by_id.entry(id).or_insert_with(|| Series {
+            source: source.to_owned(),
+            key: key.to_owned(),
+            alg: alg.to_owned(),
+            kind: kind.map(str::to_owned),
+            count: 0,
+            last_seen: 0,
+            hourly: vec![0; columns],
+        });
+        // Rows from an instance whose clock runs ahead land in the newest column.
+        let column = usize::try_from((row.hour - self.first) / HOUR_MS)
+            .unwrap_or(0)
+            .min(columns - 1);
+        entry.count += row.count;
+        entry.last_seen = entry.last_seen.max(row.last);
+        entry.hourly[column] += row.count;
+    }
+}
+
+/// Sums hourly `keys` and `callers` rows (duplicates of one hour and key are added) over the
+/// window ending at `now_ms`. As for the verdict, a caller counts when its last use is in the
+/// window.
+pub fn summarize(
+    keys: &[KeyUsage],
+    callers: &[CallerUsage],
+    window: Duration,
+    now_ms: i64,
+) -> Usage {
+    let first = first_hour(window, now_ms);
+    let columns = usize::try_from((hour_of(now_ms) - first) / HOUR_MS + 1).unwrap_or(1);
+    let window_start = now_ms.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(0));
+
+    let mut series = SeriesTable {
+        columns,
+        first,
+        by_id: HashMap::new(),
+    };
+    for row in keys.iter().filter(|row| row.hour_start_ms >= first) {
+        series.add(&row.source, &row.kid, &row.alg, None, row.into());
+    }
+
+    let mut summed: BTreeMap<(&str, &str, &str, &str), CallerRow> = BTreeMap::new();
+    for row in callers.iter().filter(|row| row.hour_start_ms >= first) {
+        if row.source == "legacy_secret" {
+            series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
+        }
+        let entry = summed
+            .entry((&row.source, &row.kind, &row.route, &row.client))
+            .or_insert_with(|| CallerRow {
+                kind: row.kind.clone(),
+                route: row.route.clone(),
+                client: row.client.clone(),
+                count: 0,
+                last_seen: 0,
+            });
+        entry.count += row.verified_count;
+        entry.last_seen = entry.last_seen.max(row.last_verified_at_ms);
+    }
+    let (mut legacy_usage, mut api_key_usage) = (Vec::new(), Vec::new());
+    for ((source, ..), row) in summed {
+        if row.last_seen < window_start {
+            continue;
+        }
+        if source == "legacy_secret" {
+            legacy_usage.push(row);
+        } else {
+            api_key_usage.push(row);
+        }
+    }
+    for rows in [&mut legacy_usage, &mut api_key_usage] {
+        rows.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| b.last_seen.cmp(&a.last_seen))
+                .then_with(|| (&a.kind, &a.route, &a.client).cmp(&(&b.kind, &b.route, &b.client)))
+        });
+    }
+    let legacy_kinds = LegacyKind::ALL
+        .iter()
+        .map(|kind| {
+            let rows = legacy_usage.iter().filter(|row| row.kind == kind.as_str());
+            KindUse {
+                kind: kind.as_str().to_owned(),
+                count: rows.clone().map(|row| row.count).sum(),
+                last_seen: rows.map(|row| row.last_seen).max(),
+            }
+        })
+        .collect();
+    let mut series: Vec<Series> = series.by_id.into_values().collect();
+    // The legacy secret first (its total, then each kind), then signing keys and API keys, the
+    // most used first.
+    series.sort_by_key(|s| {
+        let kind_rank = s.kind.as_deref().map_or(0, |kind| {
+            LegacyKind::ALL
+                .iter()
+                .position(|known| known.as_str() == kind)
+                .map_or(usize::MAX, |at| at + 1)
+        });
+        let by_count = if s.source == "legacy_secret" {
+            0
+        } else {
+            s.count
+        };
+        (
+            source_rank(&s.source),
+            kind_rank,
+            std::cmp::Reverse(by_count),
+            s.key.clone(),
+            s.alg.clone(),
+        )
+    });
+    Usage {
+        legacy_usage,
+        api_key_usage,
+        legacy_kinds,
+        hourly: Hourly {
+            first_hour_ms: first,
+            series,
+        },
+    }
+}
+
+/// A count with thousands separators: `1,204`.
+pub fn thousands(count: i64) -> String {
+    let digits = count.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (at, digit) in digits.chars().enumerate() {
+        if at > 0 && (digits.len() - at).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    if count < 0 { format!("-{out}") } else { out }
+}
+
+/// When revoking is not safe because the legacy secret is still used, the reason names the top
+/// caller, so the operator knows whom to fix first.
+pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], window: Duration) {
+    let Some(top) = legacy_usage.first() else {
+        return;
+    };
+    if verdict.legacy_revocation_safe {
+        return;
+    }
+    let total: i64 = legacy_usage.iter().map(|row| row.count).sum();
+    let callers = legacy_usage.len();
+    let reason = format!(
+        "legacy {} still used by {} on {}, {} time{} in the last {}; {} request{} verified with \
+         the legacy secret in all, from {callers} caller{}",
+        top.kind,
+        top.client,
+        top.route,
+        thousands(top.count),
+        if top.count == 1 { "" } else { "s" },
+        humanize(window),
+        thousands(total),
+        if total == 1 { "" } else { "s" },
+        if callers == 1 { "" } else { "s" },
+    );
+    verdict.reason = reason;
+}
+
+#[cfg(test)]
+mod tests;

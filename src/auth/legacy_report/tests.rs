@@ -1,0 +1,73 @@
+use super::*;
+
+const NOW: i64 = 1_796_117_400_000; // 2026-12-01 09:30 UTC
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn caller(hours_ago: i64, kind: &str, client: &str, count: i64) -> CallerUsage {
+    let hour = hour_of(NOW) - hours_ago * HOUR_MS;
+    CallerUsage {
+        hour_start_ms: hour,
+        source: "legacy_secret".to_owned(),
+        kind: kind.to_owned(),
+        route: "/functions/v1/jwt-test".to_owned(),
+        client: client.to_owned(),
+        verified_count: count,
+        last_verified_at_ms: hour + 60_000,
+    }
+}
+
+#[test]
+fn thousands_are_separated() {
+    assert_eq!(thousands(0), "0");
+    assert_eq!(thousands(999), "999");
+    assert_eq!(thousands(1_204), "1,204");
+    assert_eq!(thousands(1_234_567), "1,234,567");
+}
+
+#[test]
+fn callers_are_summed_across_rows_and_hours_and_sorted_by_count() {
+    let rows = [
+        caller(0, "anon_key", "supabase-js/2.47.0", 700),
+        caller(0, "anon_key", "supabase-js/2.47.0", 4), // another instance's row
+        caller(3, "anon_key", "supabase-js/2.47.0", 500),
+        caller(1, "service_role_key", "nightly-export/1.0", 9),
+        caller(30, "user_session", "okhttp/4.12.0", 99), // before the window
+    ];
+    let usage = summarize(&[], &rows, DAY, NOW);
+    let listed: Vec<(&str, i64)> = usage
+        .legacy_usage
+        .iter()
+        .map(|row| (row.kind.as_str(), row.count))
+        .collect();
+    assert_eq!(listed, [("anon_key", 1_204), ("service_role_key", 9)]);
+    assert_eq!(usage.legacy_kinds[2].last_seen, None);
+    let anon = &usage.hourly.series[0];
+    assert_eq!(anon.kind.as_deref(), Some("anon_key"));
+    assert_eq!(anon.hourly.len(), 25);
+    assert_eq!((anon.hourly[24], anon.hourly[21]), (704, 500));
+}
+
+#[test]
+fn the_reason_names_the_top_caller_only_when_not_safe() {
+    let usage = summarize(
+        &[],
+        &[caller(0, "anon_key", "supabase-js/2.47.0", 1_204)],
+        DAY,
+        NOW,
+    );
+    let mut verdict = LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: "1204 request(s) verified with the legacy secret in the last 24 h".to_owned(),
+    };
+    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    assert_eq!(
+        verdict.reason,
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 1,204 times in the last 24 h; 1,204 requests verified with the legacy secret in all, from 1 caller"
+    );
+    let mut safe = LegacyVerdict {
+        legacy_revocation_safe: true,
+        reason: "the legacy secret is not configured".to_owned(),
+    };
+    name_top_caller(&mut safe, &usage.legacy_usage, DAY);
+    assert_eq!(safe.reason, "the legacy secret is not configured");
+}

@@ -1,0 +1,304 @@
+//! `edgegate keys report`: who still uses which key, as a terminal table with an hourly bar per
+//! key and legacy kind, read from a running edgegate (`--url`, with `EDGEGATE_SECRET_KEY`) or
+//! straight from the database.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, first_hour, thousands};
+use crate::auth::usage::legacy_verdict;
+use crate::config::Config;
+use crate::store::Store;
+
+/// Longest window the report covers (the revocation window's own limit).
+pub const MAX_WINDOW: Duration = Duration::from_secs(2_592_000);
+
+/// `--window`: `24h`, `90m`, `7d` or seconds, from one second to 30 days.
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    let window = super::token::parse_ttl(text)?;
+    if window > MAX_WINDOW {
+        return Err("the window is at most 30d".to_owned());
+    }
+    Ok(window)
+}
+
+/// The report as a running edgegate answers it (`GET /admin/signing-keys`).
+pub async fn from_api(
+    url: &str,
+    secret_key: &SecretString,
+    window: Option<Duration>,
+) -> anyhow::Result<ReportView> {
+    let mut endpoint = url::Url::parse(url)
+        .with_context(|| format!("--url {url:?} is not a URL"))?
+        .join("/admin/signing-keys")
+        .context("--url cannot be joined with /admin/signing-keys")?;
+    if let Some(window) = window {
+        endpoint
+            .query_pairs_mut()
+            .append_pair("window_seconds", &window.as_secs().to_string());
+    }
+    let client = reqwest::Client::builder()
+        .user_agent(concat!(
+            "edgegate/",
+            env!("CARGO_PKG_VERSION"),
+            " (keys report)"
+        ))
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let response = client
+        .get(endpoint.clone())
+        .header("apikey", secret_key.expose_secret())
+        .send()
+        .await
+        .with_context(|| format!("{endpoint} did not answer"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        anyhow::bail!(
+            "{endpoint} answered {status}: {} {}",
+            body["code"].as_str().unwrap_or("?"),
+            body["message"].as_str().unwrap_or("")
+        );
+    }
+    response
+        .json()
+        .await
+        .with_context(|| format!("{endpoint} did not answer with the report"))
+}
+
+/// The report from the database alone: every instance's flushed counts (not what an instance
+/// counted in its last minute), and the verdict from this configuration.
+pub async fn from_database(
+    config: &Config,
+    window: Option<Duration>,
+    now_ms: i64,
+) -> anyhow::Result<ReportView> {
+    let store = Store::connect(&config.database_url).await?;
+    let revocation_window = config.jwt.legacy_revocation_window;
+    let usage_window = window.unwrap_or(revocation_window);
+    let read = async {
+        let summed = store
+            .key_usage_since(first_hour(revocation_window, now_ms))
+            .await?;
+        let evidence_since = store.key_usage_first_hour().await?;
+        let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
+        let (keys, callers) = legacy_report::hourly_rows(&store, None, since).await?;
+        anyhow::Ok((summed, evidence_since, keys, callers))
+    };
+    let read = read.await;
+    store.close().await;
+    let (summed, evidence_since, keys, callers) =
+        read.context("reading usage (has `edgegate migrate` run on this database?)")?;
+    let verdict = legacy_verdict(
+        config.jwt.legacy_secret.is_some(),
+        &summed,
+        evidence_since,
+        revocation_window,
+        now_ms,
+    );
+    Ok(legacy_report::view(
+        &keys,
+        &callers,
+        verdict,
+        revocation_window,
+        usage_window,
+        now_ms,
+    ))
+}
+
+/// `2026-12-01 09:05` (UTC) from epoch milliseconds.
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
+/// One character per hour, scaled to the row's busiest hour; `·` for none.
+fn bar(hourly: &[i64]) -> String {
+    const LEVELS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let most = hourly.iter().copied().max().unwrap_or(0);
+    hourly
+        .iter()
+        .map(|&count| {
+            if count <= 0 || most <= 0 {
+                '·'
+            } else {
+                // Rounded up, so any use shows at least the lowest block.
+                let level = (count * 8 + most - 1) / most;
+                LEVELS[usize::try_from(level.clamp(1, 8) - 1).unwrap_or(0)]
+            }
+        })
+        .collect()
+}
+
+/// Rows of cells, each column padded to its widest cell; `numeric` columns right-aligned.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>], numeric: &[usize]) {
+    let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|cell| (*cell).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (at, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if at > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(width - cell.chars().count());
+            if numeric.contains(&at) {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if at + 1 < row.len() {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+fn key_name(series: &Series) -> String {
+    match series.source.as_str() {
+        "legacy_secret" => "legacy secret (HS256)".to_owned(),
+        "api_key" => format!("api key {}", series.key),
+        _ => format!("signing key {} ({})", series.key, series.alg),
+    }
+}
+
+fn last_seen(ms: i64) -> String {
+    if ms > 0 { utc(ms) } else { "-".to_owned() }
+}
+
+fn caller_cells(kind: String, row: &CallerRow) -> Vec<String> {
+    vec![
+        kind,
+        row.route.clone(),
+        row.client.clone(),
+        thousands(row.count),
+        last_seen(row.last_seen),
+    ]
+}
+
+/// The report as text: the keys with hourly bars, the callers, the verdict.
+pub fn render(view: &ReportView, now_ms: i64) -> String {
+    let window = Duration::from_secs(view.usage_window_seconds);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Key usage over the last {} ({} to {} UTC); HOURLY has one column per hour from {} UTC, oldest first",
+        crate::auth::usage::humanize(window),
+        utc(now_ms - i64::try_from(window.as_millis()).unwrap_or(0)),
+        utc(now_ms),
+        utc(view.usage_hourly.first_hour_ms),
+    );
+    out.push('\n');
+    if view.usage_hourly.series.is_empty() {
+        out.push_str("No verification recorded in the window.\n");
+    } else {
+        let rows: Vec<Vec<String>> = view
+            .usage_hourly
+            .series
+            .iter()
+            .map(|series| {
+                vec![
+                    key_name(series),
+                    series.kind.clone().unwrap_or_else(|| "all".to_owned()),
+                    thousands(series.count),
+                    last_seen(series.last_seen),
+                    bar(&series.hourly),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["KEY", "KIND", "COUNT", "LAST SEEN", "HOURLY"],
+            &rows,
+            &[2],
+        );
+    }
+    out.push('\n');
+    let callers: Vec<Vec<String>> = view
+        .legacy_usage
+        .iter()
+        .map(|row| caller_cells(row.kind.clone(), row))
+        .chain(
+            view.api_key_usage
+                .iter()
+                .map(|row| caller_cells(format!("api key {}", row.kind), row)),
+        )
+        .collect();
+    if view.legacy_usage.is_empty() {
+        out.push_str("No legacy caller in the window.\n");
+    }
+    if !callers.is_empty() {
+        out.push_str("Callers, legacy first, most used first:\n");
+        table(
+            &mut out,
+            &["KIND", "ROUTE", "CLIENT", "COUNT", "LAST SEEN"],
+            &callers,
+            &[3],
+        );
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "Revoking the legacy secret: {}. {}",
+        if view.legacy_revocation_safe {
+            "safe"
+        } else {
+            "NOT SAFE"
+        },
+        view.reason
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_are_civil_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00");
+        assert_eq!(utc(1_764_581_400_000), "2025-12-01 09:30");
+        assert_eq!(utc(1_798_761_599_000), "2026-12-31 23:59");
+    }
+
+    #[test]
+    fn bars_scale_to_the_busiest_hour_and_show_any_use() {
+        assert_eq!(bar(&[0, 1, 4, 8, 1000]), "·▁▁▁█");
+        assert_eq!(bar(&[0, 0]), "··");
+        assert_eq!(bar(&[2, 4, 6, 8]), "▂▄▆█");
+    }
+
+    #[test]
+    fn windows_are_at_most_thirty_days() {
+        assert_eq!(parse_window("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_window("30d"), Ok(MAX_WINDOW));
+        assert!(parse_window("31d").is_err());
+        assert!(parse_window("0").is_err());
+    }
+}

@@ -1,0 +1,515 @@
+//! Who still uses the legacy secret: callers counted per kind, route and client on every
+//! instance, summed in the database, listed by `GET /admin/signing-keys` and `edgegate keys report`.
+
+use edgegate::AppState;
+use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
+use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
+use edgegate::store::{CallerUsage, KeyUsage, now_ms};
+use serde_json::{Value, json};
+
+use crate::process::{edgegate, output};
+use crate::support::{TestDb, TestServer, spawn_app};
+use crate::test_db;
+
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+const ISSUER: &str = "https://abcdefghijklmnop.supabase.co/auth/v1";
+const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
+const USER_ID: &str = "0d7c1a8e-5b7e-4c55-9e8a-6f2f2f4f9c11";
+const JWT_TEST: &str = "/functions/v1/jwt-test";
+const SYNC: &str = "/functions/v1/sync-stripe-products-hardened";
+
+fn legacy_key(role: &str) -> String {
+    legacy_token(
+        SECRET.as_bytes(),
+        &api_key_claims("abcdefghijklmnop", role, now_ms() / 1000, 3600),
+        None,
+    )
+}
+
+fn legacy_session() -> String {
+    legacy_token(
+        SECRET.as_bytes(),
+        &user_claims(ISSUER, "authenticated", USER_ID, now_ms() / 1000, 3600),
+        None,
+    )
+}
+
+async fn instance(db: &TestDb) -> (TestServer, AppState) {
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    spawn_app(
+        db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            (
+                "JWT_ISSUERS",
+                "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+            ),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+        ],
+    )
+    .await
+}
+
+/// supabase-js with the legacy anon key: `apikey` and the same key as Bearer, `x-client-info`.
+async fn supabase_js(server: &TestServer, anon: &str) {
+    let response = server
+        .client
+        .get(server.url(JWT_TEST))
+        .header("apikey", anon)
+        .bearer_auth(anon)
+        .header("x-client-info", "supabase-js/2.47.0")
+        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// A nightly job with the legacy service_role key; Stripe is not configured, so the sync answers
+/// 503 after the credential was verified.
+async fn nightly_export(server: &TestServer, service_role: &str) {
+    let response = server
+        .client
+        .post(server.url(SYNC))
+        .bearer_auth(service_role)
+        .header("user-agent", "nightly-export/1.0 (linux; cron)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+}
+
+/// A user's session still signed with the legacy secret, from a mobile app.
+async fn mobile_session(server: &TestServer, token: &str) {
+    let response = server
+        .client
+        .post(server.url(JWT_TEST))
+        .bearer_auth(token)
+        .header("user-agent", "okhttp/4.12.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+async fn admin(server: &TestServer, query: &str) -> Value {
+    let response = server
+        .client
+        .get(server.url(&format!("/admin/signing-keys{query}")))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// `legacy_usage` without `last_seen`, which the test cannot know exactly.
+fn callers(report: &Value) -> Vec<Value> {
+    report["legacy_usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let mut row = row.clone();
+            let last_seen = row.as_object_mut().unwrap().remove("last_seen").unwrap();
+            assert!(last_seen.as_i64().unwrap() > now_ms() - 600_000, "{row}");
+            row
+        })
+        .collect()
+}
+
+async fn metric(server: &TestServer, line_start: &str) -> String {
+    let text = server.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find(|line| line.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
+    let db = test_db!();
+    let (a, a_state) = instance(&db).await;
+    let (b, b_state) = instance(&db).await;
+    let (anon, service_role, session) = (
+        legacy_key("anon"),
+        legacy_key("service_role"),
+        legacy_session(),
+    );
+    for _ in 0..3 {
+        supabase_js(&a, &anon).await;
+    }
+    for _ in 0..2 {
+        supabase_js(&b, &anon).await;
+    }
+    nightly_export(&a, &service_role).await;
+    nightly_export(&b, &service_role).await;
+    mobile_session(&a, &session).await;
+    mobile_session(&b, &session).await;
+    mobile_session(&b, &session).await;
+
+    // Before any flush, an instance knows its own counts.
+    let own = admin(&a, "").await;
+    assert_eq!(own["legacy_usage"][0]["count"], 3, "{own}");
+    assert_eq!(own["legacy_usage"].as_array().unwrap().len(), 3, "{own}");
+
+    // What the 60 s flush (or shutdown) does on each instance.
+    let store = db.store().await;
+    a_state.usage.flush(&store).await.unwrap();
+    b_state.usage.flush(&store).await.unwrap();
+
+    let report = admin(&b, "").await;
+    assert_eq!(
+        callers(&report),
+        vec![
+            json!({"kind": "anon_key", "route": JWT_TEST, "client": "supabase-js/2.47.0", "count": 5}),
+            json!({"kind": "user_session", "route": JWT_TEST, "client": "okhttp/4.12.0", "count": 3}),
+            json!({"kind": "service_role_key", "route": SYNC, "client": "nightly-export/1.0", "count": 2}),
+        ],
+        "{report}"
+    );
+    assert_eq!(report["legacy_revocation_safe"], false);
+    assert_eq!(
+        report["reason"],
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 5 times \
+         in the last 24 h; 10 requests verified with the legacy secret in all, from 3 callers"
+    );
+    let kinds = report["legacy_kinds"].as_array().unwrap();
+    let counts: Vec<(&str, i64)> = kinds
+        .iter()
+        .map(|kind| {
+            assert!(kind["last_seen"].as_i64().unwrap() > 0, "{kind}");
+            (
+                kind["kind"].as_str().unwrap(),
+                kind["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("anon_key", 5),
+            ("service_role_key", 2),
+            ("user_session", 3)
+        ]
+    );
+    assert_eq!(report["legacy_secret"]["verified_count"], 10);
+    // The admin calls themselves came with the sb_secret_ key, named "backend".
+    assert_eq!(report["api_key_usage"][0]["kind"], "backend");
+    assert_eq!(report["api_key_usage"][0]["route"], "/admin/signing-keys");
+
+    // Each instance counts its own; no client label.
+    assert_eq!(
+        metric(&a, "edgegate_legacy_verifications_total{kind=\"anon_key\"}").await,
+        "edgegate_legacy_verifications_total{kind=\"anon_key\"} 3"
+    );
+    assert_eq!(
+        metric(
+            &b,
+            "edgegate_legacy_verifications_total{kind=\"user_session\"}"
+        )
+        .await,
+        "edgegate_legacy_verifications_total{kind=\"user_session\"} 2"
+    );
+
+    // Nothing identifying is stored: no token, user id or address.
+    let rows = store.caller_usage_hours_since(0).await.unwrap();
+    let stored = format!("{rows:?}");
+    for secret in [anon.as_str(), &service_role, &session, USER_ID, "127.0.0.1"] {
+        assert!(!stored.contains(secret), "{stored}");
+    }
+}
+
+#[tokio::test]
+async fn keys_report_reads_a_running_edgegate() {
+    let db = test_db!();
+    let (a, a_state) = instance(&db).await;
+    supabase_js(&a, &legacy_key("anon")).await;
+    a_state.usage.flush(&db.store().await).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", a.addr);
+    let run = |vars: Vec<(&'static str, String)>, url: String| {
+        let path = dir.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            output(edgegate(&path, &vars).args(["keys", "report", "--url", &url, "--window", "2h"]))
+        })
+    };
+    let printed = run(
+        vec![("EDGEGATE_SECRET_KEY", SECRET_KEY.to_owned())],
+        url.clone(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.status.success(), "{text}{:?}", printed.stderr);
+    assert!(text.starts_with("Key usage over the last 2 h"), "{text}");
+    let caller = text
+        .lines()
+        .find(|line| line.starts_with("anon_key"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = caller.split_whitespace().collect();
+    assert_eq!(
+        cells[..4],
+        ["anon_key", JWT_TEST, "supabase-js/2.47.0", "1"]
+    );
+    assert!(
+        text.contains(
+            "Revoking the legacy secret: NOT SAFE. legacy anon_key still used by supabase-js/2.47.0"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET_KEY));
+
+    // A window the API does not take: the contract's error, naming the field.
+    for bad in ["0", "2592001", "24h", ""] {
+        let response = a
+            .client
+            .get(a.url(&format!("/admin/signing-keys?window_seconds={bad}")))
+            .header("apikey", SECRET_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{bad:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "VALIDATION_FAILED");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("window_seconds")
+        );
+    }
+
+    // Without the key: a configuration error naming the variable.
+    let refused = run(vec![], url).await.unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("EDGEGATE_SECRET_KEY"));
+}
+
+#[tokio::test]
+async fn ten_thousand_random_user_agents_keep_memory_and_rows_bounded() {
+    let db = test_db!();
+    let (a, a_state) = instance(&db).await;
+    let anon = legacy_key("anon");
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (client, url, anon, sent) = (
+            a.client.clone(),
+            a.url(JWT_TEST),
+            anon.clone(),
+            sent.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= 11_000 {
+                    break;
+                }
+                // Every eleventh request is the real client; the rest each name a new one.
+                let agent = if n % 11 == 0 {
+                    "supabase-js/2.47.0".to_owned()
+                } else {
+                    format!("random-{}/1.0", uuid::Uuid::new_v4().simple())
+                };
+                let response = client
+                    .get(&url)
+                    .bearer_auth(&anon)
+                    .header("user-agent", agent)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let held = a_state.usage.callers.footprint();
+    assert!(held.candidate_clients <= MAX_CANDIDATES, "{held:?}");
+    assert!(held.counters <= MAX_CANDIDATES + 1, "{held:?}");
+    assert!(held.hours <= 2, "{held:?}");
+
+    let store = db.store().await;
+    a_state.usage.flush(&store).await.unwrap();
+    let after = a_state.usage.callers.footprint();
+    assert!(
+        after.named_clients <= MAX_NAMED_CLIENTS && after.counters == 0,
+        "{after:?}"
+    );
+    let rows = store.caller_usage_hours_since(0).await.unwrap();
+    let anon_rows: Vec<&CallerUsage> = rows.iter().filter(|row| row.kind == "anon_key").collect();
+    assert!(
+        anon_rows.len() <= 2 * (MAX_NAMED_CLIENTS + 1),
+        "{}",
+        anon_rows.len()
+    );
+    let count = |client: &str| -> i64 {
+        anon_rows
+            .iter()
+            .filter(|row| row.client == client)
+            .map(|row| row.verified_count)
+            .sum()
+    };
+    assert_eq!(
+        count("supabase-js/2.47.0"),
+        1_000,
+        "the real caller keeps its name"
+    );
+    assert_eq!(
+        anon_rows.iter().map(|row| row.verified_count).sum::<i64>(),
+        11_000,
+        "nothing lost"
+    );
+    assert_eq!(
+        metric(&a, "edgegate_legacy_verifications_total{kind=\"anon_key\"}").await,
+        "edgegate_legacy_verifications_total{kind=\"anon_key\"} 11000"
+    );
+}
+
+/// 2026-12-01 09:30 UTC: the report's "now" in the snapshot.
+const SNAPSHOT_NOW: i64 = 1_796_117_400_000;
+const HOUR: i64 = 3_600_000;
+
+fn key_row(hours_ago: i64, source: &str, kid: &str, alg: &str, count: i64) -> KeyUsage {
+    let hour = SNAPSHOT_NOW - SNAPSHOT_NOW % HOUR - hours_ago * HOUR;
+    KeyUsage {
+        hour_start_ms: hour,
+        source: source.into(),
+        kid: kid.into(),
+        alg: alg.into(),
+        verified_count: count,
+        last_verified_at_ms: hour + 1_234_000,
+    }
+}
+
+fn caller_row(
+    hours_ago: i64,
+    source: &str,
+    kind: &str,
+    route: &str,
+    client: &str,
+    count: i64,
+) -> CallerUsage {
+    let hour = SNAPSHOT_NOW - SNAPSHOT_NOW % HOUR - hours_ago * HOUR;
+    CallerUsage {
+        hour_start_ms: hour,
+        source: source.into(),
+        kind: kind.into(),
+        route: route.into(),
+        client: client.into(),
+        verified_count: count,
+        last_verified_at_ms: hour + 1_234_000,
+    }
+}
+
+#[tokio::test]
+async fn keys_report_from_the_database_matches_its_snapshot() {
+    let db = test_db!();
+    let store = db.store().await;
+    let mut keys = Vec::new();
+    let mut callers = Vec::new();
+    // A day of traffic: the app moved to signing keys; supabase-js on an old build still sends the
+    // legacy anon key, a nightly export the legacy service_role key, some sessions linger.
+    for hours_ago in 0..=24 {
+        let anon = 40 + hours_ago * 3;
+        keys.push(key_row(
+            hours_ago,
+            "signing_key",
+            "2b9f0c1e",
+            "ES256",
+            900 - hours_ago * 20,
+        ));
+        callers.push(caller_row(
+            hours_ago,
+            "legacy_secret",
+            "anon_key",
+            JWT_TEST,
+            "supabase-js/2.47.0",
+            anon,
+        ));
+        let mut legacy = anon;
+        if hours_ago % 24 == 2 {
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "service_role_key",
+                SYNC,
+                "nightly-export/1.0",
+                12,
+            ));
+            legacy += 12;
+        }
+        if hours_ago >= 18 {
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "user_session",
+                JWT_TEST,
+                "okhttp/4.12.0",
+                30 - hours_ago,
+            ));
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "user_session",
+                JWT_TEST,
+                "other",
+                2,
+            ));
+            legacy += 32 - hours_ago;
+        }
+        keys.push(key_row(hours_ago, "legacy_secret", "", "HS256", legacy));
+        if hours_ago % 6 == 0 {
+            keys.push(key_row(hours_ago, "api_key", "backend", "opaque", 5));
+            callers.push(caller_row(
+                hours_ago,
+                "api_key",
+                "backend",
+                SYNC,
+                "node-fetch/1.0",
+                5,
+            ));
+        }
+    }
+    // Outside the window: not shown.
+    keys.push(key_row(30, "legacy_secret", "", "HS256", 999));
+    callers.push(caller_row(
+        30,
+        "legacy_secret",
+        "anon_key",
+        JWT_TEST,
+        "supabase-js/2.39.0",
+        999,
+    ));
+    store.add_key_usage(&keys).await.unwrap();
+    store.add_caller_usage(&callers).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let now = SNAPSHOT_NOW.to_string();
+    let printed = output(
+        edgegate(
+            dir.path(),
+            &[("DATABASE_URL", &db.url), ("SUPABASE_JWT_SECRET", SECRET)],
+        )
+        .args(["keys", "report", "--now-ms", &now]),
+    );
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(
+        printed.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let expected = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/snapshots/keys_report.txt"
+    ))
+    .unwrap_or_default();
+    assert!(
+        text == expected,
+        "the report differs from tests/it/snapshots/keys_report.txt; it printed:\n{text}"
+    );
+}
