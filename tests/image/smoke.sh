@@ -43,7 +43,7 @@ ok() { checks=$((checks + 1)); printf 'ok: %s\n' "$1"; }
 fail() { checks=$((checks + 1)); failures=$((failures + 1)); printf 'FAIL: %s: %s\n' "$1" "$2"; }
 die() { printf 'FAIL: %s: %s\n' "$1" "$2"; exit 2; }
 phase() { printf '\n-- %s %s\n' "$(date -u +%T)" "$*"; }
-indent() { sed 's/^/    /'; }
+indent() { sed -u 's/^/    /'; }   # unbuffered: build progress shows as it happens
 
 # Debian's docker.io client first: it matches its daemon and has the legacy builder and BuildKit
 # built in (a newer client without the buildx plugin refuses DOCKER_BUILDKIT=1).
@@ -385,7 +385,7 @@ EOF
   python3 "$WORK/slow.py" "$port" "$PUBLISHABLE" "$WORK/started" "$WORK/go" > "$WORK/slow.out" 2>&1 &
   py_pid=$!
   for _ in $(seq 1 100); do [ -e "$WORK/started" ] && break; sleep 0.1; done
-  sleep 0.5   # the request head is parsed and the handler waits for the rest of the body
+  sleep 1     # the request head is parsed and the handler waits for the rest of the body
   t_term=$SECONDS
   docker kill -s TERM "$serve" >/dev/null
   sleep 2     # the body is still outstanding while the server drains
