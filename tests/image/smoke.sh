@@ -259,12 +259,17 @@ integration_env=(
 
 # -- migrate (Fly's release_command) against SQLite in /data, twice.
 docker volume create "${label[@]}" "$RUN_ID-data" >/dev/null
+# Runs `migrate` twice with the given `docker run` options (the second must be a no-op that
+# succeeds); sets `why` on failure and `out` to the last output.
+migrate_twice() {
+  why=
+  for i in 1 2; do
+    if out=$(run "$@" "$IMAGE" migrate 2>&1); then echo "$out" >> "$WORK/printed.txt"
+    else why="run $i exited non-zero: $(echo "$out" | tail -1)"; return; fi
+  done
+}
 check="migrate: SQLite in /data, twice"
-why=
-for i in 1 2; do
-  if out=$(run -v "$RUN_ID-data:/data" "$IMAGE" migrate 2>&1); then echo "$out" >> "$WORK/printed.txt"
-  else why="run $i exited non-zero: $(echo "$out" | tail -1)"; break; fi
-done
+migrate_twice -v "$RUN_ID-data:/data"
 db_file=$(run -v "$RUN_ID-data:/data" --entrypoint stat "$IMAGE" -c '%u %n' /data/edgegate.db 2>&1 || true)
 if [ -z "$why" ] && [ "$db_file" = "10001 /data/edgegate.db" ]; then ok "$check ($(echo "$out" | tail -1); owner $db_file)"
 else fail "$check" "${why:-/data/edgegate.db: $db_file}"; fi
@@ -277,11 +282,7 @@ if pg_isready -q -h 127.0.0.1 -p 5432 -t 3 >/dev/null 2>&1 \
   pg_made=1
   # The password is checked by nobody (trust) but must never be printed.
   pg_url="postgres://postgres:$PG_PASSWORD@127.0.0.1:5432/$PG_DB"
-  why=
-  for i in 1 2; do
-    if out=$(run -e "DATABASE_URL=$pg_url" "$IMAGE" migrate 2>&1); then echo "$out" >> "$WORK/printed.txt"
-    else why="run $i exited non-zero: $(echo "$out" | tail -1)"; break; fi
-  done
+  migrate_twice -e "DATABASE_URL=$pg_url"
   applied=$(psql "$SMOKE_PG/$PG_DB" -tAc 'select count(*) from _sqlx_migrations where success' 2>&1 || true)
   expected=$(find migrations/postgres -name '*.sql' | wc -l)
   if [ -z "$why" ] && [ "$applied" = "$expected" ]; then ok "$check ($(echo "$out" | tail -1); $applied recorded in $PG_DB)"
