@@ -65,3 +65,16 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 
 ENTRYPOINT ["edgegate"]
 CMD ["serve"]
+
+# OCI labels, last so that a new revision reuses every layer above. The values
+# come from build arguments (tests/image/smoke.sh passes them; on Fly:
+# `fly deploy --build-arg REVISION=$(git rev-parse HEAD) --build-arg VERSION=…`).
+ARG SOURCE=unknown
+ARG REVISION=unknown
+ARG VERSION=unknown
+LABEL org.opencontainers.image.title="edgegate" \
+      org.opencontainers.image.description="Supabase Edge Functions behind one credential layer for legacy and signing-key JWTs" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
