@@ -48,6 +48,11 @@ enum Command {
         /// The URL to probe; defaults to this instance on loopback.
         url: Option<String>,
     },
+    /// Print the OpenAPI 3.1 document (the same as GET /openapi.json).
+    #[command(
+        after_help = "Regenerate the committed copy: cargo run -- openapi > docs/openapi.json"
+    )]
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +155,11 @@ impl From<OutputArg> for KeyOutput {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The document depends on the code alone: no configuration, no runtime.
+    if let Some(Command::Openapi) = cli.command {
+        print!("{}", commands::openapi_document());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -257,6 +267,10 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Openapi => {
+            print!("{}", commands::openapi_document());
+            ExitCode::SUCCESS
         }
         Command::Healthcheck { url } => {
             let loopback_default = url.is_none();

@@ -44,6 +44,17 @@ async fn audit(state: &AppState, principal: &Principal, action: &str, outcome: &
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/signing-keys",
+    tag = "admin",
+    summary = "Every trusted key, its use, and whether revoking the legacy secret is safe",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The key listing and the verdict", body = crate::routes::openapi::SigningKeys),
+        crate::routes::openapi::SigningKeysErrors,
+    )
+)]
 pub async fn signing_keys(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -116,6 +127,17 @@ pub async fn signing_keys(
     })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/signing-keys/refresh",
+    tag = "admin",
+    summary = "Refetch the JWKS now (urgent revocation)",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The JWKS was fetched", body = crate::routes::openapi::Refreshed),
+        crate::routes::openapi::RefreshErrors,
+    )
+)]
 pub async fn refresh(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,

@@ -37,6 +37,17 @@ impl From<WebhookError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/functions/v1/sync-stripe-products-hardened",
+    tag = "functions",
+    summary = "Copy Stripe's product and price catalogue into the database",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The sync ran to the end", body = SyncReport),
+        crate::routes::openapi::SyncErrors,
+    )
+)]
 pub async fn sync_products(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -80,6 +91,21 @@ async fn audit(state: &AppState, entry: AuditEntry) {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/functions/v1/stripe-webhook",
+    tag = "functions",
+    summary = "Receive a Stripe event",
+    request_body(
+        content = Object,
+        description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes"
+    ),
+    security(("stripe_signature" = [])),
+    responses(
+        (status = 200, description = "The event is recorded (or was already)", body = crate::routes::openapi::WebhookReceipt),
+        crate::routes::openapi::WebhookErrors,
+    )
+)]
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,

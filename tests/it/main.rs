@@ -12,6 +12,7 @@ mod drill;
 mod fake_stripe;
 mod fake_twilio;
 mod http;
+mod openapi;
 mod runbook;
 mod shutdown;
 mod sms;
