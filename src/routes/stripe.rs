@@ -97,8 +97,9 @@ async fn audit(state: &AppState, entry: AuditEntry) {
     tag = "functions",
     summary = "Receive a Stripe event",
     request_body(
-        content = Object,
-        description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes"
+        content = crate::stripe::objects::Event,
+        description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes. \
+                       Event types edgegate does not act on are recorded and answered 200."
     ),
     security(("stripe_signature" = [])),
     responses(
