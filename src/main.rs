@@ -157,8 +157,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.
     if let Some(Command::Openapi) = cli.command {
-        print!("{}", commands::openapi_document());
-        return ExitCode::SUCCESS;
+        return print_openapi();
     }
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -182,6 +181,11 @@ fn main() -> ExitCode {
         cli.command.unwrap_or(Command::Serve { no_migrate: false }),
         config,
     ))
+}
+
+fn print_openapi() -> ExitCode {
+    print!("{}", commands::openapi_document());
+    ExitCode::SUCCESS
 }
 
 async fn execute(command: Command, config: Config) -> ExitCode {
@@ -268,10 +272,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Openapi => {
-            print!("{}", commands::openapi_document());
-            ExitCode::SUCCESS
-        }
+        Command::Openapi => print_openapi(),
         Command::Healthcheck { url } => {
             let loopback_default = url.is_none();
             let url = url.unwrap_or_else(|| commands::default_health_url(&config));
