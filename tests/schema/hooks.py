@@ -31,8 +31,9 @@ def sign_stripe(case):
     body = case.body
     if not isinstance(body, bytes):
         # JSON Schema counts 1.0 as an integer; Stripe never sends one, and edgegate (like
-        # Stripe's own libraries) reads `created` as an integer only.
-        body = whole_floats_as_ints(body)
+        # Stripe's own libraries) reads `created` as an integer only. Integers past IEEE-754
+        # doubles are not interoperable (RFC 8259, section 6): edgegate refuses them 400.
+        body = stripe_like_numbers(body)
         case.body = body
         # The bytes requests sends for `json=body`.
         try:
@@ -44,13 +45,18 @@ def sign_stripe(case):
     case.headers = {**case.headers, "Stripe-Signature": f"t={timestamp},v1={digest.hexdigest()}"}
 
 
-def whole_floats_as_ints(value):
+I64_MAX = 2**63 - 1
+
+
+def stripe_like_numbers(value):
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > I64_MAX:
+        return I64_MAX if value > 0 else -I64_MAX
     if isinstance(value, dict):
-        return {key: whole_floats_as_ints(item) for key, item in value.items()}
+        return {key: stripe_like_numbers(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [whole_floats_as_ints(item) for item in value]
+        return [stripe_like_numbers(item) for item in value]
     return value
 
 

@@ -8,10 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+# The interpreter .ci/run installed schemathesis into (pinned there: schemathesis==4.32.5).
+if ! python3 -c 'import schemathesis' 2>/dev/null; then
+    echo "schemathesis is not installed: python3 -m pip install schemathesis==4.32.5" >&2
+    exit 1
+fi
+
 if [ -z "${EDGEGATE_BIN:-}" ]; then
     cargo build --locked --quiet
 fi
-BIN="${EDGEGATE_BIN:-target/debug/edgegate}"
+BIN=$(realpath "${EDGEGATE_BIN:-target/debug/edgegate}")
 WORK=$(mktemp -d)
 SERVER_PID=
 cleanup() {
@@ -27,17 +33,17 @@ random_hex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 # Read by schemathesis.toml's [auth.openapi.*]: the secret API key and a legacy service_role JWT.
 export EDGEGATE_SECRET_KEY="sb_secret_schemathesis_$(random_hex 12)"
 LEGACY_SECRET="schemathesis-legacy-secret-$(random_hex 16)"
+EDGEGATE_LEGACY_TOKEN=$(cd "$WORK" && env -i PATH="$PATH" SUPABASE_JWT_SECRET="$LEGACY_SECRET" \
+    "$BIN" token mint --role service_role --ttl 1h --legacy)
 export EDGEGATE_LEGACY_TOKEN
 # Read by hooks.py, which signs the provider callbacks.
 export EDGEGATE_STRIPE_WEBHOOK_SECRET="whsec_schemathesis_$(random_hex 12)"
 export EDGEGATE_TWILIO_AUTH_TOKEN="schemathesis_twilio_$(random_hex 12)"
 export EDGEGATE_PUBLIC_URL="https://edgegate.invalid"
-EDGEGATE_LEGACY_TOKEN=$(env -i PATH="$PATH" SUPABASE_JWT_SECRET="$LEGACY_SECRET" \
-    "$BIN" token mint --role service_role --ttl 1h --legacy)
 # Only what the run needs: a legacy secret and a secret API key, so the credential layer is
 # exercised; the two signature secrets, so the callback routes check signatures; Twilio pointed
-# at nothing.
-env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
+# at nothing. It runs in the scratch folder so no `.env` of the checkout is read.
+(cd "$WORK" && exec env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
     HOST=127.0.0.1 PORT=0 LOG_FORMAT=json RUST_LOG=info \
     DATABASE_URL="sqlite://$WORK/edgegate.db" \
     SUPABASE_JWT_SECRET="$LEGACY_SECRET" \
@@ -48,7 +54,7 @@ env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
     TWILIO_FROM_NUMBER="+15005550006" \
     TWILIO_API_BASE="http://127.0.0.1:9" \
     PUBLIC_URL="$EDGEGATE_PUBLIC_URL" \
-    "$BIN" serve >"$WORK/server.log" 2>&1 &
+    "$BIN" serve) >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
 # The binary logs its bound address; wait for it (bounded: 30 s).
@@ -78,7 +84,7 @@ status=0
 # Every check runs (schemathesis's default; `--checks all` would override schemathesis.toml's
 # per-route exceptions).
 PYTHONPATH="tests/schema${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
-    timeout --kill-after=10 600 schemathesis --config-file tests/schema/schemathesis.toml run "$URL/openapi.json" \
+    timeout --kill-after=10 600 python3 -m schemathesis.cli --config-file tests/schema/schemathesis.toml run "$URL/openapi.json" \
     --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-25}" \
     --request-timeout 10 \
     --workers 2 \
@@ -86,7 +92,7 @@ PYTHONPATH="tests/schema${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
     "$@" || status=$?
 # What the run exercised: answers per route and status, from edgegate's own counters.
 python3 - "$URL/metrics" <<'PY' || true
-import re, sys, urllib.request
+import sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
 print("answers by route and status (edgegate_http_requests):")
 for line in text.splitlines():
