@@ -11,6 +11,11 @@ use crate::config::Config;
 use crate::store::Store;
 use crate::twilio::client::TwilioApi;
 
+/// `edgegate openapi`: the OpenAPI 3.1 document, as `GET /openapi.json` serves it.
+pub fn openapi_document() -> String {
+    crate::routes::openapi::document_json()
+}
+
 /// `edgegate migrate`: apply pending migrations and report the applied versions.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     let store = Store::connect(&config.database_url).await?;

@@ -48,6 +48,11 @@ enum Command {
         /// The URL to probe; defaults to this instance on loopback.
         url: Option<String>,
     },
+    /// Print the OpenAPI 3.1 document (the same as GET /openapi.json).
+    #[command(
+        after_help = "Regenerate the committed copy: cargo run -- openapi > docs/openapi.json"
+    )]
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +178,10 @@ impl From<OutputArg> for KeyOutput {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The document depends on the code alone: no configuration, no runtime.
+    if let Some(Command::Openapi) = cli.command {
+        return print_openapi();
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -195,6 +204,11 @@ fn main() -> ExitCode {
         cli.command.unwrap_or(Command::Serve { no_migrate: false }),
         config,
     ))
+}
+
+fn print_openapi() -> ExitCode {
+    print!("{}", commands::openapi_document());
+    ExitCode::SUCCESS
 }
 
 async fn execute(command: Command, config: Config) -> ExitCode {
@@ -320,6 +334,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
+        Command::Openapi => print_openapi(),
         Command::Healthcheck { url } => {
             let loopback_default = url.is_none();
             let url = url.unwrap_or_else(|| commands::default_health_url(&config));

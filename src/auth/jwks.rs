@@ -150,7 +150,7 @@ impl Default for JwksStats {
 }
 
 /// A point-in-time copy of [`JwksStats`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct JwksStatsSnapshot {
     /// Successful fetches (200 or 304).
     pub fetches_ok: u64,
@@ -189,7 +189,7 @@ impl JwksStats {
 }
 
 /// State for the admin endpoint.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct JwksStatus {
     /// The JWKS location.
     pub url: String,

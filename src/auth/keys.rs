@@ -70,7 +70,7 @@ impl Alg {
 }
 
 /// Where a key came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyOrigin {
     /// `SUPABASE_JWT_SECRET`.
@@ -169,7 +169,7 @@ impl fmt::Debug for LegacySecret {
 }
 
 /// A JWK that was not accepted, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DroppedKey {
     /// The JWK's kid (shortened to 64 characters), if it had a string one.
     pub kid: Option<String>,

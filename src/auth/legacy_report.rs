@@ -15,7 +15,7 @@ use crate::store::{CallerUsage, KeyUsage, Store};
 const HOUR_MS: i64 = 3_600_000;
 
 /// One caller over the window: `kind` is a legacy kind, or the API key's name.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallerRow {
     pub kind: String,
     pub route: String,
@@ -26,7 +26,7 @@ pub struct CallerRow {
 }
 
 /// One legacy kind over the window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KindUse {
     pub kind: String,
     pub count: i64,
@@ -35,7 +35,7 @@ pub struct KindUse {
 }
 
 /// Verifications of one key (or one legacy kind) per hour, oldest first.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Series {
     /// `legacy_secret`, `signing_key` or `api_key`.
     pub source: String,
@@ -51,7 +51,7 @@ pub struct Series {
 
 /// The hourly series over the window: column `i` is the hour starting at
 /// `first_hour_ms + i * 3600000`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Hourly {
     pub first_hour_ms: i64,
     pub series: Vec<Series>,

@@ -70,6 +70,19 @@ fn usage_window(query: Option<&str>, default: Duration) -> ApiResult<Duration> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/signing-keys",
+    tag = "admin",
+    summary = "Every trusted key, its use, and whether revoking the legacy secret is safe",
+    security(("bearer" = []), ("apikey" = [])),
+    params(("window_seconds" = Option<u64>, Query, minimum = 1, maximum = 2592000,
+        description = "Span of the usage lists and hourly series (1 s to 30 days); the verdict always covers the revocation window")),
+    responses(
+        (status = 200, description = "The key listing and the verdict", body = crate::routes::openapi::SigningKeys),
+        crate::routes::openapi::SigningKeysErrors,
+    )
+)]
 pub async fn signing_keys(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -161,6 +174,17 @@ pub async fn signing_keys(
     })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/signing-keys/refresh",
+    tag = "admin",
+    summary = "Refetch the JWKS now (urgent revocation)",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The JWKS was fetched", body = crate::routes::openapi::Refreshed),
+        crate::routes::openapi::RefreshErrors,
+    )
+)]
 pub async fn refresh(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,

@@ -9,11 +9,30 @@ use serde_json::json;
 use crate::state::AppState;
 
 /// 200 while the process runs; touches nothing else so a slow database never fails liveness.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The process runs", body = crate::routes::openapi::Health),
+        crate::routes::openapi::CommonErrors,
+    )
+)]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// 200 when every dependency needed to serve answers; 503 `NOT_READY` with the detail otherwise.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The database answers and the key ring can verify", body = crate::routes::openapi::Ready),
+        (status = 503, description = "A dependency is not ready; see checks", body = crate::routes::openapi::NotReady),
+        crate::routes::openapi::CommonErrors,
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let probed = state.store.ping().await;
     state.metrics.database_ready.set(i64::from(probed.is_ok()));
@@ -76,6 +95,16 @@ fn key_ring_check(state: &AppState) -> serde_json::Value {
     })
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus / OpenMetrics text", body = String, content_type = "application/openmetrics-text"),
+        crate::routes::openapi::CommonErrors,
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(

@@ -8,17 +8,20 @@ use crate::auth::extract::User;
 use crate::extract::RawBody;
 
 /// The answer, serialized straight from the verified credential (no intermediate JSON tree).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct JwtTestBody {
     valid: bool,
     role: Option<String>,
     sub: Option<String>,
     key: KeyBody,
+    /// Every claim of the token (an API key has only `role`).
+    #[schema(value_type = Object)]
     claims: Map<String, Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct KeyBody {
+    #[schema(value_type = crate::auth::KeySource)]
     source: &'static str,
     kid: Option<String>,
     alg: &'static str,
@@ -26,6 +29,18 @@ struct KeyBody {
 
 /// The body (what `functions.invoke` sends) is read and ignored, so a request is complete, and
 /// counted as in flight, until its body has arrived.
+#[utoipa::path(
+    method(get, post),
+    path = "/functions/v1/jwt-test",
+    tag = "functions",
+    summary = "Which key verified the caller's credential, and its claims",
+    description = "Any request body is read and ignored (what `functions.invoke` sends).",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The credential is valid", body = JwtTestBody),
+        crate::routes::openapi::UserErrors,
+    )
+)]
 pub async fn jwt_test(User(principal): User, RawBody(_body): RawBody) -> Json<JwtTestBody> {
     let verified = principal.verified;
     Json(JwtTestBody {

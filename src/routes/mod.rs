@@ -3,6 +3,7 @@
 mod admin;
 mod health;
 mod jwt_test;
+pub mod openapi;
 mod sms;
 mod stripe;
 
@@ -20,6 +21,7 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route(
             "/functions/v1/jwt-test",
             get(jwt_test::jwt_test).post(jwt_test::jwt_test),

@@ -10,6 +10,18 @@ use crate::state::AppState;
 use crate::twilio::send::{SendSmsRequest, SmsReceipt, send_sms as send};
 use crate::twilio::status::{Callback, apply_callback};
 
+#[utoipa::path(
+    post,
+    path = "/functions/v1/send-sms",
+    tag = "functions",
+    summary = "Send one SMS through Twilio",
+    request_body = SendSmsRequest,
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 202, description = "Handed to Twilio (or the earlier send with this idempotency key)", body = SmsReceipt),
+        crate::routes::openapi::SmsErrors,
+    )
+)]
 pub async fn send_sms(
     State(app): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -27,6 +39,21 @@ pub async fn send_sms(
     Ok((StatusCode::ACCEPTED, axum::Json(sent.receipt)))
 }
 
+#[utoipa::path(
+    post,
+    path = crate::twilio::STATUS_CALLBACK_PATH,
+    tag = "functions",
+    summary = "Twilio's message status callback",
+    request_body(
+        content = crate::routes::openapi::TwilioStatusForm,
+        content_type = "application/x-www-form-urlencoded"
+    ),
+    security(("twilio_signature" = [])),
+    responses(
+        (status = 204, description = "Applied (an unknown status is ignored)"),
+        crate::routes::openapi::TwilioStatusErrors,
+    )
+)]
 pub async fn twilio_status(
     State(app): State<AppState>,
     headers: HeaderMap,

@@ -58,6 +58,17 @@ fn stripe_client(state: &AppState) -> Option<StripeClient> {
     StripeClient::from_config(state.http.clone(), &state.config.stripe, state.stripe_retry)
 }
 
+#[utoipa::path(
+    post,
+    path = "/functions/v1/sync-stripe-products-hardened",
+    tag = "functions",
+    summary = "Copy Stripe's product and price catalogue into the database",
+    security(("bearer" = []), ("apikey" = [])),
+    responses(
+        (status = 200, description = "The sync ran to the end", body = SyncReport),
+        crate::routes::openapi::SyncErrors,
+    )
+)]
 pub async fn sync_products(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -103,13 +114,26 @@ async fn audit_run<R: serde::Serialize, E>(
 }
 
 /// The optional body of `/admin/stripe/reconcile`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReconcileRequest {
+pub struct ReconcileRequest {
     /// Unix seconds; the default is `reconcile::default_since`.
     since: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/stripe/reconcile",
+    tag = "admin",
+    summary = "Apply every event in Stripe's event list that the ledger lacks",
+    security(("bearer" = []), ("apikey" = [])),
+    request_body(content = Option<ReconcileRequest>, content_type = "application/json",
+        description = "Optional; without it the window starts at the newest ledger event minus one hour"),
+    responses(
+        (status = 200, description = "Every listed event is in the ledger", body = ReconcileReport),
+        crate::routes::openapi::ReconcileErrors,
+    )
+)]
 pub async fn reconcile(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
@@ -165,6 +189,22 @@ async fn audit(state: &AppState, entry: AuditEntry) {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/functions/v1/stripe-webhook",
+    tag = "functions",
+    summary = "Receive a Stripe event",
+    request_body(
+        content = crate::stripe::objects::Event,
+        description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes. \
+                       Event types edgegate does not act on are recorded and answered 200."
+    ),
+    security(("stripe_signature" = [])),
+    responses(
+        (status = 200, description = "The event is recorded (or was already)", body = crate::routes::openapi::WebhookReceipt),
+        crate::routes::openapi::WebhookErrors,
+    )
+)]
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,

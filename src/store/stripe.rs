@@ -167,7 +167,7 @@ pub struct SyncCounts {
 }
 
 /// Counts of one reconciliation, as answered and stored in `reconcile_runs`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ReconcileCounts {
     /// Events Stripe listed.
     pub seen: i64,

@@ -334,16 +334,22 @@ impl Invoice {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = StripeEventData)]
 pub struct EventData {
+    /// The Stripe object the event is about; read once its type is known.
+    #[schema(value_type = Object)]
     pub object: Value,
 }
 
 /// A webhook event: the envelope, with `data.object` kept raw until its type is known.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = StripeEvent)]
 pub struct Event {
+    #[schema(min_length = 1)]
     pub id: String,
     #[serde(rename = "type")]
+    #[schema(min_length = 1)]
     pub event_type: String,
     pub created: i64,
     pub livemode: Option<bool>,

@@ -43,7 +43,7 @@ impl Trigger {
 }
 
 /// The contract's answer to a reconciliation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReconcileReport {
     pub events: ReconcileCounts,
     /// The start of the listed window, unix seconds (`created[gte]`).

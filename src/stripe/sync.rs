@@ -14,7 +14,7 @@ use crate::stripe::objects::{Price, Product};
 /// How long a SQLite lock row lives without renewal (renewed after every page).
 const LOCK_TTL: Duration = Duration::from_secs(300);
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ResourceCounts {
     pub seen: i64,
     pub upserted: i64,
@@ -22,7 +22,7 @@ pub struct ResourceCounts {
 }
 
 /// The contract's answer to a sync.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SyncReport {
     pub products: ResourceCounts,
     pub prices: ResourceCounts,

@@ -69,6 +69,7 @@ pub async fn receive(
     signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
     let event: Event = serde_json::from_slice(body)
         .map_err(|err| WebhookError::Unreadable(format!("the event cannot be read: {err}")))?;
+    check_envelope(&event)?;
     let outcome = apply(store, stripe, &event, now_ms).await?;
     Ok(Delivery {
         event_type: event.event_type,
@@ -182,6 +183,25 @@ async fn current_effect(
             gone(fetched, StripeEffect::None)?
         }
     })
+}
+
+/// Stripe always sends an id, a type and an object; an event without them would enter the
+/// ledger under an empty id and make later ones look like duplicates.
+fn check_envelope(event: &Event) -> Result<(), WebhookError> {
+    let missing = if event.id.is_empty() {
+        "id"
+    } else if event.event_type.is_empty() {
+        "type"
+    } else if !event.data.object.is_object() {
+        return Err(WebhookError::Unreadable(
+            "the event's data.object is not an object".to_owned(),
+        ));
+    } else {
+        return Ok(());
+    };
+    Err(WebhookError::Unreadable(format!(
+        "the event's {missing} is empty"
+    )))
 }
 
 fn object<T: DeserializeOwned>(event: &Event) -> Result<T, WebhookError> {

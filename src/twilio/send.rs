@@ -36,15 +36,21 @@ const STATUS_UNKNOWN: &str = "unknown";
 const RECIPIENT_ERRORS: [i64; 5] = [21211, 21614, 21612, 21408, 21610];
 
 /// The body of `send-sms`. Fields are optional here so a missing one is a 422 naming it.
-#[derive(Debug, Deserialize)]
+/// The document states the rules `validate` applies, so clients and schemathesis know them.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SendSmsRequest {
+    /// An E.164 number: `+` then 2 to 15 digits, the first not 0.
+    #[schema(required = true, value_type = String, pattern = r"^\+[1-9][0-9]{1,14}$", example = "+15005550006")]
     pub to: Option<String>,
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 1600)]
     pub body: Option<String>,
+    /// A repeat with the same key answers the first send instead of texting again.
+    #[schema(value_type = String, min_length = 1, max_length = 255)]
     pub idempotency_key: Option<String>,
 }
 
 /// The contract's 202 body.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SmsReceipt {
     pub id: String,
     pub sid: Option<String>,

@@ -17,6 +17,7 @@ mod hostile;
 mod http;
 mod legacy_usage;
 mod logs;
+mod openapi;
 mod outage;
 mod reconcile;
 mod runbook;

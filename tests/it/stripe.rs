@@ -887,3 +887,35 @@ async fn sync_outlives_the_default_request_timeout() {
     assert_eq!(status, 200, "{body}");
     drop(server);
 }
+
+/// Found by the schemathesis run (tests/schema): a signed body that is not a Stripe event
+/// envelope (empty id or type, `data.object` not an object) was recorded in the ledger and
+/// answered 200; an empty id would then make every later empty-id event a "duplicate".
+#[tokio::test]
+async fn webhook_refuses_a_signed_body_that_is_not_an_event_envelope() {
+    stripe_sdk!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+    for (body, field) in [
+        (
+            json!({"id": "", "type": "x.y", "created": t, "data": {"object": {}}}),
+            "id",
+        ),
+        (
+            json!({"id": "evt_S1", "type": "", "created": t, "data": {"object": {}}}),
+            "type",
+        ),
+        (
+            json!({"id": "evt_S2", "type": "x.y", "created": t, "data": {"object": [null]}}),
+            "data.object",
+        ),
+    ] {
+        let (status, answer) = deliver_signed(&app.server, &body.to_string()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["code"], "INVALID_REQUEST", "{body}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains(field), "{body}: {message}");
+    }
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+}

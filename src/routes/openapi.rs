@@ -1,0 +1,407 @@
+//! The OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]` attributes and the
+//! types they answer with. `ApiDoc`'s `paths(...)` is the one list to extend with a new route;
+//! `tests/it/openapi.rs` fails when a route of the router is missing from it, or when
+//! `docs/openapi.json` differs from what this module generates.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde_json::Value;
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Content, Header, Ref, RefOr};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
+
+use crate::auth::{JwksStatus, KeyOrigin, KeySource};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "edgegate",
+        description = "Supabase Edge Functions (jwt-test, Stripe catalogue sync and webhook, Twilio SMS) \
+                       behind one credential layer that accepts the legacy HS256 secret and the JWKS \
+                       signing keys at once. Every error is `{\"code\",\"message\"}`; each error \
+                       response lists the codes it can carry."
+    ),
+    paths(
+        super::jwt_test::jwt_test,
+        super::stripe::sync_products,
+        super::stripe::webhook,
+        super::sms::send_sms,
+        super::sms::twilio_status,
+        super::admin::signing_keys,
+        super::admin::refresh,
+        super::stripe::reconcile,
+        openapi_json,
+        super::health::healthz,
+        super::health::readyz,
+        super::health::metrics,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "functions", description = "The Edge Functions edgegate takes over"),
+        (name = "admin", description = "Key ring and legacy secret evidence (service_role only)"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as pretty JSON, as served and as committed in `docs/openapi.json`.
+pub fn document_json() -> String {
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    json.push('\n');
+    json
+}
+
+static DOCUMENT: LazyLock<String> = LazyLock::new(document_json);
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
+        CommonErrors,
+    )
+)]
+pub async fn openapi_json() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+}
+
+/// The contract's error body (documentation of `crate::error::ApiError`'s answer).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    /// A stable code from the contract's error table.
+    code: String,
+    /// For a person; never holds a secret or a whole token.
+    message: String,
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let header = |name: &str, description: &str| {
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                name,
+                description,
+            )))
+        };
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A JWT signed by the legacy HS256 secret or by a signing key of the JWKS \
+                         (ES256, RS256, EdDSA). A Bearer JWT wins over `apikey`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "apikey",
+            header(
+                "apikey",
+                "A publishable (`sb_publishable_…`) or secret (`sb_secret_…`) API key; a secret key counts as service_role.",
+            ),
+        );
+        components.add_security_scheme(
+            "stripe_signature",
+            header(
+                "Stripe-Signature",
+                "Stripe's signature of the raw body with the webhook secret.",
+            ),
+        );
+        components.add_security_scheme(
+            "twilio_signature",
+            header(
+                "X-Twilio-Signature",
+                "Twilio's signature of PUBLIC_URL's callback URL and the form parameters.",
+            ),
+        );
+    }
+}
+
+/// One error status and the codes it can carry.
+type Failure = (u16, &'static [&'static str]);
+
+const SERVER: &[Failure] = &[(500, &["INTERNAL_ERROR"]), (504, &["TIMEOUT"])];
+const BODY: &[Failure] = &[(400, &["INVALID_REQUEST"]), (413, &["PAYLOAD_TOO_LARGE"])];
+const CREDENTIAL: &[Failure] = &[(
+    401,
+    &[
+        "UNAUTHORIZED_NO_AUTH_HEADER",
+        "UNAUTHORIZED_INVALID_JWT_FORMAT",
+        "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM",
+        "UNAUTHORIZED_LEGACY_JWT",
+        "UNAUTHORIZED_ASYMMETRIC_JWT",
+        "UNAUTHORIZED_INVALID_API_KEY",
+    ],
+)];
+const ROLE: &[Failure] = &[(403, &["FORBIDDEN_ROLE"])];
+
+fn description(status: u16) -> &'static str {
+    match status {
+        400 => "Malformed request",
+        401 => "No valid credential",
+        403 => "The role is not allowed here",
+        409 => "Conflict",
+        413 => "The body is over the route's limit",
+        422 => "A field breaks a rule; the message names it",
+        429 => "A limit is reached; retry after `Retry-After` seconds",
+        500 => "Unexpected; the request id identifies it in the logs",
+        502 => "The upstream failed after retries",
+        503 => "Not configured or not ready",
+        504 => "The request took longer than its route allows",
+        _ => "Error",
+    }
+}
+
+/// Error responses whose `code` is restricted to the codes each status can carry on this route.
+fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
+    let mut codes: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+    for &(status, list) in groups.iter().flat_map(|group| group.iter()) {
+        let entry = codes.entry(status).or_default();
+        for code in list {
+            if !entry.contains(code) {
+                entry.push(code);
+            }
+        }
+    }
+    codes
+        .into_iter()
+        .map(|(status, list)| {
+            let schema = AllOfBuilder::new()
+                .item(Ref::from_schema_name("ErrorBody"))
+                .item(
+                    ObjectBuilder::new().property(
+                        "code",
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(list)),
+                    ),
+                );
+            let mut response = ResponseBuilder::new()
+                .description(description(status))
+                .content("application/json", Content::new(Some(schema)));
+            let text = || Header::new(ObjectBuilder::new().schema_type(Type::String));
+            response = match status {
+                401 => response
+                    .header("sb-error-code", text())
+                    .header("WWW-Authenticate", text()),
+                429 => response.header(
+                    "Retry-After",
+                    Header::new(ObjectBuilder::new().schema_type(Type::Integer)),
+                ),
+                _ => response,
+            };
+            (status.to_string(), RefOr::T(response.build()))
+        })
+        .collect()
+}
+
+/// Declares a set of error responses for `responses(...)` of `#[utoipa::path]`.
+macro_rules! error_set {
+    ($($(#[$doc:meta])* $name:ident = [$($group:expr),* $(,)?];)*) => {$(
+        $(#[$doc])*
+        pub struct $name;
+        impl IntoResponses for $name {
+            fn responses() -> BTreeMap<String, RefOr<Response>> {
+                error_responses(&[$($group),*])
+            }
+        }
+    )*};
+}
+
+error_set! {
+    /// What any route can answer besides its own (a panic, the request timeout).
+    CommonErrors = [SERVER];
+    /// A route for any valid credential that reads a body.
+    UserErrors = [CREDENTIAL, BODY, SERVER];
+    /// `sync-stripe-products-hardened`.
+    SyncErrors = [
+        CREDENTIAL,
+        ROLE,
+        BODY,
+        &[(409, &["SYNC_IN_PROGRESS"]), (502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
+        SERVER,
+    ];
+    /// `stripe-webhook`.
+    WebhookErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED"])], SERVER];
+    /// `send-sms`.
+    SmsErrors = [
+        CREDENTIAL,
+        ROLE,
+        BODY,
+        &[
+            (409, &["CONFLICT"]),
+            (422, &["VALIDATION_FAILED"]),
+            (429, &["RATE_LIMITED"]),
+            (502, &["UPSTREAM_UNAVAILABLE"]),
+            (503, &["NOT_CONFIGURED"]),
+        ],
+        SERVER,
+    ];
+    /// `twilio-status`.
+    TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED"])], SERVER];
+    /// `GET /admin/signing-keys`.
+    SigningKeysErrors = [CREDENTIAL, ROLE, BODY, &[(422, &["VALIDATION_FAILED"])], SERVER];
+    /// `POST /admin/stripe/reconcile`.
+    ReconcileErrors = [
+        CREDENTIAL,
+        ROLE,
+        BODY,
+        &[
+            (409, &["SYNC_IN_PROGRESS"]),
+            (422, &["VALIDATION_FAILED"]),
+            (502, &["UPSTREAM_UNAVAILABLE"]),
+            (503, &["NOT_CONFIGURED"]),
+        ],
+        SERVER,
+    ];
+    /// `POST /admin/signing-keys/refresh`.
+    RefreshErrors = [
+        CREDENTIAL,
+        ROLE,
+        BODY,
+        &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
+        SERVER,
+    ];
+}
+
+// Schemas of answers that handlers build as `json!`: documentation only, kept beside the list
+// of paths so a new field is added in one place.
+
+/// `GET /healthz`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    #[schema(example = "ok")]
+    status: String,
+}
+
+/// `GET /readyz` when ready.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Ready {
+    #[schema(example = "ready")]
+    status: String,
+    /// `database` and `key_ring`, each with `ok` and its detail.
+    #[schema(value_type = Object)]
+    checks: Value,
+}
+
+/// `GET /readyz` when a dependency is not ready: the error body plus the checks.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct NotReady {
+    #[schema(value_type = String, pattern = "^NOT_READY$")]
+    code: String,
+    message: String,
+    #[schema(value_type = Object)]
+    checks: Value,
+}
+
+/// `stripe-webhook`'s answer.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookReceipt {
+    received: bool,
+    /// The event id was already applied: nothing was written again.
+    duplicate: bool,
+}
+
+/// A Twilio status callback (form-encoded; other Twilio parameters are allowed and signed too).
+#[derive(ToSchema)]
+#[allow(dead_code, non_snake_case)]
+pub struct TwilioStatusForm {
+    MessageSid: String,
+    MessageStatus: String,
+}
+
+/// One trusted key in `GET /admin/signing-keys`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TrustedKey {
+    source: KeySource,
+    kid: Option<String>,
+    alg: String,
+    origin: KeyOrigin,
+    last_verified_at_ms: Option<i64>,
+    verified_count: i64,
+}
+
+/// Use of one API key over the window.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ApiKeyUse {
+    /// The key's name in `SUPABASE_SECRET_KEYS` / `SUPABASE_PUBLISHABLE_KEYS`.
+    name: String,
+    last_verified_at_ms: i64,
+    verified_count: i64,
+}
+
+/// The legacy secret's use over the window.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct LegacySecretUse {
+    configured: bool,
+    verified_count: i64,
+    last_verified_at_ms: Option<i64>,
+}
+
+/// `GET /admin/signing-keys`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SigningKeys {
+    keys: Vec<TrustedKey>,
+    api_keys: Vec<ApiKeyUse>,
+    legacy_secret: LegacySecretUse,
+    /// `LEGACY_REVOCATION_WINDOW_SECONDS`.
+    window_seconds: u64,
+    /// The first hour with usage evidence, epoch milliseconds.
+    evidence_since_ms: Option<i64>,
+    legacy_revocation_safe: bool,
+    reason: String,
+    /// The JWKS fetcher's state, when a JWKS URL is configured.
+    jwks: Option<JwksStatus>,
+    /// Legacy-secret verifications per (kind, route, client) over the usage window, most used
+    /// first; `kind` is `anon_key`, `service_role_key` or `user_session`.
+    legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
+    /// API-key verifications per (key name, route, client) over the usage window.
+    api_key_usage: Vec<crate::auth::legacy_report::CallerRow>,
+    /// Each legacy kind's count and last use over the usage window.
+    legacy_kinds: Vec<crate::auth::legacy_report::KindUse>,
+    /// The span of the usage lists (`?window_seconds=`, default the revocation window).
+    usage_window_seconds: u64,
+    /// Verifications per hour over the usage window, per key and legacy kind.
+    usage_hourly: crate::auth::legacy_report::Hourly,
+}
+
+/// `POST /admin/signing-keys/refresh`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Refreshed {
+    refreshed: bool,
+    /// The JWKS host answered 304: the set is unchanged.
+    not_modified: bool,
+    /// Keys now in the fetched set.
+    keys: u64,
+    dropped: Vec<crate::auth::DroppedKey>,
+    generation: u64,
+    ttl_seconds: u64,
+}

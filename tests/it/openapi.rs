@@ -1,0 +1,213 @@
+//! The OpenAPI document: the committed copy matches the code, it is served without credentials
+//! and printed by `edgegate openapi`, and it covers every route of the contract that the router
+//! serves, with the contract's credentials as security requirements.
+
+use std::path::Path;
+
+use edgegate::routes::openapi::document_json;
+use serde_json::Value;
+
+use crate::process::{edgegate, output};
+use crate::support::{in_ci, spawn_app};
+use crate::test_db;
+
+const REGENERATE: &str = "regenerate it with `cargo run -- openapi > docs/openapi.json`";
+const SECRET_KEY: &str = "sb_secret_openapi_test_key_0123456789";
+
+fn generated() -> Value {
+    serde_json::from_str(&document_json()).expect("the document is JSON")
+}
+
+/// One row of the contract's route table: methods, path and the credentials column.
+struct ContractRoute {
+    methods: Vec<String>,
+    path: String,
+    credentials: String,
+}
+
+/// The route table of `../shared/CONTRACT.md`, or `None` (after a notice) when it is absent;
+/// under `CI=true` a missing file fails the test.
+fn contract_routes() -> Option<Vec<ContractRoute>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/CONTRACT.md");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if !in_ci() => {
+            eprintln!("SKIPPED: {} is not readable ({err})", path.display());
+            return None;
+        }
+        Err(err) => panic!("CI=true and {} is not readable: {err}", path.display()),
+    };
+    let routes: Vec<ContractRoute> = text
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.split('|').map(str::trim).skip(1);
+            let route = cells.next()?.replace('`', "");
+            let credentials = cells.next()?.replace('`', "");
+            let (methods, path) = route.split_once(' ')?;
+            let methods: Vec<String> = methods.split('/').map(str::to_owned).collect();
+            let is_method =
+                |m: &String| ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&m.as_str());
+            (path.starts_with('/') && methods.iter().all(is_method)).then(|| ContractRoute {
+                methods,
+                path: path.to_owned(),
+                credentials,
+            })
+        })
+        .collect();
+    assert!(
+        routes.len() >= 10,
+        "the contract's route table was not found"
+    );
+    Some(routes)
+}
+
+#[tokio::test]
+async fn the_committed_document_is_what_the_code_generates() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    let committed = std::fs::read_to_string(&path)
+        .unwrap_or_else(|err| panic!("{} is not readable ({err}); {REGENERATE}", path.display()));
+    assert!(
+        committed == document_json(),
+        "docs/openapi.json differs from the document the code generates; {REGENERATE}"
+    );
+}
+
+#[tokio::test]
+async fn the_document_is_openapi_3_1_with_the_contract_security_schemes() {
+    let document = generated();
+    assert_eq!(document["openapi"], "3.1.0");
+    let schemes = &document["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["type"], "http");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["bearer"]["bearerFormat"], "JWT");
+    for (name, header) in [
+        ("apikey", "apikey"),
+        ("stripe_signature", "Stripe-Signature"),
+        ("twilio_signature", "X-Twilio-Signature"),
+    ] {
+        assert_eq!(schemes[name]["type"], "apiKey", "{name}");
+        assert_eq!(schemes[name]["in"], "header", "{name}");
+        assert_eq!(schemes[name]["name"], header, "{name}");
+    }
+    let error = &document["components"]["schemas"]["ErrorBody"];
+    assert_eq!(error["required"], serde_json::json!(["code", "message"]));
+}
+
+/// Every route of the contract that the router serves is documented with the contract's
+/// credentials, a success body and its error codes; every documented operation is served.
+#[tokio::test]
+async fn every_served_route_of_the_contract_is_documented() {
+    let Some(routes) = contract_routes() else {
+        return;
+    };
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    let document = generated();
+    let paths = document["paths"].as_object().expect("paths");
+    let mut documented = 0;
+    for route in &routes {
+        for method in &route.methods {
+            let answer = server
+                .client
+                .request(method.parse().unwrap(), server.url(&route.path))
+                .send()
+                .await
+                .expect("request");
+            let served = !matches!(answer.status().as_u16(), 404 | 405);
+            let operation = &document["paths"][&route.path][method.to_lowercase()];
+            if !served {
+                assert!(
+                    operation.is_null(),
+                    "{method} {} is documented but not served",
+                    route.path
+                );
+                eprintln!("not served on this branch yet: {method} {}", route.path);
+                continue;
+            }
+            documented += 1;
+            let label = format!("{method} {}", route.path);
+            assert!(
+                operation.is_object(),
+                "{label} is served but not in the document; add it to ApiDoc's paths"
+            );
+            let security: Vec<String> = operation["security"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .flat_map(|requirement| requirement.as_object().unwrap().keys().cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let expected: &[&str] = match route.credentials.as_str() {
+                "user" | "secret" => &["bearer", "apikey"],
+                "signature Stripe-Signature" => &["stripe_signature"],
+                "signature X-Twilio-Signature" => &["twilio_signature"],
+                "none" => &[],
+                other => panic!("{label}: unknown credentials {other:?} in the contract"),
+            };
+            assert_eq!(security, expected, "{label}: security requirements");
+            let responses = operation["responses"].as_object().expect("responses");
+            assert!(
+                responses.keys().any(|status| status.starts_with('2')),
+                "{label}: no success response"
+            );
+            for (status, response) in responses {
+                let schema = &response["content"]["application/json"]["schema"];
+                // readyz's 503 is the error body plus the checks, a schema of its own.
+                if !status.starts_with(['4', '5'])
+                    || schema["$ref"] == "#/components/schemas/NotReady"
+                {
+                    continue;
+                }
+                assert_eq!(
+                    schema["allOf"][0]["$ref"], "#/components/schemas/ErrorBody",
+                    "{label} {status}: the error body"
+                );
+                let codes = schema["allOf"][1]["properties"]["code"]["enum"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{label} {status}: no codes listed"));
+                assert!(!codes.is_empty(), "{label} {status}: no codes listed");
+            }
+            if route.credentials == "user" || route.credentials == "secret" {
+                assert!(responses.contains_key("401"), "{label}: 401 not documented");
+            }
+            if route.credentials == "secret" {
+                assert!(responses.contains_key("403"), "{label}: 403 not documented");
+            }
+        }
+    }
+    let operations: usize = paths
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        operations, documented,
+        "the document has operations that are not in the contract's route table"
+    );
+}
+
+#[tokio::test]
+async fn get_openapi_json_needs_no_credentials_and_matches_the_command() {
+    let db = test_db!();
+    let (server, _) = spawn_app(
+        &db,
+        &[(
+            "SUPABASE_SECRET_KEYS",
+            &format!("{{\"default\":\"{SECRET_KEY}\"}}"),
+        )],
+    )
+    .await;
+    let answer = server.get("/openapi.json").await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let served: Value = answer.json().await.expect("JSON");
+    assert_eq!(served, generated());
+
+    let dir = tempfile::tempdir().unwrap();
+    let printed = output(edgegate(dir.path(), &[]).arg("openapi"));
+    assert!(printed.status.success(), "{printed:?}");
+    assert_eq!(String::from_utf8(printed.stdout).unwrap(), document_json());
+}
