@@ -44,6 +44,8 @@ failed=()
 summary=()
 for target in $targets; do
   log="target/fuzz-$target.log"
+  # Only this run's reproducers count (a fixed one is kept as a regression test, not here).
+  rm -rf "artifacts/$target"
   mkdir -p target "artifacts/$target"
   echo "fuzz: $target for ${FUZZ_SECONDS} s"
   # -timeout: one input taking 10 s is a finding (a hostile input must not be that expensive).
@@ -56,9 +58,12 @@ for target in $targets; do
     failed+=("$target")
     tail -n 40 "$log"
   fi
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+  # -a: the log quotes fuzz inputs, which are binary.
+  execs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+  cov=$(grep -ao 'cov: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || echo '?')
   corpus=$(find "corpus/$target" -type f | wc -l)
-  summary+=("$(printf '%-18s %-6s %12s executions %6s corpus inputs' "$target" "$status" "$execs" "$corpus")")
+  summary+=("$(printf '%-18s %-6s %10s executions %6s edges %6s corpus inputs' \
+    "$target" "$status" "$execs" "$cov" "$corpus")")
 done
 
 echo

@@ -204,10 +204,18 @@ def config_seed(pairs):
         seed("config", SEP.join(fields))
 
 
+def rust_unescape(text):
+    """The value of a Rust string literal's body (the escapes the config tests use)."""
+    simple = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "'": "'", "\\": "\\"}
+    return re.sub(r"\\(u\{([0-9a-fA-F]+)\}|.)",
+                  lambda m: chr(int(m.group(2), 16)) if m.group(2) else simple.get(m.group(1), m.group(0)),
+                  text)
+
+
 config_tests = (ROOT / "src" / "config" / "tests.rs").read_text()
 pair_re = re.compile(r'\("([A-Z_]+)",\s*"((?:[^"\\]|\\.)*)"\)')
 for line in config_tests.splitlines():
-    pairs = [(n, v.encode().decode("unicode_escape")) for n, v in pair_re.findall(line)]
+    pairs = [(n, rust_unescape(v)) for n, v in pair_re.findall(line)]
     if pairs:
         config_seed(pairs)
 config_seed([
