@@ -419,6 +419,14 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 
     pub(super) fn log_filter(&self, name: &str) -> Result<String, ConfigError> {
         let filter = self.get(name).unwrap_or_else(|| "info".to_owned());
+        // tracing-subscriber splits at commas, then scans each directive trimmed but slices it
+        // untrimmed: a blank before a multi-byte character panics (found by fuzzing). Trimmed
+        // directives mean the same and are read safely.
+        let filter = filter
+            .split(',')
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(",");
         tracing_subscriber::EnvFilter::try_new(&filter)
             .map_err(|_| ConfigError::new(name, "must be a valid tracing filter such as info"))?;
         Ok(filter)

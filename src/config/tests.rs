@@ -377,6 +377,15 @@ fn log_settings_are_checked() {
     assert_eq!(ok.log_format, LogFormat::Json);
 }
 
+/// Found by the `config` fuzz target: tracing-subscriber trims a directive for its scan but
+/// slices the untrimmed text, so a blank before a multi-byte character panicked at start-up.
+#[test]
+fn log_filter_with_blanks_before_non_ascii_is_read_not_a_panic() {
+    refused("RUST_LOG", "info, a\u{e9}[");
+    let ok = config(&[("RUST_LOG", "info, \u{e9}t\u{e9}=debug ")]).unwrap();
+    assert_eq!(ok.log_filter, "info,\u{e9}t\u{e9}=debug");
+}
+
 #[test]
 fn blank_values_count_as_unset() {
     let config = config(&[("STRIPE_SECRET_KEY", ""), ("PORT", "  ")]).unwrap();
