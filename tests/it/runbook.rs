@@ -108,7 +108,10 @@ async fn a_legacy_anon_key_alone_keeps_revocation_unsafe() {
 
     let report = signing_keys(&server).await;
     assert_eq!(report["legacy_revocation_safe"], false, "{report}");
-    assert_reason_starts_with(&report, "legacy anon_key still used by unknown on /functions/v1/jwt-test, 1 time");
+    assert_reason_starts_with(
+        &report,
+        "legacy anon_key still used by unknown on /functions/v1/jwt-test, 1 time",
+    );
     assert_eq!(report["legacy_secret"]["verified_count"], 1);
     assert!(
         report["legacy_secret"]["last_verified_at_ms"]
