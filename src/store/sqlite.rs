@@ -30,14 +30,39 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         .foreign_keys(true)
         // Writers from other connections or processes wait instead of failing at once.
         .busy_timeout(BUSY_TIMEOUT);
-    SqlitePoolOptions::new()
-        .max_connections(8)
-        // A file locked by another process shows as SQLITE_BUSY after the busy timeout; the
-        // acquire timeout only bounds waiting for one of our own connections.
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
-        .context("opening the SQLite database")
+    let pool = || {
+        SqlitePoolOptions::new()
+            .max_connections(8)
+            // A file locked by another process shows as SQLITE_BUSY after the busy timeout; the
+            // acquire timeout only bounds waiting for one of our own connections.
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+    };
+    // Two processes opening a new file at once both switch it to WAL; SQLite answers one of
+    // them SQLITE_BUSY at once (the busy handler is not called for that lock), so retry a little.
+    let mut pause = Duration::from_millis(50);
+    for _ in 0..OPEN_RETRIES {
+        match pool().await {
+            Err(err) if is_busy(&err) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other.context("opening the SQLite database"),
+        }
+    }
+    pool().await.context("opening the SQLite database")
+}
+
+/// Attempts at opening a file that another process is switching to WAL, before the last one.
+const OPEN_RETRIES: usize = 5;
+
+fn is_busy(err: &sqlx::Error) -> bool {
+    // The primary result code SQLITE_BUSY (5), whatever its extended code.
+    let code = match err {
+        sqlx::Error::Database(db) => db.code().and_then(|code| code.parse::<i32>().ok()),
+        _ => None,
+    };
+    code.is_some_and(|code| code & 0xff == 5)
 }
 
 /// Applies the migrations, one process at a time. SQLite has no advisory lock, so sqlx's
