@@ -140,14 +140,13 @@ pub async fn reconcile(
     RawBody(body): RawBody,
 ) -> ApiResult<Json<ReconcileReport>> {
     let action = "reconcile_stripe_events";
-    let request: Option<ReconcileRequest> =
-        if body.trim_ascii().is_empty() {
-            None
-        } else {
-            Some(serde_json::from_slice(&body).map_err(|err| {
-                ApiError::InvalidRequest(format!("the body cannot be read: {err}"))
-            })?)
-        };
+    let request: Option<ReconcileRequest> = if body.trim_ascii().is_empty() {
+        None
+    } else {
+        // `null` reads as no body: the body is optional.
+        serde_json::from_slice(&body)
+            .map_err(|err| ApiError::InvalidRequest(format!("the body cannot be read: {err}")))?
+    };
     let since = match request.and_then(|r| r.since) {
         Some(since) => Some(
             reconcile::requested_since(since, now_ms().div_euclid(1000)).map_err(|message| {

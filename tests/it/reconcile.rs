@@ -277,6 +277,10 @@ async fn reconcile_needs_a_key_the_service_role_and_a_sound_body() {
     assert!((now() - 30 * 86_400 - since).abs() <= 5, "{body}");
     assert_eq!(events(&body).0, 1);
 
+    // The body is optional, so a JSON `null` (what the OpenAPI document allows) is no body.
+    let (status, body) = reconcile_as(&app.server, Some(SB_SECRET), Some(Value::Null)).await;
+    assert_eq!(status, 200, "{body}");
+
     let without_key = app_without_key(&db).await;
     let (status, body) = reconcile(&without_key.server).await;
     assert_eq!(
