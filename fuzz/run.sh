@@ -5,6 +5,8 @@
 # any target crashed (the reproducer stays in fuzz/artifacts/<target>/).
 #
 #   FUZZ_SECONDS=300 fuzz/run.sh                 # longer runs
+#   FUZZ_SEED=0 fuzz/run.sh                      # a random seed (default 1: CI repeats one path,
+#                                                # so a red run is reproducible, not luck)
 #   FUZZ_TARGETS="bearer_token config" fuzz/run.sh
 #   FUZZ_SANITIZER=address fuzz/run.sh           # ASan (needs nightly, or RUSTC_BOOTSTRAP=1)
 #
@@ -14,6 +16,7 @@ cd "$(dirname "$0")"
 
 CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
+FUZZ_SEED="${FUZZ_SEED:-1}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 VECTORS="${FUZZ_VECTORS:-$PWD/../../shared/vectors}"
 
@@ -50,7 +53,7 @@ for target in $targets; do
   echo "fuzz: $target for ${FUZZ_SECONDS} s"
   # -timeout: one input taking 10 s is a finding (a hostile input must not be that expensive).
   if cargo fuzz run "${flags[@]}" "$target" -- \
-      -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 \
+      -max_total_time="$FUZZ_SECONDS" -seed="$FUZZ_SEED" -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 >"$log" 2>&1; then
     status=ok
   else
