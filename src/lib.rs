@@ -4,10 +4,10 @@
 //! `app(state)` builds the router with its middleware; `run(config, listener, shutdown)` serves it.
 
 pub mod auth;
+pub mod body;
 pub mod commands;
 pub mod config;
 pub mod error;
-pub mod extract;
 pub mod routes;
 pub mod server;
 pub mod state;

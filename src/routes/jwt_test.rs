@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::auth::extract::User;
-use crate::extract::RawBody;
+use crate::body::RawBody;
 
 /// The answer, serialized straight from the verified credential (no intermediate JSON tree).
 #[derive(Serialize, utoipa::ToSchema)]

@@ -7,8 +7,8 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 use crate::auth::extract::{Principal, ServiceRole};
+use crate::body::RawBody;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::RawBody;
 use crate::state::AppState;
 use crate::store::{AuditEntry, now_ms};
 use crate::stripe::StripeClient;

@@ -107,7 +107,7 @@ struct ErrorDetail {
 }
 
 /// What went wrong with one attempt, and whether another may succeed.
-struct Failure {
+struct AttemptFailure {
     retry: bool,
     /// A 404 that no `Stripe-Should-Retry` asked to retry.
     missing: bool,
@@ -214,7 +214,7 @@ impl StripeClient {
                 match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(failure)) => failure,
-                    Err(_) => Failure {
+                    Err(_) => AttemptFailure {
                         retry: true,
                         missing: false,
                         reason: format!(
@@ -247,14 +247,14 @@ impl StripeClient {
         }
     }
 
-    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, Failure> {
+    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, AttemptFailure> {
         let response = self
             .http
             .get(url.clone())
             .bearer_auth(self.key.expose_secret())
             .send()
             .await
-            .map_err(|err| Failure {
+            .map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
                 reason: format!("connection failed: {}", err.without_url()),
@@ -266,13 +266,13 @@ impl StripeClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
         // A body cut short is a transient failure like a dropped connection.
-        let body = response.bytes().await.map_err(|err| Failure {
+        let body = response.bytes().await.map_err(|err| AttemptFailure {
             retry: true,
             missing: false,
             reason: format!("answer cut short: {}", err.without_url()),
         })?;
         if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|err| Failure {
+            return serde_json::from_slice(&body).map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
                 reason: format!("unreadable answer ({status}): {err}"),
@@ -291,7 +291,7 @@ impl StripeClient {
         let transient =
             status.as_u16() == 409 || status.as_u16() == 429 || status.is_server_error();
         let retry = should_retry.unwrap_or(transient);
-        Err(Failure {
+        Err(AttemptFailure {
             retry,
             missing: status.as_u16() == 404 && !retry,
             reason: format!("HTTP {}{detail}", status.as_u16()),

@@ -30,7 +30,11 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 
 /// The line that closes each request, inside its span (which carries the request id, method,
 /// matched route and credential): the status and the latency in milliseconds.
-pub fn log_response<B>(response: &http::Response<B>, latency: Duration, _span: &tracing::Span) {
+pub fn log_response<B>(
+    response: &axum::http::Response<B>,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
     tracing::info!(
         status = response.status().as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use edgegate::extract::RawBody;
+use edgegate::body::RawBody;
 use edgegate::server::middleware::Limits;
 use edgegate::{AppState, routes};
 use serde_json::Value;
