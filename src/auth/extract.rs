@@ -129,15 +129,6 @@ fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
     state.usage.callers.record(&kind, route, client, now_ms());
 }
 
-impl From<AuthError> for ApiError {
-    fn from(err: AuthError) -> Self {
-        ApiError::Unauthorized {
-            code: err.code(),
-            message: err.message(),
-        }
-    }
-}
-
 impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
 

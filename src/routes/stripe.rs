@@ -19,41 +19,6 @@ use crate::stripe::webhook::{self, WebhookError};
 /// The largest webhook body taken (Stripe's events are far smaller).
 pub const WEBHOOK_BODY_LIMIT: usize = 512 * 1024;
 
-impl From<SyncError> for ApiError {
-    fn from(err: SyncError) -> Self {
-        match err {
-            SyncError::InProgress => ApiError::SyncInProgress(err.to_string()),
-            SyncError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            SyncError::Internal(cause) => ApiError::Internal(cause),
-        }
-    }
-}
-
-impl From<ReconcileError> for ApiError {
-    fn from(err: ReconcileError) -> Self {
-        match err {
-            ReconcileError::InProgress => ApiError::SyncInProgress(err.to_string()),
-            ReconcileError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            ReconcileError::Internal(cause) => ApiError::Internal(cause),
-        }
-    }
-}
-
-impl From<WebhookError> for ApiError {
-    fn from(err: WebhookError) -> Self {
-        match err {
-            WebhookError::Signature(cause) => ApiError::InvalidSignature(cause.to_string()),
-            WebhookError::Unreadable(message) => ApiError::InvalidRequest(message),
-            WebhookError::Store(cause) => ApiError::Internal(cause),
-            WebhookError::NeedsSecretKey(_) => {
-                tracing::warn!(error = %err, "same-second event refused");
-                ApiError::NotConfigured("STRIPE_SECRET_KEY")
-            }
-            WebhookError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-        }
-    }
-}
-
 fn stripe_client(state: &AppState) -> Option<StripeClient> {
     StripeClient::from_config(state.http.clone(), &state.config.stripe, state.stripe_retry)
 }
