@@ -162,7 +162,7 @@ impl Catalogued for Product {
         rows: &[ProductRow],
         now: i64,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send {
-        store.sync_products_page(rows, now)
+        store.sync_catalogue_page(rows, now)
     }
     fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
         (&mut counts.products_seen, &mut counts.products_upserted)
@@ -180,7 +180,7 @@ impl Catalogued for Price {
         rows: &[PriceRow],
         now: i64,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send {
-        store.sync_prices_page(rows, now)
+        store.sync_catalogue_page(rows, now)
     }
     fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
         (&mut counts.prices_seen, &mut counts.prices_upserted)

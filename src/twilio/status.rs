@@ -106,7 +106,7 @@ pub async fn apply_callback(
     // rather than refusing a signed callback.
     let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
     match store
-        .apply_sms_status(sid, status, rank, error_code, now_ms())
+        .apply_sms_status(sid, (status, rank), STATUS_RANKS, error_code, now_ms())
         .await?
     {
         StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),
@@ -125,6 +125,16 @@ pub async fn apply_callback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_is_plain_lower_case_words_so_the_store_ranks_it() {
+        for (status, _) in STATUS_RANKS {
+            assert!(
+                status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{status}"
+            );
+        }
+    }
 
     #[test]
     fn statuses_only_move_forward() {
