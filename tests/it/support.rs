@@ -103,8 +103,6 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<std::io::Result<()>>,
-    /// The JWKS background refresh, as `run` starts it; stopped when the server is dropped.
-    refresh: Option<edgegate::auth::RefreshTask>,
 }
 
 impl TestServer {
@@ -160,15 +158,28 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
         client: reqwest::Client::new(),
         stop: Some(stop),
         task,
-        refresh: None,
     }
 }
 
-/// The whole application, as `edgegate::run` starts it (JWKS refresh included), on a fresh state.
+/// The whole application, started by `edgegate::spawn` as `edgegate::run` starts it (background
+/// tasks included); dropping the server shuts it down as `run` does.
 pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
-    let state = AppState::new(db.config(vars), db.store().await);
-    let mut server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
-    server.refresh = state.auth.spawn_refresh();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = edgegate::spawn(db.config(vars), listener)
+        .await
+        .expect("start edgegate");
+    let (addr, state) = (app.local_addr(), app.state().clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = stopped.await;
+        app.shutdown().await.map_err(std::io::Error::other)
+    });
+    let server = TestServer {
+        addr,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        task,
+    };
     (server, state)
 }
 
