@@ -3,6 +3,7 @@
 //!
 //! `app(state)` builds the router with its middleware; `run(config, listener, shutdown)` serves it.
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod commands;

@@ -9,8 +9,8 @@ use axum::http::request::Parts;
 
 use crate::auth::callers::{CallerKind, client_name};
 use crate::auth::metrics::VerificationLabels;
-use crate::auth::usage::usage_kid;
-use crate::auth::{AuthError, KeySource, Verified};
+use crate::auth::usage::credential_name;
+use crate::auth::{AuthError, Verified};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{AuditEntry, now_ms};
@@ -24,20 +24,12 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// How the audit log names the credential: the kid, `legacy`, or the API key's name.
-    pub fn credential_id(&self) -> String {
-        match self.verified.source {
-            KeySource::LegacySecret => "legacy".to_owned(),
-            _ => self.verified.kid.clone().unwrap_or_default(),
-        }
-    }
-
     /// An audit row for an action this principal took.
     pub fn audit(&self, action: &str, outcome: &str) -> AuditEntry {
         AuditEntry::new(
             self.request_id.clone(),
             self.verified.source.as_str(),
-            &self.credential_id(),
+            &credential_name(&self.verified),
             action,
             outcome,
         )
@@ -145,10 +137,7 @@ impl FromRequestParts<AppState> for User {
             Ok(verified) => {
                 state.usage.record(&verified, now_ms());
                 record_caller(parts, state, &verified);
-                let kid = match verified.source {
-                    KeySource::LegacySecret => "legacy".to_owned(),
-                    _ => usage_kid(&verified),
-                };
+                let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.
                 let span = tracing::Span::current();
                 span.record("credential_source", verified.source.as_str());

@@ -6,15 +6,16 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::auth::extract::{Principal, ServiceRole};
+use crate::audit;
+use crate::auth::extract::ServiceRole;
 use crate::body::RawBody;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{AuditEntry, now_ms};
+use crate::store::now_ms;
 use crate::stripe::StripeClient;
-use crate::stripe::reconcile::{self, ReconcileError, ReconcileReport, Trigger};
-use crate::stripe::sync::{self, SyncError, SyncReport};
-use crate::stripe::webhook::{self, WebhookError};
+use crate::stripe::reconcile::{self, ReconcileReport};
+use crate::stripe::sync::{self, SyncReport};
+use crate::stripe::webhook;
 
 /// The largest webhook body taken (Stripe's events are far smaller).
 pub const WEBHOOK_BODY_LIMIT: usize = 512 * 1024;
@@ -40,42 +41,13 @@ pub async fn sync_products(
 ) -> ApiResult<Json<SyncReport>> {
     let action = "sync_stripe_products";
     let Some(client) = stripe_client(&state) else {
-        audit(&state, principal.audit(action, "not_configured")).await;
+        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
-    let (store, holder) = (state.store.clone(), holder(&principal));
-    let result = tokio::spawn(async move { sync::run(&store, &client, &holder).await })
-        .await
-        .unwrap_or_else(|err| Err(SyncError::Internal(anyhow::anyhow!("sync task: {err}"))));
-    let outcome = audit_run(&state, &principal, action, &result, SyncError::outcome).await;
-    state.stripe_metrics.sync_run(outcome);
-    Ok(Json(result?))
-}
-
-/// The name a run's lock row carries: the request id, which the logs show too.
-fn holder(principal: &Principal) -> String {
-    principal
-        .request_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-/// Audits a finished run (its outcome and, on success, its answer); returns the outcome.
-async fn audit_run<R: serde::Serialize, E>(
-    state: &AppState,
-    principal: &Principal,
-    action: &str,
-    result: &Result<R, E>,
-    outcome_of: fn(&E) -> &'static str,
-) -> &'static str {
-    let outcome = result.as_ref().map_or_else(outcome_of, |_| "ok");
-    let mut entry = principal.audit(action, outcome);
-    if let Ok(report) = result {
-        entry.detail = serde_json::to_string(report).ok();
-    }
-    audit(state, entry).await;
-    outcome
+    let audit = principal.audit(action, "pending");
+    let report =
+        sync::run_for_caller(state.store.clone(), client, audit, &state.stripe_metrics).await?;
+    Ok(Json(report))
 }
 
 /// The optional body of `/admin/stripe/reconcile`.
@@ -124,33 +96,14 @@ pub async fn reconcile(
         None => None,
     };
     let Some(client) = stripe_client(&state) else {
-        audit(&state, principal.audit(action, "not_configured")).await;
+        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    // Spawned, as the sync is.
-    let (store, holder) = (state.store.clone(), holder(&principal));
-    let result = tokio::spawn(async move {
-        reconcile::run(&store, &client, &holder, Trigger::Manual, since).await
-    })
-    .await
-    .unwrap_or_else(|err| {
-        Err(ReconcileError::Internal(anyhow::anyhow!(
-            "reconcile task: {err}"
-        )))
-    });
-    state.reconcile_metrics.record(Trigger::Manual, &result);
-    audit_run(&state, &principal, action, &result, ReconcileError::outcome).await;
-    Ok(Json(result?))
-}
-
-async fn audit(state: &AppState, entry: AuditEntry) {
-    if let Err(err) = state.store.record_audit(&entry).await {
-        tracing::error!(
-            error = format!("{err:#}"),
-            action = entry.action,
-            "audit row not written"
-        );
-    }
+    let audit = principal.audit(action, "pending");
+    let metrics = &state.reconcile_metrics;
+    let report =
+        reconcile::run_for_caller(state.store.clone(), client, since, audit, metrics).await?;
+    Ok(Json(report))
 }
 
 #[utoipa::path(
@@ -183,40 +136,17 @@ pub async fn webhook(
         .get("stripe-signature")
         .and_then(|value| value.to_str().ok());
     let stripe = stripe_client(&state);
-    match webhook::receive(
+    let delivery = webhook::receive(
         &state.store,
         stripe.as_ref(),
         secrets,
         signature,
         &body,
         now_ms(),
+        &state.stripe_metrics,
     )
-    .await
-    {
-        Ok(delivery) => {
-            let outcome = if delivery.duplicate {
-                "duplicate"
-            } else {
-                "applied"
-            };
-            state
-                .stripe_metrics
-                .webhook_event(&delivery.event_type, outcome);
-            Ok(Json(
-                json!({"received": true, "duplicate": delivery.duplicate}),
-            ))
-        }
-        Err(err) => {
-            let outcome = match &err {
-                WebhookError::Signature(_) => "invalid_signature",
-                WebhookError::Unreadable(_) => "unreadable",
-                WebhookError::Store(_) => "error",
-                WebhookError::NeedsSecretKey(_) | WebhookError::Upstream { .. } => {
-                    "same_second_unsettled"
-                }
-            };
-            state.stripe_metrics.webhook_event("unknown", outcome);
-            Err(err.into())
-        }
-    }
+    .await?;
+    Ok(Json(
+        json!({"received": true, "duplicate": delivery.duplicate}),
+    ))
 }

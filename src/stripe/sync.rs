@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
@@ -96,6 +97,21 @@ impl Stop {
 }
 
 /// Runs one sync as `holder` (names the instance in the SQLite lock row).
+/// A sync a caller asked for: run in its own task, audited with `audit`, counted in `metrics`.
+pub async fn run_for_caller(
+    store: Store,
+    client: StripeClient,
+    audit: AuditEntry,
+    metrics: &StripeMetrics,
+) -> Result<SyncReport, SyncError> {
+    let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
+    let job = async move { run(&job_store, &client, &holder).await };
+    let result =
+        super::run_for_caller(store, audit, job, SyncError::outcome, SyncError::Internal).await;
+    metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"));
+    result
+}
+
 pub async fn run(
     store: &Store,
     client: &StripeClient,

@@ -172,10 +172,7 @@ async fn record_audit(
         Err(err) => err.outcome().to_owned(),
     };
     entry.detail = message_id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
-    if let Err(err) = store.record_audit(&entry).await {
-        // The send already happened (or was refused); the gap is logged, not answered.
-        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
-    }
+    crate::audit::record(store, &entry).await;
 }
 
 async fn send_once(
