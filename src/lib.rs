@@ -5,7 +5,9 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backoff;
 pub mod body;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -60,7 +62,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     options: RunOptions,
 ) -> anyhow::Result<()> {
-    Started::start(config, listener, options)
+    Started::start(config, listener, options, clock::Clock::system())
         .await?
         .serve(shutdown)
         .await
@@ -69,7 +71,16 @@ pub async fn run_with(
 /// Starts the service as [`run`] does (database, background tasks, HTTP on `listener`) in a task
 /// of its own, for callers that keep working beside it (the integration tests).
 pub async fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<RunningApp> {
-    let started = Started::start(config, listener, RunOptions::default()).await?;
+    spawn_with_clock(config, listener, clock::Clock::system()).await
+}
+
+/// As [`spawn`], reading time from `clock` (tests advance a manual one instead of sleeping).
+pub async fn spawn_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: clock::Clock,
+) -> anyhow::Result<RunningApp> {
+    let started = Started::start(config, listener, RunOptions::default(), clock).await?;
     let state = started.state.clone();
     let address = started.address;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -125,6 +136,7 @@ impl Started {
         config: Config,
         listener: TcpListener,
         options: RunOptions,
+        clock: clock::Clock,
     ) -> anyhow::Result<Self> {
         let tls = config.tls.as_ref().map(server::load_tls).transpose()?;
         let store = Store::connect(&config.database_url).await?;
@@ -137,7 +149,7 @@ impl Started {
                  checked"
             );
         }
-        let state = AppState::new(config, store.clone());
+        let state = AppState::with_clock(config, store.clone(), clock);
         let refresh = state.auth.spawn_refresh();
         let mut background = vec![
             auth::usage::spawn_flusher(state.usage.clone(), store.clone()),

@@ -95,7 +95,7 @@ fn signed(data: &[u8]) {
             ring.auth.key_ring().load().as_ref(),
             &ring.unchecked_iss,
             t,
-            edgegate::auth::Clock::system().unix_now(),
+            edgegate::clock::Clock::system().unix_now(),
         )
     };
     for verified in [through_cache, check_error(&token, pure)]
@@ -129,7 +129,7 @@ fn raw(token: &str) {
             ring.auth.key_ring().load().as_ref(),
             &ring.unchecked_iss,
             t,
-            edgegate::auth::Clock::system().unix_now(),
+            edgegate::clock::Clock::system().unix_now(),
         )
     };
     for verified in [result, check_error(token, pure)].into_iter().flatten() {

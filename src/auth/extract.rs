@@ -11,9 +11,10 @@ use crate::auth::callers::{CallerKind, client_name};
 use crate::auth::metrics::VerificationLabels;
 use crate::auth::usage::credential_name;
 use crate::auth::{AuthError, Verified};
+use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::{AuditEntry, now_ms};
+use crate::store::AuditEntry;
 use crate::telemetry::LegacyKindLabels;
 
 /// Who made the request, as established by its credential.

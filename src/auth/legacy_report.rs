@@ -15,7 +15,8 @@ use crate::auth::usage::{
     LegacyVerdict, UsageTracker, humanize, legacy_verdict, window_first_hour,
 };
 use crate::auth::{Authenticator, KeySource};
-use crate::store::{CallerUsage, KeyUsage, Store, now_ms};
+use crate::clock::now_ms;
+use crate::store::{CallerUsage, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 

@@ -20,7 +20,6 @@
 pub mod authenticator;
 pub mod cache;
 pub mod callers;
-pub mod clock;
 pub mod error;
 pub mod extract;
 pub(crate) mod json;
@@ -34,7 +33,6 @@ pub mod usage;
 pub mod verify;
 
 pub use authenticator::{AuthSettings, Authenticator};
-pub use clock::Clock;
 pub use error::{AuthError, Failure};
 pub use jwks::{
     JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask,

@@ -13,7 +13,8 @@ use serde::Serialize;
 
 use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
-use crate::store::{KeyUsage, Store, now_ms};
+use crate::clock::now_ms;
+use crate::store::{KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 

@@ -2,11 +2,12 @@
 //! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::{PgPool, SqlitePool};
 
+use crate::clock::now_ms;
 use crate::config::DatabaseUrl;
 use engine::Arg;
 
@@ -338,14 +339,6 @@ fn unavailable_code(code: &str) -> bool {
         return matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
     }
     code.starts_with("08") || code.starts_with("53") || code.starts_with("57P0")
-}
-
-/// Milliseconds since the Unix epoch, the unit of every time column.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The migration versions and names shipped for each backend, for the test that keeps them equal.

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use crate::backoff;
 use crate::config::StripeConfig;
 
 /// Stripe's largest page.
@@ -51,21 +52,8 @@ impl RetryPolicy {
     /// The wait before retry number `retry` (1-based): "equal jitter", half the exponential step
     /// plus a random part of the other half, so instances that failed together spread out.
     pub fn delay(&self, retry: u32) -> Duration {
-        let step = self
-            .base_delay
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
-            .min(self.max_delay);
-        let half = step / 2;
-        let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-        half + Duration::from_millis(random_u64() % half_ms.saturating_add(1))
+        backoff::equal_jitter(backoff::exponential(self.base_delay, retry, self.max_delay))
     }
-}
-
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // A failing system RNG only costs the jitter, never the retry.
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    u64::from_le_bytes(bytes)
 }
 
 /// Why a Stripe call failed. Messages never hold the API key.

@@ -12,7 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::store::{AuditEntry, Job, ReconcileCounts, Store, SyncLock, now_ms};
+use crate::clock::now_ms;
+use crate::store::{AuditEntry, Job, ReconcileCounts, Store, SyncLock};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::clock::now_ms;
+use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};

@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::SmsError;
 use super::client::{CallError, MessageResource, TwilioApi};
+use crate::backoff;
+use crate::clock::now_ms;
 use crate::config::{Config, SmsSender, is_e164};
 use crate::store::{
     AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, is_unavailable,
-    now_ms,
 };
 
 /// The longest body Twilio takes.
@@ -346,7 +347,7 @@ async fn deliver(
 }
 
 /// Calls Twilio, repeating only what Twilio certainly did not act on (throttled, or never
-/// connected), with doubling pauses.
+/// connected), with doubling, jittered pauses.
 async fn create_with_retries(
     api: &TwilioApi,
     form: &[(&str, &str)],
@@ -366,9 +367,10 @@ async fn create_with_retries(
         if attempt >= MAX_ATTEMPTS {
             return Err(err);
         }
-        let backoff = base_delay.saturating_mul(2u32.saturating_pow(attempt - 1));
+        let step =
+            backoff::equal_jitter(backoff::exponential(base_delay, attempt, MAX_RETRY_PAUSE));
         let pause = asked
-            .map_or(backoff, |asked| asked.max(backoff))
+            .map_or(step, |asked| asked.max(step))
             .min(MAX_RETRY_PAUSE);
         tracing::info!(attempt, pause_ms = pause.as_millis(), reason = %err, "retrying Twilio");
         tokio::time::sleep(pause).await;

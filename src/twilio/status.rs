@@ -4,8 +4,9 @@
 use secrecy::ExposeSecret as _;
 
 use super::SmsError;
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::store::{StatusChange, Store, now_ms};
+use crate::store::{StatusChange, Store};
 
 /// Where each status stands in a message's life; a status only replaces a lower one. The final
 /// outcomes share a rank, so the first to arrive stays. (`read` follows `delivered` on channels

@@ -4,7 +4,8 @@
 use edgegate::AppState;
 use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
 use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
-use edgegate::store::{CallerUsage, KeyUsage, now_ms};
+use edgegate::clock::now_ms;
+use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
 
 use crate::process::{edgegate, output};

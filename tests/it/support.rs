@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
+use edgegate::clock::Clock;
 use edgegate::server::middleware::{self, Limits};
 use edgegate::{AppState, Config, Store};
 use tokio::net::TcpListener;
@@ -164,8 +165,17 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
 /// The whole application, started by `edgegate::spawn` as `edgegate::run` starts it (background
 /// tasks included); dropping the server shuts it down as `run` does.
 pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
+    spawn_app_with_clock(db, vars, Clock::system()).await
+}
+
+/// As [`spawn_app`], with the service reading time from `clock`.
+pub async fn spawn_app_with_clock(
+    db: &TestDb,
+    vars: &[(&str, &str)],
+    clock: Clock,
+) -> (TestServer, AppState) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = edgegate::spawn(db.config(vars), listener)
+    let app = edgegate::spawn_with_clock(db.config(vars), listener, clock)
         .await
         .expect("start edgegate");
     let (addr, state) = (app.local_addr(), app.state().clone());
