@@ -10,6 +10,7 @@ pub mod body;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod routes;
 pub mod server;

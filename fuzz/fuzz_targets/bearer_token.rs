@@ -16,7 +16,7 @@
 use aws_lc_rs::hmac;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use edgegate::auth::extract::{Presented, presented};
+use edgegate::credentials::{Presented, presented};
 use edgegate::auth::{AuthError, KeySource, Verified, verify};
 use edgegate_fuzz::{INLINE_OCT_K, LEGACY_SECRET, fields, poll_once, ring, text};
 use http::{HeaderMap, HeaderValue};

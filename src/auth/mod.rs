@@ -21,7 +21,6 @@ pub mod authenticator;
 pub mod cache;
 pub mod callers;
 pub mod error;
-pub mod extract;
 pub(crate) mod json;
 pub mod jwks;
 pub mod keyring;

@@ -8,8 +8,8 @@ use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
 
 use crate::audit;
-use crate::auth::extract::{Principal, ServiceRole};
 use crate::auth::legacy_report::{self, KeyReport};
+use crate::credentials::{Principal, ServiceRole};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 

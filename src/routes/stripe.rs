@@ -7,9 +7,9 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 use crate::audit;
-use crate::auth::extract::ServiceRole;
 use crate::body::RawBody;
 use crate::clock::now_ms;
+use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::stripe::StripeClient;
