@@ -23,7 +23,13 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         .with_writer(std::io::stderr);
     // A second call (tests start several apps) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Each line carries its span's fields once, under `span`: the list of every enclosing
+        // span would repeat the request span's fields, and each copy costs a parse of them.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
 }
