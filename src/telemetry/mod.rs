@@ -1,5 +1,6 @@
 //! Logs (tracing) and metrics (Prometheus text format).
 
+mod json_fields;
 mod metrics;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
@@ -29,6 +30,7 @@ pub fn init_logging(format: LogFormat, filter: &str) {
             .json()
             .flatten_event(true)
             .with_span_list(false)
+            .fmt_fields(json_fields::AppendJsonFields)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
