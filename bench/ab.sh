@@ -16,18 +16,12 @@ CONNECTIONS=${CONNECTIONS:-64}
 SERVER_PORT=${SERVER_PORT:-18831}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BENCH=$ROOT/bench
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-ISSUER=https://bench.supabase.co/auth/v1
-SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 
 # shellcheck source=bench/lib.sh
-source "$BENCH/lib.sh"
+source "$(dirname "$0")/lib.sh"
 [ $# -gt 0 ] || { echo "usage: bench/ab.sh BINARY[:RUST_LOG] ..." >&2; exit 2; }
 
-cargo build --release --locked --quiet --example bench_tokens
-"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$ISSUER" "$SECRET" 1 60000 >/dev/null
+make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
 OUT=$WORK/ab.tsv
 : >"$OUT"
@@ -39,7 +33,7 @@ for round in $(seq 1 "$ROUNDS"); do
         [ "$spec" = "$bin" ] || level=${spec#*:}
         rm -rf "$WORK/db" && mkdir -p "$WORK/db"
         env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
-            SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$SECRET" JWT_ISSUERS="$ISSUER" \
+            SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
             LOG_FORMAT=json RUST_LOG="$level" \
             taskset -c "$SERVER_CPU" "$bin" serve >"$WORK/server.log" 2>&1 &
         pid=$!

@@ -20,24 +20,18 @@ WARMUP=${WARMUP:-300}
 SCENARIOS=${SCENARIOS:-healthz hit fresh}
 TOP=${TOP:-25}
 SERVER_PORT=${SERVER_PORT:-18821}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BENCH=$ROOT/bench
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-ISSUER=https://bench.supabase.co/auth/v1
-SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 
 # shellcheck source=bench/lib.sh
-source "$BENCH/lib.sh"
+source "$(dirname "$0")/lib.sh"
 OUT_DIR=${OUT_DIR:-$WORK/out}
 mkdir -p "$OUT_DIR"
 
 log() { printf '%s\n' "$*" >&2; }
 
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-cargo build --release --locked --quiet --bin edgegate --example bench_tokens
+[ -n "${1:-}" ] || cargo build --release --locked --quiet --bin edgegate
 EDGEGATE=${1:-$CARGO_TARGET_DIR/release/edgegate}
-FRESH=$((WARMUP + REQUESTS))
-"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$ISSUER" "$SECRET" 1 "$FRESH" >/dev/null
+make_tokens "$WORK/tokens" 1 $((WARMUP + REQUESTS))
 # The ES256 key inline, so that no JWKS host is needed and nothing is fetched while counting.
 JWKS=$(cat "$WORK/tokens/jwks.json")
 
@@ -50,7 +44,7 @@ run() { # scenario path token_file
     rm -f "$WORK/db/"*
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
         DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
-        SUPABASE_JWKS="$JWKS" SUPABASE_JWT_SECRET="$SECRET" JWT_ISSUERS="$ISSUER" \
+        SUPABASE_JWKS="$JWKS" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
         LOG_FORMAT=json RUST_LOG=info \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
         "$EDGEGATE" serve >"$WORK/server.$1.log" 2>"$WORK/valgrind.$1.log" &
