@@ -12,13 +12,15 @@
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
 # Output: instructions per request per scenario, and each scenario's top functions (self cost)
 # in OUT_DIR (default: a scratch folder, printed) as callgrind.<scenario>.{out,txt}.
-# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, TOP (25).
+# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, TOP (25),
+# LOG_LEVEL (RUST_LOG, default info: the container's logging, JSON lines included).
 set -euo pipefail
 
 REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-300}
 SCENARIOS=${SCENARIOS:-healthz hit fresh}
 TOP=${TOP:-25}
+LOG_LEVEL=${LOG_LEVEL:-info}
 SERVER_PORT=${SERVER_PORT:-18821}
 
 # shellcheck source=bench/lib.sh
@@ -45,7 +47,7 @@ run() { # scenario path token_file
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
         DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
         SUPABASE_JWKS="$JWKS" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
-        LOG_FORMAT=json RUST_LOG=info \
+        LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
         "$EDGEGATE" serve >"$WORK/server.$1.log" 2>"$WORK/valgrind.$1.log" &
     pid=$!
