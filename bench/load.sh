@@ -6,7 +6,11 @@
 #
 # usage: bench/load.sh            (RUNS=3 DURATION=10 by default; see the variables below)
 #
+# First the bare signature checks (criterion's `raw/aws_lc_verify`, benches/verify.rs) on the
+# server's core: with the `/healthz` floor they give each scenario's limit on that core.
+#
 # Scenarios (each RUNS times, DURATION seconds, after a short warm-up):
+#   healthz      GET /healthz with the same request headers: the HTTP floor (edgegate only)
 #   es256        2,000 distinct ES256 tokens, cycled
 #   es256_one    one ES256 token, repeated
 #   hs256        2,000 distinct HS256 (legacy secret) tokens
@@ -14,6 +18,7 @@
 #   es256_fresh  ES256 tokens that do not repeat within a run (60,000, cycled): a signature
 #                check on every request, even for edgegate's verified-token cache (run after
 #                the others, since it churns that cache)
+#   rs256_fresh, eddsa_fresh  the same with RS256 and EdDSA tokens
 #   paced        ES256 traffic at a fixed offered rate (VALID_RATE req/s), alone
 #   flood        the same paced traffic plus random-kid tokens at FLOOD_FACTOR x VALID_RATE;
 #                JWKS fetches during it are counted at the JWKS host
@@ -21,7 +26,8 @@
 # (JWKS_MIN_REFRESH_SECONDS of both servers), SCENARIOS, SERVERS ("edgegate peer"),
 # EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU.
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
-# (VmHWM) per server, and the ratios edgegate/peer.
+# (VmHWM) per server, the ratios edgegate/peer, and edgegate's share of the limit per scenario
+# (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)).
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -33,7 +39,7 @@ FLOOD_FACTOR=${FLOOD_FACTOR:-10}
 MIN_REFRESH=${MIN_REFRESH:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-es256 es256_one hs256 rs256 es256_fresh paced flood}
+SCENARIOS=${SCENARIOS:-healthz es256 es256_one hs256 rs256 es256_fresh rs256_fresh eddsa_fresh paced flood}
 SERVERS=${SERVERS:-edgegate peer}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,6 +64,35 @@ log "building edgegate (release) and the token generator"
 cargo build --release --locked --quiet --bin edgegate --example bench_tokens
 # EDGEGATE_BIN measures another build (e.g. the parent commit's) with the same harness.
 EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
+
+# The limit's other half, measured in this run on the server's core: criterion's median time of
+# one bare aws-lc-rs signature check per algorithm.
+log "bare signature checks (criterion raw/aws_lc_verify, CPU $SERVER_CPU)"
+LIMITS=$WORK/limits.tsv
+cargo bench --locked --quiet --bench verify --no-run
+(cd "$ROOT" && taskset -c "$SERVER_CPU" cargo bench --locked --quiet --bench verify -- \
+    --noplot raw/aws_lc_verify) >"$WORK/bare.txt" 2>&1
+python3 - "$WORK/bare.txt" >"$LIMITS" <<'PY'
+import re
+import sys
+
+UNIT = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3}
+name = None
+for line in open(sys.argv[1], encoding="utf-8"):
+    words = line.split()
+    if words and words[0].endswith("/raw/aws_lc_verify"):
+        name = words[0].split("/")[0]
+    match = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
+    if match and name:
+        print(f"{name}\t{float(match.group(1)) * UNIT[match.group(2)]:.3f}")
+        name = None
+PY
+if [ "$(wc -l <"$LIMITS")" -ne 3 ]; then
+    log "the bare verify benchmark did not give three times:"
+    cat "$WORK/bare.txt" >&2
+    exit 1
+fi
+log "bare verify (us): $(tr '\t\n' '= ' <"$LIMITS")"
 
 log "installing the peer (deno, jose) from the npm registry"
 (cd "$BENCH/peer" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
@@ -132,9 +167,9 @@ stop_server() {
 peak_rss_kib() { awk '/^VmHWM/ {print $2}' "/proc/$SERVER_PID/status"; }
 
 # wrk pinned to the load core, printing the RESULT line of tokens.lua.
-drive() { # seconds connections token_file [delay_ms]
+drive() { # seconds connections token_file [delay_ms [path]]
     taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
-        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" | grep '^RESULT'
+        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" ${5:+"$5"} | grep '^RESULT'
 }
 
 field() { # RESULT-line name
@@ -165,7 +200,13 @@ paced_delay_ms() { awk -v c="$PACED_CONNECTIONS" -v r="$1" 'BEGIN {printf "%d", 
 run_scenario() { # server scenario run
     local result flood_result fetches_before fetches
     case $2 in
-    es256 | es256_fresh | es256_one | hs256 | rs256)
+    healthz)
+        # The peer (an Edge Function) has no health route.
+        if [ "$1" = peer ]; then return 0; fi
+        result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/es256_one.txt" 0 /healthz)
+        record "$1" "$2" "$3" "$result"
+        ;;
+    es256 | es256_fresh | es256_one | hs256 | rs256 | rs256_fresh | eddsa_fresh)
         result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/$2.txt")
         record "$1" "$2" "$3" "$result"
         ;;
@@ -218,4 +259,5 @@ echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
 echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
-python3 "$BENCH/summarize.py" "$RESULTS" "$RSS"
+echo "bare verify, criterion raw/aws_lc_verify on CPU $SERVER_CPU (us): $(tr '\t\n' '= ' <"$LIMITS")"
+python3 "$BENCH/summarize.py" "$RESULTS" "$RSS" "$LIMITS"

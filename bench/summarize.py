@@ -1,11 +1,15 @@
 """Summary of bench/load.sh: median and spread (min-max) of each scenario per server, peak RSS,
-and the ratios edgegate/peer."""
+the ratios edgegate/peer, and (given the bare verify times) edgegate's share of the limit."""
 
 import statistics
 import sys
 from collections import defaultdict
 
 results_path, rss_path = sys.argv[1], sys.argv[2]
+# alg -> microseconds of one bare signature check (criterion raw/aws_lc_verify), if given
+bare_us = {}
+if len(sys.argv) > 3:
+    bare_us = {alg: float(us) for alg, us in (l.split() for l in open(sys.argv[3]))}
 runs = defaultdict(list)  # (server, scenario) -> [(rps, p50, p99, extra)]
 order = []
 for line in open(results_path):
@@ -70,3 +74,30 @@ for server in ("edgegate", "peer"):
     if paced and flood:
         kept = med([r[0] for r in flood]) / med([r[0] for r in paced])
         print(f"\n{server}: valid throughput under the flood = {kept:.1%} of the paced run without it")
+
+# Share of the limit on the server's core: a cache hit can at best answer like /healthz; a fresh
+# token at best costs the /healthz time plus one bare signature check.
+CACHE_HITS = ("es256", "es256_one", "hs256", "rs256")
+FRESH = {"es256_fresh": "ES256", "rs256_fresh": "RS256", "eddsa_fresh": "EdDSA"}
+floor = runs.get(("edgegate", "healthz"))
+if floor:
+    floor_rps = med([r[0] for r in floor])
+    print()
+    print(f"edgegate's floor: /healthz {floor_rps:.0f} req/s ({1e6 / floor_rps:.1f} us a request)")
+    print()
+    print("| scenario | edgegate req/s | limit on this core | share of the limit |")
+    print("|---|---|---|---|")
+    for scenario in order:
+        rows = runs.get(("edgegate", scenario))
+        if not rows:
+            continue
+        rps = med([r[0] for r in rows])
+        if scenario in CACHE_HITS:
+            limit, how = floor_rps, "/healthz"
+        elif scenario in FRESH and FRESH[scenario] in bare_us:
+            alg = FRESH[scenario]
+            limit = 1e6 / (1e6 / floor_rps + bare_us[alg])
+            how = f"1 / ({1e6 / floor_rps:.1f} + {bare_us[alg]:.1f} us {alg})"
+        else:
+            continue
+        print(f"| {scenario} | {rps:.0f} | {limit:.0f} ({how}) | {rps / limit:.0%} |")

@@ -1,9 +1,11 @@
 -- wrk script: GET jwt-test with a bearer token taken in turn from the file named by the first
--- script argument; `delay_ms` (second argument, optional) paces each connection.
+-- script argument; `delay_ms` (second argument, optional) paces each connection; the third
+-- (optional) is another path to GET with the same headers (`/healthz`: the HTTP floor).
 -- At the end it prints one machine-readable RESULT line for bench/load.sh.
 local tokens = {}
 local next_index = 0
 local delay_ms = 0
+local path = "/functions/v1/jwt-test"
 
 function init(args)
   for line in io.lines(args[1]) do
@@ -15,6 +17,7 @@ function init(args)
     error("no tokens in " .. args[1])
   end
   delay_ms = tonumber(args[2] or "0")
+  path = args[3] or path
   if delay_ms > 0 then
     -- Defined only when pacing, since wrk times every request when a script has `delay`.
     delay = function() return delay_ms end
@@ -25,7 +28,7 @@ end
 
 function request()
   next_index = next_index % #tokens + 1
-  return wrk.format("GET", "/functions/v1/jwt-test", { ["Authorization"] = tokens[next_index] })
+  return wrk.format("GET", path, { ["Authorization"] = tokens[next_index] })
 end
 
 function done(summary, latency, requests)

@@ -1,8 +1,10 @@
 //! Micro-benchmarks of the token verification path (issue 6).
 //!
 //! Per algorithm (HS256, ES256, RS256, EdDSA):
-//! - `raw/crypto_verify`: jsonwebtoken 11's signature primitive alone (aws-lc-rs), the in-process
-//!   limit the service is compared with;
+//! - `raw/aws_lc_verify` (ES256, RS256, EdDSA): aws-lc-rs `ParsedPublicKey::verify_sig` with a
+//!   key parsed once, the bare signature check and the in-process limit `bench/load.sh` divides by;
+//! - `raw/crypto_verify`: jsonwebtoken 11's signature primitive alone (aws-lc-rs; it parses the
+//!   public key again on every call);
 //! - `raw/decode`: jsonwebtoken's `decode` with a `DecodingKey` and the same claim checks;
 //! - `verify`: `edgegate::auth::verify`, everything edgegate checks for one token;
 //! - `verify_bearer_miss`: `Authenticator::verify_bearer` with the token cache off (every call
@@ -16,6 +18,12 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use aws_lc_rs::rsa::PublicKeyComponents;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
+};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use criterion::{Criterion, criterion_group, criterion_main};
 use edgegate::auth::keyring::KeyRing;
 use edgegate::auth::keys::{LegacySecret, parse_inline_keys};
@@ -34,8 +42,8 @@ struct Fixture {
     ring: KeyRing,
     settings: VerifySettings,
     inline_jwks: Vec<Value>,
-    /// (alg, tokens, jsonwebtoken's key for them)
-    sets: Vec<(Alg, Vec<String>, DecodingKey)>,
+    /// (alg, tokens, jsonwebtoken's key for them, aws-lc-rs's parsed key for asymmetric ones)
+    sets: Vec<(Alg, Vec<String>, DecodingKey, Option<ParsedPublicKey>)>,
 }
 
 fn now() -> i64 {
@@ -64,14 +72,24 @@ fn fixture() -> Fixture {
     let hs = (0..TOKENS)
         .map(|i| legacy_token(SECRET.as_bytes(), &claims(i), None))
         .collect();
-    sets.push((Alg::HS256, hs, DecodingKey::from_secret(SECRET.as_bytes())));
+    sets.push((
+        Alg::HS256,
+        hs,
+        DecodingKey::from_secret(SECRET.as_bytes()),
+        None,
+    ));
     for alg in [Alg::ES256, Alg::RS256, Alg::EdDSA] {
         let key = SigningKey::generate(alg).expect("generate a key");
         let jwk = key.public_jwk();
         let tokens = (0..TOKENS)
             .map(|i| key.token(&claims(i)).expect("sign"))
             .collect();
-        sets.push((alg, tokens, decoding_key(&jwk)));
+        sets.push((
+            alg,
+            tokens,
+            decoding_key(&jwk),
+            Some(parsed_public_key(&jwk)),
+        ));
         inline_jwks.push(jwk);
     }
     let parsed = parse_inline_keys(&inline_jwks);
@@ -104,6 +122,32 @@ fn authenticator(fixture: &Fixture, cache_capacity: usize) -> Authenticator {
         ..AuthSettings::default()
     };
     Authenticator::new(settings, reqwest::Client::new())
+}
+
+fn b64_of(jwk: &Value, member: &str) -> Vec<u8> {
+    URL_SAFE_NO_PAD
+        .decode(str_of(jwk, member))
+        .expect("a base64url JWK member")
+}
+
+/// The public key of `jwk` parsed once by aws-lc-rs, as a verifier keeps it.
+fn parsed_public_key(jwk: &Value) -> ParsedPublicKey {
+    match str_of(jwk, "kty") {
+        "EC" => {
+            let mut point = vec![0x04];
+            point.extend(b64_of(jwk, "x"));
+            point.extend(b64_of(jwk, "y"));
+            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+        }
+        "OKP" => ParsedPublicKey::new(&ED25519, b64_of(jwk, "x")),
+        "RSA" => PublicKeyComponents {
+            n: b64_of(jwk, "n"),
+            e: b64_of(jwk, "e"),
+        }
+        .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256),
+        other => panic!("unexpected kty {other}"),
+    }
+    .expect("a valid public key")
 }
 
 fn jsonwebtoken_alg(alg: Alg) -> Algorithm {
@@ -154,10 +198,34 @@ fn benches(c: &mut Criterion) {
         .expect("a tokio runtime");
     let uncached = authenticator(&fixture, 0);
 
-    for (alg, tokens, key) in &fixture.sets {
+    for (alg, tokens, key, parsed) in &fixture.sets {
         let alg = *alg;
         let mut group = c.benchmark_group(alg.as_str());
         let jwt_alg = jsonwebtoken_alg(alg);
+
+        if let Some(parsed) = parsed {
+            let signed: Vec<(Vec<u8>, &[u8])> = tokens
+                .iter()
+                .map(|token| {
+                    let (signature, message) = split(token);
+                    let signature = URL_SAFE_NO_PAD.decode(signature).expect("base64url");
+                    assert!(
+                        parsed.verify_sig(message, &signature).is_ok(),
+                        "{alg:?}: bare aws-lc-rs check failed"
+                    );
+                    (signature, message)
+                })
+                .collect();
+            group.bench_function("raw/aws_lc_verify", |b| {
+                let mut cycle = Cycle::new(&signed);
+                b.iter(|| {
+                    let (signature, message) = cycle.next();
+                    parsed
+                        .verify_sig(black_box(message), black_box(signature))
+                        .is_ok()
+                });
+            });
+        }
 
         for token in tokens {
             let (signature, message) = split(token);
@@ -223,10 +291,10 @@ fn benches(c: &mut Criterion) {
     }
 
     let cached = authenticator(&fixture, 10_000);
-    let (_, es256_tokens, _) = fixture
+    let (_, es256_tokens, _, _) = fixture
         .sets
         .iter()
-        .find(|(alg, _, _)| *alg == Alg::ES256)
+        .find(|(alg, _, _, _)| *alg == Alg::ES256)
         .expect("ES256 tokens");
     let token = &es256_tokens[0];
     let first = runtime

@@ -2,10 +2,11 @@
 //!
 //! `cargo run --release --example bench_tokens -- OUT_DIR ISSUER LEGACY_SECRET [COUNT [FRESH]]`
 //! writes into OUT_DIR:
-//! - `jwks.json`: the public ES256 and RS256 keys, as the JWKS host serves them;
+//! - `jwks.json`: the public ES256, RS256 and EdDSA keys, as the JWKS host serves them;
 //! - `es256.txt`, `hs256.txt`, `rs256.txt`: COUNT (default 2000) distinct tokens each, one a line;
 //! - `es256_fresh.txt`: FRESH (default 60000) distinct ES256 tokens, enough that none repeats
-//!   within a load run, so each one costs a signature check;
+//!   within a load run, so each one costs a signature check; `rs256_fresh.txt` and
+//!   `eddsa_fresh.txt` likewise for RS256 and EdDSA;
 //! - `es256_one.txt`: a single ES256 token (the repeated-token scenario);
 //! - `random_kid.txt`: COUNT ES256 tokens, each under a fresh kid that no JWKS holds.
 //!
@@ -57,17 +58,21 @@ fn main() -> anyhow::Result<()> {
     };
     let es256 = SigningKey::generate(Alg::ES256)?;
     let rs256 = SigningKey::generate(Alg::RS256)?;
+    let eddsa = SigningKey::generate(Alg::EdDSA)?;
     let sign = |key: &SigningKey, count: usize| -> anyhow::Result<Vec<String>> {
         (0..count).map(|i| key.token(&claims(i))).collect()
     };
 
-    let jwks = json!({"keys": [es256.public_jwk(), rs256.public_jwk()]});
+    let jwks = json!({"keys": [es256.public_jwk(), rs256.public_jwk(), eddsa.public_jwk()]});
     std::fs::write(dir.join("jwks.json"), jwks.to_string()).context("writing jwks.json")?;
     let es256_tokens = sign(&es256, count.max(fresh))?;
     write_lines(&dir, "es256.txt", &es256_tokens[..count])?;
     write_lines(&dir, "es256_fresh.txt", &es256_tokens[..fresh])?;
     write_lines(&dir, "es256_one.txt", &es256_tokens[..1])?;
-    write_lines(&dir, "rs256.txt", &sign(&rs256, count)?)?;
+    let rs256_tokens = sign(&rs256, count.max(fresh))?;
+    write_lines(&dir, "rs256.txt", &rs256_tokens[..count])?;
+    write_lines(&dir, "rs256_fresh.txt", &rs256_tokens[..fresh])?;
+    write_lines(&dir, "eddsa_fresh.txt", &sign(&eddsa, fresh)?)?;
     let legacy: Vec<String> = (0..count)
         .map(|i| legacy_token(secret.as_bytes(), &claims(i), None))
         .collect();

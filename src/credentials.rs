@@ -98,6 +98,28 @@ fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) 
     }
 }
 
+/// Fills in the request span's credential fields in one update: the JSON log format re-reads
+/// and rewrites a span's fields on each update, so two `record` calls cost twice.
+fn record_credential(source: &str, kid: Option<&str>) {
+    let span = tracing::Span::current();
+    let Some(fields) = span.metadata().map(|meta| meta.fields()) else {
+        return;
+    };
+    let (Some(source_field), Some(kid_field)) = (
+        fields.field("credential_source"),
+        fields.field("credential_kid"),
+    ) else {
+        return;
+    };
+    span.record_all(&fields.value_set(&[
+        (&source_field, Some(&source as &dyn tracing::Value)),
+        (
+            &kid_field,
+            kid.as_ref().map(|kid| kid as &dyn tracing::Value),
+        ),
+    ]));
+}
+
 /// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
 /// path, which the caller chooses).
 fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
@@ -140,11 +162,10 @@ impl FromRequestParts<AppState> for User {
                 record_caller(parts, state, &verified);
                 let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.
-                let span = tracing::Span::current();
-                span.record("credential_source", verified.source.as_str());
-                if !kid.is_empty() {
-                    span.record("credential_kid", kid.as_str());
-                }
+                record_credential(
+                    verified.source.as_str(),
+                    Some(kid.as_str()).filter(|k| !k.is_empty()),
+                );
                 state
                     .auth_metrics
                     .verifications
@@ -167,7 +188,7 @@ impl FromRequestParts<AppState> for User {
             }
             Err(err) => {
                 let source = failed_source(&presented, &err);
-                tracing::Span::current().record("credential_source", source);
+                record_credential(source, None);
                 state
                     .auth_metrics
                     .verifications

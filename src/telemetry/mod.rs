@@ -1,5 +1,6 @@
 //! Logs (tracing) and metrics (Prometheus text format).
 
+mod json_fields;
 mod metrics;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
@@ -23,7 +24,14 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         .with_writer(std::io::stderr);
     // A second call (tests start several apps) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Each line carries its span's fields once, under `span`: the list of every enclosing
+        // span would repeat the request span's fields, and each copy costs a parse of them.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .fmt_fields(json_fields::AppendJsonFields)
+            .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Side-by-side wall clock of several edgegate binaries: each round starts each binary in turn
+# (server on SERVER_CPU, wrk on LOAD_CPU, same tokens, JWKS inline) and drives /healthz, one
+# repeated ES256 token (cache hit) and fresh ES256 tokens, DURATION seconds each, so that the
+# machine's load falls on all binaries alike. Loopback only; every wrk run is bounded.
+#
+# usage: bench/ab.sh BINARY[:RUST_LOG] ...     e.g. bench/ab.sh /tmp/edgegate-before target/release/edgegate
+# Variables: ROUNDS (3), DURATION (8), CONNECTIONS (64), SERVER_PORT, SERVER_CPU, LOAD_CPU.
+# Output: one tab-separated line per run (round, binary:level, scenario, req/s, load average,
+# wrk's RESULT line), then the median req/s per binary and scenario.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+CONNECTIONS=${CONNECTIONS:-64}
+SERVER_PORT=${SERVER_PORT:-18831}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+[ $# -gt 0 ] || { echo "usage: bench/ab.sh BINARY[:RUST_LOG] ..." >&2; exit 2; }
+
+make_tokens "$WORK/tokens" 1 60000
+TOK=$WORK/tokens
+OUT=$WORK/ab.tsv
+: >"$OUT"
+
+for round in $(seq 1 "$ROUNDS"); do
+    for spec in "$@"; do
+        bin=${spec%%:*}
+        level=info
+        [ "$spec" = "$bin" ] || level=${spec#*:}
+        rm -rf "$WORK/db" && mkdir -p "$WORK/db"
+        env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
+            SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
+            LOG_FORMAT=json RUST_LOG="$level" \
+            taskset -c "$SERVER_CPU" "$bin" serve >"$WORK/server.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        for _ in $(seq 1 200); do
+            curl -fs -o /dev/null "http://127.0.0.1:$SERVER_PORT/healthz" && break
+            sleep 0.05
+        done
+        taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d2s -s "$BENCH/tokens.lua" \
+            "http://127.0.0.1:$SERVER_PORT" -- "$TOK/es256_one.txt" 0 >/dev/null
+        for scenario in healthz es256_one es256_fresh; do
+            case $scenario in
+            healthz) file=es256_one path=/healthz ;;
+            es256_one) file=es256_one path=/functions/v1/jwt-test ;;
+            es256_fresh) file=es256_fresh path=/functions/v1/jwt-test ;;
+            esac
+            result=$(taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d "${DURATION}s" --timeout 5s \
+                -s "$BENCH/tokens.lua" "http://127.0.0.1:$SERVER_PORT" -- "$TOK/$file.txt" 0 "$path" |
+                grep '^RESULT')
+            requests=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$result")
+            duration=$(sed -E 's/.* duration_us=([0-9]+).*/\1/' <<<"$result")
+            rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
+            printf '%s\t%s:%s\t%s\t%s\t%s\t%s\n' "$round" "$(basename "$bin")" "$level" "$scenario" \
+                "$rps" "$(cut -d' ' -f1 /proc/loadavg)" "$result" | tee -a "$OUT"
+        done
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+done
+echo
+python3 - "$OUT" <<'PY'
+import statistics
+import sys
+from collections import defaultdict
+
+runs = defaultdict(list)
+for line in open(sys.argv[1]):
+    _round, binary, scenario, rps = line.split("\t")[:4]
+    runs[(binary, scenario)].append(int(rps))
+print("| binary | scenario | req/s median (runs) |")
+print("|---|---|---|")
+for (binary, scenario), values in runs.items():
+    print(f"| {binary} | {scenario} | {statistics.median(values):.0f} ({', '.join(map(str, values))}) |")
+PY

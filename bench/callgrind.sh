@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Instructions per request of the release server, counted by callgrind: unlike req/s, the count
+# does not depend on what else the machine is doing, so it decides which change to keep.
+#
+# usage: bench/callgrind.sh [EDGEGATE_BIN]    (default: target/release/edgegate, built here)
+#
+# For each scenario the server runs under `valgrind --tool=callgrind` with instrumentation off,
+# answers WARMUP requests, then collects over exactly REQUESTS requests on one keep-alive
+# connection (bench/callgrind_client.py, loopback only; every answer must be 200) and stops.
+#   healthz  GET /healthz (the HTTP floor)
+#   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
+#   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
+# Output: instructions per request per scenario, and each scenario's top functions (self cost)
+# in OUT_DIR (default: a scratch folder, printed) as callgrind.<scenario>.{out,txt}.
+# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, TOP (25),
+# LOG_LEVEL (RUST_LOG, default info: the container's logging, JSON lines included).
+set -euo pipefail
+
+REQUESTS=${REQUESTS:-2000}
+WARMUP=${WARMUP:-300}
+SCENARIOS=${SCENARIOS:-healthz hit fresh}
+TOP=${TOP:-25}
+LOG_LEVEL=${LOG_LEVEL:-info}
+SERVER_PORT=${SERVER_PORT:-18821}
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+OUT_DIR=${OUT_DIR:-$WORK/out}
+mkdir -p "$OUT_DIR"
+
+log() { printf '%s\n' "$*" >&2; }
+
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+[ -n "${1:-}" ] || cargo build --release --locked --quiet --bin edgegate
+EDGEGATE=${1:-$CARGO_TARGET_DIR/release/edgegate}
+make_tokens "$WORK/tokens" 1 $((WARMUP + REQUESTS))
+# The ES256 key inline, so that no JWKS host is needed and nothing is fetched while counting.
+JWKS=$(cat "$WORK/tokens/jwks.json")
+
+# vgdb finds valgrind by a name made of USER and HOST, so the control side needs the server's.
+control() { env -u USER HOST=127.0.0.1 callgrind_control "$@" >/dev/null; }
+
+run() { # scenario path token_file
+    local out=$OUT_DIR/callgrind.$1.out pid
+    mkdir -p "$WORK/db"
+    rm -f "$WORK/db/"*
+    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
+        DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
+        SUPABASE_JWKS="$JWKS" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
+        LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" \
+        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
+        "$EDGEGATE" serve >"$WORK/server.$1.log" 2>"$WORK/valgrind.$1.log" &
+    pid=$!
+    PIDS+=("$pid")
+    python3 "$BENCH/callgrind_client.py" "$SERVER_PORT" "$2" "$3" "$WARMUP" 0 --wait
+    control -i on "$pid"
+    python3 "$BENCH/callgrind_client.py" "$SERVER_PORT" "$2" "$3" "$REQUESTS" "$WARMUP"
+    control -i off "$pid"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    local total
+    total=$(awk '/^totals:/ {print $2}' "$out")
+    callgrind_annotate --threshold=100 "$out" 2>/dev/null >"$WORK/annotate.txt" || true
+    head -n $((TOP + 25)) "$WORK/annotate.txt" >"$OUT_DIR/callgrind.$1.txt"
+    printf '%s\t%s\t%s\n' "$1" "$total" "$((total / REQUESTS))" >>"$OUT_DIR/summary.tsv"
+    log "$1: $total instructions over $REQUESTS requests = $((total / REQUESTS)) a request"
+}
+
+: >"$OUT_DIR/summary.tsv"
+for scenario in $SCENARIOS; do
+    case $scenario in
+    healthz) run healthz /healthz "$WORK/tokens/es256_one.txt" ;;
+    hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
+    fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
+    *) log "unknown scenario $scenario" && exit 1 ;;
+    esac
+done
+echo "binary: $EDGEGATE; $REQUESTS requests per scenario after $WARMUP; profiles in $OUT_DIR"
+echo "| scenario | instructions a request |"
+echo "|---|---|"
+awk -F'\t' '{printf "| %s | %d |\n", $1, $3}' "$OUT_DIR/summary.tsv"
+if [ -z "${KEEP:-}" ] && [ "$OUT_DIR" = "$WORK/out" ]; then
+    for scenario in $SCENARIOS; do
+        echo
+        echo "== $scenario: top functions by own instructions"
+        sed -n "1,$((TOP + 25))p" "$OUT_DIR/callgrind.$scenario.txt"
+    done
+fi
