@@ -160,9 +160,9 @@ impl FromRequestParts<AppState> for User {
                 };
                 // Names of the credential for the request's log lines, never the credential.
                 let span = tracing::Span::current();
-                span.record("credential_source", verified.source.as_str());
+                span.record("edgegate.credential.source", verified.source.as_str());
                 if !kid.is_empty() {
-                    span.record("credential_kid", kid.as_str());
+                    span.record("edgegate.credential.kid", kid.as_str());
                 }
                 state
                     .auth_metrics
@@ -186,7 +186,7 @@ impl FromRequestParts<AppState> for User {
             }
             Err(err) => {
                 let source = failed_source(&presented, &err);
-                tracing::Span::current().record("credential_source", source);
+                tracing::Span::current().record("edgegate.credential.source", source);
                 state
                     .auth_metrics
                     .verifications
