@@ -183,12 +183,17 @@ async fn sync_traced(base: &str, request_id: &str) {
     assert_eq!(response.status(), 200);
 }
 
-/// Stops the server with SIGTERM (a clean exit) and returns its log lines.
-async fn stop(mut server: Server, dir: &tempfile::TempDir) -> Vec<Value> {
+/// Stops the server with SIGTERM (a clean exit) and returns its log.
+async fn stop_raw(mut server: Server, dir: &tempfile::TempDir) -> String {
     signal(&server, "TERM");
     assert_eq!(wait_exit(&mut server).await.code(), Some(0));
-    std::fs::read_to_string(dir.path().join("server.log"))
-        .unwrap()
+    std::fs::read_to_string(dir.path().join("server.log")).unwrap()
+}
+
+/// Stops the server with SIGTERM (a clean exit) and returns its JSON log lines.
+async fn stop(server: Server, dir: &tempfile::TempDir) -> Vec<Value> {
+    stop_raw(server, dir)
+        .await
         .lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
@@ -392,4 +397,28 @@ async fn a_collector_that_never_answers_costs_counted_spans_not_requests() {
     );
     assert!(!collector.requests().is_empty(), "no export was attempted");
     stop(server, &dir).await;
+}
+
+#[tokio::test]
+async fn text_log_lines_carry_the_request_id_and_the_trace_id() {
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start(&[
+        ("LOG_FORMAT", "pretty"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+    ])
+    .await;
+    let response = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .header("traceparent", traceparent())
+        .header("x-request-id", "text-log-line")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let log = stop_raw(server, &dir).await;
+    let line = log
+        .lines()
+        .find(|line| line.contains(r#"request_id="text-log-line""#) && line.contains("response"))
+        .unwrap_or_else(|| panic!("no response line:\n{log}"));
+    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
 }
