@@ -39,15 +39,11 @@ SERVERS=${SERVERS:-edgegate peer}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-ISSUER=https://bench.supabase.co/auth/v1
-SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 JWKS_PORT=${JWKS_PORT:-18800}
 SERVER_PORT=${SERVER_PORT:-18801}
 
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
-
-log() { printf '%s\n' "$*" >&2; }
 
 if ! command -v wrk >/dev/null; then
     log "installing wrk"
@@ -74,15 +70,6 @@ FETCH_LOG=$WORK/jwks_fetches.log
 taskset -c "$LOAD_CPU" python3 "$BENCH/jwks_host.py" "$JWKS_PORT" "$TOKENS/jwks.json" "$FETCH_LOG" &
 PIDS+=($!)
 
-wait_for() { # URL
-    local i
-    for i in $(seq 1 200); do
-        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    log "no answer from $1"
-    return 1
-}
 wait_for "http://127.0.0.1:$JWKS_PORT/jwks.json"
 : >"$FETCH_LOG"
 
@@ -130,16 +117,6 @@ stop_server() {
 }
 
 peak_rss_kib() { awk '/^VmHWM/ {print $2}' "/proc/$SERVER_PID/status"; }
-
-# wrk pinned to the load core, printing the RESULT line of tokens.lua.
-drive() { # seconds connections token_file [delay_ms]
-    taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
-        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" | grep '^RESULT'
-}
-
-field() { # RESULT-line name
-    sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
-}
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"

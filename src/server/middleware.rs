@@ -132,7 +132,8 @@ fn drop_unusable_request_id(mut req: Request) -> Request {
 
 /// One span per request, the server span of its trace, its fields named by the OpenTelemetry
 /// HTTP conventions (the logs carry them too). The credential extractor fills in
-/// `edgegate.credential.*`; `trace_id` and `otel.*` are set only while traces are exported.
+/// `edgegate.credential.*`. While traces are exported, `telemetry::server_span` makes it, with
+/// the trace id and the OpenTelemetry name and kind besides.
 fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
     let route = req
         .extensions()
@@ -143,27 +144,17 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    let span = tracing::info_span!(
+    if crate::telemetry::is_exporting() {
+        return crate::telemetry::server_span(req, route, request_id, scheme);
+    }
+    tracing::info_span!(
         "request",
         "http.request.method" = %req.method(),
         "http.route" = route,
         request_id,
         "edgegate.credential.source" = tracing::field::Empty,
         "edgegate.credential.kid" = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        otel.name = tracing::field::Empty,
-        otel.kind = tracing::field::Empty,
-    );
-    if crate::telemetry::is_exporting() {
-        crate::telemetry::start_server_span(
-            &span,
-            req.method().as_str(),
-            route,
-            scheme,
-            req.headers(),
-        );
-    }
-    span
+    )
 }
 
 fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {

@@ -5,7 +5,7 @@ mod traces;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
 pub use traces::{TraceExporter, is_exporting, send};
-pub(crate) use traces::{end_server_span, start_server_span};
+pub(crate) use traces::{end_server_span, server_span};
 
 use std::io::IsTerminal;
 use std::time::Duration;

@@ -289,11 +289,31 @@ async fn the_server_span_continues_the_callers_trace_with_http_and_credential_at
     );
     assert!(metric(&base, "edgegate_otel_spans_exported_total").await >= 1);
 
+    // Without a caller's trace: a new one, whose id the log line carries too.
+    let response = reqwest::Client::new()
+        .get(format!("{base}{JWT_TEST}"))
+        .bearer_auth(&token)
+        .header("x-request-id", "otel-new-trace")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let root = collector
+        .span(|span| attribute(&span.attributes, "request_id").as_deref() == Some("otel-new-trace"))
+        .await;
+    assert!(root.parent_span_id.is_empty(), "{root:#?}");
+    assert_ne!(hex(&root.trace_id), TRACE_ID);
+
     let lines = stop(server, &dir).await;
     assert_eq!(
         response_field(&lines, "otel-jwt-test", "trace_id"),
         Some(Value::from(TRACE_ID)),
         "the log line carries the trace id"
+    );
+    assert_eq!(
+        response_field(&lines, "otel-new-trace", "trace_id"),
+        Some(Value::from(hex(&root.trace_id))),
+        "the log line carries the new trace's id"
     );
     let signature = token.rsplit('.').next().unwrap();
     collector.assert_never_holds(&[token.as_str(), signature]);
