@@ -4,7 +4,7 @@
 # local OTLP sink (bench/otlp_sink.py), the two configurations alternated run after run. Server
 # pinned to SERVER_CPU, wrk and the sink to LOAD_CPU, loopback only, every wrk run bounded.
 #
-# usage: bench/otel.sh            (RUNS=5 DURATION=10 WARMUP=3 CONNECTIONS=64 TOKENS=es256)
+# usage: bench/otel.sh   (RUNS=5 DURATION=10 WARMUP=3 CONNECTIONS=64 TOKENS=es256 LOG_LEVEL=info)
 # Output: one line per run (with the load average), then the medians and the cost of export.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 TOKEN_SET=${TOKENS:-es256}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+LOG_LEVEL=${LOG_LEVEL:-info}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
@@ -47,7 +48,7 @@ start_server() { # off|on
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
         DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
         SUPABASE_JWKS_URL="http://127.0.0.1:$JWKS_PORT/jwks.json" SUPABASE_JWT_SECRET="$SECRET" \
-        JWT_ISSUERS="$ISSUER" LOG_FORMAT=json RUST_LOG=info "${otel[@]}" \
+        JWT_ISSUERS="$ISSUER" LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" "${otel[@]}" \
         taskset -c "$SERVER_CPU" "$EDGEGATE" serve >"$WORK/edgegate.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
-use opentelemetry::trace::{SpanId, Status, TraceContextExt as _, TraceId, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TracerProvider as _,
+};
 use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -267,7 +269,39 @@ async fn send_queued(
     }
 }
 
-async fn export(exporter: &opentelemetry_otlp::SpanExporter, spans: Vec<SpanData>) {
+/// The name of the request span (`server::middleware`, and [`server_span`]).
+const SERVER_SPAN: &str = "request";
+/// The name of the span of an outgoing call ([`send`]).
+const CLIENT_SPAN: &str = "http.client";
+
+/// Names and kinds by the HTTP conventions (`{method} {route}`, server; `{method}`, client),
+/// set here rather than as `otel.*` span fields, which the logs would carry and re-parse on
+/// every record; `trace_id` is dropped, a field for the logs that the span has already.
+fn shape(span: &mut SpanData) {
+    span.attributes.retain(|kv| kv.key.as_str() != "trace_id");
+    let attribute = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str())
+    };
+    let method = attribute("http.request.method").unwrap_or_default();
+    match span.name.as_ref() {
+        SERVER_SPAN => {
+            let route = attribute("http.route").unwrap_or_default();
+            span.name = format!("{method} {route}").into();
+            span.span_kind = SpanKind::Server;
+        }
+        CLIENT_SPAN => {
+            span.name = method.into_owned().into();
+            span.span_kind = SpanKind::Client;
+        }
+        _ => {}
+    }
+}
+
+async fn export(exporter: &opentelemetry_otlp::SpanExporter, mut spans: Vec<SpanData>) {
+    spans.iter_mut().for_each(shape);
     let count = spans.len() as u64;
     match exporter.export(spans).await {
         Ok(()) => {
@@ -326,11 +360,11 @@ impl opentelemetry_sdk::trace::IdGenerator for IdGenerator {
     }
 }
 
-/// The server span of a request: the fields of `request_span` plus the trace id, named
-/// `{method} {route}`, child of the caller's `traceparent`/`tracestate` when valid. Every
-/// field is written as the span is made: the JSON log format re-parses a span's fields on
-/// each later record, which cost 10 % of jwt-test's throughput. So the trace id of a new
-/// trace is drawn here, and the id generator hands it to the SDK when the span is built.
+/// The server span of a request: the fields of `request_span` plus the trace id, child of the
+/// caller's `traceparent`/`tracestate` when valid. Every field is written as the span is made:
+/// the JSON log format re-parses a span's fields on each later record, which cost 10 % of
+/// jwt-test's throughput. So the trace id of a new trace is drawn here, and the id generator
+/// hands it to the SDK when the span is built. Name and kind are set at export ([`shape`]).
 pub(crate) fn server_span(
     req: &http::Request<axum::body::Body>,
     route: &str,
@@ -356,8 +390,6 @@ pub(crate) fn server_span(
         "edgegate.credential.source" = tracing::field::Empty,
         "edgegate.credential.kid" = tracing::field::Empty,
         trace_id = %trace_id,
-        otel.name = format!("{method} {route}").as_str(),
-        otel.kind = "server",
     );
     let _ = span.set_parent(parent);
     span.set_attribute("url.scheme", scheme);
@@ -399,9 +431,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
     let mut request = request?;
     let url = request.url();
     let span = tracing::info_span!(
-        "http.client",
-        otel.name = %request.method(),
-        otel.kind = "client",
+        CLIENT_SPAN,
         "http.request.method" = %request.method(),
         "server.address" = url.host_str().unwrap_or_default(),
         "server.port" = url.port_or_known_default().unwrap_or_default(),
