@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use crate::auth::extract::{Principal, ServiceRole};
 use crate::error::{ApiError, ApiResult};
@@ -80,7 +81,9 @@ pub async fn sync_products(
     };
     // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
     let (store, holder) = (state.store.clone(), holder(&principal));
-    let result = tokio::spawn(async move { sync::run(&store, &client, &holder).await })
+    // In the request's span, so its logs and its calls to Stripe stay in the request's trace.
+    let run = async move { sync::run(&store, &client, &holder).await };
+    let result = tokio::spawn(run.instrument(tracing::Span::current()))
         .await
         .unwrap_or_else(|err| Err(SyncError::Internal(anyhow::anyhow!("sync task: {err}"))));
     let outcome = audit_run(&state, &principal, action, &result, SyncError::outcome).await;
@@ -164,15 +167,14 @@ pub async fn reconcile(
     };
     // Spawned, as the sync is.
     let (store, holder) = (state.store.clone(), holder(&principal));
-    let result = tokio::spawn(async move {
-        reconcile::run(&store, &client, &holder, Trigger::Manual, since).await
-    })
-    .await
-    .unwrap_or_else(|err| {
-        Err(ReconcileError::Internal(anyhow::anyhow!(
-            "reconcile task: {err}"
-        )))
-    });
+    let run = async move { reconcile::run(&store, &client, &holder, Trigger::Manual, since).await };
+    let result = tokio::spawn(run.instrument(tracing::Span::current()))
+        .await
+        .unwrap_or_else(|err| {
+            Err(ReconcileError::Internal(anyhow::anyhow!(
+                "reconcile task: {err}"
+            )))
+        });
     state.reconcile_metrics.record(Trigger::Manual, &result);
     audit_run(&state, &principal, action, &result, ReconcileError::outcome).await;
     Ok(Json(result?))
