@@ -45,15 +45,11 @@ SERVERS=${SERVERS:-edgegate peer}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-ISSUER=https://bench.supabase.co/auth/v1
-SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 JWKS_PORT=${JWKS_PORT:-18800}
 SERVER_PORT=${SERVER_PORT:-18801}
 
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
-
-log() { printf '%s\n' "$*" >&2; }
 
 if ! command -v wrk >/dev/null; then
     log "installing wrk"
@@ -101,7 +97,7 @@ export DENO_DIR=$BENCH/peer/.deno
 export DENO_NO_UPDATE_CHECK=1
 
 log "generating keys and tokens"
-"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$ISSUER" "$SECRET" 2000 60000 >/dev/null
+"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$TOKEN_ISSUER" "$TOKEN_SECRET" 2000 60000 >/dev/null
 TOKENS=$WORK/tokens
 
 FETCH_LOG=$WORK/jwks_fetches.log
@@ -109,15 +105,6 @@ FETCH_LOG=$WORK/jwks_fetches.log
 taskset -c "$LOAD_CPU" python3 "$BENCH/jwks_host.py" "$JWKS_PORT" "$TOKENS/jwks.json" "$FETCH_LOG" &
 PIDS+=($!)
 
-wait_for() { # URL
-    local i
-    for i in $(seq 1 200); do
-        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    log "no answer from $1"
-    return 1
-}
 wait_for "http://127.0.0.1:$JWKS_PORT/jwks.json"
 : >"$FETCH_LOG"
 
@@ -130,15 +117,15 @@ start_server() { # edgegate|peer
         # The container's logging defaults (JSON at info), so the cost of logging is counted.
         env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
             DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
-            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$SECRET" \
-            JWT_ISSUERS="$ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
+            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+            JWT_ISSUERS="$TOKEN_ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
             LOG_FORMAT=json RUST_LOG=info \
             taskset -c "$SERVER_CPU" "$EDGEGATE" serve >"$WORK/edgegate.log" 2>&1 &
         ;;
     peer)
         env -i PATH="$PATH" DENO_DIR="$DENO_DIR" DENO_NO_UPDATE_CHECK=1 PORT="$SERVER_PORT" \
-            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$SECRET" \
-            JWT_ISSUER="$ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
+            SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+            JWT_ISSUER="$TOKEN_ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
             taskset -c "$SERVER_CPU" "$DENO" run --cached-only --no-prompt \
             --allow-net=127.0.0.1 --allow-env --config "$BENCH/peer/deno.json" \
             "$BENCH/peer/jwt-test.ts" >"$WORK/peer.log" 2>&1 &
@@ -165,16 +152,6 @@ stop_server() {
 }
 
 peak_rss_kib() { awk '/^VmHWM/ {print $2}' "/proc/$SERVER_PID/status"; }
-
-# wrk pinned to the load core, printing the RESULT line of tokens.lua.
-drive() { # seconds connections token_file [delay_ms [path]]
-    taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
-        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" ${5:+"$5"} | grep '^RESULT'
-}
-
-field() { # RESULT-line name
-    sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
-}
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"

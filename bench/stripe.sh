@@ -54,8 +54,6 @@ cleanup_extra() {
     dropdb --if-exists -h 127.0.0.1 -U postgres "$PG_DB" 2>/dev/null || true
 }
 
-log() { printf '%s\n' "$*" >&2; }
-
 [ -r "$FIXTURES" ] || { log "fixtures not readable: $FIXTURES"; exit 1; }
 
 log "load at start: $(uptime)"
@@ -83,16 +81,6 @@ fresh_database() { # backend -> prints DATABASE_URL
         echo "sqlite://$WORK/db/edgegate.db"
         ;;
     esac
-}
-
-wait_for() { # URL [curl arguments]
-    local i
-    for i in $(seq 1 200); do
-        if curl -fsS -o /dev/null "$@" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    log "no answer from $1"
-    return 1
 }
 
 SERVER_PID=
@@ -218,10 +206,6 @@ run_reconcile() { # backend run
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$s1" "$ms1" "$rss1" "$s2" "$ms2" "$rss2" \
         >>"$RECONCILE_RESULTS"
     log "reconcile $1 run $2: first ${s1}s (server ${ms1} ms), VmHWM ${rss1} KiB; rerun ${s2}s (server ${ms2} ms), VmHWM ${rss2} KiB; ledger $rows rows"
-}
-
-field() { # RESULT-line name
-    sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
 }
 
 run_webhook() { # run

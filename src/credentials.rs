@@ -106,8 +106,8 @@ fn record_credential(source: &str, kid: Option<&str>) {
         return;
     };
     let (Some(source_field), Some(kid_field)) = (
-        fields.field("credential_source"),
-        fields.field("credential_kid"),
+        fields.field("edgegate.credential.source"),
+        fields.field("edgegate.credential.kid"),
     ) else {
         return;
     };

@@ -190,7 +190,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(config.log_format, &config.log_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,10 +200,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(
-        cli.command.unwrap_or(Command::Serve { no_migrate: false }),
-        config,
-    ))
+    // Inside the runtime: the span exporter's task runs on it.
+    let exporter = {
+        let _runtime = runtime.enter();
+        match telemetry::init(
+            config.log_format,
+            &config.log_filter,
+            config.traces.as_ref(),
+        ) {
+            Ok(exporter) => exporter,
+            Err(err) => {
+                eprintln!("edgegate: invalid configuration: {err:#}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    runtime.block_on(async {
+        let code = execute(
+            cli.command.unwrap_or(Command::Serve { no_migrate: false }),
+            config,
+        )
+        .await;
+        // After the drain: the spans of the last requests go out too.
+        if let Some(exporter) = exporter {
+            exporter.shutdown().await;
+        }
+        code
+    })
 }
 
 fn print_openapi() -> ExitCode {

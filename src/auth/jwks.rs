@@ -460,7 +460,9 @@ impl JwksFetcher {
         if let Some(etag) = &etag {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
-        let mut response = request.send().await.map_err(FetchError::transport)?;
+        let mut response = crate::telemetry::send(request)
+            .await
+            .map_err(FetchError::transport)?;
         let status = response.status();
         if status.is_redirection() && status != reqwest::StatusCode::NOT_MODIFIED {
             return Err(FetchError::Redirected(status.as_u16()));

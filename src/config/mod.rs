@@ -52,6 +52,8 @@ pub struct Config {
     pub twilio: TwilioConfig,
     pub sms: SmsConfig,
     pub public_url: Option<Url>,
+    /// OpenTelemetry trace export over OTLP; `None` when no OTLP endpoint is set (or it is off).
+    pub traces: Option<TraceExport>,
 }
 
 /// PEM files for serving HTTPS directly.
@@ -174,6 +176,63 @@ pub struct ApiKeys {
     pub publishable: BTreeMap<String, SecretString>,
 }
 
+/// The OTLP settings. Every variable is checked even when no endpoint is set, so a typo shows at
+/// start and not on the day export is turned on.
+fn trace_export<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<F>,
+) -> Result<Option<TraceExport>, ConfigError> {
+    let base = vars.url("OTEL_EXPORTER_OTLP_ENDPOINT", parse::UrlRule::Http)?;
+    let traces = vars.url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", parse::UrlRule::Http)?;
+    vars.otlp_protocol("OTEL_EXPORTER_OTLP_PROTOCOL")?;
+    vars.otlp_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+    // The signal's own headers win over the shared ones of the same name.
+    let mut headers = vars.otlp_headers("OTEL_EXPORTER_OTLP_HEADERS")?;
+    for (name, value) in vars.otlp_headers("OTEL_EXPORTER_OTLP_TRACES_HEADERS")? {
+        headers.retain(|(existing, _)| *existing != name);
+        headers.push((name, value));
+    }
+    let service_name = vars
+        .get_trimmed("OTEL_SERVICE_NAME")
+        .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+    let sampler = vars.sampler("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")?;
+    let max_queue_size = vars.number("OTEL_BSP_MAX_QUEUE_SIZE", 2_048, 1..=1_000_000)?;
+    let max_export_batch_size = vars.number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1..=100_000)?;
+    let schedule_delay = vars.number("OTEL_BSP_SCHEDULE_DELAY", 5_000, 1..=600_000)?;
+    let timeout = vars.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, 1..=600_000)?;
+    let timeout = vars.number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", timeout, 1..=600_000)?;
+    let exporter = vars.get_trimmed("OTEL_TRACES_EXPORTER");
+    let disabled = match exporter.as_deref() {
+        None | Some("otlp") => false,
+        Some("none") => true,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "OTEL_TRACES_EXPORTER",
+                "must be otlp or none",
+            ));
+        }
+    } || vars.boolean("OTEL_SDK_DISABLED")?;
+    let endpoint = match (traces, base) {
+        _ if disabled => return Ok(None),
+        (Some(traces), _) => traces,
+        (None, Some(base)) => parse::join_path(&base, "v1/traces"),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(TraceExport {
+        endpoint,
+        headers,
+        service_name,
+        sampler,
+        max_queue_size,
+        // As the SDK does: a batch never exceeds the queue.
+        max_export_batch_size: max_export_batch_size.min(max_queue_size),
+        schedule_delay: Duration::from_millis(schedule_delay),
+        export_timeout: Duration::from_millis(timeout),
+    }))
+}
+
+/// `OTEL_SERVICE_NAME` when unset.
+pub const DEFAULT_SERVICE_NAME: &str = "edgegate";
+
 /// `STRIPE_RECONCILE_INTERVAL_SECONDS` bounds, besides `0` (off): a minute to Stripe's 30-day
 /// event retention (a longer interval would lose events for good).
 const RECONCILE_INTERVAL_MIN: u64 = 60;
@@ -212,6 +271,36 @@ pub struct SmsConfig {
     pub allowed_prefixes: Vec<String>,
     pub max_per_recipient_per_hour: u32,
     pub max_per_minute: u32,
+}
+
+/// Where and how spans are exported: the standard `OTEL_*` variables, resolved.
+#[derive(Debug, Clone)]
+pub struct TraceExport {
+    /// The full URL spans are POSTed to (`…/v1/traces` below `OTEL_EXPORTER_OTLP_ENDPOINT`, or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is).
+    pub endpoint: Url,
+    /// Extra request headers, usually the collector's credentials: values are secrets.
+    pub headers: Vec<(String, SecretString)>,
+    pub service_name: String,
+    pub sampler: TraceSampler,
+    /// Ended spans waiting for export at most; past it, spans are dropped (and counted).
+    pub max_queue_size: usize,
+    pub max_export_batch_size: usize,
+    /// How long a span waits at most before its batch is sent.
+    pub schedule_delay: Duration,
+    /// One export, retries included.
+    pub export_timeout: Duration,
+}
+
+/// `OTEL_TRACES_SAMPLER` with its argument (the ratio of the `traceidratio` samplers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    TraceIdRatio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedTraceIdRatio(f64),
 }
 
 /// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
@@ -418,6 +507,7 @@ impl Config {
             twilio,
             sms,
             public_url: vars.url("PUBLIC_URL", parse::UrlRule::Http)?,
+            traces: trace_export(&vars)?,
         })
     }
 

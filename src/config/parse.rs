@@ -10,7 +10,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
-use super::{CorsOrigins, DEFAULT_DATABASE_URL, DatabaseUrl, LogFormat, Redacted};
+use super::{CorsOrigins, DEFAULT_DATABASE_URL, DatabaseUrl, LogFormat, Redacted, TraceSampler};
 
 /// A configuration value that breaks its rule. Displays as one line: the variable and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +48,88 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
     /// The value, with an empty or all-blank value treated as unset (as `.env` files often hold).
     fn get(&self, name: &str) -> Option<String> {
         (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    /// The value trimmed, when set.
+    pub(super) fn get_trimmed(&self, name: &str) -> Option<String> {
+        self.get(name).map(|raw| raw.trim().to_owned())
+    }
+
+    /// `true` or `false`, any case (the OpenTelemetry specification's booleans); unset is false.
+    pub(super) fn boolean(&self, name: &str) -> Result<bool, ConfigError> {
+        match self.get_trimmed(name) {
+            None => Ok(false),
+            Some(raw) if raw.eq_ignore_ascii_case("true") => Ok(true),
+            Some(raw) if raw.eq_ignore_ascii_case("false") => Ok(false),
+            Some(_) => Err(ConfigError::new(name, "must be true or false")),
+        }
+    }
+
+    /// Only `http/protobuf` is built in: gRPC would bring a second HTTP stack (tonic).
+    pub(super) fn otlp_protocol(&self, name: &str) -> Result<(), ConfigError> {
+        match self.get_trimmed(name).as_deref() {
+            None | Some("http/protobuf") => Ok(()),
+            Some(_) => Err(ConfigError::new(
+                name,
+                "must be http/protobuf (grpc and http/json are not built in)",
+            )),
+        }
+    }
+
+    /// `name=value,name2=value2` with percent-encoded values (the OpenTelemetry specification's
+    /// format). Names are lowercased HTTP header names; values must be valid header values.
+    pub(super) fn otlp_headers(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(String, SecretString)>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let rule = || {
+            ConfigError::new(
+                name,
+                "must be comma-separated name=value pairs with header names and percent-encoded values",
+            )
+        };
+        let mut headers = Vec::new();
+        for pair in raw.split(',').filter(|pair| !pair.trim().is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(rule)?;
+            let key = key.trim().to_ascii_lowercase();
+            let value = percent_decode(value.trim()).ok_or_else(rule)?;
+            if axum::http::HeaderName::from_bytes(key.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_str(&value).is_err()
+            {
+                return Err(rule());
+            }
+            headers.retain(|(existing, _): &(String, SecretString)| *existing != key);
+            headers.push((key, SecretString::from(value)));
+        }
+        Ok(headers)
+    }
+
+    pub(super) fn sampler(&self, name: &str, arg_name: &str) -> Result<TraceSampler, ConfigError> {
+        let ratio = || -> Result<f64, ConfigError> {
+            let Some(raw) = self.get_trimmed(arg_name) else {
+                return Ok(1.0);
+            };
+            raw.parse::<f64>()
+                .ok()
+                .filter(|ratio| (0.0..=1.0).contains(ratio))
+                .ok_or_else(|| ConfigError::new(arg_name, "must be a number from 0 to 1"))
+        };
+        match self.get_trimmed(name).as_deref() {
+            None | Some("parentbased_always_on") => Ok(TraceSampler::ParentBasedAlwaysOn),
+            Some("always_on") => Ok(TraceSampler::AlwaysOn),
+            Some("always_off") => Ok(TraceSampler::AlwaysOff),
+            Some("traceidratio") => Ok(TraceSampler::TraceIdRatio(ratio()?)),
+            Some("parentbased_always_off") => Ok(TraceSampler::ParentBasedAlwaysOff),
+            Some("parentbased_traceidratio") => Ok(TraceSampler::ParentBasedTraceIdRatio(ratio()?)),
+            Some(_) => Err(ConfigError::new(
+                name,
+                "must be always_on, always_off, traceidratio, parentbased_always_on, \
+                 parentbased_always_off or parentbased_traceidratio",
+            )),
+        }
     }
 
     pub(super) fn number<T>(
@@ -459,6 +541,27 @@ pub fn is_e164(number: &str) -> bool {
             && digits.bytes().all(|b| b.is_ascii_digit())
             && !digits.starts_with('0')
     })
+}
+
+/// `%XX` escapes decoded; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn is_loopback(url: &Url) -> bool {

@@ -432,12 +432,18 @@ fn debug_output_redacts_every_secret() {
             "postgres://app:dbpasswordvalue@db/app",
             "dbpasswordvalue",
         ),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-honeycomb-team=otlpheadervalue",
+            "otlpheadervalue",
+        ),
     ];
     let mut vars: Vec<(&str, &str)> = secrets
         .iter()
         .map(|(name, value, _)| (*name, *value))
         .collect();
     vars.push(("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"));
+    vars.push(("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"));
     vars.push((
         "SUPABASE_JWKS",
         r#"[{"kty":"oct","k":"aW5saW5lb2N0c2VjcmV0dmFsdWUtMDEyMzQ1Njc4OWFi"}]"#,
@@ -470,4 +476,171 @@ fn reconcile_interval_defaults_to_an_hour_with_a_stripe_key() {
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "59");
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "2592001");
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "hourly");
+}
+
+#[test]
+fn no_otlp_endpoint_means_no_trace_export() {
+    assert!(config(&[]).unwrap().traces.is_none());
+    // The other OTEL variables alone turn nothing on.
+    let config = config(&[
+        ("OTEL_SERVICE_NAME", "api"),
+        ("OTEL_TRACES_SAMPLER", "always_on"),
+    ])
+    .unwrap();
+    assert!(config.traces.is_none());
+}
+
+#[test]
+fn otlp_endpoint_gets_the_traces_path_and_the_contract_defaults() {
+    let traces = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")])
+        .unwrap()
+        .traces
+        .unwrap();
+    assert_eq!(traces.endpoint.as_str(), "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(traces.service_name, "edgegate");
+    assert_eq!(traces.sampler, TraceSampler::ParentBasedAlwaysOn);
+    assert_eq!(traces.max_queue_size, 2_048);
+    assert_eq!(traces.max_export_batch_size, 512);
+    assert_eq!(traces.schedule_delay, Duration::from_secs(5));
+    assert_eq!(traces.export_timeout, Duration::from_secs(10));
+    assert!(traces.headers.is_empty());
+
+    let below_a_path = config(&[(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "https://collector.example.com/otlp/",
+    )])
+    .unwrap()
+    .traces
+    .unwrap();
+    assert_eq!(
+        below_a_path.endpoint.as_str(),
+        "https://collector.example.com/otlp/v1/traces"
+    );
+}
+
+#[test]
+fn the_traces_endpoint_is_used_as_it_is_and_wins() {
+    let traces = config(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://127.0.0.1:9/spans",
+        ),
+    ])
+    .unwrap()
+    .traces
+    .unwrap();
+    assert_eq!(traces.endpoint.as_str(), "http://127.0.0.1:9/spans");
+}
+
+#[test]
+fn trace_export_can_be_turned_off_with_an_endpoint_set() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    assert!(
+        config(&[endpoint, ("OTEL_SDK_DISABLED", "TRUE")])
+            .unwrap()
+            .traces
+            .is_none()
+    );
+    assert!(
+        config(&[endpoint, ("OTEL_TRACES_EXPORTER", "none")])
+            .unwrap()
+            .traces
+            .is_none()
+    );
+    assert!(
+        config(&[endpoint, ("OTEL_SDK_DISABLED", "false")])
+            .unwrap()
+            .traces
+            .is_some()
+    );
+    refused("OTEL_SDK_DISABLED", "yes");
+    refused("OTEL_TRACES_EXPORTER", "jaeger");
+}
+
+#[test]
+fn otlp_settings_are_checked_even_without_an_endpoint() {
+    refused("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318");
+    refused(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "grpc://127.0.0.1:4317",
+    );
+    refused(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "https://user:pass@collector.example.com",
+    );
+    refused("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+    refused("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json");
+    refused("OTEL_TRACES_SAMPLER", "jaeger_remote");
+    refused("OTEL_BSP_MAX_QUEUE_SIZE", "0");
+    refused("OTEL_BSP_SCHEDULE_DELAY", "soon");
+    refused("OTEL_EXPORTER_OTLP_TIMEOUT", "-1");
+    assert!(config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).is_ok());
+}
+
+#[test]
+fn samplers_and_their_ratio() {
+    let sampler = |vars: &[(&str, &str)]| {
+        let mut all = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")];
+        all.extend_from_slice(vars);
+        config(&all).unwrap().traces.unwrap().sampler
+    };
+    assert_eq!(
+        sampler(&[("OTEL_TRACES_SAMPLER", "always_on")]),
+        TraceSampler::AlwaysOn
+    );
+    assert_eq!(
+        sampler(&[("OTEL_TRACES_SAMPLER", "parentbased_always_off")]),
+        TraceSampler::ParentBasedAlwaysOff
+    );
+    assert_eq!(
+        sampler(&[("OTEL_TRACES_SAMPLER", "traceidratio")]),
+        TraceSampler::TraceIdRatio(1.0)
+    );
+    assert_eq!(
+        sampler(&[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ]),
+        TraceSampler::ParentBasedTraceIdRatio(0.25)
+    );
+    let err = config(&[
+        ("OTEL_TRACES_SAMPLER", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+    ])
+    .unwrap_err();
+    assert_eq!(err.variable, "OTEL_TRACES_SAMPLER_ARG");
+}
+
+#[test]
+fn otlp_headers_are_decoded_merged_and_never_shown() {
+    let traces = config(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "Authorization=Basic%20c2VjcmV0aGVhZGVy, x-tenant=shared",
+        ),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=traces"),
+    ])
+    .unwrap()
+    .traces
+    .unwrap();
+    let headers: Vec<(&str, &str)> = traces
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.expose_secret()))
+        .collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("authorization", "Basic c2VjcmV0aGVhZGVy"),
+            ("x-tenant", "traces")
+        ]
+    );
+    assert!(!format!("{traces:?}").contains("c2VjcmV0aGVhZGVy"));
+
+    refused("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign-secretvalue");
+    refused("OTEL_EXPORTER_OTLP_HEADERS", "bad header=secretvalue");
+    refused("OTEL_EXPORTER_OTLP_HEADERS", "x-key=secretvalue%zz");
+    refused("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-key=secret%0Avalue");
 }

@@ -74,6 +74,11 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 /// catch-panic, timeout, body limit, metrics. CORS wraps every layer that can answer on its own
 /// (500, 504, 413), so a page can read those errors too instead of seeing an opaque network failure.
 pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
+    let scheme = if state.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(
             sensitive_request_headers(),
@@ -84,7 +89,7 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(request_span)
+                .make_span_with(move |req: &Request| request_span(req, scheme))
                 .on_response(crate::telemetry::log_response),
         )
         .layer(cors(&state.config))
@@ -125,9 +130,11 @@ fn drop_unusable_request_id(mut req: Request) -> Request {
     req
 }
 
-/// One span per request, named by the matched route so traces group by endpoint. The credential
-/// extractor fills in `credential_source` and `credential_kid`.
-fn request_span(req: &Request) -> tracing::Span {
+/// One span per request, the server span of its trace, its fields named by the OpenTelemetry
+/// HTTP conventions (the logs carry them too). The credential extractor fills in
+/// `edgegate.credential.*`. While traces are exported, `telemetry::server_span` makes it, with
+/// the trace id and the OpenTelemetry name and kind besides.
+fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -137,13 +144,16 @@ fn request_span(req: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
+    if crate::telemetry::is_exporting() {
+        return crate::telemetry::server_span(req, route, request_id, scheme);
+    }
     tracing::info_span!(
         "request",
-        method = %req.method(),
-        route,
+        "http.request.method" = %req.method(),
+        "http.route" = route,
         request_id,
-        credential_source = tracing::field::Empty,
-        credential_kid = tracing::field::Empty,
+        "edgegate.credential.source" = tracing::field::Empty,
+        "edgegate.credential.kid" = tracing::field::Empty,
     )
 }
 

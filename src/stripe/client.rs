@@ -236,11 +236,11 @@ impl StripeClient {
     }
 
     async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, AttemptFailure> {
-        let response = self
+        let request = self
             .http
             .get(url.clone())
-            .bearer_auth(self.key.expose_secret())
-            .send()
+            .bearer_auth(self.key.expose_secret());
+        let response = crate::telemetry::send(request)
             .await
             .map_err(|err| AttemptFailure {
                 retry: true,

@@ -19,6 +19,8 @@ pub use metrics::StripeMetrics;
 
 use std::future::Future;
 
+use tracing::Instrument as _;
+
 use crate::store::{AuditEntry, Store};
 
 /// A job a caller asked for (the catalogue sync, a reconciliation), run as Twilio's send is: in
@@ -35,7 +37,8 @@ where
     R: serde::Serialize + Send + 'static,
     E: Send + 'static,
 {
-    let result = tokio::spawn(job)
+    // In the request's span, so its logs and its calls to Stripe stay in the request's trace.
+    let result = tokio::spawn(job.instrument(tracing::Span::current()))
         .await
         .unwrap_or_else(|err| Err(task_failed(anyhow::anyhow!("{}: {err}", audit.action))));
     audit.outcome = result.as_ref().map_or_else(outcome_of, |_| "ok").to_owned();

@@ -81,6 +81,7 @@ impl Metrics {
             "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
             legacy_verifications.clone(),
         );
+        super::traces::register(&mut registry);
         Self {
             registry,
             http_requests,

@@ -1,17 +1,67 @@
-//! Logs (tracing) and metrics (Prometheus text format).
+//! Logs (tracing), metrics (Prometheus text format) and traces (OpenTelemetry over OTLP).
 
 mod json_fields;
 mod metrics;
+mod traces;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
+pub use traces::{TraceExporter, is_exporting, send};
+pub(crate) use traces::{end_server_span, server_span};
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TraceExport};
+
+/// Installs the global subscriber: the logs, and the span exporter when `traces` is set (then
+/// it must run inside a tokio runtime, which carries the export task).
+pub fn init(
+    format: LogFormat,
+    filter: &str,
+    traces: Option<&TraceExport>,
+) -> anyhow::Result<Option<TraceExporter>> {
+    let Some(traces) = traces else {
+        init_logging(format, filter);
+        return Ok(None);
+    };
+    let (exporter, tracer) = traces::start(traces)?;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_span_events(FmtSpan::NONE)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Json => logs.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Pretty => logs.with_filter(filter).boxed(),
+    };
+    // Only edgegate's own spans, whatever RUST_LOG keeps for the logs. Events stay out of
+    // traces (the logs have them), and so do code locations, threads and busy/idle timings,
+    // which cost on every poll.
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && meta.target().starts_with("edgegate")
+        }));
+    if tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .is_ok()
+    {
+        traces::set_exporting();
+    }
+    Ok(Some(exporter))
+}
 
 /// Installs the global subscriber. `filter` was validated with the configuration.
 pub fn init_logging(format: LogFormat, filter: &str) {
@@ -41,8 +91,11 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 pub fn log_response<B>(
     response: &axum::http::Response<B>,
     latency: Duration,
-    _span: &tracing::Span,
+    span: &tracing::Span,
 ) {
+    if is_exporting() {
+        end_server_span(span, response.status().as_u16());
+    }
     tracing::info!(
         status = response.status().as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,

@@ -132,21 +132,19 @@ impl TwilioApi {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
-        let response = request
+        let request = request
             .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
             .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|err| {
-                // Only a failed connect proves the request never left; anything later (a
-                // timeout, a reset while waiting for the answer) may follow a delivered request.
-                if err.is_connect() {
-                    CallError::NotSent(describe(&err))
-                } else {
-                    CallError::Unconfirmed(describe(&err))
-                }
-            })?;
+            .timeout(self.timeout);
+        let response = crate::telemetry::send(request).await.map_err(|err| {
+            // Only a failed connect proves the request never left; anything later (a
+            // timeout, a reset while waiting for the answer) may follow a delivered request.
+            if err.is_connect() {
+                CallError::NotSent(describe(&err))
+            } else {
+                CallError::Unconfirmed(describe(&err))
+            }
+        })?;
         let status = response.status();
         let retry_after = response
             .headers()

@@ -141,12 +141,17 @@ pub async fn send_sms(
     request: SendSmsRequest,
     audit: AuditEntry,
 ) -> Result<Sent, SmsError> {
-    let task = tokio::spawn(async move {
+    let work = async move {
         let mut message_id = None;
         let outcome = send_once(&store, &config, &http, request, &mut message_id).await;
         record_audit(&store, audit, &outcome, message_id).await;
         outcome
-    });
+    };
+    // In the request's span: the call to Twilio stays in the request's trace.
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        work,
+        tracing::Span::current(),
+    ));
     task.await
         .map_err(|err| SmsError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
 }

@@ -129,6 +129,8 @@ struct Shared {
     object_requests: AtomicUsize,
     requests: AtomicUsize,
     limits: Mutex<Vec<String>>,
+    /// The `traceparent` header of every request, in order (`None` when absent).
+    traceparents: Mutex<Vec<Option<String>>>,
     arrived: Notify,
     release: Semaphore,
 }
@@ -153,6 +155,7 @@ impl FakeStripe {
             object_requests: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             limits: Mutex::new(Vec::new()),
+            traceparents: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             release: Semaphore::new(0),
         });
@@ -163,6 +166,10 @@ impl FakeStripe {
             .route("/v1/products/{id}", get(retrieve_product))
             .route("/v1/prices/{id}", get(retrieve_price))
             .route("/v1/balance", get(balance))
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                record_traceparent,
+            ))
             .with_state(shared.clone());
         let server = serve_app(app, Duration::from_millis(100)).await;
         Self {
@@ -175,6 +182,11 @@ impl FakeStripe {
     /// List requests answered so far (retries included).
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The `traceparent` of every request so far, `None` where there was none.
+    pub fn traceparents(&self) -> Vec<Option<String>> {
+        self.shared.traceparents.lock().unwrap().clone()
     }
 
     /// The `limit` of every list request so far.
@@ -256,6 +268,19 @@ fn stripe_error(status: StatusCode, should_retry: Option<bool>, kind: &str) -> R
         );
     }
     response
+}
+
+async fn record_traceparent(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .map(|value| value.to_str().unwrap_or("(not text)").to_owned());
+    shared.traceparents.lock().unwrap().push(traceparent);
+    next.run(request).await
 }
 
 fn authorized(headers: &HeaderMap) -> bool {

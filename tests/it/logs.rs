@@ -109,17 +109,21 @@ async fn json_logs_carry_the_request_and_its_credential_but_never_the_secret() {
     ];
     for (id, status, source, kid) in expected {
         let line = response_line(&lines, id);
-        assert_eq!(field(line, "method").unwrap(), "GET", "{line}");
+        assert_eq!(field(line, "http.request.method").unwrap(), "GET", "{line}");
         assert_eq!(
-            field(line, "route").unwrap(),
+            field(line, "http.route").unwrap(),
             "/functions/v1/jwt-test",
             "{line}"
         );
         assert_eq!(field(line, "status").unwrap(), status, "{line}");
         assert!(field(line, "latency_ms").unwrap().is_number(), "{line}");
-        assert_eq!(field(line, "credential_source").unwrap(), source, "{line}");
         assert_eq!(
-            field(line, "credential_kid").and_then(Value::as_str),
+            field(line, "edgegate.credential.source").unwrap(),
+            source,
+            "{line}"
+        );
+        assert_eq!(
+            field(line, "edgegate.credential.kid").and_then(Value::as_str),
             kid,
             "{line}"
         );

@@ -26,3 +26,4 @@ mod sms;
 mod store;
 mod stripe;
 mod tls;
+mod traces;

@@ -1,0 +1,460 @@
+//! OpenTelemetry traces: the OTLP exporter behind a bounded queue, W3C trace context in and out.
+//!
+//! Nothing here runs unless `OTEL_EXPORTER_OTLP_*ENDPOINT` is set: [`is_exporting`] is false, no
+//! span gets OpenTelemetry attributes, no header is read or written, no task runs.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{
+    SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TracerProvider as _,
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter as _, SpanProcessor,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use secrecy::ExposeSecret as _;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::config::{TraceExport, TraceSampler};
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (the process's subscriber has the OpenTelemetry layer).
+pub fn is_exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+pub(super) fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// The exporter's counters. Process-wide like the subscriber they describe; every app's
+/// `/metrics` shows them (all zero when nothing is exported).
+#[derive(Default)]
+struct ExportCounters {
+    dropped: Counter,
+    exported: Counter,
+    failed: Counter,
+}
+
+static COUNTERS: LazyLock<ExportCounters> = LazyLock::new(ExportCounters::default);
+
+pub(super) fn register(registry: &mut Registry) {
+    registry.register(
+        "otel_spans_dropped",
+        "Ended spans dropped because the export queue was full (OTEL_BSP_MAX_QUEUE_SIZE)",
+        COUNTERS.dropped.clone(),
+    );
+    registry.register(
+        "otel_spans_exported",
+        "Spans the OTLP collector accepted",
+        COUNTERS.exported.clone(),
+    );
+    registry.register(
+        "otel_spans_export_failed",
+        "Spans lost because their export failed (after the exporter's retries)",
+        COUNTERS.failed.clone(),
+    );
+}
+
+/// The running exporter: stop it with [`TraceExporter::shutdown`] to send what is queued.
+#[derive(Debug)]
+pub struct TraceExporter {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    provider: SdkTracerProvider,
+    /// How long the final flush may take.
+    flush_timeout: Duration,
+}
+
+impl TraceExporter {
+    /// Exports every span ended so far, then stops. Bounded by the export timeout.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(self.flush_timeout, self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("trace export did not finish in time; queued spans are lost");
+        }
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Builds the OTLP exporter and starts its task (on the current tokio runtime).
+pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkTracer)> {
+    // The service's own client stack (rustls on aws-lc-rs), not a second one.
+    let client = reqwest::Client::builder()
+        .timeout(config.export_timeout)
+        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the OTLP HTTP client")?;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(config.endpoint.as_str())
+        .with_timeout(config.export_timeout)
+        .with_headers(
+            config
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.expose_secret().to_owned()))
+                .collect(),
+        )
+        .build()
+        .context("building the OTLP span exporter")?;
+    let resource = Resource::builder_empty()
+        .with_service_name(config.service_name.clone())
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    // The SDK's processors hand the resource over; this one owns no exporter, so it is set here.
+    exporter.set_resource(&resource);
+    let (queue, receiver) = mpsc::channel(config.max_queue_size);
+    let (stop, stopped) = oneshot::channel();
+    let batch = Arc::new(Batch {
+        size: config.max_export_batch_size,
+        queued: AtomicUsize::new(0),
+        full: Notify::new(),
+    });
+    let task = tokio::spawn(export_loop(
+        receiver,
+        exporter,
+        batch.clone(),
+        config.schedule_delay,
+        stopped,
+    ));
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(QueueProcessor { queue, batch })
+        .with_id_generator(IdGenerator::default())
+        .with_sampler(sampler(config.sampler))
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("edgegate");
+    Ok((
+        TraceExporter {
+            stop,
+            task,
+            provider,
+            flush_timeout: config.export_timeout + Duration::from_secs(1),
+        },
+        tracer,
+    ))
+}
+
+fn sampler(sampler: TraceSampler) -> Sampler {
+    match sampler {
+        TraceSampler::AlwaysOn => Sampler::AlwaysOn,
+        TraceSampler::AlwaysOff => Sampler::AlwaysOff,
+        TraceSampler::TraceIdRatio(ratio) => Sampler::TraceIdRatioBased(ratio),
+        TraceSampler::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        TraceSampler::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        TraceSampler::ParentBasedTraceIdRatio(ratio) => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+        }
+    }
+}
+
+/// The batch being gathered: how many spans are queued, and a wake-up when they fill a batch.
+#[derive(Debug)]
+struct Batch {
+    size: usize,
+    queued: AtomicUsize,
+    full: Notify,
+}
+
+/// Hands ended spans to the export task through a bounded queue. A full queue drops the span
+/// (counted) rather than make a request wait; the SDK's own batch processor would drop too, but
+/// counts only in a log line at shutdown, and blocks its own thread on the async HTTP client.
+/// The task is woken once per batch (or by its timer), not once per span.
+#[derive(Debug)]
+struct QueueProcessor {
+    queue: mpsc::Sender<SpanData>,
+    batch: Arc<Batch>,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.queue.try_send(span).is_err() {
+            COUNTERS.dropped.inc();
+        } else if self
+            .batch
+            .queued
+            .fetch_add(1, Ordering::Relaxed)
+            // The task may take the span before this count: the count is then briefly one
+            // below zero (wrapped), and at worst a wake-up waits for the timer.
+            .wrapping_add(1)
+            == self.batch.size
+        {
+            self.batch.full.notify_one();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Sends what is queued when a batch is full or `delay` has passed; on `stop`, sends what is
+/// queued and ends.
+async fn export_loop(
+    mut queue: mpsc::Receiver<SpanData>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    batch: Arc<Batch>,
+    delay: Duration,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(delay);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            () = batch.full.notified() => {}
+            _ = tick.tick() => {}
+        }
+        send_queued(&mut queue, &exporter, &batch).await;
+    }
+    // Nothing more is taken; what was queued before the stop still goes out.
+    queue.close();
+    send_queued(&mut queue, &exporter, &batch).await;
+    let _ = exporter.shutdown();
+}
+
+/// Exports what is in the queue now, in batches of at most `batch.size`.
+async fn send_queued(
+    queue: &mut mpsc::Receiver<SpanData>,
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &Batch,
+) {
+    loop {
+        let mut spans = Vec::with_capacity(batch.size);
+        while spans.len() < batch.size {
+            match queue.try_recv() {
+                Ok(span) => spans.push(span),
+                Err(_) => break,
+            }
+        }
+        if spans.is_empty() {
+            return;
+        }
+        batch.queued.fetch_sub(spans.len(), Ordering::Relaxed);
+        let full = spans.len() == batch.size;
+        export(exporter, spans).await;
+        if !full {
+            return;
+        }
+    }
+}
+
+/// The name of the request span (`server::middleware`, and [`server_span`]).
+const SERVER_SPAN: &str = "request";
+/// The name of the span of an outgoing call ([`send`]).
+const CLIENT_SPAN: &str = "http.client";
+
+/// Names and kinds by the HTTP conventions (`{method} {route}`, server; `{method}`, client),
+/// set here rather than as `otel.*` span fields, which the logs would carry and re-parse on
+/// every record; `trace_id` is dropped, a field for the logs that the span has already.
+fn shape(span: &mut SpanData) {
+    span.attributes.retain(|kv| kv.key.as_str() != "trace_id");
+    let attribute = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str())
+    };
+    let method = attribute("http.request.method").unwrap_or_default();
+    match span.name.as_ref() {
+        SERVER_SPAN => {
+            let route = attribute("http.route").unwrap_or_default();
+            span.name = format!("{method} {route}").into();
+            span.span_kind = SpanKind::Server;
+        }
+        CLIENT_SPAN => {
+            span.name = method.into_owned().into();
+            span.span_kind = SpanKind::Client;
+        }
+        _ => {}
+    }
+}
+
+async fn export(exporter: &opentelemetry_otlp::SpanExporter, mut spans: Vec<SpanData>) {
+    spans.iter_mut().for_each(shape);
+    let count = spans.len() as u64;
+    match exporter.export(spans).await {
+        Ok(()) => {
+            COUNTERS.exported.inc_by(count);
+        }
+        Err(err) => {
+            COUNTERS.failed.inc_by(count);
+            tracing::warn!(error = %err, spans = count, "trace export failed; the spans are lost");
+        }
+    }
+}
+
+struct ReadHeaders<'a>(&'a HeaderMap);
+
+impl Extractor for ReadHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key)?.to_str().ok()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct WriteHeaders<'a>(&'a mut HeaderMap);
+
+impl Injector for WriteHeaders<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+thread_local! {
+    /// The trace id the next root span built on this thread gets (see [`server_span`]).
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// Random ids, except a trace id drawn ahead by [`server_span`].
+#[derive(Debug, Default)]
+struct IdGenerator(RandomIdGenerator);
+
+impl opentelemetry_sdk::trace::IdGenerator for IdGenerator {
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID
+            .take()
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.0.new_span_id()
+    }
+}
+
+/// The server span of a request: the fields of `request_span` plus the trace id, child of the
+/// caller's `traceparent`/`tracestate` when valid. Every field is written as the span is made:
+/// the JSON log format re-parses a span's fields on each later record, which cost 10 % of
+/// jwt-test's throughput. So the trace id of a new trace is drawn here, and the id generator
+/// hands it to the SDK when the span is built. Name and kind are set at export ([`shape`]).
+pub(crate) fn server_span(
+    req: &axum::http::Request<axum::body::Body>,
+    route: &str,
+    request_id: &str,
+    scheme: &'static str,
+) -> tracing::Span {
+    let headers = req.headers();
+    let parent = TraceContextPropagator::new().extract(&ReadHeaders(headers));
+    let trace_id = match parent.span().span_context() {
+        remote if remote.is_valid() => remote.trace_id(),
+        _ => {
+            let trace_id = RandomIdGenerator::default().new_trace_id();
+            NEXT_TRACE_ID.set(Some(trace_id));
+            trace_id
+        }
+    };
+    let method = req.method().as_str();
+    let span = tracing::info_span!(
+        "request",
+        "http.request.method" = method,
+        "http.route" = route,
+        request_id,
+        "edgegate.credential.source" = tracing::field::Empty,
+        "edgegate.credential.kid" = tracing::field::Empty,
+        trace_id = %trace_id,
+    );
+    let _ = span.set_parent(parent);
+    span.set_attribute("url.scheme", scheme);
+    if let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|value| value.to_str().ok())
+    {
+        let address = host.rsplit_once(':').map_or(host, |(address, _)| address);
+        span.set_attribute("server.address", address.to_owned());
+    }
+    if let Some(agent) = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|value| value.to_str().ok())
+    {
+        span.set_attribute("user_agent.original", agent.to_owned());
+    }
+    // Builds the span now, on this thread, where the drawn trace id waits.
+    let _ = span.context();
+    NEXT_TRACE_ID.set(None);
+    span
+}
+
+/// Records the answer on the server span: its status, and an error status for a 5xx.
+pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
+    span.set_attribute("http.response.status_code", i64::from(status));
+    if status >= 500 {
+        span.set_status(Status::error(""));
+    }
+}
+
+/// Sends `request` to a service outside (Stripe, Twilio, the JWKS host). While traces are
+/// exported, it goes inside a client span whose `traceparent` it carries; otherwise it is sent
+/// as it is.
+pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    if !is_exporting() {
+        return request.send().await;
+    }
+    let (client, request) = request.build_split();
+    let mut request = request?;
+    let url = request.url();
+    let span = tracing::info_span!(
+        CLIENT_SPAN,
+        "http.request.method" = %request.method(),
+        "server.address" = url.host_str().unwrap_or_default(),
+        "server.port" = url.port_or_known_default().unwrap_or_default(),
+        "url.scheme" = url.scheme(),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
+    TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut WriteHeaders(request.headers_mut()));
+    let result = client.execute(request).instrument(span.clone()).await;
+    match &result {
+        Ok(response) => {
+            span.record("http.response.status_code", response.status().as_u16());
+            if response.status().is_server_error() {
+                span.record("error.type", response.status().as_str());
+            }
+        }
+        Err(err) if err.is_timeout() => {
+            span.record("error.type", "timeout");
+        }
+        Err(_) => {
+            span.record("error.type", "transport");
+        }
+    }
+    result
+}

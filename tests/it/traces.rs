@@ -1,0 +1,444 @@
+//! OpenTelemetry traces from the real process: spans POSTed over OTLP/HTTP (protobuf) to a fake
+//! collector on loopback, decoded with the `opentelemetry-proto` messages; the caller's W3C trace
+//! context continued into the server span and on to Stripe; nothing of it without the variables.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use edgegate::auth::Alg;
+use edgegate::auth::mint::{SigningKey, user_claims};
+use edgegate::clock::now_ms;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::{AnyValue as AnyValueMessage, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message as _;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::fake_stripe::{FakeStripe, SECRET_KEY};
+use crate::process::{Server, free_port, signal, spawn_server, wait_exit, wait_healthy};
+use crate::stripe::SB_SECRET;
+use crate::stripe_fixtures;
+use crate::support::{TestServer, serve_app};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+const JWT_TEST: &str = "/functions/v1/jwt-test";
+const SYNC: &str = "/functions/v1/sync-stripe-products-hardened";
+
+fn traceparent() -> String {
+    format!("00-{TRACE_ID}-{PARENT_ID}-01")
+}
+
+/// An OTLP/HTTP collector: keeps every body POSTed to `/v1/traces`. A holding collector never
+/// answers (a collector that hangs).
+struct Collector {
+    base: String,
+    shared: Arc<Received>,
+    _server: TestServer,
+}
+
+#[derive(Default)]
+struct Received {
+    bodies: Mutex<Vec<Bytes>>,
+    arrived: Notify,
+}
+
+async fn receive(State(shared): State<(Arc<Received>, bool)>, body: Bytes) -> &'static str {
+    let (received, hold) = shared;
+    received.bodies.lock().unwrap().push(body);
+    received.arrived.notify_waiters();
+    if hold {
+        std::future::pending::<()>().await;
+    }
+    ""
+}
+
+impl Collector {
+    async fn start(hold: bool) -> Self {
+        let shared = Arc::new(Received::default());
+        let app = Router::new()
+            .route("/v1/traces", post(receive))
+            .with_state((shared.clone(), hold));
+        let server = serve_app(app, Duration::from_millis(100)).await;
+        Self {
+            base: server.url(""),
+            shared,
+            _server: server,
+        }
+    }
+
+    /// Fails when any of `secrets` is in the bytes received.
+    fn assert_never_holds(&self, secrets: &[&str]) {
+        let raw = self.shared.bodies.lock().unwrap().concat();
+        for secret in secrets {
+            assert!(
+                !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a credential reached the exported spans"
+            );
+        }
+    }
+
+    fn requests(&self) -> Vec<ExportTraceServiceRequest> {
+        self.shared
+            .bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|body| ExportTraceServiceRequest::decode(body.as_ref()).expect("OTLP protobuf"))
+            .collect()
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.requests()
+            .into_iter()
+            .flat_map(|request| request.resource_spans)
+            .flat_map(|resource| resource.scope_spans)
+            .flat_map(|scope| scope.spans)
+            .collect()
+    }
+
+    /// Waits (10 s at most) until a span matching `wanted` has arrived.
+    async fn span(&self, wanted: impl Fn(&Span) -> bool) -> Span {
+        for _ in 0..100 {
+            let arrived = self.shared.arrived.notified();
+            if let Some(span) = self.spans().into_iter().find(|span| wanted(span)) {
+                return span;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), arrived).await;
+        }
+        panic!(
+            "no such span arrived; the collector has: {:#?}",
+            self.spans()
+        );
+    }
+}
+
+fn text(value: Option<&AnyValueMessage>) -> Option<String> {
+    match value?.value.as_ref()? {
+        AnyValue::StringValue(text) => Some(text.clone()),
+        AnyValue::IntValue(number) => Some(number.to_string()),
+        AnyValue::BoolValue(flag) => Some(flag.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    text(attributes.iter().find(|kv| kv.key == key)?.value.as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A server process with `vars`; its log (JSON lines) is `server.log` in the returned folder.
+async fn start(vars: &[(&str, &str)]) -> (Server, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut all = vec![
+        ("PORT", port.as_str()),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+    ];
+    all.extend_from_slice(vars);
+    let server = spawn_server(dir.path(), "server.log", &all);
+    assert!(
+        wait_healthy(port.parse().unwrap()).await,
+        "edgegate never answered /healthz"
+    );
+    (server, dir, format!("http://127.0.0.1:{port}"))
+}
+
+/// A server that syncs from `stripe`, with `vars`.
+async fn start_syncing(
+    stripe: &FakeStripe,
+    vars: &[(&str, &str)],
+) -> (Server, tempfile::TempDir, String) {
+    let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
+    let mut all = vec![
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", stripe.base.as_str()),
+    ];
+    all.extend_from_slice(vars);
+    start(&all).await
+}
+
+/// A catalogue sync called inside the caller's trace ([`traceparent`]).
+async fn sync_traced(base: &str, request_id: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}{SYNC}"))
+        .header("apikey", SB_SECRET)
+        .header("traceparent", traceparent())
+        .header("x-request-id", request_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Stops the server with SIGTERM (a clean exit) and returns its log.
+async fn stop_raw(mut server: Server, dir: &tempfile::TempDir) -> String {
+    signal(&server, "TERM");
+    assert_eq!(wait_exit(&mut server).await.code(), Some(0));
+    std::fs::read_to_string(dir.path().join("server.log")).unwrap()
+}
+
+/// Stops the server with SIGTERM (a clean exit) and returns its JSON log lines.
+async fn stop(server: Server, dir: &tempfile::TempDir) -> Vec<Value> {
+    stop_raw(server, dir)
+        .await
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// The field of the line that closes the request `request_id` (the event's, else its span's).
+fn response_field(lines: &[Value], request_id: &str, name: &str) -> Option<Value> {
+    let line = lines
+        .iter()
+        .find(|line| line["span"]["request_id"] == request_id && line.get("status").is_some())
+        .unwrap_or_else(|| panic!("no response line for {request_id}: {lines:#?}"));
+    line.get(name).or_else(|| line["span"].get(name)).cloned()
+}
+
+/// A counter of `/metrics`.
+async fn metric(base: &str, name: &str) -> u64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_server_span_continues_the_callers_trace_with_http_and_credential_attributes() {
+    let collector = Collector::start(false).await;
+    let key = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = key.public_jwks().to_string();
+    let claims = user_claims("supabase", "authenticated", "user-1", now_ms() / 1000, 3600);
+    let token = key.token(&claims).unwrap();
+    let (server, dir, base) = start(&[
+        ("SUPABASE_JWKS", jwks.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ("OTEL_SERVICE_NAME", "edgegate-under-test"),
+    ])
+    .await;
+
+    let response = reqwest::Client::new()
+        .get(format!("{base}{JWT_TEST}"))
+        .bearer_auth(&token)
+        .header("traceparent", traceparent())
+        .header("tracestate", "vendor=opaque")
+        .header("x-request-id", "otel-jwt-test")
+        .header("user-agent", "trace-test/1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let name = format!("GET {JWT_TEST}");
+    let span = collector.span(|span| span.name == name).await;
+    assert_eq!(hex(&span.trace_id), TRACE_ID, "the caller's trace goes on");
+    assert_eq!(
+        hex(&span.parent_span_id),
+        PARENT_ID,
+        "the caller's span is the parent"
+    );
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    let expected = [
+        ("http.request.method", "GET"),
+        ("http.route", JWT_TEST),
+        ("http.response.status_code", "200"),
+        ("url.scheme", "http"),
+        ("server.address", "127.0.0.1"),
+        ("user_agent.original", "trace-test/1.0"),
+        ("request_id", "otel-jwt-test"),
+        ("edgegate.credential.source", "signing_key"),
+        ("edgegate.credential.kid", key.kid()),
+    ];
+    for (key, value) in expected {
+        assert_eq!(
+            attribute(&span.attributes, key).as_deref(),
+            Some(value),
+            "{key}: {span:#?}"
+        );
+    }
+    let resource = collector.requests()[0].resource_spans[0]
+        .resource
+        .clone()
+        .unwrap();
+    assert_eq!(
+        attribute(&resource.attributes, "service.name").as_deref(),
+        Some("edgegate-under-test")
+    );
+    assert!(metric(&base, "edgegate_otel_spans_exported_total").await >= 1);
+
+    // Without a caller's trace: a new one, whose id the log line carries too.
+    let response = reqwest::Client::new()
+        .get(format!("{base}{JWT_TEST}"))
+        .bearer_auth(&token)
+        .header("x-request-id", "otel-new-trace")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let root = collector
+        .span(|span| attribute(&span.attributes, "request_id").as_deref() == Some("otel-new-trace"))
+        .await;
+    assert!(root.parent_span_id.is_empty(), "{root:#?}");
+    assert_ne!(hex(&root.trace_id), TRACE_ID);
+
+    let lines = stop(server, &dir).await;
+    assert_eq!(
+        response_field(&lines, "otel-jwt-test", "trace_id"),
+        Some(Value::from(TRACE_ID)),
+        "the log line carries the trace id"
+    );
+    assert_eq!(
+        response_field(&lines, "otel-new-trace", "trace_id"),
+        Some(Value::from(hex(&root.trace_id))),
+        "the log line carries the new trace's id"
+    );
+    let signature = token.rsplit('.').next().unwrap();
+    collector.assert_never_holds(&[token.as_str(), signature]);
+}
+
+#[tokio::test]
+async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing(
+        &stripe,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ],
+    )
+    .await;
+    sync_traced(&base, "traced-sync").await;
+
+    let sent = stripe.traceparents();
+    assert!(!sent.is_empty(), "Stripe was never called");
+    let server_span = collector
+        .span(|span| span.name == format!("POST {SYNC}"))
+        .await;
+    for traceparent in &sent {
+        let traceparent = traceparent
+            .as_deref()
+            .expect("every call carries traceparent");
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{traceparent}");
+        assert_eq!(parts[1], TRACE_ID, "Stripe sees the request's trace");
+        // The client span's own id: a child of the server span, not the caller's span.
+        let client = collector.span(|span| hex(&span.span_id) == parts[2]).await;
+        assert_eq!(client.kind, SpanKind::Client as i32);
+        assert_eq!(client.parent_span_id, server_span.span_id);
+        assert_eq!(
+            attribute(&client.attributes, "http.response.status_code").as_deref(),
+            Some("200")
+        );
+    }
+    stop(server, &dir).await;
+    collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
+}
+
+#[tokio::test]
+async fn without_otel_variables_nothing_is_traced_nor_propagated() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    let (server, dir, base) = start_syncing(&stripe, &[]).await;
+    sync_traced(&base, "untraced-sync").await;
+
+    let sent = stripe.traceparents();
+    assert!(!sent.is_empty(), "Stripe was never called");
+    assert!(
+        sent.iter().all(Option::is_none),
+        "a traceparent left without tracing: {sent:?}"
+    );
+    for counter in [
+        "edgegate_otel_spans_exported_total",
+        "edgegate_otel_spans_dropped_total",
+        "edgegate_otel_spans_export_failed_total",
+    ] {
+        assert_eq!(metric(&base, counter).await, 0, "{counter}");
+    }
+    let lines = stop(server, &dir).await;
+    assert_eq!(response_field(&lines, "untraced-sync", "trace_id"), None);
+    assert_eq!(response_field(&lines, "untraced-sync", "otel.name"), None);
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_costs_counted_spans_not_requests() {
+    let collector = Collector::start(true).await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "1"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "3000"),
+    ])
+    .await;
+    // One export in flight (held) and one span queued at most: the rest are dropped.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    const REQUESTS: u64 = 20;
+    for _ in 0..REQUESTS {
+        let response = client.get(format!("{base}/healthz")).send().await;
+        assert_eq!(
+            response
+                .expect("a held export never holds a request")
+                .status(),
+            200
+        );
+    }
+    let dropped = metric(&base, "edgegate_otel_spans_dropped_total").await;
+    assert!(
+        dropped >= REQUESTS - 2,
+        "{dropped} spans counted as dropped"
+    );
+    assert!(!collector.requests().is_empty(), "no export was attempted");
+    stop(server, &dir).await;
+}
+
+#[tokio::test]
+async fn text_log_lines_carry_the_request_id_and_the_trace_id() {
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start(&[
+        ("LOG_FORMAT", "pretty"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+    ])
+    .await;
+    let response = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .header("traceparent", traceparent())
+        .header("x-request-id", "text-log-line")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let log = stop_raw(server, &dir).await;
+    let line = log
+        .lines()
+        .find(|line| line.contains(r#"request_id="text-log-line""#) && line.contains("response"))
+        .unwrap_or_else(|| panic!("no response line:\n{log}"));
+    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
+}
