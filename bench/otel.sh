@@ -32,7 +32,7 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 log "building edgegate (release) and the token generator"
 cargo build --release --locked --quiet --bin edgegate --example bench_tokens
 EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
-"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$ISSUER" "$SECRET" 2000 2000 >/dev/null
+"$CARGO_TARGET_DIR/release/examples/bench_tokens" "$WORK/tokens" "$TOKEN_ISSUER" "$TOKEN_SECRET" 2000 2000 >/dev/null
 
 taskset -c "$LOAD_CPU" python3 "$BENCH/jwks_host.py" "$JWKS_PORT" "$WORK/tokens/jwks.json" /dev/null &
 PIDS+=($!)
@@ -48,8 +48,8 @@ start_server() { # off|on
     # The container's logging defaults (JSON at info), as bench/load.sh.
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
         DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
-        SUPABASE_JWKS_URL="http://127.0.0.1:$JWKS_PORT/jwks.json" SUPABASE_JWT_SECRET="$SECRET" \
-        JWT_ISSUERS="$ISSUER" LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" "${otel[@]}" \
+        SUPABASE_JWKS_URL="http://127.0.0.1:$JWKS_PORT/jwks.json" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+        JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" "${otel[@]}" \
         taskset -c "$SERVER_CPU" "$EDGEGATE" serve >"$WORK/edgegate.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")

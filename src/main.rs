@@ -177,6 +177,12 @@ impl From<OutputArg> for KeyOutput {
     }
 }
 
+/// mimalloc instead of glibc's malloc: the request path allocates small, short-lived buffers
+/// (headers, JSON, log lines, trace spans), which it serves with fewer instructions
+/// (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.

@@ -36,7 +36,14 @@ pub fn init(
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let logs = match format {
-        LogFormat::Json => logs.json().flatten_event(true).with_filter(filter).boxed(),
+        // The same JSON lines as without traces (see init_logging).
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .fmt_fields(json_fields::AppendJsonFields)
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Pretty => logs.with_filter(filter).boxed(),
     };
     // Only edgegate's own spans, whatever RUST_LOG keeps for the logs. Events stay out of
