@@ -45,7 +45,9 @@ fn test_router() -> Router<AppState> {
 pub async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
     let db = crate::support::TestDb::new().await?;
     let state = AppState::new(db.config(vars), db.store().await);
-    Some(serve(test_router(), &state, limits, Duration::from_secs(1)).await)
+    // The server owns the database: a SQLite file's folder goes when its `TestDb` does.
+    let server = serve(test_router(), &state, limits, Duration::from_secs(1)).await;
+    Some(server.owning(db))
 }
 
 #[tokio::test]

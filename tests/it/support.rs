@@ -104,6 +104,9 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<std::io::Result<()>>,
+    /// The database the server uses, when the server owns it: a SQLite file lives in a
+    /// temporary folder that is deleted with its `TestDb`.
+    db: Option<TestDb>,
 }
 
 impl TestServer {
@@ -114,6 +117,12 @@ impl TestServer {
     /// `GET path` with no credentials.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// Keeps `db` as long as the server: for a server on a database no test holds.
+    pub fn owning(mut self, db: TestDb) -> Self {
+        self.db = Some(db);
+        self
     }
 
     /// Sends the shutdown signal; the server stops accepting and drains.
@@ -159,6 +168,7 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
         client: reqwest::Client::new(),
         stop: Some(stop),
         task,
+        db: None,
     }
 }
 
@@ -189,6 +199,7 @@ pub async fn spawn_app_with_clock(
         client: reqwest::Client::new(),
         stop: Some(stop),
         task,
+        db: None,
     };
     (server, state)
 }
