@@ -253,42 +253,34 @@ run_webhook() { # run
     log "webhook run $1: $requests deliveries ($duplicates duplicates) at $rps/s, p50 $(field "$result" p50_us) us, p99 $(field "$result" p99_us) us; ledger and rows checked"
 }
 
+# Runs `$1 backend run` for every backend and run against a fake Stripe started with the rest
+# of the arguments (objects to list, fixtures, key, events to list).
+with_fake_stripe() {
+    local each=$1
+    shift
+    taskset -c "$LOAD_CPU" "$EXAMPLES/fake_stripe" "$STRIPE_PORT" "$@" 2>"$WORK/fake_stripe.log" &
+    STRIPE_PID=$!
+    PIDS+=("$STRIPE_PID")
+    wait_for "http://127.0.0.1:$STRIPE_PORT/v1/balance" -H "Authorization: Bearer $STRIPE_KEY"
+    for backend in $BACKENDS; do
+        for run in $(seq 1 "$RUNS"); do
+            "$each" "$backend" "$run"
+        done
+    done
+    log "fake Stripe peak RSS (not edgegate's): $(awk '/^VmHWM/ {print $2}' "/proc/$STRIPE_PID/status") KiB"
+    kill "$STRIPE_PID"
+    wait "$STRIPE_PID" 2>/dev/null || true
+}
+
 for phase in $PHASES; do
     case $phase in
-    sync)
-        taskset -c "$LOAD_CPU" "$EXAMPLES/fake_stripe" "$STRIPE_PORT" "$N" "$FIXTURES" "$STRIPE_KEY" \
-            2>"$WORK/fake_stripe.log" &
-        STRIPE_PID=$!
-        PIDS+=("$STRIPE_PID")
-        wait_for "http://127.0.0.1:$STRIPE_PORT/v1/balance" -H "Authorization: Bearer $STRIPE_KEY"
-        for backend in $BACKENDS; do
-            for run in $(seq 1 "$RUNS"); do
-                run_sync "$backend" "$run"
-            done
-        done
-        log "fake Stripe peak RSS (not edgegate's): $(awk '/^VmHWM/ {print $2}' "/proc/$STRIPE_PID/status") KiB"
-        kill "$STRIPE_PID"
-        wait "$STRIPE_PID" 2>/dev/null || true
-        ;;
+    sync) with_fake_stripe run_sync "$N" "$FIXTURES" "$STRIPE_KEY" ;;
     webhook)
         for run in $(seq 1 "$RUNS"); do
             run_webhook "$run"
         done
         ;;
-    reconcile)
-        taskset -c "$LOAD_CPU" "$EXAMPLES/fake_stripe" "$STRIPE_PORT" 0 "$FIXTURES" "$STRIPE_KEY" "$E" \
-            2>"$WORK/fake_stripe.log" &
-        STRIPE_PID=$!
-        PIDS+=("$STRIPE_PID")
-        wait_for "http://127.0.0.1:$STRIPE_PORT/v1/balance" -H "Authorization: Bearer $STRIPE_KEY"
-        for backend in $BACKENDS; do
-            for run in $(seq 1 "$RUNS"); do
-                run_reconcile "$backend" "$run"
-            done
-        done
-        kill "$STRIPE_PID"
-        wait "$STRIPE_PID" 2>/dev/null || true
-        ;;
+    reconcile) with_fake_stripe run_reconcile 0 "$FIXTURES" "$STRIPE_KEY" "$E" ;;
     esac
 done
 

@@ -13,25 +13,36 @@ def cell(values, fmt="{:.2f}"):
     return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-sync = {}
-for line in open(sync_path):
-    backend, _run, s1, _ms1, rss1, s2, _ms2, rss2 = line.rstrip("\n").split("\t")
-    sync.setdefault(backend, []).append(
-        (float(s1), int(rss1) / 1024, float(s2), int(rss2) / 1024)
-    )
-if sync:
+def read_runs(path):
+    """Per backend: (first s, its VmHWM MiB, second s, VmHWM after both MiB) of each run."""
+    runs = {}
+    for line in open(path):
+        backend, _run, s1, _ms1, rss1, s2, _ms2, rss2 = line.rstrip("\n").split("\t")
+        runs.setdefault(backend, []).append(
+            (float(s1), int(rss1) / 1024, float(s2), int(rss2) / 1024)
+        )
+    return runs
+
+
+def print_runs(runs, first_heading, rate_heading, second_heading, items):
+    """One table row per backend: first run, items per second, then the rerun."""
     print()
     print(
-        "| database | first sync s | objects/s | VmHWM after it MiB "
-        "| unchanged sync s | VmHWM after both MiB |"
+        f"| database | {first_heading} | {rate_heading} | VmHWM after it MiB "
+        f"| {second_heading} | VmHWM after both MiB |"
     )
     print("|---|---|---|---|---|---|")
-    for backend, rows in sync.items():
+    for backend, rows in runs.items():
         first, rss1, second, rss2 = (list(c) for c in zip(*rows))
         print(
-            f"| {backend} | {cell(first)} | {cell([objects / s for s in first], '{:.0f}')} "
+            f"| {backend} | {cell(first)} | {cell([items / s for s in first], '{:.0f}')} "
             f"| {cell(rss1, '{:.1f}')} | {cell(second)} | {cell(rss2, '{:.1f}')} |"
         )
+
+
+sync = read_runs(sync_path)
+if sync:
+    print_runs(sync, "first sync s", "objects/s", "unchanged sync s", objects)
     worst = max(r[3] for rows in sync.values() for r in rows)
     print(f"\nhighest VmHWM of any sync run: {worst:.1f} MiB (target: under 100 MB)")
 
@@ -52,22 +63,12 @@ if webhook:
 
 if len(sys.argv) > 5:
     events = int(sys.argv[5])
-    reconcile = {}
-    for line in open(sys.argv[4]):
-        backend, _run, s1, _ms1, rss1, s2, _ms2, rss2 = line.rstrip("\n").split("\t")
-        reconcile.setdefault(backend, []).append(
-            (float(s1), int(rss1) / 1024, float(s2), int(rss2) / 1024)
-        )
+    reconcile = read_runs(sys.argv[4])
     if reconcile:
-        print()
-        print(
-            f"| database | reconcile {events} events s | events/s | VmHWM after it MiB "
-            "| rerun (all already applied) s | VmHWM after both MiB |"
+        print_runs(
+            reconcile,
+            f"reconcile {events} events s",
+            "events/s",
+            "rerun (all already applied) s",
+            events,
         )
-        print("|---|---|---|---|---|---|")
-        for backend, rows in reconcile.items():
-            first, rss1, second, rss2 = (list(c) for c in zip(*rows))
-            print(
-                f"| {backend} | {cell(first)} | {cell([events / s for s in first], '{:.0f}')} "
-                f"| {cell(rss1, '{:.1f}')} | {cell(second)} | {cell(rss2, '{:.1f}')} |"
-            )

@@ -47,7 +47,7 @@ struct Fixture {
 }
 
 fn now() -> i64 {
-    edgegate::auth::Clock::system().unix_now()
+    edgegate::clock::Clock::system().unix_now()
 }
 
 fn str_of<'a>(jwk: &'a Value, member: &str) -> &'a str {

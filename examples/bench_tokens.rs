@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&dir).context("creating OUT_DIR")?;
 
-    let now = edgegate::auth::Clock::system().unix_now();
+    let now = edgegate::clock::Clock::system().unix_now();
     let claims = |i: usize| {
         user_claims(
             &issuer,

@@ -5,6 +5,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::auth::AuthError;
+use crate::stripe::reconcile::ReconcileError;
+use crate::stripe::sync::SyncError;
+use crate::stripe::webhook::WebhookError;
+use crate::twilio::SmsError;
+
 /// Everything a handler can answer besides success. Internal causes are logged, never sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -37,6 +43,9 @@ pub enum ApiError {
     NotConfigured(&'static str),
     #[error("{0}")]
     NotReady(String),
+    /// `/readyz`'s 503: the body carries each dependency's check beside the code and message.
+    #[error("a dependency is not ready; see checks")]
+    DependenciesNotReady(serde_json::Value),
     #[error("no route for {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -52,6 +61,8 @@ pub enum ApiError {
 struct ErrorBody<'a> {
     code: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checks: Option<&'a serde_json::Value>,
 }
 
 impl ApiError {
@@ -65,7 +76,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Self::NotConfigured(_) | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotConfigured(_) | Self::NotReady(_) | Self::DependenciesNotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -86,7 +99,7 @@ impl ApiError {
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::NotConfigured(_) => "NOT_CONFIGURED",
-            Self::NotReady(_) => "NOT_READY",
+            Self::NotReady(_) | Self::DependenciesNotReady(_) => "NOT_READY",
             Self::NotFound(_) => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::Timeout(_) => "TIMEOUT",
@@ -111,6 +124,10 @@ impl IntoResponse for ApiError {
             Json(ErrorBody {
                 code,
                 message: &message,
+                checks: match &self {
+                    Self::DependenciesNotReady(checks) => Some(checks),
+                    _ => None,
+                },
             }),
         )
             .into_response();
@@ -135,3 +152,71 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+// Each domain's own error, mapped to the contract once, here.
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        ApiError::Unauthorized {
+            code: err.code(),
+            message: err.message(),
+        }
+    }
+}
+
+impl From<SyncError> for ApiError {
+    fn from(err: SyncError) -> Self {
+        match err {
+            SyncError::InProgress => ApiError::SyncInProgress(err.to_string()),
+            SyncError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
+            SyncError::Internal(cause) => ApiError::Internal(cause),
+        }
+    }
+}
+
+impl From<ReconcileError> for ApiError {
+    fn from(err: ReconcileError) -> Self {
+        match err {
+            ReconcileError::InProgress => ApiError::SyncInProgress(err.to_string()),
+            ReconcileError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
+            ReconcileError::Internal(cause) => ApiError::Internal(cause),
+        }
+    }
+}
+
+impl From<WebhookError> for ApiError {
+    fn from(err: WebhookError) -> Self {
+        match err {
+            WebhookError::Signature(cause) => ApiError::InvalidSignature(cause.to_string()),
+            WebhookError::Unreadable(message) => ApiError::InvalidRequest(message),
+            WebhookError::Store(cause) => ApiError::Internal(cause),
+            WebhookError::NeedsSecretKey(_) => {
+                tracing::warn!(error = %err, "same-second event refused");
+                ApiError::NotConfigured("STRIPE_SECRET_KEY")
+            }
+            WebhookError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
+        }
+    }
+}
+
+impl From<SmsError> for ApiError {
+    fn from(err: SmsError) -> Self {
+        match err {
+            SmsError::Invalid { field, message } => ApiError::ValidationFailed { field, message },
+            SmsError::NotConfigured(what) => ApiError::NotConfigured(what),
+            SmsError::DatabaseUnavailable(message) => ApiError::NotReady(message),
+            SmsError::IdempotencyConflict(message) => ApiError::Conflict(message),
+            SmsError::RateLimited {
+                message,
+                retry_after_secs,
+            } => ApiError::RateLimited {
+                message,
+                retry_after_secs,
+            },
+            SmsError::Upstream(message) => ApiError::UpstreamUnavailable(message),
+            SmsError::BadSignature(message) => ApiError::InvalidSignature(message),
+            SmsError::BadCallback(message) => ApiError::InvalidRequest(message),
+            SmsError::Internal(cause) => ApiError::Internal(cause),
+        }
+    }
+}

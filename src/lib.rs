@@ -3,11 +3,15 @@
 //!
 //! `app(state)` builds the router with its middleware; `run(config, listener, shutdown)` serves it.
 
+pub mod audit;
 pub mod auth;
+pub mod backoff;
+pub mod body;
+pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod credentials;
 pub mod error;
-pub mod extract;
 pub mod routes;
 pub mod server;
 pub mod state;
@@ -59,52 +63,145 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     options: RunOptions,
 ) -> anyhow::Result<()> {
-    let tls = config.tls.as_ref().map(server::load_tls).transpose()?;
-    let store = Store::connect(&config.database_url).await?;
-    if options.migrate {
-        store.migrate().await?;
-    }
-    let drain = config.shutdown_drain;
-    let connections = config.connections;
-    if config.jwt.issuers.is_none() {
-        tracing::warn!(
-            "neither JWT_ISSUERS nor SUPABASE_URL is set: the iss claim of tokens is not checked"
-        );
-    }
-    let state = AppState::new(config, store.clone());
-    let refresh = state.auth.spawn_refresh();
-    let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
-    let reconciler = spawn_reconciler(&state);
-    let sweeper =
-        twilio::send::spawn_unanswered_sweeper(store.clone(), state.config.twilio.request_timeout);
-    let usage = state.usage.clone();
-    let address = listener
-        .local_addr()
-        .context("reading the listen address")?;
-    tracing::info!(
-        %address,
-        tls = tls.is_some(),
-        database = store.kind().as_str(),
-        "edgegate listening"
-    );
-    let served = server::serve_with_limits(app(state), listener, tls, shutdown, drain, connections)
+    Started::start(config, listener, options, clock::Clock::system())
+        .await?
+        .serve(shutdown)
         .await
-        .context("serving HTTP");
-    if let Some(refresh) = refresh {
-        refresh.stop().await;
+}
+
+/// Starts the service as [`run`] does (database, background tasks, HTTP on `listener`) in a task
+/// of its own, for callers that keep working beside it (the integration tests).
+pub async fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<RunningApp> {
+    spawn_with_clock(config, listener, clock::Clock::system()).await
+}
+
+/// As [`spawn`], reading time from `clock` (tests advance a manual one instead of sleeping).
+pub async fn spawn_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: clock::Clock,
+) -> anyhow::Result<RunningApp> {
+    let started = Started::start(config, listener, RunOptions::default(), clock).await?;
+    let state = started.state.clone();
+    let address = started.address;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(started.serve(async {
+        let _ = stopped.await;
+    }));
+    Ok(RunningApp {
+        state,
+        address,
+        stop,
+        task,
+    })
+}
+
+/// The service started by [`spawn`].
+pub struct RunningApp {
+    state: AppState,
+    address: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningApp {
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.address
     }
-    flusher.abort();
-    if let Some(reconciler) = reconciler {
-        reconciler.abort();
+
+    /// What the handlers see (the same store, key ring, usage counts and metrics).
+    pub fn state(&self) -> &AppState {
+        &self.state
     }
-    sweeper.abort();
-    if let Err(err) = usage.flush(&store).await {
-        tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
+
+    /// Stops as [`run`] does on its shutdown signal: drains, stops the background tasks, writes
+    /// the usage counts and closes the database.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("the service task failed")?
     }
-    store.close().await;
-    served?;
-    tracing::info!("edgegate stopped");
-    Ok(())
+}
+
+/// The service between start-up and serving: everything [`run`] and [`spawn`] share.
+struct Started {
+    state: AppState,
+    listener: TcpListener,
+    address: std::net::SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    refresh: Option<auth::RefreshTask>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Started {
+    async fn start(
+        config: Config,
+        listener: TcpListener,
+        options: RunOptions,
+        clock: clock::Clock,
+    ) -> anyhow::Result<Self> {
+        let tls = config.tls.as_ref().map(server::load_tls).transpose()?;
+        let store = Store::connect(&config.database_url).await?;
+        if options.migrate {
+            store.migrate().await?;
+        }
+        if config.jwt.issuers.is_none() {
+            tracing::warn!(
+                "neither JWT_ISSUERS nor SUPABASE_URL is set: the iss claim of tokens is not \
+                 checked"
+            );
+        }
+        let state = AppState::with_clock(config, store.clone(), clock);
+        let refresh = state.auth.spawn_refresh();
+        let mut background = vec![
+            auth::usage::spawn_flusher(state.usage.clone(), store.clone()),
+            twilio::send::spawn_unanswered_sweeper(store, state.config.twilio.request_timeout),
+        ];
+        background.extend(spawn_reconciler(&state));
+        let address = listener
+            .local_addr()
+            .context("reading the listen address")?;
+        Ok(Self {
+            state,
+            listener,
+            address,
+            tls,
+            refresh,
+            background,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, drains, then stops the background tasks, writes the
+    /// usage counts and closes the database.
+    async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let store = self.state.store.clone();
+        let usage = self.state.usage.clone();
+        let config = &self.state.config;
+        let (drain, connections) = (config.shutdown_drain, config.connections);
+        tracing::info!(
+            address = %self.address,
+            tls = self.tls.is_some(),
+            database = store.kind().as_str(),
+            "edgegate listening"
+        );
+        let app = app(self.state);
+        let served =
+            server::serve_with_limits(app, self.listener, self.tls, shutdown, drain, connections)
+                .await
+                .context("serving HTTP");
+        if let Some(refresh) = self.refresh {
+            refresh.stop().await;
+        }
+        for task in self.background {
+            task.abort();
+        }
+        if let Err(err) = usage.flush(&store).await {
+            tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
+        }
+        store.close().await;
+        served?;
+        tracing::info!("edgegate stopped");
+        Ok(())
+    }
 }
 
 /// The periodic Stripe reconciliation, when `STRIPE_RECONCILE_INTERVAL_SECONDS` is on.

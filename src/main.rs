@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
-use edgegate::auth::{Alg, Clock};
+use edgegate::auth::Alg;
+use edgegate::clock::Clock;
 use edgegate::commands::keys::KeyOutput;
 use edgegate::commands::token::{MintOptions, Signer};
 use edgegate::{Config, RunOptions, commands, telemetry};
@@ -309,7 +310,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     now_ms,
                 },
         } => {
-            let now_ms = now_ms.unwrap_or_else(edgegate::store::now_ms);
+            let now_ms = now_ms.unwrap_or_else(edgegate::clock::now_ms);
             let view = match (url, secret_key) {
                 (Some(url), Some(key)) => {
                     let key = secrecy::SecretString::from(key);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::auth::metrics::AuthMetrics;
 use crate::auth::usage::UsageTracker;
 use crate::auth::{Authenticator, settings_from};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::Store;
 use crate::stripe::reconcile::ReconcileMetrics;
@@ -26,17 +27,25 @@ pub struct AppState {
     pub reconcile_metrics: ReconcileMetrics,
     /// How the Stripe client retries; tests shorten the delays.
     pub stripe_retry: RetryPolicy,
+    /// The one clock the credential layer reads; tests inject a manual one.
+    pub clock: Clock,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Store) -> Self {
+        Self::with_clock(config, store, Clock::system())
+    }
+
+    /// As [`AppState::new`], reading time from `clock`.
+    pub fn with_clock(config: Config, store: Store, clock: Clock) -> Self {
         let http = reqwest::Client::builder()
             .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        let auth = Arc::new(Authenticator::new(
+        let auth = Arc::new(Authenticator::with_clock(
             settings_from(&config),
             crate::auth::jwks::http_client(),
+            clock.clone(),
         ));
         let auth_metrics = AuthMetrics::default();
         let mut metrics = Metrics::new();
@@ -58,6 +67,7 @@ impl AppState {
             stripe_metrics,
             reconcile_metrics,
             stripe_retry: RetryPolicy::default(),
+            clock,
         }
     }
 }

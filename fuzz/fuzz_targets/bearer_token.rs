@@ -16,7 +16,7 @@
 use aws_lc_rs::hmac;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use edgegate::auth::extract::{Presented, presented};
+use edgegate::credentials::{Presented, presented};
 use edgegate::auth::{AuthError, KeySource, Verified, verify};
 use edgegate_fuzz::{INLINE_OCT_K, LEGACY_SECRET, fields, poll_once, ring, text};
 use http::{HeaderMap, HeaderValue};
@@ -95,7 +95,7 @@ fn signed(data: &[u8]) {
             ring.auth.key_ring().load().as_ref(),
             &ring.unchecked_iss,
             t,
-            edgegate::auth::Clock::system().unix_now(),
+            edgegate::clock::Clock::system().unix_now(),
         )
     };
     for verified in [through_cache, check_error(&token, pure)]
@@ -129,7 +129,7 @@ fn raw(token: &str) {
             ring.auth.key_ring().load().as_ref(),
             &ring.unchecked_iss,
             t,
-            edgegate::auth::Clock::system().unix_now(),
+            edgegate::clock::Clock::system().unix_now(),
         )
     };
     for verified in [result, check_error(token, pure)].into_iter().flatten() {

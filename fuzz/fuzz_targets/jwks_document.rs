@@ -83,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
     let joined = handle.load();
     let _ = joined.listing();
     let _ = KeyRing::new(inline.legacy, inline.keys).listing();
-    let now = edgegate::auth::Clock::system().unix_now();
+    let now = edgegate::clock::Clock::system().unix_now();
     for (kid, token) in tokens() {
         let verified = verify(&joined, &base.unchecked_iss, token, now)
             .expect("a fetched key displaced an inline key");
@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
 fn tokens() -> &'static [(String, String)] {
     static TOKENS: OnceLock<Vec<(String, String)>> = OnceLock::new();
     TOKENS.get_or_init(|| {
-        let now = edgegate::auth::Clock::system().unix_now();
+        let now = edgegate::clock::Clock::system().unix_now();
         let claims = serde_json::json!({"exp": now + 86_400, "aud": "authenticated",
             "iss": edgegate_fuzz::ISSUER, "role": "authenticated"});
         ring()

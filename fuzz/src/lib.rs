@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use edgegate::auth::mint::SigningKey;
-use edgegate::auth::{Alg, AuthSettings, Authenticator, Clock, VerifySettings};
+use edgegate::auth::{Alg, AuthSettings, Authenticator, VerifySettings};
+use edgegate::clock::Clock;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 

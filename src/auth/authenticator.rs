@@ -1,12 +1,12 @@
 //! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
 
 use crate::auth::cache::{TokenCache, token_hash};
-use crate::auth::clock::Clock;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
 use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
 use crate::auth::verify::{MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
+use crate::clock::Clock;
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{SHA256, digest};
 use secrecy::{ExposeSecret, SecretString};

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use http::HeaderMap;
+use axum::http::HeaderMap;
 
 use crate::auth::{KeySource, Verified};
 use crate::store::{CallerUsage, Store};
@@ -109,7 +109,7 @@ pub fn client_name(headers: &HeaderMap) -> String {
         return info;
     }
     headers
-        .get(http::header::USER_AGENT)
+        .get(axum::http::header::USER_AGENT)
         .map(|value| printable(value.as_bytes()))
         .and_then(|agent| agent.split(' ').next().map(str::to_owned))
         .filter(|product| !product.is_empty())

@@ -11,9 +11,10 @@
 //! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
 //!   refused at once, and one that arrives while a fetch is running shares that fetch.
 
-use crate::auth::clock::Clock;
 use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
 use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_keys, parse_jwks_document};
+use crate::backoff;
+use crate::clock::Clock;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -444,8 +445,8 @@ impl JwksFetcher {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        let exp = BACKOFF_START.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        jitter(exp.min(self.inner.cfg.ttl)).max(self.inner.cfg.min_refresh)
+        let step = backoff::exponential(BACKOFF_START, failures, self.inner.cfg.ttl);
+        backoff::jitter(step).max(self.inner.cfg.min_refresh)
     }
 
     async fn fetch_inner(&self) -> Result<FetchReport, FetchError> {
@@ -470,7 +471,7 @@ impl JwksFetcher {
             // A client that follows redirects was passed in; refuse what it followed to.
             return Err(FetchError::RedirectFollowed);
         }
-        let ttl = jitter(freshness(response.headers(), self.inner.cfg.ttl));
+        let ttl = backoff::jitter(freshness(response.headers(), self.inner.cfg.ttl));
         let new_etag = response
             .headers()
             .get(reqwest::header::ETAG)
@@ -556,22 +557,6 @@ pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Dur
     found.unwrap_or(default)
 }
 
-/// `d` scaled by a random factor in [0.9, 1.1].
-pub fn jitter(d: Duration) -> Duration {
-    use aws_lc_rs::rand::SecureRandom;
-    let mut bytes = [0u8; 2];
-    // Without randomness, no jitter: the schedule is still correct.
-    if aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .is_err()
-    {
-        return d;
-    }
-    let r = f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX);
-    // `try_from` rather than `mul_f64`: an absurdly large configured TTL must not panic.
-    Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + 0.2 * r)).unwrap_or(d)
-}
-
 /// The running background refresh. Dropping it stops the task too.
 #[derive(Debug)]
 pub struct RefreshTask {
@@ -618,22 +603,5 @@ mod tests {
         assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=banana"));
         assert_eq!(freshness(&h, ttl), ttl);
-    }
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        let d = Duration::from_secs(1000);
-        let mut seen_low = false;
-        let mut seen_high = false;
-        for _ in 0..200 {
-            let j = jitter(d);
-            assert!(
-                j >= Duration::from_secs(900) && j <= Duration::from_secs(1100),
-                "{j:?}"
-            );
-            seen_low |= j < d;
-            seen_high |= j > d;
-        }
-        assert!(seen_low && seen_high, "jitter must spread both ways");
     }
 }

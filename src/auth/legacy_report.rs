@@ -9,7 +9,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::callers::LegacyKind;
-use crate::auth::usage::{LegacyVerdict, UsageTracker, humanize};
+use crate::auth::jwks::JwksStatus;
+use crate::auth::keys::KeyOrigin;
+use crate::auth::usage::{
+    LegacyVerdict, UsageTracker, humanize, legacy_verdict, window_first_hour,
+};
+use crate::auth::{Authenticator, KeySource};
+use crate::clock::now_ms;
 use crate::store::{CallerUsage, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -348,6 +354,157 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
         if callers == 1 { "" } else { "s" },
     );
     verdict.reason = reason;
+}
+
+/// `GET /admin/signing-keys`: every trusted key and API key with its use over the revocation
+/// window, the legacy secret's, the evidence behind the verdict, the report, and the JWKS state.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyReport {
+    pub keys: Vec<KeyUse>,
+    pub api_keys: Vec<ApiKeyUse>,
+    pub legacy_secret: LegacySecretUse,
+    /// The revocation window.
+    pub window_seconds: u64,
+    /// The earliest hour any usage was recorded: how far back the evidence goes.
+    pub evidence_since_ms: Option<i64>,
+    #[serde(flatten)]
+    pub report: ReportView,
+    pub jwks: Option<JwksStatus>,
+}
+
+/// A trusted key and its verifications over the revocation window.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyUse {
+    pub source: &'static str,
+    pub kid: Option<String>,
+    pub alg: &'static str,
+    pub origin: KeyOrigin,
+    pub last_verified_at_ms: Option<i64>,
+    pub verified_count: i64,
+}
+
+/// An API key that verified something over the revocation window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiKeyUse {
+    pub name: String,
+    pub last_verified_at_ms: i64,
+    pub verified_count: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LegacySecretUse {
+    pub configured: bool,
+    pub verified_count: i64,
+    pub last_verified_at_ms: Option<i64>,
+}
+
+/// Builds the key report from the database, this instance's unflushed counts and its key ring;
+/// `usage_window` is the span of the usage lists and hourly series (the verdict always covers
+/// the revocation window).
+pub async fn key_report(
+    store: &Store,
+    tracker: &UsageTracker,
+    auth: &Authenticator,
+    revocation_window: Duration,
+    usage_window: Duration,
+) -> anyhow::Result<KeyReport> {
+    let usage = usage_in_window(store, tracker, revocation_window).await?;
+    let evidence_since = match (
+        store.key_usage_first_hour().await?,
+        tracker.first_pending_hour(),
+    ) {
+        (Some(stored), Some(pending)) => Some(stored.min(pending)),
+        (stored, pending) => stored.or(pending),
+    };
+    let ring = auth.key_ring().load();
+    let find = |source: &str, kid: &str| {
+        usage
+            .iter()
+            .find(|u| u.source == source && u.kid == kid)
+            .map_or((0, None), |u| {
+                (u.verified_count, Some(u.last_verified_at_ms))
+            })
+    };
+    let keys = ring
+        .listing()
+        .into_iter()
+        .map(|key| {
+            let (verified_count, last_verified_at_ms) = match key.source {
+                KeySource::LegacySecret => find("legacy_secret", ""),
+                source => find(source.as_str(), key.kid.as_deref().unwrap_or_default()),
+            };
+            KeyUse {
+                source: key.source.as_str(),
+                kid: key.kid,
+                alg: key.alg,
+                origin: key.origin,
+                last_verified_at_ms,
+                verified_count,
+            }
+        })
+        .collect();
+    let api_keys = usage
+        .iter()
+        .filter(|u| u.source == "api_key")
+        .map(|u| ApiKeyUse {
+            name: u.kid.clone(),
+            last_verified_at_ms: u.last_verified_at_ms,
+            verified_count: u.verified_count,
+        })
+        .collect();
+    let configured = !ring.legacy_secrets().is_empty();
+    let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
+    let now = now_ms();
+    let verdict = legacy_verdict(configured, &usage, evidence_since, revocation_window, now);
+    let since = first_hour(revocation_window, now).min(first_hour(usage_window, now));
+    let (hourly_keys, hourly_callers) = hourly_rows(store, Some(tracker), since).await?;
+    let report = view(
+        &hourly_keys,
+        &hourly_callers,
+        verdict,
+        revocation_window,
+        usage_window,
+        now,
+    );
+    Ok(KeyReport {
+        keys,
+        api_keys,
+        legacy_secret: LegacySecretUse {
+            configured,
+            verified_count,
+            last_verified_at_ms,
+        },
+        window_seconds: revocation_window.as_secs(),
+        evidence_since_ms: evidence_since,
+        report,
+        jwks: auth.fetcher().map(|fetcher| fetcher.status()),
+    })
+}
+
+/// Usage per (source, kid, alg) over the window: the database plus this instance's unflushed
+/// counts.
+async fn usage_in_window(
+    store: &Store,
+    tracker: &UsageTracker,
+    window: Duration,
+) -> anyhow::Result<Vec<KeyUsage>> {
+    let since = window_first_hour(window);
+    let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
+    let stored = store.key_usage_since(since).await?;
+    for row in stored.into_iter().chain(tracker.pending_since(since)) {
+        let key = (row.source.clone(), row.kid.clone(), row.alg.clone());
+        match merged.get_mut(&key) {
+            Some(sum) => {
+                sum.verified_count += row.verified_count;
+                sum.last_verified_at_ms = sum.last_verified_at_ms.max(row.last_verified_at_ms);
+                sum.hour_start_ms = sum.hour_start_ms.min(row.hour_start_ms);
+            }
+            None => {
+                merged.insert(key, row);
+            }
+        }
+    }
+    Ok(merged.into_values().collect())
 }
 
 #[cfg(test)]

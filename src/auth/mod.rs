@@ -20,9 +20,7 @@
 pub mod authenticator;
 pub mod cache;
 pub mod callers;
-pub mod clock;
 pub mod error;
-pub mod extract;
 pub(crate) mod json;
 pub mod jwks;
 pub mod keyring;
@@ -34,7 +32,6 @@ pub mod usage;
 pub mod verify;
 
 pub use authenticator::{AuthSettings, Authenticator};
-pub use clock::Clock;
 pub use error::{AuthError, Failure};
 pub use jwks::{
     JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask,

@@ -13,7 +13,8 @@ use serde::Serialize;
 
 use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
-use crate::store::{KeyUsage, Store, now_ms};
+use crate::clock::now_ms;
+use crate::store::{KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -60,11 +61,21 @@ impl Default for UsageTracker {
 }
 
 /// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
-/// legacy secret (one secret, whatever `kid` its tokens carry).
+/// legacy secret (one secret, whatever `kid` its tokens carry). Stored in `key_usage_hourly` and
+/// read back by the report, so it stays `""` where [`credential_name`] says `legacy`.
 pub fn usage_kid(verified: &Verified) -> String {
     match verified.source {
         KeySource::LegacySecret => String::new(),
         _ => verified.kid.clone().unwrap_or_default(),
+    }
+}
+
+/// How metrics, log lines and the audit log name a credential: its kid, the API key's name, or
+/// `legacy` for the legacy secret. Never the credential itself.
+pub fn credential_name(verified: &Verified) -> String {
+    match verified.source {
+        KeySource::LegacySecret => "legacy".to_owned(),
+        _ => usage_kid(verified),
     }
 }
 

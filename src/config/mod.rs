@@ -1,8 +1,7 @@
 //! Typed configuration, built once from the environment (and `.env`) and validated at start.
 //!
-//! Every variable of `CONTRACT.md` is read here, even those whose features come later, so a
-//! malformed value stops start-up before anything listens. Errors name the variable and the rule,
-//! never the value. No other module reads the environment.
+//! Every variable of `CONTRACT.md` is read here, so a malformed value stops start-up before
+//! anything listens. Errors name the variable and the rule, never the value. No other module reads the environment.
 
 mod parse;
 

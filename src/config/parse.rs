@@ -96,8 +96,8 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             let (key, value) = pair.split_once('=').ok_or_else(rule)?;
             let key = key.trim().to_ascii_lowercase();
             let value = percent_decode(value.trim()).ok_or_else(rule)?;
-            if http::HeaderName::from_bytes(key.as_bytes()).is_err()
-                || http::HeaderValue::from_str(&value).is_err()
+            if axum::http::HeaderName::from_bytes(key.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_str(&value).is_err()
             {
                 return Err(rule());
             }

@@ -1,49 +1,20 @@
 //! `/admin/signing-keys`: what the service trusts, how each key is used, and whether the legacy
 //! secret can be revoked; `/admin/signing-keys/refresh`: refetch the JWKS now.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
 
-use crate::auth::extract::{Principal, ServiceRole};
-use crate::auth::legacy_report::{self, first_hour};
-use crate::auth::usage::{legacy_verdict, window_first_hour};
+use crate::audit;
+use crate::auth::legacy_report::{self, KeyReport};
+use crate::credentials::{Principal, ServiceRole};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{KeyUsage, now_ms};
-
-/// Usage per (source, kid, alg) over the window: the database plus this instance's unflushed counts.
-async fn usage_in_window(state: &AppState) -> ApiResult<Vec<KeyUsage>> {
-    let since = window_first_hour(state.config.jwt.legacy_revocation_window);
-    let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
-    let stored = state.store.key_usage_since(since).await?;
-    for row in stored.into_iter().chain(state.usage.pending_since(since)) {
-        let key = (row.source.clone(), row.kid.clone(), row.alg.clone());
-        match merged.get_mut(&key) {
-            Some(sum) => {
-                sum.verified_count += row.verified_count;
-                sum.last_verified_at_ms = sum.last_verified_at_ms.max(row.last_verified_at_ms);
-                sum.hour_start_ms = sum.hour_start_ms.min(row.hour_start_ms);
-            }
-            None => {
-                merged.insert(key, row);
-            }
-        }
-    }
-    Ok(merged.into_values().collect())
-}
 
 async fn audit(state: &AppState, principal: &Principal, action: &str, outcome: &str) {
-    if let Err(err) = state
-        .store
-        .record_audit(&principal.audit(action, outcome))
-        .await
-    {
-        tracing::error!(error = format!("{err:#}"), action, "audit row not written");
-    }
+    audit::record(&state.store, &principal.audit(action, outcome)).await;
 }
 
 /// Longest span `?window_seconds=` may ask the usage for (the revocation window's own limit).
@@ -87,91 +58,19 @@ pub async fn signing_keys(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
     RawQuery(query): RawQuery,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KeyReport>> {
     let window = state.config.jwt.legacy_revocation_window;
     let asked_window = usage_window(query.as_deref(), window)?;
-    let usage = usage_in_window(&state).await?;
-    let evidence_since = match (
-        state.store.key_usage_first_hour().await?,
-        state.usage.first_pending_hour(),
-    ) {
-        (Some(stored), Some(pending)) => Some(stored.min(pending)),
-        (stored, pending) => stored.or(pending),
-    };
-    let ring = state.auth.key_ring().load();
-    let find = |source: &str, kid: &str| {
-        usage
-            .iter()
-            .find(|u| u.source == source && u.kid == kid)
-            .map_or((0, None), |u| {
-                (u.verified_count, Some(u.last_verified_at_ms))
-            })
-    };
-    let keys: Vec<Value> = ring
-        .listing()
-        .into_iter()
-        .map(|key| {
-            let kid = key.kid.clone().unwrap_or_default();
-            let (count, last) = match key.source.as_str() {
-                "legacy_secret" => find("legacy_secret", ""),
-                source => find(source, &kid),
-            };
-            json!({
-                "source": key.source.as_str(),
-                "kid": key.kid,
-                "alg": key.alg,
-                "origin": key.origin,
-                "last_verified_at_ms": last,
-                "verified_count": count,
-            })
-        })
-        .collect();
-    let api_keys: Vec<Value> = usage
-        .iter()
-        .filter(|u| u.source == "api_key")
-        .map(|u| {
-            json!({
-                "name": u.kid,
-                "last_verified_at_ms": u.last_verified_at_ms,
-                "verified_count": u.verified_count,
-            })
-        })
-        .collect();
-    let legacy_configured = !ring.legacy_secrets().is_empty();
-    let (legacy_count, legacy_last) = find("legacy_secret", "");
-    let now = now_ms();
-    let verdict = legacy_verdict(legacy_configured, &usage, evidence_since, window, now);
-    let since = first_hour(window, now).min(first_hour(asked_window, now));
-    let (hourly_keys, hourly_callers) =
-        legacy_report::hourly_rows(&state.store, Some(&state.usage), since).await?;
-    let report = legacy_report::view(
-        &hourly_keys,
-        &hourly_callers,
-        verdict,
+    let report = legacy_report::key_report(
+        &state.store,
+        &state.usage,
+        &state.auth,
         window,
         asked_window,
-        now,
-    );
+    )
+    .await?;
     audit(&state, &principal, "list_signing_keys", "ok").await;
-    Ok(Json(json!({
-        "keys": keys,
-        "api_keys": api_keys,
-        "legacy_secret": {
-            "configured": legacy_configured,
-            "verified_count": legacy_count,
-            "last_verified_at_ms": legacy_last,
-        },
-        "window_seconds": window.as_secs(),
-        "evidence_since_ms": evidence_since,
-        "legacy_revocation_safe": report.legacy_revocation_safe,
-        "reason": report.reason,
-        "legacy_usage": report.legacy_usage,
-        "api_key_usage": report.api_key_usage,
-        "legacy_kinds": report.legacy_kinds,
-        "usage_window_seconds": report.usage_window_seconds,
-        "usage_hourly": report.usage_hourly,
-        "jwks": state.auth.fetcher().map(|fetcher| fetcher.status()),
-    })))
+    Ok(Json(report))
 }
 
 #[utoipa::path(

@@ -2,10 +2,11 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// 200 while the process runs; touches nothing else so a slow database never fails liveness.
@@ -33,7 +34,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
         crate::routes::openapi::CommonErrors,
     )
 )]
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
     let probed = state.store.ping().await;
     state.metrics.database_ready.set(i64::from(probed.is_ok()));
     let database = match probed {
@@ -50,21 +51,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let ready = database["ok"] == true && key_ring["ok"] == true;
     let checks = json!({ "database": database, "key_ring": key_ring });
     if ready {
-        (
-            StatusCode::OK,
-            Json(json!({ "status": "ready", "checks": checks })),
-        )
-            .into_response()
+        Ok(Json(json!({ "status": "ready", "checks": checks })))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "code": "NOT_READY",
-                "message": "a dependency is not ready; see checks",
-                "checks": checks,
-            })),
-        )
-            .into_response()
+        Err(ApiError::DependenciesNotReady(checks))
     }
 }
 

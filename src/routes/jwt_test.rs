@@ -4,8 +4,8 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::auth::extract::User;
-use crate::extract::RawBody;
+use crate::body::RawBody;
+use crate::credentials::User;
 
 /// The answer, serialized straight from the verified credential (no intermediate JSON tree).
 #[derive(Serialize, utoipa::ToSchema)]

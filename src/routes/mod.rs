@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Every route of the contract that exists so far, without middleware.
+/// Every route of the contract, without middleware.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(health::healthz))

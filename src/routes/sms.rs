@@ -3,9 +3,9 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 
-use crate::auth::extract::ServiceRole;
+use crate::body::{Json, RawBody};
+use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Json, RawBody};
 use crate::state::AppState;
 use crate::twilio::send::{SendSmsRequest, SmsReceipt, send_sms as send};
 use crate::twilio::status::{Callback, apply_callback};

@@ -5,55 +5,20 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
-use tracing::Instrument as _;
 
-use crate::auth::extract::{Principal, ServiceRole};
+use crate::audit;
+use crate::body::RawBody;
+use crate::clock::now_ms;
+use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::RawBody;
 use crate::state::AppState;
-use crate::store::{AuditEntry, now_ms};
 use crate::stripe::StripeClient;
-use crate::stripe::reconcile::{self, ReconcileError, ReconcileReport, Trigger};
-use crate::stripe::sync::{self, SyncError, SyncReport};
-use crate::stripe::webhook::{self, WebhookError};
+use crate::stripe::reconcile::{self, ReconcileReport};
+use crate::stripe::sync::{self, SyncReport};
+use crate::stripe::webhook;
 
 /// The largest webhook body taken (Stripe's events are far smaller).
 pub const WEBHOOK_BODY_LIMIT: usize = 512 * 1024;
-
-impl From<SyncError> for ApiError {
-    fn from(err: SyncError) -> Self {
-        match err {
-            SyncError::InProgress => ApiError::SyncInProgress(err.to_string()),
-            SyncError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            SyncError::Internal(cause) => ApiError::Internal(cause),
-        }
-    }
-}
-
-impl From<ReconcileError> for ApiError {
-    fn from(err: ReconcileError) -> Self {
-        match err {
-            ReconcileError::InProgress => ApiError::SyncInProgress(err.to_string()),
-            ReconcileError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            ReconcileError::Internal(cause) => ApiError::Internal(cause),
-        }
-    }
-}
-
-impl From<WebhookError> for ApiError {
-    fn from(err: WebhookError) -> Self {
-        match err {
-            WebhookError::Signature(cause) => ApiError::InvalidSignature(cause.to_string()),
-            WebhookError::Unreadable(message) => ApiError::InvalidRequest(message),
-            WebhookError::Store(cause) => ApiError::Internal(cause),
-            WebhookError::NeedsSecretKey(_) => {
-                tracing::warn!(error = %err, "same-second event refused");
-                ApiError::NotConfigured("STRIPE_SECRET_KEY")
-            }
-            WebhookError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-        }
-    }
-}
 
 fn stripe_client(state: &AppState) -> Option<StripeClient> {
     StripeClient::from_config(state.http.clone(), &state.config.stripe, state.stripe_retry)
@@ -76,44 +41,13 @@ pub async fn sync_products(
 ) -> ApiResult<Json<SyncReport>> {
     let action = "sync_stripe_products";
     let Some(client) = stripe_client(&state) else {
-        audit(&state, principal.audit(action, "not_configured")).await;
+        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    // Spawned, so a caller that hangs up (or the request timeout) does not cut a run in half.
-    let (store, holder) = (state.store.clone(), holder(&principal));
-    // In the request's span, so its logs and its calls to Stripe stay in the request's trace.
-    let run = async move { sync::run(&store, &client, &holder).await };
-    let result = tokio::spawn(run.instrument(tracing::Span::current()))
-        .await
-        .unwrap_or_else(|err| Err(SyncError::Internal(anyhow::anyhow!("sync task: {err}"))));
-    let outcome = audit_run(&state, &principal, action, &result, SyncError::outcome).await;
-    state.stripe_metrics.sync_run(outcome);
-    Ok(Json(result?))
-}
-
-/// The name a run's lock row carries: the request id, which the logs show too.
-fn holder(principal: &Principal) -> String {
-    principal
-        .request_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-/// Audits a finished run (its outcome and, on success, its answer); returns the outcome.
-async fn audit_run<R: serde::Serialize, E>(
-    state: &AppState,
-    principal: &Principal,
-    action: &str,
-    result: &Result<R, E>,
-    outcome_of: fn(&E) -> &'static str,
-) -> &'static str {
-    let outcome = result.as_ref().map_or_else(outcome_of, |_| "ok");
-    let mut entry = principal.audit(action, outcome);
-    if let Ok(report) = result {
-        entry.detail = serde_json::to_string(report).ok();
-    }
-    audit(state, entry).await;
-    outcome
+    let audit = principal.audit(action, "pending");
+    let report =
+        sync::run_for_caller(state.store.clone(), client, audit, &state.stripe_metrics).await?;
+    Ok(Json(report))
 }
 
 /// The optional body of `/admin/stripe/reconcile`.
@@ -162,32 +96,14 @@ pub async fn reconcile(
         None => None,
     };
     let Some(client) = stripe_client(&state) else {
-        audit(&state, principal.audit(action, "not_configured")).await;
+        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    // Spawned, as the sync is.
-    let (store, holder) = (state.store.clone(), holder(&principal));
-    let run = async move { reconcile::run(&store, &client, &holder, Trigger::Manual, since).await };
-    let result = tokio::spawn(run.instrument(tracing::Span::current()))
-        .await
-        .unwrap_or_else(|err| {
-            Err(ReconcileError::Internal(anyhow::anyhow!(
-                "reconcile task: {err}"
-            )))
-        });
-    state.reconcile_metrics.record(Trigger::Manual, &result);
-    audit_run(&state, &principal, action, &result, ReconcileError::outcome).await;
-    Ok(Json(result?))
-}
-
-async fn audit(state: &AppState, entry: AuditEntry) {
-    if let Err(err) = state.store.record_audit(&entry).await {
-        tracing::error!(
-            error = format!("{err:#}"),
-            action = entry.action,
-            "audit row not written"
-        );
-    }
+    let audit = principal.audit(action, "pending");
+    let metrics = &state.reconcile_metrics;
+    let report =
+        reconcile::run_for_caller(state.store.clone(), client, since, audit, metrics).await?;
+    Ok(Json(report))
 }
 
 #[utoipa::path(
@@ -220,40 +136,17 @@ pub async fn webhook(
         .get("stripe-signature")
         .and_then(|value| value.to_str().ok());
     let stripe = stripe_client(&state);
-    match webhook::receive(
+    let delivery = webhook::receive(
         &state.store,
         stripe.as_ref(),
         secrets,
         signature,
         &body,
         now_ms(),
+        &state.stripe_metrics,
     )
-    .await
-    {
-        Ok(delivery) => {
-            let outcome = if delivery.duplicate {
-                "duplicate"
-            } else {
-                "applied"
-            };
-            state
-                .stripe_metrics
-                .webhook_event(&delivery.event_type, outcome);
-            Ok(Json(
-                json!({"received": true, "duplicate": delivery.duplicate}),
-            ))
-        }
-        Err(err) => {
-            let outcome = match &err {
-                WebhookError::Signature(_) => "invalid_signature",
-                WebhookError::Unreadable(_) => "unreadable",
-                WebhookError::Store(_) => "error",
-                WebhookError::NeedsSecretKey(_) | WebhookError::Upstream { .. } => {
-                    "same_second_unsettled"
-                }
-            };
-            state.stripe_metrics.webhook_event("unknown", outcome);
-            Err(err.into())
-        }
-    }
+    .await?;
+    Ok(Json(
+        json!({"received": true, "duplicate": delivery.duplicate}),
+    ))
 }

@@ -29,28 +29,27 @@ pub fn raise_file_limit(max_connections: usize) -> Result<u64, ConfigError> {
 
 #[cfg(unix)]
 fn raise_soft_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+    // `None` is unlimited (RLIM_INFINITY).
+    let mut limit = getrlimit(Resource::Nofile);
+    let below_hard = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) => soft < hard,
+        (Some(_), None) => true,
+        (None, _) => false,
     };
-    // SAFETY: getrlimit writes one `rlimit` into the struct it is given, which lives on our stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
-        return None;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
+    if below_hard {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
         };
-        // SAFETY: setrlimit only reads the struct. A refusal (macOS caps the soft limit below an
-        // unlimited hard one) leaves the old limit, which is then what is checked.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+        // A refusal (macOS caps the soft limit below an unlimited hard one) leaves the old
+        // limit, which is then what is checked.
+        if setrlimit(Resource::Nofile, raised).is_ok() {
             limit = raised;
         }
     }
-    // `rlim_t` is u64 on Linux, but not on every Unix.
-    #[allow(clippy::unnecessary_cast)]
-    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
+    limit.current
 }
 
 #[cfg(not(unix))]

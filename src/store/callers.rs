@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 
-use super::{Backend, KeyUsage, Store};
+use super::{HourlyCount, KeyUsage, Store};
 
 /// Verifications by one caller in one hour (or, read back over a period, summed).
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -25,32 +25,16 @@ pub struct CallerUsage {
 impl Store {
     /// Adds counted callers; rows of the same hour and caller from every instance are summed.
     pub async fn add_caller_usage(&self, rows: &[CallerUsage]) -> anyhow::Result<()> {
-        let sql = "INSERT INTO caller_usage_hourly \
-                   (hour_start, source, kind, route, client, verified_count, last_verified_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                   ON CONFLICT (hour_start, source, kind, route, client) DO UPDATE SET \
-                   verified_count = caller_usage_hourly.verified_count + excluded.verified_count, \
-                   last_verified_at = CASE \
-                     WHEN excluded.last_verified_at > caller_usage_hourly.last_verified_at \
-                     THEN excluded.last_verified_at ELSE caller_usage_hourly.last_verified_at END";
-        with_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
-            for row in rows {
-                sqlx::query(sql)
-                    .bind(row.hour_start_ms)
-                    .bind(&row.source)
-                    .bind(&row.kind)
-                    .bind(&row.route)
-                    .bind(&row.client)
-                    .bind(row.verified_count)
-                    .bind(row.last_verified_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await
-        })
-        .context("recording caller usage")?;
-        Ok(())
+        let rows = rows.iter().map(|row| HourlyCount {
+            hour_start_ms: row.hour_start_ms,
+            key: vec![&row.source, &row.kind, &row.route, &row.client],
+            verified_count: row.verified_count,
+            last_verified_at_ms: row.last_verified_at_ms,
+        });
+        let key_columns = ["source", "kind", "route", "client"];
+        self.add_hourly("caller_usage_hourly", &key_columns, rows)
+            .await
+            .context("recording caller usage")
     }
 
     /// Every hourly caller row of the hours starting at or after `since_ms`.

@@ -2,26 +2,31 @@
 //! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::{PgPool, SqlitePool};
 
+use crate::clock::now_ms;
 use crate::config::DatabaseUrl;
+use engine::Arg;
 
-/// Runs `$body` with `$pool` bound to whichever pool the store holds. The body is compiled once
-/// per backend, so it may only use SQL that both SQLite and PostgreSQL accept (`$1` placeholders).
+/// Runs `$body` with `$pool` bound to whichever pool the store holds: the one place the store
+/// picks an engine. The body is compiled once per backend, so it may only use SQL that both SQLite
+/// and PostgreSQL accept (`$1` placeholders); longer shared code is a function over `DB: Engine`
+/// (`engine.rs`) that the body calls. (A macro, since a closure cannot be generic over `DB`.)
 macro_rules! with_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite($pool) => $body,
-            Backend::Postgres($pool) => $body,
+            $crate::store::Backend::Sqlite($pool) => $body,
+            $crate::store::Backend::Postgres($pool) => $body,
         }
     };
 }
 
-// Declared after the macro so the backend files (and later ones) can use it.
+// Declared after the macro so the submodules can use it.
 mod callers;
+mod engine;
 mod postgres;
 mod sms;
 mod sqlite;
@@ -176,21 +181,19 @@ impl Store {
         let sql = "INSERT INTO audit_log \
                    (id, at, request_id, credential_source, credential_id, action, outcome, detail) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-        with_pool!(self, |pool| {
-            sqlx::query(sql)
-                .bind(&entry.id)
-                .bind(entry.at_ms)
-                .bind(&entry.request_id)
-                .bind(&entry.credential_source)
-                .bind(&entry.credential_id)
-                .bind(&entry.action)
-                .bind(&entry.outcome)
-                .bind(&entry.detail)
-                .execute(pool)
-                .await
-                .map(|_| ())
-        })
-        .context("writing the audit log")?;
+        let args = [
+            entry.id.as_str().into(),
+            entry.at_ms.into(),
+            entry.request_id.as_deref().into(),
+            entry.credential_source.as_str().into(),
+            entry.credential_id.as_str().into(),
+            entry.action.as_str().into(),
+            entry.outcome.as_str().into(),
+            entry.detail.as_deref().into(),
+        ];
+        self.execute(sql, &args)
+            .await
+            .context("writing the audit log")?;
         Ok(())
     }
 
@@ -207,31 +210,49 @@ impl Store {
 
     /// Adds counted verifications; rows of the same hour and key from every instance are summed.
     pub async fn add_key_usage(&self, rows: &[KeyUsage]) -> anyhow::Result<()> {
-        let sql = "INSERT INTO key_usage_hourly \
-                   (hour_start, source, kid, alg, verified_count, last_verified_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6) \
-                   ON CONFLICT (hour_start, source, kid, alg) DO UPDATE SET \
-                   verified_count = key_usage_hourly.verified_count + excluded.verified_count, \
-                   last_verified_at = CASE \
-                     WHEN excluded.last_verified_at > key_usage_hourly.last_verified_at \
-                     THEN excluded.last_verified_at ELSE key_usage_hourly.last_verified_at END";
-        with_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
-            for row in rows {
-                sqlx::query(sql)
-                    .bind(row.hour_start_ms)
-                    .bind(&row.source)
-                    .bind(&row.kid)
-                    .bind(&row.alg)
-                    .bind(row.verified_count)
-                    .bind(row.last_verified_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await
-        })
-        .context("recording key usage")?;
-        Ok(())
+        let rows = rows.iter().map(|row| HourlyCount {
+            hour_start_ms: row.hour_start_ms,
+            key: vec![&row.source, &row.kid, &row.alg],
+            verified_count: row.verified_count,
+            last_verified_at_ms: row.last_verified_at_ms,
+        });
+        self.add_hourly("key_usage_hourly", &["source", "kid", "alg"], rows)
+            .await
+            .context("recording key usage")
+    }
+
+    /// Adds `rows` to the hourly counts of `table`, keyed by the hour and `key_columns`: the
+    /// counts are summed and the latest verification kept, whichever instance wrote first.
+    async fn add_hourly<'a>(
+        &self,
+        table: &str,
+        key_columns: &[&str],
+        rows: impl Iterator<Item = HourlyCount<'a>>,
+    ) -> Result<(), sqlx::Error> {
+        let keys = key_columns.join(", ");
+        let params: Vec<String> = (1..=key_columns.len() + 3)
+            .map(|i| format!("${i}"))
+            .collect();
+        let sql = format!(
+            "INSERT INTO {table} (hour_start, {keys}, verified_count, last_verified_at) \
+             VALUES ({}) ON CONFLICT (hour_start, {keys}) DO UPDATE SET \
+             verified_count = {table}.verified_count + excluded.verified_count, \
+             last_verified_at = CASE WHEN excluded.last_verified_at > {table}.last_verified_at \
+             THEN excluded.last_verified_at ELSE {table}.last_verified_at END",
+            params.join(", ")
+        );
+        let rows: Vec<Vec<Arg<'_>>> = rows
+            .map(|row| {
+                let mut args = vec![row.hour_start_ms.into()];
+                args.extend(row.key.into_iter().map(Arg::from));
+                args.extend([
+                    Arg::from(row.verified_count),
+                    row.last_verified_at_ms.into(),
+                ]);
+                args
+            })
+            .collect();
+        self.execute_each(&sql, &rows).await
     }
 
     /// Usage per key summed over the hours starting at or after `since_ms`.
@@ -258,10 +279,28 @@ impl Store {
         Ok(first)
     }
 
+    /// Runs one of the store's statements with `args`; returns the rows it wrote.
+    async fn execute(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, sqlx::Error> {
+        with_pool!(self, |pool| engine::run(pool, sql, args).await)
+    }
+
+    /// Runs one of the store's statements once per entry of `rows`, in one transaction.
+    async fn execute_each(&self, sql: &str, rows: &[Vec<Arg<'_>>]) -> Result<(), sqlx::Error> {
+        with_pool!(self, |pool| engine::run_each(pool, sql, rows).await)
+    }
+
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         with_pool!(self, |pool| pool.close().await)
     }
+}
+
+/// One row for [`Store::add_hourly`]: an hour, the values of the table's key columns, and the counts.
+struct HourlyCount<'a> {
+    hour_start_ms: i64,
+    key: Vec<&'a str>,
+    verified_count: i64,
+    last_verified_at_ms: i64,
 }
 
 /// How long the readiness probe waits for the database.
@@ -300,14 +339,6 @@ fn unavailable_code(code: &str) -> bool {
         return matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
     }
     code.starts_with("08") || code.starts_with("53") || code.starts_with("57P0")
-}
-
-/// Milliseconds since the Unix epoch, the unit of every time column.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The migration versions and names shipped for each backend, for the test that keeps them equal.

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use crate::backoff;
 use crate::config::StripeConfig;
 
 /// Stripe's largest page.
@@ -51,21 +52,8 @@ impl RetryPolicy {
     /// The wait before retry number `retry` (1-based): "equal jitter", half the exponential step
     /// plus a random part of the other half, so instances that failed together spread out.
     pub fn delay(&self, retry: u32) -> Duration {
-        let step = self
-            .base_delay
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
-            .min(self.max_delay);
-        let half = step / 2;
-        let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-        half + Duration::from_millis(random_u64() % half_ms.saturating_add(1))
+        backoff::equal_jitter(backoff::exponential(self.base_delay, retry, self.max_delay))
     }
-}
-
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // A failing system RNG only costs the jitter, never the retry.
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    u64::from_le_bytes(bytes)
 }
 
 /// Why a Stripe call failed. Messages never hold the API key.
@@ -107,7 +95,7 @@ struct ErrorDetail {
 }
 
 /// What went wrong with one attempt, and whether another may succeed.
-struct Failure {
+struct AttemptFailure {
     retry: bool,
     /// A 404 that no `Stripe-Should-Retry` asked to retry.
     missing: bool,
@@ -214,7 +202,7 @@ impl StripeClient {
                 match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(failure)) => failure,
-                    Err(_) => Failure {
+                    Err(_) => AttemptFailure {
                         retry: true,
                         missing: false,
                         reason: format!(
@@ -247,14 +235,14 @@ impl StripeClient {
         }
     }
 
-    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, Failure> {
+    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, AttemptFailure> {
         let request = self
             .http
             .get(url.clone())
             .bearer_auth(self.key.expose_secret());
         let response = crate::telemetry::send(request)
             .await
-            .map_err(|err| Failure {
+            .map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
                 reason: format!("connection failed: {}", err.without_url()),
@@ -266,13 +254,13 @@ impl StripeClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
         // A body cut short is a transient failure like a dropped connection.
-        let body = response.bytes().await.map_err(|err| Failure {
+        let body = response.bytes().await.map_err(|err| AttemptFailure {
             retry: true,
             missing: false,
             reason: format!("answer cut short: {}", err.without_url()),
         })?;
         if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|err| Failure {
+            return serde_json::from_slice(&body).map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
                 reason: format!("unreadable answer ({status}): {err}"),
@@ -291,7 +279,7 @@ impl StripeClient {
         let transient =
             status.as_u16() == 409 || status.as_u16() == 429 || status.is_server_error();
         let retry = should_retry.unwrap_or(transient);
-        Err(Failure {
+        Err(AttemptFailure {
             retry,
             missing: status.as_u16() == 404 && !retry,
             reason: format!("HTTP {}{detail}", status.as_u16()),

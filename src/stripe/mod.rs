@@ -16,3 +16,43 @@ pub mod webhook;
 
 pub use client::{RetryPolicy, StripeClient, StripeError};
 pub use metrics::StripeMetrics;
+
+use std::future::Future;
+
+use tracing::Instrument as _;
+
+use crate::store::{AuditEntry, Store};
+
+/// A job a caller asked for (the catalogue sync, a reconciliation), run as Twilio's send is: in
+/// a task of its own, so a caller that hangs up (or the request timeout) does not cut a run in
+/// half; then `audit` is written with the outcome and, on success, the report.
+async fn run_for_caller<R, E>(
+    store: Store,
+    mut audit: AuditEntry,
+    job: impl Future<Output = Result<R, E>> + Send + 'static,
+    outcome_of: fn(&E) -> &'static str,
+    task_failed: fn(anyhow::Error) -> E,
+) -> Result<R, E>
+where
+    R: serde::Serialize + Send + 'static,
+    E: Send + 'static,
+{
+    // In the request's span, so its logs and its calls to Stripe stay in the request's trace.
+    let result = tokio::spawn(job.instrument(tracing::Span::current()))
+        .await
+        .unwrap_or_else(|err| Err(task_failed(anyhow::anyhow!("{}: {err}", audit.action))));
+    audit.outcome = result.as_ref().map_or_else(outcome_of, |_| "ok").to_owned();
+    if let Ok(report) = &result {
+        audit.detail = serde_json::to_string(report).ok();
+    }
+    crate::audit::record(&store, &audit).await;
+    result
+}
+
+/// The name a run's lock row carries: the request id, which the logs show too.
+fn lock_holder(audit: &AuditEntry) -> String {
+    audit
+        .request_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}

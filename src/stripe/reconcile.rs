@@ -12,7 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::store::{Job, ReconcileCounts, Store, SyncLock, now_ms};
+use crate::clock::now_ms;
+use crate::store::{AuditEntry, Job, ReconcileCounts, Store, SyncLock};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
@@ -111,6 +112,24 @@ pub fn requested_since(since: i64, now_s: i64) -> Result<i64, String> {
 
 /// Runs one reconciliation as `holder` (names the instance in the SQLite lock row) from `since`
 /// (unix seconds), or from `default_since` when `None`.
+/// A reconciliation a caller asked for: run in its own task, audited with `audit`, counted in
+/// `metrics`.
+pub async fn run_for_caller(
+    store: Store,
+    client: StripeClient,
+    since: Option<i64>,
+    audit: AuditEntry,
+    metrics: &ReconcileMetrics,
+) -> Result<ReconcileReport, ReconcileError> {
+    let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
+    let job = async move { run(&job_store, &client, &holder, Trigger::Manual, since).await };
+    let outcome_of = ReconcileError::outcome;
+    let result =
+        super::run_for_caller(store, audit, job, outcome_of, ReconcileError::Internal).await;
+    metrics.record(Trigger::Manual, &result);
+    result
+}
+
 pub async fn run(
     store: &Store,
     client: &StripeClient,

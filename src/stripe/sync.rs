@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock, now_ms};
+use crate::clock::now_ms;
+use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock};
+use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
@@ -96,6 +98,21 @@ impl Stop {
 }
 
 /// Runs one sync as `holder` (names the instance in the SQLite lock row).
+/// A sync a caller asked for: run in its own task, audited with `audit`, counted in `metrics`.
+pub async fn run_for_caller(
+    store: Store,
+    client: StripeClient,
+    audit: AuditEntry,
+    metrics: &StripeMetrics,
+) -> Result<SyncReport, SyncError> {
+    let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
+    let job = async move { run(&job_store, &client, &holder).await };
+    let result =
+        super::run_for_caller(store, audit, job, SyncError::outcome, SyncError::Internal).await;
+    metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"));
+    result
+}
+
 pub async fn run(
     store: &Store,
     client: &StripeClient,
@@ -162,7 +179,7 @@ impl Catalogued for Product {
         rows: &[ProductRow],
         now: i64,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send {
-        store.sync_products_page(rows, now)
+        store.sync_catalogue_page(rows, now)
     }
     fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
         (&mut counts.products_seen, &mut counts.products_upserted)
@@ -180,7 +197,7 @@ impl Catalogued for Price {
         rows: &[PriceRow],
         now: i64,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send {
-        store.sync_prices_page(rows, now)
+        store.sync_catalogue_page(rows, now)
     }
     fn counters(counts: &mut SyncCounts) -> (&mut i64, &mut i64) {
         (&mut counts.prices_seen, &mut counts.prices_upserted)

@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 
 use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
+use crate::stripe::StripeMetrics;
 use crate::stripe::client::{StripeClient, StripeError};
 use crate::stripe::objects::{
     CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms,
@@ -38,6 +39,18 @@ pub enum WebhookError {
     Upstream { event: String, error: StripeError },
 }
 
+impl WebhookError {
+    /// The metrics label of a refused delivery.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Signature(_) => "invalid_signature",
+            Self::Unreadable(_) => "unreadable",
+            Self::Store(_) => "error",
+            Self::NeedsSecretKey(_) | Self::Upstream { .. } => "same_second_unsettled",
+        }
+    }
+}
+
 /// What became of one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -56,8 +69,8 @@ pub struct Delivery {
     pub duplicate: bool,
 }
 
-/// Verifies and applies one delivery. `now_ms` is the receiving time (signature age, row stamps).
-/// `stripe` settles same-second events (see `apply`).
+/// Verifies and applies one delivery, and counts it in `metrics`. `now_ms` is the receiving time
+/// (signature age, row stamps). `stripe` settles same-second events (see `apply`).
 pub async fn receive(
     store: &Store,
     stripe: Option<&StripeClient>,
@@ -65,16 +78,32 @@ pub async fn receive(
     signature_header: Option<&str>,
     body: &[u8],
     now_ms: i64,
+    metrics: &StripeMetrics,
 ) -> Result<Delivery, WebhookError> {
-    signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
-    let event: Event = serde_json::from_slice(body)
-        .map_err(|err| WebhookError::Unreadable(format!("the event cannot be read: {err}")))?;
-    check_envelope(&event)?;
-    let outcome = apply(store, stripe, &event, now_ms).await?;
-    Ok(Delivery {
-        event_type: event.event_type,
-        duplicate: outcome == Outcome::Duplicate,
-    })
+    let received: Result<Delivery, WebhookError> = async {
+        signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
+        let event: Event = serde_json::from_slice(body)
+            .map_err(|err| WebhookError::Unreadable(format!("the event cannot be read: {err}")))?;
+        check_envelope(&event)?;
+        let outcome = apply(store, stripe, &event, now_ms).await?;
+        Ok(Delivery {
+            event_type: event.event_type,
+            duplicate: outcome == Outcome::Duplicate,
+        })
+    }
+    .await;
+    match &received {
+        Ok(delivery) => {
+            let outcome = if delivery.duplicate {
+                "duplicate"
+            } else {
+                "applied"
+            };
+            metrics.webhook_event(&delivery.event_type, outcome);
+        }
+        Err(err) => metrics.webhook_event("unknown", err.outcome()),
+    }
+    received
 }
 
 /// Records one event in the ledger and writes its effect, once. When the row was last written

@@ -95,7 +95,11 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 
 /// The line that closes each request, inside its span (which carries the request id, method,
 /// matched route and credential): the status and the latency in milliseconds.
-pub fn log_response<B>(response: &http::Response<B>, latency: Duration, span: &tracing::Span) {
+pub fn log_response<B>(
+    response: &axum::http::Response<B>,
+    latency: Duration,
+    span: &tracing::Span,
+) {
     if is_exporting() {
         end_server_span(span, response.status().as_u16());
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
     SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TracerProvider as _,
@@ -366,7 +366,7 @@ impl opentelemetry_sdk::trace::IdGenerator for IdGenerator {
 /// jwt-test's throughput. So the trace id of a new trace is drawn here, and the id generator
 /// hands it to the SDK when the span is built. Name and kind are set at export ([`shape`]).
 pub(crate) fn server_span(
-    req: &http::Request<axum::body::Body>,
+    req: &axum::http::Request<axum::body::Body>,
     route: &str,
     request_id: &str,
     scheme: &'static str,
@@ -394,14 +394,14 @@ pub(crate) fn server_span(
     let _ = span.set_parent(parent);
     span.set_attribute("url.scheme", scheme);
     if let Some(host) = headers
-        .get(http::header::HOST)
+        .get(axum::http::header::HOST)
         .and_then(|value| value.to_str().ok())
     {
         let address = host.rsplit_once(':').map_or(host, |(address, _)| address);
         span.set_attribute("server.address", address.to_owned());
     }
     if let Some(agent) = headers
-        .get(http::header::USER_AGENT)
+        .get(axum::http::header::USER_AGENT)
         .and_then(|value| value.to_str().ok())
     {
         span.set_attribute("user_agent.original", agent.to_owned());

@@ -8,6 +8,55 @@ pub mod status;
 
 use url::Url;
 
+/// Why a send or a status callback was refused; `error.rs` maps it to the contract's answers.
+#[derive(Debug, thiserror::Error)]
+pub enum SmsError {
+    /// The request breaks one of `send-sms`'s rules; `field` names the member.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
+    /// The database did not answer; nothing was reserved or sent.
+    #[error("{0}")]
+    DatabaseUnavailable(String),
+    /// The idempotency key was used for a different message.
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// Twilio refused, throttled past the retries, or did not confirm the message.
+    #[error("{0}")]
+    Upstream(String),
+    /// A status callback whose `X-Twilio-Signature` is missing, malformed or wrong.
+    #[error("{0}")]
+    BadSignature(String),
+    /// A signed status callback without the members it needs.
+    #[error("{0}")]
+    BadCallback(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl SmsError {
+    /// The audit row's outcome: the contract's code, in lower case.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "validation_failed",
+            Self::NotConfigured(_) => "not_configured",
+            Self::DatabaseUnavailable(_) => "not_ready",
+            Self::IdempotencyConflict(_) => "conflict",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Upstream(_) => "upstream_unavailable",
+            Self::BadSignature(_) => "invalid_signature",
+            Self::BadCallback(_) => "invalid_request",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
 /// The path Twilio posts delivery statuses to.
 pub const STATUS_CALLBACK_PATH: &str = "/functions/v1/twilio-status";
 

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::SmsError;
 use super::client::{CallError, MessageResource, TwilioApi};
+use crate::backoff;
+use crate::clock::now_ms;
 use crate::config::{Config, SmsSender, is_e164};
-use crate::error::{ApiError, ApiResult};
 use crate::store::{
     AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, is_unavailable,
-    now_ms,
 };
 
 /// The longest body Twilio takes.
@@ -74,8 +75,8 @@ pub struct Sent {
     pub replayed: bool,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::ValidationFailed {
+fn invalid(field: &str, message: impl Into<String>) -> SmsError {
+    SmsError::Invalid {
         field: field.to_owned(),
         message: message.into(),
     }
@@ -87,7 +88,7 @@ struct Valid {
     idempotency_key: Option<String>,
 }
 
-fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> ApiResult<Valid> {
+fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> Result<Valid, SmsError> {
     let to = request.to.ok_or_else(|| invalid("to", "is required"))?;
     if !is_e164(&to) {
         return Err(invalid(
@@ -139,7 +140,7 @@ pub async fn send_sms(
     http: reqwest::Client,
     request: SendSmsRequest,
     audit: AuditEntry,
-) -> ApiResult<Sent> {
+) -> Result<Sent, SmsError> {
     let work = async move {
         let mut message_id = None;
         let outcome = send_once(&store, &config, &http, request, &mut message_id).await;
@@ -152,16 +153,16 @@ pub async fn send_sms(
         tracing::Span::current(),
     ));
     task.await
-        .map_err(|err| ApiError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
+        .map_err(|err| SmsError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
 }
 
 async fn record_audit(
     store: &Store,
     mut entry: AuditEntry,
-    outcome: &ApiResult<Sent>,
+    outcome: &Result<Sent, SmsError>,
     message_id: Option<String>,
 ) {
-    if let Err(ApiError::NotReady(_)) = outcome {
+    if let Err(SmsError::DatabaseUnavailable(_)) = outcome {
         // The database is away: the row cannot be written, and trying would only hold the
         // answer for another timeout. Nothing was sent.
         tracing::warn!(
@@ -174,13 +175,10 @@ async fn record_audit(
     entry.outcome = match outcome {
         Ok(sent) if sent.replayed => "replayed".to_owned(),
         Ok(_) => "sent".to_owned(),
-        Err(err) => err.code().to_ascii_lowercase(),
+        Err(err) => err.outcome().to_owned(),
     };
     entry.detail = message_id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
-    if let Err(err) = store.record_audit(&entry).await {
-        // The send already happened (or was refused); the gap is logged, not answered.
-        tracing::error!(error = format!("{err:#}"), "send_sms audit row lost");
-    }
+    crate::audit::record(store, &entry).await;
 }
 
 async fn send_once(
@@ -189,14 +187,14 @@ async fn send_once(
     http: &reqwest::Client,
     request: SendSmsRequest,
     message_id: &mut Option<String>,
-) -> ApiResult<Sent> {
+) -> Result<Sent, SmsError> {
     let api =
-        TwilioApi::from_config(http, &config.twilio).ok_or(ApiError::NotConfigured("Twilio"))?;
+        TwilioApi::from_config(http, &config.twilio).ok_or(SmsError::NotConfigured("Twilio"))?;
     let sender = config
         .twilio
         .sender
         .as_ref()
-        .ok_or(ApiError::NotConfigured("the Twilio sender"))?;
+        .ok_or(SmsError::NotConfigured("the Twilio sender"))?;
     let valid = validate(request, &config.sms.allowed_prefixes)?;
 
     let id = uuid::Uuid::now_v7().to_string();
@@ -218,12 +216,12 @@ async fn send_once(
             if is_unavailable(&err) {
                 // Nothing was reserved, so nothing can be sent: a retry later is safe.
                 tracing::warn!(error = format!("{err:#}"), "send_sms: database unavailable");
-                ApiError::NotReady(
+                SmsError::DatabaseUnavailable(
                     "the database is unavailable; the message was not sent, try again later"
                         .to_owned(),
                 )
             } else {
-                ApiError::Internal(err)
+                SmsError::Internal(err)
             }
         })?;
     let message = match reserved {
@@ -231,7 +229,7 @@ async fn send_once(
         Reservation::Existing(message) => {
             *message_id = Some(message.id.clone());
             if message.to_number != valid.to || message.body != valid.body {
-                return Err(ApiError::Conflict(
+                return Err(SmsError::IdempotencyConflict(
                     "idempotency_key was already used for a different message".to_owned(),
                 ));
             }
@@ -242,7 +240,7 @@ async fn send_once(
         }
         Reservation::Limited { retry_after_ms } => {
             let retry_after_secs = u64::try_from(retry_after_ms).unwrap_or(1).div_ceil(1000);
-            return Err(ApiError::RateLimited {
+            return Err(SmsError::RateLimited {
                 message: "the SMS send limit is reached; try again later".to_owned(),
                 retry_after_secs: retry_after_secs.max(1),
             });
@@ -326,7 +324,7 @@ async fn deliver(
     form: &[(&str, &str)],
     id: &str,
     retry_base_delay: Duration,
-) -> ApiResult<Sent> {
+) -> Result<Sent, SmsError> {
     match create_with_retries(api, form, retry_base_delay).await {
         Ok(created) => {
             let result = SendResult {
@@ -354,7 +352,7 @@ async fn deliver(
 }
 
 /// Calls Twilio, repeating only what Twilio certainly did not act on (throttled, or never
-/// connected), with doubling pauses.
+/// connected), with doubling, jittered pauses.
 async fn create_with_retries(
     api: &TwilioApi,
     form: &[(&str, &str)],
@@ -374,9 +372,10 @@ async fn create_with_retries(
         if attempt >= MAX_ATTEMPTS {
             return Err(err);
         }
-        let backoff = base_delay.saturating_mul(2u32.saturating_pow(attempt - 1));
+        let step =
+            backoff::equal_jitter(backoff::exponential(base_delay, attempt, MAX_RETRY_PAUSE));
         let pause = asked
-            .map_or(backoff, |asked| asked.max(backoff))
+            .map_or(step, |asked| asked.max(step))
             .min(MAX_RETRY_PAUSE);
         tracing::info!(attempt, pause_ms = pause.as_millis(), reason = %err, "retrying Twilio");
         tokio::time::sleep(pause).await;
@@ -385,13 +384,13 @@ async fn create_with_retries(
 }
 
 /// Stores why the send failed and maps it to the answer.
-async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
+async fn record_failure(store: &Store, id: &str, err: CallError) -> SmsError {
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
             let detail = body.describe(*http_status);
             let answer = match body.code {
                 Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail.clone()),
-                _ => ApiError::UpstreamUnavailable(format!("Twilio refused the message: {detail}")),
+                _ => SmsError::Upstream(format!("Twilio refused the message: {detail}")),
             };
             (STATUS_FAILED, body.code, detail, answer)
         }
@@ -399,7 +398,7 @@ async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
             STATUS_FAILED,
             None,
             err.to_string(),
-            ApiError::UpstreamUnavailable(format!(
+            SmsError::Upstream(format!(
                 "Twilio did not take the message after {MAX_ATTEMPTS} attempts"
             )),
         ),
@@ -407,7 +406,7 @@ async fn record_failure(store: &Store, id: &str, err: CallError) -> ApiError {
             STATUS_UNKNOWN,
             None,
             err.to_string(),
-            ApiError::UpstreamUnavailable(
+            SmsError::Upstream(
                 "Twilio did not confirm the message; it may still be delivered, so it was not \
                  sent again"
                     .to_owned(),
@@ -443,9 +442,9 @@ mod tests {
         }
     }
 
-    fn field_of(result: ApiResult<Valid>) -> String {
+    fn field_of(result: Result<Valid, SmsError>) -> String {
         match result {
-            Err(ApiError::ValidationFailed { field, .. }) => field,
+            Err(SmsError::Invalid { field, .. }) => field,
             Err(other) => panic!("not a validation failure: {other}"),
             Ok(_) => panic!("accepted"),
         }

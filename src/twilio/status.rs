@@ -3,9 +3,10 @@
 
 use secrecy::ExposeSecret as _;
 
+use super::SmsError;
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::error::{ApiError, ApiResult};
-use crate::store::{StatusChange, Store, now_ms};
+use crate::store::{StatusChange, Store};
 
 /// Where each status stands in a message's life; a status only replaces a lower one. The final
 /// outcomes share a rank, so the first to arrive stays. (`read` follows `delivered` on channels
@@ -50,17 +51,17 @@ pub async fn apply_callback(
     store: &Store,
     config: &Config,
     callback: Callback<'_>,
-) -> ApiResult<()> {
+) -> Result<(), SmsError> {
     let token = config
         .twilio
         .auth_token
         .as_ref()
-        .ok_or(ApiError::NotConfigured("Twilio"))?;
+        .ok_or(SmsError::NotConfigured("Twilio"))?;
     // The signature covers the URL Twilio called; only PUBLIC_URL says what that was.
     let public_url = config
         .public_url
         .as_ref()
-        .ok_or(ApiError::NotConfigured("PUBLIC_URL"))?;
+        .ok_or(SmsError::NotConfigured("PUBLIC_URL"))?;
     let mut url = super::status_callback_url(public_url);
     if let Some(query) = callback.query.filter(|query| !query.is_empty()) {
         url.push('?');
@@ -69,9 +70,9 @@ pub async fn apply_callback(
     // Refused before the form is parsed: an unsigned body costs no more than reading it.
     let signature = callback
         .signature
-        .ok_or_else(|| ApiError::InvalidSignature("X-Twilio-Signature is missing".to_owned()))?;
+        .ok_or_else(|| SmsError::BadSignature("X-Twilio-Signature is missing".to_owned()))?;
     if !super::signature::is_well_formed(signature) {
-        return Err(ApiError::InvalidSignature(
+        return Err(SmsError::BadSignature(
             "X-Twilio-Signature is not a base64 HMAC-SHA1".to_owned(),
         ));
     }
@@ -79,7 +80,7 @@ pub async fn apply_callback(
         .into_owned()
         .collect();
     if !super::signature::is_valid(token.expose_secret().as_bytes(), &url, &params, signature) {
-        return Err(ApiError::InvalidSignature(
+        return Err(SmsError::BadSignature(
             "X-Twilio-Signature does not match this request".to_owned(),
         ));
     }
@@ -91,9 +92,9 @@ pub async fn apply_callback(
             .map(|(_, value)| value.as_str())
     };
     let sid = field("MessageSid")
-        .ok_or_else(|| ApiError::InvalidRequest("MessageSid is missing".to_owned()))?;
+        .ok_or_else(|| SmsError::BadCallback("MessageSid is missing".to_owned()))?;
     let status = field("MessageStatus")
-        .ok_or_else(|| ApiError::InvalidRequest("MessageStatus is missing".to_owned()))?;
+        .ok_or_else(|| SmsError::BadCallback("MessageStatus is missing".to_owned()))?;
     let Some(rank) = rank(status) else {
         tracing::warn!(
             sid,
@@ -106,7 +107,7 @@ pub async fn apply_callback(
     // rather than refusing a signed callback.
     let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
     match store
-        .apply_sms_status(sid, status, rank, error_code, now_ms())
+        .apply_sms_status(sid, (status, rank), STATUS_RANKS, error_code, now_ms())
         .await?
     {
         StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),
@@ -125,6 +126,16 @@ pub async fn apply_callback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_is_plain_lower_case_words_so_the_store_ranks_it() {
+        for (status, _) in STATUS_RANKS {
+            assert!(
+                status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{status}"
+            );
+        }
+    }
 
     #[test]
     fn statuses_only_move_forward() {

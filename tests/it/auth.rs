@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
-use edgegate::store::{KeyUsage, now_ms};
+use edgegate::clock::{Clock, now_ms};
+use edgegate::store::KeyUsage;
 use serde_json::{Value, json};
 
-use crate::support::{JwksHost, TestServer, spawn_app};
+use crate::support::{JwksHost, TestServer, spawn_app, spawn_app_with_clock};
 use crate::test_db;
 
 const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
@@ -47,6 +48,16 @@ pub(crate) async fn app_with(
     host: &JwksHost,
     extra: &[(&str, &str)],
 ) -> TestServer {
+    app_with_clock(db, host, extra, Clock::system()).await
+}
+
+/// As [`app_with`], reading time from `clock`.
+async fn app_with_clock(
+    db: &crate::support::TestDb,
+    host: &JwksHost,
+    extra: &[(&str, &str)],
+    clock: Clock,
+) -> TestServer {
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let publishable_keys = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
     let mut vars = vec![
@@ -63,7 +74,7 @@ pub(crate) async fn app_with(
     }
     vars.extend_from_slice(extra);
     vars.retain(|(_, value)| !value.is_empty());
-    spawn_app(db, &vars).await.0
+    spawn_app_with_clock(db, &vars, clock).await.0
 }
 
 pub(crate) async fn call(
@@ -422,10 +433,11 @@ async fn a_new_kid_costs_one_fetch_and_random_kids_cost_no_more() {
         ("JWKS_MIN_REFRESH_SECONDS", "2"),
         ("JWKS_CACHE_TTL_SECONDS", "3600"),
     ];
-    let server = app_with(&db, &host, &vars).await;
+    let clock = Clock::manual();
+    let server = app_with_clock(&db, &host, &vars, clock.clone()).await;
     until_fetched(&host).await;
-    // The start-up fetch opened a cool-down; let it pass so the new kid may fetch.
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    // The start-up fetch opened a cool-down; move past it so the new kid may fetch.
+    clock.advance(Duration::from_millis(2_100));
     let before = host.hits();
     host.set_keys(json!([es.public_jwk()]));
     let started = std::time::Instant::now();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
-use edgegate::store::now_ms;
+use edgegate::clock::now_ms;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use edgegate::extract::RawBody;
+use edgegate::body::RawBody;
 use edgegate::server::middleware::Limits;
 use edgegate::{AppState, routes};
 use serde_json::Value;
@@ -45,7 +45,9 @@ fn test_router() -> Router<AppState> {
 pub async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestServer> {
     let db = crate::support::TestDb::new().await?;
     let state = AppState::new(db.config(vars), db.store().await);
-    Some(serve(test_router(), &state, limits, Duration::from_secs(1)).await)
+    // The server owns the database: a SQLite file's folder goes when its `TestDb` does.
+    let server = serve(test_router(), &state, limits, Duration::from_secs(1)).await;
+    Some(server.owning(db))
 }
 
 #[tokio::test]

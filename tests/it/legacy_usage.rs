@@ -4,7 +4,8 @@
 use edgegate::AppState;
 use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
 use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
-use edgegate::store::{CallerUsage, KeyUsage, now_ms};
+use edgegate::clock::now_ms;
+use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
 
 use crate::process::{edgegate, output};
@@ -511,5 +512,40 @@ async fn keys_report_from_the_database_matches_its_snapshot() {
     assert!(
         text == expected,
         "the report differs from tests/it/snapshots/keys_report.txt; it printed:\n{text}"
+    );
+}
+
+/// An instance started as `run` starts it writes its unflushed counts when it stops, so a
+/// deploy's last minute of legacy use still reaches the report.
+#[tokio::test]
+async fn a_stopping_instance_writes_the_counts_it_had_not_flushed() {
+    let db = test_db!();
+    let (mut server, state) = instance(&db).await;
+    supabase_js(&server, &legacy_key("anon")).await;
+    assert!(
+        state.usage.first_pending_hour().is_some(),
+        "counted, not flushed"
+    );
+
+    server.begin_shutdown();
+    (&mut server.task)
+        .await
+        .expect("the service task")
+        .expect("a clean stop");
+
+    let store = db.store().await;
+    let keys = store.key_usage_since(0).await.unwrap();
+    let legacy: i64 = keys
+        .iter()
+        .filter(|row| row.source == "legacy_secret")
+        .map(|row| row.verified_count)
+        .sum();
+    assert_eq!(legacy, 1, "{keys:?}");
+    let callers = store.caller_usage_hours_since(0).await.unwrap();
+    assert!(
+        callers
+            .iter()
+            .any(|row| row.kind == "anon_key" && row.route == JWT_TEST && row.verified_count == 1),
+        "{callers:?}"
     );
 }

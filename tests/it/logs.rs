@@ -4,7 +4,7 @@
 
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, legacy_token, user_claims};
-use edgegate::store::now_ms;
+use edgegate::clock::now_ms;
 use serde_json::Value;
 
 use crate::process::{free_port, signal, spawn_server, wait_exit, wait_healthy};

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgegate::auth::mint::{legacy_token, user_claims};
-use edgegate::store::now_ms;
+use edgegate::clock::now_ms;
 use edgegate::{AppState, Config, Store};
 use serde_json::{Value, json};
 use sqlx::Connection as _;

@@ -4,7 +4,8 @@
 
 use edgegate::auth::Alg;
 use edgegate::auth::mint::SigningKey;
-use edgegate::store::{KeyUsage, now_ms};
+use edgegate::clock::now_ms;
+use edgegate::store::KeyUsage;
 use serde_json::{Value, json};
 
 use crate::auth::{

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgegate::AppState;
-use edgegate::store::now_ms;
+use edgegate::clock::now_ms;
 use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
+use edgegate::clock::Clock;
 use edgegate::server::middleware::{self, Limits};
 use edgegate::{AppState, Config, Store};
 use tokio::net::TcpListener;
@@ -103,8 +104,9 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<std::io::Result<()>>,
-    /// The JWKS background refresh, as `run` starts it; stopped when the server is dropped.
-    refresh: Option<edgegate::auth::RefreshTask>,
+    /// The database the server uses, when the server owns it: a SQLite file lives in a
+    /// temporary folder that is deleted with its `TestDb`.
+    db: Option<TestDb>,
 }
 
 impl TestServer {
@@ -115,6 +117,12 @@ impl TestServer {
     /// `GET path` with no credentials.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// Keeps `db` as long as the server: for a server on a database no test holds.
+    pub fn owning(mut self, db: TestDb) -> Self {
+        self.db = Some(db);
+        self
     }
 
     /// Sends the shutdown signal; the server stops accepting and drains.
@@ -160,15 +168,39 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
         client: reqwest::Client::new(),
         stop: Some(stop),
         task,
-        refresh: None,
+        db: None,
     }
 }
 
-/// The whole application, as `edgegate::run` starts it (JWKS refresh included), on a fresh state.
+/// The whole application, started by `edgegate::spawn` as `edgegate::run` starts it (background
+/// tasks included); dropping the server shuts it down as `run` does.
 pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
-    let state = AppState::new(db.config(vars), db.store().await);
-    let mut server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
-    server.refresh = state.auth.spawn_refresh();
+    spawn_app_with_clock(db, vars, Clock::system()).await
+}
+
+/// As [`spawn_app`], with the service reading time from `clock`.
+pub async fn spawn_app_with_clock(
+    db: &TestDb,
+    vars: &[(&str, &str)],
+    clock: Clock,
+) -> (TestServer, AppState) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = edgegate::spawn_with_clock(db.config(vars), listener, clock)
+        .await
+        .expect("start edgegate");
+    let (addr, state) = (app.local_addr(), app.state().clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = stopped.await;
+        app.shutdown().await.map_err(std::io::Error::other)
+    });
+    let server = TestServer {
+        addr,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        task,
+        db: None,
+    };
     (server, state)
 }
 

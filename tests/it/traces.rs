@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::routing::post;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, user_claims};
-use edgegate::store::now_ms;
+use edgegate::clock::now_ms;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::{AnyValue as AnyValueMessage, KeyValue};

@@ -68,8 +68,8 @@ fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
         map.insert(
-            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            http::HeaderValue::from_bytes(value).unwrap(),
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            axum::http::HeaderValue::from_bytes(value).unwrap(),
         );
     }
     map

@@ -3,7 +3,8 @@
 use super::util::*;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::FetchError;
-use crate::auth::{AuthSettings, Authenticator, Clock};
+use crate::auth::{AuthSettings, Authenticator};
+use crate::clock::Clock;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

@@ -106,7 +106,7 @@ pub fn settings() -> VerifySettings {
 }
 
 pub fn now() -> i64 {
-    crate::auth::clock::unix_seconds(SystemTime::now())
+    crate::clock::unix_seconds(SystemTime::now())
 }
 
 /// A ring with an optional legacy secret, inline JWKs and a fetched JWKS.

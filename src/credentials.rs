@@ -9,11 +9,12 @@ use axum::http::request::Parts;
 
 use crate::auth::callers::{CallerKind, client_name};
 use crate::auth::metrics::VerificationLabels;
-use crate::auth::usage::usage_kid;
-use crate::auth::{AuthError, KeySource, Verified};
+use crate::auth::usage::credential_name;
+use crate::auth::{AuthError, Verified};
+use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::{AuditEntry, now_ms};
+use crate::store::AuditEntry;
 use crate::telemetry::LegacyKindLabels;
 
 /// Who made the request, as established by its credential.
@@ -24,20 +25,12 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// How the audit log names the credential: the kid, `legacy`, or the API key's name.
-    pub fn credential_id(&self) -> String {
-        match self.verified.source {
-            KeySource::LegacySecret => "legacy".to_owned(),
-            _ => self.verified.kid.clone().unwrap_or_default(),
-        }
-    }
-
     /// An audit row for an action this principal took.
     pub fn audit(&self, action: &str, outcome: &str) -> AuditEntry {
         AuditEntry::new(
             self.request_id.clone(),
             self.verified.source.as_str(),
-            &self.credential_id(),
+            &credential_name(&self.verified),
             action,
             outcome,
         )
@@ -151,15 +144,6 @@ fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
     state.usage.callers.record(&kind, route, client, now_ms());
 }
 
-impl From<AuthError> for ApiError {
-    fn from(err: AuthError) -> Self {
-        ApiError::Unauthorized {
-            code: err.code(),
-            message: err.message(),
-        }
-    }
-}
-
 impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
 
@@ -176,10 +160,7 @@ impl FromRequestParts<AppState> for User {
             Ok(verified) => {
                 state.usage.record(&verified, now_ms());
                 record_caller(parts, state, &verified);
-                let kid = match verified.source {
-                    KeySource::LegacySecret => "legacy".to_owned(),
-                    _ => usage_kid(&verified),
-                };
+                let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.
                 record_credential(
                     verified.source.as_str(),

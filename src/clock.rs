@@ -1,4 +1,5 @@
-//! An injectable clock, so expiry, cool-downs and staleness are tested without sleeping.
+//! Time, read one way: [`Clock`], injectable so expiry, cool-downs and staleness are tested
+//! without sleeping, and [`now_ms`], the unit of every stored time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,4 +85,12 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every time column.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -1,0 +1,14 @@
+//! Stripe storage, by concern: the catalogue the sync and webhooks write (`catalogue`), the
+//! webhook ledger and its effects (`ledger`), and the runs of the sync and the reconciliation
+//! with their one-at-a-time locks (`runs`).
+
+mod catalogue;
+mod ledger;
+mod runs;
+
+pub use catalogue::{PriceRow, ProductRow};
+pub use ledger::{
+    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, SameSecond,
+    StripeEffect, SubscriptionRow,
+};
+pub use runs::{Job, ReconcileCounts, SyncCounts, SyncLock, SyncRun};

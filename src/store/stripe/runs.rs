@@ -1,0 +1,406 @@
+//! Runs of the catalogue sync and the reconciliation (`sync_runs`, `reconcile_runs`), and the
+//! lock that lets one of each run at a time across every instance.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::store::{Backend, Store};
+
+/// Counts of one sync run, as stored in `sync_runs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncCounts {
+    pub products_seen: i64,
+    pub products_upserted: i64,
+    pub products_deactivated: i64,
+    pub prices_seen: i64,
+    pub prices_upserted: i64,
+    pub prices_deactivated: i64,
+}
+
+/// Counts of one reconciliation, as answered and stored in `reconcile_runs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct ReconcileCounts {
+    /// Events Stripe listed.
+    pub seen: i64,
+    /// New to the ledger, and their effect written.
+    pub applied: i64,
+    /// Already in the ledger (delivered by webhook or an earlier run): nothing done.
+    pub already_applied: i64,
+    /// New to the ledger but of a type edgegate does not act on: recorded, nothing else.
+    pub ignored: i64,
+}
+
+/// One row of `sync_runs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRun {
+    pub id: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+    pub counts: SyncCounts,
+    pub error: Option<String>,
+}
+
+/// A job that runs one at a time across every instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    CatalogueSync,
+    Reconcile,
+}
+
+impl Job {
+    /// PostgreSQL: the advisory lock class (one no other lock uses); the key is the schema, since
+    /// advisory locks are per database while the synced tables are per schema.
+    fn advisory_class(self) -> i32 {
+        match self {
+            Self::CatalogueSync => 1_701_079_920,
+            Self::Reconcile => 1_701_079_921,
+        }
+    }
+
+    /// SQLite: the `locks` row name.
+    fn lock_name(self) -> &'static str {
+        match self {
+            Self::CatalogueSync => "stripe_sync",
+            Self::Reconcile => "stripe_reconcile",
+        }
+    }
+}
+
+const JOB_LOCK_TRY: &str = "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))";
+const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_schema()))";
+
+/// The one-job-at-a-time lock (catalogue sync or reconciliation); `release` it when done.
+/// Dropped without release, a PostgreSQL lock goes with its connection (closed, not returned to
+/// the pool) and a SQLite one expires.
+pub struct SyncLock {
+    job: Job,
+    inner: LockInner,
+}
+
+enum LockInner {
+    /// The session that holds the advisory lock, taken out of the pool for the lock's lifetime.
+    Postgres(sqlx::PgConnection),
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        holder: String,
+        ttl: Duration,
+    },
+}
+
+impl std::fmt::Debug for SyncLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncLock")
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SyncLock {
+    /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session is
+    /// checked, since a dropped session (idle timeout, proxy restart) took its lock with it.
+    /// Errors when the lock was lost, so the run stops instead of racing another one.
+    pub async fn renew(&mut self, now: i64) -> anyhow::Result<()> {
+        if let LockInner::Postgres(conn) = &mut self.inner {
+            use sqlx::Connection as _;
+            conn.ping()
+                .await
+                .context("the sync lock session was lost")?;
+        }
+        if let LockInner::Sqlite { pool, holder, ttl } = &self.inner {
+            let renewed =
+                sqlx::query("UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2")
+                    .bind(self.job.lock_name())
+                    .bind(holder.as_str())
+                    .bind(now.saturating_add(ttl_ms(*ttl)))
+                    .execute(pool)
+                    .await
+                    .context("renewing the sync lock")?;
+            anyhow::ensure!(
+                renewed.rows_affected() == 1,
+                "the sync lock expired and was taken"
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn release(self) -> anyhow::Result<()> {
+        match self.inner {
+            LockInner::Postgres(mut conn) => {
+                use sqlx::Connection as _;
+                sqlx::query(JOB_LOCK_RELEASE)
+                    .bind(self.job.advisory_class())
+                    .execute(&mut conn)
+                    .await
+                    .context("releasing the sync lock")?;
+                conn.close()
+                    .await
+                    .context("closing the sync lock session")?;
+            }
+            LockInner::Sqlite { pool, holder, .. } => {
+                sqlx::query("DELETE FROM locks WHERE name = $1 AND holder = $2")
+                    .bind(self.job.lock_name())
+                    .bind(holder)
+                    .execute(&pool)
+                    .await
+                    .context("releasing the sync lock")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `finished_at`, `outcome` and `error` columns of a run row, finished or still running.
+fn run_end<'a>(
+    finished: Option<(i64, &'a str, Option<&'a str>)>,
+) -> (Option<i64>, &'a str, Option<&'a str>) {
+    match finished {
+        Some((at, outcome, error)) => (Some(at), outcome, error),
+        None => (None, "running", None),
+    }
+}
+
+type SyncRunRow = (
+    String,
+    i64,
+    Option<i64>,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+);
+
+impl Store {
+    /// Runs `body` holding `job`'s lock, then releases it: `None` (and `body` not run) while
+    /// that job runs elsewhere. A failed release is logged; the lock then expires.
+    pub async fn with_job_lock<T>(
+        &self,
+        job: Job,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+        body: impl AsyncFnOnce(&mut SyncLock) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        let Some(mut lock) = self.try_lock_job(job, holder, now, ttl).await? else {
+            return Ok(None);
+        };
+        let result = body(&mut lock).await;
+        if let Err(err) = lock.release().await {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                ?job,
+                "lock not released; it expires"
+            );
+        }
+        Ok(Some(result))
+    }
+
+    /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
+    /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
+    /// that expires after `ttl` unless renewed, so a crashed holder cannot block the job forever.
+    pub async fn try_lock_job(
+        &self,
+        job: Job,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+    ) -> anyhow::Result<Option<SyncLock>> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                // Detached: a session that dies (or a guard dropped unreleased) closes instead of
+                // going back to the pool with the lock still held.
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .context("opening the sync lock session")?
+                    .detach();
+                let locked: bool = sqlx::query_scalar(JOB_LOCK_TRY)
+                    .bind(job.advisory_class())
+                    .fetch_one(&mut conn)
+                    .await
+                    .context("taking the sync lock")?;
+                if !locked {
+                    use sqlx::Connection as _;
+                    conn.close()
+                        .await
+                        .context("closing the sync lock session")?;
+                    return Ok(None);
+                }
+                Ok(Some(SyncLock {
+                    job,
+                    inner: LockInner::Postgres(conn),
+                }))
+            }
+            Backend::Sqlite(pool) => {
+                let taken = sqlx::query(
+                    "INSERT INTO locks (name, holder, acquired_at, expires_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET \
+                     holder = excluded.holder, acquired_at = excluded.acquired_at, \
+                     expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at",
+                )
+                .bind(job.lock_name())
+                .bind(holder)
+                .bind(now)
+                .bind(now.saturating_add(ttl_ms(ttl)))
+                .execute(pool)
+                .await
+                .context("taking the sync lock")?;
+                Ok((taken.rows_affected() == 1).then(|| SyncLock {
+                    job,
+                    inner: LockInner::Sqlite {
+                        pool: pool.clone(),
+                        holder: holder.to_owned(),
+                        ttl,
+                    },
+                }))
+            }
+        }
+    }
+
+    pub async fn start_sync_run(&self, id: &str, started_at: i64) -> anyhow::Result<()> {
+        let sql = "INSERT INTO sync_runs (id, started_at, outcome) VALUES ($1, $2, 'running')";
+        self.execute(sql, &[id.into(), started_at.into()])
+            .await
+            .context("recording the sync run")?;
+        Ok(())
+    }
+
+    /// Records a run's counts so far; with `finished` (at, outcome, error) it closes the run.
+    pub async fn record_sync_run(
+        &self,
+        id: &str,
+        counts: &SyncCounts,
+        finished: Option<(i64, &str, Option<&str>)>,
+    ) -> anyhow::Result<()> {
+        let (finished_at, outcome, error) = run_end(finished);
+        let sql = "UPDATE sync_runs SET products_seen = $2, products_upserted = $3, \
+                   products_deactivated = $4, prices_seen = $5, prices_upserted = $6, \
+                   prices_deactivated = $7, finished_at = $8, outcome = $9, error = $10 \
+                   WHERE id = $1";
+        let args = [
+            id.into(),
+            counts.products_seen.into(),
+            counts.products_upserted.into(),
+            counts.products_deactivated.into(),
+            counts.prices_seen.into(),
+            counts.prices_upserted.into(),
+            counts.prices_deactivated.into(),
+            finished_at.into(),
+            outcome.into(),
+            error.into(),
+        ];
+        self.execute(sql, &args)
+            .await
+            .context("recording the sync run")?;
+        Ok(())
+    }
+
+    /// The newest sync runs, newest first.
+    pub async fn recent_sync_runs(&self, limit: i64) -> anyhow::Result<Vec<SyncRun>> {
+        let sql = "SELECT id, started_at, finished_at, outcome, products_seen, \
+                   products_upserted, products_deactivated, prices_seen, prices_upserted, \
+                   prices_deactivated, error FROM sync_runs \
+                   ORDER BY started_at DESC, id DESC LIMIT $1";
+        let rows: Vec<SyncRunRow> = with_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)
+        .context("reading sync runs")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SyncRun {
+                id: r.0,
+                started_at: r.1,
+                finished_at: r.2,
+                outcome: r.3,
+                counts: SyncCounts {
+                    products_seen: r.4,
+                    products_upserted: r.5,
+                    products_deactivated: r.6,
+                    prices_seen: r.7,
+                    prices_upserted: r.8,
+                    prices_deactivated: r.9,
+                },
+                error: r.10,
+            })
+            .collect())
+    }
+
+    pub async fn start_reconcile_run(
+        &self,
+        id: &str,
+        started_by: &str,
+        since: i64,
+        started_at: i64,
+    ) -> anyhow::Result<()> {
+        let sql = "INSERT INTO reconcile_runs (id, started_by, since, started_at, outcome) \
+                   VALUES ($1, $2, $3, $4, 'running')";
+        let args = [
+            id.into(),
+            started_by.into(),
+            since.into(),
+            started_at.into(),
+        ];
+        self.execute(sql, &args)
+            .await
+            .context("recording the reconcile run")?;
+        Ok(())
+    }
+
+    /// Records a run's counts and the last event it handled; with `finished` (at, outcome,
+    /// error) it closes the run.
+    pub async fn record_reconcile_run(
+        &self,
+        id: &str,
+        counts: &ReconcileCounts,
+        last_event_id: Option<&str>,
+        finished: Option<(i64, &str, Option<&str>)>,
+    ) -> anyhow::Result<()> {
+        let (finished_at, outcome, error) = run_end(finished);
+        let sql = "UPDATE reconcile_runs SET events_seen = $2, events_applied = $3, \
+                   events_already_applied = $4, events_ignored = $5, last_event_id = $6, \
+                   finished_at = $7, outcome = $8, error = $9 WHERE id = $1";
+        let args = [
+            id.into(),
+            counts.seen.into(),
+            counts.applied.into(),
+            counts.already_applied.into(),
+            counts.ignored.into(),
+            last_event_id.into(),
+            finished_at.into(),
+            outcome.into(),
+            error.into(),
+        ];
+        self.execute(sql, &args)
+            .await
+            .context("recording the reconcile run")?;
+        Ok(())
+    }
+
+    /// What earlier reconciliations leave to the next: the start (ms) of the last successful
+    /// one, and the earliest `since` (s) of any run after it that did not finish (failed or
+    /// crashed), whose older events may still be missing.
+    pub async fn reconcile_history(&self) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+        let last_ok = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok'";
+        let unfinished = "SELECT MIN(since) FROM reconcile_runs \
+                          WHERE outcome <> 'ok' AND started_at > $1";
+        let history: Result<(Option<i64>, Option<i64>), sqlx::Error> = with_pool!(self, |pool| {
+            let last_ok: Option<i64> = sqlx::query_scalar(last_ok).fetch_one(pool).await?;
+            let unfinished: Option<i64> = sqlx::query_scalar(unfinished)
+                .bind(last_ok.unwrap_or(i64::MIN))
+                .fetch_one(pool)
+                .await?;
+            Ok((last_ok, unfinished))
+        });
+        history.context("reading earlier reconcile runs")
+    }
+}
