@@ -1,5 +1,6 @@
 //! Time, read one way: [`Clock`], injectable so expiry, cool-downs and staleness are tested
-//! without sleeping, and [`now_ms`], the unit of every stored time.
+//! without sleeping; [`Clock::now_ms`] is the unit of every stored time. The one `Clock` lives in
+//! `AppState`, and everything that reads time is handed it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,14 @@ impl Clock {
     pub fn unix_now(&self) -> i64 {
         unix_seconds(self.wall())
     }
+
+    /// Wall-clock now in milliseconds since the Unix epoch, the unit of every time column.
+    pub fn now_ms(&self) -> i64 {
+        self.wall()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
 }
 
 /// Seconds since the Unix epoch; negative before it.
@@ -85,12 +94,4 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
-}
-
-/// Milliseconds since the Unix epoch, the unit of every time column.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

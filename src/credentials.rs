@@ -11,7 +11,7 @@ use crate::auth::callers::{CallerKind, client_name};
 use crate::auth::metrics::VerificationLabels;
 use crate::auth::usage::credential_name;
 use crate::auth::{AuthError, Verified};
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::AuditEntry;
@@ -26,8 +26,9 @@ pub struct Principal {
 
 impl Principal {
     /// An audit row for an action this principal took.
-    pub fn audit(&self, action: &str, outcome: &str) -> AuditEntry {
+    pub fn audit(&self, clock: &Clock, action: &str, outcome: &str) -> AuditEntry {
         AuditEntry::new(
+            clock.now_ms(),
             self.request_id.clone(),
             self.verified.source.as_str(),
             &credential_name(&self.verified),
@@ -141,7 +142,10 @@ fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str);
     let client = client_name(&parts.headers);
-    state.usage.callers.record(&kind, route, client, now_ms());
+    state
+        .usage
+        .callers
+        .record(&kind, route, client, state.clock.now_ms());
 }
 
 impl FromRequestParts<AppState> for User {
@@ -158,7 +162,7 @@ impl FromRequestParts<AppState> for User {
         };
         match result {
             Ok(verified) => {
-                state.usage.record(&verified, now_ms());
+                state.usage.record(&verified, state.clock.now_ms());
                 record_caller(parts, state, &verified);
                 let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.

@@ -154,7 +154,11 @@ impl Started {
         let refresh = state.auth.spawn_refresh();
         let mut background = vec![
             auth::usage::spawn_flusher(state.usage.clone(), store.clone()),
-            twilio::send::spawn_unanswered_sweeper(store, state.config.twilio.request_timeout),
+            twilio::send::spawn_unanswered_sweeper(
+                store,
+                state.clock.clone(),
+                state.config.twilio.request_timeout,
+            ),
         ];
         background.extend(spawn_reconciler(&state));
         let address = listener
@@ -215,6 +219,7 @@ fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
     Some(stripe::reconcile::spawn_periodic(
         state.store.clone(),
         client,
+        state.clock.clone(),
         interval,
         state.reconcile_metrics.clone(),
     ))

@@ -310,7 +310,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     now_ms,
                 },
         } => {
-            let now_ms = now_ms.unwrap_or_else(edgegate::clock::now_ms);
+            let now_ms = now_ms.unwrap_or_else(|| Clock::system().now_ms());
             let view = match (url, secret_key) {
                 (Some(url), Some(key)) => {
                     let key = secrecy::SecretString::from(key);

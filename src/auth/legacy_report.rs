@@ -11,11 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::callers::LegacyKind;
 use crate::auth::jwks::JwksStatus;
 use crate::auth::keys::KeyOrigin;
-use crate::auth::usage::{
-    LegacyVerdict, UsageTracker, humanize, legacy_verdict, window_first_hour,
-};
+use crate::auth::usage::{LegacyVerdict, UsageTracker, humanize, legacy_verdict};
 use crate::auth::{Authenticator, KeySource};
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::store::{CallerUsage, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -405,10 +403,12 @@ pub async fn key_report(
     store: &Store,
     tracker: &UsageTracker,
     auth: &Authenticator,
+    clock: &Clock,
     revocation_window: Duration,
     usage_window: Duration,
 ) -> anyhow::Result<KeyReport> {
-    let usage = usage_in_window(store, tracker, revocation_window).await?;
+    let now = clock.now_ms();
+    let usage = usage_in_window(store, tracker, revocation_window, now).await?;
     let evidence_since = match (
         store.key_usage_first_hour().await?,
         tracker.first_pending_hour(),
@@ -454,7 +454,6 @@ pub async fn key_report(
         .collect();
     let configured = !ring.legacy_secrets().is_empty();
     let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
-    let now = now_ms();
     let verdict = legacy_verdict(configured, &usage, evidence_since, revocation_window, now);
     let since = first_hour(revocation_window, now).min(first_hour(usage_window, now));
     let (hourly_keys, hourly_callers) = hourly_rows(store, Some(tracker), since).await?;
@@ -487,8 +486,9 @@ async fn usage_in_window(
     store: &Store,
     tracker: &UsageTracker,
     window: Duration,
+    now_ms: i64,
 ) -> anyhow::Result<Vec<KeyUsage>> {
-    let since = window_first_hour(window);
+    let since = first_hour(window, now_ms);
     let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
     let stored = store.key_usage_since(since).await?;
     for row in stored.into_iter().chain(tracker.pending_since(since)) {

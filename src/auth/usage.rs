@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
-use crate::clock::now_ms;
 use crate::store::{KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -352,12 +351,6 @@ pub(crate) fn humanize(window: Duration) -> String {
     } else {
         format!("{secs} s")
     }
-}
-
-/// The start of the first hourly bucket that can hold usage from the window ending now.
-pub fn window_first_hour(window: Duration) -> i64 {
-    let start = now_ms() - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-    start - start.rem_euclid(HOUR_MS)
 }
 
 #[cfg(test)]

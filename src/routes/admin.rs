@@ -14,7 +14,11 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 async fn audit(state: &AppState, principal: &Principal, action: &str, outcome: &str) {
-    audit::record(&state.store, &principal.audit(action, outcome)).await;
+    audit::record(
+        &state.store,
+        &principal.audit(&state.clock, action, outcome),
+    )
+    .await;
 }
 
 /// Longest span `?window_seconds=` may ask the usage for (the revocation window's own limit).
@@ -65,6 +69,7 @@ pub async fn signing_keys(
         &state.store,
         &state.usage,
         &state.auth,
+        &state.clock,
         window,
         asked_window,
     )

@@ -27,11 +27,12 @@ pub async fn send_sms(
     ServiceRole(principal): ServiceRole,
     Json(request): Json<SendSmsRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
-    let audit = principal.audit("send_sms", "pending");
+    let audit = principal.audit(&app.clock, "send_sms", "pending");
     let sent = send(
         app.store.clone(),
         app.config.clone(),
         app.http.clone(),
+        app.clock.clone(),
         request,
         audit,
     )
@@ -70,6 +71,6 @@ pub async fn twilio_status(
         query: uri.query(),
         body: &body,
     };
-    apply_callback(&app.store, &app.config, callback).await?;
+    apply_callback(&app.store, &app.config, &app.clock, callback).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 
 use crate::audit;
 use crate::body::RawBody;
-use crate::clock::now_ms;
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -41,12 +40,22 @@ pub async fn sync_products(
 ) -> ApiResult<Json<SyncReport>> {
     let action = "sync_stripe_products";
     let Some(client) = stripe_client(&state) else {
-        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
+        audit::record(
+            &state.store,
+            &principal.audit(&state.clock, action, "not_configured"),
+        )
+        .await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    let audit = principal.audit(action, "pending");
-    let report =
-        sync::run_for_caller(state.store.clone(), client, audit, &state.stripe_metrics).await?;
+    let audit = principal.audit(&state.clock, action, "pending");
+    let report = sync::run_for_caller(
+        state.store.clone(),
+        client,
+        state.clock.clone(),
+        audit,
+        &state.stripe_metrics,
+    )
+    .await?;
     Ok(Json(report))
 }
 
@@ -86,7 +95,7 @@ pub async fn reconcile(
     };
     let since = match request.and_then(|r| r.since) {
         Some(since) => Some(
-            reconcile::requested_since(since, now_ms().div_euclid(1000)).map_err(|message| {
+            reconcile::requested_since(since, state.clock.unix_now()).map_err(|message| {
                 ApiError::ValidationFailed {
                     field: "since".to_owned(),
                     message,
@@ -96,13 +105,24 @@ pub async fn reconcile(
         None => None,
     };
     let Some(client) = stripe_client(&state) else {
-        audit::record(&state.store, &principal.audit(action, "not_configured")).await;
+        audit::record(
+            &state.store,
+            &principal.audit(&state.clock, action, "not_configured"),
+        )
+        .await;
         return Err(ApiError::NotConfigured("STRIPE_SECRET_KEY"));
     };
-    let audit = principal.audit(action, "pending");
+    let audit = principal.audit(&state.clock, action, "pending");
     let metrics = &state.reconcile_metrics;
-    let report =
-        reconcile::run_for_caller(state.store.clone(), client, since, audit, metrics).await?;
+    let report = reconcile::run_for_caller(
+        state.store.clone(),
+        client,
+        state.clock.clone(),
+        since,
+        audit,
+        metrics,
+    )
+    .await?;
     Ok(Json(report))
 }
 
@@ -142,7 +162,7 @@ pub async fn webhook(
         secrets,
         signature,
         &body,
-        now_ms(),
+        state.clock.now_ms(),
         &state.stripe_metrics,
     )
     .await?;

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sqlx::{PgPool, SqlitePool};
 
-use crate::clock::now_ms;
 use crate::config::DatabaseUrl;
 use engine::Arg;
 
@@ -87,6 +86,7 @@ pub struct AuditEntry {
 
 impl AuditEntry {
     pub fn new(
+        at_ms: i64,
         request_id: Option<String>,
         credential_source: &str,
         credential_id: &str,
@@ -95,7 +95,7 @@ impl AuditEntry {
     ) -> Self {
         Self {
             id: uuid::Uuid::now_v7().to_string(),
-            at_ms: now_ms(),
+            at_ms,
             request_id,
             credential_source: credential_source.to_owned(),
             credential_id: credential_id.to_owned(),

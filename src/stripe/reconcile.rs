@@ -4,7 +4,7 @@
 //! skipped. One run at a time across all instances (`Job::Reconcile`), each recorded in
 //! `reconcile_runs` with the last event it handled.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::store::{AuditEntry, Job, ReconcileCounts, Store, SyncLock};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
@@ -117,12 +117,14 @@ pub fn requested_since(since: i64, now_s: i64) -> Result<i64, String> {
 pub async fn run_for_caller(
     store: Store,
     client: StripeClient,
+    clock: Clock,
     since: Option<i64>,
     audit: AuditEntry,
     metrics: &ReconcileMetrics,
 ) -> Result<ReconcileReport, ReconcileError> {
     let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
-    let job = async move { run(&job_store, &client, &holder, Trigger::Manual, since).await };
+    let job =
+        async move { run(&job_store, &client, &clock, &holder, Trigger::Manual, since).await };
     let outcome_of = ReconcileError::outcome;
     let result =
         super::run_for_caller(store, audit, job, outcome_of, ReconcileError::Internal).await;
@@ -133,23 +135,25 @@ pub async fn run_for_caller(
 pub async fn run(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     holder: &str,
     trigger: Trigger,
     since: Option<i64>,
 ) -> Result<ReconcileReport, ReconcileError> {
-    let started = Instant::now();
-    let started_at = now_ms();
+    let started = clock.now();
+    let started_at = clock.now_ms();
     let locked = async |lock: &mut SyncLock| {
         // Read under the lock, so it sees every run that finished before this one.
         let since = match since {
             Some(since) => since,
             None => default_since(store, started_at.div_euclid(1000)).await?,
         };
-        let events = run_locked(store, client, lock, trigger, since, started_at).await?;
+        let events = run_locked(store, client, clock, lock, trigger, since, started_at).await?;
         Ok(ReconcileReport {
             events,
             since,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            duration_ms: u64::try_from(clock.now().saturating_duration_since(started).as_millis())
+                .unwrap_or(u64::MAX),
         })
     };
     store
@@ -161,6 +165,7 @@ pub async fn run(
 async fn run_locked(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     lock: &mut SyncLock,
     trigger: Trigger,
     since: i64,
@@ -170,25 +175,16 @@ async fn run_locked(
     store
         .start_reconcile_run(&run_id, trigger.as_str(), since, started_at)
         .await?;
-    let mut counts = ReconcileCounts::default();
-    let mut last_event = None;
-    let walked = walk(
-        store,
-        client,
-        lock,
-        &run_id,
-        since,
-        &mut counts,
-        &mut last_event,
-    )
-    .await;
+    let mut progress = Progress::default();
+    let walked = walk(store, client, clock, lock, &run_id, since, &mut progress).await;
     let (outcome, error) = Stop::outcome(&walked);
+    let Progress { counts, last_event } = progress;
     store
         .record_reconcile_run(
             &run_id,
             &counts,
             last_event.as_deref(),
-            Some((now_ms(), outcome, error.as_deref())),
+            Some((clock.now_ms(), outcome, error.as_deref())),
         )
         .await?;
     walked.map(|()| counts).map_err(|stop| match stop {
@@ -201,23 +197,31 @@ async fn run_locked(
     })
 }
 
+/// How far a run got: its counts and the last event it handled.
+#[derive(Default)]
+struct Progress {
+    counts: ReconcileCounts,
+    last_event: Option<String>,
+}
+
 /// Every page of events since `since`, each event applied as a webhook delivery would be; after
 /// each page the lock is renewed and the run row shows the counts and the last event handled.
 async fn walk(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
     since: i64,
-    counts: &mut ReconcileCounts,
-    last_event: &mut Option<String>,
+    progress: &mut Progress,
 ) -> Result<(), Stop> {
+    let Progress { counts, last_event } = progress;
     let mut pages =
         Pages::<Event>::filtered(client, "events", vec![("created[gte]", since.to_string())]);
     while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
         for event in &page {
             counts.seen += 1;
-            match webhook::apply(store, Some(client), event, now_ms()).await {
+            match webhook::apply(store, Some(client), event, clock.now_ms()).await {
                 Ok(Outcome::Applied) => counts.applied += 1,
                 Ok(Outcome::Ignored) => counts.ignored += 1,
                 Ok(Outcome::Duplicate) => counts.already_applied += 1,
@@ -231,7 +235,7 @@ async fn walk(
             }
             *last_event = Some(event.id.clone());
         }
-        lock.renew(now_ms()).await?;
+        lock.renew(clock.now_ms()).await?;
         store
             .record_reconcile_run(run_id, counts, last_event.as_deref(), None)
             .await?;
@@ -305,6 +309,7 @@ impl ReconcileMetrics {
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
+    clock: Clock,
     interval: Duration,
     metrics: ReconcileMetrics,
 ) -> tokio::task::JoinHandle<()> {
@@ -312,7 +317,7 @@ pub fn spawn_periodic(
         let holder = format!("periodic-{}", uuid::Uuid::new_v4());
         loop {
             tokio::time::sleep(jittered(interval)).await;
-            let result = run(&store, &client, &holder, Trigger::Periodic, None).await;
+            let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
             match &result {
                 Ok(report) => tracing::info!(

@@ -2,12 +2,12 @@
 //! page by page (one transaction each); after a *complete* listing, rows Stripe no longer returns
 //! are deactivated. One sync at a time across all instances (`Job::CatalogueSync`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
@@ -102,11 +102,12 @@ impl Stop {
 pub async fn run_for_caller(
     store: Store,
     client: StripeClient,
+    clock: Clock,
     audit: AuditEntry,
     metrics: &StripeMetrics,
 ) -> Result<SyncReport, SyncError> {
     let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
-    let job = async move { run(&job_store, &client, &holder).await };
+    let job = async move { run(&job_store, &client, &clock, &holder).await };
     let result =
         super::run_for_caller(store, audit, job, SyncError::outcome, SyncError::Internal).await;
     metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"));
@@ -116,33 +117,40 @@ pub async fn run_for_caller(
 pub async fn run(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     holder: &str,
 ) -> Result<SyncReport, SyncError> {
-    let started = Instant::now();
-    let started_at = now_ms();
+    let started = clock.now();
+    let started_at = clock.now_ms();
     let run_id = uuid::Uuid::now_v7().to_string();
-    let locked =
-        async |lock: &mut SyncLock| run_locked(store, client, lock, &run_id, started_at).await;
+    let locked = async |lock: &mut SyncLock| {
+        run_locked(store, client, clock, lock, &run_id, started_at).await
+    };
     let result = store
         .with_job_lock(Job::CatalogueSync, holder, started_at, LOCK_TTL, locked)
         .await?
         .ok_or(SyncError::InProgress)?;
-    result.map(|counts| SyncReport::new(&counts, started.elapsed()))
+    result.map(|counts| SyncReport::new(&counts, clock.now().saturating_duration_since(started)))
 }
 
 async fn run_locked(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
     started_at: i64,
 ) -> Result<SyncCounts, SyncError> {
     store.start_sync_run(run_id, started_at).await?;
     let mut counts = SyncCounts::default();
-    let walked = walk(store, client, lock, run_id, started_at, &mut counts).await;
+    let walked = walk(store, client, clock, lock, run_id, started_at, &mut counts).await;
     let (outcome, error) = Stop::outcome(&walked);
     store
-        .record_sync_run(run_id, &counts, Some((now_ms(), outcome, error.as_deref())))
+        .record_sync_run(
+            run_id,
+            &counts,
+            Some((clock.now_ms(), outcome, error.as_deref())),
+        )
         .await?;
     walked.map(|()| counts).map_err(|stop| match stop {
         Stop::Upstream(error) => SyncError::Upstream {
@@ -208,15 +216,16 @@ impl Catalogued for Price {
 async fn walk(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
     started_at: i64,
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
-    walk_resource::<Product>(store, client, lock, run_id, counts).await?;
-    walk_resource::<Price>(store, client, lock, run_id, counts).await?;
+    walk_resource::<Product>(store, client, clock, lock, run_id, counts).await?;
+    walk_resource::<Price>(store, client, clock, lock, run_id, counts).await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
-    let (products, prices) = store.deactivate_unseen(started_at, now_ms()).await?;
+    let (products, prices) = store.deactivate_unseen(started_at, clock.now_ms()).await?;
     counts.products_deactivated = count(products);
     counts.prices_deactivated = count(prices);
     Ok(())
@@ -227,22 +236,23 @@ async fn walk(
 async fn walk_resource<T: Catalogued>(
     store: &Store,
     client: &StripeClient,
+    clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
     let mut pages = Pages::<T>::new(client, T::RESOURCE);
     while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
-        let fetched_at = now_ms();
+        let fetched_at = clock.now_ms();
         let rows: Vec<T::Row> = page
             .iter()
             .map(|object| object.to_row(fetched_at))
             .collect();
-        let upserted = count(T::write(store, &rows, now_ms()).await?);
+        let upserted = count(T::write(store, &rows, clock.now_ms()).await?);
         let (seen, written) = T::counters(counts);
         *seen += len(&rows);
         *written += upserted;
-        checkpoint(store, lock, run_id, counts).await?;
+        checkpoint(store, clock, lock, run_id, counts).await?;
     }
     Ok(())
 }
@@ -251,11 +261,12 @@ async fn walk_resource<T: Catalogued>(
 /// how far it got.
 async fn checkpoint(
     store: &Store,
+    clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
     counts: &SyncCounts,
 ) -> anyhow::Result<()> {
-    lock.renew(now_ms()).await?;
+    lock.renew(clock.now_ms()).await?;
     store.record_sync_run(run_id, counts, None).await
 }
 

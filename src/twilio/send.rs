@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::SmsError;
 use super::client::{CallError, MessageResource, TwilioApi};
 use crate::backoff;
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::config::{Config, SmsSender, is_e164};
 use crate::store::{
     AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, is_unavailable,
@@ -138,12 +138,13 @@ pub async fn send_sms(
     store: Store,
     config: Arc<Config>,
     http: reqwest::Client,
+    clock: Clock,
     request: SendSmsRequest,
     audit: AuditEntry,
 ) -> Result<Sent, SmsError> {
     let work = async move {
         let mut message_id = None;
-        let outcome = send_once(&store, &config, &http, request, &mut message_id).await;
+        let outcome = send_once(&store, &config, &http, &clock, request, &mut message_id).await;
         record_audit(&store, audit, &outcome, message_id).await;
         outcome
     };
@@ -185,6 +186,7 @@ async fn send_once(
     store: &Store,
     config: &Config,
     http: &reqwest::Client,
+    clock: &Clock,
     request: SendSmsRequest,
     message_id: &mut Option<String>,
 ) -> Result<Sent, SmsError> {
@@ -210,7 +212,7 @@ async fn send_once(
         status: STATUS_ACCEPTED,
     };
     let reserved = store
-        .reserve_sms(new, limits, now_ms)
+        .reserve_sms(new, limits, || clock.now_ms())
         .await
         .map_err(|err| {
             if is_unavailable(&err) {
@@ -259,6 +261,7 @@ async fn send_once(
     }
     deliver(
         store,
+        clock,
         &api,
         &form,
         &message.id,
@@ -284,9 +287,10 @@ fn send_deadline(request_timeout: Duration) -> Duration {
 /// send can take (another instance may have crashed). Runs until the handle is aborted.
 pub fn spawn_unanswered_sweeper(
     store: Store,
+    clock: Clock,
     request_timeout: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let started_at = now_ms();
+    let started_at = clock.now_ms();
     let deadline_ms = i64::try_from(send_deadline(request_timeout).as_millis()).unwrap_or(i64::MAX);
     tokio::spawn(async move {
         let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
@@ -297,12 +301,12 @@ pub fn spawn_unanswered_sweeper(
             tick.tick().await;
             // Until the start-up sweep succeeds, it is the one retried.
             let cutoff = if swept_start {
-                now_ms().saturating_sub(deadline_ms)
+                clock.now_ms().saturating_sub(deadline_ms)
             } else {
                 started_at
             };
             match store
-                .mark_unanswered_sms_unknown(cutoff, reason, now_ms())
+                .mark_unanswered_sms_unknown(cutoff, reason, clock.now_ms())
                 .await
             {
                 Ok(marked) => {
@@ -320,6 +324,7 @@ pub fn spawn_unanswered_sweeper(
 /// Hands the reserved message `id` to Twilio and records what came of it.
 async fn deliver(
     store: &Store,
+    clock: &Clock,
     api: &TwilioApi,
     form: &[(&str, &str)],
     id: &str,
@@ -333,7 +338,7 @@ async fn deliver(
                 error_code: None,
                 error_message: None,
             };
-            if let Err(err) = store.record_sms_send(id, result, now_ms()).await {
+            if let Err(err) = store.record_sms_send(id, result, clock.now_ms()).await {
                 // The text is on its way; failing the request now would invite a resend.
                 tracing::error!(%id, sid = %created.sid, error = format!("{err:#}"),
                     "SMS sent but its SID was not stored");
@@ -347,7 +352,7 @@ async fn deliver(
                 replayed: false,
             })
         }
-        Err(err) => Err(record_failure(store, id, err).await),
+        Err(err) => Err(record_failure(store, clock, id, err).await),
     }
 }
 
@@ -384,7 +389,7 @@ async fn create_with_retries(
 }
 
 /// Stores why the send failed and maps it to the answer.
-async fn record_failure(store: &Store, id: &str, err: CallError) -> SmsError {
+async fn record_failure(store: &Store, clock: &Clock, id: &str, err: CallError) -> SmsError {
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
             let detail = body.describe(*http_status);
@@ -420,7 +425,7 @@ async fn record_failure(store: &Store, id: &str, err: CallError) -> SmsError {
         error_code: code,
         error_message: Some(&detail),
     };
-    if let Err(store_err) = store.record_sms_send(id, result, now_ms()).await {
+    if let Err(store_err) = store.record_sms_send(id, result, clock.now_ms()).await {
         tracing::error!(
             id,
             error = format!("{store_err:#}"),

@@ -4,7 +4,7 @@
 use secrecy::ExposeSecret as _;
 
 use super::SmsError;
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::{StatusChange, Store};
 
@@ -50,6 +50,7 @@ pub struct Callback<'a> {
 pub async fn apply_callback(
     store: &Store,
     config: &Config,
+    clock: &Clock,
     callback: Callback<'_>,
 ) -> Result<(), SmsError> {
     let token = config
@@ -107,7 +108,13 @@ pub async fn apply_callback(
     // rather than refusing a signed callback.
     let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
     match store
-        .apply_sms_status(sid, (status, rank), STATUS_RANKS, error_code, now_ms())
+        .apply_sms_status(
+            sid,
+            (status, rank),
+            STATUS_RANKS,
+            error_code,
+            clock.now_ms(),
+        )
         .await?
     {
         StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use crate::support::now_ms;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
-use edgegate::clock::{Clock, now_ms};
+use edgegate::clock::Clock;
 use edgegate::store::KeyUsage;
 use serde_json::{Value, json};
 
@@ -422,6 +423,32 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
     assert_eq!(refresh.credential_id, "backend");
     assert_eq!(refresh.outcome, "ok");
     assert!(refresh.request_id.is_some());
+}
+
+#[tokio::test]
+async fn audit_rows_are_stamped_by_the_apps_clock() {
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let clock = Clock::manual();
+    let server = app_with_clock(&db, &host, &[], clock.clone()).await;
+    clock.advance(Duration::from_millis(30 * DAY_MS as u64));
+    force_refresh(&server).await;
+
+    let audit = db.store().await.recent_audit(10).await.unwrap();
+    let refresh = audit
+        .iter()
+        .find(|entry| entry.action == "refresh_signing_keys")
+        .expect("an audit row for the refresh");
+    // The injected clock, not the system's: 30 days ahead of it.
+    assert!(
+        refresh.at_ms >= now_ms() + 29 * DAY_MS,
+        "stamped {} against the system's {}",
+        refresh.at_ms,
+        now_ms()
+    );
+    assert!(refresh.at_ms <= clock.now_ms());
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::support::now_ms;
 use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
-use edgegate::clock::now_ms;
 use edgegate::server::middleware::{DEFAULT_BODY_LIMIT, Limits};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::now_ms;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
-use edgegate::clock::now_ms;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,10 +1,10 @@
 //! Who still uses the legacy secret: callers counted per kind, route and client on every
 //! instance, summed in the database, listed by `GET /admin/signing-keys` and `edgegate keys report`.
 
+use crate::support::now_ms;
 use edgegate::AppState;
 use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
 use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
-use edgegate::clock::now_ms;
 use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
 

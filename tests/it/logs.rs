@@ -2,9 +2,9 @@
 //! the request's id, method, route, status, latency and credential (never the credential
 //! itself), and no colour codes when the output is a file.
 
+use crate::support::now_ms;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, legacy_token, user_claims};
-use edgegate::clock::now_ms;
 use serde_json::Value;
 
 use crate::process::{free_port, signal, spawn_server, wait_exit, wait_healthy};

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::now_ms;
 use edgegate::auth::mint::{legacy_token, user_claims};
-use edgegate::clock::now_ms;
 use edgegate::{AppState, Config, Store};
 use serde_json::{Value, json};
 use sqlx::Connection as _;

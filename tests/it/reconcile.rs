@@ -415,6 +415,7 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let task = edgegate::stripe::reconcile::spawn_periodic(
         app.state.store.clone(),
         client,
+        app.state.clock.clone(),
         std::time::Duration::from_millis(50),
         app.state.reconcile_metrics.clone(),
     );

@@ -2,9 +2,9 @@
 //! an emergency rotation that outruns the JWKS, a legacy anon key as the last legacy caller, and a
 //! revocation window long enough for monthly jobs.
 
+use crate::support::now_ms;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::SigningKey;
-use edgegate::clock::now_ms;
 use edgegate::store::KeyUsage;
 use serde_json::{Value, json};
 

@@ -98,15 +98,23 @@ async fn every_table_later_features_need_exists() {
 async fn audit_entries_round_trip_newest_first() {
     let db = test_db!();
     let store = db.store().await;
-    let mut first = AuditEntry::new(
+    let now = crate::support::now_ms();
+    let first = AuditEntry::new(
+        now - 1_000,
         Some("req-1".into()),
         "legacy_secret",
         "legacy",
         "sync_stripe_products",
         "ok",
     );
-    first.at_ms -= 1_000;
-    let mut second = AuditEntry::new(None, "api_key", "backend", "refresh_signing_keys", "error");
+    let mut second = AuditEntry::new(
+        now,
+        None,
+        "api_key",
+        "backend",
+        "refresh_signing_keys",
+        "error",
+    );
     second.detail = Some(r#"{"reason":"jwks host down"}"#.into());
     store.record_audit(&first).await.unwrap();
     store.record_audit(&second).await.unwrap();
@@ -119,7 +127,14 @@ async fn audit_entries_round_trip_newest_first() {
 async fn an_audit_id_is_never_written_twice() {
     let db = test_db!();
     let store = db.store().await;
-    let entry = AuditEntry::new(None, "system", "edgegate", "migrate", "ok");
+    let entry = AuditEntry::new(
+        crate::support::now_ms(),
+        None,
+        "system",
+        "edgegate",
+        "migrate",
+        "ok",
+    );
     store.record_audit(&entry).await.unwrap();
     assert!(store.record_audit(&entry).await.is_err());
     assert_eq!(store.recent_audit(10).await.unwrap().len(), 1);

@@ -4,8 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::now_ms;
 use edgegate::AppState;
-use edgegate::clock::now_ms;
 use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 

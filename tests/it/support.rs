@@ -18,6 +18,12 @@ pub struct TestDb {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The wall clock in milliseconds, for test data made outside an app (the apps read their
+/// `AppState` clock).
+pub fn now_ms() -> i64 {
+    Clock::system().now_ms()
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
 }
