@@ -10,9 +10,11 @@
 #   healthz  GET /healthz (the HTTP floor)
 #   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
+#   hit-otel hit, with every span exported over OTLP (always_on) to bench/otlp_sink.py: the
+#            export task's work (encoding, sending) falls inside the counted requests
 # Output: instructions per request per scenario, and each scenario's top functions (self cost)
 # in OUT_DIR (default: a scratch folder, printed) as callgrind.<scenario>.{out,txt}.
-# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, TOP (25),
+# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, SINK_PORT, TOP (25),
 # LOG_LEVEL (RUST_LOG, default info: the container's logging, JSON lines included).
 set -euo pipefail
 
@@ -22,6 +24,7 @@ SCENARIOS=${SCENARIOS:-healthz hit fresh}
 TOP=${TOP:-25}
 LOG_LEVEL=${LOG_LEVEL:-info}
 SERVER_PORT=${SERVER_PORT:-18821}
+SINK_PORT=${SINK_PORT:-18822}
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -40,14 +43,14 @@ JWKS=$(cat "$WORK/tokens/jwks.json")
 # vgdb finds valgrind by a name made of USER and HOST, so the control side needs the server's.
 control() { env -u USER HOST=127.0.0.1 callgrind_control "$@" >/dev/null; }
 
-run() { # scenario path token_file
+run() { # scenario path token_file [VAR=value…]
     local out=$OUT_DIR/callgrind.$1.out pid
     mkdir -p "$WORK/db"
     rm -f "$WORK/db/"*
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" \
         DATABASE_URL="sqlite://$WORK/db/edgegate.db" \
         SUPABASE_JWKS="$JWKS" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
-        LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" \
+        LOG_FORMAT=json RUST_LOG="$LOG_LEVEL" "${@:4}" \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
         "$EDGEGATE" serve >"$WORK/server.$1.log" 2>"$WORK/valgrind.$1.log" &
     pid=$!
@@ -72,6 +75,15 @@ for scenario in $SCENARIOS; do
     healthz) run healthz /healthz "$WORK/tokens/es256_one.txt" ;;
     hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
     fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
+    hit-otel)
+        python3 "$BENCH/otlp_sink.py" "$SINK_PORT" "$WORK/sink.count" &
+        PIDS+=($!)
+        # Batches of 100 so that the counted requests hold 20 whole exports at the default
+        # REQUESTS, rather than at most 3 of the default 512.
+        run hit-otel /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" \
+            OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" OTEL_TRACES_SAMPLER=always_on \
+            OTEL_BSP_MAX_EXPORT_BATCH_SIZE=100
+        ;;
     *) log "unknown scenario $scenario" && exit 1 ;;
     esac
 done

@@ -2,6 +2,7 @@
 
 mod json_fields;
 mod metrics;
+mod otlp;
 mod traces;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};

@@ -14,21 +14,20 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
     SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TracerProvider as _,
 };
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanExporter as _, SpanProcessor,
+    SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use secrecy::ExposeSecret as _;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use super::otlp::{Collector, Encoder};
 use crate::config::{TraceExport, TraceSampler};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -97,27 +96,7 @@ impl TraceExporter {
 
 /// Builds the OTLP exporter and starts its task (on the current tokio runtime).
 pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkTracer)> {
-    // The service's own client stack (rustls on aws-lc-rs), not a second one.
-    let client = reqwest::Client::builder()
-        .timeout(config.export_timeout)
-        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the OTLP HTTP client")?;
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(client)
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(config.endpoint.as_str())
-        .with_timeout(config.export_timeout)
-        .with_headers(
-            config
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), value.expose_secret().to_owned()))
-                .collect(),
-        )
-        .build()
-        .context("building the OTLP span exporter")?;
+    let collector = Collector::new(config).context("building the OTLP HTTP client")?;
     let resource = Resource::builder_empty()
         .with_service_name(config.service_name.clone())
         .with_attribute(opentelemetry::KeyValue::new(
@@ -125,8 +104,7 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
             env!("CARGO_PKG_VERSION"),
         ))
         .build();
-    // The SDK's processors hand the resource over; this one owns no exporter, so it is set here.
-    exporter.set_resource(&resource);
+    let encoder = Encoder::new(&resource);
     let (queue, receiver) = mpsc::channel(config.max_queue_size);
     let (stop, stopped) = oneshot::channel();
     let batch = Arc::new(Batch {
@@ -136,7 +114,7 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
     });
     let task = tokio::spawn(export_loop(
         receiver,
-        exporter,
+        Exporter { collector, encoder },
         batch.clone(),
         config.schedule_delay,
         stopped,
@@ -222,7 +200,7 @@ impl SpanProcessor for QueueProcessor {
 /// queued and ends.
 async fn export_loop(
     mut queue: mpsc::Receiver<SpanData>,
-    exporter: opentelemetry_otlp::SpanExporter,
+    mut exporter: Exporter,
     batch: Arc<Batch>,
     delay: Duration,
     mut stop: oneshot::Receiver<()>,
@@ -235,20 +213,15 @@ async fn export_loop(
             () = batch.full.notified() => {}
             _ = tick.tick() => {}
         }
-        send_queued(&mut queue, &exporter, &batch).await;
+        send_queued(&mut queue, &mut exporter, &batch).await;
     }
     // Nothing more is taken; what was queued before the stop still goes out.
     queue.close();
-    send_queued(&mut queue, &exporter, &batch).await;
-    let _ = exporter.shutdown();
+    send_queued(&mut queue, &mut exporter, &batch).await;
 }
 
 /// Exports what is in the queue now, in batches of at most `batch.size`.
-async fn send_queued(
-    queue: &mut mpsc::Receiver<SpanData>,
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: &Batch,
-) {
+async fn send_queued(queue: &mut mpsc::Receiver<SpanData>, exporter: &mut Exporter, batch: &Batch) {
     loop {
         let mut spans = Vec::with_capacity(batch.size);
         while spans.len() < batch.size {
@@ -262,7 +235,7 @@ async fn send_queued(
         }
         batch.queued.fetch_sub(spans.len(), Ordering::Relaxed);
         let full = spans.len() == batch.size;
-        export(exporter, spans).await;
+        exporter.export(spans).await;
         if !full {
             return;
         }
@@ -289,7 +262,11 @@ fn shape(span: &mut SpanData) {
     match span.name.as_ref() {
         SERVER_SPAN => {
             let route = attribute("http.route").unwrap_or_default();
-            span.name = format!("{method} {route}").into();
+            let mut name = String::with_capacity(method.len() + 1 + route.len());
+            name.push_str(&method);
+            name.push(' ');
+            name.push_str(&route);
+            span.name = name.into();
             span.span_kind = SpanKind::Server;
         }
         CLIENT_SPAN => {
@@ -300,16 +277,26 @@ fn shape(span: &mut SpanData) {
     }
 }
 
-async fn export(exporter: &opentelemetry_otlp::SpanExporter, mut spans: Vec<SpanData>) {
-    spans.iter_mut().for_each(shape);
-    let count = spans.len() as u64;
-    match exporter.export(spans).await {
-        Ok(()) => {
-            COUNTERS.exported.inc_by(count);
-        }
-        Err(err) => {
-            COUNTERS.failed.inc_by(count);
-            tracing::warn!(error = %err, spans = count, "trace export failed; the spans are lost");
+/// Where the export task sends batches, and how it writes them.
+struct Exporter {
+    collector: Collector,
+    encoder: Encoder,
+}
+
+impl Exporter {
+    async fn export(&mut self, mut spans: Vec<SpanData>) {
+        spans.iter_mut().for_each(shape);
+        let count = spans.len() as u64;
+        let body = self.encoder.encode(&spans);
+        drop(spans);
+        match self.collector.send(body).await {
+            Ok(()) => {
+                COUNTERS.exported.inc_by(count);
+            }
+            Err(err) => {
+                COUNTERS.failed.inc_by(count);
+                tracing::warn!(error = %err, spans = count, "trace export failed; the spans are lost");
+            }
         }
     }
 }
@@ -382,6 +369,7 @@ pub(crate) fn server_span(
         }
     };
     let method = req.method().as_str();
+    let mut hex = [0u8; 32];
     let span = tracing::info_span!(
         "request",
         "http.request.method" = method,
@@ -389,7 +377,7 @@ pub(crate) fn server_span(
         request_id,
         "edgegate.credential.source" = tracing::field::Empty,
         "edgegate.credential.kid" = tracing::field::Empty,
-        trace_id = %trace_id,
+        trace_id = hex_id(&trace_id.to_bytes(), &mut hex),
     );
     let _ = span.set_parent(parent);
     span.set_attribute("url.scheme", scheme);
@@ -410,6 +398,18 @@ pub(crate) fn server_span(
     let _ = span.context();
     NEXT_TRACE_ID.set(None);
     span
+}
+
+/// `id` in lowercase hexadecimal, written into `out` (as W3C trace context writes ids): a
+/// `&str` field costs the logs and the span a copy, where a `Display` one costs each a
+/// formatting of a `u128`.
+fn hex_id<'a>(id: &[u8; 16], out: &'a mut [u8; 32]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in id.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    std::str::from_utf8(out).unwrap_or_default()
 }
 
 /// Records the answer on the server span: its status, and an error status for a 5xx.
@@ -457,4 +457,18 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TraceId;
+
+    #[test]
+    fn ids_are_written_as_trace_context_writes_them() {
+        let mut out = [0u8; 32];
+        for id in [0, 1, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, u128::MAX] {
+            let id = TraceId::from(id);
+            assert_eq!(super::hex_id(&id.to_bytes(), &mut out), id.to_string());
+        }
+    }
 }

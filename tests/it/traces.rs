@@ -2,6 +2,7 @@
 //! collector on loopback, decoded with the `opentelemetry-proto` messages; the caller's W3C trace
 //! context continued into the server span and on to Stripe; nothing of it without the variables.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use crate::support::now_ms;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::post;
 use edgegate::auth::Alg;
 use edgegate::auth::mint::{SigningKey, user_claims};
@@ -36,8 +39,9 @@ fn traceparent() -> String {
     format!("00-{TRACE_ID}-{PARENT_ID}-01")
 }
 
-/// An OTLP/HTTP collector: keeps every body POSTed to `/v1/traces`. A holding collector never
-/// answers (a collector that hangs).
+/// An OTLP/HTTP collector: keeps every body POSTed to `/v1/traces`, and its headers. A holding
+/// collector never answers (a collector that hangs); `answers` are given, one per POST, before
+/// it answers 200.
 struct Collector {
     base: String,
     shared: Arc<Received>,
@@ -47,22 +51,41 @@ struct Collector {
 #[derive(Default)]
 struct Received {
     bodies: Mutex<Vec<Bytes>>,
+    /// Every POST, answered or refused.
+    posts: Mutex<Vec<(HeaderMap, Bytes)>>,
+    answers: Mutex<VecDeque<Response>>,
     arrived: Notify,
 }
 
-async fn receive(State(shared): State<(Arc<Received>, bool)>, body: Bytes) -> &'static str {
+async fn receive(
+    State(shared): State<(Arc<Received>, bool)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (received, hold) = shared;
+    received.posts.lock().unwrap().push((headers, body.clone()));
+    let answer = received.answers.lock().unwrap().pop_front();
+    if let Some(answer) = answer {
+        return answer;
+    }
     received.bodies.lock().unwrap().push(body);
     received.arrived.notify_waiters();
     if hold {
         std::future::pending::<()>().await;
     }
-    ""
+    "".into_response()
 }
 
 impl Collector {
     async fn start(hold: bool) -> Self {
-        let shared = Arc::new(Received::default());
+        Self::answering(hold, Vec::new()).await
+    }
+
+    async fn answering(hold: bool, answers: Vec<Response>) -> Self {
+        let shared = Arc::new(Received {
+            answers: Mutex::new(answers.into()),
+            ..Received::default()
+        });
         let app = Router::new()
             .route("/v1/traces", post(receive))
             .with_state((shared.clone(), hold));
@@ -357,6 +380,100 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     }
     stop(server, &dir).await;
     collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
+}
+
+#[tokio::test]
+async fn spans_go_as_protobuf_with_the_configured_headers_and_a_throttled_export_is_retried() {
+    const COLLECTOR_SECRET: &str = "collector-secret-3f9a";
+    let throttled = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("retry-after", "0")],
+        "busy",
+    )
+        .into_response();
+    let collector = Collector::answering(
+        false,
+        vec![throttled, StatusCode::BAD_GATEWAY.into_response()],
+    )
+    .await;
+    let authorization = format!("authorization=Bearer {COLLECTOR_SECRET}");
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_EXPORTER_OTLP_HEADERS", authorization.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    let response = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .header("x-request-id", "otel-retried")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Refused twice (503 with Retry-After, then 502), taken the third time.
+    let span = collector
+        .span(|span| attribute(&span.attributes, "request_id").as_deref() == Some("otel-retried"))
+        .await;
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    let posts = collector.shared.posts.lock().unwrap().clone();
+    assert!(posts.len() >= 3, "{} POSTs", posts.len());
+    for (sent, body) in &posts[..3] {
+        assert_eq!(body, &posts[0].1, "a retry sends the same spans");
+        assert_eq!(sent["content-type"], "application/x-protobuf");
+        assert_eq!(
+            sent["authorization"],
+            format!("Bearer {COLLECTOR_SECRET}").as_str()
+        );
+    }
+    assert!(metric(&base, "edgegate_otel_spans_exported_total").await >= 1);
+    assert_eq!(
+        metric(&base, "edgegate_otel_spans_export_failed_total").await,
+        0
+    );
+    let log = stop_raw(server, &dir).await;
+    assert!(
+        !log.contains(COLLECTOR_SECRET),
+        "the collector's credential is in the log"
+    );
+}
+
+#[tokio::test]
+async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retried() {
+    let collector = Collector::answering(
+        false,
+        vec![(StatusCode::BAD_REQUEST, "malformed").into_response()],
+    )
+    .await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut failed = 0;
+    for _ in 0..100 {
+        failed = metric(&base, "edgegate_otel_spans_export_failed_total").await;
+        if failed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed >= 1, "the refused span was not counted as lost");
+    let posts = collector.shared.posts.lock().unwrap().clone();
+    let refused = &posts[0].1;
+    assert_eq!(
+        posts.iter().filter(|(_, body)| body == refused).count(),
+        1,
+        "a 400 was retried"
+    );
+    let lines = stop(server, &dir).await;
+    assert!(
+        lines.iter().any(|line| line["level"] == "WARN"
+            && line["error"] == "the collector answered 400 Bad Request"),
+        "no warning says why the spans were lost"
+    );
 }
 
 #[tokio::test]
