@@ -557,5 +557,6 @@ async fn text_log_lines_carry_the_request_id_and_the_trace_id() {
         .lines()
         .find(|line| line.contains(r#"request_id="text-log-line""#) && line.contains("response"))
         .unwrap_or_else(|| panic!("no response line:\n{log}"));
-    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
+    // Quoted, as the request id is: both are text fields.
+    assert!(line.contains(&format!(r#"trace_id="{TRACE_ID}""#)), "{line}");
 }
