@@ -558,5 +558,8 @@ async fn text_log_lines_carry_the_request_id_and_the_trace_id() {
         .find(|line| line.contains(r#"request_id="text-log-line""#) && line.contains("response"))
         .unwrap_or_else(|| panic!("no response line:\n{log}"));
     // Quoted, as the request id is: both are text fields.
-    assert!(line.contains(&format!(r#"trace_id="{TRACE_ID}""#)), "{line}");
+    assert!(
+        line.contains(&format!(r#"trace_id="{TRACE_ID}""#)),
+        "{line}"
+    );
 }
