@@ -48,9 +48,11 @@ phase() { printf '\n-- %s %s\n' "$(date -u +%T)" "$*"; }
 indent() { sed -u 's/^/    /'; }   # unbuffered: build progress shows as it happens
 
 # Debian's docker.io client first: it matches its daemon and has the legacy builder and BuildKit
-# built in (a newer client without the buildx plugin refuses DOCKER_BUILDKIT=1).
+# built in (a newer client without the buildx plugin refuses DOCKER_BUILDKIT=1). `type -P`, not
+# `command -v`: the latter names the `docker` function below, which then calls itself until bash
+# overflows its stack (a segfault, on a machine without /usr/bin/docker).
 DOCKER=
-pick_docker() { if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=$(command -v docker || true); fi; }
+pick_docker() { if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=$(type -P docker || true); fi; }
 docker() { "$DOCKER" "$@"; }
 pick_docker
 
