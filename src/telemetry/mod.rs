@@ -3,11 +3,13 @@
 mod json_fields;
 mod metrics;
 mod otlp;
+mod spans;
 mod traces;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
+pub(crate) use spans::end_server_span;
+pub(crate) use traces::server_span;
 pub use traces::{TraceExporter, is_exporting, send};
-pub(crate) use traces::{end_server_span, server_span};
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -43,24 +45,12 @@ pub fn init(
             .flatten_event(true)
             .with_span_list(false)
             .fmt_fields(json_fields::AppendJsonFields)
-            .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => logs.with_filter(filter).boxed(),
+        LogFormat::Pretty => logs.boxed(),
     };
-    // Only edgegate's own spans, whatever RUST_LOG keeps for the logs. Events stay out of
-    // traces (the logs have them), and so do code locations, threads and busy/idle timings,
-    // which cost on every poll.
-    let spans = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_location(false)
-        .with_threads(false)
-        .with_target(false)
-        .with_tracked_inactivity(false)
-        .with_context_activation(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.is_span() && meta.target().starts_with("edgegate")
-        }));
+    let spans = spans::SpanLayer::new(tracer);
     if tracing_subscriber::registry()
+        .with(spans::Filter::new(filter))
         .with(logs)
         .with(spans)
         .try_init()

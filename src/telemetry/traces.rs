@@ -11,9 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
-use opentelemetry::trace::{
-    SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TracerProvider as _,
-};
+use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -25,9 +24,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::otlp::{Collector, Encoder};
+use super::spans::{CLIENT_SPAN, SERVER_SPAN, ServerStart, server_span_with, span_context};
 use crate::config::{TraceExport, TraceSampler};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -99,10 +98,7 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
     let collector = Collector::new(config).context("building the OTLP HTTP client")?;
     let resource = Resource::builder_empty()
         .with_service_name(config.service_name.clone())
-        .with_attribute(opentelemetry::KeyValue::new(
-            "service.version",
-            env!("CARGO_PKG_VERSION"),
-        ))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build();
     let encoder = Encoder::new(&resource);
     let (queue, receiver) = mpsc::channel(config.max_queue_size);
@@ -242,41 +238,6 @@ async fn send_queued(queue: &mut mpsc::Receiver<SpanData>, exporter: &mut Export
     }
 }
 
-/// The name of the request span (`server::middleware`, and [`server_span`]).
-const SERVER_SPAN: &str = "request";
-/// The name of the span of an outgoing call ([`send`]).
-const CLIENT_SPAN: &str = "http.client";
-
-/// Names and kinds by the HTTP conventions (`{method} {route}`, server; `{method}`, client),
-/// set here rather than as `otel.*` span fields, which the logs would carry and re-parse on
-/// every record; `trace_id` is dropped, a field for the logs that the span has already.
-fn shape(span: &mut SpanData) {
-    span.attributes.retain(|kv| kv.key.as_str() != "trace_id");
-    let attribute = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .map(|kv| kv.value.as_str())
-    };
-    let method = attribute("http.request.method").unwrap_or_default();
-    match span.name.as_ref() {
-        SERVER_SPAN => {
-            let route = attribute("http.route").unwrap_or_default();
-            let mut name = String::with_capacity(method.len() + 1 + route.len());
-            name.push_str(&method);
-            name.push(' ');
-            name.push_str(&route);
-            span.name = name.into();
-            span.span_kind = SpanKind::Server;
-        }
-        CLIENT_SPAN => {
-            span.name = method.into_owned().into();
-            span.span_kind = SpanKind::Client;
-        }
-        _ => {}
-    }
-}
-
 /// Where the export task sends batches, and how it writes them.
 struct Exporter {
     collector: Collector,
@@ -284,8 +245,7 @@ struct Exporter {
 }
 
 impl Exporter {
-    async fn export(&mut self, mut spans: Vec<SpanData>) {
-        spans.iter_mut().for_each(shape);
+    async fn export(&mut self, spans: Vec<SpanData>) {
         let count = spans.len() as u64;
         let body = self.encoder.encode(&spans);
         drop(spans);
@@ -351,7 +311,7 @@ impl opentelemetry_sdk::trace::IdGenerator for IdGenerator {
 /// caller's `traceparent`/`tracestate` when valid. Every field is written as the span is made:
 /// the JSON log format re-parses a span's fields on each later record, which cost 10 % of
 /// jwt-test's throughput. So the trace id of a new trace is drawn here, and the id generator
-/// hands it to the SDK when the span is built. Name and kind are set at export ([`shape`]).
+/// hands it to the SDK when the layer builds the span (`spans::SpanLayer`, on this thread).
 pub(crate) fn server_span(
     req: &axum::http::Request<axum::body::Body>,
     route: &str,
@@ -360,44 +320,48 @@ pub(crate) fn server_span(
 ) -> tracing::Span {
     let headers = req.headers();
     let parent = TraceContextPropagator::new().extract(&ReadHeaders(headers));
-    let trace_id = match parent.span().span_context() {
-        remote if remote.is_valid() => remote.trace_id(),
-        _ => {
-            let trace_id = RandomIdGenerator::default().new_trace_id();
-            NEXT_TRACE_ID.set(Some(trace_id));
-            trace_id
-        }
-    };
-    let method = req.method().as_str();
-    let mut hex = [0u8; 32];
-    let span = tracing::info_span!(
-        "request",
-        "http.request.method" = method,
-        "http.route" = route,
-        request_id,
-        "edgegate.credential.source" = tracing::field::Empty,
-        "edgegate.credential.kid" = tracing::field::Empty,
-        trace_id = hex_id(&trace_id.to_bytes(), &mut hex),
-    );
-    let _ = span.set_parent(parent);
-    span.set_attribute("url.scheme", scheme);
+    let trace_id = trace_id_of(&parent).unwrap_or_else(|| {
+        let trace_id = RandomIdGenerator::default().new_trace_id();
+        NEXT_TRACE_ID.set(Some(trace_id));
+        trace_id
+    });
+    let mut attributes = Vec::with_capacity(3);
+    attributes.push(KeyValue::new("url.scheme", scheme));
     if let Some(host) = headers
         .get(axum::http::header::HOST)
         .and_then(|value| value.to_str().ok())
     {
         let address = host.rsplit_once(':').map_or(host, |(address, _)| address);
-        span.set_attribute("server.address", address.to_owned());
+        attributes.push(KeyValue::new("server.address", address.to_owned()));
     }
     if let Some(agent) = headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|value| value.to_str().ok())
     {
-        span.set_attribute("user_agent.original", agent.to_owned());
+        attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
     }
-    // Builds the span now, on this thread, where the drawn trace id waits.
-    let _ = span.context();
+    let method = req.method().as_str();
+    let mut hex = [0u8; 32];
+    let span = server_span_with(ServerStart { parent, attributes }, || {
+        tracing::info_span!(
+            SERVER_SPAN,
+            "http.request.method" = method,
+            "http.route" = route,
+            request_id,
+            "edgegate.credential.source" = tracing::field::Empty,
+            "edgegate.credential.kid" = tracing::field::Empty,
+            trace_id = hex_id(&trace_id.to_bytes(), &mut hex),
+        )
+    });
     NEXT_TRACE_ID.set(None);
     span
+}
+
+/// The trace id of a context's span, if it has a valid one.
+fn trace_id_of(cx: &Context) -> Option<TraceId> {
+    let span = cx.span();
+    let context = span.span_context();
+    context.is_valid().then(|| context.trace_id())
 }
 
 /// `id` in lowercase hexadecimal, written into `out` (as W3C trace context writes ids): a
@@ -410,14 +374,6 @@ fn hex_id<'a>(id: &[u8; 16], out: &'a mut [u8; 32]) -> &'a str {
         pair[1] = DIGITS[usize::from(byte & 0x0f)];
     }
     std::str::from_utf8(out).unwrap_or_default()
-}
-
-/// Records the answer on the server span: its status, and an error status for a 5xx.
-pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
-    span.set_attribute("http.response.status_code", i64::from(status));
-    if status >= 500 {
-        span.set_status(Status::error(""));
-    }
 }
 
 /// Sends `request` to a service outside (Stripe, Twilio, the JWKS host). While traces are
@@ -439,8 +395,12 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         "http.response.status_code" = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
     );
-    TraceContextPropagator::new()
-        .inject_context(&span.context(), &mut WriteHeaders(request.headers_mut()));
+    if let Some(context) = span_context(&span) {
+        TraceContextPropagator::new().inject_context(
+            &Context::new().with_remote_span_context(context),
+            &mut WriteHeaders(request.headers_mut()),
+        );
+    }
     let result = client.execute(request).instrument(span.clone()).await;
     match &result {
         Ok(response) => {

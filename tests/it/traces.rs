@@ -382,6 +382,46 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
 }
 
+/// `RUST_LOG` decides what the logs keep, not what is traced: the request and client spans are
+/// `info` spans, and a filter that keeps only warnings must not take them from the traces.
+#[tokio::test]
+async fn a_log_filter_that_keeps_only_warnings_takes_nothing_from_the_traces() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing(
+        &stripe,
+        &[
+            ("RUST_LOG", "warn"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ],
+    )
+    .await;
+    sync_traced(&base, "quiet-sync").await;
+
+    let server_span = collector
+        .span(|span| span.name == format!("POST {SYNC}"))
+        .await;
+    assert_eq!(hex(&server_span.trace_id), TRACE_ID);
+    assert_eq!(
+        attribute(&server_span.attributes, "request_id").as_deref(),
+        Some("quiet-sync")
+    );
+    let sent = stripe.traceparents();
+    assert!(!sent.is_empty(), "Stripe was never called");
+    let traceparent = sent[0].as_deref().expect("the call carries traceparent");
+    let client_id = traceparent.split('-').nth(2).unwrap().to_owned();
+    let client = collector.span(|span| hex(&span.span_id) == client_id).await;
+    assert_eq!(client.parent_span_id, server_span.span_id);
+    // And the logs still keep only warnings.
+    let lines = stop(server, &dir).await;
+    assert!(
+        lines.iter().all(|line| line["level"] != "INFO"),
+        "an info line under RUST_LOG=warn: {lines:#?}"
+    );
+}
+
 #[tokio::test]
 async fn spans_go_as_protobuf_with_the_configured_headers_and_a_throttled_export_is_retried() {
     const COLLECTOR_SECRET: &str = "collector-secret-3f9a";
