@@ -5,7 +5,7 @@ use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
 use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
-use crate::auth::verify::{MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
+use crate::auth::verify::{Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
 use crate::clock::Clock;
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{SHA256, digest};
@@ -287,8 +287,9 @@ impl Authenticator {
             alg: "opaque",
             role: Some(role.to_owned()),
             sub: None,
-            claims,
+            claims: Claims::new(&claims),
             exp: i64::MAX,
+            nbf: None,
         })
     }
 }

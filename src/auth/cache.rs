@@ -8,16 +8,14 @@
 //!   stops vouching for cached tokens at once.
 //! - Bounded: a full shard first drops expired entries, then an arbitrary one.
 //! - Compact: an entry keeps the claims as their JSON text (about a quarter of the memory of a
-//!   parsed claims map), so a full cache stays small; a hit parses them again, which costs
-//!   about what cloning the map did.
+//!   parsed claims map), shared with the answers that write it out as it is ([`Claims`]).
 //!
 //! Sharded mutexes keep the critical sections tiny and spread contention.
 
 use crate::auth::error::Failure;
 use crate::auth::keyring::KeySource;
-use crate::auth::verify::{Verified, check_times, numeric_date};
+use crate::auth::verify::{Claims, Verified, check_times};
 use aws_lc_rs::digest::{SHA256, digest};
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,37 +34,35 @@ struct Entry {
     sub: Option<Box<str>>,
     exp: i64,
     nbf: Option<i64>,
-    /// The claims serialized back to JSON.
-    claims: Box<str>,
+    /// The claims' JSON text, shared with every answer that carries it.
+    claims: Claims,
 }
 
 impl Entry {
-    fn new(verified: &Verified) -> Option<Self> {
-        Some(Self {
+    fn new(verified: &Verified) -> Self {
+        Self {
             source: verified.source,
             kid: verified.kid.as_deref().map(Box::from),
             alg: verified.alg,
             role: verified.role.as_deref().map(Box::from),
             sub: verified.sub.as_deref().map(Box::from),
             exp: verified.exp,
-            nbf: numeric_date(&verified.claims, "nbf").ok().flatten(),
-            claims: serde_json::to_string(&verified.claims)
-                .ok()?
-                .into_boxed_str(),
-        })
+            nbf: verified.nbf,
+            claims: verified.claims.clone(),
+        }
     }
 
-    fn verified(&self) -> Option<Verified> {
-        let claims: Map<String, Value> = serde_json::from_str(&self.claims).ok()?;
-        Some(Verified {
+    fn verified(&self) -> Verified {
+        Verified {
             source: self.source,
             kid: self.kid.as_deref().map(str::to_owned),
             alg: self.alg,
             role: self.role.as_deref().map(str::to_owned),
             sub: self.sub.as_deref().map(str::to_owned),
-            claims,
+            claims: self.claims.clone(),
             exp: self.exp,
-        })
+            nbf: self.nbf,
+        }
     }
 }
 
@@ -139,7 +135,7 @@ impl TokenCache {
             }
             return None;
         }
-        let verified = hit.verified()?;
+        let verified = hit.verified();
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(verified)
     }
@@ -157,9 +153,7 @@ impl TokenCache {
             return;
         }
         // Built before the lock, to keep the critical section short.
-        let Some(entry) = Entry::new(verified) else {
-            return;
-        };
+        let entry = Entry::new(verified);
         let Some(mut shard) = self.shard(&hash) else {
             return;
         };
@@ -213,8 +207,9 @@ mod tests {
             alg: "ES256",
             role: None,
             sub: None,
-            claims,
+            claims: Claims::new(&claims),
             exp,
+            nbf,
         }
     }
 
@@ -244,10 +239,13 @@ mod tests {
         let mut original = verified(10_000, Some(5));
         original.role = Some("authenticated".into());
         original.sub = Some("user-1".into());
-        original.claims.insert(
+        let mut claims = Map::new();
+        claims.insert("exp".into(), 10_000.into());
+        claims.insert(
             "app_metadata".into(),
             serde_json::json!({"providers": ["email"], "n": 1.5, "big": u64::MAX, "neg": -3}),
         );
+        original.claims = Claims::new(&claims);
         cache.insert(h, 1, &original, 0);
         assert_eq!(cache.get(&h, 1, 100, 0), Some(original));
         assert_eq!(cache.hits(), 1);

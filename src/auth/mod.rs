@@ -38,7 +38,7 @@ pub use jwks::{
 };
 pub use keyring::{KeyListing, KeyRing, KeyRingHandle, KeySource};
 pub use keys::{Alg, DroppedKey, KeyOrigin};
-pub use verify::{Verified, VerifySettings, verify};
+pub use verify::{Claims, Verified, VerifySettings, verify};
 
 /// The credential layer's settings, taken from the service configuration.
 pub fn settings_from(config: &crate::config::Config) -> AuthSettings {

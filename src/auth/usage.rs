@@ -364,8 +364,9 @@ mod tests {
             alg: "ES256",
             role: None,
             sub: None,
-            claims: serde_json::Map::new(),
+            claims: crate::auth::Claims::default(),
             exp: i64::MAX,
+            nbf: None,
         }
     }
 

@@ -15,7 +15,10 @@ use crate::auth::keyring::{KeyRing, KeySource};
 use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Largest token accepted, checked before any decoding.
@@ -50,9 +53,55 @@ pub struct Verified {
     /// The `sub` claim.
     pub sub: Option<String>,
     /// Every claim.
-    pub claims: Map<String, Value>,
+    pub claims: Claims,
     /// `exp` (for API keys, `i64::MAX`: they do not expire).
     pub exp: i64,
+    /// `nbf`, if the token has one.
+    pub nbf: Option<i64>,
+}
+
+/// The claims of a verified credential, kept as the JSON text of their checked map and
+/// written out as it is: the cache keeps this text, so answering with a cached token parses
+/// and re-serializes nothing (callgrind: about a quarter of a cache hit's instructions).
+#[derive(Debug, Clone)]
+pub struct Claims(Arc<RawValue>);
+
+static NO_CLAIMS: LazyLock<Claims> = LazyLock::new(|| Claims::new(&Map::new()));
+
+impl Claims {
+    /// The claims of `map`, as `serde_json` writes it (members sorted by name).
+    pub fn new(map: &Map<String, Value>) -> Self {
+        // A `Map` of `Value`s always serializes (a `Value` holds no non-finite number and
+        // its keys are strings); the empty object stands in should that ever change.
+        match serde_json::value::to_raw_value(map) {
+            Ok(raw) => Self(Arc::from(raw)),
+            Err(_) => NO_CLAIMS.clone(),
+        }
+    }
+
+    /// The JSON text (an object).
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Default for Claims {
+    /// No claims: `{}`.
+    fn default() -> Self {
+        NO_CLAIMS.clone()
+    }
+}
+
+impl PartialEq for Claims {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Serialize for Claims {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 /// What the signature layer established: the header's algorithm and kid, the key family that
@@ -213,7 +262,7 @@ pub fn verify(
     let fail = |f: Failure| family_error(signed.alg, f);
     let claims =
         object_from_slice_strict(&signed.payload).ok_or_else(|| fail(Failure::MalformedClaims))?;
-    let exp = check_claims(&claims, settings, now).map_err(fail)?;
+    let (exp, nbf) = check_claims(&claims, settings, now).map_err(fail)?;
     let role = optional_string(&claims, "role").map_err(fail)?;
     let sub = optional_string(&claims, "sub").map_err(fail)?;
     Ok(Verified {
@@ -222,8 +271,9 @@ pub fn verify(
         alg: signed.alg.as_str(),
         role,
         sub,
-        claims,
+        claims: Claims::new(&claims),
         exp,
+        nbf,
     })
 }
 
@@ -256,12 +306,12 @@ pub(crate) fn numeric_date(
     }
 }
 
-/// Checks time, issuer and audience claims; returns `exp`.
+/// Checks time, issuer and audience claims; returns `exp` and `nbf`.
 pub(crate) fn check_claims(
     claims: &Map<String, Value>,
     settings: &VerifySettings,
     now: i64,
-) -> Result<i64, Failure> {
+) -> Result<(i64, Option<i64>), Failure> {
     let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
     let exp = numeric_date(claims, "exp")?.ok_or(Failure::MissingExp)?;
     let nbf = numeric_date(claims, "nbf")?;
@@ -297,7 +347,7 @@ pub(crate) fn check_claims(
         }
         Some(_) => return Err(Failure::MalformedClaims),
     }
-    Ok(exp)
+    Ok((exp, nbf))
 }
 
 /// `exp` and `nbf` against `now` with `leeway`; also used on every cache hit.

@@ -2,8 +2,8 @@
 
 use axum::Json;
 use serde::Serialize;
-use serde_json::{Map, Value};
 
+use crate::auth::Claims;
 use crate::body::RawBody;
 use crate::credentials::User;
 
@@ -16,7 +16,7 @@ pub struct JwtTestBody {
     key: KeyBody,
     /// Every claim of the token (an API key has only `role`).
     #[schema(value_type = Object)]
-    claims: Map<String, Value>,
+    claims: Claims,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

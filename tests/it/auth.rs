@@ -518,6 +518,44 @@ async fn metrics_and_readiness_show_the_credential_layer() {
     assert_eq!(ready["checks"]["key_ring"]["ok"], true, "{ready}");
 }
 
+/// A token answered from the cache gets the very bytes its first, verified answer got, and
+/// its claims are the token's own, whatever they hold.
+#[tokio::test]
+async fn a_cached_answer_is_the_verified_answer_byte_for_byte() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+    until_fetched(&host).await;
+    let mut claims = user_claims(ISSUER, "authenticated", "user-1", now(), 3600);
+    claims["user_metadata"] = json!({
+        "name": "Zoë \"the\" <admin> \u{2028}\u{1F600}",
+        "path": "a\\b/c\n",
+        "scores": [1.5, -0.25, 1e300, 18446744073709551615u64, -9223372036854775808i64],
+        "nested": {"z": null, "a": [true, false, {}, []]},
+    });
+    let token = es.token(&claims).unwrap();
+
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let response = server
+            .client
+            .get(server.url("/functions/v1/jwt-test"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        bodies.push(response.text().await.unwrap());
+    }
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert!(text.contains("edgegate_token_cache_hits_total 2"), "{text}");
+    assert_eq!(bodies[1], bodies[0], "a cache hit answered differently");
+    assert_eq!(bodies[2], bodies[0], "a cache hit answered differently");
+    let body: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(body["claims"], claims);
+}
+
 #[tokio::test]
 async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
     let db = test_db!();

@@ -1,5 +1,5 @@
 use super::*;
-use serde_json::Map;
+use crate::auth::Claims;
 
 fn verified(source: KeySource, role: Option<&str>, sub: Option<&str>) -> Verified {
     Verified {
@@ -12,8 +12,9 @@ fn verified(source: KeySource, role: Option<&str>, sub: Option<&str>) -> Verifie
         },
         role: role.map(str::to_owned),
         sub: sub.map(str::to_owned),
-        claims: Map::new(),
+        claims: Claims::default(),
         exp: 0,
+        nbf: None,
     }
 }
 
