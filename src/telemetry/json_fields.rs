@@ -1,17 +1,25 @@
-//! Span fields for the JSON log format, kept as a JSON object that a later `record` extends in
-//! place.
+//! The JSON log format: span fields kept as a JSON object that a later `record` extends in
+//! place, and event lines that carry that object as it is.
 //!
-//! tracing-subscriber's own `JsonFields` parses a span's fields and writes them out again each
-//! time a field is recorded after the span was made; the credential extractor records two on
-//! every authenticated request. This one writes the same JSON object (the same names and
-//! values, each recorded value as `JsonFields` renders it) and appends to it instead.
+//! tracing-subscriber's own JSON format parses a span's fields and writes them out again each
+//! time a field is recorded after the span was made (the credential extractor records two on
+//! every authenticated request), and again for every line written inside the span, through a
+//! `serde_json` serializer that checks each piece it writes as UTF-8. That was a third of the
+//! instructions of a `/healthz` request. [`AppendJsonFields`] writes the same JSON object (the
+//! same names and values, each value as `JsonFields` renders it) and appends to it;
+//! [`JsonLines`] writes the same lines as `Format<Json>` with `flatten_event(true)` and
+//! `with_span_list(false)`, the span's object spliced in as text.
 
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::FormattedFields;
-use tracing_subscriber::fmt::format::{FormatFields, Writer};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime as _, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// The field formatter of the JSON log format.
 #[derive(Debug, Default)]
@@ -24,7 +32,7 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
         fields: R,
     ) -> fmt::Result {
         let mut object = String::from("{");
-        fields.record(&mut Members::new(&mut object));
+        fields.record(&mut Members::span(&mut object));
         object.push('}');
         writer.write_str(&object)
     }
@@ -40,45 +48,196 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
             object.clear();
             object.push('{');
         }
-        fields.record(&mut Members::new(object));
+        let mut members = Members::span(object);
+        members.replace = true;
+        fields.record(&mut members);
         object.push('}');
         Ok(())
     }
 }
 
-/// Appends `"name":value` members to an object whose closing brace is not written yet. A name
-/// recorded twice appears twice; readers (serde_json, the JSON event formatter) keep the last,
-/// as `JsonFields` does.
+/// The event formatter of the JSON log format: `{"timestamp":…,"level":…,<the event's
+/// fields>,"target":…,"span":{<its fields>,"name":…}}`, as tracing-subscriber's `Format<Json>`
+/// writes it with `flatten_event(true)` and `with_span_list(false)` (the span's members in the
+/// order they were recorded rather than sorted by name). Only over [`AppendJsonFields`], whose
+/// objects it splices in unread.
+#[derive(Debug, Default)]
+pub struct JsonLines;
+
+impl<S> FormatEvent<S, AppendJsonFields> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, AppendJsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        // An event forwarded from the `log` crate, under the level and target its record had.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut line = String::with_capacity(512);
+        line.push_str("{\"timestamp\":\"");
+        SystemTime.format_time(&mut Writer::new(&mut line))?;
+        line.push_str("\",\"level\":\"");
+        line.push_str(meta.level().as_str());
+        line.push('"');
+        event.record(&mut Members::event(&mut line));
+        line.push_str(",\"target\":");
+        push_json_string(&mut line, meta.target());
+        let span = event
+            .parent()
+            .and_then(|id| ctx.span(id))
+            .or_else(|| ctx.lookup_current());
+        if let Some(span) = span {
+            line.push_str(",\"span\":{");
+            let extensions = span.extensions();
+            let members = extensions
+                .get::<FormattedFields<AppendJsonFields>>()
+                .and_then(|fields| fields.fields.strip_prefix('{')?.strip_suffix('}'))
+                .unwrap_or_default();
+            line.push_str(members);
+            if !members.is_empty() {
+                line.push(',');
+            }
+            line.push_str("\"name\":");
+            push_json_string(&mut line, span.metadata().name());
+            line.push('}');
+        }
+        line.push_str("}\n");
+        writer.write_str(&line)
+    }
+}
+
+/// Appends `"name":value` members to an object whose closing brace is not written yet.
 struct Members<'a> {
     out: &'a mut String,
-    first: bool,
+    /// Whether names are written as `JsonFields` writes a span's (`r#type` as `type`) rather
+    /// than as an event's line has them (as they are).
+    span: bool,
+    /// Whether a name already in the object is taken out first, so that the object holds each
+    /// name once, with its last value (a span field recorded again).
+    replace: bool,
 }
 
 impl<'a> Members<'a> {
-    fn new(out: &'a mut String) -> Self {
-        let first = out.ends_with('{');
-        Self { out, first }
+    fn span(out: &'a mut String) -> Self {
+        Self {
+            out,
+            span: true,
+            replace: false,
+        }
+    }
+
+    /// Members after others (an event's fields follow the line's level).
+    fn event(out: &'a mut String) -> Self {
+        Self {
+            out,
+            span: false,
+            replace: false,
+        }
     }
 
     fn member(&mut self, name: &str, value: impl FnOnce(&mut String)) {
-        // As `JsonFields`: `r#type` is logged as `type`.
-        let name = name.strip_prefix("r#").unwrap_or(name);
-        if !self.first {
+        let name = if self.span {
+            name.strip_prefix("r#").unwrap_or(name)
+        } else {
+            name
+        };
+        if self.replace {
+            let mut quoted = String::with_capacity(name.len() + 2);
+            push_json_string(&mut quoted, name);
+            remove_member(self.out, &quoted);
+        }
+        if !self.out.ends_with('{') {
             self.out.push(',');
         }
-        self.first = false;
         push_json_string(self.out, name);
         self.out.push(':');
         value(self.out);
     }
 }
 
-/// `text` as a JSON string (serde_json's escaping, so a value can never end the line or the
-/// object early).
-fn push_json_string(out: &mut String, text: &str) {
-    // Serializing a str cannot fail.
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
+/// Takes the member named `quoted` (a JSON string, quotes included) out of `object`, an object
+/// whose closing brace is not written yet, if it is there.
+fn remove_member(object: &mut String, quoted: &str) {
+    // A `"` inside a string of the object is always escaped, so a `{` or `,` followed by the
+    // quoted name and `:` can only be where a member starts.
+    let start = object.match_indices(quoted).find_map(|(at, _)| {
+        let before = object.as_bytes().get(at.checked_sub(1)?)?;
+        let after = object.as_bytes().get(at + quoted.len())?;
+        (matches!(before, b'{' | b',') && *after == b':').then_some(at - 1)
+    });
+    let Some(start) = start else {
+        return;
+    };
+    let value = start + 1 + quoted.len() + 1;
+    let mut values =
+        serde_json::Deserializer::from_str(&object[value..]).into_iter::<serde::de::IgnoredAny>();
+    if !matches!(values.next(), Some(Ok(_))) {
+        return;
+    }
+    let end = value + values.byte_offset();
+    if object.as_bytes()[start] == b'{' {
+        // The first member: its comma is the one after it, if another member follows.
+        let end = if object.as_bytes().get(end) == Some(&b',') {
+            end + 1
+        } else {
+            end
+        };
+        object.replace_range(start + 1..end, "");
+    } else {
+        object.replace_range(start..end, "");
+    }
 }
+
+/// `text` as a JSON string, escaped as serde_json escapes it (`"`, `\` and the control
+/// characters; nothing else), so a value can never end the line or the object early.
+fn push_json_string(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(text.len() + 2);
+    out.push('"');
+    let mut plain = 0;
+    for (at, &byte) in text.as_bytes().iter().enumerate() {
+        if !NEEDS_ESCAPE[usize::from(byte)] {
+            continue;
+        }
+        // `at` is an ASCII byte, so both slices end on character boundaries.
+        out.push_str(&text[plain..at]);
+        match byte {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0x08 => out.push_str("\\b"),
+            0x0c => out.push_str("\\f"),
+            _ => {
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+            }
+        }
+        plain = at + 1;
+    }
+    out.push_str(&text[plain..]);
+    out.push('"');
+}
+
+/// The bytes a JSON string must escape: the control characters, `"` and `\` (one lookup a
+/// byte, as serde_json does).
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 impl Visit for Members<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
@@ -151,28 +310,65 @@ mod tests {
         }
     }
 
-    /// The log lines a closure produces under the service's JSON format with `fields`.
-    fn json_lines<N>(fields: N, body: impl FnOnce()) -> Vec<Value>
-    where
-        N: for<'w> FormatFields<'w> + Send + Sync + 'static,
-    {
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// The log text a closure produces under the service's JSON format.
+    fn ours(body: impl FnOnce()) -> String {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(AppendJsonFields)
+            .event_format(JsonLines)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(lines.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, body);
+        lines.text()
+    }
+
+    /// The log text a closure produces under tracing-subscriber's JSON format, as the service
+    /// configured it before [`JsonLines`].
+    fn theirs(body: impl FnOnce()) -> String {
         let lines = Lines::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
             .with_span_list(false)
-            .fmt_fields(fields)
-            .without_time()
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(lines.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, body);
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        lines.text()
+    }
+
+    /// Each line parsed, with its timestamp checked for the shape both formats give it
+    /// (RFC 3339, UTC, microseconds) and taken out, as it differs from run to run.
+    fn parsed(text: &str) -> Vec<Value> {
+        assert!(text.ends_with('\n'), "{text:?}");
         text.lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .map(|line| {
+                let mut value: Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                let stamp = value["timestamp"].take();
+                let stamp = stamp
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no timestamp: {line}"));
+                assert_eq!(stamp.len(), "2026-12-01T17:30:00.123456Z".len(), "{stamp}");
+                assert!(
+                    stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+                    "{stamp}"
+                );
+                value.as_object_mut().unwrap().remove("timestamp");
+                value
+            })
             .collect()
     }
 
     fn scenario() {
+        tracing::warn!(reason = "outside any span", "started");
         let span = tracing::info_span!(
             "request",
             method = %"GET",
@@ -182,7 +378,8 @@ mod tests {
             neg = -3i64,
             ok = true,
             ratio = 0.5f64,
-            quote = "a \"quoted\"\nline\u{1}",
+            quote = "a \"quoted\"\nline\u{1}\u{7f} é \u{2028}😀 \\",
+            bytes = &b"ab"[..],
             credential_source = tracing::field::Empty,
             credential_kid = tracing::field::Empty,
         );
@@ -190,32 +387,93 @@ mod tests {
         tracing::info!("before");
         span.record("credential_source", "signing_key");
         span.record("credential_kid", "key-1");
-        tracing::info!(status = 200u64, "response");
+        let inner = tracing::info_span!("inner");
+        inner.in_scope(|| {
+            tracing::debug!(big = u64::MAX, nan = f64::NAN, "in a span without fields")
+        });
+        tracing::info!(
+            status = 200u64,
+            latency_ms = 0.125f64,
+            debug = ?Some("x"),
+            "response {}",
+            "formatted"
+        );
+        tracing::error!(parent: None, "no parent");
     }
 
     #[test]
-    fn lines_are_those_of_tracing_subscribers_json_fields() {
-        let ours = json_lines(AppendJsonFields, scenario);
-        let theirs = json_lines(tracing_subscriber::fmt::format::JsonFields::new(), scenario);
-        assert_eq!(ours.len(), 2);
+    fn lines_are_those_of_tracing_subscribers_json_format() {
+        let ours = parsed(&ours(scenario));
+        let theirs = parsed(&theirs(scenario));
+        assert_eq!(ours.len(), 5);
         assert_eq!(ours, theirs);
-        let span = &ours[1]["span"];
+        let span = &ours[3]["span"];
         assert_eq!(span["credential_source"], json!("signing_key"));
         assert_eq!(span["credential_kid"], json!("key-1"));
-        assert_eq!(span["quote"], json!("a \"quoted\"\nline\u{1}"));
+        assert_eq!(
+            span["quote"],
+            json!("a \"quoted\"\nline\u{1}\u{7f} é \u{2028}😀 \\")
+        );
         assert_eq!(span["ratio"], json!(0.5));
-        assert!(ours[0]["span"].get("credential_source").is_none());
+        assert_eq!(span["name"], json!("request"));
+        assert!(ours[1]["span"].get("credential_source").is_none());
+        assert_eq!(ours[2]["span"], json!({"name": "inner"}));
+        assert_eq!(ours[3]["message"], json!("response formatted"));
+        assert!(ours[0].get("span").is_none());
     }
 
     #[test]
-    fn a_field_recorded_again_keeps_its_last_value() {
-        let ours = json_lines(AppendJsonFields, || {
-            let span = tracing::info_span!("request", kid = tracing::field::Empty);
+    fn a_field_recorded_again_keeps_its_last_value_once() {
+        let text = ours(|| {
+            let span = tracing::info_span!(
+                "request",
+                first = tracing::field::Empty,
+                kid = tracing::field::Empty,
+                last = tracing::field::Empty,
+            );
             let _entered = span.enter();
             span.record("kid", "a");
-            span.record("kid", "b");
+            span.record("kid", r#"b,"kid":"c"#);
+            span.record("first", 1);
+            span.record("last", 2);
+            span.record("first", json!({"n": [1, "]"]}).to_string());
+            span.record("last", 3);
+            span.record("kid", "d");
             tracing::info!("line");
         });
-        assert_eq!(ours[0]["span"]["kid"], json!("b"));
+        let lines = parsed(&text);
+        assert_eq!(
+            lines[0]["span"],
+            json!({"first": "{\"n\":[1,\"]\"]}", "kid": "d", "last": 3, "name": "request"})
+        );
+        assert_eq!(text.matches(r#""kid":"#).count(), 1, "{text}");
+        assert_eq!(text.matches(r#""first":"#).count(), 1, "{text}");
+        assert_eq!(text.matches(r#""last":"#).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut every_ascii = String::new();
+        for byte in 0u8..=0x7f {
+            let one = char::from(byte).to_string();
+            every_ascii.push_str(&one);
+            let mut ours = String::new();
+            push_json_string(&mut ours, &one);
+            assert_eq!(
+                ours,
+                serde_json::to_string(&one).unwrap(),
+                "byte {byte:#04x}"
+            );
+        }
+        for text in [
+            every_ascii.as_str(),
+            "",
+            "é\u{2028}\u{2029}😀\u{fffd}",
+            "\\\"\\",
+        ] {
+            let mut ours = String::from("x");
+            push_json_string(&mut ours, text);
+            assert_eq!(ours, format!("x{}", serde_json::to_string(text).unwrap()));
+        }
     }
 }

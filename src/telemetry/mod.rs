@@ -41,10 +41,8 @@ pub fn init(
     let logs = match format {
         // The same JSON lines as without traces (see init_logging).
         LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_span_list(false)
             .fmt_fields(json_fields::AppendJsonFields)
+            .event_format(json_fields::JsonLines)
             .boxed(),
         LogFormat::Pretty => logs.boxed(),
     };
@@ -72,13 +70,10 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         .with_writer(std::io::stderr);
     // A second call (tests start several apps) keeps the first subscriber.
     let _ = match format {
-        // Each line carries its span's fields once, under `span`: the list of every enclosing
-        // span would repeat the request span's fields, and each copy costs a parse of them.
+        // Each line carries its span's fields once, under `span` (json_fields::JsonLines).
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_span_list(false)
             .fmt_fields(json_fields::AppendJsonFields)
+            .event_format(json_fields::JsonLines)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
