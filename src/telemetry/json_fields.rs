@@ -164,10 +164,14 @@ impl<'a> Members<'a> {
 fn remove_member(object: &mut String, quoted: &str) {
     // A `"` inside a string of the object is always escaped, so a `{` or `,` followed by the
     // quoted name and `:` can only be where a member starts.
-    let start = object.match_indices(quoted).find_map(|(at, _)| {
-        let before = object.as_bytes().get(at.checked_sub(1)?)?;
-        let after = object.as_bytes().get(at + quoted.len())?;
-        (matches!(before, b'{' | b',') && *after == b':').then_some(at - 1)
+    let bytes = object.as_bytes();
+    let name = quoted.as_bytes();
+    let start = memchr::memchr_iter(b'"', bytes).find_map(|at| {
+        (at > 0
+            && matches!(bytes[at - 1], b'{' | b',')
+            && bytes[at..].starts_with(name)
+            && bytes.get(at + name.len()) == Some(&b':'))
+        .then(|| at - 1)
     });
     let Some(start) = start else {
         return;
@@ -198,31 +202,52 @@ fn push_json_string(out: &mut String, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push('"');
+    let bytes = text.as_bytes();
     let mut plain = 0;
-    for (at, &byte) in text.as_bytes().iter().enumerate() {
-        if !NEEDS_ESCAPE[usize::from(byte)] {
+    let mut at = 0;
+    while at < bytes.len() {
+        // Eight bytes at a time while none of them needs escaping (most strings: none does).
+        if let Some(Ok(word)) = bytes.get(at..at + 8).map(<[u8; 8]>::try_from)
+            && !any_needs_escape(u64::from_le_bytes(word))
+        {
+            at += 8;
             continue;
         }
-        // `at` is an ASCII byte, so both slices end on character boundaries.
-        out.push_str(&text[plain..at]);
-        match byte {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            b'\n' => out.push_str("\\n"),
-            b'\r' => out.push_str("\\r"),
-            b'\t' => out.push_str("\\t"),
-            0x08 => out.push_str("\\b"),
-            0x0c => out.push_str("\\f"),
-            _ => {
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(byte >> 4)]));
-                out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        let byte = bytes[at];
+        if NEEDS_ESCAPE[usize::from(byte)] {
+            // `at` is an ASCII byte, so both slices end on character boundaries.
+            out.push_str(&text[plain..at]);
+            match byte {
+                b'"' => out.push_str("\\\""),
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\r' => out.push_str("\\r"),
+                b'\t' => out.push_str("\\t"),
+                0x08 => out.push_str("\\b"),
+                0x0c => out.push_str("\\f"),
+                _ => {
+                    out.push_str("\\u00");
+                    out.push(char::from(HEX[usize::from(byte >> 4)]));
+                    out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+                }
             }
+            plain = at + 1;
         }
-        plain = at + 1;
+        at += 1;
     }
     out.push_str(&text[plain..]);
     out.push('"');
+}
+
+/// Whether any of the eight bytes of `word` needs escaping: one below 0x20, a `"` or a `\`
+/// (the classic has-less-than and has-zero-byte tests, exact for whether any byte does).
+fn any_needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0
+        || has_zero(word ^ (ONES * u64::from(b'"')))
+        || has_zero(word ^ (ONES * u64::from(b'\\')))
 }
 
 /// The bytes a JSON string must escape: the control characters, `"` and `\` (one lookup a
@@ -449,6 +474,20 @@ mod tests {
         assert_eq!(text.matches(r#""kid":"#).count(), 1, "{text}");
         assert_eq!(text.matches(r#""first":"#).count(), 1, "{text}");
         assert_eq!(text.matches(r#""last":"#).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn an_escape_anywhere_in_a_longer_string_is_found() {
+        for special in [
+            "\u{0}", "\u{1f}", "\"", "\\", "\n", "\u{7f}", " ", "é", "😀", "\u{2028}",
+        ] {
+            for at in 0..24 {
+                let text = format!("{}{special}{}", "a".repeat(at), "b".repeat(24 - at));
+                let mut ours = String::new();
+                push_json_string(&mut ours, &text);
+                assert_eq!(ours, serde_json::to_string(&text).unwrap(), "{text:?}");
+            }
+        }
     }
 
     #[test]
