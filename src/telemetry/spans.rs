@@ -242,7 +242,10 @@ impl Visit for Fields {
             "http.route" => value.clone_into(&mut self.route),
             _ => {}
         }
-        self.push(field, Value::from(value.to_owned()));
+        self.push(
+            field,
+            known(value).map_or_else(|| value.to_owned().into(), Value::from),
+        );
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -264,6 +267,26 @@ impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.record_str(field, &format!("{value:?}"));
     }
+}
+
+/// Values many spans carry (methods, schemes, credential sources), which an attribute can
+/// then hold without a copy of its own.
+fn known(value: &str) -> Option<&'static str> {
+    const KNOWN: [&str; 12] = [
+        "GET",
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+        "HEAD",
+        "OPTIONS",
+        "signing_key",
+        "legacy_secret",
+        "api_key",
+        "http",
+        "https",
+    ];
+    KNOWN.into_iter().find(|known| *known == value)
 }
 
 /// Runs `f` on the OpenTelemetry span of `span`, if it has one.

@@ -4,8 +4,8 @@
 //! span gets OpenTelemetry attributes, no header is read or written, no task runs.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,7 +22,7 @@ use opentelemetry_sdk::trace::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tracing::Instrument as _;
 
 use super::otlp::{Collector, Encoder};
@@ -101,22 +101,24 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build();
     let encoder = Encoder::new(&resource);
-    let (queue, receiver) = mpsc::channel(config.max_queue_size);
     let (stop, stopped) = oneshot::channel();
-    let batch = Arc::new(Batch {
-        size: config.max_export_batch_size,
-        queued: AtomicUsize::new(0),
-        full: Notify::new(),
+    let queue = Arc::new(Queue {
+        spans: Mutex::new(Queued {
+            spans: Vec::new(),
+            closed: false,
+        }),
+        capacity: config.max_queue_size,
+        batch_size: config.max_export_batch_size,
+        batch_full: Notify::new(),
     });
     let task = tokio::spawn(export_loop(
-        receiver,
+        queue.clone(),
         Exporter { collector, encoder },
-        batch.clone(),
         config.schedule_delay,
         stopped,
     ));
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(QueueProcessor { queue, batch })
+        .with_span_processor(QueueProcessor(queue))
         .with_id_generator(IdGenerator::default())
         .with_sampler(sampler(config.sampler))
         .with_resource(resource)
@@ -146,40 +148,63 @@ fn sampler(sampler: TraceSampler) -> Sampler {
     }
 }
 
-/// The batch being gathered: how many spans are queued, and a wake-up when they fill a batch.
+/// Ended spans waiting for the export task, at most `capacity`; a wake-up when they fill a
+/// batch. A plain vector under a mutex: the task takes all of it at once in exchange for an
+/// empty one, so a span is copied once on its way in and never on its way out (a channel
+/// copied each span in, and out again, and counted it in a semaphore besides).
 #[derive(Debug)]
-struct Batch {
-    size: usize,
-    queued: AtomicUsize,
-    full: Notify,
+struct Queue {
+    spans: Mutex<Queued>,
+    capacity: usize,
+    batch_size: usize,
+    batch_full: Notify,
 }
 
-/// Hands ended spans to the export task through a bounded queue. A full queue drops the span
-/// (counted) rather than make a request wait; the SDK's own batch processor would drop too, but
-/// counts only in a log line at shutdown, and blocks its own thread on the async HTTP client.
-/// The task is woken once per batch (or by its timer), not once per span.
 #[derive(Debug)]
-struct QueueProcessor {
-    queue: mpsc::Sender<SpanData>,
-    batch: Arc<Batch>,
+struct Queued {
+    spans: Vec<SpanData>,
+    /// Set when the exporter stops: later spans are dropped.
+    closed: bool,
 }
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        // A panic while holding the lock leaves a valid vector of spans: keep going.
+        self.spans
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes every queued span, leaving `spare` (emptied) in their place.
+    fn take(&self, spare: &mut Vec<SpanData>) {
+        spare.clear();
+        std::mem::swap(&mut self.lock().spans, spare);
+    }
+}
+
+/// Hands ended spans to the export task through the bounded [`Queue`]. A full queue drops the
+/// span (counted) rather than make a request wait; the SDK's own batch processor would drop
+/// too, but counts only in a log line at shutdown, and blocks its own thread on the async HTTP
+/// client. The task is woken once per batch (or by its timer), not once per span.
+#[derive(Debug)]
+struct QueueProcessor(Arc<Queue>);
 
 impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.queue.try_send(span).is_err() {
+        let queue = &self.0;
+        let mut queued = queue.lock();
+        if queued.closed || queued.spans.len() >= queue.capacity {
+            drop(queued);
             COUNTERS.dropped.inc();
-        } else if self
-            .batch
-            .queued
-            .fetch_add(1, Ordering::Relaxed)
-            // The task may take the span before this count: the count is then briefly one
-            // below zero (wrapped), and at worst a wake-up waits for the timer.
-            .wrapping_add(1)
-            == self.batch.size
-        {
-            self.batch.full.notify_one();
+            return;
+        }
+        queued.spans.push(span);
+        let filled = queued.spans.len() == queue.batch_size;
+        drop(queued);
+        if filled {
+            queue.batch_full.notify_one();
         }
     }
 
@@ -195,47 +220,27 @@ impl SpanProcessor for QueueProcessor {
 /// Sends what is queued when a batch is full or `delay` has passed; on `stop`, sends what is
 /// queued and ends.
 async fn export_loop(
-    mut queue: mpsc::Receiver<SpanData>,
+    queue: Arc<Queue>,
     mut exporter: Exporter,
-    batch: Arc<Batch>,
     delay: Duration,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut taken = Vec::with_capacity(queue.capacity);
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            () = batch.full.notified() => {}
+            () = queue.batch_full.notified() => {}
             _ = tick.tick() => {}
         }
-        send_queued(&mut queue, &mut exporter, &batch).await;
+        queue.take(&mut taken);
+        exporter.export_all(&mut taken, queue.batch_size).await;
     }
     // Nothing more is taken; what was queued before the stop still goes out.
-    queue.close();
-    send_queued(&mut queue, &mut exporter, &batch).await;
-}
-
-/// Exports what is in the queue now, in batches of at most `batch.size`.
-async fn send_queued(queue: &mut mpsc::Receiver<SpanData>, exporter: &mut Exporter, batch: &Batch) {
-    loop {
-        let mut spans = Vec::with_capacity(batch.size);
-        while spans.len() < batch.size {
-            match queue.try_recv() {
-                Ok(span) => spans.push(span),
-                Err(_) => break,
-            }
-        }
-        if spans.is_empty() {
-            return;
-        }
-        batch.queued.fetch_sub(spans.len(), Ordering::Relaxed);
-        let full = spans.len() == batch.size;
-        exporter.export(spans).await;
-        if !full {
-            return;
-        }
-    }
+    queue.lock().closed = true;
+    queue.take(&mut taken);
+    exporter.export_all(&mut taken, queue.batch_size).await;
 }
 
 /// Where the export task sends batches, and how it writes them.
@@ -245,10 +250,17 @@ struct Exporter {
 }
 
 impl Exporter {
-    async fn export(&mut self, spans: Vec<SpanData>) {
+    /// Exports `spans` in batches of at most `batch_size`, and empties it.
+    async fn export_all(&mut self, spans: &mut Vec<SpanData>, batch_size: usize) {
+        for batch in spans.chunks(batch_size.max(1)) {
+            self.export(batch).await;
+        }
+        spans.clear();
+    }
+
+    async fn export(&mut self, spans: &[SpanData]) {
         let count = spans.len() as u64;
-        let body = self.encoder.encode(&spans);
-        drop(spans);
+        let body = self.encoder.encode(spans);
         match self.collector.send(body).await {
             Ok(()) => {
                 COUNTERS.exported.inc_by(count);
@@ -286,6 +298,9 @@ impl Injector for WriteHeaders<'_> {
     }
 }
 
+/// W3C trace context's header.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 thread_local! {
     /// The trace id the next root span built on this thread gets (see [`server_span`]).
     static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
@@ -319,7 +334,12 @@ pub(crate) fn server_span(
     scheme: &'static str,
 ) -> tracing::Span {
     let headers = req.headers();
-    let parent = TraceContextPropagator::new().extract(&ReadHeaders(headers));
+    // Most requests carry no trace context: then there is nothing to parse.
+    let parent = if headers.contains_key(&TRACEPARENT) {
+        TraceContextPropagator::new().extract(&ReadHeaders(headers))
+    } else {
+        Context::new()
+    };
     let trace_id = trace_id_of(&parent).unwrap_or_else(|| {
         let trace_id = RandomIdGenerator::default().new_trace_id();
         NEXT_TRACE_ID.set(Some(trace_id));
