@@ -184,6 +184,10 @@ impl From<OutputArg> for KeyOutput {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Transparent huge pages off for this process, whatever the host's setting: with THP
+    // "always", each 2 MiB region mimalloc touches becomes resident whole (BENCHMARKS.md,
+    // "Allocator"). A kernel without the setting changes nothing; nothing to report then.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.
     if let Some(Command::Openapi) = cli.command {

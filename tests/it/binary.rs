@@ -131,3 +131,31 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
+
+/// The server turns transparent huge pages off for itself (the kernel's per-process flag, which
+/// `/proc/PID/status` shows as `THP_enabled`): with the host's THP set to "always", the
+/// allocator's regions would otherwise become resident 2 MiB at a time.
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    if !own.contains("THP_enabled:") {
+        assert!(
+            !crate::support::in_ci(),
+            "CI=true and this kernel's /proc/PID/status has no THP_enabled line"
+        );
+        eprintln!("SKIPPED: this kernel's /proc/PID/status has no THP_enabled line");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), "server.log", &[("PORT", &port.to_string())]);
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    assert_eq!(thp, Some("0"), "{status}");
+}
