@@ -227,7 +227,9 @@ async fn export_loop(
 ) {
     let mut tick = tokio::time::interval(delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut taken = Vec::with_capacity(queue.capacity);
+    // Grows to what a wake-up finds (at most `capacity`), then keeps trading places with the
+    // queue's vector: while it is sent, the exporter holds at most one queue's worth of spans.
+    let mut taken = Vec::new();
     loop {
         tokio::select! {
             _ = &mut stop => break,
