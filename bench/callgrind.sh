@@ -10,17 +10,21 @@
 #   healthz  GET /healthz (the HTTP floor)
 #   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
+#   churn    fresh, after a warm-up of CHURN_WARMUP (10,300) fresh tokens that fills the
+#            verified-token cache (10,000 entries): each counted request also evicts one
 #   hit-otel hit, with every span exported over OTLP (always_on) to bench/otlp_sink.py: the
 #            export task's work (encoding, sending) falls inside the counted requests
 # Output: instructions per request per scenario, and each scenario's top functions (self cost)
 # in OUT_DIR (default: a scratch folder, printed) as callgrind.<scenario>.{out,txt}.
-# Variables: REQUESTS (2000), WARMUP (300), SCENARIOS, OUT_DIR, SERVER_PORT, SINK_PORT, TOP (25),
+# Variables: REQUESTS (2000), WARMUP (300), CHURN_WARMUP, SCENARIOS, OUT_DIR, SERVER_PORT,
+# SINK_PORT, TOP (25),
 # LOG_LEVEL (RUST_LOG, default info: the container's logging, JSON lines included).
 set -euo pipefail
 
 REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-300}
 SCENARIOS=${SCENARIOS:-healthz hit fresh}
+CHURN_WARMUP=${CHURN_WARMUP:-10300}
 TOP=${TOP:-25}
 LOG_LEVEL=${LOG_LEVEL:-info}
 SERVER_PORT=${SERVER_PORT:-18821}
@@ -75,6 +79,12 @@ for scenario in $SCENARIOS; do
     healthz) run healthz /healthz "$WORK/tokens/es256_one.txt" ;;
     hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
     fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
+    churn)
+        make_tokens "$WORK/churn" 1 $((CHURN_WARMUP + REQUESTS))
+        # The same key as the other scenarios' (it is inline), so these tokens are re-signed.
+        WARMUP=$CHURN_WARMUP run churn /functions/v1/jwt-test "$WORK/churn/es256_fresh.txt" \
+            SUPABASE_JWKS="$(cat "$WORK/churn/jwks.json")"
+        ;;
     hit-otel)
         python3 "$BENCH/otlp_sink.py" "$SINK_PORT" "$WORK/sink.count" &
         PIDS+=($!)

@@ -6,7 +6,9 @@
 //! - Entries remember the key-ring generation that verified them; when the generation changes
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
 //!   stops vouching for cached tokens at once.
-//! - Bounded: a full shard first drops expired entries, then an arbitrary one.
+//! - Bounded: a full shard first drops expired entries, then an arbitrary one. Each shard
+//!   knows a lower bound of its entries' `exp`, so a full shard under churn (every token new,
+//!   none expired) looks for expired entries only when one may exist, not on every insert.
 //! - Compact: an entry keeps the claims as their JSON text (about a quarter of the memory of a
 //!   parsed claims map), shared with the answers that write it out as it is ([`Claims`]).
 //!
@@ -66,10 +68,54 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shard {
     generation: u64,
     entries: HashMap<TokenHash, Entry>,
+    /// At most the smallest `exp` of `entries` (`i64::MAX` when there are none): no entry has
+    /// expired before this time. Removals may leave it lower than the true minimum; a sweep
+    /// makes it exact again.
+    earliest_exp: i64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            entries: HashMap::new(),
+            earliest_exp: i64::MAX,
+        }
+    }
+}
+
+impl Shard {
+    fn clear(&mut self, generation: u64) {
+        self.entries.clear();
+        self.generation = generation;
+        self.earliest_exp = i64::MAX;
+    }
+
+    /// Makes room for one entry: drops the entries expired at `now` if any may be, then, if
+    /// still full, an arbitrary one.
+    fn make_room(&mut self, per_shard: usize, now: i64) {
+        if self.entries.len() < per_shard {
+            return;
+        }
+        if self.earliest_exp <= now {
+            self.entries.retain(|_, v| v.exp > now);
+            self.earliest_exp = self
+                .entries
+                .values()
+                .map(|v| v.exp)
+                .min()
+                .unwrap_or(i64::MAX);
+        }
+        if self.entries.len() >= per_shard
+            && let Some(victim) = self.entries.keys().next().copied()
+        {
+            self.entries.remove(&victim);
+        }
+    }
 }
 
 /// A bounded map from token hash to its verification result.
@@ -119,8 +165,7 @@ impl TokenCache {
     ) -> Option<Verified> {
         let mut shard = self.shard(hash)?;
         if generation > shard.generation {
-            shard.entries.clear();
-            shard.generation = generation;
+            shard.clear(generation);
             return None;
         }
         if generation < shard.generation {
@@ -161,17 +206,10 @@ impl TokenCache {
             if generation < shard.generation {
                 return;
             }
-            shard.entries.clear();
-            shard.generation = generation;
+            shard.clear(generation);
         }
-        if shard.entries.len() >= per_shard {
-            shard.entries.retain(|_, v| v.exp > now);
-        }
-        if shard.entries.len() >= per_shard
-            && let Some(victim) = shard.entries.keys().next().copied()
-        {
-            shard.entries.remove(&victim);
-        }
+        shard.make_room(per_shard, now);
+        shard.earliest_exp = shard.earliest_exp.min(entry.exp);
         shard.entries.insert(hash, entry);
     }
 
@@ -264,6 +302,44 @@ mod tests {
         // A late insert from a verification under the old generation is ignored.
         cache.insert(h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
+    }
+
+    /// `count` token hashes that all fall into one shard.
+    fn same_shard(count: usize) -> Vec<TokenHash> {
+        let first = token_hash("t0");
+        (0..)
+            .map(|i| token_hash(&format!("t{i}")))
+            .filter(|h| usize::from(h[0]) % SHARDS == usize::from(first[0]) % SHARDS)
+            .take(count)
+            .collect()
+    }
+
+    #[test]
+    fn a_full_shard_drops_what_expired_before_anything_valid() {
+        // Four entries a shard; five hashes that share one.
+        let cache = TokenCache::new(4 * SHARDS);
+        let hashes = same_shard(6);
+        cache.insert(hashes[0], 1, &verified(100, None), 0);
+        for h in &hashes[1..4] {
+            cache.insert(*h, 1, &verified(10_000, None), 0);
+        }
+        // Full; at 500 the first has expired: it goes, the valid ones stay.
+        cache.insert(hashes[4], 1, &verified(10_000, None), 500);
+        assert_eq!(cache.len(), 4);
+        for h in &hashes[1..5] {
+            assert!(
+                cache.get(h, 1, 500, 0).is_some(),
+                "a valid entry was dropped"
+            );
+        }
+        // Full again and nothing expired: one valid entry makes room, the shard stays bounded.
+        cache.insert(hashes[5], 1, &verified(10_000, None), 600);
+        assert_eq!(cache.len(), 4);
+        assert!(cache.get(&hashes[5], 1, 600, 0).is_some());
+        // Later all four have expired: they all go at the next insert.
+        cache.insert(hashes[0], 1, &verified(20_000, None), 15_000);
+        assert_eq!(cache.len(), 1, "expired entries left behind");
+        assert!(cache.get(&hashes[0], 1, 15_000, 0).is_some());
     }
 
     #[test]
