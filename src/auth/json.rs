@@ -6,6 +6,7 @@
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 
 /// Parses `bytes` as JSON, rejecting duplicate member names anywhere in the document.
@@ -14,7 +15,9 @@ pub fn from_slice_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(value)
 }
 
-/// Parses `bytes` as a JSON object (strictly, see [`from_slice_strict`]).
+/// Parses `bytes` as a JSON object (strictly, see [`from_slice_strict`]). The reference the typed
+/// readers of tokens are tested against.
+#[cfg(test)]
 pub fn object_from_slice_strict(bytes: &[u8]) -> Option<Map<String, Value>> {
     match from_slice_strict(bytes) {
         Ok(Value::Object(map)) => Some(map),
@@ -94,6 +97,197 @@ impl<'de> Visitor<'de> for StrictVisitor {
             map.insert(key, value);
         }
         Ok(Value::Object(map))
+    }
+}
+
+/// An object member's name, borrowed from the input when it holds no escape.
+struct Name<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(NameVisitor).map(Name)
+    }
+}
+
+struct NameVisitor;
+
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// True when two names are equal (after unescaping, as the parser gives them).
+fn has_duplicates(names: &mut [Cow<'_, str>]) -> bool {
+    if names.len() <= 16 {
+        (1..names.len()).any(|i| names[..i].contains(&names[i]))
+    } else {
+        names.sort_unstable();
+        names.windows(2).any(|w| w[0] == w[1])
+    }
+}
+
+/// Walks the members of an object, calling `member` with each name (which must take the
+/// value, with `access.next_value_seed`), and fails if two names are equal: the strict rule of
+/// this module, for typed readers that build no [`Value`].
+pub fn strict_members<'de, A, F>(mut access: A, mut member: F) -> Result<(), A::Error>
+where
+    A: MapAccess<'de>,
+    F: FnMut(&str, &mut A) -> Result<(), A::Error>,
+{
+    let mut names: Vec<Cow<'de, str>> = Vec::new();
+    while let Some(Name(name)) = access.next_key()? {
+        member(&name, &mut access)?;
+        if names.is_empty() {
+            // Room for a token's usual members at once (a Supabase access token has about
+            // fifteen); an empty object allocates nothing.
+            names.reserve(16);
+        }
+        names.push(name);
+    }
+    if has_duplicates(&mut names) {
+        // The member name may come from an attacker: do not echo it.
+        return Err(de::Error::custom("duplicate object member"));
+    }
+    Ok(())
+}
+
+/// Checks one JSON value by the strict rule and keeps nothing of it.
+pub struct Skip;
+
+impl<'de> DeserializeSeed<'de> for Skip {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<(), A::Error> {
+        strict_members(access, |_, access| access.next_value_seed(Skip))
+    }
+}
+
+/// What a typed reader needs to know of a member's value: its kind, and for a string (or an
+/// array of strings) the text. Anything else was checked by the strict rule and dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shallow<'de> {
+    /// An integer that fits `i64`.
+    Int(i64),
+    /// A positive integer above `i64::MAX`.
+    BigUint(u64),
+    /// A number with a fraction or an exponent.
+    Float(f64),
+    /// A string.
+    Str(Cow<'de, str>),
+    /// An array whose elements are all strings.
+    Strings(Vec<Cow<'de, str>>),
+    /// `null`, a boolean, an object, or an array holding anything but strings.
+    Other,
+}
+
+impl<'de> DeserializeSeed<'de> for Shallow<'de> {
+    type Value = Shallow<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ShallowVisitor)
+    }
+}
+
+struct ShallowVisitor;
+
+impl<'de> Visitor<'de> for ShallowVisitor {
+    type Value = Shallow<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Shallow::Other)
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Shallow::Int(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(v).map_or(Shallow::BigUint(v), Shallow::Int))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Shallow::Float(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Shallow::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Shallow::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Shallow::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Shallow::Other)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Shallow::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut strings = Vec::new();
+        while let Some(element) = seq.next_element_seed(Shallow::Other)? {
+            match element {
+                Shallow::Str(s) => strings.push(s),
+                _ => {
+                    // Not an array of strings: check the rest, keep nothing.
+                    while seq.next_element_seed(Skip)?.is_some() {}
+                    return Ok(Shallow::Other);
+                }
+            }
+        }
+        Ok(Shallow::Strings(strings))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Self::Value, A::Error> {
+        strict_members(access, |_, access| access.next_value_seed(Skip))?;
+        Ok(Shallow::Other)
     }
 }
 

@@ -10,22 +10,133 @@
 //! with `crit` (no extension is understood, so RFC 7515 §4.1.11 requires rejection).
 
 use crate::auth::error::{AuthError, Failure};
-use crate::auth::json::object_from_slice_strict;
+use crate::auth::json::{Shallow, Skip, strict_members};
 use crate::auth::keyring::{KeyRing, KeySource};
 use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Largest token accepted, checked before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Header members that would let a token choose its own key.
-const KEY_SUPPLYING_MEMBERS: [&str; 4] = ["jwk", "jku", "x5u", "x5c"];
+/// The header members verification reads; every other member is only checked by the strict
+/// rule. Members that would let the token choose its own key (`jwk`, `jku`, `x5u`, `x5c`) and
+/// `crit` make it `rejected`.
+#[derive(Default)]
+pub(crate) struct Header<'a> {
+    alg: Option<Shallow<'a>>,
+    kid: Option<Shallow<'a>>,
+    rejected: bool,
+}
+
+impl<'de> Deserialize<'de> for Header<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+impl Header<'_> {
+    /// The algorithm and kid, or why the header is refused.
+    pub(crate) fn check(&self) -> Result<(Alg, Option<&str>), AuthError> {
+        let alg = match &self.alg {
+            None => return Err(AuthError::InvalidFormat("header has no alg")),
+            Some(Shallow::Str(s)) => Alg::from_jose(s).ok_or(AuthError::UnsupportedAlgorithm)?,
+            Some(_) => return Err(AuthError::UnsupportedAlgorithm),
+        };
+        if self.rejected {
+            return Err(family_error(alg, Failure::RejectedHeader));
+        }
+        let kid = match &self.kid {
+            None => None,
+            Some(Shallow::Str(s)) if kid_is_well_formed(s) => Some(&**s),
+            Some(_) => return Err(family_error(alg, Failure::MalformedKid)),
+        };
+        Ok((alg, kid))
+    }
+}
+
+struct HeaderVisitor;
+
+impl<'de> Visitor<'de> for HeaderVisitor {
+    type Value = Header<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JOSE header object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Self::Value, A::Error> {
+        let mut header = Header::default();
+        strict_members(access, |name, access| {
+            match name {
+                "alg" => header.alg = Some(access.next_value_seed(Shallow::Other)?),
+                "kid" => header.kid = Some(access.next_value_seed(Shallow::Other)?),
+                "crit" | "jwk" | "jku" | "x5u" | "x5c" => {
+                    header.rejected = true;
+                    access.next_value_seed(Skip)?;
+                }
+                _ => access.next_value_seed(Skip)?,
+            }
+            Ok(())
+        })?;
+        Ok(header)
+    }
+}
+
+/// The claims verification reads, as their JSON kinds; every other claim is only checked by
+/// the strict rule. The checks themselves run afterwards, in [`check_claims`]'s fixed order.
+#[derive(Debug, Default)]
+pub(crate) struct ClaimSet<'a> {
+    exp: Option<Shallow<'a>>,
+    nbf: Option<Shallow<'a>>,
+    iat: Option<Shallow<'a>>,
+    iss: Option<Shallow<'a>>,
+    aud: Option<Shallow<'a>>,
+    role: Option<Shallow<'a>>,
+    sub: Option<Shallow<'a>>,
+}
+
+impl<'de> Deserialize<'de> for ClaimSet<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ClaimSetVisitor)
+    }
+}
+
+struct ClaimSetVisitor;
+
+impl<'de> Visitor<'de> for ClaimSetVisitor {
+    type Value = ClaimSet<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JWT claims object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Self::Value, A::Error> {
+        let mut set = ClaimSet::default();
+        strict_members(access, |name, access| {
+            let slot = match name {
+                "exp" => &mut set.exp,
+                "nbf" => &mut set.nbf,
+                "iat" => &mut set.iat,
+                "iss" => &mut set.iss,
+                "aud" => &mut set.aud,
+                "role" => &mut set.role,
+                "sub" => &mut set.sub,
+                _ => return access.next_value_seed(Skip),
+            };
+            *slot = Some(access.next_value_seed(Shallow::Other)?);
+            Ok(())
+        })?;
+        Ok(set)
+    }
+}
 
 /// Claim checks.
 #[derive(Debug, Clone, Default)]
@@ -79,6 +190,11 @@ impl Claims {
         }
     }
 
+    /// Claims whose JSON text is `raw` (an object that passed the strict checks), as it is.
+    fn from_raw(raw: &RawValue) -> Self {
+        Self(Arc::from(raw.to_owned()))
+    }
+
     /// The JSON text (an object).
     pub fn json(&self) -> &str {
         self.0.get()
@@ -118,9 +234,20 @@ pub struct SignedPayload {
     pub payload: Vec<u8>,
 }
 
+/// The base64url alphabet (RFC 4648 §5), one entry a byte: one load per byte of a token.
+static B64URL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 fn is_b64url(part: &str) -> bool {
-    part.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    part.bytes().all(|b| B64URL[usize::from(b)])
 }
 
 fn family_error(alg: Alg, failure: Failure) -> AuthError {
@@ -158,26 +285,10 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     let header_bytes = URL_SAFE_NO_PAD
         .decode(header_b64)
         .map_err(|_| AuthError::InvalidFormat("header is not base64url"))?;
-    let header = object_from_slice_strict(&header_bytes).ok_or(AuthError::InvalidFormat(
-        "header is not a JSON object without duplicate members",
-    ))?;
-    let alg = match header.get("alg") {
-        None => return Err(AuthError::InvalidFormat("header has no alg")),
-        Some(Value::String(s)) => Alg::from_jose(s).ok_or(AuthError::UnsupportedAlgorithm)?,
-        Some(_) => return Err(AuthError::UnsupportedAlgorithm),
-    };
-    if header.contains_key("crit")
-        || KEY_SUPPLYING_MEMBERS
-            .iter()
-            .any(|m| header.contains_key(*m))
-    {
-        return Err(family_error(alg, Failure::RejectedHeader));
-    }
-    let kid = match header.get("kid") {
-        None => None,
-        Some(Value::String(s)) if kid_is_well_formed(s) => Some(s.as_str()),
-        Some(_) => return Err(family_error(alg, Failure::MalformedKid)),
-    };
+    let header: Header<'_> = serde_json::from_slice(&header_bytes).map_err(|_| {
+        AuthError::InvalidFormat("header is not a JSON object without duplicate members")
+    })?;
+    let (alg, kid) = header.check()?;
     let payload = URL_SAFE_NO_PAD
         .decode(payload_b64)
         .map_err(|_| AuthError::InvalidFormat("payload is not base64url"))?;
@@ -259,92 +370,106 @@ pub fn verify(
     now: i64,
 ) -> Result<Verified, AuthError> {
     let signed = verify_signature(ring, token)?;
-    let fail = |f: Failure| family_error(signed.alg, f);
-    let claims =
-        object_from_slice_strict(&signed.payload).ok_or_else(|| fail(Failure::MalformedClaims))?;
-    let (exp, nbf) = check_claims(&claims, settings, now).map_err(fail)?;
-    let role = optional_string(&claims, "role").map_err(fail)?;
-    let sub = optional_string(&claims, "sub").map_err(fail)?;
+    let checked =
+        check_payload(&signed.payload, settings, now).map_err(|f| family_error(signed.alg, f))?;
     Ok(Verified {
         source: signed.source,
         kid: signed.kid,
         alg: signed.alg.as_str(),
-        role,
-        sub,
-        claims: Claims::new(&claims),
-        exp,
-        nbf,
+        role: checked.role,
+        sub: checked.sub,
+        claims: checked.claims,
+        exp: checked.exp,
+        nbf: checked.nbf,
     })
 }
 
-fn optional_string(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, Failure> {
-    match claims.get(name) {
+/// What a token's claims established.
+#[derive(Debug, PartialEq)]
+pub(crate) struct CheckedClaims {
+    pub exp: i64,
+    pub nbf: Option<i64>,
+    pub role: Option<String>,
+    pub sub: Option<String>,
+    /// The payload's JSON text, as the token carries it.
+    pub claims: Claims,
+}
+
+/// Reads a decoded payload strictly (an object, no duplicate member at any depth) and checks
+/// its claims at `now`, building no JSON tree: only the claims the checks need are kept.
+pub(crate) fn check_payload(
+    payload: &[u8],
+    settings: &VerifySettings,
+    now: i64,
+) -> Result<CheckedClaims, Failure> {
+    let set: ClaimSet<'_> =
+        serde_json::from_slice(payload).map_err(|_| Failure::MalformedClaims)?;
+    let (exp, nbf) = check_claims(&set, settings, now)?;
+    let role = optional_string(set.role.as_ref())?;
+    let sub = optional_string(set.sub.as_ref())?;
+    // The checked payload is the answer's claims as the token carries them (the strict reading
+    // above accepted it, so this plain one cannot fail).
+    let raw: &RawValue = serde_json::from_slice(payload).map_err(|_| Failure::MalformedClaims)?;
+    Ok(CheckedClaims {
+        exp,
+        nbf,
+        role: role.map(Cow::into_owned),
+        sub: sub.map(Cow::into_owned),
+        claims: Claims::from_raw(raw),
+    })
+}
+
+fn optional_string<'a>(value: Option<&Shallow<'a>>) -> Result<Option<Cow<'a, str>>, Failure> {
+    match value {
         None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Shallow::Str(s)) => Ok(Some(s.clone())),
         Some(_) => Err(Failure::MalformedClaims),
     }
 }
 
 /// A NumericDate must be a JSON number (a string is not accepted); fractions are floored.
-pub(crate) fn numeric_date(
-    claims: &Map<String, Value>,
-    name: &str,
-) -> Result<Option<i64>, Failure> {
-    match claims.get(name) {
+fn numeric_date(value: Option<&Shallow<'_>>) -> Result<Option<i64>, Failure> {
+    match value {
         None => Ok(None),
-        Some(Value::Number(n)) => {
-            if let Some(i) = n.as_i64() {
-                Ok(Some(i))
-            } else if let Some(f) = n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15) {
-                // Bounded above, so the cast cannot saturate in a surprising way.
-                Ok(Some(f.floor() as i64))
-            } else {
-                Err(Failure::MalformedClaims)
-            }
-        }
+        Some(Shallow::Int(i)) => Ok(Some(*i)),
+        // Bounded above, so the cast cannot saturate in a surprising way.
+        Some(Shallow::Float(f)) if f.is_finite() && f.abs() < 1e15 => Ok(Some(f.floor() as i64)),
         Some(_) => Err(Failure::MalformedClaims),
     }
 }
 
 /// Checks time, issuer and audience claims; returns `exp` and `nbf`.
-pub(crate) fn check_claims(
-    claims: &Map<String, Value>,
+fn check_claims(
+    claims: &ClaimSet<'_>,
     settings: &VerifySettings,
     now: i64,
 ) -> Result<(i64, Option<i64>), Failure> {
     let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
-    let exp = numeric_date(claims, "exp")?.ok_or(Failure::MissingExp)?;
-    let nbf = numeric_date(claims, "nbf")?;
-    let iat = numeric_date(claims, "iat")?;
+    let exp = numeric_date(claims.exp.as_ref())?.ok_or(Failure::MissingExp)?;
+    let nbf = numeric_date(claims.nbf.as_ref())?;
+    let iat = numeric_date(claims.iat.as_ref())?;
     check_times(exp, nbf, now, leeway)?;
     if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
         return Err(Failure::IssuedInFuture);
     }
 
-    let iss = optional_string(claims, "iss")?;
+    let iss = optional_string(claims.iss.as_ref())?;
     if let Some(issuers) = &settings.issuers {
         match iss {
-            Some(iss) if issuers.contains(&iss) => {}
+            Some(iss) if issuers.iter().any(|i| *i == iss) => {}
             _ => return Err(Failure::WrongIssuer),
         }
     }
 
-    match claims.get("aud") {
+    let accepted = |aud: &str| settings.audiences.iter().any(|a| a == aud);
+    match &claims.aud {
         None => {}
-        Some(Value::String(aud)) if !settings.audiences.contains(aud) => {
+        Some(Shallow::Str(aud)) if !accepted(aud) => return Err(Failure::WrongAudience),
+        Some(Shallow::Str(_)) => {}
+        Some(Shallow::Strings(auds)) if !auds.iter().any(|aud| accepted(aud)) => {
             return Err(Failure::WrongAudience);
         }
-        Some(Value::String(_)) => {}
-        Some(Value::Array(auds)) => {
-            let mut matched = false;
-            for aud in auds {
-                let aud = aud.as_str().ok_or(Failure::MalformedClaims)?;
-                matched |= settings.audiences.iter().any(|a| a == aud);
-            }
-            if !matched {
-                return Err(Failure::WrongAudience);
-            }
-        }
+        Some(Shallow::Strings(_)) => {}
         Some(_) => return Err(Failure::MalformedClaims),
     }
     Ok((exp, nbf))

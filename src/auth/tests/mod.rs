@@ -5,5 +5,6 @@ mod api_keys;
 mod attacks;
 mod keys_parsing;
 mod rotation;
+mod typed_json;
 pub(super) mod util;
 mod wycheproof;
