@@ -9,6 +9,7 @@
 # connection (bench/callgrind_client.py, loopback only; every answer must be 200) and stops.
 #   healthz  GET /healthz (the HTTP floor)
 #   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
+#   hit-hs256  the same with one HS256 token (the legacy secret: its usage is recorded)
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
 #   churn    fresh, after a warm-up of CHURN_WARMUP (10,300) fresh tokens that fills the
 #            verified-token cache (10,000 entries): each counted request also evicts one
@@ -78,6 +79,7 @@ for scenario in $SCENARIOS; do
     case $scenario in
     healthz) run healthz /healthz "$WORK/tokens/es256_one.txt" ;;
     hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
+    hit-hs256) run hit-hs256 /functions/v1/jwt-test "$WORK/tokens/hs256.txt" ;;
     fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
     churn)
         make_tokens "$WORK/churn" 1 $((CHURN_WARMUP + REQUESTS))
