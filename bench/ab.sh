@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Side-by-side wall clock of several edgegate binaries: each round starts each binary in turn
-# (server on SERVER_CPU, wrk on LOAD_CPU, same tokens, JWKS inline) and drives /healthz, one
-# repeated ES256 token (cache hit) and fresh ES256 tokens, DURATION seconds each, so that the
-# machine's load falls on all binaries alike. Loopback only; every wrk run is bounded.
+# (server on SERVER_CPU, wrk on LOAD_CPU, same tokens, JWKS inline) and drives the SCENARIOS,
+# DURATION seconds each, so that the machine's load falls on all binaries alike: /healthz, one
+# repeated ES256 token (cache hit), fresh ES256 tokens, and on request fresh RS256 and EdDSA
+# tokens (60,000 a set, more than the verified-token cache holds). Loopback only; every wrk run
+# is bounded. Beside req/s, the server's CPU time a request, user and system apart
+# (/proc/PID/stat), which says whether a change moved the process's own work or the kernel's.
 #
 # usage: bench/ab.sh BINARY[:RUST_LOG] ...     e.g. bench/ab.sh /tmp/edgegate-before target/release/edgegate
-# Variables: ROUNDS (3), DURATION (8), CONNECTIONS (64), SERVER_PORT, SERVER_CPU, LOAD_CPU.
+# Variables: ROUNDS (3), DURATION (8), CONNECTIONS (64), SCENARIOS ("healthz es256_one
+# es256_fresh"; also rs256_fresh, eddsa_fresh), SERVER_PORT, SERVER_CPU, LOAD_CPU.
 # Output: one tab-separated line per run (round, binary:level, scenario, req/s, load average,
-# wrk's RESULT line), then the median req/s per binary and scenario.
+# user and system CPU µs a request, wrk's RESULT line), then medians per binary and scenario.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-64}
+SCENARIOS=${SCENARIOS:-healthz es256_one es256_fresh}
 SERVER_PORT=${SERVER_PORT:-18831}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -25,6 +30,10 @@ make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
 OUT=$WORK/ab.tsv
 : >"$OUT"
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { # pid field (14: user, 15: system), from /proc/PID/stat after the command name
+    awk -v f="$2" '{sub(/.*\) /, ""); print $(f - 2)}' "/proc/$1/stat"
+}
 
 for round in $(seq 1 "$ROUNDS"); do
     for spec in "$@"; do
@@ -44,20 +53,27 @@ for round in $(seq 1 "$ROUNDS"); do
         done
         taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d2s -s "$BENCH/tokens.lua" \
             "http://127.0.0.1:$SERVER_PORT" -- "$TOK/es256_one.txt" 0 >/dev/null
-        for scenario in healthz es256_one es256_fresh; do
+        for scenario in $SCENARIOS; do
             case $scenario in
             healthz) file=es256_one path=/healthz ;;
-            es256_one) file=es256_one path=/functions/v1/jwt-test ;;
-            es256_fresh) file=es256_fresh path=/functions/v1/jwt-test ;;
+            es256_one | es256_fresh | rs256_fresh | eddsa_fresh) file=$scenario path=/functions/v1/jwt-test ;;
+            *) echo "unknown scenario $scenario" >&2 && exit 2 ;;
             esac
+            user0=$(cpu_ticks "$pid" 14)
+            system0=$(cpu_ticks "$pid" 15)
             result=$(taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d "${DURATION}s" --timeout 5s \
                 -s "$BENCH/tokens.lua" "http://127.0.0.1:$SERVER_PORT" -- "$TOK/$file.txt" 0 "$path" |
                 grep '^RESULT')
             requests=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$result")
             duration=$(sed -E 's/.* duration_us=([0-9]+).*/\1/' <<<"$result")
             rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
-            printf '%s\t%s:%s\t%s\t%s\t%s\t%s\n' "$round" "$(basename "$bin")" "$level" "$scenario" \
-                "$rps" "$(cut -d' ' -f1 /proc/loadavg)" "$result" | tee -a "$OUT"
+            user=$(awk -v a="$user0" -v b="$(cpu_ticks "$pid" 14)" -v t="$TICK_US" -v r="$requests" \
+                'BEGIN {printf "%.2f", (b - a) * t / r}')
+            system=$(awk -v a="$system0" -v b="$(cpu_ticks "$pid" 15)" -v t="$TICK_US" -v r="$requests" \
+                'BEGIN {printf "%.2f", (b - a) * t / r}')
+            printf '%s\t%s:%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$(basename "$bin")" "$level" \
+                "$scenario" "$rps" "$(cut -d' ' -f1 /proc/loadavg)" "$user" "$system" "$result" |
+                tee -a "$OUT"
         done
         kill "$pid"
         wait "$pid" 2>/dev/null || true
@@ -71,10 +87,16 @@ from collections import defaultdict
 
 runs = defaultdict(list)
 for line in open(sys.argv[1]):
-    _round, binary, scenario, rps = line.split("\t")[:4]
-    runs[(binary, scenario)].append(int(rps))
-print("| binary | scenario | req/s median (runs) |")
-print("|---|---|---|")
+    _round, binary, scenario, rps, _load, user, system = line.split("\t")[:7]
+    runs[(binary, scenario)].append((int(rps), float(user), float(system)))
+print("| binary | scenario | req/s median (runs) | user µs a request | system µs a request |")
+print("|---|---|---|---|---|")
 for (binary, scenario), values in runs.items():
-    print(f"| {binary} | {scenario} | {statistics.median(values):.0f} ({', '.join(map(str, values))}) |")
+    rps = [v[0] for v in values]
+    user = statistics.median(v[1] for v in values)
+    system = statistics.median(v[2] for v in values)
+    print(
+        f"| {binary} | {scenario} | {statistics.median(rps):.0f} ({', '.join(map(str, rps))})"
+        f" | {user:.1f} | {system:.1f} |"
+    )
 PY

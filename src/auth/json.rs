@@ -219,7 +219,7 @@ pub enum Shallow<'de> {
     Int(i64),
     /// A positive integer above `i64::MAX`.
     BigUint(u64),
-    /// A number with a fraction or an exponent.
+    /// Any other number (with a fraction or an exponent, or an integer beyond `u64`).
     Float(f64),
     /// A string.
     Str(Cow<'de, str>),
@@ -229,9 +229,12 @@ pub enum Shallow<'de> {
     Other,
 }
 
-impl<'de> DeserializeSeed<'de> for Shallow<'de> {
+/// Reads one JSON value as a [`Shallow`] (the strict rule applied to all of it).
+pub struct ReadShallow;
+
+impl<'de> DeserializeSeed<'de> for ReadShallow {
     type Value = Shallow<'de>;
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Shallow<'de>, D::Error> {
         deserializer.deserialize_any(ShallowVisitor)
     }
 }
@@ -273,7 +276,7 @@ impl<'de> Visitor<'de> for ShallowVisitor {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut strings = Vec::new();
-        while let Some(element) = seq.next_element_seed(Shallow::Other)? {
+        while let Some(element) = seq.next_element_seed(ReadShallow)? {
             match element {
                 Shallow::Str(s) => strings.push(s),
                 _ => {

@@ -10,7 +10,7 @@
 //! with `crit` (no extension is understood, so RFC 7515 §4.1.11 requires rejection).
 
 use crate::auth::error::{AuthError, Failure};
-use crate::auth::json::{Shallow, Skip, strict_members};
+use crate::auth::json::{ReadShallow, Shallow, Skip, strict_members};
 use crate::auth::keyring::{KeyRing, KeySource};
 use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use base64::Engine;
@@ -76,8 +76,8 @@ impl<'de> Visitor<'de> for HeaderVisitor {
         let mut header = Header::default();
         strict_members(access, |name, access| {
             match name {
-                "alg" => header.alg = Some(access.next_value_seed(Shallow::Other)?),
-                "kid" => header.kid = Some(access.next_value_seed(Shallow::Other)?),
+                "alg" => header.alg = Some(access.next_value_seed(ReadShallow)?),
+                "kid" => header.kid = Some(access.next_value_seed(ReadShallow)?),
                 "crit" | "jwk" | "jku" | "x5u" | "x5c" => {
                     header.rejected = true;
                     access.next_value_seed(Skip)?;
@@ -131,7 +131,7 @@ impl<'de> Visitor<'de> for ClaimSetVisitor {
                 "sub" => &mut set.sub,
                 _ => return access.next_value_seed(Skip),
             };
-            *slot = Some(access.next_value_seed(Shallow::Other)?);
+            *slot = Some(access.next_value_seed(ReadShallow)?);
             Ok(())
         })?;
         Ok(set)
