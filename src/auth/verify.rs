@@ -177,7 +177,11 @@ pub struct Verified {
 #[derive(Debug, Clone)]
 pub struct Claims(Arc<RawValue>);
 
-static NO_CLAIMS: LazyLock<Claims> = LazyLock::new(|| Claims::new(&Map::new()));
+static NO_CLAIMS: LazyLock<Claims> = LazyLock::new(|| {
+    Claims(Arc::from(
+        RawValue::from_string("{}".to_owned()).expect("`{}` is JSON"),
+    ))
+});
 
 impl Claims {
     /// The claims of `map`, as `serde_json` writes it (members sorted by name).

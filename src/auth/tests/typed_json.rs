@@ -342,6 +342,12 @@ fn the_answer_carries_the_claims_as_the_token_does() {
 }
 
 #[test]
+fn no_claims_and_an_empty_map_are_the_empty_object() {
+    assert_eq!(crate::auth::Claims::default().json(), "{}");
+    assert_eq!(crate::auth::Claims::new(&Map::new()).json(), "{}");
+}
+
+#[test]
 fn deep_nesting_is_refused_not_overflowed() {
     let deep = format!(
         "{{\"exp\":1700000100,\"x\":{}{}}}",
