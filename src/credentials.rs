@@ -31,7 +31,7 @@ impl Principal {
             clock.now_ms(),
             self.request_id.clone(),
             self.verified.source.as_str(),
-            &credential_name(&self.verified),
+            credential_name(&self.verified),
             action,
             outcome,
         )
@@ -168,14 +168,14 @@ impl FromRequestParts<AppState> for User {
                 // Names of the credential for the request's log lines, never the credential.
                 record_credential(
                     verified.source.as_str(),
-                    Some(kid.as_str()).filter(|k| !k.is_empty()),
+                    Some(kid).filter(|k| !k.is_empty()),
                 );
                 state
                     .auth_metrics
                     .verifications
                     .get_or_create(&VerificationLabels {
                         source: verified.source.as_str(),
-                        kid,
+                        kid: kid.to_owned(),
                         alg: verified.alg,
                         outcome: "ok",
                     })

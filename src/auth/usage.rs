@@ -71,10 +71,10 @@ pub fn usage_kid(verified: &Verified) -> String {
 
 /// How metrics, log lines and the audit log name a credential: its kid, the API key's name, or
 /// `legacy` for the legacy secret. Never the credential itself.
-pub fn credential_name(verified: &Verified) -> String {
+pub fn credential_name(verified: &Verified) -> &str {
     match verified.source {
-        KeySource::LegacySecret => "legacy".to_owned(),
-        _ => usage_kid(verified),
+        KeySource::LegacySecret => "legacy",
+        _ => verified.kid.as_deref().unwrap_or_default(),
     }
 }
 
