@@ -14,8 +14,7 @@ pub struct JwtTestBody {
     role: Option<String>,
     sub: Option<String>,
     key: KeyBody,
-    /// Every claim of the token, as the token carries them: its payload's JSON text, members in
-    /// the token's order (an API key has only `role`).
+    /// Every claim, as the token carries them (its payload's JSON); an API key has only `role`.
     #[schema(value_type = Object)]
     claims: Claims,
 }
