@@ -6,9 +6,11 @@
 //! - Entries remember the key-ring generation that verified them; when the generation changes
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
 //!   stops vouching for cached tokens at once.
-//! - Bounded: a full shard first drops expired entries, then an arbitrary one. Each shard
-//!   knows a lower bound of its entries' `exp`, so a full shard under churn (every token new,
-//!   none expired) looks for expired entries only when one may exist, not on every insert.
+//! - Bounded: a full shard first drops expired entries, then its oldest entry not served since
+//!   it was last looked at (first in, first out with a second chance, "CLOCK"): a token in use
+//!   survives a stream of new ones, which only replace each other. Each shard knows a lower
+//!   bound of its entries' `exp`, so a full shard under churn (every token new, none expired)
+//!   looks for expired entries only when one may exist, not on every insert.
 //! - Compact: an entry keeps the claims as their JSON text (about a quarter of the memory of a
 //!   parsed claims map), shared with the answers that write it out as it is ([`Claims`]).
 //!
@@ -18,7 +20,7 @@ use crate::auth::error::Failure;
 use crate::auth::keyring::KeySource;
 use crate::auth::verify::{Claims, Verified, check_times};
 use aws_lc_rs::digest::{SHA256, digest};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,11 +40,17 @@ struct Entry {
     nbf: Option<i64>,
     /// The claims' JSON text, shared with every answer that carries it.
     claims: Claims,
+    /// When it was inserted in its shard (matches its place in the shard's `order`).
+    seq: u64,
+    /// Served since eviction last looked at it: spared once.
+    used: bool,
 }
 
 impl Entry {
     fn new(verified: &Verified) -> Self {
         Self {
+            seq: 0,
+            used: false,
             source: verified.source,
             kid: verified.kid.as_deref().map(Box::from),
             alg: verified.alg,
@@ -76,6 +84,10 @@ struct Shard {
     /// expired before this time. Removals may leave it lower than the true minimum; a sweep
     /// makes it exact again.
     earliest_exp: i64,
+    /// Entries by insertion, oldest first, as (hash, seq); an element whose entry is gone or
+    /// was inserted again (another seq) is stale and skipped.
+    order: VecDeque<(TokenHash, u64)>,
+    next_seq: u64,
 }
 
 impl Default for Shard {
@@ -84,6 +96,8 @@ impl Default for Shard {
             generation: 0,
             entries: HashMap::new(),
             earliest_exp: i64::MAX,
+            order: VecDeque::new(),
+            next_seq: 0,
         }
     }
 }
@@ -93,10 +107,11 @@ impl Shard {
         self.entries.clear();
         self.generation = generation;
         self.earliest_exp = i64::MAX;
+        self.order.clear();
     }
 
     /// Makes room for one entry: drops the entries expired at `now` if any may be, then, if
-    /// still full, an arbitrary one.
+    /// still full, the oldest entry not served since eviction last passed it.
     fn make_room(&mut self, per_shard: usize, now: i64) {
         if self.entries.len() < per_shard {
             return;
@@ -110,10 +125,41 @@ impl Shard {
                 .min()
                 .unwrap_or(i64::MAX);
         }
-        if self.entries.len() >= per_shard
-            && let Some(victim) = self.entries.keys().next().copied()
-        {
-            self.entries.remove(&victim);
+        // Ends: each turn drops an entry, skips a stale element, or clears one `used` flag
+        // (set only by a hit), so at most twice the entries plus the stale elements.
+        while self.entries.len() >= per_shard {
+            let Some((hash, seq)) = self.order.pop_front() else {
+                // Cannot happen (every entry has its element); stay bounded regardless.
+                let victim = self.entries.keys().next().copied();
+                if let Some(victim) = victim {
+                    self.entries.remove(&victim);
+                }
+                continue;
+            };
+            match self.entries.get_mut(&hash) {
+                Some(entry) if entry.seq == seq && entry.used => {
+                    entry.used = false;
+                    self.order.push_back((hash, seq));
+                }
+                Some(entry) if entry.seq == seq => {
+                    self.entries.remove(&hash);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Adds `entry` as the newest, keeping `order` within twice the entries.
+    fn push(&mut self, hash: TokenHash, mut entry: Entry, per_shard: usize) {
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        self.earliest_exp = self.earliest_exp.min(entry.exp);
+        self.order.push_back((hash, entry.seq));
+        self.entries.insert(hash, entry);
+        if self.order.len() > 2 * per_shard + 16 {
+            let entries = &self.entries;
+            self.order
+                .retain(|(hash, seq)| entries.get(hash).is_some_and(|e| e.seq == *seq));
         }
     }
 }
@@ -172,7 +218,7 @@ impl TokenCache {
             // A caller still holding an older snapshot: nothing cached applies to it.
             return None;
         }
-        let hit = shard.entries.get(hash)?;
+        let hit = shard.entries.get_mut(hash)?;
         if let Err(failure) = check_times(hit.exp, hit.nbf, now, leeway) {
             // An expired entry will never be served again; a not-yet-valid one may be later.
             if failure == Failure::Expired {
@@ -180,6 +226,7 @@ impl TokenCache {
             }
             return None;
         }
+        hit.used = true;
         let verified = hit.verified();
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(verified)
@@ -209,8 +256,7 @@ impl TokenCache {
             shard.clear(generation);
         }
         shard.make_room(per_shard, now);
-        shard.earliest_exp = shard.earliest_exp.min(entry.exp);
-        shard.entries.insert(hash, entry);
+        shard.push(hash, entry, per_shard);
     }
 
     /// Number of cached entries (all generations).
@@ -340,6 +386,45 @@ mod tests {
         cache.insert(hashes[0], 1, &verified(20_000, None), 15_000);
         assert_eq!(cache.len(), 1, "expired entries left behind");
         assert!(cache.get(&hashes[0], 1, 15_000, 0).is_some());
+    }
+
+    #[test]
+    fn a_full_shard_evicts_its_oldest_unused_entry() {
+        let cache = TokenCache::new(4 * SHARDS);
+        let hashes = same_shard(40);
+        for h in &hashes[..4] {
+            cache.insert(*h, 1, &verified(10_000, None), 0);
+        }
+        // Never served: each new entry takes the place of the oldest.
+        for (i, h) in hashes[4..].iter().enumerate() {
+            cache.insert(*h, 1, &verified(10_000, None), 0);
+            assert!(
+                cache.get(&hashes[i], 1, 0, 0).is_none(),
+                "entry {i} should have been the one evicted"
+            );
+            for kept in &hashes[i + 1..=i + 4] {
+                assert!(
+                    cache.get(kept, 1, 0, 0).is_some(),
+                    "a newer entry was evicted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_in_use_survives_a_stream_of_new_ones() {
+        let cache = TokenCache::new(4 * SHARDS);
+        let hashes = same_shard(1_001);
+        let (hot, stream) = hashes.split_first().unwrap();
+        cache.insert(*hot, 1, &verified(10_000, None), 0);
+        for h in stream {
+            assert!(
+                cache.get(hot, 1, 0, 0).is_some(),
+                "the token in use was evicted"
+            );
+            cache.insert(*h, 1, &verified(10_000, None), 0);
+        }
+        assert_eq!(cache.len(), 4);
     }
 
     #[test]
