@@ -247,6 +247,10 @@ config_seed([  # secrets with `~` and `!`, the ones the target checks `Debug` fo
 # percent-encoded (a false alarm of the target's oracle, found in CI on 2026-12-01).
 config_seed([("DATABASE_URL", "postgres://edgegate:p~ss\u00e9word@127.0.0.1:5432/db"),
              ("STRIPE_API_BASE", "https://post/edgegate:p~ss\u00e9word@x")])
+# A secret that a header name in CORS_ALLOWED_HEADERS also holds with other capitals, which
+# the configuration shows lowercased (a false alarm of the oracle, found in CI on 2026-12-01).
+config_seed([("STRIPE_SECRET_KEY", "sk_test_fuzz~key!"),
+             ("CORS_ALLOWED_HEADERS", "Sk_test_fuzz~key!jegzegzz~ke!")])
 config_seed([("HTTP_HEADER_READ_TIMEOUT_SECONDS", "0"), ("HTTP_IDLE_TIMEOUT_SECONDS", "99999999999"),
              ("HTTP_MAX_CONNECTIONS", "-1")])
 

@@ -101,11 +101,13 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 // The same text in another variable may show there (a host name, an issuer),
-                // as that variable holds it or, for a URL, as the URL writes it (a database
+                // as that variable holds it, lowercased (header names in
+                // CORS_ALLOWED_HEADERS), or, for a URL, as the URL writes it (a database
                 // password percent-encoded in STRIPE_API_BASE's path, say).
                 let shown_elsewhere = vars.iter().any(|(other, v)| {
                     other != name
                         && (v.contains(&secret)
+                            || v.to_lowercase().contains(&secret)
                             || url::Url::parse(v.trim())
                                 .is_ok_and(|url| url.as_str().contains(&secret)))
                 });
