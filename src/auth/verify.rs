@@ -16,8 +16,6 @@ use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde::{Serialize, Serializer};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::fmt;
@@ -171,37 +169,34 @@ pub struct Verified {
     pub nbf: Option<i64>,
 }
 
-/// The claims of a verified credential, kept as the JSON text of their checked map and
+/// The claims of a verified credential, kept as the JSON text of their checked object and
 /// written out as it is: the cache keeps this text, so answering with a cached token parses
 /// and re-serializes nothing (callgrind: about a quarter of a cache hit's instructions).
 #[derive(Debug, Clone)]
-pub struct Claims(Arc<RawValue>);
+pub struct Claims(Arc<str>);
 
-static NO_CLAIMS: LazyLock<Claims> = LazyLock::new(|| {
-    Claims(Arc::from(
-        RawValue::from_string("{}".to_owned()).expect("`{}` is JSON"),
-    ))
-});
+static NO_CLAIMS: LazyLock<Claims> = LazyLock::new(|| Claims(Arc::from("{}")));
 
 impl Claims {
     /// The claims of `map`, as `serde_json` writes it (members sorted by name).
     pub fn new(map: &Map<String, Value>) -> Self {
         // A `Map` of `Value`s always serializes (a `Value` holds no non-finite number and
         // its keys are strings); the empty object stands in should that ever change.
-        match serde_json::value::to_raw_value(map) {
-            Ok(raw) => Self(Arc::from(raw)),
+        match serde_json::to_string(map) {
+            Ok(text) => Self(Arc::from(text)),
             Err(_) => NO_CLAIMS.clone(),
         }
     }
 
-    /// Claims whose JSON text is `raw` (an object that passed the strict checks), as it is.
-    fn from_raw(raw: &RawValue) -> Self {
-        Self(Arc::from(raw.to_owned()))
+    /// Claims whose JSON text is `object`, as it is: only for a text the strict reading
+    /// accepted as one JSON object, without the whitespace around it.
+    fn checked(object: &str) -> Self {
+        Self(Arc::from(object))
     }
 
     /// The JSON text (an object).
     pub fn json(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 }
 
@@ -215,12 +210,6 @@ impl Default for Claims {
 impl PartialEq for Claims {
     fn eq(&self, other: &Self) -> bool {
         self.json() == other.json()
-    }
-}
-
-impl Serialize for Claims {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
     }
 }
 
@@ -406,20 +395,21 @@ pub(crate) fn check_payload(
     settings: &VerifySettings,
     now: i64,
 ) -> Result<CheckedClaims, Failure> {
-    let set: ClaimSet<'_> =
-        serde_json::from_slice(payload).map_err(|_| Failure::MalformedClaims)?;
+    // UTF-8 checked once here; the strings inside are then not checked again one by one.
+    let text = std::str::from_utf8(payload).map_err(|_| Failure::MalformedClaims)?;
+    let set: ClaimSet<'_> = serde_json::from_str(text).map_err(|_| Failure::MalformedClaims)?;
     let (exp, nbf) = check_claims(&set, settings, now)?;
     let role = optional_string(set.role.as_ref())?;
     let sub = optional_string(set.sub.as_ref())?;
-    // The checked payload is the answer's claims as the token carries them (the strict reading
-    // above accepted it, so this plain one cannot fail).
-    let raw: &RawValue = serde_json::from_slice(payload).map_err(|_| Failure::MalformedClaims)?;
+    // The checked payload is the answer's claims as the token carries them: the strict reading
+    // above accepted the text as one object with nothing but JSON whitespace around it.
+    let object = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
     Ok(CheckedClaims {
         exp,
         nbf,
         role: role.map(Cow::into_owned),
         sub: sub.map(Cow::into_owned),
-        claims: Claims::from_raw(raw),
+        claims: Claims::checked(object),
     })
 }
 

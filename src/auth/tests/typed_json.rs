@@ -8,6 +8,7 @@ use crate::auth::error::{AuthError, Failure};
 use crate::auth::json::object_from_slice_strict;
 use crate::auth::keys::{Alg, kid_is_well_formed};
 use crate::auth::verify::{CheckedClaims, Header, VerifySettings, check_payload};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::time::Duration;
 
@@ -274,6 +275,10 @@ fn typed_claims(payload: &[u8], settings: &VerifySettings) -> Result<Outcome, Fa
         sub,
         claims,
     } = check_payload(payload, settings, NOW)?;
+    // The text kept is the one serde_json's raw reading gives (the object, without the
+    // whitespace around it), which the answer carried before it was kept as plain text.
+    let raw: &RawValue = serde_json::from_slice(payload).expect("an accepted payload is JSON");
+    assert_eq!(claims.json(), raw.get());
     let json: Value = serde_json::from_str(claims.json()).expect("the claims text is JSON");
     Ok((exp, nbf, role, sub, json))
 }
@@ -288,9 +293,18 @@ fn typed_claims_reader_agrees_with_the_tree_reader() {
         ("role", "\"authenticated\""),
         ("sub", "\"user-1\""),
     ];
+    let spaces = ["", "", " ", "\n", "\t\r "];
     let mut accepted = 0;
     for case in 0..30_000 {
-        let payload = object(&mut rng, CLAIM_NAMES, VALUES, &always);
+        // JSON whitespace around the object now and then, and once in a while a stray byte
+        // after it (refused).
+        let payload = format!(
+            "{}{}{}{}",
+            rng.pick(&spaces),
+            object(&mut rng, CLAIM_NAMES, VALUES, &always),
+            rng.pick(&spaces),
+            if rng.below(20) == 0 { "x" } else { "" }
+        );
         let settings = settings(case % 2 == 0);
         let expected = reference_claims(payload.as_bytes(), &settings, NOW);
         let got = typed_claims(payload.as_bytes(), &settings);
@@ -339,6 +353,23 @@ fn the_answer_carries_the_claims_as_the_token_does() {
     let spaced = b" \n{\"exp\":1700000100} \t";
     let checked = check_payload(spaced, &settings(false), NOW).expect("valid claims");
     assert_eq!(checked.claims.json(), "{\"exp\":1700000100}");
+}
+
+#[test]
+fn claims_that_are_not_utf8_are_malformed() {
+    // In a member the checks read, in one they skip, in a member name, and outside strings.
+    for payload in [
+        &b"{\"exp\":1700000100,\"sub\":\"\xff\"}"[..],
+        b"{\"exp\":1700000100,\"note\":\"\xc3\x28\"}",
+        b"{\"exp\":1700000100,\"\xed\xa0\x80\":1}",
+        b"{\"exp\":1700000100}\xff",
+    ] {
+        assert_eq!(
+            check_payload(payload, &settings(false), NOW),
+            Err(Failure::MalformedClaims),
+            "{payload:?}"
+        );
+    }
 }
 
 #[test]
