@@ -9,7 +9,8 @@
 #
 # usage: bench/ab.sh BINARY[:RUST_LOG] ...     e.g. bench/ab.sh /tmp/edgegate-before target/release/edgegate
 # Variables: ROUNDS (3), DURATION (8), CONNECTIONS (64), SCENARIOS ("healthz es256_one
-# es256_fresh"; also rs256_fresh, eddsa_fresh), SERVER_PORT, SERVER_CPU, LOAD_CPU.
+# es256_fresh"; also rs256_fresh, eddsa_fresh), SERVER_PORT, SERVER_CPU, LOAD_CPU, HALT_POLL_NS
+# (see bench/lib.sh).
 # Output: one tab-separated line per run (round, binary:level, scenario, req/s, load average,
 # user and system CPU µs a request, wrk's RESULT line), then medians per binary and scenario.
 set -euo pipefail
@@ -25,6 +26,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 [ $# -gt 0 ] || { echo "usage: bench/ab.sh BINARY[:RUST_LOG] ..." >&2; exit 2; }
+need_wrk
 
 make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
@@ -80,6 +82,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 echo
+echo "idle vCPUs: $(halt_poll_setting)"
 python3 - "$OUT" <<'PY'
 import statistics
 import sys

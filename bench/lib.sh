@@ -1,7 +1,7 @@
 # Shared by the bench scripts (sourced): the project's folders (ROOT, BENCH, CARGO_TARGET_DIR), a
 # scratch folder and the processes a script started, the last two removed on exit however the
-# script ends (a script may define `cleanup_extra` for more), the tokens, and the wrk driver of
-# jwt-test (`drive`, `field`).
+# script ends (a script may define `cleanup_extra` for more), the guest's idle polling
+# (HALT_POLL_NS, below), the tokens, and the wrk driver of jwt-test (`drive`, `field`).
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 BENCH=$ROOT/bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -18,9 +18,36 @@ cleanup() {
     if declare -F cleanup_extra >/dev/null; then
         cleanup_extra
     fi
+    if [ -n "${HALT_POLL_BEFORE:-}" ]; then
+        echo "$HALT_POLL_BEFORE" >"$HALT_POLL_PARAM" || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# HALT_POLL_NS (optional): on a KVM or Firecracker guest with the haltpoll cpuidle driver, how
+# long an idle vCPU polls before it halts (the kernel's guest_halt_poll_ns; these machines boot
+# with 0), set for the script's run and restored on exit. With it, an answer that finds
+# wrk asleep on the other core wakes it without an inter-processor interrupt, i.e. without a
+# VM exit charged to the server's write; without it, that exit is counted as the server's
+# system time whenever the server is the slower side (BENCHMARKS.md, "Guest halt polling").
+HALT_POLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALT_POLL_BEFORE=
+halt_poll_setting() { # prints the setting in effect, for the report
+    if [ -r "$HALT_POLL_PARAM" ]; then
+        echo "guest_halt_poll_ns=$(cat "$HALT_POLL_PARAM")"
+    else
+        echo "no haltpoll cpuidle driver"
+    fi
+}
+if [ -n "${HALT_POLL_NS:-}" ]; then
+    if [ ! -w "$HALT_POLL_PARAM" ]; then
+        echo "HALT_POLL_NS is set but $HALT_POLL_PARAM cannot be written (no haltpoll cpuidle driver, or not root)" >&2
+        exit 2
+    fi
+    HALT_POLL_BEFORE=$(cat "$HALT_POLL_PARAM")
+    echo "$HALT_POLL_NS" >"$HALT_POLL_PARAM"
+fi
 
 # Keys and tokens for a scratch server: the issuer and legacy secret they are made for, and
 # `make_tokens DIR COUNT FRESH` (examples/bench_tokens.rs; needs CARGO_TARGET_DIR).
@@ -32,6 +59,13 @@ make_tokens() {
 }
 
 log() { printf '%s\n' "$*" >&2; }
+
+need_wrk() {
+    if ! command -v wrk >/dev/null; then
+        log "installing wrk"
+        apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+    fi
+}
 
 wait_for() { # URL [curl arguments]
     local i

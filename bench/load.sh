@@ -26,7 +26,8 @@
 #                JWKS fetches during it are counted at the JWKS host
 # Variables: RUNS, DURATION, WARMUP, CONNECTIONS, VALID_RATE, FLOOD_FACTOR, MIN_REFRESH
 # (JWKS_MIN_REFRESH_SECONDS of both servers), SCENARIOS, SERVERS ("edgegate peer"),
-# EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU.
+# EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU, HALT_POLL_NS (see
+# bench/lib.sh: idle vCPUs poll that long before halting, for this run).
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
 # (VmHWM) per server, the ratios edgegate/peer, and edgegate's share of the limit per scenario
 # (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)).
@@ -53,10 +54,7 @@ SERVER_PORT=${SERVER_PORT:-18801}
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
 
-if ! command -v wrk >/dev/null; then
-    log "installing wrk"
-    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-fi
+need_wrk
 
 log "building edgegate (release) and the token generator"
 cargo build --release --locked --quiet --bin edgegate --example bench_tokens
@@ -246,6 +244,7 @@ done
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+echo "idle vCPUs: $(halt_poll_setting)"
 echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
 echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
 echo "bare verify, criterion raw/aws_lc_verify on CPU $SERVER_CPU (us): $(tr '\t\n' '= ' <"$LIMITS")"
