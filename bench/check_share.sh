@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Where a fresh-token request's time goes inside the server: the signature check's own time
+# (perf samples in the crypto code x the server's CPU time a request), beside /healthz's CPU
+# time, so that a fresh request's cost splits into floor, check, and the rest.
+#
+# usage: bench/check_share.sh [EDGEGATE_BIN]    (default: target/release/edgegate, built here)
+#
+# The server runs on SERVER_CPU with the tokens' keys inline, wrk on LOAD_CPU (64 connections,
+# DURATION seconds a scenario after 2 s of warm-up, loopback only); `perf record -e cpu-clock`
+# samples the server during each run (cycles are not counted in these virtual machines).
+# Samples count as the check when their symbol is aws-lc's or s2n-bignum's arithmetic for
+# P-256, RSA or Ed25519 (SHA-512 included, which Ed25519 uses); SHA-256 is left out, as the
+# cache key's hash would be counted with the signing input's. Set HALT_POLL_NS (bench/lib.sh)
+# as for load.sh.
+# Output: a line a scenario: requests, CPU µs a request (user + system), the check's share of
+# the samples, and the check's µs a request.
+# Variables: DURATION (5), SERVER_PORT, SERVER_CPU, LOAD_CPU, HALT_POLL_NS.
+set -euo pipefail
+
+DURATION=${DURATION:-5}
+SERVER_PORT=${SERVER_PORT:-18841}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+need_wrk
+if ! command -v perf >/dev/null; then
+    log "installing perf"
+    apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null
+fi
+if [ $# -gt 0 ]; then
+    BIN=$1
+else
+    cargo build --release --locked --quiet --bin edgegate
+    BIN=$CARGO_TARGET_DIR/release/edgegate
+fi
+
+make_tokens "$WORK/tokens" 1 60000
+TOK=$WORK/tokens
+env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/e.db" \
+    SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+    JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG=info \
+    taskset -c "$SERVER_CPU" "$BIN" serve >"$WORK/server.log" 2>&1 &
+pid=$!
+PIDS+=("$pid")
+wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat"; }
+
+echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+for scenario in healthz es256_fresh rs256_fresh eddsa_fresh; do
+    file=$scenario path=/functions/v1/jwt-test
+    if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
+    drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
+    before=$(cpu_ticks)
+    perf record -q -F 2000 -e cpu-clock -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION + 1))" \
+        >/dev/null 2>&1 &
+    perf_pid=$!
+    result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
+    after=$(cpu_ticks)
+    wait "$perf_pid" || true
+    requests=$(field "$result" requests)
+    cpu_us=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$requests" \
+        'BEGIN {printf "%.2f", (b - a) * t / r}')
+    share=$(perf report -q -i "$WORK/perf.data" --sort symbol --stdio 2>/dev/null | python3 -c '
+import re
+import sys
+
+CHECK = re.compile(r"edwards25519|bignum|aws_lc|ecp_nistz|bn_|rsaz|x25519|ed25519|ED25519|sha512|SHA512|p256|ecdsa|ECDSA|RSA|EVP")
+total = 0.0
+for line in sys.stdin:
+    match = re.match(r"\s*([\d.]+)%\s+\[\S+\]\s+(\S+)", line)
+    if match and CHECK.search(match.group(2)) and not re.search(r"sha256|SHA256", match.group(2)):
+        total += float(match.group(1))
+print(f"{total:.1f}")')
+    printf '%s\trequests=%s\tcpu_us=%s\tcheck_share=%s%%\tcheck_us=%s\n' "$scenario" "$requests" \
+        "$cpu_us" "$share" "$(awk -v c="$cpu_us" -v s="$share" 'BEGIN {printf "%.1f", c * s / 100}')"
+done
