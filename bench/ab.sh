@@ -42,17 +42,8 @@ for round in $(seq 1 "$ROUNDS"); do
         bin=${spec%%:*}
         level=info
         [ "$spec" = "$bin" ] || level=${spec#*:}
-        rm -rf "$WORK/db" && mkdir -p "$WORK/db"
-        env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
-            SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" JWT_ISSUERS="$TOKEN_ISSUER" \
-            LOG_FORMAT=json RUST_LOG="$level" \
-            taskset -c "$SERVER_CPU" "$bin" serve >"$WORK/server.log" 2>&1 &
-        pid=$!
-        PIDS+=("$pid")
-        for _ in $(seq 1 200); do
-            curl -fs -o /dev/null "http://127.0.0.1:$SERVER_PORT/healthz" && break
-            sleep 0.05
-        done
+        start_inline "$bin" "$level"
+        pid=$SERVER_PID
         taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d2s -s "$BENCH/tokens.lua" \
             "http://127.0.0.1:$SERVER_PORT" -- "$TOK/es256_one.txt" 0 >/dev/null
         for scenario in $SCENARIOS; do

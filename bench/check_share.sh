@@ -38,13 +38,8 @@ fi
 
 make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
-env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/e.db" \
-    SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
-    JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG=info \
-    taskset -c "$SERVER_CPU" "$BIN" serve >"$WORK/server.log" 2>&1 &
-pid=$!
-PIDS+=("$pid")
-wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
+start_inline "$BIN"
+pid=$SERVER_PID
 
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat"; }

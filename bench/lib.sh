@@ -1,7 +1,8 @@
 # Shared by the bench scripts (sourced): the project's folders (ROOT, BENCH, CARGO_TARGET_DIR), a
 # scratch folder and the processes a script started, the last two removed on exit however the
 # script ends (a script may define `cleanup_extra` for more), the guest's idle polling
-# (HALT_POLL_NS, below), the tokens, and the wrk driver of jwt-test (`drive`, `field`).
+# (HALT_POLL_NS, below), the tokens, a server verifying them (`start_inline`), and the wrk driver
+# of jwt-test (`drive`, `field`).
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 BENCH=$ROOT/bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -75,6 +76,20 @@ wait_for() { # URL [curl arguments]
     done
     log "no answer from $1"
     return 1
+}
+
+# `start_inline BIN [RUST_LOG]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the tokens
+# `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file in
+# WORK, logging JSON at RUST_LOG (info) to WORK/server.log; sets SERVER_PID once it answers.
+start_inline() {
+    rm -rf "$WORK/db" && mkdir -p "$WORK/db"
+    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
+        SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+        JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
+        taskset -c "$SERVER_CPU" "$1" serve >"$WORK/server.log" 2>&1 &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
 }
 
 # wrk on LOAD_CPU against SERVER_PORT (bench/tokens.lua: jwt-test, or the path given), printing
