@@ -32,10 +32,6 @@ make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
 OUT=$WORK/ab.tsv
 : >"$OUT"
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-cpu_ticks() { # pid field (14: user, 15: system), from /proc/PID/stat after the command name
-    awk -v f="$2" '{sub(/.*\) /, ""); print $(f - 2)}' "/proc/$1/stat"
-}
 
 for round in $(seq 1 "$ROUNDS"); do
     for spec in "$@"; do

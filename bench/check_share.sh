@@ -41,20 +41,19 @@ TOK=$WORK/tokens
 start_inline "$BIN"
 pid=$SERVER_PID
 
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat"; }
+cpu_time() { echo $(($(cpu_ticks "$pid" 14) + $(cpu_ticks "$pid" 15))); }
 
 echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 for scenario in healthz es256_fresh rs256_fresh eddsa_fresh; do
     file=$scenario path=/functions/v1/jwt-test
     if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
     drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
-    before=$(cpu_ticks)
+    before=$(cpu_time)
     perf record -q -F 2000 -e cpu-clock -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION + 1))" \
         >/dev/null 2>&1 &
     perf_pid=$!
     result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
-    after=$(cpu_ticks)
+    after=$(cpu_time)
     wait "$perf_pid" || true
     requests=$(field "$result" requests)
     cpu_us=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$requests" \

@@ -78,6 +78,13 @@ wait_for() { # URL [curl arguments]
     return 1
 }
 
+# A process's CPU time in clock ticks of TICK_US µs: `cpu_ticks PID 14` user, `15` system
+# (fields of /proc/PID/stat, counted after the command name, which may hold spaces).
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() {
+    awk -v f="$2" '{sub(/.*\) /, ""); print $(f - 2)}' "/proc/$1/stat"
+}
+
 # `start_inline BIN [RUST_LOG]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the tokens
 # `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file in
 # WORK, logging JSON at RUST_LOG (info) to WORK/server.log; sets SERVER_PID once it answers.
