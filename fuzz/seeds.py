@@ -251,6 +251,9 @@ config_seed([("DATABASE_URL", "postgres://edgegate:p~ss\u00e9word@127.0.0.1:5432
 # the configuration shows lowercased (a false alarm of the oracle, found in CI on 2026-12-01).
 config_seed([("STRIPE_SECRET_KEY", "sk_test_fuzz~key!"),
              ("CORS_ALLOWED_HEADERS", "Sk_test_fuzz~key!jegzegzz~ke!")])
+# A log filter field pattern whose DFA doubles with each `[a-z]` (tracing-subscriber builds it
+# with no bound: over 10 s; found by the target in a CI clone's grown corpus on 2026-12-02).
+config_seed([("RUST_LOG", "info,[{x=[a-z]*a" + "[a-z]" * 20 + "}]")])
 config_seed([("HTTP_HEADER_READ_TIMEOUT_SECONDS", "0"), ("HTTP_IDLE_TIMEOUT_SECONDS", "99999999999"),
              ("HTTP_MAX_CONNECTIONS", "-1")])
 

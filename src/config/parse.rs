@@ -509,10 +509,67 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             .map(str::trim)
             .collect::<Vec<_>>()
             .join(",");
+        // Before tracing-subscriber builds the patterns, with no bound of its own.
+        if !field_patterns_fit(&filter) {
+            return Err(ConfigError::new(
+                name,
+                "has a field value pattern too large to match (over 1 MiB as an automaton, or \
+                 4 MiB all together): write a shorter or simpler one",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&filter)
             .map_err(|_| ConfigError::new(name, "must be a valid tracing filter such as info"))?;
         Ok(filter)
     }
+}
+
+/// The most memory one field value pattern of `RUST_LOG` may take as an automaton, and all of
+/// them together.
+const LOG_PATTERN_BYTES: usize = 1 << 20;
+const LOG_PATTERNS_BYTES: usize = 4 << 20;
+
+/// Whether every field value pattern of `filter` (`target[span{field=pattern}]=level`) fits
+/// [`LOG_PATTERN_BYTES`], and all of them [`LOG_PATTERNS_BYTES`].
+///
+/// tracing-subscriber builds each pattern into a dense DFA with no bound, and a DFA can be
+/// exponentially larger than its pattern: `[a-z]*a` followed by 19 `[a-z]`, 108 bytes of
+/// `RUST_LOG`, took 6.7 s and 403 MiB, one `[a-z]` more twice that (found by the `config` fuzz
+/// target), and start-up would hang on it. Each pattern is built here first with bounds, as
+/// tracing-subscriber builds it (regex-automata's dense DFA, default settings).
+///
+/// tracing-subscriber splits the filter at commas, and takes a field's pattern from after the
+/// field's first `=` up to its next `=` or the `}` that ends the field. The texts checked here
+/// are a superset: after every `=`, up to the next `=`, `}` or the directive's end. One that is
+/// not a regular expression at all is left to tracing-subscriber, which builds no DFA for it.
+fn field_patterns_fit(filter: &str) -> bool {
+    use regex_automata::dfa::dense;
+    use regex_automata::nfa::thompson;
+
+    let mut budget = LOG_PATTERNS_BYTES;
+    for directive in filter.split(',') {
+        let mut rest = directive;
+        while let Some(at) = rest.find('=') {
+            rest = &rest[at + 1..];
+            let text = &rest[..rest.find(['=', '}']).unwrap_or(rest.len())];
+            if regex_automata::util::syntax::parse(text).is_err() {
+                continue;
+            }
+            let limit = Some(LOG_PATTERN_BYTES.min(budget));
+            let built = dense::Builder::new()
+                .configure(
+                    dense::Config::new()
+                        .determinize_size_limit(limit)
+                        .dfa_size_limit(limit),
+                )
+                .thompson(thompson::Config::new().nfa_size_limit(limit))
+                .build(text);
+            match built {
+                Ok(dfa) => budget = budget.saturating_sub(dfa.memory_usage()),
+                Err(_) => return false,
+            }
+        }
+    }
+    true
 }
 
 /// The shortest HS256 secret taken, from `SUPABASE_JWT_SECRET` or an inline `oct` JWK.

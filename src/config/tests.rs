@@ -386,6 +386,31 @@ fn log_filter_with_blanks_before_non_ascii_is_read_not_a_panic() {
     assert_eq!(ok.log_filter, "info,\u{e9}t\u{e9}=debug");
 }
 
+/// Found by the `config` fuzz target (a 10 s timeout): tracing-subscriber builds a field value
+/// pattern into a DFA with no bound, exponential in the pattern for some (each `[a-z]` after
+/// `[a-z]*a` doubles it). Refused before it is built, not a start-up that hangs.
+#[test]
+fn log_filter_field_patterns_are_bounded() {
+    let pattern = |classes: usize| format!("[a-z]*a{}", "[a-z]".repeat(classes));
+    // 221 KiB as a DFA: kept, as tracing-subscriber reads it.
+    let fits = format!("info,[request{{route={}}}]=debug", pattern(10));
+    assert_eq!(config(&[("RUST_LOG", &fits)]).unwrap().log_filter, fits);
+    let too_large = |filter: &str| {
+        let err = refused("RUST_LOG", filter);
+        assert!(err.rule.contains("too large"), "{err}");
+    };
+    // 4 times larger, over the 1 MiB bound, wherever the directive stands.
+    too_large(&format!("[{{x={}}}]", pattern(12)));
+    too_large(&format!("warn, edgegate[{{x={}}}]=debug", pattern(12)));
+    // 19 patterns that fit one by one are over the 4 MiB bound together; 18 are not.
+    let many = |count: usize| vec![format!("[{{x={}}}]", pattern(10)); count].join(",");
+    too_large(&many(19));
+    assert!(config(&[("RUST_LOG", &many(18))]).is_ok());
+    // Not patterns (levels, literals, numbers): built as before.
+    let plain = "edgegate=debug,[{status=200}],[{ok=true}],[request{route=/v1/jwt-test}]=trace";
+    assert_eq!(config(&[("RUST_LOG", plain)]).unwrap().log_filter, plain);
+}
+
 #[test]
 fn blank_values_count_as_unset() {
     let config = config(&[("STRIPE_SECRET_KEY", ""), ("PORT", "  ")]).unwrap();
