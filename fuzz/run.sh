@@ -2,13 +2,18 @@
 # Fuzz every target for a bounded time: installs cargo-fuzz if missing (pinned), builds the
 # targets, seeds the corpora (fuzz/seeds.py, from ../shared/vectors and the repository's tests),
 # runs each target for FUZZ_SECONDS (default 30), prints the executions of each, and fails if
-# any target crashed (the reproducer stays in fuzz/artifacts/<target>/).
+# any target crashed or hung (the reproducer stays in fuzz/artifacts/<target>/).
 #
 #   FUZZ_SECONDS=300 fuzz/run.sh                 # longer runs
 #   FUZZ_SEED=0 fuzz/run.sh                      # a random seed (default 1: CI repeats one path,
 #                                                # so a red run is reproducible, not luck)
 #   FUZZ_TARGETS="bearer_token config" fuzz/run.sh
 #   FUZZ_SANITIZER=address fuzz/run.sh           # ASan (needs nightly, or RUSTC_BOOTSTRAP=1)
+#
+# Each target also has an outer bound, FUZZ_SECONDS + FUZZ_GRACE (default 120 s, for reading a
+# grown corpus at the start and writing a reproducer at the end): libFuzzer's own timeout can
+# block in its signal handler (seen once: an input over -timeout, then the handler waiting on a
+# lock the interrupted code held), and a hung target must fail the run, not hold it.
 #
 # Replay one input: cargo fuzz run -O -a -s none <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
@@ -17,6 +22,7 @@ cd "$(dirname "$0")"
 CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
 FUZZ_SEED="${FUZZ_SEED:-1}"
+FUZZ_GRACE="${FUZZ_GRACE:-120}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 VECTORS="${FUZZ_VECTORS:-$PWD/../../shared/vectors}"
 
@@ -52,13 +58,19 @@ for target in $targets; do
   mkdir -p target "artifacts/$target"
   echo "fuzz: $target for ${FUZZ_SECONDS} s"
   # -timeout: one input taking 10 s is a finding (a hostile input must not be that expensive).
-  if cargo fuzz run "${flags[@]}" "$target" -- \
+  rc=0
+  timeout --kill-after=15s "$((FUZZ_SECONDS + FUZZ_GRACE))" \
+    cargo fuzz run "${flags[@]}" "$target" -- \
       -max_total_time="$FUZZ_SECONDS" -seed="$FUZZ_SEED" -timeout=10 -rss_limit_mb=2048 \
-      -print_final_stats=1 >"$log" 2>&1; then
-    status=ok
-  else
-    status=CRASH
+      -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status=HUNG ;;
+    *) status=CRASH ;;
+  esac
+  if [ "$status" != ok ]; then
     failed+=("$target")
+    [ "$status" = HUNG ] && echo "fuzz: $target still running after $((FUZZ_SECONDS + FUZZ_GRACE)) s: stopped"
     tail -n 40 "$log"
   fi
   # -a: the log quotes fuzz inputs, which are binary.
@@ -73,7 +85,7 @@ echo
 echo "fuzz summary (${FUZZ_SECONDS} s per target):"
 printf '  %s\n' "${summary[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "fuzz: crashes in: ${failed[*]}; reproducers:" >&2
+  echo "fuzz: crashed or hung: ${failed[*]}; reproducers (a hung target may have none):" >&2
   for target in "${failed[@]}"; do
     ls "artifacts/$target" >&2
   done
