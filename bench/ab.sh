@@ -9,8 +9,8 @@
 #
 # usage: bench/ab.sh BINARY[:RUST_LOG] ...     e.g. bench/ab.sh /tmp/edgegate-before target/release/edgegate
 # Variables: ROUNDS (3), DURATION (8), CONNECTIONS (64), SCENARIOS ("healthz es256_one
-# es256_fresh"; also rs256_fresh, eddsa_fresh), SERVER_PORT, SERVER_CPU, LOAD_CPU, HALT_POLL_NS
-# (see bench/lib.sh).
+# es256_fresh"; also rs256_fresh, eddsa_fresh), SERVER_PORT, SERVER_CPU, LOAD_CPU, HALT_POLL_NS,
+# LOG_SINK (file, or pipe: the server's log through a pipe, as in a container; see bench/lib.sh).
 # Output: one tab-separated line per run (round, binary:level, scenario, req/s, load average,
 # user and system CPU µs a request, wrk's RESULT line), then medians per binary and scenario.
 set -euo pipefail
@@ -69,7 +69,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 echo
-echo "idle vCPUs: $(halt_poll_setting)"
+echo "idle vCPUs: $(halt_poll_setting); server log: ${LOG_SINK:-file}"
 python3 - "$OUT" <<'PY'
 import statistics
 import sys

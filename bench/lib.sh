@@ -88,13 +88,22 @@ cpu_ticks() {
 # `start_inline BIN [RUST_LOG]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the tokens
 # `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file in
 # WORK, logging JSON at RUST_LOG (info) to WORK/server.log; sets SERVER_PID once it answers.
+# LOG_SINK=pipe: its output goes through a pipe to `cat` (on LOAD_CPU), as under a container
+# runtime or a log shipper, instead of straight into the file.
 start_inline() {
     rm -rf "$WORK/db" && mkdir -p "$WORK/db"
+    local out
+    if [ "${LOG_SINK:-file}" = pipe ]; then
+        exec {out}> >(exec taskset -c "$LOAD_CPU" cat >"$WORK/server.log")
+    else
+        exec {out}>"$WORK/server.log"
+    fi
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
         JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
-        taskset -c "$SERVER_CPU" "$1" serve >"$WORK/server.log" 2>&1 &
+        taskset -c "$SERVER_CPU" "$1" serve >&"$out" 2>&1 &
     SERVER_PID=$!
+    exec {out}>&-
     PIDS+=("$SERVER_PID")
     wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
 }
