@@ -210,6 +210,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let command = cli.command.unwrap_or(Command::Serve { no_migrate: false });
+    // A server's request lines go out in batches; the other commands print their own lines
+    // between log lines, in order.
+    let batched = matches!(command, Command::Serve { .. });
     // Inside the runtime: the span exporter's task runs on it.
     let exporter = {
         let _runtime = runtime.enter();
@@ -217,6 +221,7 @@ fn main() -> ExitCode {
             config.log_format,
             &config.log_filter,
             config.traces.as_ref(),
+            batched,
         ) {
             Ok(exporter) => exporter,
             Err(err) => {
@@ -225,18 +230,16 @@ fn main() -> ExitCode {
             }
         }
     };
-    runtime.block_on(async {
-        let code = execute(
-            cli.command.unwrap_or(Command::Serve { no_migrate: false }),
-            config,
-        )
-        .await;
+    let code = runtime.block_on(async {
+        let code = execute(command, config).await;
         // After the drain: the spans of the last requests go out too.
         if let Some(exporter) = exporter {
             exporter.shutdown().await;
         }
         code
-    })
+    });
+    telemetry::flush_logs();
+    code
 }
 
 fn print_openapi() -> ExitCode {
@@ -249,6 +252,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
         Command::Serve { no_migrate } => {
             if let Err(err) = edgegate::server::raise_file_limit(config.connections.max_connections)
             {
+                telemetry::flush_logs();
                 eprintln!("edgegate: invalid configuration: {err}");
                 return ExitCode::from(2);
             }
@@ -256,6 +260,7 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => listener,
                 Err(err) => {
+                    telemetry::flush_logs();
                     eprintln!(
                         "edgegate: cannot listen on {}:{}: {err}",
                         address.0, address.1
@@ -266,7 +271,11 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             let options = RunOptions {
                 migrate: !no_migrate,
             };
-            match edgegate::run_with(config, listener, edgegate::shutdown_signal(), options).await {
+            let served =
+                edgegate::run_with(config, listener, edgegate::shutdown_signal(), options).await;
+            // The last log lines before this process's own.
+            telemetry::flush_logs();
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("edgegate: {err:#}");

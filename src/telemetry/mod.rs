@@ -4,10 +4,12 @@ mod json_fields;
 mod metrics;
 mod otlp;
 mod spans;
+mod stderr;
 mod traces;
 
 pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, track_metrics};
 pub(crate) use spans::end_server_span;
+pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
 pub use traces::{TraceExporter, is_exporting, send};
 
@@ -22,14 +24,18 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 use crate::config::{LogFormat, TraceExport};
 
 /// Installs the global subscriber: the logs, and the span exporter when `traces` is set (then
-/// it must run inside a tokio runtime, which carries the export task).
+/// it must run inside a tokio runtime, which carries the export task). `batched`: info lines go
+/// to stderr in batches (a server; [`flush_logs`] before exit and before writing to stderr
+/// directly), see `stderr.rs`.
 pub fn init(
     format: LogFormat,
     filter: &str,
     traces: Option<&TraceExport>,
+    batched: bool,
 ) -> anyhow::Result<Option<TraceExporter>> {
+    let writer = stderr::BatchedStderr::get(batched);
     let Some(traces) = traces else {
-        init_logging(format, filter);
+        init_logging(format, filter, writer);
         return Ok(None);
     };
     let (exporter, tracer) = traces::start(traces)?;
@@ -37,7 +43,7 @@ pub fn init(
     let logs = tracing_subscriber::fmt::layer()
         .with_span_events(FmtSpan::NONE)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let logs = match format {
         // The same JSON lines as without traces (see init_logging).
         LogFormat::Json => logs
@@ -59,15 +65,16 @@ pub fn init(
     Ok(Some(exporter))
 }
 
-/// Installs the global subscriber. `filter` was validated with the configuration.
-pub fn init_logging(format: LogFormat, filter: &str) {
+/// Installs the global subscriber, without spans exported. `filter` was validated with the
+/// configuration.
+fn init_logging(format: LogFormat, filter: &str, writer: stderr::BatchedStderr) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
         // Colour codes only for a person at a terminal, never into files or log collectors.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // A second call (tests start several apps) keeps the first subscriber.
     let _ = match format {
         // Each line carries its span's fields once, under `span` (json_fields::JsonLines).

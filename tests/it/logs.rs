@@ -157,3 +157,42 @@ async fn pretty_logs_to_a_file_carry_no_colour_codes() {
     );
     assert!(!log.contains("\x1b["), "ANSI escapes in a file:\n{log:?}");
 }
+
+/// Request lines are written in batches (src/telemetry/stderr.rs): one still reaches the log
+/// while the server runs, and the last lines, logged just before the process exits, are not
+/// lost with the batch.
+#[tokio::test]
+async fn batched_lines_reach_the_log_while_serving_and_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let vars = [
+        ("PORT", port_text.as_str()),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+    ];
+    let mut server = spawn_server(dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .header("x-request-id", "log-batched")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let read = || std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let started = std::time::Instant::now();
+    while !read().contains("log-batched") {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the request's line never reached the log:\n{}",
+            read()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    signal(&server, "TERM");
+    assert_eq!(wait_exit(&mut server).await.code(), Some(0));
+    let log = read();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["message"], "edgegate stopped", "{log}");
+}
