@@ -85,25 +85,30 @@ cpu_ticks() {
     awk -v f="$2" '{sub(/.*\) /, ""); print $(f - 2)}' "/proc/$1/stat"
 }
 
+# `open_log FILE`: opens LOG_FD for a server's output to FILE; with LOG_SINK=pipe through a pipe
+# to `cat` (on LOAD_CPU), as under a container runtime or a log shipper, instead of straight into
+# the file. Close it (`exec {LOG_FD}>&-`) once the server holds it.
+open_log() {
+    if [ "${LOG_SINK:-file}" = pipe ]; then
+        exec {LOG_FD}> >(exec taskset -c "$LOAD_CPU" cat >"$1")
+    else
+        exec {LOG_FD}>"$1"
+    fi
+}
+
 # `start_inline BIN [RUST_LOG]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the tokens
 # `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file in
-# WORK, logging JSON at RUST_LOG (info) to WORK/server.log; sets SERVER_PID once it answers.
-# LOG_SINK=pipe: its output goes through a pipe to `cat` (on LOAD_CPU), as under a container
-# runtime or a log shipper, instead of straight into the file.
+# WORK, logging JSON at RUST_LOG (info) to WORK/server.log (see open_log); sets SERVER_PID once
+# it answers.
 start_inline() {
     rm -rf "$WORK/db" && mkdir -p "$WORK/db"
-    local out
-    if [ "${LOG_SINK:-file}" = pipe ]; then
-        exec {out}> >(exec taskset -c "$LOAD_CPU" cat >"$WORK/server.log")
-    else
-        exec {out}>"$WORK/server.log"
-    fi
+    open_log "$WORK/server.log"
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
         JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
-        taskset -c "$SERVER_CPU" "$1" serve >&"$out" 2>&1 &
+        taskset -c "$SERVER_CPU" "$1" serve >&"$LOG_FD" 2>&1 &
     SERVER_PID=$!
-    exec {out}>&-
+    exec {LOG_FD}>&-
     PIDS+=("$SERVER_PID")
     wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
 }

@@ -27,7 +27,8 @@
 # Variables: RUNS, DURATION, WARMUP, CONNECTIONS, VALID_RATE, FLOOD_FACTOR, MIN_REFRESH
 # (JWKS_MIN_REFRESH_SECONDS of both servers), SCENARIOS, SERVERS ("edgegate peer"),
 # EDGEGATE_BIN (another edgegate binary to measure), SERVER_CPU, LOAD_CPU, HALT_POLL_NS (see
-# bench/lib.sh: idle vCPUs poll that long before halting, for this run).
+# bench/lib.sh: idle vCPUs poll that long before halting, for this run), LOG_SINK (file, or
+# pipe: each server's output through a pipe, as in a container; bench/lib.sh open_log).
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
 # (VmHWM) per server, the ratios edgegate/peer, and edgegate's share of the limit per scenario
 # (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)).
@@ -111,6 +112,7 @@ wait_for "http://127.0.0.1:$JWKS_PORT/jwks.json"
 SERVER_PID=
 start_server() { # edgegate|peer
     local jwks_url="http://127.0.0.1:$JWKS_PORT/jwks.json"
+    open_log "$WORK/$1.log"
     case $1 in
     edgegate)
         mkdir -p "$WORK/db"
@@ -120,7 +122,7 @@ start_server() { # edgegate|peer
             SUPABASE_JWKS_URL="$jwks_url" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
             JWT_ISSUERS="$TOKEN_ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
             LOG_FORMAT=json RUST_LOG=info \
-            taskset -c "$SERVER_CPU" "$EDGEGATE" serve >"$WORK/edgegate.log" 2>&1 &
+            taskset -c "$SERVER_CPU" "$EDGEGATE" serve >&"$LOG_FD" 2>&1 &
         ;;
     peer)
         env -i PATH="$PATH" DENO_DIR="$DENO_DIR" DENO_NO_UPDATE_CHECK=1 PORT="$SERVER_PORT" \
@@ -128,10 +130,11 @@ start_server() { # edgegate|peer
             JWT_ISSUER="$TOKEN_ISSUER" JWKS_MIN_REFRESH_SECONDS="$MIN_REFRESH" \
             taskset -c "$SERVER_CPU" "$DENO" run --cached-only --no-prompt \
             --allow-net=127.0.0.1 --allow-env --config "$BENCH/peer/deno.json" \
-            "$BENCH/peer/jwt-test.ts" >"$WORK/peer.log" 2>&1 &
+            "$BENCH/peer/jwt-test.ts" >&"$LOG_FD" 2>&1 &
         ;;
     esac
     SERVER_PID=$!
+    exec {LOG_FD}>&-
     PIDS+=("$SERVER_PID")
     local i
     for i in $(seq 1 200); do
@@ -244,7 +247,7 @@ done
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
-echo "idle vCPUs: $(halt_poll_setting)"
+echo "idle vCPUs: $(halt_poll_setting); server logs: ${LOG_SINK:-file}"
 echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
 echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
 echo "bare verify, criterion raw/aws_lc_verify on CPU $SERVER_CPU (us): $(tr '\t\n' '= ' <"$LIMITS")"
