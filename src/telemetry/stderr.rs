@@ -7,7 +7,7 @@
 //! first line lands in it, all of them in one `write`; a buffer past [`MAX_PENDING`] bytes is
 //! written by the thread that filled it (so a stalled reader slows logging, as before, and
 //! memory stays bounded). Warnings and errors are written at once, behind whatever is pending,
-//! so the log's order is kept and a warning is out before the next instruction. [`flush`] (at
+//! so the log's order is kept and a warning is out when its macro returns. [`flush`] (at
 //! exit, and before a panic's message) writes what is pending. What a crash loses: the info
 //! lines of its last [`FLUSH_AFTER`].
 
@@ -45,11 +45,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn new(sink: Sink, batched: bool) -> Self {
+        // Room for a full batch in each buffer, so that batching never reallocates.
+        let capacity = if batched { MAX_PENDING } else { 0 };
         Self {
             batched,
-            pending: Mutex::new(Vec::with_capacity(MAX_PENDING)),
+            pending: Mutex::new(Vec::with_capacity(capacity)),
             ready: Condvar::new(),
-            sink: Mutex::new((sink, Vec::with_capacity(MAX_PENDING))),
+            sink: Mutex::new((sink, Vec::with_capacity(capacity))),
         }
     }
 
