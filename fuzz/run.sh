@@ -11,9 +11,9 @@
 #   FUZZ_SANITIZER=address fuzz/run.sh           # ASan (needs nightly, or RUSTC_BOOTSTRAP=1)
 #
 # Each target also has an outer bound, FUZZ_SECONDS + FUZZ_GRACE (default 120 s, for reading a
-# grown corpus at the start and writing a reproducer at the end): libFuzzer's own timeout can
-# block in its signal handler (seen once: an input over -timeout, then the handler waiting on a
-# lock the interrupted code held), and a hung target must fail the run, not hold it.
+# grown corpus at the start and writing a reproducer at the end): libFuzzer's own timeout does
+# not always end the process (seen once: after an input over -timeout it stayed blocked, its
+# main thread in a futex wait), and a hung target must fail the run, not hold it.
 #
 # Replay one input: cargo fuzz run -O -a -s none <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
