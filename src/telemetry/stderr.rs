@@ -12,6 +12,7 @@
 //! lines of its last [`FLUSH_AFTER`].
 
 use std::io::{self, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ type Sink = Box<dyn io::Write + Send>;
 
 struct Shared {
     /// Whether a flushing thread runs; without one every line is written at once.
-    batched: bool,
+    batched: AtomicBool,
     /// Lines not written yet.
     pending: Mutex<Vec<u8>>,
     /// Signalled when `pending` stops being empty.
@@ -48,7 +49,7 @@ impl Shared {
         // Room for a full batch in each buffer, so that batching never reallocates.
         let capacity = if batched { MAX_PENDING } else { 0 };
         Self {
-            batched,
+            batched: AtomicBool::new(batched),
             pending: Mutex::new(Vec::with_capacity(capacity)),
             ready: Condvar::new(),
             sink: Mutex::new((sink, Vec::with_capacity(capacity))),
@@ -56,7 +57,7 @@ impl Shared {
     }
 
     fn append(&self, line: &[u8]) {
-        if !self.batched {
+        if !self.batched.load(Ordering::Relaxed) {
             return self.write_through(line);
         }
         let mut pending = lock(&self.pending);
@@ -140,11 +141,11 @@ fn start(sink: Sink) -> &'static Shared {
     let started = std::thread::Builder::new()
         .name("log-flush".into())
         .spawn(move || shared.run());
-    match started {
-        Ok(_) => shared,
+    if started.is_err() {
         // No thread (a resource limit): every line is written at once, as without batching.
-        Err(_) => Box::leak(Box::new(Shared::new(Box::new(io::stderr()), false))),
+        shared.batched.store(false, Ordering::Relaxed);
     }
+    shared
 }
 
 /// Writes the lines still pending (before the process exits). Nothing if none was logged.
