@@ -43,8 +43,7 @@ pub(crate) async fn app(db: &TestDb, vars: &[(&str, &str)], retry: RetryPolicy) 
     let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
     let mut all = vec![("SUPABASE_SECRET_KEYS", secret_keys.as_str())];
     all.extend_from_slice(vars);
-    let mut state = AppState::new(db.config(&all), db.store().await);
-    state.stripe_retry = retry;
+    let state = AppState::new(db.config(&all), db.store().await).with_stripe_retry(retry);
     let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
     App { server, state }
 }
@@ -854,15 +853,15 @@ async fn sync_outlives_the_default_request_timeout() {
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 3, 3).await;
     let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
-    let mut state = AppState::new(
+    let state = AppState::new(
         db.config(&[
             ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
             ("STRIPE_SECRET_KEY", SECRET_KEY),
             ("STRIPE_API_BASE", fake.base.as_str()),
         ]),
         db.store().await,
-    );
-    state.stripe_retry = fast_retry();
+    )
+    .with_stripe_retry(fast_retry());
     let limits = Limits {
         timeout: Duration::from_millis(100),
         ..Limits::default()
