@@ -9,10 +9,10 @@ mod stripe;
 
 use axum::Router;
 use axum::http::Uri;
-use axum::middleware;
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
+use crate::server::middleware::LimitBodyLayer;
 use crate::state::AppState;
 
 /// Every route of the contract, without middleware.
@@ -29,10 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/functions/v1/send-sms", post(sms::send_sms))
         .route(
             crate::twilio::STATUS_CALLBACK_PATH,
-            post(sms::twilio_status).layer(middleware::from_fn_with_state(
-                crate::twilio::status::BODY_LIMIT,
-                crate::server::middleware::limit_body,
-            )),
+            post(sms::twilio_status).layer(LimitBodyLayer(crate::twilio::status::BODY_LIMIT)),
         )
         .route(
             "/functions/v1/sync-stripe-products-hardened",
@@ -40,10 +37,7 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/functions/v1/stripe-webhook",
-            post(stripe::webhook).layer(middleware::from_fn_with_state(
-                stripe::WEBHOOK_BODY_LIMIT,
-                crate::server::middleware::limit_body,
-            )),
+            post(stripe::webhook).layer(LimitBodyLayer(stripe::WEBHOOK_BODY_LIMIT)),
         )
         .route("/admin/signing-keys", get(admin::signing_keys))
         .route("/admin/signing-keys/refresh", post(admin::refresh))

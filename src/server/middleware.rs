@@ -1,15 +1,19 @@
 //! The middleware stack, outermost first, as one readable list (see `apply`).
 
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, Method, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use http_body_util::Limited;
-use tower::ServiceBuilder;
+use tower::layer::layer_fn;
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -21,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::{Config, CorsOrigins};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::telemetry::TrackMetricsLayer;
 
 /// How long a request may take before it is answered 504 `TIMEOUT`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,9 +75,14 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 }
 
 /// Wraps `router` in the service's middleware, outermost first:
-/// sensitive headers, request id (a client's kept only when well-formed), tracing span, CORS,
-/// catch-panic, timeout, body limit, metrics. CORS wraps every layer that can answer on its own
-/// (500, 504, 413), so a page can read those errors too instead of seeing an opaque network failure.
+/// sensitive headers, request id (a client's kept only when well-formed), tracing span, metrics,
+/// CORS, catch-panic, timeout, body limit. CORS wraps every layer that can answer on its own
+/// (500, 504, 413), so a page can read those errors too instead of seeing an opaque network
+/// failure; the metrics wrap CORS, so every answer is counted, those and preflights included.
+/// Layered on the router, every layer runs after routing and sees the matched pattern. The
+/// layers are the service's own or tower-http's, none `axum::middleware::from_fn`: the router
+/// already clones a route's whole stack for each request, and each `from_fn` layer cloned what
+/// lay beneath it again and boxed it and its future.
 pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) -> Router {
     let scheme = if state.config.tls.is_some() {
         "https"
@@ -92,14 +102,14 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
                 .make_span_with(move |req: &Request| request_span(req, scheme))
                 .on_response(crate::telemetry::log_response),
         )
+        .layer(TrackMetricsLayer::new(state.metrics.clone()))
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::from_fn_with_state(limits.timeout, timeout))
-        .layer(middleware::from_fn_with_state(limits.body, limit_body))
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            crate::telemetry::track_metrics,
-        ));
+        .layer(layer_fn(move |inner| Deadline {
+            inner,
+            limit: limits.timeout,
+        }))
+        .layer(LimitBodyLayer(limits.body));
     router.layer(stack).with_state(state.clone())
 }
 
@@ -162,39 +172,119 @@ fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response
     ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
 }
 
-async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    // Layered on the router, this runs after routing, so the matched pattern is known.
-    let long_running = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .is_some_and(|path| LONG_RUNNING_ROUTES.contains(&path.as_str()));
-    let limit = if long_running {
-        limit.max(LONG_REQUEST_TIMEOUT)
-    } else {
-        limit
-    };
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),
+/// Answers 504 `TIMEOUT` when a request takes longer than its limit (`LONG_REQUEST_TIMEOUT` at
+/// least on `LONG_RUNNING_ROUTES`).
+#[derive(Clone, Debug)]
+struct Deadline<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S> Service<Request> for Deadline<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // Layered on the router, this runs after routing, so the matched pattern is known.
+        let long_running = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|path| LONG_RUNNING_ROUTES.contains(&path.as_str()));
+        let limit = if long_running {
+            self.limit.max(LONG_REQUEST_TIMEOUT)
+        } else {
+            self.limit
+        };
+        DeadlineFuture {
+            inner: tokio::time::timeout(limit, self.inner.call(req)),
+            limit,
+        }
     }
 }
 
-/// Refuses a declared length over `limit` at once; caps a streamed body at `limit` while it is
-/// read, which the body extractors turn into 413 `PAYLOAD_TOO_LARGE`.
-pub async fn limit_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return ApiError::PayloadTooLarge(format!(
-            "the request body is larger than the {limit}-byte limit of this route"
-        ))
-        .into_response();
+pin_project_lite::pin_project! {
+    struct DeadlineFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        limit: Duration,
     }
-    let req = req.map(|body| Body::new(Limited::new(body, limit)));
-    next.run(req).await
+}
+
+impl<F, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.inner.poll(cx).map(|result| match result {
+            Ok(answer) => answer,
+            Err(_elapsed) => Ok(ApiError::Timeout(this.limit.as_secs()).into_response()),
+        })
+    }
+}
+
+/// Refuses a declared length over the limit at once (413 `PAYLOAD_TOO_LARGE`); caps a streamed
+/// body at the limit while it is read, which the body extractors turn into the same answer.
+/// Routes may add their own, smaller limit.
+#[derive(Clone, Copy, Debug)]
+pub struct LimitBodyLayer(pub usize);
+
+impl<S> Layer<S> for LimitBodyLayer {
+    type Service = LimitBody<S>;
+
+    fn layer(&self, inner: S) -> LimitBody<S> {
+        LimitBody {
+            inner,
+            limit: self.0,
+        }
+    }
+}
+
+/// See [`LimitBodyLayer`].
+#[derive(Clone, Debug)]
+pub struct LimitBody<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> Service<Request> for LimitBody<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let limit = self.limit;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Either::Left(ready(Ok(ApiError::PayloadTooLarge(format!(
+                "the request body is larger than the {limit}-byte limit of this route"
+            ))
+            .into_response())));
+        }
+        let req = req.map(|body| Body::new(Limited::new(body, limit)));
+        Either::Right(self.inner.call(req))
+    }
 }
 
 /// Request headers a browser may send: what supabase-js can add (`x-region` with a region,

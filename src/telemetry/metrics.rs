@@ -1,13 +1,16 @@
 //! The service's metrics registry. Each app has its own (no global recorder), so tests that start
 //! several apps in one process read only their own numbers.
 
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-use prometheus_client::encoding::EncodeLabelSet;
+use axum::extract::MatchedPath;
+use axum::http::{Request, Response};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,9 +21,40 @@ use prometheus_client::registry::Registry;
 /// attacker probing random URLs cannot grow the label set.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: RouteLabel,
     pub status: u16,
+}
+
+/// The `route` label: the request's matched pattern (the router's own, shared, not copied), or
+/// `unmatched`.
+#[derive(Clone, Debug)]
+pub struct RouteLabel(Option<MatchedPath>);
+
+impl RouteLabel {
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("unmatched", MatchedPath::as_str)
+    }
+}
+
+impl PartialEq for RouteLabel {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RouteLabel {}
+
+impl Hash for RouteLabel {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
 }
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
@@ -126,28 +160,103 @@ fn known_method(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// Middleware: counts each request and observes its latency under its matched route.
-pub async fn track_metrics(
-    State(metrics): State<Arc<Metrics>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = known_method(req.method()).to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let response = next.run(req).await;
-    let labels = HttpLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
-    };
-    metrics.http_requests.get_or_create(&labels).inc();
-    metrics
-        .http_request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    response
+/// Counts each answer and observes its latency under its method, matched route and status.
+/// A hand-written layer rather than `axum::middleware::from_fn`, which clones the whole stack
+/// beneath it and boxes it and its future on every request.
+#[derive(Clone, Debug)]
+pub struct TrackMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl TrackMetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for TrackMetricsLayer {
+    type Service = TrackMetrics<S>;
+
+    fn layer(&self, inner: S) -> TrackMetrics<S> {
+        TrackMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`TrackMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct TrackMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<Request<B>> for TrackMetrics<S>
+where
+    S: tower::Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = TrackMetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let pending = Pending {
+            metrics: self.metrics.clone(),
+            method: known_method(req.method()),
+            route: RouteLabel(req.extensions().get::<MatchedPath>().cloned()),
+            started: Instant::now(),
+        };
+        TrackMetricsFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
+    }
+}
+
+/// What is recorded when the answer is ready.
+struct Pending {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    route: RouteLabel,
+    started: Instant,
+}
+
+pin_project_lite::pin_project! {
+    /// The inner answer, recorded as it completes.
+    pub struct TrackMetricsFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, R, E> Future for TrackMetricsFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let (Ok(response), Some(pending)) = (&result, this.pending.take()) {
+            let labels = HttpLabels {
+                method: pending.method,
+                route: pending.route,
+                status: response.status().as_u16(),
+            };
+            let metrics = &pending.metrics;
+            metrics.http_requests.get_or_create(&labels).inc();
+            metrics
+                .http_request_duration
+                .get_or_create(&labels)
+                .observe(pending.started.elapsed().as_secs_f64());
+        }
+        Poll::Ready(result)
+    }
 }

@@ -221,6 +221,51 @@ async fn bodies_over_the_limit_are_refused_with_413_json() {
     assert_eq!(json(streamed).await["code"], "PAYLOAD_TOO_LARGE");
 }
 
+/// The answers the middleware gives on its own (a timeout, a declared body over the limit, a
+/// panic caught, a CORS preflight) are requests answered too, and counted as such.
+#[tokio::test]
+async fn metrics_count_the_answers_the_middleware_gives_itself() {
+    let limits = Limits {
+        timeout: Duration::from_millis(200),
+        body: 1024,
+    };
+    let Some(server) = test_server(limits, &[]).await else {
+        return;
+    };
+    assert_eq!(server.get("/test/slow").await.status(), 504);
+    assert_eq!(server.get("/test/panic").await.status(), 500);
+    let declared = server
+        .client
+        .post(server.url("/test/echo"))
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let preflight = server
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            server.url("/functions/v1/jwt-test"),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for counted in [
+        r#"edgegate_http_requests_total{method="GET",route="/test/slow",status="504"} 1"#,
+        r#"edgegate_http_request_duration_seconds_count{method="GET",route="/test/slow",status="504"} 1"#,
+        r#"edgegate_http_requests_total{method="GET",route="/test/panic",status="500"} 1"#,
+        r#"edgegate_http_requests_total{method="POST",route="/test/echo",status="413"} 1"#,
+        r#"edgegate_http_requests_total{method="OPTIONS",route="/functions/v1/jwt-test",status="200"} 1"#,
+    ] {
+        assert!(text.contains(counted), "{counted} missing from:\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_matched_route_and_status() {
     let db = test_db!();
