@@ -25,39 +25,17 @@ LOAD_CPU=${LOAD_CPU:-1}
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 need_wrk
-if ! command -v perf >/dev/null; then
-    log "installing perf"
-    apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null
-fi
-if [ $# -gt 0 ]; then
-    BIN=$1
-else
-    cargo build --release --locked --quiet --bin edgegate
-    BIN=$CARGO_TARGET_DIR/release/edgegate
-fi
+need_perf
+server_bin "$@"
 
 make_tokens "$WORK/tokens" 1 60000
 TOK=$WORK/tokens
 start_inline "$BIN"
-pid=$SERVER_PID
-
-cpu_time() { echo $(($(cpu_ticks "$pid" 14) + $(cpu_ticks "$pid" 15))); }
 
 echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 for scenario in healthz es256_fresh rs256_fresh eddsa_fresh; do
-    file=$scenario path=/functions/v1/jwt-test
-    if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
-    drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
-    before=$(cpu_time)
-    perf record -q -F 2000 -e cpu-clock -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION + 1))" \
-        >/dev/null 2>&1 &
-    perf_pid=$!
-    result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
-    after=$(cpu_time)
-    wait "$perf_pid" || true
-    requests=$(field "$result" requests)
-    cpu_us=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$requests" \
-        'BEGIN {printf "%.2f", (b - a) * t / r}')
+    sample "$scenario" "$WORK/perf.data"
+    requests=$SAMPLED_REQUESTS cpu_us=$SAMPLED_CPU_US
     share=$(perf report -q -i "$WORK/perf.data" --sort symbol --stdio 2>/dev/null | python3 -c '
 import re
 import sys

@@ -123,3 +123,39 @@ drive() { # seconds connections token_file [delay_ms [path]]
 field() { # RESULT-line name
     sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
 }
+
+# For the perf-sampling scripts (check_share.sh, profile.sh): perf itself, and
+# `sample SCENARIO PERF_DATA`: SCENARIO (`healthz`, or a token set of $TOK) driven for DURATION
+# seconds at 64 connections after 2 s of warm-up, while `perf record -e cpu-clock` samples the
+# server (SERVER_PID) into PERF_DATA (cycles are not counted in these virtual machines). Sets
+# SAMPLED_REQUESTS and SAMPLED_CPU_US, the server's CPU µs a request (user + system).
+server_bin() { # [EDGEGATE_BIN]: sets BIN to it, else to the release build, built here
+    if [ $# -gt 0 ]; then
+        BIN=$1
+    else
+        cargo build --release --locked --quiet --bin edgegate
+        BIN=$CARGO_TARGET_DIR/release/edgegate
+    fi
+}
+need_perf() {
+    if ! command -v perf >/dev/null; then
+        log "installing perf"
+        apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null
+    fi
+}
+server_cpu_ticks() { echo $(($(cpu_ticks "$SERVER_PID" 14) + $(cpu_ticks "$SERVER_PID" 15))); }
+sample() {
+    local scenario=$1 out=$2 file=$1 path=/functions/v1/jwt-test before after perf_pid result
+    if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
+    drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
+    before=$(server_cpu_ticks)
+    perf record -q -F 2000 -e cpu-clock -p "$SERVER_PID" -o "$out" -- sleep "$((DURATION + 1))" \
+        >/dev/null 2>&1 &
+    perf_pid=$!
+    result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
+    after=$(server_cpu_ticks)
+    wait "$perf_pid" || true
+    SAMPLED_REQUESTS=$(field "$result" requests)
+    SAMPLED_CPU_US=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$SAMPLED_REQUESTS" \
+        'BEGIN {printf "%.2f", (b - a) * t / r}')
+}
