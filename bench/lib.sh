@@ -144,6 +144,17 @@ need_perf() {
     fi
 }
 server_cpu_ticks() { echo $(($(cpu_ticks "$SERVER_PID" 14) + $(cpu_ticks "$SERVER_PID" 15))); }
+# Their set-up: wrk, perf, the server (`server_bin`), the tokens (TOK) and the server verifying
+# them (SERVER_PID), and the report's first line.
+start_sampling() {
+    need_wrk
+    need_perf
+    server_bin "$@"
+    make_tokens "$WORK/tokens" 1 60000
+    TOK=$WORK/tokens
+    start_inline "$BIN"
+    echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+}
 sample() {
     local scenario=$1 out=$2 file=$1 path=/functions/v1/jwt-test before after perf_pid result
     if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi

@@ -25,15 +25,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
-need_wrk
-need_perf
-server_bin "$@"
-
-make_tokens "$WORK/tokens" 1 60000
-TOK=$WORK/tokens
-start_inline "$BIN"
-
-echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+start_sampling "$@"
 profiles=()
 for scenario in $SCENARIOS; do
     sample "$scenario" "$WORK/perf.$scenario.data"
