@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderName, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
 use http_body_util::Limited;
@@ -20,6 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::{
     SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
 };
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::{Config, CorsOrigins};
@@ -76,7 +77,7 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 
 /// Wraps `router` in the service's middleware, outermost first:
 /// sensitive headers, request id (a client's kept only when well-formed), tracing span, metrics,
-/// CORS, catch-panic, timeout, body limit. CORS wraps every layer that can answer on its own
+/// CORS (its `Vary` header set by a layer of its own), catch-panic, timeout, body limit. CORS wraps every layer that can answer on its own
 /// (500, 504, 413), so a page can read those errors too instead of seeing an opaque network
 /// failure; the metrics wrap CORS, so every answer is counted, those and preflights included.
 /// Layered on the router, every layer runs after routing and sees the matched pattern. The
@@ -103,6 +104,7 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
                 .on_response(crate::telemetry::log_response),
         )
         .layer(TrackMetricsLayer::new(state.metrics.clone()))
+        .layer(SetResponseHeaderLayer::appending(header::VARY, VARY))
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(layer_fn(move |inner| Deadline {
@@ -302,6 +304,12 @@ const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
     "baggage",
 ];
 
+/// What CORS answers depend on, for shared caches: tower-http's default `Vary` list, as one
+/// value made once, added after any the route set (as tower-http adds it).
+const VARY: HeaderValue = HeaderValue::from_static(
+    "origin, access-control-request-method, access-control-request-headers",
+);
+
 /// `*` or the listed origins (echoed one at a time, with `Vary: Origin`); never credentials,
 /// which a browser refuses beside `*` anyway.
 fn cors(config: &Config) -> CorsLayer {
@@ -332,4 +340,7 @@ fn cors(config: &Config) -> CorsLayer {
         .allow_headers(allow_headers)
         .expose_headers([REQUEST_ID.clone(), HeaderName::from_static("sb-error-code")])
         .max_age(Duration::from_secs(86_400))
+        // Built once in `apply_with` instead (`VARY`): tower-http joins this list into a new
+        // header value on every request, five allocations each time.
+        .vary([])
 }
