@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
 use http_body_util::Limited;
@@ -16,7 +16,6 @@ use tower::layer::layer_fn;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::{
     SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
 };
@@ -95,9 +94,7 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
             sensitive_request_headers(),
         ))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
-        .map_request(drop_unusable_request_id)
-        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(layer_fn(|inner| RequestIds { inner }))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(move |req: &Request| request_span(req, scheme))
@@ -128,18 +125,86 @@ pub fn is_usable_request_id(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// Removes a client `x-request-id` that may not be kept (or several), so the next layer makes one.
-fn drop_unusable_request_id(mut req: Request) -> Request {
-    let mut ids = req.headers().get_all(&REQUEST_ID).iter();
-    let usable = match (ids.next(), ids.next()) {
-        (Some(id), None) => is_usable_request_id(id.as_bytes()),
-        (None, _) => true,
-        (Some(_), Some(_)) => false,
-    };
-    if !usable {
-        req.headers_mut().remove(&REQUEST_ID);
+/// Gives each request an `x-request-id`, and its answer the same one unless the answer has its
+/// own: the client's when it sent exactly one that may be kept ([`is_usable_request_id`]),
+/// otherwise a new UUID v4, which replaces whatever the client sent. Set on the request before
+/// the layers beneath see it (the span logs it, handlers record it). One layer in place of
+/// tower-http's `SetRequestId` and `PropagateRequestId`, which also put the id in the request's
+/// and the answer's extensions, which nothing here reads: four allocations a request.
+#[derive(Clone, Debug)]
+struct RequestIds<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request> for RequestIds<S>
+where
+    S: Service<Request, Response = axum::http::Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = RequestIdFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
     }
-    req
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let id = match kept_request_id(req.headers()) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                // Replaces every value the client sent under the name.
+                req.headers_mut().insert(&REQUEST_ID, id.clone());
+                id
+            }
+        };
+        RequestIdFuture {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+/// The client's `x-request-id`, if it sent exactly one and it may be kept.
+fn kept_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut ids = headers.get_all(&REQUEST_ID).iter();
+    match (ids.next(), ids.next()) {
+        (Some(id), None) if is_usable_request_id(id.as_bytes()) => Some(id),
+        _ => None,
+    }
+}
+
+/// A new request id: a UUID v4, lower-case and hyphenated, written without a `String`.
+fn new_request_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("unavailable"))
+}
+
+pin_project_lite::pin_project! {
+    struct RequestIdFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, B, E> Future for RequestIdFuture<F>
+where
+    F: Future<Output = Result<axum::http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let mut answer = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(id) = this.id.take()
+            && !answer.headers().contains_key(&REQUEST_ID)
+        {
+            answer.headers_mut().insert(&REQUEST_ID, id);
+        }
+        Poll::Ready(Ok(answer))
+    }
 }
 
 /// One span per request, the server span of its trace, its fields named by the OpenTelemetry
@@ -343,4 +408,76 @@ fn cors(config: &Config) -> CorsLayer {
         // Built once in `apply_with` instead (`VARY`): tower-http joins this list into a new
         // header value on every request, five allocations each time.
         .vary([])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Answers with the request ids it was given, as "a,b", and with `own` as its own id if set.
+    async fn answer_ids(
+        client_ids: &[&'static str],
+        own: Option<&'static str>,
+    ) -> (String, Vec<String>) {
+        let inner = tower::service_fn(move |req: Request| async move {
+            let seen: Vec<&str> = req
+                .headers()
+                .get_all(&REQUEST_ID)
+                .iter()
+                .map(|id| id.to_str().unwrap())
+                .collect();
+            let mut answer = Response::new(Body::from(seen.join(",")));
+            if let Some(own) = own {
+                answer
+                    .headers_mut()
+                    .insert(&REQUEST_ID, HeaderValue::from_static(own));
+            }
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        let mut req = Request::new(Body::empty());
+        for id in client_ids {
+            req.headers_mut()
+                .append(&REQUEST_ID, HeaderValue::from_static(id));
+        }
+        let answer = RequestIds { inner }.oneshot(req).await.unwrap();
+        let answered = answer
+            .headers()
+            .get_all(&REQUEST_ID)
+            .iter()
+            .map(|id| id.to_str().unwrap().to_owned())
+            .collect();
+        let body = axum::body::to_bytes(answer.into_body(), 1024)
+            .await
+            .unwrap();
+        (String::from_utf8(body.to_vec()).unwrap(), answered)
+    }
+
+    fn is_new_uuid(id: &str) -> bool {
+        uuid::Uuid::parse_str(id).is_ok_and(|uuid| uuid.get_version_num() == 4)
+            && id == id.to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn a_usable_client_id_is_kept_on_the_request_and_the_answer() {
+        let (seen, answered) = answer_ids(&["client-7"], None).await;
+        assert_eq!(seen, "client-7");
+        assert_eq!(answered, ["client-7"]);
+    }
+
+    #[tokio::test]
+    async fn no_id_or_an_unusable_one_or_several_get_one_new_id_seen_and_answered() {
+        for client_ids in [&[][..], &["has space"], &["a", "b"], &["a", "has space"]] {
+            let (seen, answered) = answer_ids(client_ids, None).await;
+            assert!(is_new_uuid(&seen), "{client_ids:?}: {seen}");
+            assert_eq!(answered, [seen], "{client_ids:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_keeps_its_own_id() {
+        let (seen, answered) = answer_ids(&["client-7"], Some("own")).await;
+        assert_eq!(seen, "client-7");
+        assert_eq!(answered, ["own"]);
+    }
 }
