@@ -283,9 +283,9 @@ impl Authenticator {
         claims.insert("role".to_owned(), Value::String(role.to_owned()));
         Ok(Verified {
             source: KeySource::ApiKey,
-            kid: Some(found.name.clone()),
+            kid: Some(Arc::from(found.name.as_str())),
             alg: "opaque",
-            role: Some(role.to_owned()),
+            role: Some(Arc::from(role)),
             sub: None,
             claims: Claims::new(&claims),
             exp: i64::MAX,

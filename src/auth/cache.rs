@@ -12,13 +12,14 @@
 //!   bound of its entries' `exp`, so a full shard under churn (every token new, none expired)
 //!   looks for expired entries only when one may exist, not on every insert.
 //! - Compact: an entry keeps the claims as their JSON text (about a quarter of the memory of a
-//!   parsed claims map), shared with the answers that write it out as it is ([`Claims`]).
+//!   parsed claims map), shared with the answers that write it out as it is
+//!   ([`Claims`](crate::auth::Claims)); its kid, `role` and `sub` are shared too, so a hit
+//!   copies and allocates nothing.
 //!
 //! Sharded mutexes keep the critical sections tiny and spread contention.
 
 use crate::auth::error::Failure;
-use crate::auth::keyring::KeySource;
-use crate::auth::verify::{Claims, Verified, check_times};
+use crate::auth::verify::{Verified, check_times};
 use aws_lc_rs::digest::{SHA256, digest};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -28,52 +29,14 @@ const SHARDS: usize = 16;
 
 type TokenHash = [u8; 32];
 
-/// A [`Verified`] in compact form.
+/// A cached [`Verified`]: its strings and claims are shared, so serving it allocates nothing.
 #[derive(Debug)]
 struct Entry {
-    source: KeySource,
-    kid: Option<Box<str>>,
-    alg: &'static str,
-    role: Option<Box<str>>,
-    sub: Option<Box<str>>,
-    exp: i64,
-    nbf: Option<i64>,
-    /// The claims' JSON text, shared with every answer that carries it.
-    claims: Claims,
+    verified: Verified,
     /// When it was inserted in its shard (matches its place in the shard's `order`).
     seq: u64,
     /// Served since eviction last looked at it: spared once.
     used: bool,
-}
-
-impl Entry {
-    fn new(verified: &Verified) -> Self {
-        Self {
-            seq: 0,
-            used: false,
-            source: verified.source,
-            kid: verified.kid.as_deref().map(Box::from),
-            alg: verified.alg,
-            role: verified.role.as_deref().map(Box::from),
-            sub: verified.sub.as_deref().map(Box::from),
-            exp: verified.exp,
-            nbf: verified.nbf,
-            claims: verified.claims.clone(),
-        }
-    }
-
-    fn verified(&self) -> Verified {
-        Verified {
-            source: self.source,
-            kid: self.kid.as_deref().map(str::to_owned),
-            alg: self.alg,
-            role: self.role.as_deref().map(str::to_owned),
-            sub: self.sub.as_deref().map(str::to_owned),
-            claims: self.claims.clone(),
-            exp: self.exp,
-            nbf: self.nbf,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -117,11 +80,11 @@ impl Shard {
             return;
         }
         if self.earliest_exp <= now {
-            self.entries.retain(|_, v| v.exp > now);
+            self.entries.retain(|_, v| v.verified.exp > now);
             self.earliest_exp = self
                 .entries
                 .values()
-                .map(|v| v.exp)
+                .map(|v| v.verified.exp)
                 .min()
                 .unwrap_or(i64::MAX);
         }
@@ -153,7 +116,7 @@ impl Shard {
     fn push(&mut self, hash: TokenHash, mut entry: Entry, per_shard: usize) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
-        self.earliest_exp = self.earliest_exp.min(entry.exp);
+        self.earliest_exp = self.earliest_exp.min(entry.verified.exp);
         self.order.push_back((hash, entry.seq));
         self.entries.insert(hash, entry);
         if self.order.len() > 2 * per_shard + 16 {
@@ -219,7 +182,7 @@ impl TokenCache {
             return None;
         }
         let hit = shard.entries.get_mut(hash)?;
-        if let Err(failure) = check_times(hit.exp, hit.nbf, now, leeway) {
+        if let Err(failure) = check_times(hit.verified.exp, hit.verified.nbf, now, leeway) {
             // An expired entry will never be served again; a not-yet-valid one may be later.
             if failure == Failure::Expired {
                 shard.entries.remove(hash);
@@ -227,7 +190,7 @@ impl TokenCache {
             return None;
         }
         hit.used = true;
-        let verified = hit.verified();
+        let verified = hit.verified.clone();
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(verified)
     }
@@ -245,7 +208,11 @@ impl TokenCache {
             return;
         }
         // Built before the lock, to keep the critical section short.
-        let entry = Entry::new(verified);
+        let entry = Entry {
+            verified: verified.clone(),
+            seq: 0,
+            used: false,
+        };
         let Some(mut shard) = self.shard(&hash) else {
             return;
         };
@@ -277,6 +244,7 @@ impl TokenCache {
 mod tests {
     use super::*;
     use crate::auth::keyring::KeySource;
+    use crate::auth::verify::Claims;
     use serde_json::Map;
 
     fn verified(exp: i64, nbf: Option<i64>) -> Verified {

@@ -78,7 +78,9 @@ impl CallerKind {
     pub fn of(verified: &Verified) -> Option<Self> {
         match verified.source {
             KeySource::LegacySecret => Some(Self::Legacy(LegacyKind::of(verified))),
-            KeySource::ApiKey => Some(Self::ApiKey(verified.kid.clone().unwrap_or_default())),
+            KeySource::ApiKey => Some(Self::ApiKey(
+                verified.kid.as_deref().unwrap_or_default().to_owned(),
+            )),
             KeySource::SigningKey => None,
         }
     }

@@ -75,7 +75,7 @@ impl KeyRing {
     pub fn new(legacy: Vec<LegacySecret>, inline: Vec<VerifyingKey>) -> Self {
         let inline = inline
             .into_iter()
-            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .map(|k| (k.kid.to_string(), Arc::new(k)))
             .collect();
         Self {
             legacy,
@@ -137,7 +137,7 @@ impl KeyRing {
             keys.sort_by(|a, b| a.kid.cmp(&b.kid));
             out.extend(keys.into_iter().map(|k| KeyListing {
                 source: KeySource::SigningKey,
-                kid: Some(k.kid.clone()),
+                kid: Some(k.kid.to_string()),
                 alg: k.alg.as_str(),
                 origin: k.origin,
             }));
@@ -149,7 +149,7 @@ impl KeyRing {
         let mut fp: Vec<_> = self
             .fetched
             .values()
-            .map(|k| (k.kid.as_str(), k.alg.as_str(), k.fingerprint.as_slice()))
+            .map(|k| (&*k.kid, k.alg.as_str(), k.fingerprint.as_slice()))
             .collect();
         fp.sort_unstable();
         fp
@@ -182,7 +182,7 @@ impl KeyRingHandle {
     pub fn replace_fetched(&self, keys: Vec<VerifyingKey>, info: FetchedInfo) -> u64 {
         let fetched: HashMap<String, Arc<VerifyingKey>> = keys
             .into_iter()
-            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .map(|k| (k.kid.to_string(), Arc::new(k)))
             .collect();
         self.swap(|old| {
             let mut ring = old.clone();

@@ -23,6 +23,7 @@ use jsonwebtoken::DecodingKey;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::Arc;
 
 /// The algorithms edgegate accepts, and nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -95,7 +96,8 @@ impl KeyOrigin {
 /// An asymmetric public key bound to one algorithm.
 #[derive(Clone)]
 pub struct VerifyingKey {
-    pub(crate) kid: String,
+    /// Shared with every credential it verifies (`Verified::kid`).
+    pub(crate) kid: Arc<str>,
     pub(crate) alg: Alg,
     pub(crate) origin: KeyOrigin,
     /// The public key, parsed and validated once when the key set is loaded, bound to the key's
@@ -439,7 +441,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         Alg::HS256 => return Err("unsupported alg"),
     };
     Ok(Parsed::Asymmetric(VerifyingKey {
-        kid,
+        kid: kid.into(),
         alg: implied,
         origin,
         key,

@@ -65,7 +65,7 @@ impl Default for UsageTracker {
 pub fn usage_kid(verified: &Verified) -> String {
     match verified.source {
         KeySource::LegacySecret => String::new(),
-        _ => verified.kid.clone().unwrap_or_default(),
+        _ => verified.kid.as_deref().unwrap_or_default().to_owned(),
     }
 }
 
@@ -360,7 +360,7 @@ mod tests {
     fn signing_key(kid: &str) -> Verified {
         Verified {
             source: KeySource::SigningKey,
-            kid: Some(kid.to_owned()),
+            kid: Some(kid.into()),
             alg: "ES256",
             role: None,
             sub: None,

@@ -154,13 +154,13 @@ pub struct Verified {
     /// What vouched for it.
     pub source: KeySource,
     /// The key's kid (for API keys: the key's configured name, never the key).
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     /// The algorithm (`"opaque"` for API keys).
     pub alg: &'static str,
     /// The `role` claim.
-    pub role: Option<String>,
+    pub role: Option<Arc<str>>,
     /// The `sub` claim.
-    pub sub: Option<String>,
+    pub sub: Option<Arc<str>>,
     /// Every claim.
     pub claims: Claims,
     /// `exp` (for API keys, `i64::MAX`: they do not expire).
@@ -219,8 +219,8 @@ impl PartialEq for Claims {
 pub struct SignedPayload {
     /// The verified algorithm.
     pub alg: Alg,
-    /// The header's kid, if any.
-    pub kid: Option<String>,
+    /// The header's kid, if any (a signing key's own, shared).
+    pub kid: Option<Arc<str>>,
     /// Legacy secret or signing key.
     pub source: KeySource,
     /// The decoded payload bytes (not yet parsed).
@@ -293,7 +293,7 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     }
     let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
-    let source = match alg {
+    let (source, kid) = match alg {
         Alg::HS256 => {
             // Whatever the kid: after a migration legacy tokens may carry a kid that is not
             // (and must not be looked up) in the JWKS.
@@ -309,7 +309,7 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if !ok {
                 return Err(AuthError::Legacy(Failure::BadSignature));
             }
-            KeySource::LegacySecret
+            (KeySource::LegacySecret, kid.map(Arc::from))
         }
         Alg::ES256 | Alg::RS256 | Alg::EdDSA => {
             let kid = kid.ok_or(AuthError::Asymmetric(Failure::MissingKid))?;
@@ -320,12 +320,12 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if !signature_ok(key, signing_input, &signature) {
                 return Err(AuthError::Asymmetric(Failure::BadSignature));
             }
-            KeySource::SigningKey
+            (KeySource::SigningKey, Some(Arc::clone(&key.kid)))
         }
     };
     Ok(SignedPayload {
         alg,
-        kid: kid.map(str::to_owned),
+        kid,
         source,
         payload,
     })
@@ -382,8 +382,8 @@ pub fn verify(
 pub(crate) struct CheckedClaims {
     pub exp: i64,
     pub nbf: Option<i64>,
-    pub role: Option<String>,
-    pub sub: Option<String>,
+    pub role: Option<Arc<str>>,
+    pub sub: Option<Arc<str>>,
     /// The payload's JSON text, as the token carries it.
     pub claims: Claims,
 }
@@ -407,8 +407,8 @@ pub(crate) fn check_payload(
     Ok(CheckedClaims {
         exp,
         nbf,
-        role: role.map(Cow::into_owned),
-        sub: sub.map(Cow::into_owned),
+        role: role.as_deref().map(Arc::from),
+        sub: sub.as_deref().map(Arc::from),
         claims: Claims::checked(object),
     })
 }

@@ -3,6 +3,7 @@
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use std::sync::Arc;
 
 use crate::auth::Claims;
 use crate::body::RawBody;
@@ -13,8 +14,10 @@ use crate::error::ApiError;
 #[derive(utoipa::ToSchema)]
 pub struct JwtTestBody {
     valid: bool,
-    role: Option<String>,
-    sub: Option<String>,
+    #[schema(value_type = Option<String>)]
+    role: Option<Arc<str>>,
+    #[schema(value_type = Option<String>)]
+    sub: Option<Arc<str>>,
     key: KeyBody,
     /// Every claim, as the token carries them (its payload's JSON); an API key has only `role`.
     #[schema(value_type = Object)]
@@ -25,7 +28,8 @@ pub struct JwtTestBody {
 struct KeyBody {
     #[schema(value_type = crate::auth::KeySource)]
     source: &'static str,
-    kid: Option<String>,
+    #[schema(value_type = Option<String>)]
+    kid: Option<Arc<str>>,
     alg: &'static str,
 }
 
@@ -33,8 +37,8 @@ struct KeyBody {
 #[derive(Serialize)]
 struct Head<'a> {
     valid: bool,
-    role: &'a Option<String>,
-    sub: &'a Option<String>,
+    role: &'a Option<Arc<str>>,
+    sub: &'a Option<Arc<str>>,
     key: &'a KeyBody,
 }
 
@@ -121,15 +125,15 @@ mod tests {
         #[derive(Serialize)]
         struct Answer<'a> {
             valid: bool,
-            role: &'a Option<String>,
-            sub: &'a Option<String>,
+            role: Option<&'a str>,
+            sub: Option<&'a str>,
             key: &'a KeyBody,
             claims: Box<RawValue>,
         }
         serde_json::to_string(&Answer {
             valid: body.valid,
-            role: &body.role,
-            sub: &body.sub,
+            role: body.role.as_deref(),
+            sub: body.sub.as_deref(),
             key: &body.key,
             claims: RawValue::from_string(body.claims.json().to_owned()).expect("claims are JSON"),
         })
@@ -162,11 +166,11 @@ mod tests {
                     for claims in &claims {
                         let body = JwtTestBody {
                             valid: true,
-                            role: role.clone(),
-                            sub: sub.clone(),
+                            role: role.as_deref().map(Arc::from),
+                            sub: sub.as_deref().map(Arc::from),
                             key: KeyBody {
                                 source: "signing_key",
-                                kid: kid.clone(),
+                                kid: kid.as_deref().map(Arc::from),
                                 alg: "ES256",
                             },
                             claims: claims.clone(),

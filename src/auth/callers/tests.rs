@@ -4,14 +4,14 @@ use crate::auth::Claims;
 fn verified(source: KeySource, role: Option<&str>, sub: Option<&str>) -> Verified {
     Verified {
         source,
-        kid: (source == KeySource::ApiKey).then(|| "backend".to_owned()),
+        kid: (source == KeySource::ApiKey).then(|| "backend".into()),
         alg: if source == KeySource::LegacySecret {
             "HS256"
         } else {
             "opaque"
         },
-        role: role.map(str::to_owned),
-        sub: sub.map(str::to_owned),
+        role: role.map(Into::into),
+        sub: sub.map(Into::into),
         claims: Claims::default(),
         exp: 0,
         nbf: None,

@@ -381,7 +381,7 @@ async fn removed_key_stops_after_next_refresh_and_at_once_after_refresh_now() {
     fetcher.refresh_now().await.expect("refresh");
     assert_eq!(
         auth.verify_bearer(&t2).await.map(|v| v.kid),
-        Ok(Some("k2".to_owned()))
+        Ok(Some("k2".into()))
     );
     host.set_keys(&[k1.public_jwk()]);
     fetcher.refresh_now().await.expect("refresh");

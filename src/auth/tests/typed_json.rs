@@ -280,7 +280,8 @@ fn typed_claims(payload: &[u8], settings: &VerifySettings) -> Result<Outcome, Fa
     let raw: &RawValue = serde_json::from_slice(payload).expect("an accepted payload is JSON");
     assert_eq!(claims.json(), raw.get());
     let json: Value = serde_json::from_str(claims.json()).expect("the claims text is JSON");
-    Ok((exp, nbf, role, sub, json))
+    let owned = |s: Option<std::sync::Arc<str>>| s.as_deref().map(str::to_owned);
+    Ok((exp, nbf, owned(role), owned(sub), json))
 }
 
 #[test]
