@@ -158,7 +158,9 @@ pub async fn serve_with_limits(
 
 /// hyper's settings. HTTP/1 gets no timer on purpose: with one, hyper's `header_read_timeout`
 /// (30 s unless set) also closes idle keep-alive connections; the deadlines are kept by
-/// [`conn`] instead.
+/// [`conn`] instead. `pipeline_flush` stays off: it would batch pipelined answers, and it also
+/// lifts the cap on a connection's write buffer, so a client that pipelines and never reads
+/// could make the server hold every answer (`tests/it/hostile.rs`).
 fn builder() -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder

@@ -1,6 +1,7 @@
 //! Hostile clients, over real sockets against the real server: clients that never finish a
-//! request head, idle keep-alive connections, a flood under a lowered file limit, oversized
-//! bodies and request ids, a redirecting JWKS host, and unsafe key configurations.
+//! request head, idle keep-alive connections, pipelined requests whose answers are never read, a
+//! flood under a lowered file limit, oversized bodies and request ids, a redirecting JWKS host,
+//! and unsafe key configurations.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -664,4 +665,116 @@ async fn hostile_an_oversized_head_is_431_and_closed() {
         "{}",
         answer.lines().next().unwrap_or("no answer")
     );
+}
+
+/// Reads the HTTP/1.1 responses of pipelined requests one after the other, keeping what a read
+/// took beyond the current one: (status, head, body length).
+struct Responses {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Responses {
+    async fn fill(&mut self) {
+        let mut buf = [0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf))
+            .await
+            .expect("more of the answers within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before every answer came");
+        self.pending.extend_from_slice(&buf[..n]);
+    }
+
+    async fn next(&mut self) -> (u16, String, usize) {
+        let head_end = loop {
+            if let Some(at) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            self.fill().await;
+        };
+        let head = String::from_utf8_lossy(&self.pending[..head_end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().unwrap())
+            })
+            .expect("a content-length");
+        while self.pending.len() < head_end + length {
+            self.fill().await;
+        }
+        self.pending.drain(..head_end + length);
+        (head[9..12].parse().unwrap(), head, length)
+    }
+}
+
+/// A client may pipeline requests and read none of the answers. hyper then stops reading once
+/// its answers cannot be written (its write buffer is capped, about 400 KB a connection), so the
+/// answers wait in the kernel's socket buffers and the requests behind them in the client's,
+/// not in the server's memory; and once the client reads, every answer comes, in order.
+/// (hyper's experimental `pipeline_flush` lifts that cap: the answers then pile up in the
+/// server until the client reads. This test fails with it.)
+#[tokio::test]
+async fn hostile_pipelined_requests_never_read_hold_no_server_memory_and_are_answered_in_order() {
+    // Of the largest answer, the OpenAPI document (about 95 KB): about 38 MB of answers.
+    const REQUESTS: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = spawn_logged(
+        edgegate(dir.path(), &[("PORT", &port.to_string())]),
+        dir.path(),
+        "server.log",
+    );
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    let pid = server.id();
+    let document = reqwest::get(format!("http://127.0.0.1:{port}/openapi.json"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    assert!(document > 50_000, "the document is {document} bytes");
+    let baseline = rss_kib(pid);
+
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let requests: String = (0..REQUESTS)
+        .map(|i| {
+            format!("GET /openapi.json HTTP/1.1\r\nHost: edgegate\r\nX-Request-Id: pipelined-{i}\r\n\r\n")
+        })
+        .collect();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.write_all(requests.as_bytes()),
+    )
+    .await
+    .expect("the requests (about 30 KB) fit in the sockets' buffers")
+    .unwrap();
+    // Read nothing for two seconds, sampling the server's memory.
+    let mut peak = baseline;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(pid));
+    }
+    let answers_kib = REQUESTS * document / 1024;
+    assert!(
+        peak.saturating_sub(baseline) < 8 * 1024,
+        "the server grew from {baseline} to {peak} KiB while holding {answers_kib} KiB of unread answers"
+    );
+
+    let mut responses = Responses {
+        stream,
+        pending: Vec::new(),
+    };
+    for i in 0..REQUESTS {
+        let (status, head, length) = responses.next().await;
+        assert_eq!(status, 200, "answer {i}: {head}");
+        assert_eq!(length, document, "answer {i}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("\r\nx-request-id: pipelined-{i}\r\n")),
+            "answer {i} out of order: {head}"
+        );
+    }
 }
