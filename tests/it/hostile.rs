@@ -717,7 +717,7 @@ impl Responses {
 /// server until the client reads. This test fails with it.)
 #[tokio::test]
 async fn hostile_pipelined_requests_never_read_hold_no_server_memory_and_are_answered_in_order() {
-    // Of the largest answer, the OpenAPI document (about 95 KB): about 38 MB of answers.
+    // Of the largest answer, the OpenAPI document (about 95 KB): about 36 MiB of answers.
     const REQUESTS: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
