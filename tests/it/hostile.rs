@@ -69,6 +69,15 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// A response head's `content-length`, if it has one.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().unwrap())
+    })
+}
+
 /// Reads one HTTP/1.1 response with a `content-length` body; returns its status and head.
 async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     let mut data = Vec::new();
@@ -85,14 +94,7 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
         data.extend_from_slice(&buf[..n]);
     };
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
+    let length = content_length(&head).unwrap_or(0);
     while data.len() < head_end + length {
         let n = stream.read(&mut buf).await.unwrap();
         assert!(n > 0, "closed in the body");
@@ -693,14 +695,7 @@ impl Responses {
             self.fill().await;
         };
         let head = String::from_utf8_lossy(&self.pending[..head_end]).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().unwrap())
-            })
-            .expect("a content-length");
+        let length = content_length(&head).expect("a content-length");
         while self.pending.len() < head_end + length {
             self.fill().await;
         }
