@@ -227,7 +227,7 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
     }
     tracing::info_span!(
         "request",
-        "http.request.method" = %req.method(),
+        "http.request.method" = req.method().as_str(),
         "http.route" = route,
         request_id,
         "edgegate.credential.source" = tracing::field::Empty,

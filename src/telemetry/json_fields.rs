@@ -146,7 +146,10 @@ impl<'a> Members<'a> {
         } else {
             name
         };
-        if self.replace {
+        // A name that appears nowhere in the object cannot be a member of it (most records
+        // fill in a field for the first time); only a name written as it is can be looked for
+        // so, one that needs escaping always takes the full search.
+        if self.replace && (needs_escape(name) || self.out.contains(name)) {
             let mut quoted = String::with_capacity(name.len() + 2);
             push_json_string(&mut quoted, name);
             remove_member(self.out, &quoted);
@@ -273,9 +276,20 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// `text` as a JSON string, escaped as serde_json escapes it (`"`, `\` and the control
 /// characters; nothing else), so a value can never end the line or the object early.
 fn push_json_string(out: &mut String, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push('"');
+    push_escaped(out, text);
+    out.push('"');
+}
+
+/// Whether `text` has a byte that a JSON string must escape.
+fn needs_escape(text: &str) -> bool {
+    text.bytes().any(|byte| NEEDS_ESCAPE[usize::from(byte)])
+}
+
+/// `text` escaped as the inside of a JSON string ([`push_json_string`] without the quotes).
+fn push_escaped(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     let mut plain = 0;
     let mut at = 0;
@@ -310,7 +324,27 @@ fn push_json_string(out: &mut String, text: &str) {
         at += 1;
     }
     out.push_str(&text[plain..]);
-    out.push('"');
+}
+
+/// Writes what it is given as the inside of a JSON string, so a `Debug` or `Display` value is
+/// escaped as it is formatted, without a `String` of its own first.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        push_escaped(self.0, text);
+        Ok(())
+    }
+}
+
+/// `value` as serde_json writes an `f64` (`Value::from(value)`): the shortest text that reads
+/// back as the same number (zmij's, which serde_json uses), `null` for NaN and the infinities.
+fn push_f64(out: &mut String, value: f64) {
+    if value.is_finite() {
+        out.push_str(zmij::Buffer::new().format_finite(value));
+    } else {
+        out.push_str("null");
+    }
 }
 
 /// Whether any of the eight bytes of `word` needs escaping: one below 0x20, a `"` or a `\`
@@ -340,20 +374,18 @@ static NEEDS_ESCAPE: [bool; 256] = {
 
 impl Visit for Members<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.member(field.name(), |out| {
-            out.push_str(&serde_json::Value::from(value).to_string());
-        });
+        self.member(field.name(), |out| push_f64(out, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.member(field.name(), |out| {
-            let _ = write!(out, "{value}");
+            out.push_str(itoa::Buffer::new().format(value))
         });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.member(field.name(), |out| {
-            let _ = write!(out, "{value}");
+            out.push_str(itoa::Buffer::new().format(value))
         });
     }
 
@@ -375,7 +407,10 @@ impl Visit for Members<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.member(field.name(), |out| {
-            push_json_string(out, &format!("{value:?}"));
+            out.push('"');
+            // Writing into a `String` cannot fail; a `Debug` that fails leaves what it wrote.
+            let _ = write!(Escaping(out), "{value:?}");
+            out.push('"');
         });
     }
 }
@@ -479,6 +514,8 @@ mod tests {
             ratio = 0.5f64,
             quote = "a \"quoted\"\nline\u{1}\u{7f} é \u{2028}😀 \\",
             bytes = &b"ab"[..],
+            shown = %"a \"shown\" value\n\u{2}\\",
+            debugged = ?"a \"debugged\" value\t\u{1b}",
             credential_source = tracing::field::Empty,
             credential_kid = tracing::field::Empty,
         );
@@ -548,6 +585,74 @@ mod tests {
         assert_eq!(text.matches(r#""kid":"#).count(), 1, "{text}");
         assert_eq!(text.matches(r#""first":"#).count(), 1, "{text}");
         assert_eq!(text.matches(r#""last":"#).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_field_whose_name_needs_escaping_is_replaced_too() {
+        let text = ours(|| {
+            let span = tracing::info_span!(
+                "request",
+                "a \"quoted\" name" = tracing::field::Empty,
+                other = "a \"quoted\" name",
+            );
+            let _entered = span.enter();
+            span.record("a \"quoted\" name", 1);
+            span.record("a \"quoted\" name", 2);
+            tracing::info!("line");
+        });
+        let lines = parsed(&text);
+        assert_eq!(
+            lines[0]["span"],
+            json!({"other": "a \"quoted\" name", "a \"quoted\" name": 2, "name": "request"})
+        );
+        assert_eq!(text.matches(r#""a \"quoted\" name":"#).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn floats_are_written_as_serde_json_writes_them() {
+        for value in [
+            0.0,
+            -0.0,
+            0.125,
+            1.0 / 3.0,
+            -2.5e-7,
+            1e21,
+            1e300,
+            123_456_789.0,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            5e-324,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let mut ours = String::new();
+            push_f64(&mut ours, value);
+            assert_eq!(
+                ours,
+                serde_json::Value::from(value).to_string(),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn formatted_values_are_escaped_piece_by_piece_as_a_whole_string_would_be() {
+        /// A value whose `Debug` writes its text in many pieces, escapes split across them.
+        struct Pieces;
+        impl fmt::Debug for Pieces {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                for piece in ["a", "\"", "\\", "\n\u{1}", "é", "😀 ", "", "\u{7f}\""] {
+                    f.write_str(piece)?;
+                }
+                write!(f, "{}", 42)
+            }
+        }
+        let whole = format!("{Pieces:?}");
+        let mut ours = String::from("\"");
+        write!(Escaping(&mut ours), "{Pieces:?}").unwrap();
+        ours.push('"');
+        assert_eq!(ours, serde_json::to_string(&whole).unwrap());
     }
 
     #[test]
