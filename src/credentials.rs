@@ -4,11 +4,10 @@
 //! the `service_role` role (a secret API key counts as one).
 
 use axum::extract::{FromRequestParts, MatchedPath};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
 
 use crate::auth::callers::{CallerKind, client_name};
-use crate::auth::metrics::VerificationLabels;
 use crate::auth::usage::credential_name;
 use crate::auth::{AuthError, Verified};
 use crate::clock::Clock;
@@ -21,7 +20,8 @@ use crate::telemetry::LegacyKindLabels;
 #[derive(Clone, Debug)]
 pub struct Principal {
     pub verified: Verified,
-    pub request_id: Option<String>,
+    /// The request's `x-request-id` (kept as the header value: read only by the audit log).
+    pub request_id: Option<HeaderValue>,
 }
 
 impl Principal {
@@ -29,7 +29,10 @@ impl Principal {
     pub fn audit(&self, clock: &Clock, action: &str, outcome: &str) -> AuditEntry {
         AuditEntry::new(
             clock.now_ms(),
-            self.request_id.clone(),
+            self.request_id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .map(str::to_owned),
             self.verified.source.as_str(),
             credential_name(&self.verified),
             action,
@@ -170,21 +173,8 @@ impl FromRequestParts<AppState> for User {
                     verified.source.as_str(),
                     Some(kid).filter(|k| !k.is_empty()),
                 );
-                state
-                    .auth_metrics
-                    .verifications
-                    .get_or_create(&VerificationLabels {
-                        source: verified.source.as_str(),
-                        kid: kid.to_owned(),
-                        alg: verified.alg,
-                        outcome: "ok",
-                    })
-                    .inc();
-                let request_id = parts
-                    .headers
-                    .get("x-request-id")
-                    .and_then(|value| value.to_str().ok())
-                    .map(str::to_owned);
+                state.auth.count_verified(&verified);
+                let request_id = parts.headers.get("x-request-id").cloned();
                 Ok(User(Principal {
                     verified,
                     request_id,
@@ -193,16 +183,7 @@ impl FromRequestParts<AppState> for User {
             Err(err) => {
                 let source = failed_source(&presented, &err);
                 record_credential(source, None);
-                state
-                    .auth_metrics
-                    .verifications
-                    .get_or_create(&VerificationLabels {
-                        source,
-                        kid: "unknown".to_owned(),
-                        alg: "unknown",
-                        outcome: err.code(),
-                    })
-                    .inc();
+                state.auth.count_refused(source, err.code());
                 tracing::debug!(code = err.code(), reason = %err, "credential refused");
                 Err(err.into())
             }

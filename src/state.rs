@@ -3,7 +3,6 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
-use crate::auth::metrics::AuthMetrics;
 use crate::auth::usage::UsageTracker;
 use crate::auth::{Authenticator, settings_from};
 use crate::clock::Clock;
@@ -26,7 +25,6 @@ pub struct Shared {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Authenticator>,
-    pub auth_metrics: AuthMetrics,
     pub usage: Arc<UsageTracker>,
     /// The HTTP client for outbound calls to Stripe and Twilio (the JWKS has its own).
     pub http: reqwest::Client,
@@ -54,9 +52,8 @@ impl AppState {
             crate::auth::jwks::http_client(),
             clock.clone(),
         ));
-        let auth_metrics = AuthMetrics::default();
         let mut metrics = Metrics::new();
-        auth_metrics.register(metrics.registry_mut(), auth.clone());
+        crate::auth::metrics::register(metrics.registry_mut(), auth.clone());
         let stripe_metrics = StripeMetrics::default();
         stripe_metrics.register(metrics.registry_mut());
         let usage = Arc::new(UsageTracker::default());
@@ -68,7 +65,6 @@ impl AppState {
             store,
             metrics: Arc::new(metrics),
             auth,
-            auth_metrics,
             usage,
             http,
             stripe_metrics,

@@ -5,6 +5,8 @@ use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
 use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
+use crate::auth::metrics::{OkCounter, VerificationLabels, Verifications};
+use crate::auth::usage::credential_name;
 use crate::auth::verify::{Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
 use crate::clock::Clock;
 use aws_lc_rs::constant_time::verify_slices_are_equal;
@@ -97,6 +99,7 @@ struct ApiKey {
     name: String,
     digest: [u8; 32],
     secret: bool,
+    ok_count: OkCounter,
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -117,6 +120,7 @@ pub struct Authenticator {
     api_keys: Vec<ApiKey>,
     clock: Clock,
     inline_dropped: Vec<DroppedKey>,
+    verifications: Verifications,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -169,6 +173,7 @@ impl Authenticator {
                 name: name.clone(),
                 digest: sha256(key.expose_secret().as_bytes()),
                 secret,
+                ok_count: OkCounter::default(),
             })
             .collect();
         Self {
@@ -183,6 +188,7 @@ impl Authenticator {
             api_keys,
             clock,
             inline_dropped: inline.dropped,
+            verifications: Verifications::default(),
         }
     }
 
@@ -209,6 +215,37 @@ impl Authenticator {
     /// The verified-token cache.
     pub fn cache(&self) -> &TokenCache {
         &self.cache
+    }
+
+    /// Credentials checked, by source, kid, algorithm and outcome
+    /// (`edgegate_credential_verifications`).
+    pub fn verifications(&self) -> &Verifications {
+        &self.verifications
+    }
+
+    /// Counts a credential that passed, in its key's series.
+    pub fn count_verified(&self, verified: &Verified) {
+        verified
+            .ok_count
+            .get_or_init(&self.verifications, || VerificationLabels {
+                source: verified.source.as_str(),
+                kid: credential_name(verified).to_owned(),
+                alg: verified.alg,
+                outcome: "ok",
+            })
+            .inc();
+    }
+
+    /// Counts a credential refused with `code`, under the source it would have had.
+    pub fn count_refused(&self, source: &'static str, code: &'static str) {
+        self.verifications
+            .get_or_create(&VerificationLabels {
+                source,
+                kid: "unknown".to_owned(),
+                alg: "unknown",
+                outcome: code,
+            })
+            .inc();
     }
 
     /// Starts the background JWKS refresh (a fetch at once, then whenever due).
@@ -290,6 +327,7 @@ impl Authenticator {
             claims: Claims::new(&claims),
             exp: i64::MAX,
             nbf: None,
+            ok_count: found.ok_count.clone(),
         })
     }
 }

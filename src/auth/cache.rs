@@ -262,6 +262,7 @@ mod tests {
             claims: Claims::new(&claims),
             exp,
             nbf,
+            ok_count: Default::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! caches keyed on it (the verified-token cache) drop what the old keys vouched for.
 
 use crate::auth::keys::{KeyOrigin, LegacySecret, VerifyingKey};
+use crate::auth::metrics::OkCounter;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -64,6 +65,9 @@ pub struct KeyListing {
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
     legacy: Vec<LegacySecret>,
+    /// Where the legacy secrets' verifications are counted (one series for them all: a token
+    /// does not tell which secret signed it). Shared by every ring that replaces this one.
+    legacy_ok: OkCounter,
     inline: HashMap<String, Arc<VerifyingKey>>,
     fetched: HashMap<String, Arc<VerifyingKey>>,
     fetched_info: Option<FetchedInfo>,
@@ -79,6 +83,7 @@ impl KeyRing {
             .collect();
         Self {
             legacy,
+            legacy_ok: OkCounter::default(),
             inline,
             fetched: HashMap::new(),
             fetched_info: None,
@@ -97,6 +102,11 @@ impl KeyRing {
     /// The HS256 secrets; empty means the legacy secret is revoked.
     pub fn legacy_secrets(&self) -> &[LegacySecret] {
         &self.legacy
+    }
+
+    /// Where the legacy secrets' verifications are counted.
+    pub fn legacy_ok(&self) -> &OkCounter {
+        &self.legacy_ok
     }
 
     /// Changes whenever the trusted key set is replaced.

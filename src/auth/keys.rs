@@ -13,6 +13,7 @@
 //!
 //! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
 
+use crate::auth::metrics::OkCounter;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
     RsaPublicKeyComponents,
@@ -105,6 +106,8 @@ pub struct VerifyingKey {
     pub(crate) key: ParsedPublicKey,
     /// Canonical public key bytes, to tell whether two key sets are the same.
     pub(crate) fingerprint: Vec<u8>,
+    /// Where the credentials this key verifies are counted.
+    pub(crate) ok_count: OkCounter,
 }
 
 impl VerifyingKey {
@@ -446,6 +449,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         origin,
         key,
         fingerprint,
+        ok_count: OkCounter::default(),
     }))
 }
 

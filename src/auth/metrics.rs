@@ -1,7 +1,7 @@
 //! The credential layer's metrics: verifications by source, kid, alg and outcome; JWKS fetches
 //! by result; key-set age; token-cache hits; refetches suppressed.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -22,20 +22,51 @@ pub struct VerificationLabels {
     pub outcome: &'static str,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct AuthMetrics {
-    pub verifications: Family<VerificationLabels, Counter>,
+/// Credentials checked, by [`VerificationLabels`].
+pub type Verifications = Family<VerificationLabels, Counter>;
+
+/// Where the successful verifications of one key (a signing key, the legacy secrets, an API
+/// key) are counted: its series of `edgegate_credential_verifications`, looked up by its labels
+/// the first time the key vouches for a credential and kept with the key, so that every later
+/// credential it vouches for is counted without building, hashing and looking up the labels.
+/// Every [`Verified`](crate::auth::Verified) carries its key's.
+#[derive(Clone, Default)]
+pub struct OkCounter(Arc<OnceLock<Counter>>);
+
+impl OkCounter {
+    /// The key's counter in `family`, looked up under `labels` the first time.
+    pub fn get_or_init(
+        &self,
+        family: &Verifications,
+        labels: impl FnOnce() -> VerificationLabels,
+    ) -> &Counter {
+        self.0
+            .get_or_init(|| family.get_or_create(&labels()).clone())
+    }
 }
 
-impl AuthMetrics {
-    pub fn register(&self, registry: &mut Registry, auth: Arc<Authenticator>) {
-        registry.register(
-            "credential_verifications",
-            "Credentials checked, by source, kid, algorithm and outcome (ok or the error code)",
-            self.verifications.clone(),
-        );
-        registry.register_collector(Box::new(AuthCollector { auth }));
+impl std::fmt::Debug for OkCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OkCounter")
     }
+}
+
+/// A handle to a metric, not part of what a credential is: any two are equal.
+impl PartialEq for OkCounter {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+/// Registers the credential layer's metrics: the verifications `auth` counts, and what its
+/// fetcher and cache report at scrape time.
+pub fn register(registry: &mut Registry, auth: Arc<Authenticator>) {
+    registry.register(
+        "credential_verifications",
+        "Credentials checked, by source, kid, algorithm and outcome (ok or the error code)",
+        auth.verifications().clone(),
+    );
+    registry.register_collector(Box::new(AuthCollector { auth }));
 }
 
 /// Reads the fetcher's and the cache's own counters at scrape time.

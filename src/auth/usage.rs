@@ -4,7 +4,7 @@
 //! counted in `edgegate_key_usage_dropped_total`) and reach it once it is back.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -31,7 +31,8 @@ pub const MAX_PENDING_BUCKETS: usize = 10_000;
 struct Bucket {
     hour_start_ms: i64,
     source: KeySource,
-    kid: String,
+    /// Shared with the credential's kid, so counting a verification copies no name.
+    kid: Arc<str>,
     alg: &'static str,
 }
 
@@ -62,10 +63,11 @@ impl Default for UsageTracker {
 /// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
 /// legacy secret (one secret, whatever `kid` its tokens carry). Stored in `key_usage_hourly` and
 /// read back by the report, so it stays `""` where [`credential_name`] says `legacy`.
-pub fn usage_kid(verified: &Verified) -> String {
-    match verified.source {
-        KeySource::LegacySecret => String::new(),
-        _ => verified.kid.as_deref().unwrap_or_default().to_owned(),
+pub fn usage_kid(verified: &Verified) -> Arc<str> {
+    static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+    match (verified.source, &verified.kid) {
+        (KeySource::LegacySecret, _) | (_, None) => Arc::clone(&NONE),
+        (_, Some(kid)) => Arc::clone(kid),
     }
 }
 
@@ -154,7 +156,7 @@ impl UsageTracker {
             .map(|(bucket, count)| KeyUsage {
                 hour_start_ms: bucket.hour_start_ms,
                 source: bucket.source.as_str().to_owned(),
-                kid: bucket.kid,
+                kid: bucket.kid.to_string(),
                 alg: bucket.alg.to_owned(),
                 verified_count: count.verified,
                 last_verified_at_ms: count.last_ms,
@@ -185,7 +187,7 @@ impl UsageTracker {
                 let bucket = Bucket {
                     hour_start_ms: row.hour_start_ms,
                     source,
-                    kid: row.kid,
+                    kid: Arc::from(row.kid),
                     alg: static_alg(&row.alg),
                 };
                 let count = Count {
@@ -208,14 +210,14 @@ impl UsageTracker {
     /// Everything counted here and not yet flushed, summed per key (for the admin report).
     pub fn pending_since(&self, since_ms: i64) -> Vec<KeyUsage> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: HashMap<(KeySource, String, &'static str), KeyUsage> = HashMap::new();
+        let mut out: HashMap<(KeySource, Arc<str>, &'static str), KeyUsage> = HashMap::new();
         for (bucket, count) in pending.iter().filter(|(b, _)| b.hour_start_ms >= since_ms) {
             let entry = out
                 .entry((bucket.source, bucket.kid.clone(), bucket.alg))
                 .or_insert_with(|| KeyUsage {
                     hour_start_ms: bucket.hour_start_ms,
                     source: bucket.source.as_str().to_owned(),
-                    kid: bucket.kid.clone(),
+                    kid: bucket.kid.to_string(),
                     alg: bucket.alg.to_owned(),
                     verified_count: 0,
                     last_verified_at_ms: 0,
@@ -367,6 +369,7 @@ mod tests {
             claims: crate::auth::Claims::default(),
             exp: i64::MAX,
             nbf: None,
+            ok_count: Default::default(),
         }
     }
 

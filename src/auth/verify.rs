@@ -13,6 +13,7 @@ use crate::auth::error::{AuthError, Failure};
 use crate::auth::json::{ReadShallow, Shallow, Skip, strict_members};
 use crate::auth::keyring::{KeyRing, KeySource};
 use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
+use crate::auth::metrics::OkCounter;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
@@ -167,6 +168,8 @@ pub struct Verified {
     pub exp: i64,
     /// `nbf`, if the token has one.
     pub nbf: Option<i64>,
+    /// Where the key that vouched for it counts its verifications.
+    pub ok_count: OkCounter,
 }
 
 /// The claims of a verified credential, kept as the JSON text of their checked object and
@@ -225,6 +228,8 @@ pub struct SignedPayload {
     pub source: KeySource,
     /// The decoded payload bytes (not yet parsed).
     pub payload: Vec<u8>,
+    /// Where the key that vouched for it counts its verifications.
+    pub ok_count: OkCounter,
 }
 
 /// The base64url alphabet (RFC 4648 §5), one entry a byte: one load per byte of a token.
@@ -293,7 +298,7 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     }
     let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
-    let (source, kid) = match alg {
+    let (source, kid, ok_count) = match alg {
         Alg::HS256 => {
             // Whatever the kid: after a migration legacy tokens may carry a kid that is not
             // (and must not be looked up) in the JWKS.
@@ -309,7 +314,11 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if !ok {
                 return Err(AuthError::Legacy(Failure::BadSignature));
             }
-            (KeySource::LegacySecret, kid.map(Arc::from))
+            (
+                KeySource::LegacySecret,
+                kid.map(Arc::from),
+                ring.legacy_ok().clone(),
+            )
         }
         Alg::ES256 | Alg::RS256 | Alg::EdDSA => {
             let kid = kid.ok_or(AuthError::Asymmetric(Failure::MissingKid))?;
@@ -320,7 +329,11 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if !signature_ok(key, signing_input, &signature) {
                 return Err(AuthError::Asymmetric(Failure::BadSignature));
             }
-            (KeySource::SigningKey, Some(Arc::clone(&key.kid)))
+            (
+                KeySource::SigningKey,
+                Some(Arc::clone(&key.kid)),
+                key.ok_count.clone(),
+            )
         }
     };
     Ok(SignedPayload {
@@ -328,6 +341,7 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
         kid,
         source,
         payload,
+        ok_count,
     })
 }
 
@@ -374,6 +388,7 @@ pub fn verify(
         claims: checked.claims,
         exp: checked.exp,
         nbf: checked.nbf,
+        ok_count: signed.ok_count,
     })
 }
 

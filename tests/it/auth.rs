@@ -406,7 +406,16 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
         200,
         "the cached set still holds it"
     );
-    let body = force_refresh(&server).await;
+    let response = server
+        .client
+        .post(server.url("/admin/signing-keys/refresh"))
+        .header("apikey", SECRET_KEY)
+        .header("x-request-id", "refresh-after-removal")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
     assert_eq!(body["keys"], 0);
     let (status, body) = bearer(&server, &token).await;
     assert_eq!(
@@ -422,7 +431,7 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
     assert_eq!(refresh.credential_source, "api_key");
     assert_eq!(refresh.credential_id, "backend");
     assert_eq!(refresh.outcome, "ok");
-    assert!(refresh.request_id.is_some());
+    assert_eq!(refresh.request_id.as_deref(), Some("refresh-after-removal"));
 }
 
 #[tokio::test]
@@ -516,6 +525,76 @@ async fn metrics_and_readiness_show_the_credential_layer() {
 
     let ready: Value = server.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["checks"]["key_ring"]["ok"], true, "{ready}");
+}
+
+/// Each key counts its verifications in its own series, on a miss and on a hit alike, and a
+/// key set fetched again (new key objects for the same kids) goes on counting in the same
+/// series rather than starting another.
+#[tokio::test]
+async fn every_key_counts_its_verifications_in_one_series_across_key_set_fetches() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let rs = SigningKey::generate(Alg::RS256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let clock = Clock::manual();
+    let vars = [("JWKS_MIN_REFRESH_SECONDS", "2")];
+    let server = app_with_clock(&db, &host, &vars, clock.clone()).await;
+    until_fetched(&host).await;
+    let es_token = user_token(&es);
+    let legacy = legacy_user_token();
+    let credentials: [&[(&str, &str)]; 3] = [
+        &[("apikey", PUBLISHABLE_KEY)],
+        &[("apikey", SECRET_KEY)],
+        &[("apikey", "sb_publishable_wrong")],
+    ];
+    let expected = [200, 200, 401];
+    for _ in 0..2 {
+        assert_eq!(bearer(&server, &es_token).await.0, 200);
+        assert_eq!(bearer(&server, &legacy).await.0, 200);
+        for (headers, status) in credentials.iter().zip(&expected) {
+            assert_eq!(call(&server, headers).await.0, *status);
+        }
+    }
+    // Past the start-up fetch's cool-down, a new kid makes the server fetch the set again:
+    // every key in it is a new object.
+    clock.advance(Duration::from_millis(2_100));
+    host.set_keys(json!([es.public_jwk(), rs.public_jwk()]));
+    let before = host.hits();
+    assert_eq!(bearer(&server, &user_token(&rs)).await.0, 200);
+    assert_eq!(host.hits(), before + 1, "the new kid was fetched");
+    let fresh_es = es
+        .token(&user_claims(ISSUER, "authenticated", "user-9", now(), 3600))
+        .unwrap();
+    assert_eq!(bearer(&server, &fresh_es).await.0, 200);
+    assert_eq!(bearer(&server, &es_token).await.0, 200);
+    assert_eq!(bearer(&server, &legacy_user_token()).await.0, 200);
+
+    let text = server.get("/metrics").await.text().await.unwrap();
+    let series = |source: &str, kid: &str, alg: &str, outcome: &str| {
+        let prefix = format!(
+            r#"edgegate_credential_verifications_total{{source="{source}",kid="{kid}",alg="{alg}",outcome="{outcome}"}} "#
+        );
+        let values: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix(prefix.as_str()))
+            .collect();
+        assert_eq!(values.len(), 1, "one series for {prefix}: {text}");
+        values[0].parse::<u64>().unwrap()
+    };
+    assert_eq!(series("signing_key", es.kid(), "ES256", "ok"), 4);
+    assert_eq!(series("signing_key", rs.kid(), "RS256", "ok"), 1);
+    assert_eq!(series("legacy_secret", "legacy", "HS256", "ok"), 3);
+    assert_eq!(series("api_key", "web", "opaque", "ok"), 2);
+    assert_eq!(series("api_key", "backend", "opaque", "ok"), 2);
+    assert_eq!(
+        series(
+            "api_key",
+            "unknown",
+            "unknown",
+            "UNAUTHORIZED_INVALID_API_KEY"
+        ),
+        2
+    );
 }
 
 /// A token answered from the cache gets the very bytes its first, verified answer got, and

@@ -15,6 +15,7 @@ fn verified(source: KeySource, role: Option<&str>, sub: Option<&str>) -> Verifie
         claims: Claims::default(),
         exp: 0,
         nbf: None,
+        ok_count: Default::default(),
     }
 }
 
