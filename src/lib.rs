@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod json_text;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -20,6 +20,8 @@ use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::json_text::{Escaping, needs_escape, push_json_string};
+
 /// The field formatter of the JSON log format.
 #[derive(Debug, Default)]
 pub struct AppendJsonFields;
@@ -273,70 +275,6 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-/// `text` as a JSON string, escaped as serde_json escapes it (`"`, `\` and the control
-/// characters; nothing else), so a value can never end the line or the object early.
-fn push_json_string(out: &mut String, text: &str) {
-    out.reserve(text.len() + 2);
-    out.push('"');
-    push_escaped(out, text);
-    out.push('"');
-}
-
-/// Whether `text` has a byte that a JSON string must escape.
-fn needs_escape(text: &str) -> bool {
-    text.bytes().any(|byte| NEEDS_ESCAPE[usize::from(byte)])
-}
-
-/// `text` escaped as the inside of a JSON string ([`push_json_string`] without the quotes).
-fn push_escaped(out: &mut String, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = text.as_bytes();
-    let mut plain = 0;
-    let mut at = 0;
-    while at < bytes.len() {
-        // Eight bytes at a time while none of them needs escaping (most strings: none does).
-        if let Some(Ok(word)) = bytes.get(at..at + 8).map(<[u8; 8]>::try_from)
-            && !any_needs_escape(u64::from_le_bytes(word))
-        {
-            at += 8;
-            continue;
-        }
-        let byte = bytes[at];
-        if NEEDS_ESCAPE[usize::from(byte)] {
-            // `at` is an ASCII byte, so both slices end on character boundaries.
-            out.push_str(&text[plain..at]);
-            match byte {
-                b'"' => out.push_str("\\\""),
-                b'\\' => out.push_str("\\\\"),
-                b'\n' => out.push_str("\\n"),
-                b'\r' => out.push_str("\\r"),
-                b'\t' => out.push_str("\\t"),
-                0x08 => out.push_str("\\b"),
-                0x0c => out.push_str("\\f"),
-                _ => {
-                    out.push_str("\\u00");
-                    out.push(char::from(HEX[usize::from(byte >> 4)]));
-                    out.push(char::from(HEX[usize::from(byte & 0x0f)]));
-                }
-            }
-            plain = at + 1;
-        }
-        at += 1;
-    }
-    out.push_str(&text[plain..]);
-}
-
-/// Writes what it is given as the inside of a JSON string, so a `Debug` or `Display` value is
-/// escaped as it is formatted, without a `String` of its own first.
-struct Escaping<'a>(&'a mut String);
-
-impl fmt::Write for Escaping<'_> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        push_escaped(self.0, text);
-        Ok(())
-    }
-}
-
 /// `value` as serde_json writes an `f64` (`Value::from(value)`): the shortest text that reads
 /// back as the same number (zmij's, which serde_json uses), `null` for NaN and the infinities.
 fn push_f64(out: &mut String, value: f64) {
@@ -346,31 +284,6 @@ fn push_f64(out: &mut String, value: f64) {
         out.push_str("null");
     }
 }
-
-/// Whether any of the eight bytes of `word` needs escaping: one below 0x20, a `"` or a `\`
-/// (the classic has-less-than and has-zero-byte tests, exact for whether any byte does).
-fn any_needs_escape(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
-    word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0
-        || has_zero(word ^ (ONES * u64::from(b'"')))
-        || has_zero(word ^ (ONES * u64::from(b'\\')))
-}
-
-/// The bytes a JSON string must escape: the control characters, `"` and `\` (one lookup a
-/// byte, as serde_json does).
-static NEEDS_ESCAPE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut byte = 0;
-    while byte < 0x20 {
-        table[byte] = true;
-        byte += 1;
-    }
-    table[b'"' as usize] = true;
-    table[b'\\' as usize] = true;
-    table
-};
 
 impl Visit for Members<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
@@ -633,65 +546,6 @@ mod tests {
                 serde_json::Value::from(value).to_string(),
                 "{value:?}"
             );
-        }
-    }
-
-    #[test]
-    fn formatted_values_are_escaped_piece_by_piece_as_a_whole_string_would_be() {
-        /// A value whose `Debug` writes its text in many pieces, escapes split across them.
-        struct Pieces;
-        impl fmt::Debug for Pieces {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                for piece in ["a", "\"", "\\", "\n\u{1}", "é", "😀 ", "", "\u{7f}\""] {
-                    f.write_str(piece)?;
-                }
-                write!(f, "{}", 42)
-            }
-        }
-        let whole = format!("{Pieces:?}");
-        let mut ours = String::from("\"");
-        write!(Escaping(&mut ours), "{Pieces:?}").unwrap();
-        ours.push('"');
-        assert_eq!(ours, serde_json::to_string(&whole).unwrap());
-    }
-
-    #[test]
-    fn an_escape_anywhere_in_a_longer_string_is_found() {
-        for special in [
-            "\u{0}", "\u{1f}", "\"", "\\", "\n", "\u{7f}", " ", "é", "😀", "\u{2028}",
-        ] {
-            for at in 0..24 {
-                let text = format!("{}{special}{}", "a".repeat(at), "b".repeat(24 - at));
-                let mut ours = String::new();
-                push_json_string(&mut ours, &text);
-                assert_eq!(ours, serde_json::to_string(&text).unwrap(), "{text:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_escapes_them() {
-        let mut every_ascii = String::new();
-        for byte in 0u8..=0x7f {
-            let one = char::from(byte).to_string();
-            every_ascii.push_str(&one);
-            let mut ours = String::new();
-            push_json_string(&mut ours, &one);
-            assert_eq!(
-                ours,
-                serde_json::to_string(&one).unwrap(),
-                "byte {byte:#04x}"
-            );
-        }
-        for text in [
-            every_ascii.as_str(),
-            "",
-            "é\u{2028}\u{2029}😀\u{fffd}",
-            "\\\"\\",
-        ] {
-            let mut ours = String::from("x");
-            push_json_string(&mut ours, text);
-            assert_eq!(ours, format!("x{}", serde_json::to_string(text).unwrap()));
         }
     }
 
