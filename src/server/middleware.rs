@@ -3,7 +3,7 @@
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -20,7 +20,6 @@ use tower_http::sensitive_headers::{
     SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
 };
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::config::{Config, CorsOrigins};
 use crate::error::ApiError;
@@ -96,11 +95,7 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         ))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(layer_fn(|inner| RequestIds { inner }))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(move |req: &Request| request_span(req, scheme))
-                .on_response(crate::telemetry::log_response),
-        )
+        .layer(layer_fn(move |inner| RequestSpans { inner, scheme }))
         .layer(TrackMetricsLayer::new(state.metrics.clone()))
         .layer(SetResponseHeaderLayer::appending(header::VARY, VARY))
         .layer(cors(&state.config))
@@ -233,6 +228,92 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
         "edgegate.credential.source" = tracing::field::Empty,
         "edgegate.credential.kid" = tracing::field::Empty,
     )
+}
+
+/// Makes each request's span ([`request_span`]), entered while the layers beneath take the
+/// request and make its answer, and writes the line that closes the request
+/// ([`crate::telemetry::log_response`]: status and latency). A 5xx answer, or an error, also gets
+/// the error line tower-http's `TraceLayer` wrote (`response failed`, its classification and
+/// latency in milliseconds), as does its `started processing request` at debug level, both
+/// under tower-http's targets so that filters and collectors see the same lines: this layer
+/// replaces it. Unlike `TraceLayer`, it leaves the answer's body as it is: nothing here reads the
+/// body's frames, and wrapping it cost each request a clone of its span, which the body held
+/// until its end, and a span entry, an exit and a clock read for each frame and at the end.
+#[derive(Clone, Debug)]
+struct RequestSpans<S> {
+    inner: S,
+    scheme: &'static str,
+}
+
+impl<S, B> Service<Request> for RequestSpans<S>
+where
+    S: Service<Request, Response = axum::http::Response<B>>,
+    S::Error: std::fmt::Display,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = RequestSpanFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let span = request_span(&req, self.scheme);
+        let start = Instant::now();
+        let inner = {
+            let _entered = span.enter();
+            tracing::debug!(
+                target: "tower_http::trace::on_request",
+                "started processing request"
+            );
+            self.inner.call(req)
+        };
+        RequestSpanFuture { inner, span, start }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct RequestSpanFuture<F> {
+        #[pin]
+        inner: F,
+        span: tracing::Span,
+        start: Instant,
+    }
+}
+
+impl<F, B, E> Future for RequestSpanFuture<F>
+where
+    F: Future<Output = Result<axum::http::Response<B>, E>>,
+    E: std::fmt::Display,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let latency = this.start.elapsed();
+        let failure = match &result {
+            Ok(answer) => {
+                crate::telemetry::log_response(answer, latency, this.span);
+                let status = answer.status();
+                status
+                    .is_server_error()
+                    .then(|| format!("Status code: {status}"))
+            }
+            Err(error) => Some(format!("Error: {error}")),
+        };
+        if let Some(classification) = failure {
+            tracing::error!(
+                target: "tower_http::trace::on_failure",
+                classification = %classification,
+                latency = %format_args!("{} ms", latency.as_millis()),
+                "response failed"
+            );
+        }
+        Poll::Ready(result)
+    }
 }
 
 fn panic_response(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -414,6 +495,7 @@ fn cors(config: &Config) -> CorsLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     /// Answers with the request ids it was given, as "a,b", and with `own` as its own id if set.
@@ -480,5 +562,142 @@ mod tests {
         let (seen, answered) = answer_ids(&["client-7"], Some("own")).await;
         assert_eq!(seen, "client-7");
         assert_eq!(answered, ["own"]);
+    }
+
+    /// Log output, kept in memory.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    /// Answers every request with its status, or fails with its error.
+    #[derive(Clone, Copy)]
+    struct Answering(Result<StatusCode, &'static str>);
+
+    impl Service<Request> for Answering {
+        type Response = Response;
+        type Error = &'static str;
+        type Future = Ready<Result<Response, &'static str>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request) -> Self::Future {
+            ready(self.0.map(|status| {
+                let mut response = Response::new(Body::from("answer"));
+                *response.status_mut() = status;
+                response
+            }))
+        }
+    }
+
+    /// What a request answered `answer` (a status, or an error) makes the layer from `layer`
+    /// log, at every level, as JSON: each line parsed, without what differs from run to run
+    /// (its timestamp and latencies).
+    async fn logged<L>(layer: L, answer: Result<StatusCode, &'static str>) -> Vec<serde_json::Value>
+    where
+        L: Layer<Answering>,
+        L::Service: Service<Request, Error = &'static str>,
+        <L::Service as Service<Request>>::Response: IntoResponse,
+    {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(lines.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let service = layer.layer(Answering(answer));
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = "/functions/v1/jwt-test".parse().unwrap();
+        req.headers_mut()
+            .insert(&REQUEST_ID, HeaderValue::from_static("req-1"));
+        if let Ok(answer) = service.oneshot(req).await {
+            // The body to its end, so that whatever a layer does with it is done.
+            let body = answer.into_response().into_body();
+            axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        }
+        drop(_default);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| {
+                let mut line: serde_json::Value = serde_json::from_str(line).unwrap();
+                let members = line.as_object_mut().unwrap();
+                for varies in ["timestamp", "latency_ms", "latency"] {
+                    members.remove(varies);
+                }
+                line
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn request_spans_log_the_lines_tower_https_trace_layer_logged() {
+        use tower_http::trace::TraceLayer;
+        for answer in [
+            Ok(StatusCode::OK),
+            Ok(StatusCode::NOT_FOUND),
+            Ok(StatusCode::INTERNAL_SERVER_ERROR),
+            Ok(StatusCode::GATEWAY_TIMEOUT),
+            Err("the service failed"),
+        ] {
+            let ours = logged(
+                layer_fn(|inner| RequestSpans {
+                    inner,
+                    scheme: "http",
+                }),
+                answer,
+            )
+            .await;
+            let mut theirs = logged(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| request_span(req, "http"))
+                    .on_response(crate::telemetry::log_response),
+                answer,
+            )
+            .await;
+            // The one line of theirs left out: a debug line once the body has been sent.
+            theirs.retain(|line| line["message"] != "end of stream");
+            assert_eq!(ours, theirs, "{answer:?}");
+            let messages: Vec<&str> = ours
+                .iter()
+                .map(|line| line["message"].as_str().unwrap())
+                .collect();
+            let failed = match answer {
+                Ok(status) => status.is_server_error(),
+                Err(_) => true,
+            };
+            let expected = match (answer, failed) {
+                (Err(_), _) => vec!["started processing request", "response failed"],
+                (Ok(_), true) => {
+                    vec!["started processing request", "response", "response failed"]
+                }
+                (Ok(_), false) => vec!["started processing request", "response"],
+            };
+            assert_eq!(messages, expected, "{answer:?}");
+            assert!(
+                ours.iter()
+                    .all(|line| line["span"]["request_id"] == "req-1"),
+                "{ours:?}"
+            );
+        }
     }
 }
