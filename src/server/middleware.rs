@@ -564,27 +564,6 @@ mod tests {
         assert_eq!(answered, ["own"]);
     }
 
-    /// Log output, kept in memory.
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
-
     /// Answers every request with its status, or fails with its error.
     #[derive(Clone, Copy)]
     struct Answering(Result<StatusCode, &'static str>);
@@ -616,15 +595,8 @@ mod tests {
         L::Service: Service<Request, Error = &'static str>,
         <L::Service as Service<Request>>::Response: IntoResponse,
     {
-        let lines = Lines::default();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_span_list(false)
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(lines.clone())
-            .finish();
-        let _default = tracing::subscriber::set_default(subscriber);
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
         let service = layer.layer(Answering(answer));
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = "/functions/v1/jwt-test".parse().unwrap();
@@ -636,8 +608,9 @@ mod tests {
             axum::body::to_bytes(body, usize::MAX).await.unwrap();
         }
         drop(_default);
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        lines
+            .text()
+            .lines()
             .map(|line| {
                 let mut line: serde_json::Value = serde_json::from_str(line).unwrap();
                 let members = line.as_object_mut().unwrap();

@@ -330,42 +330,14 @@ impl Visit for Members<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use serde_json::{Value, json};
-    use tracing_subscriber::fmt::MakeWriter;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
-
-    impl Lines {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
+    use crate::telemetry::LogLines;
 
     /// The log text a closure produces under the service's JSON format.
     fn ours(body: impl FnOnce()) -> String {
-        let lines = Lines::default();
+        let lines = LogLines::default();
         let subscriber = tracing_subscriber::fmt()
             .fmt_fields(AppendJsonFields)
             .event_format(JsonLines)
@@ -379,15 +351,8 @@ mod tests {
     /// The log text a closure produces under tracing-subscriber's JSON format, as the service
     /// configured it before [`JsonLines`].
     fn theirs(body: impl FnOnce()) -> String {
-        let lines = Lines::default();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_span_list(false)
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(lines.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, body);
+        let lines = LogLines::default();
+        tracing::subscriber::with_default(lines.tracing_subscribers_json(), body);
         lines.text()
     }
 

@@ -102,3 +102,47 @@ pub fn log_response<B>(
         "response"
     );
 }
+
+/// Log output kept in memory, for tests that read what a subscriber wrote.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl LogLines {
+    /// Everything written so far, as text.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// tracing-subscriber's own JSON format, as the service configured it before
+    /// `json_fields::JsonLines`, keeping every level, writing here.
+    pub(crate) fn tracing_subscribers_json(&self) -> impl tracing::Subscriber + Send + Sync {
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(self.clone())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = LogLines;
+    fn make_writer(&'a self) -> LogLines {
+        self.clone()
+    }
+}
