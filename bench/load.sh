@@ -31,7 +31,8 @@
 # pipe: each server's output through a pipe, as in a container; bench/lib.sh open_log).
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
 # (VmHWM) per server, the ratios edgegate/peer, and edgegate's share of the limit per scenario
-# (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)).
+# (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)), median
+# against median and round by round (each round against its own /healthz; bench/summarize.py).
 set -euo pipefail
 
 RUNS=${RUNS:-3}

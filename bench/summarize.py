@@ -1,5 +1,6 @@
 """Summary of bench/load.sh: median and spread (min-max) of each scenario per server, peak RSS,
-the ratios edgegate/peer, and (given the bare verify times) edgegate's share of the limit."""
+the ratios edgegate/peer, and (given the bare verify times) edgegate's share of the limit, both
+median against median and round by round (each round's rate against the same round's floor)."""
 
 import statistics
 import sys
@@ -10,13 +11,13 @@ results_path, rss_path = sys.argv[1], sys.argv[2]
 bare_us = {}
 if len(sys.argv) > 3:
     bare_us = {alg: float(us) for alg, us in (l.split() for l in open(sys.argv[3]))}
-runs = defaultdict(list)  # (server, scenario) -> [(rps, p50, p99, extra)]
+runs = defaultdict(list)  # (server, scenario) -> [(rps, p50, p99, extra, run)]
 order = []
 for line in open(results_path):
-    server, scenario, _run, rps, p50, p99, extra = line.rstrip("\n").split("\t")
+    server, scenario, run, rps, p50, p99, extra = line.rstrip("\n").split("\t")
     if scenario not in order:
         order.append(scenario)
-    runs[(server, scenario)].append((int(rps), int(p50), int(p99), extra))
+    runs[(server, scenario)].append((int(rps), int(p50), int(p99), extra, run))
 rss = {server: int(kib) for server, kib in (l.split() for l in open(rss_path))}
 
 
@@ -76,28 +77,48 @@ for server in ("edgegate", "peer"):
         print(f"\n{server}: valid throughput under the flood = {kept:.1%} of the paced run without it")
 
 # Share of the limit on the server's core: a cache hit can at best answer like /healthz; a fresh
-# token at best costs the /healthz time plus one bare signature check.
+# token at best costs the /healthz time plus one bare signature check. The share is given median
+# against median (the issue's target), and round by round: each round's rate against the limit
+# from the same round's /healthz, a minute or less apart, whose median moves less when the
+# machine changes pace between rounds.
 CACHE_HITS = ("es256", "es256_one", "hs256", "rs256")
 FRESH = {"es256_fresh": "ES256", "rs256_fresh": "RS256", "eddsa_fresh": "EdDSA"}
 floor = runs.get(("edgegate", "healthz"))
 if floor:
     floor_rps = med([r[0] for r in floor])
+    floor_of_run = {r[4]: r[0] for r in floor}
     print()
     print(f"edgegate's floor: /healthz {floor_rps:.0f} req/s ({1e6 / floor_rps:.1f} us a request)")
     print()
-    print("| scenario | edgegate req/s | limit on this core | share of the limit |")
-    print("|---|---|---|---|")
+    print(
+        "| scenario | edgegate req/s | limit on this core | share of the limit "
+        "| round by round: median (min-max) |"
+    )
+    print("|---|---|---|---|---|")
+
+    def limit_of(scenario, floor_rps):
+        """The limit from a floor rate, or None for a scenario without one."""
+        if scenario in CACHE_HITS:
+            return floor_rps
+        if scenario in FRESH and FRESH[scenario] in bare_us:
+            return 1e6 / (1e6 / floor_rps + bare_us[FRESH[scenario]])
+        return None
+
     for scenario in order:
         rows = runs.get(("edgegate", scenario))
-        if not rows:
+        limit = limit_of(scenario, floor_rps)
+        if not rows or limit is None:
             continue
         rps = med([r[0] for r in rows])
         if scenario in CACHE_HITS:
-            limit, how = floor_rps, "/healthz"
-        elif scenario in FRESH and FRESH[scenario] in bare_us:
-            alg = FRESH[scenario]
-            limit = 1e6 / (1e6 / floor_rps + bare_us[alg])
-            how = f"1 / ({1e6 / floor_rps:.1f} + {bare_us[alg]:.1f} us {alg})"
+            how = "/healthz"
         else:
-            continue
-        print(f"| {scenario} | {rps:.0f} | {limit:.0f} ({how}) | {rps / limit:.0%} |")
+            alg = FRESH[scenario]
+            how = f"1 / ({1e6 / floor_rps:.1f} + {bare_us[alg]:.1f} us {alg})"
+        rounds = [
+            r[0] / limit_of(scenario, floor_of_run[r[4]]) for r in rows if r[4] in floor_of_run
+        ]
+        by_round = (
+            f"{med(rounds):.0%} ({min(rounds):.0%}-{max(rounds):.0%})" if rounds else "-"
+        )
+        print(f"| {scenario} | {rps:.0f} | {limit:.0f} ({how}) | {rps / limit:.0%} | {by_round} |")
