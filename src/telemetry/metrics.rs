@@ -1,10 +1,11 @@
 //! The service's metrics registry. Each app has its own (no global recorder), so tests that start
 //! several apps in one process read only their own numbers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -70,6 +71,9 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_duration: HistogramFamily,
+    /// Each label set's two HTTP series, found with one lookup: the families' own maps take a
+    /// lock and a SipHash of the labels each.
+    http_series: RwLock<HashMap<HttpLabels, HttpSeries, foldhash::fast::RandomState>>,
     /// 1 when the last readiness probe reached the database, 0 when it did not.
     pub database_ready: Gauge,
     pub legacy_verifications: Family<LegacyKindLabels, Counter>,
@@ -120,6 +124,7 @@ impl Metrics {
             registry,
             http_requests,
             http_request_duration,
+            http_series: RwLock::default(),
             database_ready,
             legacy_verifications,
         }
@@ -130,12 +135,50 @@ impl Metrics {
         &mut self.registry
     }
 
+    /// Counts an answer and observes its latency under `labels`.
+    pub fn record_http(&self, labels: HttpLabels, seconds: f64) {
+        let series = self
+            .http_series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = series.get(&labels) {
+            series.record(seconds);
+            return;
+        }
+        drop(series);
+        // The families' series, shared: the exposition reads them, this map only finds them.
+        let mut series = self
+            .http_series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        series
+            .entry(labels)
+            .or_insert_with_key(|labels| HttpSeries {
+                requests: self.http_requests.get_or_create(labels).clone(),
+                duration: self.http_request_duration.get_or_create(labels).clone(),
+            })
+            .record(seconds);
+    }
+
     /// The Prometheus text exposition of every registered metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One label set's series of `http_requests` and `http_request_duration_seconds`.
+struct HttpSeries {
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl HttpSeries {
+    fn record(&self, seconds: f64) {
+        self.requests.inc();
+        self.duration.observe(seconds);
     }
 }
 
@@ -250,13 +293,49 @@ where
                 route: pending.route,
                 status: response.status().as_u16(),
             };
-            let metrics = &pending.metrics;
-            metrics.http_requests.get_or_create(&labels).inc();
-            metrics
-                .http_request_duration
-                .get_or_create(&labels)
-                .observe(pending.started.elapsed().as_secs_f64());
+            pending
+                .metrics
+                .record_http(labels, pending.started.elapsed().as_secs_f64());
         }
         Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(method: &'static str, status: u16) -> HttpLabels {
+        HttpLabels {
+            method,
+            route: RouteLabel(None),
+            status,
+        }
+    }
+
+    #[test]
+    fn each_answer_lands_in_its_own_label_sets_series_of_both_families() {
+        let metrics = Metrics::new();
+        metrics.record_http(labels("GET", 200), 0.002);
+        metrics.record_http(labels("GET", 404), 0.2);
+        metrics.record_http(labels("GET", 200), 0.003);
+        metrics.record_http(labels("POST", 200), 7.0);
+        let text = metrics.render();
+        for line in [
+            r#"edgegate_http_requests_total{method="GET",route="unmatched",status="200"} 2"#,
+            r#"edgegate_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+            r#"edgegate_http_requests_total{method="POST",route="unmatched",status="200"} 1"#,
+            r#"edgegate_http_request_duration_seconds_count{method="GET",route="unmatched",status="200"} 2"#,
+            r#"edgegate_http_request_duration_seconds_sum{method="GET",route="unmatched",status="200"} 0.005"#,
+            r#"edgegate_http_request_duration_seconds_bucket{le="0.0025",method="GET",route="unmatched",status="200"} 1"#,
+            r#"edgegate_http_request_duration_seconds_bucket{le="0.25",method="GET",route="unmatched",status="404"} 1"#,
+            r#"edgegate_http_request_duration_seconds_bucket{le="5.0",method="POST",route="unmatched",status="200"} 0"#,
+            r#"edgegate_http_request_duration_seconds_bucket{le="10.0",method="POST",route="unmatched",status="200"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line} in:\n{text}"
+            );
+        }
     }
 }
