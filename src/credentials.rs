@@ -12,6 +12,7 @@ use crate::auth::usage::credential_name;
 use crate::auth::{AuthError, Verified};
 use crate::clock::Clock;
 use crate::error::ApiError;
+use crate::server::middleware::{APIKEY, REQUEST_ID};
 use crate::state::AppState;
 use crate::store::AuditEntry;
 use crate::telemetry::LegacyKindLabels;
@@ -58,7 +59,7 @@ pub enum Presented<'a> {
 }
 
 pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
-    let apikey = match headers.get("apikey") {
+    let apikey = match headers.get(&APIKEY) {
         Some(value) => Some(value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim())
             .filter(|key| !key.is_empty()),
         None => None,
@@ -174,7 +175,7 @@ impl FromRequestParts<AppState> for User {
                     Some(kid).filter(|k| !k.is_empty()),
                 );
                 state.auth.count_verified(&verified);
-                let request_id = parts.headers.get("x-request-id").cloned();
+                let request_id = parts.headers.get(&REQUEST_ID).cloned();
                 Ok(User(Principal {
                     verified,
                     request_id,

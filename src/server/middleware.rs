@@ -16,9 +16,6 @@ use tower::layer::layer_fn;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::sensitive_headers::{
-    SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
-};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::{Config, CorsOrigins};
@@ -39,17 +36,79 @@ pub const LONG_RUNNING_ROUTES: &[&str] = &[
 /// The largest request body any route takes; routes may set a smaller limit of their own.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-request-id`: the request's id, on the request and its answer.
+pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `apikey`: Supabase's API key header.
+pub(crate) static APIKEY: HeaderName = HeaderName::from_static("apikey");
 
-/// Headers kept out of logs and traces: credentials and provider signatures.
-fn sensitive_request_headers() -> [HeaderName; 5] {
-    [
-        header::AUTHORIZATION,
-        header::COOKIE,
-        HeaderName::from_static("apikey"),
-        HeaderName::from_static("stripe-signature"),
-        HeaderName::from_static("x-twilio-signature"),
-    ]
+/// Request headers kept out of logs and traces: credentials and provider signatures.
+static SENSITIVE_REQUEST_HEADERS: [&HeaderName; 5] = [
+    &header::AUTHORIZATION,
+    &header::COOKIE,
+    &APIKEY,
+    &STRIPE_SIGNATURE,
+    &TWILIO_SIGNATURE,
+];
+static STRIPE_SIGNATURE: HeaderName = HeaderName::from_static("stripe-signature");
+static TWILIO_SIGNATURE: HeaderName = HeaderName::from_static("x-twilio-signature");
+
+/// Marks the values of [`SENSITIVE_REQUEST_HEADERS`] on the request, and of `Set-Cookie` on the
+/// answer, sensitive, so that their `Debug` output, and with it any log or trace that shows
+/// them, reads `Sensitive`. tower-http's `SetSensitiveRequestHeaders` and
+/// `SetSensitiveResponseHeaders` do the same by looking each name up in the map, a hash and a
+/// probe each (and a possible growth of the map); a request has a handful of headers, so going
+/// through them once costs less.
+#[derive(Clone, Debug)]
+struct SensitiveHeaders<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request> for SensitiveHeaders<S>
+where
+    S: Service<Request, Response = axum::http::Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = SensitiveHeadersFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        for (name, value) in req.headers_mut() {
+            if SENSITIVE_REQUEST_HEADERS.contains(&name) {
+                value.set_sensitive(true);
+            }
+        }
+        SensitiveHeadersFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct SensitiveHeadersFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for SensitiveHeadersFuture<F>
+where
+    F: Future<Output = Result<axum::http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut answer = std::task::ready!(self.project().inner.poll(cx))?;
+        for (name, value) in answer.headers_mut() {
+            if name == header::SET_COOKIE {
+                value.set_sensitive(true);
+            }
+        }
+        Poll::Ready(Ok(answer))
+    }
 }
 
 /// The service-wide bounds on a request.
@@ -90,10 +149,7 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         "http"
     };
     let stack = ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new(
-            sensitive_request_headers(),
-        ))
-        .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
+        .layer(layer_fn(|inner| SensitiveHeaders { inner }))
         .layer(layer_fn(|inner| RequestIds { inner }))
         .layer(layer_fn(move |inner| RequestSpans { inner, scheme }))
         .layer(TrackMetricsLayer::new(state.metrics.clone()))
@@ -534,6 +590,69 @@ mod tests {
             .await
             .unwrap();
         (String::from_utf8(body.to_vec()).unwrap(), answered)
+    }
+
+    #[tokio::test]
+    async fn credentials_and_signatures_are_marked_sensitive_on_the_request_and_cookies_on_the_answer()
+     {
+        // Each of the request's values, as the layers beneath see them: (name, sensitive).
+        let inner = tower::service_fn(|req: Request| async move {
+            let seen: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(name, value)| format!("{name}={}", value.is_sensitive()))
+                .collect();
+            let mut answer = Response::new(Body::from(seen.join(" ")));
+            let headers = answer.headers_mut();
+            headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+            headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+            headers.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        let mut req = Request::new(Body::empty());
+        for (name, value) in [
+            ("host", "example.test"),
+            ("authorization", "Bearer a.b.c"),
+            ("cookie", "session=1"),
+            ("apikey", "sb_secret_x"),
+            ("stripe-signature", "t=1,v1=ab"),
+            ("x-twilio-signature", "c2ln"),
+            ("authorization", "Bearer second"),
+            ("x-request-id", "r-1"),
+        ] {
+            req.headers_mut().append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let answer = SensitiveHeaders { inner }.oneshot(req).await.unwrap();
+        let answered: Vec<String> = answer
+            .headers()
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.is_sensitive()))
+            .collect();
+        assert_eq!(
+            answered,
+            ["set-cookie=true", "set-cookie=true", "content-type=false"]
+        );
+        let body = axum::body::to_bytes(answer.into_body(), 1024)
+            .await
+            .unwrap();
+        let mut seen: Vec<&str> = std::str::from_utf8(&body).unwrap().split(' ').collect();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            [
+                "apikey=true",
+                "authorization=true",
+                "authorization=true",
+                "cookie=true",
+                "host=false",
+                "stripe-signature=true",
+                "x-request-id=false",
+                "x-twilio-signature=true",
+            ]
+        );
     }
 
     fn is_new_uuid(id: &str) -> bool {
