@@ -12,13 +12,26 @@ pub(crate) fn push_json_string(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// Whether `text` has a byte that a JSON string must escape.
+/// Whether `text` has a byte that a JSON string must escape: eight bytes at a time, the last
+/// few padded with spaces, so a short string (a log field's name or value, mostly) is one or
+/// two words rather than a loop over its bytes.
 pub(crate) fn needs_escape(text: &str) -> bool {
-    text.bytes().any(|byte| NEEDS_ESCAPE[usize::from(byte)])
+    let (words, rest) = text.as_bytes().as_chunks::<8>();
+    let mut last = [b' '; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    words
+        .iter()
+        .chain([&last])
+        .any(|word| any_needs_escape(u64::from_le_bytes(*word)))
 }
 
 /// `text` escaped as the inside of a JSON string ([`push_json_string`] without the quotes).
 pub(crate) fn push_escaped(out: &mut String, text: &str) {
+    // Most strings need no escape at all: one copy.
+    if !needs_escape(text) {
+        out.push_str(text);
+        return;
+    }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     let mut plain = 0;
@@ -122,11 +135,17 @@ mod tests {
         for special in [
             "\u{0}", "\u{1f}", "\"", "\\", "\n", "\u{7f}", " ", "é", "😀", "\u{2028}",
         ] {
-            for at in 0..24 {
-                let text = format!("{}{special}{}", "a".repeat(at), "b".repeat(24 - at));
-                let mut ours = String::new();
-                push_json_string(&mut ours, &text);
-                assert_eq!(ours, serde_json::to_string(&text).unwrap(), "{text:?}");
+            // Every place in strings of 1 to 25 characters: whole words, a short last word, and
+            // strings shorter than a word.
+            for len in 1..=25 {
+                for at in 0..len {
+                    let text = format!("{}{special}{}", "a".repeat(at), "b".repeat(len - 1 - at));
+                    let mut ours = String::new();
+                    push_json_string(&mut ours, &text);
+                    assert_eq!(ours, serde_json::to_string(&text).unwrap(), "{text:?}");
+                    let escaped = serde_json::to_string(&text).unwrap() != format!("\"{text}\"");
+                    assert_eq!(needs_escape(&text), escaped, "{text:?}");
+                }
             }
         }
     }
