@@ -32,7 +32,8 @@
 # Output: one line per run, then a table of medians with the spread (min-max), peak RSS
 # (VmHWM) per server, the ratios edgegate/peer, and edgegate's share of the limit per scenario
 # (cache hits: of /healthz; fresh tokens: of 1 / (floor time + bare verify time)), median
-# against median and round by round (each round against its own /healthz; bench/summarize.py).
+# against median and round by round (each round against its own /healthz and its own bare
+# checks; bench/summarize.py).
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -64,13 +65,16 @@ cargo build --release --locked --quiet --bin edgegate --example bench_tokens
 EDGEGATE=${EDGEGATE_BIN:-$CARGO_TARGET_DIR/release/edgegate}
 
 # The limit's other half, measured in this run on the server's core: criterion's median time of
-# one bare aws-lc-rs signature check per algorithm.
-log "bare signature checks (criterion raw/aws_lc_verify, CPU $SERVER_CPU)"
-LIMITS=$WORK/limits.tsv
-cargo bench --locked --quiet --bench verify --no-run
-(cd "$ROOT" && taskset -c "$SERVER_CPU" cargo bench --locked --quiet --bench verify -- \
-    --noplot raw/aws_lc_verify) >"$WORK/bare.txt" 2>&1
-python3 - "$WORK/bare.txt" >"$LIMITS" <<'PY'
+# one bare aws-lc-rs signature check per algorithm, once before the servers start (the medians'
+# limit) and again in each of edgegate's rounds just before its first fresh-token set, in
+# shorter runs, for the round-by-round shares (this kind of machine changes pace by a third
+# within minutes).
+bare_checks() { # OUT [criterion time options]: writes "ALG<TAB>us" lines, one per algorithm
+    local out=$1
+    shift
+    (cd "$ROOT" && taskset -c "$SERVER_CPU" cargo bench --locked --quiet --bench verify -- \
+        --noplot "$@" raw/aws_lc_verify) >"$WORK/bare.txt" 2>&1
+    python3 - "$WORK/bare.txt" >"$out" <<'PY'
 import re
 import sys
 
@@ -85,11 +89,19 @@ for line in open(sys.argv[1], encoding="utf-8"):
         print(f"{name}\t{float(match.group(1)) * UNIT[match.group(2)]:.3f}")
         name = None
 PY
-if [ "$(wc -l <"$LIMITS")" -ne 3 ]; then
-    log "the bare verify benchmark did not give three times:"
-    cat "$WORK/bare.txt" >&2
-    exit 1
-fi
+    if [ "$(wc -l <"$out")" -ne 3 ]; then
+        log "the bare verify benchmark did not give three times:"
+        cat "$WORK/bare.txt" >&2
+        exit 1
+    fi
+}
+log "bare signature checks (criterion raw/aws_lc_verify, CPU $SERVER_CPU)"
+LIMITS=$WORK/limits.tsv
+cargo bench --locked --quiet --bench verify --no-run
+bare_checks "$LIMITS"
+# Each round's bare checks, as "run<TAB>ALG<TAB>us" lines.
+ROUND_LIMITS=$WORK/round_limits.tsv
+: >"$ROUND_LIMITS"
 log "bare verify (us): $(tr '\t\n' '= ' <"$LIMITS")"
 
 log "installing the peer (deno, jose) from the npm registry"
@@ -235,6 +247,13 @@ for server in $SERVERS; do
                     drive 1 "$CONNECTIONS" "$TOKENS/$scenario.txt" >/dev/null
                 fi
                 ;;
+            es256_fresh | rs256_fresh | eddsa_fresh)
+                if [ "$server" = edgegate ] && ! awk -v r="$run" '$1 == r {f = 1} END {exit !f}' "$ROUND_LIMITS"; then
+                    bare_checks "$WORK/round_bare.tsv" --warm-up-time 1 --measurement-time 2
+                    sed "s/^/$run\t/" "$WORK/round_bare.tsv" >>"$ROUND_LIMITS"
+                    log "round $run: bare verify (us): $(tr '\t\n' '= ' <"$WORK/round_bare.tsv")"
+                fi
+                ;;
             esac
             run_scenario "$server" "$scenario" "$run"
         done
@@ -252,4 +271,4 @@ echo "idle vCPUs: $(halt_poll_setting); server logs: ${LOG_SINK:-file}"
 echo "runs: $RUNS x ${DURATION}s, $CONNECTIONS connections (paced: $PACED_CONNECTIONS at $VALID_RATE req/s, flood x$FLOOD_FACTOR); JWKS_MIN_REFRESH_SECONDS=$MIN_REFRESH"
 echo "flood bound: at most $((DURATION / MIN_REFRESH + 1)) JWKS fetches in ${DURATION}s (one per ${MIN_REFRESH}s)"
 echo "bare verify, criterion raw/aws_lc_verify on CPU $SERVER_CPU (us): $(tr '\t\n' '= ' <"$LIMITS")"
-python3 "$BENCH/summarize.py" "$RESULTS" "$RSS" "$LIMITS"
+python3 "$BENCH/summarize.py" "$RESULTS" "$RSS" "$LIMITS" "$ROUND_LIMITS"

@@ -1,6 +1,9 @@
 """Summary of bench/load.sh: median and spread (min-max) of each scenario per server, peak RSS,
 the ratios edgegate/peer, and (given the bare verify times) edgegate's share of the limit, both
-median against median and round by round (each round's rate against the same round's floor)."""
+median against median and round by round (each round's rate against the same round's floor and,
+when they were measured again in the round, the same round's bare checks).
+
+usage: summarize.py RESULTS RSS [BARE [ROUND_BARE]]"""
 
 import statistics
 import sys
@@ -11,6 +14,12 @@ results_path, rss_path = sys.argv[1], sys.argv[2]
 bare_us = {}
 if len(sys.argv) > 3:
     bare_us = {alg: float(us) for alg, us in (l.split() for l in open(sys.argv[3]))}
+# run -> alg -> microseconds: the bare checks measured again in that round, if given
+bare_of_run = defaultdict(dict)
+if len(sys.argv) > 4:
+    for line in open(sys.argv[4]):
+        run, alg, us = line.split()
+        bare_of_run[run][alg] = float(us)
 runs = defaultdict(list)  # (server, scenario) -> [(rps, p50, p99, extra, run)]
 order = []
 for line in open(results_path):
@@ -96,12 +105,14 @@ if floor:
     )
     print("|---|---|---|---|---|")
 
-    def limit_of(scenario, floor_rps):
-        """The limit from a floor rate, or None for a scenario without one."""
+    def limit_of(scenario, floor_rps, bare=None):
+        """The limit from a floor rate and bare check times (by default the run's), or None
+        for a scenario without one."""
+        bare = bare or bare_us
         if scenario in CACHE_HITS:
             return floor_rps
-        if scenario in FRESH and FRESH[scenario] in bare_us:
-            return 1e6 / (1e6 / floor_rps + bare_us[FRESH[scenario]])
+        if scenario in FRESH and FRESH[scenario] in bare:
+            return 1e6 / (1e6 / floor_rps + bare[FRESH[scenario]])
         return None
 
     for scenario in order:
@@ -115,10 +126,19 @@ if floor:
         else:
             alg = FRESH[scenario]
             how = f"1 / ({1e6 / floor_rps:.1f} + {bare_us[alg]:.1f} us {alg})"
+        # Each round against its own floor and, for fresh tokens, its own bare checks when
+        # they were measured again in that round.
         rounds = [
-            r[0] / limit_of(scenario, floor_of_run[r[4]]) for r in rows if r[4] in floor_of_run
+            r[0] / limit_of(scenario, floor_of_run[r[4]], bare_of_run.get(r[4]))
+            for r in rows
+            if r[4] in floor_of_run
         ]
         by_round = (
             f"{med(rounds):.0%} ({min(rounds):.0%}-{max(rounds):.0%})" if rounds else "-"
         )
         print(f"| {scenario} | {rps:.0f} | {limit:.0f} ({how}) | {rps / limit:.0%} | {by_round} |")
+    if bare_of_run:
+        print()
+        print("bare checks measured in each round (us), for the round-by-round shares:")
+        for run, bare in sorted(bare_of_run.items(), key=lambda kv: int(kv[0])):
+            print(f"  round {run}: " + ", ".join(f"{alg} {us:.1f}" for alg, us in bare.items()))
