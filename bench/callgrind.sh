@@ -11,6 +11,7 @@
 #   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
 #   hit-hs256  the same with one HS256 token (the legacy secret: its usage is recorded)
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
+#   fresh-rs256, fresh-eddsa  the same with RS256 and EdDSA tokens
 #   churn    fresh, after a warm-up of CHURN_WARMUP (10,300) fresh tokens that fills the
 #            verified-token cache (10,000 entries): each counted request also evicts one
 #   hit-otel hit, with every span exported over OTLP (always_on) to bench/otlp_sink.py: the
@@ -42,7 +43,7 @@ command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq
 [ -n "${1:-}" ] || cargo build --release --locked --quiet --bin edgegate
 EDGEGATE=${1:-$CARGO_TARGET_DIR/release/edgegate}
 make_tokens "$WORK/tokens" 1 $((WARMUP + REQUESTS))
-# The ES256 key inline, so that no JWKS host is needed and nothing is fetched while counting.
+# The keys inline, so that no JWKS host is needed and nothing is fetched while counting.
 JWKS=$(cat "$WORK/tokens/jwks.json")
 
 # vgdb finds valgrind by a name made of USER and HOST, so the control side needs the server's.
@@ -81,6 +82,8 @@ for scenario in $SCENARIOS; do
     hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
     hit-hs256) run hit-hs256 /functions/v1/jwt-test "$WORK/tokens/hs256.txt" ;;
     fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
+    fresh-rs256) run fresh-rs256 /functions/v1/jwt-test "$WORK/tokens/rs256_fresh.txt" ;;
+    fresh-eddsa) run fresh-eddsa /functions/v1/jwt-test "$WORK/tokens/eddsa_fresh.txt" ;;
     churn)
         make_tokens "$WORK/churn" 1 $((CHURN_WARMUP + REQUESTS))
         # The same key as the other scenarios' (it is inline), so these tokens are re-signed.
