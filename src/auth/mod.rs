@@ -20,6 +20,7 @@
 pub mod authenticator;
 pub mod cache;
 pub mod callers;
+pub(crate) mod compact;
 pub mod error;
 pub(crate) mod json;
 pub mod jwks;

@@ -9,13 +9,13 @@
 //! itself) are never used; a token that carries any of them is rejected outright, as is one
 //! with `crit` (no extension is understood, so RFC 7515 §4.1.11 requires rejection).
 
+use crate::auth::compact;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::json::{ReadShallow, Shallow, Skip, strict_members};
 use crate::auth::keyring::{KeyRing, KeySource};
 use crate::auth::keys::{Alg, VerifyingKey, kid_is_well_formed};
 use crate::auth::metrics::OkCounter;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use aws_lc_rs::digest;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -232,22 +232,6 @@ pub struct SignedPayload {
     pub ok_count: OkCounter,
 }
 
-/// The base64url alphabet (RFC 4648 §5), one entry a byte: one load per byte of a token.
-static B64URL: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
-        b += 1;
-    }
-    table
-};
-
-fn is_b64url(part: &str) -> bool {
-    part.bytes().all(|b| B64URL[usize::from(b)])
-}
-
 fn family_error(alg: Alg, failure: Failure) -> AuthError {
     match alg {
         Alg::HS256 => AuthError::Legacy(failure),
@@ -264,10 +248,7 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     if token.len() > MAX_TOKEN_BYTES {
         return Err(AuthError::InvalidFormat("token is too large"));
     }
-    let mut parts = token.split('.');
-    let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some((header_b64, payload_b64, sig_b64, alphabet)) = compact::three_parts(token) else {
         return Err(AuthError::InvalidFormat(
             "expected three dot-separated parts",
         ));
@@ -277,22 +258,19 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     if header_b64.is_empty() {
         return Err(AuthError::InvalidFormat("empty header"));
     }
-    if !(is_b64url(header_b64) && is_b64url(payload_b64) && is_b64url(sig_b64)) {
+    if !alphabet {
         return Err(AuthError::InvalidFormat("not base64url"));
     }
-    let header_bytes = URL_SAFE_NO_PAD
-        .decode(header_b64)
-        .map_err(|_| AuthError::InvalidFormat("header is not base64url"))?;
+    let header_bytes =
+        compact::decode(header_b64).ok_or(AuthError::InvalidFormat("header is not base64url"))?;
     let header: Header<'_> = serde_json::from_slice(&header_bytes).map_err(|_| {
         AuthError::InvalidFormat("header is not a JSON object without duplicate members")
     })?;
     let (alg, kid) = header.check()?;
-    let payload = URL_SAFE_NO_PAD
-        .decode(payload_b64)
-        .map_err(|_| AuthError::InvalidFormat("payload is not base64url"))?;
-    let signature = URL_SAFE_NO_PAD
-        .decode(sig_b64)
-        .map_err(|_| AuthError::InvalidFormat("signature is not base64url"))?;
+    let payload =
+        compact::decode(payload_b64).ok_or(AuthError::InvalidFormat("payload is not base64url"))?;
+    let signature =
+        compact::decode(sig_b64).ok_or(AuthError::InvalidFormat("signature is not base64url"))?;
     if signature.is_empty() {
         return Err(family_error(alg, Failure::BadSignature));
     }
@@ -351,15 +329,22 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
 /// truncated or padded, is refused before the crypto layer sees it. The key was parsed once
 /// when the key set was loaded (aws-lc-rs, the same backend jsonwebtoken uses), so a token
 /// costs only the signature check itself.
+///
+/// ES256 and RS256 sign SHA-256 of the message: it is taken in one call and the key checks the
+/// signature over it, the check `verify_sig` makes, without the digest context that
+/// `EVP_DigestVerify` allocates, and copies in its last step, for each message (BENCHMARKS.md,
+/// eleventh pass). Ed25519 hashes within the scheme and takes the message itself.
 pub fn signature_ok(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
-    let expected_len = match key.alg {
-        Alg::ES256 | Alg::EdDSA => Some(64),
-        Alg::RS256 | Alg::HS256 => None,
-    };
-    if expected_len.is_some_and(|n| signature.len() != n) {
-        return false;
+    match key.alg {
+        Alg::ES256 if signature.len() != 64 => false,
+        Alg::ES256 | Alg::RS256 => {
+            let digest = digest::digest(&digest::SHA256, message);
+            key.key.verify_digest_sig(&digest, signature).is_ok()
+        }
+        Alg::EdDSA => signature.len() == 64 && key.key.verify_sig(message, signature).is_ok(),
+        // A legacy secret is never a `VerifyingKey` (keys.rs refuses an HS256 public key).
+        Alg::HS256 => false,
     }
-    key.key.verify_sig(message, signature).is_ok()
 }
 
 /// jsonwebtoken's signature primitive, for the legacy secret: HMAC-SHA256 via aws-lc
