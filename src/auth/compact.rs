@@ -7,9 +7,9 @@
 //! parts are decoded on every request, where it takes 30 % fewer instructions than the crate
 //! (BENCHMARKS.md, eleventh pass).
 
-/// A byte that is not of the base64url alphabet, in [`VALUES`]; in [`PLACED`], the bit above a
-/// quad's 24 bits of data.
+/// A byte that is not of the base64url alphabet, in [`VALUES`].
 const INVALID: u8 = 0x80;
+/// The same in [`PLACED`]: a bit above a quad's 24 bits of data.
 const INVALID_PLACED: u32 = 1 << 31;
 
 /// The value of each base64url character, [`INVALID`] for every other byte.
