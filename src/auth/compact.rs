@@ -103,35 +103,35 @@ pub(crate) fn decode(text: &str) -> Option<Vec<u8>> {
     let mut out = vec![0u8; quads.len() * 3 + tail_len];
     let (triples, out_tail) = out.as_chunks_mut::<3>();
     // Every quad ORed together: one character outside the alphabet sets INVALID_PLACED.
-    let mut seen_placed = 0u32;
+    let mut seen = 0u32;
     for (triple, &[a, b, c, d]) in triples.iter_mut().zip(quads) {
         let n = PLACED[0][usize::from(a)]
             | PLACED[1][usize::from(b)]
             | PLACED[2][usize::from(c)]
             | PLACED[3][usize::from(d)];
-        seen_placed |= n;
+        seen |= n;
         let [_, x, y, z] = n.to_be_bytes();
         *triple = [x, y, z];
     }
-    let mut seen = if seen_placed & INVALID_PLACED == 0 {
-        0
-    } else {
-        INVALID
-    };
+    if seen & INVALID_PLACED != 0 {
+        return None;
+    }
     // The last two or three characters: 12 bits for one byte or 18 for two; the bits beyond
     // the last whole byte must be zero.
     let mut n = 0u32;
     for &x in rest {
         let v = VALUES[usize::from(x)];
-        seen |= v;
-        n = n << 6 | u32::from(v & 0x3f);
+        if v == INVALID {
+            return None;
+        }
+        n = n << 6 | u32::from(v);
     }
     let unused = rest.len() * 6 - tail_len * 8;
     if n & ((1 << unused) - 1) != 0 {
         return None;
     }
     out_tail.copy_from_slice(&(n >> unused).to_be_bytes()[4 - tail_len..]);
-    (seen & INVALID == 0).then_some(out)
+    Some(out)
 }
 
 #[cfg(test)]
