@@ -36,6 +36,11 @@ struct Bucket {
     alg: &'static str,
 }
 
+/// The counts not flushed yet. Every verification adds to one, so the map hashes with
+/// foldhash (seeded per process) instead of std's SipHash: its keys are the service's own
+/// (keys the ring holds, whole hours), not values a caller chooses.
+type Pending = HashMap<Bucket, Count, foldhash::fast::RandomState>;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Count {
     verified: i64,
@@ -45,7 +50,7 @@ struct Count {
 /// Counts verifications since the last flush.
 #[derive(Debug)]
 pub struct UsageTracker {
-    pending: Mutex<HashMap<Bucket, Count>>,
+    pending: Mutex<Pending>,
     max_buckets: usize,
     /// Verifications not kept because the buffer was full.
     dropped: Counter,
@@ -84,7 +89,7 @@ impl UsageTracker {
     /// A tracker that holds at most `max_buckets` distinct (hour, key) counts.
     pub fn with_max_buckets(max_buckets: usize) -> Self {
         Self {
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             max_buckets,
             dropped: Counter::default(),
             flush_failures: Counter::default(),
@@ -127,7 +132,7 @@ impl UsageTracker {
     }
 
     /// Adds `count` to its bucket, or drops and counts it when a new bucket would not fit.
-    fn add(&self, pending: &mut HashMap<Bucket, Count>, bucket: Bucket, count: Count) {
+    fn add(&self, pending: &mut Pending, bucket: Bucket, count: Count) {
         let full = pending.len() >= self.max_buckets;
         match pending.get_mut(&bucket) {
             Some(held) => {
