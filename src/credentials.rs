@@ -68,14 +68,16 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
         let value = authorization
             .to_str()
             .map_err(|_| AuthError::InvalidFormat("Authorization is not Bearer <token>"))?;
-        let (scheme, token) = value.split_once(' ').ok_or(AuthError::InvalidFormat(
-            "Authorization is not Bearer <token>",
-        ))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::InvalidFormat(
-                "Authorization is not Bearer <token>",
-            ));
-        }
+        // The scheme is what comes before the first space, so `Bearer` is the value's first
+        // six bytes (in any case) followed by a space; the token is the rest.
+        let token = match value.as_bytes().get(..7) {
+            Some([scheme @ .., b' ']) if scheme.eq_ignore_ascii_case(b"bearer") => &value[7..],
+            _ => {
+                return Err(AuthError::InvalidFormat(
+                    "Authorization is not Bearer <token>",
+                ));
+            }
+        };
         let token = token.trim();
         if !token.starts_with("sb_") {
             return Ok(Presented::Jwt(token));
@@ -267,5 +269,35 @@ mod tests {
         assert!(matches!(presented(&bare), Err(AuthError::InvalidFormat(_))));
         let lower = headers(&[("authorization", "bearer a.b.c")]);
         assert_eq!(presented(&lower), Ok(Presented::Jwt("a.b.c")));
+    }
+
+    /// The scheme is everything before the first space, compared without case; the token is
+    /// the rest, trimmed.
+    #[test]
+    fn the_scheme_ends_at_the_first_space() {
+        for (value, expected) in [
+            ("BEARER a.b.c", Some("a.b.c")),
+            ("Bearer   a.b.c  ", Some("a.b.c")),
+            ("Bearer a.b c", Some("a.b c")),
+            ("Bearer", None),
+            ("Bearer\ta.b.c", None),
+            ("Bearerx a.b.c", None),
+            ("Bear er a.b.c", None),
+            (" Bearer a.b.c", None),
+            ("Bearez a.b.c", None),
+        ] {
+            let map = headers(&[("authorization", value)]);
+            let found = presented(&map);
+            match expected {
+                Some(token) => assert_eq!(found, Ok(Presented::Jwt(token)), "{value:?}"),
+                None => assert!(
+                    matches!(found, Err(AuthError::InvalidFormat(_))),
+                    "{value:?}: {found:?}"
+                ),
+            }
+        }
+        // A bare `Bearer ` has an empty token: no credential, as before.
+        let empty = headers(&[("authorization", "Bearer ")]);
+        assert_eq!(presented(&empty), Ok(Presented::Jwt("")));
     }
 }
