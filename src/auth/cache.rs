@@ -29,10 +29,10 @@ const SHARDS: usize = 16;
 
 type TokenHash = [u8; 32];
 
-/// The entries' hasher. Their keys are SHA-256 outputs, which a caller cannot aim at a bucket
-/// without finding partial preimages, and only a verified token is inserted; foldhash with a
-/// per-process seed costs a tenth of std's SipHash over the 32 bytes (a hit hashes once, a
-/// fresh token twice).
+/// The entries' hasher: foldhash under a per-process seed, cheaper than std's SipHash (with
+/// the key-usage map's change, 0.6k instructions less a cache hit in callgrind). Its input is
+/// a SHA-256 output, which the seed keeps a caller from aiming at a bucket, and only verified
+/// tokens are inserted, so a caller cannot crowd one.
 type Entries = HashMap<TokenHash, Entry, foldhash::fast::RandomState>;
 
 /// A cached [`Verified`]: its strings and claims are shared, so serving it allocates nothing.
