@@ -107,24 +107,31 @@ fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) 
 
 /// Fills in the request span's credential fields in one update: the JSON log format re-reads
 /// and rewrites a span's fields on each update, so two `record` calls cost twice.
+/// Recorded through the dispatcher on the current span's id, rather than on a `Span` handle
+/// from `Span::current()`, whose making and dropping cost a reference on the span and one on
+/// the dispatcher each request (callgrind: 0.5k instructions).
 fn record_credential(source: &str, kid: Option<&str>) {
-    let span = tracing::Span::current();
-    let Some(fields) = span.metadata().map(|meta| meta.fields()) else {
-        return;
-    };
-    let (Some(source_field), Some(kid_field)) = (
-        fields.field("edgegate.credential.source"),
-        fields.field("edgegate.credential.kid"),
-    ) else {
-        return;
-    };
-    span.record_all(&fields.value_set(&[
-        (&source_field, Some(&source as &dyn tracing::Value)),
-        (
-            &kid_field,
-            kid.as_ref().map(|kid| kid as &dyn tracing::Value),
-        ),
-    ]));
+    tracing::dispatcher::get_default(|dispatch| {
+        let current = dispatch.current_span();
+        let (Some(id), Some(meta)) = (current.id(), current.metadata()) else {
+            return;
+        };
+        let fields = meta.fields();
+        let (Some(source_field), Some(kid_field)) = (
+            fields.field("edgegate.credential.source"),
+            fields.field("edgegate.credential.kid"),
+        ) else {
+            return;
+        };
+        let values = [
+            (&source_field, Some(&source as &dyn tracing::Value)),
+            (
+                &kid_field,
+                kid.as_ref().map(|kid| kid as &dyn tracing::Value),
+            ),
+        ];
+        dispatch.record(id, &tracing::span::Record::new(&fields.value_set(&values)));
+    });
 }
 
 /// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
