@@ -107,6 +107,7 @@ fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) 
 
 /// Fills in the request span's credential fields in one update: the JSON log format re-reads
 /// and rewrites a span's fields on each update, so two `record` calls cost twice.
+///
 /// Recorded through the dispatcher on the current span's id, rather than on a `Span` handle
 /// from `Span::current()`, whose making and dropping cost a reference on the span and one on
 /// the dispatcher each request (callgrind: 0.5k instructions).
