@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Two edgegate binaries side by side in many short alternating runs: both serve at once, pinned
+# to SERVER_CPU (the one not driven sits idle), and wrk drives them in turn, SECS seconds each,
+# the order swapped every other pair. For a change of a few per cent, which bench/ab.sh's
+# rounds (each binary started in turn, seconds to minutes apart) cannot resolve on these
+# machines: their pace moves by a fifth from one second to the next, and here it moves for
+# both binaries within the same two seconds (BENCHMARKS.md, "thirteenth pass").
+#
+# usage: bench/ab_pairs.sh BINARY_A BINARY_B
+#
+# The servers verify the tokens with their keys inline, each on a SQLite file of its own;
+# wrk runs on LOAD_CPU (CONNECTIONS connections, loopback only, every run bounded).
+# Variables: PAIRS (60), SECS (1), SCENARIO (healthz, or a cache-hit set of bench/pairs.sh:
+# es256_one, es256, hs256, rs256), CONNECTIONS (64), PORT_A, PORT_B, SERVER_CPU, LOAD_CPU,
+# HALT_POLL_NS (bench/lib.sh).
+# Output: B's rate against A's as the median of the pairs' ratios with quartiles, how many
+# pairs B won, and each binary's CPU µs a request (user + system, /proc/PID/stat) over all its
+# runs, for the whole and for each half of the pairs. Run it with the same binary twice to see
+# how far apart two equal binaries come out. PAIRS x 2 x SECS seconds: 2 minutes by default.
+set -euo pipefail
+
+PAIRS=${PAIRS:-60}
+SECS=${SECS:-1}
+SCENARIO=${SCENARIO:-healthz}
+CONNECTIONS=${CONNECTIONS:-64}
+PORT_A=${PORT_A:-18871}
+PORT_B=${PORT_B:-18872}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+[ $# -eq 2 ] || { echo "usage: bench/ab_pairs.sh BINARY_A BINARY_B" >&2; exit 2; }
+need_wrk
+make_tokens "$WORK/tokens" 2000 1
+TOK=$WORK/tokens
+file=$SCENARIO path=/functions/v1/jwt-test
+if [ "$SCENARIO" = healthz ]; then file=es256_one path=/healthz; fi
+
+serve() { # BINARY PORT NAME: prints the server's pid once it answers
+    mkdir -p "$WORK/db.$3"
+    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$2" DATABASE_URL="sqlite://$WORK/db.$3/e.db" \
+        SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
+        JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG=info \
+        taskset -c "$SERVER_CPU" "$1" serve >"$WORK/server.$3.log" 2>&1 &
+    PIDS+=("$!")
+    SERVED=$!
+    wait_for "http://127.0.0.1:$2/healthz"
+}
+serve "$1" "$PORT_A" a
+PID_A=$SERVED
+serve "$2" "$PORT_B" b
+PID_B=$SERVED
+echo "idle vCPUs: $(halt_poll_setting); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
+echo "A: $1; B: $2; $PAIRS pairs of ${SECS}s runs of $SCENARIO, $CONNECTIONS connections"
+
+run() { # PORT PID: prints "requests CPU-ticks" for one run
+    local before result after
+    before=$(($(cpu_ticks "$2" 14) + $(cpu_ticks "$2" 15)))
+    result=$(SERVER_PORT=$1 drive "$SECS" "$CONNECTIONS" "$TOK/$file.txt" 0 "$path")
+    after=$(($(cpu_ticks "$2" 14) + $(cpu_ticks "$2" 15)))
+    if [ "$(field "$result" non2xx)" != 0 ] || [ "$(field "$result" socket_errors)" != 0 ]; then
+        log "port $1: $(field "$result" non2xx) non-2xx answers, $(field "$result" socket_errors) socket errors"
+        exit 1
+    fi
+    echo "$(field "$result" requests) $((after - before))"
+}
+
+# Warm-up: every token of the set verified once, into each server's cache.
+SERVER_PORT=$PORT_A drive 2 "$CONNECTIONS" "$TOK/$file.txt" 0 "$path" >/dev/null
+SERVER_PORT=$PORT_B drive 2 "$CONNECTIONS" "$TOK/$file.txt" 0 "$path" >/dev/null
+: >"$WORK/pairs.txt"
+for pair in $(seq 1 "$PAIRS"); do
+    if [ $((pair % 2)) = 1 ]; then
+        a=$(run "$PORT_A" "$PID_A")
+        b=$(run "$PORT_B" "$PID_B")
+    else
+        b=$(run "$PORT_B" "$PID_B")
+        a=$(run "$PORT_A" "$PID_A")
+    fi
+    echo "$a $b" >>"$WORK/pairs.txt"
+done
+
+python3 - "$WORK/pairs.txt" "$TICK_US" <<'EOF'
+import sys
+
+rows = [[int(x) for x in line.split()] for line in open(sys.argv[1])]
+tick_us = int(sys.argv[2])
+ratios = sorted(b / a for a, _, b, _ in rows)
+n = len(ratios)
+print(
+    f"B/A req/s: median {ratios[n // 2]:.3f} (quartiles {ratios[n // 4]:.3f}-"
+    f"{ratios[3 * n // 4]:.3f}); B answered more in {sum(r > 1 for r in ratios)} of {n} pairs"
+)
+
+
+def cpu_us(part, at):
+    return sum(r[at + 1] for r in part) * tick_us / sum(r[at] for r in part)
+
+
+for name, part in (("all pairs", rows), ("first half", rows[: n // 2]), ("second half", rows[n // 2 :])):
+    print(f"CPU us a request, {name}: A {cpu_us(part, 0):.2f}, B {cpu_us(part, 2):.2f}")
+EOF
