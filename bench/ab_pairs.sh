@@ -10,9 +10,10 @@
 #
 # The servers verify the tokens with their keys inline, each on a SQLite file of its own;
 # wrk runs on LOAD_CPU (CONNECTIONS connections, loopback only, every run bounded).
-# Variables: PAIRS (60), SECS (1), SCENARIO (healthz, or a cache-hit set of bench/pairs.sh:
-# es256_one, es256, hs256, rs256), CONNECTIONS (64), PORT_A, PORT_B, SERVER_CPU, LOAD_CPU,
-# HALT_POLL_NS (bench/lib.sh).
+# Variables: PAIRS (60), SECS (1), SCENARIO (healthz; a cache-hit set of bench/pairs.sh:
+# es256_one, es256, hs256, rs256; or a fresh set of bench/load.sh: es256_fresh, rs256_fresh,
+# eddsa_fresh, 60,000 tokens, each gone from the verified-token cache before it comes round
+# again), CONNECTIONS (64), PORT_A, PORT_B, SERVER_CPU, LOAD_CPU, HALT_POLL_NS (bench/lib.sh).
 # Output: B's rate against A's as the median of the pairs' ratios with quartiles, how many
 # pairs B won, and each binary's CPU µs a request (user + system, /proc/PID/stat) over all its
 # runs, for the whole and for each half of the pairs. Run it with the same binary twice to see
@@ -32,7 +33,9 @@ LOAD_CPU=${LOAD_CPU:-1}
 source "$(dirname "$0")/lib.sh"
 [ $# -eq 2 ] || { echo "usage: bench/ab_pairs.sh BINARY_A BINARY_B" >&2; exit 2; }
 need_wrk
-make_tokens "$WORK/tokens" 2000 1
+fresh=1
+case $SCENARIO in *_fresh) fresh=60000 ;; esac
+make_tokens "$WORK/tokens" 2000 "$fresh"
 TOK=$WORK/tokens
 file=$SCENARIO path=/functions/v1/jwt-test
 if [ "$SCENARIO" = healthz ]; then file=es256_one path=/healthz; fi
@@ -66,7 +69,7 @@ run() { # PORT PID: prints "requests CPU-ticks" for one run
     echo "$(field "$result" requests) $((after - before))"
 }
 
-# Warm-up: every token of the set verified once, into each server's cache.
+# Warm-up: each server answers the set for 2 s (a cache-hit set is then in its cache).
 SERVER_PORT=$PORT_A drive 2 "$CONNECTIONS" "$TOK/$file.txt" 0 "$path" >/dev/null
 SERVER_PORT=$PORT_B drive 2 "$CONNECTIONS" "$TOK/$file.txt" 0 "$path" >/dev/null
 : >"$WORK/pairs.txt"
