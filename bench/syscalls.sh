@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # System calls a request, by call: which the server makes for each request it answers, and
-# how many. On these virtual machines a system call costs a few hundred nanoseconds (about
-# 0.47 µs for getrandom, BENCHMARKS.md, "thirteenth pass"), a twentieth of a `/healthz`
-# request, so one more a request shows here before any wall-clock run can tell.
+# how many. On these virtual machines a system call costs a few hundred nanoseconds (0.35-0.47
+# µs for getrandom, BENCHMARKS.md, "thirteenth pass"), 3-5 % of a `/healthz` request, so one
+# more a request shows here before any wall-clock run can tell.
 #
 # usage: bench/syscalls.sh [EDGEGATE_BIN]    (default: target/release/edgegate, built here)
 #
