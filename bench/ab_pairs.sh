@@ -40,7 +40,7 @@ TOK=$WORK/tokens
 file=$SCENARIO path=/functions/v1/jwt-test
 if [ "$SCENARIO" = healthz ]; then file=es256_one path=/healthz; fi
 
-serve() { # BINARY PORT NAME: prints the server's pid once it answers
+serve() { # BINARY PORT NAME: sets SERVED to the server's pid once it answers
     mkdir -p "$WORK/db.$3"
     env -i PATH="$PATH" HOST=127.0.0.1 PORT="$2" DATABASE_URL="sqlite://$WORK/db.$3/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
