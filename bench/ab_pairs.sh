@@ -40,20 +40,10 @@ TOK=$WORK/tokens
 file=$SCENARIO path=/functions/v1/jwt-test
 if [ "$SCENARIO" = healthz ]; then file=es256_one path=/healthz; fi
 
-serve() { # BINARY PORT NAME: sets SERVED to the server's pid once it answers
-    mkdir -p "$WORK/db.$3"
-    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$2" DATABASE_URL="sqlite://$WORK/db.$3/e.db" \
-        SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
-        JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG=info \
-        taskset -c "$SERVER_CPU" "$1" serve >"$WORK/server.$3.log" 2>&1 &
-    PIDS+=("$!")
-    SERVED=$!
-    wait_for "http://127.0.0.1:$2/healthz"
-}
-serve "$1" "$PORT_A" a
-PID_A=$SERVED
-serve "$2" "$PORT_B" b
-PID_B=$SERVED
+SERVER_PORT=$PORT_A start_inline "$1" info a
+PID_A=$SERVER_PID
+SERVER_PORT=$PORT_B start_inline "$2" info b
+PID_B=$SERVER_PID
 echo "idle vCPUs: $(halt_poll_setting); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 echo "A: $1; B: $2; $PAIRS pairs of ${SECS}s runs of $SCENARIO, $CONNECTIONS connections"
 

@@ -96,14 +96,16 @@ open_log() {
     fi
 }
 
-# `start_inline BIN [RUST_LOG]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the tokens
-# `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file in
-# WORK, logging JSON at RUST_LOG (info) to WORK/server.log (see open_log); sets SERVER_PID once
-# it answers.
+# `start_inline BIN [RUST_LOG [NAME]]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the
+# tokens `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file
+# in WORK/db, logging JSON at RUST_LOG (info) to WORK/server.log (see open_log); with NAME, in
+# WORK/db.NAME and to WORK/server.NAME.log, so that two servers can run at once. Sets SERVER_PID
+# once it answers.
 start_inline() {
-    rm -rf "$WORK/db" && mkdir -p "$WORK/db"
-    open_log "$WORK/server.log"
-    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$WORK/db/e.db" \
+    local db=$WORK/db${3:+.$3}
+    rm -rf "$db" && mkdir -p "$db"
+    open_log "$WORK/server${3:+.$3}.log"
+    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
         JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
         taskset -c "$SERVER_CPU" "$1" serve >&"$LOG_FD" 2>&1 &
