@@ -37,8 +37,8 @@ fresh=1
 case $SCENARIO in *_fresh) fresh=60000 ;; esac
 make_tokens "$WORK/tokens" 2000 "$fresh"
 TOK=$WORK/tokens
-file=$SCENARIO path=/functions/v1/jwt-test
-if [ "$SCENARIO" = healthz ]; then file=es256_one path=/healthz; fi
+target "$SCENARIO"
+file=$TARGET_FILE path=$TARGET_PATH
 
 SERVER_PORT=$PORT_A start_inline "$1" info a
 PID_A=$SERVER_PID

@@ -115,6 +115,17 @@ start_inline() {
     wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
 }
 
+# `target SCENARIO`: what wrk sends for it, as TARGET_FILE (a token set of TOK, without
+# `.txt`) and TARGET_PATH: `healthz` is GET /healthz (with a token it does not read), any
+# other name is jwt-test with that token set.
+target() {
+    if [ "$1" = healthz ]; then
+        TARGET_FILE=es256_one TARGET_PATH=/healthz
+    else
+        TARGET_FILE=$1 TARGET_PATH=/functions/v1/jwt-test
+    fi
+}
+
 # wrk on LOAD_CPU against SERVER_PORT (bench/tokens.lua: jwt-test, or the path given), printing
 # its RESULT line.
 drive() { # seconds connections token_file [delay_ms [path]]
@@ -158,8 +169,9 @@ start_sampling() {
     echo "idle vCPUs: $(halt_poll_setting); server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 }
 sample() {
-    local scenario=$1 out=$2 file=$1 path=/functions/v1/jwt-test before after perf_pid result
-    if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
+    local out=$2 before after perf_pid result
+    target "$1"
+    local file=$TARGET_FILE path=$TARGET_PATH
     drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
     before=$(server_cpu_ticks)
     perf record -q -F 2000 -e cpu-clock -p "$SERVER_PID" -o "$out" -- sleep "$((DURATION + 1))" \

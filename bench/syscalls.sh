@@ -37,8 +37,8 @@ TOK=$WORK/tokens
 start_inline "$BIN"
 
 for scenario in $SCENARIOS; do
-    file=$scenario path=/functions/v1/jwt-test
-    if [ "$scenario" = healthz ]; then file=es256_one path=/healthz; fi
+    target "$scenario"
+    file=$TARGET_FILE path=$TARGET_PATH
     drive 2 "$CONNECTIONS" "$TOK/$file.txt" 0 "$path" >/dev/null
     strace -c -f -q -p "$SERVER_PID" -o "$WORK/strace.$scenario.txt" &
     strace_pid=$!
