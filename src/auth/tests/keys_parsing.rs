@@ -2,7 +2,8 @@
 
 use super::util::*;
 use crate::auth::keys::{
-    Alg, JwksDocError, KeyOrigin, parse_fetched_keys, parse_inline_keys, parse_jwks_document,
+    Alg, JwksDocError, KeyOrigin, MAX_KID_LEN, kid_is_well_formed, parse_fetched_keys,
+    parse_inline_keys, parse_jwks_document,
 };
 use crate::auth::{AuthSettings, Authenticator, KeySource};
 use secrecy::SecretString;
@@ -298,4 +299,52 @@ fn listing_and_debug_never_show_secrets() {
         json[2],
         json!({"source":"signing_key","kid":"inline-1","alg":"EdDSA","origin":"inline"})
     );
+}
+
+/// The kid rule as written: no control and no invisible format character, judged char by char.
+fn kid_rule(kid: &str) -> bool {
+    let format = |c: char| {
+        matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+    };
+    !kid.is_empty() && kid.len() <= MAX_KID_LEN && !kid.chars().any(|c| c.is_control() || format(c))
+}
+
+#[test]
+fn kid_check_agrees_with_the_rule_for_every_character() {
+    // Each character of the Basic Multilingual Plane and a sample beyond it, alone and between
+    // printable ASCII (the byte-by-byte path must hand every other byte to the char walk).
+    let chars = (0..=0xFFFF_u32)
+        .chain((0x1_0000..=0x10_FFFF).step_by(0x101))
+        .chain([0xE_0001, 0xE_007F, 0x10_FFFF])
+        .filter_map(char::from_u32);
+    let mut refused = 0;
+    for c in chars {
+        for kid in [
+            c.to_string(),
+            format!("es-{c}-1"),
+            format!("{c}es-1"),
+            format!("es-1{c}"),
+        ] {
+            assert_eq!(kid_is_well_formed(&kid), kid_rule(&kid), "{kid:?}");
+            refused += usize::from(!kid_rule(&kid));
+        }
+    }
+    // The rule refuses C0, DEL, C1 and the format characters in each of the four shapes.
+    assert_eq!(refused, 4 * (32 + 1 + 32 + 1 + 1 + 1 + 5 + 5 + 16 + 1 + 3));
+    for kid in ["", "a".repeat(MAX_KID_LEN + 1).as_str()] {
+        assert!(!kid_is_well_formed(kid), "{} bytes", kid.len());
+    }
+    assert!(kid_is_well_formed(&"a".repeat(MAX_KID_LEN)));
+    assert!(kid_is_well_formed("0f6c4b8e-3a49-4d8a-9c0e-6b1f2d7a9e15"));
+    assert!(kid_is_well_formed("ключ-2026"));
 }
