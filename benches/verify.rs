@@ -10,7 +10,10 @@
 //! - `verify_bearer_miss`: `Authenticator::verify_bearer` with the token cache off (every call
 //!   hashes, misses and verifies);
 //!
-//! and `verify_bearer_hit`: an ES256 token answered from the verified-token cache.
+//! and `verify_bearer_hit`: an ES256 token answered from the verified-token cache;
+//! `HS256/verify_bearer_churn`: a full cache under a stream of tokens each seen once (every
+//! call misses, verifies, evicts the oldest entry and inserts its own), against
+//! `HS256/verify_bearer_miss`, where the cache is off: what a one-shot token pays for the cache.
 //!
 //! Every benchmark first asserts that its tokens verify, so a broken setup cannot time a fast
 //! failure. Run with `cargo bench --bench verify`.
@@ -290,6 +293,8 @@ fn benches(c: &mut Criterion) {
         group.finish();
     }
 
+    churn(c, &runtime, &fixture);
+
     let cached = authenticator(&fixture, 10_000);
     let (_, es256_tokens, _, _) = fixture
         .sets
@@ -310,6 +315,39 @@ fn benches(c: &mut Criterion) {
         b.to_async(&runtime)
             .iter(|| cached.verify_bearer(black_box(token)));
     });
+}
+
+/// `HS256/verify_bearer_churn` (see the module's documentation). HS256, the cheapest check,
+/// so that the cache's share stands out; its entries are shaped like any other token's.
+fn churn(c: &mut Criterion, runtime: &tokio::runtime::Runtime, fixture: &Fixture) {
+    // The cache at its default size, and 1.6 times as many one-shot tokens cycled through it
+    // (16,000 for 10,000: about 1,000 for each of its 16 shards of 625), so that a token is long
+    // evicted when it comes round again.
+    let capacity = AuthSettings::default().token_cache_capacity;
+    let now = now();
+    let tokens: Vec<String> = (0..capacity * 16 / 10)
+        .map(|i| {
+            let claims = user_claims(ISSUER, "authenticated", &format!("one-shot-{i}"), now, 3600);
+            legacy_token(SECRET.as_bytes(), &claims, None)
+        })
+        .collect();
+    let churned = authenticator(fixture, capacity);
+    for token in &tokens {
+        runtime
+            .block_on(churned.verify_bearer(token))
+            .expect("a one-shot token verifies");
+    }
+    let full = churned.cache().len();
+    assert!(
+        full > capacity * 9 / 10 && full <= capacity,
+        "the cache must be full: {full} entries"
+    );
+    let mut cycle = Cycle::new(&tokens);
+    c.bench_function("HS256/verify_bearer_churn", |b| {
+        b.to_async(runtime)
+            .iter(|| churned.verify_bearer(black_box(cycle.next())));
+    });
+    assert_eq!(churned.cache().hits(), 0, "every call must miss");
 }
 
 criterion_group! {
