@@ -303,7 +303,7 @@ pub(crate) fn kid_is_well_formed(kid: &str) -> bool {
 }
 
 /// Unicode's invisible format characters (category Cf) that can reorder or hide text.
-fn is_format_char(c: char) -> bool {
+pub(crate) fn is_format_char(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'

@@ -2,8 +2,8 @@
 
 use super::util::*;
 use crate::auth::keys::{
-    Alg, JwksDocError, KeyOrigin, MAX_KID_LEN, kid_is_well_formed, parse_fetched_keys,
-    parse_inline_keys, parse_jwks_document,
+    Alg, JwksDocError, KeyOrigin, MAX_KID_LEN, is_format_char, kid_is_well_formed,
+    parse_fetched_keys, parse_inline_keys, parse_jwks_document,
 };
 use crate::auth::{AuthSettings, Authenticator, KeySource};
 use secrecy::SecretString;
@@ -303,20 +303,9 @@ fn listing_and_debug_never_show_secrets() {
 
 /// The kid rule as written: no control and no invisible format character, judged char by char.
 fn kid_rule(kid: &str) -> bool {
-    let format = |c: char| {
-        matches!(
-            c,
-            '\u{00AD}'
-                | '\u{061C}'
-                | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{206F}'
-                | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
-        )
-    };
-    !kid.is_empty() && kid.len() <= MAX_KID_LEN && !kid.chars().any(|c| c.is_control() || format(c))
+    !kid.is_empty()
+        && kid.len() <= MAX_KID_LEN
+        && !kid.chars().any(|c| c.is_control() || is_format_char(c))
 }
 
 #[test]
