@@ -309,4 +309,99 @@ mod tests {
         assert_eq!(v["b"][2]["c"], Value::Null);
         assert!(object_from_slice_strict(b"[1]").is_none());
     }
+
+    /// Names that are nearly equal: empty and one-byte names, NUL bytes, the same first
+    /// and last bytes with a different middle, common prefixes, characters of several bytes
+    /// and their decomposed spelling, long names.
+    fn tricky_names() -> Vec<String> {
+        let long = |n: usize, last: char| {
+            let mut name = "x".repeat(n - 1);
+            name.push(last);
+            name
+        };
+        let mut names: Vec<String> = [
+            "",
+            "\0",
+            "\0\0",
+            "a",
+            "a\0",
+            "a\0\0\0\0\0\0",
+            "a\0\0\0\0\0\0\0",
+            "exp",
+            "iat",
+            "aud",
+            "abcdef",
+            "abcdefg",
+            "abcdefgh",
+            "abcdefgi",
+            "abcdefgh\0",
+            "axc",
+            "ayc",
+            "aqqqc",
+            "aqrqc",
+            "é",
+            "e\u{301}",
+            "app_metadata",
+            "app_metadatb",
+            "user_metadata",
+            "is_anonymous",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for n in [254, 255, 256, 300] {
+            names.push(long(n, 'y'));
+            names.push(long(n, 'z'));
+        }
+        names
+    }
+
+    #[test]
+    fn duplicate_check_agrees_with_a_set() {
+        let pool = tricky_names();
+        // Every pair alone, and after names that differ from both.
+        for a in &pool {
+            for b in &pool {
+                let mut pair = vec![Cow::Borrowed(a.as_str()), Cow::Borrowed(b.as_str())];
+                assert_eq!(has_duplicates(&mut pair), a == b, "{a:?}, {b:?}");
+                let mut padded: Vec<Cow<'_, str>> =
+                    (0..5).map(|i| format!("{i}-").into()).collect();
+                padded.extend(pair);
+                assert_eq!(
+                    has_duplicates(&mut padded),
+                    a == b,
+                    "{a:?}, {b:?} after others"
+                );
+            }
+        }
+        // A small generator, so that the sets are the same on every run.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut below = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            usize::try_from(state % n as u64).unwrap()
+        };
+        let (mut with, mut without) = (0, 0);
+        for round in 0..20_000 {
+            // Up to 16 names take the pairwise path, more the sorting one.
+            let count = below(if round % 2 == 0 { 17 } else { 40 });
+            let set: Vec<&str> = (0..count)
+                .map(|_| pool[below(pool.len())].as_str())
+                .collect();
+            let expected = set.len() != set.iter().collect::<std::collections::HashSet<_>>().len();
+            let mut names: Vec<Cow<'_, str>> = set.iter().map(|s| Cow::Borrowed(*s)).collect();
+            assert_eq!(has_duplicates(&mut names), expected, "{set:?}");
+            if expected {
+                with += 1;
+            } else {
+                without += 1;
+            }
+        }
+        // Both answers were asked for often enough to mean something.
+        assert!(
+            with > 1_000 && without > 1_000,
+            "{with} with, {without} without"
+        );
+    }
 }

@@ -354,6 +354,42 @@ fn duplicate_json_members_are_refused() {
         )
         .is_ok()
     );
+    // Past sixteen members the check sorts the names instead of comparing them pairwise:
+    // a duplicate there is refused too, in the header, the claims and a nested object.
+    let filler: String = (0..20).map(|i| format!(r#""x{i}":{i},"#)).collect();
+    let many_claims = |extra: &str| {
+        format!(
+            r#"{{{filler}"iss":"{ISS}","aud":"authenticated","exp":{exp},"role":"authenticated"{extra}}}"#
+        )
+    };
+    let header = format!(r#"{{{filler}"alg":"ES256","kid":"es-1"}}"#);
+    let nested = format!(r#","app_metadata":{{{filler}"provider":"email"}}"#);
+    assert!(
+        f.check(&f.es.token_with_header(&header, &many_claims(&nested)))
+            .is_ok()
+    );
+    let t =
+        f.es.token_with_header(&header, &many_claims(r#","role":"service_role""#));
+    assert_eq!(
+        f.check(&t),
+        Err(AuthError::Asymmetric(Failure::MalformedClaims))
+    );
+    let t = f.es.token_with_header(&header, &many_claims(r#","x3":3"#));
+    assert_eq!(
+        f.check(&t),
+        Err(AuthError::Asymmetric(Failure::MalformedClaims))
+    );
+    let t = f.es.token_with_header(
+        &format!(r#"{{{filler}"alg":"ES256","kid":"es-1","x19":0}}"#),
+        &many_claims(""),
+    );
+    assert_eq!(code(&f.check(&t)), FORMAT);
+    let nested_twice = format!(r#","app_metadata":{{{filler}"provider":"email","x0":1}}"#);
+    let t = f.es.token_with_header(&header, &many_claims(&nested_twice));
+    assert_eq!(
+        f.check(&t),
+        Err(AuthError::Asymmetric(Failure::MalformedClaims))
+    );
 }
 
 #[test]
