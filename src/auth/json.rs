@@ -297,6 +297,7 @@ impl<'de> Visitor<'de> for ShallowVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::tests::util::Rng;
 
     #[test]
     fn duplicates_rejected_at_any_depth() {
@@ -374,20 +375,14 @@ mod tests {
                 );
             }
         }
-        // A small generator, so that the sets are the same on every run.
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut below = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            usize::try_from(state % n as u64).unwrap()
-        };
+        // The same sets on every run.
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let (mut with, mut without) = (0, 0);
         for round in 0..20_000 {
             // Up to 16 names take the pairwise path, more the sorting one.
-            let count = below(if round % 2 == 0 { 17 } else { 40 });
+            let count = rng.below(if round % 2 == 0 { 17 } else { 40 });
             let set: Vec<&str> = (0..count)
-                .map(|_| pool[below(pool.len())].as_str())
+                .map(|_| pool[rng.below(pool.len())].as_str())
                 .collect();
             let expected = set.len() != set.iter().collect::<std::collections::HashSet<_>>().len();
             let mut names: Vec<Cow<'_, str>> = set.iter().map(|s| Cow::Borrowed(*s)).collect();

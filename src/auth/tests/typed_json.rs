@@ -7,6 +7,7 @@
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::json::object_from_slice_strict;
 use crate::auth::keys::{Alg, kid_is_well_formed};
+use crate::auth::tests::util::Rng;
 use crate::auth::verify::{CheckedClaims, Header, VerifySettings, check_payload};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -126,22 +127,6 @@ fn reference_claims(
 }
 
 // ---- the corpus ----
-
-/// A small deterministic generator (xorshift64*), so a failure names a reproducible case.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        usize::try_from(x >> 33).unwrap_or(0) % n
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 /// Values of every kind the readers tell apart, including the edges of a NumericDate.
 const VALUES: &[&str] = &[

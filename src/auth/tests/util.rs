@@ -132,3 +132,19 @@ pub fn ring(legacy: Option<&[u8]>, inline: &[Value], fetched: &[Value]) -> KeyRi
     }
     (*handle.load()).clone()
 }
+
+/// A small deterministic generator (xorshift64*), so a failure names a reproducible case.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        usize::try_from(x >> 33).unwrap_or(0) % n
+    }
+    pub(crate) fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
