@@ -10,6 +10,8 @@
 #   healthz  GET /healthz (the HTTP floor)
 #   hit      jwt-test with one ES256 token, repeated (a verified-token cache hit)
 #   hit-hs256  the same with one HS256 token (the legacy secret: its usage is recorded)
+#   hit-hs256-js  hit-hs256 as supabase-js sends it, naming itself in `x-client-info` (the
+#            client its legacy usage is recorded under)
 #   fresh    jwt-test with ES256 tokens that never repeat (a signature check each)
 #   fresh-rs256, fresh-eddsa  the same with RS256 and EdDSA tokens
 #   churn    fresh, after a warm-up of CHURN_WARMUP (10,300) fresh tokens that fills the
@@ -81,6 +83,10 @@ for scenario in $SCENARIOS; do
     healthz) run healthz /healthz "$WORK/tokens/es256_one.txt" ;;
     hit) run hit /functions/v1/jwt-test "$WORK/tokens/es256_one.txt" ;;
     hit-hs256) run hit-hs256 /functions/v1/jwt-test "$WORK/tokens/hs256.txt" ;;
+    hit-hs256-js)
+        CLIENT_INFO=supabase-js/2.47.0 run hit-hs256-js /functions/v1/jwt-test \
+            "$WORK/tokens/hs256.txt"
+        ;;
     fresh) run fresh /functions/v1/jwt-test "$WORK/tokens/es256_fresh.txt" ;;
     fresh-rs256) run fresh-rs256 /functions/v1/jwt-test "$WORK/tokens/rs256_fresh.txt" ;;
     fresh-eddsa) run fresh-eddsa /functions/v1/jwt-test "$WORK/tokens/eddsa_fresh.txt" ;;

@@ -1,11 +1,13 @@
 """Sends exactly COUNT GET requests to 127.0.0.1:PORT/PATH on one keep-alive connection, each
 with a bearer token taken in turn from TOKEN_FILE starting at line SKIP, and fails unless every
-answer is 200. With --wait, first waits (bounded) for the server to answer.
+answer is 200. With --wait, first waits (bounded) for the server to answer. CLIENT_INFO, when
+set, is sent as `x-client-info` with every request.
 
 usage: callgrind_client.py PORT PATH TOKEN_FILE COUNT SKIP [--wait]
 """
 
 import http.client
+import os
 import sys
 import time
 
@@ -31,7 +33,10 @@ if "--wait" in sys.argv:
 conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=60)
 for i in range(count):
     token = tokens[(skip + i) % len(tokens)]
-    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    headers = {"Authorization": f"Bearer {token}"}
+    if os.environ.get("CLIENT_INFO"):
+        headers["x-client-info"] = os.environ["CLIENT_INFO"]
+    conn.request("GET", path, headers=headers)
     response = conn.getresponse()
     body = response.read()
     if response.status != 200:
