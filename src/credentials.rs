@@ -15,7 +15,6 @@ use crate::error::ApiError;
 use crate::server::middleware::{APIKEY, REQUEST_ID};
 use crate::state::AppState;
 use crate::store::AuditEntry;
-use crate::telemetry::LegacyKindLabels;
 
 /// Who made the request, as established by its credential.
 #[derive(Clone, Debug)]
@@ -141,16 +140,6 @@ fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
     let Some(kind) = CallerKind::of(verified) else {
         return;
     };
-    if let CallerKind::Legacy(legacy) = &kind {
-        let labels = LegacyKindLabels {
-            kind: legacy.as_str(),
-        };
-        state
-            .metrics
-            .legacy_verifications
-            .get_or_create(&labels)
-            .inc();
-    }
     let route = parts
         .extensions
         .get::<MatchedPath>()
@@ -159,7 +148,7 @@ fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
     state
         .usage
         .callers
-        .record(&kind, route, client, state.clock.now_ms());
+        .record(kind, route, &client, state.clock.now_ms());
 }
 
 impl FromRequestParts<AppState> for User {

@@ -11,13 +11,26 @@
 //! served. Counts are never lost: a client that is not named moves its exact counts to `other`.
 //! No IP address, token or user id is kept; the client is a product name the caller chose.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, OnceLock};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
+use hashbrown::{Equivalent, HashMap};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use crate::auth::{KeySource, Verified};
 use crate::store::{CallerUsage, Store};
+
+/// The tracker's maps. Every legacy verification looks its caller up, so they hash with
+/// foldhash (seeded per process) rather than std's SipHash. Client names are the caller's
+/// choice, but every map is bounded ([`MAX_NAMED_CLIENTS`], [`MAX_CANDIDATES`], the routes and
+/// kinds a client uses), so names made to collide cost at most a scan of a few hundred entries,
+/// which a flood of new names already costs in the Space-Saving eviction.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -46,6 +59,15 @@ pub enum LegacyKind {
 impl LegacyKind {
     pub const ALL: [Self; 3] = [Self::AnonKey, Self::ServiceRoleKey, Self::UserSession];
 
+    /// Its place in [`LegacyKind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::AnonKey => 0,
+            Self::ServiceRoleKey => 1,
+            Self::UserSession => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AnonKey => "anon_key",
@@ -66,33 +88,39 @@ impl LegacyKind {
     }
 }
 
-/// What a verification is counted as: a legacy kind, or an API key by its configured name.
-/// Signing-key verifications are not counted per caller: they are the traffic that is fine.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CallerKind {
-    Legacy(LegacyKind),
-    ApiKey(String),
+/// Label of `edgegate_legacy_verifications_total`: `anon_key`, `service_role_key` or
+/// `user_session`. No client label: client names are the caller's choice, so they would grow the
+/// label set without bound.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegacyKindLabels {
+    pub kind: &'static str,
 }
 
-impl CallerKind {
-    pub fn of(verified: &Verified) -> Option<Self> {
+/// What a verification is counted as: a legacy kind, or an API key by its configured name.
+/// Signing-key verifications are not counted per caller: they are the traffic that is fine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerKind<'a> {
+    Legacy(LegacyKind),
+    ApiKey(&'a str),
+}
+
+impl<'a> CallerKind<'a> {
+    pub fn of(verified: &'a Verified) -> Option<Self> {
         match verified.source {
             KeySource::LegacySecret => Some(Self::Legacy(LegacyKind::of(verified))),
-            KeySource::ApiKey => Some(Self::ApiKey(
-                verified.kid.as_deref().unwrap_or_default().to_owned(),
-            )),
+            KeySource::ApiKey => Some(Self::ApiKey(verified.kid.as_deref().unwrap_or_default())),
             KeySource::SigningKey => None,
         }
     }
 
-    fn source(&self) -> KeySource {
+    fn source(self) -> KeySource {
         match self {
             Self::Legacy(_) => KeySource::LegacySecret,
             Self::ApiKey(_) => KeySource::ApiKey,
         }
     }
 
-    fn name(&self) -> &str {
+    fn name(self) -> &'a str {
         match self {
             Self::Legacy(kind) => kind.as_str(),
             Self::ApiKey(name) => name,
@@ -100,40 +128,121 @@ impl CallerKind {
     }
 }
 
+/// The header supabase-js names itself in.
+static X_CLIENT_INFO: HeaderName = HeaderName::from_static("x-client-info");
+
 /// The client a request names: `x-client-info` (what supabase-js sends, e.g.
 /// `supabase-js/2.47.0`), else the `User-Agent` product (its first token), reduced to printable
 /// ASCII and at most [`MAX_CLIENT_CHARS`] characters; [`UNKNOWN`] when neither says anything.
-pub fn client_name(headers: &HeaderMap) -> String {
+/// Borrowed from the header when it needs no cleaning, as a well-behaved client's does.
+pub fn client_name(headers: &HeaderMap) -> Cow<'_, str> {
     let info = headers
-        .get("x-client-info")
+        .get(&X_CLIENT_INFO)
         .map(|value| printable(value.as_bytes()));
     if let Some(info) = info.filter(|info| !info.is_empty()) {
         return info;
     }
-    headers
-        .get(axum::http::header::USER_AGENT)
-        .map(|value| printable(value.as_bytes()))
-        .and_then(|agent| agent.split(' ').next().map(str::to_owned))
+    let product = headers.get(axum::http::header::USER_AGENT).map(|value| {
+        match printable(value.as_bytes()) {
+            Cow::Borrowed(agent) => Cow::Borrowed(first_word(agent)),
+            Cow::Owned(agent) => Cow::Owned(first_word(&agent).to_owned()),
+        }
+    });
+    product
         .filter(|product| !product.is_empty())
-        .unwrap_or_else(|| UNKNOWN.to_owned())
+        .unwrap_or(Cow::Borrowed(UNKNOWN))
+}
+
+fn first_word(text: &str) -> &str {
+    text.split(' ').next().unwrap_or_default()
 }
 
 /// Printable ASCII only (control bytes and non-ASCII dropped), trimmed, at most 64 characters.
-fn printable(bytes: &[u8]) -> String {
-    let kept: String = bytes
-        .iter()
-        .filter(|byte| (b' '..=b'~').contains(*byte))
-        .map(|&byte| char::from(byte))
-        .collect();
-    kept.trim().chars().take(MAX_CLIENT_CHARS).collect()
+fn printable(bytes: &[u8]) -> Cow<'_, str> {
+    let is_printable = |byte: &u8| (b' '..=b'~').contains(byte);
+    match std::str::from_utf8(bytes) {
+        Ok(text) if text.bytes().all(|byte| is_printable(&byte)) => {
+            let text = text.trim();
+            // ASCII: one byte a character, so any length is a character boundary.
+            Cow::Borrowed(&text[..text.len().min(MAX_CLIENT_CHARS)])
+        }
+        _ => {
+            let kept: String = bytes
+                .iter()
+                .filter(|byte| is_printable(byte))
+                .map(|&byte| char::from(byte))
+                .collect();
+            Cow::Owned(kept.trim().chars().take(MAX_CLIENT_CHARS).collect())
+        }
+    }
 }
 
 /// Where a verification happened: its kind and the matched route pattern.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Place {
     source: KeySource,
     kind: String,
     route: String,
+}
+
+/// A [`Place`] as a request has it, borrowed: what the maps are searched with, so counting a
+/// verification already seen copies no name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlaceRef<'a> {
+    source: KeySource,
+    kind: &'a str,
+    route: &'a str,
+}
+
+impl Place {
+    fn as_ref(&self) -> PlaceRef<'_> {
+        PlaceRef {
+            source: self.source,
+            kind: &self.kind,
+            route: &self.route,
+        }
+    }
+}
+
+impl PlaceRef<'_> {
+    fn to_place(self) -> Place {
+        Place {
+            source: self.source,
+            kind: self.kind.to_owned(),
+            route: self.route.to_owned(),
+        }
+    }
+}
+
+/// Hashed as its borrowed form, so a [`PlaceRef`] finds it.
+impl Hash for Place {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+impl Equivalent<Place> for PlaceRef<'_> {
+    fn equivalent(&self, key: &Place) -> bool {
+        *self == key.as_ref()
+    }
+}
+
+/// One client's counts not flushed yet, by place.
+type Counts = Map<Place, Count>;
+
+fn add_to(counts: &mut Counts, place: PlaceRef<'_>, count: Count) {
+    match counts.get_mut(&place) {
+        Some(held) => held.add(count),
+        None => {
+            counts.insert(place.to_place(), count);
+        }
+    }
+}
+
+fn merge_into(counts: &mut Counts, from: Counts) {
+    for (place, count) in from {
+        counts.entry(place).or_default().add(count);
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -157,18 +266,19 @@ struct Candidate {
     estimate: i64,
     /// Counted exactly since it became a candidate.
     total: i64,
-    counts: HashMap<Place, Count>,
+    counts: Counts,
 }
 
 /// One hour of one instance.
 #[derive(Debug, Default)]
 struct HourTable {
-    /// Clients with rows of their own this hour (at most `MAX_NAMED_CLIENTS`).
-    named: HashSet<String>,
-    /// Counts not flushed yet, for named clients and `other`.
-    pending: HashMap<(Place, String), Count>,
+    /// Clients with rows of their own this hour (at most `MAX_NAMED_CLIENTS`), each with its
+    /// counts not flushed yet. A client stays named until the hour ends, flushes or not.
+    named: Map<String, Counts>,
+    /// The counts not flushed yet of every client folded into `other`.
+    other: Counts,
     /// Clients waiting to be named (at most `MAX_CANDIDATES`).
-    candidates: HashMap<String, Candidate>,
+    candidates: Map<String, Candidate>,
     /// The largest count folded into `other` this period: a candidate must beat it to be named.
     largest_folded: i64,
 }
@@ -176,27 +286,26 @@ struct HourTable {
 impl HourTable {
     fn fold_into_other(&mut self, candidate: Candidate) {
         self.largest_folded = self.largest_folded.max(candidate.total);
-        for (place, count) in candidate.counts {
-            self.pending
-                .entry((place, OTHER.to_owned()))
-                .or_default()
-                .add(count);
-        }
+        merge_into(&mut self.other, candidate.counts);
     }
 
-    fn record(&mut self, place: Place, client: String, at_ms: i64) {
+    fn record(&mut self, place: PlaceRef<'_>, client: &str, at_ms: i64) {
         let one = Count {
             verified: 1,
             last_ms: at_ms,
         };
-        if client == OTHER || self.named.contains(&client) {
-            self.pending.entry((place, client)).or_default().add(one);
+        if client == OTHER {
+            add_to(&mut self.other, place, one);
             return;
         }
-        if let Some(candidate) = self.candidates.get_mut(&client) {
+        if let Some(counts) = self.named.get_mut(client) {
+            add_to(counts, place, one);
+            return;
+        }
+        if let Some(candidate) = self.candidates.get_mut(client) {
             candidate.estimate += 1;
             candidate.total += 1;
-            candidate.counts.entry(place).or_default().add(one);
+            add_to(&mut candidate.counts, place, one);
             return;
         }
         let mut estimate = 1;
@@ -216,10 +325,10 @@ impl HourTable {
         let mut candidate = Candidate {
             estimate,
             total: 1,
-            counts: HashMap::new(),
+            counts: Counts::default(),
         };
-        candidate.counts.insert(place, one);
-        self.candidates.insert(client, candidate);
+        candidate.counts.insert(place.to_place(), one);
+        self.candidates.insert(client.to_owned(), candidate);
     }
 
     /// Names the candidates that earned it (most seen first), folds the rest into `other`, and
@@ -228,31 +337,42 @@ impl HourTable {
         let mut candidates: Vec<(String, Candidate)> = self.candidates.drain().collect();
         candidates.sort_by(|a, b| b.1.total.cmp(&a.1.total).then_with(|| a.0.cmp(&b.0)));
         for (client, candidate) in candidates {
-            if self.named.len() < MAX_NAMED_CLIENTS && candidate.total > self.largest_folded {
-                for (place, count) in candidate.counts {
-                    self.pending
-                        .entry((place, client.clone()))
-                        .or_default()
-                        .add(count);
-                }
-                self.named.insert(client);
+            // Named already when a failed flush put its rows back while it waited again.
+            let named = self.named.contains_key(&client)
+                || (self.named.len() < MAX_NAMED_CLIENTS && candidate.total > self.largest_folded);
+            if named {
+                merge_into(self.named.entry(client).or_default(), candidate.counts);
             } else {
                 self.fold_into_other(candidate);
             }
         }
         self.largest_folded = 0;
-        self.pending
-            .drain()
-            .map(|((place, client), count)| CallerUsage {
-                hour_start_ms,
-                source: place.source.as_str().to_owned(),
-                kind: place.kind,
-                route: place.route,
-                client,
-                verified_count: count.verified,
-                last_verified_at_ms: count.last_ms,
-            })
-            .collect()
+        let mut rows = Vec::new();
+        for (client, counts) in &mut self.named {
+            rows.extend(
+                counts
+                    .drain()
+                    .map(|(place, count)| usage_row(hour_start_ms, place, client.clone(), count)),
+            );
+        }
+        rows.extend(
+            self.other
+                .drain()
+                .map(|(place, count)| usage_row(hour_start_ms, place, OTHER.to_owned(), count)),
+        );
+        rows
+    }
+}
+
+fn usage_row(hour_start_ms: i64, place: Place, client: String, count: Count) -> CallerUsage {
+    CallerUsage {
+        hour_start_ms,
+        source: place.source.as_str().to_owned(),
+        kind: place.kind,
+        route: place.route,
+        client,
+        verified_count: count.verified,
+        last_verified_at_ms: count.last_ms,
     }
 }
 
@@ -266,10 +386,15 @@ pub struct Footprint {
     pub counters: usize,
 }
 
-/// Counts callers since the last flush, per hour.
+/// Counts callers since the last flush, per hour, and legacy verifications by kind.
 #[derive(Debug, Default)]
 pub struct CallerTracker {
-    hours: Mutex<HashMap<i64, HourTable>>,
+    hours: Mutex<Map<i64, HourTable>>,
+    /// `edgegate_legacy_verifications_total`.
+    legacy: Family<LegacyKindLabels, Counter>,
+    /// Its series by [`LegacyKind::index`], each looked up in the family once, on first use (so
+    /// a kind never verified has none): the family's own lookup takes a lock and a SipHash.
+    legacy_series: [OnceLock<Counter>; LegacyKind::ALL.len()],
 }
 
 fn hour_of(at_ms: i64) -> i64 {
@@ -277,12 +402,30 @@ fn hour_of(at_ms: i64) -> i64 {
 }
 
 impl CallerTracker {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "legacy_verifications",
+            "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
+            self.legacy.clone(),
+        );
+    }
+
     /// Counts one verification of `kind` on `route` (a route pattern, never a raw path) by `client`.
-    pub fn record(&self, kind: &CallerKind, route: &str, client: String, at_ms: i64) {
-        let place = Place {
+    pub fn record(&self, kind: CallerKind<'_>, route: &str, client: &str, at_ms: i64) {
+        if let CallerKind::Legacy(legacy) = kind {
+            self.legacy_series[legacy.index()]
+                .get_or_init(|| {
+                    let labels = LegacyKindLabels {
+                        kind: legacy.as_str(),
+                    };
+                    self.legacy.get_or_create(&labels).clone()
+                })
+                .inc();
+        }
+        let place = PlaceRef {
             source: kind.source(),
-            kind: kind.name().to_owned(),
-            route: route.to_owned(),
+            kind: kind.name(),
+            route,
         };
         let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
         hours
@@ -313,22 +456,20 @@ impl CallerTracker {
                 _ => KeySource::LegacySecret,
             };
             let table = hours.entry(row.hour_start_ms).or_default();
-            if row.client != OTHER {
-                table.named.insert(row.client.clone());
-            }
+            let counts = if row.client == OTHER {
+                &mut table.other
+            } else {
+                table.named.entry(row.client).or_default()
+            };
             let place = Place {
                 source,
                 kind: row.kind,
                 route: row.route,
             };
-            table
-                .pending
-                .entry((place, row.client))
-                .or_default()
-                .add(Count {
-                    verified: row.verified_count,
-                    last_ms: row.last_verified_at_ms,
-                });
+            counts.entry(place).or_default().add(Count {
+                verified: row.verified_count,
+                last_ms: row.last_verified_at_ms,
+            });
         }
     }
 
@@ -352,28 +493,19 @@ impl CallerTracker {
         let mut rows = Vec::new();
         for (&hour, table) in hours.iter().filter(|(hour, _)| **hour >= since_ms) {
             let named = table
-                .pending
+                .named
                 .iter()
-                .map(|((place, client), count)| (place, client, count));
-            let waiting = table.candidates.iter().flat_map(|(client, candidate)| {
-                candidate
-                    .counts
-                    .iter()
-                    .map(move |(place, count)| (place, client, count))
-            });
-            rows.extend(
-                named
-                    .chain(waiting)
-                    .map(|(place, client, count)| CallerUsage {
-                        hour_start_ms: hour,
-                        source: place.source.as_str().to_owned(),
-                        kind: place.kind.clone(),
-                        route: place.route.clone(),
-                        client: client.clone(),
-                        verified_count: count.verified,
-                        last_verified_at_ms: count.last_ms,
-                    }),
-            );
+                .map(|(client, counts)| (client.as_str(), counts));
+            let other = std::iter::once((OTHER, &table.other));
+            let waiting = table
+                .candidates
+                .iter()
+                .map(|(client, candidate)| (client.as_str(), &candidate.counts));
+            for (client, counts) in named.chain(other).chain(waiting) {
+                rows.extend(counts.iter().map(|(place, count)| {
+                    usage_row(hour, place.clone(), client.to_owned(), *count)
+                }));
+            }
         }
         rows
     }
@@ -388,7 +520,8 @@ impl CallerTracker {
             |mut sum, table| {
                 sum.named_clients += table.named.len();
                 sum.candidate_clients += table.candidates.len();
-                sum.counters += table.pending.len()
+                sum.counters += table.named.values().map(Map::len).sum::<usize>()
+                    + table.other.len()
                     + table
                         .candidates
                         .values()

@@ -109,6 +109,7 @@ impl UsageTracker {
             "Key-usage flushes that failed (the counts were kept for the next one)",
             self.flush_failures.clone(),
         );
+        self.callers.register(registry);
     }
 
     /// Verifications dropped so far because the buffer was full.

@@ -60,13 +60,6 @@ impl EncodeLabelValue for RouteLabel {
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
-/// Label of a legacy verification: `anon_key`, `service_role_key` or `user_session`. No client
-/// label: client names are the caller's choice, so they would grow the label set without bound.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LegacyKindLabels {
-    pub kind: &'static str,
-}
-
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
@@ -76,7 +69,6 @@ pub struct Metrics {
     http_series: RwLock<HashMap<HttpLabels, HttpSeries, foldhash::fast::RandomState>>,
     /// 1 when the last readiness probe reached the database, 0 when it did not.
     pub database_ready: Gauge,
-    pub legacy_verifications: Family<LegacyKindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,12 +105,6 @@ impl Metrics {
             "1 when the last /readyz probe could write to the database, else 0",
             database_ready.clone(),
         );
-        let legacy_verifications = Family::<LegacyKindLabels, Counter>::default();
-        registry.register(
-            "legacy_verifications",
-            "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
-            legacy_verifications.clone(),
-        );
         super::traces::register(&mut registry);
         Self {
             registry,
@@ -126,7 +112,6 @@ impl Metrics {
             http_request_duration,
             http_series: RwLock::default(),
             database_ready,
-            legacy_verifications,
         }
     }
 

@@ -7,7 +7,7 @@ mod spans;
 mod stderr;
 mod traces;
 
-pub use metrics::{HttpLabels, LegacyKindLabels, Metrics, RouteLabel, TrackMetricsLayer};
+pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::end_server_span;
 pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
