@@ -137,6 +137,7 @@ pub(crate) fn decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::{decode, three_parts};
+    use crate::auth::tests::util::Rng;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -175,22 +176,16 @@ mod tests {
         // Mostly the alphabet, sometimes a byte that is not: padding, the standard alphabet's
         // `+` and `/`, a dot, a space, a control character, a non-ASCII letter.
         const OTHERS: [&str; 8] = ["=", "+", "/", ".", " ", "\n", "é", "\u{0}"];
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let (mut valid, texts) = (0, 20_000);
         for _ in 0..texts {
-            let len = next(48);
+            let len = rng.below(48);
             let text: String = (0..len)
                 .map(|_| {
-                    if next(60) == 0 {
-                        OTHERS[next(8) as usize].to_owned()
+                    if rng.below(60) == 0 {
+                        rng.pick(&OTHERS).to_owned()
                     } else {
-                        char::from(ALPHABET[next(64) as usize]).to_string()
+                        char::from(ALPHABET[rng.below(64)]).to_string()
                     }
                 })
                 .collect();
