@@ -12,17 +12,26 @@ pub(crate) fn push_json_string(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// Whether `text` has a byte that a JSON string must escape: eight bytes at a time, the last
-/// few padded with spaces, so a short string (a log field's name or value, mostly) is one or
-/// two words rather than a loop over its bytes.
+/// Whether `text` has a byte that a JSON string must escape: eight bytes at a time, so a short
+/// string (a log field's name or value, mostly) is one or two words rather than a loop over its
+/// bytes. The last word is the last eight bytes, read again where they overlap the words before
+/// (a byte checked twice is still checked); a string shorter than a word is read as its first
+/// and last four bytes, or byte by byte under four: no copy into a padded word.
 pub(crate) fn needs_escape(text: &str) -> bool {
-    let (words, rest) = text.as_bytes().as_chunks::<8>();
-    let mut last = [b' '; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    words
-        .iter()
-        .chain([&last])
-        .any(|word| any_needs_escape(u64::from_le_bytes(*word)))
+    let bytes = text.as_bytes();
+    if let Some(last) = bytes.last_chunk::<8>() {
+        let (words, _) = bytes.as_chunks::<8>();
+        return words
+            .iter()
+            .chain([last])
+            .any(|word| any_needs_escape(u64::from_le_bytes(*word)));
+    }
+    match (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) {
+        (Some(first), Some(last)) => any_needs_escape(
+            u64::from(u32::from_le_bytes(*first)) | u64::from(u32::from_le_bytes(*last)) << 32,
+        ),
+        _ => bytes.iter().any(|&byte| NEEDS_ESCAPE[usize::from(byte)]),
+    }
 }
 
 /// `text` escaped as the inside of a JSON string ([`push_json_string`] without the quotes).
@@ -80,15 +89,17 @@ impl fmt::Write for Escaping<'_> {
     }
 }
 
-/// Whether any of the eight bytes of `word` needs escaping: one below 0x20, a `"` or a `\`
-/// (the classic has-less-than and has-zero-byte tests, exact for whether any byte does).
+/// Whether any of the eight bytes of `word` needs escaping: one below 0x20, a `"` or a `\`.
+/// The classic has-less-than test, exact for whether any byte is below `n`: a `"` or a `\` is a
+/// byte below 1 once XORed with that byte. The three are ORed and tested once, without a branch
+/// between them.
 fn any_needs_escape(word: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
-    word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0
-        || has_zero(word ^ (ONES * u64::from(b'"')))
-        || has_zero(word ^ (ONES * u64::from(b'\\')))
+    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    (below(word, 0x20) | below(quote, 1) | below(backslash, 1)) & HIGHS != 0
 }
 
 /// The bytes a JSON string must escape: the control characters, `"` and `\` (one lookup a
