@@ -1,6 +1,6 @@
 //! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
 
-use crate::auth::cache::{TokenCache, token_hash};
+use crate::auth::cache::TokenCache;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
@@ -263,11 +263,12 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::InvalidFormat("token is too large"));
         }
-        let hash = token_hash(token);
+        let key = self.cache.key(token);
         let leeway = i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX);
         let ring = self.ring.load();
         let now = self.clock.unix_now();
-        if let Some(hit) = self.cache.get(&hash, ring.generation(), now, leeway) {
+        if let Some(hit) = key.and_then(|key| self.cache.get(&key, ring.generation(), now, leeway))
+        {
             return Ok(hit);
         }
         let (ring, result) = match verify(&ring, &self.settings, token, now) {
@@ -290,7 +291,9 @@ impl Authenticator {
             AuthError::UnknownKid => AuthError::Asymmetric(Failure::UnknownKid),
             e => e,
         })?;
-        self.cache.insert(hash, ring.generation(), &verified, now);
+        if let Some(key) = key {
+            self.cache.insert(&key, ring.generation(), &verified, now);
+        }
         Ok(verified)
     }
 

@@ -1,7 +1,10 @@
 //! Verified-token cache (the role of Envoy's `jwt_cache`): skips signature checks for tokens
 //! seen recently.
 //!
-//! - Keyed by SHA-256 of the token, so the cache never holds a bearer credential.
+//! - Never holds a bearer credential: an entry is found by the SHA-256 of the token's last
+//!   characters, which are signature, and confirmed by a keyed tag of everything before them
+//!   ([`TokenKey`]): what the cache holds cannot be turned back into a token, and a lookup
+//!   costs less than a hash of the whole token.
 //! - Every hit re-checks `exp`/`nbf` against the current time.
 //! - Entries remember the key-ring generation that verified them; when the generation changes
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
@@ -20,6 +23,8 @@
 
 use crate::auth::error::Failure;
 use crate::auth::verify::{Verified, check_times};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{SHA256, digest};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -27,17 +32,49 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 16;
 
-type TokenHash = [u8; 32];
+/// How many characters (bytes) at a token's end [`TokenKey`] hashes: the length of the shortest
+/// signature of any accepted algorithm (HS256's 32 bytes in base64url; ES256 and EdDSA have
+/// 86 characters, RS256 at least 342), so they are always signature, at least 256 bits of it.
+const TAIL: usize = 43;
+
+/// SHA-256 of a token's last [`TAIL`] characters: where its entry is.
+type TailHash = [u8; 32];
+
+/// The cache's key for one token, made by [`TokenCache::key`].
+///
+/// A token is `rest` followed by its `tail`, its last [`TAIL`] characters (all of it when it
+/// is shorter), so the pair is the token exactly: two tokens differ in one or the other.
+/// - `tail`: SHA-256 of the tail, which holds at least 256 bits of the signature of any token
+///   the cache can hold. One-way, so the map's keys give no one a token, not even someone
+///   who reads the process's memory and could rebuild a cached token's header and payload
+///   from its entry: they would still need the signature.
+/// - `rest`: the AES-256-GCM tag of `rest` (as associated data, nothing encrypted) under a key
+///   drawn for this process, with the tail's hash as nonce. Two texts under the same nonce
+///   get the same tag only if GHASH, a polynomial in a secret point, takes the same value on
+///   both: a chance of under 2⁻¹¹⁸ for any two texts of at most 8 KiB, however they were
+///   chosen, as long as the point stays secret. The tags never leave the process (nor does
+///   anything computed from them but whether two are equal), so a caller who knows a victim's
+///   signature but not the rest cannot make another `rest` with its tag. Both together cost
+///   about half of hashing the whole token, less for longer tokens (BENCHMARKS.md, eighteenth
+///   pass).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenKey {
+    tail: TailHash,
+    rest: [u8; 16],
+}
 
 /// The entries' hasher: foldhash under a per-process seed, cheaper than std's SipHash (with
 /// the key-usage map's change, 0.6k instructions less a cache hit in callgrind). Its input is
 /// a SHA-256 output, which the seed keeps a caller from aiming at a bucket, and only verified
 /// tokens are inserted, so a caller cannot crowd one.
-type Entries = HashMap<TokenHash, Entry, foldhash::fast::RandomState>;
+type Entries = HashMap<TailHash, Entry, foldhash::fast::RandomState>;
 
 /// A cached [`Verified`]: its strings and claims are shared, so serving it allocates nothing.
 #[derive(Debug)]
 struct Entry {
+    /// The tag of the token's part before its tail ([`TokenKey`]): a lookup with the same
+    /// tail and anything else before it misses.
+    rest: [u8; 16],
     verified: Verified,
     /// When it was inserted in its shard (matches its place in the shard's `order`).
     seq: u64,
@@ -55,7 +92,7 @@ struct Shard {
     earliest_exp: i64,
     /// Entries by insertion, oldest first, as (hash, seq); an element whose entry is gone or
     /// was inserted again (another seq) is stale and skipped.
-    order: VecDeque<(TokenHash, u64)>,
+    order: VecDeque<(TailHash, u64)>,
     next_seq: u64,
 }
 
@@ -119,7 +156,7 @@ impl Shard {
     }
 
     /// Adds `entry` as the newest, keeping `order` within twice the entries.
-    fn push(&mut self, hash: TokenHash, mut entry: Entry, per_shard: usize) {
+    fn push(&mut self, hash: TailHash, mut entry: Entry, per_shard: usize) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
         self.earliest_exp = self.earliest_exp.min(entry.verified.exp);
@@ -133,33 +170,55 @@ impl Shard {
     }
 }
 
-/// A bounded map from token hash to its verification result.
+/// A bounded map from token to its verification result.
 #[derive(Debug)]
 pub struct TokenCache {
     per_shard: usize,
     shards: Vec<Mutex<Shard>>,
     hits: AtomicU64,
-}
-
-/// SHA-256 of a token: the cache key.
-pub fn token_hash(token: &str) -> TokenHash {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
-    out
+    /// The key of [`TokenKey`]'s tags, drawn for this process (its `Debug` shows only the
+    /// algorithm). `None` when no random key could be drawn: the cache is then off.
+    tag_key: Option<LessSafeKey>,
 }
 
 impl TokenCache {
     /// A cache holding about `capacity` entries; 0 disables it.
     pub fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
+        let mut key = [0u8; 32];
+        let tag_key = aws_lc_rs::rand::fill(&mut key)
+            .and_then(|()| UnboundKey::new(&AES_256_GCM, &key))
+            .map(LessSafeKey::new);
+        key.fill(0);
+        if per_shard > 0 && tag_key.is_err() {
+            tracing::warn!("no random key for the verified-token cache: it is off");
+        }
         Self {
             per_shard,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hits: AtomicU64::new(0),
+            tag_key: tag_key.ok(),
         }
     }
 
-    fn shard(&self, hash: &TokenHash) -> Option<std::sync::MutexGuard<'_, Shard>> {
+    /// The key `token` is cached under ([`TokenKey`]); `None` when the cache is off (and, in
+    /// principle, if the tag could not be computed): the token is then verified every time.
+    pub fn key(&self, token: &str) -> Option<TokenKey> {
+        let tag_key = self.tag_key.as_ref().filter(|_| self.per_shard > 0)?;
+        let (rest, tail) = token.as_bytes().split_at(token.len().saturating_sub(TAIL));
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(digest(&SHA256, tail).as_ref());
+        let nonce = Nonce::try_assume_unique_for_key(&hash[..12]).ok()?;
+        let tag = tag_key
+            .seal_in_place_separate_tag(nonce, Aad::from(rest), &mut [])
+            .ok()?;
+        Some(TokenKey {
+            tail: hash,
+            rest: tag.as_ref().try_into().ok()?,
+        })
+    }
+
+    fn shard(&self, hash: &TailHash) -> Option<std::sync::MutexGuard<'_, Shard>> {
         if self.per_shard == 0 {
             return None;
         }
@@ -169,15 +228,10 @@ impl TokenCache {
         Some(shard.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The cached result for `hash` if it was verified under `generation` and is still within
+    /// The cached result for `key` if it was verified under `generation` and is still within
     /// `exp`/`nbf` at `now` (seconds) with `leeway` (seconds).
-    pub fn get(
-        &self,
-        hash: &TokenHash,
-        generation: u64,
-        now: i64,
-        leeway: i64,
-    ) -> Option<Verified> {
+    pub fn get(&self, key: &TokenKey, generation: u64, now: i64, leeway: i64) -> Option<Verified> {
+        let hash = &key.tail;
         let mut shard = self.shard(hash)?;
         if generation > shard.generation {
             shard.clear(generation);
@@ -188,6 +242,8 @@ impl TokenCache {
             return None;
         }
         let hit = shard.entries.get_mut(hash)?;
+        // In constant time, so a caller with a victim's signature learns nothing of its tag.
+        verify_slices_are_equal(&hit.rest, &key.rest).ok()?;
         if let Err(failure) = check_times(hit.verified.exp, hit.verified.nbf, now, leeway) {
             // An expired entry will never be served again; a not-yet-valid one may be later.
             if failure == Failure::Expired {
@@ -208,13 +264,15 @@ impl TokenCache {
 
     /// Remembers a result verified under `generation` (ignored if the cache already moved on
     /// to a newer generation: the key that verified it may be gone).
-    pub fn insert(&self, hash: TokenHash, generation: u64, verified: &Verified, now: i64) {
+    pub fn insert(&self, key: &TokenKey, generation: u64, verified: &Verified, now: i64) {
         let per_shard = self.per_shard;
         if per_shard == 0 {
             return;
         }
+        let hash = key.tail;
         // Built before the lock, to keep the critical section short.
         let entry = Entry {
+            rest: key.rest,
             verified: verified.clone(),
             seq: 0,
             used: false,
@@ -275,15 +333,15 @@ mod tests {
     #[test]
     fn hit_rechecks_exp_and_nbf() {
         let cache = TokenCache::new(100);
-        let h = token_hash("a.b.c");
-        cache.insert(h, 1, &verified(1_000, None), 0);
+        let h = cache.key("a.b.c").expect("a key");
+        cache.insert(&h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 1, 900, 0).is_some());
         assert!(
             cache.get(&h, 1, 1_000, 0).is_none(),
             "expired entry must not be served"
         );
-        let h2 = token_hash("d.e.f");
-        cache.insert(h2, 1, &verified(10_000, Some(500)), 0);
+        let h2 = cache.key("d.e.f").expect("a key");
+        cache.insert(&h2, 1, &verified(10_000, Some(500)), 0);
         assert!(
             cache.get(&h2, 1, 100, 30).is_none(),
             "nbf in the future must not be served"
@@ -294,7 +352,7 @@ mod tests {
     #[test]
     fn a_hit_returns_what_was_verified() {
         let cache = TokenCache::new(100);
-        let h = token_hash("a.b.c");
+        let h = cache.key("a.b.c").expect("a key");
         let mut original = verified(10_000, Some(5));
         original.role = Some("authenticated".into());
         original.sub = Some("user-1".into());
@@ -305,7 +363,7 @@ mod tests {
             serde_json::json!({"providers": ["email"], "n": 1.5, "big": u64::MAX, "neg": -3}),
         );
         original.claims = Claims::new(&claims);
-        cache.insert(h, 1, &original, 0);
+        cache.insert(&h, 1, &original, 0);
         assert_eq!(cache.get(&h, 1, 100, 0), Some(original));
         assert_eq!(cache.hits(), 1);
     }
@@ -313,24 +371,25 @@ mod tests {
     #[test]
     fn generation_change_empties() {
         let cache = TokenCache::new(100);
-        let h = token_hash("a.b.c");
-        cache.insert(h, 1, &verified(1_000, None), 0);
+        let h = cache.key("a.b.c").expect("a key");
+        cache.insert(&h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
         assert!(
             cache.get(&h, 1, 0, 0).is_none(),
             "old entries are gone, not hidden"
         );
         // A late insert from a verification under the old generation is ignored.
-        cache.insert(h, 1, &verified(1_000, None), 0);
+        cache.insert(&h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
     }
 
-    /// `count` token hashes that all fall into one shard.
-    fn same_shard(count: usize) -> Vec<TokenHash> {
-        let first = token_hash("t0");
+    /// `count` keys of `cache` that all fall into one shard.
+    fn same_shard(cache: &TokenCache, count: usize) -> Vec<TokenKey> {
+        let shard = |k: &TokenKey| usize::from(k.tail[0]) % SHARDS;
+        let first = shard(&cache.key("t0").expect("a key"));
         (0..)
-            .map(|i| token_hash(&format!("t{i}")))
-            .filter(|h| usize::from(h[0]) % SHARDS == usize::from(first[0]) % SHARDS)
+            .map(|i| cache.key(&format!("t{i}")).expect("a key"))
+            .filter(|k| shard(k) == first)
             .take(count)
             .collect()
     }
@@ -339,13 +398,13 @@ mod tests {
     fn a_full_shard_drops_what_expired_before_anything_valid() {
         // Four entries a shard; five hashes that share one.
         let cache = TokenCache::new(4 * SHARDS);
-        let hashes = same_shard(6);
-        cache.insert(hashes[0], 1, &verified(100, None), 0);
+        let hashes = same_shard(&cache, 6);
+        cache.insert(&hashes[0], 1, &verified(100, None), 0);
         for h in &hashes[1..4] {
-            cache.insert(*h, 1, &verified(10_000, None), 0);
+            cache.insert(h, 1, &verified(10_000, None), 0);
         }
         // Full; at 500 the first has expired: it goes, the valid ones stay.
-        cache.insert(hashes[4], 1, &verified(10_000, None), 500);
+        cache.insert(&hashes[4], 1, &verified(10_000, None), 500);
         assert_eq!(cache.len(), 4);
         for h in &hashes[1..5] {
             assert!(
@@ -354,11 +413,11 @@ mod tests {
             );
         }
         // Full again and nothing expired: one valid entry makes room, the shard stays bounded.
-        cache.insert(hashes[5], 1, &verified(10_000, None), 600);
+        cache.insert(&hashes[5], 1, &verified(10_000, None), 600);
         assert_eq!(cache.len(), 4);
         assert!(cache.get(&hashes[5], 1, 600, 0).is_some());
         // Later all four have expired: they all go at the next insert.
-        cache.insert(hashes[0], 1, &verified(20_000, None), 15_000);
+        cache.insert(&hashes[0], 1, &verified(20_000, None), 15_000);
         assert_eq!(cache.len(), 1, "expired entries left behind");
         assert!(cache.get(&hashes[0], 1, 15_000, 0).is_some());
     }
@@ -366,13 +425,13 @@ mod tests {
     #[test]
     fn a_full_shard_evicts_its_oldest_unused_entry() {
         let cache = TokenCache::new(4 * SHARDS);
-        let hashes = same_shard(40);
+        let hashes = same_shard(&cache, 40);
         for h in &hashes[..4] {
-            cache.insert(*h, 1, &verified(10_000, None), 0);
+            cache.insert(h, 1, &verified(10_000, None), 0);
         }
         // Never served: each new entry takes the place of the oldest.
         for (i, h) in hashes[4..].iter().enumerate() {
-            cache.insert(*h, 1, &verified(10_000, None), 0);
+            cache.insert(h, 1, &verified(10_000, None), 0);
             assert!(
                 cache.get(&hashes[i], 1, 0, 0).is_none(),
                 "entry {i} should have been the one evicted"
@@ -389,15 +448,15 @@ mod tests {
     #[test]
     fn a_token_in_use_survives_a_stream_of_new_ones() {
         let cache = TokenCache::new(4 * SHARDS);
-        let hashes = same_shard(1_001);
+        let hashes = same_shard(&cache, 1_001);
         let (hot, stream) = hashes.split_first().unwrap();
-        cache.insert(*hot, 1, &verified(10_000, None), 0);
+        cache.insert(hot, 1, &verified(10_000, None), 0);
         for h in stream {
             assert!(
                 cache.get(hot, 1, 0, 0).is_some(),
                 "the token in use was evicted"
             );
-            cache.insert(*h, 1, &verified(10_000, None), 0);
+            cache.insert(h, 1, &verified(10_000, None), 0);
         }
         assert_eq!(cache.len(), 4);
     }
@@ -406,11 +465,101 @@ mod tests {
     fn bounded() {
         let cache = TokenCache::new(32);
         for i in 0..1_000 {
-            cache.insert(token_hash(&format!("t{i}")), 1, &verified(10_000, None), 0);
+            let key = cache.key(&format!("t{i}")).expect("a key");
+            cache.insert(&key, 1, &verified(10_000, None), 0);
         }
         assert!(cache.len() <= 32, "len {}", cache.len());
         let off = TokenCache::new(0);
-        off.insert(token_hash("x"), 1, &verified(10_000, None), 0);
+        assert!(off.key("x").is_none(), "a cache that is off keys nothing");
+        off.insert(
+            &cache.key("x").expect("a key"),
+            1,
+            &verified(10_000, None),
+            0,
+        );
         assert!(off.is_empty());
+    }
+
+    /// A signature's length in base64url, as long as the shortest an accepted algorithm makes.
+    const SIG: &str = "MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1ub3BxcnN0dXY";
+
+    #[test]
+    fn a_key_stands_for_the_whole_token() {
+        assert_eq!(SIG.len(), TAIL);
+        let cache = TokenCache::new(100);
+        let key = |t: &str| cache.key(t).expect("a key");
+        let long = format!("h.p.{SIG}");
+        assert!(key(&long) == key(&long), "one token, two keys");
+        // Each differs from the others in one byte (the one before the tail among them), a
+        // dot more, less or elsewhere, or its length; some are shorter than the tail.
+        let mut tokens: Vec<String> = [
+            "h.p.", "h.q.", "g.p.", "h.p,", "h.p", "hp.", "h..p.", "h.p..", ".", "", "x",
+        ]
+        .iter()
+        .map(|rest| format!("{rest}{SIG}"))
+        .collect();
+        tokens.extend(["h.p.s", "h.p.t", "h.ps", "s", ".s", "", "."].map(str::to_owned));
+        tokens.push(format!("h.p.{}x", &SIG[1..]));
+        tokens.push(format!("{SIG}."));
+        for (i, a) in tokens.iter().enumerate() {
+            for b in &tokens[i + 1..] {
+                assert!(key(a) != key(b), "{a:?} and {b:?} share a key");
+            }
+        }
+        // Another process keys the same tail alike and the rest under its own key.
+        let other = TokenCache::new(100).key(&long).expect("a key");
+        assert_eq!(other.tail, key(&long).tail);
+        assert_ne!(other.rest, key(&long).rest, "the tag key is not drawn");
+    }
+
+    #[test]
+    fn a_known_signature_under_another_header_or_payload_misses() {
+        let cache = TokenCache::new(100);
+        let token = format!("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ2In0.{SIG}");
+        let token_key = cache.key(&token).expect("a key");
+        cache.insert(&token_key, 1, &verified(10_000, None), 0);
+        for forged in [
+            format!("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ3In0.{SIG}"),
+            format!("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ2In0.{SIG}"),
+            format!("eyJhbGciOiJFUzI1NiJ9eyJzdWIiOiJ2In0.{SIG}"),
+            format!("eyJzdWIiOiJ2In0.{SIG}"),
+            format!(".{SIG}"),
+            SIG.to_owned(),
+        ] {
+            let forged_key = cache.key(&forged).expect("a key");
+            assert_eq!(forged_key.tail, token_key.tail);
+            assert!(
+                cache.get(&forged_key, 1, 0, 0).is_none(),
+                "{forged} was served the cached entry of another token"
+            );
+        }
+        assert!(cache.get(&token_key, 1, 0, 0).is_some());
+        assert_eq!(cache.hits(), 1);
+    }
+
+    /// [`TAIL`] characters at a token's end are all signature, whatever the algorithm (an
+    /// algorithm added to [`Alg`] must be added here: the match has no catch-all).
+    #[test]
+    fn every_accepted_algorithm_signs_at_least_the_tail() {
+        use crate::auth::Alg;
+        use crate::auth::tests::util::{LEGACY_SECRET, TestKey, claims, hs256_token, now};
+        for alg in [Alg::HS256, Alg::ES256, Alg::RS256, Alg::EdDSA] {
+            let token = match alg {
+                Alg::HS256 => hs256_token(
+                    LEGACY_SECRET,
+                    r#"{"alg":"HS256","typ":"JWT"}"#,
+                    &claims(now()).to_string(),
+                ),
+                Alg::ES256 => TestKey::es256("k").token(&claims(now())),
+                Alg::RS256 => TestKey::rs256("k").token(&claims(now())),
+                Alg::EdDSA => TestKey::eddsa("k").token(&claims(now())),
+            };
+            let signature = token.rsplit('.').next().unwrap_or_default();
+            assert!(
+                signature.len() >= TAIL,
+                "{alg:?} signs with {} characters",
+                signature.len()
+            );
+        }
     }
 }

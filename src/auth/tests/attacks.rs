@@ -571,3 +571,65 @@ async fn sixty_four_kib_token_through_the_authenticator() {
         Err("UNAUTHORIZED_NO_AUTH_HEADER")
     );
 }
+
+/// The verified-token cache finds an entry by its token's signature: a caller who has a
+/// victim's signature, with any other header or payload, is verified (and refused), never
+/// answered from the victim's entry.
+#[tokio::test]
+async fn a_cached_tokens_signature_under_another_header_or_payload_is_refused() {
+    let es = TestKey::es256("es-1");
+    let auth = crate::auth::Authenticator::new(
+        crate::auth::AuthSettings {
+            legacy_secrets: vec![secrecy::SecretString::from(
+                std::str::from_utf8(LEGACY_SECRET).unwrap_or("x").to_owned(),
+            )],
+            inline_jwks: vec![es.public_jwk()],
+            issuers: Some(vec![ISS.to_owned()]),
+            ..Default::default()
+        },
+        reqwest::Client::new(),
+    );
+    let now = now();
+    let victim = claims(now);
+    let mut attacker = victim.clone();
+    attacker["role"] = json!("service_role");
+    let header = json!({"alg": "HS256", "typ": "JWT"}).to_string();
+    let cases = [
+        (es.token(&victim), es.token(&attacker), ASYM),
+        (
+            hs256_token(LEGACY_SECRET, &header, &victim.to_string()),
+            hs256_token(LEGACY_SECRET, &header, &attacker.to_string()),
+            LEGACY,
+        ),
+    ];
+    for (good, other, refused) in cases {
+        for _ in 0..2 {
+            let verified = auth.verify_bearer(&good).await.map_err(|e| e.code());
+            assert_eq!(verified.map(|v| v.role), Ok(Some("authenticated".into())));
+        }
+        let (rest, signature) = good.rsplit_once('.').expect("three parts");
+        let (other_rest, _) = other.rsplit_once('.').expect("three parts");
+        let (header_part, _) = rest.split_once('.').expect("three parts");
+        for forged in [
+            format!("{other_rest}.{signature}"),
+            format!("{}.{signature}", rest.replace('.', "")),
+            format!("{header_part}.{signature}"),
+            format!(".{signature}"),
+            signature.to_owned(),
+        ] {
+            let answer = auth.verify_bearer(&forged).await.map_err(|e| e.code());
+            assert!(
+                answer.is_err(),
+                "{forged} was answered from the cache: {answer:?}"
+            );
+            if forged.starts_with(other_rest) {
+                assert_eq!(answer.err(), Some(refused), "{forged}");
+            }
+        }
+    }
+    assert_eq!(
+        auth.cache().hits(),
+        2,
+        "one hit a token, none for a forgery"
+    );
+}
