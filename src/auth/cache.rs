@@ -34,7 +34,8 @@ const SHARDS: usize = 16;
 
 /// How many characters (bytes) at a token's end [`TokenKey`] hashes: the length of the shortest
 /// signature of any accepted algorithm (HS256's 32 bytes in base64url; ES256 and EdDSA have
-/// 86 characters, RS256 at least 342), so they are always signature, at least 256 bits of it.
+/// 86 characters, RS256 at least 342), so they are always signature: at least 254 bits of it
+/// (a signature's last character carries 2 or 4 bits of padding).
 const TAIL: usize = 43;
 
 /// SHA-256 of a token's last [`TAIL`] characters: where its entry is.
@@ -44,20 +45,26 @@ type TailHash = [u8; 32];
 ///
 /// A token is `rest` followed by its `tail`, its last [`TAIL`] characters (all of it when it
 /// is shorter), so the pair is the token exactly: two tokens differ in one or the other.
-/// - `tail`: SHA-256 of the tail, which holds at least 256 bits of the signature of any token
-///   the cache can hold. One-way, so the map's keys give no one a token, not even someone
-///   who reads the process's memory and could rebuild a cached token's header and payload
-///   from its entry: they would still need the signature.
+/// - `tail`: SHA-256 of the tail, which holds at least 254 bits of the signature of any token
+///   the cache can hold. One-way: nothing in the cache gives anyone a tail.
 /// - `rest`: the AES-256-GCM tag of `rest` (as associated data, nothing encrypted) under a key
-///   drawn for this process, with the tail's hash as nonce. Two texts under the same nonce
-///   get the same tag only if GHASH, a polynomial in a secret point, takes the same value on
-///   both: a chance of under 2⁻¹¹⁸ for any two texts of at most 8 KiB, however they were
-///   chosen, as long as the point stays secret. The tags never leave the process (nor does
-///   anything computed from them but whether two are equal), so a caller who knows a victim's
-///   signature but not the rest cannot make another `rest` with its tag. Both together cost
-///   about half of hashing the whole token, less for longer tokens (BENCHMARKS.md, eighteenth
-///   pass).
-#[derive(Clone, Copy, PartialEq, Eq)]
+///   drawn when the cache is made (one a process), with the tail's hash as nonce. Two texts
+///   under the same nonce get the same tag only if GHASH, a polynomial in a secret point,
+///   takes the same value on both: a chance of under 2⁻¹¹⁸ for any two texts of at most
+///   8 KiB, however they were chosen, as long as the point stays secret. The tags never
+///   leave the process (nor does anything computed from them but whether two are equal), so
+///   a caller who knows a victim's signature but not the rest cannot make another `rest` with
+///   its tag. Both together cost about half of hashing the whole token, less for longer
+///   tokens (BENCHMARKS.md, eighteenth pass).
+///
+/// What this gives up against a SHA-256 of the whole token: someone who reads the process's
+/// memory has the tag key, and GHASH is linear, so they can make a `rest` with any entry's
+/// tag. They still need that entry's tail, which is nowhere in the process but in requests:
+/// with it (HS256's whole signature; the last 43 characters of the others') they could be
+/// answered as the cached token. Under the whole token's hash they needed the whole token,
+/// or its whole signature and its header and payload rebuilt exactly from the entry.
+#[derive(Clone, Copy)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub struct TokenKey {
     tail: TailHash,
     rest: [u8; 16],
@@ -176,8 +183,8 @@ pub struct TokenCache {
     per_shard: usize,
     shards: Vec<Mutex<Shard>>,
     hits: AtomicU64,
-    /// The key of [`TokenKey`]'s tags, drawn for this process (its `Debug` shows only the
-    /// algorithm). `None` when no random key could be drawn: the cache is then off.
+    /// The key of [`TokenKey`]'s tags, drawn when the cache is made (its `Debug` shows only
+    /// the algorithm). `None` when no random key could be drawn: the cache is then off.
     tag_key: Option<LessSafeKey>,
 }
 
@@ -189,7 +196,6 @@ impl TokenCache {
         let tag_key = aws_lc_rs::rand::fill(&mut key)
             .and_then(|()| UnboundKey::new(&AES_256_GCM, &key))
             .map(LessSafeKey::new);
-        key.fill(0);
         if per_shard > 0 && tag_key.is_err() {
             tracing::warn!("no random key for the verified-token cache: it is off");
         }
@@ -538,11 +544,19 @@ mod tests {
     }
 
     /// [`TAIL`] characters at a token's end are all signature, whatever the algorithm (an
-    /// algorithm added to [`Alg`] must be added here: the match has no catch-all).
+    /// algorithm added to [`Alg`] must be added here: the match has no catch-all). The
+    /// verifier's own length checks are tested elsewhere for the others (`auth::tests`:
+    /// Wycheproof's P1363 and Ed25519 vectors, signatures of wrong lengths among them;
+    /// `fetched_set_drops_with_reasons`, RSA moduli under 2048 bits) and here for HMAC.
     #[test]
     fn every_accepted_algorithm_signs_at_least_the_tail() {
         use crate::auth::Alg;
-        use crate::auth::tests::util::{LEGACY_SECRET, TestKey, claims, hs256_token, now};
+        use crate::auth::tests::util::{
+            LEGACY_SECRET, TestKey, b64, claims, hs256_token, now, ring, settings,
+        };
+        use crate::auth::verify::verify;
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
         for alg in [Alg::HS256, Alg::ES256, Alg::RS256, Alg::EdDSA] {
             let token = match alg {
                 Alg::HS256 => hs256_token(
@@ -559,6 +573,25 @@ mod tests {
                 signature.len() >= TAIL,
                 "{alg:?} signs with {} characters",
                 signature.len()
+            );
+        }
+        // And the verifier takes no shorter one: a MAC cut short (which some libraries
+        // accept) is refused.
+        let ring = ring(Some(LEGACY_SECRET), &[], &[]);
+        let token = hs256_token(
+            LEGACY_SECRET,
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            &claims(now()).to_string(),
+        );
+        assert!(verify(&ring, &settings(), &token, now()).is_ok());
+        let (signed, mac) = token.rsplit_once('.').unwrap_or_default();
+        let mac = URL_SAFE_NO_PAD.decode(mac).unwrap_or_default();
+        for cut in [16, 31] {
+            let short = format!("{signed}.{}", b64(&mac[..cut]));
+            assert!(short.len() < token.len());
+            assert!(
+                verify(&ring, &settings(), &short, now()).is_err(),
+                "a MAC of {cut} bytes was taken"
             );
         }
     }
