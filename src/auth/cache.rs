@@ -184,7 +184,8 @@ pub struct TokenCache {
     shards: Vec<Mutex<Shard>>,
     hits: AtomicU64,
     /// The key of [`TokenKey`]'s tags, drawn when the cache is made (its `Debug` shows only
-    /// the algorithm). `None` when no random key could be drawn: the cache is then off.
+    /// the algorithm). `None` when the cache is off, or no random key could be drawn (which
+    /// turns it off).
     tag_key: Option<LessSafeKey>,
 }
 
@@ -192,25 +193,28 @@ impl TokenCache {
     /// A cache holding about `capacity` entries; 0 disables it.
     pub fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
-        let mut key = [0u8; 32];
-        let tag_key = aws_lc_rs::rand::fill(&mut key)
-            .and_then(|()| UnboundKey::new(&AES_256_GCM, &key))
-            .map(LessSafeKey::new);
-        if per_shard > 0 && tag_key.is_err() {
-            tracing::warn!("no random key for the verified-token cache: it is off");
-        }
+        let tag_key = (per_shard > 0).then(|| {
+            let mut key = [0u8; 32];
+            let drawn = aws_lc_rs::rand::fill(&mut key)
+                .and_then(|()| UnboundKey::new(&AES_256_GCM, &key))
+                .map(LessSafeKey::new);
+            if drawn.is_err() {
+                tracing::warn!("no random key for the verified-token cache: it is off");
+            }
+            drawn.ok()
+        });
         Self {
             per_shard,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hits: AtomicU64::new(0),
-            tag_key: tag_key.ok(),
+            tag_key: tag_key.flatten(),
         }
     }
 
     /// The key `token` is cached under ([`TokenKey`]); `None` when the cache is off (and, in
     /// principle, if the tag could not be computed): the token is then verified every time.
     pub fn key(&self, token: &str) -> Option<TokenKey> {
-        let tag_key = self.tag_key.as_ref().filter(|_| self.per_shard > 0)?;
+        let tag_key = self.tag_key.as_ref()?;
         let (rest, tail) = token.as_bytes().split_at(token.len().saturating_sub(TAIL));
         let mut hash = [0u8; 32];
         hash.copy_from_slice(digest(&SHA256, tail).as_ref());
@@ -557,13 +561,14 @@ mod tests {
         use crate::auth::verify::verify;
         use base64::Engine;
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let hs256 = hs256_token(
+            LEGACY_SECRET,
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            &claims(now()).to_string(),
+        );
         for alg in [Alg::HS256, Alg::ES256, Alg::RS256, Alg::EdDSA] {
             let token = match alg {
-                Alg::HS256 => hs256_token(
-                    LEGACY_SECRET,
-                    r#"{"alg":"HS256","typ":"JWT"}"#,
-                    &claims(now()).to_string(),
-                ),
+                Alg::HS256 => hs256.clone(),
                 Alg::ES256 => TestKey::es256("k").token(&claims(now())),
                 Alg::RS256 => TestKey::rs256("k").token(&claims(now())),
                 Alg::EdDSA => TestKey::eddsa("k").token(&claims(now())),
@@ -578,17 +583,12 @@ mod tests {
         // And the verifier takes no shorter one: a MAC cut short (which some libraries
         // accept) is refused.
         let ring = ring(Some(LEGACY_SECRET), &[], &[]);
-        let token = hs256_token(
-            LEGACY_SECRET,
-            r#"{"alg":"HS256","typ":"JWT"}"#,
-            &claims(now()).to_string(),
-        );
-        assert!(verify(&ring, &settings(), &token, now()).is_ok());
-        let (signed, mac) = token.rsplit_once('.').unwrap_or_default();
+        assert!(verify(&ring, &settings(), &hs256, now()).is_ok());
+        let (signed, mac) = hs256.rsplit_once('.').unwrap_or_default();
         let mac = URL_SAFE_NO_PAD.decode(mac).unwrap_or_default();
         for cut in [16, 31] {
             let short = format!("{signed}.{}", b64(&mac[..cut]));
-            assert!(short.len() < token.len());
+            assert!(short.len() < hs256.len());
             assert!(
                 verify(&ring, &settings(), &short, now()).is_err(),
                 "a MAC of {cut} bytes was taken"
