@@ -4,9 +4,10 @@
 //! writes into OUT_DIR:
 //! - `jwks.json`: the public ES256, RS256 and EdDSA keys, as the JWKS host serves them;
 //! - `es256.txt`, `hs256.txt`, `rs256.txt`: COUNT (default 2000) distinct tokens each, one a line;
-//! - `es256_fresh.txt`: FRESH (default 60000) distinct ES256 tokens, enough that none repeats
-//!   within a load run, so each one costs a signature check; `rs256_fresh.txt` and
-//!   `eddsa_fresh.txt` likewise for RS256 and EdDSA;
+//! - `es256_fresh.txt`: FRESH (default 60000) distinct ES256 tokens, none of them in
+//!   `es256.txt`, enough that none comes round again while the verified-token cache holds it,
+//!   so each one costs a signature check; `rs256_fresh.txt` and `eddsa_fresh.txt` likewise
+//!   for RS256 and EdDSA;
 //! - `es256_one.txt`: a single ES256 token (the repeated-token scenario);
 //! - `random_kid.txt`: COUNT ES256 tokens, each under a fresh kid that no JWKS holds.
 //!
@@ -44,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Some(n) => n.parse().context("FRESH must be a number")?,
         None => 60_000,
     };
+    anyhow::ensure!(count >= 1, "COUNT must be at least 1");
     std::fs::create_dir_all(&dir).context("creating OUT_DIR")?;
 
     let now = edgegate::clock::Clock::system().unix_now();
@@ -65,13 +67,15 @@ fn main() -> anyhow::Result<()> {
 
     let jwks = json!({"keys": [es256.public_jwk(), rs256.public_jwk(), eddsa.public_jwk()]});
     std::fs::write(dir.join("jwks.json"), jwks.to_string()).context("writing jwks.json")?;
-    let es256_tokens = sign(&es256, count.max(fresh))?;
+    // A fresh set shares no token with the cache-hit sets, whose tokens a fresh run would
+    // otherwise find in the cache.
+    let es256_tokens = sign(&es256, count + fresh)?;
     write_lines(&dir, "es256.txt", &es256_tokens[..count])?;
-    write_lines(&dir, "es256_fresh.txt", &es256_tokens[..fresh])?;
+    write_lines(&dir, "es256_fresh.txt", &es256_tokens[count..])?;
     write_lines(&dir, "es256_one.txt", &es256_tokens[..1])?;
-    let rs256_tokens = sign(&rs256, count.max(fresh))?;
+    let rs256_tokens = sign(&rs256, count + fresh)?;
     write_lines(&dir, "rs256.txt", &rs256_tokens[..count])?;
-    write_lines(&dir, "rs256_fresh.txt", &rs256_tokens[..fresh])?;
+    write_lines(&dir, "rs256_fresh.txt", &rs256_tokens[count..])?;
     write_lines(&dir, "eddsa_fresh.txt", &sign(&eddsa, fresh)?)?;
     let legacy: Vec<String> = (0..count)
         .map(|i| legacy_token(secret.as_bytes(), &claims(i), None))
