@@ -127,21 +127,40 @@ target() {
 }
 
 # wrk on LOAD_CPU against SERVER_PORT (bench/tokens.lua: jwt-test, or the path given), printing
-# its RESULT line.
+# its RESULT line. A run goes on in its token set where the last run of that set against
+# SERVER_PORT stopped (a cursor in WORK), so that a fresh set sends no token again before it has
+# gone round: every wrk starts its script afresh, and a run that began where the one before it
+# began would send that run's tokens again, which a run shorter than the verified-token cache is
+# long finds there (BENCHMARKS.md, twenty-first pass).
 drive() { # seconds connections token_file [delay_ms [path]]
-    taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
-        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" ${5:+"$5"} | grep '^RESULT'
+    local cursor start=0 result
+    cursor=$WORK/cursor.$SERVER_PORT.$(basename "$3")
+    if [ -f "$cursor" ]; then start=$(<"$cursor"); fi
+    result=$(taskset -c "$LOAD_CPU" wrk -t1 -c "$2" -d "$1s" --timeout 5s -s "$BENCH/tokens.lua" \
+        "http://127.0.0.1:$SERVER_PORT" -- "$3" "${4:-0}" "${5:-/functions/v1/jwt-test}" "$start" |
+        grep '^RESULT')
+    if [ -n "$result" ]; then
+        # Past what wrk counted by one request a connection: sent, perhaps, and not answered.
+        echo $((start + $(field "$result" requests) + $2)) >"$cursor"
+    fi
+    echo "$result"
 }
 
 field() { # RESULT-line name
     sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
 }
 
+# `cache_hits PORT`: the verified-token cache hits the edgegate on PORT has counted (/metrics).
+cache_hits() {
+    curl -fsS "http://127.0.0.1:$1/metrics" | awk '$1 == "edgegate_token_cache_hits_total" {print $2}'
+}
+
 # For the perf-sampling scripts (check_share.sh, profile.sh): perf itself, and
 # `sample SCENARIO PERF_DATA`: SCENARIO (`healthz`, or a token set of $TOK) driven for DURATION
 # seconds at 64 connections after 2 s of warm-up, while `perf record -e cpu-clock` samples the
 # server (SERVER_PID) into PERF_DATA (cycles are not counted in these virtual machines). Sets
-# SAMPLED_REQUESTS and SAMPLED_CPU_US, the server's CPU µs a request (user + system).
+# SAMPLED_REQUESTS and SAMPLED_CPU_US, the server's CPU µs a request (user + system). A fresh
+# set fails it if any of its answers came from the verified-token cache.
 server_bin() { # [EDGEGATE_BIN]: sets BIN to it, else to the release build, built here
     if [ $# -gt 0 ]; then
         BIN=$1
@@ -173,6 +192,8 @@ sample() {
     target "$1"
     local file=$TARGET_FILE path=$TARGET_PATH
     drive 2 64 "$TOK/$file.txt" 0 "$path" >/dev/null
+    local hits
+    hits=$(cache_hits "$SERVER_PORT")
     before=$(server_cpu_ticks)
     perf record -q -F 2000 -e cpu-clock -p "$SERVER_PID" -o "$out" -- sleep "$((DURATION + 1))" \
         >/dev/null 2>&1 &
@@ -180,6 +201,13 @@ sample() {
     result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
     after=$(server_cpu_ticks)
     wait "$perf_pid" || true
+    case $1 in *_fresh)
+        if [ "$(cache_hits "$SERVER_PORT")" != "$hits" ]; then
+            log "$1: $(($(cache_hits "$SERVER_PORT") - hits)) answers from the verified-token cache"
+            exit 1
+        fi
+        ;;
+    esac
     SAMPLED_REQUESTS=$(field "$result" requests)
     SAMPLED_CPU_US=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$SAMPLED_REQUESTS" \
         'BEGIN {printf "%.2f", (b - a) * t / r}')

@@ -16,10 +16,12 @@
 #   es256_one    one ES256 token, repeated
 #   hs256        2,000 distinct HS256 (legacy secret) tokens
 #   rs256        2,000 distinct RS256 tokens
-#   es256_fresh  ES256 tokens that do not repeat within a run (60,000, cycled): a signature
-#                check on every request, even for edgegate's verified-token cache (run after
-#                the others in a round, since it churns that cache; the cache-hit sets are
-#                sent again for 1 s before they are measured in the next round)
+#   es256_fresh  60,000 ES256 tokens, each run going on where the set's last one stopped, so
+#                that a token comes round again only after all the others: a signature check
+#                on every request, even for edgegate's verified-token cache (an answer from
+#                it stops the script; the set runs after the others in a round, since it
+#                churns that cache, and the cache-hit sets are sent again for 1 s before they
+#                are measured in the next round)
 #   rs256_fresh, eddsa_fresh  the same with RS256 and EdDSA tokens
 #   paced        ES256 traffic at a fixed offered rate (VALID_RATE req/s), alone
 #   flood        the same paced traffic plus random-kid tokens at FLOOD_FACTOR x VALID_RATE;
@@ -199,8 +201,19 @@ run_scenario() { # server scenario run
         result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/es256_one.txt" 0 /healthz)
         record "$1" "$2" "$3" "$result"
         ;;
-    es256 | es256_fresh | es256_one | hs256 | rs256 | rs256_fresh | eddsa_fresh)
+    es256 | es256_one | hs256 | rs256)
         result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/$2.txt")
+        record "$1" "$2" "$3" "$result"
+        ;;
+    es256_fresh | rs256_fresh | eddsa_fresh)
+        local hits=0
+        if [ "$1" = edgegate ]; then hits=$(cache_hits "$SERVER_PORT"); fi
+        result=$(drive "$DURATION" "$CONNECTIONS" "$TOKENS/$2.txt")
+        # A signature check a request: none of a fresh set's answers may come from the cache.
+        if [ "$1" = edgegate ] && [ "$(cache_hits "$SERVER_PORT")" != "$hits" ]; then
+            log "$2: $(($(cache_hits "$SERVER_PORT") - hits)) answers from the verified-token cache"
+            exit 1
+        fi
         record "$1" "$2" "$3" "$result"
         ;;
     paced)

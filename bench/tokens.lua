@@ -1,6 +1,8 @@
 -- wrk script: GET jwt-test with a bearer token taken in turn from the file named by the first
 -- script argument; `delay_ms` (second argument, optional) paces each connection; the third
--- (optional) is another path to GET with the same headers (`/healthz`: the HTTP floor).
+-- (optional) is another path to GET with the same headers (`/healthz`: the HTTP floor); the
+-- fourth (optional) is where in the file to begin, counted from 0 and taken modulo its length
+-- (bench/lib.sh `drive` goes on where its last run stopped).
 -- At the end it prints one machine-readable RESULT line for bench/load.sh.
 local tokens = {}
 local next_index = 0
@@ -22,8 +24,12 @@ function init(args)
     -- Defined only when pacing, since wrk times every request when a script has `delay`.
     delay = function() return delay_ms end
   end
-  -- Threads start at different places so they do not send the same token at once.
-  next_index = math.random(#tokens) - 1
+  if args[4] then
+    next_index = tonumber(args[4]) % #tokens
+  else
+    -- Threads start at different places so they do not send the same token at once.
+    next_index = math.random(#tokens) - 1
+  end
 end
 
 function request()
