@@ -3,8 +3,8 @@
 # (server on SERVER_CPU, wrk on LOAD_CPU, same tokens, JWKS inline) and drives the SCENARIOS,
 # DURATION seconds each, so that the machine's load falls on all binaries alike: /healthz, one
 # repeated ES256 token (cache hit), fresh ES256 tokens, and on request fresh RS256 and EdDSA
-# tokens (60,000 a set, more than the verified-token cache holds). Loopback only; every wrk run
-# is bounded. Beside req/s, the server's CPU time a request, user and system apart
+# tokens (60,000 a set, more than the verified-token cache holds; an answer from it fails the
+# script). Loopback only; every wrk run is bounded. Beside req/s, the server's CPU time a request, user and system apart
 # (/proc/PID/stat), which says whether a change moved the process's own work or the kernel's.
 #
 # usage: bench/ab.sh BINARY[:RUST_LOG] ...     e.g. bench/ab.sh /tmp/edgegate-before target/release/edgegate
@@ -40,8 +40,7 @@ for round in $(seq 1 "$ROUNDS"); do
         [ "$spec" = "$bin" ] || level=${spec#*:}
         start_inline "$bin" "$level"
         pid=$SERVER_PID
-        taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d2s -s "$BENCH/tokens.lua" \
-            "http://127.0.0.1:$SERVER_PORT" -- "$TOK/es256_one.txt" 0 >/dev/null
+        drive 2 "$CONNECTIONS" "$TOK/es256_one.txt" >/dev/null
         for scenario in $SCENARIOS; do
             case $scenario in
             healthz) file=es256_one path=/healthz ;;
@@ -50,9 +49,16 @@ for round in $(seq 1 "$ROUNDS"); do
             esac
             user0=$(cpu_ticks "$pid" 14)
             system0=$(cpu_ticks "$pid" 15)
-            result=$(taskset -c "$LOAD_CPU" wrk -t1 -c "$CONNECTIONS" -d "${DURATION}s" --timeout 5s \
-                -s "$BENCH/tokens.lua" "http://127.0.0.1:$SERVER_PORT" -- "$TOK/$file.txt" 0 "$path" |
-                grep '^RESULT')
+            hits=$(cache_hits "$SERVER_PORT")
+            result=$(drive "$DURATION" "$CONNECTIONS" "$TOK/$file.txt" 0 "$path")
+            # A fresh set measures a signature check a request: none of it from the cache.
+            case $scenario in *_fresh)
+                if [ "$(cache_hits "$SERVER_PORT")" != "$hits" ]; then
+                    log "$scenario: $(($(cache_hits "$SERVER_PORT") - hits)) answers from the verified-token cache"
+                    exit 1
+                fi
+                ;;
+            esac
             requests=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$result")
             duration=$(sed -E 's/.* duration_us=([0-9]+).*/\1/' <<<"$result")
             rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
