@@ -47,10 +47,12 @@ for round in $(seq 1 "$ROUNDS"); do
             es256_one | es256_fresh | rs256_fresh | eddsa_fresh) file=$scenario path=/functions/v1/jwt-test ;;
             *) echo "unknown scenario $scenario" >&2 && exit 2 ;;
             esac
+            hits=$(cache_hits "$SERVER_PORT")
             user0=$(cpu_ticks "$pid" 14)
             system0=$(cpu_ticks "$pid" 15)
-            hits=$(cache_hits "$SERVER_PORT")
             result=$(drive "$DURATION" "$CONNECTIONS" "$TOK/$file.txt" 0 "$path")
+            user1=$(cpu_ticks "$pid" 14)
+            system1=$(cpu_ticks "$pid" 15)
             # A fresh set measures a signature check a request: none of it from the cache.
             case $scenario in *_fresh)
                 if [ "$(cache_hits "$SERVER_PORT")" != "$hits" ]; then
@@ -62,9 +64,9 @@ for round in $(seq 1 "$ROUNDS"); do
             requests=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$result")
             duration=$(sed -E 's/.* duration_us=([0-9]+).*/\1/' <<<"$result")
             rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
-            user=$(awk -v a="$user0" -v b="$(cpu_ticks "$pid" 14)" -v t="$TICK_US" -v r="$requests" \
+            user=$(awk -v a="$user0" -v b="$user1" -v t="$TICK_US" -v r="$requests" \
                 'BEGIN {printf "%.2f", (b - a) * t / r}')
-            system=$(awk -v a="$system0" -v b="$(cpu_ticks "$pid" 15)" -v t="$TICK_US" -v r="$requests" \
+            system=$(awk -v a="$system0" -v b="$system1" -v t="$TICK_US" -v r="$requests" \
                 'BEGIN {printf "%.2f", (b - a) * t / r}')
             printf '%s\t%s:%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$(basename "$bin")" "$level" \
                 "$scenario" "$rps" "$(cut -d' ' -f1 /proc/loadavg)" "$user" "$system" "$result" |
