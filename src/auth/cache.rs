@@ -74,7 +74,14 @@ pub struct TokenKey {
 /// the key-usage map's change, 0.6k instructions less a cache hit in callgrind). Its input is
 /// a SHA-256 output, which the seed keeps a caller from aiming at a bucket, and only verified
 /// tokens are inserted, so a caller cannot crowd one.
-type Entries = HashMap<TailHash, Entry, foldhash::fast::RandomState>;
+///
+/// Entries are boxed, so that a slot is 40 bytes, not 184: under a stream of new tokens each
+/// eviction leaves a tombstone, and once they fill a shard's table hashbrown doubles it (625
+/// entries are more than half of a 1,024-slot table's 896), so every shard ends with 2,048
+/// slots, nearly all of whose pages those 625 entries touch: inline, the tables alone were
+/// 5.8 MiB for 10,000 entries; boxed, 1.3 MiB and the entries' own 1.5 (BENCHMARKS.md,
+/// twenty-first pass).
+type Entries = HashMap<TailHash, Box<Entry>, foldhash::fast::RandomState>;
 
 /// A cached [`Verified`]: its strings and claims are shared, so serving it allocates nothing.
 #[derive(Debug)]
@@ -163,7 +170,7 @@ impl Shard {
     }
 
     /// Adds `entry` as the newest, keeping `order` within twice the entries.
-    fn push(&mut self, hash: TailHash, mut entry: Entry, per_shard: usize) {
+    fn push(&mut self, hash: TailHash, mut entry: Box<Entry>, per_shard: usize) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
         self.earliest_exp = self.earliest_exp.min(entry.verified.exp);
@@ -281,12 +288,12 @@ impl TokenCache {
         }
         let hash = key.tail;
         // Built before the lock, to keep the critical section short.
-        let entry = Entry {
+        let entry = Box::new(Entry {
             rest: key.rest,
             verified: verified.clone(),
             seq: 0,
             used: false,
-        };
+        });
         let Some(mut shard) = self.shard(&hash) else {
             return;
         };
@@ -391,6 +398,14 @@ mod tests {
         // A late insert from a verification under the old generation is ignored.
         cache.insert(&h, 1, &verified(1_000, None), 0);
         assert!(cache.get(&h, 2, 0, 0).is_none());
+    }
+
+    #[test]
+    fn a_slot_of_the_table_holds_a_pointer_not_the_entry() {
+        // Every shard's table ends with 2,048 slots under churn (`Entries`), nearly all of
+        // them resident: an entry inline (184 bytes a slot) made that 5.8 MiB.
+        let slot = std::mem::size_of::<<Entries as IntoIterator>::Item>();
+        assert!(slot <= 48, "a slot of the cache's table is {slot} bytes");
     }
 
     /// `count` keys of `cache` that all fall into one shard.
