@@ -155,6 +155,18 @@ cache_hits() {
     curl -fsS "http://127.0.0.1:$1/metrics" | awk '$1 == "edgegate_token_cache_hits_total" {print $2}'
 }
 
+# `no_cache_answers SET PORT HITS`: a fresh SET measures a signature check a request, so the
+# script fails if the edgegate on PORT has counted cache hits since it counted HITS.
+no_cache_answers() {
+    case $1 in *_fresh) ;; *) return 0 ;; esac
+    local now
+    now=$(cache_hits "$2")
+    if [ "$now" != "$3" ]; then
+        log "$1 on port $2: $((now - $3)) answers from the verified-token cache"
+        exit 1
+    fi
+}
+
 # For the perf-sampling scripts (check_share.sh, profile.sh): perf itself, and
 # `sample SCENARIO PERF_DATA`: SCENARIO (`healthz`, or a token set of $TOK) driven for DURATION
 # seconds at 64 connections after 2 s of warm-up, while `perf record -e cpu-clock` samples the
@@ -201,13 +213,7 @@ sample() {
     result=$(drive "$DURATION" 64 "$TOK/$file.txt" 0 "$path")
     after=$(server_cpu_ticks)
     wait "$perf_pid" || true
-    case $1 in *_fresh)
-        if [ "$(cache_hits "$SERVER_PORT")" != "$hits" ]; then
-            log "$1: $(($(cache_hits "$SERVER_PORT") - hits)) answers from the verified-token cache"
-            exit 1
-        fi
-        ;;
-    esac
+    no_cache_answers "$1" "$SERVER_PORT" "$hits"
     SAMPLED_REQUESTS=$(field "$result" requests)
     SAMPLED_CPU_US=$(awk -v a="$before" -v b="$after" -v t="$TICK_US" -v r="$SAMPLED_REQUESTS" \
         'BEGIN {printf "%.2f", (b - a) * t / r}')
