@@ -100,12 +100,13 @@ open_log() {
 # tokens `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file
 # in WORK/db, logging JSON at RUST_LOG (info) to WORK/server.log (see open_log); with NAME, in
 # WORK/db.NAME and to WORK/server.NAME.log, so that two servers can run at once. Sets SERVER_PID
-# once it answers.
+# once it answers. SERVER_ENV (optional): more VAR=value words for its environment.
 start_inline() {
     local db=$WORK/db${3:+.$3}
     rm -rf "$db" && mkdir -p "$db"
     open_log "$WORK/server${3:+.$3}.log"
-    env -i PATH="$PATH" HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
+    # shellcheck disable=SC2086 # SERVER_ENV is a list of words
+    env -i PATH="$PATH" ${SERVER_ENV:-} HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
         JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
         taskset -c "$SERVER_CPU" "$1" serve >&"$LOG_FD" 2>&1 &
