@@ -23,6 +23,9 @@ FROM chef AS builder
 # build time. migrations/ is embedded by sqlx::migrate! when the crate builds.
 ENV SQLX_OFFLINE=true
 COPY --from=planner /app/recipe.json recipe.json
+# The build's settings (mimalloc's compile-time defaults) before the dependencies are cooked,
+# so that the last step does not compile them again.
+COPY .cargo .cargo
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bin edgegate

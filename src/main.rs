@@ -179,7 +179,8 @@ impl From<OutputArg> for KeyOutput {
 
 /// mimalloc instead of glibc's malloc: the request path allocates small, short-lived buffers
 /// (headers, JSON, log lines, trace spans), which it serves with fewer instructions
-/// (BENCHMARKS.md, "Allocator").
+/// (BENCHMARKS.md, "Allocator"). Built to commit its arenas as it uses them
+/// (`.cargo/config.toml`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

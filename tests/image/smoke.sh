@@ -243,6 +243,14 @@ cmd=$(docker image inspect -f '{{json .Config.Cmd}}' "$IMAGE")
 if [ "$entrypoint" = '["edgegate"]' ] && [ "$cmd" = '["serve"]' ]; then ok "$check: $entrypoint $cmd"
 else fail "$check" "ENTRYPOINT $entrypoint CMD $cmd, want [\"edgegate\"] [\"serve\"]"; fi
 
+# -- the allocator as .cargo/config.toml builds it: arenas committed as used (mimalloc prints
+# its options when MIMALLOC_VERBOSE is set; this needs the file in the image's build).
+check="allocator: arenas committed lazily"
+eager=$(run -e MIMALLOC_VERBOSE=1 "$IMAGE" openapi 2>&1 >/dev/null \
+  | sed -n "s/^option 'arena_eager_commit': *\([0-9-]*\).*/\1/p") || true
+if [ "$eager" = 0 ]; then ok "$check (mimalloc option arena_eager_commit: 0)"
+else fail "$check" "mimalloc option arena_eager_commit is '$eager', want 0"; fi
+
 # -- secrets with recognisable fake values; none may ever be printed. The integrations point at
 # a closed loopback port, so nothing leaves the machine.
 MARK=DONOTLEAK

@@ -159,3 +159,20 @@ async fn the_server_runs_without_transparent_huge_pages() {
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
     assert_eq!(thp, Some("0"), "{status}");
 }
+
+/// mimalloc is built to commit its arenas as it uses them, not whole at their first use
+/// (`.cargo/config.toml`): eagerly committed arenas kept ~3 MiB more resident (BENCHMARKS.md,
+/// twenty-second pass). mimalloc prints the options it runs with when `MIMALLOC_VERBOSE` is set;
+/// the environment has no `MIMALLOC_ARENA_EAGER_COMMIT`, so what it prints is the build's default.
+#[test]
+fn the_allocator_commits_its_arenas_lazily_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output(edgegate(dir.path(), &[("MIMALLOC_VERBOSE", "1")]).arg("openapi"));
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let value = stderr
+        .lines()
+        .find_map(|line| line.split_once("option 'arena_eager_commit':"))
+        .map(|(_, value)| value.trim());
+    assert_eq!(value, Some("0"), "{stderr}");
+}
