@@ -106,7 +106,8 @@ start_inline() {
     rm -rf "$db" && mkdir -p "$db"
     open_log "$WORK/server${3:+.$3}.log"
     # shellcheck disable=SC2086 # SERVER_ENV is a list of words
-    env -i PATH="$PATH" ${SERVER_ENV:-} HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
+    env -i PATH="$PATH" ${SERVER_ENV:-} \
+        HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
         SUPABASE_JWKS="$(cat "$TOK/jwks.json")" SUPABASE_JWT_SECRET="$TOKEN_SECRET" \
         JWT_ISSUERS="$TOKEN_ISSUER" LOG_FORMAT=json RUST_LOG="${2:-info}" \
         taskset -c "$SERVER_CPU" "$1" serve >&"$LOG_FD" 2>&1 &
