@@ -62,10 +62,7 @@ run() { # PORT PID TOKEN_FILE PATH: prints "requests CPU-ticks" for one run
     before=$(($(cpu_ticks "$2" 14) + $(cpu_ticks "$2" 15)))
     result=$(SERVER_PORT=$1 drive "$SECS" "$CONNECTIONS" "$TOK/$3.txt" 0 "$4")
     after=$(($(cpu_ticks "$2" 14) + $(cpu_ticks "$2" 15)))
-    if [ "$(field "$result" non2xx)" != 0 ] || [ "$(field "$result" socket_errors)" != 0 ]; then
-        log "port $1: $(field "$result" non2xx) non-2xx answers, $(field "$result" socket_errors) socket errors"
-        exit 1
-    fi
+    all_answered "$result" "port $1" || exit 1
     echo "$(field "$result" requests) $((after - before))"
 }
 

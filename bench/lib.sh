@@ -152,6 +152,15 @@ field() { # RESULT-line name
     sed -E "s/.* $2=([0-9]+).*/\1/" <<<"$1"
 }
 
+# `all_answered RESULT WHAT`: fails, saying so for WHAT, if the wrk run behind RESULT got any
+# answer other than a 2xx or any socket error.
+all_answered() {
+    if [ "$(field "$1" non2xx)" != 0 ] || [ "$(field "$1" socket_errors)" != 0 ]; then
+        log "$2: $(field "$1" non2xx) non-2xx answers, $(field "$1" socket_errors) socket errors"
+        return 1
+    fi
+}
+
 # `cache_hits PORT`: the verified-token cache hits the edgegate on PORT has counted (/metrics).
 cache_hits() {
     curl -fsS "http://127.0.0.1:$1/metrics" | awk '$1 == "edgegate_token_cache_hits_total" {print $2}'

@@ -178,9 +178,7 @@ record() { # server scenario run RESULT-line [extra]
     requests=$(field "$4" requests)
     duration=$(field "$4" duration_us)
     rps=$(awk -v r="$requests" -v d="$duration" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
-    if [ "$(field "$4" non2xx)" != 0 ] || [ "$(field "$4" socket_errors)" != 0 ]; then
-        log "WARNING: $1 $2 run $3: $(field "$4" non2xx) non-2xx answers, $(field "$4" socket_errors) socket errors"
-    fi
+    all_answered "$4" "WARNING: $1 $2 run $3" || true
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$rps" \
         "$(field "$4" p50_us)" "$(field "$4" p99_us)" "${5:-}" >>"$RESULTS"
     log "$1 $2 run $3: $rps req/s, p50 $(field "$4" p50_us) us, p99 $(field "$4" p99_us) us ${5:-}"

@@ -53,10 +53,7 @@ requests() { # scenario: requests answered in SECS seconds (/healthz for "health
     else
         result=$(drive "$SECS" "$CONNECTIONS" "$TOK/$1.txt")
     fi
-    if [ "$(field "$result" non2xx)" != 0 ] || [ "$(field "$result" socket_errors)" != 0 ]; then
-        log "$1: $(field "$result" non2xx) non-2xx answers, $(field "$result" socket_errors) socket errors"
-        exit 1
-    fi
+    all_answered "$result" "$1" || exit 1
     field "$result" requests
 }
 

@@ -53,10 +53,7 @@ for run in $(seq 1 "$RUNS"); do
             if [ $side = A ]; then port=$PORT_A pid=$PID_A; else port=$PORT_B pid=$PID_B; fi
             hits=$(cache_hits "$port")
             result=$(SERVER_PORT=$port drive "$SECS" 64 "$TOK/$TARGET_FILE.txt" 0 "$TARGET_PATH")
-            if [ "$(field "$result" non2xx)" != 0 ] || [ "$(field "$result" socket_errors)" != 0 ]; then
-                log "$side, $set: $(field "$result" non2xx) non-2xx answers, $(field "$result" socket_errors) socket errors"
-                exit 1
-            fi
+            all_answered "$result" "$side, $set" || exit 1
             no_cache_answers "$set" "$port" "$hits"
             if [ $side = A ]; then line_a+=" $(hwm_mib "$pid")"; else line_b+=" $(hwm_mib "$pid")"; fi
         done
