@@ -11,10 +11,10 @@
 # wrk runs on LOAD_CPU (64 connections, loopback only, every run bounded). Each run starts both
 # servers afresh. Variables: RUNS (3), SECS (5), ENV_A, ENV_B (extra VAR=value words for one
 # server's environment, e.g. ENV_B=MIMALLOC_VERBOSE=1), PORT_A, PORT_B, SERVER_CPU, LOAD_CPU,
-# HALT_POLL_NS (bench/lib.sh), FRESH (60000: a fresh set's size; a binary that evicts badly
-# can find a token again once a run has gone round the set, which fails the script: the first
-# commit needs 250000). A fresh set that gets an answer from the verified-token cache fails the
-# script. RUNS x 2 x (8 sets x SECS + 2) seconds: about 5 minutes by default.
+# HALT_POLL_NS (bench/lib.sh), FRESH (60000: a fresh set's size). A fresh set that gets an
+# answer from the verified-token cache fails the script; a binary that evicts badly can find a
+# token again once a run has gone round the set (the first commit needs FRESH=250000).
+# RUNS x 2 x 8 x SECS seconds plus start-up: about 5 minutes by default.
 # Output: a line per run and server with VmHWM in MiB after each set, then each server's peak
 # over the runs (median, min-max).
 set -euo pipefail
@@ -41,29 +41,32 @@ echo "VmHWM in MiB: at start, then after each of: ${SETS[*]}"
 hwm_mib() { awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
 : >"$WORK/peaks.txt"
+declare -A port=([A]=$PORT_A [B]=$PORT_B) bin=([A]=$1 [B]=$2) extra=([A]=${ENV_A:-} [B]=${ENV_B:-})
+declare -A pid line
 for run in $(seq 1 "$RUNS"); do
-    SERVER_PORT=$PORT_A SERVER_ENV=${ENV_A:-} start_inline "$1" info "a$run"
-    PID_A=$SERVER_PID
-    SERVER_PORT=$PORT_B SERVER_ENV=${ENV_B:-} start_inline "$2" info "b$run"
-    PID_B=$SERVER_PID
-    line_a="A run $run: $(hwm_mib "$PID_A")" line_b="B run $run: $(hwm_mib "$PID_B")"
+    for side in A B; do
+        SERVER_PORT=${port[$side]} SERVER_ENV=${extra[$side]} \
+            start_inline "${bin[$side]}" info "$side$run"
+        pid[$side]=$SERVER_PID
+        line[$side]="$side run $run: $(hwm_mib "$SERVER_PID")"
+    done
     for set in "${SETS[@]}"; do
         target "$set"
         for side in A B; do
-            if [ $side = A ]; then port=$PORT_A pid=$PID_A; else port=$PORT_B pid=$PID_B; fi
-            hits=$(cache_hits "$port")
-            result=$(SERVER_PORT=$port drive "$SECS" 64 "$TOK/$TARGET_FILE.txt" 0 "$TARGET_PATH")
+            hits=$(cache_hits "${port[$side]}")
+            result=$(SERVER_PORT=${port[$side]} \
+                drive "$SECS" 64 "$TOK/$TARGET_FILE.txt" 0 "$TARGET_PATH")
             all_answered "$result" "$side, $set" || exit 1
-            no_cache_answers "$set" "$port" "$hits"
-            if [ $side = A ]; then line_a+=" $(hwm_mib "$pid")"; else line_b+=" $(hwm_mib "$pid")"; fi
+            no_cache_answers "$set" "${port[$side]}" "$hits"
+            line[$side]+=" $(hwm_mib "${pid[$side]}")"
         done
     done
-    echo "$line_a"
-    echo "$line_b"
-    echo "A $(hwm_mib "$PID_A")" >>"$WORK/peaks.txt"
-    echo "B $(hwm_mib "$PID_B")" >>"$WORK/peaks.txt"
-    kill "$PID_A" "$PID_B"
-    wait "$PID_A" "$PID_B" 2>/dev/null || true
+    for side in A B; do
+        echo "${line[$side]}"
+        echo "$side $(hwm_mib "${pid[$side]}")" >>"$WORK/peaks.txt"
+    done
+    kill "${pid[A]}" "${pid[B]}"
+    wait "${pid[A]}" "${pid[B]}" 2>/dev/null || true
     # A cursor goes with its server: the next run's servers have seen no token.
     rm -f "$WORK"/cursor.*
 done
@@ -71,18 +74,17 @@ done
 python3 - "$WORK/peaks.txt" <<'EOF'
 import sys
 
-peaks = {}
+peaks = {"A": [], "B": []}
 for line in open(sys.argv[1]):
     side, mib = line.split()
-    peaks.setdefault(side, []).append(float(mib))
-for side, values in sorted(peaks.items()):
+    peaks[side].append(float(mib))
+median = {}
+for side, values in peaks.items():
     values.sort()
+    median[side] = values[len(values) // 2]
     print(
-        f"peak RSS {side}: median {values[len(values) // 2]:.1f} MiB "
+        f"peak RSS {side}: median {median[side]:.1f} MiB "
         f"({values[0]:.1f}-{values[-1]:.1f}, {len(values)} runs)"
     )
-if "A" in peaks and "B" in peaks:
-    a = sorted(peaks["A"])[len(peaks["A"]) // 2]
-    b = sorted(peaks["B"])[len(peaks["B"]) // 2]
-    print(f"B/A peak RSS (medians): {b / a:.3f}")
+print(f"B/A peak RSS (medians): {median['B'] / median['A']:.3f}")
 EOF
