@@ -12,7 +12,8 @@
 # wrk runs on LOAD_CPU (CONNECTIONS connections, loopback only, every run bounded).
 # Variables: PAIRS (60), SECS (1), SCENARIO (healthz; a cache-hit set of bench/pairs.sh:
 # es256_one, es256, hs256, rs256; or a fresh set of bench/load.sh: es256_fresh, rs256_fresh,
-# eddsa_fresh, 60,000 tokens, each gone from the verified-token cache before it comes round
+# eddsa_fresh, or hs256_fresh (legacy-secret tokens; not in load.sh's default scenarios),
+# 60,000 tokens, each gone from the verified-token cache before it comes round
 # again: the runs go on through the set (bench/lib.sh `drive`), and any answer from the cache
 # fails the script), FRESH (60000: a fresh set's size; one that none of the runs comes round,
 # PAIRS x SECS x the rate, leaves no token to be found in any cache, even one that evicts

@@ -6,8 +6,8 @@
 //! - `es256.txt`, `hs256.txt`, `rs256.txt`: COUNT (default 2000) distinct tokens each, one a line;
 //! - `es256_fresh.txt`: FRESH (default 60000) distinct ES256 tokens, none of them in
 //!   `es256.txt`, enough that none comes round again while the verified-token cache holds it,
-//!   so each one costs a signature check; `rs256_fresh.txt` and `eddsa_fresh.txt` likewise
-//!   for RS256 and EdDSA;
+//!   so each one costs a signature check; `rs256_fresh.txt`, `eddsa_fresh.txt` and
+//!   `hs256_fresh.txt` likewise for RS256, EdDSA and the legacy secret;
 //! - `es256_one.txt`: a single ES256 token (the repeated-token scenario);
 //! - `random_kid.txt`: COUNT ES256 tokens, each under a fresh kid that no JWKS holds.
 //!
@@ -77,10 +77,11 @@ fn main() -> anyhow::Result<()> {
     write_lines(&dir, "rs256.txt", &rs256_tokens[..count])?;
     write_lines(&dir, "rs256_fresh.txt", &rs256_tokens[count..])?;
     write_lines(&dir, "eddsa_fresh.txt", &sign(&eddsa, fresh)?)?;
-    let legacy: Vec<String> = (0..count)
+    let legacy: Vec<String> = (0..count + fresh)
         .map(|i| legacy_token(secret.as_bytes(), &claims(i), None))
         .collect();
-    write_lines(&dir, "hs256.txt", &legacy)?;
+    write_lines(&dir, "hs256.txt", &legacy[..count])?;
+    write_lines(&dir, "hs256_fresh.txt", &legacy[count..])?;
     // Each under its own unknown kid: what an attacker sends to force JWKS refetches.
     let random_kid = (0..count)
         .map(|i| SigningKey::generate(Alg::ES256)?.token(&claims(i)))
