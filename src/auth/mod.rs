@@ -18,6 +18,7 @@
 //! ```
 
 pub mod authenticator;
+pub(crate) mod batch;
 pub mod cache;
 pub mod callers;
 pub(crate) mod compact;

@@ -633,3 +633,48 @@ async fn a_cached_tokens_signature_under_another_header_or_payload_is_refused() 
         "one hit a token, none for a forgery"
     );
 }
+
+/// Misses are checked in batches, one request's check made by another (`auth::batch`): with
+/// many requests at once on several worker threads, each still gets its own token's answer,
+/// a forged token among good ones is refused, and a good one among forged ones accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_each_get_their_own_answer() {
+    let es = TestKey::es256("es-1");
+    let ed = TestKey::eddsa("ed-1");
+    let auth = std::sync::Arc::new(crate::auth::Authenticator::new(
+        crate::auth::AuthSettings {
+            inline_jwks: vec![es.public_jwk(), ed.public_jwk()],
+            issuers: Some(vec![ISS.to_owned()]),
+            ..Default::default()
+        },
+        reqwest::Client::new(),
+    ));
+    let now = now();
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let mut c = claims(now);
+            c["sub"] = json!(format!("user-{i}"));
+            let key = if i % 2 == 0 { &es } else { &ed };
+            let mut token = key.token(&c);
+            let forged = i % 7 == 3;
+            if forged {
+                // Another payload under this token's signature.
+                c["role"] = json!("service_role");
+                let signature = token.rsplit('.').next().unwrap_or_default().to_owned();
+                let other = key.token(&c);
+                let (signed, _) = other.rsplit_once('.').unwrap_or_default();
+                token = format!("{signed}.{signature}");
+            }
+            let auth = std::sync::Arc::clone(&auth);
+            tokio::spawn(async move { (i, forged, auth.verify_bearer(&token).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (i, forged, result) = task.await.expect("task");
+        match result {
+            Ok(v) if !forged => assert_eq!(v.sub.as_deref(), Some(format!("user-{i}").as_str())),
+            Err(e) if forged => assert_eq!(e.code(), ASYM, "token {i}"),
+            other => panic!("token {i} (forged: {forged}): {other:?}"),
+        }
+    }
+}
