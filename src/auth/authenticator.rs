@@ -1,6 +1,5 @@
 //! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
 
-use crate::auth::batch;
 use crate::auth::cache::TokenCache;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
@@ -115,7 +114,7 @@ const MAX_API_KEY_BYTES: usize = 1024;
 /// Verifies bearer tokens (with cache and JWKS refetch) and API keys.
 pub struct Authenticator {
     ring: Arc<KeyRingHandle>,
-    settings: Arc<VerifySettings>,
+    settings: VerifySettings,
     cache: TokenCache,
     fetcher: Option<JwksFetcher>,
     api_keys: Vec<ApiKey>,
@@ -179,11 +178,11 @@ impl Authenticator {
             .collect();
         Self {
             ring,
-            settings: Arc::new(VerifySettings {
+            settings: VerifySettings {
                 issuers: settings.issuers,
                 audiences: settings.audiences,
                 leeway: settings.leeway,
-            }),
+            },
             cache: TokenCache::new(settings.token_cache_capacity),
             fetcher,
             api_keys,
@@ -254,9 +253,8 @@ impl Authenticator {
         self.fetcher.as_ref().map(JwksFetcher::spawn)
     }
 
-    /// Verifies a bearer JWT: cache, then the key ring (the check made in a batch with the
-    /// other misses ready on this thread, [`batch`]); an unknown kid asks the fetcher for one
-    /// single-flight refetch and retries once if it happened.
+    /// Verifies a bearer JWT: cache, then the key ring; an unknown kid asks the fetcher for
+    /// one single-flight refetch and retries once if it happened.
     pub async fn verify_bearer(&self, token: &str) -> Result<Verified, AuthError> {
         if token.is_empty() {
             return Err(AuthError::NoCredential);
@@ -273,8 +271,7 @@ impl Authenticator {
         {
             return Ok(hit);
         }
-        let (ring, first) = batch::check(token, &self.ring, &self.settings, now).await;
-        let (ring, result) = match first {
+        let (ring, result) = match verify(&ring, &self.settings, token, now) {
             Err(AuthError::UnknownKid) => match &self.fetcher {
                 Some(fetcher) => match fetcher.on_unknown_kid().await {
                     RefetchOutcome::Fetched | RefetchOutcome::Joined => {

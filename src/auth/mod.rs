@@ -18,7 +18,6 @@
 //! ```
 
 pub mod authenticator;
-pub(crate) mod batch;
 pub mod cache;
 pub mod callers;
 pub(crate) mod compact;
