@@ -63,7 +63,7 @@ done
 echo "healthz: $(drive "$SECS" "$CONNECTIONS" "$TOK/es256_one.txt" 0 /healthz)"
 # The counts are written when the process exits: a graceful stop, then the file must be there.
 kill -TERM "$SERVER_PID"
-wait "$SERVER_PID"
+wait "$SERVER_PID" || { log "the instrumented server exited with status $?"; exit 1; }
 shopt -s nullglob
 profiles=("$raw"/*.profraw)
 [ ${#profiles[@]} -eq 1 ] || { log "expected one .profraw, found ${#profiles[@]}"; exit 1; }
