@@ -58,10 +58,13 @@ pub enum Presented<'a> {
 }
 
 pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
-    let apikey = match headers.get(&APIKEY) {
-        Some(value) => Some(value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim())
-            .filter(|key| !key.is_empty()),
-        None => None,
+    // Read only where it can count: a Bearer JWT wins over `apikey`, whatever `apikey` holds.
+    let apikey = || match headers.get(&APIKEY) {
+        Some(value) => Ok(
+            Some(value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim())
+                .filter(|key| !key.is_empty()),
+        ),
+        None => Ok(None),
     };
     if let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) {
         let value = authorization
@@ -81,12 +84,12 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
         if !token.starts_with("sb_") {
             return Ok(Presented::Jwt(token));
         }
-        if apikey == Some(token) {
+        if apikey()? == Some(token) {
             return Ok(Presented::ApiKey(token));
         }
         // An sb_ Bearer that differs from apikey does not count; fall through to apikey.
     }
-    match apikey {
+    match apikey()? {
         Some(key) if key.starts_with("sb_") => Ok(Presented::ApiKey(key)),
         // A legacy anon or service_role key is itself a JWT.
         Some(key) => Ok(Presented::Jwt(key)),
@@ -228,6 +231,18 @@ mod tests {
             ("apikey", "sb_publishable_x"),
         ]);
         assert_eq!(presented(&h), Ok(Presented::Jwt("a.b.c")));
+    }
+
+    /// An `apikey` that is not text (obs-text bytes, which HTTP allows in a value) does not
+    /// count when a Bearer JWT wins over it; it is refused only when it is what would count.
+    #[test]
+    fn a_bearer_jwt_wins_over_an_unreadable_apikey() {
+        let h = headers(&[("authorization", "Bearer a.b.c"), ("apikey", "sb_é")]);
+        assert_eq!(presented(&h), Ok(Presented::Jwt("a.b.c")));
+        let sb = headers(&[("authorization", "Bearer sb_secret_x"), ("apikey", "sb_é")]);
+        assert_eq!(presented(&sb), Err(AuthError::InvalidApiKey));
+        let alone = headers(&[("apikey", "sb_é")]);
+        assert_eq!(presented(&alone), Err(AuthError::InvalidApiKey));
     }
 
     #[test]

@@ -133,6 +133,18 @@ async fn jwt_test_names_the_key_that_verified_each_kind_of_credential() {
     assert_eq!(body["key"]["source"], "legacy_secret");
     assert_eq!(body["key"]["alg"], "HS256");
 
+    // A Bearer JWT wins over `apikey`, even one that is not text (obs-text bytes, which HTTP
+    // allows in a header value); such an `apikey` is refused only where it would count.
+    let auth = format!("Bearer {}", user_token(&es));
+    let (status, _, body) = call(&server, &[("authorization", &auth), ("apikey", "sb_é")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["source"], "signing_key");
+    let (status, _, body) = call(&server, &[("apikey", "sb_é")]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_INVALID_API_KEY"))
+    );
+
     // After migration, legacy tokens may carry a kid the JWKS does not have.
     let with_kid = legacy_token(
         SECRET.as_bytes(),
