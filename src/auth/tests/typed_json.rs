@@ -358,6 +358,32 @@ fn claims_that_are_not_utf8_are_malformed() {
     }
 }
 
+/// The answer carries the claims as the token does, so an escape that is no character (a lone
+/// UTF-16 surrogate) must be refused wherever it stands: in a member the checks read, in one
+/// they skip at any depth, or in a member name. (serde_json's `deserialize_ignored_any` would
+/// skip such a string unchecked: the skipping visitors must not use it.)
+#[test]
+fn lone_surrogates_are_malformed_anywhere_in_the_claims() {
+    for payload in [
+        r#"{"exp":1700000100,"sub":"\ud800"}"#,
+        r#"{"exp":1700000100,"x":"\ud800"}"#,
+        r#"{"exp":1700000100,"x":"\udc00"}"#,
+        r#"{"exp":1700000100,"\ud800":1}"#,
+        r#"{"exp":1700000100,"a":{"b":["\ud83dx"]}}"#,
+        r#"{"exp":1700000100,"a":[{"\udfff":true}]}"#,
+    ] {
+        assert_eq!(
+            check_payload(payload.as_bytes(), &settings(false), NOW),
+            Err(Failure::MalformedClaims),
+            "{payload}"
+        );
+    }
+    // A pair is one character, and kept as the token wrote it.
+    let pair = r#"{"exp":1700000100,"x":"\ud83d\ude00"}"#;
+    let checked = check_payload(pair.as_bytes(), &settings(false), NOW).expect("valid claims");
+    assert_eq!(checked.claims.json(), pair);
+}
+
 #[test]
 fn no_claims_and_an_empty_map_are_the_empty_object() {
     assert_eq!(crate::auth::Claims::default().json(), "{}");
