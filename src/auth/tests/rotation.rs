@@ -309,6 +309,14 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
         auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
         "last good set still verifies"
     );
+    // A token that outlives the keys, verified once and then answered from the cache.
+    let mut long_lived = claims(n);
+    long_lived["exp"] = json!(n + 200_000);
+    let cached = k1.token(&long_lived);
+    assert!(auth.verify_bearer(&cached).await.is_ok());
+    let hits = auth.cache().hits();
+    assert!(auth.verify_bearer(&cached).await.is_ok());
+    assert_eq!(auth.cache().hits(), hits + 1, "answered from the cache");
     let stats = fetcher.stats().snapshot(clock.unix_now());
     assert_eq!(
         (stats.fetches_ok, stats.fetches_failed, stats.stale),
@@ -338,6 +346,11 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
             .map_err(|e| e.code()),
         Err("UNAUTHORIZED_ASYMMETRIC_JWT"),
         "keys stale beyond 24 h are dropped"
+    );
+    assert_eq!(
+        auth.verify_bearer(&cached).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_ASYMMETRIC_JWT"),
+        "a token the cache holds goes with the keys that verified it"
     );
 }
 
