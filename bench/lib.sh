@@ -51,12 +51,12 @@ if [ -n "${HALT_POLL_NS:-}" ]; then
 fi
 
 # Keys and tokens for a scratch server: the issuer and legacy secret they are made for, and
-# `make_tokens DIR COUNT FRESH` (examples/bench_tokens.rs; needs CARGO_TARGET_DIR).
+# `make_tokens DIR COUNT FRESH [LARGE]` (examples/bench_tokens.rs; needs CARGO_TARGET_DIR).
 TOKEN_ISSUER=https://bench.supabase.co/auth/v1
 TOKEN_SECRET=bench-legacy-jwt-secret-with-at-least-32-characters
 make_tokens() {
     cargo build --release --locked --quiet --example bench_tokens
-    "$CARGO_TARGET_DIR/release/examples/bench_tokens" "$1" "$TOKEN_ISSUER" "$TOKEN_SECRET" "$2" "$3" >/dev/null
+    "$CARGO_TARGET_DIR/release/examples/bench_tokens" "$1" "$TOKEN_ISSUER" "$TOKEN_SECRET" "$2" "$3" "${4:-0}" >/dev/null
 }
 
 log() { printf '%s\n' "$*" >&2; }

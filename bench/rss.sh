@@ -13,7 +13,10 @@
 # server's environment, e.g. ENV_B=MIMALLOC_VERBOSE=1), PORT_A, PORT_B, SERVER_CPU, LOAD_CPU,
 # HALT_POLL_NS (bench/lib.sh), FRESH (60000: a fresh set's size). A fresh set that gets an
 # answer from the verified-token cache fails the script; a binary that evicts badly can find a
-# token again once a run has gone round the set (the first commit needs FRESH=250000).
+# token again once a run has gone round the set (the first commit needs FRESH=250000). SETS
+# (the eight above, in a line) chooses the sets; LARGE (0) writes the set `hs256_large_fresh`
+# of that many legacy tokens of 7.9 KiB, for the cache's memory when callers fill their claims
+# (`SETS=hs256_large_fresh LARGE=12000`: more than the cache's 10,000 entries).
 # RUNS x 2 x 8 x SECS seconds plus start-up: about 5 minutes by default.
 # Output: a line per run and server with VmHWM in MiB after each set, then each server's peak
 # over the runs (median, min-max).
@@ -25,14 +28,14 @@ PORT_A=${PORT_A:-18881}
 PORT_B=${PORT_B:-18882}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SETS=(healthz es256_one es256 hs256 rs256 es256_fresh rs256_fresh eddsa_fresh)
+read -r -a SETS <<<"${SETS:-healthz es256_one es256 hs256 rs256 es256_fresh rs256_fresh eddsa_fresh}"
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 [ $# -eq 2 ] || { echo "usage: bench/rss.sh BINARY_A BINARY_B" >&2; exit 2; }
 need_wrk
 # Each run starts new servers, so a fresh set can start over: no server has seen its tokens.
-make_tokens "$WORK/tokens" 2000 "${FRESH:-60000}"
+make_tokens "$WORK/tokens" 2000 "${FRESH:-60000}" "${LARGE:-0}"
 TOK=$WORK/tokens
 echo "idle vCPUs: $(halt_poll_setting); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 echo "A: $1 ${ENV_A:-}; B: $2 ${ENV_B:-}; $RUNS runs, ${SECS}s a set"

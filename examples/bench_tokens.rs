@@ -1,6 +1,7 @@
 //! Keys and tokens for `bench/load.sh`.
 //!
-//! `cargo run --release --example bench_tokens -- OUT_DIR ISSUER LEGACY_SECRET [COUNT [FRESH]]`
+//! `cargo run --release --example bench_tokens -- OUT_DIR ISSUER LEGACY_SECRET [COUNT [FRESH
+//! [LARGE]]]`
 //! writes into OUT_DIR:
 //! - `jwks.json`: the public ES256, RS256 and EdDSA keys, as the JWKS host serves them;
 //! - `es256.txt`, `hs256.txt`, `rs256.txt`: COUNT (default 2000) distinct tokens each, one a line;
@@ -9,7 +10,10 @@
 //!   so each one costs a signature check; `rs256_fresh.txt`, `eddsa_fresh.txt` and
 //!   `hs256_fresh.txt` likewise for RS256, EdDSA and the legacy secret;
 //! - `es256_one.txt`: a single ES256 token (the repeated-token scenario);
-//! - `random_kid.txt`: COUNT ES256 tokens, each under a fresh kid that no JWKS holds.
+//! - `random_kid.txt`: COUNT ES256 tokens, each under a fresh kid that no JWKS holds;
+//! - `hs256_large_fresh.txt`, when LARGE (default 0) is given: LARGE distinct legacy tokens
+//!   whose `user_metadata` (the user's own to fill) makes them nearly as long as a token may
+//!   be (8 KiB), for the verified-token cache's memory (`bench/rss.sh`).
 //!
 //! Tokens are valid for two hours from now, shaped like Supabase Auth's.
 
@@ -33,7 +37,7 @@ fn write_lines(dir: &Path, name: &str, tokens: &[String]) -> anyhow::Result<()> 
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bench_tokens OUT_DIR ISSUER LEGACY_SECRET [COUNT [FRESH]]";
+    let usage = "usage: bench_tokens OUT_DIR ISSUER LEGACY_SECRET [COUNT [FRESH [LARGE]]]";
     let dir = PathBuf::from(args.next().context(usage)?);
     let issuer = args.next().context(usage)?;
     let secret = args.next().context(usage)?;
@@ -44,6 +48,10 @@ fn main() -> anyhow::Result<()> {
     let fresh: usize = match args.next() {
         Some(n) => n.parse().context("FRESH must be a number")?,
         None => 60_000,
+    };
+    let large: usize = match args.next() {
+        Some(n) => n.parse().context("LARGE must be a number")?,
+        None => 0,
     };
     anyhow::ensure!(count >= 1, "COUNT must be at least 1");
     std::fs::create_dir_all(&dir).context("creating OUT_DIR")?;
@@ -87,6 +95,19 @@ fn main() -> anyhow::Result<()> {
         .map(|i| SigningKey::generate(Alg::ES256)?.token(&claims(i)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     write_lines(&dir, "random_kid.txt", &random_kid)?;
+    if large > 0 {
+        // 5,800 bytes of claims: 7.9 KiB of token once in base64url, signed.
+        let tokens: Vec<String> = (0..large)
+            .map(|i| {
+                let mut claims = claims(i);
+                claims["user_metadata"] = json!({"bio": ""});
+                let pad = 5_800usize.saturating_sub(claims.to_string().len());
+                claims["user_metadata"]["bio"] = json!("x".repeat(pad));
+                legacy_token(secret.as_bytes(), &claims, None)
+            })
+            .collect();
+        write_lines(&dir, "hs256_large_fresh.txt", &tokens)?;
+    }
     println!("{count} tokens per set written to {}", dir.display());
     Ok(())
 }
