@@ -9,8 +9,10 @@
 //! - Entries remember the key-ring generation that verified them; when the generation changes
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
 //!   stops vouching for cached tokens at once.
-//! - Bounded: a full shard first drops expired entries, then its oldest entry not served since
-//!   it was last looked at (first in, first out with a second chance, "CLOCK"): a token in use
+//! - Bounded, in entries and in the bytes of the claims they keep (a token's claims are its
+//!   holder's to make large: Supabase's `user_metadata` is the user's own): a full shard first
+//!   drops expired entries, then its oldest entry not served since it was last looked at
+//!   (first in, first out with a second chance, "CLOCK"): a token in use
 //!   survives a stream of new ones, which only replace each other. Each shard knows a lower
 //!   bound of its entries' `exp`, so a full shard under churn (every token new, none expired)
 //!   looks for expired entries only when one may exist, not on every insert.
@@ -31,6 +33,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 16;
+
+/// How many bytes of claims text the cache keeps in all, by default: 10,000 entries of a
+/// Supabase access token's usual 600 to 900 bytes fit, while tokens of 8 KiB (the most a
+/// token may be) could otherwise hold 60 MiB.
+pub const CLAIMS_BUDGET: usize = 16 * 1024 * 1024;
 
 /// How many characters (bytes) at a token's end [`TokenKey`] hashes: the length of the shortest
 /// signature of any accepted algorithm (HS256's 32 bytes in base64url; ES256 and EdDSA have
@@ -108,6 +115,8 @@ struct Shard {
     /// was inserted again (another seq) is stale and skipped.
     order: VecDeque<(TailHash, u64)>,
     next_seq: u64,
+    /// The bytes of claims text its entries keep ([`Entry::claims_bytes`]).
+    claims_bytes: usize,
 }
 
 impl Default for Shard {
@@ -118,7 +127,16 @@ impl Default for Shard {
             earliest_exp: i64::MAX,
             order: VecDeque::new(),
             next_seq: 0,
+            claims_bytes: 0,
         }
+    }
+}
+
+impl Entry {
+    /// What it counts against its shard's budget: its claims text, nearly all of what it
+    /// keeps beyond its fixed size (its `sub` and `role` are copies of a part of it).
+    fn claims_bytes(&self) -> usize {
+        self.verified.claims.json().len()
     }
 }
 
@@ -128,16 +146,34 @@ impl Shard {
         self.generation = generation;
         self.earliest_exp = i64::MAX;
         self.order.clear();
+        self.claims_bytes = 0;
     }
 
-    /// Makes room for one entry: drops the entries expired at `now` if any may be, then, if
-    /// still full, the oldest entry not served since eviction last passed it.
-    fn make_room(&mut self, per_shard: usize, now: i64) {
-        if self.entries.len() < per_shard {
+    fn remove(&mut self, hash: &TailHash) {
+        if let Some(entry) = self.entries.remove(hash) {
+            self.claims_bytes -= entry.claims_bytes();
+        }
+    }
+
+    /// Makes room for one entry of `bytes` of claims: drops the entries expired at `now` if
+    /// any may be, then, while still full (`per_shard` entries, or not `bytes` left of
+    /// `budget`), the oldest entry not served since eviction last passed it.
+    fn make_room(&mut self, per_shard: usize, budget: usize, bytes: usize, now: i64) {
+        let full =
+            |shard: &Self| shard.entries.len() >= per_shard || shard.claims_bytes + bytes > budget;
+        if !full(self) {
             return;
         }
         if self.earliest_exp <= now {
-            self.entries.retain(|_, v| v.verified.exp > now);
+            let mut freed = 0;
+            self.entries.retain(|_, v| {
+                let valid = v.verified.exp > now;
+                if !valid {
+                    freed += v.claims_bytes();
+                }
+                valid
+            });
+            self.claims_bytes -= freed;
             self.earliest_exp = self
                 .entries
                 .values()
@@ -146,13 +182,14 @@ impl Shard {
                 .unwrap_or(i64::MAX);
         }
         // Ends: each turn drops an entry, skips a stale element, or clears one `used` flag
-        // (set only by a hit), so at most twice the entries plus the stale elements.
-        while self.entries.len() >= per_shard {
+        // (set only by a hit), so at most twice the entries plus the stale elements; an empty
+        // shard has room (the caller keeps no entry larger than `budget`).
+        while !self.entries.is_empty() && full(self) {
             let Some((hash, seq)) = self.order.pop_front() else {
                 // Cannot happen (every entry has its element); stay bounded regardless.
                 let victim = self.entries.keys().next().copied();
                 if let Some(victim) = victim {
-                    self.entries.remove(&victim);
+                    self.remove(&victim);
                 }
                 continue;
             };
@@ -162,7 +199,7 @@ impl Shard {
                     self.order.push_back((hash, seq));
                 }
                 Some(entry) if entry.seq == seq => {
-                    self.entries.remove(&hash);
+                    self.remove(&hash);
                 }
                 _ => {}
             }
@@ -175,7 +212,10 @@ impl Shard {
         self.next_seq += 1;
         self.earliest_exp = self.earliest_exp.min(entry.verified.exp);
         self.order.push_back((hash, entry.seq));
-        self.entries.insert(hash, entry);
+        self.claims_bytes += entry.claims_bytes();
+        if let Some(replaced) = self.entries.insert(hash, entry) {
+            self.claims_bytes -= replaced.claims_bytes();
+        }
         if self.order.len() > 2 * per_shard + 16 {
             let entries = &self.entries;
             self.order
@@ -188,6 +228,8 @@ impl Shard {
 #[derive(Debug)]
 pub struct TokenCache {
     per_shard: usize,
+    /// The bytes of claims text a shard keeps at most.
+    shard_budget: usize,
     shards: Vec<Mutex<Shard>>,
     hits: AtomicU64,
     /// The key of [`TokenKey`]'s tags, drawn when the cache is made (its `Debug` shows only
@@ -197,8 +239,16 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    /// A cache holding about `capacity` entries; 0 disables it.
+    /// A cache holding about `capacity` entries and [`CLAIMS_BUDGET`] bytes of claims; 0
+    /// disables it.
     pub fn new(capacity: usize) -> Self {
+        Self::with_claims_budget(capacity, CLAIMS_BUDGET)
+    }
+
+    /// A cache holding about `capacity` entries and at most `budget` bytes of claims text
+    /// (each shard a sixteenth of it: a token whose claims are longer is not kept); 0
+    /// disables it.
+    pub fn with_claims_budget(capacity: usize, budget: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
         let tag_key = (per_shard > 0).then(|| {
             let mut key = [0u8; 32];
@@ -212,6 +262,7 @@ impl TokenCache {
         });
         Self {
             per_shard,
+            shard_budget: budget / SHARDS,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hits: AtomicU64::new(0),
             tag_key: tag_key.flatten(),
@@ -264,7 +315,7 @@ impl TokenCache {
         if let Err(failure) = check_times(hit.verified.exp, hit.verified.nbf, now, leeway) {
             // An expired entry will never be served again; a not-yet-valid one may be later.
             if failure == Failure::Expired {
-                shard.entries.remove(hash);
+                shard.remove(hash);
             }
             return None;
         }
@@ -282,8 +333,9 @@ impl TokenCache {
     /// Remembers a result verified under `generation` (ignored if the cache already moved on
     /// to a newer generation: the key that verified it may be gone).
     pub fn insert(&self, key: &TokenKey, generation: u64, verified: &Verified, now: i64) {
-        let per_shard = self.per_shard;
-        if per_shard == 0 {
+        let (per_shard, budget) = (self.per_shard, self.shard_budget);
+        let bytes = verified.claims.json().len();
+        if per_shard == 0 || bytes > budget {
             return;
         }
         let hash = key.tail;
@@ -303,7 +355,7 @@ impl TokenCache {
             }
             shard.clear(generation);
         }
-        shard.make_room(per_shard, now);
+        shard.make_room(per_shard, budget, bytes, now);
         shard.push(hash, entry, per_shard);
     }
 
@@ -484,6 +536,98 @@ mod tests {
             cache.insert(h, 1, &verified(10_000, None), 0);
         }
         assert_eq!(cache.len(), 4);
+    }
+
+    /// [`verified`] whose claims text is `size` bytes long.
+    fn verified_of(size: usize, exp: i64) -> Verified {
+        let mut v = verified(exp, None);
+        let bare = v.claims.json().len() + r#","pad":"""#.len();
+        let mut claims = Map::new();
+        claims.insert("exp".into(), exp.into());
+        claims.insert("pad".into(), "x".repeat(size - bare).into());
+        v.claims = Claims::new(&claims);
+        assert_eq!(v.claims.json().len(), size);
+        v
+    }
+
+    /// The claims text the cache holds, summed over its entries (not its own count of it).
+    fn held_bytes(cache: &TokenCache) -> usize {
+        let shards = cache.shards.iter().map(|s| s.lock().expect("a shard"));
+        shards
+            .map(|s| {
+                let held: usize = s
+                    .entries
+                    .values()
+                    .map(|e| e.verified.claims.json().len())
+                    .sum();
+                assert_eq!(s.claims_bytes, held, "the shard's count of its claims");
+                held
+            })
+            .sum()
+    }
+
+    /// The claims a token carries are the caller's to make large (Supabase's `user_metadata`
+    /// is the user's own): the cache bounds their bytes as well as its entries.
+    #[test]
+    fn the_claims_a_shard_holds_are_bounded_in_bytes() {
+        // Four entries a shard, or 2,000 bytes of claims: two of 900.
+        let cache = TokenCache::with_claims_budget(4 * SHARDS, 2_000 * SHARDS);
+        let keys = same_shard(&cache, 40);
+        for (i, key) in keys.iter().enumerate() {
+            cache.insert(key, 1, &verified_of(900, 10_000), 0);
+            assert!(held_bytes(&cache) <= 2_000, "after {i}");
+            assert!(cache.get(key, 1, 0, 0).is_some(), "the newest is kept");
+        }
+        assert_eq!(cache.len(), 2);
+        // Small entries fill the shard up to its count again.
+        let small = verified(10_000, None);
+        for key in &keys[..4] {
+            cache.insert(key, 1, &small, 0);
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(held_bytes(&cache) <= 2_000);
+        // One larger than a shard's budget is not kept, and takes nothing out.
+        cache.insert(&keys[10], 1, &verified_of(2_001, 10_000), 0);
+        assert!(cache.get(&keys[10], 1, 0, 0).is_none());
+        assert_eq!(cache.len(), 4);
+    }
+
+    #[test]
+    fn a_token_in_use_survives_a_stream_of_large_ones() {
+        let cache = TokenCache::with_claims_budget(64 * SHARDS, 4_000 * SHARDS);
+        let keys = same_shard(&cache, 301);
+        let (hot, stream) = keys.split_first().unwrap();
+        cache.insert(hot, 1, &verified_of(1_000, 10_000), 0);
+        for key in stream {
+            assert!(
+                cache.get(hot, 1, 0, 0).is_some(),
+                "the token in use was evicted"
+            );
+            cache.insert(key, 1, &verified_of(1_000, 10_000), 0);
+            assert!(held_bytes(&cache) <= 4_000);
+        }
+        assert_eq!(cache.len(), 4);
+    }
+
+    /// Every way out of a shard gives its bytes back: an expired hit, a sweep of expired
+    /// entries, a token inserted again, a new generation.
+    #[test]
+    fn a_shard_counts_its_claims_through_every_removal() {
+        let cache = TokenCache::with_claims_budget(4 * SHARDS, 2_000 * SHARDS);
+        let keys = same_shard(&cache, 6);
+        cache.insert(&keys[0], 1, &verified_of(500, 100), 0);
+        assert!(cache.get(&keys[0], 1, 200, 0).is_none(), "expired");
+        assert_eq!(held_bytes(&cache), 0);
+        cache.insert(&keys[1], 1, &verified_of(500, 100), 0);
+        cache.insert(&keys[2], 1, &verified_of(600, 10_000), 0);
+        cache.insert(&keys[2], 1, &verified_of(700, 10_000), 0);
+        assert_eq!(held_bytes(&cache), 1_200);
+        // Full by bytes at 200: the expired entry is swept first, the valid one stays.
+        cache.insert(&keys[3], 1, &verified_of(900, 10_000), 200);
+        assert_eq!(held_bytes(&cache), 1_600);
+        assert!(cache.get(&keys[2], 1, 200, 0).is_some());
+        assert!(cache.get(&keys[1], 2, 200, 0).is_none(), "a new generation");
+        assert_eq!(held_bytes(&cache), 0);
     }
 
     #[test]
