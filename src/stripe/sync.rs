@@ -166,7 +166,7 @@ async fn run_locked(
 trait Catalogued: DeserializeOwned + Listed {
     const RESOURCE: &'static str;
     type Row: Sync;
-    fn to_row(&self, fetched_at: i64) -> Self::Row;
+    fn to_row(&self, as_of: i64) -> Self::Row;
     fn write(
         store: &Store,
         rows: &[Self::Row],
@@ -179,8 +179,8 @@ trait Catalogued: DeserializeOwned + Listed {
 impl Catalogued for Product {
     const RESOURCE: &'static str = "products";
     type Row = ProductRow;
-    fn to_row(&self, fetched_at: i64) -> ProductRow {
-        self.row(fetched_at, None)
+    fn to_row(&self, as_of: i64) -> ProductRow {
+        self.row(as_of, None)
     }
     fn write(
         store: &Store,
@@ -197,8 +197,8 @@ impl Catalogued for Product {
 impl Catalogued for Price {
     const RESOURCE: &'static str = "prices";
     type Row = PriceRow;
-    fn to_row(&self, fetched_at: i64) -> PriceRow {
-        self.row(fetched_at, None)
+    fn to_row(&self, as_of: i64) -> PriceRow {
+        self.row(as_of, None)
     }
     fn write(
         store: &Store,
@@ -242,12 +242,13 @@ async fn walk_resource<T: Catalogued>(
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
     let mut pages = Pages::<T>::new(client, T::RESOURCE);
-    while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
-        let fetched_at = clock.now_ms();
-        let rows: Vec<T::Row> = page
-            .iter()
-            .map(|object| object.to_row(fetched_at))
-            .collect();
+    loop {
+        let asked_at = clock.now_ms();
+        let Some(page) = pages.next().await.map_err(Stop::Upstream)? else {
+            break;
+        };
+        let as_of = page_as_of(asked_at);
+        let rows: Vec<T::Row> = page.iter().map(|object| object.to_row(as_of)).collect();
         let upserted = count(T::write(store, &rows, clock.now_ms()).await?);
         let (seen, written) = T::counters(counts);
         *seen += len(&rows);
@@ -255,6 +256,17 @@ async fn walk_resource<T: Catalogued>(
         checkpoint(store, clock, lock, run_id, counts).await?;
     }
     Ok(())
+}
+
+/// When a page's state counts as true, against webhook events' `created` (ms): the start of
+/// the second before it was asked for. Stripe stamps an event with whole seconds, so an update
+/// made while the page was being served, or after, has an event of that second or later, which
+/// is newer than the page (or ties it, which the webhook settles by asking Stripe); stamped
+/// with the time the page arrived instead, such an event was older than the page, recorded
+/// and dropped, and a page served before an update but written after its event overwrote it.
+/// The second before allows this host's clock to run up to a second ahead of Stripe's.
+fn page_as_of(asked_at_ms: i64) -> i64 {
+    (asked_at_ms.div_euclid(1000) - 1) * 1000
 }
 
 /// Keeps the lock and leaves the counts so far in the run's row, so a crash mid-run still shows

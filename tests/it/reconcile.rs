@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY};
 use crate::stripe::{
     App, SB_SECRET, WHSEC, app, count, deliver_signed, event, fast_retry, in_ci, now,
-    product_event, product_name, scalar, sdk_available, stripe_sdk,
+    product_event, product_name, scalar, sdk_available, stripe_sdk, sync,
 };
 use crate::support::{TestDb, TestServer};
 use crate::{stripe_fixtures, test_db};
@@ -435,4 +435,29 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let metrics = app.server.get("/metrics").await.text().await.unwrap();
     let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
     assert!(metrics.contains(line), "{metrics}");
+}
+
+/// Stripe stamps an event with whole seconds, the sync its rows with its own clock: an update
+/// Stripe makes in the second the sync fetched and wrote a product must still be applied by
+/// its webhook (and the answer, `duplicate: false`, must not say so of an event it dropped).
+#[tokio::test]
+async fn an_update_in_the_second_a_sync_wrote_is_applied_by_its_webhook() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 1, 0).await;
+    let app = full_app(&db, &fake).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    let id = fake_stripe::product_id(0);
+    let sql = format!("SELECT synced_at FROM stripe_products WHERE id = '{id}'");
+    // The second the sync wrote the product in, when it had fetched it.
+    let second = scalar!(db, i64, sql) / 1000;
+    fake.edit_product(&id, |p| p["name"] = json!("Renamed"));
+    let update = product_event(&fixtures, "evt_S1", "product.updated", second, 0, "Renamed");
+    let (status, body) = deliver_signed(&app.server, &update).await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"received": true, "duplicate": false}))
+    );
+    assert_eq!(product_name(&db, 0).await, "Renamed");
 }

@@ -60,7 +60,7 @@ async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy) -> App {
     .await
 }
 
-async fn sync(server: &TestServer) -> (u16, Value) {
+pub(crate) async fn sync(server: &TestServer) -> (u16, Value) {
     let response = server
         .client
         .post(server.url("/functions/v1/sync-stripe-products-hardened"))
