@@ -296,11 +296,13 @@ impl Store {
         })
     }
 
-    /// Marks every message still `accepted` (reserved, Twilio's answer never recorded) and
-    /// created before `created_before` as `unknown`, with `reason`: its sender died or lost the
-    /// database mid-send, so Twilio may have it, and it is never sent again. Returns how many rows
-    /// moved. A sender that is in fact still running records its answer over this afterwards,
-    /// which is what should happen. The statuses are literals so the partial index serves it.
+    /// Marks every message still `accepted` without a Twilio SID (reserved, Twilio's answer
+    /// never recorded) and created before `created_before` as `unknown`, with `reason`: its
+    /// sender died or lost the database mid-send, so Twilio may have it, and it is never sent
+    /// again. Returns how many rows moved. A message with a SID was answered: through a
+    /// Messaging Service Twilio's own first status is `accepted` too. A sender that is in fact
+    /// still running records its answer over this afterwards, which is what should happen. The
+    /// statuses are literals so the partial index serves it.
     pub async fn mark_unanswered_sms_unknown(
         &self,
         created_before: i64,
@@ -308,7 +310,7 @@ impl Store {
         now_ms: i64,
     ) -> anyhow::Result<u64> {
         let sql = "UPDATE sms_messages SET status = 'unknown', error_message = $1, updated_at = $2 \
-                   WHERE status = 'accepted' AND created_at < $3";
+                   WHERE status = 'accepted' AND twilio_sid IS NULL AND created_at < $3";
         self.execute(sql, &[reason.into(), now_ms.into(), created_before.into()])
             .await
             .context("marking unanswered SMS unknown")

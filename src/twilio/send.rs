@@ -23,7 +23,8 @@ const MAX_ATTEMPTS: u32 = 3;
 /// The longest pause a Twilio `Retry-After` may impose on one send.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
-/// Our status for a row not yet handed to Twilio, or whose Twilio answer is not recorded yet.
+/// Our status for a row not yet handed to Twilio, or whose Twilio answer is not recorded yet
+/// (no SID; Twilio's own `accepted`, a Messaging Service's first status, comes with one).
 /// `Store::mark_unanswered_sms_unknown` names it (and `STATUS_UNKNOWN`) in its SQL.
 const STATUS_ACCEPTED: &str = "accepted";
 /// Twilio refused, or certainly never received, the message.

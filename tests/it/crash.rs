@@ -236,6 +236,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
     for (id, status, at) in [
         ("old", "accepted", t0),
         ("sent", "accepted", t0),
+        ("service", "accepted", t0),
         ("new", "accepted", t0 + 10_000),
     ] {
         let new = NewSms {
@@ -257,6 +258,16 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
         .record_sms_send("sent", answered, t0 + 1)
         .await
         .unwrap();
+    // Through a Messaging Service Twilio answers `accepted` too: answered all the same.
+    let by_service = SendResult {
+        status: "accepted",
+        twilio_sid: Some("SM0003"),
+        ..answered
+    };
+    store
+        .record_sms_send("service", by_service, t0 + 1)
+        .await
+        .unwrap();
 
     let marked = store
         .mark_unanswered_sms_unknown(t0 + 5_000, "test", t0 + 20_000)
@@ -269,6 +280,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
     };
     assert_eq!(status("old").await, "unknown");
     assert_eq!(status("sent").await, "queued");
+    assert_eq!(status("service").await, "accepted");
     assert_eq!(status("new").await, "accepted");
     // A sender that was only slow records Twilio's answer over the sweep's guess.
     let late = SendResult {
