@@ -44,10 +44,11 @@ pub struct SendSmsRequest {
     /// An E.164 number: `+` then 2 to 15 digits, the first not 0.
     #[schema(required = true, value_type = String, pattern = r"^\+[1-9][0-9]{1,14}$", example = "+15005550006")]
     pub to: Option<String>,
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 1600)]
+    /// Any text but U+0000.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 1600, pattern = r"^[^\x00]*$")]
     pub body: Option<String>,
-    /// A repeat with the same key answers the first send instead of texting again.
-    #[schema(value_type = String, min_length = 1, max_length = 255)]
+    /// A repeat with the same key answers the first send instead of texting again. No U+0000.
+    #[schema(value_type = String, min_length = 1, max_length = 255, pattern = r"^[^\x00]*$")]
     pub idempotency_key: Option<String>,
 }
 
@@ -83,6 +84,9 @@ fn invalid(field: &str, message: impl Into<String>) -> SmsError {
     }
 }
 
+/// U+0000 is in no text message, and PostgreSQL cannot store it: refused, not a 5xx.
+const NO_NUL: &str = "must not contain the character U+0000";
+
 struct Valid {
     to: String,
     body: String,
@@ -115,6 +119,9 @@ fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> Result<Vali
             format!("must be 1 to {MAX_BODY_CHARS} characters (it has {length})"),
         ));
     }
+    if body.contains('\0') {
+        return Err(invalid("body", NO_NUL));
+    }
     if let Some(key) = &request.idempotency_key
         && !(1..=MAX_IDEMPOTENCY_KEY_CHARS).contains(&key.chars().count())
     {
@@ -122,6 +129,13 @@ fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> Result<Vali
             "idempotency_key",
             format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
         ));
+    }
+    if request
+        .idempotency_key
+        .as_ref()
+        .is_some_and(|key| key.contains('\0'))
+    {
+        return Err(invalid("idempotency_key", NO_NUL));
     }
     Ok(Valid {
         to,

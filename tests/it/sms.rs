@@ -222,6 +222,12 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
             json!({"to": "+12025550123", "body": "hi", "idempotency_key": long_key}),
             "idempotency_key",
         ),
+        // U+0000, which no SMS carries and PostgreSQL cannot store.
+        (json!({"to": "+12025550123", "body": "a\u{0}b"}), "body"),
+        (
+            json!({"to": "+12025550123", "body": "hi", "idempotency_key": "k\u{0}"}),
+            "idempotency_key",
+        ),
     ];
     for (body, field) in cases {
         let answer = send(&app, body.clone()).await;
