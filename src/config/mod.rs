@@ -303,6 +303,49 @@ pub enum TraceSampler {
     ParentBasedTraceIdRatio(f64),
 }
 
+/// What is wrong with `.env`, in one line that names the variable of a line that does not parse
+/// and never shows the line: its value may be a secret (dotenvy's own message quotes it whole).
+fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
+    // The name before `=` on a line, if it is one.
+    let name_of = |line: &str| {
+        let (name, _) = line
+            .trim_start()
+            .trim_start_matches("export ")
+            .split_once('=')?;
+        let name = name.trim();
+        let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        (!name.is_empty() && name.len() <= 64 && plain).then(|| name.to_owned())
+    };
+    match err {
+        dotenvy::Error::LineParse(text, _) => {
+            // dotenvy gives the whole line, or only the value when the value is what breaks:
+            // then the line holding it names the variable.
+            let name = name_of(text).or_else(|| {
+                if text.trim().is_empty() {
+                    return None;
+                }
+                let file = std::fs::read_to_string(".env").ok()?;
+                file.lines()
+                    .find(|line| line.contains(text.as_str()))
+                    .and_then(name_of)
+            });
+            match name {
+                Some(name) => ConfigError::new(
+                    ".env",
+                    format!("cannot be read: the line of {name} does not parse (not shown)"),
+                ),
+                None => {
+                    ConfigError::new(".env", "cannot be read: a line does not parse (not shown)")
+                }
+            }
+        }
+        dotenvy::Error::Io(err) => {
+            ConfigError::new(".env", format!("cannot be read: {}", err.kind()))
+        }
+        _ => ConfigError::new(".env", "cannot be read"),
+    }
+}
+
 /// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
 #[derive(Clone)]
 pub struct Redacted<T>(pub T);
@@ -314,15 +357,14 @@ impl<T> fmt::Debug for Redacted<T> {
 }
 
 impl Config {
-    /// Reads `.env` from the working directory (if any), then the process environment.
+    /// Reads `.env` from the working directory (if any; not from a folder above it), then the
+    /// process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         // A missing .env is normal; a malformed one is a configuration error.
-        match dotenvy::dotenv() {
-            Ok(_) => {}
+        match dotenvy::from_path(".env") {
+            Ok(()) => {}
             Err(err) if err.not_found() => {}
-            Err(err) => {
-                return Err(ConfigError::new(".env", format!("cannot be read: {err}")));
-            }
+            Err(err) => return Err(dotenv_error(&err)),
         }
         Self::from_lookup(|name| std::env::var(name).ok())
     }

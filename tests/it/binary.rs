@@ -60,6 +60,46 @@ fn a_dotenv_file_is_read() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("SMS_MAX_PER_MINUTE"));
 }
 
+/// A `.env` line that does not parse is named by its variable, never shown: its value may be
+/// a secret (and, with an unclosed quote, run on over several lines).
+#[test]
+fn a_dotenv_line_that_does_not_parse_is_named_not_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    for line in [
+        "SUPABASE_JWT_SECRET=\"super-secret-legacy-hs256-value-0123456789\nPORT=8080\n",
+        "export STRIPE_SECRET_KEY=sk_live_abc\\qdef-secret\n",
+    ] {
+        std::fs::write(dir.path().join(".env"), line).unwrap();
+        let out = output(edgegate(dir.path(), &[]).arg("check"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(!stderr.contains("secret"), "{stderr}");
+        let name = if line.contains("JWT") {
+            "SUPABASE_JWT_SECRET"
+        } else {
+            "STRIPE_SECRET_KEY"
+        };
+        assert!(stderr.contains(name) && stderr.contains(".env"), "{stderr}");
+    }
+}
+
+/// Only the working directory's `.env` is read, not one in a folder above it.
+#[test]
+fn a_dotenv_file_above_the_working_directory_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "SMS_MAX_PER_MINUTE=zero\n").unwrap();
+    let below = dir.path().join("sub/deeper");
+    std::fs::create_dir_all(&below).unwrap();
+    let out = output(edgegate(&below, &[]).arg("check"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn migrate_and_check_report_on_the_database() {
     let Some(db) = TestDb::new().await else {
