@@ -454,22 +454,29 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             }
             return Ok(CorsOrigins::Any);
         }
+        let mut origins = Vec::with_capacity(items.len());
         for item in &items {
-            let valid = Url::parse(item).is_ok_and(|url| {
+            let origin = Url::parse(item).ok().filter(|url| {
                 matches!(url.scheme(), "http" | "https")
                     && url.host_str().is_some()
+                    && url.username().is_empty()
+                    && url.password().is_none()
                     && url.path() == "/"
                     && !item.ends_with('/')
                     && url.query().is_none()
+                    && url.fragment().is_none()
             });
-            if !valid {
+            let Some(origin) = origin else {
                 return Err(ConfigError::new(
                     name,
                     "must be * or comma-separated origins like https://app.example.com",
                 ));
-            }
+            };
+            // As a browser writes it in `Origin`, which is compared byte for byte: the scheme
+            // and host in lower case, the host in ASCII (punycode), no default port.
+            origins.push(origin.origin().ascii_serialization());
         }
-        Ok(CorsOrigins::List(items))
+        Ok(CorsOrigins::List(origins))
     }
 
     /// Comma-separated HTTP header names (RFC 9110 tokens), lowercased. `*` is refused: in

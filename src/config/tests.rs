@@ -340,16 +340,25 @@ fn cors_origins_are_star_or_origins() {
     refused("CORS_ALLOWED_ORIGINS", "https://app.example.com/path");
     refused("CORS_ALLOWED_ORIGINS", "*,https://app.example.com");
     refused("CORS_ALLOWED_ORIGINS", "app.example.com");
+    refused("CORS_ALLOWED_ORIGINS", "https://user@app.example.com");
+    refused("CORS_ALLOWED_ORIGINS", "https://app.example.com#x");
+    // Kept as a browser sends them in `Origin` (the comparison is byte for byte): the host in
+    // lower case and in ASCII, no default port.
     let ok = config(&[(
         "CORS_ALLOWED_ORIGINS",
-        "https://app.example.com,http://localhost:3000",
+        "https://App.Example.com,http://localhost:3000,https://b.example.com:443,\
+         http://c.example.com:80,https://bücher.example,HTTPS://d.example.com:8443",
     )])
     .unwrap();
     assert_eq!(
         ok.cors_allowed_origins,
         CorsOrigins::List(vec![
             "https://app.example.com".into(),
-            "http://localhost:3000".into()
+            "http://localhost:3000".into(),
+            "https://b.example.com".into(),
+            "http://c.example.com".into(),
+            "https://xn--bcher-kva.example".into(),
+            "https://d.example.com:8443".into(),
         ])
     );
 }

@@ -246,9 +246,11 @@ async fn every_error_answer_carries_the_cors_headers() {
 
 #[tokio::test]
 async fn listed_origins_are_echoed_with_vary_origin_and_others_get_nothing() {
+    // Configured as an operator may write them; browsers send the serialized origin (host in
+    // lower case, no default port), which is what must match.
     let vars = [(
         "CORS_ALLOWED_ORIGINS",
-        "https://app.example.com,http://localhost:3000",
+        "https://App.Example.com:443,http://localhost:3000",
     )];
     let Some(server) = test_server(Limits::default(), &vars).await else {
         return;
