@@ -5,6 +5,7 @@ pub mod keys;
 pub mod report;
 pub mod token;
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -153,14 +154,22 @@ async fn check_stripe(config: &Config, http: reqwest::Client) -> Option<CheckLin
     })
 }
 
-/// The URL `edgegate healthcheck` probes when given none: this instance, on loopback.
+/// The URL `edgegate healthcheck` probes when given none: this instance, at the address it
+/// listens on (`HOST`), or on loopback when that is every address.
 pub fn default_health_url(config: &Config) -> String {
     let scheme = if config.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    format!("{scheme}://127.0.0.1:{}/healthz", config.port)
+    let host = match config.host {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    // A socket address writes an IPv6 host in brackets.
+    let address = SocketAddr::new(host, config.port);
+    format!("{scheme}://{address}/healthz")
 }
 
 /// `edgegate healthcheck [URL]`: Ok when the URL answers 200 within 5 s.

@@ -172,6 +172,29 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
+/// Without a URL, `healthcheck` probes the address the server listens on (`HOST`), loopback
+/// when that is every address: a container bound to `::1` alone is healthy too.
+#[tokio::test]
+async fn healthcheck_probes_the_host_the_server_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [("HOST", "::1"), ("PORT", port.as_str())];
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    let mut last = None;
+    for _ in 0..100 {
+        let out = output(edgegate(dir.path(), &vars).arg("healthcheck"));
+        if out.status.success() {
+            last = None;
+            break;
+        }
+        last = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    assert_eq!(last, None, "healthcheck never passed");
+}
+
 /// The server turns transparent huge pages off for itself (the kernel's per-process flag, which
 /// `/proc/PID/status` shows as `THP_enabled`): with the host's THP set to "always", the
 /// allocator's regions would otherwise become resident 2 MiB at a time.
