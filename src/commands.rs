@@ -54,6 +54,23 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             if config.tls.is_some() { " (TLS)" } else { "" }
         ),
     }];
+    if let Some(files) = &config.tls {
+        lines.push(match crate::server::load_tls(files) {
+            Ok(_) => CheckLine {
+                item: "tls",
+                ok: true,
+                detail: "TLS_CERT_FILE and TLS_KEY_FILE form a usable certificate and key"
+                    .to_owned(),
+            },
+            // Only the outermost message: it names the variable, and what a parser says of a
+            // key file is not printed.
+            Err(err) => CheckLine {
+                item: "tls",
+                ok: false,
+                detail: err.to_string(),
+            },
+        });
+    }
     let database = async {
         let store = Store::connect(&config.database_url).await?;
         store.ping().await?;

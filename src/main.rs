@@ -257,6 +257,13 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 eprintln!("edgegate: invalid configuration: {err}");
                 return ExitCode::from(2);
             }
+            // Files that hold no usable certificate and key are a configuration error, found
+            // before anything starts (only the outermost message: it names the variable).
+            if let Some(Err(err)) = config.tls.as_ref().map(edgegate::server::load_tls) {
+                telemetry::flush_logs();
+                eprintln!("edgegate: invalid configuration: {err}");
+                return ExitCode::from(2);
+            }
             let address = (config.host, config.port);
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => listener,

@@ -172,6 +172,36 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
+/// TLS files that hold no usable certificate and key are a configuration error: `serve` stops
+/// with exit 2 and one line naming the variable, `check` fails their line.
+#[test]
+fn unusable_tls_files_are_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("notpem.txt");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let port = free_port().to_string();
+    let vars = [
+        ("TLS_CERT_FILE", junk),
+        ("TLS_KEY_FILE", junk),
+        ("PORT", port.as_str()),
+    ];
+    let out = output(edgegate(dir.path(), &vars).arg("serve"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("TLS_CERT_FILE"), "{stderr}");
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("TLS_CERT_FILE")),
+        "{stdout}"
+    );
+}
+
 /// Without a URL, `healthcheck` probes the address the server listens on (`HOST`), loopback
 /// when that is every address: a container bound to `::1` alone is healthy too.
 #[tokio::test]
