@@ -191,8 +191,15 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         headers.retain(|(existing, _)| *existing != name);
         headers.push((name, value));
     }
+    let mut resource_attributes = vars.resource_attributes("OTEL_RESOURCE_ATTRIBUTES")?;
+    // OTEL_SERVICE_NAME wins over a service.name among the attributes, which wins over ours.
+    let named = resource_attributes
+        .iter()
+        .position(|(key, _)| key == "service.name")
+        .map(|at| resource_attributes.remove(at).1);
     let service_name = vars
         .get_trimmed("OTEL_SERVICE_NAME")
+        .or(named)
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
     let sampler = vars.sampler("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")?;
     let max_queue_size = vars.number("OTEL_BSP_MAX_QUEUE_SIZE", 2_048, 1..=1_000_000)?;
@@ -221,6 +228,7 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         endpoint,
         headers,
         service_name,
+        resource_attributes,
         sampler,
         max_queue_size,
         // As the SDK does: a batch never exceeds the queue.
@@ -282,6 +290,8 @@ pub struct TraceExport {
     /// Extra request headers, usually the collector's credentials: values are secrets.
     pub headers: Vec<(String, SecretString)>,
     pub service_name: String,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, but `service.name` (in `service_name`).
+    pub resource_attributes: Vec<(String, String)>,
     pub sampler: TraceSampler,
     /// Ended spans waiting for export at most; past it, spans are dropped (and counted).
     pub max_queue_size: usize,

@@ -107,6 +107,35 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         Ok(headers)
     }
 
+    /// `OTEL_RESOURCE_ATTRIBUTES`: comma-separated `key=value` pairs, values percent-encoded
+    /// (OpenTelemetry's format); a later key replaces an earlier one.
+    pub(super) fn resource_attributes(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(String, String)>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let rule = || {
+            ConfigError::new(
+                name,
+                "must be comma-separated key=value pairs with percent-encoded values",
+            )
+        };
+        let mut attributes: Vec<(String, String)> = Vec::new();
+        for pair in raw.split(',').filter(|pair| !pair.trim().is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(rule)?;
+            let key = key.trim();
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(rule());
+            }
+            let value = percent_decode(value.trim()).ok_or_else(rule)?;
+            attributes.retain(|(existing, _)| existing != key);
+            attributes.push((key.to_owned(), value));
+        }
+        Ok(attributes)
+    }
+
     pub(super) fn sampler(&self, name: &str, arg_name: &str) -> Result<TraceSampler, ConfigError> {
         let ratio = || -> Result<f64, ConfigError> {
             let Some(raw) = self.get_trimmed(arg_name) else {

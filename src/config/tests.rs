@@ -525,6 +525,43 @@ fn no_otlp_endpoint_means_no_trace_export() {
 }
 
 #[test]
+fn resource_attributes_are_key_value_pairs_and_service_name_is_ordered() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    let traces = |extra: &[(&'static str, &'static str)]| {
+        let mut vars = vec![endpoint];
+        vars.extend_from_slice(extra);
+        config(&vars).unwrap().traces.unwrap()
+    };
+    let t = traces(&[(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "a=1, b = x%20y ,a=2,,service.name=svc",
+    )]);
+    assert_eq!(
+        t.resource_attributes,
+        vec![
+            ("b".to_owned(), "x y".to_owned()),
+            ("a".to_owned(), "2".to_owned())
+        ]
+    );
+    assert_eq!(
+        t.service_name, "svc",
+        "the attributes' service.name over the default"
+    );
+    let t = traces(&[
+        ("OTEL_RESOURCE_ATTRIBUTES", "service.name=svc"),
+        ("OTEL_SERVICE_NAME", "named"),
+    ]);
+    assert_eq!(
+        t.service_name, "named",
+        "OTEL_SERVICE_NAME over the attributes'"
+    );
+    assert!(t.resource_attributes.is_empty());
+    for bad in ["novalue", "=1", "a b=1", "a=%zz"] {
+        refused("OTEL_RESOURCE_ATTRIBUTES", bad);
+    }
+}
+
+#[test]
 fn otlp_endpoint_gets_the_traces_path_and_the_contract_defaults() {
     let traces = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")])
         .unwrap()

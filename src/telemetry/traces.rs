@@ -99,6 +99,13 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
     let resource = Resource::builder_empty()
         .with_service_name(config.service_name.clone())
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        // The operator's (OTEL_RESOURCE_ATTRIBUTES), over ours of the same key.
+        .with_attributes(
+            config
+                .resource_attributes
+                .iter()
+                .map(|(key, value)| KeyValue::new(key.clone(), value.clone())),
+        )
         .build();
     let encoder = Encoder::new(&resource);
     let (stop, stopped) = oneshot::channel();

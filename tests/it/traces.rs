@@ -260,6 +260,10 @@ async fn the_server_span_continues_the_callers_trace_with_http_and_credential_at
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "20"),
         ("OTEL_SERVICE_NAME", "edgegate-under-test"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod,service.name=loses,team=a%2Cb",
+        ),
     ])
     .await;
 
@@ -306,10 +310,19 @@ async fn the_server_span_continues_the_callers_trace_with_http_and_credential_at
         .resource
         .clone()
         .unwrap();
-    assert_eq!(
-        attribute(&resource.attributes, "service.name").as_deref(),
-        Some("edgegate-under-test")
-    );
+    // OTEL_SERVICE_NAME wins over a service.name in OTEL_RESOURCE_ATTRIBUTES, whose values
+    // are percent-decoded.
+    for (key, value) in [
+        ("service.name", "edgegate-under-test"),
+        ("deployment.environment", "prod"),
+        ("team", "a,b"),
+    ] {
+        assert_eq!(
+            attribute(&resource.attributes, key).as_deref(),
+            Some(value),
+            "{key}: {resource:#?}"
+        );
+    }
     assert!(metric(&base, "edgegate_otel_spans_exported_total").await >= 1);
 
     // Without a caller's trace: a new one, whose id the log line carries too.
