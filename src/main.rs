@@ -248,11 +248,10 @@ fn print_openapi() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn execute(command: Command, config: Config) -> ExitCode {
+async fn execute(command: Command, mut config: Config) -> ExitCode {
     match command {
         Command::Serve { no_migrate } => {
-            if let Err(err) = edgegate::server::raise_file_limit(config.connections.max_connections)
-            {
+            if let Err(err) = edgegate::server::raise_file_limit(&mut config.connections) {
                 telemetry::flush_logs();
                 eprintln!("edgegate: invalid configuration: {err}");
                 return ExitCode::from(2);

@@ -74,6 +74,9 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// Open connections at most; past it, new clients wait in the kernel backlog.
     pub max_connections: usize,
+    /// Whether `HTTP_MAX_CONNECTIONS` was set: a default cap the open-file limit cannot hold is
+    /// lowered to fit (`server::raise_file_limit`), a set one stops start-up.
+    pub max_connections_set: bool,
 }
 
 impl Default for ConnectionLimits {
@@ -82,6 +85,7 @@ impl Default for ConnectionLimits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_set: false,
         }
     }
 }
@@ -548,6 +552,7 @@ impl Config {
                     DEFAULT_MAX_CONNECTIONS,
                     1..=1_000_000,
                 )?,
+                max_connections_set: vars.get_trimmed("HTTP_MAX_CONNECTIONS").is_some(),
             },
             cors_allowed_origins: vars.cors_origins("CORS_ALLOWED_ORIGINS")?,
             cors_allowed_headers: vars.header_names("CORS_ALLOWED_HEADERS")?,

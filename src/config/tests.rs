@@ -236,6 +236,7 @@ fn connection_limits_have_defaults_and_ranges() {
             header_read_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
             max_connections: 100,
+            max_connections_set: true,
         }
     );
     refused("HTTP_HEADER_READ_TIMEOUT_SECONDS", "0");

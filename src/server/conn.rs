@@ -330,6 +330,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_connections: 1,
+            max_connections_set: true,
         }
     }
 

@@ -1,17 +1,31 @@
 //! The process's open-file limit, which bounds how many connections can be held.
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, ConnectionLimits};
 
 /// Open files kept back from client connections: the listener, the database pool, outbound
 /// HTTP (JWKS, Stripe, Twilio, OTLP), the runtime's own descriptors, logs and the TLS files.
 pub const RESERVED_FILES: u64 = 128;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, then checks that `max_connections` plus
-/// [`RESERVED_FILES`] fit under it. Returns the limit now in force.
-pub fn raise_file_limit(max_connections: usize) -> Result<u64, ConfigError> {
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, then checks that the connection cap plus
+/// [`RESERVED_FILES`] fit under it: a cap left at its default is lowered to fit (with a
+/// warning: nothing is required to start), one set by `HTTP_MAX_CONNECTIONS` that does not fit
+/// is a configuration error. Returns the limit now in force.
+pub fn raise_file_limit(limits: &mut ConnectionLimits) -> Result<u64, ConfigError> {
     let limit = raise_soft_limit();
-    let needed = (max_connections as u64).saturating_add(RESERVED_FILES);
+    let needed = (limits.max_connections as u64).saturating_add(RESERVED_FILES);
     match limit {
+        Some(limit) if limit < needed && !limits.max_connections_set && limit > RESERVED_FILES => {
+            let fits = usize::try_from(limit - RESERVED_FILES).unwrap_or(usize::MAX);
+            tracing::warn!(
+                "the open-file limit (RLIMIT_NOFILE) of {limit} holds {fits} connections, not \
+                 the default {}, with {RESERVED_FILES} files kept for the database and outbound \
+                 clients: serving at most {fits} (raise the limit with ulimit -n, or set \
+                 HTTP_MAX_CONNECTIONS)",
+                limits.max_connections
+            );
+            limits.max_connections = fits;
+            Ok(limit)
+        }
         Some(limit) if limit < needed => Err(ConfigError::new(
             "HTTP_MAX_CONNECTIONS",
             format!(

@@ -11,7 +11,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::process::{BIN, edgegate, free_port, output, spawn_logged, wait_healthy};
+use crate::process::{
+    BIN, edgegate, free_port, output, signal, spawn_logged, wait_exit, wait_healthy,
+};
 use crate::support::{TestDb, serve_app};
 
 /// What the tests give a timeout beyond its nominal value (a loaded CI machine).
@@ -491,10 +493,13 @@ fn hostile_a_connection_cap_the_file_limit_cannot_hold_stops_start_up() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // The default cap, 4096, cannot fit under 512 open files.
+    // A cap of 4096, set, cannot fit under 512 open files.
     let port = free_port().to_string();
     let mut child = spawn_logged(
-        under_file_limit(dir.path(), &[("PORT", &port)]),
+        under_file_limit(
+            dir.path(),
+            &[("PORT", &port), ("HTTP_MAX_CONNECTIONS", "4096")],
+        ),
         dir.path(),
         "server.log",
     );
@@ -517,6 +522,27 @@ fn hostile_a_connection_cap_the_file_limit_cannot_hold_stops_start_up() {
         "{stderr}"
     );
     assert!(stderr.contains("at most 384"), "{stderr}");
+}
+
+/// Nothing is required to start (the contract): the default cap, 4096, is lowered to what the
+/// open-file limit holds (384 under 512), with a warning, rather than stopping start-up.
+#[tokio::test]
+async fn hostile_the_default_connection_cap_fits_itself_under_the_file_limit() {
+    if !prlimit_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut child = spawn_logged(
+        under_file_limit(dir.path(), &[("PORT", &port)]),
+        dir.path(),
+        "server.log",
+    );
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+    assert!(healthy, "{log}");
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
 fn rss_kib(pid: u32) -> u64 {
