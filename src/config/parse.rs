@@ -467,6 +467,19 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 "must be sqlite://PATH or postgres://USER@HOST/DB",
             ));
         }
+        // The driver's own reading, as the store will connect with it (the value is not
+        // shown: it may hold a password).
+        let usable = if is_sqlite {
+            sqlx::sqlite::SqliteConnectOptions::from_str(raw).is_ok()
+        } else {
+            sqlx::postgres::PgConnectOptions::from_str(raw).is_ok()
+        };
+        if !usable {
+            return Err(ConfigError::new(
+                name,
+                "has a parameter the database driver does not accept (such as sslmode or mode)",
+            ));
+        }
         Ok(DatabaseUrl(SecretString::from(raw)))
     }
 

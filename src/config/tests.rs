@@ -312,6 +312,9 @@ fn host_must_be_an_ip_address() {
 fn database_url_is_sqlite_or_postgres() {
     refused("DATABASE_URL", "mysql://root@localhost/db");
     refused("DATABASE_URL", "postgres://");
+    // Options the driver refuses are found at start, not when connecting (exit 2, not 1).
+    refused("DATABASE_URL", "postgres://u@127.0.0.1:1/db?sslmode=bogus");
+    refused("DATABASE_URL", "sqlite://x.db?mode=bogus");
     let pg = config(&[("DATABASE_URL", "postgres://u:hunter22@db.internal:5432/app")]).unwrap();
     assert!(pg.database_url.is_postgres());
     let shown = format!("{:?}", pg.database_url);
