@@ -372,6 +372,13 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 // clap's "signer" group makes exactly one of --jwk and --legacy present.
                 signer: jwk.map_or(Signer::Legacy, Signer::Jwk),
             };
+            if matches!(options.signer, Signer::Legacy) && config.jwt.legacy_secret.is_none() {
+                eprintln!(
+                    "edgegate: invalid configuration: SUPABASE_JWT_SECRET must be set: --legacy \
+                     signs with the legacy JWT secret (set it in the environment or .env)"
+                );
+                return ExitCode::from(2);
+            }
             match commands::token::mint(&config, &options, Clock::system().unix_now()) {
                 Ok(token) => {
                     println!("{token}");

@@ -182,12 +182,14 @@ async fn legacy_tokens_verify_as_the_legacy_secret() {
     server.stop().await;
 }
 
+/// A variable the command needs and does not have is a configuration error: exit 2, as for
+/// `keys report --url` without `EDGEGATE_SECRET_KEY`.
 #[test]
-fn legacy_without_the_secret_exits_non_zero_naming_the_variable() {
+fn legacy_without_the_secret_exits_2_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let out =
         output(edgegate(dir.path(), &[]).args(["token", "mint", "--role", "anon", "--legacy"]));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty(), "no token printed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SUPABASE_JWT_SECRET"), "{stderr}");
