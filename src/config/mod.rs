@@ -340,7 +340,10 @@ fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
                 }
                 let file = std::fs::read_to_string(".env").ok()?;
                 file.lines()
-                    .find(|line| line.contains(text.as_str()))
+                    .find(|line| {
+                        line.split_once('=')
+                            .is_some_and(|(_, value)| value.contains(text.as_str()))
+                    })
                     .and_then(name_of)
             });
             match name {

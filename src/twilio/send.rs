@@ -45,7 +45,13 @@ pub struct SendSmsRequest {
     #[schema(required = true, value_type = String, pattern = r"^\+[1-9][0-9]{1,14}$", example = "+15005550006")]
     pub to: Option<String>,
     /// Any text but U+0000.
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 1600, pattern = r"^[^\x00]*$")]
+    #[schema(
+        required = true,
+        value_type = String,
+        min_length = 1,
+        max_length = 1600,
+        pattern = r"^[^\x00]*$"
+    )]
     pub body: Option<String>,
     /// A repeat with the same key answers the first send instead of texting again. No U+0000.
     #[schema(value_type = String, min_length = 1, max_length = 255, pattern = r"^[^\x00]*$")]
