@@ -76,64 +76,61 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    /// `name=value,name2=value2` with percent-encoded values (the OpenTelemetry specification's
-    /// format). Names are lowercased HTTP header names; values must be valid header values.
+    /// `key=value,key2=value2` with percent-encoded values (the OpenTelemetry specification's
+    /// format for its header and resource variables): each pair as `accept` keeps it (`None`
+    /// refuses the variable with `rule`), a later key replacing an earlier one.
+    fn percent_pairs<V>(
+        &self,
+        name: &str,
+        rule: &str,
+        accept: impl Fn(&str, String) -> Option<(String, V)>,
+    ) -> Result<Vec<(String, V)>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let rule = || ConfigError::new(name, rule);
+        let mut pairs: Vec<(String, V)> = Vec::new();
+        for pair in raw.split(',').filter(|pair| !pair.trim().is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(rule)?;
+            let value = percent_decode(value.trim()).ok_or_else(rule)?;
+            let (key, value) = accept(key.trim(), value).ok_or_else(rule)?;
+            pairs.retain(|(existing, _)| *existing != key);
+            pairs.push((key, value));
+        }
+        Ok(pairs)
+    }
+
+    /// OTLP request headers: names are lowercased HTTP header names; values must be valid
+    /// header values, and are secrets.
     pub(super) fn otlp_headers(
         &self,
         name: &str,
     ) -> Result<Vec<(String, SecretString)>, ConfigError> {
-        let Some(raw) = self.get(name) else {
-            return Ok(Vec::new());
-        };
-        let rule = || {
-            ConfigError::new(
-                name,
-                "must be comma-separated name=value pairs with header names and percent-encoded values",
-            )
-        };
-        let mut headers = Vec::new();
-        for pair in raw.split(',').filter(|pair| !pair.trim().is_empty()) {
-            let (key, value) = pair.split_once('=').ok_or_else(rule)?;
-            let key = key.trim().to_ascii_lowercase();
-            let value = percent_decode(value.trim()).ok_or_else(rule)?;
-            if axum::http::HeaderName::from_bytes(key.as_bytes()).is_err()
-                || axum::http::HeaderValue::from_str(&value).is_err()
-            {
-                return Err(rule());
-            }
-            headers.retain(|(existing, _): &(String, SecretString)| *existing != key);
-            headers.push((key, SecretString::from(value)));
-        }
-        Ok(headers)
+        self.percent_pairs(
+            name,
+            "must be comma-separated name=value pairs with header names and percent-encoded values",
+            |key, value| {
+                let key = key.to_ascii_lowercase();
+                let valid = axum::http::HeaderName::from_bytes(key.as_bytes()).is_ok()
+                    && axum::http::HeaderValue::from_str(&value).is_ok();
+                valid.then(|| (key, SecretString::from(value)))
+            },
+        )
     }
 
-    /// `OTEL_RESOURCE_ATTRIBUTES`: comma-separated `key=value` pairs, values percent-encoded
-    /// (OpenTelemetry's format); a later key replaces an earlier one.
+    /// `OTEL_RESOURCE_ATTRIBUTES`: keys of printable ASCII.
     pub(super) fn resource_attributes(
         &self,
         name: &str,
     ) -> Result<Vec<(String, String)>, ConfigError> {
-        let Some(raw) = self.get(name) else {
-            return Ok(Vec::new());
-        };
-        let rule = || {
-            ConfigError::new(
-                name,
-                "must be comma-separated key=value pairs with percent-encoded values",
-            )
-        };
-        let mut attributes: Vec<(String, String)> = Vec::new();
-        for pair in raw.split(',').filter(|pair| !pair.trim().is_empty()) {
-            let (key, value) = pair.split_once('=').ok_or_else(rule)?;
-            let key = key.trim();
-            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(rule());
-            }
-            let value = percent_decode(value.trim()).ok_or_else(rule)?;
-            attributes.retain(|(existing, _)| existing != key);
-            attributes.push((key.to_owned(), value));
-        }
-        Ok(attributes)
+        self.percent_pairs(
+            name,
+            "must be comma-separated key=value pairs with percent-encoded values",
+            |key, value| {
+                let valid = !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic());
+                valid.then(|| (key.to_owned(), value))
+            },
+        )
     }
 
     pub(super) fn sampler(&self, name: &str, arg_name: &str) -> Result<TraceSampler, ConfigError> {
