@@ -37,15 +37,22 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Options of `run` beyond the configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// Apply pending migrations before serving (the default; `serve --no-migrate` turns it off).
     pub migrate: bool,
+    /// The acceptor already built from `config.tls` by the caller (the binary builds it first,
+    /// to report unusable files as a configuration error), so the files are read once; `None`
+    /// builds it from `config.tls` at start.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { migrate: true }
+        Self {
+            migrate: true,
+            tls: None,
+        }
     }
 }
 
@@ -140,7 +147,10 @@ impl Started {
         options: RunOptions,
         clock: clock::Clock,
     ) -> anyhow::Result<Self> {
-        let tls = config.tls.as_ref().map(server::load_tls).transpose()?;
+        let tls = match options.tls {
+            Some(acceptor) => Some(acceptor),
+            None => config.tls.as_ref().map(server::load_tls).transpose()?,
+        };
         let store = Store::connect(&config.database_url).await?;
         if options.migrate {
             store.migrate().await?;

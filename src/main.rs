@@ -258,11 +258,19 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             }
             // Files that hold no usable certificate and key are a configuration error, found
             // before anything starts (only the outermost message: it names the variable).
-            if let Some(Err(err)) = config.tls.as_ref().map(edgegate::server::load_tls) {
-                telemetry::flush_logs();
-                eprintln!("edgegate: invalid configuration: {err}");
-                return ExitCode::from(2);
-            }
+            let tls = match config
+                .tls
+                .as_ref()
+                .map(edgegate::server::load_tls)
+                .transpose()
+            {
+                Ok(tls) => tls,
+                Err(err) => {
+                    telemetry::flush_logs();
+                    eprintln!("edgegate: invalid configuration: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             let address = (config.host, config.port);
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => listener,
@@ -277,6 +285,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             };
             let options = RunOptions {
                 migrate: !no_migrate,
+                tls,
             };
             let served =
                 edgegate::run_with(config, listener, edgegate::shutdown_signal(), options).await;

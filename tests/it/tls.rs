@@ -21,27 +21,7 @@ async fn with_tls_files_set_the_same_app_is_served_over_https() {
         let _ = stopped.await;
     }));
 
-    let root = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_certs_only([root])
-        .resolve("localhost", ([127, 0, 0, 1], port).into())
-        .build()
-        .unwrap();
-    let mut answered = None;
-    for _ in 0..100 {
-        match client
-            .get(format!("https://localhost:{port}/healthz"))
-            .send()
-            .await
-        {
-            Ok(response) => {
-                answered = Some(response);
-                break;
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-        }
-    }
-    let response = answered.expect("the HTTPS endpoint never answered");
+    let response = https_get(&certified, port, "/healthz").await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers().contains_key("x-request-id"),
@@ -54,6 +34,41 @@ async fn with_tls_files_set_the_same_app_is_served_over_https() {
         "plain HTTP must not be served on the TLS port"
     );
 
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_acceptor_built_by_the_caller_is_served_without_reading_the_files_again() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
+    let config = db.config(&[
+        ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
+        ("TLS_KEY_FILE", key_path.to_str().unwrap()),
+    ]);
+    let acceptor = edgegate::server::load_tls(config.tls.as_ref().unwrap()).unwrap();
+    // Replaced between the binary's check and the start: what was checked is what is served.
+    std::fs::write(&cert_path, "not a certificate").unwrap();
+    std::fs::write(&key_path, "not a key").unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = edgegate::RunOptions {
+        tls: Some(acceptor),
+        ..edgegate::RunOptions::default()
+    };
+    let server = tokio::spawn(edgegate::run_with(
+        config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        options,
+    ));
+    let response = https_get(&certified, port, "/healthz").await;
+    assert_eq!(response.status(), 200);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
@@ -73,4 +88,34 @@ async fn unreadable_tls_files_stop_start_up() {
         .await
         .expect_err("junk PEM files must be refused");
     assert!(format!("{err:#}").contains("TLS_CERT_FILE"), "{err:#}");
+}
+
+/// GETs `path` over HTTPS from the server on `port`, trusting only `certified`, retrying while
+/// the server starts.
+async fn https_get(
+    certified: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    port: u16,
+    path: &str,
+) -> reqwest::Response {
+    let root = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([root])
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let mut answered = None;
+    for _ in 0..100 {
+        match client
+            .get(format!("https://localhost:{port}{path}"))
+            .send()
+            .await
+        {
+            Ok(response) => {
+                answered = Some(response);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    answered.expect("the HTTPS endpoint never answered")
 }
