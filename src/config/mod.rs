@@ -103,16 +103,31 @@ impl DatabaseUrl {
         self.expose().starts_with("postgres://") || self.expose().starts_with("postgresql://")
     }
 
-    /// The URL with any password replaced, for logs and `check` output.
+    /// The URL with any password replaced (in its user part, or a query parameter such as
+    /// `?password=`, which the PostgreSQL driver accepts too), for logs and `check` output.
     pub fn redacted(&self) -> String {
-        match Url::parse(self.expose()) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("REDACTED"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => self.expose().to_owned(),
+        let Ok(mut url) = Url::parse(self.expose()) else {
+            return "(a URL that does not parse)".to_owned();
+        };
+        if url.password().is_some() {
+            let _ = url.set_password(Some("REDACTED"));
         }
+        let secret_key = |key: &str| key.to_ascii_lowercase().contains("password");
+        if url.query_pairs().any(|(key, _)| secret_key(&key)) {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if secret_key(&key) {
+                        "REDACTED".into()
+                    } else {
+                        value
+                    };
+                    (key.into_owned(), value.into_owned())
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
     }
 }
 

@@ -719,3 +719,17 @@ fn otlp_headers_are_decoded_merged_and_never_shown() {
     refused("OTEL_EXPORTER_OTLP_HEADERS", "x-key=secretvalue%zz");
     refused("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-key=secret%0Avalue");
 }
+
+#[test]
+fn a_database_password_given_as_a_query_parameter_is_redacted() {
+    let config = config(&[(
+        "DATABASE_URL",
+        "postgres://app@db:5432/edgegate?sslmode=require&password=querysecretvalue",
+    )])
+    .unwrap();
+    let shown = config.database_url.redacted();
+    assert!(!shown.contains("querysecretvalue"), "{shown}");
+    assert!(shown.contains("sslmode=require"), "{shown}");
+    assert!(shown.contains("password=REDACTED"), "{shown}");
+    assert!(!format!("{config:?}").contains("querysecretvalue"));
+}
