@@ -23,8 +23,8 @@ use crate::stripe::webhook::{self, Outcome, WebhookError};
 const LOCK_TTL: Duration = Duration::from_secs(300);
 /// Stripe keeps events for 30 days: nothing older can be listed.
 pub const RETENTION_SECONDS: i64 = 30 * 86_400;
-/// How far before the newest known event a default run starts, for events Stripe created
-/// around it but delivered (or failed to deliver) later.
+/// How far before the start of the last covering run a default run starts, for events Stripe
+/// created before that start but listed only later.
 pub const OVERLAP_SECONDS: i64 = 3_600;
 
 /// Who started a run (stored in `reconcile_runs.started_by`, a metric label).
@@ -80,25 +80,21 @@ impl ReconcileError {
     }
 }
 
-/// The window's start when the caller gives none: the newest event in the ledger minus an hour,
-/// widened back to the last successful run's start minus an hour (so consecutive runs leave no
-/// gap even while webhooks keep the ledger fresh) and to the `since` of any later run that did
-/// not finish; never earlier than Stripe's retention, and the retention when there is no
-/// history at all.
-pub async fn default_since(store: &Store, now_s: i64) -> anyhow::Result<i64> {
+/// The window's start when the caller gives none: an hour before `covered` (ms), the start of
+/// the newest successful continuous run, so consecutive runs overlap and leave no gap, whatever
+/// ran between (a failed run, a manual one over a narrower window); Stripe's whole retention
+/// when no run covers anything yet. Never earlier than the retention.
+pub fn default_since(covered: Option<i64>, now_s: i64) -> i64 {
     let oldest = now_s - RETENTION_SECONDS;
-    let newest = store.newest_stripe_event_created().await?;
-    let (last_ok, unfinished) = store.reconcile_history().await?;
-    let candidates = [
-        newest.map(|ms| ms.div_euclid(1000) - OVERLAP_SECONDS),
-        last_ok.map(|ms| ms.div_euclid(1000) - OVERLAP_SECONDS),
-        unfinished,
-    ];
-    Ok(candidates
-        .into_iter()
-        .flatten()
-        .min()
-        .map_or(oldest, |since| since.max(oldest)))
+    covered.map_or(oldest, |ms| {
+        (ms.div_euclid(1000) - OVERLAP_SECONDS).max(oldest)
+    })
+}
+
+/// Whether a run over `since..` extends the coverage `covered` (see [`default_since`]): its
+/// window reaches back to the default one, or to Stripe's retention.
+fn continues(since: i64, covered: Option<i64>, now_s: i64) -> bool {
+    since <= default_since(covered, now_s)
 }
 
 /// A requested `since` (unix seconds), checked: `Err` names the rule it breaks. An earlier one
@@ -144,11 +140,15 @@ pub async fn run(
     let started_at = clock.now_ms();
     let locked = async |lock: &mut SyncLock| {
         // Read under the lock, so it sees every run that finished before this one.
-        let since = match since {
-            Some(since) => since,
-            None => default_since(store, started_at.div_euclid(1000)).await?,
+        let covered = store.reconcile_coverage().await?;
+        let now_s = started_at.div_euclid(1000);
+        let since = since.unwrap_or_else(|| default_since(covered, now_s));
+        let window = Window {
+            since,
+            started_at,
+            continuous: continues(since, covered, now_s),
         };
-        let events = run_locked(store, client, clock, lock, trigger, since, started_at).await?;
+        let events = run_locked(store, client, clock, lock, trigger, window).await?;
         Ok(ReconcileReport {
             events,
             since,
@@ -162,18 +162,30 @@ pub async fn run(
         .ok_or(ReconcileError::InProgress)?
 }
 
+/// What a run lists: events from `since` (unix seconds), as of `started_at` (ms); `continuous`
+/// when it reaches back to the coverage before it.
+struct Window {
+    since: i64,
+    started_at: i64,
+    continuous: bool,
+}
+
 async fn run_locked(
     store: &Store,
     client: &StripeClient,
     clock: &Clock,
     lock: &mut SyncLock,
     trigger: Trigger,
-    since: i64,
-    started_at: i64,
+    window: Window,
 ) -> Result<ReconcileCounts, ReconcileError> {
     let run_id = uuid::Uuid::now_v7().to_string();
+    let Window {
+        since,
+        started_at,
+        continuous,
+    } = window;
     store
-        .start_reconcile_run(&run_id, trigger.as_str(), since, started_at)
+        .start_reconcile_run(&run_id, trigger.as_str(), since, started_at, continuous)
         .await?;
     let mut progress = Progress::default();
     let walked = walk(store, client, clock, lock, &run_id, since, &mut progress).await;
@@ -356,6 +368,33 @@ mod tests {
         assert_eq!(requested_since(now - 60, now), Ok(now - 60));
         assert_eq!(requested_since(0, now), Ok(now - RETENTION_SECONDS));
         assert!(requested_since(now + 1, now).is_err());
+    }
+
+    #[test]
+    fn the_default_window_starts_an_hour_before_the_coverage_or_at_the_retention() {
+        let now = 2_000_000_000;
+        let oldest = now - RETENTION_SECONDS;
+        assert_eq!(default_since(None, now), oldest);
+        let covered_ms = (now - 7200) * 1000 + 999;
+        assert_eq!(
+            default_since(Some(covered_ms), now),
+            now - 7200 - OVERLAP_SECONDS
+        );
+        assert_eq!(default_since(Some(oldest * 1000), now), oldest);
+    }
+
+    #[test]
+    fn only_a_window_that_reaches_the_coverage_continues_it() {
+        let now = 2_000_000_000;
+        let covered = Some((now - 7200) * 1000);
+        let default = default_since(covered, now);
+        assert!(continues(default, covered, now));
+        assert!(continues(default - 1, covered, now));
+        assert!(!continues(default + 1, covered, now));
+        assert!(!continues(now - 60, covered, now));
+        // With nothing covered, only the whole retention starts the coverage.
+        assert!(continues(now - RETENTION_SECONDS, None, now));
+        assert!(!continues(now - RETENTION_SECONDS + 1, None, now));
     }
 
     #[test]

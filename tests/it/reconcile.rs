@@ -103,7 +103,8 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     let t = now();
     // 250 events over the last 21 minutes: three pages of up to 100, newest first.
     let history = history(&fixtures, 250, t - 1300, 5);
-    // One from three days ago, before the default window: not listed.
+    // One from three days ago: with no run on record, the default window is Stripe's whole
+    // retention, however fresh the ledger (an event of this type is ignored, recorded only).
     let old = history_event(&fixtures, 9999, t - 3 * 86_400);
     fake.add_events(history.iter().cloned().chain([old]));
     // Events 140 to 159 were delivered: newest first, page one ends at 150 (events 249..150).
@@ -112,26 +113,28 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
         assert_eq!(status, 200, "{body}");
     }
 
+    let before = now();
     let (status, body) = reconcile(&app.server).await;
+    let after = now();
     assert_eq!(status, 200, "{body}");
     let ignored_missed = (0..250)
         .filter(|n| n % 7 == 3 && !(140..160).contains(n))
         .count() as i64;
     assert_eq!(
         events(&body),
-        (250, 230 - ignored_missed, 20, ignored_missed)
+        (251, 230 - ignored_missed, 20, ignored_missed + 1)
     );
-    // The default window: the newest ledger event (159, delivered) minus an hour.
-    assert_eq!(body["since"], json!(t - 1300 + 5 * 159 - 3600));
+    let since = body["since"].as_i64().unwrap();
+    assert!((before..=after).contains(&(since + 30 * 86_400)), "{body}");
     assert!(body["duration_ms"].as_u64().is_some());
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 251);
     assert_eq!(
         count(
             &db,
             "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_R09999'"
         )
         .await,
-        0
+        1
     );
     for n in [0, 1, 149, 151, 155, 200, 249] {
         assert_eq!(product_name(&db, n).await, format!("Name {n}"));
@@ -142,15 +145,21 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
         products
     );
 
-    // Everything is in the ledger now: a rerun applies nothing.
+    // Everything is in the ledger now: a rerun applies nothing. Its default window starts an
+    // hour before the first run, which covered everything before it.
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(events(&body), (250, 0, 250, 0));
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    let since = body["since"].as_i64().unwrap();
+    assert!((before..=after).contains(&(since + 3600)), "{body}");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 251);
 
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND started_by = 'manual' \
-                AND finished_at IS NOT NULL AND events_seen = 250 AND last_event_id = 'evt_R00000'";
-    assert_eq!(count(&db, runs).await, 2);
+                AND finished_at IS NOT NULL AND events_seen >= 250 AND last_event_id = 'evt_R09999'";
+    assert_eq!(count(&db, runs).await, 1);
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND started_by = 'manual' \
+                AND events_seen = 250 AND last_event_id = 'evt_R00000'";
+    assert_eq!(count(&db, runs).await, 1);
     let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
                  AND outcome = 'ok' AND credential_source = 'api_key'";
     assert_eq!(count(&db, audit).await, 2);
@@ -161,6 +170,39 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+}
+
+/// A run over a narrow window (a manual `since`) covers only that window: the next default run
+/// still starts from the last run that covered everything before it.
+#[tokio::test]
+async fn a_narrow_manual_run_does_not_hide_events_missed_before_it() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // A run that covered everything up to three hours ago (its start moved back to then).
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+    let moved = format!(
+        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
+        (t - 3 * 3600) * 1000
+    );
+    assert_eq!(scalar!(db, i64, moved), (t - 3 * 3600) * 1000);
+    // Since then: events 0..3 two and a half hours ago, never delivered; event 4 a minute ago.
+    fake.add_events((0..4).map(|n| history_event(&fixtures, n, t - 9000 + n as i64)));
+    fake.add_events([history_event(&fixtures, 4, t - 50)]);
+    // An operator reconciles the last minute only.
+    let (status, body) =
+        reconcile_as(&app.server, Some(SB_SECRET), Some(json!({"since": t - 60}))).await;
+    assert_eq!((status, events(&body)), (200, (1, 1, 0, 0)), "{body}");
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (5, 3, 1, 1), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 5);
 }
 
 #[tokio::test]

@@ -359,13 +359,4 @@ impl Store {
         });
         receipt.with_context(|| format!("applying Stripe event {}", event.id))
     }
-
-    /// The newest `created` (ms) in the webhook ledger.
-    pub async fn newest_stripe_event_created(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MAX(created) FROM stripe_events";
-        let newest: Option<i64> =
-            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
-                .context("reading the newest ledger event")?;
-        Ok(newest)
-    }
 }

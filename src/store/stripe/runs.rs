@@ -341,14 +341,17 @@ impl Store {
         started_by: &str,
         since: i64,
         started_at: i64,
+        continuous: bool,
     ) -> anyhow::Result<()> {
-        let sql = "INSERT INTO reconcile_runs (id, started_by, since, started_at, outcome) \
-                   VALUES ($1, $2, $3, $4, 'running')";
+        let sql = "INSERT INTO reconcile_runs \
+                   (id, started_by, since, started_at, outcome, continuous) \
+                   VALUES ($1, $2, $3, $4, 'running', $5)";
         let args = [
             id.into(),
             started_by.into(),
             since.into(),
             started_at.into(),
+            continuous.into(),
         ];
         self.execute(sql, &args)
             .await
@@ -386,21 +389,14 @@ impl Store {
         Ok(())
     }
 
-    /// What earlier reconciliations leave to the next: the start (ms) of the last successful
-    /// one, and the earliest `since` (s) of any run after it that did not finish (failed or
-    /// crashed), whose older events may still be missing.
-    pub async fn reconcile_history(&self) -> anyhow::Result<(Option<i64>, Option<i64>)> {
-        let last_ok = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok'";
-        let unfinished = "SELECT MIN(since) FROM reconcile_runs \
-                          WHERE outcome <> 'ok' AND started_at > $1";
-        let history: Result<(Option<i64>, Option<i64>), sqlx::Error> = with_pool!(self, |pool| {
-            let last_ok: Option<i64> = sqlx::query_scalar(last_ok).fetch_one(pool).await?;
-            let unfinished: Option<i64> = sqlx::query_scalar(unfinished)
-                .bind(last_ok.unwrap_or(i64::MIN))
-                .fetch_one(pool)
-                .await?;
-            Ok((last_ok, unfinished))
-        });
-        history.context("reading earlier reconcile runs")
+    /// How far Stripe's event list is known to be applied: the start (ms) of the newest
+    /// successful continuous run (its window reached back to the coverage before it), which
+    /// saw every event listed up to then.
+    pub async fn reconcile_coverage(&self) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
+        let covered: Option<i64> =
+            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
+                .context("reading earlier reconcile runs")?;
+        Ok(covered)
     }
 }
