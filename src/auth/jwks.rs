@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 use url::Url;
 
 /// Longest a single JWKS request may take.
@@ -221,7 +222,7 @@ struct Inner {
     clock: Clock,
     stats: JwksStats,
     /// Held for the whole of a fetch: the single flight.
-    fetch_lock: tokio::sync::Mutex<()>,
+    fetch_lock: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
     /// Bumped after every fetch attempt, so waiters can join a running fetch.
     done: watch::Sender<u64>,
@@ -260,7 +261,7 @@ impl JwksFetcher {
                 ring,
                 clock,
                 stats: JwksStats::default(),
-                fetch_lock: tokio::sync::Mutex::new(()),
+                fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
                 state: Mutex::new(State::default()),
                 done,
             }),
@@ -302,7 +303,7 @@ impl JwksFetcher {
     pub async fn on_unknown_kid(&self) -> RefetchOutcome {
         let mut done = self.inner.done.subscribe();
         done.borrow_and_update();
-        match self.inner.fetch_lock.try_lock() {
+        match self.inner.fetch_lock.clone().try_lock_owned() {
             Ok(guard) => {
                 if self.in_cooldown() {
                     self.inner
@@ -315,9 +316,7 @@ impl JwksFetcher {
                     .stats
                     .unknown_kid_refetches
                     .fetch_add(1, Ordering::Relaxed);
-                let result = self.fetch_locked().await;
-                drop(guard);
-                if result.is_ok() {
+                if self.fetch_detached(guard).await.is_ok() {
                     RefetchOutcome::Fetched
                 } else {
                     RefetchOutcome::Failed
@@ -337,8 +336,33 @@ impl JwksFetcher {
 
     /// Fetches now, for urgent revocation: ignores the cool-down, but still one fetch at a time.
     pub async fn refresh_now(&self) -> Result<FetchReport, FetchError> {
-        let _guard = self.inner.fetch_lock.lock().await;
-        self.fetch_locked().await
+        let guard = self.inner.fetch_lock.clone().lock_owned().await;
+        self.fetch_detached(guard).await
+    }
+
+    /// One fetch in a task of its own, holding `guard` until it ends: a caller that stops
+    /// waiting (a client that hung up, its request dropped) leaves the fetch to finish and
+    /// record what it found, instead of cutting it off after it moved the schedule.
+    async fn fetch_detached(
+        &self,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<FetchReport, FetchError> {
+        let fetcher = self.clone();
+        let fetch = tokio::spawn(
+            async move {
+                let result = fetcher.fetch_locked().await;
+                drop(guard);
+                result
+            }
+            .in_current_span(),
+        );
+        match fetch.await {
+            Ok(result) => result,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => Err(FetchError::Transport(
+                "the fetch was cancelled: the runtime is shutting down".to_owned(),
+            )),
+        }
     }
 
     /// Fetches if the set's freshness lifetime (or the failure backoff) has run out;

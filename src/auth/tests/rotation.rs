@@ -15,13 +15,15 @@ use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 #[derive(Clone)]
 struct HostState {
     hits: Arc<AtomicUsize>,
     notify: Arc<Notify>,
     reply: Arc<Mutex<Reply>>,
+    /// When set, each request waits for a permit before it is answered.
+    gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
 }
 
 #[derive(Clone)]
@@ -42,6 +44,10 @@ struct JwksHost {
 async fn serve_jwks(State(s): State<HostState>, headers: HeaderMap) -> Response {
     s.hits.fetch_add(1, Ordering::SeqCst);
     s.notify.notify_one();
+    let gate = s.gate.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(gate) = gate {
+        gate.acquire().await.expect("gate").forget();
+    }
     let reply = s
         .reply
         .lock()
@@ -80,6 +86,7 @@ impl JwksHost {
                 cache_control: None,
                 etag: None,
             })),
+            gate: Arc::new(Mutex::new(None)),
         };
         let app = Router::new()
             .route("/auth/v1/.well-known/jwks.json", get(serve_jwks))
@@ -114,6 +121,13 @@ impl JwksHost {
 
     fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// From now on each request waits for a permit of the returned gate.
+    fn hold(&self) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.state.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
+        gate
     }
 
     fn update(&self, f: impl FnOnce(&mut Reply)) {
@@ -549,4 +563,42 @@ async fn redirects_are_refused() {
         Err(FetchError::RedirectFollowed)
     );
     assert!(auth.key_ring().load().find("k1").is_none());
+}
+
+/// A client that hangs up while its unknown-kid fetch is in flight (its request dropped) must
+/// not cut the fetch off half-way: that moved the schedule with nothing fetched, so a client
+/// hanging up every cool-down kept a rotated-in key unknown and the scheduled refresh away.
+#[tokio::test]
+async fn an_unknown_kid_fetch_finishes_when_its_caller_hangs_up() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::es256("k2");
+    let mut host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+
+    // Supabase rotates k2 in; the host is slow to answer.
+    host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
+    let hits = host.hits();
+    let gate = host.hold();
+    clock.advance(Duration::from_secs(31));
+    let random = TestKey::es256("random").token(&claims(clock.unix_now()));
+    let caller = auth.verify_bearer(&random);
+    tokio::select! {
+        _ = caller => panic!("the held fetch answered"),
+        () = async { while host.hits() == hits { tokio::task::yield_now().await } } => {}
+    }
+    // The caller is gone (its future dropped); the host answers now.
+    gate.add_permits(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while auth.key_ring().load().find("k2").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetch was cut off with its caller"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let token = k2.token(&claims(clock.unix_now()));
+    assert!(auth.verify_bearer(&token).await.is_ok());
+    host.stop().await;
 }
