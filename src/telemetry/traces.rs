@@ -284,9 +284,27 @@ impl Exporter {
 
 struct ReadHeaders<'a>(&'a HeaderMap);
 
+/// The longest client header value a span keeps (`server.address`, `user_agent.original`):
+/// spans wait in a queue bounded in count while a collector is slow, so what each holds of a
+/// client's headers is bounded in bytes (a head may be 64 KiB).
+const MAX_HEADER_ATTRIBUTE_BYTES: usize = 256;
+/// The longest `tracestate` carried on: W3C's 512 characters, past which a tracer may discard it.
+const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// `value` cut to at most [`MAX_HEADER_ATTRIBUTE_BYTES`], on a character boundary.
+fn bounded_attribute(value: &str) -> String {
+    let mut end = value.len().min(MAX_HEADER_ATTRIBUTE_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].to_owned()
+}
+
 impl Extractor for ReadHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key)?.to_str().ok()
+        let value = self.0.get(key)?.to_str().ok()?;
+        let dropped = key == "tracestate" && value.len() > MAX_TRACESTATE_BYTES;
+        (!dropped).then_some(value)
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -361,13 +379,16 @@ pub(crate) fn server_span(
         .and_then(|value| value.to_str().ok())
     {
         let address = host.rsplit_once(':').map_or(host, |(address, _)| address);
-        attributes.push(KeyValue::new("server.address", address.to_owned()));
+        attributes.push(KeyValue::new("server.address", bounded_attribute(address)));
     }
     if let Some(agent) = headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|value| value.to_str().ok())
     {
-        attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
+        attributes.push(KeyValue::new(
+            "user_agent.original",
+            bounded_attribute(agent),
+        ));
     }
     let method = req.method().as_str();
     let mut hex = [0u8; 32];
@@ -450,7 +471,18 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
 
 #[cfg(test)]
 mod tests {
+    use super::bounded_attribute;
     use opentelemetry::trace::TraceId;
+
+    #[test]
+    fn a_header_attribute_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded_attribute("curl/8.5"), "curl/8.5");
+        // 255 one-byte characters, then two-byte ones: the 256th byte is inside one.
+        let value = format!("{}{}", "a".repeat(255), "é".repeat(10));
+        assert_eq!(bounded_attribute(&value), "a".repeat(255));
+        let value = "é".repeat(200);
+        assert_eq!(bounded_attribute(&value), "é".repeat(128));
+    }
 
     #[test]
     fn ids_are_written_as_trace_context_writes_them() {

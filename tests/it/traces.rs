@@ -355,6 +355,61 @@ async fn the_server_span_continues_the_callers_trace_with_http_and_credential_at
     collector.assert_never_holds(&[token.as_str(), signature]);
 }
 
+/// What a client sends is bounded in a span: a span queued for a collector that does not answer
+/// must not keep a client's 60 KiB header.
+#[tokio::test]
+async fn header_values_in_a_span_are_cut_to_a_bounded_length() {
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    let agent = format!("long-agent/{}", "a".repeat(16_000));
+    let host = format!("{}.example:8080", "h".repeat(4000));
+    // 20 members of 60 bytes: past the 512 characters W3C lets a tracer discard.
+    let tracestate = (0..20)
+        .map(|n| format!("v{n:02}={}", "o".repeat(56)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let response = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .header("traceparent", traceparent())
+        .header("tracestate", &tracestate)
+        .header("host", &host)
+        .header("user-agent", &agent)
+        .header("x-request-id", "otel-long-headers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let span = collector
+        .span(|span| {
+            attribute(&span.attributes, "request_id").as_deref() == Some("otel-long-headers")
+        })
+        .await;
+    let kept = attribute(&span.attributes, "user_agent.original").unwrap();
+    assert!(
+        kept.len() <= 256 && agent.starts_with(&kept),
+        "{} bytes",
+        kept.len()
+    );
+    assert!(kept.len() > 200, "{} bytes", kept.len());
+    let kept = attribute(&span.attributes, "server.address").unwrap();
+    assert!(
+        kept.len() <= 256 && host.starts_with(&kept),
+        "{} bytes",
+        kept.len()
+    );
+    assert_eq!(span.trace_state, "", "{} bytes", span.trace_state.len());
+    assert_eq!(
+        hex(&span.trace_id),
+        TRACE_ID,
+        "the trace goes on without its state"
+    );
+    stop(server, &dir).await;
+}
+
 #[tokio::test]
 async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     let fixtures = stripe_fixtures!();
