@@ -70,7 +70,8 @@ pub async fn from_api(
 }
 
 /// The report from the database alone: every instance's flushed counts (not what an instance
-/// counted in its last minute), and the verdict from this configuration.
+/// counted in its last minute), and the verdict from them alone: whether the servers still hold
+/// the legacy secret is not known here (this process's own environment says nothing of theirs).
 pub async fn from_database(
     config: &Config,
     window: Option<Duration>,
@@ -93,7 +94,7 @@ pub async fn from_database(
     let (summed, evidence_since, keys, callers) =
         read.context("reading usage (has `edgegate migrate` run on this database?)")?;
     let verdict = legacy_verdict(
-        config.jwt.legacy_secret.is_some(),
+        true,
         &summed,
         evidence_since,
         revocation_window,

@@ -523,6 +523,30 @@ async fn keys_report_from_the_database_matches_its_snapshot() {
     );
 }
 
+/// The report read from the database judges by the usage there, whatever the environment it runs
+/// in: from a laptop or CI without `SUPABASE_JWT_SECRET`, legacy use is still not "safe".
+#[tokio::test]
+async fn keys_report_from_the_database_judges_by_usage_not_by_its_own_environment() {
+    let db = test_db!();
+    let store = db.store().await;
+    let rows = [
+        key_row(0, "legacy_secret", "", "HS256", 500),
+        key_row(0, "signing_key", "2b9f0c1e", "ES256", 900),
+    ];
+    store.add_key_usage(&rows).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SNAPSHOT_NOW.to_string();
+    let printed = output(
+        edgegate(dir.path(), &[("DATABASE_URL", &db.url)])
+            .args(["keys", "report", "--now-ms", &now]),
+    );
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.status.success(), "{text}");
+    let verdict = text.lines().last().unwrap_or_default();
+    assert!(verdict.contains("NOT SAFE"), "{verdict}");
+    assert!(verdict.contains("500 request(s)"), "{verdict}");
+}
+
 /// An instance started as `run` starts it writes its unflushed counts when it stops, so a
 /// deploy's last minute of legacy use still reaches the report.
 #[tokio::test]
