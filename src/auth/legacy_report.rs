@@ -363,7 +363,7 @@ pub struct KeyReport {
     pub legacy_secret: LegacySecretUse,
     /// The revocation window.
     pub window_seconds: u64,
-    /// The earliest hour any usage was recorded: how far back the evidence goes.
+    /// The first verification edgegate counted (epoch ms): how far back the evidence goes.
     pub evidence_since_ms: Option<i64>,
     #[serde(flatten)]
     pub report: ReportView,
@@ -410,8 +410,8 @@ pub async fn key_report(
     let now = clock.now_ms();
     let usage = usage_in_window(store, tracker, revocation_window, now).await?;
     let evidence_since = match (
-        store.key_usage_first_hour().await?,
-        tracker.first_pending_hour(),
+        store.usage_evidence_since().await?,
+        tracker.first_pending_verification(),
     ) {
         (Some(stored), Some(pending)) => Some(stored.min(pending)),
         (stored, pending) => stored.or(pending),

@@ -44,6 +44,7 @@ type Pending = HashMap<Bucket, Count, foldhash::fast::RandomState>;
 #[derive(Clone, Copy, Debug, Default)]
 struct Count {
     verified: i64,
+    first_ms: i64,
     last_ms: i64,
 }
 
@@ -126,6 +127,7 @@ impl UsageTracker {
         };
         let count = Count {
             verified: 1,
+            first_ms: at_ms,
             last_ms: at_ms,
         };
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,6 +140,7 @@ impl UsageTracker {
         match pending.get_mut(&bucket) {
             Some(held) => {
                 held.verified += count.verified;
+                held.first_ms = held.first_ms.min(count.first_ms);
                 held.last_ms = held.last_ms.max(count.last_ms);
             }
             None if full => {
@@ -150,14 +153,16 @@ impl UsageTracker {
         }
     }
 
-    fn take(&self) -> Vec<KeyUsage> {
+    /// The pending counts, and the earliest verification among them.
+    fn take(&self) -> (Vec<KeyUsage>, Option<i64>) {
         let drained: Vec<_> = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
             .collect();
-        drained
+        let first = drained.iter().map(|(_, count)| count.first_ms).min();
+        let rows = drained
             .into_iter()
             .map(|(bucket, count)| KeyUsage {
                 hour_start_ms: bucket.hour_start_ms,
@@ -167,7 +172,8 @@ impl UsageTracker {
                 verified_count: count.verified,
                 last_verified_at_ms: count.last_ms,
             })
-            .collect()
+            .collect();
+        (rows, first)
     }
 
     /// Writes the pending counts, callers included; on failure they are kept for the next flush.
@@ -177,11 +183,14 @@ impl UsageTracker {
     }
 
     async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
-        let rows = self.take();
-        if rows.is_empty() {
+        let (rows, Some(first)) = self.take() else {
             return Ok(());
-        }
-        if let Err(err) = store.add_key_usage(&rows).await {
+        };
+        let written = match store.note_usage_evidence(first).await {
+            Ok(()) => store.add_key_usage(&rows).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
             self.flush_failures.inc();
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for row in rows {
@@ -196,8 +205,10 @@ impl UsageTracker {
                     kid: Arc::from(row.kid),
                     alg: static_alg(&row.alg),
                 };
+                // The batch's earliest verification for each: what counts is the earliest.
                 let count = Count {
                     verified: row.verified_count,
+                    first_ms: first.max(row.hour_start_ms),
                     last_ms: row.last_verified_at_ms,
                 };
                 self.add(&mut pending, bucket, count);
@@ -207,10 +218,10 @@ impl UsageTracker {
         Ok(())
     }
 
-    /// The earliest hour this instance counted and has not flushed yet.
-    pub fn first_pending_hour(&self) -> Option<i64> {
+    /// The earliest verification this instance counted and has not flushed yet (ms).
+    pub fn first_pending_verification(&self) -> Option<i64> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.keys().map(|bucket| bucket.hour_start_ms).min()
+        pending.values().map(|count| count.first_ms).min()
     }
 
     /// Everything counted here and not yet flushed, summed per key (for the admin report).
@@ -306,7 +317,9 @@ pub fn legacy_verdict(
             .sum()
     };
     let legacy = in_window("legacy_secret");
-    let signing = in_window("signing_key");
+    // Traffic that no longer needs the legacy secret: signing-key tokens, and API keys (where
+    // backend callers of the legacy service_role JWT move).
+    let moved = in_window("signing_key") + in_window("api_key");
     let verdict = |safe: bool, reason: String| LegacyVerdict {
         legacy_revocation_safe: safe,
         reason,
@@ -325,11 +338,11 @@ pub fn legacy_verdict(
             ),
         );
     }
-    if signing == 0 {
+    if moved == 0 {
         return verdict(
             false,
             format!(
-                "no request was verified with a signing key in the last {window_text}: clients may not have moved yet"
+                "no request was verified with a signing key or an API key in the last {window_text}: clients may not have moved yet"
             ),
         );
     }
@@ -345,7 +358,7 @@ pub fn legacy_verdict(
     verdict(
         true,
         format!(
-            "no legacy-verified request in the last {window_text}, and {signing} request(s) verified with signing keys"
+            "no legacy-verified request in the last {window_text}, and {moved} request(s) verified with signing keys or API keys"
         ),
     )
 }
@@ -420,5 +433,40 @@ mod tests {
             text.contains("edgegate_key_usage_dropped_total 1"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const DAY_MS: i64 = 86_400_000;
+
+    fn used(source: &str, count: i64, at_ms: i64) -> KeyUsage {
+        KeyUsage {
+            hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
+            source: source.into(),
+            kid: "k".into(),
+            alg: "ES256".into(),
+            verified_count: count,
+            last_verified_at_ms: at_ms,
+        }
+    }
+
+    /// Callers that moved from the legacy service_role JWT to a secret API key are evidence of
+    /// traffic that no longer needs the legacy secret, as signing-key tokens are.
+    #[test]
+    fn api_key_traffic_counts_as_moved_traffic() {
+        let now = 1_000 * HOUR_MS;
+        let usage = [used("api_key", 1_000, now - 60_000)];
+        let verdict = legacy_verdict(true, &usage, Some(now - 2 * DAY_MS), DAY, now);
+        assert!(verdict.legacy_revocation_safe, "{}", verdict.reason);
+        let usage = [
+            used("api_key", 1_000, now - 60_000),
+            used("legacy_secret", 1, now - 3_600_000),
+        ];
+        let verdict = legacy_verdict(true, &usage, Some(now - 2 * DAY_MS), DAY, now);
+        assert!(!verdict.legacy_revocation_safe, "{}", verdict.reason);
     }
 }

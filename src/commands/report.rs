@@ -84,7 +84,7 @@ pub async fn from_database(
         let summed = store
             .key_usage_since(first_hour(revocation_window, now_ms))
             .await?;
-        let evidence_since = store.key_usage_first_hour().await?;
+        let evidence_since = store.usage_evidence_since().await?;
         let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
         let (keys, callers) = legacy_report::hourly_rows(&store, None, since).await?;
         anyhow::Ok((summed, evidence_since, keys, callers))
@@ -93,13 +93,7 @@ pub async fn from_database(
     store.close().await;
     let (summed, evidence_since, keys, callers) =
         read.context("reading usage (has `edgegate migrate` run on this database?)")?;
-    let verdict = legacy_verdict(
-        true,
-        &summed,
-        evidence_since,
-        revocation_window,
-        now_ms,
-    );
+    let verdict = legacy_verdict(true, &summed, evidence_since, revocation_window, now_ms);
     Ok(legacy_report::view(
         &keys,
         &callers,

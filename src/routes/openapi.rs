@@ -373,7 +373,7 @@ pub struct SigningKeys {
     legacy_secret: LegacySecretUse,
     /// `LEGACY_REVOCATION_WINDOW_SECONDS`.
     window_seconds: u64,
-    /// The first hour with usage evidence, epoch milliseconds.
+    /// The first verification counted, epoch milliseconds: how far back the evidence goes.
     evidence_since_ms: Option<i64>,
     legacy_revocation_safe: bool,
     reason: String,

@@ -269,9 +269,27 @@ impl Store {
         Ok(usage)
     }
 
-    /// The start of the earliest hour with any recorded usage: how far back the evidence goes.
-    pub async fn key_usage_first_hour(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MIN(hour_start) FROM key_usage_hourly";
+    /// Notes that verifications have been counted since `first_ms` (kept when earlier than the
+    /// time held). Written before the counts it covers: a failure between the two leaves a true
+    /// statement, never counts without their evidence.
+    pub async fn note_usage_evidence(&self, first_ms: i64) -> anyhow::Result<()> {
+        let sql = "INSERT INTO usage_evidence (id, first_verified_at) VALUES (1, $1) \
+                   ON CONFLICT (id) DO UPDATE SET first_verified_at = \
+                   CASE WHEN excluded.first_verified_at < usage_evidence.first_verified_at \
+                   THEN excluded.first_verified_at ELSE usage_evidence.first_verified_at END";
+        self.execute(sql, &[first_ms.into()])
+            .await
+            .context("recording since when usage is counted")?;
+        Ok(())
+    }
+
+    /// How far back the evidence goes (ms): the earliest verification counted; for counts from
+    /// before that was recorded, the end of the earliest hour with usage.
+    pub async fn usage_evidence_since(&self) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MIN(since) FROM (\
+                   SELECT first_verified_at AS since FROM usage_evidence \
+                   UNION ALL SELECT MIN(hour_start) + 3600000 AS since FROM key_usage_hourly\
+                   ) AS evidence";
         let first: Option<i64> = with_pool!(self, |pool| {
             sqlx::query_scalar(sql).fetch_one(pool).await
         })

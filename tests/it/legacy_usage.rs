@@ -547,6 +547,66 @@ async fn keys_report_from_the_database_judges_by_usage_not_by_its_own_environmen
     assert!(verdict.contains("500 request(s)"), "{verdict}");
 }
 
+/// The evidence starts at the first verification counted, not at the start of its hour, so a
+/// window is never called observed up to an hour early.
+#[tokio::test]
+async fn the_evidence_starts_at_the_first_counted_verification_not_its_hour() {
+    let db = test_db!();
+    let (mut server, _state) = instance(&db).await;
+    // A backend with its secret API key, twice, 50 ms apart.
+    let call = async || {
+        let response = server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", SECRET_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    let before = now_ms();
+    call().await;
+    let after = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    call().await;
+    server.begin_shutdown();
+    (&mut server.task)
+        .await
+        .expect("the service task")
+        .expect("a clean stop");
+
+    let hour = before - before % HOUR;
+    assert!(
+        before > hour + 1,
+        "started in the first millisecond of an hour: run it again"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let verdict = |now: i64| {
+        let printed = output(
+            edgegate(
+                dir.path(),
+                &[
+                    ("DATABASE_URL", &db.url),
+                    ("LEGACY_REVOCATION_WINDOW_SECONDS", "3600"),
+                ],
+            )
+            .args(["keys", "report", "--now-ms", &now.to_string()]),
+        );
+        assert!(printed.status.success());
+        let text = String::from_utf8(printed.stdout).unwrap();
+        text.lines().last().unwrap_or_default().to_owned()
+    };
+    // An hour after the start of the first verification's hour, not after the verification.
+    let early = verdict(hour + HOUR + 1);
+    assert!(
+        early.contains("NOT SAFE. usage has been recorded for less than 1 h"),
+        "{early}"
+    );
+    // An hour after the first verification, the second one still in the window.
+    let late = verdict(after + HOUR);
+    assert!(late.contains(": safe."), "{late}");
+}
+
 /// An instance started as `run` starts it writes its unflushed counts when it stops, so a
 /// deploy's last minute of legacy use still reaches the report.
 #[tokio::test]
@@ -555,7 +615,7 @@ async fn a_stopping_instance_writes_the_counts_it_had_not_flushed() {
     let (mut server, state) = instance(&db).await;
     supabase_js(&server, &legacy_key("anon")).await;
     assert!(
-        state.usage.first_pending_hour().is_some(),
+        state.usage.first_pending_verification().is_some(),
         "counted, not flushed"
     );
 

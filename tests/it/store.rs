@@ -211,13 +211,23 @@ async fn key_usage_from_several_instances_is_summed_per_key() {
             usage(h2, "signing_key", "kid-a", 5, h2 + 50),
         ]
     );
-    assert_eq!(a.key_usage_first_hour().await.unwrap(), Some(h1));
+    // Counts written without their first verification (before usage_evidence): the end of
+    // their earliest hour.
+    assert_eq!(a.usage_evidence_since().await.unwrap(), Some(h2));
+    // Each instance notes its earliest verification; the earliest of all is kept.
+    b.note_usage_evidence(h1 + 3_000_000).await.unwrap();
+    a.note_usage_evidence(h1 + 2_000_000).await.unwrap();
+    b.note_usage_evidence(h1 + 2_500_000).await.unwrap();
+    assert_eq!(
+        a.usage_evidence_since().await.unwrap(),
+        Some(h1 + 2_000_000)
+    );
 }
 
 #[tokio::test]
 async fn no_usage_means_no_evidence() {
     let db = test_db!();
     let store = db.store().await;
-    assert_eq!(store.key_usage_first_hour().await.unwrap(), None);
+    assert_eq!(store.usage_evidence_since().await.unwrap(), None);
     assert!(store.key_usage_since(0).await.unwrap().is_empty());
 }
