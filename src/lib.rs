@@ -71,10 +71,17 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     options: RunOptions,
 ) -> anyhow::Result<()> {
-    Started::start(config, listener, options, clock::Clock::system())
-        .await?
-        .serve(shutdown)
-        .await
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A stop asked for while starting (connecting, waiting for another instance's migration
+    // lock) ends it there.
+    let started = tokio::select! {
+        started = Started::start(config, listener, options, clock::Clock::system()) => started?,
+        () = &mut shutdown => {
+            tracing::info!("edgegate stopped before serving");
+            return Ok(());
+        }
+    };
+    started.serve(shutdown).await
 }
 
 /// Starts the service as [`run`] does (database, background tasks, HTTP on `listener`) in a task
@@ -236,30 +243,43 @@ fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
     ))
 }
 
-/// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let interrupt = async {
+/// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C). The handlers are set when this
+/// is called, not when first polled: a signal that comes during start-up is kept (as PID 1 in a
+/// container, one that comes before a handler is set is dropped by the kernel). Call it within
+/// the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| {
+            let listener = signal(kind);
+            async move {
+                match listener {
+                    Ok(mut listener) => {
+                        listener.recv().await;
+                        tracing::info!("{name} received");
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot listen for {name}");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        };
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            tokio::select! {
+                () = interrupt => {}
+                () = terminate => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for SIGINT");
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

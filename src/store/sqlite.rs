@@ -19,6 +19,8 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The readiness probe's wait for the write lock: short, so `/readyz` answers promptly.
 const PROBE_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a start-up waiting for another process's migration lock tries it again.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(100);
 
 pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
@@ -83,10 +85,19 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
             .write(true)
             .open(&lock_path)
             .context("opening the SQLite migration lock file")?;
-        let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
-            .await
-            .context("waiting for the SQLite migration lock")?
-            .context("taking the SQLite migration lock")?;
+        // Polled, not waited for on a blocking thread: a start-up stopped while waiting ends at
+        // once, with no thread left behind holding the process open.
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+                }
+                Err(std::fs::TryLockError::Error(err)) => {
+                    return Err(err).context("taking the SQLite migration lock");
+                }
+            }
+        }
         Some(file)
     };
     migrator().run(pool).await?;

@@ -33,6 +33,42 @@ async fn sigint_also_shuts_down_cleanly() {
     serve_then_signal("INT").await;
 }
 
+/// A stop asked for while start-up waits (here for another process's SQLite migration lock)
+/// ends the process at once, cleanly: as PID 1 in a container, a SIGTERM that comes before a
+/// handler is set is dropped by the kernel, and the instance is killed later with no drain.
+#[tokio::test]
+async fn sigterm_during_start_up_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+    lock.lock().unwrap();
+    let port = free_port().to_string();
+    let vars = [
+        ("DATABASE_URL", "sqlite://held.db"),
+        ("PORT", port.as_str()),
+        ("RUST_LOG", "info"),
+    ];
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    // The database file is created before the migrations wait for the lock.
+    for _ in 0..250 {
+        if dir.path().join("held.db").exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "it did not wait for the lock"
+    );
+
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}: {log}");
+    assert!(log.contains("stopped before serving"), "{log}");
+    drop(lock);
+}
+
 #[test]
 fn a_malformed_variable_stops_start_up_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
