@@ -22,6 +22,7 @@ pub mod telemetry;
 pub mod twilio;
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -137,6 +138,13 @@ impl RunningApp {
     }
 }
 
+/// What the steps after the drain may take together (the last usage flush, stopping the JWKS
+/// refresh, closing the database): with the default 25 s drain, inside Fly's 30 s kill timeout
+/// (`fly.toml`), so the process ends by itself and not by SIGKILL.
+const AFTER_DRAIN: Duration = Duration::from_secs(4);
+/// How long a JWKS refresh under way at shutdown is waited for.
+const REFRESH_STOP: Duration = Duration::from_millis(500);
+
 /// The service between start-up and serving: everything [`run`] and [`spawn`] share.
 struct Started {
     state: AppState,
@@ -144,6 +152,7 @@ struct Started {
     address: std::net::SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     refresh: Option<auth::RefreshTask>,
+    flusher: auth::usage::Flusher,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -170,14 +179,12 @@ impl Started {
         }
         let state = AppState::with_clock(config, store.clone(), clock);
         let refresh = state.auth.spawn_refresh();
-        let mut background = vec![
-            auth::usage::spawn_flusher(state.usage.clone(), store.clone()),
-            twilio::send::spawn_unanswered_sweeper(
-                store,
-                state.clock.clone(),
-                state.config.twilio.request_timeout,
-            ),
-        ];
+        let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
+        let mut background = vec![twilio::send::spawn_unanswered_sweeper(
+            store,
+            state.clock.clone(),
+            state.config.twilio.request_timeout,
+        )];
         background.extend(spawn_reconciler(&state));
         let address = listener
             .local_addr()
@@ -188,6 +195,7 @@ impl Started {
             address,
             tls,
             refresh,
+            flusher,
             background,
         })
     }
@@ -210,16 +218,28 @@ impl Started {
             server::serve_with_limits(app, self.listener, self.tls, shutdown, drain, connections)
                 .await
                 .context("serving HTTP");
-        if let Some(refresh) = self.refresh {
-            refresh.stop().await;
+        // The usage counts first: they are the legacy verdict's evidence, and what is left of
+        // the kill timeout after the drain is short.
+        let finish = async {
+            for task in self.background {
+                task.abort();
+            }
+            self.flusher.stop().await;
+            if let Err(err) = usage.flush(&store).await {
+                tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
+            }
+            if let Some(refresh) = self.refresh {
+                // A fetch under way is not waited for: nothing will use what it brings.
+                let _ = tokio::time::timeout(REFRESH_STOP, refresh.stop()).await;
+            }
+            store.close().await;
+        };
+        if tokio::time::timeout(AFTER_DRAIN, finish).await.is_err() {
+            tracing::warn!(
+                "the steps after the drain took over {} s; stopped without finishing them",
+                AFTER_DRAIN.as_secs()
+            );
         }
-        for task in self.background {
-            task.abort();
-        }
-        if let Err(err) = usage.flush(&store).await {
-            tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
-        }
-        store.close().await;
         served?;
         tracing::info!("edgegate stopped");
         Ok(())

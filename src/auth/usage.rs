@@ -257,12 +257,8 @@ fn static_alg(alg: &str) -> &'static str {
     }
 }
 
-/// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until the returned
-/// handle is aborted.
-pub fn spawn_flusher(
-    tracker: std::sync::Arc<UsageTracker>,
-    store: Store,
-) -> tokio::task::JoinHandle<()> {
+/// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until stopped.
+pub fn spawn_flusher(tracker: std::sync::Arc<UsageTracker>, store: Store) -> Flusher {
     spawn_flusher_every(tracker, store, FLUSH_INTERVAL, FLUSH_RETRY)
 }
 
@@ -272,11 +268,15 @@ pub fn spawn_flusher_every(
     store: Store,
     interval: Duration,
     retry: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Flusher {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let join = tokio::spawn(async move {
         let mut pause = interval;
         loop {
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stopped.changed() => return,
+            }
             pause = match tracker.flush(&store).await {
                 Ok(()) => interval,
                 Err(err) => {
@@ -288,7 +288,29 @@ pub fn spawn_flusher_every(
                 }
             };
         }
-    })
+    });
+    Flusher { stop, join }
+}
+
+/// The running flusher.
+#[derive(Debug)]
+pub struct Flusher {
+    stop: tokio::sync::watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Flusher {
+    /// Stops it between two flushes, never inside one: a flush takes the counts from memory
+    /// before it writes them, so one cut off mid-write would lose them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.join.await;
+    }
+
+    /// Stops it at once, mid-flush or not (tests that look at what a dead instance leaves).
+    pub fn abort(&self) {
+        self.join.abort();
+    }
 }
 
 /// The verdict on revoking the legacy secret, with the evidence behind it.

@@ -69,6 +69,71 @@ async fn sigterm_during_start_up_stops_it_cleanly() {
     drop(lock);
 }
 
+/// At SIGTERM the usage counts are written and the process ends by itself, well inside Fly's
+/// kill timeout, even while a JWKS fetch hangs on a host that accepts and never answers.
+#[tokio::test]
+async fn a_hanging_jwks_fetch_does_not_hold_up_the_stop() {
+    let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/auth/v1/.well-known/jwks.json",
+        host.local_addr().unwrap()
+    );
+    let (fetching, fetched) = tokio::sync::oneshot::channel();
+    let held = tokio::spawn(async move {
+        let (connection, _) = host.accept().await.unwrap();
+        let _ = fetching.send(());
+        std::future::pending::<()>().await;
+        drop(connection);
+    });
+    let secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let vars = [
+        ("PORT", port.to_string()),
+        ("DATABASE_URL", db.url.clone()),
+        ("SUPABASE_JWKS_URL", url),
+        ("SUPABASE_JWT_SECRET", secret.to_owned()),
+        ("SHUTDOWN_DRAIN_SECONDS", "0".to_owned()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    fetched.await.unwrap();
+    let claims = edgegate::auth::mint::user_claims(
+        "supabase",
+        "authenticated",
+        "user-1",
+        crate::support::now_ms() / 1000,
+        3600,
+    );
+    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/functions/v1/jwt-test"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    signal(&child, "TERM");
+    let stopping = std::time::Instant::now();
+    let status = wait_exit(&mut child).await;
+    let took = stopping.elapsed();
+    assert_eq!(status.code(), Some(0));
+    // The fetch's own timeout is 5 s: not waited for.
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    let store = db.store().await;
+    let usage = store.key_usage_since(0).await.unwrap();
+    assert!(
+        usage
+            .iter()
+            .any(|row| row.source == "legacy_secret" && row.verified_count == 1),
+        "{usage:?}"
+    );
+    held.abort();
+}
+
 #[test]
 fn a_malformed_variable_stops_start_up_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
