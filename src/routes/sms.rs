@@ -49,6 +49,9 @@ pub async fn send_sms(
         content = crate::routes::openapi::TwilioStatusForm,
         content_type = "application/x-www-form-urlencoded"
     ),
+    params(
+        ("id" = Option<String>, Query, description = "The message's id, which edgegate puts in the StatusCallback URL it gives Twilio (signed with it)"),
+    ),
     security(("twilio_signature" = [])),
     responses(
         (status = 204, description = "Applied (an unknown status is ignored)"),

@@ -236,8 +236,13 @@ impl Store {
         result: SendResult<'_>,
         now_ms: i64,
     ) -> anyhow::Result<()> {
-        let sql = "UPDATE sms_messages SET status = $1, twilio_sid = $2, error_code = $3, \
-                   error_message = $4, updated_at = $5 WHERE id = $6";
+        // A status callback that came first (it found the row by id and stored the SID) is
+        // newer than the create answer: the answer then only fills in what is missing.
+        let sql = "UPDATE sms_messages SET \
+                   status = CASE WHEN twilio_sid IS NULL THEN $1 ELSE status END, \
+                   error_code = CASE WHEN twilio_sid IS NULL THEN $3 ELSE error_code END, \
+                   error_message = CASE WHEN twilio_sid IS NULL THEN $4 ELSE error_message END, \
+                   twilio_sid = COALESCE(twilio_sid, $2), updated_at = $5 WHERE id = $6";
         let args = [
             result.status.into(),
             result.twilio_sid.into(),
@@ -254,10 +259,11 @@ impl Store {
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
     /// current one: `ranks` orders the statuses, `rank` is `status`'s place in it. One
-    /// statement, so two callbacks racing cannot leave the earlier status last.
+    /// statement, so two callbacks racing cannot leave the earlier status last. `id` (from the
+    /// callback URL) finds a message whose SID is not stored yet, and stores it.
     pub async fn apply_sms_status(
         &self,
-        twilio_sid: &str,
+        (twilio_sid, id): (&str, Option<&str>),
         (status, rank): (&str, i64),
         ranks: &[(&str, i64)],
         error_code: Option<i64>,
@@ -265,7 +271,8 @@ impl Store {
     ) -> anyhow::Result<StatusChange> {
         let update = format!(
             "UPDATE sms_messages SET status = $1, error_code = COALESCE($2, error_code), \
-             updated_at = $3 WHERE twilio_sid = $4 AND {} < $5",
+             updated_at = $3, twilio_sid = COALESCE(twilio_sid, $4) \
+             WHERE (twilio_sid = $4 OR (twilio_sid IS NULL AND id = $6)) AND {} < $5",
             rank_of_status_sql(ranks)
         );
         let args = [
@@ -274,6 +281,7 @@ impl Store {
             now_ms.into(),
             twilio_sid.into(),
             rank.into(),
+            id.into(),
         ];
         let changed = self
             .execute(&update, &args)
@@ -283,8 +291,9 @@ impl Store {
             return Ok(StatusChange::Applied);
         }
         let known: Option<i32> = with_pool!(self, |pool| {
-            sqlx::query_scalar("SELECT 1 FROM sms_messages WHERE twilio_sid = $1")
+            sqlx::query_scalar("SELECT 1 FROM sms_messages WHERE twilio_sid = $1 OR id = $2")
                 .bind(twilio_sid)
+                .bind(id)
                 .fetch_optional(pool)
                 .await
         })

@@ -271,7 +271,12 @@ async fn send_once(
     };
 
     *message_id = Some(message.id.clone());
-    let callback = config.public_url.as_ref().map(super::status_callback_url);
+    // The message's id in the URL: a status Twilio sends before its SID is stored here still
+    // finds its row.
+    let callback = config
+        .public_url
+        .as_ref()
+        .map(|url| format!("{}?id={}", super::status_callback_url(url), message.id));
     let mut form: Vec<(&str, &str)> = vec![("To", &valid.to), ("Body", &valid.body)];
     form.push(match sender {
         SmsSender::From(number) => ("From", number),

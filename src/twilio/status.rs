@@ -107,9 +107,15 @@ pub async fn apply_callback(
     // Twilio sends an empty or absent ErrorCode when there is none; a garbled one is dropped
     // rather than refusing a signed callback.
     let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
+    // The message's id, from the callback URL edgegate gave Twilio (signed with it).
+    let id = callback.query.and_then(|query| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == "id")
+            .map(|(_, id)| id.into_owned())
+    });
     match store
         .apply_sms_status(
-            sid,
+            (sid, id.as_deref()),
             (status, rank),
             STATUS_RANKS,
             error_code,

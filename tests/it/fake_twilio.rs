@@ -21,6 +21,8 @@ use crate::support::{TestServer, serve_app};
 pub enum Reply {
     /// 201 with a new message resource.
     Created,
+    /// 201 with a new message resource of this SID (a test that posts its status callbacks).
+    CreatedAs(&'static str),
     /// An error in Twilio's shape.
     Error {
         http: u16,
@@ -161,9 +163,17 @@ async fn create(
         .pop_front()
         .unwrap_or(Reply::Created);
     match reply {
-        Reply::Created => (
+        Reply::Created => {
+            let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+            (
+                StatusCode::CREATED,
+                axum::Json(message(&account, &recorded, &sid)),
+            )
+                .into_response()
+        }
+        Reply::CreatedAs(sid) => (
             StatusCode::CREATED,
-            axum::Json(message(&account, &recorded)),
+            axum::Json(message(&account, &recorded, sid)),
         )
             .into_response(),
         Reply::Error {
@@ -176,8 +186,7 @@ async fn create(
 }
 
 /// A message resource as Twilio's API returns it on creation.
-fn message(account: &str, request: &Recorded) -> Value {
-    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+fn message(account: &str, request: &Recorded, sid: &str) -> Value {
     let service = request.field("MessagingServiceSid");
     let now = "Thu, 26 Nov 2026 10:00:00 +0000";
     json!({

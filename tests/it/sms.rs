@@ -175,7 +175,9 @@ async fn sms_sends_a_form_with_basic_auth_and_a_status_callback_and_stores_the_s
     assert_eq!(request.field("Body"), Some("Your code is 123456"));
     assert_eq!(request.field("From"), Some(FROM));
     assert_eq!(request.field("MessagingServiceSid"), None);
-    assert_eq!(request.field("StatusCallback"), Some(CALLBACK_URL));
+    let id = answer.body["id"].as_str().unwrap();
+    let callback = format!("{CALLBACK_URL}?id={id}");
+    assert_eq!(request.field("StatusCallback"), Some(callback.as_str()));
 
     let row = stored(&app, &answer).await;
     assert_eq!(row.twilio_sid.as_deref(), Some(sid.as_str()));
@@ -522,6 +524,74 @@ async fn sms_a_refused_connection_is_retried_then_marked_failed() {
             .contains("3 attempts")
     );
     assert_eq!(only_message_status(&app).await.0, "failed");
+}
+
+/// Twilio may call back before the sender has stored the message's SID (its database slow,
+/// or failing): the callback URL names the message, so the status is not lost.
+#[tokio::test]
+async fn sms_a_status_that_comes_before_the_sid_is_stored_is_kept() {
+    let (_db, fake, app) = one_instance!(&[]);
+    const SID: &str = "SM0123456789abcdef0123456789abcdef";
+    fake.script([Reply::CreatedAs(SID)]);
+    fake.set_latency(Duration::from_millis(300));
+    let sending = {
+        let (server, client) = (
+            app.server.url("/functions/v1/send-sms"),
+            app.server.client.clone(),
+        );
+        tokio::spawn(async move {
+            let response = client
+                .post(server)
+                .header("apikey", SECRET_KEY)
+                .json(&json!({"to": "+12025550123", "body": "hi"}))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        })
+    };
+    while fake.requests().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let url = fake.requests()[0]
+        .field("StatusCallback")
+        .unwrap()
+        .to_owned();
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    // Twilio has the message and calls back while its answer to the sender is still on the way.
+    let params = status_params(SID, "sent");
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let signature = signature::compute(TOKEN.as_bytes(), &url, &owned);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&params)
+        .finish();
+    let response = app
+        .server
+        .client
+        .post(
+            app.server
+                .url(&format!("/functions/v1/twilio-status?{query}")),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+
+    let (status, body) = sending.await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let row = app.state.store.sms_message(id).await.unwrap().unwrap();
+    assert_eq!(row.twilio_sid.as_deref(), Some(SID));
+    assert_eq!(
+        row.status, "sent",
+        "Twilio's earlier answer must not undo the callback"
+    );
 }
 
 /// Posts a status callback signed with `token` (by our own signer; Twilio's library signs in
