@@ -339,9 +339,9 @@ pub fn legacy_verdict(
             .sum()
     };
     let legacy = in_window("legacy_secret");
-    // Traffic that no longer needs the legacy secret: signing-key tokens, and API keys (where
-    // backend callers of the legacy service_role JWT move).
-    let moved = in_window("signing_key") + in_window("api_key");
+    // Only signing-key tokens show that Auth rotated and that edgegate verifies its new tokens:
+    // API-key traffic says nothing of user sessions (and the report's own call is some).
+    let signing = in_window("signing_key");
     let verdict = |safe: bool, reason: String| LegacyVerdict {
         legacy_revocation_safe: safe,
         reason,
@@ -360,11 +360,11 @@ pub fn legacy_verdict(
             ),
         );
     }
-    if moved == 0 {
+    if signing == 0 {
         return verdict(
             false,
             format!(
-                "no request was verified with a signing key or an API key in the last {window_text}: clients may not have moved yet"
+                "no request was verified with a signing key in the last {window_text}: clients may not have moved yet"
             ),
         );
     }
@@ -380,7 +380,7 @@ pub fn legacy_verdict(
     verdict(
         true,
         format!(
-            "no legacy-verified request in the last {window_text}, and {moved} request(s) verified with signing keys or API keys"
+            "no legacy-verified request in the last {window_text}, and {signing} request(s) verified with signing keys"
         ),
     )
 }
@@ -455,40 +455,5 @@ mod tests {
             text.contains("edgegate_key_usage_dropped_total 1"),
             "{text}"
         );
-    }
-}
-
-#[cfg(test)]
-mod verdict_tests {
-    use super::*;
-
-    const DAY: Duration = Duration::from_secs(86_400);
-    const DAY_MS: i64 = 86_400_000;
-
-    fn used(source: &str, count: i64, at_ms: i64) -> KeyUsage {
-        KeyUsage {
-            hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
-            source: source.into(),
-            kid: "k".into(),
-            alg: "ES256".into(),
-            verified_count: count,
-            last_verified_at_ms: at_ms,
-        }
-    }
-
-    /// Callers that moved from the legacy service_role JWT to a secret API key are evidence of
-    /// traffic that no longer needs the legacy secret, as signing-key tokens are.
-    #[test]
-    fn api_key_traffic_counts_as_moved_traffic() {
-        let now = 1_000 * HOUR_MS;
-        let usage = [used("api_key", 1_000, now - 60_000)];
-        let verdict = legacy_verdict(true, &usage, Some(now - 2 * DAY_MS), DAY, now);
-        assert!(verdict.legacy_revocation_safe, "{}", verdict.reason);
-        let usage = [
-            used("api_key", 1_000, now - 60_000),
-            used("legacy_secret", 1, now - 3_600_000),
-        ];
-        let verdict = legacy_verdict(true, &usage, Some(now - 2 * DAY_MS), DAY, now);
-        assert!(!verdict.legacy_revocation_safe, "{}", verdict.reason);
     }
 }

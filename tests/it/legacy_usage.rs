@@ -3,8 +3,9 @@
 
 use crate::support::now_ms;
 use edgegate::AppState;
+use edgegate::auth::Alg;
 use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
-use edgegate::auth::mint::{api_key_claims, legacy_token, user_claims};
+use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
 use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
 
@@ -552,13 +553,32 @@ async fn keys_report_from_the_database_judges_by_usage_not_by_its_own_environmen
 #[tokio::test]
 async fn the_evidence_starts_at_the_first_counted_verification_not_its_hour() {
     let db = test_db!();
-    let (mut server, _state) = instance(&db).await;
-    // A backend with its secret API key, twice, 50 ms apart.
+    let key = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = key.public_jwks().to_string();
+    let (mut server, _state) = spawn_app(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            ("JWT_ISSUERS", ISSUER),
+            ("SUPABASE_JWKS", &jwks),
+        ],
+    )
+    .await;
+    let token = key
+        .token(&user_claims(
+            ISSUER,
+            "authenticated",
+            USER_ID,
+            now_ms() / 1000,
+            3600,
+        ))
+        .unwrap();
+    // A user's session signed with the new key, twice, 50 ms apart.
     let call = async || {
         let response = server
             .client
             .get(server.url(JWT_TEST))
-            .header("apikey", SECRET_KEY)
+            .bearer_auth(&token)
             .send()
             .await
             .unwrap();
