@@ -83,7 +83,9 @@ Examples:
     #[command(after_help = "\
 Reads GET /admin/signing-keys of a running edgegate when --url is given, with the sb_secret_
 key in EDGEGATE_SECRET_KEY (never on the command line); else reads the database DATABASE_URL
-names (flushed counts only: each instance writes its counts every 60 s).
+names (flushed counts only: each instance writes its counts every 60 s). From the database, the
+verdict's window is this environment's LEGACY_REVOCATION_WINDOW_SECONDS (default 24 h): set it
+as the servers have it.
 
 Examples:
   EDGEGATE_SECRET_KEY=sb_secret_... edgegate keys report --url https://my-edgegate.fly.dev

@@ -74,7 +74,7 @@ pub struct ReconcileRequest {
     summary = "Apply every event in Stripe's event list that the ledger lacks",
     security(("bearer" = []), ("apikey" = [])),
     request_body(content = Option<ReconcileRequest>, content_type = "application/json",
-        description = "Optional; without it the window starts at the newest ledger event minus one hour"),
+        description = "Optional; without it the window starts an hour before the last run that covered everything before it, or 30 days ago when none has"),
     responses(
         (status = 200, description = "Every listed event is in the ledger", body = ReconcileReport),
         crate::routes::openapi::ReconcileErrors,
