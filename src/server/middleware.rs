@@ -134,7 +134,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 
 /// Wraps `router` in the service's middleware, outermost first:
 /// sensitive headers, request id (a client's kept only when well-formed), tracing span, metrics,
-/// CORS (its `Vary` header added by a layer of its own), catch-panic, timeout, body limit. CORS
+/// CORS (its `Vary` header added by a layer of its own, and `Cache-Control: no-store` by
+/// another), catch-panic, timeout, body limit. CORS
 /// wraps every layer that can answer on its own (500, 504, 413), so a page can read those errors
 /// too instead of seeing an opaque network failure; the metrics wrap CORS, so every answer is
 /// counted, those and preflights included. Layered on the router, every layer runs after routing
@@ -154,6 +155,10 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
         .layer(layer_fn(move |inner| RequestSpans { inner, scheme }))
         .layer(TrackMetricsLayer::new(state.metrics.clone()))
         .layer(SetResponseHeaderLayer::appending(header::VARY, VARY))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            NO_STORE,
+        ))
         .layer(cors(&state.config))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(layer_fn(move |inner| Deadline {
@@ -509,6 +514,11 @@ const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
 
 /// What CORS answers depend on, for shared caches: tower-http's default `Vary` list, as one
 /// value made once, added after any the route set (as tower-http adds it).
+/// `Cache-Control` of every answer: none may be kept by a cache. A credential sent in `apikey`
+/// alone does not stop a shared cache from reusing an answer (RFC 9111 names `Authorization`),
+/// and what edgegate answers is per caller or of the moment.
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
 const VARY: HeaderValue = HeaderValue::from_static(
     "origin, access-control-request-method, access-control-request-headers",
 );

@@ -318,3 +318,45 @@ async fn unauthorized_errors_carry_the_supabase_headers() {
     assert_eq!(body["code"], "UNAUTHORIZED_LEGACY_JWT");
     assert_eq!(body["message"], "legacy secret revoked");
 }
+
+/// No answer may be kept by a shared cache: a credential sent in `apikey` alone is not one that
+/// stops a cache from reusing the answer (RFC 9111 only names `Authorization`), and `Vary` does
+/// not name `apikey`: a proxy could hand the admin report to the next caller.
+#[tokio::test]
+async fn no_answer_may_be_stored_by_a_cache() {
+    let db = test_db!();
+    let secret = "sb_secret_0123456789abcdefghijklmn";
+    let keys = format!(r#"{{"backend":"{secret}"}}"#);
+    let (server, _) = spawn_app(&db, &[("SUPABASE_SECRET_KEYS", &keys)]).await;
+    let get = |path: &'static str, key: Option<&'static str>| {
+        let mut request = server.client.get(server.url(path));
+        if let Some(key) = key {
+            request = request.header("apikey", key);
+        }
+        request.send()
+    };
+    let answers = [
+        (
+            "/admin/signing-keys",
+            get("/admin/signing-keys", Some(secret)).await.unwrap(),
+        ),
+        (
+            "/functions/v1/jwt-test",
+            get("/functions/v1/jwt-test", Some(secret)).await.unwrap(),
+        ),
+        ("401", get("/functions/v1/jwt-test", None).await.unwrap()),
+        ("/healthz", get("/healthz", None).await.unwrap()),
+        ("404", get("/no/such/route", None).await.unwrap()),
+    ];
+    for (what, answer) in answers {
+        assert_eq!(
+            answer
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "{what}: {}",
+            answer.status()
+        );
+    }
+}
