@@ -1,6 +1,6 @@
 //! Body extractors whose rejections are the contract's errors, not axum's plain-text ones.
 
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -22,18 +22,23 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
-/// A JSON body; malformed JSON is 400 `INVALID_REQUEST` with serde's description of the problem.
+/// A JSON body, whatever its `Content-Type` says (supabase-js's `functions.invoke` labels a
+/// string body `text/plain`; the Edge Functions read it with `req.json()` all the same); one that
+/// is not JSON is 400 `INVALID_REQUEST` with serde's description of the problem.
 pub struct Json<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Json(value)),
-            Err(JsonRejection::BytesRejection(err)) => Err(body_error(err)),
-            Err(err) => Err(ApiError::InvalidRequest(err.body_text())),
-        }
+        let body = Bytes::from_request(req, state).await.map_err(body_error)?;
+        serde_json::from_slice(&body).map(Json).map_err(|err| {
+            let problem = match err.classify() {
+                serde_json::error::Category::Data => "is not the JSON this route takes",
+                _ => "is not JSON",
+            };
+            ApiError::InvalidRequest(format!("the request body {problem}: {err}"))
+        })
     }
 }
 

@@ -252,6 +252,31 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
     assert_eq!(fake.requests().len(), 1);
 }
 
+/// supabase-js's `functions.invoke` sends a string body as `text/plain`: the Edge Function read
+/// it with `req.json()` whatever the label, and so does edgegate.
+#[tokio::test]
+async fn sms_takes_a_json_body_whatever_its_content_type_says() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let body = json!({"to": "+12025550123", "body": "hi"}).to_string();
+    for content_type in [Some("text/plain;charset=UTF-8"), None] {
+        let mut request = app
+            .server
+            .client
+            .post(app.server.url("/functions/v1/send-sms"))
+            .header("apikey", SECRET_KEY)
+            .body(body.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 202, "{content_type:?}");
+    }
+    assert_eq!(fake.requests().len(), 2);
+    // Still not JSON: still refused.
+    let answer = post_sms(&app, SECRET_KEY, "to=%2B12025550123&body=hi").await;
+    assert_error(&answer, 400, "INVALID_REQUEST");
+}
+
 #[tokio::test]
 async fn sms_needs_the_service_role_and_twilio_configured() {
     let (db, fake, app) = one_instance!(&[]);
