@@ -241,7 +241,12 @@ error_set! {
         SERVER,
     ];
     /// `stripe-webhook`.
-    WebhookErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED"])], SERVER];
+    WebhookErrors = [
+        &[(400, &["INVALID_SIGNATURE"])],
+        BODY,
+        &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
+        SERVER,
+    ];
     /// `send-sms`.
     SmsErrors = [
         CREDENTIAL,
@@ -252,7 +257,7 @@ error_set! {
             (422, &["VALIDATION_FAILED"]),
             (429, &["RATE_LIMITED"]),
             (502, &["UPSTREAM_UNAVAILABLE"]),
-            (503, &["NOT_CONFIGURED"]),
+            (503, &["NOT_CONFIGURED", "NOT_READY"]),
         ],
         SERVER,
     ];

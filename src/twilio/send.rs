@@ -54,7 +54,13 @@ pub struct SendSmsRequest {
     )]
     pub body: Option<String>,
     /// A repeat with the same key answers the first send instead of texting again. No U+0000.
-    #[schema(value_type = String, min_length = 1, max_length = 255, pattern = r"^[^\x00]*$")]
+    #[schema(
+        required = false,
+        value_type = String,
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00]*$"
+    )]
     pub idempotency_key: Option<String>,
 }
 

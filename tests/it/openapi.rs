@@ -211,3 +211,36 @@ async fn get_openapi_json_needs_no_credentials_and_matches_the_command() {
     assert!(printed.status.success(), "{printed:?}");
     assert_eq!(String::from_utf8(printed.stdout).unwrap(), document_json());
 }
+
+/// What a generated client or a request validator reads off the document: send-sms's optional
+/// `idempotency_key` is optional there too, and every error a route can answer is listed (a
+/// database outage while reserving an SMS is 503 `NOT_READY`; a same-second webhook event whose
+/// object Stripe does not give back is 502).
+#[test]
+fn the_document_lists_what_send_sms_and_the_webhook_take_and_answer() {
+    let document = generated();
+    let request = &document["components"]["schemas"]["SendSmsRequest"];
+    assert_eq!(
+        request["required"],
+        serde_json::json!(["to", "body"]),
+        "{request}"
+    );
+    let codes = |path: &str, status: &str| -> Vec<String> {
+        let schema = &document["paths"][path]["post"]["responses"][status]["content"]["application/json"]
+            ["schema"];
+        schema["allOf"][1]["properties"]["code"]["enum"]
+            .as_array()
+            .map(|codes| {
+                codes
+                    .iter()
+                    .map(|c| c.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(codes("/functions/v1/send-sms", "503").contains(&"NOT_READY".to_owned()));
+    assert_eq!(
+        codes("/functions/v1/stripe-webhook", "502"),
+        ["UPSTREAM_UNAVAILABLE"]
+    );
+}
