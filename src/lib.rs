@@ -139,9 +139,10 @@ impl RunningApp {
 }
 
 /// What the steps after the drain may take together (the last usage flush, stopping the JWKS
-/// refresh, closing the database): with the default 25 s drain, inside Fly's 30 s kill timeout
-/// (`fly.toml`), so the process ends by itself and not by SIGKILL.
-const AFTER_DRAIN: Duration = Duration::from_secs(4);
+/// refresh, closing the database): with the default 25 s drain and the last span export
+/// ([`telemetry::SHUTDOWN_EXPORT`]), inside Fly's 30 s kill timeout (`fly.toml`), so the
+/// process ends by itself and not by SIGKILL.
+pub const AFTER_DRAIN: Duration = Duration::from_secs(3);
 /// How long a JWKS refresh under way at shutdown is waited for.
 const REFRESH_STOP: Duration = Duration::from_millis(500);
 

@@ -11,7 +11,7 @@ pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::end_server_span;
 pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
-pub use traces::{TraceExporter, is_exporting, send};
+pub use traces::{SHUTDOWN_EXPORT, TraceExporter, is_exporting, send};
 
 use std::io::IsTerminal;
 use std::time::Duration;

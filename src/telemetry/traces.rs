@@ -79,8 +79,14 @@ pub struct TraceExporter {
     flush_timeout: Duration,
 }
 
+/// The longest the final export at shutdown may take, whatever `OTEL_EXPORTER_OTLP_TIMEOUT`:
+/// it comes after the drain and the service's own last steps, inside the kill timeout (a
+/// collector slower than this loses the last spans, not the process its clean exit).
+pub const SHUTDOWN_EXPORT: Duration = Duration::from_secs(1);
+
 impl TraceExporter {
-    /// Exports every span ended so far, then stops. Bounded by the export timeout.
+    /// Exports every span ended so far, then stops. Bounded by the export timeout and
+    /// [`SHUTDOWN_EXPORT`].
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         if tokio::time::timeout(self.flush_timeout, self.task)
@@ -136,7 +142,7 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
             stop,
             task,
             provider,
-            flush_timeout: config.export_timeout + Duration::from_secs(1),
+            flush_timeout: config.export_timeout.min(SHUTDOWN_EXPORT),
         },
         tracer,
     ))

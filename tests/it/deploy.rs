@@ -38,7 +38,15 @@ fn fly_toml_lets_the_drain_finish() {
     let fly = fly();
     assert_eq!(fly["kill_signal"].as_str(), Some("SIGTERM"));
     let kill_timeout = fly["kill_timeout"].as_integer().unwrap();
-    assert!(kill_timeout > DEFAULT_SHUTDOWN_DRAIN.as_secs() as i64);
+    // The drain, the service's last steps, the last span export, and a second to exit.
+    let stop = DEFAULT_SHUTDOWN_DRAIN
+        + edgegate::AFTER_DRAIN
+        + edgegate::telemetry::SHUTDOWN_EXPORT
+        + std::time::Duration::from_secs(1);
+    assert!(
+        kill_timeout >= stop.as_secs() as i64,
+        "{kill_timeout} s < {stop:?}"
+    );
 }
 
 #[test]
