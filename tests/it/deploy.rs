@@ -66,3 +66,35 @@ fn fly_toml_checks_healthz_as_https() {
         Some("requests")
     );
 }
+
+/// Someone deploying from a clone has the repository, not the contract: every variable the code
+/// reads is in docs/CONFIGURATION.md.
+#[test]
+fn every_variable_the_code_reads_is_documented() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let documented = std::fs::read_to_string(format!("{root}/docs/CONFIGURATION.md")).unwrap();
+    let mut read = std::collections::BTreeSet::new();
+    for file in ["src/config/mod.rs", "src/config/parse.rs", "src/main.rs"] {
+        let code = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        // Every string literal that is a variable's name: upper case, digits and `_`.
+        for literal in code.split('"').skip(1).step_by(2) {
+            let name_like = literal.len() >= 4
+                && literal
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                && (literal.contains('_') || ["PORT", "HOST"].contains(&literal));
+            if name_like && literal != "CARGO_PKG_VERSION" {
+                read.insert(literal.to_owned());
+            }
+        }
+    }
+    assert!(read.len() > 50, "{read:?}");
+    let missing: Vec<_> = read
+        .iter()
+        .filter(|name| !documented.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in docs/CONFIGURATION.md: {missing:?}"
+    );
+}
