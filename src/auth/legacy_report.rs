@@ -97,7 +97,6 @@ pub async fn hourly_rows(
     let mut keys = store.key_usage_hours_since(since_ms).await?;
     let mut callers = store.caller_usage_hours_since(since_ms).await?;
     if let Some(tracker) = pending {
-        // Unflushed key counts are summed per key; their hour is the earliest one they cover.
         keys.extend(tracker.pending_since(since_ms));
         callers.extend(tracker.callers.pending_since(since_ms));
     }

@@ -163,15 +163,8 @@ impl UsageTracker {
             .collect();
         let first = drained.iter().map(|(_, count)| count.first_ms).min();
         let rows = drained
-            .into_iter()
-            .map(|(bucket, count)| KeyUsage {
-                hour_start_ms: bucket.hour_start_ms,
-                source: bucket.source.as_str().to_owned(),
-                kid: bucket.kid.to_string(),
-                alg: bucket.alg.to_owned(),
-                verified_count: count.verified,
-                last_verified_at_ms: count.last_ms,
-            })
+            .iter()
+            .map(|(bucket, count)| row(bucket, count))
             .collect();
         (rows, first)
     }
@@ -224,26 +217,27 @@ impl UsageTracker {
         pending.values().map(|count| count.first_ms).min()
     }
 
-    /// Everything counted here and not yet flushed, summed per key (for the admin report).
+    /// Everything counted here and not yet flushed from the hour starting at `since_ms` on, one
+    /// row per hour and key (the admin report's hourly bars keep each hour; its totals add them).
     pub fn pending_since(&self, since_ms: i64) -> Vec<KeyUsage> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: HashMap<(KeySource, Arc<str>, &'static str), KeyUsage> = HashMap::new();
-        for (bucket, count) in pending.iter().filter(|(b, _)| b.hour_start_ms >= since_ms) {
-            let entry = out
-                .entry((bucket.source, bucket.kid.clone(), bucket.alg))
-                .or_insert_with(|| KeyUsage {
-                    hour_start_ms: bucket.hour_start_ms,
-                    source: bucket.source.as_str().to_owned(),
-                    kid: bucket.kid.to_string(),
-                    alg: bucket.alg.to_owned(),
-                    verified_count: 0,
-                    last_verified_at_ms: 0,
-                });
-            entry.hour_start_ms = entry.hour_start_ms.min(bucket.hour_start_ms);
-            entry.verified_count += count.verified;
-            entry.last_verified_at_ms = entry.last_verified_at_ms.max(count.last_ms);
-        }
-        out.into_values().collect()
+        pending
+            .iter()
+            .filter(|(bucket, _)| bucket.hour_start_ms >= since_ms)
+            .map(|(bucket, count)| row(bucket, count))
+            .collect()
+    }
+}
+
+/// One bucket's count as the store keeps it.
+fn row(bucket: &Bucket, count: &Count) -> KeyUsage {
+    KeyUsage {
+        hour_start_ms: bucket.hour_start_ms,
+        source: bucket.source.as_str().to_owned(),
+        kid: bucket.kid.to_string(),
+        alg: bucket.alg.to_owned(),
+        verified_count: count.verified,
+        last_verified_at_ms: count.last_ms,
     }
 }
 
@@ -441,6 +435,25 @@ mod tests {
             .map(|u| u.kid)
             .collect();
         assert!(!kids.contains(&"c".to_owned()), "{kids:?}");
+    }
+
+    /// The admin report draws an hourly bar per key: counts held through a database outage keep
+    /// their hours, not all put in the first one.
+    #[test]
+    fn pending_counts_keep_their_hours() {
+        let tracker = UsageTracker::default();
+        let at = 10 * HOUR_MS;
+        tracker.record(&signing_key("a"), at + 5);
+        tracker.record(&signing_key("a"), at + HOUR_MS + 5);
+        tracker.record(&signing_key("a"), at + HOUR_MS + 6);
+        let mut rows: Vec<(i64, i64)> = tracker
+            .pending_since(0)
+            .iter()
+            .map(|row| (row.hour_start_ms, row.verified_count))
+            .collect();
+        rows.sort_unstable();
+        assert_eq!(rows, [(at, 1), (at + HOUR_MS, 2)]);
+        assert!(tracker.pending_since(at + HOUR_MS).len() == 1);
     }
 
     #[test]
