@@ -6,13 +6,7 @@ use crate::support::TestDb;
 
 #[tokio::test]
 async fn with_tls_files_set_the_same_app_is_served_over_https() {
-    let db = TestDb::sqlite();
-    let dir = tempfile::tempdir().unwrap();
-    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
-    let config = db.config(&[
-        ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
-        ("TLS_KEY_FILE", key_path.to_str().unwrap()),
-    ]);
+    let (_db, _dir, certified, config) = with_tls_files();
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -40,17 +34,12 @@ async fn with_tls_files_set_the_same_app_is_served_over_https() {
 
 #[tokio::test]
 async fn an_acceptor_built_by_the_caller_is_served_without_reading_the_files_again() {
-    let db = TestDb::sqlite();
-    let dir = tempfile::tempdir().unwrap();
-    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
-    let config = db.config(&[
-        ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
-        ("TLS_KEY_FILE", key_path.to_str().unwrap()),
-    ]);
-    let acceptor = edgegate::server::load_tls(config.tls.as_ref().unwrap()).unwrap();
+    let (_db, _dir, certified, config) = with_tls_files();
+    let files = config.tls.clone().unwrap();
+    let acceptor = edgegate::server::load_tls(&files).unwrap();
     // Replaced between the binary's check and the start: what was checked is what is served.
-    std::fs::write(&cert_path, "not a certificate").unwrap();
-    std::fs::write(&key_path, "not a key").unwrap();
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    std::fs::write(&files.key, "not a key").unwrap();
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -118,4 +107,21 @@ async fn https_get(
         }
     }
     answered.expect("the HTTPS endpoint never answered")
+}
+
+/// A SQLite database and a configuration whose TLS files hold a new certificate for localhost.
+fn with_tls_files() -> (
+    TestDb,
+    tempfile::TempDir,
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    edgegate::Config,
+) {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
+    let config = db.config(&[
+        ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
+        ("TLS_KEY_FILE", key_path.to_str().unwrap()),
+    ]);
+    (db, dir, certified, config)
 }
