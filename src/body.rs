@@ -32,13 +32,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let body = Bytes::from_request(req, state).await.map_err(body_error)?;
-        serde_json::from_slice(&body).map(Json).map_err(|err| {
+        let mut json = serde_json::Deserializer::from_slice(&body);
+        let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
+            let (path, err) = (err.path().to_string(), err.into_inner());
             let problem = match err.classify() {
                 serde_json::error::Category::Data => "is not the JSON this route takes",
                 _ => "is not JSON",
             };
-            ApiError::InvalidRequest(format!("the request body {problem}: {err}"))
-        })
+            // `.` is the path of the whole body: only a field's is worth naming.
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            ApiError::InvalidRequest(format!("the request body {problem}: {at}{err}"))
+        })?;
+        json.end().map_err(|err| {
+            ApiError::InvalidRequest(format!("the request body is not JSON: {err}"))
+        })?;
+        Ok(Json(value))
     }
 }
 

@@ -245,6 +245,11 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
     assert_error(&answer, 400, "INVALID_REQUEST");
     let answer = post_sms(&app, SECRET_KEY, r#"{"to": 12025550123, "body": "hi"}"#).await;
     assert_error(&answer, 400, "INVALID_REQUEST");
+    let message = answer.body["message"].as_str().unwrap();
+    assert!(
+        message.contains(": to: invalid type"),
+        "names the field: {message}"
+    );
 
     // The longest body and key are accepted.
     let longest = json!({"to": "+447700900123", "body": "é".repeat(1600), "idempotency_key": "k".repeat(255)});
