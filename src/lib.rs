@@ -138,10 +138,12 @@ impl RunningApp {
     }
 }
 
-/// What the steps after the drain may take together (the last usage flush, stopping the JWKS
-/// refresh, closing the database): with the default 25 s drain and the last span export
-/// ([`telemetry::SHUTDOWN_EXPORT`]), inside Fly's 30 s kill timeout (`fly.toml`), so the
-/// process ends by itself and not by SIGKILL.
+/// What the steps after the drain (the last usage flush, stopping the JWKS refresh, closing the
+/// database) may take beyond the drain's limit: they end at most this long after
+/// `SHUTDOWN_DRAIN_SECONDS` has run from the stop signal, with whatever time the drain left
+/// unused. With the default 25 s drain and the last span export ([`telemetry::SHUTDOWN_EXPORT`]),
+/// inside Fly's 30 s kill timeout (`fly.toml`), so the process ends by itself and not by
+/// SIGKILL.
 pub const AFTER_DRAIN: Duration = Duration::from_secs(3);
 /// How long a JWKS refresh under way at shutdown is waited for.
 const REFRESH_STOP: Duration = Duration::from_millis(500);
@@ -215,10 +217,23 @@ impl Started {
             "edgegate listening"
         );
         let app = app(self.state);
+        // When the stop was asked for: the drain and the steps after it share one deadline
+        // from then, so a drain that ended early leaves its time to the steps.
+        let asked = std::sync::OnceLock::new();
+        let shutdown = async {
+            shutdown.await;
+            let _ = asked.set(tokio::time::Instant::now());
+        };
         let served =
             server::serve_with_limits(app, self.listener, self.tls, shutdown, drain, connections)
                 .await
                 .context("serving HTTP");
+        let deadline = asked
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now)
+            + drain
+            + AFTER_DRAIN;
         // The usage counts first: they are the legacy verdict's evidence, and what is left of
         // the kill timeout after the drain is short.
         let finish = async {
@@ -235,9 +250,10 @@ impl Started {
             }
             store.close().await;
         };
-        if tokio::time::timeout(AFTER_DRAIN, finish).await.is_err() {
+        if tokio::time::timeout_at(deadline, finish).await.is_err() {
             tracing::warn!(
-                "the steps after the drain took over {} s; stopped without finishing them",
+                "the steps after the drain ran past the drain's limit plus {} s; stopped \
+                 without finishing them",
                 AFTER_DRAIN.as_secs()
             );
         }

@@ -171,8 +171,10 @@ impl UsageTracker {
 
     /// Writes the pending counts, callers included; on failure they are kept for the next flush.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
+        // The key counts first: they are the revocation verdict's evidence.
+        let keys = self.flush_keys(store).await;
         let callers = self.callers.flush(store).await;
-        self.flush_keys(store).await.and(callers)
+        keys.and(callers)
     }
 
     async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
