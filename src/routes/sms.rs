@@ -15,7 +15,10 @@ use crate::twilio::status::{Callback, apply_callback};
     path = "/functions/v1/send-sms",
     tag = "functions",
     summary = "Send one SMS through Twilio",
-    request_body = SendSmsRequest,
+    request_body(
+        content = SendSmsRequest,
+        description = "JSON, whatever the Content-Type says (supabase-js sends a string body as text/plain)"
+    ),
     security(("bearer" = []), ("apikey" = [])),
     responses(
         (status = 202, description = "Handed to Twilio (or the earlier send with this idempotency key)", body = SmsReceipt),

@@ -512,13 +512,14 @@ const DEFAULT_ALLOWED_HEADERS: [&str; 9] = [
     "baggage",
 ];
 
-/// What CORS answers depend on, for shared caches: tower-http's default `Vary` list, as one
-/// value made once, added after any the route set (as tower-http adds it).
-/// `Cache-Control` of every answer: none may be kept by a cache. A credential sent in `apikey`
-/// alone does not stop a shared cache from reusing an answer (RFC 9111 names `Authorization`),
-/// and what edgegate answers is per caller or of the moment.
+/// `Cache-Control` of every answer the service gives (hyper's own 400 and 431 to a head it
+/// cannot parse are outside the stack; they carry nothing): none may be kept by a cache. A
+/// credential sent in `apikey` alone does not stop a shared cache from reusing an answer
+/// (RFC 9111 names `Authorization`), and what edgegate answers is per caller or of the moment.
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
+/// What CORS answers depend on, for shared caches: tower-http's default `Vary` list, as one
+/// value made once, added after any the route set (as tower-http adds it).
 const VARY: HeaderValue = HeaderValue::from_static(
     "origin, access-control-request-method, access-control-request-headers",
 );
