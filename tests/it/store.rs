@@ -231,3 +231,63 @@ async fn no_usage_means_no_evidence() {
     assert_eq!(store.usage_evidence_since().await.unwrap(), None);
     assert!(store.key_usage_since(0).await.unwrap().is_empty());
 }
+
+/// Supabase's Data API serves the tables of `public` to anyone holding the project's publishable
+/// (anon) key, and Supabase projects grant `anon` and `authenticated` every privilege on new
+/// tables there by default. On PostgreSQL every table of edgegate's is closed to both: row-level
+/// security on with no policy (the owner, which runs edgegate, bypasses it) and their grants
+/// revoked. A table a later migration adds must do the same; this test finds it.
+#[tokio::test]
+async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        return; // SQLite has no roles: the suite on PostgreSQL runs this test.
+    }
+    let url = db.config(&[]).database_url;
+    let pool = sqlx::PgPool::connect(url.expose()).await.unwrap();
+    // Supabase's roles (cluster-wide, so made once and kept) and its default privileges on new
+    // tables, set in this test's own schema before edgegate's tables exist.
+    for role in ["anon", "authenticated"] {
+        let made = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} NOLOGIN")))
+            .execute(&pool)
+            .await;
+        if let Err(err) = made {
+            let code = err.as_database_error().and_then(|e| e.code());
+            // 42710: it exists; 23505: another test run made it at the same moment.
+            assert!(
+                matches!(code.as_deref(), Some("42710" | "23505")),
+                "CREATE ROLE {role}: {err}"
+            );
+        }
+    }
+    sqlx::query(
+        "DO $$ BEGIN EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I \
+         GRANT ALL ON TABLES TO anon, authenticated', current_schema()); END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = db.store().await;
+    store.ping().await.unwrap();
+
+    let tables: Vec<(String, bool, bool, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relrowsecurity, \
+                has_table_privilege('anon', c.oid, 'SELECT,INSERT,UPDATE,DELETE'), \
+                has_table_privilege('authenticated', c.oid, 'SELECT,INSERT,UPDATE,DELETE') \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(tables.len() >= 16, "edgegate's tables: {tables:?}");
+    let open: Vec<_> = tables
+        .iter()
+        .filter(|(_, rls, anon, authenticated)| !rls || *anon || *authenticated)
+        .collect();
+    assert!(
+        open.is_empty(),
+        "tables open to the Data API (name, row-level security, anon, authenticated): {open:?}"
+    );
+    pool.close().await;
+}
