@@ -6,7 +6,7 @@ use crate::store::{AuditEntry, Store};
 pub async fn record(store: &Store, entry: &AuditEntry) {
     if let Err(err) = store.record_audit(entry).await {
         tracing::error!(
-            error = format!("{err:#}"),
+            error = crate::error::causes(&err),
             action = entry.action,
             "audit row not written"
         );

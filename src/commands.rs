@@ -91,7 +91,11 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             Ok(Err(err)) => CheckLine {
                 item: "database",
                 ok: false,
-                detail: format!("{}: {err:#}", config.database_url.redacted()),
+                detail: format!(
+                    "{}: {}",
+                    config.database_url.redacted(),
+                    crate::error::causes(&err)
+                ),
             },
             Err(_) => CheckLine {
                 item: "database",

@@ -112,7 +112,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = match &self {
             Self::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "internal error");
+                tracing::error!(error = crate::error::causes(&cause), "internal error");
                 "internal error; the request id identifies it in the logs".to_owned()
             }
             other => other.to_string(),
@@ -218,5 +218,59 @@ impl From<SmsError> for ApiError {
             SmsError::BadCallback(message) => ApiError::InvalidRequest(message),
             SmsError::Internal(cause) => ApiError::Internal(cause),
         }
+    }
+}
+
+/// An error and its causes, `outer: inner: root`, like `{:#}`, but each cause once: some errors
+/// (sqlx's among them) put their source in their own message too, which `{:#}` then repeats
+/// (a failed migration printed the database's message three times).
+pub fn causes(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !last.is_empty() && last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causes;
+
+    /// An error that prints its source in its own message, as sqlx's do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("while executing migration 1: {0}")]
+    struct Wrapping(#[source] Root);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("relation \"audit_log\" already exists")]
+    struct Root;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let err = anyhow::Error::new(Wrapping(Root)).context("applying migrations");
+        assert_eq!(
+            causes(&err),
+            "applying migrations: while executing migration 1: relation \"audit_log\" already exists"
+        );
+    }
+
+    #[test]
+    fn causes_that_do_not_repeat_are_all_kept() {
+        let err = anyhow::anyhow!("connection refused")
+            .context("connecting to PostgreSQL")
+            .context("DATABASE_URL postgres://…");
+        assert_eq!(
+            causes(&err),
+            "DATABASE_URL postgres://…: connecting to PostgreSQL: connection refused"
+        );
     }
 }

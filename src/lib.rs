@@ -242,7 +242,10 @@ impl Started {
             }
             self.flusher.stop().await;
             if let Err(err) = usage.flush(&store).await {
-                tracing::warn!(error = format!("{err:#}"), "key usage lost at shutdown");
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "key usage lost at shutdown"
+                );
             }
             if let Some(refresh) = self.refresh {
                 // A fetch under way is not waited for: nothing will use what it brings.

@@ -228,7 +228,10 @@ fn main() -> ExitCode {
         ) {
             Ok(exporter) => exporter,
             Err(err) => {
-                eprintln!("edgegate: invalid configuration: {err:#}");
+                eprintln!(
+                    "edgegate: invalid configuration: {}",
+                    edgegate::error::causes(&err)
+                );
                 return ExitCode::from(2);
             }
         }
@@ -296,7 +299,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("edgegate: {err:#}");
+                    eprintln!("edgegate: {}", edgegate::error::causes(&err));
                     ExitCode::FAILURE
                 }
             }
@@ -307,7 +310,10 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("edgegate: migration failed: {err:#}");
+                eprintln!(
+                    "edgegate: migration failed: {}",
+                    edgegate::error::causes(&err)
+                );
                 ExitCode::FAILURE
             }
         },
@@ -328,7 +334,10 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
         } => match commands::keys::generate(alg.into(), output.into(), &mut std::io::stdout()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("edgegate: cannot generate a key: {err:#}");
+                eprintln!(
+                    "edgegate: cannot generate a key: {}",
+                    edgegate::error::causes(&err)
+                );
                 ExitCode::FAILURE
             }
         },
@@ -361,7 +370,10 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("edgegate: cannot read the report: {err:#}");
+                    eprintln!(
+                        "edgegate: cannot read the report: {}",
+                        edgegate::error::causes(&err)
+                    );
                     ExitCode::FAILURE
                 }
             }
@@ -396,7 +408,10 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("edgegate: cannot mint a token: {err:#}");
+                    eprintln!(
+                        "edgegate: cannot mint a token: {}",
+                        edgegate::error::causes(&err)
+                    );
                     ExitCode::FAILURE
                 }
             }
@@ -408,7 +423,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             match commands::healthcheck(&url, loopback_default).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("edgegate: unhealthy: {err:#}");
+                    eprintln!("edgegate: unhealthy: {}", edgegate::error::causes(&err));
                     ExitCode::FAILURE
                 }
             }

@@ -277,7 +277,7 @@ pub fn spawn_flusher_every(
                 Ok(()) => interval,
                 Err(err) => {
                     tracing::warn!(
-                        error = format!("{err:#}"),
+                        error = crate::error::causes(&err),
                         "key usage not flushed; kept in memory, will retry"
                     );
                     retry

@@ -41,7 +41,7 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json:
         Ok(()) => json!({ "ok": true, "backend": state.store.kind().as_str() }),
         Err(err) => {
             tracing::warn!(
-                error = format!("{err:#}"),
+                error = crate::error::causes(&err),
                 "readiness: database check failed"
             );
             json!({ "ok": false, "backend": state.store.kind().as_str(), "error": "database did not answer" })

@@ -244,7 +244,10 @@ async fn send_once(
         .map_err(|err| {
             if is_unavailable(&err) {
                 // Nothing was reserved, so nothing can be sent: a retry later is safe.
-                tracing::warn!(error = format!("{err:#}"), "send_sms: database unavailable");
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "send_sms: database unavailable"
+                );
                 SmsError::DatabaseUnavailable(
                     "the database is unavailable; the message was not sent, try again later"
                         .to_owned(),
@@ -347,7 +350,10 @@ pub fn spawn_unanswered_sweeper(
                         tracing::warn!(marked, "unanswered SMS marked unknown");
                     }
                 }
-                Err(err) => tracing::warn!(error = format!("{err:#}"), "unanswered SMS not swept"),
+                Err(err) => tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "unanswered SMS not swept"
+                ),
             }
         }
     })
@@ -372,7 +378,7 @@ async fn deliver(
             };
             if let Err(err) = store.record_sms_send(id, result, clock.now_ms()).await {
                 // The text is on its way; failing the request now would invite a resend.
-                tracing::error!(%id, sid = %created.sid, error = format!("{err:#}"),
+                tracing::error!(%id, sid = %created.sid, error = crate::error::causes(&err),
                     "SMS sent but its SID was not stored");
             }
             Ok(Sent {
@@ -460,7 +466,7 @@ async fn record_failure(store: &Store, clock: &Clock, id: &str, err: CallError) 
     if let Err(store_err) = store.record_sms_send(id, result, clock.now_ms()).await {
         tracing::error!(
             id,
-            error = format!("{store_err:#}"),
+            error = crate::error::causes(&store_err),
             "SMS failure not stored"
         );
     }

@@ -196,7 +196,7 @@ impl Store {
         let result = body(&mut lock).await;
         if let Err(err) = lock.release().await {
             tracing::warn!(
-                error = format!("{err:#}"),
+                error = crate::error::causes(&err),
                 ?job,
                 "lock not released; it expires"
             );
