@@ -304,6 +304,15 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 }
             }
         }
+        Command::Migrate if on_fly_release_machine() && !config.database_url.is_postgres() => {
+            eprintln!(
+                "edgegate: DATABASE_URL must name a PostgreSQL database on Fly's release Machine \
+                 (RELEASE_COMMAND is set): a SQLite file there is thrown away with the Machine, \
+                 and every instance would serve its own; set it with `fly secrets set`, or remove \
+                 release_command to run on SQLite"
+            );
+            ExitCode::from(2)
+        }
         Command::Migrate => match commands::migrate(&config).await {
             Ok(summary) => {
                 println!("{summary}");
@@ -429,4 +438,9 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             }
         }
     }
+}
+
+/// Fly sets `RELEASE_COMMAND=1` on the temporary Machine that runs `release_command`.
+fn on_fly_release_machine() -> bool {
+    std::env::var_os("RELEASE_COMMAND").is_some_and(|value| !value.is_empty())
 }

@@ -465,3 +465,31 @@ async fn keys_from_the_supabase_cli_mint_tokens_and_ours_load_in_openssl() {
     }
     server.stop().await;
 }
+
+/// Fly runs `release_command` on a temporary Machine with `RELEASE_COMMAND=1` set. There, a
+/// SQLite database (DATABASE_URL forgotten, the default) would be migrated in a file thrown away
+/// with the Machine, and the deploy would go on with every instance on its own empty file:
+/// `migrate` refuses it as a configuration error, which stops the deploy. Anywhere else SQLite
+/// migrates as before.
+#[test]
+fn migrate_on_a_release_machine_refuses_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output(&mut edgegate(dir.path(), &[("RELEASE_COMMAND", "1")]).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(stderr.contains("RELEASE_COMMAND"), "{stderr}");
+    assert!(
+        !dir.path().join("edgegate.db").exists(),
+        "no SQLite file made"
+    );
+
+    let out = output(&mut edgegate(dir.path(), &[]).arg("migrate"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("edgegate.db").exists());
+}
