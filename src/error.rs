@@ -112,7 +112,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = match &self {
             Self::Internal(cause) => {
-                tracing::error!(error = crate::error::causes(&cause), "internal error");
+                tracing::error!(error = crate::error::causes(cause), "internal error");
                 "internal error; the request id identifies it in the logs".to_owned()
             }
             other => other.to_string(),

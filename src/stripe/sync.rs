@@ -92,7 +92,7 @@ impl Stop {
         match walked {
             Ok(_) => ("ok", None),
             Err(Self::Upstream(error)) => ("upstream_error", Some(error.to_string())),
-            Err(Self::Internal(err)) => ("error", Some(crate::error::causes(&err))),
+            Err(Self::Internal(err)) => ("error", Some(crate::error::causes(err))),
         }
     }
 }

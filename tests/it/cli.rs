@@ -474,7 +474,7 @@ async fn keys_from_the_supabase_cli_mint_tokens_and_ours_load_in_openssl() {
 #[test]
 fn migrate_on_a_release_machine_refuses_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let out = output(&mut edgegate(dir.path(), &[("RELEASE_COMMAND", "1")]).arg("migrate"));
+    let out = output(edgegate(dir.path(), &[("RELEASE_COMMAND", "1")]).arg("migrate"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
@@ -484,7 +484,7 @@ fn migrate_on_a_release_machine_refuses_sqlite() {
         "no SQLite file made"
     );
 
-    let out = output(&mut edgegate(dir.path(), &[]).arg("migrate"));
+    let out = output(edgegate(dir.path(), &[]).arg("migrate"));
     assert_eq!(
         out.status.code(),
         Some(0),
