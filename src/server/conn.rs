@@ -4,14 +4,18 @@
 //! response is written, so it would also close every keep-alive connection idle for longer than
 //! the head timeout (10 s), well before a proxy's own idle timeout. Both deadlines live here
 //! instead, kept by the connection's IO ([`TimedIo`]) and moved by the service wrapper
-//! ([`Tracked`]), which sees each request start and its response body end:
+//! ([`Tracked`]), which sees each request start and its handler end:
 //!
 //! - from accept, the TLS handshake and the first request head must arrive within
 //!   `header_read_timeout`;
 //! - while no request is in flight, the connection is closed after `idle_timeout`;
 //! - on an idle HTTP/1 connection, the first byte of the next request starts
 //!   `header_read_timeout` for that head (the earlier of the two deadlines wins);
-//! - while a request is in flight there is no deadline here: the route's own timeout applies.
+//! - while a handler runs there is no deadline here: the route's own timeout applies; once it has
+//!   answered, sending the answer counts as idle time, so a client that does not read it (an
+//!   HTTP/1 client that never reads, an HTTP/2 client that never opens its flow-control window)
+//!   is closed after `idle_timeout`. Every answer is small and buffered whole, so a client that
+//!   reads at all has it well within that.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read and a lazily allocated timer per connection.
@@ -26,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use axum::http::{Request, Response, Version};
 use futures_util::task::AtomicWaker;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -41,7 +44,7 @@ pub(crate) struct ConnState {
     epoch: Instant,
     header_read_timeout: Duration,
     idle_timeout: Duration,
-    /// Requests whose response has not been fully sent; changed only under this lock, together
+    /// Requests whose handler has not answered yet; changed only under this lock, together
     /// with `deadline_ms`, so a request start and a response end on two HTTP/2 streams cannot
     /// leave an idle deadline set while a request runs.
     in_flight: Mutex<usize>,
@@ -125,8 +128,8 @@ impl ConnState {
     }
 }
 
-/// Marks one request in flight until dropped (with the response body, or with the request's
-/// future if the connection ends first).
+/// Marks one request in flight until dropped (when its handler has answered, or with the
+/// request's future if the connection ends first).
 #[derive(Debug)]
 struct InFlight(Arc<ConnState>);
 
@@ -277,7 +280,7 @@ where
     S: hyper::service::Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<TrackedBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
@@ -285,39 +288,12 @@ where
         let in_flight = self.state.request_started(req.version());
         let response = self.inner.call(req);
         Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| TrackedBody {
-                body,
-                _in_flight: in_flight,
-            }))
+            let response = response.await;
+            // The handler is done: sending the answer is the connection's, under its idle
+            // deadline (an HTTP/2 client that never opens its window must not hold it for ever).
+            drop(in_flight);
+            response
         })
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is dropped.
-#[derive(Debug)]
-pub(crate) struct TrackedBody<B> {
-    body: B,
-    _in_flight: InFlight,
-}
-
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
