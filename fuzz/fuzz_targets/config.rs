@@ -18,7 +18,8 @@ use edgegate_fuzz::{SEPARATOR, text};
 use libfuzzer_sys::fuzz_target;
 
 /// Every variable of the contract's configuration table (some are read elsewhere or not yet;
-/// they are fuzzed all the same, so a new rule is covered as soon as it exists).
+/// they are fuzzed all the same, so a new rule is covered as soon as it exists), and every one
+/// `Config::from_lookup` reads (`tests/it/deploy.rs` checks that none is missing).
 const VARIABLES: &[&str] = &[
     "PORT",
     "HOST",
@@ -60,6 +61,23 @@ const VARIABLES: &[&str] = &[
     "CORS_ALLOWED_HEADERS",
     "LOG_FORMAT",
     "RUST_LOG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
 ];
 
 /// Variables whose value is a secret, or holds one (a database URL's password).
@@ -72,6 +90,8 @@ const SECRETS: &[&str] = &[
     "STRIPE_SECRET_KEY",
     "STRIPE_WEBHOOK_SECRET",
     "TWILIO_AUTH_TOKEN",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -136,6 +156,17 @@ fn secret_part(name: &str, value: &str) -> Option<String> {
             return None;
         }
         password
+    } else if name.ends_with("_HEADERS") {
+        // `name=value,...`: the first header's value, as written (a percent-encoded one shows
+        // decoded, if it shows).
+        let (_, first) = value.split(',').next()?.split_once('=')?;
+        let first = first.trim();
+        // A header's name shows (lowercased): a value that is also a name, or part of one, is
+        // not a leak.
+        if first.contains('%') || value.to_lowercase().matches(&first.to_lowercase()).count() > 1 {
+            return None;
+        }
+        first.to_owned()
     } else {
         value.trim().to_owned()
     };

@@ -98,3 +98,35 @@ fn every_variable_the_code_reads_is_documented() {
         "not in docs/CONFIGURATION.md: {missing:?}"
     );
 }
+
+/// The configuration fuzz target (fuzz/fuzz_targets/config.rs) fuzzes every variable the
+/// configuration parser reads: a variable added to the parser and not to the target would have
+/// its rules, and the secrecy of its value, go unfuzzed.
+#[test]
+fn the_config_fuzz_target_covers_every_variable_the_parser_reads() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let target = std::fs::read_to_string(format!("{root}/fuzz/fuzz_targets/config.rs")).unwrap();
+    let listed = target
+        .split("const VARIABLES")
+        .nth(1)
+        .and_then(|rest| rest.split("];").next())
+        .expect("the target's VARIABLES list");
+    let mut missing = std::collections::BTreeSet::new();
+    for file in ["src/config/mod.rs", "src/config/parse.rs"] {
+        let code = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        for literal in code.split('"').skip(1).step_by(2) {
+            let name_like = literal.len() >= 4
+                && literal.contains('_')
+                && literal
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if name_like && !listed.contains(&format!("\"{literal}\"")) {
+                missing.insert(literal.to_owned());
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "read by the configuration, not fuzzed: {missing:?}"
+    );
+}
