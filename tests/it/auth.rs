@@ -488,22 +488,15 @@ async fn a_new_kid_costs_one_fetch_and_random_kids_cost_no_more() {
     clock.advance(Duration::from_millis(2_100));
     let before = host.hits();
     host.set_keys(json!([es.public_jwk()]));
-    let started = std::time::Instant::now();
     let (status, body) = bearer(&server, &user_token(&es)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(host.hits(), before + 1, "a new kid costs exactly one fetch");
+    // The app's clock stands still: the cool-down that fetch opened lasts through them all.
     for _ in 0..300 {
         let random = SigningKey::generate(Alg::ES256).unwrap();
         assert_eq!(bearer(&server, &user_token(&random)).await.0, 401);
     }
-    // At most one more fetch per two-second interval that has begun since.
-    let intervals = started.elapsed().as_secs() / 2;
-    let extra = host.hits() - before - 1;
-    assert!(
-        extra as u64 <= intervals,
-        "{extra} extra fetches in {:?}",
-        started.elapsed()
-    );
+    assert_eq!(host.hits(), before + 1, "random kids cost no fetch");
 }
 
 #[tokio::test]
