@@ -121,8 +121,9 @@ async fn a_hanging_jwks_fetch_does_not_hold_up_the_stop() {
     let status = wait_exit(&mut child).await;
     let took = stopping.elapsed();
     assert_eq!(status.code(), Some(0));
-    // The fetch's own timeout is 5 s: not waited for.
-    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    // The fetch's own timeout is 5 s: not waited for (the refresh gets 500 ms to stop; the
+    // margin is for a loaded machine, and stays under the 5 s a wait for the fetch would take).
+    assert!(took < std::time::Duration::from_millis(4_500), "{took:?}");
     let store = db.store().await;
     let usage = store.key_usage_since(0).await.unwrap();
     assert!(
