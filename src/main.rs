@@ -245,6 +245,10 @@ fn main() -> ExitCode {
         code
     });
     telemetry::flush_logs();
+    // Dropping a runtime waits for its blocking threads without end: a DNS lookup still running
+    // for an abandoned JWKS refresh or database reconnect would hold the exit past Fly's kill
+    // timeout. They get half a second.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     code
 }
 

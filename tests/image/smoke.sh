@@ -320,7 +320,8 @@ run "${secret_env[@]}" "${integration_env[@]}" -e "DATABASE_URL=${pg_url:-sqlite
 
 # -- a malformed variable: exit 2 and one line naming it, never its value.
 check="malformed variable: exit 2, one line"
-set +e; out=$(run -e PORT=smoke-port-value "$IMAGE" 2>&1); rc=$?; set -e
+# HOST too: were the value ever accepted, the container must still listen on loopback only.
+set +e; out=$(run -e HOST=127.0.0.1 -e PORT=smoke-port-value "$IMAGE" 2>&1); rc=$?; set -e
 lines=$(printf '%s\n' "$out" | grep -c . || true)
 if [ "$rc" = 2 ] && [ "$lines" = 1 ] && [[ "$out" == *PORT* ]] && [[ "$out" != *smoke-port-value* ]]; then ok "$check: $out"
 else fail "$check" "exit $rc, $lines lines: $(printf '%s' "$out" | head -3 | tr '\n' ' ')"; fi
