@@ -66,8 +66,9 @@ ENV LOG_FORMAT=json \
     HOST=0.0.0.0
 EXPOSE 8080
 
-# edgegate drains in-flight requests for 25 s on SIGTERM; give the runtime
-# (docker stop -t, Fly kill_timeout) a little longer than that.
+# edgegate drains in-flight requests for 25 s on SIGTERM, then takes up to 4 s
+# more; give the runtime 30 s (fly.toml's kill_timeout; docker run
+# --stop-timeout 30, as docker stop waits only 10 s by default).
 STOPSIGNAL SIGTERM
 # No curl in the image: the binary probes its own /healthz.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
