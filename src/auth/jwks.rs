@@ -4,9 +4,10 @@
 //!   [`MAX_JWKS_BYTES`] and [`MAX_JWKS_KEYS`](crate::auth::keys::MAX_JWKS_KEYS) keys.
 //! - A failed or unusable answer never replaces the last good set (stale-if-error), until the
 //!   set is older than [`MAX_STALE`]: then the fetched keys are dropped, since keys that old may
-//!   have been revoked long ago. A well-formed set replaces it whatever it holds, even no usable
-//!   key: taking a key out of the JWKS is how it is revoked, and `{"keys":[]}` is what a
-//!   project that revoked every signing key publishes.
+//!   have been revoked long ago, and their ETag with them, so the next fetch asks for the whole
+//!   set instead of a 304 that would keep the ring empty. A well-formed set replaces it whatever
+//!   it holds, even no usable key: taking a key out of the JWKS is how it is revoked, and
+//!   `{"keys":[]}` is what a project that revoked every signing key publishes.
 //! - Freshness: `Cache-Control: max-age` clamped to [30 s, 1 h], else the configured TTL, with
 //!   ±10 % jitter so a fleet does not fetch in lockstep. Failures back off exponentially from
 //!   5 s, capped at the TTL and never below `min_refresh`.

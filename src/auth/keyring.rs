@@ -42,7 +42,7 @@ pub struct FetchedInfo {
     pub fetched_at: SystemTime,
     /// Monotonic twin of `fetched_at`, for age computations.
     pub fetched_instant: Instant,
-    /// The response's `ETag`, sent back as `If-None-Match`.
+    /// The response's `ETag`, sent back as `If-None-Match`; `None` once the keys are dropped.
     pub etag: Option<String>,
     /// The freshness lifetime used for this set (after clamping and jitter).
     pub ttl: Duration,
@@ -215,13 +215,17 @@ impl KeyRingHandle {
     }
 
     /// Drops every fetched key (the set went stale beyond the allowed limit). Bumps the
-    /// generation if any key was dropped.
+    /// generation if any key was dropped. The ETag goes too: it names a set the ring no longer
+    /// holds, and a 304 to it would "confirm" the empty ring.
     pub fn clear_fetched(&self) -> u64 {
         self.swap(|old| {
             let mut ring = old.clone();
             if !ring.fetched.is_empty() {
                 ring.fetched.clear();
                 ring.generation = old.generation.wrapping_add(1);
+            }
+            if let Some(info) = &mut ring.fetched_info {
+                info.etag = None;
             }
             ring
         })

@@ -602,3 +602,56 @@ async fn an_unknown_kid_fetch_finishes_when_its_caller_hangs_up() {
     assert!(auth.verify_bearer(&token).await.is_ok());
     host.stop().await;
 }
+
+/// A host down for more than a day comes back with the same document: the keys dropped at the
+/// stale limit return with the first fetch. Their ETag must go with them: sent back as
+/// If-None-Match it drew a 304 that "confirmed" an empty ring, so every signing-key token got
+/// 401 until the set changed, while the counters said the JWKS was healthy.
+#[tokio::test]
+async fn keys_dropped_after_max_stale_return_when_the_host_answers_304() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| r.etag = Some("\"v1\"".into()));
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    let fetcher = auth.fetcher().expect("fetcher");
+
+    // The outage (no ETag: a failing host answers no 304 either), past the stale limit.
+    host.update(|r| {
+        r.status = 503;
+        r.etag = None;
+    });
+    clock.advance(Duration::from_secs(25 * 3600));
+    assert_eq!(
+        fetcher.refresh_now().await.map(|_| ()),
+        Err(FetchError::Status(503))
+    );
+    assert!(fetcher.status().stats.expired);
+    assert_eq!(auth.key_ring().load().fetched_len(), 0, "keys dropped");
+
+    // The host is back with the same document and ETag; it answers a matching If-None-Match
+    // with 304. The first token after the cool-down brings the keys back.
+    host.update(|r| {
+        r.status = 200;
+        r.etag = Some("\"v1\"".into());
+    });
+    clock.advance(Duration::from_secs(31));
+    let hits = host.hits();
+    let token = k1.token(&claims(clock.unix_now()));
+    assert_eq!(
+        auth.verify_bearer(&token).await.map(|v| v.kid),
+        Ok(Some("k1".into())),
+        "the unknown-kid refetch restores the dropped keys"
+    );
+    assert_eq!(host.hits(), hits + 1);
+    assert_eq!(auth.key_ring().load().fetched_len(), 1);
+    let stats = fetcher.status().stats;
+    assert!(!stats.expired && !stats.stale, "{stats:?}");
+
+    // Now that the ring holds the set again, a 304 confirms it.
+    let again = fetcher.refresh_now().await.expect("conditional fetch");
+    assert!(again.not_modified, "If-None-Match answered 304");
+    assert_eq!(again.keys, 1);
+    assert!(auth.verify_bearer(&token).await.is_ok());
+}
