@@ -3,11 +3,12 @@
 //! - One fetch at a time (single flight); a fetch takes at most [`FETCH_TIMEOUT`], reads at most
 //!   [`MAX_JWKS_BYTES`] and [`MAX_JWKS_KEYS`](crate::auth::keys::MAX_JWKS_KEYS) keys.
 //! - A failed or unusable answer never replaces the last good set (stale-if-error), until the
-//!   set is older than [`MAX_STALE`]: then the fetched keys are dropped, since keys that old may
-//!   have been revoked long ago, and their ETag with them, so the next fetch asks for the whole
-//!   set instead of a 304 that would keep the ring empty. A well-formed set replaces it whatever
-//!   it holds, even no usable key: taking a key out of the JWKS is how it is revoked, and
-//!   `{"keys":[]}` is what a project that revoked every signing key publishes.
+//!   set has been stale (past its freshness lifetime) for more than [`MAX_STALE`]: then the
+//!   fetched keys are dropped, since keys that old may have been revoked long ago, and their
+//!   ETag with them, so the next fetch asks for the whole set instead of a 304 that would keep
+//!   the ring empty. A well-formed set replaces it whatever it holds, even no usable key:
+//!   taking a key out of the JWKS is how it is revoked, and `{"keys":[]}` is what a project
+//!   that revoked every signing key publishes.
 //! - Freshness: `Cache-Control: max-age` clamped to [30 s, 1 h], else the configured TTL, with
 //!   ±10 % jitter so a fleet does not fetch in lockstep. Failures back off exponentially from
 //!   5 s, capped at the TTL and never below `min_refresh`.
@@ -29,7 +30,8 @@ use url::Url;
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS body read.
 pub const MAX_JWKS_BYTES: usize = 64 * 1024;
-/// How long the last good set keeps verifying while fetches fail.
+/// How long the last good set keeps verifying while fetches fail, counted from the end of its
+/// freshness lifetime (stale-if-error).
 pub const MAX_STALE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Bounds applied to a server's `Cache-Control: max-age`.
 pub const MAX_AGE_BOUNDS: (Duration, Duration) =
@@ -455,9 +457,13 @@ impl JwksFetcher {
                 if let (Some(info), Some(last)) = (ring.fetched_info(), state.last_success) {
                     let age = self.inner.clock.now().saturating_duration_since(last);
                     stats.stale.store(age > info.ttl, Ordering::Relaxed);
-                    if age > MAX_STALE && ring.fetched_len() > 0 {
+                    // Counted from the end of the set's freshness: with a TTL near a day, the
+                    // first scheduled refresh already comes more than MAX_STALE after the fetch.
+                    let stale_for = age.saturating_sub(info.ttl);
+                    if stale_for > MAX_STALE && ring.fetched_len() > 0 {
                         tracing::error!(
                             age_secs = age.as_secs(),
+                            stale_secs = stale_for.as_secs(),
                             "JWKS stale beyond the limit: fetched keys dropped"
                         );
                         self.inner.ring.clear_fetched();

@@ -655,3 +655,50 @@ async fn keys_dropped_after_max_stale_return_when_the_host_answers_304() {
     assert_eq!(again.keys, 1);
     assert!(auth.verify_bearer(&token).await.is_ok());
 }
+
+/// Stale-if-error is counted from the end of the set's freshness, not from its fetch: with a
+/// day-long TTL (and no max-age) the first scheduled refresh comes up to 26.4 h after the
+/// fetch, and its failure dropped every key at once instead of keeping them 24 h more.
+#[tokio::test]
+async fn a_long_ttl_keeps_the_set_for_max_stale_after_it_goes_stale() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.clone()),
+        issuers: Some(vec![ISS.to_owned()]),
+        min_refresh: Duration::from_secs(30),
+        cache_ttl: Duration::from_secs(86_400),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let fetcher = auth.fetcher().expect("fetcher");
+    let ttl = fetcher.refresh_now().await.expect("fetch").ttl;
+    let max_stale = crate::auth::jwks::MAX_STALE;
+
+    // The scheduled refresh, due when the set goes stale, fails; so does the retry 24 h later,
+    // a minute before the stale limit. (The manual clock counts whole milliseconds: a second
+    // more makes sure the jittered TTL has run out.)
+    host.update(|r| r.status = 503);
+    for wait in [
+        ttl + Duration::from_secs(1),
+        max_stale - Duration::from_secs(60),
+    ] {
+        clock.advance(wait);
+        assert!(matches!(fetcher.refresh_if_due().await, Some(Err(_))));
+        let stats = fetcher.status().stats;
+        assert!(stats.stale && !stats.expired, "{stats:?}");
+        assert!(
+            auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+                .await
+                .is_ok(),
+            "stale for less than 24 h: the last good set verifies"
+        );
+    }
+
+    // Past the limit the next failure drops the keys.
+    clock.advance(Duration::from_secs(120));
+    assert!(matches!(fetcher.refresh_if_due().await, Some(Err(_))));
+    assert!(fetcher.status().stats.expired);
+    assert_eq!(auth.key_ring().load().fetched_len(), 0);
+}
