@@ -254,7 +254,7 @@ impl Authenticator {
     }
 
     /// Verifies a bearer JWT: cache, then the key ring; an unknown kid asks the fetcher for
-    /// one single-flight refetch and retries once if it happened.
+    /// one single-flight refetch and retries once if it happened or the ring changed meanwhile.
     pub async fn verify_bearer(&self, token: &str) -> Result<Verified, AuthError> {
         if token.is_empty() {
             return Err(AuthError::NoCredential);
@@ -272,19 +272,7 @@ impl Authenticator {
             return Ok(hit);
         }
         let (ring, result) = match verify(&ring, &self.settings, token, now) {
-            Err(AuthError::UnknownKid) => match &self.fetcher {
-                Some(fetcher) => match fetcher.on_unknown_kid().await {
-                    RefetchOutcome::Fetched | RefetchOutcome::Joined => {
-                        let ring = self.ring.load();
-                        let result = verify(&ring, &self.settings, token, self.clock.unix_now());
-                        (ring, result)
-                    }
-                    RefetchOutcome::Suppressed | RefetchOutcome::Failed => {
-                        (ring, Err(AuthError::UnknownKid))
-                    }
-                },
-                None => (ring, Err(AuthError::UnknownKid)),
-            },
+            Err(AuthError::UnknownKid) => self.verify_after_unknown_kid(ring, token).await,
             other => (ring, other),
         };
         let verified = result.map_err(|e| match e {
@@ -295,6 +283,37 @@ impl Authenticator {
             self.cache.insert(&key, ring.generation(), &verified, now);
         }
         Ok(verified)
+    }
+
+    /// The unknown-kid path, apart from `verify_bearer`'s hot path: one refetch (single flight,
+    /// within the cool-down), then one more look, also when the refetch was refused or failed
+    /// but the ring changed since `ring`, the snapshot that lacked the kid, was read. Returns
+    /// the snapshot the answer came from.
+    pub(super) async fn verify_after_unknown_kid(
+        &self,
+        ring: Arc<KeyRing>,
+        token: &str,
+    ) -> (Arc<KeyRing>, Result<Verified, AuthError>) {
+        let Some(fetcher) = &self.fetcher else {
+            return (ring, Err(AuthError::UnknownKid));
+        };
+        match fetcher.on_unknown_kid().await {
+            RefetchOutcome::Fetched | RefetchOutcome::Joined => {
+                let ring = self.ring.load();
+                let result = verify(&ring, &self.settings, token, self.clock.unix_now());
+                (ring, result)
+            }
+            RefetchOutcome::Suppressed | RefetchOutcome::Failed => {
+                // A fetch that ended after `ring` was read may be what put this one in the
+                // cool-down: look once at the set it left.
+                let current = self.ring.load();
+                if current.generation() == ring.generation() {
+                    return (ring, Err(AuthError::UnknownKid));
+                }
+                let result = verify(&current, &self.settings, token, self.clock.unix_now());
+                (current, result)
+            }
+        }
     }
 
     /// Verifies an opaque API key from the `apikey` header. Secret keys (`service_role`) are

@@ -702,3 +702,43 @@ async fn a_long_ttl_keeps_the_set_for_max_stale_after_it_goes_stale() {
     assert!(fetcher.status().stats.expired);
     assert_eq!(auth.key_ring().load().fetched_len(), 0);
 }
+
+/// A fetch that ends between a request's look at the ring and its refetch request puts that
+/// request in the cool-down. The request must look at the ring the fetch left (once), not
+/// refuse a key that ring holds. The helper is driven directly: the interleaving has no await
+/// point in `verify_bearer`, so only the snapshot the request read can stand in for it.
+#[tokio::test]
+async fn an_unknown_kid_refused_by_the_cool_down_is_looked_up_in_the_new_ring() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::es256("k2");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    let fetcher = auth.fetcher().expect("fetcher");
+    clock.advance(Duration::from_secs(31));
+
+    // The request reads the ring, which lacks k2; meanwhile a fetch (the scheduled one, an
+    // admin refresh, another request's refetch) brings k2 in.
+    let read = auth.key_ring().load();
+    let token = k2.token(&claims(clock.unix_now()));
+    assert_eq!(
+        crate::auth::verify::verify(&read, &settings(), &token, clock.unix_now()).map(|_| ()),
+        Err(AuthError::UnknownKid)
+    );
+    host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
+    fetcher.refresh_now().await.expect("fetch");
+    let hits = host.hits();
+
+    let (ring, result) = auth.verify_after_unknown_kid(read, &token).await;
+    assert_eq!(result.map(|v| v.kid), Ok(Some("k2".into())));
+    assert_eq!(ring.generation(), auth.key_ring().load().generation());
+    let stats = fetcher.stats().snapshot(clock.unix_now());
+    assert_eq!(stats.refetches_suppressed, 1, "the cool-down answered");
+    assert_eq!(host.hits(), hits, "no fetch of its own");
+
+    // An unknown kid in an unchanged ring is still refused, without a second look.
+    let stranger = TestKey::es256("k3").token(&claims(clock.unix_now()));
+    let (_, result) = auth.verify_after_unknown_kid(ring, &stranger).await;
+    assert_eq!(result.map(|_| ()), Err(AuthError::UnknownKid));
+}
