@@ -9,9 +9,9 @@
 //!   the ring empty. A well-formed set replaces it whatever it holds, even no usable key:
 //!   taking a key out of the JWKS is how it is revoked, and `{"keys":[]}` is what a project
 //!   that revoked every signing key publishes.
-//! - Freshness: `Cache-Control: max-age` clamped to [30 s, 1 h], else the configured TTL, with
-//!   ±10 % jitter so a fleet does not fetch in lockstep. Failures back off exponentially from
-//!   5 s, capped at the TTL and never below `min_refresh`.
+//! - Freshness: `Cache-Control: max-age` less the answer's `Age`, clamped to [30 s, 1 h], else
+//!   the configured TTL, with ±10 % jitter so a fleet does not fetch in lockstep. Failures back
+//!   off exponentially from 5 s, capped at the TTL and never below `min_refresh`.
 //! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
 //!   refused at once, and one that arrives while a fetch is running shares that fetch.
 
@@ -567,10 +567,12 @@ impl JwksFetcher {
     }
 }
 
-/// Freshness from `Cache-Control: max-age`, clamped to [`MAX_AGE_BOUNDS`]; `no-cache`/`no-store`
-/// count as the lower bound; otherwise `default`.
+/// Freshness from `Cache-Control: max-age` less the answer's `Age` (the time a cache in front of
+/// the host has held it), clamped to [`MAX_AGE_BOUNDS`]; `no-cache`/`no-store` count as the lower
+/// bound; otherwise `default`.
 pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Duration {
     let (lo, hi) = MAX_AGE_BOUNDS;
+    let age = age(headers).unwrap_or(0);
     let mut found = None;
     for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
@@ -583,11 +585,21 @@ pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Dur
             if let Some(secs) = lower.strip_prefix("max-age=")
                 && let Ok(secs) = secs.trim_matches('"').parse::<u64>()
             {
-                found = Some(Duration::from_secs(secs).clamp(lo, hi));
+                found = Some(Duration::from_secs(secs.saturating_sub(age)).clamp(lo, hi));
             }
         }
     }
     found.unwrap_or(default)
+}
+
+/// The `Age` header in seconds (RFC 9111 §5.1); `None` unless it is a non-negative integer. A
+/// value too large to represent counts as the largest one (RFC 9111 §1.2.2).
+fn age(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let value = headers.get(reqwest::header::AGE)?.to_str().ok()?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse().unwrap_or(u64::MAX))
 }
 
 /// The running background refresh. Dropping it stops the task too.
@@ -616,7 +628,7 @@ impl Drop for RefreshTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{CACHE_CONTROL, HeaderMap, HeaderValue};
+    use reqwest::header::{AGE, CACHE_CONTROL, HeaderMap, HeaderValue};
 
     #[test]
     fn max_age_is_clamped() {
@@ -636,5 +648,48 @@ mod tests {
         assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=banana"));
         assert_eq!(freshness(&h, ttl), ttl);
+    }
+
+    #[test]
+    fn age_is_subtracted_from_max_age_before_the_clamp() {
+        let ttl = Duration::from_secs(600);
+        let with = |cc: &'static str, age: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(CACHE_CONTROL, HeaderValue::from_static(cc));
+            h.insert(AGE, HeaderValue::from_static(age));
+            freshness(&h, ttl)
+        };
+        assert_eq!(with("max-age=600", "120"), Duration::from_secs(480));
+        assert_eq!(
+            with("max-age=600", "590"),
+            Duration::from_secs(30),
+            "clamped up"
+        );
+        assert_eq!(
+            with("max-age=600", "9000"),
+            Duration::from_secs(30),
+            "older than max-age"
+        );
+        assert_eq!(
+            with("max-age=7200", "1800"),
+            Duration::from_secs(3600),
+            "clamped down"
+        );
+        for malformed in ["-5", "1.5", "+5", "banana", "", "10, 20"] {
+            assert_eq!(
+                with("max-age=300", malformed),
+                Duration::from_secs(300),
+                "Age {malformed:?} is ignored"
+            );
+        }
+        assert_eq!(
+            with("max-age=300", "99999999999999999999999"),
+            Duration::from_secs(30),
+            "too large to represent counts as very old"
+        );
+        assert_eq!(with("no-cache", "10"), Duration::from_secs(30));
+        let mut h = HeaderMap::new();
+        h.insert(AGE, HeaderValue::from_static("590"));
+        assert_eq!(freshness(&h, ttl), ttl, "no max-age: the configured TTL");
     }
 }

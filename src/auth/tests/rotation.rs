@@ -32,6 +32,8 @@ struct Reply {
     body: String,
     cache_control: Option<String>,
     etag: Option<String>,
+    /// An `Age` header, as a cache in front of the host adds.
+    age: Option<String>,
 }
 
 struct JwksHost {
@@ -72,6 +74,9 @@ async fn serve_jwks(State(s): State<HostState>, headers: HeaderMap) -> Response 
     if let Some(etag) = reply.etag.and_then(|v| HeaderValue::from_str(&v).ok()) {
         response.headers_mut().insert(header::ETAG, etag);
     }
+    if let Some(age) = reply.age.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        response.headers_mut().insert(header::AGE, age);
+    }
     response
 }
 
@@ -85,6 +90,7 @@ impl JwksHost {
                 body: json!({"keys": keys}).to_string(),
                 cache_control: None,
                 etag: None,
+                age: None,
             })),
             gate: Arc::new(Mutex::new(None)),
         };
@@ -741,4 +747,33 @@ async fn an_unknown_kid_refused_by_the_cool_down_is_looked_up_in_the_new_ring() 
     let stranger = TestKey::es256("k3").token(&claims(clock.unix_now()));
     let (_, result) = auth.verify_after_unknown_kid(ring, &stranger).await;
     assert_eq!(result.map(|_| ()), Err(AuthError::UnknownKid));
+}
+
+/// A cache in front of the JWKS host (Supabase's edge) says with `Age` how long it has held the
+/// answer: `max-age=600` with `Age: 590` leaves 10 s of freshness (clamped up to 30 s), not 600.
+#[tokio::test]
+async fn an_age_header_shortens_the_freshness() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| {
+        r.cache_control = Some("public, max-age=600".into());
+        r.age = Some("590".into());
+    });
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    let fetcher = auth.fetcher().expect("fetcher");
+    let report = fetcher.refresh_now().await.expect("fetch");
+    assert!(
+        report.ttl >= Duration::from_secs(27) && report.ttl <= Duration::from_secs(33),
+        "30 s ± jitter: {:?}",
+        report.ttl
+    );
+
+    host.update(|r| r.age = Some("120".into()));
+    let report = fetcher.refresh_now().await.expect("fetch");
+    assert!(
+        report.ttl >= Duration::from_secs(432) && report.ttl <= Duration::from_secs(528),
+        "480 s ± jitter: {:?}",
+        report.ttl
+    );
 }
