@@ -1,15 +1,14 @@
-"""schemathesis hooks for tests/schema/run.sh: sign the Stripe and Twilio callbacks the way the
-providers do, so generated events and status callbacks get past the signature check and reach the
-code that reads them. Secrets come from the environment run.sh sets."""
+"""schemathesis hooks for tests/schema/run.sh: sign the Stripe and Twilio callbacks with the
+providers' own libraries, so generated events and status callbacks get past the signature check
+and reach the code that reads them. Secrets come from the environment run.sh sets."""
 
-import base64
-import hashlib
-import hmac
 import json
 import os
 import time
 
 import schemathesis
+import stripe
+from twilio.request_validator import RequestValidator
 
 STRIPE_PATH = "/functions/v1/stripe-webhook"
 TWILIO_PATH = "/functions/v1/twilio-status"
@@ -40,9 +39,10 @@ def sign_stripe(case):
             body = json.dumps(body, allow_nan=False).encode()
         except (TypeError, ValueError):
             return  # no body, or one requests cannot send as JSON: left unsigned
-    timestamp = str(int(time.time()))
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    case.headers = {**case.headers, "Stripe-Signature": f"t={timestamp},v1={digest.hexdigest()}"}
+    header = stripe.WebhookSignature.generate_signature_header(
+        body.decode("utf-8"), secret, timestamp=int(time.time())
+    )
+    case.headers = {**case.headers, "Stripe-Signature": header}
 
 
 I64_MAX = 2**63 - 1
@@ -67,7 +67,5 @@ def sign_twilio(case):
     # Only a flat form of text values is sent as the same pairs that are signed.
     if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
         return
-    # Twilio's algorithm: the URL it called, then each parameter name and value, sorted by name.
-    payload = public_url + TWILIO_PATH + "".join(name + body[name] for name in sorted(body))
-    digest = hmac.new(token.encode(), payload.encode(), hashlib.sha1).digest()
-    case.headers = {**case.headers, "X-Twilio-Signature": base64.b64encode(digest).decode()}
+    signature = RequestValidator(token).compute_signature(public_url + TWILIO_PATH, body)
+    case.headers = {**case.headers, "X-Twilio-Signature": signature}

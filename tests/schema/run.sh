@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 # The interpreter .ci/run installed schemathesis into (pinned there: schemathesis==4.32.5).
-if ! python3 -c 'import schemathesis' 2>/dev/null; then
-    echo "schemathesis is not installed: python3 -m pip install schemathesis==4.32.5" >&2
+if ! python3 -c 'import schemathesis, stripe, twilio' 2>/dev/null; then
+    echo "schemathesis and the providers' libraries (which sign the callbacks) are not all" \
+        "installed: python3 -m pip install schemathesis==4.32.5 stripe==16.1.0 twilio==9.13.0" >&2
     exit 1
 fi
 
