@@ -82,10 +82,10 @@ Examples:
     /// Who still uses which key: legacy usage by kind, route and client, with hourly bars.
     #[command(after_help = "\
 Reads GET /admin/signing-keys of a running edgegate when --url is given, with the sb_secret_
-key in EDGEGATE_SECRET_KEY (never on the command line); else reads the database DATABASE_URL
-names (flushed counts only: each instance writes its counts every 60 s). From the database, the
-verdict's window is this environment's LEGACY_REVOCATION_WINDOW_SECONDS (default 24 h): set it
-as the servers have it.
+key in EDGEGATE_SECRET_KEY (from the environment or .env, never the command line); else reads
+the database DATABASE_URL names (flushed counts only: each instance writes its counts every
+60 s). From the database, the verdict's window is this environment's
+LEGACY_REVOCATION_WINDOW_SECONDS (default 24 h): set it as the servers have it.
 
 Examples:
   EDGEGATE_SECRET_KEY=sb_secret_... edgegate keys report --url https://my-edgegate.fly.dev
@@ -191,12 +191,15 @@ fn main() -> ExitCode {
     // "always", each 2 MiB region mimalloc touches becomes resident whole (BENCHMARKS.md,
     // "Allocator"). A kernel without the setting changes nothing; nothing to report then.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
+    // `.env` before the arguments: clap reads EDGEGATE_SECRET_KEY from the environment. Its
+    // error waits until a command needs the configuration (`openapi` and `--help` do not).
+    let dotenv = edgegate::config::load_dotenv();
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.
     if let Some(Command::Openapi) = cli.command {
         return print_openapi();
     }
-    let config = match Config::from_env() {
+    let config = match dotenv.and_then(|()| Config::from_process_env()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("edgegate: invalid configuration: {err}");

@@ -378,6 +378,19 @@ fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
     }
 }
 
+/// Adds the variables of `.env` in the working directory (if there is one; not from a folder
+/// above it) to the process environment. A variable the environment already sets keeps its
+/// value: the real environment wins. The CLI calls it before it parses its arguments, so an
+/// option read from the environment (`EDGEGATE_SECRET_KEY`) finds `.env`'s value too.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    // A missing .env is normal; a malformed one is a configuration error.
+    match dotenvy::from_path(".env") {
+        Ok(()) => Ok(()),
+        Err(err) if err.not_found() => Ok(()),
+        Err(err) => Err(dotenv_error(&err)),
+    }
+}
+
 /// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
 #[derive(Clone)]
 pub struct Redacted<T>(pub T);
@@ -392,12 +405,12 @@ impl Config {
     /// Reads `.env` from the working directory (if any; not from a folder above it), then the
     /// process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        // A missing .env is normal; a malformed one is a configuration error.
-        match dotenvy::from_path(".env") {
-            Ok(()) => {}
-            Err(err) if err.not_found() => {}
-            Err(err) => return Err(dotenv_error(&err)),
-        }
+        load_dotenv()?;
+        Self::from_process_env()
+    }
+
+    /// The process environment alone (after [`load_dotenv`], `.env` is part of it).
+    pub fn from_process_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 

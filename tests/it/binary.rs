@@ -371,3 +371,53 @@ fn the_allocator_commits_its_arenas_lazily_by_default() {
         .map(|(_, value)| value.trim());
     assert_eq!(value, Some("0"), "{stderr}");
 }
+
+/// `EDGEGATE_SECRET_KEY` in `.env` is read by `keys report --url` like every other variable, and
+/// the real environment still wins over `.env`.
+#[tokio::test]
+async fn keys_report_reads_its_secret_key_from_dotenv_and_the_environment_wins() {
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let server_dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let keys = format!(r#"{{"ops":"{key}"}}"#);
+    let vars = [
+        ("PORT", port.as_str()),
+        ("SUPABASE_SECRET_KEYS", keys.as_str()),
+    ];
+    let mut child = spawn_server(server_dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port.parse().unwrap()).await);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("EDGEGATE_SECRET_KEY={key}\n"),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let report = |vars: &[(&str, &str)]| {
+        output(edgegate(dir.path(), vars).args(["keys", "report", "--url", &url]))
+    };
+    let out = report(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("Key usage over the last"), "{stdout}");
+
+    let out = report(&[(
+        "EDGEGATE_SECRET_KEY",
+        "sb_secret_not-the-key-of-this-server",
+    )]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the environment's key wins: {stderr}"
+    );
+    assert!(stderr.contains("UNAUTHORIZED_INVALID_API_KEY"), "{stderr}");
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}
