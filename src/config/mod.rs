@@ -411,7 +411,30 @@ impl Config {
 
     /// The process environment alone (after [`load_dotenv`], `.env` is part of it).
     pub fn from_process_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_env_lookup(|name| std::env::var(name))
+    }
+
+    /// As [`Config::from_lookup`], from a source that can hold values that are not UTF-8 (the
+    /// process environment): such a value is set but malformed, not unset.
+    pub fn from_env_lookup(
+        lookup: impl Fn(&str) -> Result<String, std::env::VarError>,
+    ) -> Result<Self, ConfigError> {
+        let not_unicode = std::cell::RefCell::new(None);
+        let config = Self::from_lookup(|name| match lookup(name) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                not_unicode
+                    .borrow_mut()
+                    .get_or_insert_with(|| name.to_owned());
+                None
+            }
+        });
+        // Named first: read as unset, the value may have led to another error.
+        match not_unicode.into_inner() {
+            Some(name) => Err(ConfigError::new(&name, "must be valid UTF-8")),
+            None => config,
+        }
     }
 
     /// Builds the configuration from any source of variables (tests pass a map).

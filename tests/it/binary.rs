@@ -421,3 +421,28 @@ async fn keys_report_reads_its_secret_key_from_dotenv_and_the_environment_wins()
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
+
+/// A value that is not UTF-8 is malformed, not unset: exit 2 naming the variable, not its value.
+#[test]
+fn a_variable_that_is_not_utf8_stops_start_up() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let value = std::ffi::OsStr::from_bytes(b"postgres://app:hunter2\xff@db.internal/app");
+    let out = output(
+        edgegate(dir.path(), &[])
+            .env("DATABASE_URL", value)
+            .arg("check"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("UTF-8"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(
+        !dir.path().join("edgegate.db").exists(),
+        "nothing may start"
+    );
+}
