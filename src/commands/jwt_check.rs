@@ -28,15 +28,23 @@ pub async fn lines(config: &Config) -> Vec<CheckLine> {
         lines.push(match fetched {
             Ok(Ok(report)) => {
                 let keys = signing_keys(&auth, KeyOrigin::Jwks);
-                let detail = if keys.is_empty() && report.dropped.is_empty() {
+                let verifies = can_verify(config, &auth);
+                let detail = if !keys.is_empty() || !report.dropped.is_empty() {
+                    describe(&keys, &report.dropped)
+                } else if !verifies {
+                    "no signing keys published yet, and nothing else verifies a credential: \
+                     /readyz answers 503 until a key is published, SUPABASE_JWT_SECRET is set \
+                     or an API key is (SUPABASE_SECRET_KEYS, SUPABASE_PUBLISHABLE_KEYS)"
+                        .to_owned()
+                } else if config.jwt.legacy_secret.is_some() && config.jwt.inline_jwks.is_empty() {
                     "no signing keys published yet (only the legacy secret signs)".to_owned()
                 } else {
-                    describe(&keys, &report.dropped)
+                    "no signing keys published yet".to_owned()
                 };
                 CheckLine {
                     item: "jwks",
                     // Keys published but none usable: tokens they sign would all be refused.
-                    ok: !keys.is_empty() || report.dropped.is_empty(),
+                    ok: verifies && (!keys.is_empty() || report.dropped.is_empty()),
                     detail: format!("{url}: {detail}"),
                 }
             }
@@ -54,6 +62,15 @@ pub async fn lines(config: &Config) -> Vec<CheckLine> {
     }
     lines.push(api_keys_line(config));
     lines
+}
+
+/// Whether a JWKS-configured service can become ready: the rule of `/readyz`
+/// (`routes::health::key_ring_check`): some key verifies (the legacy secret, an inline or a
+/// fetched key) or an API key is configured.
+fn can_verify(config: &Config, auth: &Authenticator) -> bool {
+    auth.key_ring().load().can_verify()
+        || !config.api_keys.secret.is_empty()
+        || !config.api_keys.publishable.is_empty()
 }
 
 fn signing_keys(auth: &Authenticator, origin: KeyOrigin) -> Vec<KeyListing> {

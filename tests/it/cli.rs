@@ -322,16 +322,52 @@ async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     );
 
     host.set_keys(json!([]));
-    let (code, printed, _) = check(only_jwks()).await;
+    let (code, printed, _) = check(vars_with(&host, "SUPABASE_JWT_SECRET", SECRET)).await;
     assert_eq!(
         code,
         Some(0),
         "an empty set is a project on the legacy secret: {printed}"
     );
     assert!(
-        line(&printed, "jwks").contains("no signing keys published yet"),
+        line(&printed, "jwks").contains("no signing keys published yet (only the legacy secret"),
         "{printed}"
     );
+}
+
+fn vars_with(host: &JwksHost, name: &'static str, value: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("SUPABASE_JWKS_URL", host.url.clone()),
+        (name, value.to_owned()),
+    ]
+}
+
+/// An empty JWKS with no legacy secret and no API key leaves nothing to verify with: `serve`
+/// answers /readyz 503 for ever, so `check` fails the JWKS line (the rule of /readyz).
+#[tokio::test]
+async fn check_fails_when_the_key_ring_can_verify_nothing() {
+    let host = JwksHost::start(json!([])).await;
+    let only_jwks = vec![("SUPABASE_JWKS_URL", host.url.clone())];
+    let served = Served::start(&[("SUPABASE_JWKS_URL", &host.url)]).await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", served.port))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "serve never becomes ready");
+    served.stop().await;
+
+    let (code, printed, _) = check(only_jwks).await;
+    assert_eq!(code, Some(1), "{printed}");
+    let jwks = line(&printed, "jwks");
+    assert!(jwks.starts_with("FAIL"), "{printed}");
+    assert!(!jwks.contains("only the legacy secret"), "{printed}");
+    assert!(jwks.contains("SUPABASE_JWT_SECRET"), "{printed}");
+
+    // An API key verifies: ready, and the line says nothing of a legacy secret that is not set.
+    let api_key = r#"{"backend":"sb_secret_0123456789abcdefghijklmn"}"#;
+    let (code, printed, _) = check(vars_with(&host, "SUPABASE_SECRET_KEYS", api_key)).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let jwks = line(&printed, "jwks");
+    assert!(jwks.starts_with("ok"), "{printed}");
+    assert!(!jwks.contains("only the legacy secret"), "{printed}");
 }
 
 /// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
