@@ -54,6 +54,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             if config.tls.is_some() { " (TLS)" } else { "" }
         ),
     }];
+    lines.push(connections_line(config));
     if let Some(files) = &config.tls {
         lines.push(match crate::server::load_tls(files) {
             Ok(_) => CheckLine {
@@ -112,6 +113,69 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     lines
 }
 
+/// The open-file rule `serve` applies before it listens (`server::raise_file_limit`), on the
+/// limit `serve` would raise itself to (the hard limit), leaving this process's limit alone: a
+/// cap left at its default is lowered to fit, one set by `HTTP_MAX_CONNECTIONS` that does not
+/// fit stops `serve` (exit 2), so it fails here.
+fn connections_line(config: &Config) -> CheckLine {
+    use crate::server::RESERVED_FILES;
+    let limits = &config.connections;
+    let needed = (limits.max_connections as u64).saturating_add(RESERVED_FILES);
+    let (ok, detail) = match open_file_limit_for_serve() {
+        Some(limit) if limit < needed && !limits.max_connections_set && limit > RESERVED_FILES => (
+            true,
+            format!(
+                "at most {} open connections, not the default {}: the open-file limit \
+                 (RLIMIT_NOFILE) of {limit} keeps {RESERVED_FILES} files for the database and \
+                 outbound clients (raise it with ulimit -n, or set HTTP_MAX_CONNECTIONS)",
+                limit - RESERVED_FILES,
+                limits.max_connections
+            ),
+        ),
+        Some(limit) if limit < needed => (
+            false,
+            format!(
+                "HTTP_MAX_CONNECTIONS must be at most {} under the open-file limit \
+                 (RLIMIT_NOFILE) of {limit}, which also keeps {RESERVED_FILES} files for the \
+                 database and outbound clients: serve stops (exit 2); lower \
+                 HTTP_MAX_CONNECTIONS or raise the limit (ulimit -n)",
+                limit.saturating_sub(RESERVED_FILES)
+            ),
+        ),
+        Some(limit) => (
+            true,
+            format!(
+                "at most {} open connections; open-file limit {limit}",
+                limits.max_connections
+            ),
+        ),
+        None => (
+            true,
+            format!(
+                "at most {} open connections; no open-file limit",
+                limits.max_connections
+            ),
+        ),
+    };
+    CheckLine {
+        item: "connections",
+        ok,
+        detail,
+    }
+}
+
+/// The open-file limit `serve` runs under: it raises the soft limit to the hard one. `None`:
+/// unlimited, or not known.
+#[cfg(unix)]
+fn open_file_limit_for_serve() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
+}
+
+#[cfg(not(unix))]
+fn open_file_limit_for_serve() -> Option<u64> {
+    None
+}
+
 /// The HTTP client `check` reaches dependencies with.
 fn check_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -141,6 +205,23 @@ async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
         ),
         Err(err) => (false, format!("account {}: {err}", api.account_sid())),
     };
+    // Credentials without a sender: send-sms answers 503 NOT_CONFIGURED.
+    let (ok, mut detail) = match config.twilio.sender {
+        Some(_) => (ok, detail),
+        None => (
+            false,
+            format!(
+                "{detail}; neither TWILIO_FROM_NUMBER nor TWILIO_MESSAGING_SERVICE_SID is set: \
+                 send-sms answers 503"
+            ),
+        ),
+    };
+    if config.public_url.is_none() {
+        detail.push_str(
+            "; PUBLIC_URL is not set: messages are sent without a status callback \
+             (twilio-status answers 503)",
+        );
+    }
     CheckLine {
         item: "twilio",
         ok,

@@ -1,6 +1,8 @@
 //! The `edgegate` binary as an operator runs it: start-up, signals, exit codes, subcommands.
 
-use crate::process::{edgegate, free_port, output, signal, spawn_server, wait_exit, wait_healthy};
+use crate::process::{
+    BIN, edgegate, free_port, output, signal, spawn_server, wait_exit, wait_healthy,
+};
 use crate::support::TestDb;
 
 async fn serve_then_signal(signal_name: &str) {
@@ -445,4 +447,51 @@ fn a_variable_that_is_not_utf8_stops_start_up() {
         !dir.path().join("edgegate.db").exists(),
         "nothing may start"
     );
+}
+
+/// `edgegate check` under an open-file limit that `serve` refuses to start under fails the same
+/// rule (and leaves the limit alone: it only reports).
+#[test]
+fn check_fails_a_connection_cap_the_file_limit_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = output(edgegate(dir.path(), &[]).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let under_limit = |vars: &[(&str, &str)], command: &str| {
+        let plain = edgegate(dir.path(), vars);
+        // `ulimit -n` in sh sets the soft and the hard limit: serve cannot raise it.
+        let mut shell = std::process::Command::new("sh");
+        shell
+            .args([
+                "-c",
+                &format!("ulimit -n 1024 && exec \"$0\" {command}"),
+                BIN,
+            ])
+            .env_clear()
+            .current_dir(dir.path());
+        for (name, value) in plain.get_envs() {
+            if let Some(value) = value {
+                shell.env(name, value);
+            }
+        }
+        output(&mut shell)
+    };
+    let vars = [("HTTP_MAX_CONNECTIONS", "1000000"), ("PORT", "0")];
+    let served = under_limit(&vars, "serve");
+    let stderr = String::from_utf8_lossy(&served.stderr);
+    assert_eq!(served.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("HTTP_MAX_CONNECTIONS"), "{stderr}");
+
+    let checked = under_limit(&vars, "check");
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("HTTP_MAX_CONNECTIONS")),
+        "{stdout}"
+    );
+
+    let checked = under_limit(&[("HTTP_MAX_CONNECTIONS", "512")], "check");
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(0), "{stdout}");
 }

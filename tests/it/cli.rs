@@ -370,6 +370,58 @@ async fn check_fails_when_the_key_ring_can_verify_nothing() {
     assert!(!jwks.contains("only the legacy secret"), "{printed}");
 }
 
+/// Twilio credentials without a sender: send-sms answers 503 NOT_CONFIGURED, so the Twilio line
+/// fails naming the two variables; without PUBLIC_URL it says status callbacks are off.
+#[tokio::test]
+async fn check_fails_twilio_credentials_without_a_sender() {
+    const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+    let twilio = crate::fake_twilio::FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let vars = |extra: &[(&'static str, &str)]| {
+        let mut vars = vec![
+            ("TWILIO_ACCOUNT_SID", ACCOUNT.to_owned()),
+            ("TWILIO_AUTH_TOKEN", TOKEN.to_owned()),
+            ("TWILIO_API_BASE", twilio.base.clone()),
+        ];
+        vars.extend(
+            extra
+                .iter()
+                .map(|(name, value)| (*name, (*value).to_owned())),
+        );
+        vars
+    };
+    let (code, printed, _) = check(vars(&[])).await;
+    assert_eq!(code, Some(1), "{printed}");
+    let twilio_line = line(&printed, "twilio");
+    assert!(twilio_line.starts_with("FAIL"), "{printed}");
+    assert!(
+        twilio_line.contains("TWILIO_FROM_NUMBER")
+            && twilio_line.contains("TWILIO_MESSAGING_SERVICE_SID"),
+        "{printed}"
+    );
+    assert!(!printed.contains(TOKEN), "{printed}");
+
+    let (code, printed, _) = check(vars(&[("TWILIO_FROM_NUMBER", "+15005550006")])).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let twilio_line = line(&printed, "twilio");
+    assert!(twilio_line.starts_with("ok"), "{printed}");
+    assert!(twilio_line.contains("PUBLIC_URL is not set"), "{printed}");
+
+    let (code, printed, _) = check(vars(&[
+        (
+            "TWILIO_MESSAGING_SERVICE_SID",
+            "MG0123456789abcdef0123456789abcdef",
+        ),
+        ("PUBLIC_URL", "https://edge.example.com"),
+    ]))
+    .await;
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(
+        !line(&printed, "twilio").contains("PUBLIC_URL"),
+        "{printed}"
+    );
+}
+
 /// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
 /// except under `CI=true`, where its absence fails the test.
 fn supabase_cli() -> Option<PathBuf> {
