@@ -6,9 +6,12 @@ pub mod report;
 pub mod token;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr as _;
 use std::time::Duration;
 
-use crate::config::Config;
+use sqlx::sqlite::SqliteConnectOptions;
+
+use crate::config::{Config, DatabaseUrl};
 use crate::store::Store;
 use crate::twilio::client::TwilioApi;
 
@@ -79,8 +82,23 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         store.close().await;
         anyhow::Ok(applied.len())
     };
-    lines.push(
-        match tokio::time::timeout(Duration::from_secs(10), database).await {
+    lines.push(match missing_sqlite_file(&config.database_url) {
+        Err(err) => CheckLine {
+            item: "database",
+            ok: false,
+            detail: err.to_string(),
+        },
+        Ok(()) => match tokio::time::timeout(Duration::from_secs(10), database).await {
+            // serve would migrate it, unless --no-migrate: then every query fails.
+            Ok(Ok(0)) => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!(
+                    "{} answers; 0 migrations applied (serve applies them at start, not with \
+                     --no-migrate; or run edgegate migrate)",
+                    config.database_url.redacted()
+                ),
+            },
             Ok(Ok(migrations)) => CheckLine {
                 item: "database",
                 ok: true,
@@ -104,7 +122,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 detail: format!("{}: no answer within 10 s", config.database_url.redacted()),
             },
         },
-    );
+    });
     lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client()).await);
     if let Some(line) = check_stripe(config, check_client()).await {
@@ -174,6 +192,27 @@ fn open_file_limit_for_serve() -> Option<u64> {
 #[cfg(not(unix))]
 fn open_file_limit_for_serve() -> Option<u64> {
     None
+}
+
+/// An error when `url` names a SQLite file that is not there. `check` and `keys report` read a
+/// database: opening one would create an empty file behind a mistyped path (`serve` and
+/// `migrate` create it on purpose).
+pub(crate) fn missing_sqlite_file(url: &DatabaseUrl) -> anyhow::Result<()> {
+    if url.is_postgres() {
+        return Ok(());
+    }
+    // A URL SQLite cannot use is left to connect, which says so.
+    let Ok(options) = SqliteConnectOptions::from_str(url.expose()) else {
+        return Ok(());
+    };
+    let file = options.get_filename();
+    let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+    anyhow::ensure!(
+        in_memory || file.exists(),
+        "{}: no such file (serve and migrate create it; this command does not)",
+        url.redacted()
+    );
+    Ok(())
 }
 
 /// The HTTP client `check` reaches dependencies with.

@@ -195,6 +195,9 @@ fn a_dotenv_file_above_the_working_directory_is_not_read() {
     std::fs::write(dir.path().join(".env"), "SMS_MAX_PER_MINUTE=zero\n").unwrap();
     let below = dir.path().join("sub/deeper");
     std::fs::create_dir_all(&below).unwrap();
+    // check fails a database file that migrate has not made.
+    let migrated = output(edgegate(&below, &[]).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
     let out = output(edgegate(&below, &[]).arg("check"));
     assert_eq!(
         out.status.code(),
@@ -494,4 +497,44 @@ fn check_fails_a_connection_cap_the_file_limit_cannot_hold() {
     let checked = under_limit(&[("HTTP_MAX_CONNECTIONS", "512")], "check");
     let stdout = String::from_utf8_lossy(&checked.stdout);
     assert_eq!(checked.status.code(), Some(0), "{stdout}");
+}
+
+/// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
+/// they fail naming it; and check fails a database no migration has prepared.
+#[test]
+fn check_and_report_do_not_create_a_missing_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("DATABASE_URL", "sqlite://edgegat.db")];
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("database") && l.contains("edgegat.db")),
+        "{stdout}"
+    );
+    let out = output(edgegate(dir.path(), &vars).args(["keys", "report"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("edgegat.db"), "{stderr}");
+    assert!(
+        !dir.path().join("edgegat.db").exists(),
+        "a file was left behind"
+    );
+
+    // A file no migration has run on: serve would migrate it, check says so and fails.
+    std::fs::write(dir.path().join("edgegat.db"), b"").unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        database.starts_with("FAIL") && database.contains("0 migrations applied"),
+        "{stdout}"
+    );
+    assert!(database.contains("migrate"), "{database}");
 }

@@ -222,11 +222,14 @@ fn a_bad_key_file_or_ttl_is_refused_without_echoing_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
 }
 
-/// Runs `edgegate check` off the async runtime (the fake JWKS host answers on it):
+/// Runs `edgegate check` off the async runtime (the fake JWKS host answers on it), on a
+/// migrated SQLite file (check fails a database that `migrate` has not prepared):
 /// the exit code, stdout and stderr.
 async fn check(vars: Vec<(&'static str, String)>) -> (Option<i32>, String, String) {
     let out = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap();
+        let migrated = output(edgegate(dir.path(), &[]).arg("migrate"));
+        assert!(migrated.status.success(), "{migrated:?}");
         let vars: Vec<(&str, &str)> = vars.iter().map(|(n, v)| (*n, v.as_str())).collect();
         output(edgegate(dir.path(), &vars).arg("check"))
     })
