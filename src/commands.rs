@@ -313,6 +313,18 @@ pub fn default_health_url(config: &Config) -> String {
     format!("{scheme}://{address}/healthz")
 }
 
+/// The URL `edgegate healthcheck URL` probes: a base URL (no path, or `/`) at `/healthz`, any
+/// other URL as given.
+pub fn health_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.has_host() && matches!(parsed.path(), "" | "/") => {
+            parsed.set_path("/healthz");
+            parsed.into()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// `edgegate healthcheck [URL]`: Ok when the URL answers 200 within 5 s.
 pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()

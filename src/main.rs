@@ -46,7 +46,8 @@ enum Command {
     },
     /// Exit 0 when /healthz answers 200 (for images without curl).
     Healthcheck {
-        /// The URL to probe; defaults to this instance on loopback.
+        /// An instance's base URL (its /healthz is probed) or a full URL to probe; defaults to
+        /// this instance on loopback.
         url: Option<String>,
     },
     /// Print the OpenAPI 3.1 document (the same as GET /openapi.json).
@@ -435,7 +436,10 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
         Command::Openapi => print_openapi(),
         Command::Healthcheck { url } => {
             let loopback_default = url.is_none();
-            let url = url.unwrap_or_else(|| commands::default_health_url(&config));
+            let url = url.map_or_else(
+                || commands::default_health_url(&config),
+                |url| commands::health_url(&url),
+            );
             match commands::healthcheck(&url, loopback_default).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

@@ -275,6 +275,19 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
             .arg(format!("http://127.0.0.1:{port}/nope")),
     );
     assert_eq!(out.status.code(), Some(1), "a 404 is not healthy");
+    // A base URL is probed at /healthz, as the contract says.
+    for base in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{port}/"),
+    ] {
+        let out = output(edgegate(dir.path(), &[]).arg("healthcheck").arg(&base));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{base}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
