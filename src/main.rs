@@ -82,17 +82,17 @@ Examples:
     },
     /// Who still uses which key: legacy usage by kind, route and client, with hourly bars.
     #[command(after_help = "\
-Reads GET /admin/signing-keys of a running edgegate when --url is given, with the sb_secret_
-key in EDGEGATE_SECRET_KEY (from the environment or .env, never the command line); else reads
-the database DATABASE_URL names (flushed counts only: each instance writes its counts every
-60 s). From the database, the verdict's window is this environment's
-LEGACY_REVOCATION_WINDOW_SECONDS (default 24 h): set it as the servers have it.
+Reads GET /admin/signing-keys of a running edgegate when --url is given (https://, or http://
+on loopback only), with the sb_secret_ key in EDGEGATE_SECRET_KEY (from the environment or .env,
+never the command line); else reads the database DATABASE_URL names (flushed counts only: each
+instance writes its counts every 60 s). From the database, the verdict's window is this
+environment's LEGACY_REVOCATION_WINDOW_SECONDS (default 24 h): set it as the servers have it.
 
 Examples:
   EDGEGATE_SECRET_KEY=sb_secret_... edgegate keys report --url https://my-edgegate.fly.dev
   DATABASE_URL=postgres://... edgegate keys report --window 7d")]
     Report {
-        /// A running edgegate to ask, e.g. https://my-edgegate.fly.dev.
+        /// A running edgegate to ask, e.g. https://my-edgegate.fly.dev (a path is kept).
         #[arg(long)]
         url: Option<String>,
         /// The span of the usage: 24h, 90m, 7d (at most 30d); default: the revocation window.
@@ -368,6 +368,13 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 },
         } => {
             let now_ms = now_ms.unwrap_or_else(|| Clock::system().now_ms());
+            let url = match url.as_deref().map(edgegate::config::report_url).transpose() {
+                Ok(url) => url,
+                Err(err) => {
+                    eprintln!("edgegate: invalid configuration: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             let view = match (url, secret_key) {
                 (Some(url), Some(key)) => {
                     let key = secrecy::SecretString::from(key);

@@ -25,16 +25,18 @@ pub fn parse_window(text: &str) -> Result<Duration, String> {
     Ok(window)
 }
 
-/// The report as a running edgegate answers it (`GET /admin/signing-keys`).
+/// The report as a running edgegate answers it (`GET /admin/signing-keys` under `base`, a URL
+/// [`crate::config::report_url`] accepted: a path in it, a proxy's prefix, is kept).
 pub async fn from_api(
-    url: &str,
+    base: &url::Url,
     secret_key: &SecretString,
     window: Option<Duration>,
 ) -> anyhow::Result<ReportView> {
-    let mut endpoint = url::Url::parse(url)
-        .with_context(|| format!("--url {url:?} is not a URL"))?
-        .join("/admin/signing-keys")
-        .context("--url cannot be joined with /admin/signing-keys")?;
+    let mut endpoint = base.clone();
+    endpoint.set_path(&format!(
+        "{}/admin/signing-keys",
+        base.path().trim_end_matches('/')
+    ));
     if let Some(window) = window {
         endpoint
             .query_pairs_mut()

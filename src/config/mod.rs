@@ -391,6 +391,15 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     }
 }
 
+/// `keys report --url`: a running edgegate's URL, by the rule of `SUPABASE_JWKS_URL`
+/// (`https://`, or `http://` on loopback only): the `sb_secret_` key goes with the request.
+pub fn report_url(text: &str) -> Result<Url, ConfigError> {
+    const NAME: &str = "--url";
+    let vars = Vars::new(|name: &str| (name == NAME).then(|| text.to_owned()));
+    vars.url(NAME, parse::UrlRule::HttpsOrLoopback)?
+        .ok_or_else(|| ConfigError::new(NAME, "must be an absolute http(s) URL"))
+}
+
 /// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
 #[derive(Clone)]
 pub struct Redacted<T>(pub T);

@@ -551,3 +551,33 @@ fn check_and_report_do_not_create_a_missing_sqlite_file() {
     );
     assert!(database.contains("migrate"), "{database}");
 }
+
+/// `keys report --url` sends the secret key over plain http to loopback only (exit 2 naming
+/// --url otherwise), and keeps the path of a URL behind a prefix.
+#[test]
+fn keys_report_refuses_plain_http_off_loopback_and_keeps_a_path_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let vars = [("EDGEGATE_SECRET_KEY", key)];
+    let out =
+        output(edgegate(dir.path(), &vars).args(["keys", "report", "--url", "http://203.0.113.7"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--url"), "{stderr}");
+    assert!(!stderr.contains(key), "{stderr}");
+
+    // Nothing listens there: the error names the endpoint that was asked.
+    let port = free_port();
+    for url in [
+        format!("http://127.0.0.1:{port}/edge"),
+        format!("http://127.0.0.1:{port}/edge/"),
+    ] {
+        let out = output(edgegate(dir.path(), &vars).args(["keys", "report", "--url", &url]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("127.0.0.1:{port}/edge/admin/signing-keys ")),
+            "{url}: {stderr}"
+        );
+    }
+}
