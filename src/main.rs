@@ -1,5 +1,7 @@
 //! The `edgegate` command line. Everything it runs lives in the library.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -257,8 +259,26 @@ fn main() -> ExitCode {
 }
 
 fn print_openapi() -> ExitCode {
-    print!("{}", commands::openapi_document());
-    ExitCode::SUCCESS
+    write_stdout(commands::openapi_document(), ExitCode::SUCCESS)
+}
+
+/// Writes `text` to stdout, then exits with `code`. A reader that stopped early (`edgegate
+/// openapi | head -c 10`) ends the output, not the command: Rust ignores SIGPIPE, so writing to
+/// a closed pipe is an error, which `print!` turns into a panic (exit 101). Restoring SIGPIPE's
+/// default action instead would kill `serve` on a write to a socket or pipe whose reader went.
+fn write_stdout(text: impl AsRef<[u8]>, code: ExitCode) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_ref())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => code,
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(err) => {
+            eprintln!("edgegate: cannot write to stdout: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn execute(command: Command, mut config: Config) -> ExitCode {
@@ -322,10 +342,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             ExitCode::from(2)
         }
         Command::Migrate => match commands::migrate(&config).await {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
+            Ok(summary) => write_stdout(format!("{summary}\n"), ExitCode::SUCCESS),
             Err(err) => {
                 eprintln!(
                     "edgegate: migration failed: {}",
@@ -336,28 +353,34 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
         },
         Command::Check => {
             let lines = commands::check(&config).await;
+            let mut printed = String::new();
             for line in &lines {
                 let mark = if line.ok { "ok  " } else { "FAIL" };
-                println!("{mark} {:<14} {}", line.item, line.detail);
+                let _ = writeln!(printed, "{mark} {:<14} {}", line.item, line.detail);
             }
-            if lines.iter().all(|line| line.ok) {
+            let code = if lines.iter().all(|line| line.ok) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
-            }
+            };
+            write_stdout(&printed, code)
         }
         Command::Keys {
             command: KeysCommand::Generate { alg, output },
-        } => match commands::keys::generate(alg.into(), output.into(), &mut std::io::stdout()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!(
-                    "edgegate: cannot generate a key: {}",
-                    edgegate::error::causes(&err)
-                );
-                ExitCode::FAILURE
+        } => {
+            // Whole, then written: a closed stdout is then one place's concern.
+            let mut printed = Vec::new();
+            match commands::keys::generate(alg.into(), output.into(), &mut printed) {
+                Ok(()) => write_stdout(&printed, ExitCode::SUCCESS),
+                Err(err) => {
+                    eprintln!(
+                        "edgegate: cannot generate a key: {}",
+                        edgegate::error::causes(&err)
+                    );
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Keys {
             command:
                 KeysCommand::Report {
@@ -390,8 +413,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             };
             match view {
                 Ok(view) => {
-                    print!("{}", commands::report::render(&view, now_ms));
-                    ExitCode::SUCCESS
+                    write_stdout(commands::report::render(&view, now_ms), ExitCode::SUCCESS)
                 }
                 Err(err) => {
                     eprintln!(
@@ -427,10 +449,7 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 return ExitCode::from(2);
             }
             match commands::token::mint(&config, &options, Clock::system().unix_now()) {
-                Ok(token) => {
-                    println!("{token}");
-                    ExitCode::SUCCESS
-                }
+                Ok(token) => write_stdout(format!("{token}\n"), ExitCode::SUCCESS),
                 Err(err) => {
                     eprintln!(
                         "edgegate: cannot mint a token: {}",

@@ -581,3 +581,24 @@ fn keys_report_refuses_plain_http_off_loopback_and_keeps_a_path_prefix() {
         );
     }
 }
+
+/// A reader that stops early (`| head`) ends the output, not the process with a panic: the
+/// command exits as it would have.
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = output(edgegate(dir.path(), &[]).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    for (args, code) in [
+        (vec!["openapi"], 0),
+        (vec!["check"], 0),
+        (vec!["keys", "generate", "--alg", "ES256"], 0),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = output(edgegate(dir.path(), &[]).args(&args).stdout(writer));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
