@@ -131,67 +131,41 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     lines
 }
 
-/// The open-file rule `serve` applies before it listens (`server::raise_file_limit`), on the
-/// limit `serve` would raise itself to (the hard limit), leaving this process's limit alone: a
-/// cap left at its default is lowered to fit, one set by `HTTP_MAX_CONNECTIONS` that does not
-/// fit stops `serve` (exit 2), so it fails here.
+/// The open-file rule `serve` applies before it listens (`server::fit_connections`), on the
+/// limit `serve` would raise itself to, leaving this process's limit alone: a cap set by
+/// `HTTP_MAX_CONNECTIONS` that does not fit stops `serve` (exit 2), so it fails here.
 fn connections_line(config: &Config) -> CheckLine {
-    use crate::server::RESERVED_FILES;
+    use crate::server::{Fit, RESERVED_FILES, fit_connections, serve_file_limit};
     let limits = &config.connections;
-    let needed = (limits.max_connections as u64).saturating_add(RESERVED_FILES);
-    let (ok, detail) = match open_file_limit_for_serve() {
-        Some(limit) if limit < needed && !limits.max_connections_set && limit > RESERVED_FILES => (
+    let limit = serve_file_limit();
+    let limit_text = limit.map_or_else(
+        || "no open-file limit".to_owned(),
+        |limit| format!("open-file limit {limit}"),
+    );
+    let (ok, detail) = match fit_connections(limits, limit) {
+        Ok(Fit::Holds) => (
             true,
             format!(
-                "at most {} open connections, not the default {}: the open-file limit \
-                 (RLIMIT_NOFILE) of {limit} keeps {RESERVED_FILES} files for the database and \
-                 outbound clients (raise it with ulimit -n, or set HTTP_MAX_CONNECTIONS)",
-                limit - RESERVED_FILES,
+                "at most {} open connections; {limit_text}",
                 limits.max_connections
             ),
         ),
-        Some(limit) if limit < needed => (
-            false,
-            format!(
-                "HTTP_MAX_CONNECTIONS must be at most {} under the open-file limit \
-                 (RLIMIT_NOFILE) of {limit}, which also keeps {RESERVED_FILES} files for the \
-                 database and outbound clients: serve stops (exit 2); lower \
-                 HTTP_MAX_CONNECTIONS or raise the limit (ulimit -n)",
-                limit.saturating_sub(RESERVED_FILES)
-            ),
-        ),
-        Some(limit) => (
+        Ok(Fit::Lowered(fits)) => (
             true,
             format!(
-                "at most {} open connections; open-file limit {limit}",
+                "at most {fits} open connections, not the default {}: the {limit_text} keeps \
+                 {RESERVED_FILES} files for the database and outbound clients (raise it with \
+                 ulimit -n, or set HTTP_MAX_CONNECTIONS)",
                 limits.max_connections
             ),
         ),
-        None => (
-            true,
-            format!(
-                "at most {} open connections; no open-file limit",
-                limits.max_connections
-            ),
-        ),
+        Err(err) => (false, format!("{err}; serve stops (exit 2)")),
     };
     CheckLine {
         item: "connections",
         ok,
         detail,
     }
-}
-
-/// The open-file limit `serve` runs under: it raises the soft limit to the hard one. `None`:
-/// unlimited, or not known.
-#[cfg(unix)]
-fn open_file_limit_for_serve() -> Option<u64> {
-    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
-}
-
-#[cfg(not(unix))]
-fn open_file_limit_for_serve() -> Option<u64> {
-    None
 }
 
 /// An error when `url` names a SQLite file that is not there. `check` and `keys report` read a

@@ -6,25 +6,26 @@ use crate::config::{ConfigError, ConnectionLimits};
 /// HTTP (JWKS, Stripe, Twilio, OTLP), the runtime's own descriptors, logs and the TLS files.
 pub const RESERVED_FILES: u64 = 128;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, then checks that the connection cap plus
-/// [`RESERVED_FILES`] fit under it: a cap left at its default is lowered to fit (with a
-/// warning: nothing is required to start), one set by `HTTP_MAX_CONNECTIONS` that does not fit
-/// is a configuration error. Returns the limit now in force.
-pub fn raise_file_limit(limits: &mut ConnectionLimits) -> Result<u64, ConfigError> {
-    let limit = raise_soft_limit();
+/// What an open-file limit leaves of the connection cap.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// The cap and [`RESERVED_FILES`] fit under the limit (or there is none).
+    Holds,
+    /// The default cap does not fit: this many connections do.
+    Lowered(usize),
+}
+
+/// The rule `serve` applies to its connection cap under the open-file `limit` (`None`: none
+/// known): the cap plus [`RESERVED_FILES`] must fit; a cap left at its default is lowered to
+/// fit (nothing is required to start), one set by `HTTP_MAX_CONNECTIONS` that does not fit is a
+/// configuration error. `edgegate check` applies it too.
+pub fn fit_connections(limits: &ConnectionLimits, limit: Option<u64>) -> Result<Fit, ConfigError> {
     let needed = (limits.max_connections as u64).saturating_add(RESERVED_FILES);
     match limit {
         Some(limit) if limit < needed && !limits.max_connections_set && limit > RESERVED_FILES => {
-            let fits = usize::try_from(limit - RESERVED_FILES).unwrap_or(usize::MAX);
-            tracing::warn!(
-                "the open-file limit (RLIMIT_NOFILE) of {limit} holds {fits} connections, not \
-                 the default {}, with {RESERVED_FILES} files kept for the database and outbound \
-                 clients: serving at most {fits} (raise the limit with ulimit -n, or set \
-                 HTTP_MAX_CONNECTIONS)",
-                limits.max_connections
-            );
-            limits.max_connections = fits;
-            Ok(limit)
+            Ok(Fit::Lowered(
+                usize::try_from(limit - RESERVED_FILES).unwrap_or(usize::MAX),
+            ))
         }
         Some(limit) if limit < needed => Err(ConfigError::new(
             "HTTP_MAX_CONNECTIONS",
@@ -35,10 +36,39 @@ pub fn raise_file_limit(limits: &mut ConnectionLimits) -> Result<u64, ConfigErro
                 limit.saturating_sub(RESERVED_FILES)
             ),
         )),
-        Some(limit) => Ok(limit),
-        // No limit known (or none at all): nothing to check against.
-        None => Ok(u64::MAX),
+        _ => Ok(Fit::Holds),
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, then applies [`fit_connections`]: a
+/// default cap that does not fit is lowered, with a warning. Returns the limit now in force.
+pub fn raise_file_limit(limits: &mut ConnectionLimits) -> Result<u64, ConfigError> {
+    let limit = raise_soft_limit();
+    if let Fit::Lowered(fits) = fit_connections(limits, limit)? {
+        tracing::warn!(
+            "the open-file limit (RLIMIT_NOFILE) of {} holds {fits} connections, not the \
+             default {}, with {RESERVED_FILES} files kept for the database and outbound \
+             clients: serving at most {fits} (raise the limit with ulimit -n, or set \
+             HTTP_MAX_CONNECTIONS)",
+            limit.unwrap_or(u64::MAX),
+            limits.max_connections
+        );
+        limits.max_connections = fits;
+    }
+    // No limit known (or none at all): nothing to check against.
+    Ok(limit.unwrap_or(u64::MAX))
+}
+
+/// The open-file limit `serve` would run under (it raises the soft limit to the hard one), read
+/// without changing anything. `None`: unlimited, or not known.
+#[cfg(unix)]
+pub fn serve_file_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
+}
+
+#[cfg(not(unix))]
+pub fn serve_file_limit() -> Option<u64> {
+    None
 }
 
 #[cfg(unix)]

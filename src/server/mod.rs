@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 pub use crate::config::ConnectionLimits;
-pub use files::{RESERVED_FILES, raise_file_limit};
+pub use files::{Fit, RESERVED_FILES, fit_connections, raise_file_limit, serve_file_limit};
 pub use tls::load_tls;
 
 use conn::{ConnState, TimedIo, Tracked};
