@@ -559,8 +559,9 @@ fn keys_report_refuses_plain_http_off_loopback_and_keeps_a_path_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let key = "sb_secret_0123456789abcdefghijklmn";
     let vars = [("EDGEGATE_SECRET_KEY", key)];
+    // Not loopback, yet nothing leaves this host were it ever used: 0.0.0.0 connects locally.
     let out =
-        output(edgegate(dir.path(), &vars).args(["keys", "report", "--url", "http://203.0.113.7"]));
+        output(edgegate(dir.path(), &vars).args(["keys", "report", "--url", "http://0.0.0.0:1"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--url"), "{stderr}");
