@@ -141,8 +141,9 @@ impl StripeClient {
         })
     }
 
-    /// One page of `/v1/{resource}` (every object, active or not), after `starting_after`,
-    /// narrowed by `filters` (such as `created[gte]`).
+    /// One page of `/v1/{resource}` after `starting_after`, narrowed by `filters` (such as
+    /// `created[gte]`). What no filter lists is Stripe's choice: `/v1/prices` lists active
+    /// prices only, `/v1/products` every product.
     pub async fn list_page<T: DeserializeOwned>(
         &self,
         resource: &str,

@@ -1,6 +1,9 @@
 //! The catalogue sync: every product and price, active or not, listed page by page and written
 //! page by page (one transaction each); after a *complete* listing, rows Stripe no longer returns
 //! are deactivated. One sync at a time across all instances (`Job::CatalogueSync`).
+//!
+//! Stripe's product list holds archived products too, but its price list holds only active
+//! prices unless asked for `active=false`: prices are listed twice, active then archived.
 
 use std::time::Duration;
 
@@ -165,6 +168,8 @@ async fn run_locked(
 /// A listed resource the sync writes: how it is listed, stored and counted.
 trait Catalogued: DeserializeOwned + Listed {
     const RESOURCE: &'static str;
+    /// The listings that together return every object, each as its filters.
+    const LISTINGS: &'static [&'static [(&'static str, &'static str)]];
     type Row: Sync;
     fn to_row(&self, as_of: i64) -> Self::Row;
     fn write(
@@ -178,6 +183,8 @@ trait Catalogued: DeserializeOwned + Listed {
 
 impl Catalogued for Product {
     const RESOURCE: &'static str = "products";
+    /// Active and archived alike.
+    const LISTINGS: &'static [&'static [(&'static str, &'static str)]] = &[&[]];
     type Row = ProductRow;
     fn to_row(&self, as_of: i64) -> ProductRow {
         self.row(as_of, None)
@@ -196,6 +203,10 @@ impl Catalogued for Product {
 
 impl Catalogued for Price {
     const RESOURCE: &'static str = "prices";
+    /// Without `active`, Stripe lists active prices only; archived ones are still in use by
+    /// subscriptions and must not look deleted.
+    const LISTINGS: &'static [&'static [(&'static str, &'static str)]] =
+        &[&[("active", "true")], &[("active", "false")]];
     type Row = PriceRow;
     fn to_row(&self, as_of: i64) -> PriceRow {
         self.row(as_of, None)
@@ -231,7 +242,7 @@ async fn walk(
     Ok(())
 }
 
-/// Every page of one resource, each written in its own transaction as soon as it arrives. A
+/// Every page of one resource (of each of its listings), each written in its own transaction as soon as it arrives. A
 /// Stripe failure (after the client's retries) stops the walk as an upstream error.
 async fn walk_resource<T: Catalogued>(
     store: &Store,
@@ -241,19 +252,25 @@ async fn walk_resource<T: Catalogued>(
     run_id: &str,
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
-    let mut pages = Pages::<T>::new(client, T::RESOURCE);
-    loop {
-        let asked_at = clock.now_ms();
-        let Some(page) = pages.next().await.map_err(Stop::Upstream)? else {
-            break;
-        };
-        let as_of = page_as_of(asked_at);
-        let rows: Vec<T::Row> = page.iter().map(|object| object.to_row(as_of)).collect();
-        let upserted = count(T::write(store, &rows, clock.now_ms()).await?);
-        let (seen, written) = T::counters(counts);
-        *seen += len(&rows);
-        *written += upserted;
-        checkpoint(store, clock, lock, run_id, counts).await?;
+    for filters in T::LISTINGS {
+        let filters = filters
+            .iter()
+            .map(|(name, value)| (*name, (*value).to_owned()))
+            .collect();
+        let mut pages = Pages::<T>::filtered(client, T::RESOURCE, filters);
+        loop {
+            let asked_at = clock.now_ms();
+            let Some(page) = pages.next().await.map_err(Stop::Upstream)? else {
+                break;
+            };
+            let as_of = page_as_of(asked_at);
+            let rows: Vec<T::Row> = page.iter().map(|object| object.to_row(as_of)).collect();
+            let upserted = count(T::write(store, &rows, clock.now_ms()).await?);
+            let (seen, written) = T::counters(counts);
+            *seen += len(&rows);
+            *written += upserted;
+            checkpoint(store, clock, lock, run_id, counts).await?;
+        }
     }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! A stand-in for the Stripe API: list endpoints paged exactly as Stripe pages them, built from
 //! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
 //! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held).
-//! `/v1/events` lists newest first and takes `created[gte]`; single products and prices can be
-//! fetched (`GET /v1/products/{id}`), with faults of their own.
+//! `/v1/events` lists newest first and takes `created[gte]`; `/v1/prices` lists only active
+//! prices unless `active=false` is given, `/v1/products` every product unless `active` is given,
+//! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
+//! faults of their own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -295,7 +297,12 @@ async fn list_products(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    list(shared, headers, query, "/v1/products", |c| &c.products).await
+    let listing = Listing {
+        url: "/v1/products",
+        objects: |c| &c.products,
+        active_by_default: None,
+    };
+    list(shared, headers, query, listing).await
 }
 
 async fn list_prices(
@@ -303,7 +310,13 @@ async fn list_prices(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    list(shared, headers, query, "/v1/prices", |c| &c.prices).await
+    // "Returns a list of your active prices… For the list of inactive prices, set active to false."
+    let listing = Listing {
+        url: "/v1/prices",
+        objects: |c| &c.prices,
+        active_by_default: Some(true),
+    };
+    list(shared, headers, query, listing).await
 }
 
 async fn list_events(
@@ -311,7 +324,12 @@ async fn list_events(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    list(shared, headers, query, "/v1/events", |c| &c.events).await
+    let listing = Listing {
+        url: "/v1/events",
+        objects: |c| &c.events,
+        active_by_default: None,
+    };
+    list(shared, headers, query, listing).await
 }
 
 async fn retrieve_product(
@@ -398,15 +416,28 @@ async fn balance(headers: HeaderMap) -> Response {
         .into_response()
 }
 
-/// One page as Stripe answers it: `limit` (default 10, 1 to 100), objects after
-/// `starting_after` (400 when that id is unknown), `has_more` when any are left.
+/// One list endpoint: where it is, what it lists, and which `active` it lists without the
+/// parameter (`None`: every object).
+struct Listing {
+    url: &'static str,
+    objects: fn(&Catalogue) -> &Vec<Value>,
+    active_by_default: Option<bool>,
+}
+
+/// One page as Stripe answers it: `limit` (default 10, 1 to 100), `active` (`true` or `false`),
+/// objects after `starting_after` (400 when that id is not in the list), `has_more` when any are
+/// left.
 async fn list(
     shared: Arc<Shared>,
     headers: HeaderMap,
     query: HashMap<String, String>,
-    url: &str,
-    objects: fn(&Catalogue) -> &Vec<Value>,
+    listing: Listing,
 ) -> Response {
+    let Listing {
+        url,
+        objects,
+        active_by_default,
+    } = listing;
     let number = shared.requests.fetch_add(1, Ordering::SeqCst);
     shared
         .limits
@@ -441,11 +472,19 @@ async fn list(
             return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
         }
     };
+    let active = match query.get("active").map(|a| a.parse::<bool>()) {
+        None => active_by_default,
+        Some(Ok(active)) => Some(active),
+        Some(Err(_)) => {
+            return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
+        }
+    };
     let body = {
         let catalogue = shared.catalogue.lock().unwrap();
         let all: Vec<&Value> = objects(&catalogue)
             .iter()
             .filter(|o| since.is_none_or(|since| o["created"].as_i64() >= Some(since)))
+            .filter(|o| active.is_none_or(|active| o["active"].as_bool() == Some(active)))
             .collect();
         let start = match query.get("starting_after") {
             None => 0,

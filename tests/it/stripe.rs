@@ -216,6 +216,32 @@ async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
     assert_eq!(count(&db, &back).await, 1);
 }
 
+/// Stripe lists only active prices unless asked for inactive ones; an archived price is still
+/// one that subscriptions use, and must be synced, never marked deleted.
+#[tokio::test]
+async fn sync_keeps_archived_prices_and_never_marks_them_deleted() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    // Prices 0, 5, 10 and 15 are archived (inactive).
+    let fake = FakeStripe::start(&fixtures, 6, 18).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let archived = "SELECT COUNT(*) FROM stripe_prices WHERE active = FALSE \
+                    AND deactivated_at IS NULL";
+    let deleted = "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL";
+
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices"), (18, 18, 0));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_prices").await, 18);
+    assert_eq!(count(&db, archived).await, 4);
+
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices"), (18, 0, 0));
+    assert_eq!(count(&db, archived).await, 4);
+    assert_eq!(count(&db, deleted).await, 0);
+}
+
 #[tokio::test]
 async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partial_run() {
     let fixtures = stripe_fixtures!();
@@ -224,16 +250,17 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     let app = sync_app(&db, &fake, fast_retry()).await;
     let (status, _) = sync(&app.server).await;
     assert_eq!(status, 200);
-    assert_eq!(fake.requests(), 4);
+    // Products in three pages, then active prices and archived prices in one page each.
+    assert_eq!(fake.requests(), 5);
 
     fake.remove_product(&product_id(5));
     // The third page of products fails on every attempt.
-    fake.fault_from(6, Fault::ServerError(None));
+    fake.fault_from(7, Fault::ServerError(None));
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
     assert!(!body["message"].as_str().unwrap().contains(SECRET_KEY));
-    assert_eq!(fake.requests(), 4 + 2 + 3, "two pages, then three attempts");
+    assert_eq!(fake.requests(), 5 + 2 + 3, "two pages, then three attempts");
 
     assert_eq!(
         count(
@@ -285,7 +312,8 @@ async fn sync_retries_429_500_slow_and_truncated_pages() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(counts(&body, "products"), (150, 150, 0));
     assert_eq!(counts(&body, "prices"), (10, 10, 0));
-    assert_eq!(fake.requests(), 4 + 3);
+    // Two pages of products, one of active and one of archived prices, and the retries.
+    assert_eq!(fake.requests(), 4 + 4);
 }
 
 #[tokio::test]
@@ -306,13 +334,13 @@ async fn sync_follows_stripe_should_retry() {
     fake.fault_at(1, Fault::BadRequest(Some(true)));
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(fake.requests(), 1 + 3);
+    assert_eq!(fake.requests(), 1 + 4);
 
     // Without the header a 400 is final.
-    fake.fault_at(4, Fault::BadRequest(None));
+    fake.fault_at(5, Fault::BadRequest(None));
     let (status, _) = sync(&app.server).await;
     assert_eq!(status, 502);
-    assert_eq!(fake.requests(), 5);
+    assert_eq!(fake.requests(), 6);
 }
 
 #[tokio::test]
