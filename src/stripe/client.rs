@@ -67,6 +67,10 @@ pub enum StripeError {
     /// 404: the object does not exist (any more).
     #[error("Stripe has no such object: {0}")]
     NotFound(String),
+    /// 400 on `starting_after`: the object a listing was to continue after is gone (deleted, or
+    /// no longer matching the list's filter, since the page before). Starting over works.
+    #[error("Stripe no longer lists the object a page was to start after: {0}")]
+    CursorGone(String),
 }
 
 /// One list page as Stripe answers it.
@@ -92,6 +96,8 @@ struct ErrorDetail {
     #[serde(rename = "type")]
     kind: Option<String>,
     code: Option<String>,
+    /// The request parameter the error is about.
+    param: Option<String>,
 }
 
 /// What went wrong with one attempt, and whether another may succeed.
@@ -99,6 +105,8 @@ struct AttemptFailure {
     retry: bool,
     /// A 404 that no `Stripe-Should-Retry` asked to retry.
     missing: bool,
+    /// A 400 about `starting_after` that no `Stripe-Should-Retry` asked to retry.
+    cursor_gone: bool,
     reason: String,
 }
 
@@ -206,6 +214,7 @@ impl StripeClient {
                     Err(_) => AttemptFailure {
                         retry: true,
                         missing: false,
+                        cursor_gone: false,
                         reason: format!(
                             "no answer within {} ms",
                             self.policy.attempt_timeout.as_millis()
@@ -214,6 +223,9 @@ impl StripeClient {
                 };
             if failure.missing {
                 return Err(StripeError::NotFound(failure.reason));
+            }
+            if failure.cursor_gone {
+                return Err(StripeError::CursorGone(failure.reason));
             }
             if !failure.retry {
                 return Err(StripeError::Rejected(failure.reason));
@@ -246,6 +258,7 @@ impl StripeClient {
             .map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
+                cursor_gone: false,
                 reason: format!("connection failed: {}", err.without_url()),
             })?;
         let status = response.status();
@@ -258,23 +271,29 @@ impl StripeClient {
         let body = response.bytes().await.map_err(|err| AttemptFailure {
             retry: true,
             missing: false,
+            cursor_gone: false,
             reason: format!("answer cut short: {}", err.without_url()),
         })?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| AttemptFailure {
                 retry: true,
                 missing: false,
+                cursor_gone: false,
                 reason: format!("unreadable answer ({status}): {err}"),
             });
         }
-        let detail = serde_json::from_slice::<ErrorBody>(&body)
-            .ok()
+        let error = serde_json::from_slice::<ErrorBody>(&body).ok();
+        let param = error.as_ref().and_then(|body| body.error.param.clone());
+        let detail = error
             .map(|body| {
                 let kind = body.error.kind.unwrap_or_default();
-                match body.error.code {
-                    Some(code) => format!(" {kind}/{code}"),
-                    None => format!(" {kind}"),
-                }
+                let code = body.error.code.map(|code| format!("/{code}"));
+                let param = body.error.param.map(|param| format!(" on {param}"));
+                format!(
+                    " {kind}{}{}",
+                    code.unwrap_or_default(),
+                    param.unwrap_or_default()
+                )
             })
             .unwrap_or_default();
         let transient =
@@ -283,6 +302,9 @@ impl StripeClient {
         Err(AttemptFailure {
             retry,
             missing: status.as_u16() == 404 && !retry,
+            cursor_gone: status.as_u16() == 400
+                && !retry
+                && param.as_deref() == Some("starting_after"),
             reason: format!("HTTP {}{detail}", status.as_u16()),
         })
     }

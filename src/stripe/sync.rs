@@ -19,6 +19,10 @@ use crate::stripe::objects::{Price, Product};
 /// How long a SQLite lock row lives without renewal (renewed after every page).
 const LOCK_TTL: Duration = Duration::from_secs(300);
 
+/// How many times one resource's listing starts over after the object it was to continue after
+/// vanished, before the sync fails as for any refused request.
+const MAX_RESTARTS: u32 = 3;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ResourceCounts {
     pub seen: i64,
@@ -233,24 +237,81 @@ async fn walk(
     started_at: i64,
     counts: &mut SyncCounts,
 ) -> Result<(), Stop> {
-    walk_resource::<Product>(store, client, clock, lock, run_id, counts).await?;
-    walk_resource::<Price>(store, client, clock, lock, run_id, counts).await?;
+    let products = walk_resource::<Product>(store, client, clock, lock, run_id, started_at, counts);
+    let products_since = products.await?;
+    let prices = walk_resource::<Price>(store, client, clock, lock, run_id, started_at, counts);
+    let prices_since = prices.await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
-    let (products, prices) = store.deactivate_unseen(started_at, clock.now_ms()).await?;
+    let (products, prices) = store
+        .deactivate_unseen(products_since, prices_since, clock.now_ms())
+        .await?;
     counts.products_deactivated = count(products);
     counts.prices_deactivated = count(prices);
     Ok(())
 }
 
-/// Every page of one resource (of each of its listings), each written in its own transaction as soon as it arrives. A
-/// Stripe failure (after the client's retries) stops the walk as an upstream error.
+/// Every page of one resource (of each of its listings), each written in its own transaction as
+/// soon as it arrives. A Stripe failure (after the client's retries) stops the walk as an upstream
+/// error, except a vanished cursor object: then the resource is listed again from its first page
+/// (writes are idempotent), at most `MAX_RESTARTS` times. Returns the time from which the
+/// complete listing stamped what it saw: rows of the resource stamped before it were not listed.
 async fn walk_resource<T: Catalogued>(
     store: &Store,
     client: &StripeClient,
     clock: &Clock,
     lock: &mut SyncLock,
     run_id: &str,
+    started_at: i64,
     counts: &mut SyncCounts,
+) -> Result<i64, Stop> {
+    let mut since = started_at;
+    let mut stamped = started_at;
+    let mut restarts = 0;
+    loop {
+        let before = *counts;
+        let walked = list_resource::<T>(
+            store,
+            client,
+            clock,
+            lock,
+            run_id,
+            counts,
+            since,
+            &mut stamped,
+        );
+        match walked.await {
+            Err(Stop::Upstream(StripeError::CursorGone(reason))) if restarts < MAX_RESTARTS => {
+                restarts += 1;
+                tracing::warn!(
+                    resource = T::RESOURCE,
+                    restarts,
+                    reason,
+                    "a Stripe listing's cursor object vanished; listing it again from the start"
+                );
+                // Seen counts each object once; what was written stays written.
+                let mut earlier = before;
+                *T::counters(counts).0 = *T::counters(&mut earlier).0;
+                // Strictly after every stamp of the abandoned pass, so what only it saw (the
+                // vanished object) counts as unseen.
+                since = clock.now_ms().max(stamped + 1);
+            }
+            walked => return walked.map(|()| since),
+        }
+    }
+}
+
+/// One pass through every listing of a resource; rows are stamped no earlier than `since`, and
+/// `stamped` keeps the latest stamp written.
+#[allow(clippy::too_many_arguments)]
+async fn list_resource<T: Catalogued>(
+    store: &Store,
+    client: &StripeClient,
+    clock: &Clock,
+    lock: &mut SyncLock,
+    run_id: &str,
+    counts: &mut SyncCounts,
+    since: i64,
+    stamped: &mut i64,
 ) -> Result<(), Stop> {
     for filters in T::LISTINGS {
         let filters = filters
@@ -265,7 +326,9 @@ async fn walk_resource<T: Catalogued>(
             };
             let as_of = page_as_of(asked_at);
             let rows: Vec<T::Row> = page.iter().map(|object| object.to_row(as_of)).collect();
-            let upserted = count(T::write(store, &rows, clock.now_ms()).await?);
+            let now = clock.now_ms().max(since);
+            let upserted = count(T::write(store, &rows, now).await?);
+            *stamped = (*stamped).max(now);
             let (seen, written) = T::counters(counts);
             *seen += len(&rows);
             *written += upserted;

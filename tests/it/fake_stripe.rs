@@ -106,6 +106,9 @@ pub enum Fault {
     Truncated,
     /// Waits until the test calls `release` (the test can wait for `arrived`).
     Hold,
+    /// A request with `starting_after` gets Stripe's 400 for a cursor object that is gone (as if
+    /// it had been deleted since the page before); one without it, its normal answer.
+    CursorGone,
 }
 
 #[derive(Default)]
@@ -404,7 +407,7 @@ async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response>
             shared.release.acquire().await.unwrap().forget();
             None
         }
-        Some(Fault::Truncated) | None => None,
+        Some(Fault::Truncated | Fault::CursorGone) | None => None,
     }
 }
 
@@ -414,6 +417,18 @@ async fn balance(headers: HeaderMap) -> Response {
     }
     axum::Json(json!({"object": "balance", "available": [], "pending": [], "livemode": false}))
         .into_response()
+}
+
+/// Stripe's answer to a `starting_after` that names no object of the list (deleted, or no
+/// longer matching the list's filter).
+fn cursor_missing(url: &str, after: &str) -> Response {
+    let kind = url
+        .trim_start_matches("/v1/")
+        .trim_end_matches('s')
+        .to_owned();
+    let body = json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+        "param": "starting_after", "message": format!("No such {kind}: '{after}'")}});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 /// One list endpoint: where it is, what it lists, and which `active` it lists without the
@@ -488,11 +503,12 @@ async fn list(
             .collect();
         let start = match query.get("starting_after") {
             None => 0,
+            Some(after) if matches!(fault, Some(Fault::CursorGone)) => {
+                return cursor_missing(url, after);
+            }
             Some(after) => match all.iter().position(|o| o["id"] == *after) {
                 Some(index) => index + 1,
-                None => {
-                    return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
-                }
+                None => return cursor_missing(url, after),
             },
         };
         let end = (start + limit).min(all.len());

@@ -242,6 +242,86 @@ async fn sync_keeps_archived_prices_and_never_marks_them_deleted() {
     assert_eq!(count(&db, deleted).await, 0);
 }
 
+/// Stripe answers 400 `resource_missing` (`param: starting_after`) when the object a listing
+/// continues after was deleted between two pages; the listing starts over instead of failing the
+/// whole sync, counts each object once, and the deleted object is deactivated in that run.
+#[tokio::test]
+async fn sync_starts_a_listing_over_when_its_cursor_object_was_deleted() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 250, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // Products in pages 0-2, active prices 3, archived prices 4.
+    assert_eq!(fake.requests(), 5);
+
+    // The second products page of the next run continues after product 99: delete it first.
+    fake.fault_at(6, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = sync(&app.server).await;
+        (result, app)
+    });
+    fake.arrived().await;
+    fake.remove_product(&product_id(99));
+    fake.release();
+    let ((status, body), _app) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (249, 0, 1));
+    assert_eq!(counts(&body, "prices"), (6, 0, 0));
+    // The first page, the refused one, then the whole listing again and both price listings.
+    assert_eq!(fake.requests(), 5 + 2 + 3 + 2);
+    let gone = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
+         AND deactivated_at IS NOT NULL",
+        product_id(99)
+    );
+    assert_eq!(count(&db, &gone).await, 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND products_seen = 249 \
+               AND products_deactivated = 1";
+    assert_eq!(count(&db, run).await, 1);
+}
+
+/// A cursor that keeps vanishing starts the listing over a bounded number of times, then fails
+/// as any refused request does: 502, and nothing deactivated.
+#[tokio::test]
+async fn sync_gives_up_on_a_cursor_that_keeps_vanishing() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 150, 3).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests(), 4);
+
+    fake.remove_product(&product_id(0));
+    fake.fault_from(4, Fault::CursorGone);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    // The first listing and three more, each a first page and a refused second one.
+    assert_eq!(fake.requests(), 4 + 2 * (1 + 3));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
+               AND error LIKE '%starting_after%'";
+    assert_eq!(count(&db, run).await, 1);
+}
+
 #[tokio::test]
 async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partial_run() {
     let fixtures = stripe_fixtures!();

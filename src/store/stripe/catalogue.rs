@@ -259,11 +259,13 @@ impl Store {
             .with_context(|| format!("writing a page of {}", R::TABLE))
     }
 
-    /// After a complete listing that started at `run_started`: marks every active row it did not
-    /// return as deactivated (never deleted). Returns (products, prices) deactivated.
+    /// After a complete listing whose products were stamped from `products_since` and prices
+    /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted).
+    /// Returns (products, prices) deactivated.
     pub async fn deactivate_unseen(
         &self,
-        run_started: i64,
+        products_since: i64,
+        prices_since: i64,
         now: i64,
     ) -> anyhow::Result<(u64, u64)> {
         let products = "UPDATE stripe_products SET active = FALSE, deactivated_at = $1 \
@@ -274,13 +276,13 @@ impl Store {
             let mut tx = pool.begin().await?;
             let products = sqlx::query(products)
                 .bind(now)
-                .bind(run_started)
+                .bind(products_since)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
             let prices = sqlx::query(prices)
                 .bind(now)
-                .bind(run_started)
+                .bind(prices_since)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
