@@ -242,8 +242,9 @@ async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
     }
 }
 
-/// The Stripe line of `check`: one call with the configured key, reporting the mode Stripe says
-/// the key is in. `None` when no key is configured.
+/// The Stripe line of `check`: one call with the configured key (a product list, which the
+/// documented restricted key can read), reporting the mode the key is in. `None` when no key is
+/// configured.
 async fn check_stripe(config: &Config, http: reqwest::Client) -> Option<CheckLine> {
     let policy = crate::stripe::RetryPolicy {
         max_attempts: 2,
@@ -257,8 +258,12 @@ async fn check_stripe(config: &Config, http: reqwest::Client) -> Option<CheckLin
             item: "stripe",
             ok: true,
             detail: format!(
-                "{base} accepts the key; {} mode",
-                if live { "live" } else { "test" }
+                "{base} accepts the key; {}",
+                match live {
+                    Some(true) => "live mode",
+                    Some(false) => "test mode",
+                    None => "mode unknown",
+                }
             ),
         },
         Err(err) => CheckLine {

@@ -187,14 +187,24 @@ impl StripeClient {
         self.get(url).await
     }
 
-    /// Whether the key is a live-mode one, as Stripe itself reports it (`GET /v1/balance`).
-    pub async fn livemode(&self) -> Result<bool, StripeError> {
+    /// Whether the key is a live-mode one (`None`: unknown), asked of `GET /v1/products?limit=1`,
+    /// which a restricted key with the read access docs/OPERATIONS.md lists can call (not so
+    /// `/v1/balance`). Stripe's own `livemode` of the product listed; with none listed, the key's
+    /// prefix (`sk_live_`, `rk_test_`…).
+    pub async fn livemode(&self) -> Result<Option<bool>, StripeError> {
         #[derive(Deserialize)]
-        struct Balance {
-            livemode: bool,
+        struct Object {
+            livemode: Option<bool>,
         }
-        let balance: Balance = self.get(self.url("v1/balance")?).await?;
-        Ok(balance.livemode)
+        #[derive(Deserialize)]
+        struct Page {
+            data: Vec<Object>,
+        }
+        let mut url = self.url("v1/products")?;
+        url.query_pairs_mut().append_pair("limit", "1");
+        let page: Page = self.get(url).await?;
+        let listed = page.data.first().and_then(|object| object.livemode);
+        Ok(listed.or_else(|| key_livemode(self.key.expose_secret())))
     }
 
     fn url(&self, path: &str) -> Result<Url, StripeError> {
@@ -310,6 +320,20 @@ impl StripeClient {
     }
 }
 
+/// The mode a key's prefix names: `sk_live_`/`rk_live_` live, `sk_test_`/`rk_test_` test.
+fn key_livemode(key: &str) -> Option<bool> {
+    let mode = key
+        .strip_prefix("sk_")
+        .or_else(|| key.strip_prefix("rk_"))?;
+    if mode.starts_with("live_") {
+        Some(true)
+    } else if mode.starts_with("test_") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Every object of a list, one page at a time (never the whole list in memory).
 pub struct Pages<'a, T> {
     client: &'a StripeClient,
@@ -362,6 +386,16 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_prefix_names_its_mode() {
+        assert_eq!(key_livemode("sk_live_abc"), Some(true));
+        assert_eq!(key_livemode("rk_live_abc"), Some(true));
+        assert_eq!(key_livemode("sk_test_abc"), Some(false));
+        assert_eq!(key_livemode("rk_test_abc"), Some(false));
+        assert_eq!(key_livemode("pk_live_abc"), None);
+        assert_eq!(key_livemode("sk_other"), None);
+    }
 
     #[test]
     fn delays_grow_jittered_and_capped() {

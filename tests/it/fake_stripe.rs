@@ -25,6 +25,9 @@ use crate::support::{TestServer, serve_app};
 mod stripe_catalogue;
 
 pub const SECRET_KEY: &str = "sk_test_fake0123456789abcdefghij";
+/// A restricted key with the read access docs/OPERATIONS.md lists (Events, Products, Prices,
+/// Customers, Subscriptions, Invoices, Checkout Sessions) and nothing else: no Balance.
+pub const RESTRICTED_KEY: &str = "rk_test_fake0123456789abcdefghij";
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
@@ -288,11 +291,17 @@ async fn record_traceparent(
     next.run(request).await
 }
 
-fn authorized(headers: &HeaderMap) -> bool {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("authorization")
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value == format!("Bearer {SECRET_KEY}"))
+        .and_then(|value| value.strip_prefix("Bearer "))
+}
+
+/// The secret key, or the restricted key (on what its permissions cover: everything served here
+/// but the balance).
+fn authorized(headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|key| key == SECRET_KEY || key == RESTRICTED_KEY)
 }
 
 async fn list_products(
@@ -414,6 +423,14 @@ async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response>
 async fn balance(headers: HeaderMap) -> Response {
     if !authorized(&headers) {
         return stripe_error(StatusCode::UNAUTHORIZED, None, "invalid_request_error");
+    }
+    if bearer(&headers) == Some(RESTRICTED_KEY) {
+        // What Stripe answers a restricted key without the Balance read permission.
+        let body = json!({"error": {"type": "invalid_request_error", "message":
+            "The provided key 'rk_test_***ghij' does not have the required permissions for this \
+             endpoint. Having the 'rak_balance_read' permission would allow this request to \
+             continue."}});
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
     }
     axum::Json(json!({"object": "balance", "available": [], "pending": [], "livemode": false}))
         .into_response()

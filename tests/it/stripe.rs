@@ -9,7 +9,9 @@ use edgegate::AppState;
 use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 
-use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY, product_id, resource};
+use crate::fake_stripe::{
+    self, FakeStripe, Fault, RESTRICTED_KEY, SECRET_KEY, product_id, resource,
+};
 use crate::support::{TestDb, TestServer, serve, serve_app};
 use crate::{stripe_fixtures, test_db};
 use edgegate::server::middleware::Limits;
@@ -953,6 +955,37 @@ async fn check_reports_the_stripe_mode() {
     let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
     assert!(!stripe.ok);
     assert!(!stripe.detail.contains("sk_live_not_the_fake_key"));
+}
+
+/// A restricted key with the read access docs/OPERATIONS.md asks for (no Balance) passes
+/// `check`: it works for everything edgegate does.
+#[tokio::test]
+async fn check_passes_with_the_documented_restricted_key() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 1, 1).await;
+    let config = db.config(&[
+        ("STRIPE_SECRET_KEY", RESTRICTED_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]);
+    let lines = edgegate::commands::check(&config).await;
+    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    assert!(stripe.ok, "{}", stripe.detail);
+    assert!(stripe.detail.contains("test mode"), "{}", stripe.detail);
+    assert!(!stripe.detail.contains(RESTRICTED_KEY));
+
+    // The same key syncs, so the check said the truth.
+    let app = app(
+        &db,
+        &[
+            ("STRIPE_SECRET_KEY", RESTRICTED_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+        ],
+        fast_retry(),
+    )
+    .await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
