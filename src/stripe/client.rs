@@ -54,6 +54,25 @@ impl RetryPolicy {
     pub fn delay(&self, retry: u32) -> Duration {
         backoff::equal_jitter(backoff::exponential(self.base_delay, retry, self.max_delay))
     }
+
+    /// This policy held to `cap`: each limit the tighter of the two.
+    pub fn capped(self, cap: Self) -> Self {
+        Self {
+            max_attempts: self.max_attempts.min(cap.max_attempts),
+            base_delay: self.base_delay.min(cap.base_delay),
+            max_delay: self.max_delay.min(cap.max_delay),
+            attempt_timeout: self.attempt_timeout.min(cap.attempt_timeout),
+        }
+    }
+
+    /// The longest a request can take under this policy: every attempt timing out, and every
+    /// wait between them at its longest.
+    pub fn worst_case(&self) -> Duration {
+        let waits: Duration = (1..self.max_attempts)
+            .map(|retry| backoff::exponential(self.base_delay, retry, self.max_delay))
+            .sum();
+        self.attempt_timeout.saturating_mul(self.max_attempts) + waits
+    }
 }
 
 /// Why a Stripe call failed. Messages never hold the API key.
@@ -147,6 +166,14 @@ impl StripeClient {
             key,
             policy,
         })
+    }
+
+    /// This client, trying no harder than `cap` allows.
+    pub fn capped(&self, cap: RetryPolicy) -> Self {
+        Self {
+            policy: self.policy.capped(cap),
+            ..self.clone()
+        }
     }
 
     /// One page of `/v1/{resource}` after `starting_after`, narrowed by `filters` (such as

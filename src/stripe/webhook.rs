@@ -6,16 +6,29 @@
 //! nothing. Two events of one object in the same second cannot be ordered by `created` (Stripe's
 //! times are seconds), so then the object's current state is fetched from Stripe and written.
 
+use std::time::Duration;
+
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 
 use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
 use crate::stripe::StripeMetrics;
-use crate::stripe::client::{StripeClient, StripeError};
+use crate::stripe::client::{RetryPolicy, StripeClient, StripeError};
 use crate::stripe::objects::{
     CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms,
 };
 use crate::stripe::signature::{self, SignatureError};
+
+/// How hard a delivery tries to fetch a same-second event's object: at most 2 attempts of 8 s
+/// and a wait of at most 1 s between them (17 s), inside the route's 30 s deadline (which would
+/// answer 504 instead of the contract's 502) and Stripe's own delivery timeout. Stripe redelivers
+/// a failed event, so trying longer here buys nothing.
+pub const SAME_SECOND_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 2,
+    base_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(1),
+    attempt_timeout: Duration::from_secs(8),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -131,7 +144,8 @@ pub async fn apply(
         let Some(client) = stripe else {
             return Err(WebhookError::NeedsSecretKey(event.id.clone()));
         };
-        let current = current_effect(client, &effect, now_ms)
+        let client = client.capped(SAME_SECOND_RETRY);
+        let current = current_effect(&client, &effect, now_ms)
             .await
             .map_err(|error| WebhookError::Upstream {
                 event: event.id.clone(),
@@ -277,4 +291,17 @@ pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookErro
         _ => StripeEffect::None,
     };
     Ok(effect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_same_second_fetch_ends_well_inside_the_route_deadline() {
+        let policy = RetryPolicy::default().capped(SAME_SECOND_RETRY);
+        assert_eq!(policy, SAME_SECOND_RETRY);
+        assert!(policy.worst_case() <= Duration::from_secs(17));
+        assert!(policy.worst_case() < crate::server::middleware::REQUEST_TIMEOUT / 3 * 2);
+    }
 }

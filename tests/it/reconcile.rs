@@ -2,6 +2,7 @@
 //! newest first, and same-second webhook events settled by the object's current state. Webhook
 //! deliveries are signed by Stripe's official Python SDK.
 
+use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 
 use crate::fake_stripe::{self, FakeStripe, Fault, SECRET_KEY};
@@ -438,6 +439,45 @@ async fn same_second_without_stripe_answers_5xx_and_stores_no_ledger_row() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(count(&db, ledger).await, 1);
     assert_eq!(product_name(&db, 3).await, "As Stripe has it");
+}
+
+/// With the production retry policy and a Stripe that never answers the object request, a
+/// same-second event answers 502 (Stripe redelivers) inside the route's 30 s deadline, not 504
+/// TIMEOUT: the default policy (4 attempts of 20 s) would outlast it.
+#[tokio::test]
+async fn same_second_with_stripe_hanging_answers_502_inside_the_route_deadline() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = app(
+        &db,
+        &[
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+        ],
+        RetryPolicy::default(),
+    )
+    .await;
+    stripe_now(&fixtures, &fake, 4);
+    let t = now() - 30;
+    let first = product_event(&fixtures, "evt_H1", "product.updated", t, 4, "First");
+    let second = product_event(&fixtures, "evt_H2", "product.updated", t, 4, "Second");
+    assert_eq!(deliver_signed(&app.server, &first).await.0, 200);
+
+    // Every object request is held and never released.
+    fake.fault_objects(Some(Fault::Hold));
+    let (status, body) = deliver_signed(&app.server, &second).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("UPSTREAM_UNAVAILABLE")),
+        "{body}"
+    );
+    assert_eq!(fake.object_requests(), 2, "two attempts");
+    let ledger = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_H2'";
+    assert_eq!(count(&db, ledger).await, 0);
+    assert_eq!(product_name(&db, 4).await, "First");
 }
 
 #[tokio::test]
