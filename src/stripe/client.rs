@@ -92,11 +92,11 @@ pub enum StripeError {
     CursorGone(String),
 }
 
-/// One list page as Stripe answers it.
+/// One list page as Stripe answers it. A page without `has_more` is unreadable (and retried):
+/// taken for the end, it would end a listing early and deactivate everything after it.
 #[derive(Debug, Deserialize)]
 pub struct ListPage<T> {
     pub data: Vec<T>,
-    #[serde(default)]
     pub has_more: bool,
 }
 
@@ -403,7 +403,13 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             .await?;
         match page.data.last() {
             Some(last) if page.has_more => self.cursor = Some(last.id().to_owned()),
-            // An empty page that claims more would loop forever; treat it as the end.
+            // It has nothing to continue after, and the listing is not complete.
+            None if page.has_more => {
+                return Err(StripeError::Rejected(format!(
+                    "an empty page of {} claimed more (has_more: true)",
+                    self.resource
+                )));
+            }
             _ => self.done = true,
         }
         Ok(Some(page.data))

@@ -112,6 +112,10 @@ pub enum Fault {
     /// A request with `starting_after` gets Stripe's 400 for a cursor object that is gone (as if
     /// it had been deleted since the page before); one without it, its normal answer.
     CursorGone,
+    /// 200 with the normal page but no `has_more`.
+    NoHasMore,
+    /// 200 with no objects and `has_more: true`.
+    EmptyWithMore,
 }
 
 #[derive(Default)]
@@ -416,7 +420,8 @@ async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response>
             shared.release.acquire().await.unwrap().forget();
             None
         }
-        Some(Fault::Truncated | Fault::CursorGone) | None => None,
+        Some(Fault::Truncated | Fault::CursorGone | Fault::NoHasMore | Fault::EmptyWithMore)
+        | None => None,
     }
 }
 
@@ -529,12 +534,23 @@ async fn list(
             },
         };
         let end = (start + limit).min(all.len());
-        json!({
+        let mut body = json!({
             "object": "list",
             "data": all[start..end],
             "has_more": end < all.len(),
             "url": url,
-        })
+        });
+        match fault {
+            Some(Fault::NoHasMore) => {
+                body.as_object_mut().unwrap().remove("has_more");
+            }
+            Some(Fault::EmptyWithMore) => {
+                body["data"] = json!([]);
+                body["has_more"] = json!(true);
+            }
+            _ => {}
+        }
+        body
     };
     let text = body.to_string();
     if matches!(fault, Some(Fault::Truncated)) {

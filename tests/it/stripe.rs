@@ -375,6 +375,45 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     assert_eq!(counts(&body, "products"), (299, 0, 1));
 }
 
+/// A page without `has_more`, or an empty one that claims more, does not say the listing is
+/// complete: the sync fails as an upstream error and deactivates nothing.
+#[tokio::test]
+async fn sync_never_takes_a_page_without_a_clear_has_more_for_the_end() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 250, 3).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests(), 5);
+    let deactivated = "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL";
+
+    // The second page of products leaves out `has_more`, on every attempt.
+    fake.fault_from(6, Fault::NoHasMore);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    assert_eq!(fake.requests(), 5 + 1 + 3, "a page, then three attempts");
+    assert_eq!(count(&db, deactivated).await, 0);
+
+    // The second page of products is empty and claims more.
+    fake.clear_faults();
+    fake.fault_at(10, Fault::EmptyWithMore);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    assert_eq!(count(&db, deactivated).await, 0);
+    let runs = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
+                AND products_deactivated = 0 AND prices_deactivated = 0";
+    assert_eq!(count(&db, runs).await, 2);
+
+    // A clean listing after them deactivates nothing either: nothing was deleted.
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (250, 0, 0));
+    assert_eq!(count(&db, deactivated).await, 0);
+}
+
 #[tokio::test]
 async fn sync_retries_429_500_slow_and_truncated_pages() {
     let fixtures = stripe_fixtures!();
