@@ -70,6 +70,9 @@ pub enum Reservation {
     Created(SmsMessage),
     /// The idempotency key was used before; this is its message, which must not be sent again.
     Existing(SmsMessage),
+    /// The idempotency key's earlier send of this same message certainly never reached Twilio
+    /// (see [`Store::reserve_sms`]): its row is reserved again, for this caller only to send.
+    Reopened(SmsMessage),
     /// A limit is reached; a slot frees in this many milliseconds.
     Limited { retry_after_ms: i64 },
 }
@@ -109,6 +112,7 @@ where
 {
     // Read once the lock is held, so rows are stamped in the order they were admitted.
     let now = clock();
+    let mut reopened = None;
     if let Some(key) = new.idempotency_key {
         let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
         let existing = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql))
@@ -116,8 +120,10 @@ where
             .try_map(|row: DB::Row| SmsMessage::from_row(&row))
             .fetch_optional(tx.executor())
             .await?;
-        if let Some(message) = existing {
-            return Ok(Reservation::Existing(message));
+        match existing {
+            Some(message) if never_taken(&message, &new) => reopened = Some(message),
+            Some(message) => return Ok(Reservation::Existing(message)),
+            None => {}
         }
     }
     // The newest `limit` rows in each window: when there are that many, the oldest of them is
@@ -152,6 +158,27 @@ where
     if let Some(retry_after_ms) = wait {
         return Ok(Reservation::Limited { retry_after_ms });
     }
+    if let Some(message) = reopened {
+        // Stamped anew: the send is counted in the windows from now, and the sweep of rows
+        // left `accepted` measures its age from now.
+        sqlx::query::<DB>(
+            "UPDATE sms_messages SET status = $1, error_code = NULL, error_message = NULL, \
+             created_at = $2, updated_at = $2 WHERE id = $3",
+        )
+        .bind_value(new.status)
+        .bind_value(now)
+        .bind_value(message.id.as_str())
+        .execute(tx.executor())
+        .await?;
+        return Ok(Reservation::Reopened(SmsMessage {
+            status: new.status.to_owned(),
+            error_code: None,
+            error_message: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+            ..message
+        }));
+    }
     sqlx::query::<DB>(
         "INSERT INTO sms_messages (id, idempotency_key, to_number, body, status, \
          created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
@@ -178,6 +205,18 @@ where
     }))
 }
 
+/// Whether `message`, found under `new`'s idempotency key, is `new` and certainly never reached
+/// Twilio: `failed` with neither a SID nor a Twilio error code (the connection was never made,
+/// or Twilio throttled every attempt). A refusal carries Twilio's error code, and would only be
+/// refused again; an `unknown` message may have been sent.
+fn never_taken(message: &SmsMessage, new: &NewSms<'_>) -> bool {
+    message.status == "failed"
+        && message.twilio_sid.is_none()
+        && message.error_code.is_none()
+        && message.to_number == new.to_number
+        && message.body == new.body
+}
+
 /// How long until a window holding `newest` (newest first, at most `limit` long) has room, if
 /// it is full. Bounded by the window, as another machine's clock may run ahead of ours.
 fn wait_for_slot(newest: &[i64], limit: u32, window_ms: i64, now: i64) -> Option<i64> {
@@ -191,6 +230,9 @@ impl Store {
     /// Checks the idempotency key and the send limits and, when both allow it, writes the row —
     /// all under one lock shared by every instance, so two instances can neither both send one
     /// key nor both take the last slot. `clock` (epoch milliseconds) is read under the lock.
+    /// A key whose earlier send of the same message certainly never reached Twilio (`failed`
+    /// with neither a SID nor a Twilio error code) reserves that row again, under the limits,
+    /// as `Reopened`; any other earlier row is `Existing`.
     pub async fn reserve_sms(
         &self,
         new: NewSms<'_>,

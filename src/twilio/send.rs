@@ -27,7 +27,10 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// (no SID; Twilio's own `accepted`, a Messaging Service's first status, comes with one).
 /// `Store::mark_unanswered_sms_unknown` names it (and `STATUS_UNKNOWN`) in its SQL.
 const STATUS_ACCEPTED: &str = "accepted";
-/// Twilio refused, or certainly never received, the message.
+/// Twilio refused, or certainly never received, the message. Without a SID or a Twilio error
+/// code, Twilio never took it, and a retry with the same idempotency key sends it (the store's
+/// `never_taken` and its send limits name it too); a refusal keeps Twilio's code, and a retry
+/// gets the same answer.
 const STATUS_FAILED: &str = "failed";
 /// The request may have reached Twilio, but we do not know: never sent again.
 const STATUS_UNKNOWN: &str = "unknown";
@@ -53,7 +56,9 @@ pub struct SendSmsRequest {
         pattern = r"^[^\x00]*$"
     )]
     pub body: Option<String>,
-    /// A repeat with the same key answers the first send instead of texting again. No U+0000.
+    /// A repeat with the same key answers the first send instead of texting again; after a send
+    /// Twilio certainly never took (a 502 because it could not be reached or throttled), it
+    /// sends. No U+0000.
     #[schema(
         required = false,
         value_type = String,
@@ -257,13 +262,16 @@ async fn send_once(
             }
         })?;
     let message = match reserved {
-        Reservation::Created(message) => message,
+        Reservation::Created(message) | Reservation::Reopened(message) => message,
         Reservation::Existing(message) => {
             *message_id = Some(message.id.clone());
             if message.to_number != valid.to || message.body != valid.body {
                 return Err(SmsError::IdempotencyConflict(
                     "idempotency_key was already used for a different message".to_owned(),
                 ));
+            }
+            if let Some(refusal) = earlier_refusal(&message) {
+                return Err(refusal);
             }
             return Ok(Sent {
                 receipt: SmsReceipt::from(&message),
@@ -426,15 +434,32 @@ async fn create_with_retries(
     }
 }
 
+/// The answer to Twilio refusing a message with error `code`, described as `detail`.
+fn refusal(code: Option<i64>, detail: &str) -> SmsError {
+    match code {
+        Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail),
+        _ => SmsError::Upstream(format!("Twilio refused the message: {detail}")),
+    }
+}
+
+/// The first answer again, for a stored message Twilio refused (its row keeps Twilio's code and
+/// description): sending it again would only be refused again.
+fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
+    let code = message.error_code?;
+    (message.status == STATUS_FAILED && message.twilio_sid.is_none()).then(|| {
+        refusal(
+            Some(code),
+            message.error_message.as_deref().unwrap_or_default(),
+        )
+    })
+}
+
 /// Stores why the send failed and maps it to the answer.
 async fn record_failure(store: &Store, clock: &Clock, id: &str, err: CallError) -> SmsError {
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
             let detail = body.describe(*http_status);
-            let answer = match body.code {
-                Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail.clone()),
-                _ => SmsError::Upstream(format!("Twilio refused the message: {detail}")),
-            };
+            let answer = refusal(body.code, &detail);
             (STATUS_FAILED, body.code, detail, answer)
         }
         CallError::Throttled { .. } | CallError::NotSent(_) => (

@@ -912,3 +912,99 @@ async fn sms_store_windows_slide_with_the_injected_clock() {
         Reservation::Created(_)
     ));
 }
+
+/// The id of the message the last audited send was about.
+async fn last_audited_sms_id(instance: &Instance) -> String {
+    let audit = instance.state.store.recent_audit(1).await.unwrap();
+    let detail: Value = serde_json::from_str(audit[0].detail.as_deref().expect("detail")).unwrap();
+    detail["sms_id"].as_str().expect("an sms_id").to_owned()
+}
+
+/// A send Twilio certainly never took (it could not be reached, or it throttled every attempt)
+/// is sent by a retry with the same key, under the same row; one Twilio refused is answered as
+/// the first time, and Twilio is not asked again.
+#[tokio::test]
+async fn sms_a_retry_after_a_certain_failure_sends_again_under_the_same_key() {
+    let db = test_db!();
+    // A port that was free a moment ago: nothing listens there.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    // Two instances on one database: one while Twilio is unreachable, one once it is back.
+    let down = instance(&db, Some(&fake), &[("TWILIO_API_BASE", &closed)]).await;
+    let up = instance(&db, Some(&fake), &[]).await;
+
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "outage-1"});
+    assert_error(
+        &send(&down, message.clone()).await,
+        502,
+        "UPSTREAM_UNAVAILABLE",
+    );
+    let first_id = last_audited_sms_id(&down).await;
+    let retry = send(&up, message.clone()).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert!(retry.body["sid"].is_string(), "{}", retry.body);
+    assert_eq!(retry.body["status"], "queued", "{}", retry.body);
+    assert_eq!(retry.body["id"], first_id.as_str(), "not the same row");
+    assert_eq!(fake.requests().len(), 1);
+    let row = stored(&up, &retry).await;
+    assert_eq!((row.status.as_str(), row.error_message), ("queued", None));
+    assert_eq!(app_audit_outcome(&up).await, "sent");
+    // Sent now: a further retry replays it.
+    let again = send(&down, message).await;
+    assert_eq!((again.status, &again.body), (202, &retry.body));
+    assert_eq!(fake.requests().len(), 1);
+
+    // Throttled on every attempt, then taken on the retry.
+    fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
+    let message = json!({"to": "+12025550124", "body": "hi", "idempotency_key": "throttled-1"});
+    assert_error(
+        &send(&up, message.clone()).await,
+        502,
+        "UPSTREAM_UNAVAILABLE",
+    );
+    assert_eq!(fake.requests().len(), 4);
+    let retry = send(&up, message).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert!(retry.body["sid"].is_string(), "{}", retry.body);
+    assert_eq!(fake.requests().len(), 5);
+
+    // Refusals would only be refused again: the retry gets the first answer, Twilio no call.
+    let refusals = [
+        (
+            21211,
+            "The 'To' number +12025550125 is not a valid phone number.",
+        ),
+        (
+            21606,
+            "The 'From' phone number provided is not a valid message-capable number.",
+        ),
+    ];
+    for (i, (code, text)) in refusals.into_iter().enumerate() {
+        fake.script([Reply::Error {
+            http: 400,
+            code,
+            message: text,
+        }]);
+        let key = format!("refused-{i}");
+        let message = json!({"to": "+12025550125", "body": "hi", "idempotency_key": key});
+        let first = send(&up, message.clone()).await;
+        assert!(first.status == 422 || first.status == 502, "{}", first.body);
+        let requests = fake.requests().len();
+        let retry = send(&down, message).await;
+        assert_eq!((retry.status, &retry.body), (first.status, &first.body));
+        assert_eq!(
+            fake.requests().len(),
+            requests,
+            "a refused message was sent again"
+        );
+    }
+}
+
+async fn app_audit_outcome(instance: &Instance) -> String {
+    instance.state.store.recent_audit(1).await.unwrap()[0]
+        .outcome
+        .clone()
+}
