@@ -186,7 +186,7 @@ impl Started {
         let mut background = vec![twilio::send::spawn_unanswered_sweeper(
             store,
             state.clock.clone(),
-            state.config.twilio.request_timeout,
+            state.config.twilio.send_budget,
         )];
         background.extend(spawn_reconciler(&state));
         let address = listener

@@ -21,8 +21,12 @@ pub use parse::{ConfigError, MIN_HMAC_KEY_BYTES, is_e164};
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://edgegate.db";
 /// Listen port when `PORT` is not set.
 pub const DEFAULT_PORT: u16 = 8080;
-/// How long one Twilio call may take; well inside the 30 s request timeout, retries included.
+/// How long one Twilio call may take.
 pub const DEFAULT_TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one SMS send may take from its start (the row's reservation included) to Twilio's
+/// last answer: with the answer's and the audit row's writes after it, inside the route's 30 s
+/// (`twilio::send` checks the sum).
+pub const DEFAULT_SMS_SEND_BUDGET: Duration = Duration::from_secs(18);
 /// The first backoff after a throttled or unsent Twilio call.
 pub const DEFAULT_TWILIO_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// How long in-flight requests may take to finish after SIGTERM before the process exits.
@@ -284,6 +288,9 @@ pub struct TwilioConfig {
     pub request_timeout: Duration,
     /// The first pause before retrying a call Twilio throttled or never received; it doubles.
     pub retry_base_delay: Duration,
+    /// How long one send may take until Twilio's last answer; no call is started that could end
+    /// after it. Not an environment variable: tests shorten it.
+    pub send_budget: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -547,6 +554,7 @@ impl Config {
                 .unwrap_or_else(|| parse::static_url("https://api.twilio.com")),
             request_timeout: DEFAULT_TWILIO_TIMEOUT,
             retry_base_delay: DEFAULT_TWILIO_RETRY_DELAY,
+            send_budget: DEFAULT_SMS_SEND_BUDGET,
         };
         if twilio.account_sid.is_some() != twilio.auth_token.is_some() {
             let missing = if twilio.account_sid.is_some() {

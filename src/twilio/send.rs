@@ -18,8 +18,19 @@ use crate::store::{
 /// The longest body Twilio takes.
 pub const MAX_BODY_CHARS: usize = 1_600;
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
-/// Calls per send, the first included; only calls Twilio certainly did not act on are repeated.
+/// Calls per send, the first included; only calls Twilio certainly did not act on are repeated,
+/// and only while a whole call still fits the send's budget (`TwilioConfig::send_budget`).
 const MAX_ATTEMPTS: u32 = 3;
+/// What a send may still need after its budget: storing Twilio's answer and the audit row, each
+/// waiting at most 5 s for a busy database (SQLite's busy timeout; PostgreSQL's pool waits 3 s).
+const AFTER_BUDGET: Duration = Duration::from_secs(10);
+// A send with the default budget is answered inside the route's timeout, with a little to spare
+// for reading the request and checking its credential: a 504 would leave the caller without an
+// id while the send goes on, and a retry without an idempotency key would text twice.
+const _: () = assert!(
+    crate::config::DEFAULT_SMS_SEND_BUDGET.as_secs() + AFTER_BUDGET.as_secs() + 2
+        <= crate::server::middleware::REQUEST_TIMEOUT.as_secs()
+);
 /// The longest pause a Twilio `Retry-After` may impose on one send.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
@@ -222,6 +233,8 @@ async fn send_once(
     request: SendSmsRequest,
     message_id: &mut Option<String>,
 ) -> Result<Sent, SmsError> {
+    // From the start: a slow reservation leaves less time to Twilio, not more to the request.
+    let deadline = tokio::time::Instant::now() + config.twilio.send_budget;
     let api =
         TwilioApi::from_config(http, &config.twilio).ok_or(SmsError::NotConfigured("Twilio"))?;
     let sender = config
@@ -302,26 +315,22 @@ async fn send_once(
     if let Some(callback) = &callback {
         form.push(("StatusCallback", callback));
     }
-    deliver(
-        store,
-        clock,
-        &api,
-        &form,
-        &message.id,
-        config.twilio.retry_base_delay,
-    )
-    .await
+    let attempts = Attempts {
+        base_delay: config.twilio.retry_base_delay,
+        call_timeout: config.twilio.request_timeout,
+        deadline,
+    };
+    deliver(store, clock, &api, &form, &message.id, attempts).await
 }
 
 /// How often rows left `accepted` by a crash or an outage are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The longest one send can take, every attempt and pause included, with room to record the
-/// answer: a row still `accepted` after this has no sender left.
-fn send_deadline(request_timeout: Duration) -> Duration {
-    request_timeout.saturating_mul(MAX_ATTEMPTS)
-        + MAX_RETRY_PAUSE.saturating_mul(MAX_ATTEMPTS - 1)
-        + Duration::from_secs(30)
+/// The longest one send can take after its row was reserved, every attempt and pause included,
+/// with room to record the answer and for clocks that differ between instances: a row still
+/// `accepted` after this has no sender left.
+fn send_deadline(send_budget: Duration) -> Duration {
+    send_budget + AFTER_BUDGET + Duration::from_secs(20)
 }
 
 /// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
@@ -331,10 +340,10 @@ fn send_deadline(request_timeout: Duration) -> Duration {
 pub fn spawn_unanswered_sweeper(
     store: Store,
     clock: Clock,
-    request_timeout: Duration,
+    send_budget: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let started_at = clock.now_ms();
-    let deadline_ms = i64::try_from(send_deadline(request_timeout).as_millis()).unwrap_or(i64::MAX);
+    let deadline_ms = i64::try_from(send_deadline(send_budget).as_millis()).unwrap_or(i64::MAX);
     tokio::spawn(async move {
         let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
                       the message, so it is not sent again";
@@ -367,6 +376,30 @@ pub fn spawn_unanswered_sweeper(
     })
 }
 
+/// How a send's calls to Twilio are paced and bounded.
+#[derive(Clone, Copy, Debug)]
+struct Attempts {
+    /// The first pause before a repeat; it doubles.
+    base_delay: Duration,
+    /// How long one call may take (the client's own timeout).
+    call_timeout: Duration,
+    /// Every call ends by then: none is started that could end later.
+    deadline: tokio::time::Instant,
+}
+
+impl Attempts {
+    /// Whether a call started after `pause` would end by the deadline.
+    fn fits_after(&self, pause: Duration) -> bool {
+        tokio::time::Instant::now() + pause + self.call_timeout <= self.deadline
+    }
+}
+
+/// Why no call gave a resource, and how many calls were made.
+struct NotCreated {
+    err: CallError,
+    calls: u32,
+}
+
 /// Hands the reserved message `id` to Twilio and records what came of it.
 async fn deliver(
     store: &Store,
@@ -374,9 +407,9 @@ async fn deliver(
     api: &TwilioApi,
     form: &[(&str, &str)],
     id: &str,
-    retry_base_delay: Duration,
+    attempts: Attempts,
 ) -> Result<Sent, SmsError> {
-    match create_with_retries(api, form, retry_base_delay).await {
+    match create_with_retries(api, form, attempts).await {
         Ok(created) => {
             let result = SendResult {
                 status: &created.status,
@@ -398,17 +431,23 @@ async fn deliver(
                 replayed: false,
             })
         }
-        Err(err) => Err(record_failure(store, clock, id, err).await),
+        Err(failure) => Err(record_failure(store, clock, id, failure).await),
     }
 }
 
 /// Calls Twilio, repeating only what Twilio certainly did not act on (throttled, or never
-/// connected), with doubling, jittered pauses.
+/// connected), with doubling, jittered pauses, and starting no call that could end past the
+/// deadline.
 async fn create_with_retries(
     api: &TwilioApi,
     form: &[(&str, &str)],
-    base_delay: Duration,
-) -> Result<MessageResource, CallError> {
+    attempts: Attempts,
+) -> Result<MessageResource, NotCreated> {
+    if !attempts.fits_after(Duration::ZERO) {
+        // The reservation took the time (a database slow to answer): Twilio was not called.
+        let err = CallError::NotSent("the send ran out of time before Twilio was called".into());
+        return Err(NotCreated { err, calls: 0 });
+    }
     let mut attempt = 1;
     loop {
         let err = match api.create_message(form).await {
@@ -418,16 +457,27 @@ async fn create_with_retries(
         let asked = match &err {
             CallError::Throttled { retry_after } => *retry_after,
             CallError::NotSent(_) => None,
-            CallError::Rejected { .. } | CallError::Unconfirmed(_) => return Err(err),
+            CallError::Rejected { .. } | CallError::Unconfirmed(_) => {
+                return Err(NotCreated {
+                    err,
+                    calls: attempt,
+                });
+            }
         };
-        if attempt >= MAX_ATTEMPTS {
-            return Err(err);
-        }
-        let step =
-            backoff::equal_jitter(backoff::exponential(base_delay, attempt, MAX_RETRY_PAUSE));
+        let step = backoff::equal_jitter(backoff::exponential(
+            attempts.base_delay,
+            attempt,
+            MAX_RETRY_PAUSE,
+        ));
         let pause = asked
             .map_or(step, |asked| asked.max(step))
             .min(MAX_RETRY_PAUSE);
+        if attempt >= MAX_ATTEMPTS || !attempts.fits_after(pause) {
+            return Err(NotCreated {
+                err,
+                calls: attempt,
+            });
+        }
         tracing::info!(attempt, pause_ms = pause.as_millis(), reason = %err, "retrying Twilio");
         tokio::time::sleep(pause).await;
         attempt += 1;
@@ -455,7 +505,8 @@ fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
 }
 
 /// Stores why the send failed and maps it to the answer.
-async fn record_failure(store: &Store, clock: &Clock, id: &str, err: CallError) -> SmsError {
+async fn record_failure(store: &Store, clock: &Clock, id: &str, failure: NotCreated) -> SmsError {
+    let NotCreated { err, calls } = failure;
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
             let detail = body.describe(*http_status);
@@ -466,9 +517,13 @@ async fn record_failure(store: &Store, clock: &Clock, id: &str, err: CallError) 
             STATUS_FAILED,
             None,
             err.to_string(),
-            SmsError::Upstream(format!(
-                "Twilio did not take the message after {MAX_ATTEMPTS} attempts"
-            )),
+            SmsError::Upstream(match calls {
+                0 => {
+                    "the send ran out of time before Twilio was called; nothing was sent".to_owned()
+                }
+                1 => "Twilio did not take the message after 1 attempt".to_owned(),
+                _ => format!("Twilio did not take the message after {calls} attempts"),
+            }),
         ),
         CallError::Unconfirmed(_) => (
             STATUS_UNKNOWN,
@@ -551,6 +606,16 @@ mod tests {
             idempotency_key: None,
         };
         assert_eq!(field_of(validate(missing, none)), "body");
+    }
+
+    #[test]
+    fn a_default_send_fits_its_budget_and_the_route_timeout() {
+        let twilio = Config::defaults().twilio;
+        assert!(twilio.request_timeout <= twilio.send_budget);
+        assert!(
+            twilio.send_budget + AFTER_BUDGET < crate::server::middleware::REQUEST_TIMEOUT,
+            "a send could be answered 504 while it goes on"
+        );
     }
 
     #[test]

@@ -29,6 +29,16 @@ struct Instance {
 }
 
 async fn instance(db: &TestDb, fake: Option<&FakeTwilio>, extra: &[(&str, &str)]) -> Instance {
+    instance_with(db, fake, extra, |_| {}).await
+}
+
+/// As `instance`, with `adjust` applied to the configuration after the test's own settings.
+async fn instance_with(
+    db: &TestDb,
+    fake: Option<&FakeTwilio>,
+    extra: &[(&str, &str)],
+    adjust: impl FnOnce(&mut edgegate::Config),
+) -> Instance {
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let publishable_keys = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
     let mut vars = vec![
@@ -57,6 +67,7 @@ async fn instance(db: &TestDb, fake: Option<&FakeTwilio>, extra: &[(&str, &str)]
     // Short enough for tests; the retry and timeout logic is the same at any length.
     config.twilio.request_timeout = Duration::from_millis(500);
     config.twilio.retry_base_delay = Duration::from_millis(5);
+    adjust(&mut config);
     let state = AppState::new(config, db.store().await);
     let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(1)).await;
     Instance { server, state }
@@ -1007,4 +1018,27 @@ async fn app_audit_outcome(instance: &Instance) -> String {
     instance.state.store.recent_audit(1).await.unwrap()[0]
         .outcome
         .clone()
+}
+
+/// A send ends within its budget, under the route's timeout: otherwise the caller gets 504 with
+/// no id while the send goes on, and a retry texts the person twice. Here one attempt of 450 ms
+/// fits a 900 ms budget with 500 ms calls, and a second never can: it is not started.
+#[tokio::test]
+async fn sms_no_attempt_starts_that_could_outlast_the_send_budget() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance_with(&db, Some(&fake), &[], |config| {
+        config.twilio.send_budget = Duration::from_millis(900);
+    })
+    .await;
+    fake.set_latency(Duration::from_millis(450));
+    fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
+    let answer = expect_upstream_failure(&app, "+12025550123", "failed").await;
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "an attempt was started that could end past the budget"
+    );
+    let message = answer.body["message"].as_str().unwrap();
+    assert!(message.contains("1 attempt"), "{message}");
 }
