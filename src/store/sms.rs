@@ -56,7 +56,8 @@ pub struct SendResult<'a> {
     pub error_message: Option<&'a str>,
 }
 
-/// The send limits, counted over every row in the database.
+/// The send limits, counted over every row in the database but those Twilio never took
+/// (`failed` without a SID).
 #[derive(Clone, Copy, Debug)]
 pub struct SmsLimits {
     pub per_recipient_per_hour: u32,
@@ -127,10 +128,13 @@ where
         }
     }
     // The newest `limit` rows in each window: when there are that many, the oldest of them is
-    // the one whose expiry frees a slot.
+    // the one whose expiry frees a slot. A row `failed` without a SID never reached anyone
+    // (Twilio could not be reached, throttled, or refused it): an outage must not use up the
+    // limits.
     let created_at = |row: DB::Row| <(i64,)>::from_row(&row).map(|(at,)| at);
     let recipient: Vec<i64> = sqlx::query::<DB>(
         "SELECT created_at FROM sms_messages WHERE to_number = $1 AND created_at > $2 \
+         AND (twilio_sid IS NOT NULL OR status <> 'failed') \
          ORDER BY created_at DESC LIMIT $3",
     )
     .bind_value(new.to_number)
@@ -141,6 +145,7 @@ where
     .await?;
     let global: Vec<i64> = sqlx::query::<DB>(
         "SELECT created_at FROM sms_messages WHERE created_at > $1 \
+         AND (twilio_sid IS NOT NULL OR status <> 'failed') \
          ORDER BY created_at DESC LIMIT $2",
     )
     .bind_value(now - MINUTE_MS)

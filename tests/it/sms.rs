@@ -1042,3 +1042,25 @@ async fn sms_no_attempt_starts_that_could_outlast_the_send_budget() {
     let message = answer.body["message"].as_str().unwrap();
     assert!(message.contains("1 attempt"), "{message}");
 }
+
+/// Sends Twilio never took leave the limits as they were: an outage must not rate-limit anyone.
+#[tokio::test]
+async fn sms_sends_twilio_never_took_do_not_count_against_the_limits() {
+    let limits = [
+        ("SMS_MAX_PER_RECIPIENT_PER_HOUR", "2"),
+        ("SMS_MAX_PER_MINUTE", "3"),
+    ];
+    let (_db, fake, app) = one_instance!(&limits);
+    for _ in 0..4 {
+        fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
+        expect_upstream_failure(&app, "+12025550123", "failed").await;
+    }
+    let to = |number: &str| json!({"to": number, "body": "hi"});
+    // Both windows still hold their whole limit, and count what was sent.
+    assert_eq!(send(&app, to("+12025550123")).await.status, 202);
+    assert_eq!(send(&app, to("+12025550123")).await.status, 202);
+    assert_error(&send(&app, to("+12025550123")).await, 429, "RATE_LIMITED");
+    assert_eq!(send(&app, to("+12025550124")).await.status, 202);
+    assert_error(&send(&app, to("+12025550125")).await, 429, "RATE_LIMITED");
+    assert_eq!(fake.requests().len(), 12 + 3);
+}
