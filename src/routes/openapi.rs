@@ -262,7 +262,7 @@ error_set! {
         SERVER,
     ];
     /// `twilio-status`.
-    TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED"])], SERVER];
+    TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED", "NOT_READY"])], SERVER];
     /// `GET /admin/signing-keys`.
     SigningKeysErrors = [CREDENTIAL, ROLE, BODY, &[(422, &["VALIDATION_FAILED"])], SERVER];
     /// `POST /admin/stripe/reconcile`.

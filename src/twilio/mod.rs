@@ -41,6 +41,20 @@ pub enum SmsError {
 }
 
 impl SmsError {
+    /// A store error: `DatabaseUnavailable` with `message` when the database could not be
+    /// reached (nothing was written, the caller may retry), else `Internal`.
+    pub fn from_store(err: anyhow::Error, what: &str, message: &str) -> Self {
+        if crate::store::is_unavailable(&err) {
+            tracing::warn!(
+                error = crate::error::causes(&err),
+                "{what}: database unavailable"
+            );
+            Self::DatabaseUnavailable(message.to_owned())
+        } else {
+            Self::Internal(err)
+        }
+    }
+
     /// The audit row's outcome: the contract's code, in lower case.
     pub fn outcome(&self) -> &'static str {
         match self {

@@ -11,9 +11,7 @@ use super::client::{CallError, MessageResource, TwilioApi};
 use crate::backoff;
 use crate::clock::Clock;
 use crate::config::{Config, SmsSender, is_e164};
-use crate::store::{
-    AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store, is_unavailable,
-};
+use crate::store::{AuditEntry, NewSms, Reservation, SendResult, SmsLimits, SmsMessage, Store};
 
 /// The longest body Twilio takes.
 pub const MAX_BODY_CHARS: usize = 1_600;
@@ -260,19 +258,12 @@ async fn send_once(
         .reserve_sms(new, limits, || clock.now_ms())
         .await
         .map_err(|err| {
-            if is_unavailable(&err) {
-                // Nothing was reserved, so nothing can be sent: a retry later is safe.
-                tracing::warn!(
-                    error = crate::error::causes(&err),
-                    "send_sms: database unavailable"
-                );
-                SmsError::DatabaseUnavailable(
-                    "the database is unavailable; the message was not sent, try again later"
-                        .to_owned(),
-                )
-            } else {
-                SmsError::Internal(err)
-            }
+            // Nothing was reserved, so nothing can be sent: a retry later is safe.
+            SmsError::from_store(
+                err,
+                "send_sms",
+                "the database is unavailable; the message was not sent, try again later",
+            )
         })?;
     let message = match reserved {
         Reservation::Created(message) | Reservation::Reopened(message) => message,

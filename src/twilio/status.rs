@@ -121,8 +121,14 @@ pub async fn apply_callback(
             error_code,
             clock.now_ms(),
         )
-        .await?
-    {
+        .await
+        .map_err(|err| {
+            SmsError::from_store(
+                err,
+                "twilio_status",
+                "the database is unavailable; the status was not stored",
+            )
+        })? {
         StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),
         StatusChange::Stale => tracing::debug!(sid, status, "late SMS status ignored"),
         StatusChange::UnknownSid => {

@@ -1064,3 +1064,24 @@ async fn sms_sends_twilio_never_took_do_not_count_against_the_limits() {
     assert_error(&send(&app, to("+12025550125")).await, 429, "RATE_LIMITED");
     assert_eq!(fake.requests().len(), 12 + 3);
 }
+
+/// A signed status callback that cannot be stored because the database is away is 503
+/// `NOT_READY`, as `send-sms` answers then, not a 500.
+#[tokio::test]
+async fn sms_status_while_the_database_is_unavailable_is_503_not_ready() {
+    let (_db, _fake, app) = one_instance!(&[]);
+    // A closed pool is how sqlx reports a database it cannot reach any more.
+    app.state.store.close().await;
+    let params = status_params("SM0123456789abcdef0123456789abcdef", "delivered");
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let signature = signature::compute(TOKEN.as_bytes(), CALLBACK_URL, &owned);
+    let (status, body) = post_callback_answer(&app, &params, Some(&signature)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("NOT_READY")),
+        "{body}"
+    );
+}
