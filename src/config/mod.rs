@@ -634,7 +634,7 @@ impl Config {
             stripe,
             twilio,
             sms,
-            public_url: vars.url("PUBLIC_URL", parse::UrlRule::Http)?,
+            public_url: vars.base_url("PUBLIC_URL")?,
             traces: trace_export(&vars)?,
         })
     }

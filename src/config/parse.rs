@@ -241,6 +241,22 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
+    /// An http(s) URL that paths are appended to (as `PUBLIC_URL` gets the status callback's):
+    /// a query or a fragment, even an empty one, would swallow the path.
+    pub(super) fn base_url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
+        let url = self.url(name, UrlRule::Http)?;
+        if url
+            .as_ref()
+            .is_some_and(|url| url.query().is_some() || url.fragment().is_some())
+        {
+            return Err(ConfigError::new(
+                name,
+                "must be a base URL without a query or fragment (no ? or #)",
+            ));
+        }
+        Ok(url)
+    }
+
     /// A comma-separated list; blank items are dropped, and a list with none left is an error.
     pub(super) fn list(&self, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
         let Some(raw) = self.get(name) else {

@@ -733,3 +733,18 @@ fn a_database_password_given_as_a_query_parameter_is_redacted() {
     assert!(shown.contains("password=REDACTED"), "{shown}");
     assert!(!format!("{config:?}").contains("querysecretvalue"));
 }
+
+#[test]
+fn public_url_has_no_query_or_fragment() {
+    // The status callback URL is PUBLIC_URL with a path appended: a query or fragment would
+    // swallow it.
+    let err = refused("PUBLIC_URL", "https://edge.example.com/?env=prod");
+    assert!(err.rule.contains("query"), "{}", err.rule);
+    refused("PUBLIC_URL", "https://edge.example.com/#top");
+    refused("PUBLIC_URL", "https://edge.example.com/?");
+    let config = config(&[("PUBLIC_URL", "https://example.com/edge/")]).unwrap();
+    assert_eq!(
+        config.public_url.unwrap().as_str(),
+        "https://example.com/edge/"
+    );
+}
