@@ -138,8 +138,8 @@ impl RunningApp {
     }
 }
 
-/// What the steps after the drain (the last usage flush, stopping the JWKS refresh, closing the
-/// database) may take beyond the drain's limit: they end at most this long after
+/// What the steps after the drain (the last usage flush, waiting for SMS sends whose callers the
+/// drain cut off, stopping the JWKS refresh, closing the database) may take beyond the drain's limit: they end at most this long after
 /// `SHUTDOWN_DRAIN_SECONDS` has run from the stop signal, with whatever time the drain left
 /// unused. With the default 25 s drain and the last span export ([`telemetry::SHUTDOWN_EXPORT`]),
 /// inside Fly's 30 s kill timeout (`fly.toml`), so the process ends by itself and not by
@@ -204,10 +204,11 @@ impl Started {
     }
 
     /// Serves until `shutdown` resolves, drains, then stops the background tasks, writes the
-    /// usage counts and closes the database.
+    /// usage counts, waits for SMS sends whose callers are gone, and closes the database.
     async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let store = self.state.store.clone();
         let usage = self.state.usage.clone();
+        let sms_sends = self.state.sms_sends.clone();
         let config = &self.state.config;
         let (drain, connections) = (config.shutdown_drain, config.connections);
         tracing::info!(
@@ -247,6 +248,9 @@ impl Started {
                     "key usage lost at shutdown"
                 );
             }
+            // A send the drain cut its caller off from still records Twilio's answer (at most
+            // the send's budget and its writes; the deadline bounds it in any case).
+            sms_sends.idle().await;
             if let Some(refresh) = self.refresh {
                 // A fetch under way is not waited for: nothing will use what it brings.
                 let _ = tokio::time::timeout(REFRESH_STOP, refresh.stop()).await;

@@ -11,6 +11,7 @@ use crate::store::Store;
 use crate::stripe::reconcile::ReconcileMetrics;
 use crate::stripe::{RetryPolicy, StripeMetrics};
 use crate::telemetry::Metrics;
+use crate::twilio::send::SendTasks;
 
 /// Shared application state behind one reference count: cloning it is one atomic increment.
 /// The router clones a route's stack, the state in it, for every request; a struct of a dozen
@@ -34,6 +35,8 @@ pub struct Shared {
     pub stripe_retry: RetryPolicy,
     /// The one clock the credential layer reads; tests inject a manual one.
     pub clock: Clock,
+    /// SMS sends under way, waited for at shutdown.
+    pub sms_sends: SendTasks,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
             reconcile_metrics,
             stripe_retry: RetryPolicy::default(),
             clock,
+            sms_sends: SendTasks::default(),
         }))
     }
 

@@ -36,6 +36,7 @@ pub async fn send_sms(
         app.config.clone(),
         app.http.clone(),
         app.clock.clone(),
+        &app.sms_sends,
         request,
         audit,
     )

@@ -170,20 +170,59 @@ fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> Result<Vali
     })
 }
 
+/// The send tasks under way: a stop waits for them before it closes the database, or a send
+/// whose caller is gone would lose Twilio's answer.
+#[derive(Clone, Debug)]
+pub struct SendTasks(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for SendTasks {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl SendTasks {
+    /// Counts a task until the returned guard is dropped.
+    fn enter(&self) -> SendTaskGuard {
+        self.0.send_modify(|running| *running += 1);
+        SendTaskGuard(self.clone())
+    }
+
+    /// Resolves once no send task is running.
+    pub async fn idle(&self) {
+        let mut running = self.0.subscribe();
+        // The sender lives in `self`, so the wait cannot end in an error.
+        let _ = running.wait_for(|running| *running == 0).await;
+    }
+}
+
+/// One running send task of [`SendTasks`].
+struct SendTaskGuard(SendTasks);
+
+impl Drop for SendTaskGuard {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|running| *running -= 1);
+    }
+}
+
 /// Sends `request` unless its idempotency key was seen before or a limit is reached, and
 /// records `audit` (the caller's entry for this action) with the outcome.
 ///
-/// The work runs in its own task: a caller who hangs up drops this future, and must not leave a
-/// reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the audit row unwritten.
+/// The work runs in its own task, counted in `tasks`: a caller who hangs up drops this future,
+/// and must not leave a reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the
+/// audit row unwritten.
 pub async fn send_sms(
     store: Store,
     config: Arc<Config>,
     http: reqwest::Client,
     clock: Clock,
+    tasks: &SendTasks,
     request: SendSmsRequest,
     audit: AuditEntry,
 ) -> Result<Sent, SmsError> {
+    let running = tasks.enter();
     let work = async move {
+        let _running = running;
         let mut message_id = None;
         let outcome = send_once(&store, &config, &http, &clock, request, &mut message_id).await;
         record_audit(&store, audit, &outcome, message_id).await;

@@ -1085,3 +1085,53 @@ async fn sms_status_while_the_database_is_unavailable_is_503_not_ready() {
         "{body}"
     );
 }
+
+/// A stop waits for a send under way (its caller already cut off by the drain) before it closes
+/// the database, so Twilio's answer is stored and the row does not end up `accepted`/`unknown`.
+#[tokio::test]
+async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    // Twilio answers after the drain (0 s here) is over, well within the 3 s after it.
+    fake.set_latency(Duration::from_secs(1));
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (mut server, _state) = crate::support::spawn_app(
+        &db,
+        &[
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("TWILIO_API_BASE", &fake.base),
+            ("TWILIO_FROM_NUMBER", FROM),
+            ("PUBLIC_URL", PUBLIC_URL),
+            ("SHUTDOWN_DRAIN_SECONDS", "0"),
+        ],
+    )
+    .await;
+    let sending = tokio::spawn({
+        let (client, url) = (server.client.clone(), server.url("/functions/v1/send-sms"));
+        async move {
+            client
+                .post(url)
+                .header("apikey", SECRET_KEY)
+                .json(&json!({"to": "+12025550123", "body": "hi"}))
+                .send()
+                .await
+        }
+    });
+    while fake.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.begin_shutdown();
+    (&mut server.task).await.unwrap().unwrap();
+    let _ = sending.await;
+
+    let callback = fake.requests()[0]
+        .field("StatusCallback")
+        .unwrap()
+        .to_owned();
+    let id = callback.split_once("?id=").unwrap().1;
+    let row = db.store().await.sms_message(id).await.unwrap().unwrap();
+    assert_eq!(row.status, "queued", "{row:?}");
+    assert!(row.twilio_sid.is_some(), "{row:?}");
+}
