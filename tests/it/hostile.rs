@@ -800,25 +800,6 @@ async fn hostile_pipelined_requests_never_read_hold_no_server_memory_and_are_ans
     }
 }
 
-/// An HTTP/2 frame: a 9-byte header (length, type, flags, stream) and its payload.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut frame = vec![len[1], len[2], len[3], kind, flags];
-    frame.extend_from_slice(&stream.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
-
-/// Reads one HTTP/2 frame: its type, flags and payload; `None` once the server closed.
-async fn h2_read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    stream.read_exact(&mut head).await.ok()?;
-    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.ok()?;
-    Some((head[3], head[4], payload))
-}
-
 /// An HTTP/2 client that announces a flow-control window of 0 gets its response's head and
 /// never its body; it acknowledges every ping, so the connection looks alive. Its request is
 /// answered, so the connection is idle once the handler has finished, and it is closed after the
@@ -826,59 +807,68 @@ async fn h2_read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
 /// slot under HTTP_MAX_CONNECTIONS) for ever.
 #[tokio::test]
 async fn hostile_an_http2_client_that_never_opens_its_window_is_closed_after_the_idle_timeout() {
-    const HEADERS: u8 = 0x1;
-    const SETTINGS: u8 = 0x4;
-    const PING: u8 = 0x6;
-    const GOAWAY: u8 = 0x7;
-    const ACK: u8 = 0x1;
+    use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "1"),
         ("HTTP_IDLE_TIMEOUT_SECONDS", "2"),
     ])
     .await;
-    let mut stream = TcpStream::connect(("127.0.0.1", server.port))
-        .await
-        .unwrap();
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
-    hello.extend(h2_frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
-    stream.write_all(&hello).await.unwrap();
-    let (kind, _, _) = h2_read_frame(&mut stream)
-        .await
-        .expect("the server's SETTINGS");
-    assert_eq!(kind, SETTINGS);
-    // The settings acknowledged; then GET /healthz (HPACK: :method GET, :scheme http, :path and
-    // :authority as literals), the request's end.
-    let mut block = vec![0x82, 0x86, 0x44, 8];
-    block.extend_from_slice(b"/healthz");
-    block.extend_from_slice(&[0x41, 9]);
-    block.extend_from_slice(b"127.0.0.1");
-    let mut request = h2_frame(SETTINGS, ACK, 0, &[]);
-    request.extend(h2_frame(HEADERS, 0x4 | 0x1, 1, &block));
-    stream.write_all(&request).await.unwrap();
+    let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    conn.request(1, "GET", "/healthz", &[], true).await;
 
     let started = Instant::now();
-    let limit = Duration::from_secs(2) + SLACK + SLACK;
+    let deadline = started + Duration::from_secs(2) + SLACK + SLACK;
     let mut answered = false;
     let closed = loop {
-        let Some(left) = limit.checked_sub(started.elapsed()) else {
-            break None;
-        };
-        match tokio::time::timeout(left, h2_read_frame(&mut stream)).await {
-            Err(_) => break None,
-            Ok(None) => break Some(started.elapsed()),
-            Ok(Some((HEADERS, _, _))) => answered = true,
-            Ok(Some((GOAWAY, _, _))) => break Some(started.elapsed()),
-            Ok(Some((PING, flags, payload))) if flags & ACK == 0 => {
-                stream
-                    .write_all(&h2_frame(PING, ACK, 0, &payload))
-                    .await
-                    .unwrap();
+        match conn.read_frame_until(deadline).await {
+            None if Instant::now() >= deadline => break None,
+            None => break Some(started.elapsed()),
+            Some(frame) if frame.kind == h2c::HEADERS => answered = true,
+            Some(frame) if frame.kind == h2c::GOAWAY => break Some(started.elapsed()),
+            Some(frame) if frame.kind == h2c::PING && frame.flags & h2c::ACK == 0 => {
+                conn.write_frame(h2c::PING, h2c::ACK, 0, &frame.payload)
+                    .await;
             }
-            Ok(Some(_)) => {}
+            Some(_) => {}
         }
     };
     assert!(answered, "the response's head never came");
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
     eprintln!("zero-window HTTP/2 connection closed after {closed:?}");
+}
+
+#[tokio::test]
+async fn hostile_http2_streams_past_32_on_one_connection_are_refused() {
+    use crate::h2c::{self, H2};
+    let server = run(&[("SUPABASE_SECRET_KEY", SERVICE_KEY)]).await;
+    let mut conn = H2::connect(server.port).await;
+    let advertised = conn.setting(h2c::SETTINGS_MAX_CONCURRENT_STREAMS);
+    // 33 requests whose bodies never come: each holds its stream open.
+    let streams: Vec<u32> = (0..33).map(|i| 2 * i + 1).collect();
+    for &stream in &streams {
+        conn.request(
+            stream,
+            "POST",
+            "/functions/v1/jwt-test",
+            &[("apikey", SERVICE_KEY)],
+            false,
+        )
+        .await;
+    }
+    let mut reset = Vec::new();
+    let deadline = Instant::now() + SLACK;
+    while let Some(frame) = conn.read_frame_until(deadline).await {
+        if frame.kind == h2c::RST_STREAM {
+            let code = u32::from_be_bytes(frame.payload[..4].try_into().unwrap());
+            reset.push((frame.stream, code));
+            if frame.stream == streams[32] {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        (advertised, reset),
+        (Some(32), vec![(streams[32], h2c::REFUSED_STREAM)]),
+        "(SETTINGS_MAX_CONCURRENT_STREAMS, streams reset with their error codes)"
+    );
 }

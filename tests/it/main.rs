@@ -13,6 +13,7 @@ mod deploy;
 mod drill;
 mod fake_stripe;
 mod fake_twilio;
+mod h2c;
 mod hostile;
 mod http;
 mod legacy_usage;
