@@ -1,24 +1,146 @@
-//! Body extractors whose rejections are the contract's errors, not axum's plain-text ones.
+//! Body extractors whose rejections are the contract's errors, not axum's plain-text ones, and
+//! the one budget every buffered request body is taken from.
 
-use axum::extract::rejection::BytesRejection;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::{Body, HttpBody as _};
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
-use bytes::Bytes;
+use axum::http::header;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt as _, LengthLimitError};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::state::AppState;
 
-/// The raw request body (signature checks need the exact bytes).
+/// The request-body bytes buffered at once over every request in flight. Without it the bound
+/// was connections × HTTP/2 streams × the route's limit (hundreds of GiB at the defaults); 64
+/// MiB is 64 of the largest bodies any route takes, and far more than the ordinary load's
+/// (JSON of a few hundred bytes, Stripe's events of a few KiB).
+pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Request-body bytes buffered at once, over all requests: a body takes its declared length
+/// before any of it is read (or its bytes as they arrive when it declares none) and gives them
+/// back when its buffer is dropped. A body that would go over is refused at once, 503.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: usize,
+    taken: AtomicUsize,
+}
+
+impl BodyBudget {
+    /// A budget of `limit` bytes, made once per [`AppState`] and never freed, so that a buffer
+    /// holds a plain reference to it: a body costs two atomic operations on the budget and
+    /// none on a reference count.
+    pub fn leaked(limit: usize) -> &'static Self {
+        Box::leak(Box::new(Self {
+            limit,
+            taken: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The bytes taken now (buffered, or declared and on their way).
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    fn take(&'static self, bytes: usize) -> Result<Reservation, ApiError> {
+        let mut reservation = Reservation {
+            budget: self,
+            bytes: 0,
+        };
+        reservation.grow_to(bytes)?;
+        Ok(reservation)
+    }
+}
+
+/// Bytes taken from a [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+struct Reservation {
+    budget: &'static BodyBudget,
+    bytes: usize,
+}
+
+impl Reservation {
+    fn grow_to(&mut self, bytes: usize) -> Result<(), ApiError> {
+        let Some(more) = bytes.checked_sub(self.bytes).filter(|&more| more > 0) else {
+            return Ok(());
+        };
+        let before = self.budget.taken.fetch_add(more, Ordering::Relaxed);
+        if before.saturating_add(more) > self.budget.limit {
+            self.budget.taken.fetch_sub(more, Ordering::Relaxed);
+            return Err(ApiError::Busy(
+                "the server holds as many request bodies as it can take; retry shortly".to_owned(),
+            ));
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.taken.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A body's bytes and what they took from the budget, released together.
+struct Buffered {
+    bytes: BytesMut,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Buffered {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Reads the whole body within the route's limit (the body-limit layer's) and `budget`.
+async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    let mut body: Body = req.into_body();
+    // A request without a body (jwt-test's GET) touches no budget.
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    // The declared length is at most the route's limit: the body-limit layer answered 413
+    // to more before the handler was called.
+    let declared = declared.unwrap_or(0);
+    let mut reservation = budget.take(declared)?;
+    let mut bytes = BytesMut::with_capacity(declared);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(read_error)?;
+        if let Ok(data) = frame.into_data() {
+            // Counted by what is allocated: a body of no declared length grows its buffer.
+            bytes.extend_from_slice(&data);
+            reservation.grow_to(bytes.capacity())?;
+        }
+    }
+    if bytes.is_empty() {
+        return Ok(Bytes::new());
+    }
+    Ok(Bytes::from_owner(Buffered {
+        bytes,
+        _reservation: reservation,
+    }))
+}
+
+/// The raw request body (signature checks need the exact bytes), taken from the
+/// [`BodyBudget`] until it is dropped.
 pub struct RawBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for RawBody {
+impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state)
-            .await
-            .map(RawBody)
-            .map_err(body_error)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        buffer(req, state.body_budget).await.map(RawBody)
     }
 }
 
@@ -27,11 +149,11 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 /// is not JSON is 400 `INVALID_REQUEST` with serde's description of the problem.
 pub struct Json<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = Bytes::from_request(req, state).await.map_err(body_error)?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let body = buffer(req, state.body_budget).await?;
         let mut json = serde_json::Deserializer::from_slice(&body);
         let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
             let (path, err) = (err.path().to_string(), err.into_inner());
@@ -54,13 +176,36 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
-fn body_error(err: BytesRejection) -> ApiError {
-    if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge("the request body is larger than this route accepts".to_owned())
-    } else {
-        ApiError::InvalidRequest(format!(
-            "the request body could not be read: {}",
-            err.body_text()
-        ))
+/// 413 when the body-limit layer cut the body off at the route's limit; 400 otherwise.
+fn read_error(err: axum::Error) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(error) = cause {
+        if error.is::<LengthLimitError>() {
+            return ApiError::PayloadTooLarge(
+                "the request body is larger than this route accepts".to_owned(),
+            );
+        }
+        cause = error.source();
+    }
+    ApiError::InvalidRequest(format!("the request body could not be read: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_past_the_limit_is_refused_and_each_is_given_back_when_dropped() {
+        let budget = BodyBudget::leaked(100);
+        let first = budget.take(60).unwrap();
+        let mut second = budget.take(40).unwrap();
+        assert!(matches!(budget.take(1), Err(ApiError::Busy(_))));
+        assert!(second.grow_to(41).is_err());
+        assert_eq!((budget.taken(), second.bytes), (100, 40));
+        drop(first);
+        second.grow_to(100).unwrap();
+        assert_eq!(budget.taken(), 100);
+        drop(second);
+        assert_eq!(budget.taken(), 0);
     }
 }

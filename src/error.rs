@@ -43,6 +43,11 @@ pub enum ApiError {
     NotConfigured(&'static str),
     #[error("{0}")]
     NotReady(String),
+    /// The buffered request bodies of all requests are at their budget (`body::BODY_BUDGET`):
+    /// 503 `NOT_READY`, the contract's closest code (it has none for an overloaded server), with
+    /// `Retry-After: 1`.
+    #[error("{0}")]
+    Busy(String),
     /// `/readyz`'s 503: the body carries each dependency's check beside the code and message.
     #[error("a dependency is not ready; see checks")]
     DependenciesNotReady(serde_json::Value),
@@ -76,9 +81,10 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Self::NotConfigured(_) | Self::NotReady(_) | Self::DependenciesNotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NotConfigured(_)
+            | Self::NotReady(_)
+            | Self::Busy(_)
+            | Self::DependenciesNotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -99,7 +105,7 @@ impl ApiError {
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::NotConfigured(_) => "NOT_CONFIGURED",
-            Self::NotReady(_) | Self::DependenciesNotReady(_) => "NOT_READY",
+            Self::NotReady(_) | Self::Busy(_) | Self::DependenciesNotReady(_) => "NOT_READY",
             Self::NotFound(_) => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::Timeout(_) => "TIMEOUT",
@@ -144,6 +150,9 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            Self::Busy(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

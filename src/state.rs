@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::auth::usage::UsageTracker;
 use crate::auth::{Authenticator, settings_from};
+use crate::body::{BODY_BUDGET, BodyBudget};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::Store;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub clock: Clock,
     /// SMS sends under way, waited for at shutdown.
     pub sms_sends: SendTasks,
+    /// What every buffered request body is taken from (`body::BODY_BUDGET`).
+    pub body_budget: &'static BodyBudget,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             stripe_retry: RetryPolicy::default(),
             clock,
             sms_sends: SendTasks::default(),
+            body_budget: BodyBudget::leaked(BODY_BUDGET),
         }))
     }
 

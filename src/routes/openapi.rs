@@ -140,7 +140,12 @@ impl Modify for SecuritySchemes {
 type Failure = (u16, &'static [&'static str]);
 
 const SERVER: &[Failure] = &[(500, &["INTERNAL_ERROR"]), (504, &["TIMEOUT"])];
-const BODY: &[Failure] = &[(400, &["INVALID_REQUEST"]), (413, &["PAYLOAD_TOO_LARGE"])];
+/// A route that reads a body: 503 `NOT_READY` when the bodies in flight are at their budget.
+const BODY: &[Failure] = &[
+    (400, &["INVALID_REQUEST"]),
+    (413, &["PAYLOAD_TOO_LARGE"]),
+    (503, &["NOT_READY"]),
+];
 const CREDENTIAL: &[Failure] = &[(
     401,
     &[

@@ -34,7 +34,8 @@ use conn::{ConnState, TimedIo, Tracked};
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams one connection may have open at once; a stream past it is refused
 /// (`REFUSED_STREAM`, which a client may retry). Each stream is a request that may hold a body
-/// up to its route's limit, so this multiplies what one connection can make the server hold. 32
+/// up to its route's limit, so this multiplies what one connection can make the server hold
+/// (all requests' bodies together are bounded by `body::BODY_BUDGET` besides). 32
 /// is more than a page has in flight to one API (a browser queues what is past the limit on the
 /// connection, where over HTTP/1.1 it would wait for one of 6 connections), a third of the 100
 /// it was.

@@ -872,3 +872,103 @@ async fn hostile_http2_streams_past_32_on_one_connection_are_refused() {
         "(SETTINGS_MAX_CONCURRENT_STREAMS, streams reset with their error codes)"
     );
 }
+
+/// Sends a request head over HTTP/1.1 (`head` without its blank line) and `body`, and waits at
+/// most `limit` for the answer: its status and body, or `None` when none came.
+async fn answer_within(
+    port: u16,
+    head: &str,
+    body: &[u8],
+    limit: Duration,
+) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(format!("{head}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..at + 4]).into_owned();
+            let length = content_length(&head).unwrap_or(0);
+            if data.len() >= at + 4 + length {
+                let body = String::from_utf8_lossy(&data[at + 4..at + 4 + length]).into_owned();
+                return Some((head[9..12].parse().unwrap(), body));
+            }
+        }
+        let left = limit.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => data.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// The `code` of an error body.
+fn code_of(body: &str) -> String {
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    body["code"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test]
+async fn hostile_unfinished_bodies_past_the_buffer_budget_are_answered_503_at_once() {
+    use crate::h2c::{self, H2};
+    let server = run(&[("SUPABASE_SECRET_KEY", SERVICE_KEY)]).await;
+    let mebibyte = (1024 * 1024).to_string();
+    // 65 requests declaring jwt-test's largest body, over three HTTP/2 connections, none sent:
+    // 64 take the whole 64 MiB budget, and one (whichever the server takes last) is answered at
+    // once, the only one answered while the bodies are awaited.
+    let mut held = Vec::new();
+    for streams in [32, 32, 1] {
+        let mut conn = H2::connect(server.port).await;
+        for i in 0..streams {
+            let headers = [
+                ("apikey", SERVICE_KEY),
+                ("content-length", mebibyte.as_str()),
+            ];
+            conn.request(2 * i + 1, "POST", "/functions/v1/jwt-test", &headers, false)
+                .await;
+        }
+        held.push(conn);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut answered = None;
+    'wait: while Instant::now() < deadline {
+        for conn in &mut held {
+            let poll = Instant::now() + Duration::from_millis(50);
+            while let Some(frame) = conn.read_frame_until(poll).await {
+                if frame.kind == h2c::DATA {
+                    answered = Some(String::from_utf8_lossy(&frame.payload).into_owned());
+                    break 'wait;
+                }
+            }
+        }
+    }
+    let answered = answered.expect("one of 65 requests past the budget answered within 5 s");
+    assert_eq!(code_of(&answered), "NOT_READY", "{answered}");
+    let head = |length: &str| {
+        format!(
+            "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+             content-length: {length}"
+        )
+    };
+    // The budget is process-wide: one more over HTTP/1.1 is answered at once too.
+    let answer = answer_within(server.port, &head(&mebibyte), b"", SLACK).await;
+    let answer = answer.map(|(status, body)| (status, code_of(&body)));
+    assert_eq!(answer, Some((503, "NOT_READY".to_owned())));
+
+    // The held requests gone, their bytes are free again.
+    drop(held);
+    let mut answered = None;
+    for _ in 0..50 {
+        answered = answer_within(server.port, &head("2"), b"{}", Duration::from_secs(5)).await;
+        if answered.as_ref().is_some_and(|(status, _)| *status == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered.map(|(status, _)| status), Some(200));
+}
