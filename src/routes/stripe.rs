@@ -2,8 +2,8 @@
 //! handlers over `crate::stripe`.
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use serde_json::{Value, json};
 
 use crate::audit;
@@ -13,8 +13,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::stripe::StripeClient;
 use crate::stripe::reconcile::{self, ReconcileReport};
+use crate::stripe::signature;
 use crate::stripe::sync::{self, SyncReport};
-use crate::stripe::webhook;
+use crate::stripe::webhook::{self, WebhookError};
 
 /// The largest webhook body taken (Stripe's events are far smaller).
 pub const WEBHOOK_BODY_LIMIT: usize = 512 * 1024;
@@ -126,6 +127,36 @@ pub async fn reconcile(
     Ok(Json(report))
 }
 
+/// A webhook's `Stripe-Signature`, checked before its body is read: the webhook is configured
+/// (503 `NOT_CONFIGURED`) and the header is there, well-formed and recent
+/// ([`signature::check_header`]; 400 `INVALID_SIGNATURE`, counted as a refused delivery). The
+/// signature itself is verified over the body afterwards.
+pub struct StripeSignature(String);
+
+impl FromRequestParts<AppState> for StripeSignature {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.config.stripe.webhook_secrets.is_empty() {
+            return Err(ApiError::NotConfigured("STRIPE_WEBHOOK_SECRET"));
+        }
+        // A header that is not text is as good as missing.
+        let header = parts
+            .headers
+            .get("stripe-signature")
+            .and_then(|value| value.to_str().ok());
+        let now = state.clock.now_ms().div_euclid(1000);
+        match signature::check_header(header, now) {
+            Ok(()) => Ok(Self(header.unwrap_or_default().to_owned())),
+            Err(err) => {
+                let err = WebhookError::from(err);
+                state.stripe_metrics.webhook_event("unknown", err.outcome());
+                Err(err.into())
+            }
+        }
+    }
+}
+
 #[utoipa::path(
     post,
     path = "/functions/v1/stripe-webhook",
@@ -144,23 +175,15 @@ pub async fn reconcile(
 )]
 pub async fn webhook(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    StripeSignature(signature): StripeSignature,
     RawBody(body): RawBody,
 ) -> ApiResult<Json<Value>> {
-    let secrets = &state.config.stripe.webhook_secrets;
-    if secrets.is_empty() {
-        return Err(ApiError::NotConfigured("STRIPE_WEBHOOK_SECRET"));
-    }
-    // A header that is not text is as good as missing.
-    let signature = headers
-        .get("stripe-signature")
-        .and_then(|value| value.to_str().ok());
     let stripe = stripe_client(&state);
     let delivery = webhook::receive(
         &state.store,
         stripe.as_ref(),
-        secrets,
-        signature,
+        &state.config.stripe.webhook_secrets,
+        Some(&signature),
         &body,
         state.clock.now_ms(),
         &state.stripe_metrics,

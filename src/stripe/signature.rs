@@ -66,6 +66,23 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The header parsed, when it has a timestamp within [`TOLERANCE_SECONDS`] of `now`.
+fn fresh(header: Option<&str>, now: i64) -> Result<Parsed<'_>, SignatureError> {
+    let parsed = parse(header.ok_or(SignatureError::Missing)?)?;
+    if parsed.timestamp < now.saturating_sub(TOLERANCE_SECONDS) {
+        return Err(SignatureError::TooOld);
+    }
+    Ok(parsed)
+}
+
+/// What can be checked before the body is read: `header` is there, with a timestamp and a v1
+/// signature, and the timestamp is within [`TOLERANCE_SECONDS`] of `now`. Not a verification:
+/// anyone can write such a header, so [`verify`] over the body is still the check; this one
+/// keeps a client without even that from making the service read its body.
+pub fn check_header(header: Option<&str>, now: i64) -> Result<(), SignatureError> {
+    fresh(header, now).map(|_| ())
+}
+
 /// Checks `header` against `body` with each of `secrets` at time `now` (unix seconds); returns
 /// the signed timestamp. Every comparison is constant-time.
 pub fn verify(
@@ -74,10 +91,7 @@ pub fn verify(
     secrets: &[SecretString],
     now: i64,
 ) -> Result<i64, SignatureError> {
-    let parsed = parse(header.ok_or(SignatureError::Missing)?)?;
-    if parsed.timestamp < now.saturating_sub(TOLERANCE_SECONDS) {
-        return Err(SignatureError::TooOld);
-    }
+    let parsed = fresh(header, now)?;
     for secret in secrets {
         let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose_secret().as_bytes());
         let mut context = hmac::Context::with_key(&key);
@@ -141,6 +155,13 @@ mod tests {
             verify(None, body, &secrets(&["whsec_a"]), 1000),
             Err(SignatureError::Missing)
         );
+        assert_eq!(check_header(Some(&good), 1300), Ok(()));
+        assert_eq!(check_header(Some(&good), 1301), Err(SignatureError::TooOld));
+        assert_eq!(
+            check_header(Some("t=1000"), 1000),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(check_header(None, 1000), Err(SignatureError::Missing));
         assert_eq!(
             verify(Some(&good), body, &secrets(&["whsec_b", "whsec_a"]), 1000),
             Ok(1000)

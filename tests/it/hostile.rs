@@ -972,3 +972,49 @@ async fn hostile_unfinished_bodies_past_the_buffer_budget_are_answered_503_at_on
     }
     assert_eq!(answered.map(|(status, _)| status), Some(200));
 }
+
+#[tokio::test]
+async fn hostile_webhook_bodies_are_not_awaited_before_configuration_and_signature_header() {
+    let length = (512 * 1024).to_string();
+    let head = |signature: Option<&str>| {
+        let signature = signature
+            .map(|value| format!("\r\nstripe-signature: {value}"))
+            .unwrap_or_default();
+        format!(
+            "POST /functions/v1/stripe-webhook HTTP/1.1\r\nHost: edgegate\r\n\
+             content-type: application/json\r\ncontent-length: {length}{signature}"
+        )
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let v1 = "ab".repeat(32);
+    let stale = format!("t={},v1={v1}", now - 3600);
+    // Each declares the largest webhook body and sends none of it.
+    let unconfigured = run(&[]).await;
+    let answer = answer_within(unconfigured.port, &head(Some(&stale)), b"", SLACK).await;
+    let answer = answer.map(|(status, body)| (status, code_of(&body)));
+    assert_eq!(
+        answer,
+        Some((503, "NOT_CONFIGURED".to_owned())),
+        "unconfigured"
+    );
+
+    let configured = run(&[("STRIPE_WEBHOOK_SECRET", "whsec_hostile")]).await;
+    for (case, signature) in [
+        ("missing", None),
+        ("no timestamp", Some(format!("v1={v1}"))),
+        ("no v1", Some(format!("t={now}"))),
+        ("timestamp not a number", Some(format!("t=soon,v1={v1}"))),
+        ("too old", Some(stale.clone())),
+    ] {
+        let answer = answer_within(configured.port, &head(signature.as_deref()), b"", SLACK).await;
+        let answer = answer.map(|(status, body)| (status, code_of(&body)));
+        assert_eq!(
+            answer,
+            Some((400, "INVALID_SIGNATURE".to_owned())),
+            "{case}"
+        );
+    }
+}
