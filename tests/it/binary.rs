@@ -552,6 +552,25 @@ fn check_and_report_do_not_create_a_missing_sqlite_file() {
     assert!(database.contains("migrate"), "{database}");
 }
 
+/// The embedded default on a fresh machine (no DATABASE_URL, no file yet): `check` passes, says
+/// that `serve` makes the file, and makes none itself. A new user may well run it first.
+#[test]
+fn check_on_a_fresh_machine_passes_for_the_default_database_it_does_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        database.starts_with("ok") && database.contains("serve creates"),
+        "{database}"
+    );
+    assert!(!dir.path().join("edgegate.db").exists(), "a file was made");
+}
+
 /// `keys report --url` sends the secret key over plain http to loopback only (exit 2 naming
 /// --url otherwise), and keeps the path of a URL behind a prefix.
 #[test]
