@@ -1,13 +1,18 @@
 //! Body extractors whose rejections are the contract's errors, not axum's plain-text ones, and
 //! the one budget every buffered request body is taken from.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::body::{Body, HttpBody as _};
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, LengthLimitError};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -19,13 +24,19 @@ use crate::state::AppState;
 /// (JSON of a few hundred bytes, Stripe's events of a few KiB).
 pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
 
-/// Request-body bytes buffered at once, over all requests: a body takes its declared length
-/// before any of it is read (or its bytes as they arrive when it declares none) and gives them
-/// back when its buffer is dropped. A body that would go over is refused at once, 503.
+/// The most a body takes, and allocates, before its bytes arrive: a declared length is a
+/// promise, and a client that declares 1 MiB and sends nothing must not hold 1 MiB of everyone's
+/// budget (64 such requests would refuse all bodies for the route's 30 s).
+const FIRST_TAKE: usize = 64 * 1024;
+
+/// Request-body bytes buffered at once, over all requests: a body takes its buffer's size as
+/// its bytes arrive (at first its declared length up to [`FIRST_TAKE`]) and gives it back when
+/// the buffer is dropped. A body that would go over is refused at once, 503.
 #[derive(Debug)]
 pub struct BodyBudget {
     limit: usize,
     taken: AtomicUsize,
+    refused: AtomicU64,
 }
 
 impl BodyBudget {
@@ -36,7 +47,13 @@ impl BodyBudget {
         Box::leak(Box::new(Self {
             limit,
             taken: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
         }))
+    }
+
+    /// Exposes the bytes taken and the bodies refused on `/metrics`.
+    pub fn register(&'static self, registry: &mut Registry) {
+        registry.register_collector(Box::new(BudgetCollector(self)));
     }
 
     /// The bytes taken now (buffered, or declared and on their way).
@@ -69,6 +86,7 @@ impl Reservation {
         let before = self.budget.taken.fetch_add(more, Ordering::Relaxed);
         if before.saturating_add(more) > self.budget.limit {
             self.budget.taken.fetch_sub(more, Ordering::Relaxed);
+            self.budget.refused.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::Busy(
                 "the server holds as many request bodies as it can take; retry shortly".to_owned(),
             ));
@@ -110,11 +128,11 @@ async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiE
     if body.is_end_stream() {
         return Ok(Bytes::new());
     }
-    // The declared length is at most the route's limit: the body-limit layer answered 413
-    // to more before the handler was called.
-    let declared = declared.unwrap_or(0);
-    let mut reservation = budget.take(declared)?;
-    let mut bytes = BytesMut::with_capacity(declared);
+    // The declared length is at most the route's limit (the body-limit layer answered 413 to
+    // more before the handler was called), and only its first part is taken before it comes.
+    let first = declared.unwrap_or(0).min(FIRST_TAKE);
+    let mut reservation = budget.take(first)?;
+    let mut bytes = BytesMut::with_capacity(first);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(read_error)?;
         if let Ok(data) = frame.into_data() {
@@ -130,6 +148,29 @@ async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiE
         bytes,
         _reservation: reservation,
     }))
+}
+
+/// `/metrics`: the bytes the budget holds now, and the bodies it refused.
+#[derive(Debug)]
+struct BudgetCollector(&'static BodyBudget);
+
+impl Collector for BudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let taken = ConstGauge::new(i64::try_from(self.0.taken()).unwrap_or(i64::MAX));
+        taken.encode(encoder.encode_descriptor(
+            "http_request_body_bytes_buffered",
+            "Request-body bytes buffered now, over every request (at most 64 MiB)",
+            None,
+            taken.metric_type(),
+        )?)?;
+        let refused = ConstCounter::new(self.0.refused.load(Ordering::Relaxed));
+        refused.encode(encoder.encode_descriptor(
+            "http_request_bodies_refused",
+            "Request bodies answered 503 because the buffered bodies were at their budget",
+            None,
+            refused.metric_type(),
+        )?)
+    }
 }
 
 /// The raw request body (signature checks need the exact bytes), taken from the

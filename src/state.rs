@@ -66,6 +66,8 @@ impl AppState {
         usage.register(metrics.registry_mut());
         let reconcile_metrics = ReconcileMetrics::default();
         reconcile_metrics.register(metrics.registry_mut());
+        let body_budget = BodyBudget::leaked(BODY_BUDGET);
+        body_budget.register(metrics.registry_mut());
         Self(Arc::new(Shared {
             config: Arc::new(config),
             store,
@@ -78,7 +80,7 @@ impl AppState {
             stripe_retry: RetryPolicy::default(),
             clock,
             sms_sends: SendTasks::default(),
-            body_budget: BodyBudget::leaked(BODY_BUDGET),
+            body_budget,
         }))
     }
 

@@ -913,64 +913,96 @@ fn code_of(body: &str) -> String {
     body["code"].as_str().unwrap_or("").to_owned()
 }
 
+/// A jwt-test POST declaring `length` bytes of body with `sent` of them written, left open.
+async fn hold_body(port: u16, length: usize, sent: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+         content-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b'a'; sent]).await.unwrap();
+    stream
+}
+
+/// A value of `/metrics` (a series without labels).
+async fn metric(port: u16, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Polls `/metrics` until `name` is `want` (at most 10 s); returns the last value read.
+async fn metric_becomes(port: u16, name: &str, want: u64) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = metric(port, name).await;
+        if value == Some(want) || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Request bodies buffered at once share one 64 MiB budget, taken as their bytes arrive. A body
+/// declared and never sent takes 64 KiB at most: 80 of them leave room for others (they took the
+/// whole budget, and refused everyone's bodies, when a declared length was taken up front). 64
+/// bodies of nearly 1 MiB sent and never finished do fill it: one more is answered 503
+/// `NOT_READY` as it comes, and counted; the held bodies gone, their bytes are free again.
 #[tokio::test]
-async fn hostile_unfinished_bodies_past_the_buffer_budget_are_answered_503_at_once() {
-    use crate::h2c::{self, H2};
+async fn hostile_bodies_past_the_buffer_budget_are_answered_503_and_a_declared_length_takes_little()
+{
+    const BUFFERED: &str = "edgegate_http_request_body_bytes_buffered";
+    const REFUSED: &str = "edgegate_http_request_bodies_refused_total";
     let server = run(&[("SUPABASE_SECRET_KEY", SERVICE_KEY)]).await;
-    let mebibyte = (1024 * 1024).to_string();
-    // 65 requests declaring jwt-test's largest body, over three HTTP/2 connections, none sent:
-    // 64 take the whole 64 MiB budget, and one (whichever the server takes last) is answered at
-    // once, the only one answered while the bodies are awaited.
+    let port = server.port;
+    let mebibyte = 1024 * 1024;
+    let small = format!(
+        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+         content-length: 2"
+    );
+
+    let mut declared = Vec::new();
+    for _ in 0..80 {
+        declared.push(hold_body(port, mebibyte, 0).await);
+    }
+    assert_eq!(
+        metric_becomes(port, BUFFERED, 80 * 64 * 1024).await,
+        Some(80 * 64 * 1024)
+    );
+    let answer = answer_within(port, &small, b"{}", Duration::from_secs(5)).await;
+    assert_eq!(answer.map(|(status, _)| status), Some(200));
+    drop(declared);
+    assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
+
     let mut held = Vec::new();
-    for streams in [32, 32, 1] {
-        let mut conn = H2::connect(server.port).await;
-        for i in 0..streams {
-            let headers = [
-                ("apikey", SERVICE_KEY),
-                ("content-length", mebibyte.as_str()),
-            ];
-            conn.request(2 * i + 1, "POST", "/functions/v1/jwt-test", &headers, false)
-                .await;
-        }
-        held.push(conn);
+    for _ in 0..64 {
+        held.push(hold_body(port, mebibyte, mebibyte - 1).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut answered = None;
-    'wait: while Instant::now() < deadline {
-        for conn in &mut held {
-            let poll = Instant::now() + Duration::from_millis(50);
-            while let Some(frame) = conn.read_frame_until(poll).await {
-                if frame.kind == h2c::DATA {
-                    answered = Some(String::from_utf8_lossy(&frame.payload).into_owned());
-                    break 'wait;
-                }
-            }
-        }
-    }
-    let answered = answered.expect("one of 65 requests past the budget answered within 5 s");
-    assert_eq!(code_of(&answered), "NOT_READY", "{answered}");
-    let head = |length: &str| {
-        format!(
-            "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
-             content-length: {length}"
-        )
-    };
-    // The budget is process-wide: one more over HTTP/1.1 is answered at once too.
-    let answer = answer_within(server.port, &head(&mebibyte), b"", SLACK).await;
+    assert_eq!(
+        metric_becomes(port, BUFFERED, 64 * mebibyte as u64).await,
+        Some(64 * mebibyte as u64)
+    );
+    assert_eq!(metric(port, REFUSED).await, Some(0));
+    let probe = format!(
+        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+         content-length: {mebibyte}"
+    );
+    let answer = answer_within(port, &probe, &vec![b'a'; 128 * 1024], SLACK).await;
     let answer = answer.map(|(status, body)| (status, code_of(&body)));
     assert_eq!(answer, Some((503, "NOT_READY".to_owned())));
+    assert_eq!(metric(port, REFUSED).await, Some(1));
 
-    // The held requests gone, their bytes are free again.
     drop(held);
-    let mut answered = None;
-    for _ in 0..50 {
-        answered = answer_within(server.port, &head("2"), b"{}", Duration::from_secs(5)).await;
-        if answered.as_ref().is_some_and(|(status, _)| *status == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answered.map(|(status, _)| status), Some(200));
+    assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
+    let answer = answer_within(port, &small, b"{}", Duration::from_secs(5)).await;
+    assert_eq!(answer.map(|(status, _)| status), Some(200));
 }
 
 #[tokio::test]
