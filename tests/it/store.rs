@@ -289,5 +289,39 @@ async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
         open.is_empty(),
         "tables open to the Data API (name, row-level security, anon, authenticated): {open:?}"
     );
+
+    // A serving role that does not own the tables (granted what it needs) still reads and
+    // writes every row: row-level security shuts out the Data API's roles only.
+    let made = sqlx::query("CREATE ROLE edgegate_serving_test NOLOGIN")
+        .execute(&pool)
+        .await;
+    if let Err(err) = made {
+        let code = err.as_database_error().and_then(|e| e.code());
+        assert!(
+            matches!(code.as_deref(), Some("42710" | "23505")),
+            "CREATE ROLE: {err}"
+        );
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in [
+        "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO edgegate_serving_test', \
+         current_schema()); EXECUTE format('GRANT ALL ON ALL TABLES IN SCHEMA %I TO \
+         edgegate_serving_test', current_schema()); END $$",
+        "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ('owner', 'o', 1, 2)",
+        "SET ROLE edgegate_serving_test",
+        "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ('serving', 's', 1, 2)",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    }
+    let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM locks")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    assert_eq!(seen, 2, "rows the serving role sees");
+    drop(conn);
     pool.close().await;
 }
