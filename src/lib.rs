@@ -235,22 +235,23 @@ impl Started {
             .unwrap_or_else(tokio::time::Instant::now)
             + drain
             + AFTER_DRAIN;
-        // The usage counts first: they are the legacy verdict's evidence, and what is left of
-        // the kill timeout after the drain is short.
+        // The usage counts first (with the SMS sends still under way): they are the legacy
+        // verdict's evidence, and what is left of the kill timeout after the drain is short.
         let finish = async {
             for task in self.background {
                 task.abort();
             }
             self.flusher.stop().await;
-            if let Err(err) = usage.flush(&store).await {
+            // A send the drain cut its caller off from still records Twilio's answer (at most
+            // the send's budget and its writes; the deadline bounds it in any case), at the same
+            // time as the counts are written: neither waits for the other on a slow database.
+            let (flushed, ()) = tokio::join!(usage.flush(&store), sms_sends.idle());
+            if let Err(err) = flushed {
                 tracing::warn!(
                     error = crate::error::causes(&err),
                     "key usage lost at shutdown"
                 );
             }
-            // A send the drain cut its caller off from still records Twilio's answer (at most
-            // the send's budget and its writes; the deadline bounds it in any case).
-            sms_sends.idle().await;
             if let Some(refresh) = self.refresh {
                 // A fetch under way is not waited for: nothing will use what it brings.
                 let _ = tokio::time::timeout(REFRESH_STOP, refresh.stop()).await;
