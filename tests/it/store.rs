@@ -248,17 +248,7 @@ async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
     // Supabase's roles (cluster-wide, so made once and kept) and its default privileges on new
     // tables, set in this test's own schema before edgegate's tables exist.
     for role in ["anon", "authenticated"] {
-        let made = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} NOLOGIN")))
-            .execute(&pool)
-            .await;
-        if let Err(err) = made {
-            let code = err.as_database_error().and_then(|e| e.code());
-            // 42710: it exists; 23505: another test run made it at the same moment.
-            assert!(
-                matches!(code.as_deref(), Some("42710" | "23505")),
-                "CREATE ROLE {role}: {err}"
-            );
-        }
+        create_role(&pool, role).await;
     }
     sqlx::query(
         "DO $$ BEGIN EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I \
@@ -292,16 +282,7 @@ async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
 
     // A serving role that does not own the tables (granted what it needs) still reads and
     // writes every row: row-level security shuts out the Data API's roles only.
-    let made = sqlx::query("CREATE ROLE edgegate_serving_test NOLOGIN")
-        .execute(&pool)
-        .await;
-    if let Err(err) = made {
-        let code = err.as_database_error().and_then(|e| e.code());
-        assert!(
-            matches!(code.as_deref(), Some("42710" | "23505")),
-            "CREATE ROLE: {err}"
-        );
-    }
+    create_role(&pool, "edgegate_serving_test").await;
     let mut conn = pool.acquire().await.unwrap();
     for sql in [
         "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO edgegate_serving_test', \
@@ -324,4 +305,19 @@ async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
     assert_eq!(seen, 2, "rows the serving role sees");
     drop(conn);
     pool.close().await;
+}
+
+/// A role of the cluster (roles are not per database or schema: made once and kept).
+async fn create_role(pool: &sqlx::PgPool, role: &str) {
+    let made = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} NOLOGIN")))
+        .execute(pool)
+        .await;
+    if let Err(err) = made {
+        let code = err.as_database_error().and_then(|e| e.code());
+        // 42710: it exists; 23505: another test run made it at the same moment.
+        assert!(
+            matches!(code.as_deref(), Some("42710" | "23505")),
+            "CREATE ROLE {role}: {err}"
+        );
+    }
 }
