@@ -185,6 +185,23 @@ impl FromRequest<AppState> for RawBody {
     }
 }
 
+/// A body read to its end and dropped frame by frame (jwt-test's, which `functions.invoke` sends
+/// and the answer does not use): the request is complete when answered, within the route's limit,
+/// and nothing of it is buffered, so it takes nothing from the [`BodyBudget`].
+pub struct IgnoredBody;
+
+impl<S: Send + Sync> FromRequest<S> for IgnoredBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.map_err(read_error)?;
+        }
+        Ok(IgnoredBody)
+    }
+}
+
 /// A JSON body, whatever its `Content-Type` says (supabase-js's `functions.invoke` labels a
 /// string body `text/plain`; the Edge Functions read it with `req.json()` all the same); one that
 /// is not JSON is 400 `INVALID_REQUEST` with serde's description of the problem.

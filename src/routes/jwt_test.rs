@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
 use crate::auth::Claims;
-use crate::body::RawBody;
+use crate::body::IgnoredBody;
 use crate::credentials::User;
 use crate::json_text::push_json_string;
 
@@ -82,7 +82,7 @@ impl IntoResponse for JwtTestBody {
 }
 
 /// The body (what `functions.invoke` sends) is read and ignored, so a request is complete, and
-/// counted as in flight, until its body has arrived.
+/// counted as in flight, until its body has arrived; none of it is kept.
 #[utoipa::path(
     method(get, post),
     path = "/functions/v1/jwt-test",
@@ -95,7 +95,7 @@ impl IntoResponse for JwtTestBody {
         crate::routes::openapi::UserErrors,
     )
 )]
-pub async fn jwt_test(User(principal): User, RawBody(_body): RawBody) -> JwtTestBody {
+pub async fn jwt_test(User(principal): User, _body: IgnoredBody) -> JwtTestBody {
     let verified = principal.verified;
     JwtTestBody {
         valid: true,

@@ -913,11 +913,11 @@ fn code_of(body: &str) -> String {
     body["code"].as_str().unwrap_or("").to_owned()
 }
 
-/// A jwt-test POST declaring `length` bytes of body with `sent` of them written, left open.
-async fn hold_body(port: u16, length: usize, sent: usize) -> TcpStream {
+/// A POST to `path` declaring `length` bytes of body with `sent` of them written, left open.
+async fn hold_body(port: u16, path: &str, length: usize, sent: usize) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let head = format!(
-        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+        "POST {path} HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
          content-length: {length}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
@@ -955,54 +955,79 @@ async fn metric_becomes(port: u16, name: &str, want: u64) -> Option<u64> {
 /// whole budget, and refused everyone's bodies, when a declared length was taken up front). 64
 /// bodies of nearly 1 MiB sent and never finished do fill it: one more is answered 503
 /// `NOT_READY` as it comes, and counted; the held bodies gone, their bytes are free again.
+/// jwt-test's body, read and dropped, takes none of it: a caller of jwt-test does not compete with
+/// send-sms for it (its bodies were buffered, and took their share, before).
 #[tokio::test]
 async fn hostile_bodies_past_the_buffer_budget_are_answered_503_and_a_declared_length_takes_little()
 {
     const BUFFERED: &str = "edgegate_http_request_body_bytes_buffered";
     const REFUSED: &str = "edgegate_http_request_bodies_refused_total";
+    const SEND: &str = "/functions/v1/send-sms";
+    const JWT_TEST: &str = "/functions/v1/jwt-test";
     let server = run(&[("SUPABASE_SECRET_KEY", SERVICE_KEY)]).await;
     let port = server.port;
     let mebibyte = 1024 * 1024;
-    let small = format!(
-        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
-         content-length: 2"
-    );
+    let request = |path: &str, length: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+             content-length: {length}"
+        )
+    };
+    // `[]` is read whole and refused for what it says (not a message): the body was taken.
+    let small = request(SEND, 2);
+    let read_whole = Some((400, "INVALID_REQUEST".to_owned()));
+
+    let ignored = hold_body(port, JWT_TEST, mebibyte, mebibyte - 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(port, BUFFERED).await, Some(0), "jwt-test's body");
+    drop(ignored);
 
     let mut declared = Vec::new();
     for _ in 0..80 {
-        declared.push(hold_body(port, mebibyte, 0).await);
+        declared.push(hold_body(port, SEND, mebibyte, 0).await);
     }
     assert_eq!(
         metric_becomes(port, BUFFERED, 80 * 64 * 1024).await,
         Some(80 * 64 * 1024)
     );
-    let answer = answer_within(port, &small, b"{}", Duration::from_secs(5)).await;
-    assert_eq!(answer.map(|(status, _)| status), Some(200));
+    let answer = answer_within(port, &small, b"[]", Duration::from_secs(5)).await;
+    assert_eq!(
+        answer.map(|(status, body)| (status, code_of(&body))),
+        read_whole
+    );
     drop(declared);
     assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
 
     let mut held = Vec::new();
     for _ in 0..64 {
-        held.push(hold_body(port, mebibyte, mebibyte - 1).await);
+        held.push(hold_body(port, SEND, mebibyte, mebibyte - 1).await);
     }
     assert_eq!(
         metric_becomes(port, BUFFERED, 64 * mebibyte as u64).await,
         Some(64 * mebibyte as u64)
     );
     assert_eq!(metric(port, REFUSED).await, Some(0));
-    let probe = format!(
-        "POST /functions/v1/jwt-test HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
-         content-length: {mebibyte}"
-    );
-    let answer = answer_within(port, &probe, &vec![b'a'; 128 * 1024], SLACK).await;
+    let answer = answer_within(
+        port,
+        &request(SEND, mebibyte),
+        &vec![b'a'; 128 * 1024],
+        SLACK,
+    )
+    .await;
     let answer = answer.map(|(status, body)| (status, code_of(&body)));
     assert_eq!(answer, Some((503, "NOT_READY".to_owned())));
     assert_eq!(metric(port, REFUSED).await, Some(1));
+    // jwt-test still answers while the budget is full, body and all.
+    let answer = answer_within(port, &request(JWT_TEST, 2), b"{}", SLACK).await;
+    assert_eq!(answer.map(|(status, _)| status), Some(200), "jwt-test");
 
     drop(held);
     assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
-    let answer = answer_within(port, &small, b"{}", Duration::from_secs(5)).await;
-    assert_eq!(answer.map(|(status, _)| status), Some(200));
+    let answer = answer_within(port, &small, b"[]", Duration::from_secs(5)).await;
+    assert_eq!(
+        answer.map(|(status, body)| (status, code_of(&body))),
+        read_whole
+    );
 }
 
 #[tokio::test]
