@@ -23,9 +23,9 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://edgegate.db";
 pub const DEFAULT_PORT: u16 = 8080;
 /// How long one Twilio call may take.
 pub const DEFAULT_TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one SMS send may take from its start (the row's reservation included) to Twilio's
-/// last answer: with the answer's and the audit row's writes after it, inside the route's 30 s
-/// (`twilio::send` checks the sum).
+/// How long one SMS send may take from the request's arrival at its route (the credential check,
+/// the body and the row's reservation included) to Twilio's last answer: with the answer's and
+/// the audit row's writes after it, inside the route's 30 s (`twilio::send` checks the sum).
 pub const DEFAULT_SMS_SEND_BUDGET: Duration = Duration::from_secs(18);
 /// The first backoff after a throttled or unsent Twilio call.
 pub const DEFAULT_TWILIO_RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -288,8 +288,8 @@ pub struct TwilioConfig {
     pub request_timeout: Duration,
     /// The first pause before retrying a call Twilio throttled or never received; it doubles.
     pub retry_base_delay: Duration,
-    /// How long one send may take until Twilio's last answer; no call is started that could end
-    /// after it. Not an environment variable: tests shorten it.
+    /// How long one send may take from the request's arrival until Twilio's last answer; no call
+    /// is started that could end after it. Not an environment variable: tests shorten it.
     pub send_budget: Duration,
 }
 

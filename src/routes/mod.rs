@@ -12,7 +12,7 @@ use axum::http::Uri;
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
-use crate::server::middleware::LimitBodyLayer;
+use crate::server::middleware::{LimitBodyLayer, StampArrivalLayer};
 use crate::state::AppState;
 
 /// Every route of the contract, without middleware.
@@ -26,7 +26,10 @@ pub fn router() -> Router<AppState> {
             "/functions/v1/jwt-test",
             get(jwt_test::jwt_test).post(jwt_test::jwt_test),
         )
-        .route("/functions/v1/send-sms", post(sms::send_sms))
+        .route(
+            "/functions/v1/send-sms",
+            post(sms::send_sms).layer(StampArrivalLayer),
+        )
         .route(
             crate::twilio::STATUS_CALLBACK_PATH,
             post(sms::twilio_status).layer(LimitBodyLayer(crate::twilio::status::BODY_LIMIT)),

@@ -6,8 +6,9 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use crate::body::{Json, RawBody};
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
+use crate::server::middleware::Arrival;
 use crate::state::AppState;
-use crate::twilio::send::{SendSmsRequest, SmsReceipt, send_sms as send};
+use crate::twilio::send::{SendSmsRequest, SmsReceipt, Submission, send_sms as send};
 use crate::twilio::status::{Callback, apply_callback};
 
 #[utoipa::path(
@@ -27,6 +28,7 @@ use crate::twilio::status::{Callback, apply_callback};
 )]
 pub async fn send_sms(
     State(app): State<AppState>,
+    Arrival(arrival): Arrival,
     ServiceRole(principal): ServiceRole,
     Json(request): Json<SendSmsRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
@@ -37,7 +39,7 @@ pub async fn send_sms(
         app.http.clone(),
         app.clock.clone(),
         &app.sms_sends,
-        request,
+        Submission { request, arrival },
         audit,
     )
     .await?;

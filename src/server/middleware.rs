@@ -443,6 +443,63 @@ where
     }
 }
 
+/// When a request reached its route, before its credential was checked and its body read. A
+/// handler whose work has a budget of its own (send-sms's) counts it from here: time the
+/// request spent before the work leaves less to the work, not more to the route's timeout.
+/// Stamped by [`StampArrivalLayer`] on the routes that ask for it; read as an extractor (the
+/// time it is read, where no layer stamped it).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(pub tokio::time::Instant);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Arrival {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Arrival>()
+            .copied()
+            .unwrap_or_else(|| Arrival(tokio::time::Instant::now())))
+    }
+}
+
+/// Stamps each request with its [`Arrival`].
+#[derive(Clone, Copy, Debug)]
+pub struct StampArrivalLayer;
+
+impl<S> Layer<S> for StampArrivalLayer {
+    type Service = StampArrival<S>;
+
+    fn layer(&self, inner: S) -> StampArrival<S> {
+        StampArrival { inner }
+    }
+}
+
+/// See [`StampArrivalLayer`].
+#[derive(Clone, Debug)]
+pub struct StampArrival<S> {
+    inner: S,
+}
+
+impl<S: Service<Request>> Service<Request> for StampArrival<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        req.extensions_mut()
+            .insert(Arrival(tokio::time::Instant::now()));
+        self.inner.call(req)
+    }
+}
+
 /// Refuses a declared length over the limit at once (413 `PAYLOAD_TOO_LARGE`); caps a streamed
 /// body at the limit while it is read, which the body extractors turn into the same answer.
 /// Routes may add their own, smaller limit.

@@ -205,8 +205,17 @@ impl Drop for SendTaskGuard {
     }
 }
 
-/// Sends `request` unless its idempotency key was seen before or a limit is reached, and
-/// records `audit` (the caller's entry for this action) with the outcome.
+/// A send as its route took it: the message, and when the request reached the route.
+#[derive(Debug)]
+pub struct Submission {
+    pub request: SendSmsRequest,
+    /// The send's budget (`TwilioConfig::send_budget`) counts from here: the credential check,
+    /// the body's arrival and the row's reservation all leave less time to Twilio.
+    pub arrival: tokio::time::Instant,
+}
+
+/// Sends the submitted message unless its idempotency key was seen before or a limit is
+/// reached, and records `audit` (the caller's entry for this action) with the outcome.
 ///
 /// The work runs in its own task, counted in `tasks`: a caller who hangs up drops this future,
 /// and must not leave a reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the
@@ -217,14 +226,25 @@ pub async fn send_sms(
     http: reqwest::Client,
     clock: Clock,
     tasks: &SendTasks,
-    request: SendSmsRequest,
+    submission: Submission,
     audit: AuditEntry,
 ) -> Result<Sent, SmsError> {
     let running = tasks.enter();
+    let Submission { request, arrival } = submission;
     let work = async move {
         let _running = running;
         let mut message_id = None;
-        let outcome = send_once(&store, &config, &http, &clock, request, &mut message_id).await;
+        let deadline = arrival + config.twilio.send_budget;
+        let outcome = send_once(
+            &store,
+            &config,
+            &http,
+            &clock,
+            request,
+            deadline,
+            &mut message_id,
+        )
+        .await;
         record_audit(&store, audit, &outcome, message_id).await;
         outcome
     };
@@ -268,10 +288,10 @@ async fn send_once(
     http: &reqwest::Client,
     clock: &Clock,
     request: SendSmsRequest,
+    deadline: tokio::time::Instant,
     message_id: &mut Option<String>,
 ) -> Result<Sent, SmsError> {
-    // From the start: a slow reservation leaves less time to Twilio, not more to the request.
-    let deadline = tokio::time::Instant::now() + config.twilio.send_budget;
+    // A slow reservation, too, leaves less time to Twilio, not more to the request.
     let api =
         TwilioApi::from_config(http, &config.twilio).ok_or(SmsError::NotConfigured("Twilio"))?;
     let sender = config

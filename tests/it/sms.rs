@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use edgegate::AppState;
 use edgegate::twilio::signature;
+use futures_util::StreamExt as _;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
@@ -1041,6 +1042,50 @@ async fn sms_no_attempt_starts_that_could_outlast_the_send_budget() {
     );
     let message = answer.body["message"].as_str().unwrap();
     assert!(message.contains("1 attempt"), "{message}");
+}
+
+/// The send's budget counts from the request's arrival, not from the send's start: time spent
+/// before it (a body slow to come, a credential check that fetched keys) leaves less to Twilio,
+/// so the answer still comes before the route's 30 s. Here the body takes 600 ms to arrive and a
+/// call may take 500 ms: no call fits a 900 ms budget, and none is made (one was, when the budget
+/// counted from the send's start, and could end past it).
+#[tokio::test]
+async fn sms_the_send_budget_counts_from_the_requests_arrival() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance_with(&db, Some(&fake), &[], |config| {
+        config.twilio.send_budget = Duration::from_millis(900);
+    })
+    .await;
+    let body = json!({"to": "+12025550123", "body": "hi"}).to_string();
+    let (head, tail) = body.split_at(10);
+    let chunks = [
+        (Duration::ZERO, head.to_owned()),
+        (Duration::from_millis(600), tail.to_owned()),
+    ];
+    let slow = futures_util::stream::iter(chunks).then(|(pause, chunk)| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let response = app
+        .server
+        .client
+        .post(app.server.url("/functions/v1/send-sms"))
+        .header("apikey", SECRET_KEY)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(slow))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        fake.requests().len(),
+        0,
+        "a call that could end past the budget"
+    );
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["code"], "UPSTREAM_UNAVAILABLE", "{answer}");
 }
 
 /// Sends Twilio never took leave the limits as they were: an outage must not rate-limit anyone.
