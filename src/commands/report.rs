@@ -49,6 +49,9 @@ pub async fn from_api(
             " (keys report)"
         ))
         .timeout(Duration::from_secs(30))
+        // A redirect would carry the secret key in `apikey` (reqwest drops only the standard
+        // credential headers) to wherever it points: the report comes from `--url` itself.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let response = client
         .get(endpoint.clone())
@@ -57,6 +60,17 @@ pub async fn from_api(
         .await
         .with_context(|| format!("{endpoint} did not answer"))?;
     let status = response.status();
+    if status.is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("nowhere");
+        anyhow::bail!(
+            "{endpoint} answered {status} to {location}: redirects are not followed (the secret \
+             key would go with them); give --url the address that answers"
+        );
+    }
     if !status.is_success() {
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         anyhow::bail!(

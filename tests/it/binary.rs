@@ -602,6 +602,61 @@ fn keys_report_refuses_plain_http_off_loopback_and_keeps_a_path_prefix() {
     }
 }
 
+/// `keys report --url` follows no redirect: reqwest drops `Authorization` on a redirect to
+/// another host but not `apikey`, so the secret key went wherever a 302 pointed (here another
+/// port, in plain http). The 302 is reported as it came, naming its target.
+#[test]
+fn keys_report_follows_no_redirect_with_the_secret_key() {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!(
+        "http://localhost:{}/stolen",
+        elsewhere.local_addr().unwrap().port()
+    );
+    elsewhere.set_nonblocking(true).unwrap();
+    let redirecting = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}",
+        redirecting.local_addr().unwrap().port()
+    );
+    let answer = format!(
+        "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = redirecting.accept().unwrap();
+        let mut head = [0u8; 4096];
+        let _ = stream.read(&mut head);
+        stream.write_all(answer.as_bytes()).unwrap();
+    });
+    let out = output(
+        edgegate(dir.path(), &[("EDGEGATE_SECRET_KEY", key)])
+            .args(["keys", "report", "--url", &url]),
+    );
+    server.join().unwrap();
+    let mut received = Vec::new();
+    if let Ok((mut stream, _)) = elsewhere.accept() {
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let _ = stream.read_to_end(&mut received);
+    }
+    assert!(
+        !String::from_utf8_lossy(&received).contains(key),
+        "the secret key was sent to the redirect's target"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("302") && stderr.contains(&target),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(key), "{stderr}");
+}
+
 /// A reader that stops early (`| head`) ends the output, not the process with a panic: the
 /// command exits as it would have.
 #[test]
