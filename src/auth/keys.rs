@@ -276,8 +276,19 @@ fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: Key
     });
 }
 
+/// A dropped key's kid as it is reported: its first 64 characters, control and invisible
+/// formatting ones written out (`\u{1b}`), since it was dropped perhaps for having them and is
+/// printed to an operator's terminal by `check`.
 fn short_kid(kid: &str) -> String {
-    kid.chars().take(64).collect()
+    let mut short = String::with_capacity(kid.len().min(64));
+    for c in kid.chars().take(64) {
+        if c.is_control() || is_format_char(c) {
+            short.extend(c.escape_unicode());
+        } else {
+            short.push(c);
+        }
+    }
+    short
 }
 
 enum Parsed {

@@ -174,6 +174,20 @@ fn fetched_set_drops_with_reasons() {
     assert_eq!(parsed.dropped[1].kid.as_deref(), Some("small"));
 }
 
+/// A dropped key's kid is reported (in `check`'s output, the admin listing, the log) with its
+/// control and invisible formatting characters written out as escapes: a JWKS host cannot send
+/// the operator's terminal escape sequences or reorder what `check` prints.
+#[test]
+fn a_dropped_kid_is_reported_with_its_control_characters_escaped() {
+    let mut jwk = TestKey::es256("es").public_jwk();
+    jwk["kid"] = json!("\u{1b}]0;pwned\u{7}\u{1b}[2J\u{202e}gnp.exe");
+    let parsed = parse_fetched_keys(&[jwk]);
+    assert_eq!(
+        parsed.dropped.first().and_then(|d| d.kid.as_deref()),
+        Some("\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{202e}gnp.exe")
+    );
+}
+
 #[test]
 fn inline_oct_keys_are_legacy_secrets() {
     let inline = parse_inline_keys(&[
