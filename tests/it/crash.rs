@@ -14,6 +14,7 @@ use crate::outage::{
     product_event, redeliver, scalar_i64, text_pairs,
 };
 use crate::process::{Server, free_port, spawn_server, wait_exit, wait_healthy};
+use crate::stripe::{in_ci, sdk_available, stripe_sdk};
 use crate::support::TestDb;
 use crate::{stripe_fixtures, test_db};
 
@@ -42,6 +43,7 @@ async fn kill(server: &mut Server) {
 
 #[tokio::test]
 async fn sigkill_under_webhook_traffic_then_redelivery_applies_each_event_once() {
+    stripe_sdk!();
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let dir = tempfile::tempdir().unwrap();

@@ -543,28 +543,59 @@ macro_rules! stripe_sdk {
 
 pub(crate) use stripe_sdk;
 
+/// Stripe's own Python library, started once per test process and asked for one signature per
+/// line: the outage and crash tests sign thousands of deliveries, a process each took minutes.
+struct SdkSigner {
+    /// Kept for the life of the test process (a static, never dropped or waited on).
+    _child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl SdkSigner {
+    fn start() -> Self {
+        // One JSON array `[payload, secret, timestamp]` a line in, one header a line out.
+        let script = "import sys, json, stripe\n\
+                      for line in sys.stdin:\n\
+                      \x20   payload, secret, timestamp = json.loads(line)\n\
+                      \x20   print(stripe.WebhookSignature.generate_signature_header(\
+                      payload, secret, timestamp=timestamp), flush=True)\n";
+        // Its stdin closes when this process ends, and the loop with it.
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        Self {
+            stdin: child.stdin.take().unwrap(),
+            stdout: std::io::BufReader::new(child.stdout.take().unwrap()),
+            _child: child,
+        }
+    }
+
+    fn sign(&mut self, payload: &str, secret: &str, timestamp: i64) -> String {
+        use std::io::{BufRead as _, Write as _};
+        let request = json!([payload, secret, timestamp]).to_string();
+        writeln!(self.stdin, "{request}").expect("the Stripe SDK takes the payload");
+        let mut header = String::new();
+        self.stdout
+            .read_line(&mut header)
+            .expect("the Stripe SDK answers");
+        assert!(header.ends_with('\n'), "the Stripe SDK could not sign");
+        header.trim_end().to_owned()
+    }
+}
+
 /// A `Stripe-Signature` header made by Stripe's own Python library.
 pub(crate) fn sdk_sign(payload: &str, secret: &str, timestamp: i64) -> String {
-    use std::io::Write as _;
-    let script = "import sys, stripe\n\
-                  payload = sys.stdin.buffer.read().decode('utf-8')\n\
-                  print(stripe.WebhookSignature.generate_signature_header(\
-                  payload, sys.argv[1], timestamp=int(sys.argv[2])), end='')";
-    let mut child = Command::new("python3")
-        .args(["-c", script, secret, &timestamp.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(payload.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "the Stripe SDK could not sign");
-    String::from_utf8(output.stdout).unwrap()
+    static SIGNER: std::sync::OnceLock<std::sync::Mutex<SdkSigner>> = std::sync::OnceLock::new();
+    SIGNER
+        .get_or_init(|| std::sync::Mutex::new(SdkSigner::start()))
+        .lock()
+        // A test that failed while signing leaves no half-read answer: the line is read whole.
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .sign(payload, secret, timestamp)
 }
 
 pub(crate) fn now() -> i64 {
