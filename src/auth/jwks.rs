@@ -171,7 +171,7 @@ pub struct JwksStatsSnapshot {
     pub last_success_unix: Option<i64>,
     /// Age of the fetched set in seconds.
     pub key_set_age_seconds: Option<i64>,
-    /// The set is past its freshness lifetime because fetches fail.
+    /// The set is past its freshness lifetime, or was never fetched, because fetches fail.
     pub stale: bool,
     /// The set went stale beyond [`MAX_STALE`] and its keys were dropped.
     pub expired: bool,
@@ -454,6 +454,11 @@ impl JwksFetcher {
                 let stats = &self.inner.stats;
                 stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
                 let ring = self.inner.ring.load();
+                if state.last_success.is_none() {
+                    // No set was ever fetched: every signing-key token is refused, as with a
+                    // set gone stale, and it reads so (the runbook alerts on stale).
+                    stats.stale.store(true, Ordering::Relaxed);
+                }
                 if let (Some(info), Some(last)) = (ring.fetched_info(), state.last_success) {
                     let age = self.inner.clock.now().saturating_duration_since(last);
                     stats.stale.store(age > info.ttl, Ordering::Relaxed);

@@ -141,7 +141,7 @@ impl Collector for AuthCollector {
         gauge(
             &mut encoder,
             "jwks_stale",
-            "1 while the fetched key set is past its freshness because fetches fail",
+            "1 while the fetched key set is past its freshness, or was never fetched, because fetches fail",
             i64::from(stats.stale),
         )?;
         Ok(())

@@ -113,8 +113,13 @@ pub async fn refresh(
         }
         Err(err) => {
             audit(&state, &principal, "refresh_signing_keys", "upstream_error").await;
+            let kept = if fetcher.stats().snapshot(0).last_success_unix.is_some() {
+                "the last good key set stays in use"
+            } else {
+                "no key set has been fetched yet, so tokens signed by signing keys are refused"
+            };
             Err(ApiError::UpstreamUnavailable(format!(
-                "the JWKS could not be fetched ({err}); the last good key set stays in use"
+                "the JWKS could not be fetched ({err}); {kept}"
             )))
         }
     }

@@ -656,3 +656,53 @@ async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["checks"]["key_ring"]["ok"], false, "{body}");
 }
+
+/// The legacy secret still verifies while a JWKS that never arrives refuses every signing-key
+/// token (a mistyped `SUPABASE_URL` during the migration): `/readyz` stays 200, as it must for the
+/// legacy callers, but the set reads as stale everywhere the runbook looks (`edgegate_jwks_stale`
+/// 1, `/readyz`'s `jwks.stale`), and a forced refresh says that no set was ever fetched rather
+/// than that "the last good key set stays in use".
+#[tokio::test]
+async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
+    let db = test_db!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json");
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (server, _) = spawn_app(
+        &db,
+        &[
+            ("SUPABASE_JWKS_URL", url.as_str()),
+            ("SUPABASE_JWT_SECRET", SECRET),
+            ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ],
+    )
+    .await;
+    let response = server
+        .client
+        .post(server.url("/admin/signing-keys/refresh"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no key set has been fetched yet"),
+        "{body}"
+    );
+
+    let response = server.get("/readyz").await;
+    assert_eq!(response.status(), 200, "the legacy secret verifies");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["checks"]["key_ring"]["jwks"]["stale"], true, "{body}");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|line| line == "edgegate_jwks_stale 1"),
+        "{metrics}"
+    );
+}

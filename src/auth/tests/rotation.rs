@@ -283,6 +283,32 @@ async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
     assert_eq!(host.hits(), 5);
 }
 
+/// A JWKS that has never been fetched, because every fetch fails (a mistyped `SUPABASE_URL`, the
+/// host down at start), reads as stale: signing-key tokens are all refused then, and the alert
+/// on `edgegate_jwks_stale` is the one the runbook sets. It read `false`, and the key set's age
+/// `-1`, so no documented alert could fire. The first good fetch clears it.
+#[tokio::test]
+async fn a_set_never_fetched_because_fetches_fail_is_stale() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, true);
+    let fetcher = auth.fetcher().expect("fetcher");
+    let fresh = fetcher.stats().snapshot(clock.unix_now());
+    assert!(!fresh.stale, "not stale before any fetch was tried");
+
+    host.update(|r| r.status = 503);
+    assert!(fetcher.refresh_now().await.is_err());
+    let status = fetcher.status();
+    assert_eq!(status.stats.key_set_age_seconds, None);
+    assert!(status.stats.stale, "{:?}", status.stats);
+    assert!(!status.stats.expired, "nothing was dropped");
+
+    host.update(|r| r.status = 200);
+    fetcher.refresh_now().await.expect("the host answers");
+    assert!(!fetcher.stats().snapshot(clock.unix_now()).stale);
+}
+
 #[tokio::test]
 async fn host_down_keeps_the_last_set_until_max_stale() {
     let k1 = TestKey::es256("k1");
