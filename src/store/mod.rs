@@ -222,7 +222,8 @@ impl Store {
     }
 
     /// Adds `rows` to the hourly counts of `table`, keyed by the hour and `key_columns`: the
-    /// counts are summed and the latest verification kept, whichever instance wrote first.
+    /// counts are summed and the latest verification kept, whichever instance wrote first. The
+    /// rows are written in the order of their keys, whatever order they come in.
     async fn add_hourly<'a>(
         &self,
         table: &str,
@@ -241,7 +242,14 @@ impl Store {
              THEN excluded.last_verified_at ELSE {table}.last_verified_at END",
             params.join(", ")
         );
+        // PostgreSQL locks each row as the batch's one transaction upserts it: two instances
+        // flushing the same keys, each in the order its own map held them, would lock them in
+        // opposite orders and deadlock (40P01): one batch refused, and at a stop its counts lost.
+        // With one order for every batch, whoever writes it, they queue instead.
+        let mut rows: Vec<HourlyCount<'a>> = rows.collect();
+        rows.sort_unstable_by(|a, b| (a.hour_start_ms, &a.key).cmp(&(b.hour_start_ms, &b.key)));
         let rows: Vec<Vec<Arg<'_>>> = rows
+            .into_iter()
             .map(|row| {
                 let mut args = vec![row.hour_start_ms.into()];
                 args.extend(row.key.into_iter().map(Arg::from));
@@ -302,7 +310,8 @@ impl Store {
         with_pool!(self, |pool| engine::run(pool, sql, args).await)
     }
 
-    /// Runs one of the store's statements once per entry of `rows`, in one transaction.
+    /// Runs one of the store's statements once per entry of `rows`, in one transaction, in the
+    /// order given: rows that statement locks must come in one fixed order (see `add_hourly`).
     async fn execute_each(&self, sql: &str, rows: &[Vec<Arg<'_>>]) -> Result<(), sqlx::Error> {
         with_pool!(self, |pool| engine::run_each(pool, sql, rows).await)
     }

@@ -1,6 +1,6 @@
 //! The storage conformance suite: the same tests on SQLite and on PostgreSQL.
 
-use edgegate::store::{AuditEntry, BackendKind, KeyUsage, shipped_migrations};
+use edgegate::store::{AuditEntry, BackendKind, CallerUsage, KeyUsage, shipped_migrations};
 
 use crate::support::TestDb;
 use crate::test_db;
@@ -320,4 +320,69 @@ async fn create_role(pool: &sqlx::PgPool, role: &str) {
             "CREATE ROLE {role}: {err}"
         );
     }
+}
+
+/// Two instances flushing the same keys, each in the order its own map happens to hold them:
+/// every batch is written whole. On PostgreSQL a batch is one transaction of row locks, and two
+/// taken in opposite orders deadlock (40P01: one batch refused, its counts lost at a stop).
+#[tokio::test]
+async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
+    let db = test_db!();
+    let (a, b) = (db.store().await, db.store().await);
+    const HOUR: i64 = 3_600_000;
+    const ROUNDS: i64 = 5;
+    let hour = 2_000 * HOUR;
+    let keys: Vec<KeyUsage> = (0..50)
+        .map(|i| usage(hour, "signing_key", &format!("kid-{i:02}"), 1, hour + i))
+        .collect();
+    let callers: Vec<CallerUsage> = (0..50)
+        .map(|i| CallerUsage {
+            hour_start_ms: hour,
+            source: "legacy_secret".into(),
+            kind: "anon_key".into(),
+            route: "/functions/v1/jwt-test".into(),
+            client: format!("client-{i:02}"),
+            verified_count: 1,
+            last_verified_at_ms: hour + i,
+        })
+        .collect();
+    let (keys_reversed, callers_reversed): (Vec<_>, Vec<_>) = (
+        keys.iter().rev().cloned().collect(),
+        callers.iter().rev().cloned().collect(),
+    );
+    // Every row exists first, so each batch below only updates, taking one row lock per row.
+    a.add_key_usage(&keys).await.unwrap();
+    a.add_caller_usage(&callers).await.unwrap();
+    for round in 0..ROUNDS {
+        let (ka, kb, ca, cb) = tokio::join!(
+            a.add_key_usage(&keys),
+            b.add_key_usage(&keys_reversed),
+            a.add_caller_usage(&callers),
+            b.add_caller_usage(&callers_reversed),
+        );
+        for (written, what) in [
+            (ka, "keys a"),
+            (kb, "keys b"),
+            (ca, "callers a"),
+            (cb, "callers b"),
+        ] {
+            if let Err(err) = written {
+                panic!("round {round}, {what}: {err:#}");
+            }
+        }
+    }
+    let summed = a.key_usage_since(hour).await.unwrap();
+    assert_eq!(summed.len(), 50);
+    assert!(
+        summed
+            .iter()
+            .all(|row| row.verified_count == 1 + 2 * ROUNDS),
+        "{summed:?}"
+    );
+    let rows = a.caller_usage_hours_since(hour).await.unwrap();
+    assert_eq!(rows.len(), 50);
+    assert!(
+        rows.iter().all(|row| row.verified_count == 1 + 2 * ROUNDS),
+        "{rows:?}"
+    );
 }
