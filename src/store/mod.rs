@@ -359,13 +359,17 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
 }
 
 /// SQLite result codes (their primary part: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN) and
-/// PostgreSQL SQLSTATE classes (08 connection exception, 53 insufficient resources, 57P0x
-/// shutdown) that mean "not now" rather than "never".
+/// PostgreSQL SQLSTATEs (classes 08 connection exception, 53 insufficient resources, 57P0x
+/// shutdown; 55P03, a lock not taken within `lock_timeout`; 25P03, a session the server ended
+/// for idling in its transaction, which it rolled back) that mean "not now" rather than "never".
 fn unavailable_code(code: &str) -> bool {
     if let Ok(sqlite) = code.parse::<i32>() {
         return matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
     }
-    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P0")
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P0")
+        || matches!(code, "55P03" | "25P03")
 }
 
 /// The migration versions and names shipped for each backend, for the test that keeps them equal.

@@ -13,6 +13,16 @@ use super::{Backend, Store};
 /// ASCII); distinct from any other lock key of the service.
 const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
 
+/// Bounds on the reservation's PostgreSQL transaction, set in it alone (`SET LOCAL`). Reservations
+/// queued behind one another hold the lock for milliseconds each; a holder whose machine vanished
+/// without closing its connection would otherwise keep it until TCP keepalive gives up (~2 h),
+/// every send on every instance waiting behind it with a pool connection held, until the pool
+/// ran out for the webhooks too. A wait past `lock_timeout` fails (55P03, "not now" to
+/// `is_unavailable`: nothing reserved, the caller answers 503); a holder silent inside its
+/// transaction for `idle_in_transaction_session_timeout` is ended by the server, its lock freed.
+const RESERVATION_TIMEOUTS: &str =
+    "SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '5s'";
+
 const HOUR_MS: i64 = 3_600_000;
 const MINUTE_MS: i64 = 60_000;
 
@@ -260,6 +270,9 @@ impl Store {
             Backend::Postgres(pool) => {
                 async {
                     let mut tx = pool.begin().await?;
+                    sqlx::raw_sql(RESERVATION_TIMEOUTS)
+                        .execute(&mut *tx)
+                        .await?;
                     // Held across the count and the insert; released at commit or rollback.
                     sqlx::query("SELECT pg_advisory_xact_lock($1)")
                         .bind(SMS_RESERVATION_LOCK)

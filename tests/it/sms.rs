@@ -1180,3 +1180,58 @@ async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
     assert_eq!(row.status, "queued", "{row:?}");
     assert!(row.twilio_sid.is_some(), "{row:?}");
 }
+
+/// A holder of the reservation lock that stops talking (its machine gone without a FIN) must not
+/// make every send on every instance wait, each holding a pool connection, until TCP gives up on
+/// it: a send waits a few seconds at most, then answers 503 `NOT_READY` as when the database is
+/// away, with nothing reserved and nothing sent.
+#[tokio::test]
+async fn sms_a_reservation_lock_held_elsewhere_answers_503_not_ready_instead_of_waiting() {
+    use futures_util::FutureExt as _;
+    // The lock is the database's, not the schema's: this test's database is its own, so the
+    // sends of the tests beside it do not queue behind the lock held here.
+    let Some(db) = TestDb::postgres_database().await else {
+        return; // Only PostgreSQL has the lock: the suite on PostgreSQL runs this test.
+    };
+    let outcome = std::panic::AssertUnwindSafe(send_behind_a_held_reservation_lock(&db))
+        .catch_unwind()
+        .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn send_behind_a_held_reservation_lock(db: &TestDb) {
+    use sqlx::Connection as _;
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(db, Some(&fake), &[]).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    // SMS_RESERVATION_LOCK in src/store/sms.rs ("edgesms").
+    sqlx::query("SELECT pg_advisory_xact_lock(28539367894248819)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    // Well past the lock wait, short of the route's 30 s: unbounded, the send would answer
+    // 504 at 30 s, or only once the holder lets go.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(25),
+        send(&app, json!({"to": "+12025550123", "body": "hi"})),
+    )
+    .await
+    .expect("the send waited for the lock instead of answering");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_error(&answer, 503, "NOT_READY");
+    assert!(fake.requests().is_empty(), "a text was sent");
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sms_messages")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a send was reserved");
+
+    // The lock free again, the same send goes through.
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+}

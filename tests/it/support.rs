@@ -70,6 +70,53 @@ impl TestDb {
         Some(Self { url, _dir: None })
     }
 
+    /// On PostgreSQL, a database of its own instead of a schema in the shared one: for a test
+    /// that holds one of edgegate's advisory locks, which are per database, so the tests running
+    /// beside it never wait on it. `None` on SQLite, or as `new` when PostgreSQL does not answer.
+    /// `drop_database` removes it.
+    pub async fn postgres_database() -> Option<Self> {
+        let base = std::env::var("TEST_POSTGRES_URL")
+            .ok()
+            .filter(|url| !url.is_empty())?;
+        let admin = match sqlx::PgPool::connect(&base).await {
+            Ok(pool) => pool,
+            Err(err) if !in_ci() => {
+                eprintln!("SKIPPED: PostgreSQL at TEST_POSTGRES_URL does not answer ({err})");
+                return None;
+            }
+            Err(err) => {
+                panic!("CI=true and PostgreSQL at TEST_POSTGRES_URL does not answer: {err}")
+            }
+        };
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+        let mut url = url::Url::parse(&base).expect("TEST_POSTGRES_URL is a URL");
+        url.set_path(&name);
+        Some(Self {
+            url: url.into(),
+            _dir: None,
+        })
+    }
+
+    /// Drops a database made by `postgres_database`, closing the connections still open on it.
+    pub async fn drop_database(self) {
+        let url = url::Url::parse(&self.url).expect("a URL");
+        let name = url.path().trim_start_matches('/').to_owned();
+        let base = std::env::var("TEST_POSTGRES_URL").expect("TEST_POSTGRES_URL");
+        let admin = sqlx::PgPool::connect(&base).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
+        .expect("drop the test database");
+        admin.close().await;
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.url.starts_with("postgres")
     }
