@@ -372,6 +372,38 @@ fn unavailable_code(code: &str) -> bool {
         || matches!(code, "55P03" | "25P03")
 }
 
+/// Whether `err` says the database refused the values written (PostgreSQL classes 22, data
+/// exception, such as U+0000 in text, which it stores nowhere, and 23, integrity constraint
+/// violation; SQLite CONSTRAINT, TOOBIG, MISMATCH; a value sqlx cannot encode): the same values
+/// are refused whenever they are written again, while other writes go through.
+pub fn is_refused_value(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(|err| match err {
+                sqlx::Error::Encode(_) => true,
+                sqlx::Error::Database(db) => refused_by_database(db.as_ref()),
+                _ => false,
+            })
+    })
+}
+
+/// By engine, not by the code's shape: PostgreSQL's SQLSTATEs are often all digits too.
+fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = db.code() else {
+        return false;
+    };
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        code.starts_with("22") || code.starts_with("23")
+    } else {
+        code.parse::<i32>()
+            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18..=20))
+    }
+}
+
 /// The migration versions and names shipped for each backend, for the test that keeps them equal.
 pub fn shipped_migrations() -> [(BackendKind, Vec<(i64, String)>); 2] {
     let list = |migrator: &sqlx::migrate::Migrator| {

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::clock::Clock;
-use crate::store::{AuditEntry, Job, ReconcileCounts, Store, SyncLock};
+use crate::store::{self, AuditEntry, Job, ReconcileCounts, Store, SyncLock};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
@@ -190,12 +190,24 @@ async fn run_locked(
     let mut progress = Progress::default();
     let walked = walk(store, client, clock, lock, &run_id, since, &mut progress).await;
     let (outcome, error) = Stop::outcome(&walked);
-    let Progress { counts, last_event } = progress;
+    let Progress {
+        counts,
+        last_event,
+        left_behind,
+    } = progress;
+    if left_behind > 0 {
+        tracing::warn!(
+            run = run_id,
+            left_behind,
+            "reconciliation left events for a later run, which lists this window again"
+        );
+    }
     store
         .record_reconcile_run(
             &run_id,
             &counts,
             last_event.as_deref(),
+            left_behind == 0,
             Some((clock.now_ms(), outcome, error.as_deref())),
         )
         .await?;
@@ -209,11 +221,33 @@ async fn run_locked(
     })
 }
 
-/// How far a run got: its counts and the last event it handled.
+/// How far a run got: its counts, the last event it handled, and how many of the events it
+/// skipped a later run may yet apply (while any is, the run covers nothing).
 #[derive(Default)]
 struct Progress {
     counts: ReconcileCounts,
     last_event: Option<String>,
+    left_behind: i64,
+}
+
+/// Why applying a listed event failed, when the reason is the event's own: Stripe refused the
+/// fetch of its object (a 4xx it did not ask to retry), or the database refused its values
+/// (PostgreSQL stores no U+0000 in text, say). Stopping there would stop every later run there
+/// too, short of every older event; skipped, it is left for a later run, which may apply it
+/// once the cause is fixed. `None` for anything else: an outage (the database away, Stripe not
+/// answering after retries) would fail every event after it too, and ends the run.
+fn own_failure(err: &WebhookError) -> Option<String> {
+    match err {
+        WebhookError::Upstream { error, .. }
+            if !matches!(error, StripeError::Unavailable { .. }) =>
+        {
+            Some(err.to_string())
+        }
+        WebhookError::Store(cause) if store::is_refused_value(cause) => {
+            Some(crate::error::causes(cause))
+        }
+        _ => None,
+    }
 }
 
 /// Every page of events since `since`, each event applied as a webhook delivery would be; after
@@ -227,7 +261,11 @@ async fn walk(
     since: i64,
     progress: &mut Progress,
 ) -> Result<(), Stop> {
-    let Progress { counts, last_event } = progress;
+    let Progress {
+        counts,
+        last_event,
+        left_behind,
+    } = progress;
     let mut pages =
         Pages::<Event>::filtered(client, "events", vec![("created[gte]", since.to_string())]);
     while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
@@ -242,14 +280,33 @@ async fn walk(
                     tracing::warn!(event = event.id, reason, "listed event skipped");
                     counts.ignored += 1;
                 }
-                Err(WebhookError::Upstream { error, .. }) => return Err(Stop::Upstream(error)),
-                Err(err) => return Err(Stop::Internal(anyhow::Error::new(err))),
+                Err(err) => {
+                    let Some(reason) = own_failure(&err) else {
+                        return Err(match err {
+                            WebhookError::Upstream { error, .. } => Stop::Upstream(error),
+                            err => Stop::Internal(anyhow::Error::new(err)),
+                        });
+                    };
+                    tracing::warn!(
+                        event = event.id,
+                        reason,
+                        "listed event skipped; a later run lists it again"
+                    );
+                    counts.ignored += 1;
+                    *left_behind += 1;
+                }
             }
             *last_event = Some(event.id.clone());
         }
         lock.renew(clock.now_ms()).await?;
         store
-            .record_reconcile_run(run_id, counts, last_event.as_deref(), None)
+            .record_reconcile_run(
+                run_id,
+                counts,
+                last_event.as_deref(),
+                *left_behind == 0,
+                None,
+            )
             .await?;
     }
     Ok(())

@@ -543,3 +543,99 @@ async fn an_update_in_the_second_a_sync_wrote_is_applied_by_its_webhook() {
     );
     assert_eq!(product_name(&db, 0).await, "Renamed");
 }
+
+// ---- an event that cannot be applied ----
+
+/// An event refused for a reason of its own (here its object, which settling a same-second tie
+/// needs, refused by Stripe with a 4xx) is skipped, counted as ignored, and the run goes on to
+/// the older events: Stripe lists newest first, so a run that stopped there never reached them,
+/// and every later run stopped at the same event. A run that skipped one does not count as
+/// covering its window: the next run lists that window again, and applies the event once Stripe
+/// serves its object.
+#[tokio::test]
+async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_by_the_next_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // A run that covered everything up to three hours ago (its start moved back to then).
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+    let moved = format!(
+        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
+        (t - 3 * 3600) * 1000
+    );
+    assert_eq!(scalar!(db, i64, moved), (t - 3 * 3600) * 1000);
+    // Since then: events 0..10 ten minutes apart (event 3 of a type edgegate does not act on),
+    // and between events 6 and 7 two updates of product 50 in one second, the second of which
+    // needs the product as Stripe has it now; Stripe refuses that request.
+    fake.add_events(history(&fixtures, 10, t - 9000, 600));
+    fake.add_events(["First", "Second"].map(|name| {
+        let id = format!("evt_Tie{name}");
+        let body = product_event(&fixtures, &id, "product.updated", t - 5000, 50, name);
+        serde_json::from_str(&body).unwrap()
+    }));
+    stripe_now(&fixtures, &fake, 50);
+    fake.fault_objects(Some(Fault::BadRequest(None)));
+    let tied = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_TieSecond'";
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (12, 10, 0, 2), "{body}");
+    assert_eq!(product_name(&db, 50).await, "First");
+    assert_eq!(count(&db, tied).await, 0);
+    // The events listed after the refused one (older) were applied.
+    for n in [0, 6] {
+        assert_eq!(product_name(&db, n).await, format!("Name {n}"));
+    }
+
+    // Refused again, and again the run goes on; the window is the same.
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (12, 0, 11, 1), "{body}");
+
+    fake.fault_objects(None);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (12, 1, 11, 0), "{body}");
+    assert_eq!(product_name(&db, 50).await, "As Stripe has it");
+    assert_eq!(count(&db, tied).await, 1);
+
+    // That run applied everything listed: the coverage moves up to its start.
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["since"].as_i64().unwrap() >= t - 3600, "{body}");
+}
+
+/// PostgreSQL refuses U+0000 in text, so an event carrying one can never be stored: it is
+/// skipped as any event whose own data the database refuses, the run goes on, and does not
+/// count as covering its window.
+#[tokio::test]
+async fn a_listed_event_the_database_refuses_is_skipped_and_the_run_goes_on() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if !db.is_postgres() {
+        return; // SQLite stores U+0000: the suite on PostgreSQL runs this test.
+    }
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // Events 0..5 a minute apart (event 3 of a type edgegate does not act on), and between
+    // events 3 and 4 one renaming product 60 to a name with U+0000 in it.
+    fake.add_events(history(&fixtures, 5, t - 600, 60));
+    let refused = product_event(&fixtures, "evt_Nul", "product.updated", t - 400, 60, "a\0b");
+    fake.add_events([serde_json::from_str(&refused).unwrap()]);
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (6, 4, 0, 2), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    let nul = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_Nul'";
+    assert_eq!(count(&db, nul).await, 0);
+    let covering = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
+    assert_eq!(count(&db, covering).await, 0);
+}

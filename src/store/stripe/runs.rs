@@ -360,18 +360,21 @@ impl Store {
     }
 
     /// Records a run's counts and the last event it handled; with `finished` (at, outcome,
-    /// error) it closes the run.
+    /// error) it closes the run. Unless `complete` (no listed event left for a later run to
+    /// apply), the run no longer counts as continuous: it covers nothing.
     pub async fn record_reconcile_run(
         &self,
         id: &str,
         counts: &ReconcileCounts,
         last_event_id: Option<&str>,
+        complete: bool,
         finished: Option<(i64, &str, Option<&str>)>,
     ) -> anyhow::Result<()> {
         let (finished_at, outcome, error) = run_end(finished);
         let sql = "UPDATE reconcile_runs SET events_seen = $2, events_applied = $3, \
                    events_already_applied = $4, events_ignored = $5, last_event_id = $6, \
-                   finished_at = $7, outcome = $8, error = $9 WHERE id = $1";
+                   finished_at = $7, outcome = $8, error = $9, continuous = continuous AND $10 \
+                   WHERE id = $1";
         let args = [
             id.into(),
             counts.seen.into(),
@@ -382,6 +385,7 @@ impl Store {
             finished_at.into(),
             outcome.into(),
             error.into(),
+            complete.into(),
         ];
         self.execute(sql, &args)
             .await
@@ -390,8 +394,8 @@ impl Store {
     }
 
     /// How far Stripe's event list is known to be applied: the start (ms) of the newest
-    /// successful continuous run (its window reached back to the coverage before it), which
-    /// saw every event listed up to then.
+    /// successful continuous run (its window reached back to the coverage before it, and it
+    /// left no listed event for a later run), which applied every event listed up to then.
     pub async fn reconcile_coverage(&self) -> anyhow::Result<Option<i64>> {
         let sql = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
         let covered: Option<i64> =
