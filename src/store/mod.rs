@@ -353,7 +353,13 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| unavailable_code(&code)),
+        sqlx::Error::Database(db) => {
+            let postgres = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some();
+            db.code()
+                .is_some_and(|code| unavailable_code(&code, postgres))
+        }
         _ => false,
     }
 }
@@ -362,9 +368,14 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
 /// PostgreSQL SQLSTATEs (classes 08 connection exception, 53 insufficient resources, 57P0x
 /// shutdown; 55P03, a lock not taken within `lock_timeout`; 25P03, a session the server ended
 /// for idling in its transaction, which it rolled back) that mean "not now" rather than "never".
-fn unavailable_code(code: &str) -> bool {
-    if let Ok(sqlite) = code.parse::<i32>() {
-        return matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
+/// Told apart by engine, not by the code's shape: many SQLSTATEs are all digits (08006, 53300),
+/// and read as SQLite's numbers they meant nothing, so a PostgreSQL with too many clients was a
+/// 500 rather than a 503.
+fn unavailable_code(code: &str, postgres: bool) -> bool {
+    if !postgres {
+        return code
+            .parse::<i32>()
+            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14));
     }
     code.starts_with("08")
         || code.starts_with("53")
@@ -416,4 +427,29 @@ pub fn shipped_migrations() -> [(BackendKind, Vec<(i64, String)>); 2] {
         (BackendKind::Sqlite, list(&sqlite::migrator())),
         (BackendKind::Postgres, list(&postgres::migrator())),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable_code;
+
+    #[test]
+    fn unavailable_codes_are_read_by_engine() {
+        for code in [
+            "08006", "08001", "53300", "53100", "57P01", "55P03", "25P03",
+        ] {
+            assert!(unavailable_code(code, true), "PostgreSQL {code}");
+        }
+        for code in ["23505", "22021", "42P01", "40P01"] {
+            assert!(!unavailable_code(code, true), "PostgreSQL {code}");
+        }
+        // BUSY, LOCKED, READONLY, IOERR_WRITE (778), FULL, CANTOPEN.
+        for code in ["5", "6", "8", "778", "13", "14"] {
+            assert!(unavailable_code(code, false), "SQLite {code}");
+        }
+        // CONSTRAINT_UNIQUE, ERROR; an SQLSTATE never comes from SQLite.
+        for code in ["2067", "1", "53300"] {
+            assert!(!unavailable_code(code, false), "SQLite {code}");
+        }
+    }
 }
