@@ -27,7 +27,10 @@ pub struct ReconcileCounts {
     pub applied: i64,
     /// Already in the ledger (delivered by webhook or an earlier run): nothing done.
     pub already_applied: i64,
-    /// New to the ledger but of a type edgegate does not act on: recorded, nothing else.
+    /// New to the ledger but of a type edgegate does not act on: recorded, nothing else. Also
+    /// a listed event that could not be applied for a reason of its own (its object unreadable,
+    /// or refused by Stripe or the database): logged as `listed event skipped`, not recorded, and
+    /// listed again by a later run.
     pub ignored: i64,
 }
 
