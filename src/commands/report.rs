@@ -142,11 +142,28 @@ fn utc(ms: i64) -> String {
     )
 }
 
-/// One character per hour, scaled to the row's busiest hour; `·` for none.
-fn bar(hourly: &[i64]) -> String {
+/// The most columns a usage bar takes: a day of hours; a longer window is drawn with several
+/// hours to a column (30 days: one column a day), not 720 columns no terminal shows.
+const MAX_BAR_COLUMNS: usize = 48;
+
+/// Hours to a bar's column: the fewest of 1, 2, 3, 4, 6, 8, 12 or 24 (so columns start at the
+/// same hours each day) that draw `hours` in at most [`MAX_BAR_COLUMNS`].
+fn hours_per_column(hours: usize) -> usize {
+    [1, 2, 3, 4, 6, 8, 12, 24]
+        .into_iter()
+        .find(|&step| hours.div_ceil(step) <= MAX_BAR_COLUMNS)
+        .unwrap_or(24)
+}
+
+/// One character per `step` hours (their sum), scaled to the row's busiest column; `·` for none.
+fn bar(hourly: &[i64], step: usize) -> String {
     const LEVELS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let most = hourly.iter().copied().max().unwrap_or(0);
-    hourly
+    let columns: Vec<i64> = hourly
+        .chunks(step.max(1))
+        .map(|hours| hours.iter().sum())
+        .collect();
+    let most = columns.iter().copied().max().unwrap_or(0);
+    columns
         .iter()
         .map(|&count| {
             if count <= 0 || most <= 0 {
@@ -216,10 +233,23 @@ fn caller_cells(kind: String, row: &CallerRow) -> Vec<String> {
 /// The report as text: the keys with hourly bars, the callers, the verdict.
 pub fn render(view: &ReportView, now_ms: i64) -> String {
     let window = Duration::from_secs(view.usage_window_seconds);
+    let hours = view
+        .usage_hourly
+        .series
+        .iter()
+        .map(|series| series.hourly.len())
+        .max()
+        .unwrap_or(0);
+    let step = hours_per_column(hours);
+    let (column, per) = if step == 1 {
+        ("HOURLY".to_owned(), "hour".to_owned())
+    } else {
+        (format!("PER {step} H"), format!("{step} hours"))
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Key usage over the last {} ({} to {} UTC); HOURLY has one column per hour from {} UTC, oldest first",
+        "Key usage over the last {} ({} to {} UTC); {column} has one column per {per} from {} UTC, oldest first",
         crate::auth::usage::humanize(window),
         utc(now_ms - i64::try_from(window.as_millis()).unwrap_or(0)),
         utc(now_ms),
@@ -239,13 +269,13 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
                     series.kind.clone().unwrap_or_else(|| "all".to_owned()),
                     thousands(series.count),
                     last_seen(series.last_seen),
-                    bar(&series.hourly),
+                    bar(&series.hourly, step),
                 ]
             })
             .collect();
         table(
             &mut out,
-            &["KEY", "KIND", "COUNT", "LAST SEEN", "HOURLY"],
+            &["KEY", "KIND", "COUNT", "LAST SEEN", &column],
             &rows,
             &[2],
         );
@@ -301,9 +331,25 @@ mod tests {
 
     #[test]
     fn bars_scale_to_the_busiest_hour_and_show_any_use() {
-        assert_eq!(bar(&[0, 1, 4, 8, 1000]), "·▁▁▁█");
-        assert_eq!(bar(&[0, 0]), "··");
-        assert_eq!(bar(&[2, 4, 6, 8]), "▂▄▆█");
+        assert_eq!(bar(&[0, 1, 4, 8, 1000], 1), "·▁▁▁█");
+        assert_eq!(bar(&[0, 0], 1), "··");
+        assert_eq!(bar(&[2, 4, 6, 8], 1), "▂▄▆█");
+        // Two hours to a column: each column the sum of its hours, a short last one too.
+        assert_eq!(bar(&[1, 1, 0, 0, 4, 4, 3], 2), "▂·█▃");
+    }
+
+    /// 30 days are drawn a column a day (31 with the hour now running), not 721 columns.
+    #[test]
+    fn long_windows_take_several_hours_to_a_column() {
+        let cases = [(0, 1), (25, 1), (48, 1), (49, 2), (169, 4), (721, 24)];
+        for (hours, step) in cases {
+            assert_eq!(hours_per_column(hours), step, "{hours} hours");
+        }
+        let month = vec![1; 721];
+        assert_eq!(
+            bar(&month, hours_per_column(month.len())).chars().count(),
+            31
+        );
     }
 
     #[test]
