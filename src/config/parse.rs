@@ -482,15 +482,27 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
         // The driver's own reading, as the store will connect with it (the value is not
         // shown: it may hold a password).
-        let usable = if is_sqlite {
-            sqlx::sqlite::SqliteConnectOptions::from_str(raw).is_ok()
-        } else {
-            sqlx::postgres::PgConnectOptions::from_str(raw).is_ok()
+        let sqlite = is_sqlite.then(|| sqlx::sqlite::SqliteConnectOptions::from_str(raw));
+        let usable = match &sqlite {
+            Some(options) => options.is_ok(),
+            None => sqlx::postgres::PgConnectOptions::from_str(raw).is_ok(),
         };
         if !usable {
             return Err(ConfigError::new(
                 name,
                 "has a parameter the database driver does not accept (such as sslmode or mode)",
+            ));
+        }
+        // No path (`sqlite://`, `sqlite://?mode=memory`): SQLite gives each connection its own
+        // anonymous database, so the migrations run on one and every other query finds no
+        // tables. `sqlite::memory:` is named, and shared by the pool's connections.
+        if let Some(Ok(options)) = &sqlite
+            && options.get_filename().as_os_str().is_empty()
+        {
+            return Err(ConfigError::new(
+                name,
+                "must name a file after sqlite:// (or be sqlite::memory: for a database that \
+                 lasts as long as the process)",
             ));
         }
         Ok(DatabaseUrl(SecretString::from(raw)))

@@ -315,6 +315,15 @@ fn database_url_is_sqlite_or_postgres() {
     // Options the driver refuses are found at start, not when connecting (exit 2, not 1).
     refused("DATABASE_URL", "postgres://u@127.0.0.1:1/db?sslmode=bogus");
     refused("DATABASE_URL", "sqlite://x.db?mode=bogus");
+    // No path: an anonymous database per connection, none of them migrated but the first.
+    for no_path in ["sqlite://", "sqlite://?mode=memory", "sqlite:?mode=rwc"] {
+        let err = refused("DATABASE_URL", no_path);
+        assert!(err.rule.contains("sqlite::memory:"), "{err}");
+    }
+    for memory in ["sqlite::memory:", "sqlite://:memory:"] {
+        let config = config(&[("DATABASE_URL", memory)]).unwrap();
+        assert_eq!(config.database_url.expose(), memory);
+    }
     let pg = config(&[("DATABASE_URL", "postgres://u:hunter22@db.internal:5432/app")]).unwrap();
     assert!(pg.database_url.is_postgres());
     let shown = format!("{:?}", pg.database_url);

@@ -677,3 +677,59 @@ fn a_closed_stdout_is_not_a_crash() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `sqlite://` with no path (or only parameters after it) opens an anonymous database per
+/// connection: the server started, /readyz said ready, and every query answered 500 (`no such
+/// table`). It stops start-up as any malformed value does; `sqlite::memory:` still serves.
+#[tokio::test]
+async fn a_sqlite_url_without_a_path_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["sqlite://", "sqlite://?mode=memory", "sqlite:?mode=rwc"] {
+        let mut child = spawn_server(
+            dir.path(),
+            "server.log",
+            &[("DATABASE_URL", url), ("PORT", "0")],
+        );
+        let mut status = None;
+        for _ in 0..500 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{url}: {log}");
+        assert_eq!(log.trim_end().lines().count(), 1, "{url}: {log}");
+        assert!(
+            log.contains("DATABASE_URL") && log.contains("sqlite::memory:"),
+            "{url}: {log}"
+        );
+    }
+
+    let secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let port = free_port();
+    let vars = [
+        ("DATABASE_URL", "sqlite::memory:"),
+        ("PORT", &port.to_string()),
+        ("SUPABASE_JWT_SECRET", secret),
+    ];
+    let mut child = spawn_server(dir.path(), "memory.log", &vars);
+    assert!(wait_healthy(port).await, "sqlite::memory: no longer serves");
+    let claims = edgegate::auth::mint::api_key_claims(
+        "",
+        "service_role",
+        crate::support::now_ms() / 1000,
+        3600,
+    );
+    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
+    let keys = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/admin/signing-keys"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keys.status(), 200, "a query on sqlite::memory: failed");
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}
