@@ -4,8 +4,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
 
 /// The embedded migrations. A database that has a newer migration than this binary knows is
 /// accepted, so rolling back to an older release works while migrations stay additive.
@@ -21,18 +21,92 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) async fn connect(url: &str) -> anyhow::Result<PgPool> {
     let options =
         PgConnectOptions::from_str(url).context("DATABASE_URL is not a usable Postgres URL")?;
+    // The first connection is made here, not by the pool: the pool retries a refused connection
+    // until its timeout and then reports only that it timed out, which names neither the server
+    // nor the cause.
+    first_connection(&options).await?;
     // Fly's proxy and Supabase's pooler drop long-lived and idle connections; recycle ours first.
     // Through an outage: every idle connection is pinged before use (a dead one is dropped and
     // a new one opened), and acquiring gives up after a few seconds, so a request answers 5xx
     // promptly while the database is away and the same pool serves again once it is back.
-    PgPoolOptions::new()
+    Ok(PgPoolOptions::new()
         .max_connections(10)
         .min_connections(0)
         .max_lifetime(Duration::from_secs(600))
         .idle_timeout(Duration::from_secs(300))
         .test_before_acquire(true)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await
-        .context("connecting to PostgreSQL")
+        .connect_lazy_with(options))
+}
+
+/// Connects once and closes, retrying as the pool would (a refused connection, or a server
+/// still starting or out of connections) for `ACQUIRE_TIMEOUT` at most. The error names the
+/// server by host and port (never the user or password) and gives the last cause.
+async fn first_connection(options: &PgConnectOptions) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let deadline = tokio::time::Instant::now() + ACQUIRE_TIMEOUT;
+    let mut pause = Duration::from_millis(10);
+    let mut last_transient = None;
+    let cause = loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(remaining, PgConnection::connect_with(options)).await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                return Ok(());
+            }
+            Ok(Err(err))
+                if is_transient(&err) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                last_transient = Some(err);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ACQUIRE_TIMEOUT / 5);
+            }
+            Ok(Err(err)) => break describe(&err),
+            Err(_) => {
+                break last_transient.as_ref().map_or_else(
+                    || format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
+                    describe,
+                );
+            }
+        }
+    };
+    anyhow::bail!(
+        "connecting to PostgreSQL at {} (DATABASE_URL): {cause}",
+        server(options)
+    )
+}
+
+/// What the pool retries: the server not listening yet, starting up (57P03) or out of
+/// connections (53300).
+fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P03" | "53300")),
+        _ => false,
+    }
+}
+
+/// A connection failure in a few words: the system's for a network error (`connection
+/// refused`, not `Connection refused (os error 111)`), the server's own message for one it
+/// sent (sqlx appends the line of PostgreSQL's source the message came from).
+fn describe(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Io(io) if io.raw_os_error().is_some() => io.kind().to_string(),
+        sqlx::Error::Io(io) => io.to_string(),
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// `host:port`, or the Unix socket's directory, as the driver connects to it.
+fn server(options: &PgConnectOptions) -> String {
+    if let Some(socket) = options.get_socket() {
+        return socket.display().to_string();
+    }
+    let host = options.get_host();
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", options.get_port())
+    } else {
+        format!("{host}:{}", options.get_port())
+    }
 }

@@ -733,3 +733,99 @@ async fn a_sqlite_url_without_a_path_stops_start_up() {
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
+
+/// A PostgreSQL that cannot be reached is reported by host and port with the cause: `connection
+/// refused` (sqlx's pool said only that it timed out, after 3 s), or the server's own message
+/// without the source line of PostgreSQL it comes from. Never the password or the whole URL.
+#[test]
+fn postgres_connection_failures_name_the_host_and_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = free_port();
+    let url = format!("postgres://app:hunter2hunter2@127.0.0.1:{refused}/app");
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", "0")];
+    let expected = format!(
+        "connecting to PostgreSQL at 127.0.0.1:{refused} (DATABASE_URL): connection refused"
+    );
+    for command in ["migrate", "serve"] {
+        let out = output(edgegate(dir.path(), &vars).arg(command));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(stderr.contains(&expected), "{command}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{command}: {stderr}");
+    }
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(&expected)),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+
+    // A server that refuses the role, as PostgreSQL does: its message carries the line of
+    // PostgreSQL's source it comes from, which means nothing to the operator.
+    let server = fake_postgres_refusing_the_role();
+    let url = format!("postgres://app:hunter2hunter2@{server}/app");
+    let out = output(edgegate(dir.path(), &[("DATABASE_URL", &url)]).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "connecting to PostgreSQL at {server} (DATABASE_URL): role \"app\" does not exist"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("at line"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// A PostgreSQL server that declines TLS and answers every start-up message with the FATAL
+/// error PostgreSQL sends for an unknown role, source file and line included.
+fn fake_postgres_refusing_the_role() -> std::net::SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            loop {
+                let mut length = [0u8; 4];
+                if stream.read_exact(&mut length).is_err() {
+                    break;
+                }
+                let mut body = vec![0u8; (u32::from_be_bytes(length) as usize).saturating_sub(4)];
+                if stream.read_exact(&mut body).is_err() {
+                    break;
+                }
+                // SSLRequest and GSSENCRequest: declined with one byte.
+                if matches!(body.get(..4), Some([4, 210, 22, 47] | [4, 210, 22, 48])) {
+                    let _ = stream.write_all(b"N");
+                    continue;
+                }
+                let mut fields = Vec::new();
+                for (kind, value) in [
+                    (b'S', "FATAL"),
+                    (b'V', "FATAL"),
+                    (b'C', "28000"),
+                    (b'M', "role \"app\" does not exist"),
+                    (b'F', "miscinit.c"),
+                    (b'L', "768"),
+                    (b'R', "InitializeSessionUserId"),
+                ] {
+                    fields.push(kind);
+                    fields.extend_from_slice(value.as_bytes());
+                    fields.push(0);
+                }
+                fields.push(0);
+                let mut message = vec![b'E'];
+                message.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                message.extend_from_slice(&fields);
+                let _ = stream.write_all(&message);
+                break;
+            }
+        }
+    });
+    address
+}
