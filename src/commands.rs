@@ -82,21 +82,27 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         store.close().await;
         anyhow::Ok(applied.len())
     };
-    let default_database = config.database_url.expose() == crate::config::DEFAULT_DATABASE_URL;
     lines.push(match missing_sqlite_file(&config.database_url) {
-        // The embedded default before the first serve: nothing mistyped, nothing to reach yet.
-        Err(_) if default_database => CheckLine {
-            item: "database",
-            ok: true,
-            detail: format!(
-                "{}: not there yet; serve creates it and migrates it at start",
-                config.database_url.redacted()
-            ),
-        },
-        Err(err) => CheckLine {
-            item: "database",
-            ok: false,
-            detail: err.to_string(),
+        // Not there yet: the verdict is serve's, which creates the file in a directory that
+        // exists and stops with "unable to open database file" where none does.
+        Err(_) => match missing_sqlite_directory(&config.database_url) {
+            None => CheckLine {
+                item: "database",
+                ok: true,
+                detail: format!(
+                    "{}: not there yet; serve creates it and migrates it at start",
+                    config.database_url.redacted()
+                ),
+            },
+            Some(problem) => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!(
+                    "{}: not there, and {problem}: serve cannot create it (create the \
+                     directory first)",
+                    config.database_url.redacted()
+                ),
+            },
         },
         Ok(()) => match tokio::time::timeout(Duration::from_secs(10), database).await {
             // serve would migrate it, unless --no-migrate: then every query fails.
@@ -197,6 +203,26 @@ pub(crate) fn missing_sqlite_file(url: &DatabaseUrl) -> anyhow::Result<()> {
         url.redacted()
     );
     Ok(())
+}
+
+/// What keeps SQLite from creating the file `url` names: its directory is missing or is not a
+/// directory. `None` when the directory is there (or for PostgreSQL, or a URL SQLite cannot use).
+fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
+    if url.is_postgres() {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
+    let directory = options.get_filename().parent()?;
+    // A bare file name lives in the working directory, which exists.
+    if directory.as_os_str().is_empty() || directory.is_dir() {
+        return None;
+    }
+    let shown = directory.display();
+    Some(if directory.exists() {
+        format!("{shown} is not a directory")
+    } else {
+        format!("its directory {shown} does not exist")
+    })
 }
 
 /// The HTTP client `check` reaches dependencies with.

@@ -513,18 +513,19 @@ fn check_fails_a_connection_cap_the_file_limit_cannot_hold() {
 }
 
 /// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
-/// they fail naming it; and check fails a database no migration has prepared.
+/// check says serve would, report fails naming it; and check fails a database no migration has
+/// prepared.
 #[test]
 fn check_and_report_do_not_create_a_missing_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let vars = [("DATABASE_URL", "sqlite://edgegat.db")];
     let out = output(edgegate(dir.path(), &vars).arg("check"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("database") && l.contains("edgegat.db")),
+        stdout.lines().any(|l| l.starts_with("ok")
+            && l.contains("database")
+            && l.contains("edgegat.db: not there yet")),
         "{stdout}"
     );
     let out = output(edgegate(dir.path(), &vars).args(["keys", "report"]));
@@ -828,4 +829,45 @@ fn fake_postgres_refusing_the_role() -> std::net::SocketAddr {
         }
     });
     address
+}
+
+/// `check` on a SQLite file that is not there gives the verdict `serve` would reach: ok when
+/// the file's directory exists (serve creates the file), FAIL naming the directory when it does
+/// not (serve stops there, SQLite's "unable to open database file").
+#[test]
+fn check_passes_a_missing_sqlite_file_only_where_serve_can_create_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("DATABASE_URL", "sqlite://data/edgegate.db")];
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        database.starts_with("FAIL") && database.contains("directory data does not exist"),
+        "{database}"
+    );
+    let served = output(edgegate(dir.path(), &vars).args(["serve"]).env("PORT", "0"));
+    assert_eq!(served.status.code(), Some(1), "serve fails there too");
+
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        database.starts_with("ok")
+            && database.contains("data/edgegate.db")
+            && database.contains("not there yet; serve creates it"),
+        "{database}"
+    );
+    assert!(
+        !dir.path().join("data/edgegate.db").exists(),
+        "check made the file"
+    );
 }
