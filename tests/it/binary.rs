@@ -871,3 +871,35 @@ fn check_passes_a_missing_sqlite_file_only_where_serve_can_create_it() {
         "check made the file"
     );
 }
+
+/// `check` has a Stripe line when Stripe is not configured, as it has a Twilio line: the
+/// endpoints that answer 503 are named.
+#[test]
+fn check_says_when_stripe_is_not_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let stripe_line = |vars: &[(&str, &str)]| {
+        let out = output(edgegate(dir.path(), vars).arg("check"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("stripe"))
+            .unwrap_or_else(|| panic!("no stripe line: {stdout}"))
+            .to_owned()
+    };
+    let line = stripe_line(&[]);
+    assert!(
+        line.starts_with("ok")
+            && line.contains("not configured")
+            && line.contains("stripe-webhook"),
+        "{line}"
+    );
+    let line = stripe_line(&[("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef")]);
+    assert!(
+        line.starts_with("ok")
+            && line.contains("STRIPE_SECRET_KEY is not set")
+            && line.contains("sync-stripe-products-hardened")
+            && !line.contains("whsec_"),
+        "{line}"
+    );
+}
