@@ -32,6 +32,16 @@ pub struct MintOptions {
 
 /// Parses `30s`, `15m`, `1h`, `7d` or a number of seconds (1 s to ten years).
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_span(text)?;
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err("must be between 1 second and 10 years".to_owned());
+    }
+    Ok(ttl)
+}
+
+/// `30s`, `15m`, `1h`, `7d` or a number of seconds, zero included: each option that takes a
+/// span states its own bounds.
+pub(crate) fn parse_span(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().last() {
         Some((at, unit @ ('s' | 'm' | 'h' | 'd'))) => (&text[..at], unit),
@@ -43,16 +53,12 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
         'd' => 86_400,
         _ => 1,
     };
-    let seconds = number
+    number
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| "expected 30s, 15m, 1h, 7d or a number of seconds".to_owned())?;
-    let ttl = Duration::from_secs(seconds);
-    if ttl.is_zero() || ttl > MAX_TTL {
-        return Err("must be between 1 second and 10 years".to_owned());
-    }
-    Ok(ttl)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "expected 30s, 15m, 1h, 7d or a number of seconds".to_owned())
 }
 
 /// The claims of a minted token.

@@ -903,3 +903,20 @@ fn check_says_when_stripe_is_not_configured() {
         "{line}"
     );
 }
+
+/// `keys report --window` out of bounds states the bounds of the window (1 second to 30d), not
+/// those of `token mint --ttl`.
+#[test]
+fn keys_report_window_errors_state_the_window_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    for window in ["0", "31d"] {
+        let out = output(edgegate(dir.path(), &[]).args(["keys", "report", "--window", window]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{window}: {stderr}");
+        assert!(
+            stderr.contains("must be between 1 second and 30 days (30d)"),
+            "{window}: {stderr}"
+        );
+        assert!(!stderr.contains("10 years"), "{window}: {stderr}");
+    }
+}
