@@ -20,14 +20,21 @@ pub fn openapi_document() -> String {
     crate::routes::openapi::document_json()
 }
 
-/// `edgegate migrate`: apply pending migrations and report the applied versions.
+/// `edgegate migrate`: apply pending migrations and report the applied versions, and how many
+/// of them this run applied.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     let store = Store::connect(&config.database_url).await?;
+    // A database never migrated has no table of migrations yet: none applied.
+    let before = store.applied_migrations().await.unwrap_or_default();
     store.migrate().await?;
     let applied = store.applied_migrations().await?;
     store.close().await;
+    let new = applied
+        .iter()
+        .filter(|version| !before.contains(version))
+        .count();
     Ok(format!(
-        "migrated {} ({} migrations applied, latest {})",
+        "migrated {} ({} migrations applied, {new} new, latest {})",
         config.database_url.redacted(),
         applied.len(),
         applied

@@ -222,7 +222,7 @@ async fn migrate_and_check_report_on_the_database() {
     );
     // Every shipped migration, however many later issues add.
     let shipped = edgegate::store::shipped_migrations()[0].1.len();
-    let applied = format!("{shipped} migrations applied");
+    let applied = format!("{shipped} migrations applied, {shipped} new");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&applied));
 
     let out = output(edgegate(dir.path(), &vars).arg("check"));
@@ -919,4 +919,26 @@ fn keys_report_window_errors_state_the_window_bounds() {
         );
         assert!(!stderr.contains("10 years"), "{window}: {stderr}");
     }
+}
+
+/// `migrate` says how many of the applied migrations it applied itself: a second run applies
+/// none, and said the same as the first.
+#[test]
+fn migrate_says_how_many_migrations_were_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = edgegate::store::shipped_migrations()[0].1.len();
+    let first = output(edgegate(dir.path(), &[]).arg("migrate"));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{first:?}");
+    assert!(
+        stdout.contains(&format!("{shipped} migrations applied, {shipped} new")),
+        "{stdout}"
+    );
+    let again = output(edgegate(dir.path(), &[]).arg("migrate"));
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        stdout.contains(&format!("{shipped} migrations applied, 0 new")),
+        "{stdout}"
+    );
 }
