@@ -207,6 +207,17 @@ impl SigningKey {
             .as_object()
             .ok_or(PrivateJwkError::new("not a JSON object"))?;
         let kty = str_member(jwk, "kty")?.ok_or(PrivateJwkError::new("no kty"))?;
+        // The public half (line 2 of `keys generate`, or a JWKS entry) fails a later rule first,
+        // key_ops lacking sign, which does not say what was given.
+        let private_member = ["d", "p", "q", "dp", "dq", "qi"]
+            .iter()
+            .any(|member| jwk.contains_key(*member));
+        if matches!(kty, "EC" | "OKP" | "RSA") && !private_member {
+            return Err(PrivateJwkError::new(
+                "this is a public key (it has no d); the private one is line 1 of \
+                 `edgegate keys generate`",
+            ));
+        }
         let kid = str_member(jwk, "kid")?.ok_or(PrivateJwkError::new(
             "no kid (tokens name their key by kid)",
         ))?;

@@ -291,7 +291,7 @@ mod tests {
             (
                 "public.json",
                 key.public_jwk().to_string(),
-                "key_ops lacks sign",
+                "this is a public key",
             ),
             (
                 "dup.json",

@@ -942,3 +942,33 @@ fn migrate_says_how_many_migrations_were_new() {
         "{stdout}"
     );
 }
+
+/// `token mint --jwk` given the public half of `keys generate` (its line 2) says that it is a
+/// public key and where the private one is, not that `key_ops` lacks `sign`.
+#[test]
+fn token_mint_with_a_public_jwk_points_to_the_private_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for alg in ["ES256", "RS256", "EdDSA"] {
+        let generated = output(edgegate(dir.path(), &[]).args(["keys", "generate", "--alg", alg]));
+        assert!(generated.status.success(), "{generated:?}");
+        let stdout = String::from_utf8(generated.stdout).unwrap();
+        let public = stdout.lines().nth(1).unwrap();
+        std::fs::write(dir.path().join("pub.json"), public).unwrap();
+        let out = output(edgegate(dir.path(), &[]).args([
+            "token",
+            "mint",
+            "--role",
+            "authenticated",
+            "--jwk",
+            "pub.json",
+        ]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{alg}: {stderr}");
+        assert!(
+            stderr.contains("pub.json")
+                && stderr.contains("a public key")
+                && stderr.contains("line 1 of `edgegate keys generate`"),
+            "{alg}: {stderr}"
+        );
+    }
+}

@@ -221,7 +221,15 @@ fn malformed_private_jwks_are_refused_with_the_member_at_fault() {
             "--legacy",
         ),
         (patched(&es, json!({"kty": "DSA"})), "unsupported kty"),
-        (patched(&es, json!({"d": null})), "no d"),
+        (patched(&es, json!({"d": null})), "this is a public key"),
+        (patched(&ed, json!({"d": null})), "this is a public key"),
+        (
+            patched(
+                &rs,
+                json!({"d": null, "p": null, "q": null, "dp": null, "dq": null, "qi": null}),
+            ),
+            "line 1 of `edgegate keys generate`",
+        ),
         (
             patched(&es, json!({"d": "not base64url!"})),
             "d is not base64url",
