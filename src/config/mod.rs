@@ -339,8 +339,9 @@ pub enum TraceSampler {
     ParentBasedTraceIdRatio(f64),
 }
 
-/// What is wrong with `.env`, in one line that names the variable of a line that does not parse
-/// and never shows the line: its value may be a secret (dotenvy's own message quotes it whole).
+/// What is wrong with `.env`, in one line that gives the number of a line that does not parse
+/// and the variable it sets, and never shows the line: its value may be a secret (dotenvy's own
+/// message quotes it whole).
 fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
     // The name before `=` on a line, if it is one.
     let name_of = |line: &str| {
@@ -354,35 +355,49 @@ fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
     };
     match err {
         dotenvy::Error::LineParse(text, _) => {
-            // dotenvy gives the whole line, or only the value when the value is what breaks:
-            // then the line holding it names the variable.
-            let name = name_of(text).or_else(|| {
-                if text.trim().is_empty() {
-                    return None;
+            let file = std::fs::read_to_string(".env").unwrap_or_default();
+            let found = find_dotenv_line(&file, text);
+            let name = match found {
+                Some((_, line)) => name_of(line),
+                None => name_of(text),
+            };
+            let rule = match (found.map(|(number, _)| number), name) {
+                (Some(number), Some(name)) => {
+                    format!("line {number}, the line of {name}, does not parse")
                 }
-                let file = std::fs::read_to_string(".env").ok()?;
-                file.lines()
-                    .find(|line| {
-                        line.split_once('=')
-                            .is_some_and(|(_, value)| value.contains(text.as_str()))
-                    })
-                    .and_then(name_of)
-            });
-            match name {
-                Some(name) => ConfigError::new(
-                    ".env",
-                    format!("cannot be read: the line of {name} does not parse (not shown)"),
-                ),
-                None => {
-                    ConfigError::new(".env", "cannot be read: a line does not parse (not shown)")
-                }
-            }
+                (Some(number), None) => format!("line {number} does not parse"),
+                (None, Some(name)) => format!("the line of {name} does not parse"),
+                (None, None) => "a line does not parse".to_owned(),
+            };
+            ConfigError::new(".env", format!("cannot be read: {rule} (not shown)"))
         }
         dotenvy::Error::Io(err) => {
             ConfigError::new(".env", format!("cannot be read: {}", err.kind()))
         }
         _ => ConfigError::new(".env", "cannot be read"),
     }
+}
+
+/// The number (from 1) and text of the line of `file` where the text dotenvy could not parse
+/// starts. dotenvy gives the whole line (and the lines after it, when it leaves a quote open),
+/// or only the value when the value is what breaks, but never a line number. The lines before
+/// parsed, so the first line that starts with that text, or whose value does, is the one.
+fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
+    let start = text.lines().next()?.trim();
+    if start.is_empty() {
+        return None;
+    }
+    let file = file.strip_prefix('\u{feff}').unwrap_or(file);
+    file.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim_start().starts_with('#'))
+        .find(|(_, line)| {
+            line.trim_start().starts_with(start)
+                || line
+                    .split_once('=')
+                    .is_some_and(|(_, value)| value.trim_start().starts_with(start))
+        })
+        .map(|(at, line)| (at + 1, line))
 }
 
 /// Adds the variables of `.env` in the working directory (if there is one; not from a folder

@@ -972,3 +972,36 @@ fn token_mint_with_a_public_jwk_points_to_the_private_one() {
         );
     }
 }
+
+/// A `.env` line that does not parse is given by its number, and its text is never shown.
+#[test]
+fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, number, name) in [
+        ("# settings\nPORT=8080\nsecret words sk_live_abc\n", 3, None),
+        (
+            "PORT=8080\n\nSTRIPE_SECRET_KEY=sk_live_abc\\qsecret\n",
+            3,
+            Some("STRIPE_SECRET_KEY"),
+        ),
+        (
+            "PORT=8080\nSUPABASE_JWT_SECRET=\"secret-that-never-ends\nHOST=::1\n",
+            2,
+            Some("SUPABASE_JWT_SECRET"),
+        ),
+    ] {
+        std::fs::write(dir.path().join(".env"), text).unwrap();
+        let out = output(edgegate(dir.path(), &[]).arg("check"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(".env") && stderr.contains(&format!("line {number}")),
+            "{text:?}: {stderr}"
+        );
+        if let Some(name) = name {
+            assert!(stderr.contains(name), "{text:?}: {stderr}");
+        }
+        assert!(!stderr.contains("secret"), "{stderr}");
+    }
+}
