@@ -584,6 +584,51 @@ async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retrie
     );
 }
 
+/// A collector that redirects is not followed: reqwest drops only the standard credential
+/// headers on a redirect to another host, so the collector's own (`OTEL_EXPORTER_OTLP_HEADERS`),
+/// the spans, and a Referer naming the endpoint with its query went wherever a 307 pointed. The
+/// export fails, counted, and the other host sees nothing.
+#[tokio::test]
+async fn a_collector_that_redirects_is_not_followed() {
+    let elsewhere = Collector::start(false).await;
+    let location = format!(
+        "{}/v1/traces",
+        elsewhere.base.replace("127.0.0.1", "localhost")
+    );
+    let redirect = || {
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, location.clone())],
+        )
+            .into_response()
+    };
+    let collector = Collector::answering(false, (0..20).map(|_| redirect()).collect()).await;
+    let endpoint = format!("{}/v1/traces?api_key=QUERYOTLPKEY", collector.base);
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-honeycomb-team=HONEYCOMBKEYVALUE",
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut failed = 0;
+    for _ in 0..100 {
+        failed = metric(&base, "edgegate_otel_spans_export_failed_total").await;
+        if failed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(server, &dir).await;
+    let followed = elsewhere.shared.posts.lock().unwrap().len();
+    assert_eq!(followed, 0, "the redirect was followed to another host");
+    assert!(failed >= 1, "the redirected export was not counted as lost");
+}
+
 #[tokio::test]
 async fn without_otel_variables_nothing_is_traced_nor_propagated() {
     let fixtures = stripe_fixtures!();
