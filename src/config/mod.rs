@@ -422,6 +422,15 @@ pub fn report_url(text: &str) -> Result<Url, ConfigError> {
         .ok_or_else(|| ConfigError::new(NAME, "must be an absolute http(s) URL"))
 }
 
+/// `keys report --url`'s key: `EDGEGATE_SECRET_KEY` from the environment (or `.env`, loaded
+/// before), never a command-line flag, which `ps` and the shell's history would show.
+pub fn report_secret_key() -> Option<SecretString> {
+    std::env::var("EDGEGATE_SECRET_KEY")
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .map(SecretString::from)
+}
+
 /// A value that may hold secret material (an inline `oct` JWK does): `Debug` shows nothing of it.
 #[derive(Clone)]
 pub struct Redacted<T>(pub T);
@@ -543,7 +552,7 @@ impl Config {
             secret_key: stripe_secret_key,
             webhook_secrets: vars.secret_list_with_prefix("STRIPE_WEBHOOK_SECRET", "whsec_")?,
             api_base: vars
-                .url("STRIPE_API_BASE", parse::UrlRule::Http)?
+                .url("STRIPE_API_BASE", parse::UrlRule::HttpsOrLoopback)?
                 .unwrap_or_else(|| parse::static_url("https://api.stripe.com/")),
         };
 
@@ -565,7 +574,7 @@ impl Config {
                 (None, None) => None,
             },
             api_base: vars
-                .url("TWILIO_API_BASE", parse::UrlRule::Http)?
+                .url("TWILIO_API_BASE", parse::UrlRule::HttpsOrLoopback)?
                 .unwrap_or_else(|| parse::static_url("https://api.twilio.com")),
             request_timeout: DEFAULT_TWILIO_TIMEOUT,
             retry_base_delay: DEFAULT_TWILIO_RETRY_DELAY,

@@ -124,6 +124,21 @@ fn jwks_url_needs_https_except_on_loopback() {
     assert!(config(&[("SUPABASE_JWKS_URL", "http://[::1]:1/j")]).is_ok());
 }
 
+/// Stripe's and Twilio's credentials go to their API bases: in plain http only to a local fake
+/// (what the variables are for), never across a network.
+#[test]
+fn api_bases_need_https_except_on_loopback() {
+    for name in ["STRIPE_API_BASE", "TWILIO_API_BASE"] {
+        let err = refused(name, "http://proxy.example.com/");
+        assert!(err.rule.contains("https"), "{name}: {err}");
+        assert!(config(&[(name, "http://127.0.0.1:1")]).is_ok(), "{name}");
+        assert!(
+            config(&[(name, "https://proxy.example.com")]).is_ok(),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn stripe_secret_key_prefixes() {
     let err = refused("STRIPE_SECRET_KEY", "pk_live_x");
