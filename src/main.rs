@@ -100,9 +100,6 @@ Examples:
         /// The span of the usage: 24h, 90m, 7d (at most 30d); default: the revocation window.
         #[arg(long, value_parser = commands::report::parse_window)]
         window: Option<Duration>,
-        /// The sb_secret_ key for --url; from the environment only.
-        #[arg(long, env = "EDGEGATE_SECRET_KEY", hide = true, hide_env_values = true)]
-        secret_key: Option<String>,
         /// The report's "now", epoch milliseconds (tests).
         #[arg(long, hide = true)]
         now_ms: Option<i64>,
@@ -194,8 +191,9 @@ fn main() -> ExitCode {
     // "always", each 2 MiB region mimalloc touches becomes resident whole (BENCHMARKS.md,
     // "Allocator"). A kernel without the setting changes nothing; nothing to report then.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
-    // `.env` before the arguments: clap reads EDGEGATE_SECRET_KEY from the environment. Its
-    // error waits until a command needs the configuration (`openapi` and `--help` do not).
+    // `.env` before the arguments, so that what it sets (EDGEGATE_SECRET_KEY too) is there for
+    // every command. Its error waits until a command needs the configuration (`openapi` and
+    // `--help` do not).
     let dotenv = edgegate::config::load_dotenv();
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.
@@ -386,7 +384,6 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 KeysCommand::Report {
                     url,
                     window,
-                    secret_key,
                     now_ms,
                 },
         } => {
@@ -398,11 +395,8 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let view = match (url, secret_key) {
-                (Some(url), Some(key)) => {
-                    let key = secrecy::SecretString::from(key);
-                    commands::report::from_api(&url, &key, window).await
-                }
+            let view = match (url, edgegate::config::report_secret_key()) {
+                (Some(url), Some(key)) => commands::report::from_api(&url, &key, window).await,
                 (Some(_), None) => {
                     eprintln!(
                         "edgegate: invalid configuration: EDGEGATE_SECRET_KEY must be set (an sb_secret_ key) to read the report from --url"

@@ -658,6 +658,27 @@ fn keys_report_follows_no_redirect_with_the_secret_key() {
     assert!(!stderr.contains(key), "{stderr}");
 }
 
+/// The secret key of `keys report --url` comes from the environment only: a flag would put it in
+/// `ps`, `/proc/*/cmdline` and the shell's history (a hidden `--secret-key` was one).
+#[test]
+fn keys_report_takes_no_secret_key_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "sb_secret_CLIFLAGVALUE0123456789ab";
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out = output(edgegate(dir.path(), &[]).args([
+        "keys",
+        "report",
+        "--url",
+        &url,
+        "--secret-key",
+        key,
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--secret-key"), "{stderr}");
+    assert!(!stderr.contains(key), "{stderr}");
+}
+
 /// A reader that stops early (`| head`) ends the output, not the process with a panic: the
 /// command exits as it would have.
 #[test]
