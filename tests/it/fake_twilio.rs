@@ -31,6 +31,8 @@ pub enum Reply {
     },
     /// Reads the request, then never answers: the caller times out after sending.
     Hang,
+    /// 307 to this URL (Twilio never redirects; a proxy or a hijacked base might).
+    RedirectTo(String),
 }
 
 impl Reply {
@@ -182,6 +184,11 @@ async fn create(
             message,
         } => error(http, code, message),
         Reply::Hang => std::future::pending().await,
+        Reply::RedirectTo(location) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response(),
     }
 }
 

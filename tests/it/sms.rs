@@ -1088,6 +1088,21 @@ async fn sms_the_send_budget_counts_from_the_requests_arrival() {
     assert_eq!(answer["code"], "UPSTREAM_UNAVAILABLE", "{answer}");
 }
 
+/// A redirect from Twilio's base is not followed: a 307 re-posted the message (its number and
+/// text) to wherever it pointed. The send fails as refused, and the other host sees nothing.
+#[tokio::test]
+async fn sms_a_redirect_from_twilio_is_not_followed() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let elsewhere = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Messages.json");
+    let target = format!("{}{path}", elsewhere.base.trim_end_matches('/'));
+    fake.script([Reply::RedirectTo(target.replace("127.0.0.1", "localhost"))]);
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_ne!(answer.status, 202, "{}", answer.body);
+    assert_eq!(elsewhere.requests().len(), 0, "the redirect was followed");
+    assert_eq!(fake.requests().len(), 1);
+}
+
 /// Sends Twilio never took leave the limits as they were: an outage must not rate-limit anyone.
 #[tokio::test]
 async fn sms_sends_twilio_never_took_do_not_count_against_the_limits() {
