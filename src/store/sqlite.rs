@@ -73,14 +73,8 @@ fn is_busy(err: &sqlx::Error) -> bool {
 /// migrator does not serialize two instances starting together on one file; an exclusive lock
 /// on a file next to the database does.
 pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
-    let database = pool.connect_options().get_filename().to_path_buf();
-    let in_memory =
-        database.as_os_str().is_empty() || database.to_string_lossy().contains(":memory:");
-    let _guard = if in_memory {
-        None
-    } else {
-        let mut lock_path = database.into_os_string();
-        lock_path.push(".migrate-lock");
+    let _guard = if let Some(lock_path) = migration_lock_path(pool.connect_options().get_filename())
+    {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -101,9 +95,24 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
             }
         }
         Some(file)
+    } else {
+        None
     };
     migrator().run(pool).await?;
     Ok(())
+}
+
+/// The migration lock's file, beside the database's; none for a database in memory, which no
+/// other process can open (sqlx names one `file:sqlx-in-memory-N`: a lock file of that name was
+/// left in the working directory).
+fn migration_lock_path(database: &std::path::Path) -> Option<std::ffi::OsString> {
+    let name = database.to_string_lossy();
+    if name.is_empty() || name.contains(":memory:") || name.starts_with("file:sqlx-in-memory-") {
+        return None;
+    }
+    let mut lock_path = database.as_os_str().to_owned();
+    lock_path.push(".migrate-lock");
+    Some(lock_path)
 }
 
 /// Takes and releases the write lock on a pooled connection, waiting `PROBE_BUSY_TIMEOUT` at
@@ -129,6 +138,23 @@ pub(super) async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database in memory takes no lock file (one named after sqlx's in-memory name was left in
+    /// the working directory by `migrate` and `serve`); a file's lock is beside it.
+    #[tokio::test]
+    async fn only_a_database_file_has_a_migration_lock_file() {
+        for url in ["sqlite::memory:", "sqlite://:memory:"] {
+            let pool = connect(url).await.unwrap();
+            let database = pool.connect_options().get_filename().to_path_buf();
+            assert_eq!(migration_lock_path(&database), None, "{url}: {database:?}");
+            pool.close().await;
+        }
+        let path = std::path::Path::new("/data/edgegate.db");
+        assert_eq!(
+            migration_lock_path(path),
+            Some("/data/edgegate.db.migrate-lock".into())
+        );
+    }
 
     /// Every connection commits with `synchronous=FULL`: in WAL mode NORMAL survives a crash of
     /// the process but not of the machine (a power loss rolls back the last commits), and a
