@@ -207,9 +207,10 @@ impl Authenticator {
         &self.inline_dropped
     }
 
-    /// True when at least one key of any kind can verify a token (for `/readyz`).
-    pub fn is_ready(&self) -> bool {
-        self.ring.load().can_verify()
+    /// Whether any credential can be verified now: a key in the ring (the legacy secret, an
+    /// inline or fetched signing key) or an API key. `/readyz` and `check` both go by it.
+    pub fn can_verify(&self) -> bool {
+        self.ring.load().can_verify() || !self.api_keys.is_empty()
     }
 
     /// The verified-token cache.

@@ -28,7 +28,7 @@ pub async fn lines(config: &Config) -> Vec<CheckLine> {
         lines.push(match fetched {
             Ok(Ok(report)) => {
                 let keys = signing_keys(&auth, KeyOrigin::Jwks);
-                let verifies = can_verify(config, &auth);
+                let verifies = auth.can_verify();
                 let detail = if !keys.is_empty() || !report.dropped.is_empty() {
                     describe(&keys, &report.dropped)
                 } else if !verifies {
@@ -67,12 +67,6 @@ pub async fn lines(config: &Config) -> Vec<CheckLine> {
 /// Whether a JWKS-configured service can become ready: the rule of `/readyz`
 /// (`routes::health::key_ring_check`): some key verifies (the legacy secret, an inline or a
 /// fetched key) or an API key is configured.
-fn can_verify(config: &Config, auth: &Authenticator) -> bool {
-    auth.key_ring().load().can_verify()
-        || !config.api_keys.secret.is_empty()
-        || !config.api_keys.publishable.is_empty()
-}
-
 fn signing_keys(auth: &Authenticator, origin: KeyOrigin) -> Vec<KeyListing> {
     auth.key_ring()
         .load()

@@ -75,9 +75,8 @@ fn key_ring_check(state: &AppState) -> serde_json::Value {
             "consecutive_failures": status.consecutive_failures,
         })
     });
-    let api_keys = !config.api_keys.secret.is_empty() || !config.api_keys.publishable.is_empty();
     json!({
-        "ok": !configured || ring.can_verify() || api_keys,
+        "ok": !configured || state.auth.can_verify(),
         "configured": configured,
         "keys": ring.listing().len(),
         "jwks": jwks,
