@@ -640,16 +640,21 @@ async fn a_cached_answer_is_the_verified_answer_byte_for_byte() {
     assert_eq!(body["claims"], claims);
 }
 
-#[tokio::test]
-async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
-    let db = test_db!();
-    // Nothing listens here: the JWKS never arrives, so nothing can be verified.
+/// A JWKS URL on a loopback port nothing listens on: the key set never arrives.
+fn unanswered_jwks_url() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json");
+    format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json")
+}
+
+#[tokio::test]
+async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
+    let db = test_db!();
+    // Nothing listens here: the JWKS never arrives, so nothing can be verified.
+    let url = unanswered_jwks_url();
     let (server, _) = spawn_app(&db, &[("SUPABASE_JWKS_URL", url.as_str())]).await;
     let response = server.get("/readyz").await;
     assert_eq!(response.status(), 503);
@@ -665,12 +670,7 @@ async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
 #[tokio::test]
 async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
     let db = test_db!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json");
+    let url = unanswered_jwks_url();
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let (server, _) = spawn_app(
         &db,

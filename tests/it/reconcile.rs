@@ -173,6 +173,18 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     }
 }
 
+/// A first run, over no event, with its start moved back to `at` (unix seconds): as if a run had
+/// covered everything up to then.
+async fn covered_up_to(app: &App, db: &TestDb, at: i64) {
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+    let moved = format!(
+        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
+        at * 1000
+    );
+    assert_eq!(scalar!(db, i64, moved), at * 1000);
+}
+
 /// A run over a narrow window (a manual `since`) covers only that window: the next default run
 /// still starts from the last run that covered everything before it.
 #[tokio::test]
@@ -182,14 +194,8 @@ async fn a_narrow_manual_run_does_not_hide_events_missed_before_it() {
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     let app = full_app(&db, &fake).await;
     let t = now();
-    // A run that covered everything up to three hours ago (its start moved back to then).
-    let (status, body) = reconcile(&app.server).await;
-    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
-    let moved = format!(
-        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
-        (t - 3 * 3600) * 1000
-    );
-    assert_eq!(scalar!(db, i64, moved), (t - 3 * 3600) * 1000);
+    // A run that covered everything up to three hours ago.
+    covered_up_to(&app, &db, t - 3 * 3600).await;
     // Since then: events 0..3 two and a half hours ago, never delivered; event 4 a minute ago.
     fake.add_events((0..4).map(|n| history_event(&fixtures, n, t - 9000 + n as i64)));
     fake.add_events([history_event(&fixtures, 4, t - 50)]);
@@ -559,14 +565,8 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     let app = full_app(&db, &fake).await;
     let t = now();
-    // A run that covered everything up to three hours ago (its start moved back to then).
-    let (status, body) = reconcile(&app.server).await;
-    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
-    let moved = format!(
-        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
-        (t - 3 * 3600) * 1000
-    );
-    assert_eq!(scalar!(db, i64, moved), (t - 3 * 3600) * 1000);
+    // A run that covered everything up to three hours ago.
+    covered_up_to(&app, &db, t - 3 * 3600).await;
     // Since then: events 0..10 ten minutes apart (event 3 of a type edgegate does not act on),
     // and between events 6 and 7 two updates of product 50 in one second, the second of which
     // needs the product as Stripe has it now; Stripe refuses that request.

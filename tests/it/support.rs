@@ -48,17 +48,23 @@ impl TestDb {
         }
     }
 
-    async fn postgres(base: &str) -> Option<Self> {
-        let admin = match sqlx::PgPool::connect(base).await {
-            Ok(pool) => pool,
+    /// A connection to the PostgreSQL at `base` for making a test's schema or database; `None`
+    /// (a loud skip) when it does not answer, a failure under `CI=true`.
+    async fn postgres_admin(base: &str) -> Option<sqlx::PgPool> {
+        match sqlx::PgPool::connect(base).await {
+            Ok(pool) => Some(pool),
             Err(err) if !in_ci() => {
                 eprintln!("SKIPPED: PostgreSQL at TEST_POSTGRES_URL does not answer ({err})");
-                return None;
+                None
             }
             Err(err) => {
                 panic!("CI=true and PostgreSQL at TEST_POSTGRES_URL does not answer: {err}")
             }
-        };
+        }
+    }
+
+    async fn postgres(base: &str) -> Option<Self> {
+        let admin = Self::postgres_admin(base).await?;
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&admin)
@@ -78,16 +84,7 @@ impl TestDb {
         let base = std::env::var("TEST_POSTGRES_URL")
             .ok()
             .filter(|url| !url.is_empty())?;
-        let admin = match sqlx::PgPool::connect(&base).await {
-            Ok(pool) => pool,
-            Err(err) if !in_ci() => {
-                eprintln!("SKIPPED: PostgreSQL at TEST_POSTGRES_URL does not answer ({err})");
-                return None;
-            }
-            Err(err) => {
-                panic!("CI=true and PostgreSQL at TEST_POSTGRES_URL does not answer: {err}")
-            }
-        };
+        let admin = Self::postgres_admin(&base).await?;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)

@@ -546,6 +546,19 @@ async fn spans_go_as_protobuf_with_the_configured_headers_and_a_throttled_export
     );
 }
 
+/// `edgegate_otel_spans_export_failed_total` once it is above zero (polled for 5 s at most).
+async fn export_failures(base: &str) -> u64 {
+    let mut failed = 0;
+    for _ in 0..100 {
+        failed = metric(base, "edgegate_otel_spans_export_failed_total").await;
+        if failed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    failed
+}
+
 #[tokio::test]
 async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retried() {
     let collector = Collector::answering(
@@ -560,14 +573,7 @@ async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retrie
     .await;
     let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(response.status(), 200);
-    let mut failed = 0;
-    for _ in 0..100 {
-        failed = metric(&base, "edgegate_otel_spans_export_failed_total").await;
-        if failed > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let failed = export_failures(&base).await;
     assert!(failed >= 1, "the refused span was not counted as lost");
     let posts = collector.shared.posts.lock().unwrap().clone();
     let refused = &posts[0].1;
@@ -615,14 +621,7 @@ async fn a_collector_that_redirects_is_not_followed() {
     .await;
     let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(response.status(), 200);
-    let mut failed = 0;
-    for _ in 0..100 {
-        failed = metric(&base, "edgegate_otel_spans_export_failed_total").await;
-        if failed > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let failed = export_failures(&base).await;
     stop(server, &dir).await;
     let followed = elsewhere.shared.posts.lock().unwrap().len();
     assert_eq!(followed, 0, "the redirect was followed to another host");
