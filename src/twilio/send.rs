@@ -586,7 +586,18 @@ async fn record_failure(store: &Store, clock: &Clock, id: &str, failure: NotCrea
             ),
         ),
     };
-    tracing::warn!(id, status, error = %detail, "SMS not sent");
+    match &err {
+        // Twilio's words quote the recipient ("The 'To' number +1… is not a valid phone
+        // number"): they are kept in the SMS row, and the log has the code and status only.
+        CallError::Rejected { http_status, body } => tracing::warn!(
+            id,
+            status,
+            http_status,
+            twilio_error = body.code,
+            "SMS not sent: Twilio refused it"
+        ),
+        _ => tracing::warn!(id, status, error = %detail, "SMS not sent"),
+    }
     let result = SendResult {
         status,
         twilio_sid: None,
@@ -606,6 +617,7 @@ async fn record_failure(store: &Store, clock: &Clock, id: &str, failure: NotCrea
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::twilio::client::TwilioErrorBody;
 
     fn request(to: &str, body: &str, key: Option<&str>) -> SendSmsRequest {
         SendSmsRequest {
@@ -681,5 +693,38 @@ mod tests {
             .is_ok()
         );
         assert!(validate(request("+12025550123", "x", None), none).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_logged_by_its_code_without_twilios_words_which_name_the_number() {
+        let config = crate::config::Config::from_lookup(|name| {
+            (name == "DATABASE_URL").then(|| "sqlite::memory:".to_owned())
+        })
+        .unwrap();
+        let store = Store::connect(&config.database_url).await.unwrap();
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let refusal = NotCreated {
+            err: CallError::Rejected {
+                http_status: 400,
+                body: TwilioErrorBody {
+                    code: Some(21211),
+                    message: Some(
+                        "The 'To' number +15550000000 is not a valid phone number.".to_owned(),
+                    ),
+                    more_info: None,
+                    status: Some(400),
+                },
+            },
+            calls: 1,
+        };
+        record_failure(&store, &Clock::manual(), "sms-1", refusal).await;
+        let log = lines.text();
+        let line = log
+            .lines()
+            .find(|line| line.contains("SMS not sent"))
+            .unwrap_or_else(|| panic!("no \"SMS not sent\" line in {log}"));
+        assert!(line.contains("21211") && line.contains("400"), "{line}");
+        assert!(!line.contains("5550000000"), "{line}");
     }
 }
