@@ -95,8 +95,7 @@ pub async fn receive(
 ) -> Result<Delivery, WebhookError> {
     let received: Result<Delivery, WebhookError> = async {
         signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
-        let event: Event = serde_json::from_slice(body)
-            .map_err(|err| WebhookError::Unreadable(format!("the event cannot be read: {err}")))?;
+        let event = read_event(body)?;
         check_envelope(&event)?;
         let outcome = apply(store, stripe, &event, now_ms).await?;
         Ok(Delivery {
@@ -247,13 +246,88 @@ fn check_envelope(event: &Event) -> Result<(), WebhookError> {
     )))
 }
 
+fn read_event(body: &[u8]) -> Result<Event, WebhookError> {
+    let what = "the event";
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let event = serde_path_to_error::deserialize(&mut json).map_err(|err| unreadable(what, err))?;
+    json.end()
+        .map_err(|err| WebhookError::Unreadable(format!("{what} cannot be read: {err}")))?;
+    Ok(event)
+}
+
 fn object<T: DeserializeOwned>(event: &Event) -> Result<T, WebhookError> {
-    T::deserialize(&event.data.object).map_err(|err| {
-        WebhookError::Unreadable(format!(
-            "data.object of {} cannot be read: {err}",
-            event.event_type
-        ))
-    })
+    serde_path_to_error::deserialize(&event.data.object)
+        .map_err(|err| unreadable(&format!("data.object of {}", event.event_type), err))
+}
+
+/// Why `what` cannot be read, by the path of the field and the kind of problem. The reason is
+/// logged (reconcile's `listed event skipped`), and serde quotes the offending value, which can
+/// be a customer's email or name: the value is left out.
+fn unreadable(what: &str, err: serde_path_to_error::Error<serde_json::Error>) -> WebhookError {
+    let path = err.path().to_string();
+    let err = err.into_inner();
+    // `.` is the path of the whole document: only a field's is worth naming.
+    let at = if path == "." {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
+    WebhookError::Unreadable(format!(
+        "{what} cannot be read: {at}{}",
+        without_values(&err.to_string())
+    ))
+}
+
+/// serde's description of a problem without the values it quotes: `invalid type: string
+/// "alice@example.com", expected i64` becomes `invalid type: string, expected i64`, and
+/// `unknown variant `x`, expected one of …` loses the `x`. Values come before `, expected`;
+/// what follows is the type's own description, with the line and column. Field names
+/// (`missing field `id``) are kept: they are the type's, not the sender's.
+fn without_values(text: &str) -> String {
+    let (head, tail) = match text.find(", expected ") {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut chars = head.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                // A Debug-quoted string, its inner quotes escaped.
+                let mut escaped = false;
+                for inner in chars.by_ref() {
+                    match inner {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+                trim_space(&mut kept);
+            }
+            '`' if kept.ends_with("field ") => {
+                kept.push(c);
+                for inner in chars.by_ref() {
+                    kept.push(inner);
+                    if inner == '`' {
+                        break;
+                    }
+                }
+            }
+            '`' => {
+                chars.by_ref().find(|&inner| inner == '`');
+                trim_space(&mut kept);
+            }
+            _ => kept.push(c),
+        }
+    }
+    kept.push_str(tail);
+    kept
+}
+
+fn trim_space(text: &mut String) {
+    if text.ends_with(' ') {
+        text.pop();
+    }
 }
 
 /// The change an event makes; `as_of` for every row is the event's `created`, so an older event
@@ -303,5 +377,85 @@ mod tests {
         assert_eq!(policy, SAME_SECOND_RETRY);
         assert!(policy.worst_case() <= Duration::from_secs(17));
         assert!(policy.worst_case() < crate::server::middleware::REQUEST_TIMEOUT / 3 * 2);
+    }
+
+    /// The reason an unreadable event is refused for is logged (reconcile's `listed event
+    /// skipped`), so it names where and what is wrong, never the value, which can be a
+    /// customer's email.
+    fn assert_names_the_field_not_the_value(reason: &str, field: &str) {
+        assert!(reason.contains(field), "{reason}");
+        assert!(reason.contains("invalid type"), "{reason}");
+        assert!(!reason.contains("alice@example.com"), "{reason}");
+    }
+
+    #[test]
+    fn serde_descriptions_lose_their_values_and_keep_field_names() {
+        for (given, kept) in [
+            (
+                r#"invalid type: string "a\"b@example.com", expected i64 at line 1 column 9"#,
+                "invalid type: string, expected i64 at line 1 column 9",
+            ),
+            (
+                "invalid value: integer `15550000000`, expected a boolean",
+                "invalid value: integer, expected a boolean",
+            ),
+            (
+                "unknown variant `bob@example.com`, expected one of `a`, `b`",
+                "unknown variant, expected one of `a`, `b`",
+            ),
+            ("missing field `id`", "missing field `id`"),
+            (
+                "expected value at line 1 column 2",
+                "expected value at line 1 column 2",
+            ),
+        ] {
+            assert_eq!(without_values(given), kept);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_object_is_refused_without_its_value() {
+        let event: Event = serde_json::from_value(serde_json::json!({
+            "id": "evt_1",
+            "type": "product.updated",
+            "created": 1,
+            "data": {"object": {"id": "prod_1", "active": "alice@example.com"}},
+        }))
+        .unwrap();
+        match effect_of(&event, 0) {
+            Err(WebhookError::Unreadable(reason)) => {
+                assert_names_the_field_not_the_value(&reason, "active");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_event_is_refused_without_its_value() {
+        let config = crate::config::Config::from_lookup(|name| {
+            (name == "DATABASE_URL").then(|| "sqlite::memory:".to_owned())
+        })
+        .unwrap();
+        let store = Store::connect(&config.database_url).await.unwrap();
+        let body = br#"{"id":"evt_1","type":"customer.updated","created":"alice@example.com","data":{"object":{}}}"#;
+        let now = 1_700_000_000;
+        let header = signature::sign(body, "whsec_test", now);
+        let secrets = [SecretString::from("whsec_test")];
+        let received = receive(
+            &store,
+            None,
+            &secrets,
+            Some(&header),
+            body,
+            now * 1000,
+            &StripeMetrics::default(),
+        )
+        .await;
+        match received {
+            Err(WebhookError::Unreadable(reason)) => {
+                assert_names_the_field_not_the_value(&reason, "created");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
