@@ -1,5 +1,6 @@
 //! The embedded backend: one SQLite file in WAL mode, created on first run.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -24,7 +25,12 @@ const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(100);
 
 pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
-        .context("DATABASE_URL is not a usable SQLite location")?
+        .context("DATABASE_URL is not a usable SQLite location")?;
+    let file = options.get_filename();
+    if !is_in_memory(file) && !url.contains("mode=memory") {
+        create_private(file);
+    }
+    let options = options
         .create_if_missing(true)
         // WAL lets readers run beside the single writer. FULL syncs the WAL at every commit:
         // NORMAL survives the process's crash but not the machine's, and a commit is a promise
@@ -55,6 +61,27 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         }
     }
     pool().await.context("opening the SQLite database")
+}
+
+/// Creates a database file that is not there yet readable by its owner only: it holds SMS
+/// bodies, phone numbers and customers' emails, and SQLite would create it with the umask's
+/// mode (usually world-readable). SQLite gives its -wal and -shm files the database file's
+/// mode. An existing file keeps the mode its operator chose; a file that cannot be created
+/// here (no such directory, no permission) is left for SQLite to open and report.
+fn create_private(file: &Path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file);
+}
+
+/// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a
+/// database `file:sqlx-in-memory-N`.
+fn is_in_memory(file: &Path) -> bool {
+    let name = file.to_string_lossy();
+    name.is_empty() || name.contains(":memory:") || name.starts_with("file:sqlx-in-memory-")
 }
 
 /// Attempts at opening a file that another process is switching to WAL, before the last one.
@@ -105,9 +132,8 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
 /// The migration lock's file, beside the database's; none for a database in memory, which no
 /// other process can open (sqlx names one `file:sqlx-in-memory-N`: a lock file of that name was
 /// left in the working directory).
-fn migration_lock_path(database: &std::path::Path) -> Option<std::ffi::OsString> {
-    let name = database.to_string_lossy();
-    if name.is_empty() || name.contains(":memory:") || name.starts_with("file:sqlx-in-memory-") {
+fn migration_lock_path(database: &Path) -> Option<std::ffi::OsString> {
+    if is_in_memory(database) {
         return None;
     }
     let mut lock_path = database.as_os_str().to_owned();
@@ -177,6 +203,45 @@ mod tests {
             held.push(conn);
         }
         drop(held);
+        pool.close().await;
+    }
+
+    /// The file holds SMS bodies, phone numbers and customers' emails: a new one, and the WAL
+    /// and shared-memory files SQLite writes beside it, are readable by their owner only.
+    #[tokio::test]
+    async fn a_new_database_file_and_its_wal_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgegate.db");
+        let pool = connect(&format!("sqlite://{}", file.display()))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let wal = dir.path().join("edgegate.db-wal");
+        let shm = dir.path().join("edgegate.db-shm");
+        for path in [&file, &wal, &shm] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+        }
+        pool.close().await;
+    }
+
+    /// An operator's own choice of mode for an existing file is kept.
+    #[tokio::test]
+    async fn an_existing_database_file_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgegate.db");
+        std::fs::File::create(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let pool = connect(&format!("sqlite://{}", file.display()))
+            .await
+            .unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
         pool.close().await;
     }
 }
