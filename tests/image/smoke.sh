@@ -198,7 +198,7 @@ if [ -n "$ctx_image" ]; then
   ctx_files=$(grep -c '^-' "$WORK/context.txt" || true)
   # What must never be sent: build output, VCS, the fuzz workspace, npm trees, local databases, secrets.
   leaked=$(awk '{ print $6 }' "$WORK/context.txt" \
-    | grep -E '^context/(target|\.git|fuzz)(/|$)|/(node_modules|target)(/|$)|\.(db|db-wal|db-shm|sqlite3?)$|/\.env(\..*)?$|\.(pem|key|jwk)$' \
+    | grep -E '^context/(target|\.git|fuzz)(/|$)|/(node_modules|target)(/|$)|\.(db|db-wal|db-shm|sqlite3?)$|/\.env(\..*)?$|\.(pem|key|jwk|jwk\.json)$|/(key\.txt|signing_keys\.json)$' \
     | sed -E 's#^context/##; s#^([^/]+/[^/]+).*#\1#' | sort -u | head -5 | tr '\n' ' ' || true)
   ctx_mb=$(awk -v b="$ctx_bytes" 'BEGIN { printf "%.1f", b / 1e6 }')
   if [ -n "$leaked" ]; then
