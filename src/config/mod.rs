@@ -381,15 +381,23 @@ fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
 /// The number (from 1) and text of the line of `file` where the text dotenvy could not parse
 /// starts. dotenvy gives the whole line (and the lines after it, when it leaves a quote open),
 /// or only the value when the value is what breaks, but never a line number. The lines before
-/// parsed, so the first line that starts with that text, or whose value does, is the one.
+/// parsed, so the first line that starts with that text, or whose value does, is the one; a
+/// line inside an earlier line's quoted value is none (its text is part of that value, perhaps
+/// a secret's, and must not be taken for a variable's name).
 fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
     let start = text.lines().next()?.trim();
     if start.is_empty() {
         return None;
     }
     let file = file.strip_prefix('\u{feff}').unwrap_or(file);
+    let mut open_quote = None;
     file.lines()
         .enumerate()
+        .filter(|(_, line)| {
+            let starts_a_line = open_quote.is_none();
+            open_quote = quote_open_after(line, open_quote);
+            starts_a_line
+        })
         .filter(|(_, line)| !line.trim_start().starts_with('#'))
         .find(|(_, line)| {
             line.trim_start().starts_with(start)
@@ -398,6 +406,34 @@ fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
                     .is_some_and(|(_, value)| value.trim_start().starts_with(start))
         })
         .map(|(at, line)| (at + 1, line))
+}
+
+/// The quote a `.env` value left open at the end of `line` (`'` or `"`), given the one open
+/// before it: a value that starts with a quote runs to its closing one, across lines; in double
+/// quotes a backslash escapes the next character, in single quotes nothing does.
+fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
+    let rest = match open {
+        Some(_) => line,
+        None => {
+            let (_, value) = line.split_once('=')?;
+            if line.trim_start().starts_with('#') {
+                return None;
+            }
+            let value = value.trim_start();
+            let quote = value.chars().next().filter(|c| matches!(c, '"' | '\''))?;
+            return quote_open_after(&value[1..], Some(quote));
+        }
+    };
+    let quote = open?;
+    let mut escaped = false;
+    for c in rest.chars() {
+        match c {
+            '\\' if quote == '"' && !escaped => escaped = true,
+            c if c == quote && !escaped => return None,
+            _ => escaped = false,
+        }
+    }
+    Some(quote)
 }
 
 /// Adds the variables of `.env` in the working directory (if there is one; not from a folder

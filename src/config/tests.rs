@@ -772,3 +772,19 @@ fn public_url_has_no_query_or_fragment() {
         "https://example.com/edge/"
     );
 }
+
+/// A line inside an earlier line's quoted value is not a line of its own: the finder named a
+/// piece of the secret (`sup3rS3cretSecondHalf`, from the value's second line) as the variable
+/// of the line that does not parse, and gave the wrong line.
+#[test]
+fn a_dotenv_line_inside_a_quoted_value_is_not_taken_for_the_broken_one() {
+    let file = "SUPABASE_JWT_SECRET=\"first-half\nsup3rS3cretSecondHalf=tail is here\"\nOPTS=tail is here\n";
+    assert_eq!(
+        find_dotenv_line(file, "tail is here"),
+        Some((3, "OPTS=tail is here"))
+    );
+    let escaped = "NOTE=\"hello\\\"\nx y is fine\"\nB=x y\n";
+    assert_eq!(find_dotenv_line(escaped, "x y"), Some((3, "B=x y")));
+    let single = "A='one\nB=two x'\nC=two x\n";
+    assert_eq!(find_dotenv_line(single, "two x"), Some((3, "C=two x")));
+}
