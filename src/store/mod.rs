@@ -383,10 +383,10 @@ fn unavailable_code(code: &str, postgres: bool) -> bool {
         || matches!(code, "55P03" | "25P03")
 }
 
-/// Whether `err` says the database refused the values written (PostgreSQL classes 22, data
-/// exception, such as U+0000 in text, which it stores nowhere, and 23, integrity constraint
-/// violation; SQLite CONSTRAINT, TOOBIG, MISMATCH; a value sqlx cannot encode): the same values
-/// are refused whenever they are written again, while other writes go through.
+/// Whether `err` says the database refused the values written (PostgreSQL class 22, data
+/// exception, such as U+0000 in text, which it stores nowhere; SQLite TOOBIG, MISMATCH; a value
+/// sqlx cannot encode): the same values are refused whenever they are written again, while
+/// other writes go through.
 pub fn is_refused_value(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         cause
@@ -404,14 +404,17 @@ fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
     let Some(code) = db.code() else {
         return false;
     };
+    // Only what a value alone brings about: class 22 (data exception) on PostgreSQL, TOOBIG and
+    // MISMATCH on SQLite. Not a constraint (PostgreSQL's class 23, SQLite's CONSTRAINT): a NOT
+    // NULL or foreign key broken by every row is the schema's problem, not one event's.
     if db
         .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
         .is_some()
     {
-        code.starts_with("22") || code.starts_with("23")
+        code.starts_with("22")
     } else {
         code.parse::<i32>()
-            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18..=20))
+            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18 | 20))
     }
 }
 

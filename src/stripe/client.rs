@@ -80,9 +80,13 @@ impl RetryPolicy {
 pub enum StripeError {
     #[error("Stripe did not answer after {attempts} attempts (last: {last})")]
     Unavailable { attempts: u32, last: String },
-    /// An answer that retrying will not change (401 bad key, 403, 400…).
+    /// An answer that retrying will not change (400…).
     #[error("Stripe refused the request: {0}")]
     Rejected(String),
+    /// 401 or 403: the key is wrong, revoked, or (a restricted key) lacks the permission. Every
+    /// call of the kind would be refused alike, whatever object it is about.
+    #[error("Stripe refused the key: {0}")]
+    KeyRefused(String),
     /// 404: the object does not exist (any more).
     #[error("Stripe has no such object: {0}")]
     NotFound(String),
@@ -126,7 +130,22 @@ struct AttemptFailure {
     missing: bool,
     /// A 400 about `starting_after` that no `Stripe-Should-Retry` asked to retry.
     cursor_gone: bool,
+    /// A 401 or 403 that no `Stripe-Should-Retry` asked to retry.
+    key_refused: bool,
     reason: String,
+}
+
+impl AttemptFailure {
+    /// A failure another attempt may not meet: no answer, or one cut short or unreadable.
+    fn transient(reason: String) -> Self {
+        Self {
+            retry: true,
+            missing: false,
+            cursor_gone: false,
+            key_refused: false,
+            reason,
+        }
+    }
 }
 
 /// The Stripe API with one secret key.
@@ -248,21 +267,19 @@ impl StripeClient {
                 match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(failure)) => failure,
-                    Err(_) => AttemptFailure {
-                        retry: true,
-                        missing: false,
-                        cursor_gone: false,
-                        reason: format!(
-                            "no answer within {} ms",
-                            self.policy.attempt_timeout.as_millis()
-                        ),
-                    },
+                    Err(_) => AttemptFailure::transient(format!(
+                        "no answer within {} ms",
+                        self.policy.attempt_timeout.as_millis()
+                    )),
                 };
             if failure.missing {
                 return Err(StripeError::NotFound(failure.reason));
             }
             if failure.cursor_gone {
                 return Err(StripeError::CursorGone(failure.reason));
+            }
+            if failure.key_refused {
+                return Err(StripeError::KeyRefused(failure.reason));
             }
             if !failure.retry {
                 return Err(StripeError::Rejected(failure.reason));
@@ -290,14 +307,9 @@ impl StripeClient {
             .http
             .get(url.clone())
             .bearer_auth(self.key.expose_secret());
-        let response = crate::telemetry::send(request)
-            .await
-            .map_err(|err| AttemptFailure {
-                retry: true,
-                missing: false,
-                cursor_gone: false,
-                reason: format!("connection failed: {}", err.without_url()),
-            })?;
+        let response = crate::telemetry::send(request).await.map_err(|err| {
+            AttemptFailure::transient(format!("connection failed: {}", err.without_url()))
+        })?;
         let status = response.status();
         let should_retry = response
             .headers()
@@ -305,18 +317,12 @@ impl StripeClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
         // A body cut short is a transient failure like a dropped connection.
-        let body = response.bytes().await.map_err(|err| AttemptFailure {
-            retry: true,
-            missing: false,
-            cursor_gone: false,
-            reason: format!("answer cut short: {}", err.without_url()),
+        let body = response.bytes().await.map_err(|err| {
+            AttemptFailure::transient(format!("answer cut short: {}", err.without_url()))
         })?;
         if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|err| AttemptFailure {
-                retry: true,
-                missing: false,
-                cursor_gone: false,
-                reason: format!("unreadable answer ({status}): {err}"),
+            return serde_json::from_slice(&body).map_err(|err| {
+                AttemptFailure::transient(format!("unreadable answer ({status}): {err}"))
             });
         }
         let error = serde_json::from_slice::<ErrorBody>(&body).ok();
@@ -342,6 +348,7 @@ impl StripeClient {
             cursor_gone: status.as_u16() == 400
                 && !retry
                 && param.as_deref() == Some("starting_after"),
+            key_refused: matches!(status.as_u16(), 401 | 403) && !retry,
             reason: format!("HTTP {}{detail}", status.as_u16()),
         })
     }

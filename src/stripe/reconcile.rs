@@ -231,15 +231,20 @@ struct Progress {
 }
 
 /// Why applying a listed event failed, when the reason is the event's own: Stripe refused the
-/// fetch of its object (a 4xx it did not ask to retry), or the database refused its values
-/// (PostgreSQL stores no U+0000 in text, say). Stopping there would stop every later run there
-/// too, short of every older event; skipped, it is left for a later run, which may apply it
-/// once the cause is fixed. `None` for anything else: an outage (the database away, Stripe not
-/// answering after retries) would fail every event after it too, and ends the run.
+/// fetch of its object (a 4xx it did not ask to retry, other than the key's 401 or 403), or the
+/// database refused its values (PostgreSQL stores no U+0000 in text, say). Stopping there would
+/// stop every later run there too, short of every older event; skipped, it is left for a later
+/// run, which may apply it once the cause is fixed. `None` for anything else, which would fail
+/// every event after it too and ends the run: an outage (the database away, Stripe not
+/// answering after retries), or a key Stripe refuses (a restricted key without a permission
+/// would otherwise have every event of that kind skipped, run after run, each run answered 200).
 fn own_failure(err: &WebhookError) -> Option<String> {
     match err {
         WebhookError::Upstream { error, .. }
-            if !matches!(error, StripeError::Unavailable { .. }) =>
+            if !matches!(
+                error,
+                StripeError::Unavailable { .. } | StripeError::KeyRefused(_)
+            ) =>
         {
             Some(err.to_string())
         }

@@ -103,6 +103,8 @@ pub enum Fault {
     ServerError(Option<bool>),
     /// 400 with `Stripe-Should-Retry` set to the value, or without it.
     BadRequest(Option<bool>),
+    /// 403, Stripe's answer to a restricted key without the permission the request needs.
+    Forbidden,
     /// The normal answer, after this delay.
     Slow(Duration),
     /// 200 with only the first half of the normal body.
@@ -410,6 +412,11 @@ async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response>
             StatusCode::BAD_REQUEST,
             *retry,
             "invalid_request_error",
+        )),
+        Some(Fault::Forbidden) => Some(stripe_error(
+            StatusCode::FORBIDDEN,
+            None,
+            "permission_error",
         )),
         Some(Fault::Slow(delay)) => {
             tokio::time::sleep(*delay).await;

@@ -552,6 +552,39 @@ async fn an_update_in_the_second_a_sync_wrote_is_applied_by_its_webhook() {
 
 // ---- an event that cannot be applied ----
 
+/// A run that covered everything up to three hours before `t`, then events 0..10 ten minutes
+/// apart (event 3 of a type edgegate does not act on), and between events 6 and 7 two updates of
+/// product 50 in one second, the second of which needs the product as Stripe has it now.
+async fn tied_history(app: &App, db: &TestDb, fixtures: &Value, fake: &FakeStripe, t: i64) {
+    covered_up_to(app, db, t - 3 * 3600).await;
+    fake.add_events(history(fixtures, 10, t - 9000, 600));
+    fake.add_events(["First", "Second"].map(|name| {
+        let id = format!("evt_Tie{name}");
+        let body = product_event(fixtures, &id, "product.updated", t - 5000, 50, name);
+        serde_json::from_str(&body).unwrap()
+    }));
+    stripe_now(fixtures, fake, 50);
+}
+
+/// Stripe refusing the key (403: a restricted key without a permission) is no event's own
+/// reason: every event of the kind would be skipped, run after run, each answered 200. The run
+/// ends, 502, and covers nothing.
+#[tokio::test]
+async fn a_key_stripe_refuses_ends_the_run_instead_of_skipping_events() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    tied_history(&app, &db, &fixtures, &fake, t).await;
+    fake.fault_objects(Some(Fault::Forbidden));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("refused the key"), "{body}");
+}
+
 /// An event refused for a reason of its own (here its object, which settling a same-second tie
 /// needs, refused by Stripe with a 4xx) is skipped, counted as ignored, and the run goes on to
 /// the older events: Stripe lists newest first, so a run that stopped there never reached them,
@@ -565,18 +598,7 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     let app = full_app(&db, &fake).await;
     let t = now();
-    // A run that covered everything up to three hours ago.
-    covered_up_to(&app, &db, t - 3 * 3600).await;
-    // Since then: events 0..10 ten minutes apart (event 3 of a type edgegate does not act on),
-    // and between events 6 and 7 two updates of product 50 in one second, the second of which
-    // needs the product as Stripe has it now; Stripe refuses that request.
-    fake.add_events(history(&fixtures, 10, t - 9000, 600));
-    fake.add_events(["First", "Second"].map(|name| {
-        let id = format!("evt_Tie{name}");
-        let body = product_event(&fixtures, &id, "product.updated", t - 5000, 50, name);
-        serde_json::from_str(&body).unwrap()
-    }));
-    stripe_now(&fixtures, &fake, 50);
+    tied_history(&app, &db, &fixtures, &fake, t).await;
     fake.fault_objects(Some(Fault::BadRequest(None)));
     let tied = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_TieSecond'";
 
