@@ -27,7 +27,9 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
         .context("DATABASE_URL is not a usable SQLite location")?;
     let file = options.get_filename();
-    if !is_in_memory(file) && !url.contains("mode=memory") {
+    // Not for `mode=ro`, which opens an existing file or fails (`create_if_missing` below makes
+    // every other mode create it).
+    if !url.contains("mode=ro") && !is_in_memory(file) {
         create_private(file);
     }
     let options = options
@@ -164,6 +166,17 @@ pub(super) async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read-only URL (`mode=ro`) creates no file, and fails as SQLite fails it: an empty file
+    /// made beforehand was opened instead, and the migration failed on it later.
+    #[tokio::test]
+    async fn a_read_only_url_creates_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.db");
+        let url = format!("sqlite://{}?mode=ro", path.display());
+        assert!(connect(&url).await.is_err());
+        assert!(!path.exists(), "a file was made");
+    }
 
     /// A database in memory takes no lock file (one named after sqlx's in-memory name was left in
     /// the working directory by `migrate` and `serve`); a file's lock is beside it.
