@@ -155,12 +155,20 @@ fn hours_per_column(hours: usize) -> usize {
         .unwrap_or(24)
 }
 
-/// One character per `step` hours (their sum), scaled to the row's busiest column; `·` for none.
+/// One character per `step` hours, scaled to the row's busiest column; `·` for none. A column
+/// is drawn by its use an hour, so the last one, still filling (one hour of 24 in a 30-day
+/// window), is not drawn as if its use had nearly stopped.
 fn bar(hourly: &[i64], step: usize) -> String {
     const LEVELS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let step = step.max(1);
     let columns: Vec<i64> = hourly
-        .chunks(step.max(1))
-        .map(|hours| hours.iter().sum())
+        .chunks(step)
+        .map(|hours| {
+            let sum: i64 = hours.iter().sum();
+            let hours = i64::try_from(hours.len()).unwrap_or(1);
+            // Scaled to a whole column's hours, rounded up so any use still shows.
+            (sum.saturating_mul(i64::try_from(step).unwrap_or(1)) + hours - 1) / hours
+        })
         .collect();
     let most = columns.iter().copied().max().unwrap_or(0);
     columns
@@ -334,8 +342,9 @@ mod tests {
         assert_eq!(bar(&[0, 1, 4, 8, 1000], 1), "·▁▁▁█");
         assert_eq!(bar(&[0, 0], 1), "··");
         assert_eq!(bar(&[2, 4, 6, 8], 1), "▂▄▆█");
-        // Two hours to a column: each column the sum of its hours, a short last one too.
-        assert_eq!(bar(&[1, 1, 0, 0, 4, 4, 3], 2), "▂·█▃");
+        // Two hours to a column: each column its use an hour, a short last one too.
+        assert_eq!(bar(&[1, 1, 0, 0, 4, 4, 3], 2), "▂·█▆");
+        assert_eq!(bar(&[1, 1, 1, 1, 2], 2), "▄▄█");
     }
 
     /// 30 days are drawn a column a day (31 with the hour now running), not 721 columns.
