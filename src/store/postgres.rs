@@ -41,7 +41,9 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<PgPool> {
 
 /// Connects once and closes, retrying as the pool would (a refused connection, or a server
 /// still starting or out of connections) for `ACQUIRE_TIMEOUT` at most. The error names the
-/// server by host and port (never the user or password) and gives the last cause.
+/// server by host and port and gives the last cause: never the password; the server's own
+/// message may name the user (`role "app" does not exist`), which is no secret and says what
+/// to fix.
 async fn first_connection(options: &PgConnectOptions) -> anyhow::Result<()> {
     use sqlx::Connection as _;
     let deadline = tokio::time::Instant::now() + ACQUIRE_TIMEOUT;

@@ -20,6 +20,9 @@ const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
 /// ran out for the webhooks too. A wait past `lock_timeout` fails (55P03, "not now" to
 /// `is_unavailable`: nothing reserved, the caller answers 503); a holder silent inside its
 /// transaction for `idle_in_transaction_session_timeout` is ended by the server, its lock freed.
+/// 5 s, not more: the reservation comes out of the send's 18 s budget, and a longer wait would
+/// leave no room for Twilio's 10 s call (a queue of 5 s is some 25 sends behind one another on a
+/// database 50 ms away).
 const RESERVATION_TIMEOUTS: &str =
     "SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '5s'";
 
