@@ -408,8 +408,8 @@ fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
         .map(|(at, line)| (at + 1, line))
 }
 
-/// A double quote, named: a `'"'` in this file would throw out the tests that read its string
-/// literals (`tests/it/deploy.rs`) by splitting it at double quotes.
+/// A double quote, named: a double-quote character literal in this file would throw out the
+/// tests that read its string literals (`tests/it/deploy.rs`) by splitting it at double quotes.
 const DOUBLE: char = '\u{22}';
 
 /// The quote a `.env` value left open at the end of `line` (`'` or `"`), given the one open
