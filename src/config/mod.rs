@@ -412,9 +412,10 @@ fn find_dotenv_line<'f>(file: &'f str, text: &str) -> Option<(usize, &'f str)> {
 /// tests that read its string literals (`tests/it/deploy.rs`) by splitting it at double quotes.
 const DOUBLE: char = '\u{22}';
 
-/// The quote a `.env` value left open at the end of `line` (a single or a double one), given the one open
-/// before it: a value that starts with a quote runs to its closing one, across lines; in double
-/// quotes a backslash escapes the next character, in single quotes nothing does.
+/// The quote a `.env` value left open at the end of `line` (a single or a double one), given
+/// the one open before it: a value that starts with a quote runs to its closing one, across
+/// lines; in double quotes a backslash escapes the next character, in single quotes nothing
+/// does.
 fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
     let rest = match open {
         Some(_) => line,
