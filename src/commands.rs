@@ -232,8 +232,7 @@ fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
 
 /// The HTTP client `check` reaches dependencies with.
 fn check_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION"), " (check)"))
+    crate::outbound::client_builder(Some("check"))
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())

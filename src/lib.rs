@@ -13,6 +13,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod json_text;
+pub mod outbound;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -49,13 +49,8 @@ impl AppState {
 
     /// As [`AppState::new`], reading time from `clock`.
     pub fn with_clock(config: Config, store: Store, clock: Clock) -> Self {
-        // Stripe's and Twilio's client. Neither API redirects; a redirect followed would re-post
-        // a 307's body (an SMS and its number) to wherever it pointed, with a Referer naming the
-        // URL asked.
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
+        // Stripe's and Twilio's client.
+        let http = crate::outbound::client_builder(None)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let auth = Arc::new(Authenticator::with_clock(

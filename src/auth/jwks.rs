@@ -41,9 +41,7 @@ const BACKOFF_START: Duration = Duration::from_secs(5);
 /// The client the JWKS is fetched with, apart from the one used for Stripe and Twilio: it never
 /// follows a redirect, so a JWKS host cannot point edgegate's requests at another address.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION"), " (jwks)"))
-        .redirect(reqwest::redirect::Policy::none())
+    crate::outbound::client_builder(Some("jwks"))
         .timeout(FETCH_TIMEOUT)
         .build()
         // Building fails only when the TLS backend cannot start, and then so would any client;

@@ -42,16 +42,9 @@ pub async fn from_api(
             .query_pairs_mut()
             .append_pair("window_seconds", &window.as_secs().to_string());
     }
-    let client = reqwest::Client::builder()
-        .user_agent(concat!(
-            "edgegate/",
-            env!("CARGO_PKG_VERSION"),
-            " (keys report)"
-        ))
+    // No redirect: the report comes from `--url` itself, and the key goes nowhere else.
+    let client = crate::outbound::client_builder(Some("keys report"))
         .timeout(Duration::from_secs(30))
-        // A redirect would carry the secret key in `apikey` (reqwest drops only the standard
-        // credential headers) to wherever it points: the report comes from `--url` itself.
-        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let response = client
         .get(endpoint.clone())

@@ -53,15 +53,9 @@ pub(super) struct Collector {
 
 impl Collector {
     pub(super) fn new(config: &TraceExport) -> anyhow::Result<Self> {
-        // The service's own client stack (rustls on aws-lc-rs), not a second one. No redirect is
-        // followed and no Referer sent: reqwest drops only the standard credential headers on a
-        // redirect to another host, so the collector's own (OTEL_EXPORTER_OTLP_HEADERS) and the
-        // endpoint's query went wherever a 3xx pointed. A 3xx is a failed export.
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
-            .build()?;
+        // The service's own client stack (rustls on aws-lc-rs), not a second one; a 3xx is a
+        // failed export, not followed with the collector's headers.
+        let client = crate::outbound::client_builder(None).build()?;
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Checked with the configuration; a value is marked sensitive so that no debug

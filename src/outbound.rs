@@ -1,0 +1,57 @@
+//! The one way edgegate builds a client for calls it makes with a credential (Stripe, Twilio,
+//! the JWKS host, an OTLP collector, `check`, `keys report`).
+
+/// A client builder with edgegate's user agent (`purpose` in brackets, if any) that follows no
+/// redirect and sends no Referer: reqwest drops only the standard credential headers on a
+/// redirect to another host, so `apikey`, a collector's own headers and a re-posted body (an
+/// SMS) went wherever a 3xx pointed. None of the services called redirects; a 3xx is an answer.
+pub fn client_builder(purpose: Option<&str>) -> reqwest::ClientBuilder {
+    let version = env!("CARGO_PKG_VERSION");
+    let agent = match purpose {
+        Some(purpose) => format!("edgegate/{version} ({purpose})"),
+        None => format!("edgegate/{version}"),
+    };
+    reqwest::Client::builder()
+        .user_agent(agent)
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+
+    /// A 307 is the answer: nothing goes to where it points.
+    #[tokio::test]
+    async fn a_redirect_is_an_answer_and_is_not_followed() {
+        let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+        elsewhere.set_nonblocking(true).unwrap();
+        let target = format!(
+            "http://localhost:{}/",
+            elsewhere.local_addr().unwrap().port()
+        );
+        let redirecting = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/",
+            redirecting.local_addr().unwrap().port()
+        );
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = redirecting.accept().unwrap();
+            let _ = stream.read(&mut [0u8; 4096]);
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n"
+            );
+            stream.write_all(answer.as_bytes()).unwrap();
+        });
+        // Bounded: a followed redirect waits on a listener that never answers.
+        let client = super::client_builder(Some("test"))
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let response = client.post(url).body("secret").send().await.unwrap();
+        server.join().unwrap();
+        assert_eq!(response.status(), 307);
+        assert!(elsewhere.accept().is_err(), "the redirect was followed");
+    }
+}
