@@ -106,6 +106,7 @@ impl Metrics {
             database_ready.clone(),
         );
         super::traces::register(&mut registry);
+        super::stderr::register(&mut registry);
         Self {
             registry,
             http_requests,

@@ -1,28 +1,51 @@
-//! The log's way to stderr: info and below in batches, warnings and errors at once.
+//! The log's way to stderr: lines in batches, written by a thread of its own, never by the
+//! thread that logs.
 //!
 //! One `write` to stderr a request line cost `serve` a quarter of a `/healthz` request's CPU
 //! time when stderr was a pipe, as it is under a container runtime or a log shipper (the reader
-//! is woken at every line), and an eighth into a file (BENCHMARKS.md, sixth pass). Lines at info
-//! and below are appended to a buffer that a thread of its own writes [`FLUSH_AFTER`] after the
-//! first line lands in it, all of them in one `write`; a buffer past [`MAX_PENDING`] bytes is
-//! written by the thread that filled it (so a stalled reader slows logging, as before, and
-//! memory stays bounded). Warnings and errors are written at once, behind whatever is pending,
-//! so the log's order is kept and a warning is out when its macro returns. [`flush`] (at
-//! exit, and before a panic's message) writes what is pending. What a crash loses: the info
-//! lines of its last [`FLUSH_AFTER`].
+//! is woken at every line), and an eighth into a file (BENCHMARKS.md, sixth pass). Lines are
+//! appended to a buffer that a thread of its own writes [`FLUSH_AFTER`] after the first line
+//! lands in it, all of them in one `write`; a warning or an error wakes that thread at once, so
+//! it is written behind whatever is pending, in the log's order, without the wait. A request's
+//! thread never writes to stderr itself: when the reader stalls (Docker's blocking log mode, a
+//! stuck shipper, a full pipe), the buffer fills up to [`MAX_PENDING`] bytes and the lines past
+//! it are dropped and counted (`edgegate_log_lines_dropped_total`), and once stderr takes lines
+//! again a warning says how many were lost ("N log lines dropped"). Logging is lossy then, but
+//! requests are never held by the log, and memory stays bounded. [`flush`] (at exit, and before
+//! a panic's message) waits up to [`FLUSH_WAIT`] for what is pending to be written. What a crash
+//! loses: the lines of its last [`FLUSH_AFTER`].
 
 use std::io::{self, Write as _};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How long the first line of a batch waits for others.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(2);
-/// The most bytes pending: past it the line's own thread writes the batch.
+/// The most bytes pending: lines past it are dropped (one line longer than this is kept when
+/// nothing else is pending).
 pub const MAX_PENDING: usize = 256 * 1024;
+/// The longest [`flush`] waits for stderr to take what is pending.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Lines dropped because the buffer was full, since the process started, in every app's
+/// registry.
+static LINES_DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Adds `edgegate_log_lines_dropped_total` to `registry`.
+pub(super) fn register(registry: &mut Registry) {
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because stderr did not take them (its reader stalled) and the 256 KiB \
+         log buffer was full",
+        LINES_DROPPED.clone(),
+    );
+}
 
 /// Where the lines go: stderr, or in tests a buffer of their own.
 type Sink = Box<dyn io::Write + Send>;
@@ -32,10 +55,15 @@ struct Shared {
     batched: AtomicBool,
     /// Lines not written yet.
     pending: Mutex<Vec<u8>>,
-    /// Signalled when `pending` stops being empty.
+    /// Signalled when `pending` stops being empty, and when a line must go out without
+    /// waiting (`urgent`).
     ready: Condvar,
+    /// A warning or an error (or a [`flush`]) is pending: the batch goes out without waiting.
+    urgent: AtomicBool,
+    /// Lines dropped since the last notice.
+    dropped: AtomicU64,
     /// The sink and a spare buffer that the batch is swapped into while it is written; held
-    /// for every write, so batches and direct lines reach the sink in the order they were made.
+    /// for every write, so batches reach the sink in the order they were made.
     sink: Mutex<(Sink, Vec<u8>)>,
 }
 
@@ -52,27 +80,39 @@ impl Shared {
             batched: AtomicBool::new(batched),
             pending: Mutex::new(Vec::with_capacity(capacity)),
             ready: Condvar::new(),
+            urgent: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
             sink: Mutex::new((sink, Vec::with_capacity(capacity))),
         }
     }
 
-    fn append(&self, line: &[u8]) {
+    /// Adds `line` to the batch (`urgent`: the batch goes out now), or drops it when the batch
+    /// is full. Unbatched, writes it.
+    fn append(&self, line: &[u8], urgent: bool) {
         if !self.batched.load(Ordering::Relaxed) {
             return self.write_through(line);
         }
         let mut pending = lock(&self.pending);
+        if !pending.is_empty() && pending.len() + line.len() > MAX_PENDING {
+            // stderr is not taking lines as fast as they come: lose this one, not the
+            // request's time.
+            drop(pending);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            LINES_DROPPED.inc();
+            return;
+        }
         let was_empty = pending.is_empty();
         pending.extend_from_slice(line);
-        let full = pending.len() >= MAX_PENDING;
         drop(pending);
-        if full {
-            self.write_through(&[]);
+        if urgent {
+            self.urgent.store(true, Ordering::Relaxed);
+            self.ready.notify_one();
         } else if was_empty {
             self.ready.notify_one();
         }
     }
 
-    /// Writes what is pending, then `line`.
+    /// Writes what is pending, then `line` (blocking while the sink does).
     fn write_through(&self, line: &[u8]) {
         let mut sink = lock(&self.sink);
         let (sink, batch) = &mut *sink;
@@ -87,8 +127,31 @@ impl Shared {
         batch.shrink_to(MAX_PENDING);
     }
 
-    /// The flushing thread: waits for a first line, gives others [`FLUSH_AFTER`] to join it,
-    /// writes them all.
+    /// Waits up to `wait` for what is pending to be written by the flushing thread, without
+    /// ever writing (a stalled reader would hold the caller). Unbatched, nothing is pending.
+    fn flush_within(&self, wait: Duration) {
+        if !self.batched.load(Ordering::Relaxed) {
+            return self.write_through(&[]);
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            // The sink free and nothing pending: every line so far is written.
+            if let Ok(_sink) = self.sink.try_lock()
+                && lock(&self.pending).is_empty()
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            self.urgent.store(true, Ordering::Relaxed);
+            self.ready.notify_one();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The flushing thread: waits for a first line, gives others [`FLUSH_AFTER`] to join it
+    /// (unless one is urgent), writes them all; then says how many lines were dropped, if any.
     fn run(&self) {
         loop {
             let mut pending = lock(&self.pending);
@@ -98,9 +161,33 @@ impl Shared {
                     .wait(pending)
                     .unwrap_or_else(PoisonError::into_inner);
             }
+            let deadline = Instant::now() + FLUSH_AFTER;
+            while !self.urgent.load(Ordering::Relaxed) {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                pending = self
+                    .ready
+                    .wait_timeout(pending, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
             drop(pending);
-            std::thread::sleep(FLUSH_AFTER);
+            self.urgent.store(false, Ordering::Relaxed);
             self.write_through(&[]);
+            self.report_dropped();
+        }
+    }
+
+    /// Once stderr took a batch again: a warning, in the log's own format, that lines were lost.
+    fn report_dropped(&self) {
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "{dropped} log lines dropped: stderr did not take them (its reader stalled) \
+                 and the log buffer was full"
+            );
         }
     }
 }
@@ -148,10 +235,11 @@ fn start(sink: Sink) -> &'static Shared {
     shared
 }
 
-/// Writes the lines still pending (before the process exits). Nothing if none was logged.
+/// Writes the lines still pending (before the process exits), waiting at most [`FLUSH_WAIT`]
+/// for stderr to take them. Nothing if none was logged.
 pub fn flush() {
     if let Some(shared) = STDERR.get() {
-        shared.write_through(&[]);
+        shared.flush_within(FLUSH_WAIT);
     }
 }
 
@@ -163,11 +251,7 @@ pub struct Line {
 
 impl io::Write for Line {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        if self.at_once {
-            self.shared.write_through(bytes);
-        } else {
-            self.shared.append(bytes);
-        }
+        self.shared.append(bytes, self.at_once);
         Ok(bytes.len())
     }
 

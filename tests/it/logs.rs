@@ -196,3 +196,121 @@ async fn batched_lines_reach_the_log_while_serving_and_at_exit() {
     let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(last["message"], "edgegate stopped", "{log}");
 }
+
+/// The number on the `/metrics` line that starts with `series `, if any.
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// stderr connected to a pipe nobody reads (a stuck log shipper, Docker's blocking log mode):
+/// once the pipe and the log buffer are full, lines are dropped and counted, requests keep being
+/// answered, and the drop is reported on stderr when it drains.
+#[tokio::test]
+async fn a_stalled_stderr_reader_drops_log_lines_instead_of_blocking_requests() {
+    use std::io::Read as _;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let mut server = crate::process::Server::from_child(
+        crate::process::edgegate(
+            dir.path(),
+            &[
+                ("PORT", port_text.as_str()),
+                ("LOG_FORMAT", "json"),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start edgegate"),
+    );
+    // stderr is piped and not read until the end.
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    // A pipe holds 64 KiB, the buffer 256 KiB; a response line is about 200 bytes. Each request
+    // carries a long id, which its lines repeat, to fill both sooner.
+    let id = "x".repeat(128);
+    let started = Instant::now();
+    for i in 0..4000 {
+        let answer = client
+            .get(format!("{base}/healthz"))
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap_or_else(|err| {
+                panic!("request {i} not answered while stderr is not read: {err}")
+            });
+        assert_eq!(answer.status(), 200);
+    }
+    let healthz = Instant::now();
+    let answer = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(healthz.elapsed() < Duration::from_secs(1));
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped = metric_value(&metrics, "edgegate_log_lines_dropped_total")
+        .unwrap_or_else(|| panic!("no edgegate_log_lines_dropped_total in:\n{metrics}"));
+    assert!(
+        dropped > 0.0,
+        "no line dropped after {:?}",
+        started.elapsed()
+    );
+
+    // Read the pipe: it drains, and the drop is said once it has.
+    let mut stderr = server.stderr.take().unwrap();
+    let (found, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        while let Ok(n) = stderr.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&text).contains("log lines dropped") {
+                let _ = found.send(String::from_utf8_lossy(&text).into_owned());
+                return;
+            }
+        }
+        let _ = found.send(String::from_utf8_lossy(&text).into_owned());
+    });
+    // Something more to log, so the writer has a line to put after the notice.
+    let _ = client.get(format!("{base}/healthz")).send().await;
+    let text = tokio::task::spawn_blocking(move || lines.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("stderr drained within 10 s");
+    let notice = text
+        .lines()
+        .find(|line| line.contains("log lines dropped"))
+        .unwrap_or_else(|| panic!("no drop notice in the last of stderr:\n{}", tail(&text)));
+    let line: Value = serde_json::from_str(notice).expect("the notice is a JSON line");
+    assert_eq!(line["level"], "WARN", "{notice}");
+    let said: u64 = line["message"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(said > 0, "{notice}");
+}
+
+fn tail(text: &str) -> &str {
+    &text[text.len().saturating_sub(2000)..]
+}

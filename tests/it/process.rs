@@ -83,6 +83,13 @@ impl std::ops::DerefMut for Server {
     }
 }
 
+impl Server {
+    /// Owns a process started some other way (its stderr, say, piped).
+    pub fn from_child(child: Child) -> Self {
+        Self(child)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {

@@ -39,7 +39,7 @@ fn info_lines_reach_the_sink_in_order_in_a_few_writes() {
     let shared = start(Box::new(sink.clone()));
     let lines: Vec<String> = (0..200).map(|i| format!("line {i}\n")).collect();
     for line in &lines {
-        shared.append(line.as_bytes());
+        shared.append(line.as_bytes(), false);
     }
     let expected = lines.concat();
     let started = Instant::now();
@@ -58,10 +58,23 @@ fn info_lines_reach_the_sink_in_order_in_a_few_writes() {
     assert!(writes <= 10, "{writes} writes for 200 lines");
 }
 
+/// Waits (boundedly) until `sink` holds `len` bytes.
+fn wait_for(sink: &Recorder, len: usize) {
+    let started = Instant::now();
+    while sink.text().len() < len {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            sink.text()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
-fn warnings_go_out_at_once_behind_what_is_pending() {
+fn warnings_go_out_behind_what_is_pending_without_waiting_for_the_batch() {
     let sink = Recorder::default();
-    let shared: &'static Shared = Box::leak(Box::new(without_thread(&sink)));
+    let shared = start(Box::new(sink.clone()));
     let writer = BatchedStderr { shared };
     let subscriber = tracing_subscriber::fmt()
         .with_writer(writer)
@@ -72,10 +85,8 @@ fn warnings_go_out_at_once_behind_what_is_pending() {
         tracing::info!("first");
         tracing::debug!("not enabled");
         tracing::info!("second");
-        assert!(sink.writes().is_empty(), "{}", sink.text());
         tracing::warn!("third");
-        let writes = sink.writes();
-        assert_eq!(writes.len(), 1, "{}", sink.text());
+        wait_for(&sink, 1);
         let text = sink.text();
         let order: Vec<_> = ["first", "second", "third"]
             .iter()
@@ -84,37 +95,63 @@ fn warnings_go_out_at_once_behind_what_is_pending() {
         assert!(order.is_sorted(), "{text}");
         tracing::info!("fourth");
         tracing::error!("fifth");
-        assert_eq!(sink.writes().len(), 2, "{}", sink.text());
+        shared.flush_within(Duration::from_secs(10));
         assert!(sink.text().ends_with("fifth\n"), "{}", sink.text());
     });
 }
 
+/// A sink that takes nothing until it is let go: a stderr nobody reads.
+struct Stalled(Arc<Mutex<bool>>, Recorder);
+
+impl io::Write for Stalled {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        while !*self.0.lock().unwrap() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.1.write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
-fn a_full_buffer_is_written_by_the_line_that_filled_it() {
+fn a_stalled_sink_makes_lines_dropped_and_counted_never_blocking_the_logger() {
     let sink = Recorder::default();
-    let shared = without_thread(&sink);
+    let open = Arc::new(Mutex::new(false));
+    let shared = start(Box::new(Stalled(open.clone(), sink.clone())));
     let line = [b'x'; 1023]
         .iter()
         .chain(b"\n")
         .copied()
         .collect::<Vec<u8>>();
-    let lines_to_fill = MAX_PENDING / line.len();
-    for _ in 0..lines_to_fill - 1 {
-        shared.append(&line);
+    let before = LINES_DROPPED.get();
+    let started = Instant::now();
+    // The first batch is stuck in the sink; the next fills the buffer; the rest are dropped.
+    for i in 0..3 * MAX_PENDING / line.len() {
+        shared.append(&line, i % 10 == 0);
     }
-    assert!(sink.writes().is_empty());
-    shared.append(&line);
-    assert_eq!(sink.writes().len(), 1);
-    assert_eq!(sink.writes()[0].len(), MAX_PENDING);
-    assert!(lock(&shared.pending).is_empty());
+    shared.flush_within(Duration::from_millis(50));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the logger waited for the sink"
+    );
+    let dropped = shared.dropped.load(Ordering::Relaxed);
+    assert!(dropped >= (MAX_PENDING / line.len()) as u64, "{dropped}");
+    assert!(LINES_DROPPED.get() - before >= dropped);
+    assert!(lock(&shared.pending).len() <= MAX_PENDING);
+    *open.lock().unwrap() = true;
+    shared.flush_within(Duration::from_secs(10));
+    assert!(sink.text().len() <= 2 * MAX_PENDING);
 }
 
 #[test]
 fn unbatched_every_line_goes_out_at_once() {
     let sink = Recorder::default();
     let shared = Shared::new(Box::new(sink.clone()), false);
-    shared.append(b"one\n");
-    shared.append(b"two\n");
+    shared.append(b"one\n", false);
+    shared.append(b"two\n", false);
     assert_eq!(sink.writes(), [b"one\n".to_vec(), b"two\n".to_vec()]);
 }
 
@@ -122,7 +159,7 @@ fn unbatched_every_line_goes_out_at_once() {
 fn write_through_sends_what_is_pending() {
     let sink = Recorder::default();
     let shared = without_thread(&sink);
-    shared.append(b"pending\n");
+    shared.append(b"pending\n", false);
     shared.write_through(&[]);
     assert_eq!(sink.text(), "pending\n");
     // Nothing pending: no empty write.
