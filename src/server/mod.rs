@@ -14,12 +14,12 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
@@ -76,7 +76,8 @@ pub async fn serve_with_limits(
     limits: ConnectionLimits,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let builder = builder();
+    let (tasks, mut tasks_ended) = Tasks::new();
+    let builder = builder(tasks.clone());
     let service =
         TowerToHyperService::new(app.map_request(|req: Request<Incoming>| req.map(Body::new)));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -115,7 +116,7 @@ pub async fn serve_with_limits(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let head_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             // Held until the connection ends: a free slot is what lets the loop accept again.
             let _slot = slot;
             let served = match tls {
@@ -148,6 +149,8 @@ pub async fn serve_with_limits(
         });
     }
     drop(listener);
+    // Its executor is a handle on the tasks, which would keep `tasks.stop` waiting.
+    drop(builder);
     tracing::info!(
         in_flight_connections = graceful.count(),
         drain_seconds = drain.as_secs(),
@@ -159,7 +162,74 @@ pub async fn serve_with_limits(
     {
         tracing::warn!("drain period over; closing the connections still open");
     }
+    // Whatever still runs (connections, and HTTP/2 streams, each a task of its own) is dropped
+    // now, before the caller closes the store and sends the last spans.
+    tasks.stop(&mut tasks_ended).await;
     Ok(())
+}
+
+/// The tasks serving connections, and the HTTP/2 streams hyper spawns for them (this is its
+/// executor): stopped all at once when the drain ends.
+#[derive(Clone)]
+struct Tasks {
+    /// Becomes `true` when every task must stop.
+    stop: watch::Receiver<bool>,
+    stopping: Arc<watch::Sender<bool>>,
+    /// Held by each task while it runs: the channel closes once the last one has ended.
+    alive: mpsc::Sender<()>,
+}
+
+impl Tasks {
+    /// How long the stopped tasks may take to be dropped (each is dropped at its next poll).
+    const STOP_WAIT: Duration = Duration::from_secs(1);
+
+    fn new() -> (Self, mpsc::Receiver<()>) {
+        let (stopping, stop) = watch::channel(false);
+        let (alive, ended) = mpsc::channel(1);
+        let tasks = Self {
+            stop,
+            stopping: Arc::new(stopping),
+            alive,
+        };
+        (tasks, ended)
+    }
+
+    /// Runs `task` until it ends or [`Tasks::stop`] drops it.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop.clone();
+        let alive = self.alive.clone();
+        tokio::spawn(async move {
+            let _alive = alive;
+            tokio::select! {
+                () = task => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+
+    /// Drops every task still running and waits (boundedly) until each has been dropped.
+    async fn stop(self, ended: &mut mpsc::Receiver<()>) {
+        let Self {
+            stopping, alive, ..
+        } = self;
+        stopping.send_replace(true);
+        drop(alive);
+        // `None` once every task's sender is gone. The builder's clones of `Tasks` are gone with
+        // the loop; a task that ignores being dropped past the bound is left to the runtime.
+        let _ = tokio::time::timeout(Self::STOP_WAIT, ended.recv()).await;
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Tasks
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.spawn(async move {
+            future.await;
+        });
+    }
 }
 
 /// hyper's settings. HTTP/1 gets no timer on purpose: with one, hyper's `header_read_timeout`
@@ -167,8 +237,8 @@ pub async fn serve_with_limits(
 /// [`conn`] instead. `pipeline_flush` stays off: it would batch pipelined answers, and it also
 /// lifts the cap on a connection's write buffer, so a client that pipelines and never reads
 /// could make the server hold every answer (`tests/it/hostile.rs`).
-fn builder() -> Builder<TokioExecutor> {
-    let mut builder = Builder::new(TokioExecutor::new());
+fn builder(tasks: Tasks) -> Builder<Tasks> {
+    let mut builder = Builder::new(tasks);
     builder
         .http1()
         .header_read_timeout(None)

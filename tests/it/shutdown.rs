@@ -106,3 +106,86 @@ async fn the_drain_is_bounded() {
         .unwrap();
     stuck.abort();
 }
+
+/// Set when the value is dropped: the handler that held it has stopped running.
+struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A route whose handler never finishes, and marks `stopped` when it is dropped.
+fn endless_router(
+    entered: Arc<Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+) -> Router<AppState> {
+    routes::router().route(
+        "/test/endless",
+        get(move || {
+            let guard = Dropped(stopped.clone());
+            let entered = entered.clone();
+            async move {
+                let _guard = guard;
+                entered.notify_one();
+                std::future::pending::<()>().await;
+                "never"
+            }
+        }),
+    )
+}
+
+/// When the drain ends, the requests still running are stopped (their handlers dropped, their
+/// connections closed) before `serve` returns, so nothing of theirs runs on while the store
+/// closes and the last spans are exported; over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test]
+async fn requests_still_running_when_the_drain_ends_are_stopped_before_serve_returns() {
+    for http2 in [false, true] {
+        let db = TestDb::sqlite();
+        let state = AppState::new(db.config(&[]), db.store().await);
+        let entered = Arc::new(Notify::new());
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut server = serve(
+            endless_router(entered.clone(), stopped.clone()),
+            &state,
+            Limits::default(),
+            Duration::from_millis(300),
+        )
+        .await;
+        let client = if http2 {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap()
+        } else {
+            reqwest::Client::new()
+        };
+        let stuck = tokio::spawn({
+            let url = server.url("/test/endless");
+            async move { client.get(url).send().await }
+        });
+        entered.notified().await;
+        server.begin_shutdown();
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), &mut server.task)
+            .await
+            .expect("serve gives up on a request that never finishes")
+            .unwrap()
+            .unwrap();
+        // The drain (300 ms), then the stop, which does not wait out its own bound.
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "http2: {http2}"
+        );
+        assert!(
+            stopped.load(std::sync::atomic::Ordering::SeqCst),
+            "the handler still runs after serve returned (http2: {http2})"
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(2), stuck)
+            .await
+            .unwrap_or_else(|_| panic!("the connection stayed open (http2: {http2})"))
+            .unwrap();
+        assert!(answer.is_err(), "http2: {http2}: {answer:?}");
+    }
+}
