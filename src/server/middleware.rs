@@ -330,16 +330,33 @@ where
             );
             self.inner.call(req)
         };
-        RequestSpanFuture { inner, span, start }
+        RequestSpanFuture {
+            inner,
+            span,
+            start,
+            answered: false,
+        }
     }
 }
 
 pin_project_lite::pin_project! {
+    /// Dropped before its answer (the client hung up or reset the stream): the request is
+    /// logged as cancelled and its span ends with an error status.
     struct RequestSpanFuture<F> {
         #[pin]
         inner: F,
         span: tracing::Span,
         start: Instant,
+        answered: bool,
+    }
+
+    impl<F> PinnedDrop for RequestSpanFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.answered {
+                crate::telemetry::log_cancelled(this.start.elapsed(), this.span);
+            }
+        }
     }
 }
 
@@ -354,6 +371,7 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let result = std::task::ready!(this.inner.poll(cx));
+        *this.answered = true;
         let latency = this.start.elapsed();
         let failure = match &result {
             Ok(answer) => {

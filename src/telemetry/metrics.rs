@@ -239,6 +239,7 @@ where
             method: known_method(req.method()),
             route: RouteLabel(req.extensions().get::<MatchedPath>().cloned()),
             started: Instant::now(),
+            answered: false,
         };
         TrackMetricsFuture {
             inner: self.inner.call(req),
@@ -247,12 +248,39 @@ where
     }
 }
 
-/// What is recorded when the answer is ready.
+/// The status recorded for a request the client gave up on before it was answered (an HTTP/1
+/// hang-up, an HTTP/2 reset, which drop the request's future): nginx's "client closed request".
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// What is recorded when the answer is ready, or, when its future is dropped before, as
+/// [`CLIENT_CLOSED_REQUEST`].
 struct Pending {
     metrics: Arc<Metrics>,
     method: &'static str,
     route: RouteLabel,
     started: Instant,
+    /// Set once the inner future completed, so that dropping records nothing more.
+    answered: bool,
+}
+
+impl Pending {
+    fn record(&mut self, status: u16) {
+        let labels = HttpLabels {
+            method: self.method,
+            route: self.route.clone(),
+            status,
+        };
+        self.metrics
+            .record_http(labels, self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(CLIENT_CLOSED_REQUEST);
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -273,15 +301,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(pending)) = (&result, this.pending.take()) {
-            let labels = HttpLabels {
-                method: pending.method,
-                route: pending.route,
-                status: response.status().as_u16(),
-            };
-            pending
-                .metrics
-                .record_http(labels, pending.started.elapsed().as_secs_f64());
+        if let Some(mut pending) = this.pending.take() {
+            // An error (none in this service: its errors are answers) is not counted.
+            pending.answered = true;
+            if let Ok(response) = &result {
+                pending.record(response.status().as_u16());
+            }
         }
         Poll::Ready(result)
     }

@@ -8,7 +8,7 @@ mod stderr;
 mod traces;
 
 pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
-pub(crate) use spans::end_server_span;
+pub(crate) use spans::{cancel_server_span, end_server_span};
 pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
 pub use traces::{SHUTDOWN_EXPORT, TraceExporter, is_exporting, send};
@@ -100,6 +100,21 @@ pub fn log_response<B>(
         status = response.status().as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,
         "response"
+    );
+}
+
+/// The line that closes a request the client gave up on before it was answered (an HTTP/1
+/// hang-up, an HTTP/2 reset), inside its span: `status` 499 (as counted in the metrics, nginx's
+/// "client closed request") and the latency until then. Its span ends with an error status.
+pub fn log_cancelled(latency: Duration, span: &tracing::Span) {
+    let _entered = span.enter();
+    if is_exporting() {
+        cancel_server_span(span);
+    }
+    tracing::info!(
+        status = metrics::CLIENT_CLOSED_REQUEST,
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "request cancelled"
     );
 }
 

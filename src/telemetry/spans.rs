@@ -318,3 +318,12 @@ pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
         }
     });
 }
+
+/// Ends the server span of a request the client gave up on: no answer was sent, so no status
+/// code; an error status, and `error.type` saying why.
+pub(crate) fn cancel_server_span(span: &tracing::Span) {
+    with_sdk_span(span, |sdk| {
+        sdk.set_attribute(KeyValue::new("error.type", "cancelled"));
+        sdk.set_status(Status::error("request cancelled by the client"));
+    });
+}

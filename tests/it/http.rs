@@ -360,3 +360,70 @@ async fn no_answer_may_be_stored_by_a_cache() {
         );
     }
 }
+
+/// A request the client gives up on before its answer (an HTTP/1.1 hang-up, an HTTP/2 reset)
+/// is counted under status 499, nginx's "client closed request", over both protocols.
+#[tokio::test]
+async fn a_request_the_client_cancels_is_counted_as_499() {
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+
+    let db = crate::support::TestDb::sqlite();
+    let state = AppState::new(db.config(&[]), db.store().await);
+    let entered = Arc::new(Notify::new());
+    let router = routes::router().route(
+        "/test/endless",
+        get({
+            let entered = entered.clone();
+            move || {
+                let entered = entered.clone();
+                async move {
+                    entered.notify_one();
+                    std::future::pending::<()>().await;
+                    "never"
+                }
+            }
+        }),
+    );
+    let server = serve(router, &state, Limits::default(), Duration::from_secs(1)).await;
+    for (count, http2) in [(1, false), (2, true)] {
+        let client = if http2 {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap()
+        } else {
+            reqwest::Client::new()
+        };
+        let request = tokio::spawn({
+            let url = server.url("/test/endless");
+            async move { client.get(url).send().await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), entered.notified())
+            .await
+            .expect("the handler runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The client gives up: its connection closes (HTTP/1.1), its stream is reset (HTTP/2).
+        request.abort();
+        let wanted = format!(
+            r#"edgegate_http_requests_total{{method="GET",route="/test/endless",status="499"}} {count}"#
+        );
+        let mut metrics = String::new();
+        for _ in 0..250 {
+            metrics = server.get("/metrics").await.text().await.unwrap();
+            if metrics.lines().any(|line| line == wanted) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            metrics.lines().any(|line| line == wanted),
+            "http2: {http2}: no {wanted} in:\n{}",
+            metrics
+                .lines()
+                .filter(|line| line.contains("http_requests_total"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}

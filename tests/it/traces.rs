@@ -715,3 +715,72 @@ async fn text_log_lines_carry_the_request_id_and_the_trace_id() {
         "{line}"
     );
 }
+
+/// A request the client gives up on (here an HTTP/1.1 hang-up while the sync waits on Stripe)
+/// is still seen: a `request cancelled` line with its id and status 499, a server span with an
+/// error status, and a 499 in the metrics.
+#[tokio::test]
+async fn a_request_the_client_gives_up_on_is_logged_traced_and_counted_as_cancelled() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    stripe.fault_at(0, crate::fake_stripe::Fault::Hold);
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing(
+        &stripe,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ],
+    )
+    .await;
+    let request = tokio::spawn({
+        let url = format!("{base}{SYNC}");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("apikey", SB_SECRET)
+                .header("x-request-id", "given-up")
+                .send()
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), stripe.arrived())
+        .await
+        .expect("the sync reached Stripe");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    request.abort();
+
+    let series =
+        format!(r#"edgegate_http_requests_total{{method="POST",route="{SYNC}",status="499"}}"#);
+    let mut counted = 0;
+    for _ in 0..250 {
+        counted = metric(&base, &series).await;
+        if counted > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1);
+    // The sync goes on in a task of its own (the webhook's and the sync's writes are not cut
+    // short), which holds the span: it ends, and is exported, when the sync does.
+    stripe.release();
+    let span = tokio::time::timeout(
+        Duration::from_secs(10),
+        collector.span(|span| span.name == format!("POST {SYNC}")),
+    )
+    .await
+    .expect("the cancelled request's span is exported");
+    let status = span.status.clone().expect("a span status");
+    assert_eq!(status.code, 2, "an error status: {status:?}");
+    assert_eq!(
+        attribute(&span.attributes, "error.type").as_deref(),
+        Some("cancelled")
+    );
+    let lines = stop(server, &dir).await;
+    let line = lines
+        .iter()
+        .find(|line| line["message"] == "request cancelled")
+        .unwrap_or_else(|| panic!("no request cancelled line: {lines:#?}"));
+    assert_eq!(line["span"]["request_id"], "given-up", "{line}");
+    assert_eq!(line["status"], 499, "{line}");
+}
