@@ -627,7 +627,14 @@ fn cors(config: &Config) -> CorsLayer {
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers(allow_headers)
-        .expose_headers([REQUEST_ID.clone(), HeaderName::from_static("sb-error-code")])
+        // The contract's two, and what a page needs to act on a refusal: when to retry a 429 or
+        // 503, and why a 401 (neither is CORS-safelisted).
+        .expose_headers([
+            REQUEST_ID.clone(),
+            HeaderName::from_static("sb-error-code"),
+            header::RETRY_AFTER,
+            header::WWW_AUTHENTICATE,
+        ])
         .max_age(Duration::from_secs(86_400))
         // Built once in `apply_with` instead (`VARY`): tower-http joins this list into a new
         // header value on every request, five allocations each time.

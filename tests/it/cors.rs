@@ -117,7 +117,14 @@ async fn assert_readable(answer: reqwest::Response, status: u16, code: &str) {
         "{status} {code}"
     );
     let exposed = listed(&headers, "access-control-expose-headers");
-    for name in ["x-request-id", "sb-error-code"] {
+    // `Retry-After` (429, 503) and `WWW-Authenticate` (401) are not CORS-safelisted: without
+    // them here a page cannot read when to retry or why it was refused.
+    for name in [
+        "x-request-id",
+        "sb-error-code",
+        "retry-after",
+        "www-authenticate",
+    ] {
         assert!(
             exposed.iter().any(|h| h == name),
             "{code}: {name} not in {exposed:?}"
@@ -241,7 +248,13 @@ async fn every_error_answer_carries_the_cors_headers() {
     }
 
     assert_eq!(send_sms(&service).await.unwrap().status(), 202);
-    assert_readable(send_sms(&service).await.unwrap(), 429, "RATE_LIMITED").await;
+    let limited = send_sms(&service).await.unwrap();
+    assert!(
+        limited.headers().contains_key("retry-after"),
+        "{:?}",
+        limited.headers()
+    );
+    assert_readable(limited, 429, "RATE_LIMITED").await;
 }
 
 #[tokio::test]
