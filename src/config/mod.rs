@@ -208,6 +208,18 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
     let traces = vars.url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", parse::UrlRule::Http)?;
     vars.otlp_protocol("OTEL_EXPORTER_OTLP_PROTOCOL")?;
     vars.otlp_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+    vars.otlp_compression("OTEL_EXPORTER_OTLP_COMPRESSION")?;
+    vars.otlp_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?;
+    for name in [
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    ] {
+        vars.otlp_unsupported_file(name)?;
+    }
     // The signal's own headers win over the shared ones of the same name.
     let mut headers = vars.otlp_headers("OTEL_EXPORTER_OTLP_HEADERS")?;
     for (name, value) in vars.otlp_headers("OTEL_EXPORTER_OTLP_TRACES_HEADERS")? {

@@ -76,6 +76,31 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
+    /// An OTLP compression variable: `none` (what is done) or unset; `gzip` is not built in.
+    pub(super) fn otlp_compression(&self, name: &str) -> Result<(), ConfigError> {
+        match self.get_trimmed(name).as_deref() {
+            None | Some("none") => Ok(()),
+            Some(_) => Err(ConfigError::new(
+                name,
+                "must be none (compression is not built in)",
+            )),
+        }
+    }
+
+    /// An OTLP TLS file variable (a CA to trust, or a client certificate or key): not built in,
+    /// so refused when set rather than silently ignored (the collector's certificate is checked
+    /// against the system's roots; no client certificate is sent).
+    pub(super) fn otlp_unsupported_file(&self, name: &str) -> Result<(), ConfigError> {
+        match self.get_trimmed(name) {
+            None => Ok(()),
+            Some(_) => Err(ConfigError::new(
+                name,
+                "is not supported: the collector's certificate is checked against the system's \
+                 roots and no client certificate is sent; unset it",
+            )),
+        }
+    }
+
     /// `key=value,key2=value2` with percent-encoded values (the OpenTelemetry specification's
     /// format for its header and resource variables): each pair as `accept` keeps it (`None`
     /// refuses the variable with `rule`), a later key replacing an earlier one.

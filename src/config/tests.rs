@@ -788,3 +788,27 @@ fn a_dotenv_line_inside_a_quoted_value_is_not_taken_for_the_broken_one() {
     let single = "A='one\nB=two x'\nC=two x\n";
     assert_eq!(find_dotenv_line(single, "two x"), Some((3, "C=two x")));
 }
+
+/// The standard OTLP variables for compression and TLS files are not built in: set, they stop
+/// start-up naming the variable, rather than being ignored (spans sent uncompressed, or over a
+/// TLS the operator thinks is pinned or mutual when it is not).
+#[test]
+fn otlp_compression_and_tls_files_are_refused_not_ignored() {
+    for name in [
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    ] {
+        refused(name, "gzip");
+        assert!(config(&[(name, "none")]).is_ok(), "{name}=none");
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    ] {
+        refused(name, "/etc/otel/file.pem");
+    }
+}
