@@ -11,6 +11,9 @@
 //! Retries: a failed attempt (connection error, per-attempt timeout, truncated or unreadable
 //! body, 409, 429, 5xx) is tried again after an exponentially growing, jittered delay, up to
 //! `RetryPolicy::max_attempts`. `Stripe-Should-Retry: true|false` overrides that judgement.
+//! An answer larger than `MAX_ANSWER_BYTES` is refused and not retried; a listing whose next
+//! page would start after an object a page already started after (an upstream that ignores
+//! `starting_after`) fails instead of looping.
 
 use std::time::Duration;
 
@@ -24,6 +27,11 @@ use crate::config::StripeConfig;
 
 /// Stripe's largest page.
 pub const PAGE_SIZE: u32 = 100;
+
+/// The largest answer read. A page of 100 objects is well under a megabyte; an answer past this
+/// (a misbehaving upstream or proxy) is refused for good rather than read into memory until the
+/// attempt times out, and then again on every retry.
+pub const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
 
 /// How hard the client tries before giving up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,10 +324,7 @@ impl StripeClient {
             .get("stripe-should-retry")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
-        // A body cut short is a transient failure like a dropped connection.
-        let body = response.bytes().await.map_err(|err| {
-            AttemptFailure::transient(format!("answer cut short: {}", err.without_url()))
-        })?;
+        let body = read_capped(response, MAX_ANSWER_BYTES).await?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| {
                 AttemptFailure::transient(format!("unreadable answer ({status}): {err}"))
@@ -354,6 +359,42 @@ impl StripeClient {
     }
 }
 
+/// The answer's body, read chunk by chunk up to `cap` bytes. A body cut short is a transient
+/// failure like a dropped connection; one past the cap is final: another attempt would only read
+/// it again.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, AttemptFailure> {
+    let status = response.status().as_u16();
+    let too_large = || AttemptFailure {
+        retry: false,
+        missing: false,
+        cursor_gone: false,
+        key_refused: false,
+        reason: format!(
+            "HTTP {status}: an answer larger than {} MiB",
+            cap / (1024 * 1024)
+        ),
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > cap as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|err| {
+        AttemptFailure::transient(format!("answer cut short: {}", err.without_url()))
+    })? {
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The mode a key's prefix names: `sk_live_`/`rk_live_` live, `sk_test_`/`rk_test_` test.
 fn key_livemode(key: &str) -> Option<bool> {
     let mode = key
@@ -374,6 +415,9 @@ pub struct Pages<'a, T> {
     resource: &'static str,
     filters: Vec<(&'static str, String)>,
     cursor: Option<String>,
+    /// Every cursor a page was asked after: an upstream that ignores `starting_after` answers a
+    /// page already walked, and following it would loop for ever.
+    used: std::collections::HashSet<String>,
     done: bool,
     _item: std::marker::PhantomData<T>,
 }
@@ -394,6 +438,7 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             resource,
             filters,
             cursor: None,
+            used: std::collections::HashSet::new(),
             done: false,
             _item: std::marker::PhantomData,
         }
@@ -409,7 +454,17 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             .list_page(self.resource, &self.filters, self.cursor.as_deref())
             .await?;
         match page.data.last() {
-            Some(last) if page.has_more => self.cursor = Some(last.id().to_owned()),
+            Some(last) if page.has_more => {
+                let next = last.id().to_owned();
+                if !self.used.insert(next.clone()) {
+                    return Err(StripeError::Rejected(format!(
+                        "a page of {} did not advance: it ends with {next} again, a page was \
+                         already listed after it (has_more: true)",
+                        self.resource
+                    )));
+                }
+                self.cursor = Some(next);
+            }
             // It has nothing to continue after, and the listing is not complete.
             None if page.has_more => {
                 return Err(StripeError::Rejected(format!(

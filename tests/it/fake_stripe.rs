@@ -1,6 +1,7 @@
 //! A stand-in for the Stripe API: list endpoints paged exactly as Stripe pages them, built from
 //! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
-//! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held).
+//! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held,
+//! endless, a page that ignores `starting_after`).
 //! `/v1/events` lists newest first and takes `created[gte]`; `/v1/prices` lists only active
 //! prices unless `active=false` is given, `/v1/products` every product unless `active` is given,
 //! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
@@ -118,6 +119,10 @@ pub enum Fault {
     NoHasMore,
     /// 200 with no objects and `has_more: true`.
     EmptyWithMore,
+    /// The first page whatever `starting_after` says, as an upstream that drops the parameter.
+    IgnoreCursor,
+    /// 200 with a body that never ends.
+    Endless,
 }
 
 #[derive(Default)]
@@ -427,7 +432,14 @@ async fn apply_fault(shared: &Shared, fault: Option<&Fault>) -> Option<Response>
             shared.release.acquire().await.unwrap().forget();
             None
         }
-        Some(Fault::Truncated | Fault::CursorGone | Fault::NoHasMore | Fault::EmptyWithMore)
+        Some(
+            Fault::Truncated
+            | Fault::CursorGone
+            | Fault::NoHasMore
+            | Fault::EmptyWithMore
+            | Fault::IgnoreCursor
+            | Fault::Endless,
+        )
         | None => None,
     }
 }
@@ -504,6 +516,15 @@ async fn list(
     if let Some(response) = apply_fault(&shared, fault.as_ref()).await {
         return response;
     }
+    if matches!(fault, Some(Fault::Endless)) {
+        let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);
+        let head = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"data\": ["))
+        });
+        let tail = futures_util::stream::repeat_with(move || Ok(chunk.clone()));
+        let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
+        return (StatusCode::OK, [("content-type", "application/json")], body).into_response();
+    }
     let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
         None => 10,
         Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
@@ -532,6 +553,7 @@ async fn list(
             .collect();
         let start = match query.get("starting_after") {
             None => 0,
+            Some(_) if matches!(fault, Some(Fault::IgnoreCursor)) => 0,
             Some(after) if matches!(fault, Some(Fault::CursorGone)) => {
                 return cursor_missing(url, after);
             }

@@ -1129,3 +1129,63 @@ async fn webhook_refuses_a_signed_body_that_is_not_an_event_envelope() {
     }
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
 }
+
+/// An upstream that drops `starting_after` answers the first page again and again, each saying
+/// more follow: the sync stops at the repeated page (502, nothing deactivated) instead of
+/// looping with its lock held, and the next sync runs.
+#[tokio::test]
+async fn sync_stops_at_a_page_that_does_not_advance_and_frees_its_lock() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 250, 3).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    fake.fault_from(0, Fault::IgnoreCursor);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), sync(&app.server))
+        .await
+        .expect("a sync over a listing that never advances ends");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    // The first page, then the same page again.
+    assert_eq!(fake.requests(), 2);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
+               AND error LIKE '%did not advance%'";
+    assert_eq!(count(&db, run).await, 1);
+
+    fake.clear_faults();
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // The first page was written before the repeat; the rest now.
+    assert_eq!(counts(&body, "products"), (250, 150, 0));
+}
+
+/// An answer that never ends is read up to a cap, then refused for good: no retry, no waiting
+/// for the attempt's timeout.
+#[tokio::test]
+async fn sync_refuses_an_answer_past_the_size_cap_without_retrying() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    fake.fault_at(0, Fault::Endless);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(9), sync(&app.server))
+        .await
+        .expect("an endless answer is cut off well before the attempt timeout");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    assert!(
+        body["message"].as_str().unwrap().contains("32 MiB"),
+        "{body}"
+    );
+    assert_eq!(fake.requests(), 1, "not retried");
+
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+}
