@@ -242,8 +242,15 @@ async fn walk(
     let prices = walk_resource::<Price>(store, client, clock, lock, run_id, started_at, counts);
     let prices_since = prices.await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
+    // Every page was asked for after `started_at`: the absence holds as of the page stamp of
+    // that moment, so only an event newer than that may bring a row back.
     let (products, prices) = store
-        .deactivate_unseen(products_since, prices_since, clock.now_ms())
+        .deactivate_unseen(
+            products_since,
+            prices_since,
+            clock.now_ms(),
+            page_as_of(started_at),
+        )
         .await?;
     counts.products_deactivated = count(products);
     counts.prices_deactivated = count(prices);

@@ -1189,3 +1189,40 @@ async fn sync_refuses_an_answer_past_the_size_cap_without_retrying() {
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A product the sync found gone is stamped as of the sync: an older event Stripe retries late
+/// (newer than the row's last event, older than the sync) does not bring it back.
+#[tokio::test]
+async fn a_late_event_older_than_the_sync_does_not_reactivate_what_it_found_gone() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 0).await;
+    let app = app(
+        &db,
+        &[
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+        ],
+        fast_retry(),
+    )
+    .await;
+    let t = now();
+    // Product 5 came by webhook; Stripe no longer lists it.
+    let created = product_event(&fixtures, "evt_G1", "product.created", t - 100, 5, "Gone");
+    assert_eq!(deliver_signed(&app.server, &created).await.0, 200);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (3, 3, 1));
+
+    let late = product_event(&fixtures, "evt_G2", "product.updated", t - 50, 5, "Late");
+    let (status, body) = deliver_signed(&app.server, &late).await;
+    assert_eq!(status, 200, "{body}");
+    let gone = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
+         AND deactivated_at IS NOT NULL AND name = 'Gone'",
+        product_id(5)
+    );
+    assert_eq!(count(&db, &gone).await, 1);
+}

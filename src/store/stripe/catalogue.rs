@@ -260,29 +260,38 @@ impl Store {
     }
 
     /// After a complete listing whose products were stamped from `products_since` and prices
-    /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted).
-    /// Returns (products, prices) deactivated.
+    /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted),
+    /// as of `as_of` (ms, in the unit of webhook events' `created`): its `last_event_created`
+    /// is raised to it, so an older event delivered late (Stripe retries for days) does not
+    /// bring back what the listing found gone. Returns (products, prices) deactivated.
     pub async fn deactivate_unseen(
         &self,
         products_since: i64,
         prices_since: i64,
         now: i64,
+        as_of: i64,
     ) -> anyhow::Result<(u64, u64)> {
-        let products = "UPDATE stripe_products SET active = FALSE, deactivated_at = $1 \
+        let products = "UPDATE stripe_products SET active = FALSE, deactivated_at = $1, \
+                        last_event_created = CASE WHEN last_event_created IS NULL \
+                        OR last_event_created < $3 THEN $3 ELSE last_event_created END \
                         WHERE deactivated_at IS NULL AND synced_at < $2";
-        let prices = "UPDATE stripe_prices SET active = FALSE, deactivated_at = $1 \
+        let prices = "UPDATE stripe_prices SET active = FALSE, deactivated_at = $1, \
+                      last_event_created = CASE WHEN last_event_created IS NULL \
+                      OR last_event_created < $3 THEN $3 ELSE last_event_created END \
                       WHERE deactivated_at IS NULL AND synced_at < $2";
         let counts: Result<(u64, u64), sqlx::Error> = with_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let products = sqlx::query(products)
                 .bind(now)
                 .bind(products_since)
+                .bind(as_of)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
             let prices = sqlx::query(prices)
                 .bind(now)
                 .bind(prices_since)
+                .bind(as_of)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
