@@ -21,6 +21,10 @@ use crate::stripe::webhook::{self, Outcome, WebhookError};
 
 /// How long a SQLite lock row lives without renewal (renewed after every page).
 const LOCK_TTL: Duration = Duration::from_secs(300);
+/// How many times a run goes on from its last event's second after the event a page was to
+/// start after vanished (aged out of Stripe's retention), before it fails as for any refused
+/// request.
+const MAX_RESTARTS: u32 = 3;
 /// Stripe keeps events for 30 days: nothing older can be listed.
 pub const RETENTION_SECONDS: i64 = 30 * 86_400;
 /// How far before the start of the last covering run a default run starts, for events Stripe
@@ -257,6 +261,13 @@ fn own_failure(err: &WebhookError) -> Option<String> {
 
 /// Every page of events since `since`, each event applied as a webhook delivery would be; after
 /// each page the lock is renewed and the run row shows the counts and the last event handled.
+/// Only the types `webhook::apply` acts on are listed (`types[]`).
+///
+/// Events are listed newest first. When the event a page was to continue after is gone (400 on
+/// `starting_after`: at the old end of a 30-day window, it aged out of Stripe's retention while
+/// the run walked), the walk goes on with the events up to the second of the last one handled
+/// (`created[lte]`), skipping those of that second it already handled, at most `MAX_RESTARTS`
+/// times; then it fails as for any refused request.
 async fn walk(
     store: &Store,
     client: &StripeClient,
@@ -266,15 +277,85 @@ async fn walk(
     since: i64,
     progress: &mut Progress,
 ) -> Result<(), Stop> {
+    let mut resume: Option<Boundary> = None;
+    let mut restarts = 0;
+    loop {
+        let mut filters = vec![("created[gte]", since.to_string())];
+        if let Some(boundary) = &resume {
+            filters.push(("created[lte]", boundary.created.to_string()));
+        }
+        filters.extend(
+            webhook::APPLIED_EVENT_TYPES
+                .iter()
+                .map(|kind| ("types[]", (*kind).to_owned())),
+        );
+        let pages = Pages::<Event>::filtered(client, "events", filters);
+        match walk_pages(
+            store,
+            client,
+            clock,
+            lock,
+            run_id,
+            pages,
+            progress,
+            &mut resume,
+        )
+        .await
+        {
+            Err(Stop::Upstream(StripeError::CursorGone(reason)))
+                if restarts < MAX_RESTARTS && resume.is_some() =>
+            {
+                restarts += 1;
+                tracing::warn!(
+                    run = run_id,
+                    restarts,
+                    reason,
+                    "the event a page of Stripe's event list was to start after is gone; \
+                     listing on from the second of the last event handled"
+                );
+            }
+            walked => return walked,
+        }
+    }
+}
+
+/// The second of the last event handled, and the events of that second handled so far: where a
+/// walk goes on after its cursor vanished.
+struct Boundary {
+    created: i64,
+    handled: std::collections::HashSet<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn walk_pages(
+    store: &Store,
+    client: &StripeClient,
+    clock: &Clock,
+    lock: &mut SyncLock,
+    run_id: &str,
+    mut pages: Pages<'_, Event>,
+    progress: &mut Progress,
+    boundary: &mut Option<Boundary>,
+) -> Result<(), Stop> {
     let Progress {
         counts,
         last_event,
         left_behind,
     } = progress;
-    let mut pages =
-        Pages::<Event>::filtered(client, "events", vec![("created[gte]", since.to_string())]);
     while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
         for event in &page {
+            match boundary {
+                Some(b) if b.created == event.created && b.handled.contains(&event.id) => continue,
+                Some(b) if b.created == event.created => {
+                    b.handled.insert(event.id.clone());
+                }
+                _ => {
+                    *boundary = Some(Boundary {
+                        created: event.created,
+                        handled: std::iter::once(event.id.clone()).collect(),
+                    });
+                }
+            }
             counts.seen += 1;
             match webhook::apply(store, Some(client), event, clock.now_ms()).await {
                 Ok(Outcome::Applied) => counts.applied += 1,

@@ -30,6 +30,25 @@ pub const SAME_SECOND_RETRY: RetryPolicy = RetryPolicy {
     attempt_timeout: Duration::from_secs(8),
 };
 
+/// Every event type `effect_of` acts on (kept in step with it; a test checks): reconciliation
+/// lists only these (`types[]`, which takes at most 20), not every event of the account.
+pub const APPLIED_EVENT_TYPES: &[&str] = &[
+    "product.created",
+    "product.updated",
+    "product.deleted",
+    "price.created",
+    "price.updated",
+    "price.deleted",
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "invoice.paid",
+    "invoice.payment_failed",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error(transparent)]
@@ -370,6 +389,27 @@ pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_type_reconciliation_lists_is_one_effect_of_acts_on_and_fits_stripe_s_filter() {
+        assert!(
+            APPLIED_EVENT_TYPES.len() <= 20,
+            "Stripe's types[] takes 20 at most"
+        );
+        let event = |kind: &str| -> Event {
+            serde_json::from_value(serde_json::json!({
+                "id": "evt_1", "type": kind, "created": 1, "data": {"object": "not an object"}
+            }))
+            .unwrap()
+        };
+        for kind in APPLIED_EVENT_TYPES {
+            // Acted on: its object is read (and this one is unreadable), not ignored.
+            let effect = effect_of(&event(kind), 0);
+            assert!(!matches!(effect, Ok(StripeEffect::None)), "{kind}");
+        }
+        let ignored = effect_of(&event("payment_intent.created"), 0);
+        assert!(matches!(ignored, Ok(StripeEffect::None)));
+    }
 
     #[test]
     fn a_same_second_fetch_ends_well_inside_the_route_deadline() {

@@ -2,7 +2,7 @@
 //! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
 //! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held,
 //! endless, a page that ignores `starting_after`).
-//! `/v1/events` lists newest first and takes `created[gte]`; `/v1/prices` lists only active
+//! `/v1/events` lists newest first and takes `created[gte]`, `created[lte]` and `types[]`; `/v1/prices` lists only active
 //! prices unless `active=false` is given, `/v1/products` every product unless `active` is given,
 //! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
 //! faults of their own.
@@ -148,6 +148,8 @@ struct Shared {
     object_requests: AtomicUsize,
     requests: AtomicUsize,
     limits: Mutex<Vec<String>>,
+    /// The query string of every list request, in order.
+    queries: Mutex<Vec<String>>,
     /// The `traceparent` header of every request, in order (`None` when absent).
     traceparents: Mutex<Vec<Option<String>>>,
     arrived: Notify,
@@ -174,6 +176,7 @@ impl FakeStripe {
             object_requests: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             limits: Mutex::new(Vec::new()),
+            queries: Mutex::new(Vec::new()),
             traceparents: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             release: Semaphore::new(0),
@@ -211,6 +214,11 @@ impl FakeStripe {
     /// The `limit` of every list request so far.
     pub fn limits(&self) -> Vec<String> {
         self.shared.limits.lock().unwrap().clone()
+    }
+
+    /// The query string of every list request so far.
+    pub fn queries(&self) -> Vec<String> {
+        self.shared.queries.lock().unwrap().clone()
     }
 
     pub fn fault_at(&self, request: usize, fault: Fault) {
@@ -318,7 +326,7 @@ fn authorized(headers: &HeaderMap) -> bool {
 async fn list_products(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
     let listing = Listing {
         url: "/v1/products",
@@ -331,7 +339,7 @@ async fn list_products(
 async fn list_prices(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
     // "Returns a list of your active prices… For the list of inactive prices, set active to false."
     let listing = Listing {
@@ -345,7 +353,7 @@ async fn list_prices(
 async fn list_events(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
     let listing = Listing {
         url: "/v1/events",
@@ -481,14 +489,28 @@ struct Listing {
 }
 
 /// One page as Stripe answers it: `limit` (default 10, 1 to 100), `active` (`true` or `false`),
-/// objects after `starting_after` (400 when that id is not in the list), `has_more` when any are
-/// left.
+/// `created[gte]`, `created[lte]`, `types[]` (events of those types only, at most 20), objects
+/// after `starting_after` (400 when that id is not in the list), `has_more` when any are left.
 async fn list(
     shared: Arc<Shared>,
     headers: HeaderMap,
-    query: HashMap<String, String>,
+    pairs: Vec<(String, String)>,
     listing: Listing,
 ) -> Response {
+    shared.queries.lock().unwrap().push(
+        pairs
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("&"),
+    );
+    // Stripe takes an array as `types[]=a&types[]=b` or `types[0]=a&types[1]=b`.
+    let types: Vec<String> = pairs
+        .iter()
+        .filter(|(name, _)| name.starts_with("types["))
+        .map(|(_, value)| value.clone())
+        .collect();
+    let query: HashMap<String, String> = pairs.into_iter().collect();
     let Listing {
         url,
         objects,
@@ -525,6 +547,9 @@ async fn list(
         let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
         return (StatusCode::OK, [("content-type", "application/json")], body).into_response();
     }
+    if types.len() > 20 {
+        return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
+    }
     let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
         None => 10,
         Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
@@ -533,6 +558,13 @@ async fn list(
     let since = match query.get("created[gte]").map(|s| s.parse::<i64>()) {
         None => None,
         Some(Ok(since)) => Some(since),
+        Some(Err(_)) => {
+            return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
+        }
+    };
+    let until = match query.get("created[lte]").map(|s| s.parse::<i64>()) {
+        None => None,
+        Some(Ok(until)) => Some(until),
         Some(Err(_)) => {
             return stripe_error(StatusCode::BAD_REQUEST, None, "invalid_request_error");
         }
@@ -549,6 +581,8 @@ async fn list(
         let all: Vec<&Value> = objects(&catalogue)
             .iter()
             .filter(|o| since.is_none_or(|since| o["created"].as_i64() >= Some(since)))
+            .filter(|o| until.is_none_or(|until| o["created"].as_i64() <= Some(until)))
+            .filter(|o| types.is_empty() || types.iter().any(|kind| o["type"] == kind.as_str()))
             .filter(|o| active.is_none_or(|active| o["active"].as_bool() == Some(active)))
             .collect();
         let start = match query.get("starting_after") {

@@ -105,8 +105,8 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     // 250 events over the last 21 minutes: three pages of up to 100, newest first.
     let history = history(&fixtures, 250, t - 1300, 5);
     // One from three days ago: with no run on record, the default window is Stripe's whole
-    // retention, however fresh the ledger (an event of this type is ignored, recorded only).
-    let old = history_event(&fixtures, 9999, t - 3 * 86_400);
+    // retention, however fresh the ledger.
+    let old = history_event(&fixtures, 9996, t - 3 * 86_400);
     fake.add_events(history.iter().cloned().chain([old]));
     // Events 140 to 159 were delivered: newest first, page one ends at 150 (events 249..150).
     for delivered in &history[140..160] {
@@ -118,21 +118,19 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     let (status, body) = reconcile(&app.server).await;
     let after = now();
     assert_eq!(status, 200, "{body}");
-    let ignored_missed = (0..250)
-        .filter(|n| n % 7 == 3 && !(140..160).contains(n))
-        .count() as i64;
-    assert_eq!(
-        events(&body),
-        (251, 230 - ignored_missed, 20, ignored_missed + 1)
-    );
+    // Only the types edgegate acts on are listed: not every seventh event (nor the three of
+    // those the webhook received, which it recorded).
+    let unhandled = (0..250).filter(|n| n % 7 == 3).count() as i64;
+    assert_eq!(unhandled, 36);
+    assert_eq!(events(&body), (215, 198, 17, 0));
     let since = body["since"].as_i64().unwrap();
     assert!((before..=after).contains(&(since + 30 * 86_400)), "{body}");
     assert!(body["duration_ms"].as_u64().is_some());
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 251);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 218);
     assert_eq!(
         count(
             &db,
-            "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_R09999'"
+            "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_R09996'"
         )
         .await,
         1
@@ -140,7 +138,8 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     for n in [0, 1, 149, 151, 155, 200, 249] {
         assert_eq!(product_name(&db, n).await, format!("Name {n}"));
     }
-    let products = 250 - (0..250).filter(|n| n % 7 == 3).count() as i64;
+    // And product 9996, of the three-day-old event.
+    let products = 250 - (0..250).filter(|n| n % 7 == 3).count() as i64 + 1;
     assert_eq!(
         count(&db, "SELECT COUNT(*) FROM stripe_products").await,
         products
@@ -150,16 +149,16 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     // hour before the first run, which covered everything before it.
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(events(&body), (250, 0, 250, 0));
+    assert_eq!(events(&body), (214, 0, 214, 0));
     let since = body["since"].as_i64().unwrap();
     assert!((before..=after).contains(&(since + 3600)), "{body}");
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 251);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 218);
 
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND started_by = 'manual' \
-                AND finished_at IS NOT NULL AND events_seen >= 250 AND last_event_id = 'evt_R09999'";
+                AND finished_at IS NOT NULL AND events_seen = 215 AND last_event_id = 'evt_R09996'";
     assert_eq!(count(&db, runs).await, 1);
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND started_by = 'manual' \
-                AND events_seen = 250 AND last_event_id = 'evt_R00000'";
+                AND events_seen = 214 AND last_event_id = 'evt_R00000'";
     assert_eq!(count(&db, runs).await, 1);
     let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
                  AND outcome = 'ok' AND credential_source = 'api_key'";
@@ -167,7 +166,7 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     let metrics = app.server.get("/metrics").await.text().await.unwrap();
     for line in [
         r#"edgegate_stripe_reconcile_runs_total{started_by="manual",outcome="ok"} 2"#,
-        r#"edgegate_stripe_reconcile_events_total{result="already_applied"} 270"#,
+        r#"edgegate_stripe_reconcile_events_total{result="already_applied"} 231"#,
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
@@ -207,9 +206,10 @@ async fn a_narrow_manual_run_does_not_hide_events_missed_before_it() {
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
-    assert_eq!(events(&body), (5, 3, 1, 1), "{body}");
+    // Event 3 is of a type edgegate does not act on: not listed.
+    assert_eq!(events(&body), (4, 3, 1, 0), "{body}");
     assert_eq!(product_name(&db, 0).await, "Name 0");
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 5);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 4);
 }
 
 #[tokio::test]
@@ -229,16 +229,17 @@ async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     // What was applied stays applied, and the run row says where it stopped.
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 100);
     let stopped = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'upstream_error' \
-                   AND events_seen = 100 AND last_event_id = 'evt_R00150' AND error IS NOT NULL";
+                   AND events_seen = 100 AND last_event_id = 'evt_R00133' AND error IS NOT NULL";
     assert_eq!(count(&db, stopped).await, 1);
 
     fake.clear_faults();
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     let (seen, applied, already, ignored) = events(&body);
-    assert_eq!((seen, already), (250, 100));
-    assert_eq!(applied + ignored, 150);
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    // Every seventh event is of a type edgegate does not act on: not listed.
+    assert_eq!((seen, already), (214, 100));
+    assert_eq!((applied, ignored), (114, 0));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 214);
     assert_eq!(product_name(&db, 0).await, "Name 0");
     let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
                  AND outcome = 'upstream_error'";
@@ -265,12 +266,12 @@ async fn two_concurrent_reconciles_on_two_instances_give_one_409() {
     fake.release();
     let ((status, body), _first) = running.await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(events(&body).0, 5);
+    assert_eq!(events(&body).0, 4);
 
     // The lock is free again, and a catalogue sync never held it.
     let (status, body) = reconcile(&second.server).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(events(&body), (5, 0, 5, 0));
+    assert_eq!(events(&body), (4, 0, 4, 0));
     let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'reconcile_stripe_events' \
                  AND outcome = 'in_progress'";
     assert_eq!(count(&db, audit).await, 1);
@@ -508,7 +509,7 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
         app.state.reconcile_metrics.clone(),
     );
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic' \
-                AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 1";
+                AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 0";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while count(&db, runs).await == 0 {
         assert!(
@@ -518,7 +519,7 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     task.abort();
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 4);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
     assert_eq!(product_name(&db, 0).await, "Name 0");
     let metrics = app.server.get("/metrics").await.text().await.unwrap();
     let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
@@ -605,7 +606,7 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
-    assert_eq!(events(&body), (12, 10, 0, 2), "{body}");
+    assert_eq!(events(&body), (11, 10, 0, 1), "{body}");
     assert_eq!(product_name(&db, 50).await, "First");
     assert_eq!(count(&db, tied).await, 0);
     // The events listed after the refused one (older) were applied.
@@ -617,13 +618,13 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
-    assert_eq!(events(&body), (12, 0, 11, 1), "{body}");
+    assert_eq!(events(&body), (11, 0, 10, 1), "{body}");
 
     fake.fault_objects(None);
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
-    assert_eq!(events(&body), (12, 1, 11, 0), "{body}");
+    assert_eq!(events(&body), (11, 1, 10, 0), "{body}");
     assert_eq!(product_name(&db, 50).await, "As Stripe has it");
     assert_eq!(count(&db, tied).await, 1);
 
@@ -646,18 +647,112 @@ async fn a_listed_event_the_database_refuses_is_skipped_and_the_run_goes_on() {
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     let app = full_app(&db, &fake).await;
     let t = now();
-    // Events 0..5 a minute apart (event 3 of a type edgegate does not act on), and between
-    // events 3 and 4 one renaming product 60 to a name with U+0000 in it.
+    // Events 0..5 a minute apart (event 3 of a type edgegate does not act on, so not listed),
+    // and between events 3 and 4 one renaming product 60 to a name with U+0000 in it.
     fake.add_events(history(&fixtures, 5, t - 600, 60));
     let refused = product_event(&fixtures, "evt_Nul", "product.updated", t - 400, 60, "a\0b");
     fake.add_events([serde_json::from_str(&refused).unwrap()]);
 
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(events(&body), (6, 4, 0, 2), "{body}");
+    assert_eq!(events(&body), (5, 4, 0, 1), "{body}");
     assert_eq!(product_name(&db, 0).await, "Name 0");
     let nul = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_Nul'";
     assert_eq!(count(&db, nul).await, 0);
     let covering = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
     assert_eq!(count(&db, covering).await, 0);
+}
+
+/// Reconciliation asks Stripe for the event types it applies only (`types[]`, at most 20), not
+/// every event of the account.
+#[tokio::test]
+async fn reconcile_lists_only_the_event_types_it_applies() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    // Events 3, 10 and 17 are of a type edgegate does not act on.
+    fake.add_events(history(&fixtures, 20, t - 600, 5));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (17, 17, 0, 0), "{body}");
+    let queries = fake.queries();
+    let types: Vec<&str> = queries[0]
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("types[]="))
+        .collect();
+    for kind in [
+        "product.created",
+        "product.updated",
+        "product.deleted",
+        "price.created",
+        "price.updated",
+        "price.deleted",
+        "checkout.session.completed",
+        "customer.subscription.updated",
+        "invoice.paid",
+        "invoice.payment_failed",
+    ] {
+        assert!(types.contains(&kind), "{kind} in {}", queries[0]);
+    }
+    assert!(types.len() <= 20, "{}", queries[0]);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_events WHERE event_type = 'payment_intent.created'"
+        )
+        .await,
+        0
+    );
+}
+
+/// The event a page was to continue after aged out of Stripe's retention (400 on
+/// `starting_after`): the run goes on from that event's second, each event handled once.
+#[tokio::test]
+async fn reconcile_goes_on_when_its_cursor_event_is_gone() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    let history: Vec<Value> = (0..250)
+        .map(|n| {
+            let body = product_event(
+                &fixtures,
+                &format!("evt_C{n:05}"),
+                "product.updated",
+                t - 2000 + 5 * n as i64,
+                n,
+                &format!("Name {n}"),
+            );
+            serde_json::from_str(&body).unwrap()
+        })
+        .collect();
+    fake.add_events(history);
+    // The second page's cursor is gone.
+    fake.fault_at(1, Fault::CursorGone);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (250, 250, 0, 0), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 250);
+    let run = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND continuous \
+               AND events_seen = 250 AND last_event_id = 'evt_C00000'";
+    assert_eq!(count(&db, run).await, 1);
+
+    // Every cursor vanishes: each restart still gets a page further, up to the end.
+    fake.fault_from(fake.requests() + 1, Fault::CursorGone);
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        reconcile_as(
+            &app.server,
+            Some(SB_SECRET),
+            Some(json!({"since": t - 3000})),
+        ),
+    )
+    .await
+    .expect("the run ends");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (250, 0, 250, 0), "{body}");
 }
