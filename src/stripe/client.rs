@@ -11,6 +11,9 @@
 //! Retries: a failed attempt (connection error, per-attempt timeout, truncated or unreadable
 //! body, 409, 429, 5xx) is tried again after an exponentially growing, jittered delay, up to
 //! `RetryPolicy::max_attempts`. `Stripe-Should-Retry: true|false` overrides that judgement.
+//! A 429's `Retry-After` (seconds, at most `MAX_RETRY_AFTER`) is waited out when it is longer
+//! than the backoff and still leaves the call inside `RetryPolicy::worst_case`; when it would
+//! not, the call gives up at once rather than retry before Stripe said to.
 //! An answer larger than `MAX_ANSWER_BYTES` is refused and not retried; a listing whose next
 //! page would start after an object a page already started after (an upstream that ignores
 //! `starting_after`) fails instead of looping.
@@ -27,6 +30,9 @@ use crate::config::StripeConfig;
 
 /// Stripe's largest page.
 pub const PAGE_SIZE: u32 = 100;
+
+/// The longest `Retry-After` waited for; a longer one is taken as this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The largest answer read. A page of 100 objects is well under a megabyte; an answer past this
 /// (a misbehaving upstream or proxy) is refused for good rather than read into memory until the
@@ -140,6 +146,8 @@ struct AttemptFailure {
     cursor_gone: bool,
     /// A 401 or 403 that no `Stripe-Should-Retry` asked to retry.
     key_refused: bool,
+    /// A 429's `Retry-After`: how long Stripe asked to wait before the next attempt.
+    retry_after: Option<Duration>,
     reason: String,
 }
 
@@ -151,6 +159,7 @@ impl AttemptFailure {
             missing: false,
             cursor_gone: false,
             key_refused: false,
+            retry_after: None,
             reason,
         }
     }
@@ -268,6 +277,7 @@ impl StripeClient {
     }
 
     async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, StripeError> {
+        let started = tokio::time::Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -298,7 +308,23 @@ impl StripeClient {
                     last: failure.reason,
                 });
             }
-            let delay = self.policy.delay(attempt);
+            let mut delay = self.policy.delay(attempt);
+            if let Some(asked) = failure.retry_after {
+                let asked = asked.min(MAX_RETRY_AFTER);
+                // Another attempt after the wait must still fit the call's longest time.
+                let needed = started.elapsed() + asked + self.policy.attempt_timeout;
+                if needed > self.policy.worst_case() {
+                    return Err(StripeError::Unavailable {
+                        attempts: attempt,
+                        last: format!(
+                            "{}, Retry-After {} s: past this call's deadline",
+                            failure.reason,
+                            asked.as_secs()
+                        ),
+                    });
+                }
+                delay = delay.max(asked);
+            }
             tracing::warn!(
                 path = url.path(),
                 attempt,
@@ -324,6 +350,14 @@ impl StripeClient {
             .get("stripe-should-retry")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
+        // Seconds only: Stripe sends no HTTP date, and one is not worth guessing at.
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .filter(|_| status.as_u16() == 429)
+            .map(Duration::from_secs);
         let body = read_capped(response, MAX_ANSWER_BYTES).await?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| {
@@ -354,6 +388,7 @@ impl StripeClient {
                 && !retry
                 && param.as_deref() == Some("starting_after"),
             key_refused: matches!(status.as_u16(), 401 | 403) && !retry,
+            retry_after,
             reason: format!("HTTP {}{detail}", status.as_u16()),
         })
     }
@@ -372,6 +407,7 @@ async fn read_capped(
         missing: false,
         cursor_gone: false,
         key_refused: false,
+        retry_after: None,
         reason: format!(
             "HTTP {status}: an answer larger than {} MiB",
             cap / (1024 * 1024)

@@ -1,7 +1,7 @@
 //! A stand-in for the Stripe API: list endpoints paged exactly as Stripe pages them, built from
 //! Stripe's own example objects (`../shared/vectors/stripe/fixtures3.json`), with faults a test
 //! can inject per request (429 with or without `Stripe-Should-Retry`, 500, slow, truncated, held,
-//! endless, a page that ignores `starting_after`).
+//! endless, a page that ignores `starting_after`), and a stretch of 429s with `Retry-After`.
 //! `/v1/events` lists newest first and takes `created[gte]`, `created[lte]` and `types[]`; `/v1/prices` lists only active
 //! prices unless `active=false` is given, `/v1/products` every product unless `active` is given,
 //! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
@@ -150,6 +150,8 @@ struct Shared {
     limits: Mutex<Vec<String>>,
     /// The query string of every list request, in order.
     queries: Mutex<Vec<String>>,
+    /// Until then every list request gets 429 with `Retry-After` (whole seconds, rounded up).
+    rate_limited_until: Mutex<Option<std::time::Instant>>,
     /// The `traceparent` header of every request, in order (`None` when absent).
     traceparents: Mutex<Vec<Option<String>>>,
     arrived: Notify,
@@ -177,6 +179,7 @@ impl FakeStripe {
             requests: AtomicUsize::new(0),
             limits: Mutex::new(Vec::new()),
             queries: Mutex::new(Vec::new()),
+            rate_limited_until: Mutex::new(None),
             traceparents: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             release: Semaphore::new(0),
@@ -219,6 +222,12 @@ impl FakeStripe {
     /// The query string of every list request so far.
     pub fn queries(&self) -> Vec<String> {
         self.shared.queries.lock().unwrap().clone()
+    }
+
+    /// For `window` from now, every list request is answered 429 with the `Retry-After` (whole
+    /// seconds, rounded up) that would end it.
+    pub fn rate_limit_for(&self, window: Duration) {
+        *self.shared.rate_limited_until.lock().unwrap() = Some(std::time::Instant::now() + window);
     }
 
     pub fn fault_at(&self, request: usize, fault: Fault) {
@@ -537,6 +546,19 @@ async fn list(
     };
     if let Some(response) = apply_fault(&shared, fault.as_ref()).await {
         return response;
+    }
+    let limited_until = *shared.rate_limited_until.lock().unwrap();
+    if let Some(until) = limited_until {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if !left.is_zero() {
+            let mut response =
+                stripe_error(StatusCode::TOO_MANY_REQUESTS, None, "rate_limit_error");
+            let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().unwrap());
+            return response;
+        }
     }
     if matches!(fault, Some(Fault::Endless)) {
         let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);

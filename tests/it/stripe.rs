@@ -1226,3 +1226,35 @@ async fn a_late_event_older_than_the_sync_does_not_reactivate_what_it_found_gone
     );
     assert_eq!(count(&db, &gone).await, 1);
 }
+
+/// A 429 with `Retry-After` is retried after the time Stripe gives, not the short backoff.
+#[tokio::test]
+async fn sync_waits_out_a_429_as_long_as_retry_after_says() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    fake.rate_limit_for(Duration::from_millis(1500));
+    let started = Instant::now();
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // 429 with `Retry-After: 2`, then the page, then both price listings.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(fake.requests(), 2 + 2);
+
+    // A wait past the call's longest time (3 attempts of 10 s here) is not waited: the call
+    // gives up at once instead of retrying before Stripe said to.
+    fake.rate_limit_for(Duration::from_secs(45));
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), sync(&app.server))
+        .await
+        .expect("a Retry-After past the deadline ends the call at once");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Retry-After 45 s"),
+        "{body}"
+    );
+    assert_eq!(fake.requests(), 4 + 1);
+}
