@@ -276,10 +276,13 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
 /// `OTEL_SERVICE_NAME` when unset.
 pub const DEFAULT_SERVICE_NAME: &str = "edgegate";
 
-/// `STRIPE_RECONCILE_INTERVAL_SECONDS` bounds, besides `0` (off): a minute to Stripe's 30-day
-/// event retention (a longer interval would lose events for good).
+/// `STRIPE_RECONCILE_INTERVAL_SECONDS` bounds, besides `0` (off): a minute to 25 days. A run's
+/// default window reaches back to an hour before the previous run's start, which is the
+/// interval plus up to a tenth of jitter (and the previous run's length) ago: 25 days keep that
+/// (27.5 days and an hour) inside Stripe's 30-day event retention with two days to spare; a
+/// longer interval would lose events for good.
 const RECONCILE_INTERVAL_MIN: u64 = 60;
-const RECONCILE_INTERVAL_MAX: u64 = 30 * 86_400;
+const RECONCILE_INTERVAL_MAX: u64 = 25 * 86_400;
 
 #[derive(Debug, Clone)]
 pub struct StripeConfig {

@@ -537,6 +537,14 @@ fn reconcile_interval_defaults_to_an_hour_with_a_stripe_key() {
     assert_eq!(off.stripe.reconcile_interval, None);
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "59");
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "2592001");
+    // With its jitter (a tenth) and the window's hour of overlap, a run must still reach back
+    // no further than Stripe's 30-day event retention.
+    refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "2592000");
+    refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "2160001");
+    let longest = config(&[key, ("STRIPE_RECONCILE_INTERVAL_SECONDS", "2160000")]).unwrap();
+    let longest = longest.stripe.reconcile_interval.unwrap().as_secs();
+    let reach = longest + longest / 10 + crate::stripe::reconcile::OVERLAP_SECONDS as u64;
+    assert!(reach < crate::stripe::reconcile::RETENTION_SECONDS as u64);
     refused("STRIPE_RECONCILE_INTERVAL_SECONDS", "hourly");
 }
 

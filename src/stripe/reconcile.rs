@@ -95,6 +95,17 @@ pub fn default_since(covered: Option<i64>, now_s: i64) -> i64 {
     })
 }
 
+/// The events a default window could not list (unix seconds, `from..to`): those between the
+/// window the coverage asked for and Stripe's retention, which aged out before this run (runs
+/// failed, or stopped, for longer than the retention less the overlap). `None` when the window
+/// reaches back as far as the coverage asks. The run still starts the coverage afresh from the
+/// retention (nothing older can be listed by anyone); the gap is reported, not hidden.
+pub fn aged_out(covered: Option<i64>, now_s: i64) -> Option<(i64, i64)> {
+    let oldest = now_s - RETENTION_SECONDS;
+    let wanted = covered?.div_euclid(1000) - OVERLAP_SECONDS;
+    (wanted < oldest).then_some((wanted, oldest))
+}
+
 /// Whether a run over `since..` extends the coverage `covered` (see [`default_since`]): its
 /// window reaches back to the default one, or to Stripe's retention.
 fn continues(since: i64, covered: Option<i64>, now_s: i64) -> bool {
@@ -146,6 +157,17 @@ pub async fn run(
         // Read under the lock, so it sees every run that finished before this one.
         let covered = store.reconcile_coverage().await?;
         let now_s = started_at.div_euclid(1000);
+        if since.is_none()
+            && let Some((from, to)) = aged_out(covered, now_s)
+        {
+            tracing::warn!(
+                from,
+                to,
+                "Stripe events created between these times (unix seconds) aged out of its 30-day \
+                 retention before a reconciliation could list them; run the catalogue sync and \
+                 check subscriptions and invoices in the Stripe dashboard"
+            );
+        }
         let since = since.unwrap_or_else(|| default_since(covered, now_s));
         let window = Window {
             since,
@@ -538,6 +560,20 @@ mod tests {
         // With nothing covered, only the whole retention starts the coverage.
         assert!(continues(now - RETENTION_SECONDS, None, now));
         assert!(!continues(now - RETENTION_SECONDS + 1, None, now));
+    }
+
+    #[test]
+    fn a_default_window_moved_up_to_the_retention_names_the_events_lost() {
+        let now = 2_000_000_000;
+        let oldest = now - RETENTION_SECONDS;
+        assert_eq!(aged_out(None, now), None);
+        assert_eq!(aged_out(Some((now - 7200) * 1000), now), None);
+        assert_eq!(aged_out(Some((oldest + OVERLAP_SECONDS) * 1000), now), None);
+        let covered = oldest - 600;
+        assert_eq!(
+            aged_out(Some(covered * 1000), now),
+            Some((covered - OVERLAP_SECONDS, oldest))
+        );
     }
 
     #[test]
