@@ -3,7 +3,10 @@
 //! are deactivated. One sync at a time across all instances (`Job::CatalogueSync`).
 //!
 //! Stripe's product list holds archived products too, but its price list holds only active
-//! prices unless asked for `active=false`: prices are listed twice, active then archived.
+//! prices unless asked for `active=false` (and no value lists both): prices are listed twice,
+//! active then archived. A price whose `active` changed between the two listings is in neither,
+//! so before deactivating, every price neither returned is asked for by id: one Stripe still
+//! has is written as it is now; only one it answers 404 for is deactivated.
 
 use std::time::Duration;
 
@@ -241,6 +244,7 @@ async fn walk(
     let products_since = products.await?;
     let prices = walk_resource::<Price>(store, client, clock, lock, run_id, started_at, counts);
     let prices_since = prices.await?;
+    recheck_unseen_prices(store, client, clock, lock, run_id, prices_since, counts).await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
     // Every page was asked for after `started_at`: the absence holds as of the page stamp of
     // that moment, so only an event newer than that may bring a row back.
@@ -305,6 +309,41 @@ async fn walk_resource<T: Catalogued>(
             walked => return walked.map(|()| since),
         }
     }
+}
+
+/// Every price not deactivated that the two listings did not return, asked for by id: one
+/// Stripe still has (its `active` changed between the listings) is written as it is now and
+/// counts as seen; one Stripe answers 404 for stays unseen, to be deactivated. Any other failure
+/// stops the sync before anything is deactivated.
+async fn recheck_unseen_prices(
+    store: &Store,
+    client: &StripeClient,
+    clock: &Clock,
+    lock: &mut SyncLock,
+    run_id: &str,
+    since: i64,
+    counts: &mut SyncCounts,
+) -> Result<(), Stop> {
+    for id in store.unseen_prices(since).await? {
+        let asked_at = clock.now_ms();
+        match client.retrieve::<Price>(Price::RESOURCE, &id).await {
+            Ok(price) => {
+                let row = price.to_row(page_as_of(asked_at));
+                let now = clock.now_ms().max(since);
+                let upserted = count(Price::write(store, &[row], now).await?);
+                counts.prices_seen += 1;
+                counts.prices_upserted += upserted;
+                tracing::info!(
+                    price = id,
+                    "a price neither price listing returned is still in Stripe; kept"
+                );
+            }
+            Err(StripeError::NotFound(_)) => {}
+            Err(error) => return Err(Stop::Upstream(error)),
+        }
+        checkpoint(store, clock, lock, run_id, counts).await?;
+    }
+    Ok(())
 }
 
 /// One pass through every listing of a resource; rows are stamped no earlier than `since`, and

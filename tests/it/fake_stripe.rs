@@ -286,6 +286,13 @@ impl FakeStripe {
         self.shared.catalogue.lock().unwrap().prices.push(object);
     }
 
+    pub fn edit_price(&self, id: &str, edit: impl FnOnce(&mut Value)) {
+        let mut catalogue = self.shared.catalogue.lock().unwrap();
+        if let Some(price) = catalogue.prices.iter_mut().find(|p| p["id"] == id) {
+            edit(price);
+        }
+    }
+
     pub fn edit_product(&self, id: &str, edit: impl FnOnce(&mut Value)) {
         let mut catalogue = self.shared.catalogue.lock().unwrap();
         if let Some(product) = catalogue.products.iter_mut().find(|p| p["id"] == id) {

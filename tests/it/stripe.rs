@@ -1258,3 +1258,38 @@ async fn sync_waits_out_a_429_as_long_as_retry_after_says() {
     );
     assert_eq!(fake.requests(), 4 + 1);
 }
+
+/// Prices are listed twice, active then archived: one reactivated between the two listings is
+/// in neither. It is asked for by id before anything is deactivated, and kept.
+#[tokio::test]
+async fn a_price_reactivated_between_the_two_price_listings_is_not_deactivated() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 10).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // Products, active prices, archived prices: one page each.
+    assert_eq!(fake.requests(), 3);
+    // Price 5 is archived (every fifth is).
+    let archived = fake_stripe::price_id(5);
+    let state = format!(
+        "SELECT COUNT(*) FROM stripe_prices WHERE id = '{archived}' AND active = {{}} \
+         AND deactivated_at IS NULL"
+    );
+    assert_eq!(count(&db, &state.replace("{}", "FALSE")).await, 1);
+
+    // The next sync's archived listing waits until the price is active again.
+    fake.fault_at(5, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = sync(&app.server).await;
+        (result, app)
+    });
+    fake.arrived().await;
+    fake.edit_price(&archived, |p| p["active"] = json!(true));
+    fake.release();
+    let ((status, body), _app) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices").2, 0, "{body}");
+    assert_eq!(count(&db, &state.replace("{}", "TRUE")).await, 1);
+}

@@ -259,6 +259,17 @@ impl Store {
             .with_context(|| format!("writing a page of {}", R::TABLE))
     }
 
+    /// The ids of prices not deactivated yet whose last stamp is older than `since`: those a
+    /// complete listing stamped from `since` on did not return.
+    pub async fn unseen_prices(&self, since: i64) -> anyhow::Result<Vec<String>> {
+        let sql = "SELECT id FROM stripe_prices WHERE deactivated_at IS NULL AND synced_at < $1 \
+                   ORDER BY id";
+        let ids: Result<Vec<String>, sqlx::Error> = with_pool!(self, |pool| {
+            sqlx::query_scalar(sql).bind(since).fetch_all(pool).await
+        });
+        ids.context("listing the prices a sync did not see")
+    }
+
     /// After a complete listing whose products were stamped from `products_since` and prices
     /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted),
     /// as of `as_of` (ms, in the unit of webhook events' `created`): its `last_event_created`
