@@ -173,10 +173,12 @@ async fn requests_still_running_when_the_drain_ends_are_stopped_before_serve_ret
             .expect("serve gives up on a request that never finishes")
             .unwrap()
             .unwrap();
-        // The drain (300 ms), then the stop, which does not wait out its own bound.
+        // The drain (300 ms), then the stop (at most 1 s), with room for a loaded machine: the
+        // handler's drop flag below, not the time, is what shows the request was stopped.
         assert!(
-            started.elapsed() < Duration::from_millis(900),
-            "http2: {http2}"
+            started.elapsed() < Duration::from_secs(5),
+            "http2: {http2}: serve took {:?}",
+            started.elapsed()
         );
         assert!(
             stopped.load(std::sync::atomic::Ordering::SeqCst),
