@@ -48,6 +48,12 @@ const STATUS_UNKNOWN: &str = "unknown";
 /// number (21614), unreachable from this sender (21612), region not enabled (21408), opted out
 /// (21610).
 const RECIPIENT_ERRORS: [i64; 5] = [21211, 21614, 21612, 21408, 21610];
+/// Twilio errors that mean the `Body` cannot be sent as it is: longer than Twilio takes once
+/// encoded (21617: a body outside GSM-7 goes as UCS-2, two bytes a character, so fewer than
+/// 1,600 characters can be too long), a parameter over its limit (21658: `Body` is the only one
+/// edgegate sends that the caller writes), or no body at all (21602; 21619 through a Messaging
+/// Service).
+const BODY_ERRORS: [i64; 4] = [21617, 21658, 21602, 21619];
 
 /// The body of `send-sms`. Fields are optional here so a missing one is a 422 naming it.
 /// The document states the rules `validate` applies, so clients and schemathesis know them.
@@ -56,7 +62,9 @@ pub struct SendSmsRequest {
     /// An E.164 number: `+` then 2 to 15 digits, the first not 0.
     #[schema(required = true, value_type = String, pattern = r"^\+[1-9][0-9]{1,14}$", example = "+15005550006")]
     pub to: Option<String>,
-    /// Any text but U+0000.
+    /// Any text but U+0000. Twilio may still refuse a body of 1,600 characters or fewer when
+    /// it is too long once encoded (characters outside GSM-7 take more room): a 422 naming
+    /// `body` too.
     #[schema(
         required = true,
         value_type = String,
@@ -538,6 +546,7 @@ async fn create_with_retries(
 fn refusal(code: Option<i64>, detail: &str) -> SmsError {
     match code {
         Some(code) if RECIPIENT_ERRORS.contains(&code) => invalid("to", detail),
+        Some(code) if BODY_ERRORS.contains(&code) => invalid("body", detail),
         _ => SmsError::Upstream(format!("Twilio refused the message: {detail}")),
     }
 }

@@ -487,6 +487,56 @@ async fn sms_numbers_twilio_refuses_are_422_naming_to() {
     );
 }
 
+/// Twilio measures a body in segments (a character outside GSM-7 takes two bytes of UCS-2), so a
+/// body of at most 1,600 characters can still be too long for it: its refusal is the caller's
+/// body, a 422 naming `body`, and a retry with the same key gets that answer again.
+#[tokio::test]
+async fn sms_bodies_twilio_refuses_are_422_naming_body_and_replayed() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let refusals = [
+        (
+            21617,
+            "The concatenated message body exceeds the 1600 character limit",
+        ),
+        (21658, "Parameter exceeded character limit"),
+        (21602, "Message body is required"),
+    ];
+    let long = "\u{1F600}".repeat(1_000);
+    for (i, (code, text)) in refusals.into_iter().enumerate() {
+        fake.script([Reply::Error {
+            http: 400,
+            code,
+            message: text,
+        }]);
+        let message =
+            json!({"to": "+12025550123", "body": long, "idempotency_key": format!("body-{i}")});
+        let first = tokio::time::timeout(Duration::from_secs(20), send(&app, message.clone()))
+            .await
+            .expect("the send hung");
+        assert_error(&first, 422, "VALIDATION_FAILED");
+        let words = first.body["message"].as_str().unwrap();
+        assert!(
+            words.starts_with("body:") && words.contains(&code.to_string()),
+            "{words}"
+        );
+        assert_eq!(
+            only_message_status(&app).await,
+            ("failed".to_owned(), Some(code))
+        );
+        let requests = fake.requests().len();
+        let retry = tokio::time::timeout(Duration::from_secs(20), send(&app, message))
+            .await
+            .expect("the retry hung");
+        assert_eq!((retry.status, &retry.body), (first.status, &first.body));
+        assert_eq!(
+            fake.requests().len(),
+            requests,
+            "a refused body was sent again"
+        );
+        assert_eq!(app_audit_outcome(&app).await, "validation_failed");
+    }
+}
+
 #[tokio::test]
 async fn sms_throttling_is_retried_then_succeeds_or_gives_502() {
     let (_db, fake, app) = one_instance!(&[]);
