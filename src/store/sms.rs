@@ -58,6 +58,11 @@ pub struct NewSms<'a> {
     pub body: &'a str,
     /// The status the row starts with, before Twilio has seen it.
     pub status: &'a str,
+    /// Twilio error codes that refuse the message itself (its recipient or its body): a row
+    /// under the same key refused with one of them is replayed, never sent again. A refusal
+    /// with any other code (our credentials, account or sender, Twilio's queue) created
+    /// nothing at Twilio and is reopened like a send Twilio never took.
+    pub replayed_error_codes: &'a [i64],
 }
 
 /// What the call to Twilio came to, for the row reserved before it.
@@ -223,14 +228,18 @@ where
     }))
 }
 
-/// Whether `message`, found under `new`'s idempotency key, is `new` and certainly never reached
-/// Twilio: `failed` with neither a SID nor a Twilio error code (the connection was never made,
-/// or Twilio throttled every attempt). A refusal carries Twilio's error code, and would only be
-/// refused again; an `unknown` message may have been sent.
+/// Whether `message`, found under `new`'s idempotency key, is `new` and Twilio certainly did
+/// not take it: `failed` without a SID, and without a Twilio error code (the connection was
+/// never made, or Twilio throttled every attempt) or with one that is not about the message
+/// (not in `new.replayed_error_codes`: a refused credential, account or sender, which a retry
+/// may find mended). A refusal of the message itself would only be refused again; an
+/// `unknown` message may have been sent.
 fn never_taken(message: &SmsMessage, new: &NewSms<'_>) -> bool {
     message.status == "failed"
         && message.twilio_sid.is_none()
-        && message.error_code.is_none()
+        && message
+            .error_code
+            .is_none_or(|code| !new.replayed_error_codes.contains(&code))
         && message.to_number == new.to_number
         && message.body == new.body
 }
@@ -248,9 +257,10 @@ impl Store {
     /// Checks the idempotency key and the send limits and, when both allow it, writes the row —
     /// all under one lock shared by every instance, so two instances can neither both send one
     /// key nor both take the last slot. `clock` (epoch milliseconds) is read under the lock.
-    /// A key whose earlier send of the same message certainly never reached Twilio (`failed`
-    /// with neither a SID nor a Twilio error code) reserves that row again, under the limits,
-    /// as `Reopened`; any other earlier row is `Existing`.
+    /// A key whose earlier send of the same message Twilio certainly did not take (`failed`
+    /// without a SID, and without a Twilio error code or with one not in
+    /// `new.replayed_error_codes`) reserves that row again, under the limits, as `Reopened`;
+    /// any other earlier row is `Existing`.
     pub async fn reserve_sms(
         &self,
         new: NewSms<'_>,

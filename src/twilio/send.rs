@@ -36,10 +36,10 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// (no SID; Twilio's own `accepted`, a Messaging Service's first status, comes with one).
 /// `Store::mark_unanswered_sms_unknown` names it (and `STATUS_UNKNOWN`) in its SQL.
 const STATUS_ACCEPTED: &str = "accepted";
-/// Twilio refused, or certainly never received, the message. Without a SID or a Twilio error
-/// code, Twilio never took it, and a retry with the same idempotency key sends it (the store's
-/// `never_taken` and its send limits name it too); a refusal keeps Twilio's code, and a retry
-/// gets the same answer.
+/// Twilio refused, or certainly never received, the message. Without a SID, Twilio never took
+/// it. A refusal keeps Twilio's code: one of the message itself (`REPLAYED_ERRORS`) gets the
+/// same answer on a retry with the same idempotency key; after any other, or with no code, the
+/// retry sends it (the store's `never_taken` and its send limits name it too).
 const STATUS_FAILED: &str = "failed";
 /// The request may have reached Twilio, but we do not know: never sent again.
 const STATUS_UNKNOWN: &str = "unknown";
@@ -54,6 +54,29 @@ const RECIPIENT_ERRORS: [i64; 5] = [21211, 21614, 21612, 21408, 21610];
 /// edgegate sends that the caller writes), or no body at all (21602; 21619 through a Messaging
 /// Service).
 const BODY_ERRORS: [i64; 4] = [21617, 21658, 21602, 21619];
+/// The refusals a retry with the same idempotency key answers again, without calling Twilio:
+/// those of the caller's message. Any other refusal (20003 our credentials, 20404 our account,
+/// 21212 or 21606 our sender, 21611 the sender's queue full) is about us or about now: Twilio
+/// created nothing, so a retry sends.
+const REPLAYED_ERRORS: [i64; 9] = concat(RECIPIENT_ERRORS, BODY_ERRORS);
+
+const fn concat<const A: usize, const B: usize, const C: usize>(
+    a: [i64; A],
+    b: [i64; B],
+) -> [i64; C] {
+    assert!(A + B == C);
+    let mut out = [0; C];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < C {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
 
 /// The body of `send-sms`. Fields are optional here so a missing one is a 422 naming it.
 /// The document states the rules `validate` applies, so clients and schemathesis know them.
@@ -74,8 +97,8 @@ pub struct SendSmsRequest {
     )]
     pub body: Option<String>,
     /// A repeat with the same key answers the first send instead of texting again; after a send
-    /// Twilio certainly never took (a 502 because it could not be reached or throttled), it
-    /// sends. No U+0000.
+    /// Twilio certainly never took (a 502 because it could not be reached, throttled, or refused
+    /// for a reason not in the message, such as our credentials or sender), it sends. No U+0000.
     #[schema(
         required = false,
         value_type = String,
@@ -320,6 +343,7 @@ async fn send_once(
         to_number: &valid.to,
         body: &valid.body,
         status: STATUS_ACCEPTED,
+        replayed_error_codes: &REPLAYED_ERRORS,
     };
     let reserved = store
         .reserve_sms(new, limits, || clock.now_ms())
@@ -551,8 +575,9 @@ fn refusal(code: Option<i64>, detail: &str) -> SmsError {
     }
 }
 
-/// The first answer again, for a stored message Twilio refused (its row keeps Twilio's code and
-/// description): sending it again would only be refused again.
+/// The first answer again, for a stored message Twilio refused for what it says (its row keeps
+/// Twilio's code and description): sending it again would only be refused again. The store
+/// reopens a refusal for any other reason, so it does not come here.
 fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
     let code = message.error_code?;
     (message.status == STATUS_FAILED && message.twilio_sid.is_none()).then(|| {

@@ -247,6 +247,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
             to_number: "+12025550101",
             body: "hi",
             status,
+            replayed_error_codes: &[],
         };
         store.reserve_sms(new, limits, || at).await.unwrap();
     }

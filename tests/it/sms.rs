@@ -925,6 +925,7 @@ async fn sms_store_windows_slide_with_the_injected_clock() {
                 to_number: to,
                 body: "hi",
                 status: "accepted",
+                replayed_error_codes: &[],
             };
             store.reserve_sms(new, limits, || at).await.unwrap()
         }
@@ -1033,15 +1034,17 @@ async fn sms_a_retry_after_a_certain_failure_sends_again_under_the_same_key() {
     assert!(retry.body["sid"].is_string(), "{}", retry.body);
     assert_eq!(fake.requests().len(), 5);
 
-    // Refusals would only be refused again: the retry gets the first answer, Twilio no call.
+    // Refusals of the message would only be refused again: the retry gets the first answer,
+    // Twilio no call (a refusal not about the message is sent again: see
+    // `sms_a_refusal_not_about_the_message_is_sent_by_a_retry_with_the_same_key`).
     let refusals = [
         (
             21211,
             "The 'To' number +12025550125 is not a valid phone number.",
         ),
         (
-            21606,
-            "The 'From' phone number provided is not a valid message-capable number.",
+            21617,
+            "The concatenated message body exceeds the 1600 character limit",
         ),
     ];
     for (i, (code, text)) in refusals.into_iter().enumerate() {
@@ -1053,7 +1056,7 @@ async fn sms_a_retry_after_a_certain_failure_sends_again_under_the_same_key() {
         let key = format!("refused-{i}");
         let message = json!({"to": "+12025550125", "body": "hi", "idempotency_key": key});
         let first = send(&up, message.clone()).await;
-        assert!(first.status == 422 || first.status == 502, "{}", first.body);
+        assert_error(&first, 422, "VALIDATION_FAILED");
         let requests = fake.requests().len();
         let retry = send(&down, message).await;
         assert_eq!((retry.status, &retry.body), (first.status, &first.body));
@@ -1062,6 +1065,53 @@ async fn sms_a_retry_after_a_certain_failure_sends_again_under_the_same_key() {
             requests,
             "a refused message was sent again"
         );
+    }
+}
+
+/// A refusal that is not about the caller's message (Twilio refused our credentials, our
+/// account or our sender, or its queue was full) created nothing at Twilio: a retry with the
+/// same key sends, once that is mended, instead of replaying the refusal for ever.
+#[tokio::test]
+async fn sms_a_refusal_not_about_the_message_is_sent_by_a_retry_with_the_same_key() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let refusals = [
+        (401, 20003, "Authenticate"),
+        (404, 20404, "The requested resource was not found"),
+        (
+            400,
+            21606,
+            "The 'From' phone number provided is not a valid message-capable Twilio phone number.",
+        ),
+        (400, 21212, "The 'From' number is not a valid phone number."),
+        (
+            400,
+            21611,
+            "This 'From' number has exceeded the maximum number of queued messages",
+        ),
+    ];
+    for (i, (http, code, text)) in refusals.into_iter().enumerate() {
+        fake.script([Reply::Error {
+            http,
+            code,
+            message: text,
+        }]);
+        let requests = fake.requests().len();
+        let message =
+            json!({"to": "+12025550123", "body": "hi", "idempotency_key": format!("ours-{i}")});
+        let first = tokio::time::timeout(Duration::from_secs(20), send(&app, message.clone()))
+            .await
+            .expect("the send hung");
+        assert_error(&first, 502, "UPSTREAM_UNAVAILABLE");
+        let first_id = last_audited_sms_id(&app).await;
+        let retry = tokio::time::timeout(Duration::from_secs(20), send(&app, message))
+            .await
+            .expect("the retry hung");
+        assert_eq!(retry.status, 202, "{code}: {}", retry.body);
+        assert!(retry.body["sid"].is_string(), "{}", retry.body);
+        assert_eq!(retry.body["id"], first_id.as_str(), "not the same row");
+        assert_eq!(fake.requests().len(), requests + 2, "{code}");
+        let row = stored(&app, &retry).await;
+        assert_eq!((row.status.as_str(), row.error_code), ("queued", None));
     }
 }
 
