@@ -29,6 +29,13 @@ pub enum ApiError {
     SyncInProgress(String),
     #[error("{0}")]
     Conflict(String),
+    /// 409 `CONFLICT` for a request whose twin is still being answered: try again after
+    /// `Retry-After`.
+    #[error("{message}")]
+    ConflictInProgress {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// The body is over the route's limit; the message says the limit when it is known.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -77,7 +84,9 @@ impl ApiError {
             Self::ForbiddenRole(_) => StatusCode::FORBIDDEN,
             Self::InvalidSignature(_) | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::ValidationFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::SyncInProgress(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::SyncInProgress(_) | Self::Conflict(_) | Self::ConflictInProgress { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -100,7 +109,7 @@ impl ApiError {
             Self::InvalidRequest(_) => "INVALID_REQUEST",
             Self::ValidationFailed { .. } => "VALIDATION_FAILED",
             Self::SyncInProgress(_) => "SYNC_IN_PROGRESS",
-            Self::Conflict(_) => "CONFLICT",
+            Self::Conflict(_) | Self::ConflictInProgress { .. } => "CONFLICT",
             Self::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
@@ -147,6 +156,9 @@ impl IntoResponse for ApiError {
                 );
             }
             Self::RateLimited {
+                retry_after_secs, ..
+            }
+            | Self::ConflictInProgress {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
@@ -215,6 +227,13 @@ impl From<SmsError> for ApiError {
             SmsError::NotConfigured(what) => ApiError::NotConfigured(what),
             SmsError::DatabaseUnavailable(message) => ApiError::NotReady(message),
             SmsError::IdempotencyConflict(message) => ApiError::Conflict(message),
+            SmsError::InProgress {
+                message,
+                retry_after_secs,
+            } => ApiError::ConflictInProgress {
+                message,
+                retry_after_secs,
+            },
             SmsError::RateLimited {
                 message,
                 retry_after_secs,

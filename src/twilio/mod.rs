@@ -22,6 +22,12 @@ pub enum SmsError {
     /// The idempotency key was used for a different message.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// A send with the idempotency key is still under way: its outcome is not known yet.
+    #[error("{message}")]
+    InProgress {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{message}")]
     RateLimited {
         message: String,
@@ -61,7 +67,7 @@ impl SmsError {
             Self::Invalid { .. } => "validation_failed",
             Self::NotConfigured(_) => "not_configured",
             Self::DatabaseUnavailable(_) => "not_ready",
-            Self::IdempotencyConflict(_) => "conflict",
+            Self::IdempotencyConflict(_) | Self::InProgress { .. } => "conflict",
             Self::RateLimited { .. } => "rate_limited",
             Self::Upstream(_) => "upstream_unavailable",
             Self::BadSignature(_) => "invalid_signature",

@@ -29,6 +29,9 @@ const _: () = assert!(
     crate::config::DEFAULT_SMS_SEND_BUDGET.as_secs() + AFTER_BUDGET.as_secs() + 2
         <= crate::server::middleware::REQUEST_TIMEOUT.as_secs()
 );
+/// The `Retry-After` of a repeat that finds the first send with its key still under way: a
+/// send's calls to Twilio take seconds at most, its retries a few more.
+const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// The longest pause a Twilio `Retry-After` may impose on one send.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
@@ -96,7 +99,8 @@ pub struct SendSmsRequest {
         pattern = r"^[^\x00]*$"
     )]
     pub body: Option<String>,
-    /// A repeat with the same key answers the first send instead of texting again; after a send
+    /// A repeat with the same key answers the first send instead of texting again (409
+    /// `CONFLICT` with `Retry-After` while the first is still under way); after a send
     /// Twilio certainly never took (a 502 because it could not be reached, throttled, or refused
     /// for a reason not in the message, such as our credentials or sender), it sends. No U+0000.
     #[schema(
@@ -368,8 +372,28 @@ async fn send_once(
             if let Some(refusal) = earlier_refusal(&message) {
                 return Err(refusal);
             }
+            let mut receipt = SmsReceipt::from(&message);
+            if message.status == STATUS_ACCEPTED && message.twilio_sid.is_none() {
+                // Reserved, Twilio's answer not recorded yet: the first send is still under way
+                // (its outcome unknown, it may yet fail), unless it is older than any send can
+                // be, when its sender is gone and the sweeper marks it `unknown` (as it does
+                // with the same cutoff); that answer, then, without waiting for the sweep.
+                let age_ms = clock.now_ms().saturating_sub(message.created_at_ms);
+                let deadline_ms =
+                    i64::try_from(send_deadline(config.twilio.send_budget).as_millis())
+                        .unwrap_or(i64::MAX);
+                if age_ms < deadline_ms {
+                    return Err(SmsError::InProgress {
+                        message: "a send with this idempotency_key is still in progress; retry \
+                                  after Retry-After seconds for its outcome"
+                            .to_owned(),
+                        retry_after_secs: IN_PROGRESS_RETRY_AFTER.as_secs(),
+                    });
+                }
+                STATUS_UNKNOWN.clone_into(&mut receipt.status);
+            }
             return Ok(Sent {
-                receipt: SmsReceipt::from(&message),
+                receipt,
                 replayed: true,
             });
         }

@@ -323,7 +323,8 @@ async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently()
     let other = json!({"to": "+12025550123", "body": "twice", "idempotency_key": "order-1"});
     assert_error(&send(&b, other).await, 409, "CONFLICT");
 
-    // Eight at once, split over both instances, while Twilio is slow to answer.
+    // Eight at once, split over both instances, while Twilio is slow to answer: one sends, and
+    // each other gets either 409 (the send still under way) or, once it is answered, its 202.
     fake.set_latency(Duration::from_millis(100));
     let message = json!({"to": "+12025550124", "body": "race", "idempotency_key": "order-2"});
     let answers = join_all((0..8).map(|i| {
@@ -331,17 +332,126 @@ async fn sms_idempotency_key_sends_once_across_two_instances_even_concurrently()
         send(target, message.clone())
     }))
     .await;
-    let ids: Vec<&Value> = answers.iter().map(|answer| &answer.body["id"]).collect();
-    assert!(answers.iter().all(|answer| answer.status == 202), "{ids:?}");
+    let accepted: Vec<&Answer> = answers.iter().filter(|a| a.status == 202).collect();
+    let in_progress = answers.len() - accepted.len();
+    let bodies: Vec<&Value> = answers.iter().map(|answer| &answer.body).collect();
+    assert!(!accepted.is_empty(), "{bodies:?}");
     assert!(
-        ids.iter().all(|id| *id == ids[0] && id.is_string()),
-        "{ids:?}"
+        accepted
+            .iter()
+            .all(|answer| answer.body == accepted[0].body && answer.body["sid"].is_string()),
+        "{bodies:?}"
     );
+    for answer in answers.iter().filter(|a| a.status != 202) {
+        assert_error(answer, 409, "CONFLICT");
+        assert!(answer.retry_after.is_some(), "{}", answer.body);
+    }
     assert_eq!(fake.requests().len(), 2, "order-2 was sent more than once");
 
     let audit = a.state.store.recent_audit(20).await.unwrap();
-    let replayed = audit.iter().filter(|e| e.outcome == "replayed").count();
-    assert_eq!(replayed, 8, "one replay for order-1, seven for order-2");
+    let count = |outcome: &str| audit.iter().filter(|e| e.outcome == outcome).count();
+    // One replay for order-1; for order-2, the 202s but the sender's.
+    assert_eq!(count("replayed"), 1 + accepted.len() - 1);
+    assert_eq!(
+        count("conflict"),
+        1 + in_progress,
+        "order-1's other message too"
+    );
+}
+
+/// A repeat of a send still under way is not told that the message is going out (the first may
+/// yet fail): it gets 409 `CONFLICT` with `Retry-After`, and once the first has its answer, a
+/// retry replays that answer.
+#[tokio::test]
+async fn sms_a_repeat_while_the_first_send_is_under_way_is_409_then_replays_the_first_answer() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance_with(&db, Some(&fake), &[], |config| {
+        config.twilio.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    fake.set_latency(Duration::from_secs(3));
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "slow-1"});
+    let first = send(&app, message.clone());
+    let repeat = async {
+        // Once Twilio has the first request, its row is reserved and the send is under way.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fake.requests().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first send never reached Twilio");
+        let repeat = send(&app, message.clone()).await;
+        (repeat, fake.requests().len())
+    };
+    let (first, (repeat, requests_meanwhile)) = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join(first, repeat),
+    )
+    .await
+    .expect("a send hung");
+    assert_error(&repeat, 409, "CONFLICT");
+    let words = repeat.body["message"].as_str().unwrap();
+    assert!(words.contains("in progress"), "{words}");
+    let retry_after = repeat.retry_after.expect("Retry-After");
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
+    assert_eq!(requests_meanwhile, 1);
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert!(first.body["sid"].is_string(), "{}", first.body);
+
+    let again = tokio::time::timeout(Duration::from_secs(20), send(&app, message))
+        .await
+        .expect("the retry hung");
+    assert_eq!((again.status, &again.body), (202, &first.body));
+    assert_eq!(fake.requests().len(), 1);
+    let audit = app.state.store.recent_audit(3).await.unwrap();
+    let mut outcomes: Vec<&str> = audit.iter().map(|entry| entry.outcome.as_str()).collect();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, ["conflict", "replayed", "sent"]);
+}
+
+/// A row still `accepted` without a SID after a send could have ended has no sender left (the
+/// sweeper marks it `unknown` within a minute): a repeat gets that answer, not a 409 for ever.
+#[tokio::test]
+async fn sms_a_repeat_of_a_send_whose_sender_is_gone_answers_unknown() {
+    use edgegate::store::{NewSms, SmsLimits};
+    let (_db, fake, app) = one_instance!(&[]);
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
+    let new = NewSms {
+        id: "orphan",
+        idempotency_key: Some("orphan-1"),
+        to_number: "+12025550123",
+        body: "hi",
+        status: "accepted",
+        replayed_error_codes: &[],
+    };
+    let limits = SmsLimits {
+        per_recipient_per_hour: 5,
+        per_minute: 60,
+    };
+    app.state
+        .store
+        .reserve_sms(new, limits, || an_hour_ago)
+        .await
+        .unwrap();
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "orphan-1"});
+    let answer = tokio::time::timeout(Duration::from_secs(20), send(&app, message))
+        .await
+        .expect("the send hung");
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(
+        answer.body,
+        json!({"id": "orphan", "sid": null, "status": "unknown"})
+    );
+    assert!(
+        fake.requests().is_empty(),
+        "a send that may have gone out was sent again"
+    );
 }
 
 #[tokio::test]
