@@ -20,8 +20,14 @@ pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 /// and only while a whole call still fits the send's budget (`TwilioConfig::send_budget`).
 const MAX_ATTEMPTS: u32 = 3;
 /// What a send may still need after its budget: storing Twilio's answer and the audit row, each
-/// waiting at most 5 s for a busy database (SQLite's busy timeout; PostgreSQL's pool waits 3 s).
+/// waited for at most `WRITE_WAIT`.
 const AFTER_BUDGET: Duration = Duration::from_secs(10);
+/// How long the answer waits for one write after Twilio's call (its answer, the audit row).
+/// SQLite's busy timeout and PostgreSQL's pool acquire (3 s) bound a write too, but nothing
+/// bounds a PostgreSQL statement that waits on a lock or a stalled server: past this, the
+/// write goes on in its own task and the caller is answered without waiting for it.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+const _: () = assert!(2 * WRITE_WAIT.as_secs() <= AFTER_BUDGET.as_secs());
 // A send with the default budget is answered inside the route's timeout, with a little to spare
 // for reading the request and checking its credential: a 504 would leave the caller without an
 // id while the send goes on, and a retry without an idempotency key would text twice.
@@ -265,6 +271,7 @@ pub async fn send_sms(
     audit: AuditEntry,
 ) -> Result<Sent, SmsError> {
     let running = tasks.enter();
+    let tasks = tasks.clone();
     let Submission { request, arrival } = submission;
     let work = async move {
         let _running = running;
@@ -275,12 +282,13 @@ pub async fn send_sms(
             &config,
             &http,
             &clock,
+            &tasks,
             request,
             deadline,
             &mut message_id,
         )
         .await;
-        record_audit(&store, audit, &outcome, message_id).await;
+        record_audit(&store, &tasks, audit, &outcome, message_id).await;
         outcome
     };
     // In the request's span: the call to Twilio stays in the request's trace.
@@ -292,8 +300,27 @@ pub async fn send_sms(
         .map_err(|err| SmsError::Internal(anyhow::anyhow!("the SMS send task failed: {err}")))?
 }
 
+/// Runs `write` in a task of its own (counted in `tasks`, so a stop still waits for it) and
+/// waits for it at most `WRITE_WAIT`; `false` when it is still running then, and goes on. The
+/// write logs its own failure, which may come after the answer.
+async fn bounded_write(
+    tasks: &SendTasks,
+    write: impl std::future::Future<Output = ()> + Send + 'static,
+) -> bool {
+    let running = tasks.enter();
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let _running = running;
+            write.await;
+        },
+        tracing::Span::current(),
+    ));
+    tokio::time::timeout(WRITE_WAIT, task).await.is_ok()
+}
+
 async fn record_audit(
     store: &Store,
+    tasks: &SendTasks,
     mut entry: AuditEntry,
     outcome: &Result<Sent, SmsError>,
     message_id: Option<String>,
@@ -314,14 +341,29 @@ async fn record_audit(
         Err(err) => err.outcome().to_owned(),
     };
     entry.detail = message_id.map(|id| serde_json::json!({ "sms_id": id }).to_string());
-    crate::audit::record(store, &entry).await;
+    let store = store.clone();
+    let (request_id, credential) = (entry.request_id.clone(), entry.credential_id.clone());
+    let write = async move { crate::audit::record(&store, &entry).await };
+    if !bounded_write(tasks, write).await {
+        tracing::warn!(
+            ?request_id,
+            credential,
+            "send_sms audit row not written within {} s (the database is slow); it is written \
+             when the database answers",
+            WRITE_WAIT.as_secs()
+        );
+    }
 }
 
+// The send's parts, each borrowed from `send_sms`'s task; a struct of them would only be
+// unpacked again here.
+#[allow(clippy::too_many_arguments)]
 async fn send_once(
     store: &Store,
     config: &Config,
     http: &reqwest::Client,
     clock: &Clock,
+    tasks: &SendTasks,
     request: SendSmsRequest,
     deadline: tokio::time::Instant,
     message_id: &mut Option<String>,
@@ -426,7 +468,7 @@ async fn send_once(
         call_timeout: config.twilio.request_timeout,
         deadline,
     };
-    deliver(store, clock, &api, &form, &message.id, attempts).await
+    deliver(store, clock, tasks, &api, &form, &message.id, attempts).await
 }
 
 /// How often rows left `accepted` by a crash or an outage are looked for.
@@ -510,6 +552,7 @@ struct NotCreated {
 async fn deliver(
     store: &Store,
     clock: &Clock,
+    tasks: &SendTasks,
     api: &TwilioApi,
     form: &[(&str, &str)],
     id: &str,
@@ -517,16 +560,31 @@ async fn deliver(
 ) -> Result<Sent, SmsError> {
     match create_with_retries(api, form, attempts).await {
         Ok(created) => {
-            let result = SendResult {
-                status: &created.status,
-                twilio_sid: Some(&created.sid),
-                error_code: None,
-                error_message: None,
+            // The text is on its way; failing the request now, or letting a stalled database
+            // hold it until the route's 504, would invite a resend: the caller gets the SID
+            // whatever the write comes to. A row left without it is found by a status callback
+            // (by the id in its URL, when PUBLIC_URL is set), by this write when the database
+            // answers, or else marked `unknown` by the sweeper.
+            let write = {
+                let (store, now) = (store.clone(), clock.now_ms());
+                let (id, created) = (id.to_owned(), created.clone());
+                async move {
+                    let result = SendResult {
+                        status: &created.status,
+                        twilio_sid: Some(&created.sid),
+                        error_code: None,
+                        error_message: None,
+                    };
+                    if let Err(err) = store.record_sms_send(&id, result, now).await {
+                        tracing::error!(%id, sid = %created.sid, error = crate::error::causes(&err),
+                            "SMS sent but its SID was not stored");
+                    }
+                }
             };
-            if let Err(err) = store.record_sms_send(id, result, clock.now_ms()).await {
-                // The text is on its way; failing the request now would invite a resend.
-                tracing::error!(%id, sid = %created.sid, error = crate::error::causes(&err),
-                    "SMS sent but its SID was not stored");
+            if !bounded_write(tasks, write).await {
+                tracing::error!(%id, sid = %created.sid,
+                    "SMS sent but its SID not stored within {} s (the database is slow); the \
+                     write goes on", WRITE_WAIT.as_secs());
             }
             Ok(Sent {
                 receipt: SmsReceipt {
@@ -537,7 +595,7 @@ async fn deliver(
                 replayed: false,
             })
         }
-        Err(failure) => Err(record_failure(store, clock, id, failure).await),
+        Err(failure) => Err(record_failure(store, clock, tasks, id, failure).await),
     }
 }
 
@@ -613,7 +671,13 @@ fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
 }
 
 /// Stores why the send failed and maps it to the answer.
-async fn record_failure(store: &Store, clock: &Clock, id: &str, failure: NotCreated) -> SmsError {
+async fn record_failure(
+    store: &Store,
+    clock: &Clock,
+    tasks: &SendTasks,
+    id: &str,
+    failure: NotCreated,
+) -> SmsError {
     let NotCreated { err, calls } = failure;
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
@@ -656,17 +720,30 @@ async fn record_failure(store: &Store, clock: &Clock, id: &str, failure: NotCrea
         ),
         _ => tracing::warn!(id, status, error = %detail, "SMS not sent"),
     }
-    let result = SendResult {
-        status,
-        twilio_sid: None,
-        error_code: code,
-        error_message: Some(&detail),
+    let write = {
+        let (store, now, id) = (store.clone(), clock.now_ms(), id.to_owned());
+        async move {
+            let result = SendResult {
+                status,
+                twilio_sid: None,
+                error_code: code,
+                error_message: Some(&detail),
+            };
+            if let Err(store_err) = store.record_sms_send(&id, result, now).await {
+                tracing::error!(
+                    id,
+                    error = crate::error::causes(&store_err),
+                    "SMS failure not stored"
+                );
+            }
+        }
     };
-    if let Err(store_err) = store.record_sms_send(id, result, clock.now_ms()).await {
+    if !bounded_write(tasks, write).await {
+        // Until it is, the row stays `accepted`: a retry gets 409, then `unknown`.
         tracing::error!(
             id,
-            error = crate::error::causes(&store_err),
-            "SMS failure not stored"
+            "SMS failure not stored within {} s (the database is slow); the write goes on",
+            WRITE_WAIT.as_secs()
         );
     }
     answer
@@ -776,7 +853,14 @@ mod tests {
             },
             calls: 1,
         };
-        record_failure(&store, &Clock::manual(), "sms-1", refusal).await;
+        record_failure(
+            &store,
+            &Clock::manual(),
+            &SendTasks::default(),
+            "sms-1",
+            refusal,
+        )
+        .await;
         let log = lines.text();
         let line = log
             .lines()

@@ -454,6 +454,72 @@ async fn sms_a_repeat_of_a_send_whose_sender_is_gone_answers_unknown() {
     );
 }
 
+/// Once Twilio has the message, a stalled database must not turn the answer into a 504 (the
+/// caller, without the SID, would send again): the write waits a bounded time, the caller gets
+/// 202 with the SID, and the write goes on, storing the SID once the database answers. On
+/// PostgreSQL, where a write blocked on a row lock waits for ever (SQLite's busy timeout bounds
+/// it already).
+#[tokio::test]
+async fn sms_a_database_stalled_after_twilio_answered_still_answers_202_with_the_sid() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: needs PostgreSQL (TEST_POSTGRES_URL)");
+        return;
+    }
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance_with(&db, Some(&fake), &[], |config| {
+        config.twilio.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    fake.set_latency(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let sending = send(&app, json!({"to": "+12025550123", "body": "hi"}));
+    let stall = async {
+        // Twilio has the request, so its row is reserved: lock it until the test says.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fake.requests().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the send never reached Twilio");
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT id FROM sms_messages FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        (pool, tx)
+    };
+    let (answer, (pool, tx)) = tokio::time::timeout(
+        Duration::from_secs(45),
+        futures_util::future::join(sending, stall),
+    )
+    .await
+    .expect("the send hung");
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let sid = answer.body["sid"].as_str().expect("the SID").to_owned();
+    // Twilio's 3 s, then at most 5 s for the stalled write: well inside the route's 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The database answers again: the write that went on stores the SID.
+    tx.rollback().await.unwrap();
+    let mut stored_sid = None;
+    for _ in 0..200 {
+        stored_sid = stored(&app, &answer).await.twilio_sid;
+        if stored_sid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored_sid.as_deref(), Some(sid.as_str()));
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
     let (_db, fake, app) = one_instance!(&[]);
