@@ -20,6 +20,8 @@ const FROM: &str = "+15005550006";
 const SERVICE: &str = "MG0123456789abcdef0123456789abcdef";
 const PUBLIC_URL: &str = "https://edgegate.example.com";
 const CALLBACK_URL: &str = "https://edgegate.example.com/functions/v1/twilio-status";
+/// How long one call to Twilio may take in these tests (`TwilioConfig::request_timeout`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const SECRET_KEY: &str = "sb_secret_0123456789abcdefghijklmn";
 const PUBLISHABLE_KEY: &str = "sb_publishable_0123456789abcdefghij";
 
@@ -65,8 +67,10 @@ async fn instance_with(
     vars.extend_from_slice(extra);
     vars.retain(|(_, value)| !value.is_empty());
     let mut config = db.config(&vars);
-    // Short enough for tests; the retry and timeout logic is the same at any length.
-    config.twilio.request_timeout = Duration::from_millis(500);
+    // Short enough for tests; the retry and timeout logic is the same at any length. Long
+    // enough that a fake Twilio answering within a few hundred ms is never cut off on a loaded
+    // machine (a debug build, tests in parallel): a late answer would turn a row `unknown`.
+    config.twilio.request_timeout = CALL_TIMEOUT;
     config.twilio.retry_base_delay = Duration::from_millis(5);
     adjust(&mut config);
     let state = AppState::new(config, db.store().await);
@@ -523,7 +527,8 @@ async fn sms_a_database_stalled_after_twilio_answered_still_answers_202_with_the
 #[tokio::test]
 async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
     let (_db, fake, app) = one_instance!(&[]);
-    // Twilio answers after the caller gives up, within edgegate's own timeout (500 ms here).
+    // Twilio answers after the caller gives up (100 ms), well within edgegate's own timeout
+    // (`CALL_TIMEOUT`, 2 s).
     fake.set_latency(Duration::from_millis(400));
     let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "hang-up"});
     let impatient = app
@@ -801,6 +806,7 @@ async fn sms_a_status_that_comes_before_the_sid_is_stored_is_kept() {
     let (_db, fake, app) = one_instance!(&[]);
     const SID: &str = "SM0123456789abcdef0123456789abcdef";
     fake.script([Reply::CreatedAs(SID)]);
+    // Time for the callback to come first; well within edgegate's timeout (`CALL_TIMEOUT`).
     fake.set_latency(Duration::from_millis(300));
     let sending = {
         let (server, client) = (
@@ -1298,17 +1304,21 @@ async fn app_audit_outcome(instance: &Instance) -> String {
 }
 
 /// A send ends within its budget, under the route's timeout: otherwise the caller gets 504 with
-/// no id while the send goes on, and a retry texts the person twice. Here one attempt of 450 ms
-/// fits a 900 ms budget with 500 ms calls, and a second never can: it is not started.
+/// no id while the send goes on, and a retry texts the person twice. Here one attempt of 1.5 s
+/// fits a 4.4 s budget with 3 s calls, and a second never can (1.5 s + 3 s > 4.4 s): it is not
+/// started. The slack is real on a loaded machine: the first call starts if the request is
+/// reserved within 1.4 s, and Twilio's answer comes 1.5 s before the call's timeout (a call cut
+/// off by its timeout would leave the row `unknown`, not `failed`).
 #[tokio::test]
 async fn sms_no_attempt_starts_that_could_outlast_the_send_budget() {
     let db = test_db!();
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let app = instance_with(&db, Some(&fake), &[], |config| {
-        config.twilio.send_budget = Duration::from_millis(900);
+        config.twilio.request_timeout = Duration::from_secs(3);
+        config.twilio.send_budget = Duration::from_millis(4_400);
     })
     .await;
-    fake.set_latency(Duration::from_millis(450));
+    fake.set_latency(Duration::from_millis(1_500));
     fake.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
     let answer = expect_upstream_failure(&app, "+12025550123", "failed").await;
     assert_eq!(
@@ -1322,22 +1332,23 @@ async fn sms_no_attempt_starts_that_could_outlast_the_send_budget() {
 
 /// The send's budget counts from the request's arrival, not from the send's start: time spent
 /// before it (a body slow to come, a credential check that fetched keys) leaves less to Twilio,
-/// so the answer still comes before the route's 30 s. Here the body takes 600 ms to arrive and a
-/// call may take 500 ms: no call fits a 900 ms budget, and none is made (one was, when the budget
-/// counted from the send's start, and could end past it).
+/// so the answer still comes before the route's 30 s. Here the body takes 1.5 s to arrive and a
+/// call may take 2 s: no call fits a 3 s budget, and none is made (one was, when the budget
+/// counted from the send's start, and could end past it: 2 s fits 3 s with 1 s to spare).
 #[tokio::test]
 async fn sms_the_send_budget_counts_from_the_requests_arrival() {
     let db = test_db!();
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let app = instance_with(&db, Some(&fake), &[], |config| {
-        config.twilio.send_budget = Duration::from_millis(900);
+        config.twilio.request_timeout = Duration::from_secs(2);
+        config.twilio.send_budget = Duration::from_secs(3);
     })
     .await;
     let body = json!({"to": "+12025550123", "body": "hi"}).to_string();
     let (head, tail) = body.split_at(10);
     let chunks = [
         (Duration::ZERO, head.to_owned()),
-        (Duration::from_millis(600), tail.to_owned()),
+        (Duration::from_millis(1_500), tail.to_owned()),
     ];
     let slow = futures_util::stream::iter(chunks).then(|(pause, chunk)| async move {
         tokio::time::sleep(pause).await;
