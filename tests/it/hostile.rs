@@ -135,14 +135,20 @@ async fn hostile_silent_and_dripping_clients_are_closed_within_the_header_timeou
     .await;
     let limit = Duration::from_secs(1) + SLACK;
 
+    // Each stopwatch starts before what starts the server's timer (the connect for the first
+    // head, the first byte for the second): started after it, a client task run late on a
+    // loaded machine would measure less than the server waited, and fail the lower bound.
     let silent = async {
+        let started = Instant::now();
         let mut stream = TcpStream::connect(("127.0.0.1", server.port))
             .await
             .unwrap();
-        closed_within(&mut stream, limit).await
+        let closed = closed_within(&mut stream, limit).await;
+        closed.map(|_| started.elapsed())
     };
     // One header line every 200 ms: each byte is progress, none finishes the head.
     let dripping = async {
+        let started = Instant::now();
         let mut stream = TcpStream::connect(("127.0.0.1", server.port))
             .await
             .unwrap();
@@ -150,7 +156,8 @@ async fn hostile_silent_and_dripping_clients_are_closed_within_the_header_timeou
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: edgegate\r\n")
             .await
             .unwrap();
-        drip_until_closed(stream, limit).await
+        let closed = drip_until_closed(stream, limit).await;
+        closed.map(|_| started.elapsed())
     };
     // The same, for the second head on a keep-alive connection: timed from its first byte.
     let dripping_second_head = async {
@@ -160,11 +167,11 @@ async fn hostile_silent_and_dripping_clients_are_closed_within_the_header_timeou
         stream.write_all(HEALTHZ).await.unwrap();
         assert_eq!(read_response(&mut stream).await.0, 200);
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\n")
             .await
             .unwrap();
-        let started = Instant::now();
         let closed = drip_until_closed(stream, limit).await;
         closed.map(|_| started.elapsed())
     };
@@ -197,12 +204,17 @@ async fn hostile_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(read_response(&mut stream).await.0, 200);
     // Idle for longer than the head timeout: still open, and reused.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The server's idle timer starts when it has answered, before this task has read the
+    // answer: timed from before the request, the wait measured is never shorter than the
+    // server's, however late this task runs.
+    let started = Instant::now();
     stream.write_all(HEALTHZ).await.unwrap();
     assert_eq!(read_response(&mut stream).await.0, 200);
 
-    let closed = closed_within(&mut stream, Duration::from_secs(3) + SLACK)
+    closed_within(&mut stream, Duration::from_secs(3) + SLACK)
         .await
         .expect("the idle keep-alive connection was still open");
+    let closed = started.elapsed();
     eprintln!("idle keep-alive connection closed after {closed:?}");
     assert!(
         closed >= Duration::from_millis(2_900),
@@ -236,8 +248,9 @@ async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_head
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // Before the connect: the server's timer starts at its accept.
     let accepted = Instant::now();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut tls = connector
         .connect("localhost".try_into().unwrap(), tcp)
         .await
