@@ -419,15 +419,17 @@ async fn sync_retries_429_500_slow_and_truncated_pages() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 150, 10).await;
+    // Only the slow answer may time out: a real page (100 objects, a debug build on a loaded
+    // machine) is well within 1.5 s, and the slow one far past it, or the count below is off.
     let retry = RetryPolicy {
         max_attempts: 5,
-        attempt_timeout: Duration::from_millis(300),
+        attempt_timeout: Duration::from_millis(1_500),
         ..fast_retry()
     };
     let app = sync_app(&db, &fake, retry).await;
     fake.fault_at(0, Fault::TooMany(None));
     fake.fault_at(1, Fault::ServerError(None));
-    fake.fault_at(2, Fault::Slow(Duration::from_secs(3)));
+    fake.fault_at(2, Fault::Slow(Duration::from_secs(10)));
     fake.fault_at(3, Fault::Truncated);
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
