@@ -96,15 +96,60 @@ open_log() {
     fi
 }
 
+# `port_free PORT`: fails, naming what holds it, when something listens on 127.0.0.1:PORT (a
+# server left over from an earlier run, say): it would answer our `wait_for` and our load in
+# place of the server started here, which would have failed to bind.
+port_free() {
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        return 0
+    fi
+    local holder
+    holder=$(ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:(\(.*\))$/\1/p' | head -1)
+    if [ -z "$holder" ] && command -v fuser >/dev/null; then
+        holder=$(fuser -n tcp "$1" 2>/dev/null | xargs -r ps -o pid=,args= -p 2>/dev/null | head -1)
+    fi
+    log "port $1 is already in use by ${holder:-another process (not visible to this user)}:" \
+        "stop it, or choose another port (SERVER_PORT, or 0 for one the kernel picks)"
+    return 1
+}
+
+# `bound_port LOG PID`: the port the edgegate PID reports in its JSON LOG ("edgegate
+# listening"), waiting for it at most 30 s; fails, with the log, if it exits first or never says.
+bound_port() {
+    local i port
+    for i in $(seq 1 300); do
+        port=$(sed -n -E 's/.*"message":"edgegate listening".*"address":"[^"]*:([0-9]+)".*/\1/p' \
+            "$1" 2>/dev/null | head -1)
+        if [ -n "$port" ]; then
+            echo "$port"
+            return 0
+        fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            tail -20 "$1" >&2
+            log "edgegate exited before it reported its address"
+            return 1
+        fi
+        sleep 0.1
+    done
+    tail -20 "$1" >&2
+    log "edgegate did not report its address within 30 s"
+    return 1
+}
+
 # `start_inline BIN [RUST_LOG [NAME]]`: edgegate on SERVER_CPU and SERVER_PORT, verifying the
 # tokens `make_tokens` wrote to TOK with their keys inline (SUPABASE_JWKS), on a new SQLite file
 # in WORK/db, logging JSON at RUST_LOG (info) to WORK/server.log (see open_log); with NAME, in
 # WORK/db.NAME and to WORK/server.NAME.log, so that two servers can run at once. Sets SERVER_PID
 # once it answers. SERVER_ENV (optional): more VAR=value words for its environment.
+# SERVER_PORT=0: a port the kernel picks, read from the server's log; SERVER_PORT is set to it
+# (for `drive` and the rest), so no earlier process can hold it. A fixed port must be free.
 start_inline() {
-    local db=$WORK/db${3:+.$3}
+    local db=$WORK/db${3:+.$3} log_file=$WORK/server${3:+.$3}.log
+    if [ "$SERVER_PORT" != 0 ]; then
+        port_free "$SERVER_PORT" || exit 1
+    fi
     rm -rf "$db" && mkdir -p "$db"
-    open_log "$WORK/server${3:+.$3}.log"
+    open_log "$log_file"
     # shellcheck disable=SC2086 # SERVER_ENV is a list of words
     env -i PATH="$PATH" ${SERVER_ENV:-} \
         HOST=127.0.0.1 PORT="$SERVER_PORT" DATABASE_URL="sqlite://$db/e.db" \
@@ -114,7 +159,16 @@ start_inline() {
     SERVER_PID=$!
     exec {LOG_FD}>&-
     PIDS+=("$SERVER_PID")
+    if [ "$SERVER_PORT" = 0 ]; then
+        SERVER_PORT=$(bound_port "$log_file" "$SERVER_PID") || exit 1
+    fi
     wait_for "http://127.0.0.1:$SERVER_PORT/healthz"
+    # What answered must be this server: one that failed to start has exited by now.
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        tail -20 "$log_file" >&2
+        log "the edgegate started here exited (port $SERVER_PORT)"
+        exit 1
+    fi
 }
 
 # `target SCENARIO`: what wrk sends for it, as TARGET_FILE (a token set of TOK, without

@@ -11,8 +11,8 @@
 # usage: bench/pgo.sh [OUT]    (OUT: pgo/edgegate.profdata.gz)
 # Prints how much of the new profile the committed one matches; with MIN_OVERLAP (a per cent;
 # .ci/run sets it), fails below it, before writing OUT.
-# Variables: SECS (3: seconds a set), CONNECTIONS (64), SERVER_CPU, LOAD_CPU, HALT_POLL_NS
-# (bench/lib.sh). Also leaves the profile uncompressed in $CARGO_TARGET_DIR/pgo/, for a local
+# Variables: SECS (3: seconds a set), CONNECTIONS (64), SERVER_PORT (0: any free one),
+# SERVER_CPU, LOAD_CPU, HALT_POLL_NS (bench/lib.sh). Also leaves the profile uncompressed in $CARGO_TARGET_DIR/pgo/, for a local
 # build like the image's:
 #   RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/edgegate.profdata" \
 #     CARGO_TARGET_DIR=target/pgo-use cargo build --release --locked --bin edgegate
@@ -22,7 +22,9 @@ SECS=${SECS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-SERVER_PORT=${SERVER_PORT:-18890}
+# 0: a port the kernel picks (start_inline reads it from the server's log), so a process left
+# on a fixed port cannot stand in for the instrumented server; a port set here must be free.
+SERVER_PORT=${SERVER_PORT:-0}
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
