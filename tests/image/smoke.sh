@@ -340,6 +340,7 @@ serve=$(timeout 60 "$DOCKER" run -d --network=host "${label[@]}" --name "$RUN_ID
   -e HOST=127.0.0.1 -e "PORT=$port" -e "SHUTDOWN_DRAIN_SECONDS=$DRAIN" \
   -e "DATABASE_URL=${pg_url:-sqlite:///data/edgegate.db}" -v "$RUN_ID-data:/data" \
   "${secret_env[@]}" "${integration_env[@]}" \
+  -e "RUST_LOG=info,tower_http::trace::on_request=debug" \
   --health-interval=1s --health-timeout=5s --health-start-period=30s --health-retries=3 \
   "$IMAGE")
 if wait_http "$base/healthz" 30; then
@@ -387,7 +388,7 @@ port, key, started, go = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 s = socket.create_connection(("127.0.0.1", port), timeout=60)
 s.sendall(("POST /functions/v1/jwt-test HTTP/1.1\r\nhost: 127.0.0.1\r\n"
            "content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n"
-           "apikey: %s\r\n\r\n{" % key).encode())
+           "x-request-id: smoke-in-flight\r\napikey: %s\r\n\r\n{" % key).encode())
 open(started, "w").close()
 deadline = time.monotonic() + 60
 while not os.path.exists(go) and time.monotonic() < deadline:
@@ -404,10 +405,33 @@ EOF
   python3 "$WORK/slow.py" "$port" "$PUBLISHABLE" "$WORK/started" "$WORK/go" > "$WORK/slow.out" 2>&1 &
   py_pid=$!
   for _ in $(seq 1 100); do [ -e "$WORK/started" ] && break; sleep 0.1; done
-  sleep 1     # the request head is parsed and the handler waits for the rest of the body
+  # The signal must land once the server has taken the request (its head parsed, the handler
+  # waiting for the rest of the body): before that, the connection is idle or not yet accepted,
+  # and a drain closes it. A fixed pause assumed it; the server says so instead, in the line it
+  # writes as it starts the request (RUST_LOG above), with this request's id. Bounded: 20 s.
+  # (The logs go to a file first: under pipefail, `docker logs | grep -q` can fail when grep
+  # stops reading early.)
+  in_flight=no
+  for _ in $(seq 1 200); do
+    docker logs "$serve" > "$WORK/serve.now" 2>&1 || true
+    if grep -qE '"message":"started processing request".*"request_id":"smoke-in-flight"' "$WORK/serve.now"; then
+      in_flight=yes; break
+    fi
+    sleep 0.1
+  done
   t_term=$SECONDS
   docker kill -s TERM "$serve" >/dev/null
-  sleep 2     # the body is still outstanding while the server drains
+  # The body is still outstanding while the server drains: wait (bounded: 20 s) for the server
+  # to say it has stopped accepting (the line comes once its listener is closed) rather than a
+  # fixed pause, then check that a new connection is refused and the container still runs.
+  draining=no
+  for _ in $(seq 1 200); do
+    docker logs "$serve" > "$WORK/serve.now" 2>&1 || true
+    if grep -qF '"shutting down: no new connections, draining"' "$WORK/serve.now"; then
+      draining=yes; break
+    fi
+    sleep 0.1
+  done
   refused=yes; curl -s -o /dev/null -m 2 "$base/healthz" && refused=no
   running=$(docker inspect -f '{{.State.Running}}' "$serve")
   : > "$WORK/go"
@@ -417,10 +441,10 @@ EOF
   exit_code=$(timeout $((DRAIN + 10)) "$DOCKER" wait "$serve" || echo "did not exit")
   took=$((SECONDS - t_term))
   if [[ "$status" == "HTTP/1.1 200"* ]] && grep -q '"valid":true' "$WORK/slow.out" && [ "$running" = true ] \
-     && [ "$refused" = yes ] && [ "$exit_code" = 0 ] && [ "$took" -le "$DRAIN" ]; then
+     && [ "$in_flight" = yes ] && [ "$draining" = yes ] && [ "$refused" = yes ] && [ "$exit_code" = 0 ] && [ "$took" -le "$DRAIN" ]; then
     ok "$check (request answered '$status' after the signal; new connections refused while draining; exit 0 after ${took} s)"
   else
-    fail "$check" "in-flight answer '${status:-none}', running during drain: $running, new connections refused: $refused, exit code $exit_code after ${took} s"
+    fail "$check" "in-flight answer '${status:-none}', request started before the signal: $in_flight, drain logged: $draining, running during drain: $running, new connections refused: $refused, exit code $exit_code after ${took} s"
   fi
 else
   fail "serve: GET /healthz 200" "no answer on $base/healthz within 30 s: $(docker logs --tail 5 "$serve" 2>&1 | tr '\n' ' ')"
