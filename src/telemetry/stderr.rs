@@ -15,6 +15,7 @@
 //! a panic's message) waits up to [`FLUSH_WAIT`] for what is pending to be written. What a crash
 //! loses: the lines of its last [`FLUSH_AFTER`].
 
+use std::cell::Cell;
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -45,6 +46,11 @@ pub(super) fn register(registry: &mut Registry) {
          log buffer was full",
         LINES_DROPPED.clone(),
     );
+}
+
+thread_local! {
+    /// Set on the flushing thread while it logs the dropped-lines notice: that line is kept.
+    static NOTICE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Where the lines go: stderr, or in tests a buffer of their own.
@@ -93,7 +99,8 @@ impl Shared {
             return self.write_through(line);
         }
         let mut pending = lock(&self.pending);
-        if !pending.is_empty() && pending.len() + line.len() > MAX_PENDING {
+        let capped = !NOTICE.get();
+        if capped && !pending.is_empty() && pending.len() + line.len() > MAX_PENDING {
             // stderr is not taking lines as fast as they come: lose this one, not the
             // request's time.
             drop(pending);
@@ -180,14 +187,19 @@ impl Shared {
     }
 
     /// Once stderr took a batch again: a warning, in the log's own format, that lines were lost.
+    /// The warning itself is never dropped (it goes past the buffer's limit by its one line):
+    /// by now the buffer has usually filled again while the batch was written, and a dropped
+    /// notice would count itself as the one line lost.
     fn report_dropped(&self) {
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
+            NOTICE.set(true);
             tracing::warn!(
                 dropped,
                 "{dropped} log lines dropped: stderr did not take them (its reader stalled) \
                  and the log buffer was full"
             );
+            NOTICE.set(false);
         }
     }
 }
