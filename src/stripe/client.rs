@@ -279,6 +279,9 @@ impl StripeClient {
     async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, StripeError> {
         let started = tokio::time::Instant::now();
         let mut attempt = 0;
+        // A Retry-After was waited out: the backoff alone no longer keeps the call inside its
+        // longest time, so every later retry must fit it too.
+        let mut waited_out = false;
         loop {
             attempt += 1;
             let failure =
@@ -310,20 +313,25 @@ impl StripeClient {
             }
             let mut delay = self.policy.delay(attempt);
             if let Some(asked) = failure.retry_after {
-                let asked = asked.min(MAX_RETRY_AFTER);
-                // Another attempt after the wait must still fit the call's longest time.
-                let needed = started.elapsed() + asked + self.policy.attempt_timeout;
-                if needed > self.policy.worst_case() {
-                    return Err(StripeError::Unavailable {
-                        attempts: attempt,
-                        last: format!(
-                            "{}, Retry-After {} s: past this call's deadline",
-                            failure.reason,
-                            asked.as_secs()
-                        ),
-                    });
-                }
-                delay = delay.max(asked);
+                delay = delay.max(asked.min(MAX_RETRY_AFTER));
+                waited_out = true;
+            }
+            // Another attempt after the wait must still fit the call's longest time.
+            if waited_out
+                && started.elapsed() + delay + self.policy.attempt_timeout
+                    > self.policy.worst_case()
+            {
+                let asked = failure
+                    .retry_after
+                    .map(|asked| format!(", Retry-After {} s", asked.as_secs()))
+                    .unwrap_or_default();
+                return Err(StripeError::Unavailable {
+                    attempts: attempt,
+                    last: format!(
+                        "{}{asked}: another attempt would run past this call's deadline",
+                        failure.reason
+                    ),
+                });
             }
             tracing::warn!(
                 path = url.path(),

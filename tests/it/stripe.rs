@@ -1261,6 +1261,30 @@ async fn sync_waits_out_a_429_as_long_as_retry_after_says() {
     assert_eq!(fake.requests(), 4 + 1);
 }
 
+/// Once a `Retry-After` has been waited out, the backoff no longer keeps the call inside its
+/// longest time: each later retry is checked against it too, not only the one after the wait.
+#[tokio::test]
+async fn after_a_retry_after_no_later_attempt_runs_past_the_calls_longest_time() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    // 3 attempts of 2 s: at most about 6 s.
+    let policy = RetryPolicy {
+        attempt_timeout: Duration::from_secs(2),
+        ..fast_retry()
+    };
+    let app = sync_app(&db, &fake, policy).await;
+    // 429 with `Retry-After: 3` (3 s + one 2 s attempt fit), then an answer that never comes in
+    // time: after it, a third attempt would end past 6 s.
+    fake.rate_limit_for(Duration::from_secs(3));
+    fake.fault_from(1, Fault::Slow(Duration::from_secs(10)));
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), sync(&app.server))
+        .await
+        .expect("the sync ends");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(fake.requests(), 2, "{body}");
+}
+
 /// Prices are listed twice, active then archived: one reactivated between the two listings is
 /// in neither. It is asked for by id before anything is deactivated, and kept.
 #[tokio::test]
