@@ -200,7 +200,8 @@ pub struct ApiKeys {
 }
 
 /// The OTLP settings. Every variable is checked even when no endpoint is set, so a typo shows at
-/// start and not on the day export is turned on.
+/// start and not on the day export is turned on; features not built in are refused only where
+/// export is on.
 fn trace_export<F: Fn(&str) -> Option<String>>(
     vars: &Vars<F>,
 ) -> Result<Option<TraceExport>, ConfigError> {
@@ -208,18 +209,6 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
     let traces = vars.url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", parse::UrlRule::Http)?;
     vars.otlp_protocol("OTEL_EXPORTER_OTLP_PROTOCOL")?;
     vars.otlp_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
-    vars.otlp_compression("OTEL_EXPORTER_OTLP_COMPRESSION")?;
-    vars.otlp_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?;
-    for name in [
-        "OTEL_EXPORTER_OTLP_CERTIFICATE",
-        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
-        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
-    ] {
-        vars.otlp_unsupported_file(name)?;
-    }
     // The signal's own headers win over the shared ones of the same name.
     let mut headers = vars.otlp_headers("OTEL_EXPORTER_OTLP_HEADERS")?;
     for (name, value) in vars.otlp_headers("OTEL_EXPORTER_OTLP_TRACES_HEADERS")? {
@@ -259,6 +248,21 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         (None, Some(base)) => parse::join_path(&base, "v1/traces"),
         (None, None) => return Ok(None),
     };
+    // Features not built in stop start-up only where spans would be exported without them: a
+    // platform that sets them for every service (an OpenTelemetry operator, a shared env file)
+    // must not stop an instance that exports nothing.
+    vars.otlp_compression("OTEL_EXPORTER_OTLP_COMPRESSION")?;
+    vars.otlp_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?;
+    for name in [
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    ] {
+        vars.otlp_unsupported_file(name)?;
+    }
     Ok(Some(TraceExport {
         endpoint,
         headers,
