@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde_json::Value;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -190,6 +191,7 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
     codes
         .into_iter()
         .map(|(status, list)| {
+            let conflict = list.contains(&"CONFLICT");
             let schema = AllOfBuilder::new()
                 .item(Ref::from_schema_name("ErrorBody"))
                 .item(
@@ -211,6 +213,18 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
                 429 => response.header(
                     "Retry-After",
                     Header::new(ObjectBuilder::new().schema_type(Type::Integer)),
+                ),
+                // send-sms's: a repeat whose earlier send with its idempotency key is still
+                // under way says when its outcome may be known.
+                409 if conflict => response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                        .description(Some(
+                            "When the earlier send with this idempotency_key is still under way: \
+                             seconds after which its outcome may be known",
+                        ))
+                        .build(),
                 ),
                 _ => response,
             };
