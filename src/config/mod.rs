@@ -226,6 +226,7 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         .or(named)
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
     let sampler = vars.sampler("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")?;
+    vars.propagators("OTEL_PROPAGATORS", false)?;
     let max_queue_size = vars.number("OTEL_BSP_MAX_QUEUE_SIZE", 2_048, 1..=1_000_000)?;
     let max_export_batch_size = vars.number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1..=100_000)?;
     let schedule_delay = vars.number("OTEL_BSP_SCHEDULE_DELAY", 5_000, 1..=600_000)?;
@@ -251,6 +252,7 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
     // Features not built in stop start-up only where spans would be exported without them: a
     // platform that sets them for every service (an OpenTelemetry operator, a shared env file)
     // must not stop an instance that exports nothing.
+    let trace_context = vars.propagators("OTEL_PROPAGATORS", true)?;
     vars.otlp_compression("OTEL_EXPORTER_OTLP_COMPRESSION")?;
     vars.otlp_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?;
     for name in [
@@ -274,6 +276,7 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         max_export_batch_size: max_export_batch_size.min(max_queue_size),
         schedule_delay: Duration::from_millis(schedule_delay),
         export_timeout: Duration::from_millis(timeout),
+        trace_context,
     }))
 }
 
@@ -345,6 +348,10 @@ pub struct TraceExport {
     pub schedule_delay: Duration,
     /// One export, retries included.
     pub export_timeout: Duration,
+    /// W3C trace context is read from requests and written on outbound calls
+    /// (`OTEL_PROPAGATORS` holds `tracecontext`, as by default); otherwise each request starts
+    /// a trace of its own and outbound calls carry none.
+    pub trace_context: bool,
 }
 
 /// `OTEL_TRACES_SAMPLER` with its argument (the ratio of the `traceidratio` samplers).

@@ -76,6 +76,46 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
+    /// `OTEL_PROPAGATORS`: whether W3C trace context is read and written. Unset means the
+    /// specification's default, `tracecontext,baggage`. `baggage` is accepted and not carried;
+    /// `none` (alone) turns propagation off. A name outside the specification's list is refused
+    /// at once; one of its propagators that is not built in (`b3`, `jaeger`…) only when
+    /// `exporting` (a platform may set them for every service).
+    pub(super) fn propagators(&self, name: &str, exporting: bool) -> Result<bool, ConfigError> {
+        const NOT_BUILT_IN: [&str; 5] = ["b3", "b3multi", "jaeger", "xray", "ottrace"];
+        let Some(raw) = self.get_trimmed(name) else {
+            return Ok(true);
+        };
+        let list: Vec<String> = raw
+            .split(',')
+            .map(|item| item.trim().to_ascii_lowercase())
+            .collect();
+        if list == ["none"] {
+            return Ok(false);
+        }
+        for item in &list {
+            match item.as_str() {
+                "tracecontext" | "baggage" => {}
+                other if NOT_BUILT_IN.contains(&other) => {
+                    if exporting {
+                        return Err(ConfigError::new(
+                            name,
+                            "may hold tracecontext and baggage only (b3, b3multi, jaeger, xray \
+                             and ottrace are not built in), or be none",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        name,
+                        "must be a comma-separated list of tracecontext and baggage, or none",
+                    ));
+                }
+            }
+        }
+        Ok(list.iter().any(|item| item == "tracecontext"))
+    }
+
     /// An OTLP compression variable: `none` (what is done) or unset; `gzip` is not built in.
     pub(super) fn otlp_compression(&self, name: &str) -> Result<(), ConfigError> {
         match self.get_trimmed(name).as_deref() {

@@ -846,3 +846,29 @@ fn otlp_compression_and_tls_files_are_refused_not_ignored() {
         assert!(config(&[ENDPOINT, (name, "none")]).is_ok(), "{name}=none");
     }
 }
+
+#[test]
+fn otel_propagators_turn_trace_context_on_or_off_and_refuse_what_is_not_built_in() {
+    const ENDPOINT: (&str, &str) = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    let trace_context = |value: Option<&str>| {
+        let mut vars = vec![ENDPOINT];
+        vars.extend(value.map(|value| ("OTEL_PROPAGATORS", value)));
+        config(&vars).unwrap().traces.unwrap().trace_context
+    };
+    assert!(trace_context(None), "the default is tracecontext,baggage");
+    assert!(trace_context(Some("tracecontext,baggage")));
+    assert!(trace_context(Some(" TraceContext ")));
+    assert!(!trace_context(Some("none")));
+    assert!(!trace_context(Some("baggage")));
+    // Not built in: refused where spans are exported, not where nothing is.
+    for value in ["b3", "tracecontext,b3multi", "jaeger", "xray", "ottrace"] {
+        let err = config(&[ENDPOINT, ("OTEL_PROPAGATORS", value)]).expect_err(&format!(
+            "OTEL_PROPAGATORS={value} must be refused while exporting"
+        ));
+        assert_eq!(err.variable, "OTEL_PROPAGATORS");
+        assert!(config(&[("OTEL_PROPAGATORS", value)]).is_ok(), "{value}");
+    }
+    // Not a propagator at all: a typo, refused either way.
+    refused("OTEL_PROPAGATORS", "tracecontxt");
+    refused("OTEL_PROPAGATORS", "none,tracecontext");
+}

@@ -40,6 +40,10 @@ pub(super) fn set_exporting() {
     EXPORTING.store(true, Ordering::Relaxed);
 }
 
+/// Whether W3C trace context is read from requests and written on outbound calls while spans
+/// are exported (`OTEL_PROPAGATORS`; on unless it leaves `tracecontext` out).
+static TRACE_CONTEXT: AtomicBool = AtomicBool::new(true);
+
 /// The exporter's counters. Process-wide like the subscriber they describe; every app's
 /// `/metrics` shows them (all zero when nothing is exported).
 #[derive(Default)]
@@ -102,6 +106,7 @@ impl TraceExporter {
 /// Builds the OTLP exporter and starts its task (on the current tokio runtime).
 pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkTracer)> {
     let collector = Collector::new(config).context("building the OTLP HTTP client")?;
+    TRACE_CONTEXT.store(config.trace_context, Ordering::Relaxed);
     let resource = Resource::builder_empty()
         .with_service_name(config.service_name.clone())
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
@@ -368,7 +373,7 @@ pub(crate) fn server_span(
 ) -> tracing::Span {
     let headers = req.headers();
     // Most requests carry no trace context: then there is nothing to parse.
-    let parent = if headers.contains_key(&TRACEPARENT) {
+    let parent = if headers.contains_key(&TRACEPARENT) && TRACE_CONTEXT.load(Ordering::Relaxed) {
         TraceContextPropagator::new().extract(&ReadHeaders(headers))
     } else {
         Context::new()
@@ -451,7 +456,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         "http.response.status_code" = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
     );
-    if let Some(context) = span_context(&span) {
+    if let Some(context) = span_context(&span).filter(|_| TRACE_CONTEXT.load(Ordering::Relaxed)) {
         TraceContextPropagator::new().inject_context(
             &Context::new().with_remote_span_context(context),
             &mut WriteHeaders(request.headers_mut()),

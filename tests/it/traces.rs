@@ -450,6 +450,42 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
 }
 
+/// `OTEL_PROPAGATORS=none`: a caller's `traceparent` is not followed (each request starts a
+/// trace of its own) and outbound calls carry none, while spans are still exported.
+#[tokio::test]
+async fn with_otel_propagators_none_no_trace_context_is_read_or_sent() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing(
+        &stripe,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+            ("OTEL_PROPAGATORS", "none"),
+        ],
+    )
+    .await;
+    sync_traced(&base, "unpropagated-sync").await;
+
+    let server_span = collector
+        .span(|span| span.name == format!("POST {SYNC}"))
+        .await;
+    assert_ne!(
+        hex(&server_span.trace_id),
+        TRACE_ID,
+        "the caller's trace was followed"
+    );
+    assert!(server_span.parent_span_id.is_empty(), "a root span");
+    let sent = stripe.traceparents();
+    assert!(!sent.is_empty(), "Stripe was never called");
+    assert!(
+        sent.iter().all(Option::is_none),
+        "a traceparent sent with propagation off: {sent:?}"
+    );
+    stop(server, &dir).await;
+}
+
 /// `RUST_LOG` decides what the logs keep, not what is traced: the request and client spans are
 /// `info` spans, and a filter that keeps only warnings must not take them from the traces.
 #[tokio::test]
