@@ -185,10 +185,16 @@ impl Started {
         let refresh = state.auth.spawn_refresh();
         let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
         let mut background = vec![twilio::send::spawn_unanswered_sweeper(
-            store,
+            store.clone(),
             state.clock.clone(),
             state.config.twilio.send_budget,
         )];
+        background.extend(twilio::recover::spawn_status_recovery(
+            store,
+            &state.http,
+            &state.config,
+            state.clock.clone(),
+        ));
         background.extend(spawn_reconciler(&state));
         let address = listener
             .local_addr()

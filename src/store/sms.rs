@@ -398,6 +398,63 @@ impl Store {
             .context("marking unanswered SMS unknown")
     }
 
+    /// Messages with a Twilio SID whose status is one of `unsettled` (statuses Twilio may still
+    /// move on from), last changed at or before `changed_before` and after `changed_after`, and
+    /// due a check: never checked, or last checked at least `min_wait_ms` ago and at least as
+    /// long ago as the row had been unchanged when it was checked (so the waits between checks
+    /// of a row that does not move roughly double). At most `limit`, oldest change first, as
+    /// `(id, twilio_sid)`. Names in `unsettled` that are not plain lower-case words are left
+    /// out, since they are spliced as literals.
+    pub async fn sms_due_status_check(
+        &self,
+        unsettled: &[&str],
+        (changed_after, changed_before): (i64, i64),
+        min_wait_ms: i64,
+        now_ms: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let names: Vec<String> = unsettled
+            .iter()
+            .filter(|status| status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .map(|status| format!("'{status}'"))
+            .collect();
+        if names.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT id, twilio_sid FROM sms_messages WHERE twilio_sid IS NOT NULL \
+             AND status IN ({}) AND updated_at > $1 AND updated_at <= $2 \
+             AND (status_checked_at IS NULL OR (status_checked_at <= $3 - $4 \
+             AND status_checked_at - updated_at <= $3 - status_checked_at)) \
+             ORDER BY updated_at, id LIMIT $5",
+            names.join(", ")
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let due = with_pool!(self, |pool| {
+            sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(changed_after)
+                .bind(changed_before)
+                .bind(now_ms)
+                .bind(min_wait_ms)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })
+        .context("reading the SMS due a status check")?;
+        Ok(due)
+    }
+
+    /// Notes that Twilio was asked for message `id`'s status at `now_ms`, whatever came of it.
+    pub async fn mark_sms_status_checked(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.execute(
+            "UPDATE sms_messages SET status_checked_at = $1 WHERE id = $2",
+            &[now_ms.into(), id.into()],
+        )
+        .await
+        .map(|_| ())
+        .context("noting the SMS status check")
+    }
+
     pub async fn sms_message(&self, id: &str) -> anyhow::Result<Option<SmsMessage>> {
         let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE id = $1");
         let message = with_pool!(self, |pool| {

@@ -1,4 +1,5 @@
-//! Twilio's REST API (2010-04-01), as much as edgegate uses: create a Message, read the Account.
+//! Twilio's REST API (2010-04-01), as much as edgegate uses: create and fetch a Message, read the
+//! Account.
 //! Calls are classified by what they may have done at Twilio, because that decides whether a
 //! retry could text someone twice.
 
@@ -25,6 +26,19 @@ pub struct TwilioApi {
 pub struct MessageResource {
     pub sid: String,
     pub status: String,
+    /// Twilio's error code once the message is `failed` or `undelivered` (a number, else null).
+    #[serde(default, deserialize_with = "error_code")]
+    pub error_code: Option<i64>,
+}
+
+/// `error_code` as Twilio writes it: a number or null (a numeric string is taken too; anything
+/// else reads as none rather than making the whole resource unreadable).
+fn error_code<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Number(number) => number.as_i64(),
+        serde_json::Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    })
 }
 
 /// The fields of Twilio's Account resource that `check` shows.
@@ -121,6 +135,20 @@ impl TwilioApi {
             )
             .body(body);
         self.call(request).await
+    }
+
+    /// `GET /Accounts/{sid}/Messages/{message_sid}.json` (Fetch Message): the message's status
+    /// now. `message_sid` is one Twilio gave us; a SID that is not a plain token is refused here
+    /// rather than put in the path.
+    pub async fn fetch_message(&self, message_sid: &str) -> Result<MessageResource, CallError> {
+        if message_sid.is_empty() || !message_sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(CallError::Rejected {
+                http_status: 404,
+                body: TwilioErrorBody::default(),
+            });
+        }
+        let url = self.account_url(&format!("/Messages/{message_sid}.json"));
+        self.call(self.http.get(url)).await
     }
 
     /// `GET /Accounts/{sid}.json`: whether the credentials work.

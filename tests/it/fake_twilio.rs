@@ -1,7 +1,7 @@
 //! A stand-in for Twilio's REST API: records each request (form fields, basic auth) and answers
 //! with Twilio's real shapes, or as the test scripts it (errors, throttling, hanging).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,13 @@ struct Shared {
     requests: Mutex<Vec<Recorded>>,
     script: Mutex<VecDeque<Reply>>,
     latency: Mutex<Duration>,
+    /// Each message's status as a Fetch Message answers it, by SID (set by a create, or by
+    /// the test), and its error code.
+    messages: Mutex<HashMap<String, (String, Option<i64>)>>,
+    /// Fetch Message answers this HTTP status (Twilio's error shape) for these SIDs.
+    fetch_errors: Mutex<HashMap<String, u16>>,
+    /// The SIDs fetched, in order.
+    fetches: Mutex<Vec<String>>,
 }
 
 pub struct FakeTwilio {
@@ -84,10 +91,17 @@ impl FakeTwilio {
             requests: Mutex::new(Vec::new()),
             script: Mutex::new(VecDeque::new()),
             latency: Mutex::new(Duration::ZERO),
+            messages: Mutex::new(HashMap::new()),
+            fetch_errors: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/2010-04-01/Accounts/{account}/Messages.json", post(create))
             .route("/2010-04-01/Accounts/{account}", get(account))
+            .route(
+                "/2010-04-01/Accounts/{account}/Messages/{file}",
+                get(fetch_message),
+            )
             .with_state(shared.clone());
         let server = serve_app(app, Duration::from_millis(100)).await;
         Self {
@@ -109,6 +123,30 @@ impl FakeTwilio {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// What Fetch Message answers for `sid` from now on (the message need not have been created
+    /// through the fake).
+    pub fn set_status(&self, sid: &str, status: &str, error_code: Option<i64>) {
+        self.shared
+            .messages
+            .lock()
+            .unwrap()
+            .insert(sid.to_owned(), (status.to_owned(), error_code));
+    }
+
+    /// Fetch Message answers `http` (500, 404, …) for `sid`.
+    pub fn fail_fetch(&self, sid: &str, http: u16) {
+        self.shared
+            .fetch_errors
+            .lock()
+            .unwrap()
+            .insert(sid.to_owned(), http);
+    }
+
+    /// The SIDs Fetch Message was asked for, in order.
+    pub fn fetches(&self) -> Vec<String> {
+        self.shared.fetches.lock().unwrap().clone()
     }
 }
 
@@ -164,20 +202,36 @@ async fn create(
         .unwrap()
         .pop_front()
         .unwrap_or(Reply::Created);
+    let created = |sid: &str| {
+        let status = if recorded.field("MessagingServiceSid").is_some() {
+            "accepted"
+        } else {
+            "queued"
+        };
+        shared
+            .messages
+            .lock()
+            .unwrap()
+            .insert(sid.to_owned(), (status.to_owned(), None));
+    };
     match reply {
         Reply::Created => {
             let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+            created(&sid);
             (
                 StatusCode::CREATED,
                 axum::Json(message(&account, &recorded, &sid)),
             )
                 .into_response()
         }
-        Reply::CreatedAs(sid) => (
-            StatusCode::CREATED,
-            axum::Json(message(&account, &recorded, sid)),
-        )
-            .into_response(),
+        Reply::CreatedAs(sid) => {
+            created(sid);
+            (
+                StatusCode::CREATED,
+                axum::Json(message(&account, &recorded, sid)),
+            )
+                .into_response()
+        }
         Reply::Error {
             http,
             code,
@@ -222,6 +276,58 @@ fn message(account: &str, request: &Recorded, sid: &str) -> Value {
         "to": request.field("To"),
         "uri": format!("/2010-04-01/Accounts/{account}/Messages/{sid}.json"),
     })
+}
+
+/// Twilio's Fetch Message: `GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json`, the
+/// message resource with its current `status` and `error_code` (a number, or null).
+async fn fetch_message(
+    State(shared): State<Arc<Shared>>,
+    Path((account, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authenticated(&shared, &account, &headers) {
+        return error(401, 20003, "Authenticate");
+    }
+    let Some(sid) = file.strip_suffix(".json") else {
+        return error(404, 20404, "The requested resource was not found");
+    };
+    shared.fetches.lock().unwrap().push(sid.to_owned());
+    if let Some(http) = shared.fetch_errors.lock().unwrap().get(sid).copied() {
+        return error(http, 20500, "Internal Server Error");
+    }
+    let Some((status, error_code)) = shared.messages.lock().unwrap().get(sid).cloned() else {
+        let message = format!(
+            "The requested resource /2010-04-01/Accounts/{account}/Messages/{sid}.json was not found"
+        );
+        return error(404, 20404, &message);
+    };
+    let now = "Thu, 26 Nov 2026 10:00:00 +0000";
+    axum::Json(json!({
+        "account_sid": account,
+        "api_version": "2010-04-01",
+        "body": "Your code is 123456",
+        "date_created": now,
+        "date_sent": now,
+        "date_updated": now,
+        "direction": "outbound-api",
+        "error_code": error_code,
+        "error_message": error_code.map(|_| "Unknown error"),
+        "from": "+15005550006",
+        "messaging_service_sid": null,
+        "num_media": "0",
+        "num_segments": "1",
+        "price": "-0.00790",
+        "price_unit": "USD",
+        "sid": sid,
+        "status": status,
+        "subresource_uris": {
+            "media": format!("/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"),
+            "feedback": format!("/2010-04-01/Accounts/{account}/Messages/{sid}/Feedback.json"),
+        },
+        "to": "+12025550123",
+        "uri": format!("/2010-04-01/Accounts/{account}/Messages/{sid}.json"),
+    }))
+    .into_response()
 }
 
 async fn account(

@@ -1537,3 +1537,150 @@ async fn send_behind_a_held_reservation_lock(db: &TestDb) {
     let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
 }
+
+fn twilio_api(app: &Instance) -> edgegate::twilio::client::TwilioApi {
+    edgegate::twilio::client::TwilioApi::from_config(&app.state.http, &app.state.config.twilio)
+        .expect("Twilio configured")
+}
+
+/// Twilio does not retry a status callback, and the final status is usually the last one: a
+/// callback answered 503 during a database outage would leave the row `queued` or `sent` for
+/// ever. The recovery pass asks Twilio (Fetch Message) for a message left unsettled past
+/// `SETTLE`, and stores what it says through the callbacks' rank rule.
+#[tokio::test]
+async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
+    use edgegate::twilio::recover::{SETTLE, recover_statuses};
+    let (_db, fake, app) = one_instance!(&[]);
+    let delivered = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_eq!(delivered.status, 202, "{}", delivered.body);
+    let lost = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
+    assert_eq!(lost.status, 202, "{}", lost.body);
+    let sid = delivered.body["sid"].as_str().unwrap().to_owned();
+    let lost_sid = lost.body["sid"].as_str().unwrap().to_owned();
+    fake.set_status(&sid, "delivered", None);
+    fake.set_status(&lost_sid, "undelivered", Some(30003));
+    let (store, api) = (&app.state.store, twilio_api(&app));
+    let clock = edgegate::clock::Clock::manual();
+
+    // Too soon: its callbacks may still come.
+    let early = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!(early.fetched, 0);
+    assert!(fake.fetches().is_empty());
+
+    clock.advance(SETTLE + Duration::from_secs(1));
+    let pass = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!((pass.fetched, pass.applied), (2, 2), "{pass:?}");
+    let mut fetched = fake.fetches();
+    fetched.sort();
+    let mut expected = vec![sid.clone(), lost_sid.clone()];
+    expected.sort();
+    assert_eq!(fetched, expected);
+    let row = stored(&app, &delivered).await;
+    assert_eq!((row.status.as_str(), row.error_code), ("delivered", None));
+    let row = stored(&app, &lost).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code),
+        ("undelivered", Some(30003))
+    );
+
+    // Settled: never asked again.
+    clock.advance(Duration::from_secs(24 * 3600));
+    let later = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!(later.fetched, 0);
+    assert_eq!(fake.fetches().len(), 2);
+}
+
+/// One pass fetches at most `BATCH` rows, oldest change first; a row just checked waits at
+/// least as long as it had been unchanged before that check (so a message that stays `sent`
+/// is asked about a few times, not every pass); a status lower than the stored one, a
+/// Twilio error or a message Twilio does not know changes nothing and stops nothing; final
+/// rows and rows unchanged for longer than `GIVE_UP` are never fetched.
+#[tokio::test]
+async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
+    use edgegate::store::{NewSms, SendResult, SmsLimits};
+    use edgegate::twilio::recover::{BATCH, GIVE_UP, SETTLE, recover_statuses};
+    let (_db, fake, app) = one_instance!(&[]);
+    let (store, api) = (&app.state.store, twilio_api(&app));
+    let clock = edgegate::clock::Clock::manual();
+    let now = clock.now_ms();
+    let hour = 3_600_000;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 1_000,
+        per_minute: 1_000,
+    };
+    let row = |id: String, sid: String, status: &'static str, at: i64| async move {
+        let new = NewSms {
+            id: &id,
+            idempotency_key: None,
+            to_number: "+12025550123",
+            body: "hi",
+            status: "accepted",
+            replayed_error_codes: &[],
+        };
+        store.reserve_sms(new, limits, || at - 1).await.unwrap();
+        let result = SendResult {
+            status,
+            twilio_sid: Some(&sid),
+            error_code: None,
+            error_message: None,
+        };
+        store.record_sms_send(&id, result, at).await.unwrap();
+    };
+    let count = BATCH + 5;
+    let sids: Vec<String> = (0..count).map(|i| format!("SM{i:032}")).collect();
+    for (i, sid) in sids.iter().enumerate() {
+        row(format!("r{i}"), sid.clone(), "sent", now - hour + i as i64).await;
+        fake.set_status(sid, "delivered", None);
+    }
+    // r0: Twilio fails; r1: Twilio does not know it; r2: Twilio reports a lower status.
+    fake.fail_fetch(&sids[0], 500);
+    fake.set_status(&sids[1], "delivered", None);
+    fake.fail_fetch(&sids[1], 404);
+    fake.set_status(&sids[2], "queued", None);
+    row("final".into(), "SMfinal".into(), "delivered", now - hour).await;
+    fake.set_status("SMfinal", "sent", None);
+    let old = GIVE_UP.as_millis() as i64 + hour;
+    row("old".into(), "SMold".into(), "sent", now - old).await;
+    fake.set_status("SMold", "delivered", None);
+
+    let first = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!(first.fetched, BATCH, "{first:?}");
+    assert_eq!(first.applied, BATCH - 3, "{first:?}");
+    assert_eq!(fake.fetches(), sids[..BATCH], "oldest first, at most BATCH");
+    let status =
+        |id: &'static str| async move { store.sms_message(id).await.unwrap().unwrap().status };
+    assert_eq!(status("r0").await, "sent");
+    assert_eq!(status("r1").await, "sent");
+    assert_eq!(
+        status("r2").await,
+        "sent",
+        "a lower status never replaces a higher one"
+    );
+    assert_eq!(status("r3").await, "delivered");
+    assert_eq!(status("r50").await, "sent");
+
+    // The next pass takes the rest, not the rows just checked.
+    let second = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!((second.fetched, second.applied), (5, 5), "{second:?}");
+    assert_eq!(fake.fetches()[BATCH..], sids[BATCH..]);
+    assert_eq!(status("r54").await, "delivered");
+
+    // r0 to r2 had been unchanged for an hour when checked: not again within the hour.
+    clock.advance(SETTLE + Duration::from_secs(1));
+    let third = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!(third.fetched, 0, "{third:?}");
+    clock.advance(Duration::from_secs(3600));
+    let fourth = recover_statuses(store, &api, &clock).await.unwrap();
+    assert_eq!(fourth.fetched, 3, "{fourth:?}");
+    assert_eq!(fake.fetches()[count..], sids[..3]);
+
+    assert!(
+        !fake
+            .fetches()
+            .iter()
+            .any(|sid| sid == "SMfinal" || sid == "SMold"),
+        "a final row or one past GIVE_UP was fetched"
+    );
+    assert_eq!(status("final").await, "delivered");
+    assert_eq!(status("old").await, "sent");
+}
