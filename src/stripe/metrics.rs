@@ -10,7 +10,7 @@ pub struct SyncLabels {
     pub outcome: &'static str,
 }
 
-/// `event_type` is one of [`LABELLED_EVENT_TYPES`] or `other`: the raw type comes from a body
+/// `event_type` is one of [`event_type_label`]'s labels: the raw type comes from a body
 /// (signed, but whoever holds a webhook secret chooses it), so it never becomes a label as is.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabels {
@@ -18,30 +18,13 @@ pub struct WebhookLabels {
     pub outcome: &'static str,
 }
 
-/// The event types edgegate applies (see `webhook::effect_of`), and `unknown` for a delivery
-/// whose type could not be read; every other type is counted as `other`.
-pub const LABELLED_EVENT_TYPES: &[&str] = &[
-    "product.created",
-    "product.updated",
-    "product.deleted",
-    "price.created",
-    "price.updated",
-    "price.deleted",
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.async_payment_failed",
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "invoice.paid",
-    "invoice.payment_failed",
-    "unknown",
-];
-
-/// The label for `event_type`: itself when it is one of [`LABELLED_EVENT_TYPES`], else `other`.
+/// The label for `event_type`: itself when it is one edgegate applies
+/// ([`super::webhook::APPLIED_EVENT_TYPES`]) or `unknown` (a delivery whose type could not be
+/// read), else `other`.
 pub fn event_type_label(event_type: &str) -> &'static str {
-    LABELLED_EVENT_TYPES
+    super::webhook::APPLIED_EVENT_TYPES
         .iter()
+        .chain(&["unknown"])
         .find(|known| **known == event_type)
         .copied()
         .unwrap_or("other")
