@@ -280,8 +280,12 @@ async fn a_stalled_stderr_reader_drops_log_lines_instead_of_blocking_requests() 
                 break;
             }
             text.extend_from_slice(&chunk[..n]);
-            if String::from_utf8_lossy(&text).contains("log lines dropped") {
-                let _ = found.send(String::from_utf8_lossy(&text).into_owned());
+            // The notice's whole line: a read can end inside it.
+            let read = String::from_utf8_lossy(&text);
+            if let Some(at) = read.find("log lines dropped")
+                && read[at..].contains('\n')
+            {
+                let _ = found.send(read.into_owned());
                 return;
             }
         }
