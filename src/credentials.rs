@@ -97,6 +97,38 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
     }
 }
 
+/// The `apikey` sent beside the Bearer JWT that counted (supabase-js sends its project key there
+/// on every call): not a credential of the request, but what its client would lose if that key
+/// stopped working. `None` when `apikey` is what counted, or is absent or unreadable.
+fn apikey_beside<'a>(headers: &'a HeaderMap, presented: &Presented<'_>) -> Option<&'a str> {
+    let Presented::Jwt(token) = presented else {
+        return None;
+    };
+    let key = headers.get(&APIKEY)?.to_str().ok()?.trim();
+    (!key.is_empty() && key != *token).then_some(key)
+}
+
+/// Counts the key `apikey` held beside the Bearer that let the request in, when it is a legacy
+/// API key or a configured new one: the evidence that a client still needs the legacy secret, or
+/// has moved to the new keys, whatever its users' sessions are signed with. Anything else held
+/// there (a wrong or unknown key, a session token) is not looked at further: it let nothing in.
+fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
+    let Some(key) = apikey_beside(&parts.headers, presented) else {
+        return;
+    };
+    let verified = if key.starts_with("sb_") {
+        let has_origin = parts.headers.contains_key(axum::http::header::ORIGIN);
+        state.auth.verify_api_key(key, has_origin).ok()
+    } else {
+        state.auth.verify_legacy_beside(key)
+    };
+    if let Some(verified) = verified {
+        state.usage.record(&verified, state.clock.now_ms());
+        record_caller(parts, state, &verified);
+        state.auth.count_verified(&verified);
+    }
+}
+
 /// The source a failed credential would have had, for metrics.
 fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) -> &'static str {
     match (presented, err) {
@@ -177,6 +209,9 @@ impl FromRequestParts<AppState> for User {
                     Some(kid).filter(|k| !k.is_empty()),
                 );
                 state.auth.count_verified(&verified);
+                if let Ok(presented) = &presented {
+                    record_beside(parts, state, presented);
+                }
                 let request_id = parts.headers.get(&REQUEST_ID).cloned();
                 Ok(User(Principal {
                     verified,

@@ -265,10 +265,10 @@ impl Authenticator {
             return Err(AuthError::InvalidFormat("token is too large"));
         }
         let key = self.cache.key(token);
-        let leeway = i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX);
         let ring = self.ring.load();
         let now = self.clock.unix_now();
-        if let Some(hit) = key.and_then(|key| self.cache.get(&key, ring.generation(), now, leeway))
+        if let Some(hit) =
+            key.and_then(|key| self.cache.get(&key, ring.generation(), now, self.leeway()))
         {
             return Ok(hit);
         }
@@ -284,6 +284,38 @@ impl Authenticator {
             self.cache.insert(&key, ring.generation(), &verified, now);
         }
         Ok(verified)
+    }
+
+    /// The legacy API key (`anon` or `service_role`, a JWT the legacy secret signed) sent in
+    /// `apikey` beside the Bearer JWT that let a request in, as supabase-js sends its project key
+    /// on every call: not the request's credential, but evidence that its client still needs the
+    /// legacy secret (revoking it invalidates that key on Supabase). `None` for anything else,
+    /// a token of a signing key included; an unknown `kid` starts no JWKS fetch.
+    pub fn verify_legacy_beside(&self, token: &str) -> Option<Verified> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        let key = self.cache.key(token);
+        let ring = self.ring.load();
+        let now = self.clock.unix_now();
+        let cached =
+            key.and_then(|key| self.cache.get(&key, ring.generation(), now, self.leeway()));
+        let verified = match cached {
+            Some(hit) => hit,
+            None => {
+                let verified = verify(&ring, &self.settings, token, now).ok()?;
+                if let Some(key) = key {
+                    self.cache.insert(&key, ring.generation(), &verified, now);
+                }
+                verified
+            }
+        };
+        (verified.source == KeySource::LegacySecret).then_some(verified)
+    }
+
+    /// The clock leeway in seconds, as the cache compares it.
+    fn leeway(&self) -> i64 {
+        i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX)
     }
 
     /// The unknown-kid path, apart from `verify_bearer`'s hot path: one refetch (single flight,

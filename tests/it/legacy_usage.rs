@@ -223,6 +223,108 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
     }
 }
 
+/// supabase-js after the project rotated to signing keys, in an app that still ships the legacy
+/// anon key: the user's session is an ES256 Bearer (which wins), and `apikey` is the legacy key.
+/// Revoking the legacy secret in Supabase invalidates that key, so it is legacy use, counted under
+/// its kind, route and client, although the request was let in by the signing key.
+#[tokio::test]
+async fn a_legacy_anon_key_beside_a_signing_key_session_is_legacy_use() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = es.public_jwks().to_string();
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (server, _state) = spawn_app(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            (
+                "JWT_ISSUERS",
+                "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+            ),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            (
+                "SUPABASE_PUBLISHABLE_KEYS",
+                r#"{"web":"sb_publishable_web_0123456789"}"#,
+            ),
+            ("SUPABASE_JWKS", &jwks),
+        ],
+    )
+    .await;
+    let session = es
+        .token(&user_claims(
+            ISSUER,
+            "authenticated",
+            USER_ID,
+            now_ms() / 1000,
+            3600,
+        ))
+        .unwrap();
+    let (anon, forged) = (
+        legacy_key("anon"),
+        legacy_token(
+            b"another-projects-secret-of-at-least-32-characters",
+            &api_key_claims("abcdefghijklmnop", "anon", now_ms() / 1000, 3600),
+            None,
+        ),
+    );
+    let call = |apikey: String| {
+        server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", apikey)
+            .bearer_auth(&session)
+            .header("x-client-info", "supabase-js/2.49.1")
+            .send()
+    };
+    for _ in 0..2 {
+        let response = call(anon.clone()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        // The Bearer is what let the request in.
+        assert_eq!(body["key"]["source"], "signing_key", "{body}");
+    }
+    // An apikey the legacy secret did not sign, an unknown key, a session: nothing to count.
+    for apikey in [forged, "sb_publishable_abc".to_owned(), session.clone()] {
+        assert_eq!(call(apikey).await.unwrap().status(), 200);
+    }
+    // The app's next release, with the new publishable key: the proof that it moved.
+    let moved = call("sb_publishable_web_0123456789".to_owned())
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), 200);
+
+    let report = admin(&server, "").await;
+    assert_eq!(
+        callers(&report),
+        vec![
+            json!({"kind": "anon_key", "route": JWT_TEST, "client": "supabase-js/2.49.1", "count": 2})
+        ],
+        "{report}"
+    );
+    assert_eq!(report["legacy_revocation_safe"], false, "{report}");
+    assert_eq!(report["legacy_secret"]["verified_count"], 2, "{report}");
+    let web: Vec<&Value> = report["api_key_usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["kind"] == "web")
+        .collect();
+    assert_eq!(web.len(), 1, "{report}");
+    assert_eq!(
+        (&web[0]["route"], &web[0]["client"], &web[0]["count"]),
+        (&json!(JWT_TEST), &json!("supabase-js/2.49.1"), &json!(1)),
+        "{report}"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "edgegate_legacy_verifications_total{kind=\"anon_key\"}"
+        )
+        .await,
+        "edgegate_legacy_verifications_total{kind=\"anon_key\"} 2"
+    );
+}
+
 #[tokio::test]
 async fn keys_report_reads_a_running_edgegate() {
     let db = test_db!();
