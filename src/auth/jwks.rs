@@ -306,35 +306,50 @@ impl JwksFetcher {
     pub async fn on_unknown_kid(&self) -> RefetchOutcome {
         let mut done = self.inner.done.subscribe();
         done.borrow_and_update();
-        match self.inner.fetch_lock.clone().try_lock_owned() {
-            Ok(guard) => {
-                if self.in_cooldown() {
-                    self.inner
-                        .stats
-                        .refetch_suppressed
-                        .fetch_add(1, Ordering::Relaxed);
-                    return RefetchOutcome::Suppressed;
-                }
-                self.inner
-                    .stats
-                    .unknown_kid_refetches
-                    .fetch_add(1, Ordering::Relaxed);
-                if self.fetch_detached(guard).await.is_ok() {
-                    RefetchOutcome::Fetched
-                } else {
-                    RefetchOutcome::Failed
-                }
-            }
+        let lock = self.inner.fetch_lock.clone();
+        let guard = match lock.clone().try_lock_owned() {
+            Ok(guard) => guard,
             Err(_) => {
-                // A fetch is running: share it rather than start another.
-                match tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done.changed())
-                    .await
-                {
-                    Ok(Ok(())) => RefetchOutcome::Joined,
-                    _ => RefetchOutcome::Failed,
+                // A fetch is running: share it rather than start another. The holder may also
+                // be the background task finding that nothing is due, which fetches nothing:
+                // the lock then comes free with no fetch ended, and this caller asks itself.
+                let waited = tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), async {
+                    tokio::select! {
+                        biased;
+                        changed = done.changed() => changed.ok().map(|()| None),
+                        guard = lock.lock_owned() => Some(Some(guard)),
+                    }
+                })
+                .await;
+                match waited {
+                    Ok(Some(Some(guard))) if !done.has_changed().unwrap_or(true) => guard,
+                    Ok(Some(_)) => return RefetchOutcome::Joined,
+                    Ok(None) | Err(_) => return RefetchOutcome::Failed,
                 }
             }
+        };
+        if self.in_cooldown() {
+            self.inner
+                .stats
+                .refetch_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            return RefetchOutcome::Suppressed;
         }
+        self.inner
+            .stats
+            .unknown_kid_refetches
+            .fetch_add(1, Ordering::Relaxed);
+        if self.fetch_detached(guard).await.is_ok() {
+            RefetchOutcome::Fetched
+        } else {
+            RefetchOutcome::Failed
+        }
+    }
+
+    /// Holds the fetch lock as the background task's check does, for tests of those who wait.
+    #[cfg(test)]
+    pub(crate) async fn hold_fetch_lock(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.inner.fetch_lock.clone().lock_owned().await
     }
 
     /// Fetches now, for urgent revocation: ignores the cool-down, but still one fetch at a time.

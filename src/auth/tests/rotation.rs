@@ -234,6 +234,36 @@ async fn new_kid_costs_exactly_one_fetch() {
     assert_eq!(host.hits(), 2, "the new key is now in the ring");
 }
 
+/// A token with a new kid arriving while the background task holds the fetch lock only to find
+/// that nothing is due (it fetches nothing, so no fetch ends to share): it fetches as soon as the
+/// lock is free, instead of waiting out the fetch timeout for a fetch that never comes.
+#[tokio::test]
+async fn a_new_kid_waiting_on_a_holder_that_fetches_nothing_fetches_itself() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::eddsa("k2");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    clock.advance(Duration::from_secs(31));
+    host.set_keys(&[k1.public_jwk(), k2.public_jwk()]);
+    let held = auth.fetcher().expect("fetcher").hold_fetch_lock().await;
+    let token = k2.token(&claims(clock.unix_now()));
+    let (verified, ()) = tokio::join!(
+        // Well under the 6 s a waiter gives a running fetch.
+        tokio::time::timeout(Duration::from_secs(3), auth.verify_bearer(&token)),
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(held);
+        }
+    );
+    let verified = verified
+        .expect("answered once the lock was free")
+        .expect("the new key after one refetch");
+    assert_eq!(verified.kid.as_deref(), Some("k2"));
+    assert_eq!(host.hits(), 2);
+}
+
 #[tokio::test]
 async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
     let k1 = TestKey::es256("k1");
