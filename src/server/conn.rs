@@ -8,18 +8,22 @@
 //!
 //! - from accept, the TLS handshake and the first request head must arrive within
 //!   `header_read_timeout`;
-//! - while no request is in flight, the connection is closed after `idle_timeout`;
+//! - while no request is in flight and every answer is sent, the connection is closed after
+//!   `idle_timeout`;
 //! - on an idle HTTP/1 connection, the first byte of the next request starts
 //!   `header_read_timeout` for that head (the earlier of the two deadlines wins);
-//! - while a handler runs there is no deadline here: the route's own timeout applies; once it has
-//!   answered, sending the answer counts as idle time, so a client that does not read it (an
-//!   HTTP/1 client that never reads, an HTTP/2 client that never opens its flow-control window)
-//!   is closed after `idle_timeout`. Every answer is small and buffered whole, so a client that
-//!   reads at all has it well within that.
+//! - while a handler runs there is no deadline here: the route's own timeout applies;
+//! - once a handler has answered, its answer must be sent within `idle_timeout`, whatever else
+//!   the connection does: a client that does not take it (an HTTP/1 client that never reads, an
+//!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
+//!   other HTTP/2 streams come and go. Every answer is small and buffered whole, so a client that
+//!   reads at all has it well within that. An answer counts as sent when hyper drops its body
+//!   ([`Answer`]): after writing its end, or when the stream is reset.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read and a lazily allocated timer per connection.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -29,14 +33,27 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::http::{Request, Response, Version};
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::config::ConnectionLimits;
 
-/// `deadline_ms` while a request is in flight.
+/// `deadline_ms` while a request is in flight and no answer waits to be sent.
 const NO_DEADLINE: u64 = u64::MAX;
+
+/// What a connection has under way; changed only under [`ConnState`]'s lock, together with
+/// `deadline_ms`, so a request start and an answer's end on two HTTP/2 streams cannot leave an
+/// idle deadline set while a request runs, nor lift an unsent answer's deadline.
+#[derive(Debug, Default)]
+struct Work {
+    /// Requests whose handler has not answered yet.
+    in_flight: usize,
+    /// Answers not sent yet, counted by when each is due (milliseconds since `epoch`).
+    unsent: BTreeMap<u64, usize>,
+}
 
 /// What one connection's IO and service share.
 #[derive(Debug)]
@@ -44,10 +61,7 @@ pub(crate) struct ConnState {
     epoch: Instant,
     header_read_timeout: Duration,
     idle_timeout: Duration,
-    /// Requests whose handler has not answered yet; changed only under this lock, together
-    /// with `deadline_ms`, so a request start and a response end on two HTTP/2 streams cannot
-    /// leave an idle deadline set while a request runs.
-    in_flight: Mutex<usize>,
+    work: Mutex<Work>,
     /// Milliseconds since `epoch`, or [`NO_DEADLINE`].
     deadline_ms: AtomicU64,
     /// An HTTP/1 request was served, so bytes on the idle connection start the next head.
@@ -63,7 +77,7 @@ impl ConnState {
             epoch: Instant::now(),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
-            in_flight: Mutex::new(0),
+            work: Mutex::new(Work::default()),
             deadline_ms: AtomicU64::new(NO_DEADLINE),
             http1: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -80,9 +94,24 @@ impl ConnState {
         u64::try_from(at).unwrap_or(NO_DEADLINE - 1)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, usize> {
-        // A count is always consistent; a panic elsewhere does not make it unusable.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    fn work(&self) -> std::sync::MutexGuard<'_, Work> {
+        // The counts are always consistent; a panic elsewhere does not make them unusable.
+        self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the deadline after `work` changed: the oldest unsent answer's, else none while a
+    /// request runs, else the idle timeout from now (the connection has just become idle).
+    fn work_changed(&self, work: std::sync::MutexGuard<'_, Work>) {
+        let deadline = match work.unsent.first_key_value() {
+            Some((&due, _)) => due,
+            None if work.in_flight > 0 => NO_DEADLINE,
+            None => self.ms_after_now(self.idle_timeout),
+        };
+        self.deadline_ms.store(deadline, Ordering::Release);
+        drop(work);
+        if deadline != NO_DEADLINE {
+            self.waker.wake();
+        }
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -93,24 +122,42 @@ impl ConnState {
     }
 
     fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
-        let mut in_flight = self.in_flight();
-        *in_flight += 1;
-        self.deadline_ms.store(NO_DEADLINE, Ordering::Release);
         if version < Version::HTTP_2 {
             self.http1.store(true, Ordering::Relaxed);
         }
+        let mut work = self.work();
+        work.in_flight += 1;
+        self.work_changed(work);
         InFlight(self.clone())
     }
 
     fn request_finished(&self) {
-        let mut in_flight = self.in_flight();
-        *in_flight = in_flight.saturating_sub(1);
-        if *in_flight == 0 {
-            self.deadline_ms
-                .store(self.ms_after_now(self.idle_timeout), Ordering::Release);
-            drop(in_flight);
-            self.waker.wake();
+        let mut work = self.work();
+        work.in_flight = work.in_flight.saturating_sub(1);
+        self.work_changed(work);
+    }
+
+    /// A handler answered: its answer is due within the idle timeout from now.
+    fn answer_unsent(self: &Arc<Self>) -> Unsent {
+        let mut work = self.work();
+        let due = self.ms_after_now(self.idle_timeout);
+        *work.unsent.entry(due).or_default() += 1;
+        self.work_changed(work);
+        Unsent {
+            state: self.clone(),
+            due,
         }
+    }
+
+    fn answer_sent(&self, due: u64) {
+        let mut work = self.work();
+        if let Some(count) = work.unsent.get_mut(&due) {
+            *count -= 1;
+            if *count == 0 {
+                work.unsent.remove(&due);
+            }
+        }
+        self.work_changed(work);
     }
 
     /// Bytes arrived: on an idle HTTP/1 connection they begin the next head.
@@ -120,8 +167,8 @@ impl ConnState {
         {
             return;
         }
-        let in_flight = self.in_flight();
-        if *in_flight == 0 {
+        let work = self.work();
+        if work.in_flight == 0 {
             let head_due = self.ms_after_now(self.header_read_timeout);
             self.deadline_ms.fetch_min(head_due, Ordering::AcqRel);
         }
@@ -136,6 +183,83 @@ struct InFlight(Arc<ConnState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.request_finished();
+    }
+}
+
+/// Marks one answer not sent yet until dropped.
+#[derive(Debug)]
+struct Unsent {
+    state: Arc<ConnState>,
+    due: u64,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        self.state.answer_sent(self.due);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body, holding its [`Unsent`] mark until hyper drops it.
+    ///
+    /// On HTTP/2 the last byte of each chunk is held back and given as a chunk of its own.
+    /// hyper hands h2 a chunk, whole, once the stream has any send window, and h2 keeps what the
+    /// window does not cover; it asks for the next chunk only when the stream has window beyond
+    /// what h2 keeps, that is once the previous chunk is all written. So the body ends, and the
+    /// answer counts as sent, only when the client has taken all but its last byte: a client
+    /// that opens its window by one byte cannot have hyper drop the body while h2 keeps it.
+    pub(crate) struct Answer<B> {
+        #[pin]
+        inner: B,
+        hold_back: bool,
+        held: Option<Bytes>,
+        unsent: Unsent,
+    }
+}
+
+impl<B> Body for Answer<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if let Some(last) = this.held.take() {
+            return Poll::Ready(Some(Ok(Frame::data(last))));
+        }
+        let frame = match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) if *this.hold_back => frame,
+            other => return Poll::Ready(other),
+        };
+        match frame.into_data() {
+            Ok(mut data) if data.len() > 1 => {
+                *this.held = Some(data.split_off(data.len() - 1));
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Err(frame) => Poll::Ready(Some(Ok(frame))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        if let Some(held) = &self.held {
+            let held = held.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + held);
+            }
+            hint.set_lower(hint.lower() + held);
+        }
+        hint
     }
 }
 
@@ -260,7 +384,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 }
 
-/// The service of one connection: counts requests in flight for [`ConnState`].
+/// The service of one connection: counts requests in flight and answers not sent for
+/// [`ConnState`].
 #[derive(Clone, Debug)]
 pub(crate) struct Tracked<S> {
     inner: S,
@@ -280,19 +405,27 @@ where
     S: hyper::service::Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<Answer<ResBody>>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
-        let in_flight = self.state.request_started(req.version());
+        let hold_back = req.version() >= Version::HTTP_2;
+        let state = self.state.clone();
+        let in_flight = state.request_started(req.version());
         let response = self.inner.call(req);
         Box::pin(async move {
-            let response = response.await;
-            // The handler is done: sending the answer is the connection's, under its idle
-            // deadline (an HTTP/2 client that never opens its window must not hold it for ever).
+            let response = response.await?;
+            // The handler is done: its answer must be sent within the idle timeout (an HTTP/2
+            // client that never opens its window must not hold it for ever).
+            let unsent = state.answer_unsent();
             drop(in_flight);
-            response
+            Ok(response.map(|inner| Answer {
+                inner,
+                hold_back,
+                held: None,
+                unsent,
+            }))
         })
     }
 }
@@ -335,6 +468,34 @@ mod tests {
         state.bytes_read();
         let head = due_in(&state).unwrap();
         assert!(head <= Duration::from_secs(10), "next head: {head:?}");
+    }
+
+    #[test]
+    fn an_unsent_answer_keeps_its_deadline_while_other_requests_come_and_go() {
+        let state = ConnState::new(&limits());
+        let first = state.request_started(Version::HTTP_2);
+        let unsent = state.answer_unsent();
+        drop(first);
+        let due = state.deadline().expect("the unsent answer is due");
+
+        // Another stream's request runs and finishes: the unsent answer's deadline stands.
+        let second = state.request_started(Version::HTTP_2);
+        assert_eq!(state.deadline(), Some(due), "while another request runs");
+        std::thread::sleep(Duration::from_millis(5));
+        drop(second);
+        assert_eq!(
+            state.deadline(),
+            Some(due),
+            "after another request finished"
+        );
+
+        // Once it is sent, the connection is idle from then.
+        std::thread::sleep(Duration::from_millis(5));
+        drop(unsent);
+        assert!(
+            state.deadline().unwrap() > due,
+            "idle from the answer's end"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub const ACK: u8 = 0x1;
 pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 pub const REFUSED_STREAM: u32 = 0x7;
+pub const CANCEL: u32 = 0x8;
 
 #[derive(Debug)]
 pub struct Frame {

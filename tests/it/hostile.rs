@@ -868,6 +868,65 @@ async fn hostile_an_http2_client_that_never_opens_its_window_is_closed_after_the
     eprintln!("zero-window HTTP/2 connection closed after {closed:?}");
 }
 
+/// An answer whose body an HTTP/2 client never takes (its stream window 0, or 1 byte, never
+/// opened further) closes the connection the idle timeout after it was answered, however busy
+/// the client keeps it meanwhile: here a fresh /healthz stream every second, reset once its head
+/// comes (each such answer used to start the idle timeout afresh, so the body was held for ever).
+#[tokio::test]
+async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_streams_come_and_go()
+{
+    use crate::h2c::{self, H2};
+    let server = run(&[
+        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "1"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "2"),
+    ])
+    .await;
+    for window in [0, 1] {
+        let mut conn =
+            H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, window)]).await;
+        conn.request(1, "GET", "/metrics", &[], true).await;
+
+        let started = Instant::now();
+        let give_up = started + Duration::from_secs(10);
+        let mut next_open = started + Duration::from_secs(1);
+        let mut next_stream = 3;
+        let mut answered = false;
+        let closed = loop {
+            let until = next_open.min(give_up);
+            match conn.read_frame_until(until).await {
+                None if Instant::now() >= give_up => break None,
+                None if Instant::now() >= next_open => {
+                    conn.request(next_stream, "GET", "/healthz", &[], true)
+                        .await;
+                    next_stream += 2;
+                    next_open += Duration::from_secs(1);
+                }
+                None => break Some(started.elapsed()),
+                Some(frame) if frame.kind == h2c::GOAWAY => break Some(started.elapsed()),
+                Some(frame) if frame.kind == h2c::HEADERS && frame.stream == 1 => answered = true,
+                Some(frame) if frame.kind == h2c::HEADERS => {
+                    conn.write_frame(h2c::RST_STREAM, 0, frame.stream, &h2c::CANCEL.to_be_bytes())
+                        .await;
+                }
+                Some(frame) if frame.kind == h2c::PING && frame.flags & h2c::ACK == 0 => {
+                    conn.write_frame(h2c::PING, h2c::ACK, 0, &frame.payload)
+                        .await;
+                }
+                Some(_) => {}
+            }
+        };
+        assert!(answered, "window {window}: the /metrics head never came");
+        let closed = closed.unwrap_or_else(|| {
+            panic!("window {window}: the connection was still open after 10 s ({next_stream} streams opened)")
+        });
+        assert!(
+            closed <= Duration::from_secs(2) + SLACK,
+            "window {window}: closed only after {closed:?}"
+        );
+        eprintln!("window {window}: connection closed after {closed:?}");
+    }
+}
+
 #[tokio::test]
 async fn hostile_http2_streams_past_32_on_one_connection_are_refused() {
     use crate::h2c::{self, H2};

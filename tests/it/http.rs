@@ -176,6 +176,37 @@ async fn a_slow_request_times_out_with_json() {
     assert_eq!(json(response).await["code"], "TIMEOUT");
 }
 
+/// Answers over HTTP/2 arrive whole and with their length, whatever their size (the connection
+/// gives each answer's last byte as a chunk of its own).
+#[tokio::test]
+async fn answers_over_http2_arrive_whole() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for size in [0, 1, 2, 70_000] {
+        let sent: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let answer = client
+            .post(server.url("/test/echo"))
+            .body(sent.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.content_length(), Some(size as u64), "size {size}");
+        let received = answer.bytes().await.unwrap();
+        assert!(
+            received == sent,
+            "size {size}: {} bytes back",
+            received.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_are_refused_with_413_json() {
     let limits = Limits {
