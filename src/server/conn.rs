@@ -213,7 +213,7 @@ pin_project_lite::pin_project! {
         inner: B,
         hold_back: bool,
         held: Option<Bytes>,
-        unsent: Unsent,
+        unsent: Option<Unsent>,
     }
 }
 
@@ -417,8 +417,10 @@ where
         Box::pin(async move {
             let response = response.await?;
             // The handler is done: its answer must be sent within the idle timeout (an HTTP/2
-            // client that never opens its window must not hold it for ever).
-            let unsent = state.answer_unsent();
+            // client that never opens its window must not hold it for ever). An HTTP/1
+            // connection reads no next request while an answer is being written, so the idle
+            // deadline its handler's end sets already covers that answer.
+            let unsent = hold_back.then(|| state.answer_unsent());
             drop(in_flight);
             Ok(response.map(|inner| Answer {
                 inner,
