@@ -24,14 +24,11 @@ use crate::state::AppState;
 /// (JSON of a few hundred bytes, Stripe's events of a few KiB).
 pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
 
-/// The most a body takes, and allocates, before its bytes arrive: a declared length is a
-/// promise, and a client that declares 1 MiB and sends nothing must not hold 1 MiB of everyone's
-/// budget (64 such requests would refuse all bodies for the route's 30 s).
-const FIRST_TAKE: usize = 64 * 1024;
-
 /// Request-body bytes buffered at once, over all requests: a body takes its buffer's size as
-/// its bytes arrive (at first its declared length up to [`FIRST_TAKE`]) and gives it back when
-/// the buffer is dropped. A body that would go over is refused at once, 503.
+/// its bytes arrive, and gives it back when the buffer is dropped. A declared length is a
+/// promise and takes nothing: when its first 64 KiB were taken up front, 1024 requests that
+/// declared 64 KiB and sent nothing (unauthenticated twilio-status callbacks, say) held the whole
+/// budget for the route's 30 s. A body that would go over is refused at once, 503.
 #[derive(Debug)]
 pub struct BodyBudget {
     limit: usize,
@@ -129,16 +126,28 @@ async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiE
         return Ok(Bytes::new());
     }
     // The declared length is at most the route's limit (the body-limit layer answered 413 to
-    // more before the handler was called), and only its first part is taken before it comes.
-    let first = declared.unwrap_or(0).min(FIRST_TAKE);
-    let mut reservation = budget.take(first)?;
-    let mut bytes = BytesMut::with_capacity(first);
+    // more before the handler was called). Nothing is taken or allocated before a byte comes.
+    let mut reservation = budget.take(0)?;
+    let mut bytes = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(read_error)?;
         if let Ok(data) = frame.into_data() {
-            // Counted by what is allocated: a body of no declared length grows its buffer.
+            let needed = bytes.len() + data.len();
+            if needed > bytes.capacity() {
+                // Doubling, as a Vec grows, but never past the declared length, so that a body
+                // that comes as declared takes its length and no more. Taken before it is
+                // allocated, and counted by what is allocated.
+                let mut capacity = needed.max(2 * bytes.capacity());
+                if let Some(declared) = declared.filter(|&declared| declared >= needed) {
+                    capacity = capacity.min(declared);
+                }
+                reservation.grow_to(capacity)?;
+                let mut grown = BytesMut::with_capacity(capacity);
+                grown.extend_from_slice(&bytes);
+                bytes = grown;
+                reservation.grow_to(bytes.capacity())?;
+            }
             bytes.extend_from_slice(&data);
-            reservation.grow_to(bytes.capacity())?;
         }
     }
     if bytes.is_empty() {

@@ -1,7 +1,8 @@
 //! Delivery-status callbacks: Twilio posts `MessageSid`, `MessageStatus` and, on failure,
 //! `ErrorCode` to the `StatusCallback` URL, signed with the auth token.
 
-use secrecy::ExposeSecret as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use url::Url;
 
 use super::SmsError;
 use crate::clock::Clock;
@@ -45,14 +46,14 @@ pub struct Callback<'a> {
     pub body: &'a [u8],
 }
 
-/// Checks the signature, then moves the message forward. Nothing is written unless the
-/// signature is Twilio's.
-pub async fn apply_callback(
-    store: &Store,
-    config: &Config,
-    clock: &Clock,
-    callback: Callback<'_>,
-) -> Result<(), SmsError> {
+/// What a callback is refused for before its body is read (the route checks it first, so that
+/// an unsigned request does not wait for, or buffer, a body): Twilio or `PUBLIC_URL` not
+/// configured, `X-Twilio-Signature` missing or not the base64 of an HMAC-SHA1. Returns the auth
+/// token, the public URL and the signature.
+pub fn check_before_body<'a>(
+    config: &'a Config,
+    signature: Option<&'a str>,
+) -> Result<(&'a SecretString, &'a Url, &'a str), SmsError> {
     let token = config
         .twilio
         .auth_token
@@ -63,19 +64,29 @@ pub async fn apply_callback(
         .public_url
         .as_ref()
         .ok_or(SmsError::NotConfigured("PUBLIC_URL"))?;
-    let mut url = super::status_callback_url(public_url);
-    if let Some(query) = callback.query.filter(|query| !query.is_empty()) {
-        url.push('?');
-        url.push_str(query);
-    }
-    // Refused before the form is parsed: an unsigned body costs no more than reading it.
-    let signature = callback
-        .signature
+    let signature = signature
         .ok_or_else(|| SmsError::BadSignature("X-Twilio-Signature is missing".to_owned()))?;
     if !super::signature::is_well_formed(signature) {
         return Err(SmsError::BadSignature(
             "X-Twilio-Signature is not a base64 HMAC-SHA1".to_owned(),
         ));
+    }
+    Ok((token, public_url, signature))
+}
+
+/// Checks the signature, then moves the message forward. Nothing is written unless the
+/// signature is Twilio's.
+pub async fn apply_callback(
+    store: &Store,
+    config: &Config,
+    clock: &Clock,
+    callback: Callback<'_>,
+) -> Result<(), SmsError> {
+    let (token, public_url, signature) = check_before_body(config, callback.signature)?;
+    let mut url = super::status_callback_url(public_url);
+    if let Some(query) = callback.query.filter(|query| !query.is_empty()) {
+        url.push('?');
+        url.push_str(query);
     }
     let params: Vec<(String, String)> = url::form_urlencoded::parse(callback.body)
         .into_owned()

@@ -1041,8 +1041,8 @@ async fn metric_becomes(port: u16, name: &str, want: u64) -> Option<u64> {
 }
 
 /// Request bodies buffered at once share one 64 MiB budget, taken as their bytes arrive. A body
-/// declared and never sent takes 64 KiB at most: 80 of them leave room for others (they took the
-/// whole budget, and refused everyone's bodies, when a declared length was taken up front). 64
+/// declared and never sent takes nothing: 80 of them leave room for others (they took the whole
+/// budget, and refused everyone's bodies, when a declared length was taken up front). 64
 /// bodies of nearly 1 MiB sent and never finished do fill it: one more is answered 503
 /// `NOT_READY` as it comes, and counted; the held bodies gone, their bytes are free again.
 /// jwt-test's body, read and dropped, takes none of it: a caller of jwt-test does not compete with
@@ -1076,10 +1076,7 @@ async fn hostile_bodies_past_the_buffer_budget_are_answered_503_and_a_declared_l
     for _ in 0..80 {
         declared.push(hold_body(port, SEND, mebibyte, 0).await);
     }
-    assert_eq!(
-        metric_becomes(port, BUFFERED, 80 * 64 * 1024).await,
-        Some(80 * 64 * 1024)
-    );
+    assert_eq!(metric(port, BUFFERED).await, Some(0), "declared bodies");
     let answer = answer_within(port, &small, b"[]", Duration::from_secs(5)).await;
     assert_eq!(
         answer.map(|(status, body)| (status, code_of(&body))),
@@ -1157,6 +1154,134 @@ async fn hostile_webhook_bodies_are_not_awaited_before_configuration_and_signatu
         ("too old", Some(stale.clone())),
     ] {
         let answer = answer_within(configured.port, &head(signature.as_deref()), b"", SLACK).await;
+        let answer = answer.map(|(status, body)| (status, code_of(&body)));
+        assert_eq!(
+            answer,
+            Some((400, "INVALID_SIGNATURE".to_owned())),
+            "{case}"
+        );
+    }
+}
+
+/// Declared lengths take nothing from the body budget: only bytes that came do. 1120
+/// twilio-status callbacks (35 HTTP/2 connections of 32 streams, each declaring 64 KiB, the
+/// route's limit, with a well-formed signature header) that send one byte and stop hold 1120
+/// bytes, and a signed webhook is still taken whole. When a declared length was taken up front
+/// (up to 64 KiB), 1024 of them held the whole 64 MiB for the route's 30 s, and every webhook,
+/// callback and send-sms body was refused 503 `NOT_READY`.
+#[tokio::test]
+async fn hostile_declared_bodies_that_never_come_hold_none_of_the_buffer_budget() {
+    use crate::h2c::H2;
+    const BUFFERED: &str = "edgegate_http_request_body_bytes_buffered";
+    const REFUSED: &str = "edgegate_http_request_bodies_refused_total";
+    const CONNECTIONS: u32 = 35;
+    const STREAMS: u32 = 32;
+    const DATA: u8 = 0x0;
+    let secret = "whsec_hostile";
+    let server = run(&[
+        ("STRIPE_WEBHOOK_SECRET", secret),
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        ("TWILIO_AUTH_TOKEN", "f1e2d3c4b5a6978812345678abcdef90"),
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+        ("PUBLIC_URL", "https://edgegate.example.com"),
+    ])
+    .await;
+    let port = server.port;
+    // Well-formed (base64 of 20 bytes) and wrong: the body is read before it can be checked.
+    let signature = "AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let mut connections = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut conn = H2::connect(port).await;
+        for i in 0..STREAMS {
+            let stream = 2 * i + 1;
+            let headers = [
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("content-length", "65536"),
+                ("x-twilio-signature", signature),
+            ];
+            conn.request(
+                stream,
+                "POST",
+                "/functions/v1/twilio-status",
+                &headers,
+                false,
+            )
+            .await;
+            conn.write_frame(DATA, 0, stream, b"a").await;
+        }
+        connections.push(conn);
+    }
+    let held = u64::from(CONNECTIONS * STREAMS);
+    // Every callback's byte is buffered: each handler is waiting for the rest of its body.
+    let buffered = metric_becomes(port, BUFFERED, held).await;
+
+    let event = serde_json::json!({
+        "id": "evt_hostile_budget",
+        "type": "edgegate.hostile",
+        "created": 1_700_000_000,
+        "livemode": false,
+        "data": {"object": {"id": "x_hostile", "padding": "p".repeat(900)}},
+    })
+    .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let stripe_signature =
+        edgegate::stripe::signature::sign(event.as_bytes(), secret, now.try_into().unwrap());
+    let head = format!(
+        "POST /functions/v1/stripe-webhook HTTP/1.1\r\nHost: edgegate\r\n\
+         content-type: application/json\r\nstripe-signature: {stripe_signature}\r\n\
+         content-length: {}",
+        event.len()
+    );
+    let answer = answer_within(port, &head, event.as_bytes(), SLACK).await;
+    let answer = answer.map(|(status, body)| (status, code_of(&body)));
+    assert_eq!(answer, Some((200, String::new())), "the signed webhook");
+    assert_eq!(buffered, Some(held), "bytes held by the callbacks");
+    assert_eq!(metric(port, REFUSED).await, Some(0));
+    drop(connections);
+    assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
+}
+
+/// A status callback is refused for a missing configuration or a missing or malformed
+/// `X-Twilio-Signature` before its body is awaited, as a webhook is for its `Stripe-Signature`:
+/// each here declares the route's 64 KiB and sends none of it (the body was read first, so each
+/// waited out the route's 30 s holding its share of the body budget).
+#[tokio::test]
+async fn hostile_twilio_status_bodies_are_not_awaited_before_configuration_and_signature_header() {
+    let head = |signature: Option<&str>| {
+        let signature = signature
+            .map(|value| format!("\r\nx-twilio-signature: {value}"))
+            .unwrap_or_default();
+        format!(
+            "POST /functions/v1/twilio-status HTTP/1.1\r\nHost: edgegate\r\n\
+             content-type: application/x-www-form-urlencoded\r\ncontent-length: 65536{signature}"
+        )
+    };
+    let well_formed = "0/KCTR6DLpKmkAf8muzZqo1nDgQ=";
+    let twilio = [
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        ("TWILIO_AUTH_TOKEN", "0123456789abcdef0123456789abcdef"),
+        ("TWILIO_FROM_NUMBER", "+12025550100"),
+    ];
+    let not_configured = Some((503, "NOT_CONFIGURED".to_owned()));
+    for (case, vars) in [("no Twilio", &[][..]), ("no PUBLIC_URL", &twilio[..])] {
+        let server = run(vars).await;
+        let answer = answer_within(server.port, &head(Some(well_formed)), b"", SLACK).await;
+        let answer = answer.map(|(status, body)| (status, code_of(&body)));
+        assert_eq!(answer, not_configured, "{case}");
+    }
+
+    let mut vars = twilio.to_vec();
+    vars.push(("PUBLIC_URL", "https://edgegate.example.com"));
+    let configured = run(&vars).await;
+    for (case, signature) in [
+        ("missing", None),
+        ("not base64", Some("not base64!")),
+        ("too long", Some(&*"QUFB".repeat(100))),
+    ] {
+        let answer = answer_within(configured.port, &head(signature), b"", SLACK).await;
         let answer = answer.map(|(status, body)| (status, code_of(&body)));
         assert_eq!(
             answer,
