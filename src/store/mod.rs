@@ -2,9 +2,13 @@
 //! picked from `DATABASE_URL`. Queries that both engines accept are written once; what differs
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
@@ -50,7 +54,27 @@ enum Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    readiness: Arc<Readiness>,
 }
+
+/// The readiness probe, shared by every caller of [`Store::ping`]: at most one runs at a time,
+/// and its answer is reused for [`PROBE_REUSE`] after it ends. A probe takes a pooled connection
+/// (and, on SQLite, the write lock) and outlives a caller that hangs up, so one per `/readyz`
+/// request let a client that opened and reset many of them starve every write.
+#[derive(Debug, Default)]
+struct Readiness {
+    probe: std::sync::Mutex<Option<SharedProbe>>,
+    started: AtomicU64,
+}
+
+/// A probe's answer (its error's causes as text, so that every caller gets a copy) and when it
+/// came.
+type ProbeAnswer = (Instant, Result<(), String>);
+type SharedProbe = Shared<BoxFuture<'static, ProbeAnswer>>;
+
+/// How long a probe's answer is reused: load balancers ask every few seconds each, and a
+/// second-old answer is as good as a new one.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
 
 /// Which engine a store runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +152,10 @@ impl Store {
         } else {
             Backend::Sqlite(sqlite::connect(url.expose()).await?)
         };
-        Ok(Self { backend })
+        Ok(Self {
+            backend,
+            readiness: Arc::default(),
+        })
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -157,24 +184,68 @@ impl Store {
 
     /// Whether the database can take a write now, for readiness: PostgreSQL answers a query;
     /// SQLite's write lock can be taken (a file locked by another process still answers reads).
-    /// Bounded by `READINESS_TIMEOUT`, so a dead database gives a prompt answer.
+    /// Bounded by `READINESS_TIMEOUT`, so a dead database gives a prompt answer. Callers share
+    /// one probe at a time, and an answer for [`PROBE_REUSE`] after it came ([`Readiness`]).
     pub async fn ping(&self) -> anyhow::Result<()> {
-        let store = self.clone();
-        // Spawned, so a probe whose caller hangs up still ends in its own rollback.
-        let probe = tokio::spawn(async move {
-            match &store.backend {
-                Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
-                Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
-            }
-        });
+        let probe = self.shared_probe();
         match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
-            Ok(Ok(answered)) => answered.context("database did not answer"),
-            Ok(Err(join)) => Err(anyhow::anyhow!("database probe failed: {join}")),
+            Ok((_, answered)) => answered.map_err(|causes| anyhow::anyhow!(causes)),
             Err(_) => Err(anyhow::anyhow!(
                 "database did not answer within {} s",
                 READINESS_TIMEOUT.as_secs()
             )),
         }
+    }
+
+    /// The probe running now, or the last one if it ended less than [`PROBE_REUSE`] ago;
+    /// otherwise a new one.
+    fn shared_probe(&self) -> SharedProbe {
+        let mut current = self
+            .readiness
+            .probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(probe) = current.as_ref() {
+            let reusable = match probe.peek() {
+                None => true,
+                Some((ended, _)) => ended.elapsed() < PROBE_REUSE,
+            };
+            if reusable {
+                return probe.clone();
+            }
+        }
+        self.readiness.started.fetch_add(1, Ordering::Relaxed);
+        let store = self.clone();
+        // Spawned, so a probe whose callers all hang up still ends in its own rollback; its
+        // answer is timed where it came, not where a caller next looks.
+        let task = tokio::spawn(async move {
+            let answered = match &store.backend {
+                Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
+                Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            };
+            let answered = answered.map_err(|err| {
+                let err = anyhow::Error::new(err).context("database did not answer");
+                crate::error::causes(&err)
+            });
+            (Instant::now(), answered)
+        });
+        let probe = async move {
+            task.await.unwrap_or_else(|join| {
+                (
+                    Instant::now(),
+                    Err(format!("database probe failed: {join}")),
+                )
+            })
+        }
+        .boxed()
+        .shared();
+        *current = Some(probe.clone());
+        probe
+    }
+
+    /// Readiness probes started since the store was opened (several callers share one).
+    pub fn readiness_probes_started(&self) -> u64 {
+        self.readiness.started.load(Ordering::Relaxed)
     }
 
     pub async fn record_audit(&self, entry: &AuditEntry) -> anyhow::Result<()> {

@@ -87,6 +87,29 @@ async fn readyz_answers_503_when_the_database_is_gone() {
     );
 }
 
+/// Concurrent `/readyz` callers share one database probe, and an answer is reused for a second:
+/// each request spawned its own probe (a pooled connection and, on SQLite, the write lock, kept
+/// after its caller hung up), so a client that asked, or reset, many at once starved the writes.
+#[tokio::test]
+async fn concurrent_readyz_requests_share_one_database_probe() {
+    let db = test_db!();
+    let (server, state) = spawn_app(&db, &[]).await;
+    let requests = 100;
+    let started = std::time::Instant::now();
+    let answers =
+        futures_util::future::join_all((0..requests).map(|_| server.get("/readyz"))).await;
+    let elapsed = started.elapsed();
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    assert!(statuses.iter().all(|&status| status == 200), "{statuses:?}");
+    let probes = state.store.readiness_probes_started();
+    eprintln!("{requests} /readyz in {elapsed:?} started {probes} probes");
+    // At most one probe runs at a time, and each answer serves a second after it came.
+    assert!(
+        probes >= 1 && probes <= elapsed.as_secs() + 2,
+        "{probes} probes for {requests} requests in {elapsed:?}"
+    );
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json_errors() {
     let db = test_db!();
