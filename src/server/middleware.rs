@@ -283,7 +283,7 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
     }
     tracing::info_span!(
         "request",
-        "http.request.method" = req.method().as_str(),
+        "http.request.method" = crate::telemetry::logged_method(req.method()),
         "http.route" = route,
         request_id,
         "edgegate.credential.source" = tracing::field::Empty,

@@ -174,6 +174,16 @@ impl Default for Metrics {
     }
 }
 
+/// The method as logs and spans carry it (`http.request.method`): OpenTelemetry's `_OTHER` for
+/// one outside the standard set, which went into every line and span name of its request as it
+/// came (up to the 64 KiB head limit).
+pub(crate) fn logged_method(method: &axum::http::Method) -> &'static str {
+    match known_method(method) {
+        "other" => "_OTHER",
+        known => known,
+    }
+}
+
 /// The method as a label; anything outside the standard set is `other`, so labels stay bounded.
 fn known_method(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;

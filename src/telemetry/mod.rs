@@ -7,6 +7,7 @@ mod spans;
 mod stderr;
 mod traces;
 
+pub(crate) use metrics::logged_method;
 pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::{cancel_server_span, end_server_span};
 pub use stderr::flush as flush_logs;

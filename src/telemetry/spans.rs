@@ -87,8 +87,13 @@ where
         let (name, kind, parent) = match meta.name() {
             SERVER_SPAN => {
                 let start = NEXT_SERVER_SPAN.take();
-                let mut name = String::with_capacity(fields.method.len() + 1 + fields.route.len());
-                name.push_str(&fields.method);
+                // OpenTelemetry names a request of an unknown method `HTTP {route}`.
+                let method = match fields.method.as_str() {
+                    "_OTHER" => "HTTP",
+                    method => method,
+                };
+                let mut name = String::with_capacity(method.len() + 1 + fields.route.len());
+                name.push_str(method);
                 name.push(' ');
                 name.push_str(&fields.route);
                 let parent = match start {

@@ -401,7 +401,7 @@ pub(crate) fn server_span(
             bounded_attribute(agent),
         ));
     }
-    let method = req.method().as_str();
+    let method = super::logged_method(req.method());
     let mut hex = [0u8; 32];
     let span = server_span_with(ServerStart { parent, attributes }, || {
         tracing::info_span!(

@@ -143,6 +143,44 @@ async fn json_logs_carry_the_request_and_its_credential_but_never_the_secret() {
     }
 }
 
+/// A method outside HTTP's standard set is logged as OpenTelemetry's `_OTHER`: it went into
+/// every line of its request as it came, up to the 64 KiB head limit.
+#[tokio::test]
+async fn an_unknown_method_is_logged_as_other() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let method = "M".repeat(4000);
+    let vars = [("LOG_FORMAT", "json"), ("RUST_LOG", "info")];
+    let log = log_of(&vars, |base| async move {
+        let address = base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "{method} /healthz HTTP/1.1\r\nHost: edgegate\r\nx-request-id: log-method\r\n\
+             connection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 405"), "{answer:?}");
+    })
+    .await;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    for line in &lines {
+        if let Some(logged) = field(line, "http.request.method").and_then(Value::as_str) {
+            assert!(logged.len() <= 16, "a method of {} bytes", logged.len());
+        }
+    }
+    let line = response_line(&lines, "log-method");
+    assert_eq!(field(line, "http.request.method").unwrap(), "_OTHER");
+}
+
 #[tokio::test]
 async fn pretty_logs_to_a_file_carry_no_colour_codes() {
     let log = log_of(&[("RUST_LOG", "info")], |base| async move {
