@@ -147,8 +147,8 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         },
     });
     lines.extend(jwt_check::lines(config).await);
-    lines.push(check_twilio(config, check_client()).await);
-    lines.push(check_stripe(config, check_client()).await);
+    lines.push(check_twilio(config, check_client(&config.twilio.api_base)).await);
+    lines.push(check_stripe(config, check_client(&config.stripe.api_base)).await);
     lines
 }
 
@@ -230,9 +230,9 @@ fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     })
 }
 
-/// The HTTP client `check` reaches dependencies with.
-fn check_client() -> reqwest::Client {
-    crate::outbound::client_builder(Some("check"))
+/// The HTTP client `check` reaches the dependency at `target` with.
+fn check_client(target: &url::Url) -> reqwest::Client {
+    crate::outbound::client_builder(Some("check"), &[target])
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
@@ -361,7 +361,11 @@ pub fn health_url(url: &str) -> String {
 
 /// `edgegate healthcheck [URL]`: Ok when the URL answers 200 within 5 s.
 pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()> {
+    // No proxy and no redirect: the question is whether this URL itself answers 200, and a
+    // proxy from the environment cannot reach the container's own loopback.
     let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(5))
         // The certificate names the public host, not 127.0.0.1; only our own default probe skips it.
         .tls_danger_accept_invalid_certs(loopback_default)

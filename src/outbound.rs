@@ -1,20 +1,42 @@
 //! The one way edgegate builds a client for calls it makes with a credential (Stripe, Twilio,
 //! the JWKS host, an OTLP collector, `check`, `keys report`).
 
+use url::Url;
+
 /// A client builder with edgegate's user agent (`purpose` in brackets, if any) that follows no
 /// redirect and sends no Referer: reqwest drops only the standard credential headers on a
 /// redirect to another host, so `apikey`, a collector's own headers and a re-posted body (an
 /// SMS) went wherever a 3xx pointed. None of the services called redirects; a 3xx is an answer.
-pub fn client_builder(purpose: Option<&str>) -> reqwest::ClientBuilder {
+///
+/// `targets` are the base URLs the client calls. When one is on this machine, the client uses
+/// no proxy at all: reqwest sends even a loopback call through `HTTP_PROXY`/`ALL_PROXY` unless
+/// `NO_PROXY` names it, and a proxy cannot reach the container's loopback, while an `http://`
+/// call (allowed on loopback only) would show it the credential in plain text.
+pub fn client_builder(purpose: Option<&str>, targets: &[&Url]) -> reqwest::ClientBuilder {
     let version = env!("CARGO_PKG_VERSION");
     let agent = match purpose {
         Some(purpose) => format!("edgegate/{version} ({purpose})"),
         None => format!("edgegate/{version}"),
     };
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .user_agent(agent)
         .redirect(reqwest::redirect::Policy::none())
-        .referer(false)
+        .referer(false);
+    if targets.iter().any(|target| is_loopback(target)) {
+        builder.no_proxy()
+    } else {
+        builder
+    }
+}
+
+/// Whether `url` names this machine: a loopback address or `localhost`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -45,7 +67,7 @@ mod tests {
             stream.write_all(answer.as_bytes()).unwrap();
         });
         // Bounded: a followed redirect waits on a listener that never answers.
-        let client = super::client_builder(Some("test"))
+        let client = super::client_builder(Some("test"), &[])
             .timeout(std::time::Duration::from_secs(5))
             .build()
             .unwrap();

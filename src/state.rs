@@ -50,12 +50,15 @@ impl AppState {
     /// As [`AppState::new`], reading time from `clock`.
     pub fn with_clock(config: Config, store: Store, clock: Clock) -> Self {
         // Stripe's and Twilio's client.
-        let http = crate::outbound::client_builder(None)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let http = crate::outbound::client_builder(
+            None,
+            &[&config.stripe.api_base, &config.twilio.api_base],
+        )
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new());
         let auth = Arc::new(Authenticator::with_clock(
             settings_from(&config),
-            crate::auth::jwks::http_client(),
+            crate::auth::jwks::http_client(config.jwt.jwks_url.as_ref()),
             clock.clone(),
         ));
         let mut metrics = Metrics::new();

@@ -40,8 +40,8 @@ const BACKOFF_START: Duration = Duration::from_secs(5);
 
 /// The client the JWKS is fetched with, apart from the one used for Stripe and Twilio: it never
 /// follows a redirect, so a JWKS host cannot point edgegate's requests at another address.
-pub fn http_client() -> reqwest::Client {
-    crate::outbound::client_builder(Some("jwks"))
+pub fn http_client(url: Option<&Url>) -> reqwest::Client {
+    crate::outbound::client_builder(Some("jwks"), url.as_slice())
         .timeout(FETCH_TIMEOUT)
         .build()
         // Building fails only when the TLS backend cannot start, and then so would any client;

@@ -9,7 +9,10 @@ use crate::config::Config;
 
 /// The credential lines, fetching the JWKS when a URL is configured.
 pub async fn lines(config: &Config) -> Vec<CheckLine> {
-    let auth = Authenticator::new(settings_from(config), crate::auth::jwks::http_client());
+    let auth = Authenticator::new(
+        settings_from(config),
+        crate::auth::jwks::http_client(config.jwt.jwks_url.as_ref()),
+    );
     let mut lines = vec![legacy_line(config, &auth)];
     if !config.jwt.inline_jwks.is_empty() {
         let keys = signing_keys(&auth, KeyOrigin::Inline);

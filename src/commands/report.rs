@@ -42,8 +42,9 @@ pub async fn from_api(
             .query_pairs_mut()
             .append_pair("window_seconds", &window.as_secs().to_string());
     }
-    // No redirect: the report comes from `--url` itself, and the key goes nowhere else.
-    let client = crate::outbound::client_builder(Some("keys report"))
+    // No redirect: the report comes from `--url` itself, and the key goes nowhere else (nor
+    // to a proxy when `--url` is on loopback).
+    let client = crate::outbound::client_builder(Some("keys report"), &[base])
         .timeout(Duration::from_secs(30))
         .build()?;
     let response = client

@@ -297,7 +297,9 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         match (url.scheme(), rule) {
             ("https", _) => Ok(Some(url)),
             ("http", UrlRule::Http) => Ok(Some(url)),
-            ("http", UrlRule::HttpsOrLoopback) if is_loopback(&url) => Ok(Some(url)),
+            ("http", UrlRule::HttpsOrLoopback) if crate::outbound::is_loopback(&url) => {
+                Ok(Some(url))
+            }
             ("http", UrlRule::HttpsOrLoopback) => Err(ConfigError::new(
                 name,
                 "must use https:// (http:// is allowed on loopback only)",
@@ -758,15 +760,6 @@ fn percent_decode(raw: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
 }
 
 /// `base` with `path` appended below its own path (a base of `https://x.co/sub` keeps `/sub`).

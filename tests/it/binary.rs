@@ -440,6 +440,81 @@ async fn keys_report_reads_its_secret_key_from_dotenv_and_the_environment_wins()
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
+/// A proxy in the environment (`HTTP_PROXY`, `ALL_PROXY`) is not used to reach this machine:
+/// the proxy cannot reach the container's loopback, and `keys report --url http://127.0.0.1…`
+/// would show it the secret key in plain text.
+#[tokio::test]
+async fn healthcheck_and_keys_report_reach_loopback_without_the_proxy() {
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let keys = format!(r#"{{"ops":"{key}"}}"#);
+    let vars = [
+        ("PORT", port.as_str()),
+        ("SUPABASE_SECRET_KEYS", keys.as_str()),
+    ];
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    // Accepts nothing: a client that goes through it waits until its own timeout.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    proxy.set_nonblocking(true).unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = [
+        ("PORT", port.as_str()),
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
+        ("EDGEGATE_SECRET_KEY", key),
+    ];
+    let health = output(edgegate(dir.path(), &proxied).arg("healthcheck"));
+    let url = format!("http://127.0.0.1:{port}");
+    let report = output(edgegate(dir.path(), &proxied).args(["keys", "report", "--url", &url]));
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    assert!(proxy.accept().is_err(), "a loopback call went to the proxy");
+    assert_eq!(
+        health.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert_eq!(
+        report.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+}
+
+/// `healthcheck` asks whether `/healthz` answers 200: a redirect to a healthy server is not that
+/// answer.
+#[tokio::test]
+async fn healthcheck_follows_no_redirect() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut child = spawn_server(dir.path(), "server.log", &[("PORT", &port)]);
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let redirecting = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/healthz", redirecting.local_addr().unwrap());
+    let answer = format!(
+        "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/healthz\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = redirecting.accept().unwrap();
+        let _ = stream.read(&mut [0u8; 4096]);
+        stream.write_all(answer.as_bytes()).unwrap();
+    });
+    let out = output(edgegate(dir.path(), &[]).arg("healthcheck").arg(&url));
+    server.join().unwrap();
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("302"), "{stderr}");
+}
+
 /// A value that is not UTF-8 is malformed, not unset: exit 2 naming the variable, not its value.
 #[test]
 fn a_variable_that_is_not_utf8_stops_start_up() {
