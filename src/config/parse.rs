@@ -606,6 +606,18 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                     "must be * or comma-separated origins like https://app.example.com",
                 ));
             };
+            // The URL parser takes `*` and `_` in a host name, but a browser's `Origin` holds a
+            // real host, compared byte for byte: `https://*.example.com` would never match.
+            if let Some(url::Host::Domain(host)) = origin.host()
+                && !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err(ConfigError::new(
+                    name,
+                    "must name exact hosts: letters, digits, - and . only (no wildcard)",
+                ));
+            }
             // As a browser writes it in `Origin`, which is compared byte for byte: the scheme
             // and host in lower case, the host in ASCII (punycode), no default port.
             origins.push(origin.origin().ascii_serialization());

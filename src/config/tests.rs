@@ -370,6 +370,13 @@ fn cors_origins_are_star_or_origins() {
     refused("CORS_ALLOWED_ORIGINS", "app.example.com");
     refused("CORS_ALLOWED_ORIGINS", "https://user@app.example.com");
     refused("CORS_ALLOWED_ORIGINS", "https://app.example.com#x");
+    // A browser's `Origin` never holds a pattern: a wildcard host would never match.
+    let err = refused("CORS_ALLOWED_ORIGINS", "https://*.example.com");
+    assert!(err.rule.contains("no wildcard"), "{err}");
+    refused(
+        "CORS_ALLOWED_ORIGINS",
+        "https://app.example.com,https://app_1.example.com",
+    );
     // Kept as a browser sends them in `Origin` (the comparison is byte for byte): the host in
     // lower case and in ASCII, no default port.
     let ok = config(&[(
@@ -387,6 +394,18 @@ fn cors_origins_are_star_or_origins() {
             "http://c.example.com".into(),
             "https://xn--bcher-kva.example".into(),
             "https://d.example.com:8443".into(),
+        ])
+    );
+    let ok = config(&[(
+        "CORS_ALLOWED_ORIGINS",
+        "http://127.0.0.1:5173,http://[::1]:5173",
+    )])
+    .unwrap();
+    assert_eq!(
+        ok.cors_allowed_origins,
+        CorsOrigins::List(vec![
+            "http://127.0.0.1:5173".into(),
+            "http://[::1]:5173".into(),
         ])
     );
 }
