@@ -115,9 +115,11 @@ enum TokenCommand {
 Claims:
   with --sub, or for a role other than anon and service_role: a Supabase Auth access token
     (iss ${SUPABASE_URL}/auth/v1, else the first of JWT_ISSUERS, else \"supabase\";
-    aud \"authenticated\"; a random UUID sub when --sub is not given)
+    aud the first of JWT_AUDIENCES, \"authenticated\" by default; a random UUID sub when
+    --sub is not given)
   anon or service_role without --sub: a legacy API key,
     {\"iss\":\"supabase\",\"ref\",\"role\",\"iat\",\"exp\"} (ref from SUPABASE_URL)
+  an iss that JWT_ISSUERS leaves out is replaced by the first it lists
 
 Examples:
   edgegate token mint --role authenticated --sub 8f1c… --jwk private.jwk.json

@@ -64,14 +64,21 @@ pub(crate) fn parse_span(text: &str) -> Result<Duration, String> {
 /// The claims of a minted token.
 ///
 /// With `--sub`, or for any role but `anon` and `service_role`: a Supabase Auth access token
-/// (`iss` `${SUPABASE_URL}/auth/v1`, else the first of `JWT_ISSUERS`, else `supabase`;
-/// `aud` `authenticated`; a random UUID `sub` when none is given).
+/// (`iss` `${SUPABASE_URL}/auth/v1`, else the first of `JWT_ISSUERS`, else `supabase`; `aud`
+/// the first of `JWT_AUDIENCES`, `authenticated` by default; a random UUID `sub` when none is
+/// given).
 /// For `anon` and `service_role` without `--sub`: a legacy API key's claims,
 /// `{"iss":"supabase","ref","role","iat","exp"}` (`ref` only when `SUPABASE_URL` names a
 /// `<ref>.supabase.co` project).
+/// An `iss` that `JWT_ISSUERS` leaves out is replaced by the first it lists: the token is for
+/// this service, and would be refused otherwise.
 pub fn claims(config: &Config, options: &MintOptions, now: i64) -> Value {
     let ttl = i64::try_from(options.ttl.as_secs()).unwrap_or(i64::MAX);
     let jwt = &config.jwt;
+    let accepted = |usual: String| match &jwt.issuers {
+        Some(issuers) if !issuers.contains(&usual) => issuers.first().cloned().unwrap_or(usual),
+        _ => usual,
+    };
     let api_key_role = matches!(options.role.as_str(), "anon" | "service_role");
     match &options.sub {
         None if api_key_role => {
@@ -81,10 +88,11 @@ pub fn claims(config: &Config, options: &MintOptions, now: i64) -> Value {
                 now,
                 ttl,
             );
-            if jwt.project_ref().is_none()
-                && let Some(claims) = claims.as_object_mut()
-            {
-                claims.remove("ref");
+            if let Some(claims) = claims.as_object_mut() {
+                if jwt.project_ref().is_none() {
+                    claims.remove("ref");
+                }
+                claims.insert("iss".into(), accepted("supabase".to_owned()).into());
             }
             claims
         }
@@ -96,7 +104,11 @@ pub fn claims(config: &Config, options: &MintOptions, now: i64) -> Value {
             let sub = sub
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            user_claims(&issuer, &options.role, &sub, now, ttl)
+            let mut claims = user_claims(&accepted(issuer), &options.role, &sub, now, ttl);
+            if let Some(audience) = jwt.audiences.first() {
+                claims["aud"] = audience.as_str().into();
+            }
+            claims
         }
     }
 }
@@ -195,13 +207,10 @@ mod tests {
     }
 
     #[test]
-    fn user_tokens_take_the_issuer_from_supabase_url_then_jwt_issuers() {
+    fn user_tokens_take_the_issuer_from_supabase_url_when_accepted() {
         let now = 1_800_000_000;
-        let both = config(&[
-            ("SUPABASE_URL", "https://abcd.supabase.co"),
-            ("JWT_ISSUERS", "https://other/auth/v1"),
-        ]);
-        let claims = claims(&both, &options("authenticated", Some("u1")), now);
+        let project = config(&[("SUPABASE_URL", "https://abcd.supabase.co")]);
+        let claims = claims(&project, &options("authenticated", Some("u1")), now);
         assert_eq!(claims["iss"], "https://abcd.supabase.co/auth/v1");
         assert_eq!(claims["sub"], "u1");
         assert_eq!(claims["aud"], "authenticated");
@@ -220,6 +229,37 @@ mod tests {
         let nothing = super::claims(&config(&[]), &options("editor", Some("u")), now);
         assert_eq!(nothing["iss"], "supabase");
         assert_eq!(nothing["role"], "editor");
+    }
+
+    /// A minted token passes the checks of a server with the same configuration: `iss` from
+    /// `JWT_ISSUERS` when it leaves out the usual one, `aud` from `JWT_AUDIENCES`.
+    #[tokio::test]
+    async fn minted_tokens_pass_the_issuer_and_audience_checks_of_the_same_config() {
+        let now = crate::clock::Clock::system().unix_now();
+        let config = config(&[
+            ("SUPABASE_URL", "https://abcd.supabase.co"),
+            ("JWT_ISSUERS", "https://other/auth/v1"),
+            ("JWT_AUDIENCES", "app"),
+            ("SUPABASE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ]);
+        let auth = crate::auth::Authenticator::new(
+            crate::auth::settings_from(&config),
+            reqwest::Client::new(),
+        );
+        for (role, sub) in [
+            ("authenticated", Some("u1")),
+            ("anon", None),
+            ("service_role", None),
+        ] {
+            let token = mint(&config, &options(role, sub), now).unwrap();
+            let verified = auth.verify_bearer(&token).await;
+            assert!(verified.is_ok(), "{role}: {verified:?}");
+            let claims = super::claims(&config, &options(role, sub), now);
+            assert_eq!(claims["iss"], "https://other/auth/v1", "{role}");
+            if sub.is_some() {
+                assert_eq!(claims["aud"], "app", "{role}");
+            }
+        }
     }
 
     #[test]
