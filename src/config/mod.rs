@@ -550,7 +550,7 @@ impl Config {
     /// Builds the configuration from any source of variables (tests pass a map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let vars = Vars::new(lookup);
-        let supabase_url = vars.url("SUPABASE_URL", parse::UrlRule::HttpsOrLoopback)?;
+        let supabase_url = vars.base_url("SUPABASE_URL", parse::UrlRule::HttpsOrLoopback)?;
         let jwks_url = match vars.url("SUPABASE_JWKS_URL", parse::UrlRule::HttpsOrLoopback)? {
             Some(url) => Some(url),
             None => supabase_url
@@ -728,7 +728,7 @@ impl Config {
             stripe,
             twilio,
             sms,
-            public_url: vars.base_url("PUBLIC_URL")?,
+            public_url: vars.base_url("PUBLIC_URL", parse::UrlRule::Http)?,
             traces: trace_export(&vars)?,
         })
     }

@@ -308,10 +308,11 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    /// An http(s) URL that paths are appended to (as `PUBLIC_URL` gets the status callback's):
-    /// a query or a fragment, even an empty one, would swallow the path.
-    pub(super) fn base_url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
-        let url = self.url(name, UrlRule::Http)?;
+    /// An http(s) URL that paths are appended to (`PUBLIC_URL` gets the status callback's,
+    /// `SUPABASE_URL` the issuer's and the JWKS's): a query or a fragment, even an empty one,
+    /// would swallow the path.
+    pub(super) fn base_url(&self, name: &str, rule: UrlRule) -> Result<Option<Url>, ConfigError> {
+        let url = self.url(name, rule)?;
         if url
             .as_ref()
             .is_some_and(|url| url.query().is_some() || url.fragment().is_some())

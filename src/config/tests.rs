@@ -85,6 +85,11 @@ fn the_auth_issuer_and_project_ref_come_from_supabase_url() {
     );
     assert_eq!(local.project_ref(), None);
     assert_eq!(config(&[]).unwrap().jwt.auth_issuer(), None);
+    // Paths are appended to it: a query or a fragment would end up in the issuer.
+    for base in ["https://abcd.supabase.co?", "https://abcd.supabase.co/#x"] {
+        let err = refused("SUPABASE_URL", base);
+        assert!(err.rule.contains("no ? or #"), "{err}");
+    }
 }
 
 #[test]
