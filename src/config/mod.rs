@@ -672,7 +672,7 @@ impl Config {
             max_per_minute: vars.number("SMS_MAX_PER_MINUTE", 60, 1..=100_000)?,
         };
 
-        let tls = match (vars.path("TLS_CERT_FILE")?, vars.path("TLS_KEY_FILE")?) {
+        let tls = match (vars.path("TLS_CERT_FILE"), vars.path("TLS_KEY_FILE")) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
             (Some(_), None) => {

@@ -272,15 +272,9 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             .transpose()
     }
 
-    pub(super) fn path(&self, name: &str) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(raw) = self.get(name) else {
-            return Ok(None);
-        };
-        let path = PathBuf::from(raw.trim());
-        if !path.is_file() {
-            return Err(ConfigError::new(name, "must name a readable file"));
-        }
-        Ok(Some(path))
+    /// A file path; whether the file exists is for the command that reads it to say.
+    pub(super) fn path(&self, name: &str) -> Option<PathBuf> {
+        self.get(name).map(|raw| PathBuf::from(raw.trim()))
     }
 
     pub(super) fn url(&self, name: &str, rule: UrlRule) -> Result<Option<Url>, ConfigError> {

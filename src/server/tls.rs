@@ -10,7 +10,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::TlsFiles;
 
 /// Builds the TLS acceptor from the PEM files (aws-lc-rs, the service's one crypto backend).
+/// Their existence is checked here, not with the configuration: only `serve` and `check` read
+/// them, and `migrate` runs where they are not mounted.
 pub fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    for (name, path) in [("TLS_CERT_FILE", &files.cert), ("TLS_KEY_FILE", &files.key)] {
+        anyhow::ensure!(path.is_file(), "{name} must name a readable file");
+    }
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .context("TLS_CERT_FILE holds no readable PEM certificate chain")?;

@@ -322,6 +322,40 @@ fn unusable_tls_files_are_a_configuration_error() {
     );
 }
 
+/// The TLS files are read by the commands that use them: `migrate` (Fly's release machine has
+/// no certificate mount) runs without them, `serve` stops with exit 2 naming the variable and
+/// `check` fails their line.
+#[test]
+fn missing_tls_files_stop_serve_and_check_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [
+        ("TLS_CERT_FILE", "/definitely/not/cert.pem"),
+        ("TLS_KEY_FILE", "/definitely/not/key.pem"),
+        ("PORT", port.as_str()),
+    ];
+    let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let out = output(edgegate(dir.path(), &vars).arg("serve"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("TLS_CERT_FILE must name a readable file"),
+        "{stderr}"
+    );
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("TLS_CERT_FILE")),
+        "{stdout}"
+    );
+}
+
 /// Without a URL, `healthcheck` probes the address the server listens on (`HOST`), loopback
 /// when that is every address: a container bound to `::1` alone is healthy too.
 #[tokio::test]
