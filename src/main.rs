@@ -202,13 +202,14 @@ fn main() -> ExitCode {
     if let Some(Command::Openapi) = cli.command {
         return print_openapi();
     }
-    let config = match dotenv.and_then(|()| Config::from_process_env()) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("edgegate: invalid configuration: {err}");
-            return ExitCode::from(2);
-        }
-    };
+    let (config, hidden_by_blank) =
+        match dotenv.and_then(|hidden| Config::from_process_env().map(|config| (config, hidden))) {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                eprintln!("edgegate: invalid configuration: {err}");
+                return ExitCode::from(2);
+            }
+        };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -242,6 +243,12 @@ fn main() -> ExitCode {
             }
         }
     };
+    for name in hidden_by_blank {
+        tracing::warn!(
+            "{name} is set but blank in the environment, which wins over .env: its value in \
+             .env is not used"
+        );
+    }
     let code = runtime.block_on(async {
         let code = execute(command, config).await;
         // After the drain: the spans of the last requests go out too.

@@ -474,13 +474,26 @@ fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
 /// above it) to the process environment. A variable the environment already sets keeps its
 /// value: the real environment wins. The CLI calls it before it parses its arguments, so an
 /// option read from the environment (`EDGEGATE_SECRET_KEY`) finds `.env`'s value too.
-pub fn load_dotenv() -> Result<(), ConfigError> {
+///
+/// Returns the names of the variables `.env` sets that the environment sets blank: blank reads
+/// as unset, so `.env`'s value is hidden, a surprise worth a warning.
+pub fn load_dotenv() -> Result<Vec<String>, ConfigError> {
     // A missing .env is normal; a malformed one is a configuration error.
     match dotenvy::from_path(".env") {
-        Ok(()) => Ok(()),
-        Err(err) if err.not_found() => Ok(()),
-        Err(err) => Err(dotenv_error(&err)),
+        Ok(()) => {}
+        Err(err) if err.not_found() => return Ok(Vec::new()),
+        Err(err) => return Err(dotenv_error(&err)),
     }
+    let blank = |value: &str| value.trim().is_empty();
+    let hidden = dotenvy::from_path_iter(".env")
+        .map_err(|err| dotenv_error(&err))?
+        .filter_map(Result::ok)
+        .filter(|(name, value)| {
+            !blank(value) && std::env::var(name).is_ok_and(|in_environment| blank(&in_environment))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    Ok(hidden)
 }
 
 /// `keys report --url`: a running edgegate's URL, by the rule of `SUPABASE_JWKS_URL`

@@ -549,6 +549,28 @@ async fn healthcheck_follows_no_redirect() {
     assert!(stderr.contains("302"), "{stderr}");
 }
 
+/// A variable set to "" in the real environment hides its `.env` value (the environment wins,
+/// and blank reads as unset): start-up says so, naming the variable and never the value.
+#[test]
+fn an_empty_variable_hiding_its_dotenv_value_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "STRIPE_WEBHOOK_SECRET=whsec_hiddenvalue123\nSMS_MAX_PER_MINUTE=30\n",
+    )
+    .unwrap();
+    let out = output(edgegate(dir.path(), &[("STRIPE_WEBHOOK_SECRET", "")]).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warned: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains(".env"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(warned[0].contains("STRIPE_WEBHOOK_SECRET"), "{stderr}");
+    assert!(!stderr.contains("hiddenvalue"), "{stderr}");
+}
+
 /// A value that is not UTF-8 is malformed, not unset: exit 2 naming the variable, not its value.
 #[test]
 fn a_variable_that_is_not_utf8_stops_start_up() {
