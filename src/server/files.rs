@@ -18,7 +18,8 @@ pub enum Fit {
 /// The rule `serve` applies to its connection cap under the open-file `limit` (`None`: none
 /// known): the cap plus [`RESERVED_FILES`] must fit; a cap left at its default is lowered to
 /// fit (nothing is required to start), one set by `HTTP_MAX_CONNECTIONS` that does not fit is a
-/// configuration error. `edgegate check` applies it too.
+/// configuration error, and so is a limit that leaves no file for any connection.
+/// `edgegate check` applies it too.
 pub fn fit_connections(limits: &ConnectionLimits, limit: Option<u64>) -> Result<Fit, ConfigError> {
     let needed = (limits.max_connections as u64).saturating_add(RESERVED_FILES);
     match limit {
@@ -27,6 +28,15 @@ pub fn fit_connections(limits: &ConnectionLimits, limit: Option<u64>) -> Result<
                 usize::try_from(limit - RESERVED_FILES).unwrap_or(usize::MAX),
             ))
         }
+        // Nothing to lower a default cap to: the limit is at fault, not a variable never set.
+        Some(limit) if limit < needed && !limits.max_connections_set => Err(ConfigError::new(
+            "RLIMIT_NOFILE",
+            format!(
+                "(the open-file limit) of {limit} leaves no file for connections: \
+                 {RESERVED_FILES} are kept for the database and outbound clients; raise it \
+                 (ulimit -n)"
+            ),
+        )),
         Some(limit) if limit < needed => Err(ConfigError::new(
             "HTTP_MAX_CONNECTIONS",
             format!(
@@ -99,4 +109,45 @@ fn raise_soft_limit() -> Option<u64> {
 #[cfg(not(unix))]
 fn raise_soft_limit() -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_connections: usize, set: bool) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections,
+            max_connections_set: set,
+            ..ConnectionLimits::default()
+        }
+    }
+
+    #[test]
+    fn a_default_cap_is_lowered_and_a_set_one_is_refused() {
+        assert_eq!(fit_connections(&limits(4096, false), None), Ok(Fit::Holds));
+        assert_eq!(
+            fit_connections(&limits(4096, false), Some(4096 + RESERVED_FILES)),
+            Ok(Fit::Holds)
+        );
+        assert_eq!(
+            fit_connections(&limits(4096, false), Some(1024)),
+            Ok(Fit::Lowered(1024 - 128))
+        );
+        let err = fit_connections(&limits(4096, true), Some(1024)).unwrap_err();
+        assert_eq!(err.variable, "HTTP_MAX_CONNECTIONS");
+        assert!(err.rule.contains("at most 896"), "{err}");
+    }
+
+    /// With `HTTP_MAX_CONNECTIONS` unset, a limit that holds no connection at all is the limit's
+    /// fault: the message must not send the operator to a variable they never set.
+    #[test]
+    fn a_limit_too_low_for_any_connection_is_named_when_the_cap_is_the_default() {
+        for limit in [64, RESERVED_FILES] {
+            let err = fit_connections(&limits(4096, false), Some(limit)).unwrap_err();
+            assert_eq!(err.variable, "RLIMIT_NOFILE", "{err}");
+            assert!(err.rule.contains(&limit.to_string()), "{err}");
+            assert!(!err.to_string().contains("HTTP_MAX_CONNECTIONS"), "{err}");
+        }
+    }
 }
