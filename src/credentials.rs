@@ -74,6 +74,8 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
         // six bytes (in any case) followed by a space; the token is the rest.
         let token = match value.as_bytes().get(..7) {
             Some([scheme @ .., b' ']) if scheme.eq_ignore_ascii_case(b"bearer") => &value[7..],
+            // `Bearer ` with no token, its trailing space trimmed by HTTP.
+            None if value.eq_ignore_ascii_case("bearer") => "",
             _ => {
                 return Err(AuthError::InvalidFormat(
                     "Authorization is not Bearer <token>",
@@ -81,7 +83,8 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
             }
         };
         let token = token.trim();
-        if !token.starts_with("sb_") {
+        // An empty Bearer is no credential: fall through to apikey.
+        if !token.is_empty() && !token.starts_with("sb_") {
             return Ok(Presented::Jwt(token));
         }
         if apikey()? == Some(token) {
@@ -92,7 +95,9 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
     match apikey()? {
         Some(key) if key.starts_with("sb_") => Ok(Presented::ApiKey(key)),
         // A legacy anon or service_role key is itself a JWT.
-        Some(key) => Ok(Presented::Jwt(key)),
+        Some(key) if key.split('.').count() == 3 => Ok(Presented::Jwt(key)),
+        // Neither an opaque key nor a JWT: it matches no configured key.
+        Some(_) => Err(AuthError::InvalidApiKey),
         None => Err(AuthError::NoCredential),
     }
 }
@@ -302,6 +307,25 @@ mod tests {
         assert_eq!(presented(&new), Ok(Presented::ApiKey("sb_publishable_x")));
         let legacy = headers(&[("apikey", "eyJ.a.b")]);
         assert_eq!(presented(&legacy), Ok(Presented::Jwt("eyJ.a.b")));
+        // Neither: an apikey that matches no configured key, not a malformed JWT.
+        let neither = headers(&[("apikey", "foo")]);
+        assert_eq!(presented(&neither), Err(AuthError::InvalidApiKey));
+    }
+
+    /// A Bearer with no token is no credential: the `apikey` rule applies. HTTP trims the
+    /// trailing space of `Bearer `, so a server sees `Bearer` alone.
+    #[test]
+    fn an_empty_bearer_leaves_the_apikey_to_count() {
+        for value in ["Bearer ", "Bearer", "bearer   "] {
+            let with_key = headers(&[("authorization", value), ("apikey", "sb_publishable_x")]);
+            assert_eq!(
+                presented(&with_key),
+                Ok(Presented::ApiKey("sb_publishable_x")),
+                "{value:?}"
+            );
+            let alone = headers(&[("authorization", value)]);
+            assert_eq!(presented(&alone), Err(AuthError::NoCredential), "{value:?}");
+        }
     }
 
     #[test]
@@ -326,7 +350,6 @@ mod tests {
             ("BEARER a.b.c", Some("a.b.c")),
             ("Bearer   a.b.c  ", Some("a.b.c")),
             ("Bearer a.b c", Some("a.b c")),
-            ("Bearer", None),
             ("Bearer\ta.b.c", None),
             ("Bearerx a.b.c", None),
             ("Bear er a.b.c", None),
@@ -343,8 +366,5 @@ mod tests {
                 ),
             }
         }
-        // A bare `Bearer ` has an empty token: no credential, as before.
-        let empty = headers(&[("authorization", "Bearer ")]);
-        assert_eq!(presented(&empty), Ok(Presented::Jwt("")));
     }
 }
