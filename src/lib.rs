@@ -171,9 +171,24 @@ impl Started {
             Some(acceptor) => Some(acceptor),
             None => config.tls.as_ref().map(server::load_tls).transpose()?,
         };
-        let store = Store::connect(&config.database_url).await?;
-        if options.migrate {
-            store.migrate().await?;
+        // A PostgreSQL that does not answer yet (a restart during an outage) does not stop
+        // start-up: credentials verify without it, so the service serves, and the migrations
+        // are applied once it answers (until then the routes that need it answer 503).
+        let (store, unreachable) =
+            Store::connect_or_wait(&config.database_url, options.migrate).await?;
+        let mut background = Vec::new();
+        match unreachable {
+            None if options.migrate => store.migrate().await?,
+            None => {}
+            Some(cause) => {
+                tracing::error!(
+                    error = crate::error::causes(&cause),
+                    "the database does not answer; serving without it until it does"
+                );
+                if options.migrate {
+                    background.push(spawn_migration_retry(store.clone()));
+                }
+            }
         }
         if config.jwt.issuers.is_none() {
             tracing::warn!(
@@ -184,11 +199,11 @@ impl Started {
         let state = AppState::with_clock(config, store.clone(), clock);
         let refresh = state.auth.spawn_refresh();
         let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
-        let mut background = vec![twilio::send::spawn_unanswered_sweeper(
+        background.push(twilio::send::spawn_unanswered_sweeper(
             store.clone(),
             state.clock.clone(),
             state.config.twilio.send_budget,
-        )];
+        ));
         background.extend(twilio::recover::spawn_status_recovery(
             store,
             &state.http,
@@ -276,6 +291,33 @@ impl Started {
         tracing::info!("edgegate stopped");
         Ok(())
     }
+}
+
+/// The longest pause between two attempts to migrate a database that did not answer at start.
+const MIGRATION_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Applies the migrations once the database answers, retrying with a capped backoff (each
+/// attempt waits for a connection for a few seconds too); the store is ready from then on.
+/// Aborted at shutdown with the other background tasks.
+fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for attempt in 1u32.. {
+            let pause =
+                backoff::exponential(Duration::from_millis(500), attempt, MIGRATION_RETRY_MAX);
+            tokio::time::sleep(backoff::equal_jitter(pause)).await;
+            match store.migrate().await {
+                Ok(()) => {
+                    tracing::info!("the database answers; migrations applied, serving it");
+                    return;
+                }
+                Err(err) => tracing::warn!(
+                    error = crate::error::causes(&err),
+                    attempt,
+                    "the database still cannot be migrated; retrying"
+                ),
+            }
+        }
+    })
 }
 
 /// The periodic Stripe reconciliation, when `STRIPE_RECONCILE_INTERVAL_SECONDS` is on.

@@ -35,7 +35,12 @@ pub async fn healthz() -> Json<serde_json::Value> {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    let probed = state.store.ping().await;
+    // A database that answers but whose migrations are still to be applied (`serve` started
+    // while it was down) is not ready either: the routes that need it refuse until then.
+    let probed = match state.store.ping().await {
+        Ok(()) if !state.store.is_ready() => Err(anyhow::anyhow!("migrations not applied yet")),
+        probed => probed,
+    };
     state.metrics.database_ready.set(i64::from(probed.is_ok()));
     let database = match probed {
         Ok(()) => json!({ "ok": true, "backend": state.store.kind().as_str() }),

@@ -8,7 +8,9 @@ mod sms;
 mod stripe;
 
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::http::Uri;
+use axum::http::request::Parts;
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
@@ -55,4 +57,24 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// A handler that takes this runs only once the database's schema can be used: `serve` started
+/// while PostgreSQL did not answer applies the migrations when it does, and until then every
+/// route that needs the database answers 503 `NOT_READY` rather than querying tables that may
+/// not exist yet. Taken after the credential, so only a caller allowed in learns it.
+pub struct DatabaseReady;
+
+impl FromRequestParts<AppState> for DatabaseReady {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.store.is_ready() {
+            Ok(Self)
+        } else {
+            Err(ApiError::NotReady(
+                "the database has not answered since start-up; try again later".to_owned(),
+            ))
+        }
+    }
 }

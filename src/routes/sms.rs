@@ -7,6 +7,7 @@ use axum::http::{StatusCode, Uri};
 use crate::body::{Json, RawBody};
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::DatabaseReady;
 use crate::server::middleware::Arrival;
 use crate::state::AppState;
 use crate::twilio::send::{SendSmsRequest, SmsReceipt, Submission, send_sms as send};
@@ -31,6 +32,7 @@ pub async fn send_sms(
     State(app): State<AppState>,
     Arrival(arrival): Arrival,
     ServiceRole(principal): ServiceRole,
+    _: DatabaseReady,
     Json(request): Json<SendSmsRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<SmsReceipt>)> {
     let audit = principal.audit(&app.clock, "send_sms", "pending");
@@ -69,6 +71,7 @@ pub async fn twilio_status(
     State(app): State<AppState>,
     TwilioSignature(signature): TwilioSignature,
     uri: Uri,
+    _: DatabaseReady,
     RawBody(body): RawBody,
 ) -> ApiResult<StatusCode> {
     let callback = Callback {

@@ -10,6 +10,7 @@ use crate::audit;
 use crate::body::RawBody;
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::DatabaseReady;
 use crate::state::AppState;
 use crate::stripe::StripeClient;
 use crate::stripe::reconcile::{self, ReconcileReport};
@@ -38,6 +39,7 @@ fn stripe_client(state: &AppState) -> Option<StripeClient> {
 pub async fn sync_products(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
+    _: DatabaseReady,
 ) -> ApiResult<Json<SyncReport>> {
     let action = "sync_stripe_products";
     let Some(client) = stripe_client(&state) else {
@@ -84,6 +86,7 @@ pub struct ReconcileRequest {
 pub async fn reconcile(
     State(state): State<AppState>,
     ServiceRole(principal): ServiceRole,
+    _: DatabaseReady,
     RawBody(body): RawBody,
 ) -> ApiResult<Json<ReconcileReport>> {
     let action = "reconcile_stripe_events";
@@ -176,6 +179,7 @@ impl FromRequestParts<AppState> for StripeSignature {
 pub async fn webhook(
     State(state): State<AppState>,
     StripeSignature(signature): StripeSignature,
+    _: DatabaseReady,
     RawBody(body): RawBody,
 ) -> ApiResult<Json<Value>> {
     let stripe = stripe_client(&state);

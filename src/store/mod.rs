@@ -3,7 +3,7 @@
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -55,6 +55,9 @@ enum Backend {
 pub struct Store {
     backend: Backend,
     readiness: Arc<Readiness>,
+    /// False only while `serve` waits to apply the migrations of a database that did not answer
+    /// at start: the routes that need the database answer 503 until then.
+    schema_ready: Arc<AtomicBool>,
 }
 
 /// The readiness probe, shared by every caller of [`Store::ping`]: at most one runs at a time,
@@ -152,10 +155,42 @@ impl Store {
         } else {
             Backend::Sqlite(sqlite::connect(url.expose()).await?)
         };
-        Ok(Self {
+        Ok(Self::with_backend(backend, true))
+    }
+
+    /// For `serve`: as [`Store::connect`], but a PostgreSQL server that does not answer yet (not
+    /// listening, no answer in time, starting up, out of connections) is no error. The store is
+    /// returned with that cause; its pool connects once the server answers, and when
+    /// `migrations_pending` it is not ready until [`Store::migrate`] has succeeded. A definitive
+    /// refusal (password, unknown database or role, TLS, a bad URL) is still an error, as is
+    /// any failure of SQLite.
+    pub async fn connect_or_wait(
+        url: &DatabaseUrl,
+        migrations_pending: bool,
+    ) -> anyhow::Result<(Self, Option<anyhow::Error>)> {
+        if !url.is_postgres() {
+            return Ok((Self::connect(url).await?, None));
+        }
+        let (pool, unreachable) = postgres::connect_or_wait(url.expose()).await?;
+        let ready = unreachable.is_none() || !migrations_pending;
+        Ok((
+            Self::with_backend(Backend::Postgres(pool), ready),
+            unreachable,
+        ))
+    }
+
+    fn with_backend(backend: Backend, schema_ready: bool) -> Self {
+        Self {
             backend,
             readiness: Arc::default(),
-        })
+            schema_ready: Arc::new(AtomicBool::new(schema_ready)),
+        }
+    }
+
+    /// Whether the schema can be used: false only while `serve` waits for a database that did
+    /// not answer at start, to migrate it.
+    pub fn is_ready(&self) -> bool {
+        self.schema_ready.load(Ordering::Acquire)
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -171,7 +206,9 @@ impl Store {
             Backend::Sqlite(pool) => sqlite::migrate(pool).await,
             Backend::Postgres(pool) => postgres::migrator().run(pool).await.map_err(Into::into),
         }
-        .context("applying migrations")
+        .context("applying migrations")?;
+        self.schema_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The versions the database has applied, oldest first.

@@ -19,24 +19,47 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    let (pool, unreachable) = connect_or_wait(url).await?;
+    match unreachable {
+        Some(cause) => Err(cause),
+        None => Ok(pool),
+    }
+}
+
+/// As [`connect`], but a server that does not answer yet (not listening, no answer in time,
+/// starting up, out of connections) is no error: the pool is returned with that cause beside
+/// it, and connects once the server answers. A definitive refusal (authentication, unknown
+/// database or role, TLS) is still an error.
+pub(super) async fn connect_or_wait(url: &str) -> anyhow::Result<(PgPool, Option<anyhow::Error>)> {
     let options =
         PgConnectOptions::from_str(url).context("DATABASE_URL is not a usable Postgres URL")?;
     // The first connection is made here, not by the pool: the pool retries a refused connection
     // until its timeout and then reports only that it timed out, which names neither the server
     // nor the cause.
-    first_connection(&options).await?;
+    let unreachable = match first_connection(&options).await {
+        Ok(()) => None,
+        Err(failure) if failure.unreachable => Some(failure.error),
+        Err(failure) => return Err(failure.error),
+    };
     // Fly's proxy and Supabase's pooler drop long-lived and idle connections; recycle ours first.
     // Through an outage: every idle connection is pinged before use (a dead one is dropped and
     // a new one opened), and acquiring gives up after a few seconds, so a request answers 5xx
     // promptly while the database is away and the same pool serves again once it is back.
-    Ok(PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(10)
         .min_connections(0)
         .max_lifetime(Duration::from_secs(600))
         .idle_timeout(Duration::from_secs(300))
         .test_before_acquire(true)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options);
+    Ok((pool, unreachable))
+}
+
+/// Why the first connection failed, and whether only because the server did not answer (yet).
+struct FirstFailure {
+    error: anyhow::Error,
+    unreachable: bool,
 }
 
 /// Connects once and closes, retrying as the pool would (a refused connection, or a server
@@ -44,12 +67,12 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// server by host and port and gives the last cause: never the password; the server's own
 /// message may name the user (`role "app" does not exist`), which is no secret and says what
 /// to fix.
-async fn first_connection(options: &PgConnectOptions) -> anyhow::Result<()> {
+async fn first_connection(options: &PgConnectOptions) -> Result<(), FirstFailure> {
     use sqlx::Connection as _;
     let deadline = tokio::time::Instant::now() + ACQUIRE_TIMEOUT;
     let mut pause = Duration::from_millis(10);
     let mut last_transient = None;
-    let cause = loop {
+    let (cause, unreachable) = loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(remaining, PgConnection::connect_with(options)).await {
             Ok(Ok(connection)) => {
@@ -63,19 +86,23 @@ async fn first_connection(options: &PgConnectOptions) -> anyhow::Result<()> {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(ACQUIRE_TIMEOUT / 5);
             }
-            Ok(Err(err)) => break describe(&err),
+            Ok(Err(err)) => break (describe(&err), is_transient(&err)),
             Err(_) => {
-                break last_transient.as_ref().map_or_else(
+                let cause = last_transient.as_ref().map_or_else(
                     || format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
                     describe,
                 );
+                break (cause, true);
             }
         }
     };
-    anyhow::bail!(
-        "connecting to PostgreSQL at {} (DATABASE_URL): {cause}",
-        server(options)
-    )
+    Err(FirstFailure {
+        error: anyhow::anyhow!(
+            "connecting to PostgreSQL at {} (DATABASE_URL): {cause}",
+            server(options)
+        ),
+        unreachable,
+    })
 }
 
 /// What the pool retries: the server not listening yet, starting up (57P03) or out of

@@ -522,3 +522,116 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
     assert_eq!(send_sms(&client, &base).await.0, 202);
     assert_eq!(twilio.requests().len(), 1);
 }
+
+/// A PostgreSQL that is not listening when `serve` starts (a restart during an outage: a deploy,
+/// a secret change, an OOM kill) does not stop it: credentials verify at once, readyz and the
+/// routes that need the database answer 503 `NOT_READY` (never a query against a schema not yet
+/// migrated), and once the server listens the migrations are applied and everything serves,
+/// without a restart.
+#[tokio::test]
+async fn serve_starts_while_postgres_is_down_and_migrates_once_it_answers() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let target = SocketAddr::new(
+        url.host_str().unwrap().parse().expect("an IP address"),
+        url.port().unwrap_or(5432),
+    );
+    // A port nothing listens on yet: connections to it are refused until the test opens it.
+    let port = crate::process::free_port();
+    url.set_port(Some(port)).unwrap();
+    let config = config(
+        url.as_str(),
+        &[
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+            ("SUPABASE_JWT_SECRET", JWT_SECRET),
+        ],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = edgegate::spawn(config, listener)
+        .await
+        .expect("serve starts while the database is down");
+    let base = format!("http://{}", app.local_addr());
+    let client = reqwest::Client::new();
+    let event = json!({
+        "id": "evt_outage_start",
+        "object": "event",
+        "type": "balance.available",
+        "created": now_ms() / 1000,
+        "data": { "object": { "object": "balance" } },
+    })
+    .to_string();
+    let webhook = || {
+        client
+            .post(format!("{base}/functions/v1/stripe-webhook"))
+            .header("content-type", "application/json")
+            .header(
+                "stripe-signature",
+                edgegate::stripe::signature::sign(event.as_bytes(), WHSEC, now_ms() / 1000),
+            )
+            .body(event.clone())
+            .send()
+    };
+
+    let response = client
+        .get(format!("{base}/functions/v1/jwt-test"))
+        .header("authorization", legacy_bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, body) =
+        status_and_body(client.get(format!("{base}/readyz")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (503, json!("NOT_READY")),
+        "{body}"
+    );
+    let (status, body) = status_and_body(webhook().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (503, json!("NOT_READY")),
+        "{body}"
+    );
+
+    // The database comes up on that port.
+    let proxy = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let forward = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                }
+            });
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz never turned 200 after the database came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = status_and_body(webhook().await.unwrap()).await;
+    assert_eq!(
+        (status, body["received"].clone()),
+        (200, json!(true)),
+        "{body}"
+    );
+    assert!(scalar_i64(&db, "SELECT COUNT(*) FROM _sqlx_migrations").await > 0);
+    app.shutdown().await.unwrap();
+    forward.abort();
+}
