@@ -308,7 +308,17 @@ async fn check_stripe(config: &Config, http: reqwest::Client) -> CheckLine {
         };
     };
     let base = config.stripe.api_base.as_str();
-    match client.livemode().await {
+    // Products for the sync, events for the reconciliation: a restricted key can have one
+    // read permission without the other.
+    let checked = match client.livemode().await {
+        Ok(live) => client
+            .can_list_events()
+            .await
+            .map(|()| live)
+            .map_err(|err| format!("listing events (the reconciliation needs it): {err}")),
+        Err(err) => Err(err.to_string()),
+    };
+    match checked {
         Ok(live) => CheckLine {
             item: "stripe",
             ok: true,

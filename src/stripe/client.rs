@@ -270,6 +270,15 @@ impl StripeClient {
         Ok(listed.or_else(|| key_livemode(self.key.expose_secret())))
     }
 
+    /// Lists one event (`GET /v1/events?limit=1`): the reconciliation reads nothing else, and a
+    /// restricted key may read products without reading events.
+    pub async fn can_list_events(&self) -> Result<(), StripeError> {
+        let mut url = self.url("v1/events")?;
+        url.query_pairs_mut().append_pair("limit", "1");
+        let _: serde_json::Value = self.get(url).await?;
+        Ok(())
+    }
+
     fn url(&self, path: &str) -> Result<Url, StripeError> {
         self.base
             .join(path)

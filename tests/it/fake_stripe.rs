@@ -29,6 +29,9 @@ pub const SECRET_KEY: &str = "sk_test_fake0123456789abcdefghij";
 /// A restricted key with the read access docs/OPERATIONS.md lists (Events, Products, Prices,
 /// Customers, Subscriptions, Invoices, Checkout Sessions) and nothing else: no Balance.
 pub const RESTRICTED_KEY: &str = "rk_test_fake0123456789abcdefghij";
+/// A restricted key like `RESTRICTED_KEY` but without Events read: the sync works with it, the
+/// reconciliation does not.
+pub const NO_EVENTS_KEY: &str = "rk_test_noevents0123456789abcdef";
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
@@ -336,7 +339,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// The secret key, or the restricted key (on what its permissions cover: everything served here
 /// but the balance).
 fn authorized(headers: &HeaderMap) -> bool {
-    bearer(headers).is_some_and(|key| key == SECRET_KEY || key == RESTRICTED_KEY)
+    bearer(headers).is_some_and(|key| [SECRET_KEY, RESTRICTED_KEY, NO_EVENTS_KEY].contains(&key))
 }
 
 async fn list_products(
@@ -371,6 +374,14 @@ async fn list_events(
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
+    if bearer(&headers) == Some(NO_EVENTS_KEY) {
+        // What Stripe answers a restricted key without the Events read permission.
+        let body = json!({"error": {"type": "invalid_request_error", "message":
+            "The provided key 'rk_test_***cdef' does not have the required permissions for this \
+             endpoint. Having the 'rak_event_read' permission would allow this request to \
+             continue."}});
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
     let listing = Listing {
         url: "/v1/events",
         objects: |c| &c.events,

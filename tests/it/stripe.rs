@@ -10,7 +10,7 @@ use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 
 use crate::fake_stripe::{
-    self, FakeStripe, Fault, RESTRICTED_KEY, SECRET_KEY, product_id, resource,
+    self, FakeStripe, Fault, NO_EVENTS_KEY, RESTRICTED_KEY, SECRET_KEY, product_id, resource,
 };
 use crate::support::{TestDb, TestServer, serve, serve_app};
 use crate::{stripe_fixtures, test_db};
@@ -1058,6 +1058,33 @@ async fn check_passes_with_the_documented_restricted_key() {
     .await;
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A restricted key that can list products but not events passes the sync and fails every
+/// reconciliation: `check` says so rather than letting the hourly run fail.
+#[tokio::test]
+async fn check_fails_a_restricted_key_that_cannot_list_events() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 1, 1).await;
+    let config = db.config(&[
+        ("STRIPE_SECRET_KEY", NO_EVENTS_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]);
+    let lines = edgegate::commands::check(&config).await;
+    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    assert!(!stripe.ok, "{}", stripe.detail);
+    assert!(
+        stripe.detail.contains("listing events"),
+        "{}",
+        stripe.detail
+    );
+    assert!(
+        stripe.detail.contains("refused the key"),
+        "{}",
+        stripe.detail
+    );
+    assert!(!stripe.detail.contains(NO_EVENTS_KEY));
 }
 
 #[tokio::test]
