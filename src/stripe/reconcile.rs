@@ -481,8 +481,10 @@ impl ReconcileMetrics {
 }
 
 /// Runs a reconciliation every `interval` (plus up to a tenth of it at random, so a fleet
-/// started together spreads out), the first one interval after start. Where another instance
-/// holds the lock the run is skipped (counted as `in_progress`).
+/// started together spreads out). The first one is timed from the last periodic run of any
+/// instance: an interval after it, or soon when it is older than that (or there is none), so
+/// instances restarted more often than the interval (deploys, secret changes) still run one.
+/// Where another instance holds the lock the run is skipped (counted as `in_progress`).
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
@@ -492,8 +494,21 @@ pub fn spawn_periodic(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let holder = format!("periodic-{}", uuid::Uuid::new_v4());
+        let last = match store.last_periodic_reconcile().await {
+            Ok(last) => last,
+            Err(err) => {
+                // Unknown: run soon rather than an interval late; the run reports the database.
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "cannot read when the last periodic Stripe reconciliation ran; running soon"
+                );
+                None
+            }
+        };
+        let mut pause = first_pause(last, clock.now_ms(), interval, random_fraction());
         loop {
-            tokio::time::sleep(jittered(interval)).await;
+            tokio::time::sleep(pause).await;
+            pause = jittered(interval);
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
             match &result {
@@ -515,17 +530,63 @@ pub fn spawn_periodic(
     })
 }
 
+/// The most a first run that is due is put off, so instances started together spread out.
+const FIRST_RUN_SPREAD: Duration = Duration::from_secs(60);
+
+/// How long after start the first periodic run comes: at `last` (ms) plus `interval`, or, when
+/// that is past or no run is known, within a tenth of the interval (a minute at most); `fraction`
+/// (0 to 1) picks where in that spread.
+fn first_pause(last: Option<i64>, now_ms: i64, interval: Duration, fraction: f64) -> Duration {
+    let spread = (interval / 10).min(FIRST_RUN_SPREAD).mul_f64(fraction);
+    let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+    match last.map(|last| last.saturating_add(interval_ms).saturating_sub(now_ms)) {
+        Some(due_in) if due_in > 0 => {
+            Duration::from_millis(u64::try_from(due_in).unwrap_or(0)) + spread
+        }
+        _ => spread,
+    }
+}
+
 fn jittered(interval: Duration) -> Duration {
+    interval + interval.div_f64(10.0).mul_f64(random_fraction())
+}
+
+/// A random number from 0 to 1; a failing system RNG only costs the jitter.
+fn random_fraction() -> f64 {
     let mut byte = [0u8; 2];
-    // A failing system RNG only costs the jitter.
     let _ = aws_lc_rs::rand::fill(&mut byte);
-    let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
-    interval + interval.div_f64(10.0).mul_f64(fraction)
+    f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_periodic_run_is_timed_from_the_last_one() {
+        let hour = Duration::from_secs(3600);
+        let now = 10_000_000_000;
+        // None yet, or the last one an interval ago or more: soon, within a minute.
+        assert_eq!(first_pause(None, now, hour, 0.0), Duration::ZERO);
+        assert_eq!(first_pause(None, now, hour, 1.0), FIRST_RUN_SPREAD);
+        assert_eq!(
+            first_pause(Some(now - 3_600_000), now, hour, 0.5),
+            FIRST_RUN_SPREAD / 2
+        );
+        assert_eq!(first_pause(Some(0), now, hour, 0.0), Duration::ZERO);
+        // A recent one: an interval after it.
+        assert_eq!(
+            first_pause(Some(now - 600_000), now, hour, 0.0),
+            Duration::from_secs(3000)
+        );
+        assert_eq!(
+            first_pause(Some(now - 600_000), now, hour, 1.0),
+            Duration::from_secs(3060)
+        );
+        // A short interval spreads over a tenth of it.
+        let short = Duration::from_secs(60);
+        assert_eq!(first_pause(None, now, short, 1.0), Duration::from_secs(6));
+    }
 
     #[test]
     fn requested_since_is_checked_and_kept_within_retention() {

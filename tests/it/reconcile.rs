@@ -526,6 +526,42 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     assert!(metrics.contains(line), "{metrics}");
 }
 
+/// An instance whose database holds no recent periodic run (none at all here) runs one soon
+/// after start, not an interval later: instances restarted more often than the interval
+/// (deploys, secret changes) would otherwise never run one.
+#[tokio::test]
+async fn the_first_periodic_run_comes_soon_when_none_ran_within_the_interval() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    fake.add_events(history(&fixtures, 2, now() - 60, 1));
+    let app = full_app(&db, &fake).await;
+    let client = edgegate::stripe::StripeClient::from_config(
+        app.state.http.clone(),
+        &app.state.config.stripe,
+        fast_retry(),
+    )
+    .unwrap();
+    // 30 s: the first run is due within 3 s (a tenth of it); waiting 10 s leaves slack.
+    let task = edgegate::stripe::reconcile::spawn_periodic(
+        app.state.store.clone(),
+        client,
+        app.state.clock.clone(),
+        std::time::Duration::from_secs(30),
+        app.state.reconcile_metrics.clone(),
+    );
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count(&db, runs).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic run within 10 s of start with a 30 s interval and none before"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    task.abort();
+}
+
 /// Stripe stamps an event with whole seconds, the sync its rows with its own clock: an update
 /// Stripe makes in the second the sync fetched and wrote a product must still be applied by
 /// its webhook (and the answer, `duplicate: false`, must not say so of an event it dropped).

@@ -396,6 +396,16 @@ impl Store {
         Ok(())
     }
 
+    /// When (ms) the newest periodic run started, whatever its outcome: a restarted instance
+    /// schedules its first run from it.
+    pub async fn last_periodic_reconcile(&self) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MAX(started_at) FROM reconcile_runs WHERE started_by = 'periodic'";
+        let last: Option<i64> =
+            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
+                .context("reading earlier reconcile runs")?;
+        Ok(last)
+    }
+
     /// How far Stripe's event list is known to be applied: the start (ms) of the newest
     /// successful continuous run (its window reached back to the coverage before it, and it
     /// left no listed event for a later run), which applied every event listed up to then.
