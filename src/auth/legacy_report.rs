@@ -367,6 +367,11 @@ pub struct KeyReport {
     #[serde(flatten)]
     pub report: ReportView,
     pub jwks: Option<JwksStatus>,
+    /// Set when the database's usage counts could not be read (an outage): the keys and the
+    /// JWKS state are listed, the counts are this instance's unflushed ones only, and revoking
+    /// is not called safe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_unavailable: Option<String>,
 }
 
 /// A trusted key and its verifications over the revocation window.
@@ -407,11 +412,25 @@ pub async fn key_report(
     usage_window: Duration,
 ) -> anyhow::Result<KeyReport> {
     let now = clock.now_ms();
-    let usage = usage_in_window(store, tracker, revocation_window, now).await?;
-    let evidence_since = match (
-        store.usage_evidence_since().await?,
-        tracker.first_pending_verification(),
-    ) {
+    let since = first_hour(revocation_window, now).min(first_hour(usage_window, now));
+    // The key listing and the JWKS state are in memory: a database outage (or one not yet
+    // migrated) costs the counts, not the whole answer.
+    let (stored, usage_unavailable) = match stored_usage(store, revocation_window, since, now).await
+    {
+        Ok(stored) => (stored, None),
+        Err(err) if !store.is_ready() || crate::store::is_unavailable(&err) => {
+            tracing::warn!(
+                error = crate::error::causes(&err),
+                "key report without the stored usage counts"
+            );
+            let unavailable = "the database's usage counts cannot be read now; the counts are \
+                               this instance's unflushed ones only";
+            (StoredUsage::default(), Some(unavailable.to_owned()))
+        }
+        Err(err) => return Err(err),
+    };
+    let usage = merge_usage(stored.window, tracker, revocation_window, now);
+    let evidence_since = match (stored.evidence_since, tracker.first_pending_verification()) {
         (Some(stored), Some(pending)) => Some(stored.min(pending)),
         (stored, pending) => stored.or(pending),
     };
@@ -453,9 +472,18 @@ pub async fn key_report(
         .collect();
     let configured = !ring.legacy_secrets().is_empty();
     let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
-    let verdict = legacy_verdict(configured, &usage, evidence_since, revocation_window, now);
-    let since = first_hour(revocation_window, now).min(first_hour(usage_window, now));
-    let (hourly_keys, hourly_callers) = hourly_rows(store, Some(tracker), since).await?;
+    let mut verdict = legacy_verdict(configured, &usage, evidence_since, revocation_window, now);
+    if configured && usage_unavailable.is_some() {
+        verdict = LegacyVerdict {
+            legacy_revocation_safe: false,
+            reason: "the database's usage counts cannot be read now, so the legacy secret's use \
+                     is not known: ask again once the database answers"
+                .to_owned(),
+        };
+    }
+    let (mut hourly_keys, mut hourly_callers) = (stored.hourly_keys, stored.hourly_callers);
+    hourly_keys.extend(tracker.pending_since(since));
+    hourly_callers.extend(tracker.callers.pending_since(since));
     let report = view(
         &hourly_keys,
         &hourly_callers,
@@ -476,20 +504,52 @@ pub async fn key_report(
         evidence_since_ms: evidence_since,
         report,
         jwks: auth.fetcher().map(|fetcher| fetcher.status()),
+        usage_unavailable,
+    })
+}
+
+/// What the key report reads from the database.
+#[derive(Default)]
+struct StoredUsage {
+    /// Usage per key over the revocation window.
+    window: Vec<KeyUsage>,
+    evidence_since: Option<i64>,
+    hourly_keys: Vec<KeyUsage>,
+    hourly_callers: Vec<CallerUsage>,
+}
+
+async fn stored_usage(
+    store: &Store,
+    revocation_window: Duration,
+    hourly_since: i64,
+    now_ms: i64,
+) -> anyhow::Result<StoredUsage> {
+    if !store.is_ready() {
+        anyhow::bail!("the database's migrations are not applied yet");
+    }
+    let window = store
+        .key_usage_since(first_hour(revocation_window, now_ms))
+        .await?;
+    let evidence_since = store.usage_evidence_since().await?;
+    let (hourly_keys, hourly_callers) = hourly_rows(store, None, hourly_since).await?;
+    Ok(StoredUsage {
+        window,
+        evidence_since,
+        hourly_keys,
+        hourly_callers,
     })
 }
 
 /// Usage per (source, kid, alg) over the window: the database plus this instance's unflushed
 /// counts.
-async fn usage_in_window(
-    store: &Store,
+fn merge_usage(
+    stored: Vec<KeyUsage>,
     tracker: &UsageTracker,
     window: Duration,
     now_ms: i64,
-) -> anyhow::Result<Vec<KeyUsage>> {
+) -> Vec<KeyUsage> {
     let since = first_hour(window, now_ms);
     let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
-    let stored = store.key_usage_since(since).await?;
     for row in stored.into_iter().chain(tracker.pending_since(since)) {
         let key = (row.source.clone(), row.kid.clone(), row.alg.clone());
         match merged.get_mut(&key) {
@@ -503,7 +563,7 @@ async fn usage_in_window(
             }
         }
     }
-    Ok(merged.into_values().collect())
+    merged.into_values().collect()
 }
 
 #[cfg(test)]

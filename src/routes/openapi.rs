@@ -403,6 +403,11 @@ pub struct SigningKeys {
     reason: String,
     /// The JWKS fetcher's state, when a JWKS URL is configured.
     jwks: Option<JwksStatus>,
+    /// Present only when the database's usage counts could not be read (an outage): the keys
+    /// and the JWKS state are still listed, the counts are this instance's unflushed ones only,
+    /// and revoking is not called safe.
+    #[schema(required = false)]
+    usage_unavailable: Option<String>,
     /// Legacy-secret verifications per (kind, route, client) over the usage window, most used
     /// first; `kind` is `anon_key`, `service_role_key` or `user_session`.
     legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,

@@ -635,3 +635,61 @@ async fn serve_starts_while_postgres_is_down_and_migrates_once_it_answers() {
     app.shutdown().await.unwrap();
     forward.abort();
 }
+
+/// `GET /admin/signing-keys` during an outage: the keys and the JWKS state are in memory, so
+/// they are listed; the usage counts are marked unavailable and revoking is not called safe.
+#[tokio::test]
+async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let (mut outage, url) = Outage::new(&db).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let config = config(
+        &url,
+        &[
+            ("SUPABASE_JWT_SECRET", JWT_SECRET),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+        ],
+    );
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let state = AppState::new(config, store);
+    let server = serve_app(edgegate::app(state), Duration::from_secs(5)).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/admin/signing-keys", server.addr);
+
+    outage.cut().await;
+    let response = client
+        .get(&url)
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["legacy_revocation_safe"], json!(false), "{body}");
+    assert!(body["usage_unavailable"].is_string(), "{body}");
+    assert_eq!(body["legacy_secret"]["configured"], json!(true), "{body}");
+    assert!(
+        body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|key| key["source"] == "legacy_secret"),
+        "{body}"
+    );
+
+    outage.restore().await;
+    let response = client
+        .get(&url)
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("usage_unavailable").is_none(), "{body}");
+}
