@@ -636,6 +636,29 @@ async fn serve_starts_while_postgres_is_down_and_migrates_once_it_answers() {
     forward.abort();
 }
 
+/// A service waiting for its database to migrate it stops promptly on its shutdown signal: the
+/// retry is stopped with the other background tasks.
+#[tokio::test]
+async fn a_service_waiting_for_its_database_stops_promptly() {
+    let port = crate::process::free_port();
+    let url = format!("postgres://app:secret@127.0.0.1:{port}/app");
+    let config = config(&url, &[("SUPABASE_JWT_SECRET", JWT_SECRET)]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = edgegate::spawn(config, listener).await.unwrap();
+    // A verification, so there are usage counts to flush at the stop (which cannot be written).
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/functions/v1/jwt-test", app.local_addr()))
+        .header("authorization", legacy_bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::timeout(Duration::from_secs(15), app.shutdown())
+        .await
+        .expect("stopped within 15 s")
+        .unwrap();
+}
+
 /// `GET /admin/signing-keys` during an outage: the keys and the JWKS state are in memory, so
 /// they are listed; the usage counts are marked unavailable and revoking is not called safe.
 #[tokio::test]
