@@ -204,7 +204,7 @@ impl Store {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         match &self.backend {
             Backend::Sqlite(pool) => sqlite::migrate(pool).await,
-            Backend::Postgres(pool) => postgres::migrator().run(pool).await.map_err(Into::into),
+            Backend::Postgres(pool) => postgres::migrate(pool).await,
         }
         .context("applying migrations")?;
         self.schema_ready.store(true, Ordering::Release);
@@ -532,6 +532,24 @@ pub fn shipped_migrations() -> [(BackendKind, Vec<(i64, String)>); 2] {
         migrator
             .iter()
             .map(|m| (m.version, m.description.to_string()))
+            .collect()
+    };
+    [
+        (BackendKind::Sqlite, list(&sqlite::migrator())),
+        (BackendKind::Postgres, list(&postgres::migrator())),
+    ]
+}
+
+/// The SHA-384 of each shipped migration (hex) by version, for the test that pins them: a
+/// database that applied a migration refuses to start a binary whose copy of it differs.
+pub fn shipped_checksums() -> [(BackendKind, Vec<(i64, String)>); 2] {
+    let list = |migrator: &sqlx::migrate::Migrator| {
+        migrator
+            .iter()
+            .map(|m| {
+                let hex = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+                (m.version, hex)
+            })
             .collect()
     };
     [

@@ -15,6 +15,73 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
     migrator
 }
 
+/// How long a migration's statement waits for a table's lock before failing (`lock_timeout`).
+/// Unbounded, an ALTER TABLE behind a session that holds even a read of the table (a pg_dump, a
+/// transaction left idle) queues for ever, and every later statement on that table from the
+/// instances still serving queues behind it. Longer than a plain index build on a busy table
+/// takes to be let in; short enough that the requests queued behind it are still waiting.
+pub(super) const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies the pending migrations on one connection of its own, closed after, so the lock
+/// timeout set on it never follows it back into the pool.
+pub(super) async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("connecting to migrate")?
+        .detach();
+    let migrated = migrate_on(&mut conn).await;
+    // Ending the session also lets go of the migration lock if a step failed while holding it.
+    let _ = sqlx::Connection::close(conn).await;
+    migrated
+}
+
+async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<()> {
+    use sqlx::migrate::Migrate as _;
+    // sqlx's own migration lock (an advisory lock, the one every release takes), waited for as
+    // long as another instance's migrations take: PostgreSQL applies lock_timeout to advisory
+    // locks too, so it is taken before the timeout is set, and with none (a role's own
+    // lock_timeout would otherwise fail a start-up behind a long index build).
+    sqlx::query("SET lock_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    conn.lock().await?;
+    let timeout = format!("SET lock_timeout = '{}s'", MIGRATION_LOCK_TIMEOUT.as_secs());
+    sqlx::query(sqlx::AssertSqlSafe(timeout))
+        .execute(&mut *conn)
+        .await?;
+    // Held already: the migrator taking it again would wait under the timeout (it is
+    // re-entrant today, but that is sqlx's detail).
+    let mut migrator = migrator();
+    migrator.set_locking(false);
+    // `run_direct` is what `run` does once it has a connection; `run` itself, given a
+    // connection rather than a pool, makes the server's spawned start-up fail to compile
+    // (`Acquire` is not general enough: the case sqlx added `run_direct` for).
+    migrator
+        .run_direct(None, conn, false)
+        .await
+        .map_err(|err| {
+            let timed_out = matches!(
+                &err,
+                sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), _)
+                    if db.code().as_deref() == Some("55P03")
+            );
+            let err = anyhow::Error::from(err);
+            if timed_out {
+                err.context(format!(
+                    "a migration waited {} s for a table's lock, which another session holds (a \
+                 pg_dump, a transaction left open: see pg_locks); nothing was changed, migrate \
+                 again once it is let go",
+                    MIGRATION_LOCK_TIMEOUT.as_secs()
+                ))
+            } else {
+                err
+            }
+        })?;
+    conn.unlock().await?;
+    Ok(())
+}
+
 /// The longest a query waits for a connection, connecting included.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 

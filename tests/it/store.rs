@@ -32,6 +32,55 @@ fn migration_folders_hold_the_same_file_names() {
     );
 }
 
+/// Every shipped migration's checksum, pinned: a database that applied a migration refuses to
+/// start a binary whose copy of it differs ("previously applied but has been modified"), so a
+/// shipped file is never edited; a change goes in a new migration. A new migration is pinned
+/// here once it ships: the first 16 hex digits of its SHA-384 (the failure prints it whole).
+#[test]
+fn shipped_migrations_are_never_edited() {
+    const SQLITE: &[(i64, &str)] = &[
+        (20261126000001, "fd3bb161f27fb830"),
+        (20261126000002, "8f2def44368bb822"),
+        (20261201000001, "32316145d9b90e6d"),
+        (20261201000002, "840fc8299c6a9582"),
+        (20261201000003, "4ffee931796e5cd9"),
+        (20261205000001, "3f2fdf1330a54f3c"),
+        (20261205000002, "3c997ff897f4ec27"),
+        (20261205000003, "12b7b7332169e1e1"),
+        (20261206000001, "6d7c119528410dbf"),
+    ];
+    const POSTGRES: &[(i64, &str)] = &[
+        (20261126000001, "fe6d0e228eb08d41"),
+        (20261126000002, "b6a1840ac32cb6e5"),
+        (20261201000001, "0ea16d2eb230d10e"),
+        (20261201000002, "840fc8299c6a9582"),
+        (20261201000003, "573886d4eeb26c91"),
+        (20261205000001, "f1989ac03f88365f"),
+        (20261205000002, "8a9dcca85fe4f531"),
+        (20261205000003, "570116d3b5142b1e"),
+        (20261206000001, "c231466faece2861"),
+    ];
+    let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
+    for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
+    {
+        for (version, checksum) in &shipped {
+            match pinned.iter().find(|(pinned, _)| pinned == version) {
+                Some((_, pinned)) => assert!(
+                    checksum.starts_with(pinned),
+                    "migrations/{engine}/{version}_*.sql was edited after it shipped"
+                ),
+                None => panic!("migrations/{engine}/{version}_*.sql: pin its checksum {checksum}"),
+            }
+        }
+        for (version, _) in pinned {
+            assert!(
+                shipped.iter().any(|(shipped, _)| shipped == version),
+                "migrations/{engine}/{version}_*.sql was removed after it shipped"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn migrate_applies_every_version_and_is_idempotent() {
     let db = test_db!();
@@ -385,4 +434,105 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
         rows.iter().all(|row| row.verified_count == 1 + 2 * ROUNDS),
         "{rows:?}"
     );
+}
+
+/// Runs `body` on a PostgreSQL database of its own (a test that holds a lock every migration
+/// takes must not hold up the migrations of the tests beside it), dropping the database after,
+/// panicking or not. Skipped on SQLite.
+async fn on_own_postgres_database<F, Fut>(body: F)
+where
+    F: FnOnce(String, edgegate::config::DatabaseUrl) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures_util::FutureExt as _;
+    let Some(db) = TestDb::postgres_database().await else {
+        return; // PostgreSQL only: the suite on PostgreSQL runs this test.
+    };
+    let url = db.config(&[]).database_url;
+    let outcome = std::panic::AssertUnwindSafe(body(db.url.clone(), url))
+        .catch_unwind()
+        .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A migration that cannot take its table's lock (a pg_dump running, a transaction left idle
+/// after reading the table) must fail after the lock timeout, saying so, instead of queueing for
+/// ever: while it queues for ACCESS EXCLUSIVE, every later statement on that table from the
+/// instances still serving queues behind it.
+#[tokio::test]
+async fn a_postgres_migration_behind_a_held_table_lock_fails_promptly_naming_the_lock() {
+    on_own_postgres_database(|raw, url| async move {
+        use sqlx::Connection as _;
+        // Migrated up to just before 20261206000001, whose ALTER TABLE sms_messages is pending.
+        let mut holder = sqlx::PgConnection::connect(&raw).await.unwrap();
+        sqlx::migrate!("./migrations/postgres")
+            .run_to(20261205000003, &mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("LOCK TABLE sms_messages IN ACCESS SHARE MODE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+
+        let store = edgegate::Store::connect(&url).await.unwrap();
+        let started = std::time::Instant::now();
+        let migrated = tokio::time::timeout(std::time::Duration::from_secs(30), store.migrate())
+            .await
+            .expect("migrate still waiting for the table lock after 30 s");
+        let waited = started.elapsed();
+        let err = migrated.expect_err("migrated past a table lock held elsewhere");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("waited 10 s for a table's lock"),
+            "{message}"
+        );
+        assert!(message.contains("lock timeout"), "{message}");
+        assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+
+        // The holder gone, the same migration goes through.
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        store.migrate().await.unwrap();
+        let applied = store.applied_migrations().await.unwrap();
+        assert_eq!(applied.last(), Some(&20261206000001), "{applied:?}");
+        store.close().await;
+    })
+    .await;
+}
+
+/// The lock timeout is for tables only: an instance waits, however long, for another
+/// instance's migrations (sqlx's advisory lock) rather than failing its start-up.
+#[tokio::test]
+async fn a_postgres_migration_waits_past_the_lock_timeout_for_another_instances_migrations() {
+    on_own_postgres_database(|raw, url| async move {
+        use sqlx::Connection as _;
+        use sqlx::migrate::Migrate as _;
+        let mut other = sqlx::PgConnection::connect(&raw).await.unwrap();
+        other.lock().await.unwrap();
+
+        let store = edgegate::Store::connect(&url).await.unwrap();
+        let mut migrating = tokio::spawn(async move {
+            let migrated = store.migrate().await;
+            (store, migrated)
+        });
+        // Past the 10 s lock timeout, with slack.
+        let early = tokio::time::timeout(std::time::Duration::from_secs(12), &mut migrating).await;
+        assert!(
+            early.is_err(),
+            "migrate did not wait for the other instance: {early:?}"
+        );
+        other.unlock().await.unwrap();
+        let (store, migrated) = tokio::time::timeout(std::time::Duration::from_secs(30), migrating)
+            .await
+            .expect("migrate still waiting after the other instance let go")
+            .unwrap();
+        migrated.unwrap();
+        let shipped: Vec<i64> = shipped_migrations()[1].1.iter().map(|(v, _)| *v).collect();
+        assert_eq!(store.applied_migrations().await.unwrap(), shipped);
+        store.close().await;
+    })
+    .await;
 }
