@@ -58,6 +58,9 @@ pub struct Store {
     /// False only while `serve` waits to apply the migrations of a database that did not answer
     /// at start: the routes that need the database answer 503 until then.
     schema_ready: Arc<AtomicBool>,
+    /// Permits to wait for the SMS reservation lock (PostgreSQL), taken before a connection is:
+    /// see `reserve_sms`.
+    sms_reservations: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The readiness probe, shared by every caller of [`Store::ping`]: at most one runs at a time,
@@ -184,6 +187,7 @@ impl Store {
             backend,
             readiness: Arc::default(),
             schema_ready: Arc::new(AtomicBool::new(schema_ready)),
+            sms_reservations: Arc::new(tokio::sync::Semaphore::new(sms::RESERVATION_PERMITS)),
         }
     }
 

@@ -26,6 +26,16 @@ const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
 const RESERVATION_TIMEOUTS: &str =
     "SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '5s'";
 
+/// How many of this store's reservations may hold a pool connection at once (PostgreSQL). They
+/// queue on one lock, so more would add nothing but connections held while waiting: with every
+/// send waiting behind a slow or stuck holder, the pool (10) ran out and Stripe's webhooks
+/// failed. Two, so the next one has its connection ready as the lock passes.
+pub(super) const RESERVATION_PERMITS: usize = 2;
+
+/// How long a reservation waits for a permit before giving up, as it gives up on the lock
+/// itself (`lock_timeout` above): nothing reserved, the caller answers 503.
+const RESERVATION_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 const HOUR_MS: i64 = 3_600_000;
 const MINUTE_MS: i64 = 60_000;
 
@@ -282,6 +292,15 @@ impl Store {
             }
             Backend::Postgres(pool) => {
                 async {
+                    // Reported as the pool's own timeout, which is what it stands in for: the
+                    // database not to be had now, nothing reserved (503, `is_unavailable`).
+                    let _permit = tokio::time::timeout(
+                        RESERVATION_PERMIT_WAIT,
+                        self.sms_reservations.acquire(),
+                    )
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)?
+                    .map_err(|_| sqlx::Error::PoolClosed)?;
                     let mut tx = pool.begin().await?;
                     sqlx::raw_sql(RESERVATION_TIMEOUTS)
                         .execute(&mut *tx)

@@ -1684,3 +1684,75 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     assert_eq!(status("final").await, "delivered");
     assert_eq!(status("old").await, "sent");
 }
+
+/// Sends queued behind a reservation lock held elsewhere must not take the whole pool (ten
+/// connections) while they wait: a signed Stripe webhook arriving meanwhile still gets a
+/// connection and is applied at once.
+#[tokio::test]
+async fn sms_sends_waiting_for_the_reservation_lock_leave_the_pool_to_webhooks() {
+    use crate::stripe::{in_ci, sdk_available, stripe_sdk};
+    use futures_util::FutureExt as _;
+    stripe_sdk!();
+    let fixtures = crate::stripe_fixtures!();
+    // Its own database: the lock is the database's (see the test above).
+    let Some(db) = TestDb::postgres_database().await else {
+        return; // Only PostgreSQL has the lock: the suite on PostgreSQL runs this test.
+    };
+    let outcome =
+        std::panic::AssertUnwindSafe(webhook_beside_sends_behind_a_held_lock(&db, &fixtures))
+            .catch_unwind()
+            .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn webhook_beside_sends_behind_a_held_lock(db: &TestDb, fixtures: &Value) {
+    use sqlx::Connection as _;
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(
+        db,
+        Some(&fake),
+        &[("STRIPE_WEBHOOK_SECRET", crate::stripe::WHSEC)],
+    )
+    .await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    // SMS_RESERVATION_LOCK in src/store/sms.rs ("edgesms").
+    sqlx::query("SELECT pg_advisory_xact_lock(28539367894248819)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let sends = (0..10).map(|i| {
+        let to = format!("+120255501{i:02}");
+        let app = &app;
+        async move { send(app, json!({"to": to, "body": "hi"})).await }
+    });
+    let sends = join_all(sends);
+    let webhook = async {
+        // Every send has reached the lock or the queue before it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let body = crate::stripe::product_event(
+            fixtures,
+            "evt_sms_pool",
+            "product.created",
+            crate::stripe::now() - 10,
+            1,
+            "Beside the sends",
+        );
+        let started = std::time::Instant::now();
+        let answer = crate::stripe::deliver_signed(&app.server, &body).await;
+        (answer, started.elapsed())
+    };
+    let (answers, ((status, body), took)) = tokio::join!(sends, webhook);
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Well short of the lock's 5 s wait, which is what a pool held by the sends took.
+    assert!(took < Duration::from_secs(3), "the webhook waited {took:?}");
+    for answer in &answers {
+        assert_error(answer, 503, "NOT_READY");
+    }
+    assert!(fake.requests().is_empty(), "a text was sent");
+}
