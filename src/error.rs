@@ -190,7 +190,7 @@ impl From<SyncError> for ApiError {
         match err {
             SyncError::InProgress => ApiError::SyncInProgress(err.to_string()),
             SyncError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            SyncError::Internal(cause) => ApiError::Internal(cause),
+            SyncError::Internal(cause) => store_failure(cause, "sync"),
         }
     }
 }
@@ -200,8 +200,21 @@ impl From<ReconcileError> for ApiError {
         match err {
             ReconcileError::InProgress => ApiError::SyncInProgress(err.to_string()),
             ReconcileError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
-            ReconcileError::Internal(cause) => ApiError::Internal(cause),
+            ReconcileError::Internal(cause) => store_failure(cause, "reconcile"),
         }
+    }
+}
+
+/// A failure behind which the database could not be had at all (connection refused or lost,
+/// pool exhausted, file locked, lock wait timed out: `store::is_unavailable`) is 503
+/// `NOT_READY`, as on the SMS routes: nothing was written, and a retry later may go through.
+/// Anything else is a 500.
+fn store_failure(cause: anyhow::Error, what: &str) -> ApiError {
+    if crate::store::is_unavailable(&cause) {
+        tracing::warn!(error = causes(&cause), "{what}: database unavailable");
+        ApiError::NotReady("the database is unavailable; try again later".into())
+    } else {
+        ApiError::Internal(cause)
     }
 }
 
@@ -210,7 +223,7 @@ impl From<WebhookError> for ApiError {
         match err {
             WebhookError::Signature(cause) => ApiError::InvalidSignature(cause.to_string()),
             WebhookError::Unreadable(message) => ApiError::InvalidRequest(message),
-            WebhookError::Store(cause) => ApiError::Internal(cause),
+            WebhookError::Store(cause) => store_failure(cause, "stripe webhook"),
             WebhookError::NeedsSecretKey(_) => {
                 tracing::warn!(error = %err, "same-second event refused");
                 ApiError::NotConfigured("STRIPE_SECRET_KEY")

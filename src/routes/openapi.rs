@@ -256,14 +256,18 @@ error_set! {
         CREDENTIAL,
         ROLE,
         BODY,
-        &[(409, &["SYNC_IN_PROGRESS"]), (502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
+        &[
+            (409, &["SYNC_IN_PROGRESS"]),
+            (502, &["UPSTREAM_UNAVAILABLE"]),
+            (503, &["NOT_CONFIGURED", "NOT_READY"]),
+        ],
         SERVER,
     ];
     /// `stripe-webhook`.
     WebhookErrors = [
         &[(400, &["INVALID_SIGNATURE"])],
         BODY,
-        &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
+        &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED", "NOT_READY"])],
         SERVER,
     ];
     /// `send-sms`.
@@ -293,7 +297,7 @@ error_set! {
             (409, &["SYNC_IN_PROGRESS"]),
             (422, &["VALIDATION_FAILED"]),
             (502, &["UPSTREAM_UNAVAILABLE"]),
-            (503, &["NOT_CONFIGURED"]),
+            (503, &["NOT_CONFIGURED", "NOT_READY"]),
         ],
         SERVER,
     ];

@@ -1346,3 +1346,36 @@ async fn a_price_reactivated_between_the_two_price_listings_is_not_deactivated()
     assert_eq!(counts(&body, "prices").2, 0, "{body}");
     assert_eq!(count(&db, &state.replace("{}", "TRUE")).await, 1);
 }
+
+/// A database that cannot be had (here the SQLite file locked by another process past the busy
+/// timeout) is 503 `NOT_READY` on the webhook, as on the SMS routes: nothing stored, and the
+/// answer says what happened (Stripe retries either way).
+#[tokio::test]
+async fn webhook_with_the_database_unavailable_answers_503_not_ready() {
+    use sqlx::Connection as _;
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if db.is_postgres() {
+        return; // The lock held is SQLite's; the outage tests cut PostgreSQL.
+    }
+    let app = webhook_app(&db, WHSEC).await;
+    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let body = product_event(
+        &fixtures,
+        "evt_U1",
+        "product.created",
+        now() - 10,
+        1,
+        "Locked",
+    );
+    let (status, answer) = deliver_signed(&app.server, &body).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["code"], "NOT_READY", "{answer}");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+}
