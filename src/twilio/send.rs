@@ -482,16 +482,21 @@ fn send_deadline(send_budget: Duration) -> Duration {
 }
 
 /// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
-/// answer was stored) as `unknown`, so no row claims a send is still to come. At start, every
-/// row reserved before this process began; then, every `SWEEP_INTERVAL`, rows older than a
-/// send can take (another instance may have crashed). Runs until the handle is aborted.
+/// answer was stored) as `unknown`, so no row claims a send is still to come: every
+/// `SWEEP_INTERVAL` (the first at start), rows older than a send can take. On SQLite, whose file
+/// one process serves, the start sweep also takes every row reserved before this process began;
+/// not on PostgreSQL, where those include other instances' sends still waiting for Twilio (a
+/// rolling deploy). Runs until the handle is aborted.
 pub fn spawn_unanswered_sweeper(
     store: Store,
     clock: Clock,
     send_budget: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let started_at = clock.now_ms();
     let deadline_ms = i64::try_from(send_deadline(send_budget).as_millis()).unwrap_or(i64::MAX);
+    let started_at = match store.kind() {
+        crate::store::BackendKind::Sqlite => Some(clock.now_ms()),
+        crate::store::BackendKind::Postgres => None,
+    };
     tokio::spawn(async move {
         let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
                       the message, so it is not sent again";
@@ -499,11 +504,11 @@ pub fn spawn_unanswered_sweeper(
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
+            let old = clock.now_ms().saturating_sub(deadline_ms);
             // Until the start-up sweep succeeds, it is the one retried.
-            let cutoff = if swept_start {
-                clock.now_ms().saturating_sub(deadline_ms)
-            } else {
-                started_at
+            let cutoff = match started_at {
+                Some(started_at) if !swept_start => started_at.max(old),
+                _ => old,
             };
             match store
                 .mark_unanswered_sms_unknown(cutoff, reason, clock.now_ms())

@@ -117,6 +117,21 @@ async fn sigkill_mid_sms_send_leaves_it_unknown_and_a_retry_sends_nothing() {
     assert_eq!(rows, [("crash-1".to_owned(), "accepted".to_owned())]);
 
     let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
+    if db.is_postgres() {
+        // Another instance's send may still be waiting for Twilio: the row is left `accepted`
+        // until it is older than any send can take (a minute), and a retry meanwhile is told the
+        // send is under way. Either way nothing is sent twice.
+        let retried = send(base).await.unwrap();
+        assert_eq!(retried.status(), 409);
+        let body: Value = retried.json().await.unwrap();
+        assert_eq!(body["code"], "CONFLICT", "{body}");
+        assert_eq!(
+            twilio.requests().len(),
+            1,
+            "the message went to Twilio twice"
+        );
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let rows = text_pairs(&db, "SELECT idempotency_key, status FROM sms_messages").await;
@@ -295,4 +310,56 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
         .await
         .unwrap();
     assert_eq!(status("old").await, "queued");
+}
+
+/// The sweep at start must not take another instance's send in flight for a dead one: on a
+/// shared PostgreSQL during a rolling deploy, a row reserved a moment before this process
+/// started may still be waiting for Twilio's answer. Only rows older than any send can take are
+/// marked, at start as later.
+#[tokio::test]
+async fn the_start_sweep_leaves_another_instances_send_in_flight_alone() {
+    use edgegate::store::{NewSms, SmsLimits};
+    let db = test_db!();
+    if !db.is_postgres() {
+        return; // One process serves a SQLite file: rows from before it started are dead.
+    }
+    let store = db.store().await;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 10,
+        per_minute: 10,
+    };
+    let clock = edgegate::clock::Clock::system();
+    let now = clock.now_ms();
+    // An hour is past any send's deadline; a second ago is inside it.
+    for (id, at) in [("dead", now - 3_600_000), ("in_flight", now - 1_000)] {
+        let new = NewSms {
+            id,
+            idempotency_key: Some(id),
+            to_number: "+12025550101",
+            body: "hi",
+            status: "accepted",
+            replayed_error_codes: &[],
+        };
+        store.reserve_sms(new, limits, || at).await.unwrap();
+    }
+    let status = |id: &'static str| {
+        let store = store.clone();
+        async move { store.sms_message(id).await.unwrap().unwrap().status }
+    };
+    // Started after both were reserved.
+    let sweeper = edgegate::twilio::send::spawn_unanswered_sweeper(
+        store.clone(),
+        clock,
+        Duration::from_secs(10),
+    );
+    let started = Instant::now();
+    while status("dead").await != "unknown" {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the start sweep did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sweeper.abort();
+    assert_eq!(status("in_flight").await, "accepted");
 }
