@@ -1379,3 +1379,38 @@ async fn webhook_with_the_database_unavailable_answers_503_not_ready() {
     assert_eq!(answer["code"], "NOT_READY", "{answer}");
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
 }
+
+/// An event stored as not applied (a release that did not act on its type) is applied when it
+/// comes again to a release that acts on it, redelivered or through a reconcile, instead of
+/// counting as a duplicate for ever; once applied it is a duplicate as before.
+#[tokio::test]
+async fn webhook_applies_an_event_an_earlier_release_stored_unapplied() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now() - 10;
+    // As an earlier release that ignored `product.created` would have left it.
+    let stored: i64 = scalar!(
+        db,
+        i64,
+        format!(
+            "INSERT INTO stripe_events (id, event_type, created, livemode, received_at, applied) \
+             VALUES ('evt_L1', 'product.created', {}, FALSE, {}, FALSE) RETURNING created",
+            t * 1000,
+            now_ms()
+        )
+    );
+    assert_eq!(stored, t * 1000);
+    let body = product_event(&fixtures, "evt_L1", "product.created", t, 1, "Late");
+    let (status, answer) = deliver_signed(&app.server, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"received": true, "duplicate": false}));
+    assert_eq!(product_name(&db, 1).await, "Late");
+    let applied = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_L1' AND applied = TRUE";
+    assert_eq!(count(&db, applied).await, 1);
+
+    let (status, answer) = deliver_signed(&app.server, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"received": true, "duplicate": true}));
+}

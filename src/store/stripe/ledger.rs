@@ -302,9 +302,10 @@ fn conflict_rule(sql: String, strict: bool) -> String {
 
 impl Store {
     /// Records a webhook event in the ledger and applies its effect, in one transaction. The
-    /// ledger row goes first: a concurrent delivery of the same id waits on its unique key and
-    /// then finds it, so an event is applied once however many instances receive it. Any error
-    /// rolls the whole transaction back, so Stripe's retry finds no ledger row.
+    /// ledger row goes first: a concurrent delivery of the same id waits on its unique key (or
+    /// on the unapplied row it marks applied) and then finds it, so an event is applied once
+    /// however many instances receive it. Any error rolls the whole transaction back, so
+    /// Stripe's retry finds no ledger row (or the unapplied one it found).
     ///
     /// An event strictly older than the row changes nothing but is recorded; one of the same
     /// second as the row is handled as `same_second` says.
@@ -314,8 +315,13 @@ impl Store {
         effect: &StripeEffect,
         same_second: SameSecond,
     ) -> anyhow::Result<EventReceipt> {
+        // An event stored as not applied (a release that did not act on its type) is taken as
+        // new by one that does: the row is marked applied and the effect applied, instead of
+        // the event counting as a duplicate for ever. Applied once it stays applied.
         let ledger = "INSERT INTO stripe_events (id, event_type, created, livemode, received_at, \
-                      applied) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING";
+                      applied) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                      applied = excluded.applied \
+                      WHERE NOT stripe_events.applied AND excluded.applied";
         let applied = !matches!(effect, StripeEffect::None);
         let now = event.received_at;
         let receipt: Result<EventReceipt, sqlx::Error> = with_pool!(self, |pool| {
