@@ -153,7 +153,7 @@ async fn first_connection(options: &PgConnectOptions) -> Result<(), FirstFailure
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(ACQUIRE_TIMEOUT / 5);
             }
-            Ok(Err(err)) => break (describe(&err), is_transient(&err)),
+            Ok(Err(err)) => break (describe(&err), is_unreachable(&err)),
             Err(_) => {
                 let cause = last_transient.as_ref().map_or_else(
                     || format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
@@ -182,6 +182,22 @@ fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether a failed connection only says that the server cannot be reached now, so that `serve`
+/// starts without it: any network error (refused, reset or closed mid-handshake by a proxy in
+/// front of a stopped database, a host unreachable, a name that does not resolve while the
+/// database's machines are stopped), or the server's own connection-exception, shutdown,
+/// starting-up or too-many-connections answers. What remains says the server refused us
+/// (authentication, an unknown database or role, TLS) and stops start-up.
+fn is_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
 /// A connection failure in a few words: the system's for a network error (`connection
 /// refused`, not `Connection refused (os error 111)`), the server's own message for one it
 /// sent (sqlx appends the line of PostgreSQL's source the message came from).
@@ -204,5 +220,31 @@ fn server(options: &PgConnectOptions) -> String {
         format!("[{host}]:{}", options.get_port())
     } else {
         format!("{host}:{}", options.get_port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn network_errors_are_unreachable_and_tls_is_a_refusal() {
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::HostUnreachable,
+        ] {
+            assert!(is_unreachable(&sqlx::Error::Io(kind.into())), "{kind:?}");
+        }
+        let dns = Error::other("failed to lookup address information: Name or service not known");
+        assert!(is_unreachable(&sqlx::Error::Io(dns)));
+        assert!(!is_unreachable(&sqlx::Error::Tls(
+            "certificate not trusted".into()
+        )));
+        assert!(!is_unreachable(&sqlx::Error::Configuration(
+            "sslmode".into()
+        )));
     }
 }
