@@ -49,6 +49,8 @@ const NO_DEADLINE: u64 = u64::MAX;
 /// idle deadline set while a request runs, nor lift an unsent answer's deadline.
 #[derive(Debug, Default)]
 struct Work {
+    /// A request has come: the connection is a keep-alive one when nothing is under way.
+    served: bool,
     /// Requests whose handler has not answered yet.
     in_flight: usize,
     /// Answers not sent yet, counted by when each is due (milliseconds since `epoch`).
@@ -126,9 +128,40 @@ impl ConnState {
             self.http1.store(true, Ordering::Relaxed);
         }
         let mut work = self.work();
+        work.served = true;
         work.in_flight += 1;
         self.work_changed(work);
         InFlight(self.clone())
+    }
+
+    /// Whether nothing is under way on a connection that has served a request: an idle
+    /// keep-alive connection, which the client is not waiting on.
+    fn idle(work: &Work) -> bool {
+        work.served && work.in_flight == 0 && work.unsent.is_empty()
+    }
+
+    /// Its idle deadline, when the connection is an idle keep-alive one: the earliest is the
+    /// one idle the longest.
+    pub(crate) fn idle_deadline(&self) -> Option<Instant> {
+        let work = self.work();
+        if Self::idle(&work) {
+            self.deadline()
+        } else {
+            None
+        }
+    }
+
+    /// Closes the connection now if it is an idle keep-alive one (its IO fails at its next
+    /// poll, as at its idle deadline); whether it was.
+    pub(crate) fn close_if_idle(&self) -> bool {
+        let work = self.work();
+        if !Self::idle(&work) {
+            return false;
+        }
+        self.deadline_ms.store(0, Ordering::Release);
+        drop(work);
+        self.waker.wake();
+        true
     }
 
     fn request_finished(&self) {

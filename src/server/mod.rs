@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
+use futures_util::FutureExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -81,17 +82,13 @@ pub async fn serve_with_limits(
     let service =
         TowerToHyperService::new(app.map_request(|req: Request<Incoming>| req.map(Body::new)));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = OpenConnections::default();
     let mut backoff = AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                // The semaphore is never closed.
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
+        // A free slot now, or none: then the client is accepted first and waits for one, so
+        // that an idle connection is closed for a client that is there, never in advance.
+        let free = slots.clone().try_acquire_owned().ok();
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => {
@@ -108,8 +105,16 @@ pub async fn serve_with_limits(
             },
             () = &mut shutdown => break,
         };
+        let slot = match free {
+            Some(slot) => slot,
+            None => match slot_for_waiting_client(&slots, &open, &mut shutdown).await {
+                Some(slot) => slot,
+                None => break,
+            },
+        };
         let _ = stream.set_nodelay(true);
         let state = ConnState::new(&limits);
+        open.add(&state, limits.max_connections);
         let io = TimedIo::new(stream, state.clone());
         let service = Tracked::new(service.clone(), state);
         let builder = builder.clone();
@@ -166,6 +171,71 @@ pub async fn serve_with_limits(
     // now, before the caller closes the store and sends the last spans.
     tasks.stop(&mut tasks_ended).await;
     Ok(())
+}
+
+/// A slot for a client accepted while every slot was taken (it waits for no more than that one
+/// accept; the clients after it wait in the kernel's backlog): an idle keep-alive connection,
+/// nothing under way and its client not waiting on it, gives its slot up, as nginx closes its
+/// idle connections, rather than keep the new client waiting up to the idle timeout. Looked for
+/// again while waiting: a connection busy now may be idle later. `None` at shutdown.
+async fn slot_for_waiting_client(
+    slots: &Arc<Semaphore>,
+    open: &OpenConnections,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let wait = slots.clone().acquire_owned();
+    tokio::pin!(wait);
+    loop {
+        if let Some(slot) = (&mut wait).now_or_never() {
+            // The semaphore is never closed.
+            return slot.ok();
+        }
+        open.close_longest_idle();
+        tokio::select! {
+            slot = &mut wait => return slot.ok(),
+            () = tokio::time::sleep(IDLE_CHECK) => {}
+            () = shutdown.as_mut() => return None,
+        }
+    }
+}
+
+/// How often, while every connection slot is taken, an idle keep-alive connection is looked for.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
+/// The open connections' states, to close the longest-idle keep-alive connection when every
+/// slot is taken. Entries of ended connections are dropped as the list grows, so it holds at
+/// most twice the connection limit.
+#[derive(Default)]
+struct OpenConnections(std::sync::Mutex<Vec<std::sync::Weak<ConnState>>>);
+
+impl OpenConnections {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<ConnState>>> {
+        // A list of weak references is consistent whatever panicked while it was held.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, state: &Arc<ConnState>, max_connections: usize) {
+        let mut list = self.list();
+        if list.len() >= max_connections.saturating_mul(2) {
+            list.retain(|state| state.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(state));
+    }
+
+    /// Closes the keep-alive connection idle the longest, if one is.
+    fn close_longest_idle(&self) {
+        let longest = {
+            let mut list = self.list();
+            list.retain(|state| state.strong_count() > 0);
+            list.iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter_map(|state| state.idle_deadline().map(|deadline| (deadline, state)))
+                .min_by_key(|(deadline, _)| *deadline)
+        };
+        if let Some((_, state)) = longest {
+            state.close_if_idle();
+        }
+    }
 }
 
 /// The tasks serving connections, and the HTTP/2 streams hyper spawns for them (this is its

@@ -222,6 +222,42 @@ async fn hostile_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     );
 }
 
+/// At the connection cap, the keep-alive connection idle the longest gives its slot to a new
+/// client (as nginx closes its idle ones), rather than keep that client waiting up to the idle
+/// timeout; the other connections keep theirs.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gives_its_slot_up() {
+    let server = run(&[
+        ("HTTP_MAX_CONNECTIONS", "3"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "60"),
+    ])
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .unwrap();
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200);
+        idle.push(stream);
+        // Idle deadlines in distinct milliseconds: the first is idle the longest.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Without a slot given up, this waits the 60 s idle timeout (read_response allows 5 s).
+    let mut fresh = TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    fresh.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(read_response(&mut fresh).await.0, 200);
+    closed_within(&mut idle[0], Duration::from_secs(2))
+        .await
+        .expect("the connection idle the longest was closed");
+    for stream in &mut idle[1..] {
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert_eq!(read_response(stream).await.0, 200);
+    }
+}
+
 #[tokio::test]
 async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
