@@ -21,6 +21,8 @@ pub fn edgegate(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
         .current_dir(dir)
         .env("HOST", "127.0.0.1")
         .env("RUST_LOG", "warn")
+        // No periodic reconciliation unless a test sets it: see `TestDb::config`.
+        .env("STRIPE_RECONCILE_INTERVAL_SECONDS", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
