@@ -69,7 +69,8 @@ pub struct Store {
 /// request let a client that opened and reset many of them starve every write.
 #[derive(Debug, Default)]
 struct Readiness {
-    probe: std::sync::Mutex<Option<SharedProbe>>,
+    /// The last probe, and when it started.
+    probe: std::sync::Mutex<Option<(Instant, SharedProbe)>>,
     started: AtomicU64,
 }
 
@@ -239,16 +240,18 @@ impl Store {
     }
 
     /// The probe running now, or the last one if it ended less than [`PROBE_REUSE`] ago;
-    /// otherwise a new one.
+    /// otherwise a new one. A probe ends within [`READINESS_TIMEOUT`] of its start (its query is
+    /// bounded in its task), so one that no caller polled to its end, all of them gone, counts
+    /// as running only until then, and is never handed out long after.
     fn shared_probe(&self) -> SharedProbe {
         let mut current = self
             .readiness
             .probe
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(probe) = current.as_ref() {
+        if let Some((started, probe)) = current.as_ref() {
             let reusable = match probe.peek() {
-                None => true,
+                None => started.elapsed() < READINESS_TIMEOUT,
                 Some((ended, _)) => ended.elapsed() < PROBE_REUSE,
             };
             if reusable {
@@ -260,14 +263,26 @@ impl Store {
         // Spawned, so a probe whose callers all hang up still ends in its own rollback; its
         // answer is timed where it came, not where a caller next looks.
         let task = tokio::spawn(async move {
-            let answered = match &store.backend {
-                Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
-                Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            let query = async {
+                match &store.backend {
+                    Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
+                    Backend::Postgres(pool) => {
+                        sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+                    }
+                }
             };
-            let answered = answered.map_err(|err| {
-                let err = anyhow::Error::new(err).context("database did not answer");
-                crate::error::causes(&err)
-            });
+            // Bounded here too: a query that hangs once its connection was handed out (a
+            // network gone silent mid-query) must not stand for every later probe.
+            let answered = match tokio::time::timeout(READINESS_TIMEOUT, query).await {
+                Ok(answered) => answered.map_err(|err| {
+                    let err = anyhow::Error::new(err).context("database did not answer");
+                    crate::error::causes(&err)
+                }),
+                Err(_) => Err(format!(
+                    "database did not answer within {} s",
+                    READINESS_TIMEOUT.as_secs()
+                )),
+            };
             (Instant::now(), answered)
         });
         let probe = async move {
@@ -280,7 +295,7 @@ impl Store {
         }
         .boxed()
         .shared();
-        *current = Some(probe.clone());
+        *current = Some((Instant::now(), probe.clone()));
         probe
     }
 

@@ -716,3 +716,38 @@ async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable
     assert_eq!(status, 200, "{body}");
     assert!(body.get("usage_unavailable").is_none(), "{body}");
 }
+
+/// A readiness probe whose callers all left before it ended (load balancers that hung up) is
+/// not handed to a later caller as if it were still running: after the database is back, the
+/// next probe says so, rather than the abandoned probe's failure.
+#[tokio::test]
+async fn an_abandoned_readiness_probe_is_not_reused_after_the_database_is_back() {
+    let db = test_db!();
+    let (mut outage, url) = Outage::new(&db).await;
+    let config = config(&url, &[]);
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    store.ping().await.expect("ready before the outage");
+    // Past the reuse of that answer.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    outage.cut().await;
+    let started = std::time::Instant::now();
+    // The caller leaves at once; its probe goes on, and fails, with no one to take its answer.
+    // (SQLite's locked file keeps it waiting; PostgreSQL behind the cut proxy may refuse it at
+    // once, and then nothing is abandoned and only the recovery below is checked.)
+    let left = tokio::time::timeout(Duration::from_millis(100), store.ping()).await;
+    if !db.is_postgres() {
+        assert!(
+            left.is_err(),
+            "the probe answered within 100 ms during the outage"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(3_200).saturating_sub(started.elapsed())).await;
+    outage.restore().await;
+    // Well past the probe's own bound (2 s) and its answer's reuse (1 s).
+    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(started.elapsed())).await;
+    store
+        .ping()
+        .await
+        .expect("ready once the database is back, not the abandoned probe's failure");
+}
