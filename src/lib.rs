@@ -310,10 +310,19 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
                     tracing::info!("the database answers; migrations applied, serving it");
                     return;
                 }
-                Err(err) => tracing::warn!(
+                // Still away: expected during an outage. Anything else (a refused password, a
+                // failing migration) will not clear by itself, but a fix may come without a
+                // restart (a role granted, a database created): said as an error, and retried.
+                Err(err) if store::is_unavailable(&err) => tracing::warn!(
                     error = crate::error::causes(&err),
                     attempt,
                     "the database still cannot be migrated; retrying"
+                ),
+                Err(err) => tracing::error!(
+                    error = crate::error::causes(&err),
+                    attempt,
+                    "the database answers but cannot be migrated; the routes that need it \
+                     answer 503 until it can; retrying"
                 ),
             }
         }

@@ -185,12 +185,13 @@ fn is_transient(err: &sqlx::Error) -> bool {
 /// Whether a failed connection only says that the server cannot be reached now, so that `serve`
 /// starts without it: any network error (refused, reset or closed mid-handshake by a proxy in
 /// front of a stopped database, a host unreachable, a name that does not resolve while the
-/// database's machines are stopped), or the server's own connection-exception, shutdown,
+/// database's machines are stopped), as `store::is_unavailable` counts them, or the server's own connection-exception, shutdown,
 /// starting-up or too-many-connections answers. What remains says the server refused us
 /// (authentication, an unknown database or role, TLS) and stops start-up.
 fn is_unreachable(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::Io(_) => true,
+        // A connection a proxy closes mid-handshake shows as a protocol error.
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08") || code.starts_with("57P") || code == "53300"
         }),
@@ -240,6 +241,8 @@ mod tests {
         }
         let dns = Error::other("failed to lookup address information: Name or service not known");
         assert!(is_unreachable(&sqlx::Error::Io(dns)));
+        let closed = "expected to read 5 bytes, got 0 bytes at EOF";
+        assert!(is_unreachable(&sqlx::Error::Protocol(closed.into())));
         assert!(!is_unreachable(&sqlx::Error::Tls(
             "certificate not trusted".into()
         )));
