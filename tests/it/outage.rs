@@ -683,15 +683,18 @@ async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable
     let server = serve_app(edgegate::app(state), Duration::from_secs(5)).await;
     let client = reqwest::Client::new();
     let url = format!("http://{}/admin/signing-keys", server.addr);
+    let report = || async {
+        let response = client
+            .get(&url)
+            .header("apikey", SECRET_KEY)
+            .send()
+            .await
+            .unwrap();
+        status_and_body(response).await
+    };
 
     outage.cut().await;
-    let response = client
-        .get(&url)
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_and_body(response).await;
+    let (status, body) = report().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["legacy_revocation_safe"], json!(false), "{body}");
     assert!(body["usage_unavailable"].is_string(), "{body}");
@@ -706,13 +709,7 @@ async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable
     );
 
     outage.restore().await;
-    let response = client
-        .get(&url)
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_and_body(response).await;
+    let (status, body) = report().await;
     assert_eq!(status, 200, "{body}");
     assert!(body.get("usage_unavailable").is_none(), "{body}");
 }

@@ -487,6 +487,32 @@ async fn same_second_with_stripe_hanging_answers_502_inside_the_route_deadline()
     assert_eq!(product_name(&db, 4).await, "First");
 }
 
+/// The periodic reconciliation of `app`, every `interval`, as `run` starts it.
+fn spawn_periodic(app: &App, interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    let client = edgegate::stripe::StripeClient::from_config(
+        app.state.http.clone(),
+        &app.state.config.stripe,
+        fast_retry(),
+    )
+    .unwrap();
+    edgegate::stripe::reconcile::spawn_periodic(
+        app.state.store.clone(),
+        client,
+        app.state.clock.clone(),
+        interval,
+        app.state.reconcile_metrics.clone(),
+    )
+}
+
+/// Waits until `sql` counts a row, failing with `what` after `seconds`.
+async fn wait_for_a_row(db: &TestDb, sql: &str, seconds: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while count(db, sql).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let fixtures = stripe_fixtures!();
@@ -494,30 +520,11 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     fake.add_events(history(&fixtures, 4, now() - 60, 1));
     let app = full_app(&db, &fake).await;
-    let client = edgegate::stripe::StripeClient::from_config(
-        app.state.http.clone(),
-        &app.state.config.stripe,
-        fast_retry(),
-    )
-    .unwrap();
     // The configuration allows a minute at least; the task itself takes any interval.
-    let task = edgegate::stripe::reconcile::spawn_periodic(
-        app.state.store.clone(),
-        client,
-        app.state.clock.clone(),
-        std::time::Duration::from_millis(50),
-        app.state.reconcile_metrics.clone(),
-    );
+    let task = spawn_periodic(&app, std::time::Duration::from_millis(50));
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic' \
                 AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 0";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while count(&db, runs).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no periodic run within 20 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_a_row(&db, runs, 20, "no periodic run within 20 s").await;
     task.abort();
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
     assert_eq!(product_name(&db, 0).await, "Name 0");
@@ -536,29 +543,16 @@ async fn the_first_periodic_run_comes_soon_when_none_ran_within_the_interval() {
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     fake.add_events(history(&fixtures, 2, now() - 60, 1));
     let app = full_app(&db, &fake).await;
-    let client = edgegate::stripe::StripeClient::from_config(
-        app.state.http.clone(),
-        &app.state.config.stripe,
-        fast_retry(),
-    )
-    .unwrap();
     // 30 s: the first run is due within 3 s (a tenth of it); waiting 10 s leaves slack.
-    let task = edgegate::stripe::reconcile::spawn_periodic(
-        app.state.store.clone(),
-        client,
-        app.state.clock.clone(),
-        std::time::Duration::from_secs(30),
-        app.state.reconcile_metrics.clone(),
-    );
+    let task = spawn_periodic(&app, std::time::Duration::from_secs(30));
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic'";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while count(&db, runs).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no periodic run within 10 s of start with a 30 s interval and none before"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_a_row(
+        &db,
+        runs,
+        10,
+        "no periodic run within 10 s of start with a 30 s interval and none before",
+    )
+    .await;
     task.abort();
 }
 
