@@ -1,6 +1,6 @@
 //! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
 
-use crate::auth::cache::TokenCache;
+use crate::auth::cache::{TokenCache, TokenKey};
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
@@ -15,6 +15,20 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A token looked up in the cache: its fresh entry, or what verifying it takes.
+enum Cached {
+    Hit(Verified),
+    Miss(Miss),
+}
+
+/// A cache miss: the token's key there (`None` when it cannot be cached), and the key ring and
+/// time (Unix seconds) it is verified against.
+struct Miss {
+    key: Option<TokenKey>,
+    ring: Arc<KeyRing>,
+    now: i64,
+}
 
 /// Everything the credential layer needs, filled from the service configuration.
 /// `Debug` redacts secrets, including `oct` members of inline JWKs.
@@ -264,14 +278,10 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::InvalidFormat("token is too large"));
         }
-        let key = self.cache.key(token);
-        let ring = self.ring.load();
-        let now = self.clock.unix_now();
-        if let Some(hit) =
-            key.and_then(|key| self.cache.get(&key, ring.generation(), now, self.leeway()))
-        {
-            return Ok(hit);
-        }
+        let Miss { key, ring, now } = match self.look_up(token) {
+            Cached::Hit(hit) => return Ok(hit),
+            Cached::Miss(miss) => miss,
+        };
         let (ring, result) = match verify(&ring, &self.settings, token, now) {
             Err(AuthError::UnknownKid) => self.verify_after_unknown_kid(ring, token).await,
             other => (ring, other),
@@ -286,6 +296,22 @@ impl Authenticator {
         Ok(verified)
     }
 
+    /// `token`'s entry in the cache when it is there and fresh; else what a verification of it
+    /// is judged by and stored under.
+    fn look_up(&self, token: &str) -> Cached {
+        let key = self.cache.key(token);
+        let ring = self.ring.load();
+        let now = self.clock.unix_now();
+        let leeway = i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        match key
+            .as_ref()
+            .and_then(|key| self.cache.get(key, ring.generation(), now, leeway))
+        {
+            Some(hit) => Cached::Hit(hit),
+            None => Cached::Miss(Miss { key, ring, now }),
+        }
+    }
+
     /// The legacy API key (`anon` or `service_role`, a JWT the legacy secret signed) sent in
     /// `apikey` beside the Bearer JWT that let a request in, as supabase-js sends its project key
     /// on every call: not the request's credential, but evidence that its client still needs the
@@ -295,14 +321,9 @@ impl Authenticator {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return None;
         }
-        let key = self.cache.key(token);
-        let ring = self.ring.load();
-        let now = self.clock.unix_now();
-        let cached =
-            key.and_then(|key| self.cache.get(&key, ring.generation(), now, self.leeway()));
-        let verified = match cached {
-            Some(hit) => hit,
-            None => {
+        let verified = match self.look_up(token) {
+            Cached::Hit(hit) => hit,
+            Cached::Miss(Miss { key, ring, now }) => {
                 let verified = verify(&ring, &self.settings, token, now).ok()?;
                 if let Some(key) = key {
                     self.cache.insert(&key, ring.generation(), &verified, now);
@@ -311,11 +332,6 @@ impl Authenticator {
             }
         };
         (verified.source == KeySource::LegacySecret).then_some(verified)
-    }
-
-    /// The clock leeway in seconds, as the cache compares it.
-    fn leeway(&self) -> i64 {
-        i64::try_from(self.settings.leeway.as_secs()).unwrap_or(i64::MAX)
     }
 
     /// The unknown-kid path, apart from `verify_bearer`'s hot path: one refetch (single flight,
