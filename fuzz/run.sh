@@ -18,6 +18,8 @@
 # Replay one input: cargo fuzz run -O -a -s none <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
 cd "$(dirname "$0")"
+# `bounded`: a target's bound, which a TERM to this script (.ci/run's bound) also stops.
+source ../.ci/bounded.sh
 
 CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
@@ -59,7 +61,7 @@ for target in $targets; do
   echo "fuzz: $target for ${FUZZ_SECONDS} s"
   # -timeout: one input taking 10 s is a finding (a hostile input must not be that expensive).
   rc=0
-  timeout --kill-after=15s "$((FUZZ_SECONDS + FUZZ_GRACE))" \
+  bounded "$((FUZZ_SECONDS + FUZZ_GRACE))" \
     cargo fuzz run "${flags[@]}" "$target" -- \
       -max_total_time="$FUZZ_SECONDS" -seed="$FUZZ_SEED" -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 >"$log" 2>&1 || rc=$?

@@ -7,6 +7,8 @@
 # Usage: tests/schema/run.sh [extra schemathesis options]; EDGEGATE_BIN overrides the binary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# `bounded`: schemathesis's bound, which a TERM to this script (.ci/run's bound) also stops.
+source .ci/bounded.sh
 
 # The interpreter .ci/run installed schemathesis into (pinned there: schemathesis==4.32.5).
 if ! python3 -c 'import schemathesis, stripe, twilio' 2>/dev/null; then
@@ -87,7 +89,7 @@ status=0
 # Every check runs (schemathesis's default; `--checks all` would override schemathesis.toml's
 # per-route exceptions).
 PYTHONPATH="tests/schema${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
-    timeout --kill-after=10 600 python3 -m schemathesis.cli --config-file tests/schema/schemathesis.toml run "$URL/openapi.json" \
+    bounded 600 python3 -m schemathesis.cli --config-file tests/schema/schemathesis.toml run "$URL/openapi.json" \
     --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-25}" \
     --request-timeout 10 \
     --workers 1 \
