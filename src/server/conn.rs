@@ -55,6 +55,11 @@ struct Work {
     in_flight: usize,
     /// Answers not sent yet, counted by when each is due (milliseconds since `epoch`).
     unsent: BTreeMap<u64, usize>,
+    /// Bytes of the next HTTP/1 head have come while nothing was under way: the client is
+    /// sending a request, so the connection is not idle though hyper has not parsed it yet.
+    head_begun: bool,
+    /// When the connection last became idle.
+    idle_since: Option<Instant>,
 }
 
 /// What one connection's IO and service share.
@@ -103,11 +108,14 @@ impl ConnState {
 
     /// Sets the deadline after `work` changed: the oldest unsent answer's, else none while a
     /// request runs, else the idle timeout from now (the connection has just become idle).
-    fn work_changed(&self, work: std::sync::MutexGuard<'_, Work>) {
+    fn work_changed(&self, mut work: std::sync::MutexGuard<'_, Work>) {
         let deadline = match work.unsent.first_key_value() {
             Some((&due, _)) => due,
             None if work.in_flight > 0 => NO_DEADLINE,
-            None => self.ms_after_now(self.idle_timeout),
+            None => {
+                work.idle_since = Some(Instant::now());
+                self.ms_after_now(self.idle_timeout)
+            }
         };
         self.deadline_ms.store(deadline, Ordering::Release);
         drop(work);
@@ -129,23 +137,24 @@ impl ConnState {
         }
         let mut work = self.work();
         work.served = true;
+        work.head_begun = false;
         work.in_flight += 1;
         self.work_changed(work);
         InFlight(self.clone())
     }
 
     /// Whether nothing is under way on a connection that has served a request: an idle
-    /// keep-alive connection, which the client is not waiting on.
+    /// keep-alive connection, which the client is not waiting on, nor sending a request on.
     fn idle(work: &Work) -> bool {
-        work.served && work.in_flight == 0 && work.unsent.is_empty()
+        work.served && work.in_flight == 0 && work.unsent.is_empty() && !work.head_begun
     }
 
-    /// Its idle deadline, when the connection is an idle keep-alive one: the earliest is the
-    /// one idle the longest.
-    pub(crate) fn idle_deadline(&self) -> Option<Instant> {
+    /// Since when the connection has been idle, when it is an idle keep-alive one. (Not its
+    /// deadline: a head begun on it moves that earlier.)
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
         let work = self.work();
         if Self::idle(&work) {
-            self.deadline()
+            work.idle_since
         } else {
             None
         }
@@ -200,8 +209,9 @@ impl ConnState {
         {
             return;
         }
-        let work = self.work();
+        let mut work = self.work();
         if work.in_flight == 0 {
+            work.head_begun = true;
             let head_due = self.ms_after_now(self.header_read_timeout);
             self.deadline_ms.fetch_min(head_due, Ordering::AcqRel);
         }

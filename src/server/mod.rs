@@ -229,8 +229,8 @@ impl OpenConnections {
             list.retain(|state| state.strong_count() > 0);
             list.iter()
                 .filter_map(std::sync::Weak::upgrade)
-                .filter_map(|state| state.idle_deadline().map(|deadline| (deadline, state)))
-                .min_by_key(|(deadline, _)| *deadline)
+                .filter_map(|state| state.idle_since().map(|since| (since, state)))
+                .min_by_key(|(since, _)| *since)
         };
         if let Some((_, state)) = longest {
             state.close_if_idle();

@@ -258,6 +258,46 @@ async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gi
     }
 }
 
+/// A keep-alive connection whose next request head has begun to arrive is not idle: at the cap,
+/// the connection idle the longest gives its slot up, not the one a client is sending on (its
+/// head can span segments; a reset after a POST is sent is not retried).
+#[tokio::test]
+async fn hostile_at_the_connection_cap_a_connection_receiving_a_head_keeps_its_slot() {
+    let server = run(&[
+        ("HTTP_MAX_CONNECTIONS", "3"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "60"),
+    ])
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .unwrap();
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200);
+        idle.push(stream);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The last one used begins its next request: half a head.
+    let (head, rest) = HEALTHZ.split_at(HEALTHZ.len() - 2);
+    idle[2].write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fresh = TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    fresh.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(read_response(&mut fresh).await.0, 200);
+    idle[2].write_all(rest).await.unwrap();
+    assert_eq!(
+        read_response(&mut idle[2]).await.0,
+        200,
+        "the connection receiving a head was closed"
+    );
+    closed_within(&mut idle[0], Duration::from_secs(2))
+        .await
+        .expect("the connection idle the longest was closed");
+}
+
 #[tokio::test]
 async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
