@@ -206,7 +206,7 @@ impl Started {
         ));
         background.extend(twilio::recover::spawn_status_recovery(
             store,
-            &state.http,
+            &state.twilio_http,
             &state.config,
             state.clock.clone(),
         ));
@@ -333,7 +333,7 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
 fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
     let interval = state.config.stripe.reconcile_interval?;
     let client = stripe::StripeClient::from_config(
-        state.http.clone(),
+        state.stripe_http.clone(),
         &state.config.stripe,
         state.stripe_retry,
     )?;

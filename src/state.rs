@@ -28,8 +28,11 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Authenticator>,
     pub usage: Arc<UsageTracker>,
-    /// The HTTP client for outbound calls to Stripe and Twilio (the JWKS has its own).
-    pub http: reqwest::Client,
+    /// The HTTP client for calls to Stripe.
+    pub stripe_http: reqwest::Client,
+    /// The HTTP client for calls to Twilio: apart from Stripe's, so that a Stripe base on this
+    /// machine (which takes no proxy) does not take the proxy away from Twilio's calls.
+    pub twilio_http: reqwest::Client,
     pub stripe_metrics: StripeMetrics,
     pub reconcile_metrics: ReconcileMetrics,
     /// How the Stripe client retries; tests shorten the delays.
@@ -49,13 +52,13 @@ impl AppState {
 
     /// As [`AppState::new`], reading time from `clock`.
     pub fn with_clock(config: Config, store: Store, clock: Clock) -> Self {
-        // Stripe's and Twilio's client.
-        let http = crate::outbound::client_builder(
-            None,
-            &[&config.stripe.api_base, &config.twilio.api_base],
-        )
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new());
+        let client = |base: &url::Url| {
+            crate::outbound::client_builder(None, &[base])
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new())
+        };
+        let stripe_http = client(&config.stripe.api_base);
+        let twilio_http = client(&config.twilio.api_base);
         let auth = Arc::new(Authenticator::with_clock(
             settings_from(&config),
             crate::auth::jwks::http_client(config.jwt.jwks_url.as_ref()),
@@ -77,7 +80,8 @@ impl AppState {
             metrics: Arc::new(metrics),
             auth,
             usage,
-            http,
+            stripe_http,
+            twilio_http,
             stripe_metrics,
             reconcile_metrics,
             stripe_retry: RetryPolicy::default(),

@@ -39,7 +39,7 @@ pub async fn send_sms(
     let sent = send(
         app.store.clone(),
         app.config.clone(),
-        app.http.clone(),
+        app.twilio_http.clone(),
         app.clock.clone(),
         &app.sms_sends,
         Submission { request, arrival },

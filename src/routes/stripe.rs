@@ -22,7 +22,11 @@ use crate::stripe::webhook::{self, WebhookError};
 pub const WEBHOOK_BODY_LIMIT: usize = 512 * 1024;
 
 fn stripe_client(state: &AppState) -> Option<StripeClient> {
-    StripeClient::from_config(state.http.clone(), &state.config.stripe, state.stripe_retry)
+    StripeClient::from_config(
+        state.stripe_http.clone(),
+        &state.config.stripe,
+        state.stripe_retry,
+    )
 }
 
 #[utoipa::path(

@@ -1161,3 +1161,70 @@ fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
         assert!(!stderr.contains("secret"), "{stderr}");
     }
 }
+
+/// Stripe and Twilio each get their own client: a Stripe fake on this machine (no proxy for
+/// it) does not send Twilio's calls around the operator's `HTTPS_PROXY`, which may be the only
+/// way out of the Machine.
+#[tokio::test]
+async fn a_loopback_stripe_base_does_not_take_the_proxy_away_from_twilio() {
+    use std::io::{BufRead as _, Write as _};
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let keys = format!(r#"{{"ops":"{key}"}}"#);
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    // Takes one connection, reads its first line and refuses it.
+    let seen = std::thread::spawn(move || {
+        proxy.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut stream = loop {
+            match proxy.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(_) => return None,
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stream.try_clone().unwrap())
+            .read_line(&mut line)
+            .ok()?;
+        let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        Some(line)
+    });
+    let vars = [
+        ("PORT", port.as_str()),
+        ("SUPABASE_SECRET_KEYS", keys.as_str()),
+        ("STRIPE_SECRET_KEY", "sk_test_proxy"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9/"),
+        ("TWILIO_ACCOUNT_SID", "ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+        ("TWILIO_AUTH_TOKEN", "proxytoken"),
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+        ("TWILIO_API_BASE", "https://api.twilio.invalid"),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+    ];
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let answer = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/functions/v1/send-sms"))
+        .header("apikey", key)
+        .json(&serde_json::json!({"to": "+12025550123", "body": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    let line = seen.join().unwrap();
+    assert_eq!(
+        line.as_deref().map(str::trim_end),
+        Some("CONNECT api.twilio.invalid:443 HTTP/1.1"),
+        "Twilio's call did not go through the proxy (send-sms answered {status})"
+    );
+}

@@ -1539,8 +1539,11 @@ async fn send_behind_a_held_reservation_lock(db: &TestDb) {
 }
 
 fn twilio_api(app: &Instance) -> edgegate::twilio::client::TwilioApi {
-    edgegate::twilio::client::TwilioApi::from_config(&app.state.http, &app.state.config.twilio)
-        .expect("Twilio configured")
+    edgegate::twilio::client::TwilioApi::from_config(
+        &app.state.twilio_http,
+        &app.state.config.twilio,
+    )
+    .expect("Twilio configured")
 }
 
 /// Twilio does not retry a status callback, and the final status is usually the last one: a
