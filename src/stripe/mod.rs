@@ -25,28 +25,36 @@ use crate::store::{AuditEntry, Store};
 
 /// A job a caller asked for (the catalogue sync, a reconciliation), run as Twilio's send is: in
 /// a task of its own, so a caller that hangs up (or the request timeout) does not cut a run in
-/// half; then `audit` is written with the outcome and, on success, the report.
+/// half. The same task then writes `audit` with the outcome (and, on success, the report) and
+/// calls `finish` with the result (the run's metrics): a caller gone before the end (Fly's proxy
+/// cuts a connection quiet for 60 s) would otherwise leave the run unaudited and uncounted.
 async fn run_for_caller<R, E>(
     store: Store,
     mut audit: AuditEntry,
     job: impl Future<Output = Result<R, E>> + Send + 'static,
     outcome_of: fn(&E) -> &'static str,
     task_failed: fn(anyhow::Error) -> E,
+    finish: impl FnOnce(&Result<R, E>) + Send + 'static,
 ) -> Result<R, E>
 where
     R: serde::Serialize + Send + 'static,
     E: Send + 'static,
 {
+    let action = audit.action.clone();
+    let run = async move {
+        let result = job.await;
+        audit.outcome = result.as_ref().map_or_else(outcome_of, |_| "ok").to_owned();
+        if let Ok(report) = &result {
+            audit.detail = serde_json::to_string(report).ok();
+        }
+        crate::audit::record(&store, &audit).await;
+        finish(&result);
+        result
+    };
     // In the request's span, so its logs and its calls to Stripe stay in the request's trace.
-    let result = tokio::spawn(job.instrument(tracing::Span::current()))
+    tokio::spawn(run.instrument(tracing::Span::current()))
         .await
-        .unwrap_or_else(|err| Err(task_failed(anyhow::anyhow!("{}: {err}", audit.action))));
-    audit.outcome = result.as_ref().map_or_else(outcome_of, |_| "ok").to_owned();
-    if let Ok(report) = &result {
-        audit.detail = serde_json::to_string(report).ok();
-    }
-    crate::audit::record(&store, &audit).await;
-    result
+        .unwrap_or_else(|err| Err(task_failed(anyhow::anyhow!("{action}: {err}"))))
 }
 
 /// The name a run's lock row carries: the request id, which the logs show too.

@@ -137,10 +137,17 @@ pub async fn run_for_caller(
     let job =
         async move { run(&job_store, &client, &clock, &holder, Trigger::Manual, since).await };
     let outcome_of = ReconcileError::outcome;
-    let result =
-        super::run_for_caller(store, audit, job, outcome_of, ReconcileError::Internal).await;
-    metrics.record(Trigger::Manual, &result);
-    result
+    let metrics = metrics.clone();
+    let finish = move |result: &Result<_, _>| metrics.record(Trigger::Manual, result);
+    super::run_for_caller(
+        store,
+        audit,
+        job,
+        outcome_of,
+        ReconcileError::Internal,
+        finish,
+    )
+    .await
 }
 
 pub async fn run(

@@ -118,10 +118,19 @@ pub async fn run_for_caller(
 ) -> Result<SyncReport, SyncError> {
     let (job_store, holder) = (store.clone(), super::lock_holder(&audit));
     let job = async move { run(&job_store, &client, &clock, &holder).await };
-    let result =
-        super::run_for_caller(store, audit, job, SyncError::outcome, SyncError::Internal).await;
-    metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"));
-    result
+    let metrics = metrics.clone();
+    let finish = move |result: &Result<_, _>| {
+        metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"))
+    };
+    super::run_for_caller(
+        store,
+        audit,
+        job,
+        SyncError::outcome,
+        SyncError::Internal,
+        finish,
+    )
+    .await
 }
 
 pub async fn run(

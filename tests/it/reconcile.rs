@@ -525,12 +525,18 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
     let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic' \
                 AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 0";
     wait_for_a_row(&db, runs, 20, "no periodic run within 20 s").await;
+    // The run is counted after its row is written: wait for that too before stopping the task.
+    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut metrics = String::new();
+    while !metrics.contains(line) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        metrics = app.server.get("/metrics").await.text().await.unwrap();
+    }
     task.abort();
+    assert!(metrics.contains(line), "{metrics}");
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
     assert_eq!(product_name(&db, 0).await, "Name 0");
-    let metrics = app.server.get("/metrics").await.text().await.unwrap();
-    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
-    assert!(metrics.contains(line), "{metrics}");
 }
 
 /// An instance whose database holds no recent periodic run (none at all here) runs one soon

@@ -1414,3 +1414,43 @@ async fn webhook_applies_an_event_an_earlier_release_stored_unapplied() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer, json!({"received": true, "duplicate": true}));
 }
+
+/// A caller that hangs up mid-sync (Fly's proxy cuts a quiet connection after 60 s) does not
+/// stop the run, and the run is still audited and counted once it ends: the audit row and the
+/// run's metric were written by the request, which was gone.
+#[tokio::test]
+async fn a_sync_whose_caller_hung_up_is_still_audited_and_counted() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    fake.fault_at(1, Fault::Hold);
+    let url = app
+        .server
+        .url("/functions/v1/sync-stripe-products-hardened");
+    let request = app
+        .server
+        .client
+        .post(url)
+        .header("apikey", SB_SECRET)
+        .send();
+    let caller = tokio::spawn(request);
+    tokio::time::timeout(Duration::from_secs(10), fake.arrived())
+        .await
+        .expect("the sync reached Stripe");
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    fake.release();
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'sync_stripe_products' \
+                 AND outcome = 'ok'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&db, audit).await == 0 {
+        assert!(Instant::now() < deadline, "no audit row for the run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runs = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND products_seen = 5";
+    assert_eq!(count(&db, runs).await, 1);
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_stripe_sync_runs_total{outcome="ok"} 1"#;
+    assert!(metrics.contains(line), "{line} in {metrics}");
+}
