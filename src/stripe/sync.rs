@@ -256,7 +256,9 @@ async fn walk(
     recheck_unseen_prices(store, client, clock, lock, run_id, prices_since, counts).await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
     // Every page was asked for after `started_at`: the absence holds as of the page stamp of
-    // that moment, so only an event newer than that may bring a row back.
+    // that moment, so only an event newer than that may bring a row back (one of that very
+    // second may, until the deletion's own event, of that second or later, is applied), and a
+    // sync run again within that second, which lists the row again, does.
     let (products, prices) = store
         .deactivate_unseen(
             products_since,
@@ -393,15 +395,24 @@ async fn list_resource<T: Catalogued>(
     Ok(())
 }
 
-/// When a page's state counts as true, against webhook events' `created` (ms): the start of
-/// the second before it was asked for. Stripe stamps an event with whole seconds, so an update
-/// made while the page was being served, or after, has an event of that second or later, which
-/// is newer than the page (or ties it, which the webhook settles by asking Stripe); stamped
-/// with the time the page arrived instead, such an event was older than the page, recorded
-/// and dropped, and a page served before an update but written after its event overwrote it.
-/// The second before allows this host's clock to run up to a second ahead of Stripe's.
+/// When a page's state counts as true, against webhook events' `created` (ms): a millisecond
+/// before the start of the second before it was asked for. Stripe stamps an event with whole
+/// seconds, so an update made while the page was being served, or after, has an event of that
+/// second or later, which is newer than the page: applied over it, and never overwritten by it
+/// however late the page is written. A page can hold the state from before an event of its own
+/// second (served stale, or asked for by a host whose clock runs ahead of Stripe's); written
+/// over that event, the older state stayed for good, the event being in the ledger already.
+/// An event of that second may also be older than the page; applying it loses nothing, since
+/// any later change the page showed has an event of its own, of that second (which then ties
+/// with the first, settled by asking Stripe) or later. The millisecond below the second is what
+/// tells a page's row from an event's: pages of one second (a sync run again within it, a
+/// price asked for by id after the listings) overwrite one another, the later one being the
+/// newer listing, while an event's row of that second is newer than any of them. Stamped with
+/// the time the page arrived instead, an event of the page's second was older than the page,
+/// recorded and dropped. The second before allows this host's clock to run up to a second ahead
+/// of Stripe's.
 fn page_as_of(asked_at_ms: i64) -> i64 {
-    (asked_at_ms.div_euclid(1000) - 1) * 1000
+    (asked_at_ms.div_euclid(1000) - 1) * 1000 - 1
 }
 
 /// Keeps the lock and leaves the counts so far in the run's row, so a crash mid-run still shows

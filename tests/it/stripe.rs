@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::now_ms;
 use edgegate::AppState;
+use edgegate::clock::Clock;
 use edgegate::stripe::RetryPolicy;
 use serde_json::{Value, json};
 
@@ -42,10 +43,21 @@ pub(crate) struct App {
 }
 
 pub(crate) async fn app(db: &TestDb, vars: &[(&str, &str)], retry: RetryPolicy) -> App {
+    app_with_clock(db, vars, retry, Clock::system()).await
+}
+
+/// As [`app`], reading time from `clock`.
+pub(crate) async fn app_with_clock(
+    db: &TestDb,
+    vars: &[(&str, &str)],
+    retry: RetryPolicy,
+    clock: Clock,
+) -> App {
     let secret_keys = format!(r#"{{"backend":"{SB_SECRET}"}}"#);
     let mut all = vec![("SUPABASE_SECRET_KEYS", secret_keys.as_str())];
     all.extend_from_slice(vars);
-    let state = AppState::new(db.config(&all), db.store().await).with_stripe_retry(retry);
+    let state =
+        AppState::with_clock(db.config(&all), db.store().await, clock).with_stripe_retry(retry);
     let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
     App { server, state }
 }
@@ -829,6 +841,39 @@ async fn webhook_out_of_order_event_never_overwrites_newer_state() {
         fake_stripe::price_id(27)
     );
     assert_eq!(scalar!(db, Option<i64>, amount), Some(999));
+}
+
+/// A sync page stamps its rows with the second before it asked for them, and Stripe stamps an
+/// event with the second of the change: a page served stale (or asked for by a host whose clock
+/// runs ahead of Stripe's) can carry the state from before an event of that very second. Written
+/// after the event was applied, it must not overwrite it: the event is in the ledger, so no
+/// redelivery or reconciliation would ever put it back.
+#[tokio::test]
+async fn a_sync_page_of_the_second_of_an_applied_event_does_not_overwrite_it() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 0).await;
+    let clock = Clock::manual();
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+    // The second the sync's page will be stamped with: the one before the clock's.
+    let second = clock.now_ms() / 1000 - 1;
+    let update = product_event(&fixtures, "evt_P1", "product.updated", second, 0, "Renamed");
+    let (status, body) = deliver_signed(&app.server, &update).await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(false)), "{body}");
+
+    // The listing still has the name from before the event.
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products").0, 3, "{body}");
+    assert_eq!(product_name(&db, 0).await, "Renamed");
+    // The other products were written.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 3);
 }
 
 #[tokio::test]

@@ -10,8 +10,9 @@ use crate::store::Store;
 use crate::store::engine::{BindExt as _, Engine, Execute as _, Query};
 
 /// A product as stored. `as_of` (ms) is when this state was true: the webhook event's `created`,
-/// or for the sync the start of the second before it asked for the page (`sync::page_as_of`);
-/// older state never overwrites newer.
+/// or for the sync a millisecond before the start of the second before it asked for the page
+/// (`sync::page_as_of`), so an event's state of that second is newer than the page's; older
+/// state never overwrites newer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProductRow {
     pub id: String,
