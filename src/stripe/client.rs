@@ -376,6 +376,7 @@ impl StripeClient {
             .filter(|_| status.as_u16() == 429)
             .map(Duration::from_secs);
         let body = read_capped(response, MAX_ANSWER_BYTES).await?;
+        let body = crate::stripe::objects::without_nul(&body);
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| {
                 AttemptFailure::transient(format!("unreadable answer ({status}): {err}"))

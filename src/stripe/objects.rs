@@ -2,6 +2,8 @@
 //! API version could omit or null it, unknown fields ignored. An account pinned to another API
 //! version therefore still syncs and delivers webhooks. Stripe's times are seconds; rows hold ms.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -9,6 +11,36 @@ use crate::store::{
     CheckoutSessionRow, CustomerRow, InvoiceRow, PriceRow, ProductRow, SubscriptionRow,
 };
 use crate::stripe::client::Listed;
+
+/// Stripe's JSON with every `\u0000` escape turned into `\uFFFD` (U+FFFD, the replacement
+/// character). PostgreSQL stores no U+0000 in text while SQLite does: a name, description,
+/// metadata or id carrying one made every write of that object fail on PostgreSQL only (a sync
+/// stuck at that page, a webhook refused for all of Stripe's retries). Done on the bytes where
+/// Stripe's JSON is read (the API's answers, a webhook's body once its signature is checked),
+/// before any field is taken from them, so every text stored is the same on both engines. JSON
+/// carries U+0000 only as that escape (a raw control character is invalid), and inside a string
+/// every backslash starts an escape, so escapes are stepped over whole: `\\u0000` (a backslash,
+/// then `u0000`) stays. Replacement and escape have the same length: a parse error's position
+/// stays true.
+pub fn without_nul(json: &[u8]) -> Cow<'_, [u8]> {
+    const NUL: &[u8] = b"\\u0000";
+    if !json.windows(NUL.len()).any(|window| window == NUL) {
+        return Cow::Borrowed(json);
+    }
+    let mut replaced = json.to_vec();
+    let mut at = 0;
+    while at < replaced.len() {
+        if replaced[at] != b'\\' {
+            at += 1;
+        } else if replaced[at..].starts_with(NUL) {
+            replaced[at + 2..at + 6].copy_from_slice(b"FFFD");
+            at += NUL.len();
+        } else {
+            at += 2;
+        }
+    }
+    Cow::Owned(replaced)
+}
 
 /// A reference Stripe sends either as an id or, when expanded, as the object itself.
 #[derive(Clone, Debug, Deserialize)]
@@ -409,6 +441,20 @@ mod tests {
         let row = invoice.row(1, InvoiceOutcome::Paid);
         assert_eq!(row.subscription_id.as_deref(), Some("sub_3"));
         assert_eq!((row.paid_at, row.payment_failed_at), (Some(9000), None));
+    }
+
+    #[test]
+    fn u0000_escapes_become_the_replacement_character_and_nothing_else_changes() {
+        let plain = br#"{"name":"a\u0001b"}"#;
+        assert!(matches!(without_nul(plain), Cow::Borrowed(_)));
+        let json = br#"{"name":"a\u0000b","k\u0000":"\\u0000","x":"\\\u0000"}"#;
+        let replaced = without_nul(json);
+        assert_eq!(replaced.len(), json.len());
+        let value: Value = serde_json::from_slice(&replaced).unwrap();
+        assert_eq!(
+            value,
+            json!({"name": "a\u{FFFD}b", "k\u{FFFD}": "\\u0000", "x": "\\\u{FFFD}"})
+        );
     }
 
     #[test]

@@ -265,7 +265,8 @@ struct Progress {
 
 /// Why applying a listed event failed, when the reason is the event's own: Stripe refused the
 /// fetch of its object (a 4xx it did not ask to retry, other than the key's 401 or 403), or the
-/// database refused its values (PostgreSQL stores no U+0000 in text, say). Stopping there would
+/// database refused its values (a value out of what a column takes; U+0000, which PostgreSQL
+/// stores nowhere in text, never gets this far: `objects::without_nul`). Stopping there would
 /// stop every later run there too, short of every older event; skipped, it is left for a later
 /// run, which may apply it once the cause is fixed. `None` for anything else, which would fail
 /// every event after it too and ends the run: an outage (the database away, Stripe not

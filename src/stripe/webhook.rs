@@ -15,7 +15,7 @@ use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{RetryPolicy, StripeClient, StripeError};
 use crate::stripe::objects::{
-    CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms,
+    CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms, without_nul,
 };
 use crate::stripe::signature::{self, SignatureError};
 
@@ -268,7 +268,8 @@ fn check_envelope(event: &Event) -> Result<(), WebhookError> {
 
 fn read_event(body: &[u8]) -> Result<Event, WebhookError> {
     let what = "the event";
-    let mut json = serde_json::Deserializer::from_slice(body);
+    let body = without_nul(body);
+    let mut json = serde_json::Deserializer::from_slice(&body);
     let event = serde_path_to_error::deserialize(&mut json).map_err(|err| unreadable(what, err))?;
     json.end()
         .map_err(|err| WebhookError::Unreadable(format!("{what} cannot be read: {err}")))?;

@@ -670,33 +670,31 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     assert!(body["since"].as_i64().unwrap() >= t - 3600, "{body}");
 }
 
-/// PostgreSQL refuses U+0000 in text, so an event carrying one can never be stored: it is
-/// skipped as any event whose own data the database refuses, the run goes on, and does not
-/// count as covering its window.
+/// PostgreSQL stores no U+0000 in text (SQLite does): an event carrying one is stored with
+/// U+FFFD in its place on both engines, applied like any other, and the run covers its window
+/// (it was skipped on PostgreSQL alone, run after run, and no run covered anything).
 #[tokio::test]
-async fn a_listed_event_the_database_refuses_is_skipped_and_the_run_goes_on() {
+async fn a_listed_event_with_u0000_in_its_text_is_applied_alike_on_both_engines() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
-    if !db.is_postgres() {
-        return; // SQLite stores U+0000: the suite on PostgreSQL runs this test.
-    }
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
     let app = full_app(&db, &fake).await;
     let t = now();
     // Events 0..5 a minute apart (event 3 of a type edgegate does not act on, so not listed),
     // and between events 3 and 4 one renaming product 60 to a name with U+0000 in it.
     fake.add_events(history(&fixtures, 5, t - 600, 60));
-    let refused = product_event(&fixtures, "evt_Nul", "product.updated", t - 400, 60, "a\0b");
-    fake.add_events([serde_json::from_str(&refused).unwrap()]);
+    let nul = product_event(&fixtures, "evt_Nul", "product.updated", t - 400, 60, "a\0b");
+    fake.add_events([serde_json::from_str(&nul).unwrap()]);
 
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(events(&body), (5, 4, 0, 1), "{body}");
+    assert_eq!(events(&body), (5, 5, 0, 0), "{body}");
     assert_eq!(product_name(&db, 0).await, "Name 0");
+    assert_eq!(product_name(&db, 60).await, "a\u{FFFD}b");
     let nul = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_Nul'";
-    assert_eq!(count(&db, nul).await, 0);
+    assert_eq!(count(&db, nul).await, 1);
     let covering = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
-    assert_eq!(count(&db, covering).await, 0);
+    assert_eq!(count(&db, covering).await, 1);
 }
 
 /// Reconciliation asks Stripe for the event types it applies only (`types[]`, at most 20), not

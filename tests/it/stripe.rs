@@ -876,6 +876,53 @@ async fn a_sync_page_of_the_second_of_an_applied_event_does_not_overwrite_it() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 3);
 }
 
+/// PostgreSQL stores no U+0000 in text (SQLite does): Stripe text carrying one (a name, a
+/// description, metadata) is stored with U+FFFD in its place on both engines, instead of
+/// failing the sync at that page, and a webhook for it, on PostgreSQL only.
+#[tokio::test]
+async fn stripe_text_with_u0000_is_stored_alike_on_both_engines() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 0).await;
+    let nul = |object: &mut Value| {
+        object["name"] = json!("a\0b");
+        object["description"] = json!("\0");
+        object["metadata"] = json!({"k\0": "v\0"});
+    };
+    fake.edit_product(&product_id(1), nul);
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (3, 3, 0), "{body}");
+    let stored = |i: usize| {
+        format!(
+            "SELECT name || '|' || description || '|' || metadata FROM stripe_products \
+             WHERE id = '{}'",
+            product_id(i)
+        )
+    };
+    assert_eq!(
+        scalar!(db, String, stored(1)),
+        "a\u{FFFD}b|\u{FFFD}|{\"k\u{FFFD}\":\"v\u{FFFD}\"}"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 3);
+
+    let mut object = fake_stripe::product(&fixtures, 2);
+    nul(&mut object);
+    object["name"] = json!("c\0d");
+    let update = event(&fixtures, "evt_Nul", "product.updated", now(), object);
+    let (status, body) = deliver_signed(&app.server, &update).await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(false)), "{body}");
+    assert_eq!(product_name(&db, 2).await, "c\u{FFFD}d");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 1);
+}
+
 #[tokio::test]
 async fn webhook_billing_events_leave_what_access_needs() {
     stripe_sdk!();
