@@ -76,7 +76,7 @@ const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_s
 
 /// The one-job-at-a-time lock (catalogue sync or reconciliation); `release` it when done.
 /// Dropped without release, a PostgreSQL lock goes with its connection (closed, not returned to
-/// the pool) and a SQLite one expires.
+/// the pool) and a SQLite one expires, or goes to the next process that starts on the file.
 pub struct SyncLock {
     job: Job,
     inner: LockInner,
@@ -98,6 +98,14 @@ impl std::fmt::Debug for SyncLock {
             .field("job", &self.job)
             .finish_non_exhaustive()
     }
+}
+
+/// This process, in the SQLite lock rows it takes: random, made once per process (not per
+/// store, so the instances a test starts in one process still exclude each other).
+fn sqlite_process() -> &'static str {
+    static PROCESS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("process-{}", uuid::Uuid::new_v4()));
+    &PROCESS
 }
 
 fn ttl_ms(ttl: Duration) -> i64 {
@@ -209,7 +217,8 @@ impl Store {
 
     /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
     /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
-    /// that expires after `ttl` unless renewed, so a crashed holder cannot block the job forever.
+    /// that expires after `ttl` unless renewed, and that a later process takes over at once, so
+    /// a crashed or stopped holder does not block the job.
     pub async fn try_lock_job(
         &self,
         job: Job,
@@ -244,16 +253,24 @@ impl Store {
                 }))
             }
             Backend::Sqlite(pool) => {
+                // One process serves a SQLite file: a row another process left (killed, or
+                // stopped mid-run, its task aborted) names no run that can still be going, so it
+                // is taken over at once rather than after its expiry, which answered 409 for up
+                // to 5 minutes after a restart. The holder names its process first for this.
+                let process = sqlite_process();
+                let holder = format!("{process} {holder}");
                 let taken = sqlx::query(
                     "INSERT INTO locks (name, holder, acquired_at, expires_at) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET \
                      holder = excluded.holder, acquired_at = excluded.acquired_at, \
-                     expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at",
+                     expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at \
+                     OR substr(locks.holder, 1, length($5)) <> $5",
                 )
                 .bind(job.lock_name())
-                .bind(holder)
+                .bind(&holder)
                 .bind(now)
                 .bind(now.saturating_add(ttl_ms(ttl)))
+                .bind(format!("{process} "))
                 .execute(pool)
                 .await
                 .context("taking the sync lock")?;
@@ -261,7 +278,7 @@ impl Store {
                     job,
                     inner: LockInner::Sqlite {
                         pool: pool.clone(),
-                        holder: holder.to_owned(),
+                        holder,
                         ttl,
                     },
                 }))
