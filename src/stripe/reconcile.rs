@@ -492,7 +492,8 @@ impl ReconcileMetrics {
 /// started together spreads out). The first one is timed from the last periodic run of any
 /// instance: an interval after it, or soon when it is older than that (or there is none), so
 /// instances restarted more often than the interval (deploys, secret changes) still run one.
-/// Where another instance holds the lock the run is skipped (counted as `in_progress`).
+/// Where another instance holds the lock the run is skipped (counted as `in_progress`). After a
+/// failed run the next comes within the hour (`next_pause`), not an interval later.
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
@@ -516,9 +517,13 @@ pub fn spawn_periodic(
         let mut pause = first_pause(last, clock.now_ms(), interval, random_fraction());
         loop {
             tokio::time::sleep(pause).await;
-            pause = jittered(interval);
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
+            let failed = matches!(
+                result,
+                Err(ReconcileError::Upstream { .. } | ReconcileError::Internal(_))
+            );
+            pause = next_pause(interval, failed, random_fraction());
             match &result {
                 Ok(report) => tracing::info!(
                     seen = report.events.seen,
@@ -531,6 +536,7 @@ pub fn spawn_periodic(
                 }
                 Err(err) => tracing::warn!(
                     error = format!("{err:#}"),
+                    retry_in_s = pause.as_secs(),
                     "periodic Stripe reconciliation failed; the next one retries"
                 ),
             }
@@ -555,8 +561,21 @@ fn first_pause(last: Option<i64>, now_ms: i64, interval: Duration, fraction: f64
     }
 }
 
-fn jittered(interval: Duration) -> Duration {
-    interval + interval.div_f64(10.0).mul_f64(random_fraction())
+/// The longest wait after a failed periodic run. A whole interval (up to 25 days) would leave
+/// the events of a day's outage (Stripe away, the database refusing) to age out of Stripe's
+/// 30-day retention before any run listed them again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(3600);
+
+/// How long after a periodic run the next one comes: an interval, or after a failed one at most
+/// `RETRY_AFTER_FAILURE`; lengthened by up to a tenth (`fraction`, 0 to 1), so a fleet spreads
+/// out. One skipped because another instance ran (`InProgress`) is no failure: that run covers.
+fn next_pause(interval: Duration, failed: bool, fraction: f64) -> Duration {
+    let wait = if failed {
+        interval.min(RETRY_AFTER_FAILURE)
+    } else {
+        interval
+    };
+    wait + wait.div_f64(10.0).mul_f64(fraction)
 }
 
 /// A random number from 0 to 1; a failing system RNG only costs the jitter.
@@ -649,8 +668,21 @@ mod tests {
     fn jitter_stays_within_a_tenth() {
         let interval = Duration::from_secs(3600);
         for _ in 0..100 {
-            let wait = jittered(interval);
+            let wait = next_pause(interval, false, random_fraction());
             assert!(wait >= interval && wait <= interval + Duration::from_secs(360));
         }
+    }
+
+    #[test]
+    fn a_failed_periodic_run_is_retried_within_an_hour_whatever_the_interval() {
+        let hour = Duration::from_secs(3600);
+        let long = Duration::from_secs(25 * 86_400);
+        assert_eq!(next_pause(long, false, 0.0), long);
+        assert_eq!(next_pause(long, true, 0.0), hour);
+        assert_eq!(next_pause(long, true, 1.0), hour + hour / 10);
+        // An interval shorter than that is kept.
+        let minute = Duration::from_secs(60);
+        assert_eq!(next_pause(minute, true, 0.0), minute);
+        assert_eq!(next_pause(minute, false, 1.0), minute + minute / 10);
     }
 }
