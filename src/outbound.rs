@@ -1,12 +1,21 @@
 //! The one way edgegate builds a client for calls it makes with a credential (Stripe, Twilio,
 //! the JWKS host, an OTLP collector, `check`, `keys report`).
 
+use std::time::Duration;
+
 use url::Url;
 
-/// A client builder with edgegate's user agent (`purpose` in brackets, if any) that follows no
-/// redirect and sends no Referer: reqwest drops only the standard credential headers on a
-/// redirect to another host, so `apikey`, a collector's own headers and a re-posted body (an
-/// SMS) went wherever a 3xx pointed. None of the services called redirects; a 3xx is an answer.
+/// How long making a connection may take (name resolution, TCP and TLS): past it the call fails
+/// as a connect error, which proves the request was never written. Shorter than any call's own
+/// timeout, which would otherwise end a connect that cannot be made as a call whose outcome is
+/// unknown (an SMS Twilio never got marked `unknown`, and never sent by a retry).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A client builder with edgegate's user agent (`purpose` in brackets, if any) that gives up on a
+/// connection after [`CONNECT_TIMEOUT`], follows no redirect and sends no Referer: reqwest drops
+/// only the standard credential headers on a redirect to another host, so `apikey`, a
+/// collector's own headers and a re-posted body (an SMS) went wherever a 3xx pointed. None of
+/// the services called redirects; a 3xx is an answer.
 ///
 /// `targets` are the base URLs the client calls. When one is on this machine, the client uses
 /// no proxy at all: reqwest sends even a loopback call through `HTTP_PROXY`/`ALL_PROXY` unless
@@ -21,7 +30,8 @@ pub fn client_builder(purpose: Option<&str>, targets: &[&Url]) -> reqwest::Clien
     let builder = reqwest::Client::builder()
         .user_agent(agent)
         .redirect(reqwest::redirect::Policy::none())
-        .referer(false);
+        .referer(false)
+        .connect_timeout(CONNECT_TIMEOUT);
     if targets.iter().any(|target| is_loopback(target)) {
         builder.no_proxy()
     } else {

@@ -167,6 +167,9 @@ impl TwilioApi {
         let response = crate::telemetry::send(request).await.map_err(|err| {
             // Only a failed connect proves the request never left; anything later (a
             // timeout, a reset while waiting for the answer) may follow a delivered request.
+            // A connect that cannot be made in time (a dropped SYN, a TLS handshake never
+            // answered: nothing of the request is written before it completes) fails as one
+            // too, after the client's `CONNECT_TIMEOUT`, shorter than the call's timeout.
             if err.is_connect() {
                 CallError::NotSent(describe(&err))
             } else {

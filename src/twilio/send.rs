@@ -35,6 +35,12 @@ const _: () = assert!(
     crate::config::DEFAULT_SMS_SEND_BUDGET.as_secs() + AFTER_BUDGET.as_secs() + 2
         <= crate::server::middleware::REQUEST_TIMEOUT.as_secs()
 );
+// A connection that cannot be made fails as a connect error, before the call's own timeout
+// would end it as a call whose outcome is unknown: Twilio never got it, so the send is `failed`,
+// a retry with its key sends it, and it counts against no limit.
+const _: () = assert!(
+    crate::outbound::CONNECT_TIMEOUT.as_secs() < crate::config::DEFAULT_TWILIO_TIMEOUT.as_secs()
+);
 /// The `Retry-After` of a repeat that finds the first send with its key still under way: a
 /// send's calls to Twilio take seconds at most, its retries a few more.
 const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(2);

@@ -799,6 +799,81 @@ async fn sms_a_refused_connection_is_retried_then_marked_failed() {
     assert_eq!(only_message_status(&app).await.0, "failed");
 }
 
+/// A loopback `http://` address where a TCP connect never completes: a listener whose accept
+/// queue (backlog 0 holds one) is full with a connection it never accepts, so the kernel drops
+/// every further SYN, as a blackholed address does. Both sockets live as long as the pair does.
+async fn unconnectable() -> (String, (tokio::net::TcpListener, tokio::net::TcpStream)) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let address = listener.local_addr().unwrap();
+    let queued = tokio::net::TcpStream::connect(address).await.unwrap();
+    let probe = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await;
+    assert!(
+        probe.is_err(),
+        "a connect to a full accept queue completed: {probe:?}"
+    );
+    (format!("http://{address}"), (listener, queued))
+}
+
+/// A loopback `https://` address that takes the TCP connection and never answers the TLS
+/// handshake: the request is never written. Stops when the task is aborted.
+async fn silent_tls() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (base, task)
+}
+
+/// A connection to Twilio that cannot be made in time (a SYN never answered, a TLS handshake
+/// never answered) proves the request never left, however long the call's own timeout: the
+/// send is `failed`, not `unknown`, and a retry with the same key sends it once Twilio is back.
+#[tokio::test]
+async fn sms_a_connection_never_made_in_time_is_marked_failed_and_sent_by_a_retry() {
+    let db = test_db!();
+    let (no_syn_ack, _full_queue) = unconnectable().await;
+    let (no_handshake, silent) = silent_tls().await;
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let up = instance(&db, Some(&fake), &[]).await;
+    let connect = edgegate::outbound::CONNECT_TIMEOUT;
+    for (i, base) in [no_syn_ack, no_handshake].iter().enumerate() {
+        // The call's own timeout is longer than the connect's, as by default; the budget holds
+        // one attempt only, to keep the test short.
+        let down = instance_with(&db, Some(&fake), &[("TWILIO_API_BASE", base)], |config| {
+            config.twilio.request_timeout = connect + Duration::from_secs(1);
+            config.twilio.send_budget = 2 * connect;
+        })
+        .await;
+        let key = format!("stalled-{i}");
+        let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": key});
+        let answer = send(&down, message.clone()).await;
+        assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+        assert!(
+            answer.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("Twilio did not take the message"),
+            "{base}: {}",
+            answer.body
+        );
+        assert_eq!(only_message_status(&down).await.0, "failed", "{base}");
+        let retry = send(&up, message).await;
+        assert_eq!(retry.status, 202, "{base}: {}", retry.body);
+        assert!(retry.body["sid"].is_string(), "{base}: {}", retry.body);
+        assert_eq!(fake.requests().len(), i + 1, "{base}");
+    }
+    silent.abort();
+}
+
 /// Twilio may call back before the sender has stored the message's SID (its database slow,
 /// or failing): the callback URL names the message, so the status is not lost.
 #[tokio::test]
