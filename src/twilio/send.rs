@@ -23,9 +23,10 @@ const MAX_ATTEMPTS: u32 = 3;
 /// waited for at most `WRITE_WAIT`.
 const AFTER_BUDGET: Duration = Duration::from_secs(10);
 /// How long the answer waits for one write after Twilio's call (its answer, the audit row).
-/// SQLite's busy timeout and PostgreSQL's pool acquire (3 s) bound a write too, but nothing
-/// bounds a PostgreSQL statement that waits on a lock or a stalled server: past this, the
-/// write goes on in its own task and the caller is answered without waiting for it.
+/// SQLite's busy timeout and PostgreSQL's pool acquire (3 s) bound one try of a write, but
+/// nothing bounds a PostgreSQL statement that waits on a lock or a stalled server, and Twilio's
+/// answer is tried again when the database refuses it: past this, the write goes on in its own
+/// task and the caller is answered without waiting for it.
 const WRITE_WAIT: Duration = Duration::from_secs(5);
 const _: () = assert!(2 * WRITE_WAIT.as_secs() <= AFTER_BUDGET.as_secs());
 // A send with the default budget is answered inside the route's timeout, with a little to spare
@@ -575,7 +576,8 @@ async fn deliver(
             // hold it until the route's 504, would invite a resend: the caller gets the SID
             // whatever the write comes to. A row left without it is found by a status callback
             // (by the id in its URL, when PUBLIC_URL is set), by this write when the database
-            // answers, or else marked `unknown` by the sweeper.
+            // answers (it is tried again while the database refuses it), or else marked
+            // `unknown` by the sweeper.
             let write = {
                 let (store, now) = (store.clone(), clock.now_ms());
                 let (id, created) = (id.to_owned(), created.clone());
@@ -586,7 +588,7 @@ async fn deliver(
                         error_code: None,
                         error_message: None,
                     };
-                    if let Err(err) = store.record_sms_send(&id, result, now).await {
+                    if let Err(err) = record_answer(&store, &id, result, now).await {
                         tracing::error!(%id, sid = %created.sid, error = crate::error::causes(&err),
                             "SMS sent but its SID was not stored");
                     }
@@ -594,8 +596,8 @@ async fn deliver(
             };
             if !bounded_write(tasks, write).await {
                 tracing::error!(%id, sid = %created.sid,
-                    "SMS sent but its SID not stored within {} s (the database is slow); the \
-                     write goes on", WRITE_WAIT.as_secs());
+                    "SMS sent but its SID not stored within {} s (the database is slow or \
+                     unavailable); the write goes on", WRITE_WAIT.as_secs());
             }
             Ok(Sent {
                 receipt: SmsReceipt {
@@ -607,6 +609,50 @@ async fn deliver(
             })
         }
         Err(failure) => Err(record_failure(store, clock, tasks, id, failure).await),
+    }
+}
+
+/// How long the write of Twilio's answer is tried again while the database refuses it (no pool
+/// connection within its acquire timeout, a SQLite file locked past its busy timeout): a SID
+/// stored nowhere else would be lost, its row marked `unknown` and a retry with its key answered
+/// without it. A stop waits for it as for the send, within the stop's own deadline.
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(60);
+/// The first pause between two tries of that write; it doubles up to `RECORD_RETRY_MAX_PAUSE`.
+const RECORD_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(250);
+const RECORD_RETRY_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Stores what Twilio answered for message `id`, trying again with jittered, doubling pauses
+/// while the database is unavailable, for at most `RECORD_RETRY_FOR`. The write may be repeated:
+/// it only fills in the row (a status callback that stored the SID first is kept).
+async fn record_answer(
+    store: &Store,
+    id: &str,
+    result: SendResult<'_>,
+    now_ms: i64,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut attempt = 1;
+    loop {
+        let err = match store.record_sms_send(id, result, now_ms).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        let pause = backoff::equal_jitter(backoff::exponential(
+            RECORD_RETRY_FIRST_PAUSE,
+            attempt,
+            RECORD_RETRY_MAX_PAUSE,
+        ));
+        if !crate::store::is_unavailable(&err) || started.elapsed() + pause > RECORD_RETRY_FOR {
+            return Err(err);
+        }
+        tracing::warn!(
+            id,
+            attempt,
+            error = crate::error::causes(&err),
+            "Twilio's answer not stored yet (the database is unavailable); trying again"
+        );
+        tokio::time::sleep(pause).await;
+        attempt += 1;
     }
 }
 
@@ -740,7 +786,7 @@ async fn record_failure(
                 error_code: code,
                 error_message: Some(&detail),
             };
-            if let Err(store_err) = store.record_sms_send(&id, result, now).await {
+            if let Err(store_err) = record_answer(&store, &id, result, now).await {
                 tracing::error!(
                     id,
                     error = crate::error::causes(&store_err),
@@ -753,7 +799,8 @@ async fn record_failure(
         // Until it is, the row stays `accepted`: a retry gets 409, then `unknown`.
         tracing::error!(
             id,
-            "SMS failure not stored within {} s (the database is slow); the write goes on",
+            "SMS failure not stored within {} s (the database is slow or unavailable); the \
+             write goes on",
             WRITE_WAIT.as_secs()
         );
     }

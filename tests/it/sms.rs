@@ -524,6 +524,62 @@ async fn sms_a_database_stalled_after_twilio_answered_still_answers_202_with_the
     pool.close().await;
 }
 
+/// Twilio took the message while the database refused writes for longer than a write waits for
+/// it (SQLite's 5 s busy timeout; PostgreSQL's 3 s pool acquire): the write of the SID is tried
+/// again until the database takes it, instead of leaving the row without it (marked `unknown`
+/// later, and a retry with the key answered without the SID).
+#[tokio::test]
+async fn sms_a_sid_write_the_database_refuses_is_retried_until_it_is_stored() {
+    use sqlx::Connection as _;
+    let db = test_db!();
+    if db.is_postgres() {
+        eprintln!("SKIPPED: needs SQLite (a write lock another connection holds)");
+        return;
+    }
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let app = instance(&db, Some(&fake), &[]).await;
+    // Time to take the lock after Twilio has the request, before it answers.
+    fake.set_latency(Duration::from_millis(300));
+    let sending = send(&app, json!({"to": "+12025550123", "body": "hi"}));
+    let lock = async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fake.requests().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the send never reached Twilio");
+        let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        // Past the busy timeout, so the first write fails rather than waits.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        holder.close().await.unwrap();
+    };
+    let (answer, ()) = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join(sending, lock),
+    )
+    .await
+    .expect("the send hung");
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let sid = answer.body["sid"].as_str().expect("the SID").to_owned();
+
+    let mut row = stored(&app, &answer).await;
+    for _ in 0..100 {
+        if row.twilio_sid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        row = stored(&app, &answer).await;
+    }
+    assert_eq!(row.twilio_sid.as_deref(), Some(sid.as_str()), "{row:?}");
+    assert_eq!(row.status, "queued", "{row:?}");
+}
+
 #[tokio::test]
 async fn sms_a_caller_who_hangs_up_mid_send_still_gets_it_recorded_and_a_retry_sends_nothing() {
     let (_db, fake, app) = one_instance!(&[]);
