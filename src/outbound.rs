@@ -39,6 +39,44 @@ pub fn client_builder(purpose: Option<&str>, targets: &[&Url]) -> reqwest::Clien
     }
 }
 
+/// Why an answer's body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// It declared, or brought, more than the cap.
+    #[error("an answer larger than {cap} bytes")]
+    TooLarge { cap: usize },
+    /// The connection failed before its end (the error without its URL).
+    #[error("answer cut short")]
+    CutShort(#[source] reqwest::Error),
+}
+
+/// The answer's body, read chunk by chunk up to `cap` bytes: one that declares a longer
+/// `Content-Length`, or goes on past the cap, is dropped (its connection with it) without being
+/// buffered whole, so a server cannot make edgegate hold an answer of any size in memory.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > cap as u64)
+    {
+        return Err(BodyError::TooLarge { cap });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| BodyError::CutShort(err.without_url()))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge { cap });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Whether `url` names this machine: a loopback address or `localhost`.
 pub fn is_loopback(url: &Url) -> bool {
     match url.host() {

@@ -511,7 +511,7 @@ impl JwksFetcher {
         if let Some(etag) = &etag {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
-        let mut response = crate::telemetry::send(request)
+        let response = crate::telemetry::send(request)
             .await
             .map_err(FetchError::transport)?;
         let status = response.status();
@@ -552,19 +552,12 @@ impl JwksFetcher {
         if status != reqwest::StatusCode::OK {
             return Err(FetchError::Status(status.as_u16()));
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
-            return Err(FetchError::TooLarge);
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(FetchError::transport)? {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(FetchError::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::outbound::read_capped(response, MAX_JWKS_BYTES)
+            .await
+            .map_err(|err| match err {
+                crate::outbound::BodyError::TooLarge { .. } => FetchError::TooLarge,
+                crate::outbound::BodyError::CutShort(err) => FetchError::transport(err),
+            })?;
         let values = parse_jwks_document(&body, false)?;
         let parsed = parse_fetched_keys(&values);
         let keys = parsed.keys.len();

@@ -15,6 +15,9 @@ use crate::store::Store;
 
 /// Longest window the report covers (the revocation window's own limit).
 pub const MAX_WINDOW: Duration = Duration::from_secs(2_592_000);
+/// The most of the server's answer that is read: a report of the longest window with many
+/// callers is far smaller, and a larger answer is not one.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// `--window`: `24h`, `90m`, `7d` or seconds, from one second to 30 days.
 pub fn parse_window(text: &str) -> Result<Duration, String> {
@@ -65,17 +68,20 @@ pub async fn from_api(
              key would go with them); give --url the address that answers"
         );
     }
+    let body = crate::outbound::read_capped(response, MAX_ANSWER_BYTES).await;
     if !status.is_success() {
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let body: serde_json::Value = body
+            .ok()
+            .and_then(|body| serde_json::from_slice(&body).ok())
+            .unwrap_or_default();
         anyhow::bail!(
             "{endpoint} answered {status}: {} {}",
             body["code"].as_str().unwrap_or("?"),
             body["message"].as_str().unwrap_or("")
         );
     }
-    response
-        .json()
-        .await
+    let body = body.with_context(|| format!("{endpoint} did not answer with the report"))?;
+    serde_json::from_slice(&body)
         .with_context(|| format!("{endpoint} did not answer with the report"))
 }
 

@@ -412,41 +412,28 @@ impl StripeClient {
     }
 }
 
-/// The answer's body, read chunk by chunk up to `cap` bytes. A body cut short is a transient
-/// failure like a dropped connection; one past the cap is final: another attempt would only read
-/// it again.
-async fn read_capped(
-    mut response: reqwest::Response,
-    cap: usize,
-) -> Result<Vec<u8>, AttemptFailure> {
+/// The answer's body, read up to `cap` bytes. A body cut short is a transient failure like a
+/// dropped connection; one past the cap is final: another attempt would only read it again.
+async fn read_capped(response: reqwest::Response, cap: usize) -> Result<Vec<u8>, AttemptFailure> {
     let status = response.status().as_u16();
-    let too_large = || AttemptFailure {
-        retry: false,
-        missing: false,
-        cursor_gone: false,
-        key_refused: false,
-        retry_after: None,
-        reason: format!(
-            "HTTP {status}: an answer larger than {} MiB",
-            cap / (1024 * 1024)
-        ),
-    };
-    if response
-        .content_length()
-        .is_some_and(|length| length > cap as u64)
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|err| {
-        AttemptFailure::transient(format!("answer cut short: {}", err.without_url()))
-    })? {
-        if body.len() + chunk.len() > cap {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    crate::outbound::read_capped(response, cap)
+        .await
+        .map_err(|err| match err {
+            crate::outbound::BodyError::TooLarge { cap } => AttemptFailure {
+                retry: false,
+                missing: false,
+                cursor_gone: false,
+                key_refused: false,
+                retry_after: None,
+                reason: format!(
+                    "HTTP {status}: an answer larger than {} MiB",
+                    cap / (1024 * 1024)
+                ),
+            },
+            crate::outbound::BodyError::CutShort(err) => {
+                AttemptFailure::transient(format!("answer cut short: {err}"))
+            }
+        })
 }
 
 /// The mode a key's prefix names: `sk_live_`/`rk_live_` live, `sk_test_`/`rk_test_` test.

@@ -29,6 +29,9 @@ use crate::config::TraceExport;
 const RETRIES: u32 = 3;
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_millis(1_600);
+/// The most of a collector's answer that is read (a partial-success notice is a few hundred
+/// bytes); past it the connection is dropped rather than the answer held.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Why an export was lost. Says nothing of the request: its headers carry the collector's
 /// credentials.
@@ -100,7 +103,7 @@ impl Collector {
                 Ok(response) if response.status().is_success() => {
                     // Read to the end (the connection is kept); a partial success says what
                     // the collector refused, which no one here acts on.
-                    let _ = response.bytes().await;
+                    let _ = crate::outbound::read_capped(response, MAX_ANSWER_BYTES).await;
                     return Ok(());
                 }
                 Ok(response) => {

@@ -70,6 +70,10 @@ impl TwilioErrorBody {
     }
 }
 
+/// The most of an answer that is read. A Message resource is about 2 KB, an error smaller still:
+/// a longer answer is not Twilio's, and is not held in memory.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// Twilio's "too many requests" error code (also sent with HTTP 429).
 pub const TOO_MANY_REQUESTS: i64 = 20429;
 
@@ -183,13 +187,21 @@ impl TwilioApi {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let bytes = response.bytes().await;
+        let bytes = crate::outbound::read_capped(response, MAX_ANSWER_BYTES).await;
         if status.is_success() {
-            let bytes = bytes.map_err(|err| CallError::Unconfirmed(describe(&err)))?;
+            // Twilio may have acted on it: whatever the body, nothing is sent again.
+            let bytes = bytes.map_err(|err| {
+                CallError::Unconfirmed(match err {
+                    crate::outbound::BodyError::CutShort(err) => describe(&err),
+                    too_large => too_large.to_string(),
+                })
+            })?;
             return serde_json::from_slice(&bytes).map_err(|err| {
                 CallError::Unconfirmed(format!("Twilio's answer could not be read: {err}"))
             });
         }
+        // An error body that cannot be read (cut short, too large) leaves the status alone to
+        // classify the answer.
         let body: TwilioErrorBody = bytes
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::support::{TestServer, serve_app};
@@ -33,6 +34,10 @@ pub enum Reply {
     Hang,
     /// 307 to this URL (Twilio never redirects; a proxy or a hijacked base might).
     RedirectTo(String),
+    /// 201 with a message resource padded to this many bytes, streamed in chunks without a
+    /// `Content-Length` and paced, so a client that stops reading is seen to stop
+    /// (`FakeTwilio::oversized_answer_finished`).
+    Oversized(usize),
 }
 
 impl Reply {
@@ -74,6 +79,8 @@ struct Shared {
     fetch_errors: Mutex<HashMap<String, u16>>,
     /// The SIDs fetched, in order.
     fetches: Mutex<Vec<String>>,
+    /// Whether a `Reply::Oversized` answer was written to its end.
+    oversized_finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct FakeTwilio {
@@ -94,6 +101,7 @@ impl FakeTwilio {
             messages: Mutex::new(HashMap::new()),
             fetch_errors: Mutex::new(HashMap::new()),
             fetches: Mutex::new(Vec::new()),
+            oversized_finished: Arc::default(),
         });
         let app = Router::new()
             .route("/2010-04-01/Accounts/{account}/Messages.json", post(create))
@@ -147,6 +155,13 @@ impl FakeTwilio {
     /// The SIDs Fetch Message was asked for, in order.
     pub fn fetches(&self) -> Vec<String> {
         self.shared.fetches.lock().unwrap().clone()
+    }
+
+    /// Whether a `Reply::Oversized` answer was written to its end (the client read it all).
+    pub fn oversized_answer_finished(&self) -> bool {
+        self.shared
+            .oversized_finished
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -238,12 +253,43 @@ async fn create(
             message,
         } => error(http, code, message),
         Reply::Hang => std::future::pending().await,
+        Reply::Oversized(size) => {
+            let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+            let head = format!(r#"{{"sid":"{sid}","status":"queued","padding":""#).into_bytes();
+            let padding = size.saturating_sub(head.len() + 2);
+            oversized(head, padding, shared.oversized_finished.clone())
+        }
         Reply::RedirectTo(location) => (
             StatusCode::TEMPORARY_REDIRECT,
             [(axum::http::header::LOCATION, location)],
         )
             .into_response(),
     }
+}
+
+/// A 201 whose body is `head`, `padding` spaces and `"}`: valid JSON however large, sent in
+/// 64 KiB chunks a millisecond apart; `finished` is set once the last one was taken.
+fn oversized(
+    head: Vec<u8>,
+    padding: usize,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let chunks = padding.div_ceil(CHUNK);
+    let padding = (0..chunks).map(move |i| Bytes::from(vec![b' '; CHUNK.min(padding - i * CHUNK)]));
+    let parts = std::iter::once(Bytes::from(head))
+        .chain(padding)
+        .chain(std::iter::once(Bytes::from_static(b"\"}")));
+    let body = futures_util::stream::iter(parts)
+        .then(|chunk| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok::<_, std::convert::Infallible>(chunk)
+        })
+        .chain(futures_util::stream::once(async move {
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(Bytes::new())
+        }));
+    (StatusCode::CREATED, axum::body::Body::from_stream(body)).into_response()
 }
 
 /// A message resource as Twilio's API returns it on creation.

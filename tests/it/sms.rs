@@ -834,6 +834,27 @@ async fn sms_a_connection_closed_after_the_request_was_written_is_never_retried(
     );
 }
 
+/// An answer far larger than any Twilio sends (a Message resource is about 2 KB) is not read
+/// whole, however well-formed: the send ends `unknown` (Twilio may have the message, so it is
+/// not sent again), and the connection is dropped before the answer's end.
+#[tokio::test]
+async fn sms_an_oversized_answer_is_not_read_whole_and_leaves_the_send_unknown() {
+    let (_db, fake, app) = one_instance!(&[]);
+    fake.script([Reply::Oversized(8 * 1024 * 1024)]);
+    let started = std::time::Instant::now();
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
+    assert!(
+        started.elapsed() < CALL_TIMEOUT,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.requests().len(), 1, "sent again");
+    assert!(
+        !fake.oversized_answer_finished(),
+        "the whole answer was read"
+    );
+}
+
 #[tokio::test]
 async fn sms_a_refused_connection_is_retried_then_marked_failed() {
     let db = test_db!();
