@@ -9,6 +9,8 @@
 //! into `other` in that period. So a flood of one-off `User-Agent` values cannot take the slots
 //! of the real callers, which repeat; with no flood every client is named, first come first
 //! served. Counts are never lost: a client that is not named moves its exact counts to `other`.
+//! Across hours, what a database outage holds back is bounded too ([`MAX_HELD_COUNTS`]): the
+//! oldest hours' clients are folded into `other`, then the oldest hours dropped and counted.
 //! No IP address, token or user id is kept; the client is a product name the caller chose.
 
 use std::borrow::Cow;
@@ -38,6 +40,11 @@ const HOUR_MS: i64 = 3_600_000;
 pub const MAX_NAMED_CLIENTS: usize = 50;
 /// Clients waiting for the next flush to be named (or folded into `other`), per instance and hour.
 pub const MAX_CANDIDATES: usize = 200;
+/// Counts (one per hour, place and client) held across hours at most while flushes fail, the
+/// newest hour's aside (it has its own bounds). About ten thousand hours of a few callers each
+/// once their hours are folded into `other`; past it, the oldest hours are dropped and counted in
+/// `edgegate_caller_usage_dropped_total`.
+pub const MAX_HELD_COUNTS: usize = 10_000;
 /// Longest client name kept.
 pub const MAX_CLIENT_CHARS: usize = 64;
 /// The client every caller past the named ones is counted as.
@@ -284,6 +291,31 @@ struct HourTable {
 }
 
 impl HourTable {
+    /// Count cells held: named, `other` and candidates.
+    fn cells(&self) -> usize {
+        self.named.values().map(Map::len).sum::<usize>()
+            + self.other.len()
+            + self
+                .candidates
+                .values()
+                .map(|candidate| candidate.counts.len())
+                .sum::<usize>()
+    }
+
+    /// Verifications held.
+    fn verified(&self) -> i64 {
+        let named = self.named.values().flat_map(Map::values);
+        let waiting = self
+            .candidates
+            .values()
+            .flat_map(|candidate| candidate.counts.values());
+        named
+            .chain(self.other.values())
+            .chain(waiting)
+            .map(|count| count.verified)
+            .sum()
+    }
+
     fn fold_into_other(&mut self, candidate: Candidate) {
         self.largest_folded = self.largest_folded.max(candidate.total);
         merge_into(&mut self.other, candidate.counts);
@@ -382,14 +414,29 @@ pub struct Footprint {
     pub hours: usize,
     pub named_clients: usize,
     pub candidate_clients: usize,
-    /// Count cells held, named, `other` and candidates together.
+    /// Count cells held, named, `other` and candidates together, and rows being written.
     pub counters: usize,
 }
 
-/// Counts callers since the last flush, per hour, and legacy verifications by kind.
+/// What a tracker holds until the database has it.
 #[derive(Debug, Default)]
+struct Held {
+    hours: Map<i64, HourTable>,
+    /// The rows a flush is writing: still this instance's to report until the write commits or
+    /// fails (then they are back in `hours`).
+    flushing: Vec<CallerUsage>,
+}
+
+/// Counts callers since the last flush, per hour, and legacy verifications by kind.
+#[derive(Debug)]
 pub struct CallerTracker {
-    hours: Mutex<Map<i64, HourTable>>,
+    held: Mutex<Held>,
+    /// One flush at a time, so there is one batch in flight.
+    flush_turn: tokio::sync::Mutex<()>,
+    /// Counts held across hours at most, the newest hour's aside.
+    max_held: usize,
+    /// Verifications left out of the per-caller counts because too many hours were held.
+    dropped: Counter,
     /// `edgegate_legacy_verifications_total`.
     legacy: Family<LegacyKindLabels, Counter>,
     /// Its series by [`LegacyKind::index`], each looked up in the family once, on first use (so
@@ -401,13 +448,42 @@ fn hour_of(at_ms: i64) -> i64 {
     at_ms - at_ms.rem_euclid(HOUR_MS)
 }
 
+impl Default for CallerTracker {
+    fn default() -> Self {
+        Self::with_max_held(MAX_HELD_COUNTS)
+    }
+}
+
 impl CallerTracker {
+    /// A tracker that holds at most `max_held` counts across hours, the newest hour's aside.
+    pub fn with_max_held(max_held: usize) -> Self {
+        Self {
+            held: Mutex::default(),
+            flush_turn: tokio::sync::Mutex::default(),
+            max_held,
+            dropped: Counter::default(),
+            legacy: Family::default(),
+            legacy_series: Default::default(),
+        }
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "legacy_verifications",
             "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
             self.legacy.clone(),
         );
+        registry.register(
+            "caller_usage_dropped",
+            "Legacy and API-key verifications left out of the per-caller counts because a long \
+             database outage held too many hours of them (the key counts are kept apart)",
+            self.dropped.clone(),
+        );
+    }
+
+    /// Verifications dropped so far from the per-caller counts.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
     }
 
     /// Counts one verification of `kind` on `route` (a route pattern, never a raw path) by `client`.
@@ -427,29 +503,42 @@ impl CallerTracker {
             kind: kind.name(),
             route,
         };
-        let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
-        hours
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.hours
             .entry(hour_of(at_ms))
             .or_default()
             .record(place, client, at_ms);
     }
 
-    /// Settles every hour and takes its rows; only the newest hour's named clients are kept,
-    /// since naming starts over each hour.
+    /// Settles every hour and takes its rows, kept as the batch in flight; only the newest hour's
+    /// named clients are kept, since naming starts over each hour.
     fn take(&self) -> Vec<CallerUsage> {
-        let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
-        let newest = hours.keys().copied().max();
-        let rows = hours
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let newest = held.hours.keys().copied().max();
+        let rows: Vec<CallerUsage> = held
+            .hours
             .iter_mut()
             .flat_map(|(hour, table)| table.settle(*hour))
             .collect();
-        hours.retain(|hour, _| Some(*hour) == newest);
+        held.hours.retain(|hour, _| Some(*hour) == newest);
+        // `flushing` is empty here unless a flush was cut off mid-write. Whether those rows
+        // reached the database is not known, so they are not written again.
+        held.flushing.clone_from(&rows);
         rows
     }
 
-    /// Puts rows back after a failed write; their clients stay named.
+    /// The batch in flight is written: the database has it now.
+    fn written(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.flushing.clear();
+    }
+
+    /// Puts rows back after a failed write, in the same step as they stop being in flight;
+    /// their clients stay named, unless the hours held outgrow `max_held`.
     fn restore(&self, rows: Vec<CallerUsage>) {
-        let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.flushing.clear();
+        let hours = &mut held.hours;
         for row in rows {
             let source = match row.source.as_str() {
                 "api_key" => KeySource::ApiKey,
@@ -471,10 +560,45 @@ impl CallerTracker {
                 last_ms: row.last_verified_at_ms,
             });
         }
+        self.bound(hours);
+    }
+
+    /// Keeps the counts held across hours within `max_held`, the newest hour aside (it has its
+    /// own bounds and is still counting): the oldest hours' clients are folded into `other`
+    /// first (their counts kept, their names lost), then the oldest hours are dropped and
+    /// counted. Without this, each failed flush put every past hour back, so an outage of H
+    /// hours held H tables, which anyone can fill with the public anon key.
+    fn bound(&self, hours: &mut Map<i64, HourTable>) {
+        let mut older: Vec<i64> = hours.keys().copied().collect();
+        older.sort_unstable();
+        older.pop();
+        let mut held: usize = older.iter().map(|hour| hours[hour].cells()).sum();
+        for hour in &older {
+            if held <= self.max_held {
+                return;
+            }
+            let table = hours.get_mut(hour).expect("an hour listed");
+            let before = table.cells();
+            let named: Vec<Counts> = table.named.drain().map(|(_, counts)| counts).collect();
+            for counts in named {
+                merge_into(&mut table.other, counts);
+            }
+            held = held - before + table.cells();
+        }
+        for hour in &older {
+            if held <= self.max_held {
+                return;
+            }
+            let table = hours.remove(hour).expect("an hour listed");
+            held -= table.cells();
+            self.dropped
+                .inc_by(u64::try_from(table.verified()).unwrap_or(0));
+        }
     }
 
     /// Writes the counts since the last flush; on failure they are kept for the next one.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
+        let _turn = self.flush_turn.lock().await;
         let rows = self.take();
         if rows.is_empty() {
             return Ok(());
@@ -483,15 +607,22 @@ impl CallerTracker {
             self.restore(rows);
             return Err(err);
         }
+        self.written();
         Ok(())
     }
 
-    /// Everything counted here and not flushed yet, per hour and caller (candidates under their
-    /// own name), for hours starting at or after `since_ms`.
+    /// Everything counted here that the database does not have yet (a batch being written
+    /// included), per hour and caller (candidates under their own name), for hours starting at
+    /// or after `since_ms`.
     pub fn pending_since(&self, since_ms: i64) -> Vec<CallerUsage> {
-        let hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows = Vec::new();
-        for (&hour, table) in hours.iter().filter(|(hour, _)| **hour >= since_ms) {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<CallerUsage> = held
+            .flushing
+            .iter()
+            .filter(|row| row.hour_start_ms >= since_ms)
+            .cloned()
+            .collect();
+        for (&hour, table) in held.hours.iter().filter(|(hour, _)| **hour >= since_ms) {
             let named = table
                 .named
                 .iter()
@@ -511,22 +642,17 @@ impl CallerTracker {
     }
 
     pub fn footprint(&self) -> Footprint {
-        let hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
-        hours.values().fold(
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.hours.values().fold(
             Footprint {
-                hours: hours.len(),
+                hours: held.hours.len(),
+                counters: held.flushing.len(),
                 ..Footprint::default()
             },
             |mut sum, table| {
                 sum.named_clients += table.named.len();
                 sum.candidate_clients += table.candidates.len();
-                sum.counters += table.named.values().map(Map::len).sum::<usize>()
-                    + table.other.len()
-                    + table
-                        .candidates
-                        .values()
-                        .map(|candidate| candidate.counts.len())
-                        .sum::<usize>();
+                sum.counters += table.cells();
                 sum
             },
         )

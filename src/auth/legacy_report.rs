@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::callers::LegacyKind;
 use crate::auth::jwks::JwksStatus;
 use crate::auth::keys::KeyOrigin;
-use crate::auth::usage::{LegacyVerdict, UsageTracker, humanize, legacy_verdict};
+use crate::auth::usage::{DroppedUsage, LegacyVerdict, UsageTracker, humanize, legacy_verdict};
 use crate::auth::{Authenticator, KeySource};
 use crate::clock::Clock;
 use crate::store::{CallerUsage, KeyUsage, Store};
@@ -81,26 +81,34 @@ pub struct ReportView {
     /// The verdict, always over the revocation window.
     pub legacy_revocation_safe: bool,
     pub reason: String,
+    /// Verifications left out of the evidence because an instance's buffer was full; the
+    /// verdict is not safe while the last of them is inside the revocation window. Absent from
+    /// the answer of an edgegate from before it was reported.
+    #[serde(default)]
+    pub evidence_dropped: Option<DroppedUsage>,
     pub legacy_usage: Vec<CallerRow>,
     pub api_key_usage: Vec<CallerRow>,
     pub legacy_kinds: Vec<KindUse>,
     pub usage_hourly: Hourly,
 }
 
-/// The hourly key and caller rows of the hours from `since_ms`: the database's, plus this
-/// instance's unflushed counts when a tracker is given.
+/// The database's hourly key and caller rows of the hours from `since_ms`.
 pub async fn hourly_rows(
     store: &Store,
-    pending: Option<&UsageTracker>,
     since_ms: i64,
 ) -> anyhow::Result<(Vec<KeyUsage>, Vec<CallerUsage>)> {
-    let mut keys = store.key_usage_hours_since(since_ms).await?;
-    let mut callers = store.caller_usage_hours_since(since_ms).await?;
-    if let Some(tracker) = pending {
-        keys.extend(tracker.pending_since(since_ms));
-        callers.extend(tracker.callers.pending_since(since_ms));
-    }
+    let keys = store.key_usage_hours_since(since_ms).await?;
+    let callers = store.caller_usage_hours_since(since_ms).await?;
     Ok((keys, callers))
+}
+
+/// The verifications every instance left out of the evidence, as the database records them.
+pub async fn stored_dropped(store: &Store) -> anyhow::Result<Option<DroppedUsage>> {
+    let dropped = store.dropped_usage().await?;
+    Ok(dropped.map(|(count, last_dropped_at_ms)| DroppedUsage {
+        count,
+        last_dropped_at_ms,
+    }))
 }
 
 /// The report over `usage_window`, with the verdict's reason naming the top legacy caller of
@@ -109,6 +117,7 @@ pub fn view(
     keys: &[KeyUsage],
     callers: &[CallerUsage],
     mut verdict: LegacyVerdict,
+    evidence_dropped: Option<DroppedUsage>,
     revocation_window: Duration,
     usage_window: Duration,
     now_ms: i64,
@@ -124,6 +133,7 @@ pub fn view(
         usage_window_seconds: usage_window.as_secs(),
         legacy_revocation_safe: verdict.legacy_revocation_safe,
         reason: verdict.reason,
+        evidence_dropped,
         legacy_usage: usage.legacy_usage,
         api_key_usage: usage.api_key_usage,
         legacy_kinds: usage.legacy_kinds,
@@ -313,6 +323,27 @@ pub fn summarize(
     }
 }
 
+/// `2026-12-01 09:05` (UTC) from epoch milliseconds.
+pub fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
 /// A count with thousands separators: `1,204`.
 pub fn thousands(count: i64) -> String {
     let digits = count.unsigned_abs().to_string();
@@ -413,6 +444,11 @@ pub async fn key_report(
 ) -> anyhow::Result<KeyReport> {
     let now = clock.now_ms();
     let since = first_hour(revocation_window, now).min(first_hour(usage_window, now));
+    // This instance's counts are read before the database's. A flush that commits between the
+    // two reads then shows its counts twice; the other way round it would show them nowhere
+    // (the database read before the commit, memory after the batch was cleared), and legacy use
+    // could slip between the two. Otherwise each count shows once.
+    let unflushed = tracker.unflushed_since(since);
     // The key listing and the JWKS state are in memory: a database outage (or one not yet
     // migrated) costs the counts, not the whole answer.
     let (stored, usage_unavailable) = match stored_usage(store, revocation_window, since, now).await
@@ -429,11 +465,12 @@ pub async fn key_report(
         }
         Err(err) => return Err(err),
     };
-    let usage = merge_usage(stored.window, tracker, revocation_window, now);
-    let evidence_since = match (stored.evidence_since, tracker.first_pending_verification()) {
+    let usage = merge_usage(stored.window, &unflushed.keys, revocation_window, now);
+    let evidence_since = match (stored.evidence_since, unflushed.first_verification) {
         (Some(stored), Some(pending)) => Some(stored.min(pending)),
         (stored, pending) => stored.or(pending),
     };
+    let dropped = DroppedUsage::sum(stored.dropped, unflushed.dropped);
     let ring = auth.key_ring().load();
     let find = |source: &str, kid: &str| {
         usage
@@ -472,7 +509,14 @@ pub async fn key_report(
         .collect();
     let configured = !ring.legacy_secrets().is_empty();
     let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
-    let mut verdict = legacy_verdict(configured, &usage, evidence_since, revocation_window, now);
+    let mut verdict = legacy_verdict(
+        configured,
+        &usage,
+        evidence_since,
+        dropped,
+        revocation_window,
+        now,
+    );
     if configured && usage_unavailable.is_some() {
         verdict = LegacyVerdict {
             legacy_revocation_safe: false,
@@ -482,12 +526,13 @@ pub async fn key_report(
         };
     }
     let (mut hourly_keys, mut hourly_callers) = (stored.hourly_keys, stored.hourly_callers);
-    hourly_keys.extend(tracker.pending_since(since));
-    hourly_callers.extend(tracker.callers.pending_since(since));
+    hourly_keys.extend(unflushed.keys);
+    hourly_callers.extend(unflushed.callers);
     let report = view(
         &hourly_keys,
         &hourly_callers,
         verdict,
+        dropped,
         revocation_window,
         usage_window,
         now,
@@ -514,6 +559,7 @@ struct StoredUsage {
     /// Usage per key over the revocation window.
     window: Vec<KeyUsage>,
     evidence_since: Option<i64>,
+    dropped: Option<DroppedUsage>,
     hourly_keys: Vec<KeyUsage>,
     hourly_callers: Vec<CallerUsage>,
 }
@@ -531,26 +577,29 @@ async fn stored_usage(
         .key_usage_since(first_hour(revocation_window, now_ms))
         .await?;
     let evidence_since = store.usage_evidence_since().await?;
-    let (hourly_keys, hourly_callers) = hourly_rows(store, None, hourly_since).await?;
+    let dropped = stored_dropped(store).await?;
+    let (hourly_keys, hourly_callers) = hourly_rows(store, hourly_since).await?;
     Ok(StoredUsage {
         window,
         evidence_since,
+        dropped,
         hourly_keys,
         hourly_callers,
     })
 }
 
 /// Usage per (source, kid, alg) over the window: the database plus this instance's unflushed
-/// counts.
+/// hourly counts.
 fn merge_usage(
     stored: Vec<KeyUsage>,
-    tracker: &UsageTracker,
+    unflushed: &[KeyUsage],
     window: Duration,
     now_ms: i64,
 ) -> Vec<KeyUsage> {
     let since = first_hour(window, now_ms);
+    let unflushed = unflushed.iter().filter(|row| row.hour_start_ms >= since);
     let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
-    for row in stored.into_iter().chain(tracker.pending_since(since)) {
+    for row in stored.into_iter().chain(unflushed.cloned()) {
         let key = (row.source.clone(), row.kid.clone(), row.alg.clone());
         match merged.get_mut(&key) {
             Some(sum) => {

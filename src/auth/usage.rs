@@ -1,7 +1,8 @@
 //! Evidence for revocation: verifications counted per key in memory, flushed to the database in
 //! hourly buckets, so every instance's traffic adds up and survives restarts. While the database
 //! is away the counts stay in memory (bounded by `MAX_PENDING_BUCKETS`; what does not fit is
-//! counted in `edgegate_key_usage_dropped_total`) and reach it once it is back.
+//! counted in `edgegate_key_usage_dropped_total`, and is a hole in the evidence the verdict
+//! heeds) and reach it once it is back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
@@ -48,10 +49,25 @@ struct Count {
     last_ms: i64,
 }
 
+/// What a tracker holds until the database has it.
+#[derive(Debug, Default)]
+struct Held {
+    /// Counted since the last flush took its batch.
+    pending: Pending,
+    /// The batch a flush is writing. Still this instance's to report until the write commits
+    /// (it is in the database then) or fails (it is back in `pending`): a report made while a
+    /// write waits on a locked file or an exhausted pool would otherwise find it nowhere.
+    flushing: Pending,
+    /// Verifications dropped and not yet recorded in the database.
+    dropped: Option<DroppedUsage>,
+}
+
 /// Counts verifications since the last flush.
 #[derive(Debug)]
 pub struct UsageTracker {
-    pending: Mutex<Pending>,
+    held: Mutex<Held>,
+    /// One flush at a time, so there is one batch in flight.
+    flush_turn: tokio::sync::Mutex<()>,
     max_buckets: usize,
     /// Verifications not kept because the buffer was full.
     dropped: Counter,
@@ -90,7 +106,8 @@ impl UsageTracker {
     /// A tracker that holds at most `max_buckets` distinct (hour, key) counts.
     pub fn with_max_buckets(max_buckets: usize) -> Self {
         Self {
-            pending: Mutex::new(Pending::default()),
+            held: Mutex::new(Held::default()),
+            flush_turn: tokio::sync::Mutex::new(()),
             max_buckets,
             dropped: Counter::default(),
             flush_failures: Counter::default(),
@@ -130,39 +147,45 @@ impl UsageTracker {
             first_ms: at_ms,
             last_ms: at_ms,
         };
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        self.add(&mut pending, bucket, count);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        self.add(&mut held, bucket, count);
     }
 
     /// Adds `count` to its bucket, or drops and counts it when a new bucket would not fit.
-    fn add(&self, pending: &mut Pending, bucket: Bucket, count: Count) {
-        let full = pending.len() >= self.max_buckets;
-        match pending.get_mut(&bucket) {
-            Some(held) => {
-                held.verified += count.verified;
-                held.first_ms = held.first_ms.min(count.first_ms);
-                held.last_ms = held.last_ms.max(count.last_ms);
+    fn add(&self, held: &mut Held, bucket: Bucket, count: Count) {
+        let full = held.pending.len() >= self.max_buckets;
+        match held.pending.get_mut(&bucket) {
+            Some(sum) => {
+                sum.verified += count.verified;
+                sum.first_ms = sum.first_ms.min(count.first_ms);
+                sum.last_ms = sum.last_ms.max(count.last_ms);
             }
             None if full => {
                 self.dropped
                     .inc_by(u64::try_from(count.verified).unwrap_or(0));
+                let drop = DroppedUsage {
+                    count: count.verified,
+                    last_dropped_at_ms: count.last_ms,
+                };
+                held.dropped = DroppedUsage::sum(held.dropped, Some(drop));
             }
             None => {
-                pending.insert(bucket, count);
+                held.pending.insert(bucket, count);
             }
         }
     }
 
-    /// The pending counts, and the earliest verification among them.
+    /// Moves the pending counts into the batch being flushed; returns them as rows, and the
+    /// earliest verification among them.
     fn take(&self) -> (Vec<KeyUsage>, Option<i64>) {
-        let drained: Vec<_> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
-        let first = drained.iter().map(|(_, count)| count.first_ms).min();
-        let rows = drained
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        // `flushing` is empty here unless a flush was cut off mid-write. Whether that batch
+        // reached the database is not known, so it is not written again: it is replaced, lost
+        // as a cut-off flush's counts always were.
+        held.flushing = std::mem::take(&mut held.pending);
+        let first = held.flushing.values().map(|count| count.first_ms).min();
+        let rows = held
+            .flushing
             .iter()
             .map(|(bucket, count)| row(bucket, count))
             .collect();
@@ -171,10 +194,36 @@ impl UsageTracker {
 
     /// Writes the pending counts, callers included; on failure they are kept for the next flush.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
-        // The key counts first: they are the revocation verdict's evidence.
+        let _turn = self.flush_turn.lock().await;
+        // The dropped count and the key counts first: they are the revocation verdict's evidence.
+        let dropped = self.flush_dropped(store).await;
         let keys = self.flush_keys(store).await;
         let callers = self.callers.flush(store).await;
-        keys.and(callers)
+        dropped.and(keys).and(callers)
+    }
+
+    /// Records the verifications dropped since the last flush, so every instance's report (and
+    /// the one read from the database) knows of the hole. They stay in memory until it is
+    /// written: the report counts them meanwhile.
+    async fn flush_dropped(&self, store: &Store) -> anyhow::Result<()> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).dropped;
+        let Some(dropped) = held else {
+            return Ok(());
+        };
+        if let Err(err) = store
+            .note_dropped_usage(dropped.count, dropped.last_dropped_at_ms)
+            .await
+        {
+            self.flush_failures.inc();
+            return Err(err);
+        }
+        // Drops counted during the write stay for the next flush.
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.dropped = held.dropped.and_then(|now| {
+            let count = now.count - dropped.count;
+            (count > 0).then_some(DroppedUsage { count, ..now })
+        });
+        Ok(())
     }
 
     async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
@@ -185,9 +234,12 @@ impl UsageTracker {
             Ok(()) => store.add_key_usage(&rows).await,
             Err(err) => Err(err),
         };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        // In the database now, or back in `pending` below: in either case no longer in flight,
+        // in the same step, so a report never finds them in both places or in neither.
+        held.flushing.clear();
         if let Err(err) = written {
             self.flush_failures.inc();
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for row in rows {
                 let source = match row.source.as_str() {
                     "legacy_secret" => KeySource::LegacySecret,
@@ -206,28 +258,84 @@ impl UsageTracker {
                     first_ms: first.max(row.hour_start_ms),
                     last_ms: row.last_verified_at_ms,
                 };
-                self.add(&mut pending, bucket, count);
+                self.add(&mut held, bucket, count);
             }
             return Err(err);
         }
         Ok(())
     }
 
-    /// The earliest verification this instance counted and has not flushed yet (ms).
+    /// The earliest verification this instance counted and the database does not have yet (ms).
     pub fn first_pending_verification(&self) -> Option<i64> {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.values().map(|count| count.first_ms).min()
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.unwritten().map(|(_, count)| count.first_ms).min()
     }
 
-    /// Everything counted here and not yet flushed from the hour starting at `since_ms` on, one
-    /// row per hour and key (the admin report's hourly bars keep each hour; its totals add them).
+    /// Everything counted here that the database does not have yet (a batch being written
+    /// included) from the hour starting at `since_ms` on, one row per hour and key (the admin
+    /// report's hourly bars keep each hour; its totals add them).
     pub fn pending_since(&self, since_ms: i64) -> Vec<KeyUsage> {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending
-            .iter()
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.unwritten()
             .filter(|(bucket, _)| bucket.hour_start_ms >= since_ms)
             .map(|(bucket, count)| row(bucket, count))
             .collect()
+    }
+
+    /// The verifications this instance dropped and the database does not know of yet.
+    pub fn pending_dropped(&self) -> Option<DroppedUsage> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).dropped
+    }
+
+    /// What this instance holds that the database does not have yet, keys and callers, from the
+    /// hour starting at `since_ms` on.
+    pub fn unflushed_since(&self, since_ms: i64) -> Unflushed {
+        Unflushed {
+            keys: self.pending_since(since_ms),
+            callers: self.callers.pending_since(since_ms),
+            first_verification: self.first_pending_verification(),
+            dropped: self.pending_dropped(),
+        }
+    }
+}
+
+impl Held {
+    /// Every count the database does not have yet: pending, and the batch being written (a
+    /// bucket may be in both; the report adds rows of one hour and key).
+    fn unwritten(&self) -> impl Iterator<Item = (&Bucket, &Count)> {
+        self.pending.iter().chain(&self.flushing)
+    }
+}
+
+/// An instance's counts the database does not have yet, read in one go.
+#[derive(Clone, Debug, Default)]
+pub struct Unflushed {
+    pub keys: Vec<KeyUsage>,
+    pub callers: Vec<crate::store::CallerUsage>,
+    pub first_verification: Option<i64>,
+    pub dropped: Option<DroppedUsage>,
+}
+
+/// Verifications left out of the usage evidence because an instance's buffer was full (a long
+/// database outage): legacy use among them would not show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DroppedUsage {
+    /// How many, on every instance since counting began.
+    pub count: i64,
+    /// When the last of them was made (epoch ms).
+    pub last_dropped_at_ms: i64,
+}
+
+impl DroppedUsage {
+    /// Both together: their counts added, the later last drop.
+    pub fn sum(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Self {
+                count: a.count + b.count,
+                last_dropped_at_ms: a.last_dropped_at_ms.max(b.last_dropped_at_ms),
+            }),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -316,11 +424,13 @@ pub struct LegacyVerdict {
     pub reason: String,
 }
 
-/// Decides from usage over the window (database plus this instance's pending counts).
+/// Decides from usage over the window (database plus this instance's pending counts), and the
+/// verifications that were dropped instead of counted.
 pub fn legacy_verdict(
     legacy_configured: bool,
     usage: &[KeyUsage],
     evidence_since_ms: Option<i64>,
+    dropped: Option<DroppedUsage>,
     window: Duration,
     now: i64,
 ) -> LegacyVerdict {
@@ -353,6 +463,22 @@ pub fn legacy_verdict(
             false,
             format!(
                 "{legacy} request(s) verified with the legacy secret in the last {window_text}"
+            ),
+        );
+    }
+    // A dropped verification may have been a legacy one: the window must pass after the last.
+    if let Some(dropped) = dropped.filter(|d| d.last_dropped_at_ms >= now - window_ms) {
+        let (count, last) = (dropped.count, dropped.last_dropped_at_ms);
+        return verdict(
+            false,
+            format!(
+                "{} verification{} left out of the usage evidence (its buffer was full while the \
+                 database was away), the last at {} UTC: legacy use among them would not show; \
+                 wait until {} UTC",
+                crate::auth::legacy_report::thousands(count),
+                if count == 1 { " was" } else { "s were" },
+                crate::auth::legacy_report::utc(last),
+                crate::auth::legacy_report::utc(last.saturating_add(window_ms)),
             ),
         );
     }
@@ -456,6 +582,37 @@ mod tests {
         rows.sort_unstable();
         assert_eq!(rows, [(at, 1), (at + HOUR_MS, 2)]);
         assert!(tracker.pending_since(at + HOUR_MS).len() == 1);
+    }
+
+    /// A dropped verification may have been a legacy one: revoking is not called safe until a
+    /// whole window has passed after the last drop.
+    #[test]
+    fn a_drop_keeps_the_verdict_unsafe_for_a_whole_window_after_it() {
+        let (window, now) = (Duration::from_secs(3600), 100 * HOUR_MS);
+        let usage = [KeyUsage {
+            hour_start_ms: now - HOUR_MS,
+            source: "signing_key".to_owned(),
+            kid: "a".to_owned(),
+            alg: "ES256".to_owned(),
+            verified_count: 5,
+            last_verified_at_ms: now - 1,
+        }];
+        let judge = |last_dropped_at_ms| {
+            let dropped = DroppedUsage {
+                count: 3,
+                last_dropped_at_ms,
+            };
+            legacy_verdict(true, &usage, Some(0), Some(dropped), window, now)
+        };
+        let inside = judge(now - HOUR_MS);
+        assert!(!inside.legacy_revocation_safe);
+        assert_eq!(
+            inside.reason,
+            "3 verifications were left out of the usage evidence (its buffer was full while the \
+             database was away), the last at 1970-01-05 03:00 UTC: legacy use among them would \
+             not show; wait until 1970-01-05 04:00 UTC"
+        );
+        assert!(judge(now - HOUR_MS - 1).legacy_revocation_safe);
     }
 
     #[test]

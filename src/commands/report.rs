@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, first_hour, thousands};
+use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, first_hour, thousands, utc};
 use crate::auth::usage::legacy_verdict;
 use crate::config::Config;
 use crate::store::Store;
@@ -102,44 +102,32 @@ pub async fn from_database(
             .key_usage_since(first_hour(revocation_window, now_ms))
             .await?;
         let evidence_since = store.usage_evidence_since().await?;
+        let dropped = legacy_report::stored_dropped(&store).await?;
         let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
-        let (keys, callers) = legacy_report::hourly_rows(&store, None, since).await?;
-        anyhow::Ok((summed, evidence_since, keys, callers))
+        let (keys, callers) = legacy_report::hourly_rows(&store, since).await?;
+        anyhow::Ok((summed, evidence_since, dropped, keys, callers))
     };
     let read = read.await;
     store.close().await;
-    let (summed, evidence_since, keys, callers) =
+    let (summed, evidence_since, dropped, keys, callers) =
         read.context("reading usage (has `edgegate migrate` run on this database?)")?;
-    let verdict = legacy_verdict(true, &summed, evidence_since, revocation_window, now_ms);
+    let verdict = legacy_verdict(
+        true,
+        &summed,
+        evidence_since,
+        dropped,
+        revocation_window,
+        now_ms,
+    );
     Ok(legacy_report::view(
         &keys,
         &callers,
         verdict,
+        dropped,
         revocation_window,
         usage_window,
         now_ms,
     ))
-}
-
-/// `2026-12-01 09:05` (UTC) from epoch milliseconds.
-fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
-        rest / 3600,
-        rest % 3600 / 60
-    )
 }
 
 /// The most columns a usage bar takes: a day of hours; a longer window is drawn with several
@@ -312,6 +300,15 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         );
     }
     out.push('\n');
+    if let Some(dropped) = view.evidence_dropped {
+        let _ = writeln!(
+            out,
+            "Left out of the evidence (buffer full while the database was away): {} verification{}, the last at {} UTC.",
+            thousands(dropped.count),
+            if dropped.count == 1 { "" } else { "s" },
+            utc(dropped.last_dropped_at_ms),
+        );
+    }
     let _ = writeln!(
         out,
         "Revoking the legacy secret: {}. {}",

@@ -405,6 +405,10 @@ pub struct SigningKeys {
     evidence_since_ms: Option<i64>,
     legacy_revocation_safe: bool,
     reason: String,
+    /// Verifications left out of the usage evidence because an instance's buffer was full (a
+    /// long database outage), on every instance since counting began; `null` when none was.
+    /// Revoking is not called safe while the last of them is inside the revocation window.
+    evidence_dropped: Option<crate::auth::usage::DroppedUsage>,
     /// The JWKS fetcher's state, when a JWKS URL is configured.
     jwks: Option<JwksStatus>,
     /// Present only when the database's usage counts could not be read (an outage): the keys

@@ -418,6 +418,34 @@ impl Store {
         Ok(())
     }
 
+    /// Adds `count` verifications to those left out of the evidence (an instance's buffer was
+    /// full), the last at `last_ms`. With no evidence recorded yet, it starts at that drop: no
+    /// verdict can be safe before a whole window has passed after it anyway.
+    pub async fn note_dropped_usage(&self, count: i64, last_ms: i64) -> anyhow::Result<()> {
+        let sql = "INSERT INTO usage_evidence (id, first_verified_at, dropped_count, last_dropped_at) \
+                   VALUES (1, $2, $1, $2) ON CONFLICT (id) DO UPDATE SET \
+                   dropped_count = usage_evidence.dropped_count + excluded.dropped_count, \
+                   last_dropped_at = CASE WHEN usage_evidence.last_dropped_at IS NULL \
+                   OR excluded.last_dropped_at > usage_evidence.last_dropped_at \
+                   THEN excluded.last_dropped_at ELSE usage_evidence.last_dropped_at END";
+        self.execute(sql, &[count.into(), last_ms.into()])
+            .await
+            .context("recording verifications left out of the usage evidence")?;
+        Ok(())
+    }
+
+    /// The verifications every instance left out of the evidence: how many, and the last one's
+    /// time (ms); `None` when none was.
+    pub async fn dropped_usage(&self) -> anyhow::Result<Option<(i64, i64)>> {
+        let sql = "SELECT dropped_count, last_dropped_at FROM usage_evidence \
+                   WHERE id = 1 AND last_dropped_at IS NOT NULL";
+        let dropped: Option<(i64, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(sql).fetch_optional(pool).await
+        })
+        .context("reading verifications left out of the usage evidence")?;
+        Ok(dropped)
+    }
+
     /// How far back the evidence goes (ms): the earliest verification counted; for counts from
     /// before that was recorded, the end of the earliest hour with usage.
     pub async fn usage_evidence_since(&self) -> anyhow::Result<Option<i64>> {

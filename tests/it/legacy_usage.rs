@@ -1,13 +1,19 @@
 //! Who still uses the legacy secret: callers counted per kind, route and client on every
 //! instance, summed in the database, listed by `GET /admin/signing-keys` and `edgegate keys report`.
 
+use std::time::Duration;
+
 use crate::support::now_ms;
 use edgegate::AppState;
 use edgegate::auth::Alg;
-use edgegate::auth::callers::{MAX_CANDIDATES, MAX_NAMED_CLIENTS};
+use edgegate::auth::callers::{
+    CallerKind, CallerTracker, LegacyKind, MAX_CANDIDATES, MAX_NAMED_CLIENTS,
+};
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
+use edgegate::auth::usage::UsageTracker;
 use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 
 use crate::process::{edgegate, output};
 use crate::support::{TestDb, TestServer, spawn_app};
@@ -762,4 +768,167 @@ async fn a_stopping_instance_writes_the_counts_it_had_not_flushed() {
             .any(|row| row.kind == "anon_key" && row.route == JWT_TEST && row.verified_count == 1),
         "{callers:?}"
     );
+}
+
+/// The key report of `state`'s instance over its revocation window with the unflushed counts of
+/// `tracker`, as `GET /admin/signing-keys` builds it (without the audit line, a write of its own).
+async fn key_report(state: &AppState, tracker: &UsageTracker) -> Value {
+    let window = state.config.jwt.legacy_revocation_window;
+    let report = edgegate::auth::legacy_report::key_report(
+        &state.store,
+        tracker,
+        &state.auth,
+        &state.clock,
+        window,
+        window,
+    )
+    .await
+    .unwrap();
+    serde_json::to_value(report).unwrap()
+}
+
+/// Stored evidence that says revoking is safe unless something else shows legacy use: a whole
+/// window observed and signing keys in use in it.
+async fn evidence_that_says_safe(state: &AppState) {
+    let now = now_ms();
+    state
+        .store
+        .note_usage_evidence(now - 48 * HOUR)
+        .await
+        .unwrap();
+    let signing = KeyUsage {
+        hour_start_ms: now - now % HOUR,
+        source: "signing_key".into(),
+        kid: "2b9f0c1e".into(),
+        alg: "ES256".into(),
+        verified_count: 900,
+        last_verified_at_ms: now,
+    };
+    state.store.add_key_usage(&[signing]).await.unwrap();
+}
+
+/// A flush takes the counts out of memory before it writes them; while the write waits (here
+/// on SQLite's write lock, held by another process; on PostgreSQL on an exhausted pool) a report
+/// reads the database and the instance's unflushed counts, and must still find them there, or
+/// it calls the legacy secret unused while it is not.
+#[tokio::test]
+async fn a_flush_waiting_for_the_database_hides_no_legacy_use_from_the_report() {
+    let db = TestDb::sqlite();
+    let (server, state) = instance(&db).await;
+    evidence_that_says_safe(&state).await;
+    supabase_js(&server, &legacy_key("anon")).await;
+
+    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let flush = tokio::spawn({
+        let state = state.clone();
+        async move { state.usage.flush(&state.store).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!flush.is_finished(), "the flush waits for the lock");
+    let during = key_report(&state, &state.usage).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+    let flushed = tokio::time::timeout(Duration::from_secs(30), flush)
+        .await
+        .expect("the flush ends once the lock is gone")
+        .unwrap();
+
+    let legacy = |report: &Value| report["legacy_secret"]["verified_count"].clone();
+    assert_eq!(
+        (legacy(&during), during["legacy_revocation_safe"].clone()),
+        (json!(1), json!(false)),
+        "{during:#}"
+    );
+    assert_eq!(
+        callers(&during),
+        [
+            json!({"kind": "anon_key", "route": JWT_TEST, "client": "supabase-js/2.47.0", "count": 1})
+        ]
+    );
+    // Written or put back, the count shows once.
+    let after = key_report(&state, &state.usage).await;
+    assert_eq!(legacy(&after), json!(1), "{flushed:?} {after:#}");
+    assert_eq!(callers(&after)[0]["count"], json!(1), "{after:#}");
+}
+
+/// Verifications dropped because the buffer was full (a long database outage) are a hole in the
+/// evidence: legacy use may be among them, so while a drop is inside the window revoking is not
+/// called safe, and the report says how many were dropped and when.
+#[tokio::test]
+async fn verifications_dropped_from_a_full_buffer_keep_revocation_unsafe() {
+    let db = test_db!();
+    let (_server, state) = instance(&db).await;
+    evidence_that_says_safe(&state).await;
+    let tracker = UsageTracker::with_max_buckets(1);
+    let now = now_ms();
+    let api_key = state.auth.verify_api_key(SECRET_KEY, false).unwrap();
+    tracker.record(&api_key, now);
+    let legacy = state.auth.verify_bearer(&legacy_key("anon")).await.unwrap();
+    tracker.record(&legacy, now);
+    assert_eq!(tracker.dropped(), 1);
+
+    let report = key_report(&state, &tracker).await;
+    assert_eq!(report["legacy_revocation_safe"], json!(false), "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("1 verification was left out of the usage evidence"),
+        "{reason}"
+    );
+    assert_eq!(report["evidence_dropped"]["count"], json!(1), "{report:#}");
+
+    // Once flushed, the hole is in the database: the report of an instance that dropped nothing
+    // knows of it too.
+    tracker.flush(&state.store).await.unwrap();
+    assert_eq!(tracker.pending_dropped(), None);
+    let elsewhere = key_report(&state, &UsageTracker::default()).await;
+    assert_eq!(elsewhere["legacy_revocation_safe"], json!(false));
+    assert_eq!(elsewhere["evidence_dropped"], report["evidence_dropped"]);
+}
+
+/// Each failed flush puts every hour's caller counts back: without a bound across hours, a long
+/// outage held a table per hour, and anyone can fill one with the public anon key by varying
+/// `x-client-info`. The oldest hours' clients are folded into `other`, then whole hours dropped
+/// and counted, so what is held stays under a fixed bound however long the outage lasts.
+#[tokio::test]
+async fn a_long_outage_holds_a_bounded_number_of_caller_counts() {
+    // A store that refuses every write: its tables were never made.
+    let db = TestDb::sqlite();
+    let store = edgegate::Store::connect(&db.config(&[]).database_url)
+        .await
+        .unwrap();
+    let tracker = CallerTracker::with_max_held(300);
+    let anon = CallerKind::Legacy(LegacyKind::AnonKey);
+    let first_hour = now_ms() - now_ms() % HOUR - 400 * HOUR;
+    let (mut recorded, mut most) = (0, 0);
+    for hour in 0..400 {
+        let at = first_hour + hour * HOUR;
+        for client in 0..60 {
+            tracker.record(anon, JWT_TEST, &format!("client-{client:02}"), at + client);
+            recorded += 1;
+        }
+        assert!(tracker.flush(&store).await.is_err(), "no table to write to");
+        most = most.max(tracker.footprint().counters);
+    }
+    // The newest hour keeps its own bound (fifty named and other); the older ones share the cap.
+    assert!(most <= 300 + MAX_NAMED_CLIENTS + 1, "{most} counts held");
+    let held = tracker.pending_since(0);
+    let dropped = i64::try_from(tracker.dropped()).unwrap();
+    assert!(dropped > 0, "400 hours of other do not fit in 300 counts");
+    assert_eq!(
+        held.iter().map(|row| row.verified_count).sum::<i64>() + dropped,
+        recorded,
+        "every count held or counted as dropped"
+    );
+    // The newest hours keep their clients' names.
+    let newest = first_hour + 399 * HOUR;
+    let named: std::collections::HashSet<&str> = held
+        .iter()
+        .filter(|row| row.hour_start_ms == newest)
+        .map(|row| row.client.as_str())
+        .collect();
+    assert_eq!(named.len(), MAX_NAMED_CLIENTS + 1, "{named:?}");
 }

@@ -48,6 +48,7 @@ fn shipped_migrations_are_never_edited() {
         (20261205000002, "3c997ff897f4ec27"),
         (20261205000003, "12b7b7332169e1e1"),
         (20261206000001, "6d7c119528410dbf"),
+        (20261207000001, "185e94eef4bb881f"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -59,6 +60,7 @@ fn shipped_migrations_are_never_edited() {
         (20261205000002, "8a9dcca85fe4f531"),
         (20261205000003, "570116d3b5142b1e"),
         (20261206000001, "c231466faece2861"),
+        (20261207000001, "b7b9920454ecf204"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -279,6 +281,20 @@ async fn no_usage_means_no_evidence() {
     let store = db.store().await;
     assert_eq!(store.usage_evidence_since().await.unwrap(), None);
     assert!(store.key_usage_since(0).await.unwrap().is_empty());
+    assert_eq!(store.dropped_usage().await.unwrap(), None);
+}
+
+/// Verifications two instances dropped add up, the latest drop is kept whatever the order they
+/// are recorded in, and the evidence still starts at its first counted verification.
+#[tokio::test]
+async fn dropped_verifications_from_several_instances_add_up() {
+    let db = test_db!();
+    let (a, b) = (db.store().await, db.store().await);
+    a.note_usage_evidence(1_000).await.unwrap();
+    a.note_dropped_usage(3, 9_000).await.unwrap();
+    b.note_dropped_usage(2, 7_000).await.unwrap();
+    assert_eq!(b.dropped_usage().await.unwrap(), Some((5, 9_000)));
+    assert_eq!(b.usage_evidence_since().await.unwrap(), Some(1_000));
 }
 
 /// Supabase's Data API serves the tables of `public` to anyone holding the project's publishable
@@ -497,7 +513,9 @@ async fn a_postgres_migration_behind_a_held_table_lock_fails_promptly_naming_the
         sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
         store.migrate().await.unwrap();
         let applied = store.applied_migrations().await.unwrap();
-        assert_eq!(applied.last(), Some(&20261206000001), "{applied:?}");
+        let [_, (_, shipped)] = edgegate::store::shipped_checksums();
+        let shipped: Vec<i64> = shipped.into_iter().map(|(version, _)| version).collect();
+        assert_eq!(applied, shipped);
         store.close().await;
     })
     .await;

@@ -116,6 +116,15 @@ fn a_clean_client_name_is_read_in_place() {
     assert_eq!(client_name(&dirty), Cow::<str>::Owned("js/1.0".to_owned()));
 }
 
+impl CallerTracker {
+    /// The rows a flush takes, written: no longer in flight.
+    fn take_written(&self) -> Vec<CallerUsage> {
+        let rows = self.take();
+        self.written();
+        rows
+    }
+}
+
 const ROUTE: &str = "/functions/v1/jwt-test";
 const T0: i64 = 1_764_576_000_000; // an hour boundary
 
@@ -144,7 +153,7 @@ fn with_no_pressure_every_client_is_named_with_exact_counts() {
         "nightly-export/1.0",
         T0 + 10,
     );
-    let rows = tracker.take();
+    let rows = tracker.take_written();
     assert_eq!(rows.len(), 2, "{rows:?}");
     let js = rows
         .iter()
@@ -162,7 +171,7 @@ fn with_no_pressure_every_client_is_named_with_exact_counts() {
         .unwrap();
     assert_eq!(cron.kind, "service_role_key");
     assert_eq!(cron.verified_count, 1);
-    assert!(tracker.take().is_empty(), "taken once");
+    assert!(tracker.take_written().is_empty(), "taken once");
 }
 
 #[test]
@@ -172,7 +181,7 @@ fn past_fifty_clients_an_hour_the_rest_is_other() {
         for client in 0..60 {
             tracker.record(anon(), ROUTE, &format!("client-{client:02}"), T0 + period);
         }
-        let sums = by_client(&tracker.take());
+        let sums = by_client(&tracker.take_written());
         assert_eq!(sums.values().sum::<i64>(), 60, "nothing lost");
         assert_eq!(sums.len(), MAX_NAMED_CLIENTS + 1, "{sums:?}");
         assert_eq!(sums[OTHER], 10);
@@ -181,7 +190,7 @@ fn past_fifty_clients_an_hour_the_rest_is_other() {
     }
     // A new hour starts naming over.
     tracker.record(anon(), ROUTE, "client-59", T0 + HOUR_MS);
-    assert_eq!(by_client(&tracker.take())["client-59"], 1);
+    assert_eq!(by_client(&tracker.take_written())["client-59"], 1);
 }
 
 #[test]
@@ -206,7 +215,7 @@ fn a_flood_of_one_off_clients_stays_bounded_and_does_not_hide_real_callers() {
     }
     assert_eq!(most.candidate_clients, MAX_CANDIDATES);
     assert!(most.counters <= MAX_CANDIDATES + 1, "{most:?}");
-    let rows = tracker.take();
+    let rows = tracker.take_written();
     let sums = by_client(&rows);
     assert_eq!(sums.values().sum::<i64>(), 11_251, "nothing lost");
     assert_eq!(sums["supabase-js/2.47.0"], 1_000, "{sums:?}");
@@ -237,7 +246,7 @@ fn pending_counts_show_named_other_and_waiting_clients() {
     for client in 0..MAX_NAMED_CLIENTS + 2 {
         tracker.record(anon(), ROUTE, &format!("client-{client:02}"), T0);
     }
-    tracker.take();
+    tracker.take_written();
     let service = CallerKind::Legacy(LegacyKind::ServiceRoleKey);
     tracker.record(anon(), ROUTE, "client-00", T0 + 1);
     tracker.record(service, ROUTE, "client-00", T0 + 2);
@@ -320,10 +329,10 @@ fn legacy_verifications_are_counted_by_kind_and_only_kinds_seen_have_a_series() 
 fn rows_put_back_after_a_failed_write_are_written_next_time() {
     let tracker = CallerTracker::default();
     tracker.record(anon(), ROUTE, "supabase-js/2.47.0", T0);
-    let rows = tracker.take();
+    let rows = tracker.take_written();
     tracker.restore(rows.clone());
     tracker.record(anon(), ROUTE, "supabase-js/2.47.0", T0 + 5);
-    let again = tracker.take();
+    let again = tracker.take_written();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].verified_count, 2);
     assert_eq!(again[0].last_verified_at_ms, T0 + 5);
@@ -338,7 +347,7 @@ fn a_late_count_for_an_hour_already_taken_keeps_its_client_named() {
     tracker.record(anon(), ROUTE, "client-00", T0 + HOUR_MS);
     // The older hour's table goes with the take; a count for it that arrives before the failed
     // write's rows come back finds a new table, where the client waits as a candidate.
-    let rows = tracker.take();
+    let rows = tracker.take_written();
     tracker.record(anon(), ROUTE, "client-00", T0 + 1);
     tracker.restore(rows);
     let hour = |rows: &[CallerUsage]| {
@@ -350,7 +359,7 @@ fn a_late_count_for_an_hour_already_taken_keeps_its_client_named() {
                 .collect::<Vec<_>>(),
         )
     };
-    let again = hour(&tracker.take());
+    let again = hour(&tracker.take_written());
     assert_eq!(again.len(), MAX_NAMED_CLIENTS, "{again:?}");
     assert_eq!(again["client-00"], 2, "{again:?}");
 }
@@ -361,13 +370,13 @@ fn rows_of_other_put_back_stay_other_and_named_clients_stay_named() {
     for client in 0..MAX_NAMED_CLIENTS + 10 {
         tracker.record(anon(), ROUTE, &format!("client-{client:02}"), T0);
     }
-    let rows = tracker.take();
+    let rows = tracker.take_written();
     assert_eq!(by_client(&rows)[OTHER], 10);
     tracker.restore(rows);
     // A client named before the failed write is counted under its name, a new one waits.
     tracker.record(anon(), ROUTE, "client-00", T0 + 1);
     tracker.record(anon(), ROUTE, "client-59", T0 + 1);
-    let again = by_client(&tracker.take());
+    let again = by_client(&tracker.take_written());
     assert_eq!(again.values().sum::<i64>(), MAX_NAMED_CLIENTS as i64 + 12);
     assert_eq!(again.len(), MAX_NAMED_CLIENTS + 1, "{again:?}");
     assert_eq!(again[OTHER], 11);
