@@ -2,6 +2,7 @@
 
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -135,7 +136,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router {
 /// Wraps `router` in the service's middleware, outermost first:
 /// sensitive headers, request id (a client's kept only when well-formed), tracing span, metrics,
 /// CORS (its `Vary` header added by a layer of its own, and `Cache-Control: no-store` by
-/// another), catch-panic, timeout, body limit. CORS
+/// another; its preflights limited to `/functions/v1/*` by two more, [`ScopePreflights`]),
+/// catch-panic, timeout, body limit. CORS
 /// wraps every layer that can answer on its own (500, 504, 413), so a page can read those errors
 /// too instead of seeing an opaque network failure; the metrics wrap CORS, so every answer is
 /// counted, those and preflights included. Layered on the router, every layer runs after routing
@@ -159,7 +161,9 @@ pub fn apply_with(router: Router<AppState>, state: &AppState, limits: Limits) ->
             header::CACHE_CONTROL,
             NO_STORE,
         ))
+        .layer(layer_fn(|inner| ScopePreflights { inner }))
         .layer(cors(&state.config))
+        .layer(layer_fn(|inner| RestoreOptions { inner }))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(layer_fn(move |inner| Deadline {
             inner,
@@ -598,6 +602,84 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const VARY: HeaderValue = HeaderValue::from_static(
     "origin, access-control-request-method, access-control-request-headers",
 );
+
+/// Where a CORS preflight is answered: the contract's `/functions/v1/*`, what a page calls.
+const PREFLIGHT_PATHS: &str = "/functions/v1/";
+
+/// The method an `OPTIONS` request that is no preflight of ours has while it passes tower-http's
+/// CORS layer (see [`ScopePreflights`]). Short enough to be stored inline, without allocating.
+static HIDDEN_OPTIONS: LazyLock<Method> =
+    LazyLock::new(|| Method::from_bytes(b"NOT-PREFLIGHT").expect("a valid method token"));
+
+/// Marks a request whose `OPTIONS` method [`ScopePreflights`] hid, for [`RestoreOptions`] (a
+/// client sending `NOT-PREFLIGHT` itself keeps it).
+#[derive(Clone, Copy, Debug)]
+struct HiddenOptions;
+
+/// tower-http's CORS layer answers every `OPTIONS` request as a preflight, 200 with no body,
+/// whatever its path and whether it asks anything. A preflight is answered only on
+/// `/functions/v1/*` (the contract), and only when it is one: the Fetch standard's preflight
+/// always carries `Access-Control-Request-Method`, so an `OPTIONS` without it is a page's or a
+/// tool's own request (a page's `fetch(url, {method: "OPTIONS"})` comes after its preflight).
+/// Any other `OPTIONS` has its method hidden from the CORS layer, which then treats it as an
+/// ordinary request and adds the headers a page needs to read the answer, and given back
+/// beneath it by [`RestoreOptions`]: routing already chose the 404 `NOT_FOUND` or the 405
+/// `METHOD_NOT_ALLOWED` (with `Allow`) any other method gets. Every other request costs one
+/// comparison of its method.
+#[derive(Clone, Debug)]
+struct ScopePreflights<S> {
+    inner: S,
+}
+
+impl<S: Service<Request>> Service<Request> for ScopePreflights<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        if req.method() == Method::OPTIONS
+            && !(req.uri().path().starts_with(PREFLIGHT_PATHS)
+                && req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD))
+        {
+            *req.method_mut() = HIDDEN_OPTIONS.clone();
+            req.extensions_mut().insert(HiddenOptions);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// Gives back the `OPTIONS` method [`ScopePreflights`] hid from the CORS layer.
+#[derive(Clone, Debug)]
+struct RestoreOptions<S> {
+    inner: S,
+}
+
+impl<S: Service<Request>> Service<Request> for RestoreOptions<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        // The method first: a standard one is told apart at once, without a look in the
+        // extensions.
+        if req.method() == *HIDDEN_OPTIONS
+            && req.extensions_mut().remove::<HiddenOptions>().is_some()
+        {
+            *req.method_mut() = Method::OPTIONS;
+        }
+        self.inner.call(req)
+    }
+}
 
 /// `*` or the listed origins (echoed one at a time, with `Vary: Origin`); never credentials,
 /// which a browser refuses beside `*` anyway.

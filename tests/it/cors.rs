@@ -322,3 +322,67 @@ async fn listed_origins_are_echoed_with_vary_origin_and_others_get_nothing() {
         }
     }
 }
+
+/// Only a CORS preflight (`Access-Control-Request-Method` present) on `/functions/v1/*` is
+/// answered as one; any other `OPTIONS` gets the answer any unsupported method gets, readable
+/// from a page like every error.
+#[tokio::test]
+async fn options_outside_a_functions_preflight_is_answered_404_or_405() {
+    let Some(server) = test_server(Limits::default(), &[]).await else {
+        return;
+    };
+    let options = |path: &str| {
+        server
+            .client
+            .request(reqwest::Method::OPTIONS, server.url(path))
+            .header("origin", PAGE)
+    };
+    for (request, status, code, allow) in [
+        (
+            options("/nope").header("access-control-request-method", "GET"),
+            404,
+            "NOT_FOUND",
+            None,
+        ),
+        (
+            options("/healthz").header("access-control-request-method", "GET"),
+            405,
+            "METHOD_NOT_ALLOWED",
+            Some("GET,HEAD"),
+        ),
+        (
+            options("/admin/signing-keys"),
+            405,
+            "METHOD_NOT_ALLOWED",
+            Some("GET,HEAD"),
+        ),
+        // Not a preflight: a page's own `fetch(url, {method: "OPTIONS"})`, after its preflight.
+        (
+            options("/functions/v1/jwt-test"),
+            405,
+            "METHOD_NOT_ALLOWED",
+            Some("GET,HEAD,POST"),
+        ),
+    ] {
+        let answer = request.send().await.unwrap();
+        let allowed = answer
+            .headers()
+            .get("allow")
+            .map(|value| value.to_str().unwrap().to_owned());
+        assert_eq!(allowed.as_deref(), allow, "{code}");
+        assert!(
+            !answer
+                .headers()
+                .contains_key("access-control-allow-methods"),
+            "{code}: answered as a preflight"
+        );
+        assert_readable(answer, status, code).await;
+    }
+    let real = preflight(&server, PAGE, "authorization").await;
+    assert_eq!(real.status(), 200);
+    assert!(
+        listed(real.headers(), "access-control-allow-methods")
+            .iter()
+            .any(|m| m == "post")
+    );
+}
