@@ -140,8 +140,17 @@ impl Modify for SecuritySchemes {
 /// One error status and the codes it can carry.
 type Failure = (u16, &'static [&'static str]);
 
-const SERVER: &[Failure] = &[(500, &["INTERNAL_ERROR"]), (504, &["TIMEOUT"])];
-/// A route that reads a body: 503 `NOT_READY` when the bodies in flight are at their budget.
+/// What every path answers whatever its route does: 405 to a method it does not take (with
+/// `Allow`), 413 to a declared `Content-Length` over the service-wide limit (refused before any
+/// handler runs, so on a `GET` too), a caught panic, the request timeout.
+const ANY_ROUTE: &[Failure] = &[
+    (405, &["METHOD_NOT_ALLOWED"]),
+    (413, &["PAYLOAD_TOO_LARGE"]),
+    (500, &["INTERNAL_ERROR"]),
+    (504, &["TIMEOUT"]),
+];
+/// A route that reads a body: 503 `NOT_READY` (with `Retry-After`) when the bodies in flight are
+/// at their budget.
 const BODY: &[Failure] = &[
     (400, &["INVALID_REQUEST"]),
     (413, &["PAYLOAD_TOO_LARGE"]),
@@ -165,8 +174,9 @@ fn description(status: u16) -> &'static str {
         400 => "Malformed request",
         401 => "No valid credential",
         403 => "The role is not allowed here",
+        405 => "The path does not take this method; `Allow` lists those it takes",
         409 => "Conflict",
-        413 => "The body is over the route's limit",
+        413 => "The body, or its declared length, is over the route's limit",
         422 => "A field breaks a rule; the message names it",
         429 => "A limit is reached; retry after `Retry-After` seconds",
         500 => "Unexpected; the request id identifies it in the logs",
@@ -192,6 +202,7 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
         .into_iter()
         .map(|(status, list)| {
             let conflict = list.contains(&"CONFLICT");
+            let not_ready = list.contains(&"NOT_READY");
             let schema = AllOfBuilder::new()
                 .item(Ref::from_schema_name("ErrorBody"))
                 .item(
@@ -210,9 +221,21 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
                 401 => response
                     .header("sb-error-code", text())
                     .header("WWW-Authenticate", text()),
+                405 => response.header("Allow", text()),
                 429 => response.header(
                     "Retry-After",
                     Header::new(ObjectBuilder::new().schema_type(Type::Integer)),
+                ),
+                // `ApiError::Busy`: only a route that reads a body lists `NOT_READY` here.
+                503 if not_ready => response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                        .description(Some(
+                            "With NOT_READY when the request bodies in flight are at their \
+                             budget: seconds after which to retry",
+                        ))
+                        .build(),
                 ),
                 // send-sms's: a repeat whose earlier send with its idempotency key is still
                 // under way says when its outcome may be known.
@@ -247,10 +270,10 @@ macro_rules! error_set {
 }
 
 error_set! {
-    /// What any route can answer besides its own (a panic, the request timeout).
-    CommonErrors = [SERVER];
+    /// What any route can answer besides its own ([`ANY_ROUTE`]).
+    CommonErrors = [ANY_ROUTE];
     /// A route for any valid credential that reads a body.
-    UserErrors = [CREDENTIAL, BODY, SERVER];
+    UserErrors = [CREDENTIAL, BODY, ANY_ROUTE];
     /// `sync-stripe-products-hardened`.
     SyncErrors = [
         CREDENTIAL,
@@ -261,14 +284,14 @@ error_set! {
             (502, &["UPSTREAM_UNAVAILABLE"]),
             (503, &["NOT_CONFIGURED", "NOT_READY"]),
         ],
-        SERVER,
+        ANY_ROUTE,
     ];
     /// `stripe-webhook`.
     WebhookErrors = [
         &[(400, &["INVALID_SIGNATURE"])],
         BODY,
         &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED", "NOT_READY"])],
-        SERVER,
+        ANY_ROUTE,
     ];
     /// `send-sms`.
     SmsErrors = [
@@ -282,12 +305,12 @@ error_set! {
             (502, &["UPSTREAM_UNAVAILABLE"]),
             (503, &["NOT_CONFIGURED", "NOT_READY"]),
         ],
-        SERVER,
+        ANY_ROUTE,
     ];
     /// `twilio-status`.
-    TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED", "NOT_READY"])], SERVER];
+    TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED", "NOT_READY"])], ANY_ROUTE];
     /// `GET /admin/signing-keys`.
-    SigningKeysErrors = [CREDENTIAL, ROLE, BODY, &[(422, &["VALIDATION_FAILED"])], SERVER];
+    SigningKeysErrors = [CREDENTIAL, ROLE, BODY, &[(422, &["VALIDATION_FAILED"])], ANY_ROUTE];
     /// `POST /admin/stripe/reconcile`.
     ReconcileErrors = [
         CREDENTIAL,
@@ -299,7 +322,7 @@ error_set! {
             (502, &["UPSTREAM_UNAVAILABLE"]),
             (503, &["NOT_CONFIGURED", "NOT_READY"]),
         ],
-        SERVER,
+        ANY_ROUTE,
     ];
     /// `POST /admin/signing-keys/refresh`.
     RefreshErrors = [
@@ -307,7 +330,7 @@ error_set! {
         ROLE,
         BODY,
         &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
-        SERVER,
+        ANY_ROUTE,
     ];
 }
 

@@ -244,3 +244,51 @@ fn the_document_lists_what_send_sms_and_the_webhook_take_and_answer() {
         ["UPSTREAM_UNAVAILABLE"]
     );
 }
+
+/// What every path answers whatever its own route does is declared on each operation: 405
+/// `METHOD_NOT_ALLOWED` with `Allow` (a method it does not take), 413 `PAYLOAD_TOO_LARGE` (a
+/// declared `Content-Length` over the service-wide limit, even on a `GET`); and a 503 that can be
+/// `NOT_READY` because the bodies in flight are at their budget declares its `Retry-After`.
+#[test]
+fn every_operation_declares_the_answers_every_path_can_give() {
+    let document = generated();
+    let codes = |response: &Value| -> Vec<String> {
+        response["content"]["application/json"]["schema"]["allOf"][1]["properties"]["code"]["enum"]
+            .as_array()
+            .map(|codes| {
+                codes
+                    .iter()
+                    .map(|c| c.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut busy = 0;
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().unwrap() {
+            let label = format!("{method} {path}");
+            let responses = &operation["responses"];
+            assert_eq!(
+                codes(&responses["405"]),
+                ["METHOD_NOT_ALLOWED"],
+                "{label}: 405"
+            );
+            assert!(
+                responses["405"]["headers"]["Allow"].is_object(),
+                "{label}: 405 without Allow"
+            );
+            assert!(
+                codes(&responses["413"]).contains(&"PAYLOAD_TOO_LARGE".to_owned()),
+                "{label}: 413"
+            );
+            if codes(&responses["503"]).contains(&"NOT_READY".to_owned()) {
+                busy += 1;
+                assert!(
+                    responses["503"]["headers"]["Retry-After"].is_object(),
+                    "{label}: 503 NOT_READY without Retry-After"
+                );
+            }
+        }
+    }
+    assert!(busy >= 4, "the routes that read a body list 503 NOT_READY");
+}
