@@ -87,10 +87,12 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
         if !token.is_empty() && !token.starts_with("sb_") {
             return Ok(Presented::Jwt(token));
         }
-        if apikey()? == Some(token) {
-            return Ok(Presented::ApiKey(token));
+        match apikey()? {
+            Some(key) if key == token => return Ok(Presented::ApiKey(token)),
+            None if !token.is_empty() => return Err(AuthError::UnpairedBearerKey),
+            // An sb_ Bearer that differs from apikey does not count; fall through to apikey.
+            _ => {}
         }
-        // An sb_ Bearer that differs from apikey does not count; fall through to apikey.
     }
     match apikey()? {
         Some(key) if key.starts_with("sb_") => Ok(Presented::ApiKey(key)),
@@ -292,8 +294,15 @@ mod tests {
             ("apikey", "sb_secret_x"),
         ]);
         assert_eq!(presented(&same), Ok(Presented::ApiKey("sb_secret_x")));
+        // Still no credential (the same code), with a message that says why.
         let alone = headers(&[("authorization", "Bearer sb_secret_x")]);
-        assert_eq!(presented(&alone), Err(AuthError::NoCredential));
+        assert_eq!(presented(&alone), Err(AuthError::UnpairedBearerKey));
+        let err = presented(&alone).unwrap_err();
+        assert_eq!(err.code(), "UNAUTHORIZED_NO_AUTH_HEADER");
+        assert_eq!(
+            err.message(),
+            "an sb_ key in Authorization counts only when the apikey header holds the same key"
+        );
         let other = headers(&[
             ("authorization", "Bearer sb_secret_x"),
             ("apikey", "sb_publishable_y"),

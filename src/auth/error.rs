@@ -55,6 +55,11 @@ pub enum AuthError {
     /// No credential was presented at all.
     #[error("no credential was presented")]
     NoCredential,
+    /// An `sb_` key as the Bearer with no `apikey` beside it: no credential either (the
+    /// contract counts such a Bearer only when it equals `apikey`), but one was sent, so the
+    /// message says why it did not count.
+    #[error("an sb_ key in Authorization counts only when the apikey header holds the same key")]
+    UnpairedBearerKey,
     /// Not three base64url parts, too large, or a header that is not a strict JSON object.
     #[error("malformed JWT: {0}")]
     InvalidFormat(&'static str),
@@ -86,7 +91,7 @@ impl AuthError {
     /// The contract's error code (`sb-error-code` header and JSON `code`).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::NoCredential => "UNAUTHORIZED_NO_AUTH_HEADER",
+            Self::NoCredential | Self::UnpairedBearerKey => "UNAUTHORIZED_NO_AUTH_HEADER",
             Self::InvalidFormat(_) => "UNAUTHORIZED_INVALID_JWT_FORMAT",
             Self::UnsupportedAlgorithm => "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM",
             Self::LegacyRevoked | Self::Legacy(_) => "UNAUTHORIZED_LEGACY_JWT",

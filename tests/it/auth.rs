@@ -204,6 +204,20 @@ async fn refusals_carry_the_contract_code_and_headers() {
         headers["www-authenticate"],
         r#"Bearer error="invalid_token""#
     );
+    // An sb_ key in Authorization alone is no credential either (the contract: it counts only
+    // beside the same key in apikey), and the message says so rather than that none was sent.
+    let bearer = format!("Bearer {SECRET_KEY}");
+    let (status, _, body) = call(&server, &[("authorization", bearer.as_str())]).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["code"], "UNAUTHORIZED_NO_AUTH_HEADER");
+    assert_eq!(
+        body["message"],
+        "an sb_ key in Authorization counts only when the apikey header holds the same key"
+    );
+    assert!(
+        !body.to_string().contains(SECRET_KEY),
+        "the key itself must not echo"
+    );
 
     let none = format!(
         "{}.{}.",
