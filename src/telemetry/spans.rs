@@ -324,6 +324,11 @@ pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
     });
 }
 
+/// Gives the client span of a call that failed (see `traces::send`) an error status.
+pub(super) fn fail_client_span(span: &tracing::Span, description: &'static str) {
+    with_sdk_span(span, |sdk| sdk.set_status(Status::error(description)));
+}
+
 /// Ends the server span of a request the client gave up on: no answer was sent, so no status
 /// code; an error status, and `error.type` saying why.
 pub(crate) fn cancel_server_span(span: &tracing::Span) {

@@ -26,7 +26,9 @@ use tokio::sync::{Notify, oneshot};
 use tracing::Instrument as _;
 
 use super::otlp::{Collector, Encoder};
-use super::spans::{CLIENT_SPAN, SERVER_SPAN, ServerStart, server_span_with, span_context};
+use super::spans::{
+    CLIENT_SPAN, SERVER_SPAN, ServerStart, fail_client_span, server_span_with, span_context,
+};
 use crate::config::{TraceExport, TraceSampler};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -463,19 +465,24 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         );
     }
     let result = client.execute(request).instrument(span.clone()).await;
-    match &result {
-        Ok(response) => {
-            span.record("http.response.status_code", response.status().as_u16());
-            if response.status().is_server_error() {
-                span.record("error.type", response.status().as_str());
-            }
+    // OpenTelemetry's HTTP conventions: a client span is an error when no answer came, or when
+    // it is a 4xx or a 5xx, with `error.type` the status code (the status's description left
+    // empty then, as the code says it) or why none came.
+    let status = result.as_ref().ok().map(reqwest::Response::status);
+    if let Some(status) = status {
+        span.record("http.response.status_code", status.as_u16());
+    }
+    let failure = match (&result, &status) {
+        (_, Some(status)) if status.is_client_error() || status.is_server_error() => {
+            Some((status.as_str(), ""))
         }
-        Err(err) if err.is_timeout() => {
-            span.record("error.type", "timeout");
-        }
-        Err(_) => {
-            span.record("error.type", "transport");
-        }
+        (Err(err), _) if err.is_timeout() => Some(("timeout", "timeout")),
+        (Err(_), _) => Some(("transport", "transport error")),
+        _ => None,
+    };
+    if let Some((error_type, description)) = failure {
+        span.record("error.type", error_type);
+        fail_client_span(&span, description);
     }
     result
 }

@@ -450,6 +450,50 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
 }
 
+/// A call Stripe answers with an error is a client span with an error status (OpenTelemetry's
+/// HTTP conventions: a client span is an error on a 4xx or a 5xx), and `error.type` its status;
+/// the retries it answers 200 leave the status unset.
+#[tokio::test]
+async fn a_call_stripe_answers_with_an_error_ends_its_client_span_with_an_error_status() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    // Both retried: the sync still succeeds.
+    stripe.fault_at(0, crate::fake_stripe::Fault::ServerError(None));
+    stripe.fault_at(1, crate::fake_stripe::Fault::TooMany(None));
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing(
+        &stripe,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ],
+    )
+    .await;
+    sync_traced(&base, "failed-call").await;
+
+    let status_code = |span: &Span| attribute(&span.attributes, "http.response.status_code");
+    for failed in ["500", "429"] {
+        let client = collector
+            .span(|span| status_code(span).as_deref() == Some(failed))
+            .await;
+        assert_eq!(client.kind, SpanKind::Client as i32, "{failed}");
+        let status = client.status.clone().expect("a span status");
+        assert_eq!(status.code, 2, "{failed}: an error status: {status:?}");
+        assert_eq!(
+            attribute(&client.attributes, "error.type").as_deref(),
+            Some(failed)
+        );
+    }
+    let answered = collector
+        .span(|span| {
+            span.kind == SpanKind::Client as i32 && status_code(span).as_deref() == Some("200")
+        })
+        .await;
+    assert_eq!(answered.status.map_or(0, |status| status.code), 0);
+    assert_eq!(attribute(&answered.attributes, "error.type"), None);
+    stop(server, &dir).await;
+}
+
 /// `OTEL_PROPAGATORS=none`: a caller's `traceparent` is not followed (each request starts a
 /// trace of its own) and outbound calls carry none, while spans are still exported.
 #[tokio::test]
