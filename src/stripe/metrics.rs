@@ -45,7 +45,10 @@ impl StripeMetrics {
         );
         registry.register(
             "stripe_webhook_events",
-            "Signed webhook events, by type and outcome (applied, duplicate, error)",
+            "Webhook deliveries, by event type (unknown for a refused delivery) and outcome: \
+             applied (new; one of a type edgegate does not act on is recorded only), duplicate, \
+             invalid_signature, unreadable, same_second_unsettled or error (these four not \
+             stored; Stripe delivers them again)",
             self.webhook_events.clone(),
         );
     }
@@ -67,6 +70,38 @@ impl StripeMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stripe::signature::SignatureError;
+    use crate::stripe::webhook::WebhookError;
+
+    #[test]
+    fn the_webhook_help_names_every_outcome_counted() {
+        let mut registry = Registry::default();
+        let metrics = StripeMetrics::default();
+        metrics.register(&mut registry);
+        // A family is written only once it has a series.
+        metrics.webhook_event("invoice.paid", "applied");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let help = text
+            .lines()
+            .find(|line| line.starts_with("# HELP stripe_webhook_events"))
+            .unwrap_or_else(|| panic!("no HELP line in {text}"));
+        let words: Vec<&str> = help
+            .split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let refused = [
+            WebhookError::Signature(SignatureError::Missing),
+            WebhookError::Unreadable(String::new()),
+            WebhookError::Store(anyhow::anyhow!("rolled back")),
+            WebhookError::NeedsSecretKey(String::new()),
+        ];
+        for outcome in ["applied", "duplicate"]
+            .into_iter()
+            .chain(refused.iter().map(WebhookError::outcome))
+        {
+            assert!(words.contains(&outcome), "{outcome} not in {help}");
+        }
+    }
 
     #[test]
     fn event_types_outside_the_known_set_are_other() {
