@@ -391,7 +391,9 @@ async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
     let server = app_with(&db, &host, &[("LEGACY_REVOCATION_WINDOW_SECONDS", "3600")]).await;
     let store = db.store().await;
     const HOUR: i64 = 3_600_000;
-    let hour = now_ms() - now_ms() % HOUR;
+    // One reading of the clock: two could straddle a millisecond, and the hour not be whole.
+    let now = now_ms();
+    let hour = now - now % HOUR;
     let row = |hours_ago: i64, source: &str, kid: &str, alg: &str, last: i64| KeyUsage {
         hour_start_ms: hour - hours_ago * HOUR,
         source: source.into(),

@@ -902,7 +902,9 @@ async fn a_long_outage_holds_a_bounded_number_of_caller_counts() {
         .unwrap();
     let tracker = CallerTracker::with_max_held(300);
     let anon = CallerKind::Legacy(LegacyKind::AnonKey);
-    let first_hour = now_ms() - now_ms() % HOUR - 400 * HOUR;
+    // One reading of the clock: two could straddle a millisecond, and the hours not be whole.
+    let now = now_ms();
+    let first_hour = now - now % HOUR - 400 * HOUR;
     let (mut recorded, mut most) = (0, 0);
     for hour in 0..400 {
         let at = first_hour + hour * HOUR;
