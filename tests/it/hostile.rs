@@ -225,8 +225,9 @@ async fn hostile_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 /// At the connection cap, the keep-alive connection idle the longest gives its slot to a new
 /// client (as nginx closes its idle ones), rather than keep that client waiting up to the idle
 /// timeout; the other connections keep theirs.
-#[tokio::test]
-async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gives_its_slot_up() {
+/// A server capped at three connections, with three idle keep-alive connections each having
+/// served one request, in the order they went idle (50 ms apart: the first is idle the longest).
+async fn three_idle_connections_at_the_cap() -> (Running, Vec<TcpStream>) {
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "3"),
         ("HTTP_IDLE_TIMEOUT_SECONDS", "60"),
@@ -240,9 +241,14 @@ async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gi
         stream.write_all(HEALTHZ).await.unwrap();
         assert_eq!(read_response(&mut stream).await.0, 200);
         idle.push(stream);
-        // Idle deadlines in distinct milliseconds: the first is idle the longest.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (server, idle)
+}
+
+#[tokio::test]
+async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gives_its_slot_up() {
+    let (server, mut idle) = three_idle_connections_at_the_cap().await;
     // Without a slot given up, this waits the 60 s idle timeout (read_response allows 5 s).
     let mut fresh = TcpStream::connect(("127.0.0.1", server.port))
         .await
@@ -263,21 +269,7 @@ async fn hostile_at_the_connection_cap_the_longest_idle_keep_alive_connection_gi
 /// head can span segments; a reset after a POST is sent is not retried).
 #[tokio::test]
 async fn hostile_at_the_connection_cap_a_connection_receiving_a_head_keeps_its_slot() {
-    let server = run(&[
-        ("HTTP_MAX_CONNECTIONS", "3"),
-        ("HTTP_IDLE_TIMEOUT_SECONDS", "60"),
-    ])
-    .await;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        let mut stream = TcpStream::connect(("127.0.0.1", server.port))
-            .await
-            .unwrap();
-        stream.write_all(HEALTHZ).await.unwrap();
-        assert_eq!(read_response(&mut stream).await.0, 200);
-        idle.push(stream);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (server, mut idle) = three_idle_connections_at_the_cap().await;
     // The last one used begins its next request: half a head.
     let (head, rest) = HEALTHZ.split_at(HEALTHZ.len() - 2);
     idle[2].write_all(head).await.unwrap();

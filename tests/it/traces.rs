@@ -193,6 +193,18 @@ async fn start_syncing(
     start(&all).await
 }
 
+/// [`start_syncing`], exporting its spans to `collector` every 20 ms.
+async fn start_syncing_exported(
+    stripe: &FakeStripe,
+    collector: &Collector,
+) -> (Server, tempfile::TempDir, String) {
+    let vars = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ];
+    start_syncing(stripe, &vars).await
+}
+
 /// A catalogue sync called inside the caller's trace ([`traceparent`]).
 async fn sync_traced(base: &str, request_id: &str) {
     let response = reqwest::Client::new()
@@ -415,14 +427,7 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     let fixtures = stripe_fixtures!();
     let stripe = FakeStripe::start(&fixtures, 3, 3).await;
     let collector = Collector::start(false).await;
-    let (server, dir, base) = start_syncing(
-        &stripe,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-        ],
-    )
-    .await;
+    let (server, dir, base) = start_syncing_exported(&stripe, &collector).await;
     sync_traced(&base, "traced-sync").await;
 
     let sent = stripe.traceparents();
@@ -461,14 +466,7 @@ async fn a_call_stripe_answers_with_an_error_ends_its_client_span_with_an_error_
     stripe.fault_at(0, crate::fake_stripe::Fault::ServerError(None));
     stripe.fault_at(1, crate::fake_stripe::Fault::TooMany(None));
     let collector = Collector::start(false).await;
-    let (server, dir, base) = start_syncing(
-        &stripe,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-        ],
-    )
-    .await;
+    let (server, dir, base) = start_syncing_exported(&stripe, &collector).await;
     sync_traced(&base, "failed-call").await;
 
     let status_code = |span: &Span| attribute(&span.attributes, "http.response.status_code");
@@ -805,14 +803,7 @@ async fn a_request_the_client_gives_up_on_is_logged_traced_and_counted_as_cancel
     let stripe = FakeStripe::start(&fixtures, 3, 3).await;
     stripe.fault_at(0, crate::fake_stripe::Fault::Hold);
     let collector = Collector::start(false).await;
-    let (server, dir, base) = start_syncing(
-        &stripe,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-        ],
-    )
-    .await;
+    let (server, dir, base) = start_syncing_exported(&stripe, &collector).await;
     let request = tokio::spawn({
         let url = format!("{base}{SYNC}");
         async move {
