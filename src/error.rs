@@ -46,6 +46,13 @@ pub enum ApiError {
     },
     #[error("{0}")]
     UpstreamUnavailable(String),
+    /// 502 `UPSTREAM_UNAVAILABLE` because the upstream is throttling and asked to wait longer
+    /// than the request could: `Retry-After` passes its wait on.
+    #[error("{message}")]
+    UpstreamThrottled {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{0} is not configured")]
     NotConfigured(&'static str),
     #[error("{0}")]
@@ -89,7 +96,9 @@ impl ApiError {
             }
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::UpstreamThrottled { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::NotConfigured(_)
             | Self::NotReady(_)
             | Self::Busy(_)
@@ -112,7 +121,7 @@ impl ApiError {
             Self::Conflict(_) | Self::ConflictInProgress { .. } => "CONFLICT",
             Self::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::RateLimited { .. } => "RATE_LIMITED",
-            Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
+            Self::UpstreamUnavailable(_) | Self::UpstreamThrottled { .. } => "UPSTREAM_UNAVAILABLE",
             Self::NotConfigured(_) => "NOT_CONFIGURED",
             Self::NotReady(_) | Self::Busy(_) | Self::DependenciesNotReady(_) => "NOT_READY",
             Self::NotFound(_) => "NOT_FOUND",
@@ -159,6 +168,9 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             }
             | Self::ConflictInProgress {
+                retry_after_secs, ..
+            }
+            | Self::UpstreamThrottled {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
@@ -255,6 +267,13 @@ impl From<SmsError> for ApiError {
                 retry_after_secs,
             },
             SmsError::Upstream(message) => ApiError::UpstreamUnavailable(message),
+            SmsError::Throttled {
+                message,
+                retry_after_secs,
+            } => ApiError::UpstreamThrottled {
+                message,
+                retry_after_secs,
+            },
             SmsError::BadSignature(message) => ApiError::InvalidSignature(message),
             SmsError::BadCallback(message) => ApiError::InvalidRequest(message),
             SmsError::Internal(cause) => ApiError::Internal(cause),

@@ -293,20 +293,6 @@ error_set! {
         &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED", "NOT_READY"])],
         ANY_ROUTE,
     ];
-    /// `send-sms`.
-    SmsErrors = [
-        CREDENTIAL,
-        ROLE,
-        BODY,
-        &[
-            (409, &["CONFLICT"]),
-            (422, &["VALIDATION_FAILED"]),
-            (429, &["RATE_LIMITED"]),
-            (502, &["UPSTREAM_UNAVAILABLE"]),
-            (503, &["NOT_CONFIGURED", "NOT_READY"]),
-        ],
-        ANY_ROUTE,
-    ];
     /// `twilio-status`.
     TwilioStatusErrors = [&[(400, &["INVALID_SIGNATURE"])], BODY, &[(503, &["NOT_CONFIGURED", "NOT_READY"])], ANY_ROUTE];
     /// `GET /admin/signing-keys`.
@@ -332,6 +318,42 @@ error_set! {
         &[(502, &["UPSTREAM_UNAVAILABLE"]), (503, &["NOT_CONFIGURED"])],
         ANY_ROUTE,
     ];
+}
+
+/// `send-sms`. Its 502 carries `Retry-After` when Twilio throttled asking for a longer wait
+/// than the send could take (`ApiError::UpstreamThrottled`).
+pub struct SmsErrors;
+
+impl IntoResponses for SmsErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut responses = error_responses(&[
+            CREDENTIAL,
+            ROLE,
+            BODY,
+            &[
+                (409, &["CONFLICT"]),
+                (422, &["VALIDATION_FAILED"]),
+                (429, &["RATE_LIMITED"]),
+                (502, &["UPSTREAM_UNAVAILABLE"]),
+                (503, &["NOT_CONFIGURED", "NOT_READY"]),
+            ],
+            ANY_ROUTE,
+        ]);
+        if let Some(RefOr::T(bad_gateway)) = responses.get_mut("502") {
+            bad_gateway.headers.insert(
+                "Retry-After".to_owned(),
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                    .description(Some(
+                        "When Twilio is throttling and asked for a longer wait than a send takes: \
+                         seconds after which to retry (nothing was sent; a retry with the same \
+                         idempotency_key sends it)",
+                    ))
+                    .build(),
+            );
+        }
+        responses
+    }
 }
 
 // Schemas of answers that handlers build as `json!`: documentation only, kept beside the list

@@ -38,6 +38,13 @@ pub enum SmsError {
     /// Twilio refused, throttled past the retries, or did not confirm the message.
     #[error("{0}")]
     Upstream(String),
+    /// Twilio throttled, asking for a wait longer than the send could take: nothing was sent,
+    /// and the caller is told to wait as long.
+    #[error("{message}")]
+    Throttled {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// A status callback whose `X-Twilio-Signature` is missing, malformed or wrong.
     #[error("{0}")]
     BadSignature(String),
@@ -71,7 +78,7 @@ impl SmsError {
             Self::DatabaseUnavailable(_) => "not_ready",
             Self::IdempotencyConflict(_) | Self::InProgress { .. } => "conflict",
             Self::RateLimited { .. } => "rate_limited",
-            Self::Upstream(_) => "upstream_unavailable",
+            Self::Upstream(_) | Self::Throttled { .. } => "upstream_unavailable",
             Self::BadSignature(_) => "invalid_signature",
             Self::BadCallback(_) => "invalid_request",
             Self::Internal(_) => "internal_error",

@@ -45,8 +45,13 @@ const _: () = assert!(
 /// The `Retry-After` of a repeat that finds the first send with its key still under way: a
 /// send's calls to Twilio take seconds at most, its retries a few more.
 const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(2);
-/// The longest pause a Twilio `Retry-After` may impose on one send.
+/// The longest pause a Twilio `Retry-After` may impose on one send. A longer wait is not cut
+/// short (Twilio would only throttle the call again): the send ends, nothing sent, and the
+/// caller's 502 carries the wait in its own `Retry-After`.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// The longest Twilio wait passed on to the caller; a longer one (no throttling lasts that long)
+/// is passed on as this.
+const MAX_PASSED_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Our status for a row not yet handed to Twilio, or whose Twilio answer is not recorded yet
 /// (no SID; Twilio's own `accepted`, a Messaging Service's first status, comes with one).
@@ -690,10 +695,10 @@ async fn create_with_retries(
             attempt,
             MAX_RETRY_PAUSE,
         ));
-        let pause = asked
-            .map_or(step, |asked| asked.max(step))
-            .min(MAX_RETRY_PAUSE);
-        if attempt >= MAX_ATTEMPTS || !attempts.fits_after(pause) {
+        let pause = asked.map_or(step, |asked| asked.max(step));
+        // A wait longer than a send may pause, or that no call after it could end by the
+        // deadline, ends the send at once: `record_failure` passes it on to the caller.
+        if pause > MAX_RETRY_PAUSE || attempt >= MAX_ATTEMPTS || !attempts.fits_after(pause) {
             return Err(NotCreated {
                 err,
                 calls: attempt,
@@ -702,6 +707,26 @@ async fn create_with_retries(
         tracing::info!(attempt, pause_ms = pause.as_millis(), reason = %err, "retrying Twilio");
         tokio::time::sleep(pause).await;
         attempt += 1;
+    }
+}
+
+/// The answer to Twilio still throttling after `calls` calls, the last asking to wait `asked`:
+/// the caller is told to wait as long (rounded up to whole seconds, at most
+/// `MAX_PASSED_RETRY_AFTER`), and that nothing was sent, so a retry with its key sends.
+fn throttled(asked: Option<Duration>, calls: u32) -> SmsError {
+    let attempts = if calls == 1 { "attempt" } else { "attempts" };
+    let message =
+        format!("Twilio is throttling requests; nothing was sent after {calls} {attempts}");
+    match asked {
+        Some(asked) => {
+            let millis =
+                u64::try_from(asked.min(MAX_PASSED_RETRY_AFTER).as_millis()).unwrap_or(u64::MAX);
+            SmsError::Throttled {
+                message: format!("{message}: retry after Retry-After seconds, as Twilio asked"),
+                retry_after_secs: millis.div_ceil(1000).max(1),
+            }
+        }
+        None => SmsError::Upstream(message),
     }
 }
 
@@ -742,7 +767,13 @@ async fn record_failure(
             let answer = refusal(body.code, &detail);
             (STATUS_FAILED, body.code, detail, answer)
         }
-        CallError::Throttled { .. } | CallError::NotSent(_) => (
+        CallError::Throttled { retry_after } => (
+            STATUS_FAILED,
+            None,
+            err.to_string(),
+            throttled(*retry_after, calls),
+        ),
+        CallError::NotSent(_) => (
             STATUS_FAILED,
             None,
             err.to_string(),

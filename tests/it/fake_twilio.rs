@@ -30,6 +30,8 @@ pub enum Reply {
         code: i64,
         message: &'static str,
     },
+    /// 429 with error 20429 and `Retry-After` of this many seconds, as Twilio throttles.
+    ThrottledFor(u64),
     /// Reads the request, then never answers: the caller times out after sending.
     Hang,
     /// 307 to this URL (Twilio never redirects; a proxy or a hijacked base might).
@@ -252,6 +254,13 @@ async fn create(
             code,
             message,
         } => error(http, code, message),
+        Reply::ThrottledFor(seconds) => {
+            let mut response = error(429, 20429, "Too Many Requests");
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            response
+        }
         Reply::Hang => std::future::pending().await,
         Reply::Oversized(size) => {
             let sid = format!("SM{}", uuid::Uuid::new_v4().simple());

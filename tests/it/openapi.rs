@@ -215,7 +215,7 @@ async fn get_openapi_json_needs_no_credentials_and_matches_the_command() {
 /// What a generated client or a request validator reads off the document: send-sms's optional
 /// `idempotency_key` is optional there too, and every error a route can answer is listed (a
 /// database outage while reserving an SMS is 503 `NOT_READY`; a same-second webhook event whose
-/// object Stripe does not give back is 502).
+/// object Stripe does not give back is 502; send-sms's 502 may carry `Retry-After`).
 #[test]
 fn the_document_lists_what_send_sms_and_the_webhook_take_and_answer() {
     let document = generated();
@@ -233,6 +233,12 @@ fn the_document_lists_what_send_sms_and_the_webhook_take_and_answer() {
         codes("/functions/v1/stripe-webhook", "502"),
         ["UPSTREAM_UNAVAILABLE"]
     );
+    // Twilio's wait, when it throttles for longer than a send takes.
+    let retry_after = |path: &str| {
+        document["paths"][path]["post"]["responses"]["502"]["headers"]["Retry-After"].is_object()
+    };
+    assert!(retry_after("/functions/v1/send-sms"));
+    assert!(!retry_after("/functions/v1/stripe-webhook"));
 }
 
 /// What every path answers whatever its own route does is declared on each operation: 405

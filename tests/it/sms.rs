@@ -796,6 +796,70 @@ async fn sms_throttling_is_retried_then_succeeds_or_gives_502() {
     assert_eq!(fake.requests().len(), 6);
 }
 
+/// A `Retry-After` from Twilio longer than one send may pause (5 s), or past the send's budget,
+/// is not cut short: Twilio is not called again before it, and the caller gets it in the 502's
+/// `Retry-After` (at most an hour), told that Twilio is throttling and nothing was sent; a retry
+/// with the same key sends it. A shorter one is waited out.
+#[tokio::test]
+async fn sms_a_throttle_longer_than_a_send_can_wait_is_passed_on_in_retry_after() {
+    let (db, fake, app) = one_instance!(&[]);
+
+    fake.script([Reply::ThrottledFor(30)]);
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "slow-down-1"});
+    let answer = send(&app, message.clone()).await;
+    assert_error(&answer, 502, "UPSTREAM_UNAVAILABLE");
+    assert_eq!(answer.retry_after, Some(30), "{}", answer.body);
+    let text = answer.body["message"].as_str().unwrap();
+    assert!(
+        text.contains("throttling") && text.contains("nothing was sent"),
+        "{text}"
+    );
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "Twilio was called before its wait"
+    );
+    assert_eq!(only_message_status(&app).await.0, "failed");
+    assert_eq!(app_audit_outcome(&app).await, "upstream_unavailable");
+    let retry = send(&app, message).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert!(retry.body["sid"].is_string(), "{}", retry.body);
+    assert_eq!(fake.requests().len(), 2);
+
+    // An absurd wait is passed on bounded.
+    fake.script([Reply::ThrottledFor(1_000_000)]);
+    let answer = expect_upstream_failure(&app, "+12025550124", "failed").await;
+    assert_eq!(answer.retry_after, Some(3_600), "{}", answer.body);
+    assert_eq!(fake.requests().len(), 3);
+
+    // Twilio still asking on the last attempt: its wait is passed on too.
+    fake.script([
+        Reply::throttled(),
+        Reply::throttled(),
+        Reply::ThrottledFor(2),
+    ]);
+    let answer = expect_upstream_failure(&app, "+12025550125", "failed").await;
+    assert_eq!(answer.retry_after, Some(2), "{}", answer.body);
+    assert_eq!(fake.requests().len(), 6);
+
+    // A wait a send can afford is waited out.
+    fake.script([Reply::ThrottledFor(1)]);
+    let answer = send(&app, json!({"to": "+12025550126", "body": "hi"})).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(fake.requests().len(), 8);
+
+    // A wait under 5 s that a call after it could not end within the send's budget (3 s and a
+    // 2 s call past a 4 s budget) is passed on too.
+    let short = instance_with(&db, Some(&fake), &[], |config| {
+        config.twilio.send_budget = Duration::from_secs(4);
+    })
+    .await;
+    fake.script([Reply::ThrottledFor(3)]);
+    let answer = expect_upstream_failure(&short, "+12025550127", "failed").await;
+    assert_eq!(answer.retry_after, Some(3), "{}", answer.body);
+    assert_eq!(fake.requests().len(), 9);
+}
+
 #[tokio::test]
 async fn sms_a_timeout_after_sending_is_never_retried() {
     let (_db, fake, app) = one_instance!(&[]);
