@@ -524,7 +524,7 @@ impl<S: Service<Request>> Service<Request> for StampArrival<S> {
 
 /// Refuses a declared length over the limit at once (413 `PAYLOAD_TOO_LARGE`); caps a streamed
 /// body at the limit while it is read, which the body extractors turn into the same answer.
-/// Routes may add their own, smaller limit.
+/// Routes may add their own, smaller limit (`routes::BODY_LIMITS`).
 #[derive(Clone, Copy, Debug)]
 pub struct LimitBodyLayer(pub usize);
 
@@ -566,6 +566,14 @@ where
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
         if declared.is_some_and(|length| length > limit as u64) {
+            // The service-wide layer sits outside a route's own, so it refuses first a length
+            // over both: the answer names the route's limit, the one the caller must keep to.
+            // Looked up only here, on a refusal.
+            let limit = req
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .and_then(|pattern| crate::routes::body_limit(pattern.as_str()))
+                .map_or(limit, |route| route.min(limit));
             return Either::Left(ready(Ok(ApiError::PayloadTooLarge(format!(
                 "the request body is larger than the {limit}-byte limit of this route"
             ))

@@ -1237,6 +1237,36 @@ async fn hostile_webhook_bodies_are_not_awaited_before_configuration_and_signatu
     }
 }
 
+/// A declared length over a route's own limit is refused naming that limit however large it is:
+/// twilio-status's 64 KiB and stripe-webhook's 512 KiB (the service-wide layer refused one over
+/// 1 MiB first, naming its own 1048576 bytes); send-sms has the service-wide limit.
+#[tokio::test]
+async fn hostile_a_declared_body_over_a_routes_limit_is_refused_naming_that_limit() {
+    let server = run(&[]).await;
+    for (path, limit) in [
+        ("/functions/v1/twilio-status", 65_536),
+        ("/functions/v1/stripe-webhook", 524_288),
+        ("/functions/v1/send-sms", 1_048_576),
+    ] {
+        for length in [limit + 1, 2 * 1024 * 1024] {
+            let head =
+                format!("POST {path} HTTP/1.1\r\nHost: edgegate\r\ncontent-length: {length}");
+            let answer = answer_within(server.port, &head, b"", SLACK).await;
+            let (status, body) = answer.unwrap_or_else(|| panic!("{path} {length}: no answer"));
+            assert_eq!(status, 413, "{path} {length}: {body}");
+            assert_eq!(
+                code_of(&body),
+                "PAYLOAD_TOO_LARGE",
+                "{path} {length}: {body}"
+            );
+            assert!(
+                body.contains(&format!("the {limit}-byte limit")),
+                "{path} {length}: {body}"
+            );
+        }
+    }
+}
+
 /// Declared lengths take nothing from the body budget: only bytes that came do. 1120
 /// twilio-status callbacks (35 HTTP/2 connections of 32 streams, each declaring 64 KiB, the
 /// route's limit, with a well-formed signature header) that send one byte and stop hold 1120
