@@ -131,7 +131,10 @@ impl Modify for SecuritySchemes {
             "twilio_signature",
             header(
                 "X-Twilio-Signature",
-                "Twilio's signature of PUBLIC_URL's callback URL and the form parameters.",
+                "Twilio's signature of PUBLIC_URL's callback URL and the form parameters: the \
+                 base64 HMAC-SHA1 keyed by the account's auth token. Twilio's shared-key \
+                 signatures (X-Twilio-Webhooks-Signature-Settings, HMAC_SHA256) are not \
+                 supported.",
             ),
         );
     }

@@ -11,7 +11,9 @@ use crate::routes::DatabaseReady;
 use crate::server::middleware::Arrival;
 use crate::state::AppState;
 use crate::twilio::send::{SendSmsRequest, SmsReceipt, Submission, send_sms as send};
-use crate::twilio::status::{Callback, apply_callback, check_before_body};
+use crate::twilio::status::{
+    Callback, SHARED_KEY_SETTINGS, apply_callback, check_before_body, shared_key_refusal,
+};
 
 #[utoipa::path(
     post,
@@ -69,7 +71,10 @@ pub async fn send_sms(
 )]
 pub async fn twilio_status(
     State(app): State<AppState>,
-    TwilioSignature(signature): TwilioSignature,
+    TwilioSignature {
+        signature,
+        shared_key,
+    }: TwilioSignature,
     uri: Uri,
     _: DatabaseReady,
     RawBody(body): RawBody,
@@ -79,7 +84,15 @@ pub async fn twilio_status(
         query: uri.query(),
         body: &body,
     };
-    apply_callback(&app.store, &app.config, &app.clock, callback).await?;
+    apply_callback(&app.store, &app.config, &app.clock, callback)
+        .await
+        .map_err(|err| {
+            if shared_key {
+                shared_key_refusal(err)
+            } else {
+                err
+            }
+        })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -88,7 +101,12 @@ pub async fn twilio_status(
 /// header is there and well-formed (400 `INVALID_SIGNATURE`). Read first, a body kept an unsigned
 /// request waiting, and holding its share of the body budget, for the route's 30 s. The signature
 /// itself is verified over the body afterwards.
-pub struct TwilioSignature(String);
+pub struct TwilioSignature {
+    signature: String,
+    /// Whether the callback says it is signed with a shared key ([`SHARED_KEY_SETTINGS`]), which
+    /// a refusal then names.
+    shared_key: bool,
+}
 
 impl FromRequestParts<AppState> for TwilioSignature {
     type Rejection = ApiError;
@@ -100,7 +118,17 @@ impl FromRequestParts<AppState> for TwilioSignature {
             .map(|value| value.to_str())
             .transpose()
             .map_err(|_| ApiError::InvalidSignature("X-Twilio-Signature is not text".to_owned()))?;
-        let (_, _, signature) = check_before_body(&state.config, signature)?;
-        Ok(Self(signature.to_owned()))
+        let shared_key = parts.headers.contains_key(SHARED_KEY_SETTINGS);
+        let (_, _, signature) = check_before_body(&state.config, signature).map_err(|err| {
+            if shared_key {
+                shared_key_refusal(err)
+            } else {
+                err
+            }
+        })?;
+        Ok(Self {
+            signature: signature.to_owned(),
+            shared_key,
+        })
     }
 }

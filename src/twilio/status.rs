@@ -46,6 +46,24 @@ pub struct Callback<'a> {
     pub body: &'a [u8],
 }
 
+/// The header Twilio adds to a callback signed with a shared key rather than the auth token
+/// (a public beta: `key=…,algorithm=HMAC_SHA256`). Such signatures are not supported.
+pub const SHARED_KEY_SETTINGS: &str = "x-twilio-webhooks-signature-settings";
+
+/// A signature refusal of a callback that carries [`SHARED_KEY_SETTINGS`], saying why: only the
+/// auth token's HMAC-SHA1 signature is verified, so every callback of an account that turned
+/// shared keys on is refused, and its operator should learn that from Twilio's logs of them.
+pub fn shared_key_refusal(err: SmsError) -> SmsError {
+    match err {
+        SmsError::BadSignature(message) => SmsError::BadSignature(format!(
+            "{message}; this callback is signed with a shared key ({SHARED_KEY_SETTINGS} is \
+             set), which edgegate does not support: it verifies only the auth token's HMAC-SHA1 \
+             signature, so the account's callbacks are refused while shared keys are on"
+        )),
+        other => other,
+    }
+}
+
 /// What a callback is refused for before its body is read (the route checks it first, so that
 /// an unsigned request does not wait for, or buffer, a body): Twilio or `PUBLIC_URL` not
 /// configured, `X-Twilio-Signature` missing or not the base64 of an HMAC-SHA1. Returns the auth

@@ -1190,6 +1190,45 @@ async fn sms_status_only_moves_forward_even_out_of_order_or_concurrently() {
     );
 }
 
+/// Twilio's shared-key webhook signatures (a public beta: `X-Twilio-Webhooks-Signature-Settings:
+/// key=…,algorithm=HMAC_SHA256`) are not supported: such a callback is refused, and the 400 says
+/// why, so an account that turned them on learns it from its callback logs.
+#[tokio::test]
+async fn sms_a_callback_signed_with_a_shared_key_is_refused_saying_it_is_not_supported() {
+    let (_db, _fake, app) = one_instance!(&[]);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(status_params("SM00000000000000000000000000000001", "sent"))
+        .finish();
+    // The standard base64 of a 32-byte HMAC-SHA256, as such a callback carries.
+    let sha256 = "8Bv3hT0NWkpDmbsCgJ8YbQYoOhXFaTt2U0cE6eXP4jE=";
+    for settings in [
+        None,
+        Some("key=HK0123456789abcdef0123456789abcdef,algorithm=HMAC_SHA256"),
+    ] {
+        let mut request = app
+            .server
+            .client
+            .post(app.server.url("/functions/v1/twilio-status"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sha256)
+            .body(body.clone());
+        if let Some(settings) = settings {
+            request = request.header("x-twilio-webhooks-signature-settings", settings);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["code"], "INVALID_SIGNATURE", "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains("HMAC-SHA1"), "{message}");
+        assert_eq!(
+            message.contains("shared key"),
+            settings.is_some(),
+            "{settings:?}: {message}"
+        );
+    }
+}
+
 /// A signature made by Twilio's official Python library (`pip install twilio`), or None (after a
 /// notice) when it is not installed, except under CI=true where that fails the test.
 fn official_signature(token: &str, url: &str, params: &[(&str, &str)]) -> Option<String> {
