@@ -24,27 +24,55 @@ use crate::state::AppState;
 /// (JSON of a few hundred bytes, Stripe's events of a few KiB).
 pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
 
+/// Of [`BODY_BUDGET`], what bodies read before their sender is authenticated may hold: those of
+/// the signature routes (stripe-webhook, twilio-status), whose signature covers the body and so
+/// is checked only once it is read. A well-formed, recent signature header is anyone's to write,
+/// so without this share 128 webhook bodies sent but for a byte held the whole budget for the
+/// route's 30 s, and every credentialed caller's body was refused 503 meanwhile, again and again.
+/// The other half is left to bodies read after a credential was verified.
+pub const UNAUTHENTICATED_SHARE: usize = BODY_BUDGET / 2;
+
 /// Request-body bytes buffered at once, over all requests: a body takes its buffer's size as
 /// its bytes arrive, and gives it back when the buffer is dropped. A declared length is a
 /// promise and takes nothing: when its first 64 KiB were taken up front, 1024 requests that
 /// declared 64 KiB and sent nothing (unauthenticated twilio-status callbacks, say) held the whole
-/// budget for the route's 30 s. A body that would go over is refused at once, 503.
+/// budget for the route's 30 s. A body that would go over is refused at once, 503. Bodies read
+/// before their sender is authenticated also count against their own share of it, half of the
+/// limit ([`UNAUTHENTICATED_SHARE`]), so that they can never take what credentialed callers need.
 #[derive(Debug)]
 pub struct BodyBudget {
     limit: usize,
     taken: AtomicUsize,
     refused: AtomicU64,
+    unauthenticated_limit: usize,
+    /// Of `taken`, the bytes of unauthenticated bodies.
+    unauthenticated: AtomicUsize,
+    /// Of `refused`, the unauthenticated bodies.
+    unauthenticated_refused: AtomicU64,
+}
+
+/// Whose body a reservation is for: it decides the share of the budget the body may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sender {
+    /// A credential was verified before the body was read: the whole budget.
+    Authenticated,
+    /// The body is read before its signature can be checked: at most half the budget.
+    Unauthenticated,
 }
 
 impl BodyBudget {
-    /// A budget of `limit` bytes, made once per [`AppState`] and never freed, so that a buffer
-    /// holds a plain reference to it: a body costs two atomic operations on the budget and
-    /// none on a reference count.
+    /// A budget of `limit` bytes, half of it open to unauthenticated bodies, made once per
+    /// [`AppState`] and never freed, so that a buffer holds a plain reference to it: a body costs
+    /// two atomic operations on the budget (four for an unauthenticated one) and none on a
+    /// reference count.
     pub fn leaked(limit: usize) -> &'static Self {
         Box::leak(Box::new(Self {
             limit,
             taken: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            unauthenticated_limit: limit / 2,
+            unauthenticated: AtomicUsize::new(0),
+            unauthenticated_refused: AtomicU64::new(0),
         }))
     }
 
@@ -58,13 +86,29 @@ impl BodyBudget {
         self.taken.load(Ordering::Relaxed)
     }
 
-    fn take(&'static self, bytes: usize) -> Result<Reservation, ApiError> {
+    /// The bytes of unauthenticated bodies taken now.
+    pub fn unauthenticated(&self) -> usize {
+        self.unauthenticated.load(Ordering::Relaxed)
+    }
+
+    fn take(&'static self, bytes: usize, sender: Sender) -> Result<Reservation, ApiError> {
         let mut reservation = Reservation {
             budget: self,
+            sender,
             bytes: 0,
         };
         reservation.grow_to(bytes)?;
         Ok(reservation)
+    }
+
+    fn refuse(&self, sender: Sender) -> ApiError {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if sender == Sender::Unauthenticated {
+            self.unauthenticated_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ApiError::Busy(
+            "the server holds as many request bodies as it can take; retry shortly".to_owned(),
+        )
     }
 }
 
@@ -72,6 +116,7 @@ impl BodyBudget {
 #[derive(Debug)]
 struct Reservation {
     budget: &'static BodyBudget,
+    sender: Sender,
     bytes: usize,
 }
 
@@ -80,13 +125,23 @@ impl Reservation {
         let Some(more) = bytes.checked_sub(self.bytes).filter(|&more| more > 0) else {
             return Ok(());
         };
-        let before = self.budget.taken.fetch_add(more, Ordering::Relaxed);
-        if before.saturating_add(more) > self.budget.limit {
-            self.budget.taken.fetch_sub(more, Ordering::Relaxed);
-            self.budget.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::Busy(
-                "the server holds as many request bodies as it can take; retry shortly".to_owned(),
-            ));
+        let budget = self.budget;
+        let unauthenticated = self.sender == Sender::Unauthenticated;
+        // The share first: a body refused for it never counted against the whole budget.
+        if unauthenticated {
+            let before = budget.unauthenticated.fetch_add(more, Ordering::Relaxed);
+            if before.saturating_add(more) > budget.unauthenticated_limit {
+                budget.unauthenticated.fetch_sub(more, Ordering::Relaxed);
+                return Err(budget.refuse(self.sender));
+            }
+        }
+        let before = budget.taken.fetch_add(more, Ordering::Relaxed);
+        if before.saturating_add(more) > budget.limit {
+            budget.taken.fetch_sub(more, Ordering::Relaxed);
+            if unauthenticated {
+                budget.unauthenticated.fetch_sub(more, Ordering::Relaxed);
+            }
+            return Err(budget.refuse(self.sender));
         }
         self.bytes = bytes;
         Ok(())
@@ -97,6 +152,11 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.taken.fetch_sub(self.bytes, Ordering::Relaxed);
+            if self.sender == Sender::Unauthenticated {
+                self.budget
+                    .unauthenticated
+                    .fetch_sub(self.bytes, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -113,8 +173,13 @@ impl AsRef<[u8]> for Buffered {
     }
 }
 
-/// Reads the whole body within the route's limit (the body-limit layer's) and `budget`.
-async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiError> {
+/// Reads the whole body within the route's limit (the body-limit layer's) and `budget`, in the
+/// share of it `sender` may hold.
+async fn buffer(
+    req: Request,
+    budget: &'static BodyBudget,
+    sender: Sender,
+) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -127,7 +192,7 @@ async fn buffer(req: Request, budget: &'static BodyBudget) -> Result<Bytes, ApiE
     }
     // The declared length is at most the route's limit (the body-limit layer answered 413 to
     // more before the handler was called). Nothing is taken or allocated before a byte comes.
-    let mut reservation = budget.take(0)?;
+    let mut reservation = budget.take(0, sender)?;
     let mut bytes = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(read_error)?;
@@ -165,32 +230,69 @@ struct BudgetCollector(&'static BodyBudget);
 
 impl Collector for BudgetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let taken = ConstGauge::new(i64::try_from(self.0.taken()).unwrap_or(i64::MAX));
+        let gauge = |bytes: usize| ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+        let taken = gauge(self.0.taken());
         taken.encode(encoder.encode_descriptor(
             "http_request_body_bytes_buffered",
             "Request-body bytes buffered now, over every request (at most 64 MiB)",
             None,
             taken.metric_type(),
         )?)?;
+        let unauthenticated = gauge(self.0.unauthenticated());
+        unauthenticated.encode(encoder.encode_descriptor(
+            "http_request_unauthenticated_body_bytes_buffered",
+            "Of the request-body bytes buffered now, those read before their sender was \
+             authenticated (stripe-webhook and twilio-status bodies, whose signature covers \
+             them; at most 32 MiB)",
+            None,
+            unauthenticated.metric_type(),
+        )?)?;
         let refused = ConstCounter::new(self.0.refused.load(Ordering::Relaxed));
         refused.encode(encoder.encode_descriptor(
             "http_request_bodies_refused",
-            "Request bodies answered 503 because the buffered bodies were at their budget",
+            "Request bodies answered 503 because the buffered bodies were at their budget \
+             (64 MiB), or unauthenticated ones at their share of it (32 MiB)",
+            None,
+            refused.metric_type(),
+        )?)?;
+        let refused = ConstCounter::new(self.0.unauthenticated_refused.load(Ordering::Relaxed));
+        refused.encode(encoder.encode_descriptor(
+            "http_request_unauthenticated_bodies_refused",
+            "Of the request bodies answered 503 for the budget, those read before their sender \
+             was authenticated (stripe-webhook and twilio-status bodies)",
             None,
             refused.metric_type(),
         )?)
     }
 }
 
-/// The raw request body (signature checks need the exact bytes), taken from the
-/// [`BodyBudget`] until it is dropped.
+/// The raw request body of a route whose credential was verified before it (an extractor
+/// before this one in the handler's signature), taken from the [`BodyBudget`] until it is
+/// dropped.
 pub struct RawBody(pub Bytes);
 
 impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        buffer(req, state.body_budget).await.map(RawBody)
+        buffer(req, state.body_budget, Sender::Authenticated)
+            .await
+            .map(RawBody)
+    }
+}
+
+/// The raw request body of a route whose only credential is a signature over it (the exact
+/// bytes), so read before its sender is authenticated: it is taken from the budget's share for
+/// unauthenticated bodies ([`UNAUTHENTICATED_SHARE`]) until it is dropped.
+pub struct SignedBody(pub Bytes);
+
+impl FromRequest<AppState> for SignedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        buffer(req, state.body_budget, Sender::Unauthenticated)
+            .await
+            .map(SignedBody)
     }
 }
 
@@ -211,7 +313,8 @@ impl<S: Send + Sync> FromRequest<S> for IgnoredBody {
     }
 }
 
-/// A JSON body, whatever its `Content-Type` says (supabase-js's `functions.invoke` labels a
+/// A JSON body of a route whose credential was verified before it (taken from the
+/// [`BodyBudget`] as a [`RawBody`] is), whatever its `Content-Type` says (supabase-js's `functions.invoke` labels a
 /// string body `text/plain`; the Edge Functions read it with `req.json()` all the same); one that
 /// is not JSON is 400 `INVALID_REQUEST` with serde's description of the problem.
 pub struct Json<T>(pub T);
@@ -220,7 +323,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let body = buffer(req, state.body_budget).await?;
+        let body = buffer(req, state.body_budget, Sender::Authenticated).await?;
         let mut json = serde_json::Deserializer::from_slice(&body);
         let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
             let (path, err) = (err.path().to_string(), err.into_inner());
@@ -264,9 +367,12 @@ mod tests {
     #[test]
     fn a_reservation_past_the_limit_is_refused_and_each_is_given_back_when_dropped() {
         let budget = BodyBudget::leaked(100);
-        let first = budget.take(60).unwrap();
-        let mut second = budget.take(40).unwrap();
-        assert!(matches!(budget.take(1), Err(ApiError::Busy(_))));
+        let first = budget.take(60, Sender::Authenticated).unwrap();
+        let mut second = budget.take(40, Sender::Authenticated).unwrap();
+        assert!(matches!(
+            budget.take(1, Sender::Authenticated),
+            Err(ApiError::Busy(_))
+        ));
         assert!(second.grow_to(41).is_err());
         assert_eq!((budget.taken(), second.bytes), (100, 40));
         drop(first);
@@ -274,5 +380,25 @@ mod tests {
         assert_eq!(budget.taken(), 100);
         drop(second);
         assert_eq!(budget.taken(), 0);
+    }
+
+    #[test]
+    fn unauthenticated_bodies_hold_at_most_half_and_leave_the_rest_to_authenticated_ones() {
+        let budget = BodyBudget::leaked(100);
+        let mut unauthenticated = budget.take(40, Sender::Unauthenticated).unwrap();
+        assert!(unauthenticated.grow_to(51).is_err(), "past its share");
+        assert!(budget.take(11, Sender::Unauthenticated).is_err());
+        assert_eq!((budget.taken(), budget.unauthenticated()), (40, 40));
+        let authenticated = budget.take(60, Sender::Authenticated).unwrap();
+        // Within the share, but past the whole budget.
+        assert!(budget.take(1, Sender::Unauthenticated).is_err());
+        assert_eq!((budget.taken(), budget.unauthenticated()), (100, 40));
+        assert_eq!(budget.refused.load(Ordering::Relaxed), 3);
+        assert_eq!(budget.unauthenticated_refused.load(Ordering::Relaxed), 3);
+        drop(authenticated);
+        unauthenticated.grow_to(50).unwrap();
+        assert_eq!((budget.taken(), budget.unauthenticated()), (50, 50));
+        drop(unauthenticated);
+        assert_eq!((budget.taken(), budget.unauthenticated()), (0, 0));
     }
 }

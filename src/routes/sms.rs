@@ -4,7 +4,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri};
 
-use crate::body::{Json, RawBody};
+use crate::body::{Json, SignedBody};
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::DatabaseReady;
@@ -77,7 +77,7 @@ pub async fn twilio_status(
     }: TwilioSignature,
     uri: Uri,
     _: DatabaseReady,
-    RawBody(body): RawBody,
+    SignedBody(body): SignedBody,
 ) -> ApiResult<StatusCode> {
     let callback = Callback {
         signature: Some(&signature),

@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 use serde_json::{Value, json};
 
 use crate::audit;
-use crate::body::RawBody;
+use crate::body::{RawBody, SignedBody};
 use crate::credentials::ServiceRole;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::DatabaseReady;
@@ -184,7 +184,7 @@ pub async fn webhook(
     State(state): State<AppState>,
     StripeSignature(signature): StripeSignature,
     _: DatabaseReady,
-    RawBody(body): RawBody,
+    SignedBody(body): SignedBody,
 ) -> ApiResult<Json<Value>> {
     let stripe = stripe_client(&state);
     let delivery = webhook::receive(

@@ -1191,6 +1191,69 @@ async fn hostile_bodies_past_the_buffer_budget_are_answered_503_and_a_declared_l
     );
 }
 
+/// Bodies read before their signature can be checked (stripe-webhook's, twilio-status's) hold
+/// at most half the body budget, whoever sends them: a well-formed recent `Stripe-Signature` is
+/// anyone's to write. 128 webhook bodies of 512 KiB sent but for a byte, which filled the whole
+/// 64 MiB (and every credentialed body was answered 503 `NOT_READY` for the route's 30 s, over
+/// and over), hold 32 MiB: the 65th and later are refused, and send-sms still has its body read.
+#[tokio::test]
+async fn hostile_unsigned_webhook_bodies_hold_at_most_half_the_buffer_budget() {
+    const BUFFERED: &str = "edgegate_http_request_body_bytes_buffered";
+    const UNAUTHENTICATED: &str = "edgegate_http_request_unauthenticated_body_bytes_buffered";
+    const REFUSED: &str = "edgegate_http_request_unauthenticated_bodies_refused_total";
+    const WEBHOOKS: u64 = 128;
+    let length = 512 * 1024;
+    let server = run(&[
+        ("SUPABASE_SECRET_KEY", SERVICE_KEY),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_hostile"),
+    ])
+    .await;
+    let port = server.port;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let head = format!(
+        "POST /functions/v1/stripe-webhook HTTP/1.1\r\nHost: edgegate\r\n\
+         stripe-signature: t={now},v1={}\r\ncontent-length: {length}\r\n\r\n",
+        "ab".repeat(32)
+    );
+    let body = vec![b'a'; length - 1];
+    let mut held = Vec::new();
+    for _ in 0..WEBHOOKS {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        // A refused body is answered at once and its connection closed: the rest of its write
+        // may fail, which is no matter here.
+        let write = async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&body).await
+        };
+        let _ = tokio::time::timeout(SLACK, write).await;
+        held.push(stream);
+    }
+    let half = 32 * 1024 * 1024;
+    let buffered = metric_becomes(port, BUFFERED, half).await;
+
+    let send = format!(
+        "POST /functions/v1/send-sms HTTP/1.1\r\nHost: edgegate\r\napikey: {SERVICE_KEY}\r\n\
+         content-length: 2"
+    );
+    let answer = answer_within(port, &send, b"[]", SLACK).await;
+    let answer = answer.map(|(status, body)| (status, code_of(&body)));
+    // `[]` is read whole and refused for what it says: the body was taken.
+    assert_eq!(
+        answer,
+        Some((400, "INVALID_REQUEST".to_owned())),
+        "send-sms"
+    );
+    assert_eq!(buffered, Some(half), "bytes buffered");
+    assert_eq!(metric(port, UNAUTHENTICATED).await, Some(half));
+    assert_eq!(metric(port, REFUSED).await, Some(WEBHOOKS - 64));
+    drop(held);
+    assert_eq!(metric_becomes(port, BUFFERED, 0).await, Some(0));
+    assert_eq!(metric(port, UNAUTHENTICATED).await, Some(0));
+}
+
 #[tokio::test]
 async fn hostile_webhook_bodies_are_not_awaited_before_configuration_and_signature_header() {
     let length = (512 * 1024).to_string();
