@@ -1,11 +1,12 @@
 //! Body extractors whose rejections are the contract's errors, not axum's plain-text ones, and
 //! the one budget every buffered request body is taken from.
 
+use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::body::{Body, HttpBody as _};
 use axum::extract::{FromRequest, Request};
-use axum::http::header;
+use axum::http::{Version, header};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, LengthLimitError};
 use prometheus_client::collector::Collector;
@@ -185,6 +186,7 @@ async fn buffer(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
+    let version = req.version();
     let mut body: Body = req.into_body();
     // A request without a body (jwt-test's GET) touches no budget.
     if body.is_end_stream() {
@@ -195,7 +197,7 @@ async fn buffer(
     let mut reservation = budget.take(0, sender)?;
     let mut bytes = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(read_error)?;
+        let frame = frame.map_err(|err| read_error(err, version))?;
         if let Ok(data) = frame.into_data() {
             let needed = bytes.len() + data.len();
             if needed > bytes.capacity() {
@@ -305,9 +307,10 @@ impl<S: Send + Sync> FromRequest<S> for IgnoredBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let version = req.version();
         let mut body = req.into_body();
         while let Some(frame) = body.frame().await {
-            frame.map_err(read_error)?;
+            frame.map_err(|err| read_error(err, version))?;
         }
         Ok(IgnoredBody)
     }
@@ -346,18 +349,53 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     }
 }
 
-/// 413 when the body-limit layer cut the body off at the route's limit; 400 otherwise.
-fn read_error(err: axum::Error) -> ApiError {
+/// 413 when the body-limit layer cut the body off at the route's limit; the client gone when it
+/// hung up or reset the stream before the body's end (counted as 499, as a hang-up during the
+/// handler is, not as a malformed body); 400 otherwise (a chunked body that breaks its encoding).
+fn read_error(err: axum::Error, version: Version) -> ApiError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    let mut hyper_error = false;
     while let Some(error) = cause {
         if error.is::<LengthLimitError>() {
             return ApiError::PayloadTooLarge(
                 "the request body is larger than this route accepts".to_owned(),
             );
         }
+        if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            hyper_error = true;
+            if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
+                return client_closed();
+            }
+        }
+        // HTTP/1: the connection ended (or was reset) before the body did. A malformed chunk is
+        // `InvalidData` or `InvalidInput`.
+        if let Some(error) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                error.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            )
+        {
+            return client_closed();
+        }
         cause = error.source();
     }
+    // Over HTTP/2 a body that fails to be read is a stream reset, by the client or by h2 for the
+    // client's breach of the protocol, or a connection lost: either way the stream is gone, and
+    // with it any answer.
+    if hyper_error && version >= Version::HTTP_2 {
+        return client_closed();
+    }
     ApiError::InvalidRequest(format!("the request body could not be read: {err}"))
+}
+
+fn client_closed() -> ApiError {
+    ApiError::ClientClosed(
+        "the client closed the connection or the stream before sending the whole request body"
+            .to_owned(),
+    )
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@ pub enum ApiError {
     InvalidSignature(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// The client went away while its request body was being read (an HTTP/1 hang-up, an
+    /// HTTP/2 reset): 400 `INVALID_REQUEST` for a client that only half-closed and still reads,
+    /// marked [`crate::telemetry::ClientClosed`] so that it is logged and counted as a request
+    /// the client cancelled (499), not as an answered 400.
+    #[error("{0}")]
+    ClientClosed(String),
     #[error("{field}: {message}")]
     ValidationFailed { field: String, message: String },
     #[error("{0}")]
@@ -89,7 +95,9 @@ impl ApiError {
         match self {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::ForbiddenRole(_) => StatusCode::FORBIDDEN,
-            Self::InvalidSignature(_) | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidSignature(_) | Self::InvalidRequest(_) | Self::ClientClosed(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ValidationFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::SyncInProgress(_) | Self::Conflict(_) | Self::ConflictInProgress { .. } => {
                 StatusCode::CONFLICT
@@ -115,7 +123,7 @@ impl ApiError {
             Self::Unauthorized { code, .. } => code,
             Self::ForbiddenRole(_) => "FORBIDDEN_ROLE",
             Self::InvalidSignature(_) => "INVALID_SIGNATURE",
-            Self::InvalidRequest(_) => "INVALID_REQUEST",
+            Self::InvalidRequest(_) | Self::ClientClosed(_) => "INVALID_REQUEST",
             Self::ValidationFailed { .. } => "VALIDATION_FAILED",
             Self::SyncInProgress(_) => "SYNC_IN_PROGRESS",
             Self::Conflict(_) | Self::ConflictInProgress { .. } => "CONFLICT",
@@ -177,6 +185,11 @@ impl IntoResponse for ApiError {
             }
             Self::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::ClientClosed(_) => {
+                response
+                    .extensions_mut()
+                    .insert(crate::telemetry::ClientClosed);
             }
             _ => {}
         }

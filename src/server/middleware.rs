@@ -378,6 +378,17 @@ where
         *this.answered = true;
         let latency = this.start.elapsed();
         let failure = match &result {
+            // The client went away while its body was read: logged as a hang-up during the
+            // handler is, not as the answer no one reads.
+            Ok(answer)
+                if answer
+                    .extensions()
+                    .get::<crate::telemetry::ClientClosed>()
+                    .is_some() =>
+            {
+                crate::telemetry::log_cancelled(latency, this.span);
+                None
+            }
             Ok(answer) => {
                 crate::telemetry::log_response(answer, latency, this.span);
                 let status = answer.status();
@@ -974,5 +985,34 @@ mod tests {
                 "{ours:?}"
             );
         }
+    }
+
+    /// An answer marked [`crate::telemetry::ClientClosed`] (a body read cut off by the client's
+    /// hang-up) is logged as a request the client cancelled, status 499, not as its answer.
+    #[tokio::test]
+    async fn an_answer_to_a_client_gone_mid_body_is_logged_as_cancelled() {
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let inner = tower::service_fn(|_req: Request| async {
+            Ok::<_, std::convert::Infallible>(
+                ApiError::ClientClosed("gone".to_owned()).into_response(),
+            )
+        });
+        let service = RequestSpans {
+            inner,
+            scheme: "http",
+        };
+        let answer = service.oneshot(Request::new(Body::empty())).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+        drop(_default);
+        let lines: Vec<serde_json::Value> = lines
+            .text()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .filter(|line: &serde_json::Value| line["message"] != "started processing request")
+            .collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["message"], "request cancelled", "{lines:?}");
+        assert_eq!(lines[0]["status"], 499, "{lines:?}");
     }
 }

@@ -18,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::ClientClosed;
+
 /// Labels of the HTTP metrics. `route` is the matched route pattern, never the raw path, so an
 /// attacker probing random URLs cannot grow the label set.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -315,7 +317,12 @@ where
             // An error (none in this service: its errors are answers) is not counted.
             pending.answered = true;
             if let Ok(response) = &result {
-                pending.record(response.status().as_u16());
+                let status = if response.extensions().get::<ClientClosed>().is_some() {
+                    CLIENT_CLOSED_REQUEST
+                } else {
+                    response.status().as_u16()
+                };
+                pending.record(status);
             }
         }
         Poll::Ready(result)

@@ -104,6 +104,13 @@ pub fn log_response<B>(
     );
 }
 
+/// Marks an answer to a request whose client went away before it was answered, though its
+/// handler ended (a body read that failed because the client hung up or reset its stream): it is
+/// logged by [`log_cancelled`] and counted under 499, as a request whose future was dropped is,
+/// not as the answer it carries, which the client is not there to read.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientClosed;
+
 /// The line that closes a request the client gave up on before it was answered (an HTTP/1
 /// hang-up, an HTTP/2 reset), inside its span: `status` 499 (as counted in the metrics, nginx's
 /// "client closed request") and the latency until then. Its span ends with an error status.

@@ -481,3 +481,82 @@ async fn a_request_the_client_cancels_is_counted_as_499() {
         );
     }
 }
+
+/// A client that goes away while its body is being read (an HTTP/1.1 hang-up after 3 of its
+/// 1000 bytes, an HTTP/2 stream reset after 3) is counted under 499, as a hang-up while the
+/// handler runs is, not as an answered 400 (the failed read was taken for a malformed body). A
+/// body that is malformed (a chunk size that is not hex) is still 400 `INVALID_REQUEST`.
+#[tokio::test]
+async fn a_client_that_goes_away_mid_body_is_counted_as_499_and_a_malformed_body_as_400() {
+    use crate::h2c::{CANCEL, H2, RST_STREAM};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let server = test_server(Limits::default(), &[]).await.unwrap();
+    let port = server.addr.port();
+    let series = |status: u16| {
+        format!(
+            r#"edgegate_http_requests_total{{method="POST",route="/test/echo",status="{status}"}}"#
+        )
+    };
+    let count = |metrics: &str, status: u16| {
+        let series = series(status);
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map_or(0, |value| value.trim().parse::<u64>().unwrap())
+    };
+
+    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
+    h1.write_all(b"POST /test/echo HTTP/1.1\r\nHost: edgegate\r\ncontent-length: 1000\r\n\r\nabc")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(h1);
+    let mut h2 = H2::connect(port).await;
+    h2.request(
+        1,
+        "POST",
+        "/test/echo",
+        &[("content-length", "1000")],
+        false,
+    )
+    .await;
+    h2.write_frame(0x0, 0, 1, b"abc").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h2.write_frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes())
+        .await;
+
+    // Both are counted once their reads have failed: until then neither series is there.
+    let mut metrics = String::new();
+    for _ in 0..250 {
+        metrics = server.get("/metrics").await.text().await.unwrap();
+        if count(&metrics, 499) + count(&metrics, 400) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (count(&metrics, 499), count(&metrics, 400)),
+        (2, 0),
+        "499 and 400 answers to the hang-ups"
+    );
+
+    let mut malformed = TcpStream::connect(server.addr).await.unwrap();
+    malformed
+        .write_all(
+            b"POST /test/echo HTTP/1.1\r\nHost: edgegate\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), malformed.read(&mut answer))
+        .await
+        .expect("an answer to the malformed body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"INVALID_REQUEST""#), "{answer}");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!((count(&metrics, 499), count(&metrics, 400)), (2, 1));
+}
