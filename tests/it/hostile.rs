@@ -794,6 +794,31 @@ async fn hostile_an_oversized_head_is_431_and_closed() {
     );
 }
 
+/// A request head may be as large over HTTP/2 as over HTTP/1.1: a 20 KB header is taken over
+/// both (HTTP/2's header list was held to h2's default 16 KiB, so it was 431 over h2c and 200
+/// over HTTP/1.1), and one of 128 KiB is 431 over both.
+#[tokio::test]
+async fn hostile_a_head_over_http2_has_the_limit_of_http1() {
+    let server = run(&[]).await;
+    let url = format!("http://127.0.0.1:{}/healthz", server.port);
+    let http2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (protocol, client) in [("HTTP/1.1", reqwest::Client::new()), ("HTTP/2", http2)] {
+        let mut statuses = Vec::new();
+        for size in [20_000, 2 * edgegate::server::MAX_HEAD_BYTES] {
+            let answer = client
+                .get(&url)
+                .header("x-pad", "a".repeat(size))
+                .send()
+                .await;
+            statuses.push(answer.map(|answer| answer.status().as_u16()).ok());
+        }
+        assert_eq!(statuses, [Some(200), Some(431)], "{protocol}");
+    }
+}
+
 /// Reads the HTTP/1.1 responses of pipelined requests one after the other, keeping what a read
 /// took beyond the current one: (status, head, body length).
 struct Responses {
