@@ -351,6 +351,31 @@ fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
 /// container, one that comes before a handler is set is dropped by the kernel). Call it within
 /// the runtime.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    let signal = next_signal();
+    async move {
+        if let Some(name) = signal.await {
+            tracing::info!("{name} received");
+        }
+    }
+}
+
+/// Resolves on the next SIGTERM or SIGINT after it is called (its handlers are set then, so the
+/// signal that began the shutdown is not seen again): `main` calls it once the drain has begun,
+/// and a second signal stops the process at once, cutting the requests still in flight, for an
+/// operator who will not wait out `SHUTDOWN_DRAIN_SECONDS`. Resolves with the signal's name.
+pub fn second_signal() -> impl Future<Output = &'static str> + Send + 'static {
+    let signal = next_signal();
+    async move {
+        match signal.await {
+            Some(name) => name,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The next SIGTERM or SIGINT (Ctrl-C elsewhere), by name; never, when no handler can be set
+/// (logged).
+fn next_signal() -> impl Future<Output = Option<&'static str>> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -360,11 +385,11 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
                 match listener {
                     Ok(mut listener) => {
                         listener.recv().await;
-                        tracing::info!("{name} received");
+                        name
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "cannot listen for {name}");
-                        std::future::pending::<()>().await;
+                        std::future::pending().await
                     }
                 }
             }
@@ -373,16 +398,19 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         let terminate = listen(SignalKind::terminate(), "SIGTERM");
         async move {
             tokio::select! {
-                () = interrupt => {}
-                () = terminate => {}
+                name = interrupt => Some(name),
+                name = terminate => Some(name),
             }
         }
     }
     #[cfg(not(unix))]
     async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => Some("Ctrl-C"),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for Ctrl-C");
+                std::future::pending().await
+            }
         }
     }
 }

@@ -1228,3 +1228,74 @@ async fn a_loopback_stripe_base_does_not_take_the_proxy_away_from_twilio() {
         "Twilio's call did not go through the proxy (send-sms answered {status})"
     );
 }
+
+/// A second SIGINT or SIGTERM during the drain stops the process at once, the requests still in
+/// flight cut, and says so: exit 1, as the drain was not let run (it was ignored, and the
+/// process waited out the whole 20 s drain for a request whose body never came).
+#[tokio::test]
+async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let vars = [
+        ("PORT", port.to_string()),
+        ("RUST_LOG", "info".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_drain".to_owned()),
+        ("SHUTDOWN_DRAIN_SECONDS", "20".to_owned()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    // A webhook whose body never ends: in flight until the route's 30 s, past the drain.
+    let now = crate::support::now_ms() / 1000;
+    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /functions/v1/stripe-webhook HTTP/1.1\r\nHost: edgegate\r\n\
+         stripe-signature: t={now},v1={}\r\ncontent-length: 100\r\n\r\n{{",
+        "ab".repeat(32)
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    let log = dir.path().join("server.log");
+    let logged = |text: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(text)
+    };
+    // The request is in flight once its handler reads the body (the metric says 1 byte).
+    let mut in_flight = false;
+    for _ in 0..250 {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("edgegate_http_request_body_bytes_buffered 1\n") {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(in_flight, "the webhook's body is being read");
+
+    signal(&child, "INT");
+    let mut draining = false;
+    for _ in 0..250 {
+        if logged("draining") {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(draining, "the drain started");
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("SIGTERM received during the drain"), "{log}");
+    drop(held);
+}
