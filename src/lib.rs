@@ -23,6 +23,7 @@ pub mod telemetry;
 pub mod twilio;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -47,6 +48,10 @@ pub struct RunOptions {
     /// to report unusable files as a configuration error), so the files are read once; `None`
     /// builds it from `config.tls` at start.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Notified to cut the drain short (the binary's second SIGTERM or SIGINT): the requests
+    /// still in flight are dropped at once, the usage counts are still written (they are the
+    /// legacy verdict's evidence), and [`run_with`] returns an error.
+    pub cut_drain: Arc<tokio::sync::Notify>,
 }
 
 impl Default for RunOptions {
@@ -54,6 +59,7 @@ impl Default for RunOptions {
         Self {
             migrate: true,
             tls: None,
+            cut_drain: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -158,6 +164,7 @@ struct Started {
     refresh: Option<auth::RefreshTask>,
     flusher: auth::usage::Flusher,
     background: Vec<tokio::task::JoinHandle<()>>,
+    cut_drain: Arc<tokio::sync::Notify>,
 }
 
 impl Started {
@@ -222,6 +229,7 @@ impl Started {
             refresh,
             flusher,
             background,
+            cut_drain: options.cut_drain,
         })
     }
 
@@ -247,16 +255,32 @@ impl Started {
             shutdown.await;
             let _ = asked.set(tokio::time::Instant::now());
         };
-        let served =
-            server::serve_with_limits(app, self.listener, self.tls, shutdown, drain, connections)
-                .await
-                .context("serving HTTP");
-        let deadline = asked
+        // When the drain was cut short: the steps after it then get [`AFTER_DRAIN`] from then.
+        let cut_at = std::sync::OnceLock::new();
+        let cut = async {
+            self.cut_drain.notified().await;
+            let _ = cut_at.set(tokio::time::Instant::now());
+        };
+        let served = server::serve_with_limits(
+            app,
+            self.listener,
+            self.tls,
+            shutdown,
+            cut,
+            drain,
+            connections,
+        )
+        .await
+        .context("serving HTTP");
+        let mut deadline = asked
             .get()
             .copied()
             .unwrap_or_else(tokio::time::Instant::now)
             + drain
             + AFTER_DRAIN;
+        if let Some(&cut_at) = cut_at.get() {
+            deadline = deadline.min(cut_at + AFTER_DRAIN);
+        }
         // The usage counts first (with the SMS sends still under way): they are the legacy
         // verdict's evidence, and what is left of the kill timeout after the drain is short.
         let finish = async {
@@ -288,6 +312,9 @@ impl Started {
             );
         }
         served?;
+        if cut_at.get().is_some() {
+            anyhow::bail!("the drain was cut short: requests still in flight were dropped");
+        }
         tracing::info!("edgegate stopped");
         Ok(())
     }
@@ -361,8 +388,9 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 
 /// Resolves on the next SIGTERM or SIGINT after it is called (its handlers are set then, so the
 /// signal that began the shutdown is not seen again): `main` calls it once the drain has begun,
-/// and a second signal stops the process at once, cutting the requests still in flight, for an
-/// operator who will not wait out `SHUTDOWN_DRAIN_SECONDS`. Resolves with the signal's name.
+/// and a second signal cuts the drain short ([`RunOptions::cut_drain`]), dropping the requests
+/// still in flight, for an operator who will not wait out `SHUTDOWN_DRAIN_SECONDS`. Resolves
+/// with the signal's name.
 pub fn second_signal() -> impl Future<Output = &'static str> + Send + 'static {
     let signal = next_signal();
     async move {

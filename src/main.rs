@@ -323,35 +323,31 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Once the first signal has begun the drain, a second one cuts it short: the
+            // requests still in flight are dropped, the usage counts still written, exit 1.
+            let cut_drain = std::sync::Arc::new(tokio::sync::Notify::new());
             let options = RunOptions {
                 migrate: !no_migrate,
                 tls,
+                cut_drain: cut_drain.clone(),
             };
-            // Once the first signal has begun the drain, a second one ends it at once.
             let first = edgegate::shutdown_signal();
             let (begun, drain_begun) = tokio::sync::oneshot::channel();
             let shutdown = async move {
                 first.await;
                 let _ = begun.send(());
             };
-            let second = async move {
-                match drain_begun.await {
-                    Ok(()) => edgegate::second_signal().await,
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            let served = tokio::select! {
-                served = edgegate::run_with(config, listener, shutdown, options) => served,
-                name = second => {
-                    // The requests in flight are dropped with the runtime, the steps after the
-                    // drain (the usage counts' last write, the wait for SMS sends) not run.
+            tokio::spawn(async move {
+                if drain_begun.await.is_ok() {
+                    let name = edgegate::second_signal().await;
                     tracing::warn!(
                         "{name} received during the drain: stopping now; the requests still in \
                          flight are cut"
                     );
-                    Err(anyhow::anyhow!("stopped by {name} during the drain"))
+                    cut_drain.notify_one();
                 }
-            };
+            });
+            let served = edgegate::run_with(config, listener, shutdown, options).await;
             // The last log lines before this process's own.
             telemetry::flush_logs();
             match served {

@@ -60,6 +60,7 @@ pub async fn serve(
         listener,
         tls,
         shutdown,
+        std::future::pending(),
         drain,
         ConnectionLimits::default(),
     )
@@ -67,7 +68,8 @@ pub async fn serve(
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
-/// closed, so new connections are refused) and lets in-flight requests finish for up to `drain`.
+/// closed, so new connections are refused) and lets in-flight requests finish for up to `drain`,
+/// or until `cut_drain` resolves.
 /// At most `limits.max_connections` connections are open at once: past it, the loop stops
 /// accepting until one closes, and new clients wait in the kernel's backlog.
 pub async fn serve_with_limits(
@@ -75,6 +77,7 @@ pub async fn serve_with_limits(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
+    cut_drain: impl Future<Output = ()>,
     drain: Duration,
     limits: ConnectionLimits,
 ) -> std::io::Result<()> {
@@ -163,11 +166,15 @@ pub async fn serve_with_limits(
         drain_seconds = drain.as_secs(),
         "shutting down: no new connections, draining"
     );
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain period over; closing the connections still open");
+    tokio::select! {
+        drained = tokio::time::timeout(drain, graceful.shutdown()) => {
+            if drained.is_err() {
+                tracing::warn!("drain period over; closing the connections still open");
+            }
+        }
+        () = cut_drain => {
+            tracing::warn!("drain cut short; closing the connections still open");
+        }
     }
     // Whatever still runs (connections, and HTTP/2 streams, each a task of its own) is dropped
     // now, before the caller closes the store and sends the last spans.

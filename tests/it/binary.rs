@@ -1236,10 +1236,14 @@ async fn a_loopback_stripe_base_does_not_take_the_proxy_away_from_twilio() {
 async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
     use tokio::io::AsyncWriteExt;
 
+    let secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let db = TestDb::sqlite();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let vars = [
         ("PORT", port.to_string()),
+        ("DATABASE_URL", db.url.clone()),
+        ("SUPABASE_JWT_SECRET", secret.to_owned()),
         ("RUST_LOG", "info".to_owned()),
         ("LOG_FORMAT", "json".to_owned()),
         ("STRIPE_WEBHOOK_SECRET", "whsec_drain".to_owned()),
@@ -1248,6 +1252,23 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut child = spawn_server(dir.path(), "server.log", &vars);
     assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    // A legacy token's use, counted in memory until the next flush: the evidence a cut drain
+    // must still write.
+    let claims = edgegate::auth::mint::user_claims(
+        "supabase",
+        "authenticated",
+        "user-1",
+        crate::support::now_ms() / 1000,
+        3600,
+    );
+    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/functions/v1/jwt-test"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
     // A webhook whose body never ends: in flight until the route's 30 s, past the drain.
     let now = crate::support::now_ms() / 1000;
     let mut held = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -1298,4 +1319,11 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("SIGTERM received during the drain"), "{log}");
     drop(held);
+    let usage = db.store().await.key_usage_since(0).await.unwrap();
+    assert!(
+        usage
+            .iter()
+            .any(|row| row.source == "legacy_secret" && row.verified_count == 1),
+        "the legacy use was not written: {usage:?}"
+    );
 }
