@@ -19,8 +19,9 @@ use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
 use crate::stripe::webhook::{self, Outcome, WebhookError};
 
-/// How long a SQLite lock row lives without renewal (renewed after every page).
-const LOCK_TTL: Duration = Duration::from_secs(300);
+/// How long a SQLite lock row lives without renewal: renewed every 10 s while the run lives (and
+/// after every page), so a row left by a killed process blocks the next run for at most this.
+const LOCK_TTL: Duration = Duration::from_secs(30);
 /// How many times a run goes on from its last event's second after the event a page was to
 /// start after vanished (aged out of Stripe's retention), before it fails as for any refused
 /// request.
@@ -190,7 +191,7 @@ pub async fn run(
         })
     };
     store
-        .with_job_lock(Job::Reconcile, holder, started_at, LOCK_TTL, locked)
+        .with_job_lock(Job::Reconcile, holder, clock, LOCK_TTL, locked)
         .await?
         .ok_or(ReconcileError::InProgress)?
 }

@@ -19,8 +19,9 @@ use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
-/// How long a SQLite lock row lives without renewal (renewed after every page).
-const LOCK_TTL: Duration = Duration::from_secs(300);
+/// How long a SQLite lock row lives without renewal: renewed every 10 s while the run lives (and
+/// after every page), so a row left by a killed process blocks the next run for at most this.
+const LOCK_TTL: Duration = Duration::from_secs(30);
 
 /// How many times one resource's listing starts over after the object it was to continue after
 /// vanished, before the sync fails as for any refused request.
@@ -146,7 +147,7 @@ pub async fn run(
         run_locked(store, client, clock, lock, &run_id, started_at).await
     };
     let result = store
-        .with_job_lock(Job::CatalogueSync, holder, started_at, LOCK_TTL, locked)
+        .with_job_lock(Job::CatalogueSync, holder, clock, LOCK_TTL, locked)
         .await?
         .ok_or(SyncError::InProgress)?;
     result.map(|counts| SyncReport::new(&counts, clock.now().saturating_duration_since(started)))

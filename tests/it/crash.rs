@@ -15,7 +15,7 @@ use crate::outage::{
 };
 use crate::process::{Server, free_port, spawn_server, wait_exit, wait_healthy};
 use crate::stripe::{in_ci, sdk_available, stripe_sdk};
-use crate::support::TestDb;
+use crate::support::{TestDb, now_ms};
 use crate::{stripe_fixtures, test_db};
 
 /// A served edgegate process on `db`, with `vars`, logging into `dir`.
@@ -156,14 +156,67 @@ async fn sigkill_mid_sms_send_leaves_it_unknown_and_a_retry_sends_nothing() {
 }
 
 async fn sync(base: &str) -> (u16, Value) {
+    post(base, "/functions/v1/sync-stripe-products-hardened").await
+}
+
+/// POSTs to `path` with the secret key, as the operator does to run a job.
+async fn post(base: &str, path: &str) -> (u16, Value) {
     let response = reqwest::Client::new()
-        .post(format!("{base}/functions/v1/sync-stripe-products-hardened"))
+        .post(format!("{base}{path}"))
         .header("apikey", SECRET_KEY)
         .send()
         .await
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Two live processes on one database (a second `serve` started by mistake, or an old one not
+/// yet gone) never run the same job at once: the second is told the job is in progress, and the
+/// first, still holding its lock, finishes.
+#[tokio::test]
+async fn two_live_processes_on_one_database_run_one_sync_and_one_reconciliation_at_a_time() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let stripe = FakeStripe::start(&fixtures, 10, 10).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let vars = [
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("STRIPE_SECRET_KEY", fake_stripe::SECRET_KEY),
+        ("STRIPE_API_BASE", stripe.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let (_first, first) = start(&db, dir.path(), "first.log", &vars).await;
+    let (_second, second) = start(&db, dir.path(), "second.log", &vars).await;
+
+    let jobs = [
+        (
+            "sync",
+            "/functions/v1/sync-stripe-products-hardened",
+            "sync_runs",
+        ),
+        ("reconcile", "/admin/stripe/reconcile", "reconcile_runs"),
+    ];
+    for (job, path, runs) in jobs {
+        stripe.fault_at(stripe.requests(), Fault::Hold);
+        let base = first.clone();
+        let running = tokio::spawn(async move { post(&base, path).await });
+        tokio::time::timeout(Duration::from_secs(30), stripe.arrived())
+            .await
+            .unwrap_or_else(|_| panic!("the first process's {job} never reached Stripe"));
+        let (status, body) = post(&second, path).await;
+        assert_eq!(
+            (status, &body["code"]),
+            (409, &json!("SYNC_IN_PROGRESS")),
+            "{job} on the second process: {body}"
+        );
+        stripe.release();
+        let (status, body) = running.await.unwrap();
+        assert_eq!(status, 200, "{job} on the first process: {body}");
+        let failed = format!("SELECT COUNT(*) FROM {runs} WHERE outcome <> 'ok'");
+        assert_eq!(scalar_i64(&db, &failed).await, 0, "a {job} run failed");
+    }
 }
 
 #[tokio::test]
@@ -186,6 +239,7 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
         .await
         .expect("the sync reached the held page");
     kill(&mut first).await;
+    let killed_at = now_ms();
     running.abort();
     assert_eq!(
         scalar_i64(&db, "SELECT COUNT(*) FROM stripe_prices").await,
@@ -194,9 +248,21 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
     stripe.clear_faults();
 
     let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
-    // The killed holder's lock is gone at once: the PostgreSQL lock went with its session, and
-    // the SQLite lock row, which would outlive it for 5 minutes, names a process that is not
-    // this one (one process serves a SQLite file).
+    if !db.is_postgres() {
+        // SQLite's lock is a row, which outlives its killed holder until its lease runs out: at
+        // most 30 s after the holder's last heartbeat, so at most 30 s after the kill (the
+        // PostgreSQL lock went with the killed session). Expire it as that wait would.
+        let (status, body) = sync(&base).await;
+        assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
+        let expires_at = "SELECT expires_at FROM locks WHERE name = 'stripe_sync'";
+        let expires_at = scalar_i64(&db, expires_at).await;
+        assert!(
+            expires_at <= killed_at + 30_000,
+            "the killed holder's row blocks the sync until {} ms after the kill",
+            expires_at - killed_at
+        );
+        expire_sqlite_sync_lock(&db).await;
+    }
     let (status, body) = sync(&base).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["products"]["seen"], 250);
@@ -223,6 +289,17 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["products"]["upserted"], 0);
     assert_eq!(body["prices"]["upserted"], 0);
+}
+
+async fn expire_sqlite_sync_lock(db: &TestDb) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    let expired = sqlx::query("UPDATE locks SET expires_at = 0 WHERE name = 'stripe_sync'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(expired.rows_affected(), 1);
+    conn.close().await.unwrap();
 }
 
 #[tokio::test]

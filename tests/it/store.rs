@@ -554,3 +554,52 @@ async fn a_postgres_migration_waits_past_the_lock_timeout_for_another_instances_
     })
     .await;
 }
+
+/// A job's lock is kept by a live holder for as long as it runs, however far past its lease (a
+/// heartbeat renews the SQLite row), and a holder gone without releasing it, as a killed
+/// process is, blocks the job only until the lease runs out.
+#[tokio::test]
+async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_holder_is_gone() {
+    use std::time::{Duration, Instant};
+
+    use edgegate::clock::Clock;
+    use edgegate::store::Job;
+
+    let db = test_db!();
+    let (first, second) = (db.store().await, db.store().await);
+    let clock = Clock::system();
+    let lease = Duration::from_secs(1);
+    let try_lock = async |store: &edgegate::store::Store, holder: &str| {
+        store
+            .try_lock_job(Job::CatalogueSync, holder, &clock, lease)
+            .await
+            .unwrap()
+    };
+    let held = try_lock(&first, "first").await.expect("the lock was free");
+    // Three leases: unrenewed, the row would have expired twice over.
+    let kept_until = Instant::now() + lease * 3;
+    while Instant::now() < kept_until {
+        let taken = try_lock(&second, "second").await;
+        assert!(taken.is_none(), "a live holder's lock was taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Dropped unreleased, as by a killed process: its heartbeat stops with it.
+    drop(held);
+    let deadline = Instant::now() + lease + Duration::from_secs(10);
+    let taken = loop {
+        if let Some(taken) = try_lock(&second, "second").await {
+            break taken;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lock of a holder gone was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    taken.release().await.unwrap();
+    assert!(
+        try_lock(&first, "first").await.is_some(),
+        "a released lock was not free"
+    );
+}

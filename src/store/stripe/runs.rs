@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::clock::Clock;
 use crate::store::{Backend, Store};
 
 /// Counts of one sync run, as stored in `sync_runs`.
@@ -76,7 +77,7 @@ const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_s
 
 /// The one-job-at-a-time lock (catalogue sync or reconciliation); `release` it when done.
 /// Dropped without release, a PostgreSQL lock goes with its connection (closed, not returned to
-/// the pool) and a SQLite one expires, or goes to the next process that starts on the file.
+/// the pool) and a SQLite one expires once its heartbeat stops renewing it (within its `ttl`).
 pub struct SyncLock {
     job: Job,
     inner: LockInner,
@@ -89,8 +90,60 @@ enum LockInner {
         pool: sqlx::SqlitePool,
         holder: String,
         ttl: Duration,
+        heartbeat: Heartbeat,
     },
 }
+
+/// The task that renews a SQLite lock row while its holder lives; stopped when the lock is
+/// released or dropped, so a row whose holder is gone (killed, or its run's task aborted at a
+/// stop) expires within the lease.
+struct Heartbeat(tokio::task::AbortHandle);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Heartbeat {
+    /// Renews `holder`'s row every third of `ttl` until dropped or the row is no longer its own.
+    /// A renewal refused by the database is logged and tried at the next beat; only a lock not
+    /// renewed for a whole `ttl` can be taken, and the run's own `renew` then says so.
+    fn start(
+        pool: sqlx::SqlitePool,
+        job: Job,
+        holder: String,
+        clock: Clock,
+        ttl: Duration,
+    ) -> Self {
+        let beat = async move {
+            let mut every = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let renewed = sqlx::query(SQLITE_LOCK_RENEW)
+                    .bind(job.lock_name())
+                    .bind(holder.as_str())
+                    .bind(clock.now_ms().saturating_add(ttl_ms(ttl)))
+                    .execute(&pool)
+                    .await;
+                match renewed {
+                    Ok(done) if done.rows_affected() == 1 => {}
+                    Ok(_) => break,
+                    Err(err) => tracing::warn!(
+                        error = crate::error::causes(&anyhow::Error::new(err)),
+                        ?job,
+                        "lock heartbeat not written; tried again at the next beat"
+                    ),
+                }
+            }
+        };
+        Self(tokio::spawn(beat).abort_handle())
+    }
+}
+
+const SQLITE_LOCK_RENEW: &str = "UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2";
 
 impl std::fmt::Debug for SyncLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,14 +151,6 @@ impl std::fmt::Debug for SyncLock {
             .field("job", &self.job)
             .finish_non_exhaustive()
     }
-}
-
-/// This process, in the SQLite lock rows it takes: random, made once per process (not per
-/// store, so the instances a test starts in one process still exclude each other).
-fn sqlite_process() -> &'static str {
-    static PROCESS: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| format!("process-{}", uuid::Uuid::new_v4()));
-    &PROCESS
 }
 
 fn ttl_ms(ttl: Duration) -> i64 {
@@ -123,15 +168,17 @@ impl SyncLock {
                 .await
                 .context("the sync lock session was lost")?;
         }
-        if let LockInner::Sqlite { pool, holder, ttl } = &self.inner {
-            let renewed =
-                sqlx::query("UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2")
-                    .bind(self.job.lock_name())
-                    .bind(holder.as_str())
-                    .bind(now.saturating_add(ttl_ms(*ttl)))
-                    .execute(pool)
-                    .await
-                    .context("renewing the sync lock")?;
+        if let LockInner::Sqlite {
+            pool, holder, ttl, ..
+        } = &self.inner
+        {
+            let renewed = sqlx::query(SQLITE_LOCK_RENEW)
+                .bind(self.job.lock_name())
+                .bind(holder.as_str())
+                .bind(now.saturating_add(ttl_ms(*ttl)))
+                .execute(pool)
+                .await
+                .context("renewing the sync lock")?;
             anyhow::ensure!(
                 renewed.rows_affected() == 1,
                 "the sync lock expired and was taken"
@@ -153,7 +200,14 @@ impl SyncLock {
                     .await
                     .context("closing the sync lock session")?;
             }
-            LockInner::Sqlite { pool, holder, .. } => {
+            LockInner::Sqlite {
+                pool,
+                holder,
+                heartbeat,
+                ..
+            } => {
+                // The heartbeat stops first, so it cannot renew a row taken after this one.
+                drop(heartbeat);
                 sqlx::query("DELETE FROM locks WHERE name = $1 AND holder = $2")
                     .bind(self.job.lock_name())
                     .bind(holder)
@@ -197,11 +251,11 @@ impl Store {
         &self,
         job: Job,
         holder: &str,
-        now: i64,
+        clock: &Clock,
         ttl: Duration,
         body: impl AsyncFnOnce(&mut SyncLock) -> T,
     ) -> anyhow::Result<Option<T>> {
-        let Some(mut lock) = self.try_lock_job(job, holder, now, ttl).await? else {
+        let Some(mut lock) = self.try_lock_job(job, holder, clock, ttl).await? else {
             return Ok(None);
         };
         let result = body(&mut lock).await;
@@ -217,13 +271,14 @@ impl Store {
 
     /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
     /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
-    /// that expires after `ttl` unless renewed, and that a later process takes over at once, so
-    /// a crashed or stopped holder does not block the job.
+    /// that expires after `ttl` unless renewed, which a heartbeat does every third of `ttl` for
+    /// as long as the lock is held, so a crashed or stopped holder blocks the job for at most
+    /// `ttl`, however long a live holder's run takes.
     pub async fn try_lock_job(
         &self,
         job: Job,
         holder: &str,
-        now: i64,
+        clock: &Clock,
         ttl: Duration,
     ) -> anyhow::Result<Option<SyncLock>> {
         match &self.backend {
@@ -253,33 +308,36 @@ impl Store {
                 }))
             }
             Backend::Sqlite(pool) => {
-                // One process serves a SQLite file: a row another process left (killed, or
-                // stopped mid-run, its task aborted) names no run that can still be going, so it
-                // is taken over at once rather than after its expiry, which answered 409 for up
-                // to 5 minutes after a restart. The holder names its process first for this.
-                let process = sqlite_process();
-                let holder = format!("{process} {holder}");
+                // Only an expired row is taken over: another process's row may be a run still
+                // going (two processes on one file). The holder is made unique per lock, so a
+                // run whose row was taken cannot renew the new holder's row as its own.
+                let holder = format!("{holder} lock-{}", uuid::Uuid::new_v4());
+                let now = clock.now_ms();
                 let taken = sqlx::query(
                     "INSERT INTO locks (name, holder, acquired_at, expires_at) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET \
                      holder = excluded.holder, acquired_at = excluded.acquired_at, \
-                     expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at \
-                     OR substr(locks.holder, 1, length($5)) <> $5",
+                     expires_at = excluded.expires_at WHERE locks.expires_at < excluded.acquired_at",
                 )
                 .bind(job.lock_name())
                 .bind(&holder)
                 .bind(now)
                 .bind(now.saturating_add(ttl_ms(ttl)))
-                .bind(format!("{process} "))
                 .execute(pool)
                 .await
                 .context("taking the sync lock")?;
-                Ok((taken.rows_affected() == 1).then(|| SyncLock {
+                if taken.rows_affected() != 1 {
+                    return Ok(None);
+                }
+                let heartbeat =
+                    Heartbeat::start(pool.clone(), job, holder.clone(), clock.clone(), ttl);
+                Ok(Some(SyncLock {
                     job,
                     inner: LockInner::Sqlite {
                         pool: pool.clone(),
                         holder,
                         ttl,
+                        heartbeat,
                     },
                 }))
             }
