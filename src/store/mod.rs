@@ -509,33 +509,52 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
-            let postgres = db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some();
+            let engine = match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                Some(pg) => Engine::Postgres {
+                    fatal: pg.severity() == sqlx::postgres::PgSeverity::Fatal,
+                },
+                None => Engine::Sqlite,
+            };
             db.code()
-                .is_some_and(|code| unavailable_code(&code, postgres))
+                .is_some_and(|code| unavailable_code(&code, engine))
         }
         _ => false,
     }
 }
 
+/// The engine a database error came from; for PostgreSQL, whether it was FATAL: the session it
+/// ended, or refused at connection, is gone, which an ERROR in a statement never means.
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Sqlite,
+    Postgres { fatal: bool },
+}
+
 /// SQLite result codes (their primary part: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN) and
 /// PostgreSQL SQLSTATEs (classes 08 connection exception, 53 insufficient resources, 57P0x
-/// shutdown; 55P03, a lock not taken within `lock_timeout`; 25P03, a session the server ended
-/// for idling in its transaction, which it rolled back) that mean "not now" rather than "never".
+/// shutdown, 57P03 among them for a server starting up; 55P03, a lock not taken within
+/// `lock_timeout`; 25P03, a session the server ended for idling in its transaction, which it
+/// rolled back) that mean "not now" rather than "never".
 /// Told apart by engine, not by the code's shape: many SQLSTATEs are all digits (08006, 53300),
 /// and read as SQLite's numbers they meant nothing, so a PostgreSQL with too many clients was a
 /// 500 rather than a 503.
-fn unavailable_code(code: &str, postgres: bool) -> bool {
-    if !postgres {
+///
+/// PostgreSQL's 55000 (object not in prerequisite state) counts only when FATAL: that is how a
+/// database closed to connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`) refuses a new
+/// session, while a 55000 in a statement (an ERROR: `currval` before `nextval`, say) is a fault
+/// of the statement that a retry would meet again. 3D000 (no such database) is a configuration
+/// to fix, not an outage, and stays a 500.
+fn unavailable_code(code: &str, engine: Engine) -> bool {
+    let Engine::Postgres { fatal } = engine else {
         return code
             .parse::<i32>()
             .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6 | 8 | 10 | 13 | 14));
-    }
+    };
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P0")
         || matches!(code, "55P03" | "25P03")
+        || (fatal && code == "55000")
 }
 
 /// Whether `err` says the database refused the values written (PostgreSQL class 22, data
@@ -607,25 +626,36 @@ pub fn shipped_checksums() -> [(BackendKind, Vec<(i64, String)>); 2] {
 
 #[cfg(test)]
 mod tests {
-    use super::unavailable_code;
+    use super::{Engine, unavailable_code};
 
     #[test]
     fn unavailable_codes_are_read_by_engine() {
+        let (error, fatal) = (
+            Engine::Postgres { fatal: false },
+            Engine::Postgres { fatal: true },
+        );
         for code in [
-            "08006", "08001", "53300", "53100", "57P01", "55P03", "25P03",
+            "08006", "08001", "53300", "53100", "57P01", "57P03", "55P03", "25P03",
         ] {
-            assert!(unavailable_code(code, true), "PostgreSQL {code}");
+            assert!(unavailable_code(code, error), "PostgreSQL {code}");
         }
-        for code in ["23505", "22021", "42P01", "40P01"] {
-            assert!(!unavailable_code(code, true), "PostgreSQL {code}");
+        // A database closed to connections refuses a session with a FATAL 55000.
+        assert!(unavailable_code("55000", fatal), "PostgreSQL FATAL 55000");
+        // The same code from a statement is the statement's fault; no such database is a
+        // configuration's.
+        for code in [
+            "23505", "22021", "42P01", "40P01", "55000", "55006", "3D000",
+        ] {
+            assert!(!unavailable_code(code, error), "PostgreSQL {code}");
         }
+        assert!(!unavailable_code("3D000", fatal), "PostgreSQL FATAL 3D000");
         // BUSY, LOCKED, READONLY, IOERR_WRITE (778), FULL, CANTOPEN.
         for code in ["5", "6", "8", "778", "13", "14"] {
-            assert!(unavailable_code(code, false), "SQLite {code}");
+            assert!(unavailable_code(code, Engine::Sqlite), "SQLite {code}");
         }
         // CONSTRAINT_UNIQUE, ERROR; an SQLSTATE never comes from SQLite.
-        for code in ["2067", "1", "53300"] {
-            assert!(!unavailable_code(code, false), "SQLite {code}");
+        for code in ["2067", "1", "53300", "55000"] {
+            assert!(!unavailable_code(code, Engine::Sqlite), "SQLite {code}");
         }
     }
 }

@@ -748,3 +748,81 @@ async fn an_abandoned_readiness_probe_is_not_reused_after_the_database_is_back()
         .await
         .expect("ready once the database is back, not the abandoned probe's failure");
 }
+
+/// A PostgreSQL database that refuses connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
+/// as for maintenance: PostgreSQL ends each new session with a FATAL 55000, "not currently
+/// accepting connections") is an outage like any other: the sync and the reconciliation answer
+/// 503 `NOT_READY`, as readyz does, rather than 500. On a database of its own, so the shared one
+/// keeps taking connections.
+#[tokio::test]
+async fn a_postgres_database_refusing_connections_is_not_ready_for_sync_and_reconcile() {
+    use futures_util::FutureExt as _;
+    let Some(db) = TestDb::postgres_database().await else {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    };
+    let outcome = std::panic::AssertUnwindSafe(refuse_connections_under_the_app(&db))
+        .catch_unwind()
+        .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn refuse_connections_under_the_app(db: &TestDb) {
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let config = config(
+        &db.url,
+        &[
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("STRIPE_SECRET_KEY", fake_stripe::SECRET_KEY),
+            // Never reached: each run stops at the database first.
+            ("STRIPE_API_BASE", "http://127.0.0.1:9/"),
+        ],
+    );
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let state = AppState::new(config, store);
+    let server = serve_app(edgegate::app(state), Duration::from_secs(5)).await;
+
+    // Refuse new sessions, then end the app's open ones.
+    let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    let base = std::env::var("TEST_POSTGRES_URL").unwrap();
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    for sql in [
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await.unwrap();
+
+    for path in [
+        "/functions/v1/sync-stripe-products-hardened",
+        "/admin/stripe/reconcile",
+    ] {
+        // Twice: the first may meet a session ended above, the second only a refused one.
+        for _ in 0..2 {
+            let response = server
+                .client
+                .post(server.url(path))
+                .header("apikey", SECRET_KEY)
+                .send()
+                .await
+                .unwrap();
+            let (status, body) = status_and_body(response).await;
+            assert_eq!(
+                (status, &body["code"]),
+                (503, &json!("NOT_READY")),
+                "{path}: {body}"
+            );
+        }
+    }
+    let (status, body) = status_and_body(server.get("/readyz").await).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
+}
