@@ -89,25 +89,77 @@ impl RetryPolicy {
     }
 }
 
-/// Why a Stripe call failed. Messages never hold the API key.
+/// Why a Stripe call failed, in words for the person who reads the answer or the run row.
+/// Messages never hold the API key, and never blame Stripe for what edgegate found itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StripeError {
-    #[error("Stripe did not answer after {attempts} attempts (last: {last})")]
-    Unavailable { attempts: u32, last: String },
-    /// An answer that retrying will not change (400…).
-    #[error("Stripe refused the request: {0}")]
+    /// Every attempt failed in a way another may not (a 5xx, 409 or 429, no answer, an answer cut
+    /// short); `alike` when each failed as the last did.
+    #[error("{last}{}{}", tries(*.attempts, *.alike), after_giving_up(.gave_up.as_deref()))]
+    Unavailable {
+        attempts: u32,
+        alike: bool,
+        last: Failure,
+        /// Why no attempt was left to make, when attempts remained.
+        gave_up: Option<String>,
+    },
+    /// An answer that retrying will not change (a 400, a `Stripe-Should-Retry: false`, an
+    /// answer past `MAX_ANSWER_BYTES`).
+    #[error("{0}; not retried")]
     Rejected(String),
     /// 401 or 403: the key is wrong, revoked, or (a restricted key) lacks the permission. Every
     /// call of the kind would be refused alike, whatever object it is about.
-    #[error("Stripe refused the key: {0}")]
+    #[error("Stripe refused the key: it answered {0}")]
     KeyRefused(String),
     /// 404: the object does not exist (any more).
-    #[error("Stripe has no such object: {0}")]
+    #[error("Stripe has no such object: it answered {0}")]
     NotFound(String),
     /// 400 on `starting_after`: the object a listing was to continue after is gone (deleted, or
     /// no longer matching the list's filter, since the page before). Starting over works.
-    #[error("Stripe no longer lists the object a page was to start after: {0}")]
+    #[error("Stripe no longer lists the object a page was to start after: it answered {0}")]
     CursorGone(String),
+    /// Pages that do not make one listing (a page ending where an earlier one did, an empty page
+    /// that says more follow): found by edgegate, not said by Stripe, and as likely a proxy's
+    /// doing. Not retried.
+    #[error("{0}")]
+    BrokenListing(String),
+}
+
+/// How often an attempt failed, after the last failure: nothing for one attempt.
+fn tries(attempts: u32, alike: bool) -> String {
+    match (attempts, alike) {
+        (0 | 1, _) => String::new(),
+        (n, true) => format!(", {n} times"),
+        (n, false) => format!(" (the last of {n} attempts)"),
+    }
+}
+
+/// Why the call stopped with attempts left, after what the attempts met.
+fn after_giving_up(why: Option<&str>) -> String {
+    why.map(|why| format!("; {why}")).unwrap_or_default()
+}
+
+/// What one failed attempt met.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// An error status and what Stripe's body says of it: `HTTP 500 (api_error)`.
+    #[error("Stripe answered {0}")]
+    Answered(String),
+    /// No answer: no connection, or none within the attempt's time.
+    #[error("Stripe could not be reached ({0})")]
+    NoAnswer(String),
+    /// An answer that could not be read: cut short, not what was asked for, or too large.
+    #[error("Stripe's answer could not be read ({0})")]
+    Unreadable(String),
+}
+
+impl Failure {
+    /// The failure without the words around it: `HTTP 404 (invalid_request_error)`.
+    fn detail(&self) -> &str {
+        match self {
+            Self::Answered(detail) | Self::NoAnswer(detail) | Self::Unreadable(detail) => detail,
+        }
+    }
 }
 
 /// One list page as Stripe answers it. A page without `has_more` is unreadable (and retried):
@@ -148,12 +200,12 @@ struct AttemptFailure {
     key_refused: bool,
     /// A 429's `Retry-After`: how long Stripe asked to wait before the next attempt.
     retry_after: Option<Duration>,
-    reason: String,
+    reason: Failure,
 }
 
 impl AttemptFailure {
     /// A failure another attempt may not meet: no answer, or one cut short or unreadable.
-    fn transient(reason: String) -> Self {
+    fn transient(reason: Failure) -> Self {
         Self {
             retry: true,
             missing: false,
@@ -291,33 +343,42 @@ impl StripeClient {
         // A Retry-After was waited out: the backoff alone no longer keeps the call inside its
         // longest time, so every later retry must fit it too.
         let mut waited_out = false;
+        // Whether every attempt so far failed as the last one did, for the message.
+        let mut alike = true;
+        let mut previous: Option<Failure> = None;
         loop {
             attempt += 1;
             let failure =
                 match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(failure)) => failure,
-                    Err(_) => AttemptFailure::transient(format!(
+                    Err(_) => AttemptFailure::transient(Failure::NoAnswer(format!(
                         "no answer within {} ms",
                         self.policy.attempt_timeout.as_millis()
-                    )),
+                    ))),
                 };
             if failure.missing {
-                return Err(StripeError::NotFound(failure.reason));
+                return Err(StripeError::NotFound(failure.reason.detail().to_owned()));
             }
             if failure.cursor_gone {
-                return Err(StripeError::CursorGone(failure.reason));
+                return Err(StripeError::CursorGone(failure.reason.detail().to_owned()));
             }
             if failure.key_refused {
-                return Err(StripeError::KeyRefused(failure.reason));
+                return Err(StripeError::KeyRefused(failure.reason.detail().to_owned()));
             }
             if !failure.retry {
-                return Err(StripeError::Rejected(failure.reason));
+                return Err(StripeError::Rejected(failure.reason.to_string()));
             }
+            alike &= previous
+                .as_ref()
+                .is_none_or(|before| *before == failure.reason);
+            previous = Some(failure.reason.clone());
             if attempt >= self.policy.max_attempts {
                 return Err(StripeError::Unavailable {
                     attempts: attempt,
+                    alike,
                     last: failure.reason,
+                    gave_up: None,
                 });
             }
             let mut delay = self.policy.delay(attempt);
@@ -330,22 +391,24 @@ impl StripeClient {
                 && started.elapsed() + delay + self.policy.attempt_timeout
                     > self.policy.worst_case()
             {
-                let asked = failure
-                    .retry_after
-                    .map(|asked| format!(", Retry-After {} s", asked.as_secs()))
-                    .unwrap_or_default();
+                let gave_up = match failure.retry_after {
+                    Some(asked) => format!(
+                        "waiting its Retry-After {} s would run past this call's deadline",
+                        asked.as_secs()
+                    ),
+                    None => "another attempt would run past this call's deadline".to_owned(),
+                };
                 return Err(StripeError::Unavailable {
                     attempts: attempt,
-                    last: format!(
-                        "{}{asked}: another attempt would run past this call's deadline",
-                        failure.reason
-                    ),
+                    alike,
+                    last: failure.reason,
+                    gave_up: Some(gave_up),
                 });
             }
             tracing::warn!(
                 path = url.path(),
                 attempt,
-                reason = failure.reason,
+                reason = %failure.reason,
                 delay_ms = delay.as_millis() as u64,
                 "Stripe request failed; retrying"
             );
@@ -359,7 +422,10 @@ impl StripeClient {
             .get(url.clone())
             .bearer_auth(self.key.expose_secret());
         let response = crate::telemetry::send(request).await.map_err(|err| {
-            AttemptFailure::transient(format!("connection failed: {}", err.without_url()))
+            // With its causes (`…: tcp connect error: Connection refused`): reqwest's own
+            // message alone ("error sending request") does not say what failed.
+            let err = anyhow::Error::new(err.without_url());
+            AttemptFailure::transient(Failure::NoAnswer(crate::error::causes(&err)))
         })?;
         let status = response.status();
         let should_retry = response
@@ -379,22 +445,31 @@ impl StripeClient {
         let body = crate::stripe::objects::without_nul(&body);
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| {
-                AttemptFailure::transient(format!("unreadable answer ({status}): {err}"))
+                AttemptFailure::transient(Failure::Unreadable(format!(
+                    "HTTP {}: {err}",
+                    status.as_u16()
+                )))
             });
         }
         let error = serde_json::from_slice::<ErrorBody>(&body).ok();
         let param = error.as_ref().and_then(|body| body.error.param.clone());
+        // `(invalid_request_error, resource_missing, on starting_after)`: Stripe's type, code
+        // and parameter, those it gave.
         let detail = error
             .map(|body| {
-                let kind = body.error.kind.unwrap_or_default();
-                let code = body.error.code.map(|code| format!("/{code}"));
-                let param = body.error.param.map(|param| format!(" on {param}"));
-                format!(
-                    " {kind}{}{}",
-                    code.unwrap_or_default(),
-                    param.unwrap_or_default()
-                )
+                let said: Vec<String> = [
+                    body.error.kind,
+                    body.error.code,
+                    body.error.param.map(|param| format!("on {param}")),
+                ]
+                .into_iter()
+                .flatten()
+                .filter(|said| !said.is_empty())
+                .collect();
+                said
             })
+            .filter(|said| !said.is_empty())
+            .map(|said| format!(" ({})", said.join(", ")))
             .unwrap_or_default();
         let transient =
             status.as_u16() == 409 || status.as_u16() == 429 || status.is_server_error();
@@ -407,7 +482,7 @@ impl StripeClient {
                 && param.as_deref() == Some("starting_after"),
             key_refused: matches!(status.as_u16(), 401 | 403) && !retry,
             retry_after,
-            reason: format!("HTTP {}{detail}", status.as_u16()),
+            reason: Failure::Answered(format!("HTTP {}{detail}", status.as_u16())),
         })
     }
 }
@@ -425,13 +500,13 @@ async fn read_capped(response: reqwest::Response, cap: usize) -> Result<Vec<u8>,
                 cursor_gone: false,
                 key_refused: false,
                 retry_after: None,
-                reason: format!(
-                    "HTTP {status}: an answer larger than {} MiB",
+                reason: Failure::Unreadable(format!(
+                    "HTTP {status}, larger than {} MiB",
                     cap / (1024 * 1024)
-                ),
+                )),
             },
             crate::outbound::BodyError::CutShort(err) => {
-                AttemptFailure::transient(format!("answer cut short: {err}"))
+                AttemptFailure::transient(Failure::Unreadable(format!("cut short: {err}")))
             }
         })
 }
@@ -456,9 +531,12 @@ pub struct Pages<'a, T> {
     resource: &'static str,
     filters: Vec<(&'static str, String)>,
     cursor: Option<String>,
-    /// Every cursor a page was asked after: an upstream that ignores `starting_after` answers a
-    /// page already walked, and following it would loop for ever.
-    used: std::collections::HashSet<String>,
+    /// Every cursor a page was asked after, with the page that ended with it: an upstream that
+    /// ignores `starting_after` answers a page already walked, and following it would loop for
+    /// ever.
+    used: std::collections::HashMap<String, usize>,
+    /// Pages answered so far.
+    page: usize,
     done: bool,
     _item: std::marker::PhantomData<T>,
 }
@@ -479,7 +557,8 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             resource,
             filters,
             cursor: None,
-            used: std::collections::HashSet::new(),
+            used: std::collections::HashMap::new(),
+            page: 0,
             done: false,
             _item: std::marker::PhantomData,
         }
@@ -494,23 +573,25 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             .client
             .list_page(self.resource, &self.filters, self.cursor.as_deref())
             .await?;
+        self.page += 1;
         match page.data.last() {
             Some(last) if page.has_more => {
                 let next = last.id().to_owned();
-                if !self.used.insert(next.clone()) {
-                    return Err(StripeError::Rejected(format!(
-                        "a page of {} did not advance: it ends with {next} again, a page was \
-                         already listed after it (has_more: true)",
-                        self.resource
+                if let Some(earlier) = self.used.insert(next.clone(), self.page) {
+                    return Err(StripeError::BrokenListing(format!(
+                        "the list of {} did not advance: page {} ended with {next}, as page \
+                         {earlier} did, and said more follow (as when a proxy drops \
+                         starting_after)",
+                        self.resource, self.page
                     )));
                 }
                 self.cursor = Some(next);
             }
             // It has nothing to continue after, and the listing is not complete.
             None if page.has_more => {
-                return Err(StripeError::Rejected(format!(
-                    "an empty page of {} claimed more (has_more: true)",
-                    self.resource
+                return Err(StripeError::BrokenListing(format!(
+                    "the list of {} stopped short: page {} was empty and said more follow",
+                    self.resource, self.page
                 )));
             }
             _ => self.done = true,

@@ -63,8 +63,9 @@ pub enum ReconcileError {
     InProgress,
     /// Stripe failed after retries; what was applied stays applied.
     #[error(
-        "{error} (run {run_id} stopped after {counts:?}; run it again to finish: \
-         what was applied stays applied)"
+        "{error}; run {run_id} stopped after {} events seen: {} applied, {} already applied, \
+         {} ignored; run it again to finish (what was applied stays applied)",
+        .counts.seen, .counts.applied, .counts.already_applied, .counts.ignored
     )]
     Upstream {
         run_id: String,

@@ -65,7 +65,10 @@ pub enum SyncError {
     #[error("another catalogue sync is running")]
     InProgress,
     /// Stripe failed after retries; what was written so far stays, nothing was deactivated.
-    #[error("{error} (run {run_id}: {counts:?} before it stopped)")]
+    #[error(
+        "{error}; run {run_id} stopped after {}, and deactivated nothing: run it again",
+        progress(.counts)
+    )]
     Upstream {
         run_id: String,
         counts: SyncCounts,
@@ -73,6 +76,14 @@ pub enum SyncError {
     },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+/// A stopped run's counts, for a person: `100 products seen, 0 written; 0 prices seen, 0 written`.
+fn progress(counts: &SyncCounts) -> String {
+    format!(
+        "{} products seen, {} written; {} prices seen, {} written",
+        counts.products_seen, counts.products_upserted, counts.prices_seen, counts.prices_upserted
+    )
 }
 
 impl SyncError {

@@ -226,6 +226,17 @@ async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Stripe answered HTTP 500 (api_error), 3 times; run "),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            " stopped after 100 events seen: 100 applied, 0 already applied, 0 ignored; "
+        ),
+        "{message}"
+    );
     // What was applied stays applied, and the run row says where it stopped.
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 100);
     let stopped = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'upstream_error' \

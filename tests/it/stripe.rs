@@ -353,7 +353,17 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
-    assert!(!body["message"].as_str().unwrap().contains(SECRET_KEY));
+    // Said for a person: what Stripe answered, how far the run got, what it did not do.
+    let message = body["message"].as_str().unwrap();
+    assert!(!message.contains(SECRET_KEY));
+    assert!(
+        message.starts_with("Stripe answered HTTP 500 (api_error), 3 times; run "),
+        "{message}"
+    );
+    assert!(
+        message.contains(" stopped after 200 products seen, 0 written; 0 prices seen, 0 written, and deactivated nothing"),
+        "{message}"
+    );
     assert_eq!(fake.requests(), 5 + 2 + 3, "two pages, then three attempts");
 
     assert_eq!(
@@ -374,7 +384,8 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     );
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
                AND finished_at IS NOT NULL AND products_seen = 200 AND prices_seen = 0 \
-               AND products_deactivated = 0 AND error LIKE '%3 attempts%HTTP 500%'";
+               AND products_deactivated = 0 \
+               AND error = 'Stripe answered HTTP 500 (api_error), 3 times'";
     assert_eq!(count(&db, run).await, 1);
     let audit = "SELECT COUNT(*) FROM audit_log WHERE action = 'sync_stripe_products' \
                  AND outcome = 'upstream_error'";
@@ -385,6 +396,29 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(counts(&body, "products"), (299, 0, 1));
+}
+
+/// A Stripe that cannot be reached is said to be so, with the cause, and how often it was tried.
+#[tokio::test]
+async fn sync_against_an_unreachable_stripe_says_it_could_not_be_reached() {
+    let db = test_db!();
+    let nothing_listens = format!("http://127.0.0.1:{}/", crate::process::free_port());
+    let stripe = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", nothing_listens.as_str()),
+    ];
+    let app = app(&db, &stripe, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 502, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Stripe could not be reached (") && message.contains("refused"),
+        "{message}"
+    );
+    assert!(
+        message.contains("), 3 times; run ") && !message.contains(SECRET_KEY),
+        "{message}"
+    );
 }
 
 /// A page without `has_more`, or an empty one that claims more, does not say the listing is
@@ -1266,6 +1300,15 @@ async fn sync_stops_at_a_page_that_does_not_advance_and_frees_its_lock() {
         .expect("a sync over a listing that never advances ends");
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    // edgegate's own check, not Stripe's refusal: the message blames no one it cannot know.
+    let message = body["message"].as_str().unwrap();
+    let repeated = format!(
+        "the list of products did not advance: page 2 ended with {}, as page 1 did, and said \
+         more follow (as when a proxy drops starting_after); run ",
+        product_id(99)
+    );
+    assert!(message.starts_with(&repeated), "{message}");
+    assert!(message.contains("deactivated nothing"), "{message}");
     // The first page, then the same page again.
     assert_eq!(fake.requests(), 2);
     assert_eq!(
