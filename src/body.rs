@@ -4,8 +4,9 @@
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use axum::body::{Body, HttpBody as _};
-use axum::extract::{FromRequest, Request};
+use axum::body::HttpBody as _;
+use axum::extract::{FromRequest, MatchedPath, Request};
+use axum::http::request::Parts;
 use axum::http::{Version, header};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, LengthLimitError};
@@ -186,8 +187,7 @@ async fn buffer(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
-    let version = req.version();
-    let mut body: Body = req.into_body();
+    let (parts, mut body) = req.into_parts();
     // A request without a body (jwt-test's GET) touches no budget.
     if body.is_end_stream() {
         return Ok(Bytes::new());
@@ -197,7 +197,7 @@ async fn buffer(
     let mut reservation = budget.take(0, sender)?;
     let mut bytes = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| read_error(err, version))?;
+        let frame = frame.map_err(|err| read_error(err, &parts))?;
         if let Ok(data) = frame.into_data() {
             let needed = bytes.len() + data.len();
             if needed > bytes.capacity() {
@@ -307,10 +307,9 @@ impl<S: Send + Sync> FromRequest<S> for IgnoredBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let version = req.version();
-        let mut body = req.into_body();
+        let (parts, mut body) = req.into_parts();
         while let Some(frame) = body.frame().await {
-            frame.map_err(|err| read_error(err, version))?;
+            frame.map_err(|err| read_error(err, &parts))?;
         }
         Ok(IgnoredBody)
     }
@@ -352,14 +351,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 /// 413 when the body-limit layer cut the body off at the route's limit; the client gone when it
 /// hung up or reset the stream before the body's end (counted as 499, as a hang-up during the
 /// handler is, not as a malformed body); 400 otherwise (a chunked body that breaks its encoding).
-fn read_error(err: axum::Error, version: Version) -> ApiError {
+fn read_error(err: axum::Error, request: &Parts) -> ApiError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     let mut hyper_error = false;
     while let Some(error) = cause {
         if error.is::<LengthLimitError>() {
-            return ApiError::PayloadTooLarge(
-                "the request body is larger than this route accepts".to_owned(),
-            );
+            // The limit named as the body-limit layer names it for a declared length: the
+            // route's own, else the service's.
+            let limit = request
+                .extensions
+                .get::<MatchedPath>()
+                .and_then(|pattern| crate::routes::body_limit(pattern.as_str()))
+                .unwrap_or(crate::server::middleware::DEFAULT_BODY_LIMIT);
+            return ApiError::PayloadTooLarge(format!(
+                "the request body is larger than the {limit}-byte limit of this route"
+            ));
         }
         if let Some(error) = error.downcast_ref::<hyper::Error>() {
             hyper_error = true;
@@ -385,7 +391,7 @@ fn read_error(err: axum::Error, version: Version) -> ApiError {
     // Over HTTP/2 a body that fails to be read is a stream reset, by the client or by h2 for the
     // client's breach of the protocol, or a connection lost: either way the stream is gone, and
     // with it any answer.
-    if hyper_error && version >= Version::HTTP_2 {
+    if hyper_error && request.version >= Version::HTTP_2 {
         return client_closed();
     }
     ApiError::InvalidRequest(format!("the request body could not be read: {err}"))

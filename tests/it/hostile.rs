@@ -1355,6 +1355,31 @@ async fn hostile_a_declared_body_over_a_routes_limit_is_refused_naming_that_limi
     }
 }
 
+/// A chunked body cut off at the route's limit names that limit as a declared one does (it said
+/// only "larger than this route accepts").
+#[tokio::test]
+async fn hostile_a_chunked_body_over_a_routes_limit_is_refused_naming_that_limit() {
+    let server = run(&[("STRIPE_WEBHOOK_SECRET", "whsec_hostile")]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let head = format!(
+        "POST /functions/v1/stripe-webhook HTTP/1.1\r\nHost: edgegate\r\n\
+         stripe-signature: t={now},v1={}\r\ntransfer-encoding: chunked",
+        "ab".repeat(32)
+    );
+    let length = 524_288 + 1;
+    let mut body = format!("{length:x}\r\n").into_bytes();
+    body.extend(std::iter::repeat_n(b'a', length));
+    body.extend_from_slice(b"\r\n0\r\n\r\n");
+    let answer = answer_within(server.port, &head, &body, SLACK).await;
+    let (status, body) = answer.expect("an answer");
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(code_of(&body), "PAYLOAD_TOO_LARGE", "{body}");
+    assert!(body.contains("the 524288-byte limit"), "{body}");
+}
+
 /// Declared lengths take nothing from the body budget: only bytes that came do. 1120
 /// twilio-status callbacks (35 HTTP/2 connections of 32 streams, each declaring 64 KiB, the
 /// route's limit, with a well-formed signature header) that send one byte and stop hold 1120
