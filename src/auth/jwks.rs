@@ -559,9 +559,11 @@ impl JwksFetcher {
                 crate::outbound::BodyError::CutShort(err) => FetchError::transport(err),
             })?;
         let values = parse_jwks_document(&body, false)?;
-        let parsed = parse_fetched_keys(&values);
-        let keys = parsed.keys.len();
-        let generation = self.inner.ring.replace_fetched(parsed.keys, info(new_etag));
+        let mut parsed = parse_fetched_keys(&values);
+        let (taken, overridden) = ring.without_overridden(parsed.keys);
+        parsed.dropped.extend(overridden);
+        let keys = taken.len();
+        let generation = self.inner.ring.replace_fetched(taken, info(new_etag));
         tracing::info!(
             keys,
             dropped = parsed.dropped.len(),

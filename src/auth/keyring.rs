@@ -4,7 +4,7 @@
 //! the JWKS fetcher builds a new snapshot and swaps it in, bumping the generation so that
 //! caches keyed on it (the verified-token cache) drop what the old keys vouched for.
 
-use crate::auth::keys::{KeyOrigin, LegacySecret, VerifyingKey};
+use crate::auth::keys::{DroppedKey, KeyOrigin, LegacySecret, VerifyingKey, dropped_key};
 use crate::auth::metrics::OkCounter;
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -129,6 +129,45 @@ impl KeyRing {
         !self.legacy.is_empty() || !self.inline.is_empty() || !self.fetched.is_empty()
     }
 
+    /// Splits fetched `keys` into those the ring takes and those an inline key with the same kid
+    /// overrides, reported as dropped with the reason. Inline keys are the operator's and win
+    /// (a fetched key never displaces one), so a fetched key under their kid verifies nothing:
+    /// listed beside the inline key it would read as trusted, with the inline key's counts.
+    pub fn without_overridden(
+        &self,
+        keys: Vec<VerifyingKey>,
+    ) -> (Vec<VerifyingKey>, Vec<DroppedKey>) {
+        let mut overridden = Vec::new();
+        let kept = keys
+            .into_iter()
+            .filter(|key| {
+                let Some(inline) = self.inline.get(&*key.kid) else {
+                    return true;
+                };
+                let same = inline.alg == key.alg && inline.fingerprint == key.fingerprint;
+                let reason = if same {
+                    format!(
+                        "the same key as the inline key {} ({}) from SUPABASE_JWKS, listed there",
+                        inline.kid,
+                        inline.alg.as_str()
+                    )
+                } else {
+                    format!(
+                        "overridden by the inline key {} ({}) from SUPABASE_JWKS: a fetched key \
+                         never displaces an inline one, so tokens this key signs are refused",
+                        inline.kid,
+                        inline.alg.as_str()
+                    )
+                };
+                let mut dropped = dropped_key(Some(key.kid.to_string()), &reason, key.origin);
+                dropped.same_as_inline = same;
+                overridden.push(dropped);
+                false
+            })
+            .collect();
+        (kept, overridden)
+    }
+
     /// Every trusted key, for the admin endpoint: legacy secrets, then inline, then fetched keys,
     /// each group sorted by kid.
     pub fn listing(&self) -> Vec<KeyListing> {
@@ -188,6 +227,7 @@ impl KeyRingHandle {
     /// Replaces the fetched keys and their metadata. The generation is bumped when the set of
     /// (kid, alg, public key) differs from the current one; a refresh that brings the same
     /// keys only updates the metadata, so the token cache survives routine refreshes.
+    /// A key under an inline key's kid is never held (see [`KeyRing::without_overridden`]).
     /// Returns the new generation.
     pub fn replace_fetched(&self, keys: Vec<VerifyingKey>, info: FetchedInfo) -> u64 {
         let fetched: HashMap<String, Arc<VerifyingKey>> = keys
@@ -197,6 +237,7 @@ impl KeyRingHandle {
         self.swap(|old| {
             let mut ring = old.clone();
             ring.fetched = fetched.clone();
+            ring.fetched.retain(|kid, _| !old.inline.contains_key(kid));
             ring.fetched_info = Some(info.clone());
             if ring.fetched_fingerprint() != old.fetched_fingerprint() {
                 ring.generation = old.generation.wrapping_add(1);
@@ -302,5 +343,36 @@ mod tests {
         assert_eq!(handle.clear_fetched(), 5);
         assert_eq!(handle.clear_fetched(), 5, "nothing left to drop");
         assert!(handle.load().find("a").is_none());
+    }
+
+    /// A fetched key under an inline key's kid is never held, even when handed to the ring: the
+    /// listing shows the inline key alone, and the fetcher reports the other as overridden.
+    #[test]
+    fn a_fetched_key_never_joins_an_inline_one_with_its_kid() {
+        let inline = crate::auth::keys::parse_inline_keys(&[ed_jwk("a", 0x3b)]).keys;
+        let handle = KeyRingHandle::new(KeyRing::new(Vec::new(), inline));
+        let fetched = parse_fetched_keys(&[ed_jwk("a", 0x3c), ed_jwk("b", 0x3c)]).keys;
+        let (taken, overridden) = handle.load().without_overridden(fetched);
+        assert_eq!(overridden.len(), 1);
+        assert_eq!(overridden[0].kid.as_deref(), Some("a"));
+        assert!(!overridden[0].same_as_inline);
+        assert_eq!(taken.len(), 1);
+
+        let all = parse_fetched_keys(&[ed_jwk("a", 0x3c), ed_jwk("b", 0x3c)]).keys;
+        handle.replace_fetched(all, info());
+        let listed: Vec<(Option<String>, KeyOrigin)> = handle
+            .load()
+            .listing()
+            .into_iter()
+            .map(|key| (key.kid, key.origin))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (Some("a".to_owned()), KeyOrigin::Inline),
+                (Some("b".to_owned()), KeyOrigin::Jwks)
+            ]
+        );
+        assert_eq!(handle.load().fetched_len(), 1);
     }
 }

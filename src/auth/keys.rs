@@ -182,6 +182,10 @@ pub struct DroppedKey {
     pub reason: String,
     /// Where it came from.
     pub origin: KeyOrigin,
+    /// A fetched copy of an inline key (same kid, algorithm and public key): the inline key
+    /// verifies its tokens, so it is not a key lost.
+    #[serde(skip)]
+    pub same_as_inline: bool,
 }
 
 /// A JWKS document that cannot be used at all.
@@ -268,12 +272,18 @@ fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
 }
 
 fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: KeyOrigin) {
+    out.dropped.push(dropped_key(kid, reason, origin));
+}
+
+/// A key that is not taken, logged with its kid and the reason.
+pub(crate) fn dropped_key(kid: Option<String>, reason: &str, origin: KeyOrigin) -> DroppedKey {
     tracing::warn!(kid = ?kid, reason, origin = origin.as_str(), "JWK dropped");
-    out.dropped.push(DroppedKey {
+    DroppedKey {
         kid,
         reason: reason.to_owned(),
         origin,
-    });
+        same_as_inline: false,
+    }
 }
 
 /// A dropped key's kid as it is reported: its first 64 characters, control and invisible

@@ -44,10 +44,13 @@ pub async fn lines(config: &Config) -> Vec<CheckLine> {
                 } else {
                     "no signing keys published yet".to_owned()
                 };
+                // Keys published but none usable: tokens they sign would all be refused. A copy
+                // of an inline key is usable: the inline key verifies what it signs.
+                let usable =
+                    !keys.is_empty() || report.dropped.iter().all(|key| key.same_as_inline);
                 CheckLine {
                     item: "jwks",
-                    // Keys published but none usable: tokens they sign would all be refused.
-                    ok: verifies && (!keys.is_empty() || report.dropped.is_empty()),
+                    ok: verifies && usable,
                     detail: format!("{url}: {detail}"),
                 }
             }
@@ -174,6 +177,7 @@ mod tests {
             kid: None,
             reason: "use is not sig".to_owned(),
             origin: KeyOrigin::Jwks,
+            same_as_inline: false,
         };
         assert_eq!(
             describe(

@@ -384,6 +384,66 @@ async fn the_admin_report_lists_keys_usage_and_a_verdict() {
     );
 }
 
+/// A fetched key never displaces an inline one with the same kid, and is not listed as trusted
+/// either: the listing names the inline key once, with its counts, and reports the fetched one
+/// among the dropped keys with the reason. A fetched copy of the inline key itself is reported
+/// as such.
+#[tokio::test]
+async fn a_fetched_key_under_an_inline_kid_is_reported_overridden_not_trusted() {
+    let db = test_db!();
+    let inline = SigningKey::generate_with_kid(Alg::ES256, "py-es").unwrap();
+    let impostor = SigningKey::generate_with_kid(Alg::ES256, "py-es").unwrap();
+    let copied = SigningKey::generate_with_kid(Alg::EdDSA, "py-same").unwrap();
+    let host = JwksHost::start(json!([impostor.public_jwk(), copied.public_jwk()])).await;
+    let inline_jwks = json!([inline.public_jwk(), copied.public_jwk()]).to_string();
+    let server = app_with(&db, &host, &[("SUPABASE_JWKS", &inline_jwks)]).await;
+    until_fetched(&host).await;
+    for _ in 0..3 {
+        assert_eq!(bearer(&server, &user_token(&inline)).await.0, 200);
+    }
+    assert_eq!(bearer(&server, &user_token(&impostor)).await.0, 401);
+    assert_eq!(bearer(&server, &user_token(&copied)).await.0, 200);
+
+    let report = signing_keys(&server).await;
+    let listed: Vec<(&str, &str, i64)> = report["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|key| key["source"] == "signing_key")
+        .map(|key| {
+            (
+                key["kid"].as_str().unwrap(),
+                key["origin"].as_str().unwrap(),
+                key["verified_count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("py-es", "inline", 3), ("py-same", "inline", 1)],
+        "{report:#}"
+    );
+    let dropped = report["jwks"]["dropped"].as_array().unwrap();
+    let reason = |kid: &str| {
+        dropped
+            .iter()
+            .find(|key| key["kid"] == kid && key["origin"] == "jwks")
+            .and_then(|key| key["reason"].as_str())
+            .unwrap_or_else(|| panic!("{kid} not reported: {report:#}"))
+            .to_owned()
+    };
+    let overridden = reason("py-es");
+    assert!(
+        overridden.contains("overridden by the inline key py-es (ES256)"),
+        "{overridden}"
+    );
+    let copy = reason("py-same");
+    assert!(
+        copy.contains("the same key as the inline key py-same (EdDSA)"),
+        "{copy}"
+    );
+}
+
 #[tokio::test]
 async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
     let db = test_db!();

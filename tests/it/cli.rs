@@ -337,6 +337,40 @@ async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     );
 }
 
+/// A fetched key under the kid of an inline key is not among the fetched keys `check` lists: the
+/// inline key wins, and the fetched one is reported dropped, as overridden. The line fails when
+/// that leaves the published set nothing that verifies; a copy of the inline key is fine.
+#[tokio::test]
+async fn check_reports_a_fetched_key_an_inline_key_overrides() {
+    let inline = SigningKey::generate_with_kid(edgegate::auth::Alg::ES256, "py-es").unwrap();
+    let impostor = SigningKey::generate_with_kid(edgegate::auth::Alg::ES256, "py-es").unwrap();
+    let host = JwksHost::start(json!([impostor.public_jwk()])).await;
+    let inline_jwks = json!([inline.public_jwk()]).to_string();
+    let (code, printed, _) = check(vars_with(&host, "SUPABASE_JWKS", &inline_jwks)).await;
+    assert_eq!(code, Some(1), "{printed}");
+    let jwks = line(&printed, "jwks  ");
+    assert!(jwks.starts_with("FAIL"), "{jwks}");
+    assert!(
+        jwks.contains(
+            "0 keys; dropped 1: py-es (overridden by the inline key py-es (ES256) from SUPABASE_JWKS"
+        ),
+        "{jwks}"
+    );
+    assert!(
+        line(&printed, "jwks (inline)").contains("1 key: py-es (ES256)"),
+        "{printed}"
+    );
+
+    host.set_keys(json!([inline.public_jwk()]));
+    let (code, printed, _) = check(vars_with(&host, "SUPABASE_JWKS", &inline_jwks)).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let jwks = line(&printed, "jwks  ");
+    assert!(
+        jwks.contains("0 keys; dropped 1: py-es (the same key as the inline key py-es (ES256)"),
+        "{jwks}"
+    );
+}
+
 fn vars_with(host: &JwksHost, name: &'static str, value: &str) -> Vec<(&'static str, String)> {
     vec![
         ("SUPABASE_JWKS_URL", host.url.clone()),
