@@ -2,6 +2,14 @@
 //! client) and of each API key, each kind's last use, and hourly series per key and kind. Built
 //! from hourly rows (the database's plus an instance's unflushed ones), so
 //! `GET /admin/signing-keys` and `edgegate keys report` show the same numbers.
+//!
+//! Counts are kept by the hour, each hour's row with its last use, so a window that does not
+//! start on the hour cannot be cut exactly. Every number of an answer (totals, series, callers,
+//! per-key counts, the verdict) takes the same rows ([`counts_in`]): an hour whose last use is
+//! before the window's start holds no use inside it and is left out; an hour used inside the
+//! window counts whole, its use before the start with it, and the answer names that hour
+//! (`usage_straddling_hour_ms`). So no use inside the window is ever left out (revoking is never
+//! called safe past one), and what comes from before the window is said.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -64,6 +72,9 @@ pub struct Hourly {
 /// Everything the report shows about usage over one window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Usage {
+    /// The start of the hour holding the window's start, when that hour was used inside the
+    /// window and so counts whole (see the module's note).
+    pub straddling_hour_ms: Option<i64>,
     /// Legacy callers, most used first.
     pub legacy_usage: Vec<CallerRow>,
     /// API-key callers (kind: the key's name), most used first.
@@ -78,6 +89,12 @@ pub struct Usage {
 pub struct ReportView {
     /// The span of the usage below (the revocation window unless asked otherwise).
     pub usage_window_seconds: u64,
+    /// Set when the hour holding the usage window's start was used inside the window: counts
+    /// are kept by the hour, so that hour counts whole in every number of the usage below, its
+    /// use from before the window's start included; this is its start (epoch ms). `None` when
+    /// every count is inside the window, and from an edgegate from before it was reported.
+    #[serde(default)]
+    pub usage_straddling_hour_ms: Option<i64>,
     /// The verdict, always over the revocation window.
     pub legacy_revocation_safe: bool,
     pub reason: String,
@@ -131,6 +148,7 @@ pub fn view(
     };
     ReportView {
         usage_window_seconds: usage_window.as_secs(),
+        usage_straddling_hour_ms: usage.straddling_hour_ms,
         legacy_revocation_safe: verdict.legacy_revocation_safe,
         reason: verdict.reason,
         evidence_dropped,
@@ -147,7 +165,28 @@ fn hour_of(at_ms: i64) -> i64 {
 
 /// The start of the first hour that can hold usage from the window ending at `now_ms`.
 pub fn first_hour(window: Duration, now_ms: i64) -> i64 {
-    hour_of(now_ms.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)))
+    hour_of(window_start(window, now_ms))
+}
+
+/// When the window ending at `now_ms` starts.
+fn window_start(window: Duration, now_ms: i64) -> i64 {
+    now_ms.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Whether the hourly row of the hour starting at `hour_start_ms`, last used at `last_ms`,
+/// counts in the window ending at `now_ms`: its last use is inside the window. The one rule of
+/// every number of the report and of the verdict (see the module's note).
+pub fn counts_in(window: Duration, now_ms: i64, hour_start_ms: i64, last_ms: i64) -> bool {
+    hour_start_ms >= first_hour(window, now_ms) && last_ms >= window_start(window, now_ms)
+}
+
+/// The rows of `keys` that count in the window ending at `now_ms` ([`counts_in`]), one per hour
+/// and key as they were read: what the verdict judges by.
+pub fn window_rows(keys: &[KeyUsage], window: Duration, now_ms: i64) -> Vec<KeyUsage> {
+    keys.iter()
+        .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms))
+        .cloned()
+        .collect()
 }
 
 fn source_rank(source: &str) -> u8 {
@@ -221,8 +260,8 @@ impl SeriesTable {
 }
 
 /// Sums hourly `keys` and `callers` rows (duplicates of one hour and key are added) over the
-/// window ending at `now_ms`. As for the verdict, a caller counts when its last use is in the
-/// window.
+/// window ending at `now_ms`. As for the verdict, an hour's row counts when its last use is in the
+/// window ([`counts_in`]).
 pub fn summarize(
     keys: &[KeyUsage],
     callers: &[CallerUsage],
@@ -231,19 +270,35 @@ pub fn summarize(
 ) -> Usage {
     let first = first_hour(window, now_ms);
     let columns = usize::try_from((hour_of(now_ms) - first) / HOUR_MS + 1).unwrap_or(1);
-    let window_start = now_ms.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(0));
+    let start = window_start(window, now_ms);
+    let counts = |hour: i64, last: i64| counts_in(window, now_ms, hour, last);
+    // Only the first hour can begin before the window does.
+    let mut straddling_hour_ms = None;
+    let mut note = |hour: i64| {
+        if hour < start {
+            straddling_hour_ms = Some(hour);
+        }
+    };
 
     let mut series = SeriesTable {
         columns,
         first,
         by_id: HashMap::new(),
     };
-    for row in keys.iter().filter(|row| row.hour_start_ms >= first) {
+    for row in keys
+        .iter()
+        .filter(|row| counts(row.hour_start_ms, row.last_verified_at_ms))
+    {
+        note(row.hour_start_ms);
         series.add(&row.source, &row.kid, &row.alg, None, row.into());
     }
 
     let mut summed: BTreeMap<(&str, &str, &str, &str), CallerRow> = BTreeMap::new();
-    for row in callers.iter().filter(|row| row.hour_start_ms >= first) {
+    for row in callers
+        .iter()
+        .filter(|row| counts(row.hour_start_ms, row.last_verified_at_ms))
+    {
+        note(row.hour_start_ms);
         if row.source == "legacy_secret" {
             series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
         }
@@ -261,9 +316,6 @@ pub fn summarize(
     }
     let (mut legacy_usage, mut api_key_usage) = (Vec::new(), Vec::new());
     for ((source, ..), row) in summed {
-        if row.last_seen < window_start {
-            continue;
-        }
         if source == "legacy_secret" {
             legacy_usage.push(row);
         } else {
@@ -313,6 +365,7 @@ pub fn summarize(
         )
     });
     Usage {
+        straddling_hour_ms,
         legacy_usage,
         api_key_usage,
         legacy_kinds,
@@ -393,6 +446,9 @@ pub struct KeyReport {
     pub legacy_secret: LegacySecretUse,
     /// The revocation window.
     pub window_seconds: u64,
+    /// As `usage_straddling_hour_ms`, for the revocation window of the per-key counts and the
+    /// verdict.
+    pub window_straddling_hour_ms: Option<i64>,
     /// The first verification edgegate counted (epoch ms): how far back the evidence goes.
     pub evidence_since_ms: Option<i64>,
     #[serde(flatten)]
@@ -451,8 +507,7 @@ pub async fn key_report(
     let unflushed = tracker.unflushed_since(since);
     // The key listing and the JWKS state are in memory: a database outage (or one not yet
     // migrated) costs the counts, not the whole answer.
-    let (stored, usage_unavailable) = match stored_usage(store, revocation_window, since, now).await
-    {
+    let (stored, usage_unavailable) = match stored_usage(store, since).await {
         Ok(stored) => (stored, None),
         Err(err) if !store.is_ready() || crate::store::is_unavailable(&err) => {
             tracing::warn!(
@@ -465,7 +520,12 @@ pub async fn key_report(
         }
         Err(err) => return Err(err),
     };
-    let usage = merge_usage(stored.window, &unflushed.keys, revocation_window, now);
+    let (mut hourly_keys, mut hourly_callers) = (stored.hourly_keys, stored.hourly_callers);
+    hourly_keys.extend(unflushed.keys);
+    hourly_callers.extend(unflushed.callers);
+    // The per-key counts and the verdict take the report's rows of the revocation window.
+    let window_rows = window_rows(&hourly_keys, revocation_window, now);
+    let usage = merge_usage(&window_rows);
     let evidence_since = match (stored.evidence_since, unflushed.first_verification) {
         (Some(stored), Some(pending)) => Some(stored.min(pending)),
         (stored, pending) => stored.or(pending),
@@ -511,7 +571,7 @@ pub async fn key_report(
     let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
     let mut verdict = legacy_verdict(
         configured,
-        &usage,
+        &window_rows,
         evidence_since,
         dropped,
         revocation_window,
@@ -525,9 +585,6 @@ pub async fn key_report(
                 .to_owned(),
         };
     }
-    let (mut hourly_keys, mut hourly_callers) = (stored.hourly_keys, stored.hourly_callers);
-    hourly_keys.extend(unflushed.keys);
-    hourly_callers.extend(unflushed.callers);
     let report = view(
         &hourly_keys,
         &hourly_callers,
@@ -546,6 +603,10 @@ pub async fn key_report(
             last_verified_at_ms,
         },
         window_seconds: revocation_window.as_secs(),
+        window_straddling_hour_ms: window_rows
+            .iter()
+            .map(|row| row.hour_start_ms)
+            .find(|&hour| hour < window_start(revocation_window, now)),
         evidence_since_ms: evidence_since,
         report,
         jwks: auth.fetcher().map(|fetcher| fetcher.status()),
@@ -556,31 +617,20 @@ pub async fn key_report(
 /// What the key report reads from the database.
 #[derive(Default)]
 struct StoredUsage {
-    /// Usage per key over the revocation window.
-    window: Vec<KeyUsage>,
     evidence_since: Option<i64>,
     dropped: Option<DroppedUsage>,
     hourly_keys: Vec<KeyUsage>,
     hourly_callers: Vec<CallerUsage>,
 }
 
-async fn stored_usage(
-    store: &Store,
-    revocation_window: Duration,
-    hourly_since: i64,
-    now_ms: i64,
-) -> anyhow::Result<StoredUsage> {
+async fn stored_usage(store: &Store, hourly_since: i64) -> anyhow::Result<StoredUsage> {
     if !store.is_ready() {
         anyhow::bail!("the database's migrations are not applied yet");
     }
-    let window = store
-        .key_usage_since(first_hour(revocation_window, now_ms))
-        .await?;
     let evidence_since = store.usage_evidence_since().await?;
     let dropped = stored_dropped(store).await?;
     let (hourly_keys, hourly_callers) = hourly_rows(store, hourly_since).await?;
     Ok(StoredUsage {
-        window,
         evidence_since,
         dropped,
         hourly_keys,
@@ -588,18 +638,11 @@ async fn stored_usage(
     })
 }
 
-/// Usage per (source, kid, alg) over the window: the database plus this instance's unflushed
-/// hourly counts.
-fn merge_usage(
-    stored: Vec<KeyUsage>,
-    unflushed: &[KeyUsage],
-    window: Duration,
-    now_ms: i64,
-) -> Vec<KeyUsage> {
-    let since = first_hour(window, now_ms);
-    let unflushed = unflushed.iter().filter(|row| row.hour_start_ms >= since);
+/// Usage per (source, kid, alg): the hourly `rows` of the window (the database's and this
+/// instance's unflushed ones) summed.
+fn merge_usage(rows: &[KeyUsage]) -> Vec<KeyUsage> {
     let mut merged: BTreeMap<(String, String, String), KeyUsage> = BTreeMap::new();
-    for row in stored.into_iter().chain(unflushed.cloned()) {
+    for row in rows.iter().cloned() {
         let key = (row.source.clone(), row.kid.clone(), row.alg.clone());
         match merged.get_mut(&key) {
             Some(sum) => {

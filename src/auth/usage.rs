@@ -425,7 +425,9 @@ pub struct LegacyVerdict {
 }
 
 /// Decides from usage over the window (database plus this instance's pending counts), and the
-/// verifications that were dropped instead of counted.
+/// verifications that were dropped instead of counted. `usage` is hourly rows, one per hour and
+/// key as the report reads them (`legacy_report::window_rows`): the verdict counts the rows the
+/// report's numbers count, so the two never disagree.
 pub fn legacy_verdict(
     legacy_configured: bool,
     usage: &[KeyUsage],

@@ -98,22 +98,21 @@ pub async fn from_database(
     let revocation_window = config.jwt.legacy_revocation_window;
     let usage_window = window.unwrap_or(revocation_window);
     let read = async {
-        let summed = store
-            .key_usage_since(first_hour(revocation_window, now_ms))
-            .await?;
         let evidence_since = store.usage_evidence_since().await?;
         let dropped = legacy_report::stored_dropped(&store).await?;
         let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
         let (keys, callers) = legacy_report::hourly_rows(&store, since).await?;
-        anyhow::Ok((summed, evidence_since, dropped, keys, callers))
+        anyhow::Ok((evidence_since, dropped, keys, callers))
     };
     let read = read.await;
     store.close().await;
-    let (summed, evidence_since, dropped, keys, callers) =
+    let (evidence_since, dropped, keys, callers) =
         read.context("reading usage (has `edgegate migrate` run on this database?)")?;
+    // The verdict takes the report's own rows of the revocation window, so it never contradicts
+    // a count the report shows.
     let verdict = legacy_verdict(
         true,
-        &summed,
+        &legacy_report::window_rows(&keys, revocation_window, now_ms),
         evidence_since,
         dropped,
         revocation_window,
@@ -251,6 +250,14 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         utc(now_ms),
         utc(view.usage_hourly.first_hour_ms),
     );
+    if let Some(hour) = view.usage_straddling_hour_ms {
+        let _ = writeln!(
+            out,
+            "Counted by the hour: the hour from {} UTC was used in the window and counts whole, its \
+             use before the window's start included; an hour last used before it is left out.",
+            utc(hour),
+        );
+    }
     out.push('\n');
     if view.usage_hourly.series.is_empty() {
         out.push_str("No verification recorded in the window.\n");

@@ -449,6 +449,9 @@ pub struct SigningKeys {
     legacy_secret: LegacySecretUse,
     /// `LEGACY_REVOCATION_WINDOW_SECONDS`.
     window_seconds: u64,
+    /// As `usage_straddling_hour_ms`, for the revocation window: the per-key counts, the legacy
+    /// secret's and the verdict.
+    window_straddling_hour_ms: Option<i64>,
     /// The first verification counted, epoch milliseconds: how far back the evidence goes.
     evidence_since_ms: Option<i64>,
     legacy_revocation_safe: bool,
@@ -473,6 +476,11 @@ pub struct SigningKeys {
     legacy_kinds: Vec<crate::auth::legacy_report::KindUse>,
     /// The span of the usage lists (`?window_seconds=`, default the revocation window).
     usage_window_seconds: u64,
+    /// Counts are kept by the hour, each with its last use: an hour last used before the usage
+    /// window's start is left out of every count; one used inside the window counts whole. Set,
+    /// to the start of the hour holding the window's start, when that hour is counted, so its use
+    /// from before the window is in the counts; `null` when every count is inside the window.
+    usage_straddling_hour_ms: Option<i64>,
     /// Verifications per hour over the usage window, per key and legacy kind.
     usage_hourly: crate::auth::legacy_report::Hourly,
 }

@@ -11,12 +11,13 @@ use edgegate::auth::callers::{
 };
 use edgegate::auth::mint::{SigningKey, api_key_claims, legacy_token, user_claims};
 use edgegate::auth::usage::UsageTracker;
+use edgegate::clock::Clock;
 use edgegate::store::{CallerUsage, KeyUsage};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
 use crate::process::{edgegate, output};
-use crate::support::{TestDb, TestServer, spawn_app};
+use crate::support::{TestDb, TestServer, spawn_app, spawn_app_with_clock};
 use crate::test_db;
 
 const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
@@ -396,6 +397,99 @@ async fn keys_report_reads_a_running_edgegate() {
     let refused = run(vec![], url).await.unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("EDGEGATE_SECRET_KEY"));
+}
+
+/// Counts are kept by the hour, with the hour's last use. Over a window shorter than the hour it
+/// starts in, use in that hour but before the window is in no number of the answer, as it is in
+/// neither the callers nor the verdict; an hour used inside the window counts whole, and the
+/// answer says from when.
+#[tokio::test]
+async fn use_before_a_short_window_is_in_no_number_of_it() {
+    let db = test_db!();
+    let key = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = key.public_jwks().to_string();
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let clock = Clock::manual();
+    // Ten minutes into an hour: the use before the window and the use in it share that hour.
+    let into_hour = u64::try_from(clock.now_ms().rem_euclid(HOUR)).unwrap();
+    clock.advance(Duration::from_millis(3_600_000 - into_hour + 600_000));
+    let hour = clock.now_ms() - clock.now_ms().rem_euclid(HOUR);
+    let (server, _state) = spawn_app_with_clock(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            (
+                "JWT_ISSUERS",
+                "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+            ),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("SUPABASE_JWKS", &jwks),
+            ("LEGACY_REVOCATION_WINDOW_SECONDS", "40"),
+        ],
+        clock.clone(),
+    )
+    .await;
+    let claims = api_key_claims("abcdefghijklmnop", "service_role", clock.unix_now(), 3600);
+    nightly_export(&server, &legacy_token(SECRET.as_bytes(), &claims, None)).await;
+    clock.advance(Duration::from_secs(45));
+    let claims = user_claims(ISSUER, "authenticated", USER_ID, clock.unix_now(), 3600);
+    mobile_session(&server, &key.token(&claims).unwrap()).await;
+
+    let report = admin(&server, "?window_seconds=40").await;
+    let series: Vec<(&str, Option<&str>, i64)> = report["usage_hourly"]["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["source"].as_str().unwrap(),
+                s["kind"].as_str(),
+                s["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        series,
+        [("signing_key", None, 1), ("api_key", None, 1)],
+        "{report:#}"
+    );
+    assert_eq!(report["legacy_usage"], json!([]), "{report:#}");
+    let kinds: Vec<i64> = report["legacy_kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kind| kind["count"].as_i64().unwrap())
+        .collect();
+    assert_eq!(kinds, [0, 0, 0], "{report:#}");
+    assert_eq!(report["legacy_secret"]["verified_count"], 0, "{report:#}");
+    let legacy_key_row = report["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["source"] == "legacy_secret")
+        .unwrap();
+    assert_eq!(legacy_key_row["verified_count"], 0, "{report:#}");
+    assert_eq!(report["legacy_revocation_safe"], true, "{report:#}");
+    assert_eq!(report["usage_straddling_hour_ms"], hour, "{report:#}");
+
+    let url = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        output(
+            edgegate(dir.path(), &[("EDGEGATE_SECRET_KEY", SECRET_KEY)])
+                .args(["keys", "report", "--url", &url]),
+        )
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.status.success(), "{text}{:?}", printed.stderr);
+    assert!(!text.contains("legacy secret (HS256)"), "{text}");
+    assert!(text.contains("No legacy caller in the window."), "{text}");
+    assert!(
+        text.contains("Counted by the hour: the hour from "),
+        "the hour counted whole is told: {text}"
+    );
 }
 
 #[tokio::test]

@@ -71,3 +71,31 @@ fn the_reason_names_the_top_caller_only_when_not_safe() {
     name_top_caller(&mut safe, &usage.legacy_usage, DAY);
     assert_eq!(safe.reason, "the legacy secret is not configured");
 }
+
+/// Counts are kept by the hour: an hour whose last use is before the window's start is in no
+/// number; one used inside the window counts whole, and the answer names it.
+#[test]
+fn an_hour_counts_whole_when_used_inside_the_window_and_not_at_all_otherwise() {
+    let window = Duration::from_secs(600); // 09:20 to 09:30
+    let used_at = |minute: i64, count: i64| {
+        let mut row = caller(0, "anon_key", "supabase-js/2.47.0", count);
+        row.last_verified_at_ms = hour_of(NOW) + minute * 60_000;
+        row
+    };
+    let before = summarize(&[], &[used_at(15, 3)], window, NOW);
+    assert_eq!(before.legacy_usage, []);
+    assert_eq!(before.hourly.series, []);
+    assert_eq!(before.legacy_kinds[0].count, 0);
+    assert_eq!(before.straddling_hour_ms, None);
+
+    let inside = summarize(&[], &[used_at(25, 3)], window, NOW);
+    assert_eq!(inside.legacy_usage[0].count, 3);
+    assert_eq!(inside.hourly.series[0].count, 3);
+    assert_eq!(inside.legacy_kinds[0].count, 3);
+    assert_eq!(inside.straddling_hour_ms, Some(hour_of(NOW)));
+
+    // A window that starts on the hour has no hour straddling it.
+    let on_the_hour = summarize(&[], &[used_at(25, 3)], Duration::from_secs(1_800), NOW);
+    assert_eq!(on_the_hour.legacy_kinds[0].count, 3);
+    assert_eq!(on_the_hour.straddling_hour_ms, None);
+}
