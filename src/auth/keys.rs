@@ -194,9 +194,15 @@ pub enum JwksDocError {
     /// Not JSON, or duplicate members.
     #[error("JWKS is not valid JSON")]
     NotJson,
-    /// Neither `{"keys":[...]}` nor (where allowed) a bare array.
+    /// Neither `{"keys":[...]}` nor a bare array, where both are allowed (`SUPABASE_JWKS`).
     #[error("JWKS is neither {{\"keys\":[...]}} nor an array of keys")]
     WrongShape,
+    /// Not `{"keys":[...]}` where nothing else is allowed (the fetched set): a bare array of keys
+    /// is taken inline only, so the message must not list it.
+    #[error(
+        "a fetched JWKS must be an object with \"keys\": [...] (a bare array of keys is taken in SUPABASE_JWKS only)"
+    )]
+    NotKeysObject,
     /// More keys than allowed.
     #[error("JWKS holds more than {0} keys")]
     TooManyKeys(usize),
@@ -212,13 +218,18 @@ pub fn parse_jwks_document(
     allow_bare_array: bool,
 ) -> Result<Vec<Value>, JwksDocError> {
     let doc = crate::auth::json::from_slice_strict(bytes).map_err(|_| JwksDocError::NotJson)?;
+    let wrong_shape = if allow_bare_array {
+        JwksDocError::WrongShape
+    } else {
+        JwksDocError::NotKeysObject
+    };
     let keys = match doc {
         Value::Object(mut map) => match map.remove("keys") {
             Some(Value::Array(keys)) => keys,
-            _ => return Err(JwksDocError::WrongShape),
+            _ => return Err(wrong_shape),
         },
         Value::Array(keys) if allow_bare_array => keys,
-        _ => return Err(JwksDocError::WrongShape),
+        _ => return Err(wrong_shape),
     };
     if keys.len() > MAX_JWKS_KEYS {
         return Err(JwksDocError::TooManyKeys(MAX_JWKS_KEYS));

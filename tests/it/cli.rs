@@ -371,6 +371,35 @@ async fn check_reports_a_fetched_key_an_inline_key_overrides() {
     );
 }
 
+/// A fetched JWKS that is a bare array of keys is refused saying what a fetched set must be:
+/// an array is "an array of keys", taken only inline (SUPABASE_JWKS).
+#[tokio::test]
+async fn check_says_a_fetched_jwks_must_be_an_object_with_keys() {
+    let es = SigningKey::generate_with_kid(edgegate::auth::Alg::ES256, "es-1").unwrap();
+    let body = json!([es.public_jwk()]);
+    let host = crate::support::serve_app(
+        axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || async move { axum::Json(body) }),
+        ),
+        std::time::Duration::from_millis(100),
+    )
+    .await;
+    let (code, printed, _) = check(vec![
+        ("SUPABASE_JWKS_URL", host.url("/jwks.json")),
+        ("SUPABASE_JWT_SECRET", SECRET.to_owned()),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{printed}");
+    let jwks = line(&printed, "jwks  ");
+    assert!(jwks.starts_with("FAIL"), "{jwks}");
+    assert!(
+        jwks.contains("a fetched JWKS must be an object with \"keys\""),
+        "{jwks}"
+    );
+    assert!(!jwks.contains("nor an array of keys"), "{jwks}");
+}
+
 fn vars_with(host: &JwksHost, name: &'static str, value: &str) -> Vec<(&'static str, String)> {
     vec![
         ("SUPABASE_JWKS_URL", host.url.clone()),

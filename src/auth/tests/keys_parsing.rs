@@ -237,7 +237,11 @@ fn jwks_document_shapes() {
     );
     assert_eq!(
         parse_jwks_document(arr.as_bytes(), false),
-        Err(JwksDocError::WrongShape)
+        Err(JwksDocError::NotKeysObject)
+    );
+    assert_eq!(
+        parse_jwks_document(br#"{"keys":{}}"#, false),
+        Err(JwksDocError::NotKeysObject)
     );
     assert_eq!(
         parse_jwks_document(br#"{"keys":{}}"#, true),
