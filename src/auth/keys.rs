@@ -23,6 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::DecodingKey;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -276,7 +277,7 @@ fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
                 }
             }
             Ok(Parsed::Legacy(secret)) => out.legacy.push(secret),
-            Err(reason) => drop_key(&mut out, kid, reason, origin),
+            Err(reason) => drop_key(&mut out, kid, &reason, origin),
         }
     }
     out
@@ -360,53 +361,82 @@ fn str_member<'a>(
     }
 }
 
-fn b64_member(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, &'static str> {
-    let s = str_member(jwk, name)?.ok_or("a required key member is missing")?;
+/// Why a key is dropped: most reasons are fixed text, some name a member.
+type Reason = Cow<'static, str>;
+
+fn b64_member(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, Reason> {
+    let s = str_member(jwk, name)?.ok_or_else(|| format!("{name} is missing"))?;
     URL_SAFE_NO_PAD
         .decode(s)
-        .map_err(|_| "a key member is not base64url")
+        .map_err(|err| b64_reason(name, s, &err).into())
 }
 
-fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
+/// What is wrong with member `name`'s base64url text `s`, naming the member: a value cut short
+/// or run long is a different mistake from a character outside the alphabet. Only positions
+/// and lengths are told, never the text (an inline `oct` key's `k` is a secret).
+fn b64_reason(name: &str, s: &str, err: &base64::DecodeError) -> String {
+    use base64::DecodeError;
+    match err {
+        DecodeError::InvalidLength(_) => format!(
+            "{name} has the wrong length: {} characters of base64url are no whole number of \
+             bytes (characters are missing or extra)",
+            s.chars().count()
+        ),
+        DecodeError::InvalidLastSymbol(..) => format!(
+            "{name} has the wrong length or last character: its last character leaves bits \
+             over (characters are missing or extra, or the last one is wrong)"
+        ),
+        DecodeError::InvalidPadding => {
+            format!("{name} is padded with '=': JWK members are base64url without padding")
+        }
+        DecodeError::InvalidByte(offset, _) => format!(
+            "{name} is not base64url: character {} is none of A-Z, a-z, 0-9, - and _",
+            s.get(..*offset)
+                .map_or(offset + 1, |before| before.chars().count() + 1)
+        ),
+    }
+}
+
+fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, Reason> {
     let jwk = jwk.as_object().ok_or("not a JSON object")?;
     let kty = str_member(jwk, "kty")?.ok_or("no kty")?;
     let kid = str_member(jwk, "kid")?;
     let alg = str_member(jwk, "alg")?;
 
     if str_member(jwk, "use")?.is_some_and(|u| u != "sig") {
-        return Err("use is not sig");
+        return Err("use is not sig".into());
     }
     if let Some(ops) = jwk.get("key_ops") {
         let ops = ops.as_array().ok_or("key_ops is not an array")?;
         if !ops.iter().any(|op| op.as_str() == Some("verify")) {
-            return Err("key_ops lacks verify");
+            return Err("key_ops lacks verify".into());
         }
     }
     if jwk.contains_key("d") || jwk.contains_key("p") {
         // A private key in a public set means a publishing mistake; do not keep secrets around.
         if kty != "oct" {
-            return Err("private key material in a public JWK");
+            return Err("private key material in a public JWK".into());
         }
     }
     if kid.is_some_and(|kid| !kid_is_well_formed(kid)) {
-        return Err("kid is empty, too long or has control characters");
+        return Err("kid is empty, too long or has control characters".into());
     }
 
     if kty == "oct" {
         if origin == KeyOrigin::Jwks {
             return Err(
-                "oct key in a fetched JWKS (HMAC secrets are never taken from the network)",
+                "oct key in a fetched JWKS (HMAC secrets are never taken from the network)".into(),
             );
         }
         if alg.is_some_and(|a| a != "HS256") {
-            return Err("oct key with an alg other than HS256");
+            return Err("oct key with an alg other than HS256".into());
         }
         let k = b64_member(jwk, "k")?;
         if k.is_empty() {
-            return Err("empty oct key");
+            return Err("empty oct key".into());
         }
         if k.len() < crate::config::MIN_HMAC_KEY_BYTES {
-            return Err("oct key shorter than 32 bytes");
+            return Err("oct key shorter than 32 bytes".into());
         }
         return Ok(Parsed::Legacy(LegacySecret {
             kid: kid.map(str::to_owned),
@@ -420,13 +450,13 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         ("EC", Some("P-256")) => Alg::ES256,
         ("OKP", Some("Ed25519")) => Alg::EdDSA,
         ("RSA", _) => Alg::RS256,
-        ("EC", _) | ("OKP", _) => return Err("unsupported curve"),
-        _ => return Err("unsupported kty"),
+        ("EC", _) | ("OKP", _) => return Err("unsupported curve".into()),
+        _ => return Err("unsupported kty".into()),
     };
     if let Some(alg) = alg {
         match Alg::from_jose(alg) {
-            Some(Alg::HS256) | None => return Err("unsupported alg"),
-            Some(a) if a != implied => return Err("alg does not agree with kty/crv"),
+            Some(Alg::HS256) | None => return Err("unsupported alg".into()),
+            Some(a) if a != implied => return Err("alg does not agree with kty/crv".into()),
             Some(_) => {}
         }
     }
@@ -438,7 +468,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             let y = b64_member(jwk, "y")?;
             // RFC 7518 §6.2.1.2: coordinates are full-length, leading zeros included.
             if x.len() != 32 || y.len() != 32 {
-                return Err("EC coordinates are not 32 bytes");
+                return Err("EC coordinates are not 32 bytes".into());
             }
             let mut point = Vec::with_capacity(65);
             point.push(0x04);
@@ -452,7 +482,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
         Alg::EdDSA => {
             let x = b64_member(jwk, "x")?;
             if x.len() != 32 {
-                return Err("Ed25519 key is not 32 bytes");
+                return Err("Ed25519 key is not 32 bytes".into());
             }
             let key = ParsedPublicKey::new(&ED25519, &x).map_err(|_| "invalid Ed25519 key")?;
             (key, x)
@@ -463,13 +493,13 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             let e = strip_leading_zeros(&b64_member(jwk, "e")?).to_vec();
             let bits = modulus_bits(&n);
             if bits < 2048 {
-                return Err("RSA modulus under 2048 bits");
+                return Err("RSA modulus under 2048 bits".into());
             }
             if bits > 8192 {
-                return Err("RSA modulus over 8192 bits");
+                return Err("RSA modulus over 8192 bits".into());
             }
             if !exponent_is_usable(&e) {
-                return Err("RSA exponent is not an odd number of at least 3");
+                return Err("RSA exponent is not an odd number of at least 3".into());
             }
             let key = RsaPublicKeyComponents { n: &n, e: &e }
                 .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
@@ -478,7 +508,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, &'static str> {
             fp.extend_from_slice(&e);
             (key, fp)
         }
-        Alg::HS256 => return Err("unsupported alg"),
+        Alg::HS256 => return Err("unsupported alg".into()),
     };
     Ok(Parsed::Asymmetric(VerifyingKey {
         kid: kid.into(),

@@ -142,8 +142,21 @@ fn fetched_set_drops_with_reasons() {
         ),
         (
             with(es.clone(), json!({"x": "not base64!"})),
-            "a key member is not base64url",
+            "x is not base64url: character 4 is none of A-Z, a-z, 0-9, - and _",
         ),
+        (
+            with(es.clone(), json!({"x": &es["x"].as_str().unwrap()[..41]})),
+            "x has the wrong length: 41 characters of base64url are no whole number of bytes \
+             (characters are missing or extra)",
+        ),
+        (
+            with(
+                es.clone(),
+                json!({"y": format!("{}=", es["y"].as_str().unwrap())}),
+            ),
+            "y is padded with '=': JWK members are base64url without padding",
+        ),
+        (with(rs.clone(), json!({"n": null})), "n is missing"),
         (json!("a string"), "not a JSON object"),
     ];
     for (jwk, reason) in &cases {
