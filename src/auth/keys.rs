@@ -287,9 +287,15 @@ fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: Key
     out.dropped.push(dropped_key(kid, reason, origin));
 }
 
-/// A key that is not taken, logged with its kid and the reason.
+/// A key that is not taken, logged with its kid (as text, and no field when it has none) and
+/// the reason.
 pub(crate) fn dropped_key(kid: Option<String>, reason: &str, origin: KeyOrigin) -> DroppedKey {
-    tracing::warn!(kid = ?kid, reason, origin = origin.as_str(), "JWK dropped");
+    tracing::warn!(
+        kid = kid.as_deref(),
+        reason,
+        origin = origin.as_str(),
+        "JWK dropped"
+    );
     DroppedKey {
         kid,
         reason: reason.to_owned(),

@@ -143,6 +143,39 @@ async fn json_logs_carry_the_request_and_its_credential_but_never_the_secret() {
     }
 }
 
+/// A JWK dropped is logged with its kid as the kid is, and with no kid field when it has none.
+#[tokio::test]
+async fn a_dropped_jwk_is_logged_with_its_kid_as_text() {
+    let key = SigningKey::generate_with_kid(Alg::ES256, "py-es").unwrap();
+    let mut p384 = key.public_jwk();
+    p384["kid"] = "py-p384".into();
+    p384["crv"] = "P-384".into();
+    p384.as_object_mut().unwrap().remove("alg");
+    let mut no_kid = key.public_jwk();
+    no_kid.as_object_mut().unwrap().remove("kid");
+    let jwks = serde_json::json!([key.public_jwk(), p384, no_kid]).to_string();
+    let vars = [
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("SUPABASE_JWKS", jwks.as_str()),
+    ];
+    let log = log_of(&vars, |_| async {}).await;
+    let dropped: Vec<(Option<Value>, Value)> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| field(line, "message").and_then(Value::as_str) == Some("JWK dropped"))
+        .map(|line| (field(&line, "kid").cloned(), line["reason"].clone()))
+        .collect();
+    assert_eq!(
+        dropped,
+        [
+            (Some("py-p384".into()), "unsupported curve".into()),
+            (None, "asymmetric key without kid".into())
+        ],
+        "{log}"
+    );
+}
+
 /// A method outside HTTP's standard set is logged as OpenTelemetry's `_OTHER`: it went into
 /// every line of its request as it came, up to the 64 KiB head limit.
 #[tokio::test]
