@@ -95,7 +95,10 @@ impl std::fmt::Debug for AuthSettings {
         f.debug_struct("AuthSettings")
             .field("legacy_secrets", &self.legacy_secrets.len())
             .field("inline_jwks (kid, kty)", &inline)
-            .field("jwks_url", &self.jwks_url.as_ref().map(url::Url::as_str))
+            .field(
+                "jwks_url",
+                &self.jwks_url.as_ref().map(crate::config::shown_url),
+            )
             .field("issuers", &self.issuers)
             .field("audiences", &self.audiences)
             .field("leeway", &self.leeway)

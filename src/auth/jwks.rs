@@ -196,7 +196,7 @@ impl JwksStats {
 /// State for the admin endpoint.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct JwksStatus {
-    /// The JWKS location.
+    /// The JWKS location, without its query (`?…`), where a key may be.
     pub url: String,
     /// Counters.
     pub stats: JwksStatsSnapshot,
@@ -240,7 +240,7 @@ pub struct JwksFetcher {
 impl std::fmt::Debug for JwksFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwksFetcher")
-            .field("url", &self.inner.cfg.url.as_str())
+            .field("url", &crate::config::shown_url(&self.inner.cfg.url))
             .finish_non_exhaustive()
     }
 }
@@ -286,7 +286,7 @@ impl JwksFetcher {
     pub fn status(&self) -> JwksStatus {
         let state = self.state();
         JwksStatus {
-            url: self.inner.cfg.url.to_string(),
+            url: crate::config::shown_url(&self.inner.cfg.url),
             stats: self.inner.stats.snapshot(self.inner.clock.unix_now()),
             consecutive_failures: state.consecutive_failures,
             last_error: state.last_error.clone(),

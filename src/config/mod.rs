@@ -94,6 +94,23 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// `url` as it is shown (`check`, `/admin/signing-keys`, logs, `Debug`): without its query and
+/// fragment, written `?…` and `#…`, since a key may be passed there
+/// (`…/jwks.json?apikey=sb_secret_…`); a user and password are refused at start already.
+pub fn shown_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut shown = shown.to_string();
+    if url.query().is_some() {
+        shown.push_str("?…");
+    }
+    if url.fragment().is_some() {
+        shown.push_str("#…");
+    }
+    shown
+}
+
 /// A database location. Its `Debug` hides the password a Postgres URL may hold.
 #[derive(Clone)]
 pub struct DatabaseUrl(SecretString);
@@ -153,8 +170,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything the credential layer needs.
-#[derive(Debug, Clone)]
+/// Everything the credential layer needs. Its `Debug` shows `jwks_url` without its query.
+#[derive(Clone)]
 pub struct JwtConfig {
     pub supabase_url: Option<Url>,
     pub jwks_url: Option<Url>,
@@ -169,6 +186,23 @@ pub struct JwtConfig {
     pub jwks_min_refresh: Duration,
     /// How long the legacy secret must go unused before revoking it is called safe.
     pub legacy_revocation_window: Duration,
+}
+
+impl fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("supabase_url", &self.supabase_url.as_ref().map(shown_url))
+            .field("jwks_url", &self.jwks_url.as_ref().map(shown_url))
+            .field("inline_jwks", &self.inline_jwks)
+            .field("legacy_secret", &self.legacy_secret)
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .field("leeway", &self.leeway)
+            .field("jwks_cache_ttl", &self.jwks_cache_ttl)
+            .field("jwks_min_refresh", &self.jwks_min_refresh)
+            .field("legacy_revocation_window", &self.legacy_revocation_window)
+            .finish()
+    }
 }
 
 impl JwtConfig {

@@ -793,6 +793,28 @@ fn a_database_password_given_as_a_query_parameter_is_redacted() {
     assert!(!format!("{config:?}").contains("querysecretvalue"));
 }
 
+/// SUPABASE_JWKS_URL may carry a key in its query (`?apikey=sb_secret_…`): it is shown, and
+/// debug-printed, without its query and fragment.
+#[test]
+fn a_jwks_url_is_shown_without_its_query_or_fragment() {
+    let config = config(&[(
+        "SUPABASE_JWKS_URL",
+        "https://jwks.example.com/auth/v1/.well-known/jwks.json?apikey=sb_secret_querysecretvalue#querysecretvalue",
+    )])
+    .unwrap();
+    let url = config.jwt.jwks_url.as_ref().unwrap();
+    assert_eq!(
+        super::shown_url(url),
+        "https://jwks.example.com/auth/v1/.well-known/jwks.json?…#…"
+    );
+    assert!(!format!("{config:?}").contains("querysecretvalue"));
+    let plain = Url::parse("https://jwks.example.com/jwks.json").unwrap();
+    assert_eq!(
+        super::shown_url(&plain),
+        "https://jwks.example.com/jwks.json"
+    );
+}
+
 #[test]
 fn public_url_has_no_query_or_fragment() {
     // The status callback URL is PUBLIC_URL with a path appended: a query or fragment would

@@ -444,6 +444,41 @@ async fn a_fetched_key_under_an_inline_kid_is_reported_overridden_not_trusted() 
     );
 }
 
+/// The admin answer shows SUPABASE_JWKS_URL without its query, where a key may be.
+#[tokio::test]
+async fn the_admin_report_shows_the_jwks_url_without_its_query() {
+    let db = test_db!();
+    let host = JwksHost::start(json!([])).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let url = format!("{}?apikey={}", host.url, crate::cli::QUERY_SECRET);
+    let (server, _) = spawn_app(
+        &db,
+        &[
+            ("SUPABASE_JWKS_URL", &url),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+        ],
+    )
+    .await;
+    until_fetched(&host).await;
+    let report = signing_keys(&server).await;
+    assert_eq!(
+        report["jwks"]["url"],
+        format!("{}?…", host.url),
+        "{report:#}"
+    );
+    assert!(!report.to_string().contains("querysecret"), "{report:#}");
+    let refreshed = admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/signing-keys/refresh",
+    )
+    .await;
+    assert!(
+        !refreshed.to_string().contains("querysecret"),
+        "{refreshed:#}"
+    );
+}
+
 #[tokio::test]
 async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
     let db = test_db!();

@@ -13,6 +13,8 @@ use crate::support::{JwksHost, in_ci};
 
 const ISSUERS: &str = "https://abcdefghijklmnop.supabase.co/auth/v1,supabase";
 const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+/// A secret key as someone might put it in the query of SUPABASE_JWKS_URL.
+pub(crate) const QUERY_SECRET: &str = "sb_secret_querysecret0123456789abcd";
 
 fn stdout(out: &Output) -> String {
     assert!(
@@ -398,6 +400,24 @@ async fn check_says_a_fetched_jwks_must_be_an_object_with_keys() {
         "{jwks}"
     );
     assert!(!jwks.contains("nor an array of keys"), "{jwks}");
+}
+
+/// SUPABASE_JWKS_URL is shown without its query: a key in it (`?apikey=sb_secret_…`) would be
+/// printed otherwise.
+#[tokio::test]
+async fn check_shows_the_jwks_url_without_its_query() {
+    let es = SigningKey::generate_with_kid(edgegate::auth::Alg::ES256, "es-1").unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let url = format!("{}?apikey={QUERY_SECRET}", host.url);
+    let (code, printed, logged) = check(vec![("SUPABASE_JWKS_URL", url)]).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let jwks = line(&printed, "jwks  ");
+    assert!(
+        jwks.contains(&format!("{}?…: 1 key: es-1 (ES256)", host.url)),
+        "{jwks}"
+    );
+    let everything = format!("{printed}{logged}");
+    assert!(!everything.contains("querysecret"), "{everything}");
 }
 
 fn vars_with(host: &JwksHost, name: &'static str, value: &str) -> Vec<(&'static str, String)> {
