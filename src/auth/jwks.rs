@@ -518,7 +518,11 @@ impl JwksFetcher {
         if status.is_redirection() && status != reqwest::StatusCode::NOT_MODIFIED {
             return Err(FetchError::Redirected(status.as_u16()));
         }
-        if response.url() != &self.inner.cfg.url {
+        // The fragment is the client's own, never sent, and absent from the answer's URL.
+        let (mut asked, mut answered) = (self.inner.cfg.url.clone(), response.url().clone());
+        asked.set_fragment(None);
+        answered.set_fragment(None);
+        if answered != asked {
             // A client that follows redirects was passed in; refuse what it followed to.
             return Err(FetchError::RedirectFollowed);
         }

@@ -479,6 +479,20 @@ async fn the_admin_report_shows_the_jwks_url_without_its_query() {
     );
 }
 
+/// A fragment on the JWKS URL is the client's own (never sent): the set it names is fetched and
+/// used (every fetch was refused as "redirected to another URL", the answer's URL having none).
+#[tokio::test]
+async fn a_jwks_url_with_a_fragment_is_fetched_and_used() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let url = format!("{}#keys", host.url);
+    let (server, _) = spawn_app(&db, &[("SUPABASE_JWKS_URL", &url)]).await;
+    let (status, body) = bearer(&server, &user_token(&es)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["key"]["source"], "signing_key", "{body}");
+}
+
 #[tokio::test]
 async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
     let db = test_db!();
