@@ -487,6 +487,26 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 ),
             ));
         }
+        // The key ring drops a key it cannot use and warns; a set it drops whole verifies
+        // nothing, yet the ring it leaves is ready, so that is a configuration error. The
+        // message gives the ring's own reason for the first key: a rule, never a value.
+        let parsed = crate::auth::keys::parse_inline_keys(&keys);
+        if parsed.keys.is_empty()
+            && parsed.legacy.is_empty()
+            && let Some(first) = parsed.dropped.first()
+        {
+            let dropped = match parsed.dropped.len() {
+                1 => format!("its one key would be dropped: {}", first.reason),
+                count => format!(
+                    "all {count} of its keys would be dropped (the first: {})",
+                    first.reason
+                ),
+            };
+            return Err(ConfigError::new(
+                name,
+                format!("holds no usable key: {dropped}"),
+            ));
+        }
         Ok(keys.into_iter().map(Redacted).collect())
     }
 

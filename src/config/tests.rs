@@ -220,7 +220,11 @@ fn inline_jwks_must_be_a_key_set() {
     )])
     .unwrap();
     assert_eq!(set.jwt.inline_jwks.len(), 1);
-    let bare = config(&[("SUPABASE_JWKS", r#"[{"kty":"EC"},{"kty":"RSA"}]"#)]).unwrap();
+    let bare = config(&[(
+        "SUPABASE_JWKS",
+        &format!(r#"[{{"kty":"oct","k":"{k32}"}},{{"kty":"RSA"}}]"#),
+    )])
+    .unwrap();
     assert_eq!(bare.jwt.inline_jwks.len(), 2);
 }
 
@@ -234,6 +238,34 @@ fn inline_oct_keys_need_32_bytes() {
         );
         assert!(err.rule.contains("32 bytes"), "{err}");
     }
+}
+
+/// A set whose every key the key ring would drop verifies nothing: it is refused at start-up,
+/// with the key ring's reason for the first key, not served with a warning.
+#[test]
+fn inline_jwks_without_a_usable_key_is_refused() {
+    for jwks in [
+        r#"{"keys":[{"kty":"EC","crv":"P-256","x":"bad","y":"bad","kid":"k1","alg":"ES256"}]}"#,
+        r#"[{"kty":"EC","crv":"P-256","x":"eA","y":"eQ","d":"ZA","kid":"k1"}]"#,
+        r#"[{"kty":"RSA","n":"AQAB","e":"AQAB"},{"kty":"EC"}]"#,
+    ] {
+        let err = refused("SUPABASE_JWKS", jwks);
+        assert!(err.rule.contains("no usable key"), "{err}");
+        let keys = match serde_json::from_str(jwks).unwrap() {
+            serde_json::Value::Array(keys) => keys,
+            set => set["keys"].as_array().unwrap().clone(),
+        };
+        let reason = &crate::auth::keys::parse_inline_keys(&keys).dropped[0].reason;
+        assert!(err.rule.contains(reason.as_str()), "{err}");
+    }
+    // One usable key keeps the set: the others are dropped with a warning when the key ring
+    // is built.
+    let key = crate::auth::mint::SigningKey::generate_with_kid(crate::auth::Alg::ES256, "good")
+        .unwrap()
+        .public_jwk();
+    let mixed = serde_json::json!([key, {"kty": "EC", "kid": "bad"}]).to_string();
+    let set = config(&[("SUPABASE_JWKS", &mixed)]).unwrap();
+    assert_eq!(set.jwt.inline_jwks.len(), 2);
 }
 
 #[test]
