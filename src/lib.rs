@@ -186,15 +186,39 @@ impl Started {
         let mut background = Vec::new();
         match unreachable {
             None if options.migrate => store.migrate().await?,
-            None => {}
+            // `--no-migrate`: a database behind this binary would fail every query on a table or
+            // column it lacks, so it is found now, said loudly, and watched until another
+            // process (`edgegate migrate`, the next release's release_command) catches it up.
+            None => {
+                let reported = match store.check_migrations().await {
+                    Ok(0) => None,
+                    Ok(missing) => {
+                        report_missing_migrations(&store, missing);
+                        Some(true)
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            error = crate::error::causes(&err),
+                            "cannot read which migrations the database has applied; reading \
+                             them again"
+                        );
+                        Some(false)
+                    }
+                };
+                if let Some(reported) = reported {
+                    background.push(spawn_schema_watch(store.clone(), reported));
+                }
+            }
             Some(cause) => {
                 tracing::error!(
                     error = crate::error::causes(&cause),
                     "the database does not answer; serving without it until it does"
                 );
-                if options.migrate {
-                    background.push(spawn_migration_retry(store.clone()));
-                }
+                background.push(if options.migrate {
+                    spawn_migration_retry(store.clone())
+                } else {
+                    spawn_schema_watch(store.clone(), false)
+                });
             }
         }
         if config.jwt.issuers.is_none() {
@@ -350,6 +374,49 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
                     attempt,
                     "the database answers but cannot be migrated; the routes that need it \
                      answer 503 until it can; retrying"
+                ),
+            }
+        }
+    })
+}
+
+/// How often `serve --no-migrate` reads the applied migrations again while the database lacks
+/// some of the binary's (or could not be read): one small query.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(3);
+
+fn report_missing_migrations(store: &Store, missing: usize) {
+    tracing::error!(
+        missing,
+        "the database lacks {missing} of this binary's {} migrations (serve --no-migrate): run \
+         `edgegate migrate`; until then /readyz and the routes that need the database answer \
+         503",
+        store.shipped_migration_count()
+    );
+}
+
+/// For `serve --no-migrate`: reads the applied migrations every [`SCHEMA_RECHECK`] until the
+/// database has all of this binary's (migrated by another process); the store is ready from
+/// then on. `reported` when start-up has already said that it lacks some. Aborted at shutdown
+/// with the other background tasks.
+fn spawn_schema_watch(store: Store, mut reported: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SCHEMA_RECHECK).await;
+            match store.check_migrations().await {
+                Ok(0) => {
+                    if reported {
+                        tracing::info!("the database has this binary's migrations now; serving it");
+                    }
+                    return;
+                }
+                Ok(missing) if !reported => {
+                    report_missing_migrations(&store, missing);
+                    reported = true;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(
+                    error = crate::error::causes(&err),
+                    "cannot read which migrations the database has applied; reading them again"
                 ),
             }
         }

@@ -36,21 +36,25 @@ pub async fn healthz() -> Json<serde_json::Value> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
     // A database that answers but whose migrations are still to be applied (`serve` started
-    // while it was down) is not ready either: the routes that need it refuse until then.
-    let probed = match state.store.ping().await {
-        Ok(()) if !state.store.is_ready() => Err(anyhow::anyhow!("migrations not applied yet")),
-        probed => probed,
+    // while it was down), or that lacks some of this binary's (`serve --no-migrate`), is not
+    // ready either: the routes that need it refuse until then.
+    let store = &state.store;
+    let probed = match store.ping().await {
+        Ok(()) if store.migrations_missing() > 0 => Err(format!(
+            "the database lacks {} of this binary's {} migrations: run edgegate migrate",
+            store.migrations_missing(),
+            store.shipped_migration_count()
+        )),
+        Ok(()) if !store.is_ready() => {
+            readiness_failed(&anyhow::anyhow!("migrations not applied yet"))
+        }
+        Ok(()) => Ok(()),
+        Err(err) => readiness_failed(&err),
     };
     state.metrics.database_ready.set(i64::from(probed.is_ok()));
     let database = match probed {
-        Ok(()) => json!({ "ok": true, "backend": state.store.kind().as_str() }),
-        Err(err) => {
-            tracing::warn!(
-                error = crate::error::causes(&err),
-                "readiness: database check failed"
-            );
-            json!({ "ok": false, "backend": state.store.kind().as_str(), "error": "database did not answer" })
-        }
+        Ok(()) => json!({ "ok": true, "backend": store.kind().as_str() }),
+        Err(error) => json!({ "ok": false, "backend": store.kind().as_str(), "error": error }),
     };
     let key_ring = key_ring_check(&state);
     let ready = database["ok"] == true && key_ring["ok"] == true;
@@ -60,6 +64,16 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json:
     } else {
         Err(ApiError::DependenciesNotReady(checks))
     }
+}
+
+/// A database that did not answer the probe, or that `serve` has not migrated yet: logged, and
+/// answered without its cause.
+fn readiness_failed(err: &anyhow::Error) -> Result<(), String> {
+    tracing::warn!(
+        error = crate::error::causes(err),
+        "readiness: database check failed"
+    );
+    Err("database did not answer".to_owned())
 }
 
 /// The key ring is ready when it can verify something; with no credential configured at all

@@ -3,7 +3,7 @@
 //! (connection setup, migrations, locks) lives in the backend's own file.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -58,6 +58,10 @@ pub struct Store {
     /// False only while `serve` waits to apply the migrations of a database that did not answer
     /// at start: the routes that need the database answer 503 until then.
     schema_ready: Arc<AtomicBool>,
+    /// How many of this binary's migrations the database lacks, as last read by
+    /// [`Store::check_migrations`] (`serve --no-migrate`); the routes that need the database
+    /// answer 503 while it is not 0.
+    migrations_missing: Arc<AtomicUsize>,
     /// Permits to wait for the SMS reservation lock (PostgreSQL), taken before a connection is:
     /// see `reserve_sms`.
     sms_reservations: std::sync::Arc<tokio::sync::Semaphore>,
@@ -188,14 +192,54 @@ impl Store {
             backend,
             readiness: Arc::default(),
             schema_ready: Arc::new(AtomicBool::new(schema_ready)),
+            migrations_missing: Arc::default(),
             sms_reservations: Arc::new(tokio::sync::Semaphore::new(sms::RESERVATION_PERMITS)),
         }
     }
 
-    /// Whether the schema can be used: false only while `serve` waits for a database that did
-    /// not answer at start, to migrate it.
+    /// Whether the schema can be used: false while `serve` waits for a database that did not
+    /// answer at start, to migrate it, and while a database `serve --no-migrate` serves lacks
+    /// some of this binary's migrations.
     pub fn is_ready(&self) -> bool {
-        self.schema_ready.load(Ordering::Acquire)
+        self.schema_ready.load(Ordering::Acquire) && self.migrations_missing() == 0
+    }
+
+    /// How many of this binary's migrations the database lacked when [`Store::check_migrations`]
+    /// last read them (0 before it ever has, and once [`Store::migrate`] has succeeded).
+    pub fn migrations_missing(&self) -> usize {
+        self.migrations_missing.load(Ordering::Acquire)
+    }
+
+    /// Reads which migrations the database has applied and records how many of this binary's
+    /// it lacks (all of them when it was never migrated); [`Store::is_ready`] follows. A
+    /// database ahead of the binary (a release rolled back after its migrations ran) lacks
+    /// none: `migrate` accepts it too. One small query on `_sqlx_migrations`.
+    pub async fn check_migrations(&self) -> anyhow::Result<usize> {
+        let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE";
+        let applied: Vec<i64> =
+            match with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await) {
+                Ok(applied) => applied,
+                Err(err) if is_undefined_table(&err) => Vec::new(),
+                Err(err) => return Err(err).context("reading applied migrations"),
+            };
+        let migrator = match self.backend {
+            Backend::Sqlite(_) => sqlite::migrator(),
+            Backend::Postgres(_) => postgres::migrator(),
+        };
+        let missing = migrator
+            .iter()
+            .filter(|migration| !applied.contains(&migration.version))
+            .count();
+        self.migrations_missing.store(missing, Ordering::Release);
+        Ok(missing)
+    }
+
+    /// How many migrations this binary ships for the store's engine.
+    pub fn shipped_migration_count(&self) -> usize {
+        match self.backend {
+            Backend::Sqlite(_) => sqlite::migrator().iter().count(),
+            Backend::Postgres(_) => postgres::migrator().iter().count(),
+        }
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -213,6 +257,7 @@ impl Store {
         }
         .context("applying migrations")?;
         self.schema_ready.store(true, Ordering::Release);
+        self.migrations_missing.store(0, Ordering::Release);
         Ok(())
     }
 
@@ -589,6 +634,17 @@ fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
     } else {
         code.parse::<i32>()
             .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18 | 20))
+    }
+}
+
+/// A query on a table that does not exist: `_sqlx_migrations` in a database never migrated
+/// (PostgreSQL's SQLSTATE 42P01; SQLite has no code of its own for it, only its message).
+fn is_undefined_table(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table")
+        }
+        _ => false,
     }
 }
 

@@ -4,6 +4,7 @@ use crate::process::{
     BIN, edgegate, free_port, output, signal, spawn_server, wait_exit, wait_healthy,
 };
 use crate::support::TestDb;
+use sqlx::Connection as _;
 
 async fn serve_then_signal(signal_name: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -1326,4 +1327,92 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
             .any(|row| row.source == "legacy_secret" && row.verified_count == 1),
         "the legacy use was not written: {usage:?}"
     );
+}
+
+/// `serve --no-migrate` on a database behind the binary's migrations says so at start-up, and
+/// `/readyz` answers 503 with the reason (it answered 200 while every route that needs the
+/// database failed with 500 "no such table") until a `migrate` run by another process catches
+/// it up; then it is ready without a restart.
+#[tokio::test]
+async fn serve_without_migrating_is_not_ready_until_another_process_migrates() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
+    let mut command = edgegate(dir.path(), &vars);
+    command.args(["serve", "--no-migrate"]);
+    let _server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let shipped = edgegate::store::shipped_migrations()[0].1.len();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.lines().any(|line| line.contains("ERROR")
+            && line.contains(&format!("{shipped} of"))
+            && line.contains("edgegate migrate")),
+        "{log}"
+    );
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let ready = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let database = &body["checks"]["database"];
+    assert_eq!(database["ok"], false, "{body}");
+    assert!(
+        database["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("migrat")),
+        "{body}"
+    );
+
+    let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(out.status.success(), "{out:?}");
+    let mut status = 0;
+    for _ in 0..150 {
+        status = reqwest::get(&readyz).await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "never ready within 15 s of the migration");
+}
+
+/// A database ahead of the binary (a release rolled back after its migration) is served ready:
+/// `migrate` tolerates it on purpose, and so does `serve --no-migrate`.
+#[tokio::test]
+async fn serve_without_migrating_is_ready_on_a_database_ahead_of_the_binary() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    db.store().await.close().await;
+    let later = "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+                 execution_time) VALUES (99990101000000, 'a later release', TRUE, {bytes}, 0)";
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let sql = later.replace("{bytes}", "decode('00', 'hex')");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        let sql = later.replace("{bytes}", "X'00'");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
+    let mut command = edgegate(dir.path(), &vars);
+    command.args(["serve", "--no-migrate"]);
+    let _server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 }
