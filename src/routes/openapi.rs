@@ -42,7 +42,7 @@ use crate::auth::{JwksStatus, KeyOrigin, KeySource};
         super::health::metrics,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &OperationIds),
     tags(
         (name = "functions", description = "The Edge Functions edgegate takes over"),
         (name = "admin", description = "Key ring and legacy secret evidence (service_role only)"),
@@ -87,6 +87,56 @@ pub struct ErrorBody {
     code: String,
     /// For a person; never holds a secret or a whole token.
     message: String,
+}
+
+/// A handler documented for several methods (`jwt-test`'s `method(get, post)`) gives each of
+/// them its name as operationId, which OpenAPI requires to be unique (client generators name
+/// their methods after it): each such operation gets its method appended (`jwt_test_get`,
+/// `jwt_test_post`).
+struct OperationIds;
+
+impl Modify for OperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut uses = BTreeMap::<String, usize>::new();
+        for item in openapi.paths.paths.values_mut() {
+            for (_, id) in operation_ids(item) {
+                if let Some(id) = id {
+                    *uses.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+        for item in openapi.paths.paths.values_mut() {
+            for (method, id) in operation_ids(item) {
+                if let Some(id) = id
+                    && uses.get(id.as_str()).is_some_and(|&count| count > 1)
+                {
+                    *id = format!("{id}_{method}");
+                }
+            }
+        }
+    }
+}
+
+/// The operationId of each operation of `item`, with its method.
+fn operation_ids(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut Option<String>)> {
+    [
+        ("get", &mut item.get),
+        ("put", &mut item.put),
+        ("post", &mut item.post),
+        ("delete", &mut item.delete),
+        ("options", &mut item.options),
+        ("head", &mut item.head),
+        ("patch", &mut item.patch),
+        ("trace", &mut item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| {
+        operation
+            .as_mut()
+            .map(|operation| (method, &mut operation.operation_id))
+    })
 }
 
 struct SecuritySchemes;

@@ -279,6 +279,27 @@ fn every_operation_declares_the_answers_every_path_can_give() {
     assert!(busy >= 4, "the routes that read a body list 503 NOT_READY");
 }
 
+/// Every operation has an operationId of its own, as OpenAPI requires (generators name client
+/// methods after it): `jwt-test`'s GET and POST, one handler, shared `jwt_test`, and validators
+/// refused the document.
+#[test]
+fn every_operation_id_is_unique() {
+    let document = generated();
+    let mut seen = std::collections::BTreeMap::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().unwrap() {
+            let label = format!("{method} {path}");
+            let id = operation["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{label} has no operationId"));
+            if let Some(first) = seen.insert(id.to_owned(), label.clone()) {
+                panic!("operationId {id:?} of {label} is also that of {first}");
+            }
+        }
+    }
+    assert!(seen.len() >= 13, "{seen:?}");
+}
+
 /// The error codes a declared answer lists (none when it lists no `code` enum).
 fn error_codes(response: &Value) -> Vec<String> {
     response["content"]["application/json"]["schema"]["allOf"][1]["properties"]["code"]["enum"]
