@@ -149,7 +149,31 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client(&config.twilio.api_base)).await);
     lines.push(check_stripe(config, check_client(&config.stripe.api_base)).await);
+    // Every detail, whichever check built it, goes through one escape: much of it is what a
+    // dependency answered (Twilio's and Stripe's messages, a JWKS host's, a database's error).
+    for line in &mut lines {
+        line.detail = one_line(&line.detail);
+    }
     lines
+}
+
+/// `text` as one line of a terminal: control characters (C0, DEL, C1: a newline would print a
+/// line that reads as another item's verdict, an escape sequence could rewrite the screen) and
+/// invisible formatting ones (bidi overrides) are written out, `\n` or `\u{1b}`.
+fn one_line(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if c.is_control() || crate::auth::keys::is_format_char(c) => {
+                escaped.extend(c.escape_unicode());
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 /// The open-file rule `serve` applies before it listens (`server::fit_connections`), on the

@@ -508,6 +508,57 @@ async fn check_fails_twilio_credentials_without_a_sender() {
     );
 }
 
+/// What a dependency answers is printed by `check` on its item's one line: a newline in
+/// Twilio's error message printed a line of its own, which read as another item's verdict.
+#[tokio::test]
+async fn check_prints_an_upstream_answer_on_its_items_line() {
+    let forged = "Authenticate\nok   stripe         all good\r\u{1b}[2K\u{9b}";
+    let twilio = crate::support::serve_app(
+        axum::Router::new().fallback(move || async move {
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"code": 20003, "message": forged, "status": 401})),
+            )
+        }),
+        std::time::Duration::from_millis(100),
+    )
+    .await;
+    let (code, printed, _) = check(vec![
+        (
+            "TWILIO_ACCOUNT_SID",
+            "AC0123456789abcdef0123456789abcdef".to_owned(),
+        ),
+        (
+            "TWILIO_AUTH_TOKEN",
+            "f1e2d3c4b5a6978812345678abcdef90".to_owned(),
+        ),
+        ("TWILIO_FROM_NUMBER", "+15005550006".to_owned()),
+        ("TWILIO_API_BASE", twilio.url("")),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        printed
+            .lines()
+            .all(|line| line.starts_with("ok   ") || line.starts_with("FAIL ")),
+        "{printed:?}"
+    );
+    assert_eq!(
+        printed
+            .lines()
+            .filter(|line| line.get(5..).is_some_and(|rest| rest.starts_with("stripe")))
+            .count(),
+        1,
+        "{printed}"
+    );
+    assert!(!printed.contains(['\r', '\u{1b}', '\u{9b}']), "{printed:?}");
+    let twilio_line = line(&printed, "twilio");
+    assert!(
+        twilio_line.contains(r"Authenticate\nok   stripe"),
+        "{twilio_line}"
+    );
+}
+
 /// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
 /// except under `CI=true`, where its absence fails the test.
 fn supabase_cli() -> Option<PathBuf> {
