@@ -393,6 +393,17 @@ pub fn health_url(url: &str) -> String {
     }
 }
 
+/// `healthcheck URL`'s argument: an absolute http(s) URL (clap reports a refusal as a usage
+/// error, exit 2; reqwest said "builder error: relative URL without a base", exit 1).
+pub fn parse_health_url(text: &str) -> Result<String, String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+            Ok(text.to_owned())
+        }
+        _ => Err("must be an absolute http(s) URL, such as http://127.0.0.1:8080".to_owned()),
+    }
+}
+
 /// `edgegate healthcheck [URL]`: Ok when the URL answers 200 within 5 s.
 pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()> {
     // No proxy and no redirect: the question is whether this URL itself answers 200, and a

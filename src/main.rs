@@ -50,6 +50,7 @@ enum Command {
     Healthcheck {
         /// An instance's base URL (its /healthz is probed) or a full URL to probe; defaults to
         /// this instance on loopback.
+        #[arg(value_parser = commands::parse_health_url)]
         url: Option<String>,
     },
     /// Print the OpenAPI 3.1 document (the same as GET /openapi.json).
@@ -127,7 +128,7 @@ Examples:
   edgegate token mint --role authenticated --jwk supabase/signing_keys.json")]
     Mint {
         /// The `role` claim: authenticated, anon, service_role or a custom role.
-        #[arg(long)]
+        #[arg(long, value_parser = commands::token::parse_role)]
         role: String,
         /// The `sub` claim (a user id).
         #[arg(long)]
@@ -194,22 +195,32 @@ fn main() -> ExitCode {
     // "Allocator"). A kernel without the setting changes nothing; nothing to report then.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     // `.env` before the arguments, so that what it sets (EDGEGATE_SECRET_KEY too) is there for
-    // every command. Its error waits until a command needs the configuration (`openapi` and
-    // `--help` do not).
+    // every command. Its error waits until a command that reads it runs (`openapi`, `keys
+    // generate` and `--help` do not).
     let dotenv = edgegate::config::load_dotenv();
     let cli = Cli::parse();
     // The document depends on the code alone: no configuration, no runtime.
     if let Some(Command::Openapi) = cli.command {
         return print_openapi();
     }
-    let (config, hidden_by_blank) =
-        match dotenv.and_then(|hidden| Config::from_process_env().map(|config| (config, hidden))) {
-            Ok(loaded) => loaded,
-            Err(err) => {
-                eprintln!("edgegate: invalid configuration: {err}");
-                return ExitCode::from(2);
-            }
-        };
+    let command = cli.command.unwrap_or(Command::Serve { no_migrate: false });
+    // A command that does not read the configuration runs whatever it holds; the log settings
+    // are still taken from it when it is valid, else the defaults are.
+    let lenient = || Config::from_process_env().or_else(|_| Config::from_lookup(|_| None));
+    let loaded = match reads(&command) {
+        Reads::Configuration => {
+            dotenv.and_then(|hidden| Config::from_process_env().map(|config| (config, hidden)))
+        }
+        Reads::DotEnv => dotenv.and_then(|hidden| lenient().map(|config| (config, hidden))),
+        Reads::Nothing => lenient().map(|config| (config, Vec::new())),
+    };
+    let (config, hidden_by_blank) = match loaded {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("edgegate: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -220,7 +231,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve { no_migrate: false });
     // A server's request lines go out in batches; the other commands print their own lines
     // between log lines, in order.
     let batched = matches!(command, Command::Serve { .. });
@@ -263,6 +273,39 @@ fn main() -> ExitCode {
     // timeout. They get half a second.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     code
+}
+
+/// What of the environment a command reads.
+#[derive(Clone, Copy)]
+enum Reads {
+    /// The whole configuration: a malformed variable or `.env` stops it (exit 2).
+    Configuration,
+    /// Only `.env`, for a variable outside the configuration (`EDGEGATE_SECRET_KEY`).
+    DotEnv,
+    /// Neither: a malformed variable is no concern of it.
+    Nothing,
+}
+
+fn reads(command: &Command) -> Reads {
+    match command {
+        // The token's issuer and audience come from the configuration, and --legacy's secret.
+        Command::Serve { .. } | Command::Migrate | Command::Check | Command::Token { .. } => {
+            Reads::Configuration
+        }
+        // With no URL: this instance's address (HOST, PORT, TLS_*).
+        Command::Healthcheck { url: None } => Reads::Configuration,
+        Command::Healthcheck { url: Some(_) } | Command::Openapi => Reads::Nothing,
+        Command::Keys {
+            command: KeysCommand::Generate { .. },
+        } => Reads::Nothing,
+        // With no URL: the database DATABASE_URL names, and LEGACY_REVOCATION_WINDOW_SECONDS.
+        Command::Keys {
+            command: KeysCommand::Report { url: None, .. },
+        } => Reads::Configuration,
+        Command::Keys {
+            command: KeysCommand::Report { url: Some(_), .. },
+        } => Reads::DotEnv,
+    }
 }
 
 fn print_openapi() -> ExitCode {

@@ -30,6 +30,14 @@ pub struct MintOptions {
     pub signer: Signer,
 }
 
+/// `--role`: any text but a blank one (clap reports a refusal as a usage error, exit 2).
+pub fn parse_role(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
 /// Parses `30s`, `15m`, `1h`, `7d` or a number of seconds (1 s to ten years).
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = parse_span(text)?;

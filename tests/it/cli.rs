@@ -559,6 +559,66 @@ async fn check_prints_an_upstream_answer_on_its_items_line() {
     );
 }
 
+/// An argument the command cannot use is a usage error, exit 2 as clap's own are (a URL without
+/// a scheme and an empty role exited 1, as if the check or the signing had failed); and a
+/// command that reads no configuration runs whatever the configuration holds (a malformed PORT
+/// stopped `keys generate`, a MySQL DATABASE_URL `healthcheck URL`, with exit 2).
+#[tokio::test]
+async fn usage_errors_exit_2_and_commands_without_configuration_ignore_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |vars: &[(&str, &str)], args: &[&str]| {
+        let out = output(edgegate(dir.path(), vars).args(args));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for url in ["127.0.0.1:19260", "not a url", "ftp://127.0.0.1/"] {
+        let (code, stderr) = run(&[], &["healthcheck", url]);
+        assert_eq!(code, Some(2), "{url}: {stderr}");
+        assert!(stderr.contains("absolute http(s) URL"), "{url}: {stderr}");
+    }
+    let secret = [(
+        "SUPABASE_JWT_SECRET",
+        "a-legacy-secret-of-at-least-32-bytes!",
+    )];
+    for role in ["", "  "] {
+        let (code, stderr) = run(&secret, &["token", "mint", "--legacy", "--role", role]);
+        assert_eq!(code, Some(2), "{role:?}: {stderr}");
+        assert!(stderr.contains("--role"), "{stderr}");
+    }
+
+    let (code, stderr) = run(&[("PORT", "abc")], &["keys", "generate", "--alg", "ES256"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let healthy = crate::support::serve_app(
+        axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })),
+        std::time::Duration::from_millis(100),
+    )
+    .await;
+    let url = healthy.url("/");
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let out = output(
+            edgegate(
+                dir.path(),
+                &[("DATABASE_URL", "mysql://x"), ("PORT", "abc")],
+            )
+            .args(["healthcheck", &url]),
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    // The commands that read it still refuse it.
+    let (code, stderr) = run(&[("PORT", "abc")], &["healthcheck"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("PORT"), "{stderr}");
+}
+
 /// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
 /// except under `CI=true`, where its absence fails the test.
 fn supabase_cli() -> Option<PathBuf> {
