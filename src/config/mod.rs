@@ -399,19 +399,124 @@ pub enum TraceSampler {
     ParentBasedTraceIdRatio(f64),
 }
 
+/// Every variable of edgegate's own: the configuration's (docs/CONFIGURATION.md) and `keys
+/// report`'s `EDGEGATE_SECRET_KEY`. A `.env` line that does not parse is named by the text before
+/// its `=` only when that is one of these: the text can as well be a fragment of a pasted
+/// secret.
+pub(crate) const VARIABLES: &[&str] = &[
+    "CORS_ALLOWED_HEADERS",
+    "CORS_ALLOWED_ORIGINS",
+    "DATABASE_URL",
+    "EDGEGATE_SECRET_KEY",
+    "HOST",
+    "HTTP_HEADER_READ_TIMEOUT_SECONDS",
+    "HTTP_IDLE_TIMEOUT_SECONDS",
+    "HTTP_MAX_CONNECTIONS",
+    "JWKS_CACHE_TTL_SECONDS",
+    "JWKS_MIN_REFRESH_SECONDS",
+    "JWT_AUDIENCES",
+    "JWT_ISSUERS",
+    "JWT_LEEWAY_SECONDS",
+    "LEGACY_REVOCATION_WINDOW_SECONDS",
+    "LOG_FORMAT",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_PROPAGATORS",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "PORT",
+    "PUBLIC_URL",
+    "RUST_LOG",
+    "SHUTDOWN_DRAIN_SECONDS",
+    "SMS_ALLOWED_PREFIXES",
+    "SMS_MAX_PER_MINUTE",
+    "SMS_MAX_PER_RECIPIENT_PER_HOUR",
+    "STRIPE_API_BASE",
+    "STRIPE_RECONCILE_INTERVAL_SECONDS",
+    "STRIPE_SECRET_KEY",
+    "STRIPE_WEBHOOK_SECRET",
+    "SUPABASE_JWKS",
+    "SUPABASE_JWKS_URL",
+    "SUPABASE_JWT_SECRET",
+    "SUPABASE_PUBLISHABLE_KEY",
+    "SUPABASE_PUBLISHABLE_KEYS",
+    "SUPABASE_SECRET_KEY",
+    "SUPABASE_SECRET_KEYS",
+    "SUPABASE_URL",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_API_BASE",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_FROM_NUMBER",
+    "TWILIO_MESSAGING_SERVICE_SID",
+];
+
+/// The variable a `.env` line sets: the text before its `=` (after `export`), when it looks like
+/// a name at all.
+fn dotenv_name(line: &str) -> Option<&str> {
+    let (name, _) = line
+        .trim_start()
+        .trim_start_matches("export ")
+        .split_once('=')?;
+    let name = name.trim();
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (!name.is_empty() && name.len() <= 64 && plain).then_some(name)
+}
+
+/// A variable `.env` sets twice, with the numbers (from 1) of its first two lines. dotenvy keeps
+/// the first value; a shell's `source`, docker compose and node's dotenv keep the last, so a file
+/// written for one of them would run here with the other value. Lines inside a quoted value
+/// are part of that value, not settings.
+fn repeated_dotenv_variable(file: &str) -> Option<(&str, usize, usize)> {
+    let file = file.strip_prefix('\u{feff}').unwrap_or(file);
+    let mut open_quote = None;
+    let mut first_lines = std::collections::HashMap::new();
+    for (at, line) in file.lines().enumerate() {
+        let starts_a_line = open_quote.is_none();
+        open_quote = quote_open_after(line, open_quote);
+        if !starts_a_line || line.trim_start().starts_with('#') {
+            continue;
+        }
+        if let Some(name) = dotenv_name(line)
+            && let Some(first) = first_lines.insert(name, at + 1)
+        {
+            return Some((name, first, at + 1));
+        }
+    }
+    None
+}
+
 /// What is wrong with `.env`, in one line that gives the number of a line that does not parse
 /// and the variable it sets, and never shows the line: its value may be a secret (dotenvy's own
 /// message quotes it whole).
 fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
-    // The name before `=` on a line, if it is one.
+    // The name before `=` on a line, if it is a variable edgegate reads.
     let name_of = |line: &str| {
-        let (name, _) = line
-            .trim_start()
-            .trim_start_matches("export ")
-            .split_once('=')?;
-        let name = name.trim();
-        let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        (!name.is_empty() && name.len() <= 64 && plain).then(|| name.to_owned())
+        dotenv_name(line)
+            .filter(|name| VARIABLES.contains(name))
+            .map(str::to_owned)
     };
     match err {
         dotenvy::Error::LineParse(text, _) => {
@@ -517,6 +622,17 @@ pub fn load_dotenv() -> Result<Vec<String>, ConfigError> {
         Ok(()) => {}
         Err(err) if err.not_found() => return Ok(Vec::new()),
         Err(err) => return Err(dotenv_error(&err)),
+    }
+    let file = std::fs::read_to_string(".env")
+        .map_err(|err| ConfigError::new(".env", format!("cannot be read: {}", err.kind())))?;
+    if let Some((name, first, second)) = repeated_dotenv_variable(&file) {
+        return Err(ConfigError::new(
+            ".env",
+            format!(
+                "sets {name} twice, on lines {first} and {second}: keep one (edgegate would take \
+                 the first value, a shell's source and docker compose the last)"
+            ),
+        ));
     }
     let blank = |value: &str| value.trim().is_empty();
     let hidden = dotenvy::from_path_iter(".env")

@@ -953,3 +953,58 @@ fn otel_propagators_turn_trace_context_on_or_off_and_refuse_what_is_not_built_in
     refused("OTEL_PROPAGATORS", "tracecontxt");
     refused("OTEL_PROPAGATORS", "none,tracecontext");
 }
+
+/// The list a `.env` error names variables from holds every variable the configuration reads
+/// and every one docs/CONFIGURATION.md lists (but `RELEASE_COMMAND`, which Fly sets).
+#[test]
+fn the_variable_list_holds_every_variable_read_or_documented() {
+    let asked = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    // Unset, then set (to values that reach the variables read only beside others).
+    let set: HashMap<&str, &str> = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        ("TWILIO_AUTH_TOKEN", "f1e2d3c4b5a6978812345678abcdef90"),
+        ("STRIPE_SECRET_KEY", "sk_test_0123456789"),
+    ]
+    .into_iter()
+    .collect();
+    let _ = Config::from_lookup(|name| {
+        asked.borrow_mut().insert(name.to_owned());
+        None
+    });
+    let _ = Config::from_lookup(|name| {
+        asked.borrow_mut().insert(name.to_owned());
+        set.get(name).map(|value| (*value).to_owned())
+    });
+    let docs = include_str!("../../docs/CONFIGURATION.md");
+    let documented = docs
+        .lines()
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|line| line.split('|').next())
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2))
+        .filter(|name| {
+            name.starts_with(|c: char| c.is_ascii_uppercase())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .filter(|name| *name != "RELEASE_COMMAND")
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(documented.len() > 40, "{documented:?}");
+    for name in asked.into_inner().iter().chain(&documented) {
+        assert!(
+            VARIABLES.contains(&name.as_str()),
+            "{name} is not in VARIABLES"
+        );
+    }
+}
+
+#[test]
+fn a_variable_set_twice_in_dotenv_is_found_outside_quoted_values() {
+    assert_eq!(
+        repeated_dotenv_variable("A=1\nB=\"x\nA=2\"\n# A=3\nexport A = 4\n"),
+        Some(("A", 1, 5))
+    );
+    assert_eq!(repeated_dotenv_variable("A=1\nB='x\nA=2'\nC=3\n"), None);
+}

@@ -1163,6 +1163,44 @@ fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
     }
 }
 
+/// A variable set twice in `.env` stops start-up naming it and both lines: edgegate took the
+/// first value, where a shell's `source`, docker compose and node's dotenv take the last.
+#[test]
+fn a_variable_set_twice_in_dotenv_is_refused_naming_both_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "# settings\nPORT=8080\nNOTE=\"two\nPORT=lines\"\n\nexport PORT=9090\n";
+    std::fs::write(dir.path().join(".env"), text).unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(".env")
+            && stderr.contains("PORT")
+            && stderr.contains("lines 2 and 6")
+            && !stderr.contains("9090"),
+        "{stderr}"
+    );
+}
+
+/// The text before `=` on a line that does not parse is named only when it is a variable
+/// edgegate reads: a pasted secret's fragment was printed as "the line of <fragment>".
+#[test]
+fn a_dotenv_line_that_does_not_parse_names_only_a_variable_edgegate_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fragment = "c2VjcmV0c2VjcmV0U1VQRVJTRUNSRVQ";
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("PORT=8080\n{fragment}==\"bad\n"),
+    )
+    .unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(!stderr.contains(fragment), "{stderr}");
+}
+
 /// Stripe and Twilio each get their own client: a Stripe fake on this machine (no proxy for
 /// it) does not send Twilio's calls around the operator's `HTTPS_PROXY`, which may be the only
 /// way out of the Machine.
