@@ -13,16 +13,23 @@ use crate::config::TlsFiles;
 /// Their existence is checked here, not with the configuration: only `serve` and `check` read
 /// them, and `migrate` runs where they are not mounted.
 pub fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    for (name, path) in [("TLS_CERT_FILE", &files.cert), ("TLS_KEY_FILE", &files.key)] {
+    // Read first, so that a file the service may not read says why (permission denied), rather
+    // than that it holds no PEM; only the operating system's reason is shown, never the text.
+    let read = |name: &str, path: &std::path::Path| {
         anyhow::ensure!(path.is_file(), "{name} must name a readable file");
-    }
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        std::fs::read(path).map_err(|err| anyhow::anyhow!("{name} cannot be read: {err}"))
+    };
+    let (cert_pem, key_pem) = (
+        read("TLS_CERT_FILE", &files.cert)?,
+        read("TLS_KEY_FILE", &files.key)?,
+    );
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
         .context("TLS_CERT_FILE holds no readable PEM certificate chain")?;
     if certs.is_empty() {
         anyhow::bail!("TLS_CERT_FILE holds no certificate");
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .context("TLS_KEY_FILE holds no readable PEM private key")?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

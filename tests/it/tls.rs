@@ -125,3 +125,39 @@ fn with_tls_files() -> (
     ]);
     (db, dir, certified, config)
 }
+
+/// A TLS file that is there but cannot be read says so, with the system's reason: a key file
+/// the service's user may not read was reported as holding "no readable PEM private key", which
+/// sends an operator to check the key rather than its permissions.
+#[test]
+fn a_tls_file_that_cannot_be_read_says_why() {
+    let (_db, _dir, _, config) = with_tls_files();
+    let files = config.tls.unwrap();
+    // Any read of it at offset 0 fails, for root too (who reads a file whatever its mode).
+    let unreadable = std::path::PathBuf::from("/proc/self/mem");
+    for (name, files) in [
+        (
+            "TLS_KEY_FILE",
+            edgegate::config::TlsFiles {
+                key: unreadable.clone(),
+                ..files.clone()
+            },
+        ),
+        (
+            "TLS_CERT_FILE",
+            edgegate::config::TlsFiles {
+                cert: unreadable.clone(),
+                ..files.clone()
+            },
+        ),
+    ] {
+        let Err(err) = edgegate::server::load_tls(&files) else {
+            panic!("{name}: an unreadable file was accepted");
+        };
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("{name} cannot be read: ")),
+            "{shown}"
+        );
+    }
+}
