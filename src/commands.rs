@@ -241,17 +241,7 @@ fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
         return None;
     }
     let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
-    let directory = options.get_filename().parent()?;
-    // A bare file name lives in the working directory, which exists.
-    if directory.as_os_str().is_empty() || directory.is_dir() {
-        return None;
-    }
-    let shown = directory.display();
-    Some(if directory.exists() {
-        format!("{shown} is not a directory")
-    } else {
-        format!("its directory {shown} does not exist")
-    })
+    crate::store::missing_sqlite_directory(options.get_filename())
 }
 
 /// The HTTP client `check` reaches the dependency at `target` with.

@@ -27,6 +27,15 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
         .context("DATABASE_URL is not a usable SQLite location")?;
     let file = options.get_filename();
+    // SQLite says only "(code: 14) unable to open database file" where it cannot create one.
+    if !is_in_memory(file)
+        && let Some(problem) = missing_directory(file)
+    {
+        anyhow::bail!(
+            "{} is not there, and {problem}: it cannot be created (create the directory first)",
+            file.display()
+        );
+    }
     // Not for `mode=ro`, which opens an existing file or fails (`create_if_missing` below makes
     // every other mode create it).
     if !url.contains("mode=ro") && !is_in_memory(file) {
@@ -77,6 +86,22 @@ fn create_private(file: &Path) {
         .create_new(true)
         .mode(0o600)
         .open(file);
+}
+
+/// What keeps SQLite from creating `file`: its directory is missing or is not a directory.
+/// `None` when the directory is there.
+pub(crate) fn missing_directory(file: &Path) -> Option<String> {
+    let directory = file.parent()?;
+    // A bare file name lives in the working directory, which exists.
+    if directory.as_os_str().is_empty() || directory.is_dir() {
+        return None;
+    }
+    let shown = directory.display();
+    Some(if directory.exists() {
+        format!("{shown} is not a directory")
+    } else {
+        format!("its directory {shown} does not exist")
+    })
 }
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a

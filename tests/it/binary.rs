@@ -1029,6 +1029,24 @@ fn check_passes_a_missing_sqlite_file_only_where_serve_can_create_it() {
     );
 }
 
+/// `migrate` and `serve` on a SQLite file whose directory is missing explain it as `check` does
+/// (they said "(code: 14) unable to open database file").
+#[test]
+fn migrate_and_serve_explain_a_missing_sqlite_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("DATABASE_URL", "sqlite://data/edgegate.db"), ("PORT", "0")];
+    for command in ["migrate", "serve"] {
+        let out = output(edgegate(dir.path(), &vars).arg(command));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains("its directory data does not exist")
+                && stderr.contains("create the directory first"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
 /// `check` has a Stripe line when Stripe is not configured, as it has a Twilio line: the
 /// endpoints that answer 503 are named.
 #[test]
