@@ -352,9 +352,8 @@ impl StripeClient {
                 match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(failure)) => failure,
-                    Err(_) => AttemptFailure::transient(Failure::NoAnswer(format!(
-                        "no answer within {} ms",
-                        self.policy.attempt_timeout.as_millis()
+                    Err(_) => AttemptFailure::transient(Failure::NoAnswer(no_answer_within(
+                        self.policy.attempt_timeout,
                     ))),
                 };
             if failure.missing {
@@ -421,11 +420,16 @@ impl StripeClient {
             .http
             .get(url.clone())
             .bearer_auth(self.key.expose_secret());
+        let sent = tokio::time::Instant::now();
         let response = crate::telemetry::send(request).await.map_err(|err| {
-            // With its causes (`…: tcp connect error: Connection refused`): reqwest's own
-            // message alone ("error sending request") does not say what failed.
-            let err = anyhow::Error::new(err.without_url());
-            AttemptFailure::transient(Failure::NoAnswer(crate::error::causes(&err)))
+            // The HTTP client's own timeout (`check` sets one) is no connection failure; other
+            // errors with their causes (`…: tcp connect error: Connection refused`): reqwest's
+            // own message alone ("error sending request") does not say what failed.
+            AttemptFailure::transient(Failure::NoAnswer(if err.is_timeout() {
+                no_answer_within(sent.elapsed())
+            } else {
+                crate::error::causes(&anyhow::Error::new(err.without_url()))
+            }))
         })?;
         let status = response.status();
         let should_retry = response
@@ -600,6 +604,16 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
     }
 }
 
+/// An attempt's failure when Stripe gave no answer in `waited`: whole seconds as such, else
+/// to a tenth.
+fn no_answer_within(waited: Duration) -> String {
+    if waited.subsec_millis() == 0 {
+        format!("no answer within {} s", waited.as_secs())
+    } else {
+        format!("no answer within {:.1} s", waited.as_secs_f64())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,6 +626,48 @@ mod tests {
         assert_eq!(key_livemode("rk_test_abc"), Some(false));
         assert_eq!(key_livemode("pk_live_abc"), None);
         assert_eq!(key_livemode("sk_other"), None);
+    }
+
+    /// A Stripe that takes the connection and never answers is said to have timed out, with
+    /// the time waited, whichever timer fires: the HTTP client's own timeout was reported as
+    /// "connection failed: error sending request".
+    #[tokio::test]
+    async fn a_stripe_that_never_answers_is_reported_as_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Url = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let config = crate::config::Config::from_lookup(|name| match name {
+            "STRIPE_SECRET_KEY" => Some("sk_test_0123456789".to_owned()),
+            "STRIPE_API_BASE" => Some(base.to_string()),
+            _ => None,
+        })
+        .unwrap();
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            attempt_timeout: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        };
+        for client_timeout in [None, Some(Duration::from_millis(300))] {
+            let mut http = reqwest::Client::builder();
+            if let Some(timeout) = client_timeout {
+                http = http.timeout(timeout);
+            }
+            let client =
+                StripeClient::from_config(http.build().unwrap(), &config.stripe, policy).unwrap();
+            let err = client.livemode().await.unwrap_err().to_string();
+            assert!(
+                err.contains("no answer within") && !err.contains("error sending request"),
+                "{client_timeout:?}: {err}"
+            );
+        }
+        held.abort();
     }
 
     #[test]
