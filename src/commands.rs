@@ -24,9 +24,9 @@ pub fn openapi_document() -> String {
 /// of them this run applied.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     let store = Store::connect(&config.database_url).await?;
-    // A database never migrated has no table of migrations yet: none applied.
-    let before = store.applied_migrations().await.unwrap_or_default();
-    store.migrate().await?;
+    // Read under the migration lock: what another run applied while this one waited for it
+    // is not counted as new here.
+    let before = store.migrate_counting().await?;
     let applied = store.applied_migrations().await?;
     store.close().await;
     let new = applied

@@ -216,13 +216,9 @@ impl Store {
     /// database ahead of the binary (a release rolled back after its migrations ran) lacks
     /// none: `migrate` accepts it too. One small query on `_sqlx_migrations`.
     pub async fn check_migrations(&self) -> anyhow::Result<usize> {
-        let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE";
-        let applied: Vec<i64> =
-            match with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await) {
-                Ok(applied) => applied,
-                Err(err) if is_undefined_table(&err) => Vec::new(),
-                Err(err) => return Err(err).context("reading applied migrations"),
-            };
+        let applied = applied_before(with_pool!(self, |pool| sqlx::query_scalar(APPLIED_SQL)
+            .fetch_all(pool)
+            .await))?;
         let migrator = match self.backend {
             Backend::Sqlite(_) => sqlite::migrator(),
             Backend::Postgres(_) => postgres::migrator(),
@@ -252,14 +248,21 @@ impl Store {
 
     /// Applies every pending migration of this backend; safe to run again and concurrently.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        match &self.backend {
+        self.migrate_counting().await.map(|_| ())
+    }
+
+    /// As [`Store::migrate`], returning the versions applied before this run, read once it
+    /// holds the migration lock: a run that waited for another's counts none of that one's as
+    /// its own.
+    pub async fn migrate_counting(&self) -> anyhow::Result<Vec<i64>> {
+        let before = match &self.backend {
             Backend::Sqlite(pool) => sqlite::migrate(pool).await,
             Backend::Postgres(pool) => postgres::migrate(pool).await,
         }
         .context("applying migrations")?;
         self.schema_ready.store(true, Ordering::Release);
         self.migrations_missing.store(0, Ordering::Release);
-        Ok(())
+        Ok(before)
     }
 
     /// The versions the database has applied, oldest first.
@@ -637,6 +640,19 @@ fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
             .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18 | 20))
     }
 }
+
+/// The versions applied so far, for a migration that holds the lock: none when the table of
+/// migrations is not there yet.
+fn applied_before(read: Result<Vec<i64>, sqlx::Error>) -> anyhow::Result<Vec<i64>> {
+    match read {
+        Ok(applied) => Ok(applied),
+        Err(err) if is_undefined_table(&err) => Ok(Vec::new()),
+        Err(err) => Err(err).context("reading applied migrations"),
+    }
+}
+
+/// What [`applied_before`] reads.
+const APPLIED_SQL: &str = "SELECT version FROM _sqlx_migrations WHERE success = TRUE";
 
 /// A query on a table that does not exist: `_sqlx_migrations` in a database never migrated
 /// (PostgreSQL's SQLSTATE 42P01; SQLite has no code of its own for it, only its message).

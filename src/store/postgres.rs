@@ -22,9 +22,10 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
 /// takes to be let in; short enough that the requests queued behind it are still waiting.
 pub(super) const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Applies the pending migrations on one connection of its own, closed after, so the lock
+/// Applies the pending migrations on one connection of its own (returning the versions applied
+/// before, read under the migration lock), closed after, so the lock
 /// timeout set on it never follows it back into the pool.
-pub(super) async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+pub(super) async fn migrate(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
     let mut conn = pool
         .acquire()
         .await
@@ -36,7 +37,7 @@ pub(super) async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     migrated
 }
 
-async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<()> {
+async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     use sqlx::migrate::Migrate as _;
     // sqlx's own migration lock (an advisory lock, the one every release takes), waited for as
     // long as another instance's migrations take: PostgreSQL applies lock_timeout to advisory
@@ -46,6 +47,11 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<()> {
         .execute(&mut *conn)
         .await?;
     conn.lock().await?;
+    let before = super::applied_before(
+        sqlx::query_scalar(super::APPLIED_SQL)
+            .fetch_all(&mut *conn)
+            .await,
+    )?;
     let timeout = format!("SET lock_timeout = '{}s'", MIGRATION_LOCK_TIMEOUT.as_secs());
     sqlx::query(sqlx::AssertSqlSafe(timeout))
         .execute(&mut *conn)
@@ -79,7 +85,7 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<()> {
             }
         })?;
     conn.unlock().await?;
-    Ok(())
+    Ok(before)
 }
 
 /// The longest a query waits for a connection, connecting included.

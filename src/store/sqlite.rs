@@ -123,10 +123,11 @@ fn is_busy(err: &sqlx::Error) -> bool {
     code.is_some_and(|code| code & 0xff == 5)
 }
 
-/// Applies the migrations, one process at a time. SQLite has no advisory lock, so sqlx's
+/// Applies the migrations, one process at a time; returns the versions applied before, read
+/// under the lock. SQLite has no advisory lock, so sqlx's
 /// migrator does not serialize two instances starting together on one file; an exclusive lock
 /// on a file next to the database does.
-pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
+pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
     let _guard = if let Some(lock_path) = migration_lock_path(pool.connect_options().get_filename())
     {
         let file = std::fs::OpenOptions::new()
@@ -152,8 +153,10 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
     } else {
         None
     };
+    let before =
+        super::applied_before(sqlx::query_scalar(super::APPLIED_SQL).fetch_all(pool).await)?;
     migrator().run(pool).await?;
-    Ok(())
+    Ok(before)
 }
 
 /// The migration lock's file, beside the database's; none for a database in memory, which no

@@ -1118,6 +1118,40 @@ fn migrate_says_how_many_migrations_were_new() {
     );
 }
 
+/// Migrations run at once by several processes (three releases, a release and a start-up) are
+/// each counted by the one that applied them: every run counted the versions missing before it
+/// waited for the migration lock, so each of three said all of them were new.
+#[tokio::test]
+async fn concurrent_migrate_runs_count_each_new_migration_once() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let shipped = edgegate::store::shipped_migrations()[0].1.len();
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url.clone();
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                output(edgegate(dir.path(), &[("DATABASE_URL", url.as_str())]).arg("migrate"))
+            })
+        })
+        .collect();
+    let mut new = 0;
+    for run in runs {
+        let out = run.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{out:?}");
+        let count = stdout
+            .split(" new")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|count| count.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{stdout}"));
+        new += count;
+    }
+    assert_eq!(new, shipped, "new migrations counted over the three runs");
+}
+
 /// `token mint --jwk` given the public half of `keys generate` (its line 2) says that it is a
 /// public key and where the private one is, not that `key_ops` lacks `sign`.
 #[test]
