@@ -13,11 +13,20 @@ use edgegate::commands::keys::KeyOutput;
 use edgegate::commands::token::{MintOptions, Signer};
 use edgegate::{Config, RunOptions, commands, telemetry};
 
+/// What `--help` of the top command and of the commands that read the configuration ends with.
+const ENVIRONMENT_HELP: &str = "\
+Configuration: from the environment, and from ./.env (the environment wins); every variable
+with its default and range in docs/CONFIGURATION.md. Operations: docs/OPERATIONS.md.
+
+Exit codes: 0 success; 1 a runtime failure or a failed check; 2 a configuration or usage error
+(one line naming the variable or argument and the rule it breaks).";
+
 #[derive(Parser)]
 #[command(
     name = "edgegate",
     version,
-    about = "Supabase Edge Functions, served by one Rust service"
+    about = "Supabase Edge Functions, served by one Rust service",
+    after_help = ENVIRONMENT_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,14 +36,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve HTTP (the default); migrates the database first.
+    #[command(after_help = ENVIRONMENT_HELP)]
     Serve {
         /// Do not apply migrations before serving.
         #[arg(long)]
         no_migrate: bool,
     },
     /// Apply database migrations and exit (Fly's release_command).
+    #[command(after_help = ENVIRONMENT_HELP)]
     Migrate,
     /// Validate the configuration and reach each configured dependency.
+    #[command(after_help = ENVIRONMENT_HELP)]
     Check,
     /// JWT signing keys.
     Keys {

@@ -619,6 +619,29 @@ async fn usage_errors_exit_2_and_commands_without_configuration_ignore_it() {
     assert!(stderr.contains("PORT"), "{stderr}");
 }
 
+/// `--help` of the commands that read the configuration says where it comes from, where it is
+/// documented, and what the exit codes mean.
+#[test]
+fn help_names_the_configuration_and_the_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["migrate", "--help"],
+        &["check", "--help"],
+    ] {
+        let out = output(edgegate(dir.path(), &[]).args(args));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            help.contains(".env")
+                && help.contains("docs/CONFIGURATION.md")
+                && help.contains("Exit codes: 0 success; 1 "),
+            "{args:?}: {help}"
+        );
+    }
+}
+
 /// The official Supabase CLI, where `.ci/run` installs it; `None` (after a notice) when absent,
 /// except under `CI=true`, where its absence fails the test.
 fn supabase_cli() -> Option<PathBuf> {
