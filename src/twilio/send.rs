@@ -495,39 +495,28 @@ fn send_deadline(send_budget: Duration) -> Duration {
 
 /// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
 /// answer was stored) as `unknown`, so no row claims a send is still to come: every
-/// `SWEEP_INTERVAL` (the first at start), rows older than a send can take. On SQLite, whose file
-/// one process serves, the start sweep also takes every row reserved before this process began;
-/// not on PostgreSQL, where those include other instances' sends still waiting for Twilio (a
-/// rolling deploy). Runs until the handle is aborted.
+/// `SWEEP_INTERVAL` (the first at start), rows older than a send can take. Not every row reserved
+/// before this process began, on either engine: those include another process's sends still
+/// waiting for Twilio during a rolling restart (instances on a shared PostgreSQL, or two
+/// processes on one SQLite file for a moment). Runs until the handle is aborted.
 pub fn spawn_unanswered_sweeper(
     store: Store,
     clock: Clock,
     send_budget: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let deadline_ms = i64::try_from(send_deadline(send_budget).as_millis()).unwrap_or(i64::MAX);
-    let started_at = match store.kind() {
-        crate::store::BackendKind::Sqlite => Some(clock.now_ms()),
-        crate::store::BackendKind::Postgres => None,
-    };
     tokio::spawn(async move {
         let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
                       the message, so it is not sent again";
-        let mut swept_start = false;
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
-            let old = clock.now_ms().saturating_sub(deadline_ms);
-            // Until the start-up sweep succeeds, it is the one retried.
-            let cutoff = match started_at {
-                Some(started_at) if !swept_start => started_at.max(old),
-                _ => old,
-            };
+            let cutoff = clock.now_ms().saturating_sub(deadline_ms);
             match store
                 .mark_unanswered_sms_unknown(cutoff, reason, clock.now_ms())
                 .await
             {
                 Ok(marked) => {
-                    swept_start = true;
                     if marked > 0 {
                         tracing::warn!(marked, "unanswered SMS marked unknown");
                     }
