@@ -19,9 +19,10 @@ use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
 use crate::stripe::webhook::{self, Outcome, WebhookError};
 
-/// How long a SQLite lock row lives without renewal: renewed every 10 s while the run lives (and
+/// How long a SQLite lock row lives without renewal: renewed every 10 s while the run lives (five beats may fail, to a database busy for
+/// that long, before another process can take it) (and
 /// after every page), so a row left by a killed process blocks the next run for at most this.
-const LOCK_TTL: Duration = Duration::from_secs(30);
+const LOCK_TTL: Duration = Duration::from_secs(60);
 /// How many times a run goes on from its last event's second after the event a page was to
 /// start after vanished (aged out of Stripe's retention), before it fails as for any refused
 /// request.

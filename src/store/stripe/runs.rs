@@ -106,7 +106,7 @@ impl Drop for Heartbeat {
 }
 
 impl Heartbeat {
-    /// Renews `holder`'s row every third of `ttl` until dropped or the row is no longer its own.
+    /// Renews `holder`'s row every sixth of `ttl` until dropped or the row is no longer its own.
     /// A renewal refused by the database is logged and tried at the next beat; only a lock not
     /// renewed for a whole `ttl` can be taken, and the run's own `renew` then says so.
     fn start(
@@ -117,7 +117,7 @@ impl Heartbeat {
         ttl: Duration,
     ) -> Self {
         let beat = async move {
-            let mut every = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
+            let mut every = tokio::time::interval((ttl / 6).max(Duration::from_millis(1)));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
             loop {
@@ -271,7 +271,7 @@ impl Store {
 
     /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
     /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
-    /// that expires after `ttl` unless renewed, which a heartbeat does every third of `ttl` for
+    /// that expires after `ttl` unless renewed, which a heartbeat does every sixth of `ttl` for
     /// as long as the lock is held, so a crashed or stopped holder blocks the job for at most
     /// `ttl`, however long a live holder's run takes.
     pub async fn try_lock_job(
