@@ -626,11 +626,17 @@ pub fn load_dotenv() -> Result<Vec<String>, ConfigError> {
     let file = std::fs::read_to_string(".env")
         .map_err(|err| ConfigError::new(".env", format!("cannot be read: {}", err.kind())))?;
     if let Some((name, first, second)) = repeated_dotenv_variable(&file) {
+        // Named only when edgegate reads it: a pasted secret ending in `=` parses as a name.
+        let what = if VARIABLES.contains(&name) {
+            format!("sets {name} twice, on lines {first} and {second}")
+        } else {
+            format!("sets one name twice, on lines {first} and {second}")
+        };
         return Err(ConfigError::new(
             ".env",
             format!(
-                "sets {name} twice, on lines {first} and {second}: keep one (edgegate would take \
-                 the first value, a shell's source and docker compose the last)"
+                "{what}: keep one (edgegate would take the first value, a shell's source and \
+                 docker compose the last)"
             ),
         ));
     }

@@ -1253,6 +1253,24 @@ fn a_dotenv_line_that_does_not_parse_names_only_a_variable_edgegate_reads() {
     assert!(!stderr.contains(fragment), "{stderr}");
 }
 
+/// A pasted secret on a line of its own, `…==` (a name and an empty value to dotenvy), twice:
+/// the refusal names the two lines, not the "name" (it printed `sets c2VjcmV0… twice`).
+#[test]
+fn a_repeated_dotenv_name_is_named_only_when_edgegate_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fragment = "c2VjcmV0c2VjcmV0U1VQRVJTRUNSRVQ";
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("{fragment}==\nPORT=8080\n{fragment}==\n"),
+    )
+    .unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lines 1 and 3"), "{stderr}");
+    assert!(!stderr.contains(fragment), "{stderr}");
+}
+
 /// Stripe and Twilio each get their own client: a Stripe fake on this machine (no proxy for
 /// it) does not send Twilio's calls around the operator's `HTTPS_PROXY`, which may be the only
 /// way out of the Machine.
