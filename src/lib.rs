@@ -440,68 +440,92 @@ fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
     ))
 }
 
-/// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C). The handlers are set when this
-/// is called, not when first polled: a signal that comes during start-up is kept (as PID 1 in a
-/// container, one that comes before a handler is set is dropped by the kernel). Call it within
-/// the runtime.
+/// Resolves on SIGTERM (Fly's kill signal) or SIGINT (Ctrl-C); see [`shutdown_signals`].
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    let signal = next_signal();
-    async move {
-        if let Some(name) = signal.await {
-            tracing::info!("{name} received");
-        }
-    }
+    shutdown_signals().0
 }
 
-/// Resolves on the next SIGTERM or SIGINT after it is called (its handlers are set then, so the
-/// signal that began the shutdown is not seen again): `main` calls it once the drain has begun,
-/// and a second signal cuts the drain short ([`RunOptions::cut_drain`]), dropping the requests
-/// still in flight, for an operator who will not wait out `SHUTDOWN_DRAIN_SECONDS`. Resolves
-/// with the signal's name.
-pub fn second_signal() -> impl Future<Output = &'static str> + Send + 'static {
-    let signal = next_signal();
-    async move {
-        match signal.await {
-            Some(name) => name,
-            None => std::future::pending().await,
+/// SIGTERM (Fly's kill signal) and SIGINT (Ctrl-C), listened for by one task from the moment
+/// this is called, not when first polled (as PID 1 in a container, a signal that comes before a
+/// handler is set is dropped by the kernel), until the process ends: the first future resolves
+/// on the first signal (logged), the second with the name of the next one, which `main` takes to
+/// cut the drain short ([`RunOptions::cut_drain`]). No signal between them goes unheard. Call it
+/// within the runtime.
+pub fn shutdown_signals() -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = &'static str> + Send + 'static,
+) {
+    let (first_seen, first) = tokio::sync::oneshot::channel::<()>();
+    let (second_seen, second) = tokio::sync::oneshot::channel::<&'static str>();
+    let mut signals = Signals::new();
+    tokio::spawn(async move {
+        let name = signals.next().await;
+        tracing::info!("{name} received");
+        let _ = first_seen.send(());
+        let _ = second_seen.send(signals.next().await);
+    });
+    let first = async move {
+        if first.await.is_err() {
+            std::future::pending::<()>().await;
         }
-    }
+    };
+    let second = async move {
+        match second.await {
+            Ok(name) => name,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    (first, second)
 }
 
-/// The next SIGTERM or SIGINT (Ctrl-C elsewhere), by name; never, when no handler can be set
-/// (logged).
-fn next_signal() -> impl Future<Output = Option<&'static str>> + Send + 'static {
+/// The stop signals' listeners, set when made.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let listen = |kind: SignalKind, name: &'static str| {
-            let listener = signal(kind);
-            async move {
-                match listener {
-                    Ok(mut listener) => {
-                        listener.recv().await;
-                        name
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "cannot listen for {name}");
-                        std::future::pending().await
-                    }
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind)
+                    .inspect_err(|err| tracing::error!(error = %err, "cannot listen for {name}"))
+                    .ok()
+            };
+            Self {
+                interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The next signal's name; never, for a signal that could not be listened for.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn on(listener: &mut Option<tokio::signal::unix::Signal>) {
+                let received = match listener {
+                    Some(listener) => listener.recv().await.is_some(),
+                    None => false,
+                };
+                if !received {
+                    std::future::pending::<()>().await;
                 }
             }
-        };
-        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
-        let terminate = listen(SignalKind::terminate(), "SIGTERM");
-        async move {
             tokio::select! {
-                name = interrupt => Some(name),
-                name = terminate => Some(name),
+                () = on(&mut self.interrupt) => "SIGINT",
+                () = on(&mut self.terminate) => "SIGTERM",
             }
         }
-    }
-    #[cfg(not(unix))]
-    async {
+        #[cfg(not(unix))]
         match tokio::signal::ctrl_c().await {
-            Ok(()) => Some("Ctrl-C"),
+            Ok(()) => "Ctrl-C",
             Err(err) => {
                 tracing::error!(error = %err, "cannot listen for Ctrl-C");
                 std::future::pending().await

@@ -386,21 +386,14 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 tls,
                 cut_drain: cut_drain.clone(),
             };
-            let first = edgegate::shutdown_signal();
-            let (begun, drain_begun) = tokio::sync::oneshot::channel();
-            let shutdown = async move {
-                first.await;
-                let _ = begun.send(());
-            };
+            let (shutdown, second) = edgegate::shutdown_signals();
             tokio::spawn(async move {
-                if drain_begun.await.is_ok() {
-                    let name = edgegate::second_signal().await;
-                    tracing::warn!(
-                        "{name} received during the drain: stopping now; the requests still in \
-                         flight are cut"
-                    );
-                    cut_drain.notify_one();
-                }
+                let name = second.await;
+                tracing::warn!(
+                    "{name} received again: the drain, if still under way, is cut short (the \
+                     requests still in flight dropped, the usage counts still written)"
+                );
+                cut_drain.notify_one();
             });
             let served = edgegate::run_with(config, listener, shutdown, options).await;
             // The last log lines before this process's own.
