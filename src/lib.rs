@@ -199,9 +199,10 @@ impl Started {
                     Err(err) => {
                         tracing::warn!(
                             error = crate::error::causes(&err),
-                            "cannot read which migrations the database has applied; reading \
-                             them again"
+                            "cannot read which migrations the database has applied; not ready \
+                             until they are read"
                         );
+                        store.migrations_unread();
                         Some(false)
                     }
                 };
@@ -217,6 +218,7 @@ impl Started {
                 background.push(if options.migrate {
                     spawn_migration_retry(store.clone())
                 } else {
+                    store.migrations_unread();
                     spawn_schema_watch(store.clone(), false)
                 });
             }
@@ -383,6 +385,8 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
 /// How often `serve --no-migrate` reads the applied migrations again while the database lacks
 /// some of the binary's (or could not be read): one small query.
 const SCHEMA_RECHECK: Duration = Duration::from_secs(3);
+/// How often a reading of the applied migrations that keeps failing is warned of.
+const SCHEMA_WARN_EVERY: Duration = Duration::from_secs(60);
 
 fn report_missing_migrations(store: &Store, missing: usize) {
     tracing::error!(
@@ -400,6 +404,7 @@ fn report_missing_migrations(store: &Store, missing: usize) {
 /// with the other background tasks.
 fn spawn_schema_watch(store: Store, mut reported: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut last_warned = None::<std::time::Instant>;
         loop {
             tokio::time::sleep(SCHEMA_RECHECK).await;
             match store.check_migrations().await {
@@ -414,10 +419,16 @@ fn spawn_schema_watch(store: Store, mut reported: bool) -> tokio::task::JoinHand
                     reported = true;
                 }
                 Ok(_) => {}
-                Err(err) => tracing::debug!(
-                    error = crate::error::causes(&err),
-                    "cannot read which migrations the database has applied; reading them again"
-                ),
+                // Warned at most every minute (the reading is tried every 3 s).
+                Err(err) if last_warned.is_none_or(|at| at.elapsed() >= SCHEMA_WARN_EVERY) => {
+                    tracing::warn!(
+                        error = crate::error::causes(&err),
+                        "cannot read which migrations the database has applied; not ready \
+                         until they are read"
+                    );
+                    last_warned = Some(std::time::Instant::now());
+                }
+                Err(_) => {}
             }
         }
     })

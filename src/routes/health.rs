@@ -40,15 +40,18 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json:
     // ready either: the routes that need it refuse until then.
     let store = &state.store;
     let probed = match store.ping().await {
-        Ok(()) if store.migrations_missing() > 0 => Err(format!(
-            "the database lacks {} of this binary's {} migrations: run edgegate migrate",
-            store.migrations_missing(),
-            store.shipped_migration_count()
-        )),
-        Ok(()) if !store.is_ready() => {
-            readiness_failed(&anyhow::anyhow!("migrations not applied yet"))
-        }
-        Ok(()) => Ok(()),
+        Ok(()) => match store.migrations_missing() {
+            Some(0) if !store.is_ready() => {
+                readiness_failed(&anyhow::anyhow!("migrations not applied yet"))
+            }
+            Some(0) => Ok(()),
+            Some(missing) => Err(format!(
+                "the database lacks {missing} of this binary's {} migrations: run edgegate \
+                 migrate",
+                store.shipped_migration_count()
+            )),
+            None => Err("the migrations the database has applied are not read yet".to_owned()),
+        },
         Err(err) => readiness_failed(&err),
     };
     state.metrics.database_ready.set(i64::from(probed.is_ok()));

@@ -97,7 +97,11 @@ impl FromRequestParts<AppState> for DatabaseReady {
     async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         if state.store.is_ready() {
             Ok(Self)
-        } else if state.store.migrations_missing() > 0 {
+        } else if state
+            .store
+            .migrations_missing()
+            .is_some_and(|missing| missing > 0)
+        {
             Err(ApiError::NotReady(
                 "the database's schema is behind this service's; try again later".to_owned(),
             ))

@@ -202,13 +202,25 @@ impl Store {
     /// answer at start, to migrate it, and while a database `serve --no-migrate` serves lacks
     /// some of this binary's migrations.
     pub fn is_ready(&self) -> bool {
-        self.schema_ready.load(Ordering::Acquire) && self.migrations_missing() == 0
+        self.schema_ready.load(Ordering::Acquire) && self.migrations_missing() == Some(0)
     }
 
     /// How many of this binary's migrations the database lacked when [`Store::check_migrations`]
-    /// last read them (0 before it ever has, and once [`Store::migrate`] has succeeded).
-    pub fn migrations_missing(&self) -> usize {
-        self.migrations_missing.load(Ordering::Acquire)
+    /// last read them (0 once [`Store::migrate`] has succeeded, and before anything was asked
+    /// of it); `None` after [`Store::migrations_unread`] until a reading succeeds.
+    pub fn migrations_missing(&self) -> Option<usize> {
+        match self.migrations_missing.load(Ordering::Acquire) {
+            MIGRATIONS_UNREAD => None,
+            missing => Some(missing),
+        }
+    }
+
+    /// For `serve --no-migrate` on a database it could not read the migrations of (it did not
+    /// answer at start, say): not ready until [`Store::check_migrations`] succeeds, so that the
+    /// routes that need the database answer 503, not 500 on a table the database lacks.
+    pub fn migrations_unread(&self) {
+        self.migrations_missing
+            .store(MIGRATIONS_UNREAD, Ordering::Release);
     }
 
     /// Reads which migrations the database has applied and records how many of this binary's
@@ -653,6 +665,9 @@ fn applied_before(read: Result<Vec<i64>, sqlx::Error>) -> anyhow::Result<Vec<i64
 
 /// What [`applied_before`] reads.
 const APPLIED_SQL: &str = "SELECT version FROM _sqlx_migrations WHERE success = TRUE";
+
+/// `Store::migrations_missing` while the applied migrations have not been read.
+const MIGRATIONS_UNREAD: usize = usize::MAX;
 
 /// A query on a table that does not exist: `_sqlx_migrations` in a database never migrated
 /// (PostgreSQL's SQLSTATE 42P01; SQLite has no code of its own for it, only its message).

@@ -98,6 +98,28 @@ async fn migrate_applies_every_version_and_is_idempotent() {
     assert_eq!(store.applied_migrations().await.unwrap(), shipped);
 }
 
+/// `serve --no-migrate` on a database whose migrations it could not read yet (it did not answer
+/// at start) is not ready until a reading says none is missing: it counted as ready, and the
+/// routes that need the database answered 500 on the tables it lacked, until its first reading.
+#[tokio::test]
+async fn a_store_whose_migrations_are_unread_is_not_ready_until_read() {
+    let db = test_db!();
+    let store = edgegate::Store::connect(&db.config(&[]).database_url)
+        .await
+        .unwrap();
+    store.migrations_unread();
+    assert!(!store.is_ready());
+    assert_eq!(store.migrations_missing(), None);
+    let shipped = shipped_migrations()[0].1.len();
+    assert_eq!(store.check_migrations().await.unwrap(), shipped);
+    assert!(!store.is_ready(), "ready with every migration missing");
+    store.migrate().await.unwrap();
+    assert!(store.is_ready());
+    store.migrations_unread();
+    assert_eq!(store.check_migrations().await.unwrap(), 0);
+    assert!(store.is_ready());
+}
+
 #[tokio::test]
 async fn concurrent_migrations_from_two_instances_agree() {
     let db = test_db!();
