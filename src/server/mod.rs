@@ -32,8 +32,8 @@ use conn::{ConnState, TimedIo, Tracked};
 
 /// The largest request head (request line and headers) read over HTTP/1: what a connection may
 /// make the server buffer before it has a request. Over it, hyper answers 431. HTTP/2's header
-/// list (names and values, and 32 bytes a header) is held to the same (h2's default was 16 KiB,
-/// so a header taken over HTTP/1.1 was refused over HTTP/2).
+/// list (names and values, and 32 bytes a header) keeps h2's default, 16 KiB: each of a
+/// connection's [`MAX_CONCURRENT_STREAMS`] streams holds its headers while its request runs.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams one connection may have open at once; a stream past it is refused
 /// (`REFUSED_STREAM`, which a client may retry). Each stream is a request that may hold a body
@@ -327,8 +327,7 @@ fn builder(tasks: Tasks) -> Builder<Tasks> {
         .timer(TokioTimer::new())
         .keep_alive_interval(HTTP2_KEEP_ALIVE)
         .keep_alive_timeout(HTTP2_KEEP_ALIVE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     builder
 }
 
