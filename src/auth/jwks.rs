@@ -49,8 +49,8 @@ pub fn http_client(url: Option<&Url>) -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// Fetcher settings.
-#[derive(Debug, Clone)]
+/// Fetcher settings. Its `Debug` shows `url` without its query, where a key may be.
+#[derive(Clone)]
 pub struct JwksConfig {
     /// The JWKS location.
     pub url: Url,
@@ -58,6 +58,16 @@ pub struct JwksConfig {
     pub ttl: Duration,
     /// Least time between two fetches (`JWKS_MIN_REFRESH_SECONDS`).
     pub min_refresh: Duration,
+}
+
+impl std::fmt::Debug for JwksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksConfig")
+            .field("url", &crate::config::shown_url(&self.url))
+            .field("ttl", &self.ttl)
+            .field("min_refresh", &self.min_refresh)
+            .finish()
+    }
 }
 
 /// Why a fetch produced no new key set.
@@ -196,7 +206,7 @@ impl JwksStats {
 /// State for the admin endpoint.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct JwksStatus {
-    /// The JWKS location, without its query (`?…`), where a key may be.
+    /// The JWKS location, without its query (`?…`), where a key may be, and its fragment.
     pub url: String,
     /// Counters.
     pub stats: JwksStatsSnapshot,
@@ -646,6 +656,24 @@ impl Drop for RefreshTask {
 mod tests {
     use super::*;
     use reqwest::header::{AGE, CACHE_CONTROL, HeaderMap, HeaderValue};
+
+    /// The fetcher's settings print their URL without its query, where a key may be (its
+    /// derived `Debug` printed `?apikey=sb_secret_…` whole).
+    #[test]
+    fn settings_debug_without_the_urls_query() {
+        let settings = JwksConfig {
+            url: Url::parse("https://jwks.example.com/jwks.json?apikey=sb_secret_querysecret")
+                .unwrap(),
+            ttl: Duration::from_secs(600),
+            min_refresh: Duration::from_secs(30),
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("querysecret"), "{shown}");
+        assert!(
+            shown.contains("https://jwks.example.com/jwks.json?…"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn max_age_is_clamped() {

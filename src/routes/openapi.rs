@@ -398,9 +398,10 @@ impl IntoResponses for SmsErrors {
                 HeaderBuilder::new()
                     .schema(ObjectBuilder::new().schema_type(Type::Integer))
                     .description(Some(
-                        "When Twilio is throttling and asked for a longer wait than a send takes: \
-                         seconds after which to retry (nothing was sent; a retry with the same \
-                         idempotency_key sends it)",
+                        "When Twilio was still throttling when the send gave up (its wait \
+                         longer than a send may take, or asked on the last attempt) and said how \
+                         long to wait: seconds after which to retry (nothing was sent; a retry \
+                         with the same idempotency_key sends it)",
                     ))
                     .build(),
             );
