@@ -72,6 +72,26 @@ async fn sigterm_during_start_up_stops_it_cleanly() {
     drop(lock);
 }
 
+/// One request to jwt-test with a user session signed by the legacy `secret`, answered 200: a
+/// use of the legacy secret, counted in memory until the next flush.
+async fn use_legacy_secret(port: u16, secret: &str) {
+    let claims = edgegate::auth::mint::user_claims(
+        "supabase",
+        "authenticated",
+        "user-1",
+        crate::support::now_ms() / 1000,
+        3600,
+    );
+    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/functions/v1/jwt-test"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 /// At SIGTERM the usage counts are written and the process ends by itself, well inside Fly's
 /// kill timeout, even while a JWKS fetch hangs on a host that accepts and never answers.
 #[tokio::test]
@@ -103,21 +123,7 @@ async fn a_hanging_jwks_fetch_does_not_hold_up_the_stop() {
     let mut child = spawn_server(dir.path(), "server.log", &vars);
     assert!(wait_healthy(port).await, "edgegate never answered /healthz");
     fetched.await.unwrap();
-    let claims = edgegate::auth::mint::user_claims(
-        "supabase",
-        "authenticated",
-        "user-1",
-        crate::support::now_ms() / 1000,
-        3600,
-    );
-    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
-    let response = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/functions/v1/jwt-test"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    use_legacy_secret(port, secret).await;
 
     signal(&child, "TERM");
     let stopping = std::time::Instant::now();
@@ -1363,21 +1369,7 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
     assert!(wait_healthy(port).await, "edgegate never answered /healthz");
     // A legacy token's use, counted in memory until the next flush: the evidence a cut drain
     // must still write.
-    let claims = edgegate::auth::mint::user_claims(
-        "supabase",
-        "authenticated",
-        "user-1",
-        crate::support::now_ms() / 1000,
-        3600,
-    );
-    let token = edgegate::auth::mint::legacy_token(secret.as_bytes(), &claims, None);
-    let response = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/functions/v1/jwt-test"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    use_legacy_secret(port, secret).await;
     // A webhook whose body never ends: in flight until the route's 30 s, past the drain.
     let now = crate::support::now_ms() / 1000;
     let mut held = tokio::net::TcpStream::connect(("127.0.0.1", port))
