@@ -1191,7 +1191,6 @@ fn token_mint_with_a_public_jwk_points_to_the_private_one() {
 /// A `.env` line that does not parse is given by its number, and its text is never shown.
 #[test]
 fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
-    let dir = tempfile::tempdir().unwrap();
     for (text, number, name) in [
         ("# settings\nPORT=8080\nsecret words sk_live_abc\n", 3, None),
         (
@@ -1205,11 +1204,7 @@ fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
             Some("SUPABASE_JWT_SECRET"),
         ),
     ] {
-        std::fs::write(dir.path().join(".env"), text).unwrap();
-        let out = output(edgegate(dir.path(), &[]).arg("check"));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        let stderr = refused_dotenv(text);
         assert!(
             stderr.contains(".env") && stderr.contains(&format!("line {number}")),
             "{text:?}: {stderr}"
@@ -1221,17 +1216,24 @@ fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
     }
 }
 
+/// `edgegate check` in a folder whose `.env` holds `text`, which it refuses: its one line of
+/// stderr (the exit code is 2, a configuration error, and the message one line).
+fn refused_dotenv(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), text).unwrap();
+    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    stderr
+}
+
 /// A variable set twice in `.env` stops start-up naming it and both lines: edgegate took the
 /// first value, where a shell's `source`, docker compose and node's dotenv take the last.
 #[test]
 fn a_variable_set_twice_in_dotenv_is_refused_naming_both_lines() {
-    let dir = tempfile::tempdir().unwrap();
     let text = "# settings\nPORT=8080\nNOTE=\"two\nPORT=lines\"\n\nexport PORT=9090\n";
-    std::fs::write(dir.path().join(".env"), text).unwrap();
-    let out = output(edgegate(dir.path(), &[]).arg("check"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let stderr = refused_dotenv(text);
     assert!(
         stderr.contains(".env")
             && stderr.contains("PORT")
@@ -1245,16 +1247,8 @@ fn a_variable_set_twice_in_dotenv_is_refused_naming_both_lines() {
 /// edgegate reads: a pasted secret's fragment was printed as "the line of <fragment>".
 #[test]
 fn a_dotenv_line_that_does_not_parse_names_only_a_variable_edgegate_reads() {
-    let dir = tempfile::tempdir().unwrap();
     let fragment = "c2VjcmV0c2VjcmV0U1VQRVJTRUNSRVQ";
-    std::fs::write(
-        dir.path().join(".env"),
-        format!("PORT=8080\n{fragment}==\"bad\n"),
-    )
-    .unwrap();
-    let out = output(edgegate(dir.path(), &[]).arg("check"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_dotenv(&format!("PORT=8080\n{fragment}==\"bad\n"));
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(!stderr.contains(fragment), "{stderr}");
 }
@@ -1263,16 +1257,8 @@ fn a_dotenv_line_that_does_not_parse_names_only_a_variable_edgegate_reads() {
 /// the refusal names the two lines, not the "name" (it printed `sets c2VjcmV0… twice`).
 #[test]
 fn a_repeated_dotenv_name_is_named_only_when_edgegate_reads_it() {
-    let dir = tempfile::tempdir().unwrap();
     let fragment = "c2VjcmV0c2VjcmV0U1VQRVJTRUNSRVQ";
-    std::fs::write(
-        dir.path().join(".env"),
-        format!("{fragment}==\nPORT=8080\n{fragment}==\n"),
-    )
-    .unwrap();
-    let out = output(edgegate(dir.path(), &[]).arg("check"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_dotenv(&format!("{fragment}==\nPORT=8080\n{fragment}==\n"));
     assert!(stderr.contains("lines 1 and 3"), "{stderr}");
     assert!(!stderr.contains(fragment), "{stderr}");
 }
