@@ -1,7 +1,7 @@
 //! The one way edgegate builds a client for calls it makes with a credential (Stripe, Twilio,
 //! the JWKS host, an OTLP collector, `check`, `keys report`).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use url::Url;
 
@@ -77,6 +77,26 @@ pub async fn read_capped(
     Ok(body)
 }
 
+/// The wait an answer's `Retry-After` asks for, in either of its forms (RFC 9110 §10.2.3):
+/// seconds, or an HTTP date (one already past asks for none). `None` when there is none, or it
+/// cannot be read.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    retry_after_at(headers, SystemTime::now())
+}
+
+fn retry_after_at(headers: &reqwest::header::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 /// Whether `url` names this machine: a loopback address or `localhost`.
 pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
@@ -91,6 +111,30 @@ pub fn is_loopback(url: &Url) -> bool {
 mod tests {
     use std::io::{Read as _, Write as _};
     use std::net::TcpListener;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        use std::time::{Duration, SystemTime};
+
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let read = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(value));
+            super::retry_after_at(&headers, now)
+        };
+        assert_eq!(read("120"), Some(Duration::from_secs(120)));
+        assert_eq!(read(" 7 "), Some(Duration::from_secs(7)));
+        // 2015-10-21 07:28:00 UTC is `now`.
+        assert_eq!(
+            read("Wed, 21 Oct 2015 07:29:30 GMT"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(read("Wed, 21 Oct 2015 07:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(read("-5"), None);
+        assert_eq!(read("soon"), None);
+        assert_eq!(super::retry_after_at(&HeaderMap::new(), now), None);
+    }
 
     /// A 307 is the answer: nothing goes to where it points.
     #[tokio::test]

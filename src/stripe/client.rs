@@ -11,9 +11,10 @@
 //! Retries: a failed attempt (connection error, per-attempt timeout, truncated or unreadable
 //! body, 409, 429, 5xx) is tried again after an exponentially growing, jittered delay, up to
 //! `RetryPolicy::max_attempts`. `Stripe-Should-Retry: true|false` overrides that judgement.
-//! A 429's `Retry-After` (seconds, at most `MAX_RETRY_AFTER`) is waited out when it is longer
-//! than the backoff and still leaves the call inside `RetryPolicy::worst_case`; when it would
-//! not, the call gives up at once rather than retry before Stripe said to.
+//! A 429's `Retry-After` (seconds or an HTTP date, at most `MAX_RETRY_AFTER`) is waited out
+//! when it is longer than the backoff and still leaves the call inside
+//! `RetryPolicy::worst_case`; when it would not, the call gives up at once rather than retry
+//! before Stripe said to.
 //! An answer larger than `MAX_ANSWER_BYTES` is refused and not retried; a listing whose next
 //! page would start after an object a page already started after (an upstream that ignores
 //! `starting_after`) fails instead of looping.
@@ -437,14 +438,8 @@ impl StripeClient {
             .get("stripe-should-retry")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<bool>().ok());
-        // Seconds only: Stripe sends no HTTP date, and one is not worth guessing at.
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .filter(|_| status.as_u16() == 429)
-            .map(Duration::from_secs);
+        let retry_after =
+            crate::outbound::retry_after(response.headers()).filter(|_| status.as_u16() == 429);
         let body = read_capped(response, MAX_ANSWER_BYTES).await?;
         let body = crate::stripe::objects::without_nul(&body);
         if status.is_success() {

@@ -108,11 +108,7 @@ impl Collector {
                 }
                 Ok(response) => {
                     let status = response.status();
-                    let retry_after = response
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                    let retry_after = crate::outbound::retry_after(response.headers());
                     let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
                     if !retryable {
                         return Err(ExportError::Status(status));

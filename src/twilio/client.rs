@@ -181,12 +181,7 @@ impl TwilioApi {
             }
         })?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::outbound::retry_after(response.headers());
         let bytes = crate::outbound::read_capped(response, MAX_ANSWER_BYTES).await;
         if status.is_success() {
             // Twilio may have acted on it: whatever the body, nothing is sent again.

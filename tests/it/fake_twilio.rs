@@ -32,6 +32,9 @@ pub enum Reply {
     },
     /// 429 with error 20429 and `Retry-After` of this many seconds, as Twilio throttles.
     ThrottledFor(u64),
+    /// 429 with error 20429 and `Retry-After` as an HTTP date this many seconds ahead, the
+    /// header's other form (RFC 9110 §10.2.3).
+    ThrottledUntil(u64),
     /// Reads the request, then never answers: the caller times out after sending.
     Hang,
     /// 307 to this URL (Twilio never redirects; a proxy or a hijacked base might).
@@ -259,6 +262,15 @@ async fn create(
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            response
+        }
+        Reply::ThrottledUntil(seconds) => {
+            let mut response = error(429, 20429, "Too Many Requests");
+            let at = std::time::SystemTime::now() + std::time::Duration::from_secs(seconds);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                httpdate::fmt_http_date(at).parse().unwrap(),
+            );
             response
         }
         Reply::Hang => std::future::pending().await,

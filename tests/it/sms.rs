@@ -826,11 +826,19 @@ async fn sms_a_throttle_longer_than_a_send_can_wait_is_passed_on_in_retry_after(
     assert!(retry.body["sid"].is_string(), "{}", retry.body);
     assert_eq!(fake.requests().len(), 2);
 
+    // The header's other form, an HTTP date, is the same wait (a second lost to its
+    // whole-second precision at most).
+    fake.script([Reply::ThrottledUntil(30)]);
+    let answer = expect_upstream_failure(&app, "+12025550128", "failed").await;
+    let retry_after = answer.retry_after.expect("Retry-After");
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(fake.requests().len(), 3);
+
     // An absurd wait is passed on bounded.
     fake.script([Reply::ThrottledFor(1_000_000)]);
     let answer = expect_upstream_failure(&app, "+12025550124", "failed").await;
     assert_eq!(answer.retry_after, Some(3_600), "{}", answer.body);
-    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(fake.requests().len(), 4);
 
     // Twilio still asking on the last attempt: its wait is passed on too.
     fake.script([
@@ -840,13 +848,13 @@ async fn sms_a_throttle_longer_than_a_send_can_wait_is_passed_on_in_retry_after(
     ]);
     let answer = expect_upstream_failure(&app, "+12025550125", "failed").await;
     assert_eq!(answer.retry_after, Some(2), "{}", answer.body);
-    assert_eq!(fake.requests().len(), 6);
+    assert_eq!(fake.requests().len(), 7);
 
     // A wait a send can afford is waited out.
     fake.script([Reply::ThrottledFor(1)]);
     let answer = send(&app, json!({"to": "+12025550126", "body": "hi"})).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
-    assert_eq!(fake.requests().len(), 8);
+    assert_eq!(fake.requests().len(), 9);
 
     // A wait under 5 s that a call after it could not end within the send's budget (3 s and a
     // 2 s call past a 4 s budget) is passed on too.
@@ -857,7 +865,7 @@ async fn sms_a_throttle_longer_than_a_send_can_wait_is_passed_on_in_retry_after(
     fake.script([Reply::ThrottledFor(3)]);
     let answer = expect_upstream_failure(&short, "+12025550127", "failed").await;
     assert_eq!(answer.retry_after, Some(3), "{}", answer.body);
-    assert_eq!(fake.requests().len(), 9);
+    assert_eq!(fake.requests().len(), 10);
 }
 
 #[tokio::test]
