@@ -241,8 +241,14 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
 ) -> Result<Option<TraceExport>, ConfigError> {
     let base = vars.url("OTEL_EXPORTER_OTLP_ENDPOINT", parse::UrlRule::Http)?;
     let traces = vars.url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", parse::UrlRule::Http)?;
-    vars.otlp_protocol("OTEL_EXPORTER_OTLP_PROTOCOL")?;
-    vars.otlp_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+    let sdk_disabled = vars.boolean("OTEL_SDK_DISABLED")?;
+    let disabled = vars.traces_exporter("OTEL_TRACES_EXPORTER", sdk_disabled)? || sdk_disabled;
+    // Features not built in stop start-up only where spans would be exported without them: a
+    // platform that sets them for every service (an OpenTelemetry operator, a shared env file)
+    // must not stop an instance that exports nothing.
+    let exporting = !disabled && (traces.is_some() || base.is_some());
+    vars.otlp_protocol("OTEL_EXPORTER_OTLP_PROTOCOL", exporting)?;
+    vars.otlp_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", exporting)?;
     // The signal's own headers win over the shared ones of the same name.
     let mut headers = vars.otlp_headers("OTEL_EXPORTER_OTLP_HEADERS")?;
     for (name, value) in vars.otlp_headers("OTEL_EXPORTER_OTLP_TRACES_HEADERS")? {
@@ -259,33 +265,18 @@ fn trace_export<F: Fn(&str) -> Option<String>>(
         .get_trimmed("OTEL_SERVICE_NAME")
         .or(named)
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
-    let sampler = vars.sampler("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")?;
+    let sampler = vars.sampler("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", exporting)?;
     vars.propagators("OTEL_PROPAGATORS", false)?;
     let max_queue_size = vars.number("OTEL_BSP_MAX_QUEUE_SIZE", 2_048, 1..=1_000_000)?;
     let max_export_batch_size = vars.number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1..=100_000)?;
     let schedule_delay = vars.number("OTEL_BSP_SCHEDULE_DELAY", 5_000, 1..=600_000)?;
     let timeout = vars.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, 1..=600_000)?;
     let timeout = vars.number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", timeout, 1..=600_000)?;
-    let exporter = vars.get_trimmed("OTEL_TRACES_EXPORTER");
-    let disabled = match exporter.as_deref() {
-        None | Some("otlp") => false,
-        Some("none") => true,
-        Some(_) => {
-            return Err(ConfigError::new(
-                "OTEL_TRACES_EXPORTER",
-                "must be otlp or none",
-            ));
-        }
-    } || vars.boolean("OTEL_SDK_DISABLED")?;
     let endpoint = match (traces, base) {
-        _ if disabled => return Ok(None),
-        (Some(traces), _) => traces,
-        (None, Some(base)) => parse::join_path(&base, "v1/traces"),
-        (None, None) => return Ok(None),
+        (Some(traces), _) if exporting => traces,
+        (None, Some(base)) if exporting => parse::join_path(&base, "v1/traces"),
+        _ => return Ok(None),
     };
-    // Features not built in stop start-up only where spans would be exported without them: a
-    // platform that sets them for every service (an OpenTelemetry operator, a shared env file)
-    // must not stop an instance that exports nothing.
     let trace_context = vars.propagators("OTEL_PROPAGATORS", true)?;
     vars.otlp_compression("OTEL_EXPORTER_OTLP_COMPRESSION")?;
     vars.otlp_compression("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?;

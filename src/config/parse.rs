@@ -65,13 +65,34 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    /// Only `http/protobuf` is built in: gRPC would bring a second HTTP stack (tonic).
-    pub(super) fn otlp_protocol(&self, name: &str) -> Result<(), ConfigError> {
+    /// Only `http/protobuf` is built in: gRPC would bring a second HTTP stack (tonic). The
+    /// specification's other two are refused only when `exporting`.
+    pub(super) fn otlp_protocol(&self, name: &str, exporting: bool) -> Result<(), ConfigError> {
         match self.get_trimmed(name).as_deref() {
             None | Some("http/protobuf") => Ok(()),
+            Some("grpc" | "http/json") if !exporting => Ok(()),
             Some(_) => Err(ConfigError::new(
                 name,
                 "must be http/protobuf (grpc and http/json are not built in)",
+            )),
+        }
+    }
+
+    /// `OTEL_TRACES_EXPORTER`: whether it is `none`. `otlp` is the one built in; the
+    /// specification's `zipkin` and `console` are accepted only where `sdk_disabled` turns every
+    /// exporter off.
+    pub(super) fn traces_exporter(
+        &self,
+        name: &str,
+        sdk_disabled: bool,
+    ) -> Result<bool, ConfigError> {
+        match self.get_trimmed(name).as_deref() {
+            None | Some("otlp") => Ok(false),
+            Some("none") => Ok(true),
+            Some("zipkin" | "console") if sdk_disabled => Ok(true),
+            Some(_) => Err(ConfigError::new(
+                name,
+                "must be otlp or none (zipkin and console are not built in)",
             )),
         }
     }
@@ -198,7 +219,15 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         )
     }
 
-    pub(super) fn sampler(&self, name: &str, arg_name: &str) -> Result<TraceSampler, ConfigError> {
+    /// `OTEL_TRACES_SAMPLER`; the specification's samplers that are not built in (Jaeger's
+    /// remote one, X-Ray's) are refused only when `exporting` (the default stands for them
+    /// otherwise: nothing samples).
+    pub(super) fn sampler(
+        &self,
+        name: &str,
+        arg_name: &str,
+        exporting: bool,
+    ) -> Result<TraceSampler, ConfigError> {
         let ratio = || -> Result<f64, ConfigError> {
             let Some(raw) = self.get_trimmed(arg_name) else {
                 return Ok(1.0);
@@ -215,10 +244,14 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             Some("traceidratio") => Ok(TraceSampler::TraceIdRatio(ratio()?)),
             Some("parentbased_always_off") => Ok(TraceSampler::ParentBasedAlwaysOff),
             Some("parentbased_traceidratio") => Ok(TraceSampler::ParentBasedTraceIdRatio(ratio()?)),
+            Some("jaeger_remote" | "parentbased_jaeger_remote" | "xray") if !exporting => {
+                Ok(TraceSampler::ParentBasedAlwaysOn)
+            }
             Some(_) => Err(ConfigError::new(
                 name,
                 "must be always_on, always_off, traceidratio, parentbased_always_on, \
-                 parentbased_always_off or parentbased_traceidratio",
+                 parentbased_always_off or parentbased_traceidratio (jaeger_remote, \
+                 parentbased_jaeger_remote and xray are not built in)",
             )),
         }
     }

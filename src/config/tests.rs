@@ -735,13 +735,51 @@ fn otlp_settings_are_checked_even_without_an_endpoint() {
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "https://user:pass@collector.example.com",
     );
-    refused("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
-    refused("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json");
-    refused("OTEL_TRACES_SAMPLER", "jaeger_remote");
+    refused("OTEL_EXPORTER_OTLP_PROTOCOL", "grcp");
+    refused("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/xml");
+    refused("OTEL_TRACES_SAMPLER", "parentbased_always");
     refused("OTEL_BSP_MAX_QUEUE_SIZE", "0");
     refused("OTEL_BSP_SCHEDULE_DELAY", "soon");
     refused("OTEL_EXPORTER_OTLP_TIMEOUT", "-1");
     assert!(config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).is_ok());
+}
+
+/// What the specification defines but edgegate does not build in (gRPC, JSON, Jaeger's and
+/// X-Ray's samplers, Zipkin's exporter) stops start-up only where spans would be exported: a
+/// platform that sets it for every service must not stop an instance that exports nothing.
+#[test]
+fn features_not_built_in_are_refused_only_where_spans_are_exported() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    let not_built_in = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+        ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_jaeger_remote"),
+        ("OTEL_TRACES_SAMPLER", "xray"),
+    ];
+    for (name, value) in not_built_in {
+        for off in [
+            vec![("OTEL_SDK_DISABLED", "true"), endpoint],
+            vec![("OTEL_TRACES_EXPORTER", "none"), endpoint],
+            vec![],
+        ] {
+            let mut vars = off.clone();
+            vars.push((name, value));
+            let config = config(&vars)
+                .unwrap_or_else(|err| panic!("{name}={value} with {off:?} refused: {err}"));
+            assert!(config.traces.is_none());
+        }
+        let err = config(&[endpoint, (name, value)])
+            .expect_err(&format!("{name}={value} must be refused while exporting"));
+        assert_eq!(err.variable, name);
+    }
+    for exporter in ["zipkin", "console"] {
+        let disabled = [("OTEL_SDK_DISABLED", "true"), endpoint];
+        let mut vars = disabled.to_vec();
+        vars.push(("OTEL_TRACES_EXPORTER", exporter));
+        assert!(config(&vars).unwrap().traces.is_none(), "{exporter}");
+        refused("OTEL_TRACES_EXPORTER", exporter);
+    }
 }
 
 #[test]
