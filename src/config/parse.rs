@@ -55,6 +55,12 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         self.get(name).map(|raw| raw.trim().to_owned())
     }
 
+    /// The value trimmed and lowercased, when set: the OpenTelemetry specification's enum values
+    /// are case-insensitive.
+    fn get_enum(&self, name: &str) -> Option<String> {
+        self.get_trimmed(name).map(|raw| raw.to_ascii_lowercase())
+    }
+
     /// `true` or `false`, any case (the OpenTelemetry specification's booleans); unset is false.
     pub(super) fn boolean(&self, name: &str) -> Result<bool, ConfigError> {
         match self.get_trimmed(name) {
@@ -68,7 +74,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
     /// Only `http/protobuf` is built in: gRPC would bring a second HTTP stack (tonic). The
     /// specification's other two are refused only when `exporting`.
     pub(super) fn otlp_protocol(&self, name: &str, exporting: bool) -> Result<(), ConfigError> {
-        match self.get_trimmed(name).as_deref() {
+        match self.get_enum(name).as_deref() {
             None | Some("http/protobuf") => Ok(()),
             Some("grpc" | "http/json") if !exporting => Ok(()),
             Some(_) => Err(ConfigError::new(
@@ -86,7 +92,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         name: &str,
         sdk_disabled: bool,
     ) -> Result<bool, ConfigError> {
-        match self.get_trimmed(name).as_deref() {
+        match self.get_enum(name).as_deref() {
             None | Some("otlp") => Ok(false),
             Some("none") => Ok(true),
             Some("zipkin" | "console") if sdk_disabled => Ok(true),
@@ -139,7 +145,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 
     /// An OTLP compression variable: `none` (what is done) or unset; `gzip` is not built in.
     pub(super) fn otlp_compression(&self, name: &str) -> Result<(), ConfigError> {
-        match self.get_trimmed(name).as_deref() {
+        match self.get_enum(name).as_deref() {
             None | Some("none") => Ok(()),
             Some(_) => Err(ConfigError::new(
                 name,
@@ -237,7 +243,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 .filter(|ratio| (0.0..=1.0).contains(ratio))
                 .ok_or_else(|| ConfigError::new(arg_name, "must be a number from 0 to 1"))
         };
-        match self.get_trimmed(name).as_deref() {
+        match self.get_enum(name).as_deref() {
             None | Some("parentbased_always_on") => Ok(TraceSampler::ParentBasedAlwaysOn),
             Some("always_on") => Ok(TraceSampler::AlwaysOn),
             Some("always_off") => Ok(TraceSampler::AlwaysOff),

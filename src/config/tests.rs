@@ -782,6 +782,39 @@ fn features_not_built_in_are_refused_only_where_spans_are_exported() {
     }
 }
 
+/// The specification's enum values are case-insensitive, as OTEL_PROPAGATORS and
+/// OTEL_SDK_DISABLED already were.
+#[test]
+fn otel_enum_values_are_read_in_any_case() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    let traces = |vars: &[(&str, &str)]| {
+        let mut all = vec![endpoint];
+        all.extend_from_slice(vars);
+        config(&all)
+            .unwrap_or_else(|err| panic!("{vars:?}: {err}"))
+            .traces
+    };
+    let sampler = traces(&[("OTEL_TRACES_SAMPLER", "ALWAYS_ON")])
+        .unwrap()
+        .sampler;
+    assert_eq!(sampler, TraceSampler::AlwaysOn);
+    let sampler = traces(&[
+        ("OTEL_TRACES_SAMPLER", "ParentBased_TraceIdRatio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+    ])
+    .unwrap()
+    .sampler;
+    assert_eq!(sampler, TraceSampler::ParentBasedTraceIdRatio(0.5));
+    assert!(traces(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "HTTP/PROTOBUF")]).is_some());
+    assert!(traces(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "Http/Protobuf")]).is_some());
+    assert!(traces(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "NONE")]).is_some());
+    assert!(traces(&[("OTEL_TRACES_EXPORTER", "OTLP")]).is_some());
+    assert!(traces(&[("OTEL_TRACES_EXPORTER", "None")]).is_none());
+    // Not built in, in whatever case, is still refused while exporting.
+    let err = config(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "GRPC")]).unwrap_err();
+    assert_eq!(err.variable, "OTEL_EXPORTER_OTLP_PROTOCOL");
+}
+
 #[test]
 fn samplers_and_their_ratio() {
     let sampler = |vars: &[(&str, &str)]| {
