@@ -276,7 +276,7 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |path| path.as_str());
+        .map_or(crate::telemetry::UNMATCHED_ROUTE, |path| path.as_str());
     let request_id = req
         .headers()
         .get(&REQUEST_ID)

@@ -14,6 +14,11 @@ pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
 pub use traces::{SHUTDOWN_EXPORT, TraceExporter, is_exporting, send};
 
+/// The request span's `http.route` (in the logs) when no route matched. A server span leaves
+/// `http.route` out then, as OpenTelemetry's HTTP conventions say, and is named by the method
+/// alone.
+pub(crate) const UNMATCHED_ROUTE: &str = "unmatched";
+
 use std::io::IsTerminal;
 use std::time::Duration;
 

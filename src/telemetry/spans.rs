@@ -87,15 +87,18 @@ where
         let (name, kind, parent) = match meta.name() {
             SERVER_SPAN => {
                 let start = NEXT_SERVER_SPAN.take();
-                // OpenTelemetry names a request of an unknown method `HTTP {route}`.
+                // OpenTelemetry names a request of an unknown method `HTTP {route}`, and one
+                // no route matched by its method alone.
                 let method = match fields.method.as_str() {
                     "_OTHER" => "HTTP",
                     method => method,
                 };
                 let mut name = String::with_capacity(method.len() + 1 + fields.route.len());
                 name.push_str(method);
-                name.push(' ');
-                name.push_str(&fields.route);
+                if !fields.route.is_empty() {
+                    name.push(' ');
+                    name.push_str(&fields.route);
+                }
                 let parent = match start {
                     Some(start) => {
                         fields.attributes.extend(start.attributes);
@@ -244,6 +247,8 @@ impl Visit for Fields {
             // The logs' copy of what the SDK span has already.
             "trace_id" => return,
             "http.request.method" => value.clone_into(&mut self.method),
+            // No route matched: the conventions leave `http.route` out.
+            "http.route" if value == super::UNMATCHED_ROUTE => return,
             "http.route" => value.clone_into(&mut self.route),
             _ => {}
         }
@@ -311,7 +316,9 @@ pub(super) fn span_context(span: &tracing::Span) -> Option<SpanContext> {
     with_sdk_span(span, |sdk| sdk.span_context().clone())
 }
 
-/// Records the answer on the server span: its status, and an error status for a 5xx.
+/// Records the answer on the server span: its status, and for a 5xx an error status with
+/// `error.type` the status code (OpenTelemetry's HTTP conventions; the status's description is
+/// left empty, as the code says it).
 pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
     with_sdk_span(span, |sdk| {
         sdk.set_attribute(KeyValue::new(
@@ -319,6 +326,7 @@ pub(crate) fn end_server_span(span: &tracing::Span, status: u16) {
             i64::from(status),
         ));
         if status >= 500 {
+            sdk.set_attribute(KeyValue::new("error.type", status.to_string()));
             sdk.set_status(Status::error(""));
         }
     });

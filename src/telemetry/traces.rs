@@ -329,6 +329,11 @@ struct WriteHeaders<'a>(&'a mut HeaderMap);
 
 impl Injector for WriteHeaders<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // The propagator writes `tracestate` even when the trace has none: an empty header
+        // says nothing, and W3C trace context asks for none then.
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(key.as_bytes()),
             HeaderValue::from_str(&value),
@@ -385,7 +390,7 @@ pub(crate) fn server_span(
         NEXT_TRACE_ID.set(Some(trace_id));
         trace_id
     });
-    let mut attributes = Vec::with_capacity(3);
+    let mut attributes = Vec::with_capacity(4);
     attributes.push(KeyValue::new("url.scheme", scheme));
     if let Some(host) = headers
         .get(axum::http::header::HOST)
@@ -404,6 +409,13 @@ pub(crate) fn server_span(
         ));
     }
     let method = super::logged_method(req.method());
+    // A method outside the known set is `_OTHER`; the conventions keep the one sent beside it.
+    if method == "_OTHER" {
+        attributes.push(KeyValue::new(
+            "http.request.method_original",
+            bounded_attribute(req.method().as_str()),
+        ));
+    }
     let mut hex = [0u8; 32];
     let span = server_span_with(ServerStart { parent, attributes }, || {
         tracing::info_span!(

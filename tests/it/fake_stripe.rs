@@ -157,6 +157,8 @@ struct Shared {
     rate_limited_until: Mutex<Option<std::time::Instant>>,
     /// The `traceparent` header of every request, in order (`None` when absent).
     traceparents: Mutex<Vec<Option<String>>>,
+    /// The `tracestate` header of every request, in order (`None` when absent).
+    tracestates: Mutex<Vec<Option<String>>>,
     arrived: Notify,
     release: Semaphore,
 }
@@ -184,6 +186,7 @@ impl FakeStripe {
             queries: Mutex::new(Vec::new()),
             rate_limited_until: Mutex::new(None),
             traceparents: Mutex::new(Vec::new()),
+            tracestates: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             release: Semaphore::new(0),
         });
@@ -215,6 +218,11 @@ impl FakeStripe {
     /// The `traceparent` of every request so far, `None` where there was none.
     pub fn traceparents(&self) -> Vec<Option<String>> {
         self.shared.traceparents.lock().unwrap().clone()
+    }
+
+    /// The `tracestate` of every request so far, `None` where there was none.
+    pub fn tracestates(&self) -> Vec<Option<String>> {
+        self.shared.tracestates.lock().unwrap().clone()
     }
 
     /// The `limit` of every list request so far.
@@ -321,11 +329,15 @@ async fn record_traceparent(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let traceparent = request
-        .headers()
-        .get("traceparent")
-        .map(|value| value.to_str().unwrap_or("(not text)").to_owned());
+    let headers = request.headers();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|value| value.to_str().unwrap_or("(not text)").to_owned())
+    };
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
     shared.traceparents.lock().unwrap().push(traceparent);
+    shared.tracestates.lock().unwrap().push(tracestate);
     next.run(request).await
 }
 

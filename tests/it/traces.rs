@@ -455,6 +455,80 @@ async fn a_sync_carries_the_requests_trace_to_stripe_in_a_client_span() {
     collector.assert_never_holds(&[SECRET_KEY, SB_SECRET]);
 }
 
+/// OpenTelemetry's HTTP conventions: a request no route matched has no `http.route` and is named
+/// by its method alone; an unknown method is `_OTHER` with the method sent kept in
+/// `http.request.method_original`; a 5xx server span has `error.type`, its status code; and an
+/// outbound call made without a caller's `tracestate` carries none (not an empty one).
+#[tokio::test]
+async fn server_spans_follow_the_http_conventions_for_no_route_unknown_methods_and_5xx() {
+    let fixtures = stripe_fixtures!();
+    let stripe = FakeStripe::start(&fixtures, 3, 3).await;
+    let collector = Collector::start(false).await;
+    let (server, dir, base) = start_syncing_exported(&stripe, &collector).await;
+    let client = reqwest::Client::new();
+    let by_id = |id: &'static str| {
+        move |span: &Span| attribute(&span.attributes, "request_id").as_deref() == Some(id)
+    };
+
+    let response = client
+        .get(format!("{base}/no/such/path"))
+        .header("x-request-id", "no-route")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let span = collector.span(by_id("no-route")).await;
+    assert_eq!(span.name, "GET", "{span:#?}");
+    assert_eq!(attribute(&span.attributes, "http.route"), None, "{span:#?}");
+
+    let response = client
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            format!("{base}/healthz"),
+        )
+        .header("x-request-id", "odd-method")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error());
+    let span = collector.span(by_id("odd-method")).await;
+    assert_eq!(
+        attribute(&span.attributes, "http.request.method").as_deref(),
+        Some("_OTHER")
+    );
+    assert_eq!(
+        attribute(&span.attributes, "http.request.method_original").as_deref(),
+        Some("PURGE"),
+        "{span:#?}"
+    );
+    assert!(span.name.starts_with("HTTP"), "{span:#?}");
+
+    // No STRIPE_WEBHOOK_SECRET: 503.
+    let response = client
+        .post(format!("{base}/functions/v1/stripe-webhook"))
+        .header("x-request-id", "server-error")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let span = collector.span(by_id("server-error")).await;
+    assert_eq!(span.status.clone().map(|status| status.code), Some(2));
+    assert_eq!(
+        attribute(&span.attributes, "error.type").as_deref(),
+        Some("503"),
+        "{span:#?}"
+    );
+
+    sync_traced(&base, "no-tracestate").await;
+    let sent = stripe.tracestates();
+    assert!(!sent.is_empty(), "Stripe was never called");
+    assert!(
+        sent.iter().all(Option::is_none),
+        "a tracestate went out though the caller sent none: {sent:?}"
+    );
+    stop(server, &dir).await;
+}
+
 /// A call Stripe answers with an error is a client span with an error status (OpenTelemetry's
 /// HTTP conventions: a client span is an error on a 4xx or a 5xx), and `error.type` its status;
 /// the retries it answers 200 leave the status unset.
