@@ -149,6 +149,9 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client(&config.twilio.api_base)).await);
     lines.push(check_stripe(config, check_client(&config.stripe.api_base)).await);
+    if let Some(traces) = &config.traces {
+        lines.push(check_traces(traces).await);
+    }
     // Every detail, whichever check built it, goes through one escape: much of it is what a
     // dependency answered (Twilio's and Stripe's messages, a JWKS host's, a database's error).
     for line in &mut lines {
@@ -160,7 +163,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
 /// `text` as one line of a terminal: control characters (C0, DEL, C1: a newline would print a
 /// line that reads as another item's verdict, an escape sequence could rewrite the screen) and
 /// invisible formatting ones (bidi overrides) are written out, `\n` or `\u{1b}`.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -349,6 +352,24 @@ async fn check_stripe(config: &Config, http: reqwest::Client) -> CheckLine {
             item: "stripe",
             ok: false,
             detail: format!("{base}: {err}"),
+        },
+    }
+}
+
+/// The OTLP collector's line, while spans are exported: an export of no spans, as the exporter
+/// sends them (a collector that cannot be reached, or refuses the headers, loses every span).
+async fn check_traces(traces: &crate::config::TraceExport) -> CheckLine {
+    let endpoint = crate::config::shown_url(&traces.endpoint);
+    match crate::telemetry::check_collector(traces).await {
+        Ok(()) => CheckLine {
+            item: "traces",
+            ok: true,
+            detail: format!("{endpoint} accepts spans (OTLP http/protobuf)"),
+        },
+        Err(err) => CheckLine {
+            item: "traces",
+            ok: false,
+            detail: format!("{endpoint}: {err}; spans would be lost"),
         },
     }
 }

@@ -273,6 +273,12 @@ impl Started {
             database = store.kind().as_str(),
             "edgegate listening"
         );
+        if let Some(traces) = &config.traces {
+            tracing::info!(
+                endpoint = %crate::config::shown_url(&traces.endpoint),
+                "exporting traces over OTLP"
+            );
+        }
         let app = app(self.state);
         // When the stop was asked for: the drain and the steps after it share one deadline
         // from then, so a drain that ended early leaves its time to the steps.

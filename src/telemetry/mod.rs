@@ -12,7 +12,7 @@ pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::{cancel_server_span, end_server_span};
 pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;
-pub use traces::{SHUTDOWN_EXPORT, TraceExporter, is_exporting, send};
+pub use traces::{SHUTDOWN_EXPORT, TraceExporter, check_collector, is_exporting, send};
 
 /// The request span's `http.route` (in the logs) when no route matched. A server span leaves
 /// `http.route` out then, as OpenTelemetry's HTTP conventions say, and is named by the method

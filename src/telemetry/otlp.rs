@@ -33,14 +33,23 @@ const RETRY_MAX: Duration = Duration::from_millis(1_600);
 /// bytes); past it the connection is dropped rather than the answer held.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Why an export was lost. Says nothing of the request: its headers carry the collector's
-/// credentials.
+/// The most of a refusal's reason that is kept for the log: enough for a collector's message
+/// (`span 3: trace_id is not 16 bytes`), not a page of HTML.
+const MAX_REASON_CHARS: usize = 300;
+
+/// Why an export was lost. Says nothing of the request: its URL may carry a key in its query,
+/// and its headers carry the collector's credentials.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ExportError {
-    #[error("the collector answered {0}")]
-    Status(StatusCode),
-    #[error("the collector could not be reached")]
-    Unreachable,
+    /// With the collector's reason, when its answer gave one ([`reason`]).
+    #[error("the collector answered {status}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Status {
+        status: StatusCode,
+        reason: Option<String>,
+    },
+    /// With the causes, without the URL (`…: tcp connect error: Connection refused`).
+    #[error("the collector could not be reached: {0}")]
+    Unreachable(String),
     #[error("no answer within OTEL_EXPORTER_OTLP_TIMEOUT")]
     TimedOut,
 }
@@ -55,10 +64,11 @@ pub(super) struct Collector {
 }
 
 impl Collector {
-    pub(super) fn new(config: &TraceExport) -> anyhow::Result<Self> {
+    /// `purpose` goes in the user agent, as `check`'s other clients have it.
+    pub(super) fn new(config: &TraceExport, purpose: Option<&str>) -> anyhow::Result<Self> {
         // The service's own client stack (rustls on aws-lc-rs), not a second one; a 3xx is a
         // failed export, not followed with the collector's headers.
-        let client = crate::outbound::client_builder(None, &[&config.endpoint]).build()?;
+        let client = crate::outbound::client_builder(purpose, &[&config.endpoint]).build()?;
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Checked with the configuration; a value is marked sensitive so that no debug
@@ -109,14 +119,28 @@ impl Collector {
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = crate::outbound::retry_after(response.headers());
+                    // OTLP/HTTP puts why in the body: a `google.rpc.Status` in protobuf.
+                    let reason = crate::outbound::read_capped(response, MAX_ANSWER_BYTES)
+                        .await
+                        .ok()
+                        .and_then(|body| reason(&body));
+                    let error = ExportError::Status { status, reason };
                     let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
                     if !retryable {
-                        return Err(ExportError::Status(status));
+                        return Err(error);
                     }
-                    (ExportError::Status(status), retry_after)
+                    (error, retry_after)
                 }
                 Err(err) if err.is_timeout() => return Err(ExportError::TimedOut),
-                Err(_) => (ExportError::Unreachable, None),
+                // reqwest's own message alone ("error sending request") does not say what
+                // failed: a refused connection, a TLS handshake with a plain port, a certificate
+                // the system does not trust.
+                Err(err) => (
+                    ExportError::Unreachable(crate::error::causes(&anyhow::Error::new(
+                        err.without_url(),
+                    ))),
+                    None,
+                ),
             };
             retry += 1;
             if retry > RETRIES {
@@ -132,6 +156,68 @@ impl Collector {
         }
     }
 }
+
+/// What a refusal's body says, as one bounded line: the `message` of a `google.rpc.Status`
+/// (what OTLP/HTTP collectors answer), else the body as text if it is text (a proxy's, or a
+/// collector's plain-text answer); `None` when there is nothing to show. Escaped: it goes into
+/// the logs and `check`'s one line.
+fn reason(body: &[u8]) -> Option<String> {
+    let text = match status_message(body) {
+        Some(message) => message,
+        None => std::str::from_utf8(body).ok()?,
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let mut cut: String = text.chars().take(MAX_REASON_CHARS).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    Some(crate::commands::one_line(&cut))
+}
+
+/// The `message` (field 2) of a `google.rpc.Status`, empty when it has none, when `body` is one:
+/// every field well-formed to its end, no field number or wire type the message does not have.
+fn status_message(body: &[u8]) -> Option<&str> {
+    fn read_varint(body: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *body.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut message = "";
+    let mut at = 0;
+    while at < body.len() {
+        let key = read_varint(body, &mut at)?;
+        match (key >> 3, key & 7) {
+            // code (int32)
+            (1, VARINT_U64) => {
+                read_varint(body, &mut at)?;
+            }
+            // message (string), details (repeated Any)
+            (field @ (2 | 3), LEN_U64) => {
+                let len = usize::try_from(read_varint(body, &mut at)?).ok()?;
+                let content = body.get(at..at.checked_add(len)?)?;
+                at += len;
+                if field == 2 {
+                    message = std::str::from_utf8(content).ok()?;
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(message)
+}
+
+const VARINT_U64: u64 = VARINT as u64;
+const LEN_U64: u64 = LEN as u64;
 
 /// Writes `ExportTraceServiceRequest` messages for one resource. Keeps its buffer: a batch
 /// after the first allocates nothing unless it is larger.
@@ -593,6 +679,30 @@ mod tests {
             "first differing byte, and length; prost wrote {:?}",
             &by_prost[first_difference.unwrap_or(0).saturating_sub(16)..][..32]
         );
+    }
+
+    /// A refusal's reason: a `google.rpc.Status`'s message, else text, one bounded line.
+    #[test]
+    fn a_refusals_reason_is_the_status_message_or_the_text_bounded_and_escaped() {
+        use super::reason;
+        // google.rpc.Status { code: 3, message: "bad span", details: [Any {}] }
+        let status = b"\x08\x03\x12\x08bad span\x1a\x00";
+        assert_eq!(reason(status).as_deref(), Some("bad span"));
+        // A code without a message: nothing to show, not its bytes.
+        assert_eq!(reason(b"\x08\x03"), None);
+        assert_eq!(reason(b""), None);
+        assert_eq!(
+            reason(&[0xff, 0xfe, 0x00]),
+            None,
+            "neither a Status nor text"
+        );
+        assert_eq!(
+            reason(b"quota exceeded\nok   traces forged\x1b[2J").as_deref(),
+            Some("quota exceeded\\nok   traces forged\\u{1b}[2J")
+        );
+        let long = "é".repeat(1_000);
+        let cut = reason(long.as_bytes()).unwrap();
+        assert_eq!(cut, format!("{}…", "é".repeat(super::MAX_REASON_CHARS)));
     }
 
     #[test]

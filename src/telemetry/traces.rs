@@ -105,9 +105,21 @@ impl TraceExporter {
     }
 }
 
+/// `edgegate check`'s call to the collector: an export of no spans (an empty
+/// `ExportTraceServiceRequest`, which a collector takes), sent as spans are, with the configured
+/// headers and the export's retries and timeout. Says why it failed, never with the headers.
+pub async fn check_collector(config: &TraceExport) -> Result<(), String> {
+    let collector =
+        Collector::new(config, Some("check")).map_err(|err| crate::error::causes(&err))?;
+    collector
+        .send(bytes::Bytes::new())
+        .await
+        .map_err(|err| err.to_string())
+}
+
 /// Builds the OTLP exporter and starts its task (on the current tokio runtime).
 pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkTracer)> {
-    let collector = Collector::new(config).context("building the OTLP HTTP client")?;
+    let collector = Collector::new(config, None).context("building the OTLP HTTP client")?;
     TRACE_CONTEXT.store(config.trace_context, Ordering::Relaxed);
     let resource = Resource::builder_empty()
         .with_service_name(config.service_name.clone())

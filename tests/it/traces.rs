@@ -737,8 +737,148 @@ async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retrie
     let lines = stop(server, &dir).await;
     assert!(
         lines.iter().any(|line| line["level"] == "WARN"
-            && line["error"] == "the collector answered 400 Bad Request"),
+            && line["error"] == "the collector answered 400 Bad Request: malformed"),
         "no warning says why the spans were lost"
+    );
+}
+
+/// A failed export says why: what a collector that refuses the spans put in its answer (OTLP's
+/// `google.rpc.Status`, its message), or why it could not be reached; and the start says where
+/// spans go (without the endpoint's query).
+#[tokio::test]
+async fn a_failed_export_says_why_in_the_collectors_words_or_the_connections() {
+    // google.rpc.Status { code: 3, message: "…" }, as an OTLP/HTTP collector answers a 400.
+    let reason = "span 1: trace_id is not 16 bytes";
+    let mut status = vec![0x08, 0x03, 0x12, reason.len() as u8];
+    status.extend_from_slice(reason.as_bytes());
+    let refusal = (
+        StatusCode::BAD_REQUEST,
+        [("content-type", "application/x-protobuf")],
+        status,
+    )
+        .into_response();
+    let collector = Collector::answering(false, vec![refusal]).await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert!(export_failures(&base).await >= 1);
+    let lines = stop(server, &dir).await;
+    let failed = |lines: &[Value]| {
+        lines
+            .iter()
+            .find(|line| {
+                line["level"] == "WARN"
+                    && line["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("trace export failed"))
+            })
+            .map(|line| line["error"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("no warning of a failed export: {lines:#?}"))
+    };
+    assert_eq!(
+        failed(&lines),
+        format!("the collector answered 400 Bad Request: {reason}")
+    );
+    let started = lines
+        .iter()
+        .find(|line| line["message"] == "exporting traces over OTLP")
+        .unwrap_or_else(|| panic!("no line says spans are exported: {lines:#?}"));
+    assert_eq!(started["endpoint"], format!("{}/v1/traces", collector.base));
+
+    // Nothing listens there.
+    let endpoint = format!(
+        "http://127.0.0.1:{}/v1/traces?api_key=QUERYOTLPKEY",
+        free_port()
+    );
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+    ])
+    .await;
+    reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert!(export_failures(&base).await >= 1);
+    let log = stop_raw(server, &dir).await;
+    assert!(
+        !log.contains("QUERYOTLPKEY"),
+        "the endpoint's query is in the log"
+    );
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let error = failed(&lines);
+    assert!(
+        error.starts_with("the collector could not be reached: ")
+            && error.contains("Connection refused"),
+        "{error}"
+    );
+}
+
+/// `check` reaches the collector with an empty export, as spans would go (its headers, never
+/// printed), and fails when it cannot or is refused.
+#[tokio::test]
+async fn check_reaches_the_collector_with_its_headers_and_fails_when_refused() {
+    const COLLECTOR_SECRET: &str = "collector-secret-c4e1";
+    let refusal = (StatusCode::UNAUTHORIZED, "invalid API key").into_response();
+    let collector = Collector::answering(false, vec![refusal]).await;
+    let headers = format!("authorization=Bearer {COLLECTOR_SECRET}");
+    let check = |endpoint: String| {
+        let headers = headers.clone();
+        async move {
+            // The collector answers on this test's runtime while the command runs.
+            let out = tokio::task::spawn_blocking(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let vars = [
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                    ("OTEL_EXPORTER_OTLP_HEADERS", headers.as_str()),
+                ];
+                crate::process::output(crate::process::edgegate(dir.path(), &vars).arg("check"))
+            })
+            .await
+            .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(!stdout.contains(COLLECTOR_SECRET), "{stdout}");
+            let line = stdout
+                .lines()
+                .find(|line| line[4..].trim_start().starts_with("traces"))
+                .unwrap_or_else(|| panic!("no traces line: {stdout}"))
+                .to_owned();
+            (out.status.code(), line)
+        }
+    };
+
+    let (code, line) = check(collector.base.clone()).await;
+    assert_eq!(code, Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL") && line.contains("401 Unauthorized: invalid API key"),
+        "{line}"
+    );
+    let (code, line) = check(collector.base.clone()).await;
+    assert_eq!(code, Some(0), "{line}");
+    assert!(
+        line.starts_with("ok") && line.contains(&format!("{}/v1/traces", collector.base)),
+        "{line}"
+    );
+    let posts = collector.shared.posts.lock().unwrap().clone();
+    assert_eq!(posts.len(), 2);
+    for (sent, body) in &posts {
+        assert_eq!(
+            sent["authorization"],
+            format!("Bearer {COLLECTOR_SECRET}").as_str()
+        );
+        let request = ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
+        assert!(request.resource_spans.is_empty(), "{request:?}");
+    }
+
+    let (code, line) = check(format!("http://127.0.0.1:{}", free_port())).await;
+    assert_eq!(code, Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL") && line.contains("Connection refused"),
+        "{line}"
     );
 }
 
