@@ -14,6 +14,7 @@
 //! No IP address, token or user id is kept; the client is a product name the caller chose.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, OnceLock};
 
@@ -363,16 +364,41 @@ impl HourTable {
         self.candidates.insert(client.to_owned(), candidate);
     }
 
-    /// Names the candidates that earned it (most seen first), folds the rest into `other`, and
-    /// hands out every pending count.
+    /// The candidates that earned a name: most seen first, while names are free, each seen more
+    /// often than every client folded into `other` this period (one folded for want of a free
+    /// name included). One named already (a failed flush put its rows back while it waited
+    /// again) keeps its name. What [`HourTable::settle`] names, and what the report shows
+    /// under a name before then.
+    fn earned_names(&self) -> HashSet<&str> {
+        let mut candidates: Vec<(&str, i64)> = self
+            .candidates
+            .iter()
+            .map(|(client, candidate)| (client.as_str(), candidate.total))
+            .collect();
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let mut free = MAX_NAMED_CLIENTS.saturating_sub(self.named.len());
+        let mut largest_folded = self.largest_folded;
+        let mut names = HashSet::new();
+        for (client, total) in candidates {
+            if self.named.contains_key(client) {
+                names.insert(client);
+            } else if free > 0 && total > largest_folded {
+                free -= 1;
+                names.insert(client);
+            } else {
+                largest_folded = largest_folded.max(total);
+            }
+        }
+        names
+    }
+
+    /// Names the candidates that earned it, folds the rest into `other`, and hands out every
+    /// pending count.
     fn settle(&mut self, hour_start_ms: i64) -> Vec<CallerUsage> {
-        let mut candidates: Vec<(String, Candidate)> = self.candidates.drain().collect();
-        candidates.sort_by(|a, b| b.1.total.cmp(&a.1.total).then_with(|| a.0.cmp(&b.0)));
+        let earned: HashSet<String> = self.earned_names().into_iter().map(str::to_owned).collect();
+        let candidates: Vec<(String, Candidate)> = self.candidates.drain().collect();
         for (client, candidate) in candidates {
-            // Named already when a failed flush put its rows back while it waited again.
-            let named = self.named.contains_key(&client)
-                || (self.named.len() < MAX_NAMED_CLIENTS && candidate.total > self.largest_folded);
-            if named {
+            if earned.contains(&client) {
                 merge_into(self.named.entry(client).or_default(), candidate.counts);
             } else {
                 self.fold_into_other(candidate);
@@ -612,8 +638,9 @@ impl CallerTracker {
     }
 
     /// Everything counted here that the database does not have yet (a batch being written
-    /// included), per hour and caller (candidates under their own name), for hours starting at
-    /// or after `since_ms`.
+    /// included), per hour and caller, for hours starting at or after `since_ms`. A client
+    /// waiting for the flush shows as the flush will count it: under its own name if it earned
+    /// one, else in `other` (so a flood of one-off values is not listed by name for a minute).
     pub fn pending_since(&self, since_ms: i64) -> Vec<CallerUsage> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<CallerUsage> = held
@@ -623,16 +650,22 @@ impl CallerTracker {
             .cloned()
             .collect();
         for (&hour, table) in held.hours.iter().filter(|(hour, _)| **hour >= since_ms) {
+            let earned = table.earned_names();
+            let mut other = table.other.clone();
+            let mut waiting = Vec::new();
+            for (client, candidate) in &table.candidates {
+                if earned.contains(client.as_str()) {
+                    waiting.push((client.as_str(), &candidate.counts));
+                } else {
+                    merge_into(&mut other, candidate.counts.clone());
+                }
+            }
             let named = table
                 .named
                 .iter()
                 .map(|(client, counts)| (client.as_str(), counts));
-            let other = std::iter::once((OTHER, &table.other));
-            let waiting = table
-                .candidates
-                .iter()
-                .map(|(client, candidate)| (client.as_str(), &candidate.counts));
-            for (client, counts) in named.chain(other).chain(waiting) {
+            let other = std::iter::once((OTHER, &other));
+            for (client, counts) in named.chain(waiting).chain(other) {
                 rows.extend(counts.iter().map(|(place, count)| {
                     usage_row(hour, place.clone(), client.to_owned(), *count)
                 }));

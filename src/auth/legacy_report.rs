@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::callers::LegacyKind;
+use crate::auth::callers::{LegacyKind, OTHER};
 use crate::auth::jwks::JwksStatus;
 use crate::auth::keys::KeyOrigin;
 use crate::auth::usage::{DroppedUsage, LegacyVerdict, UsageTracker, humanize, legacy_verdict};
@@ -411,30 +411,62 @@ pub fn thousands(count: i64) -> String {
 }
 
 /// When revoking is not safe because the legacy secret is still used, the reason names the top
-/// caller, so the operator knows whom to fix first.
+/// caller, so the operator knows whom to fix first. `other` is no caller: it holds every client
+/// not named (a flood of one-off values among them), so it is never named and never counted as
+/// one; what it holds is said apart.
 pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], window: Duration) {
-    let Some(top) = legacy_usage.first() else {
-        return;
-    };
-    if verdict.legacy_revocation_safe {
+    if verdict.legacy_revocation_safe || legacy_usage.is_empty() {
         return;
     }
-    let total: i64 = legacy_usage.iter().map(|row| row.count).sum();
-    let callers = legacy_usage.len();
-    let reason = format!(
-        "legacy {} still used by {} on {}, {} time{} in the last {}; {} request{} verified with \
-         the legacy secret in all, from {callers} caller{}",
-        top.kind,
-        top.client,
-        top.route,
-        thousands(top.count),
-        if top.count == 1 { "" } else { "s" },
-        humanize(window),
+    let plural = |count: i64| if count == 1 { "" } else { "s" };
+    let (other, named): (Vec<&CallerRow>, Vec<&CallerRow>) =
+        legacy_usage.iter().partition(|row| row.client == OTHER);
+    let unnamed: i64 = other.iter().map(|row| row.count).sum();
+    let named_total: i64 = named.iter().map(|row| row.count).sum();
+    let total = named_total + unnamed;
+    let callers = named.len();
+    let used = match named.first() {
+        Some(top) => format!(
+            "legacy {} still used by {} on {}, {} time{} in the last {}",
+            top.kind,
+            top.client,
+            top.route,
+            thousands(top.count),
+            plural(top.count),
+            humanize(window),
+        ),
+        // Every use came from clients not named; the largest share still tells where.
+        None => {
+            let top = other[0];
+            format!(
+                "legacy {} still used on {} by callers not named (counted as other), {} time{} \
+                 in the last {}",
+                top.kind,
+                top.route,
+                thousands(top.count),
+                plural(top.count),
+                humanize(window),
+            )
+        }
+    };
+    let from = match (callers, unnamed) {
+        (_, 0) => format!(
+            "from {callers} caller{}",
+            if callers == 1 { "" } else { "s" }
+        ),
+        (0, _) => "none from a named caller".to_owned(),
+        _ => format!(
+            "{} from {callers} named caller{} and {} from callers not named (counted as other)",
+            thousands(named_total),
+            if callers == 1 { "" } else { "s" },
+            thousands(unnamed),
+        ),
+    };
+    verdict.reason = format!(
+        "{used}; {} request{} verified with the legacy secret in all, {from}",
         thousands(total),
-        if total == 1 { "" } else { "s" },
-        if callers == 1 { "" } else { "s" },
+        plural(total),
     );
-    verdict.reason = reason;
 }
 
 /// `GET /admin/signing-keys`: every trusted key and API key with its use over the revocation

@@ -234,6 +234,62 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
 /// anon key: the user's session is an ES256 Bearer (which wins), and `apikey` is the legacy key.
 /// Revoking the legacy secret in Supabase invalidates that key, so it is legacy use, counted under
 /// its kind, route and client, although the request was let in by the signing key.
+/// A real client beside a flood of one-off clients (an app's build number in its `User-Agent`):
+/// the flood is counted as `other`, which is no caller to fix. The reason names the real client
+/// and says how much came from callers not named; before the flush the report names the clients
+/// the flush will name, not the one-off values waiting to be judged.
+#[tokio::test]
+async fn the_reason_names_a_real_caller_and_never_other() {
+    let db = test_db!();
+    let (server, state) = instance(&db).await;
+    let anon = legacy_key("anon");
+    for _ in 0..20 {
+        supabase_js(&server, &anon).await;
+    }
+    for build in 1000..1300 {
+        let response = server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", &anon)
+            .header("user-agent", format!("MyApp/{build} CFNetwork/1410"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let store = db.store().await;
+    for flushed in [false, true] {
+        if flushed {
+            state.usage.flush(&store).await.unwrap();
+        }
+        let report = admin(&server, "").await;
+        let listed: Vec<(&str, i64)> = report["legacy_usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row["client"].as_str().unwrap(),
+                    row["count"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("other", 300), ("supabase-js/2.47.0", 20)],
+            "flushed: {flushed}"
+        );
+        assert_eq!(
+            report["reason"],
+            "legacy anon_key still used by supabase-js/2.47.0 on \
+             /functions/v1/jwt-test, 20 times in the last 24 h; 320 requests verified with the \
+             legacy secret in all, 20 from 1 named caller and 300 from callers not named \
+             (counted as other)",
+            "flushed: {flushed}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_legacy_anon_key_beside_a_signing_key_session_is_legacy_use() {
     let db = test_db!();

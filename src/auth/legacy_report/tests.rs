@@ -72,6 +72,39 @@ fn the_reason_names_the_top_caller_only_when_not_safe() {
     assert_eq!(safe.reason, "the legacy secret is not configured");
 }
 
+/// `other` holds every client not named, a flood of one-off values among them: it is not a
+/// caller to fix, so the reason names the top one that is, and says what `other` holds apart.
+#[test]
+fn the_reason_never_names_other_nor_counts_it_as_a_caller() {
+    let unsafe_verdict = || LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: "in use".to_owned(),
+    };
+    let usage = summarize(
+        &[],
+        &[
+            caller(0, "anon_key", OTHER, 300),
+            caller(0, "anon_key", "supabase-js/2.47.0", 20),
+            caller(1, "user_session", "okhttp/4.12.0", 1),
+        ],
+        DAY,
+        NOW,
+    );
+    let mut verdict = unsafe_verdict();
+    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    assert_eq!(
+        verdict.reason,
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 321 requests verified with the legacy secret in all, 21 from 2 named callers and 300 from callers not named (counted as other)"
+    );
+    let usage = summarize(&[], &[caller(0, "anon_key", OTHER, 1)], DAY, NOW);
+    let mut verdict = unsafe_verdict();
+    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    assert_eq!(
+        verdict.reason,
+        "legacy anon_key still used on /functions/v1/jwt-test by callers not named (counted as other), 1 time in the last 24 h; 1 request verified with the legacy secret in all, none from a named caller"
+    );
+}
+
 /// Counts are kept by the hour: an hour whose last use is before the window's start is in no
 /// number; one used inside the window counts whole, and the answer names it.
 #[test]
