@@ -14,6 +14,8 @@
 //!   off exponentially from 5 s, capped at the TTL and never below `min_refresh`.
 //! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
 //!   refused at once, and one that arrives while a fetch is running shares that fetch.
+//! - `refresh_now` (the admin refresh) ignores the cool-down and answers from a fetch begun after
+//!   it was called; calls that arrive while a fetch is running share the one that follows it.
 
 use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
 use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_keys, parse_jwks_document};
@@ -239,7 +241,14 @@ struct Inner {
     state: Mutex<State>,
     /// Bumped after every fetch attempt, so waiters can join a running fetch.
     done: watch::Sender<u64>,
+    /// The refresh (`refresh_now`) waiting for the fetch lock, which every refresh arriving
+    /// meanwhile shares; taken out when its fetch begins.
+    next_refresh: Mutex<Option<SharedFetch>>,
 }
+
+/// Where the result of a refresh is published for those sharing it; closed with no result when
+/// its task ended without one (a panic, the runtime shutting down).
+type SharedFetch = watch::Receiver<Option<Result<FetchReport, FetchError>>>;
 
 /// Fetches the JWKS into a [`KeyRingHandle`]. Cheap to clone.
 #[derive(Clone)]
@@ -277,6 +286,7 @@ impl JwksFetcher {
                 fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
                 state: Mutex::new(State::default()),
                 done,
+                next_refresh: Mutex::new(None),
             }),
         }
     }
@@ -363,9 +373,52 @@ impl JwksFetcher {
     }
 
     /// Fetches now, for urgent revocation: ignores the cool-down, but still one fetch at a time.
+    /// The answer comes from a fetch begun after the call (one under way may hold a set from
+    /// before the key was removed). Calls that arrive while a fetch is under way share the one
+    /// that follows it, so a burst of refreshes costs at most two fetches instead of queueing
+    /// one each on the fetch lock, where they kept unknown-kid refetches and the scheduled
+    /// refresh waiting behind them. The fetch runs in a task of its own, so a caller that stops
+    /// waiting leaves it to finish for the others.
     pub async fn refresh_now(&self) -> Result<FetchReport, FetchError> {
-        let guard = self.inner.fetch_lock.clone().lock_owned().await;
-        self.fetch_detached(guard).await
+        let mut shared = {
+            let mut next = self
+                .inner
+                .next_refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match next.as_ref() {
+                // Not begun yet (it is taken out when it begins), and not ended without a result.
+                Some(waiting) if waiting.has_changed().is_ok() => waiting.clone(),
+                _ => {
+                    let (publish, shared) = watch::channel(None);
+                    *next = Some(shared.clone());
+                    let fetcher = self.clone();
+                    tokio::spawn(
+                        async move {
+                            let guard = fetcher.inner.fetch_lock.clone().lock_owned().await;
+                            fetcher
+                                .inner
+                                .next_refresh
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take();
+                            let result = fetcher.fetch_locked().await;
+                            drop(guard);
+                            publish.send_replace(Some(result));
+                        }
+                        .in_current_span(),
+                    );
+                    shared
+                }
+            }
+        };
+        match shared.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().unwrap_or_else(|| unreachable!("waited for")),
+            Err(_) => Err(FetchError::Transport(
+                "the fetch ended without an answer (a panic, or the runtime shutting down)"
+                    .to_owned(),
+            )),
+        }
     }
 
     /// One fetch in a task of its own, holding `guard` until it ends: a caller that stops

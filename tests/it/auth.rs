@@ -571,6 +571,52 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
     assert_eq!(refresh.request_id.as_deref(), Some("refresh-after-removal"));
 }
 
+/// Refreshes that arrive while a fetch is under way share one fetch, begun after they arrived,
+/// instead of queueing a fetch each on the fetch lock (200 concurrent refreshes made 200 fetches;
+/// with a hanging host, 10 waited 5 s each in turn and the last answered 504). The fetch under
+/// way began before the key was removed, so it does not count for them.
+#[tokio::test]
+async fn concurrent_refreshes_share_one_fetch_begun_after_they_arrived() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+    let token = user_token(&es);
+    force_refresh(&server).await;
+    host.set_delay(Duration::from_millis(300));
+    let refresh = || {
+        let request = server
+            .client
+            .post(server.url("/admin/signing-keys/refresh"))
+            .header("apikey", SECRET_KEY);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let before = host.hits();
+    let first = tokio::spawn(refresh());
+    while host.hits() == before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The fetch under way holds the set with the key; the operator removes it.
+    host.set_keys(json!([]));
+    let started = std::time::Instant::now();
+    let later = futures_util::future::join_all((0..10).map(|_| refresh())).await;
+    assert_eq!(first.await.unwrap()["keys"], 1);
+    for answer in &later {
+        assert_eq!(answer["keys"], 0, "{answer}");
+    }
+    assert_eq!(
+        host.hits(),
+        before + 2,
+        "the fetch under way and one more, shared; took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(bearer(&server, &token).await.0, 401);
+}
+
 #[tokio::test]
 async fn audit_rows_are_stamped_by_the_apps_clock() {
     const DAY_MS: i64 = 24 * 3600 * 1000;

@@ -260,11 +260,14 @@ pub async fn spawn_app_with_clock(
 }
 
 /// A stand-in for Supabase's JWKS host: serves whatever key set the test puts in it, with
-/// Supabase's `Cache-Control`, and counts its requests.
+/// Supabase's `Cache-Control`, and counts its requests. A test can make it slow to answer
+/// ([`JwksHost::set_delay`]): it reads the set when the request arrives, as a fetch under way
+/// holds what was published when it began.
 pub struct JwksHost {
     pub url: String,
     keys: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    delay: std::sync::Arc<std::sync::Mutex<Duration>>,
     _server: TestServer,
 }
 
@@ -279,13 +282,16 @@ impl JwksHost {
         let cache_control = format!("public, max-age={max_age}");
         let shared = std::sync::Arc::new(std::sync::Mutex::new(keys));
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let delay = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
         let app = Router::new().route(
             "/auth/v1/.well-known/jwks.json",
             get({
-                let (shared, hits) = (shared.clone(), hits.clone());
+                let (shared, hits, delay) = (shared.clone(), hits.clone(), delay.clone());
                 move || async move {
                     hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let body = shared.lock().unwrap().clone();
+                    let delay = *delay.lock().unwrap();
+                    tokio::time::sleep(delay).await;
                     (
                         [("cache-control", cache_control)],
                         axum::Json(serde_json::json!({ "keys": body })),
@@ -298,12 +304,18 @@ impl JwksHost {
             url: server.url("/auth/v1/.well-known/jwks.json"),
             keys: shared,
             hits,
+            delay,
             _server: server,
         }
     }
 
     pub fn set_keys(&self, keys: serde_json::Value) {
         *self.keys.lock().unwrap() = keys;
+    }
+
+    /// Each request from now on is answered after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
     }
 
     pub fn hits(&self) -> usize {
