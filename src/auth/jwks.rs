@@ -14,8 +14,9 @@
 //!   off exponentially from 5 s, capped at the TTL and never below `min_refresh`.
 //! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
 //!   refused at once, and one that arrives while a fetch is running shares that fetch.
-//! - `refresh_now` (the admin refresh) ignores the cool-down and answers from a fetch begun after
-//!   it was called; calls that arrive while a fetch is running share the one that follows it.
+//! - `refresh_now` (the admin refresh) ignores the cool-down and the ETag (no `If-None-Match`),
+//!   and answers from a fetch begun after it was called; calls that arrive while a fetch is
+//!   running share the one that follows it.
 
 use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
 use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_keys, parse_jwks_document};
@@ -125,6 +126,18 @@ pub struct FetchReport {
     pub generation: u64,
     /// Freshness lifetime chosen for the set.
     pub ttl: Duration,
+}
+
+/// Whether a fetch sends the set's validator (`If-None-Match` with its ETag), so that an
+/// unchanged set costs the host a 304.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Validator {
+    /// The scheduled and unknown-kid fetches.
+    Send,
+    /// The admin refresh, for urgent revocation: a host (or a cache in front of it) whose ETag
+    /// did not change with its set answers 304 and keeps a removed key verifying, so it is not
+    /// asked whether the set changed.
+    Omit,
 }
 
 /// What [`JwksFetcher::on_unknown_kid`] did.
@@ -372,7 +385,8 @@ impl JwksFetcher {
         self.inner.fetch_lock.clone().lock_owned().await
     }
 
-    /// Fetches now, for urgent revocation: ignores the cool-down, but still one fetch at a time.
+    /// Fetches now, for urgent revocation: ignores the cool-down and asks for the whole set
+    /// ([`Validator::Omit`]), but still one fetch at a time.
     /// The answer comes from a fetch begun after the call (one under way may hold a set from
     /// before the key was removed). Calls that arrive while a fetch is under way share the one
     /// that follows it, so a burst of refreshes costs at most two fetches instead of queueing
@@ -402,7 +416,7 @@ impl JwksFetcher {
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .take();
-                            let result = fetcher.fetch_locked().await;
+                            let result = fetcher.fetch_locked(Validator::Omit).await;
                             drop(guard);
                             publish.send_replace(Some(result));
                         }
@@ -431,7 +445,7 @@ impl JwksFetcher {
         let fetcher = self.clone();
         let fetch = tokio::spawn(
             async move {
-                let result = fetcher.fetch_locked().await;
+                let result = fetcher.fetch_locked(Validator::Send).await;
                 drop(guard);
                 result
             }
@@ -453,7 +467,7 @@ impl JwksFetcher {
         if !self.time_until_due().is_zero() {
             return None;
         }
-        Some(self.fetch_locked().await)
+        Some(self.fetch_locked(Validator::Send).await)
     }
 
     /// Time left until the next scheduled fetch (zero when due, or never fetched).
@@ -500,20 +514,23 @@ impl JwksFetcher {
     }
 
     /// One fetch; the caller holds `fetch_lock`.
-    async fn fetch_locked(&self) -> Result<FetchReport, FetchError> {
+    async fn fetch_locked(&self, validator: Validator) -> Result<FetchReport, FetchError> {
         let started = self.inner.clock.now();
         self.state().last_attempt = Some(started);
-        let result = self.fetch_inner().await;
+        let mut result = self.fetch_inner(validator).await;
         let mut state = self.state();
-        match &result {
+        match &mut result {
             Ok(report) => {
                 state.consecutive_failures = 0;
                 state.last_error = None;
                 state.last_success = Some(started);
                 // `min_refresh` is the least time between two fetches, whatever max-age said.
                 state.next_delay = report.ttl.max(self.inner.cfg.min_refresh);
-                if !report.not_modified {
-                    state.dropped = report.dropped.clone();
+                // A 304 confirms the set, and the keys it drops with it.
+                if report.not_modified {
+                    report.dropped.clone_from(&state.dropped);
+                } else {
+                    state.dropped.clone_from(&report.dropped);
                 }
                 let stats = &self.inner.stats;
                 stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
@@ -563,9 +580,12 @@ impl JwksFetcher {
         backoff::jitter(step).max(self.inner.cfg.min_refresh)
     }
 
-    async fn fetch_inner(&self) -> Result<FetchReport, FetchError> {
+    async fn fetch_inner(&self, validator: Validator) -> Result<FetchReport, FetchError> {
         let ring = self.inner.ring.load();
-        let etag = ring.fetched_info().and_then(|i| i.etag.clone());
+        let etag = match validator {
+            Validator::Send => ring.fetched_info().and_then(|i| i.etag.clone()),
+            Validator::Omit => None,
+        };
         let mut request = self
             .inner
             .client

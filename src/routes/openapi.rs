@@ -541,10 +541,13 @@ pub struct SigningKeys {
 #[allow(dead_code)]
 pub struct Refreshed {
     refreshed: bool,
-    /// The JWKS host answered 304: the set is unchanged.
+    /// Always `false`: the refresh asks for the whole set (no `If-None-Match`), so that a host
+    /// whose ETag did not change with its set cannot keep a removed key with a 304.
     not_modified: bool,
     /// Keys now in the fetched set.
     keys: u64,
+    /// Keys of the set that are not used, with the reason (as `jwks.dropped` of
+    /// `GET /admin/signing-keys`).
     dropped: Vec<crate::auth::DroppedKey>,
     generation: u64,
     ttl_seconds: u64,

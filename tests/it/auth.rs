@@ -617,6 +617,46 @@ async fn concurrent_refreshes_share_one_fetch_begun_after_they_arrived() {
     assert_eq!(bearer(&server, &token).await.0, 401);
 }
 
+/// A host whose ETag stays the same while its set changes (a cache or CDN that misbehaves)
+/// answers a conditional request 304. The forced refresh asks for the whole set, so a removed
+/// key stops (it kept verifying while the refresh answered `refreshed: true`, `not_modified:
+/// true`), and its answer lists the keys the set drops (a 304's answer said `dropped: []`).
+#[tokio::test]
+async fn a_forced_refresh_fetches_the_whole_set_whatever_its_etag() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let symmetric = json!({"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "kid": "hs"});
+    let host = JwksHost::start(json!([es.public_jwk(), symmetric])).await;
+    host.set_etag(Some("\"v1\""));
+    let server = app_with(&db, &host, &[]).await;
+    let token = user_token(&es);
+    until_fetched(&host).await;
+    assert_eq!(bearer(&server, &token).await.0, 200);
+
+    let dropped_kids = |answer: &Value| -> Vec<String> {
+        answer["dropped"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|key| key["kid"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let refreshed = force_refresh(&server).await;
+    assert_eq!(refreshed["not_modified"], false, "{refreshed}");
+    assert_eq!(dropped_kids(&refreshed), ["hs"], "{refreshed}");
+
+    // The key is removed; the host's validator is not.
+    host.set_keys(json!([symmetric]));
+    let refreshed = force_refresh(&server).await;
+    assert_eq!(
+        (&refreshed["not_modified"], &refreshed["keys"]),
+        (&json!(false), &json!(0)),
+        "{refreshed}"
+    );
+    assert_eq!(dropped_kids(&refreshed), ["hs"], "{refreshed}");
+    assert_eq!(bearer(&server, &token).await.0, 401);
+}
+
 #[tokio::test]
 async fn audit_rows_are_stamped_by_the_apps_clock() {
     const DAY_MS: i64 = 24 * 3600 * 1000;

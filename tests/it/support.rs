@@ -262,12 +262,14 @@ pub async fn spawn_app_with_clock(
 /// A stand-in for Supabase's JWKS host: serves whatever key set the test puts in it, with
 /// Supabase's `Cache-Control`, and counts its requests. A test can make it slow to answer
 /// ([`JwksHost::set_delay`]): it reads the set when the request arrives, as a fetch under way
-/// holds what was published when it began.
+/// holds what was published when it began. With an ETag ([`JwksHost::set_etag`]) it answers a
+/// matching `If-None-Match` with 304, whatever the set holds, as a misbehaving cache may.
 pub struct JwksHost {
     pub url: String,
     keys: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     delay: std::sync::Arc<std::sync::Mutex<Duration>>,
+    etag: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     _server: TestServer,
 }
 
@@ -283,19 +285,33 @@ impl JwksHost {
         let shared = std::sync::Arc::new(std::sync::Mutex::new(keys));
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let delay = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let etag = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let app = Router::new().route(
             "/auth/v1/.well-known/jwks.json",
             get({
-                let (shared, hits, delay) = (shared.clone(), hits.clone(), delay.clone());
-                move || async move {
+                let (shared, hits, delay, etag) =
+                    (shared.clone(), hits.clone(), delay.clone(), etag.clone());
+                move |headers: axum::http::HeaderMap| async move {
+                    use axum::response::IntoResponse;
                     hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let body = shared.lock().unwrap().clone();
                     let delay = *delay.lock().unwrap();
+                    let etag = etag.lock().unwrap().clone();
                     tokio::time::sleep(delay).await;
-                    (
+                    let mut response = (
                         [("cache-control", cache_control)],
                         axum::Json(serde_json::json!({ "keys": body })),
                     )
+                        .into_response();
+                    if let Some(etag) = etag {
+                        let asked = headers.get("if-none-match").map(|v| v.as_bytes());
+                        if asked == Some(etag.as_bytes()) {
+                            *response.status_mut() = axum::http::StatusCode::NOT_MODIFIED;
+                            *response.body_mut() = axum::body::Body::empty();
+                        }
+                        response.headers_mut().insert("etag", etag.parse().unwrap());
+                    }
+                    response
                 }
             }),
         );
@@ -305,8 +321,14 @@ impl JwksHost {
             keys: shared,
             hits,
             delay,
+            etag,
             _server: server,
         }
+    }
+
+    /// Answers carry `etag`, and a request whose `If-None-Match` matches it gets 304.
+    pub fn set_etag(&self, etag: Option<&str>) {
+        *self.etag.lock().unwrap() = etag.map(str::to_owned);
     }
 
     pub fn set_keys(&self, keys: serde_json::Value) {

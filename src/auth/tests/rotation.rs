@@ -516,7 +516,8 @@ async fn legacy_revoked_while_signing_keys_pass() {
 #[tokio::test]
 async fn cache_control_etag_and_backoff() {
     let k1 = TestKey::es256("k1");
-    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    let symmetric = json!({"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "kid": "hs"});
+    let host = JwksHost::start(&[k1.public_jwk(), symmetric]).await;
     host.update(|r| {
         r.cache_control = Some("public, max-age=45".into());
         r.etag = Some("\"v1\"".into());
@@ -532,9 +533,24 @@ async fn cache_control_etag_and_backoff() {
         first.ttl
     );
     assert_eq!(fetcher.time_until_due(), first.ttl);
-    let second = fetcher.refresh_now().await.expect("conditional fetch");
+    assert_eq!(first.dropped.len(), 1, "{:?}", first.dropped);
+    // The manual clock moves by whole milliseconds.
+    clock.advance(first.ttl + Duration::from_millis(1));
+    let second = fetcher
+        .refresh_if_due()
+        .await
+        .expect("due")
+        .expect("conditional fetch");
     assert!(second.not_modified, "If-None-Match answered 304");
     assert_eq!(second.generation, first.generation);
+    assert_eq!(
+        second.dropped, first.dropped,
+        "the set is confirmed as it was"
+    );
+    // The admin refresh asks for the whole set: a host whose ETag did not change with its set
+    // would keep a removed key verifying.
+    let whole = fetcher.refresh_now().await.expect("unconditional fetch");
+    assert!(!whole.not_modified);
     assert!(
         auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
             .await
@@ -712,7 +728,12 @@ async fn keys_dropped_after_max_stale_return_when_the_host_answers_304() {
     assert!(!stats.expired && !stats.stale, "{stats:?}");
 
     // Now that the ring holds the set again, a 304 confirms it.
-    let again = fetcher.refresh_now().await.expect("conditional fetch");
+    clock.advance(fetcher.time_until_due() + Duration::from_millis(1));
+    let again = fetcher
+        .refresh_if_due()
+        .await
+        .expect("due")
+        .expect("conditional fetch");
     assert!(again.not_modified, "If-None-Match answered 304");
     assert_eq!(again.keys, 1);
     assert!(auth.verify_bearer(&token).await.is_ok());
