@@ -64,8 +64,9 @@ pub async fn from_api(
             .and_then(|value| value.to_str().ok())
             .unwrap_or("nowhere");
         anyhow::bail!(
-            "{endpoint} answered {status} to {location}: redirects are not followed (the secret \
-             key would go with them); give --url the address that answers"
+            "{endpoint} answered {status} to {}: redirects are not followed (the secret key \
+             would go with them); give --url the address that answers",
+            super::one_line(location)
         );
     }
     let body = crate::outbound::read_capped(response, MAX_ANSWER_BYTES).await;
@@ -74,10 +75,11 @@ pub async fn from_api(
             .ok()
             .and_then(|body| serde_json::from_slice(&body).ok())
             .unwrap_or_default();
+        // Printed to the operator's terminal: escaped as the report's cells are.
         anyhow::bail!(
             "{endpoint} answered {status}: {} {}",
-            body["code"].as_str().unwrap_or("?"),
-            body["message"].as_str().unwrap_or("")
+            super::one_line(body["code"].as_str().unwrap_or("?")),
+            super::one_line(body["message"].as_str().unwrap_or(""))
         );
     }
     let body = body.with_context(|| format!("{endpoint} did not answer with the report"))?;
@@ -172,16 +174,22 @@ fn bar(hourly: &[i64], step: usize) -> String {
         .collect()
 }
 
-/// Rows of cells, each column padded to its widest cell; `numeric` columns right-aligned.
+/// Rows of cells, each column padded to its widest cell; `numeric` columns right-aligned. A cell
+/// may be what a server answered (a client's name, a kid): its control characters are written
+/// out ([`super::one_line`]), so it can neither move the cursor nor print a line of its own.
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>], numeric: &[usize]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| super::one_line(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let header: Vec<String> = header.iter().map(|cell| (*cell).to_owned()).collect();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let mut line = String::new();
         for (at, (cell, width)) in row.iter().zip(&widths).enumerate() {
             if at > 0 {
@@ -324,7 +332,7 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         } else {
             "NOT SAFE"
         },
-        view.reason
+        super::one_line(&view.reason)
     );
     out
 }

@@ -796,6 +796,79 @@ fn keys_report_follows_no_redirect_with_the_secret_key() {
     assert!(!stderr.contains(key), "{stderr}");
 }
 
+/// A server on 127.0.0.1 that reads one request and sends `answer`, an HTTP/1.1 answer with
+/// `status` and a JSON `body`; its URL.
+fn answering_once(status: &str, body: &serde_json::Value) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let body = body.to_string();
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut head = [0u8; 4096];
+        let _ = stream.read(&mut head);
+        stream.write_all(answer.as_bytes()).unwrap();
+    });
+    (url, server)
+}
+
+/// What the server answered is printed with its control characters written out, as `check`
+/// prints a dependency's answer: the table's cells, the reason and an error's code and message
+/// (an escape sequence could write to the clipboard, OSC 52, or move the cursor, and a `\r\n` in
+/// the reason printed a verdict line of its own, "Revoking the legacy secret: safe.").
+#[test]
+fn keys_report_prints_what_the_server_answered_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "sb_secret_0123456789abcdefghijklmn";
+    let forged =
+        "all good \u{1b}]52;c;ZWNobyBoaQ==\u{7}\u{1b}[2J\r\nRevoking the legacy secret: safe.";
+    let report = serde_json::json!({
+        "usage_window_seconds": 86_400,
+        "legacy_revocation_safe": false,
+        "reason": forged,
+        "legacy_usage": [{
+            "kind": "anon_key", "route": "/x\u{1b}[1A", "client": "\u{1b}[31mred\u{1b}[0m",
+            "count": 1, "last_seen": 1_796_117_000_000_i64,
+        }],
+        "api_key_usage": [],
+        "legacy_kinds": [],
+        "usage_hourly": {"first_hour_ms": 1_796_112_000_000_i64, "series": [{
+            "source": "signing_key", "key": "k\u{1b}[5m", "alg": "ES256\u{202e}", "kind": null,
+            "count": 1, "last_seen": 1_796_117_000_000_i64, "hourly": [1],
+        }]},
+    });
+    let refusal = serde_json::json!({"code": "X\u{1b}[31m", "message": forged});
+    for (status, body) in [("200 OK", &report), ("401 Unauthorized", &refusal)] {
+        let (url, server) = answering_once(status, body);
+        let out = output(
+            edgegate(dir.path(), &[("EDGEGATE_SECRET_KEY", key)])
+                .args(["keys", "report", "--url", &url]),
+        );
+        server.join().unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !printed.contains(['\u{1b}', '\u{7}', '\r', '\u{202e}']),
+            "{status}: {printed:?}"
+        );
+        assert!(
+            !printed
+                .lines()
+                .any(|line| line.starts_with("Revoking the legacy secret: safe")),
+            "{status}: {printed}"
+        );
+        assert!(printed.contains("\\u{1b}]52;c;"), "{status}: {printed}");
+    }
+}
+
 /// The secret key of `keys report --url` comes from the environment only: a flag would put it in
 /// `ps`, `/proc/*/cmdline` and the shell's history (a hidden `--secret-key` was one).
 #[test]
