@@ -50,12 +50,16 @@ pub async fn from_api(
     let client = crate::outbound::client_builder(Some("keys report"), &[base])
         .timeout(Duration::from_secs(30))
         .build()?;
+    // Every message shows the endpoint without its query and fragment, where `--url` may carry
+    // a key (`?apikey=sb_secret_…`), and reqwest's errors without their URL.
+    let shown = crate::config::shown_url(&endpoint);
     let response = client
-        .get(endpoint.clone())
+        .get(endpoint)
         .header("apikey", secret_key.expose_secret())
         .send()
         .await
-        .with_context(|| format!("{endpoint} did not answer"))?;
+        .map_err(reqwest::Error::without_url)
+        .with_context(|| format!("{shown} did not answer"))?;
     let status = response.status();
     if status.is_redirection() {
         let location = response
@@ -64,7 +68,7 @@ pub async fn from_api(
             .and_then(|value| value.to_str().ok())
             .unwrap_or("nowhere");
         anyhow::bail!(
-            "{endpoint} answered {status} to {}: redirects are not followed (the secret key \
+            "{shown} answered {status} to {}: redirects are not followed (the secret key \
              would go with them); give --url the address that answers",
             super::one_line(location)
         );
@@ -77,14 +81,13 @@ pub async fn from_api(
             .unwrap_or_default();
         // Printed to the operator's terminal: escaped as the report's cells are.
         anyhow::bail!(
-            "{endpoint} answered {status}: {} {}",
+            "{shown} answered {status}: {} {}",
             super::one_line(body["code"].as_str().unwrap_or("?")),
             super::one_line(body["message"].as_str().unwrap_or(""))
         );
     }
-    let body = body.with_context(|| format!("{endpoint} did not answer with the report"))?;
-    serde_json::from_slice(&body)
-        .with_context(|| format!("{endpoint} did not answer with the report"))
+    let body = body.with_context(|| format!("{shown} did not answer with the report"))?;
+    serde_json::from_slice(&body).with_context(|| format!("{shown} did not answer with the report"))
 }
 
 /// The report from the database alone: every instance's flushed counts (not what an instance

@@ -94,8 +94,8 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// `url` as it is shown (`check`, `/admin/signing-keys`, logs, `Debug`): without its query and
-/// fragment, written `?…` and `#…`, since a key may be passed there
+/// `url` as it is shown (`check`, `/admin/signing-keys`, `keys report`, logs, `Debug`): without
+/// its query and fragment, written `?…` and `#…`, since a key may be passed there
 /// (`…/jwks.json?apikey=sb_secret_…`); a user and password are refused at start already.
 pub fn shown_url(url: &Url) -> String {
     let mut shown = url.clone();

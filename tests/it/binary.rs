@@ -869,6 +869,42 @@ fn keys_report_prints_what_the_server_answered_escaped() {
     }
 }
 
+/// A query on `--url` (a key passed as `?apikey=sb_secret_…`) is not echoed: every message of
+/// the command shows the endpoint without it, as `check` shows the JWKS URL (the error repeated
+/// it twice, reqwest's own message naming the URL whole).
+#[test]
+fn keys_report_messages_show_its_url_without_the_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("EDGEGATE_SECRET_KEY", "sb_secret_0123456789abcdefghijklmn")];
+    let leaked = "sb_secret_leakme";
+    let report = |base: &str| {
+        let url = format!("{base}/?apikey={leaked}#{leaked}");
+        let out = output(edgegate(dir.path(), &vars).args(["keys", "report", "--url", &url]));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("leakme"), "{stderr}");
+        assert!(stderr.contains("/admin/signing-keys?…#… "), "{stderr}");
+        stderr
+    };
+    let nobody = report(&format!("http://127.0.0.1:{}", free_port()));
+    assert!(nobody.contains("did not answer"), "{nobody}");
+    let refusal = serde_json::json!({"code": "UNAUTHORIZED_INVALID_API_KEY", "message": "no"});
+    for (status, body, says) in [
+        ("401 Unauthorized", refusal, "answered 401"),
+        ("302 Found", serde_json::json!({}), "answered 302"),
+        (
+            "200 OK",
+            serde_json::json!([]),
+            "did not answer with the report",
+        ),
+    ] {
+        let (base, server) = answering_once(status, &body);
+        let stderr = report(&base);
+        server.join().unwrap();
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
 /// The secret key of `keys report --url` comes from the environment only: a flag would put it in
 /// `ps`, `/proc/*/cmdline` and the shell's history (a hidden `--secret-key` was one).
 #[test]
