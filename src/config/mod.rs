@@ -525,7 +525,11 @@ fn dotenv_error(err: &dotenvy::Error) -> ConfigError {
                 (None, Some(name)) => format!("the line of {name} does not parse"),
                 (None, None) => "a line does not parse".to_owned(),
             };
-            ConfigError::new(".env", format!("cannot be read: {rule} (not shown)"))
+            let why = found
+                .and_then(|(number, _)| parse_failure(&file, number))
+                .map(|why| format!(": {why}"))
+                .unwrap_or_default();
+            ConfigError::new(".env", format!("cannot be read: {rule} (not shown){why}"))
         }
         dotenvy::Error::Io(err) => {
             ConfigError::new(".env", format!("cannot be read: {}", err.kind()))
@@ -600,6 +604,226 @@ fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
     Some(quote)
 }
 
+/// The logical lines of `.env` that set a variable: the number (from 1) of each one's first
+/// line, that line, and its value as dotenvy reads it in (blanks after `=` left out, and the
+/// lines a quoted value runs on over joined to it).
+fn dotenv_entries(file: &str) -> Vec<(usize, &str, String)> {
+    let file = file.strip_prefix('\u{feff}').unwrap_or(file);
+    let mut entries: Vec<(usize, &str, String)> = Vec::new();
+    let mut open_quote = None;
+    for (at, line) in file.lines().enumerate() {
+        let starts_a_line = open_quote.is_none();
+        open_quote = quote_open_after(line, open_quote);
+        if !starts_a_line {
+            if let Some((_, _, value)) = entries.last_mut() {
+                value.push('\n');
+                value.push_str(line);
+            }
+            continue;
+        }
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        if let Some((_, value)) = line.split_once('=') {
+            entries.push((at + 1, line, value.trim_start().to_owned()));
+        }
+    }
+    entries
+}
+
+/// What, in a `.env` value, dotenvy would read otherwise than a shell's `source` does, or not
+/// at all. The `$` rules are dotenvy 0.15's: a bare name runs over letters and digits only
+/// (`$DB_PASSWORD` is `$DB` and `_PASSWORD`), the character after it is taken as plain text
+/// (a closing quote too), a `$` before no name is dropped, and `${…}` is whatever it holds
+/// taken as a name.
+#[derive(Debug, PartialEq)]
+enum ValueFault<'v> {
+    /// A bare `$NAME` (the name as a shell reads it) that dotenvy ends elsewhere (`cut`), or
+    /// after which it takes a quote, a backslash or a blank as plain text.
+    BareName { name: &'v str, cut: bool },
+    /// A `$` before no name (`$/`, `$$`, `$1`, `$` at the end), which dotenvy drops.
+    Lone,
+    /// A `${…}` holding more than a name (`${NAME:-default}`), which dotenvy reads as empty.
+    NotAName,
+    /// A quote, or `${`, not closed.
+    Unclosed(char),
+    /// A backslash before a character other than `\ ' " $`, a blank or `n`.
+    Escape,
+    /// A blank in an unquoted value, followed by more than a comment.
+    Blank,
+}
+
+/// The first [`ValueFault`] of a `.env` value, as [`dotenv_entries`] gives it.
+fn value_fault(value: &str) -> Option<ValueFault<'_>> {
+    if value.starts_with('#') {
+        return None;
+    }
+    let mut quote = None;
+    let mut escaped = false;
+    let mut resume_at = 0;
+    for (at, c) in value.char_indices() {
+        if at < resume_at {
+            continue;
+        }
+        if escaped {
+            if !matches!(c, '\\' | '\'' | DOUBLE | '$' | ' ' | 'n') {
+                return Some(ValueFault::Escape);
+            }
+            escaped = false;
+            continue;
+        }
+        match (quote, c) {
+            (Some('\''), '\'') => quote = None,
+            (Some('\''), _) => {}
+            (_, '$') => match substitution_length(&value[at + 1..], quote.is_some()) {
+                Ok(length) => resume_at = at + 1 + length,
+                Err(fault) => return Some(fault),
+            },
+            (Some(_), DOUBLE) => quote = None,
+            (_, '\\') => escaped = true,
+            (None, DOUBLE | '\'') => quote = Some(c),
+            (None, ' ' | '\t') => {
+                let rest = value[at..].trim_start_matches([' ', '\t']);
+                let comment_or_nothing = rest.is_empty() || rest.starts_with('#');
+                return (!comment_or_nothing).then_some(ValueFault::Blank);
+            }
+            _ => {}
+        }
+    }
+    quote.map(ValueFault::Unclosed)
+}
+
+/// The length of what follows a `$` that both dotenvy and a shell read as the same variable's
+/// name (`NAME`, or `{NAME}`), or what is wrong with it. `quoted`: inside double quotes, where
+/// a blank or a single quote after a name is plain text to a shell too.
+fn substitution_length(rest: &str, quoted: bool) -> Result<usize, ValueFault<'_>> {
+    if let Some(braced) = rest.strip_prefix('{') {
+        let end = braced.find('}').ok_or(ValueFault::Unclosed('{'))?;
+        return if shell_name_length(&braced[..end]) == end && end > 0 {
+            Ok(end + 2)
+        } else {
+            Err(ValueFault::NotAName)
+        };
+    }
+    let length = shell_name_length(rest);
+    if length == 0 {
+        return Err(ValueFault::Lone);
+    }
+    let dotenvy_length = rest
+        .find(|c: char| !c.is_alphanumeric())
+        .unwrap_or(rest.len());
+    let plain_after = match rest[length..].chars().next() {
+        Some(DOUBLE | '\\') => false,
+        Some('\'' | ' ' | '\t') => quoted,
+        _ => true,
+    };
+    let cut = dotenvy_length != length;
+    if cut || !plain_after {
+        return Err(ValueFault::BareName {
+            name: &rest[..length],
+            cut,
+        });
+    }
+    Ok(length)
+}
+
+/// The length of the variable name `text` starts with, by a shell's rule: an ASCII letter or
+/// `_`, then letters, digits and `_`.
+fn shell_name_length(text: &str) -> usize {
+    if !text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        return 0;
+    }
+    text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(text.len())
+}
+
+/// Why line `number` of `.env` does not parse, in words, when it can be told.
+fn parse_failure(file: &str, number: usize) -> Option<&'static str> {
+    let Some((_, line, value)) = dotenv_entries(file)
+        .into_iter()
+        .find(|(at, _, _)| *at == number)
+    else {
+        return Some("it is not NAME=value");
+    };
+    // dotenvy's rule for a name: a letter or `_`, then letters, digits, `_` and `.`.
+    let key = line
+        .trim_start()
+        .trim_start_matches("export ")
+        .split_once('=')
+        .map_or("", |(key, _)| key.trim());
+    let is_key = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !is_key {
+        return Some("the text before its = is not a variable name");
+    }
+    Some(match value_fault(&value)? {
+        ValueFault::Unclosed('{') => "a ${ is not closed with }",
+        ValueFault::Unclosed(_) => "a quote is not closed",
+        ValueFault::Escape => {
+            "a backslash comes before a character other than \\, ', \u{22}, $, a blank or n \
+             (put the value in single quotes for a literal backslash)"
+        }
+        ValueFault::Blank => "an unquoted value holds a blank (quote the value)",
+        _ => return None,
+    })
+}
+
+/// A `$` in `.env` that dotenvy would read otherwise than a shell's `source` does, as the one
+/// line that stops start-up: a password written `$DB_PASSWORD`, as the docs' comparison with
+/// `source` allows, would otherwise be a wrong one, with nothing said. The line is given by
+/// its number; its variable is named only when edgegate reads it, and the name after `$` only
+/// when it is set: either could be a fragment of a secret that holds a `$`.
+fn misread_substitution(file: &str) -> Option<ConfigError> {
+    let entries = dotenv_entries(file);
+    let is_set = |name: &str| {
+        std::env::var_os(name).is_some()
+            || entries
+                .iter()
+                .any(|(_, line, _)| dotenv_name(line) == Some(name))
+    };
+    entries.iter().find_map(|(number, line, value)| {
+        let place = match dotenv_name(line).filter(|name| VARIABLES.contains(name)) {
+            Some(name) => format!("line {number}, the line of {name},"),
+            None => format!("line {number}"),
+        };
+        let rule = match value_fault(value)? {
+            ValueFault::BareName { name, cut } => {
+                let why = if cut {
+                    "ends a bare name at the first character that is not a letter or digit, \
+                     _ included"
+                } else {
+                    "takes a quote, backslash or blank right after a bare name as plain text"
+                };
+                if is_set(name) {
+                    format!(
+                        "{place} has ${name}, which edgegate would not read as a shell does \
+                         (its .env reader {why}): write ${{{name}}}"
+                    )
+                } else {
+                    format!(
+                        "{place} has a $ before a name (not shown) that edgegate would not \
+                         read as a shell does (its .env reader {why}): write ${{NAME}} for a \
+                         variable, or put the value in single quotes for a literal $"
+                    )
+                }
+            }
+            ValueFault::Lone => format!(
+                "{place} has a $ before no variable name, which edgegate's .env reader would \
+                 drop: write \\$, or put the value in single quotes, for a literal $"
+            ),
+            ValueFault::NotAName => format!(
+                "{place} has a ${{…}} that holds more than a variable name (a default, as in \
+                 ${{NAME:-x}}), which edgegate's .env reader would read as empty: only \
+                 ${{NAME}} is read; put the value in single quotes for a literal $"
+            ),
+            ValueFault::Unclosed(_) | ValueFault::Escape | ValueFault::Blank => return None,
+        };
+        Some(ConfigError::new(".env", rule))
+    })
+}
+
 /// Adds the variables of `.env` in the working directory (if there is one; not from a folder
 /// above it) to the process environment. A variable the environment already sets keeps its
 /// value: the real environment wins. The CLI calls it before it parses its arguments, so an
@@ -609,13 +833,20 @@ fn quote_open_after(line: &str, open: Option<char>) -> Option<char> {
 /// as unset, so `.env`'s value is hidden, a surprise worth a warning.
 pub fn load_dotenv() -> Result<Vec<String>, ConfigError> {
     // A missing .env is normal; a malformed one is a configuration error.
-    match dotenvy::from_path(".env") {
-        Ok(()) => {}
-        Err(err) if err.not_found() => return Ok(Vec::new()),
-        Err(err) => return Err(dotenv_error(&err)),
+    let file = match std::fs::read_to_string(".env") {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => {
+            return Err(ConfigError::new(
+                ".env",
+                format!("cannot be read: {}", err.kind()),
+            ));
+        }
+    };
+    if let Some(err) = misread_substitution(&file) {
+        return Err(err);
     }
-    let file = std::fs::read_to_string(".env")
-        .map_err(|err| ConfigError::new(".env", format!("cannot be read: {}", err.kind())))?;
+    dotenvy::from_path(".env").map_err(|err| dotenv_error(&err))?;
     if let Some((name, first, second)) = repeated_dotenv_variable(&file) {
         // Named only when edgegate reads it: a pasted secret ending in `=` parses as a name.
         let what = if VARIABLES.contains(&name) {

@@ -1079,3 +1079,39 @@ fn a_variable_set_twice_in_dotenv_is_found_outside_quoted_values() {
     );
     assert_eq!(repeated_dotenv_variable("A=1\nB='x\nA=2'\nC=3\n"), None);
 }
+
+/// The `$` forms dotenvy reads as a shell's `source` does pass; the others are told apart.
+#[test]
+fn a_dotenv_substitution_is_checked_against_a_shells_reading() {
+    for value in [
+        "x$MYVAR",
+        "\"x${DB_PASSWORD}\"",
+        "p:${DB_PASSWORD}@h",
+        "\"$HOME/x\"",
+        "$A$B",
+        "'p$_$$x'",
+        "\"$A it's\"",
+        "\\$DB_PASSWORD",
+        "${A} # note",
+        "#$_x",
+    ] {
+        assert_eq!(value_fault(value), None, "{value}");
+    }
+    let bare = |name, cut| Some(ValueFault::BareName { name, cut });
+    assert_eq!(value_fault("p:$DB_PASSWORD@h"), bare("DB_PASSWORD", true));
+    assert_eq!(value_fault("\"x$MYVAR\""), bare("MYVAR", false));
+    assert_eq!(value_fault("$MYVAR\\n"), bare("MYVAR", false));
+    assert_eq!(value_fault("x$A 'b'"), bare("A", false));
+    // dotenvy keeps the blank before the comment: `value `.
+    assert_eq!(value_fault("$A # note"), bare("A", false));
+    assert_eq!(value_fault("$Aé"), bare("A", true));
+    assert_eq!(value_fault("a$/b"), Some(ValueFault::Lone));
+    assert_eq!(value_fault("p@$$w0rd"), Some(ValueFault::Lone));
+    assert_eq!(value_fault("x$"), Some(ValueFault::Lone));
+    assert_eq!(value_fault("${A:-x}"), Some(ValueFault::NotAName));
+    assert_eq!(value_fault("${}"), Some(ValueFault::NotAName));
+    assert_eq!(value_fault("${A"), Some(ValueFault::Unclosed('{')));
+    assert_eq!(value_fault("\"abc"), Some(ValueFault::Unclosed('\u{22}')));
+    assert_eq!(value_fault("a\\qb"), Some(ValueFault::Escape));
+    assert_eq!(value_fault("a b"), Some(ValueFault::Blank));
+}

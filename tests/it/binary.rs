@@ -1325,12 +1325,59 @@ fn a_dotenv_line_that_does_not_parse_is_given_by_its_number() {
     }
 }
 
+/// A `$` in `.env` that dotenvy would read otherwise than a shell's `source` stops start-up,
+/// naming the line and the form both read alike, never the value: with DB_PASSWORD=s3cret,
+/// dotenvy read `p:$DB_PASSWORD@h` as `p:_PASSWORD@h` (it ends a bare name at `_`) and
+/// refused `"x$MYVAR"` with no reason (it took the closing quote after a bare name as text).
+#[test]
+fn a_dotenv_substitution_a_shell_reads_otherwise_is_refused() {
+    let vars = [("DB_PASSWORD", "s3cret"), ("MYVAR", "v")];
+    for (text, line, fix) in [
+        (
+            "PORT=8080\nDATABASE_URL=postgres://app:$DB_PASSWORD@db/app\n",
+            "line 2, the line of DATABASE_URL,",
+            "write ${DB_PASSWORD}",
+        ),
+        (
+            "JWT_ISSUERS=\"x$MYVAR\"\n",
+            "line 1, the line of JWT_ISSUERS,",
+            "write ${MYVAR}",
+        ),
+        (
+            "JWT_ISSUERS=a$/b\n",
+            "line 1, the line of JWT_ISSUERS,",
+            "\\$",
+        ),
+        (
+            "JWT_ISSUERS=${MYVAR:-x}\n",
+            "line 1, the line of JWT_ISSUERS,",
+            "${NAME}",
+        ),
+    ] {
+        let stderr = refused_dotenv_with(text, &vars);
+        assert!(
+            stderr.contains(".env") && stderr.contains(line) && stderr.contains(fix),
+            "{text:?}: {stderr}"
+        );
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
+    // A name that is not set may be a fragment of a secret holding `$`: it is not shown.
+    let stderr = refused_dotenv("SUPABASE_JWT_SECRET=abc$de_fgh0123456789abcdef0123456789\n");
+    assert!(stderr.contains("line 1"), "{stderr}");
+    assert!(!stderr.contains("de_fgh"), "{stderr}");
+}
+
 /// `edgegate check` in a folder whose `.env` holds `text`, which it refuses: its one line of
 /// stderr (the exit code is 2, a configuration error, and the message one line).
 fn refused_dotenv(text: &str) -> String {
+    refused_dotenv_with(text, &[])
+}
+
+/// As [`refused_dotenv`], with `vars` in the environment.
+fn refused_dotenv_with(text: &str, vars: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(".env"), text).unwrap();
-    let out = output(edgegate(dir.path(), &[]).arg("check"));
+    let out = output(edgegate(dir.path(), vars).arg("check"));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
