@@ -125,8 +125,9 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Longest API key looked at; real ones are well under 100 bytes.
-const MAX_API_KEY_BYTES: usize = 1024;
+/// Longest API key looked at; real ones are well under 100 bytes. A configured key longer than
+/// this is refused at start (`src/config/`): no request could present it.
+pub const MAX_API_KEY_BYTES: usize = 1024;
 
 /// Verifies bearer tokens (with cache and JWKS refetch) and API keys.
 pub struct Authenticator {

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use url::Url;
+
+use crate::auth::authenticator::MAX_API_KEY_BYTES;
 
 use super::{CorsOrigins, DEFAULT_DATABASE_URL, DatabaseUrl, LogFormat, Redacted, TraceSampler};
 
@@ -550,6 +552,8 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
     }
 
     /// `NAME_KEYS` (a JSON map of name to key) merged with the singular `NAME_KEY` as "default".
+    /// A key longer than a request's `apikey` may be is refused: it would be taken here and
+    /// then refused on every request.
     pub(super) fn api_keys(
         &self,
         map_name: &str,
@@ -572,10 +576,22 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 if name.trim().is_empty() || !key.starts_with(prefix) || key.len() <= prefix.len() {
                     return Err(rule());
                 }
+                if key.len() > MAX_API_KEY_BYTES {
+                    return Err(ConfigError::new(
+                        map_name,
+                        format!("has a key, {name:?}, {}", too_long_for_a_request()),
+                    ));
+                }
                 keys.insert(name, SecretString::from(key));
             }
         }
         if let Some(key) = self.secret_with_prefix(single_name, &[prefix])? {
+            if key.expose_secret().len() > MAX_API_KEY_BYTES {
+                return Err(ConfigError::new(
+                    single_name,
+                    format!("is {}", too_long_for_a_request()),
+                ));
+            }
             if keys.contains_key("default") {
                 return Err(ConfigError::new(
                     single_name,
@@ -838,4 +854,12 @@ pub(super) fn join_path(base: &Url, path: &str) -> Url {
 
 pub(super) fn static_url(url: &str) -> Url {
     Url::parse(url).expect("built-in URLs are valid")
+}
+
+/// Why an API key over [`MAX_API_KEY_BYTES`] is refused.
+fn too_long_for_a_request() -> String {
+    format!(
+        "longer than {MAX_API_KEY_BYTES} bytes, the most a request's apikey header may hold: \
+         no request could present it"
+    )
 }

@@ -324,6 +324,36 @@ fn api_key_maps_are_json_with_the_right_prefix() {
     assert_eq!(clash.unwrap_err().variable, "SUPABASE_SECRET_KEY");
 }
 
+/// A key longer than the 1024 bytes a request's `apikey` may hold could never be presented:
+/// it was taken at start and then refused on every request, 401 UNAUTHORIZED_INVALID_API_KEY.
+#[test]
+fn an_api_key_longer_than_a_request_may_present_is_refused() {
+    let long = |prefix: &str| format!("{prefix}{}", "k".repeat(1025 - prefix.len()));
+    let fits = format!("sb_secret_{}", "k".repeat(1024 - "sb_secret_".len()));
+    config(&[("SUPABASE_SECRET_KEY", &fits)]).unwrap();
+    for (name, value) in [
+        (
+            "SUPABASE_SECRET_KEYS",
+            format!(
+                r#"{{"ops":"sb_secret_abc","too-long":"{}"}}"#,
+                long("sb_secret_")
+            ),
+        ),
+        (
+            "SUPABASE_PUBLISHABLE_KEYS",
+            format!(r#"{{"too-long":"{}"}}"#, long("sb_publishable_")),
+        ),
+        ("SUPABASE_SECRET_KEY", long("sb_secret_")),
+        ("SUPABASE_PUBLISHABLE_KEY", long("sb_publishable_")),
+    ] {
+        let line = refused(name, &value).to_string();
+        assert!(line.contains("1024 bytes"), "{line}");
+        if name.ends_with("KEYS") {
+            assert!(line.contains("too-long") && !line.contains("ops"), "{line}");
+        }
+    }
+}
+
 #[test]
 fn legacy_secret_needs_32_bytes() {
     refused("SUPABASE_JWT_SECRET", "too-short-secret");
