@@ -90,17 +90,23 @@ fn legacy_line(config: &Config, auth: &Authenticator) -> CheckLine {
         .iter()
         .filter(|secret| secret.origin() == KeyOrigin::Inline)
         .count();
-    let mut detail = if config.jwt.legacy_secret.is_some() {
-        "SUPABASE_JWT_SECRET is set: HS256 tokens are verified".to_owned()
-    } else {
-        "SUPABASE_JWT_SECRET is not set: HS256 tokens are refused (legacy secret revoked)"
-            .to_owned()
+    // An inline oct key verifies HS256 as the legacy secret does (GET /admin/signing-keys
+    // counts it as configured): with one, HS256 is not refused and the secret not revoked.
+    let detail = match (config.jwt.legacy_secret.is_some(), inline_secrets) {
+        (true, 0) => "SUPABASE_JWT_SECRET is set: HS256 tokens are verified".to_owned(),
+        (true, oct) => format!(
+            "SUPABASE_JWT_SECRET is set: HS256 tokens are verified; {oct} oct key(s) in \
+             SUPABASE_JWKS also verify HS256"
+        ),
+        (false, 0) => {
+            "SUPABASE_JWT_SECRET is not set: HS256 tokens are refused (legacy secret revoked)"
+                .to_owned()
+        }
+        (false, oct) => format!(
+            "SUPABASE_JWT_SECRET is not set, but {oct} oct key(s) in SUPABASE_JWKS verify HS256 \
+             tokens as the legacy secret (not revoked until they are removed)"
+        ),
     };
-    if inline_secrets > 0 {
-        detail.push_str(&format!(
-            "; {inline_secrets} oct key(s) in SUPABASE_JWKS also verify HS256"
-        ));
-    }
     CheckLine {
         item: "legacy secret",
         ok: true,

@@ -339,6 +339,27 @@ async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     );
 }
 
+/// An `oct` key in SUPABASE_JWKS verifies HS256 tokens as the legacy secret does, so with
+/// SUPABASE_JWT_SECRET unset the legacy line does not call HS256 refused or the secret revoked
+/// (it said both, then that the oct key verifies HS256).
+#[tokio::test]
+async fn check_does_not_call_the_legacy_secret_revoked_while_an_inline_oct_key_verifies_hs256() {
+    let oct = json!({"keys": [{"kty": "oct", "kid": "octk", "alg": "HS256",
+        "k": "b2N0c2VjcmV0LW9jdHNlY3JldC1vY3RzZWNyZXQtMDEyMzQ1Njc4OQ"}]});
+    let (code, printed, _) = check(vec![("SUPABASE_JWKS", oct.to_string())]).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let legacy = line(&printed, "legacy secret");
+    assert!(
+        !legacy.contains("refused") && !legacy.contains("revoked)"),
+        "{legacy}"
+    );
+    assert!(
+        legacy.contains("SUPABASE_JWT_SECRET is not set")
+            && legacy.contains("1 oct key(s) in SUPABASE_JWKS verify HS256 tokens"),
+        "{legacy}"
+    );
+}
+
 /// A fetched key under the kid of an inline key is not among the fetched keys `check` lists: the
 /// inline key wins, and the fetched one is reported dropped, as overridden. The line fails when
 /// that leaves the published set nothing that verifies; a copy of the inline key is fine.
