@@ -284,17 +284,19 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
             if secrets.is_empty() {
                 return Err(AuthError::LegacyRevoked);
             }
-            // Try every secret so timing does not reveal which one matched.
-            let mut ok = false;
+            // Try every secret so timing does not reveal which one matched. The answer names
+            // the one that did (an inline oct key by its kid, SUPABASE_JWT_SECRET by none), not
+            // the token's `kid`, which no secret was looked up by.
+            let mut matched = None;
             for secret in secrets {
-                ok |= check(sig_b64, signing_input, &secret.key, alg);
+                if check(sig_b64, signing_input, &secret.key, alg) && matched.is_none() {
+                    matched = Some(secret);
+                }
             }
-            if !ok {
-                return Err(AuthError::Legacy(Failure::BadSignature));
-            }
+            let secret = matched.ok_or(AuthError::Legacy(Failure::BadSignature))?;
             (
                 KeySource::LegacySecret,
-                kid.map(Arc::from),
+                secret.kid().map(Arc::from),
                 ring.legacy_ok().clone(),
             )
         }

@@ -188,6 +188,36 @@ async fn jwt_test_names_the_key_that_verified_each_kind_of_credential() {
     assert_eq!(response.status(), 200);
 }
 
+/// `key.kid` of an HS256 token names the secret that verified it, not the token's own `kid`
+/// header: null for SUPABASE_JWT_SECRET (as /admin/signing-keys lists it), the JWK's kid for an
+/// inline `oct` key. It echoed the header: `"kid":"py-es"` for the legacy secret.
+#[tokio::test]
+async fn an_hs256_token_names_the_secret_that_verified_it_not_its_kid_header() {
+    let db = test_db!();
+    let host = JwksHost::start(json!([])).await;
+    let oct_secret = b"octsecret-octsecret-octsecret-0123456789";
+    let oct = json!({"keys": [{"kty": "oct", "kid": "octk", "alg": "HS256",
+        "k": "b2N0c2VjcmV0LW9jdHNlY3JldC1vY3RzZWNyZXQtMDEyMzQ1Njc4OQ"}]});
+    let oct = oct.to_string();
+    let server = app_with(&db, &host, &[("SUPABASE_JWKS", &oct)]).await;
+    let claims = || user_claims(ISSUER, "authenticated", "user-1", now(), 3600);
+    for (secret, header_kid, kid) in [
+        (SECRET.as_bytes(), Some("py-es"), Value::Null),
+        (SECRET.as_bytes(), Some("octk"), Value::Null),
+        (SECRET.as_bytes(), None, Value::Null),
+        (oct_secret.as_slice(), Some("py-es"), json!("octk")),
+        (oct_secret.as_slice(), None, json!("octk")),
+    ] {
+        let (status, body) = bearer(&server, &legacy_token(secret, &claims(), header_kid)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["key"],
+            json!({"source": "legacy_secret", "kid": kid, "alg": "HS256"}),
+            "kid header {header_kid:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn refusals_carry_the_contract_code_and_headers() {
     let db = test_db!();
