@@ -70,13 +70,16 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json:
 }
 
 /// A database that did not answer the probe, or that `serve` has not migrated yet: logged, and
-/// answered without its cause.
+/// answered without its cause; one that answered but takes no writes is answered saying so.
 fn readiness_failed(err: &anyhow::Error) -> Result<(), String> {
     tracing::warn!(
         error = crate::error::causes(err),
         "readiness: database check failed"
     );
-    Err("database did not answer".to_owned())
+    match err.downcast_ref::<crate::store::ReadOnly>() {
+        Some(read_only) => Err(read_only.to_string()),
+        None => Err("database did not answer".to_owned()),
+    }
 }
 
 /// The key ring is ready when it can verify something; with no credential configured at all

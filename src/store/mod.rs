@@ -79,9 +79,23 @@ struct Readiness {
     started: AtomicU64,
 }
 
-/// A probe's answer (its error's causes as text, so that every caller gets a copy) and when it
-/// came.
-type ProbeAnswer = (Instant, Result<(), String>);
+/// A probe's answer (its error as text, so that every caller gets a copy) and when it came.
+type ProbeAnswer = (Instant, Result<(), ProbeFailure>);
+
+#[derive(Clone, Debug)]
+enum ProbeFailure {
+    /// The database answered but takes no writes ([`ReadOnly`]).
+    ReadOnly(String),
+    /// The error's causes.
+    Failed(String),
+}
+
+/// The database answered the readiness probe but takes no writes: a PostgreSQL hot standby (a
+/// failover not finished), or sessions made read-only (`default_transaction_read_only`, which
+/// Supabase sets on a full disk). Not a secret, and what to look at: `/readyz` says it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReadOnly(String);
 type SharedProbe = Shared<BoxFuture<'static, ProbeAnswer>>;
 
 /// How long a probe's answer is reused: load balancers ask every few seconds each, and a
@@ -285,14 +299,18 @@ impl Store {
         Ok(versions)
     }
 
-    /// Whether the database can take a write now, for readiness: PostgreSQL answers a query;
-    /// SQLite's write lock can be taken (a file locked by another process still answers reads).
+    /// Whether the database can take a write now, for readiness: PostgreSQL answers that this
+    /// session may write ([`ReadOnly`] otherwise: every INSERT would fail); SQLite's write lock
+    /// can be taken (a file locked by another process still answers reads).
     /// Bounded by `READINESS_TIMEOUT`, so a dead database gives a prompt answer. Callers share
     /// one probe at a time, and an answer for [`PROBE_REUSE`] after it came ([`Readiness`]).
     pub async fn ping(&self) -> anyhow::Result<()> {
         let probe = self.shared_probe();
         match tokio::time::timeout(READINESS_TIMEOUT, probe).await {
-            Ok((_, answered)) => answered.map_err(|causes| anyhow::anyhow!(causes)),
+            Ok((_, answered)) => answered.map_err(|failure| match failure {
+                ProbeFailure::ReadOnly(why) => anyhow::Error::new(ReadOnly(why)),
+                ProbeFailure::Failed(causes) => anyhow::anyhow!(causes),
+            }),
             Err(_) => Err(anyhow::anyhow!(
                 "database did not answer within {} s",
                 READINESS_TIMEOUT.as_secs()
@@ -326,23 +344,23 @@ impl Store {
         let task = tokio::spawn(async move {
             let query = async {
                 match &store.backend {
-                    Backend::Sqlite(pool) => sqlite::probe_write(pool).await,
-                    Backend::Postgres(pool) => {
-                        sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
-                    }
+                    Backend::Sqlite(pool) => sqlite::probe_write(pool).await.map(|()| None),
+                    Backend::Postgres(pool) => postgres::probe_write(pool).await,
                 }
             };
             // Bounded here too: a query that hangs once its connection was handed out (a
             // network gone silent mid-query) must not stand for every later probe.
             let answered = match tokio::time::timeout(READINESS_TIMEOUT, query).await {
-                Ok(answered) => answered.map_err(|err| {
+                Ok(Ok(None)) => Ok(()),
+                Ok(Ok(Some(read_only))) => Err(ProbeFailure::ReadOnly(read_only.to_owned())),
+                Ok(Err(err)) => {
                     let err = anyhow::Error::new(err).context("database did not answer");
-                    crate::error::causes(&err)
-                }),
-                Err(_) => Err(format!(
+                    Err(ProbeFailure::Failed(crate::error::causes(&err)))
+                }
+                Err(_) => Err(ProbeFailure::Failed(format!(
                     "database did not answer within {} s",
                     READINESS_TIMEOUT.as_secs()
-                )),
+                ))),
             };
             (Instant::now(), answered)
         });
@@ -350,7 +368,9 @@ impl Store {
             task.await.unwrap_or_else(|join| {
                 (
                     Instant::now(),
-                    Err(format!("database probe failed: {join}")),
+                    Err(ProbeFailure::Failed(format!(
+                        "database probe failed: {join}"
+                    ))),
                 )
             })
         }
@@ -595,7 +615,12 @@ enum Engine {
 /// PostgreSQL SQLSTATEs (classes 08 connection exception, 53 insufficient resources, 57P0x
 /// shutdown, 57P03 among them for a server starting up; 55P03, a lock not taken within
 /// `lock_timeout`; 25P03, a session the server ended for idling in its transaction, which it
-/// rolled back) that mean "not now" rather than "never".
+/// rolled back; 25006, a write in a read-only transaction: a hot standby until its failover
+/// ends, a Supabase database made read-only until its full disk is grown; 57014, a statement
+/// cancelled, by `statement_timeout` or an operator, and rolled back) that mean "not now"
+/// rather than "never". 57014 is a 503 like the rest, not a 504: it is the database that was
+/// slow or busy (a lock held, a load), as with 55P03, and nothing was written, so the caller
+/// (Stripe) retries later, as for any other outage.
 /// Told apart by engine, not by the code's shape: many SQLSTATEs are all digits (08006, 53300),
 /// and read as SQLite's numbers they meant nothing, so a PostgreSQL with too many clients was a
 /// 500 rather than a 503.
@@ -614,7 +639,7 @@ fn unavailable_code(code: &str, engine: Engine) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P0")
-        || matches!(code, "55P03" | "25P03")
+        || matches!(code, "55P03" | "25P03" | "25006" | "57014")
         || (fatal && code == "55000")
 }
 
@@ -723,7 +748,8 @@ mod tests {
             Engine::Postgres { fatal: true },
         );
         for code in [
-            "08006", "08001", "53300", "53100", "57P01", "57P03", "55P03", "25P03",
+            "08006", "08001", "53300", "53100", "57P01", "57P03", "55P03", "25P03", "25006",
+            "57014",
         ] {
             assert!(unavailable_code(code, error), "PostgreSQL {code}");
         }

@@ -88,6 +88,27 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     Ok(before)
 }
 
+/// The readiness probe: whether this pool's sessions can write. A server that answers may still
+/// take no writes (every INSERT failing with 25006): a hot standby, or sessions read-only by
+/// `default_transaction_read_only` (Supabase's answer to a full disk). Read from the session
+/// rather than tried with a write, which would need a table of its own: `Some(why)` then.
+pub(super) async fn probe_write(pool: &PgPool) -> Result<Option<&'static str>, sqlx::Error> {
+    let (in_recovery, read_only): (bool, String) =
+        sqlx::query_as("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+            .fetch_one(pool)
+            .await?;
+    Ok(if in_recovery {
+        Some("the database is read-only: a hot standby, in recovery (a failover under way?)")
+    } else if read_only == "on" {
+        Some(
+            "the database is read-only: its sessions' transactions are read-only \
+             (default_transaction_read_only, which Supabase sets when the disk is full)",
+        )
+    } else {
+        None
+    })
+}
+
 /// The longest a query waits for a connection, connecting included.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 

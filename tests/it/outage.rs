@@ -826,3 +826,83 @@ async fn refuse_connections_under_the_app(db: &TestDb) {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
 }
+
+/// A PostgreSQL that takes no writes (Supabase's answer to a full disk is
+/// `default_transaction_read_only`; a hot standby after a failover is the same to its clients)
+/// is not ready: /readyz answers 503 saying it is read-only, `edgegate_database_ready` is 0, and
+/// what would write answers 503 `NOT_READY` (so Stripe retries), never 500. Its sessions are made
+/// read-only by the URL's options, so nothing of the shared database changes.
+#[tokio::test]
+async fn a_read_only_postgres_is_not_ready_and_writes_answer_503() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    db.store().await.close().await;
+    let read_only = format!("{}&options=-c%20default_transaction_read_only%3Don", db.url);
+    let twilio = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let config = config(
+        &read_only,
+        &[
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("STRIPE_SECRET_KEY", fake_stripe::SECRET_KEY),
+            // Never reached: the run stops at the database first.
+            ("STRIPE_API_BASE", "http://127.0.0.1:9/"),
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("TWILIO_API_BASE", &twilio.base),
+            ("TWILIO_FROM_NUMBER", "+15005550006"),
+        ],
+    );
+    let store = Store::connect(&config.database_url).await.unwrap();
+    let state = AppState::new(config, store);
+    let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(5)).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+
+    let (status, body) = status_and_body(server.get("/readyz").await).await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["checks"]["database"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("read-only"), "{body}");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(0.0));
+
+    let response = post_event(&client, &base, &product_event(&fixtures, 1))
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("NOT_READY")),
+        "webhook: {body}"
+    );
+    let (status, body) = send_sms(&client, &base).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("NOT_READY")),
+        "send-sms: {body}"
+    );
+    assert!(
+        twilio.requests().is_empty(),
+        "sent though nothing could be recorded"
+    );
+    let response = client
+        .post(format!("{base}/admin/stripe/reconcile"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("NOT_READY")),
+        "reconcile: {body}"
+    );
+}
