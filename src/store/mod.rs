@@ -344,7 +344,10 @@ impl Store {
         let task = tokio::spawn(async move {
             let query = async {
                 match &store.backend {
-                    Backend::Sqlite(pool) => sqlite::probe_write(pool).await.map(|()| None),
+                    Backend::Sqlite(pool) => sqlite::probe_write(pool)
+                        .await
+                        .map(|()| None)
+                        .map_err(anyhow::Error::from),
                     Backend::Postgres(pool) => postgres::probe_write(pool).await,
                 }
             };
@@ -354,7 +357,7 @@ impl Store {
                 Ok(Ok(None)) => Ok(()),
                 Ok(Ok(Some(read_only))) => Err(ProbeFailure::ReadOnly(read_only.to_owned())),
                 Ok(Err(err)) => {
-                    let err = anyhow::Error::new(err).context("database did not answer");
+                    let err = err.context("database did not answer");
                     Err(ProbeFailure::Failed(crate::error::causes(&err)))
                 }
                 Err(_) => Err(ProbeFailure::Failed(format!(

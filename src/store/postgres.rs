@@ -92,10 +92,11 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
 /// take no writes (every INSERT failing with 25006): a hot standby, or sessions read-only by
 /// `default_transaction_read_only` (Supabase's answer to a full disk). Read from the session
 /// rather than tried with a write, which would need a table of its own: `Some(why)` then.
-pub(super) async fn probe_write(pool: &PgPool) -> Result<Option<&'static str>, sqlx::Error> {
+pub(super) async fn probe_write(pool: &PgPool) -> anyhow::Result<Option<&'static str>> {
+    let mut conn = probe_connection(pool).await?;
     let (in_recovery, read_only): (bool, String) =
         sqlx::query_as("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
     Ok(if in_recovery {
         Some("the database is read-only: a hot standby, in recovery (a failover under way?)")
@@ -107,6 +108,44 @@ pub(super) async fn probe_write(pool: &PgPool) -> Result<Option<&'static str>, s
     } else {
         None
     })
+}
+
+/// How long the probe waits for a pooled connection before it connects once itself to learn why
+/// there is none: shorter than the readiness timeout, which the pool's own wait outlasts.
+const PROBE_DIAGNOSE_AFTER: Duration = Duration::from_millis(500);
+
+/// A pooled connection for the probe. The pool retries a refused connection (and a server
+/// starting up or out of connection slots) until its acquire timeout, past the probe's, and then
+/// says only that it timed out; so when none comes soon, one connection of the probe's own,
+/// closed at once, says what the server answers, as start-up does (`first_connection`). If that
+/// one connects, the server takes connections and the pool's wait goes on.
+async fn probe_connection(
+    pool: &PgPool,
+) -> anyhow::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    use sqlx::Connection as _;
+    let acquire = pool.acquire();
+    tokio::pin!(acquire);
+    if let Ok(conn) = tokio::time::timeout(PROBE_DIAGNOSE_AFTER, &mut acquire).await {
+        return Ok(conn?);
+    }
+    let options = pool.connect_options();
+    let refused = async {
+        match PgConnection::connect_with(&options).await {
+            Ok(connection) => {
+                let _ = connection.close().await;
+                std::future::pending().await
+            }
+            Err(err) => err,
+        }
+    };
+    tokio::select! {
+        conn = &mut acquire => Ok(conn?),
+        err = refused => Err(anyhow::anyhow!(
+            "connecting to PostgreSQL at {}: {}",
+            server(&options),
+            describe(&err)
+        )),
+    }
 }
 
 /// The longest a query waits for a connection, connecting included.

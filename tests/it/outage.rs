@@ -906,3 +906,27 @@ async fn a_read_only_postgres_is_not_ready_and_writes_answer_503() {
         "reconcile: {body}"
     );
 }
+
+/// A PostgreSQL that refuses the connection at once is reported by readiness with its answer,
+/// promptly, not as "did not answer within 2 s" (the pool retries a refused connection until its
+/// own timeout and then says only that it timed out); the password is never in it.
+#[tokio::test]
+async fn readiness_says_why_postgres_refused_the_connection() {
+    let port = crate::process::free_port();
+    let url = format!("postgres://app:pw-not-in-the-answer@127.0.0.1:{port}/app");
+    let config = config(&url, &[]);
+    let (store, unreachable) = Store::connect_or_wait(&config.database_url, false)
+        .await
+        .unwrap();
+    assert!(unreachable.is_some(), "port {port} answered");
+    let started = Instant::now();
+    let error = format!("{:#}", store.ping().await.unwrap_err());
+    assert!(error.contains("connection refused"), "{error}");
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    assert!(!error.contains("pw-not-in-the-answer"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_900),
+        "{:?}",
+        started.elapsed()
+    );
+}
