@@ -219,6 +219,15 @@ impl Store {
         self.schema_ready.load(Ordering::Acquire) && self.migrations_missing() == Some(0)
     }
 
+    /// Returns once [`Store::is_ready`]: for background work on the schema, which `serve` may
+    /// still have to migrate (a database that did not answer at start) or, under
+    /// `--no-migrate`, another process. Once ready, a store stays so.
+    pub async fn wait_until_ready(&self) {
+        while !self.is_ready() {
+            tokio::time::sleep(READY_POLL).await;
+        }
+    }
+
     /// How many of this binary's migrations the database lacked when [`Store::check_migrations`]
     /// last read them (0 once [`Store::migrate`] has succeeded, and before anything was asked
     /// of it); `None` after [`Store::migrations_unread`] until a reading succeeds.
@@ -568,6 +577,9 @@ struct HourlyCount<'a> {
     verified_count: i64,
     last_verified_at_ms: i64,
 }
+
+/// How often [`Store::wait_until_ready`] looks again.
+const READY_POLL: Duration = Duration::from_secs(1);
 
 /// How long the readiness probe waits for the database.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);

@@ -492,8 +492,8 @@ impl ReconcileMetrics {
 }
 
 /// Runs a reconciliation every `interval` (plus up to a tenth of it at random, so a fleet
-/// started together spreads out). The first one is timed from the last periodic run of any
-/// instance: an interval after it, or soon when it is older than that (or there is none), so
+/// started together spreads out), from when the store is ready. The first one is timed from the
+/// last periodic run of any instance: an interval after it, or soon when it is older than that (or there is none), so
 /// instances restarted more often than the interval (deploys, secret changes) still run one.
 /// Where another instance holds the lock the run is skipped (counted as `in_progress`). After a
 /// failed run the next comes within the hour (`next_pause`), not an interval later.
@@ -506,6 +506,9 @@ pub fn spawn_periodic(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let holder = format!("periodic-{}", uuid::Uuid::new_v4());
+        // Neither the last run nor a new one can be read or written before the schema is in
+        // place (`serve --no-migrate` waiting for `edgegate migrate`): each would only warn.
+        store.wait_until_ready().await;
         let last = match store.last_periodic_reconcile().await {
             Ok(last) => last,
             Err(err) => {

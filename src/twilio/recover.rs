@@ -132,8 +132,8 @@ pub async fn recover_statuses(
     Ok(recovered)
 }
 
-/// Runs `recover_statuses` every `INTERVAL` until the handle is aborted; `None` when Twilio is
-/// not configured (no account SID or auth token).
+/// Runs `recover_statuses` every `INTERVAL`, from when the store is ready, until the handle is
+/// aborted; `None` when Twilio is not configured (no account SID or auth token).
 pub fn spawn_status_recovery(
     store: Store,
     http: &reqwest::Client,
@@ -142,6 +142,8 @@ pub fn spawn_status_recovery(
 ) -> Option<tokio::task::JoinHandle<()>> {
     let api = TwilioApi::from_config(http, &config.twilio)?;
     Some(tokio::spawn(async move {
+        // Nothing to recover from a schema not in place yet (it would fail every pass).
+        store.wait_until_ready().await;
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

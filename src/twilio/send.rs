@@ -495,7 +495,7 @@ fn send_deadline(send_budget: Duration) -> Duration {
 
 /// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
 /// answer was stored) as `unknown`, so no row claims a send is still to come: every
-/// `SWEEP_INTERVAL` (the first at start), rows older than a send can take. Not every row reserved
+/// `SWEEP_INTERVAL` (the first at start, or once the schema is in place), rows older than a send can take. Not every row reserved
 /// before this process began, on either engine: those include another process's sends still
 /// waiting for Twilio during a rolling restart (instances on a shared PostgreSQL, or two
 /// processes on one SQLite file for a moment). Runs until the handle is aborted.
@@ -508,6 +508,8 @@ pub fn spawn_unanswered_sweeper(
     tokio::spawn(async move {
         let reason = "the sender stopped before Twilio's answer was recorded; Twilio may have \
                       the message, so it is not sent again";
+        // No table to sweep before then; a database migrated late is swept at once.
+        store.wait_until_ready().await;
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;

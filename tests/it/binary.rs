@@ -1622,6 +1622,41 @@ async fn serve_without_migrating_is_not_ready_until_another_process_migrates() {
     assert_eq!(status, 200, "never ready within 15 s of the migration");
 }
 
+/// `serve --no-migrate` on a database not migrated yet leaves it alone in the background too:
+/// the SMS sweep, the SMS status recovery and the periodic Stripe reconciliation wait for the
+/// schema, rather than warning every minute of a table that does not exist (the error at
+/// start-up has said what is missing and what to run).
+#[tokio::test]
+async fn serve_without_migrating_runs_no_background_work_on_a_schema_not_there() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PORT", port.as_str()),
+        ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
+        ("TWILIO_AUTH_TOKEN", "f1e2d3c4b5a6978812345678abcdef90"),
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+        // Never reached: nothing may run on this schema.
+        ("TWILIO_API_BASE", "http://127.0.0.1:9/"),
+        ("STRIPE_SECRET_KEY", "sk_test_background0123456789"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9/"),
+        // The shortest: the first run comes within 6 s of start.
+        ("STRIPE_RECONCILE_INTERVAL_SECONDS", "60"),
+    ];
+    let mut command = edgegate(dir.path(), &vars);
+    command.args(["serve", "--no-migrate"]);
+    let _server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let lacking = |line: &&str| line.contains("does not exist") || line.contains("no such table");
+    let noise: Vec<&str> = log.lines().filter(lacking).collect();
+    assert!(noise.is_empty(), "{noise:#?}");
+}
+
 /// A database ahead of the binary (a release rolled back after its migration) is served ready:
 /// `migrate` tolerates it on purpose, and so does `serve --no-migrate`.
 #[tokio::test]
