@@ -46,7 +46,7 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     sqlx::query("SET lock_timeout = 0")
         .execute(&mut *conn)
         .await?;
-    conn.lock().await?;
+    take_migration_lock(conn).await?;
     let before = super::applied_before(
         sqlx::query_scalar(super::APPLIED_SQL)
             .fetch_all(&mut *conn)
@@ -146,6 +146,44 @@ async fn probe_connection(
             describe(&err)
         )),
     }
+}
+
+/// How long the migration lock is waited for before the wait is logged, and then how often.
+const LOCK_WAIT_SAID_AFTER: Duration = Duration::from_secs(2);
+const LOCK_WAIT_SAID_EVERY: Duration = Duration::from_secs(30);
+
+/// Takes sqlx's migration lock, however long another process holds it, saying so while it
+/// waits: `serve` answers nothing until its migrations are applied, /healthz included, and an
+/// `edgegate migrate` on another Machine can hold the lock for minutes.
+async fn take_migration_lock(conn: &mut PgConnection) -> anyhow::Result<()> {
+    use sqlx::migrate::Migrate as _;
+    let started = tokio::time::Instant::now();
+    let lock = conn.lock();
+    tokio::pin!(lock);
+    let mut say_at = started + LOCK_WAIT_SAID_AFTER;
+    loop {
+        match tokio::time::timeout_at(say_at, &mut lock).await {
+            Ok(locked) => {
+                locked?;
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "waiting for another process's migrations (the migration lock is held); \
+                     nothing is served until they are applied"
+                );
+                say_at += LOCK_WAIT_SAID_EVERY;
+            }
+        }
+    }
+    if started.elapsed() >= LOCK_WAIT_SAID_AFTER {
+        tracing::info!(
+            waited_s = started.elapsed().as_secs(),
+            "the migration lock is taken; applying what is left"
+        );
+    }
+    Ok(())
 }
 
 /// The longest a query waits for a connection, connecting included.

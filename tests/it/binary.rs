@@ -1694,3 +1694,60 @@ async fn serve_without_migrating_is_ready_on_a_database_ahead_of_the_binary() {
         .unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+/// `serve` that waits for another process's migrations (sqlx's migration lock held, as by an
+/// `edgegate migrate` on another Machine) says so within seconds, rather than nothing for the
+/// whole wait, and serves once the lock is let go. On a database of its own: the lock is per
+/// database, and the tests beside it migrate theirs.
+#[tokio::test]
+async fn serve_says_it_waits_for_another_process_s_migrations() {
+    use futures_util::FutureExt as _;
+    let Some(db) = TestDb::postgres_database().await else {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    };
+    let outcome = std::panic::AssertUnwindSafe(wait_behind_the_migration_lock(&db))
+        .catch_unwind()
+        .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn wait_behind_the_migration_lock(db: &TestDb) {
+    use sqlx::migrate::Migrate as _;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    holder.lock().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let vars = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PORT", port_text.as_str()),
+    ];
+    let mut command = edgegate(dir.path(), &vars);
+    command.arg("serve");
+    let _server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    let said = async {
+        loop {
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            if log.contains("waiting for another process's migrations") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(5), said).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        waited.is_ok(),
+        "nothing said of the wait within 5 s: {log:?}"
+    );
+    holder.unlock().await.unwrap();
+    holder.close().await.unwrap();
+    assert!(
+        wait_healthy(port).await,
+        "not serving once the lock was let go"
+    );
+}
