@@ -232,10 +232,20 @@ impl From<ReconcileError> for ApiError {
 
 /// A failure behind which the database could not be had at all (connection refused or lost,
 /// pool exhausted, file locked, lock wait timed out: `store::is_unavailable`) is 503
-/// `NOT_READY`, as on the SMS routes: nothing was written, and a retry later may go through.
-/// Anything else is a 500.
+/// `NOT_READY`, as on the SMS routes: nothing was written, and a retry later may go through. So
+/// is a run whose lock session was lost, saying so. Anything else is a 500.
 fn store_failure(cause: anyhow::Error, what: &str) -> ApiError {
-    if crate::store::is_unavailable(&cause) {
+    if cause.downcast_ref::<crate::store::LockLost>().is_some() {
+        tracing::warn!(
+            error = causes(&cause),
+            "{what}: its lock's session was lost"
+        );
+        ApiError::NotReady(
+            "the run's lock session was ended (by the database or a pooler), so the run stopped \
+             where its row says; run it again"
+                .into(),
+        )
+    } else if crate::store::is_unavailable(&cause) {
         tracing::warn!(error = causes(&cause), "{what}: database unavailable");
         ApiError::NotReady("the database is unavailable; try again later".into())
     } else {

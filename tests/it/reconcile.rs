@@ -801,3 +801,52 @@ async fn reconcile_goes_on_when_its_cursor_event_is_gone() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(events(&body), (250, 0, 250, 0), "{body}");
 }
+
+/// A reconciliation whose PostgreSQL lock session was ended mid-run (an idle timeout, a pooler
+/// restart, an operator's pg_terminate_backend) stops, and its 503 says so, not "the database is
+/// unavailable" while the database answered. On a database of its own: the test ends the
+/// session that holds an advisory lock there.
+#[tokio::test]
+async fn a_reconcile_that_lost_its_lock_session_says_so() {
+    use futures_util::FutureExt as _;
+    let fixtures = stripe_fixtures!();
+    let Some(db) = TestDb::postgres_database().await else {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    };
+    let outcome = std::panic::AssertUnwindSafe(async {
+        let fake = FakeStripe::start(&fixtures, 0, 0).await;
+        fake.add_events(history(&fixtures, 5, now() - 60, 1));
+        let app = full_app(&db, &fake).await;
+        fake.fault_at(0, Fault::Hold);
+        let server = app.server;
+        let running = tokio::spawn(async move {
+            let result = reconcile(&server).await;
+            (result, server)
+        });
+        fake.arrived().await;
+        let ended = count(
+            &db,
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND database = \
+             (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await;
+        assert_eq!(ended, 1, "the lock's session");
+        fake.release();
+        let ((status, body), _server) = running.await.unwrap();
+        assert_eq!(
+            (status, &body["code"]),
+            (503, &json!("NOT_READY")),
+            "{body}"
+        );
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("lock"), "{body}");
+    })
+    .catch_unwind()
+    .await;
+    db.drop_database().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -157,6 +157,13 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The PostgreSQL session that held a run's lock is gone (an idle timeout, a pooler restart, an
+/// operator's `pg_terminate_backend`): the run stops rather than race one that may take the lock
+/// now. The database itself may answer, so its caller is told this, not that it is unavailable.
+#[derive(Debug, thiserror::Error)]
+#[error("the sync lock session was lost")]
+pub struct LockLost;
+
 impl SyncLock {
     /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session is
     /// checked, since a dropped session (idle timeout, proxy restart) took its lock with it.
@@ -164,9 +171,7 @@ impl SyncLock {
     pub async fn renew(&mut self, now: i64) -> anyhow::Result<()> {
         if let LockInner::Postgres(conn) = &mut self.inner {
             use sqlx::Connection as _;
-            conn.ping()
-                .await
-                .context("the sync lock session was lost")?;
+            conn.ping().await.context(LockLost)?;
         }
         if let LockInner::Sqlite {
             pool, holder, ttl, ..
