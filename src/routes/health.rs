@@ -2,12 +2,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use crate::telemetry::Exposition;
 
 /// 200 while the process runs; touches nothing else so a slow database never fails liveness.
 #[utoipa::path(
@@ -108,23 +109,25 @@ fn key_ring_check(state: &AppState) -> serde_json::Value {
     })
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics, in the Prometheus text format or, when asked for, OpenMetrics.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "operations",
     responses(
-        (status = 200, description = "Prometheus / OpenMetrics text", body = String, content_type = "application/openmetrics-text"),
+        (status = 200, description = "The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), or OpenMetrics 1.0 (`application/openmetrics-text; version=1.0.0`) when the `Accept` entry of highest q names `application/openmetrics-text`, as Prometheus's scraper sends it",
+            content(
+                (String = "text/plain"),
+                (String = "application/openmetrics-text"),
+            )),
         crate::routes::openapi::CommonErrors,
     )
 )]
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let exposition = Exposition::negotiate(&headers);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
+        [(header::CONTENT_TYPE, exposition.content_type())],
+        state.metrics.render(exposition),
     )
         .into_response()
 }

@@ -2,6 +2,7 @@
 //! several apps in one process read only their own numbers.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -148,12 +149,148 @@ impl Metrics {
             .record(seconds);
     }
 
-    /// The Prometheus text exposition of every registered metric.
-    pub fn render(&self) -> String {
+    /// Every registered metric, in `exposition`'s format.
+    pub fn render(&self, exposition: Exposition) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match exposition {
+            Exposition::OpenMetrics => out,
+            Exposition::Prometheus => openmetrics_to_prometheus(&out),
+        }
+    }
+}
+
+/// The text formats `/metrics` answers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// The Prometheus text format 0.0.4, what the contract promises and what any scraper reads.
+    Prometheus,
+    /// OpenMetrics 1.0, what prometheus-client writes, for scrapers that ask for it.
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// As Prometheus's client libraries choose: the format named by the `Accept` entry of highest
+    /// q (the first of equals), OpenMetrics only when it is named; the Prometheus text format
+    /// when no entry names either, and for a request without `Accept`.
+    pub fn negotiate(headers: &axum::http::HeaderMap) -> Self {
+        let mut best: Option<(f32, Self)> = None;
+        let entries = headers
+            .get_all(axum::http::header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','));
+        for entry in entries {
+            let mut parts = entry.split(';');
+            let media_type = parts.next().unwrap_or_default().trim();
+            let format = if media_type.eq_ignore_ascii_case("application/openmetrics-text") {
+                Self::OpenMetrics
+            } else if ["text/plain", "text/*", "*/*"]
+                .iter()
+                .any(|served| media_type.eq_ignore_ascii_case(served))
+            {
+                Self::Prometheus
+            } else {
+                continue;
+            };
+            let q = parts
+                .filter_map(|parameter| parameter.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok());
+            // q=0 is "not acceptable"; a q that does not parse is taken as the entry's absence.
+            let Some(q) = q.filter(|q| *q > 0.0) else {
+                continue;
+            };
+            if best.is_none_or(|(best, _)| q > best) {
+                best = Some((q, format));
+            }
+        }
+        best.map_or(Self::Prometheus, |(_, format)| format)
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// prometheus-client's OpenMetrics exposition as the Prometheus text format 0.0.4 (the crate
+/// writes OpenMetrics only). Samples and label sets are written alike in both; what differs:
+/// a counter's HELP and TYPE name its samples, `_total` included (OpenMetrics names the family
+/// without it, so a 0.0.4 parser read a counter without samples and an untyped `_total` family
+/// beside it), an info metric is a gauge named with its `_info`, `unknown` is `untyped`, and
+/// 0.0.4 has no `# UNIT`, `# EOF`, `_created` samples or exemplars.
+fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 256);
+    // A family's HELP comes before its TYPE, which tells what to name it.
+    let mut help: Option<&str> = None;
+    // The family's `_created` sample name, for counters and histograms.
+    let mut created = String::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let Some((name, kind)) = rest.split_once(' ') else {
+                continue;
+            };
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                other => ("", other),
+            };
+            let help = help
+                .take()
+                .and_then(|help| help.strip_prefix(name))
+                .and_then(|help| help.strip_prefix(' '));
+            if let Some(help) = help {
+                let _ = writeln!(out, "# HELP {name}{suffix} {help}");
+            }
+            let _ = writeln!(out, "# TYPE {name}{suffix} {kind}");
+            created.clear();
+            if matches!(kind, "counter" | "histogram") {
+                created.push_str(name);
+                created.push_str("_created");
+            }
+        } else if line.starts_with('#') || line.is_empty() {
+            // `# UNIT` and `# EOF`.
+        } else {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            if !created.is_empty() && line[..name_end] == created {
+                continue;
+            }
+            out.push_str(without_exemplar(line, name_end));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// An OpenMetrics sample line without its exemplar (` # {…} value`), found after the label set,
+/// whose quoted values may hold ` # ` themselves.
+fn without_exemplar(line: &str, name_end: usize) -> &str {
+    let mut labels_end = name_end;
+    if line[name_end..].starts_with('{') {
+        let (mut quoted, mut escaped) = (false, false);
+        for (at, byte) in line.bytes().enumerate().skip(name_end + 1) {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                b'}' if !quoted => {
+                    labels_end = at + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    match line[labels_end..].find(" # ") {
+        Some(exemplar) => &line[..labels_end + exemplar],
+        None => line,
     }
 }
 
@@ -348,7 +485,7 @@ mod tests {
         metrics.record_http(labels("GET", 404), 0.2);
         metrics.record_http(labels("GET", 200), 0.003);
         metrics.record_http(labels("POST", 200), 7.0);
-        let text = metrics.render();
+        let text = metrics.render(Exposition::Prometheus);
         for line in [
             r#"edgegate_http_requests_total{method="GET",route="unmatched",status="200"} 2"#,
             r#"edgegate_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
@@ -364,6 +501,135 @@ mod tests {
                 text.lines().any(|l| l == line),
                 "missing {line} in:\n{text}"
             );
+        }
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counters_by_their_samples_and_has_nothing_0_0_4_lacks() {
+        use prometheus_client::metrics::exemplar::CounterWithExemplar;
+        use prometheus_client::metrics::info::Info;
+        use prometheus_client::registry::Unit;
+
+        let mut metrics = Metrics::new();
+        metrics.record_http(labels("GET", 200), 0.002);
+        let registry = metrics.registry_mut();
+        let exemplified = CounterWithExemplar::<Vec<(String, String)>>::default();
+        registry.register_with_unit("sent", "Bytes sent", Unit::Bytes, exemplified.clone());
+        exemplified.inc_by(
+            3,
+            Some(vec![("trace_id".into(), "a # {b} \\\" # c".into())]),
+            None,
+        );
+        registry.register("build", "The build", Info::new(vec![("version", "1.2.3")]));
+
+        let openmetrics = metrics.render(Exposition::OpenMetrics);
+        assert!(
+            openmetrics.contains("# UNIT edgegate_sent_bytes bytes"),
+            "{openmetrics}"
+        );
+        assert!(
+            openmetrics.contains("edgegate_sent_bytes_total 3 # {trace_id="),
+            "{openmetrics}"
+        );
+        let text = metrics.render(Exposition::Prometheus);
+        for line in [
+            "# HELP edgegate_http_requests_total HTTP requests answered, by method, matched route and status.",
+            "# TYPE edgegate_http_requests_total counter",
+            r#"edgegate_http_requests_total{method="GET",route="unmatched",status="200"} 1"#,
+            "# TYPE edgegate_http_request_duration_seconds histogram",
+            r#"edgegate_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="unmatched",status="200"} 1"#,
+            "# TYPE edgegate_database_ready gauge",
+            "edgegate_database_ready 0",
+            "# HELP edgegate_sent_bytes_total Bytes sent.",
+            "# TYPE edgegate_sent_bytes_total counter",
+            "edgegate_sent_bytes_total 3",
+            "# TYPE edgegate_build_info gauge",
+            r#"edgegate_build_info{version="1.2.3"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line} in:\n{text}"
+            );
+        }
+        for absent in [
+            "# EOF",
+            "# UNIT",
+            "trace_id",
+            "_created",
+            "TYPE edgegate_http_requests ",
+        ] {
+            assert!(!text.contains(absent), "{absent} in:\n{text}");
+        }
+        // Every sample line is the OpenMetrics one, up to its exemplar.
+        let samples = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|line| !line.starts_with('#'))
+                .map(|line| line.split(" # ").next().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&openmetrics));
+    }
+
+    #[test]
+    fn an_exemplar_is_cut_after_the_label_set_whatever_its_values_hold() {
+        let openmetrics = concat!(
+            "# HELP a A.\n",
+            "# TYPE a unknown\n",
+            "a{x=\"1 # 2\",y=\"\\\" # }\"} 4 # {t=\"u\"} 1.0 17.5\n",
+            "# HELP c C.\n",
+            "# TYPE c counter\n",
+            "c_total 2\n",
+            "c_created 1700000000.0\n",
+            "# EOF\n",
+        );
+        assert_eq!(
+            openmetrics_to_prometheus(openmetrics),
+            concat!(
+                "# HELP a A.\n",
+                "# TYPE a untyped\n",
+                "a{x=\"1 # 2\",y=\"\\\" # }\"} 4\n",
+                "# HELP c_total C.\n",
+                "# TYPE c_total counter\n",
+                "c_total 2\n",
+            )
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_served_only_when_accept_prefers_it() {
+        use axum::http::{HeaderMap, HeaderValue, header::ACCEPT};
+        let negotiate = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(ACCEPT, HeaderValue::from_static(value));
+            }
+            Exposition::negotiate(&headers)
+        };
+        use Exposition::{OpenMetrics, Prometheus};
+        for (accept, wanted) in [
+            (&[][..], Prometheus),
+            (&["*/*"], Prometheus),
+            (&["application/json"], Prometheus),
+            (&["text/plain;version=0.0.4"], Prometheus),
+            (&["application/openmetrics-text"], OpenMetrics),
+            (
+                &["Application/OpenMetrics-Text; version=1.0.0"],
+                OpenMetrics,
+            ),
+            (&["text/plain, application/openmetrics-text"], Prometheus),
+            (&["application/openmetrics-text, text/plain"], OpenMetrics),
+            (
+                &["text/plain;q=0.5", "application/openmetrics-text;q=0.6"],
+                OpenMetrics,
+            ),
+            (&["application/openmetrics-text;q=0"], Prometheus),
+            (
+                &["application/openmetrics-text;q=high, text/plain;q=0.1"],
+                Prometheus,
+            ),
+            (&["application/*"], Prometheus),
+        ] {
+            assert_eq!(negotiate(accept), wanted, "{accept:?}");
         }
     }
 }

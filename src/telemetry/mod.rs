@@ -8,7 +8,7 @@ mod stderr;
 mod traces;
 
 pub(crate) use metrics::logged_method;
-pub use metrics::{HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
+pub use metrics::{Exposition, HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::{cancel_server_span, end_server_span};
 pub use stderr::flush as flush_logs;
 pub(crate) use traces::server_span;

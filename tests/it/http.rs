@@ -348,6 +348,160 @@ async fn metrics_count_requests_by_matched_route_and_status() {
     );
 }
 
+/// The families Python's `prometheus_client` reads in `text` with its parser of the Prometheus
+/// text format 0.0.4 (`openmetrics = false`) or of OpenMetrics, as `(name, type, samples)`; None
+/// (after a notice) when it is not installed, except under CI=true where that fails the test.
+fn python_families(text: &str, openmetrics: bool) -> Option<Vec<(String, String, usize)>> {
+    const SCRIPT: &str = "import json, sys
+try:
+    from prometheus_client.parser import text_string_to_metric_families as prometheus
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+except ImportError:
+    sys.exit(3)
+parse = openmetrics if sys.argv[1] == 'openmetrics' else prometheus
+print(json.dumps([[f.name, f.type, len(f.samples)] for f in parse(sys.stdin.read())]))
+";
+    use std::io::Write as _;
+    let format = if openmetrics {
+        "openmetrics"
+    } else {
+        "prometheus"
+    };
+    let child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT, format])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let output = child.and_then(|mut child| {
+        child.stdin.take().unwrap().write_all(text.as_bytes())?;
+        child.wait_with_output()
+    });
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    match output {
+        Ok(out) if out.status.success() => Some(serde_json::from_slice(&out.stdout).unwrap()),
+        Ok(out) if out.status.code() == Some(3) && !in_ci => {
+            eprintln!("SKIPPED: the Python package prometheus_client is not installed");
+            None
+        }
+        Err(err) if !in_ci => {
+            eprintln!("SKIPPED: python3 cannot run ({err})");
+            None
+        }
+        other => panic!("prometheus_client could not parse:\n{text}\n{other:?}"),
+    }
+}
+
+/// `/metrics` answers the Prometheus text format 0.0.4 (the contract's "Prometheus text format")
+/// unless the scraper asks for OpenMetrics, as Prometheus's own scraper does; each is read by
+/// Python's `prometheus_client` as what it says it is: every counter a `counter` with its
+/// samples, nothing `unknown`.
+#[tokio::test]
+async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    server.get("/healthz").await;
+    let scrape = |accept: Option<&'static str>| {
+        let mut request = server.client.get(server.url("/metrics"));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (content_type, response.text().await.unwrap())
+        }
+    };
+    let mut parsed = std::collections::HashSet::new();
+    let prometheus = "text/plain; version=0.0.4; charset=utf-8";
+    let openmetrics = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    for (accept, wanted) in [
+        (None, prometheus),
+        (Some("*/*"), prometheus),
+        (Some("text/plain"), prometheus),
+        (Some("text/plain; version=0.0.4"), prometheus),
+        (Some("application/json, text/*;q=0.5"), prometheus),
+        (Some("application/openmetrics-text;q=0, */*"), prometheus),
+        (
+            Some("text/plain, application/openmetrics-text;q=0.9"),
+            prometheus,
+        ),
+        (Some("application/openmetrics-text"), openmetrics),
+        // Prometheus 2's scrape and Prometheus 3's.
+        (
+            Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            ),
+            openmetrics,
+        ),
+        (
+            Some(
+                "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8,application/openmetrics-text;version=0.0.1;q=0.9,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.8,text/plain;version=0.0.4;q=0.7,*/*;q=0.6",
+            ),
+            openmetrics,
+        ),
+    ] {
+        let (content_type, text) = scrape(accept).await;
+        assert_eq!(content_type, wanted, "Accept: {accept:?}");
+        let is_openmetrics = wanted == openmetrics;
+        assert_eq!(
+            text.ends_with("# EOF\n"),
+            is_openmetrics,
+            "{accept:?}:\n{text}"
+        );
+        let counted =
+            r#"edgegate_http_requests_total{method="GET",route="/healthz",status="200"} 1"#;
+        assert!(
+            text.lines().any(|line| line == counted),
+            "{accept:?}:\n{text}"
+        );
+        if !is_openmetrics {
+            assert!(
+                text.lines()
+                    .any(|line| line == "# TYPE edgegate_http_requests_total counter"),
+                "{accept:?}:\n{text}"
+            );
+        }
+        // Each format is read once (Python takes a while to start).
+        if !parsed.insert(wanted) {
+            continue;
+        }
+        let Some(families) = python_families(&text, is_openmetrics) else {
+            return;
+        };
+        let family = |name: &str| {
+            families
+                .iter()
+                .find(|(family, ..)| family == name)
+                .map(|(_, kind, samples)| (kind.as_str(), *samples > 0))
+        };
+        assert_eq!(
+            family("edgegate_http_requests"),
+            Some(("counter", true)),
+            "{families:?}"
+        );
+        assert_eq!(
+            family("edgegate_http_request_duration_seconds"),
+            Some(("histogram", true)),
+            "{families:?}"
+        );
+        assert_eq!(
+            family("edgegate_database_ready"),
+            Some(("gauge", true)),
+            "{families:?}"
+        );
+        let wrong: Vec<_> = families
+            .iter()
+            .filter(|(_, kind, samples)| kind == "unknown" || *samples == 0)
+            .collect();
+        assert!(wrong.is_empty(), "{accept:?}: {wrong:?} in:\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn unauthorized_errors_carry_the_supabase_headers() {
     use axum::response::IntoResponse;
