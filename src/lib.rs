@@ -148,9 +148,9 @@ impl RunningApp {
 /// What the steps after the drain (the last usage flush, waiting for SMS sends whose callers the
 /// drain cut off, stopping the JWKS refresh, closing the database) may take beyond the drain's limit: they end at most this long after
 /// `SHUTDOWN_DRAIN_SECONDS` has run from the stop signal, with whatever time the drain left
-/// unused. With the default 25 s drain and the last span export ([`telemetry::SHUTDOWN_EXPORT`]),
-/// inside Fly's 30 s kill timeout (`fly.toml`), so the process ends by itself and not by
-/// SIGKILL.
+/// unused. With the default 25 s drain and the exit ([`telemetry::EXIT_AFTER_STOP`]: the last
+/// spans and log lines), inside Fly's 30 s kill timeout (`fly.toml`), so the process ends by
+/// itself and not by SIGKILL.
 pub const AFTER_DRAIN: Duration = Duration::from_secs(3);
 /// How long a JWKS refresh under way at shutdown is waited for.
 const REFRESH_STOP: Duration = Duration::from_millis(500);

@@ -271,19 +271,22 @@ fn main() -> ExitCode {
              .env is not used"
         );
     }
-    let code = runtime.block_on(async {
+    let (code, exit_by) = runtime.block_on(async {
         let code = execute(command, config).await;
-        // After the drain: the spans of the last requests go out too.
+        // After the drain: the spans of the last requests go out too. From here every step
+        // shares one deadline, so that a hung collector, a stderr nobody reads and a stuck
+        // blocking thread, together, still end the process inside the kill timeout.
+        let exit_by = tokio::time::Instant::now() + telemetry::EXIT_AFTER_STOP;
         if let Some(exporter) = exporter {
-            exporter.shutdown().await;
+            exporter.shutdown(exit_by).await;
         }
-        code
+        (code, exit_by.into_std())
     });
-    telemetry::flush_logs();
+    telemetry::flush_logs_by(exit_by);
     // Dropping a runtime waits for its blocking threads without end: a DNS lookup still running
     // for an abandoned JWKS refresh or database reconnect would hold the exit past Fly's kill
-    // timeout. They get half a second.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    // timeout. They get what is left until the deadline.
+    runtime.shutdown_timeout(exit_by.saturating_duration_since(std::time::Instant::now()));
     code
 }
 
@@ -395,13 +398,15 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                 );
                 cut_drain.notify_one();
             });
-            let served = edgegate::run_with(config, listener, shutdown, options).await;
-            // The last log lines before this process's own.
-            telemetry::flush_logs();
-            match served {
+            match edgegate::run_with(config, listener, shutdown, options).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("edgegate: {}", edgegate::error::causes(&err));
+                    // Behind the last log lines, and not waiting for a stderr nobody reads:
+                    // the exit's deadline bounds it with them.
+                    telemetry::print_after_logs(&format!(
+                        "edgegate: {}\n",
+                        edgegate::error::causes(&err)
+                    ));
                     ExitCode::FAILURE
                 }
             }

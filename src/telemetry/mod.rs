@@ -10,7 +10,7 @@ mod traces;
 pub(crate) use metrics::logged_method;
 pub use metrics::{Exposition, HttpLabels, Metrics, RouteLabel, TrackMetricsLayer};
 pub(crate) use spans::{cancel_server_span, end_server_span};
-pub use stderr::flush as flush_logs;
+pub use stderr::{flush as flush_logs, flush_by as flush_logs_by, print as print_after_logs};
 pub(crate) use traces::server_span;
 pub use traces::{SHUTDOWN_EXPORT, TraceExporter, check_collector, is_exporting, send};
 
@@ -28,6 +28,13 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::{LogFormat, TraceExport};
+
+/// How long the process may take to exit once the service has stopped (after the drain and the
+/// steps after it, [`crate::AFTER_DRAIN`]): the last span export (at most [`SHUTDOWN_EXPORT`]),
+/// the log lines still pending and the async runtime's blocking threads share this one deadline,
+/// so that a collector that does not answer, a stderr nobody reads and a thread stuck in a DNS
+/// lookup, all at once, still leave the process inside the kill timeout.
+pub const EXIT_AFTER_STOP: Duration = Duration::from_millis(1500);
 
 /// Installs the global subscriber: the logs, and the span exporter when `traces` is set (then
 /// it must run inside a tokio runtime, which carries the export task). `batched`: info lines go

@@ -250,8 +250,24 @@ fn start(sink: Sink) -> &'static Shared {
 /// Writes the lines still pending (before the process exits), waiting at most [`FLUSH_WAIT`]
 /// for stderr to take them. Nothing if none was logged.
 pub fn flush() {
+    flush_by(Instant::now() + FLUSH_WAIT);
+}
+
+/// As [`flush`], waiting for stderr until `deadline` at the latest (the exit's, which the last
+/// span export shares).
+pub fn flush_by(deadline: Instant) {
     if let Some(shared) = STDERR.get() {
-        shared.flush_within(FLUSH_WAIT);
+        shared.flush_within(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Writes `text` to stderr behind the log lines pending, by the flushing thread, so that a stderr
+/// nobody reads does not hold the caller as `eprint!` would (past the buffer's bound it is
+/// dropped, as a log line is); [`flush`] waits for it with them.
+pub fn print(text: &str) {
+    match STDERR.get() {
+        Some(shared) => shared.append(text.as_bytes(), true),
+        None => eprint!("{text}"),
     }
 }
 

@@ -87,18 +87,17 @@ pub struct TraceExporter {
 
 /// The longest the final export at shutdown may take, whatever `OTEL_EXPORTER_OTLP_TIMEOUT`:
 /// it comes after the drain and the service's own last steps, inside the kill timeout (a
-/// collector slower than this loses the last spans, not the process its clean exit).
+/// collector slower than this loses the last spans, not the process its clean exit). Part of
+/// [`super::EXIT_AFTER_STOP`], which leaves the rest to the last log lines.
 pub const SHUTDOWN_EXPORT: Duration = Duration::from_secs(1);
 
 impl TraceExporter {
-    /// Exports every span ended so far, then stops. Bounded by the export timeout and
-    /// [`SHUTDOWN_EXPORT`].
-    pub async fn shutdown(self) {
+    /// Exports every span ended so far, then stops. Bounded by the export timeout,
+    /// [`SHUTDOWN_EXPORT`] and `deadline`.
+    pub async fn shutdown(self, deadline: tokio::time::Instant) {
         let _ = self.stop.send(());
-        if tokio::time::timeout(self.flush_timeout, self.task)
-            .await
-            .is_err()
-        {
+        let deadline = deadline.min(tokio::time::Instant::now() + self.flush_timeout);
+        if tokio::time::timeout_at(deadline, self.task).await.is_err() {
             tracing::warn!("trace export did not finish in time; queued spans are lost");
         }
         let _ = self.provider.shutdown();

@@ -144,6 +144,80 @@ async fn a_hanging_jwks_fetch_does_not_hold_up_the_stop() {
     held.abort();
 }
 
+/// Whatever stalls after the drain, the process ends within the drain's limit and the steps'
+/// budget: here a database locked by another process (the last usage flush waits on it), an
+/// OTLP collector that takes the connection and never answers (the last span export), and a
+/// stderr nobody reads (the last log lines), all at once. Each step once had a wait of its own
+/// (up to 3 s, 2 s for the log, 1 s for spans, 2 s for the log again, 0.5 s for the runtime's
+/// threads), past Fly's kill timeout together.
+#[tokio::test]
+async fn the_stop_ends_within_its_budget_when_the_database_collector_and_stderr_all_stall() {
+    use std::time::{Duration, Instant};
+
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = collector.accept().await {
+            held.push(connection);
+        }
+    });
+    let secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let vars = [
+        ("PORT", port_text.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+        ("SUPABASE_JWT_SECRET", secret),
+        ("SHUTDOWN_DRAIN_SECONDS", "0"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+    ];
+    // stderr is piped and never read.
+    let mut child = crate::process::Server::from_child(
+        edgegate(dir.path(), &vars)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start edgegate"),
+    );
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    // A pipe holds 64 KiB; each request's line repeats its long id: 600 of them fill it.
+    let client = reqwest::Client::new();
+    let id = "x".repeat(128);
+    for _ in 0..600 {
+        let answer = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    // A count the last flush must write, into a file another process holds locked.
+    use_legacy_secret(port, secret).await;
+    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    signal(&child, "TERM");
+    let stopping = Instant::now();
+    let status = wait_exit(&mut child).await;
+    let took = stopping.elapsed();
+    assert_eq!(status.code(), Some(0));
+    // The drain is 0 s; the margin is for a loaded machine.
+    let budget = edgegate::AFTER_DRAIN + edgegate::telemetry::EXIT_AFTER_STOP;
+    assert!(
+        took < budget + Duration::from_secs(2),
+        "exited {took:?} after SIGTERM, budget {budget:?}"
+    );
+    holding.abort();
+}
+
 #[test]
 fn a_malformed_variable_stops_start_up_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1562,6 +1636,12 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("SIGTERM received again"), "{log}");
     assert!(log.contains("drain cut short"), "{log}");
+    // The process's own last line, after the log's.
+    assert!(
+        log.trim_end()
+            .ends_with("edgegate: the drain was cut short: requests still in flight were dropped"),
+        "{log}"
+    );
     drop(held);
     let usage = db.store().await.key_usage_since(0).await.unwrap();
     assert!(
