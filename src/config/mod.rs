@@ -712,9 +712,16 @@ fn substitution_length(rest: &str, quoted: bool) -> Result<usize, ValueFault<'_>
     let dotenvy_length = rest
         .find(|c: char| !c.is_alphanumeric())
         .unwrap_or(rest.len());
-    let plain_after = match rest[length..].chars().next() {
+    let after = &rest[length..];
+    let plain_after = match after.chars().next() {
         Some(DOUBLE | '\\') => false,
-        Some('\'' | ' ' | '\t') => quoted,
+        Some('\'') => quoted,
+        // Unquoted, dotenvy cuts a line at a blank before `#` and drops its trailing blanks,
+        // so blanks that only a comment or nothing follows are never read.
+        Some(' ' | '\t') => {
+            let tail = after.trim_start_matches([' ', '\t']);
+            quoted || tail.is_empty() || tail.starts_with('#')
+        }
         _ => true,
     };
     let cut = dotenvy_length != length;
@@ -773,8 +780,9 @@ fn parse_failure(file: &str, number: usize) -> Option<&'static str> {
 /// A `$` in `.env` that dotenvy would read otherwise than a shell's `source` does, as the one
 /// line that stops start-up: a password written `$DB_PASSWORD`, as the docs' comparison with
 /// `source` allows, would otherwise be a wrong one, with nothing said. The line is given by
-/// its number; its variable is named only when edgegate reads it, and the name after `$` only
-/// when it is set: either could be a fragment of a secret that holds a `$`.
+/// its number and its variable; the name after `$` is shown only when it is set: it could be a
+/// fragment of a secret that holds a `$`. Lines of variables edgegate does not read, or that the
+/// environment sets, are not its concern.
 fn misread_substitution(file: &str) -> Option<ConfigError> {
     let entries = dotenv_entries(file);
     let is_set = |name: &str| {
@@ -784,10 +792,12 @@ fn misread_substitution(file: &str) -> Option<ConfigError> {
                 .any(|(_, line, _)| dotenv_name(line) == Some(name))
     };
     entries.iter().find_map(|(number, line, value)| {
-        let place = match dotenv_name(line).filter(|name| VARIABLES.contains(name)) {
-            Some(name) => format!("line {number}, the line of {name},"),
-            None => format!("line {number}"),
-        };
+        // Only a line edgegate reads its value from: one of its variables that the environment
+        // does not set already (the environment wins). A `.env` shared with other programs may
+        // hold their lines, written for their readers.
+        let name = dotenv_name(line)
+            .filter(|name| VARIABLES.contains(name) && std::env::var_os(name).is_none())?;
+        let place = format!("line {number}, the line of {name},");
         let rule = match value_fault(value)? {
             ValueFault::BareName { name, cut } => {
                 let why = if cut {

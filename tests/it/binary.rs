@@ -1439,6 +1439,23 @@ fn a_dotenv_substitution_a_shell_reads_otherwise_is_refused() {
     let stderr = refused_dotenv("SUPABASE_JWT_SECRET=abc$de_fgh0123456789abcdef0123456789\n");
     assert!(stderr.contains("line 1"), "{stderr}");
     assert!(!stderr.contains("de_fgh"), "{stderr}");
+
+    // Read alike by both: blanks and a comment after a bare name (dotenvy drops them before it
+    // reads the value). Not edgegate's concern: a line of a variable it does not read (a `.env`
+    // shared with docker compose), or one the environment sets (the environment wins).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "JWT_ISSUERS=$MYVAR # the issuer\nJWT_AUDIENCES=$MYVAR \n\
+         POSTGRES_PASSWORD=${PG_PASS:-x}\nLOG_FORMAT=${MYVAR:-json}\n",
+    )
+    .unwrap();
+    let vars = [("MYVAR", "v"), ("LOG_FORMAT", "json")];
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(!stderr.contains(".env"), "{stderr}");
 }
 
 /// `edgegate check` in a folder whose `.env` holds `text`, which it refuses: its one line of
