@@ -11,8 +11,8 @@
 //! Retries: a failed attempt (connection error, per-attempt timeout, truncated or unreadable
 //! body, 409, 429, 5xx) is tried again after an exponentially growing, jittered delay, up to
 //! `RetryPolicy::max_attempts`. `Stripe-Should-Retry: true|false` overrides that judgement.
-//! A 429's `Retry-After` (seconds or an HTTP date, at most `MAX_RETRY_AFTER`) is waited out
-//! when it is longer than the backoff and still leaves the call inside
+//! A 429's `Retry-After` (seconds or an HTTP date) is waited out when it is longer than the
+//! backoff, at most `MAX_RETRY_AFTER`, and still leaves the call inside
 //! `RetryPolicy::worst_case`; when it would not, the call gives up at once rather than retry
 //! before Stripe said to.
 //! An answer larger than `MAX_ANSWER_BYTES` is refused and not retried; a listing whose next
@@ -32,7 +32,7 @@ use crate::config::StripeConfig;
 /// Stripe's largest page.
 pub const PAGE_SIZE: u32 = 100;
 
-/// The longest `Retry-After` waited for; a longer one is taken as this.
+/// The longest `Retry-After` waited for; a longer one ends the call at once.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The largest answer read. A page of 100 objects is well under a megabyte; an answer past this
@@ -386,12 +386,22 @@ impl StripeClient {
                 delay = delay.max(asked.min(MAX_RETRY_AFTER));
                 waited_out = true;
             }
-            // Another attempt after the wait must still fit the call's longest time.
-            if waited_out
-                && started.elapsed() + delay + self.policy.attempt_timeout
-                    > self.policy.worst_case()
+            // Another attempt after the wait must still fit the call's longest time, and a
+            // wait longer than edgegate waits is not cut short.
+            let beyond_max = failure
+                .retry_after
+                .is_some_and(|asked| asked > MAX_RETRY_AFTER);
+            if beyond_max
+                || waited_out
+                    && started.elapsed() + delay + self.policy.attempt_timeout
+                        > self.policy.worst_case()
             {
                 let gave_up = match failure.retry_after {
+                    Some(asked) if beyond_max => format!(
+                        "its Retry-After {} s is longer than edgegate waits ({} s)",
+                        asked.as_secs(),
+                        MAX_RETRY_AFTER.as_secs()
+                    ),
                     Some(asked) => format!(
                         "waiting its Retry-After {} s would run past this call's deadline",
                         asked.as_secs()

@@ -1423,6 +1423,36 @@ async fn sync_waits_out_a_429_as_long_as_retry_after_says() {
     assert_eq!(fake.requests(), 4 + 1);
 }
 
+/// A `Retry-After` longer than edgegate waits (`MAX_RETRY_AFTER`, 60 s) ends the call at once,
+/// even when the call's longest time could hold a shorter wait and another attempt: waiting
+/// only 60 s would retry before Stripe said to.
+#[tokio::test]
+async fn a_retry_after_longer_than_edgegate_waits_ends_the_call_at_once() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 5, 5).await;
+    // 4 attempts of 30 s: a 60 s wait and one more attempt fit in its longest time.
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        attempt_timeout: Duration::from_secs(30),
+        ..fast_retry()
+    };
+    let app = sync_app(&db, &fake, policy).await;
+    fake.rate_limit_for(Duration::from_secs(90));
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), sync(&app.server))
+        .await
+        .expect("a Retry-After over 60 s ends the call at once");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Retry-After 90 s"),
+        "{body}"
+    );
+    assert_eq!(fake.requests(), 1);
+}
+
 /// Once a `Retry-After` has been waited out, the backoff no longer keeps the call inside its
 /// longest time: each later retry is checked against it too, not only the one after the wait.
 #[tokio::test]
