@@ -149,7 +149,12 @@ impl Collector {
             let pause = retry_after.unwrap_or_else(|| {
                 backoff::equal_jitter(backoff::exponential(RETRY_BASE, retry, RETRY_MAX))
             });
-            if Instant::now() + pause >= deadline {
+            // A collector's `Retry-After` may be any number of seconds: past the clock's range
+            // is past the deadline too.
+            if Instant::now()
+                .checked_add(pause)
+                .is_none_or(|resume| resume >= deadline)
+            {
                 return Err(error);
             }
             tokio::time::sleep(pause).await;

@@ -698,6 +698,39 @@ async fn spans_go_as_protobuf_with_the_configured_headers_and_a_throttled_export
     );
 }
 
+/// A `Retry-After` past any deadline (u64::MAX seconds) costs that export only: the exporter
+/// gives it up, counted, and exports the next spans (adding the wait to the clock overflowed,
+/// and the panic ended the exporter's task: every later span was lost).
+#[tokio::test]
+async fn a_collector_asking_for_an_endless_wait_costs_one_export_only() {
+    let endless = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("retry-after", "18446744073709551615")],
+        "later",
+    )
+        .into_response();
+    let collector = Collector::answering(false, vec![endless]).await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let healthz = |id: &'static str| {
+        client
+            .get(format!("{base}/healthz"))
+            .header("x-request-id", id)
+            .send()
+    };
+    assert_eq!(healthz("otel-endless").await.unwrap().status(), 200);
+    assert_eq!(export_failures(&base).await, 1);
+    assert_eq!(healthz("otel-after").await.unwrap().status(), 200);
+    collector
+        .span(|span| attribute(&span.attributes, "request_id").as_deref() == Some("otel-after"))
+        .await;
+    stop_raw(server, &dir).await;
+}
+
 /// `edgegate_otel_spans_export_failed_total` once it is above zero (polled for 5 s at most).
 async fn export_failures(base: &str) -> u64 {
     let mut failed = 0;
