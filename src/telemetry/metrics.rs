@@ -247,7 +247,8 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
                 .and_then(|help| help.strip_prefix(name))
                 .and_then(|help| help.strip_prefix(' '));
             if let Some(help) = help {
-                let _ = writeln!(out, "# HELP {name}{suffix} {help}");
+                // prometheus-client writes HELP as given; 0.0.4 reads a backslash in it as an escape.
+                let _ = writeln!(out, "# HELP {name}{suffix} {}", help.replace('\\', "\\\\"));
             }
             let _ = writeln!(out, "# TYPE {name}{suffix} {kind}");
             created.clear();
@@ -521,6 +522,7 @@ mod tests {
             None,
         );
         registry.register("build", "The build", Info::new(vec![("version", "1.2.3")]));
+        registry.register("paths", r"Paths under C:\data", Counter::<u64>::default());
 
         let openmetrics = metrics.render(Exposition::OpenMetrics);
         assert!(
@@ -545,6 +547,7 @@ mod tests {
             "edgegate_sent_bytes_total 3",
             "# TYPE edgegate_build_info gauge",
             r#"edgegate_build_info{version="1.2.3"} 1"#,
+            r"# HELP edgegate_paths_total Paths under C:\\data.",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -470,8 +470,9 @@ async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
         if !parsed.insert(wanted) {
             continue;
         }
+        // Without the parser (outside CI), the other Accept headers' checks still run.
         let Some(families) = python_families(&text, is_openmetrics) else {
-            return;
+            continue;
         };
         let family = |name: &str| {
             families
