@@ -594,6 +594,11 @@ impl JwksFetcher {
         if let Some(etag) = &etag {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
+        if validator == Validator::Omit {
+            // The whole set, fresh: a cache on the way (a CDN in front of the host) is asked to
+            // revalidate, not to answer with what it holds.
+            request = request.header(reqwest::header::CACHE_CONTROL, "no-cache");
+        }
         let response = crate::telemetry::send(request)
             .await
             .map_err(FetchError::transport)?;

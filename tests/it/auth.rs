@@ -648,7 +648,8 @@ async fn concurrent_refreshes_share_one_fetch_begun_after_they_arrived() {
 }
 
 /// A host whose ETag stays the same while its set changes (a cache or CDN that misbehaves)
-/// answers a conditional request 304. The forced refresh asks for the whole set, so a removed
+/// answers a conditional request 304. The forced refresh asks for the whole set (and caches on
+/// the way to revalidate, `Cache-Control: no-cache`), so a removed
 /// key stops (it kept verifying while the refresh answered `refreshed: true`, `not_modified:
 /// true`), and its answer lists the keys the set drops (a 304's answer said `dropped: []`).
 #[tokio::test]
@@ -674,6 +675,8 @@ async fn a_forced_refresh_fetches_the_whole_set_whatever_its_etag() {
     let refreshed = force_refresh(&server).await;
     assert_eq!(refreshed["not_modified"], false, "{refreshed}");
     assert_eq!(dropped_kids(&refreshed), ["hs"], "{refreshed}");
+    // A cache on the way is asked to revalidate too.
+    assert_eq!(host.asked_cache_control().as_deref(), Some("no-cache"));
 
     // The key is removed; the host's validator is not.
     host.set_keys(json!([symmetric]));

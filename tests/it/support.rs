@@ -270,6 +270,7 @@ pub struct JwksHost {
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     delay: std::sync::Arc<std::sync::Mutex<Duration>>,
     etag: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    cache_control: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     _server: TestServer,
 }
 
@@ -286,14 +287,23 @@ impl JwksHost {
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let delay = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
         let etag = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let asked_cache_control = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let app = Router::new().route(
             "/auth/v1/.well-known/jwks.json",
             get({
-                let (shared, hits, delay, etag) =
-                    (shared.clone(), hits.clone(), delay.clone(), etag.clone());
+                let (shared, hits, delay, etag, asked_cache_control) = (
+                    shared.clone(),
+                    hits.clone(),
+                    delay.clone(),
+                    etag.clone(),
+                    asked_cache_control.clone(),
+                );
                 move |headers: axum::http::HeaderMap| async move {
                     use axum::response::IntoResponse;
                     hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    *asked_cache_control.lock().unwrap() = headers
+                        .get("cache-control")
+                        .map(|v| v.to_str().unwrap_or_default().to_owned());
                     let body = shared.lock().unwrap().clone();
                     let delay = *delay.lock().unwrap();
                     let etag = etag.lock().unwrap().clone();
@@ -322,8 +332,14 @@ impl JwksHost {
             hits,
             delay,
             etag,
+            cache_control: asked_cache_control,
             _server: server,
         }
+    }
+
+    /// The `Cache-Control` of the last request, if it had one.
+    pub fn asked_cache_control(&self) -> Option<String> {
+        self.cache_control.lock().unwrap().clone()
     }
 
     /// Answers carry `etag`, and a request whose `If-None-Match` matches it gets 304.
