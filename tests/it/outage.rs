@@ -338,6 +338,17 @@ async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A POST with no body and the secret API key: its status and JSON body.
+async fn post_with_secret_key(client: &reqwest::Client, url: String) -> (u16, Value) {
+    let response = client
+        .post(url)
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    status_and_body(response).await
+}
+
 /// The one message the test tries to send, always with the same idempotency key.
 async fn send_sms(client: &reqwest::Client, base: &str) -> (u16, Value) {
     let response = client
@@ -807,14 +818,7 @@ async fn refuse_connections_under_the_app(db: &TestDb) {
     ] {
         // Twice: the first may meet a session ended above, the second only a refused one.
         for _ in 0..2 {
-            let response = server
-                .client
-                .post(server.url(path))
-                .header("apikey", SECRET_KEY)
-                .send()
-                .await
-                .unwrap();
-            let (status, body) = status_and_body(response).await;
+            let (status, body) = post_with_secret_key(&server.client, server.url(path)).await;
             assert_eq!(
                 (status, &body["code"]),
                 (503, &json!("NOT_READY")),
@@ -893,13 +897,8 @@ async fn a_read_only_postgres_is_not_ready_and_writes_answer_503() {
         twilio.requests().is_empty(),
         "sent though nothing could be recorded"
     );
-    let response = client
-        .post(format!("{base}/admin/stripe/reconcile"))
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_and_body(response).await;
+    let (status, body) =
+        post_with_secret_key(&client, format!("{base}/admin/stripe/reconcile")).await;
     assert_eq!(
         (status, &body["code"]),
         (503, &json!("NOT_READY")),
