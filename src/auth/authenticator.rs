@@ -291,6 +291,9 @@ impl Authenticator {
             other => (ring, other),
         };
         let verified = result.map_err(|e| match e {
+            AuthError::UnknownKid if self.fetcher.is_some() && ring.fetched_info().is_none() => {
+                AuthError::Asymmetric(Failure::NoKeySetYet)
+            }
             AuthError::UnknownKid => AuthError::Asymmetric(Failure::UnknownKid),
             e => e,
         })?;

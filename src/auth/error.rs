@@ -23,6 +23,10 @@ pub enum Failure {
     /// The `kid` is not in the key ring (even after a refetch, when one was allowed).
     #[error("no signing key matches the token's kid")]
     UnknownKid,
+    /// As `UnknownKid`, while a JWKS URL is configured and no set was ever fetched from it:
+    /// the operator's problem (a host down, a mistyped URL), not the token's.
+    #[error("no signing key matches the token's kid: no key set has been fetched yet")]
+    NoKeySetYet,
     /// The header carries `crit`, `jwk`, `jku`, `x5u` or `x5c`.
     #[error("token header uses a member that is not accepted")]
     RejectedHeader,

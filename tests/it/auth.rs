@@ -909,8 +909,8 @@ async fn readyz_waits_for_a_key_set_when_only_a_jwks_is_configured() {
 /// The legacy secret still verifies while a JWKS that never arrives refuses every signing-key
 /// token (a mistyped `SUPABASE_URL` during the migration): `/readyz` stays 200, as it must for the
 /// legacy callers, but the set reads as stale everywhere the runbook looks (`edgegate_jwks_stale`
-/// 1, `/readyz`'s `jwks.stale`), and a forced refresh says that no set was ever fetched rather
-/// than that "the last good key set stays in use".
+/// 1, `/readyz`'s `jwks.stale`), a forced refresh says that no set was ever fetched rather
+/// than that "the last good key set stays in use", and so does a signing-key token's refusal.
 #[tokio::test]
 async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
     let db = test_db!();
@@ -937,6 +937,21 @@ async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("no key set has been fetched yet"),
+        "{body}"
+    );
+
+    // A signing-key token's refusal says why no key matched: none was ever fetched.
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let (status, body) = bearer(&server, &user_token(&es)).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &json!("UNAUTHORIZED_ASYMMETRIC_JWT")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no signing key matches the token's kid")
+            && message.contains("no key set has been fetched yet"),
         "{body}"
     );
 
