@@ -57,6 +57,7 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
             // A file locked by another process shows as SQLITE_BUSY after the busy timeout; the
             // acquire timeout only bounds waiting for one of our own connections.
             .acquire_timeout(Duration::from_secs(5))
+            .after_release(|conn, _| Box::pin(leave_no_transaction_open(conn)))
             .connect_with(options.clone())
     };
     // Two processes opening a new file at once both switch it to WAL; SQLite answers one of
@@ -72,6 +73,31 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         }
     }
     pool().await.context("opening the SQLite database")
+}
+
+/// Whether a connection given back to the pool may be used again: not when sqlx still counts
+/// it inside a transaction. A COMMIT that fails on a full disk or an I/O error ends the
+/// transaction in SQLite (its rollback), while sqlx counts it open, and its ROLLBACK on drop then
+/// fails; used again, the connection would take each later transaction as a savepoint of one
+/// that is no longer there (the first savepoint rolled back to would open it for good, with the
+/// write lock), and their commits would reach no file. Closed instead (SQLite ends whatever it
+/// still holds), and the pool opens another. A transaction dropped on an error queues its
+/// rollback without waiting for it: the ping waits for that first, so only a connection whose
+/// rollback failed is closed. Nothing more than a load of the count on every other release.
+async fn leave_no_transaction_open(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<bool> {
+    use sqlx::Connection as _;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    conn.ping().await?;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    tracing::warn!(
+        "a database connection is still inside a transaction that could not be ended (a COMMIT \
+         or ROLLBACK failed: a full disk, an I/O error); closing it"
+    );
+    Ok(false)
 }
 
 /// Creates a database file that is not there yet readable by its owner only: it holds SMS
@@ -283,6 +309,52 @@ mod tests {
             .unwrap();
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
+        pool.close().await;
+    }
+
+    /// A transaction SQLite ended by itself leaves no connection inside it. A COMMIT that fails
+    /// for want of space ("database or disk is full", seen on a full disk) or on an I/O error
+    /// rolls the transaction back in SQLite, while sqlx still counts it open: its ROLLBACK on
+    /// drop then fails ("no transaction is active"), and the connection went back to the pool
+    /// counted inside a transaction. Each later transaction on it was a savepoint instead (of an
+    /// outer one that the first rollback to a savepoint left open for ever, holding the write
+    /// lock), whose commit reached no file: webhooks answered 200 were lost, and `BEGIN
+    /// IMMEDIATE` (the SMS reservation, the readiness probe) failed. Here SQLite's own ending of
+    /// the transaction is a COMMIT sent beside sqlx, which leaves sqlx's count as a failed
+    /// COMMIT does.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_by_itself_leaves_no_connection_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("edgegate.db").display());
+        let pool = connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("COMMIT").execute(&mut *tx).await.unwrap();
+            // Dropped as `?` drops it after the failed COMMIT: sqlx's ROLLBACK fails.
+        }
+        for row in 0..4 {
+            // A duplicate webhook's path: a transaction rolled back.
+            let tx = pool.begin().await.unwrap();
+            tx.rollback().await.unwrap();
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            sqlx::query("INSERT INTO t VALUES ($1)")
+                .bind(row)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let reader = connect(&format!("{url}?mode=ro")).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&reader)
+            .await
+            .unwrap();
+        assert_eq!(rows, 4, "commits on the pool that no other connection sees");
+        reader.close().await;
         pool.close().await;
     }
 }

@@ -929,3 +929,90 @@ async fn readiness_says_why_postgres_refused_the_connection() {
         started.elapsed()
     );
 }
+
+/// A filesystem of `size` mounted at `path` for one test (unmounted when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` (a loud skip; a failure under CI, which runs as root) when this process may not
+    /// mount one.
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(Self(path.to_owned())),
+            other => {
+                let why = format!("{other:?}");
+                assert!(!in_ci(), "CI=true and a tmpfs cannot be mounted: {why}");
+                eprintln!("SKIPPED: a tmpfs cannot be mounted here (needs root): {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file, until it has no space left; returns that file.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 4096];
+    while file.write_all(&block).and_then(|()| file.flush()).is_ok() {}
+    path
+}
+
+/// SQLite on a disk that fills up: the deliveries whose commit finds no space are refused, and
+/// once there is space again every event answered 200 is in the file, each once. A COMMIT that
+/// failed on the full disk left its pooled connection counted inside a transaction SQLite had
+/// already ended; the deliveries that came to that connection afterwards were answered 200 from
+/// a savepoint of a transaction that never committed, lost, while the others alternated with
+/// "database is locked".
+#[tokio::test]
+async fn a_full_disk_under_sqlite_loses_no_event_answered_200() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny");
+    let Some(mount) = Tmpfs::mount(&tiny, "8m") else {
+        return;
+    };
+    let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
+    let (server, _state) =
+        crate::support::spawn_app(&db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)]).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let events = 24;
+    assert_eq!(
+        deliver(&client, &base, &product_event(&fixtures, 0)).await,
+        200
+    );
+
+    let filler = fill(&tiny);
+    let mut refused = 0;
+    for i in 1..4 {
+        let status = deliver(&client, &base, &product_event(&fixtures, i)).await;
+        refused += usize::from(status >= 500);
+    }
+    assert!(refused > 0, "no delivery was refused on the full disk");
+
+    std::fs::remove_file(filler).unwrap();
+    for i in 1..events {
+        redeliver(&client, &base, &product_event(&fixtures, i)).await;
+    }
+    assert_each_event_applied_once(&db, events).await;
+    drop(server);
+    drop(db);
+    drop(mount);
+}

@@ -48,6 +48,14 @@ impl TestDb {
         }
     }
 
+    /// SQLite at `file` in `dir`, which the database keeps until it is dropped.
+    pub fn sqlite_in(dir: tempfile::TempDir, file: &std::path::Path) -> Self {
+        Self {
+            url: format!("sqlite://{}", file.display()),
+            _dir: Some(dir),
+        }
+    }
+
     /// A connection to the PostgreSQL at `base` for making a test's schema or database; `None`
     /// (a loud skip) when it does not answer, a failure under `CI=true`.
     async fn postgres_admin(base: &str) -> Option<sqlx::PgPool> {
