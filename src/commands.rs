@@ -65,6 +65,26 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         ),
     }];
     lines.push(connections_line(config));
+    if let Some(problem) = crate::outbound::ca_certificates_problem() {
+        // A failure only where something configured is called over HTTPS.
+        let needed = config.jwt.jwks_url.is_some()
+            || config.stripe.secret_key.is_some()
+            || config.twilio.account_sid.is_some()
+            || config.traces.is_some();
+        lines.push(CheckLine {
+            item: "tls roots",
+            ok: !needed,
+            detail: format!(
+                "{}: every HTTPS request would fail on the server's certificate{} ({problem})",
+                crate::outbound::NO_CA_CERTIFICATES,
+                if needed {
+                    ""
+                } else {
+                    "; nothing configured makes one"
+                }
+            ),
+        });
+    }
     if let Some(files) = &config.tls {
         lines.push(match crate::server::load_tls(files) {
             Ok(_) => CheckLine {
@@ -249,10 +269,9 @@ fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
 
 /// The HTTP client `check` reaches the dependency at `target` with.
 fn check_client(target: &url::Url) -> reqwest::Client {
-    crate::outbound::client_builder(Some("check"), &[target])
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+    crate::outbound::build(|| {
+        crate::outbound::client_builder(Some("check"), &[target]).timeout(Duration::from_secs(10))
+    })
 }
 
 /// Twilio's account endpoint with the configured credentials; the token is never shown.
@@ -419,13 +438,21 @@ pub fn parse_health_url(text: &str) -> Result<String, String> {
 pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()> {
     // No proxy and no redirect: the question is whether this URL itself answers 200, and a
     // proxy from the environment cannot reach the container's own loopback.
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(5))
-        // The certificate names the public host, not 127.0.0.1; only our own default probe skips it.
+    let client = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+    };
+    // The certificate names the public host, not 127.0.0.1; only our own default probe skips it.
+    // No CA certificate to load (an image without ca-certificates) still leaves HTTP to probe.
+    let client = match client()
         .tls_danger_accept_invalid_certs(loopback_default)
-        .build()?;
+        .build()
+    {
+        Ok(client) => client,
+        Err(_) => client().tls_certs_only(std::iter::empty()).build()?,
+    };
     let response = client.get(url).send().await?;
     anyhow::ensure!(
         response.status() == reqwest::StatusCode::OK,

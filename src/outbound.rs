@@ -39,6 +39,44 @@ pub fn client_builder(purpose: Option<&str>, targets: &[&Url]) -> reqwest::Clien
     }
 }
 
+/// Builds the client `make` describes. Building loads the system's CA certificates (or those of
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set) and fails when none can be loaded, as in an image
+/// without ca-certificates; the service still starts then (its plain-HTTP routes and health
+/// endpoints need no certificate), with a client that trusts no certificate, so each of its
+/// HTTPS requests fails on the server's certificate, and says why once. reqwest's own fallback,
+/// `Client::new()`, panics on that very error.
+pub fn build(make: impl Fn() -> reqwest::ClientBuilder) -> reqwest::Client {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match make().build() {
+        Ok(client) => client,
+        Err(err) => {
+            SAID.call_once(|| {
+                tracing::error!(
+                    error = crate::error::causes(&err.into()),
+                    "{NO_CA_CERTIFICATES}; HTTPS requests (JWKS, Stripe, Twilio, traces) fail \
+                     until edgegate is restarted with some"
+                );
+            });
+            make()
+                .tls_certs_only(std::iter::empty())
+                .build()
+                .expect("a client that trusts no certificate loads none")
+        }
+    }
+}
+
+/// What [`build`] and `edgegate check` say when no CA certificate can be loaded.
+pub const NO_CA_CERTIFICATES: &str = "no CA certificates could be loaded (the system's bundle, \
+     or SSL_CERT_FILE / SSL_CERT_DIR where set)";
+
+/// Why no CA certificate can be loaded, or `None` when some can: `edgegate check`'s question.
+pub fn ca_certificates_problem() -> Option<String> {
+    reqwest::Client::builder()
+        .build()
+        .err()
+        .map(|err| crate::error::causes(&err.into()))
+}
+
 /// Why an answer's body was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

@@ -53,9 +53,7 @@ impl AppState {
     /// As [`AppState::new`], reading time from `clock`.
     pub fn with_clock(config: Config, store: Store, clock: Clock) -> Self {
         let client = |base: &url::Url| {
-            crate::outbound::client_builder(None, &[base])
-                .build()
-                .unwrap_or_else(|_| reqwest::Client::new())
+            crate::outbound::build(|| crate::outbound::client_builder(None, &[base]))
         };
         let stripe_http = client(&config.stripe.api_base);
         let twilio_http = client(&config.twilio.api_base);

@@ -44,12 +44,9 @@ const BACKOFF_START: Duration = Duration::from_secs(5);
 /// The client the JWKS is fetched with, apart from the one used for Stripe and Twilio: it never
 /// follows a redirect, so a JWKS host cannot point edgegate's requests at another address.
 pub fn http_client(url: Option<&Url>) -> reqwest::Client {
-    crate::outbound::client_builder(Some("jwks"), url.as_slice())
-        .timeout(FETCH_TIMEOUT)
-        .build()
-        // Building fails only when the TLS backend cannot start, and then so would any client;
-        // the fetcher still refuses an answer from another URL.
-        .unwrap_or_else(|_| reqwest::Client::new())
+    crate::outbound::build(|| {
+        crate::outbound::client_builder(Some("jwks"), url.as_slice()).timeout(FETCH_TIMEOUT)
+    })
 }
 
 /// Fetcher settings. Its `Debug` shows `url` without its query, where a key may be.

@@ -47,9 +47,10 @@ pub async fn from_api(
     }
     // No redirect: the report comes from `--url` itself, and the key goes nowhere else (nor
     // to a proxy when `--url` is on loopback).
-    let client = crate::outbound::client_builder(Some("keys report"), &[base])
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = crate::outbound::build(|| {
+        crate::outbound::client_builder(Some("keys report"), &[base])
+            .timeout(Duration::from_secs(30))
+    });
     // Every message shows the endpoint without its query and fragment, where `--url` may carry
     // a key (`?apikey=sb_secret_…`), and reqwest's errors without their URL.
     let shown = crate::config::shown_url(&endpoint);

@@ -68,7 +68,9 @@ impl Collector {
     pub(super) fn new(config: &TraceExport, purpose: Option<&str>) -> anyhow::Result<Self> {
         // The service's own client stack (rustls on aws-lc-rs), not a second one; a 3xx is a
         // failed export, not followed with the collector's headers.
-        let client = crate::outbound::client_builder(purpose, &[&config.endpoint]).build()?;
+        let client = crate::outbound::build(|| {
+            crate::outbound::client_builder(purpose, &[&config.endpoint])
+        });
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Checked with the configuration; a value is marked sensitive so that no debug

@@ -1848,3 +1848,52 @@ async fn wait_behind_the_migration_lock(db: &TestDb) {
         "not serving once the lock was let go"
     );
 }
+
+/// No CA certificates to load (`SSL_CERT_FILE` naming no file and `SSL_CERT_DIR` an empty
+/// folder, as in an image without ca-certificates): `serve` still starts and says why its HTTPS
+/// requests will fail, `check` says so as a failed line, and `healthcheck` still probes over
+/// HTTP. Each built its HTTP clients with a fallback (`reqwest::Client::new()`) that panics on the
+/// very error that made the first build fail: `serve` and `check` ended with exit code 101.
+#[tokio::test]
+async fn without_ca_certificates_serve_starts_and_says_why_https_will_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("no-certs");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = dir.path().join("missing.pem");
+    let (missing, empty) = (missing.to_str().unwrap(), empty.to_str().unwrap());
+    let no_roots = [("SSL_CERT_FILE", missing), ("SSL_CERT_DIR", empty)];
+    let port = free_port();
+    let port_text = port.to_string();
+    let mut vars = no_roots.to_vec();
+    vars.push(("PORT", &port_text));
+    let mut child = spawn_server(dir.path(), "server.log", &vars);
+    let healthy = wait_healthy(port).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "edgegate never answered /healthz: {log}");
+    assert!(log.contains("CA certificates"), "{log}");
+
+    let probe = output(
+        edgegate(dir.path(), &no_roots).args(["healthcheck", &format!("http://127.0.0.1:{port}")]),
+    );
+    assert_eq!(probe.status.code(), Some(0), "{probe:?}");
+
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+
+    // A failed line where something configured is called over HTTPS (here a JWKS on a port
+    // where nothing listens, which fails too); a remark where nothing is.
+    let check = output(edgegate(dir.path(), &no_roots).arg("check"));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    assert!(stdout.contains("nothing configured makes one"), "{stdout}");
+    let mut vars = no_roots.to_vec();
+    vars.push(("SUPABASE_URL", "https://127.0.0.1:9"));
+    let check = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let roots = stdout.lines().find(|line| line.contains("tls roots"));
+    assert!(
+        roots.is_some_and(|line| line.starts_with("FAIL") && line.contains("CA certificates")),
+        "{stdout}"
+    );
+}
