@@ -495,6 +495,15 @@ pub fn shutdown_signals() -> (
     (first, second)
 }
 
+/// The name of the first SIGTERM or SIGINT, listened for from the moment this is called: for the
+/// commands that end by themselves (`migrate`, `check`), which, with no handler, ignored both as
+/// PID 1 in a container (the image's entrypoint) until `docker stop` killed them. Call it within
+/// the runtime.
+pub fn stop_signal() -> impl Future<Output = &'static str> + Send + 'static {
+    let mut signals = Signals::new();
+    async move { signals.next().await }
+}
+
 /// The stop signals' listeners, set when made.
 struct Signals {
     #[cfg(unix)]

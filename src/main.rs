@@ -420,18 +420,39 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
             );
             ExitCode::from(2)
         }
-        Command::Migrate => match commands::migrate(&config).await {
-            Ok(summary) => write_stdout(format!("{summary}\n"), ExitCode::SUCCESS),
-            Err(err) => {
-                eprintln!(
-                    "edgegate: migration failed: {}",
-                    edgegate::error::causes(&err)
-                );
-                ExitCode::FAILURE
+        Command::Migrate => {
+            let stop = edgegate::stop_signal();
+            let migrated = tokio::select! {
+                migrated = commands::migrate(&config) => migrated,
+                name = stop => {
+                    eprintln!(
+                        "edgegate: migration stopped by {name} before it finished: the \
+                         migrations applied before stay applied, one under way is rolled back \
+                         (each is whole or not at all); run `edgegate migrate` again"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            match migrated {
+                Ok(summary) => write_stdout(format!("{summary}\n"), ExitCode::SUCCESS),
+                Err(err) => {
+                    eprintln!(
+                        "edgegate: migration failed: {}",
+                        edgegate::error::causes(&err)
+                    );
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Check => {
-            let lines = commands::check(&config).await;
+            let stop = edgegate::stop_signal();
+            let lines = tokio::select! {
+                lines = commands::check(&config) => lines,
+                name = stop => {
+                    eprintln!("edgegate: check stopped by {name} before it finished");
+                    return ExitCode::FAILURE;
+                }
+            };
             let mut printed = String::new();
             for line in &lines {
                 let mark = if line.ok { "ok  " } else { "FAIL" };

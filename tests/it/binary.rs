@@ -72,6 +72,39 @@ async fn sigterm_during_start_up_stops_it_cleanly() {
     drop(lock);
 }
 
+/// `migrate` (Fly's release command) waiting for another process's migration lock stops at a
+/// SIGTERM or SIGINT and says so, exit 1: it set no handler, so as PID 1 in a container (the
+/// image's entrypoint) both signals were ignored, Ctrl-C did nothing and `docker stop` killed it
+/// after its timeout.
+#[tokio::test]
+async fn a_signal_stops_migrate_waiting_for_the_lock() {
+    use crate::process::spawn_logged;
+    for name in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+        lock.lock().unwrap();
+        let vars = [("DATABASE_URL", "sqlite://held.db")];
+        let mut command = edgegate(dir.path(), &vars);
+        command.arg("migrate");
+        let mut child = spawn_logged(command, dir.path(), "migrate.log");
+        for _ in 0..250 {
+            if dir.path().join("held.db").exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(child.try_wait().unwrap().is_none(), "it did not wait");
+
+        signal(&child, name);
+        let status = wait_exit(&mut child).await;
+        let log = std::fs::read_to_string(dir.path().join("migrate.log")).unwrap();
+        assert_eq!(status.code(), Some(1), "SIG{name}: {status:?}: {log}");
+        assert!(log.contains("stopped by SIG"), "{log}");
+        drop(lock);
+    }
+}
+
 /// One request to jwt-test with a user session signed by the legacy `secret`, answered 200: a
 /// use of the legacy secret, counted in memory until the next flush.
 async fn use_legacy_secret(port: u16, secret: &str) {
