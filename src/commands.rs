@@ -113,6 +113,16 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         // Not there yet: the verdict is serve's, which creates the file in a directory that
         // exists and stops with "unable to open database file" where none does.
         Err(_) => match missing_sqlite_directory(&config.database_url) {
+            None if let Some(problem) = unwritable_sqlite_directory(&config.database_url) => {
+                CheckLine {
+                    item: "database",
+                    ok: false,
+                    detail: format!(
+                        "{}: not there, and {problem}",
+                        config.database_url.redacted()
+                    ),
+                }
+            }
             None => CheckLine {
                 item: "database",
                 ok: true,
@@ -265,6 +275,15 @@ fn missing_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     }
     let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
     crate::store::missing_sqlite_directory(options.get_filename())
+}
+
+/// What keeps serve from creating the SQLite file `url` names in its directory, which exists.
+fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
+    if url.is_postgres() {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
+    crate::store::unwritable_sqlite_directory(options.get_filename())
 }
 
 /// The HTTP client `check` reaches the dependency at `target` with.

@@ -44,6 +44,7 @@ pub use stripe::{
 pub use callers::CallerUsage;
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
+pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;
 
 #[derive(Clone, Debug)]
 enum Backend {

@@ -39,6 +39,9 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     // Not for `mode=ro`, which opens an existing file or fails (`create_if_missing` below makes
     // every other mode create it).
     if !url.contains("mode=ro") && !is_in_memory(file) {
+        if let Some(problem) = unwritable_directory(file) {
+            anyhow::bail!("{}: {problem}", file.display());
+        }
         create_private(file);
     }
     let options = options
@@ -128,6 +131,36 @@ pub(crate) fn missing_directory(file: &Path) -> Option<String> {
     } else {
         format!("its directory {shown} does not exist")
     })
+}
+
+/// What keeps edgegate from writing in `file`'s directory, which exists: SQLite creates the
+/// database there and, in WAL mode, its -wal and -shm files beside it, and says only "(code: 14)
+/// unable to open database file" where it cannot (a volume owned by another user, a read-only
+/// root filesystem). Found by creating and removing a file there. `None` when it can.
+pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
+    let directory = match file.parent() {
+        Some(directory) if !directory.as_os_str().is_empty() => directory,
+        _ => Path::new("."),
+    };
+    let name = file.file_name()?.to_string_lossy();
+    let probe = directory.join(format!(".{name}.write-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => None,
+        Err(err) => Some(format!(
+            "its directory {} cannot be written to ({err}): edgegate creates the database and \
+             its -wal and -shm files there; make it writable by the user edgegate runs as (uid \
+             10001 in the image)",
+            directory.display()
+        )),
+    }
 }
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a

@@ -1930,3 +1930,35 @@ async fn without_ca_certificates_serve_starts_and_says_why_https_will_fail() {
         "{stdout}"
     );
 }
+
+/// A SQLite file to be made in a directory edgegate cannot write to (here a read-only
+/// filesystem; in the image a volume owned by another user, or `--read-only`): `check` fails its
+/// database line and `serve` stops, both naming the directory and why. `check` said `ok … not
+/// there yet; serve creates it`, and serve stopped with SQLite's "(code: 14) unable to open
+/// database file", naming neither.
+#[tokio::test]
+async fn a_database_directory_that_cannot_be_written_is_named_by_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    let Some(mount) = crate::outage::Tmpfs::mount(&ro, "size=1m,ro") else {
+        return;
+    };
+    let url = format!("sqlite://{}/edgegate.db", ro.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let check = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let line = stdout.lines().find(|line| line.contains("database"));
+    assert!(
+        line.is_some_and(|line| line.starts_with("FAIL")
+            && line.contains(&format!("{} cannot be written to", ro.display()))
+            && line.contains("Read-only file system")),
+        "{stdout}"
+    );
+    let port = free_port().to_string();
+    let serve = output(edgegate(dir.path(), &[vars[0], ("PORT", &port)]).arg("serve"));
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be written to"), "{stderr}");
+    drop(mount);
+}

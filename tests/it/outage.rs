@@ -930,16 +930,16 @@ async fn readiness_says_why_postgres_refused_the_connection() {
     );
 }
 
-/// A filesystem of `size` mounted at `path` for one test (unmounted when dropped).
-struct Tmpfs(std::path::PathBuf);
+/// A tmpfs mounted at `path` for one test (unmounted when dropped).
+pub struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    /// `None` (a loud skip; a failure under CI, which runs as root) when this process may not
-    /// mount one.
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+    /// With mount `options` (`size=8m`, `size=1m,ro`); `None` (a loud skip; a failure under CI,
+    /// which runs as root) when this process may not mount one.
+    pub fn mount(path: &std::path::Path, options: &str) -> Option<Self> {
         std::fs::create_dir_all(path).unwrap();
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(path)
             .output();
         match mounted {
@@ -985,7 +985,7 @@ async fn a_full_disk_under_sqlite_loses_no_event_answered_200() {
     let fixtures = stripe_fixtures!();
     let dir = tempfile::tempdir().unwrap();
     let tiny = dir.path().join("tiny");
-    let Some(mount) = Tmpfs::mount(&tiny, "8m") else {
+    let Some(mount) = Tmpfs::mount(&tiny, "size=8m") else {
         return;
     };
     let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
