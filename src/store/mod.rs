@@ -645,7 +645,10 @@ enum Engine {
 /// database closed to connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`) refuses a new
 /// session, while a 55000 in a statement (an ERROR: `currval` before `nextval`, say) is a fault
 /// of the statement that a retry would meet again. 3D000 (no such database) is a configuration
-/// to fix, not an outage, and stays a 500.
+/// to fix, not an outage, and stays a 500. So, FATAL only, are class 58 (system error: an I/O
+/// error on the server's own files) and XX000: a server whose disk is full refuses every new
+/// session with `could not write init file` (its relation cache file), an `elog(FATAL)`, whose
+/// code is XX000; the configuration's refusals (28P01, 28000, 3D000) have codes of their own.
 fn unavailable_code(code: &str, engine: Engine) -> bool {
     let Engine::Postgres { fatal } = engine else {
         return code
@@ -656,7 +659,7 @@ fn unavailable_code(code: &str, engine: Engine) -> bool {
         || code.starts_with("53")
         || code.starts_with("57P0")
         || matches!(code, "55P03" | "25P03" | "25006" | "57014")
-        || (fatal && code == "55000")
+        || (fatal && (code == "55000" || code == "XX000" || code.starts_with("58")))
 }
 
 /// Whether `err` says the database refused the values written (PostgreSQL class 22, data
@@ -779,6 +782,16 @@ mod tests {
             assert!(!unavailable_code(code, error), "PostgreSQL {code}");
         }
         assert!(!unavailable_code("3D000", fatal), "PostgreSQL FATAL 3D000");
+        // A server that can no longer write its own files (its disk full) refuses every new
+        // session: `elog(FATAL, "could not write init file")` is XX000, an I/O error 58030.
+        for code in ["XX000", "58030"] {
+            assert!(unavailable_code(code, fatal), "PostgreSQL FATAL {code}");
+            assert!(!unavailable_code(code, error), "PostgreSQL {code}");
+        }
+        // Refusals of the configuration (bad password, no such role or database) stay faults.
+        for code in ["28P01", "28000", "3D000", "42501"] {
+            assert!(!unavailable_code(code, fatal), "PostgreSQL FATAL {code}");
+        }
         // BUSY, LOCKED, READONLY, IOERR_WRITE (778), FULL, CANTOPEN.
         for code in ["5", "6", "8", "778", "13", "14"] {
             assert!(unavailable_code(code, Engine::Sqlite), "SQLite {code}");
