@@ -12,7 +12,7 @@ use futures_util::future::{BoxFuture, Shared};
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
-use engine::Arg;
+use engine::{Arg, BindExt as _};
 
 /// Runs `$body` with `$pool` bound to whichever pool the store holds: the one place the store
 /// picks an engine. The body is compiled once per backend, so it may only use SQL that both SQLite
@@ -78,7 +78,18 @@ struct Readiness {
     /// The last probe, and when it started.
     probe: std::sync::Mutex<Option<(Instant, SharedProbe)>>,
     started: AtomicU64,
+    /// [`SPACE_REFUSALS`] as it was when this store's probe last wrote a row: while it has grown
+    /// since, the probe writes one again ([`Store::space_refused`]).
+    space_found: AtomicU64,
 }
+
+/// Writes refused for want of space (SQLite FULL, PostgreSQL 53100 disk_full) that
+/// [`is_unavailable`] has seen in this process. The probe's own write lock needs no space, so a
+/// full disk answered it ready while every webhook was refused; a refusal makes the next probe
+/// write a row too, until one goes through. Counted for the process, since the errors come
+/// without their store (tests run several): another store's refusal costs this one a row
+/// written, nothing more.
+static SPACE_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 /// A probe's answer (its error as text, so that every caller gets a copy) and when it came.
 type ProbeAnswer = (Instant, Result<(), ProbeFailure>);
@@ -92,8 +103,9 @@ enum ProbeFailure {
 }
 
 /// The database answered the readiness probe but takes no writes: a PostgreSQL hot standby (a
-/// failover not finished), or sessions made read-only (`default_transaction_read_only`, which
-/// Supabase sets on a full disk). Not a secret, and what to look at: `/readyz` says it.
+/// failover not finished), sessions made read-only (`default_transaction_read_only`, which
+/// Supabase sets on a full disk), or a disk with no space for the row the probe writes after a
+/// write was refused for want of it. Not a secret, and what to look at: `/readyz` says it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ReadOnly(String);
@@ -353,19 +365,23 @@ impl Store {
         // answer is timed where it came, not where a caller next looks.
         let task = tokio::spawn(async move {
             let query = async {
-                match &store.backend {
-                    Backend::Sqlite(pool) => sqlite::probe_write(pool)
+                let read_only = match &store.backend {
+                    Backend::Sqlite(pool) => sqlite::probe_write(pool, false)
                         .await
                         .map(|()| None)
                         .map_err(anyhow::Error::from),
                     Backend::Postgres(pool) => postgres::probe_write(pool).await,
-                }
+                }?;
+                Ok::<_, anyhow::Error>(match read_only {
+                    Some(why) => Some(why.to_owned()),
+                    None => store.space_refused().await,
+                })
             };
             // Bounded here too: a query that hangs once its connection was handed out (a
             // network gone silent mid-query) must not stand for every later probe.
             let answered = match tokio::time::timeout(READINESS_TIMEOUT, query).await {
                 Ok(Ok(None)) => Ok(()),
-                Ok(Ok(Some(read_only))) => Err(ProbeFailure::ReadOnly(read_only.to_owned())),
+                Ok(Ok(Some(read_only))) => Err(ProbeFailure::ReadOnly(read_only)),
                 Ok(Err(err)) => {
                     let err = err.context("database did not answer");
                     Err(ProbeFailure::Failed(crate::error::causes(&err)))
@@ -391,6 +407,36 @@ impl Store {
         .shared();
         *current = Some((Instant::now(), probe.clone()));
         probe
+    }
+
+    /// Why the database takes no writes for want of space, when a write was refused for it since
+    /// this store's probe last wrote a row: the probe writes one then (on SQLite under the
+    /// probe's short wait for the write lock), in a transaction that commits, and while that is
+    /// refused too the disk is full. With no refusal since, nothing is written: the probe stays
+    /// as cheap as its lock. A failure of the row for another reason (the lock held, a table not
+    /// migrated yet) says nothing about space: the next probe tries again.
+    async fn space_refused(&self) -> Option<String> {
+        let refusals = SPACE_REFUSALS.load(Ordering::Acquire);
+        if refusals <= self.readiness.space_found.load(Ordering::Acquire) {
+            return None;
+        }
+        let written = match &self.backend {
+            Backend::Sqlite(pool) => sqlite::probe_write(pool, true).await,
+            Backend::Postgres(pool) => postgres::probe_space(pool).await,
+        };
+        match written {
+            Ok(()) => {
+                self.readiness
+                    .space_found
+                    .fetch_max(refusals, Ordering::AcqRel);
+                None
+            }
+            Err(sqlx::Error::Database(db)) if out_of_space(db.as_ref()) => Some(format!(
+                "the database's disk is full: writes are refused for want of space ({})",
+                db.message()
+            )),
+            Err(_) => None,
+        }
     }
 
     /// Readiness probes started since the store was opened (several callers share one).
@@ -585,9 +631,30 @@ const READY_POLL: Duration = Duration::from_secs(1);
 /// How long the readiness probe waits for the database.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The `locks` row the readiness probe writes and deletes in one transaction to learn whether
+/// the disk has space ([`Store::space_refused`]): a name no lock uses, never seen committed.
+const SPACE_CHECK_LOCK: &str = "edgegate.readiness.space-check";
+
+/// Writes and deletes the probe's row on `conn`, inside the caller's transaction.
+async fn write_space_check_row<DB: engine::Engine>(
+    conn: &mut DB::Connection,
+) -> Result<(), sqlx::Error> {
+    use engine::Execute as _;
+    let insert = "INSERT INTO locks (name, holder, acquired_at, expires_at) \
+                  VALUES ($1, $1, 0, 0)";
+    for sql in [insert, "DELETE FROM locks WHERE name = $1"] {
+        sqlx::query::<DB>(sql)
+            .bind_value(SPACE_CHECK_LOCK)
+            .execute(conn.executor())
+            .await?;
+    }
+    Ok(())
+}
+
 /// Whether `err` says the database could not be reached or written at all (connection lost or
-/// refused, pool exhausted, file locked by another process), as opposed to a failed statement.
-/// Nothing was written then, so the caller may answer 503 and be retried.
+/// refused, pool exhausted, file locked by another process, no space left), as opposed to a
+/// failed statement. Nothing was written then, so the caller may answer 503 and be retried. A
+/// write refused for want of space is counted for the readiness probe ([`SPACE_REFUSALS`]).
 pub fn is_unavailable(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         cause
@@ -606,16 +673,37 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
-            let engine = match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                Some(pg) => Engine::Postgres {
-                    fatal: pg.severity() == sqlx::postgres::PgSeverity::Fatal,
-                },
-                None => Engine::Sqlite,
-            };
+            if out_of_space(db.as_ref()) {
+                SPACE_REFUSALS.fetch_add(1, Ordering::AcqRel);
+            }
+            let engine = engine_of(db.as_ref());
             db.code()
                 .is_some_and(|code| unavailable_code(&code, engine))
         }
         _ => false,
+    }
+}
+
+/// Whether the database refused a write for want of space: SQLite's FULL (13, "database or disk
+/// is full"), PostgreSQL's 53100 disk_full ("could not extend file …: No space left on device").
+fn out_of_space(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code()
+        .is_some_and(|code| out_of_space_code(&code, engine_of(db)))
+}
+
+fn out_of_space_code(code: &str, engine: Engine) -> bool {
+    match engine {
+        Engine::Sqlite => code.parse::<i32>().is_ok_and(|sqlite| sqlite & 0xff == 13),
+        Engine::Postgres { .. } => code == "53100",
+    }
+}
+
+fn engine_of(db: &dyn sqlx::error::DatabaseError) -> Engine {
+    match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(pg) => Engine::Postgres {
+            fatal: pg.severity() == sqlx::postgres::PgSeverity::Fatal,
+        },
+        None => Engine::Sqlite,
     }
 }
 
@@ -758,7 +846,23 @@ pub fn shipped_checksums() -> [(BackendKind, Vec<(i64, String)>); 2] {
 
 #[cfg(test)]
 mod tests {
-    use super::{Engine, unavailable_code};
+    use super::{Engine, out_of_space_code, unavailable_code};
+
+    /// What makes the readiness probe write a row: SQLite's FULL (and its extended codes),
+    /// PostgreSQL's disk_full; not another resource running out, nor a SQLite code read as a
+    /// SQLSTATE.
+    #[test]
+    fn a_write_refused_for_want_of_space_is_told_apart() {
+        let pg = Engine::Postgres { fatal: false };
+        assert!(out_of_space_code("53100", pg));
+        for code in ["53000", "53200", "53300", "53400", "XX000", "13"] {
+            assert!(!out_of_space_code(code, pg), "PostgreSQL {code}");
+        }
+        assert!(out_of_space_code("13", Engine::Sqlite));
+        for code in ["5", "8", "10", "778", "14", "53100"] {
+            assert!(!out_of_space_code(code, Engine::Sqlite), "SQLite {code}");
+        }
+    }
 
     #[test]
     fn unavailable_codes_are_read_by_engine() {

@@ -110,6 +110,15 @@ pub(super) async fn probe_write(pool: &PgPool) -> anyhow::Result<Option<&'static
     })
 }
 
+/// The readiness probe's row written and deleted in one transaction that commits
+/// (`Store::space_refused`): whether the disk has space again after a write was refused for want
+/// of it.
+pub(super) async fn probe_space(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    super::write_space_check_row::<sqlx::Postgres>(&mut tx).await?;
+    tx.commit().await
+}
+
 /// How long the probe waits for a pooled connection before it connects once itself to learn why
 /// there is none: shorter than the readiness timeout, which the pool's own wait outlasts.
 const PROBE_DIAGNOSE_AFTER: Duration = Duration::from_millis(500);

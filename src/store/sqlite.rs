@@ -231,8 +231,10 @@ fn migration_lock_path(database: &Path) -> Option<std::ffi::OsString> {
 }
 
 /// Takes and releases the write lock on a pooled connection, waiting `PROBE_BUSY_TIMEOUT` at
-/// most; the connection's own busy timeout is restored whatever the probe came to.
-pub(super) async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+/// most; the connection's own busy timeout is restored whatever the probe came to. With
+/// `write_a_row`, the transaction writes and deletes the probe's row and commits, which needs
+/// space on the disk (taking the lock needs none).
+pub(super) async fn probe_write(pool: &SqlitePool, write_a_row: bool) -> Result<(), sqlx::Error> {
     use sqlx::Connection as _;
     let busy = |timeout: Duration| {
         sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", timeout.as_millis()))
@@ -242,6 +244,12 @@ pub(super) async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
         .execute(&mut *conn)
         .await?;
     let probed = match conn.begin_with("BEGIN IMMEDIATE").await {
+        Ok(mut tx) if write_a_row => {
+            match super::write_space_check_row::<sqlx::Sqlite>(&mut tx).await {
+                Ok(()) => tx.commit().await,
+                Err(err) => Err(err),
+            }
+        }
         Ok(tx) => tx.rollback().await,
         Err(err) => Err(err),
     };

@@ -1016,3 +1016,71 @@ async fn a_full_disk_under_sqlite_loses_no_event_answered_200() {
     drop(db);
     drop(mount);
 }
+
+/// SQLite on a full disk is not ready: once a write was refused for want of space, /readyz
+/// answers 503 saying the disk is full (its probe, which took and released the write lock,
+/// needed no space and said ready while every webhook was refused), and it is ready again by
+/// itself once there is space, with no restart.
+#[tokio::test]
+async fn a_full_disk_under_sqlite_is_not_ready_until_there_is_space_again() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny");
+    let Some(mount) = Tmpfs::mount(&tiny, "8m") else {
+        return;
+    };
+    let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
+    let (server, _state) =
+        crate::support::spawn_app(&db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)]).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    assert_eq!(server.get("/readyz").await.status(), 200);
+
+    let filler = fill(&tiny);
+    let mut refused = false;
+    for i in 1..10 {
+        if deliver(&client, &base, &product_event(&fixtures, i)).await == 503 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "no delivery was refused on the full disk");
+    // The answer before the disk filled is reused for a second.
+    let refused_at = Instant::now();
+    let (status, body) = loop {
+        let (status, body) = status_and_body(server.get("/readyz").await).await;
+        if status != 200 || refused_at.elapsed() > Duration::from_secs(5) {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    let error = body["checks"]["database"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("disk is full"), "{body}");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "edgegate_database_ready"), Some(0.0));
+
+    std::fs::remove_file(filler).unwrap();
+    let freed = Instant::now();
+    loop {
+        let (status, body) = status_and_body(server.get("/readyz").await).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(10),
+            "not ready 10 s after space came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        deliver(&client, &base, &product_event(&fixtures, 20)).await,
+        200
+    );
+    drop(server);
+    drop(db);
+    drop(mount);
+}
