@@ -106,8 +106,13 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         let store = Store::connect(&config.database_url).await?;
         store.ping().await?;
         let applied = store.applied_migrations().await.unwrap_or_default();
+        let differing = if applied.is_empty() {
+            Vec::new()
+        } else {
+            store.migrations_differing().await?
+        };
         store.close().await;
-        anyhow::Ok(applied.len())
+        anyhow::Ok((applied.len(), differing))
     };
     lines.push(match missing_sqlite_file(&config.database_url) {
         // Not there yet: the verdict is serve's, which creates the file in a directory that
@@ -143,7 +148,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         },
         Ok(()) => match tokio::time::timeout(Duration::from_secs(10), database).await {
             // serve would migrate it, unless --no-migrate: then every query fails.
-            Ok(Ok(0)) => CheckLine {
+            Ok(Ok((0, _))) => CheckLine {
                 item: "database",
                 ok: false,
                 detail: format!(
@@ -152,7 +157,31 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     config.database_url.redacted()
                 ),
             },
-            Ok(Ok(migrations)) => CheckLine {
+            // Another build's copy of a migration (an edited file, another branch's): migrate
+            // and serve stop on it.
+            Ok(Ok((migrations, differing))) if !differing.is_empty() => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!(
+                    "{} answers; {migrations} migrations applied, but {} {} {} applied from \
+                     another copy of its file than this binary's (its checksum differs): \
+                     migrate and serve refuse this database (\"was previously applied but has \
+                     been modified\")",
+                    config.database_url.redacted(),
+                    if differing.len() == 1 {
+                        "migration"
+                    } else {
+                        "migrations"
+                    },
+                    differing
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if differing.len() == 1 { "was" } else { "were" },
+                ),
+            },
+            Ok(Ok((migrations, _))) => CheckLine {
                 item: "database",
                 ok: true,
                 detail: format!(

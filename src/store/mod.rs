@@ -321,6 +321,39 @@ impl Store {
         Ok(versions)
     }
 
+    /// The applied migrations whose stored checksum is neither this binary's copy's nor an
+    /// earlier copy's that `migrate` takes over (PostgreSQL's `EARLIER_COPIES`): applied from
+    /// another file of the same version, which `migrate` and `serve` refuse ("was previously
+    /// applied but has been modified"). Versions this binary does not ship are not compared.
+    pub async fn migrations_differing(&self) -> anyhow::Result<Vec<i64>> {
+        let sql = "SELECT version, checksum FROM _sqlx_migrations WHERE success = TRUE \
+                   ORDER BY version";
+        let stored: Vec<(i64, Vec<u8>)> =
+            with_pool!(self, |pool| sqlx::query_as(sql).fetch_all(pool).await)
+                .context("reading applied migrations")?;
+        let (migrator, earlier) = match self.backend {
+            Backend::Sqlite(_) => (sqlite::migrator(), &[][..]),
+            Backend::Postgres(_) => (postgres::migrator(), postgres::EARLIER_COPIES),
+        };
+        let taken_over = |version: i64, checksum: &[u8]| {
+            let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
+            earlier
+                .iter()
+                .any(|copy| copy.version == version && copy.checksum == hex)
+        };
+        Ok(stored
+            .into_iter()
+            .filter(|(version, checksum)| {
+                migrator.iter().any(|shipped| {
+                    shipped.version == *version
+                        && *shipped.checksum != **checksum
+                        && !taken_over(*version, checksum)
+                })
+            })
+            .map(|(version, _)| version)
+            .collect())
+    }
+
     /// Whether the database can take a write now, for readiness: PostgreSQL answers that this
     /// session may write ([`ReadOnly`] otherwise: every INSERT would fail); SQLite's write lock
     /// can be taken (a file locked by another process still answers reads).

@@ -52,6 +52,7 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
             .fetch_all(&mut *conn)
             .await,
     )?;
+    adopt_earlier_copies(conn, &before).await?;
     let timeout = format!("SET lock_timeout = '{}s'", MIGRATION_LOCK_TIMEOUT.as_secs());
     sqlx::query(sqlx::AssertSqlSafe(timeout))
         .execute(&mut *conn)
@@ -86,6 +87,70 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
         })?;
     conn.unlock().await?;
     Ok(before)
+}
+
+/// A shipped migration whose file was edited after releases had applied it: the SHA-384 (hex)
+/// of the copy first shipped, and why it changed.
+pub(super) struct EarlierCopy {
+    pub version: i64,
+    pub checksum: &'static str,
+    pub why: &'static str,
+}
+
+/// Every edited migration's earlier copy. sqlx refuses a database whose stored checksum is not
+/// the binary's ("was previously applied but has been modified"), so a database migrated by a
+/// build of the earlier copy takes this binary's checksum instead, under the migration lock,
+/// before the migrator compares them; what the earlier copy left undone a later migration does.
+/// Builds of the earlier copy then refuse the database (docs/DEPLOY.md, "Roll back"). Never
+/// added to: a shipped migration is not edited (tests/it/store.rs pins each checksum).
+pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
+    EarlierCopy {
+        version: 20261205000003,
+        checksum: "bb3e69e4a6e17054071d3e077618391809beda9d5c0a118b321f2a8b\
+                   a06b1ee5f17032a2e572cbd954c522d8b8d4f888",
+        why: "ff2bbff shipped it with row-level security and no policy; bea5447 added the \
+              policy edgegate_not_data_api (20261208000001 creates it where the earlier copy \
+              ran) and the lock timeout",
+    },
+    EarlierCopy {
+        version: 20261206000001,
+        checksum: "6d7c119528410dbf990ea4298a8fe861a7634ee3cd38cb9f4376bf66\
+                   beb16b76f4a290d8210f6247fe1516602e9d9551",
+        why: "3099c3f shipped it; 1a9a557 changed only its comments",
+    },
+];
+
+/// Gives each applied migration stored with its [`EarlierCopy`]'s checksum this binary's; any
+/// other stored checksum is left for the migrator to refuse.
+async fn adopt_earlier_copies(conn: &mut PgConnection, applied: &[i64]) -> anyhow::Result<()> {
+    let migrator = migrator();
+    for copy in EARLIER_COPIES {
+        let shipped = migrator.iter().find(|m| m.version == copy.version);
+        let Some(shipped) = shipped.filter(|_| applied.contains(&copy.version)) else {
+            continue;
+        };
+        let rewritten = sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 \
+             WHERE version = $2 AND checksum = decode($3, 'hex')",
+        )
+        .bind(&*shipped.checksum)
+        .bind(copy.version)
+        .bind(copy.checksum)
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("updating the stored checksum of migration {}", copy.version))?
+        .rows_affected();
+        if rewritten > 0 {
+            tracing::warn!(
+                version = copy.version,
+                "migration {} was applied from an earlier copy of its file ({}); its stored \
+                 checksum is now this binary's, which builds of that copy refuse",
+                copy.version,
+                copy.why
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The readiness probe: whether this pool's sessions can write. A server that answers may still

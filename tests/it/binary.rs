@@ -757,6 +757,81 @@ fn check_fails_a_connection_cap_the_file_limit_cannot_hold() {
     assert_eq!(checked.status.code(), Some(0), "{stdout}");
 }
 
+/// `check` fails a database that applied one of this binary's migrations from another copy of
+/// its file (an edited migration, a build of another branch), naming the version: `migrate` and
+/// `serve` refuse it ("was previously applied but has been modified"), and check said `ok`.
+/// On PostgreSQL the earlier copies of the two migrations edited after they shipped are not
+/// such a difference: `migrate` takes them over.
+#[tokio::test]
+async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    db.store().await.close().await;
+    let set_checksum = async |version: i64, hex: &str| {
+        let sql = "UPDATE _sqlx_migrations SET checksum = {bytes} WHERE version = $1";
+        if db.is_postgres() {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let sql = sql.replace("{bytes}", &format!("decode('{hex}', 'hex')"));
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(version);
+            query.execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            let sql = sql.replace("{bytes}", &format!("X'{hex}'"));
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(version);
+            query.execute(&mut conn).await.unwrap();
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("DATABASE_URL", db.url.as_str())];
+    let database_line = |out: &std::process::Output| {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .lines()
+            .find(|l| l.contains("database"))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .to_owned()
+    };
+
+    if db.is_postgres() {
+        set_checksum(
+            20261206000001,
+            "6d7c119528410dbf990ea4298a8fe861a7634ee3cd38cb9f4376bf66\
+             beb16b76f4a290d8210f6247fe1516602e9d9551",
+        )
+        .await;
+        let out = output(edgegate(dir.path(), &vars).arg("check"));
+        let database = database_line(&out);
+        assert_eq!(out.status.code(), Some(0), "{database}");
+        assert!(database.starts_with("ok"), "{database}");
+        // Taken over by migrate, saying so.
+        let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("migration 20261206000001 was applied from an earlier copy"),
+            "{stderr}"
+        );
+    }
+
+    set_checksum(20261206000001, "00").await;
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let database = database_line(&out);
+    assert_eq!(out.status.code(), Some(1), "{database}");
+    assert!(
+        database.starts_with("FAIL") && database.contains("20261206000001"),
+        "{database}"
+    );
+    assert!(database.contains("refuse"), "{database}");
+    let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("20261206000001 was previously applied but has been modified"),
+        "{stderr}"
+    );
+}
+
 /// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
 /// check says serve would, report fails naming it; and check fails a database no migration has
 /// prepared.

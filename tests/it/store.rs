@@ -49,6 +49,7 @@ fn shipped_migrations_are_never_edited() {
         (20261205000003, "12b7b7332169e1e1"),
         (20261206000001, "6d7c119528410dbf"),
         (20261207000001, "185e94eef4bb881f"),
+        (20261208000001, "26e6b813f4e35d72"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -61,6 +62,7 @@ fn shipped_migrations_are_never_edited() {
         (20261205000003, "570116d3b5142b1e"),
         (20261206000001, "c231466faece2861"),
         (20261207000001, "b7b9920454ecf204"),
+        (20261208000001, "7a09ed9a875cf74d"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -624,4 +626,113 @@ async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_ho
         try_lock(&first, "first").await.is_some(),
         "a released lock was not free"
     );
+}
+
+/// The PostgreSQL migrations edited after they shipped, with the SHA-384 of the copy first
+/// shipped: what a database migrated by a build between the two copies holds.
+const POSTGRES_EARLIER_COPIES: [(i64, &str); 2] = [
+    (
+        20261205000003,
+        "bb3e69e4a6e17054071d3e077618391809beda9d5c0a118b321f2a8b\
+         a06b1ee5f17032a2e572cbd954c522d8b8d4f888",
+    ),
+    (
+        20261206000001,
+        "6d7c119528410dbf990ea4298a8fe861a7634ee3cd38cb9f4376bf66\
+         beb16b76f4a290d8210f6247fe1516602e9d9551",
+    ),
+];
+
+/// The stored checksum of each applied version, hex, oldest first.
+async fn stored_checksums(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT version, encode(checksum, 'hex') FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// A database migrated by a build from ff2bbff to before bea5447, or from 3099c3f to before
+/// 1a9a557, holds the checksum of the copy of 20261205000003 or 20261206000001 those builds
+/// shipped, and the first left row-level security on with no policy. Such a database migrates:
+/// the checksums become this binary's, and the tables get the policy that lets a serving role
+/// which does not own them see their rows (sqlx refused it: "migration 20261205000003 was
+/// previously applied but has been modified", and every deploy's release command failed).
+#[tokio::test]
+async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_migrates() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        return; // SQLite's copies were never edited: the suite on PostgreSQL runs this test.
+    }
+    let store = db.store().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let shipped = stored_checksums(&pool).await;
+    for (version, earlier) in POSTGRES_EARLIER_COPIES {
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = $2")
+            .bind(earlier)
+            .bind(version)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // As the earlier 20261205000003 left the tables, before any later migration ran.
+    sqlx::query(
+        "DO $$ DECLARE t text; BEGIN \
+         FOR t IN SELECT tablename FROM pg_policies WHERE schemaname = current_schema() \
+         AND policyname = 'edgegate_not_data_api' LOOP \
+         EXECUTE format('DROP POLICY edgegate_not_data_api ON %I', t); END LOOP; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version > 20261207000001")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    store
+        .migrate()
+        .await
+        .expect("migrating a database of those builds");
+    assert_eq!(stored_checksums(&pool).await, shipped);
+    let closed: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid \
+         AND p.polname = 'edgegate_not_data_api') \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(closed.len() >= 16, "edgegate's tables: {closed:?}");
+    let without: Vec<_> = closed.iter().filter(|(_, policy)| !policy).collect();
+    assert!(without.is_empty(), "tables without the policy: {without:?}");
+    // Again: a no-op.
+    store.migrate().await.unwrap();
+    assert_eq!(stored_checksums(&pool).await, shipped);
+    pool.close().await;
+    store.close().await;
+}
+
+/// Only a known earlier copy's checksum is taken over: any other difference is still refused.
+#[tokio::test]
+async fn a_postgres_migration_applied_from_an_unknown_copy_is_still_refused() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        return; // PostgreSQL only, as the checksums taken over are.
+    }
+    let store = db.store().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = decode('00', 'hex') WHERE version = $1")
+        .bind(20261206000001_i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = store.migrate().await.expect_err("migrated an unknown copy");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("20261206000001 was previously applied but has been modified"),
+        "{message}"
+    );
+    pool.close().await;
+    store.close().await;
 }
