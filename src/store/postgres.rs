@@ -64,29 +64,66 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     // `run_direct` is what `run` does once it has a connection; `run` itself, given a
     // connection rather than a pool, makes the server's spawned start-up fail to compile
     // (`Acquire` is not general enough: the case sqlx added `run_direct` for).
-    migrator
-        .run_direct(None, conn, false)
-        .await
-        .map_err(|err| {
-            let timed_out = matches!(
-                &err,
-                sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), _)
-                    if db.code().as_deref() == Some("55P03")
-            );
-            let err = anyhow::Error::from(err);
-            if timed_out {
-                err.context(format!(
-                    "a migration waited {} s for a table's lock, which another session holds (a \
-                 pg_dump, a transaction left open: see pg_locks); nothing was changed, migrate \
-                 again once it is let go",
-                    MIGRATION_LOCK_TIMEOUT.as_secs()
-                ))
-            } else {
-                err
+    let migrated = migrator.run_direct(None, &mut *conn, false).await;
+    if let Err(err) = migrated {
+        let timed_out = match &err {
+            sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), version)
+                if db.code().as_deref() == Some("55P03") =>
+            {
+                Some(*version)
             }
-        })?;
+            _ => None,
+        };
+        let err = anyhow::Error::from(err);
+        let Some(failed) = timed_out else {
+            return Err(err);
+        };
+        // Each migration is its own transaction: the failing one was rolled back, those this
+        // run applied before it were committed.
+        let now: Option<Vec<i64>> = sqlx::query_scalar(super::APPLIED_SQL)
+            .fetch_all(&mut *conn)
+            .await
+            .ok();
+        let applied_by_run = now.map(|mut now| {
+            now.sort_unstable();
+            now.retain(|version| !before.contains(version));
+            now
+        });
+        return Err(err.context(lock_timeout_said(failed, applied_by_run)));
+    }
     conn.unlock().await?;
     Ok(before)
+}
+
+/// What a run whose migration `failed` on the lock timeout says, given the migrations it had
+/// applied before it (`None` when they could not be read).
+fn lock_timeout_said(failed: i64, applied_by_run: Option<Vec<i64>>) -> String {
+    let run = match applied_by_run.as_deref() {
+        Some([]) => ", nor did this run before it".to_owned(),
+        Some(applied) => format!(
+            "; the {} this run applied before it ({}) {} applied, which the release still \
+             running copes with (migrations are additive)",
+            match applied.len() {
+                1 => "1 migration".to_owned(),
+                n => format!("{n} migrations"),
+            },
+            applied
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if applied.len() == 1 { "stays" } else { "stay" }
+        ),
+        None => "; any this run applied before it stay applied, which the release still \
+                 running copes with (migrations are additive)"
+            .to_owned(),
+    };
+    format!(
+        "a migration waited {} s for a table's lock, which another session holds (a pg_dump, a \
+         transaction left open: see pg_locks): migration {failed} changed nothing{run}; migrate \
+         again once it is let go",
+        MIGRATION_LOCK_TIMEOUT.as_secs()
+    )
 }
 
 /// A shipped migration whose file was edited after releases had applied it: the SHA-384 (hex)
@@ -427,5 +464,18 @@ mod tests {
         assert!(!is_unreachable(&sqlx::Error::Configuration(
             "sslmode".into()
         )));
+    }
+
+    #[test]
+    fn a_lock_timeout_says_what_the_run_applied_before_it() {
+        let said = |applied| lock_timeout_said(20261207000001, applied);
+        assert!(said(Some(vec![])).contains(
+            "migration 20261207000001 changed nothing, nor did this run before it; migrate again"
+        ));
+        assert!(said(Some(vec![20261205000003, 20261206000001])).contains(
+            "changed nothing; the 2 migrations this run applied before it (20261205000003, \
+             20261206000001) stay applied"
+        ));
+        assert!(said(None).contains("changed nothing; any this run applied before it stay"));
     }
 }

@@ -501,19 +501,22 @@ where
 /// A migration that cannot take its table's lock (a pg_dump running, a transaction left idle
 /// after reading the table) must fail after the lock timeout, saying so, instead of queueing for
 /// ever: while it queues for ACCESS EXCLUSIVE, every later statement on that table from the
-/// instances still serving queues behind it.
+/// instances still serving queues behind it. What it says of the run is exact: the failing
+/// migration changed nothing, and those this run applied before it stay (it said that nothing
+/// was changed).
 #[tokio::test]
 async fn a_postgres_migration_behind_a_held_table_lock_fails_promptly_naming_the_lock() {
     on_own_postgres_database(|raw, url| async move {
         use sqlx::Connection as _;
-        // Migrated up to just before 20261206000001, whose ALTER TABLE sms_messages is pending.
+        // Migrated up to just before 20261206000001 (ALTER TABLE sms_messages), which this run
+        // applies; 20261207000001's ALTER TABLE usage_evidence waits behind the holder.
         let mut holder = sqlx::PgConnection::connect(&raw).await.unwrap();
         sqlx::migrate!("./migrations/postgres")
             .run_to(20261205000003, &mut holder)
             .await
             .unwrap();
         sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-        sqlx::query("LOCK TABLE sms_messages IN ACCESS SHARE MODE")
+        sqlx::query("LOCK TABLE usage_evidence IN ACCESS SHARE MODE")
             .execute(&mut holder)
             .await
             .unwrap();
@@ -531,7 +534,17 @@ async fn a_postgres_migration_behind_a_held_table_lock_fails_promptly_naming_the
             "{message}"
         );
         assert!(message.contains("lock timeout"), "{message}");
+        assert!(
+            message.contains(
+                "migration 20261207000001 changed nothing; the 1 migration this run applied \
+                 before it (20261206000001) stays applied"
+            ),
+            "{message}"
+        );
+        assert!(!message.contains("nothing was changed"), "{message}");
         assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+        let applied = store.applied_migrations().await.unwrap();
+        assert_eq!(applied.last(), Some(&20261206000001), "{applied:?}");
 
         // The holder gone, the same migration goes through.
         sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
