@@ -1027,7 +1027,7 @@ async fn a_full_disk_under_sqlite_is_not_ready_until_there_is_space_again() {
     let fixtures = stripe_fixtures!();
     let dir = tempfile::tempdir().unwrap();
     let tiny = dir.path().join("tiny");
-    let Some(mount) = Tmpfs::mount(&tiny, "8m") else {
+    let Some(mount) = Tmpfs::mount(&tiny, "size=8m") else {
         return;
     };
     let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
