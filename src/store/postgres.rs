@@ -52,7 +52,7 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
             .fetch_all(&mut *conn)
             .await,
     )?;
-    adopt_earlier_copies(conn, &before).await?;
+    let adopted = adopt_earlier_copies(conn, &before).await?;
     let timeout = format!("SET lock_timeout = '{}s'", MIGRATION_LOCK_TIMEOUT.as_secs());
     sqlx::query(sqlx::AssertSqlSafe(timeout))
         .execute(&mut *conn)
@@ -65,6 +65,9 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     // connection rather than a pool, makes the server's spawned start-up fail to compile
     // (`Acquire` is not general enough: the case sqlx added `run_direct` for).
     let migrated = migrator.run_direct(None, &mut *conn, false).await;
+    if migrated.is_err() {
+        give_back_earlier_copies(conn, &adopted).await;
+    }
     if let Err(err) = migrated {
         let timed_out = match &err {
             sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), version)
@@ -158,8 +161,12 @@ pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
 ];
 
 /// Gives each applied migration stored with its [`EarlierCopy`]'s checksum this binary's; any
-/// other stored checksum is left for the migrator to refuse.
-async fn adopt_earlier_copies(conn: &mut PgConnection, applied: &[i64]) -> anyhow::Result<()> {
+/// other stored checksum is left for the migrator to refuse. Returns the copies taken over.
+async fn adopt_earlier_copies(
+    conn: &mut PgConnection,
+    applied: &[i64],
+) -> anyhow::Result<Vec<&'static EarlierCopy>> {
+    let mut adopted = Vec::new();
     let migrator = migrator();
     for copy in EARLIER_COPIES {
         let shipped = migrator.iter().find(|m| m.version == copy.version);
@@ -178,6 +185,7 @@ async fn adopt_earlier_copies(conn: &mut PgConnection, applied: &[i64]) -> anyho
         .with_context(|| format!("updating the stored checksum of migration {}", copy.version))?
         .rows_affected();
         if rewritten > 0 {
+            adopted.push(copy);
             tracing::warn!(
                 version = copy.version,
                 "migration {} was applied from an earlier copy of its file ({}); its stored \
@@ -187,7 +195,38 @@ async fn adopt_earlier_copies(conn: &mut PgConnection, applied: &[i64]) -> anyho
             );
         }
     }
-    Ok(())
+    Ok(adopted)
+}
+
+/// After a run that failed, puts back the checksums [`adopt_earlier_copies`] took over: the
+/// release still serving may be a build of the earlier copy, which would refuse the database at
+/// its next start (it migrates then) though the deploy stopped. Still under the migration lock;
+/// a failure is logged (the next run takes them over again).
+async fn give_back_earlier_copies(conn: &mut PgConnection, adopted: &[&EarlierCopy]) {
+    for copy in adopted {
+        let given_back = sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = $2",
+        )
+        .bind(copy.checksum)
+        .bind(copy.version)
+        .execute(&mut *conn)
+        .await;
+        match given_back {
+            Ok(_) => tracing::warn!(
+                version = copy.version,
+                "this run failed: migration {}'s stored checksum is the earlier copy's again, so \
+                 the builds of that copy still start on the database",
+                copy.version
+            ),
+            Err(err) => tracing::error!(
+                version = copy.version,
+                error = %err,
+                "this run failed and migration {}'s stored checksum could not be put back: \
+                 builds of its earlier copy refuse the database until a run succeeds",
+                copy.version
+            ),
+        }
+    }
 }
 
 /// The readiness probe: whether this pool's sessions can write. A server that answers may still

@@ -1,6 +1,7 @@
 //! The storage conformance suite: the same tests on SQLite and on PostgreSQL.
 
 use edgegate::store::{AuditEntry, BackendKind, CallerUsage, KeyUsage, shipped_migrations};
+use sqlx::Connection as _;
 
 use crate::support::TestDb;
 use crate::test_db;
@@ -701,6 +702,27 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         .execute(&pool)
         .await
         .unwrap();
+    let earlier = stored_checksums(&pool).await;
+
+    // A run that fails after taking the earlier copies over (here the policies' migration, on a
+    // table the release still serving holds) gives them back: that release, a build of the
+    // earlier copy, restarts on the database as it did, rather than refusing it.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE stripe_events IN ACCESS SHARE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let err = store
+        .migrate()
+        .await
+        .expect_err("migrated past a held table");
+    assert!(
+        format!("{err:#}").contains("20261208000001 changed nothing"),
+        "{err:#}"
+    );
+    assert_eq!(stored_checksums(&pool).await, earlier, "after a failed run");
+    holder.close().await.unwrap();
 
     store
         .migrate()
