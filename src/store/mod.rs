@@ -90,6 +90,42 @@ struct Readiness {
 /// without their store (tests run several): another store's refusal costs this one a row
 /// written, nothing more.
 static SPACE_REFUSALS: AtomicU64 = AtomicU64::new(0);
+/// When the last of [`SPACE_REFUSALS`] from PostgreSQL came ([`elapsed_ms`] + 1; 0 for never):
+/// only PostgreSQL's hold the probe ([`SPACE_REFUSAL_HOLD`]).
+static LAST_POSTGRES_SPACE_REFUSAL: AtomicU64 = AtomicU64::new(0);
+/// How long PostgreSQL is not ready after a write refused for want of space, whatever the
+/// probe's own small row does ([`Store::probe_writes`]).
+const SPACE_REFUSAL_HOLD: Duration = Duration::from_secs(30);
+
+/// What the readiness probe learnt of the disk's space.
+enum SpaceCheck {
+    /// Not asked (no refusal since the last check), or its row went through.
+    Found,
+    /// Refused for want of space: why.
+    Full(String),
+    /// Its row failed for another reason: asked again at the next probe.
+    Unknown,
+}
+
+/// Milliseconds since the first call in this process: a clock for [`LAST_POSTGRES_SPACE_REFUSAL`].
+fn elapsed_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When the last write refused for want of space came, in [`elapsed_ms`]; `None` for never.
+fn last_space_refusal() -> Option<u64> {
+    LAST_POSTGRES_SPACE_REFUSAL
+        .load(Ordering::Acquire)
+        .checked_sub(1)
+}
+
+/// How long ago the last refusal came, while that is within [`SPACE_REFUSAL_HOLD`].
+fn space_refusal_held(last: Option<u64>, now: u64) -> Option<Duration> {
+    let ago = Duration::from_millis(now.saturating_sub(last?));
+    (ago < SPACE_REFUSAL_HOLD).then_some(ago)
+}
 
 /// A probe's answer (its error as text, so that every caller gets a copy) and when it came.
 type ProbeAnswer = (Instant, Result<(), ProbeFailure>);
@@ -397,19 +433,7 @@ impl Store {
         // Spawned, so a probe whose callers all hang up still ends in its own rollback; its
         // answer is timed where it came, not where a caller next looks.
         let task = tokio::spawn(async move {
-            let query = async {
-                let read_only = match &store.backend {
-                    Backend::Sqlite(pool) => sqlite::probe_write(pool, false)
-                        .await
-                        .map(|()| None)
-                        .map_err(anyhow::Error::from),
-                    Backend::Postgres(pool) => postgres::probe_write(pool).await,
-                }?;
-                Ok::<_, anyhow::Error>(match read_only {
-                    Some(why) => Some(why.to_owned()),
-                    None => store.space_refused().await,
-                })
-            };
+            let query = store.probe_writes();
             // Bounded here too: a query that hangs once its connection was handed out (a
             // network gone silent mid-query) must not stand for every later probe.
             let answered = match tokio::time::timeout(READINESS_TIMEOUT, query).await {
@@ -442,34 +466,60 @@ impl Store {
         probe
     }
 
-    /// Why the database takes no writes for want of space, when a write was refused for it since
-    /// this store's probe last wrote a row: the probe writes one then (on SQLite under the
-    /// probe's short wait for the write lock), in a transaction that commits, and while that is
-    /// refused too the disk is full. With no refusal since, nothing is written: the probe stays
-    /// as cheap as its lock. A failure of the row for another reason (the lock held, a table not
+    /// The readiness probe's query: `Some(why)` when the database answers but takes no writes.
+    /// After a write was refused for want of space (since this store's probe last found space),
+    /// the probe also writes and deletes one row in a transaction that commits, which needs
+    /// space (taking SQLite's write lock, or asking PostgreSQL whether the session may write,
+    /// needs none); with no refusal since, nothing is written, and the probe stays as cheap as
+    /// its lock. On SQLite that row is written under the probe's own lock, waited for once. On
+    /// PostgreSQL a small row often still fits in a page that has room while the writes that need
+    /// a new one are refused: the database is not ready for [`SPACE_REFUSAL_HOLD`] after the last
+    /// refusal, whatever the row does. A failure of the row for another reason (a table not
     /// migrated yet) says nothing about space: the next probe tries again.
-    async fn space_refused(&self) -> Option<String> {
+    async fn probe_writes(&self) -> anyhow::Result<Option<String>> {
         let refusals = SPACE_REFUSALS.load(Ordering::Acquire);
-        if refusals <= self.readiness.space_found.load(Ordering::Acquire) {
-            return None;
-        }
-        let written = match &self.backend {
-            Backend::Sqlite(pool) => sqlite::probe_write(pool, true).await,
-            Backend::Postgres(pool) => postgres::probe_space(pool).await,
+        let check_space = refusals > self.readiness.space_found.load(Ordering::Acquire);
+        let space = match &self.backend {
+            Backend::Sqlite(pool) => match sqlite::probe_write(pool, check_space).await {
+                Ok(()) => SpaceCheck::Found,
+                Err(sqlx::Error::Database(db)) if check_space && out_of_space(db.as_ref()) => {
+                    SpaceCheck::Full(db.message().to_owned())
+                }
+                Err(err) => return Err(err.into()),
+            },
+            Backend::Postgres(pool) => {
+                if let Some(why) = postgres::probe_write(pool).await? {
+                    return Ok(Some(why.to_owned()));
+                }
+                if !check_space {
+                    SpaceCheck::Found
+                } else if let Some(ago) = space_refusal_held(last_space_refusal(), elapsed_ms()) {
+                    SpaceCheck::Full(format!("a write was refused {} s ago", ago.as_secs()))
+                } else {
+                    match postgres::probe_space(pool).await {
+                        Ok(()) => SpaceCheck::Found,
+                        Err(sqlx::Error::Database(db)) if out_of_space(db.as_ref()) => {
+                            SpaceCheck::Full(db.message().to_owned())
+                        }
+                        Err(_) => SpaceCheck::Unknown,
+                    }
+                }
+            }
         };
-        match written {
-            Ok(()) => {
-                self.readiness
-                    .space_found
-                    .fetch_max(refusals, Ordering::AcqRel);
+        Ok(match space {
+            SpaceCheck::Found => {
+                if check_space {
+                    self.readiness
+                        .space_found
+                        .fetch_max(refusals, Ordering::AcqRel);
+                }
                 None
             }
-            Err(sqlx::Error::Database(db)) if out_of_space(db.as_ref()) => Some(format!(
-                "the database's disk is full: writes are refused for want of space ({})",
-                db.message()
+            SpaceCheck::Full(why) => Some(format!(
+                "the database's disk is full: writes are refused for want of space ({why})"
             )),
-            Err(_) => None,
-        }
+            SpaceCheck::Unknown => None,
+        })
     }
 
     /// Readiness probes started since the store was opened (several callers share one).
@@ -707,6 +757,10 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             if out_of_space(db.as_ref()) {
+                if matches!(engine_of(db.as_ref()), Engine::Postgres { .. }) {
+                    LAST_POSTGRES_SPACE_REFUSAL
+                        .store(elapsed_ms().saturating_add(1), Ordering::Release);
+                }
                 SPACE_REFUSALS.fetch_add(1, Ordering::AcqRel);
             }
             let engine = engine_of(db.as_ref());
@@ -884,6 +938,25 @@ mod tests {
     /// What makes the readiness probe write a row: SQLite's FULL (and its extended codes),
     /// PostgreSQL's disk_full; not another resource running out, nor a SQLite code read as a
     /// SQLSTATE.
+    /// PostgreSQL stays not ready for the hold after the last refusal, whatever its probe's
+    /// small row does, and only then asks the row again; never before any refusal.
+    #[test]
+    fn a_refusal_for_want_of_space_is_held_for_a_while() {
+        use super::{SPACE_REFUSAL_HOLD, space_refusal_held};
+        let hold = u64::try_from(SPACE_REFUSAL_HOLD.as_millis()).unwrap();
+        assert_eq!(space_refusal_held(None, 5_000), None);
+        assert_eq!(
+            space_refusal_held(Some(1_000), 3_500),
+            Some(std::time::Duration::from_millis(2_500))
+        );
+        assert_eq!(space_refusal_held(Some(1_000), 1_000 + hold), None);
+        // A clock read before the refusal was stored (another thread) is no time ago.
+        assert_eq!(
+            space_refusal_held(Some(9_000), 8_000),
+            Some(std::time::Duration::ZERO)
+        );
+    }
+
     #[test]
     fn a_write_refused_for_want_of_space_is_told_apart() {
         let pg = Engine::Postgres { fatal: false };
