@@ -51,10 +51,18 @@ pub fn build(make: impl Fn() -> reqwest::ClientBuilder) -> reqwest::Client {
         Ok(client) => client,
         Err(err) => {
             SAID.call_once(|| {
+                let causes = crate::error::causes(&err.into());
+                // The one failure seen (rustls-platform-verifier's "No CA certificates were
+                // loaded from the system"); any other is named as itself.
+                let what = if causes.contains("CA certificates") {
+                    NO_CA_CERTIFICATES
+                } else {
+                    "the HTTP clients could not be built as configured"
+                };
                 tracing::error!(
-                    error = crate::error::causes(&err.into()),
-                    "{NO_CA_CERTIFICATES}; HTTPS requests (JWKS, Stripe, Twilio, traces) fail \
-                     until edgegate is restarted with some"
+                    error = causes,
+                    "{what}; HTTPS requests (JWKS, Stripe, Twilio, traces) fail until edgegate \
+                     is restarted with that fixed"
                 );
             });
             make()

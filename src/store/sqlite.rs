@@ -143,7 +143,15 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
         _ => Path::new("."),
     };
     let name = file.file_name()?.to_string_lossy();
-    let probe = directory.join(format!(".{name}.write-probe-{}", std::process::id()));
+    // The process id alone would be the same at every start as PID 1 in a container, where a
+    // probe left by a killed process would pass for writable.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    let probe = directory.join(format!(
+        ".{name}.write-probe-{}-{nanos}",
+        std::process::id()
+    ));
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -153,7 +161,6 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
             let _ = std::fs::remove_file(&probe);
             None
         }
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => None,
         Err(err) => Some(format!(
             "its directory {} cannot be written to ({err}): edgegate creates the database and \
              its -wal and -shm files there; make it writable by the user edgegate runs as (uid \
