@@ -973,6 +973,36 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// The whole application on SQLite on a tmpfs of its own (8 MiB), taking Stripe's webhooks.
+/// Dropped in order: the server, the filesystem, then the folder it was mounted in.
+struct OnTmpfs {
+    server: crate::support::TestServer,
+    _mount: Tmpfs,
+    db: TestDb,
+    tiny: std::path::PathBuf,
+    base: String,
+}
+
+impl OnTmpfs {
+    /// `None` (a loud skip; a failure under CI) when no tmpfs can be mounted here.
+    async fn start() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = dir.path().join("tiny");
+        let mount = Tmpfs::mount(&tiny, "size=8m")?;
+        let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
+        let (server, _state) =
+            crate::support::spawn_app(&db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)]).await;
+        let base = format!("http://{}", server.addr);
+        Some(Self {
+            server,
+            _mount: mount,
+            db,
+            tiny,
+            base,
+        })
+    }
+}
+
 /// SQLite on a disk that fills up: the deliveries whose commit finds no space are refused, and
 /// once there is space again every event answered 200 is in the file, each once. A COMMIT that
 /// failed on the full disk left its pooled connection counted inside a transaction SQLite had
@@ -983,38 +1013,30 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_full_disk_under_sqlite_loses_no_event_answered_200() {
     stripe_sdk!();
     let fixtures = stripe_fixtures!();
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = dir.path().join("tiny");
-    let Some(mount) = Tmpfs::mount(&tiny, "size=8m") else {
+    let Some(disk) = OnTmpfs::start().await else {
         return;
     };
-    let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
-    let (server, _state) =
-        crate::support::spawn_app(&db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)]).await;
-    let base = format!("http://{}", server.addr);
+    let (tiny, base) = (&disk.tiny, &disk.base);
     let client = reqwest::Client::new();
     let events = 24;
     assert_eq!(
-        deliver(&client, &base, &product_event(&fixtures, 0)).await,
+        deliver(&client, base, &product_event(&fixtures, 0)).await,
         200
     );
 
-    let filler = fill(&tiny);
+    let filler = fill(tiny);
     let mut refused = 0;
     for i in 1..4 {
-        let status = deliver(&client, &base, &product_event(&fixtures, i)).await;
+        let status = deliver(&client, base, &product_event(&fixtures, i)).await;
         refused += usize::from(status >= 500);
     }
     assert!(refused > 0, "no delivery was refused on the full disk");
 
     std::fs::remove_file(filler).unwrap();
     for i in 1..events {
-        redeliver(&client, &base, &product_event(&fixtures, i)).await;
+        redeliver(&client, base, &product_event(&fixtures, i)).await;
     }
-    assert_each_event_applied_once(&db, events).await;
-    drop(server);
-    drop(db);
-    drop(mount);
+    assert_each_event_applied_once(&disk.db, events).await;
 }
 
 /// SQLite on a full disk is not ready: once a write was refused for want of space, /readyz
@@ -1025,22 +1047,17 @@ async fn a_full_disk_under_sqlite_loses_no_event_answered_200() {
 async fn a_full_disk_under_sqlite_is_not_ready_until_there_is_space_again() {
     stripe_sdk!();
     let fixtures = stripe_fixtures!();
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = dir.path().join("tiny");
-    let Some(mount) = Tmpfs::mount(&tiny, "size=8m") else {
+    let Some(disk) = OnTmpfs::start().await else {
         return;
     };
-    let db = TestDb::sqlite_in(dir, &tiny.join("edgegate.db"));
-    let (server, _state) =
-        crate::support::spawn_app(&db, &[("STRIPE_WEBHOOK_SECRET", WHSEC)]).await;
-    let base = format!("http://{}", server.addr);
+    let (server, tiny, base) = (&disk.server, &disk.tiny, &disk.base);
     let client = reqwest::Client::new();
     assert_eq!(server.get("/readyz").await.status(), 200);
 
-    let filler = fill(&tiny);
+    let filler = fill(tiny);
     let mut refused = false;
     for i in 1..10 {
-        if deliver(&client, &base, &product_event(&fixtures, i)).await == 503 {
+        if deliver(&client, base, &product_event(&fixtures, i)).await == 503 {
             refused = true;
             break;
         }
@@ -1077,10 +1094,7 @@ async fn a_full_disk_under_sqlite_is_not_ready_until_there_is_space_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
-        deliver(&client, &base, &product_event(&fixtures, 20)).await,
+        deliver(&client, base, &product_event(&fixtures, 20)).await,
         200
     );
-    drop(server);
-    drop(db);
-    drop(mount);
 }
