@@ -101,7 +101,7 @@ const SPACE_REFUSAL_HOLD: Duration = Duration::from_secs(30);
 enum SpaceCheck {
     /// Not asked (no refusal since the last check), or its row went through.
     Found,
-    /// Refused for want of space: why.
+    /// Refused by the storage (no space, a read-only file): what `/readyz` says.
     Full(String),
     /// Its row failed for another reason: asked again at the next probe.
     Unknown,
@@ -483,7 +483,7 @@ impl Store {
             Backend::Sqlite(pool) => match sqlite::probe_write(pool, check_space).await {
                 Ok(()) => SpaceCheck::Found,
                 Err(sqlx::Error::Database(db)) if check_space && out_of_space(db.as_ref()) => {
-                    SpaceCheck::Full(db.message().to_owned())
+                    SpaceCheck::Full(storage_refusal_said(db.as_ref()))
                 }
                 Err(err) => return Err(err.into()),
             },
@@ -494,12 +494,16 @@ impl Store {
                 if !check_space {
                     SpaceCheck::Found
                 } else if let Some(ago) = space_refusal_held(last_space_refusal(), elapsed_ms()) {
-                    SpaceCheck::Full(format!("a write was refused {} s ago", ago.as_secs()))
+                    SpaceCheck::Full(format!(
+                        "the database's disk is full: a write was refused for want of space {} s \
+                         ago",
+                        ago.as_secs()
+                    ))
                 } else {
                     match postgres::probe_space(pool).await {
                         Ok(()) => SpaceCheck::Found,
                         Err(sqlx::Error::Database(db)) if out_of_space(db.as_ref()) => {
-                            SpaceCheck::Full(db.message().to_owned())
+                            SpaceCheck::Full(storage_refusal_said(db.as_ref()))
                         }
                         Err(_) => SpaceCheck::Unknown,
                     }
@@ -515,9 +519,7 @@ impl Store {
                 }
                 None
             }
-            SpaceCheck::Full(why) => Some(format!(
-                "the database's disk is full: writes are refused for want of space ({why})"
-            )),
+            SpaceCheck::Full(why) => Some(why),
             SpaceCheck::Unknown => None,
         })
     }
@@ -771,8 +773,11 @@ fn sqlx_unavailable(err: &sqlx::Error) -> bool {
     }
 }
 
-/// Whether the database refused a write for want of space: SQLite's FULL (13, "database or disk
-/// is full"), PostgreSQL's 53100 disk_full ("could not extend file …: No space left on device").
+/// Whether the database's storage refused a write: for want of space, SQLite's FULL (13,
+/// "database or disk is full") and PostgreSQL's 53100 disk_full ("could not extend file …: No
+/// space left on device"); or a SQLite file that cannot be written, READONLY (8, "attempt to
+/// write a readonly database": a filesystem remounted read-only after an error). Neither stops
+/// the readiness probe's write lock.
 fn out_of_space(db: &dyn sqlx::error::DatabaseError) -> bool {
     db.code()
         .is_some_and(|code| out_of_space_code(&code, engine_of(db)))
@@ -780,8 +785,30 @@ fn out_of_space(db: &dyn sqlx::error::DatabaseError) -> bool {
 
 fn out_of_space_code(code: &str, engine: Engine) -> bool {
     match engine {
-        Engine::Sqlite => code.parse::<i32>().is_ok_and(|sqlite| sqlite & 0xff == 13),
+        Engine::Sqlite => code
+            .parse::<i32>()
+            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 8 | 13)),
         Engine::Postgres { .. } => code == "53100",
+    }
+}
+
+/// What `/readyz` says of a write the storage refused ([`out_of_space`]).
+fn storage_refusal_said(db: &dyn sqlx::error::DatabaseError) -> String {
+    let read_only = matches!(engine_of(db), Engine::Sqlite)
+        && db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|sqlite| sqlite & 0xff == 8);
+    if read_only {
+        format!(
+            "the database file cannot be written (a read-only filesystem or file): {}",
+            db.message()
+        )
+    } else {
+        format!(
+            "the database's disk is full: writes are refused for want of space ({})",
+            db.message()
+        )
     }
 }
 
@@ -964,8 +991,12 @@ mod tests {
         for code in ["53000", "53200", "53300", "53400", "XX000", "13"] {
             assert!(!out_of_space_code(code, pg), "PostgreSQL {code}");
         }
-        assert!(out_of_space_code("13", Engine::Sqlite));
-        for code in ["5", "8", "10", "778", "14", "53100"] {
+        // FULL, and READONLY with its extended codes (a filesystem remounted read-only after an
+        // error, a file made read-only): the write lock is still taken on both.
+        for code in ["13", "8", "264", "1032"] {
+            assert!(out_of_space_code(code, Engine::Sqlite), "SQLite {code}");
+        }
+        for code in ["5", "10", "778", "14", "53100"] {
             assert!(!out_of_space_code(code, Engine::Sqlite), "SQLite {code}");
         }
     }
