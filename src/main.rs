@@ -346,7 +346,24 @@ fn write_stdout(text: impl AsRef<[u8]>, code: ExitCode) -> ExitCode {
     }
 }
 
+/// A file-size limit (RLIMIT_FSIZE, `ulimit -f`) reached sends SIGXFSZ, whose default action
+/// ends the process with no word (the SQLite -wal file grown past the limit under load). Listened
+/// for instead (the handler stays for the process's life), the write fails with EFBIG, which
+/// SQLite reports as a disk I/O error: a 503 for the request, as on a full disk, or a migration
+/// that fails saying so.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let xfsz = SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+        if let Err(err) = signal(xfsz) {
+            tracing::warn!(error = %err, "cannot listen for SIGXFSZ");
+        }
+    }
+}
+
 async fn execute(command: Command, mut config: Config) -> ExitCode {
+    survive_file_size_limit();
     match command {
         Command::Serve { no_migrate } => {
             if let Err(err) = edgegate::server::raise_file_limit(&mut config.connections) {

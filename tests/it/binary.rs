@@ -2037,3 +2037,27 @@ async fn a_database_directory_that_cannot_be_written_is_named_by_check_and_serve
     assert!(stderr.contains("cannot be written to"), "{stderr}");
     drop(mount);
 }
+
+/// A file-size limit (`ulimit -f`, RLIMIT_FSIZE) reached fails the write, which edgegate reports,
+/// instead of ending the process: SIGXFSZ's default action killed it with no word (exit status
+/// 153, the SQLite -wal file grown past the limit under load).
+#[tokio::test]
+async fn a_file_size_limit_reached_fails_the_write_instead_of_killing_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg("--fsize=32768")
+        .arg(BIN)
+        .arg("migrate")
+        .env_clear()
+        .current_dir(dir.path())
+        .env("DATABASE_URL", "sqlite://edgegate.db");
+    let Ok(migrated) = command.output() else {
+        assert!(!crate::support::in_ci(), "CI=true and prlimit cannot run");
+        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&migrated.stderr);
+    assert_eq!(migrated.status.code(), Some(1), "{migrated:?}");
+    assert!(stderr.contains("migration failed"), "{stderr}");
+}
