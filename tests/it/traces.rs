@@ -723,7 +723,10 @@ async fn a_collector_asking_for_an_endless_wait_costs_one_export_only() {
             .send()
     };
     assert_eq!(healthz("otel-endless").await.unwrap().status(), 200);
-    assert_eq!(export_failures(&base).await, 1);
+    // Its span, and the span of the /metrics read polling for the count if that read came
+    // before the batch went (a CI run counted 2).
+    let failed = export_failures(&base).await;
+    assert!((1..=2).contains(&failed), "{failed} spans failed");
     assert_eq!(healthz("otel-after").await.unwrap().status(), 200);
     collector
         .span(|span| attribute(&span.attributes, "request_id").as_deref() == Some("otel-after"))
