@@ -358,7 +358,7 @@ impl Store {
     }
 
     /// The applied migrations whose stored checksum is neither this binary's copy's nor an
-    /// earlier copy's that `migrate` takes over (PostgreSQL's `EARLIER_COPIES`): applied from
+    /// earlier copy's that `migrate` accepts (PostgreSQL's `EARLIER_COPIES`): applied from
     /// another file of the same version, which `migrate` and `serve` refuse ("was previously
     /// applied but has been modified"). Versions this binary does not ship are not compared.
     pub async fn migrations_differing(&self) -> anyhow::Result<Vec<i64>> {
@@ -917,7 +917,7 @@ const MIGRATIONS_UNREAD: usize = usize::MAX;
 
 /// A query on a table that does not exist: `_sqlx_migrations` in a database never migrated
 /// (PostgreSQL's SQLSTATE 42P01; SQLite has no code of its own for it, only its message).
-fn is_undefined_table(err: &sqlx::Error) -> bool {
+pub(super) fn is_undefined_table(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => {
             db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table")

@@ -47,27 +47,37 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
         .execute(&mut *conn)
         .await?;
     take_migration_lock(conn).await?;
-    let before = super::applied_before(
-        sqlx::query_scalar(super::APPLIED_SQL)
-            .fetch_all(&mut *conn)
-            .await,
-    )?;
-    let adopted = adopt_earlier_copies(conn, &before).await?;
+    let stored = stored_checksums(conn).await?;
+    let before: Vec<i64> = stored.iter().map(|(version, _)| *version).collect();
+    let mut migrator = migrator_accepting_earlier_copies(&stored);
+    if migrator.iter().all(|m| before.contains(&m.version)) {
+        // Nothing to apply: checked here, as the migrator would, without its `CREATE TABLE IF
+        // NOT EXISTS _sqlx_migrations`, which PostgreSQL refuses a serving role that may not
+        // create in the schema even when the table is there ("permission denied for schema").
+        if let Some(changed) = migrator.iter().find(|m| {
+            stored
+                .iter()
+                .any(|(version, checksum)| *version == m.version && **checksum != *m.checksum)
+        }) {
+            anyhow::bail!(
+                "migration {} was previously applied but has been modified",
+                changed.version
+            );
+        }
+        conn.unlock().await?;
+        return Ok(before);
+    }
     let timeout = format!("SET lock_timeout = '{}s'", MIGRATION_LOCK_TIMEOUT.as_secs());
     sqlx::query(sqlx::AssertSqlSafe(timeout))
         .execute(&mut *conn)
         .await?;
     // Held already: the migrator taking it again would wait under the timeout (it is
     // re-entrant today, but that is sqlx's detail).
-    let mut migrator = migrator();
     migrator.set_locking(false);
     // `run_direct` is what `run` does once it has a connection; `run` itself, given a
     // connection rather than a pool, makes the server's spawned start-up fail to compile
     // (`Acquire` is not general enough: the case sqlx added `run_direct` for).
     let migrated = migrator.run_direct(None, &mut *conn, false).await;
-    if migrated.is_err() {
-        give_back_earlier_copies(conn, &adopted).await;
-    }
     if let Err(err) = migrated {
         let timed_out = match &err {
             sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), version)
@@ -139,10 +149,10 @@ pub(super) struct EarlierCopy {
 
 /// Every edited migration's earlier copy. sqlx refuses a database whose stored checksum is not
 /// the binary's ("was previously applied but has been modified"), so a database migrated by a
-/// build of the earlier copy takes this binary's checksum instead, under the migration lock,
-/// before the migrator compares them; what the earlier copy left undone a later migration does.
-/// Builds of the earlier copy then refuse the database (docs/DEPLOY.md, "Roll back"). Never
-/// added to: a shipped migration is not edited (tests/it/store.rs pins each checksum).
+/// build of the earlier copy is migrated with that copy's checksum for it
+/// ([`migrator_accepting_earlier_copies`]); what the earlier copy left undone a later migration
+/// does. Nothing is rewritten: the builds of the earlier copy still start on the database.
+/// Never added to: a shipped migration is not edited (tests/it/store.rs pins each checksum).
 pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
     EarlierCopy {
         version: 20261205000003,
@@ -160,73 +170,52 @@ pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
     },
 ];
 
-/// Gives each applied migration stored with its [`EarlierCopy`]'s checksum this binary's; any
-/// other stored checksum is left for the migrator to refuse. Returns the copies taken over.
-async fn adopt_earlier_copies(
-    conn: &mut PgConnection,
-    applied: &[i64],
-) -> anyhow::Result<Vec<&'static EarlierCopy>> {
-    let mut adopted = Vec::new();
-    let migrator = migrator();
-    for copy in EARLIER_COPIES {
-        let shipped = migrator.iter().find(|m| m.version == copy.version);
-        let Some(shipped) = shipped.filter(|_| applied.contains(&copy.version)) else {
-            continue;
-        };
-        let rewritten = sqlx::query(
-            "UPDATE _sqlx_migrations SET checksum = $1 \
-             WHERE version = $2 AND checksum = decode($3, 'hex')",
-        )
-        .bind(&*shipped.checksum)
-        .bind(copy.version)
-        .bind(copy.checksum)
-        .execute(&mut *conn)
-        .await
-        .with_context(|| format!("updating the stored checksum of migration {}", copy.version))?
-        .rows_affected();
-        if rewritten > 0 {
-            adopted.push(copy);
-            tracing::warn!(
-                version = copy.version,
-                "migration {} was applied from an earlier copy of its file ({}); its stored \
-                 checksum is now this binary's, which builds of that copy refuse",
-                copy.version,
-                copy.why
-            );
-        }
+/// The applied migrations and their stored checksums (none in a database never migrated).
+async fn stored_checksums(conn: &mut PgConnection) -> anyhow::Result<Vec<(i64, Vec<u8>)>> {
+    let read = sqlx::query_as(
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success = TRUE ORDER BY version",
+    )
+    .fetch_all(&mut *conn)
+    .await;
+    match read {
+        Ok(stored) => Ok(stored),
+        Err(err) if super::is_undefined_table(&err) => Ok(Vec::new()),
+        Err(err) => Err(err).context("reading applied migrations"),
     }
-    Ok(adopted)
 }
 
-/// After a run that failed, puts back the checksums [`adopt_earlier_copies`] took over: the
-/// release still serving may be a build of the earlier copy, which would refuse the database at
-/// its next start (it migrates then) though the deploy stopped. Still under the migration lock;
-/// a failure is logged (the next run takes them over again).
-async fn give_back_earlier_copies(conn: &mut PgConnection, adopted: &[&EarlierCopy]) {
-    for copy in adopted {
-        let given_back = sqlx::query(
-            "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = $2",
-        )
-        .bind(copy.checksum)
-        .bind(copy.version)
-        .execute(&mut *conn)
-        .await;
-        match given_back {
-            Ok(_) => tracing::warn!(
-                version = copy.version,
-                "this run failed: migration {}'s stored checksum is the earlier copy's again, so \
-                 the builds of that copy still start on the database",
-                copy.version
-            ),
-            Err(err) => tracing::error!(
-                version = copy.version,
-                error = %err,
-                "this run failed and migration {}'s stored checksum could not be put back: \
-                 builds of its earlier copy refuse the database until a run succeeds",
-                copy.version
-            ),
-        }
+/// This binary's migrator, taking each migration applied from an [`EarlierCopy`] with that
+/// copy's checksum, as stored: sqlx then finds no difference, and the stored checksum stays, so
+/// the builds of that copy still start on the database (rolling back to them works). Logged
+/// at each run that meets one; any other stored checksum is left for the migrator to refuse.
+fn migrator_accepting_earlier_copies(stored: &[(i64, Vec<u8>)]) -> sqlx::migrate::Migrator {
+    let mut migrator = migrator();
+    let mut migrations = migrator.migrations.to_vec();
+    for migration in &mut migrations {
+        let Some((_, checksum)) = stored
+            .iter()
+            .find(|(version, _)| *version == migration.version)
+        else {
+            continue;
+        };
+        let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
+        let Some(copy) = EARLIER_COPIES
+            .iter()
+            .find(|copy| copy.version == migration.version && copy.checksum == hex)
+        else {
+            continue;
+        };
+        tracing::info!(
+            version = copy.version,
+            "migration {} was applied from an earlier copy of its file ({}); taken as this \
+             binary's",
+            copy.version,
+            copy.why
+        );
+        migration.checksum = std::borrow::Cow::Owned(checksum.clone());
     }
+    migrator.migrations = std::borrow::Cow::Owned(migrations);
+    migrator
 }
 
 /// The readiness probe: whether this pool's sessions can write. A server that answers may still

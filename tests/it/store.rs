@@ -394,6 +394,26 @@ async fn postgres_tables_are_closed_to_supabase_data_api_roles() {
     sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
     assert_eq!(seen, 2, "rows the serving role sees");
     drop(conn);
+
+    // That role starts `serve` (which migrates) on a database the release command migrated:
+    // with nothing to apply it creates nothing, so it needs no CREATE on the schema (sqlx's
+    // `CREATE TABLE IF NOT EXISTS _sqlx_migrations` was refused: "permission denied for schema").
+    let as_serving = db.url.replace(
+        "options=-c%20search_path",
+        "options=-c%20role%3Dedgegate_serving_test%20-c%20search_path",
+    );
+    assert_ne!(as_serving, db.url, "the role is not in the URL");
+    let config =
+        edgegate::Config::from_lookup(|name| (name == "DATABASE_URL").then(|| as_serving.clone()))
+            .unwrap();
+    let serving = edgegate::Store::connect(&config.database_url)
+        .await
+        .unwrap();
+    serving
+        .migrate()
+        .await
+        .expect("the serving role migrating an up-to-date database");
+    serving.close().await;
     pool.close().await;
 }
 
@@ -667,10 +687,13 @@ async fn stored_checksums(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
 
 /// A database migrated by a build from ff2bbff to before bea5447, or from 3099c3f to before
 /// 1a9a557, holds the checksum of the copy of 20261205000003 or 20261206000001 those builds
-/// shipped, and the first left row-level security on with no policy. Such a database migrates:
-/// the checksums become this binary's, and the tables get the policy that lets a serving role
-/// which does not own them see their rows (sqlx refused it: "migration 20261205000003 was
-/// previously applied but has been modified", and every deploy's release command failed).
+/// shipped, and the first left row-level security on with no policy. Such a database migrates,
+/// its tables getting the policy that lets a serving role which does not own them see their rows
+/// (sqlx refused it: "migration 20261205000003 was previously applied but has been modified",
+/// and every deploy's release command failed), and its stored checksums stay the earlier
+/// copies', so those builds still start on it (rolling back to them works): written over, they
+/// refused it, and a run stopped after writing them (a signal, a lock not let go) left the
+/// release still serving refusing the database at its next start.
 #[tokio::test]
 async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_migrates() {
     let db = test_db!();
@@ -703,6 +726,12 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         .await
         .unwrap();
     let earlier = stored_checksums(&pool).await;
+    let kept = |after: Vec<(i64, String)>| {
+        after
+            .into_iter()
+            .filter(|(version, _)| earlier.iter().any(|(v, _)| v == version))
+            .collect::<Vec<_>>()
+    };
 
     // A run that fails after taking the earlier copies over (here the policies' migration, on a
     // table the release still serving holds) gives them back: that release, a build of the
@@ -728,7 +757,17 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         .migrate()
         .await
         .expect("migrating a database of those builds");
-    assert_eq!(stored_checksums(&pool).await, shipped);
+    let after = stored_checksums(&pool).await;
+    assert_eq!(
+        kept(after.clone()),
+        earlier,
+        "the earlier copies' checksums are kept"
+    );
+    assert_eq!(
+        after.len(),
+        shipped.len(),
+        "every migration applied: {after:?}"
+    );
     let closed: Vec<(String, bool)> = sqlx::query_as(
         "SELECT c.relname::text, EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid \
          AND p.polname = 'edgegate_not_data_api') \
@@ -743,7 +782,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
     assert!(without.is_empty(), "tables without the policy: {without:?}");
     // Again: a no-op.
     store.migrate().await.unwrap();
-    assert_eq!(stored_checksums(&pool).await, shipped);
+    assert_eq!(stored_checksums(&pool).await, after);
     pool.close().await;
     store.close().await;
 }
