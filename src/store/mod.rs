@@ -371,7 +371,7 @@ impl Store {
             Backend::Sqlite(_) => (sqlite::migrator(), &[][..]),
             Backend::Postgres(_) => (postgres::migrator(), postgres::EARLIER_COPIES),
         };
-        let taken_over = |version: i64, checksum: &[u8]| {
+        let accepted = |version: i64, checksum: &[u8]| {
             let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
             earlier
                 .iter()
@@ -383,7 +383,7 @@ impl Store {
                 migrator.iter().any(|shipped| {
                     shipped.version == *version
                         && *shipped.checksum != **checksum
-                        && !taken_over(*version, checksum)
+                        && !accepted(*version, checksum)
                 })
             })
             .map(|(version, _)| version)
