@@ -435,11 +435,22 @@ fn is_unreachable(err: &sqlx::Error) -> bool {
     match err {
         // A connection a proxy closes mid-handshake shows as a protocol error.
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| unreachable_code(&code)),
         _ => false,
     }
+}
+
+/// A session refused with one of these SQLSTATEs is a server that cannot take us now: class 08
+/// (connection exception), 57P (shutting down, starting up), 53 (insufficient resources: too
+/// many connections, no memory, a full disk), and, as `store::unavailable_code` counts a FATAL,
+/// class 58 (an I/O error on its own files) and XX000 (`could not write init file`: a server
+/// whose disk is full refuses every new session so). Not 28xxx (authentication) nor 3D000.
+fn unreachable_code(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || code.starts_with("53")
+        || code.starts_with("58")
+        || code == "XX000"
 }
 
 /// A connection failure in a few words: the system's for a network error (`connection
@@ -471,6 +482,21 @@ fn server(options: &PgConnectOptions) -> String {
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
+
+    /// A server refusing sessions because its disk is full (`could not write init file`,
+    /// XX000) or out of resources is waited for at start, as it is answered 503 later; a refused
+    /// password, role or database stops start-up. A full disk stopped it.
+    #[test]
+    fn a_server_out_of_resources_is_waited_for_at_start() {
+        for code in [
+            "08006", "57P03", "53300", "53100", "53200", "58030", "XX000",
+        ] {
+            assert!(unreachable_code(code), "{code}");
+        }
+        for code in ["28P01", "28000", "3D000", "42501", "0A000"] {
+            assert!(!unreachable_code(code), "{code}");
+        }
+    }
 
     #[test]
     fn network_errors_are_unreachable_and_tls_is_a_refusal() {
