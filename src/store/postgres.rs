@@ -47,14 +47,21 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
         .execute(&mut *conn)
         .await?;
     take_migration_lock(conn).await?;
-    let stored = stored_checksums(conn).await?;
+    let (stored, dirty) = stored_checksums(conn).await?;
     let before: Vec<i64> = stored.iter().map(|(version, _)| *version).collect();
     let mut migrator = migrator_accepting_earlier_copies(&stored);
-    if migrator.iter().all(|m| before.contains(&m.version)) {
+    // The migrator applies and compares the up migrations only.
+    let ups = || {
+        migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+    };
+    if !dirty && ups().all(|m| before.contains(&m.version)) {
         // Nothing to apply: checked here, as the migrator would, without its `CREATE TABLE IF
         // NOT EXISTS _sqlx_migrations`, which PostgreSQL refuses a serving role that may not
         // create in the schema even when the table is there ("permission denied for schema").
-        if let Some(changed) = migrator.iter().find(|m| {
+        // A dirty row goes to the migrator, which refuses it.
+        if let Some(changed) = ups().find(|m| {
             stored
                 .iter()
                 .any(|(version, checksum)| *version == m.version && **checksum != *m.checksum)
@@ -170,16 +177,25 @@ pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
     },
 ];
 
-/// The applied migrations and their stored checksums (none in a database never migrated).
-async fn stored_checksums(conn: &mut PgConnection) -> anyhow::Result<Vec<(i64, Vec<u8>)>> {
-    let read = sqlx::query_as(
-        "SELECT version, checksum FROM _sqlx_migrations WHERE success = TRUE ORDER BY version",
-    )
-    .fetch_all(&mut *conn)
-    .await;
+/// The applied migrations and their stored checksums (none in a database never migrated), and
+/// whether a row says a migration failed half-way (`success = false`, "dirty"), which the
+/// migrator refuses whatever its version.
+async fn stored_checksums(conn: &mut PgConnection) -> anyhow::Result<(Vec<(i64, Vec<u8>)>, bool)> {
+    let read: Result<Vec<(i64, Vec<u8>, bool)>, _> =
+        sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await;
     match read {
-        Ok(stored) => Ok(stored),
-        Err(err) if super::is_undefined_table(&err) => Ok(Vec::new()),
+        Ok(rows) => {
+            let dirty = rows.iter().any(|(_, _, success)| !success);
+            let applied = rows
+                .into_iter()
+                .filter(|(_, _, success)| *success)
+                .map(|(version, checksum, _)| (version, checksum))
+                .collect();
+            Ok((applied, dirty))
+        }
+        Err(err) if super::is_undefined_table(&err) => Ok((Vec::new(), false)),
         Err(err) => Err(err).context("reading applied migrations"),
     }
 }
@@ -435,22 +451,26 @@ fn is_unreachable(err: &sqlx::Error) -> bool {
     match err {
         // A connection a proxy closes mid-handshake shows as a protocol error.
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| unreachable_code(&code)),
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| unreachable_code(&code, db.message())),
         _ => false,
     }
 }
 
 /// A session refused with one of these SQLSTATEs is a server that cannot take us now: class 08
 /// (connection exception), 57P (shutting down, starting up), 53 (insufficient resources: too
-/// many connections, no memory, a full disk), and, as `store::unavailable_code` counts a FATAL,
-/// class 58 (an I/O error on its own files) and XX000 (`could not write init file`: a server
-/// whose disk is full refuses every new session so). Not 28xxx (authentication) nor 3D000.
-fn unreachable_code(code: &str) -> bool {
+/// many connections, no memory, a full disk), class 58 (an I/O error on its own files), and
+/// XX000 with `message` "could not write init file" (a server whose disk is full refuses every
+/// new session so). Not another XX000: Supabase's pooler (Supavisor) answers a wrong password or
+/// an unknown project ("Tenant or user not found") with it, which must stop start-up. Nor 28xxx
+/// (authentication) or 3D000.
+fn unreachable_code(code: &str, message: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("57P")
         || code.starts_with("53")
         || code.starts_with("58")
-        || code == "XX000"
+        || (code == "XX000" && message.starts_with("could not write init file"))
 }
 
 /// A connection failure in a few words: the system's for a network error (`connection
@@ -488,13 +508,17 @@ mod tests {
     /// password, role or database stops start-up. A full disk stopped it.
     #[test]
     fn a_server_out_of_resources_is_waited_for_at_start() {
-        for code in [
-            "08006", "57P03", "53300", "53100", "53200", "58030", "XX000",
-        ] {
-            assert!(unreachable_code(code), "{code}");
+        for code in ["08006", "57P03", "53300", "53100", "53200", "58030"] {
+            assert!(unreachable_code(code, "any"), "{code}");
         }
+        assert!(unreachable_code("XX000", "could not write init file"));
         for code in ["28P01", "28000", "3D000", "42501", "0A000"] {
-            assert!(!unreachable_code(code), "{code}");
+            assert!(!unreachable_code(code, "any"), "{code}");
+        }
+        // Supabase's pooler (Supavisor) refuses a wrong password or project with XX000 too:
+        // a definitive refusal, which must stop start-up rather than be waited for.
+        for message in ["Tenant or user not found", "Wrong password"] {
+            assert!(!unreachable_code("XX000", message), "{message}");
         }
     }
 
