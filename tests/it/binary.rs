@@ -761,7 +761,7 @@ fn check_fails_a_connection_cap_the_file_limit_cannot_hold() {
 /// its file (an edited migration, a build of another branch), naming the version: `migrate` and
 /// `serve` refuse it ("was previously applied but has been modified"), and check said `ok`.
 /// On PostgreSQL the earlier copies of the two migrations edited after they shipped are not
-/// such a difference: `migrate` takes them over.
+/// such a difference: `migrate` accepts them.
 #[tokio::test]
 async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
     let Some(db) = TestDb::new().await else {

@@ -733,9 +733,9 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
             .collect::<Vec<_>>()
     };
 
-    // A run that fails after taking the earlier copies over (here the policies' migration, on a
-    // table the release still serving holds) gives them back: that release, a build of the
-    // earlier copy, restarts on the database as it did, rather than refusing it.
+    // A run that fails (here the policies' migration, on a table the release still serving
+    // holds) leaves them too: that release, a build of the earlier copy, restarts on the
+    // database as it did.
     let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
     sqlx::query("LOCK TABLE stripe_events IN ACCESS SHARE MODE")
@@ -763,10 +763,11 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         earlier,
         "the earlier copies' checksums are kept"
     );
+    let mut expected = earlier.clone();
+    expected.extend(shipped.iter().filter(|(v, _)| *v > 20261207000001).cloned());
     assert_eq!(
-        after.len(),
-        shipped.len(),
-        "every migration applied: {after:?}"
+        after, expected,
+        "the later migrations applied with this binary's checksums"
     );
     let closed: Vec<(String, bool)> = sqlx::query_as(
         "SELECT c.relname::text, EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid \
