@@ -367,15 +367,12 @@ impl Store {
         let stored: Vec<(i64, Vec<u8>)> =
             with_pool!(self, |pool| sqlx::query_as(sql).fetch_all(pool).await)
                 .context("reading applied migrations")?;
-        let (migrator, earlier) = match self.backend {
-            Backend::Sqlite(_) => (sqlite::migrator(), &[][..]),
-            Backend::Postgres(_) => (postgres::migrator(), postgres::EARLIER_COPIES),
+        let (migrator, has_earlier_copies) = match self.backend {
+            Backend::Sqlite(_) => (sqlite::migrator(), false),
+            Backend::Postgres(_) => (postgres::migrator(), true),
         };
         let accepted = |version: i64, checksum: &[u8]| {
-            let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
-            earlier
-                .iter()
-                .any(|copy| copy.version == version && copy.checksum == hex)
+            has_earlier_copies && postgres::earlier_copy(version, checksum).is_some()
         };
         Ok(stored
             .into_iter()

@@ -160,7 +160,7 @@ pub(super) struct EarlierCopy {
 /// ([`migrator_accepting_earlier_copies`]); what the earlier copy left undone a later migration
 /// does. Nothing is rewritten: the builds of the earlier copy still start on the database.
 /// Never added to: a shipped migration is not edited (tests/it/store.rs pins each checksum).
-pub(super) const EARLIER_COPIES: &[EarlierCopy] = &[
+const EARLIER_COPIES: &[EarlierCopy] = &[
     EarlierCopy {
         version: 20261205000003,
         checksum: "bb3e69e4a6e17054071d3e077618391809beda9d5c0a118b321f2a8b\
@@ -200,6 +200,14 @@ async fn stored_checksums(conn: &mut PgConnection) -> anyhow::Result<(Vec<(i64, 
     }
 }
 
+/// The [`EarlierCopy`] of migration `version` whose checksum `stored` is, if it is one.
+pub(super) fn earlier_copy(version: i64, stored: &[u8]) -> Option<&'static EarlierCopy> {
+    let hex: String = stored.iter().map(|b| format!("{b:02x}")).collect();
+    EARLIER_COPIES
+        .iter()
+        .find(|copy| copy.version == version && copy.checksum == hex)
+}
+
 /// This binary's migrator, taking each migration applied from an [`EarlierCopy`] with that
 /// copy's checksum, as stored: sqlx then finds no difference, and the stored checksum stays, so
 /// the builds of that copy still start on the database (rolling back to them works). Logged
@@ -214,11 +222,7 @@ fn migrator_accepting_earlier_copies(stored: &[(i64, Vec<u8>)]) -> sqlx::migrate
         else {
             continue;
         };
-        let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
-        let Some(copy) = EARLIER_COPIES
-            .iter()
-            .find(|copy| copy.version == migration.version && copy.checksum == hex)
-        else {
+        let Some(copy) = earlier_copy(migration.version, checksum) else {
             continue;
         };
         tracing::info!(
