@@ -501,11 +501,33 @@ pub async fn healthcheck(url: &str, loopback_default: bool) -> anyhow::Result<()
         Ok(client) => client,
         Err(_) => client().tls_certs_only(std::iter::empty()).build()?,
     };
-    let response = client.get(url).send().await?;
+    let shown = shown_health_url(url);
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|err| anyhow::Error::new(err.without_url()).context(shown.clone()))?;
     anyhow::ensure!(
         response.status() == reqwest::StatusCode::OK,
-        "{url} answered {}",
+        "{shown} answered {}",
         response.status()
     );
     Ok(())
+}
+
+/// `url` as `healthcheck` names it in a failure: without a user and password (written `…@`)
+/// and without its query and fragment ([`crate::config::shown_url`]), which may hold a key.
+fn shown_health_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "the URL".to_owned();
+    };
+    let had_user = !parsed.username().is_empty() || parsed.password().is_some();
+    // Neither fails on an http(s) URL with a host, which is all `parse_health_url` lets in.
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    let shown = crate::config::shown_url(&parsed);
+    match (had_user, shown.split_once("://")) {
+        (true, Some((scheme, rest))) => format!("{scheme}://…@{rest}"),
+        _ => shown,
+    }
 }

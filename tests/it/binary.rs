@@ -406,6 +406,35 @@ async fn healthcheck_exits_0_only_when_healthz_answers() {
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
+/// A failed `healthcheck` names the URL it probed without the user, password or query the
+/// operator may have put in it, whether the server answered or could not be reached.
+#[tokio::test]
+async fn healthcheck_failures_name_the_url_without_its_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut child = spawn_server(dir.path(), "server.log", &[("PORT", &port)]);
+    assert!(wait_healthy(port.parse().unwrap()).await);
+    let closed = free_port();
+    for (url, said) in [
+        (
+            format!("http://probe:SEKRITpw@127.0.0.1:{port}/nope?token=SEKRITq#SEKRITf"),
+            format!("http://…@127.0.0.1:{port}/nope?…#… answered 404 Not Found"),
+        ),
+        (
+            format!("http://probe:SEKRITpw@127.0.0.1:{closed}/healthz?token=SEKRITq"),
+            format!("http://…@127.0.0.1:{closed}/healthz?…: "),
+        ),
+    ] {
+        let out = output(edgegate(dir.path(), &[]).arg("healthcheck").arg(&url));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&said), "{stderr}");
+        assert!(!stderr.contains("SEKRIT"), "{stderr}");
+    }
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}
+
 /// TLS files that hold no usable certificate and key are a configuration error: `serve` stops
 /// with exit 2 and one line naming the variable, `check` fails their line.
 #[test]
