@@ -78,8 +78,28 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(uri.path().to_owned())
+    ApiError::NotFound(shown_path(uri.path()))
 }
+
+/// A path as a 404 names it: a segment longer than [`SHOWN_SEGMENT`] bytes, or one that starts
+/// like an API key (`sb_`), is written `…`, so that a token or key put in the path by mistake
+/// (`/functions/v1/eyJ…`) is not sent back, where a client's error reporting would keep it.
+fn shown_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.len() > SHOWN_SEGMENT || segment.starts_with("sb_") {
+                "…"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The longest path segment a 404 repeats: every route's segment fits
+/// (`sync-stripe-products-hardened`), a token, a secret or a signature does not.
+const SHOWN_SEGMENT: usize = 32;
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed

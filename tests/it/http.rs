@@ -116,7 +116,22 @@ async fn unknown_routes_and_methods_answer_json_errors() {
     let (server, _) = spawn_app(&db, &[]).await;
     let missing = server.get("/functions/v1/nope").await;
     assert_eq!(missing.status(), 404);
-    assert_eq!(json(missing).await["code"], "NOT_FOUND");
+    let body = json(missing).await;
+    assert_eq!(body["code"], "NOT_FOUND");
+    assert_eq!(body["message"], "no route for /functions/v1/nope");
+    // A token or key put in the path by mistake is not sent back.
+    let token = "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.eyJyb2xlIjoiYW5vbiJ9.c2lnbmF0dXJl";
+    for (path, said) in [
+        (
+            format!("/functions/v1/{token}"),
+            "no route for /functions/v1/…",
+        ),
+        ("/x/sb_secret_AAAAbbbb/y".to_owned(), "no route for /x/…/y"),
+    ] {
+        let missing = server.get(&path).await;
+        assert_eq!(missing.status(), 404);
+        assert_eq!(json(missing).await["message"], said, "{path}");
+    }
     let wrong = server
         .client
         .delete(server.url("/healthz"))
