@@ -59,14 +59,28 @@ pub enum Presented<'a> {
 
 pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
     // Read only where it can count: a Bearer JWT wins over `apikey`, whatever `apikey` holds.
-    let apikey = || match headers.get(&APIKEY) {
-        Some(value) => Ok(
-            Some(value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim())
-                .filter(|key| !key.is_empty()),
-        ),
-        None => Ok(None),
+    // A header sent twice is refused, not read once: which copy counts is not for edgegate to
+    // guess, as a proxy or another service in front of it may read the other (RFC 9110 §5.3:
+    // neither is a list).
+    let apikey = || {
+        let mut values = headers.get_all(&APIKEY).iter();
+        match (values.next(), values.next()) {
+            (Some(_), Some(_)) => Err(AuthError::RepeatedApiKey),
+            (Some(value), None) => Ok(Some(
+                value.to_str().map_err(|_| AuthError::InvalidApiKey)?.trim(),
+            )
+            .filter(|key| !key.is_empty())),
+            (None, _) => Ok(None),
+        }
     };
-    if let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) {
+    let mut authorizations = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let authorization = authorizations.next();
+    if authorizations.next().is_some() {
+        return Err(AuthError::InvalidFormat(
+            "more than one Authorization header",
+        ));
+    }
+    if let Some(authorization) = authorization {
         let value = authorization
             .to_str()
             .map_err(|_| AuthError::InvalidFormat("Authorization is not Bearer <token>"))?;
@@ -285,6 +299,46 @@ mod tests {
         assert_eq!(presented(&sb), Err(AuthError::InvalidApiKey));
         let alone = headers(&[("apikey", "sb_é")]);
         assert_eq!(presented(&alone), Err(AuthError::InvalidApiKey));
+    }
+
+    /// Two `Authorization` or two `apikey` headers are refused, whatever their order: read once,
+    /// the first counted, and a publishable key then a secret one let in `anon` while the other
+    /// order let in `service_role`.
+    #[test]
+    fn a_credential_header_sent_twice_is_refused() {
+        for (name, first, second, code) in [
+            (
+                "authorization",
+                "Bearer a.b.c",
+                "Bearer d.e.f",
+                "UNAUTHORIZED_INVALID_JWT_FORMAT",
+            ),
+            (
+                "apikey",
+                "sb_publishable_x",
+                "sb_secret_y",
+                "UNAUTHORIZED_INVALID_API_KEY",
+            ),
+            (
+                "apikey",
+                "sb_secret_y",
+                "sb_publishable_x",
+                "UNAUTHORIZED_INVALID_API_KEY",
+            ),
+        ] {
+            let mut h = HeaderMap::new();
+            let name = axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            h.append(&name, first.parse().unwrap());
+            h.append(&name, second.parse().unwrap());
+            let err = presented(&h).unwrap_err();
+            assert_eq!(err.code(), code, "{name}: {first}, {second}");
+            assert!(err.message().contains("more than one"), "{}", err.message());
+        }
+        // A Bearer JWT still wins over `apikey`, sent once or twice.
+        let mut h = headers(&[("authorization", "Bearer a.b.c")]);
+        h.append("apikey", "sb_publishable_x".parse().unwrap());
+        h.append("apikey", "sb_secret_y".parse().unwrap());
+        assert_eq!(presented(&h), Ok(Presented::Jwt("a.b.c")));
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub enum AuthError {
     /// A secret API key sent by a browser (an `Origin` header was present).
     #[error("secret API keys cannot be used from a browser")]
     SecretKeyInBrowser,
+    /// Two `apikey` headers: which one counts is not for edgegate to guess, as a proxy or
+    /// another service in front of it may read the other.
+    #[error("invalid API key: more than one apikey header")]
+    RepeatedApiKey,
 }
 
 impl AuthError {
@@ -100,7 +104,9 @@ impl AuthError {
             Self::UnsupportedAlgorithm => "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM",
             Self::LegacyRevoked | Self::Legacy(_) => "UNAUTHORIZED_LEGACY_JWT",
             Self::UnknownKid | Self::Asymmetric(_) => "UNAUTHORIZED_ASYMMETRIC_JWT",
-            Self::InvalidApiKey | Self::SecretKeyInBrowser => "UNAUTHORIZED_INVALID_API_KEY",
+            Self::InvalidApiKey | Self::SecretKeyInBrowser | Self::RepeatedApiKey => {
+                "UNAUTHORIZED_INVALID_API_KEY"
+            }
         }
     }
 
