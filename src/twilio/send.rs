@@ -1,6 +1,7 @@
 //! Sending one SMS: validate, reserve the row under the shared limits (idempotency included),
 //! call Twilio, record its answer.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +103,7 @@ const fn concat<const A: usize, const B: usize, const C: usize>(
 /// The body of `send-sms`. Fields are optional here so a missing one is a 422 naming it.
 /// The document states the rules `validate` applies, so clients and schemathesis know them.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(expecting = "a JSON object")]
 pub struct SendSmsRequest {
     /// An E.164 number: `+` then 2 to 15 digits, the first not 0.
     #[schema(required = true, value_type = String, pattern = r"^\+[1-9][0-9]{1,14}$", example = "+15005550006")]
@@ -129,6 +131,23 @@ pub struct SendSmsRequest {
         pattern = r"^[^\x00]*$"
     )]
     pub idempotency_key: Option<String>,
+    /// Members the route does not read, ignored as the Edge Function ignored them (a caller
+    /// may send its own), except a misspelt idempotency key ([`misspelt_idempotency_key`]).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// A member that reads as `idempotency_key` but is not it (`idempotencyKey`,
+/// `Idempotency-Key`): ignored, the send it was meant to protect would text twice on a retry.
+fn misspelt_idempotency_key(other: &BTreeMap<String, serde::de::IgnoredAny>) -> Option<&str> {
+    other.keys().map(String::as_str).find(|name| {
+        let mut letters = name
+            .chars()
+            .filter(|c| !matches!(c, '_' | '-' | ' '))
+            .map(|c| c.to_ascii_lowercase());
+        "idempotencykey".chars().all(|c| letters.next() == Some(c)) && letters.next().is_none()
+    })
 }
 
 /// The contract's 202 body.
@@ -173,6 +192,12 @@ struct Valid {
 }
 
 fn validate(request: SendSmsRequest, allowed_prefixes: &[String]) -> Result<Valid, SmsError> {
+    if let Some(name) = misspelt_idempotency_key(&request.other) {
+        return Err(invalid(
+            name,
+            "is not a field of this route: the idempotency key is `idempotency_key`",
+        ));
+    }
     let to = request.to.ok_or_else(|| invalid("to", "is required"))?;
     if !is_e164(&to) {
         return Err(invalid(
@@ -839,6 +864,7 @@ mod tests {
             to: Some(to.to_owned()),
             body: Some(body.to_owned()),
             idempotency_key: key.map(str::to_owned),
+            other: BTreeMap::new(),
         }
     }
 
@@ -881,6 +907,7 @@ mod tests {
             to: Some("+12025550123".to_owned()),
             body: None,
             idempotency_key: None,
+            other: BTreeMap::new(),
         };
         assert_eq!(field_of(validate(missing, none)), "body");
     }

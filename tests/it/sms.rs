@@ -246,6 +246,15 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
             json!({"to": "+12025550123", "body": "hi", "idempotency_key": "k\u{0}"}),
             "idempotency_key",
         ),
+        // A misspelt key would be ignored, and a retry text twice.
+        (
+            json!({"to": "+12025550123", "body": "hi", "idempotencyKey": "k-1"}),
+            "idempotencyKey",
+        ),
+        (
+            json!({"to": "+12025550123", "body": "hi", "Idempotency-Key": "k-1"}),
+            "Idempotency-Key",
+        ),
     ];
     for (body, field) in cases {
         let answer = send(&app, body.clone()).await;
@@ -267,10 +276,42 @@ async fn sms_refuses_bad_fields_by_name_and_malformed_json_without_calling_twili
         "names the field: {message}"
     );
 
+    // Not an object: the message says what the route takes, not a Rust type's name.
+    for text in ["[]", "1", "\"hi\""] {
+        let answer = post_sms(&app, SECRET_KEY, text).await;
+        assert_error(&answer, 400, "INVALID_REQUEST");
+        let message = answer.body["message"].as_str().unwrap();
+        assert!(
+            message.contains("expected a JSON object"),
+            "{text}: {message}"
+        );
+    }
+    let answer = post_sms(
+        &app,
+        SECRET_KEY,
+        r#"{"to": "+12025550123", "to": "+12025550124", "body": "hi"}"#,
+    )
+    .await;
+    assert_error(&answer, 400, "INVALID_REQUEST");
+    assert!(
+        answer.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate field `to`"),
+        "{}",
+        answer.body
+    );
+
+    // Members the route does not read are ignored, as the Edge Function ignored them.
+    let extra =
+        json!({"to": "+12025550123", "body": "hi", "template": "welcome", "user": {"id": 7}});
+    assert_eq!(send(&app, extra).await.status, 202);
+    assert_eq!(fake.requests().len(), 1);
+
     // The longest body and key are accepted.
     let longest = json!({"to": "+447700900123", "body": "é".repeat(1600), "idempotency_key": "k".repeat(255)});
     assert_eq!(send(&app, longest).await.status, 202);
-    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(fake.requests().len(), 2);
 }
 
 /// supabase-js's `functions.invoke` sends a string body as `text/plain`: the Edge Function read
