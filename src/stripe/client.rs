@@ -294,12 +294,29 @@ impl StripeClient {
         resource: &str,
         id: &str,
     ) -> Result<T, StripeError> {
+        self.retrieve_expanded(resource, id, &[]).await
+    }
+
+    /// One object with the fields `expand` names (`expand[]=…`), which Stripe otherwise leaves
+    /// out of its answer or sends as ids.
+    pub async fn retrieve_expanded<T: DeserializeOwned>(
+        &self,
+        resource: &str,
+        id: &str,
+        expand: &[&str],
+    ) -> Result<T, StripeError> {
         // One path segment: an id from an event must not walk elsewhere in the API.
         let mut url = self.url(&format!("v1/{resource}/"))?;
         url.path_segments_mut()
             .map_err(|()| StripeError::Rejected(format!("bad Stripe URL for {resource}")))?
             .pop_if_empty()
             .push(id);
+        if !expand.is_empty() {
+            let mut query = url.query_pairs_mut();
+            for field in expand {
+                query.append_pair("expand[]", field);
+            }
+        }
         self.get(url).await
     }
 

@@ -67,6 +67,15 @@ pub fn ms(seconds: i64) -> i64 {
     seconds.saturating_mul(1000)
 }
 
+/// A JSON value as stored (JSON text, as `metadata`), `None` for null or absent.
+fn json_text(value: &Option<Value>) -> Option<String> {
+    // serde_json's map is ordered, so equal values give equal text (the sync compares it).
+    value
+        .as_ref()
+        .filter(|value| !value.is_null())
+        .map(Value::to_string)
+}
+
 fn metadata_text(metadata: &Option<Value>) -> String {
     match metadata {
         // serde_json's map is ordered, so equal metadata gives equal text (the sync compares it).
@@ -126,6 +135,24 @@ pub struct Price {
     pub active: Option<bool>,
     pub currency: Option<String>,
     pub unit_amount: Option<i64>,
+    /// The amount as a decimal string (at most 12 decimal places): a sub-cent amount has no
+    /// `unit_amount`.
+    pub unit_amount_decimal: Option<String>,
+    /// `per_unit` or `tiered`.
+    pub billing_scheme: Option<String>,
+    /// `graduated` or `volume`, for a tiered price.
+    pub tiers_mode: Option<String>,
+    /// Sent only when asked for (`expand[]=tiers`); the last tier's `up_to` is null (infinity).
+    pub tiers: Option<Value>,
+    /// `{divide_by, round}`: the quantity is divided before pricing (packages).
+    pub transform_quantity: Option<Value>,
+    /// `{minimum, maximum, preset}`: the customer chooses the amount (pay what you want).
+    pub custom_unit_amount: Option<Value>,
+    /// The price in other currencies, by currency; sent only when asked for
+    /// (`expand[]=currency_options`).
+    pub currency_options: Option<Value>,
+    /// `inclusive`, `exclusive` or `unspecified`.
+    pub tax_behavior: Option<String>,
     #[serde(rename = "type")]
     pub price_type: Option<String>,
     pub recurring: Option<Recurring>,
@@ -143,6 +170,10 @@ impl Listed for Price {
 }
 
 impl Price {
+    /// The fields Stripe sends only when asked for (`expand[]`). Absent from an answer or an
+    /// event that did not expand them, they are stored as null and keep what a row holds.
+    pub const INCLUDABLE: [&str; 2] = ["tiers", "currency_options"];
+
     pub fn row(&self, as_of: i64, deactivated_at: Option<i64>) -> PriceRow {
         let recurring = self.recurring.as_ref();
         PriceRow {
@@ -151,6 +182,14 @@ impl Price {
             active: self.active.unwrap_or(false) && deactivated_at.is_none(),
             currency: self.currency.clone().unwrap_or_default(),
             unit_amount: self.unit_amount,
+            unit_amount_decimal: self.unit_amount_decimal.clone(),
+            billing_scheme: self.billing_scheme.clone(),
+            tiers_mode: self.tiers_mode.clone(),
+            tiers: json_text(&self.tiers),
+            transform_quantity: json_text(&self.transform_quantity),
+            custom_unit_amount: json_text(&self.custom_unit_amount),
+            currency_options: json_text(&self.currency_options),
+            tax_behavior: self.tax_behavior.clone(),
             price_type: self.price_type.clone().unwrap_or_else(|| {
                 if recurring.is_some() {
                     "recurring"
@@ -441,6 +480,28 @@ mod tests {
         let row = invoice.row(1, InvoiceOutcome::Paid);
         assert_eq!(row.subscription_id.as_deref(), Some("sub_3"));
         assert_eq!((row.paid_at, row.payment_failed_at), (Some(9000), None));
+    }
+
+    #[test]
+    fn price_shapes_are_kept_as_json_text_and_null_or_absent_as_none() {
+        let tiered: Price = serde_json::from_value(json!({
+            "id": "price_1", "billing_scheme": "tiered", "tiers_mode": "volume",
+            "unit_amount": null, "unit_amount_decimal": null, "transform_quantity": null,
+            "tiers": [{"up_to": 5, "unit_amount": 10}, {"up_to": null, "unit_amount": 8}],
+            "custom_unit_amount": {"preset": 1, "minimum": null}
+        }))
+        .unwrap();
+        let row = tiered.row(1, None);
+        assert_eq!(
+            row.tiers.as_deref(),
+            Some(r#"[{"unit_amount":10,"up_to":5},{"unit_amount":8,"up_to":null}]"#)
+        );
+        assert_eq!(
+            row.custom_unit_amount.as_deref(),
+            Some(r#"{"minimum":null,"preset":1}"#)
+        );
+        assert_eq!((row.transform_quantity, row.currency_options), (None, None));
+        assert_eq!(row.unit_amount_decimal, None);
     }
 
     #[test]

@@ -233,9 +233,21 @@ impl Catalogued for Product {
 impl Catalogued for Price {
     const RESOURCE: &'static str = "prices";
     /// Without `active`, Stripe lists active prices only; archived ones are still in use by
-    /// subscriptions and must not look deleted.
-    const LISTINGS: &'static [&'static [(&'static str, &'static str)]] =
-        &[&[("active", "true")], &[("active", "false")]];
+    /// subscriptions and must not look deleted. Each listing expands `tiers` and
+    /// `currency_options` (`Price::INCLUDABLE`), which Stripe leaves out of a price unless asked
+    /// for (in a list, under `data.`).
+    const LISTINGS: &'static [&'static [(&'static str, &'static str)]] = &[
+        &[
+            ("active", "true"),
+            ("expand[]", "data.tiers"),
+            ("expand[]", "data.currency_options"),
+        ],
+        &[
+            ("active", "false"),
+            ("expand[]", "data.tiers"),
+            ("expand[]", "data.currency_options"),
+        ],
+    ];
     type Row = PriceRow;
     fn to_row(&self, as_of: i64) -> PriceRow {
         self.row(as_of, None)
@@ -350,7 +362,8 @@ async fn recheck_unseen_prices(
 ) -> Result<(), Stop> {
     for id in store.unseen_prices(since).await? {
         let asked_at = clock.now_ms();
-        match client.retrieve::<Price>(Price::RESOURCE, &id).await {
+        let price = client.retrieve_expanded::<Price>(Price::RESOURCE, &id, &Price::INCLUDABLE);
+        match price.await {
             Ok(price) => {
                 let row = price.to_row(page_as_of(asked_at));
                 let now = clock.now_ms().max(since);

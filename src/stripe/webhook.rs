@@ -207,7 +207,7 @@ async fn current_effect(
         }
         StripeEffect::Price(row) => {
             let fetched = client
-                .retrieve::<Price>("prices", &row.id)
+                .retrieve_expanded::<Price>("prices", &row.id, &Price::INCLUDABLE)
                 .await
                 .map(|p| StripeEffect::Price(p.row(row.as_of, None)));
             let mut deleted = row.clone();

@@ -5,7 +5,8 @@
 //! `/v1/events` lists newest first and takes `created[gte]`, `created[lte]` and `types[]`; `/v1/prices` lists only active
 //! prices unless `active=false` is given, `/v1/products` every product unless `active` is given,
 //! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
-//! faults of their own.
+//! faults of their own. A price's `tiers` and `currency_options` are served only when asked for
+//! (`expand[]=data.tiers` on a list, `expand[]=tiers` on one price), as Stripe serves them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -363,6 +364,7 @@ async fn list_products(
         url: "/v1/products",
         objects: |c| &c.products,
         active_by_default: None,
+        includable: &[],
     };
     list(shared, headers, query, listing).await
 }
@@ -377,8 +379,35 @@ async fn list_prices(
         url: "/v1/prices",
         objects: |c| &c.prices,
         active_by_default: Some(true),
+        includable: &INCLUDABLE,
     };
     list(shared, headers, query, listing).await
+}
+
+/// A price's fields Stripe leaves out of its answers unless they are expanded ("This field is
+/// not included by default. To include it in the response, expand the … field.").
+const INCLUDABLE: [&str; 2] = ["tiers", "currency_options"];
+
+/// The fields `expand[]` names, each with `prefix` (`data.` in a list) taken off.
+fn expanded(query: &[(String, String)], prefix: &str) -> Vec<String> {
+    query
+        .iter()
+        .filter(|(name, _)| name.starts_with("expand["))
+        .filter_map(|(_, value)| value.strip_prefix(prefix).map(str::to_owned))
+        .collect()
+}
+
+/// `object` as served: without each of `includable` that `expanded` does not name.
+fn without_includable(object: &Value, includable: &[&str], expanded: &[String]) -> Value {
+    let mut served = object.clone();
+    if let Some(fields) = served.as_object_mut() {
+        for field in includable {
+            if !expanded.iter().any(|e| e == field) {
+                fields.remove(*field);
+            }
+        }
+    }
+    served
 }
 
 async fn list_events(
@@ -398,6 +427,7 @@ async fn list_events(
         url: "/v1/events",
         objects: |c| &c.events,
         active_by_default: None,
+        includable: &[],
     };
     list(shared, headers, query, listing).await
 }
@@ -407,15 +437,18 @@ async fn retrieve_product(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    retrieve(shared, headers, &id, |c| &c.products).await
+    retrieve(shared, headers, &id, |c| &c.products, Value::clone).await
 }
 
 async fn retrieve_price(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    retrieve(shared, headers, &id, |c| &c.prices).await
+    let expanded = expanded(&query, "");
+    let served = |price: &Value| without_includable(price, &INCLUDABLE, &expanded);
+    retrieve(shared, headers, &id, |c| &c.prices, served).await
 }
 
 /// One object as it is now, or Stripe's 404 (`resource_missing`).
@@ -424,6 +457,7 @@ async fn retrieve(
     headers: HeaderMap,
     id: &str,
     objects: fn(&Catalogue) -> &Vec<Value>,
+    served: impl Fn(&Value) -> Value,
 ) -> Response {
     shared.object_requests.fetch_add(1, Ordering::SeqCst);
     if !authorized(&headers) {
@@ -436,7 +470,7 @@ async fn retrieve(
     let found = objects(&shared.catalogue.lock().unwrap())
         .iter()
         .find(|o| o["id"] == id)
-        .cloned();
+        .map(served);
     match found {
         Some(object) => axum::Json(object).into_response(),
         None => {
@@ -525,6 +559,8 @@ struct Listing {
     url: &'static str,
     objects: fn(&Catalogue) -> &Vec<Value>,
     active_by_default: Option<bool>,
+    /// Fields of its objects served only when expanded (`expand[]=data.<field>`).
+    includable: &'static [&'static str],
 }
 
 /// One page as Stripe answers it: `limit` (default 10, 1 to 100), `active` (`true` or `false`),
@@ -549,11 +585,13 @@ async fn list(
         .filter(|(name, _)| name.starts_with("types["))
         .map(|(_, value)| value.clone())
         .collect();
+    let expanded = expanded(&pairs, "data.");
     let query: HashMap<String, String> = pairs.into_iter().collect();
     let Listing {
         url,
         objects,
         active_by_default,
+        includable,
     } = listing;
     let number = shared.requests.fetch_add(1, Ordering::SeqCst);
     shared
@@ -649,9 +687,13 @@ async fn list(
             },
         };
         let end = (start + limit).min(all.len());
+        let data: Vec<Value> = all[start..end]
+            .iter()
+            .map(|object| without_includable(object, includable, &expanded))
+            .collect();
         let mut body = json!({
             "object": "list",
-            "data": all[start..end],
+            "data": data,
             "has_more": end < all.len(),
             "url": url,
         });

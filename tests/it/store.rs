@@ -51,6 +51,7 @@ fn shipped_migrations_are_never_edited() {
         (20261206000001, "6d7c119528410dbf"),
         (20261207000001, "185e94eef4bb881f"),
         (20261208000001, "26e6b813f4e35d72"),
+        (20261209000001, "d7bdd4e0ed359b22"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -64,6 +65,7 @@ fn shipped_migrations_are_never_edited() {
         (20261206000001, "c231466faece2861"),
         (20261207000001, "b7b9920454ecf204"),
         (20261208000001, "7a09ed9a875cf74d"),
+        (20261209000001, "44e7b4b63901ceff"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -725,6 +727,16 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         .execute(&pool)
         .await
         .unwrap();
+    // Nor the columns of the migrations those builds lacked (20261208000001 only adds the
+    // policies dropped above): a later migration's columns are dropped here too.
+    sqlx::query(
+        "ALTER TABLE stripe_prices DROP COLUMN billing_scheme, DROP COLUMN unit_amount_decimal, \
+         DROP COLUMN tiers_mode, DROP COLUMN tiers, DROP COLUMN transform_quantity, \
+         DROP COLUMN custom_unit_amount, DROP COLUMN currency_options, DROP COLUMN tax_behavior",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let earlier = stored_checksums(&pool).await;
     let kept = |after: Vec<(i64, String)>| {
         after

@@ -1619,3 +1619,236 @@ async fn a_sync_whose_caller_hung_up_is_still_audited_and_counted() {
     let line = r#"edgegate_stripe_sync_runs_total{outcome="ok"} 1"#;
     assert!(metrics.contains(line), "{line} in {metrics}");
 }
+
+// ---- price shapes ----
+
+/// Each price shape Stripe has beside a plain per-unit amount, as Stripe serves it when
+/// `tiers` and `currency_options` are expanded: tiered (graduated, its last tier's `up_to`
+/// null), a sub-cent decimal amount, pay-what-you-want (`custom_unit_amount`), packaged
+/// (`transform_quantity`), several currencies, and a plain one with a tax behaviour.
+fn price_shapes(fixtures: &Value) -> Vec<Value> {
+    let base = |i: usize| {
+        let mut price = fake_stripe::price(fixtures, i);
+        let amount = price["unit_amount"].clone();
+        price["active"] = json!(true);
+        price["billing_scheme"] = json!("per_unit");
+        price["tiers_mode"] = Value::Null;
+        price["tiers"] = Value::Null;
+        price["transform_quantity"] = Value::Null;
+        price["custom_unit_amount"] = Value::Null;
+        price["tax_behavior"] = json!("unspecified");
+        price["unit_amount_decimal"] = json!(amount.to_string());
+        price["currency_options"] = json!({"usd": {"custom_unit_amount": null,
+            "tax_behavior": "unspecified", "unit_amount": amount,
+            "unit_amount_decimal": amount.to_string()}});
+        price
+    };
+    let mut tiered = base(100);
+    tiered["billing_scheme"] = json!("tiered");
+    tiered["tiers_mode"] = json!("graduated");
+    tiered["unit_amount"] = Value::Null;
+    tiered["unit_amount_decimal"] = Value::Null;
+    tiered["tiers"] = json!([
+        {"flat_amount": null, "flat_amount_decimal": null, "unit_amount": 1000,
+         "unit_amount_decimal": "1000", "up_to": 10},
+        {"flat_amount": 500, "flat_amount_decimal": "500", "unit_amount": 800,
+         "unit_amount_decimal": "800", "up_to": null}
+    ]);
+    tiered["currency_options"] = json!({"usd": {"custom_unit_amount": null,
+        "tax_behavior": "unspecified", "tiers": tiered["tiers"].clone(),
+        "unit_amount": null, "unit_amount_decimal": null}});
+    let mut decimal = base(101);
+    decimal["unit_amount"] = Value::Null;
+    decimal["unit_amount_decimal"] = json!("12.345");
+    decimal["currency_options"]["usd"]["unit_amount"] = Value::Null;
+    decimal["currency_options"]["usd"]["unit_amount_decimal"] = json!("12.345");
+    let mut custom = base(102);
+    custom["type"] = json!("one_time");
+    custom["recurring"] = Value::Null;
+    custom["unit_amount"] = Value::Null;
+    custom["unit_amount_decimal"] = Value::Null;
+    custom["custom_unit_amount"] = json!({"maximum": null, "minimum": 500, "preset": 1000});
+    custom["currency_options"]["usd"]["custom_unit_amount"] = custom["custom_unit_amount"].clone();
+    custom["currency_options"]["usd"]["unit_amount"] = Value::Null;
+    custom["currency_options"]["usd"]["unit_amount_decimal"] = Value::Null;
+    let mut packaged = base(103);
+    packaged["transform_quantity"] = json!({"divide_by": 10, "round": "up"});
+    let mut currencies = base(104);
+    currencies["currency_options"]["eur"] = json!({"custom_unit_amount": null,
+        "tax_behavior": "exclusive", "unit_amount": 900, "unit_amount_decimal": "900"});
+    let mut taxed = base(105);
+    taxed["tax_behavior"] = json!("inclusive");
+    vec![tiered, decimal, custom, packaged, currencies, taxed]
+}
+
+/// What `stripe_prices` holds of a price's shape, with its JSON columns read back as JSON, in
+/// the form of the Stripe object's own fields.
+async fn stored_shape(db: &TestDb, id: &str) -> Value {
+    type Row = (
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+    );
+    let sql = "SELECT billing_scheme, unit_amount, unit_amount_decimal, tiers_mode, tiers, \
+               transform_quantity, custom_unit_amount, currency_options, tax_behavior, \
+               price_type FROM stripe_prices WHERE id = $1";
+    let row: Row = if db.is_postgres() {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let row = sqlx::query_as(sql).bind(id).fetch_one(&pool).await;
+        pool.close().await;
+        row.unwrap()
+    } else {
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        let row = sqlx::query_as(sql).bind(id).fetch_one(&pool).await;
+        pool.close().await;
+        row.unwrap()
+    };
+    let parsed = |text: Option<String>| match text {
+        Some(text) => serde_json::from_str::<Value>(&text)
+            .unwrap_or_else(|err| panic!("{id}: stored {text:?} is not JSON: {err}")),
+        None => Value::Null,
+    };
+    json!({
+        "billing_scheme": row.0, "unit_amount": row.1, "unit_amount_decimal": row.2,
+        "tiers_mode": row.3, "tiers": parsed(row.4), "transform_quantity": parsed(row.5),
+        "custom_unit_amount": parsed(row.6), "currency_options": parsed(row.7),
+        "tax_behavior": row.8, "type": row.9,
+    })
+}
+
+/// The fields of `price` that `stored_shape` reads back.
+fn shape_of(price: &Value) -> Value {
+    let fields = [
+        "billing_scheme",
+        "unit_amount",
+        "unit_amount_decimal",
+        "tiers_mode",
+        "tiers",
+        "transform_quantity",
+        "custom_unit_amount",
+        "currency_options",
+        "tax_behavior",
+        "type",
+    ];
+    fields
+        .iter()
+        .map(|field| ((*field).to_owned(), price[*field].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Tiered, sub-cent, pay-what-you-want, packaged and multi-currency prices are stored with what
+/// prices them (they were all a null `unit_amount`, or a plain per-unit price): the sync asks
+/// Stripe for `tiers` and `currency_options`, which its list leaves out unless expanded.
+#[tokio::test]
+async fn sync_stores_every_price_shape() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let shapes = price_shapes(&fixtures);
+    for price in &shapes {
+        fake.add_price(price.clone());
+    }
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices"), (6, 6, 0), "{body}");
+    for price in &shapes {
+        let id = price["id"].as_str().unwrap();
+        assert_eq!(stored_shape(&db, id).await, shape_of(price), "{id}");
+    }
+    // Stripe's `up_to` of the last tier (null: infinity) is kept as Stripe sent it.
+    let tiers = format!(
+        "SELECT tiers FROM stripe_prices WHERE id = '{}'",
+        shapes[0]["id"].as_str().unwrap()
+    );
+    let tiers = scalar!(db, String, tiers);
+    assert!(tiers.contains(r#""up_to":null"#), "{tiers}");
+    // Stored as compared: a rerun finds nothing changed.
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices"), (6, 0, 0), "{body}");
+}
+
+/// A webhook stores every price shape as the sync does, under the same ordering rule. Stripe
+/// leaves `tiers` and `currency_options` out of an object it was not asked to expand: an event
+/// without them keeps what is stored; an event of the same second as the row has the price
+/// fetched with both.
+#[tokio::test]
+async fn webhook_stores_every_price_shape() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    let t = now();
+    let shapes = price_shapes(&fixtures);
+    for (n, price) in shapes.iter().enumerate() {
+        let body = event(
+            &fixtures,
+            &format!("evt_S{n}"),
+            "price.created",
+            t - 60,
+            price.clone(),
+        );
+        let (status, answer) = deliver_signed(&app.server, &body).await;
+        assert_eq!(
+            (status, &answer["duplicate"]),
+            (200, &json!(false)),
+            "{answer}"
+        );
+        let id = price["id"].as_str().unwrap();
+        assert_eq!(stored_shape(&db, id).await, shape_of(price), "{id}");
+    }
+
+    // An older event changes none of them.
+    let mut older = shapes[3].clone();
+    older["transform_quantity"] = json!({"divide_by": 2, "round": "down"});
+    older["tax_behavior"] = json!("exclusive");
+    let body = event(&fixtures, "evt_Old", "price.updated", t - 120, older);
+    assert_eq!(deliver_signed(&app.server, &body).await.0, 200);
+    let id = shapes[3]["id"].as_str().unwrap();
+    assert_eq!(stored_shape(&db, id).await, shape_of(&shapes[3]), "{id}");
+
+    // A newer event without the fields Stripe serves only when expanded keeps them.
+    let mut unexpanded = shapes[0].clone();
+    let object = unexpanded.as_object_mut().unwrap();
+    object.remove("tiers");
+    object.remove("currency_options");
+    unexpanded["tax_behavior"] = json!("exclusive");
+    let body = event(&fixtures, "evt_New", "price.updated", t - 30, unexpanded);
+    assert_eq!(deliver_signed(&app.server, &body).await.0, 200);
+    let mut expected = shapes[0].clone();
+    expected["tax_behavior"] = json!("exclusive");
+    let id = shapes[0]["id"].as_str().unwrap();
+    assert_eq!(stored_shape(&db, id).await, shape_of(&expected), "{id}");
+
+    // Another event of that second: the price is fetched, with both fields expanded.
+    let mut current = expected.clone();
+    current["currency_options"]["gbp"] = json!({"custom_unit_amount": null,
+        "tax_behavior": "exclusive", "tiers": current["tiers"].clone(),
+        "unit_amount": null, "unit_amount_decimal": null});
+    fake.add_price(current.clone());
+    let mut same_second = expected.clone();
+    same_second
+        .as_object_mut()
+        .unwrap()
+        .remove("currency_options");
+    let body = event(&fixtures, "evt_Same", "price.updated", t - 30, same_second);
+    let (status, answer) = deliver_signed(&app.server, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(fake.object_requests(), 1);
+    assert_eq!(stored_shape(&db, id).await, shape_of(&current), "{id}");
+}

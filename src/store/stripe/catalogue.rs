@@ -35,6 +35,18 @@ pub struct PriceRow {
     pub active: bool,
     pub currency: String,
     pub unit_amount: Option<i64>,
+    /// Stripe's decimal string, as sent.
+    pub unit_amount_decimal: Option<String>,
+    pub billing_scheme: Option<String>,
+    pub tiers_mode: Option<String>,
+    /// JSON text, as the other JSON columns below; `tiers` and `currency_options` are null
+    /// when Stripe did not send them (it sends them only when expanded), and a null one keeps
+    /// what the row holds.
+    pub tiers: Option<String>,
+    pub transform_quantity: Option<String>,
+    pub custom_unit_amount: Option<String>,
+    pub currency_options: Option<String>,
+    pub tax_behavior: Option<String>,
     pub price_type: String,
     pub recurring_interval: Option<String>,
     pub recurring_interval_count: Option<i64>,
@@ -74,11 +86,24 @@ const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL 
 const PRICE_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_prices (id, product_id, active, currency, unit_amount, price_type, \
      recurring_interval, recurring_interval_count, lookup_key, nickname, metadata, livemode, \
-     stripe_created, last_event_created, synced_at, deactivated_at) VALUES ",
-    16,
+     stripe_created, last_event_created, synced_at, deactivated_at, unit_amount_decimal, \
+     billing_scheme, tiers_mode, tiers, transform_quantity, custom_unit_amount, \
+     currency_options, tax_behavior) VALUES ",
+    24,
 );
+// `tiers` and `currency_options` are sent by Stripe only when expanded (the sync asks for both;
+// an event's object may lack them): a write without them keeps the row's. A price's tiers never
+// change, and Stripe's expanded `currency_options` lists the price's own currency too, so a null
+// stands for "not sent", never for a value removed.
 const PRICE_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET product_id = excluded.product_id, \
     active = excluded.active, currency = excluded.currency, unit_amount = excluded.unit_amount, \
+    unit_amount_decimal = excluded.unit_amount_decimal, \
+    billing_scheme = excluded.billing_scheme, tiers_mode = excluded.tiers_mode, \
+    tiers = COALESCE(excluded.tiers, stripe_prices.tiers), \
+    transform_quantity = excluded.transform_quantity, \
+    custom_unit_amount = excluded.custom_unit_amount, \
+    currency_options = COALESCE(excluded.currency_options, stripe_prices.currency_options), \
+    tax_behavior = excluded.tax_behavior, \
     price_type = excluded.price_type, recurring_interval = excluded.recurring_interval, \
     recurring_interval_count = excluded.recurring_interval_count, \
     lookup_key = excluded.lookup_key, nickname = excluded.nickname, \
@@ -92,6 +117,15 @@ const PRICE_CHANGED: &str = " AND (stripe_prices.deactivated_at IS NOT NULL \
     OR stripe_prices.active IS DISTINCT FROM excluded.active \
     OR stripe_prices.currency IS DISTINCT FROM excluded.currency \
     OR stripe_prices.unit_amount IS DISTINCT FROM excluded.unit_amount \
+    OR stripe_prices.unit_amount_decimal IS DISTINCT FROM excluded.unit_amount_decimal \
+    OR stripe_prices.billing_scheme IS DISTINCT FROM excluded.billing_scheme \
+    OR stripe_prices.tiers_mode IS DISTINCT FROM excluded.tiers_mode \
+    OR stripe_prices.tiers IS DISTINCT FROM COALESCE(excluded.tiers, stripe_prices.tiers) \
+    OR stripe_prices.transform_quantity IS DISTINCT FROM excluded.transform_quantity \
+    OR stripe_prices.custom_unit_amount IS DISTINCT FROM excluded.custom_unit_amount \
+    OR stripe_prices.currency_options IS DISTINCT FROM \
+    COALESCE(excluded.currency_options, stripe_prices.currency_options) \
+    OR stripe_prices.tax_behavior IS DISTINCT FROM excluded.tax_behavior \
     OR stripe_prices.price_type IS DISTINCT FROM excluded.price_type \
     OR stripe_prices.recurring_interval IS DISTINCT FROM excluded.recurring_interval \
     OR stripe_prices.recurring_interval_count IS DISTINCT FROM excluded.recurring_interval_count \
@@ -206,6 +240,14 @@ impl CatalogueRow for PriceRow {
             .bind_value(self.as_of)
             .bind_value(now)
             .bind_value(self.deactivated_at)
+            .bind_value(&self.unit_amount_decimal)
+            .bind_value(&self.billing_scheme)
+            .bind_value(&self.tiers_mode)
+            .bind_value(&self.tiers)
+            .bind_value(&self.transform_quantity)
+            .bind_value(&self.custom_unit_amount)
+            .bind_value(&self.currency_options)
+            .bind_value(&self.tax_behavior)
     }
 }
 
