@@ -36,6 +36,10 @@ pub(super) const RESERVATION_PERMITS: usize = 2;
 /// itself (`lock_timeout` above): nothing reserved, the caller answers 503.
 const RESERVATION_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How many times a status is read and compared-and-set before it is taken as overtaken
+/// (`Store::apply_sms_status`): each failed try means another write moved the row meanwhile.
+const STATUS_TRIES: usize = 8;
+
 const HOUR_MS: i64 = 3_600_000;
 const MINUTE_MS: i64 = 60_000;
 
@@ -107,24 +111,14 @@ pub enum Reservation {
 }
 
 /// What a delivery status did to the stored message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StatusChange {
-    Applied,
+    /// Message `id` moved from `previous` to the status.
+    Applied { id: String, previous: String },
     /// The message already has this status or a later one.
     Stale,
     /// No message has this SID.
     UnknownSid,
-}
-
-/// `CASE status WHEN 'queued' THEN 1 … ELSE 0 END`, built from the caller's rank table. A name
-/// that is not plain lower-case words is left out (so ranks 0), since names are spliced as literals.
-fn rank_of_status_sql(ranks: &[(&str, i64)]) -> String {
-    let whens: String = ranks
-        .iter()
-        .filter(|(status, _)| status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
-        .map(|(status, rank)| format!(" WHEN '{status}' THEN {rank}"))
-        .collect();
-    format!("CASE status{whens} ELSE 0 END")
 }
 
 /// The reservation's reads and write, the same SQL on both engines. `tx` must already hold the
@@ -350,9 +344,16 @@ impl Store {
     }
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
-    /// current one: `ranks` orders the statuses, `rank` is `status`'s place in it. One
-    /// statement, so two callbacks racing cannot leave the earlier status last. `id` (from the
-    /// callback URL) finds a message whose SID is not stored yet, and stores it.
+    /// current one: `ranks` orders the statuses (one not in it ranks 0), `rank` is `status`'s
+    /// place in it. The SID names the message: `id` (from the callback URL) only finds a message
+    /// when no message has that SID yet, and then only one whose SID is not stored yet, which
+    /// takes it. A callback pairing one message's id with another's SID is so the other's, and
+    /// the first never takes a SID that is not its own (the unique SID column refused that, a
+    /// 500, and the status was lost).
+    ///
+    /// The status read is written back only if it is still the row's (compare and set), so two
+    /// callbacks racing cannot leave the earlier status last; a row that moved meanwhile, or a
+    /// SID another row took meanwhile, is read again.
     pub async fn apply_sms_status(
         &self,
         (twilio_sid, id): (&str, Option<&str>),
@@ -361,39 +362,76 @@ impl Store {
         error_code: Option<i64>,
         now_ms: i64,
     ) -> anyhow::Result<StatusChange> {
-        let update = format!(
-            "UPDATE sms_messages SET status = $1, error_code = COALESCE($2, error_code), \
-             updated_at = $3, twilio_sid = COALESCE(twilio_sid, $4) \
-             WHERE (twilio_sid = $4 OR (twilio_sid IS NULL AND id = $6)) AND {} < $5",
-            rank_of_status_sql(ranks)
-        );
-        let args = [
-            status.into(),
-            error_code.into(),
-            now_ms.into(),
-            twilio_sid.into(),
-            rank.into(),
-            id.into(),
-        ];
-        let changed = self
-            .execute(&update, &args)
-            .await
-            .context("updating the SMS status")?;
-        if changed > 0 {
-            return Ok(StatusChange::Applied);
-        }
-        let known: Option<i32> = with_pool!(self, |pool| {
-            sqlx::query_scalar("SELECT 1 FROM sms_messages WHERE twilio_sid = $1 OR id = $2")
-                .bind(twilio_sid)
-                .bind(id)
-                .fetch_optional(pool)
+        let rank_of = |current: &str| {
+            ranks
+                .iter()
+                .find(|(name, _)| *name == current)
+                .map_or(0, |(_, rank)| *rank)
+        };
+        for _ in 0..STATUS_TRIES {
+            let Some((found, current)) = self
+                .sms_status_target(twilio_sid, id)
                 .await
-        })
-        .context("reading the SMS")?;
-        Ok(if known.is_some() {
-            StatusChange::Stale
-        } else {
-            StatusChange::UnknownSid
+                .context("reading the SMS")?
+            else {
+                return Ok(StatusChange::UnknownSid);
+            };
+            if rank_of(&current) >= rank {
+                return Ok(StatusChange::Stale);
+            }
+            let update = "UPDATE sms_messages SET status = $1, \
+                          error_code = COALESCE($2, error_code), updated_at = $3, twilio_sid = $4 \
+                          WHERE id = $5 AND status = $6 AND (twilio_sid = $4 OR twilio_sid IS NULL)";
+            let args = [
+                status.into(),
+                error_code.into(),
+                now_ms.into(),
+                twilio_sid.into(),
+                found.as_str().into(),
+                current.as_str().into(),
+            ];
+            match self.execute(update, &args).await {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Ok(StatusChange::Applied {
+                        id: found,
+                        previous: current,
+                    });
+                }
+                // Another message took the SID since it was looked for: the status is that one's.
+                Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
+                Err(err) => return Err(err).context("updating the SMS status"),
+            }
+        }
+        // Every read was overtaken by another write: the row has moved on without this status.
+        Ok(StatusChange::Stale)
+    }
+
+    /// The message a status for `twilio_sid` is about, and its status: the one with that SID,
+    /// else message `id` if its SID is not stored yet.
+    async fn sms_status_target(
+        &self,
+        twilio_sid: &str,
+        id: Option<&str>,
+    ) -> Result<Option<(String, String)>, sqlx::Error> {
+        let by_sid = with_pool!(self, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT id, status FROM sms_messages WHERE twilio_sid = $1",
+            )
+            .bind(twilio_sid)
+            .fetch_optional(pool)
+            .await
+        })?;
+        let Some(id) = id.filter(|_| by_sid.is_none()) else {
+            return Ok(by_sid);
+        };
+        with_pool!(self, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT id, status FROM sms_messages WHERE id = $1 AND twilio_sid IS NULL",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await
         })
     }
 
@@ -499,14 +537,5 @@ mod tests {
         // A row stamped ahead of our clock never asks for more than the window.
         assert_eq!(wait_for_slot(&[90, 80, 70], 3, 100, 40), Some(100));
         assert_eq!(wait_for_slot(&[], 0, 100, 40), None);
-    }
-
-    #[test]
-    fn the_rank_case_names_every_plain_status_and_no_other() {
-        let ranks = [("queued", 1), ("partially_delivered", 4), ("x' OR '1", 9)];
-        let case = rank_of_status_sql(&ranks);
-        assert!(case.contains("WHEN 'queued' THEN 1"));
-        assert!(case.contains("WHEN 'partially_delivered' THEN 4"));
-        assert!(!case.contains("OR"), "{case}");
     }
 }

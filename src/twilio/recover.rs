@@ -118,7 +118,7 @@ pub async fn recover_statuses(
             )
             .await
         {
-            Ok(StatusChange::Applied) => {
+            Ok(StatusChange::Applied { .. }) => {
                 recovered.applied += 1;
                 tracing::info!(%id, %sid, status = %message.status, "SMS status recovered from Twilio");
             }

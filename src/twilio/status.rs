@@ -158,7 +158,21 @@ pub async fn apply_callback(
                 "the database is unavailable; the status was not stored",
             )
         })? {
-        StatusChange::Applied => tracing::debug!(sid, status, "SMS status updated"),
+        StatusChange::Applied {
+            id: applied,
+            previous,
+        } => {
+            if let Some(named) = id.as_deref().filter(|named| *named != applied) {
+                tracing::warn!(
+                    id = %applied,
+                    callback_id = named,
+                    sid,
+                    "Twilio status callback whose URL names another message than its \
+                     MessageSid: applied to the SID's message"
+                );
+            }
+            tracing::debug!(id = %applied, sid, previous_status = %previous, status, "SMS status updated");
+        }
         StatusChange::Stale => tracing::debug!(sid, status, "late SMS status ignored"),
         StatusChange::UnknownSid => {
             tracing::warn!(

@@ -1133,6 +1133,87 @@ async fn sms_a_status_that_comes_before_the_sid_is_stored_is_kept() {
     );
 }
 
+/// Posts a status callback to the URL edgegate gives Twilio for message `id` (`…?id=<id>`),
+/// signed over that URL with the auth token; returns the answer's status and body.
+async fn callback_for(app: &Instance, id: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let url = format!("{CALLBACK_URL}?id={id}");
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let signature = signature::compute(TOKEN.as_bytes(), &url, &owned);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    let response = app
+        .server
+        .client
+        .post(
+            app.server
+                .url(&format!("/functions/v1/twilio-status?id={id}")),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A signed callback whose URL names one message (`id=A`, A without a SID: its send ended
+/// `unknown`) and whose `MessageSid` is another's (B's) is about B: the SID is Twilio's name
+/// for the message, the id only finds a row whose SID is not stored yet. B's status is applied,
+/// A is left as it was and never takes B's SID (that answered 500, `UNIQUE constraint failed:
+/// sms_messages.twilio_sid`, and B's status was lost).
+#[tokio::test]
+async fn sms_a_callback_naming_one_message_with_anothers_sid_is_applied_to_the_sids_message() {
+    let (_db, fake, app) = one_instance!(&[]);
+    const SID_B: &str = "SM0123456789abcdef0123456789abcd0b";
+    fake.script([Reply::Oversized(8 * 1024 * 1024), Reply::CreatedAs(SID_B)]);
+    expect_upstream_failure(&app, "+12025550123", "unknown").await;
+    let id_a = last_audited_sms_id(&app).await;
+    let b = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
+    assert_eq!(b.status, 202, "{}", b.body);
+    assert_eq!(b.body["sid"], SID_B);
+
+    let mut undelivered = status_params(SID_B, "undelivered");
+    undelivered.push(("ErrorCode", "30007"));
+    let (status, body) = callback_for(&app, &id_a, &undelivered).await;
+    assert_eq!(status, 204, "{body}");
+    let row_b = stored(&app, &b).await;
+    assert_eq!(
+        (row_b.status.as_str(), row_b.error_code),
+        ("undelivered", Some(30007))
+    );
+    let row_a = app.state.store.sms_message(&id_a).await.unwrap().unwrap();
+    assert_eq!(
+        (row_a.status.as_str(), row_a.twilio_sid.as_deref()),
+        ("unknown", None)
+    );
+
+    // An earlier status of B's, through A's URL again, changes nothing and is no error either.
+    let (status, body) = callback_for(&app, &id_a, &status_params(SID_B, "sent")).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(stored(&app, &b).await.status, "undelivered");
+    let row_a = app.state.store.sms_message(&id_a).await.unwrap().unwrap();
+    assert_eq!(
+        (row_a.status.as_str(), row_a.twilio_sid.as_deref()),
+        ("unknown", None)
+    );
+
+    // A's own SID through its URL is still stored on A (the callback that comes first).
+    const SID_A: &str = "SM0123456789abcdef0123456789abcd0a";
+    let (status, body) = callback_for(&app, &id_a, &status_params(SID_A, "delivered")).await;
+    assert_eq!(status, 204, "{body}");
+    let row_a = app.state.store.sms_message(&id_a).await.unwrap().unwrap();
+    assert_eq!(
+        (row_a.status.as_str(), row_a.twilio_sid.as_deref()),
+        ("delivered", Some(SID_A))
+    );
+}
+
 /// Posts a status callback signed with `token` (by our own signer; Twilio's library signs in
 /// `sms_status_signatures_made_by_twilios_library`).
 async fn callback(app: &Instance, params: &[(&str, &str)], token: &str) -> u16 {
