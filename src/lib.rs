@@ -242,6 +242,7 @@ impl Started {
             &state.twilio_http,
             &state.config,
             state.clock.clone(),
+            state.sms_metrics.clone(),
         ));
         background.extend(spawn_reconciler(&state));
         let address = listener

@@ -12,6 +12,7 @@ use crate::store::Store;
 use crate::stripe::reconcile::ReconcileMetrics;
 use crate::stripe::{RetryPolicy, StripeMetrics};
 use crate::telemetry::Metrics;
+use crate::twilio::metrics::SmsMetrics;
 use crate::twilio::send::SendTasks;
 
 /// Shared application state behind one reference count: cloning it is one atomic increment.
@@ -35,6 +36,7 @@ pub struct Shared {
     pub twilio_http: reqwest::Client,
     pub stripe_metrics: StripeMetrics,
     pub reconcile_metrics: ReconcileMetrics,
+    pub sms_metrics: SmsMetrics,
     /// How the Stripe client retries; tests shorten the delays.
     pub stripe_retry: RetryPolicy,
     /// The one clock the credential layer reads; tests inject a manual one.
@@ -70,6 +72,8 @@ impl AppState {
         usage.register(metrics.registry_mut());
         let reconcile_metrics = ReconcileMetrics::default();
         reconcile_metrics.register(metrics.registry_mut());
+        let sms_metrics = SmsMetrics::default();
+        sms_metrics.register(metrics.registry_mut());
         let body_budget = BodyBudget::leaked(BODY_BUDGET);
         body_budget.register(metrics.registry_mut());
         Self(Arc::new(Shared {
@@ -82,6 +86,7 @@ impl AppState {
             twilio_http,
             stripe_metrics,
             reconcile_metrics,
+            sms_metrics,
             stripe_retry: RetryPolicy::default(),
             clock,
             sms_sends: SendTasks::default(),

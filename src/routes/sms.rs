@@ -43,6 +43,7 @@ pub async fn send_sms(
         app.config.clone(),
         app.twilio_http.clone(),
         app.clock.clone(),
+        app.sms_metrics.clone(),
         &app.sms_sends,
         Submission { request, arrival },
         audit,
@@ -84,15 +85,21 @@ pub async fn twilio_status(
         query: uri.query(),
         body: &body,
     };
-    apply_callback(&app.store, &app.config, &app.clock, callback)
-        .await
-        .map_err(|err| {
-            if shared_key {
-                shared_key_refusal(err)
-            } else {
-                err
-            }
-        })?;
+    apply_callback(
+        &app.store,
+        &app.config,
+        &app.clock,
+        &app.sms_metrics,
+        callback,
+    )
+    .await
+    .map_err(|err| {
+        if shared_key {
+            shared_key_refusal(err)
+        } else {
+            err
+        }
+    })?;
     Ok(StatusCode::NO_CONTENT)
 }
 

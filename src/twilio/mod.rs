@@ -1,8 +1,9 @@
 //! Twilio SMS: sending (`send`), the REST client (`client`), delivery-status callbacks
 //! (`status`, checked by `signature`), and recovering statuses whose callbacks were lost
-//! (`recover`). No axum here; `routes::sms` adapts it to HTTP.
+//! (`recover`), counted in `metrics`. No axum here; `routes::sms` adapts it to HTTP.
 
 pub mod client;
+pub mod metrics;
 pub mod recover;
 pub mod send;
 pub mod signature;

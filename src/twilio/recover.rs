@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use super::client::{CallError, TwilioApi};
-use super::status::{STATUS_RANKS, rank};
+use super::metrics::{SmsMetrics, StatusSource};
+use super::status::{STATUS_RANKS, rank, status_applied};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::{StatusChange, Store};
@@ -45,11 +46,13 @@ fn millis(duration: Duration) -> i64 {
 /// fetched and its status applied as a callback's would be; every one fetched is noted as
 /// checked, whatever Twilio answered. A failed fetch (an error, a timeout, a message Twilio
 /// does not know) is logged by its code and status and the pass goes on; throttling ends it.
+/// Each status applied is logged and counted as a callback's is, under `source="recovery"`.
 /// Fails only when the database cannot be read.
 pub async fn recover_statuses(
     store: &Store,
     api: &TwilioApi,
     clock: &Clock,
+    metrics: &SmsMetrics,
 ) -> anyhow::Result<Recovered> {
     let unsettled: Vec<&str> = STATUS_RANKS
         .iter()
@@ -118,9 +121,18 @@ pub async fn recover_statuses(
             )
             .await
         {
-            Ok(StatusChange::Applied { .. }) => {
+            Ok(StatusChange::Applied {
+                id: applied,
+                previous,
+            }) => {
                 recovered.applied += 1;
-                tracing::info!(%id, %sid, status = %message.status, "SMS status recovered from Twilio");
+                status_applied(
+                    metrics,
+                    StatusSource::Recovery,
+                    (&applied, &sid),
+                    (&previous, &message.status),
+                    message.error_code,
+                );
             }
             Ok(StatusChange::Stale | StatusChange::UnknownSid) => {}
             Err(err) => {
@@ -139,6 +151,7 @@ pub fn spawn_status_recovery(
     http: &reqwest::Client,
     config: &Config,
     clock: Clock,
+    metrics: SmsMetrics,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let api = TwilioApi::from_config(http, &config.twilio)?;
     Some(tokio::spawn(async move {
@@ -148,7 +161,7 @@ pub fn spawn_status_recovery(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match recover_statuses(&store, &api, &clock).await {
+            match recover_statuses(&store, &api, &clock, &metrics).await {
                 Ok(recovered) if recovered.fetched > 0 => tracing::info!(
                     fetched = recovered.fetched,
                     applied = recovered.applied,

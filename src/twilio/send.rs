@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::SmsError;
 use super::client::{CallError, MessageResource, TwilioApi};
+use super::metrics::{SendOutcome, SmsMetrics};
 use crate::backoff;
 use crate::clock::Clock;
 use crate::config::{Config, SmsSender, is_e164};
@@ -293,16 +294,21 @@ pub struct Submission {
 }
 
 /// Sends the submitted message unless its idempotency key was seen before or a limit is
-/// reached, and records `audit` (the caller's entry for this action) with the outcome.
+/// reached, records `audit` (the caller's entry for this action) with the outcome, and counts
+/// it in `metrics` (a send Twilio was asked for, refused by a limit, or replayed).
 ///
 /// The work runs in its own task, counted in `tasks`: a caller who hangs up drops this future,
 /// and must not leave a reserved row unsent-yet-unrecorded, a Twilio answer unstored, or the
 /// audit row unwritten.
+// Each part is the app's own, owned by the task (so cloned) or shared with it; a struct of them
+// would only be unpacked again here.
+#[allow(clippy::too_many_arguments)]
 pub async fn send_sms(
     store: Store,
     config: Arc<Config>,
     http: reqwest::Client,
     clock: Clock,
+    metrics: SmsMetrics,
     tasks: &SendTasks,
     submission: Submission,
     audit: AuditEntry,
@@ -312,7 +318,7 @@ pub async fn send_sms(
     let Submission { request, arrival } = submission;
     let work = async move {
         let _running = running;
-        let mut message_id = None;
+        let mut progress = Progress::default();
         let deadline = arrival + config.twilio.send_budget;
         let outcome = send_once(
             &store,
@@ -322,10 +328,13 @@ pub async fn send_sms(
             &tasks,
             request,
             deadline,
-            &mut message_id,
+            &mut progress,
         )
         .await;
-        record_audit(&store, &tasks, audit, &outcome, message_id).await;
+        if let Some(counted) = progress.outcome {
+            metrics.sent(counted);
+        }
+        record_audit(&store, &tasks, audit, &outcome, progress.message_id).await;
         outcome
     };
     // In the request's span: the call to Twilio stays in the request's trace.
@@ -403,7 +412,7 @@ async fn send_once(
     tasks: &SendTasks,
     request: SendSmsRequest,
     deadline: tokio::time::Instant,
-    message_id: &mut Option<String>,
+    progress: &mut Progress,
 ) -> Result<Sent, SmsError> {
     // A slow reservation, too, leaves less time to Twilio, not more to the request.
     let api =
@@ -442,7 +451,7 @@ async fn send_once(
     let message = match reserved {
         Reservation::Created(message) | Reservation::Reopened(message) => message,
         Reservation::Existing(message) => {
-            *message_id = Some(message.id.clone());
+            progress.message_id = Some(message.id.clone());
             if message.to_number != valid.to || message.body != valid.body {
                 return Err(SmsError::IdempotencyConflict(
                     "idempotency_key was already used for a different message".to_owned(),
@@ -471,12 +480,20 @@ async fn send_once(
                 }
                 STATUS_UNKNOWN.clone_into(&mut receipt.status);
             }
+            tracing::info!(
+                id = %receipt.id,
+                sid = receipt.sid.as_deref(),
+                status = %receipt.status,
+                "SMS send replayed: the idempotency key's earlier send answered again"
+            );
+            progress.outcome = Some(SendOutcome::Replayed);
             return Ok(Sent {
                 receipt,
                 replayed: true,
             });
         }
         Reservation::Limited { retry_after_ms } => {
+            progress.outcome = Some(SendOutcome::RateLimited);
             let retry_after_secs = u64::try_from(retry_after_ms).unwrap_or(1).div_ceil(1000);
             return Err(SmsError::RateLimited {
                 message: "the SMS send limit is reached; try again later".to_owned(),
@@ -485,7 +502,7 @@ async fn send_once(
         }
     };
 
-    *message_id = Some(message.id.clone());
+    progress.message_id = Some(message.id.clone());
     // The message's id in the URL: a status Twilio sends before its SID is stored here still
     // finds its row.
     let callback = config
@@ -505,7 +522,17 @@ async fn send_once(
         call_timeout: config.twilio.request_timeout,
         deadline,
     };
-    deliver(store, clock, tasks, &api, &form, &message.id, attempts).await
+    let (outcome, counted) = deliver(store, clock, tasks, &api, &form, &message.id, attempts).await;
+    progress.outcome = Some(counted);
+    outcome
+}
+
+/// What a send got to, for its audit row and its count: the message it reserved or found, and
+/// what it came to when that is counted (`edgegate_sms_sent_total`).
+#[derive(Debug, Default)]
+struct Progress {
+    message_id: Option<String>,
+    outcome: Option<SendOutcome>,
 }
 
 /// How often rows left `accepted` by a crash or an outage are looked for.
@@ -581,7 +608,8 @@ struct NotCreated {
     calls: u32,
 }
 
-/// Hands the reserved message `id` to Twilio and records what came of it.
+/// Hands the reserved message `id` to Twilio and records what came of it; returns the answer
+/// and what the send came to.
 async fn deliver(
     store: &Store,
     clock: &Clock,
@@ -590,9 +618,11 @@ async fn deliver(
     form: &[(&str, &str)],
     id: &str,
     attempts: Attempts,
-) -> Result<Sent, SmsError> {
+) -> (Result<Sent, SmsError>, SendOutcome) {
     match create_with_retries(api, form, attempts).await {
         Ok(created) => {
+            // Never the number or the body.
+            tracing::info!(id, sid = %created.sid, status = %created.status, "SMS sent");
             // The text is on its way; failing the request now, or letting a stalled database
             // hold it until the route's 504, would invite a resend: the caller gets the SID
             // whatever the write comes to. A row left without it is found by a status callback
@@ -620,16 +650,20 @@ async fn deliver(
                     "SMS sent but its SID not stored within {} s (the database is slow or \
                      unavailable); the write goes on", WRITE_WAIT.as_secs());
             }
-            Ok(Sent {
+            let sent = Sent {
                 receipt: SmsReceipt {
                     id: id.to_owned(),
                     sid: Some(created.sid),
                     status: created.status,
                 },
                 replayed: false,
-            })
+            };
+            (Ok(sent), SendOutcome::Accepted)
         }
-        Err(failure) => Err(record_failure(store, clock, tasks, id, failure).await),
+        Err(failure) => {
+            let (answer, outcome) = record_failure(store, clock, tasks, id, failure).await;
+            (Err(answer), outcome)
+        }
     }
 }
 
@@ -768,15 +802,21 @@ fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
     })
 }
 
-/// Stores why the send failed and maps it to the answer.
+/// Stores why the send failed and maps it to the answer and to what the send came to.
 async fn record_failure(
     store: &Store,
     clock: &Clock,
     tasks: &SendTasks,
     id: &str,
     failure: NotCreated,
-) -> SmsError {
+) -> (SmsError, SendOutcome) {
     let NotCreated { err, calls } = failure;
+    let outcome = match &err {
+        CallError::Rejected { .. } => SendOutcome::Refused,
+        CallError::Throttled { .. } => SendOutcome::Throttled,
+        CallError::NotSent(_) => SendOutcome::NotSent,
+        CallError::Unconfirmed(_) => SendOutcome::Unknown,
+    };
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
             let detail = body.describe(*http_status);
@@ -851,7 +891,7 @@ async fn record_failure(
             WRITE_WAIT.as_secs()
         );
     }
-    answer
+    (answer, outcome)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use url::Url;
 
 use super::SmsError;
+use super::metrics::{SmsMetrics, StatusSource};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::{StatusChange, Store};
@@ -98,6 +99,7 @@ pub async fn apply_callback(
     store: &Store,
     config: &Config,
     clock: &Clock,
+    metrics: &SmsMetrics,
     callback: Callback<'_>,
 ) -> Result<(), SmsError> {
     let (token, public_url, signature) = check_before_body(config, callback.signature)?;
@@ -171,7 +173,13 @@ pub async fn apply_callback(
                      MessageSid: applied to the SID's message"
                 );
             }
-            tracing::debug!(id = %applied, sid, previous_status = %previous, status, "SMS status updated");
+            status_applied(
+                metrics,
+                StatusSource::Callback,
+                (&applied, sid),
+                (&previous, status),
+                error_code,
+            );
         }
         StatusChange::Stale => tracing::debug!(sid, status, "late SMS status ignored"),
         StatusChange::UnknownSid => {
@@ -185,12 +193,34 @@ pub async fn apply_callback(
     Ok(())
 }
 
+/// Logs a status applied to message `id` (Twilio's `sid`), which moved it from `previous` to
+/// `status`, at INFO with Twilio's error code when there is one (never the number or the
+/// body), and counts it under `source`.
+pub(crate) fn status_applied(
+    metrics: &SmsMetrics,
+    source: StatusSource,
+    (id, sid): (&str, &str),
+    (previous, status): (&str, &str),
+    error_code: Option<i64>,
+) {
+    tracing::info!(
+        id,
+        sid,
+        previous_status = previous,
+        status,
+        error_code,
+        source = source.label(),
+        "SMS status updated"
+    );
+    metrics.status_applied(status, source);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_status_is_plain_lower_case_words_so_the_store_ranks_it() {
+    fn every_status_is_plain_lower_case_words_so_the_store_can_splice_it() {
         for (status, _) in STATUS_RANKS {
             assert!(
                 status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),

@@ -393,3 +393,153 @@ async fn a_stalled_stderr_reader_drops_log_lines_instead_of_blocking_requests() 
 fn tail(text: &str) -> &str {
     &text[text.len().saturating_sub(2000)..]
 }
+
+/// At `RUST_LOG=info` an operator sees what became of each text without the database: a send
+/// Twilio took is logged with its id, SID and status, a status callback applied with the id,
+/// the SID, the status before and after and Twilio's error code; neither line carries the
+/// number or the body. `/metrics` counts them (`edgegate_sms_sent_total`,
+/// `edgegate_sms_status_total`).
+#[tokio::test]
+async fn sms_sends_and_status_changes_are_logged_at_info_and_counted_without_the_number() {
+    use crate::fake_twilio::FakeTwilio;
+    const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+    const SECRET_KEY: &str = "sb_secret_logs0123456789abcdefghijk";
+    const PUBLIC_URL: &str = "https://edgegate.example.com";
+    const TO: &str = "+12025550199";
+    const BODY: &str = "your code is 424242";
+    let twilio = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let vars = [
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
+        ("TWILIO_ACCOUNT_SID", ACCOUNT),
+        ("TWILIO_AUTH_TOKEN", TOKEN),
+        ("TWILIO_API_BASE", twilio.base.as_str()),
+        ("TWILIO_FROM_NUMBER", "+15005550006"),
+        ("PUBLIC_URL", PUBLIC_URL),
+    ];
+    let (receipt, metrics) = (
+        std::sync::Mutex::new(Value::Null),
+        std::sync::Mutex::new(String::new()),
+    );
+    let (receipt_out, metrics_out) = (&receipt, &metrics);
+    let log = log_of(&vars, |base| async move {
+        let client = reqwest::Client::new();
+        let sent: Value = client
+            .post(format!("{base}/functions/v1/send-sms"))
+            .header("apikey", SECRET_KEY)
+            .json(&serde_json::json!({"to": TO, "body": BODY}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (id, sid) = (
+            sent["id"].as_str().expect("an id"),
+            sent["sid"].as_str().expect("a sid"),
+        );
+        let params = [
+            ("AccountSid", ACCOUNT),
+            ("ErrorCode", "30007"),
+            ("From", "+15005550006"),
+            ("MessageSid", sid),
+            ("MessageStatus", "undelivered"),
+            ("To", TO),
+        ];
+        let url = format!("{PUBLIC_URL}/functions/v1/twilio-status?id={id}");
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let signature = edgegate::twilio::signature::compute(TOKEN.as_bytes(), &url, &owned);
+        let answered = client
+            .post(format!("{base}/functions/v1/twilio-status?id={id}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", signature)
+            .body(
+                url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(params)
+                    .finish(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answered.status(), 204);
+        *metrics_out.lock().unwrap() = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        *receipt_out.lock().unwrap() = sent;
+    })
+    .await;
+    let receipt = receipt.into_inner().unwrap();
+    let (id, sid) = (
+        receipt["id"].as_str().unwrap(),
+        receipt["sid"].as_str().unwrap(),
+    );
+
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let line_of = |message: &str| {
+        lines
+            .iter()
+            .find(|line| line["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in:\n{log}"))
+    };
+    let sent = line_of("SMS sent");
+    assert_eq!(field(sent, "level").unwrap(), "INFO", "{sent}");
+    assert_eq!(field(sent, "id").unwrap(), id, "{sent}");
+    assert_eq!(field(sent, "sid").unwrap(), sid, "{sent}");
+    assert_eq!(field(sent, "status").unwrap(), "queued", "{sent}");
+    let updated = line_of("SMS status updated");
+    assert_eq!(field(updated, "level").unwrap(), "INFO", "{updated}");
+    assert_eq!(field(updated, "id").unwrap(), id, "{updated}");
+    assert_eq!(field(updated, "sid").unwrap(), sid, "{updated}");
+    assert_eq!(
+        field(updated, "previous_status").unwrap(),
+        "queued",
+        "{updated}"
+    );
+    assert_eq!(
+        field(updated, "status").unwrap(),
+        "undelivered",
+        "{updated}"
+    );
+    assert_eq!(field(updated, "error_code").unwrap(), 30007, "{updated}");
+    assert_eq!(field(updated, "source").unwrap(), "callback", "{updated}");
+    for secret in [TO, "12025550199", BODY, TOKEN] {
+        assert!(!log.contains(secret), "{secret} reached the log:\n{log}");
+    }
+
+    let metrics = metrics.into_inner().unwrap();
+    for (series, value) in [
+        (r#"edgegate_sms_sent_total{outcome="accepted"}"#, 1.0),
+        (r#"edgegate_sms_sent_total{outcome="refused"}"#, 0.0),
+        (
+            r#"edgegate_sms_status_total{status="undelivered",source="callback"}"#,
+            1.0,
+        ),
+        (
+            r#"edgegate_sms_status_total{status="delivered",source="recovery"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, series),
+            Some(value),
+            "{series} in:\n{metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains(sid) && !metrics.contains("30007"),
+        "{metrics}"
+    );
+}

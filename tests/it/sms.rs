@@ -680,6 +680,16 @@ async fn sms_per_recipient_limit_holds_across_instances_with_retry_after() {
         audit.iter().filter(|e| e.outcome == "rate_limited").count(),
         2
     );
+    // Each instance counts its own.
+    for (instance, accepted, limited) in [(&a, 1, 1), (&b, 2, 1)] {
+        let text = instance.server.get("/metrics").await.text().await.unwrap();
+        for line in [
+            format!(r#"edgegate_sms_sent_total{{outcome="accepted"}} {accepted}"#),
+            format!(r#"edgegate_sms_sent_total{{outcome="rate_limited"}} {limited}"#),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -1173,6 +1183,9 @@ async fn sms_a_callback_naming_one_message_with_anothers_sid_is_applied_to_the_s
     const SID_B: &str = "SM0123456789abcdef0123456789abcd0b";
     fake.script([Reply::Oversized(8 * 1024 * 1024), Reply::CreatedAs(SID_B)]);
     expect_upstream_failure(&app, "+12025550123", "unknown").await;
+    let text = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_sms_sent_total{outcome="unknown"} 1"#;
+    assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
     let id_a = last_audited_sms_id(&app).await;
     let b = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
     assert_eq!(b.status, 202, "{}", b.body);
@@ -1947,16 +1960,20 @@ async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
     let lost_sid = lost.body["sid"].as_str().unwrap().to_owned();
     fake.set_status(&sid, "delivered", None);
     fake.set_status(&lost_sid, "undelivered", Some(30003));
-    let (store, api) = (&app.state.store, twilio_api(&app));
+    let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
     let clock = edgegate::clock::Clock::manual();
 
     // Too soon: its callbacks may still come.
-    let early = recover_statuses(store, &api, &clock).await.unwrap();
+    let early = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!(early.fetched, 0);
     assert!(fake.fetches().is_empty());
 
     clock.advance(SETTLE + Duration::from_secs(1));
-    let pass = recover_statuses(store, &api, &clock).await.unwrap();
+    let pass = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!((pass.fetched, pass.applied), (2, 2), "{pass:?}");
     let mut fetched = fake.fetches();
     fetched.sort();
@@ -1970,10 +1987,22 @@ async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
         (row.status.as_str(), row.error_code),
         ("undelivered", Some(30003))
     );
+    // Counted as recovered, not as callbacks.
+    let text = app.server.get("/metrics").await.text().await.unwrap();
+    for line in [
+        r#"edgegate_sms_status_total{status="delivered",source="recovery"} 1"#,
+        r#"edgegate_sms_status_total{status="undelivered",source="recovery"} 1"#,
+        r#"edgegate_sms_status_total{status="delivered",source="callback"} 0"#,
+        r#"edgegate_sms_sent_total{outcome="accepted"} 2"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+    }
 
     // Settled: never asked again.
     clock.advance(Duration::from_secs(24 * 3600));
-    let later = recover_statuses(store, &api, &clock).await.unwrap();
+    let later = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!(later.fetched, 0);
     assert_eq!(fake.fetches().len(), 2);
 }
@@ -1988,7 +2017,7 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     use edgegate::store::{NewSms, SendResult, SmsLimits};
     use edgegate::twilio::recover::{BATCH, GIVE_UP, SETTLE, recover_statuses};
     let (_db, fake, app) = one_instance!(&[]);
-    let (store, api) = (&app.state.store, twilio_api(&app));
+    let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
     let clock = edgegate::clock::Clock::manual();
     let now = clock.now_ms();
     let hour = 3_600_000;
@@ -2031,7 +2060,9 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     row("old".into(), "SMold".into(), "sent", now - old).await;
     fake.set_status("SMold", "delivered", None);
 
-    let first = recover_statuses(store, &api, &clock).await.unwrap();
+    let first = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!(first.fetched, BATCH, "{first:?}");
     assert_eq!(first.applied, BATCH - 3, "{first:?}");
     assert_eq!(fake.fetches(), sids[..BATCH], "oldest first, at most BATCH");
@@ -2048,17 +2079,23 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     assert_eq!(status("r50").await, "sent");
 
     // The next pass takes the rest, not the rows just checked.
-    let second = recover_statuses(store, &api, &clock).await.unwrap();
+    let second = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!((second.fetched, second.applied), (5, 5), "{second:?}");
     assert_eq!(fake.fetches()[BATCH..], sids[BATCH..]);
     assert_eq!(status("r54").await, "delivered");
 
     // r0 to r2 had been unchanged for an hour when checked: not again within the hour.
     clock.advance(SETTLE + Duration::from_secs(1));
-    let third = recover_statuses(store, &api, &clock).await.unwrap();
+    let third = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!(third.fetched, 0, "{third:?}");
     clock.advance(Duration::from_secs(3600));
-    let fourth = recover_statuses(store, &api, &clock).await.unwrap();
+    let fourth = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
     assert_eq!(fourth.fetched, 3, "{fourth:?}");
     assert_eq!(fake.fetches()[count..], sids[..3]);
 
