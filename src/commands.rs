@@ -322,7 +322,8 @@ fn check_client(target: &url::Url) -> reqwest::Client {
     })
 }
 
-/// Twilio's account endpoint with the configured credentials; the token is never shown.
+/// Twilio's account endpoint with the configured credentials (the token is never shown), and
+/// which numbers may be texted.
 async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
     let Some(api) = TwilioApi::from_config(&http, &config.twilio) else {
         return CheckLine {
@@ -353,6 +354,17 @@ async fn check_twilio(config: &Config, http: reqwest::Client) -> CheckLine {
             ),
         ),
     };
+    // SMS_ALLOWED_PREFIXES unset (or blank) lets any number be texted, which an operator who
+    // meant to guard against SMS pumping should see.
+    let prefixes = &config.sms.allowed_prefixes;
+    if prefixes.is_empty() {
+        detail.push_str("; any destination may be texted (SMS_ALLOWED_PREFIXES is not set)");
+    } else {
+        detail.push_str(&format!(
+            "; only numbers starting with {} may be texted (SMS_ALLOWED_PREFIXES)",
+            prefixes.join(", ")
+        ));
+    }
     if config.public_url.is_none() {
         detail.push_str(
             "; PUBLIC_URL is not set: messages are sent without a status callback \

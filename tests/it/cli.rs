@@ -529,6 +529,45 @@ async fn check_fails_twilio_credentials_without_a_sender() {
     );
 }
 
+/// The Twilio line says which numbers may be texted: any, when SMS_ALLOWED_PREFIXES is unset or
+/// blank (an operator who meant to restrict them learns that it is not), else the prefixes.
+#[tokio::test]
+async fn check_says_which_destinations_may_be_texted() {
+    const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+    let twilio = crate::fake_twilio::FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let vars = |prefixes: Option<&str>| {
+        let mut vars = vec![
+            ("TWILIO_ACCOUNT_SID", ACCOUNT.to_owned()),
+            ("TWILIO_AUTH_TOKEN", TOKEN.to_owned()),
+            ("TWILIO_API_BASE", twilio.base.clone()),
+            ("TWILIO_FROM_NUMBER", "+15005550006".to_owned()),
+            ("PUBLIC_URL", "https://edge.example.com".to_owned()),
+        ];
+        vars.extend(prefixes.map(|value| ("SMS_ALLOWED_PREFIXES", value.to_owned())));
+        vars
+    };
+    for any in [None, Some(""), Some("  ")] {
+        let (code, printed, _) = check(vars(any)).await;
+        assert_eq!(code, Some(0), "{any:?}: {printed}");
+        let twilio_line = line(&printed, "twilio");
+        assert!(twilio_line.starts_with("ok"), "{any:?}: {printed}");
+        assert!(
+            twilio_line.contains("any destination may be texted (SMS_ALLOWED_PREFIXES is not set)"),
+            "{any:?}: {twilio_line}"
+        );
+    }
+    let (code, printed, _) = check(vars(Some("+1, +44"))).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let twilio_line = line(&printed, "twilio");
+    assert!(
+        twilio_line
+            .contains("only numbers starting with +1, +44 may be texted (SMS_ALLOWED_PREFIXES)"),
+        "{twilio_line}"
+    );
+    assert!(!twilio_line.contains("any destination"), "{twilio_line}");
+}
+
 /// What a dependency answers is printed by `check` on its item's one line: a newline in
 /// Twilio's error message printed a line of its own, which read as another item's verdict.
 #[tokio::test]
