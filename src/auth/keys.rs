@@ -5,8 +5,8 @@
 //!   with `kty`/`crv`), else it follows strictly from `kty`/`crv` (EC P-256 → ES256,
 //!   OKP Ed25519 → EdDSA, RSA → RS256);
 //! - `use`, when present, must be `sig`; `key_ops`, when present, must hold `verify`;
-//! - RSA moduli under 2048 (or over 8192) bits, RSA exponents that are even or under 3,
-//!   unsupported curves and asymmetric keys without `kid` are dropped;
+//! - RSA moduli under 2048 (or over 8192) bits, RSA exponents that are even, under 3 or at
+//!   least 2^32, unsupported curves and asymmetric keys without `kid` are dropped;
 //! - `oct` keys from a fetched set are always dropped (a remote party must never be able to
 //!   hand us an HMAC secret); inline `oct` keys (no `alg`, or `alg: HS256`; `kid` optional and
 //!   only listed) of at least 32 bytes are legacy secrets (the configuration refuses shorter).
@@ -505,7 +505,7 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, Reason> {
                 return Err("RSA modulus over 8192 bits".into());
             }
             if !exponent_is_usable(&e) {
-                return Err("RSA exponent is not an odd number of at least 3".into());
+                return Err("RSA exponent must be odd, at least 3 and below 2^32".into());
             }
             let key = RsaPublicKeyComponents { n: &n, e: &e }
                 .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
@@ -527,8 +527,8 @@ fn parse_one(jwk: &Value, origin: KeyOrigin) -> Result<Parsed, Reason> {
 }
 
 /// An RSA public exponent must be odd and at least 3 (RFC 8017 §3.1); `e = 1` would make every
-/// "signature" its own message. `e` is minimal big-endian, and longer than 4 bytes is refused
-/// (aws-lc takes at most 33 bits; real keys use 65537).
+/// "signature" its own message. `e` is minimal big-endian, and longer than 4 bytes (2^32 or
+/// more) is refused too: aws-lc takes at most 33 bits, and real keys use 65537.
 fn exponent_is_usable(e: &[u8]) -> bool {
     let odd = e.last().is_some_and(|last| last & 1 == 1);
     odd && e.len() <= 4 && (e.len() > 1 || e[0] >= 3)

@@ -84,15 +84,15 @@ fn fetched_set_drops_with_reasons() {
         ),
         (
             with(rs.clone(), json!({"e":"AQ"})),
-            "RSA exponent is not an odd number of at least 3",
+            "RSA exponent must be odd, at least 3 and below 2^32",
         ),
         (
             with(rs.clone(), json!({"e":"AAE"})),
-            "RSA exponent is not an odd number of at least 3",
+            "RSA exponent must be odd, at least 3 and below 2^32",
         ),
         (
             with(rs.clone(), json!({"e":"AQAA"})),
-            "RSA exponent is not an odd number of at least 3",
+            "RSA exponent must be odd, at least 3 and below 2^32",
         ),
         (with(es.clone(), json!({"use":"enc"})), "use is not sig"),
         (
@@ -367,4 +367,48 @@ fn kid_check_agrees_with_the_rule_for_every_character() {
     assert!(kid_is_well_formed(&"a".repeat(MAX_KID_LEN)));
     assert!(kid_is_well_formed("0f6c4b8e-3a49-4d8a-9c0e-6b1f2d7a9e15"));
     assert!(kid_is_well_formed("ключ-2026"));
+}
+
+/// RSA exponents of 2^32 and more are dropped (aws-lc takes none that large), and the reason
+/// says so: they are odd and at least 3, which the reason used to deny ("RSA exponent is not an
+/// odd number of at least 3" for e = 2^32 + 1). 2^32 − 1 is the largest exponent taken.
+#[test]
+fn rsa_exponents_from_2_to_the_32_are_dropped_with_a_true_reason() {
+    let rs = TestKey::rs256("rs").public_jwk();
+    let rule = "RSA exponent must be odd, at least 3 and below 2^32";
+    let mut e_4095 = vec![0xFFu8; 512];
+    e_4095[0] = 0x7F; // 4095 bits, odd
+    let too_large = [
+        ("2^32 + 1", "AQAAAAE".to_owned()),
+        ("2^33 − 1", b64(&[0x01, 0xFF, 0xFF, 0xFF, 0xFF])),
+        ("2^40 + 1", b64(&[0x01, 0, 0, 0, 0, 0x01])),
+        (
+            "2^32 + 1 with a leading zero",
+            b64(&[0, 0x01, 0, 0, 0, 0x01]),
+        ),
+        ("a 4095-bit odd exponent", b64(&e_4095)),
+    ];
+    for (what, e) in &too_large {
+        assert_eq!(
+            reason_for(with(rs.clone(), json!({ "e": e }))).as_deref(),
+            Some(rule),
+            "{what}"
+        );
+    }
+    // Even, or under 3: the same rule, still true.
+    for e in ["AQ", "AAE", "AQAA", "Ag", "AA"] {
+        assert_eq!(
+            reason_for(with(rs.clone(), json!({ "e": e }))).as_deref(),
+            Some(rule),
+            "e = {e}"
+        );
+    }
+    // The largest exponent taken, and the usual one.
+    for e in [b64(&[0xFF; 4]), "AQAB".to_owned()] {
+        assert_eq!(
+            reason_for(with(rs.clone(), json!({ "e": e }))),
+            None,
+            "e = {e}"
+        );
+    }
 }
