@@ -670,8 +670,8 @@ impl JwksFetcher {
 }
 
 /// Freshness from `Cache-Control: max-age` less the answer's `Age` (the time a cache in front of
-/// the host has held it), clamped to [`MAX_AGE_BOUNDS`]; `no-cache`/`no-store` count as the lower
-/// bound; otherwise `default`.
+/// the host has held it), clamped to [`MAX_AGE_BOUNDS`] (a `max-age` too large to represent is
+/// the largest one); `no-cache`/`no-store` count as the lower bound; otherwise `default`.
 pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Duration {
     let (lo, hi) = MAX_AGE_BOUNDS;
     let age = age(headers).unwrap_or(0);
@@ -685,13 +685,23 @@ pub fn freshness(headers: &reqwest::header::HeaderMap, default: Duration) -> Dur
                 return lo;
             }
             if let Some(secs) = lower.strip_prefix("max-age=")
-                && let Ok(secs) = secs.trim_matches('"').parse::<u64>()
+                && let Some(secs) = delta_seconds(secs.trim_matches('"'))
             {
                 found = Some(Duration::from_secs(secs.saturating_sub(age)).clamp(lo, hi));
             }
         }
     }
     found.unwrap_or(default)
+}
+
+/// A `max-age` value in seconds; `None` unless it is an integer. One too large to represent
+/// counts as the largest one (RFC 9111 §1.2.2), so the upper bound applies to it.
+fn delta_seconds(value: &str) -> Option<u64> {
+    match value.parse::<u64>() {
+        Ok(secs) => Some(secs),
+        Err(err) if *err.kind() == std::num::IntErrorKind::PosOverflow => Some(u64::MAX),
+        Err(_) => None,
+    }
 }
 
 /// The `Age` header in seconds (RFC 9111 §5.1); `None` unless it is a non-negative integer. A
@@ -768,6 +778,37 @@ mod tests {
         assert_eq!(freshness(&h, ttl), Duration::from_secs(30));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=banana"));
         assert_eq!(freshness(&h, ttl), ttl);
+    }
+
+    /// A `max-age` too large to represent is taken as the greatest one (RFC 9111 §1.2.2), so
+    /// the upper clamp applies; it was taken as absent, and the configured TTL used.
+    #[test]
+    fn an_overflowing_max_age_is_the_greatest_one() {
+        let ttl = Duration::from_secs(600);
+        let with = |cc: &'static str, age: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(CACHE_CONTROL, HeaderValue::from_static(cc));
+            if let Some(age) = age {
+                h.insert(AGE, HeaderValue::from_static(age));
+            }
+            freshness(&h, ttl)
+        };
+        let hi = MAX_AGE_BOUNDS.1;
+        for cc in [
+            "max-age=99999999999999999999999",
+            "public, max-age=18446744073709551616",
+            "max-age=\"99999999999999999999999\"",
+            "MAX-AGE=99999999999999999999999",
+        ] {
+            assert_eq!(with(cc, None), hi, "{cc}");
+            assert_eq!(with(cc, Some("3600")), hi, "{cc}, Age 3600");
+        }
+        assert_eq!(with("max-age=18446744073709551615", None), hi, "u64::MAX");
+        assert_eq!(with("max-age=2147483648", None), hi, "2^31");
+        // Still not delta-seconds: ignored, as before.
+        for cc in ["max-age=-5", "max-age=1.5", "max-age=", "max-age=9e99"] {
+            assert_eq!(with(cc, None), ttl, "{cc}");
+        }
     }
 
     #[test]
