@@ -5,8 +5,9 @@
 //! Input: one mode byte (bit 0: a bare array is allowed, as for `SUPABASE_JWKS`), then fields
 //! split at 0xFF: the document, a `Cache-Control` value.
 //!
-//! Oracles: a fetched set never yields an HMAC secret; accepted keys have distinct, well-formed
-//! kids and stay within the key limit; the refresh time stays within its bounds.
+//! Oracles: a fetched set never yields an HMAC secret; a key with a member name twice is
+//! dropped; accepted keys have distinct, well-formed kids and stay within the key limit; the
+//! refresh time stays within its bounds.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use edgegate::auth::jwks::{MAX_AGE_BOUNDS, MAX_JWKS_BYTES, freshness};
 use edgegate::auth::keyring::FetchedInfo;
 use edgegate::auth::keys::{
-    MAX_JWKS_KEYS, MAX_KID_LEN, parse_fetched_keys, parse_inline_keys, parse_jwks_document,
+    MAX_JWKS_KEYS, MAX_KID_LEN, parse_fetched_entries, parse_inline_keys, parse_jwks_document,
 };
 use edgegate::auth::{KeyRing, KeyRingHandle, verify};
 use edgegate_fuzz::{fields, ring};
@@ -44,12 +45,20 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(jwks.len() <= MAX_JWKS_KEYS);
 
-    let fetched = parse_fetched_keys(&jwks);
+    let fetched = parse_fetched_entries(&jwks);
     assert!(
         fetched.legacy.is_empty(),
         "a fetched JWKS yielded an HMAC secret"
     );
-    let inline = parse_inline_keys(&jwks);
+    let with_duplicates = jwks.iter().filter(|key| key.duplicate.is_some()).count();
+    let duplicates_dropped = fetched
+        .dropped
+        .iter()
+        .filter(|key| key.reason.starts_with("duplicate member `"))
+        .count();
+    assert_eq!(duplicates_dropped, with_duplicates);
+    let values: Vec<serde_json::Value> = jwks.iter().map(|key| key.value.clone()).collect();
+    let inline = parse_inline_keys(&values);
     for parsed in [&fetched, &inline] {
         assert_eq!(
             parsed.keys.len() + parsed.legacy.len() + parsed.dropped.len(),

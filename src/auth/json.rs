@@ -3,10 +3,15 @@
 //! `serde_json` silently keeps the last of two equal member names. Two parsers that disagree
 //! on which duplicate wins are a classic JWT confusion (one component checks `alg`, another
 //! uses it), so token headers, claims and JWKS documents are parsed with this instead.
+//!
+//! A JWKS document is read with [`key_set_from_slice`]: a duplicate inside one element of its
+//! key array is that key's fault alone (RFC 7517 §4 rejects the JWK, §5 ignores a JWK of a set
+//! that cannot be used), so it is reported with the element rather than failing the document.
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// Parses `bytes` as JSON, rejecting duplicate member names anywhere in the document.
@@ -97,6 +102,271 @@ impl<'de> Visitor<'de> for StrictVisitor {
             map.insert(key, value);
         }
         Ok(Value::Object(map))
+    }
+}
+
+/// A JSON value, and the first member name (in document order) found twice in one of its
+/// objects, at any depth. Of two equal names the first member is kept in `value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// The value.
+    pub value: Value,
+    /// The first name found twice in one object, if any.
+    pub duplicate: Option<String>,
+}
+
+/// Parses `bytes` as JSON, reporting the first duplicate member name instead of failing on it.
+pub fn from_slice_checked(bytes: &[u8]) -> Result<Checked, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let checked = CheckedSeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(checked)
+}
+
+/// What a JWKS document holds: its keys, each with the first duplicate found inside it, and
+/// the first duplicate found anywhere else (two `keys` members, say).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeySet {
+    /// The elements of the `keys` array of an object, or of the document when it is an array;
+    /// `None` when the document is neither (or its `keys` is no array).
+    pub keys: Option<Vec<Checked>>,
+    /// Whether the document is an array rather than an object.
+    pub bare_array: bool,
+    /// The first name found twice in one object outside the elements of `keys`.
+    pub duplicate: Option<String>,
+}
+
+/// Parses a JWKS document (see [`KeySet`]); fails only on what is not JSON.
+pub fn key_set_from_slice(bytes: &[u8]) -> Result<KeySet, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let set = de.deserialize_any(KeySetVisitor)?;
+    de.end()?;
+    Ok(set)
+}
+
+struct CheckedSeed;
+
+impl<'de> DeserializeSeed<'de> for CheckedSeed {
+    type Value = Checked;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Checked, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+fn unchecked(value: Value) -> Checked {
+    Checked {
+        value,
+        duplicate: None,
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Checked, E> {
+        Ok(unchecked(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Checked, E> {
+        Ok(unchecked(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Checked, E> {
+        Ok(unchecked(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Checked, E> {
+        Ok(unchecked(
+            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        ))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Checked, E> {
+        Ok(unchecked(Value::String(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Checked, E> {
+        Ok(unchecked(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(unchecked(Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<Checked, E> {
+        Ok(unchecked(Value::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        let mut out = Vec::new();
+        let mut duplicate = None;
+        while let Some(element) = seq.next_element_seed(CheckedSeed)? {
+            duplicate = duplicate.or(element.duplicate);
+            out.push(element.value);
+        }
+        Ok(Checked {
+            value: Value::Array(out),
+            duplicate,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Checked, A::Error> {
+        let mut map = Map::new();
+        let mut duplicate = None;
+        while let Some(key) = access.next_key::<String>()? {
+            let member = access.next_value_seed(CheckedSeed)?;
+            duplicate = duplicate.or(member.duplicate);
+            if map.contains_key(&key) {
+                duplicate.get_or_insert(key);
+            } else {
+                map.insert(key, member.value);
+            }
+        }
+        Ok(Checked {
+            value: Value::Object(map),
+            duplicate,
+        })
+    }
+}
+
+/// An array's elements, each checked on its own.
+fn checked_elements<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<Checked>, A::Error> {
+    let mut out = Vec::new();
+    while let Some(element) = seq.next_element_seed(CheckedSeed)? {
+        out.push(element);
+    }
+    Ok(out)
+}
+
+/// The value of a `keys` member: its elements checked one by one when it is an array.
+enum Elements {
+    Array(Vec<Checked>),
+    Other { duplicate: Option<String> },
+}
+
+struct ElementsSeed;
+
+impl<'de> DeserializeSeed<'de> for ElementsSeed {
+    type Value = Elements;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Elements, D::Error> {
+        deserializer.deserialize_any(ElementsVisitor)
+    }
+}
+
+struct ElementsVisitor;
+
+impl ElementsVisitor {
+    fn other<E>(self) -> Result<Elements, E> {
+        Ok(Elements::Other { duplicate: None })
+    }
+}
+
+impl<'de> Visitor<'de> for ElementsVisitor {
+    type Value = Elements;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_unit<E>(self) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_none<E>(self) -> Result<Elements, E> {
+        self.other()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Elements, A::Error> {
+        checked_elements(seq).map(Elements::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Elements, A::Error> {
+        let Checked { duplicate, .. } = CheckedVisitor.visit_map(access)?;
+        Ok(Elements::Other { duplicate })
+    }
+}
+
+struct KeySetVisitor;
+
+impl KeySetVisitor {
+    fn other<E>(self) -> Result<KeySet, E> {
+        Ok(KeySet {
+            keys: None,
+            bare_array: false,
+            duplicate: None,
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for KeySetVisitor {
+    type Value = KeySet;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_str<E>(self, _: &str) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_unit<E>(self) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_none<E>(self) -> Result<KeySet, E> {
+        self.other()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<KeySet, A::Error> {
+        Ok(KeySet {
+            keys: Some(checked_elements(seq)?),
+            bare_array: true,
+            duplicate: None,
+        })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<KeySet, A::Error> {
+        let mut names = BTreeSet::new();
+        let mut keys = None;
+        let mut duplicate = None;
+        while let Some(name) = access.next_key::<String>()? {
+            let seen = names.contains(&name);
+            if name == "keys" && !seen {
+                match access.next_value_seed(ElementsSeed)? {
+                    Elements::Array(elements) => keys = Some(elements),
+                    Elements::Other { duplicate: inner } => duplicate = duplicate.or(inner),
+                }
+            } else {
+                let member = access.next_value_seed(CheckedSeed)?;
+                duplicate = duplicate.or(member.duplicate);
+            }
+            if seen {
+                duplicate.get_or_insert(name);
+            } else {
+                names.insert(name);
+            }
+        }
+        Ok(KeySet {
+            keys,
+            bare_array: false,
+            duplicate,
+        })
     }
 }
 
@@ -309,6 +579,56 @@ mod tests {
         let v = from_slice_strict(br#"{"a":1,"b":[1,2,{"c":null}],"d":1.5}"#).unwrap();
         assert_eq!(v["b"][2]["c"], Value::Null);
         assert!(object_from_slice_strict(b"[1]").is_none());
+    }
+
+    /// The checked readers find a duplicate exactly where the strict one fails, report the
+    /// first in document order, and otherwise read the same value.
+    #[test]
+    fn checked_readers_agree_with_the_strict_one() {
+        let docs: [(&[u8], Option<&str>); 9] = [
+            (br#"{"a":1,"b":[1,{"c":null}],"d":1.5,"e":"x"}"#, None),
+            (br#"{"a":1,"a":2}"#, Some("a")),
+            (br#"{"x":{"b":1,"b":2},"x":3}"#, Some("b")),
+            (br#"{"x":3,"x":{"b":1,"b":2}}"#, Some("b")),
+            (br#"[{"a":1},{"c":1,"c":1},{"d":1,"d":1}]"#, Some("c")),
+            (br#"{"alg":"ES256","\u0061lg":"none"}"#, Some("alg")),
+            (br#"{"keys":[],"keys":[]}"#, Some("keys")),
+            (br#"[]"#, None),
+            (br#""s""#, None),
+        ];
+        for (doc, first) in docs {
+            let checked = from_slice_checked(doc).unwrap();
+            assert_eq!(checked.duplicate.as_deref(), first, "{doc:?}");
+            assert_eq!(from_slice_strict(doc).is_err(), first.is_some(), "{doc:?}");
+            if first.is_none() {
+                assert_eq!(checked.value, from_slice_strict(doc).unwrap());
+            }
+        }
+        // Of two equal names the first member is kept.
+        let checked = from_slice_checked(br#"{"a":1,"a":2}"#).unwrap();
+        assert_eq!(checked.value["a"], 1);
+        for bad in [&b"{"[..], b"[1,]", b"{} {}", b"{\"a\":1,\"a\":}"] {
+            assert!(from_slice_checked(bad).is_err(), "{bad:?}");
+            assert!(key_set_from_slice(bad).is_err(), "{bad:?}");
+        }
+
+        let set = key_set_from_slice(br#"{"keys":[{"a":1,"a":2},{"b":1}],"x":{}}"#).unwrap();
+        assert_eq!(set.duplicate, None);
+        assert!(!set.bare_array);
+        let keys = set.keys.unwrap();
+        assert_eq!(keys[0].duplicate.as_deref(), Some("a"));
+        assert_eq!(keys[1].duplicate, None);
+        let set = key_set_from_slice(br#"[{"a":1,"a":2}]"#).unwrap();
+        assert!(set.bare_array && set.duplicate.is_none());
+        for (doc, keys) in [
+            (&br#"{"keys":1}"#[..], false),
+            (br#"{"other":[]}"#, false),
+            (br#"{"keys":[],"keys":{}}"#, true),
+            (b"1", false),
+        ] {
+            let set = key_set_from_slice(doc).unwrap();
+            assert_eq!(set.keys.is_some(), keys, "{doc:?}");
+        }
     }
 
     /// Names that are nearly equal: empty and one-byte names, NUL bytes, the same first

@@ -19,7 +19,7 @@
 //!   running share the one that follows it.
 
 use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
-use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_keys, parse_jwks_document};
+use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_entries, parse_jwks_document};
 use crate::backoff;
 use crate::clock::Clock;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -647,8 +647,8 @@ impl JwksFetcher {
                 crate::outbound::BodyError::TooLarge { .. } => FetchError::TooLarge,
                 crate::outbound::BodyError::CutShort(err) => FetchError::transport(err),
             })?;
-        let values = parse_jwks_document(&body, false)?;
-        let mut parsed = parse_fetched_keys(&values);
+        let entries = parse_jwks_document(&body, false)?;
+        let mut parsed = parse_fetched_entries(&entries);
         let (taken, overridden) = ring.without_overridden(parsed.keys);
         parsed.dropped.extend(overridden);
         let keys = taken.len();

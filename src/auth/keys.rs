@@ -9,7 +9,10 @@
 //!   least 2^32, unsupported curves and asymmetric keys without `kid` are dropped;
 //! - `oct` keys from a fetched set are always dropped (a remote party must never be able to
 //!   hand us an HMAC secret); inline `oct` keys (no `alg`, or `alg: HS256`; `kid` optional and
-//!   only listed) of at least 32 bytes are legacy secrets (the configuration refuses shorter).
+//!   only listed) of at least 32 bytes are legacy secrets (the configuration refuses shorter);
+//! - a fetched key with a member name twice inside it, at any depth, is dropped alone (RFC 7517
+//!   §4, §5); a member name twice outside the keys refuses the whole document. The inline set
+//!   with a member name twice anywhere stops start-up (the configuration refuses it).
 //!
 //! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
 
@@ -192,9 +195,13 @@ pub struct DroppedKey {
 /// A JWKS document that cannot be used at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwksDocError {
-    /// Not JSON, or duplicate members.
+    /// Not JSON.
     #[error("JWKS is not valid JSON")]
     NotJson,
+    /// A member name twice in one object outside the keys (two `keys` members, say); the name
+    /// is shown as a dropped key's kid is. A duplicate inside one key drops that key alone.
+    #[error("JWKS has a duplicate member `{0}`")]
+    DuplicateMember(String),
     /// Neither `{"keys":[...]}` nor a bare array, where both are allowed (`SUPABASE_JWKS`).
     #[error("JWKS is neither {{\"keys\":[...]}} nor an array of keys")]
     WrongShape,
@@ -212,25 +219,26 @@ pub enum JwksDocError {
 /// Most keys accepted from one JWKS document; Supabase publishes a handful.
 pub const MAX_JWKS_KEYS: usize = 100;
 
+/// One key of a JWKS document, with the first member name found twice inside it (at any
+/// depth), which drops that key alone (RFC 7517 §4 and §5).
+pub type JwkEntry = crate::auth::json::Checked;
+
 /// Parses a JWKS document: `{"keys":[...]}`, or a bare array when `allow_bare_array`
-/// (the `SUPABASE_JWKS` variable accepts both; the fetched set must be an object).
+/// (the `SUPABASE_JWKS` variable accepts both; the fetched set must be an object). A member
+/// name twice in one object refuses the document when it is outside the keys, and is left to
+/// [`parse_fetched_entries`] to drop the one key when it is inside one.
 pub fn parse_jwks_document(
     bytes: &[u8],
     allow_bare_array: bool,
-) -> Result<Vec<Value>, JwksDocError> {
-    let doc = crate::auth::json::from_slice_strict(bytes).map_err(|_| JwksDocError::NotJson)?;
-    let wrong_shape = if allow_bare_array {
-        JwksDocError::WrongShape
-    } else {
-        JwksDocError::NotKeysObject
-    };
-    let keys = match doc {
-        Value::Object(mut map) => match map.remove("keys") {
-            Some(Value::Array(keys)) => keys,
-            _ => return Err(wrong_shape),
-        },
-        Value::Array(keys) if allow_bare_array => keys,
-        _ => return Err(wrong_shape),
+) -> Result<Vec<JwkEntry>, JwksDocError> {
+    let doc = crate::auth::json::key_set_from_slice(bytes).map_err(|_| JwksDocError::NotJson)?;
+    if let Some(name) = doc.duplicate {
+        return Err(JwksDocError::DuplicateMember(short_kid(&name)));
+    }
+    let keys = match doc.keys {
+        Some(keys) if allow_bare_array || !doc.bare_array => keys,
+        _ if allow_bare_array => return Err(JwksDocError::WrongShape),
+        _ => return Err(JwksDocError::NotKeysObject),
     };
     if keys.len() > MAX_JWKS_KEYS {
         return Err(JwksDocError::TooManyKeys(MAX_JWKS_KEYS));
@@ -251,18 +259,39 @@ pub struct ParsedKeys {
 
 /// Parses keys from the fetched JWKS: `oct` keys are always dropped.
 pub fn parse_fetched_keys(jwks: &[Value]) -> ParsedKeys {
-    parse_keys(jwks, KeyOrigin::Jwks)
+    parse_keys(jwks.iter().map(|jwk| (jwk, None)), KeyOrigin::Jwks)
+}
+
+/// Parses the keys of a fetched JWKS document ([`parse_jwks_document`]): as
+/// [`parse_fetched_keys`], and a key with a member name twice inside it is dropped.
+pub fn parse_fetched_entries(entries: &[JwkEntry]) -> ParsedKeys {
+    let entries = entries
+        .iter()
+        .map(|entry| (&entry.value, entry.duplicate.as_deref()));
+    parse_keys(entries, KeyOrigin::Jwks)
 }
 
 /// Parses keys from `SUPABASE_JWKS`: `oct` entries become legacy HS256 secrets.
 pub fn parse_inline_keys(jwks: &[Value]) -> ParsedKeys {
-    parse_keys(jwks, KeyOrigin::Inline)
+    parse_keys(jwks.iter().map(|jwk| (jwk, None)), KeyOrigin::Inline)
 }
 
-fn parse_keys(jwks: &[Value], origin: KeyOrigin) -> ParsedKeys {
+/// Parses each key, given with the first member name found twice inside it, if any.
+fn parse_keys<'a>(
+    jwks: impl Iterator<Item = (&'a Value, Option<&'a str>)>,
+    origin: KeyOrigin,
+) -> ParsedKeys {
     let mut out = ParsedKeys::default();
-    for jwk in jwks {
+    for (jwk, duplicate) in jwks {
+        // Of two `kid` members, the first is reported (the reason names `kid`).
         let kid = jwk.get("kid").and_then(Value::as_str).map(short_kid);
+        if let Some(name) = duplicate {
+            // RFC 7517 §4: a JWK with a member name twice is rejected; §5: the rest of the set
+            // is still used. The name is shown as a kid is, escaped and shortened.
+            let reason = format!("duplicate member `{}`", short_kid(name));
+            drop_key(&mut out, kid, &reason, origin);
+            continue;
+        }
         match parse_one(jwk, origin) {
             Ok(Parsed::Asymmetric(key)) => {
                 if out.keys.iter().any(|k| k.kid == key.kid) {
@@ -306,8 +335,8 @@ pub(crate) fn dropped_key(kid: Option<String>, reason: &str, origin: KeyOrigin) 
 
 /// A dropped key's kid as it is reported: its first 64 characters, control and invisible
 /// formatting ones written out (`\u{1b}`), since it was dropped perhaps for having them and is
-/// printed to an operator's terminal by `check`.
-fn short_kid(kid: &str) -> String {
+/// printed to an operator's terminal by `check`. A duplicate member's name is shown so too.
+pub(crate) fn short_kid(kid: &str) -> String {
     let mut short = String::with_capacity(kid.len().min(64));
     for c in kid.chars().take(64) {
         if c.is_control() || is_format_char(c) {

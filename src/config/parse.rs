@@ -500,8 +500,20 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
                 "must be JSON: {\"keys\":[…]} or an array of JWK objects",
             )
         };
-        let value: serde_json::Value = serde_json::from_str(&raw).map_err(|_| rule())?;
-        let keys = match value {
+        let checked = crate::auth::json::from_slice_checked(raw.as_bytes()).map_err(|_| rule())?;
+        // RFC 7517 §4 rejects a JWK with a member name twice. A fetched key with one is dropped
+        // alone; the inline set is the operator's own, so the mistake stops start-up.
+        if let Some(member) = checked.duplicate {
+            return Err(ConfigError::new(
+                name,
+                format!(
+                    "must not hold a member name twice in one JSON object (RFC 7517 §4), as it \
+                     does `{}`",
+                    crate::auth::keys::short_kid(&member)
+                ),
+            ));
+        }
+        let keys = match checked.value {
             serde_json::Value::Array(keys) => keys,
             serde_json::Value::Object(mut object) => match object.remove("keys") {
                 Some(serde_json::Value::Array(keys)) => keys,

@@ -268,6 +268,37 @@ fn inline_jwks_without_a_usable_key_is_refused() {
     assert_eq!(set.jwt.inline_jwks.len(), 2);
 }
 
+/// A member name twice in one object of `SUPABASE_JWKS` stops start-up, naming the member
+/// (RFC 7517 §4 rejects such a JWK): the set is the operator's own, so a mistake in it is
+/// refused whole, not dropped with a warning as a fetched key is. It was taken, the last of two
+/// equal members winning.
+#[test]
+fn inline_jwks_with_a_duplicate_member_is_refused() {
+    let key = crate::auth::mint::SigningKey::generate_with_kid(crate::auth::Alg::ES256, "good")
+        .unwrap()
+        .public_jwk()
+        .to_string();
+    let other = crate::auth::mint::SigningKey::generate_with_kid(crate::auth::Alg::ES256, "dm")
+        .unwrap()
+        .public_jwk()
+        .to_string();
+    let twice = other.replacen('{', r#"{"kty":"EC","#, 1);
+    let deep = other.replacen('{', r#"{"ext":[{"b":1,"b":2}],"#, 1);
+    for (jwks, member) in [
+        (format!("[{twice}]"), "kty"),
+        (format!(r#"{{"keys":[{key},{twice}]}}"#), "kty"),
+        (format!("[{key},{deep}]"), "b"),
+        (format!(r#"{{"keys":[{key}],"keys":[]}}"#), "keys"),
+    ] {
+        let err = refused("SUPABASE_JWKS", &jwks);
+        assert!(
+            err.rule.contains("member name twice") && err.rule.contains(&format!("`{member}`")),
+            "{err}"
+        );
+    }
+    assert!(config(&[("SUPABASE_JWKS", &format!("[{key},{other}]"))]).is_ok());
+}
+
 #[test]
 fn connection_limits_have_defaults_and_ranges() {
     let defaults = config(&[]).unwrap().connections;

@@ -3,7 +3,7 @@
 use super::util::*;
 use crate::auth::keys::{
     Alg, JwksDocError, KeyOrigin, MAX_KID_LEN, is_format_char, kid_is_well_formed,
-    parse_fetched_keys, parse_inline_keys, parse_jwks_document,
+    parse_fetched_entries, parse_fetched_keys, parse_inline_keys, parse_jwks_document,
 };
 use crate::auth::{AuthSettings, Authenticator, KeySource};
 use secrecy::SecretString;
@@ -262,6 +262,10 @@ fn jwks_document_shapes() {
     );
     assert_eq!(
         parse_jwks_document(br#"{"keys":[],"keys":[]}"#, true),
+        Err(JwksDocError::DuplicateMember("keys".into()))
+    );
+    assert_eq!(
+        parse_jwks_document(br#"{"keys":[1,"#, false),
         Err(JwksDocError::NotJson)
     );
     let many = json!({"keys": vec![k; 101]}).to_string();
@@ -411,4 +415,82 @@ fn rsa_exponents_from_2_to_the_32_are_dropped_with_a_true_reason() {
             "e = {e}"
         );
     }
+}
+
+/// A member name twice inside one key drops that key alone, naming the member (RFC 7517 §4,
+/// §5); twice outside the keys, the document is refused and says so. The whole document used to
+/// be refused as "not valid JSON" for either.
+#[test]
+fn a_duplicate_member_drops_its_key_alone_and_outside_the_keys_the_document() {
+    let es = TestKey::es256("es").public_jwk().to_string();
+    let dm = TestKey::es256("dm").public_jwk().to_string();
+    let inside = |extra: &str| dm.replacen('{', &format!("{{{extra},"), 1);
+    for (entry, member) in [
+        (inside(r#""kty":"EC""#), "kty"),
+        // The same name spelt with an escape.
+        (inside(r#""\u006bty":"EC""#), "kty"),
+        (inside(r#""ext":{"a":1,"a":1}"#), "a"),
+        (inside(r#""x5c":[{"b":[{"c":1,"c":2}]}]"#), "c"),
+        (inside(r#""\u001b[2J":1,"\u001b[2J":2"#), "\\u{1b}[2J"),
+    ] {
+        for (doc, bare) in [
+            (format!(r#"{{"keys":[{es},{entry}]}}"#), false),
+            (format!("[{entry},{es}]"), true),
+        ] {
+            let entries = parse_jwks_document(doc.as_bytes(), bare).expect(&doc);
+            assert_eq!(entries.len(), 2, "{doc}");
+            let parsed = parse_fetched_entries(&entries);
+            assert_eq!(parsed.keys.len(), 1, "{doc}");
+            assert_eq!(parsed.keys[0].kid(), "es");
+            let dropped: Vec<_> = parsed
+                .dropped
+                .iter()
+                .map(|d| (d.kid.as_deref(), d.reason.as_str(), d.origin))
+                .collect();
+            let reason = format!("duplicate member `{member}`");
+            assert_eq!(
+                dropped,
+                [(Some("dm"), reason.as_str(), KeyOrigin::Jwks)],
+                "{doc}"
+            );
+        }
+    }
+    // Of two kids, the first is reported.
+    let two_kids = dm.replacen('{', r#"{"kid":"first","#, 1);
+    let entries = parse_jwks_document(format!("[{two_kids}]").as_bytes(), true).unwrap();
+    let dropped = &parse_fetched_entries(&entries).dropped[0];
+    assert_eq!(
+        (dropped.kid.as_deref(), dropped.reason.as_str()),
+        (Some("first"), "duplicate member `kid`")
+    );
+    // A key without duplicates parses as it does from a value.
+    let entries = parse_jwks_document(format!("[{es}]").as_bytes(), true).unwrap();
+    assert_eq!(entries[0].duplicate, None);
+    assert_eq!(
+        entries[0].value,
+        serde_json::from_str::<Value>(&es).unwrap()
+    );
+
+    // Outside the keys: the whole document, whatever the keys hold.
+    for (doc, member) in [
+        (format!(r#"{{"keys":[{es}],"keys":[{es}]}}"#), "keys"),
+        (format!(r#"{{"keys":[{es}],"x":1,"x":2}}"#), "x"),
+        (
+            format!(r#"{{"meta":{{"a":[{{"b":1,"b":1}}]}},"keys":[{es}]}}"#),
+            "b",
+        ),
+        (r#"{"keys":{"a":1,"a":2}}"#.to_owned(), "a"),
+    ] {
+        let err = parse_jwks_document(doc.as_bytes(), false).expect_err(&doc);
+        assert_eq!(err, JwksDocError::DuplicateMember(member.into()), "{doc}");
+        assert_eq!(
+            err.to_string(),
+            format!("JWKS has a duplicate member `{member}`")
+        );
+    }
+    // Not JSON after a duplicate is still not JSON.
+    assert_eq!(
+        parse_jwks_document(br#"{"keys":[{"a":1,"a":2}],"#, false),
+        Err(JwksDocError::NotJson)
+    );
 }

@@ -854,3 +854,79 @@ async fn an_age_header_shortens_the_freshness() {
         report.ttl
     );
 }
+
+/// One key of the set with a duplicate member (RFC 7517 §4: that JWK must be rejected) is
+/// dropped alone, with the member named; the rest of the set is taken, so a kid removed in the
+/// same document stops verifying. The whole refresh used to fail ("JWKS is not valid JSON"),
+/// which kept the removed key trusted. A duplicate outside the keys (two "keys" members) still
+/// refuses the whole document, and says so.
+#[tokio::test]
+async fn a_key_with_a_duplicate_member_is_dropped_alone_and_a_removal_beside_it_holds() {
+    let k1 = TestKey::es256("k1");
+    let k2 = TestKey::es256("k2");
+    let dm = TestKey::es256("dm");
+    let host = JwksHost::start(&[k1.public_jwk(), k2.public_jwk()]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    initial_fetch(&auth).await;
+    let fetcher = auth.fetcher().expect("fetcher");
+    let t2 = k2.token(&claims(clock.unix_now()));
+    assert!(auth.verify_bearer(&t2).await.is_ok());
+
+    // k2 removed; dm published with "kty" twice, and a key with a duplicate deeper inside.
+    let dm_jwk = dm.public_jwk().to_string();
+    let dm_twice = dm_jwk.replacen('{', r#"{"kty":"EC","#, 1);
+    let deep = TestKey::es256("deep").public_jwk().to_string();
+    let deep_twice = deep.replacen('{', r#"{"ext":{"a":[{"b":1,"b":2}]},"#, 1);
+    let body = format!(
+        r#"{{"keys":[{},{dm_twice},{deep_twice}]}}"#,
+        k1.public_jwk()
+    );
+    host.update(|r| r.body = body);
+    let report = fetcher.refresh_now().await.expect("the set is taken");
+    assert_eq!(report.keys, 1, "{:?}", report.dropped);
+    let dropped: Vec<(Option<&str>, &str)> = report
+        .dropped
+        .iter()
+        .map(|d| (d.kid.as_deref(), d.reason.as_str()))
+        .collect();
+    assert_eq!(
+        dropped,
+        [
+            (Some("dm"), "duplicate member `kty`"),
+            (Some("deep"), "duplicate member `b`")
+        ]
+    );
+    assert_eq!(
+        auth.verify_bearer(&t2).await.map_err(|e| e.code()),
+        Err("UNAUTHORIZED_ASYMMETRIC_JWT"),
+        "the removed key no longer verifies"
+    );
+    assert!(
+        auth.verify_bearer(&dm.token(&claims(clock.unix_now())))
+            .await
+            .is_err(),
+        "the key with a duplicate member is not trusted"
+    );
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
+
+    // Two "keys" members: the document is refused whole, the last good set stays.
+    let body = format!(
+        r#"{{"keys":[{}],"keys":[{}]}}"#,
+        k1.public_jwk(),
+        k2.public_jwk()
+    );
+    host.update(|r| r.body = body);
+    let err = fetcher.refresh_now().await.expect_err("refused");
+    assert_eq!(err.to_string(), "JWKS has a duplicate member `keys`");
+    assert!(
+        auth.verify_bearer(&k1.token(&claims(clock.unix_now())))
+            .await
+            .is_ok()
+    );
+    assert!(auth.verify_bearer(&t2).await.is_err());
+}
