@@ -448,7 +448,7 @@ pub struct NotReady {
 #[allow(dead_code)]
 pub struct WebhookReceipt {
     received: bool,
-    /// The event id was already applied: nothing was written again.
+    /// The event id was already recorded (applied or not): nothing was written again.
     duplicate: bool,
 }
 

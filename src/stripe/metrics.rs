@@ -47,6 +47,7 @@ impl StripeMetrics {
             "stripe_webhook_events",
             "Webhook deliveries, by event type (unknown for a refused delivery) and outcome: \
              applied (new; one of a type edgegate does not act on is recorded only), duplicate, \
+             connect_account (a connected account's event: recorded, not applied), \
              invalid_signature, unreadable, same_second_unsettled or error (these four not \
              stored; Stripe delivers them again)",
             self.webhook_events.clone(),
@@ -71,7 +72,7 @@ impl StripeMetrics {
 mod tests {
     use super::*;
     use crate::stripe::signature::SignatureError;
-    use crate::stripe::webhook::WebhookError;
+    use crate::stripe::webhook::{Foreign, Outcome, WebhookError};
 
     #[test]
     fn the_webhook_help_names_every_outcome_counted() {
@@ -95,8 +96,14 @@ mod tests {
             WebhookError::Store(anyhow::anyhow!("rolled back")),
             WebhookError::NeedsSecretKey(String::new()),
         ];
-        for outcome in ["applied", "duplicate"]
+        let taken = [
+            Outcome::Applied,
+            Outcome::Duplicate,
+            Outcome::Foreign(Foreign::ConnectedAccount),
+        ];
+        for outcome in taken
             .into_iter()
+            .map(Outcome::label)
             .chain(refused.iter().map(WebhookError::outcome))
         {
             assert!(words.contains(&outcome), "{outcome} not in {help}");

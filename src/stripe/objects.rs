@@ -424,6 +424,9 @@ pub struct Event {
     pub event_type: String,
     pub created: i64,
     pub livemode: Option<bool>,
+    /// The connected account the event happened in (a Connect event); `null` or absent for the
+    /// platform's own. edgegate records such an event and applies nothing.
+    pub account: Option<String>,
     pub data: EventData,
 }
 

@@ -392,7 +392,7 @@ async fn walk_pages(
             counts.seen += 1;
             match webhook::apply(store, Some(client), event, clock.now_ms()).await {
                 Ok(Outcome::Applied) => counts.applied += 1,
-                Ok(Outcome::Ignored) => counts.ignored += 1,
+                Ok(Outcome::Ignored | Outcome::Foreign(_)) => counts.ignored += 1,
                 Ok(Outcome::Duplicate) => counts.already_applied += 1,
                 // Signed by Stripe's own API yet unreadable: skipping it is all a rerun could do.
                 Err(WebhookError::Unreadable(reason)) => {

@@ -91,8 +91,64 @@ pub enum Outcome {
     Applied,
     /// New, of a type edgegate does not act on: recorded in the ledger only.
     Ignored,
+    /// New, and about objects that are not the platform's (see [`Foreign`]): recorded in the
+    /// ledger only, its object neither read, written nor fetched.
+    Foreign(Foreign),
     /// Already in the ledger: nothing done.
     Duplicate,
+}
+
+impl Outcome {
+    /// The metrics label of a delivery with this outcome. A type edgegate does not act on is
+    /// counted as `applied` (it is recorded as it should be).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Applied | Self::Ignored => "applied",
+            Self::Foreign(foreign) => foreign.label(),
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Why a signed event is about objects edgegate does not keep, so that applying it would write
+/// another account's objects into the platform's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Foreign {
+    /// A Connect event (`account` set): it happened in a connected account, and reached edgegate
+    /// through a Connect endpoint whose secret is in `STRIPE_WEBHOOK_SECRET`. Its object is that
+    /// account's; asked of Stripe with the platform's key it does not exist.
+    ConnectedAccount,
+}
+
+impl Foreign {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ConnectedAccount => "connect_account",
+        }
+    }
+}
+
+/// Whether `event` is about objects that are not the platform's own.
+fn foreign(event: &Event) -> Option<Foreign> {
+    if event.account.is_some() {
+        return Some(Foreign::ConnectedAccount);
+    }
+    None
+}
+
+/// Logs, once per event (not for a redelivery), why `event` was recorded and not applied.
+fn log_foreign(event: &Event, foreign: Foreign) {
+    match foreign {
+        Foreign::ConnectedAccount => tracing::warn!(
+            event = event.id,
+            event_type = event.event_type,
+            account = event.account.as_deref().unwrap_or_default(),
+            "Stripe event recorded and not applied: it happened in a connected account \
+             (Connect), whose objects are not the platform's; send only the platform's own \
+             events here (delete the Connect endpoint in Stripe, or point it elsewhere, and \
+             remove its secret from STRIPE_WEBHOOK_SECRET)"
+        ),
+    }
 }
 
 /// What became of a delivery.
@@ -100,6 +156,8 @@ pub enum Outcome {
 pub struct Delivery {
     pub event_type: String,
     pub duplicate: bool,
+    /// The metrics label of the delivery (see [`Outcome::label`]).
+    pub outcome: &'static str,
 }
 
 /// Verifies and applies one delivery, and counts it in `metrics`. `now_ms` is the receiving time
@@ -121,18 +179,12 @@ pub async fn receive(
         Ok(Delivery {
             event_type: event.event_type,
             duplicate: outcome == Outcome::Duplicate,
+            outcome: outcome.label(),
         })
     }
     .await;
     match &received {
-        Ok(delivery) => {
-            let outcome = if delivery.duplicate {
-                "duplicate"
-            } else {
-                "applied"
-            };
-            metrics.webhook_event(&delivery.event_type, outcome);
-        }
+        Ok(delivery) => metrics.webhook_event(&delivery.event_type, delivery.outcome),
         Err(err) => metrics.webhook_event("unknown", err.outcome()),
     }
     received
@@ -140,14 +192,19 @@ pub async fn receive(
 
 /// Records one event in the ledger and writes its effect, once. When the row was last written
 /// by an event of the same second, the object's current state is fetched from Stripe and
-/// written instead; failing that, nothing is stored and the error says why.
+/// written instead; failing that, nothing is stored and the error says why. A [`Foreign`]
+/// event is recorded only: its object is neither read nor fetched.
 pub async fn apply(
     store: &Store,
     stripe: Option<&StripeClient>,
     event: &Event,
     now_ms: i64,
 ) -> Result<Outcome, WebhookError> {
-    let effect = effect_of(event, now_ms)?;
+    let foreign = foreign(event);
+    let effect = match foreign {
+        Some(_) => StripeEffect::None,
+        None => effect_of(event, now_ms)?,
+    };
     let ledger = LedgerEvent {
         id: event.id.clone(),
         event_type: event.event_type.clone(),
@@ -175,10 +232,17 @@ pub async fn apply(
             .await
             .map_err(WebhookError::Store)?;
     }
-    Ok(match receipt {
-        EventReceipt::Duplicate => Outcome::Duplicate,
-        _ if effect == StripeEffect::None => Outcome::Ignored,
-        _ => Outcome::Applied,
+    if receipt == EventReceipt::Duplicate {
+        return Ok(Outcome::Duplicate);
+    }
+    if let Some(foreign) = foreign {
+        log_foreign(event, foreign);
+        return Ok(Outcome::Foreign(foreign));
+    }
+    Ok(if effect == StripeEffect::None {
+        Outcome::Ignored
+    } else {
+        Outcome::Applied
     })
 }
 
@@ -475,27 +539,69 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_unreadable_event_is_refused_without_its_value() {
+    async fn memory_store() -> Store {
         let config = crate::config::Config::from_lookup(|name| {
             (name == "DATABASE_URL").then(|| "sqlite::memory:".to_owned())
         })
         .unwrap();
         let store = Store::connect(&config.database_url).await.unwrap();
-        let body = br#"{"id":"evt_1","type":"customer.updated","created":"alice@example.com","data":{"object":{}}}"#;
-        let now = 1_700_000_000;
-        let header = signature::sign(body, "whsec_test", now);
+        store.migrate().await.unwrap();
+        store
+    }
+
+    const NOW: i64 = 1_700_000_000;
+
+    /// `body` delivered signed with `whsec_test`, as Stripe would at `NOW`.
+    async fn deliver(
+        store: &Store,
+        stripe: Option<&StripeClient>,
+        body: &[u8],
+    ) -> Result<Delivery, WebhookError> {
+        let header = signature::sign(body, "whsec_test", NOW);
         let secrets = [SecretString::from("whsec_test")];
-        let received = receive(
-            &store,
-            None,
+        let metrics = StripeMetrics::default();
+        receive(
+            store,
+            stripe,
             &secrets,
             Some(&header),
             body,
-            now * 1000,
-            &StripeMetrics::default(),
+            NOW * 1000,
+            &metrics,
         )
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_connected_accounts_event_is_logged_once_and_not_applied() {
+        let store = memory_store().await;
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let body = br#"{"id":"evt_c1","type":"product.created","created":1699999990,"livemode":false,"account":"acct_1Seller","data":{"object":{"id":"prod_c1","name":"alice@example.com"}}}"#;
+        for duplicate in [false, true] {
+            let delivery = deliver(&store, None, body).await.unwrap();
+            assert_eq!(delivery.duplicate, duplicate);
+        }
+        let log = lines.text();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("connected account"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        for wanted in ["WARN", "evt_c1", "acct_1Seller", "product.created"] {
+            assert!(warned[0].contains(wanted), "{wanted} in {}", warned[0]);
+        }
+        assert!(
+            !log.contains("whsec_test") && !log.contains("alice@"),
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_event_is_refused_without_its_value() {
+        let store = memory_store().await;
+        let body = br#"{"id":"evt_1","type":"customer.updated","created":"alice@example.com","data":{"object":{}}}"#;
+        let received = deliver(&store, None, body).await;
         match received {
             Err(WebhookError::Unreadable(reason)) => {
                 assert_names_the_field_not_the_value(&reason, "created");

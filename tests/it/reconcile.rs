@@ -850,3 +850,67 @@ async fn a_reconcile_that_lost_its_lock_session_says_so() {
         std::panic::resume_unwind(panic);
     }
 }
+
+// ---- events that are not the platform account's ----
+
+/// A Connect event (`account` set: it happened in a connected account) sent to an endpoint whose
+/// secret edgegate holds: its object is that account's, not the platform's. It is recorded as
+/// not applied and answered 200 (Stripe stops retrying), and its object is neither written nor
+/// fetched (Stripe would answer the platform key 404 and the row be marked deleted).
+#[tokio::test]
+async fn a_connected_accounts_event_is_recorded_and_never_applied_nor_fetched() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 1, 0).await;
+    let app = full_app(&db, &fake).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    let connect = |id: &str, kind: &str, created: i64, i: usize, name: &str| {
+        let mut event: Value =
+            serde_json::from_str(&product_event(&fixtures, id, kind, created, i, name)).unwrap();
+        event["account"] = json!("acct_1Seller");
+        event.to_string()
+    };
+    let t = now() - 30;
+    let created = connect("evt_A1", "product.created", t, 5, "Seller's shirt");
+    let (status, body) = deliver_signed(&app.server, &created).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"received": true, "duplicate": false}));
+    // Two of one second, which for the platform would ask Stripe for the object.
+    for (id, name) in [("evt_A2", "One"), ("evt_A3", "Two")] {
+        let body = connect(id, "product.updated", t, 6, name);
+        let (status, answer) = deliver_signed(&app.server, &body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["duplicate"], false, "{answer}");
+    }
+    assert_eq!(fake.object_requests(), 0, "nothing asked of Stripe");
+    let rows = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id IN ('{}', '{}')",
+        fake_stripe::product_id(5),
+        fake_stripe::product_id(6)
+    );
+    assert_eq!(count(&db, &rows).await, 0);
+    let unapplied = "SELECT COUNT(*) FROM stripe_events WHERE id IN ('evt_A1', 'evt_A2', \
+                     'evt_A3') AND applied = FALSE";
+    assert_eq!(count(&db, unapplied).await, 3);
+    let (status, body) = deliver_signed(&app.server, &created).await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(true)), "{body}");
+
+    // The next sync leaves the platform's catalogue as it is.
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["products"]["deactivated"], 0, "{body}");
+
+    // A listed event is handled alike (Stripe lists the platform's own events only).
+    let listed = connect("evt_A4", "product.updated", t, 7, "Listed");
+    fake.add_events([serde_json::from_str::<Value>(&listed).unwrap()]);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events(&body), (1, 0, 0, 1), "{body}");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 1);
+
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_stripe_webhook_events_total{event_type="product.updated",outcome="connect_account"} 2"#;
+    assert!(metrics.contains(line), "{line} in {metrics}");
+}
