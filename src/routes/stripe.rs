@@ -172,9 +172,10 @@ impl FromRequestParts<AppState> for StripeSignature {
     request_body(
         content = crate::stripe::objects::Event,
         description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes. \
-                       Event types edgegate does not act on are recorded and answered 200; so is a \
-                       connected account's event (`account` set, from a Connect endpoint), which \
-                       is recorded and not applied."
+                       Event types edgegate does not act on are recorded and answered 200; so are a \
+                       connected account's event (`account` set, from a Connect endpoint) and, \
+                       when STRIPE_SECRET_KEY is set, an event whose `livemode` is not the key's \
+                       mode, which are recorded and not applied."
     ),
     security(("stripe_signature" = [])),
     responses(

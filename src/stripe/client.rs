@@ -340,6 +340,12 @@ impl StripeClient {
         Ok(listed.or_else(|| key_livemode(self.key.expose_secret())))
     }
 
+    /// The key's mode by its prefix alone (`sk_live_`, `rk_test_`…), asking Stripe nothing:
+    /// `Some(true)` for live mode, `None` for a prefix that does not say.
+    pub fn key_livemode(&self) -> Option<bool> {
+        key_livemode(self.key.expose_secret())
+    }
+
     /// Lists one event (`GET /v1/events?limit=1`): the reconciliation reads nothing else, and a
     /// restricted key may read products without reading events.
     pub async fn can_list_events(&self) -> Result<(), StripeError> {

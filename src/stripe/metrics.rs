@@ -48,6 +48,8 @@ impl StripeMetrics {
             "Webhook deliveries, by event type (unknown for a refused delivery) and outcome: \
              applied (new; one of a type edgegate does not act on is recorded only), duplicate, \
              connect_account (a connected account's event: recorded, not applied), \
+             livemode_mismatch (an event of the other mode than STRIPE_SECRET_KEY: recorded, \
+             not applied), \
              invalid_signature, unreadable, same_second_unsettled or error (these four not \
              stored; Stripe delivers them again)",
             self.webhook_events.clone(),
@@ -100,6 +102,7 @@ mod tests {
             Outcome::Applied,
             Outcome::Duplicate,
             Outcome::Foreign(Foreign::ConnectedAccount),
+            Outcome::Foreign(Foreign::OtherMode { livemode: true }),
         ];
         for outcome in taken
             .into_iter()

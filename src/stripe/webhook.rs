@@ -118,22 +118,36 @@ pub enum Foreign {
     /// through a Connect endpoint whose secret is in `STRIPE_WEBHOOK_SECRET`. Its object is that
     /// account's; asked of Stripe with the platform's key it does not exist.
     ConnectedAccount,
+    /// An event of the other mode than `STRIPE_SECRET_KEY` (`livemode` is the event's): a live
+    /// event with a test key, or the reverse, from an endpoint of the other mode whose secret is
+    /// in `STRIPE_WEBHOOK_SECRET`. Its objects are not those the key syncs and fetches.
+    OtherMode { livemode: bool },
 }
 
 impl Foreign {
     pub fn label(self) -> &'static str {
         match self {
             Self::ConnectedAccount => "connect_account",
+            Self::OtherMode { .. } => "livemode_mismatch",
         }
     }
 }
 
-/// Whether `event` is about objects that are not the platform's own.
-fn foreign(event: &Event) -> Option<Foreign> {
+/// Whether `event` is about objects that are not the platform's own in the key's mode. Without
+/// a key (or one whose prefix does not say its mode), or an event that does not say its own, the
+/// mode is not checked.
+fn foreign(event: &Event, stripe: Option<&StripeClient>) -> Option<Foreign> {
     if event.account.is_some() {
         return Some(Foreign::ConnectedAccount);
     }
-    None
+    let key_livemode = stripe.and_then(StripeClient::key_livemode)?;
+    let livemode = event.livemode?;
+    (livemode != key_livemode).then_some(Foreign::OtherMode { livemode })
+}
+
+/// `live` or `test`.
+fn mode(livemode: bool) -> &'static str {
+    if livemode { "live" } else { "test" }
 }
 
 /// Logs, once per event (not for a redelivery), why `event` was recorded and not applied.
@@ -147,6 +161,15 @@ fn log_foreign(event: &Event, foreign: Foreign) {
              (Connect), whose objects are not the platform's; send only the platform's own \
              events here (delete the Connect endpoint in Stripe, or point it elsewhere, and \
              remove its secret from STRIPE_WEBHOOK_SECRET)"
+        ),
+        Foreign::OtherMode { livemode } => tracing::warn!(
+            event = event.id,
+            event_type = event.event_type,
+            event_mode = mode(livemode),
+            key_mode = mode(!livemode),
+            "Stripe event recorded and not applied: its mode (livemode) is not that of \
+             STRIPE_SECRET_KEY; an endpoint of the other mode signs with a secret in \
+             STRIPE_WEBHOOK_SECRET (keep there only the secrets of the key's mode)"
         ),
     }
 }
@@ -200,7 +223,7 @@ pub async fn apply(
     event: &Event,
     now_ms: i64,
 ) -> Result<Outcome, WebhookError> {
-    let foreign = foreign(event);
+    let foreign = foreign(event, stripe);
     let effect = match foreign {
         Some(_) => StripeEffect::None,
         None => effect_of(event, now_ms)?,
@@ -595,6 +618,43 @@ mod tests {
             !log.contains("whsec_test") && !log.contains("alice@"),
             "{log}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_event_of_the_other_mode_is_logged_once_naming_both_modes() {
+        let store = memory_store().await;
+        let config = crate::config::Config::from_lookup(|name| {
+            (name == "STRIPE_SECRET_KEY").then(|| "sk_test_unit0123456789".to_owned())
+        })
+        .unwrap();
+        let http = reqwest::Client::new();
+        let client = StripeClient::from_config(http, &config.stripe, RetryPolicy::default());
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let body = br#"{"id":"evt_m1","type":"product.created","created":1699999990,"livemode":true,"data":{"object":{"id":"prod_m1"}}}"#;
+        for duplicate in [false, true] {
+            let delivery = deliver(&store, client.as_ref(), body).await.unwrap();
+            assert_eq!(delivery.duplicate, duplicate);
+            assert_eq!(
+                delivery.outcome,
+                ["livemode_mismatch", "duplicate"][usize::from(duplicate)]
+            );
+        }
+        let log = lines.text();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("livemode"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        for wanted in [
+            "WARN",
+            "evt_m1",
+            r#""event_mode":"live""#,
+            r#""key_mode":"test""#,
+        ] {
+            assert!(warned[0].contains(wanted), "{wanted} in {}", warned[0]);
+        }
+        assert!(!log.contains("sk_test_unit"), "{log}");
     }
 
     #[tokio::test]

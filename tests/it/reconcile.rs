@@ -914,3 +914,69 @@ async fn a_connected_accounts_event_is_recorded_and_never_applied_nor_fetched() 
     let line = r#"edgegate_stripe_webhook_events_total{event_type="product.updated",outcome="connect_account"} 2"#;
     assert!(metrics.contains(line), "{line} in {metrics}");
 }
+
+/// An event of the other mode than `STRIPE_SECRET_KEY` (a live event to an instance with a test
+/// key, or the reverse: an endpoint of the other mode signed with a secret edgegate holds) is
+/// recorded and not applied; without a key the mode is unknown and the event applied.
+#[tokio::test]
+async fn an_event_of_the_other_mode_than_the_key_is_recorded_and_not_applied() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let in_mode = |id: &str, i: usize, livemode: bool| {
+        let mut event: Value = serde_json::from_str(&product_event(
+            &fixtures,
+            id,
+            "product.created",
+            now() - 30,
+            i,
+            "Other mode",
+        ))
+        .unwrap();
+        event["livemode"] = json!(livemode);
+        event["data"]["object"]["livemode"] = json!(livemode);
+        event.to_string()
+    };
+    let test_key = full_app(&db, &fake).await;
+    let live_key = app(
+        &db,
+        &[
+            ("STRIPE_SECRET_KEY", "rk_live_edgegate0123456789abcdef"),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+        ],
+        fast_retry(),
+    )
+    .await;
+    let no_key = app_without_key(&db).await;
+    for (app, id, i, livemode) in [
+        (&test_key, "evt_M1", 1, true),
+        (&live_key, "evt_M2", 2, false),
+    ] {
+        let (status, body) = deliver_signed(&app.server, &in_mode(id, i, livemode)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, json!({"received": true, "duplicate": false}));
+        let row = format!(
+            "SELECT COUNT(*) FROM stripe_products WHERE id = '{}'",
+            fake_stripe::product_id(i)
+        );
+        assert_eq!(count(&db, &row).await, 0, "{id}");
+        let ledger =
+            format!("SELECT COUNT(*) FROM stripe_events WHERE id = '{id}' AND NOT applied");
+        assert_eq!(count(&db, &ledger).await, 1, "{id}");
+        let metrics = app.server.get("/metrics").await.text().await.unwrap();
+        let line = r#"edgegate_stripe_webhook_events_total{event_type="product.created",outcome="livemode_mismatch"} 1"#;
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // The same mode as the key, or no key: applied.
+    for (app, id, i, livemode) in [
+        (&test_key, "evt_M3", 3, false),
+        (&live_key, "evt_M4", 4, true),
+        (&no_key, "evt_M5", 5, true),
+    ] {
+        let (status, body) = deliver_signed(&app.server, &in_mode(id, i, livemode)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(product_name(&db, i).await, "Other mode", "{id}");
+    }
+}
