@@ -443,6 +443,16 @@ pub struct NotReady {
     checks: Value,
 }
 
+/// `stripe-webhook`'s body: a snapshot event, which edgegate applies, or a thin one (an event
+/// destination whose payload style is thin), which it records only.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum WebhookBody {
+    Snapshot(crate::stripe::objects::Event),
+    Thin(crate::stripe::objects::ThinEvent),
+}
+
 /// `stripe-webhook`'s answer.
 #[derive(ToSchema)]
 #[allow(dead_code)]

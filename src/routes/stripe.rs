@@ -170,12 +170,14 @@ impl FromRequestParts<AppState> for StripeSignature {
     tag = "functions",
     summary = "Receive a Stripe event",
     request_body(
-        content = crate::stripe::objects::Event,
+        content = crate::routes::openapi::WebhookBody,
         description = "A Stripe event exactly as Stripe sent it; the signature covers the raw bytes. \
                        Event types edgegate does not act on are recorded and answered 200; so are a \
                        connected account's event (`account` set, from a Connect endpoint) and, \
                        when STRIPE_SECRET_KEY is set, an event whose `livemode` is not the key's \
-                       mode, which are recorded and not applied."
+                       mode, which are recorded and not applied. A thin event (`object` \
+                       `v2.core.event`, from an event destination whose payload style is thin) is \
+                       answered 200 and recorded, not applied: edgegate acts on snapshot events."
     ),
     security(("stripe_signature" = [])),
     responses(

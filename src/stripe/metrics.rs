@@ -49,7 +49,8 @@ impl StripeMetrics {
              applied (new; one of a type edgegate does not act on is recorded only), duplicate, \
              connect_account (a connected account's event: recorded, not applied), \
              livemode_mismatch (an event of the other mode than STRIPE_SECRET_KEY: recorded, \
-             not applied), \
+             not applied), thin (a thin event: answered, recorded where it can be, not \
+             applied), \
              invalid_signature, unreadable, same_second_unsettled or error (these four not \
              stored; Stripe delivers them again)",
             self.webhook_events.clone(),
@@ -74,7 +75,7 @@ impl StripeMetrics {
 mod tests {
     use super::*;
     use crate::stripe::signature::SignatureError;
-    use crate::stripe::webhook::{Foreign, Outcome, WebhookError};
+    use crate::stripe::webhook::{Foreign, Outcome, THIN_OUTCOME, WebhookError};
 
     #[test]
     fn the_webhook_help_names_every_outcome_counted() {
@@ -107,6 +108,7 @@ mod tests {
         for outcome in taken
             .into_iter()
             .map(Outcome::label)
+            .chain([THIN_OUTCOME])
             .chain(refused.iter().map(WebhookError::outcome))
         {
             assert!(words.contains(&outcome), "{outcome} not in {help}");

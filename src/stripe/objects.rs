@@ -436,6 +436,125 @@ impl Listed for Event {
     }
 }
 
+/// The `object` of a "thin" event.
+pub const THIN_EVENT_OBJECT: &str = "v2.core.event";
+
+/// A "thin" event, as an event destination whose payload style is *thin* sends it: no `data`,
+/// only a `related_object` to fetch, and `created` as RFC 3339 text. edgegate records it and
+/// applies nothing: it acts on the snapshot events (payload style *snapshot*, or the event list
+/// reconciliation reads).
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = StripeThinEvent)]
+pub struct ThinEvent {
+    #[schema(min_length = 1)]
+    pub id: String,
+    /// `v2.core.event`.
+    #[schema(pattern = r"^v2\.core\.event$")]
+    pub object: String,
+    #[serde(rename = "type")]
+    #[schema(min_length = 1)]
+    pub event_type: String,
+    /// RFC 3339, such as `2026-12-01T06:00:00.123Z`.
+    #[schema(format = DateTime)]
+    pub created: String,
+    pub livemode: Option<bool>,
+    /// The connected account the event happened in, when it did.
+    pub context: Option<String>,
+    /// What the event is about: its `id`, `type` and `url`.
+    #[schema(value_type = Option<Object>)]
+    pub related_object: Option<serde_json::Map<String, Value>>,
+}
+
+/// Whether `json` is a thin event (its `object` is [`THIN_EVENT_OBJECT`]); nothing else of it
+/// is read.
+pub fn is_thin_event(json: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        object: Option<Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Head>(json)
+        .is_ok_and(|head| head.object.as_deref() == Some(THIN_EVENT_OBJECT))
+}
+
+/// An RFC 3339 time (`2026-12-01T06:00:00.123Z`, `…+02:00`) in unix milliseconds; digits past
+/// the millisecond are dropped. `None` for anything else, or a date that does not exist.
+pub fn rfc3339_ms(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let number = |from: usize, to: usize| -> Option<i64> {
+        let part = b.get(from..to)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(at, c)| b.get(at) != Some(&c))
+        || !matches!(b.get(10), Some(b'T' | b't'))
+    {
+        return None;
+    }
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    // 60: a leap second.
+    if !(1..=12).contains(&month)
+        || !(1..=days_in_month(year, month)).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if b.get(at) == Some(&b'.') {
+        let digits = b[at + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        let kept = digits.min(3);
+        millis = number(at + 1, at + 1 + kept)? * 10_i64.pow(3 - kept as u32);
+        at += 1 + digits;
+    }
+    let offset = match &b[at..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (hours, minutes) = (number(at + 1, at + 3)?, number(at + 4, at + 6)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let seconds = hours * 3600 + minutes * 60;
+            if *sign == b'-' { -seconds } else { seconds }
+        }
+        _ => return None,
+    };
+    let seconds =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    Some(seconds * 1000 + millis)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -519,6 +638,50 @@ mod tests {
             value,
             json!({"name": "a\u{FFFD}b", "k\u{FFFD}": "\\u0000", "x": "\\\u{FFFD}"})
         );
+    }
+
+    #[test]
+    fn rfc3339_times_are_read_to_the_millisecond() {
+        for (text, ms) in [
+            ("1970-01-01T00:00:00Z", Some(0)),
+            ("2026-12-01T06:00:00.123Z", Some(1_796_104_800_123)),
+            ("2026-12-01T06:00:00.5z", Some(1_796_104_800_500)),
+            ("2026-12-01T06:00:00.123456789Z", Some(1_796_104_800_123)),
+            ("2026-12-01t08:00:00+02:00", Some(1_796_104_800_000)),
+            ("2026-12-01T05:30:00-00:30", Some(1_796_104_800_000)),
+            ("2024-02-29T00:00:00Z", Some(1_709_164_800_000)),
+            ("1969-12-31T23:59:59Z", Some(-1000)),
+            ("2023-02-29T00:00:00Z", None),
+            ("2026-13-01T00:00:00Z", None),
+            ("2026-12-01T24:00:00Z", None),
+            ("2026-12-01T06:00:00", None),
+            ("2026-12-01T06:00:00.Z", None),
+            ("2026-12-01 06:00:00Z", None),
+            ("2026-12-01T06:00:00+0200", None),
+            ("yesterday", None),
+            ("", None),
+            ("+002026-12-01T06:00:00Z", None),
+        ] {
+            assert_eq!(rfc3339_ms(text), ms, "{text}");
+        }
+    }
+
+    #[test]
+    fn only_a_v2_core_event_object_is_thin() {
+        assert!(is_thin_event(br#"{"id":"evt_1","object":"v2.core.event"}"#));
+        assert!(is_thin_event(br#"{"object":"v2.core.\u0065vent"}"#));
+        for not_thin in [
+            &br#"{"id":"evt_1","object":"event","data":{"object":{"object":"v2.core.event"}}}"#[..],
+            br#"{"object":7}"#,
+            br#"{"object":"v2.core.event"} trailing"#,
+            b"not json",
+        ] {
+            assert!(
+                !is_thin_event(not_thin),
+                "{}",
+                String::from_utf8_lossy(not_thin)
+            );
+        }
     }
 
     #[test]

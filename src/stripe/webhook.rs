@@ -15,7 +15,8 @@ use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{RetryPolicy, StripeClient, StripeError};
 use crate::stripe::objects::{
-    CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ms, without_nul,
+    CheckoutSession, Event, Invoice, InvoiceOutcome, Price, Product, Subscription, ThinEvent,
+    is_thin_event, ms, rfc3339_ms, without_nul,
 };
 use crate::stripe::signature::{self, SignatureError};
 
@@ -196,6 +197,9 @@ pub async fn receive(
 ) -> Result<Delivery, WebhookError> {
     let received: Result<Delivery, WebhookError> = async {
         signature::verify(signature_header, body, secrets, now_ms.div_euclid(1000))?;
+        if is_thin_event(body) {
+            return receive_thin(store, body, now_ms).await;
+        }
         let event = read_event(body)?;
         check_envelope(&event)?;
         let outcome = apply(store, stripe, &event, now_ms).await?;
@@ -208,9 +212,81 @@ pub async fn receive(
     .await;
     match &received {
         Ok(delivery) => metrics.webhook_event(&delivery.event_type, delivery.outcome),
-        Err(err) => metrics.webhook_event("unknown", err.outcome()),
+        Err(err) => {
+            if let WebhookError::Unreadable(reason) = err {
+                // The reason names fields, never their values (`unreadable`).
+                tracing::warn!(
+                    reason,
+                    "Stripe event refused: signed, but it cannot be read; Stripe delivers it \
+                     again"
+                );
+            }
+            metrics.webhook_event("unknown", err.outcome());
+        }
     }
     received
+}
+
+/// The metrics label of a thin event received for the first time (see [`receive_thin`]).
+pub const THIN_OUTCOME: &str = "thin";
+
+/// A thin event (see [`ThinEvent`]): answered as received and recorded in the ledger as not
+/// applied (so a redelivery is a duplicate), counted as `thin` and logged once. One that is not
+/// what Stripe sends (no id or type, `created` not RFC 3339) is unreadable, as a snapshot event
+/// without its envelope is.
+async fn receive_thin(store: &Store, body: &[u8], now_ms: i64) -> Result<Delivery, WebhookError> {
+    let what = "the thin event";
+    let body = without_nul(body);
+    let thin: ThinEvent =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+            .map_err(|err| unreadable(what, err))?;
+    let empty = if thin.id.is_empty() {
+        Some("id")
+    } else if thin.event_type.is_empty() {
+        Some("type")
+    } else {
+        None
+    };
+    if let Some(field) = empty {
+        return Err(WebhookError::Unreadable(format!(
+            "{what}'s {field} is empty"
+        )));
+    }
+    let created_ms = rfc3339_ms(&thin.created).ok_or_else(|| {
+        WebhookError::Unreadable(format!(
+            "{what} cannot be read: created: not an RFC 3339 time"
+        ))
+    })?;
+    let ledger = LedgerEvent {
+        id: thin.id,
+        event_type: thin.event_type,
+        created_ms,
+        livemode: thin.livemode.unwrap_or(false),
+        received_at: now_ms,
+    };
+    let receipt = store
+        .apply_stripe_event(&ledger, &StripeEffect::None, SameSecond::Detect)
+        .await
+        .map_err(WebhookError::Store)?;
+    let duplicate = receipt == EventReceipt::Duplicate;
+    if !duplicate {
+        tracing::warn!(
+            event = ledger.id,
+            event_type = ledger.event_type,
+            "Stripe thin event recorded and not applied: edgegate applies snapshot events only; \
+             set this event destination's payload style to snapshot (reconciliation fetches \
+             the snapshot events from /v1/events)"
+        );
+    }
+    Ok(Delivery {
+        event_type: ledger.event_type,
+        duplicate,
+        outcome: if duplicate {
+            Outcome::Duplicate.label()
+        } else {
+            THIN_OUTCOME
+        },
+    })
 }
 
 /// Records one event in the ledger and writes its effect, once. When the row was last written
@@ -660,6 +736,8 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_event_is_refused_without_its_value() {
         let store = memory_store().await;
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
         let body = br#"{"id":"evt_1","type":"customer.updated","created":"alice@example.com","data":{"object":{}}}"#;
         let received = deliver(&store, None, body).await;
         match received {
@@ -667,6 +745,65 @@ mod tests {
                 assert_names_the_field_not_the_value(&reason, "created");
             }
             other => panic!("{other:?}"),
+        }
+        // The reason is logged too (the answer is all Stripe's dashboard shows), still without
+        // the value, and without the secret.
+        let log = lines.text();
+        let warned: Vec<&str> = log.lines().filter(|line| line.contains("WARN")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        assert_names_the_field_not_the_value(warned[0], "created");
+        assert!(warned[0].contains("cannot be read"), "{}", warned[0]);
+        assert!(!log.contains("whsec_test"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_thin_event_that_stripe_would_not_send_is_unreadable() {
+        let store = memory_store().await;
+        let thin = |id: &str, kind: &str, created: &str| {
+            serde_json::json!({
+                "id": id, "object": "v2.core.event", "type": kind, "created": created,
+            })
+            .to_string()
+        };
+        for (body, field) in [
+            (thin("", "v1.product.updated", "2023-11-14T22:13:20Z"), "id"),
+            (thin("evt_t", "", "2023-11-14T22:13:20Z"), "type"),
+            (thin("evt_t", "v1.product.updated", "alice@example.com"), "created"),
+            (
+                r#"{"id":"evt_t","object":"v2.core.event","type":"x","created":"2023-11-14T22:13:20Z","related_object":"alice@example.com"}"#.to_owned(),
+                "related_object",
+            ),
+        ] {
+            match deliver(&store, None, body.as_bytes()).await {
+                Err(WebhookError::Unreadable(reason)) => {
+                    assert!(reason.contains(field), "{field}: {reason}");
+                    assert!(!reason.contains("alice@"), "{reason}");
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_thin_event_is_recorded_and_logged_once_asking_for_snapshot_events() {
+        let store = memory_store().await;
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let body = br#"{"id":"evt_test_65R1","object":"v2.core.event","type":"v1.product.updated","livemode":false,"created":"2023-11-14T22:13:20.000Z","related_object":{"id":"prod_1","type":"product","url":"/v1/products/prod_1"}}"#;
+        for duplicate in [false, true] {
+            let delivery = deliver(&store, None, body).await.unwrap();
+            assert_eq!(delivery.duplicate, duplicate);
+            assert_eq!(delivery.event_type, "v1.product.updated");
+            assert_eq!(
+                delivery.outcome,
+                ["thin", "duplicate"][usize::from(duplicate)]
+            );
+        }
+        let log = lines.text();
+        let warned: Vec<&str> = log.lines().filter(|line| line.contains("thin")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        for wanted in ["WARN", "evt_test_65R1", "payload style to snapshot"] {
+            assert!(warned[0].contains(wanted), "{wanted} in {}", warned[0]);
         }
     }
 }

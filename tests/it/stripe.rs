@@ -1285,6 +1285,68 @@ async fn webhook_refuses_a_signed_body_that_is_not_an_event_envelope() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
 }
 
+/// A "thin" event (an event destination with the thin payload style: `v2.core.event`, `created`
+/// in RFC 3339, a `related_object` and no `data`), signed as any other: edgegate cannot apply it
+/// (it needs the snapshot, which reconciliation lists), so it is recorded, not applied, and
+/// answered 200, not refused for Stripe to retry for days and then disable the endpoint.
+#[tokio::test]
+async fn webhook_records_a_thin_event_and_answers_200_without_applying_it() {
+    stripe_sdk!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let thin = |id: &str, kind: &str, created: &str| {
+        json!({
+            "id": id, "object": "v2.core.event", "type": kind, "livemode": false,
+            "created": created,
+            "related_object": {"id": "prod_thin1", "type": "product", "url": "/v1/products/prod_thin1"},
+            "reason": {"type": "request", "request": {"id": "req_1", "idempotency_key": "k"}},
+        })
+        .to_string()
+    };
+    let updated = thin(
+        "evt_test_65RthinA",
+        "v1.product.updated",
+        "2026-12-01T06:00:00.123Z",
+    );
+    let (status, body) = deliver_signed(&app.server, &updated).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"received": true, "duplicate": false}));
+    let ledger = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_test_65RthinA' \
+                  AND event_type = 'v1.product.updated' AND created = 1796104800123 \
+                  AND NOT applied";
+    assert_eq!(count(&db, ledger).await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 0);
+    let (status, body) = deliver_signed(&app.server, &updated).await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(true)), "{body}");
+
+    let ping = thin(
+        "evt_test_65RthinB",
+        "v2.core.event_destination.ping",
+        "2026-12-01T08:00:00+02:00",
+    );
+    let (status, body) = deliver_signed(&app.server, &ping).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"received": true, "duplicate": false}));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 2);
+
+    // What Stripe never sends is refused as any unreadable event is, naming the field.
+    let odd = thin("evt_test_65RthinC", "v1.product.updated", "yesterday");
+    let (status, body) = deliver_signed(&app.server, &odd).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("created"),
+        "{body}"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 2);
+
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
+    let line = r#"edgegate_stripe_webhook_events_total{event_type="other",outcome="thin"} 2"#;
+    assert!(metrics.contains(line), "{line} in {metrics}");
+}
+
 /// An upstream that drops `starting_after` answers the first page again and again, each saying
 /// more follow: the sync stops at the repeated page (502, nothing deactivated) instead of
 /// looping with its lock held, and the next sync runs.
