@@ -70,8 +70,14 @@ pub async fn sync_products(
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcileRequest {
-    /// Unix seconds; the default is `reconcile::default_since`.
-    since: Option<i64>,
+    /// Unix seconds, a whole number (`1700000000.0` is taken as `1700000000`), not in the
+    /// future; one older than Stripe's 30-day event retention is moved up to it. Anything else
+    /// (a string, a fraction, a number past a 64-bit integer) is 422 `VALIDATION_FAILED` naming
+    /// `since`.
+    // Kept as written, so its type and range are checked as a rule of `since` (422), not as
+    // a body that cannot be read (400).
+    #[schema(value_type = Option<i64>)]
+    since: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[utoipa::path(
@@ -101,15 +107,15 @@ pub async fn reconcile(
         serde_json::from_slice(&body)
             .map_err(|err| ApiError::InvalidRequest(format!("the body cannot be read: {err}")))?
     };
+    let invalid = |message| ApiError::ValidationFailed {
+        field: "since".to_owned(),
+        message,
+    };
     let since = match request.and_then(|r| r.since) {
-        Some(since) => Some(
-            reconcile::requested_since(since, state.clock.unix_now()).map_err(|message| {
-                ApiError::ValidationFailed {
-                    field: "since".to_owned(),
-                    message,
-                }
-            })?,
-        ),
+        Some(since) => {
+            let seconds = reconcile::since_seconds(since.get()).map_err(invalid)?;
+            Some(reconcile::requested_since(seconds, state.clock.unix_now()).map_err(invalid)?)
+        }
         None => None,
     };
     let Some(client) = stripe_client(&state) else {

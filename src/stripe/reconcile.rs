@@ -115,6 +115,41 @@ fn continues(since: i64, covered: Option<i64>, now_s: i64) -> bool {
     since <= default_since(covered, now_s)
 }
 
+/// A `since` as written in the request's JSON, read as whole unix seconds: an integer, or a
+/// number written with a fraction or an exponent whose value is whole (`1700000000.0`, as
+/// Python's `json` writes a float; JSON Schema counts it as an integer too). `Err` names the
+/// rule and what was given instead (never the value).
+pub fn since_seconds(json: &str) -> Result<i64, String> {
+    const RULE: &str = "must be an integer of unix seconds";
+    let json = json.trim();
+    let not = |given: &str| format!("{RULE}, not {given}");
+    match json.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => {}
+        Some(b'"') => return Err(not("a string")),
+        Some(b't' | b'f') => return Err(not("a boolean")),
+        Some(b'[') => return Err(not("an array")),
+        Some(b'{') => return Err(not("an object")),
+        _ => return Err(not("null")),
+    }
+    let out_of_range = || format!("{RULE}; the number given is out of range");
+    if json.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
+        // An integer literal: read exactly (serde_json would round one out of range to a float).
+        return json.parse::<i64>().map_err(|_| out_of_range());
+    }
+    let value: f64 = json.parse().map_err(|_| not("a number"))?;
+    // 2^63, exactly a float: i64 takes [-2^63, 2^63). Past a float's range, `value` is infinite.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if !(-LIMIT..LIMIT).contains(&value) {
+        return Err(out_of_range());
+    }
+    if value.fract() != 0.0 {
+        return Err(format!("{RULE}; the number given has a fraction"));
+    }
+    // Whole and in range: the cast is exact.
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(value as i64)
+}
+
 /// A requested `since` (unix seconds), checked: `Err` names the rule it breaks. An earlier one
 /// than Stripe keeps is moved up to the retention limit (the answer's `since` says so).
 pub fn requested_since(since: i64, now_s: i64) -> Result<i64, String> {
@@ -619,6 +654,46 @@ mod tests {
         // A short interval spreads over a tenth of it.
         let short = Duration::from_secs(60);
         assert_eq!(first_pause(None, now, short, 1.0), Duration::from_secs(6));
+    }
+
+    #[test]
+    fn since_is_whole_unix_seconds_however_written() {
+        for (json, seconds) in [
+            ("1700000000", 1_700_000_000),
+            ("-5", -5),
+            ("0", 0),
+            ("1700000000.0", 1_700_000_000),
+            ("1.7e9", 1_700_000_000),
+            ("1E+3", 1000),
+            ("-0.0", 0),
+            ("9223372036854775807", i64::MAX),
+            ("-9223372036854775808", i64::MIN),
+            (" 12 ", 12),
+        ] {
+            assert_eq!(since_seconds(json), Ok(seconds), "{json}");
+        }
+        for (json, named) in [
+            ("1.5", "has a fraction"),
+            ("1e-3", "has a fraction"),
+            ("1e300", "out of range"),
+            ("1e999", "out of range"),
+            ("9223372036854775808", "out of range"),
+            ("-9223372036854775809", "out of range"),
+            ("18446744073709551616", "out of range"),
+            ("9.3e18", "out of range"),
+            (r#""1700000000""#, "a string"),
+            ("true", "a boolean"),
+            ("[1]", "an array"),
+            ("{}", "an object"),
+        ] {
+            let message = since_seconds(json).unwrap_err();
+            assert!(
+                message.contains("integer of unix seconds"),
+                "{json}: {message}"
+            );
+            assert!(message.contains(named), "{json}: {message}");
+            assert!(!message.contains("1700000000"), "{json}: {message}");
+        }
     }
 
     #[test]

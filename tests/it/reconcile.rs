@@ -326,7 +326,7 @@ async fn reconcile_needs_a_key_the_service_role_and_a_sound_body() {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (400, Some("INVALID_REQUEST"))
+        (422, Some("VALIDATION_FAILED"))
     );
     assert_eq!(fake.requests(), 0, "nothing reached Stripe");
 
@@ -348,6 +348,88 @@ async fn reconcile_needs_a_key_the_service_role_and_a_sound_body() {
         (status, body["code"].as_str()),
         (503, Some("NOT_CONFIGURED"))
     );
+}
+
+/// `body` as it is written (a number serde_json would rewrite, such as 2^64, stays as sent).
+async fn reconcile_raw(server: &TestServer, body: &str) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url("/admin/stripe/reconcile"))
+        .header("apikey", SB_SECRET)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The contract: a field that breaks a rule is 422 `VALIDATION_FAILED` naming it; only a body
+/// that is not JSON (or not this object) is 400. A `since` of the wrong JSON type, with a
+/// fraction, or past a 64-bit integer names `since` and the rule. A whole number written as a
+/// float (Python's `1700000000.0`; an integer to JSON Schema) is taken.
+#[tokio::test]
+async fn reconcile_names_since_when_it_is_not_whole_unix_seconds() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    for since in [
+        r#""1700000000""#,
+        "1.5",
+        "-0.25",
+        "18446744073709551616",
+        "9223372036854775808",
+        "-9223372036854775809",
+        "1e300",
+        "true",
+        "[1700000000]",
+        r#"{"seconds":1700000000}"#,
+    ] {
+        let (status, body) = reconcile_raw(&app.server, &format!(r#"{{"since":{since}}}"#)).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (422, Some("VALIDATION_FAILED")),
+            "{since}: {body}"
+        );
+        let message = body["message"].as_str().unwrap();
+        assert!(message.starts_with("since: "), "{since}: {message}");
+        assert!(message.contains("unix seconds"), "{since}: {message}");
+    }
+    // Whole, but in the future.
+    let (status, body) = reconcile_raw(&app.server, r#"{"since":1e10}"#).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("VALIDATION_FAILED")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("since"),
+        "{body}"
+    );
+    for malformed in [
+        r#"{since:1}"#,
+        r#"{"since":1,"until":2}"#,
+        "[]",
+        r#"{"since":1"#,
+    ] {
+        let (status, body) = reconcile_raw(&app.server, malformed).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{malformed}: {body}"
+        );
+    }
+    assert_eq!(fake.requests(), 0, "nothing reached Stripe");
+
+    // `null`: no `since`, the default window.
+    let (status, body) = reconcile_raw(&app.server, r#"{"since":null}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let since = now() - 60;
+    let (status, body) = reconcile_raw(&app.server, &format!(r#"{{"since":{since}.0}}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], since, "{body}");
 }
 
 async fn app_without_key(db: &TestDb) -> App {
