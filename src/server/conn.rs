@@ -22,6 +22,20 @@
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read and a lazily allocated timer per connection.
+//!
+//! ## Lingering close
+//!
+//! An HTTP/1 answer given before the request's body was read to its end (a 413 to a declared
+//! length over the limit, refused as the head comes) leaves the client sending. Were the socket
+//! closed then, with its bytes unread, the kernel would answer them with a reset, and a client
+//! whose next write meets it may never read the answer (undici, the fetch of Node and so of
+//! supabase-js, throws it away). So when hyper shuts such a connection down, its IO closes in
+//! stages (RFC 9112 §9.6, nginx's `lingering_close`): the write side is shut (the client reads
+//! the answer, then the end of file), then what the client still sends is read and thrown away
+//! until it closes, for at most [`LINGER_TIME`] in all, [`LINGER_GAP`] without a byte, and
+//! [`LINGER_BYTES`]; only then is the socket closed. The connection keeps its slot meanwhile (its
+//! task has not ended), counts as idle for a client waiting for a slot, and holds the drain after
+//! a stop signal no longer than these bounds.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,6 +58,21 @@ use crate::config::ConnectionLimits;
 /// `deadline_ms` while a request is in flight and no answer waits to be sent.
 const NO_DEADLINE: u64 = u64::MAX;
 
+/// How long a lingering close reads what the client still sends, at most (nginx's
+/// `lingering_time` is 30 s; a client reads an answer already sent within a round trip).
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(5);
+/// How long a lingering close waits for the client's next bytes, at most (nginx's
+/// `lingering_timeout` is 5 s).
+pub(crate) const LINGER_GAP: Duration = Duration::from_secs(2);
+/// How many bytes a lingering close reads and throws away, at most: 16 times the largest body
+/// a route takes (the service-wide limit, 1 MiB), so a client sending a body of up to 16 MiB
+/// (less what it sent before the answer) finishes it without a reset.
+pub(crate) const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+/// What a lingering close reads at a time, into a buffer on the stack.
+const LINGER_READ: usize = 8 * 1024;
+/// Reads in one poll of a lingering close before it yields to the other tasks.
+const LINGER_READS_A_POLL: usize = 64;
+
 /// What a connection has under way; changed only under [`ConnState`]'s lock, together with
 /// `deadline_ms`, so a request start and an answer's end on two HTTP/2 streams cannot leave an
 /// idle deadline set while a request runs, nor lift an unsent answer's deadline.
@@ -60,6 +89,9 @@ struct Work {
     head_begun: bool,
     /// When the connection last became idle.
     idle_since: Option<Instant>,
+    /// The connection is closing in stages: its answers are sent, its write side shut, and what
+    /// the client still sends is read and thrown away (see the module's documentation).
+    lingering: bool,
 }
 
 /// What one connection's IO and service share.
@@ -73,6 +105,9 @@ pub(crate) struct ConnState {
     deadline_ms: AtomicU64,
     /// An HTTP/1 request was served, so bytes on the idle connection start the next head.
     http1: AtomicBool,
+    /// The last HTTP/1 request's body has not been read to its end (yet): closing the connection
+    /// now would reset it while the client may still be sending.
+    body_unread: AtomicBool,
     /// The IO task, woken when an idle deadline is set from another task (an HTTP/2 stream).
     waker: AtomicWaker,
 }
@@ -87,6 +122,7 @@ impl ConnState {
             work: Mutex::new(Work::default()),
             deadline_ms: AtomicU64::new(NO_DEADLINE),
             http1: AtomicBool::new(false),
+            body_unread: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         };
         state.deadline_ms.store(
@@ -146,7 +182,8 @@ impl ConnState {
     /// Whether nothing is under way on a connection that has served a request: an idle
     /// keep-alive connection, which the client is not waiting on, nor sending a request on.
     fn idle(work: &Work) -> bool {
-        work.served && work.in_flight == 0 && work.unsent.is_empty() && !work.head_begun
+        work.lingering
+            || work.served && work.in_flight == 0 && work.unsent.is_empty() && !work.head_begun
     }
 
     /// Since when the connection has been idle, when it is an idle keep-alive one. (Not its
@@ -202,6 +239,20 @@ impl ConnState {
         self.work_changed(work);
     }
 
+    /// hyper has shut the connection's write side: whether it is to linger, the last request's
+    /// body being unread. If so it lingers from now, under its own bounds rather than the
+    /// deadlines (a short header timeout must not cut it), and counts as idle since now.
+    fn linger_begins(&self) -> bool {
+        if !self.body_unread.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let mut work = self.work();
+        work.lingering = true;
+        work.idle_since = Some(Instant::now());
+        self.deadline_ms.store(NO_DEADLINE, Ordering::Release);
+        true
+    }
+
     /// Bytes arrived: on an idle HTTP/1 connection they begin the next head.
     fn bytes_read(&self) {
         if !self.http1.load(Ordering::Relaxed)
@@ -239,6 +290,48 @@ struct Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         self.state.answer_sent(self.due);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1 request's body, clearing the connection's `body_unread` once read to its end.
+    pub(crate) struct Received<B> {
+        #[pin]
+        inner: B,
+        // The connection's state, while the body is not read to its end.
+        unread: Option<Arc<ConnState>>,
+    }
+}
+
+impl<B> Received<B> {
+    fn read(self: Pin<&mut Self>) {
+        if let Some(state) = self.project().unread.take() {
+            state.body_unread.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl<B: Body> Body for Received<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let frame = ready!(self.as_mut().project().inner.poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.read();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -312,6 +405,38 @@ pub(crate) struct TimedIo<T> {
     inner: T,
     state: Arc<ConnState>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// Set once the write side is shut on a connection that lingers.
+    linger: Option<Linger>,
+}
+
+/// A lingering close under way (see the module's documentation).
+#[derive(Debug)]
+struct Linger {
+    /// When it ends whatever the client does.
+    ends: tokio::time::Instant,
+    /// The next byte's deadline: [`LINGER_GAP`] after the last one, and never after `ends`.
+    gap: Pin<Box<Sleep>>,
+    /// Bytes it may still read.
+    left: u64,
+    over: bool,
+}
+
+impl Linger {
+    fn new() -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            ends: now + LINGER_TIME,
+            gap: Box::pin(tokio::time::sleep_until(now + LINGER_GAP)),
+            left: LINGER_BYTES,
+            over: false,
+        }
+    }
+
+    fn end(&mut self, why: &'static str) -> Poll<()> {
+        self.over = true;
+        tracing::debug!(read = LINGER_BYTES - self.left, why, "lingering close over");
+        Poll::Ready(())
+    }
 }
 
 impl<T> TimedIo<T> {
@@ -320,6 +445,7 @@ impl<T> TimedIo<T> {
             inner,
             state,
             timer: None,
+            linger: None,
         }
     }
 
@@ -350,6 +476,67 @@ impl<T> TimedIo<T> {
         self.state
             .deadline()
             .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+}
+
+impl<T: AsyncRead + Unpin> TimedIo<T> {
+    /// Reads and throws away what the client sends until it closes, or one of the bounds is
+    /// reached, or the connection's slot is taken for a waiting client.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Self {
+            inner,
+            state,
+            linger: Some(linger),
+            ..
+        } = self
+        else {
+            return Poll::Ready(());
+        };
+        if linger.over {
+            return Poll::Ready(());
+        }
+        // Woken by `close_if_idle`.
+        state.waker.register(cx.waker());
+        let mut scratch = [0u8; LINGER_READ];
+        for _ in 0..LINGER_READS_A_POLL {
+            if state
+                .deadline()
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                return linger.end("slot taken");
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return linger.end("end of file"),
+                Poll::Ready(Ok(())) => {
+                    linger.left = linger.left.saturating_sub(buf.filled().len() as u64);
+                    let now = tokio::time::Instant::now();
+                    if linger.left == 0 {
+                        return linger.end("byte bound");
+                    }
+                    if now >= linger.ends {
+                        return linger.end("time bound");
+                    }
+                    linger
+                        .gap
+                        .as_mut()
+                        .reset((now + LINGER_GAP).min(linger.ends));
+                }
+                Poll::Ready(Err(_)) => return linger.end("read failed"),
+                Poll::Pending => {
+                    return match linger.gap.as_mut().poll(cx) {
+                        Poll::Ready(()) if tokio::time::Instant::now() >= linger.ends => {
+                            linger.end("time bound")
+                        }
+                        Poll::Ready(()) => linger.end("gap"),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+        // A client sending as fast as it can: the other tasks get their turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -385,7 +572,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -422,8 +609,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         }
     }
 
+    /// Shuts the write side, then, when the last request's body was left unread, lingers (see
+    /// the module's documentation) before the connection is done and its socket closed.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            if !this.state.linger_begins() {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Linger::new());
+        }
+        ready!(this.poll_linger(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -445,7 +643,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for Tracked<S>
 where
-    S: hyper::service::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body,
+    S: hyper::service::Service<Request<Received<ReqBody>>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
 {
     type Response = Response<Answer<ResBody>>;
@@ -456,6 +655,13 @@ where
         let hold_back = req.version() >= Version::HTTP_2;
         let state = self.state.clone();
         let in_flight = state.request_started(req.version());
+        // An HTTP/1 body not read to its end when the connection closes makes it linger.
+        let unread = !hold_back && !req.body().is_end_stream();
+        state.body_unread.store(unread, Ordering::Release);
+        let req = req.map(|inner| Received {
+            inner,
+            unread: unread.then(|| state.clone()),
+        });
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
@@ -541,6 +747,29 @@ mod tests {
             state.deadline().unwrap() > due,
             "idle from the answer's end"
         );
+    }
+
+    #[test]
+    fn only_an_unread_body_makes_a_connection_linger_and_it_lingers_as_an_idle_one() {
+        let state = ConnState::new(&limits());
+        drop(state.request_started(Version::HTTP_11));
+        assert!(!state.linger_begins(), "every body was read");
+
+        let in_flight = state.request_started(Version::HTTP_11);
+        state.body_unread.store(true, Ordering::Release);
+        drop(in_flight);
+        // As hyper drains a little of the body, the next head's deadline is set.
+        state.bytes_read();
+        assert!(state.idle_since().is_none(), "a head begun is not idle");
+        assert!(state.linger_begins());
+        assert_eq!(state.deadline(), None, "the linger keeps its own bounds");
+        assert!(
+            state.idle_since().is_some(),
+            "a waiting client may take its slot"
+        );
+        assert!(state.close_if_idle());
+        assert!(state.deadline().unwrap() <= Instant::now());
+        assert!(!state.linger_begins(), "once");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub use crate::config::ConnectionLimits;
 pub use files::{Fit, RESERVED_FILES, fit_connections, raise_file_limit, serve_file_limit};
 pub use tls::load_tls;
 
-use conn::{ConnState, TimedIo, Tracked};
+use conn::{ConnState, Received, TimedIo, Tracked};
 
 /// The largest request head (request line and headers) read over HTTP/1: what a connection may
 /// make the server buffer before it has a request. Over it, hyper answers 431. HTTP/2's header
@@ -84,8 +84,9 @@ pub async fn serve_with_limits(
     let graceful = GracefulShutdown::new();
     let (tasks, mut tasks_ended) = Tasks::new();
     let builder = builder(tasks.clone());
-    let service =
-        TowerToHyperService::new(app.map_request(|req: Request<Incoming>| req.map(Body::new)));
+    let service = TowerToHyperService::new(
+        app.map_request(|req: Request<Received<Incoming>>| req.map(Body::new)),
+    );
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = OpenConnections::default();
     let mut backoff = AcceptBackoff::default();

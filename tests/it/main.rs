@@ -17,6 +17,7 @@ mod h2c;
 mod hostile;
 mod http;
 mod legacy_usage;
+mod linger;
 mod logs;
 mod openapi;
 mod outage;
