@@ -111,11 +111,64 @@ impl std::fmt::Debug for AuthSettings {
     }
 }
 
+/// Which of Supabase's two kinds of API key a key is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKeyType {
+    /// `sb_secret_…` (`SUPABASE_SECRET_KEYS`): `service_role`.
+    Secret,
+    /// `sb_publishable_…` (`SUPABASE_PUBLISHABLE_KEYS`): `anon`.
+    Publishable,
+}
+
+impl ApiKeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Secret => "secret",
+            Self::Publishable => "publishable",
+        }
+    }
+}
+
+/// How edgegate names an API key wherever it names one (the `kid` of metrics, log lines, the
+/// audit log, `jwt-test` and the key listing; the stored usage rows; `edgegate keys report`):
+/// `secret:NAME` or `publishable:NAME`. The type is part of it because Supabase names both of
+/// its default keys `default`: after a leak, whether the secret one is used must show.
+pub fn api_key_id(key_type: ApiKeyType, name: &str) -> String {
+    format!("{}:{name}", key_type.as_str())
+}
+
+/// The type and name an API key's id ([`api_key_id`]) holds. A name without a type is what
+/// releases before the type was recorded stored, publishable and secret keys of one name
+/// together: its type is `None`.
+pub fn parse_api_key_id(id: &str) -> (Option<ApiKeyType>, &str) {
+    [ApiKeyType::Secret, ApiKeyType::Publishable]
+        .into_iter()
+        .find_map(|key_type| {
+            id.strip_prefix(key_type.as_str())
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(|name| (Some(key_type), name))
+        })
+        .unwrap_or((None, id))
+}
+
+/// A configured API key as the key listing shows it; never the key itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyListing {
+    /// Its name in `SUPABASE_SECRET_KEYS` / `SUPABASE_PUBLISHABLE_KEYS`.
+    pub name: String,
+    pub key_type: ApiKeyType,
+    /// [`api_key_id`].
+    pub id: String,
+}
+
 /// An API key kept only as its SHA-256, compared in constant time.
 struct ApiKey {
     name: String,
+    /// [`api_key_id`], shared with every credential it verifies.
+    id: Arc<str>,
     digest: [u8; 32],
-    secret: bool,
+    key_type: ApiKeyType,
     ok_count: OkCounter,
 }
 
@@ -184,13 +237,19 @@ impl Authenticator {
         let api_keys = settings
             .secret_api_keys
             .iter()
-            .map(|k| (k, true))
-            .chain(settings.publishable_api_keys.iter().map(|k| (k, false)))
+            .map(|k| (k, ApiKeyType::Secret))
+            .chain(
+                settings
+                    .publishable_api_keys
+                    .iter()
+                    .map(|k| (k, ApiKeyType::Publishable)),
+            )
             .filter(|((_, key), _)| !key.expose_secret().is_empty())
-            .map(|((name, key), secret)| ApiKey {
+            .map(|((name, key), key_type)| ApiKey {
                 name: name.clone(),
+                id: Arc::from(api_key_id(key_type, name)),
                 digest: sha256(key.expose_secret().as_bytes()),
-                secret,
+                key_type,
                 ok_count: OkCounter::default(),
             })
             .collect();
@@ -213,6 +272,18 @@ impl Authenticator {
     /// The key ring (for listings and readiness).
     pub fn key_ring(&self) -> &Arc<KeyRingHandle> {
         &self.ring
+    }
+
+    /// The configured API keys, secret ones first, each kind in its names' order.
+    pub fn api_key_listing(&self) -> Vec<ApiKeyListing> {
+        self.api_keys
+            .iter()
+            .map(|key| ApiKeyListing {
+                name: key.name.clone(),
+                key_type: key.key_type,
+                id: key.id.to_string(),
+            })
+            .collect()
     }
 
     /// The JWKS fetcher, when a JWKS URL is configured.
@@ -390,15 +461,16 @@ impl Authenticator {
             }
         }
         let found = found.ok_or(AuthError::InvalidApiKey)?;
-        if found.secret && has_origin {
+        let secret = found.key_type == ApiKeyType::Secret;
+        if secret && has_origin {
             return Err(AuthError::SecretKeyInBrowser);
         }
-        let role = if found.secret { "service_role" } else { "anon" };
+        let role = if secret { "service_role" } else { "anon" };
         let mut claims = Map::new();
         claims.insert("role".to_owned(), Value::String(role.to_owned()));
         Ok(Verified {
             source: KeySource::ApiKey,
-            kid: Some(Arc::from(found.name.as_str())),
+            kid: Some(Arc::clone(&found.id)),
             alg: "opaque",
             role: Some(Arc::from(role)),
             sub: None,

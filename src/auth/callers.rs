@@ -104,7 +104,8 @@ pub struct LegacyKindLabels {
     pub kind: &'static str,
 }
 
-/// What a verification is counted as: a legacy kind, or an API key by its configured name.
+/// What a verification is counted as: a legacy kind, or an API key by its id (`secret:NAME` or
+/// `publishable:NAME`: Supabase names both its default keys `default`).
 /// Signing-key verifications are not counted per caller: they are the traffic that is fine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallerKind<'a> {

@@ -20,13 +20,14 @@ use crate::auth::callers::{LegacyKind, OTHER};
 use crate::auth::jwks::JwksStatus;
 use crate::auth::keys::KeyOrigin;
 use crate::auth::usage::{DroppedUsage, LegacyVerdict, UsageTracker, humanize, legacy_verdict};
-use crate::auth::{Authenticator, KeySource};
+use crate::auth::{ApiKeyType, Authenticator, KeySource, parse_api_key_id};
 use crate::clock::Clock;
 use crate::store::{CallerUsage, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// One caller over the window: `kind` is a legacy kind, or the API key's name.
+/// One caller over the window: `kind` is a legacy kind, or the API key's id (`secret:NAME`,
+/// `publishable:NAME`; the bare name in rows an earlier release stored).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallerRow {
     pub kind: String,
@@ -51,7 +52,8 @@ pub struct KindUse {
 pub struct Series {
     /// `legacy_secret`, `signing_key` or `api_key`.
     pub source: String,
-    /// The kid, the API key's name, or empty for the legacy secret.
+    /// The kid, the API key's id (`secret:NAME`, `publishable:NAME`; the bare name in rows an
+    /// earlier release stored), or empty for the legacy secret.
     pub key: String,
     pub alg: String,
     /// For the legacy secret's rows per kind; `None` for a key's total.
@@ -77,7 +79,7 @@ pub struct Usage {
     pub straddling_hour_ms: Option<i64>,
     /// Legacy callers, most used first.
     pub legacy_usage: Vec<CallerRow>,
-    /// API-key callers (kind: the key's name), most used first.
+    /// API-key callers (kind: the key's id, `secret:NAME` or `publishable:NAME`), most used first.
     pub api_key_usage: Vec<CallerRow>,
     /// Each legacy kind, in a fixed order.
     pub legacy_kinds: Vec<KindUse>,
@@ -504,11 +506,23 @@ pub struct KeyUse {
     pub verified_count: i64,
 }
 
-/// An API key that verified something over the revocation window.
+/// An API key and its verifications over the revocation window: every configured one (count 0
+/// when unused), then any other that verified in the window (removed from the configuration
+/// since, or recorded by an earlier release under its bare name).
 #[derive(Clone, Debug, Serialize)]
 pub struct ApiKeyUse {
+    /// Its name in `SUPABASE_SECRET_KEYS` / `SUPABASE_PUBLISHABLE_KEYS`.
     pub name: String,
-    pub last_verified_at_ms: i64,
+    /// `secret` or `publishable`; `None` for usage an earlier release recorded under the bare
+    /// name, the two kinds of one name together.
+    #[serde(rename = "type")]
+    pub key_type: Option<ApiKeyType>,
+    /// What metrics, log lines, `api_key_usage` and `edgegate keys report` name it by:
+    /// `secret:NAME`, `publishable:NAME`, or the bare name of an earlier release's rows.
+    pub kid: String,
+    /// Whether the service trusts it now.
+    pub configured: bool,
+    pub last_verified_at_ms: Option<i64>,
     pub verified_count: i64,
 }
 
@@ -590,15 +604,39 @@ pub async fn key_report(
             }
         })
         .collect();
-    let api_keys = usage
+    let configured_api_keys = auth.api_key_listing();
+    let mut api_keys: Vec<ApiKeyUse> = configured_api_keys
         .iter()
-        .filter(|u| u.source == "api_key")
-        .map(|u| ApiKeyUse {
-            name: u.kid.clone(),
-            last_verified_at_ms: u.last_verified_at_ms,
-            verified_count: u.verified_count,
+        .map(|key| {
+            let (verified_count, last_verified_at_ms) = find("api_key", &key.id);
+            ApiKeyUse {
+                name: key.name.clone(),
+                key_type: Some(key.key_type),
+                kid: key.id.clone(),
+                configured: true,
+                last_verified_at_ms,
+                verified_count,
+            }
         })
         .collect();
+    // Used in the window but not trusted now: removed since, or an earlier release's bare name.
+    api_keys.extend(
+        usage
+            .iter()
+            .filter(|u| u.source == "api_key")
+            .filter(|u| !configured_api_keys.iter().any(|key| key.id == u.kid))
+            .map(|u| {
+                let (key_type, name) = parse_api_key_id(&u.kid);
+                ApiKeyUse {
+                    name: name.to_owned(),
+                    key_type,
+                    kid: u.kid.clone(),
+                    configured: false,
+                    last_verified_at_ms: Some(u.last_verified_at_ms),
+                    verified_count: u.verified_count,
+                }
+            }),
+    );
     let configured = !ring.legacy_secrets().is_empty();
     let (verified_count, last_verified_at_ms) = find("legacy_secret", "");
     let mut verdict = legacy_verdict(

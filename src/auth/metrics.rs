@@ -12,8 +12,8 @@ use prometheus_client::registry::Registry;
 
 use crate::auth::Authenticator;
 
-/// Labels of one verification. `kid` is a kid the key ring holds (or an API key's name,
-/// `legacy`, `none`), never a value the caller chose, so the label set stays bounded.
+/// Labels of one verification. `kid` is a kid the key ring holds (or an API key's id,
+/// `secret:NAME` or `publishable:NAME`; `legacy`, `none`), never a value the caller chose, so the label set stays bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerificationLabels {
     pub source: &'static str,

@@ -32,7 +32,9 @@ pub mod mint;
 pub mod usage;
 pub mod verify;
 
-pub use authenticator::{AuthSettings, Authenticator};
+pub use authenticator::{
+    ApiKeyListing, ApiKeyType, AuthSettings, Authenticator, api_key_id, parse_api_key_id,
+};
 pub use error::{AuthError, Failure};
 pub use jwks::{
     JwksFetcher, JwksStats, JwksStatsSnapshot, JwksStatus, RefetchOutcome, RefreshTask,

@@ -82,8 +82,8 @@ impl Default for UsageTracker {
     }
 }
 
-/// The name a key's usage is recorded under: its kid, the API key's name, or empty for the
-/// legacy secret (one secret, whatever `kid` its tokens carry). Stored in `key_usage_hourly` and
+/// The name a key's usage is recorded under: its kid, the API key's id (`secret:NAME` or
+/// `publishable:NAME`, [`crate::auth::api_key_id`]), or empty for the legacy secret (one secret, whatever `kid` its tokens carry). Stored in `key_usage_hourly` and
 /// read back by the report, so it stays `""` where [`credential_name`] says `legacy`.
 pub fn usage_kid(verified: &Verified) -> Arc<str> {
     static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
@@ -93,8 +93,9 @@ pub fn usage_kid(verified: &Verified) -> Arc<str> {
     }
 }
 
-/// How metrics, log lines and the audit log name a credential: its kid, the API key's name, or
-/// `legacy` for the legacy secret. Never the credential itself.
+/// How metrics, log lines and the audit log name a credential: its kid, the API key's id
+/// (`secret:NAME` or `publishable:NAME`), or `legacy` for the legacy secret. Never the
+/// credential itself.
 pub fn credential_name(verified: &Verified) -> &str {
     match verified.source {
         KeySource::LegacySecret => "legacy",

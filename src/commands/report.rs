@@ -218,8 +218,18 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>], numeric: &[usi
 fn key_name(series: &Series) -> String {
     match series.source.as_str() {
         "legacy_secret" => "legacy secret (HS256)".to_owned(),
-        "api_key" => format!("api key {}", series.key),
+        "api_key" => api_key_name(&series.key),
         _ => format!("signing key {} ({})", series.key, series.alg),
+    }
+}
+
+/// An API key as the report names it: `api key secret:NAME` or `api key publishable:NAME`, as
+/// metrics and the API do. Rows an earlier release stored under the bare name hold the
+/// publishable and the secret key of that name together, and say so.
+fn api_key_name(id: &str) -> String {
+    match crate::auth::parse_api_key_id(id) {
+        (Some(_), _) => format!("api key {id}"),
+        (None, name) => format!("api key {name} (secret or publishable)"),
     }
 }
 
@@ -303,7 +313,7 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         .chain(
             view.api_key_usage
                 .iter()
-                .map(|row| caller_cells(format!("api key {}", row.kind), row)),
+                .map(|row| caller_cells(api_key_name(&row.kind), row)),
         )
         .collect();
     if view.legacy_usage.is_empty() {

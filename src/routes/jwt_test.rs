@@ -30,8 +30,9 @@ struct KeyBody {
     #[schema(value_type = crate::auth::KeySource)]
     source: &'static str,
     /// The key that verified, as `GET /admin/signing-keys` names it: a signing key's kid, an
-    /// API key's name, an inline `oct` key's kid for `legacy_secret`, and null for
-    /// `SUPABASE_JWT_SECRET`, whatever `kid` the token's header carries.
+    /// API key's type and name (`secret:NAME`, `publishable:NAME`), an inline `oct` key's kid
+    /// for `legacy_secret`, and null for `SUPABASE_JWT_SECRET`, whatever `kid` the token's
+    /// header carries.
     #[schema(value_type = Option<String>)]
     kid: Option<Arc<str>>,
     alg: &'static str,

@@ -482,13 +482,26 @@ pub struct TrustedKey {
     verified_count: i64,
 }
 
-/// Use of one API key over the window.
+/// Use of one API key over the revocation window: every configured key (count 0 and
+/// `last_verified_at_ms` null when unused), then any other that verified in the window (removed
+/// from the configuration since, or recorded by an earlier release under its bare name).
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct ApiKeyUse {
-    /// The key's name in `SUPABASE_SECRET_KEYS` / `SUPABASE_PUBLISHABLE_KEYS`.
+    /// The key's name in `SUPABASE_SECRET_KEYS` / `SUPABASE_PUBLISHABLE_KEYS`. Supabase names
+    /// both its default keys `default`: `type` tells them apart.
     name: String,
-    last_verified_at_ms: i64,
+    /// `null` for usage an earlier release recorded under the bare name, the publishable and
+    /// the secret key of that name together (it did not record which).
+    #[schema(rename = "type")]
+    key_type: Option<crate::auth::ApiKeyType>,
+    /// The key as metrics (`kid` label), log lines, the audit log, `jwt-test`, `api_key_usage`
+    /// and `edgegate keys report` name it: `secret:NAME` or `publishable:NAME`, or the bare name
+    /// of an earlier release's rows.
+    kid: String,
+    /// Whether the service trusts the key now.
+    configured: bool,
+    last_verified_at_ms: Option<i64>,
     verified_count: i64,
 }
 
@@ -531,7 +544,8 @@ pub struct SigningKeys {
     /// Legacy-secret verifications per (kind, route, client) over the usage window, most used
     /// first; `kind` is `anon_key`, `service_role_key` or `user_session`.
     legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
-    /// API-key verifications per (key name, route, client) over the usage window.
+    /// API-key verifications per (key, route, client) over the usage window; `kind` is the key's
+    /// `secret:NAME` or `publishable:NAME` (the bare name in rows an earlier release stored).
     api_key_usage: Vec<crate::auth::legacy_report::CallerRow>,
     /// Each legacy kind's count and last use over the usage window.
     legacy_kinds: Vec<crate::auth::legacy_report::KindUse>,

@@ -12,7 +12,8 @@ pub struct CallerUsage {
     pub hour_start_ms: i64,
     /// `legacy_secret` or `api_key`.
     pub source: String,
-    /// `anon_key`, `service_role_key`, `user_session`, or the API key's name.
+    /// `anon_key`, `service_role_key`, `user_session`, or the API key's id (`secret:NAME`,
+    /// `publishable:NAME`; the bare name in rows of releases before the type was recorded).
     pub kind: String,
     /// The matched route pattern.
     pub route: String,

@@ -175,7 +175,7 @@ pub struct AuditEntry {
     pub request_id: Option<String>,
     /// `signing_key`, `legacy_secret`, `api_key`, or `system` for the service's own actions.
     pub credential_source: String,
-    /// The kid, `legacy`, or the API key's name.
+    /// The kid, `legacy`, or the API key's id (`secret:NAME`, `publishable:NAME`).
     pub credential_id: String,
     pub action: String,
     pub outcome: String,
@@ -212,7 +212,8 @@ pub struct KeyUsage {
     pub hour_start_ms: i64,
     /// `signing_key`, `legacy_secret` or `api_key`.
     pub source: String,
-    /// The kid, the API key's name, or empty for the legacy secret.
+    /// The kid, the API key's id (`secret:NAME`, `publishable:NAME`; the bare name in rows of
+    /// releases before the type was recorded), or empty for the legacy secret.
     pub kid: String,
     pub alg: String,
     pub verified_count: i64,

@@ -166,7 +166,7 @@ async fn jwt_test_names_the_key_that_verified_each_kind_of_credential() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["role"], "anon");
     assert_eq!(body["key"]["source"], "api_key");
-    assert_eq!(body["key"]["kid"], "web");
+    assert_eq!(body["key"]["kid"], "publishable:web");
     assert!(
         !body.to_string().contains(PUBLISHABLE_KEY),
         "the key itself must not echo"
@@ -596,7 +596,7 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
         .find(|entry| entry.action == "refresh_signing_keys")
         .expect("an audit row for the refresh");
     assert_eq!(refresh.credential_source, "api_key");
-    assert_eq!(refresh.credential_id, "backend");
+    assert_eq!(refresh.credential_id, "secret:backend");
     assert_eq!(refresh.outcome, "ok");
     assert_eq!(refresh.request_id.as_deref(), Some("refresh-after-removal"));
 }
@@ -833,8 +833,8 @@ async fn every_key_counts_its_verifications_in_one_series_across_key_set_fetches
     assert_eq!(series("signing_key", es.kid(), "ES256", "ok"), 4);
     assert_eq!(series("signing_key", rs.kid(), "RS256", "ok"), 1);
     assert_eq!(series("legacy_secret", "legacy", "HS256", "ok"), 3);
-    assert_eq!(series("api_key", "web", "opaque", "ok"), 2);
-    assert_eq!(series("api_key", "backend", "opaque", "ok"), 2);
+    assert_eq!(series("api_key", "publishable:web", "opaque", "ok"), 2);
+    assert_eq!(series("api_key", "secret:backend", "opaque", "ok"), 2);
     assert_eq!(
         series(
             "api_key",

@@ -205,7 +205,7 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
     );
     assert_eq!(report["legacy_secret"]["verified_count"], 10);
     // The admin calls themselves came with the sb_secret_ key, named "backend".
-    assert_eq!(report["api_key_usage"][0]["kind"], "backend");
+    assert_eq!(report["api_key_usage"][0]["kind"], "secret:backend");
     assert_eq!(report["api_key_usage"][0]["route"], "/admin/signing-keys");
 
     // Each instance counts its own; no client label.
@@ -370,7 +370,7 @@ async fn a_legacy_anon_key_beside_a_signing_key_session_is_legacy_use() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|row| row["kind"] == "web")
+        .filter(|row| row["kind"] == "publishable:web")
         .collect();
     assert_eq!(web.len(), 1, "{report}");
     assert_eq!(
@@ -732,11 +732,11 @@ async fn keys_report_from_the_database_matches_its_snapshot() {
         }
         keys.push(key_row(hours_ago, "legacy_secret", "", "HS256", legacy));
         if hours_ago % 6 == 0 {
-            keys.push(key_row(hours_ago, "api_key", "backend", "opaque", 5));
+            keys.push(key_row(hours_ago, "api_key", "secret:backend", "opaque", 5));
             callers.push(caller_row(
                 hours_ago,
                 "api_key",
-                "backend",
+                "secret:backend",
                 SYNC,
                 "node-fetch/1.0",
                 5,
@@ -1083,4 +1083,162 @@ async fn a_long_outage_holds_a_bounded_number_of_caller_counts() {
         .map(|row| row.client.as_str())
         .collect();
     assert_eq!(named.len(), MAX_NAMED_CLIENTS + 1, "{named:?}");
+}
+
+/// Supabase names both its default API keys `default`, the publishable and the secret one. After
+/// a leak what matters is whether the secret key is used, so the two are told apart wherever a
+/// key is named: the listing (with each key's type), `api_key_usage`, the metrics' `kid` label,
+/// the stored rows and `edgegate keys report` (`secret:default`, `publishable:default`). Every
+/// configured key is listed, unused ones with count 0 as signing keys are. Rows an earlier
+/// release stored under the bare name cannot be told apart: they show under it, typeless.
+#[tokio::test]
+async fn a_publishable_and_a_secret_key_both_named_default_are_told_apart() {
+    const PUBLISHABLE: &str = "sb_publishable_default_0123456789";
+    let db = test_db!();
+    let secret_keys = format!(r#"{{"default":"{SECRET_KEY}"}}"#);
+    let publishable_keys =
+        format!(r#"{{"default":"{PUBLISHABLE}","mobile":"sb_publishable_mobile_0123456789"}}"#);
+    let (server, state) = spawn_app(
+        &db,
+        &[
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("SUPABASE_PUBLISHABLE_KEYS", &publishable_keys),
+        ],
+    )
+    .await;
+    // What an earlier release stored: both kinds under the bare name.
+    let store = db.store().await;
+    let now = now_ms();
+    let (hour, last) = (now - now % HOUR, now - 1);
+    store
+        .add_key_usage(&[KeyUsage {
+            hour_start_ms: hour,
+            source: "api_key".into(),
+            kid: "default".into(),
+            alg: "opaque".into(),
+            verified_count: 7,
+            last_verified_at_ms: last,
+        }])
+        .await
+        .unwrap();
+    store
+        .add_caller_usage(&[CallerUsage {
+            hour_start_ms: hour,
+            source: "api_key".into(),
+            kind: "default".into(),
+            route: JWT_TEST.into(),
+            client: "old/1.0".into(),
+            verified_count: 7,
+            last_verified_at_ms: last,
+        }])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let response = server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", PUBLISHABLE)
+            .header("x-client-info", "supabase-js/2.49.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["key"]["kid"], "publishable:default", "{body}");
+    }
+
+    let report = admin(&server, "").await;
+    let api_keys: Vec<Value> = report["api_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let mut row = row.clone();
+            let last = row
+                .as_object_mut()
+                .unwrap()
+                .remove("last_verified_at_ms")
+                .unwrap();
+            assert_eq!(last.is_null(), row["verified_count"] == 0, "{row}");
+            row
+        })
+        .collect();
+    assert_eq!(
+        api_keys,
+        [
+            json!({"name": "default", "type": "secret", "kid": "secret:default", "configured": true, "verified_count": 1}),
+            json!({"name": "default", "type": "publishable", "kid": "publishable:default", "configured": true, "verified_count": 2}),
+            json!({"name": "mobile", "type": "publishable", "kid": "publishable:mobile", "configured": true, "verified_count": 0}),
+            json!({"name": "default", "type": null, "kid": "default", "configured": false, "verified_count": 7}),
+        ],
+        "{report:#}"
+    );
+    let mut usage: Vec<(&str, &str, i64)> = report["api_key_usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["kind"].as_str().unwrap(),
+                row["route"].as_str().unwrap(),
+                row["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    usage.sort_unstable();
+    assert_eq!(
+        usage,
+        [
+            ("default", JWT_TEST, 7),
+            ("publishable:default", JWT_TEST, 2),
+            ("secret:default", "/admin/signing-keys", 1),
+        ],
+        "{report:#}"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "edgegate_credential_verifications_total{source=\"api_key\",kid=\"publishable:default\""
+        )
+        .await,
+        "edgegate_credential_verifications_total{source=\"api_key\",kid=\"publishable:default\",alg=\"opaque\",outcome=\"ok\"} 2"
+    );
+    assert!(
+        metric(
+            &server,
+            "edgegate_credential_verifications_total{source=\"api_key\",kid=\"secret:default\""
+        )
+        .await
+        .ends_with(" 1"),
+        "the admin call"
+    );
+
+    state.usage.flush(&store).await.unwrap();
+    let mut kids: Vec<String> = store
+        .key_usage_since(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.kid)
+        .collect();
+    kids.sort_unstable();
+    kids.dedup();
+    assert_eq!(kids, ["default", "publishable:default", "secret:default"]);
+    let dir = tempfile::tempdir().unwrap();
+    let printed =
+        output(edgegate(dir.path(), &[("DATABASE_URL", &db.url)]).args(["keys", "report"]));
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.status.success(), "{text}");
+    let named: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("api key"))
+        .map(|line| line.split("  ").next().unwrap())
+        .collect();
+    for name in [
+        "api key secret:default",
+        "api key publishable:default",
+        "api key default (secret or publishable)",
+    ] {
+        assert!(named.contains(&name), "{name} in\n{text}");
+    }
 }

@@ -104,7 +104,7 @@ async fn json_logs_carry_the_request_and_its_credential_but_never_the_secret() {
     let expected = [
         ("log-es256", 200, "signing_key", Some(key.kid())),
         ("log-legacy", 200, "legacy_secret", Some("legacy")),
-        ("log-publishable", 200, "api_key", Some("web")),
+        ("log-publishable", 200, "api_key", Some("publishable:web")),
         ("log-refused", 401, "signing_key", None),
     ];
     for (id, status, source, kid) in expected {
