@@ -416,6 +416,10 @@ pub fn thousands(count: i64) -> String {
 /// caller, so the operator knows whom to fix first. `other` is no caller: it holds every client
 /// not named (a flood of one-off values among them), so it is never named and never counted as
 /// one; what it holds is said apart.
+///
+/// The totals are verifications, not requests: one request may carry two legacy credentials
+/// (the legacy anon key in `apikey`, a legacy session as its Bearer), each counted. And a client
+/// is counted once, however many kinds and routes its rows hold.
 pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], window: Duration) {
     if verdict.legacy_revocation_safe || legacy_usage.is_empty() {
         return;
@@ -426,7 +430,11 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
     let unnamed: i64 = other.iter().map(|row| row.count).sum();
     let named_total: i64 = named.iter().map(|row| row.count).sum();
     let total = named_total + unnamed;
-    let callers = named.len();
+    let clients = named
+        .iter()
+        .map(|row| row.client.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let used = match named.first() {
         Some(top) => format!(
             "legacy {} still used by {} on {}, {} time{} in the last {}",
@@ -441,7 +449,7 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
         None => {
             let top = other[0];
             format!(
-                "legacy {} still used on {} by callers not named (counted as other), {} time{} \
+                "legacy {} still used on {} by clients not named (counted as other), {} time{} \
                  in the last {}",
                 top.kind,
                 top.route,
@@ -451,21 +459,19 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
             )
         }
     };
-    let from = match (callers, unnamed) {
-        (_, 0) => format!(
-            "from {callers} caller{}",
-            if callers == 1 { "" } else { "s" }
-        ),
-        (0, _) => "none from a named caller".to_owned(),
+    let clients_plural = if clients == 1 { "" } else { "s" };
+    let from = match (clients, unnamed) {
+        (_, 0) => format!("from {clients} client{clients_plural}"),
+        (0, _) => "none from a named client".to_owned(),
         _ => format!(
-            "{} from {callers} named caller{} and {} from callers not named (counted as other)",
+            "{} from {clients} named client{clients_plural} and {} from clients not named \
+             (counted as other)",
             thousands(named_total),
-            if callers == 1 { "" } else { "s" },
             thousands(unnamed),
         ),
     };
     verdict.reason = format!(
-        "{used}; {} request{} verified with the legacy secret in all, {from}",
+        "{used}; {} verification{} with the legacy secret in all, {from}",
         thousands(total),
         plural(total),
     );

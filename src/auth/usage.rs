@@ -462,11 +462,10 @@ pub fn legacy_verdict(
         );
     }
     if legacy > 0 {
+        // Verifications, not requests: one request may carry two legacy credentials.
         return verdict(
             false,
-            format!(
-                "{legacy} request(s) verified with the legacy secret in the last {window_text}"
-            ),
+            format!("{legacy} verification(s) with the legacy secret in the last {window_text}"),
         );
     }
     // A dropped verification may have been a legacy one: the window must pass after the last.

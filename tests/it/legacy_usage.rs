@@ -182,7 +182,7 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
     assert_eq!(
         report["reason"],
         "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 5 times \
-         in the last 24 h; 10 requests verified with the legacy secret in all, from 3 callers"
+         in the last 24 h; 10 verifications with the legacy secret in all, from 3 clients"
     );
     let kinds = report["legacy_kinds"].as_array().unwrap();
     let counts: Vec<(&str, i64)> = kinds
@@ -236,7 +236,7 @@ async fn three_legacy_callers_on_two_instances_are_named_with_summed_counts() {
 /// its kind, route and client, although the request was let in by the signing key.
 /// A real client beside a flood of one-off clients (an app's build number in its `User-Agent`):
 /// the flood is counted as `other`, which is no caller to fix. The reason names the real client
-/// and says how much came from callers not named; before the flush the report names the clients
+/// and says how much came from clients not named; before the flush the report names the clients
 /// the flush will name, not the one-off values waiting to be judged.
 #[tokio::test]
 async fn the_reason_names_a_real_caller_and_never_other() {
@@ -282,8 +282,8 @@ async fn the_reason_names_a_real_caller_and_never_other() {
         assert_eq!(
             report["reason"],
             "legacy anon_key still used by supabase-js/2.47.0 on \
-             /functions/v1/jwt-test, 20 times in the last 24 h; 320 requests verified with the \
-             legacy secret in all, 20 from 1 named caller and 300 from callers not named \
+             /functions/v1/jwt-test, 20 times in the last 24 h; 320 verifications with the \
+             legacy secret in all, 20 from 1 named client and 300 from clients not named \
              (counted as other)",
             "flushed: {flushed}"
         );
@@ -803,7 +803,7 @@ async fn keys_report_from_the_database_judges_by_usage_not_by_its_own_environmen
     assert!(printed.status.success(), "{text}");
     let verdict = text.lines().last().unwrap_or_default();
     assert!(verdict.contains("NOT SAFE"), "{verdict}");
-    assert!(verdict.contains("500 request(s)"), "{verdict}");
+    assert!(verdict.contains("500 verification(s)"), "{verdict}");
 }
 
 /// The evidence starts at the first verification counted, not at the start of its hour, so a
@@ -1241,4 +1241,33 @@ async fn a_publishable_and_a_secret_key_both_named_default_are_told_apart() {
     ] {
         assert!(named.contains(&name), "{name} in\n{text}");
     }
+}
+
+/// One request of one client can carry two legacy credentials: the legacy anon key in `apikey`
+/// and a user's session signed with the legacy secret as its Bearer. Both are counted (revoking
+/// breaks both), so the reason speaks of verifications, not requests, and counts the client
+/// once, not once per kind.
+#[tokio::test]
+async fn the_reason_counts_verifications_and_distinct_clients() {
+    let db = test_db!();
+    let (server, _state) = instance(&db).await;
+    let response = server
+        .client
+        .get(server.url(JWT_TEST))
+        .header("apikey", legacy_key("anon"))
+        .bearer_auth(legacy_session())
+        .header("user-agent", "myapp/1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let report = admin(&server, "").await;
+    assert_eq!(report["legacy_secret"]["verified_count"], 2, "{report:#}");
+    assert_eq!(report["legacy_usage"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        report["reason"],
+        "legacy anon_key still used by myapp/1.0 on /functions/v1/jwt-test, 1 time in the last \
+         24 h; 2 verifications with the legacy secret in all, from 1 client"
+    );
 }

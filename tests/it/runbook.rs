@@ -163,7 +163,7 @@ async fn a_thirty_day_window_still_sees_a_monthly_job() {
     assert_eq!(report["legacy_revocation_safe"], false, "{report}");
     assert_eq!(
         report["reason"],
-        "3 request(s) verified with the legacy secret in the last 720 h"
+        "3 verification(s) with the legacy secret in the last 720 h"
     );
     assert_eq!(report["legacy_secret"]["verified_count"], 3);
 

@@ -57,12 +57,12 @@ fn the_reason_names_the_top_caller_only_when_not_safe() {
     );
     let mut verdict = LegacyVerdict {
         legacy_revocation_safe: false,
-        reason: "1204 request(s) verified with the legacy secret in the last 24 h".to_owned(),
+        reason: "1204 verification(s) with the legacy secret in the last 24 h".to_owned(),
     };
     name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
     assert_eq!(
         verdict.reason,
-        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 1,204 times in the last 24 h; 1,204 requests verified with the legacy secret in all, from 1 caller"
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 1,204 times in the last 24 h; 1,204 verifications with the legacy secret in all, from 1 client"
     );
     let mut safe = LegacyVerdict {
         legacy_revocation_safe: true,
@@ -94,14 +94,14 @@ fn the_reason_never_names_other_nor_counts_it_as_a_caller() {
     name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
     assert_eq!(
         verdict.reason,
-        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 321 requests verified with the legacy secret in all, 21 from 2 named callers and 300 from callers not named (counted as other)"
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 321 verifications with the legacy secret in all, 21 from 2 named clients and 300 from clients not named (counted as other)"
     );
     let usage = summarize(&[], &[caller(0, "anon_key", OTHER, 1)], DAY, NOW);
     let mut verdict = unsafe_verdict();
     name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
     assert_eq!(
         verdict.reason,
-        "legacy anon_key still used on /functions/v1/jwt-test by callers not named (counted as other), 1 time in the last 24 h; 1 request verified with the legacy secret in all, none from a named caller"
+        "legacy anon_key still used on /functions/v1/jwt-test by clients not named (counted as other), 1 time in the last 24 h; 1 verification with the legacy secret in all, none from a named client"
     );
 }
 
