@@ -372,14 +372,10 @@ impl StripeClient {
         let mut previous: Option<Failure> = None;
         loop {
             attempt += 1;
-            let failure =
-                match tokio::time::timeout(self.policy.attempt_timeout, self.attempt(&url)).await {
-                    Ok(Ok(value)) => return Ok(value),
-                    Ok(Err(failure)) => failure,
-                    Err(_) => AttemptFailure::transient(Failure::NoAnswer(no_answer_within(
-                        self.policy.attempt_timeout,
-                    ))),
-                };
+            let failure = match self.attempt(&url).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => failure,
+            };
             if failure.missing {
                 return Err(StripeError::NotFound(failure.reason.detail().to_owned()));
             }
@@ -449,18 +445,23 @@ impl StripeClient {
         }
     }
 
+    /// One attempt, within `attempt_timeout` (answer body included). The HTTP client's own timer
+    /// ends it, not one around it: an attempt cut off from outside left its client span with no
+    /// status and no `error.type`, where one the client times out says `timeout`.
     async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, AttemptFailure> {
+        let timeout = self.policy.attempt_timeout;
         let request = self
             .http
             .get(url.clone())
-            .bearer_auth(self.key.expose_secret());
+            .bearer_auth(self.key.expose_secret())
+            .timeout(timeout);
         let sent = tokio::time::Instant::now();
         let response = crate::telemetry::send(request).await.map_err(|err| {
-            // The HTTP client's own timeout (`check` sets one) is no connection failure; other
+            // A timeout (the attempt's, or the connect's) is no connection failure; other
             // errors with their causes (`…: tcp connect error: Connection refused`): reqwest's
             // own message alone ("error sending request") does not say what failed.
             AttemptFailure::transient(Failure::NoAnswer(if err.is_timeout() {
-                no_answer_within(sent.elapsed())
+                no_answer_within(sent.elapsed().min(timeout))
             } else {
                 crate::error::causes(&anyhow::Error::new(err.without_url()))
             }))
@@ -473,7 +474,7 @@ impl StripeClient {
             .and_then(|value| value.parse::<bool>().ok());
         let retry_after =
             crate::outbound::retry_after(response.headers()).filter(|_| status.as_u16() == 429);
-        let body = read_capped(response, MAX_ANSWER_BYTES).await?;
+        let body = read_capped(response, MAX_ANSWER_BYTES, timeout).await?;
         let body = crate::stripe::objects::without_nul(&body);
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| {
@@ -520,8 +521,13 @@ impl StripeClient {
 }
 
 /// The answer's body, read up to `cap` bytes. A body cut short is a transient failure like a
-/// dropped connection; one past the cap is final: another attempt would only read it again.
-async fn read_capped(response: reqwest::Response, cap: usize) -> Result<Vec<u8>, AttemptFailure> {
+/// dropped connection, one still coming when the attempt's `timeout` ends it an answer not
+/// given in time; one past the cap is final: another attempt would only read it again.
+async fn read_capped(
+    response: reqwest::Response,
+    cap: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, AttemptFailure> {
     let status = response.status().as_u16();
     crate::outbound::read_capped(response, cap)
         .await
@@ -537,6 +543,9 @@ async fn read_capped(response: reqwest::Response, cap: usize) -> Result<Vec<u8>,
                     cap / (1024 * 1024)
                 )),
             },
+            crate::outbound::BodyError::CutShort(err) if err.is_timeout() => {
+                AttemptFailure::transient(Failure::NoAnswer(no_answer_within(timeout)))
+            }
             crate::outbound::BodyError::CutShort(err) => {
                 AttemptFailure::transient(Failure::Unreadable(format!("cut short: {err}")))
             }
@@ -693,6 +702,54 @@ mod tests {
             assert!(
                 err.contains("no answer within") && !err.contains("error sending request"),
                 "{client_timeout:?}: {err}"
+            );
+        }
+        held.abort();
+    }
+
+    /// An attempt Stripe never answers ends its client span as one the HTTP client timed out
+    /// does (JWKS, Twilio): an error status and `error.type` `timeout`. The call was cut off
+    /// from outside and the span ended with no status and no `error.type`.
+    #[tokio::test]
+    async fn an_attempt_stripe_never_answers_ends_its_client_span_as_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Url = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let config = crate::config::Config::from_lookup(|name| match name {
+            "STRIPE_SECRET_KEY" => Some("sk_test_0123456789".to_owned()),
+            "STRIPE_API_BASE" => Some(base.to_string()),
+            _ => None,
+        })
+        .unwrap();
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            attempt_timeout: Duration::from_millis(300),
+        };
+        let client =
+            StripeClient::from_config(reqwest::Client::new(), &config.stripe, policy).unwrap();
+        let captured = crate::telemetry::testing::capture();
+        let err = client.livemode().await.unwrap_err().to_string();
+        assert!(err.contains("no answer within 0.3 s), 2 times"), "{err}");
+        let spans = captured.ended();
+        assert_eq!(spans.len(), 2, "one client span an attempt: {spans:#?}");
+        for span in &spans {
+            assert_eq!(
+                crate::telemetry::testing::attribute(span, "error.type").as_deref(),
+                Some("timeout"),
+                "{span:#?}"
+            );
+            assert!(
+                matches!(span.status, opentelemetry::trace::Status::Error { .. }),
+                "{span:#?}"
             );
         }
         held.abort();

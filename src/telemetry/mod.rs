@@ -12,6 +12,8 @@ pub use metrics::{Exposition, HttpLabels, Metrics, RouteLabel, TrackMetricsLayer
 pub(crate) use spans::{cancel_server_span, end_server_span};
 pub use stderr::{flush as flush_logs, flush_by as flush_logs_by, print as print_after_logs};
 pub(crate) use traces::server_span;
+#[cfg(test)]
+pub(crate) use traces::testing;
 pub use traces::{SHUTDOWN_EXPORT, TraceExporter, check_collector, is_exporting, send};
 
 /// The request span's `http.route` (in the logs) when no route matched. A server span leaves

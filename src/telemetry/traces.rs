@@ -35,6 +35,10 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported (the process's subscriber has the OpenTelemetry layer).
 pub fn is_exporting() -> bool {
+    #[cfg(test)]
+    if testing::CAPTURING.get() {
+        return true;
+    }
     EXPORTING.load(Ordering::Relaxed)
 }
 
@@ -487,7 +491,11 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
             &mut WriteHeaders(request.headers_mut()),
         );
     }
+    // A call given up on before it ended (the caller's own request cancelled) ends its span
+    // as one: never a client span without a status.
+    let mut unfinished = Unfinished(Some(&span));
     let result = client.execute(request).instrument(span.clone()).await;
+    unfinished.0 = None;
     // OpenTelemetry's HTTP conventions: a client span is an error when no answer came, or when
     // it is a 4xx or a 5xx, with `error.type` the status code (the status's description left
     // empty then, as the code says it) or why none came.
@@ -508,6 +516,100 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         fail_client_span(&span, description);
     }
     result
+}
+
+/// Marks the client span of a call dropped before it ended: an error status, `error.type`
+/// `cancelled`.
+struct Unfinished<'a>(Option<&'a tracing::Span>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(span) = self.0 {
+            span.record("error.type", "cancelled");
+            fail_client_span(span, "cancelled");
+        }
+    }
+}
+
+/// Spans captured in memory on one thread, for unit tests of what the spans say.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::Cell;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    thread_local! {
+        /// Set while a [`Captured`] lives on this thread: [`super::is_exporting`] is true here
+        /// only, so that other tests of the process (which compare log lines) see no trace id.
+        pub(super) static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    }
+
+    #[derive(Debug, Default)]
+    struct Keep(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanProcessor for Keep {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+
+        fn on_end(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+
+        fn shutdown_with_timeout(&self, _: std::time::Duration) -> OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    /// Every span of edgegate's ended on this thread while it lives, as they would be exported
+    /// (a current-thread runtime keeps a test's tasks on its thread).
+    pub(crate) struct Captured {
+        spans: Arc<Mutex<Vec<SpanData>>>,
+        _default: tracing::subscriber::DefaultGuard,
+        _provider: SdkTracerProvider,
+    }
+
+    pub(crate) fn capture() -> Captured {
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Keep(spans.clone()))
+            .build();
+        let layer = super::super::spans::SpanLayer::new(provider.tracer("edgegate"));
+        let default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        CAPTURING.set(true);
+        Captured {
+            spans,
+            _default: default,
+            _provider: provider,
+        }
+    }
+
+    impl Captured {
+        /// The spans ended so far.
+        pub(crate) fn ended(&self) -> Vec<SpanData> {
+            self.spans.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for Captured {
+        fn drop(&mut self) {
+            CAPTURING.set(false);
+        }
+    }
+
+    /// A span's attribute, written as text.
+    pub(crate) fn attribute(span: &SpanData, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
 }
 
 #[cfg(test)]
