@@ -297,11 +297,12 @@ fn request_span(req: &Request, scheme: &'static str) -> tracing::Span {
 
 /// Makes each request's span ([`request_span`]), entered while the layers beneath take the
 /// request and make its answer, and writes the line that closes the request
-/// ([`crate::telemetry::log_response`]: status and latency). A 5xx answer, or an error, also gets
-/// the error line tower-http's `TraceLayer` wrote (`response failed`, its classification and
-/// latency in milliseconds), as does its `started processing request` at debug level, both
-/// under tower-http's targets so that filters and collectors see the same lines: this layer
-/// replaces it. Unlike `TraceLayer`, it leaves the answer's body as it is: nothing here reads the
+/// ([`crate::telemetry::log_response`]: status and latency; at error level for a 5xx). A service
+/// error (none in the app's stack, whose errors are answers) gets tower-http's `TraceLayer`
+/// error line instead (`response failed`, its classification and latency in milliseconds), and
+/// each request its `started processing request` at debug level, both under tower-http's
+/// targets: this layer replaces it. Unlike `TraceLayer`, a 5xx answer is not logged twice (its
+/// `response` line, then `response failed`). Unlike `TraceLayer`, it leaves the answer's body as it is: nothing here reads the
 /// body's frames, and wrapping it cost each request a clone of its span, which the body held
 /// until its end, and a span entry, an exit and a clock read for each frame and at the end.
 #[derive(Clone, Debug)]
@@ -389,12 +390,10 @@ where
                 crate::telemetry::log_cancelled(latency, this.span);
                 None
             }
+            // A 5xx is the `response` line's own (at error level): a second line repeated it.
             Ok(answer) => {
                 crate::telemetry::log_response(answer, latency, this.span);
-                let status = answer.status();
-                status
-                    .is_server_error()
-                    .then(|| format!("Status code: {status}"))
+                None
             }
             Err(error) => Some(format!("Error: {error}")),
         };
@@ -936,7 +935,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn request_spans_log_the_lines_tower_https_trace_layer_logged() {
+    async fn request_spans_log_one_line_a_request_as_tower_https_trace_layer_did() {
         use tower_http::trace::TraceLayer;
         for answer in [
             Ok(StatusCode::OK),
@@ -960,23 +959,28 @@ mod tests {
                 answer,
             )
             .await;
-            // The one line of theirs left out: a debug line once the body has been sent.
-            theirs.retain(|line| line["message"] != "end of stream");
+            // Theirs left out: a debug line once the body has been sent, and the second line a
+            // 5xx answer got (`response failed`), which repeated the `response` line.
+            theirs.retain(|line| {
+                line["message"] != "end of stream"
+                    && (answer.is_err() || line["message"] != "response failed")
+            });
             assert_eq!(ours, theirs, "{answer:?}");
-            let messages: Vec<&str> = ours
+            let messages: Vec<(&str, &str)> = ours
                 .iter()
-                .map(|line| line["message"].as_str().unwrap())
+                .map(|line| {
+                    (
+                        line["message"].as_str().unwrap(),
+                        line["level"].as_str().unwrap(),
+                    )
+                })
                 .collect();
-            let failed = match answer {
-                Ok(status) => status.is_server_error(),
-                Err(_) => true,
-            };
-            let expected = match (answer, failed) {
-                (Err(_), _) => vec!["started processing request", "response failed"],
-                (Ok(_), true) => {
-                    vec!["started processing request", "response", "response failed"]
-                }
-                (Ok(_), false) => vec!["started processing request", "response"],
+            let started = ("started processing request", "DEBUG");
+            // One line closes each request; a 5xx one at error level.
+            let expected = match answer {
+                Err(_) => vec![started, ("response failed", "ERROR")],
+                Ok(status) if status.is_server_error() => vec![started, ("response", "ERROR")],
+                Ok(_) => vec![started, ("response", "INFO")],
             };
             assert_eq!(messages, expected, "{answer:?}");
             assert!(

@@ -102,20 +102,24 @@ fn init_logging(format: LogFormat, filter: &str, writer: stderr::BatchedStderr) 
 }
 
 /// The line that closes each request, inside its span (which carries the request id, method,
-/// matched route and credential): the status and the latency in milliseconds.
+/// matched route and credential): the status and the latency in milliseconds. At error level
+/// for a 5xx answer, so that a filter that keeps errors only (`RUST_LOG=error`) still shows
+/// them; at info level otherwise.
 pub fn log_response<B>(
     response: &axum::http::Response<B>,
     latency: Duration,
     span: &tracing::Span,
 ) {
+    let status = response.status().as_u16();
     if is_exporting() {
-        end_server_span(span, response.status().as_u16());
+        end_server_span(span, status);
     }
-    tracing::info!(
-        status = response.status().as_u16(),
-        latency_ms = latency.as_secs_f64() * 1000.0,
-        "response"
-    );
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    if response.status().is_server_error() {
+        tracing::error!(status, latency_ms, "response");
+    } else {
+        tracing::info!(status, latency_ms, "response");
+    }
 }
 
 /// Marks an answer to a request whose client went away before it was answered, though its
