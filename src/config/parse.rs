@@ -754,8 +754,69 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
         tracing_subscriber::EnvFilter::try_new(&filter)
             .map_err(|_| ConfigError::new(name, "must be a valid tracing filter such as info"))?;
+        // A bare word that is no level is a target to tracing-subscriber, kept at every level
+        // while every other target is silenced: `warning` hid every line, errors included.
+        if filter.split(',').any(is_misspelt_level) {
+            return Err(ConfigError::new(
+                name,
+                "has a word that is no level but looks like a misspelt one: the levels are                  trace, debug, info, warn, error and off (a target named so is written                  target=level)",
+            ));
+        }
         Ok(filter)
     }
+}
+
+/// Whether a directive of `RUST_LOG` is a bare word (no `=`, `::` nor span `[`) that is no
+/// level but likely meant one: a word for a level that tracing does not know (`warning`,
+/// `fatal`, `verbose`…), or one within an edit of a level (two for words of four letters or
+/// more: `inf`, `eror`, `debg`). Target names (`edgegate`, `hyper`, `sqlx`) are none of these.
+fn is_misspelt_level(directive: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    const NOT_LEVELS: [&str; 11] = [
+        "warning",
+        "warnings",
+        "err",
+        "fatal",
+        "crit",
+        "critical",
+        "notice",
+        "information",
+        "verbose",
+        "all",
+        "none",
+    ];
+    if directive.is_empty() || directive.contains(['=', '[', ':']) {
+        return false;
+    }
+    let word = directive.to_ascii_lowercase();
+    if LEVELS.contains(&word.as_str())
+        || word.parse::<tracing::level_filters::LevelFilter>().is_ok()
+    {
+        return false;
+    }
+    let near = if word.chars().count() <= 3 { 1 } else { 2 };
+    NOT_LEVELS.contains(&word.as_str())
+        || LEVELS
+            .iter()
+            .any(|level| edit_distance(&word, level) <= near)
+}
+
+/// The Levenshtein distance between `a` and `b`, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// The most memory one field value pattern of `RUST_LOG` may take as an automaton, and all of

@@ -534,6 +534,47 @@ fn log_settings_are_checked() {
     assert_eq!(ok.log_format, LogFormat::Json);
 }
 
+/// A bare word that is no level is a target to tracing-subscriber: `RUST_LOG=warning` kept every
+/// line of a target named `warning` (none), so it silenced the logs, errors included, and
+/// start-up went on. A likely misspelt level is refused; target names are kept.
+#[test]
+fn rust_log_refuses_a_misspelt_level_rather_than_silence_every_line() {
+    for filter in [
+        "inf",
+        "warning",
+        "WARNING",
+        "Information",
+        "eror",
+        "debg",
+        "trac",
+        "fatal",
+        "critical",
+        "verbose",
+        "all",
+        "none",
+        "edgegate=debug,warning",
+        "of",
+    ] {
+        let err = refused("RUST_LOG", filter);
+        assert!(err.rule.contains("level"), "{filter}: {err}");
+    }
+    for filter in [
+        "info",
+        "INFO",
+        "Warn",
+        "off",
+        "edgegate",
+        "hyper",
+        "sqlx",
+        "tower_http",
+        "edgegate::auth",
+        "info,edgegate",
+        "warn,hyper=info",
+    ] {
+        assert!(config(&[("RUST_LOG", filter)]).is_ok(), "{filter}");
+    }
+}
+
 /// Found by the `config` fuzz target: tracing-subscriber trims a directive for its scan but
 /// slices the untrimmed text, so a blank before a multi-byte character panicked at start-up.
 #[test]
