@@ -151,6 +151,18 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
 }
 
 /// The source a failed credential would have had, for metrics.
+/// Every source and code a refused credential is counted under ([`failed_source`],
+/// [`AuthError::code`]): their series of `edgegate_credential_verifications` are made at start.
+pub(crate) const REFUSED_SERIES: [(&str, &str); 7] = [
+    ("none", "UNAUTHORIZED_NO_AUTH_HEADER"),
+    ("none", "UNAUTHORIZED_INVALID_JWT_FORMAT"),
+    ("none", "UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM"),
+    ("none", "UNAUTHORIZED_INVALID_API_KEY"),
+    ("legacy_secret", "UNAUTHORIZED_LEGACY_JWT"),
+    ("signing_key", "UNAUTHORIZED_ASYMMETRIC_JWT"),
+    ("api_key", "UNAUTHORIZED_INVALID_API_KEY"),
+];
+
 fn failed_source(presented: &Result<Presented<'_>, AuthError>, err: &AuthError) -> &'static str {
     match (presented, err) {
         (Ok(Presented::ApiKey(_)), _) => "api_key",
@@ -268,6 +280,47 @@ impl FromRequestParts<AppState> for ServiceRole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every refusal is counted in a series made at start.
+    #[test]
+    fn every_refusal_is_counted_under_a_series_made_at_start() {
+        use crate::auth::Failure;
+        let jwt_errors = [
+            AuthError::NoCredential,
+            AuthError::UnpairedBearerKey,
+            AuthError::InvalidFormat("x"),
+            AuthError::UnsupportedAlgorithm,
+            AuthError::LegacyRevoked,
+            AuthError::Legacy(Failure::Expired),
+            AuthError::UnknownKid,
+            AuthError::Asymmetric(Failure::Expired),
+            AuthError::InvalidApiKey,
+            AuthError::SecretKeyInBrowser,
+            AuthError::RepeatedApiKey,
+        ];
+        let api_key_errors = [
+            AuthError::InvalidApiKey,
+            AuthError::SecretKeyInBrowser,
+            AuthError::RepeatedApiKey,
+        ];
+        let cases = jwt_errors
+            .iter()
+            .flat_map(|err| {
+                [
+                    (Ok(Presented::Jwt("x")), err),
+                    (Err(AuthError::NoCredential), err),
+                ]
+            })
+            .chain(
+                api_key_errors
+                    .iter()
+                    .map(|err| (Ok(Presented::ApiKey("x")), err)),
+            );
+        for (presented, err) in cases {
+            let series = (failed_source(&presented, err), err.code());
+            assert!(REFUSED_SERIES.contains(&series), "{series:?}");
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

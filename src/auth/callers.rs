@@ -500,6 +500,12 @@ impl CallerTracker {
             "Credentials verified with the legacy secret, by kind (anon_key, service_role_key, user_session)",
             self.legacy.clone(),
         );
+        // At 0 from the start: Prometheus' `increase()` does not count a series' first sample.
+        for kind in LegacyKind::ALL {
+            drop(self.legacy.get_or_create(&LegacyKindLabels {
+                kind: kind.as_str(),
+            }));
+        }
         registry.register(
             "caller_usage_dropped",
             "Legacy and API-key verifications left out of the per-caller counts because a long \

@@ -66,6 +66,16 @@ pub fn register(registry: &mut Registry, auth: Arc<Authenticator>) {
         "Credentials checked, by source, kid, algorithm and outcome (ok or the error code)",
         auth.verifications().clone(),
     );
+    // The refusals' series at 0 from the start: Prometheus' `increase()` does not count a
+    // series' first sample. A passing credential's series names its key, known only then.
+    for (source, outcome) in crate::credentials::REFUSED_SERIES {
+        drop(auth.verifications().get_or_create(&VerificationLabels {
+            source,
+            kid: "unknown".to_owned(),
+            alg: "unknown",
+            outcome,
+        }));
+    }
     registry.register_collector(Box::new(AuthCollector { auth }));
 }
 

@@ -30,6 +30,10 @@ pub fn event_type_label(event_type: &str) -> &'static str {
         .unwrap_or("other")
 }
 
+/// The outcomes of a run (a sync, a reconciliation): `ok` or `SyncError::outcome`'s,
+/// `ReconcileError::outcome`'s.
+pub const SYNC_OUTCOMES: [&str; 4] = ["ok", "in_progress", "upstream_error", "error"];
+
 #[derive(Clone, Debug, Default)]
 pub struct StripeMetrics {
     pub sync_runs: Family<SyncLabels, Counter>,
@@ -55,6 +59,32 @@ impl StripeMetrics {
              stored; Stripe delivers them again)",
             self.webhook_events.clone(),
         );
+        // Every series whose labels are known in advance, at 0 from the start: Prometheus'
+        // `increase()` and `rate()` do not count a series' first sample, so a series made by
+        // its first event hid that event.
+        for outcome in SYNC_OUTCOMES {
+            drop(self.sync_runs.get_or_create(&SyncLabels { outcome }));
+        }
+        for event_type in super::webhook::APPLIED_EVENT_TYPES.iter().chain(&["other"]) {
+            for outcome in ["applied", "duplicate"] {
+                drop(self.webhook_events.get_or_create(&WebhookLabels {
+                    event_type,
+                    outcome,
+                }));
+            }
+        }
+        // A refused delivery's type is never read.
+        for outcome in [
+            "invalid_signature",
+            "unreadable",
+            "same_second_unsettled",
+            "error",
+        ] {
+            drop(self.webhook_events.get_or_create(&WebhookLabels {
+                event_type: "unknown",
+                outcome,
+            }));
+        }
     }
 
     pub fn sync_run(&self, outcome: &'static str) {

@@ -477,6 +477,9 @@ struct EventLabels {
     result: &'static str,
 }
 
+/// The results of `edgegate_stripe_reconcile_events`, in `ReconcileCounts`' order.
+const EVENT_RESULTS: [&str; 3] = ["applied", "already_applied", "ignored"];
+
 /// Reconciliation metrics: runs by trigger and outcome, listed events by what became of them.
 #[derive(Clone, Debug, Default)]
 pub struct ReconcileMetrics {
@@ -497,6 +500,18 @@ impl ReconcileMetrics {
             "Events listed by reconciliations, by result (applied, already_applied, ignored)",
             self.events.clone(),
         );
+        // At 0 from the start (see `StripeMetrics::register`).
+        for started_by in [Trigger::Manual, Trigger::Periodic] {
+            for outcome in super::metrics::SYNC_OUTCOMES {
+                drop(self.runs.get_or_create(&RunLabels {
+                    started_by: started_by.as_str(),
+                    outcome,
+                }));
+            }
+        }
+        for result in EVENT_RESULTS {
+            drop(self.events.get_or_create(&EventLabels { result }));
+        }
     }
 
     /// Counts one run; the events of a run that stopped midway are counted too.
@@ -513,11 +528,11 @@ impl ReconcileMetrics {
             })
             .inc();
         if let Some(counts) = counts {
-            for (result, n) in [
-                ("applied", counts.applied),
-                ("already_applied", counts.already_applied),
-                ("ignored", counts.ignored),
-            ] {
+            for (result, n) in EVENT_RESULTS.into_iter().zip([
+                counts.applied,
+                counts.already_applied,
+                counts.ignored,
+            ]) {
                 self.events
                     .get_or_create(&EventLabels { result })
                     .inc_by(u64::try_from(n).unwrap_or(0));

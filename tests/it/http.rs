@@ -50,6 +50,41 @@ pub async fn test_server(limits: Limits, vars: &[(&str, &str)]) -> Option<TestSe
     Some(server.owning(db))
 }
 
+/// Counters whose labels are known in advance are on `/metrics` at 0 from the start: a series
+/// that first appears at 1 is not counted by Prometheus' `increase()` or `rate()`, so the first
+/// sync, webhook delivery, reconciliation or refused credential of a process went unseen.
+#[tokio::test]
+async fn event_counters_are_on_metrics_at_zero_before_their_first_event() {
+    let db = test_db!();
+    let (server, _) = spawn_app(&db, &[]).await;
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for series in [
+        r#"edgegate_stripe_sync_runs_total{outcome="ok"} 0"#,
+        r#"edgegate_stripe_sync_runs_total{outcome="upstream_error"} 0"#,
+        r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"} 0"#,
+        r#"edgegate_stripe_reconcile_runs_total{started_by="manual",outcome="error"} 0"#,
+        r#"edgegate_stripe_reconcile_events_total{result="applied"} 0"#,
+        r#"edgegate_stripe_reconcile_events_total{result="ignored"} 0"#,
+        r#"edgegate_stripe_webhook_events_total{event_type="invoice.paid",outcome="applied"} 0"#,
+        r#"edgegate_stripe_webhook_events_total{event_type="other",outcome="duplicate"} 0"#,
+        r#"edgegate_stripe_webhook_events_total{event_type="unknown",outcome="invalid_signature"} 0"#,
+        r#"edgegate_legacy_verifications_total{kind="anon_key"} 0"#,
+        r#"edgegate_legacy_verifications_total{kind="user_session"} 0"#,
+        r#"edgegate_credential_verifications_total{source="none",kid="unknown",alg="unknown",outcome="UNAUTHORIZED_NO_AUTH_HEADER"} 0"#,
+        r#"edgegate_credential_verifications_total{source="legacy_secret",kid="unknown",alg="unknown",outcome="UNAUTHORIZED_LEGACY_JWT"} 0"#,
+    ] {
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} is not on /metrics:\n{text}"
+        );
+    }
+    // Only what can be counted: a refused delivery's type is never read.
+    assert!(
+        !text.contains(r#"event_type="invoice.paid",outcome="invalid_signature""#),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn healthz_and_readyz_answer_200_on_a_fresh_database() {
     let db = test_db!();

@@ -619,15 +619,22 @@ async fn periodic_reconciliation_applies_missed_events_with_no_request() {
                 AND outcome = 'ok' AND events_applied = 3 AND events_ignored = 0";
     wait_for_a_row(&db, runs, 20, "no periodic run within 20 s").await;
     // The run is counted after its row is written: wait for that too before stopping the task.
-    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"}"#;
+    // The series is there at 0 from the start: wait for a count.
+    let line = r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"} "#;
+    let counted = |metrics: &str| {
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix(line))
+            .any(|count| count != "0")
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut metrics = String::new();
-    while !metrics.contains(line) && std::time::Instant::now() < deadline {
+    while !counted(&metrics) && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         metrics = app.server.get("/metrics").await.text().await.unwrap();
     }
     task.abort();
-    assert!(metrics.contains(line), "{metrics}");
+    assert!(counted(&metrics), "{metrics}");
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 3);
     assert_eq!(product_name(&db, 0).await, "Name 0");
 }

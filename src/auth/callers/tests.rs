@@ -284,11 +284,11 @@ fn pending_counts_show_waiting_clients_as_the_flush_will_count_them() {
 }
 
 #[test]
-fn legacy_verifications_are_counted_by_kind_and_only_kinds_seen_have_a_series() {
+fn legacy_verifications_are_counted_by_kind_each_kind_from_zero() {
     let tracker = CallerTracker::default();
     let mut registry = Registry::with_prefix("edgegate");
     tracker.register(&mut registry);
-    // Each kind's count, as `/metrics` shows it; a kind with no series is left out.
+    // Each kind's count, as `/metrics` shows it.
     let series = |registry: &Registry| {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
@@ -303,6 +303,15 @@ fn legacy_verifications_are_counted_by_kind_and_only_kinds_seen_have_a_series() 
         counts.sort();
         counts
     };
+    // Every kind at 0 before its first: Prometheus' `increase()` misses a series' first sample.
+    assert_eq!(
+        series(&registry),
+        [
+            ("anon_key".into(), 0),
+            ("service_role_key".into(), 0),
+            ("user_session".into(), 0)
+        ]
+    );
     let session = CallerKind::Legacy(LegacyKind::UserSession);
     for _ in 0..3 {
         tracker.record(anon(), ROUTE, "a/1", T0);
@@ -312,7 +321,11 @@ fn legacy_verifications_are_counted_by_kind_and_only_kinds_seen_have_a_series() 
     tracker.record(CallerKind::ApiKey("backend"), ROUTE, "a/1", T0);
     assert_eq!(
         series(&registry),
-        [("anon_key".into(), 3), ("user_session".into(), 2)]
+        [
+            ("anon_key".into(), 3),
+            ("service_role_key".into(), 0),
+            ("user_session".into(), 2)
+        ]
     );
     let service = CallerKind::Legacy(LegacyKind::ServiceRoleKey);
     tracker.record(service, ROUTE, "a/1", T0);
