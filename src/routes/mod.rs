@@ -84,7 +84,8 @@ async fn not_found(uri: Uri) -> ApiError {
 /// A path as a 404 names it: a segment longer than [`SHOWN_SEGMENT`] bytes, or one that starts
 /// like an API key (`sb_`), is written `…`, so that a token or key put in the path by mistake
 /// (`/functions/v1/eyJ…`) is not sent back, where a client's error reporting would keep it.
-fn shown_path(path: &str) -> String {
+/// A server span's `url.path` is written so too.
+pub(crate) fn shown_path(path: &str) -> String {
     path.split('/')
         .map(|segment| {
             if segment.len() > SHOWN_SEGMENT || segment.starts_with("sb_") {

@@ -991,6 +991,64 @@ mod tests {
         }
     }
 
+    /// OpenTelemetry's HTTP conventions: a server span has `url.path` (with a segment that may be
+    /// a token written `…`, as a 404 writes it), `server.port` (the Host header's, else the
+    /// scheme's default) and `network.protocol.version`.
+    #[tokio::test]
+    async fn server_spans_carry_the_path_the_port_and_the_protocol_version() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let cases = [
+            (
+                format!("/functions/v1/{token}?apikey=sb_secret_x"),
+                Some("edge.example:8443"),
+                axum::http::Version::HTTP_2,
+                "/functions/v1/…",
+                "8443",
+                "2",
+            ),
+            (
+                "/functions/v1/jwt-test".to_owned(),
+                Some("[::1]"),
+                axum::http::Version::HTTP_11,
+                "/functions/v1/jwt-test",
+                "80",
+                "1.1",
+            ),
+        ];
+        for (uri, host, version, path, port, protocol) in cases {
+            let captured = crate::telemetry::testing::capture();
+            let service = RequestSpans {
+                inner: Answering(Ok(StatusCode::OK)),
+                scheme: "http",
+            };
+            let mut req = Request::new(Body::empty());
+            *req.uri_mut() = uri.parse().unwrap();
+            *req.version_mut() = version;
+            if let Some(host) = host {
+                req.headers_mut()
+                    .insert(header::HOST, HeaderValue::from_static(host));
+            }
+            service.oneshot(req).await.unwrap();
+            let spans = captured.ended();
+            assert_eq!(spans.len(), 1, "{spans:#?}");
+            let attribute = |key| crate::telemetry::testing::attribute(&spans[0], key);
+            assert_eq!(attribute("url.path").as_deref(), Some(path), "{uri}");
+            assert_eq!(attribute("server.port").as_deref(), Some(port), "{uri}");
+            assert_eq!(
+                attribute("network.protocol.version").as_deref(),
+                Some(protocol),
+                "{uri}"
+            );
+            assert_eq!(
+                attribute("server.address").as_deref(),
+                host.map(|host| host.trim_end_matches(":8443").trim_matches(['[', ']'])),
+                "{uri}"
+            );
+            let all = format!("{spans:?}");
+            assert!(!all.contains("eyJ") && !all.contains("sb_secret"), "{all}");
+        }
+    }
+
     /// An answer marked [`crate::telemetry::ClientClosed`] (a body read cut off by the client's
     /// hang-up) is logged as a request the client cancelled, status 499, not as its answer.
     #[tokio::test]

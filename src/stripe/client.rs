@@ -372,7 +372,7 @@ impl StripeClient {
         let mut previous: Option<Failure> = None;
         loop {
             attempt += 1;
-            let failure = match self.attempt(&url).await {
+            let failure = match self.attempt(&url, attempt - 1).await {
                 Ok(value) => return Ok(value),
                 Err(failure) => failure,
             };
@@ -448,7 +448,11 @@ impl StripeClient {
     /// One attempt, within `attempt_timeout` (answer body included). The HTTP client's own timer
     /// ends it, not one around it: an attempt cut off from outside left its client span with no
     /// status and no `error.type`, where one the client times out says `timeout`.
-    async fn attempt<T: DeserializeOwned>(&self, url: &Url) -> Result<T, AttemptFailure> {
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        url: &Url,
+        resends: u32,
+    ) -> Result<T, AttemptFailure> {
         let timeout = self.policy.attempt_timeout;
         let request = self
             .http
@@ -456,16 +460,18 @@ impl StripeClient {
             .bearer_auth(self.key.expose_secret())
             .timeout(timeout);
         let sent = tokio::time::Instant::now();
-        let response = crate::telemetry::send(request).await.map_err(|err| {
-            // A timeout (the attempt's, or the connect's) is no connection failure; other
-            // errors with their causes (`…: tcp connect error: Connection refused`): reqwest's
-            // own message alone ("error sending request") does not say what failed.
-            AttemptFailure::transient(Failure::NoAnswer(if err.is_timeout() {
-                no_answer_within(sent.elapsed().min(timeout))
-            } else {
-                crate::error::causes(&anyhow::Error::new(err.without_url()))
-            }))
-        })?;
+        let response = crate::telemetry::send_again(request, resends)
+            .await
+            .map_err(|err| {
+                // A timeout (the attempt's, or the connect's) is no connection failure; other
+                // errors with their causes (`…: tcp connect error: Connection refused`): reqwest's
+                // own message alone ("error sending request") does not say what failed.
+                AttemptFailure::transient(Failure::NoAnswer(if err.is_timeout() {
+                    no_answer_within(sent.elapsed().min(timeout))
+                } else {
+                    crate::error::causes(&anyhow::Error::new(err.without_url()))
+                }))
+            })?;
         let status = response.status();
         let should_retry = response
             .headers()
@@ -749,6 +755,56 @@ mod tests {
             );
             assert!(
                 matches!(span.status, opentelemetry::trace::Status::Error { .. }),
+                "{span:#?}"
+            );
+        }
+        held.abort();
+    }
+
+    /// OpenTelemetry's HTTP conventions: a client span has `url.full` (here without its query,
+    /// which may carry a cursor or, for another host, a key), and a retry's
+    /// `http.request.resend_count`.
+    #[tokio::test]
+    async fn client_spans_carry_the_url_and_the_resend_count() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Url = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let config = crate::config::Config::from_lookup(|name| match name {
+            "STRIPE_SECRET_KEY" => Some("sk_test_0123456789".to_owned()),
+            "STRIPE_API_BASE" => Some(base.to_string()),
+            _ => None,
+        })
+        .unwrap();
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            attempt_timeout: Duration::from_millis(200),
+        };
+        let client =
+            StripeClient::from_config(reqwest::Client::new(), &config.stripe, policy).unwrap();
+        let captured = crate::telemetry::testing::capture();
+        client.livemode().await.unwrap_err();
+        let spans = captured.ended();
+        assert_eq!(spans.len(), 3, "{spans:#?}");
+        let attribute = |span, key| crate::telemetry::testing::attribute(span, key);
+        for (resends, span) in spans.iter().enumerate() {
+            assert_eq!(
+                attribute(span, "url.full"),
+                Some(format!("{base}v1/products?…")),
+                "{span:#?}"
+            );
+            let expected = (resends > 0).then(|| resends.to_string());
+            assert_eq!(
+                attribute(span, "http.request.resend_count"),
+                expected,
                 "{span:#?}"
             );
         }

@@ -14,7 +14,7 @@ pub use stderr::{flush as flush_logs, flush_by as flush_logs_by, print as print_
 pub(crate) use traces::server_span;
 #[cfg(test)]
 pub(crate) use traces::testing;
-pub use traces::{SHUTDOWN_EXPORT, TraceExporter, check_collector, is_exporting, send};
+pub use traces::{SHUTDOWN_EXPORT, TraceExporter, check_collector, is_exporting, send, send_again};
 
 /// The request span's `http.route` (in the logs) when no route matched. A server span leaves
 /// `http.route` out then, as OpenTelemetry's HTTP conventions say, and is named by the method

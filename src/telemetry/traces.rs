@@ -405,14 +405,25 @@ pub(crate) fn server_span(
         NEXT_TRACE_ID.set(Some(trace_id));
         trace_id
     });
-    let mut attributes = Vec::with_capacity(4);
+    let mut attributes = Vec::with_capacity(8);
     attributes.push(KeyValue::new("url.scheme", scheme));
+    // A segment that may be a token or a key is written `…`, as a 404 writes it.
+    attributes.push(KeyValue::new(
+        "url.path",
+        bounded_attribute(&crate::routes::shown_path(req.uri().path())),
+    ));
+    attributes.push(KeyValue::new(
+        "network.protocol.version",
+        protocol_version(req.version()),
+    ));
     if let Some(host) = headers
         .get(axum::http::header::HOST)
         .and_then(|value| value.to_str().ok())
     {
-        let address = host.rsplit_once(':').map_or(host, |(address, _)| address);
+        let (address, port) = host_and_port(host);
         attributes.push(KeyValue::new("server.address", bounded_attribute(address)));
+        let port = port.unwrap_or(if scheme == "https" { 443 } else { 80 });
+        attributes.push(KeyValue::new("server.port", i64::from(port)));
     }
     if let Some(agent) = headers
         .get(axum::http::header::USER_AGENT)
@@ -447,6 +458,33 @@ pub(crate) fn server_span(
     span
 }
 
+/// A Host header's address (an IPv6 one without its brackets) and port, if it names one.
+fn host_and_port(host: &str) -> (&str, Option<u16>) {
+    if let Some(bracketed) = host.strip_prefix('[')
+        && let Some((address, rest)) = bracketed.split_once(']')
+    {
+        return (
+            address,
+            rest.strip_prefix(':').and_then(|port| port.parse().ok()),
+        );
+    }
+    match host.rsplit_once(':') {
+        Some((address, port)) => (address, port.parse().ok()),
+        None => (host, None),
+    }
+}
+
+/// `network.protocol.version` as OpenTelemetry writes it: `1.1`, `2`.
+fn protocol_version(version: axum::http::Version) -> &'static str {
+    match version {
+        axum::http::Version::HTTP_09 => "0.9",
+        axum::http::Version::HTTP_10 => "1.0",
+        axum::http::Version::HTTP_2 => "2",
+        axum::http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
 /// The trace id of a context's span, if it has a valid one.
 fn trace_id_of(cx: &Context) -> Option<TraceId> {
     let span = cx.span();
@@ -470,6 +508,15 @@ fn hex_id<'a>(id: &[u8; 16], out: &'a mut [u8; 32]) -> &'a str {
 /// exported, it goes inside a client span whose `traceparent` it carries; otherwise it is sent
 /// as it is.
 pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    send_again(request, 0).await
+}
+
+/// [`send`] for the `resends`-th retry of a request (0 for its first attempt), which its client
+/// span says (`http.request.resend_count`).
+pub async fn send_again(
+    request: reqwest::RequestBuilder,
+    resends: u32,
+) -> reqwest::Result<reqwest::Response> {
     if !is_exporting() {
         return request.send().await;
     }
@@ -482,9 +529,15 @@ pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::
         "server.address" = url.host_str().unwrap_or_default(),
         "server.port" = url.port_or_known_default().unwrap_or_default(),
         "url.scheme" = url.scheme(),
+        // Without its query and fragment (`?…`), where a key or a cursor may be.
+        "url.full" = crate::config::shown_url(url),
+        "http.request.resend_count" = tracing::field::Empty,
         "http.response.status_code" = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
     );
+    if resends > 0 {
+        span.record("http.request.resend_count", resends);
+    }
     if let Some(context) = span_context(&span).filter(|_| TRACE_CONTEXT.load(Ordering::Relaxed)) {
         TraceContextPropagator::new().inject_context(
             &Context::new().with_remote_span_context(context),
