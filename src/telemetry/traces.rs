@@ -148,7 +148,11 @@ pub(super) fn start(config: &TraceExport) -> anyhow::Result<(TraceExporter, SdkT
     });
     let task = tokio::spawn(export_loop(
         queue.clone(),
-        Exporter { collector, encoder },
+        Exporter {
+            collector,
+            encoder,
+            outage: Outage::default(),
+        },
         config.schedule_delay,
         stopped,
     ));
@@ -278,12 +282,133 @@ async fn export_loop(
     queue.lock().closed = true;
     queue.take(&mut taken);
     exporter.export_all(&mut taken, queue.batch_size).await;
+    exporter.log_unsaid();
 }
 
 /// Where the export task sends batches, and how it writes them.
 struct Exporter {
     collector: Collector,
     encoder: Encoder,
+    outage: Outage,
+}
+
+/// How often a collector outage that goes on is logged, after its first failed batch.
+const OUTAGE_LOGGED_EVERY: Duration = Duration::from_secs(60);
+
+/// What the log says of failed exports: the first failure of an outage (why), then at most one
+/// line a minute while batches go on failing (batches and spans lost since, and spans dropped
+/// because the queue was full), and one line when an export works again: a line per failed
+/// batch was 720 an hour at the default delay.
+#[derive(Debug, Default)]
+struct Outage {
+    /// When the last line about the outage was written; `None` while exports work.
+    logged_at: Option<std::time::Instant>,
+    /// Since that line.
+    since_logged: Lost,
+    /// Since the outage began.
+    all: Lost,
+    /// `otel_spans_dropped_total` when the last line was written, and when the outage began.
+    dropped_when_logged: u64,
+    dropped_when_begun: u64,
+}
+
+/// Batches and spans whose export failed, and spans dropped from the full queue meanwhile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Lost {
+    batches: u64,
+    spans: u64,
+    dropped: u64,
+}
+
+/// A line [`Outage`] asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum OutageLine {
+    /// The first failed batch of an outage.
+    Began,
+    /// Still failing, a minute or more after the last line: what was lost since.
+    Lasting(Lost),
+    /// An export worked again: what the whole outage lost.
+    Over(Lost),
+}
+
+impl Outage {
+    /// A batch of `spans` failed at `now`; `dropped` is `otel_spans_dropped_total`.
+    fn failed(&mut self, now: std::time::Instant, spans: u64, dropped: u64) -> Option<OutageLine> {
+        let Some(logged_at) = self.logged_at else {
+            *self = Self {
+                logged_at: Some(now),
+                since_logged: Lost::default(),
+                all: Lost {
+                    batches: 1,
+                    spans,
+                    dropped: 0,
+                },
+                dropped_when_logged: dropped,
+                dropped_when_begun: dropped,
+            };
+            return Some(OutageLine::Began);
+        };
+        self.since_logged.batches += 1;
+        self.since_logged.spans += spans;
+        self.all.batches += 1;
+        self.all.spans += spans;
+        if now.duration_since(logged_at) < OUTAGE_LOGGED_EVERY {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(OutageLine::Lasting(self.take_since_logged(dropped)))
+    }
+
+    /// A batch was exported; `dropped` is `otel_spans_dropped_total`.
+    fn exported(&mut self, dropped: u64) -> Option<OutageLine> {
+        self.logged_at?;
+        let over = Lost {
+            dropped: dropped.saturating_sub(self.dropped_when_begun),
+            ..self.all
+        };
+        *self = Self::default();
+        Some(OutageLine::Over(over))
+    }
+
+    /// At shutdown, during an outage: what was lost since the last line, if anything.
+    fn ending(&mut self, dropped: u64) -> Option<OutageLine> {
+        self.logged_at?;
+        let lost = self.take_since_logged(dropped);
+        (lost != Lost::default()).then_some(OutageLine::Lasting(lost))
+    }
+
+    fn take_since_logged(&mut self, dropped: u64) -> Lost {
+        let lost = Lost {
+            dropped: dropped.saturating_sub(self.dropped_when_logged),
+            ..std::mem::take(&mut self.since_logged)
+        };
+        self.dropped_when_logged = dropped;
+        lost
+    }
+}
+
+/// Writes what `line` says; `error` is the last failure's.
+fn log_outage(line: OutageLine, error: Option<&str>, spans: u64) {
+    match line {
+        OutageLine::Began => tracing::warn!(
+            error = error.unwrap_or_default(),
+            spans,
+            "trace export failed; the spans are lost"
+        ),
+        OutageLine::Lasting(lost) => tracing::warn!(
+            error = error.unwrap_or_default(),
+            batches_lost = lost.batches,
+            spans_lost = lost.spans,
+            spans_dropped = lost.dropped,
+            "trace export still failing; spans lost since the last line"
+        ),
+        OutageLine::Over(lost) => tracing::info!(
+            batches_lost = lost.batches,
+            spans_lost = lost.spans,
+            spans_dropped = lost.dropped,
+            "trace export works again"
+        ),
+    }
 }
 
 impl Exporter {
@@ -301,11 +426,24 @@ impl Exporter {
         match self.collector.send(body).await {
             Ok(()) => {
                 COUNTERS.exported.inc_by(count);
+                if let Some(line) = self.outage.exported(COUNTERS.dropped.get()) {
+                    log_outage(line, None, count);
+                }
             }
             Err(err) => {
                 COUNTERS.failed.inc_by(count);
-                tracing::warn!(error = %err, spans = count, "trace export failed; the spans are lost");
+                let now = std::time::Instant::now();
+                if let Some(line) = self.outage.failed(now, count, COUNTERS.dropped.get()) {
+                    log_outage(line, Some(&err.to_string()), count);
+                }
             }
+        }
+    }
+
+    /// At shutdown: what an outage still going on lost since its last line.
+    fn log_unsaid(&mut self) {
+        if let Some(line) = self.outage.ending(COUNTERS.dropped.get()) {
+            log_outage(line, None, 0);
         }
     }
 }
@@ -678,6 +816,54 @@ mod tests {
         assert_eq!(bounded_attribute(&value), "a".repeat(255));
         let value = "é".repeat(200);
         assert_eq!(bounded_attribute(&value), "é".repeat(128));
+    }
+
+    /// A collector outage is logged when it begins, then at most once a minute (what was lost
+    /// since, queue drops included), and when it ends (what it lost in all).
+    #[test]
+    fn an_outage_is_logged_when_it_begins_once_a_minute_and_when_it_ends() {
+        use super::{Lost, Outage, OutageLine};
+        use std::time::{Duration, Instant};
+
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut outage = Outage::default();
+        assert_eq!(outage.exported(0), None, "no outage, nothing to say");
+        assert_eq!(outage.failed(at(0), 5, 10), Some(OutageLine::Began));
+        for n in 1..300 {
+            assert_eq!(outage.failed(at(n * 200), 5, 10), None, "batch {n}");
+        }
+        // A minute after the first line: the 300 batches since it, 7 spans dropped meanwhile.
+        assert_eq!(
+            outage.failed(at(60_000), 5, 17),
+            Some(OutageLine::Lasting(Lost {
+                batches: 300,
+                spans: 1500,
+                dropped: 7
+            }))
+        );
+        assert_eq!(outage.failed(at(60_200), 5, 17), None);
+        assert_eq!(outage.failed(at(119_999), 5, 17), None);
+        assert_eq!(
+            outage.exported(20),
+            Some(OutageLine::Over(Lost {
+                batches: 303,
+                spans: 1515,
+                dropped: 10
+            }))
+        );
+        assert_eq!(outage.exported(20), None);
+        assert_eq!(outage.failed(at(200_000), 1, 20), Some(OutageLine::Began));
+        assert_eq!(outage.failed(at(200_200), 2, 23), None);
+        assert_eq!(
+            outage.ending(23),
+            Some(OutageLine::Lasting(Lost {
+                batches: 1,
+                spans: 2,
+                dropped: 3
+            }))
+        );
+        assert_eq!(outage.ending(23), None, "said already");
     }
 
     #[test]

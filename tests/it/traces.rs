@@ -778,6 +778,60 @@ async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retrie
     );
 }
 
+/// A collector that refuses batch after batch is logged once when it starts (why, as before),
+/// then at most once a minute, and once when exports work again: every failed batch was a
+/// warning of its own (16 in 6 s at a 200 ms delay, some 720 an hour at the default).
+#[tokio::test]
+async fn a_collector_outage_is_logged_once_and_when_it_ends_not_per_batch() {
+    let refusals = (0..40)
+        .map(|_| (StatusCode::BAD_REQUEST, "malformed").into_response())
+        .collect();
+    let collector = Collector::answering(false, refusals).await;
+    let (server, dir, base) = start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ])
+    .await;
+    // A span every 30 ms until the collector has refused 40 batches and taken one.
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        client.get(format!("{base}/healthz")).send().await.unwrap();
+        if !collector.spans().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        !collector.spans().is_empty(),
+        "the collector never took spans"
+    );
+    assert!(export_failures(&base).await >= 10);
+    let lines = stop(server, &dir).await;
+    let messages: Vec<&str> = lines
+        .iter()
+        .filter(|line| line["level"] == "WARN" || line["level"] == "INFO")
+        .filter_map(|line| line["message"].as_str())
+        .filter(|message| message.starts_with("trace export"))
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "trace export failed; the spans are lost",
+            "trace export works again"
+        ],
+        "{lines:#?}"
+    );
+    let recovered = lines
+        .iter()
+        .find(|line| line["message"] == "trace export works again")
+        .unwrap();
+    assert_eq!(recovered["batches_lost"], 40, "{recovered}");
+    assert!(
+        recovered["spans_lost"].as_u64().unwrap() >= 40,
+        "{recovered}"
+    );
+}
+
 /// A failed export says why: what a collector that refuses the spans put in its answer (OTLP's
 /// `google.rpc.Status`, its message), or why it could not be reached; and the start says where
 /// spans go (without the endpoint's query).
