@@ -99,8 +99,9 @@ pub(crate) fn shown_path(path: &str) -> String {
 }
 
 /// The longest path segment a 404 repeats: every route's segment fits
-/// (`sync-stripe-products-hardened`), a token, a secret or a signature does not.
-const SHOWN_SEGMENT: usize = 32;
+/// (`sync-stripe-products-hardened`, 29 bytes), a token, a key, a signature or a Twilio auth
+/// token (32 hex digits) does not.
+const SHOWN_SEGMENT: usize = 29;
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed

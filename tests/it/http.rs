@@ -162,6 +162,16 @@ async fn unknown_routes_and_methods_answer_json_errors() {
             "no route for /functions/v1/…",
         ),
         ("/x/sb_secret_AAAAbbbb/y".to_owned(), "no route for /x/…/y"),
+        // A Twilio auth token: 32 hex digits.
+        (
+            "/functions/v1/0123456789abcdef0123456789abcdef".to_owned(),
+            "no route for /functions/v1/…",
+        ),
+        // The longest segment of a route is still named.
+        (
+            "/functions/v2/sync-stripe-products-hardened".to_owned(),
+            "no route for /functions/v2/sync-stripe-products-hardened",
+        ),
     ] {
         let missing = server.get(&path).await;
         assert_eq!(missing.status(), 404);
