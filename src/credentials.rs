@@ -125,7 +125,12 @@ fn apikey_beside<'a>(headers: &'a HeaderMap, presented: &Presented<'_>) -> Optio
     let Presented::Jwt(token) = presented else {
         return None;
     };
-    let key = headers.get(&APIKEY)?.to_str().ok()?.trim();
+    // Two `apikey` headers are no evidence of either: which one the client meant is not guessed.
+    let mut values = headers.get_all(&APIKEY).iter();
+    let (Some(key), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let key = key.to_str().ok()?.trim();
     (!key.is_empty() && key != *token).then_some(key)
 }
 
@@ -392,6 +397,17 @@ mod tests {
         h.append("apikey", "sb_publishable_x".parse().unwrap());
         h.append("apikey", "sb_secret_y".parse().unwrap());
         assert_eq!(presented(&h), Ok(Presented::Jwt("a.b.c")));
+        // and neither copy is counted as the key the client uses beside it.
+        let jwt = presented(&h).unwrap();
+        assert_eq!(apikey_beside(&h, &jwt), None);
+        let once = headers(&[
+            ("authorization", "Bearer a.b.c"),
+            ("apikey", "sb_publishable_x"),
+        ]);
+        assert_eq!(
+            apikey_beside(&once, &presented(&once).unwrap()),
+            Some("sb_publishable_x")
+        );
     }
 
     #[test]
