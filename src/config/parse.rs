@@ -14,6 +14,13 @@ use crate::auth::authenticator::MAX_API_KEY_BYTES;
 
 use super::{CorsOrigins, DEFAULT_DATABASE_URL, DatabaseUrl, LogFormat, Redacted, TraceSampler};
 
+/// The members a JWK or a JWK set defines (RFC 7517 §4–5, RFC 7518 §6): a duplicate among these
+/// is named in the message, any other name is the operator's value and is not.
+const JWK_MEMBERS: &[&str] = &[
+    "keys", "kty", "use", "key_ops", "alg", "kid", "x5u", "x5c", "x5t", "x5t#S256", "crv", "x",
+    "y", "d", "n", "e", "p", "q", "dp", "dq", "qi", "oth", "r", "t", "k", "ext",
+];
+
 /// A configuration value that breaks its rule. Displays as one line: the variable and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{variable} {rule}")]
@@ -503,13 +510,18 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         let checked = crate::auth::json::from_slice_checked(raw.as_bytes()).map_err(|_| rule())?;
         // RFC 7517 §4 rejects a JWK with a member name twice. A fetched key with one is dropped
         // alone; the inline set is the operator's own, so the mistake stops start-up.
+        // Named only when it is one of the JWK's own members: any other name is the value's.
         if let Some(member) = checked.duplicate {
+            let said = if JWK_MEMBERS.contains(&member.as_str()) {
+                format!("`{member}`")
+            } else {
+                "a member".to_owned()
+            };
             return Err(ConfigError::new(
                 name,
                 format!(
                     "must not hold a member name twice in one JSON object (RFC 7517 §4), as it \
-                     does `{}`",
-                    crate::auth::keys::short_kid(&member)
+                     does {said}"
                 ),
             ));
         }
