@@ -671,11 +671,9 @@ mod tests {
         assert_eq!(key_livemode("sk_other"), None);
     }
 
-    /// A Stripe that takes the connection and never answers is said to have timed out, with
-    /// the time waited, whichever timer fires: the HTTP client's own timeout was reported as
-    /// "connection failed: error sending request".
-    #[tokio::test]
-    async fn a_stripe_that_never_answers_is_reported_as_a_timeout() {
+    /// A Stripe on loopback that takes every connection and never answers, a configuration that
+    /// points at it, and its base URL; abort the task to close its connections.
+    async fn silent_stripe() -> (crate::config::Config, Url, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base: Url = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
@@ -692,6 +690,15 @@ mod tests {
             _ => None,
         })
         .unwrap();
+        (config, base, held)
+    }
+
+    /// A Stripe that takes the connection and never answers is said to have timed out, with
+    /// the time waited, whichever timer fires: the HTTP client's own timeout was reported as
+    /// "connection failed: error sending request".
+    #[tokio::test]
+    async fn a_stripe_that_never_answers_is_reported_as_a_timeout() {
+        let (config, _, held) = silent_stripe().await;
         let policy = RetryPolicy {
             max_attempts: 1,
             attempt_timeout: Duration::from_secs(1),
@@ -718,22 +725,7 @@ mod tests {
     /// from outside and the span ended with no status and no `error.type`.
     #[tokio::test]
     async fn an_attempt_stripe_never_answers_ends_its_client_span_as_a_timeout() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base: Url = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let held = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                open.push(socket);
-            }
-        });
-        let config = crate::config::Config::from_lookup(|name| match name {
-            "STRIPE_SECRET_KEY" => Some("sk_test_0123456789".to_owned()),
-            "STRIPE_API_BASE" => Some(base.to_string()),
-            _ => None,
-        })
-        .unwrap();
+        let (config, _, held) = silent_stripe().await;
         let policy = RetryPolicy {
             max_attempts: 2,
             base_delay: Duration::from_millis(10),
@@ -766,22 +758,7 @@ mod tests {
     /// `http.request.resend_count`.
     #[tokio::test]
     async fn client_spans_carry_the_url_and_the_resend_count() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base: Url = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let held = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                open.push(socket);
-            }
-        });
-        let config = crate::config::Config::from_lookup(|name| match name {
-            "STRIPE_SECRET_KEY" => Some("sk_test_0123456789".to_owned()),
-            "STRIPE_API_BASE" => Some(base.to_string()),
-            _ => None,
-        })
-        .unwrap();
+        let (config, base, held) = silent_stripe().await;
         let policy = RetryPolicy {
             max_attempts: 3,
             base_delay: Duration::from_millis(10),
