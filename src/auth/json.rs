@@ -14,6 +14,68 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 
+/// The scalar visits (everything but arrays and maps) of a visitor that reads a scalar as a
+/// [`Value`], passed through `$wrap`.
+macro_rules! scalar_values {
+    ($wrap:expr) => {
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            // serde_json never yields a non-finite float, so `from_f64` cannot fail here;
+            // fall back to null rather than panic.
+            Ok($wrap(
+                serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+            ))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok($wrap(Value::String(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok($wrap(Value::String(v)))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Null))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Null))
+        }
+    };
+}
+
+/// The scalar visits of a visitor that keeps nothing of a scalar: each answers `$other`.
+macro_rules! scalars_ignored {
+    ($other:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+    };
+}
+
 /// Parses `bytes` as JSON, rejecting duplicate member names anywhere in the document.
 pub fn from_slice_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
     let StrictValue(value) = serde_json::from_slice(bytes)?;
@@ -55,33 +117,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        // serde_json never yields a non-finite float, so `from_f64` cannot fail here;
-        // fall back to null rather than panic.
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
+    scalar_values!(std::convert::identity);
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::new();
@@ -168,32 +204,7 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Checked, E> {
-        Ok(unchecked(Value::Bool(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Checked, E> {
-        Ok(unchecked(Value::from(v)))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Checked, E> {
-        Ok(unchecked(Value::from(v)))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Checked, E> {
-        Ok(unchecked(
-            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
-        ))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Checked, E> {
-        Ok(unchecked(Value::String(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Checked, E> {
-        Ok(unchecked(Value::String(v)))
-    }
-    fn visit_unit<E>(self) -> Result<Checked, E> {
-        Ok(unchecked(Value::Null))
-    }
-    fn visit_none<E>(self) -> Result<Checked, E> {
-        Ok(unchecked(Value::Null))
-    }
+    scalar_values!(unchecked);
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
         let mut out = Vec::new();
@@ -253,39 +264,13 @@ impl<'de> DeserializeSeed<'de> for ElementsSeed {
 
 struct ElementsVisitor;
 
-impl ElementsVisitor {
-    fn other<E>(self) -> Result<Elements, E> {
-        Ok(Elements::Other { duplicate: None })
-    }
-}
-
 impl<'de> Visitor<'de> for ElementsVisitor {
     type Value = Elements;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_unit<E>(self) -> Result<Elements, E> {
-        self.other()
-    }
-    fn visit_none<E>(self) -> Result<Elements, E> {
-        self.other()
-    }
+    scalars_ignored!(Elements::Other { duplicate: None });
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Elements, A::Error> {
         checked_elements(seq).map(Elements::Array)
     }
@@ -297,43 +282,17 @@ impl<'de> Visitor<'de> for ElementsVisitor {
 
 struct KeySetVisitor;
 
-impl KeySetVisitor {
-    fn other<E>(self) -> Result<KeySet, E> {
-        Ok(KeySet {
-            keys: None,
-            bare_array: false,
-            duplicate: None,
-        })
-    }
-}
-
 impl<'de> Visitor<'de> for KeySetVisitor {
     type Value = KeySet;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_str<E>(self, _: &str) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_unit<E>(self) -> Result<KeySet, E> {
-        self.other()
-    }
-    fn visit_none<E>(self) -> Result<KeySet, E> {
-        self.other()
-    }
+    scalars_ignored!(KeySet {
+        keys: None,
+        bare_array: false,
+        duplicate: None,
+    });
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<KeySet, A::Error> {
         Ok(KeySet {
             keys: Some(checked_elements(seq)?),
@@ -451,27 +410,7 @@ impl<'de> Visitor<'de> for SkipVisitor {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_none<E>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_ignored!(());
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(Skip)?.is_some() {}
         Ok(())
