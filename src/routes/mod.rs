@@ -7,6 +7,8 @@ pub mod openapi;
 mod sms;
 mod stripe;
 
+use std::borrow::Cow;
+
 use axum::Router;
 use axum::extract::FromRequestParts;
 use axum::http::Uri;
@@ -78,24 +80,24 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(shown_path(uri.path()))
+    ApiError::NotFound(shown_path(uri.path()).into_owned())
 }
 
 /// A path as a 404 names it: a segment longer than [`SHOWN_SEGMENT`] bytes, or one that starts
 /// like an API key (`sb_`), is written `…`, so that a token or key put in the path by mistake
 /// (`/functions/v1/eyJ…`) is not sent back, where a client's error reporting would keep it.
-/// A server span's `url.path` is written so too.
-pub(crate) fn shown_path(path: &str) -> String {
-    path.split('/')
-        .map(|segment| {
-            if segment.len() > SHOWN_SEGMENT || segment.starts_with("sb_") {
-                "…"
-            } else {
-                segment
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+/// A server span's `url.path` is written so too, for every request: a path with nothing to hide
+/// is lent as it is.
+pub(crate) fn shown_path(path: &str) -> Cow<'_, str> {
+    let hidden = |segment: &str| segment.len() > SHOWN_SEGMENT || segment.starts_with("sb_");
+    if !path.split('/').any(hidden) {
+        return Cow::Borrowed(path);
+    }
+    let shown: Vec<&str> = path
+        .split('/')
+        .map(|segment| if hidden(segment) { "…" } else { segment })
+        .collect();
+    Cow::Owned(shown.join("/"))
 }
 
 /// The longest path segment a 404 repeats: every route's segment fits
@@ -132,5 +134,29 @@ impl FromRequestParts<AppState> for DatabaseReady {
                 "the database has not answered since start-up; try again later".to_owned(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request's span names its path: one with nothing to hide is lent, not copied; one
+    /// with a token in it is written anew (tests/it/http.rs checks what a 404 says).
+    #[test]
+    fn a_path_with_nothing_to_hide_is_lent_as_it_is() {
+        for path in [
+            "/",
+            "/functions/v1/jwt-test",
+            "/functions/v1/sync-stripe-products-hardened",
+        ] {
+            assert!(
+                matches!(shown_path(path), Cow::Borrowed(p) if p == path),
+                "{path}"
+            );
+        }
+        let token = format!("/functions/v1/{}", "a".repeat(SHOWN_SEGMENT + 1));
+        assert_eq!(shown_path(&token), "/functions/v1/…");
+        assert_eq!(shown_path("/x/sb_publishable_k/y"), "/x/…/y");
     }
 }
