@@ -9,47 +9,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::process::{
     BIN, edgegate, free_port, output, signal, spawn_logged, wait_exit, wait_healthy,
 };
-use crate::support::{TestDb, serve_app};
+use crate::support::{Running, TestDb, serve_app};
 
 /// What the tests give a timeout beyond its nominal value (a loaded CI machine).
 const SLACK: Duration = Duration::from_secs(2);
 const SERVICE_KEY: &str = "sb_secret_hostile0123456789abcdefghij";
 
-/// `edgegate::run` (what `serve` runs) on a fresh port with `vars`; stops when dropped.
-struct Running {
-    port: u16,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _db: TestDb,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
+/// `edgegate::run` (what `serve` runs) on a fresh port with `vars`, once it answers `/healthz`
+/// (the tests time the server's bounds from their own connects); stops when dropped.
 async fn run(vars: &[(&str, &str)]) -> Running {
-    let db = TestDb::sqlite();
-    let config = db.config(vars);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(edgegate::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
-    Running {
-        port,
-        stop: Some(stop),
-        _db: db,
-    }
+    let server = Running::start(vars).await;
+    assert!(
+        wait_healthy(server.port).await,
+        "edgegate never answered /healthz"
+    );
+    server
 }
 
 /// Waits until the server closes `stream` (end of file or a reset), at most `limit`;
@@ -294,18 +273,13 @@ async fn hostile_at_the_connection_cap_a_connection_receiving_a_head_keeps_its_s
 async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
-    let db = TestDb::sqlite();
-    let config = db.config(&[
+    let server = Running::start(&[
         ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
         ("TLS_KEY_FILE", key_path.to_str().unwrap()),
         ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"),
-    ]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(edgegate::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
+    ])
+    .await;
+    let port = server.port;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();

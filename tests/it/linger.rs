@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::support::TestDb;
+use crate::support::Running;
 
 /// What the clients declare: 8 MiB, over every route's limit (1 MiB at most).
 const DECLARED: usize = 8 * 1024 * 1024;
@@ -21,29 +21,6 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_GAP: Duration = Duration::from_secs(2);
 /// What the tests give a bound beyond its nominal value (a loaded CI machine).
 const SLACK: Duration = Duration::from_secs(2);
-
-/// `edgegate::run` on a fresh port with `vars`; stops when dropped.
-struct Running {
-    port: u16,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _db: TestDb,
-}
-
-async fn run(vars: &[(&str, &str)]) -> Running {
-    let db = TestDb::sqlite();
-    let config = db.config(vars);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(edgegate::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    Running {
-        port,
-        _stop: stop,
-        _db: db,
-    }
-}
 
 fn head(path: &str, length: usize) -> String {
     format!(
@@ -151,7 +128,7 @@ where
 /// throws the answer away: 7 of 10 such requests from supabase-js ended as network errors).
 #[tokio::test]
 async fn linger_a_body_refused_while_it_is_sent_is_answered_before_any_reset() {
-    let server = run(&[]).await;
+    let server = Running::start(&[]).await;
     let port = server.port;
     every_upload_reads_its_413(20, || async move {
         TcpStream::connect(("127.0.0.1", port)).await.unwrap()
@@ -164,7 +141,7 @@ async fn linger_a_body_refused_while_it_is_sent_is_answered_before_any_reset() {
 async fn linger_a_body_refused_while_it_is_sent_over_tls_is_answered_before_any_reset() {
     let dir = tempfile::tempdir().unwrap();
     let (certified, cert_path, key_path) = crate::support::self_signed_localhost(dir.path());
-    let server = run(&[
+    let server = Running::start(&[
         ("TLS_CERT_FILE", cert_path.to_str().unwrap()),
         ("TLS_KEY_FILE", key_path.to_str().unwrap()),
     ])
@@ -227,7 +204,7 @@ async fn keep_sending(port: u16, pause: Duration, limit: Duration) -> Option<(Du
 /// 40 KB/s after 5 s in all; one that stops sending (and never closes) after 2 s without data.
 #[tokio::test]
 async fn linger_a_client_that_never_stops_sending_is_disconnected_within_the_bound() {
-    let server = run(&[]).await;
+    let server = Running::start(&[]).await;
     let port = server.port;
     let limit = LINGER_TIME + SLACK;
     let fast = keep_sending(port, Duration::ZERO, limit);
@@ -295,17 +272,11 @@ async fn lingering_client(port: u16) -> tokio::task::JoinHandle<Instant> {
 /// bound, 5 s.
 #[tokio::test]
 async fn linger_a_lingering_connection_holds_the_drain_no_longer_than_its_bound() {
-    let db = TestDb::sqlite();
-    let config = db.config(&[]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(edgegate::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
+    let mut server = Running::start(&[]).await;
+    let port = server.port;
     let client = lingering_client(port).await;
     let stopping = Instant::now();
-    stop.send(()).unwrap();
+    let server = server.stop();
     tokio::time::timeout(LINGER_TIME + SLACK, server)
         .await
         .expect("the drain waited past the linger bound")
@@ -323,7 +294,7 @@ async fn linger_a_lingering_connection_holds_the_drain_no_longer_than_its_bound(
 /// idle keep-alive connection does.
 #[tokio::test]
 async fn linger_at_the_connection_cap_a_lingering_connection_gives_its_slot_up() {
-    let server = run(&[("HTTP_MAX_CONNECTIONS", "1")]).await;
+    let server = Running::start(&[("HTTP_MAX_CONNECTIONS", "1")]).await;
     let client = lingering_client(server.port).await;
     let asked = Instant::now();
     let mut fresh = TcpStream::connect(("127.0.0.1", server.port))

@@ -235,6 +235,52 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
     }
 }
 
+/// `edgegate::run` (what `serve` runs: the connection bounds and the lingering close of
+/// `server::conn`, TLS when `vars` ask for it) on a fresh port of 127.0.0.1 with `vars`, on a
+/// SQLite file of its own. The listener is bound before it returns, so a connection made at once
+/// waits in its backlog; dropping it signals the stop.
+pub struct Running {
+    pub port: u16,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _db: TestDb,
+}
+
+impl Running {
+    pub async fn start(vars: &[(&str, &str)]) -> Self {
+        let db = TestDb::sqlite();
+        let config = db.config(vars);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(edgegate::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            port,
+            stop: Some(stop),
+            task: Some(task),
+            _db: db,
+        }
+    }
+
+    /// Signals the stop; the task it gives back ends when the drain is over.
+    pub fn stop(&mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("stopped once")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// The whole application, started by `edgegate::spawn` as `edgegate::run` starts it (background
 /// tasks included); dropping the server shuts it down as `run` does.
 pub async fn spawn_app(db: &TestDb, vars: &[(&str, &str)]) -> (TestServer, AppState) {
