@@ -1107,30 +1107,10 @@ async fn sms_a_status_that_comes_before_the_sid_is_stored_is_kept() {
         .unwrap()
         .to_owned();
     let query = url.split_once('?').map_or("", |(_, query)| query);
+    assert_eq!(url, format!("{CALLBACK_URL}?{query}"));
     // Twilio has the message and calls back while its answer to the sender is still on the way.
-    let params = status_params(SID, "sent");
-    let owned: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let signature = signature::compute(TOKEN.as_bytes(), &url, &owned);
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&params)
-        .finish();
-    let response = app
-        .server
-        .client
-        .post(
-            app.server
-                .url(&format!("/functions/v1/twilio-status?{query}")),
-        )
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-twilio-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
+    let (status, body) = signed_callback(&app, query, &status_params(SID, "sent")).await;
+    assert_eq!(status, 204, "{body}");
 
     let (status, body) = sending.await.unwrap();
     assert_eq!(status, 202, "{body}");
@@ -1146,12 +1126,13 @@ async fn sms_a_status_that_comes_before_the_sid_is_stored_is_kept() {
 /// Posts a status callback to the URL edgegate gives Twilio for message `id` (`…?id=<id>`),
 /// signed over that URL with the auth token; returns the answer's status and body.
 async fn callback_for(app: &Instance, id: &str, params: &[(&str, &str)]) -> (u16, Value) {
-    let url = format!("{CALLBACK_URL}?id={id}");
-    let owned: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let signature = signature::compute(TOKEN.as_bytes(), &url, &owned);
+    signed_callback(app, &format!("id={id}"), params).await
+}
+
+/// Posts a status callback to `CALLBACK_URL?query` (the URL edgegate gave Twilio), signed over
+/// it with the auth token; returns the answer's status and body.
+async fn signed_callback(app: &Instance, query: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let signature = sign(TOKEN, &format!("{CALLBACK_URL}?{query}"), params);
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(params)
         .finish();
@@ -1160,7 +1141,7 @@ async fn callback_for(app: &Instance, id: &str, params: &[(&str, &str)]) -> (u16
         .client
         .post(
             app.server
-                .url(&format!("/functions/v1/twilio-status?id={id}")),
+                .url(&format!("/functions/v1/twilio-status?{query}")),
         )
         .header("content-type", "application/x-www-form-urlencoded")
         .header("x-twilio-signature", signature)
@@ -1170,6 +1151,16 @@ async fn callback_for(app: &Instance, id: &str, params: &[(&str, &str)]) -> (u16
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `params` signed over `url` with `token` by edgegate's own signer (Twilio's library signs in
+/// `sms_status_signatures_made_by_twilios_library`, and agrees).
+fn sign(token: &str, url: &str, params: &[(&str, &str)]) -> String {
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    signature::compute(token.as_bytes(), url, &owned)
 }
 
 /// A signed callback whose URL names one message (`id=A`, A without a SID: its send ended
@@ -1230,11 +1221,7 @@ async fn sms_a_callback_naming_one_message_with_anothers_sid_is_applied_to_the_s
 /// Posts a status callback signed with `token` (by our own signer; Twilio's library signs in
 /// `sms_status_signatures_made_by_twilios_library`).
 async fn callback(app: &Instance, params: &[(&str, &str)], token: &str) -> u16 {
-    let owned: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let signature = signature::compute(token.as_bytes(), CALLBACK_URL, &owned);
+    let signature = sign(token, CALLBACK_URL, params);
     post_callback(app, params, Some(&signature)).await
 }
 
@@ -1414,14 +1401,7 @@ async fn sms_status_signatures_made_by_twilios_library() {
         return;
     };
     // Sanity: our signer agrees with Twilio's on the same input.
-    let owned: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    assert_eq!(
-        signature::compute(TOKEN.as_bytes(), CALLBACK_URL, &owned),
-        valid
-    );
+    assert_eq!(sign(TOKEN, CALLBACK_URL, &params), valid);
 
     // Tampered: signed for "delivered", posted as "failed".
     let tampered = status_params(&sid, "failed");
@@ -1818,11 +1798,7 @@ async fn sms_status_while_the_database_is_unavailable_is_503_not_ready() {
     // A closed pool is how sqlx reports a database it cannot reach any more.
     app.state.store.close().await;
     let params = status_params("SM0123456789abcdef0123456789abcdef", "delivered");
-    let owned: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let signature = signature::compute(TOKEN.as_bytes(), CALLBACK_URL, &owned);
+    let signature = sign(TOKEN, CALLBACK_URL, &params);
     let (status, body) = post_callback_answer(&app, &params, Some(&signature)).await;
     assert_eq!(
         (status, body["code"].as_str()),
