@@ -897,6 +897,45 @@ fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
     }
 }
 
+/// How long the migration lock is waited for before the wait is logged, and then how often.
+const LOCK_WAIT_SAID_AFTER: Duration = Duration::from_secs(2);
+const LOCK_WAIT_SAID_EVERY: Duration = Duration::from_secs(30);
+
+/// Waits for `lock` (the migration lock, which another process may hold), however long, saying
+/// so while it waits: `serve` answers nothing until its migrations are applied, /healthz
+/// included, and an `edgegate migrate` on another Machine can hold the lock for minutes. Both
+/// engines' locks: PostgreSQL's advisory lock, SQLite's file beside the database.
+async fn wait_for_migration_lock(
+    lock: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    tokio::pin!(lock);
+    let mut say_at = started + LOCK_WAIT_SAID_AFTER;
+    loop {
+        match tokio::time::timeout_at(say_at, &mut lock).await {
+            Ok(locked) => {
+                locked?;
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "waiting for another process's migrations (the migration lock is held); \
+                     nothing is served until they are applied"
+                );
+                say_at += LOCK_WAIT_SAID_EVERY;
+            }
+        }
+    }
+    if started.elapsed() >= LOCK_WAIT_SAID_AFTER {
+        tracing::info!(
+            waited_s = started.elapsed().as_secs(),
+            "the migration lock is taken; applying what is left"
+        );
+    }
+    Ok(())
+}
+
 /// The versions applied so far, for a migration that holds the lock: none when the table of
 /// migrations is not there yet.
 fn applied_before(read: Result<Vec<i64>, sqlx::Error>) -> anyhow::Result<Vec<i64>> {

@@ -307,42 +307,11 @@ async fn probe_connection(
     }
 }
 
-/// How long the migration lock is waited for before the wait is logged, and then how often.
-const LOCK_WAIT_SAID_AFTER: Duration = Duration::from_secs(2);
-const LOCK_WAIT_SAID_EVERY: Duration = Duration::from_secs(30);
-
 /// Takes sqlx's migration lock, however long another process holds it, saying so while it
-/// waits: `serve` answers nothing until its migrations are applied, /healthz included, and an
-/// `edgegate migrate` on another Machine can hold the lock for minutes.
+/// waits (see [`super::wait_for_migration_lock`]).
 async fn take_migration_lock(conn: &mut PgConnection) -> anyhow::Result<()> {
     use sqlx::migrate::Migrate as _;
-    let started = tokio::time::Instant::now();
-    let lock = conn.lock();
-    tokio::pin!(lock);
-    let mut say_at = started + LOCK_WAIT_SAID_AFTER;
-    loop {
-        match tokio::time::timeout_at(say_at, &mut lock).await {
-            Ok(locked) => {
-                locked?;
-                break;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    waited_s = started.elapsed().as_secs(),
-                    "waiting for another process's migrations (the migration lock is held); \
-                     nothing is served until they are applied"
-                );
-                say_at += LOCK_WAIT_SAID_EVERY;
-            }
-        }
-    }
-    if started.elapsed() >= LOCK_WAIT_SAID_AFTER {
-        tracing::info!(
-            waited_s = started.elapsed().as_secs(),
-            "the migration lock is taken; applying what is left"
-        );
-    }
-    Ok(())
+    super::wait_for_migration_lock(async { Ok(conn.lock().await?) }).await
 }
 
 /// The longest a query waits for a connection, connecting included.

@@ -204,17 +204,20 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
             .context("opening the SQLite migration lock file")?;
         // Polled, not waited for on a blocking thread: a start-up stopped while waiting ends at
         // once, with no thread left behind holding the process open.
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    tokio::time::sleep(MIGRATION_LOCK_POLL).await;
-                }
-                Err(std::fs::TryLockError::Error(err)) => {
-                    return Err(err).context("taking the SQLite migration lock");
+        super::wait_for_migration_lock(async {
+            loop {
+                match file.try_lock() {
+                    Ok(()) => return Ok(()),
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+                    }
+                    Err(std::fs::TryLockError::Error(err)) => {
+                        return Err(err).context("taking the SQLite migration lock");
+                    }
                 }
             }
-        }
+        })
+        .await?;
         Some(file)
     } else {
         None

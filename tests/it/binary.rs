@@ -1958,18 +1958,40 @@ async fn wait_behind_the_migration_lock(db: &TestDb) {
     let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
     holder.lock().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    says_it_waits_then_serves(dir.path(), &db.url, async move {
+        holder.unlock().await.unwrap();
+        holder.close().await.unwrap();
+    })
+    .await;
+}
+
+/// The same on SQLite, whose migration lock is a file beside the database's: the wait was
+/// silent there (nothing logged, /healthz not answering), so an operator whose container's
+/// health check failed had no line to tell why.
+#[tokio::test]
+async fn serve_says_it_waits_for_another_process_s_sqlite_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+    lock.lock().unwrap();
+    says_it_waits_then_serves(dir.path(), "sqlite://held.db", async move { drop(lock) }).await;
+}
+
+/// `serve` on `database_url` in `dir` says within 5 s that it waits for another process's
+/// migrations; once `release` lets the lock go, it serves.
+async fn says_it_waits_then_serves(
+    dir: &std::path::Path,
+    database_url: &str,
+    release: impl std::future::Future<Output = ()>,
+) {
     let port = free_port();
     let port_text = port.to_string();
-    let vars = [
-        ("DATABASE_URL", db.url.as_str()),
-        ("PORT", port_text.as_str()),
-    ];
-    let mut command = edgegate(dir.path(), &vars);
+    let vars = [("DATABASE_URL", database_url), ("PORT", port_text.as_str())];
+    let mut command = edgegate(dir, &vars);
     command.arg("serve");
-    let _server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    let _server = crate::process::spawn_logged(command, dir, "server.log");
     let said = async {
         loop {
-            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
             if log.contains("waiting for another process's migrations") {
                 return;
             }
@@ -1977,13 +1999,12 @@ async fn wait_behind_the_migration_lock(db: &TestDb) {
         }
     };
     let waited = tokio::time::timeout(std::time::Duration::from_secs(5), said).await;
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
     assert!(
         waited.is_ok(),
         "nothing said of the wait within 5 s: {log:?}"
     );
-    holder.unlock().await.unwrap();
-    holder.close().await.unwrap();
+    release.await;
     assert!(
         wait_healthy(port).await,
         "not serving once the lock was let go"
