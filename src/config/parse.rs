@@ -771,7 +771,9 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         if filter.split(',').any(is_misspelt_level) {
             return Err(ConfigError::new(
                 name,
-                "has a word that is no level but looks like a misspelt one: the levels are                  trace, debug, info, warn, error and off (a target named so is written                  target=level)",
+                "has a word that is no level but looks like a misspelt one: the levels are \
+                 trace, debug, info, warn, error and off (a target named so is written \
+                 target=level)",
             ));
         }
         Ok(filter)

@@ -558,6 +558,8 @@ fn rust_log_refuses_a_misspelt_level_rather_than_silence_every_line() {
     ] {
         let err = refused("RUST_LOG", filter);
         assert!(err.rule.contains("level"), "{filter}: {err}");
+        // One line as the others: a source line's indentation is not part of it.
+        assert!(!err.to_string().contains("  "), "{filter}: {err}");
     }
     for filter in [
         "info",
