@@ -66,13 +66,23 @@ impl StripeMetrics {
             drop(self.sync_runs.get_or_create(&SyncLabels { outcome }));
         }
         for event_type in super::webhook::APPLIED_EVENT_TYPES.iter().chain(&["other"]) {
-            for outcome in ["applied", "duplicate"] {
+            for outcome in [
+                "applied",
+                "duplicate",
+                "connect_account",
+                "livemode_mismatch",
+            ] {
                 drop(self.webhook_events.get_or_create(&WebhookLabels {
                     event_type,
                     outcome,
                 }));
             }
         }
+        // A thin event's type (`v1.…`) is none edgegate applies.
+        drop(self.webhook_events.get_or_create(&WebhookLabels {
+            event_type: "other",
+            outcome: super::webhook::THIN_OUTCOME,
+        }));
         // A refused delivery's type is never read.
         for outcome in [
             "invalid_signature",
@@ -142,6 +152,36 @@ mod tests {
             .chain(refused.iter().map(WebhookError::outcome))
         {
             assert!(words.contains(&outcome), "{outcome} not in {help}");
+        }
+    }
+
+    /// Every outcome a delivery of a known type (or `other`) can be counted under is there at
+    /// 0 before the first: the Connect and other-mode outcomes, which OPERATIONS.md tells
+    /// operators to watch with `increase()`, were made by their first event, which it missed.
+    #[test]
+    fn every_outcome_of_a_taken_delivery_is_there_at_zero() {
+        let mut registry = Registry::default();
+        StripeMetrics::default().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let taken = [
+            Outcome::Applied,
+            Outcome::Duplicate,
+            Outcome::Foreign(Foreign::ConnectedAccount),
+            Outcome::Foreign(Foreign::OtherMode { livemode: false }),
+        ];
+        let types = crate::stripe::webhook::APPLIED_EVENT_TYPES
+            .iter()
+            .chain(&["other"]);
+        // A thin event's type (`v1.…`) is none edgegate applies.
+        let series = types
+            .flat_map(|event_type| taken.map(|outcome| (*event_type, outcome.label())))
+            .chain([("other", THIN_OUTCOME)]);
+        for (event_type, outcome) in series {
+            let line = format!(
+                r#"stripe_webhook_events_total{{event_type="{event_type}",outcome="{outcome}"}} 0"#
+            );
+            assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
         }
     }
 
