@@ -31,8 +31,13 @@ pub enum ApiError {
     ClientClosed(String),
     #[error("{field}: {message}")]
     ValidationFailed { field: String, message: String },
-    #[error("{0}")]
-    SyncInProgress(String),
+    /// 409 `SYNC_IN_PROGRESS`: the job's lock is held; `Retry-After` says when to try again
+    /// (on SQLite, when the holder's lease can be taken).
+    #[error("{message}")]
+    SyncInProgress {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Conflict(String),
     /// 409 `CONFLICT` for a request whose twin is still being answered: try again after
@@ -99,7 +104,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::ValidationFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::SyncInProgress(_) | Self::Conflict(_) | Self::ConflictInProgress { .. } => {
+            Self::SyncInProgress { .. } | Self::Conflict(_) | Self::ConflictInProgress { .. } => {
                 StatusCode::CONFLICT
             }
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -125,7 +130,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "INVALID_SIGNATURE",
             Self::InvalidRequest(_) | Self::ClientClosed(_) => "INVALID_REQUEST",
             Self::ValidationFailed { .. } => "VALIDATION_FAILED",
-            Self::SyncInProgress(_) => "SYNC_IN_PROGRESS",
+            Self::SyncInProgress { .. } => "SYNC_IN_PROGRESS",
             Self::Conflict(_) | Self::ConflictInProgress { .. } => "CONFLICT",
             Self::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Self::RateLimited { .. } => "RATE_LIMITED",
@@ -175,6 +180,9 @@ impl IntoResponse for ApiError {
             Self::RateLimited {
                 retry_after_secs, ..
             }
+            | Self::SyncInProgress {
+                retry_after_secs, ..
+            }
             | Self::ConflictInProgress {
                 retry_after_secs, ..
             }
@@ -213,7 +221,7 @@ impl From<AuthError> for ApiError {
 impl From<SyncError> for ApiError {
     fn from(err: SyncError) -> Self {
         match err {
-            SyncError::InProgress => ApiError::SyncInProgress(err.to_string()),
+            SyncError::InProgress(ref held) => in_progress(&err, held),
             SyncError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
             SyncError::Internal(cause) => store_failure(cause, "sync"),
         }
@@ -223,10 +231,17 @@ impl From<SyncError> for ApiError {
 impl From<ReconcileError> for ApiError {
     fn from(err: ReconcileError) -> Self {
         match err {
-            ReconcileError::InProgress => ApiError::SyncInProgress(err.to_string()),
+            ReconcileError::InProgress(ref held) => in_progress(&err, held),
             ReconcileError::Upstream { .. } => ApiError::UpstreamUnavailable(err.to_string()),
             ReconcileError::Internal(cause) => store_failure(cause, "reconcile"),
         }
+    }
+}
+
+fn in_progress(err: &impl std::fmt::Display, held: &crate::store::LockHeld) -> ApiError {
+    ApiError::SyncInProgress {
+        message: err.to_string(),
+        retry_after_secs: held.retry_after().as_secs(),
     }
 }
 

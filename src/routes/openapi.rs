@@ -255,6 +255,7 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
         .into_iter()
         .map(|(status, list)| {
             let conflict = list.contains(&"CONFLICT");
+            let sync_in_progress = list.contains(&"SYNC_IN_PROGRESS");
             let not_ready = list.contains(&"NOT_READY");
             let schema = AllOfBuilder::new()
                 .item(Ref::from_schema_name("ErrorBody"))
@@ -299,6 +300,19 @@ fn error_responses(groups: &[&[Failure]]) -> BTreeMap<String, RefOr<Response>> {
                         .description(Some(
                             "When the earlier send with this idempotency_key is still under way: \
                              seconds after which its outcome may be known",
+                        ))
+                        .build(),
+                ),
+                // The sync's and the reconciliation's: when their lock may be free.
+                409 if sync_in_progress => response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                        .description(Some(
+                            "Seconds after which to try again: on SQLite, until the holder's \
+                             lease on the lock can be taken (a live run renews it; one that \
+                             stopped without releasing it, as a killed process's, lets it \
+                             expire); on PostgreSQL, where the lock goes with its run, 10",
                         ))
                         .build(),
                 ),

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::clock::Clock;
-use crate::store::{self, AuditEntry, Job, ReconcileCounts, Store, SyncLock};
+use crate::store::{self, AuditEntry, Job, LockHeld, ReconcileCounts, Store, SyncLock};
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
@@ -60,8 +60,9 @@ pub struct ReconcileReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("another reconciliation is running")]
-    InProgress,
+    /// The lock is held: by a run going on, or (SQLite) by one that stopped without releasing it.
+    #[error("{}", .0.describe("reconciliation"))]
+    InProgress(LockHeld),
     /// Stripe failed after retries; what was applied stays applied.
     #[error(
         "{error}; run {run_id} stopped after {} events seen: {} applied, {} already applied, \
@@ -80,7 +81,7 @@ pub enum ReconcileError {
 impl ReconcileError {
     pub fn outcome(&self) -> &'static str {
         match self {
-            Self::InProgress => "in_progress",
+            Self::InProgress(_) => "in_progress",
             Self::Upstream { .. } => "upstream_error",
             Self::Internal(_) => "error",
         }
@@ -230,7 +231,7 @@ pub async fn run(
     store
         .with_job_lock(Job::Reconcile, holder, clock, LOCK_TTL, locked)
         .await?
-        .ok_or(ReconcileError::InProgress)?
+        .map_err(ReconcileError::InProgress)?
 }
 
 /// What a run lists: events from `since` (unix seconds), as of `started_at` (ms); `continuous`
@@ -587,7 +588,7 @@ pub fn spawn_periodic(
                     since = report.since,
                     "periodic Stripe reconciliation done"
                 ),
-                Err(ReconcileError::InProgress) => {
+                Err(ReconcileError::InProgress(_)) => {
                     tracing::debug!("periodic Stripe reconciliation skipped: another one runs");
                 }
                 Err(err) => tracing::warn!(

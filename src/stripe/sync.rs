@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::clock::Clock;
-use crate::store::{AuditEntry, Job, PriceRow, ProductRow, Store, SyncCounts, SyncLock};
+use crate::store::{AuditEntry, Job, LockHeld, PriceRow, ProductRow, Store, SyncCounts, SyncLock};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
@@ -63,8 +63,9 @@ impl SyncReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("another catalogue sync is running")]
-    InProgress,
+    /// The lock is held: by a run going on, or (SQLite) by one that stopped without releasing it.
+    #[error("{}", .0.describe("catalogue sync"))]
+    InProgress(LockHeld),
     /// Stripe failed after retries; what was written so far stays, nothing was deactivated.
     #[error(
         "{error}; run {run_id} stopped after {}, and deactivated nothing: run it again",
@@ -90,7 +91,7 @@ fn progress(counts: &SyncCounts) -> String {
 impl SyncError {
     pub fn outcome(&self) -> &'static str {
         match self {
-            Self::InProgress => "in_progress",
+            Self::InProgress(_) => "in_progress",
             Self::Upstream { .. } => "upstream_error",
             Self::Internal(_) => "error",
         }
@@ -161,7 +162,7 @@ pub async fn run(
     let result = store
         .with_job_lock(Job::CatalogueSync, holder, clock, LOCK_TTL, locked)
         .await?
-        .ok_or(SyncError::InProgress)?;
+        .map_err(SyncError::InProgress)?;
     result.map(|counts| SyncReport::new(&counts, clock.now().saturating_duration_since(started)))
 }
 

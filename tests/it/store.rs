@@ -640,7 +640,7 @@ async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_ho
     let kept_until = Instant::now() + lease * 3;
     while Instant::now() < kept_until {
         let taken = try_lock(&second, "second").await;
-        assert!(taken.is_none(), "a live holder's lock was taken");
+        assert!(taken.is_err(), "a live holder's lock was taken");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -648,7 +648,7 @@ async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_ho
     drop(held);
     let deadline = Instant::now() + lease + Duration::from_secs(10);
     let taken = loop {
-        if let Some(taken) = try_lock(&second, "second").await {
+        if let Ok(taken) = try_lock(&second, "second").await {
             break taken;
         }
         assert!(
@@ -659,7 +659,7 @@ async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_ho
     };
     taken.release().await.unwrap();
     assert!(
-        try_lock(&first, "first").await.is_some(),
+        try_lock(&first, "first").await.is_ok(),
         "a released lock was not free"
     );
 }

@@ -544,6 +544,109 @@ async fn two_concurrent_syncs_give_one_409() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM sync_runs").await, 2);
 }
 
+/// Posts to one of the two locked jobs' routes: the status, the `Retry-After` (whole seconds)
+/// and the body.
+async fn post_job(server: &TestServer, path: &str) -> (u16, Option<u64>, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .header("apikey", SB_SECRET)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().parse().unwrap());
+    (status, retry_after, response.json().await.unwrap())
+}
+
+/// A sync or reconciliation refused because its lock is held says what is known of the holder
+/// and when to try again (`Retry-After`): a live run holds it; on SQLite, a lock row its holder
+/// no longer renews (its process killed, or stopped mid-run) is named as such, with the seconds
+/// until its lease can be taken, instead of "another catalogue sync is running" for 60 s.
+#[tokio::test]
+async fn a_held_job_lock_is_refused_saying_what_is_known_with_retry_after() {
+    use edgegate::store::Job;
+
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 1, 1).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let other = db.store().await;
+    let clock = Clock::system();
+    let jobs = [
+        (
+            Job::CatalogueSync,
+            "/functions/v1/sync-stripe-products-hardened",
+            "catalogue sync",
+            "stripe_sync",
+        ),
+        (
+            Job::Reconcile,
+            "/admin/stripe/reconcile",
+            "reconciliation",
+            "stripe_reconcile",
+        ),
+    ];
+    for (job, path, run, lock_name) in jobs {
+        // Held by a live run (another instance).
+        let lease = Duration::from_secs(60);
+        let held = other
+            .try_lock_job(job, "live", &clock, lease)
+            .await
+            .unwrap();
+        let held = held.expect("the lock was free");
+        let (status, retry_after, body) = post_job(&app.server, path).await;
+        assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("another {run} is running")),
+            "{message}"
+        );
+        let retry_after = retry_after.expect("a 409 SYNC_IN_PROGRESS carries Retry-After");
+        if db.is_postgres() {
+            assert!((1..=60).contains(&retry_after), "{retry_after}");
+        } else {
+            // Until the lease could be taken, were the holder to stop renewing it now.
+            assert!((58..=60).contains(&retry_after), "{retry_after}");
+            assert!(message.contains("expires in"), "{message}");
+        }
+        held.release().await.unwrap();
+        if db.is_postgres() {
+            // A killed process's advisory lock went with its session.
+            continue;
+        }
+
+        // Left by a killed process: taken 100 s ago, last renewed 40 s ago (its lease is 60 s).
+        let now = now_ms();
+        let left = format!(
+            "INSERT INTO locks (name, holder, acquired_at, expires_at) \
+             VALUES ('{lock_name}', 'req-killed lock-1', {}, {}) RETURNING expires_at",
+            now - 100_000,
+            now + 20_000
+        );
+        assert_eq!(count(&db, &left).await, now + 20_000);
+        let (status, retry_after, body) = post_job(&app.server, path).await;
+        assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("a {run} that stopped without releasing it")),
+            "{message}"
+        );
+        assert!(message.contains("not renewed for 40 s"), "{message}");
+        let retry_after = retry_after.expect("a 409 SYNC_IN_PROGRESS carries Retry-After");
+        assert!((19..=20).contains(&retry_after), "{retry_after}");
+        assert!(
+            message.contains(&format!("expires in {retry_after} s")),
+            "{message}"
+        );
+        let gone = format!("DELETE FROM locks WHERE name = '{lock_name}' RETURNING 1");
+        assert_eq!(count(&db, &gone).await, 1);
+    }
+}
+
 #[tokio::test]
 async fn sync_needs_a_key_and_the_service_role() {
     let db = test_db!();

@@ -11,4 +11,4 @@ pub use ledger::{
     CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, SameSecond,
     StripeEffect, SubscriptionRow,
 };
-pub use runs::{Job, LockLost, ReconcileCounts, SyncCounts, SyncLock, SyncRun};
+pub use runs::{Job, LockHeld, LockLost, ReconcileCounts, SyncCounts, SyncLock, SyncRun};

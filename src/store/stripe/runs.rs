@@ -72,6 +72,82 @@ impl Job {
     }
 }
 
+/// What is known of the holder of a job's lock that could not be taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockHeld {
+    /// PostgreSQL: a live session holds the advisory lock (a killed process's went with its
+    /// session), until its run ends.
+    Session,
+    /// SQLite: the holder's `locks` row, as of this attempt.
+    Lease {
+        /// Since the holder took the lock.
+        held: Duration,
+        /// Since the holder last renewed it (its lease starts again at each renewal).
+        renewed: Duration,
+        /// Until the lease can be taken, unless renewed before.
+        expires_in: Duration,
+        /// How often a live holder renews it.
+        beat: Duration,
+    },
+    /// SQLite: the holder let go between this attempt and the look at its row.
+    Released,
+}
+
+/// What a refused caller waits on a PostgreSQL lock, whose end cannot be foreseen: as long as
+/// a SQLite holder's renewal beat.
+const SESSION_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+impl LockHeld {
+    /// A SQLite holder whose row has not been renewed for two beats has stopped (its process
+    /// killed, or stopped mid-run) rather than fallen behind: a live one renews every beat.
+    pub fn stopped(&self) -> bool {
+        matches!(self, Self::Lease { renewed, beat, .. } if *renewed > *beat * 2)
+    }
+
+    /// When to try again: on SQLite, once the lease can be taken (the holder may renew it
+    /// before then); on PostgreSQL, a beat.
+    pub fn retry_after(&self) -> Duration {
+        let wait = match self {
+            Self::Session => SESSION_RETRY_AFTER,
+            Self::Lease { expires_in, .. } => *expires_in,
+            Self::Released => Duration::ZERO,
+        };
+        // Whole seconds, rounded up, at least one.
+        Duration::from_secs(
+            u64::try_from(wait.as_millis().div_ceil(1000).max(1)).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// Why a `run` ("catalogue sync", "reconciliation") cannot start now, for its caller.
+    pub fn describe(&self, run: &str) -> String {
+        let secs = |d: &Duration| d.as_secs();
+        let retry = self.retry_after().as_secs();
+        match self {
+            Self::Session => format!(
+                "another {run} is running (on this or another instance), holding its lock until \
+                 it ends; try again after Retry-After seconds"
+            ),
+            Self::Released => {
+                format!("another {run} has just ended and let its lock go; try again")
+            }
+            Self::Lease { renewed, beat, .. } if self.stopped() => format!(
+                "the lock is still held by a {run} that stopped without releasing it (its \
+                 process killed, or stopped mid-run): not renewed for {} s (a live run renews \
+                 it every {} s), it expires in {retry} s; try again then",
+                secs(renewed),
+                secs(beat).max(1),
+            ),
+            Self::Lease { held, renewed, .. } => format!(
+                "another {run} is running: it took the lock {} s ago and renewed it {} s ago; \
+                 should its process have stopped without releasing it, the lock expires in \
+                 {retry} s; try again after Retry-After seconds",
+                secs(held),
+                secs(renewed),
+            ),
+        }
+    }
+}
+
 const JOB_LOCK_TRY: &str = "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))";
 const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_schema()))";
 
@@ -117,7 +193,7 @@ impl Heartbeat {
         ttl: Duration,
     ) -> Self {
         let beat = async move {
-            let mut every = tokio::time::interval((ttl / 6).max(Duration::from_millis(1)));
+            let mut every = tokio::time::interval(heartbeat_every(ttl));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
             loop {
@@ -141,6 +217,11 @@ impl Heartbeat {
         };
         Self(tokio::spawn(beat).abort_handle())
     }
+}
+
+/// How often a SQLite lock's holder renews it: six beats to a lease.
+fn heartbeat_every(ttl: Duration) -> Duration {
+    (ttl / 6).max(Duration::from_millis(1))
 }
 
 const SQLITE_LOCK_RENEW: &str = "UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2";
@@ -225,6 +306,34 @@ impl SyncLock {
     }
 }
 
+/// What `job`'s SQLite lock row says of its holder at `now` (ms), its lease being `ttl`.
+async fn sqlite_lease(
+    pool: &sqlx::SqlitePool,
+    job: Job,
+    now: i64,
+    ttl: Duration,
+) -> anyhow::Result<LockHeld> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT acquired_at, expires_at FROM locks WHERE name = $1")
+            .bind(job.lock_name())
+            .fetch_optional(pool)
+            .await
+            .context("reading the sync lock's holder")?;
+    let Some((acquired_at, expires_at)) = row else {
+        return Ok(LockHeld::Released);
+    };
+    let ago = |at: i64| Duration::from_millis(u64::try_from(now.saturating_sub(at)).unwrap_or(0));
+    Ok(LockHeld::Lease {
+        held: ago(acquired_at),
+        renewed: ago(expires_at.saturating_sub(ttl_ms(ttl))),
+        // Taken once `expires_at < now`.
+        expires_in: Duration::from_millis(
+            u64::try_from(expires_at.saturating_add(1).saturating_sub(now)).unwrap_or(0),
+        ),
+        beat: heartbeat_every(ttl),
+    })
+}
+
 /// The `finished_at`, `outcome` and `error` columns of a run row, finished or still running.
 fn run_end<'a>(
     finished: Option<(i64, &'a str, Option<&'a str>)>,
@@ -250,8 +359,9 @@ type SyncRunRow = (
 );
 
 impl Store {
-    /// Runs `body` holding `job`'s lock, then releases it: `None` (and `body` not run) while
-    /// that job runs elsewhere. A failed release is logged; the lock then expires.
+    /// Runs `body` holding `job`'s lock, then releases it: `Err` (and `body` not run) with
+    /// what is known of the holder while that job runs elsewhere. A failed release is logged;
+    /// the lock then expires.
     pub async fn with_job_lock<T>(
         &self,
         job: Job,
@@ -259,9 +369,10 @@ impl Store {
         clock: &Clock,
         ttl: Duration,
         body: impl AsyncFnOnce(&mut SyncLock) -> T,
-    ) -> anyhow::Result<Option<T>> {
-        let Some(mut lock) = self.try_lock_job(job, holder, clock, ttl).await? else {
-            return Ok(None);
+    ) -> anyhow::Result<Result<T, LockHeld>> {
+        let mut lock = match self.try_lock_job(job, holder, clock, ttl).await? {
+            Ok(lock) => lock,
+            Err(held) => return Ok(Err(held)),
         };
         let result = body(&mut lock).await;
         if let Err(err) = lock.release().await {
@@ -271,10 +382,11 @@ impl Store {
                 "lock not released; it expires"
             );
         }
-        Ok(Some(result))
+        Ok(Ok(result))
     }
 
-    /// Takes `job`'s lock if no one holds it: `None` while that job runs, on any instance.
+    /// Takes `job`'s lock if no one holds it: `Err` with what is known of its holder while that
+    /// job runs, on any instance.
     /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
     /// that expires after `ttl` unless renewed, which a heartbeat does every sixth of `ttl` for
     /// as long as the lock is held, so a crashed or stopped holder blocks the job for at most
@@ -285,7 +397,7 @@ impl Store {
         holder: &str,
         clock: &Clock,
         ttl: Duration,
-    ) -> anyhow::Result<Option<SyncLock>> {
+    ) -> anyhow::Result<Result<SyncLock, LockHeld>> {
         match &self.backend {
             Backend::Postgres(pool) => {
                 // Detached: a session that dies (or a guard dropped unreleased) closes instead of
@@ -305,9 +417,9 @@ impl Store {
                     conn.close()
                         .await
                         .context("closing the sync lock session")?;
-                    return Ok(None);
+                    return Ok(Err(LockHeld::Session));
                 }
-                Ok(Some(SyncLock {
+                Ok(Ok(SyncLock {
                     job,
                     inner: LockInner::Postgres(conn),
                 }))
@@ -332,11 +444,11 @@ impl Store {
                 .await
                 .context("taking the sync lock")?;
                 if taken.rows_affected() != 1 {
-                    return Ok(None);
+                    return Ok(Err(sqlite_lease(pool, job, now, ttl).await?));
                 }
                 let heartbeat =
                     Heartbeat::start(pool.clone(), job, holder.clone(), clock.clone(), ttl);
-                Ok(Some(SyncLock {
+                Ok(Ok(SyncLock {
                     job,
                     inner: LockInner::Sqlite {
                         pool: pool.clone(),
