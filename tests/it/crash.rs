@@ -209,6 +209,7 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
         ("SUPABASE_SECRET_KEYS", secret_keys.as_str()),
         ("STRIPE_SECRET_KEY", fake_stripe::SECRET_KEY),
         ("STRIPE_API_BASE", stripe.base.as_str()),
+        ("LOG_FORMAT", "json"),
     ];
     let (mut first, base) = start(&db, dir.path(), "first.log", &vars).await;
     let running = tokio::spawn(async move { sync(&base).await });
@@ -223,6 +224,14 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
         200
     );
     stripe.clear_faults();
+    // The killed run's row, left `running`.
+    let killed_run = text_pairs(
+        &db,
+        "SELECT id, CAST(started_at AS TEXT) FROM sync_runs WHERE outcome = 'running'",
+    )
+    .await;
+    assert_eq!(killed_run.len(), 1, "{killed_run:?}");
+    let (killed_run, killed_started) = killed_run.into_iter().next().unwrap();
 
     let (_second, base) = start(&db, dir.path(), "second.log", &vars).await;
     if !db.is_postgres() {
@@ -266,6 +275,40 @@ async fn sigkill_mid_sync_page_then_a_rerun_converges() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["products"]["upserted"], 0);
     assert_eq!(body["prices"]["upserted"], 0);
+
+    // The rerun, holding the lock, marked the killed run's row: no longer `running` forever
+    // beside later successful runs.
+    let runs = text_pairs(&db, "SELECT id, outcome FROM sync_runs ORDER BY started_at").await;
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_eq!(runs[0], (killed_run.clone(), "interrupted".to_owned()));
+    assert!(
+        runs[1..].iter().all(|(_, outcome)| outcome == "ok"),
+        "{runs:?}"
+    );
+    let ended = format!(
+        "SELECT COUNT(*) FROM sync_runs WHERE id = '{killed_run}' AND finished_at >= {killed_at}"
+    );
+    assert_eq!(scalar_i64(&db, &ended).await, 1);
+    // Said once, naming the run and when it started.
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    let said: Vec<Value> = log
+        .lines()
+        .filter(|line| line.contains(&killed_run))
+        .map(|line| serde_json::from_str(line).expect("a JSON log line"))
+        .filter(|line: &Value| line["level"] == "WARN")
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0]["message"].as_str().unwrap().contains("interrupted"),
+        "{}",
+        said[0]
+    );
+    assert_eq!(
+        said[0]["started_at"].to_string(),
+        killed_started,
+        "{}",
+        said[0]
+    );
 }
 
 async fn expire_sqlite_sync_lock(db: &TestDb) {

@@ -647,6 +647,64 @@ async fn a_held_job_lock_is_refused_saying_what_is_known_with_retry_after() {
     }
 }
 
+/// A run row left `running` by a process that died mid-run (killed, or stopped with the run
+/// cut) is marked `interrupted`, with `finished_at`, by the next run of its job, which holds the
+/// lock and so knows no run of it is going on; the other job's rows are its own run's to mark.
+#[tokio::test]
+async fn a_run_left_running_by_a_dead_process_is_marked_interrupted_by_the_next_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 2).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let started = now_ms() - 3_600_000;
+    let left = format!(
+        "INSERT INTO sync_runs (id, started_at, outcome, products_seen) \
+         VALUES ('left-sync', {started}, 'running', 100) RETURNING started_at"
+    );
+    assert_eq!(count(&db, &left).await, started);
+    let left = format!(
+        "INSERT INTO reconcile_runs (id, started_by, since, started_at, outcome) \
+         VALUES ('left-reconcile', 'periodic', 0, {started}, 'running') RETURNING started_at"
+    );
+    assert_eq!(count(&db, &left).await, started);
+    let interrupted = |table: &str, id: &str| {
+        format!(
+            "SELECT COUNT(*) FROM {table} WHERE id = '{id}' AND outcome = 'interrupted' \
+             AND finished_at >= {} AND error IS NOT NULL",
+            started + 3_600_000
+        )
+    };
+
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&db, &interrupted("sync_runs", "left-sync")).await, 1);
+    // Its counts are kept: how far it got.
+    let kept = "SELECT products_seen FROM sync_runs WHERE id = 'left-sync'";
+    assert_eq!(count(&db, kept).await, 100);
+    let still = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'running'";
+    assert_eq!(count(&db, still).await, 1, "a sync marked a reconciliation");
+    let running = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'running'";
+    assert_eq!(count(&db, running).await, 0);
+
+    let response = app
+        .server
+        .client
+        .post(app.server.url("/admin/stripe/reconcile"))
+        .header("apikey", SB_SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let marked = interrupted("reconcile_runs", "left-reconcile");
+    assert_eq!(count(&db, &marked).await, 1);
+    assert_eq!(count(&db, still).await, 0);
+    // The new runs themselves are `ok`, and nothing else was marked.
+    let ok = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok'";
+    assert_eq!(count(&db, ok).await, 1);
+    let ok = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok'";
+    assert_eq!(count(&db, ok).await, 1);
+}
+
 #[tokio::test]
 async fn sync_needs_a_key_and_the_service_role() {
     let db = test_db!();

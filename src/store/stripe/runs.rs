@@ -63,6 +63,22 @@ impl Job {
         }
     }
 
+    /// The table of its runs.
+    fn runs_table(self) -> &'static str {
+        match self {
+            Self::CatalogueSync => "sync_runs",
+            Self::Reconcile => "reconcile_runs",
+        }
+    }
+
+    /// Its runs' name in logs.
+    fn run_name(self) -> &'static str {
+        match self {
+            Self::CatalogueSync => "catalogue sync",
+            Self::Reconcile => "reconciliation",
+        }
+    }
+
     /// SQLite: the `locks` row name.
     fn lock_name(self) -> &'static str {
         match self {
@@ -344,6 +360,11 @@ fn run_end<'a>(
     }
 }
 
+/// The `error` of a run marked `interrupted`.
+const INTERRUPTED: &str = "the run stopped before it ended: its process was killed or stopped \
+                           mid-run; marked interrupted (at finished_at) by the next run of its \
+                           job, and its counts are as far as it got";
+
 type SyncRunRow = (
     String,
     i64,
@@ -374,6 +395,14 @@ impl Store {
             Ok(lock) => lock,
             Err(held) => return Ok(Err(held)),
         };
+        if let Err(err) = self.mark_interrupted_runs(job, clock.now_ms()).await {
+            // The rows stay `running` until the next run marks them; this run goes on.
+            tracing::warn!(
+                error = crate::error::causes(&err),
+                ?job,
+                "runs left running by a stopped process not marked interrupted"
+            );
+        }
         let result = body(&mut lock).await;
         if let Err(err) = lock.release().await {
             tracing::warn!(
@@ -459,6 +488,36 @@ impl Store {
                 }))
             }
         }
+    }
+
+    /// Marks `interrupted` (finished `now`, ms) the runs of `job` still `running`: called
+    /// holding its lock, which a live run keeps until it ends (or loses it, and then stops at its
+    /// next renewal, writing its own outcome over this one), so their process stopped mid-run
+    /// (killed, or its run cut by a stop). Each is logged once, as a WARN: it is then no longer
+    /// `running`. Returns their ids.
+    pub async fn mark_interrupted_runs(&self, job: Job, now: i64) -> anyhow::Result<Vec<String>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET outcome = 'interrupted', finished_at = $1, error = $2 \
+             WHERE outcome = 'running' RETURNING id, started_at",
+            job.runs_table()
+        ));
+        let marked: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(now)
+            .bind(INTERRUPTED)
+            .fetch_all(pool)
+            .await)
+        .context("marking runs left running")?;
+        for (run, started_at) in &marked {
+            tracing::warn!(
+                run = run.as_str(),
+                started_at,
+                table = job.runs_table(),
+                "a {} left running by a process that stopped mid-run (killed, or its run cut by \
+                 a stop) is marked interrupted; its counts are as far as it got",
+                job.run_name()
+            );
+        }
+        Ok(marked.into_iter().map(|(run, _)| run).collect())
     }
 
     pub async fn start_sync_run(&self, id: &str, started_at: i64) -> anyhow::Result<()> {
