@@ -7,7 +7,7 @@ use axum::extract::{FromRequestParts, MatchedPath};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 
-use crate::auth::callers::{CallerKind, client_name};
+use crate::auth::callers::{CallerKind, LegacyKind, client_name};
 use crate::auth::usage::credential_name;
 use crate::auth::{AuthError, Verified};
 use crate::clock::Clock;
@@ -136,8 +136,10 @@ fn apikey_beside<'a>(headers: &'a HeaderMap, presented: &Presented<'_>) -> Optio
 
 /// Counts the key `apikey` held beside the Bearer that let the request in, when it is a legacy
 /// API key or a configured new one: the evidence that a client still needs the legacy secret, or
-/// has moved to the new keys, whatever its users' sessions are signed with. Anything else held
-/// there (a wrong or unknown key, a session token) is not looked at further: it let nothing in.
+/// has moved to the new keys, whatever its users' sessions are signed with. With no legacy secret
+/// configured, a legacy API key there cannot be verified: it is counted as unverifiable
+/// ([`record_unverifiable_beside`]). Anything else held there (a wrong or unknown key, a session
+/// token) is not looked at further: it let nothing in.
 fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
     let Some(key) = apikey_beside(&parts.headers, presented) else {
         return;
@@ -146,13 +148,31 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
         let has_origin = parts.headers.contains_key(axum::http::header::ORIGIN);
         state.auth.verify_api_key(key, has_origin).ok()
     } else {
-        state.auth.verify_legacy_beside(key)
+        let verified = state.auth.verify_legacy_beside(key);
+        if verified.is_none()
+            && let Some(kind) = state.auth.unverifiable_legacy_beside(key)
+        {
+            record_unverifiable_beside(parts, state, kind);
+        }
+        verified
     };
     if let Some(verified) = verified {
         state.usage.record(&verified, state.clock.now_ms());
         record_caller(parts, state, &verified);
         state.auth.count_verified(&verified);
     }
+}
+
+/// A legacy API key (by what its claims say) beside the credential that let the request in,
+/// after the legacy secret was revoked: the client still ships it, and Supabase refuses it once
+/// the legacy keys are disabled. Counted where the runbook looks after revocation, in the
+/// `UNAUTHORIZED_LEGACY_JWT` series of `edgegate_credential_verifications` (as
+/// `kid="apikey_beside"`) and by caller (`anon_key_unverified`, `service_role_key_unverified`),
+/// never as a verified use: not in the key usage the verdict reads, nor in
+/// `edgegate_legacy_verifications`. Nothing of the key is kept.
+fn record_unverifiable_beside(parts: &Parts, state: &AppState, kind: LegacyKind) {
+    state.auth.count_unverifiable_beside();
+    record_caller_as(parts, state, CallerKind::UnverifiedLegacy(kind));
 }
 
 /// The source a failed credential would have had, for metrics.
@@ -210,9 +230,13 @@ fn record_credential(source: &str, kid: Option<&str>) {
 /// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
 /// path, which the caller chooses).
 fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
-    let Some(kind) = CallerKind::of(verified) else {
-        return;
-    };
+    if let Some(kind) = CallerKind::of(verified) {
+        record_caller_as(parts, state, kind);
+    }
+}
+
+/// Counts the request's caller as `kind`, under the route pattern.
+fn record_caller_as(parts: &Parts, state: &AppState, kind: CallerKind<'_>) {
     let route = parts
         .extensions
         .get::<MatchedPath>()

@@ -1,13 +1,16 @@
 //! [`Authenticator`]: the one entry point the HTTP layer calls for bearer tokens and API keys.
 
 use crate::auth::cache::{TokenCache, TokenKey};
+use crate::auth::callers::LegacyKind;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
 use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
 use crate::auth::metrics::{OkCounter, VerificationLabels, Verifications};
 use crate::auth::usage::credential_name;
-use crate::auth::verify::{Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, verify};
+use crate::auth::verify::{
+    Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, unverified_hs256_role, verify,
+};
 use crate::clock::Clock;
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{SHA256, digest};
@@ -176,6 +179,19 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest(&SHA256, bytes).as_ref());
     out
+}
+
+/// The series of `edgegate_credential_verifications` a legacy API key in `apikey` beside the
+/// credential that let the request in is counted in when no legacy secret can verify it: the
+/// code it would get as the request's credential, under `kid="apikey_beside"` (the request itself
+/// was answered). Made at start when no legacy secret is configured.
+pub fn unverifiable_beside_labels() -> VerificationLabels {
+    VerificationLabels {
+        source: "legacy_secret",
+        kid: "apikey_beside".to_owned(),
+        alg: "HS256",
+        outcome: "UNAUTHORIZED_LEGACY_JWT",
+    }
 }
 
 /// Longest API key looked at; real ones are well under 100 bytes. A configured key longer than
@@ -410,6 +426,30 @@ impl Authenticator {
             }
         };
         (verified.source == KeySource::LegacySecret).then_some(verified)
+    }
+
+    /// The legacy API key (`anon` or `service_role`) sent in `apikey` beside the Bearer JWT that
+    /// let a request in, when no legacy secret is configured (revoked, step 5 of the runbook), so
+    /// [`Authenticator::verify_legacy_beside`] cannot verify it: its kind by what its claims say.
+    /// Evidence that its client still ships a legacy key, which Supabase refuses once the legacy
+    /// keys are disabled; never a verified use. `None` while a legacy secret is configured (what
+    /// it does not verify is no legacy key of this project), and for anything that is not an
+    /// HS256 JWT claiming `role` anon or service_role without a `sub`.
+    pub fn unverifiable_legacy_beside(&self, token: &str) -> Option<LegacyKind> {
+        if !self.ring.load().legacy_secrets().is_empty() {
+            return None;
+        }
+        let (role, has_sub) = unverified_hs256_role(token)?;
+        LegacyKind::api_key_by_claims(&role, has_sub)
+    }
+
+    /// Counts a legacy API key beside the request's credential that could not be verified
+    /// ([`Authenticator::unverifiable_legacy_beside`]), in the series
+    /// [`unverifiable_beside_labels`].
+    pub fn count_unverifiable_beside(&self) {
+        self.verifications
+            .get_or_create(&unverifiable_beside_labels())
+            .inc();
     }
 
     /// The unknown-kid path, apart from `verify_bearer`'s hot path: one refetch (single flight,

@@ -84,6 +84,27 @@ impl LegacyKind {
         }
     }
 
+    /// The kind a caller row names a legacy key of this kind by when no configured secret could
+    /// verify it (`anon_key_unverified`, `service_role_key_unverified`): what it claims to be,
+    /// not a verified use.
+    pub fn unverified_str(self) -> &'static str {
+        match self {
+            Self::AnonKey => "anon_key_unverified",
+            Self::ServiceRoleKey => "service_role_key_unverified",
+            Self::UserSession => "user_session_unverified",
+        }
+    }
+
+    /// The legacy API key an unverified token's `role` and `sub` make it look like
+    /// ([`LegacyKind::of`]'s rule); `None` for anything else (a session, any other role).
+    pub fn api_key_by_claims(role: &str, has_sub: bool) -> Option<Self> {
+        match (has_sub, role) {
+            (false, "anon") => Some(Self::AnonKey),
+            (false, "service_role") => Some(Self::ServiceRoleKey),
+            _ => None,
+        }
+    }
+
     /// Classifies an HS256 verification. A token with no `sub` and a role other than anon or
     /// service_role was minted like a session (for instance `authenticated`), so it counts as one.
     pub fn of(verified: &Verified) -> Self {
@@ -110,6 +131,11 @@ pub struct LegacyKindLabels {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallerKind<'a> {
     Legacy(LegacyKind),
+    /// A legacy API key in `apikey` beside the credential that let the request in, which no
+    /// configured secret can verify (the legacy secret is not configured): counted under the
+    /// legacy secret as [`LegacyKind::unverified_str`], not in
+    /// `edgegate_legacy_verifications_total`.
+    UnverifiedLegacy(LegacyKind),
     ApiKey(&'a str),
 }
 
@@ -124,7 +150,7 @@ impl<'a> CallerKind<'a> {
 
     fn source(self) -> KeySource {
         match self {
-            Self::Legacy(_) => KeySource::LegacySecret,
+            Self::Legacy(_) | Self::UnverifiedLegacy(_) => KeySource::LegacySecret,
             Self::ApiKey(_) => KeySource::ApiKey,
         }
     }
@@ -132,6 +158,7 @@ impl<'a> CallerKind<'a> {
     fn name(self) -> &'a str {
         match self {
             Self::Legacy(kind) => kind.as_str(),
+            Self::UnverifiedLegacy(kind) => kind.unverified_str(),
             Self::ApiKey(name) => name,
         }
     }

@@ -79,6 +79,10 @@ pub struct Usage {
     pub straddling_hour_ms: Option<i64>,
     /// Legacy callers, most used first.
     pub legacy_usage: Vec<CallerRow>,
+    /// Legacy API keys sent beside the credential that let a request in while no legacy secret
+    /// could verify them (kind `anon_key_unverified`, `service_role_key_unverified`), most used
+    /// first: evidence, not verifications.
+    pub unverified_legacy_usage: Vec<CallerRow>,
     /// API-key callers (kind: the key's id, `secret:NAME` or `publishable:NAME`), most used first.
     pub api_key_usage: Vec<CallerRow>,
     /// Each legacy kind, in a fixed order.
@@ -106,6 +110,10 @@ pub struct ReportView {
     #[serde(default)]
     pub evidence_dropped: Option<DroppedUsage>,
     pub legacy_usage: Vec<CallerRow>,
+    /// As [`Usage::unverified_legacy_usage`]. Absent from the answer of an edgegate from before
+    /// it was reported.
+    #[serde(default)]
+    pub unverified_legacy_usage: Vec<CallerRow>,
     pub api_key_usage: Vec<CallerRow>,
     pub legacy_kinds: Vec<KindUse>,
     pub usage_hourly: Hourly,
@@ -155,6 +163,7 @@ pub fn view(
         reason: verdict.reason,
         evidence_dropped,
         legacy_usage: usage.legacy_usage,
+        unverified_legacy_usage: usage.unverified_legacy_usage,
         api_key_usage: usage.api_key_usage,
         legacy_kinds: usage.legacy_kinds,
         usage_hourly: usage.hourly,
@@ -316,15 +325,23 @@ pub fn summarize(
         entry.count += row.verified_count;
         entry.last_seen = entry.last_seen.max(row.last_verified_at_ms);
     }
-    let (mut legacy_usage, mut api_key_usage) = (Vec::new(), Vec::new());
+    let (mut legacy_usage, mut unverified_legacy_usage, mut api_key_usage) =
+        (Vec::new(), Vec::new(), Vec::new());
     for ((source, ..), row) in summed {
-        if source == "legacy_secret" {
+        if source != "legacy_secret" {
+            api_key_usage.push(row);
+        } else if LegacyKind::ALL.iter().any(|kind| row.kind == kind.as_str()) {
             legacy_usage.push(row);
         } else {
-            api_key_usage.push(row);
+            // `anon_key_unverified`, `service_role_key_unverified`: no secret verified them.
+            unverified_legacy_usage.push(row);
         }
     }
-    for rows in [&mut legacy_usage, &mut api_key_usage] {
+    for rows in [
+        &mut legacy_usage,
+        &mut unverified_legacy_usage,
+        &mut api_key_usage,
+    ] {
         rows.sort_by(|a, b| {
             b.count
                 .cmp(&a.count)
@@ -369,6 +386,7 @@ pub fn summarize(
     Usage {
         straddling_hour_ms,
         legacy_usage,
+        unverified_legacy_usage,
         api_key_usage,
         legacy_kinds,
         hourly: Hourly {

@@ -13,7 +13,8 @@ use prometheus_client::registry::Registry;
 use crate::auth::Authenticator;
 
 /// Labels of one verification. `kid` is a kid the key ring holds (or an API key's id,
-/// `secret:NAME` or `publishable:NAME`; `legacy`, `none`), never a value the caller chose, so the label set stays bounded.
+/// `secret:NAME` or `publishable:NAME`; `legacy`, `unknown`, `apikey_beside`), never a value the
+/// caller chose, so the label set stays bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerificationLabels {
     pub source: &'static str,
@@ -75,6 +76,14 @@ pub fn register(registry: &mut Registry, auth: Arc<Authenticator>) {
             alg: "unknown",
             outcome,
         }));
+    }
+    // With no legacy secret, a legacy API key beside the credential that counted is counted as
+    // unverifiable: its series at 0 from the start too.
+    if auth.key_ring().load().legacy_secrets().is_empty() {
+        drop(
+            auth.verifications()
+                .get_or_create(&crate::auth::authenticator::unverifiable_beside_labels()),
+        );
     }
     registry.register_collector(Box::new(AuthCollector { auth }));
 }

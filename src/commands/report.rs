@@ -311,6 +311,11 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         .iter()
         .map(|row| caller_cells(row.kind.clone(), row))
         .chain(
+            view.unverified_legacy_usage
+                .iter()
+                .map(|row| caller_cells(row.kind.clone(), row)),
+        )
+        .chain(
             view.api_key_usage
                 .iter()
                 .map(|row| caller_cells(api_key_name(&row.kind), row)),

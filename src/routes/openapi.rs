@@ -558,6 +558,12 @@ pub struct SigningKeys {
     /// Legacy-secret verifications per (kind, route, client) over the usage window, most used
     /// first; `kind` is `anon_key`, `service_role_key` or `user_session`.
     legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
+    /// Legacy API keys sent in `apikey` beside the credential that let a request in while no
+    /// legacy secret was configured, so none could verify them, per (kind, route, client) over
+    /// the usage window, most used first; `kind` is `anon_key_unverified` or
+    /// `service_role_key_unverified` (what the key's claims say). Evidence of a client that still
+    /// ships a legacy key, not verifications: not in `legacy_kinds` nor in the verdict.
+    unverified_legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
     /// API-key verifications per (key, route, client) over the usage window; `kind` is the key's
     /// `secret:NAME` or `publishable:NAME` (the bare name in rows an earlier release stored).
     api_key_usage: Vec<crate::auth::legacy_report::CallerRow>,

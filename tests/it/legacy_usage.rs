@@ -115,7 +115,12 @@ async fn admin(server: &TestServer, query: &str) -> Value {
 
 /// `legacy_usage` without `last_seen`, which the test cannot know exactly.
 fn callers(report: &Value) -> Vec<Value> {
-    report["legacy_usage"]
+    callers_in(report, "legacy_usage")
+}
+
+/// A list of callers of `report` without `last_seen`.
+fn callers_in(report: &Value, list: &str) -> Vec<Value> {
+    report[list]
         .as_array()
         .unwrap()
         .iter()
@@ -386,6 +391,110 @@ async fn a_legacy_anon_key_beside_a_signing_key_session_is_legacy_use() {
         .await,
         "edgegate_legacy_verifications_total{kind=\"anon_key\"} 2"
     );
+}
+
+/// The same supabase-js client after step 5 (edgegate restarted without `SUPABASE_JWT_SECRET`):
+/// its ES256 session still lets it in, but the legacy anon key it ships in `apikey` can no
+/// longer be verified, and that key is what Supabase refuses once the legacy keys are disabled.
+/// It is counted where the runbook looks after step 5, as unverifiable: in the
+/// `UNAUTHORIZED_LEGACY_JWT` series of `edgegate_credential_verifications_total` (under
+/// `kid="apikey_beside"`) and in `unverified_legacy_usage` by kind, route and client, never as a
+/// verified use (not in `legacy_usage` nor `legacy_kinds`, no
+/// `edgegate_legacy_verifications_total`, no key usage).
+#[tokio::test]
+async fn a_legacy_anon_key_beside_a_session_after_revocation_is_counted_unverified() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = es.public_jwks().to_string();
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (server, state) = spawn_app(
+        &db,
+        &[
+            (
+                "JWT_ISSUERS",
+                "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+            ),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("SUPABASE_JWKS", &jwks),
+        ],
+    )
+    .await;
+    let beside = "edgegate_credential_verifications_total{source=\"legacy_secret\",kid=\"apikey_beside\",alg=\"HS256\",outcome=\"UNAUTHORIZED_LEGACY_JWT\"}";
+    // At 0 from the start, so that `increase()` sees the first one.
+    assert_eq!(metric(&server, beside).await, format!("{beside} 0"));
+    let session = es
+        .token(&user_claims(
+            ISSUER,
+            "authenticated",
+            USER_ID,
+            now_ms() / 1000,
+            3600,
+        ))
+        .unwrap();
+    let call = |apikey: String, client: &'static str| {
+        server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", apikey)
+            .bearer_auth(&session)
+            .header("x-client-info", client)
+            .send()
+    };
+    let (anon, service_role) = (legacy_key("anon"), legacy_key("service_role"));
+    for _ in 0..2 {
+        let response = call(anon.clone(), "supabase-js/2.47.0").await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["key"]["source"], "signing_key", "{body}");
+    }
+    assert_eq!(
+        call(service_role.clone(), "backend-sync/3.1")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Not a legacy API key's shape: an HS256 user session, an ES256 token, something else.
+    for apikey in [legacy_session(), session.clone(), "a.b.c".to_owned()] {
+        assert_eq!(call(apikey, "noise/1.0").await.unwrap().status(), 200);
+    }
+
+    assert_eq!(metric(&server, beside).await, format!("{beside} 3"));
+    // Nothing was verified with the legacy secret.
+    assert_eq!(
+        metric(
+            &server,
+            "edgegate_legacy_verifications_total{kind=\"anon_key\"}"
+        )
+        .await,
+        "edgegate_legacy_verifications_total{kind=\"anon_key\"} 0"
+    );
+    // Through the database, as every instance's counts are summed.
+    state.usage.flush(&db.store().await).await.unwrap();
+    let report = admin(&server, "").await;
+    assert_eq!(callers(&report), Vec::<Value>::new(), "{report}");
+    assert_eq!(
+        callers_in(&report, "unverified_legacy_usage"),
+        vec![
+            json!({"kind": "anon_key_unverified", "route": JWT_TEST, "client": "supabase-js/2.47.0", "count": 2}),
+            json!({"kind": "service_role_key_unverified", "route": JWT_TEST, "client": "backend-sync/3.1", "count": 1}),
+        ],
+        "{report}"
+    );
+    for kind in report["legacy_kinds"].as_array().unwrap() {
+        assert_eq!(kind["count"], 0, "{report}");
+    }
+    assert_eq!(report["legacy_secret"]["configured"], false, "{report}");
+    assert_eq!(report["legacy_secret"]["verified_count"], 0, "{report}");
+    assert_eq!(report["legacy_revocation_safe"], true, "{report}");
+    // No token in what is stored.
+    let stored = format!(
+        "{:?}",
+        db.store().await.caller_usage_hours_since(0).await.unwrap()
+    );
+    for token in [anon.as_str(), &service_role, &session] {
+        assert!(!stored.contains(token), "{stored}");
+    }
 }
 
 #[tokio::test]

@@ -105,6 +105,40 @@ fn the_reason_never_names_other_nor_counts_it_as_a_caller() {
     );
 }
 
+/// A legacy key no secret could verify (beside the credential that counted, after revocation) is
+/// listed apart from the legacy callers: it is no verification with the legacy secret, so the
+/// reason neither names it nor counts it, and `legacy_kinds` leaves it out.
+#[test]
+fn unverified_legacy_keys_are_listed_apart_and_never_the_reason() {
+    let usage = summarize(
+        &[],
+        &[
+            caller(0, "anon_key_unverified", "supabase-js/2.47.0", 50),
+            caller(0, "user_session", "okhttp/4.12.0", 2),
+        ],
+        DAY,
+        NOW,
+    );
+    let kinds =
+        |rows: &[CallerRow]| -> Vec<String> { rows.iter().map(|r| r.kind.clone()).collect() };
+    assert_eq!(kinds(&usage.legacy_usage), ["user_session"]);
+    assert_eq!(
+        kinds(&usage.unverified_legacy_usage),
+        ["anon_key_unverified"]
+    );
+    assert_eq!(usage.unverified_legacy_usage[0].count, 50);
+    assert_eq!(usage.legacy_kinds[0].count, 0);
+    let mut verdict = LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: "in use".to_owned(),
+    };
+    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    assert_eq!(
+        verdict.reason,
+        "legacy user_session still used by okhttp/4.12.0 on /functions/v1/jwt-test, 2 times in the last 24 h; 2 verifications with the legacy secret in all, from 1 client"
+    );
+}
+
 /// Counts are kept by the hour: an hour whose last use is before the window's start is in no
 /// number; one used inside the window counts whole, and the answer names it.
 #[test]
