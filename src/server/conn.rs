@@ -13,6 +13,9 @@
 //! - on an idle HTTP/1 connection, the first byte of the next request starts
 //!   `header_read_timeout` for that head (the earlier of the two deadlines wins);
 //! - while a handler runs there is no deadline here: the route's own timeout applies;
+//! - at the start of a drain, a connection on which no request has come whole yet (its TLS
+//!   handshake or its first head under way, or nothing sent) is closed at once, as hyper closes
+//!   an idle keep-alive one: it has no request to finish ([`ConnState::close_if_unstarted`]);
 //! - once a handler has answered, its answer must be sent within `idle_timeout`, whatever else
 //!   the connection does: a client that does not take it (an HTTP/1 client that never reads, an
 //!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
@@ -202,6 +205,21 @@ impl ConnState {
     pub(crate) fn close_if_idle(&self) -> bool {
         let work = self.work();
         if !Self::idle(&work) {
+            return false;
+        }
+        self.deadline_ms.store(0, Ordering::Release);
+        drop(work);
+        self.waker.wake();
+        true
+    }
+
+    /// At the start of a drain: closes the connection now if no request has come whole on it
+    /// yet (its TLS handshake, or its first request's head, still under way, or not begun), as
+    /// an idle one: it has no request to finish, and hyper, waiting for a first head, would
+    /// keep it open until the head timeout, holding the drain. Whether it was.
+    pub(crate) fn close_if_unstarted(&self) -> bool {
+        let work = self.work();
+        if work.served {
             return false;
         }
         self.deadline_ms.store(0, Ordering::Release);
@@ -770,6 +788,22 @@ mod tests {
         assert!(state.close_if_idle());
         assert!(state.deadline().unwrap() <= Instant::now());
         assert!(!state.linger_begins(), "once");
+    }
+
+    #[test]
+    fn only_a_connection_with_no_request_yet_is_closed_as_unstarted() {
+        let state = ConnState::new(&limits());
+        let in_flight = state.request_started(Version::HTTP_11);
+        assert!(!state.close_if_unstarted(), "a request runs");
+        assert_eq!(state.deadline(), None, "and keeps no deadline");
+        drop(in_flight);
+        assert!(!state.close_if_unstarted(), "served: hyper's to close");
+
+        let fresh = ConnState::new(&limits());
+        // Part of a first head has come; hyper has no request yet.
+        fresh.bytes_read();
+        assert!(fresh.close_if_unstarted());
+        assert!(fresh.deadline().unwrap() <= Instant::now());
     }
 
     #[test]

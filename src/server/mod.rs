@@ -162,8 +162,13 @@ pub async fn serve_with_limits(
     drop(listener);
     // Its executor is a handle on the tasks, which would keep `tasks.stop` waiting.
     drop(builder);
+    // hyper closes an idle keep-alive connection at once, but waits for a connection's first
+    // request head (and the TLS handshake before it is not its to end) up to the head timeout:
+    // with no request to finish, such a connection would hold the drain for nothing.
+    let closed_without_request = open.close_unstarted();
     tracing::info!(
         in_flight_connections = graceful.count(),
+        closed_without_request,
         drain_seconds = drain.as_secs(),
         "shutting down: no new connections, draining"
     );
@@ -230,6 +235,15 @@ impl OpenConnections {
             list.retain(|state| state.strong_count() > 0);
         }
         list.push(Arc::downgrade(state));
+    }
+
+    /// Closes every connection on which no request has come whole yet; how many it closed.
+    fn close_unstarted(&self) -> usize {
+        let list = self.list();
+        list.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|state| state.close_if_unstarted())
+            .count()
     }
 
     /// Closes the keep-alive connection idle the longest, if one is.
