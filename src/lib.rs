@@ -64,7 +64,8 @@ impl Default for RunOptions {
     }
 }
 
-/// Opens the database, migrates it, and serves until `shutdown` resolves, then drains.
+/// Opens the database, migrates it, and serves until `shutdown` resolves, then drains. An error
+/// after a stop that left something undone: requests the drain dropped, steps after it cut off.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -337,20 +338,56 @@ impl Started {
             }
             store.close().await;
         };
-        if tokio::time::timeout_at(deadline, finish).await.is_err() {
+        let steps_cut = tokio::time::timeout_at(deadline, finish).await.is_err();
+        if steps_cut {
             tracing::warn!(
                 "the steps after the drain ran past the drain's limit plus {} s; stopped \
                  without finishing them",
                 AFTER_DRAIN.as_secs()
             );
         }
-        served?;
-        if cut_at.get().is_some() {
-            anyhow::bail!("the drain was cut short: requests still in flight were dropped");
+        let drained = served?;
+        // `edgegate stopped` says a clean stop: every request finished and every step after
+        // the drain did. Anything else is a failure (exit 1), said in one line.
+        if let Some(failure) = stop_failure(drain, drained, cut_at.get().is_some(), steps_cut) {
+            anyhow::bail!(failure);
         }
         tracing::info!("edgegate stopped");
         Ok(())
     }
+}
+
+/// What a stop left undone, when it did: requests the drain dropped (its time over, or cut
+/// short by a second signal), steps after it cut off by their deadline.
+fn stop_failure(
+    drain: Duration,
+    drained: server::Drained,
+    cut: bool,
+    steps_cut: bool,
+) -> Option<String> {
+    let dropped = match drained.dropped_requests {
+        0 => "no request was in flight".to_owned(),
+        1 => "1 request still in flight was dropped".to_owned(),
+        n => format!("{n} requests still in flight were dropped"),
+    };
+    let mut failures = Vec::new();
+    if cut {
+        failures.push(format!("the drain was cut short: {dropped}"));
+    } else if drained.dropped_requests > 0 {
+        failures.push(format!(
+            "the drain's {} s ran out: {dropped}",
+            drain.as_secs()
+        ));
+    }
+    if steps_cut {
+        failures.push(format!(
+            "the steps after the drain ran past its limit plus {} s and were stopped \
+             unfinished (the last write of the key-usage counts, the SMS sends under way, the \
+             database's close)",
+            AFTER_DRAIN.as_secs()
+        ));
+    }
+    (!failures.is_empty()).then(|| failures.join("; "))
 }
 
 /// The longest pause between two attempts to migrate a database that did not answer at start.

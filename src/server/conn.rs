@@ -228,6 +228,11 @@ impl ConnState {
         true
     }
 
+    /// Requests whose handler has not answered yet.
+    pub(crate) fn requests_in_flight(&self) -> usize {
+        self.work().in_flight
+    }
+
     fn request_finished(&self) {
         let mut work = self.work();
         work.in_flight = work.in_flight.saturating_sub(1);

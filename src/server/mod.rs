@@ -47,6 +47,14 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// vanished does not hold its connection until the idle timeout.
 pub const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Requests whose handlers still ran when the drain ended (its time over, or cut short):
+    /// stopped then, their clients answered nothing. 0 when every request finished.
+    pub dropped_requests: usize,
+}
+
 /// Serves `app` on `listener` with the default [`ConnectionLimits`]; see [`serve_with_limits`].
 pub async fn serve(
     app: Router,
@@ -54,7 +62,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) -> std::io::Result<()> {
+) -> std::io::Result<Drained> {
     serve_with_limits(
         app,
         listener,
@@ -69,7 +77,8 @@ pub async fn serve(
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
 /// closed, so new connections are refused) and lets in-flight requests finish for up to `drain`,
-/// or until `cut_drain` resolves.
+/// or until `cut_drain` resolves; then stops what still runs and says how many requests that
+/// dropped.
 /// At most `limits.max_connections` connections are open at once: past it, the loop stops
 /// accepting until one closes, and new clients wait in the kernel's backlog.
 pub async fn serve_with_limits(
@@ -80,7 +89,7 @@ pub async fn serve_with_limits(
     cut_drain: impl Future<Output = ()>,
     drain: Duration,
     limits: ConnectionLimits,
-) -> std::io::Result<()> {
+) -> std::io::Result<Drained> {
     let graceful = GracefulShutdown::new();
     let (tasks, mut tasks_ended) = Tasks::new();
     let builder = builder(tasks.clone());
@@ -172,20 +181,23 @@ pub async fn serve_with_limits(
         drain_seconds = drain.as_secs(),
         "shutting down: no new connections, draining"
     );
-    tokio::select! {
+    let ended = tokio::select! {
         drained = tokio::time::timeout(drain, graceful.shutdown()) => {
-            if drained.is_err() {
-                tracing::warn!("drain period over; closing the connections still open");
-            }
+            drained.is_err().then_some("drain period over; closing the connections still open")
         }
-        () = cut_drain => {
-            tracing::warn!("drain cut short; closing the connections still open");
-        }
+        () = cut_drain => Some("drain cut short; closing the connections still open"),
+    };
+    let mut drained = Drained::default();
+    if let Some(why) = ended {
+        // What the stop below drops; a connection only lingering, or waiting for its client to
+        // take an answer, drops no request.
+        drained.dropped_requests = open.requests_in_flight();
+        tracing::warn!(dropped_requests = drained.dropped_requests, "{why}");
     }
     // Whatever still runs (connections, and HTTP/2 streams, each a task of its own) is dropped
     // now, before the caller closes the store and sends the last spans.
     tasks.stop(&mut tasks_ended).await;
-    Ok(())
+    Ok(drained)
 }
 
 /// A slot for a client accepted while every slot was taken (it waits for no more than that one
@@ -244,6 +256,15 @@ impl OpenConnections {
             .filter_map(std::sync::Weak::upgrade)
             .filter(|state| state.close_if_unstarted())
             .count()
+    }
+
+    /// Requests whose handler has not answered yet, on every open connection.
+    fn requests_in_flight(&self) -> usize {
+        let list = self.list();
+        list.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|state| state.requests_in_flight())
+            .sum()
     }
 
     /// Closes the keep-alive connection idle the longest, if one is.

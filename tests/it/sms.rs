@@ -1844,7 +1844,13 @@ async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.begin_shutdown();
-    (&mut server.task).await.unwrap().unwrap();
+    // The drain (0 s) cut the caller off: not a clean stop, though the send was recorded.
+    let stopped = (&mut server.task).await.unwrap();
+    let err = stopped.expect_err("a request was dropped").to_string();
+    assert_eq!(
+        err,
+        "the drain's 0 s ran out: 1 request still in flight was dropped"
+    );
     let _ = sending.await;
 
     let callback = fake.requests()[0]
@@ -1855,6 +1861,64 @@ async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
     let row = db.store().await.sms_message(id).await.unwrap().unwrap();
     assert_eq!(row.status, "queued", "{row:?}");
     assert!(row.twilio_sid.is_some(), "{row:?}");
+}
+
+/// A send still waiting for Twilio when the steps after the drain run out of time (3 s after
+/// the drain's limit) is left unrecorded, its row `accepted`: the stop says so, as a failure,
+/// with the request the drain dropped. It returned `Ok` (the binary exited 0 after `edgegate
+/// stopped`).
+#[tokio::test]
+async fn sms_a_stop_that_cuts_a_send_short_is_a_failure_saying_so() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    // Past the drain (0 s) and the 3 s after it.
+    fake.set_latency(Duration::from_secs(8));
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (mut server, _state) = crate::support::spawn_app(
+        &db,
+        &[
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("TWILIO_API_BASE", &fake.base),
+            ("TWILIO_FROM_NUMBER", FROM),
+            ("PUBLIC_URL", PUBLIC_URL),
+            ("SHUTDOWN_DRAIN_SECONDS", "0"),
+        ],
+    )
+    .await;
+    let sending = tokio::spawn({
+        let (client, url) = (server.client.clone(), server.url("/functions/v1/send-sms"));
+        async move {
+            client
+                .post(url)
+                .header("apikey", SECRET_KEY)
+                .json(&json!({"to": "+12025550123", "body": "hi"}))
+                .send()
+                .await
+        }
+    });
+    while fake.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.begin_shutdown();
+    let stopped = (&mut server.task).await.unwrap();
+    let err = stopped.expect_err("the stop was cut short").to_string();
+    assert_eq!(
+        err,
+        "the drain's 0 s ran out: 1 request still in flight was dropped; the steps after the \
+         drain ran past its limit plus 3 s and were stopped unfinished (the last write of the \
+         key-usage counts, the SMS sends under way, the database's close)"
+    );
+    assert!(sending.await.unwrap().is_err(), "the caller was cut off");
+
+    let callback = fake.requests()[0]
+        .field("StatusCallback")
+        .unwrap()
+        .to_owned();
+    let id = callback.split_once("?id=").unwrap().1;
+    let row = db.store().await.sms_message(id).await.unwrap().unwrap();
+    assert_eq!(row.status, "accepted", "{row:?}");
 }
 
 /// A holder of the reservation lock that stops talking (its machine gone without a FIN) must not

@@ -217,7 +217,7 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(edgegate::server::serve(
+    let served = edgegate::server::serve(
         app,
         listener,
         None,
@@ -225,7 +225,8 @@ pub async fn serve_app(app: Router, drain: Duration) -> TestServer {
             let _ = stopped.await;
         },
         drain,
-    ));
+    );
+    let task = tokio::spawn(async move { served.await.map(|_| ()) });
     TestServer {
         addr,
         client: reqwest::Client::new(),
