@@ -317,6 +317,9 @@ impl Started {
         }
         // The usage counts first (with the SMS sends still under way): they are the legacy
         // verdict's evidence, and what is left of the kill timeout after the drain is short.
+        // Whether their flush came to an end, written or failed: one the deadline cut off is
+        // said lost below, since its own line then never comes.
+        let usage_settled = std::sync::atomic::AtomicBool::new(false);
         let finish = async {
             for task in self.background {
                 task.abort();
@@ -325,7 +328,14 @@ impl Started {
             // A send the drain cut its caller off from still records Twilio's answer (at most
             // the send's budget and its writes; the deadline bounds it in any case), at the same
             // time as the counts are written: neither waits for the other on a slow database.
-            let (flushed, ()) = tokio::join!(usage.flush(&store), sms_sends.idle());
+            let (flushed, ()) = tokio::join!(
+                async {
+                    let flushed = usage.flush(&store).await;
+                    usage_settled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    flushed
+                },
+                sms_sends.idle()
+            );
             if let Err(err) = flushed {
                 tracing::warn!(
                     error = crate::error::causes(&err),
@@ -339,6 +349,12 @@ impl Started {
             store.close().await;
         };
         let steps_cut = tokio::time::timeout_at(deadline, finish).await.is_err();
+        if !usage_settled.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                error = "the database did not take them before the stop's deadline",
+                "key usage lost at shutdown"
+            );
+        }
         if steps_cut {
             tracing::warn!(
                 "the steps after the drain ran past the drain's limit plus {} s; stopped \

@@ -252,6 +252,47 @@ async fn the_stop_ends_within_its_budget_when_the_database_collector_and_stderr_
     holding.abort();
 }
 
+/// Counts the last flush could not write before the stop's deadline cut it off are said lost,
+/// in the line OPERATIONS.md and MIGRATION.md tell operators to look for before trusting the
+/// legacy verdict: the flush's future was dropped by the deadline before it could say so, and
+/// the stop logged only that its steps were cut.
+#[tokio::test]
+async fn usage_the_deadline_cut_off_from_the_database_is_said_lost() {
+    let secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_text = port.to_string();
+    let vars = [
+        ("PORT", port_text.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+        ("SUPABASE_JWT_SECRET", secret),
+        ("SHUTDOWN_DRAIN_SECONDS", "0"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+    ];
+    let mut child =
+        crate::process::spawn_logged(edgegate(dir.path(), &vars), dir.path(), "server.log");
+    assert!(wait_healthy(port).await, "edgegate never answered /healthz");
+    // A count the last flush must write, into a file another process holds locked.
+    use_legacy_secret(port, secret).await;
+    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let lost = log
+        .lines()
+        .find(|line| line.contains("key usage lost at shutdown"))
+        .unwrap_or_else(|| panic!("no `key usage lost at shutdown` line in:\n{log}"));
+    assert!(lost.contains("WARN"), "{lost}");
+}
+
 #[test]
 fn a_malformed_variable_stops_start_up_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
