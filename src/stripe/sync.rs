@@ -19,9 +19,11 @@ use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
 
-/// How long a SQLite lock row lives without renewal: renewed every 10 s while the run lives (five beats may fail, to a database busy for
-/// that long, before another process can take it) (and
-/// after every page), so a row left by a killed process blocks the next run for at most this.
+/// How long the lock outlives its holder's last heartbeat (every 10 s while the run lives, and
+/// after every page): a SQLite row's lease (five beats may fail, to a database busy for that
+/// long, before another process can take it), and how long PostgreSQL lets the lock's session
+/// sit idle before ending it. So a lock left by a killed, stopped or frozen process blocks the
+/// next run for at most this.
 const LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// How many times one resource's listing starts over after the object it was to continue after

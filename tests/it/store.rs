@@ -616,8 +616,9 @@ async fn a_postgres_migration_waits_past_the_lock_timeout_for_another_instances_
 }
 
 /// A job's lock is kept by a live holder for as long as it runs, however far past its lease (a
-/// heartbeat renews the SQLite row), and a holder gone without releasing it, as a killed
-/// process is, blocks the job only until the lease runs out.
+/// heartbeat renews the SQLite row, and keeps the PostgreSQL lock's session from sitting idle
+/// for a lease), and a holder gone without releasing it, as a killed process is, blocks the job
+/// only until the lease runs out.
 #[tokio::test]
 async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_holder_is_gone() {
     use std::time::{Duration, Instant};
@@ -662,6 +663,77 @@ async fn a_job_lock_outlives_its_lease_while_held_and_frees_a_lease_after_its_ho
         try_lock(&first, "first").await.is_ok(),
         "a released lock was not free"
     );
+}
+
+/// A holder that goes silent with a job's lock and stays so (its process stopped with SIGSTOP,
+/// its Machine frozen or cut off from the database: here the one thread of its runtime blocked,
+/// its connections left open as a stopped process's are) blocks the job only until its lease
+/// runs out, on PostgreSQL as on SQLite, and once it wakes, its run's next renewal says that the
+/// lock was lost, so the run stops instead of going on beside the new holder's.
+#[tokio::test]
+async fn a_job_lock_whose_holder_goes_silent_is_freed_within_its_lease_and_the_holder_learns_it() {
+    use std::time::{Duration, Instant};
+
+    use edgegate::clock::Clock;
+    use edgegate::store::Job;
+
+    let db = test_db!();
+    let second = db.store().await;
+    let lease = Duration::from_secs(2);
+    let url = db.config(&[]).database_url;
+    let (held, is_held) = tokio::sync::oneshot::channel();
+    let (wake, woken) = std::sync::mpsc::channel::<()>();
+    let silent = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let clock = Clock::system();
+            let store = edgegate::Store::connect(&url).await.unwrap();
+            let mut lock = store
+                .try_lock_job(Job::CatalogueSync, "silent", &clock, lease)
+                .await
+                .unwrap()
+                .expect("the lock was free");
+            held.send(()).unwrap();
+            // Nothing on this runtime (the lock's heartbeat included) runs until woken.
+            let _ = woken.recv();
+            lock.renew(clock.now_ms()).await
+        })
+    });
+    is_held.await.unwrap();
+
+    let clock = Clock::system();
+    let deadline = Instant::now() + lease + Duration::from_secs(5);
+    let taken = loop {
+        let attempt = second
+            .try_lock_job(Job::CatalogueSync, "second", &clock, lease)
+            .await
+            .unwrap();
+        // The lock, if this attempt took it.
+        if let Some(taken) = attempt.into_iter().next() {
+            break taken;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent holder's lock was not freed within its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    wake.send(()).unwrap();
+    let renewed = tokio::task::spawn_blocking(move || silent.join().unwrap())
+        .await
+        .unwrap();
+    let lost = renewed.expect_err("a holder whose lock was taken renewed it");
+    if db.is_postgres() {
+        assert!(
+            lost.downcast_ref::<edgegate::store::LockLost>().is_some(),
+            "{lost:#}"
+        );
+    }
+    taken.release().await.unwrap();
 }
 
 /// The PostgreSQL migrations edited after they shipped, with the SHA-384 of the copy first

@@ -1,6 +1,7 @@
 //! Runs of the catalogue sync and the reconciliation (`sync_runs`, `reconcile_runs`), and the
 //! lock that lets one of each run at a time across every instance.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -170,14 +171,20 @@ const JOB_LOCK_RELEASE: &str = "SELECT pg_advisory_unlock($1, hashtext(current_s
 /// The one-job-at-a-time lock (catalogue sync or reconciliation); `release` it when done.
 /// Dropped without release, a PostgreSQL lock goes with its connection (closed, not returned to
 /// the pool) and a SQLite one expires once its heartbeat stops renewing it (within its `ttl`).
+/// A holder gone silent (its process stopped, its machine frozen or cut off) stops beating: the
+/// server ends a PostgreSQL lock's session once it has been idle for `ttl` (its transaction's
+/// `idle_in_transaction_session_timeout`), and a SQLite row expires within `ttl`.
 pub struct SyncLock {
     job: Job,
     inner: LockInner,
 }
 
 enum LockInner {
-    /// The session that holds the advisory lock, taken out of the pool for the lock's lifetime.
-    Postgres(sqlx::PgConnection),
+    /// The session holding the advisory lock, and the heartbeat that keeps it from going idle.
+    Postgres {
+        session: LockSession,
+        heartbeat: Heartbeat,
+    },
     Sqlite {
         pool: sqlx::SqlitePool,
         holder: String,
@@ -186,9 +193,9 @@ enum LockInner {
     },
 }
 
-/// The task that renews a SQLite lock row while its holder lives; stopped when the lock is
-/// released or dropped, so a row whose holder is gone (killed, or its run's task aborted at a
-/// stop) expires within the lease.
+/// The task that renews a SQLite lock row, or keeps a PostgreSQL lock's session from going idle,
+/// while its holder lives; stopped when the lock is released or dropped, so a lock whose holder
+/// is gone (killed, or its run's task aborted at a stop) is freed within the lease.
 struct Heartbeat(tokio::task::AbortHandle);
 
 impl Drop for Heartbeat {
@@ -198,6 +205,28 @@ impl Drop for Heartbeat {
 }
 
 impl Heartbeat {
+    /// Beats on a PostgreSQL lock's session every sixth of `ttl` until dropped or the session is
+    /// lost (logged; the run's own `renew` then says so and the run stops).
+    fn postgres(session: LockSession, job: Job, ttl: Duration) -> Self {
+        let beats = async move {
+            let mut every = tokio::time::interval((ttl / 6).max(Duration::from_millis(1)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(err) = beat(&session).await {
+                    tracing::warn!(
+                        error = crate::error::causes(&err),
+                        ?job,
+                        "lock session lost; the run stops at its next renewal"
+                    );
+                    break;
+                }
+            }
+        };
+        Self(tokio::spawn(beats).abort_handle())
+    }
+
     /// Renews `holder`'s row every sixth of `ttl` until dropped or the row is no longer its own.
     /// A renewal refused by the database is logged and tried at the next beat; only a lock not
     /// renewed for a whole `ttl` can be taken, and the run's own `renew` then says so.
@@ -242,6 +271,69 @@ fn heartbeat_every(ttl: Duration) -> Duration {
 
 const SQLITE_LOCK_RENEW: &str = "UPDATE locks SET expires_at = $3 WHERE name = $1 AND holder = $2";
 
+/// The session that holds a PostgreSQL job lock, taken out of the pool for the lock's lifetime:
+/// the advisory lock is taken inside a transaction left open, whose
+/// `idle_in_transaction_session_timeout` (`ttl`) has the server end the session, and the lock
+/// with it, once its holder has sent nothing for that long. A session lock alone outlived a
+/// stopped or frozen holder for as long as its TCP connection (hours: `tcp_keepalives_idle` is
+/// 2 h by default, and a stopped process's kernel answers keepalives). Shared by the heartbeat
+/// and the run's `renew`; `Lost` once a beat failed, its connection then closed.
+type LockSession = Arc<tokio::sync::Mutex<SessionState>>;
+
+enum SessionState {
+    Held {
+        conn: sqlx::PgConnection,
+        ttl: Duration,
+    },
+    Lost(String),
+}
+
+/// Before the lock, on its session: a transaction, left open while the lock is held, and its
+/// idle timeout (`SET LOCAL`, so nothing outlives the transaction, even behind a pooler).
+/// Read committed, whatever the role's default, so the open transaction holds no snapshot
+/// between statements and keeps no row from vacuum.
+const JOB_LOCK_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+const JOB_LOCK_IDLE_TIMEOUT: &str =
+    "SELECT set_config('idle_in_transaction_session_timeout', $1, true)";
+
+/// How long the server lets a lock session sit idle in its transaction before ending it, in
+/// PostgreSQL's milliseconds (0 would mean never): `ttl`.
+fn idle_timeout_ms(ttl: Duration) -> String {
+    ttl.as_millis().clamp(1, i32::MAX as u128).to_string()
+}
+
+/// One beat on a PostgreSQL lock's session: a statement in its open transaction, which starts
+/// the server's idle clock again. One that fails, or gets no answer within half the `ttl`
+/// (the server may end a session silent for a `ttl`, a beat after the last answered one), leaves
+/// the lock lost: its connection is closed, as the server's end of it may be already, and every
+/// later beat and `renew` says so.
+async fn beat(session: &LockSession) -> anyhow::Result<()> {
+    let mut state = session.lock().await;
+    let (conn, wait) = match &mut *state {
+        SessionState::Held { conn, ttl } => (conn, *ttl / 2),
+        SessionState::Lost(cause) => return Err(anyhow::anyhow!("{cause}").context(LockLost)),
+    };
+    let answered = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(conn))
+        .await
+        .map_err(|_| anyhow::anyhow!("the lock session did not answer within {wait:?}"))
+        .and_then(|done| done.map(|_| ()).map_err(anyhow::Error::new));
+    if let Err(err) = answered {
+        let cause = crate::error::causes(&err);
+        *state = SessionState::Lost(cause);
+        return Err(err.context(LockLost));
+    }
+    Ok(())
+}
+
+impl LockInner {
+    /// A PostgreSQL lock just taken on `conn`, and its heartbeat.
+    fn postgres(conn: sqlx::PgConnection, job: Job, ttl: Duration) -> Self {
+        let session = Arc::new(tokio::sync::Mutex::new(SessionState::Held { conn, ttl }));
+        let heartbeat = Heartbeat::postgres(session.clone(), job, ttl);
+        Self::Postgres { session, heartbeat }
+    }
+}
+
 impl std::fmt::Debug for SyncLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncLock")
@@ -262,13 +354,13 @@ fn ttl_ms(ttl: Duration) -> i64 {
 pub struct LockLost;
 
 impl SyncLock {
-    /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session is
-    /// checked, since a dropped session (idle timeout, proxy restart) took its lock with it.
+    /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session
+    /// beats, which checks it too, since a session ended (the server's idle timeout after the
+    /// holder went silent, a proxy restart) took its lock with it.
     /// Errors when the lock was lost, so the run stops instead of racing another one.
     pub async fn renew(&mut self, now: i64) -> anyhow::Result<()> {
-        if let LockInner::Postgres(conn) = &mut self.inner {
-            use sqlx::Connection as _;
-            conn.ping().await.context(LockLost)?;
+        if let LockInner::Postgres { session, .. } = &self.inner {
+            beat(session).await?;
         }
         if let LockInner::Sqlite {
             pool, holder, ttl, ..
@@ -291,16 +383,23 @@ impl SyncLock {
 
     pub async fn release(self) -> anyhow::Result<()> {
         match self.inner {
-            LockInner::Postgres(mut conn) => {
+            LockInner::Postgres { session, heartbeat } => {
                 use sqlx::Connection as _;
-                sqlx::query(JOB_LOCK_RELEASE)
-                    .bind(self.job.advisory_class())
-                    .execute(&mut conn)
-                    .await
-                    .context("releasing the sync lock")?;
-                conn.close()
-                    .await
-                    .context("closing the sync lock session")?;
+                drop(heartbeat);
+                let mut state = session.lock().await;
+                // A lost session holds nothing.
+                if let SessionState::Held { mut conn, .. } =
+                    std::mem::replace(&mut *state, SessionState::Lost("released".into()))
+                {
+                    sqlx::query(JOB_LOCK_RELEASE)
+                        .bind(self.job.advisory_class())
+                        .execute(&mut conn)
+                        .await
+                        .context("releasing the sync lock")?;
+                    conn.close()
+                        .await
+                        .context("closing the sync lock session")?;
+                }
             }
             LockInner::Sqlite {
                 pool,
@@ -417,9 +516,10 @@ impl Store {
     /// Takes `job`'s lock if no one holds it: `Err` with what is known of its holder while that
     /// job runs, on any instance.
     /// PostgreSQL: a session advisory lock on a connection of its own. SQLite: a `locks` row
-    /// that expires after `ttl` unless renewed, which a heartbeat does every sixth of `ttl` for
-    /// as long as the lock is held, so a crashed or stopped holder blocks the job for at most
-    /// `ttl`, however long a live holder's run takes.
+    /// that expires after `ttl` unless renewed. The PostgreSQL lock is held in a transaction
+    /// that the server ends after `ttl` idle, the SQLite row is renewed: a heartbeat beats every
+    /// sixth of `ttl` for as long as the lock is held, so a crashed, stopped or frozen holder
+    /// blocks the job for at most `ttl`, however long a live holder's run takes.
     pub async fn try_lock_job(
         &self,
         job: Job,
@@ -436,6 +536,15 @@ impl Store {
                     .await
                     .context("opening the sync lock session")?
                     .detach();
+                sqlx::query(JOB_LOCK_BEGIN)
+                    .execute(&mut conn)
+                    .await
+                    .context("taking the sync lock")?;
+                sqlx::query(JOB_LOCK_IDLE_TIMEOUT)
+                    .bind(idle_timeout_ms(ttl))
+                    .execute(&mut conn)
+                    .await
+                    .context("taking the sync lock")?;
                 let locked: bool = sqlx::query_scalar(JOB_LOCK_TRY)
                     .bind(job.advisory_class())
                     .fetch_one(&mut conn)
@@ -450,7 +559,7 @@ impl Store {
                 }
                 Ok(Ok(SyncLock {
                     job,
-                    inner: LockInner::Postgres(conn),
+                    inner: LockInner::postgres(conn, job, ttl),
                 }))
             }
             Backend::Sqlite(pool) => {
