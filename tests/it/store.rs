@@ -711,8 +711,7 @@ async fn a_job_lock_whose_holder_goes_silent_is_freed_within_its_lease_and_the_h
             .try_lock_job(Job::CatalogueSync, "second", &clock, lease)
             .await
             .unwrap();
-        // The lock, if this attempt took it.
-        if let Some(taken) = attempt.into_iter().next() {
+        if let Ok(taken) = attempt {
             break taken;
         }
         assert!(

@@ -92,8 +92,9 @@ impl Job {
 /// What is known of the holder of a job's lock that could not be taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LockHeld {
-    /// PostgreSQL: a live session holds the advisory lock (a killed process's went with its
-    /// session), until its run ends.
+    /// PostgreSQL: a session holds the advisory lock (a killed process's went with its
+    /// session), until its run ends, or, its instance gone silent (frozen, cut off), for at most
+    /// its lease after its last heartbeat.
     Session,
     /// SQLite: the holder's `locks` row, as of this attempt.
     Lease {
@@ -142,7 +143,8 @@ impl LockHeld {
         match self {
             Self::Session => format!(
                 "another {run} is running (on this or another instance), holding its lock until \
-                 it ends; try again after Retry-After seconds"
+                 it ends (or, should its instance have gone silent, for at most a minute more); \
+                 try again after Retry-After seconds"
             ),
             Self::Released => {
                 format!("another {run} has just ended and let its lock go; try again")
