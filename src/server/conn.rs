@@ -14,8 +14,10 @@
 //!   `header_read_timeout` for that head (the earlier of the two deadlines wins);
 //! - while a handler runs there is no deadline here: the route's own timeout applies;
 //! - at the start of a drain, a connection on which no request has come whole yet (its TLS
-//!   handshake or its first head under way, or nothing sent) is closed at once, as hyper closes
-//!   an idle keep-alive one: it has no request to finish ([`ConnState::close_if_unstarted`]);
+//!   handshake or its first head under way, or nothing sent) is given [`UNSTARTED_GRACE`] at
+//!   most for it, instead of the rest of its header timeout: a head under way is served if it
+//!   comes whole by then, and one that never does (a client stalled mid-head) no longer holds
+//!   the drain up to the header timeout ([`ConnState::close_if_unstarted`]);
 //! - once a handler has answered, its answer must be sent within `idle_timeout`, whatever else
 //!   the connection does: a client that does not take it (an HTTP/1 client that never reads, an
 //!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
@@ -60,6 +62,11 @@ use crate::config::ConnectionLimits;
 
 /// `deadline_ms` while a request is in flight and no answer waits to be sent.
 const NO_DEADLINE: u64 = u64::MAX;
+
+/// How long a drain waits for a connection's first request to come whole (its TLS handshake
+/// and head, already under way or not): a client on a slow link finishing a large head is
+/// served; one stalled mid-head is closed then rather than at its header timeout.
+pub(crate) const UNSTARTED_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a lingering close reads what the client still sends, at most (nginx's
 /// `lingering_time` is 30 s; a client reads an answer already sent within a round trip).
@@ -213,16 +220,19 @@ impl ConnState {
         true
     }
 
-    /// At the start of a drain: closes the connection now if no request has come whole on it
-    /// yet (its TLS handshake, or its first request's head, still under way, or not begun), as
-    /// an idle one: it has no request to finish, and hyper, waiting for a first head, would
-    /// keep it open until the head timeout, holding the drain. Whether it was.
+    /// At the start of a drain: if no request has come whole on the connection yet (its TLS
+    /// handshake, or its first request's head, still under way, or not begun), closes it once
+    /// [`UNSTARTED_GRACE`] has passed, or at its header deadline if that is sooner: hyper,
+    /// waiting for a first head, would keep it open until the head timeout, holding the drain,
+    /// while a head that comes whole within the grace is still served (its request then runs
+    /// as any other). Whether it had no request.
     pub(crate) fn close_if_unstarted(&self) -> bool {
         let work = self.work();
         if work.served {
             return false;
         }
-        self.deadline_ms.store(0, Ordering::Release);
+        self.deadline_ms
+            .fetch_min(self.ms_after_now(UNSTARTED_GRACE), Ordering::AcqRel);
         drop(work);
         self.waker.wake();
         true
@@ -804,11 +814,17 @@ mod tests {
         drop(in_flight);
         assert!(!state.close_if_unstarted(), "served: hyper's to close");
 
+        // No request yet (part of a first head, or nothing): closed once the grace is over,
+        // not at the header timeout (limits(): longer than the grace).
         let fresh = ConnState::new(&limits());
-        // Part of a first head has come; hyper has no request yet.
-        fresh.bytes_read();
+        assert!(due_in(&fresh).unwrap() > UNSTARTED_GRACE);
         assert!(fresh.close_if_unstarted());
-        assert!(fresh.deadline().unwrap() <= Instant::now());
+        let due = due_in(&fresh).unwrap();
+        assert!(due <= UNSTARTED_GRACE && due > Duration::ZERO, "{due:?}");
+        // Its head comes whole within the grace: the request runs with no deadline here.
+        let in_flight = fresh.request_started(Version::HTTP_11);
+        assert_eq!(fresh.deadline(), None);
+        drop(in_flight);
     }
 
     #[test]

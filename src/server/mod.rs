@@ -172,12 +172,14 @@ pub async fn serve_with_limits(
     // Its executor is a handle on the tasks, which would keep `tasks.stop` waiting.
     drop(builder);
     // hyper closes an idle keep-alive connection at once, but waits for a connection's first
-    // request head (and the TLS handshake before it is not its to end) up to the head timeout:
-    // with no request to finish, such a connection would hold the drain for nothing.
-    let closed_without_request = open.close_unstarted();
+    // request head once begun (and the TLS handshake before it is not its to end) up to the
+    // head timeout: a client stalled mid-head would hold the drain for nothing. Such a
+    // connection gets `UNSTARTED_GRACE` for its request to come whole, then is closed.
+    let awaiting_first_request = open.close_unstarted();
     tracing::info!(
         in_flight_connections = graceful.count(),
-        closed_without_request,
+        awaiting_first_request,
+        grace_seconds = conn::UNSTARTED_GRACE.as_secs(),
         drain_seconds = drain.as_secs(),
         "shutting down: no new connections, draining"
     );
@@ -249,7 +251,8 @@ impl OpenConnections {
         list.push(Arc::downgrade(state));
     }
 
-    /// Closes every connection on which no request has come whole yet; how many it closed.
+    /// Gives every connection on which no request has come whole yet `UNSTARTED_GRACE` at most
+    /// for it (see [`ConnState::close_if_unstarted`]); how many there were.
     fn close_unstarted(&self) -> usize {
         let list = self.list();
         list.iter()

@@ -231,9 +231,9 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 
 /// A connection on which no request has come whole yet (nothing sent; the first request's head
 /// only in part, longer or shorter than HTTP/2's 24-byte preface; over TLS, a handshake never
-/// begun) has no request to finish: the drain closes it at once, as it closes an idle keep-alive
-/// connection. Each held the whole drain (hyper waits for a first request's head, here until
-/// the 60 s head timeout): the stop took the drain's 20 s.
+/// begun) has no request to finish: the drain closes it within `UNSTARTED_GRACE` (2 s), not at
+/// its header timeout. Each held the whole drain (hyper waits for a first request's head, here
+/// until the 60 s head timeout): the stop took the drain's 20 s.
 #[tokio::test]
 async fn a_connection_with_no_whole_request_yet_does_not_hold_the_drain() {
     use crate::support::Running;
@@ -308,4 +308,41 @@ async fn a_connection_with_no_whole_request_yet_does_not_hold_the_drain() {
             );
         }
     }
+}
+
+/// A first request whose head was under way when the drain began, and comes whole within the
+/// grace, is served: a client on a slow link still sending a large head is not cut off (closing
+/// every connection with no whole request at once reset it).
+#[tokio::test]
+async fn a_first_head_that_comes_whole_within_the_grace_is_served_during_the_drain() {
+    use crate::support::Running;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut server = Running::start(&[("SHUTDOWN_DRAIN_SECONDS", "20")]).await;
+    let port = server.port;
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Served in order of acceptance: once this is answered, the slow one was accepted too.
+    let mut probe = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert!(healthz_over(&mut probe).await, "/healthz not answered");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let stopped = server.stop();
+    // The drain has begun; the head comes whole well within the 2 s grace.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    slow.write_all(b"connection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with("HTTP/1.1 200"),
+        "the head finished during the drain was not served: {read:?}: {answer:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the stop did not end")
+        .unwrap()
+        .expect("a clean stop");
 }
