@@ -43,7 +43,9 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     // long as another instance's migrations take: PostgreSQL applies lock_timeout to advisory
     // locks too, so it is taken before the timeout is set, and with none (a role's own
     // lock_timeout would otherwise fail a start-up behind a long index build).
-    sqlx::query("SET lock_timeout = 0")
+    // Nor is any statement of a migration cut short by the pool's `statement_timeout`: an
+    // index build on a large table may take minutes.
+    sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
         .execute(&mut *conn)
         .await?;
     take_migration_lock(conn).await?;
@@ -317,6 +319,32 @@ async fn take_migration_lock(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// The longest a query waits for a connection, connecting included.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a pooled session's statement waits for a lock another session holds
+/// (`lock_timeout`): a table locked by a migration, a `pg_dump` or a transaction left open.
+/// Past it the server cancels the statement (55P03, "not now" to `is_unavailable`: 503
+/// `NOT_READY`, nothing written) and the connection goes back to the pool. Unbounded, every
+/// request on that table queued behind the lock until the 30 s request timeout answered 504,
+/// and the dropped request does not cancel its statement: each stayed queued, holding its
+/// connection, until the pool was spent and every route needing the database answered 503.
+pub(super) const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long any one statement of a pooled session may run (`statement_timeout`): past it the
+/// server cancels it (57014, a 503 as above). Under the 30 s request timeout, so a request is
+/// answered by the database's refusal rather than a 504 whose statement runs on; far above
+/// what any of edgegate's statements takes.
+pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The bounds set on every pooled session as it connects. Sessions that must wait longer set
+/// their own: the migration (its lock wait unbounded, its statements under
+/// `MIGRATION_LOCK_TIMEOUT`) and the SMS reservation (`SET LOCAL`, in its transaction).
+fn session_bounds() -> String {
+    format!(
+        "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms'",
+        LOCK_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    )
+}
+
 pub(super) async fn connect(url: &str) -> anyhow::Result<PgPool> {
     let (pool, unreachable) = connect_or_wait(url).await?;
     match unreachable {
@@ -351,6 +379,14 @@ pub(super) async fn connect_or_wait(url: &str) -> anyhow::Result<(PgPool, Option
         .idle_timeout(Duration::from_secs(300))
         .test_before_acquire(true)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(session_bounds()))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
         .connect_lazy_with(options);
     Ok((pool, unreachable))
 }

@@ -21,6 +21,7 @@ mod linger;
 mod logs;
 mod openapi;
 mod outage;
+mod pg_locks;
 mod reconcile;
 mod runbook;
 mod shutdown;

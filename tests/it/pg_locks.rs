@@ -1,0 +1,146 @@
+//! PostgreSQL statements that wait on a lock another session holds (`LOCK TABLE … IN ACCESS
+//! EXCLUSIVE MODE`, as a migration, a `pg_dump` or an operator's transaction left open would):
+//! the server cancels them within the pool's bounds, so the request answers 503 `NOT_READY`
+//! well before the 30 s request timeout, and the connection goes back to the pool instead of
+//! staying queued on the lock after the caller had its answer.
+
+use std::time::{Duration, Instant};
+
+use edgegate::{AppState, Store};
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+
+use crate::outage::{SECRET_KEY, WHSEC, product_event};
+use crate::stripe::{in_ci, sdk_available, stripe_sdk};
+use crate::support::{TestDb, now_ms, serve_app};
+use crate::{stripe_fixtures, test_db};
+
+/// Well under the 30 s request timeout (a 504), yet room for a loaded machine.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(20);
+
+/// A session of the test's own holding `table` (in the test's schema) until it is closed.
+async fn hold(db: &TestDb, table: &str) -> sqlx::PgConnection {
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    holder
+}
+
+/// How many sessions still wait for a lock on `table` (asked on the holder's own session).
+async fn waiting_on(holder: &mut sqlx::PgConnection, table: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass",
+    )
+    .bind(table)
+    .fetch_one(&mut *holder)
+    .await
+    .unwrap()
+}
+
+async fn app(db: &TestDb) -> (crate::support::TestServer, String) {
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let config = db.config(&[
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+        ("SUPABASE_SECRET_KEYS", &secret_keys),
+    ]);
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let server = serve_app(
+        edgegate::app(AppState::new(config, store)),
+        Duration::from_secs(5),
+    )
+    .await;
+    let base = format!("http://{}", server.addr);
+    (server, base)
+}
+
+async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// With `stripe_events` locked, every delivery (as many as the pool has connections) answers
+/// 503 `NOT_READY` (Stripe retries it) rather than 504 at the request timeout, no statement of
+/// the app's is left queued on the lock, and the database, which is fine, is ready.
+#[tokio::test]
+async fn webhooks_behind_a_locked_ledger_answer_503_and_give_their_connections_back() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let (server, base) = app(&db).await;
+    let mut holder = hold(&db, "stripe_events").await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let deliveries = (0..10).map(|i| {
+        let body = product_event(&fixtures, i);
+        let signature = crate::stripe::sdk_sign(&body, WHSEC, now_ms() / 1000);
+        let request = client
+            .post(format!("{base}/functions/v1/stripe-webhook"))
+            .header("content-type", "application/json")
+            .header("stripe-signature", signature)
+            .body(body)
+            .timeout(Duration::from_secs(60))
+            .send();
+        async move { status_and_body(request.await.unwrap()).await }
+    });
+    for (status, body) in futures_util::future::join_all(deliveries).await {
+        assert_eq!(
+            (status, &body["code"]),
+            (503, &json!("NOT_READY")),
+            "{body}"
+        );
+    }
+    assert!(
+        started.elapsed() < ANSWERED_WITHIN,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        waiting_on(&mut holder, "stripe_events").await,
+        0,
+        "statements still queued on the lock after their callers were answered"
+    );
+    let (status, body) = status_and_body(server.get("/readyz").await).await;
+    assert_eq!(status, 200, "{body}");
+    holder.close().await.unwrap();
+}
+
+/// With `audit_log` locked, the read-only report still answers 200 (its audit row is given up
+/// on, and logged), well before the request timeout, and nothing stays queued on the lock.
+#[tokio::test]
+async fn signing_keys_answers_while_the_audit_log_is_locked() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let (_server, base) = app(&db).await;
+    let mut holder = hold(&db, "audit_log").await;
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .get(format!("{base}/admin/signing-keys"))
+        .header("apikey", SECRET_KEY)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["keys"].is_array(), "{body}");
+    assert!(
+        started.elapsed() < ANSWERED_WITHIN,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiting_on(&mut holder, "audit_log").await, 0);
+    holder.close().await.unwrap();
+}
