@@ -13,28 +13,37 @@ use super::{Backend, Store};
 /// ASCII); distinct from any other lock key of the service.
 const SMS_RESERVATION_LOCK: i64 = 0x0065_6467_6573_6d73;
 
-/// Bounds on the reservation's PostgreSQL transaction, set in it alone (`SET LOCAL`). Reservations
-/// queued behind one another hold the lock for milliseconds each; a holder whose machine vanished
-/// without closing its connection would otherwise keep it until TCP keepalive gives up (~2 h),
-/// every send on every instance waiting behind it with a pool connection held, until the pool
-/// ran out for the webhooks too. A wait past `lock_timeout` fails (55P03, "not now" to
-/// `is_unavailable`: nothing reserved, the caller answers 503); a holder silent inside its
-/// transaction for `idle_in_transaction_session_timeout` is ended by the server, its lock freed.
-/// 5 s, not more: the reservation comes out of the send's 18 s budget, and a longer wait would
-/// leave no room for Twilio's 10 s call (a queue of 5 s is some 25 sends behind one another on a
-/// database 50 ms away).
-const RESERVATION_TIMEOUTS: &str =
-    "SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '5s'";
+/// How long a reservation may wait in all on PostgreSQL, for its permit, its pool connection and
+/// the lock together, before it gives up (nothing reserved, the caller answers 503). Each wait
+/// takes what the ones before it left: separately bounded they added up to 8-10 s. 5 s, not
+/// more: the reservation comes out of the send's 18 s budget, and a longer wait would leave no
+/// room for Twilio's 10 s call (a queue of 5 s is some 25 sends behind one another on a database
+/// 50 ms away).
+const RESERVATION_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bounds on the reservation's PostgreSQL transaction, set in it alone (`SET LOCAL`), given what
+/// is `left` of [`RESERVATION_BUDGET`]. Reservations queued behind one another hold the lock for
+/// milliseconds each; a holder whose machine vanished without closing its connection would
+/// otherwise keep it until TCP keepalive gives up (~2 h), every send on every instance waiting
+/// behind it with a pool connection held, until the pool ran out for the webhooks too. A wait
+/// past `lock_timeout` fails (55P03, "not now" to `is_unavailable`: nothing reserved, the caller
+/// answers 503); a holder silent inside its transaction for
+/// `idle_in_transaction_session_timeout` (5 s) is ended by the server, its lock freed.
+fn reservation_timeouts(left: std::time::Duration) -> String {
+    // 0 would mean no timeout at all.
+    let lock_ms = left.as_millis().max(1);
+    format!(
+        "SET LOCAL lock_timeout = '{lock_ms}ms'; \
+         SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+        RESERVATION_BUDGET.as_millis()
+    )
+}
 
 /// How many of this store's reservations may hold a pool connection at once (PostgreSQL). They
 /// queue on one lock, so more would add nothing but connections held while waiting: with every
 /// send waiting behind a slow or stuck holder, the pool (10) ran out and Stripe's webhooks
 /// failed. Two, so the next one has its connection ready as the lock passes.
 pub(super) const RESERVATION_PERMITS: usize = 2;
-
-/// How long a reservation waits for a permit before giving up, as it gives up on the lock
-/// itself (`lock_timeout` above): nothing reserved, the caller answers 503.
-const RESERVATION_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How many times a status is read and compared-and-set before it is taken as overtaken
 /// (`Store::apply_sms_status`): each failed try means another write moved the row meanwhile.
@@ -286,17 +295,20 @@ impl Store {
             }
             Backend::Postgres(pool) => {
                 async {
-                    // Reported as the pool's own timeout, which is what it stands in for: the
-                    // database not to be had now, nothing reserved (503, `is_unavailable`).
-                    let _permit = tokio::time::timeout(
-                        RESERVATION_PERMIT_WAIT,
-                        self.sms_reservations.acquire(),
-                    )
-                    .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)?
-                    .map_err(|_| sqlx::Error::PoolClosed)?;
-                    let mut tx = pool.begin().await?;
-                    sqlx::raw_sql(RESERVATION_TIMEOUTS)
+                    // One budget for the permit, the connection and the lock. A wait past it
+                    // is reported as the pool's own timeout, which is what it stands in for:
+                    // the database not to be had now, nothing reserved (503, `is_unavailable`).
+                    let deadline = tokio::time::Instant::now() + RESERVATION_BUDGET;
+                    let _permit =
+                        tokio::time::timeout_at(deadline, self.sms_reservations.acquire())
+                            .await
+                            .map_err(|_| sqlx::Error::PoolTimedOut)?
+                            .map_err(|_| sqlx::Error::PoolClosed)?;
+                    let mut tx = tokio::time::timeout_at(deadline, pool.begin())
+                        .await
+                        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(reservation_timeouts(left)))
                         .execute(&mut *tx)
                         .await?;
                     // Held across the count and the insert; released at commit or rollback.

@@ -144,3 +144,58 @@ async fn signing_keys_answers_while_the_audit_log_is_locked() {
     assert_eq!(waiting_on(&mut holder, "audit_log").await, 0);
     holder.close().await.unwrap();
 }
+
+/// A send refused because the reservation lock is held elsewhere is refused within the one
+/// 5 s budget the reservation has, however it spent it: waiting for one of the two permits and
+/// then for the lock used to add up (5 s + 5 s). The lock is held by a session of the test's
+/// own, in a database of its own (advisory locks are per database).
+#[tokio::test]
+async fn a_reservation_waits_at_most_its_one_budget_for_permit_and_lock_together() {
+    use edgegate::store::{NewSms, SmsLimits};
+    let Some(db) = TestDb::postgres_database().await else {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    };
+    let store = db.store().await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // SMS_RESERVATION_LOCK in src/store/sms.rs ("edgesms").
+    sqlx::query("SELECT pg_advisory_lock(x'0065646765736d73'::bigint)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let limits = SmsLimits {
+        per_recipient_per_hour: 100,
+        per_minute: 100,
+    };
+    let ids = ["budget-1", "budget-2", "budget-3", "budget-4"];
+    // The first two take the permits and wait on the lock; the next two come a second later
+    // and wait for a permit, which frees only when the first two give up, 4 s into their wait.
+    let sends = ids.iter().enumerate().map(|(i, id)| {
+        let store = store.clone();
+        async move {
+            if i >= 2 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let new = NewSms {
+                id,
+                idempotency_key: None,
+                to_number: "+12025550123",
+                body: "hi",
+                status: "accepted",
+                replayed_error_codes: &[],
+            };
+            let started = Instant::now();
+            let reserved = store.reserve_sms(new, limits, now_ms).await;
+            (reserved, started.elapsed())
+        }
+    });
+    for (reserved, took) in futures_util::future::join_all(sends).await {
+        let err = reserved.expect_err("reserved while the lock was held");
+        assert!(edgegate::store::is_unavailable(&err), "{err:#}");
+        // A 5 s budget; a permit waited for 4 s and then the lock for 5 s took 9 s.
+        assert!(took < Duration::from_millis(7500), "refused after {took:?}");
+    }
+    holder.close().await.unwrap();
+    store.close().await;
+    db.drop_database().await;
+}
