@@ -319,14 +319,61 @@ impl From<SmsError> for ApiError {
     }
 }
 
+/// One cause's own text. A PostgreSQL error is its message alone: sqlx's `Display` appends the
+/// line of PostgreSQL's C source that raised it (`… due to lock timeout at line 3312`), which
+/// tells an operator nothing and differs between server builds.
+fn cause_text(cause: &(dyn std::error::Error + 'static)) -> String {
+    let text = cause.to_string();
+    if let Some(pg) = cause.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return pg.message().to_owned();
+    }
+    if let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>()
+        && db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some()
+    {
+        return format!("error returned from database: {}", db.message());
+    }
+    text
+}
+
+/// `text` without the ` at line N` sqlx appends to PostgreSQL's `message` (the database error
+/// itself, next in the chain after the `sqlx::Error` that carries it).
+fn without_source_line(text: String, message: Option<&str>) -> String {
+    let Some(message) = message else {
+        return text;
+    };
+    match text
+        .strip_prefix(message)
+        .and_then(|rest| rest.strip_prefix(" at line "))
+    {
+        Some(line) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => {
+            message.to_owned()
+        }
+        _ => text,
+    }
+}
+
 /// An error and its causes, `outer: inner: root`, like `{:#}`, but each cause once: some errors
 /// (sqlx's among them) put their source in their own message too, which `{:#}` then repeats
 /// (a failed migration printed the database's message three times).
+/// PostgreSQL's errors without their source line ([`cause_text`]).
 pub fn causes(err: &anyhow::Error) -> String {
     let mut out = String::new();
     let mut last = String::new();
+    let mut pg_message: Option<String> = None;
     for cause in err.chain() {
-        let text = cause.to_string();
+        let text = without_source_line(cause_text(cause), pg_message.as_deref());
+        pg_message = match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db))
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some() =>
+            {
+                Some(db.message().to_owned())
+            }
+            _ => None,
+        };
         if !last.is_empty() && last.contains(&text) {
             continue;
         }

@@ -593,6 +593,11 @@ pub fn spawn_periodic(
                 Err(ReconcileError::InProgress(_)) => {
                     tracing::debug!("periodic Stripe reconciliation skipped: another one runs");
                 }
+                Err(ReconcileError::Internal(err)) => tracing::warn!(
+                    error = crate::error::causes(err),
+                    retry_in_s = pause.as_secs(),
+                    "periodic Stripe reconciliation failed; the next one retries"
+                ),
                 Err(err) => tracing::warn!(
                     error = format!("{err:#}"),
                     retry_in_s = pause.as_secs(),

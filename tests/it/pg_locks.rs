@@ -199,3 +199,25 @@ async fn a_reservation_waits_at_most_its_one_budget_for_permit_and_lock_together
     store.close().await;
     db.drop_database().await;
 }
+
+/// A PostgreSQL error is described by its message alone, without the line of PostgreSQL's own
+/// C source sqlx appends to it ("canceling statement due to lock timeout at line 3211"), which
+/// says nothing to an operator and made stored run errors and log lines differ by server build.
+#[tokio::test]
+async fn a_postgres_error_is_described_without_the_servers_source_line() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let store = db.store().await;
+    let holder = hold(&db, "audit_log").await;
+    let err = store
+        .recent_audit(1)
+        .await
+        .expect_err("read a locked table");
+    let said = edgegate::error::causes(&err);
+    assert!(said.contains("lock timeout"), "{said}");
+    assert!(!said.contains(" at line "), "{said}");
+    holder.close().await.unwrap();
+}
