@@ -310,7 +310,11 @@ pub fn summarize(
         .filter(|row| counts(row.hour_start_ms, row.last_verified_at_ms))
     {
         note(row.hour_start_ms);
-        if row.source == "legacy_secret" {
+        // Verifications per hour: a legacy key beside a credential that no secret could verify
+        // (`anon_key_unverified`…) is evidence of a client, listed apart, never one of them.
+        if row.source == "legacy_secret"
+            && LegacyKind::ALL.iter().any(|kind| kind.as_str() == row.kind)
+        {
             series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
         }
         let entry = summed

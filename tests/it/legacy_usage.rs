@@ -487,6 +487,12 @@ async fn a_legacy_anon_key_beside_a_session_after_revocation_is_counted_unverifi
     assert_eq!(report["legacy_secret"]["configured"], false, "{report}");
     assert_eq!(report["legacy_secret"]["verified_count"], 0, "{report}");
     assert_eq!(report["legacy_revocation_safe"], true, "{report}");
+    // Nor are they verifications per hour: no series of the legacy secret shows them.
+    let hourly = report["usage_hourly"]["series"].as_array().unwrap();
+    assert!(
+        hourly.iter().all(|s| s["source"] != "legacy_secret"),
+        "{hourly:?}"
+    );
     // No token in what is stored.
     let stored = format!(
         "{:?}",
