@@ -350,6 +350,7 @@ impl Started {
         };
         let steps_cut = tokio::time::timeout_at(deadline, finish).await.is_err();
         if !usage_settled.load(std::sync::atomic::Ordering::Relaxed) {
+            // Its own line, the one operators look for (OPERATIONS.md, MIGRATION.md §4.1).
             tracing::warn!(
                 error = "the database did not take them before the stop's deadline",
                 "key usage lost at shutdown"
@@ -365,7 +366,14 @@ impl Started {
         let drained = served?;
         // `edgegate stopped` says a clean stop: every request finished and every step after
         // the drain did. Anything else is a failure (exit 1), said in one line.
-        if let Some(failure) = stop_failure(drain, drained, cut_at.get().is_some(), steps_cut) {
+        let usage_lost = !usage_settled.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(failure) = stop_failure(
+            drain,
+            drained,
+            cut_at.get().is_some(),
+            steps_cut,
+            usage_lost,
+        ) {
             anyhow::bail!(failure);
         }
         tracing::info!("edgegate stopped");
@@ -380,6 +388,7 @@ fn stop_failure(
     drained: server::Drained,
     cut: bool,
     steps_cut: bool,
+    usage_lost: bool,
 ) -> Option<String> {
     let dropped = match drained.dropped_requests {
         0 => "no request was in flight".to_owned(),
@@ -396,10 +405,15 @@ fn stop_failure(
         ));
     }
     if steps_cut {
+        // The counts' write is named only when it was cut: its own line says so then.
+        let unfinished = if usage_lost {
+            "the last write of the key-usage counts, the SMS sends under way, the database's close"
+        } else {
+            "the SMS sends under way, the database's close; the key-usage counts were written"
+        };
         failures.push(format!(
             "the steps after the drain ran past its limit plus {} s and were stopped \
-             unfinished (the last write of the key-usage counts, the SMS sends under way, the \
-             database's close)",
+             unfinished ({unfinished})",
             AFTER_DRAIN.as_secs()
         ));
     }

@@ -1907,8 +1907,8 @@ async fn sms_a_stop_that_cuts_a_send_short_is_a_failure_saying_so() {
     assert_eq!(
         err,
         "the drain's 0 s ran out: 1 request still in flight was dropped; the steps after the \
-         drain ran past its limit plus 3 s and were stopped unfinished (the last write of the \
-         key-usage counts, the SMS sends under way, the database's close)"
+         drain ran past its limit plus 3 s and were stopped unfinished (the SMS sends under \
+         way, the database's close; the key-usage counts were written)"
     );
     assert!(sending.await.unwrap().is_err(), "the caller was cut off");
 
