@@ -148,13 +148,13 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
         let has_origin = parts.headers.contains_key(axum::http::header::ORIGIN);
         state.auth.verify_api_key(key, has_origin).ok()
     } else {
-        let verified = state.auth.verify_legacy_beside(key);
-        if verified.is_none()
-            && let Some(kind) = state.auth.unverifiable_legacy_beside(key)
-        {
+        // With no legacy secret nothing can verify it: read once, for what it claims to be.
+        if let Some(kind) = state.auth.unverifiable_legacy_beside(key) {
             record_unverifiable_beside(parts, state, kind);
+            None
+        } else {
+            state.auth.verify_legacy_beside(key)
         }
-        verified
     };
     if let Some(verified) = verified {
         state.usage.record(&verified, state.clock.now_ms());

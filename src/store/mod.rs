@@ -921,7 +921,7 @@ async fn wait_for_migration_lock(
                 tracing::warn!(
                     waited_s = started.elapsed().as_secs(),
                     "waiting for another process's migrations (the migration lock is held); \
-                     nothing is served until they are applied"
+                     nothing that needs the database is served until they are applied"
                 );
                 say_at += LOCK_WAIT_SAID_EVERY;
             }

@@ -151,8 +151,9 @@ impl LockHeld {
             }
             Self::Lease { renewed, beat, .. } if self.stopped() => format!(
                 "the lock is still held by a {run} that stopped without releasing it (its \
-                 process killed, or stopped mid-run): not renewed for {} s (a live run renews \
-                 it every {} s), it expires in {retry} s; try again then",
+                 process killed, or stopped mid-run), or whose renewals the database has kept \
+                 waiting: not renewed for {} s (a live run renews it every {} s), it expires in \
+                 {retry} s; try again then",
                 secs(renewed),
                 secs(beat).max(1),
             ),
