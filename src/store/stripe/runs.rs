@@ -444,9 +444,10 @@ async fn sqlite_lease(
     Ok(LockHeld::Lease {
         held: ago(acquired_at),
         renewed: ago(expires_at.saturating_sub(ttl_ms(ttl))),
-        // Taken once `expires_at < now`.
+        // Taken once `expires_at < now`, a millisecond later: not counted, or a lease taken in
+        // this same millisecond would expire in 60.001 s, a Retry-After of 61 for a 60 s lease.
         expires_in: Duration::from_millis(
-            u64::try_from(expires_at.saturating_add(1).saturating_sub(now)).unwrap_or(0),
+            u64::try_from(expires_at.saturating_sub(now)).unwrap_or(0),
         ),
         beat: heartbeat_every(ttl),
     })
