@@ -316,6 +316,14 @@ impl Store {
                         .bind(SMS_RESERVATION_LOCK)
                         .execute(&mut *tx)
                         .await?;
+                    // What is left of the budget bounded the wait for the lock only: the count
+                    // and the insert wait on a row as every other statement does.
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "SET LOCAL lock_timeout = '{}ms'",
+                        super::postgres::LOCK_TIMEOUT.as_millis()
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
                     let reservation = reserve_in(&mut tx, new, limits, &clock).await?;
                     tx.commit().await?;
                     Ok(reservation)
