@@ -320,6 +320,8 @@ impl Started {
         // Whether their flush came to an end, written or failed: one the deadline cut off is
         // said lost below, since its own line then never comes.
         let usage_settled = std::sync::atomic::AtomicBool::new(false);
+        // Whether they were written (a flush may end in a failure: its line says so).
+        let usage_written = std::sync::atomic::AtomicBool::new(false);
         let finish = async {
             for task in self.background {
                 task.abort();
@@ -332,6 +334,7 @@ impl Started {
                 async {
                     let flushed = usage.flush(&store).await;
                     usage_settled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    usage_written.store(flushed.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     flushed
                 },
                 sms_sends.idle()
@@ -366,7 +369,7 @@ impl Started {
         let drained = served?;
         // `edgegate stopped` says a clean stop: every request finished and every step after
         // the drain did. Anything else is a failure (exit 1), said in one line.
-        let usage_lost = !usage_settled.load(std::sync::atomic::Ordering::Relaxed);
+        let usage_lost = !usage_written.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(failure) = stop_failure(
             drain,
             drained,
