@@ -15,9 +15,11 @@
 //! - while a handler runs there is no deadline here: the route's own timeout applies;
 //! - at the start of a drain, a connection on which no request has come whole yet (its TLS
 //!   handshake or its first head under way, or nothing sent) is given [`UNSTARTED_GRACE`] at
-//!   most for it, instead of the rest of its header timeout: a head under way is served if it
-//!   comes whole by then, and one that never does (a client stalled mid-head) no longer holds
-//!   the drain up to the header timeout ([`ConnState::close_if_unstarted`]);
+//!   most, instead of the rest of its header timeout: an HTTP/1 head hyper has begun reading is
+//!   served if it comes whole by then, and one that never does (a client stalled mid-head) no
+//!   longer holds the drain up to the header timeout ([`ConnState::close_if_unstarted`]). A
+//!   connection hyper has read nothing of yet (its TLS handshake unfinished when the drain
+//!   began) is not served: hyper's graceful shutdown ends it before its first read;
 //! - once a handler has answered, its answer must be sent within `idle_timeout`, whatever else
 //!   the connection does: a client that does not take it (an HTTP/1 client that never reads, an
 //!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
@@ -63,9 +65,9 @@ use crate::config::ConnectionLimits;
 /// `deadline_ms` while a request is in flight and no answer waits to be sent.
 const NO_DEADLINE: u64 = u64::MAX;
 
-/// How long a drain waits for a connection's first request to come whole (its TLS handshake
-/// and head, already under way or not): a client on a slow link finishing a large head is
-/// served; one stalled mid-head is closed then rather than at its header timeout.
+/// How long a drain waits for a connection's first request to come whole: a client on a slow
+/// link finishing a large HTTP/1 head hyper has begun reading is served; one stalled mid-head,
+/// or a TLS handshake that does not end, is closed then rather than at its header timeout.
 pub(crate) const UNSTARTED_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a lingering close reads what the client still sends, at most (nginx's
