@@ -1812,53 +1812,14 @@ async fn sms_status_while_the_database_is_unavailable_is_503_not_ready() {
 #[tokio::test]
 async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
     let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     // Twilio answers after the drain (0 s here) is over, well within the 3 s after it.
-    fake.set_latency(Duration::from_secs(1));
-    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
-    let (mut server, _state) = crate::support::spawn_app(
-        &db,
-        &[
-            ("SUPABASE_SECRET_KEYS", &secret_keys),
-            ("TWILIO_ACCOUNT_SID", ACCOUNT),
-            ("TWILIO_AUTH_TOKEN", TOKEN),
-            ("TWILIO_API_BASE", &fake.base),
-            ("TWILIO_FROM_NUMBER", FROM),
-            ("PUBLIC_URL", PUBLIC_URL),
-            ("SHUTDOWN_DRAIN_SECONDS", "0"),
-        ],
-    )
-    .await;
-    let sending = tokio::spawn({
-        let (client, url) = (server.client.clone(), server.url("/functions/v1/send-sms"));
-        async move {
-            client
-                .post(url)
-                .header("apikey", SECRET_KEY)
-                .json(&json!({"to": "+12025550123", "body": "hi"}))
-                .send()
-                .await
-        }
-    });
-    while fake.requests().is_empty() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    server.begin_shutdown();
+    let stop = stop_while_twilio_has_a_send(&db, Duration::from_secs(1)).await;
     // The drain (0 s) cut the caller off: not a clean stop, though the send was recorded.
-    let stopped = (&mut server.task).await.unwrap();
-    let err = stopped.expect_err("a request was dropped").to_string();
     assert_eq!(
-        err,
+        stop.error,
         "the drain's 0 s ran out: 1 request still in flight was dropped"
     );
-    let _ = sending.await;
-
-    let callback = fake.requests()[0]
-        .field("StatusCallback")
-        .unwrap()
-        .to_owned();
-    let id = callback.split_once("?id=").unwrap().1;
-    let row = db.store().await.sms_message(id).await.unwrap().unwrap();
+    let row = stop.row(&db).await;
     assert_eq!(row.status, "queued", "{row:?}");
     assert!(row.twilio_sid.is_some(), "{row:?}");
 }
@@ -1870,12 +1831,45 @@ async fn sms_a_stop_waits_for_a_send_under_way_before_closing_the_database() {
 #[tokio::test]
 async fn sms_a_stop_that_cuts_a_send_short_is_a_failure_saying_so() {
     let db = test_db!();
-    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     // Past the drain (0 s) and the 3 s after it.
-    fake.set_latency(Duration::from_secs(8));
+    let stop = stop_while_twilio_has_a_send(&db, Duration::from_secs(8)).await;
+    assert_eq!(
+        stop.error,
+        "the drain's 0 s ran out: 1 request still in flight was dropped; the steps after the \
+         drain ran past its limit plus 3 s and were stopped unfinished (the SMS sends under \
+         way, the database's close; the key-usage counts were written)"
+    );
+    assert!(stop.caller_cut_off, "the caller was cut off");
+    let row = stop.row(&db).await;
+    assert_eq!(row.status, "accepted", "{row:?}");
+}
+
+/// What a stop made while Twilio had a send did ([`stop_while_twilio_has_a_send`]).
+struct StopDuringSend {
+    /// The stop's error: it cannot be clean, its drain (0 s) cut the caller off.
+    error: String,
+    /// Whether the caller got no answer.
+    caller_cut_off: bool,
+    /// The URL edgegate gave Twilio for the message's status (`…?id=<id>`).
+    callback: String,
+}
+
+impl StopDuringSend {
+    /// The message's row as the stop left it.
+    async fn row(&self, db: &TestDb) -> edgegate::store::SmsMessage {
+        let id = self.callback.split_once("?id=").unwrap().1;
+        db.store().await.sms_message(id).await.unwrap().unwrap()
+    }
+}
+
+/// The whole application on `db` (drain 0 s) sending one SMS through a Twilio that answers
+/// after `latency`, stopped once Twilio has the send.
+async fn stop_while_twilio_has_a_send(db: &TestDb, latency: Duration) -> StopDuringSend {
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    fake.set_latency(latency);
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let (mut server, _state) = crate::support::spawn_app(
-        &db,
+        db,
         &[
             ("SUPABASE_SECRET_KEYS", &secret_keys),
             ("TWILIO_ACCOUNT_SID", ACCOUNT),
@@ -1903,22 +1897,17 @@ async fn sms_a_stop_that_cuts_a_send_short_is_a_failure_saying_so() {
     }
     server.begin_shutdown();
     let stopped = (&mut server.task).await.unwrap();
-    let err = stopped.expect_err("the stop was cut short").to_string();
-    assert_eq!(
-        err,
-        "the drain's 0 s ran out: 1 request still in flight was dropped; the steps after the \
-         drain ran past its limit plus 3 s and were stopped unfinished (the SMS sends under \
-         way, the database's close; the key-usage counts were written)"
-    );
-    assert!(sending.await.unwrap().is_err(), "the caller was cut off");
-
+    let error = stopped.expect_err("a request was dropped").to_string();
+    let caller_cut_off = sending.await.unwrap().is_err();
     let callback = fake.requests()[0]
         .field("StatusCallback")
         .unwrap()
         .to_owned();
-    let id = callback.split_once("?id=").unwrap().1;
-    let row = db.store().await.sms_message(id).await.unwrap().unwrap();
-    assert_eq!(row.status, "accepted", "{row:?}");
+    StopDuringSend {
+        error,
+        caller_cut_off,
+        callback,
+    }
 }
 
 /// A holder of the reservation lock that stops talking (its machine gone without a FIN) must not
