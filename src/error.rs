@@ -337,21 +337,41 @@ fn cause_text(cause: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// `text` without the ` at line N` sqlx appends to PostgreSQL's `message` (the database error
-/// itself, next in the chain after the `sqlx::Error` that carries it).
-fn without_source_line(text: String, message: Option<&str>) -> String {
-    let Some(message) = message else {
-        return text;
-    };
-    match text
-        .strip_prefix(message)
-        .and_then(|rest| rest.strip_prefix(" at line "))
-    {
-        Some(line) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => {
-            message.to_owned()
+/// `text` without the ` at line N` sqlx appends to each of PostgreSQL's `messages` wherever it
+/// repeats one (the `sqlx::Error` that carries it, and errors that print their source in their
+/// own text, as a failed migration's `MigrateError` does, before it in the chain).
+fn without_source_lines(mut text: String, messages: &[String]) -> String {
+    for message in messages {
+        let marker = format!("{message} at line ");
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(&marker) {
+            let after = &rest[at + marker.len()..];
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                out.push_str(&rest[..at + marker.len()]);
+            } else {
+                out.push_str(&rest[..at + message.len()]);
+            }
+            rest = &after[digits..];
         }
-        _ => text,
+        out.push_str(rest);
+        text = out;
     }
+    text
+}
+
+/// The messages of the PostgreSQL errors in `err`'s chain.
+fn postgres_messages(err: &anyhow::Error) -> Vec<String> {
+    err.chain()
+        .filter_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .map(|pg| pg.message().to_owned()),
+            _ => None,
+        })
+        .filter(|message| !message.is_empty())
+        .collect()
 }
 
 /// An error and its causes, `outer: inner: root`, like `{:#}`, but each cause once: some errors
@@ -359,21 +379,11 @@ fn without_source_line(text: String, message: Option<&str>) -> String {
 /// (a failed migration printed the database's message three times).
 /// PostgreSQL's errors without their source line ([`cause_text`]).
 pub fn causes(err: &anyhow::Error) -> String {
+    let messages = postgres_messages(err);
     let mut out = String::new();
     let mut last = String::new();
-    let mut pg_message: Option<String> = None;
     for cause in err.chain() {
-        let text = without_source_line(cause_text(cause), pg_message.as_deref());
-        pg_message = match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(db))
-                if db
-                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                    .is_some() =>
-            {
-                Some(db.message().to_owned())
-            }
-            _ => None,
-        };
+        let text = without_source_lines(cause_text(cause), &messages);
         if !last.is_empty() && last.contains(&text) {
             continue;
         }

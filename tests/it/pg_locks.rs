@@ -221,3 +221,28 @@ async fn a_postgres_error_is_described_without_the_servers_source_line() {
     assert!(!said.contains(" at line "), "{said}");
     holder.close().await.unwrap();
 }
+
+/// The same for a migration's error, the likeliest place an operator reads one (start-up,
+/// `edgegate migrate`): sqlx's `MigrateError` repeats the database error's text, source line
+/// included, before the error itself in the chain, where the line was kept.
+#[tokio::test]
+async fn a_migrations_postgres_error_is_described_without_the_servers_source_line() {
+    let db = test_db!();
+    if !db.is_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        return;
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let failed = sqlx::query("SELECT 1 / 0")
+        .execute(&mut conn)
+        .await
+        .expect_err("division by zero");
+    assert!(failed.to_string().contains(" at line "), "{failed}");
+    let err = anyhow::Error::new(sqlx::migrate::MigrateError::ExecuteMigration(failed, 7))
+        .context("applying the migrations");
+    let said = edgegate::error::causes(&err);
+    assert!(said.contains("while executing migration 7"), "{said}");
+    assert!(said.contains("division by zero"), "{said}");
+    assert!(!said.contains(" at line "), "{said}");
+    conn.close().await.unwrap();
+}
