@@ -408,7 +408,8 @@ fn stop_failure(
         ));
     }
     if steps_cut {
-        // The counts' write is named only when it was cut: its own line says so then.
+        // The counts' write is named only when they were not written (`key usage lost at
+        // shutdown` says so too then).
         let unfinished = if usage_lost {
             "the last write of the key-usage counts, the SMS sends under way, the database's close"
         } else {
