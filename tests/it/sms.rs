@@ -1852,6 +1852,9 @@ struct StopDuringSend {
     caller_cut_off: bool,
     /// The URL edgegate gave Twilio for the message's status (`…?id=<id>`).
     callback: String,
+    /// Twilio, kept up until the test ends: the send the stop cut off still runs in the test's
+    /// runtime (a process would have exited), and a Twilio gone would end it as `unknown`.
+    _twilio: FakeTwilio,
 }
 
 impl StopDuringSend {
@@ -1907,6 +1910,7 @@ async fn stop_while_twilio_has_a_send(db: &TestDb, latency: Duration) -> StopDur
         error,
         caller_cut_off,
         callback,
+        _twilio: fake,
     }
 }
 
