@@ -177,6 +177,17 @@ async fn a_hanging_jwks_fetch_does_not_hold_up_the_stop() {
     held.abort();
 }
 
+/// A connection of the test's own that holds the SQLite file at `url` locked (`BEGIN
+/// EXCLUSIVE`) until it is dropped.
+async fn lock_sqlite_file(url: &str) -> sqlx::SqliteConnection {
+    let mut holder = sqlx::SqliteConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// Whatever stalls after the drain, the process ends within the drain's limit and the steps'
 /// budget: here a database locked by another process (the last usage flush waits on it), an
 /// OTLP collector that takes the connection and never answers (the last span export), and a
@@ -231,11 +242,7 @@ async fn the_stop_ends_within_its_budget_when_the_database_collector_and_stderr_
     }
     // A count the last flush must write, into a file another process holds locked.
     use_legacy_secret(port, secret).await;
-    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let _holder = lock_sqlite_file(&db.url).await;
 
     signal(&child, "TERM");
     let stopping = Instant::now();
@@ -276,11 +283,7 @@ async fn usage_the_deadline_cut_off_from_the_database_is_said_lost() {
     assert!(wait_healthy(port).await, "edgegate never answered /healthz");
     // A count the last flush must write, into a file another process holds locked.
     use_legacy_secret(port, secret).await;
-    let mut holder = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let _holder = lock_sqlite_file(&db.url).await;
 
     signal(&child, "TERM");
     let status = wait_exit(&mut child).await;

@@ -281,14 +281,7 @@ async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_head
     .await;
     let port = server.port;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = crate::support::trusting(&certified);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     // Before the connect: the server's timer starts at its accept.
     let accepted = Instant::now();

@@ -656,14 +656,7 @@ async fn a_request_the_client_cancels_is_counted_as_499() {
     );
     let server = serve(router, &state, Limits::default(), Duration::from_secs(1)).await;
     for (count, http2) in [(1, false), (2, true)] {
-        let client = if http2 {
-            reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .build()
-                .unwrap()
-        } else {
-            reqwest::Client::new()
-        };
+        let client = crate::support::plain_client(http2);
         let request = tokio::spawn({
             let url = server.url("/test/endless");
             async move { client.get(url).send().await }

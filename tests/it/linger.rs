@@ -146,14 +146,7 @@ async fn linger_a_body_refused_while_it_is_sent_over_tls_is_answered_before_any_
         ("TLS_KEY_FILE", key_path.to_str().unwrap()),
     ])
     .await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut client = crate::support::trusting(&certified);
     client.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let port = server.port;

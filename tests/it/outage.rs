@@ -25,8 +25,8 @@ use tokio::task::JoinHandle;
 
 use crate::fake_stripe::{self, product_id};
 use crate::fake_twilio::FakeTwilio;
-use crate::support::{TestDb, serve_app};
-use crate::{stripe_fixtures, test_db};
+use crate::support::{TestDb, serve_app, status_and_body};
+use crate::{postgres_db, stripe_fixtures, test_db};
 
 pub const WHSEC: &str = "whsec_edgegate_outage_test";
 pub const SECRET_KEY: &str = "sb_secret_outage0123456789abcdefgh";
@@ -333,11 +333,6 @@ fn config(url: &str, vars: &[(&str, &str)]) -> Config {
     Config::from_lookup(|name| map.get(name).cloned()).expect("valid test configuration")
 }
 
-async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 /// A POST with no body and the secret API key: its status and JSON body.
 async fn post_with_secret_key(client: &reqwest::Client, url: String) -> (u16, Value) {
     let response = client
@@ -541,11 +536,7 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
 /// without a restart.
 #[tokio::test]
 async fn serve_starts_while_postgres_is_down_and_migrates_once_it_answers() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let mut url = url::Url::parse(&db.url).unwrap();
     let target = SocketAddr::new(
         url.host_str().unwrap().parse().expect("an IP address"),
@@ -674,11 +665,7 @@ async fn a_service_waiting_for_its_database_stops_promptly() {
 /// they are listed; the usage counts are marked unavailable and revoking is not called safe.
 #[tokio::test]
 async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let (mut outage, url) = Outage::new(&db).await;
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let config = config(
@@ -840,11 +827,7 @@ async fn refuse_connections_under_the_app(db: &TestDb) {
 async fn a_read_only_postgres_is_not_ready_and_writes_answer_503() {
     stripe_sdk!();
     let fixtures = stripe_fixtures!();
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     db.store().await.close().await;
     let read_only = format!("{}&options=-c%20default_transaction_read_only%3Don", db.url);
     let twilio = FakeTwilio::start(ACCOUNT, TOKEN).await;

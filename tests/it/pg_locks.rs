@@ -7,13 +7,13 @@
 use std::time::{Duration, Instant};
 
 use edgegate::{AppState, Store};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::outage::{SECRET_KEY, WHSEC, product_event};
 use crate::stripe::{in_ci, sdk_available, stripe_sdk};
-use crate::support::{TestDb, now_ms, serve_app};
-use crate::{stripe_fixtures, test_db};
+use crate::support::{TestDb, now_ms, serve_app, status_and_body};
+use crate::{postgres_db, stripe_fixtures};
 
 /// Well under the 30 s request timeout (a 504), yet room for a loaded machine.
 const ANSWERED_WITHIN: Duration = Duration::from_secs(20);
@@ -59,11 +59,6 @@ async fn app(db: &TestDb) -> (crate::support::TestServer, String) {
     (server, base)
 }
 
-async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 /// With `stripe_events` locked, every delivery (as many as the pool has connections) answers
 /// 503 `NOT_READY` (Stripe retries it) rather than 504 at the request timeout, no statement of
 /// the app's is left queued on the lock, and the database, which is fine, is ready.
@@ -71,11 +66,7 @@ async fn status_and_body(response: reqwest::Response) -> (u16, Value) {
 async fn webhooks_behind_a_locked_ledger_answer_503_and_give_their_connections_back() {
     stripe_sdk!();
     let fixtures = stripe_fixtures!();
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let (server, base) = app(&db).await;
     let mut holder = hold(&db, "stripe_events").await;
     let client = reqwest::Client::new();
@@ -118,11 +109,7 @@ async fn webhooks_behind_a_locked_ledger_answer_503_and_give_their_connections_b
 /// on, and logged), well before the request timeout, and nothing stays queued on the lock.
 #[tokio::test]
 async fn signing_keys_answers_while_the_audit_log_is_locked() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let (_server, base) = app(&db).await;
     let mut holder = hold(&db, "audit_log").await;
     let started = Instant::now();
@@ -205,11 +192,7 @@ async fn a_reservation_waits_at_most_its_one_budget_for_permit_and_lock_together
 /// says nothing to an operator and made stored run errors and log lines differ by server build.
 #[tokio::test]
 async fn a_postgres_error_is_described_without_the_servers_source_line() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let store = db.store().await;
     let holder = hold(&db, "audit_log").await;
     let err = store
@@ -227,11 +210,7 @@ async fn a_postgres_error_is_described_without_the_servers_source_line() {
 /// included, before the error itself in the chain, where the line was kept.
 #[tokio::test]
 async fn a_migrations_postgres_error_is_described_without_the_servers_source_line() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = postgres_db!();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let failed = sqlx::query("SELECT 1 / 0")
         .execute(&mut conn)

@@ -153,14 +153,7 @@ async fn requests_still_running_when_the_drain_ends_are_stopped_before_serve_ret
             Duration::from_millis(300),
         )
         .await;
-        let client = if http2 {
-            reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .build()
-                .unwrap()
-        } else {
-            reqwest::Client::new()
-        };
+        let client = crate::support::plain_client(http2);
         let stuck = tokio::spawn({
             let url = server.url("/test/endless");
             async move { client.get(url).send().await }
@@ -271,14 +264,7 @@ async fn a_connection_with_no_whole_request_yet_does_not_hold_the_drain() {
         // which accepts in order, so the held connections are accepted by then.
         let mut probe = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let answered = if tls {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(certified.cert.der().clone()).unwrap();
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let client = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let client = crate::support::trusting(&certified);
             let mut stream = tokio_rustls::TlsConnector::from(Arc::new(client))
                 .connect("localhost".try_into().unwrap(), probe)
                 .await

@@ -118,10 +118,7 @@ async fn post_sms(instance: &Instance, key: &str, body: &str) -> Answer {
         .await
         .unwrap();
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|value| value.to_str().unwrap().parse().unwrap());
+    let retry_after = crate::support::retry_after(&response);
     let body = response.json().await.unwrap_or(Value::Null);
     Answer {
         status,
@@ -506,11 +503,7 @@ async fn sms_a_repeat_of_a_send_whose_sender_is_gone_answers_unknown() {
 /// it already).
 #[tokio::test]
 async fn sms_a_database_stalled_after_twilio_answered_still_answers_202_with_the_sid() {
-    let db = test_db!();
-    if !db.is_postgres() {
-        eprintln!("SKIPPED: needs PostgreSQL (TEST_POSTGRES_URL)");
-        return;
-    }
+    let db = crate::postgres_db!();
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let app = instance_with(&db, Some(&fake), &[], |config| {
         config.twilio.request_timeout = Duration::from_secs(10);

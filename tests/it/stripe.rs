@@ -555,10 +555,7 @@ async fn post_job(server: &TestServer, path: &str) -> (u16, Option<u64>, Value) 
         .await
         .unwrap();
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|value| value.to_str().unwrap().parse().unwrap());
+    let retry_after = crate::support::retry_after(&response);
     (status, retry_after, response.json().await.unwrap())
 }
 

@@ -161,6 +161,49 @@ macro_rules! test_db {
     };
 }
 
+/// As [`test_db!`], for a test of PostgreSQL alone: on SQLite it says it was skipped and returns
+/// (the suite runs again on PostgreSQL, in CI too).
+#[macro_export]
+macro_rules! postgres_db {
+    () => {{
+        let db = $crate::test_db!();
+        if !db.is_postgres() {
+            eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+            return;
+        }
+        db
+    }};
+}
+
+/// An answer's status and its JSON body (`null` when it has none).
+pub async fn status_and_body(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An answer's `Retry-After`, in whole seconds, if it has one.
+pub fn retry_after(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().parse().unwrap())
+}
+
+/// A client over plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+pub fn plain_client(http2: bool) -> reqwest::Client {
+    if http2 {
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+    } else {
+        reqwest::Client::new()
+    }
+}
+
 /// A server on 127.0.0.1:0 and a way to stop it.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -430,4 +473,16 @@ pub fn self_signed_localhost(
     std::fs::write(&cert_path, certified.cert.pem()).unwrap();
     std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
     (certified, cert_path, key_path)
+}
+
+/// A TLS client's configuration that trusts `certified` (from [`self_signed_localhost`]) alone.
+pub fn trusting(certified: &rcgen::CertifiedKey<rcgen::KeyPair>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
