@@ -53,8 +53,13 @@ pub struct ServiceRole(pub Principal);
 /// Bearer that starts with `sb_` counts only when it equals `apikey`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Presented<'a> {
+    /// A Bearer JWT.
     Jwt(&'a str),
+    /// An `sb_` key in `apikey`.
     ApiKey(&'a str),
+    /// A JWT in `apikey`: counts only as a legacy anon or service_role key
+    /// ([`crate::auth::Authenticator::verify_legacy_key`]).
+    LegacyKey(&'a str),
 }
 
 pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
@@ -88,8 +93,8 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
         // six bytes (in any case) followed by a space; the token is the rest.
         let token = match value.as_bytes().get(..7) {
             Some([scheme @ .., b' ']) if scheme.eq_ignore_ascii_case(b"bearer") => &value[7..],
-            // `Bearer ` with no token, its trailing space trimmed by HTTP.
-            None if value.eq_ignore_ascii_case("bearer") => "",
+            // `Bearer ` with no token, its trailing space trimmed by HTTP, or no value at all.
+            _ if value.eq_ignore_ascii_case("bearer") || value.trim().is_empty() => "",
             _ => {
                 return Err(AuthError::InvalidFormat(
                     "Authorization is not Bearer <token>",
@@ -111,7 +116,7 @@ pub fn presented(headers: &HeaderMap) -> Result<Presented<'_>, AuthError> {
     match apikey()? {
         Some(key) if key.starts_with("sb_") => Ok(Presented::ApiKey(key)),
         // A legacy anon or service_role key is itself a JWT.
-        Some(key) if key.split('.').count() == 3 => Ok(Presented::Jwt(key)),
+        Some(key) if key.split('.').count() == 3 => Ok(Presented::LegacyKey(key)),
         // Neither an opaque key nor a JWT: it matches no configured key.
         Some(_) => Err(AuthError::InvalidApiKey),
         None => Err(AuthError::NoCredential),
@@ -255,6 +260,7 @@ impl FromRequestParts<AppState> for User {
         let presented = presented(&parts.headers);
         let result = match &presented {
             Ok(Presented::Jwt(token)) => state.auth.verify_bearer(token).await,
+            Ok(Presented::LegacyKey(key)) => state.auth.verify_legacy_key(key).await,
             Ok(Presented::ApiKey(key)) => state
                 .auth
                 .verify_api_key(key, parts.headers.contains_key(axum::http::header::ORIGIN)),
@@ -462,17 +468,18 @@ mod tests {
         let new = headers(&[("apikey", "sb_publishable_x")]);
         assert_eq!(presented(&new), Ok(Presented::ApiKey("sb_publishable_x")));
         let legacy = headers(&[("apikey", "eyJ.a.b")]);
-        assert_eq!(presented(&legacy), Ok(Presented::Jwt("eyJ.a.b")));
+        assert_eq!(presented(&legacy), Ok(Presented::LegacyKey("eyJ.a.b")));
         // Neither: an apikey that matches no configured key, not a malformed JWT.
         let neither = headers(&[("apikey", "foo")]);
         assert_eq!(presented(&neither), Err(AuthError::InvalidApiKey));
     }
 
-    /// A Bearer with no token is no credential: the `apikey` rule applies. HTTP trims the
-    /// trailing space of `Bearer `, so a server sees `Bearer` alone.
+    /// A Bearer with no token, or an `Authorization` with no value, is no credential: the
+    /// `apikey` rule applies. HTTP trims the trailing space of `Bearer `, so a server sees
+    /// `Bearer` alone.
     #[test]
     fn an_empty_bearer_leaves_the_apikey_to_count() {
-        for value in ["Bearer ", "Bearer", "bearer   "] {
+        for value in ["Bearer ", "Bearer", "bearer   ", "", "  ", "         "] {
             let with_key = headers(&[("authorization", value), ("apikey", "sb_publishable_x")]);
             assert_eq!(
                 presented(&with_key),

@@ -47,6 +47,9 @@ fn headers(data: &[u8]) {
     let auth = &ring().auth;
     let result = match presented(&map) {
         Ok(Presented::Jwt(token)) => check_error(token, |t| poll_once(auth.verify_bearer(t))),
+        Ok(Presented::LegacyKey(key)) => {
+            check_error(key, |k| poll_once(auth.verify_legacy_key(k)))
+        }
         Ok(Presented::ApiKey(key)) => {
             check_error(key, |k| auth.verify_api_key(k, !origin.is_empty()))
         }

@@ -5,11 +5,12 @@ use crate::auth::callers::LegacyKind;
 use crate::auth::error::{AuthError, Failure};
 use crate::auth::jwks::{JwksConfig, JwksFetcher, RefetchOutcome, RefreshTask};
 use crate::auth::keyring::{KeyRing, KeyRingHandle, KeySource};
-use crate::auth::keys::{DroppedKey, LegacySecret, parse_inline_keys};
+use crate::auth::keys::{Alg, DroppedKey, LegacySecret, parse_inline_keys};
 use crate::auth::metrics::{OkCounter, VerificationLabels, Verifications};
 use crate::auth::usage::credential_name;
 use crate::auth::verify::{
-    Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, unverified_hs256_role, verify,
+    Claims, MAX_TOKEN_BYTES, Verified, VerifySettings, unverified_alg, unverified_hs256_role,
+    verify,
 };
 use crate::clock::Clock;
 use aws_lc_rs::constant_time::verify_slices_are_equal;
@@ -426,6 +427,27 @@ impl Authenticator {
             }
         };
         (verified.source == KeySource::LegacySecret).then_some(verified)
+    }
+
+    /// A JWT sent in `apikey` with no Bearer that counted: only a legacy API key counts there,
+    /// the anon or service_role key (an HS256 token with no `sub` that the legacy secret
+    /// verifies), as on Supabase, whose gateway takes a project's keys in `apikey`, never a
+    /// session. A signing key's token is refused before any key is looked up (an unknown `kid`
+    /// there costs no JWKS fetch); a session, or what another key verified, after: both
+    /// [`AuthError::InvalidApiKey`]. A legacy key the legacy secret does not verify (a wrong or
+    /// revoked secret, expired) keeps its legacy code, the one the runbook counts.
+    pub async fn verify_legacy_key(&self, token: &str) -> Result<Verified, AuthError> {
+        if unverified_alg(token).is_some_and(|alg| alg != Alg::HS256) {
+            return Err(AuthError::InvalidApiKey);
+        }
+        let verified = self.verify_bearer(token).await?;
+        if verified.source == KeySource::LegacySecret
+            && LegacyKind::of(&verified) != LegacyKind::UserSession
+        {
+            Ok(verified)
+        } else {
+            Err(AuthError::InvalidApiKey)
+        }
     }
 
     /// The legacy API key (`anon` or `service_role`) sent in `apikey` beside the Bearer JWT that

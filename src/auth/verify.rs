@@ -325,23 +325,31 @@ pub fn verify_signature(ring: &KeyRing, token: &str) -> Result<SignedPayload, Au
     })
 }
 
+/// The algorithm a token's header names, read without checking anything else of it: `None`
+/// unless it is a well-formed compact JWS of at most [`MAX_TOKEN_BYTES`] whose header is one
+/// [`Header::check`] accepts.
+pub(crate) fn unverified_alg(token: &str) -> Option<Alg> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return None;
+    }
+    let (header_b64, _, _, true) = compact::three_parts(token)? else {
+        return None;
+    };
+    let header_bytes = compact::decode(header_b64)?;
+    let header: Header<'_> = serde_json::from_slice(&header_bytes).ok()?;
+    Some(header.check().ok()?.0)
+}
+
 /// What an HS256 token claims to be, read without checking its signature or any other claim:
 /// its `role` and whether it has a non-empty `sub`. Only for naming the kind of a legacy key no
 /// configured secret can verify (the legacy secret was revoked); never grounds for trust.
 /// `None` unless it is a well-formed compact JWS with an accepted HS256 header and a strict JSON
 /// claims object whose `role` and `sub`, when present, are strings.
 pub(crate) fn unverified_hs256_role(token: &str) -> Option<(String, bool)> {
-    if token.len() > MAX_TOKEN_BYTES {
+    if unverified_alg(token)? != Alg::HS256 {
         return None;
     }
-    let (header_b64, payload_b64, _, true) = compact::three_parts(token)? else {
-        return None;
-    };
-    let header_bytes = compact::decode(header_b64)?;
-    let header: Header<'_> = serde_json::from_slice(&header_bytes).ok()?;
-    if header.check().ok()?.0 != Alg::HS256 {
-        return None;
-    }
+    let (_, payload_b64, _, _) = compact::three_parts(token)?;
     let payload = compact::decode(payload_b64)?;
     let text = std::str::from_utf8(&payload).ok()?;
     let set: ClaimSet<'_> = serde_json::from_str(text).ok()?;

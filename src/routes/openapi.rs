@@ -167,7 +167,7 @@ impl Modify for SecuritySchemes {
             "apikey",
             header(
                 "apikey",
-                "A publishable (`sb_publishable_…`) or secret (`sb_secret_…`) API key; a secret key counts as service_role.",
+                "A publishable (`sb_publishable_…`) or secret (`sb_secret_…`) API key, or a legacy `anon`/`service_role` key (an HS256 JWT the legacy secret verifies); a secret or service_role key counts as service_role.",
             ),
         );
         components.add_security_scheme(

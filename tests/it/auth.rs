@@ -307,6 +307,81 @@ async fn refusals_carry_the_contract_code_and_headers() {
     );
 }
 
+/// `apikey` holds a project's API keys: an `sb_` key, or a legacy anon or service_role key (an
+/// HS256 JWT with no `sub`, verified by the legacy secret), as on Supabase, whose gateway takes
+/// no session there. A signing key's token or a legacy session sent there alone matches no key:
+/// 401 `UNAUTHORIZED_INVALID_API_KEY`. They were let in as the request's credential (a black-box
+/// tester's ES256 service_role token in `apikey` opened `/admin/signing-keys`). A legacy key
+/// after revocation still says `UNAUTHORIZED_LEGACY_JWT`, the series the runbook watches.
+#[tokio::test]
+async fn apikey_counts_only_an_api_key_never_a_session_or_a_signing_keys_token() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let server = app_with(&db, &host, &[]).await;
+    let service = es
+        .token(&api_key_claims(
+            "abcdefghijklmnop",
+            "service_role",
+            now(),
+            3600,
+        ))
+        .unwrap();
+    for (what, token) in [
+        ("a signing key's session", user_token(&es)),
+        ("a signing key's service_role token", service),
+        ("a legacy session", legacy_user_token()),
+    ] {
+        let (status, _, body) = call(&server, &[("apikey", &token)]).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("UNAUTHORIZED_INVALID_API_KEY")),
+            "{what}: {body}"
+        );
+    }
+    let (status, _, body) = call(&server, &[("apikey", &legacy_key("anon"))]).await;
+    assert_eq!((status, &body["role"]), (200, &json!("anon")), "{body}");
+
+    let revoked = app_with(&db, &host, &[("SUPABASE_JWT_SECRET", "")]).await;
+    let (status, _, body) = call(&revoked, &[("apikey", &legacy_key("anon"))]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("UNAUTHORIZED_LEGACY_JWT")),
+        "{body}"
+    );
+}
+
+/// An `Authorization` header with nothing in it is no credential, as `Bearer` with no token is:
+/// the `apikey` counts. It answered `UNAUTHORIZED_INVALID_JWT_FORMAT` where `Bearer` alone let
+/// the same `apikey` in.
+#[tokio::test]
+async fn an_empty_authorization_header_leaves_the_apikey_to_count() {
+    let db = test_db!();
+    let host = JwksHost::start(json!([])).await;
+    let server = app_with(&db, &host, &[]).await;
+    for authorization in ["", "Bearer"] {
+        let (status, _, body) = call(
+            &server,
+            &[
+                ("authorization", authorization),
+                ("apikey", PUBLISHABLE_KEY),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (status, &body["key"]["source"]),
+            (200, &json!("api_key")),
+            "{authorization:?}: {body}"
+        );
+        let (status, _, body) = call(&server, &[("authorization", authorization)]).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("UNAUTHORIZED_NO_AUTH_HEADER")),
+            "{authorization:?}: {body}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn without_the_legacy_secret_hs256_is_refused_and_signing_keys_pass() {
     let db = test_db!();
