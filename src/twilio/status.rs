@@ -135,9 +135,25 @@ pub async fn apply_callback(
         );
         return Ok(());
     };
-    // Twilio sends an empty or absent ErrorCode when there is none; a garbled one is dropped
-    // rather than refusing a signed callback.
-    let error_code = field("ErrorCode").and_then(|code| code.trim().parse::<i64>().ok());
+    // Twilio sends an empty or absent ErrorCode when there is none. One that is not a number we
+    // can hold (real codes are five digits) is stored as none rather than refusing a signed
+    // callback, which Twilio would retry for hours: the status is still applied, and the WARN
+    // says what was lost (not the value, which can be of any length).
+    let error_code = match field("ErrorCode").map(str::trim) {
+        None | Some("") => None,
+        Some(code) => {
+            let parsed = code.parse::<i64>().ok();
+            if parsed.is_none() {
+                tracing::warn!(
+                    sid,
+                    status,
+                    "Twilio status callback whose ErrorCode cannot be read (not a number \
+                     edgegate can hold): the callback is taken without an error code"
+                );
+            }
+            parsed
+        }
+    };
     // The message's id, from the callback URL edgegate gave Twilio (signed with it).
     let id = callback.query.and_then(|query| {
         url::form_urlencoded::parse(query.as_bytes())
@@ -227,6 +243,105 @@ mod tests {
                 "{status}"
             );
         }
+    }
+
+    /// A signed callback whose `ErrorCode` is not a number we can hold (real ones are five
+    /// digits) is still applied, status and SID, and answered as applied (Twilio would retry a
+    /// refusal for hours), but it is not dropped in silence: a WARN names the SID and says the
+    /// code could not be read, without the rest of the body (the recipient's number).
+    #[tokio::test]
+    async fn an_unreadable_error_code_is_logged_and_the_rest_of_the_callback_applied() {
+        use crate::store::{NewSms, SendResult, SmsLimits};
+        const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
+        const SID: &str = "SM0123456789abcdef0123456789abcdef";
+        const TO: &str = "+12025550123";
+        let config = Config::from_lookup(|name| {
+            let value = match name {
+                "DATABASE_URL" => "sqlite::memory:",
+                "TWILIO_ACCOUNT_SID" => "AC0123456789abcdef0123456789abcdef",
+                "TWILIO_AUTH_TOKEN" => TOKEN,
+                "TWILIO_FROM_NUMBER" => "+15005550006",
+                "PUBLIC_URL" => "https://edgegate.example.com",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        })
+        .unwrap();
+        let store = Store::connect(&config.database_url).await.unwrap();
+        store.migrate().await.unwrap();
+        let clock = Clock::manual();
+        let new = NewSms {
+            id: "sms-1",
+            idempotency_key: None,
+            to_number: TO,
+            body: "hi",
+            status: "accepted",
+            replayed_error_codes: &[],
+        };
+        let limits = SmsLimits {
+            per_recipient_per_hour: 10,
+            per_minute: 10,
+        };
+        store
+            .reserve_sms(new, limits, || clock.now_ms())
+            .await
+            .unwrap();
+        let sent = SendResult {
+            status: "queued",
+            twilio_sid: Some(SID),
+            error_code: None,
+            error_message: None,
+        };
+        store
+            .record_sms_send("sms-1", sent, clock.now_ms())
+            .await
+            .unwrap();
+
+        let lines = crate::telemetry::LogLines::default();
+        let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+        let params: Vec<(String, String)> = [
+            ("MessageSid", SID),
+            ("MessageStatus", "failed"),
+            ("ErrorCode", "99999999999999999999"),
+            ("To", TO),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let url = super::super::status_callback_url(config.public_url.as_ref().unwrap());
+        let signature = super::super::signature::compute(TOKEN.as_bytes(), &url, &params);
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&params)
+            .finish();
+        let callback = Callback {
+            signature: Some(&signature),
+            query: None,
+            body: body.as_bytes(),
+        };
+        apply_callback(&store, &config, &clock, &SmsMetrics::default(), callback)
+            .await
+            .unwrap();
+
+        let row = store.sms_message("sms-1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                row.status.as_str(),
+                row.twilio_sid.as_deref(),
+                row.error_code
+            ),
+            ("failed", Some(SID), None)
+        );
+        let log = lines.text();
+        let warned: Vec<&str> = log.lines().filter(|line| line.contains("WARN")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        for wanted in [SID, "ErrorCode", "cannot be read"] {
+            assert!(warned[0].contains(wanted), "{wanted} in {}", warned[0]);
+        }
+        assert!(
+            log.contains("SMS status updated") && log.contains(r#""status":"failed""#),
+            "{log}"
+        );
+        assert!(!log.contains("2025550123"), "{log}");
     }
 
     #[test]
