@@ -365,11 +365,12 @@ impl Store {
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
     /// current one: `ranks` orders the statuses (one not in it ranks 0), `rank` is `status`'s
-    /// place in it. The SID names the message: `id` (from the callback URL) only finds a message
-    /// when no message has that SID yet, and then only one whose SID is not stored yet, which
-    /// takes it. A callback pairing one message's id with another's SID is so the other's, and
-    /// the first never takes a SID that is not its own (the unique SID column refused that, a
-    /// 500, and the status was lost).
+    /// place in it. The status's `error_code` (or none) replaces the stored one with it; a
+    /// status that does not move the message changes nothing. The SID names the message: `id`
+    /// (from the callback URL) only finds a message when no message has that SID yet, and then
+    /// only one whose SID is not stored yet, which takes it. A callback pairing one message's id
+    /// with another's SID is so the other's, and the first never takes a SID that is not its
+    /// own (the unique SID column refused that, a 500, and the status was lost).
     ///
     /// The status read is written back only if it is still the row's (compare and set), so two
     /// callbacks racing cannot leave the earlier status last; a row that moved meanwhile, or a
@@ -399,8 +400,10 @@ impl Store {
             if rank_of(&current) >= rank {
                 return Ok(StatusChange::Stale);
             }
+            // The status brings its own error code, none included: a code an earlier status
+            // carried (30008 on `sent`) is not the later one's (`delivered`).
             let update = "UPDATE sms_messages SET status = $1, \
-                          error_code = COALESCE($2, error_code), updated_at = $3, twilio_sid = $4 \
+                          error_code = $2, updated_at = $3, twilio_sid = $4 \
                           WHERE id = $5 AND status = $6 AND (twilio_sid = $4 OR twilio_sid IS NULL)";
             let args = [
                 status.into(),

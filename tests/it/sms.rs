@@ -1313,6 +1313,59 @@ async fn sms_status_only_moves_forward_even_out_of_order_or_concurrently() {
     );
 }
 
+/// A status that moves a message forward carries its own error code, none included: `sent` with
+/// 30008 then `delivered` without one leaves `delivered` and no code (the code stayed, and
+/// OPERATIONS.md's query, which reads status and code together, showed a delivered text with
+/// Twilio's "unknown error"). A status that does not move it (late or repeated) changes
+/// nothing, its code included.
+#[tokio::test]
+async fn sms_a_status_that_moves_forward_replaces_the_error_code_and_a_stale_one_changes_nothing() {
+    let (_db, _fake, app) = one_instance!(&[]);
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    let sid = answer.body["sid"].as_str().unwrap().to_owned();
+    let code_of = |status: &'static str, code: Option<&'static str>| {
+        let mut params = status_params(&sid, status);
+        params.extend(code.map(|code| ("ErrorCode", code)));
+        params
+    };
+
+    assert_eq!(
+        callback(&app, &code_of("sent", Some("30008")), TOKEN).await,
+        204
+    );
+    let row = stored(&app, &answer).await;
+    assert_eq!((row.status.as_str(), row.error_code), ("sent", Some(30008)));
+    assert_eq!(
+        callback(&app, &code_of("delivered", None), TOKEN).await,
+        204
+    );
+    let row = stored(&app, &answer).await;
+    assert_eq!((row.status.as_str(), row.error_code), ("delivered", None));
+
+    // Late or repeated statuses with a code of their own leave the row as it is.
+    for (status, code) in [
+        ("sent", "30008"),
+        ("delivered", "30003"),
+        ("failed", "30005"),
+    ] {
+        let late = code_of(status, Some(code));
+        assert_eq!(callback(&app, &late, TOKEN).await, 204);
+        let row = stored(&app, &answer).await;
+        assert_eq!(
+            (row.status.as_str(), row.error_code),
+            ("delivered", None),
+            "{status} {code}"
+        );
+    }
+    // A later status with a code takes it.
+    assert_eq!(
+        callback(&app, &code_of("read", Some("30008")), TOKEN).await,
+        204
+    );
+    let row = stored(&app, &answer).await;
+    assert_eq!((row.status.as_str(), row.error_code), ("read", Some(30008)));
+}
+
 /// Twilio's shared-key webhook signatures (a public beta: `X-Twilio-Webhooks-Signature-Settings:
 /// key=…,algorithm=HMAC_SHA256`) are not supported: such a callback is refused, and the 400 says
 /// why, so an account that turned them on learns it from its callback logs.
