@@ -58,9 +58,8 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         item: "configuration",
         ok: true,
         detail: format!(
-            "valid; listening on {}:{}{}",
-            config.host,
-            config.port,
+            "valid; listening on {}{}",
+            config.listen_address(),
             if config.tls.is_some() { " (TLS)" } else { "" }
         ),
     }];

@@ -386,15 +386,12 @@ async fn execute(command: Command, mut config: Config) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let address = (config.host, config.port);
+            let address = config.listen_address();
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => listener,
                 Err(err) => {
                     telemetry::flush_logs();
-                    eprintln!(
-                        "edgegate: cannot listen on {}:{}: {err}",
-                        address.0, address.1
-                    );
+                    eprintln!("edgegate: cannot listen on {address}: {err}");
                     return ExitCode::FAILURE;
                 }
             };

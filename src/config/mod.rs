@@ -7,7 +7,7 @@ mod parse;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -913,6 +913,12 @@ impl<T> fmt::Debug for Redacted<T> {
 }
 
 impl Config {
+    /// `HOST` and `PORT` as the address to listen on; its `Display` writes an IPv6 host in
+    /// brackets (`[::1]:24010`), as every line that shows it should.
+    pub fn listen_address(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
     /// Reads `.env` from the working directory (if any; not from a folder above it), then the
     /// process environment.
     pub fn from_env() -> Result<Self, ConfigError> {

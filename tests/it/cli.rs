@@ -314,6 +314,42 @@ async fn check_lists_the_fetched_keys_and_the_credentials_without_secrets() {
     );
 }
 
+/// An IPv6 listen address is written as a socket address, `[::1]:port`, wherever edgegate
+/// prints it: `check`'s configuration line said `listening on ::1:24010`, and a `serve` that
+/// cannot bind said `cannot listen on ::1:…`, neither of which reads back as an address.
+#[tokio::test]
+async fn an_ipv6_listen_address_is_printed_in_brackets() {
+    let vars = vec![("HOST", "::1".to_owned()), ("PORT", "24010".to_owned())];
+    let (code, printed, _) = check(vars).await;
+    assert_eq!(code, Some(0), "{printed}");
+    let configuration = line(&printed, "configuration");
+    assert!(
+        configuration.contains("listening on [::1]:24010"),
+        "{configuration}"
+    );
+
+    // The port taken on ::1 (or no IPv6 here at all): either way serve cannot listen.
+    let taken = std::net::TcpListener::bind("[::1]:0").ok();
+    let port = taken
+        .as_ref()
+        .map_or_else(free_port, |listener| listener.local_addr().unwrap().port())
+        .to_string();
+    let expected = format!("cannot listen on [::1]:{port}:");
+    let out = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        output(&mut edgegate(
+            dir.path(),
+            &[("HOST", "::1"), ("PORT", &port)],
+        ))
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    drop(taken);
+}
+
 #[tokio::test]
 async fn check_fails_when_the_jwks_publishes_keys_but_none_is_usable() {
     let host = JwksHost::start(json!([{"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}])).await;
