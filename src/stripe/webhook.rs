@@ -431,12 +431,42 @@ fn check_envelope(event: &Event) -> Result<(), WebhookError> {
 
 fn read_event(body: &[u8]) -> Result<Event, WebhookError> {
     let what = "the event";
+    if let Some(reason) = not_an_object(body) {
+        return Err(WebhookError::Unreadable(format!(
+            "{what} cannot be read: {reason}"
+        )));
+    }
     let body = without_nul(body);
     let mut json = serde_json::Deserializer::from_slice(&body);
     let event = serde_path_to_error::deserialize(&mut json).map_err(|err| unreadable(what, err))?;
     json.end()
         .map_err(|err| WebhookError::Unreadable(format!("{what} cannot be read: {err}")))?;
     Ok(event)
+}
+
+/// Why a body that does not start as a JSON object does (whitespace aside) cannot be an event:
+/// what JSON it is, or that it is not JSON. Read as an event, serde described an array's first
+/// element (`[0]: invalid type: integer, expected a string`) or named our type (`expected
+/// struct Event`). `None` for a body that starts as an object, or as nothing JSON can.
+fn not_an_object(body: &[u8]) -> Option<String> {
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    let kind = match first {
+        b'[' => "an array",
+        b'"' => "a string",
+        b'-' | b'0'..=b'9' => "a number",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => return None,
+    };
+    Some(
+        match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => format!("the body is {kind}, not a JSON object"),
+            // Syntax errors quote no values.
+            Err(err) => format!("the body is not JSON: {err}"),
+        },
+    )
 }
 
 fn object<T: DeserializeOwned>(event: &Event) -> Result<T, WebhookError> {

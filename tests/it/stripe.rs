@@ -1460,6 +1460,46 @@ async fn webhook_refuses_a_signed_body_that_is_not_an_event_envelope() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
 }
 
+/// A signed body that is JSON but not an object (an array, a string, a number, a boolean,
+/// null) is refused 400 `INVALID_REQUEST` saying just that. The message described the array's
+/// first element (`[0]: invalid type: integer, expected a string`), or named the internal type
+/// (`expected struct Event`), which sent the sender looking at the wrong thing. One that starts
+/// as such a value but is not JSON gets the syntax error.
+#[tokio::test]
+async fn webhook_refuses_a_signed_body_that_is_not_a_json_object_saying_so() {
+    stripe_sdk!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    for (body, kind) in [
+        ("[1,2]", "an array"),
+        ("[]", "an array"),
+        (r#""evt_1""#, "a string"),
+        ("42", "a number"),
+        ("-1.5", "a number"),
+        ("true", "a boolean"),
+        (" null\n", "null"),
+    ] {
+        let (status, answer) = deliver_signed(&app.server, body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["code"], "INVALID_REQUEST", "{body}");
+        let message = answer["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            format!("the event cannot be read: the body is {kind}, not a JSON object"),
+            "{body}"
+        );
+    }
+    // Not JSON at all: the syntax error, not the first element's type.
+    let (status, answer) = deliver_signed(&app.server, "[1,2").await;
+    assert_eq!((status, &answer["code"]), (400, &json!("INVALID_REQUEST")));
+    assert_eq!(
+        answer["message"],
+        "the event cannot be read: the body is not JSON: EOF while parsing a list at line 1 \
+         column 4"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 0);
+}
+
 /// A "thin" event (an event destination with the thin payload style: `v2.core.event`, `created`
 /// in RFC 3339, a `related_object` and no `data`), signed as any other: edgegate cannot apply it
 /// (it needs the snapshot, which reconciliation lists), so it is recorded, not applied, and
