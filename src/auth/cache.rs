@@ -5,7 +5,7 @@
 //!   characters, which are signature, and confirmed by a keyed tag of everything before them
 //!   ([`TokenKey`]): what the cache holds cannot be turned back into a token, and a lookup
 //!   costs less than a hash of the whole token.
-//! - Every hit re-checks `exp`/`nbf` against the current time.
+//! - Every hit re-checks `exp` and `nbf` (or `iat`, when later) against the current time.
 //! - Entries remember the key-ring generation that verified them; when the generation changes
 //!   (a key was added or removed) each shard empties itself on its next use, so a removed key
 //!   stops vouching for cached tokens at once.

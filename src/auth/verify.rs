@@ -166,7 +166,8 @@ pub struct Verified {
     pub claims: Claims,
     /// `exp` (for API keys, `i64::MAX`: they do not expire).
     pub exp: i64,
-    /// `nbf`, if the token has one.
+    /// When it becomes valid: `nbf` or `iat`, whichever is later, if the token has either (a
+    /// cached token is served only from then, less the leeway, as a fresh check would pass it).
     pub nbf: Option<i64>,
     /// Where the key that vouched for it counts its verifications.
     pub ok_count: OkCounter,
@@ -467,7 +468,8 @@ fn numeric_date(value: Option<&Shallow<'_>>) -> Result<Option<i64>, Failure> {
     }
 }
 
-/// Checks time, issuer and audience claims; returns `exp` and `nbf`.
+/// Checks time, issuer and audience claims; returns `exp` and the time before which the token
+/// is not valid: `nbf` or `iat`, whichever is later (the same leeway applies to both).
 fn check_claims(
     claims: &ClaimSet<'_>,
     settings: &VerifySettings,
@@ -481,6 +483,7 @@ fn check_claims(
     if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
         return Err(Failure::IssuedInFuture);
     }
+    let not_before = nbf.max(iat);
 
     let iss = optional_string(claims.iss.as_ref())?;
     if let Some(issuers) = &settings.issuers {
@@ -501,7 +504,7 @@ fn check_claims(
         Some(Shallow::Strings(_)) => {}
         Some(_) => return Err(Failure::MalformedClaims),
     }
-    Ok((exp, nbf))
+    Ok((exp, not_before))
 }
 
 /// `exp` and `nbf` against `now` with `leeway`; also used on every cache hit.

@@ -633,3 +633,44 @@ async fn a_cached_tokens_signature_under_another_header_or_payload_is_refused() 
         "one hit a token, none for a forgery"
     );
 }
+
+/// A cached token is served only while a fresh check would pass: `iat` as well as `exp` and
+/// `nbf`. A token issued "in the future" by a clock that was ahead (accepted then, within the
+/// leeway of that clock) was still answered from the cache after the clock was set back, while
+/// the same token verified afresh (after a restart, or evicted) was refused as issued in the
+/// future: one token, two answers (a black-box tester with libfaketime).
+#[test]
+fn a_cached_token_is_not_served_before_its_iat() {
+    let f = fixture();
+    let ahead = f.now + 86_400;
+    for (what, token) in [
+        ("ES256", f.es.token(&claims(ahead))),
+        (
+            "HS256",
+            hs256_token(
+                LEGACY_SECRET,
+                &json!({"alg": "HS256", "typ": "JWT"}).to_string(),
+                &claims(ahead).to_string(),
+            ),
+        ),
+    ] {
+        let verified = verify(&f.ring, &settings(), &token, ahead).expect("valid while ahead");
+        let cache = crate::auth::cache::TokenCache::new(100);
+        let key = cache.key(&token).expect("a key");
+        cache.insert(&key, 1, &verified, ahead);
+        assert!(cache.get(&key, 1, ahead, 30).is_some(), "{what}");
+        let afresh = verify(&f.ring, &settings(), &token, f.now);
+        assert!(
+            matches!(
+                afresh,
+                Err(AuthError::Asymmetric(Failure::IssuedInFuture)
+                    | AuthError::Legacy(Failure::IssuedInFuture))
+            ),
+            "{what}: refused afresh: {afresh:?}"
+        );
+        assert!(
+            cache.get(&key, 1, f.now, 30).is_none(),
+            "{what}: served from the cache before its iat"
+        );
+    }
+}
