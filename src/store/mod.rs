@@ -36,9 +36,9 @@ mod sqlite;
 mod stripe;
 
 pub use stripe::{
-    CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, Job, LedgerEvent, LockHeld,
-    LockLost, PriceRow, ProductRow, ReconcileCounts, SameSecond, StripeEffect, SubscriptionRow,
-    SyncCounts, SyncLock, SyncRun,
+    CatalogueObject, CheckoutSessionRow, CustomerRow, Deletion, EventReceipt, InvoiceRow, Job,
+    LedgerEvent, LockHeld, LockLost, PriceRow, ProductRow, ReconcileCounts, SameSecond,
+    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun,
 };
 
 pub use callers::CallerUsage;

@@ -104,6 +104,13 @@ impl Listed for Product {
 }
 
 impl Product {
+    /// Whether this is the object itself rather than Stripe's stub of a deleted one
+    /// (`{"id","object","deleted":true}`, which a deletion event may carry): a row needs its
+    /// name and creation time, which a stub lacks.
+    pub fn is_whole(&self) -> bool {
+        self.name.is_some() && self.created.is_some()
+    }
+
     /// The row for this product as it was at `as_of` (ms); `deactivated_at` marks a deletion.
     pub fn row(&self, as_of: i64, deactivated_at: Option<i64>) -> ProductRow {
         ProductRow {
@@ -173,6 +180,15 @@ impl Price {
     /// The fields Stripe sends only when asked for (`expand[]`). Absent from an answer or an
     /// event that did not expand them, they are stored as null and keep what a row holds.
     pub const INCLUDABLE: [&str; 2] = ["tiers", "currency_options"];
+
+    /// Whether this is the object itself rather than Stripe's stub of a deleted one (see
+    /// [`Product::is_whole`]): a row needs its product, currency, type and creation time.
+    pub fn is_whole(&self) -> bool {
+        self.product.is_some()
+            && self.currency.is_some()
+            && self.price_type.is_some()
+            && self.created.is_some()
+    }
 
     pub fn row(&self, as_of: i64, deactivated_at: Option<i64>) -> PriceRow {
         let recurring = self.recurring.as_ref();

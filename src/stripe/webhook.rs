@@ -11,7 +11,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 
-use crate::store::{EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect};
+use crate::store::{
+    CatalogueObject, Deletion, EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect,
+};
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{RetryPolicy, StripeClient, StripeError};
 use crate::stripe::objects::{
@@ -378,6 +380,19 @@ async fn current_effect(
             deleted.deactivated_at = Some(deleted.deactivated_at.unwrap_or(now_ms));
             gone(fetched, StripeEffect::Price(deleted))?
         }
+        StripeEffect::Deletion(deletion) => {
+            let fetched = match deletion.object {
+                CatalogueObject::Product => client
+                    .retrieve::<Product>("products", &deletion.id)
+                    .await
+                    .map(|p| StripeEffect::Product(p.row(deletion.as_of, None))),
+                CatalogueObject::Price => client
+                    .retrieve_expanded::<Price>("prices", &deletion.id, &Price::INCLUDABLE)
+                    .await
+                    .map(|p| StripeEffect::Price(p.row(deletion.as_of, None))),
+            };
+            gone(fetched, effect.clone())?
+        }
         StripeEffect::CheckoutSession { session, .. } => {
             let fetched = client
                 .retrieve::<CheckoutSession>("checkout/sessions", &session.id)
@@ -544,6 +559,18 @@ fn trim_space(text: &mut String) {
     }
 }
 
+/// A deletion whose event carries Stripe's stub (`{"id","object","deleted":true}`): the row is
+/// marked deleted and keeps what it held, instead of being written from a stub that holds none
+/// of it.
+fn deletion(object: CatalogueObject, id: String, as_of: i64, now_ms: i64) -> StripeEffect {
+    StripeEffect::Deletion(Deletion {
+        object,
+        id,
+        as_of,
+        deactivated_at: now_ms,
+    })
+}
+
 /// The change an event makes; `as_of` for every row is the event's `created`, so an older event
 /// delivered late does not overwrite what a newer one wrote.
 pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookError> {
@@ -556,12 +583,24 @@ pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookErro
             StripeEffect::Product(object::<Product>(event)?.row(as_of, None))
         }
         "product.deleted" => {
-            StripeEffect::Product(object::<Product>(event)?.row(as_of, Some(now_ms)))
+            let product = object::<Product>(event)?;
+            if product.is_whole() {
+                StripeEffect::Product(product.row(as_of, Some(now_ms)))
+            } else {
+                deletion(CatalogueObject::Product, product.id, as_of, now_ms)
+            }
         }
         "price.created" | "price.updated" => {
             StripeEffect::Price(object::<Price>(event)?.row(as_of, None))
         }
-        "price.deleted" => StripeEffect::Price(object::<Price>(event)?.row(as_of, Some(now_ms))),
+        "price.deleted" => {
+            let price = object::<Price>(event)?;
+            if price.is_whole() {
+                StripeEffect::Price(price.row(as_of, Some(now_ms)))
+            } else {
+                deletion(CatalogueObject::Price, price.id, as_of, now_ms)
+            }
+        }
         "checkout.session.completed"
         | "checkout.session.async_payment_succeeded"
         | "checkout.session.async_payment_failed" => {

@@ -52,6 +52,7 @@ fn shipped_migrations_are_never_edited() {
         (20261207000001, "185e94eef4bb881f"),
         (20261208000001, "26e6b813f4e35d72"),
         (20261209000001, "d7bdd4e0ed359b22"),
+        (20261210000001, "97184e65e32fdb88"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -66,6 +67,7 @@ fn shipped_migrations_are_never_edited() {
         (20261207000001, "b7b9920454ecf204"),
         (20261208000001, "7a09ed9a875cf74d"),
         (20261209000001, "44e7b4b63901ceff"),
+        (20261210000001, "9ccb0573d6f396c6"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -798,16 +800,16 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         .execute(&pool)
         .await
         .unwrap();
-    // Nor the columns of the migrations those builds lacked (20261208000001 only adds the
-    // policies dropped above): a later migration's columns are dropped here too.
-    sqlx::query(
+    // Nor the columns and tables of the migrations those builds lacked (20261208000001 only
+    // adds the policies dropped above): a later migration's are dropped here too.
+    for sql in [
         "ALTER TABLE stripe_prices DROP COLUMN billing_scheme, DROP COLUMN unit_amount_decimal, \
          DROP COLUMN tiers_mode, DROP COLUMN tiers, DROP COLUMN transform_quantity, \
          DROP COLUMN custom_unit_amount, DROP COLUMN currency_options, DROP COLUMN tax_behavior",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+        "DROP TABLE stripe_deletions",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
     let earlier = stored_checksums(&pool).await;
     let kept = |after: Vec<(i64, String)>| {
         after

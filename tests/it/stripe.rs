@@ -1052,6 +1052,142 @@ async fn webhook_out_of_order_event_never_overwrites_newer_state() {
     assert_eq!(scalar!(db, Option<i64>, amount), Some(999));
 }
 
+/// A deletion event whose object is only Stripe's stub (`{"id","object","deleted":true}`, what
+/// its DELETE answers) marks the row deleted and keeps the rest: the stub says nothing of the
+/// product, amount or type, and writing the row from it blanked them (a recurring price became
+/// `one_time` in no currency, created at 0). For an object never stored it writes no row of
+/// made-up values, yet an older event of it delivered afterwards (Stripe retries for days) is
+/// stored as deleted, as it would be had the row been there first.
+#[tokio::test]
+async fn a_deletion_whose_object_is_a_stub_marks_the_row_deleted_and_keeps_the_rest() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+    // Price 27 is recurring (monthly), of product 9.
+    let mut price = fake_stripe::price(&fixtures, 27);
+    price["metadata"] = json!({"plan": "pro"});
+    let created = event(&fixtures, "evt_D1", "price.created", t - 60, price);
+    assert_eq!(deliver_signed(&app.server, &created).await.0, 200);
+    let created = product_event(&fixtures, "evt_D2", "product.created", t - 60, 9, "Kept");
+    assert_eq!(deliver_signed(&app.server, &created).await.0, 200);
+    let stored_price = format!(
+        "SELECT product_id || '|' || currency || '|' || unit_amount || '|' || price_type || '|' \
+         || recurring_interval || '|' || metadata || '|' || stripe_created FROM stripe_prices \
+         WHERE id = '{}'",
+        fake_stripe::price_id(27)
+    );
+    let price_kept = format!(
+        "{}|usd|127|recurring|month|{{\"plan\":\"pro\"}}|1234567890000",
+        product_id(9)
+    );
+    assert_eq!(scalar!(db, String, stored_price), price_kept);
+    let stored_product = format!(
+        "SELECT name || '|' || stripe_created FROM stripe_products WHERE id = '{}'",
+        product_id(9)
+    );
+    assert_eq!(scalar!(db, String, stored_product), "Kept|1234567890000");
+
+    let stub = |object: &str, id: String| json!({"id": id, "object": object, "deleted": true});
+    let deleted = |table: &str, id: String| {
+        format!(
+            "SELECT COUNT(*) FROM {table} WHERE id = '{id}' AND active = FALSE \
+             AND deactivated_at IS NOT NULL AND last_event_created = {}",
+            (t - 30) * 1000
+        )
+    };
+    let price_stub = stub("price", fake_stripe::price_id(27));
+    let deletion = event(&fixtures, "evt_D3", "price.deleted", t - 30, price_stub);
+    let (status, body) = deliver_signed(&app.server, &deletion).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(scalar!(db, String, stored_price), price_kept);
+    let price_deleted = deleted("stripe_prices", fake_stripe::price_id(27));
+    assert_eq!(count(&db, &price_deleted).await, 1);
+    let deletion = event(
+        &fixtures,
+        "evt_D4",
+        "product.deleted",
+        t - 30,
+        stub("product", product_id(9)),
+    );
+    assert_eq!(deliver_signed(&app.server, &deletion).await.0, 200);
+    assert_eq!(scalar!(db, String, stored_product), "Kept|1234567890000");
+    assert_eq!(
+        count(&db, &deleted("stripe_products", product_id(9))).await,
+        1
+    );
+
+    // Product 10 was never stored: its stub writes no row.
+    let deletion = event(
+        &fixtures,
+        "evt_D5",
+        "product.deleted",
+        t - 30,
+        stub("product", product_id(10)),
+    );
+    assert_eq!(deliver_signed(&app.server, &deletion).await.0, 200);
+    let rows = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}'",
+        product_id(10)
+    );
+    assert_eq!(count(&db, &rows).await, 0);
+    // Its creation, delivered late, is stored with its own values, deleted as of the stub.
+    let late = product_event(&fixtures, "evt_D6", "product.created", t - 90, 10, "Late");
+    assert_eq!(deliver_signed(&app.server, &late).await.0, 200);
+    assert_eq!(
+        count(&db, &deleted("stripe_products", product_id(10))).await,
+        1
+    );
+    assert_eq!(product_name(&db, 10).await, "Late");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM stripe_events WHERE applied = TRUE"
+        )
+        .await,
+        6
+    );
+}
+
+/// A sync page listed before a deletion and written after its stub was applied (the stub's
+/// `created` newer than the page) writes the object's values, deleted as of the stub: as the
+/// event would have left a row already there, not active until the next sync.
+#[tokio::test]
+async fn a_sync_page_older_than_a_stub_deletion_writes_the_object_deleted() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 0).await;
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    let stub = json!({"id": product_id(1), "object": "product", "deleted": true});
+    let later = now() + 60;
+    let deletion = event(&fixtures, "evt_DS", "product.deleted", later, stub);
+    assert_eq!(deliver_signed(&app.server, &deletion).await.0, 200);
+
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    let deleted = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
+         AND deactivated_at IS NOT NULL AND last_event_created = {}",
+        product_id(1),
+        later * 1000
+    );
+    assert_eq!(count(&db, &deleted).await, 1);
+    assert_eq!(product_name(&db, 1).await, "Product 1");
+    let active = "SELECT COUNT(*) FROM stripe_products WHERE active = TRUE";
+    assert_eq!(
+        count(&db, active).await,
+        1,
+        "product 0 is archived, 2 active"
+    );
+}
+
 /// A sync page stamps its rows with the second before it asked for them, and Stripe stamps an
 /// event with the second of the change: a page served stale (or asked for by a host whose clock
 /// runs ahead of Stripe's) can carry the state from before an event of that very second. Written

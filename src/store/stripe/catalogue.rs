@@ -59,6 +59,42 @@ pub struct PriceRow {
     pub deactivated_at: Option<i64>,
 }
 
+/// Which catalogue object a deletion names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CatalogueObject {
+    Product,
+    Price,
+}
+
+impl CatalogueObject {
+    /// Stripe's `object` (`product`, `price`), as `stripe_deletions` keys it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Product => ProductRow::OBJECT,
+            Self::Price => PriceRow::OBJECT,
+        }
+    }
+
+    pub fn table(self) -> &'static str {
+        match self {
+            Self::Product => ProductRow::TABLE,
+            Self::Price => PriceRow::TABLE,
+        }
+    }
+}
+
+/// A product or price a deletion event named by Stripe's stub only (`{"id","object",
+/// "deleted":true}`): which object is gone, and nothing else of it. It marks the row deleted as
+/// of `as_of` and keeps the rest; with no row yet, it is kept in `stripe_deletions` so that the
+/// object's row, whenever written, is written deleted (see `bury_sql`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deletion {
+    pub object: CatalogueObject,
+    pub id: String,
+    pub as_of: i64,
+    pub deactivated_at: i64,
+}
+
 // Columns and statements shared by the sync and the webhook; built from constants only.
 const PRODUCT_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_products (id, active, name, description, default_price_id, metadata, \
@@ -162,9 +198,64 @@ pub(super) fn upsert_sql(
     )
 }
 
+/// A stub deletion, kept once (the first one stands: nothing follows a deletion).
+pub(super) const DELETION_RECORD: &str = "INSERT INTO stripe_deletions (object, id, \
+    event_created, deactivated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (object, id) DO NOTHING";
+
+/// A stub deletion's mark on the row, if there is one and it is not newer: `active` false,
+/// `deactivated_at` and the event's `created`, every other column as it was. `newer_only` for
+/// strictly newer (see `SameSecond`).
+pub(super) fn deletion_mark_sql(table: &str, newer_only: bool) -> String {
+    let op = if newer_only { "<" } else { "<=" };
+    format!(
+        "UPDATE {table} SET active = FALSE, deactivated_at = $2, last_event_created = $3 \
+         WHERE id = $1 AND (last_event_created IS NULL OR last_event_created {op} $3)"
+    )
+}
+
+/// After rows `$1…$ids` of `R` were written: each one a stub deletion named (`stripe_deletions`)
+/// and not already marked as of it is marked deleted as of that deletion. An event older than the
+/// deletion delivered after it, or a sync page listed before it, then writes the object's own
+/// values without bringing it back, as a row there before the deletion would have kept it.
+pub(super) fn bury_sql<R: CatalogueRow>(ids: usize) -> String {
+    let (table, object) = (R::TABLE, R::OBJECT);
+    let deletion =
+        format!("FROM stripe_deletions d WHERE d.object = '{object}' AND d.id = {table}.id");
+    let ids = (1..=ids)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "UPDATE {table} SET active = FALSE, \
+         deactivated_at = (SELECT d.deactivated_at {deletion}), \
+         last_event_created = (SELECT d.event_created {deletion}) \
+         WHERE id IN ({ids}) AND EXISTS (SELECT 1 {deletion} \
+         AND ({table}.last_event_created IS NULL OR {table}.last_event_created < d.event_created \
+         OR ({table}.last_event_created = d.event_created \
+         AND ({table}.active = TRUE OR {table}.deactivated_at IS NULL))))"
+    )
+}
+
+/// Runs `bury_sql` for `ids` in `tx`.
+pub(super) async fn bury<DB: Engine, R: CatalogueRow>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    ids: impl Iterator<Item = &str>,
+    count: usize,
+) -> Result<(), sqlx::Error> {
+    let sql = bury_sql::<R>(count);
+    let mut query = sqlx::query::<DB>(AssertSqlSafe(sql)).persistent(false);
+    for id in ids {
+        query = query.bind_value(id);
+    }
+    query.execute(tx.executor()).await?;
+    Ok(())
+}
+
 /// A row type the sync writes a page at a time: its table, its upsert, and how it binds.
 pub(crate) trait CatalogueRow {
     const TABLE: &str;
+    /// Stripe's `object` for it, as `stripe_deletions` keys it.
+    const OBJECT: &str;
     /// The `INSERT … VALUES ` head and the number of parameters a row takes.
     const COLUMNS: (&str, usize);
     const CONFLICT: &str;
@@ -179,6 +270,7 @@ pub(crate) trait CatalogueRow {
 
 impl CatalogueRow for ProductRow {
     const TABLE: &str = "stripe_products";
+    const OBJECT: &str = "product";
     const COLUMNS: (&str, usize) = PRODUCT_COLUMNS;
     const CONFLICT: &str = PRODUCT_CONFLICT;
     const CHANGED: &str = PRODUCT_CHANGED;
@@ -210,6 +302,7 @@ impl CatalogueRow for ProductRow {
 
 impl CatalogueRow for PriceRow {
     const TABLE: &str = "stripe_prices";
+    const OBJECT: &str = "price";
     const COLUMNS: (&str, usize) = PRICE_COLUMNS;
     const CONFLICT: &str = PRICE_CONFLICT;
     const CHANGED: &str = PRICE_CHANGED;
@@ -287,6 +380,7 @@ async fn sync_page<DB: Engine, R: CatalogueRow>(
         write = row.bind(write, now);
     }
     let upserted = DB::rows_affected(&write.execute(tx.executor()).await?);
+    bury::<DB, R>(&mut tx, rows.iter().map(R::id), rows.len()).await?;
     tx.commit().await?;
     Ok(upserted)
 }

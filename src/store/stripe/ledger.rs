@@ -4,7 +4,10 @@
 use anyhow::Context as _;
 use sqlx::{AssertSqlSafe, Transaction};
 
-use super::catalogue::{CatalogueRow, PriceRow, ProductRow, upsert_sql};
+use super::catalogue::{
+    CatalogueRow, DELETION_RECORD, Deletion, PriceRow, ProductRow, bury, deletion_mark_sql,
+    upsert_sql,
+};
 use crate::store::Store;
 use crate::store::engine::{BindExt as _, Engine, Execute as _};
 
@@ -80,6 +83,8 @@ pub enum StripeEffect {
     None,
     Product(ProductRow),
     Price(PriceRow),
+    /// A product or price deleted, its event carrying Stripe's stub rather than the object.
+    Deletion(Deletion),
     CheckoutSession {
         session: CheckoutSessionRow,
         customer: Option<CustomerRow>,
@@ -187,6 +192,29 @@ async fn apply_effect<'e, DB: Engine>(
         StripeEffect::None => return Ok(None),
         StripeEffect::Product(row) => catalogue_upsert(tx, row, now, strict).await?,
         StripeEffect::Price(row) => catalogue_upsert(tx, row, now, strict).await?,
+        StripeEffect::Deletion(deletion) => {
+            let object = deletion.object;
+            sqlx::query::<DB>(DELETION_RECORD)
+                .bind_value(object.name())
+                .bind_value(&deletion.id)
+                .bind_value(deletion.as_of)
+                .bind_value(deletion.deactivated_at)
+                .execute(tx.executor())
+                .await?;
+            let mark = deletion_mark_sql(object.table(), strict);
+            let done = sqlx::query::<DB>(AssertSqlSafe(mark))
+                .bind_value(&deletion.id)
+                .bind_value(deletion.deactivated_at)
+                .bind_value(deletion.as_of)
+                .execute(tx.executor())
+                .await?;
+            (
+                object.table(),
+                deletion.id.as_str(),
+                deletion.as_of,
+                DB::rows_affected(&done),
+            )
+        }
         StripeEffect::CheckoutSession { session, customer } => {
             if let Some(customer) = customer {
                 let query = sqlx::query::<DB>(CUSTOMER_UPSERT)
@@ -274,7 +302,8 @@ async fn apply_effect<'e, DB: Engine>(
 }
 
 /// A product or price from a webhook: the sync's upsert for one row, without its
-/// changed-content filter (the event's state is written even when equal).
+/// changed-content filter (the event's state is written even when equal), and marked deleted as
+/// the sync's rows are when a stub deletion named it (`bury_sql`).
 async fn catalogue_upsert<'e, DB: Engine, R: CatalogueRow>(
     tx: &mut Transaction<'_, DB>,
     row: &'e R,
@@ -284,6 +313,7 @@ async fn catalogue_upsert<'e, DB: Engine, R: CatalogueRow>(
     let sql = conflict_rule(upsert_sql(R::COLUMNS, R::CONFLICT, "", 1), strict);
     let query = row.bind(sqlx::query::<DB>(AssertSqlSafe(sql)), now);
     let done = query.execute(tx.executor()).await?;
+    bury::<DB, R>(tx, std::iter::once(row.id()), 1).await?;
     Ok((R::TABLE, row.id(), row.as_of(), DB::rows_affected(&done)))
 }
 

@@ -1,0 +1,14 @@
+-- Products and prices a deletion event named without the object (sqlite): Stripe's stub
+-- {"id","object","deleted":true} says which object is gone and nothing else. A row already
+-- there is marked deleted and keeps its values; for an id no row holds yet, this keeps when it
+-- was deleted (`event_created`, the event's `created`, and `deactivated_at`, both epoch ms), so
+-- that an older event of that object delivered later (Stripe retries for days), or a sync page
+-- listed before the deletion, writes its row deleted as of the stub instead of bringing it
+-- back. migrations/sqlite and migrations/postgres hold the same version and name.
+CREATE TABLE stripe_deletions (
+    object          TEXT NOT NULL,
+    id              TEXT NOT NULL,
+    event_created   BIGINT NOT NULL,
+    deactivated_at  BIGINT NOT NULL,
+    PRIMARY KEY (object, id)
+);
