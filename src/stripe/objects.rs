@@ -91,6 +91,13 @@ pub struct Product {
     pub name: Option<String>,
     pub description: Option<String>,
     pub default_price: Option<IdOrObject>,
+    /// URLs of the product's images (up to 8).
+    pub images: Option<Value>,
+    /// `[{name}]`: what a pricing table lists of the product.
+    pub marketing_features: Option<Value>,
+    /// What one unit is called on receipts and invoices (`seat`).
+    pub unit_label: Option<String>,
+    pub url: Option<String>,
     pub metadata: Option<Value>,
     pub livemode: Option<bool>,
     pub created: Option<i64>,
@@ -119,6 +126,10 @@ impl Product {
             name: self.name.clone().unwrap_or_default(),
             description: self.description.clone(),
             default_price_id: id_of(&self.default_price),
+            images: json_text(&self.images),
+            marketing_features: json_text(&self.marketing_features),
+            unit_label: self.unit_label.clone(),
+            url: self.url.clone(),
             metadata: metadata_text(&self.metadata),
             livemode: self.livemode.unwrap_or(false),
             stripe_created: ms(self.created.unwrap_or(0)),
@@ -133,6 +144,11 @@ impl Product {
 pub struct Recurring {
     pub interval: Option<String>,
     pub interval_count: Option<i64>,
+    /// `licensed` (billed by quantity) or `metered` (billed by the usage its meter reports).
+    pub usage_type: Option<String>,
+    /// The meter of a metered price.
+    pub meter: Option<String>,
+    pub trial_period_days: Option<i64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -216,6 +232,9 @@ impl Price {
             }),
             recurring_interval: recurring.and_then(|r| r.interval.clone()),
             recurring_interval_count: recurring.and_then(|r| r.interval_count),
+            recurring_usage_type: recurring.and_then(|r| r.usage_type.clone()),
+            recurring_meter: recurring.and_then(|r| r.meter.clone()),
+            recurring_trial_period_days: recurring.and_then(|r| r.trial_period_days),
             lookup_key: self.lookup_key.clone(),
             nickname: self.nickname.clone(),
             metadata: metadata_text(&self.metadata),

@@ -2265,3 +2265,122 @@ async fn webhook_stores_every_price_shape() {
     assert_eq!(fake.object_requests(), 1);
     assert_eq!(stored_shape(&db, id).await, shape_of(&current), "{id}");
 }
+
+// ---- what a price or product means ----
+
+/// `column` of the row `id` of `table`, as text (null as `None`).
+async fn stored_text(db: &TestDb, table: &str, column: &str, id: &str) -> Option<String> {
+    let sql = format!("SELECT {column} FROM {table} WHERE id = '{id}'");
+    scalar!(db, Option<String>, sql)
+}
+
+/// What `stripe_prices` holds of a price's `recurring` beside its interval: usage type, meter
+/// and trial days.
+async fn stored_usage(db: &TestDb, id: &str) -> (Option<String>, Option<String>, Option<i64>) {
+    let usage = stored_text(db, "stripe_prices", "recurring_usage_type", id).await;
+    let meter = stored_text(db, "stripe_prices", "recurring_meter", id).await;
+    let trial = format!("SELECT recurring_trial_period_days FROM stripe_prices WHERE id = '{id}'");
+    (usage, meter, scalar!(db, Option<i64>, trial))
+}
+
+/// What `stripe_products` holds of what a storefront shows: images and marketing features
+/// (JSON text), unit label and URL.
+async fn stored_storefront(db: &TestDb, id: &str) -> [Option<String>; 4] {
+    let mut stored = [None, None, None, None];
+    for (slot, column) in
+        stored
+            .iter_mut()
+            .zip(["images", "marketing_features", "unit_label", "url"])
+    {
+        *slot = stored_text(db, "stripe_products", column, id).await;
+    }
+    stored
+}
+
+/// A metered price (`recurring.usage_type`, its `meter`) was stored as a licensed one would be,
+/// and its trial and a product's images, unit label, URL and marketing features not at all: the
+/// sync and events store them as Stripe sends them, null where it sends null. Events carry whole
+/// objects with these fields, so an event's value, null included, replaces the row's; a rerun of
+/// the sync finds nothing changed.
+#[tokio::test]
+async fn what_a_price_or_product_means_is_stored_by_the_sync_and_by_events() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let mut product = fake_stripe::product(&fixtures, 1);
+    product["images"] = json!(["https://example.com/pro.png"]);
+    product["marketing_features"] = json!([{"name": "Unlimited seats"}]);
+    product["unit_label"] = json!("seat");
+    product["url"] = json!("https://example.com/pro");
+    fake.add_product(product.clone());
+    // Prices 3 and 7 are recurring (Stripe's example: licensed, no meter, no trial), 4 one-time.
+    let mut metered = fake_stripe::price(&fixtures, 3);
+    metered["recurring"]["usage_type"] = json!("metered");
+    metered["recurring"]["meter"] = json!("mtr_61Ql");
+    metered["recurring"]["trial_period_days"] = json!(14);
+    for price in [
+        metered.clone(),
+        fake_stripe::price(&fixtures, 7),
+        fake_stripe::price(&fixtures, 4),
+    ] {
+        fake.add_price(price);
+    }
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "prices"), (3, 3, 0), "{body}");
+    let id = |i: usize| fake_stripe::price_id(i);
+    let some = |text: &str| Some(text.to_owned());
+    assert_eq!(
+        stored_usage(&db, &id(3)).await,
+        (some("metered"), some("mtr_61Ql"), Some(14))
+    );
+    assert_eq!(
+        stored_usage(&db, &id(7)).await,
+        (some("licensed"), None, None)
+    );
+    assert_eq!(stored_usage(&db, &id(4)).await, (None, None, None));
+    assert_eq!(
+        stored_storefront(&db, &product_id(1)).await,
+        [
+            some(r#"["https://example.com/pro.png"]"#),
+            some(r#"[{"name":"Unlimited seats"}]"#),
+            some("seat"),
+            some("https://example.com/pro"),
+        ]
+    );
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (1, 0, 0), "{body}");
+    assert_eq!(counts(&body, "prices"), (3, 0, 0), "{body}");
+
+    // Events: Stripe's null replaces the stored value.
+    let t = now();
+    let mut bare = product.clone();
+    bare["images"] = json!([]);
+    bare["marketing_features"] = json!([]);
+    bare["unit_label"] = Value::Null;
+    bare["url"] = Value::Null;
+    let update = event(&fixtures, "evt_M1", "product.updated", t, bare);
+    assert_eq!(deliver_signed(&app.server, &update).await.0, 200);
+    assert_eq!(
+        stored_storefront(&db, &product_id(1)).await,
+        [some("[]"), some("[]"), None, None]
+    );
+    let mut licensed = metered.clone();
+    licensed["recurring"]["usage_type"] = json!("licensed");
+    licensed["recurring"]["meter"] = Value::Null;
+    licensed["recurring"]["trial_period_days"] = Value::Null;
+    let update = event(&fixtures, "evt_M2", "price.updated", t, licensed);
+    assert_eq!(deliver_signed(&app.server, &update).await.0, 200);
+    assert_eq!(
+        stored_usage(&db, &id(3)).await,
+        (some("licensed"), None, None)
+    );
+}

@@ -20,6 +20,12 @@ pub struct ProductRow {
     pub name: String,
     pub description: Option<String>,
     pub default_price_id: Option<String>,
+    /// JSON text, as `metadata`; null where Stripe sends null or nothing.
+    pub images: Option<String>,
+    /// JSON text, as `images`.
+    pub marketing_features: Option<String>,
+    pub unit_label: Option<String>,
+    pub url: Option<String>,
     pub metadata: String,
     pub livemode: bool,
     pub stripe_created: i64,
@@ -50,6 +56,10 @@ pub struct PriceRow {
     pub price_type: String,
     pub recurring_interval: Option<String>,
     pub recurring_interval_count: Option<i64>,
+    /// `licensed` or `metered`; null for a one-time price.
+    pub recurring_usage_type: Option<String>,
+    pub recurring_meter: Option<String>,
+    pub recurring_trial_period_days: Option<i64>,
     pub lookup_key: Option<String>,
     pub nickname: Option<String>,
     pub metadata: String,
@@ -98,16 +108,18 @@ pub struct Deletion {
 // Columns and statements shared by the sync and the webhook; built from constants only.
 const PRODUCT_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_products (id, active, name, description, default_price_id, metadata, \
-     livemode, stripe_created, stripe_updated, last_event_created, synced_at, deactivated_at) \
-     VALUES ",
-    12,
+     livemode, stripe_created, stripe_updated, last_event_created, synced_at, deactivated_at, \
+     images, marketing_features, unit_label, url) VALUES ",
+    16,
 );
 const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = excluded.active, name = excluded.name, \
     description = excluded.description, default_price_id = excluded.default_price_id, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, stripe_updated = excluded.stripe_updated, \
     last_event_created = excluded.last_event_created, synced_at = excluded.synced_at, \
-    deactivated_at = excluded.deactivated_at \
+    deactivated_at = excluded.deactivated_at, images = excluded.images, \
+    marketing_features = excluded.marketing_features, unit_label = excluded.unit_label, \
+    url = excluded.url \
     WHERE (stripe_products.last_event_created IS NULL \
     OR stripe_products.last_event_created <= excluded.last_event_created)";
 const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL \
@@ -118,14 +130,19 @@ const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL 
     OR stripe_products.metadata IS DISTINCT FROM excluded.metadata \
     OR stripe_products.livemode IS DISTINCT FROM excluded.livemode \
     OR stripe_products.stripe_created IS DISTINCT FROM excluded.stripe_created \
-    OR stripe_products.stripe_updated IS DISTINCT FROM excluded.stripe_updated)";
+    OR stripe_products.stripe_updated IS DISTINCT FROM excluded.stripe_updated \
+    OR stripe_products.images IS DISTINCT FROM excluded.images \
+    OR stripe_products.marketing_features IS DISTINCT FROM excluded.marketing_features \
+    OR stripe_products.unit_label IS DISTINCT FROM excluded.unit_label \
+    OR stripe_products.url IS DISTINCT FROM excluded.url)";
 const PRICE_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_prices (id, product_id, active, currency, unit_amount, price_type, \
      recurring_interval, recurring_interval_count, lookup_key, nickname, metadata, livemode, \
      stripe_created, last_event_created, synced_at, deactivated_at, unit_amount_decimal, \
      billing_scheme, tiers_mode, tiers, transform_quantity, custom_unit_amount, \
-     currency_options, tax_behavior) VALUES ",
-    24,
+     currency_options, tax_behavior, recurring_usage_type, recurring_meter, \
+     recurring_trial_period_days) VALUES ",
+    27,
 );
 // `tiers` and `currency_options` are sent by Stripe only when expanded (the sync asks for both;
 // an event's object may lack them): a write without them keeps the row's. A price's tiers never
@@ -142,6 +159,9 @@ const PRICE_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET product_id = exclu
     tax_behavior = excluded.tax_behavior, \
     price_type = excluded.price_type, recurring_interval = excluded.recurring_interval, \
     recurring_interval_count = excluded.recurring_interval_count, \
+    recurring_usage_type = excluded.recurring_usage_type, \
+    recurring_meter = excluded.recurring_meter, \
+    recurring_trial_period_days = excluded.recurring_trial_period_days, \
     lookup_key = excluded.lookup_key, nickname = excluded.nickname, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, last_event_created = excluded.last_event_created, \
@@ -165,6 +185,10 @@ const PRICE_CHANGED: &str = " AND (stripe_prices.deactivated_at IS NOT NULL \
     OR stripe_prices.price_type IS DISTINCT FROM excluded.price_type \
     OR stripe_prices.recurring_interval IS DISTINCT FROM excluded.recurring_interval \
     OR stripe_prices.recurring_interval_count IS DISTINCT FROM excluded.recurring_interval_count \
+    OR stripe_prices.recurring_usage_type IS DISTINCT FROM excluded.recurring_usage_type \
+    OR stripe_prices.recurring_meter IS DISTINCT FROM excluded.recurring_meter \
+    OR stripe_prices.recurring_trial_period_days IS DISTINCT FROM \
+    excluded.recurring_trial_period_days \
     OR stripe_prices.lookup_key IS DISTINCT FROM excluded.lookup_key \
     OR stripe_prices.nickname IS DISTINCT FROM excluded.nickname \
     OR stripe_prices.metadata IS DISTINCT FROM excluded.metadata \
@@ -297,6 +321,10 @@ impl CatalogueRow for ProductRow {
             .bind_value(self.as_of)
             .bind_value(now)
             .bind_value(self.deactivated_at)
+            .bind_value(&self.images)
+            .bind_value(&self.marketing_features)
+            .bind_value(&self.unit_label)
+            .bind_value(&self.url)
     }
 }
 
@@ -341,6 +369,9 @@ impl CatalogueRow for PriceRow {
             .bind_value(&self.custom_unit_amount)
             .bind_value(&self.currency_options)
             .bind_value(&self.tax_behavior)
+            .bind_value(&self.recurring_usage_type)
+            .bind_value(&self.recurring_meter)
+            .bind_value(self.recurring_trial_period_days)
     }
 }
 
