@@ -88,10 +88,42 @@ impl Clock {
     }
 }
 
+/// Refuses a wall clock before the Unix epoch, which a host whose clock was never set can read:
+/// nothing stored or sent (`Date`, tokens' times, Stripe's) has a meaning before it.
+pub fn after_epoch(t: SystemTime) -> anyhow::Result<()> {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => Ok(()),
+        Err(before) => anyhow::bail!(
+            "the system clock reads {} s before 1970-01-01: set the host's clock (NTP) and \
+             start again",
+            before.duration().as_secs()
+        ),
+    }
+}
+
 /// Seconds since the Unix epoch; negative before it.
 pub fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clock before 1970 is refused with a line saying so and what to do; the epoch itself
+    /// is a time like any other.
+    #[test]
+    fn a_wall_clock_before_the_epoch_is_refused_saying_so() {
+        let before = UNIX_EPOCH - Duration::from_secs(3_600);
+        let err = after_epoch(before).expect_err("before 1970").to_string();
+        assert!(
+            err.contains("3600 s before 1970-01-01") && err.contains("NTP"),
+            "{err}"
+        );
+        assert!(after_epoch(UNIX_EPOCH).is_ok());
+        assert!(after_epoch(SystemTime::now()).is_ok());
     }
 }

@@ -175,6 +175,9 @@ impl Started {
         options: RunOptions,
         clock: clock::Clock,
     ) -> anyhow::Result<Self> {
+        // Every HTTP/1.1 answer carries a `Date`, which hyper cannot write for a time before
+        // 1970: each answer would end in a panic and an empty reply, `/healthz` too.
+        clock::after_epoch(clock.wall())?;
         let tls = match options.tls {
             Some(acceptor) => Some(acceptor),
             None => config.tls.as_ref().map(server::load_tls).transpose()?,
