@@ -38,7 +38,7 @@ mod stripe;
 pub use stripe::{
     CatalogueObject, CheckoutSessionRow, CustomerRow, Deletion, EventReceipt, InvoiceRow, Job,
     LedgerEvent, LockHeld, LockLost, PriceRow, ProductRow, ReconcileCounts, SameSecond,
-    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun,
+    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun, Tombstone,
 };
 
 pub use callers::CallerUsage;

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::store::{
     CatalogueObject, Deletion, EventReceipt, LedgerEvent, SameSecond, Store, StripeEffect,
+    Tombstone,
 };
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{RetryPolicy, StripeClient, StripeError};
@@ -382,14 +383,21 @@ async fn current_effect(
         }
         StripeEffect::Deletion(deletion) => {
             let fetched = match deletion.object {
+                // Stripe's answer may itself be the stub: the deletion stands then.
                 CatalogueObject::Product => client
                     .retrieve::<Product>("products", &deletion.id)
                     .await
-                    .map(|p| StripeEffect::Product(p.row(deletion.as_of, None))),
+                    .map(|p| match p.is_whole() {
+                        true => StripeEffect::Product(p.row(deletion.as_of, None)),
+                        false => effect.clone(),
+                    }),
                 CatalogueObject::Price => client
                     .retrieve_expanded::<Price>("prices", &deletion.id, &Price::INCLUDABLE)
                     .await
-                    .map(|p| StripeEffect::Price(p.row(deletion.as_of, None))),
+                    .map(|p| match p.is_whole() {
+                        true => StripeEffect::Price(p.row(deletion.as_of, None)),
+                        false => effect.clone(),
+                    }),
             };
             gone(fetched, effect.clone())?
         }
@@ -561,13 +569,18 @@ fn trim_space(text: &mut String) {
 
 /// A deletion whose event carries Stripe's stub (`{"id","object","deleted":true}`): the row is
 /// marked deleted and keeps what it held, instead of being written from a stub that holds none
-/// of it.
-fn deletion(object: CatalogueObject, id: String, as_of: i64, now_ms: i64) -> StripeEffect {
+/// of it; `tombstone`, the stub's row, only where no row is.
+fn deletion(object: CatalogueObject, id: String, as_of: i64, tombstone: Tombstone) -> StripeEffect {
+    let deactivated_at = match &tombstone {
+        Tombstone::Product(row) => row.deactivated_at,
+        Tombstone::Price(row) => row.deactivated_at,
+    };
     StripeEffect::Deletion(Deletion {
         object,
         id,
         as_of,
-        deactivated_at: now_ms,
+        deactivated_at: deactivated_at.unwrap_or(as_of),
+        tombstone,
     })
 }
 
@@ -587,7 +600,8 @@ pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookErro
             if product.is_whole() {
                 StripeEffect::Product(product.row(as_of, Some(now_ms)))
             } else {
-                deletion(CatalogueObject::Product, product.id, as_of, now_ms)
+                let tombstone = Tombstone::Product(Box::new(product.row(as_of, Some(now_ms))));
+                deletion(CatalogueObject::Product, product.id, as_of, tombstone)
             }
         }
         "price.created" | "price.updated" => {
@@ -598,7 +612,8 @@ pub fn effect_of(event: &Event, now_ms: i64) -> Result<StripeEffect, WebhookErro
             if price.is_whole() {
                 StripeEffect::Price(price.row(as_of, Some(now_ms)))
             } else {
-                deletion(CatalogueObject::Price, price.id, as_of, now_ms)
+                let tombstone = Tombstone::Price(Box::new(price.row(as_of, Some(now_ms))));
+                deletion(CatalogueObject::Price, price.id, as_of, tombstone)
             }
         }
         "checkout.session.completed"

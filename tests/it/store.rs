@@ -52,7 +52,6 @@ fn shipped_migrations_are_never_edited() {
         (20261207000001, "185e94eef4bb881f"),
         (20261208000001, "26e6b813f4e35d72"),
         (20261209000001, "d7bdd4e0ed359b22"),
-        (20261210000001, "97184e65e32fdb88"),
         (20261210000002, "d9facd6b8587f0ce"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
@@ -68,7 +67,6 @@ fn shipped_migrations_are_never_edited() {
         (20261207000001, "b7b9920454ecf204"),
         (20261208000001, "7a09ed9a875cf74d"),
         (20261209000001, "44e7b4b63901ceff"),
-        (20261210000001, "9ccb0573d6f396c6"),
         (20261210000002, "7a03d00b567bcef1"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
@@ -808,7 +806,6 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         "ALTER TABLE stripe_prices DROP COLUMN billing_scheme, DROP COLUMN unit_amount_decimal, \
          DROP COLUMN tiers_mode, DROP COLUMN tiers, DROP COLUMN transform_quantity, \
          DROP COLUMN custom_unit_amount, DROP COLUMN currency_options, DROP COLUMN tax_behavior",
-        "DROP TABLE stripe_deletions",
         "ALTER TABLE stripe_products DROP COLUMN images, DROP COLUMN marketing_features, \
          DROP COLUMN unit_label, DROP COLUMN url",
         "ALTER TABLE stripe_prices DROP COLUMN recurring_usage_type, \

@@ -77,14 +77,6 @@ pub enum CatalogueObject {
 }
 
 impl CatalogueObject {
-    /// Stripe's `object` (`product`, `price`), as `stripe_deletions` keys it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Product => ProductRow::OBJECT,
-            Self::Price => PriceRow::OBJECT,
-        }
-    }
-
     pub fn table(self) -> &'static str {
         match self {
             Self::Product => ProductRow::TABLE,
@@ -95,14 +87,23 @@ impl CatalogueObject {
 
 /// A product or price a deletion event named by Stripe's stub only (`{"id","object",
 /// "deleted":true}`): which object is gone, and nothing else of it. It marks the row deleted as
-/// of `as_of` and keeps the rest; with no row yet, it is kept in `stripe_deletions` so that the
-/// object's row, whenever written, is written deleted (see `bury_sql`).
+/// of `as_of` and keeps the rest. With no row yet, `tombstone` (the stub's row: its id, deleted,
+/// nothing else known) is written, so that an older event of the object delivered late (Stripe
+/// retries for days) does not bring it back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Deletion {
     pub object: CatalogueObject,
     pub id: String,
     pub as_of: i64,
     pub deactivated_at: i64,
+    pub tombstone: Tombstone,
+}
+
+/// The row a stub deletion writes for an object no row holds yet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tombstone {
+    Product(Box<ProductRow>),
+    Price(Box<PriceRow>),
 }
 
 // Columns and statements shared by the sync and the webhook; built from constants only.
@@ -118,7 +119,8 @@ const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = exclude
     stripe_created = excluded.stripe_created, stripe_updated = excluded.stripe_updated, \
     last_event_created = excluded.last_event_created, synced_at = excluded.synced_at, \
     deactivated_at = excluded.deactivated_at, images = excluded.images, \
-    marketing_features = excluded.marketing_features, unit_label = excluded.unit_label, \
+    marketing_features = COALESCE(excluded.marketing_features, stripe_products.marketing_features), \
+    unit_label = excluded.unit_label, \
     url = excluded.url \
     WHERE (stripe_products.last_event_created IS NULL \
     OR stripe_products.last_event_created <= excluded.last_event_created)";
@@ -132,7 +134,8 @@ const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL 
     OR stripe_products.stripe_created IS DISTINCT FROM excluded.stripe_created \
     OR stripe_products.stripe_updated IS DISTINCT FROM excluded.stripe_updated \
     OR stripe_products.images IS DISTINCT FROM excluded.images \
-    OR stripe_products.marketing_features IS DISTINCT FROM excluded.marketing_features \
+    OR stripe_products.marketing_features \
+    IS DISTINCT FROM COALESCE(excluded.marketing_features, stripe_products.marketing_features) \
     OR stripe_products.unit_label IS DISTINCT FROM excluded.unit_label \
     OR stripe_products.url IS DISTINCT FROM excluded.url)";
 const PRICE_COLUMNS: (&str, usize) = (
@@ -222,10 +225,6 @@ pub(super) fn upsert_sql(
     )
 }
 
-/// A stub deletion, kept once (the first one stands: nothing follows a deletion).
-pub(super) const DELETION_RECORD: &str = "INSERT INTO stripe_deletions (object, id, \
-    event_created, deactivated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (object, id) DO NOTHING";
-
 /// A stub deletion's mark on the row, if there is one and it is not newer: `active` false,
 /// `deactivated_at` and the event's `created`, every other column as it was. `newer_only` for
 /// strictly newer (see `SameSecond`).
@@ -237,49 +236,15 @@ pub(super) fn deletion_mark_sql(table: &str, newer_only: bool) -> String {
     )
 }
 
-/// After rows `$1…$ids` of `R` were written: each one a stub deletion named (`stripe_deletions`)
-/// and not already marked as of it is marked deleted as of that deletion. An event older than the
-/// deletion delivered after it, or a sync page listed before it, then writes the object's own
-/// values without bringing it back, as a row there before the deletion would have kept it.
-pub(super) fn bury_sql<R: CatalogueRow>(ids: usize) -> String {
-    let (table, object) = (R::TABLE, R::OBJECT);
-    let deletion =
-        format!("FROM stripe_deletions d WHERE d.object = '{object}' AND d.id = {table}.id");
-    let ids = (1..=ids)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "UPDATE {table} SET active = FALSE, \
-         deactivated_at = (SELECT d.deactivated_at {deletion}), \
-         last_event_created = (SELECT d.event_created {deletion}) \
-         WHERE id IN ({ids}) AND EXISTS (SELECT 1 {deletion} \
-         AND ({table}.last_event_created IS NULL OR {table}.last_event_created < d.event_created \
-         OR ({table}.last_event_created = d.event_created \
-         AND ({table}.active = TRUE OR {table}.deactivated_at IS NULL))))"
-    )
-}
-
-/// Runs `bury_sql` for `ids` in `tx`.
-pub(super) async fn bury<DB: Engine, R: CatalogueRow>(
-    tx: &mut sqlx::Transaction<'_, DB>,
-    ids: impl Iterator<Item = &str>,
-    count: usize,
-) -> Result<(), sqlx::Error> {
-    let sql = bury_sql::<R>(count);
-    let mut query = sqlx::query::<DB>(AssertSqlSafe(sql)).persistent(false);
-    for id in ids {
-        query = query.bind_value(id);
-    }
-    query.execute(tx.executor()).await?;
-    Ok(())
+/// A stub deletion's row for an object no row holds yet ([`Tombstone`]); nothing when a row is
+/// there, written meanwhile by another transaction (then marked by `deletion_mark_sql`).
+pub(super) fn tombstone_sql<R: CatalogueRow>() -> String {
+    upsert_sql(R::COLUMNS, " ON CONFLICT (id) DO NOTHING", "", 1)
 }
 
 /// A row type the sync writes a page at a time: its table, its upsert, and how it binds.
 pub(crate) trait CatalogueRow {
     const TABLE: &str;
-    /// Stripe's `object` for it, as `stripe_deletions` keys it.
-    const OBJECT: &str;
     /// The `INSERT … VALUES ` head and the number of parameters a row takes.
     const COLUMNS: (&str, usize);
     const CONFLICT: &str;
@@ -294,7 +259,6 @@ pub(crate) trait CatalogueRow {
 
 impl CatalogueRow for ProductRow {
     const TABLE: &str = "stripe_products";
-    const OBJECT: &str = "product";
     const COLUMNS: (&str, usize) = PRODUCT_COLUMNS;
     const CONFLICT: &str = PRODUCT_CONFLICT;
     const CHANGED: &str = PRODUCT_CHANGED;
@@ -330,7 +294,6 @@ impl CatalogueRow for ProductRow {
 
 impl CatalogueRow for PriceRow {
     const TABLE: &str = "stripe_prices";
-    const OBJECT: &str = "price";
     const COLUMNS: (&str, usize) = PRICE_COLUMNS;
     const CONFLICT: &str = PRICE_CONFLICT;
     const CHANGED: &str = PRICE_CHANGED;
@@ -411,7 +374,6 @@ async fn sync_page<DB: Engine, R: CatalogueRow>(
         write = row.bind(write, now);
     }
     let upserted = DB::rows_affected(&write.execute(tx.executor()).await?);
-    bury::<DB, R>(&mut tx, rows.iter().map(R::id), rows.len()).await?;
     tx.commit().await?;
     Ok(upserted)
 }

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use sqlx::{AssertSqlSafe, Transaction};
 
 use super::catalogue::{
-    CatalogueRow, DELETION_RECORD, Deletion, PriceRow, ProductRow, bury, deletion_mark_sql,
+    CatalogueRow, Deletion, PriceRow, ProductRow, Tombstone, deletion_mark_sql, tombstone_sql,
     upsert_sql,
 };
 use crate::store::Store;
@@ -193,27 +193,21 @@ async fn apply_effect<'e, DB: Engine>(
         StripeEffect::Product(row) => catalogue_upsert(tx, row, now, strict).await?,
         StripeEffect::Price(row) => catalogue_upsert(tx, row, now, strict).await?,
         StripeEffect::Deletion(deletion) => {
-            let object = deletion.object;
-            sqlx::query::<DB>(DELETION_RECORD)
-                .bind_value(object.name())
-                .bind_value(&deletion.id)
-                .bind_value(deletion.as_of)
-                .bind_value(deletion.deactivated_at)
-                .execute(tx.executor())
-                .await?;
-            let mark = deletion_mark_sql(object.table(), strict);
-            let done = sqlx::query::<DB>(AssertSqlSafe(mark))
-                .bind_value(&deletion.id)
-                .bind_value(deletion.deactivated_at)
-                .bind_value(deletion.as_of)
-                .execute(tx.executor())
-                .await?;
-            (
-                object.table(),
-                deletion.id.as_str(),
-                deletion.as_of,
-                DB::rows_affected(&done),
-            )
+            let table = deletion.object.table();
+            let mut written = mark_deleted(tx, deletion, strict).await?;
+            if written == 0 {
+                // No row, or a newer one. The tombstone is written only where no row is; a row
+                // another transaction wrote meanwhile (committed by now: the insert waited on
+                // it) is marked instead, if not newer.
+                written = match &deletion.tombstone {
+                    Tombstone::Product(row) => tombstone(tx, row.as_ref(), now).await?,
+                    Tombstone::Price(row) => tombstone(tx, row.as_ref(), now).await?,
+                };
+                if written == 0 {
+                    written = mark_deleted(tx, deletion, strict).await?;
+                }
+            }
+            (table, deletion.id.as_str(), deletion.as_of, written)
         }
         StripeEffect::CheckoutSession { session, customer } => {
             if let Some(customer) = customer {
@@ -301,9 +295,34 @@ async fn apply_effect<'e, DB: Engine>(
     Ok(Some(written))
 }
 
+/// A stub deletion's mark on its row, if there is one and it is not newer: how many rows.
+async fn mark_deleted<DB: Engine>(
+    tx: &mut Transaction<'_, DB>,
+    deletion: &Deletion,
+    strict: bool,
+) -> Result<u64, sqlx::Error> {
+    let mark = deletion_mark_sql(deletion.object.table(), strict);
+    let done = sqlx::query::<DB>(AssertSqlSafe(mark))
+        .bind_value(&deletion.id)
+        .bind_value(deletion.deactivated_at)
+        .bind_value(deletion.as_of)
+        .execute(tx.executor())
+        .await?;
+    Ok(DB::rows_affected(&done))
+}
+
+/// A stub deletion's [`Tombstone`], where no row is: how many rows it wrote.
+async fn tombstone<DB: Engine, R: CatalogueRow>(
+    tx: &mut Transaction<'_, DB>,
+    row: &R,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    let query = row.bind(sqlx::query::<DB>(AssertSqlSafe(tombstone_sql::<R>())), now);
+    Ok(DB::rows_affected(&query.execute(tx.executor()).await?))
+}
+
 /// A product or price from a webhook: the sync's upsert for one row, without its
-/// changed-content filter (the event's state is written even when equal), and marked deleted as
-/// the sync's rows are when a stub deletion named it (`bury_sql`).
+/// changed-content filter (the event's state is written even when equal).
 async fn catalogue_upsert<'e, DB: Engine, R: CatalogueRow>(
     tx: &mut Transaction<'_, DB>,
     row: &'e R,
@@ -313,7 +332,6 @@ async fn catalogue_upsert<'e, DB: Engine, R: CatalogueRow>(
     let sql = conflict_rule(upsert_sql(R::COLUMNS, R::CONFLICT, "", 1), strict);
     let query = row.bind(sqlx::query::<DB>(AssertSqlSafe(sql)), now);
     let done = query.execute(tx.executor()).await?;
-    bury::<DB, R>(tx, std::iter::once(row.id()), 1).await?;
     Ok((R::TABLE, row.id(), row.as_of(), DB::rows_affected(&done)))
 }
 

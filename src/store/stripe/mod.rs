@@ -6,7 +6,7 @@ mod catalogue;
 mod ledger;
 mod runs;
 
-pub use catalogue::{CatalogueObject, Deletion, PriceRow, ProductRow};
+pub use catalogue::{CatalogueObject, Deletion, PriceRow, ProductRow, Tombstone};
 pub use ledger::{
     CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, SameSecond,
     StripeEffect, SubscriptionRow,
