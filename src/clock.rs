@@ -3,7 +3,7 @@
 //! `AppState`, and everything that reads time is handed it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Monotonic and wall time. [`Clock::system`] in production; [`Clock::manual`] in tests.
@@ -17,6 +17,8 @@ enum Inner {
         base: Instant,
         base_wall: SystemTime,
         offset_ms: AtomicU64,
+        /// How far the wall clock was stepped (`Clock::step_wall`), monotonic time unmoved.
+        wall_step_ms: AtomicI64,
     },
 }
 
@@ -38,6 +40,7 @@ impl Clock {
             base: Instant::now(),
             base_wall: SystemTime::now(),
             offset_ms: AtomicU64::new(0),
+            wall_step_ms: AtomicI64::new(0),
         }))
     }
 
@@ -46,6 +49,15 @@ impl Clock {
         if let Inner::Manual { offset_ms, .. } = &*self.0 {
             let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
             offset_ms.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+
+    /// Steps a manual clock's wall time by `by_ms` (back when negative) and leaves its monotonic
+    /// time where it is, as an NTP step of a wrong clock does (after a VM restore, on a host whose
+    /// clock was wrong at boot); does nothing to the system clock.
+    pub fn step_wall(&self, by_ms: i64) {
+        if let Inner::Manual { wall_step_ms, .. } = &*self.0 {
+            wall_step_ms.fetch_add(by_ms, Ordering::SeqCst);
         }
     }
 
@@ -70,7 +82,20 @@ impl Clock {
     pub fn wall(&self) -> SystemTime {
         match &*self.0 {
             Inner::System => SystemTime::now(),
-            Inner::Manual { base_wall, .. } => *base_wall + self.offset(),
+            Inner::Manual {
+                base_wall,
+                wall_step_ms,
+                ..
+            } => {
+                let advanced = *base_wall + self.offset();
+                let step = wall_step_ms.load(Ordering::SeqCst);
+                let by = Duration::from_millis(step.unsigned_abs());
+                if step < 0 {
+                    advanced - by
+                } else {
+                    advanced + by
+                }
+            }
         }
     }
 

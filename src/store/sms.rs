@@ -161,25 +161,30 @@ where
     // The newest `limit` rows in each window: when there are that many, the oldest of them is
     // the one whose expiry frees a slot. A row `failed` without a SID never reached anyone
     // (Twilio could not be reached, throttled, or refused it): an outage must not use up the
-    // limits.
+    // limits. A row stamped more than a window after now is no recent send: it was stamped while
+    // a wall clock ran that far ahead (since stepped back), and counted it would fill the window
+    // until our clock caught up with it, a day for a clock a day ahead. One less far ahead (a
+    // machine whose clock is a little fast) still counts, for at most a window.
     let created_at = |row: DB::Row| <(i64,)>::from_row(&row).map(|(at,)| at);
     let recipient: Vec<i64> = sqlx::query::<DB>(
         "SELECT created_at FROM sms_messages WHERE to_number = $1 AND created_at > $2 \
-         AND (twilio_sid IS NOT NULL OR status <> 'failed') \
-         ORDER BY created_at DESC LIMIT $3",
+         AND created_at <= $3 AND (twilio_sid IS NOT NULL OR status <> 'failed') \
+         ORDER BY created_at DESC LIMIT $4",
     )
     .bind_value(new.to_number)
     .bind_value(now - HOUR_MS)
+    .bind_value(now + HOUR_MS)
     .bind_value(i64::from(limits.per_recipient_per_hour))
     .try_map(created_at)
     .fetch_all(tx.executor())
     .await?;
     let global: Vec<i64> = sqlx::query::<DB>(
-        "SELECT created_at FROM sms_messages WHERE created_at > $1 \
+        "SELECT created_at FROM sms_messages WHERE created_at > $1 AND created_at <= $2 \
          AND (twilio_sid IS NOT NULL OR status <> 'failed') \
-         ORDER BY created_at DESC LIMIT $2",
+         ORDER BY created_at DESC LIMIT $3",
     )
     .bind_value(now - MINUTE_MS)
+    .bind_value(now + MINUTE_MS)
     .bind_value(i64::from(limits.per_minute))
     .try_map(created_at)
     .fetch_all(tx.executor())

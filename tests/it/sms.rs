@@ -42,6 +42,17 @@ async fn instance_with(
     extra: &[(&str, &str)],
     adjust: impl FnOnce(&mut edgegate::Config),
 ) -> Instance {
+    instance_reading(db, fake, extra, adjust, edgegate::clock::Clock::system()).await
+}
+
+/// As `instance_with`, the service reading time from `clock`.
+async fn instance_reading(
+    db: &TestDb,
+    fake: Option<&FakeTwilio>,
+    extra: &[(&str, &str)],
+    adjust: impl FnOnce(&mut edgegate::Config),
+    clock: edgegate::clock::Clock,
+) -> Instance {
     let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
     let publishable_keys = format!(r#"{{"web":"{PUBLISHABLE_KEY}"}}"#);
     let mut vars = vec![
@@ -73,9 +84,19 @@ async fn instance_with(
     config.twilio.request_timeout = CALL_TIMEOUT;
     config.twilio.retry_base_delay = Duration::from_millis(5);
     adjust(&mut config);
-    let state = AppState::new(config, db.store().await);
+    let state = AppState::with_clock(config, db.store().await, clock);
     let server = serve_app(edgegate::app(state.clone()), Duration::from_secs(1)).await;
     Instance { server, state }
+}
+
+/// As `instance`, with Twilio pointed at `fake` and the service reading time from `clock`.
+async fn instance_on_clock(
+    db: &TestDb,
+    fake: &FakeTwilio,
+    extra: &[(&str, &str)],
+    clock: edgegate::clock::Clock,
+) -> Instance {
+    instance_reading(db, Some(fake), extra, |_| {}, clock).await
 }
 
 /// A fresh database, a fake Twilio, and one instance on them; returns from the test when the
@@ -707,6 +728,52 @@ async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two
         assert!((1..=60).contains(&retry_after), "{retry_after}");
     }
     assert_eq!(fake.requests().len(), 3);
+}
+
+/// Sends stamped while the wall clock was a day ahead (an NTP step set it back since: a VM
+/// restored, a host whose clock was wrong at boot) are no recent sends once it is right: they
+/// must not fill the minute's or the hour's window for a whole day. A row stamped less than a
+/// window ahead (another machine's clock a little fast) still counts, and the wait it asks for
+/// stays within its window.
+#[tokio::test]
+async fn sms_limits_ignore_rows_stamped_more_than_a_window_ahead_of_the_clock() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let clock = edgegate::clock::Clock::manual();
+    let limits = [
+        ("SMS_MAX_PER_MINUTE", "3"),
+        ("SMS_MAX_PER_RECIPIENT_PER_HOUR", "2"),
+    ];
+    let app = instance_on_clock(&db, &fake, &limits, clock.clone()).await;
+    let day_ms = 24 * 3_600_000;
+    let text = |to: &str| json!({"to": to, "body": "code"});
+
+    clock.step_wall(day_ms);
+    assert_eq!(send(&app, text("+12025550123")).await.status, 202);
+    assert_eq!(send(&app, text("+12025550123")).await.status, 202);
+    assert_eq!(send(&app, text("+12025550124")).await.status, 202);
+    let full = send(&app, text("+12025550125")).await;
+    assert_error(&full, 429, "RATE_LIMITED");
+
+    clock.step_wall(-day_ms);
+    let after = send(&app, text("+12025550125")).await;
+    assert_eq!(after.status, 202, "{}", after.body);
+    let again = send(&app, text("+12025550123")).await;
+    assert_eq!(again.status, 202, "{}", again.body);
+
+    // Rows 30 s ahead are within the minute's window: they count, for at most a minute.
+    let db2 = test_db!();
+    let app = instance_on_clock(&db2, &fake, &limits, clock.clone()).await;
+    clock.step_wall(30_000);
+    for n in 0..3 {
+        let to = format!("+1202555020{n}");
+        assert_eq!(send(&app, text(&to)).await.status, 202);
+    }
+    clock.step_wall(-30_000);
+    let refused = send(&app, text("+12025550209")).await;
+    assert_error(&refused, 429, "RATE_LIMITED");
+    let retry_after = refused.retry_after.expect("Retry-After");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
 }
 
 #[tokio::test]
