@@ -34,6 +34,10 @@ pub const RETENTION_SECONDS: i64 = 30 * 86_400;
 /// How far before the start of the last covering run a default run starts, for events Stripe
 /// created before that start but listed only later.
 pub const OVERLAP_SECONDS: i64 = 3_600;
+/// How far after now a covering run may be stamped and still count: another instance's clock a
+/// little fast. The overlap absorbs a start stamped this much late; one stamped later was made
+/// while a wall clock ran ahead, since set back, and covers nothing (see `disown_coverage_after`).
+const STAMPED_AHEAD_MS: i64 = 60_000;
 
 /// Who started a run (stored in `reconcile_runs.started_by`, a metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,11 +97,12 @@ impl ReconcileError {
 /// The window's start when the caller gives none: an hour before `covered` (ms), the start of
 /// the newest successful continuous run, so consecutive runs overlap and leave no gap, whatever
 /// ran between (a failed run, a manual one over a narrower window); Stripe's whole retention
-/// when no run covers anything yet. Never earlier than the retention.
+/// when no run covers anything yet. Never earlier than the retention, nor later than an hour
+/// before now (a coverage stamped ahead of our clock).
 pub fn default_since(covered: Option<i64>, now_s: i64) -> i64 {
     let oldest = now_s - RETENTION_SECONDS;
     covered.map_or(oldest, |ms| {
-        (ms.div_euclid(1000) - OVERLAP_SECONDS).max(oldest)
+        (ms.div_euclid(1000).min(now_s) - OVERLAP_SECONDS).max(oldest)
     })
 }
 
@@ -203,6 +208,19 @@ pub async fn run(
     let started_at = clock.now_ms();
     let locked = async |lock: &mut SyncLock| {
         // Read under the lock, so it sees every run that finished before this one.
+        for (run, stamped) in store
+            .disown_coverage_after(started_at.saturating_add(STAMPED_AHEAD_MS))
+            .await?
+        {
+            tracing::warn!(
+                run = run.as_str(),
+                started_at = stamped,
+                now = started_at,
+                "a reconciliation stamped after now (made while the wall clock was ahead, since \
+                 set back) no longer counts as covering anything: the default window starts from \
+                 the last run stamped before now"
+            );
+        }
         let covered = store.reconcile_coverage().await?;
         let now_s = started_at.div_euclid(1000);
         if since.is_none()
@@ -738,6 +756,11 @@ mod tests {
             now - 7200 - OVERLAP_SECONDS
         );
         assert_eq!(default_since(Some(oldest * 1000), now), oldest);
+        // A coverage stamped ahead of the clock never starts the window after an hour ago.
+        assert_eq!(
+            default_since(Some((now + 86_400) * 1000), now),
+            now - OVERLAP_SECONDS
+        );
     }
 
     #[test]

@@ -212,6 +212,58 @@ async fn a_narrow_manual_run_does_not_hide_events_missed_before_it() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 4);
 }
 
+/// A run made while the wall clock was a day ahead (an NTP step then set it right: a VM
+/// restored, a host whose clock was wrong at boot) is stamped tomorrow. Taken for the coverage,
+/// it would start every later default window in the future (`created[gte]` tomorrow): each run
+/// would list nothing and answer 200 while the events of the gap were never recovered. Such a
+/// run covers nothing: once the clock is right, the next default run starts from the last run
+/// stamped before now, and once the clock has passed the stale stamp, the default window still
+/// starts from the runs made since, not from it.
+#[tokio::test]
+async fn a_run_stamped_while_the_clock_was_ahead_leaves_no_gap_once_it_is_right() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let clock = edgegate::clock::Clock::manual();
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    let app = crate::stripe::app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+    let t = clock.now_ms() / 1000;
+    let (hour, day) = (3_600, 86_400);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+
+    clock.step_wall(day * 1000);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(
+        (status, body["since"].clone()),
+        (200, json!(t - hour)),
+        "{body}"
+    );
+    clock.step_wall(-day * 1000);
+
+    // Two hours later, at the right time: an event missed in the first hour of the gap.
+    clock.advance(std::time::Duration::from_secs(2 * hour as u64));
+    fake.add_events([history_event(&fixtures, 0, t + hour)]);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - hour), "{body}");
+    assert_eq!(events(&body), (1, 1, 0, 0), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+
+    // A day later, past the stale stamp: an event missed an hour after the last run.
+    clock.advance(std::time::Duration::from_secs(day as u64));
+    fake.add_events([history_event(&fixtures, 1, t + 3 * hour)]);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t + hour), "{body}");
+    assert_eq!(events(&body), (2, 1, 1, 0), "{body}");
+    assert_eq!(product_name(&db, 1).await, "Name 1");
+}
+
 #[tokio::test]
 async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     let fixtures = stripe_fixtures!();

@@ -770,6 +770,25 @@ impl Store {
         Ok(last)
     }
 
+    /// Takes from the coverage the successful continuous runs stamped after `after` (ms): runs
+    /// made while the wall clock was ahead, since set back, whose start says nothing of how far
+    /// they really listed. They are marked not `continuous` for good, not merely passed over
+    /// while in the future: once the clock passes their stamp they would again claim events
+    /// up to it, and the default window would skip those created since the last true run.
+    /// Returns their ids and starts.
+    pub async fn disown_coverage_after(&self, after: i64) -> anyhow::Result<Vec<(String, i64)>> {
+        let sql = "UPDATE reconcile_runs SET continuous = $2 \
+                   WHERE outcome = 'ok' AND continuous AND started_at > $1 \
+                   RETURNING id, started_at";
+        let disowned: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(after)
+            .bind(false)
+            .fetch_all(pool)
+            .await)
+        .context("reading earlier reconcile runs")?;
+        Ok(disowned)
+    }
+
     /// How far Stripe's event list is known to be applied: the start (ms) of the newest
     /// successful continuous run (its window reached back to the coverage before it, and it
     /// left no listed event for a later run), which applied every event listed up to then.
