@@ -661,6 +661,57 @@ async fn a_held_job_lock_is_refused_saying_what_is_known_with_retry_after() {
     }
 }
 
+/// SQLite: a lock row left by a run killed while the wall clock was a day ahead (an NTP step set
+/// it right since: a VM restored, a host whose clock was wrong at boot) expires a day from now.
+/// It must not block the job for that day: the lease it holds is cut to one lease period from
+/// now, so `Retry-After` and the message say at most 60 s, and the job runs once they are over.
+#[tokio::test]
+async fn a_lock_row_stamped_while_the_clock_was_ahead_holds_for_one_lease_at_most() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if db.is_postgres() {
+        eprintln!("SKIPPED: SQLite only (PostgreSQL's lock is its session's, not a row)");
+        return;
+    }
+    let fake = FakeStripe::start(&fixtures, 1, 1).await;
+    let clock = Clock::manual();
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ];
+    let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+    let day = 86_400_000;
+    let jobs = [
+        ("/functions/v1/sync-stripe-products-hardened", "stripe_sync"),
+        ("/admin/stripe/reconcile", "stripe_reconcile"),
+    ];
+    for (path, lock_name) in jobs {
+        // Taken 5 s before the kill, a day ahead; its lease is 60 s.
+        let ahead = clock.now_ms() + day;
+        let left = format!(
+            "INSERT INTO locks (name, holder, acquired_at, expires_at) \
+             VALUES ('{lock_name}', 'req-killed lock-1', {}, {}) RETURNING expires_at",
+            ahead - 5_000,
+            ahead + 55_000
+        );
+        assert_eq!(count(&db, &left).await, ahead + 55_000);
+        let (status, retry_after, body) = post_job(&app.server, path).await;
+        assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
+        let retry_after = retry_after.expect("a 409 SYNC_IN_PROGRESS carries Retry-After");
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("expires in {retry_after} s")),
+            "{message}"
+        );
+
+        // Taken once expired: a millisecond after the lease's last one.
+        clock.advance(Duration::from_secs(retry_after) + Duration::from_millis(1));
+        let (status, _, body) = post_job(&app.server, path).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
 /// A run row left `running` by a process that died mid-run (killed, or stopped with the run
 /// cut) is marked `interrupted`, with `finished_at`, by the next run of its job, which holds the
 /// lock and so knows no run of it is going on; the other job's rows are its own run's to mark.

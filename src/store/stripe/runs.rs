@@ -437,9 +437,35 @@ async fn sqlite_lease(
             .fetch_optional(pool)
             .await
             .context("reading the sync lock's holder")?;
-    let Some((acquired_at, expires_at)) = row else {
+    let Some((acquired_at, mut expires_at)) = row else {
         return Ok(LockHeld::Released);
     };
+    // A lease never runs further than `ttl` from now. One that does was written while the wall
+    // clock was ahead (since set back), and would otherwise hold the job until our clock caught
+    // up with it, a day for a clock a day ahead, though its holder may be long dead. Cut, it is
+    // taken a lease from now at most; a live holder renews it every beat anyway.
+    let longest = now.saturating_add(ttl_ms(ttl));
+    if expires_at > longest {
+        sqlx::query("UPDATE locks SET expires_at = $2 WHERE name = $1 AND expires_at > $2")
+            .bind(job.lock_name())
+            .bind(longest)
+            .execute(pool)
+            .await
+            .context("reading the sync lock's holder")?;
+        // Not for a clock a few milliseconds off another process's on the file.
+        if expires_at - longest > 1_000 {
+            tracing::warn!(
+                ?job,
+                acquired_at,
+                expires_at,
+                now,
+                "the {} lock row expires more than a lease after now (written while the wall \
+                 clock was ahead, since set back): its lease is cut to end a lease from now",
+                job.run_name()
+            );
+        }
+        expires_at = longest;
+    }
     let ago = |at: i64| Duration::from_millis(u64::try_from(now.saturating_sub(at)).unwrap_or(0));
     Ok(LockHeld::Lease {
         held: ago(acquired_at),
