@@ -248,18 +248,20 @@ fn in_progress(err: &impl std::fmt::Display, held: &crate::store::LockHeld) -> A
 /// A failure behind which the database could not be had at all (connection refused or lost,
 /// pool exhausted, file locked, lock wait timed out: `store::is_unavailable`) is 503
 /// `NOT_READY`, as on the SMS routes: nothing was written, and a retry later may go through. So
-/// is a run whose lock session was lost, saying so. Anything else is a 500.
+/// is a run whose lock was lost (its session ended, its lease taken), saying so. Anything else
+/// is a 500.
 fn store_failure(cause: anyhow::Error, what: &str) -> ApiError {
-    if cause.downcast_ref::<crate::store::LockLost>().is_some() {
-        tracing::warn!(
-            error = causes(&cause),
-            "{what}: its lock's session was lost"
-        );
-        ApiError::NotReady(
-            "the run's lock session was ended (by the database or a pooler), so the run stopped \
-             where its row says; run it again"
+    if let Some(lost) = cause.downcast_ref::<crate::store::LockLost>() {
+        tracing::warn!(error = causes(&cause), "{what}: its lock was lost");
+        ApiError::NotReady(match lost {
+            crate::store::LockLost::Session => "the run's lock session was ended (by the \
+                database or a pooler), so the run stopped where its row says; run it again"
                 .into(),
-        )
+            crate::store::LockLost::Taken => "the run's lock expired unrenewed (its renewals \
+                kept waiting, or the wall clock stepped forward past its lease) and another run \
+                took it, so this run stopped where its row says; run it again once that one ends"
+                .into(),
+        })
     } else if crate::store::is_unavailable(&cause) {
         tracing::warn!(error = causes(&cause), "{what}: database unavailable");
         ApiError::NotReady("the database is unavailable; try again later".into())

@@ -728,12 +728,10 @@ async fn a_job_lock_whose_holder_goes_silent_is_freed_within_its_lease_and_the_h
         .await
         .unwrap();
     let lost = renewed.expect_err("a holder whose lock was taken renewed it");
-    if db.is_postgres() {
-        assert!(
-            lost.downcast_ref::<edgegate::store::LockLost>().is_some(),
-            "{lost:#}"
-        );
-    }
+    assert!(
+        lost.downcast_ref::<edgegate::store::LockLost>().is_some(),
+        "{lost:#}"
+    );
     taken.release().await.unwrap();
 }
 

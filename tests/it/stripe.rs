@@ -712,6 +712,68 @@ async fn a_lock_row_stamped_while_the_clock_was_ahead_holds_for_one_lease_at_mos
     }
 }
 
+/// SQLite: a wall clock stepped forward past the lease during a run (an NTP step of a clock
+/// that was behind) lets another caller take the lock, as a lease on wall-clock time allows. The
+/// run that lost it stops at its next renewal as any run whose lock was lost does: 503
+/// `NOT_READY` saying so (as on PostgreSQL), not 500 `INTERNAL_ERROR`, its row `error` with why.
+#[tokio::test]
+async fn a_run_whose_sqlite_lease_a_forward_clock_step_let_be_taken_answers_503() {
+    use edgegate::store::Job;
+
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    if db.is_postgres() {
+        eprintln!("SKIPPED: SQLite only (PostgreSQL's lock is its session's, not a lease)");
+        return;
+    }
+    let other = db.store().await;
+    let jobs = [
+        (
+            Job::CatalogueSync,
+            "/functions/v1/sync-stripe-products-hardened",
+            "sync_runs",
+        ),
+        (Job::Reconcile, "/admin/stripe/reconcile", "reconcile_runs"),
+    ];
+    for (job, path, runs) in jobs {
+        let fake = FakeStripe::start(&fixtures, 1, 1).await;
+        let clock = Clock::manual();
+        let vars = [
+            ("STRIPE_SECRET_KEY", SECRET_KEY),
+            ("STRIPE_API_BASE", fake.base.as_str()),
+        ];
+        let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+        fake.fault_at(0, Fault::Hold);
+        let server = app.server;
+        let running = tokio::spawn(async move {
+            let answer = post_job(&server, path).await;
+            (answer, server)
+        });
+        fake.arrived().await;
+        clock.step_wall(120_000);
+        let taken = other
+            .try_lock_job(job, "other", &clock, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("a lease 120 s old is taken");
+        fake.release();
+        let ((status, _, body), _server) = running.await.unwrap();
+        assert_eq!(
+            (status, &body["code"]),
+            (503, &json!("NOT_READY")),
+            "{body}"
+        );
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("lock"), "{body}");
+        taken.release().await.unwrap();
+        let row = format!(
+            "SELECT COUNT(*) FROM {runs} WHERE outcome = 'error' \
+             AND error LIKE '%lock expired and was taken%'"
+        );
+        assert_eq!(count(&db, &row).await, 1, "{runs}");
+    }
+}
+
 /// A run row left `running` by a process that died mid-run (killed, or stopped with the run
 /// cut) is marked `interrupted`, with `finished_at`, by the next run of its job, which holds the
 /// lock and so knows no run of it is going on; the other job's rows are its own run's to mark.

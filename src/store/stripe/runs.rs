@@ -314,7 +314,9 @@ async fn beat(session: &LockSession) -> anyhow::Result<()> {
     let mut state = session.lock().await;
     let (conn, wait) = match &mut *state {
         SessionState::Held { conn, ttl } => (conn, *ttl / 2),
-        SessionState::Lost(cause) => return Err(anyhow::anyhow!("{cause}").context(LockLost)),
+        SessionState::Lost(cause) => {
+            return Err(anyhow::anyhow!("{cause}").context(LockLost::Session));
+        }
     };
     let answered = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(conn))
         .await
@@ -323,7 +325,7 @@ async fn beat(session: &LockSession) -> anyhow::Result<()> {
     if let Err(err) = answered {
         let cause = crate::error::causes(&err);
         *state = SessionState::Lost(cause);
-        return Err(err.context(LockLost));
+        return Err(err.context(LockLost::Session));
     }
     Ok(())
 }
@@ -349,12 +351,19 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The PostgreSQL session that held a run's lock is gone (an idle timeout, a pooler restart, an
-/// operator's `pg_terminate_backend`): the run stops rather than race one that may take the lock
-/// now. The database itself may answer, so its caller is told this, not that it is unavailable.
+/// A run's lock is gone, so the run stops rather than race one that may take the lock now. The
+/// database itself may answer, so its caller is told this, not that it is unavailable.
 #[derive(Debug, thiserror::Error)]
-#[error("the sync lock session was lost")]
-pub struct LockLost;
+pub enum LockLost {
+    /// PostgreSQL: the session that held it ended (an idle timeout, a pooler restart, an
+    /// operator's `pg_terminate_backend`).
+    #[error("the sync lock session was lost")]
+    Session,
+    /// SQLite: its lease ran out unrenewed and another run took it (its holder stopped or kept
+    /// waiting past the lease, or the wall clock stepped forward past it).
+    #[error("the sync lock expired and was taken")]
+    Taken,
+}
 
 impl SyncLock {
     /// Keeps the lock alive across a long run: a SQLite row is extended; a PostgreSQL session
@@ -376,10 +385,9 @@ impl SyncLock {
                 .execute(pool)
                 .await
                 .context("renewing the sync lock")?;
-            anyhow::ensure!(
-                renewed.rows_affected() == 1,
-                "the sync lock expired and was taken"
-            );
+            if renewed.rows_affected() != 1 {
+                return Err(LockLost::Taken.into());
+            }
         }
         Ok(())
     }
