@@ -355,17 +355,23 @@ async fn current_effect(
     effect: &StripeEffect,
     now_ms: i64,
 ) -> Result<StripeEffect, StripeError> {
-    let gone = |result: Result<StripeEffect, StripeError>, deleted: StripeEffect| match result {
-        Err(StripeError::NotFound(_)) => Ok(deleted),
-        other => other,
-    };
+    // Gone: Stripe answers 404, or the stub of a deleted object (`None` below).
+    let gone =
+        |result: Result<Option<StripeEffect>, StripeError>, deleted: StripeEffect| match result {
+            Ok(Some(effect)) => Ok(effect),
+            Ok(None) | Err(StripeError::NotFound(_)) => Ok(deleted),
+            Err(err) => Err(err),
+        };
     Ok(match effect {
         StripeEffect::None => StripeEffect::None,
         StripeEffect::Product(row) => {
             let fetched = client
                 .retrieve::<Product>("products", &row.id)
                 .await
-                .map(|p| StripeEffect::Product(p.row(row.as_of, None)));
+                .map(|p| {
+                    p.is_whole()
+                        .then(|| StripeEffect::Product(p.row(row.as_of, None)))
+                });
             let mut deleted = row.clone();
             deleted.active = false;
             deleted.deactivated_at = Some(deleted.deactivated_at.unwrap_or(now_ms));
@@ -375,7 +381,10 @@ async fn current_effect(
             let fetched = client
                 .retrieve_expanded::<Price>("prices", &row.id, &Price::INCLUDABLE)
                 .await
-                .map(|p| StripeEffect::Price(p.row(row.as_of, None)));
+                .map(|p| {
+                    p.is_whole()
+                        .then(|| StripeEffect::Price(p.row(row.as_of, None)))
+                });
             let mut deleted = row.clone();
             deleted.active = false;
             deleted.deactivated_at = Some(deleted.deactivated_at.unwrap_or(now_ms));
@@ -383,20 +392,19 @@ async fn current_effect(
         }
         StripeEffect::Deletion(deletion) => {
             let fetched = match deletion.object {
-                // Stripe's answer may itself be the stub: the deletion stands then.
                 CatalogueObject::Product => client
                     .retrieve::<Product>("products", &deletion.id)
                     .await
-                    .map(|p| match p.is_whole() {
-                        true => StripeEffect::Product(p.row(deletion.as_of, None)),
-                        false => effect.clone(),
+                    .map(|p| {
+                        p.is_whole()
+                            .then(|| StripeEffect::Product(p.row(deletion.as_of, None)))
                     }),
                 CatalogueObject::Price => client
                     .retrieve_expanded::<Price>("prices", &deletion.id, &Price::INCLUDABLE)
                     .await
-                    .map(|p| match p.is_whole() {
-                        true => StripeEffect::Price(p.row(deletion.as_of, None)),
-                        false => effect.clone(),
+                    .map(|p| {
+                        p.is_whole()
+                            .then(|| StripeEffect::Price(p.row(deletion.as_of, None)))
                     }),
             };
             gone(fetched, effect.clone())?
@@ -409,14 +417,14 @@ async fn current_effect(
                     let (session, customer) = s.rows(session.as_of);
                     StripeEffect::CheckoutSession { session, customer }
                 });
-            gone(fetched, StripeEffect::None)?
+            gone(fetched.map(Some), StripeEffect::None)?
         }
         StripeEffect::Subscription(row) => {
             let fetched = client
                 .retrieve::<Subscription>("subscriptions", &row.id)
                 .await
                 .map(|s| StripeEffect::Subscription(s.row(row.as_of)));
-            gone(fetched, StripeEffect::None)?
+            gone(fetched.map(Some), StripeEffect::None)?
         }
         StripeEffect::Invoice(row) => {
             let outcome = if row.payment_failed_at.is_some() {
@@ -428,7 +436,7 @@ async fn current_effect(
                 .retrieve::<Invoice>("invoices", &row.id)
                 .await
                 .map(|i| StripeEffect::Invoice(i.row(row.as_of, outcome)));
-            gone(fetched, StripeEffect::None)?
+            gone(fetched.map(Some), StripeEffect::None)?
         }
     })
 }

@@ -551,6 +551,46 @@ async fn same_second_updates_end_in_the_object_stripe_returns_in_either_order() 
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_events").await, 7);
 }
 
+/// Settling a same-second tie, Stripe's answer may be the stub of a deleted object
+/// (`{"id","object","deleted":true}`): the object is gone, so the event's own values are kept,
+/// deleted, as when Stripe answers 404. The stub was written as the row: name `''`,
+/// `stripe_created` 0, active.
+#[tokio::test]
+async fn same_second_with_stripe_answering_a_deleted_stub_keeps_the_event_deleted() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now() - 30;
+    let id = fake_stripe::product_id(3);
+    fake.add_product(json!({"id": id, "object": "product", "deleted": true}));
+    for name in ["A", "B"] {
+        let body = product_event(
+            &fixtures,
+            &format!("evt_X{name}"),
+            "product.updated",
+            t,
+            3,
+            name,
+        );
+        let (status, answer) = deliver_signed(&app.server, &body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(fake.object_requests(), 1);
+    let row = format!(
+        "SELECT name || '|' || CAST(active AS TEXT) || '|' || CAST(stripe_created AS TEXT) || '|' \
+         || CAST(deactivated_at IS NOT NULL AS TEXT) FROM stripe_products WHERE id = '{}'",
+        id
+    );
+    let stored = scalar!(db, String, row);
+    let fields: Vec<&str> = stored.split('|').collect();
+    assert_eq!(fields[0], "B", "{stored}");
+    assert!(matches!(fields[1], "0" | "false"), "{stored}");
+    assert_ne!(fields[2], "0", "{stored}");
+    assert!(matches!(fields[3], "1" | "true"), "{stored}");
+}
+
 #[tokio::test]
 async fn same_second_without_stripe_answers_5xx_and_stores_no_ledger_row() {
     stripe_sdk!();
