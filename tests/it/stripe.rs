@@ -2483,6 +2483,27 @@ async fn what_a_price_or_product_means_is_stored_by_the_sync_and_by_events() {
         stored_storefront(&db, &product_id(1)).await,
         [some("[]"), some("[]"), None, None]
     );
+    // An object without `marketing_features` (an API version before 2024-04-10 calls them
+    // `features`: an endpoint pinned to it) keeps the row's; Stripe never sends it null.
+    let mut featured = product.clone();
+    featured["marketing_features"] = json!([{"name": "SSO"}]);
+    let update = event(
+        &fixtures,
+        "evt_M3",
+        "product.updated",
+        t + 1,
+        featured.clone(),
+    );
+    assert_eq!(deliver_signed(&app.server, &update).await.0, 200);
+    let older_version = featured.as_object_mut().unwrap();
+    older_version.remove("marketing_features");
+    older_version.insert("features".to_owned(), json!([{"name": "SSO"}]));
+    let update = event(&fixtures, "evt_M4", "product.updated", t + 2, featured);
+    assert_eq!(deliver_signed(&app.server, &update).await.0, 200);
+    assert_eq!(
+        stored_storefront(&db, &product_id(1)).await[1],
+        some(r#"[{"name":"SSO"}]"#)
+    );
     let mut licensed = metered.clone();
     licensed["recurring"]["usage_type"] = json!("licensed");
     licensed["recurring"]["meter"] = Value::Null;
