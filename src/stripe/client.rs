@@ -169,6 +169,10 @@ impl Failure {
 pub struct ListPage<T> {
     pub data: Vec<T>,
     pub has_more: bool,
+    /// When Stripe answered (epoch ms, whole seconds): its `Date` header, in Stripe's clock,
+    /// not ours. `None` when the answer had none that reads as an HTTP date.
+    #[serde(skip)]
+    pub answered_at: Option<i64>,
 }
 
 /// Objects listed by id, so the next page can start after the last one.
@@ -285,7 +289,9 @@ impl StripeClient {
                 query.append_pair("starting_after", after);
             }
         }
-        self.get(url).await
+        let (mut page, answered_at) = self.get_dated::<ListPage<T>>(url).await?;
+        page.answered_at = answered_at;
+        Ok(page)
     }
 
     /// One object, `GET /v1/{resource}/{id}`: its current state.
@@ -362,6 +368,14 @@ impl StripeClient {
     }
 
     async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, StripeError> {
+        self.get_dated(url).await.map(|(value, _)| value)
+    }
+
+    /// As `get`, with the time (epoch ms) of the answer's `Date` header, when it has one.
+    async fn get_dated<T: DeserializeOwned>(
+        &self,
+        url: Url,
+    ) -> Result<(T, Option<i64>), StripeError> {
         let started = tokio::time::Instant::now();
         let mut attempt = 0;
         // A Retry-After was waited out: the backoff alone no longer keeps the call inside its
@@ -452,7 +466,7 @@ impl StripeClient {
         &self,
         url: &Url,
         resends: u32,
-    ) -> Result<T, AttemptFailure> {
+    ) -> Result<(T, Option<i64>), AttemptFailure> {
         let timeout = self.policy.attempt_timeout;
         let request = self
             .http
@@ -480,15 +494,18 @@ impl StripeClient {
             .and_then(|value| value.parse::<bool>().ok());
         let retry_after =
             crate::outbound::retry_after(response.headers()).filter(|_| status.as_u16() == 429);
+        let answered_at = answer_date(response.headers());
         let body = read_capped(response, MAX_ANSWER_BYTES, timeout).await?;
         let body = crate::stripe::objects::without_nul(&body);
         if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|err| {
-                AttemptFailure::transient(Failure::Unreadable(format!(
-                    "HTTP {}: {err}",
-                    status.as_u16()
-                )))
-            });
+            return serde_json::from_slice(&body)
+                .map(|value| (value, answered_at))
+                .map_err(|err| {
+                    AttemptFailure::transient(Failure::Unreadable(format!(
+                        "HTTP {}: {err}",
+                        status.as_u16()
+                    )))
+                });
         }
         let error = serde_json::from_slice::<ErrorBody>(&body).ok();
         let param = error.as_ref().and_then(|body| body.error.param.clone());
@@ -524,6 +541,14 @@ impl StripeClient {
             reason: Failure::Answered(format!("HTTP {}{detail}", status.as_u16())),
         })
     }
+}
+
+/// An answer's `Date` (RFC 9110 §6.6.1: when the server made it, by its clock) in epoch ms.
+fn answer_date(headers: &reqwest::header::HeaderMap) -> Option<i64> {
+    let value = headers.get(reqwest::header::DATE)?.to_str().ok()?;
+    let at = httpdate::parse_http_date(value).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
 }
 
 /// The answer's body, read up to `cap` bytes. A body cut short is a transient failure like a
@@ -584,6 +609,8 @@ pub struct Pages<'a, T> {
     used: std::collections::HashMap<String, usize>,
     /// Pages answered so far.
     page: usize,
+    /// When Stripe answered the latest page (`ListPage::answered_at`).
+    answered_at: Option<i64>,
     done: bool,
     _item: std::marker::PhantomData<T>,
 }
@@ -606,6 +633,7 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             cursor: None,
             used: std::collections::HashMap::new(),
             page: 0,
+            answered_at: None,
             done: false,
             _item: std::marker::PhantomData,
         }
@@ -621,6 +649,7 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             .list_page(self.resource, &self.filters, self.cursor.as_deref())
             .await?;
         self.page += 1;
+        self.answered_at = page.answered_at;
         match page.data.last() {
             Some(last) if page.has_more => {
                 let next = last.id().to_owned();
@@ -644,6 +673,14 @@ impl<'a, T: DeserializeOwned + Listed> Pages<'a, T> {
             _ => self.done = true,
         }
         Ok(Some(page.data))
+    }
+}
+
+impl<T> Pages<'_, T> {
+    /// When Stripe answered the page `next` returned last, by its `Date` (epoch ms); `None`
+    /// before the first page, or when that answer had no readable `Date`.
+    pub fn answered_at(&self) -> Option<i64> {
+        self.answered_at
     }
 }
 

@@ -34,9 +34,10 @@ pub const RETENTION_SECONDS: i64 = 30 * 86_400;
 /// How far before the start of the last covering run a default run starts, for events Stripe
 /// created before that start but listed only later.
 pub const OVERLAP_SECONDS: i64 = 3_600;
-/// How far after now a covering run may be stamped and still count: another instance's clock a
-/// little fast. The overlap absorbs a start stamped this much late; one stamped later was made
-/// while a wall clock ran ahead, since set back, and covers nothing (see `disown_coverage_after`).
+/// How far after now a covering run without Stripe's time (from an earlier build, or whose
+/// answer had no `Date`) may be stamped and still count: another instance's clock a little fast.
+/// The overlap absorbs a start stamped this much late; one stamped later was made while a wall
+/// clock ran ahead, since set back, and covers nothing (see `disown_coverage_after`).
 const STAMPED_AHEAD_MS: i64 = 60_000;
 
 /// Who started a run (stored in `reconcile_runs.started_by`, a metric label).
@@ -94,8 +95,9 @@ impl ReconcileError {
     }
 }
 
-/// The window's start when the caller gives none: an hour before `covered` (ms), the start of
-/// the newest successful continuous run, so consecutive runs overlap and leave no gap, whatever
+/// The window's start when the caller gives none: an hour before `covered` (ms), how far the
+/// newest successful continuous run listed (Stripe's time when it answered that run's first
+/// page; the run's start for runs from earlier builds), so consecutive runs overlap and leave no gap, whatever
 /// ran between (a failed run, a manual one over a narrower window); Stripe's whole retention
 /// when no run covers anything yet. Never earlier than the retention, nor later than an hour
 /// before now (a coverage stamped ahead of our clock).
@@ -217,8 +219,8 @@ pub async fn run(
                 started_at = stamped,
                 now = started_at,
                 "a reconciliation stamped after now (made while the wall clock was ahead, since \
-                 set back) no longer counts as covering anything: the default window starts from \
-                 the last run stamped before now"
+                 set back, by a build that did not record Stripe's time) no longer counts as \
+                 covering anything: the default window starts from the last run before it"
             );
         }
         let covered = store.reconcile_coverage().await?;
@@ -286,6 +288,8 @@ async fn run_locked(
         counts,
         last_event,
         left_behind,
+        covered_until,
+        ..
     } = progress;
     if left_behind > 0 {
         tracing::warn!(
@@ -300,6 +304,7 @@ async fn run_locked(
             &counts,
             last_event.as_deref(),
             left_behind == 0,
+            covered_until,
             Some((clock.now_ms(), outcome, error.as_deref())),
         )
         .await?;
@@ -313,13 +318,21 @@ async fn run_locked(
     })
 }
 
-/// How far a run got: its counts, the last event it handled, and how many of the events it
-/// skipped a later run may yet apply (while any is, the run covers nothing).
+/// How far a run got: its counts, the last event it handled, how many of the events it
+/// skipped a later run may yet apply (while any is, the run covers nothing), and how far its
+/// listing reached.
 #[derive(Default)]
 struct Progress {
     counts: ReconcileCounts,
     last_event: Option<String>,
     left_behind: i64,
+    /// Stripe's time (epoch ms, its `Date`) when it answered the run's first page: events are
+    /// listed newest first and later pages (and a listing started again from a boundary) only
+    /// go back in time, so the run lists every event Stripe had created by then. Our wall
+    /// clock says nothing of that when it is wrong.
+    covered_until: Option<i64>,
+    /// Whether a page was answered yet.
+    answered: bool,
 }
 
 /// Why applying a listed event failed, when the reason is the event's own: Stripe refused the
@@ -430,8 +443,14 @@ async fn walk_pages(
         counts,
         last_event,
         left_behind,
+        covered_until,
+        answered,
     } = progress;
     while let Some(page) = pages.next().await.map_err(Stop::Upstream)? {
+        if !*answered {
+            *answered = true;
+            *covered_until = pages.answered_at();
+        }
         for event in &page {
             match boundary {
                 Some(b) if b.created == event.created && b.handled.contains(&event.id) => continue,
@@ -480,6 +499,7 @@ async fn walk_pages(
                 counts,
                 last_event.as_deref(),
                 *left_behind == 0,
+                *covered_until,
                 None,
             )
             .await?;

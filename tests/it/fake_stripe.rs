@@ -7,6 +7,8 @@
 //! as Stripe does. Single products and prices can be fetched (`GET /v1/products/{id}`), with
 //! faults of their own. A price's `tiers` and `currency_options` are served only when asked for
 //! (`expand[]=data.tiers` on a list, `expand[]=tiers` on one price), as Stripe serves them.
+//! Every answer carries a `Date`, as Stripe's do: the real time (hyper writes it), or the second
+//! a test sets (`set_date`), for a Stripe whose clock is not the service's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -160,6 +162,8 @@ struct Shared {
     traceparents: Mutex<Vec<Option<String>>>,
     /// The `tracestate` header of every request, in order (`None` when absent).
     tracestates: Mutex<Vec<Option<String>>>,
+    /// The `Date` of every answer (unix seconds) when set; the real time when not.
+    date: Mutex<Option<i64>>,
     arrived: Notify,
     release: Semaphore,
 }
@@ -188,6 +192,7 @@ impl FakeStripe {
             rate_limited_until: Mutex::new(None),
             traceparents: Mutex::new(Vec::new()),
             tracestates: Mutex::new(Vec::new()),
+            date: Mutex::new(None),
             arrived: Notify::new(),
             release: Semaphore::new(0),
         });
@@ -234,6 +239,13 @@ impl FakeStripe {
     /// The query string of every list request so far.
     pub fn queries(&self) -> Vec<String> {
         self.shared.queries.lock().unwrap().clone()
+    }
+
+    /// Every answer from now on says in its `Date` that it was made at unix second `at`: Stripe's
+    /// clock, where the test's clock (a manual one, or one stepped) is not it. `None`: the real
+    /// time again.
+    pub fn set_date(&self, at: Option<i64>) {
+        *self.shared.date.lock().unwrap() = at;
     }
 
     /// For `window` from now, every list request is answered 429 with the `Retry-After` (whole
@@ -339,7 +351,17 @@ async fn record_traceparent(
     let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
     shared.traceparents.lock().unwrap().push(traceparent);
     shared.tracestates.lock().unwrap().push(tracestate);
-    next.run(request).await
+    let mut response = next.run(request).await;
+    // hyper writes the real time only where the answer has no `Date` of its own.
+    let date = *shared.date.lock().unwrap();
+    if let Some(at) = date {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap());
+        response.headers_mut().insert(
+            axum::http::header::DATE,
+            httpdate::fmt_http_date(at).parse().unwrap(),
+        );
+    }
+    response
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -172,13 +172,13 @@ async fn reconcile_applies_missed_events_once_and_a_rerun_applies_nothing() {
     }
 }
 
-/// A first run, over no event, with its start moved back to `at` (unix seconds): as if a run had
-/// covered everything up to then.
+/// A first run, over no event, with its start and Stripe's time of its listing moved back to
+/// `at` (unix seconds): as if a run had covered everything up to then.
 async fn covered_up_to(app: &App, db: &TestDb, at: i64) {
     let (status, body) = reconcile(&app.server).await;
     assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
     let moved = format!(
-        "UPDATE reconcile_runs SET started_at = {} RETURNING started_at",
+        "UPDATE reconcile_runs SET started_at = {0}, covered_until = {0} RETURNING started_at",
         at * 1000
     );
     assert_eq!(scalar!(db, i64, moved), at * 1000);
@@ -233,6 +233,8 @@ async fn a_run_stamped_while_the_clock_was_ahead_leaves_no_gap_once_it_is_right(
     let app = crate::stripe::app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
     let t = clock.now_ms() / 1000;
     let (hour, day) = (3_600, 86_400);
+    // Stripe's clock is right throughout: the manual clock less its step.
+    fake.set_date(Some(t));
     let (status, body) = reconcile(&app.server).await;
     assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
 
@@ -247,6 +249,7 @@ async fn a_run_stamped_while_the_clock_was_ahead_leaves_no_gap_once_it_is_right(
 
     // Two hours later, at the right time: an event missed in the first hour of the gap.
     clock.advance(std::time::Duration::from_secs(2 * hour as u64));
+    fake.set_date(Some(t + 2 * hour));
     fake.add_events([history_event(&fixtures, 0, t + hour)]);
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
@@ -256,12 +259,105 @@ async fn a_run_stamped_while_the_clock_was_ahead_leaves_no_gap_once_it_is_right(
 
     // A day later, past the stale stamp: an event missed an hour after the last run.
     clock.advance(std::time::Duration::from_secs(day as u64));
+    fake.set_date(Some(t + 2 * hour + day));
     fake.add_events([history_event(&fixtures, 1, t + 3 * hour)]);
     let (status, body) = reconcile(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["since"], json!(t + hour), "{body}");
     assert_eq!(events(&body), (2, 1, 1, 0), "{body}");
     assert_eq!(product_name(&db, 1).await, "Name 1");
+}
+
+/// An instance on `fake` with the Stripe key and the webhook secret, reading time from `clock`.
+async fn app_on_clock(db: &TestDb, fake: &FakeStripe, clock: &edgegate::clock::Clock) -> App {
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+        ("STRIPE_WEBHOOK_SECRET", WHSEC),
+    ];
+    crate::stripe::app_with_clock(db, &vars, fast_retry(), clock.clone()).await
+}
+
+/// A day of hourly runs made while the wall clock ran a day ahead, set right by NTP at T+23h30.
+/// Each run listed Stripe's events as of Stripe's time, but was stamped a day late: the first,
+/// at T, is stamped T+1d. Taken from those stamps, the coverage reached a day past what was
+/// listed: every default window started in the future and listed nothing; once the clock was
+/// right the later runs were disowned as stamped ahead, but the first was not (its stamp, T+1d,
+/// was now), so the run at T+24h listed from T+23h and the events of T..T+23h were never
+/// listed, with a 200. Taken from Stripe's `Date` (the clock `created[gte]` is in), every run
+/// covers what it listed, whatever our clock said.
+#[tokio::test]
+async fn runs_made_while_the_clock_ran_a_day_ahead_cover_what_they_listed_in_stripes_time() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = app_on_clock(&db, &fake, &clock).await;
+    let t = clock.now_ms() / 1000;
+    let (hour, day) = (3_600, 86_400);
+    let advance = |seconds: i64| clock.advance(std::time::Duration::from_secs(seconds as u64));
+    // Products renamed by events no webhook delivered, ten minutes before a run lists.
+    let missed = [1, 6, 11, 16, 21];
+
+    clock.step_wall(day * 1000);
+    for k in 0..=22 {
+        if k > 0 {
+            advance(hour);
+        }
+        fake.set_date(Some(t + k * hour));
+        if missed.contains(&k) {
+            fake.add_events([history_event(&fixtures, k as usize, t + k * hour - 600)]);
+        }
+        let (status, body) = reconcile(&app.server).await;
+        assert_eq!(status, 200, "run at T+{k}h: {body}");
+    }
+    advance(hour / 2);
+    clock.step_wall(-day * 1000);
+    advance(hour / 2 + hour);
+    fake.set_date(Some(t + 24 * hour));
+    fake.add_events([history_event(&fixtures, 23, t + 23 * hour + 2700)]);
+    assert_eq!(clock.now_ms() / 1000, t + day);
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // An hour before the last run's listing (T+22h, by Stripe's clock).
+    assert_eq!(body["since"], json!(t + 21 * hour), "{body}");
+    for n in missed.into_iter().chain([23]) {
+        assert_eq!(product_name(&db, n as usize).await, format!("Name {n}"));
+    }
+}
+
+/// With runs a day apart (`STRIPE_RECONCILE_INTERVAL_SECONDS=86400`), a run made in the one
+/// minute the wall clock ran a day ahead was stamped T+1d; the next run, at T+1d, found that
+/// stamp no longer in the future and listed from T+23h: the events of T..T+23h were never
+/// listed. By Stripe's time that run covered T only.
+#[tokio::test]
+async fn a_run_in_a_minute_the_clock_ran_a_day_ahead_covers_only_that_minute() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = app_on_clock(&db, &fake, &clock).await;
+    let t = clock.now_ms() / 1000;
+    let (hour, day) = (3_600, 86_400);
+    fake.set_date(Some(t));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+
+    clock.step_wall(day * 1000);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    clock.advance(std::time::Duration::from_secs(60));
+    clock.step_wall(-day * 1000);
+
+    fake.add_events([history_event(&fixtures, 0, t + 2 * hour)]);
+    clock.advance(std::time::Duration::from_secs(day as u64 - 60));
+    fake.set_date(Some(t + day));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - hour), "{body}");
+    assert_eq!(events(&body), (1, 1, 0, 0), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
 }
 
 #[tokio::test]

@@ -53,6 +53,7 @@ fn shipped_migrations_are_never_edited() {
         (20261208000001, "26e6b813f4e35d72"),
         (20261209000001, "d7bdd4e0ed359b22"),
         (20261210000002, "d9facd6b8587f0ce"),
+        (20261211000001, "6d2bb33054b1e10c"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -68,6 +69,7 @@ fn shipped_migrations_are_never_edited() {
         (20261208000001, "7a09ed9a875cf74d"),
         (20261209000001, "44e7b4b63901ceff"),
         (20261210000002, "7a03d00b567bcef1"),
+        (20261211000001, "95a9e5515b1a1d4b"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -808,6 +810,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
          DROP COLUMN unit_label, DROP COLUMN url",
         "ALTER TABLE stripe_prices DROP COLUMN recurring_usage_type, \
          DROP COLUMN recurring_meter, DROP COLUMN recurring_trial_period_days",
+        "ALTER TABLE reconcile_runs DROP COLUMN covered_until",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }

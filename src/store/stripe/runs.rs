@@ -760,7 +760,8 @@ impl Store {
         Ok(())
     }
 
-    /// Records a run's counts and the last event it handled; with `finished` (at, outcome,
+    /// Records a run's counts and the last event it handled, and how far its listing reached
+    /// (`covered_until`, Stripe's time in ms, kept once set); with `finished` (at, outcome,
     /// error) it closes the run. Unless `complete` (no listed event left for a later run to
     /// apply), the run no longer counts as continuous: it covers nothing.
     pub async fn record_reconcile_run(
@@ -769,12 +770,14 @@ impl Store {
         counts: &ReconcileCounts,
         last_event_id: Option<&str>,
         complete: bool,
+        covered_until: Option<i64>,
         finished: Option<(i64, &str, Option<&str>)>,
     ) -> anyhow::Result<()> {
         let (finished_at, outcome, error) = run_end(finished);
         let sql = "UPDATE reconcile_runs SET events_seen = $2, events_applied = $3, \
                    events_already_applied = $4, events_ignored = $5, last_event_id = $6, \
-                   finished_at = $7, outcome = $8, error = $9, continuous = continuous AND $10 \
+                   finished_at = $7, outcome = $8, error = $9, continuous = continuous AND $10, \
+                   covered_until = COALESCE(covered_until, $11) \
                    WHERE id = $1";
         let args = [
             id.into(),
@@ -787,6 +790,7 @@ impl Store {
             outcome.into(),
             error.into(),
             complete.into(),
+            covered_until.into(),
         ];
         self.execute(sql, &args)
             .await
@@ -804,16 +808,18 @@ impl Store {
         Ok(last)
     }
 
-    /// Takes from the coverage the successful continuous runs stamped after `after` (ms): runs
-    /// made while the wall clock was ahead, since set back, whose start says nothing of how far
-    /// they really listed. They are marked not `continuous` for good, not merely passed over
+    /// Takes from the coverage the successful continuous runs without Stripe's time (from
+    /// builds before `covered_until`, or whose answer had no `Date`) stamped after `after` (ms):
+    /// runs made while the wall clock was ahead, since set back, whose start says nothing of how
+    /// far they really listed. They are marked not `continuous` for good, not merely passed over
     /// while in the future: once the clock passes their stamp they would again claim events
-    /// up to it, and the default window would skip those created since the last true run.
+    /// up to it, and the default window would skip those created since the last true run. A
+    /// run with Stripe's time is left alone: that time is right whatever our clock says.
     /// Returns their ids and starts.
     pub async fn disown_coverage_after(&self, after: i64) -> anyhow::Result<Vec<(String, i64)>> {
         let sql = "UPDATE reconcile_runs SET continuous = $2 \
-                   WHERE outcome = 'ok' AND continuous AND started_at > $1 \
-                   RETURNING id, started_at";
+                   WHERE outcome = 'ok' AND continuous AND covered_until IS NULL \
+                   AND started_at > $1 RETURNING id, started_at";
         let disowned: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
             .bind(after)
             .bind(false)
@@ -823,11 +829,13 @@ impl Store {
         Ok(disowned)
     }
 
-    /// How far Stripe's event list is known to be applied: the start (ms) of the newest
-    /// successful continuous run (its window reached back to the coverage before it, and it
-    /// left no listed event for a later run), which applied every event listed up to then.
+    /// How far Stripe's event list is known to be applied (ms, Stripe's time): how far the
+    /// newest successful continuous run listed (its window reached back to the coverage before
+    /// it, and it left no listed event for a later run), which applied every event listed up to
+    /// then: its `covered_until`, or for a run without it (an earlier build's) its start.
     pub async fn reconcile_coverage(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MAX(started_at) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
+        let sql = "SELECT MAX(COALESCE(covered_until, started_at)) FROM reconcile_runs \
+                   WHERE outcome = 'ok' AND continuous";
         let covered: Option<i64> =
             with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
                 .context("reading earlier reconcile runs")?;
