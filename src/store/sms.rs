@@ -51,6 +51,26 @@ const STATUS_TRIES: usize = 8;
 
 const HOUR_MS: i64 = 3_600_000;
 const MINUTE_MS: i64 = 60_000;
+/// Restamps rows stamped more than `STAMPED_AHEAD_MS` after now (`$2`) to an hour before now
+/// (`$1`); see `reserve_in`.
+const RESTAMP_AHEAD: &str = "UPDATE sms_messages SET created_at = $1 WHERE created_at > $2";
+
+fn warn_restamped(rows: u64, now: i64) {
+    if rows > 0 {
+        tracing::warn!(
+            rows,
+            now,
+            "SMS rows stamped more than an hour after now (written while a wall clock ran ahead, \
+             since set back) are restamped an hour before now: they count in no send limit, and \
+             one left accepted is swept as unknown"
+        );
+    }
+}
+
+/// How far after now a row may be stamped and still be taken at its stamp: by an instance whose
+/// clock is fast, up to the longest window. One stamped further ahead was stamped while a wall
+/// clock ran ahead, since set back (see `reserve_in`).
+const STAMPED_AHEAD_MS: i64 = HOUR_MS;
 
 const COLUMNS: &str = "id, idempotency_key, to_number, body, status, twilio_sid, error_code, \
                        error_message, created_at, updated_at";
@@ -144,6 +164,44 @@ where
 {
     // Read once the lock is held, so rows are stamped in the order they were admitted.
     let now = clock();
+    // The newest `limit` rows in each window: when there are that many, the oldest of them is
+    // the one whose expiry frees a slot. A row `failed` without a SID never reached anyone
+    // (Twilio could not be reached, throttled, or refused it): an outage must not use up the
+    // limits. A row stamped ahead of now counts from now until its stamp is a window old:
+    // another instance whose clock is fast (by up to `STAMPED_AHEAD_MS`) is held to the limits
+    // its sends share with ours, and the wait asked for is never longer than the window.
+    let created_at = |row: DB::Row| <(i64,)>::from_row(&row).map(|(at,)| at);
+    let global_sql = "SELECT created_at FROM sms_messages WHERE created_at > $1 \
+                      AND (twilio_sid IS NOT NULL OR status <> 'failed') \
+                      ORDER BY created_at DESC LIMIT $2";
+    let read_global = async |tx: &mut Transaction<'_, DB>| {
+        sqlx::query::<DB>(global_sql)
+            .bind_value(now - MINUTE_MS)
+            .bind_value(i64::from(limits.per_minute))
+            .try_map(created_at)
+            .fetch_all(tx.executor())
+            .await
+    };
+    let mut global: Vec<i64> = read_global(tx).await?;
+    // Newest first: a row stamped further ahead than any instance's clock can be was stamped
+    // while a wall clock ran that far ahead, since set back (a VM restored, NTP stepping a clock
+    // wrong at boot). Counted at its stamp it would fill the windows again when our clock came
+    // round to it (a day later for a clock a day ahead), and a send still `accepted` would look
+    // younger than zero for as long, answered 409 and never swept. Its true time is unknown:
+    // every such row is stamped a window before now, once and for all, and so counts in no
+    // window and ages as any earlier row (a send `accepted` is then one whose sender is gone).
+    if global
+        .first()
+        .is_some_and(|&newest| newest > now + STAMPED_AHEAD_MS)
+    {
+        let restamped = sqlx::query::<DB>(RESTAMP_AHEAD)
+            .bind_value(now - HOUR_MS)
+            .bind_value(now + STAMPED_AHEAD_MS)
+            .execute(tx.executor())
+            .await?;
+        warn_restamped(DB::rows_affected(&restamped), now);
+        global = read_global(tx).await?;
+    }
     let mut reopened = None;
     if let Some(key) = new.idempotency_key {
         let sql = format!("SELECT {COLUMNS} FROM sms_messages WHERE idempotency_key = $1");
@@ -158,34 +216,14 @@ where
             None => {}
         }
     }
-    // The newest `limit` rows in each window: when there are that many, the oldest of them is
-    // the one whose expiry frees a slot. A row `failed` without a SID never reached anyone
-    // (Twilio could not be reached, throttled, or refused it): an outage must not use up the
-    // limits. A row stamped more than a window after now is no recent send: it was stamped while
-    // a wall clock ran that far ahead (since stepped back), and counted it would fill the window
-    // until our clock caught up with it, a day for a clock a day ahead. One less far ahead (a
-    // machine whose clock is a little fast) still counts, for at most a window.
-    let created_at = |row: DB::Row| <(i64,)>::from_row(&row).map(|(at,)| at);
     let recipient: Vec<i64> = sqlx::query::<DB>(
         "SELECT created_at FROM sms_messages WHERE to_number = $1 AND created_at > $2 \
-         AND created_at <= $3 AND (twilio_sid IS NOT NULL OR status <> 'failed') \
-         ORDER BY created_at DESC LIMIT $4",
-    )
-    .bind_value(new.to_number)
-    .bind_value(now - HOUR_MS)
-    .bind_value(now + HOUR_MS)
-    .bind_value(i64::from(limits.per_recipient_per_hour))
-    .try_map(created_at)
-    .fetch_all(tx.executor())
-    .await?;
-    let global: Vec<i64> = sqlx::query::<DB>(
-        "SELECT created_at FROM sms_messages WHERE created_at > $1 AND created_at <= $2 \
          AND (twilio_sid IS NOT NULL OR status <> 'failed') \
          ORDER BY created_at DESC LIMIT $3",
     )
-    .bind_value(now - MINUTE_MS)
-    .bind_value(now + MINUTE_MS)
-    .bind_value(i64::from(limits.per_minute))
+    .bind_value(new.to_number)
+    .bind_value(now - HOUR_MS)
+    .bind_value(i64::from(limits.per_recipient_per_hour))
     .try_map(created_at)
     .fetch_all(tx.executor())
     .await?;
@@ -461,6 +499,23 @@ impl Store {
             .fetch_optional(pool)
             .await
         })
+    }
+
+    /// Restamps the rows stamped more than an hour after `now_ms` an hour before it, as a
+    /// reservation does when it meets one (see `reserve_in`), so that no such row waits for a
+    /// send to come: left until our clock nears its stamp, it would count in the limits again.
+    /// Returns how many rows moved.
+    pub async fn restamp_sms_stamped_ahead(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let args = [
+            (now_ms - HOUR_MS).into(),
+            (now_ms + STAMPED_AHEAD_MS).into(),
+        ];
+        let rows = self
+            .execute(RESTAMP_AHEAD, &args)
+            .await
+            .context("restamping SMS rows stamped ahead")?;
+        warn_restamped(rows, now_ms);
+        Ok(rows)
     }
 
     /// Marks every message still `accepted` without a Twilio SID (reserved, Twilio's answer

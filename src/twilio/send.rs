@@ -565,6 +565,13 @@ pub fn spawn_unanswered_sweeper(
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
+            // Rows stamped by a clock since set back, first: one left `accepted` is then old.
+            if let Err(err) = store.restamp_sms_stamped_ahead(clock.now_ms()).await {
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "SMS rows stamped ahead not restamped"
+                );
+            }
             let cutoff = clock.now_ms().saturating_sub(deadline_ms);
             match store
                 .mark_unanswered_sms_unknown(cutoff, reason, clock.now_ms())

@@ -732,11 +732,11 @@ async fn sms_global_limit_lets_exactly_the_limit_through_concurrent_sends_on_two
 
 /// Sends stamped while the wall clock was a day ahead (an NTP step set it back since: a VM
 /// restored, a host whose clock was wrong at boot) are no recent sends once it is right: they
-/// must not fill the minute's or the hour's window for a whole day. A row stamped less than a
-/// window ahead (another machine's clock a little fast) still counts, and the wait it asks for
-/// stays within its window.
+/// must not fill the minute's or the hour's window for a whole day. A row stamped less far
+/// ahead (another machine's clock a little fast) still counts, until it is a window old, and
+/// the wait it asks for is never longer than its window.
 #[tokio::test]
-async fn sms_limits_ignore_rows_stamped_more_than_a_window_ahead_of_the_clock() {
+async fn sms_limits_ignore_rows_stamped_more_than_an_hour_ahead_of_the_clock() {
     let db = test_db!();
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
     let clock = edgegate::clock::Clock::manual();
@@ -761,7 +761,8 @@ async fn sms_limits_ignore_rows_stamped_more_than_a_window_ahead_of_the_clock() 
     let again = send(&app, text("+12025550123")).await;
     assert_eq!(again.status, 202, "{}", again.body);
 
-    // Rows 30 s ahead are within the minute's window: they count, for at most a minute.
+    // Rows 30 s ahead count until they are a minute old, 90 s from now; the wait asked for is
+    // never longer than the minute's window (60 s, not 90), then what is left of it.
     let db2 = test_db!();
     let app = instance_on_clock(&db2, &fake, &limits, clock.clone()).await;
     clock.step_wall(30_000);
@@ -772,8 +773,80 @@ async fn sms_limits_ignore_rows_stamped_more_than_a_window_ahead_of_the_clock() 
     clock.step_wall(-30_000);
     let refused = send(&app, text("+12025550209")).await;
     assert_error(&refused, 429, "RATE_LIMITED");
-    let retry_after = refused.retry_after.expect("Retry-After");
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(refused.retry_after, Some(60), "{}", refused.body);
+    clock.advance(Duration::from_secs(60));
+    let refused = send(&app, text("+12025550209")).await;
+    assert_error(&refused, 429, "RATE_LIMITED");
+    assert_eq!(refused.retry_after, Some(30), "{}", refused.body);
+    clock.advance(Duration::from_secs(30));
+    let after = send(&app, text("+12025550209")).await;
+    assert_eq!(after.status, 202, "{}", after.body);
+}
+
+/// An instance whose clock runs two minutes fast stamps its sends two minutes ahead. The
+/// instances whose clock is right must count them in `SMS_MAX_PER_MINUTE`, as they did before
+/// rows over a window ahead were left out: left out, each side let its own limit through in
+/// the same minute, twice the cap in all.
+#[tokio::test]
+async fn sms_global_limit_counts_the_sends_of_an_instance_whose_clock_is_minutes_fast() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let limits = [("SMS_MAX_PER_MINUTE", "3")];
+    let fast_clock = edgegate::clock::Clock::manual();
+    fast_clock.step_wall(120_000);
+    let fast = instance_on_clock(&db, &fake, &limits, fast_clock).await;
+    let right = instance_on_clock(&db, &fake, &limits, edgegate::clock::Clock::manual()).await;
+    let text = |to: &str| json!({"to": to, "body": "code"});
+
+    for n in 0..3 {
+        let sent = send(&fast, text(&format!("+1202555030{n}"))).await;
+        assert_eq!(sent.status, 202, "{}", sent.body);
+    }
+    let refused = send(&right, text("+12025550309")).await;
+    assert_error(&refused, 429, "RATE_LIMITED");
+    assert_eq!(refused.retry_after, Some(60), "{}", refused.body);
+    assert_error(
+        &send(&fast, text("+12025550308")).await,
+        429,
+        "RATE_LIMITED",
+    );
+    assert_eq!(fake.requests().len(), 3);
+}
+
+/// Sends stamped while the wall clock was a day ahead, once it is set back, must not count again
+/// when our clock comes within a window of their stamp: left out only while more than a window
+/// ahead, they filled the recipient's hour again 23 h later, and a person texted once a day
+/// before was refused 429. The first send after the step restamps them: they never count again.
+#[tokio::test]
+async fn sms_rows_stamped_a_day_ahead_do_not_count_again_as_the_clock_nears_their_stamp() {
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let clock = edgegate::clock::Clock::manual();
+    let limits = [("SMS_MAX_PER_RECIPIENT_PER_HOUR", "2")];
+    let app = instance_on_clock(&db, &fake, &limits, clock.clone()).await;
+    let text = |to: &str| json!({"to": to, "body": "code"});
+    let day_ms = 24 * 3_600_000;
+
+    clock.step_wall(day_ms);
+    for _ in 0..2 {
+        assert_eq!(send(&app, text("+12025550401")).await.status, 202);
+    }
+    clock.step_wall(-day_ms);
+    assert_eq!(send(&app, text("+12025550402")).await.status, 202);
+
+    // 23 h 30 min later the rows would be 30 min ahead, within the hour's window.
+    clock.advance(Duration::from_secs(23 * 3600 + 1800));
+    for _ in 0..2 {
+        let sent = send(&app, text("+12025550401")).await;
+        assert_eq!(sent.status, 202, "{}", sent.body);
+    }
+    // The limit itself holds: two sends this hour.
+    let refused = send(&app, text("+12025550401")).await;
+    assert_error(&refused, 429, "RATE_LIMITED");
+    assert_eq!(refused.retry_after, Some(3600), "{}", refused.body);
+    let stamped = "SELECT COUNT(*) FROM sms_messages WHERE created_at > ";
+    let ahead = format!("{stamped}{}", clock.now_ms() + 3_600_000);
+    assert_eq!(crate::stripe::count(&db, &ahead).await, 0);
 }
 
 #[tokio::test]
