@@ -517,6 +517,55 @@ async fn sms_a_repeat_of_a_send_whose_sender_is_gone_answers_unknown() {
     );
 }
 
+/// A sender killed while the wall clock was a day ahead leaves its row `accepted`, stamped a
+/// day ahead. Once the clock is set back its age was below zero for a day: every repeat with
+/// its key got 409 `CONFLICT` and the sweep passed it over. A row stamped more than an hour
+/// ahead is restamped an hour back by the next reservation, the repeat's own: it is answered
+/// as a send whose sender is gone, and never sent again. One stamped a little ahead (an
+/// instance whose clock is a few seconds fast, its sender maybe still waiting on Twilio) is
+/// still a send in progress.
+#[tokio::test]
+async fn sms_a_repeat_of_a_send_stamped_a_day_ahead_by_a_clock_since_set_back_answers_unknown() {
+    use edgegate::store::{NewSms, SmsLimits};
+    let (_db, fake, app) = one_instance!(&[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let limits = SmsLimits {
+        per_recipient_per_hour: 5,
+        per_minute: 60,
+    };
+    for (key, at) in [("fast-1", now + 5_000), ("ahead-1", now + 86_400_000)] {
+        let new = NewSms {
+            id: key,
+            idempotency_key: Some(key),
+            to_number: "+12025550123",
+            body: "hi",
+            status: "accepted",
+            replayed_error_codes: &[],
+        };
+        app.state
+            .store
+            .reserve_sms(new, limits, || at)
+            .await
+            .unwrap();
+    }
+    let repeat = |key: &str| json!({"to": "+12025550123", "body": "hi", "idempotency_key": key});
+    let answer = send(&app, repeat("ahead-1")).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(
+        answer.body,
+        json!({"id": "ahead-1", "sid": null, "status": "unknown"})
+    );
+    let answer = send(&app, repeat("fast-1")).await;
+    assert_error(&answer, 409, "CONFLICT");
+    assert!(
+        fake.requests().is_empty(),
+        "a send that may have gone out was sent again"
+    );
+}
+
 /// Once Twilio has the message, a stalled database must not turn the answer into a 504 (the
 /// caller, without the SID, would send again): the write waits a bounded time, the caller gets
 /// 202 with the SID, and the write goes on, storing the SID once the database answers. On
