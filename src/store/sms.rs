@@ -52,8 +52,10 @@ const STATUS_TRIES: usize = 8;
 const HOUR_MS: i64 = 3_600_000;
 const MINUTE_MS: i64 = 60_000;
 /// Restamps rows stamped more than `STAMPED_AHEAD_MS` after now (`$2`) to an hour before now
-/// (`$1`); see `reserve_in`.
-const RESTAMP_AHEAD: &str = "UPDATE sms_messages SET created_at = $1 WHERE created_at > $2";
+/// (`$1`); see `reserve_in`. Their `updated_at` too, when it is as far ahead: the recovery pass asks Twilio only about rows not
+/// updated for a while, which a row updated "tomorrow" would not be for a day.
+const RESTAMP_AHEAD: &str = "UPDATE sms_messages SET created_at = $1, \
+    updated_at = CASE WHEN updated_at > $2 THEN $1 ELSE updated_at END WHERE created_at > $2";
 
 fn warn_restamped(rows: u64, now: i64) {
     if rows > 0 {

@@ -211,16 +211,20 @@ pub async fn run(
     let locked = async |lock: &mut SyncLock| {
         // Read under the lock, so it sees every run that finished before this one.
         for (run, stamped) in store
-            .disown_coverage_after(started_at.saturating_add(STAMPED_AHEAD_MS))
+            .disown_coverage_after(
+                started_at.saturating_add(STAMPED_AHEAD_MS),
+                started_at.saturating_add(OVERLAP_SECONDS * 1000),
+            )
             .await?
         {
             tracing::warn!(
                 run = run.as_str(),
-                started_at = stamped,
+                covered_until = stamped,
                 now = started_at,
-                "a reconciliation stamped after now (made while the wall clock was ahead, since \
-                 set back, by a build that did not record Stripe's time) no longer counts as \
-                 covering anything: the default window starts from the last run before it"
+                "a reconciliation whose coverage is after now (stamped while the wall clock was \
+                 ahead, since set back, or dated by a clock in front of Stripe that far ahead of \
+                 ours) no longer counts as covering anything: the default window starts from the \
+                 last run before it"
             );
         }
         let covered = store.reconcile_coverage().await?;

@@ -360,6 +360,40 @@ async fn a_run_in_a_minute_the_clock_ran_a_day_ahead_covers_only_that_minute() {
     assert_eq!(product_name(&db, 0).await, "Name 0");
 }
 
+/// A `Date` more than the overlap ahead of our clock (a proxy in front of Stripe that writes its
+/// own, by a clock a day fast) covers nothing, as a start stamped ahead does: a run after a
+/// three-hour outage lists from before it, not from an hour before now. Taken as it came, it
+/// held the window at an hour for the day, and the outage's events were never listed.
+#[tokio::test]
+async fn a_stripe_date_further_ahead_than_the_overlap_covers_nothing() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = app_on_clock(&db, &fake, &clock).await;
+    let t = clock.now_ms() / 1000;
+    let (hour, day) = (3_600, 86_400);
+    fake.set_date(Some(t));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+
+    // An hour later the proxy's clock is a day fast for one run.
+    clock.advance(std::time::Duration::from_secs(hour as u64));
+    fake.set_date(Some(t + hour + day));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Then three hours of outage, whose events nobody listed, and the proxy's clock is right.
+    fake.add_events([history_event(&fixtures, 0, t + 2 * hour)]);
+    clock.advance(std::time::Duration::from_secs(4 * hour as u64));
+    fake.set_date(Some(t + 5 * hour));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["since"].as_i64().unwrap() <= t + 2 * hour, "{body}");
+    assert_eq!(events(&body), (1, 1, 0, 0), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+}
+
 #[tokio::test]
 async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     let fixtures = stripe_fixtures!();

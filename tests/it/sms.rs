@@ -2311,6 +2311,11 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
         };
         store.record_sms_send(&id, result, at).await.unwrap();
     };
+    // Reserved in the order of their times: one reserved earlier than the newest row by more
+    // than an hour reads as a clock set back, and restamps the rows ahead of it.
+    let old = GIVE_UP.as_millis() as i64 + hour;
+    row("old".into(), "SMold".into(), "sent", now - old).await;
+    fake.set_status("SMold", "delivered", None);
     let count = BATCH + 5;
     let sids: Vec<String> = (0..count).map(|i| format!("SM{i:032}")).collect();
     for (i, sid) in sids.iter().enumerate() {
@@ -2324,9 +2329,6 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     fake.set_status(&sids[2], "queued", None);
     row("final".into(), "SMfinal".into(), "delivered", now - hour).await;
     fake.set_status("SMfinal", "sent", None);
-    let old = GIVE_UP.as_millis() as i64 + hour;
-    row("old".into(), "SMold".into(), "sent", now - old).await;
-    fake.set_status("SMold", "delivered", None);
 
     let first = recover_statuses(store, &api, &clock, metrics)
         .await

@@ -808,21 +808,28 @@ impl Store {
         Ok(last)
     }
 
-    /// Takes from the coverage the successful continuous runs without Stripe's time (from
-    /// builds before `covered_until`, or whose answer had no `Date`) stamped after `after` (ms):
-    /// runs made while the wall clock was ahead, since set back, whose start says nothing of how
-    /// far they really listed. They are marked not `continuous` for good, not merely passed over
-    /// while in the future: once the clock passes their stamp they would again claim events
-    /// up to it, and the default window would skip those created since the last true run. A
-    /// run with Stripe's time is left alone: that time is right whatever our clock says.
-    /// Returns their ids and starts.
-    pub async fn disown_coverage_after(&self, after: i64) -> anyhow::Result<Vec<(String, i64)>> {
+    /// Takes from the coverage the successful continuous runs whose coverage lies further ahead
+    /// of now than can be right: a run without Stripe's time (from builds before
+    /// `covered_until`, or whose answer had no `Date`) stamped after `stamped_after` (ms), made
+    /// while the wall clock was ahead, since set back; one whose `Date` is after
+    /// `covered_after`, a clock in front of Stripe (a proxy writing its own `Date`) that far
+    /// ahead of ours. Either says nothing of how far the run really listed. They are marked not
+    /// `continuous` for good, not merely passed over while in the future: once the clock passes
+    /// their stamp they would again claim events up to it, and the default window would skip
+    /// those created since the last true run. Returns their ids and coverage.
+    pub async fn disown_coverage_after(
+        &self,
+        stamped_after: i64,
+        covered_after: i64,
+    ) -> anyhow::Result<Vec<(String, i64)>> {
         let sql = "UPDATE reconcile_runs SET continuous = $2 \
-                   WHERE outcome = 'ok' AND continuous AND covered_until IS NULL \
-                   AND started_at > $1 RETURNING id, started_at";
+                   WHERE outcome = 'ok' AND continuous \
+                   AND ((covered_until IS NULL AND started_at > $1) OR covered_until > $3) \
+                   RETURNING id, COALESCE(covered_until, started_at)";
         let disowned: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(after)
+            .bind(stamped_after)
             .bind(false)
+            .bind(covered_after)
             .fetch_all(pool)
             .await)
         .context("reading earlier reconcile runs")?;
