@@ -459,7 +459,7 @@ async fn sqlite_lease(
             .bind(longest)
             .execute(pool)
             .await
-            .context("reading the sync lock's holder")?;
+            .context("cutting the sync lock's lease")?;
         // Not for a clock a few milliseconds off another process's on the file.
         if expires_at - longest > 1_000 {
             tracing::warn!(
