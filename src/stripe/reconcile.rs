@@ -655,13 +655,16 @@ const FIRST_RUN_SPREAD: Duration = Duration::from_secs(60);
 
 /// How long after start the first periodic run comes: at `last` (ms) plus `interval`, or, when
 /// that is past or no run is known, within a tenth of the interval (a minute at most); `fraction`
-/// (0 to 1) picks where in that spread.
+/// (0 to 1) picks where in that spread. Never more than an interval and its spread: a last run
+/// stamped ahead of now (while the wall clock ran ahead, since set back) would otherwise put the
+/// first one off by as much again, a day for a clock that was a day ahead.
 fn first_pause(last: Option<i64>, now_ms: i64, interval: Duration, fraction: f64) -> Duration {
     let spread = (interval / 10).min(FIRST_RUN_SPREAD).mul_f64(fraction);
     let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
     match last.map(|last| last.saturating_add(interval_ms).saturating_sub(now_ms)) {
         Some(due_in) if due_in > 0 => {
-            Duration::from_millis(u64::try_from(due_in).unwrap_or(0)) + spread
+            let due_in = u64::try_from(due_in.min(interval_ms)).unwrap_or(0);
+            Duration::from_millis(due_in) + spread
         }
         _ => spread,
     }
@@ -719,6 +722,16 @@ mod tests {
         // A short interval spreads over a tenth of it.
         let short = Duration::from_secs(60);
         assert_eq!(first_pause(None, now, short, 1.0), Duration::from_secs(6));
+        // One stamped ahead of now (a wall clock set back since): an interval at most, not the
+        // day to its stamp and an interval more.
+        assert_eq!(
+            first_pause(Some(now + 86_400_000), now, hour, 0.0),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            first_pause(Some(now + 1_000), now, hour, 1.0),
+            Duration::from_secs(3660)
+        );
     }
 
     #[test]
