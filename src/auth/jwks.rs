@@ -198,8 +198,8 @@ pub struct JwksStatsSnapshot {
 }
 
 impl JwksStats {
-    /// Copies the counters; `now_unix` gives the key set's age.
-    pub fn snapshot(&self, now_unix: i64) -> JwksStatsSnapshot {
+    /// Copies the counters, with the key set's age (`None` before the first good fetch).
+    pub fn snapshot(&self, key_set_age: Option<Duration>) -> JwksStatsSnapshot {
         let last = self.last_success_unix.load(Ordering::Relaxed);
         let last = (last != i64::MIN).then_some(last);
         JwksStatsSnapshot {
@@ -208,7 +208,8 @@ impl JwksStats {
             refetches_suppressed: self.refetch_suppressed.load(Ordering::Relaxed),
             unknown_kid_refetches: self.unknown_kid_refetches.load(Ordering::Relaxed),
             last_success_unix: last,
-            key_set_age_seconds: last.map(|t| now_unix.saturating_sub(t).max(0)),
+            key_set_age_seconds: key_set_age
+                .map(|age| i64::try_from(age.as_secs()).unwrap_or(i64::MAX)),
             stale: self.stale.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
         }
@@ -315,9 +316,15 @@ impl JwksFetcher {
     /// Counters plus failure details, for the admin endpoint.
     pub fn status(&self) -> JwksStatus {
         let state = self.state();
+        // The age by the monotonic clock: the wall clock's, stepped by NTP, made a set fetched a
+        // minute ago a day old (the alert on it fired) or kept an old one young.
+        let now = self.inner.clock.now();
+        let age = state
+            .last_success
+            .map(|at| now.saturating_duration_since(at));
         JwksStatus {
             url: crate::config::shown_url(&self.inner.cfg.url),
-            stats: self.inner.stats.snapshot(self.inner.clock.unix_now()),
+            stats: self.inner.stats.snapshot(age),
             consecutive_failures: state.consecutive_failures,
             last_error: state.last_error.clone(),
             dropped: state.dropped.clone(),

@@ -113,7 +113,7 @@ pub async fn refresh(
         }
         Err(err) => {
             audit(&state, &principal, "refresh_signing_keys", "upstream_error").await;
-            let kept = if fetcher.stats().snapshot(0).last_success_unix.is_some() {
+            let kept = if fetcher.status().stats.last_success_unix.is_some() {
                 "the last good key set stays in use"
             } else {
                 "no key set has been fetched yet, so tokens signed by signing keys are refused"

@@ -286,11 +286,7 @@ async fn random_kids_cost_at_most_one_fetch_per_min_refresh() {
         }
         assert_eq!(host.hits(), 1 + round, "one refetch per cool-down interval");
     }
-    let stats = auth
-        .fetcher()
-        .expect("fetcher")
-        .stats()
-        .snapshot(clock.unix_now());
+    let stats = auth.fetcher().expect("fetcher").status().stats;
     assert_eq!(stats.refetches_suppressed, 3 * 999);
     assert_eq!(stats.unknown_kid_refetches, 3);
 
@@ -324,7 +320,7 @@ async fn a_set_never_fetched_because_fetches_fail_is_stale() {
     let clock = Clock::manual();
     let auth = auth_for(&host, &clock, true);
     let fetcher = auth.fetcher().expect("fetcher");
-    let fresh = fetcher.stats().snapshot(clock.unix_now());
+    let fresh = fetcher.status().stats;
     assert!(!fresh.stale, "not stale before any fetch was tried");
 
     host.update(|r| r.status = 503);
@@ -336,7 +332,7 @@ async fn a_set_never_fetched_because_fetches_fail_is_stale() {
 
     host.update(|r| r.status = 200);
     fetcher.refresh_now().await.expect("the host answers");
-    assert!(!fetcher.stats().snapshot(clock.unix_now()).stale);
+    assert!(!fetcher.status().stats.stale);
 }
 
 #[tokio::test]
@@ -393,7 +389,7 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
     let hits = auth.cache().hits();
     assert!(auth.verify_bearer(&cached).await.is_ok());
     assert_eq!(auth.cache().hits(), hits + 1, "answered from the cache");
-    let stats = fetcher.stats().snapshot(clock.unix_now());
+    let stats = fetcher.status().stats;
     assert_eq!(
         (stats.fetches_ok, stats.fetches_failed, stats.stale),
         (1, 5, false)
@@ -406,6 +402,13 @@ async fn host_down_keeps_the_last_set_until_max_stale() {
     assert!(!status.stats.expired);
     assert!(status.last_error.is_some());
     assert_eq!(status.stats.key_set_age_seconds, Some(700));
+    // The age is the time the set has been held, whatever the wall clock does meanwhile: an NTP
+    // step of a day either way is no day of age (the alert on it would fire, or stay silent).
+    clock.step_wall(86_400_000);
+    assert_eq!(fetcher.status().stats.key_set_age_seconds, Some(700));
+    clock.step_wall(-2 * 86_400_000);
+    assert_eq!(fetcher.status().stats.key_set_age_seconds, Some(700));
+    clock.step_wall(86_400_000);
     let n = clock.unix_now();
     assert!(
         auth.verify_bearer(&k1.token(&claims(n))).await.is_ok(),
@@ -816,7 +819,7 @@ async fn an_unknown_kid_refused_by_the_cool_down_is_looked_up_in_the_new_ring() 
     let (ring, result) = auth.verify_after_unknown_kid(read, &token).await;
     assert_eq!(result.map(|v| v.kid), Ok(Some("k2".into())));
     assert_eq!(ring.generation(), auth.key_ring().load().generation());
-    let stats = fetcher.stats().snapshot(clock.unix_now());
+    let stats = fetcher.status().stats;
     assert_eq!(stats.refetches_suppressed, 1, "the cool-down answered");
     assert_eq!(host.hits(), hits, "no fetch of its own");
 
