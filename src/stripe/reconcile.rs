@@ -591,7 +591,9 @@ impl ReconcileMetrics {
 /// last periodic run of any instance: an interval after it, or soon when it is older than that (or there is none), so
 /// instances restarted more often than the interval (deploys, secret changes) still run one.
 /// Where another instance holds the lock the run is skipped (counted as `in_progress`). After a
-/// failed run the next comes within the hour (`next_pause`), not an interval later.
+/// failed run the next comes within the hour (`next_pause`), not an interval later. At start and
+/// after each run, catalogue rows an earlier build wrote are rewritten by a sync
+/// (`sync::rewrite_rows_of_earlier_builds`).
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
@@ -616,10 +618,12 @@ pub fn spawn_periodic(
             }
         };
         let mut pause = first_pause(last, clock.now_ms(), interval, random_fraction());
+        super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder).await;
         loop {
             tokio::time::sleep(pause).await;
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
+            super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder).await;
             let failed = matches!(
                 result,
                 Err(ReconcileError::Upstream { .. } | ReconcileError::Internal(_))

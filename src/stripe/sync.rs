@@ -168,6 +168,50 @@ pub async fn run(
     result.map(|counts| SyncReport::new(&counts, clock.now().saturating_duration_since(started)))
 }
 
+/// Runs a sync when the catalogue holds rows an earlier build wrote last (a rolling deploy runs
+/// it beside this one, a rollback alone): it wrote them without the columns it does not know,
+/// which kept an earlier value or none while the row looked current, and neither a redelivery
+/// (a duplicate) nor a reconciliation (already applied) writes them again. The sync does, from
+/// Stripe. Called at start and after each periodic reconciliation; failures are logged, and the
+/// next call tries again.
+pub async fn rewrite_rows_of_earlier_builds(
+    store: &Store,
+    client: &StripeClient,
+    clock: &Clock,
+    holder: &str,
+) {
+    let rows = match store.catalogue_rows_by_earlier_builds().await {
+        Ok(0) => return,
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::warn!(
+                error = crate::error::causes(&err),
+                "cannot tell whether an earlier build wrote catalogue rows; the next check tries again"
+            );
+            return;
+        }
+    };
+    tracing::info!(
+        rows,
+        "catalogue rows were last written by an earlier build (columns it does not know may be \
+         out of date); syncing the catalogue from Stripe"
+    );
+    match run(store, client, clock, holder).await {
+        Ok(report) => tracing::info!(
+            products_written = report.products.upserted,
+            prices_written = report.prices.upserted,
+            "catalogue rows of earlier builds rewritten"
+        ),
+        Err(SyncError::InProgress(_)) => {
+            tracing::debug!("catalogue sync for rows of earlier builds skipped: another one runs");
+        }
+        Err(err) => tracing::warn!(
+            error = format!("{err:#}"),
+            "catalogue sync for rows of earlier builds failed; the next check tries again"
+        ),
+    }
+}
+
 async fn run_locked(
     store: &Store,
     client: &StripeClient,

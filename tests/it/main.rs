@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod binary;
+mod catalogue_writers;
 mod cli;
 mod cors;
 mod crash;

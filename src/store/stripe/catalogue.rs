@@ -106,12 +106,25 @@ pub enum Tombstone {
     Price(Box<PriceRow>),
 }
 
+/// The set of catalogue columns this build writes, stored in each row it writes
+/// (`written_rev`, beside `written_synced_at`: the `synced_at` it wrote with). A build that
+/// writes more columns than the one before it counts one up, so rows the earlier build wrote
+/// meanwhile (a rolling deploy, a rollback) are found and rewritten ([`EARLIER_WRITER`]).
+pub(crate) const WRITTEN_REV: i64 = 1;
+
+/// The rows that a build other than this one wrote last, so that columns it does not know may
+/// hold an earlier value: one written with another set of columns, or whose `synced_at` moved
+/// without `written_synced_at` (written by a build that knows neither). Deactivated rows are
+/// left out: Stripe no longer lists them, so no sync could rewrite them.
+const EARLIER_WRITER: &str = "deactivated_at IS NULL AND (written_rev IS DISTINCT FROM $1 \
+    OR written_synced_at IS DISTINCT FROM synced_at)";
+
 // Columns and statements shared by the sync and the webhook; built from constants only.
 const PRODUCT_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_products (id, active, name, description, default_price_id, metadata, \
      livemode, stripe_created, stripe_updated, last_event_created, synced_at, deactivated_at, \
-     images, marketing_features, unit_label, url) VALUES ",
-    16,
+     images, marketing_features, unit_label, url, written_rev, written_synced_at) VALUES ",
+    18,
 );
 const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = excluded.active, name = excluded.name, \
     description = excluded.description, default_price_id = excluded.default_price_id, \
@@ -121,7 +134,8 @@ const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = exclude
     deactivated_at = excluded.deactivated_at, images = excluded.images, \
     marketing_features = COALESCE(excluded.marketing_features, stripe_products.marketing_features), \
     unit_label = excluded.unit_label, \
-    url = excluded.url \
+    url = excluded.url, written_rev = excluded.written_rev, \
+    written_synced_at = excluded.written_synced_at \
     WHERE (stripe_products.last_event_created IS NULL \
     OR stripe_products.last_event_created <= excluded.last_event_created)";
 const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL \
@@ -137,15 +151,17 @@ const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL 
     OR stripe_products.marketing_features \
     IS DISTINCT FROM COALESCE(excluded.marketing_features, stripe_products.marketing_features) \
     OR stripe_products.unit_label IS DISTINCT FROM excluded.unit_label \
-    OR stripe_products.url IS DISTINCT FROM excluded.url)";
+    OR stripe_products.url IS DISTINCT FROM excluded.url \
+    OR stripe_products.written_rev IS DISTINCT FROM excluded.written_rev \
+    OR stripe_products.written_synced_at IS DISTINCT FROM stripe_products.synced_at)";
 const PRICE_COLUMNS: (&str, usize) = (
     "INSERT INTO stripe_prices (id, product_id, active, currency, unit_amount, price_type, \
      recurring_interval, recurring_interval_count, lookup_key, nickname, metadata, livemode, \
      stripe_created, last_event_created, synced_at, deactivated_at, unit_amount_decimal, \
      billing_scheme, tiers_mode, tiers, transform_quantity, custom_unit_amount, \
      currency_options, tax_behavior, recurring_usage_type, recurring_meter, \
-     recurring_trial_period_days) VALUES ",
-    27,
+     recurring_trial_period_days, written_rev, written_synced_at) VALUES ",
+    29,
 );
 // `tiers` and `currency_options` are sent by Stripe only when expanded (the sync asks for both;
 // an event's object may lack them): a write without them keeps the row's. A price's tiers never
@@ -168,7 +184,8 @@ const PRICE_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET product_id = exclu
     lookup_key = excluded.lookup_key, nickname = excluded.nickname, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, last_event_created = excluded.last_event_created, \
-    synced_at = excluded.synced_at, deactivated_at = excluded.deactivated_at \
+    synced_at = excluded.synced_at, deactivated_at = excluded.deactivated_at, \
+    written_rev = excluded.written_rev, written_synced_at = excluded.written_synced_at \
     WHERE (stripe_prices.last_event_created IS NULL \
     OR stripe_prices.last_event_created <= excluded.last_event_created)";
 const PRICE_CHANGED: &str = " AND (stripe_prices.deactivated_at IS NOT NULL \
@@ -196,7 +213,9 @@ const PRICE_CHANGED: &str = " AND (stripe_prices.deactivated_at IS NOT NULL \
     OR stripe_prices.nickname IS DISTINCT FROM excluded.nickname \
     OR stripe_prices.metadata IS DISTINCT FROM excluded.metadata \
     OR stripe_prices.livemode IS DISTINCT FROM excluded.livemode \
-    OR stripe_prices.stripe_created IS DISTINCT FROM excluded.stripe_created)";
+    OR stripe_prices.stripe_created IS DISTINCT FROM excluded.stripe_created \
+    OR stripe_prices.written_rev IS DISTINCT FROM excluded.written_rev \
+    OR stripe_prices.written_synced_at IS DISTINCT FROM stripe_prices.synced_at)";
 
 /// `($1, …, $width), ($width+1, …)`: the placeholders of a multi-row VALUES list.
 fn placeholders(rows: usize, width: usize) -> String {
@@ -289,6 +308,8 @@ impl CatalogueRow for ProductRow {
             .bind_value(&self.marketing_features)
             .bind_value(&self.unit_label)
             .bind_value(&self.url)
+            .bind_value(WRITTEN_REV)
+            .bind_value(now)
     }
 }
 
@@ -335,6 +356,8 @@ impl CatalogueRow for PriceRow {
             .bind_value(&self.recurring_usage_type)
             .bind_value(&self.recurring_meter)
             .bind_value(self.recurring_trial_period_days)
+            .bind_value(WRITTEN_REV)
+            .bind_value(now)
     }
 }
 
@@ -349,8 +372,11 @@ async fn sync_page<DB: Engine, R: CatalogueRow>(
     if rows.is_empty() {
         return Ok(0);
     }
+    // A row this build wrote keeps its `written_synced_at` beside `synced_at`; one an earlier
+    // build wrote stays apart, and is written by the upsert below whatever its content.
     let seen = format!(
-        "UPDATE {} SET synced_at = $1 WHERE id IN ({})",
+        "UPDATE {} SET synced_at = $1, written_synced_at = CASE \
+         WHEN written_synced_at = synced_at THEN $1 ELSE written_synced_at END WHERE id IN ({})",
         R::TABLE,
         (2..rows.len() + 2)
             .map(|i| format!("${i}"))
@@ -387,6 +413,22 @@ impl Store {
     ) -> anyhow::Result<u64> {
         with_pool!(self, |pool| sync_page(pool, rows, now).await)
             .with_context(|| format!("writing a page of {}", R::TABLE))
+    }
+
+    /// How many products and prices an earlier build wrote last ([`EARLIER_WRITER`]): a sync
+    /// rewrites them.
+    pub async fn catalogue_rows_by_earlier_builds(&self) -> anyhow::Result<i64> {
+        let sql = format!(
+            "SELECT (SELECT COUNT(*) FROM stripe_products WHERE {EARLIER_WRITER}) \
+             + (SELECT COUNT(*) FROM stripe_prices WHERE {EARLIER_WRITER})"
+        );
+        let rows: Result<i64, sqlx::Error> = with_pool!(self, |pool| {
+            sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+                .bind(WRITTEN_REV)
+                .fetch_one(pool)
+                .await
+        });
+        rows.context("counting the catalogue rows earlier builds wrote")
     }
 
     /// The ids of prices not deactivated yet whose last stamp is older than `since`: those a

@@ -1,0 +1,160 @@
+//! Catalogue rows an earlier build wrote while this one served beside it (a rolling deploy) or
+//! instead of it (a rollback): that build writes products and prices without the columns it does
+//! not know, which keep an earlier value while the row looks current, and neither a redelivered
+//! event (a duplicate) nor a reconciliation (already applied) writes them again. The periodic
+//! task finds them, at start and after each run, and has the sync rewrite them from Stripe.
+
+use std::time::{Duration, Instant};
+
+use crate::fake_stripe::{self, FakeStripe, SECRET_KEY};
+use crate::stripe::{App, app, count, fast_retry, scalar, sync};
+use crate::support::TestDb;
+use crate::{stripe_fixtures, test_db};
+
+/// The periodic reconciliation of `app`, every `interval`, as `run` starts it.
+fn spawn_periodic(app: &App, interval: Duration) -> tokio::task::JoinHandle<()> {
+    let client = edgegate::stripe::StripeClient::from_config(
+        app.state.stripe_http.clone(),
+        &app.state.config.stripe,
+        fast_retry(),
+    )
+    .unwrap();
+    edgegate::stripe::reconcile::spawn_periodic(
+        app.state.store.clone(),
+        client,
+        app.state.clock.clone(),
+        interval,
+        app.state.reconcile_metrics.clone(),
+    )
+}
+
+/// The columns of product `id` that the build before `written_rev` did not know, with its name.
+async fn product_columns(db: &TestDb, id: &str) -> String {
+    let sql = format!(
+        "SELECT name || '|' || COALESCE(images, 'null') || '|' || COALESCE(unit_label, 'null') \
+         || '|' || COALESCE(url, 'null') FROM stripe_products WHERE id = '{id}'"
+    );
+    scalar!(db, String, sql)
+}
+
+/// Writes `sql` (an UPDATE or INSERT of one row, ending in `RETURNING 1`) as another build would.
+async fn write_as_an_earlier_build(db: &TestDb, sql: &str) {
+    assert_eq!(scalar!(db, i32, sql), 1, "{sql}");
+}
+
+#[tokio::test]
+async fn rows_an_earlier_build_wrote_are_rewritten_from_stripe() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 9).await;
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    let store = &app.state.store;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+
+    // The earlier build applies an event of product 0 (renamed; its images, unit label and URL
+    // removed in Stripe): it writes the name and moves `synced_at`, and leaves the columns it
+    // does not know. It also writes a price of a product first seen by it.
+    let (product, price) = (fake_stripe::product_id(0), fake_stripe::price_id(1));
+    let current = product_columns(&db, &product).await;
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET name = 'Renamed by the earlier build', \
+             images = '[\"https://old.example/a.png\"]', unit_label = 'seat', \
+             url = 'https://old.example/a', synced_at = synced_at + 5 WHERE id = '{product}' \
+             RETURNING 1"
+        ),
+    )
+    .await;
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_prices SET recurring_usage_type = NULL, synced_at = synced_at + 5 \
+             WHERE id = '{price}' RETURNING 1"
+        ),
+    )
+    .await;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 2);
+    let runs = count(&db, "SELECT COUNT(*) FROM sync_runs").await;
+
+    // An hour's interval: only the check at start can rewrite them within the test.
+    let task = spawn_periodic(&app, Duration::from_secs(3600));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.catalogue_rows_by_earlier_builds().await.unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "rows of an earlier build still there 20 s after start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(product_columns(&db, &product).await, current);
+    let usage = format!(
+        "SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND recurring_usage_type IS NOT NULL"
+    );
+    assert_eq!(count(&db, &usage).await, 1, "the price is rewritten too");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM sync_runs").await,
+        runs + 1,
+        "one sync"
+    );
+
+    // Rewritten, they are this build's: a rerun of the task finds nothing and syncs nothing.
+    let task = spawn_periodic(&app, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    task.abort();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM sync_runs").await, runs + 1);
+}
+
+/// A sync's stamp of the rows it found unchanged keeps them this build's (else every sync would
+/// call for the next); rows from before the columns count as an earlier build's until synced.
+#[tokio::test]
+async fn rows_this_build_writes_are_never_taken_for_an_earlier_builds() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 4, 12).await;
+    let vars = [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ];
+    let app = app(&db, &vars, fast_retry()).await;
+    let store = &app.state.store;
+    let written = |body: &serde_json::Value| {
+        (
+            body["products"]["upserted"].as_i64(),
+            body["prices"]["upserted"].as_i64(),
+        )
+    };
+    assert_eq!(sync(&app.server).await.0, 200);
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(
+        (status, written(&body)),
+        (200, (Some(0), Some(0))),
+        "{body}"
+    );
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+    // Rows written before the column existed count as an earlier build's.
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET written_rev = NULL, written_synced_at = NULL \
+             WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(3)
+        ),
+    )
+    .await;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(
+        (status, written(&body)),
+        (200, (Some(1), Some(0))),
+        "{body}"
+    );
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+}
