@@ -566,6 +566,85 @@ async fn sms_a_repeat_of_a_send_stamped_a_day_ahead_by_a_clock_since_set_back_an
     );
 }
 
+/// Reserves message `id` (its idempotency key `id` too) as a send does when its clock reads `at`
+/// (ms), and leaves it `accepted`: as a sender stopped before Twilio answered left it.
+async fn reserve_at(store: &edgegate::store::Store, id: &str, at: i64) {
+    use edgegate::store::{NewSms, Reservation, SmsLimits};
+    let new = NewSms {
+        id,
+        idempotency_key: Some(id),
+        to_number: "+12025550123",
+        body: "hi",
+        status: "accepted",
+        replayed_error_codes: &[],
+    };
+    let limits = SmsLimits {
+        per_recipient_per_hour: 1_000,
+        per_minute: 1_000,
+    };
+    let reserved = store.reserve_sms(new, limits, || at).await.unwrap();
+    assert!(matches!(reserved, Reservation::Created(_)), "{reserved:?}");
+}
+
+/// Records Twilio's answer `sent` with `sid` for message `id`, at `at` (ms).
+async fn record_sent_at(store: &edgegate::store::Store, id: &str, sid: &str, at: i64) {
+    let sent = edgegate::store::SendResult {
+        status: "sent",
+        twilio_sid: Some(sid),
+        error_code: None,
+        error_message: None,
+    };
+    store.record_sms_send(id, sent, at).await.unwrap();
+}
+
+/// Rows stamped over an hour ahead by a clock since set back are restamped an hour before now by
+/// the sweep, not only by the next send: with no send coming, a row left `accepted` a day ahead
+/// (its sender killed while the clock was ahead) waited a day to be swept `unknown`, and every
+/// row came back into the limits once the clock neared its stamp. A row less far ahead keeps its
+/// stamp (another instance's clock a little fast), and its send may still be under way.
+#[tokio::test]
+async fn sms_the_sweep_restamps_rows_stamped_over_an_hour_ahead_with_no_send_coming() {
+    let db = test_db!();
+    let store = db.store().await;
+    let clock = edgegate::clock::Clock::manual();
+    let (now, hour, day) = (clock.now_ms(), 3_600_000, 86_400_000);
+    // In time order: a reservation after a row over an hour ahead of it restamps that row.
+    reserve_at(&store, "old", now - hour).await;
+    reserve_at(&store, "half-hour-ahead", now + hour / 2).await;
+    reserve_at(&store, "day-ahead", now + day).await;
+    reserve_at(&store, "sent-day-ahead", now + day).await;
+    record_sent_at(&store, "sent-day-ahead", "SM0001", now + day).await;
+
+    let (_server, state) = crate::support::spawn_app_with_clock(&db, &[], clock).await;
+    let row = |id: &'static str| {
+        let store = state.store.clone();
+        async move { store.sms_message(id).await.unwrap().unwrap() }
+    };
+    // The sweep restamps before it marks: once the old row is marked, the restamp is done.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while row("old").await.status != "unknown" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the start sweep did not run");
+    let swept = row("day-ahead").await;
+    assert_eq!(
+        (swept.status.as_str(), swept.created_at_ms),
+        ("unknown", now - hour)
+    );
+    let sent = row("sent-day-ahead").await;
+    assert_eq!(
+        (sent.status.as_str(), sent.created_at_ms, sent.updated_at_ms),
+        ("sent", now - hour, now - hour)
+    );
+    let fast = row("half-hour-ahead").await;
+    assert_eq!(
+        (fast.status.as_str(), fast.created_at_ms),
+        ("accepted", now + hour / 2)
+    );
+}
+
 /// Once Twilio has the message, a stalled database must not turn the answer into a 504 (the
 /// caller, without the SID, would send again): the write waits a bounded time, the caller gets
 /// 202 with the SID, and the write goes on, storing the SID once the database answers. On
