@@ -2459,6 +2459,41 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
     assert_eq!(status("old").await, "sent");
 }
 
+/// A message Twilio took while the wall clock ran a day ahead is created and updated "tomorrow".
+/// Once the clock is set back, the next send (or the sweep) restamps it an hour before now, its
+/// `updated_at` too: the recovery pass asks Twilio about it at once. Had only `created_at`
+/// moved, the row would not read as unchanged for `SETTLE` until a day later, and a status
+/// callback lost meanwhile would have left it `sent` for that day.
+#[tokio::test]
+async fn sms_recovery_asks_at_once_about_a_row_updated_a_day_ahead_once_it_is_restamped() {
+    use edgegate::twilio::recover::recover_statuses;
+    let db = test_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = instance_on_clock(&db, &fake, &[], clock.clone()).await;
+    let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
+    let (now, hour, day) = (clock.now_ms(), 3_600_000, 86_400_000);
+    reserve_at(store, "ahead", now + day - 1).await;
+    record_sent_at(store, "ahead", "SMahead", now + day).await;
+    fake.set_status("SMahead", "delivered", None);
+    let early = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
+    assert_eq!(early.fetched, 0, "changed tomorrow: not settled yet");
+
+    let sent = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
+    assert_eq!(sent.status, 202, "{}", sent.body);
+    let restamped = store.sms_message("ahead").await.unwrap().unwrap();
+    assert_eq!(restamped.created_at_ms, now - hour);
+    let pass = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
+    assert_eq!((pass.fetched, pass.applied), (1, 1), "{pass:?}");
+    assert_eq!(fake.fetches(), ["SMahead"]);
+    let row = store.sms_message("ahead").await.unwrap().unwrap();
+    assert_eq!(row.status, "delivered");
+}
+
 /// Sends queued behind a reservation lock held elsewhere must not take the whole pool (ten
 /// connections) while they wait: a signed Stripe webhook arriving meanwhile still gets a
 /// connection and is applied at once.
