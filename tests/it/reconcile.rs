@@ -223,20 +223,9 @@ async fn a_narrow_manual_run_does_not_hide_events_missed_before_it() {
 async fn a_run_stamped_while_the_clock_was_ahead_leaves_no_gap_once_it_is_right() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
-    let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let clock = edgegate::clock::Clock::manual();
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
-    let app = crate::stripe::app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
-    let t = clock.now_ms() / 1000;
-    let (hour, day) = (3_600, 86_400);
     // Stripe's clock is right throughout: the manual clock less its step.
-    fake.set_date(Some(t));
-    let (status, body) = reconcile(&app.server).await;
-    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+    let (fake, clock, app, t) = first_run_on_a_manual_clock(&db, &fixtures).await;
+    let (hour, day) = (3_600, 86_400);
 
     clock.step_wall(day * 1000);
     let (status, body) = reconcile(&app.server).await;
@@ -276,6 +265,23 @@ async fn app_on_clock(db: &TestDb, fake: &FakeStripe, clock: &edgegate::clock::C
         ("STRIPE_WEBHOOK_SECRET", WHSEC),
     ];
     crate::stripe::app_with_clock(db, &vars, fast_retry(), clock.clone()).await
+}
+
+/// A fake Stripe and an instance on a manual clock, after a first run at T (the clock's time,
+/// unix seconds, returned), which Stripe dates T: what the clock-step tests start from. Stripe's
+/// clock then says what the test sets (`FakeStripe::set_date`).
+async fn first_run_on_a_manual_clock(
+    db: &TestDb,
+    fixtures: &Value,
+) -> (FakeStripe, edgegate::clock::Clock, App, i64) {
+    let fake = FakeStripe::start(fixtures, 0, 0).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = app_on_clock(db, &fake, &clock).await;
+    let t = clock.now_ms() / 1000;
+    fake.set_date(Some(t));
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!((status, events(&body)), (200, (0, 0, 0, 0)), "{body}");
+    (fake, clock, app, t)
 }
 
 /// A day of hourly runs made while the wall clock ran a day ahead, set right by NTP at T+23h30.
@@ -335,14 +341,8 @@ async fn runs_made_while_the_clock_ran_a_day_ahead_cover_what_they_listed_in_str
 async fn a_run_in_a_minute_the_clock_ran_a_day_ahead_covers_only_that_minute() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
-    let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let clock = edgegate::clock::Clock::manual();
-    let app = app_on_clock(&db, &fake, &clock).await;
-    let t = clock.now_ms() / 1000;
+    let (fake, clock, app, t) = first_run_on_a_manual_clock(&db, &fixtures).await;
     let (hour, day) = (3_600, 86_400);
-    fake.set_date(Some(t));
-    let (status, body) = reconcile(&app.server).await;
-    assert_eq!(status, 200, "{body}");
 
     clock.step_wall(day * 1000);
     let (status, body) = reconcile(&app.server).await;
@@ -368,14 +368,8 @@ async fn a_run_in_a_minute_the_clock_ran_a_day_ahead_covers_only_that_minute() {
 async fn a_stripe_date_further_ahead_than_the_overlap_covers_nothing() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
-    let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let clock = edgegate::clock::Clock::manual();
-    let app = app_on_clock(&db, &fake, &clock).await;
-    let t = clock.now_ms() / 1000;
+    let (fake, clock, app, t) = first_run_on_a_manual_clock(&db, &fixtures).await;
     let (hour, day) = (3_600, 86_400);
-    fake.set_date(Some(t));
-    let (status, body) = reconcile(&app.server).await;
-    assert_eq!(status, 200, "{body}");
 
     // An hour later the proxy's clock is a day fast for one run.
     clock.advance(std::time::Duration::from_secs(hour as u64));
