@@ -388,6 +388,53 @@ async fn a_stripe_date_further_ahead_than_the_overlap_covers_nothing() {
     assert_eq!(product_name(&db, 0).await, "Name 0");
 }
 
+/// A finished successful run as a build before `covered_until` recorded it: without Stripe's
+/// time, its start (`started_at`, ms) stands for its coverage.
+async fn earlier_builds_run(db: &TestDb, id: &str, started_at: i64) {
+    let sql = format!(
+        "INSERT INTO reconcile_runs \
+         (id, started_by, since, started_at, finished_at, outcome, continuous) \
+         VALUES ('{id}', 'periodic', {since}, {started_at}, {started_at}, 'ok', TRUE) \
+         RETURNING started_at",
+        since = started_at / 1000 - 3_600
+    );
+    assert_eq!(scalar!(db, i64, sql), started_at);
+}
+
+/// A run of a build before `covered_until`, made while the wall clock ran a day ahead, is
+/// stamped tomorrow and has no Stripe time to go by. Taken for the coverage (up to now), it
+/// would start the next default window an hour before now, and the events missed between the
+/// last true run and then would never be listed, with a 200: it covers nothing. One stamped
+/// less than a minute ahead (another instance's clock a little fast) still covers up to its
+/// start.
+#[tokio::test]
+async fn an_earlier_builds_run_stamped_a_day_ahead_covers_nothing_and_one_seconds_ahead_counts() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let (fake, clock, app, t) = first_run_on_a_manual_clock(&db, &fixtures).await;
+    let (hour, day) = (3_600, 86_400);
+    earlier_builds_run(&db, "day-ahead", (t + day) * 1000).await;
+
+    // Two hours later: an event missed half an hour after the first run.
+    clock.advance(std::time::Duration::from_secs(2 * hour as u64));
+    fake.set_date(Some(t + 2 * hour));
+    fake.add_events([history_event(&fixtures, 0, t + hour / 2)]);
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - hour), "{body}");
+    assert_eq!(events(&body), (1, 1, 0, 0), "{body}");
+    assert_eq!(product_name(&db, 0).await, "Name 0");
+
+    // Three hours later, a run stamped 30 s ahead covers up to now: an hour of overlap before
+    // it, not before the run three hours ago.
+    clock.advance(std::time::Duration::from_secs(3 * hour as u64));
+    fake.set_date(Some(t + 5 * hour));
+    earlier_builds_run(&db, "seconds-ahead", (t + 5 * hour + 30) * 1000).await;
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t + 4 * hour), "{body}");
+}
+
 #[tokio::test]
 async fn reconcile_failing_midway_answers_502_and_a_rerun_finishes() {
     let fixtures = stripe_fixtures!();
