@@ -62,16 +62,22 @@ pub(crate) async fn app_with_clock(
     App { server, state }
 }
 
+/// The settings that point edgegate's Stripe client at `fake` with its secret key.
+fn stripe_vars(fake: &FakeStripe) -> [(&'static str, &str); 2] {
+    [
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]
+}
+
+/// As [`stripe_vars`], with the webhook secret [`WHSEC`]: for a test of the sync and events.
+fn stripe_and_webhook_vars(fake: &FakeStripe) -> [(&'static str, &str); 3] {
+    let [key, base] = stripe_vars(fake);
+    [key, base, ("STRIPE_WEBHOOK_SECRET", WHSEC)]
+}
+
 async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy) -> App {
-    app(
-        db,
-        &[
-            ("STRIPE_SECRET_KEY", SECRET_KEY),
-            ("STRIPE_API_BASE", fake.base.as_str()),
-        ],
-        retry,
-    )
-    .await
+    app(db, &stripe_vars(fake), retry).await
 }
 
 pub(crate) async fn sync(server: &TestServer) -> (u16, Value) {
@@ -109,6 +115,21 @@ pub(crate) use scalar;
 pub(crate) async fn count(db: &TestDb, sql: &str) -> i64 {
     scalar!(db, i64, sql)
 }
+
+/// Counts the rows that hold product `i` inactive and deactivated (1 where it is).
+fn deactivated_product(i: usize) -> String {
+    format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
+         AND deactivated_at IS NOT NULL",
+        product_id(i)
+    )
+}
+
+/// How many products, and how many prices, the syncs have marked deactivated.
+const PRODUCTS_DEACTIVATED: &str =
+    "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL";
+const PRICES_DEACTIVATED: &str =
+    "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL";
 
 fn counts(body: &Value, resource: &str) -> (i64, i64, i64) {
     let part = &body[resource];
@@ -198,21 +219,9 @@ async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(counts(&body, "products"), (19, 0, 1));
     assert_eq!(counts(&body, "prices"), (57, 0, 3));
-    let gone = format!(
-        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
-         AND deactivated_at IS NOT NULL",
-        product_id(4)
-    );
-    assert_eq!(count(&db, &gone).await, 1);
+    assert_eq!(count(&db, &deactivated_product(4)).await, 1);
     assert_eq!(count(&db, "SELECT COUNT(*) FROM stripe_products").await, 20);
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        3
-    );
+    assert_eq!(count(&db, PRICES_DEACTIVATED).await, 3);
 
     // Already deactivated rows are not counted again.
     let (_, body) = sync(&app.server).await;
@@ -241,7 +250,6 @@ async fn sync_keeps_archived_prices_and_never_marks_them_deleted() {
     let app = sync_app(&db, &fake, fast_retry()).await;
     let archived = "SELECT COUNT(*) FROM stripe_prices WHERE active = FALSE \
                     AND deactivated_at IS NULL";
-    let deleted = "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL";
 
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
@@ -253,7 +261,7 @@ async fn sync_keeps_archived_prices_and_never_marks_them_deleted() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(counts(&body, "prices"), (18, 0, 0));
     assert_eq!(count(&db, archived).await, 4);
-    assert_eq!(count(&db, deleted).await, 0);
+    assert_eq!(count(&db, PRICES_DEACTIVATED).await, 0);
 }
 
 /// Stripe answers 400 `resource_missing` (`param: starting_after`) when the object a listing
@@ -285,20 +293,8 @@ async fn sync_starts_a_listing_over_when_its_cursor_object_was_deleted() {
     assert_eq!(counts(&body, "prices"), (6, 0, 0));
     // The first page, the refused one, then the whole listing again and both price listings.
     assert_eq!(fake.requests(), 5 + 2 + 3 + 2);
-    let gone = format!(
-        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND active = FALSE \
-         AND deactivated_at IS NOT NULL",
-        product_id(99)
-    );
-    assert_eq!(count(&db, &gone).await, 1);
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        1
-    );
+    assert_eq!(count(&db, &deactivated_product(99)).await, 1);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 1);
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND products_seen = 249 \
                AND products_deactivated = 1";
     assert_eq!(count(&db, run).await, 1);
@@ -323,14 +319,7 @@ async fn sync_gives_up_on_a_cursor_that_keeps_vanishing() {
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
     // The first listing and three more, each a first page and a refused second one.
     assert_eq!(fake.requests(), 4 + 2 * (1 + 3));
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
                AND error LIKE '%starting_after%'";
     assert_eq!(count(&db, run).await, 1);
@@ -366,22 +355,8 @@ async fn sync_failing_midway_deactivates_nothing_and_answers_502_with_the_partia
     );
     assert_eq!(fake.requests(), 5 + 2 + 3, "two pages, then three attempts");
 
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        0
-    );
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_prices WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
+    assert_eq!(count(&db, PRICES_DEACTIVATED).await, 0);
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
                AND finished_at IS NOT NULL AND products_seen = 200 AND prices_seen = 0 \
                AND products_deactivated = 0 \
@@ -432,7 +407,6 @@ async fn sync_never_takes_a_page_without_a_clear_has_more_for_the_end() {
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(fake.requests(), 5);
-    let deactivated = "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL";
 
     // The second page of products leaves out `has_more`, on every attempt.
     fake.fault_from(6, Fault::NoHasMore);
@@ -440,7 +414,7 @@ async fn sync_never_takes_a_page_without_a_clear_has_more_for_the_end() {
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
     assert_eq!(fake.requests(), 5 + 1 + 3, "a page, then three attempts");
-    assert_eq!(count(&db, deactivated).await, 0);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
 
     // The second page of products is empty and claims more.
     fake.clear_faults();
@@ -448,7 +422,7 @@ async fn sync_never_takes_a_page_without_a_clear_has_more_for_the_end() {
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
-    assert_eq!(count(&db, deactivated).await, 0);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
     let runs = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
                 AND products_deactivated = 0 AND prices_deactivated = 0";
     assert_eq!(count(&db, runs).await, 2);
@@ -457,7 +431,7 @@ async fn sync_never_takes_a_page_without_a_clear_has_more_for_the_end() {
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(counts(&body, "products"), (250, 0, 0));
-    assert_eq!(count(&db, deactivated).await, 0);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
 }
 
 #[tokio::test]
@@ -559,6 +533,17 @@ async fn post_job(server: &TestServer, path: &str) -> (u16, Option<u64>, Value) 
     (status, retry_after, response.json().await.unwrap())
 }
 
+/// Leaves the lock row `lock_name` as a holder killed mid-run does on SQLite: taken at
+/// `acquired_at`, its lease running to `expires_at` (epoch milliseconds).
+async fn leave_lock_row(db: &TestDb, lock_name: &str, acquired_at: i64, expires_at: i64) {
+    let left = format!(
+        "INSERT INTO locks (name, holder, acquired_at, expires_at) \
+         VALUES ('{lock_name}', 'req-killed lock-1', {acquired_at}, {expires_at}) \
+         RETURNING expires_at"
+    );
+    assert_eq!(count(db, &left).await, expires_at);
+}
+
 /// A sync or reconciliation refused because its lock is held says what is known of the holder
 /// and when to try again (`Retry-After`): a live run holds it; on SQLite, a lock row its holder
 /// no longer renews (its process killed, or stopped mid-run) is named as such, with the seconds
@@ -624,14 +609,8 @@ async fn a_held_job_lock_is_refused_saying_what_is_known_with_retry_after() {
 
         // Left by a killed process: taken 100 s ago, last renewed 40 s ago (its lease is 60 s).
         let now = now_ms();
-        let left = format!(
-            "INSERT INTO locks (name, holder, acquired_at, expires_at) \
-             VALUES ('{lock_name}', 'req-killed lock-1', {}, {}) RETURNING expires_at",
-            now - 100_000,
-            now + 20_000
-        );
         let inserted = std::time::Instant::now();
-        assert_eq!(count(&db, &left).await, now + 20_000);
+        leave_lock_row(&db, lock_name, now - 100_000, now + 20_000).await;
         let (status, retry_after, body) = post_job(&app.server, path).await;
         let since = inserted.elapsed().as_secs() + 1;
         assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
@@ -675,11 +654,7 @@ async fn a_lock_row_stamped_while_the_clock_was_ahead_holds_for_one_lease_at_mos
     }
     let fake = FakeStripe::start(&fixtures, 1, 1).await;
     let clock = Clock::manual();
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ];
-    let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+    let app = app_with_clock(&db, &stripe_vars(&fake), fast_retry(), clock.clone()).await;
     let day = 86_400_000;
     let jobs = [
         ("/functions/v1/sync-stripe-products-hardened", "stripe_sync"),
@@ -688,13 +663,7 @@ async fn a_lock_row_stamped_while_the_clock_was_ahead_holds_for_one_lease_at_mos
     for (path, lock_name) in jobs {
         // Taken 5 s before the kill, a day ahead; its lease is 60 s.
         let ahead = clock.now_ms() + day;
-        let left = format!(
-            "INSERT INTO locks (name, holder, acquired_at, expires_at) \
-             VALUES ('{lock_name}', 'req-killed lock-1', {}, {}) RETURNING expires_at",
-            ahead - 5_000,
-            ahead + 55_000
-        );
-        assert_eq!(count(&db, &left).await, ahead + 55_000);
+        leave_lock_row(&db, lock_name, ahead - 5_000, ahead + 55_000).await;
         let (status, retry_after, body) = post_job(&app.server, path).await;
         assert_eq!((status, &body["code"]), (409, &json!("SYNC_IN_PROGRESS")));
         let retry_after = retry_after.expect("a 409 SYNC_IN_PROGRESS carries Retry-After");
@@ -738,11 +707,7 @@ async fn a_run_whose_sqlite_lease_a_forward_clock_step_let_be_taken_answers_503(
     for (job, path, runs) in jobs {
         let fake = FakeStripe::start(&fixtures, 1, 1).await;
         let clock = Clock::manual();
-        let vars = [
-            ("STRIPE_SECRET_KEY", SECRET_KEY),
-            ("STRIPE_API_BASE", fake.base.as_str()),
-        ];
-        let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
+        let app = app_with_clock(&db, &stripe_vars(&fake), fast_retry(), clock.clone()).await;
         fake.fault_at(0, Fault::Hold);
         let server = app.server;
         let running = tokio::spawn(async move {
@@ -1026,16 +991,7 @@ async fn webhook_signed_by_the_stripe_sdk_is_applied_once() {
         .await,
         2
     );
-    let metrics = app
-        .server
-        .client
-        .get(app.server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.server.get("/metrics").await.text().await.unwrap();
     let duplicate = r#"edgegate_stripe_webhook_events_total{event_type="product.created",outcome="duplicate"} 1"#;
     assert!(metrics.contains(duplicate), "{metrics}");
 }
@@ -1270,11 +1226,7 @@ async fn a_sync_page_older_than_a_stub_deletion_does_not_bring_the_object_back()
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 3, 0).await;
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
+    let vars = stripe_and_webhook_vars(&fake);
     let app = app(&db, &vars, fast_retry()).await;
     let stub = json!({"id": product_id(1), "object": "product", "deleted": true});
     let later = now() + 60;
@@ -1310,11 +1262,7 @@ async fn a_sync_page_of_the_second_of_an_applied_event_does_not_overwrite_it() {
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 3, 0).await;
     let clock = Clock::manual();
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
+    let vars = stripe_and_webhook_vars(&fake);
     let app = app_with_clock(&db, &vars, fast_retry(), clock.clone()).await;
     // The second the sync's page will be stamped with: the one before the clock's.
     let second = clock.now_ms() / 1000 - 1;
@@ -1346,11 +1294,7 @@ async fn stripe_text_with_u0000_is_stored_alike_on_both_engines() {
         object["metadata"] = json!({"k\0": "v\0"});
     };
     fake.edit_product(&product_id(1), nul);
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
+    let vars = stripe_and_webhook_vars(&fake);
     let app = app(&db, &vars, fast_retry()).await;
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
@@ -1551,27 +1495,30 @@ async fn app_without_secret(db: &TestDb) -> App {
     app(db, &[], fast_retry()).await
 }
 
+/// What `edgegate check` says of Stripe with the secret key `key` against `fake`.
+async fn check_stripe(db: &TestDb, fake: &FakeStripe, key: &str) -> edgegate::commands::CheckLine {
+    let config = db.config(&[
+        ("STRIPE_SECRET_KEY", key),
+        ("STRIPE_API_BASE", fake.base.as_str()),
+    ]);
+    let lines = edgegate::commands::check(&config).await;
+    lines
+        .into_iter()
+        .find(|line| line.item == "stripe")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn check_reports_the_stripe_mode() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let config = db.config(&[
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ]);
-    let lines = edgegate::commands::check(&config).await;
-    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    let stripe = check_stripe(&db, &fake, SECRET_KEY).await;
     assert!(stripe.ok, "{}", stripe.detail);
     assert!(stripe.detail.contains("test mode"), "{}", stripe.detail);
     assert!(!stripe.detail.contains(SECRET_KEY));
 
-    let wrong = db.config(&[
-        ("STRIPE_SECRET_KEY", "sk_live_not_the_fake_key"),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ]);
-    let lines = edgegate::commands::check(&wrong).await;
-    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    let stripe = check_stripe(&db, &fake, "sk_live_not_the_fake_key").await;
     assert!(!stripe.ok);
     assert!(!stripe.detail.contains("sk_live_not_the_fake_key"));
 }
@@ -1583,12 +1530,7 @@ async fn check_passes_with_the_documented_restricted_key() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 1, 1).await;
-    let config = db.config(&[
-        ("STRIPE_SECRET_KEY", RESTRICTED_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ]);
-    let lines = edgegate::commands::check(&config).await;
-    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    let stripe = check_stripe(&db, &fake, RESTRICTED_KEY).await;
     assert!(stripe.ok, "{}", stripe.detail);
     assert!(stripe.detail.contains("test mode"), "{}", stripe.detail);
     assert!(!stripe.detail.contains(RESTRICTED_KEY));
@@ -1614,12 +1556,7 @@ async fn check_fails_a_restricted_key_that_cannot_list_events() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 1, 1).await;
-    let config = db.config(&[
-        ("STRIPE_SECRET_KEY", NO_EVENTS_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ]);
-    let lines = edgegate::commands::check(&config).await;
-    let stripe = lines.iter().find(|line| line.item == "stripe").unwrap();
+    let stripe = check_stripe(&db, &fake, NO_EVENTS_KEY).await;
     assert!(!stripe.ok, "{}", stripe.detail);
     assert!(
         stripe.detail.contains("listing events"),
@@ -1834,14 +1771,7 @@ async fn sync_stops_at_a_page_that_does_not_advance_and_frees_its_lock() {
     assert!(message.contains("deactivated nothing"), "{message}");
     // The first page, then the same page again.
     assert_eq!(fake.requests(), 2);
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM stripe_products WHERE deactivated_at IS NOT NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error' \
                AND error LIKE '%did not advance%'";
     assert_eq!(count(&db, run).await, 1);
@@ -1885,16 +1815,7 @@ async fn a_late_event_older_than_the_sync_does_not_reactivate_what_it_found_gone
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 3, 0).await;
-    let app = app(
-        &db,
-        &[
-            ("STRIPE_SECRET_KEY", SECRET_KEY),
-            ("STRIPE_API_BASE", fake.base.as_str()),
-            ("STRIPE_WEBHOOK_SECRET", WHSEC),
-        ],
-        fast_retry(),
-    )
-    .await;
+    let app = app(&db, &stripe_and_webhook_vars(&fake), fast_retry()).await;
     let t = now();
     // Product 5 came by webhook; Stripe no longer lists it.
     let created = product_event(&fixtures, "evt_G1", "product.created", t - 100, 5, "Gone");
@@ -2207,42 +2128,26 @@ fn price_shapes(fixtures: &Value) -> Vec<Value> {
 /// What `stripe_prices` holds of a price's shape, with its JSON columns read back as JSON, in
 /// the form of the Stripe object's own fields.
 async fn stored_shape(db: &TestDb, id: &str) -> Value {
-    type Row = (
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-    );
-    let sql = "SELECT billing_scheme, unit_amount, unit_amount_decimal, tiers_mode, tiers, \
-               transform_quantity, custom_unit_amount, currency_options, tax_behavior, \
-               price_type FROM stripe_prices WHERE id = $1";
-    let row: Row = if db.is_postgres() {
-        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        let row = sqlx::query_as(sql).bind(id).fetch_one(&pool).await;
-        pool.close().await;
-        row.unwrap()
-    } else {
-        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-        let row = sqlx::query_as(sql).bind(id).fetch_one(&pool).await;
-        pool.close().await;
-        row.unwrap()
+    let text = |column: &'static str| stored_text(db, "stripe_prices", column, id);
+    let json = |column: &'static str| async move {
+        match text(column).await {
+            Some(text) => serde_json::from_str::<Value>(&text)
+                .unwrap_or_else(|err| panic!("{id}: stored {text:?} is not JSON: {err}")),
+            None => Value::Null,
+        }
     };
-    let parsed = |text: Option<String>| match text {
-        Some(text) => serde_json::from_str::<Value>(&text)
-            .unwrap_or_else(|err| panic!("{id}: stored {text:?} is not JSON: {err}")),
-        None => Value::Null,
-    };
+    let unit_amount = format!("SELECT unit_amount FROM stripe_prices WHERE id = '{id}'");
     json!({
-        "billing_scheme": row.0, "unit_amount": row.1, "unit_amount_decimal": row.2,
-        "tiers_mode": row.3, "tiers": parsed(row.4), "transform_quantity": parsed(row.5),
-        "custom_unit_amount": parsed(row.6), "currency_options": parsed(row.7),
-        "tax_behavior": row.8, "type": row.9,
+        "billing_scheme": text("billing_scheme").await,
+        "unit_amount": scalar!(db, Option<i64>, unit_amount),
+        "unit_amount_decimal": text("unit_amount_decimal").await,
+        "tiers_mode": text("tiers_mode").await,
+        "tiers": json("tiers").await,
+        "transform_quantity": json("transform_quantity").await,
+        "custom_unit_amount": json("custom_unit_amount").await,
+        "currency_options": json("currency_options").await,
+        "tax_behavior": text("tax_behavior").await,
+        "type": text("price_type").await.expect("a price has a type"),
     })
 }
 
@@ -2310,11 +2215,7 @@ async fn webhook_stores_every_price_shape() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
+    let vars = stripe_and_webhook_vars(&fake);
     let app = app(&db, &vars, fast_retry()).await;
     let t = now();
     let shapes = price_shapes(&fixtures);
@@ -2436,11 +2337,7 @@ async fn what_a_price_or_product_means_is_stored_by_the_sync_and_by_events() {
     ] {
         fake.add_price(price);
     }
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-        ("STRIPE_WEBHOOK_SECRET", WHSEC),
-    ];
+    let vars = stripe_and_webhook_vars(&fake);
     let app = app(&db, &vars, fast_retry()).await;
     let (status, body) = sync(&app.server).await;
     assert_eq!(status, 200, "{body}");
