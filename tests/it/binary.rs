@@ -6,6 +6,23 @@ use crate::process::{
 use crate::support::TestDb;
 use sqlx::Connection as _;
 
+/// `edgegate check` in `dir` with `vars`: asserts that it exits with `code`, and returns its
+/// stdout.
+fn check_exits(dir: &std::path::Path, vars: &[(&str, &str)], code: i32) -> String {
+    let out = output(edgegate(dir, vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{stdout}");
+    stdout
+}
+
+/// The line of `check`'s `stdout` that reports on the database.
+fn database_line(stdout: &str) -> &str {
+    stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_else(|| panic!("{stdout}"))
+}
+
 async fn serve_then_signal(signal_name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -499,9 +516,7 @@ fn unusable_tls_files_are_a_configuration_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let last = stderr.trim_end().lines().last().unwrap_or_default();
     assert!(last.contains("TLS_CERT_FILE"), "{stderr}");
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stdout = check_exits(dir.path(), &vars, 1);
     assert!(
         stdout
             .lines()
@@ -533,9 +548,7 @@ fn missing_tls_files_stop_serve_and_check_only() {
         last.contains("TLS_CERT_FILE must name a readable file"),
         "{stderr}"
     );
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stdout = check_exits(dir.path(), &vars, 1);
     assert!(
         stdout
             .lines()
@@ -917,9 +930,7 @@ async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
 fn check_and_report_do_not_create_a_missing_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let vars = [("DATABASE_URL", "sqlite://edgegat.db")];
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let stdout = check_exits(dir.path(), &vars, 0);
     assert!(
         stdout.lines().any(|l| l.starts_with("ok")
             && l.contains("database")
@@ -937,13 +948,8 @@ fn check_and_report_do_not_create_a_missing_sqlite_file() {
 
     // A file no migration has run on: serve would migrate it, check says so and fails.
     std::fs::write(dir.path().join("edgegat.db"), b"").unwrap();
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let database = stdout
-        .lines()
-        .find(|l| l.contains("database"))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let stdout = check_exits(dir.path(), &vars, 1);
+    let database = database_line(&stdout);
     assert!(
         database.starts_with("FAIL") && database.contains("0 migrations applied"),
         "{stdout}"
@@ -956,13 +962,8 @@ fn check_and_report_do_not_create_a_missing_sqlite_file() {
 #[test]
 fn check_on_a_fresh_machine_passes_for_the_default_database_it_does_not_create() {
     let dir = tempfile::tempdir().unwrap();
-    let out = output(edgegate(dir.path(), &[]).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let database = stdout
-        .lines()
-        .find(|l| l.contains("database"))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let stdout = check_exits(dir.path(), &[], 0);
+    let database = database_line(&stdout);
     assert!(
         database.starts_with("ok") && database.contains("serve creates"),
         "{database}"
@@ -1283,9 +1284,7 @@ fn postgres_connection_failures_name_the_host_and_the_cause() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&expected), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stdout = check_exits(dir.path(), &vars, 1);
     assert!(
         stdout
             .lines()
@@ -1370,13 +1369,8 @@ fn fake_postgres_refusing_the_role() -> std::net::SocketAddr {
 fn check_passes_a_missing_sqlite_file_only_where_serve_can_create_it() {
     let dir = tempfile::tempdir().unwrap();
     let vars = [("DATABASE_URL", "sqlite://data/edgegate.db")];
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let database = stdout
-        .lines()
-        .find(|l| l.contains("database"))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let stdout = check_exits(dir.path(), &vars, 1);
+    let database = database_line(&stdout);
     assert!(
         database.starts_with("FAIL") && database.contains("directory data does not exist"),
         "{database}"
@@ -1385,13 +1379,8 @@ fn check_passes_a_missing_sqlite_file_only_where_serve_can_create_it() {
     assert_eq!(served.status.code(), Some(1), "serve fails there too");
 
     std::fs::create_dir(dir.path().join("data")).unwrap();
-    let out = output(edgegate(dir.path(), &vars).arg("check"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let database = stdout
-        .lines()
-        .find(|l| l.contains("database"))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let stdout = check_exits(dir.path(), &vars, 0);
+    let database = database_line(&stdout);
     assert!(
         database.starts_with("ok")
             && database.contains("data/edgegate.db")
@@ -1763,6 +1752,25 @@ async fn a_loopback_stripe_base_does_not_take_the_proxy_away_from_twilio() {
     );
 }
 
+/// Whether the server on `port` comes to hold `bytes` bytes of request bodies being read (its
+/// metric), within about 5 s: the requests that sent them are then in flight.
+async fn bodies_buffered(port: u16, bytes: usize) -> bool {
+    let buffered = format!("edgegate_http_request_body_bytes_buffered {bytes}\n");
+    for _ in 0..250 {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(&buffered) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// A second SIGINT or SIGTERM during the drain stops the process at once, the requests still in
 /// flight cut, and says so: exit 1, as the drain was not let run (it was ignored, and the
 /// process waited out the whole 20 s drain for a request whose body never came).
@@ -1807,21 +1815,10 @@ async fn a_second_signal_during_the_drain_stops_at_once_with_exit_1() {
             .contains(text)
     };
     // The request is in flight once its handler reads the body (the metric says 1 byte).
-    let mut in_flight = false;
-    for _ in 0..250 {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains("edgegate_http_request_body_bytes_buffered 1\n") {
-            in_flight = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(in_flight, "the webhook's body is being read");
+    assert!(
+        bodies_buffered(port, 1).await,
+        "the webhook's body is being read"
+    );
 
     signal(&child, "INT");
     let mut draining = false;
@@ -2196,22 +2193,10 @@ async fn serve_with_webhooks_in_flight(
         connections.push(connection);
     }
     // In flight once their handlers read the bodies (the metric counts a byte each).
-    let buffered = format!("edgegate_http_request_body_bytes_buffered {held}\n");
-    let mut in_flight = false;
-    for _ in 0..250 {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains(&buffered) {
-            in_flight = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(in_flight, "the webhooks' bodies are being read");
+    assert!(
+        bodies_buffered(port, held).await,
+        "the webhooks' bodies are being read"
+    );
     (child, port, connections)
 }
 
