@@ -178,6 +178,15 @@ async fn start(vars: &[(&str, &str)]) -> (Server, tempfile::TempDir, String) {
     (server, dir, format!("http://127.0.0.1:{port}"))
 }
 
+/// [`start`], exporting its spans to `collector` every 20 ms.
+async fn start_exported(collector: &Collector) -> (Server, tempfile::TempDir, String) {
+    let vars = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ];
+    start(&vars).await
+}
+
 /// A server that syncs from `stripe`, with `vars`.
 async fn start_syncing(
     stripe: &FakeStripe,
@@ -372,11 +381,7 @@ async fn the_server_span_continues_the_callers_trace_with_http_and_credential_at
 #[tokio::test]
 async fn header_values_in_a_span_are_cut_to_a_bounded_length() {
     let collector = Collector::start(false).await;
-    let (server, dir, base) = start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-    ])
-    .await;
+    let (server, dir, base) = start_exported(&collector).await;
     let agent = format!("long-agent/{}", "a".repeat(16_000));
     let host = format!("{}.example:8080", "h".repeat(4000));
     // 20 members of 60 bytes: past the 512 characters W3C lets a tracer discard.
@@ -710,11 +715,7 @@ async fn a_collector_asking_for_an_endless_wait_costs_one_export_only() {
     )
         .into_response();
     let collector = Collector::answering(false, vec![endless]).await;
-    let (server, dir, base) = start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-    ])
-    .await;
+    let (server, dir, base) = start_exported(&collector).await;
     let client = reqwest::Client::new();
     let healthz = |id: &'static str| {
         client
@@ -754,11 +755,7 @@ async fn a_collector_that_refuses_the_spans_costs_them_counted_and_is_not_retrie
         vec![(StatusCode::BAD_REQUEST, "malformed").into_response()],
     )
     .await;
-    let (server, dir, base) = start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-    ])
-    .await;
+    let (server, dir, base) = start_exported(&collector).await;
     let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(response.status(), 200);
     let failed = export_failures(&base).await;
@@ -787,11 +784,7 @@ async fn a_collector_outage_is_logged_once_and_when_it_ends_not_per_batch() {
         .map(|_| (StatusCode::BAD_REQUEST, "malformed").into_response())
         .collect();
     let collector = Collector::answering(false, refusals).await;
-    let (server, dir, base) = start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-    ])
-    .await;
+    let (server, dir, base) = start_exported(&collector).await;
     // A span every 30 ms until the collector has refused 40 batches and taken one.
     let client = reqwest::Client::new();
     for _ in 0..400 {
@@ -848,11 +841,7 @@ async fn a_failed_export_says_why_in_the_collectors_words_or_the_connections() {
     )
         .into_response();
     let collector = Collector::answering(false, vec![refusal]).await;
-    let (server, dir, base) = start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-    ])
-    .await;
+    let (server, dir, base) = start_exported(&collector).await;
     reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert!(export_failures(&base).await >= 1);
     let lines = stop(server, &dir).await;
