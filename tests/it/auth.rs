@@ -633,6 +633,15 @@ async fn revocation_is_called_safe_once_the_window_has_no_legacy_use() {
     assert_eq!(report["legacy_revocation_safe"], false, "{report}");
 }
 
+/// The audit row of the latest signing-key refresh (among the last ten rows).
+async fn refresh_audit_row(db: &crate::support::TestDb) -> edgegate::store::AuditEntry {
+    let audit = db.store().await.recent_audit(10).await.unwrap();
+    audit
+        .into_iter()
+        .find(|entry| entry.action == "refresh_signing_keys")
+        .expect("an audit row for the refresh")
+}
+
 #[tokio::test]
 async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
     let db = test_db!();
@@ -665,11 +674,7 @@ async fn a_removed_key_stops_at_once_after_a_forced_refresh() {
         (401, Some("UNAUTHORIZED_ASYMMETRIC_JWT"))
     );
 
-    let audit = db.store().await.recent_audit(10).await.unwrap();
-    let refresh = audit
-        .iter()
-        .find(|entry| entry.action == "refresh_signing_keys")
-        .expect("an audit row for the refresh");
+    let refresh = refresh_audit_row(&db).await;
     assert_eq!(refresh.credential_source, "api_key");
     assert_eq!(refresh.credential_id, "secret:backend");
     assert_eq!(refresh.outcome, "ok");
@@ -776,11 +781,7 @@ async fn audit_rows_are_stamped_by_the_apps_clock() {
     clock.advance(Duration::from_millis(30 * DAY_MS as u64));
     force_refresh(&server).await;
 
-    let audit = db.store().await.recent_audit(10).await.unwrap();
-    let refresh = audit
-        .iter()
-        .find(|entry| entry.action == "refresh_signing_keys")
-        .expect("an audit row for the refresh");
+    let refresh = refresh_audit_row(&db).await;
     // The injected clock, not the system's: 30 days ahead of it.
     assert!(
         refresh.at_ms >= now_ms() + 29 * DAY_MS,
