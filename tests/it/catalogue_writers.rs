@@ -6,27 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fake_stripe::{self, FakeStripe, SECRET_KEY};
-use crate::stripe::{App, app, count, fast_retry, scalar, sync};
+use crate::fake_stripe::{self, FakeStripe};
+use crate::reconcile::spawn_periodic;
+use crate::stripe::{count, fast_retry, scalar, sync, sync_app};
 use crate::support::TestDb;
 use crate::{stripe_fixtures, test_db};
-
-/// The periodic reconciliation of `app`, every `interval`, as `run` starts it.
-fn spawn_periodic(app: &App, interval: Duration) -> tokio::task::JoinHandle<()> {
-    let client = edgegate::stripe::StripeClient::from_config(
-        app.state.stripe_http.clone(),
-        &app.state.config.stripe,
-        fast_retry(),
-    )
-    .unwrap();
-    edgegate::stripe::reconcile::spawn_periodic(
-        app.state.store.clone(),
-        client,
-        app.state.clock.clone(),
-        interval,
-        app.state.reconcile_metrics.clone(),
-    )
-}
 
 /// The columns of product `id` that the build before `written_rev` did not know, with its name.
 async fn product_columns(db: &TestDb, id: &str) -> String {
@@ -47,11 +31,7 @@ async fn rows_an_earlier_build_wrote_are_rewritten_from_stripe() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 3, 9).await;
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ];
-    let app = app(&db, &vars, fast_retry()).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
     assert_eq!(sync(&app.server).await.0, 200);
     let store = &app.state.store;
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
@@ -118,11 +98,7 @@ async fn rows_this_build_writes_are_never_taken_for_an_earlier_builds() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 4, 12).await;
-    let vars = [
-        ("STRIPE_SECRET_KEY", SECRET_KEY),
-        ("STRIPE_API_BASE", fake.base.as_str()),
-    ];
-    let app = app(&db, &vars, fast_retry()).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
     let store = &app.state.store;
     let written = |body: &serde_json::Value| {
         (

@@ -844,7 +844,10 @@ async fn same_second_with_stripe_hanging_answers_502_inside_the_route_deadline()
 }
 
 /// The periodic reconciliation of `app`, every `interval`, as `run` starts it.
-fn spawn_periodic(app: &App, interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn_periodic(
+    app: &App,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
     let client = edgegate::stripe::StripeClient::from_config(
         app.state.stripe_http.clone(),
         &app.state.config.stripe,

@@ -76,7 +76,7 @@ fn stripe_and_webhook_vars(fake: &FakeStripe) -> [(&'static str, &str); 3] {
     [key, base, ("STRIPE_WEBHOOK_SECRET", WHSEC)]
 }
 
-async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy) -> App {
+pub(crate) async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy) -> App {
     app(db, &stripe_vars(fake), retry).await
 }
 
