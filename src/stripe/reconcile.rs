@@ -4,7 +4,7 @@
 //! skipped. One run at a time across all instances (`Job::Reconcile`), each recorded in
 //! `reconcile_runs` with the last event it handled.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -617,13 +617,23 @@ pub fn spawn_periodic(
                 None
             }
         };
+        let rewrite = async |after: Option<Instant>| {
+            if after.is_some_and(|after| clock.now() < after) {
+                return after;
+            }
+            let failed =
+                !super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder)
+                    .await;
+            failed.then(|| clock.now() + REWRITE_RETRY)
+        };
+        // Timed from after the start's rewrite, which may take the sync's minutes.
+        let mut rewrite_after = rewrite(None).await;
         let mut pause = first_pause(last, clock.now_ms(), interval, random_fraction());
-        super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder).await;
         loop {
             tokio::time::sleep(pause).await;
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
-            super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder).await;
+            rewrite_after = rewrite(rewrite_after).await;
             let failed = matches!(
                 result,
                 Err(ReconcileError::Upstream { .. } | ReconcileError::Internal(_))
@@ -654,17 +664,25 @@ pub fn spawn_periodic(
     })
 }
 
+/// How long after a failed sync of the rows of earlier builds the next is tried: one that
+/// cannot succeed (a restricted key without read access to products and prices) would
+/// otherwise list the catalogue and fail after every periodic run, on every instance.
+const REWRITE_RETRY: Duration = Duration::from_secs(86_400);
+
 /// The most a first run that is due is put off, so instances started together spread out.
 const FIRST_RUN_SPREAD: Duration = Duration::from_secs(60);
 
 /// How long after start the first periodic run comes: at `last` (ms) plus `interval`, or, when
 /// that is past or no run is known, within a tenth of the interval (a minute at most); `fraction`
-/// (0 to 1) picks where in that spread. Never more than an interval and its spread: a last run
-/// stamped ahead of now (while the wall clock ran ahead, since set back) would otherwise put the
-/// first one off by as much again, a day for a clock that was a day ahead.
+/// (0 to 1) picks where in that spread. A last run stamped more than [`STAMPED_AHEAD_MS`] after
+/// now was stamped while the wall clock ran ahead, since set back: when it really ran is unknown,
+/// so it counts as none (taken at its stamp it put the first run off by the day to it, and taken
+/// as just run it held every start an interval, so a fleet restarted more often than that ran
+/// none for the day). Never more than an interval and its spread.
 fn first_pause(last: Option<i64>, now_ms: i64, interval: Duration, fraction: f64) -> Duration {
     let spread = (interval / 10).min(FIRST_RUN_SPREAD).mul_f64(fraction);
     let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+    let last = last.filter(|&last| last <= now_ms.saturating_add(STAMPED_AHEAD_MS));
     match last.map(|last| last.saturating_add(interval_ms).saturating_sub(now_ms)) {
         Some(due_in) if due_in > 0 => {
             let due_in = u64::try_from(due_in.min(interval_ms)).unwrap_or(0);
@@ -726,11 +744,16 @@ mod tests {
         // A short interval spreads over a tenth of it.
         let short = Duration::from_secs(60);
         assert_eq!(first_pause(None, now, short, 1.0), Duration::from_secs(6));
-        // One stamped ahead of now (a wall clock set back since): an interval at most, not the
-        // day to its stamp and an interval more.
+        // One stamped a day ahead of now (a wall clock set back since): as none, not the day to
+        // its stamp and an interval more; one a second ahead (another instance's clock): an
+        // interval at most.
         assert_eq!(
             first_pause(Some(now + 86_400_000), now, hour, 0.0),
-            Duration::from_secs(3600)
+            Duration::ZERO
+        );
+        assert_eq!(
+            first_pause(Some(now + 86_400_000), now, hour, 1.0),
+            FIRST_RUN_SPREAD
         );
         assert_eq!(
             first_pause(Some(now + 1_000), now, hour, 1.0),

@@ -172,23 +172,25 @@ pub async fn run(
 /// it beside this one, a rollback alone): it wrote them without the columns it does not know,
 /// which kept an earlier value or none while the row looked current, and neither a redelivery
 /// (a duplicate) nor a reconciliation (already applied) writes them again. The sync does, from
-/// Stripe. Called at start and after each periodic reconciliation; failures are logged, and the
-/// next call tries again.
+/// Stripe. Called at start and after each periodic reconciliation. Returns false when a sync was
+/// needed and failed (logged; the caller waits before the next try); true when none was needed,
+/// when it ran, when another instance's runs, and when the database could not tell (logged; the
+/// next call asks again).
 pub async fn rewrite_rows_of_earlier_builds(
     store: &Store,
     client: &StripeClient,
     clock: &Clock,
     holder: &str,
-) {
+) -> bool {
     let rows = match store.catalogue_rows_by_earlier_builds().await {
-        Ok(0) => return,
+        Ok(0) => return true,
         Ok(rows) => rows,
         Err(err) => {
             tracing::warn!(
                 error = crate::error::causes(&err),
                 "cannot tell whether an earlier build wrote catalogue rows; the next check tries again"
             );
-            return;
+            return true;
         }
     };
     tracing::info!(
@@ -197,18 +199,26 @@ pub async fn rewrite_rows_of_earlier_builds(
          out of date); syncing the catalogue from Stripe"
     );
     match run(store, client, clock, holder).await {
-        Ok(report) => tracing::info!(
-            products_written = report.products.upserted,
-            prices_written = report.prices.upserted,
-            "catalogue rows of earlier builds rewritten"
-        ),
+        Ok(report) => {
+            tracing::info!(
+                products_written = report.products.upserted,
+                prices_written = report.prices.upserted,
+                "catalogue rows of earlier builds rewritten"
+            );
+            true
+        }
         Err(SyncError::InProgress(_)) => {
             tracing::debug!("catalogue sync for rows of earlier builds skipped: another one runs");
+            true
         }
-        Err(err) => tracing::warn!(
-            error = format!("{err:#}"),
-            "catalogue sync for rows of earlier builds failed; the next check tries again"
-        ),
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "catalogue sync for rows of earlier builds failed (a restricted key needs read \
+                 access to products and prices); tried again in a day, or run the sync"
+            );
+            false
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fake_stripe::{self, FakeStripe};
+use crate::fake_stripe::{self, FakeStripe, Fault};
 use crate::reconcile::spawn_periodic;
 use crate::stripe::{count, fast_retry, scalar, sync, sync_app};
 use crate::support::TestDb;
@@ -115,6 +115,17 @@ async fn rows_this_build_writes_are_never_taken_for_an_earlier_builds() {
         "{body}"
     );
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+    // A later build's rows (a higher `written_rev`, written beside this one in its rolling
+    // deploy) are not this build's to rewrite: each would rewrite the other's back.
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET written_rev = 2 WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(2)
+        ),
+    )
+    .await;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
     // Rows written before the column existed count as an earlier build's.
     write_as_an_earlier_build(
         &db,
@@ -126,11 +137,53 @@ async fn rows_this_build_writes_are_never_taken_for_an_earlier_builds() {
     )
     .await;
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+    // A sync writes both: that one, and the later build's as this build's (that build then
+    // finds it an earlier build's and writes it back).
     let (status, body) = sync(&app.server).await;
     assert_eq!(
         (status, written(&body)),
-        (200, (Some(1), Some(0))),
+        (200, (Some(2), Some(0))),
         "{body}"
     );
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+}
+
+/// A sync that cannot succeed (a restricted key without read access to products and prices:
+/// Stripe answers 403) is tried at start, and then not after every periodic run, on every
+/// instance, for ever: a day later.
+#[tokio::test]
+async fn a_rewrite_that_fails_is_not_tried_again_after_every_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(1)
+        ),
+    )
+    .await;
+    let syncs = count(&db, "SELECT COUNT(*) FROM sync_runs").await;
+    fake.fault_from(0, Fault::Forbidden);
+
+    let task = spawn_periodic(&app, Duration::from_millis(50));
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, runs).await < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no five periodic runs within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let failed = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error'";
+    assert_eq!(count(&db, failed).await, 1, "the start's sync alone");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM sync_runs").await,
+        syncs + 1
+    );
 }

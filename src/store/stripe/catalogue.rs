@@ -112,11 +112,13 @@ pub enum Tombstone {
 /// meanwhile (a rolling deploy, a rollback) are found and rewritten ([`EARLIER_WRITER`]).
 pub(crate) const WRITTEN_REV: i64 = 1;
 
-/// The rows that a build other than this one wrote last, so that columns it does not know may
-/// hold an earlier value: one written with another set of columns, or whose `synced_at` moved
-/// without `written_synced_at` (written by a build that knows neither). Deactivated rows are
-/// left out: Stripe no longer lists them, so no sync could rewrite them.
-const EARLIER_WRITER: &str = "deactivated_at IS NULL AND (written_rev IS DISTINCT FROM $1 \
+/// The rows that an earlier build wrote last, so that columns it does not know may hold an
+/// earlier value: one written with fewer columns (a lower `written_rev`), or whose `synced_at`
+/// moved without `written_synced_at` (written by a build that knows neither). Rows of a later
+/// build are not this build's to rewrite (both would rewrite the catalogue back and forth while
+/// they run side by side). Deactivated rows are left out: Stripe no longer lists them, so no
+/// sync could rewrite them.
+const EARLIER_WRITER: &str = "deactivated_at IS NULL AND (written_rev IS NULL OR written_rev < $1 \
     OR written_synced_at IS DISTINCT FROM synced_at)";
 
 // Columns and statements shared by the sync and the webhook; built from constants only.
