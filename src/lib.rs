@@ -235,7 +235,8 @@ impl Started {
         }
         let state = AppState::with_clock(config, store.clone(), clock);
         let refresh = state.auth.spawn_refresh();
-        let flusher = auth::usage::spawn_flusher(state.usage.clone(), store.clone());
+        let flusher =
+            auth::usage::spawn_flusher(state.usage.clone(), store.clone(), state.clock.clone());
         background.push(twilio::send::spawn_unanswered_sweeper(
             store.clone(),
             state.clock.clone(),

@@ -2,7 +2,8 @@
 //! hourly buckets, so every instance's traffic adds up and survives restarts. While the database
 //! is away the counts stay in memory (bounded by `MAX_PENDING_BUCKETS`; what does not fit is
 //! counted in `edgegate_key_usage_dropped_total`, and is a hole in the evidence the verdict
-//! heeds) and reach it once it is back.
+//! heeds) and reach it once it is back. Hours older than any window read ([`USAGE_KEPT`]) are
+//! deleted by the same task, hourly ([`prune_usage`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -14,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::callers::CallerTracker;
 use crate::auth::{KeySource, Verified};
-use crate::store::{KeyUsage, Store};
+use crate::clock::Clock;
+use crate::store::{HourlyTable, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -362,39 +364,157 @@ fn static_alg(alg: &str) -> &'static str {
     }
 }
 
-/// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until stopped.
-pub fn spawn_flusher(tracker: std::sync::Arc<UsageTracker>, store: Store) -> Flusher {
-    spawn_flusher_every(tracker, store, FLUSH_INTERVAL, FLUSH_RETRY)
+/// How long hourly usage rows (`key_usage_hourly`, `caller_usage_hourly`) are kept: the longest
+/// window anything reads, 30 days (`LEGACY_REVOCATION_WINDOW_SECONDS` and the report's window at
+/// most), and a day. Older rows are deleted by the flusher ([`prune_usage`]).
+pub const USAGE_KEPT: Duration = Duration::from_secs(31 * 86_400);
+
+/// When, and how much, the flusher deletes usage rows older than [`USAGE_KEPT`].
+#[derive(Clone, Copy, Debug)]
+pub struct Pruning {
+    /// At most one pass per this on the instance's clock; the first at the first flush.
+    pub every: Duration,
+    /// DELETE statements per table in one pass, each of a day of hours at most.
+    pub statements_per_pass: usize,
 }
 
-/// `spawn_flusher` with its pauses given (tests shorten them).
+impl Default for Pruning {
+    /// Hourly, up to 100 days per table: a year's backlog (an edgegate that never pruned) is
+    /// gone in four passes, a statement at a time.
+    fn default() -> Self {
+        Self {
+            every: Duration::from_secs(3600),
+            statements_per_pass: 100,
+        }
+    }
+}
+
+/// The pause between two statements of a pass: a writer waiting for SQLite's lock (its busy
+/// handler sleeps up to 100 ms between tries, less at first) gets it before the next day goes.
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
+
+/// Deletes the usage rows whose hour starts more than [`USAGE_KEPT`] before `now_ms`, a day of
+/// hours per statement and at most `statements_per_pass` statements per table; returns the rows
+/// deleted. How far back the evidence goes is recorded first ([`Store::keep_usage_evidence`]),
+/// so the verdict's "usage recorded since" is the same after as before. What is left of a
+/// larger backlog goes at the next pass.
+pub async fn prune_usage(
+    store: &Store,
+    now_ms: i64,
+    statements_per_pass: usize,
+) -> anyhow::Result<u64> {
+    let kept_ms = i64::try_from(USAGE_KEPT.as_millis()).unwrap_or(i64::MAX);
+    let before = now_ms.saturating_sub(kept_ms);
+    store.keep_usage_evidence().await?;
+    let mut deleted = 0;
+    for table in HourlyTable::ALL {
+        for _ in 0..statements_per_pass {
+            let rows = store.prune_usage_day(table, before).await?;
+            if rows == 0 {
+                break;
+            }
+            deleted += rows;
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until stopped, and
+/// deletes usage rows past [`USAGE_KEPT`] hourly ([`Pruning::default`]).
+pub fn spawn_flusher(tracker: std::sync::Arc<UsageTracker>, store: Store, clock: Clock) -> Flusher {
+    spawn_flusher_pruning(
+        tracker,
+        store,
+        clock,
+        FLUSH_INTERVAL,
+        FLUSH_RETRY,
+        Pruning::default(),
+    )
+}
+
+/// `spawn_flusher` with its pauses given (tests shorten them), on the system clock.
 pub fn spawn_flusher_every(
     tracker: std::sync::Arc<UsageTracker>,
     store: Store,
     interval: Duration,
     retry: Duration,
 ) -> Flusher {
+    spawn_flusher_pruning(
+        tracker,
+        store,
+        Clock::system(),
+        interval,
+        retry,
+        Pruning::default(),
+    )
+}
+
+/// `spawn_flusher_every` with its clock and pruning given. A pass runs after a flush that
+/// succeeded (the database answers), when `pruning.every` has passed on `clock` since the last
+/// pass that succeeded; a pass that fails is a WARN and is tried again after the next flush.
+pub fn spawn_flusher_pruning(
+    tracker: std::sync::Arc<UsageTracker>,
+    store: Store,
+    clock: Clock,
+    interval: Duration,
+    retry: Duration,
+    pruning: Pruning,
+) -> Flusher {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let (passes, prune_passes) = tokio::sync::watch::channel(0_u64);
     let join = tokio::spawn(async move {
         let mut pause = interval;
+        let mut pruned_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 _ = stopped.changed() => return,
             }
-            pause = match tracker.flush(&store).await {
-                Ok(()) => interval,
+            let flushed = match tracker.flush(&store).await {
+                Ok(()) => true,
                 Err(err) => {
                     tracing::warn!(
                         error = crate::error::causes(&err),
                         "key usage not flushed; kept in memory, will retry"
                     );
-                    retry
+                    false
                 }
             };
+            pause = if flushed { interval } else { retry };
+            let due = pruned_at.is_none_or(|at| clock.now().duration_since(at) >= pruning.every);
+            if !flushed || !due {
+                continue;
+            }
+            let started = clock.now();
+            // A pass is many short statements: a stop does not wait for the rest of them.
+            let pass = tokio::select! {
+                pass = prune_usage(&store, clock.now_ms(), pruning.statements_per_pass) => pass,
+                _ = stopped.changed() => return,
+            };
+            match pass {
+                Ok(deleted) => {
+                    pruned_at = Some(started);
+                    if deleted > 0 {
+                        tracing::info!(
+                            deleted,
+                            "deleted hourly usage rows older than 31 days (no window reads them)"
+                        );
+                    }
+                }
+                Err(err) => tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "old hourly usage rows not deleted; will retry after the next flush"
+                ),
+            }
+            passes.send_modify(|n| *n += 1);
         }
     });
-    Flusher { stop, join }
+    Flusher {
+        stop,
+        join,
+        prune_passes,
+    }
 }
 
 /// The running flusher.
@@ -402,9 +522,15 @@ pub fn spawn_flusher_every(
 pub struct Flusher {
     stop: tokio::sync::watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
+    prune_passes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Flusher {
+    /// How many pruning passes have ended, successful or not (tests wait on it).
+    pub fn prune_passes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.prune_passes.clone()
+    }
+
     /// Stops it between two flushes, never inside one: a flush takes the counts from memory
     /// before it writes them, so one cut off mid-write would lose them.
     pub async fn stop(self) {

@@ -5,6 +5,29 @@ use anyhow::Context as _;
 
 use super::{HourlyCount, KeyUsage, Store};
 
+/// A table of hourly counts that [`Store::prune_usage_day`] deletes old hours from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HourlyTable {
+    /// `key_usage_hourly`: the revocation verdict's counts.
+    Keys,
+    /// `caller_usage_hourly`: who the legacy and API-key verifications came from.
+    Callers,
+}
+
+impl HourlyTable {
+    pub const ALL: [Self; 2] = [Self::Keys, Self::Callers];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Keys => "key_usage_hourly",
+            Self::Callers => "caller_usage_hourly",
+        }
+    }
+}
+
+/// A day of hours: what one statement of [`Store::prune_usage_day`] deletes at most.
+const DAY_MS: i64 = 86_400_000;
+
 /// Verifications by one caller in one hour (or, read back over a period, summed).
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct CallerUsage {
@@ -65,5 +88,24 @@ impl Store {
         })
         .context("reading key usage")?;
         Ok(rows)
+    }
+
+    /// Deletes the rows of `table` whose hour starts before `before_ms`, but only those of the
+    /// first day of hours it holds (from its oldest hour on): a year of backlog is deleted a
+    /// day per statement, so none holds SQLite's write lock (or PostgreSQL's row locks) for
+    /// long. Returns the rows deleted; 0 once nothing before `before_ms` is left. Both bounds in
+    /// one `WHERE`, so the statement is the same on both engines (no `LEAST`, no scalar `MIN`);
+    /// the subquery reads the oldest hour from the primary key, which starts with `hour_start`.
+    pub async fn prune_usage_day(&self, table: HourlyTable, before_ms: i64) -> anyhow::Result<u64> {
+        let table = table.name();
+        let sql = format!(
+            "DELETE FROM {table} WHERE hour_start < $1 \
+             AND hour_start < (SELECT MIN(hour_start) FROM {table}) + $2"
+        );
+        let deleted = self
+            .execute(&sql, &[before_ms.into(), DAY_MS.into()])
+            .await
+            .with_context(|| format!("deleting {table} rows from before {before_ms}"))?;
+        Ok(deleted)
     }
 }

@@ -41,7 +41,7 @@ pub use stripe::{
     StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun, Tombstone,
 };
 
-pub use callers::CallerUsage;
+pub use callers::{CallerUsage, HourlyTable};
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;
@@ -681,6 +681,25 @@ impl Store {
         })
         .context("reading key usage")?;
         Ok(first)
+    }
+
+    /// Records in `usage_evidence` how far back the stored key counts go (the end of their
+    /// earliest hour, as [`Store::usage_evidence_since`] reads it), kept when the time held is
+    /// earlier: run before old hours are deleted, so that deleting them leaves how far back the
+    /// evidence goes as it was. Counting began then whatever rows are kept; the hours deleted are
+    /// older than any window read, so no count inside one goes.
+    pub async fn keep_usage_evidence(&self) -> anyhow::Result<()> {
+        // `WHERE 1 = 1`: SQLite reads `ON` after a bare `FROM` as a join's.
+        let sql = "INSERT INTO usage_evidence (id, first_verified_at) \
+                   SELECT 1, MIN(hour_start) + 3600000 FROM key_usage_hourly WHERE 1 = 1 \
+                   HAVING COUNT(*) > 0 \
+                   ON CONFLICT (id) DO UPDATE SET first_verified_at = \
+                   CASE WHEN excluded.first_verified_at < usage_evidence.first_verified_at \
+                   THEN excluded.first_verified_at ELSE usage_evidence.first_verified_at END";
+        self.execute(sql, &[])
+            .await
+            .context("recording since when usage is counted")?;
+        Ok(())
     }
 
     /// Runs one of the store's statements with `args`; returns the rows it wrote.

@@ -1386,3 +1386,135 @@ async fn the_reason_counts_verifications_and_distinct_clients() {
          24 h; 2 verifications with the legacy secret in all, from 1 client"
     );
 }
+
+/// Keys and callers of the hour starting `hours_ago` hours before `now`'s: a signing key and the
+/// legacy anon key, each with its caller.
+fn usage_of_hour(now: i64, hours_ago: i64) -> (Vec<KeyUsage>, Vec<CallerUsage>) {
+    let hour = now - now % HOUR - hours_ago * HOUR;
+    let key = |source: &str, kid: &str, alg: &str| KeyUsage {
+        hour_start_ms: hour,
+        source: source.into(),
+        kid: kid.into(),
+        alg: alg.into(),
+        verified_count: 3,
+        last_verified_at_ms: hour + 1_000,
+    };
+    let caller = CallerUsage {
+        hour_start_ms: hour,
+        source: "legacy_secret".into(),
+        kind: "anon_key".into(),
+        route: JWT_TEST.into(),
+        client: "supabase-js/2.47.0".into(),
+        verified_count: 3,
+        last_verified_at_ms: hour + 1_000,
+    };
+    (
+        vec![
+            key("signing_key", "2b9f0c1e", "ES256"),
+            key("legacy_secret", "", "HS256"),
+        ],
+        vec![caller],
+    )
+}
+
+/// The hours of key rows and of caller rows stored that start before `before_ms`, and the
+/// caller rows' hours from it on.
+async fn stored_hours(store: &edgegate::store::Store, before_ms: i64) -> (usize, usize, usize) {
+    let keys = store.key_usage_hours_since(0).await.unwrap();
+    let callers = store.caller_usage_hours_since(0).await.unwrap();
+    let keys_before = keys.iter().filter(|r| r.hour_start_ms < before_ms).count();
+    let callers_before = callers
+        .iter()
+        .filter(|r| r.hour_start_ms < before_ms)
+        .count();
+    (
+        keys_before / 2,
+        callers_before,
+        callers.len() - callers_before,
+    )
+}
+
+/// Nothing reads more than 30 days of hourly usage (the revocation window and the report's
+/// window at most): the flusher deletes the hours older than 31 days, hourly, a day of hours per
+/// statement and a bounded number of statements per pass, so a year of backlog never holds
+/// SQLite's write lock for long. The report over 30 days, the evidence's start with it, is the
+/// same after as before, though this database has no `usage_evidence` row (its counts came
+/// before that table): the hours deleted were what it was read from.
+#[tokio::test]
+async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement() {
+    use edgegate::auth::usage::{Pruning, prune_usage, spawn_flusher_pruning};
+    const DAY: i64 = 24 * HOUR;
+    let db = test_db!();
+    let store = db.store().await;
+    let clock = Clock::manual();
+    let config = db.config(&[
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("LEGACY_REVOCATION_WINDOW_SECONDS", "2592000"),
+    ]);
+    let state = AppState::with_clock(config, store.clone(), clock.clone());
+    let now = clock.now_ms();
+    // Ten days of hours, 50 to 40 days old; one hour 29 days old; the last three hours.
+    let hours = (40 * 24 + 1..=50 * 24).chain([29 * 24]).chain(0..3);
+    for hours_ago in hours {
+        let (keys, callers) = usage_of_hour(now, hours_ago);
+        store.add_key_usage(&keys).await.unwrap();
+        store.add_caller_usage(&callers).await.unwrap();
+    }
+    let cutoff = now - 31 * DAY;
+    assert_eq!(stored_hours(&store, cutoff).await, (240, 240, 4));
+    let evidence = store.usage_evidence_since().await.unwrap();
+    let report = key_report(&state, &state.usage).await;
+
+    let flusher = spawn_flusher_pruning(
+        state.usage.clone(),
+        store.clone(),
+        clock.clone(),
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+        Pruning {
+            every: Duration::from_secs(3600),
+            statements_per_pass: 3,
+        },
+    );
+    let mut passes = flusher.prune_passes();
+    let mut pass = async |n: u64| {
+        tokio::time::timeout(Duration::from_secs(20), passes.wait_for(|done| *done >= n))
+            .await
+            .expect("a pruning pass within 20 s")
+            .unwrap();
+    };
+    // One pass: three statements per table, each the oldest day's 24 hours.
+    pass(1).await;
+    assert_eq!(stored_hours(&store, cutoff).await, (240 - 72, 240 - 72, 4));
+    assert_eq!(key_report(&state, &state.usage).await, report);
+    assert_eq!(store.usage_evidence_since().await.unwrap(), evidence);
+
+    // The next pass an hour later on the instance's clock, not at the next flush.
+    clock.advance(Duration::from_secs(3600));
+    let report = key_report(&state, &state.usage).await;
+    pass(2).await;
+    assert_eq!(
+        stored_hours(&store, cutoff).await,
+        (240 - 144, 240 - 144, 4)
+    );
+    flusher.stop().await;
+
+    // A whole pass deletes what is left before the cutoff, and nothing of the 29-day-old hour.
+    let deleted = prune_usage(
+        &store,
+        clock.now_ms(),
+        Pruning::default().statements_per_pass,
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, 96 * 3);
+    assert_eq!(stored_hours(&store, cutoff).await, (0, 0, 4));
+    let kept = store.key_usage_hours_since(0).await.unwrap();
+    assert!(
+        kept.iter()
+            .any(|row| row.hour_start_ms == now - now % HOUR - 29 * DAY),
+        "{kept:?}"
+    );
+    assert_eq!(key_report(&state, &state.usage).await, report);
+    assert_eq!(store.usage_evidence_since().await.unwrap(), evidence);
+}
