@@ -683,22 +683,20 @@ impl Store {
         Ok(first)
     }
 
-    /// Records in `usage_evidence` how far back the stored key counts go (the end of their
-    /// earliest hour, as [`Store::usage_evidence_since`] reads it), kept when the time held is
-    /// earlier: run before old hours are deleted, so that deleting them leaves how far back the
-    /// evidence goes as it was. Counting began then whatever rows are kept; the hours deleted are
-    /// older than any window read, so no count inside one goes.
-    pub async fn keep_usage_evidence(&self) -> anyhow::Result<()> {
-        // `WHERE 1 = 1`: SQLite reads `ON` after a bare `FROM` as a join's.
-        let sql = "INSERT INTO usage_evidence (id, first_verified_at) \
-                   SELECT 1, MIN(hour_start) + 3600000 FROM key_usage_hourly WHERE 1 = 1 \
-                   HAVING COUNT(*) > 0 \
-                   ON CONFLICT (id) DO UPDATE SET first_verified_at = \
-                   CASE WHEN excluded.first_verified_at < usage_evidence.first_verified_at \
-                   THEN excluded.first_verified_at ELSE usage_evidence.first_verified_at END";
-        self.execute(sql, &[])
+    /// Moves how far back the evidence goes (`usage_evidence.first_verified_at`) up to
+    /// `before_ms`, when it is earlier: the hours before it are about to be deleted, so the counts
+    /// are complete from there only. Normally that is 31 days ago, beyond any window, and no
+    /// verdict changes. A wall clock running weeks ahead prunes hours still inside the window once
+    /// it is set right: the evidence then starts at that cutoff, and the verdict waits a whole
+    /// window after it ("recorded for less than the window") instead of calling revocation safe
+    /// on counts with a hole in them. With no row yet (counts from builds before it) nothing is
+    /// written: `usage_evidence_since` then reads the oldest hour left, which is after the cutoff.
+    pub async fn raise_usage_evidence(&self, before_ms: i64) -> anyhow::Result<()> {
+        let sql = "UPDATE usage_evidence SET first_verified_at = $1 \
+                   WHERE id = 1 AND first_verified_at < $1";
+        self.execute(sql, &[before_ms.into()])
             .await
-            .context("recording since when usage is counted")?;
+            .context("recording from when the usage counts are complete")?;
         Ok(())
     }
 

@@ -1437,9 +1437,9 @@ async fn stored_hours(store: &edgegate::store::Store, before_ms: i64) -> (usize,
 /// Nothing reads more than 30 days of hourly usage (the revocation window and the report's
 /// window at most): the flusher deletes the hours older than 31 days, hourly, a day of hours per
 /// statement and a bounded number of statements per pass, so a year of backlog never holds
-/// SQLite's write lock for long. The report over 30 days, the evidence's start with it, is the
-/// same after as before, though this database has no `usage_evidence` row (its counts came
-/// before that table): the hours deleted were what it was read from.
+/// SQLite's write lock for long. The report over 30 days is the same after as before but for
+/// how far back the evidence goes: this database has no `usage_evidence` row (its counts came
+/// before that table), so that is read from the oldest hour left, and only moves later.
 #[tokio::test]
 async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement() {
     use edgegate::auth::usage::{Pruning, prune_usage, spawn_flusher_pruning};
@@ -1462,8 +1462,14 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     }
     let cutoff = now - 31 * DAY;
     assert_eq!(stored_hours(&store, cutoff).await, (240, 240, 4));
-    let evidence = store.usage_evidence_since().await.unwrap();
-    let report = key_report(&state, &state.usage).await;
+    let evidence = store.usage_evidence_since().await.unwrap().unwrap();
+    // The report but for how far back the evidence goes.
+    let report_of = async || {
+        let mut report = key_report(&state, &state.usage).await;
+        report.as_object_mut().unwrap().remove("evidence_since_ms");
+        report
+    };
+    let report = report_of().await;
 
     let flusher = spawn_flusher_pruning(
         state.usage.clone(),
@@ -1486,12 +1492,17 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     // One pass: three statements per table, each the oldest day's 24 hours.
     pass(1).await;
     assert_eq!(stored_hours(&store, cutoff).await, (240 - 72, 240 - 72, 4));
-    assert_eq!(key_report(&state, &state.usage).await, report);
-    assert_eq!(store.usage_evidence_since().await.unwrap(), evidence);
+    assert!(report_of().await == report, "the report changed");
+    let oldest_left = now - now % HOUR - (50 * 24 - 72) * HOUR;
+    assert_eq!(
+        store.usage_evidence_since().await.unwrap(),
+        Some(oldest_left + HOUR),
+        "from {evidence}"
+    );
 
     // The next pass an hour later on the instance's clock, not at the next flush.
     clock.advance(Duration::from_secs(3600));
-    let report = key_report(&state, &state.usage).await;
+    let report = report_of().await;
     pass(2).await;
     assert_eq!(
         stored_hours(&store, cutoff).await,
@@ -1515,6 +1526,65 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
             .any(|row| row.hour_start_ms == now - now % HOUR - 29 * DAY),
         "{kept:?}"
     );
-    assert_eq!(key_report(&state, &state.usage).await, report);
-    assert_eq!(store.usage_evidence_since().await.unwrap(), evidence);
+    assert!(report_of().await == report, "the report changed");
+    assert_eq!(
+        store.usage_evidence_since().await.unwrap(),
+        Some(now - now % HOUR - 29 * DAY + HOUR)
+    );
+}
+
+/// A wall clock running weeks ahead prunes hours that are still inside the window once it is set
+/// right: here a weekly legacy caller's hour. The evidence then starts at that cutoff, and the
+/// verdict waits a whole window after it, instead of calling revocation safe on counts with a
+/// hole in them (signing keys in use, no legacy use left to see).
+#[tokio::test]
+async fn a_prune_by_a_clock_weeks_ahead_never_makes_revocation_safe() {
+    use edgegate::auth::usage::prune_usage;
+    const DAY: i64 = 24 * HOUR;
+    let db = test_db!();
+    let store = db.store().await;
+    let clock = Clock::manual();
+    let config = db.config(&[
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("LEGACY_REVOCATION_WINDOW_SECONDS", "604800"),
+    ]);
+    let state = AppState::with_clock(config, store.clone(), clock.clone());
+    let now = clock.now_ms();
+    // Counted for 60 days; legacy and signing-key use two days ago.
+    store.note_usage_evidence(now - 60 * DAY).await.unwrap();
+    store
+        .add_key_usage(&usage_of_hour(now, 48).0)
+        .await
+        .unwrap();
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(
+        report["legacy_revocation_safe"],
+        json!(false),
+        "{}",
+        report["reason"]
+    );
+
+    // An instance whose clock runs 40 days ahead prunes; set right, signing-key traffic goes on.
+    prune_usage(&store, now + 40 * DAY, 100).await.unwrap();
+    let signing: Vec<KeyUsage> = usage_of_hour(now, 0)
+        .0
+        .into_iter()
+        .filter(|usage| usage.source == "signing_key")
+        .collect();
+    store.add_key_usage(&signing).await.unwrap();
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(
+        report["legacy_revocation_safe"],
+        json!(false),
+        "{}",
+        report["reason"]
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("usage has been recorded for less than"),
+        "{}",
+        report["reason"]
+    );
 }
