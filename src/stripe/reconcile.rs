@@ -621,10 +621,10 @@ pub fn spawn_periodic(
             if after.is_some_and(|after| clock.now() < after) {
                 return after;
             }
-            let failed =
+            let refused =
                 !super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder)
                     .await;
-            failed.then(|| clock.now() + REWRITE_RETRY)
+            refused.then(|| clock.now() + REWRITE_RETRY)
         };
         // Timed from after the start's rewrite, which may take the sync's minutes.
         let mut rewrite_after = rewrite(None).await;
@@ -664,9 +664,10 @@ pub fn spawn_periodic(
     })
 }
 
-/// How long after a failed sync of the rows of earlier builds the next is tried: one that
-/// cannot succeed (a restricted key without read access to products and prices) would
-/// otherwise list the catalogue and fail after every periodic run, on every instance.
+/// How long after a sync of the rows of earlier builds that Stripe refused for the key the next
+/// is tried: one that cannot succeed (a restricted key without read access to products and
+/// prices) would otherwise list the catalogue and fail after every periodic run, on every
+/// instance. Other failures (Stripe away, the database) are tried again after the next run.
 const REWRITE_RETRY: Duration = Duration::from_secs(86_400);
 
 /// The most a first run that is due is put off, so instances started together spread out.

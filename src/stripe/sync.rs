@@ -173,9 +173,11 @@ pub async fn run(
 /// which kept an earlier value or none while the row looked current, and neither a redelivery
 /// (a duplicate) nor a reconciliation (already applied) writes them again. The sync does, from
 /// Stripe. Called at start and after each periodic reconciliation. Returns false when a sync was
-/// needed and failed (logged; the caller waits before the next try); true when none was needed,
-/// when it ran, when another instance's runs, and when the database could not tell (logged; the
-/// next call asks again).
+/// needed and Stripe refused the key (logged; the caller waits before the next try: a restricted
+/// key without read access to products and prices is refused alike every time); true otherwise,
+/// when the next call may try again: none was needed, it ran, another instance's runs, or it
+/// failed in a way the next may not (Stripe away past the retries, the database, a cursor gone,
+/// the lock lost; logged).
 pub async fn rewrite_rows_of_earlier_builds(
     store: &Store,
     client: &StripeClient,
@@ -211,13 +213,25 @@ pub async fn rewrite_rows_of_earlier_builds(
             tracing::debug!("catalogue sync for rows of earlier builds skipped: another one runs");
             true
         }
-        Err(err) => {
+        Err(
+            err @ SyncError::Upstream {
+                error: StripeError::KeyRefused(_),
+                ..
+            },
+        ) => {
             tracing::warn!(
                 error = format!("{err:#}"),
                 "catalogue sync for rows of earlier builds failed (a restricted key needs read \
                  access to products and prices); tried again in a day, or run the sync"
             );
             false
+        }
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "catalogue sync for rows of earlier builds failed; the next check tries again"
+            );
+            true
         }
     }
 }

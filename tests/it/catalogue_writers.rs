@@ -187,3 +187,52 @@ async fn a_rewrite_that_fails_is_not_tried_again_after_every_run() {
         syncs + 1
     );
 }
+
+/// A sync that failed for a while only (Stripe answering 500 past the retries) is no refused key:
+/// it is tried again after the next periodic run, not a day later, and rewrites the rows once
+/// Stripe answers.
+#[tokio::test]
+async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(1)
+        ),
+    )
+    .await;
+    let store = &app.state.store;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+    fake.fault_from(0, Fault::ServerError(None));
+
+    let task = spawn_periodic(&app, Duration::from_millis(50));
+    let failed = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, failed).await < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "a failed rewrite not tried again after the periodic runs within 20 s ({} failed syncs)",
+            count(&db, failed).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fake.clear_faults();
+    // The rows are written before the run is recorded: wait for its record.
+    let ok = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok'";
+    while count(&db, ok).await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no rewrite 20 s after start, Stripe answering again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    assert_eq!(count(&db, ok).await, 2, "the test's sync and one rewrite");
+}
