@@ -38,7 +38,7 @@ pub const OVERLAP_SECONDS: i64 = 3_600;
 /// answer had no `Date`) may be stamped and still count: another instance's clock a little fast.
 /// The overlap absorbs a start stamped this much late; one stamped later was made while a wall
 /// clock ran ahead, since set back, and covers nothing (see `disown_coverage_after`).
-const STAMPED_AHEAD_MS: i64 = 60_000;
+pub(crate) const STAMPED_AHEAD_MS: i64 = 60_000;
 
 /// Who started a run (stored in `reconcile_runs.started_by`, a metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -606,7 +606,20 @@ pub fn spawn_periodic(
         // Neither the last run nor a new one can be read or written before the schema is in
         // place (`serve --no-migrate` waiting for `edgegate migrate`): each would only warn.
         store.wait_until_ready().await;
-        let last = match store.last_periodic_reconcile().await {
+        let rewrite = async |after: Option<Instant>| {
+            if after.is_some_and(|after| clock.now() < after) {
+                return after;
+            }
+            let refused =
+                !super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder)
+                    .await;
+            refused.then(|| clock.now() + REWRITE_RETRY)
+        };
+        let mut rewrite_after = rewrite(None).await;
+        // Read and timed after the start's rewrite, which may take the sync's minutes: another
+        // instance may have run meanwhile.
+        let now_ms = clock.now_ms();
+        let last = match store.last_periodic_reconcile(now_ms).await {
             Ok(last) => last,
             Err(err) => {
                 // Unknown: run soon rather than an interval late; the run reports the database.
@@ -617,18 +630,7 @@ pub fn spawn_periodic(
                 None
             }
         };
-        let rewrite = async |after: Option<Instant>| {
-            if after.is_some_and(|after| clock.now() < after) {
-                return after;
-            }
-            let refused =
-                !super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder)
-                    .await;
-            refused.then(|| clock.now() + REWRITE_RETRY)
-        };
-        // Timed from after the start's rewrite, which may take the sync's minutes.
-        let mut rewrite_after = rewrite(None).await;
-        let mut pause = first_pause(last, clock.now_ms(), interval, random_fraction());
+        let mut pause = first_pause(last, now_ms, interval, random_fraction());
         loop {
             tokio::time::sleep(pause).await;
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;

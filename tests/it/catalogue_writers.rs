@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::fake_stripe::{self, FakeStripe, Fault};
 use crate::reconcile::spawn_periodic;
 use crate::stripe::{count, fast_retry, scalar, sync, sync_app};
-use crate::support::TestDb;
+use crate::support::{TestDb, now_ms};
 use crate::{stripe_fixtures, test_db};
 
 /// The columns of product `id` that the build before `written_rev` did not know, with its name.
@@ -235,4 +235,38 @@ async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     task.abort();
     assert_eq!(count(&db, ok).await, 2, "the test's sync and one rewrite");
+}
+
+/// The first periodic run after a start is timed from the last one: a row stamped a day ahead
+/// (while the wall clock ran ahead, since set back) says nothing of when that was, and must not
+/// hide the true last run behind it (taken as none, every start ran one at once; the start's
+/// sync, which may take minutes, comes before the read).
+#[tokio::test]
+async fn the_last_periodic_run_is_not_hidden_by_one_stamped_ahead() {
+    let db = test_db!();
+    let store = db.store().await;
+    let now = now_ms();
+    let run = |id: &'static str, started_at: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .start_reconcile_run(id, "periodic", 0, started_at, true)
+                .await
+                .unwrap();
+        }
+    };
+    assert_eq!(store.last_periodic_reconcile(now).await.unwrap(), None);
+    run("ten-minutes-ago", now - 600_000).await;
+    run("a-day-ahead", now + 86_400_000).await;
+    assert_eq!(
+        store.last_periodic_reconcile(now).await.unwrap(),
+        Some(now - 600_000),
+        "the true last run, ten minutes ago"
+    );
+    // Another instance's clock a little fast still counts.
+    run("seconds-ahead", now + 30_000).await;
+    assert_eq!(
+        store.last_periodic_reconcile(now).await.unwrap(),
+        Some(now + 30_000)
+    );
 }

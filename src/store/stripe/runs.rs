@@ -8,6 +8,7 @@ use anyhow::Context as _;
 
 use crate::clock::Clock;
 use crate::store::{Backend, Store};
+use crate::stripe::reconcile::STAMPED_AHEAD_MS;
 
 /// Counts of one sync run, as stored in `sync_runs`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -799,12 +800,18 @@ impl Store {
     }
 
     /// When (ms) the newest periodic run started, whatever its outcome: a restarted instance
-    /// schedules its first run from it.
-    pub async fn last_periodic_reconcile(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MAX(started_at) FROM reconcile_runs WHERE started_by = 'periodic'";
-        let last: Option<i64> =
-            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
-                .context("reading earlier reconcile runs")?;
+    /// schedules its first run from it. Runs stamped more than `STAMPED_AHEAD_MS` after
+    /// `now_ms` are passed over: stamped while the wall clock ran ahead, since set back, they
+    /// say nothing of when they ran, and the newest would hide the true last run behind it.
+    pub async fn last_periodic_reconcile(&self, now_ms: i64) -> anyhow::Result<Option<i64>> {
+        let sql = "SELECT MAX(started_at) FROM reconcile_runs \
+                   WHERE started_by = 'periodic' AND started_at <= $1";
+        let stamped_until = now_ms.saturating_add(STAMPED_AHEAD_MS);
+        let last: Option<i64> = with_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(stamped_until)
+            .fetch_one(pool)
+            .await)
+        .context("reading earlier reconcile runs")?;
         Ok(last)
     }
 
