@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::fake_stripe::{self, FakeStripe, Fault};
 use crate::reconcile::spawn_periodic;
-use crate::stripe::{count, fast_retry, scalar, sync, sync_app};
+use crate::stripe::{App, count, fast_retry, scalar, sync, sync_app};
 use crate::support::{TestDb, now_ms};
 use crate::{stripe_fixtures, test_db};
 
@@ -24,6 +24,21 @@ async fn product_columns(db: &TestDb, id: &str) -> String {
 /// Writes `sql` (an UPDATE or INSERT of one row, ending in `RETURNING 1`) as another build would.
 async fn write_as_an_earlier_build(db: &TestDb, sql: &str) {
     assert_eq!(scalar!(db, i32, sql), 1, "{sql}");
+}
+
+/// An instance that synced the fake's catalogue, product 1 of which an earlier build then wrote.
+async fn synced_with_a_row_of_an_earlier_build(db: &TestDb, fake: &FakeStripe) -> App {
+    let app = sync_app(db, fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    write_as_an_earlier_build(
+        db,
+        &format!(
+            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(1)
+        ),
+    )
+    .await;
+    app
 }
 
 #[tokio::test]
@@ -156,16 +171,7 @@ async fn a_rewrite_that_fails_is_not_tried_again_after_every_run() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 2, 6).await;
-    let app = sync_app(&db, &fake, fast_retry()).await;
-    assert_eq!(sync(&app.server).await.0, 200);
-    write_as_an_earlier_build(
-        &db,
-        &format!(
-            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
-            fake_stripe::product_id(1)
-        ),
-    )
-    .await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
     let syncs = count(&db, "SELECT COUNT(*) FROM sync_runs").await;
     fake.fault_from(0, Fault::Forbidden);
 
@@ -196,16 +202,7 @@ async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 2, 6).await;
-    let app = sync_app(&db, &fake, fast_retry()).await;
-    assert_eq!(sync(&app.server).await.0, 200);
-    write_as_an_earlier_build(
-        &db,
-        &format!(
-            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
-            fake_stripe::product_id(1)
-        ),
-    )
-    .await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
     let store = &app.state.store;
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
     fake.fault_from(0, Fault::ServerError(None));

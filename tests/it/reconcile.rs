@@ -48,7 +48,7 @@ async fn reconcile_as(
     (status, response.json().await.unwrap())
 }
 
-async fn reconcile(server: &TestServer) -> (u16, Value) {
+pub(crate) async fn reconcile(server: &TestServer) -> (u16, Value) {
     reconcile_as(server, Some(SB_SECRET), None).await
 }
 

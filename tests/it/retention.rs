@@ -6,10 +6,11 @@ use edgegate::store::{NewSms, Reservation, SmsLimits};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
-use crate::fake_stripe::{FakeStripe, SECRET_KEY};
+use crate::fake_stripe::FakeStripe;
+use crate::reconcile::reconcile;
 use crate::stripe::{
-    App, SB_SECRET, WHSEC, app, count, deliver_signed, fast_retry, in_ci, now, product_event,
-    product_name, sdk_available, stripe_sdk,
+    app, count, deliver_signed, fast_retry, in_ci, now, product_event, product_name, sdk_available,
+    stripe_and_webhook_vars, stripe_sdk,
 };
 use crate::support::{TestDb, now_ms};
 use crate::{stripe_fixtures, test_db};
@@ -59,19 +60,6 @@ async fn ids(db: &TestDb, table: &str) -> Vec<String> {
     }
 }
 
-async fn reconcile(app: &App) -> (u16, Value) {
-    let response = app
-        .server
-        .client
-        .post(app.server.url("/admin/stripe/reconcile"))
-        .header("apikey", SB_SECRET)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 fn sms<'a>(id: &'a str, key: Option<&'a str>, to: &'a str) -> NewSms<'a> {
     NewSms {
         id,
@@ -100,16 +88,7 @@ async fn the_documented_deletions_leave_every_answer_as_it_was() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 0, 0).await;
-    let app = app(
-        &db,
-        &[
-            ("STRIPE_SECRET_KEY", SECRET_KEY),
-            ("STRIPE_API_BASE", fake.base.as_str()),
-            ("STRIPE_WEBHOOK_SECRET", WHSEC),
-        ],
-        fast_retry(),
-    )
-    .await;
+    let app = app(&db, &stripe_and_webhook_vars(&fake), fast_retry()).await;
     let store = &app.state.store;
     let (t, now) = (now(), now_ms());
 
@@ -352,7 +331,7 @@ async fn the_documented_deletions_leave_every_answer_as_it_was() {
     // coverage is older), and its listed event of yesterday is found in the ledger.
     assert_eq!(store.reconcile_coverage().await.unwrap(), coverage);
     let before = now_ms() / 1000;
-    let (status, body) = reconcile(&app).await;
+    let (status, body) = reconcile(&app.server).await;
     let after = now_ms() / 1000;
     assert_eq!(status, 200, "{body}");
     let since = body["since"].as_i64().unwrap();

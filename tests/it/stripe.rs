@@ -71,7 +71,7 @@ fn stripe_vars(fake: &FakeStripe) -> [(&'static str, &str); 2] {
 }
 
 /// As [`stripe_vars`], with the webhook secret [`WHSEC`]: for a test of the sync and events.
-fn stripe_and_webhook_vars(fake: &FakeStripe) -> [(&'static str, &str); 3] {
+pub(crate) fn stripe_and_webhook_vars(fake: &FakeStripe) -> [(&'static str, &str); 3] {
     let [key, base] = stripe_vars(fake);
     [key, base, ("STRIPE_WEBHOOK_SECRET", WHSEC)]
 }
