@@ -1434,6 +1434,22 @@ async fn stored_hours(store: &edgegate::store::Store, before_ms: i64) -> (usize,
     )
 }
 
+/// The store, a manual clock and an instance's state on them, with the legacy secret and a
+/// revocation window of `window_seconds`.
+async fn on_a_manual_clock(
+    db: &crate::support::TestDb,
+    window_seconds: &str,
+) -> (edgegate::store::Store, Clock, AppState) {
+    let store = db.store().await;
+    let clock = Clock::manual();
+    let config = db.config(&[
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("LEGACY_REVOCATION_WINDOW_SECONDS", window_seconds),
+    ]);
+    let state = AppState::with_clock(config, store.clone(), clock.clone());
+    (store, clock, state)
+}
+
 /// Nothing reads more than 30 days of hourly usage (the revocation window and the report's
 /// window at most): the flusher deletes the hours older than 31 days, hourly, a day of hours per
 /// statement and a bounded number of statements per pass, so a year of backlog never holds
@@ -1445,13 +1461,7 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     use edgegate::auth::usage::{Pruning, prune_usage, spawn_flusher_pruning};
     const DAY: i64 = 24 * HOUR;
     let db = test_db!();
-    let store = db.store().await;
-    let clock = Clock::manual();
-    let config = db.config(&[
-        ("SUPABASE_JWT_SECRET", SECRET),
-        ("LEGACY_REVOCATION_WINDOW_SECONDS", "2592000"),
-    ]);
-    let state = AppState::with_clock(config, store.clone(), clock.clone());
+    let (store, clock, state) = on_a_manual_clock(&db, "2592000").await;
     let now = clock.now_ms();
     // Ten days of hours, 50 to 40 days old; one hour 29 days old; the last three hours.
     let hours = (40 * 24 + 1..=50 * 24).chain([29 * 24]).chain(0..3);
@@ -1542,13 +1552,7 @@ async fn a_prune_by_a_clock_weeks_ahead_never_makes_revocation_safe() {
     use edgegate::auth::usage::prune_usage;
     const DAY: i64 = 24 * HOUR;
     let db = test_db!();
-    let store = db.store().await;
-    let clock = Clock::manual();
-    let config = db.config(&[
-        ("SUPABASE_JWT_SECRET", SECRET),
-        ("LEGACY_REVOCATION_WINDOW_SECONDS", "604800"),
-    ]);
-    let state = AppState::with_clock(config, store.clone(), clock.clone());
+    let (store, clock, state) = on_a_manual_clock(&db, "604800").await;
     let now = clock.now_ms();
     // Counted for 60 days; legacy and signing-key use two days ago.
     store.note_usage_evidence(now - 60 * DAY).await.unwrap();
