@@ -420,8 +420,10 @@ impl Store {
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
     /// current one: `ranks` orders the statuses (one not in it ranks 0), `rank` is `status`'s
-    /// place in it. The status's `error_code` (or none) replaces the stored one with it; a
-    /// status that does not move the message changes nothing. The SID names the message: `id`
+    /// place in it. The status's `error_code` (or none) replaces the stored one with it, and the
+    /// stored description goes (a callback carries none: what the send's own failure said, why
+    /// its outcome was unknown, is not about the status Twilio reports); a status that does not
+    /// move the message changes nothing. The SID names the message: `id`
     /// (from the callback URL) only finds a message when no message has that SID yet, and then
     /// only one whose SID is not stored yet, which takes it. A callback pairing one message's id
     /// with another's SID is so the other's, and the first never takes a SID that is not its
@@ -457,8 +459,8 @@ impl Store {
             }
             // The status brings its own error code, none included: a code an earlier status
             // carried (30008 on `sent`) is not the later one's (`delivered`).
-            let update = "UPDATE sms_messages SET status = $1, \
-                          error_code = $2, updated_at = $3, twilio_sid = $4 \
+            let update = "UPDATE sms_messages SET status = $1, error_code = $2, \
+                          error_message = NULL, updated_at = $3, twilio_sid = $4 \
                           WHERE id = $5 AND status = $6 AND (twilio_sid = $4 OR twilio_sid IS NULL)";
             let args = [
                 status.into(),
