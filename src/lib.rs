@@ -330,6 +330,7 @@ impl Started {
             for task in self.background {
                 task.abort();
             }
+            let writer = self.flusher.writer_id().to_owned();
             self.flusher.stop().await;
             // A send the drain cut its caller off from still records Twilio's answer (at most
             // the send's budget and its writes; the deadline bounds it in any case), at the same
@@ -337,6 +338,18 @@ impl Started {
             let (flushed, ()) = tokio::join!(
                 async {
                     let flushed = usage.flush(&store).await;
+                    // Every count written: no hole for another instance to take this one's row
+                    // for. Kept when they are lost, so the verdict heeds the hole.
+                    if flushed.is_ok()
+                        && let Err(err) = store.retire_usage_writer(&writer).await
+                    {
+                        tracing::warn!(
+                            error = crate::error::causes(&err),
+                            "this instance's key usage counts were written but its row in \
+                             usage_writers stays: another instance will take them for lost, and \
+                             the legacy verdict waits a whole window"
+                        );
+                    }
                     usage_settled.store(true, std::sync::atomic::Ordering::Relaxed);
                     usage_written.store(flushed.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     flushed

@@ -465,9 +465,16 @@ pub fn spawn_flusher_pruning(
 ) -> Flusher {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let (passes, prune_passes) = tokio::sync::watch::channel(0_u64);
+    let mut writer = Writer::new();
+    let writer_id = writer.id.clone();
     let join = tokio::spawn(async move {
         let mut pause = interval;
         let mut pruned_at: Option<std::time::Instant> = None;
+        // Noted at once, so an instance killed before its first flush is seen too. A database
+        // not ready yet (`serve --no-migrate` before `edgegate migrate`) notes it after a flush.
+        if let Err(err) = writer.note(&store, clock.now_ms()).await {
+            tracing::debug!(error = crate::error::causes(&err), "instance not noted yet");
+        }
         loop {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
@@ -484,6 +491,13 @@ pub fn spawn_flusher_pruning(
                 }
             };
             pause = if flushed { interval } else { retry };
+            if flushed && let Err(err) = writer.beat(&store, clock.now_ms()).await {
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "cannot check for instances that ended without writing their key usage; \
+                     will retry after the next flush"
+                );
+            }
             let due = pruned_at.is_none_or(|at| clock.now().duration_since(at) >= pruning.every);
             if !flushed || !due {
                 continue;
@@ -516,6 +530,74 @@ pub fn spawn_flusher_pruning(
         stop,
         join,
         prune_passes,
+        writer_id,
+    }
+}
+
+/// How long an instance's row in `usage_writers` may go unnoted, on another instance's clock,
+/// before that instance is taken to have ended without writing its counts. Five flushes: an
+/// instance whose flushes fail (the database away) is not taken for gone by one that wrote
+/// meanwhile, as the test is against the checking instance's previous note (see
+/// [`Writer::beat`]), which a database away for everyone delays alike.
+pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
+
+/// This instance among those counting key usage (`usage_writers`): noted after every flush,
+/// deleted at a clean stop once the last counts are written. A row left behind is an instance
+/// that ended holding counts the database never got (killed, crashed, out of memory), or a
+/// database restored from a backup taken while instances ran, whose counts since are gone: the
+/// counts have a hole the verdict cannot see. The next instance to find such a row moves the
+/// evidence's start to its own time ([`Store::raise_usage_evidence`]), so revocation is not
+/// called safe before a whole window has passed after it, and deletes the row.
+#[derive(Debug)]
+struct Writer {
+    id: String,
+    /// When this instance last noted itself (ms, its clock).
+    noted_at: Option<i64>,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            noted_at: None,
+        }
+    }
+
+    async fn note(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
+        store.note_usage_writer(&self.id, now_ms).await?;
+        self.noted_at = Some(now_ms);
+        Ok(())
+    }
+
+    /// Notes this instance, then takes every other instance that was already past
+    /// [`WRITER_GONE_AFTER`] at this one's previous note for gone: it has not written since,
+    /// while this one did.
+    async fn beat(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
+        let previous = self.noted_at;
+        self.note(store, now_ms).await?;
+        let Some(previous) = previous else {
+            return Ok(());
+        };
+        let gone_ms = i64::try_from(WRITER_GONE_AFTER.as_millis()).unwrap_or(i64::MAX);
+        let gone = store
+            .usage_writers_seen_before(&self.id, previous.saturating_sub(gone_ms))
+            .await?;
+        let Some(last_seen_ms) = gone.iter().map(|writer| writer.seen_at_ms).max() else {
+            return Ok(());
+        };
+        // The start first: a row deleted before it moved would be a hole no one sees.
+        store.raise_usage_evidence(now_ms).await?;
+        for writer in &gone {
+            store.forget_usage_writer(writer).await?;
+        }
+        tracing::warn!(
+            instances = gone.len(),
+            last_seen_ms,
+            "an instance ended without writing its key usage counts (killed, crashed, or the \
+             database was restored from a backup): the usage evidence starts again now, and \
+             revoking the legacy secret is not called safe before a whole window has passed"
+        );
+        Ok(())
     }
 }
 
@@ -525,9 +607,16 @@ pub struct Flusher {
     stop: tokio::sync::watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
     prune_passes: tokio::sync::watch::Receiver<u64>,
+    writer_id: String,
 }
 
 impl Flusher {
+    /// This instance's id in `usage_writers`: a clean stop deletes it
+    /// ([`Store::retire_usage_writer`]) once its last counts are written.
+    pub fn writer_id(&self) -> &str {
+        &self.writer_id
+    }
+
     /// How many pruning passes have ended, successful or not (tests wait on it).
     pub fn prune_passes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.prune_passes.clone()

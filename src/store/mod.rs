@@ -34,6 +34,7 @@ mod postgres;
 mod sms;
 mod sqlite;
 mod stripe;
+mod writers;
 
 pub use stripe::{
     CatalogueObject, CheckoutSessionRow, CustomerRow, Deletion, EventReceipt, InvoiceRow, Job,
@@ -45,6 +46,7 @@ pub use callers::{CallerUsage, HourlyTable};
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;
+pub use writers::UsageWriter;
 
 #[derive(Clone, Debug)]
 enum Backend {

@@ -1,6 +1,7 @@
 //! Who still uses the legacy secret: callers counted per kind, route and client on every
 //! instance, summed in the database, listed by `GET /admin/signing-keys` and `edgegate keys report`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::now_ms;
@@ -1019,6 +1020,12 @@ async fn a_stopping_instance_writes_the_counts_it_had_not_flushed() {
         .expect("a clean stop");
 
     let store = db.store().await;
+    // Every count written: its row in `usage_writers` is gone with it, so no other instance
+    // takes it for one that ended holding counts.
+    assert_eq!(
+        store.usage_writers_seen_before("", i64::MAX).await.unwrap(),
+        vec![]
+    );
     let keys = store.key_usage_since(0).await.unwrap();
     let legacy: i64 = keys
         .iter()
@@ -1591,4 +1598,90 @@ async fn a_prune_by_a_clock_weeks_ahead_never_makes_revocation_safe() {
         "{}",
         report["reason"]
     );
+}
+
+/// Spawns a flusher of `tracker` on `store` and `clock` that flushes every 10 ms.
+fn fast_flusher(
+    tracker: Arc<UsageTracker>,
+    store: &edgegate::store::Store,
+    clock: &Clock,
+) -> edgegate::auth::usage::Flusher {
+    use edgegate::auth::usage::{Pruning, spawn_flusher_pruning};
+    let ms = Duration::from_millis(10);
+    spawn_flusher_pruning(
+        tracker,
+        store.clone(),
+        clock.clone(),
+        ms,
+        ms,
+        Pruning::default(),
+    )
+}
+
+/// Waits until `usage_writers` holds `n` rows.
+async fn writers_noted(store: &edgegate::store::Store, n: usize) {
+    writers_until(store, |ids| ids.len() == n).await;
+}
+
+/// Waits until the ids in `usage_writers` are as `done` wants them.
+async fn writers_until(store: &edgegate::store::Store, done: impl Fn(&[String]) -> bool) {
+    let all = async || {
+        let rows = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
+        rows.into_iter().map(|row| row.id).collect::<Vec<_>>()
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !done(&all().await) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "not within 20 s: {:?}", all().await);
+}
+
+/// The verdict is `false` for want of a whole window of counts from at least `since_ms` on.
+fn waits_a_window_from(report: &Value, since_ms: i64) {
+    assert_eq!(report["legacy_revocation_safe"], json!(false), "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("usage has been recorded for less than"),
+        "{}",
+        report["reason"]
+    );
+    let evidence_since = report["evidence_since_ms"].as_i64().unwrap();
+    assert!(evidence_since >= since_ms, "{evidence_since} < {since_ms}");
+}
+
+/// An instance that ends without writing the counts it holds (killed, crashed; or a database
+/// restored from a backup taken while it ran, its counts since gone) leaves its row in
+/// `usage_writers`. Once it has gone unnoted for `WRITER_GONE_AFTER` while another instance
+/// wrote, that one starts the evidence again at its own time: revoking is not called safe on
+/// counts with a hole in them (the dead one's legacy use) until a whole window has passed.
+#[tokio::test]
+async fn an_instance_that_ended_holding_counts_keeps_revocation_unsafe_for_a_window() {
+    use edgegate::auth::usage::WRITER_GONE_AFTER;
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    // The instance that dies: noted, then gone mid-flight, its counts with it.
+    let dead = fast_flusher(Arc::new(UsageTracker::default()), &store, &clock);
+    writers_noted(&store, 1).await;
+    dead.abort();
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
+
+    let alive = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 2).await;
+    // Nothing is taken for gone before WRITER_GONE_AFTER on the living instance's clock.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        key_report(&state, &state.usage).await["legacy_revocation_safe"],
+        json!(true)
+    );
+    clock.advance(WRITER_GONE_AFTER + Duration::from_secs(60));
+    let found_after = clock.now_ms();
+    writers_noted(&store, 1).await;
+    waits_a_window_from(&key_report(&state, &state.usage).await, found_after);
+    alive.stop().await;
 }

@@ -55,6 +55,7 @@ fn shipped_migrations_are_never_edited() {
         (20261210000002, "d9facd6b8587f0ce"),
         (20261211000001, "6d2bb33054b1e10c"),
         (20261212000001, "d3dac0495c375688"),
+        (20261213000002, "559d783d176f1d46"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -72,6 +73,7 @@ fn shipped_migrations_are_never_edited() {
         (20261210000002, "7a03d00b567bcef1"),
         (20261211000001, "95a9e5515b1a1d4b"),
         (20261212000001, "e494bd29a1149793"),
+        (20261213000002, "405426023760c410"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -815,6 +817,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         "ALTER TABLE reconcile_runs DROP COLUMN covered_until",
         "ALTER TABLE stripe_products DROP COLUMN written_rev, DROP COLUMN written_synced_at",
         "ALTER TABLE stripe_prices DROP COLUMN written_rev, DROP COLUMN written_synced_at",
+        "DROP TABLE usage_writers",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
