@@ -1685,3 +1685,26 @@ async fn an_instance_that_ended_holding_counts_keeps_revocation_unsafe_for_a_win
     waits_a_window_from(&key_report(&state, &state.usage).await, found_after);
     alive.stop().await;
 }
+
+/// docs/OPERATIONS.md ("Backup and restore") has the operator run a statement on a restored
+/// database before its first start: the first instance's first flush then takes the counts since
+/// the backup for lost, whether the backup holds rows of running instances or none (taken while
+/// edgegate was stopped), and the verdict waits a whole window.
+#[tokio::test]
+async fn the_statement_run_after_a_restore_keeps_revocation_unsafe_for_a_window() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
+    let sql = crate::retention::operations_sql("restore: usage");
+    assert_eq!(crate::retention::run_sql(&db, &sql).await, 1, "{sql}");
+
+    let started_at = clock.now_ms();
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    // The statement's row taken for gone, this instance's own left.
+    let own = flusher.writer_id().to_owned();
+    writers_until(&store, |ids| ids == [own.as_str()]).await;
+    waits_a_window_from(&key_report(&state, &state.usage).await, started_at);
+    flusher.stop().await;
+}

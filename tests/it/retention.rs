@@ -20,9 +20,14 @@ const DAY_S: i64 = 86_400;
 
 /// The SQL block that follows `<!-- database-size: ENGINE -->` in docs/OPERATIONS.md.
 fn documented_sql(engine: &str) -> String {
+    operations_sql(&format!("database-size: {engine}"))
+}
+
+/// The SQL block that follows `<!-- NAME -->` in docs/OPERATIONS.md.
+pub(crate) fn operations_sql(name: &str) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md"))
         .unwrap();
-    let marker = format!("<!-- database-size: {engine} -->\n```sql\n");
+    let marker = format!("<!-- {name} -->\n```sql\n");
     let start = doc
         .find(&marker)
         .unwrap_or_else(|| panic!("no {marker:?} in docs/OPERATIONS.md"))
@@ -33,7 +38,7 @@ fn documented_sql(engine: &str) -> String {
 
 /// Runs `sql` (one statement or several) on `db` as `psql` or `sqlite3` would; returns the rows
 /// it changed.
-async fn run_sql(db: &TestDb, sql: &str) -> u64 {
+pub(crate) async fn run_sql(db: &TestDb, sql: &str) -> u64 {
     let sql = sqlx::AssertSqlSafe(sql.to_owned());
     if db.is_postgres() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
