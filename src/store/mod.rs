@@ -671,32 +671,52 @@ impl Store {
         Ok(dropped)
     }
 
-    /// How far back the evidence goes (ms): the earliest verification counted; for counts from
-    /// before that was recorded, the end of the earliest hour with usage.
+    /// How far back the evidence goes (ms): the earliest verification counted (for counts from
+    /// before that was recorded, the end of the earliest hour with usage), but no earlier than
+    /// the highest cutoff of a pruning pass ([`Store::raise_usage_evidence`]): the counts are
+    /// complete from there only, whatever a flush noted since.
     pub async fn usage_evidence_since(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MIN(since) FROM (\
-                   SELECT first_verified_at AS since FROM usage_evidence \
+        let sql = "SELECT (SELECT MIN(since) FROM (\
+                   SELECT first_verified_at AS since FROM usage_evidence WHERE first_verified_at < $1 \
                    UNION ALL SELECT MIN(hour_start) + 3600000 AS since FROM key_usage_hourly\
-                   ) AS evidence";
-        let first: Option<i64> = with_pool!(self, |pool| {
-            sqlx::query_scalar(sql).fetch_one(pool).await
+                   ) AS evidence) AS since, \
+                   (SELECT complete_since FROM usage_evidence WHERE id = 1) AS complete_since";
+        let (first, complete): (Option<i64>, Option<i64>) = with_pool!(self, |pool| {
+            sqlx::query_as(sql)
+                .bind(NONE_COUNTED_YET)
+                .fetch_one(pool)
+                .await
         })
         .context("reading key usage")?;
-        Ok(first)
+        Ok(first.map(|first| complete.map_or(first, |complete| first.max(complete))))
     }
 
-    /// Moves how far back the evidence goes (`usage_evidence.first_verified_at`) up to
-    /// `before_ms`, when it is earlier: the hours before it are about to be deleted, so the counts
-    /// are complete from there only. Normally that is 31 days ago, beyond any window, and no
-    /// verdict changes. A wall clock running weeks ahead prunes hours still inside the window once
-    /// it is set right: the evidence then starts at that cutoff, and the verdict waits a whole
-    /// window after it ("recorded for less than the window") instead of calling revocation safe
-    /// on counts with a hole in them. With no row yet (counts from builds before it) nothing is
-    /// written: `usage_evidence_since` then reads the oldest hour left, which is after the cutoff.
+    /// Records that the usage counts are complete from `before_ms` on (`complete_since`, only
+    /// ever raised), and moves `first_verified_at` up to it when earlier (what builds before that
+    /// column read): the hours before it are about to be deleted. Normally that is 31 days ago,
+    /// beyond any window, and no verdict changes. A wall clock running weeks ahead prunes hours
+    /// still inside the window once it is set right: the evidence then starts at that cutoff,
+    /// and the verdict waits a whole window after it ("recorded for less than the window")
+    /// instead of calling revocation safe on counts with a hole in them. Another instance's
+    /// flush during the pass notes its own first count in `first_verified_at`, earlier than the
+    /// cutoff after such a clock, and the pass may then delete those counts: only
+    /// `complete_since` keeps the start, since no flush writes it. With no row yet one is
+    /// written, its `first_verified_at` the end of the earliest hour stored (counts from builds
+    /// before `usage_evidence`), raised to the cutoff likewise, or none counted yet
+    /// ([`NONE_COUNTED_YET`]) when no hour is.
     pub async fn raise_usage_evidence(&self, before_ms: i64) -> anyhow::Result<()> {
-        let sql = "UPDATE usage_evidence SET first_verified_at = $1 \
-                   WHERE id = 1 AND first_verified_at < $1";
-        self.execute(sql, &[before_ms.into()])
+        // SQLite reads `ON CONFLICT` after a `SELECT ... FROM t` as a join's: hence the WHERE.
+        let sql = "INSERT INTO usage_evidence (id, first_verified_at, complete_since) \
+                   SELECT 1, CASE WHEN MIN(hour_start) IS NULL THEN $2 \
+                   WHEN MIN(hour_start) + 3600000 < $1 THEN $1 \
+                   ELSE MIN(hour_start) + 3600000 END, $1 FROM key_usage_hourly WHERE TRUE \
+                   ON CONFLICT (id) DO UPDATE SET \
+                   first_verified_at = CASE WHEN usage_evidence.first_verified_at < $1 \
+                   THEN $1 ELSE usage_evidence.first_verified_at END, \
+                   complete_since = CASE WHEN usage_evidence.complete_since IS NULL \
+                   OR usage_evidence.complete_since < $1 \
+                   THEN $1 ELSE usage_evidence.complete_since END";
+        self.execute(sql, &[before_ms.into(), NONE_COUNTED_YET.into()])
             .await
             .context("recording from when the usage counts are complete")?;
         Ok(())
@@ -726,6 +746,11 @@ struct HourlyCount<'a> {
     verified_count: i64,
     last_verified_at_ms: i64,
 }
+
+/// `usage_evidence.first_verified_at` of a row a pruning pass wrote before any count was noted:
+/// none yet. Every count noted is earlier and replaces it ([`Store::note_usage_evidence`] keeps
+/// the earliest); nothing reads it as a time.
+const NONE_COUNTED_YET: i64 = i64::MAX;
 
 /// How often [`Store::wait_until_ready`] looks again.
 const READY_POLL: Duration = Duration::from_secs(1);

@@ -1462,7 +1462,8 @@ async fn on_a_manual_clock(
 /// statement and a bounded number of statements per pass, so a year of backlog never holds
 /// SQLite's write lock for long. The report over 30 days is the same after as before but for
 /// how far back the evidence goes: this database has no `usage_evidence` row (its counts came
-/// before that table), so that is read from the oldest hour left, and only moves later.
+/// before that table, read from their oldest hour), and from the first pass on it starts at the
+/// pass's cutoff, as with one, the counts being complete from there only.
 #[tokio::test]
 async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement() {
     use edgegate::auth::usage::{Pruning, prune_usage, spawn_flusher_pruning};
@@ -1510,10 +1511,9 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     pass(1).await;
     assert_eq!(stored_hours(&store, cutoff).await, (240 - 72, 240 - 72, 4));
     assert!(report_of().await == report, "the report changed");
-    let oldest_left = now - now % HOUR - (50 * 24 - 72) * HOUR;
     assert_eq!(
         store.usage_evidence_since().await.unwrap(),
-        Some(oldest_left + HOUR),
+        Some(cutoff),
         "from {evidence}"
     );
 
@@ -1546,7 +1546,7 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     assert!(report_of().await == report, "the report changed");
     assert_eq!(
         store.usage_evidence_since().await.unwrap(),
-        Some(now - now % HOUR - 29 * DAY + HOUR)
+        Some(clock.now_ms() - 31 * DAY)
     );
 }
 
@@ -1589,6 +1589,89 @@ async fn a_prune_by_a_clock_weeks_ahead_never_makes_revocation_safe() {
         json!(false),
         "{}",
         report["reason"]
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("usage has been recorded for less than"),
+        "{}",
+        report["reason"]
+    );
+}
+
+/// Two instances: one whose clock runs 40 days ahead prunes every hour before its cutoff, which
+/// is in the future once its clock is set right, while the other flushes a legacy caller's
+/// counts of the minute before: the flush notes its first count as the evidence's start (the
+/// earliest it knows of) after the pass moved that start up, and the pass then deletes those
+/// counts with the rest. The evidence must still start at the cutoff, or a window after that
+/// first count the verdict calls revoking safe with the legacy use inside the window gone.
+#[tokio::test]
+async fn a_flush_during_a_prune_by_a_clock_ahead_never_makes_revocation_safe() {
+    use edgegate::auth::usage::prune_usage;
+    const DAY: i64 = 24 * HOUR;
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    let now = clock.now_ms();
+    // Counted for 60 days, an hour a day: the pass deletes a day per statement, with a pause
+    // between, so it runs for seconds.
+    store.note_usage_evidence(now - 60 * DAY).await.unwrap();
+    for day in 1..=60 {
+        store
+            .add_key_usage(&usage_of_hour(now, day * 24).0)
+            .await
+            .unwrap();
+    }
+    let stored = async || store.key_usage_hours_since(0).await.unwrap().len();
+    let before = stored().await;
+    // The other instance, on a clock set right: a legacy caller a minute and half a minute ago.
+    let other = UsageTracker::default();
+    let legacy = state.auth.verify_bearer(&legacy_key("anon")).await.unwrap();
+    let first = now - 60_000;
+    other.record(&legacy, first);
+    other.record(&legacy, now - 30_000);
+
+    let pass = tokio::spawn({
+        let store = store.clone();
+        async move { prune_usage(&store, now + 40 * DAY, 100).await }
+    });
+    // The pass has moved the start up once its first day is gone; the flush lands meanwhile.
+    for _ in 0..2_000 {
+        if stored().await < before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(stored().await < before, "the pass deleted nothing in 10 s");
+    other.flush(&store).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), pass)
+        .await
+        .expect("the pass ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored().await, 0, "the pass deleted the flushed counts too");
+
+    // A window after the first count, with the legacy use still inside it and signing keys in
+    // use: the evidence has a hole, revoking is not safe.
+    clock.advance(Duration::from_millis(86_400_000 - 50_000));
+    let at = clock.now_ms();
+    let signing: Vec<KeyUsage> = usage_of_hour(at, 0)
+        .0
+        .into_iter()
+        .filter(|usage| usage.source == "signing_key")
+        .map(|usage| KeyUsage {
+            last_verified_at_ms: at,
+            ..usage
+        })
+        .collect();
+    store.add_key_usage(&signing).await.unwrap();
+    let report = key_report(&state, &UsageTracker::default()).await;
+    assert_eq!(
+        report["legacy_revocation_safe"],
+        json!(false),
+        "{} (evidence since {}, first count {first})",
+        report["reason"],
+        report["evidence_since_ms"]
     );
     assert!(
         report["reason"]

@@ -55,6 +55,7 @@ fn shipped_migrations_are_never_edited() {
         (20261210000002, "d9facd6b8587f0ce"),
         (20261211000001, "6d2bb33054b1e10c"),
         (20261212000001, "d3dac0495c375688"),
+        (20261213000001, "97830cd4e8d01678"),
         (20261213000002, "559d783d176f1d46"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
@@ -73,6 +74,7 @@ fn shipped_migrations_are_never_edited() {
         (20261210000002, "7a03d00b567bcef1"),
         (20261211000001, "95a9e5515b1a1d4b"),
         (20261212000001, "e494bd29a1149793"),
+        (20261213000001, "3138c9d53bbd04fe"),
         (20261213000002, "405426023760c410"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
@@ -330,6 +332,72 @@ async fn dropped_verifications_from_several_instances_add_up() {
     b.note_dropped_usage(2, 7_000).await.unwrap();
     assert_eq!(b.dropped_usage().await.unwrap(), Some((5, 9_000)));
     assert_eq!(b.usage_evidence_since().await.unwrap(), Some(1_000));
+}
+
+/// The pruner's cutoff is a lower bound of the evidence that no flush moves back: another
+/// instance's flush after the pass's start notes its own earlier first count (it is the earliest
+/// it knows of), while the pass goes on to delete the hours before the cutoff, that count's
+/// among them. Also when no instance of this build had noted any count before the pass.
+#[tokio::test]
+async fn no_flush_moves_the_evidence_below_a_pruning_cutoff() {
+    const HOUR: i64 = 3_600_000;
+    let db = test_db!();
+    let (pruner, flusher) = (db.store().await, db.store().await);
+    pruner.note_usage_evidence(1_000).await.unwrap();
+    pruner.raise_usage_evidence(50 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR)
+    );
+    flusher.note_usage_evidence(49 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR),
+        "a flush moved the evidence back"
+    );
+    // A later pass with an earlier cutoff (a clock set right) moves nothing back either.
+    pruner.raise_usage_evidence(10 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR)
+    );
+    // Later counts start the evidence where they start.
+    flusher.note_usage_evidence(60 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR)
+    );
+
+    // No count noted before the pass: still none after it, and the cutoff holds once one is.
+    let db = test_db!();
+    let (pruner, flusher) = (db.store().await, db.store().await);
+    pruner.raise_usage_evidence(50 * HOUR).await.unwrap();
+    assert_eq!(pruner.usage_evidence_since().await.unwrap(), None);
+    flusher.note_usage_evidence(49 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR)
+    );
+
+    // Counts of builds before usage_evidence: read from their oldest hour as before, and the
+    // cutoff holds against a flush noting an earlier count.
+    let db = test_db!();
+    let (pruner, flusher) = (db.store().await, db.store().await);
+    let hour = 52 * HOUR;
+    pruner
+        .add_key_usage(&[usage(hour, "signing_key", "kid-a", 1, hour + 5)])
+        .await
+        .unwrap();
+    pruner.raise_usage_evidence(50 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(53 * HOUR)
+    );
+    flusher.note_usage_evidence(49 * HOUR).await.unwrap();
+    assert_eq!(
+        pruner.usage_evidence_since().await.unwrap(),
+        Some(50 * HOUR)
+    );
 }
 
 /// Supabase's Data API serves the tables of `public` to anyone holding the project's publishable
@@ -817,6 +885,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         "ALTER TABLE reconcile_runs DROP COLUMN covered_until",
         "ALTER TABLE stripe_products DROP COLUMN written_rev, DROP COLUMN written_synced_at",
         "ALTER TABLE stripe_prices DROP COLUMN written_rev, DROP COLUMN written_synced_at",
+        "ALTER TABLE usage_evidence DROP COLUMN complete_since",
         "DROP TABLE usage_writers",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
