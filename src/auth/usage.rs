@@ -395,9 +395,10 @@ const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 
 /// Deletes the usage rows whose hour starts more than [`USAGE_KEPT`] before `now_ms`, a day of
 /// hours per statement and at most `statements_per_pass` statements per table; returns the rows
-/// deleted. The evidence is first said to start at that cutoff at the earliest
-/// ([`Store::raise_usage_evidence`]): beyond every window normally, and after a wall clock that
-/// ran ahead (pruning hours still in the window once it is set right) it keeps the verdict from
+/// deleted. The evidence is first said to start, at the earliest, where the hours kept start
+/// ([`Store::raise_usage_evidence`]): the hour the cutoff falls in is deleted whole, counts after
+/// the cutoff with it. That is beyond every window normally, and after a wall clock that ran
+/// ahead (pruning hours still in the window once it is set right) it keeps the verdict from
 /// calling revocation safe until a whole window has passed after the hole. What is left of a
 /// larger backlog goes at the next pass.
 pub async fn prune_usage(
@@ -407,7 +408,8 @@ pub async fn prune_usage(
 ) -> anyhow::Result<u64> {
     let kept_ms = i64::try_from(USAGE_KEPT.as_millis()).unwrap_or(i64::MAX);
     let before = now_ms.saturating_sub(kept_ms);
-    store.raise_usage_evidence(before).await?;
+    let first_hour_kept = before.saturating_add((HOUR_MS - before.rem_euclid(HOUR_MS)) % HOUR_MS);
+    store.raise_usage_evidence(first_hour_kept).await?;
     let mut deleted = 0;
     for table in HourlyTable::ALL {
         for _ in 0..statements_per_pass {

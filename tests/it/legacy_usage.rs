@@ -1462,8 +1462,8 @@ async fn on_a_manual_clock(
 /// statement and a bounded number of statements per pass, so a year of backlog never holds
 /// SQLite's write lock for long. The report over 30 days is the same after as before but for
 /// how far back the evidence goes: this database has no `usage_evidence` row (its counts came
-/// before that table, read from their oldest hour), and from the first pass on it starts at the
-/// pass's cutoff, as with one, the counts being complete from there only.
+/// before that table, read from their oldest hour), and from the first pass on it starts where
+/// the hours the pass kept start, as with one, the counts being complete from there only.
 #[tokio::test]
 async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement() {
     use edgegate::auth::usage::{Pruning, prune_usage, spawn_flusher_pruning};
@@ -1481,6 +1481,8 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     let cutoff = now - 31 * DAY;
     assert_eq!(stored_hours(&store, cutoff).await, (240, 240, 4));
     let evidence = store.usage_evidence_since().await.unwrap().unwrap();
+    // A pass deletes the hour its cutoff falls in whole: the counts are complete from the next.
+    let first_hour_kept = |cutoff: i64| cutoff + (HOUR - cutoff % HOUR) % HOUR;
     // The report but for how far back the evidence goes.
     let report_of = async || {
         let mut report = key_report(&state, &state.usage).await;
@@ -1513,7 +1515,7 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     assert!(report_of().await == report, "the report changed");
     assert_eq!(
         store.usage_evidence_since().await.unwrap(),
-        Some(cutoff),
+        Some(first_hour_kept(cutoff)),
         "from {evidence}"
     );
 
@@ -1546,7 +1548,7 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     assert!(report_of().await == report, "the report changed");
     assert_eq!(
         store.usage_evidence_since().await.unwrap(),
-        Some(clock.now_ms() - 31 * DAY)
+        Some(first_hour_kept(clock.now_ms() - 31 * DAY))
     );
 }
 
@@ -1681,6 +1683,59 @@ async fn a_flush_during_a_prune_by_a_clock_ahead_never_makes_revocation_safe() {
         "{}",
         report["reason"]
     );
+}
+
+/// A pass deletes whole hours: the hour its cutoff falls in goes too, counts after the cutoff
+/// with it. With a clock weeks ahead that hour is inside the window once the clock is set right:
+/// the evidence must start where the hours kept start, not at the cutoff, or a window after the
+/// cutoff the verdict calls revoking safe with a legacy use of that hour's end gone.
+#[tokio::test]
+async fn a_prune_mid_hour_never_makes_revocation_safe() {
+    use edgegate::auth::usage::prune_usage;
+    const DAY: i64 = 24 * HOUR;
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    // Set the clock to ten minutes into an hour, counting since a day before.
+    let now = clock.now_ms();
+    clock.advance(Duration::from_millis(
+        u64::try_from(HOUR + 10 * 60_000 - now % HOUR).unwrap(),
+    ));
+    let now = clock.now_ms();
+    let hour = now - now % HOUR;
+    store.note_usage_evidence(now - DAY).await.unwrap();
+    // A legacy caller at 40 minutes past the hour, after an instance 31 days and 20 minutes
+    // ahead cut off at 30 minutes past.
+    let cutoff = hour + 30 * 60_000;
+    let (mut keys, _) = usage_of_hour(now, 0);
+    for key in &mut keys {
+        key.last_verified_at_ms = hour + 40 * 60_000;
+    }
+    store.add_key_usage(&keys).await.unwrap();
+    prune_usage(&store, cutoff + 31 * DAY, 100).await.unwrap();
+    assert!(store.key_usage_hours_since(0).await.unwrap().is_empty());
+
+    // A window after the cutoff, with that legacy use still inside it and signing keys in use.
+    let at = cutoff + DAY + 5 * 60_000;
+    clock.advance(Duration::from_millis(u64::try_from(at - now).unwrap()));
+    let signing: Vec<KeyUsage> = usage_of_hour(at, 0)
+        .0
+        .into_iter()
+        .filter(|usage| usage.source == "signing_key")
+        .map(|usage| KeyUsage {
+            last_verified_at_ms: at,
+            ..usage
+        })
+        .collect();
+    store.add_key_usage(&signing).await.unwrap();
+    let report = key_report(&state, &UsageTracker::default()).await;
+    assert_eq!(
+        report["legacy_revocation_safe"],
+        json!(false),
+        "{} (evidence since {}, cutoff {cutoff})",
+        report["reason"],
+        report["evidence_since_ms"]
+    );
+    assert_eq!(report["evidence_since_ms"], json!(hour + HOUR));
 }
 
 /// Spawns a flusher of `tracker` on `store` and `clock` that flushes every 10 ms.
