@@ -540,7 +540,10 @@ pub struct SigningKeys {
     /// As `usage_straddling_hour_ms`, for the revocation window: the per-key counts, the legacy
     /// secret's and the verdict.
     window_straddling_hour_ms: Option<i64>,
-    /// The first verification counted, epoch milliseconds: how far back the evidence goes.
+    /// How far back the evidence goes, epoch milliseconds: the first verification counted, or,
+    /// once counting began more than 31 days ago, the start of the first hour the last pass
+    /// deleting usage hours kept (31 days before that pass, rounded up to the hour; see
+    /// docs/OPERATIONS.md, "Database size"); `null` before any verification was counted.
     evidence_since_ms: Option<i64>,
     legacy_revocation_safe: bool,
     reason: String,
