@@ -543,6 +543,7 @@ fn spawn_reconciler(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
         state.clock.clone(),
         interval,
         state.reconcile_metrics.clone(),
+        state.stripe_metrics.clone(),
     ))
 }
 

@@ -1,12 +1,17 @@
-//! Stripe metrics: sync runs by outcome, webhook events by type and outcome.
+//! Stripe metrics: sync runs by who started them and outcome, webhook events by type and outcome.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::reconcile::Trigger;
+
+/// `started_by`: `manual` (a caller's request) or `periodic` (the periodic task's sync of the
+/// rows an earlier build wrote, `sync::rewrite_rows_of_earlier_builds`), as a reconciliation's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
+    pub started_by: &'static str,
     pub outcome: &'static str,
 }
 
@@ -44,7 +49,9 @@ impl StripeMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "stripe_sync_runs",
-            "Catalogue syncs, by outcome (ok, in_progress, upstream_error, error)",
+            "Catalogue syncs, by who started them (manual: a request; periodic: the periodic \
+             task, to rewrite rows an earlier build wrote) and outcome (ok, in_progress, \
+             upstream_error, error)",
             self.sync_runs.clone(),
         );
         registry.register(
@@ -62,8 +69,13 @@ impl StripeMetrics {
         // Every series whose labels are known in advance, at 0 from the start: Prometheus'
         // `increase()` and `rate()` do not count a series' first sample, so a series made by
         // its first event hid that event.
-        for outcome in SYNC_OUTCOMES {
-            drop(self.sync_runs.get_or_create(&SyncLabels { outcome }));
+        for started_by in [Trigger::Manual, Trigger::Periodic] {
+            for outcome in SYNC_OUTCOMES {
+                drop(self.sync_runs.get_or_create(&SyncLabels {
+                    started_by: started_by.as_str(),
+                    outcome,
+                }));
+            }
         }
         for event_type in super::webhook::APPLIED_EVENT_TYPES.iter().chain(&["other"]) {
             for outcome in [
@@ -97,8 +109,13 @@ impl StripeMetrics {
         }
     }
 
-    pub fn sync_run(&self, outcome: &'static str) {
-        self.sync_runs.get_or_create(&SyncLabels { outcome }).inc();
+    pub fn sync_run(&self, started_by: Trigger, outcome: &'static str) {
+        self.sync_runs
+            .get_or_create(&SyncLabels {
+                started_by: started_by.as_str(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn webhook_event(&self, event_type: &str, outcome: &'static str) {

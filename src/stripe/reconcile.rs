@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::clock::Clock;
 use crate::store::{self, AuditEntry, Job, LockHeld, ReconcileCounts, Store, SyncLock};
+use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
 use crate::stripe::sync::Stop;
@@ -593,13 +594,14 @@ impl ReconcileMetrics {
 /// Where another instance holds the lock the run is skipped (counted as `in_progress`). After a
 /// failed run the next comes within the hour (`next_pause`), not an interval later. At start and
 /// after each run, catalogue rows an earlier build wrote are rewritten by a sync
-/// (`sync::rewrite_rows_of_earlier_builds`).
+/// (`sync::rewrite_rows_of_earlier_builds`), counted in `sync_metrics`.
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
     clock: Clock,
     interval: Duration,
     metrics: ReconcileMetrics,
+    sync_metrics: StripeMetrics,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let holder = format!("periodic-{}", uuid::Uuid::new_v4());
@@ -610,9 +612,14 @@ pub fn spawn_periodic(
             if after.is_some_and(|after| clock.now() < after) {
                 return after;
             }
-            let refused =
-                !super::sync::rewrite_rows_of_earlier_builds(&store, &client, &clock, &holder)
-                    .await;
+            let refused = !super::sync::rewrite_rows_of_earlier_builds(
+                &store,
+                &client,
+                &clock,
+                &holder,
+                &sync_metrics,
+            )
+            .await;
             refused.then(|| clock.now() + REWRITE_RETRY)
         };
         let mut rewrite_after = rewrite(None).await;

@@ -18,6 +18,7 @@ use crate::store::{AuditEntry, Job, LockHeld, PriceRow, ProductRow, Store, SyncC
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Listed, Pages, StripeClient, StripeError};
 use crate::stripe::objects::{Price, Product};
+use crate::stripe::reconcile::Trigger;
 
 /// How long the lock outlives its holder's last heartbeat (every 10 s while the run lives, and
 /// after every page): a SQLite row's lease (five beats may fail, to a database busy for that
@@ -136,7 +137,8 @@ pub async fn run_for_caller(
     let job = async move { run(&job_store, &client, &clock, &holder).await };
     let metrics = metrics.clone();
     let finish = move |result: &Result<_, _>| {
-        metrics.sync_run(result.as_ref().map_or_else(SyncError::outcome, |_| "ok"))
+        let outcome = result.as_ref().map_or_else(SyncError::outcome, |_| "ok");
+        metrics.sync_run(Trigger::Manual, outcome);
     };
     super::run_for_caller(
         store,
@@ -172,7 +174,8 @@ pub async fn run(
 /// it beside this one, a rollback alone): it wrote them without the columns it does not know,
 /// which kept an earlier value or none while the row looked current, and neither a redelivery
 /// (a duplicate) nor a reconciliation (already applied) writes them again. The sync does, from
-/// Stripe. Called at start and after each periodic reconciliation. Returns false when a sync was
+/// Stripe. Called at start and after each periodic reconciliation; a sync it runs is counted in
+/// `metrics` as started by the periodic task. Returns false when a sync was
 /// needed and Stripe refused the key (logged; the caller waits before the next try: a restricted
 /// key without read access to products and prices is refused alike every time); true otherwise,
 /// when the next call may try again: none was needed, it ran, another instance's runs, or it
@@ -183,6 +186,7 @@ pub async fn rewrite_rows_of_earlier_builds(
     client: &StripeClient,
     clock: &Clock,
     holder: &str,
+    metrics: &StripeMetrics,
 ) -> bool {
     let rows = match store.catalogue_rows_by_earlier_builds().await {
         Ok(0) => return true,
@@ -200,7 +204,10 @@ pub async fn rewrite_rows_of_earlier_builds(
         "catalogue rows were last written by an earlier build (columns it does not know may be \
          out of date); syncing the catalogue from Stripe"
     );
-    match run(store, client, clock, holder).await {
+    let result = run(store, client, clock, holder).await;
+    let outcome = result.as_ref().map_or_else(SyncError::outcome, |_| "ok");
+    metrics.sync_run(Trigger::Periodic, outcome);
+    match result {
         Ok(report) => {
             tracing::info!(
                 products_written = report.products.upserted,

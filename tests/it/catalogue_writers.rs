@@ -234,6 +234,60 @@ async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
     assert_eq!(count(&db, ok).await, 2, "the test's sync and one rewrite");
 }
 
+/// The sync of earlier builds' rows is counted on `/metrics` as the periodic task's
+/// (`started_by="periodic"`), apart from the syncs asked for (`manual`): nobody asked for it, but
+/// an operator must be able to alert on it failing.
+#[tokio::test]
+async fn rewrites_are_counted_on_metrics_as_the_periodic_tasks() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
+    fake.fault_from(0, Fault::ServerError(None));
+
+    let task = spawn_periodic(&app, Duration::from_millis(50));
+    let failed = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, failed).await < 1 {
+        assert!(Instant::now() < deadline, "no failed rewrite within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fake.clear_faults();
+    // Counted after its run row is written: wait for the count of the one that succeeds.
+    let series = |outcome: &str| {
+        format!(r#"edgegate_stripe_sync_runs_total{{started_by="periodic",outcome="{outcome}"}} "#)
+    };
+    let counted = |metrics: &str, outcome: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series(outcome)))
+            .map(|n| n.parse::<i64>().unwrap())
+    };
+    let mut metrics = String::new();
+    while counted(&metrics, "ok") != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic sync counted ok within 20 s:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = app.server.get("/metrics").await.text().await.unwrap();
+    }
+    task.abort();
+    let rows = app.state.store.catalogue_rows_by_earlier_builds().await;
+    assert_eq!(rows.unwrap(), 0);
+    assert_eq!(
+        counted(&metrics, "upstream_error"),
+        Some(count(&db, failed).await),
+        "every failed rewrite counted:\n{metrics}"
+    );
+    // The test's own sync, asked for, is counted apart.
+    let manual = r#"edgegate_stripe_sync_runs_total{started_by="manual",outcome="ok"} 1"#;
+    assert!(
+        metrics.lines().any(|line| line == manual),
+        "{manual} in:\n{metrics}"
+    );
+}
+
 /// The first periodic run after a start is timed from the last one: a row stamped a day ahead
 /// (while the wall clock ran ahead, since set back) says nothing of when that was, and must not
 /// hide the true last run behind it (taken as none, every start ran one at once; the start's

@@ -59,8 +59,8 @@ async fn event_counters_are_on_metrics_at_zero_before_their_first_event() {
     let (server, _) = spawn_app(&db, &[]).await;
     let text = server.get("/metrics").await.text().await.unwrap();
     for series in [
-        r#"edgegate_stripe_sync_runs_total{outcome="ok"} 0"#,
-        r#"edgegate_stripe_sync_runs_total{outcome="upstream_error"} 0"#,
+        r#"edgegate_stripe_sync_runs_total{started_by="manual",outcome="ok"} 0"#,
+        r#"edgegate_stripe_sync_runs_total{started_by="periodic",outcome="upstream_error"} 0"#,
         r#"edgegate_stripe_reconcile_runs_total{started_by="periodic",outcome="ok"} 0"#,
         r#"edgegate_stripe_reconcile_runs_total{started_by="manual",outcome="error"} 0"#,
         r#"edgegate_stripe_reconcile_events_total{result="applied"} 0"#,

@@ -860,6 +860,7 @@ pub(crate) fn spawn_periodic(
         app.state.clock.clone(),
         interval,
         app.state.reconcile_metrics.clone(),
+        app.state.stripe_metrics.clone(),
     )
 }
 

@@ -2060,7 +2060,7 @@ async fn a_sync_whose_caller_hung_up_is_still_audited_and_counted() {
     let runs = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND products_seen = 5";
     assert_eq!(count(&db, runs).await, 1);
     let metrics = app.server.get("/metrics").await.text().await.unwrap();
-    let line = r#"edgegate_stripe_sync_runs_total{outcome="ok"} 1"#;
+    let line = r#"edgegate_stripe_sync_runs_total{started_by="manual",outcome="ok"} 1"#;
     assert!(metrics.contains(line), "{line} in {metrics}");
 }
 
