@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 use super::reconcile::Trigger;
 
 /// `started_by`: `manual` (a caller's request) or `periodic` (the periodic task's sync of the
-/// rows an earlier build wrote, `sync::rewrite_rows_of_earlier_builds`), as a reconciliation's.
+/// rows an earlier build wrote, `sync::RewriteOfEarlierBuilds`), as a reconciliation's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
     pub started_by: &'static str,

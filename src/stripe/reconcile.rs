@@ -4,7 +4,7 @@
 //! skipped. One run at a time across all instances (`Job::Reconcile`), each recorded in
 //! `reconcile_runs` with the last event it handled.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,7 +17,7 @@ use crate::store::{self, AuditEntry, Job, LockHeld, ReconcileCounts, Store, Sync
 use crate::stripe::StripeMetrics;
 use crate::stripe::client::{Pages, StripeClient, StripeError};
 use crate::stripe::objects::Event;
-use crate::stripe::sync::Stop;
+use crate::stripe::sync::{RewriteOfEarlierBuilds, Stop};
 use crate::stripe::webhook::{self, Outcome, WebhookError};
 
 /// How long the lock outlives its holder's last heartbeat (every 10 s while the run lives, and
@@ -594,7 +594,7 @@ impl ReconcileMetrics {
 /// Where another instance holds the lock the run is skipped (counted as `in_progress`). After a
 /// failed run the next comes within the hour (`next_pause`), not an interval later. At start and
 /// after each run, catalogue rows an earlier build wrote are rewritten by a sync
-/// (`sync::rewrite_rows_of_earlier_builds`), counted in `sync_metrics`.
+/// (`sync::RewriteOfEarlierBuilds`, which waits after failing), counted in `sync_metrics`.
 pub fn spawn_periodic(
     store: Store,
     client: StripeClient,
@@ -608,21 +608,10 @@ pub fn spawn_periodic(
         // Neither the last run nor a new one can be read or written before the schema is in
         // place (`serve --no-migrate` waiting for `edgegate migrate`): each would only warn.
         store.wait_until_ready().await;
-        let rewrite = async |after: Option<Instant>| {
-            if after.is_some_and(|after| clock.now() < after) {
-                return after;
-            }
-            let refused = !super::sync::rewrite_rows_of_earlier_builds(
-                &store,
-                &client,
-                &clock,
-                &holder,
-                &sync_metrics,
-            )
+        let mut rewrite = RewriteOfEarlierBuilds::new(interval);
+        rewrite
+            .check(&store, &client, &clock, &holder, &sync_metrics)
             .await;
-            refused.then(|| clock.now() + REWRITE_RETRY)
-        };
-        let mut rewrite_after = rewrite(None).await;
         // Read and timed after the start's rewrite, which may take the sync's minutes: another
         // instance may have run meanwhile.
         let now_ms = clock.now_ms();
@@ -642,7 +631,9 @@ pub fn spawn_periodic(
             tokio::time::sleep(pause).await;
             let result = run(&store, &client, &clock, &holder, Trigger::Periodic, None).await;
             metrics.record(Trigger::Periodic, &result);
-            rewrite_after = rewrite(rewrite_after).await;
+            rewrite
+                .check(&store, &client, &clock, &holder, &sync_metrics)
+                .await;
             let failed = matches!(
                 result,
                 Err(ReconcileError::Upstream { .. } | ReconcileError::Internal(_))
@@ -672,12 +663,6 @@ pub fn spawn_periodic(
         }
     })
 }
-
-/// How long after a sync of the rows of earlier builds that Stripe refused for the key the next
-/// is tried: one that cannot succeed (a restricted key without read access to products and
-/// prices) would otherwise list the catalogue and fail after every periodic run, on every
-/// instance. Other failures (Stripe away, the database) are tried again after the next run.
-const REWRITE_RETRY: Duration = Duration::from_secs(86_400);
 
 /// The most a first run that is due is put off, so instances started together spread out.
 const FIRST_RUN_SPREAD: Duration = Duration::from_secs(60);

@@ -8,7 +8,7 @@
 //! so before deactivating, every price neither returned is asked for by id: one Stripe still
 //! has is written as it is now; only one it answers 404 for is deactivated.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -170,76 +170,164 @@ pub async fn run(
     result.map(|counts| SyncReport::new(&counts, clock.now().saturating_duration_since(started)))
 }
 
-/// Runs a sync when the catalogue holds rows an earlier build wrote last (a rolling deploy runs
+/// The longest wait before a failed sync of rows of earlier builds is tried again, and the wait
+/// after Stripe refused the key for it (a restricted key without read access to products and
+/// prices is refused alike every time).
+const REWRITE_RETRY_MAX: Duration = Duration::from_secs(86_400);
+
+/// Why a sync of rows of earlier builds failed, for when it is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RewriteFailure {
+    /// Stripe refused the key (401/403).
+    KeyRefused,
+    /// What the next try may not meet: Stripe away past the retries (5xx, 429, no answer), a
+    /// listing's cursor gone past the restarts, the database, the lock lost.
+    Transient,
+    /// What the next try meets alike: a 400, an answer past the size limit, a broken listing.
+    Alike,
+}
+
+impl RewriteFailure {
+    fn of(err: &SyncError) -> Self {
+        match err {
+            SyncError::Upstream { error, .. } => match error {
+                StripeError::KeyRefused(_) => Self::KeyRefused,
+                StripeError::Unavailable { .. } | StripeError::CursorGone(_) => Self::Transient,
+                StripeError::Rejected(_)
+                | StripeError::NotFound(_)
+                | StripeError::BrokenListing(_) => Self::Alike,
+            },
+            SyncError::InProgress(_) | SyncError::Internal(_) => Self::Transient,
+        }
+    }
+
+    /// How long after the `failures`-th failed try in a row (1 for the first) the next may come,
+    /// for the periodic task that checks every `interval`: a day for a refused key; else from one
+    /// interval, doubling with each failure, up to a day; a transient failure's first try is
+    /// repeated after the next run, as soon as it comes.
+    fn retry_after(self, failures: u32, interval: Duration) -> Duration {
+        let doublings = match self {
+            Self::KeyRefused => return REWRITE_RETRY_MAX,
+            Self::Transient if failures <= 1 => return Duration::ZERO,
+            Self::Transient => failures - 2,
+            Self::Alike => failures.saturating_sub(1),
+        };
+        let factor = 1u32.checked_shl(doublings).unwrap_or(u32::MAX);
+        interval.saturating_mul(factor).min(REWRITE_RETRY_MAX)
+    }
+}
+
+/// The periodic task's sync of catalogue rows an earlier build wrote last (a rolling deploy runs
 /// it beside this one, a rollback alone): it wrote them without the columns it does not know,
 /// which kept an earlier value or none while the row looked current, and neither a redelivery
 /// (a duplicate) nor a reconciliation (already applied) writes them again. The sync does, from
-/// Stripe. Called at start and after each periodic reconciliation; a sync it runs is counted in
-/// `metrics` as started by the periodic task. Returns false when a sync was
-/// needed and Stripe refused the key (logged; the caller waits before the next try: a restricted
-/// key without read access to products and prices is refused alike every time); true otherwise,
-/// when the next call may try again: none was needed, it ran, another instance's runs, or it
-/// failed in a way the next may not (Stripe away past the retries, the database, a cursor gone,
-/// the lock lost; logged).
-pub async fn rewrite_rows_of_earlier_builds(
-    store: &Store,
-    client: &StripeClient,
-    clock: &Clock,
-    holder: &str,
-    metrics: &StripeMetrics,
-) -> bool {
-    let rows = match store.catalogue_rows_by_earlier_builds().await {
-        Ok(0) => return true,
-        Ok(rows) => rows,
-        Err(err) => {
-            tracing::warn!(
-                error = crate::error::causes(&err),
-                "cannot tell whether an earlier build wrote catalogue rows; the next check tries again"
+/// Stripe. After a failed sync the next waits (`RewriteFailure::retry_after`): one failing alike
+/// every time (a 400, an answer past the size limit, a broken listing) was otherwise tried after
+/// every periodic run, listing the catalogue for nothing, by one instance after another.
+#[derive(Debug)]
+pub struct RewriteOfEarlierBuilds {
+    /// How often the periodic task checks.
+    interval: Duration,
+    /// Failed syncs in a row, the last one's failure and the rows it had to rewrite.
+    failures: u32,
+    failure: Option<RewriteFailure>,
+    rows: i64,
+    /// No sync before this, after a failed one.
+    not_before: Option<Instant>,
+}
+
+impl RewriteOfEarlierBuilds {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            failures: 0,
+            failure: None,
+            rows: 0,
+            not_before: None,
+        }
+    }
+
+    /// Called at start and after each periodic reconciliation: runs the sync when the catalogue
+    /// holds rows of earlier builds, unless it failed and its wait is not over (a change in how
+    /// many rows there are, a new deploy or rollback, ends the wait but a refused key's). A sync
+    /// run is counted in `metrics` as started by the periodic task; one that fails is logged.
+    pub async fn check(
+        &mut self,
+        store: &Store,
+        client: &StripeClient,
+        clock: &Clock,
+        holder: &str,
+        metrics: &StripeMetrics,
+    ) {
+        let rows = match store.catalogue_rows_by_earlier_builds().await {
+            Ok(0) => {
+                *self = Self::new(self.interval);
+                return;
+            }
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::warn!(
+                    error = crate::error::causes(&err),
+                    "cannot tell whether an earlier build wrote catalogue rows; the next check \
+                     tries again"
+                );
+                return;
+            }
+        };
+        let rows_changed = rows != self.rows && self.failure != Some(RewriteFailure::KeyRefused);
+        if rows_changed {
+            self.failures = 0;
+        } else if self.not_before.is_some_and(|at| clock.now() < at) {
+            tracing::debug!(
+                rows,
+                "catalogue sync for rows of earlier builds waits after failing"
             );
-            return true;
+            return;
         }
-    };
-    tracing::info!(
-        rows,
-        "catalogue rows were last written by an earlier build (columns it does not know may be \
-         out of date); syncing the catalogue from Stripe"
-    );
-    let result = run(store, client, clock, holder).await;
-    let outcome = result.as_ref().map_or_else(SyncError::outcome, |_| "ok");
-    metrics.sync_run(Trigger::Periodic, outcome);
-    match result {
-        Ok(report) => {
-            tracing::info!(
-                products_written = report.products.upserted,
-                prices_written = report.prices.upserted,
-                "catalogue rows of earlier builds rewritten"
-            );
-            true
-        }
-        Err(SyncError::InProgress(_)) => {
-            tracing::debug!("catalogue sync for rows of earlier builds skipped: another one runs");
-            true
-        }
-        Err(
-            err @ SyncError::Upstream {
-                error: StripeError::KeyRefused(_),
-                ..
-            },
-        ) => {
-            tracing::warn!(
-                error = format!("{err:#}"),
-                "catalogue sync for rows of earlier builds failed (a restricted key needs read \
-                 access to products and prices); tried again in a day, or run the sync"
-            );
-            false
-        }
-        Err(err) => {
-            tracing::warn!(
-                error = format!("{err:#}"),
-                "catalogue sync for rows of earlier builds failed; the next check tries again"
-            );
-            true
-        }
+        tracing::info!(
+            rows,
+            "catalogue rows were last written by an earlier build (columns it does not know may \
+             be out of date); syncing the catalogue from Stripe"
+        );
+        let result = run(store, client, clock, holder).await;
+        let outcome = result.as_ref().map_or_else(SyncError::outcome, |_| "ok");
+        metrics.sync_run(Trigger::Periodic, outcome);
+        let err = match result {
+            Ok(report) => {
+                tracing::info!(
+                    products_written = report.products.upserted,
+                    prices_written = report.prices.upserted,
+                    "catalogue rows of earlier builds rewritten"
+                );
+                *self = Self::new(self.interval);
+                return;
+            }
+            Err(SyncError::InProgress(_)) => {
+                tracing::debug!(
+                    "catalogue sync for rows of earlier builds skipped: another one runs"
+                );
+                return;
+            }
+            Err(err) => err,
+        };
+        let failure = RewriteFailure::of(&err);
+        self.failures = self.failures.saturating_add(1);
+        self.failure = Some(failure);
+        self.rows = rows;
+        let wait = failure.retry_after(self.failures, self.interval);
+        self.not_before = Some(clock.now() + wait);
+        let hint = if failure == RewriteFailure::KeyRefused {
+            " (a restricted key needs read access to products and prices)"
+        } else {
+            ""
+        };
+        tracing::warn!(
+            error = format!("{err:#}"),
+            failures = self.failures,
+            retry_in_s = wait.as_secs(),
+            "catalogue sync for rows of earlier builds failed{hint}; tried again after the first \
+             periodic run retry_in_s or more from now (0: the next), or run the sync"
+        );
     }
 }
 
@@ -538,4 +626,25 @@ fn len<T>(rows: &[T]) -> i64 {
 
 fn count(rows: u64) -> i64 {
     i64::try_from(rows).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_rewrite_waits_longer_each_time_up_to_a_day() {
+        let hour = Duration::from_secs(3600);
+        let waits = |failure: RewriteFailure| {
+            (1..=7)
+                .map(|n| failure.retry_after(n, hour).as_secs() / 3600)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(waits(RewriteFailure::Alike), [1, 2, 4, 8, 16, 24, 24]);
+        assert_eq!(waits(RewriteFailure::Transient), [0, 1, 2, 4, 8, 16, 24]);
+        assert_eq!(waits(RewriteFailure::KeyRefused), [24; 7]);
+        let day = REWRITE_RETRY_MAX;
+        assert_eq!(RewriteFailure::Alike.retry_after(u32::MAX, hour), day);
+        assert_eq!(RewriteFailure::Alike.retry_after(1, 25 * day), day);
+    }
 }

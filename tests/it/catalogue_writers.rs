@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::fake_stripe::{self, FakeStripe, Fault};
 use crate::reconcile::spawn_periodic;
-use crate::stripe::{App, count, fast_retry, scalar, sync, sync_app};
+use crate::stripe::{App, count, fast_retry, scalar, sync, sync_app, sync_app_on_clock};
 use crate::support::{TestDb, now_ms};
 use crate::{stripe_fixtures, test_db};
+use edgegate::clock::Clock;
 
 /// The columns of product `id` that the build before `written_rev` did not know, with its name.
 async fn product_columns(db: &TestDb, id: &str) -> String {
@@ -26,9 +27,14 @@ async fn write_as_an_earlier_build(db: &TestDb, sql: &str) {
     assert_eq!(scalar!(db, i32, sql), 1, "{sql}");
 }
 
-/// An instance that synced the fake's catalogue, product 1 of which an earlier build then wrote.
-async fn synced_with_a_row_of_an_earlier_build(db: &TestDb, fake: &FakeStripe) -> App {
-    let app = sync_app(db, fake, fast_retry()).await;
+/// An instance on `clock` that synced the fake's catalogue, product 1 of which an earlier build
+/// then wrote.
+async fn synced_with_a_row_of_an_earlier_build(
+    db: &TestDb,
+    fake: &FakeStripe,
+    clock: Clock,
+) -> App {
+    let app = sync_app_on_clock(db, fake, fast_retry(), clock).await;
     assert_eq!(sync(&app.server).await.0, 200);
     write_as_an_earlier_build(
         db,
@@ -171,7 +177,7 @@ async fn a_rewrite_that_fails_is_not_tried_again_after_every_run() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 2, 6).await;
-    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, Clock::system()).await;
     let syncs = count(&db, "SELECT COUNT(*) FROM sync_runs").await;
     fake.fault_from(0, Fault::Forbidden);
 
@@ -202,7 +208,7 @@ async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 2, 6).await;
-    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, Clock::system()).await;
     let store = &app.state.store;
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
     fake.fault_from(0, Fault::ServerError(None));
@@ -234,6 +240,118 @@ async fn a_rewrite_that_fails_for_a_while_is_tried_again_after_the_next_run() {
     assert_eq!(count(&db, ok).await, 2, "the test's sync and one rewrite");
 }
 
+/// Waits until `n` more periodic runs have started: the check for rows of earlier builds after
+/// each run but the last is then done (it comes before the next run).
+async fn periodic_runs(db: &TestDb, n: i64) {
+    let runs = "SELECT COUNT(*) FROM reconcile_runs WHERE started_by = 'periodic'";
+    let target = count(db, runs).await + n;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(db, runs).await < target {
+        assert!(
+            Instant::now() < deadline,
+            "no {n} periodic runs within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const FAILED_SYNCS: &str = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error'";
+
+/// A sync of earlier builds' rows that fails alike every time (Stripe answering 400: a request
+/// it will refuse again) is not tried after every periodic run, on one instance after another:
+/// the wait doubles from one interval (up to a day), and ends when the rows to rewrite change or
+/// the sync succeeds. On a manual clock that stands still between runs, only the test's steps
+/// let a wait run out.
+#[tokio::test]
+async fn a_rewrite_that_fails_alike_is_tried_again_less_and_less_often() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let clock = Clock::manual();
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, clock.clone()).await;
+    fake.fault_from(0, Fault::BadRequest(None));
+    let interval = Duration::from_millis(50);
+
+    let task = spawn_periodic(&app, interval);
+    periodic_runs(&db, 4).await;
+    assert_eq!(count(&db, FAILED_SYNCS).await, 1, "the start's sync alone");
+    clock.advance(interval);
+    periodic_runs(&db, 3).await;
+    assert_eq!(
+        count(&db, FAILED_SYNCS).await,
+        2,
+        "tried again an interval later"
+    );
+    clock.advance(interval);
+    periodic_runs(&db, 3).await;
+    assert_eq!(
+        count(&db, FAILED_SYNCS).await,
+        2,
+        "then not before two intervals"
+    );
+    clock.advance(interval);
+    periodic_runs(&db, 3).await;
+    assert_eq!(
+        count(&db, FAILED_SYNCS).await,
+        3,
+        "tried two intervals later"
+    );
+
+    // Another row of an earlier build (a new deploy or rollback) is tried at the next run.
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{}' RETURNING 1",
+            fake_stripe::product_id(0)
+        ),
+    )
+    .await;
+    periodic_runs(&db, 3).await;
+    assert_eq!(
+        count(&db, FAILED_SYNCS).await,
+        4,
+        "tried once the rows changed"
+    );
+
+    // Stripe answering again, the rows are rewritten once the wait (an interval again) is over.
+    fake.clear_faults();
+    periodic_runs(&db, 3).await;
+    let ok = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok'";
+    assert_eq!(count(&db, ok).await, 1, "the test's sync alone");
+    clock.advance(interval);
+    periodic_runs(&db, 3).await;
+    task.abort();
+    assert_eq!(count(&db, ok).await, 2);
+    let rows = app.state.store.catalogue_rows_by_earlier_builds().await;
+    assert_eq!(rows.unwrap(), 0);
+}
+
+/// A sync of earlier builds' rows that failed for a while only (Stripe answering 500 past the
+/// retries) is tried again after the next periodic run; failing again, it waits as one that
+/// fails alike.
+#[tokio::test]
+async fn a_rewrite_that_fails_for_a_while_is_tried_at_the_next_run_then_waits() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let clock = Clock::manual();
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, clock.clone()).await;
+    fake.fault_from(0, Fault::ServerError(None));
+    let interval = Duration::from_millis(50);
+
+    let task = spawn_periodic(&app, interval);
+    periodic_runs(&db, 4).await;
+    assert_eq!(
+        count(&db, FAILED_SYNCS).await,
+        2,
+        "the start's sync and the one after the first run"
+    );
+    clock.advance(interval);
+    periodic_runs(&db, 3).await;
+    task.abort();
+    assert_eq!(count(&db, FAILED_SYNCS).await, 3, "an interval later");
+}
+
 /// The sync of earlier builds' rows is counted on `/metrics` as the periodic task's
 /// (`started_by="periodic"`), apart from the syncs asked for (`manual`): nobody asked for it, but
 /// an operator must be able to alert on it failing.
@@ -242,7 +360,7 @@ async fn rewrites_are_counted_on_metrics_as_the_periodic_tasks() {
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     let fake = FakeStripe::start(&fixtures, 2, 6).await;
-    let app = synced_with_a_row_of_an_earlier_build(&db, &fake).await;
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, Clock::system()).await;
     fake.fault_from(0, Fault::ServerError(None));
 
     let task = spawn_periodic(&app, Duration::from_millis(50));

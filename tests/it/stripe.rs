@@ -80,6 +80,16 @@ pub(crate) async fn sync_app(db: &TestDb, fake: &FakeStripe, retry: RetryPolicy)
     app(db, &stripe_vars(fake), retry).await
 }
 
+/// As [`sync_app`], reading time from `clock`.
+pub(crate) async fn sync_app_on_clock(
+    db: &TestDb,
+    fake: &FakeStripe,
+    retry: RetryPolicy,
+    clock: Clock,
+) -> App {
+    app_with_clock(db, &stripe_vars(fake), retry, clock).await
+}
+
 pub(crate) async fn sync(server: &TestServer) -> (u16, Value) {
     let response = server
         .client
