@@ -1,7 +1,7 @@
 //! Who still uses which key, over a window: the callers of the legacy secret (by kind, route and
 //! client) and of each API key, each kind's last use, and hourly series per key and kind. Built
-//! from hourly rows (the database's plus an instance's unflushed ones), so
-//! `GET /admin/signing-keys` and `edgegate keys report` show the same numbers.
+//! from hourly rows (the database's, the callers' summed there, plus an instance's unflushed
+//! ones), so `GET /admin/signing-keys` and `edgegate keys report` show the same numbers.
 //!
 //! Counts are kept by the hour, each hour's row with its last use, so a window that does not
 //! start on the hour cannot be cut exactly. Every number of an answer (totals, series, callers,
@@ -22,7 +22,7 @@ use crate::auth::keys::KeyOrigin;
 use crate::auth::usage::{DroppedUsage, LegacyVerdict, UsageTracker, humanize, legacy_verdict};
 use crate::auth::{ApiKeyType, Authenticator, KeySource, parse_api_key_id};
 use crate::clock::Clock;
-use crate::store::{CallerUsage, KeyUsage, Store};
+use crate::store::{CallerSums, CallerUsage, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -119,13 +119,83 @@ pub struct ReportView {
     pub usage_hourly: Hourly,
 }
 
-/// The database's hourly key and caller rows of the hours from `since_ms`.
-pub async fn hourly_rows(
+/// The callers of a report's two windows ending at one instant, each window's summed in the
+/// database ([`Store::caller_usage_summed`]) with an instance's unflushed rows added.
+#[derive(Clone, Debug)]
+pub struct ReportCallers {
+    revocation_window: Duration,
+    usage_window: Duration,
+    now_ms: i64,
+    revocation: CallerSums,
+    /// `None` when the usage window is the revocation window.
+    usage: Option<CallerSums>,
+}
+
+impl ReportCallers {
+    /// The database's callers of the revocation window and, when it differs, of the usage window
+    /// (a second statement: a flush committing between the two shows in the second alone, as one
+    /// may between the key rows' read and the callers').
+    async fn read(
+        store: &Store,
+        revocation_window: Duration,
+        usage_window: Duration,
+        now_ms: i64,
+    ) -> anyhow::Result<Self> {
+        let summed = |window| {
+            store.caller_usage_summed(first_hour(window, now_ms), window_start(window, now_ms))
+        };
+        let revocation = summed(revocation_window).await?;
+        let usage = if usage_window == revocation_window {
+            None
+        } else {
+            Some(summed(usage_window).await?)
+        };
+        Ok(Self {
+            revocation_window,
+            usage_window,
+            now_ms,
+            revocation,
+            usage,
+        })
+    }
+
+    /// No callers (the database's could not be read).
+    fn none(revocation_window: Duration, usage_window: Duration, now_ms: i64) -> Self {
+        Self {
+            revocation_window,
+            usage_window,
+            now_ms,
+            revocation: CallerSums::default(),
+            usage: (usage_window != revocation_window).then(CallerSums::default),
+        }
+    }
+
+    /// Adds hourly rows (an instance's unflushed ones) to each window they count in.
+    fn add_rows(&mut self, rows: &[CallerUsage]) {
+        let now = self.now_ms;
+        let counted = |window| {
+            rows.iter().filter(move |row| {
+                counts_in(window, now, row.hour_start_ms, row.last_verified_at_ms)
+            })
+        };
+        self.revocation.extend(counted(self.revocation_window));
+        if let Some(usage) = &mut self.usage {
+            usage.extend(counted(self.usage_window));
+        }
+    }
+}
+
+/// The database's hourly key rows of the hours from the earlier window's first, and the callers
+/// of both windows summed there.
+pub async fn stored_rows(
     store: &Store,
-    since_ms: i64,
-) -> anyhow::Result<(Vec<KeyUsage>, Vec<CallerUsage>)> {
-    let keys = store.key_usage_hours_since(since_ms).await?;
-    let callers = store.caller_usage_hours_since(since_ms).await?;
+    revocation_window: Duration,
+    usage_window: Duration,
+    now_ms: i64,
+) -> anyhow::Result<(Vec<KeyUsage>, ReportCallers)> {
+    let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
+    let keys = store.key_usage_hours_since(since).await?;
+    let callers = ReportCallers::read(store, revocation_window, usage_window, now_ms).await?;
     Ok((keys, callers))
 }
 
@@ -138,26 +208,24 @@ pub async fn stored_dropped(store: &Store) -> anyhow::Result<Option<DroppedUsage
     }))
 }
 
-/// The report over `usage_window`, with the verdict's reason naming the top legacy caller of
-/// the revocation window.
+/// The report over the usage window of `callers`, with the verdict's reason naming the top
+/// legacy caller of the revocation window.
 pub fn view(
     keys: &[KeyUsage],
-    callers: &[CallerUsage],
+    callers: &ReportCallers,
     mut verdict: LegacyVerdict,
     evidence_dropped: Option<DroppedUsage>,
-    revocation_window: Duration,
-    usage_window: Duration,
-    now_ms: i64,
 ) -> ReportView {
-    let revocation = summarize(keys, callers, revocation_window, now_ms);
+    let now_ms = callers.now_ms;
+    let revocation_window = callers.revocation_window;
+    let revocation = summarize_sums(keys, &callers.revocation, revocation_window, now_ms);
     name_top_caller(&mut verdict, &revocation.legacy_usage, revocation_window);
-    let usage = if usage_window == revocation_window {
-        revocation
-    } else {
-        summarize(keys, callers, usage_window, now_ms)
+    let usage = match &callers.usage {
+        None => revocation,
+        Some(sums) => summarize_sums(keys, sums, callers.usage_window, now_ms),
     };
     ReportView {
-        usage_window_seconds: usage_window.as_secs(),
+        usage_window_seconds: callers.usage_window.as_secs(),
         usage_straddling_hour_ms: usage.straddling_hour_ms,
         legacy_revocation_safe: verdict.legacy_revocation_safe,
         reason: verdict.reason,
@@ -279,10 +347,21 @@ pub fn summarize(
     window: Duration,
     now_ms: i64,
 ) -> Usage {
+    let mut sums = CallerSums::default();
+    sums.extend(
+        callers
+            .iter()
+            .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms)),
+    );
+    summarize_sums(keys, &sums, window, now_ms)
+}
+
+/// As [`summarize`], with the callers that count in the window already summed (or some of them:
+/// duplicates of one caller, or of one kind and hour, are added).
+fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now_ms: i64) -> Usage {
     let first = first_hour(window, now_ms);
     let columns = usize::try_from((hour_of(now_ms) - first) / HOUR_MS + 1).unwrap_or(1);
     let start = window_start(window, now_ms);
-    let counts = |hour: i64, last: i64| counts_in(window, now_ms, hour, last);
     // Only the first hour can begin before the window does.
     let mut straddling_hour_ms = None;
     let mut note = |hour: i64| {
@@ -298,25 +377,23 @@ pub fn summarize(
     };
     for row in keys
         .iter()
-        .filter(|row| counts(row.hour_start_ms, row.last_verified_at_ms))
+        .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms))
     {
         note(row.hour_start_ms);
         series.add(&row.source, &row.kid, &row.alg, None, row.into());
     }
 
-    let mut summed: BTreeMap<(&str, &str, &str, &str), CallerRow> = BTreeMap::new();
-    for row in callers
-        .iter()
-        .filter(|row| counts(row.hour_start_ms, row.last_verified_at_ms))
-    {
-        note(row.hour_start_ms);
-        // Verifications per hour: a legacy key beside a credential that no secret could verify
-        // (`anon_key_unverified`…) is evidence of a client, listed apart, never one of them.
-        if row.source == "legacy_secret"
+    // Verifications per hour: a legacy key beside a credential that no secret could verify
+    // (`anon_key_unverified`…) is evidence of a client, listed apart, never one of them.
+    for row in callers.legacy_hours.iter().filter(|row| {
+        row.source == "legacy_secret"
             && LegacyKind::ALL.iter().any(|kind| kind.as_str() == row.kind)
-        {
-            series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
-        }
+    }) {
+        series.add("legacy_secret", "", "HS256", Some(&row.kind), row.into());
+    }
+    let mut summed: BTreeMap<(&str, &str, &str, &str), CallerRow> = BTreeMap::new();
+    for row in &callers.callers {
+        note(row.hour_start_ms);
         let entry = summed
             .entry((&row.source, &row.kind, &row.route, &row.client))
             .or_insert_with(|| CallerRow {
@@ -581,7 +658,8 @@ pub async fn key_report(
     let unflushed = tracker.unflushed_since(since);
     // The key listing and the JWKS state are in memory: a database outage (or one not yet
     // migrated) costs the counts, not the whole answer.
-    let (stored, usage_unavailable) = match stored_usage(store, since).await {
+    let stored = stored_usage(store, revocation_window, usage_window, now).await;
+    let (stored, usage_unavailable) = match stored {
         Ok(stored) => (stored, None),
         Err(err) if !store.is_ready() || crate::store::is_unavailable(&err) => {
             tracing::warn!(
@@ -590,13 +668,19 @@ pub async fn key_report(
             );
             let unavailable = "the database's usage counts cannot be read now; the counts are \
                                this instance's unflushed ones only";
-            (StoredUsage::default(), Some(unavailable.to_owned()))
+            let nothing = StoredUsage {
+                evidence_since: None,
+                dropped: None,
+                hourly_keys: Vec::new(),
+                callers: ReportCallers::none(revocation_window, usage_window, now),
+            };
+            (nothing, Some(unavailable.to_owned()))
         }
         Err(err) => return Err(err),
     };
-    let (mut hourly_keys, mut hourly_callers) = (stored.hourly_keys, stored.hourly_callers);
+    let (mut hourly_keys, mut callers) = (stored.hourly_keys, stored.callers);
     hourly_keys.extend(unflushed.keys);
-    hourly_callers.extend(unflushed.callers);
+    callers.add_rows(&unflushed.callers);
     // The per-key counts and the verdict take the report's rows of the revocation window.
     let window_rows = window_rows(&hourly_keys, revocation_window, now);
     let usage = merge_usage(&window_rows);
@@ -683,15 +767,7 @@ pub async fn key_report(
                 .to_owned(),
         };
     }
-    let report = view(
-        &hourly_keys,
-        &hourly_callers,
-        verdict,
-        dropped,
-        revocation_window,
-        usage_window,
-        now,
-    );
+    let report = view(&hourly_keys, &callers, verdict, dropped);
     Ok(KeyReport {
         keys,
         api_keys,
@@ -713,26 +789,31 @@ pub async fn key_report(
 }
 
 /// What the key report reads from the database.
-#[derive(Default)]
 struct StoredUsage {
     evidence_since: Option<i64>,
     dropped: Option<DroppedUsage>,
     hourly_keys: Vec<KeyUsage>,
-    hourly_callers: Vec<CallerUsage>,
+    callers: ReportCallers,
 }
 
-async fn stored_usage(store: &Store, hourly_since: i64) -> anyhow::Result<StoredUsage> {
+async fn stored_usage(
+    store: &Store,
+    revocation_window: Duration,
+    usage_window: Duration,
+    now_ms: i64,
+) -> anyhow::Result<StoredUsage> {
     if !store.is_ready() {
         anyhow::bail!("the database's migrations are not applied yet");
     }
     let evidence_since = store.usage_evidence_since().await?;
     let dropped = stored_dropped(store).await?;
-    let (hourly_keys, hourly_callers) = hourly_rows(store, hourly_since).await?;
+    let (hourly_keys, callers) =
+        stored_rows(store, revocation_window, usage_window, now_ms).await?;
     Ok(StoredUsage {
         evidence_since,
         dropped,
         hourly_keys,
-        hourly_callers,
+        callers,
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, first_hour, thousands, utc};
+use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, thousands, utc};
 use crate::auth::usage::legacy_verdict;
 use crate::config::Config;
 use crate::store::Store;
@@ -106,8 +106,8 @@ pub async fn from_database(
     let read = async {
         let evidence_since = store.usage_evidence_since().await?;
         let dropped = legacy_report::stored_dropped(&store).await?;
-        let since = first_hour(revocation_window, now_ms).min(first_hour(usage_window, now_ms));
-        let (keys, callers) = legacy_report::hourly_rows(&store, since).await?;
+        let (keys, callers) =
+            legacy_report::stored_rows(&store, revocation_window, usage_window, now_ms).await?;
         anyhow::Ok((evidence_since, dropped, keys, callers))
     };
     let read = read.await;
@@ -124,15 +124,7 @@ pub async fn from_database(
         revocation_window,
         now_ms,
     );
-    Ok(legacy_report::view(
-        &keys,
-        &callers,
-        verdict,
-        dropped,
-        revocation_window,
-        usage_window,
-        now_ms,
-    ))
+    Ok(legacy_report::view(&keys, &callers, verdict, dropped))
 }
 
 /// The most columns a usage bar takes: a day of hours; a longer window is drawn with several

@@ -46,6 +46,39 @@ pub struct CallerUsage {
     pub last_verified_at_ms: i64,
 }
 
+/// The caller rows of one window summed in the database, what the report reads instead of every
+/// hourly row (a month of hours of a hundred callers is some 86,000 rows). Rows added here as
+/// they are (an instance's unflushed ones) are summed with them by the report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallerSums {
+    /// One row per caller (source, kind, route, client): the counts summed, the latest use, and
+    /// as its hour the earliest one summed.
+    pub callers: Vec<CallerUsage>,
+    /// The legacy secret's rows summed per kind and hour (route and client empty): the hourly
+    /// series per kind.
+    pub legacy_hours: Vec<CallerUsage>,
+}
+
+impl CallerSums {
+    /// Adds hourly rows as they are: each to the callers, and the legacy secret's to the hours.
+    pub fn extend<'a>(&mut self, rows: impl IntoIterator<Item = &'a CallerUsage>) {
+        for row in rows {
+            if row.source == "legacy_secret" {
+                self.legacy_hours.push(row.clone());
+            }
+            self.callers.push(row.clone());
+        }
+    }
+}
+
+/// A row of [`Store::caller_usage_summed`]: summed per caller, or per legacy kind and hour.
+#[derive(sqlx::FromRow)]
+struct SummedRow {
+    #[sqlx(flatten)]
+    row: CallerUsage,
+    per_hour: bool,
+}
+
 impl Store {
     /// Adds counted callers; rows of the same hour and caller from every instance are summed.
     pub async fn add_caller_usage(&self, rows: &[CallerUsage]) -> anyhow::Result<()> {
@@ -75,6 +108,44 @@ impl Store {
         })
         .context("reading caller usage")?;
         Ok(rows)
+    }
+
+    /// The caller rows of the hours starting at or after `first_hour_ms` whose last use is at or
+    /// after `since_ms`, summed per caller and, the legacy secret's, per kind and hour. One
+    /// statement, so both sums are of the same rows whatever a flush commits meanwhile; each
+    /// half reads the window's hours from the primary key, which starts with `hour_start`.
+    pub async fn caller_usage_summed(
+        &self,
+        first_hour_ms: i64,
+        since_ms: i64,
+    ) -> anyhow::Result<CallerSums> {
+        let sql = "SELECT MIN(hour_start) AS hour_start_ms, source, kind, route, client, \
+                   CAST(SUM(verified_count) AS BIGINT) AS verified_count, \
+                   MAX(last_verified_at) AS last_verified_at_ms, FALSE AS per_hour \
+                   FROM caller_usage_hourly WHERE hour_start >= $1 AND last_verified_at >= $2 \
+                   GROUP BY source, kind, route, client \
+                   UNION ALL \
+                   SELECT hour_start, source, kind, '', '', \
+                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at), TRUE \
+                   FROM caller_usage_hourly WHERE hour_start >= $1 AND last_verified_at >= $2 \
+                   AND source = 'legacy_secret' GROUP BY hour_start, source, kind";
+        let rows: Vec<SummedRow> = with_pool!(self, |pool| {
+            sqlx::query_as(sql)
+                .bind(first_hour_ms)
+                .bind(since_ms)
+                .fetch_all(pool)
+                .await
+        })
+        .context("reading caller usage")?;
+        let mut sums = CallerSums::default();
+        for SummedRow { row, per_hour } in rows {
+            if per_hour {
+                sums.legacy_hours.push(row);
+            } else {
+                sums.callers.push(row);
+            }
+        }
+        Ok(sums)
     }
 
     /// Every hourly key-usage row of the hours starting at or after `since_ms` (not summed).

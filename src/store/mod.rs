@@ -42,7 +42,7 @@ pub use stripe::{
     StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun, Tombstone,
 };
 
-pub use callers::{CallerUsage, HourlyTable};
+pub use callers::{CallerSums, CallerUsage, HourlyTable};
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;

@@ -1846,3 +1846,166 @@ async fn the_statement_run_after_a_restore_keeps_revocation_unsafe_for_a_window(
     waits_a_window_from(&key_report(&state, &state.usage).await, started_at);
     flusher.stop().await;
 }
+
+/// Every number the report shows of its callers, from the database and from an instance
+/// (`edgegate keys report`, `GET /admin/signing-keys`), is what the hourly rows summed one by one
+/// give ([`edgegate::auth::legacy_report::summarize`]): three days of hours for each caller, the
+/// hour holding each window's start used before it by one caller (in no number) and after it by
+/// another (counted whole, and named), an hour stamped ahead of the clock (the newest column),
+/// unverified legacy keys and API keys, over a revocation window and a shorter usage window.
+#[tokio::test]
+async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
+    use edgegate::auth::legacy_report::{self, summarize};
+    use edgegate::auth::usage::LegacyVerdict;
+
+    let db = test_db!();
+    let store = db.store().await;
+    // Both windows start half past an hour (SNAPSHOT_NOW is 09:30), inside a stored hour.
+    let revocation = Duration::from_secs(3 * 86_400);
+    let usage_window = Duration::from_secs(5 * 3600);
+    let (mut keys, mut callers) = (Vec::new(), Vec::new());
+    let used_at = |mut row: CallerUsage, minute: i64| {
+        row.last_verified_at_ms = row.hour_start_ms + minute * 60_000;
+        row
+    };
+    // From 80 hours ago (before the revocation window) to 2 hours ahead of the clock.
+    for hours_ago in -2..=80_i64 {
+        let count = 100 + hours_ago;
+        let anon = caller_row(
+            hours_ago,
+            "legacy_secret",
+            "anon_key",
+            JWT_TEST,
+            "supabase-js/2.47.0",
+            count,
+        );
+        // Used at :20 of each hour: left out of the hour holding a window's start.
+        callers.push(used_at(anon, 20));
+        let export = caller_row(
+            hours_ago,
+            "legacy_secret",
+            "service_role_key",
+            SYNC,
+            "nightly-export/1.0",
+            3,
+        );
+        // Used at :40: the hour holding a window's start counts whole.
+        callers.push(used_at(export, 40));
+        if hours_ago % 3 == 0 {
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "user_session",
+                JWT_TEST,
+                "other",
+                2,
+            ));
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "user_session",
+                JWT_TEST,
+                "okhttp/4.12.0",
+                2,
+            ));
+            callers.push(caller_row(
+                hours_ago,
+                "legacy_secret",
+                "anon_key_unverified",
+                JWT_TEST,
+                "supabase-js/2.47.0",
+                1,
+            ));
+        }
+        callers.push(caller_row(
+            hours_ago,
+            "api_key",
+            "secret:backend",
+            SYNC,
+            "node-fetch/1.0",
+            5,
+        ));
+        keys.push(key_row(hours_ago, "legacy_secret", "", "HS256", count + 3));
+        keys.push(key_row(hours_ago, "api_key", "secret:backend", "opaque", 5));
+    }
+    store.add_key_usage(&keys).await.unwrap();
+    store.add_caller_usage(&callers).await.unwrap();
+    let keys = store.key_usage_hours_since(0).await.unwrap();
+    let callers = store.caller_usage_hours_since(0).await.unwrap();
+    assert_eq!(callers.len(), 83 * 3 + 27 * 3);
+
+    // What the rows summed one by one give, over each window.
+    let expected = |window| summarize(&keys, &callers, window, SNAPSHOT_NOW);
+    let (over_revocation, over_usage) = (expected(revocation), expected(usage_window));
+    let mut reason = LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: String::new(),
+    };
+    legacy_report::name_top_caller(&mut reason, &over_revocation.legacy_usage, revocation);
+    // The oracle itself, by hand: 5 hours of anon_key (the sixth, used at 04:20, is before
+    // 04:30) and 2 ahead; 6 hours of service_role_key (04:00 counted whole) and 2 ahead.
+    let anon = &over_usage.legacy_usage[0];
+    assert_eq!(
+        (anon.kind.as_str(), anon.count),
+        ("anon_key", (-2..=4).map(|ago| 100 + ago).sum())
+    );
+    assert_eq!(over_usage.legacy_kinds[1].count, 8 * 3);
+    let five_hours_ago = SNAPSHOT_NOW - SNAPSHOT_NOW % HOUR - 5 * HOUR;
+    assert_eq!(over_usage.straddling_hour_ms, Some(five_hours_ago));
+    assert!(
+        reason
+            .reason
+            .contains("anon_key still used by supabase-js/2.47.0")
+    );
+
+    let check = |view: &legacy_report::ReportView, whence: &str| {
+        assert_eq!(view.legacy_usage, over_usage.legacy_usage, "{whence}");
+        assert_eq!(
+            view.unverified_legacy_usage, over_usage.unverified_legacy_usage,
+            "{whence}"
+        );
+        assert_eq!(view.api_key_usage, over_usage.api_key_usage, "{whence}");
+        assert_eq!(view.legacy_kinds, over_usage.legacy_kinds, "{whence}");
+        assert_eq!(view.usage_hourly, over_usage.hourly, "{whence}");
+        assert_eq!(
+            view.usage_straddling_hour_ms, over_usage.straddling_hour_ms,
+            "{whence}"
+        );
+        assert_eq!(view.reason, reason.reason, "{whence}");
+    };
+
+    let config = db.config(&[
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("LEGACY_REVOCATION_WINDOW_SECONDS", "259200"),
+    ]);
+    let from_database =
+        edgegate::commands::report::from_database(&config, Some(usage_window), SNAPSHOT_NOW)
+            .await
+            .unwrap();
+    check(&from_database, "edgegate keys report");
+
+    let clock = Clock::manual();
+    clock.step_wall(SNAPSHOT_NOW - clock.now_ms());
+    let state = AppState::with_clock(config, store.clone(), clock);
+    let from_instance = legacy_report::key_report(
+        &state.store,
+        &UsageTracker::default(),
+        &state.auth,
+        &state.clock,
+        revocation,
+        usage_window,
+    )
+    .await
+    .unwrap();
+    check(&from_instance.report, "GET /admin/signing-keys");
+    // Over one window, the usage lists are the revocation window's.
+    let same_window = edgegate::commands::report::from_database(&state.config, None, SNAPSHOT_NOW)
+        .await
+        .unwrap();
+    assert_eq!(same_window.legacy_usage, over_revocation.legacy_usage);
+    assert_eq!(same_window.usage_hourly, over_revocation.hourly);
+    assert_eq!(
+        same_window.usage_straddling_hour_ms,
+        over_revocation.straddling_hour_ms
+    );
+}
