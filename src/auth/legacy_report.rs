@@ -669,7 +669,7 @@ pub async fn key_report(
             let unavailable = "the database's usage counts cannot be read now; the counts are \
                                this instance's unflushed ones only";
             let nothing = StoredUsage {
-                evidence_since: None,
+                evidence_bounds: (None, None),
                 dropped: None,
                 hourly_keys: Vec::new(),
                 callers: ReportCallers::none(revocation_window, usage_window, now),
@@ -684,10 +684,14 @@ pub async fn key_report(
     // The per-key counts and the verdict take the report's rows of the revocation window.
     let window_rows = window_rows(&hourly_keys, revocation_window, now);
     let usage = merge_usage(&window_rows);
-    let evidence_since = match (stored.evidence_since, unflushed.first_verification) {
+    // This instance's first count held back is evidence too, but none before the counts are
+    // complete (`complete_since`): a hole that was found lies before that.
+    let (first, complete) = stored.evidence_bounds;
+    let evidence_since = match (first, unflushed.first_verification) {
         (Some(stored), Some(pending)) => Some(stored.min(pending)),
         (stored, pending) => stored.or(pending),
-    };
+    }
+    .map(|since| complete.map_or(since, |complete| since.max(complete)));
     let dropped = DroppedUsage::sum(stored.dropped, unflushed.dropped);
     let ring = auth.key_ring().load();
     let find = |source: &str, kid: &str| {
@@ -790,7 +794,8 @@ pub async fn key_report(
 
 /// What the key report reads from the database.
 struct StoredUsage {
-    evidence_since: Option<i64>,
+    /// [`Store::usage_evidence_bounds`].
+    evidence_bounds: (Option<i64>, Option<i64>),
     dropped: Option<DroppedUsage>,
     hourly_keys: Vec<KeyUsage>,
     callers: ReportCallers,
@@ -805,12 +810,12 @@ async fn stored_usage(
     if !store.is_ready() {
         anyhow::bail!("the database's migrations are not applied yet");
     }
-    let evidence_since = store.usage_evidence_since().await?;
+    let evidence_bounds = store.usage_evidence_bounds().await?;
     let dropped = stored_dropped(store).await?;
     let (hourly_keys, callers) =
         stored_rows(store, revocation_window, usage_window, now_ms).await?;
     Ok(StoredUsage {
-        evidence_since,
+        evidence_bounds,
         dropped,
         hourly_keys,
         callers,

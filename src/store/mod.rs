@@ -676,6 +676,15 @@ impl Store {
     /// the highest cutoff of a pruning pass ([`Store::raise_usage_evidence`]): the counts are
     /// complete from there only, whatever a flush noted since.
     pub async fn usage_evidence_since(&self) -> anyhow::Result<Option<i64>> {
+        let (first, complete) = self.usage_evidence_bounds().await?;
+        Ok(first.map(|first| complete.map_or(first, |complete| first.max(complete))))
+    }
+
+    /// The two bounds [`Store::usage_evidence_since`] takes the later of: the earliest
+    /// verification counted (as it reads it), and `complete_since`, from when the counts are
+    /// complete (a pruning pass's cutoff, or when an instance found another that ended holding
+    /// counts), no earlier count is evidence, not even one an instance still holds.
+    pub async fn usage_evidence_bounds(&self) -> anyhow::Result<(Option<i64>, Option<i64>)> {
         let sql = "SELECT (SELECT MIN(since) FROM (\
                    SELECT first_verified_at AS since FROM usage_evidence WHERE first_verified_at < $1 \
                    UNION ALL SELECT MIN(hour_start) + 3600000 AS since FROM key_usage_hourly\
@@ -688,7 +697,7 @@ impl Store {
                 .await
         })
         .context("reading key usage")?;
-        Ok(first.map(|first| complete.map_or(first, |complete| first.max(complete))))
+        Ok((first, complete))
     }
 
     /// Records that the usage counts are complete from `before_ms` on (`complete_since`, only

@@ -2009,3 +2009,21 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
         over_revocation.straddling_hour_ms
     );
 }
+
+/// An instance's counts held back (not flushed yet) are evidence from their first on, but not
+/// from before the counts are complete: a hole found after them (`complete_since`) is the start,
+/// or the report's verdict would read the hole as counted.
+#[tokio::test]
+async fn counts_held_back_never_take_the_evidence_before_a_hole_found_after_them() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let legacy = state.auth.verify_bearer(&legacy_key("anon")).await.unwrap();
+    let held_since = clock.now_ms() - 60_000;
+    state.usage.record(&legacy, held_since);
+    let hole_found = clock.now_ms() - 1_000;
+    store.raise_usage_evidence(hole_found).await.unwrap();
+
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(report["evidence_since_ms"], json!(hole_found), "{report}");
+}
