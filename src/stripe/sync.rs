@@ -248,8 +248,8 @@ impl RewriteOfEarlierBuilds {
     }
 
     /// Called at start and after each periodic reconciliation: runs the sync when the catalogue
-    /// holds rows of earlier builds, unless it failed and its wait is not over (a change in how
-    /// many rows there are, a new deploy or rollback, ends the wait but a refused key's). A sync
+    /// holds rows of earlier builds, unless it failed and its wait is not over (more rows than it
+    /// had to rewrite, a new deploy or rollback, ends the wait but a refused key's). A sync
     /// run is counted in `metrics` as started by the periodic task; one that fails is logged.
     pub async fn check(
         &mut self,
@@ -274,8 +274,11 @@ impl RewriteOfEarlierBuilds {
                 return;
             }
         };
-        let rows_changed = rows != self.rows && self.failure != Some(RewriteFailure::KeyRefused);
-        if rows_changed {
+        // More rows than the failed sync had to rewrite: an earlier build writing (a new deploy
+        // or rollback). Fewer is this build's own writes (webhooks, reconciliations, the failed
+        // sync's first pages), which are no reason to try again before the wait is over.
+        let rows_rose = rows > self.rows && self.failure != Some(RewriteFailure::KeyRefused);
+        if rows_rose {
             self.failures = 0;
         } else if self.not_before.is_some_and(|at| clock.now() < at) {
             tracing::debug!(

@@ -257,9 +257,51 @@ async fn periodic_runs(db: &TestDb, n: i64) {
 
 const FAILED_SYNCS: &str = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'upstream_error'";
 
+/// Fewer rows of earlier builds than the failed sync had to rewrite is no new deploy: this build
+/// wrote some of them meanwhile (a webhook, a reconciliation, the failed sync's own first pages),
+/// and the wait goes on. Ending it there tried the sync again after every periodic run, as long
+/// as webhooks kept coming.
+#[tokio::test]
+async fn a_rewrite_waiting_after_a_failure_waits_on_when_fewer_rows_are_left() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let clock = Clock::manual();
+    let app = synced_with_a_row_of_an_earlier_build(&db, &fake, clock.clone()).await;
+    let product = fake_stripe::product_id(0);
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET synced_at = synced_at + 5 WHERE id = '{product}' \
+             RETURNING 1"
+        ),
+    )
+    .await;
+    let store = &app.state.store;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 2);
+    fake.fault_from(0, Fault::BadRequest(None));
+    let task = spawn_periodic(&app, Duration::from_millis(50));
+    periodic_runs(&db, 4).await;
+    assert_eq!(count(&db, FAILED_SYNCS).await, 1, "the start's sync alone");
+
+    // This build writes one of the two, as a webhook's event does.
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET written_rev = 1, written_synced_at = synced_at \
+             WHERE id = '{product}' RETURNING 1"
+        ),
+    )
+    .await;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+    periodic_runs(&db, 4).await;
+    task.abort();
+    assert_eq!(count(&db, FAILED_SYNCS).await, 1, "still waiting");
+}
+
 /// A sync of earlier builds' rows that fails alike every time (Stripe answering 400: a request
 /// it will refuse again) is not tried after every periodic run, on one instance after another:
-/// the wait doubles from one interval (up to a day), and ends when the rows to rewrite change or
+/// the wait doubles from one interval (up to a day), and ends when more rows are to be rewritten or
 /// the sync succeeds. On a manual clock that stands still between runs, only the test's steps
 /// let a wait run out.
 #[tokio::test]
@@ -310,7 +352,7 @@ async fn a_rewrite_that_fails_alike_is_tried_again_less_and_less_often() {
     assert_eq!(
         count(&db, FAILED_SYNCS).await,
         4,
-        "tried once the rows changed"
+        "tried once more rows were to be rewritten"
     );
 
     // Stripe answering again, the rows are rewritten once the wait (an interval again) is over.
