@@ -338,6 +338,8 @@ impl Started {
             let (flushed, ()) = tokio::join!(
                 async {
                     let flushed = usage.flush(&store).await;
+                    usage_settled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    usage_written.store(flushed.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     // Every count written: no hole for another instance to take this one's row
                     // for. Kept when they are lost, so the verdict heeds the hole.
                     if flushed.is_ok()
@@ -346,12 +348,10 @@ impl Started {
                         tracing::warn!(
                             error = crate::error::causes(&err),
                             "this instance's key usage counts were written but its row in \
-                             usage_writers stays: another instance will take them for lost, and \
+                             usage_writers stays: other instances will take them for lost, and \
                              the legacy verdict waits a whole window"
                         );
                     }
-                    usage_settled.store(true, std::sync::atomic::Ordering::Relaxed);
-                    usage_written.store(flushed.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     flushed
                 },
                 sms_sends.idle()

@@ -493,7 +493,7 @@ pub fn spawn_flusher_pruning(
                 }
             };
             pause = if flushed { interval } else { retry };
-            if flushed && let Err(err) = writer.beat(&store, clock.now_ms()).await {
+            if flushed && let Err(err) = writer.beat(&store, clock.now_ms(), clock.now()).await {
                 tracing::warn!(
                     error = crate::error::causes(&err),
                     "cannot check for instances that ended without writing their key usage; \
@@ -536,69 +536,135 @@ pub fn spawn_flusher_pruning(
     }
 }
 
-/// How long an instance's row in `usage_writers` may go unnoted, on another instance's clock,
-/// before that instance is taken to have ended without writing its counts. Five flushes: an
-/// instance whose flushes fail (the database away) is not taken for gone by one that wrote
-/// meanwhile, as the test is against the checking instance's previous note (see
-/// [`Writer::beat`]), which a database away for everyone delays alike.
+/// How long another instance's row in `usage_writers` may stay unnoted, timed on this
+/// instance's own steady clock (never against the wall clock another machine stamped), before
+/// its counts are taken for lost: five flushes.
 pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
 
+/// How long a row stays unnoted before its instance is taken for gone for good and the row is
+/// deleted: until then every flush of the instances that watch it moves the evidence's start
+/// up to their time, since the instance may still hold counts it cannot write (its database
+/// away while others write, a long pruning pass) and end with them.
+pub const WRITER_GONE_FOR_GOOD: Duration = Duration::from_secs(3600);
+
 /// This instance among those counting key usage (`usage_writers`): noted after every flush,
-/// deleted at a clean stop once the last counts are written. A row left behind is an instance
-/// that ended holding counts the database never got (killed, crashed, out of memory), or a
-/// database restored from a backup taken while instances ran, whose counts since are gone: the
-/// counts have a hole the verdict cannot see. The next instance to find such a row moves the
-/// evidence's start to its own time ([`Store::raise_usage_evidence`]), so revocation is not
-/// called safe before a whole window has passed after it, and deletes the row.
+/// deleted at a clean stop once the last counts are written. A row left unnoted is an instance
+/// that holds counts it has not written, or ended holding them (killed, crashed, out of memory,
+/// a failed last flush), or a database restored from a backup taken while instances ran, whose
+/// counts since are gone: the counts have a hole the verdict cannot see. While such a row stays
+/// unnoted past [`WRITER_GONE_AFTER`], every flush of this instance moves the evidence's start
+/// to its own time ([`Store::raise_usage_evidence`]), so revocation is not called safe before a
+/// whole window after the last of them; after [`WRITER_GONE_FOR_GOOD`] the row is deleted.
 #[derive(Debug)]
 struct Writer {
     id: String,
-    /// When this instance last noted itself (ms, its clock).
-    noted_at: Option<i64>,
+    /// What this instance last wrote in its row (its wall clock, kept rising).
+    noted: Option<i64>,
+    /// Every other row seen: its value, and when (this instance's steady clock) that value was
+    /// first read. A value that stays is a row not noted since.
+    watched: HashMap<String, Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    seen_at_ms: i64,
+    since: std::time::Instant,
+    warned: bool,
 }
 
 impl Writer {
     fn new() -> Self {
         Self {
             id: uuid::Uuid::new_v4().to_string(),
-            noted_at: None,
+            noted: None,
+            watched: HashMap::new(),
         }
     }
 
+    /// Writes this instance's row, with a value other than the last one (a wall clock that
+    /// stands or steps back still shows the instance alive).
     async fn note(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
-        store.note_usage_writer(&self.id, now_ms).await?;
-        self.noted_at = Some(now_ms);
+        let value = self.noted.map_or(now_ms, |last| now_ms.max(last + 1));
+        store.note_usage_writer(&self.id, value).await?;
+        self.noted = Some(value);
         Ok(())
     }
 
-    /// Notes this instance, then takes every other instance that was already past
-    /// [`WRITER_GONE_AFTER`] at this one's previous note for gone: it has not written since,
-    /// while this one did.
-    async fn beat(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
-        let previous = self.noted_at;
+    /// Notes this instance, then reads the others' rows: each unnoted for [`WRITER_GONE_AFTER`]
+    /// (on `now`, this instance's steady clock), or written by the statement a restore runs
+    /// (`seen_at` 0 or less: no instance writes that), moves the evidence's start to `now_ms`;
+    /// one unnoted for [`WRITER_GONE_FOR_GOOD`], or the restore's, is then deleted.
+    async fn beat(
+        &mut self,
+        store: &Store,
+        now_ms: i64,
+        now: std::time::Instant,
+    ) -> anyhow::Result<()> {
         self.note(store, now_ms).await?;
-        let Some(previous) = previous else {
+        let rows = store.usage_writers_seen_before(&self.id, i64::MAX).await?;
+        self.watched
+            .retain(|id, _| rows.iter().any(|row| &row.id == id));
+        let (mut lost, mut newly, mut gone) = (false, 0_usize, Vec::new());
+        for row in rows {
+            if row.seen_at_ms <= 0 {
+                (lost, newly) = (true, newly + 1);
+                gone.push(row);
+                continue;
+            }
+            let fresh = Watched {
+                seen_at_ms: row.seen_at_ms,
+                since: now,
+                warned: false,
+            };
+            let watched = self.watched.entry(row.id.clone()).or_insert(fresh);
+            if watched.seen_at_ms != row.seen_at_ms {
+                // Noted since it was last read: alive and written.
+                *watched = Watched {
+                    seen_at_ms: row.seen_at_ms,
+                    since: now,
+                    warned: false,
+                };
+            }
+            let unnoted = now.saturating_duration_since(watched.since);
+            if unnoted < WRITER_GONE_AFTER {
+                continue;
+            }
+            // Still unnoted: the start keeps moving while it may hold counts.
+            lost = true;
+            if !watched.warned {
+                watched.warned = true;
+                newly += 1;
+            }
+            if unnoted >= WRITER_GONE_FOR_GOOD {
+                gone.push(row);
+            }
+        }
+        if !lost {
             return Ok(());
-        };
-        let gone_ms = i64::try_from(WRITER_GONE_AFTER.as_millis()).unwrap_or(i64::MAX);
-        let gone = store
-            .usage_writers_seen_before(&self.id, previous.saturating_sub(gone_ms))
-            .await?;
-        let Some(last_seen_ms) = gone.iter().map(|writer| writer.seen_at_ms).max() else {
-            return Ok(());
-        };
+        }
         // The start first: a row deleted before it moved would be a hole no one sees.
         store.raise_usage_evidence(now_ms).await?;
+        if newly > 0 {
+            tracing::warn!(
+                instances = newly,
+                "an instance has not written its key usage counts for 5 minutes (it ended \
+                 holding them: killed, crashed, or the database was restored from a backup; or \
+                 it cannot reach the database): the usage evidence starts again now, at every \
+                 flush until it writes or an hour has passed, and revoking the legacy secret is \
+                 not called safe before a whole window after that"
+            );
+        }
         for writer in &gone {
             store.forget_usage_writer(writer).await?;
+            self.watched.remove(&writer.id);
         }
-        tracing::warn!(
-            instances = gone.len(),
-            last_seen_ms,
-            "an instance ended without writing its key usage counts (killed, crashed, or the \
-             database was restored from a backup): the usage evidence starts again now, and \
-             revoking the legacy secret is not called safe before a whole window has passed"
-        );
+        if !gone.is_empty() {
+            tracing::info!(
+                instances = gone.len(),
+                "instances that wrote no key usage counts for an hour (or marked by a restore) \
+                 taken for gone for good; their rows deleted"
+            );
+        }
         Ok(())
     }
 }

@@ -541,9 +541,11 @@ pub struct SigningKeys {
     /// secret's and the verdict.
     window_straddling_hour_ms: Option<i64>,
     /// How far back the evidence goes, epoch milliseconds: the first verification counted, or,
-    /// once counting began more than 31 days ago, the start of the first hour the last pass
-    /// deleting usage hours kept (31 days before that pass, rounded up to the hour; see
-    /// docs/OPERATIONS.md, "Database size"); `null` before any verification was counted.
+    /// once counting began more than 31 days ago, the start of the first hour a pass deleting
+    /// usage hours kept (31 days before it, rounded up to the hour; the latest of them; see
+    /// docs/OPERATIONS.md, "Database size"), or, after an instance ended holding counts it had
+    /// not written, when another found that out (docs/OPERATIONS.md, "Crashes"), whichever is
+    /// latest; `null` before any verification was counted.
     evidence_since_ms: Option<i64>,
     legacy_revocation_safe: bool,
     reason: String,

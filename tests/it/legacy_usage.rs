@@ -1793,12 +1793,14 @@ fn waits_a_window_from(report: &Value, since_ms: i64) {
 
 /// An instance that ends without writing the counts it holds (killed, crashed; or a database
 /// restored from a backup taken while it ran, its counts since gone) leaves its row in
-/// `usage_writers`. Once it has gone unnoted for `WRITER_GONE_AFTER` while another instance
-/// wrote, that one starts the evidence again at its own time: revoking is not called safe on
-/// counts with a hole in them (the dead one's legacy use) until a whole window has passed.
+/// `usage_writers` unnoted. Once another instance has watched it unnoted for
+/// `WRITER_GONE_AFTER` (on its own steady clock), each of its flushes starts the evidence again
+/// at its own time, until the row has stayed unnoted for `WRITER_GONE_FOR_GOOD` and is deleted:
+/// revoking is not called safe on counts with a hole in them (the dead one's legacy use) until a
+/// whole window after that.
 #[tokio::test]
 async fn an_instance_that_ended_holding_counts_keeps_revocation_unsafe_for_a_window() {
-    use edgegate::auth::usage::WRITER_GONE_AFTER;
+    use edgegate::auth::usage::{WRITER_GONE_AFTER, WRITER_GONE_FOR_GOOD};
     let db = test_db!();
     let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
     evidence_that_says_safe(&state).await;
@@ -1811,17 +1813,80 @@ async fn an_instance_that_ended_holding_counts_keeps_revocation_unsafe_for_a_win
 
     let alive = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 2).await;
-    // Nothing is taken for gone before WRITER_GONE_AFTER on the living instance's clock.
+    // Nothing is taken for lost before WRITER_GONE_AFTER on the living instance's clock.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         key_report(&state, &state.usage).await["legacy_revocation_safe"],
         json!(true)
     );
+    let evidence_since = async |at_least: i64| {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let report = key_report(&state, &state.usage).await;
+                if report["evidence_since_ms"].as_i64() >= Some(at_least) {
+                    return report;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| panic!("no evidence from {at_least} on within 20 s"))
+    };
     clock.advance(WRITER_GONE_AFTER + Duration::from_secs(60));
     let found_after = clock.now_ms();
+    waits_a_window_from(&evidence_since(found_after).await, found_after);
+    // It may still hold counts (cut off from the database): the start keeps moving.
+    clock.advance(Duration::from_secs(600));
+    let later = clock.now_ms();
+    waits_a_window_from(&evidence_since(later).await, later);
+    assert_eq!(
+        store
+            .usage_writers_seen_before("", i64::MAX)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Gone for good: its row deleted, the start moves no more.
+    clock.advance(WRITER_GONE_FOR_GOOD);
+    let gone_at = clock.now_ms();
     writers_noted(&store, 1).await;
-    waits_a_window_from(&key_report(&state, &state.usage).await, found_after);
+    waits_a_window_from(&key_report(&state, &state.usage).await, gone_at);
+    clock.advance(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = key_report(&state, &state.usage).await;
+    assert!(
+        report["evidence_since_ms"].as_i64().unwrap() < clock.now_ms(),
+        "{report}"
+    );
     alive.stop().await;
+}
+
+/// A live instance is never taken for lost while it writes, whatever its wall clock says: rows
+/// are judged by whether their value changes, on the watching instance's steady clock, not by
+/// comparing clocks of different machines (one 10 minutes behind was taken for gone at every
+/// flush).
+#[tokio::test]
+async fn an_instance_whose_wall_clock_runs_behind_is_not_taken_for_lost() {
+    use edgegate::auth::usage::WRITER_GONE_AFTER;
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let behind = Clock::manual();
+    behind.step_wall(-600_000);
+    let other = fast_flusher(Arc::new(UsageTracker::default()), &store, &behind);
+    let watcher = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 2).await;
+    for _ in 0..3 {
+        clock.advance(WRITER_GONE_AFTER);
+        behind.advance(WRITER_GONE_AFTER);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = key_report(&state, &state.usage).await;
+    assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
+    other.stop().await;
+    watcher.stop().await;
 }
 
 /// docs/OPERATIONS.md ("Backup and restore") has the operator run a statement on a restored
