@@ -544,7 +544,9 @@ pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
 /// How long a row stays unnoted before its instance is taken for gone for good and the row is
 /// deleted: until then every flush of the instances that watch it moves the evidence's start
 /// up to their time, since the instance may still hold counts it cannot write (its database
-/// away while others write, a long pruning pass) and end with them.
+/// away while others write, a long pruning pass) and end with them. Watched on an instance's
+/// steady clock, or read from the row's own stamp on its wall clock (no instance may live an
+/// hour to watch it: deploys, restarts).
 pub const WRITER_GONE_FOR_GOOD: Duration = Duration::from_secs(3600);
 
 /// This instance among those counting key usage (`usage_writers`): noted after every flush,
@@ -604,10 +606,15 @@ impl Writer {
         let rows = store.usage_writers_seen_before(&self.id, i64::MAX).await?;
         self.watched
             .retain(|id, _| rows.iter().any(|row| &row.id == id));
-        let (mut lost, mut newly, mut gone) = (false, 0_usize, Vec::new());
+        let gone_for_good_ms = i64::try_from(WRITER_GONE_FOR_GOOD.as_millis()).unwrap_or(i64::MAX);
+        let (mut lost, mut newly, mut gone) = (false, Vec::new(), Vec::new());
         for row in rows {
-            if row.seen_at_ms <= 0 {
-                (lost, newly) = (true, newly + 1);
+            // Marked by a restore, or unnoted for longer than WRITER_GONE_FOR_GOOD by this
+            // instance's wall clock: no instance has to watch it for an hour first (none may live
+            // that long), and an hour is far beyond any skew between two machines' clocks.
+            if row.seen_at_ms <= 0 || now_ms.saturating_sub(row.seen_at_ms) >= gone_for_good_ms {
+                lost = true;
+                newly.push(row.id.clone());
                 gone.push(row);
                 continue;
             }
@@ -632,8 +639,7 @@ impl Writer {
             // Still unnoted: the start keeps moving while it may hold counts.
             lost = true;
             if !watched.warned {
-                watched.warned = true;
-                newly += 1;
+                newly.push(row.id.clone());
             }
             if unnoted >= WRITER_GONE_FOR_GOOD {
                 gone.push(row);
@@ -644,9 +650,14 @@ impl Writer {
         }
         // The start first: a row deleted before it moved would be a hole no one sees.
         store.raise_usage_evidence(now_ms).await?;
-        if newly > 0 {
+        for id in &newly {
+            if let Some(watched) = self.watched.get_mut(id) {
+                watched.warned = true;
+            }
+        }
+        if !newly.is_empty() {
             tracing::warn!(
-                instances = newly,
+                instances = newly.len(),
                 "an instance has not written its key usage counts for 5 minutes (it ended \
                  holding them: killed, crashed, or the database was restored from a backup; or \
                  it cannot reach the database): the usage evidence starts again now, at every \

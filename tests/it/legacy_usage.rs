@@ -1878,10 +1878,31 @@ async fn an_instance_whose_wall_clock_runs_behind_is_not_taken_for_lost() {
     let other = fast_flusher(Arc::new(UsageTracker::default()), &store, &behind);
     let watcher = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 2).await;
-    for _ in 0..3 {
-        clock.advance(WRITER_GONE_AFTER);
-        behind.advance(WRITER_GONE_AFTER);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let value = async |id: &str| {
+        let rows = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
+        rows.into_iter()
+            .find(|row| row.id == id)
+            .unwrap()
+            .seen_at_ms
+    };
+    let changes = async |id: &str| {
+        let before = value(id).await;
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while value(id).await == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "{id} not noted again within 20 s");
+    };
+    // Steps of a third of WRITER_GONE_AFTER, each seen noted by the other and then read by the
+    // watcher (two notes of its own after it), over three times WRITER_GONE_AFTER in all.
+    for _ in 0..9 {
+        clock.advance(WRITER_GONE_AFTER / 3);
+        behind.advance(WRITER_GONE_AFTER / 3);
+        changes(other.writer_id()).await;
+        changes(watcher.writer_id()).await;
+        changes(watcher.writer_id()).await;
     }
     let report = key_report(&state, &state.usage).await;
     assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
@@ -2091,4 +2112,27 @@ async fn counts_held_back_never_take_the_evidence_before_a_hole_found_after_them
 
     let report = key_report(&state, &state.usage).await;
     assert_eq!(report["evidence_since_ms"], json!(hole_found), "{report}");
+}
+
+/// A row unnoted for longer than `WRITER_GONE_FOR_GOOD` by its own stamp is taken for lost and
+/// deleted at the first look of an instance just started: deploys and restarts more often than
+/// an hour would otherwise never let any instance watch it that long, and every flush would
+/// move the evidence's start for ever.
+#[tokio::test]
+async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_at_the_first_look() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let stamped = clock.now_ms() - 2 * 3_600_000;
+    store
+        .note_usage_writer("crashed-long-ago", stamped)
+        .await
+        .unwrap();
+
+    let started_at = clock.now_ms();
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    let own = flusher.writer_id().to_owned();
+    writers_until(&store, |ids| ids == [own.as_str()]).await;
+    waits_a_window_from(&key_report(&state, &state.usage).await, started_at);
+    flusher.stop().await;
 }
