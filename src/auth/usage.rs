@@ -545,8 +545,9 @@ pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
 /// deleted: until then every flush of the instances that watch it moves the evidence's start
 /// up to their time, since the instance may still hold counts it cannot write (its database
 /// away while others write, a long pruning pass) and end with them. Watched on an instance's
-/// steady clock, or read from the row's own stamp on its wall clock (no instance may live an
-/// hour to watch it: deploys, restarts).
+/// steady clock, or, once watched unnoted for [`WRITER_GONE_AFTER`], read from the row's own
+/// stamp against the watcher's wall clock (no instance may live an hour to watch it: deploys,
+/// restarts).
 pub const WRITER_GONE_FOR_GOOD: Duration = Duration::from_secs(3600);
 
 /// This instance among those counting key usage (`usage_writers`): noted after every flush,
@@ -609,10 +610,8 @@ impl Writer {
         let gone_for_good_ms = i64::try_from(WRITER_GONE_FOR_GOOD.as_millis()).unwrap_or(i64::MAX);
         let (mut lost, mut newly, mut gone) = (false, Vec::new(), Vec::new());
         for row in rows {
-            // Marked by a restore, or unnoted for longer than WRITER_GONE_FOR_GOOD by this
-            // instance's wall clock: no instance has to watch it for an hour first (none may live
-            // that long), and an hour is far beyond any skew between two machines' clocks.
-            if row.seen_at_ms <= 0 || now_ms.saturating_sub(row.seen_at_ms) >= gone_for_good_ms {
+            // Marked by a restore: no instance writes 0.
+            if row.seen_at_ms <= 0 {
                 lost = true;
                 newly.push(row.id.clone());
                 gone.push(row);
@@ -641,7 +640,13 @@ impl Writer {
             if !watched.warned {
                 newly.push(row.id.clone());
             }
-            if unnoted >= WRITER_GONE_FOR_GOOD {
+            // Gone for good once watched unnoted for WRITER_GONE_FOR_GOOD, or, watched unnoted
+            // for WRITER_GONE_AFTER (so not alive: a live instance changes its value at every
+            // flush, whatever its clock), stamped that long before this instance's wall clock:
+            // with deploys or restarts more often than an hour, no instance watches it that long.
+            if unnoted >= WRITER_GONE_FOR_GOOD
+                || now_ms.saturating_sub(row.seen_at_ms) >= gone_for_good_ms
+            {
                 gone.push(row);
             }
         }

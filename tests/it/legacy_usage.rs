@@ -2114,12 +2114,15 @@ async fn counts_held_back_never_take_the_evidence_before_a_hole_found_after_them
     assert_eq!(report["evidence_since_ms"], json!(hole_found), "{report}");
 }
 
-/// A row unnoted for longer than `WRITER_GONE_FOR_GOOD` by its own stamp is taken for lost and
-/// deleted at the first look of an instance just started: deploys and restarts more often than
-/// an hour would otherwise never let any instance watch it that long, and every flush would
-/// move the evidence's start for ever.
+/// A row unnoted for longer than `WRITER_GONE_FOR_GOOD` by its own stamp is deleted once an
+/// instance just started has watched it unnoted for `WRITER_GONE_AFTER`: deploys and restarts
+/// more often than an hour would otherwise never let any instance watch it that long, and
+/// every flush would move the evidence's start for ever. A live instance whose wall clock is
+/// hours behind is never deleted: its value changes at every flush (deleted, it put its row back
+/// at its next flush, and a crash in between was a hole no one saw).
 #[tokio::test]
-async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_at_the_first_look() {
+async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_after_a_short_watch() {
+    use edgegate::auth::usage::WRITER_GONE_AFTER;
     let db = test_db!();
     let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
     evidence_that_says_safe(&state).await;
@@ -2128,11 +2131,31 @@ async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_at_the_first_look() {
         .note_usage_writer("crashed-long-ago", stamped)
         .await
         .unwrap();
+    // A live instance whose wall clock is three hours behind.
+    let behind = Clock::manual();
+    behind.step_wall(-3 * 3_600_000);
+    let other = fast_flusher(Arc::new(UsageTracker::default()), &store, &behind);
 
-    let started_at = clock.now_ms();
     let flusher = fast_flusher(state.usage.clone(), &store, &clock);
-    let own = flusher.writer_id().to_owned();
-    writers_until(&store, |ids| ids == [own.as_str()]).await;
-    waits_a_window_from(&key_report(&state, &state.usage).await, started_at);
+    let (own, live) = (flusher.writer_id().to_owned(), other.writer_id().to_owned());
+    writers_noted(&store, 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        key_report(&state, &state.usage).await["legacy_revocation_safe"],
+        json!(true),
+        "taken for lost before a watch of WRITER_GONE_AFTER"
+    );
+    clock.advance(WRITER_GONE_AFTER);
+    let watched_at = clock.now_ms();
+    writers_until(&store, |ids| {
+        ids.len() == 2 && ids.contains(&own) && ids.contains(&live)
+    })
+    .await;
+    waits_a_window_from(&key_report(&state, &state.usage).await, watched_at);
+    // The live one stays, however far behind its clock.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ids = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
+    assert!(ids.iter().any(|row| row.id == live), "{ids:?}");
+    other.stop().await;
     flusher.stop().await;
 }
