@@ -11,6 +11,8 @@
 # usage: bench/pgo.sh [OUT]    (OUT: pgo/edgegate.profdata.gz)
 # Prints how much of the new profile the committed one matches; with MIN_OVERLAP (a per cent;
 # .ci/run sets it), fails below it, before writing OUT.
+# PGO_BUILD_ONLY=1: the instrumented build alone (.ci/run makes it in the background while the
+# tests run; the run after it finds the build fresh and goes straight to the load).
 # Variables: SECS (3: seconds a set), CONNECTIONS (64), SERVER_PORT (0: any free one),
 # SERVER_CPU, LOAD_CPU, HALT_POLL_NS (bench/lib.sh). Also leaves the profile uncompressed in $CARGO_TARGET_DIR/pgo/, for a local
 # build like the image's:
@@ -29,7 +31,7 @@ SERVER_PORT=${SERVER_PORT:-0}
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 OUT=${1:-$ROOT/pgo/edgegate.profdata.gz}
-need_wrk
+[ -n "${PGO_BUILD_ONLY:-}" ] || need_wrk
 
 tools=$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin
 if [ ! -x "$tools/llvm-profdata" ]; then
@@ -49,6 +51,10 @@ log "building edgegate instrumented (target/pgo-generate)"
 # one of the binary alone overlapped by 25 %).
 RUSTFLAGS=$gen_flags CARGO_TARGET_DIR=$gen_target \
     cargo build --release --locked --quiet --bin edgegate
+if [ -n "${PGO_BUILD_ONLY:-}" ]; then
+    log "PGO_BUILD_ONLY=1: $gen_target/release/edgegate built"
+    exit 0
+fi
 # The tokens from the debug build of bench_tokens (35 s here; in CI the test command has built
 # it already): a release one would be a second release build of every dependency.
 cargo build --locked --quiet --example bench_tokens

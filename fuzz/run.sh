@@ -9,6 +9,8 @@
 #                                                # so a red run is reproducible, not luck)
 #   FUZZ_TARGETS="bearer_token config" fuzz/run.sh
 #   FUZZ_SANITIZER=address fuzz/run.sh           # ASan (needs nightly, or RUSTC_BOOTSTRAP=1)
+#   FUZZ_BUILD_ONLY=1 fuzz/run.sh                # the build alone (.ci/run makes it in the
+#                                                # background; its run then finds it fresh)
 #
 # Each target also has an outer bound, FUZZ_SECONDS + FUZZ_GRACE (default 120 s, for reading a
 # grown corpus at the start and writing a reproducer at the end): libFuzzer's own timeout does
@@ -48,6 +50,10 @@ echo "fuzz: building $(echo $targets | wc -w) targets (sanitizer: $SANITIZER)"
 build_start=$SECONDS
 cargo fuzz build "${flags[@]}"
 echo "fuzz: build took $((SECONDS - build_start)) s"
+if [ -n "${FUZZ_BUILD_ONLY:-}" ]; then
+  echo "fuzz: FUZZ_BUILD_ONLY=1: built, not run"
+  exit 0
+fi
 
 python3 seeds.py "$VECTORS"
 

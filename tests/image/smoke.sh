@@ -23,6 +23,8 @@
 #
 # Knobs: IMAGE (edgegate:smoke), FORCE_BASE=1 (rebuild the base images locally), SMOKE_COLD=1 (drop
 # this script's images first, for a cold build), SMOKE_NO_BUILD=1 (smoke-test IMAGE as it is),
+# SMOKE_BUILD_ONLY=1 (base images and build, no smoke: .ci/run builds in the background and
+# smoke-tests later with SMOKE_NO_BUILD=1),
 # IMAGE_BUDGET_MB (150), CONTEXT_BUDGET_MB (20), SMOKE_DRAIN_SECONDS (10),
 # SMOKE_PG (postgres://postgres@127.0.0.1:5432, for psql).
 set -euo pipefail
@@ -171,6 +173,10 @@ else
 fi
 t_build=$((SECONDS - t_build_start))
 echo "time: build ${t_build} s"
+if [ -n "${SMOKE_BUILD_ONLY:-}" ]; then
+  echo "SMOKE_BUILD_ONLY=1: $IMAGE built; smoke-test it with SMOKE_NO_BUILD=1"
+  exit 0
+fi
 
 # --------------------------------------------------------------------------------------------
 phase "smoke"

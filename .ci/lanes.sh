@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Sourced by .ci/run after .ci/bounded.sh: the long builds run beside the tests, in the
+# background at the lowest CPU priority.
+#
+#   lane NAME DURATION COMMAND...  start COMMAND under nice 19 and a time bound of its own
+#                                  (`timeout --kill-after=30s DURATION`), its output in a log
+#   lane_join NAME                 wait for it, print its log, return its status
+#
+# Why: on a cold machine the builds that need nothing from the tests (the fuzz targets, the
+# instrumented PGO build, the container image) took 35 of a run's 60 minutes one after the
+# other, while the test steps left a core idle most of their time (measured 2026-12-07 from
+# /proc/stat: the SQLite step 62 % busy, the PostgreSQL suite 25 % over 338 s, schemathesis
+# 47 %). A nice-19 task gets about 1.5 % of a core against a busy nice-0 one, so the tests keep
+# the CPU whenever they want it and the builds take what the tests leave.
+#
+# A TERM or INT to .ci/run stops every running lane (each lane's timeout passes the signal to
+# its own process group), and so does the script's exit: a failed step does not leave builds
+# running on after it.
+
+declare -A lane_pid=() lane_began=()
+LANE_LOGS=$(mktemp -d)
+
+lane() {
+  local name=$1
+  shift
+  # exec: the pid recorded is timeout's, which a TERM to it hands on to the lane's group.
+  (exec nice -n 19 timeout --kill-after=30s "$@") >"$LANE_LOGS/$name.log" 2>&1 &
+  lane_pid[$name]=$!
+  lane_began[$name]=$SECONDS
+  printf '(lane %s: started in the background at %d s, nice 19, bound %s)\n' "$name" "$SECONDS" "$1"
+}
+
+lane_join() {
+  local name=$1 status=0
+  wait "${lane_pid[$name]}" || status=$?
+  unset "lane_pid[$name]"
+  printf '(lane %s: ran from %d s to %d s, exit status %d; its output follows)\n' \
+    "$name" "${lane_began[$name]}" "$SECONDS" "$status"
+  cat "$LANE_LOGS/$name.log"
+  if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "lane $name: still running at its bound: stopped" >&2
+  fi
+  return "$status"
+}
+
+lanes_kill() {
+  local pid
+  for pid in "${lane_pid[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${lane_pid[@]}"; do wait "$pid" 2>/dev/null || true; done
+  lane_pid=()
+}
+
+# `renice_tree VALUE NAME...`: every thread of the named daemons to nice VALUE (a process's
+# threads each have their own, and a child starts with that of the thread that made it).
+renice_tree() {
+  local value=$1 pid
+  shift
+  for pid in $(pidof "$@" 2>/dev/null || true); do
+    # shellcheck disable=SC2046
+    python3 -c 'import os, sys
+for t in sys.argv[2:]:
+    try: os.setpriority(os.PRIO_PROCESS, int(t), int(sys.argv[1]))
+    except (ProcessLookupError, PermissionError): pass' "$value" $(ls "/proc/$pid/task" 2>/dev/null) || true
+  done
+}
+
+lanes_stop() { # SIGNAL STATUS
+  lanes_kill
+  bounded_stop "$1" "$2"
+}
+trap 'lanes_stop TERM 143' TERM
+trap 'lanes_stop INT 130' INT
+trap 'status=$?; lanes_kill; rm -rf "$LANE_LOGS"; exit $status' EXIT
