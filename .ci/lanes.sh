@@ -2,16 +2,20 @@
 # Sourced by .ci/run after .ci/bounded.sh: the long builds run beside the tests, in the
 # background at the lowest CPU priority.
 #
-#   lane NAME DURATION COMMAND...  start COMMAND under nice 19 and a time bound of its own
-#                                  (`timeout --kill-after=30s DURATION`), its output in a log
-#   lane_join NAME                 wait for it, print its log, return its status
+#   lane NAME NICE DURATION COMMAND...  start COMMAND at nice NICE (15-19) under a time bound
+#                                       of its own (`timeout --kill-after=30s DURATION`), its
+#                                       output in a log
+#   lane_join NAME                      wait for it, print its log, return its status
 #
-# Why: on a cold machine the builds that need nothing from the tests (the fuzz targets, the
-# instrumented PGO build, the container image) took 35 of a run's 60 minutes one after the
-# other, while the test steps left a core idle most of their time (measured 2026-12-07 from
-# /proc/stat: the SQLite step 62 % busy, the PostgreSQL suite 25 % over 338 s, schemathesis
-# 47 %). A nice-19 task gets about 1.5 % of a core against a busy nice-0 one, so the tests keep
-# the CPU whenever they want it and the builds take what the tests leave.
+# Why: on a cold machine (2026-12-07, every cache empty) the builds that need nothing from the
+# tests (the fuzz targets, the instrumented PGO build, the container image) took 25 of a run's
+# 41 minutes one after the other, while the test steps left a core idle much of their time
+# (read off /proc/stat: the SQLite step 62 % busy, the PostgreSQL suite 25 % over 338 s,
+# schemathesis 47 %). A nice-19 task gets about 1.5 % of a core against a busy nice-0 one, so
+# the tests keep the CPU whenever they want it and the builds take what the tests leave (not
+# all of it: beside the lanes the tests ran 15-55 % longer, the PostgreSQL suite most, likely
+# the disk and memory the builds share). Among the lanes, the one the foreground needs first
+# gets the lower nice value (each step of nice is about 1.25 times the CPU share).
 #
 # A TERM or INT to .ci/run stops every running lane (each lane's timeout passes the signal to
 # its own process group), and so does the script's exit: a failed step does not leave builds
@@ -19,23 +23,28 @@
 
 declare -A lane_pid=() lane_began=()
 LANE_LOGS=$(mktemp -d)
+# The epoch second at which the sourcing script's SECONDS was 0: a lane's end, read off its
+# log's last write, in the script's own seconds.
+LANES_EPOCH=$(($(date +%s) - SECONDS))
 
 lane() {
-  local name=$1
-  shift
+  local name=$1 niceness=$2
+  shift 2
   # exec: the pid recorded is timeout's, which a TERM to it hands on to the lane's group.
-  (exec nice -n 19 timeout --kill-after=30s "$@") >"$LANE_LOGS/$name.log" 2>&1 &
+  (exec nice -n "$niceness" timeout --kill-after=30s "$@") >"$LANE_LOGS/$name.log" 2>&1 &
   lane_pid[$name]=$!
   lane_began[$name]=$SECONDS
-  printf '(lane %s: started in the background at %d s, nice 19, bound %s)\n' "$name" "$SECONDS" "$1"
+  printf '(lane %s: started in the background at %d s, nice %d, bound %s)\n' \
+    "$name" "$SECONDS" "$niceness" "$1"
 }
 
 lane_join() {
   local name=$1 status=0
   wait "${lane_pid[$name]}" || status=$?
   unset "lane_pid[$name]"
-  printf '(lane %s: ran from %d s to %d s, exit status %d; its output follows)\n' \
-    "$name" "${lane_began[$name]}" "$SECONDS" "$status"
+  printf '(lane %s: from %d s, its last output at %d s, joined at %d s, exit status %d; its output follows)\n' \
+    "$name" "${lane_began[$name]}" "$(($(stat -c %Y "$LANE_LOGS/$name.log") - LANES_EPOCH))" \
+    "$SECONDS" "$status"
   cat "$LANE_LOGS/$name.log"
   if [ "$status" = 124 ] || [ "$status" = 137 ]; then
     echo "lane $name: still running at its bound: stopped" >&2

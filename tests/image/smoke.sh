@@ -12,10 +12,9 @@
 # line makes BuildKit fetch its frontend from a registry, so with no registry the image is built by
 # the legacy builder, to which that line is a comment; the committed Dockerfile keeps it for Fly.
 #
-# Cache between runs on one machine: the base images are kept, and the builder and planner stages
-# are tagged (IMAGE's repository, tags `smoke-builder`, `smoke-planner`) so cargo-chef's dependency
-# layer survives `docker image prune`; the previous run's images are removed by id once replaced,
-# so disk use stays flat.
+# Cache between runs on one machine: the base images are kept, and the builder stage is tagged
+# (IMAGE's repository, tag `smoke-builder`) so its dependency layer survives `docker image prune`;
+# the previous run's images are removed by id once replaced, so disk use stays flat.
 #
 # Containers run with --network=host only and listen on 127.0.0.1 (HOST) on a free port; they are
 # removed on exit, with their volume and the PostgreSQL database made for them. dockerd is left
@@ -33,7 +32,6 @@ cd "$ROOT"
 
 IMAGE=${IMAGE:-edgegate:smoke}
 BUILDER_IMAGE="${IMAGE%:*}:smoke-builder"
-PLANNER_IMAGE="${IMAGE%:*}:smoke-planner"
 IMAGE_BUDGET_MB=${IMAGE_BUDGET_MB:-150}
 CONTEXT_BUDGET_MB=${CONTEXT_BUDGET_MB:-20}
 DRAIN=${SMOKE_DRAIN_SECONDS:-10}
@@ -136,11 +134,10 @@ else
 fi
 old_image=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 old_builder=$(docker image inspect -f '{{.Id}}' "$BUILDER_IMAGE" 2>/dev/null || true)
-old_planner=$(docker image inspect -f '{{.Id}}' "$PLANNER_IMAGE" 2>/dev/null || true)
 if [ -n "${SMOKE_COLD:-}" ]; then
   echo "SMOKE_COLD=1: removing $IMAGE and $BUILDER_IMAGE first (every edgegate layer is rebuilt)"
-  docker rmi "$IMAGE" "$BUILDER_IMAGE" "$PLANNER_IMAGE" >/dev/null 2>&1 || true
-  old_image='' old_builder='' old_planner=''
+  docker rmi "$IMAGE" "$BUILDER_IMAGE" >/dev/null 2>&1 || true
+  old_image='' old_builder=''
 fi
 build() {
   local log=$1; shift
@@ -156,20 +153,17 @@ if [ -n "${SMOKE_NO_BUILD:-}" ]; then
   echo "SMOKE_NO_BUILD=1: smoke-testing $IMAGE as it is"
 else
   # Each stage tagged, so that the previous run's stages can be removed by id (nothing else's).
-  echo "builder stage -> $BUILDER_IMAGE (keeps cargo-chef's dependency layer)"
+  echo "builder stage -> $BUILDER_IMAGE (keeps the dependency layer)"
   build "$WORK/build-builder.log" --target builder -t "$BUILDER_IMAGE"
-  build "$WORK/build-planner.log" --target planner -t "$PLANNER_IMAGE"
   echo "runtime image -> $IMAGE (revision $revision, version $version)"
   build "$WORK/build.log" -t "$IMAGE" \
     --build-arg "REVISION=$revision" --build-arg "VERSION=$version" --build-arg "SOURCE=$source_url"
-  # The images these replaced: their own layers go, the layers still shared (the cook) stay.
+  # The images these replaced: their own layers go, the layers still shared (the dependencies) stay.
   new_image=$(docker image inspect -f '{{.Id}}' "$IMAGE")
   new_builder=$(docker image inspect -f '{{.Id}}' "$BUILDER_IMAGE")
-  new_planner=$(docker image inspect -f '{{.Id}}' "$PLANNER_IMAGE")
   drop_replaced() { if [ -n "$1" ] && [ "$1" != "$2" ]; then docker rmi "$1" >/dev/null 2>&1 || true; fi; }
   drop_replaced "$old_image" "$new_image"
   drop_replaced "$old_builder" "$new_builder"
-  drop_replaced "$old_planner" "$new_planner"
 fi
 t_build=$((SECONDS - t_build_start))
 echo "time: build ${t_build} s"
