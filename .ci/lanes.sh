@@ -19,7 +19,11 @@
 #
 # A TERM or INT to .ci/run stops every running lane (each lane's timeout passes the signal to
 # its own process group), and so does the script's exit: a failed step does not leave builds
-# running on after it.
+# running on after it. A dockerd that the image lane started is in that lane's group: a run that
+# fails before the image's join stops it too (a later run starts it again).
+#
+# Disk: the three builds are on disk at once, beside the tests' target/debug (on a cold run about
+# 9 GB in all; the fuzz and PGO folders are removed once their step passed).
 
 declare -A lane_pid=() lane_began=()
 LANE_LOGS=$(mktemp -d)
@@ -52,9 +56,18 @@ lane_join() {
   return "$status"
 }
 
+# The lanes still running, signalled: a lane that has ended gave its process id back, and the
+# kernel may have handed it to an unrelated process since (a cold run starts tens of thousands).
+lanes_term() {
+  local pid running
+  running=$(jobs -rp)
+  for pid in "${lane_pid[@]}"; do
+    if grep -qx "$pid" <<<"$running"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+}
 lanes_kill() {
   local pid
-  for pid in "${lane_pid[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  lanes_term
   for pid in "${lane_pid[@]}"; do wait "$pid" 2>/dev/null || true; done
   lane_pid=()
 }
@@ -73,10 +86,21 @@ for t in sys.argv[2:]:
   done
 }
 
+# A TERM or INT: every lane and the foreground step are signalled at once, so that their
+# 30-second grace periods overlap and all is stopped inside the outer bound's 60 seconds.
 lanes_stop() { # SIGNAL STATUS
-  lanes_kill
+  lanes_term
   bounded_stop "$1" "$2"
+}
+# A dockerd this run put at nice 19 goes back to 0 however the run ends (.ci/run sets this).
+lanes_reniced=
+lanes_exit() {
+  local status=$1
+  lanes_kill
+  if [ -n "$lanes_reniced" ]; then renice_tree 0 dockerd containerd; fi
+  rm -rf "$LANE_LOGS"
+  exit "$status"
 }
 trap 'lanes_stop TERM 143' TERM
 trap 'lanes_stop INT 130' INT
-trap 'status=$?; lanes_kill; rm -rf "$LANE_LOGS"; exit $status' EXIT
+trap 'lanes_exit $?' EXIT
