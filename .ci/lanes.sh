@@ -96,6 +96,9 @@ lanes_stop() { # SIGNAL STATUS
 lanes_reniced=
 lanes_exit() {
   local status=$1
+  # A TERM now (the outer bound firing while a lane is waited for) would exit from inside this
+  # trap and skip the rest; the lanes have been signalled, and the outer KILL stays the backstop.
+  trap '' TERM INT
   lanes_kill
   if [ -n "$lanes_reniced" ]; then renice_tree 0 dockerd containerd; fi
   rm -rf "$LANE_LOGS"
