@@ -3,7 +3,7 @@
 //! is away the counts stay in memory (bounded by `MAX_PENDING_BUCKETS`; what does not fit is
 //! counted in `edgegate_key_usage_dropped_total`, and is a hole in the evidence the verdict
 //! heeds) and reach it once it is back. Hours older than any window read ([`USAGE_KEPT`]) are
-//! deleted by the same task, hourly ([`prune_usage`]).
+//! deleted hourly, by a pass the flusher runs beside its flushes ([`prune_usage`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -456,7 +456,8 @@ pub fn spawn_flusher_every(
 
 /// `spawn_flusher_every` with its clock and pruning given. A pass runs after a flush that
 /// succeeded (the database answers), when `pruning.every` has passed on `clock` since the last
-/// pass that succeeded; a pass that fails is a WARN and is tried again after the next flush.
+/// pass that succeeded and none is under way; a pass that fails is a WARN and is tried again
+/// after the next flush. Flushes and notes keep their interval while a pass runs, however long.
 pub fn spawn_flusher_pruning(
     tracker: std::sync::Arc<UsageTracker>,
     store: Store,
@@ -470,17 +471,51 @@ pub fn spawn_flusher_pruning(
     let mut writer = Writer::new();
     let writer_id = writer.id.clone();
     let join = tokio::spawn(async move {
-        let mut pause = interval;
         let mut pruned_at: Option<std::time::Instant> = None;
+        // The pass under way, at most one, in a task of its own: flushes and notes keep their
+        // interval while it runs (many statements on a large backlog or a slow database), or
+        // other instances would take this one, after WRITER_GONE_AFTER, for one that ended
+        // holding counts. Dropped with this task (a stop, an abort), which ends it too.
+        let mut pruning_pass: tokio::task::JoinSet<(std::time::Instant, anyhow::Result<u64>)> =
+            tokio::task::JoinSet::new();
         // Noted at once, so an instance killed before its first flush is seen too. A database
         // not ready yet (`serve --no-migrate` before `edgegate migrate`) notes it after a flush.
         if let Err(err) = writer.note(&store, clock.now_ms()).await {
             tracing::debug!(error = crate::error::causes(&err), "instance not noted yet");
         }
+        let next_flush = tokio::time::sleep(interval);
+        tokio::pin!(next_flush);
         loop {
             tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                _ = stopped.changed() => return,
+                () = &mut next_flush => {}
+                Some(ended) = pruning_pass.join_next(), if !pruning_pass.is_empty() => {
+                    let pass = ended
+                        .map_err(anyhow::Error::from)
+                        .and_then(|(started, pass)| Ok((started, pass?)));
+                    match pass {
+                        Ok((started, deleted)) => {
+                            pruned_at = Some(started);
+                            if deleted > 0 {
+                                tracing::info!(
+                                    deleted,
+                                    "deleted hourly usage rows older than 31 days (no window \
+                                     reads them)"
+                                );
+                            }
+                        }
+                        Err(err) => tracing::warn!(
+                            error = crate::error::causes(&err),
+                            "old hourly usage rows not deleted; will retry after the next flush"
+                        ),
+                    }
+                    passes.send_modify(|n| *n += 1);
+                    continue;
+                }
+                // A pass is many short statements: a stop does not wait for the rest of them.
+                _ = stopped.changed() => {
+                    pruning_pass.shutdown().await;
+                    return;
+                }
             }
             let flushed = match tracker.flush(&store).await {
                 Ok(()) => true,
@@ -492,7 +527,6 @@ pub fn spawn_flusher_pruning(
                     false
                 }
             };
-            pause = if flushed { interval } else { retry };
             if flushed && let Err(err) = writer.beat(&store, clock.now_ms(), clock.now()).await {
                 tracing::warn!(
                     error = crate::error::causes(&err),
@@ -500,32 +534,19 @@ pub fn spawn_flusher_pruning(
                      will retry after the next flush"
                 );
             }
+            let pause = if flushed { interval } else { retry };
+            next_flush
+                .as_mut()
+                .reset(tokio::time::Instant::now() + pause);
             let due = pruned_at.is_none_or(|at| clock.now().duration_since(at) >= pruning.every);
-            if !flushed || !due {
+            if !flushed || !due || !pruning_pass.is_empty() {
                 continue;
             }
             let started = clock.now();
-            // A pass is many short statements: a stop does not wait for the rest of them.
-            let pass = tokio::select! {
-                pass = prune_usage(&store, clock.now_ms(), pruning.statements_per_pass) => pass,
-                _ = stopped.changed() => return,
-            };
-            match pass {
-                Ok(deleted) => {
-                    pruned_at = Some(started);
-                    if deleted > 0 {
-                        tracing::info!(
-                            deleted,
-                            "deleted hourly usage rows older than 31 days (no window reads them)"
-                        );
-                    }
-                }
-                Err(err) => tracing::warn!(
-                    error = crate::error::causes(&err),
-                    "old hourly usage rows not deleted; will retry after the next flush"
-                ),
-            }
-            passes.send_modify(|n| *n += 1);
+            let (store, now_ms) = (store.clone(), clock.now_ms());
+            let statements = pruning.statements_per_pass;
+            pruning_pass
+                .spawn(async move { (started, prune_usage(&store, now_ms, statements).await) });
         }
     });
     Flusher {
@@ -544,7 +565,7 @@ pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
 /// How long a row stays unnoted before its instance is taken for gone for good and the row is
 /// deleted: until then every flush of the instances that watch it moves the evidence's start
 /// up to their time, since the instance may still hold counts it cannot write (its database
-/// away while others write, a long pruning pass) and end with them. Watched on an instance's
+/// away while others write) and end with them. Watched on an instance's
 /// steady clock, or, once watched unnoted for [`WRITER_GONE_AFTER`], read from the row's own
 /// stamp against the watcher's wall clock (no instance may live an hour to watch it: deploys,
 /// restarts).
@@ -707,7 +728,8 @@ impl Flusher {
     }
 
     /// Stops it between two flushes, never inside one: a flush takes the counts from memory
-    /// before it writes them, so one cut off mid-write would lose them.
+    /// before it writes them, so one cut off mid-write would lose them. A pruning pass under way
+    /// is ended, not waited for (what it has not deleted goes at the next start's).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.join.await;

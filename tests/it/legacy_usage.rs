@@ -1424,6 +1424,19 @@ fn usage_of_hour(now: i64, hours_ago: i64) -> (Vec<KeyUsage>, Vec<CallerUsage>) 
     )
 }
 
+/// Stores [`usage_of_hour`] of each of `hours_ago`.
+async fn store_usage_of_hours(
+    store: &edgegate::store::Store,
+    now: i64,
+    hours_ago: impl IntoIterator<Item = i64>,
+) {
+    for hours_ago in hours_ago {
+        let (keys, callers) = usage_of_hour(now, hours_ago);
+        store.add_key_usage(&keys).await.unwrap();
+        store.add_caller_usage(&callers).await.unwrap();
+    }
+}
+
 /// The hours of key rows and of caller rows stored that start before `before_ms`, and the
 /// caller rows' hours from it on.
 async fn stored_hours(store: &edgegate::store::Store, before_ms: i64) -> (usize, usize, usize) {
@@ -1472,12 +1485,12 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
     let (store, clock, state) = on_a_manual_clock(&db, "2592000").await;
     let now = clock.now_ms();
     // Ten days of hours, 50 to 40 days old; one hour 29 days old; the last three hours.
-    let hours = (40 * 24 + 1..=50 * 24).chain([29 * 24]).chain(0..3);
-    for hours_ago in hours {
-        let (keys, callers) = usage_of_hour(now, hours_ago);
-        store.add_key_usage(&keys).await.unwrap();
-        store.add_caller_usage(&callers).await.unwrap();
-    }
+    store_usage_of_hours(
+        &store,
+        now,
+        (40 * 24 + 1..=50 * 24).chain([29 * 24]).chain(0..3),
+    )
+    .await;
     let cutoff = now - 31 * DAY;
     assert_eq!(stored_hours(&store, cutoff).await, (240, 240, 4));
     let evidence = store.usage_evidence_since().await.unwrap().unwrap();
@@ -1550,6 +1563,100 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
         store.usage_evidence_since().await.unwrap(),
         Some(first_hour_kept(clock.now_ms() - 31 * DAY))
     );
+}
+
+/// A pruning pass of a large backlog runs for seconds (a statement a day of hours, a pause after
+/// each), and on a slow database for longer. The instance's flushes and notes keep their interval
+/// meanwhile: counts recorded during the pass reach the database, and its row in `usage_writers`
+/// keeps being noted, so no other instance takes it, after `WRITER_GONE_AFTER`, for one that
+/// ended holding counts (moving the evidence's start). A stop during the pass does not wait for
+/// the rest of it, nor leaves it running.
+#[tokio::test]
+async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
+    const DAY: i64 = 24 * HOUR;
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "2592000").await;
+    let now = clock.now_ms();
+    // An hour a day for 100 days, 32 to 131 days old: the first pass is 100 statements per
+    // table, a day each, with a pause of 50 ms after each: 10 s at least.
+    store_usage_of_hours(&store, now, (32..132).map(|day| day * 24)).await;
+    let cutoff = now - 31 * DAY;
+    let old_hours = async || {
+        let (keys, callers, _) = stored_hours(&store, cutoff).await;
+        keys + callers
+    };
+    assert_eq!(old_hours().await, 200);
+    let noted = async |id: &str| {
+        let rows = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
+        rows.into_iter()
+            .find(|row| row.id == id)
+            .map(|row| row.seen_at_ms)
+    };
+    let this_hour = now - now % HOUR;
+    let flushed_legacy = async || {
+        let rows = store.key_usage_hours_since(this_hour).await.unwrap();
+        rows.iter()
+            .filter(|row| row.source == "legacy_secret")
+            .map(|row| row.verified_count)
+            .sum::<i64>()
+    };
+
+    // Flushes every 10 ms, prunes at the first one (`Pruning::default`).
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    let passes = flusher.prune_passes();
+    let bounded = Duration::from_secs(30);
+    tokio::time::timeout(bounded, async {
+        while old_hours().await == 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the pass deletes its first day within 30 s");
+
+    // Counted during the pass, and the row's value before them.
+    let legacy = state.auth.verify_bearer(&legacy_key("anon")).await.unwrap();
+    state.usage.record(&legacy, clock.now_ms());
+    state.usage.record(&legacy, clock.now_ms());
+    let before = noted(flusher.writer_id()).await.expect("noted at start");
+    // Each note writes a value above the last (the manual clock stands): three notes later.
+    let done = tokio::time::timeout(bounded, async {
+        loop {
+            let flushed = flushed_legacy().await == 2;
+            let renoted = noted(flusher.writer_id())
+                .await
+                .is_some_and(|at| at >= before + 3);
+            // Read after the database: a pass not ended yet had not ended when they were written.
+            let passes_ended = *passes.borrow();
+            if (flushed && renoted) || passes_ended > 0 {
+                return (flushed, renoted, passes_ended);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("flushed and noted, or the pass ended, within 30 s");
+    assert_eq!(
+        done,
+        (true, true, 0),
+        "(counts flushed, instance noted, passes ended): this instance wrote neither its counts \
+         nor its row while its pruning pass ran"
+    );
+    let left = old_hours().await;
+    assert!(left > 0, "the pass ended before the test could stop it");
+
+    // A stop mid-pass ends it: nothing more is deleted after it.
+    tokio::time::timeout(Duration::from_secs(5), flusher.stop())
+        .await
+        .expect("a stop does not wait for the rest of the pass");
+    let after_stop = old_hours().await;
+    assert!(after_stop > 0, "the pass went on to its end");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        old_hours().await,
+        after_stop,
+        "the pass went on after the stop"
+    );
+    assert_eq!(*passes.borrow(), 0);
 }
 
 /// A wall clock running weeks ahead prunes hours that are still inside the window once it is set
