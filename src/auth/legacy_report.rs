@@ -38,6 +38,17 @@ pub struct CallerRow {
     pub last_seen: i64,
 }
 
+/// Legacy verifications over the window that the key counts hold and no caller row does: counted
+/// with no caller by an edgegate from before caller counts (before 2026-12-01), or left out of
+/// the per-caller counts (`edgegate_caller_usage_dropped_total`). Their kind, route and client
+/// are not known, so they are no `legacy_usage` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WithoutCaller {
+    pub count: i64,
+    /// Epoch milliseconds: the latest last use of the hours holding them (each was no later).
+    pub last_seen: i64,
+}
+
 /// One legacy kind over the window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KindUse {
@@ -79,6 +90,8 @@ pub struct Usage {
     pub straddling_hour_ms: Option<i64>,
     /// Legacy callers, most used first.
     pub legacy_usage: Vec<CallerRow>,
+    /// Legacy verifications no caller row accounts for; `None` when every one has its caller.
+    pub legacy_usage_without_caller: Option<WithoutCaller>,
     /// Legacy API keys sent beside the credential that let a request in while no legacy secret
     /// could verify them (kind `anon_key_unverified`, `service_role_key_unverified`), most used
     /// first: evidence, not verifications.
@@ -110,6 +123,10 @@ pub struct ReportView {
     #[serde(default)]
     pub evidence_dropped: Option<DroppedUsage>,
     pub legacy_usage: Vec<CallerRow>,
+    /// As [`Usage::legacy_usage_without_caller`]. Absent from the answer of an edgegate from
+    /// before it was reported.
+    #[serde(default)]
+    pub legacy_usage_without_caller: Option<WithoutCaller>,
     /// As [`Usage::unverified_legacy_usage`]. Absent from the answer of an edgegate from before
     /// it was reported.
     #[serde(default)]
@@ -173,16 +190,22 @@ impl ReportCallers {
     /// Adds hourly rows (an instance's unflushed ones) to each window they count in.
     fn add_rows(&mut self, rows: &[CallerUsage]) {
         let now = self.now_ms;
-        let counted = |window| {
-            rows.iter().filter(move |row| {
-                counts_in(window, now, row.hour_start_ms, row.last_verified_at_ms)
-            })
-        };
-        self.revocation.extend(counted(self.revocation_window));
+        add_counted(&mut self.revocation, rows, self.revocation_window, now);
         if let Some(usage) = &mut self.usage {
-            usage.extend(counted(self.usage_window));
+            add_counted(usage, rows, self.usage_window, now);
         }
     }
+}
+
+/// Adds the hourly `rows` that count in the window ending at `now_ms` ([`counts_in`]) to `sums`,
+/// and every one of its hours to its whole hours.
+fn add_counted(sums: &mut CallerSums, rows: &[CallerUsage], window: Duration, now_ms: i64) {
+    sums.extend(
+        rows.iter()
+            .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms)),
+    );
+    let first = first_hour(window, now_ms);
+    sums.extend_whole_hours(rows.iter().filter(|row| row.hour_start_ms >= first));
 }
 
 /// The database's hourly key rows of the hours from the earlier window's first, and the callers
@@ -219,7 +242,12 @@ pub fn view(
     let now_ms = callers.now_ms;
     let revocation_window = callers.revocation_window;
     let revocation = summarize_sums(keys, &callers.revocation, revocation_window, now_ms);
-    name_top_caller(&mut verdict, &revocation.legacy_usage, revocation_window);
+    name_top_caller(
+        &mut verdict,
+        &revocation.legacy_usage,
+        revocation.legacy_usage_without_caller,
+        revocation_window,
+    );
     let usage = match &callers.usage {
         None => revocation,
         Some(sums) => summarize_sums(keys, sums, callers.usage_window, now_ms),
@@ -231,6 +259,7 @@ pub fn view(
         reason: verdict.reason,
         evidence_dropped,
         legacy_usage: usage.legacy_usage,
+        legacy_usage_without_caller: usage.legacy_usage_without_caller,
         unverified_legacy_usage: usage.unverified_legacy_usage,
         api_key_usage: usage.api_key_usage,
         legacy_kinds: usage.legacy_kinds,
@@ -348,11 +377,7 @@ pub fn summarize(
     now_ms: i64,
 ) -> Usage {
     let mut sums = CallerSums::default();
-    sums.extend(
-        callers
-            .iter()
-            .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms)),
-    );
+    add_counted(&mut sums, callers, window, now_ms);
     summarize_sums(keys, &sums, window, now_ms)
 }
 
@@ -375,13 +400,21 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
         first,
         by_id: HashMap::new(),
     };
+    // The legacy secret's key count per hour, with its last use.
+    let mut legacy_per_hour: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
     for row in keys
         .iter()
         .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms))
     {
         note(row.hour_start_ms);
         series.add(&row.source, &row.kid, &row.alg, None, row.into());
+        if row.source == "legacy_secret" {
+            let hour = legacy_per_hour.entry(row.hour_start_ms).or_default();
+            hour.0 += row.verified_count;
+            hour.1 = hour.1.max(row.last_verified_at_ms);
+        }
     }
+    let legacy_usage_without_caller = without_caller(&legacy_per_hour, callers);
 
     // Verifications per hour: a legacy key beside a credential that no secret could verify
     // (`anon_key_unverified`…) is evidence of a client, listed apart, never one of them.
@@ -467,6 +500,7 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
     Usage {
         straddling_hour_ms,
         legacy_usage,
+        legacy_usage_without_caller,
         unverified_legacy_usage,
         api_key_usage,
         legacy_kinds,
@@ -475,6 +509,38 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
             series,
         },
     }
+}
+
+/// What the legacy key counts per hour (`legacy_per_hour`: count, last use) hold beyond every
+/// legacy caller row of that hour: counted by an edgegate from before caller counts (it wrote
+/// the key counts alone), or left out of the per-caller counts. Each hour against all of its
+/// callers (`legacy_whole_hours`), their use before the window's start included, as an hour's key
+/// count holds it; an hour with more callers than key counts (a flush committed between the
+/// report's reads of the two) takes nothing from another.
+fn without_caller(
+    legacy_per_hour: &BTreeMap<i64, (i64, i64)>,
+    callers: &CallerSums,
+) -> Option<WithoutCaller> {
+    let mut with_caller: HashMap<i64, i64> = HashMap::new();
+    for row in callers.legacy_whole_hours.iter().filter(|row| {
+        row.source == "legacy_secret"
+            && LegacyKind::ALL.iter().any(|kind| kind.as_str() == row.kind)
+    }) {
+        *with_caller.entry(row.hour_start_ms).or_default() += row.verified_count;
+    }
+    let mut without: Option<WithoutCaller> = None;
+    for (hour, &(count, last)) in legacy_per_hour {
+        let missing = count - with_caller.get(hour).copied().unwrap_or(0);
+        if missing > 0 {
+            let sum = without.get_or_insert(WithoutCaller {
+                count: 0,
+                last_seen: last,
+            });
+            sum.count += missing;
+            sum.last_seen = sum.last_seen.max(last);
+        }
+    }
+    without
 }
 
 /// `2026-12-01 09:05` (UTC) from epoch milliseconds.
@@ -511,16 +577,37 @@ pub fn thousands(count: i64) -> String {
     if count < 0 { format!("-{out}") } else { out }
 }
 
+/// Why legacy verifications have no caller recorded ([`WithoutCaller`]).
+const NO_CALLER_RECORDED: &str = "(counted by an edgegate from before caller counts, or left out \
+                                  of the per-caller counts)";
+
 /// When revoking is not safe because the legacy secret is still used, the reason names the top
 /// caller, so the operator knows whom to fix first. `other` is no caller: it holds every client
 /// not named (a flood of one-off values among them), so it is never named and never counted as
-/// one; what it holds is said apart.
+/// one; what it holds is said apart, as are the verifications with no caller recorded
+/// (`without_caller`).
 ///
 /// The totals are verifications, not requests: one request may carry two legacy credentials
 /// (the legacy anon key in `apikey`, a legacy session as its Bearer), each counted. And a client
 /// is counted once, however many kinds and routes its rows hold.
-pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], window: Duration) {
-    if verdict.legacy_revocation_safe || legacy_usage.is_empty() {
+pub fn name_top_caller(
+    verdict: &mut LegacyVerdict,
+    legacy_usage: &[CallerRow],
+    without_caller: Option<WithoutCaller>,
+    window: Duration,
+) {
+    if verdict.legacy_revocation_safe {
+        return;
+    }
+    let not_recorded = without_caller.map_or(0, |without| without.count);
+    if legacy_usage.is_empty() {
+        // The verdict's reason already says how many; none has its caller.
+        if not_recorded > 0 {
+            verdict.reason = format!(
+                "{}, none with its caller recorded {NO_CALLER_RECORDED}",
+                verdict.reason
+            );
+        }
         return;
     }
     let plural = |count: i64| if count == 1 { "" } else { "s" };
@@ -528,7 +615,7 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
         legacy_usage.iter().partition(|row| row.client == OTHER);
     let unnamed: i64 = other.iter().map(|row| row.count).sum();
     let named_total: i64 = named.iter().map(|row| row.count).sum();
-    let total = named_total + unnamed;
+    let total = named_total + unnamed + not_recorded;
     let clients = named
         .iter()
         .map(|row| row.client.as_str())
@@ -559,15 +646,36 @@ pub fn name_top_caller(verdict: &mut LegacyVerdict, legacy_usage: &[CallerRow], 
         }
     };
     let clients_plural = if clients == 1 { "" } else { "s" };
-    let from = match (clients, unnamed) {
-        (_, 0) => format!("from {clients} client{clients_plural}"),
-        (0, _) => "none from a named client".to_owned(),
-        _ => format!(
+    let from = match (clients, unnamed, not_recorded) {
+        (_, 0, 0) => format!("from {clients} client{clients_plural}"),
+        (0, _, 0) => "none from a named client".to_owned(),
+        (_, _, 0) => format!(
             "{} from {clients} named client{clients_plural} and {} from clients not named \
              (counted as other)",
             thousands(named_total),
             thousands(unnamed),
         ),
+        _ => {
+            let mut parts = Vec::new();
+            if clients > 0 {
+                let named = if unnamed > 0 { "named " } else { "" };
+                parts.push(format!(
+                    "{} from {clients} {named}client{clients_plural}",
+                    thousands(named_total)
+                ));
+            }
+            if unnamed > 0 {
+                parts.push(format!(
+                    "{} from clients not named (counted as other)",
+                    thousands(unnamed)
+                ));
+            }
+            let last = format!(
+                "{} with no caller recorded {NO_CALLER_RECORDED}",
+                thousands(not_recorded)
+            );
+            format!("{} and {last}", parts.join(", "))
+        }
     };
     verdict.reason = format!(
         "{used}; {} verification{} with the legacy secret in all, {from}",

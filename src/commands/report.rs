@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::auth::legacy_report::{self, CallerRow, ReportView, Series, thousands, utc};
+use crate::auth::legacy_report::{
+    self, CallerRow, ReportView, Series, WithoutCaller, thousands, utc,
+};
 use crate::auth::usage::legacy_verdict;
 use crate::config::Config;
 use crate::store::Store;
@@ -239,6 +241,21 @@ fn caller_cells(kind: String, row: &CallerRow) -> Vec<String> {
     ]
 }
 
+/// The client cell of the legacy verifications no caller row accounts for.
+const NO_CALLER_RECORDED: &str = "(no caller recorded)";
+
+/// The callers row of the legacy verifications no caller row accounts for: no kind, route or
+/// client is known.
+fn without_caller_cells(without: &WithoutCaller) -> Vec<String> {
+    vec![
+        "-".to_owned(),
+        "-".to_owned(),
+        NO_CALLER_RECORDED.to_owned(),
+        thousands(without.count),
+        last_seen(without.last_seen),
+    ]
+}
+
 /// The report as text: the keys with hourly bars, the callers, the verdict.
 pub fn render(view: &ReportView, now_ms: i64) -> String {
     let window = Duration::from_secs(view.usage_window_seconds);
@@ -298,10 +315,23 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         );
     }
     out.push('\n');
-    let callers: Vec<Vec<String>> = view
+    // The legacy verifications with no caller recorded take their place by count among the
+    // legacy callers.
+    let mut legacy: Vec<(i64, Vec<String>)> = view
         .legacy_usage
         .iter()
-        .map(|row| caller_cells(row.kind.clone(), row))
+        .map(|row| (row.count, caller_cells(row.kind.clone(), row)))
+        .collect();
+    if let Some(without) = &view.legacy_usage_without_caller {
+        let at = legacy
+            .iter()
+            .position(|(count, _)| *count < without.count)
+            .unwrap_or(legacy.len());
+        legacy.insert(at, (without.count, without_caller_cells(without)));
+    }
+    let callers: Vec<Vec<String>> = legacy
+        .into_iter()
+        .map(|(_, cells)| cells)
         .chain(
             view.unverified_legacy_usage
                 .iter()
@@ -313,7 +343,7 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
                 .map(|row| caller_cells(api_key_name(&row.kind), row)),
         )
         .collect();
-    if view.legacy_usage.is_empty() {
+    if view.legacy_usage.is_empty() && view.legacy_usage_without_caller.is_none() {
         out.push_str("No legacy caller in the window.\n");
     }
     if !callers.is_empty() {
@@ -323,6 +353,14 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
             &["KIND", "ROUTE", "CLIENT", "COUNT", "LAST SEEN"],
             &callers,
             &[3],
+        );
+    }
+    if view.legacy_usage_without_caller.is_some() {
+        let _ = writeln!(
+            out,
+            "{NO_CALLER_RECORDED}: legacy verifications counted with no caller, by an edgegate from \
+             before caller counts (before 2026-12-01) or left out of the per-caller counts (a long \
+             outage); their last use is that of the hours holding them."
         );
     }
     out.push('\n');

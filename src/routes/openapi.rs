@@ -563,6 +563,13 @@ pub struct SigningKeys {
     /// Legacy-secret verifications per (kind, route, client) over the usage window, most used
     /// first; `kind` is `anon_key`, `service_role_key` or `user_session`.
     legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
+    /// Legacy-secret verifications over the usage window that the key counts hold and no
+    /// `legacy_usage` row accounts for, their kind, route and client not being known: counted by
+    /// an edgegate from before caller counts (before 2026-12-01), which recorded no caller, or
+    /// left out of the per-caller counts (`edgegate_caller_usage_dropped_total`). `last_seen` is
+    /// the latest last use of the hours holding them. `null` when every one has its caller. In
+    /// the verdict's `reason` total.
+    legacy_usage_without_caller: Option<crate::auth::legacy_report::WithoutCaller>,
     /// Legacy API keys sent in `apikey` beside the credential that let a request in while no
     /// legacy secret was configured, so none could verify them, per (kind, route, client) over
     /// the usage window, most used first; `kind` is `anon_key_unverified` or

@@ -57,6 +57,9 @@ pub struct CallerSums {
     /// The legacy secret's rows summed per kind and hour (route and client empty): the hourly
     /// series per kind.
     pub legacy_hours: Vec<CallerUsage>,
+    /// As `legacy_hours`, of every row of those hours, their last use before the window's start
+    /// or not: the callers an hour's key count holds, which counts whole once used in the window.
+    pub legacy_whole_hours: Vec<CallerUsage>,
 }
 
 impl CallerSums {
@@ -69,14 +72,24 @@ impl CallerSums {
             self.callers.push(row.clone());
         }
     }
+
+    /// Adds hourly rows of the window's hours, whatever their last use, to `legacy_whole_hours`.
+    pub fn extend_whole_hours<'a>(&mut self, rows: impl IntoIterator<Item = &'a CallerUsage>) {
+        self.legacy_whole_hours.extend(
+            rows.into_iter()
+                .filter(|row| row.source == "legacy_secret")
+                .cloned(),
+        );
+    }
 }
 
-/// A row of [`Store::caller_usage_summed`]: summed per caller, or per legacy kind and hour.
+/// A row of [`Store::caller_usage_summed`]: summed per caller (`part` 0), per legacy kind and
+/// hour (1), or per legacy kind and whole hour (2).
 #[derive(sqlx::FromRow)]
 struct SummedRow {
     #[sqlx(flatten)]
     row: CallerUsage,
-    per_hour: bool,
+    part: i64,
 }
 
 impl Store {
@@ -111,9 +124,10 @@ impl Store {
     }
 
     /// The caller rows of the hours starting at or after `first_hour_ms` whose last use is at or
-    /// after `since_ms`, summed per caller and, the legacy secret's, per kind and hour. One
-    /// statement, so both sums are of the same rows whatever a flush commits meanwhile; each
-    /// half reads the window's hours from the primary key, which starts with `hour_start`.
+    /// after `since_ms`, summed per caller and, the legacy secret's, per kind and hour; and the
+    /// legacy secret's rows of those hours whatever their last use, per kind and hour. One
+    /// statement, so the sums are of the same rows whatever a flush commits meanwhile; each
+    /// part reads the window's hours from the primary key, which starts with `hour_start`.
     pub async fn caller_usage_summed(
         &self,
         first_hour_ms: i64,
@@ -121,13 +135,18 @@ impl Store {
     ) -> anyhow::Result<CallerSums> {
         let sql = "SELECT MIN(hour_start) AS hour_start_ms, source, kind, route, client, \
                    CAST(SUM(verified_count) AS BIGINT) AS verified_count, \
-                   MAX(last_verified_at) AS last_verified_at_ms, FALSE AS per_hour \
+                   MAX(last_verified_at) AS last_verified_at_ms, CAST(0 AS BIGINT) AS part \
                    FROM caller_usage_hourly WHERE hour_start >= $1 AND last_verified_at >= $2 \
                    GROUP BY source, kind, route, client \
                    UNION ALL \
                    SELECT hour_start, source, kind, '', '', \
-                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at), TRUE \
+                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at), CAST(1 AS BIGINT) \
                    FROM caller_usage_hourly WHERE hour_start >= $1 AND last_verified_at >= $2 \
+                   AND source = 'legacy_secret' GROUP BY hour_start, source, kind \
+                   UNION ALL \
+                   SELECT hour_start, source, kind, '', '', \
+                   CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at), CAST(2 AS BIGINT) \
+                   FROM caller_usage_hourly WHERE hour_start >= $1 \
                    AND source = 'legacy_secret' GROUP BY hour_start, source, kind";
         let rows: Vec<SummedRow> = with_pool!(self, |pool| {
             sqlx::query_as(sql)
@@ -138,11 +157,11 @@ impl Store {
         })
         .context("reading caller usage")?;
         let mut sums = CallerSums::default();
-        for SummedRow { row, per_hour } in rows {
-            if per_hour {
-                sums.legacy_hours.push(row);
-            } else {
-                sums.callers.push(row);
+        for SummedRow { row, part } in rows {
+            match part {
+                0 => sums.callers.push(row),
+                1 => sums.legacy_hours.push(row),
+                _ => sums.legacy_whole_hours.push(row),
             }
         }
         Ok(sums)

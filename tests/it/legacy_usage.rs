@@ -1394,6 +1394,123 @@ async fn the_reason_counts_verifications_and_distinct_clients() {
     );
 }
 
+/// The schema version of the last edgegate from before caller counts (before 2026-12-01): it
+/// counted legacy verifications per key in `key_usage_hourly` alone; `caller_usage_hourly` came
+/// with 20261201000003.
+const BEFORE_CALLER_COUNTS: i64 = 20261201000002;
+
+/// A database as an edgegate from before caller counts left it: migrated up to
+/// [`BEFORE_CALLER_COUNTS`], with legacy verifications counted per key only, each row an hour's
+/// `(hour_start, count, last use)`.
+async fn counted_before_caller_counts(db: &TestDb, legacy_hours: &[(i64, i64, i64)]) {
+    let insert = "INSERT INTO key_usage_hourly \
+                  (hour_start, source, kid, alg, verified_count, last_verified_at) \
+                  VALUES ($1, 'legacy_secret', '', 'HS256', $2, $3)";
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::migrate!("./migrations/postgres")
+            .run_to(BEFORE_CALLER_COUNTS, &mut conn)
+            .await
+            .unwrap();
+        for &(hour, count, last) in legacy_hours {
+            let query = sqlx::query(insert).bind(hour).bind(count).bind(last);
+            query.execute(&mut conn).await.unwrap();
+        }
+        conn.close().await.unwrap();
+    } else {
+        let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
+        let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+            .await
+            .unwrap();
+        sqlx::migrate!("./migrations/sqlite")
+            .run_to(BEFORE_CALLER_COUNTS, &mut conn)
+            .await
+            .unwrap();
+        for &(hour, count, last) in legacy_hours {
+            let query = sqlx::query(insert).bind(hour).bind(count).bind(last);
+            query.execute(&mut conn).await.unwrap();
+        }
+        conn.close().await.unwrap();
+    }
+}
+
+/// After an upgrade from an edgegate from before caller counts, the legacy verifications it
+/// counted stay in the key counts for a whole window with no caller row: the report accounts
+/// for them apart (no kind, route or client is known), and the reason's total counts them. Two
+/// hours ago the earlier build alone; this hour both, so the callers are taken off hour by hour.
+#[tokio::test]
+async fn legacy_use_counted_before_caller_counts_is_in_the_report_without_a_caller() {
+    let db = test_db!();
+    let now = now_ms();
+    let this_hour = now - now % HOUR;
+    let earlier = [
+        (this_hour - 2 * HOUR, 3, this_hour - 2 * HOUR + 600_000),
+        (this_hour, 2, now - 1),
+    ];
+    let not_recorded: i64 = earlier.iter().map(|(_, count, _)| count).sum();
+    counted_before_caller_counts(&db, &earlier).await;
+
+    // The upgrade: this build migrates the database and counts a caller of its own.
+    let (server, state) = instance(&db).await;
+    nightly_export(&server, &legacy_key("service_role")).await;
+    state.usage.flush(&db.store().await).await.unwrap();
+
+    let report = admin(&server, "").await;
+    let total = not_recorded + 1;
+    assert_eq!(
+        report["legacy_secret"]["verified_count"], total,
+        "{report:#}"
+    );
+    assert_eq!(report["legacy_revocation_safe"], false);
+    assert_eq!(
+        report["reason"],
+        format!(
+            "legacy service_role_key still used by nightly-export/1.0 on {SYNC}, 1 time in the \
+             last 24 h; {total} verifications with the legacy secret in all, 1 from 1 client and \
+             {not_recorded} with no caller recorded (counted by an edgegate from before caller \
+             counts, or left out of the per-caller counts)"
+        ),
+    );
+    // The contract's rows are callers, each of a known kind: the rest is listed apart.
+    assert_eq!(
+        callers(&report),
+        [
+            json!({"kind": "service_role_key", "route": SYNC, "client": "nightly-export/1.0",
+                "count": 1})
+        ]
+    );
+    let without = &report["legacy_usage_without_caller"];
+    assert_eq!(without["count"], not_recorded, "{report:#}");
+    let last_seen = without["last_seen"].as_i64().unwrap();
+    assert!((now - 1..=now_ms()).contains(&last_seen), "{without}");
+
+    // `edgegate keys report` lists them among the legacy callers.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", server.addr);
+    let printed = tokio::task::spawn_blocking(move || {
+        output(
+            edgegate(dir.path(), &[("EDGEGATE_SECRET_KEY", SECRET_KEY)])
+                .args(["keys", "report", "--url", &url]),
+        )
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.status.success(), "{text}{:?}", printed.stderr);
+    let row = text
+        .lines()
+        .find(|line| line.contains("no caller recorded"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.split_whitespace()
+            .any(|cell| cell == not_recorded.to_string()),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "{total} verifications with the legacy secret in all"
+    )));
+}
+
 /// Keys and callers of the hour starting `hours_ago` hours before `now`'s: a signing key and the
 /// legacy anon key, each with its caller.
 fn usage_of_hour(now: i64, hours_ago: i64) -> (Vec<KeyUsage>, Vec<CallerUsage>) {
@@ -2017,7 +2134,8 @@ async fn the_statement_run_after_a_restore_keeps_revocation_unsafe_for_a_window(
 /// give ([`edgegate::auth::legacy_report::summarize`]): three days of hours for each caller, the
 /// hour holding each window's start used before it by one caller (in no number) and after it by
 /// another (counted whole, and named), an hour stamped ahead of the clock (the newest column),
-/// unverified legacy keys and API keys, over a revocation window and a shorter usage window.
+/// unverified legacy keys and API keys, legacy use with no caller recorded in that hour, over a
+/// revocation window and a shorter usage window.
 #[tokio::test]
 async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
     use edgegate::auth::legacy_report::{self, summarize};
@@ -2093,6 +2211,11 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
         keys.push(key_row(hours_ago, "legacy_secret", "", "HS256", count + 3));
         keys.push(key_row(hours_ago, "api_key", "secret:backend", "opaque", 5));
     }
+    // The hour holding the usage window's start (04:00): 7 more, counted with no caller (an
+    // earlier build), the last at :45, so the hour counts whole, its anon_key use at :20 with it.
+    let mut without_caller = key_row(5, "legacy_secret", "", "HS256", 7);
+    without_caller.last_verified_at_ms = without_caller.hour_start_ms + 45 * 60_000;
+    keys.push(without_caller);
     store.add_key_usage(&keys).await.unwrap();
     store.add_caller_usage(&callers).await.unwrap();
     let keys = store.key_usage_hours_since(0).await.unwrap();
@@ -2106,7 +2229,12 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
         legacy_revocation_safe: false,
         reason: String::new(),
     };
-    legacy_report::name_top_caller(&mut reason, &over_revocation.legacy_usage, revocation);
+    legacy_report::name_top_caller(
+        &mut reason,
+        &over_revocation.legacy_usage,
+        over_revocation.legacy_usage_without_caller,
+        revocation,
+    );
     // The oracle itself, by hand: 5 hours of anon_key (the sixth, used at 04:20, is before
     // 04:30) and 2 ahead; 6 hours of service_role_key (04:00 counted whole) and 2 ahead.
     let anon = &over_usage.legacy_usage[0];
@@ -2117,6 +2245,14 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
     assert_eq!(over_usage.legacy_kinds[1].count, 8 * 3);
     let five_hours_ago = SNAPSHOT_NOW - SNAPSHOT_NOW % HOUR - 5 * HOUR;
     assert_eq!(over_usage.straddling_hour_ms, Some(five_hours_ago));
+    // The 7 with no caller, in both windows: that hour's callers from before the usage window's
+    // start are its key count's too, so none of theirs is taken for one with no caller.
+    for over in [&over_usage, &over_revocation] {
+        let without = over.legacy_usage_without_caller.unwrap();
+        assert_eq!(without.count, 7);
+        assert_eq!(without.last_seen, five_hours_ago + 45 * 60_000);
+    }
+    assert!(reason.reason.contains(" and 7 with no caller recorded"));
     assert!(
         reason
             .reason
@@ -2125,6 +2261,10 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
 
     let check = |view: &legacy_report::ReportView, whence: &str| {
         assert_eq!(view.legacy_usage, over_usage.legacy_usage, "{whence}");
+        assert_eq!(
+            view.legacy_usage_without_caller, over_usage.legacy_usage_without_caller,
+            "{whence}"
+        );
         assert_eq!(
             view.unverified_legacy_usage, over_usage.unverified_legacy_usage,
             "{whence}"
@@ -2168,6 +2308,10 @@ async fn the_reports_callers_are_the_hourly_rows_summed_one_by_one() {
         .await
         .unwrap();
     assert_eq!(same_window.legacy_usage, over_revocation.legacy_usage);
+    assert_eq!(
+        same_window.legacy_usage_without_caller,
+        over_revocation.legacy_usage_without_caller
+    );
     assert_eq!(same_window.usage_hourly, over_revocation.hourly);
     assert_eq!(
         same_window.usage_straddling_hour_ms,

@@ -59,7 +59,7 @@ fn the_reason_names_the_top_caller_only_when_not_safe() {
         legacy_revocation_safe: false,
         reason: "1204 verification(s) with the legacy secret in the last 24 h".to_owned(),
     };
-    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    name_top_caller(&mut verdict, &usage.legacy_usage, None, DAY);
     assert_eq!(
         verdict.reason,
         "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 1,204 times in the last 24 h; 1,204 verifications with the legacy secret in all, from 1 client"
@@ -68,7 +68,7 @@ fn the_reason_names_the_top_caller_only_when_not_safe() {
         legacy_revocation_safe: true,
         reason: "the legacy secret is not configured".to_owned(),
     };
-    name_top_caller(&mut safe, &usage.legacy_usage, DAY);
+    name_top_caller(&mut safe, &usage.legacy_usage, None, DAY);
     assert_eq!(safe.reason, "the legacy secret is not configured");
 }
 
@@ -91,14 +91,14 @@ fn the_reason_never_names_other_nor_counts_it_as_a_caller() {
         NOW,
     );
     let mut verdict = unsafe_verdict();
-    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    name_top_caller(&mut verdict, &usage.legacy_usage, None, DAY);
     assert_eq!(
         verdict.reason,
         "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 321 verifications with the legacy secret in all, 21 from 2 named clients and 300 from clients not named (counted as other)"
     );
     let usage = summarize(&[], &[caller(0, "anon_key", OTHER, 1)], DAY, NOW);
     let mut verdict = unsafe_verdict();
-    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    name_top_caller(&mut verdict, &usage.legacy_usage, None, DAY);
     assert_eq!(
         verdict.reason,
         "legacy anon_key still used on /functions/v1/jwt-test by clients not named (counted as other), 1 time in the last 24 h; 1 verification with the legacy secret in all, none from a named client"
@@ -132,7 +132,7 @@ fn unverified_legacy_keys_are_listed_apart_and_never_the_reason() {
         legacy_revocation_safe: false,
         reason: "in use".to_owned(),
     };
-    name_top_caller(&mut verdict, &usage.legacy_usage, DAY);
+    name_top_caller(&mut verdict, &usage.legacy_usage, None, DAY);
     assert_eq!(
         verdict.reason,
         "legacy user_session still used by okhttp/4.12.0 on /functions/v1/jwt-test, 2 times in the last 24 h; 2 verifications with the legacy secret in all, from 1 client"
@@ -165,4 +165,73 @@ fn an_hour_counts_whole_when_used_inside_the_window_and_not_at_all_otherwise() {
     let on_the_hour = summarize(&[], &[used_at(25, 3)], Duration::from_secs(1_800), NOW);
     assert_eq!(on_the_hour.legacy_kinds[0].count, 3);
     assert_eq!(on_the_hour.straddling_hour_ms, None);
+}
+
+/// Legacy verifications the key counts hold and no caller row of their hour does (an edgegate
+/// from before caller counts wrote the key counts alone) are listed apart, no caller named, and
+/// the reason's total counts them; an hour with more callers than key counts takes nothing from
+/// another.
+#[test]
+fn legacy_use_with_no_caller_recorded_is_counted_apart() {
+    let key = |hours_ago: i64, count: i64| {
+        let hour = hour_of(NOW) - hours_ago * HOUR_MS;
+        KeyUsage {
+            hour_start_ms: hour,
+            source: "legacy_secret".to_owned(),
+            kid: String::new(),
+            alg: "HS256".to_owned(),
+            verified_count: count,
+            last_verified_at_ms: hour + 120_000,
+        }
+    };
+    let callers = [
+        caller(0, "anon_key", "supabase-js/2.47.0", 20),
+        caller(0, "anon_key", OTHER, 300),
+        caller(1, "user_session", "okhttp/4.12.0", 6),
+    ];
+    // 5 more than this hour's callers, 4 in an hour with none, 2 fewer an hour ago.
+    let keys = [key(0, 325), key(2, 4), key(1, 4)];
+    let usage = summarize(&keys, &callers, DAY, NOW);
+    let without = usage.legacy_usage_without_caller.unwrap();
+    assert_eq!(
+        (without.count, without.last_seen),
+        (9, hour_of(NOW) + 120_000)
+    );
+    assert_eq!(usage.legacy_usage.len(), 3);
+    let mut verdict = LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: "in use".to_owned(),
+    };
+    name_top_caller(
+        &mut verdict,
+        &usage.legacy_usage,
+        usage.legacy_usage_without_caller,
+        DAY,
+    );
+    assert_eq!(
+        verdict.reason,
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 335 verifications with the legacy secret in all, 26 from 2 named clients, 300 from clients not named (counted as other) and 9 with no caller recorded (counted by an edgegate from before caller counts, or left out of the per-caller counts)"
+    );
+
+    // No caller at all: the verdict's own count, none with its caller.
+    let usage = summarize(&[key(2, 4)], &[], DAY, NOW);
+    assert_eq!(usage.legacy_usage_without_caller.unwrap().count, 4);
+    let mut verdict = LegacyVerdict {
+        legacy_revocation_safe: false,
+        reason: "4 verification(s) with the legacy secret in the last 24 h".to_owned(),
+    };
+    name_top_caller(
+        &mut verdict,
+        &usage.legacy_usage,
+        usage.legacy_usage_without_caller,
+        DAY,
+    );
+    assert_eq!(
+        verdict.reason,
+        "4 verification(s) with the legacy secret in the last 24 h, none with its caller recorded (counted by an edgegate from before caller counts, or left out of the per-caller counts)"
+    );
+
+    // Every verification with its caller: nothing apart.
+    let usage = summarize(&[key(0, 320)], &callers[..2], DAY, NOW);
+    assert_eq!(usage.legacy_usage_without_caller, None);
 }
