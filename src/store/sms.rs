@@ -420,9 +420,10 @@ impl Store {
 
     /// Moves the message Twilio calls `twilio_sid` to `status` only if that is later than its
     /// current one: `ranks` orders the statuses (one not in it ranks 0), `rank` is `status`'s
-    /// place in it. The status's `error_code` (or none) replaces the stored one with it, and the
-    /// stored description goes (a callback carries none: what the send's own failure said, why
-    /// its outcome was unknown, is not about the status Twilio reports); a status that does not
+    /// place in it. The status's `error_code` and `error_message` (or none) replace the stored
+    /// ones with it: what the send's own failure said, why its outcome was unknown, is not about
+    /// the status Twilio reports. A callback carries no description, so it clears the stored
+    /// one; the recovery pass has Twilio's from the message resource. A status that does not
     /// move the message changes nothing. The SID names the message: `id`
     /// (from the callback URL) only finds a message when no message has that SID yet, and then
     /// only one whose SID is not stored yet, which takes it. A callback pairing one message's id
@@ -437,7 +438,7 @@ impl Store {
         (twilio_sid, id): (&str, Option<&str>),
         (status, rank): (&str, i64),
         ranks: &[(&str, i64)],
-        error_code: Option<i64>,
+        (error_code, error_message): (Option<i64>, Option<&str>),
         now_ms: i64,
     ) -> anyhow::Result<StatusChange> {
         let rank_of = |current: &str| {
@@ -457,10 +458,10 @@ impl Store {
             if rank_of(&current) >= rank {
                 return Ok(StatusChange::Stale);
             }
-            // The status brings its own error code, none included: a code an earlier status
-            // carried (30008 on `sent`) is not the later one's (`delivered`).
+            // The status brings its own error code and description, none included: a code an
+            // earlier status carried (30008 on `sent`) is not the later one's (`delivered`).
             let update = "UPDATE sms_messages SET status = $1, error_code = $2, \
-                          error_message = NULL, updated_at = $3, twilio_sid = $4 \
+                          error_message = $7, updated_at = $3, twilio_sid = $4 \
                           WHERE id = $5 AND status = $6 AND (twilio_sid = $4 OR twilio_sid IS NULL)";
             let args = [
                 status.into(),
@@ -469,6 +470,7 @@ impl Store {
                 twilio_sid.into(),
                 found.as_str().into(),
                 current.as_str().into(),
+                error_message.into(),
             ];
             match self.execute(update, &args).await {
                 Ok(0) => {}

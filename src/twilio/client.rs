@@ -29,6 +29,9 @@ pub struct MessageResource {
     /// Twilio's error code once the message is `failed` or `undelivered` (a number, else null).
     #[serde(default, deserialize_with = "error_code")]
     pub error_code: Option<i64>,
+    /// Twilio's description of that error (a string, else null; often null even with a code).
+    #[serde(default, deserialize_with = "error_message")]
+    pub error_message: Option<String>,
 }
 
 /// `error_code` as Twilio writes it: a number or null (a numeric string is taken too; anything
@@ -37,6 +40,17 @@ fn error_code<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Optio
     Ok(match serde_json::Value::deserialize(deserializer)? {
         serde_json::Value::Number(number) => number.as_i64(),
         serde_json::Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// `error_message` as Twilio writes it: a string or null (anything else, or a blank string,
+/// reads as none rather than making the whole resource unreadable).
+fn error_message<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(text) if !text.trim().is_empty() => Some(text),
         _ => None,
     })
 }
@@ -256,5 +270,29 @@ mod tests {
             "The 'To' number 123 is not a valid phone number. (error 21211)"
         );
         assert_eq!(TwilioErrorBody::default().describe(401), "HTTP 401");
+    }
+
+    /// A description that is not a string, or is blank, reads as none: the status is still
+    /// stored.
+    #[test]
+    fn a_message_resource_keeps_twilios_error_message_and_reads_an_odd_one_as_none() {
+        let read = |error_message: serde_json::Value| {
+            let resource: MessageResource = serde_json::from_value(serde_json::json!({
+                "sid": "SM1", "status": "undelivered", "error_code": 30003,
+                "error_message": error_message,
+            }))
+            .unwrap();
+            resource.error_message
+        };
+        assert_eq!(
+            read("Unreachable destination handset".into()).as_deref(),
+            Some("Unreachable destination handset")
+        );
+        for odd in [serde_json::Value::Null, "  ".into(), 30003.into()] {
+            assert_eq!(read(odd), None);
+        }
+        let resource: MessageResource =
+            serde_json::from_str(r#"{"sid":"SM1","status":"sent"}"#).unwrap();
+        assert_eq!(resource.error_message, None);
     }
 }

@@ -116,7 +116,7 @@ pub async fn recover_statuses(
                 (&sid, None),
                 (&message.status, status_rank),
                 STATUS_RANKS,
-                message.error_code,
+                (message.error_code, message.error_message.as_deref()),
                 now,
             )
             .await

@@ -165,7 +165,8 @@ pub async fn apply_callback(
             (sid, id.as_deref()),
             (status, rank),
             STATUS_RANKS,
-            error_code,
+            // A status callback carries no description.
+            (error_code, None),
             clock.now_ms(),
         )
         .await

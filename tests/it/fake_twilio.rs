@@ -71,6 +71,9 @@ impl Recorded {
     }
 }
 
+/// A message's `status`, `error_code` and `error_message`, as Fetch Message answers them.
+type FetchedStatus = (String, Option<i64>, Option<String>);
+
 struct Shared {
     account_sid: String,
     auth_token: String,
@@ -78,8 +81,8 @@ struct Shared {
     script: Mutex<VecDeque<Reply>>,
     latency: Mutex<Duration>,
     /// Each message's status as a Fetch Message answers it, by SID (set by a create, or by
-    /// the test), and its error code.
-    messages: Mutex<HashMap<String, (String, Option<i64>)>>,
+    /// the test), its error code and its error message.
+    messages: Mutex<HashMap<String, FetchedStatus>>,
     /// Fetch Message answers this HTTP status (Twilio's error shape) for these SIDs.
     fetch_errors: Mutex<HashMap<String, u16>>,
     /// The SIDs fetched, in order.
@@ -139,13 +142,27 @@ impl FakeTwilio {
     }
 
     /// What Fetch Message answers for `sid` from now on (the message need not have been created
-    /// through the fake).
+    /// through the fake), with a null `error_message`, as Twilio often leaves it.
     pub fn set_status(&self, sid: &str, status: &str, error_code: Option<i64>) {
-        self.shared
-            .messages
-            .lock()
-            .unwrap()
-            .insert(sid.to_owned(), (status.to_owned(), error_code));
+        self.set_status_described(sid, status, error_code, None);
+    }
+
+    /// As `set_status`, with Twilio's `error_message` too.
+    pub fn set_status_described(
+        &self,
+        sid: &str,
+        status: &str,
+        error_code: Option<i64>,
+        error_message: Option<&str>,
+    ) {
+        self.shared.messages.lock().unwrap().insert(
+            sid.to_owned(),
+            (
+                status.to_owned(),
+                error_code,
+                error_message.map(str::to_owned),
+            ),
+        );
     }
 
     /// Fetch Message answers `http` (500, 404, …) for `sid`.
@@ -232,7 +249,7 @@ async fn create(
             .messages
             .lock()
             .unwrap()
-            .insert(sid.to_owned(), (status.to_owned(), None));
+            .insert(sid.to_owned(), (status.to_owned(), None, None));
     };
     match reply {
         Reply::Created => {
@@ -346,7 +363,8 @@ fn message(account: &str, request: &Recorded, sid: &str) -> Value {
 }
 
 /// Twilio's Fetch Message: `GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json`, the
-/// message resource with its current `status` and `error_code` (a number, or null).
+/// message resource with its current `status`, `error_code` (a number, or null) and
+/// `error_message` (a string, or null).
 async fn fetch_message(
     State(shared): State<Arc<Shared>>,
     Path((account, file)): Path<(String, String)>,
@@ -362,7 +380,9 @@ async fn fetch_message(
     if let Some(http) = shared.fetch_errors.lock().unwrap().get(sid).copied() {
         return error(http, 20500, "Internal Server Error");
     }
-    let Some((status, error_code)) = shared.messages.lock().unwrap().get(sid).cloned() else {
+    let Some((status, error_code, error_message)) =
+        shared.messages.lock().unwrap().get(sid).cloned()
+    else {
         let message = format!(
             "The requested resource /2010-04-01/Accounts/{account}/Messages/{sid}.json was not found"
         );
@@ -378,7 +398,7 @@ async fn fetch_message(
         "date_updated": now,
         "direction": "outbound-api",
         "error_code": error_code,
-        "error_message": error_code.map(|_| "Unknown error"),
+        "error_message": error_message,
         "from": "+15005550006",
         "messaging_service_sid": null,
         "num_media": "0",

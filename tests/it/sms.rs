@@ -2299,7 +2299,8 @@ fn twilio_api(app: &Instance) -> edgegate::twilio::client::TwilioApi {
 /// Twilio does not retry a status callback, and the final status is usually the last one: a
 /// callback answered 503 during a database outage would leave the row `queued` or `sent` for
 /// ever. The recovery pass asks Twilio (Fetch Message) for a message left unsettled past
-/// `SETTLE`, and stores what it says through the callbacks' rank rule.
+/// `SETTLE`, and stores what it says through the callbacks' rank rule, Twilio's error code and
+/// description with it.
 #[tokio::test]
 async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
     use edgegate::twilio::recover::{SETTLE, recover_statuses};
@@ -2311,7 +2312,12 @@ async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
     let sid = delivered.body["sid"].as_str().unwrap().to_owned();
     let lost_sid = lost.body["sid"].as_str().unwrap().to_owned();
     fake.set_status(&sid, "delivered", None);
-    fake.set_status(&lost_sid, "undelivered", Some(30003));
+    fake.set_status_described(
+        &lost_sid,
+        "undelivered",
+        Some(30003),
+        Some("Unreachable destination handset"),
+    );
     let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
     let clock = edgegate::clock::Clock::manual();
 
@@ -2333,11 +2339,23 @@ async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
     expected.sort();
     assert_eq!(fetched, expected);
     let row = stored(&app, &delivered).await;
-    assert_eq!((row.status.as_str(), row.error_code), ("delivered", None));
+    assert_eq!(
+        (row.status.as_str(), row.error_code, row.error_message),
+        ("delivered", None, None)
+    );
+    // Twilio's description with its code, as the message resource gives them.
     let row = stored(&app, &lost).await;
     assert_eq!(
-        (row.status.as_str(), row.error_code),
-        ("undelivered", Some(30003))
+        (
+            row.status.as_str(),
+            row.error_code,
+            row.error_message.as_deref()
+        ),
+        (
+            "undelivered",
+            Some(30003),
+            Some("Unreachable destination handset")
+        )
     );
     // Counted as recovered, not as callbacks.
     let text = app.server.get("/metrics").await.text().await.unwrap();
