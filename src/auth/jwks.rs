@@ -17,6 +17,8 @@
 //! - `refresh_now` (the admin refresh) ignores the cool-down and the ETag (no `If-None-Match`),
 //!   and answers from a fetch begun after it was called; calls that arrive while a fetch is
 //!   running share the one that follows it.
+//! - `JWKS fetched` is logged at INFO for the first set and for a set that differs from the one
+//!   held (naming the kids added, removed and replaced); the same set again is at DEBUG.
 
 use crate::auth::keyring::{FetchedInfo, KeyRingHandle};
 use crate::auth::keys::{DroppedKey, JwksDocError, parse_fetched_entries, parse_jwks_document};
@@ -659,13 +661,28 @@ impl JwksFetcher {
         let (taken, overridden) = ring.without_overridden(parsed.keys);
         parsed.dropped.extend(overridden);
         let keys = taken.len();
+        // Under the fetch lock nothing else changes the fetched keys: `ring` holds them still.
+        let first = ring.fetched_info().is_none();
+        let changes = ring.fetched_changes(&taken);
         let generation = self.inner.ring.replace_fetched(taken, info(new_etag));
-        tracing::info!(
-            keys,
-            dropped = parsed.dropped.len(),
-            generation,
-            "JWKS fetched"
-        );
+        let dropped = parsed.dropped.len();
+        if first || !changes.is_empty() {
+            // The kids, comma-separated; no field when there are none.
+            let kids = |kids: &[String]| (!kids.is_empty()).then(|| kids.join(","));
+            tracing::info!(
+                keys,
+                dropped,
+                generation,
+                added = kids(&changes.added),
+                removed = kids(&changes.removed),
+                replaced = kids(&changes.replaced),
+                "JWKS fetched"
+            );
+        } else {
+            // The same set again (a fetch for an unknown kid, a host that sends no ETag):
+            // routine, at up to one a `min_refresh`, and not what an operator looks for.
+            tracing::debug!(keys, dropped, generation, "JWKS fetched");
+        }
         Ok(FetchReport {
             keys,
             dropped: parsed.dropped,

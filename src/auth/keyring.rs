@@ -61,6 +61,24 @@ pub struct KeyListing {
     pub origin: KeyOrigin,
 }
 
+/// How a fetched key set differs from the one held, by kid, each list sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchedChanges {
+    /// Kids the held set lacks.
+    pub added: Vec<String>,
+    /// Kids held that the fetched set lacks.
+    pub removed: Vec<String>,
+    /// Kids in both, with another key or algorithm.
+    pub replaced: Vec<String>,
+}
+
+impl FetchedChanges {
+    /// The same keys under the same kids.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.replaced.is_empty()
+    }
+}
+
 /// An immutable snapshot of the trusted keys.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
@@ -192,6 +210,34 @@ impl KeyRing {
             }));
         }
         out
+    }
+
+    /// How the fetched `keys` differ from the fetched keys held, by kid (see [`FetchedChanges`]).
+    pub fn fetched_changes(&self, keys: &[VerifyingKey]) -> FetchedChanges {
+        let mut changes = FetchedChanges::default();
+        for key in keys {
+            match self.fetched.get(&*key.kid) {
+                None => changes.added.push(key.kid.to_string()),
+                Some(held) if held.alg != key.alg || held.fingerprint != key.fingerprint => {
+                    changes.replaced.push(key.kid.to_string());
+                }
+                Some(_) => {}
+            }
+        }
+        changes.removed = self
+            .fetched
+            .keys()
+            .filter(|kid| !keys.iter().any(|key| &*key.kid == kid.as_str()))
+            .cloned()
+            .collect();
+        for kids in [
+            &mut changes.added,
+            &mut changes.removed,
+            &mut changes.replaced,
+        ] {
+            kids.sort_unstable();
+        }
+        changes
     }
 
     fn fetched_fingerprint(&self) -> Vec<(&str, &str, &[u8])> {
@@ -343,6 +389,36 @@ mod tests {
         assert_eq!(handle.clear_fetched(), 5);
         assert_eq!(handle.clear_fetched(), 5, "nothing left to drop");
         assert!(handle.load().find("a").is_none());
+    }
+
+    /// The changes name the kids added, removed and given another key; the same keys again
+    /// are no change (what decides whether `JWKS fetched` is at INFO).
+    #[test]
+    fn fetched_changes_name_the_kids_added_removed_and_replaced() {
+        let handle = KeyRingHandle::new(KeyRing::default());
+        let keys = |jwks: &[serde_json::Value]| parse_fetched_keys(jwks).keys;
+        let held = [ed_jwk("a", 0x3b), ed_jwk("b", 0x3b), ed_jwk("c", 0x3b)];
+        handle.replace_fetched(keys(&held), info());
+        let ring = handle.load();
+        assert!(ring.fetched_changes(&keys(&held)).is_empty());
+        let changes = ring.fetched_changes(&keys(&[
+            ed_jwk("e", 0x3b),
+            ed_jwk("c", 0x3b),
+            ed_jwk("b", 0x3c),
+            ed_jwk("d", 0x3b),
+        ]));
+        assert_eq!(
+            changes,
+            FetchedChanges {
+                added: vec!["d".to_owned(), "e".to_owned()],
+                removed: vec!["a".to_owned()],
+                replaced: vec!["b".to_owned()],
+            }
+        );
+        assert_eq!(
+            KeyRing::default().fetched_changes(&keys(&held)).added,
+            ["a", "b", "c"]
+        );
     }
 
     /// A fetched key under an inline key's kid is never held, even when handed to the ring: the

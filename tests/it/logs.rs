@@ -176,6 +176,115 @@ async fn a_dropped_jwk_is_logged_with_its_kid_as_text() {
     );
 }
 
+/// Sends `token` to `jwt-test` until the JWKS host has been asked once more than `before` (the
+/// first tries may fall in the last fetch's cool-down, which refetches nothing); the status of
+/// the answer that followed the refetch.
+async fn refetched_for(
+    base: &str,
+    token: &str,
+    host: &crate::support::JwksHost,
+    before: usize,
+) -> u16 {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        let status = client
+            .get(format!("{base}/functions/v1/jwt-test"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if host.hits() > before {
+            return status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no refetch of the JWKS within 10 s");
+}
+
+/// `JWKS fetched` is an INFO line at start and whenever the set fetched differs from the one
+/// held, naming the kids added and removed; a refetch for an unknown kid that brings the same
+/// set again (a token signed elsewhere, a scanner) is at DEBUG. At INFO, up to 120 such lines an
+/// hour with the defaults hid the real key changes.
+#[tokio::test]
+async fn jwks_fetched_is_at_info_only_when_the_set_changes() {
+    let old = SigningKey::generate(Alg::ES256).unwrap();
+    let new = SigningKey::generate(Alg::ES256).unwrap();
+    let stranger = SigningKey::generate(Alg::ES256).unwrap();
+    let now = now_ms() / 1000;
+    let claims = user_claims("supabase", "authenticated", "user-1", now, 3600);
+    let (stranger_token, new_token) = (
+        stranger.token(&claims).unwrap(),
+        new.token(&claims).unwrap(),
+    );
+    let host = crate::support::JwksHost::start(serde_json::json!([old.public_jwk()])).await;
+    let vars = [
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,edgegate::auth::jwks=debug"),
+        ("SUPABASE_JWKS_URL", host.url.as_str()),
+        ("JWKS_MIN_REFRESH_SECONDS", "1"),
+    ];
+    let (host, new_jwk) = (&host, new.public_jwk());
+    let log = log_of(&vars, |base| async move {
+        for _ in 0..200 {
+            if host.hits() > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(host.hits(), 1, "the start-up fetch");
+        // An unknown kid: the set is fetched again, and is the same.
+        assert_eq!(refetched_for(&base, &stranger_token, host, 1).await, 401);
+        // The key rotated: the next unknown kid brings a changed set.
+        host.set_keys(serde_json::json!([new_jwk]));
+        let before = host.hits();
+        assert_eq!(refetched_for(&base, &new_token, host, before).await, 200);
+    })
+    .await;
+
+    let fetched: Vec<Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| field(line, "message").and_then(Value::as_str) == Some("JWKS fetched"))
+        .collect();
+    let levels: Vec<&str> = fetched
+        .iter()
+        .map(|line| field(line, "level").and_then(Value::as_str).unwrap())
+        .collect();
+    assert_eq!(levels, ["INFO", "DEBUG", "INFO"], "{log}");
+    let kids =
+        |line: &Value, name: &str| field(line, name).and_then(Value::as_str).map(str::to_owned);
+    assert_eq!(
+        kids(&fetched[0], "added"),
+        Some(old.kid().to_owned()),
+        "{}",
+        fetched[0]
+    );
+    assert_eq!(kids(&fetched[0], "removed"), None, "{}", fetched[0]);
+    assert_eq!(kids(&fetched[1], "added"), None, "{}", fetched[1]);
+    assert_eq!(kids(&fetched[1], "removed"), None, "{}", fetched[1]);
+    assert_eq!(
+        kids(&fetched[2], "added"),
+        Some(new.kid().to_owned()),
+        "{}",
+        fetched[2]
+    );
+    assert_eq!(
+        kids(&fetched[2], "removed"),
+        Some(old.kid().to_owned()),
+        "{}",
+        fetched[2]
+    );
+    for line in &fetched {
+        assert_eq!(
+            field(line, "keys").and_then(Value::as_u64),
+            Some(1),
+            "{line}"
+        );
+    }
+}
+
 /// A method outside HTTP's standard set is logged as OpenTelemetry's `_OTHER`: it went into
 /// every line of its request as it came, up to the 64 KiB head limit.
 #[tokio::test]
