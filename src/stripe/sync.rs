@@ -175,6 +175,25 @@ pub async fn run(
 /// prices is refused alike every time).
 const REWRITE_RETRY_MAX: Duration = Duration::from_secs(86_400);
 
+/// The longest the sync of rows of earlier builds waits for its listing to count as of the
+/// newest of them (`until_listed_as_of`): a row of an event Stripe stamped in this second needs
+/// up to 2 s, and `page_as_of` allows Stripe's clock a second behind ours, so 3 s.
+const REWRITE_AS_OF_WAIT_MAX: Duration = Duration::from_secs(3);
+
+/// How long after `now_ms` a page asked for counts as of `as_of` or later (`page_as_of`), so
+/// that the rows it lists overwrite a row holding state as of `as_of`; zero when one asked for
+/// now does.
+fn until_listed_as_of(as_of: i64, now_ms: i64) -> Duration {
+    // page_as_of(t) >= as_of  <=>  t / 1000 >= ceil((as_of + 1) / 1000) + 1 (whole seconds).
+    let after = as_of.saturating_add(1);
+    let second = after
+        .div_euclid(1000)
+        .saturating_add(i64::from(after.rem_euclid(1000) != 0))
+        .saturating_add(1);
+    let at = second.saturating_mul(1000);
+    Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0))
+}
+
 /// Why a sync of rows of earlier builds failed, for when it is tried again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RewriteFailure {
@@ -292,16 +311,55 @@ impl RewriteOfEarlierBuilds {
             "catalogue rows were last written by an earlier build (columns it does not know may \
              be out of date); syncing the catalogue from Stripe"
         );
+        // A page counts as of the second before it was asked for (`page_as_of`), and leaves a
+        // row holding newer state as it is: a row the earlier build wrote for an event of this
+        // second or the last, just before this check, would be left for the next one, an
+        // interval later. So the listing starts once it counts as of the newest of them. The
+        // guard is kept whole: the wait only lets the sync ask Stripe after those events.
+        match store.newest_as_of_by_earlier_builds().await {
+            Ok(Some(newest)) => {
+                let wait = until_listed_as_of(newest, clock.now_ms());
+                if !wait.is_zero() {
+                    let wait = wait.min(REWRITE_AS_OF_WAIT_MAX);
+                    tracing::debug!(
+                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "catalogue sync for rows of earlier builds waits for Stripe's listing to \
+                         be newer than them"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            Ok(None) => {}
+            // The sync rewrites what it can without it; the rest waits for the next check.
+            Err(err) => tracing::warn!(
+                error = crate::error::causes(&err),
+                "cannot tell how new the catalogue rows of earlier builds are; syncing now"
+            ),
+        }
         let result = run(store, client, clock, holder).await;
         let outcome = result.as_ref().map_or_else(SyncError::outcome, |_| "ok");
         metrics.sync_run(Trigger::Periodic, outcome);
         let err = match result {
             Ok(report) => {
-                tracing::info!(
-                    products_written = report.products.upserted,
-                    prices_written = report.prices.upserted,
-                    "catalogue rows of earlier builds rewritten"
-                );
+                // Rows written since the listing began (an earlier build still running beside
+                // this one) are left for the next check, and said so rather than "rewritten".
+                let left = store.catalogue_rows_by_earlier_builds().await.ok();
+                if left.is_some_and(|left| left > 0) {
+                    tracing::info!(
+                        products_written = report.products.upserted,
+                        prices_written = report.prices.upserted,
+                        rows_left = left,
+                        "catalogue rows of earlier builds rewritten but rows_left, written by an \
+                         earlier build since the listing or newer than it; the next check \
+                         rewrites them"
+                    );
+                } else {
+                    tracing::info!(
+                        products_written = report.products.upserted,
+                        prices_written = report.prices.upserted,
+                        "catalogue rows of earlier builds rewritten"
+                    );
+                }
                 *self = Self::new(self.interval);
                 return;
             }
@@ -634,6 +692,41 @@ fn count(rows: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wait ends at the first millisecond whose page counts as of the row's state.
+    #[test]
+    fn the_rewrite_waits_until_a_page_counts_as_of_the_newest_row() {
+        for as_of in [
+            5_000,
+            5_001,
+            5_999,
+            4_999,
+            page_as_of(7_250),
+            -1,
+            -1_000,
+            -1_001,
+        ] {
+            for now in (as_of - 4_000..as_of + 4_000).step_by(7) {
+                let wait = i64::try_from(until_listed_as_of(as_of, now).as_millis()).unwrap();
+                assert!(page_as_of(now + wait) >= as_of, "as_of {as_of}, now {now}");
+                if wait > 0 {
+                    assert!(
+                        page_as_of(now + wait - 1) < as_of,
+                        "as_of {as_of}, now {now}"
+                    );
+                }
+            }
+        }
+        // An event of this second: up to 2 s.
+        assert_eq!(until_listed_as_of(5_000, 5_000), Duration::from_secs(2));
+        assert_eq!(until_listed_as_of(5_000, 6_999), Duration::from_millis(1));
+        assert_eq!(until_listed_as_of(5_000, 7_000), Duration::ZERO);
+        assert_eq!(
+            until_listed_as_of(i64::MAX, 0),
+            Duration::from_millis(i64::MAX as u64)
+        );
+        assert_eq!(until_listed_as_of(i64::MIN, 0), Duration::ZERO);
+    }
 
     #[test]
     fn a_failed_rewrite_waits_longer_each_time_up_to_a_day() {

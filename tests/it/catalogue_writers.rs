@@ -112,6 +112,56 @@ async fn rows_an_earlier_build_wrote_are_rewritten_from_stripe() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM sync_runs").await, runs + 1);
 }
 
+/// A row an earlier build wrote for an event of the very second the check at start runs in is
+/// rewritten by that check. The sync's pages count as of the second before they were asked for
+/// (so that they never overwrite an event newer than what Stripe served), which made such a row
+/// look newer than the listing: it was left for the next check, an interval later, while the log
+/// said the rows were rewritten. The check now waits for the listing's as-of to reach the rows it
+/// is to rewrite (about 2 s at most) before it syncs.
+#[tokio::test]
+async fn a_row_an_earlier_build_wrote_just_before_the_check_is_rewritten_by_it() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    let store = &app.state.store;
+    let product = fake_stripe::product_id(0);
+    let current = product_columns(&db, &product).await;
+    // The earlier build applies an event Stripe stamped this second (whole seconds, in ms).
+    let event_created = now_ms() / 1000 * 1000;
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET name = 'Renamed by the earlier build', \
+             url = 'https://old.example/a', last_event_created = {event_created}, \
+             synced_at = synced_at + 5 WHERE id = '{product}' RETURNING 1"
+        ),
+    )
+    .await;
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+    let ok = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok'";
+    let synced = count(&db, ok).await;
+
+    // An hour's interval: the check at start is the only one within the test.
+    let task = spawn_periodic(&app, Duration::from_secs(3600));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, ok).await == synced {
+        assert!(Instant::now() < deadline, "no sync 20 s after start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(
+        store.catalogue_rows_by_earlier_builds().await.unwrap(),
+        0,
+        "the check at start left the row of an earlier build for the next check"
+    );
+    assert_eq!(product_columns(&db, &product).await, current);
+    let upserted = "SELECT products_upserted FROM sync_runs WHERE outcome = 'ok' \
+                    ORDER BY started_at DESC LIMIT 1";
+    assert_eq!(count(&db, upserted).await, 1, "the rewrite wrote the row");
+}
+
 /// A sync's stamp of the rows it found unchanged keeps them this build's (else every sync would
 /// call for the next); rows from before the columns count as an earlier build's until synced.
 #[tokio::test]

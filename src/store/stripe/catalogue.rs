@@ -433,6 +433,25 @@ impl Store {
         rows.context("counting the catalogue rows earlier builds wrote")
     }
 
+    /// The newest `last_event_created` (the as-of of the state they hold) of the products and
+    /// prices an earlier build wrote last ([`EARLIER_WRITER`]); `None` when there are none.
+    pub async fn newest_as_of_by_earlier_builds(&self) -> anyhow::Result<Option<i64>> {
+        let sql = format!(
+            "SELECT MAX(newest) FROM (\
+             SELECT MAX(last_event_created) AS newest FROM stripe_products WHERE {EARLIER_WRITER} \
+             UNION ALL \
+             SELECT MAX(last_event_created) AS newest FROM stripe_prices WHERE {EARLIER_WRITER}\
+             ) AS earlier"
+        );
+        let newest: Result<Option<i64>, sqlx::Error> = with_pool!(self, |pool| {
+            sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+                .bind(WRITTEN_REV)
+                .fetch_one(pool)
+                .await
+        });
+        newest.context("reading the newest catalogue row earlier builds wrote")
+    }
+
     /// The ids of prices not deactivated yet whose last stamp is older than `since`: those a
     /// complete listing stamped from `since` on did not return.
     pub async fn unseen_prices(&self, since: i64) -> anyhow::Result<Vec<String>> {
