@@ -127,6 +127,17 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     ),
                 }
             }
+            // A -wal or -shm of another user's left behind, which serve stops on.
+            None if let Some(problem) = sqlite_files_not_read_writable(&config.database_url) => {
+                CheckLine {
+                    item: "database",
+                    ok: false,
+                    detail: format!(
+                        "{}: not there, and {problem}",
+                        config.database_url.redacted()
+                    ),
+                }
+            }
             None => CheckLine {
                 item: "database",
                 ok: true,
@@ -312,6 +323,17 @@ fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     }
     let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
     crate::store::unwritable_sqlite_directory(options.get_filename())
+}
+
+/// What keeps serve from reading and writing the files beside the SQLite file `url` names
+/// (see `store::sqlite_files_not_read_writable`); `None` for PostgreSQL, or a URL SQLite cannot
+/// use.
+fn sqlite_files_not_read_writable(url: &DatabaseUrl) -> Option<String> {
+    if url.is_postgres() {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
+    crate::store::sqlite_files_not_read_writable(options.get_filename())
 }
 
 /// The HTTP client `check` reaches the dependency at `target` with.

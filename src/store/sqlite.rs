@@ -42,6 +42,9 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         if let Some(problem) = unwritable_directory(file) {
             anyhow::bail!("{}: {problem}", file.display());
         }
+        if let Some(problem) = files_not_read_writable(file) {
+            anyhow::bail!(problem);
+        }
         create_private(file);
     }
     let options = options
@@ -168,6 +171,83 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
             directory.display()
         )),
     }
+}
+
+/// The files edgegate reads and writes for the database `file`: the database, SQLite's `-wal`
+/// and `-shm` beside it, and the migration lock ([`migration_lock_path`]).
+fn database_files(file: &Path) -> [std::path::PathBuf; 4] {
+    let beside = |suffix: &str| {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        std::path::PathBuf::from(path)
+    };
+    [
+        file.to_owned(),
+        beside("-wal"),
+        beside("-shm"),
+        beside(".migrate-lock"),
+    ]
+}
+
+/// What keeps edgegate from reading and writing the database `file` or the files beside it
+/// that are there ([`database_files`]), each named with its owner, its mode and the system's
+/// answer, and the commands that give them to this process's user; `None` when it can. A
+/// restore run as root leaves them root's: SQLite said only "(code: 14) unable to open database
+/// file" of a file it could not read, and opened one it could read but not write read-only,
+/// every write failing afterwards ("attempt to write a readonly database"), the `-wal` and
+/// `-shm` alike. Asked of the system (`access`, with the effective user's rights), not by
+/// opening them: closing a descriptor on a file lets go of every POSIX lock this process holds
+/// on it, SQLite's among them.
+pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
+    use rustix::fs::{Access, AtFlags, CWD, accessat};
+    use std::os::unix::fs::MetadataExt as _;
+    let present: Vec<_> = database_files(file)
+        .into_iter()
+        .filter(|path| path.exists())
+        .collect();
+    let refused: Vec<String> = present
+        .iter()
+        .filter_map(|path| {
+            let refusal = accessat(
+                CWD,
+                path,
+                Access::READ_OK | Access::WRITE_OK,
+                AtFlags::EACCESS,
+            )
+            .err()?;
+            let owner = std::fs::metadata(path).map_or_else(
+                |_| String::new(),
+                |meta| {
+                    format!(
+                        " is owned by uid {} with mode {:o}, and",
+                        meta.uid(),
+                        meta.mode() & 0o7777
+                    )
+                },
+            );
+            Some(format!(
+                "{}{owner} cannot be opened for reading and writing ({})",
+                path.display(),
+                std::io::Error::from(refusal)
+            ))
+        })
+        .collect();
+    if refused.is_empty() {
+        return None;
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let listed = present
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    Some(format!(
+        "{}: edgegate runs as uid {uid} and must read and write the database and the files \
+         beside it; make them readable and writable by the user edgegate runs as (uid 10001 in \
+         the image; a restore run as root leaves them root's): chown {uid} {listed}; chmod 600 \
+         {listed}",
+        refused.join("; ")
+    ))
 }
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a

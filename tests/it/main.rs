@@ -24,6 +24,7 @@ mod openapi;
 mod outage;
 mod pg_locks;
 mod reconcile;
+mod restore;
 mod retention;
 mod runbook;
 mod shutdown;

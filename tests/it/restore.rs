@@ -1,0 +1,200 @@
+//! A database as a backup and restore can leave it: files owned by another user than the one
+//! edgegate runs as, an empty file, a database a newer build migrated. What `serve`, `migrate`
+//! and `check` make of each, run as an operator runs them.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+
+use crate::process::{BIN, edgegate, free_port, output, signal, wait_exit, wait_healthy};
+use crate::support::in_ci;
+
+/// The user the image runs edgegate as.
+const IMAGE_UID: u32 = 10001;
+
+/// A copy of the binary in `dir` (a hard link where it can be), which any user may reach: the
+/// build's own folder may sit in a home no other user may enter. `dir` itself is opened to all.
+fn binary_for_anyone(dir: &Path) -> std::path::PathBuf {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("edgegate");
+    if std::fs::hard_link(BIN, &bin).is_err() {
+        std::fs::copy(BIN, &bin).unwrap();
+    }
+    bin
+}
+
+/// `bin` run as [`IMAGE_UID`] (`setpriv`, as the image's `USER` does), with a clean environment
+/// plus `vars`, and killed after 30 s (a `serve` that starts by mistake ends). `None` after a
+/// notice where this process cannot change its user (not root); a failure under `CI=true`.
+/// Root reads and writes any file whatever its mode, so the files' owners and modes are only
+/// tested by another user.
+fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Option<Command> {
+    let setpriv = |command: &mut Command| {
+        command.args([
+            "--reuid",
+            &IMAGE_UID.to_string(),
+            "--regid",
+            &IMAGE_UID.to_string(),
+            "--clear-groups",
+        ]);
+    };
+    let mut probe = Command::new("setpriv");
+    setpriv(&mut probe);
+    let probed = probe.arg(bin).arg("--version").output();
+    if !probed.as_ref().is_ok_and(|out| out.status.success()) {
+        let why = format!("{probed:?}");
+        assert!(
+            !in_ci(),
+            "CI=true and edgegate cannot be run as uid {IMAGE_UID}: {why}"
+        );
+        eprintln!("SKIPPED: edgegate cannot be run as uid {IMAGE_UID} here (needs root): {why}");
+        return None;
+    }
+    let mut command = Command::new("timeout");
+    command.args(["30", "setpriv"]);
+    setpriv(&mut command);
+    command.arg(bin);
+    let template = edgegate(dir, vars);
+    command.env_clear().current_dir(dir);
+    for (name, value) in template.get_envs() {
+        if let Some(value) = value {
+            command.env(name, value);
+        }
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Some(command)
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+}
+
+/// The `database` line of `check`'s stdout.
+fn database_line(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|line| line.contains(" database "))
+        .unwrap_or_else(|| panic!("no database line: {stdout}"))
+        .to_owned()
+}
+
+/// A restored SQLite file (and a `-wal` and `-shm` beside it) owned by root while edgegate runs
+/// as uid 10001, in a directory it may write: `serve`, `migrate` and `check` name each file it
+/// cannot open for reading and writing, say why (the system's own error) and what to run. A
+/// file it could not read stopped start-up with SQLite's bare "(code: 14) unable to open
+/// database file"; one it could read but not write (mode 0644, say) was served read-only, every
+/// write failing with "attempt to write a readonly database".
+#[tokio::test]
+async fn files_of_another_user_are_named_with_the_command_that_gives_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, IMAGE_UID);
+    let file = data.join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    if as_image_user(dir.path(), &bin, &vars).is_none() {
+        return;
+    }
+    // Restored by root: a database migrated, the files its own.
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let path_of = |suffix: &str| format!("{}{suffix}", file.display());
+    let run = |command: &str| {
+        let mut child = as_image_user(dir.path(), &bin, &vars).unwrap();
+        output(child.arg(command))
+    };
+
+    for mode in [0o600, 0o644] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        for command in ["serve", "migrate"] {
+            let out = run(command);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{command}, mode {mode:o}: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("{} is owned by uid 0", file.display()))
+                    && stderr.contains("Permission denied")
+                    && stderr.contains(&format!("chown {IMAGE_UID} {}", file.display())),
+                "{command}, mode {mode:o}: {stderr}"
+            );
+        }
+        let out = run("check");
+        let line = database_line(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(1), "{line}");
+        assert!(
+            line.starts_with("FAIL")
+                && line.contains(&format!("{} is owned by uid 0", file.display()))
+                && line.contains("Permission denied"),
+            "mode {mode:o}: {line}"
+        );
+    }
+
+    // The database given back, a -wal and a -shm of root's left beside it (one unreadable, one
+    // read-only to others): both named.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    for (suffix, mode) in [("-wal", 0o600), ("-shm", 0o644)] {
+        std::fs::write(path_of(suffix), b"").unwrap();
+        chown(Path::new(&path_of(suffix)), 0);
+        std::fs::set_permissions(path_of(suffix), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = run("serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for suffix in ["-wal", "-shm"] {
+        assert!(
+            stderr.contains(&format!("{} is owned by uid 0", path_of(suffix))),
+            "{suffix}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains(&format!("{} is owned", file.display())),
+        "{stderr}"
+    );
+    let out = run("check");
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL") && line.contains(&path_of("-wal")),
+        "{line}"
+    );
+
+    // The database not restored yet, root's -wal still there: serve would stop on it.
+    let aside = data.join("aside.db");
+    std::fs::rename(&file, &aside).unwrap();
+    let out = run("check");
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("not there")
+            && line.contains(&format!("{} is owned by uid 0", path_of("-wal"))),
+        "{line}"
+    );
+    std::fs::rename(&aside, &file).unwrap();
+
+    // The advice followed: served.
+    for suffix in ["-wal", "-shm"] {
+        chown(Path::new(&path_of(suffix)), IMAGE_UID);
+    }
+    let mut serve = as_image_user(dir.path(), &bin, &vars).unwrap();
+    serve.arg("serve");
+    let mut server = crate::process::spawn_logged(serve, dir.path(), "server.log");
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "not serving once the files were given back: {log}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{log}");
+    signal(&server, "TERM");
+    wait_exit(&mut server).await;
+}
