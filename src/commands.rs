@@ -105,13 +105,16 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         let store = Store::connect(&config.database_url).await?;
         store.ping().await?;
         let applied = store.applied_migrations().await.unwrap_or_default();
-        let differing = if applied.is_empty() {
-            Vec::new()
+        let (differing, unknown) = if applied.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
-            store.migrations_differing().await?
+            (
+                store.migrations_differing().await?,
+                store.migrations_unknown().await?,
+            )
         };
         store.close().await;
-        anyhow::Ok((applied.len(), differing))
+        anyhow::Ok((applied.len(), differing, unknown))
     };
     lines.push(match missing_sqlite_file(&config.database_url) {
         // Not there yet: the verdict is serve's, which creates the file in a directory that
@@ -158,7 +161,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         },
         Ok(()) => match tokio::time::timeout(Duration::from_secs(10), database).await {
             // serve would migrate it, unless --no-migrate: then every query fails.
-            Ok(Ok((0, _))) => CheckLine {
+            Ok(Ok((0, _, _))) => CheckLine {
                 item: "database",
                 ok: false,
                 detail: format!(
@@ -169,7 +172,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
             // Another build's copy of a migration (an edited file, another branch's): migrate
             // and serve stop on it.
-            Ok(Ok((migrations, differing))) if !differing.is_empty() => CheckLine {
+            Ok(Ok((migrations, differing, _))) if !differing.is_empty() => CheckLine {
                 item: "database",
                 ok: false,
                 detail: format!(
@@ -191,12 +194,19 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     if differing.len() == 1 { "was" } else { "were" },
                 ),
             },
-            Ok(Ok((migrations, _))) => CheckLine {
+            // Accepted (a rollback starts on the newer schema), and said.
+            Ok(Ok((migrations, _, unknown))) => CheckLine {
                 item: "database",
                 ok: true,
                 detail: format!(
-                    "{} answers; {migrations} migrations applied",
-                    config.database_url.redacted()
+                    "{} answers; {migrations} migrations applied{}",
+                    config.database_url.redacted(),
+                    unknown.last().map_or_else(String::new, |newest| format!(
+                        ", {} of them unknown to this build (the newest {newest}): a newer \
+                         release migrated it, which is expected only after a rollback and safe \
+                         only while its migrations were additive (docs/DEPLOY.md, 6. Roll back)",
+                        unknown.len()
+                    ))
                 ),
             },
             Ok(Err(err)) => CheckLine {

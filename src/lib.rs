@@ -189,12 +189,19 @@ impl Started {
             Store::connect_or_wait(&config.database_url, options.migrate).await?;
         let mut background = Vec::new();
         match unreachable {
-            None if options.migrate => store.migrate().await?,
+            None if options.migrate => {
+                store.migrate().await?;
+                report_unknown_migrations(&store).await;
+            }
             // `--no-migrate`: a database behind this binary would fail every query on a table or
             // column it lacks, so it is found now, said loudly, and watched until another
             // process (`edgegate migrate`, the next release's release_command) catches it up.
             None => {
-                let reported = match store.check_migrations().await {
+                let checked = store.check_migrations().await;
+                if checked.is_ok() {
+                    report_unknown_migrations(&store).await;
+                }
+                let reported = match checked {
                     Ok(0) => None,
                     Ok(missing) => {
                         report_missing_migrations(&store, missing);
@@ -456,6 +463,7 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
             match store.migrate().await {
                 Ok(()) => {
                     tracing::info!("the database answers; migrations applied, serving it");
+                    report_unknown_migrations(&store).await;
                     return;
                 }
                 // Still away: expected during an outage. Anything else (a refused password, a
@@ -475,6 +483,33 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// Warns of the applied migrations this build does not know (a newer release's): served on
+/// purpose, since a rollback must start on the newer schema, but the operator should know it is
+/// one, and that it is safe only while the newer release's migrations were additive. Said once,
+/// at start; a reading that fails is left to the routes that need the database, which say so.
+async fn report_unknown_migrations(store: &Store) {
+    let Ok(unknown) = store.migrations_unknown().await else {
+        return;
+    };
+    if let Some(newest) = unknown.last() {
+        let count = unknown.len();
+        let migrations = if count == 1 {
+            "migration"
+        } else {
+            "migrations"
+        };
+        tracing::warn!(
+            count,
+            newest,
+            "the database has {count} applied {migrations} this build does not know, the newest \
+             {newest}: a newer release migrated it. Expected only after a rollback to this \
+             release (or a backup of a newer one restored), and safe only while the newer \
+             release's migrations were additive (docs/DEPLOY.md, 6. Roll back); otherwise deploy \
+             the newer release again, or fix forward"
+        );
+    }
 }
 
 /// How often `serve --no-migrate` reads the applied migrations again while the database lacks

@@ -361,6 +361,21 @@ impl Store {
         Ok(versions)
     }
 
+    /// The applied migrations this binary does not ship, oldest first: a newer release's, on a
+    /// database that release migrated before this one was started on it (a rollback, DEPLOY.md
+    /// §6, or a backup restored into an older build). `migrate` accepts them.
+    pub async fn migrations_unknown(&self) -> anyhow::Result<Vec<i64>> {
+        let applied = self.applied_migrations().await?;
+        let migrator = match self.backend {
+            Backend::Sqlite(_) => sqlite::migrator(),
+            Backend::Postgres(_) => postgres::migrator(),
+        };
+        Ok(applied
+            .into_iter()
+            .filter(|version| !migrator.iter().any(|shipped| shipped.version == *version))
+            .collect())
+    }
+
     /// The applied migrations whose stored checksum is neither this binary's copy's nor an
     /// earlier copy's that `migrate` accepts (PostgreSQL's `EARLIER_COPIES`): applied from
     /// another file of the same version, which `migrate` and `serve` refuse ("was previously

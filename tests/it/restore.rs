@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::process::{BIN, edgegate, free_port, output, signal, wait_exit, wait_healthy};
-use crate::support::in_ci;
+use crate::support::{TestDb, in_ci};
 
 /// The user the image runs edgegate as.
 const IMAGE_UID: u32 = 10001;
@@ -197,4 +197,72 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
     assert_eq!(ready.status(), 200, "{log}");
     signal(&server, "TERM");
     wait_exit(&mut server).await;
+}
+
+/// Marks `versions` applied in the database at `url`, as a newer release's migrations are.
+async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
+    use sqlx::Connection as _;
+    let later = "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+                 execution_time) VALUES ($1, 'a later release', TRUE, {bytes}, 0)";
+    for &version in versions {
+        if db.is_postgres() {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let sql = later.replace("{bytes}", "decode('00', 'hex')");
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(version);
+            query.execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            let sql = later.replace("{bytes}", "X'00'");
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(version);
+            query.execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+/// A database a newer release migrated (a rollback, DEPLOY.md §6, or a backup restored into an
+/// older build) is served, as it is meant to be, but no longer without a word: `serve` warns once
+/// at start, with or without migrating, how many applied migrations this build does not know and
+/// the newest, and `check`'s database line says it (still ok). Both engines.
+#[tokio::test]
+async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    db.store().await.close().await;
+    apply_later_migrations(&db, &[99990101000000, 99990102000000]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
+
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok")
+            && line.contains("2 of them unknown to this build (the newest 99990102000000)")
+            && line.contains("DEPLOY.md"),
+        "{line}"
+    );
+
+    for args in [&["serve"][..], &["serve", "--no-migrate"]] {
+        let mut command = edgegate(dir.path(), &vars);
+        command.args(args);
+        let mut server = crate::process::spawn_logged(command, dir.path(), "server.log");
+        let healthy = wait_healthy(port.parse().unwrap()).await;
+        signal(&server, "TERM");
+        wait_exit(&mut server).await;
+        let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+        assert!(healthy, "{args:?}: {log}");
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("this build does not know"))
+            .collect();
+        assert!(
+            warned.len() == 1
+                && warned[0].contains("WARN")
+                && warned[0].contains("2 applied migrations this build does not know")
+                && warned[0].contains("99990102000000")
+                && warned[0].contains("DEPLOY.md"),
+            "{args:?}: {log}"
+        );
+    }
 }
