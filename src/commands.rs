@@ -116,10 +116,19 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         store.close().await;
         anyhow::Ok((applied.len(), differing, unknown))
     };
-    lines.push(match missing_sqlite_file(&config.database_url) {
+    lines.push(match sqlite_file(&config.database_url) {
+        // Failed: a new deployment has no file at all (ok above), so an empty one is a restore or
+        // a copy gone wrong, which serve would set up as a new database over it, and the data
+        // the operator meant to serve is not there. Said before anything starts on it; not
+        // opened, which would write SQLite's header into it.
+        SqliteFile::Empty => CheckLine {
+            item: "database",
+            ok: false,
+            detail: empty_sqlite_file(&config.database_url),
+        },
         // Not there yet: the verdict is serve's, which creates the file in a directory that
         // exists and stops with "unable to open database file" where none does.
-        Err(_) => match missing_sqlite_directory(&config.database_url) {
+        SqliteFile::Missing => match missing_sqlite_directory(&config.database_url) {
             None if let Some(problem) = unwritable_sqlite_directory(&config.database_url) => {
                 CheckLine {
                     item: "database",
@@ -159,7 +168,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ),
             },
         },
-        Ok(()) => match tokio::time::timeout(Duration::from_secs(10), database).await {
+        SqliteFile::Usable => match tokio::time::timeout(Duration::from_secs(10), database).await {
             // serve would migrate it, unless --no-migrate: then every query fails.
             Ok(Ok((0, _, _))) => CheckLine {
                 item: "database",
@@ -295,25 +304,60 @@ fn connections_line(config: &Config) -> CheckLine {
     }
 }
 
-/// An error when `url` names a SQLite file that is not there. `check` and `keys report` read a
-/// database: opening one would create an empty file behind a mistyped path (`serve` and
-/// `migrate` create it on purpose).
-pub(crate) fn missing_sqlite_file(url: &DatabaseUrl) -> anyhow::Result<()> {
+/// What `check` and `keys report` find where `url` names a SQLite file, before they open it:
+/// they read a database, and opening a file that is not there would create an empty one behind
+/// a mistyped path, and opening an empty one would write SQLite's header into it (so that the
+/// next `serve` no longer found it empty). `serve` and `migrate` do both on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SqliteFile {
+    /// There with something in it, or not a file (PostgreSQL, a database in memory, a URL
+    /// SQLite cannot use, which connecting reports).
+    Usable,
+    Missing,
+    /// There, with 0 bytes ([`crate::store::is_empty_sqlite_database`]).
+    Empty,
+}
+
+fn sqlite_file(url: &DatabaseUrl) -> SqliteFile {
     if url.is_postgres() {
-        return Ok(());
+        return SqliteFile::Usable;
     }
-    // A URL SQLite cannot use is left to connect, which says so.
     let Ok(options) = SqliteConnectOptions::from_str(url.expose()) else {
-        return Ok(());
+        return SqliteFile::Usable;
     };
     let file = options.get_filename();
-    let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
-    anyhow::ensure!(
-        in_memory || file.exists(),
-        "{}: no such file (serve and migrate create it; this command does not)",
+    if file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:") {
+        SqliteFile::Usable
+    } else if !file.exists() {
+        SqliteFile::Missing
+    } else if crate::store::is_empty_sqlite_database(file) {
+        SqliteFile::Empty
+    } else {
+        SqliteFile::Usable
+    }
+}
+
+/// What `check`'s database line and `keys report` say of an empty SQLite file.
+fn empty_sqlite_file(url: &DatabaseUrl) -> String {
+    format!(
+        "{}: exists but is empty (0 bytes), no database: serve and migrate would set it up as a \
+         new one with no data; if a restore left it empty (a copy of nothing, a truncated copy), \
+         restore again before starting (docs/OPERATIONS.md, Backup and restore)",
         url.redacted()
-    );
-    Ok(())
+    )
+}
+
+/// An error when `url` names a SQLite file that is not there, or is empty ([`SqliteFile`]):
+/// for commands that read a database and do not set one up.
+pub(crate) fn absent_sqlite_database(url: &DatabaseUrl) -> anyhow::Result<()> {
+    match sqlite_file(url) {
+        SqliteFile::Usable => Ok(()),
+        SqliteFile::Missing => Err(anyhow::anyhow!(
+            "{}: no such file (serve and migrate create it; this command does not)",
+            url.redacted()
+        )),
+        SqliteFile::Empty => Err(anyhow::anyhow!(empty_sqlite_file(url))),
+    }
 }
 
 /// What keeps SQLite from creating the file `url` names: its directory is missing or is not a

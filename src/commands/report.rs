@@ -101,7 +101,7 @@ pub async fn from_database(
     window: Option<Duration>,
     now_ms: i64,
 ) -> anyhow::Result<ReportView> {
-    super::missing_sqlite_file(&config.database_url)?;
+    super::absent_sqlite_database(&config.database_url)?;
     let store = Store::connect(&config.database_url).await?;
     let revocation_window = config.jwt.legacy_revocation_window;
     let usage_window = window.unwrap_or(revocation_window);

@@ -45,6 +45,17 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         if let Some(problem) = files_not_read_writable(file) {
             anyhow::bail!(problem);
         }
+        // Before the file is made: one made here is new on purpose. `check` and `keys report`
+        // refuse an empty file before they get here (`commands::absent_sqlite_database`).
+        if is_empty_database(file) {
+            tracing::warn!(
+                "{} exists but is empty (0 bytes): it is set up as a new database, with no data. \
+                 If a restore left it empty (a copy of nothing, a truncated copy), what the \
+                 backup held is not in it: stop edgegate and restore again (docs/OPERATIONS.md, \
+                 Backup and restore)",
+                file.display()
+            );
+        }
         create_private(file);
     }
     let options = options
@@ -171,6 +182,16 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
             directory.display()
         )),
     }
+}
+
+/// Whether the database `file` is there and empty: 0 bytes, with no `-wal` beside it holding
+/// pages (a main file of 0 bytes whose WAL holds commits is a database still). SQLite takes such
+/// a file for a new database, as it takes no file at all: a restore that copied nothing (or a
+/// truncated copy) starts as a new database with no data.
+pub(crate) fn is_empty_database(file: &Path) -> bool {
+    let [file, wal, ..] = database_files(file);
+    let empty = |path: &Path| std::fs::metadata(path).is_ok_and(|meta| meta.len() == 0);
+    empty(&file) && (!wal.exists() || empty(&wal))
 }
 
 /// The files edgegate reads and writes for the database `file`: the database, SQLite's `-wal`

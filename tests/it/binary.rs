@@ -926,8 +926,8 @@ async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
 /// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
 /// check says serve would, report fails naming it; and check fails a database no migration has
 /// prepared.
-#[test]
-fn check_and_report_do_not_create_a_missing_sqlite_file() {
+#[tokio::test]
+async fn check_and_report_do_not_create_a_missing_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let vars = [("DATABASE_URL", "sqlite://edgegat.db")];
     let stdout = check_exits(dir.path(), &vars, 0);
@@ -946,8 +946,18 @@ fn check_and_report_do_not_create_a_missing_sqlite_file() {
         "a file was left behind"
     );
 
-    // A file no migration has run on: serve would migrate it, check says so and fails.
-    std::fs::write(dir.path().join("edgegat.db"), b"").unwrap();
+    // A database no migration has run on: serve would migrate it, check says so and fails. (An
+    // empty file is another line: see `restore::an_empty_database_file_is_warned_of_and_failed_by_check`.)
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("edgegat.db").display()
+    );
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE t (x BIGINT)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
     let stdout = check_exits(dir.path(), &vars, 1);
     let database = database_line(&stdout);
     assert!(

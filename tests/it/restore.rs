@@ -266,3 +266,95 @@ async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
         );
     }
 }
+
+/// An existing empty SQLite file (a restore that copied nothing, a truncated copy) is no longer
+/// taken for a new database without a word: `serve` and `migrate` (Fly's release command, which
+/// runs first) warn, naming the file, that it is set up as a new database; `check` fails its
+/// database line ("exists but is empty") and leaves the file as it found it (opening it wrote
+/// SQLite's header, and the next start warned of nothing); `keys report` refuses it. A file
+/// edgegate creates itself is not warned of.
+#[tokio::test]
+async fn an_empty_database_file_is_warned_of_and_failed_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let warnings = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("exists but is empty"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    std::fs::write(&file, b"").unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("exists but is empty")
+            && line.contains("OPERATIONS.md"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        0,
+        "check wrote to it"
+    );
+    let out = output(edgegate(dir.path(), &vars).args(["keys", "report"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("exists but is empty"), "{stderr}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        0,
+        "report wrote to it"
+    );
+
+    for command in ["migrate", "serve"] {
+        std::fs::write(&file, b"").unwrap();
+        for stale in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{stale}", file.display()));
+        }
+        let log = if command == "migrate" {
+            let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        } else {
+            let mut server = crate::process::spawn_server(dir.path(), "server.log", &vars);
+            let healthy = wait_healthy(port.parse().unwrap()).await;
+            signal(&server, "TERM");
+            wait_exit(&mut server).await;
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+            assert!(healthy, "{log}");
+            log
+        };
+        let warned = warnings(&log);
+        assert!(
+            warned.len() == 1
+                && warned[0].contains("WARN")
+                && warned[0].contains(&file.display().to_string())
+                && warned[0].contains("new database")
+                && warned[0].contains("OPERATIONS.md"),
+            "{command}: {log}"
+        );
+        // Set up now: the next start says nothing of it.
+        let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+        assert!(
+            warnings(&String::from_utf8_lossy(&out.stderr)).is_empty(),
+            "{out:?}"
+        );
+    }
+
+    // A file edgegate makes itself.
+    let fresh = dir.path().join("fresh.db");
+    let fresh_url = format!("sqlite://{}", fresh.display());
+    let out = output(edgegate(dir.path(), &[("DATABASE_URL", fresh_url.as_str())]).arg("migrate"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(fresh.exists());
+    assert!(
+        warnings(&String::from_utf8_lossy(&out.stderr)).is_empty(),
+        "{out:?}"
+    );
+}
