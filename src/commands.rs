@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::config::{Config, DatabaseUrl};
-use crate::store::Store;
+use crate::store::{BackendKind, Store};
 use crate::twilio::client::TwilioApi;
 
 /// `edgegate openapi`: the OpenAPI 3.1 document, as `GET /openapi.json` serves it.
@@ -102,19 +102,47 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         });
     }
     let database = async {
-        let store = Store::connect(&config.database_url).await?;
-        store.ping().await?;
-        let applied = store.applied_migrations().await.unwrap_or_default();
-        let (differing, unknown) = if applied.is_empty() {
-            (Vec::new(), Vec::new())
-        } else {
-            (
-                store.migrations_differing().await?,
-                store.migrations_unknown().await?,
-            )
+        let read = async {
+            let store = Store::connect(&config.database_url).await?;
+            store.ping().await?;
+            let applied = store.applied_migrations().await.unwrap_or_default();
+            let (differing, unknown) = if applied.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                (
+                    store.migrations_differing().await?,
+                    store.migrations_unknown().await?,
+                )
+            };
+            anyhow::Ok((store, applied.len(), differing, unknown))
         };
-        store.close().await;
-        anyhow::Ok((applied.len(), differing, unknown))
+        let (store, applied, differing, unknown) =
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
+        // Bounded apart: it reads every page, which takes longer than an answer does. A check
+        // that runs out of time is left running in SQLite's thread (the store is not closed,
+        // which would wait for it) until the process ends.
+        let started = std::time::Instant::now();
+        let quick_check = match tokio::time::timeout(QUICK_CHECK_WITHIN, store.quick_check()).await
+        {
+            Ok(checked) => {
+                let checked = checked?;
+                store.close().await;
+                match (store.kind(), checked) {
+                    (BackendKind::Postgres, _) => None,
+                    (BackendKind::Sqlite, None) => Some(QuickCheck::Passed(started.elapsed())),
+                    (BackendKind::Sqlite, Some(complaint)) => Some(QuickCheck::Damaged(complaint)),
+                }
+            }
+            Err(_) => Some(QuickCheck::Unfinished),
+        };
+        anyhow::Ok(DatabaseRead {
+            applied,
+            differing,
+            unknown,
+            quick_check,
+        })
     };
     lines.push(match sqlite_file(&config.database_url) {
         // Failed: a new deployment has no file at all (ok above), so an empty one is a restore or
@@ -168,71 +196,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ),
             },
         },
-        SqliteFile::Usable => match tokio::time::timeout(Duration::from_secs(10), database).await {
-            // serve would migrate it, unless --no-migrate: then every query fails.
-            Ok(Ok((0, _, _))) => CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!(
-                    "{} answers; 0 migrations applied (serve applies them at start, not with \
-                     --no-migrate; or run edgegate migrate)",
-                    config.database_url.redacted()
-                ),
-            },
-            // Another build's copy of a migration (an edited file, another branch's): migrate
-            // and serve stop on it.
-            Ok(Ok((migrations, differing, _))) if !differing.is_empty() => CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!(
-                    "{} answers; {migrations} migrations applied, but {} {} {} applied from \
-                     another copy of its file than this binary's (its checksum differs): \
-                     migrate and serve refuse this database (\"was previously applied but has \
-                     been modified\")",
-                    config.database_url.redacted(),
-                    if differing.len() == 1 {
-                        "migration"
-                    } else {
-                        "migrations"
-                    },
-                    differing
-                        .iter()
-                        .map(i64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    if differing.len() == 1 { "was" } else { "were" },
-                ),
-            },
-            // Accepted (a rollback starts on the newer schema), and said.
-            Ok(Ok((migrations, _, unknown))) => CheckLine {
-                item: "database",
-                ok: true,
-                detail: format!(
-                    "{} answers; {migrations} migrations applied{}",
-                    config.database_url.redacted(),
-                    unknown.last().map_or_else(String::new, |newest| format!(
-                        ", {} of them unknown to this build (the newest {newest}): a newer \
-                         release migrated it, which is expected only after a rollback and safe \
-                         only while its migrations were additive (docs/DEPLOY.md, 6. Roll back)",
-                        unknown.len()
-                    ))
-                ),
-            },
-            Ok(Err(err)) => CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!(
-                    "{}: {}",
-                    config.database_url.redacted(),
-                    crate::error::causes(&err)
-                ),
-            },
-            Err(_) => CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!("{}: no answer within 10 s", config.database_url.redacted()),
-            },
-        },
+        SqliteFile::Usable => database_line(&config.database_url, database.await),
     });
     lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client(&config.twilio.api_base)).await);
@@ -246,6 +210,120 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         line.detail = one_line(&line.detail);
     }
     lines
+}
+
+/// How long `check` lets SQLite's `PRAGMA quick_check` run.
+const QUICK_CHECK_WITHIN: Duration = Duration::from_secs(60);
+
+/// What `check` read of a database that answered.
+struct DatabaseRead {
+    applied: usize,
+    /// Applied from another copy of a migration's file ([`Store::migrations_differing`]).
+    differing: Vec<i64>,
+    /// Applied and not shipped with this binary ([`Store::migrations_unknown`]).
+    unknown: Vec<i64>,
+    /// SQLite's only.
+    quick_check: Option<QuickCheck>,
+}
+
+enum QuickCheck {
+    /// `ok`, in this long.
+    Passed(Duration),
+    /// Its first complaint.
+    Damaged(String),
+    /// Not within [`QUICK_CHECK_WITHIN`].
+    Unfinished,
+}
+
+/// `check`'s database line for a database it opened.
+fn database_line(url: &DatabaseUrl, read: anyhow::Result<DatabaseRead>) -> CheckLine {
+    let shown = url.redacted();
+    let (ok, detail) = match read {
+        Err(err) => (false, format!("{shown}: {}", crate::error::causes(&err))),
+        // Served until a query reads the damaged page: the tester's, far from what start-up
+        // reads, was.
+        Ok(DatabaseRead {
+            quick_check: Some(QuickCheck::Damaged(complaint)),
+            ..
+        }) => (
+            false,
+            format!(
+                "{shown} answers, but SQLite's PRAGMA quick_check finds the file damaged: \
+                 {complaint}; edgegate serves it until a query reads what is damaged, and fails \
+                 that query: restore the last good backup (docs/OPERATIONS.md, Backup and \
+                 restore)"
+            ),
+        ),
+        // serve would migrate it, unless --no-migrate: then every query fails.
+        Ok(DatabaseRead { applied: 0, .. }) => (
+            false,
+            format!(
+                "{shown} answers; 0 migrations applied (serve applies them at start, not with \
+                 --no-migrate; or run edgegate migrate)"
+            ),
+        ),
+        // Another build's copy of a migration (an edited file, another branch's): migrate and
+        // serve stop on it.
+        Ok(DatabaseRead {
+            applied, differing, ..
+        }) if !differing.is_empty() => (
+            false,
+            format!(
+                "{shown} answers; {applied} migrations applied, but {} {} {} applied from \
+                 another copy of its file than this binary's (its checksum differs): migrate \
+                 and serve refuse this database (\"was previously applied but has been \
+                 modified\")",
+                if differing.len() == 1 {
+                    "migration"
+                } else {
+                    "migrations"
+                },
+                differing
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if differing.len() == 1 { "was" } else { "were" },
+            ),
+        ),
+        Ok(DatabaseRead {
+            applied,
+            unknown,
+            quick_check,
+            ..
+        }) => {
+            // Accepted (a rollback starts on the newer schema), and said.
+            let unknown = unknown.last().map_or_else(String::new, |newest| {
+                format!(
+                    ", {} of them unknown to this build (the newest {newest}): a newer release \
+                     migrated it, which is expected only after a rollback and safe only while \
+                     its migrations were additive (docs/DEPLOY.md, 6. Roll back)",
+                    unknown.len()
+                )
+            });
+            let quick_check = match quick_check {
+                Some(QuickCheck::Passed(took)) => {
+                    format!("; PRAGMA quick_check ok ({:.1} s)", took.as_secs_f64())
+                }
+                Some(QuickCheck::Unfinished) => format!(
+                    "; PRAGMA quick_check did not finish within {} s (a large file or a slow \
+                     disk): the file is not checked (sqlite3 FILE 'PRAGMA quick_check' checks \
+                     it)",
+                    QUICK_CHECK_WITHIN.as_secs()
+                ),
+                Some(QuickCheck::Damaged(_)) | None => String::new(),
+            };
+            (
+                true,
+                format!("{shown} answers; {applied} migrations applied{unknown}{quick_check}"),
+            )
+        }
+    };
+    CheckLine {
+        item: "database",
+        ok,
+        detail,
+    }
 }
 
 /// `text` as one line of a terminal: control characters (C0, DEL, C1: a newline would print a

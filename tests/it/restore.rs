@@ -358,3 +358,65 @@ async fn an_empty_database_file_is_warned_of_and_failed_by_check() {
         "{out:?}"
     );
 }
+
+/// A SQLite file with a damaged page far from anything start-up reads (here, in the middle of
+/// the audit log) is served; `check` runs SQLite's `PRAGMA quick_check` and fails its database
+/// line naming SQLite's first complaint. It said `ok … answers; N migrations applied`.
+#[tokio::test]
+async fn check_fails_a_sqlite_file_with_a_damaged_page() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    for row in 0..2000 {
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, credential_source, credential_id, action, outcome, \
+             detail) VALUES ($1, 0, 'system', 'system', 'test', 'ok', $2)",
+        )
+        .bind(format!("row-{row}"))
+        .bind(format!("marker-{row}-{}", "x".repeat(400)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    // Every page in the main file, none left in the -wal.
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok") && line.contains("quick_check ok"),
+        "{line}"
+    );
+
+    // The page holding row 1000's cell: its header overwritten.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let marker = b"marker-1000-";
+    let at = bytes
+        .windows(marker.len())
+        .position(|window| window == marker)
+        .expect("the row is in the file");
+    let page = at - at % usize::try_from(page_size).unwrap();
+    bytes[page..page + 12].fill(0xff);
+    std::fs::write(&file, &bytes).unwrap();
+
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL") && line.contains("quick_check") && line.contains("page"),
+        "{line}"
+    );
+}
