@@ -570,9 +570,15 @@ impl CallerTracker {
             .record(place, client, at_ms);
     }
 
+    /// One flush at a time: held by [`CallerTracker::flush`], and by a flush that writes these
+    /// rows with the key counts ([`crate::auth::usage::UsageTracker::flush`]).
+    pub(crate) async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flush_turn.lock().await
+    }
+
     /// Settles every hour and takes its rows, kept as the batch in flight; only the newest hour's
     /// named clients are kept, since naming starts over each hour.
-    fn take(&self) -> Vec<CallerUsage> {
+    pub(crate) fn take(&self) -> Vec<CallerUsage> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let newest = held.hours.keys().copied().max();
         let rows: Vec<CallerUsage> = held
@@ -588,14 +594,14 @@ impl CallerTracker {
     }
 
     /// The batch in flight is written: the database has it now.
-    fn written(&self) {
+    pub(crate) fn written(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.flushing.clear();
     }
 
     /// Puts rows back after a failed write, in the same step as they stop being in flight;
     /// their clients stay named, unless the hours held outgrow `max_held`.
-    fn restore(&self, rows: Vec<CallerUsage>) {
+    pub(crate) fn restore(&self, rows: Vec<CallerUsage>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.flushing.clear();
         let hours = &mut held.hours;
@@ -658,7 +664,7 @@ impl CallerTracker {
 
     /// Writes the counts since the last flush; on failure they are kept for the next one.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
-        let _turn = self.flush_turn.lock().await;
+        let _turn = self.turn().await;
         let rows = self.take();
         if rows.is_empty() {
             return Ok(());

@@ -198,11 +198,11 @@ impl UsageTracker {
     /// Writes the pending counts, callers included; on failure they are kept for the next flush.
     pub async fn flush(&self, store: &Store) -> anyhow::Result<()> {
         let _turn = self.flush_turn.lock().await;
-        // The dropped count and the key counts first: they are the revocation verdict's evidence.
+        // The dropped count first: it is the revocation verdict's evidence. Then the key counts
+        // and their callers, in one transaction.
         let dropped = self.flush_dropped(store).await;
-        let keys = self.flush_keys(store).await;
-        let callers = self.callers.flush(store).await;
-        dropped.and(keys).and(callers)
+        let counts = self.flush_counts(store).await;
+        dropped.and(counts)
     }
 
     /// Records the verifications dropped since the last flush, so every instance's report (and
@@ -229,43 +229,64 @@ impl UsageTracker {
         Ok(())
     }
 
-    async fn flush_keys(&self, store: &Store) -> anyhow::Result<()> {
-        let (rows, Some(first)) = self.take() else {
+    /// Writes the key counts and the callers in one transaction ([`Store::add_usage`]), after
+    /// noting since when they are counted: a report read from the database never finds key
+    /// counts whose callers are still on their way (it would list them as having no caller
+    /// recorded, and an operator dismiss a live client), not even when the callers' write fails
+    /// or a stop's deadline cuts the flush off. On failure both are kept for the next flush.
+    async fn flush_counts(&self, store: &Store) -> anyhow::Result<()> {
+        let _callers_turn = self.callers.turn().await;
+        let (rows, first) = self.take();
+        let callers = self.callers.take();
+        if rows.is_empty() && callers.is_empty() {
             return Ok(());
+        }
+        let noted = match first {
+            Some(first) => store.note_usage_evidence(first).await,
+            None => Ok(()),
         };
-        let written = match store.note_usage_evidence(first).await {
-            Ok(()) => store.add_key_usage(&rows).await,
+        let written = match noted {
+            Ok(()) => store.add_usage(&rows, &callers).await,
             Err(err) => Err(err),
         };
+        let Err(err) = written else {
+            // In the database now: no longer in flight, each in one step, so a report never
+            // finds them in both places or in neither.
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flushing
+                .clear();
+            self.callers.written();
+            return Ok(());
+        };
+        self.flush_failures.inc();
+        self.callers.restore(callers);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        // In the database now, or back in `pending` below: in either case no longer in flight,
-        // in the same step, so a report never finds them in both places or in neither.
+        // Back in `pending`, in the same step as they stop being in flight.
         held.flushing.clear();
-        if let Err(err) = written {
-            self.flush_failures.inc();
-            for row in rows {
-                let source = match row.source.as_str() {
-                    "legacy_secret" => KeySource::LegacySecret,
-                    "api_key" => KeySource::ApiKey,
-                    _ => KeySource::SigningKey,
-                };
-                let bucket = Bucket {
-                    hour_start_ms: row.hour_start_ms,
-                    source,
-                    kid: Arc::from(row.kid),
-                    alg: static_alg(&row.alg),
-                };
-                // The batch's earliest verification for each: what counts is the earliest.
-                let count = Count {
-                    verified: row.verified_count,
-                    first_ms: first.max(row.hour_start_ms),
-                    last_ms: row.last_verified_at_ms,
-                };
-                self.add(&mut held, bucket, count);
-            }
-            return Err(err);
+        let first = first.unwrap_or(i64::MIN);
+        for row in rows {
+            let source = match row.source.as_str() {
+                "legacy_secret" => KeySource::LegacySecret,
+                "api_key" => KeySource::ApiKey,
+                _ => KeySource::SigningKey,
+            };
+            let bucket = Bucket {
+                hour_start_ms: row.hour_start_ms,
+                source,
+                kid: Arc::from(row.kid),
+                alg: static_alg(&row.alg),
+            };
+            // The batch's earliest verification for each: what counts is the earliest.
+            let count = Count {
+                verified: row.verified_count,
+                first_ms: first.max(row.hour_start_ms),
+                last_ms: row.last_verified_at_ms,
+            };
+            self.add(&mut held, bucket, count);
         }
-        Ok(())
+        Err(err)
     }
 
     /// The earliest verification this instance counted and the database does not have yet (ms).

@@ -359,8 +359,11 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         let _ = writeln!(
             out,
             "{NO_CALLER_RECORDED}: legacy verifications counted with no caller, by an edgegate from \
-             before caller counts (before 2026-12-01) or left out of the per-caller counts (a long \
-             outage); their last use is that of the hours holding them."
+             before caller counts (before 2026-12-01), or by a later one whose caller write failed \
+             after its key counts were written (an edgegate from before both were written in one \
+             transaction), or left out of the per-caller counts in a long database outage \
+             (edgegate_caller_usage_dropped_total); their last use is that of the hours holding \
+             them."
         );
     }
     out.push('\n');

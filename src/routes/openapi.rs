@@ -565,8 +565,10 @@ pub struct SigningKeys {
     legacy_usage: Vec<crate::auth::legacy_report::CallerRow>,
     /// Legacy-secret verifications over the usage window that the key counts hold and no
     /// `legacy_usage` row accounts for, their kind, route and client not being known: counted by
-    /// an edgegate from before caller counts (before 2026-12-01), which recorded no caller, or
-    /// left out of the per-caller counts (`edgegate_caller_usage_dropped_total`). `last_seen` is
+    /// an edgegate from before caller counts (before 2026-12-01), which recorded no caller, or by
+    /// a later one from before the key counts and callers were written in one transaction whose
+    /// caller write failed after its key counts were written, or left out of the per-caller
+    /// counts in a long database outage (`edgegate_caller_usage_dropped_total`). `last_seen` is
     /// the latest last use of the hours holding them. `null` when every one has its caller. In
     /// the verdict's `reason` total.
     legacy_usage_without_caller: Option<crate::auth::legacy_report::WithoutCaller>,

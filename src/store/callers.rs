@@ -3,7 +3,8 @@
 
 use anyhow::Context as _;
 
-use super::{HourlyCount, KeyUsage, Store};
+use super::engine::Arg;
+use super::{HourlyCount, KeyUsage, Store, hourly_batch};
 
 /// A table of hourly counts that [`Store::prune_usage_day`] deletes old hours from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +84,18 @@ impl CallerSums {
     }
 }
 
+/// The statement of [`Store::add_caller_usage`] and its rows.
+pub(super) fn caller_usage_batch(rows: &[CallerUsage]) -> (String, Vec<Vec<Arg<'_>>>) {
+    let rows = rows.iter().map(|row| HourlyCount {
+        hour_start_ms: row.hour_start_ms,
+        key: vec![&row.source, &row.kind, &row.route, &row.client],
+        verified_count: row.verified_count,
+        last_verified_at_ms: row.last_verified_at_ms,
+    });
+    let key_columns = ["source", "kind", "route", "client"];
+    hourly_batch("caller_usage_hourly", &key_columns, rows)
+}
+
 /// A row of [`Store::caller_usage_summed`]: summed per caller (`part` 0), per legacy kind and
 /// hour (1), or per legacy kind and whole hour (2).
 #[derive(sqlx::FromRow)]
@@ -95,14 +108,8 @@ struct SummedRow {
 impl Store {
     /// Adds counted callers; rows of the same hour and caller from every instance are summed.
     pub async fn add_caller_usage(&self, rows: &[CallerUsage]) -> anyhow::Result<()> {
-        let rows = rows.iter().map(|row| HourlyCount {
-            hour_start_ms: row.hour_start_ms,
-            key: vec![&row.source, &row.kind, &row.route, &row.client],
-            verified_count: row.verified_count,
-            last_verified_at_ms: row.last_verified_at_ms,
-        });
-        let key_columns = ["source", "kind", "route", "client"];
-        self.add_hourly("caller_usage_hourly", &key_columns, rows)
+        let (sql, rows) = caller_usage_batch(rows);
+        self.execute_each(&sql, &rows)
             .await
             .context("recording caller usage")
     }

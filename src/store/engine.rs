@@ -150,10 +150,21 @@ pub(crate) async fn run_each<DB: Engine>(
     sql: &str,
     rows: &[Vec<Arg<'_>>],
 ) -> Result<(), sqlx::Error> {
+    run_batches(pool, &[(sql, rows)]).await
+}
+
+/// Runs each statement once per entry of its rows, the statements in the order given, all in
+/// one transaction: all of them are written or none.
+pub(crate) async fn run_batches<DB: Engine>(
+    pool: &Pool<DB>,
+    batches: &[(&str, &[Vec<Arg<'_>>])],
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    for args in rows {
-        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), args);
-        query.execute(tx.executor()).await?;
+    for &(sql, rows) in batches {
+        for args in rows {
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), args);
+            query.execute(tx.executor()).await?;
+        }
     }
     tx.commit().await
 }

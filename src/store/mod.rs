@@ -595,57 +595,31 @@ impl Store {
 
     /// Adds counted verifications; rows of the same hour and key from every instance are summed.
     pub async fn add_key_usage(&self, rows: &[KeyUsage]) -> anyhow::Result<()> {
-        let rows = rows.iter().map(|row| HourlyCount {
-            hour_start_ms: row.hour_start_ms,
-            key: vec![&row.source, &row.kid, &row.alg],
-            verified_count: row.verified_count,
-            last_verified_at_ms: row.last_verified_at_ms,
-        });
-        self.add_hourly("key_usage_hourly", &["source", "kid", "alg"], rows)
+        let (sql, rows) = key_usage_batch(rows);
+        self.execute_each(&sql, &rows)
             .await
             .context("recording key usage")
     }
 
-    /// Adds `rows` to the hourly counts of `table`, keyed by the hour and `key_columns`: the
-    /// counts are summed and the latest verification kept, whichever instance wrote first. The
-    /// rows are written in the order of their keys, whatever order they come in.
-    async fn add_hourly<'a>(
+    /// Adds counted verifications ([`Store::add_key_usage`]) and their callers
+    /// ([`Store::add_caller_usage`]) in one transaction: both are written or neither, so a report
+    /// read from the database never finds an instance's key counts without the callers counted
+    /// with them (it would list those as having no caller recorded). Every instance's batch locks
+    /// its key rows, then its caller rows, each in one fixed order (see [`hourly_batch`]), so two
+    /// batches on PostgreSQL queue and never deadlock.
+    pub async fn add_usage(
         &self,
-        table: &str,
-        key_columns: &[&str],
-        rows: impl Iterator<Item = HourlyCount<'a>>,
-    ) -> Result<(), sqlx::Error> {
-        let keys = key_columns.join(", ");
-        let params: Vec<String> = (1..=key_columns.len() + 3)
-            .map(|i| format!("${i}"))
-            .collect();
-        let sql = format!(
-            "INSERT INTO {table} (hour_start, {keys}, verified_count, last_verified_at) \
-             VALUES ({}) ON CONFLICT (hour_start, {keys}) DO UPDATE SET \
-             verified_count = {table}.verified_count + excluded.verified_count, \
-             last_verified_at = CASE WHEN excluded.last_verified_at > {table}.last_verified_at \
-             THEN excluded.last_verified_at ELSE {table}.last_verified_at END",
-            params.join(", ")
-        );
-        // PostgreSQL locks each row as the batch's one transaction upserts it: two instances
-        // flushing the same keys, each in the order its own map held them, would lock them in
-        // opposite orders and deadlock (40P01): one batch refused, and at a stop its counts lost.
-        // With one order for every batch, whoever writes it, they queue instead.
-        let mut rows: Vec<HourlyCount<'a>> = rows.collect();
-        rows.sort_unstable_by(|a, b| (a.hour_start_ms, &a.key).cmp(&(b.hour_start_ms, &b.key)));
-        let rows: Vec<Vec<Arg<'_>>> = rows
-            .into_iter()
-            .map(|row| {
-                let mut args = vec![row.hour_start_ms.into()];
-                args.extend(row.key.into_iter().map(Arg::from));
-                args.extend([
-                    Arg::from(row.verified_count),
-                    row.last_verified_at_ms.into(),
-                ]);
-                args
-            })
-            .collect();
-        self.execute_each(&sql, &rows).await
+        keys: &[KeyUsage],
+        callers: &[CallerUsage],
+    ) -> anyhow::Result<()> {
+        let (key_sql, key_rows) = key_usage_batch(keys);
+        let (caller_sql, caller_rows) = callers::caller_usage_batch(callers);
+        let batches = [
+            (key_sql.as_str(), key_rows.as_slice()),
+            (caller_sql.as_str(), caller_rows.as_slice()),
+        ];
+        with_pool!(self, |pool| engine::run_batches(pool, &batches).await)
+            .context("recording key and caller usage")
     }
 
     /// Usage per key summed over the hours starting at or after `since_ms`.
@@ -781,7 +755,59 @@ impl Store {
     }
 }
 
-/// One row for [`Store::add_hourly`]: an hour, the values of the table's key columns, and the counts.
+/// The statement of [`Store::add_key_usage`] and its rows.
+fn key_usage_batch(rows: &[KeyUsage]) -> (String, Vec<Vec<Arg<'_>>>) {
+    let rows = rows.iter().map(|row| HourlyCount {
+        hour_start_ms: row.hour_start_ms,
+        key: vec![&row.source, &row.kid, &row.alg],
+        verified_count: row.verified_count,
+        last_verified_at_ms: row.last_verified_at_ms,
+    });
+    hourly_batch("key_usage_hourly", &["source", "kid", "alg"], rows)
+}
+
+/// The statement that adds `rows` to the hourly counts of `table`, keyed by the hour and
+/// `key_columns` (the counts are summed and the latest verification kept, whichever instance
+/// wrote first), and its rows, in the order of their keys whatever order they come in.
+fn hourly_batch<'a>(
+    table: &str,
+    key_columns: &[&str],
+    rows: impl Iterator<Item = HourlyCount<'a>>,
+) -> (String, Vec<Vec<Arg<'a>>>) {
+    let keys = key_columns.join(", ");
+    let params: Vec<String> = (1..=key_columns.len() + 3)
+        .map(|i| format!("${i}"))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {table} (hour_start, {keys}, verified_count, last_verified_at) \
+         VALUES ({}) ON CONFLICT (hour_start, {keys}) DO UPDATE SET \
+         verified_count = {table}.verified_count + excluded.verified_count, \
+         last_verified_at = CASE WHEN excluded.last_verified_at > {table}.last_verified_at \
+         THEN excluded.last_verified_at ELSE {table}.last_verified_at END",
+        params.join(", ")
+    );
+    // PostgreSQL locks each row as the batch's one transaction upserts it: two instances
+    // flushing the same keys, each in the order its own map held them, would lock them in
+    // opposite orders and deadlock (40P01): one batch refused, and at a stop its counts lost.
+    // With one order for every batch, whoever writes it, they queue instead.
+    let mut rows: Vec<HourlyCount<'a>> = rows.collect();
+    rows.sort_unstable_by(|a, b| (a.hour_start_ms, &a.key).cmp(&(b.hour_start_ms, &b.key)));
+    let rows: Vec<Vec<Arg<'_>>> = rows
+        .into_iter()
+        .map(|row| {
+            let mut args = vec![row.hour_start_ms.into()];
+            args.extend(row.key.into_iter().map(Arg::from));
+            args.extend([
+                Arg::from(row.verified_count),
+                row.last_verified_at_ms.into(),
+            ]);
+            args
+        })
+        .collect();
+    (sql, rows)
+}
+
+/// One row for [`hourly_batch`]: an hour, the values of the table's key columns, and the counts.
 struct HourlyCount<'a> {
     hour_start_ms: i64,
     key: Vec<&'a str>,

@@ -1468,7 +1468,8 @@ async fn legacy_use_counted_before_caller_counts_is_in_the_report_without_a_call
             "legacy service_role_key still used by nightly-export/1.0 on {SYNC}, 1 time in the \
              last 24 h; {total} verifications with the legacy secret in all, 1 from 1 client and \
              {not_recorded} with no caller recorded (counted by an edgegate from before caller \
-             counts, or left out of the per-caller counts)"
+             counts, or by a later one whose caller write failed after its key counts were \
+             written, or left out of the per-caller counts in a long database outage)"
         ),
     );
     // The contract's rows are callers, each of a known kind: the rest is listed apart.
@@ -1509,6 +1510,65 @@ async fn legacy_use_counted_before_caller_counts_is_in_the_report_without_a_call
     assert!(text.contains(&format!(
         "{total} verifications with the legacy secret in all"
     )));
+}
+
+/// The key counts and the callers of a flush are written in one transaction: a caller write that
+/// fails leaves the key counts of the batch unwritten too (kept for the next flush), so a report
+/// read from the database never shows this Machine's latest legacy verifications as having no
+/// caller recorded, and once the flush goes through both are there.
+#[tokio::test]
+async fn a_failed_caller_write_leaves_no_legacy_count_without_its_caller() {
+    let db = test_db!();
+    let (server, state) = instance(&db).await;
+    nightly_export(&server, &legacy_key("service_role")).await;
+    let store = db.store().await;
+    crate::retention::run_sql(
+        &db,
+        "ALTER TABLE caller_usage_hourly RENAME TO callers_away",
+    )
+    .await;
+    assert!(
+        state.usage.flush(&store).await.is_err(),
+        "no caller table to write to"
+    );
+    crate::retention::run_sql(
+        &db,
+        "ALTER TABLE callers_away RENAME TO caller_usage_hourly",
+    )
+    .await;
+
+    // Another Machine's report, from the database alone, while this one holds the batch.
+    let elsewhere = key_report(&state, &UsageTracker::default()).await;
+    assert_eq!(
+        elsewhere["legacy_usage_without_caller"],
+        Value::Null,
+        "{elsewhere:#}"
+    );
+    assert_eq!(
+        elsewhere["legacy_secret"]["verified_count"], 0,
+        "{elsewhere:#}"
+    );
+    // This Machine's own report still counts it, with its caller.
+    let here = admin(&server, "").await;
+    assert_eq!(here["legacy_secret"]["verified_count"], 1, "{here:#}");
+    assert_eq!(here["legacy_usage_without_caller"], Value::Null, "{here:#}");
+
+    state.usage.flush(&store).await.unwrap();
+    let elsewhere = key_report(&state, &UsageTracker::default()).await;
+    assert_eq!(
+        elsewhere["legacy_secret"]["verified_count"], 1,
+        "{elsewhere:#}"
+    );
+    assert_eq!(
+        elsewhere["legacy_usage_without_caller"],
+        Value::Null,
+        "{elsewhere:#}"
+    );
+    assert_eq!(
+        callers(&elsewhere),
+        [json!({"kind": "service_role_key", "route": SYNC,
+            "client": "nightly-export/1.0", "count": 1})]
+    );
 }
 
 /// Keys and callers of the hour starting `hours_ago` hours before `now`'s: a signing key and the
