@@ -201,14 +201,16 @@ impl ReportCallers {
 }
 
 /// Adds the hourly `rows` that count in the window ending at `now_ms` ([`counts_in`]) to `sums`,
-/// and every one of its hours to its whole hours.
+/// and the others of its hours (last used before its start) to `legacy_before_start`.
 fn add_counted(sums: &mut CallerSums, rows: &[CallerUsage], window: Duration, now_ms: i64) {
-    sums.extend(
-        rows.iter()
-            .filter(|row| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms)),
-    );
+    let counts =
+        |row: &&CallerUsage| counts_in(window, now_ms, row.hour_start_ms, row.last_verified_at_ms);
+    sums.extend(rows.iter().filter(counts));
     let first = first_hour(window, now_ms);
-    sums.extend_whole_hours(rows.iter().filter(|row| row.hour_start_ms >= first));
+    sums.extend_before_start(
+        rows.iter()
+            .filter(|row| row.hour_start_ms >= first && !counts(row)),
+    );
 }
 
 /// The database's hourly key rows of the hours from the earlier window's first, and the callers
@@ -518,15 +520,19 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
 /// legacy caller row of that hour: counted by an edgegate from before caller counts (it wrote
 /// the key counts alone) or by an earlier one whose caller write failed after its key counts,
 /// or left out of the per-caller counts ([`WithoutCaller`]). Each hour against all of its
-/// callers (`legacy_whole_hours`), their use before the window's start included, as an hour's key
-/// count holds it; an hour with more callers than key counts (a flush committed between the
-/// report's reads of the two) takes nothing from another.
+/// callers (`legacy_hours`, and `legacy_before_start` for the first), their use before the
+/// window's start included, as an hour's key count holds it; an hour with more callers than key
+/// counts (a flush committed between the report's reads of the two) takes nothing from another.
 fn without_caller(
     legacy_per_hour: &BTreeMap<i64, (i64, i64)>,
     callers: &CallerSums,
 ) -> Option<WithoutCaller> {
     let mut with_caller: HashMap<i64, i64> = HashMap::new();
-    for row in callers.legacy_whole_hours.iter().filter(|row| {
+    let whole_hours = callers
+        .legacy_hours
+        .iter()
+        .chain(&callers.legacy_before_start);
+    for row in whole_hours.filter(|row| {
         row.source == "legacy_secret"
             && LegacyKind::ALL.iter().any(|kind| kind.as_str() == row.kind)
     }) {

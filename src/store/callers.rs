@@ -58,9 +58,10 @@ pub struct CallerSums {
     /// The legacy secret's rows summed per kind and hour (route and client empty): the hourly
     /// series per kind.
     pub legacy_hours: Vec<CallerUsage>,
-    /// As `legacy_hours`, of every row of those hours, their last use before the window's start
-    /// or not: the callers an hour's key count holds, which counts whole once used in the window.
-    pub legacy_whole_hours: Vec<CallerUsage>,
+    /// As `legacy_hours`, of the rows of the window's first hour last used before the window's
+    /// start: in no number of the window, but in that hour's key count, which counts whole once
+    /// used in the window. With `legacy_hours`, every caller of the window's hours.
+    pub legacy_before_start: Vec<CallerUsage>,
 }
 
 impl CallerSums {
@@ -74,9 +75,10 @@ impl CallerSums {
         }
     }
 
-    /// Adds hourly rows of the window's hours, whatever their last use, to `legacy_whole_hours`.
-    pub fn extend_whole_hours<'a>(&mut self, rows: impl IntoIterator<Item = &'a CallerUsage>) {
-        self.legacy_whole_hours.extend(
+    /// Adds hourly rows of the window's hours last used before its start to
+    /// `legacy_before_start`.
+    pub fn extend_before_start<'a>(&mut self, rows: impl IntoIterator<Item = &'a CallerUsage>) {
+        self.legacy_before_start.extend(
             rows.into_iter()
                 .filter(|row| row.source == "legacy_secret")
                 .cloned(),
@@ -97,7 +99,8 @@ pub(super) fn caller_usage_batch(rows: &[CallerUsage]) -> (String, Vec<Vec<Arg<'
 }
 
 /// A row of [`Store::caller_usage_summed`]: summed per caller (`part` 0), per legacy kind and
-/// hour (1), or per legacy kind and whole hour (2).
+/// hour (1), or per legacy kind of the first hour's rows last used before the window's start
+/// (2).
 #[derive(sqlx::FromRow)]
 struct SummedRow {
     #[sqlx(flatten)]
@@ -132,9 +135,10 @@ impl Store {
 
     /// The caller rows of the hours starting at or after `first_hour_ms` whose last use is at or
     /// after `since_ms`, summed per caller and, the legacy secret's, per kind and hour; and the
-    /// legacy secret's rows of those hours whatever their last use, per kind and hour. One
-    /// statement, so the sums are of the same rows whatever a flush commits meanwhile; each
-    /// part reads the window's hours from the primary key, which starts with `hour_start`.
+    /// legacy secret's rows of the first hour last used before `since_ms`, per kind (every other
+    /// hour starts after `since_ms`, so its rows are all in the sums before). One statement, so
+    /// the sums are of the same rows whatever a flush commits meanwhile; each part reads its
+    /// hours from the primary key, which starts with `hour_start`, the last one hour only.
     pub async fn caller_usage_summed(
         &self,
         first_hour_ms: i64,
@@ -153,7 +157,7 @@ impl Store {
                    UNION ALL \
                    SELECT hour_start, source, kind, '', '', \
                    CAST(SUM(verified_count) AS BIGINT), MAX(last_verified_at), CAST(2 AS BIGINT) \
-                   FROM caller_usage_hourly WHERE hour_start >= $1 \
+                   FROM caller_usage_hourly WHERE hour_start = $1 AND last_verified_at < $2 \
                    AND source = 'legacy_secret' GROUP BY hour_start, source, kind";
         let rows: Vec<SummedRow> = with_pool!(self, |pool| {
             sqlx::query_as(sql)
@@ -168,7 +172,7 @@ impl Store {
             match part {
                 0 => sums.callers.push(row),
                 1 => sums.legacy_hours.push(row),
-                _ => sums.legacy_whole_hours.push(row),
+                _ => sums.legacy_before_start.push(row),
             }
         }
         Ok(sums)
