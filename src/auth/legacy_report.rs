@@ -241,18 +241,33 @@ pub async fn stored_dropped(store: &Store) -> anyhow::Result<Option<DroppedUsage
 pub fn view(
     keys: &[KeyUsage],
     callers: &ReportCallers,
+    verdict: LegacyVerdict,
+    evidence_dropped: Option<DroppedUsage>,
+) -> ReportView {
+    view_naming(keys, callers, verdict, evidence_dropped, true)
+}
+
+/// As [`view`], the top legacy caller named in the reason only when `name_caller`: not when the
+/// database's counts could not be read, since the reason then says only that, and a caller from
+/// this instance's unflushed counts alone is not the legacy secret's use.
+fn view_naming(
+    keys: &[KeyUsage],
+    callers: &ReportCallers,
     mut verdict: LegacyVerdict,
     evidence_dropped: Option<DroppedUsage>,
+    name_caller: bool,
 ) -> ReportView {
     let now_ms = callers.now_ms;
     let revocation_window = callers.revocation_window;
     let revocation = summarize_sums(keys, &callers.revocation, revocation_window, now_ms);
-    name_top_caller(
-        &mut verdict,
-        &revocation.legacy_usage,
-        revocation.legacy_usage_without_caller,
-        revocation_window,
-    );
+    if name_caller {
+        name_top_caller(
+            &mut verdict,
+            &revocation.legacy_usage,
+            revocation.legacy_usage_without_caller,
+            revocation_window,
+        );
+    }
     let usage = match &callers.usage {
         None => revocation,
         Some(sums) => summarize_sums(keys, sums, callers.usage_window, now_ms),
@@ -891,7 +906,13 @@ pub async fn key_report(
                 .to_owned(),
         };
     }
-    let report = view(&hourly_keys, &callers, verdict, dropped);
+    let report = view_naming(
+        &hourly_keys,
+        &callers,
+        verdict,
+        dropped,
+        usage_unavailable.is_none(),
+    );
     Ok(KeyReport {
         keys,
         api_keys,

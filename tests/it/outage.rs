@@ -662,7 +662,9 @@ async fn a_service_waiting_for_its_database_stops_promptly() {
 }
 
 /// `GET /admin/signing-keys` during an outage: the keys and the JWKS state are in memory, so
-/// they are listed; the usage counts are marked unavailable and revoking is not called safe.
+/// they are listed; the usage counts are marked unavailable and revoking is not called safe, the
+/// reason saying why alone: a legacy caller this instance has not flushed is not named in it as
+/// if it were the whole of the legacy use.
 #[tokio::test]
 async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable() {
     let db = postgres_db!();
@@ -691,11 +693,27 @@ async fn signing_keys_lists_the_keys_during_an_outage_with_the_usage_unavailable
         status_and_body(response).await
     };
 
+    // A legacy session this instance counted and has not flushed (no flusher runs here).
+    let response = client
+        .get(format!("http://{}/functions/v1/jwt-test", server.addr))
+        .header("authorization", legacy_bearer())
+        .header("user-agent", "okhttp/4.12.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
     outage.cut().await;
     let (status, body) = report().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["legacy_revocation_safe"], json!(false), "{body}");
     assert!(body["usage_unavailable"].is_string(), "{body}");
+    assert_eq!(
+        body["reason"],
+        "the database's usage counts cannot be read now, so the legacy secret's use is not \
+         known: ask again once the database answers",
+        "{body}"
+    );
     assert_eq!(body["legacy_secret"]["configured"], json!(true), "{body}");
     assert!(
         body["keys"]
