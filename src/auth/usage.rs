@@ -427,22 +427,97 @@ pub async fn prune_usage(
     now_ms: i64,
     statements_per_pass: usize,
 ) -> anyhow::Result<u64> {
+    let (_never_sent, never) = tokio::sync::watch::channel(false);
+    match prune_usage_until(store, now_ms, statements_per_pass, never).await? {
+        PassEnd::Done(deleted) | PassEnd::Stopped(deleted) => Ok(deleted),
+    }
+}
+
+/// How a pruning pass ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PassEnd {
+    /// Every statement it had to run ran: the rows deleted.
+    Done(u64),
+    /// Stopped between two statements, with the rows deleted until then: what is left goes at a
+    /// later pass (the next start's).
+    Stopped(u64),
+}
+
+/// [`prune_usage`] that stops between two statements once `stopped` says so (or its sender is
+/// gone), never inside one: a statement sent runs to its end whatever happens to its future
+/// (SQLite's worker thread finishes it, PostgreSQL finishes it server-side), so a pass cut off by
+/// dropping it would still delete a day after its stop.
+async fn prune_usage_until(
+    store: &Store,
+    now_ms: i64,
+    statements_per_pass: usize,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<PassEnd> {
     let kept_ms = i64::try_from(USAGE_KEPT.as_millis()).unwrap_or(i64::MAX);
     let before = now_ms.saturating_sub(kept_ms);
     let first_hour_kept = before.saturating_add((HOUR_MS - before.rem_euclid(HOUR_MS)) % HOUR_MS);
-    store.raise_usage_evidence(first_hour_kept).await?;
     let mut deleted = 0;
+    // Before each statement: the stop may have come during the one before (a table's last).
+    let stop_now = |stopped: &tokio::sync::watch::Receiver<bool>| {
+        *stopped.borrow() || stopped.has_changed().is_err()
+    };
+    if stop_now(&stopped) {
+        return Ok(PassEnd::Stopped(deleted));
+    }
+    store.raise_usage_evidence(first_hour_kept).await?;
     for table in HourlyTable::ALL {
         for _ in 0..statements_per_pass {
+            if stop_now(&stopped) {
+                return Ok(PassEnd::Stopped(deleted));
+            }
             let rows = store.prune_usage_day(table, before).await?;
             if rows == 0 {
                 break;
             }
             deleted += rows;
-            tokio::time::sleep(PRUNE_PAUSE).await;
+            tokio::select! {
+                biased;
+                // A sender gone is a stop too (the flusher's handle dropped).
+                _ = stopped.wait_for(|stop| *stop) => return Ok(PassEnd::Stopped(deleted)),
+                () = tokio::time::sleep(PRUNE_PAUSE) => {}
+            }
         }
     }
-    Ok(deleted)
+    Ok(PassEnd::Done(deleted))
+}
+
+/// Takes in a pruning pass that ended: a pass done is counted in `passes` and, when it
+/// succeeded, returns when it started (the next is due `Pruning::every` after); one stopped is
+/// neither (it did not do what it had to). Either logs the rows it deleted.
+fn pass_ended(
+    ended: Result<(std::time::Instant, anyhow::Result<PassEnd>), tokio::task::JoinError>,
+    passes: &tokio::sync::watch::Sender<u64>,
+) -> Option<std::time::Instant> {
+    let pass = ended
+        .map_err(anyhow::Error::from)
+        .and_then(|(started, pass)| Ok((started, pass?)));
+    let (pruned_at, deleted, stopped) = match pass {
+        Ok((started, PassEnd::Done(deleted))) => (Some(started), deleted, false),
+        Ok((_, PassEnd::Stopped(deleted))) => (None, deleted, true),
+        Err(err) => {
+            tracing::warn!(
+                error = crate::error::causes(&err),
+                "old hourly usage rows not deleted; will retry after the next flush"
+            );
+            (None, 0, false)
+        }
+    };
+    if deleted > 0 {
+        tracing::info!(
+            deleted,
+            stopped,
+            "deleted hourly usage rows older than 31 days (no window reads them)"
+        );
+    }
+    if !stopped {
+        passes.send_modify(|n| *n += 1);
+    }
+    pruned_at
 }
 
 /// Flushes every `FLUSH_INTERVAL` (every `FLUSH_RETRY` while flushes fail) until stopped, and
@@ -496,8 +571,9 @@ pub fn spawn_flusher_pruning(
         // The pass under way, at most one, in a task of its own: flushes and notes keep their
         // interval while it runs (many statements on a large backlog or a slow database), or
         // other instances would take this one, after WRITER_GONE_AFTER, for one that ended
-        // holding counts. Dropped with this task (a stop, an abort), which ends it too.
-        let mut pruning_pass: tokio::task::JoinSet<(std::time::Instant, anyhow::Result<u64>)> =
+        // holding counts. A stop ends it between two statements and waits for that; an abort
+        // drops it with this task (a statement already sent may still run to its end).
+        let mut pruning_pass: tokio::task::JoinSet<(std::time::Instant, anyhow::Result<PassEnd>)> =
             tokio::task::JoinSet::new();
         // Noted at once, so an instance killed before its first flush is seen too. A database
         // not ready yet (`serve --no-migrate` before `edgegate migrate`) notes it after a flush.
@@ -510,31 +586,18 @@ pub fn spawn_flusher_pruning(
             tokio::select! {
                 () = &mut next_flush => {}
                 Some(ended) = pruning_pass.join_next(), if !pruning_pass.is_empty() => {
-                    let pass = ended
-                        .map_err(anyhow::Error::from)
-                        .and_then(|(started, pass)| Ok((started, pass?)));
-                    match pass {
-                        Ok((started, deleted)) => {
-                            pruned_at = Some(started);
-                            if deleted > 0 {
-                                tracing::info!(
-                                    deleted,
-                                    "deleted hourly usage rows older than 31 days (no window \
-                                     reads them)"
-                                );
-                            }
-                        }
-                        Err(err) => tracing::warn!(
-                            error = crate::error::causes(&err),
-                            "old hourly usage rows not deleted; will retry after the next flush"
-                        ),
+                    if let Some(started) = pass_ended(ended, &passes) {
+                        pruned_at = Some(started);
                     }
-                    passes.send_modify(|n| *n += 1);
                     continue;
                 }
-                // A pass is many short statements: a stop does not wait for the rest of them.
+                // The pass under way stops between two statements: this waits for the one it
+                // runs, if any (a day's DELETE, bounded by the pool's acquire timeout and
+                // SQLite's busy timeout or PostgreSQL's statement timeout), not for the rest.
                 _ = stopped.changed() => {
-                    pruning_pass.shutdown().await;
+                    while let Some(ended) = pruning_pass.join_next().await {
+                        pass_ended(ended, &passes);
+                    }
                     return;
                 }
             }
@@ -560,14 +623,18 @@ pub fn spawn_flusher_pruning(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + pause);
             let due = pruned_at.is_none_or(|at| clock.now().duration_since(at) >= pruning.every);
-            if !flushed || !due || !pruning_pass.is_empty() {
+            // Not after a stop was asked for: the next loop ends.
+            let stopping = *stopped.borrow() || stopped.has_changed().is_err();
+            if !flushed || !due || !pruning_pass.is_empty() || stopping {
                 continue;
             }
             let started = clock.now();
             let (store, now_ms) = (store.clone(), clock.now_ms());
-            let statements = pruning.statements_per_pass;
-            pruning_pass
-                .spawn(async move { (started, prune_usage(&store, now_ms, statements).await) });
+            let (statements, stop) = (pruning.statements_per_pass, stopped.clone());
+            pruning_pass.spawn(async move {
+                let pass = prune_usage_until(&store, now_ms, statements, stop).await;
+                (started, pass)
+            });
         }
     });
     Flusher {
@@ -743,14 +810,18 @@ impl Flusher {
         &self.writer_id
     }
 
-    /// How many pruning passes have ended, successful or not (tests wait on it).
+    /// How many pruning passes have ended, successful or not, a pass a stop ended not among
+    /// them (tests wait on it).
     pub fn prune_passes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.prune_passes.clone()
     }
 
     /// Stops it between two flushes, never inside one: a flush takes the counts from memory
     /// before it writes them, so one cut off mid-write would lose them. A pruning pass under way
-    /// is ended, not waited for (what it has not deleted goes at the next start's).
+    /// stops between two of its statements: this waits for the one it runs, if any (a day of
+    /// hours; the pool's acquire timeout and SQLite's busy timeout or PostgreSQL's statement
+    /// timeout bound it), not for the rest, which goes at the next start's pass. Nothing is
+    /// deleted once it returns.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.join.await;

@@ -1747,10 +1747,19 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
 /// meanwhile: counts recorded during the pass reach the database, and its row in `usage_writers`
 /// keeps being noted, so no other instance takes it, after `WRITER_GONE_AFTER`, for one that
 /// ended holding counts (moving the evidence's start). A stop during the pass does not wait for
-/// the rest of it, nor leaves it running.
+/// the rest of it, nor leaves it running: it waits for the statement under way, after which
+/// nothing more is deleted, and the pass logs what it deleted, stopped, and is not counted.
 #[tokio::test]
 async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
     const DAY: i64 = 24 * HOUR;
+    // The flusher's log lines: its tasks run on this thread (a current-thread runtime).
+    let logs = LogLines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(logs.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
     let db = test_db!();
     let (store, clock, state) = on_a_manual_clock(&db, "2592000").await;
     let now = clock.now_ms();
@@ -1833,7 +1842,55 @@ async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
         after_stop,
         "the pass went on after the stop"
     );
-    assert_eq!(*passes.borrow(), 0);
+    assert_eq!(*passes.borrow(), 0, "a pass a stop ended was counted");
+    // What it deleted before the stop is logged, said stopped: rows, two key rows an hour.
+    let (keys_left, callers_left, _) = stored_hours(&store, cutoff).await;
+    let rows_gone = 2 * (100 - keys_left) + (100 - callers_left);
+    let pruned: Vec<Value> = logs
+        .text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("deleted hourly usage rows older than 31 days"))
+        })
+        .collect();
+    assert_eq!(
+        pruned
+            .iter()
+            .map(|line| (line["deleted"].clone(), line["stopped"].clone()))
+            .collect::<Vec<_>>(),
+        [(json!(rows_gone), json!(true))],
+        "{pruned:?}"
+    );
+}
+
+/// Log output kept in memory: what a test's subscriber wrote.
+#[derive(Clone, Default)]
+struct LogLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogLines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = LogLines;
+    fn make_writer(&'a self) -> LogLines {
+        self.clone()
+    }
 }
 
 /// A wall clock running weeks ahead prunes hours that are still inside the window once it is set
