@@ -253,6 +253,9 @@ pub struct RewriteOfEarlierBuilds {
     rows: i64,
     /// No sync before this, after a failed one.
     not_before: Option<Instant>,
+    /// The newest state stamped ahead of this host's clock already warned of (kept through a
+    /// reset, so each distinct case is warned of once, not at every check).
+    warned_ahead: Option<i64>,
 }
 
 impl RewriteOfEarlierBuilds {
@@ -263,7 +266,16 @@ impl RewriteOfEarlierBuilds {
             failure: None,
             rows: 0,
             not_before: None,
+            warned_ahead: None,
         }
+    }
+
+    /// As after a sync that succeeded: no failure to wait after, what was warned of kept.
+    fn reset(&mut self) {
+        *self = Self {
+            warned_ahead: self.warned_ahead,
+            ..Self::new(self.interval)
+        };
     }
 
     /// Called at start and after each periodic reconciliation: runs the sync when the catalogue
@@ -280,7 +292,7 @@ impl RewriteOfEarlierBuilds {
     ) {
         let rows = match store.catalogue_rows_by_earlier_builds().await {
             Ok(0) => {
-                *self = Self::new(self.interval);
+                self.reset();
                 return;
             }
             Ok(rows) => rows,
@@ -318,9 +330,24 @@ impl RewriteOfEarlierBuilds {
         // guard is kept whole: the wait only lets the sync ask Stripe after those events.
         match store.newest_as_of_by_earlier_builds().await {
             Ok(Some(newest)) => {
-                let wait = until_listed_as_of(newest, clock.now_ms());
-                if !wait.is_zero() {
-                    let wait = wait.min(REWRITE_AS_OF_WAIT_MAX);
+                let now_ms = clock.now_ms();
+                let wait = until_listed_as_of(newest, now_ms);
+                if wait > REWRITE_AS_OF_WAIT_MAX {
+                    // Stamped ahead of this host's clock (the earlier build's ran ahead, or this
+                    // one's runs behind): no listing is newer before the clock passes it, so no
+                    // wait helps; the sync rewrites the other rows now.
+                    if self.warned_ahead != Some(newest) {
+                        self.warned_ahead = Some(newest);
+                        tracing::warn!(
+                            ahead_s = newest.saturating_sub(now_ms).saturating_add(999) / 1000,
+                            "catalogue rows of earlier builds hold state stamped up to ahead_s ahead of \
+                             this host's clock, newer than any listing from Stripe until the clock \
+                             passes it: they stay as that build wrote them until then, and a sync \
+                             after it (a periodic check, or run the sync) rewrites them; check the \
+                             clocks of the hosts (NTP) of both builds"
+                        );
+                    }
+                } else if !wait.is_zero() {
                     tracing::debug!(
                         wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                         "catalogue sync for rows of earlier builds waits for Stripe's listing to \
@@ -342,7 +369,8 @@ impl RewriteOfEarlierBuilds {
         let err = match result {
             Ok(report) => {
                 // Rows written since the listing began (an earlier build still running beside
-                // this one) are left for the next check, and said so rather than "rewritten".
+                // this one) or holding state newer than it (stamped ahead of this host's clock)
+                // are left for a later check, and said so rather than "rewritten".
                 let left = store.catalogue_rows_by_earlier_builds().await.ok();
                 if left.is_some_and(|left| left > 0) {
                     tracing::info!(
@@ -350,8 +378,8 @@ impl RewriteOfEarlierBuilds {
                         prices_written = report.prices.upserted,
                         rows_left = left,
                         "catalogue rows of earlier builds rewritten but rows_left, written by an \
-                         earlier build since the listing or newer than it; the next check \
-                         rewrites them"
+                         earlier build since the listing or holding state newer than it, left \
+                         for a later check"
                     );
                 } else {
                     tracing::info!(
@@ -360,7 +388,7 @@ impl RewriteOfEarlierBuilds {
                         "catalogue rows of earlier builds rewritten"
                     );
                 }
-                *self = Self::new(self.interval);
+                self.reset();
                 return;
             }
             Err(SyncError::InProgress(_)) => {

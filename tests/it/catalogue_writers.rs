@@ -162,6 +162,116 @@ async fn a_row_an_earlier_build_wrote_just_before_the_check_is_rewritten_by_it()
     assert_eq!(count(&db, upserted).await, 1, "the rewrite wrote the row");
 }
 
+/// Log lines of this thread, as JSON: those of a current-thread test's tasks (the periodic one).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Captures until the guard is dropped.
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(self.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The lines whose message starts with `start`.
+    fn lines(&self, start: &str) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(start))
+            })
+            .collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// A row an earlier build wrote with state stamped ahead of this host's clock (that build's
+/// clock ran ahead) is newer than any listing until the clock passes it: no wait capped at 3 s
+/// lets a sync overwrite it. The check waited those 3 s at every check for nothing and said
+/// "the next check rewrites them"; it now syncs at once and warns, once, how far ahead the row
+/// is (`ahead_s`) and what to do.
+#[tokio::test]
+async fn a_row_stamped_ahead_of_this_hosts_clock_is_warned_of_once_and_not_waited_for() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    let store = &app.state.store;
+    let product = fake_stripe::product_id(0);
+    // The earlier build's clock ran an hour ahead.
+    let hour_ms = 3_600_000;
+    let event_created = now_ms() + hour_ms;
+    write_as_an_earlier_build(
+        &db,
+        &format!(
+            "UPDATE stripe_products SET name = 'Renamed by the earlier build', \
+             last_event_created = {event_created}, synced_at = synced_at + 5 \
+             WHERE id = '{product}' RETURNING 1"
+        ),
+    )
+    .await;
+    let ok = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok'";
+    let synced = count(&db, ok).await;
+
+    let logs = Captured::default();
+    let _capture = logs.start();
+    // Checks after every run, 50 ms apart: each syncs, as the row is left.
+    let task = spawn_periodic(&app, Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, ok).await < synced + 4 {
+        assert!(Instant::now() < deadline, "no four syncs 20 s after start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let ahead = logs.lines("catalogue rows of earlier builds hold state stamped");
+    assert_eq!(ahead.len(), 1, "one warning for four checks: {ahead:?}");
+    assert_eq!(ahead[0]["level"], "WARN", "{:?}", ahead[0]);
+    let ahead_s = ahead[0]["ahead_s"].as_i64().unwrap();
+    assert!(
+        (hour_ms / 1000 - 30..=hour_ms / 1000).contains(&ahead_s),
+        "ahead_s {ahead_s}"
+    );
+    let waits = logs.lines("catalogue sync for rows of earlier builds waits for");
+    assert!(
+        waits.is_empty(),
+        "waited for a listing it cannot get: {waits:?}"
+    );
+    let closing = logs.lines("catalogue rows of earlier builds rewritten");
+    assert!(closing.len() >= 4, "{closing:?}");
+    for line in &closing {
+        assert_eq!(line["rows_left"], 1, "{line:?}");
+        let message = line["message"].as_str().unwrap();
+        assert!(!message.contains("next check rewrites"), "{message}");
+    }
+    // Left as the earlier build wrote it, until this host's clock passes its stamp.
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
+}
+
 /// A sync's stamp of the rows it found unchanged keeps them this build's (else every sync would
 /// call for the next); rows from before the columns count as an earlier build's until synced.
 #[tokio::test]
