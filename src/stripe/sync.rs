@@ -368,26 +368,8 @@ impl RewriteOfEarlierBuilds {
         metrics.sync_run(Trigger::Periodic, outcome);
         let err = match result {
             Ok(report) => {
-                // Rows written since the listing began (an earlier build still running beside
-                // this one) or holding state newer than it (stamped ahead of this host's clock)
-                // are left for a later check, and said so rather than "rewritten".
-                let left = store.catalogue_rows_by_earlier_builds().await.ok();
-                if left.is_some_and(|left| left > 0) {
-                    tracing::info!(
-                        products_written = report.products.upserted,
-                        prices_written = report.prices.upserted,
-                        rows_left = left,
-                        "catalogue rows of earlier builds rewritten but rows_left, written by an \
-                         earlier build since the listing or holding state newer than it, left \
-                         for a later check"
-                    );
-                } else {
-                    tracing::info!(
-                        products_written = report.products.upserted,
-                        prices_written = report.prices.upserted,
-                        "catalogue rows of earlier builds rewritten"
-                    );
-                }
+                let left = store.catalogue_rows_by_earlier_builds().await;
+                log_rewritten(&report, left);
                 self.reset();
                 return;
             }
@@ -417,6 +399,37 @@ impl RewriteOfEarlierBuilds {
             "catalogue sync for rows of earlier builds failed{hint}; tried again after the first \
              periodic run retry_in_s or more from now (0: the next), or run the sync"
         );
+    }
+}
+
+/// The line that closes a sync of rows of earlier builds that succeeded, given the count of
+/// such rows `left` after it.
+fn log_rewritten(report: &SyncReport, left: anyhow::Result<i64>) {
+    // Rows written since the listing began (an earlier build still running beside this one) or
+    // holding state newer than it (stamped ahead of this host's clock) are left for a later
+    // check, and said so rather than "rewritten".
+    match left {
+        Ok(0) => tracing::info!(
+            products_written = report.products.upserted,
+            prices_written = report.prices.upserted,
+            "catalogue rows of earlier builds rewritten"
+        ),
+        Ok(left) => tracing::info!(
+            products_written = report.products.upserted,
+            prices_written = report.prices.upserted,
+            rows_left = left,
+            "catalogue rows of earlier builds rewritten but rows_left, written by an earlier \
+             build since the listing or holding state newer than it, left for a later check"
+        ),
+        // The sync succeeded; whether it left any row is unknown, and the next check counts.
+        Err(err) => tracing::warn!(
+            products_written = report.products.upserted,
+            prices_written = report.prices.upserted,
+            error = crate::error::causes(&err),
+            "catalogue sync for rows of earlier builds done, but cannot tell whether it left any \
+             (rows an earlier build wrote since the listing or holding state newer than it); the \
+             next check counts them again"
+        ),
     }
 }
 
@@ -720,6 +733,56 @@ fn count(rows: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A count of the rows left that fails says so, and does not claim every row rewritten.
+    #[test]
+    fn a_rewrite_whose_rows_left_cannot_be_counted_does_not_claim_them_all_rewritten() {
+        let report = SyncReport::new(
+            &SyncCounts {
+                products_upserted: 2,
+                prices_upserted: 3,
+                ..SyncCounts::default()
+            },
+            Duration::ZERO,
+        );
+        let logged = |left: anyhow::Result<i64>| {
+            let lines = crate::telemetry::LogLines::default();
+            let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+            log_rewritten(&report, left);
+            let text = lines.text();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        };
+        let line = logged(Err(anyhow::anyhow!("database is locked")
+            .context("counting the catalogue rows earlier builds wrote")));
+        assert_eq!(line["level"], "WARN", "{line}");
+        let message = line["message"].as_str().unwrap();
+        assert_ne!(
+            message, "catalogue rows of earlier builds rewritten",
+            "{line}"
+        );
+        assert!(message.contains("cannot tell"), "{line}");
+        let error = line["error"].as_str().unwrap();
+        assert!(
+            error.contains("counting the catalogue rows") && error.contains("database is locked"),
+            "{line}"
+        );
+        assert_eq!(
+            (
+                line["products_written"].as_i64(),
+                line["prices_written"].as_i64()
+            ),
+            (Some(2), Some(3))
+        );
+
+        let line = logged(Ok(0));
+        assert_eq!(
+            line["message"], "catalogue rows of earlier builds rewritten",
+            "{line}"
+        );
+        let line = logged(Ok(4));
+        assert_eq!(line["rows_left"], 4, "{line}");
+    }
 
     /// The wait ends at the first millisecond whose page counts as of the row's state.
     #[test]
