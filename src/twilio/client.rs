@@ -44,15 +44,33 @@ fn error_code<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Optio
     })
 }
 
-/// `error_message` as Twilio writes it: a string or null (anything else, or a blank string,
-/// reads as none rather than making the whole resource unreadable).
+/// `error_message` as Twilio writes it: a string or null (anything else reads as none rather
+/// than making the whole resource unreadable), kept as [`twilio_text`] has it.
 fn error_message<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
     Ok(match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::String(text) if !text.trim().is_empty() => Some(text),
+        serde_json::Value::String(text) => twilio_text(&text),
         _ => None,
     })
+}
+
+/// The most of a text from Twilio (an error's description) that is kept.
+pub const MAX_TWILIO_TEXT_CHARS: usize = 256;
+
+/// A text from Twilio as edgegate stores and shows it: without control characters (a U+0000,
+/// which PostgreSQL cannot store, made the row's every update fail; an escape sequence would
+/// reach an operator's terminal), trimmed, its first [`MAX_TWILIO_TEXT_CHARS`] characters;
+/// none when nothing is left.
+pub fn twilio_text(text: &str) -> Option<String> {
+    let printable: String = text.chars().filter(|c| !c.is_control()).collect();
+    let kept: String = printable
+        .trim()
+        .chars()
+        .take(MAX_TWILIO_TEXT_CHARS)
+        .collect();
+    let kept = kept.trim_end();
+    (!kept.is_empty()).then(|| kept.to_owned())
 }
 
 /// The fields of Twilio's Account resource that `check` shows.
@@ -288,9 +306,24 @@ mod tests {
             read("Unreachable destination handset".into()).as_deref(),
             Some("Unreachable destination handset")
         );
-        for odd in [serde_json::Value::Null, "  ".into(), 30003.into()] {
+        for odd in [
+            serde_json::Value::Null,
+            "  ".into(),
+            30003.into(),
+            "\u{0}\r\n\u{1b}".into(),
+        ] {
             assert_eq!(read(odd), None);
         }
+        // Control characters dropped, trimmed, cut on a character boundary.
+        assert_eq!(
+            read("\tNo\u{0} route\u{1b}[0m\n ".into()).as_deref(),
+            Some("No route[0m")
+        );
+        let cut = read(format!("{}€ and more", "a".repeat(MAX_TWILIO_TEXT_CHARS - 1)).into());
+        assert_eq!(
+            cut,
+            Some(format!("{}€", "a".repeat(MAX_TWILIO_TEXT_CHARS - 1)))
+        );
         let resource: MessageResource =
             serde_json::from_str(r#"{"sid":"SM1","status":"sent"}"#).unwrap();
         assert_eq!(resource.error_message, None);

@@ -2377,6 +2377,62 @@ async fn sms_recovery_fetches_the_final_status_whose_callback_was_lost() {
     assert_eq!(fake.fetches().len(), 2);
 }
 
+/// Twilio's description is text from outside, stored as it came: a NUL in it made PostgreSQL
+/// refuse the UPDATE, so the message's status never recovered (the pass warned at every check
+/// for 72 h), and any length or terminal escape reached the row. It is stored without control
+/// characters, trimmed and cut to 256 characters; one left blank is none.
+#[tokio::test]
+async fn sms_recovery_stores_twilios_description_as_one_short_printable_line() {
+    use edgegate::twilio::recover::{SETTLE, recover_statuses};
+    let (_db, fake, app) = one_instance!(&[]);
+    let odd = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_eq!(odd.status, 202, "{}", odd.body);
+    let blank = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
+    assert_eq!(blank.status, 202, "{}", blank.body);
+    // A NUL, an escape sequence, a line break, then 10 KB (5,000 two-byte characters).
+    let long = "é".repeat(5_000);
+    let description = format!(" Unreachable\u{0}handset\u{1b}[2J\r\n{long}");
+    fake.set_status_described(
+        odd.body["sid"].as_str().unwrap(),
+        "undelivered",
+        Some(30003),
+        Some(&description),
+    );
+    fake.set_status_described(
+        blank.body["sid"].as_str().unwrap(),
+        "failed",
+        Some(30008),
+        Some("\u{0}\u{1b}\t \u{7f}"),
+    );
+    let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
+    let clock = edgegate::clock::Clock::manual();
+    clock.advance(SETTLE + Duration::from_secs(1));
+    let pass = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
+    assert_eq!((pass.fetched, pass.applied), (2, 2), "{pass:?}");
+
+    let row = stored(&app, &odd).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code),
+        ("undelivered", Some(30003))
+    );
+    let stored_text = row.error_message.expect("a description");
+    let printable: String = description.chars().filter(|c| !c.is_control()).collect();
+    let expected: String = printable.trim().chars().take(256).collect();
+    assert_eq!(stored_text, expected);
+    assert_eq!(stored_text.chars().count(), 256);
+    assert!(
+        stored_text.starts_with("Unreachablehandset[2J"),
+        "{stored_text}"
+    );
+    let row = stored(&app, &blank).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code, row.error_message),
+        ("failed", Some(30008), None)
+    );
+}
+
 /// One pass fetches at most `BATCH` rows, oldest change first; a row just checked waits at
 /// least as long as it had been unchanged before that check (so a message that stays `sent`
 /// is asked about a few times, not every pass); a status lower than the stored one, a
