@@ -58,10 +58,10 @@ fn error_message<'de, D: serde::Deserializer<'de>>(
 /// The most of a text from Twilio (an error's description) that is kept.
 pub const MAX_TWILIO_TEXT_CHARS: usize = 256;
 
-/// A text from Twilio as edgegate stores and shows it: without control characters (a U+0000,
-/// which PostgreSQL cannot store, made the row's every update fail; an escape sequence would
-/// reach an operator's terminal), trimmed, its first [`MAX_TWILIO_TEXT_CHARS`] characters;
-/// none when nothing is left.
+/// A text from Twilio (a message's `error_message`, an error's `message`) as edgegate stores
+/// and shows it: without control characters (a U+0000, which PostgreSQL cannot store, made the
+/// row's write fail; an escape sequence would reach an operator's terminal), trimmed, its first
+/// [`MAX_TWILIO_TEXT_CHARS`] characters; none when nothing is left.
 pub fn twilio_text(text: &str) -> Option<String> {
     let printable: String = text.chars().filter(|c| !c.is_control()).collect();
     let kept: String = printable
@@ -89,12 +89,21 @@ pub struct TwilioErrorBody {
 }
 
 impl TwilioErrorBody {
-    /// Twilio's own words for the error: "message (error 21211)".
+    /// Twilio's own words for the error: "message (error 21211)". As received: `check` writes
+    /// their control characters out; [`Self::describe_stored`] is what a row keeps.
     pub fn describe(&self, http_status: u16) -> String {
-        let message = self
-            .message
-            .clone()
-            .unwrap_or_else(|| format!("HTTP {http_status}"));
+        self.described(self.message.clone(), http_status)
+    }
+
+    /// As [`Self::describe`], with the message as [`twilio_text`] keeps it: stored with a
+    /// refused message (PostgreSQL cannot store a U+0000) and answered to its caller.
+    pub fn describe_stored(&self, http_status: u16) -> String {
+        let message = self.message.as_deref().and_then(twilio_text);
+        self.described(message, http_status)
+    }
+
+    fn described(&self, message: Option<String>, http_status: u16) -> String {
+        let message = message.unwrap_or_else(|| format!("HTTP {http_status}"));
         match self.code {
             Some(code) => format!("{message} (error {code})"),
             None => message,

@@ -826,7 +826,7 @@ async fn record_failure(
     };
     let (status, code, detail, answer) = match &err {
         CallError::Rejected { http_status, body } => {
-            let detail = body.describe(*http_status);
+            let detail = body.describe_stored(*http_status);
             let answer = refusal(body.code, &detail);
             (STATUS_FAILED, body.code, detail, answer)
         }

@@ -169,11 +169,16 @@ async fn stored(instance: &Instance, answer: &Answer) -> edgegate::store::SmsMes
 }
 
 async fn only_message_status(instance: &Instance) -> (String, Option<i64>) {
+    let row = last_message(instance).await;
+    (row.status, row.error_code)
+}
+
+/// The row of the last send (the audit log's last entry), whatever its answer.
+async fn last_message(instance: &Instance) -> edgegate::store::SmsMessage {
     let audit = instance.state.store.recent_audit(1).await.unwrap();
     let detail: Value = serde_json::from_str(audit[0].detail.as_deref().expect("detail")).unwrap();
     let id = detail["sms_id"].as_str().unwrap();
-    let row = instance.state.store.sms_message(id).await.unwrap().unwrap();
-    (row.status, row.error_code)
+    instance.state.store.sms_message(id).await.unwrap().unwrap()
 }
 
 /// Sends one text to `to`, expects 502 `UPSTREAM_UNAVAILABLE`, and the row left `row_status`.
@@ -1033,6 +1038,39 @@ async fn sms_numbers_twilio_refuses_are_422_naming_to() {
         fake.requests().len(),
         refusals.len(),
         "refusals are not retried"
+    );
+}
+
+/// Twilio's words for a refusal are stored (and answered) as its description from a status
+/// fetch is: a U+0000 in them made PostgreSQL refuse the row's write ("SMS failure not
+/// stored"), which left the message `accepted`; they are kept without control characters,
+/// trimmed and cut to 256 characters.
+#[tokio::test]
+async fn sms_refusal_words_are_stored_as_one_short_printable_line() {
+    let (_db, fake, app) = one_instance!(&[]);
+    let long = "é".repeat(5_000);
+    let words: &'static str =
+        Box::leak(format!("The 'To' number\u{0} is not valid\u{1b}[2J\r\n{long}").into_boxed_str());
+    fake.script([Reply::Error {
+        http: 400,
+        code: 21211,
+        message: words,
+    }]);
+    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_error(&answer, 422, "VALIDATION_FAILED");
+    let printable: String = words.chars().filter(|c| !c.is_control()).collect();
+    let kept: String = printable.trim().chars().take(256).collect();
+    let detail = format!("{kept} (error 21211)");
+    let row = last_message(&app).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code),
+        ("failed", Some(21211))
+    );
+    assert_eq!(row.error_message.as_deref(), Some(detail.as_str()));
+    assert_eq!(answer.body["message"], format!("to: {detail}"));
+    assert!(
+        detail.starts_with("The 'To' number is not valid[2Jé"),
+        "{detail}"
     );
 }
 
