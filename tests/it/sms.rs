@@ -2471,6 +2471,57 @@ async fn sms_recovery_stores_twilios_description_as_one_short_printable_line() {
     );
 }
 
+/// A description the recovery pass stored is the status's own: a later status applied by a
+/// callback (which carries none) clears it, with the code as the callbacks' rule has it (none,
+/// or the callback's own).
+#[tokio::test]
+async fn a_description_recovery_stored_is_cleared_by_a_later_status_callback() {
+    use edgegate::twilio::recover::{SETTLE, recover_statuses};
+    let (_db, fake, app) = one_instance!(&[]);
+    let delivered = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    assert_eq!(delivered.status, 202, "{}", delivered.body);
+    let undelivered = send(&app, json!({"to": "+12025550124", "body": "hi"})).await;
+    assert_eq!(undelivered.status, 202, "{}", undelivered.body);
+    let sids = [&delivered, &undelivered].map(|a| a.body["sid"].as_str().unwrap().to_owned());
+    for sid in &sids {
+        fake.set_status_described(sid, "sent", Some(30008), Some("Unknown error"));
+    }
+    let (store, api, metrics) = (&app.state.store, twilio_api(&app), &app.state.sms_metrics);
+    let clock = edgegate::clock::Clock::manual();
+    clock.advance(SETTLE + Duration::from_secs(1));
+    let pass = recover_statuses(store, &api, &clock, metrics)
+        .await
+        .unwrap();
+    assert_eq!((pass.fetched, pass.applied), (2, 2), "{pass:?}");
+    for answer in [&delivered, &undelivered] {
+        let row = stored(&app, answer).await;
+        assert_eq!(
+            (
+                row.status.as_str(),
+                row.error_code,
+                row.error_message.as_deref()
+            ),
+            ("sent", Some(30008), Some("Unknown error"))
+        );
+    }
+
+    let ok = callback(&app, &status_params(&sids[0], "delivered"), TOKEN).await;
+    assert_eq!(ok, 204);
+    let mut failed = status_params(&sids[1], "undelivered");
+    failed.push(("ErrorCode", "30005"));
+    assert_eq!(callback(&app, &failed, TOKEN).await, 204);
+    let row = stored(&app, &delivered).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code, row.error_message),
+        ("delivered", None, None)
+    );
+    let row = stored(&app, &undelivered).await;
+    assert_eq!(
+        (row.status.as_str(), row.error_code, row.error_message),
+        ("undelivered", Some(30005), None)
+    );
+}
+
 /// One pass fetches at most `BATCH` rows, oldest change first; a row just checked waits at
 /// least as long as it had been unchanged before that check (so a message that stays `sent`
 /// is asked about a few times, not every pass); a status lower than the stored one, a
