@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::process::{BIN, edgegate, free_port, output, signal, wait_exit, wait_healthy};
-use crate::support::{TestDb, in_ci};
+use crate::support::{TestDb, in_ci, skipped};
 
 /// The user the image runs edgegate as.
 const IMAGE_UID: u32 = 10001;
@@ -23,36 +23,40 @@ fn binary_for_anyone(dir: &Path) -> std::path::PathBuf {
     bin
 }
 
-/// `bin` run as [`IMAGE_UID`] (`setpriv`, as the image's `USER` does), with a clean environment
-/// plus `vars`, and killed after 30 s (a `serve` that starts by mistake ends). `None` after a
-/// notice where this process cannot change its user (not root); a failure under `CI=true`.
-/// Root reads and writes any file whatever its mode, so the files' owners and modes are only
-/// tested by another user.
-fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Option<Command> {
-    let setpriv = |command: &mut Command| {
-        command.args([
-            "--reuid",
-            &IMAGE_UID.to_string(),
-            "--regid",
-            &IMAGE_UID.to_string(),
-            "--clear-groups",
-        ]);
-    };
+/// `setpriv`'s arguments that run a program as [`IMAGE_UID`], as the image's `USER` does.
+fn setpriv_as_image_user(command: &mut Command) {
+    let uid = IMAGE_UID.to_string();
+    command.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"]);
+}
+
+/// Whether `bin` can be run as [`IMAGE_UID`] here: asked before the test gives anything to that
+/// user (which needs root too). Not where this process cannot change its user (not root): then
+/// a notice the test's output shows, and a failure under `CI=true`. Root reads and writes any
+/// file whatever its mode, so the files' owners and modes are only tested by another user.
+fn image_user_can_run(bin: &Path) -> bool {
     let mut probe = Command::new("setpriv");
-    setpriv(&mut probe);
+    setpriv_as_image_user(&mut probe);
     let probed = probe.arg(bin).arg("--version").output();
-    if !probed.as_ref().is_ok_and(|out| out.status.success()) {
-        let why = format!("{probed:?}");
-        assert!(
-            !in_ci(),
-            "CI=true and edgegate cannot be run as uid {IMAGE_UID}: {why}"
-        );
-        eprintln!("SKIPPED: edgegate cannot be run as uid {IMAGE_UID} here (needs root): {why}");
-        return None;
+    if probed.as_ref().is_ok_and(|out| out.status.success()) {
+        return true;
     }
+    let why = format!("{probed:?}");
+    assert!(
+        !in_ci(),
+        "CI=true and edgegate cannot be run as uid {IMAGE_UID}: {why}"
+    );
+    skipped(&format!(
+        "edgegate cannot be run as uid {IMAGE_UID} here (needs root): {why}"
+    ));
+    false
+}
+
+/// `bin` run as [`IMAGE_UID`] (see [`image_user_can_run`]), with a clean environment plus
+/// `vars`, and killed after 30 s (a `serve` that starts by mistake ends).
+fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Command {
     let mut command = Command::new("timeout");
     command.args(["30", "setpriv"]);
-    setpriv(&mut command);
+    setpriv_as_image_user(&mut command);
     command.arg(bin);
     let template = edgegate(dir, vars);
     command.env_clear().current_dir(dir);
@@ -65,7 +69,7 @@ fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Option<Comman
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    Some(command)
+    command
 }
 
 fn chown(path: &Path, uid: u32) {
@@ -91,6 +95,9 @@ fn database_line(stdout: &str) -> String {
 async fn files_of_another_user_are_named_with_the_command_that_gives_them_back() {
     let dir = tempfile::tempdir().unwrap();
     let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return;
+    }
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     chown(&data, IMAGE_UID);
@@ -98,15 +105,12 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
     let url = format!("sqlite://{}", file.display());
     let port = free_port().to_string();
     let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
-    if as_image_user(dir.path(), &bin, &vars).is_none() {
-        return;
-    }
     // Restored by root: a database migrated, the files its own.
     let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
     assert!(migrated.status.success(), "{migrated:?}");
     let path_of = |suffix: &str| format!("{}{suffix}", file.display());
     let run = |command: &str| {
-        let mut child = as_image_user(dir.path(), &bin, &vars).unwrap();
+        let mut child = as_image_user(dir.path(), &bin, &vars);
         output(child.arg(command))
     };
 
@@ -185,7 +189,7 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
     for suffix in ["-wal", "-shm"] {
         chown(Path::new(&path_of(suffix)), IMAGE_UID);
     }
-    let mut serve = as_image_user(dir.path(), &bin, &vars).unwrap();
+    let mut serve = as_image_user(dir.path(), &bin, &vars);
     serve.arg("serve");
     let mut server = crate::process::spawn_logged(serve, dir.path(), "server.log");
     let healthy = wait_healthy(port.parse().unwrap()).await;

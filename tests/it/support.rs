@@ -28,6 +28,14 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
 }
 
+/// Says that a test skipped and why, where it is seen: the test harness keeps what `eprintln!`
+/// prints from a test that passes to itself (a skip printed with it was shown by nothing short
+/// of `--nocapture`); written to the process's standard error itself, which it does not capture.
+pub fn skipped(why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
 impl TestDb {
     /// SQLite in a temporary folder, or, when `TEST_POSTGRES_URL` is set, a new schema there.
     /// `None` (after a printed notice) when PostgreSQL was asked for but does not answer,
