@@ -194,20 +194,35 @@ pub(crate) fn is_empty_database(file: &Path) -> bool {
     empty(&file) && (!wal.exists() || empty(&wal))
 }
 
-/// The files edgegate reads and writes for the database `file`: the database, SQLite's `-wal`
-/// and `-shm` beside it, and the migration lock ([`migration_lock_path`]).
-fn database_files(file: &Path) -> [std::path::PathBuf; 4] {
+/// The files SQLite reads and writes for the database `file`: the database, and its `-wal` and
+/// `-shm` beside it. Not the migration lock ([`migration_lock_path`]), which only a migration
+/// opens (for writing), and which [`migrate`] names when it cannot.
+fn database_files(file: &Path) -> [std::path::PathBuf; 3] {
     let beside = |suffix: &str| {
         let mut path = file.as_os_str().to_owned();
         path.push(suffix);
         std::path::PathBuf::from(path)
     };
-    [
-        file.to_owned(),
-        beside("-wal"),
-        beside("-shm"),
-        beside(".migrate-lock"),
-    ]
+    [file.to_owned(), beside("-wal"), beside("-shm")]
+}
+
+/// `path`, its owner and mode when it can be read, and what the system said to `opening` it.
+fn refused_file(path: &Path, opening: &str, refusal: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let owner = std::fs::metadata(path).map_or_else(
+        |_| String::new(),
+        |meta| {
+            format!(
+                " is owned by uid {} with mode {:o}, and",
+                meta.uid(),
+                meta.mode() & 0o7777
+            )
+        },
+    );
+    format!(
+        "{}{owner} cannot be opened for {opening} ({refusal})",
+        path.display()
+    )
 }
 
 /// What keeps edgegate from reading and writing the database `file` or the files beside it
@@ -221,7 +236,6 @@ fn database_files(file: &Path) -> [std::path::PathBuf; 4] {
 /// on it, SQLite's among them.
 pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
     use rustix::fs::{Access, AtFlags, CWD, accessat};
-    use std::os::unix::fs::MetadataExt as _;
     let present: Vec<_> = database_files(file)
         .into_iter()
         .filter(|path| path.exists())
@@ -236,39 +250,39 @@ pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
                 AtFlags::EACCESS,
             )
             .err()?;
-            let owner = std::fs::metadata(path).map_or_else(
-                |_| String::new(),
-                |meta| {
-                    format!(
-                        " is owned by uid {} with mode {:o}, and",
-                        meta.uid(),
-                        meta.mode() & 0o7777
-                    )
-                },
-            );
-            Some(format!(
-                "{}{owner} cannot be opened for reading and writing ({})",
-                path.display(),
-                std::io::Error::from(refusal)
+            Some(refused_file(
+                path,
+                "reading and writing",
+                &std::io::Error::from(refusal),
             ))
         })
         .collect();
     if refused.is_empty() {
         return None;
     }
+    Some(format!(
+        "{}: {}",
+        refused.join("; "),
+        give_back(
+            "must read and write the database and the files beside it",
+            &present
+        )
+    ))
+}
+
+/// What to run to give `paths` back to the user edgegate runs as, which `needs` them.
+fn give_back(needs: &str, paths: &[std::path::PathBuf]) -> String {
     let uid = rustix::process::geteuid().as_raw();
-    let listed = present
+    let listed = paths
         .iter()
         .map(|path| path.display().to_string())
         .collect::<Vec<_>>()
         .join(" ");
-    Some(format!(
-        "{}: edgegate runs as uid {uid} and must read and write the database and the files \
-         beside it; make them readable and writable by the user edgegate runs as (uid 10001 in \
-         the image; a restore run as root leaves them root's): chown {uid} {listed}; chmod 600 \
-         {listed}",
-        refused.join("; ")
-    ))
+    format!(
+        "edgegate runs as uid {uid} and {needs}; make them readable and writable by the user \
+         edgegate runs as (uid 10001 in the image; a restore run as root leaves them root's): \
+         chown {uid} {listed}; chmod 600 {listed}"
+    )
 }
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a
@@ -297,12 +311,25 @@ fn is_busy(err: &sqlx::Error) -> bool {
 pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
     let _guard = if let Some(lock_path) = migration_lock_path(pool.connect_options().get_filename())
     {
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .context("opening the SQLite migration lock file")?;
+        {
+            Ok(file) => file,
+            // A lock another user's `migrate` left (root's, mode 0644).
+            Err(err) if Path::new(&lock_path).exists() => {
+                let path = std::path::PathBuf::from(&lock_path);
+                anyhow::bail!(
+                    "{}: {}",
+                    refused_file(&path, "writing", &err),
+                    give_back("takes this lock to migrate", std::slice::from_ref(&path))
+                );
+            }
+            Err(err) => return Err(err).context("opening the SQLite migration lock file"),
+        };
+        give_lock_to_database_owner(&file, pool.connect_options().get_filename());
         // Polled, not waited for on a blocking thread: a start-up stopped while waiting ends at
         // once, with no thread left behind holding the process open.
         super::wait_for_migration_lock(async {
@@ -327,6 +354,33 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
         super::applied_before(sqlx::query_scalar(super::APPLIED_SQL).fetch_all(pool).await)?;
     migrator().run(pool).await?;
     Ok(before)
+}
+
+/// Gives the migration lock `lock`, opened by root, to the owner of the `database` file, as
+/// SQLite gives its -wal and -shm files: one root's `migrate` (a restore's, a console's) left
+/// root's, mode 0644, stopped every later migration run as the image's user. Nothing for
+/// anyone else, who cannot give a file away, or for a lock its owner already has.
+fn give_lock_to_database_owner(lock: &std::fs::File, database: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let (Ok(database), Ok(held)) = (std::fs::metadata(database), lock.metadata()) else {
+        return;
+    };
+    if (held.uid(), held.gid()) == (database.uid(), database.gid()) {
+        return;
+    }
+    let owner = rustix::process::Uid::from_raw(database.uid());
+    let group = rustix::process::Gid::from_raw(database.gid());
+    if let Err(err) = rustix::fs::fchown(lock, Some(owner), Some(group)) {
+        tracing::warn!(
+            "the SQLite migration lock could not be given to the database file's owner (uid \
+             {}): {}",
+            database.uid(),
+            std::io::Error::from(err)
+        );
+    }
 }
 
 /// The migration lock's file, beside the database's; none for a database in memory, which no

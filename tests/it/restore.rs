@@ -203,6 +203,79 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
     wait_exit(&mut server).await;
 }
 
+/// The migration lock a `migrate` run as root left (root's, mode 0644) beside a database given
+/// back to uid 10001: what never opens it (`serve --no-migrate`, `check`, `keys report`) works
+/// as that user, where all three refused the lock; a migration names it with the chown that
+/// gives it back. A `migrate` run as root now gives the lock it makes (or finds root's) to the
+/// database file's owner, as SQLite does its -wal and -shm, and uid 10001 migrates again.
+#[tokio::test]
+async fn a_migration_lock_root_left_stops_only_a_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return;
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, IMAGE_UID);
+    let file = data.join("edgegate.db");
+    let lock = data.join("edgegate.db.migrate-lock");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    // As a root `migrate` of the build before left it.
+    chown(&lock, 0);
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |args: &[&str]| {
+        let out = output(as_image_user(dir.path(), &bin, &vars).args(args));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+
+    let (code, stdout, _) = run(&["check"]);
+    let line = database_line(&stdout);
+    assert!(line.starts_with("ok"), "{code:?}: {line}");
+    let (code, _, stderr) = run(&["keys", "report"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut serve = as_image_user(dir.path(), &bin, &vars);
+    serve.args(["serve", "--no-migrate"]);
+    let mut server = crate::process::spawn_logged(serve, dir.path(), "server.log");
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    signal(&server, "TERM");
+    wait_exit(&mut server).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "serve --no-migrate refused the lock: {log}");
+
+    let (code, _, stderr) = run(&["migrate"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is owned by uid 0", lock.display()))
+            && stderr.contains("Permission denied")
+            && stderr.contains(&format!("chown {IMAGE_UID} ")),
+        "{stderr}"
+    );
+
+    // Root's migrate, on the lock root left and on none at all.
+    use std::os::unix::fs::MetadataExt as _;
+    for _ in 0..2 {
+        let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+        assert!(migrated.status.success(), "{migrated:?}");
+        let owner = std::fs::metadata(&lock).unwrap().uid();
+        assert_eq!(owner, IMAGE_UID, "the lock root's migrate left");
+        std::fs::remove_file(&lock).unwrap();
+    }
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let (code, _, stderr) = run(&["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
 /// Marks `versions` applied in the database at `url`, as a newer release's migrations are.
 async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
     use sqlx::Connection as _;
