@@ -417,10 +417,15 @@ fn sqlite_file(url: &DatabaseUrl) -> SqliteFile {
 
 /// What `check`'s database line and `keys report` say of an empty SQLite file.
 fn empty_sqlite_file(url: &DatabaseUrl) -> String {
+    let wal = SqliteConnectOptions::from_str(url.expose()).map_or_else(
+        |_| String::new(),
+        |options| crate::store::empty_sqlite_database_wal_note(options.get_filename()),
+    );
     format!(
-        "{}: exists but is empty (0 bytes), no database: serve and migrate would set it up as a \
-         new one with no data; if a restore left it empty (a copy of nothing, a truncated copy), \
-         restore again before starting (docs/OPERATIONS.md, Backup and restore)",
+        "{}: exists but is empty (0 bytes), no database{wal}: serve and migrate would set it up \
+         as a new one with no data; if a restore left it empty (a copy of nothing, a truncated \
+         copy), restore again before starting (docs/OPERATIONS.md, Backup and restore); if this \
+         is a new deployment, delete the empty file (serve creates the database)",
         url.redacted()
     )
 }

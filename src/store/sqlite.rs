@@ -49,11 +49,12 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         // refuse an empty file before they get here (`commands::absent_sqlite_database`).
         if is_empty_database(file) {
             tracing::warn!(
-                "{} exists but is empty (0 bytes): it is set up as a new database, with no data. \
-                 If a restore left it empty (a copy of nothing, a truncated copy), what the \
+                "{} exists but is empty (0 bytes){}: it is set up as a new database, with no \
+                 data. If a restore left it empty (a copy of nothing, a truncated copy), what the \
                  backup held is not in it: stop edgegate and restore again (docs/OPERATIONS.md, \
                  Backup and restore)",
-                file.display()
+                file.display(),
+                empty_database_wal_note(file)
             );
         }
         create_private(file);
@@ -184,14 +185,33 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
     }
 }
 
-/// Whether the database `file` is there and empty: 0 bytes, with no `-wal` beside it holding
-/// pages (a main file of 0 bytes whose WAL holds commits is a database still). SQLite takes such
-/// a file for a new database, as it takes no file at all: a restore that copied nothing (or a
-/// truncated copy) starts as a new database with no data.
+/// Whether the database `file` is there and empty (0 bytes). SQLite takes such a file for a new
+/// database, as it takes no file at all: a restore that copied nothing (or a truncated copy)
+/// starts as a new database with no data. Whatever a `-wal` beside it holds: SQLite deletes the
+/// `-wal` of a database file with no pages when it opens it ([`discarded_wal`]).
 pub(crate) fn is_empty_database(file: &Path) -> bool {
-    let [file, wal, ..] = database_files(file);
-    let empty = |path: &Path| std::fs::metadata(path).is_ok_and(|meta| meta.len() == 0);
-    empty(&file) && (!wal.exists() || empty(&wal))
+    std::fs::metadata(file).is_ok_and(|meta| meta.is_file() && meta.len() == 0)
+}
+
+/// The `-wal` beside the empty database `file` and its size, when it holds anything: SQLite
+/// deletes it when it opens the file (it holds no pages, so no WAL can belong to it), and with it
+/// whatever a restore or a copy put there.
+pub(crate) fn discarded_wal(file: &Path) -> Option<(std::path::PathBuf, u64)> {
+    let [_, wal, _] = database_files(file);
+    let size = std::fs::metadata(&wal).ok()?.len();
+    (size > 0).then_some((wal, size))
+}
+
+/// What is said of the empty database `file` ([`is_empty_database`]) and the `-wal` SQLite
+/// discards beside it, after "exists but is empty (0 bytes)".
+pub(crate) fn empty_database_wal_note(file: &Path) -> String {
+    discarded_wal(file).map_or_else(String::new, |(wal, size)| {
+        format!(
+            "; {} holds {size} bytes, which SQLite discards (deletes) when it opens a database \
+             file with no pages: copy them aside before anything starts on it",
+            wal.display()
+        )
+    })
 }
 
 /// The files SQLite reads and writes for the database `file`: the database, and its `-wal` and

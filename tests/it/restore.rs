@@ -389,6 +389,32 @@ async fn an_empty_database_file_is_warned_of_and_failed_by_check() {
         "report wrote to it"
     );
 
+    // A -wal beside it with pages in it: SQLite deletes it when it opens a file with no pages
+    // (check did, and wrote a header, and the next start warned of nothing).
+    let wal = format!("{}-wal", file.display());
+    std::fs::write(&wal, vec![0x37; 4096]).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("exists but is empty")
+            && line.contains(&format!("{wal} holds 4096 bytes"))
+            && line.contains("discards"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        0,
+        "check wrote to it"
+    );
+    assert_eq!(
+        std::fs::read(&wal).unwrap(),
+        vec![0x37; 4096],
+        "check changed the -wal"
+    );
+    std::fs::remove_file(&wal).unwrap();
+
     for command in ["migrate", "serve"] {
         std::fs::write(&file, b"").unwrap();
         for stale in ["-wal", "-shm"] {
