@@ -196,6 +196,16 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ),
             },
         },
+        // Judged for serve's user: `check` run as root may open what serve cannot.
+        SqliteFile::Usable
+            if let Some(problem) = sqlite_files_not_read_writable(&config.database_url) =>
+        {
+            CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!("{}: {problem}", config.database_url.redacted()),
+            }
+        }
         SqliteFile::Usable => database_line(&config.database_url, database.await),
     });
     lines.extend(jwt_check::lines(config).await);
@@ -462,15 +472,15 @@ fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     crate::store::unwritable_sqlite_directory(options.get_filename())
 }
 
-/// What keeps serve from reading and writing the files beside the SQLite file `url` names
-/// (see `store::sqlite_files_not_read_writable`); `None` for PostgreSQL, or a URL SQLite cannot
-/// use.
+/// What keeps serve, as the user it runs as, from reading and writing the SQLite file `url`
+/// names and the files beside it (see `store::sqlite_files_not_read_writable_by_server`); `None`
+/// for PostgreSQL, or a URL SQLite cannot use.
 fn sqlite_files_not_read_writable(url: &DatabaseUrl) -> Option<String> {
     if url.is_postgres() {
         return None;
     }
     let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
-    crate::store::sqlite_files_not_read_writable(options.get_filename())
+    crate::store::sqlite_files_not_read_writable_by_server(options.get_filename())
 }
 
 /// The HTTP client `check` reaches the dependency at `target` with.

@@ -226,8 +226,8 @@ fn database_files(file: &Path) -> [std::path::PathBuf; 3] {
     [file.to_owned(), beside("-wal"), beside("-shm")]
 }
 
-/// `path`, its owner and mode when it can be read, and what the system said to `opening` it.
-fn refused_file(path: &Path, opening: &str, refusal: &std::io::Error) -> String {
+/// `path`, its owner and mode when it can be read, and why it `cannot be opened for {opening}`.
+fn refused_file(path: &Path, opening: &str, refusal: &dyn std::fmt::Display) -> String {
     use std::os::unix::fs::MetadataExt as _;
     let owner = std::fs::metadata(path).map_or_else(
         |_| String::new(),
@@ -245,37 +245,109 @@ fn refused_file(path: &Path, opening: &str, refusal: &std::io::Error) -> String 
     )
 }
 
+/// The user `serve` runs as for the database `file`, as far as this process can tell.
+struct Server {
+    uid: u32,
+    gid: u32,
+    /// The directory `serve` makes the files in, when the user is its owner and not this
+    /// process's: `None` for this process's own user.
+    owning: Option<std::path::PathBuf>,
+}
+
+/// Who `serve` runs as for the database `file`: the owner of the file's directory, where it
+/// creates the database and its -wal and -shm (the image's /data is uid 10001's), when this
+/// process is root or another user than that owner (`check` run through `fly ssh console`, as
+/// root); else, or where root owns the directory, this process's user.
+fn server(file: &Path) -> Server {
+    use std::os::unix::fs::MetadataExt as _;
+    let euid = rustix::process::geteuid().as_raw();
+    let egid = rustix::process::getegid().as_raw();
+    let this_process = Server {
+        uid: euid,
+        gid: egid,
+        owning: None,
+    };
+    let directory = match file.parent() {
+        Some(directory) if !directory.as_os_str().is_empty() => directory,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(directory) {
+        Ok(meta) if meta.uid() != 0 && meta.uid() != euid => Server {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            owning: Some(std::path::absolute(directory).unwrap_or_else(|_| directory.into())),
+        },
+        _ => this_process,
+    }
+}
+
+/// Why the mode of the file `meta` describes keeps `server` from reading and writing it, from
+/// its owner, group and mode bits alone (no ACL, no supplementary group); `None` when it does
+/// not.
+fn mode_refuses(meta: &std::fs::Metadata, server: &Server) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (bits, whose) = if meta.uid() == server.uid {
+        (meta.mode() >> 6, "its owner's")
+    } else if meta.gid() == server.gid {
+        (meta.mode() >> 3, "its group's")
+    } else {
+        (meta.mode(), "others'")
+    };
+    (bits & 0o6 != 0o6).then(|| {
+        format!(
+            "uid {} may not: {whose} permissions in its mode do not give reading and writing",
+            server.uid
+        )
+    })
+}
+
 /// What keeps edgegate from reading and writing the database `file` or the files beside it
 /// that are there ([`database_files`]), each named with its owner, its mode and the system's
-/// answer, and the commands that give them to this process's user; `None` when it can. A
-/// restore run as root leaves them root's: SQLite said only "(code: 14) unable to open database
-/// file" of a file it could not read, and opened one it could read but not write read-only,
-/// every write failing afterwards ("attempt to write a readonly database"), the `-wal` and
-/// `-shm` alike. Asked of the system (`access`, with the effective user's rights), not by
-/// opening them: closing a descriptor on a file lets go of every POSIX lock this process holds
-/// on it, SQLite's among them.
+/// answer, and the commands that give them to the user `serve` runs as ([`server`]); `None`
+/// when it can. A restore run as root leaves them root's: SQLite said only "(code: 14) unable
+/// to open database file" of a file it could not read, and opened one it could read but not
+/// write read-only, every write failing afterwards ("attempt to write a readonly database"),
+/// the `-wal` and `-shm` alike. Asked of the system (`access`, with the effective user's
+/// rights), not by opening them: closing a descriptor on a file lets go of every POSIX lock
+/// this process holds on it, SQLite's among them.
 pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
     use rustix::fs::{Access, AtFlags, CWD, accessat};
+    refusals(file, |path| {
+        let refusal = accessat(
+            CWD,
+            path,
+            Access::READ_OK | Access::WRITE_OK,
+            AtFlags::EACCESS,
+        )
+        .err()?;
+        Some(std::io::Error::from(refusal).to_string())
+    })
+}
+
+/// As [`files_not_read_writable`], for the user `serve` runs as ([`server`]) rather than this
+/// process's, for `check`: run as root (`fly ssh console -C "edgegate check"`), which may open
+/// any file, it said ok of root's files, mode 0600, that `serve` (uid 10001) then could not
+/// open. Judged from the files' owners and modes when that user is another than this process's.
+pub(crate) fn files_not_read_writable_by_server(file: &Path) -> Option<String> {
+    let server = server(file);
+    if server.owning.is_none() {
+        return files_not_read_writable(file);
+    }
+    refusals(file, |path| {
+        mode_refuses(&std::fs::metadata(path).ok()?, &server)
+    })
+}
+
+/// The files of the database `file` that `refusal` finds something against, with the advice
+/// that gives them back.
+fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<String>) -> Option<String> {
     let present: Vec<_> = database_files(file)
         .into_iter()
         .filter(|path| path.exists())
         .collect();
     let refused: Vec<String> = present
         .iter()
-        .filter_map(|path| {
-            let refusal = accessat(
-                CWD,
-                path,
-                Access::READ_OK | Access::WRITE_OK,
-                AtFlags::EACCESS,
-            )
-            .err()?;
-            Some(refused_file(
-                path,
-                "reading and writing",
-                &std::io::Error::from(refusal),
-            ))
-        })
+        .filter_map(|path| Some(refused_file(path, "reading and writing", &refusal(path)?)))
         .collect();
     if refused.is_empty() {
         return None;
@@ -284,24 +356,35 @@ pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
         "{}: {}",
         refused.join("; "),
         give_back(
+            file,
             "must read and write the database and the files beside it",
             &present
         )
     ))
 }
 
-/// What to run to give `paths` back to the user edgegate runs as, which `needs` them.
-fn give_back(needs: &str, paths: &[std::path::PathBuf]) -> String {
-    let uid = rustix::process::geteuid().as_raw();
+/// What to run to give `paths` (the database `file`'s) back to the user `serve` runs as
+/// ([`server`]), which `needs` them.
+fn give_back(file: &Path, needs: &str, paths: &[std::path::PathBuf]) -> String {
+    let server = server(file);
+    let uid = server.uid;
+    let who = match &server.owning {
+        None => format!("edgegate runs as uid {uid}"),
+        Some(directory) => format!(
+            "serve runs as uid {uid}, the owner of {} (this command runs as uid {})",
+            directory.display(),
+            rustix::process::geteuid().as_raw()
+        ),
+    };
     let listed = paths
         .iter()
         .map(|path| path.display().to_string())
         .collect::<Vec<_>>()
         .join(" ");
     format!(
-        "edgegate runs as uid {uid} and {needs}; make them readable and writable by the user \
-         edgegate runs as (uid 10001 in the image; a restore run as root leaves them root's): \
-         chown {uid} {listed}; chmod 600 {listed}"
+        "{who} and {needs}; make them readable and writable by the user edgegate runs as (uid \
+         10001 in the image; a restore run as root leaves them root's): chown {uid} {listed}; \
+         chmod 600 {listed}"
     )
 }
 
@@ -344,7 +427,11 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
                 anyhow::bail!(
                     "{}: {}",
                     refused_file(&path, "writing", &err),
-                    give_back("takes this lock to migrate", std::slice::from_ref(&path))
+                    give_back(
+                        pool.connect_options().get_filename(),
+                        "takes this lock to migrate",
+                        std::slice::from_ref(&path)
+                    )
                 );
             }
             Err(err) => return Err(err).context("opening the SQLite migration lock file"),

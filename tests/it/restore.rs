@@ -116,6 +116,18 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
 
     for mode in [0o600, 0o644] {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        // `check` run as root (as `fly ssh console` runs it) judges the files for the user serve
+        // runs as, the directory's owner: root may open them, and it said ok.
+        let out = output(edgegate(dir.path(), &vars).arg("check"));
+        let line = database_line(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(1), "root, mode {mode:o}: {line}");
+        assert!(
+            line.starts_with("FAIL")
+                && line.contains(&format!("{} is owned by uid 0", file.display()))
+                && line.contains(&format!("uid {IMAGE_UID}"))
+                && line.contains(&format!("chown {IMAGE_UID} {}", file.display())),
+            "root, mode {mode:o}: {line}"
+        );
         for command in ["serve", "migrate"] {
             let out = run(command);
             let stderr = String::from_utf8_lossy(&out.stderr);
