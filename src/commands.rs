@@ -230,7 +230,7 @@ struct DatabaseRead {
     applied: usize,
     /// Applied from another copy of a migration's file ([`Store::migrations_differing`]).
     differing: Vec<i64>,
-    /// Applied and not shipped with this binary ([`Store::migrations_unknown`]).
+    /// Applied and newer than any this binary ships ([`Store::migrations_unknown`]).
     unknown: Vec<i64>,
     /// SQLite's only.
     quick_check: Option<QuickCheck>,

@@ -379,18 +379,21 @@ impl Store {
         Ok((first != "ok").then_some(first))
     }
 
-    /// The applied migrations this binary does not ship, oldest first: a newer release's, on a
-    /// database that release migrated before this one was started on it (a rollback, DEPLOY.md
-    /// §6, or a backup restored into an older build). `migrate` accepts them.
+    /// The applied migrations newer than the newest this binary ships, oldest first: a newer
+    /// release's, on a database that release migrated before this one was started on it (a
+    /// rollback, DEPLOY.md §6, or a backup restored into an older build). `migrate` accepts
+    /// them. Not an older version this binary lacks: an earlier build's migration a later one
+    /// retired (20261210000001), which no newer release will ever stop applying.
     pub async fn migrations_unknown(&self) -> anyhow::Result<Vec<i64>> {
         let applied = self.applied_migrations().await?;
         let migrator = match self.backend {
             Backend::Sqlite(_) => sqlite::migrator(),
             Backend::Postgres(_) => postgres::migrator(),
         };
+        let newest_shipped = migrator.iter().map(|shipped| shipped.version).max();
         Ok(applied
             .into_iter()
-            .filter(|version| !migrator.iter().any(|shipped| shipped.version == *version))
+            .filter(|version| newest_shipped.is_none_or(|newest| *version > newest))
             .collect())
     }
 

@@ -311,14 +311,18 @@ async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
 /// A database a newer release migrated (a rollback, DEPLOY.md §6, or a backup restored into an
 /// older build) is served, as it is meant to be, but no longer without a word: `serve` warns once
 /// at start, with or without migrating, how many applied migrations this build does not know and
-/// the newest, and `check`'s database line says it (still ok). Both engines.
+/// the newest, and `check`'s database line says it (still ok). Both engines. A migration an
+/// earlier build shipped and a later one retired (20261210000001, shipped in 3eb0f9e and
+/// deleted in 0552c88), older than this build's newest, is no newer release's: it was counted,
+/// and warned of on every start for good.
 #[tokio::test]
 async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
     let Some(db) = TestDb::new().await else {
         return;
     };
     db.store().await.close().await;
-    apply_later_migrations(&db, &[99990101000000, 99990102000000]).await;
+    let retired = 20261210000001;
+    apply_later_migrations(&db, &[retired, 99990101000000, 99990102000000]).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
     let vars = [("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
