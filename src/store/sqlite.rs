@@ -319,9 +319,21 @@ pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
             Access::READ_OK | Access::WRITE_OK,
             AtFlags::EACCESS,
         )
-        .err()?;
+        .err()
+        .filter(|errno| is_refusal(*errno))?;
         Some(std::io::Error::from(refusal).to_string())
     })
+}
+
+/// Whether `access` answering `errno` says the file may not be read and written: EACCES (its
+/// owner and mode) or EROFS (a read-only filesystem). Any other answer is left for SQLite to
+/// judge when it opens the file: with the effective user's rights `access` is `faccessat2`,
+/// which rustix falls back from only on ENOSYS, and which a container runtime's seccomp filter
+/// may answer EPERM (older Docker releases did, for every file), so EPERM (which also means an
+/// immutable file) refuses nothing here.
+fn is_refusal(errno: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    errno == Errno::ACCESS || errno == Errno::ROFS
 }
 
 /// As [`files_not_read_writable`], for the user `serve` runs as ([`server`]) rather than this
@@ -533,6 +545,27 @@ pub(super) async fn probe_write(pool: &SqlitePool, write_a_row: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the answers that mean "not for you" refuse a file: `access` with the effective
+    /// user's rights is `faccessat2`, which a container's seccomp filter may answer EPERM (or a
+    /// kernel ENOSYS, where rustix falls back only for ENOSYS), and any answer but a refusal is
+    /// left for SQLite to judge on opening the file, as before the check was there.
+    #[test]
+    fn only_a_refusal_of_access_refuses_a_file() {
+        use rustix::io::Errno;
+        for errno in [Errno::ACCESS, Errno::ROFS] {
+            assert!(is_refusal(errno), "{errno:?}");
+        }
+        for errno in [
+            Errno::PERM,
+            Errno::NOSYS,
+            Errno::INVAL,
+            Errno::NOENT,
+            Errno::IO,
+        ] {
+            assert!(!is_refusal(errno), "{errno:?}");
+        }
+    }
 
     /// A read-only URL (`mode=ro`) creates no file, and fails as SQLite fails it: an empty file
     /// made beforehand was opened instead, and the migration failed on it later.
