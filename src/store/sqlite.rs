@@ -226,6 +226,29 @@ fn database_files(file: &Path) -> [std::path::PathBuf; 3] {
     [file.to_owned(), beside("-wal"), beside("-shm")]
 }
 
+/// The files of the database `file` ([`database_files`]) that are there and that SQLite opens.
+/// Not a `-wal` beside a database with no pages (no file, or 0 bytes): SQLite deletes that
+/// `-wal` unopened, which needs only the directory's write permission (and, in a directory
+/// with the sticky bit, such as /tmp, the file's ownership: there it is kept).
+fn files_sqlite_opens(file: &Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let has_pages = std::fs::metadata(file).is_ok_and(|meta| meta.len() > 0);
+    let sticky = || {
+        let directory = match file.parent() {
+            Some(directory) if !directory.as_os_str().is_empty() => directory,
+            _ => Path::new("."),
+        };
+        std::fs::metadata(directory).is_ok_and(|meta| meta.permissions().mode() & 0o1000 != 0)
+    };
+    let [database, wal, shm] = database_files(file);
+    let wal = (has_pages || sticky()).then_some(wal);
+    [Some(database), wal, Some(shm)]
+        .into_iter()
+        .flatten()
+        .filter(|path| path.exists())
+        .collect()
+}
+
 /// `path`, its owner and mode when it can be read, and why it `cannot be opened for {opening}`.
 fn refused_file(path: &Path, opening: &str, refusal: &dyn std::fmt::Display) -> String {
     use std::os::unix::fs::MetadataExt as _;
@@ -302,7 +325,7 @@ fn mode_refuses(meta: &std::fs::Metadata, server: &Server) -> Option<String> {
 }
 
 /// What keeps edgegate from reading and writing the database `file` or the files beside it
-/// that are there ([`database_files`]), each named with its owner, its mode and the system's
+/// that SQLite opens ([`files_sqlite_opens`]), each named with its owner, its mode and the system's
 /// answer, and the commands that give them to the user `serve` runs as ([`server`]); `None`
 /// when it can. A restore run as root leaves them root's: SQLite said only "(code: 14) unable
 /// to open database file" of a file it could not read, and opened one it could read but not
@@ -353,10 +376,7 @@ pub(crate) fn files_not_read_writable_by_server(file: &Path) -> Option<String> {
 /// The files of the database `file` that `refusal` finds something against, with the advice
 /// that gives them back.
 fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<String>) -> Option<String> {
-    let present: Vec<_> = database_files(file)
-        .into_iter()
-        .filter(|path| path.exists())
-        .collect();
+    let present = files_sqlite_opens(file);
     let refused: Vec<String> = present
         .iter()
         .filter_map(|path| Some(refused_file(path, "reading and writing", &refusal(path)?)))
