@@ -153,6 +153,7 @@ pub(crate) fn missing_directory(file: &Path) -> Option<String> {
 /// unable to open database file" where it cannot (a volume owned by another user, a read-only
 /// root filesystem). Found by creating and removing a file there. `None` when it can.
 pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
+    let file = &resolved(file);
     let directory = match file.parent() {
         Some(directory) if !directory.as_os_str().is_empty() => directory,
         _ => Path::new("."),
@@ -214,10 +215,18 @@ pub(crate) fn empty_database_wal_note(file: &Path) -> String {
     })
 }
 
-/// The files SQLite reads and writes for the database `file`: the database, and its `-wal` and
+/// The database `file` with every symbolic link on its way resolved, when it is there: SQLite
+/// opens the link's target and makes the -wal and -shm beside it, in its directory.
+fn resolved(file: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned())
+}
+
+/// The files SQLite reads and writes for the database `file` (beside its target, for a
+/// symbolic link): the database, and its `-wal` and
 /// `-shm` beside it. Not the migration lock ([`migration_lock_path`]), which only a migration
 /// opens (for writing), and which [`migrate`] names when it cannot.
 fn database_files(file: &Path) -> [std::path::PathBuf; 3] {
+    let file = &resolved(file);
     let beside = |suffix: &str| {
         let mut path = file.as_os_str().to_owned();
         path.push(suffix);
@@ -232,6 +241,7 @@ fn database_files(file: &Path) -> [std::path::PathBuf; 3] {
 /// with the sticky bit, such as /tmp, the file's ownership: there it is kept).
 fn files_sqlite_opens(file: &Path) -> Vec<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
+    let file = &resolved(file);
     let has_pages = std::fs::metadata(file).is_ok_and(|meta| meta.len() > 0);
     let sticky = || {
         let directory = match file.parent() {
@@ -290,6 +300,7 @@ fn server(file: &Path) -> Server {
         gid: egid,
         owning: None,
     };
+    let file = resolved(file);
     let directory = match file.parent() {
         Some(directory) if !directory.as_os_str().is_empty() => directory,
         _ => Path::new("."),

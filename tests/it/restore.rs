@@ -299,6 +299,56 @@ async fn a_migration_lock_root_left_stops_only_a_migration() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+/// A `DATABASE_URL` that names a symbolic link: SQLite keeps the -wal and -shm beside the link's
+/// target, where the files are now judged (they were looked for beside the link, and `check`,
+/// run as root, judged them for the owner of the link's directory): root's -shm beside the
+/// target fails `check`, and an empty target's -wal is named there.
+#[tokio::test]
+async fn a_symlinked_database_is_judged_beside_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return;
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, IMAGE_UID);
+    let target = data.join("edgegate.db");
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let url = format!("sqlite://{}", link.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    let shm = data.join("edgegate.db-shm");
+    std::fs::write(&shm, b"").unwrap();
+    std::fs::set_permissions(&shm, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains(&format!("{} is owned by uid 0", shm.display()))
+            && line.contains(&format!("chown {IMAGE_UID} ")),
+        "{line}"
+    );
+    std::fs::remove_file(&shm).unwrap();
+
+    std::fs::write(&target, b"").unwrap();
+    let wal = data.join("edgegate.db-wal");
+    std::fs::write(&wal, vec![0x37; 512]).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("exists but is empty")
+            && line.contains(&format!("{} holds 512 bytes", wal.display())),
+        "{line}"
+    );
+}
+
 /// Marks `versions` applied in the database at `url`, as a newer release's migrations are.
 async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
     use sqlx::Connection as _;
