@@ -177,11 +177,19 @@ pub(crate) fn unwritable_directory(file: &Path) -> Option<String> {
             let _ = std::fs::remove_file(&probe);
             None
         }
+        Err(err) if err.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+            Some(format!(
+                "its directory {} cannot be written to ({err}): edgegate creates the database \
+                 and its -wal and -shm files there, and the filesystem holding it is mounted \
+                 read-only; mount it read-write (a volume or root filesystem mounted read-only)",
+                shell_quoted(directory)
+            ))
+        }
         Err(err) => Some(format!(
             "its directory {} cannot be written to ({err}): edgegate creates the database and \
              its -wal and -shm files there; make it writable by the user edgegate runs as (uid \
              10001 in the image)",
-            directory.display()
+            shell_quoted(directory)
         )),
     }
 }
@@ -355,7 +363,10 @@ pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
         )
         .err()
         .filter(|errno| is_refusal(*errno))?;
-        Some(std::io::Error::from(refusal).to_string())
+        Some(Refusal {
+            why: std::io::Error::from(refusal).to_string(),
+            read_only: refusal == rustix::io::Errno::ROFS,
+        })
     })
 }
 
@@ -380,30 +391,73 @@ pub(crate) fn files_not_read_writable_by_server(file: &Path) -> Option<String> {
         return files_not_read_writable(file);
     }
     refusals(file, |path| {
-        mode_refuses(&std::fs::metadata(path).ok()?, &server)
+        let why = mode_refuses(&std::fs::metadata(path).ok()?, &server)?;
+        Some(Refusal {
+            why,
+            read_only: false,
+        })
     })
 }
 
 /// The files of the database `file` that `refusal` finds something against, with the advice
 /// that gives them back.
-fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<String>) -> Option<String> {
+fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<Refusal>) -> Option<String> {
+    let resolved = resolved(file);
+    // SQLite said only "unable to open database file", and the advice was to chmod it.
+    if resolved.is_dir() {
+        return Some(format!(
+            "{} is a directory, not a SQLite database file: DATABASE_URL must name a file (such \
+             as sqlite://{}/edgegate.db), or move the directory away",
+            shell_quoted(&resolved),
+            resolved.display()
+        ));
+    }
     let present = files_sqlite_opens(file);
+    let mut read_only = false;
     let refused: Vec<String> = present
         .iter()
-        .filter_map(|path| Some(refused_file(path, "reading and writing", &refusal(path)?)))
+        .filter_map(|path| {
+            let refusal = refusal(path)?;
+            read_only |= refusal.read_only;
+            Some(refused_file(path, "reading and writing", &refusal.why))
+        })
         .collect();
     if refused.is_empty() {
         return None;
     }
-    Some(format!(
-        "{}: {}",
-        refused.join("; "),
+    let advice = if read_only {
+        "the filesystem holding them is mounted read-only, and edgegate writes the database and \
+         the files beside it: mount it read-write (a volume or root filesystem mounted read-only)"
+            .to_owned()
+    } else {
         give_back(
             file,
             "must read and write the database and the files beside it",
-            &present
+            &present,
         )
-    ))
+    };
+    Some(format!("{}: {advice}", refused.join("; ")))
+}
+
+/// Why a file of the database may not be opened for reading and writing.
+struct Refusal {
+    why: String,
+    /// On a filesystem mounted read-only: no chown or chmod helps.
+    read_only: bool,
+}
+
+/// `path` absolute (the image's default `sqlite://edgegate.db` is relative to /data, and advice
+/// run from another directory would miss it) and quoted for a POSIX shell where it holds
+/// anything but letters, digits and `_./+,:@%=-`.
+fn shell_quoted(path: &Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let text = absolute.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./+,:@%=-".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
 }
 
 /// What to run to give `paths` (the database `file`'s) back to the user `serve` runs as
@@ -415,13 +469,13 @@ fn give_back(file: &Path, needs: &str, paths: &[std::path::PathBuf]) -> String {
         None => format!("edgegate runs as uid {uid}"),
         Some(directory) => format!(
             "serve runs as uid {uid}, the owner of {} (this command runs as uid {})",
-            directory.display(),
+            shell_quoted(directory),
             rustix::process::geteuid().as_raw()
         ),
     };
     let listed = paths
         .iter()
-        .map(|path| path.display().to_string())
+        .map(|path| shell_quoted(path))
         .collect::<Vec<_>>()
         .join(" ");
     format!(
@@ -581,6 +635,23 @@ mod tests {
     /// user's rights is `faccessat2`, which a container's seccomp filter may answer EPERM (or a
     /// kernel ENOSYS, where rustix falls back only for ENOSYS), and any answer but a refusal is
     /// left for SQLite to judge on opening the file, as before the check was there.
+    /// The advice's paths, pasted into a shell, name the files: absolute, and quoted.
+    #[test]
+    fn advice_quotes_a_path_for_a_shell() {
+        let quoted = shell_quoted(Path::new("/data/it's my.db"));
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf %s {quoted}")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/data/it's my.db");
+        assert_eq!(
+            shell_quoted(Path::new("/data/edgegate.db")),
+            "/data/edgegate.db"
+        );
+        let relative = shell_quoted(Path::new("edgegate.db"));
+        assert!(Path::new(&relative).is_absolute(), "{relative}");
+    }
+
     #[test]
     fn only_a_refusal_of_access_refuses_a_file() {
         use rustix::io::Errno;

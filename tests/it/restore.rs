@@ -349,6 +349,87 @@ async fn a_symlinked_database_is_judged_beside_its_target() {
     );
 }
 
+/// The advice names each file by its absolute path, quoted for a shell: the image's default
+/// `sqlite://edgegate.db` is relative to /data, and `chown 10001 edgegate.db` run from another
+/// directory (a console's) gives nothing back, or a path with a space in it two wrong ones. A
+/// directory where the database file should be, and a filesystem mounted read-only, are said to
+/// be what they are: `chmod 600` was advised for both.
+#[tokio::test]
+async fn the_advice_fits_the_file_and_names_it_as_a_shell_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return;
+    }
+    let data = dir.path().join("my data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, IMAGE_UID);
+    let vars = [("DATABASE_URL", "sqlite://my data/edgegate.db")];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    // Root's files, judged by check run as root for uid 10001.
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    let absolute = std::fs::canonicalize(&data).unwrap().join("edgegate.db");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains(&format!("chown {IMAGE_UID} '{}'", absolute.display()))
+            && line.contains(&format!("chmod 600 '{}'", absolute.display())),
+        "{line}"
+    );
+
+    // A directory where the file should be.
+    let directory = dir.path().join("edgegate.db");
+    std::fs::create_dir(&directory).unwrap();
+    let vars = [("DATABASE_URL", "sqlite://edgegate.db")];
+    for command in ["check", "migrate"] {
+        let out = output(edgegate(dir.path(), &vars).arg(command));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{command}: {said}");
+        assert!(
+            said.contains(&format!("{} is a directory", directory.display()))
+                && !said.contains("chmod"),
+            "{command}: {said}"
+        );
+    }
+
+    // A filesystem mounted read-only.
+    let mount = dir.path().join("ro");
+    let Some(_tmpfs) = crate::outage::Tmpfs::mount(&mount, "size=8m") else {
+        return;
+    };
+    let url = format!("sqlite://{}", mount.join("edgegate.db").display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let remounted = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mount)
+        .output()
+        .unwrap();
+    assert!(remounted.status.success(), "{remounted:?}");
+    for command in ["check", "migrate"] {
+        let out = output(edgegate(dir.path(), &vars).arg(command));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{command}: {said}");
+        assert!(
+            said.contains("Read-only file system")
+                && said.contains("mounted read-only")
+                && !said.contains("chmod")
+                && !said.contains("chown"),
+            "{command}: {said}"
+        );
+    }
+}
+
 /// Marks `versions` applied in the database at `url`, as a newer release's migrations are.
 async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
     use sqlx::Connection as _;
