@@ -306,8 +306,9 @@ fn database_line(url: &DatabaseUrl, read: anyhow::Result<DatabaseRead>) -> Check
             let unknown = unknown.last().map_or_else(String::new, |newest| {
                 format!(
                     ", {} of them unknown to this build (the newest {newest}): a newer release \
-                     migrated it, which is expected only after a rollback and safe only while \
-                     its migrations were additive (docs/DEPLOY.md, 6. Roll back)",
+                     migrated it, which is expected only while a rolling deploy still runs this \
+                     release's older Machines or after a rollback, and safe only while its \
+                     migrations were additive (docs/DEPLOY.md, 6. Roll back)",
                     unknown.len()
                 )
             });

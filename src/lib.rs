@@ -488,7 +488,8 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
 /// Warns of the applied migrations this build does not know (a newer release's): served on
 /// purpose, since a rollback must start on the newer schema, but the operator should know it is
 /// one, and that it is safe only while the newer release's migrations were additive. Said once,
-/// at start; a reading that fails is left to the routes that need the database, which say so.
+/// at start or, where the database did not answer then, once it does; a reading that fails is
+/// left to the routes that need the database, which say so.
 async fn report_unknown_migrations(store: &Store) {
     let Ok(unknown) = store.migrations_unknown().await else {
         return;
@@ -504,10 +505,11 @@ async fn report_unknown_migrations(store: &Store) {
             count,
             newest,
             "the database has {count} applied {migrations} this build does not know, the newest \
-             {newest}: a newer release migrated it. Expected only after a rollback to this \
-             release (or a backup of a newer one restored), and safe only while the newer \
-             release's migrations were additive (docs/DEPLOY.md, 6. Roll back); otherwise deploy \
-             the newer release again, or fix forward"
+             {newest}: a newer release migrated it. Expected only while a rolling deploy of a \
+             newer release still starts this release's older Machines (a restart, a crash), or \
+             after a rollback to this release (or a backup of a newer one restored), and safe \
+             only while the newer release's migrations were additive (docs/DEPLOY.md, 6. Roll \
+             back); otherwise deploy the newer release again, or fix forward"
         );
     }
 }
@@ -535,9 +537,18 @@ fn report_missing_migrations(store: &Store, missing: usize) {
 fn spawn_schema_watch(store: Store, mut reported: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_warned = None::<std::time::Instant>;
+        // Start-up reads the unknown ones whenever it reads the applied migrations at all,
+        // which it has when it reported missing ones; else (the database did not answer, or
+        // the reading failed) the first reading here does.
+        let mut unknown_reported = reported;
         loop {
             tokio::time::sleep(SCHEMA_RECHECK).await;
-            match store.check_migrations().await {
+            let checked = store.check_migrations().await;
+            if checked.is_ok() && !unknown_reported {
+                report_unknown_migrations(&store).await;
+                unknown_reported = true;
+            }
+            match checked {
                 Ok(0) => {
                     if reported {
                         tracing::info!("the database has this binary's migrations now; serving it");

@@ -35,15 +35,15 @@ pub const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
 pub const TOKEN: &str = "f1e2d3c4b5a6978812345678abcdef90";
 
 /// A TCP proxy between edgegate and PostgreSQL whose link the test cuts and restores.
-struct PgProxy {
-    addr: SocketAddr,
+pub(crate) struct PgProxy {
+    pub(crate) addr: SocketAddr,
     open: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
 
 impl PgProxy {
-    async fn start(target: SocketAddr) -> Self {
+    pub(crate) async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
@@ -77,14 +77,14 @@ impl PgProxy {
     }
 
     /// Drops every open connection and closes every new one until `restore`.
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for link in self.links.lock().unwrap().drain(..) {
             link.abort();
         }
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
 }

@@ -502,6 +502,52 @@ async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
     }
 }
 
+/// `serve --no-migrate` started while the database did not answer warns of a newer build's
+/// migrations once it answers, as it does when the database answers at start: it said nothing.
+/// PostgreSQL (the outage is a proxy that closes every connection, then forwards them).
+#[tokio::test]
+async fn serve_no_migrate_warns_of_a_newer_build_once_the_database_answers() {
+    let db = crate::postgres_db!();
+    db.store().await.close().await;
+    apply_later_migrations(&db, &[99990101000000]).await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let target = std::net::SocketAddr::new(
+        url.host_str().unwrap().parse().expect("an IP address"),
+        url.port().unwrap_or(5432),
+    );
+    let proxy = crate::outage::PgProxy::start(target).await;
+    proxy.cut();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let mut command = edgegate(dir.path(), &vars);
+    command.args(["serve", "--no-migrate"]);
+    let mut server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    let log = || std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "{}", log());
+    proxy.restore();
+    let warned = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("this build does not know"))
+            .count()
+    };
+    // Read every 3 s once the database answers (and each connection attempt waits a little).
+    for _ in 0..100 {
+        if warned(&log()) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Read again at least once more: said once.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    signal(&server, "TERM");
+    wait_exit(&mut server).await;
+    let log = log();
+    assert_eq!(warned(&log), 1, "{log}");
+}
+
 /// An existing empty SQLite file (a restore that copied nothing, a truncated copy) is no longer
 /// taken for a new database without a word: `serve` and `migrate` (Fly's release command, which
 /// runs first) warn, naming the file, that it is set up as a new database; `check` fails its
