@@ -127,12 +127,18 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         let quick_check = match tokio::time::timeout(QUICK_CHECK_WITHIN, store.quick_check()).await
         {
             Ok(checked) => {
-                let checked = checked?;
                 store.close().await;
                 match (store.kind(), checked) {
                     (BackendKind::Postgres, _) => None,
-                    (BackendKind::Sqlite, None) => Some(QuickCheck::Passed(started.elapsed())),
-                    (BackendKind::Sqlite, Some(complaint)) => Some(QuickCheck::Damaged(complaint)),
+                    (BackendKind::Sqlite, Ok(None)) => Some(QuickCheck::Passed(started.elapsed())),
+                    (BackendKind::Sqlite, Ok(Some(complaint))) => {
+                        Some(QuickCheck::Damaged(complaint))
+                    }
+                    // SQLite's answer to the check an error (SQLITE_CORRUPT, "database disk
+                    // image is malformed"; SQLITE_IOERR): the file is damaged as much.
+                    (BackendKind::Sqlite, Err(err)) => {
+                        Some(QuickCheck::Damaged(crate::error::causes(&err)))
+                    }
                 }
             }
             Err(_) => Some(QuickCheck::Unfinished),
