@@ -608,9 +608,16 @@ impl Store {
     /// Adds counted verifications ([`Store::add_key_usage`]) and their callers
     /// ([`Store::add_caller_usage`]) in one transaction: both are written or neither, so a report
     /// read from the database never finds an instance's key counts without the callers counted
-    /// with them (it would list those as having no caller recorded). Every instance's batch locks
-    /// its key rows, then its caller rows, each in one fixed order (see [`hourly_batch`]), so two
-    /// batches on PostgreSQL queue and never deadlock.
+    /// with them (it would list those as having no caller recorded).
+    ///
+    /// On PostgreSQL each row is locked as it is written, until the commit. Every instance's batch
+    /// locks its caller rows, then its key rows, each in one fixed order (see [`hourly_batch`]),
+    /// so two batches queue and never deadlock (no other transaction writes both tables: the
+    /// pruning pass's `DELETE`s are single statements, and builds before this one wrote each
+    /// table in a transaction of its own). The key rows come last because every instance writes
+    /// the current hour's: they are held for the key rows' round trips and the commit only, not
+    /// for the caller rows' too, which would make another instance's flush wait on them past the
+    /// `lock_timeout` sooner (one round trip a row, through a remote pooler).
     pub async fn add_usage(
         &self,
         keys: &[KeyUsage],
@@ -619,8 +626,8 @@ impl Store {
         let (key_sql, key_rows) = key_usage_batch(keys);
         let (caller_sql, caller_rows) = callers::caller_usage_batch(callers);
         let batches = [
-            (key_sql.as_str(), key_rows.as_slice()),
             (caller_sql.as_str(), caller_rows.as_slice()),
+            (key_sql.as_str(), key_rows.as_slice()),
         ];
         with_pool!(self, |pool| engine::run_batches(pool, &batches).await)
             .context("recording key and caller usage")

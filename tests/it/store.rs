@@ -4,7 +4,7 @@ use edgegate::store::{AuditEntry, BackendKind, CallerUsage, KeyUsage, shipped_mi
 use sqlx::Connection as _;
 
 use crate::support::TestDb;
-use crate::test_db;
+use crate::{postgres_db, test_db};
 
 #[test]
 fn both_backends_ship_the_same_migrations() {
@@ -573,6 +573,81 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
         rows.iter().all(|row| row.verified_count == 1 + 2 * ROUNDS),
         "{rows:?}"
     );
+}
+
+/// The current hour's key rows are the ones every instance writes: a flush locks them last in its
+/// transaction, after its callers, so they stay locked for the key section and the commit only.
+/// Here a caller row of the flush is held by another session (on a remote database, each caller
+/// row is a round trip): meanwhile another instance's key write goes through at once. Locked
+/// first, they were held for the whole caller section too, and that write waited until the
+/// flush ended, past PostgreSQL's `lock_timeout` (3 s, 55P03) once the section grew long.
+#[tokio::test]
+async fn a_usage_batch_locks_the_shared_key_rows_after_its_callers() {
+    let db = postgres_db!();
+    let (a, b) = (db.store().await, db.store().await);
+    let hour = 2_000 * 3_600_000;
+    let key = usage(hour, "legacy_secret", "", 1, hour + 1);
+    let caller = CallerUsage {
+        hour_start_ms: hour,
+        source: "legacy_secret".into(),
+        kind: "anon_key".into(),
+        route: "/functions/v1/jwt-test".into(),
+        client: "supabase-js/2.47.0".into(),
+        verified_count: 1,
+        last_verified_at_ms: hour + 1,
+    };
+    a.add_usage(std::slice::from_ref(&key), std::slice::from_ref(&caller))
+        .await
+        .unwrap();
+    // Connected and warm, so its write below takes a round trip or two.
+    b.add_key_usage(std::slice::from_ref(&key)).await.unwrap();
+
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM caller_usage_hourly WHERE hour_start = $1 FOR UPDATE")
+        .bind(hour)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let flush = {
+        let (a, key, caller) = (a.clone(), key.clone(), caller.clone());
+        tokio::spawn(async move { a.add_usage(&[key], &[caller]).await })
+    };
+    // Until the flush waits on the caller row (bounded: 200 × 10 ms).
+    let mut waiting = false;
+    for _ in 0..200 {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        if blocked > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(waiting, "the flush never waited on the held caller row");
+
+    // Well under the flush's own 3 s lock wait: were the key row locked, this would still wait.
+    let started = std::time::Instant::now();
+    let written =
+        tokio::time::timeout(std::time::Duration::from_secs(2), b.add_key_usage(&[key])).await;
+    let waited = started.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let written = written.unwrap_or_else(|_| {
+        panic!("another instance's key write waited {waited:?} on a flush held in its callers")
+    });
+    written.unwrap();
+    flush.await.unwrap().unwrap();
+
+    let keys = a.key_usage_since(hour).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].verified_count, 4, "{keys:?}");
+    let callers = a.caller_usage_hours_since(hour).await.unwrap();
+    assert_eq!(callers.len(), 1, "{callers:?}");
+    assert_eq!(callers[0].verified_count, 2, "{callers:?}");
 }
 
 /// Runs `body` on a PostgreSQL database of its own (a test that holds a lock every migration
