@@ -512,7 +512,9 @@ async fn create_role(pool: &sqlx::PgPool, role: &str) {
 
 /// Two instances flushing the same keys, each in the order its own map happens to hold them:
 /// every batch is written whole. On PostgreSQL a batch is one transaction of row locks, and two
-/// taken in opposite orders deadlock (40P01: one batch refused, its counts lost at a stop).
+/// taken in opposite orders deadlock (40P01: one batch refused, its counts lost at a stop). A
+/// flush writes its keys and callers in one transaction ([`edgegate::Store::add_usage`]): two of
+/// them, given their rows in opposite orders, lock both tables' rows in one order too.
 #[tokio::test]
 async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
     let db = test_db!();
@@ -558,19 +560,28 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
                 panic!("round {round}, {what}: {err:#}");
             }
         }
+        let (ua, ub) = tokio::join!(
+            a.add_usage(&keys, &callers),
+            b.add_usage(&keys_reversed, &callers_reversed),
+        );
+        for (written, what) in [(ua, "keys and callers a"), (ub, "keys and callers b")] {
+            if let Err(err) = written {
+                panic!("round {round}, {what}: {err:#}");
+            }
+        }
     }
     let summed = a.key_usage_since(hour).await.unwrap();
     assert_eq!(summed.len(), 50);
     assert!(
         summed
             .iter()
-            .all(|row| row.verified_count == 1 + 2 * ROUNDS),
+            .all(|row| row.verified_count == 1 + 4 * ROUNDS),
         "{summed:?}"
     );
     let rows = a.caller_usage_hours_since(hour).await.unwrap();
     assert_eq!(rows.len(), 50);
     assert!(
-        rows.iter().all(|row| row.verified_count == 1 + 2 * ROUNDS),
+        rows.iter().all(|row| row.verified_count == 1 + 4 * ROUNDS),
         "{rows:?}"
     );
 }
