@@ -40,10 +40,12 @@ pub struct CallerRow {
 
 /// Legacy verifications over the window that the key counts hold and no caller row does: counted
 /// with no caller by an edgegate from before caller counts (before 2026-12-01), or by a later
-/// one from before the key counts and callers were written in one transaction whose caller write
-/// failed after its key counts were written (the callers lost at a stop, or written at a retry,
-/// seconds later), or left out of the per-caller counts in a long database outage
-/// (`edgegate_caller_usage_dropped_total`). Their kind, route and client are not known, so they
+/// one from before 2026-12-07 (it wrote the callers in a transaction of their own, after the key
+/// counts) whose caller write failed (the callers lost at a stop, or written at a retry, seconds
+/// later), or left out of the per-caller counts in a long database outage
+/// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as an hour ended (its key
+/// counted in that hour, its caller in the next) or a flush began (its key in that flush, its
+/// caller in the next, up to a minute later). Their kind, route and client are not known, so they
 /// are no `legacy_usage` row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WithoutCaller {
@@ -534,10 +536,12 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
 /// What the legacy key counts per hour (`legacy_per_hour`: count, last use) hold beyond every
 /// legacy caller row of that hour: counted by an edgegate from before caller counts (it wrote
 /// the key counts alone) or by an earlier one whose caller write failed after its key counts,
-/// or left out of the per-caller counts ([`WithoutCaller`]). Each hour against all of its
-/// callers (`legacy_hours`, and `legacy_before_start` for the first), their use before the
-/// window's start included, as an hour's key count holds it; an hour with more callers than key
-/// counts (a flush committed between the report's reads of the two) takes nothing from another.
+/// or left out of the per-caller counts, or counted just as an hour ended or a flush began
+/// ([`WithoutCaller`]). Each hour against all of its callers (`legacy_hours`, and
+/// `legacy_before_start` for the first), their use before the window's start included, as an
+/// hour's key count holds it; an hour with more callers than key counts (a flush committed
+/// between the report's reads of the two, or a caller counted in the hour after its key) takes
+/// nothing from another.
 fn without_caller(
     legacy_per_hour: &BTreeMap<i64, (i64, i64)>,
     callers: &CallerSums,
@@ -604,9 +608,10 @@ pub fn thousands(count: i64) -> String {
 
 /// Why legacy verifications have no caller recorded ([`WithoutCaller`]).
 const NO_CALLER_RECORDED: &str = "(counted by an edgegate from before caller counts, or by a later \
-                                  one whose caller write failed after its key counts were \
-                                  written, or left out of the per-caller counts in a long \
-                                  database outage)";
+                                  one from before 2026-12-07 whose caller write failed after its \
+                                  key counts were written, or left out of the per-caller counts \
+                                  in a long database outage, or, rarely, counted just as an hour \
+                                  ended or a flush began)";
 
 /// When revoking is not safe because the legacy secret is still used, the reason names the top
 /// caller, so the operator knows whom to fix first. `other` is no caller: it holds every client

@@ -234,6 +234,12 @@ impl UsageTracker {
     /// counts whose callers are still on their way (it would list them as having no caller
     /// recorded, and an operator dismiss a live client), not even when the callers' write fails
     /// or a stop's deadline cuts the flush off. On failure both are kept for the next flush.
+    ///
+    /// One case is left: a request counts its key, then its caller, each under its own lock, so
+    /// one that counts its key before the keys are taken below and its caller after the callers
+    /// are has its key in this batch and its caller in the next (listed with no caller recorded
+    /// until then, up to a minute). Keys are taken first, right before the callers: taken the
+    /// other way round, a request counting its key between the two takes would be split too.
     async fn flush_counts(&self, store: &Store) -> anyhow::Result<()> {
         let _callers_turn = self.callers.turn().await;
         let (rows, first) = self.take();

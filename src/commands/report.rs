@@ -359,11 +359,11 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
         let _ = writeln!(
             out,
             "{NO_CALLER_RECORDED}: legacy verifications counted with no caller, by an edgegate from \
-             before caller counts (before 2026-12-01), or by a later one whose caller write failed \
-             after its key counts were written (an edgegate from before both were written in one \
-             transaction), or left out of the per-caller counts in a long database outage \
-             (edgegate_caller_usage_dropped_total); their last use is that of the hours holding \
-             them."
+             before caller counts (before 2026-12-01), or by a later one from before 2026-12-07 \
+             whose caller write failed after its key counts were written, or left out of the \
+             per-caller counts in a long database outage (edgegate_caller_usage_dropped_total), \
+             or, rarely, counted just as an hour ended or a flush began; their last use is that \
+             of the hours holding them."
         );
     }
     out.push('\n');

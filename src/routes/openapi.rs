@@ -566,9 +566,11 @@ pub struct SigningKeys {
     /// Legacy-secret verifications over the usage window that the key counts hold and no
     /// `legacy_usage` row accounts for, their kind, route and client not being known: counted by
     /// an edgegate from before caller counts (before 2026-12-01), which recorded no caller, or by
-    /// a later one from before the key counts and callers were written in one transaction whose
-    /// caller write failed after its key counts were written, or left out of the per-caller
-    /// counts in a long database outage (`edgegate_caller_usage_dropped_total`). `last_seen` is
+    /// a later one from before 2026-12-07 whose caller write failed after its key counts were
+    /// written, or left out of the per-caller counts in a long database outage
+    /// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as an hour ended or a
+    /// flush began (its caller counted in the next hour, or written with the next flush, up to a
+    /// minute later). `last_seen` is
     /// the latest last use of the hours holding them. `null` when every one has its caller. In
     /// the verdict's `reason` total.
     legacy_usage_without_caller: Option<crate::auth::legacy_report::WithoutCaller>,

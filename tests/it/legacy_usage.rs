@@ -1468,8 +1468,9 @@ async fn legacy_use_counted_before_caller_counts_is_in_the_report_without_a_call
             "legacy service_role_key still used by nightly-export/1.0 on {SYNC}, 1 time in the \
              last 24 h; {total} verifications with the legacy secret in all, 1 from 1 client and \
              {not_recorded} with no caller recorded (counted by an edgegate from before caller \
-             counts, or by a later one whose caller write failed after its key counts were \
-             written, or left out of the per-caller counts in a long database outage)"
+             counts, or by a later one from before 2026-12-07 whose caller write failed after its \
+             key counts were written, or left out of the per-caller counts in a long database \
+             outage, or, rarely, counted just as an hour ended or a flush began)"
         ),
     );
     // The contract's rows are callers, each of a known kind: the rest is listed apart.
