@@ -150,16 +150,23 @@ pub(crate) async fn run_each<DB: Engine>(
     sql: &str,
     rows: &[Vec<Arg<'_>>],
 ) -> Result<(), sqlx::Error> {
-    run_batches(pool, &[(sql, rows)]).await
+    run_batches(pool, None, &[(sql, rows)]).await
 }
 
 /// Runs each statement once per entry of its rows, the statements in the order given, all in
-/// one transaction: all of them are written or none.
+/// one transaction: all of them are written or none. `prelude`, when given, runs first in the
+/// same transaction (a `SET LOCAL` of its own bounds).
 pub(crate) async fn run_batches<DB: Engine>(
     pool: &Pool<DB>,
+    prelude: Option<&str>,
     batches: &[(&str, &[Vec<Arg<'_>>])],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    if let Some(sql) = prelude {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(tx.executor())
+            .await?;
+    }
     for &(sql, rows) in batches {
         for args in rows {
             let query = bind_all(sqlx::query(AssertSqlSafe(sql)), args);

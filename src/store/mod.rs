@@ -617,7 +617,12 @@ impl Store {
     /// table in a transaction of its own). The key rows come last because every instance writes
     /// the current hour's: they are held for the key rows' round trips and the commit only, not
     /// for the caller rows' too, which would make another instance's flush wait on them past the
-    /// `lock_timeout` sooner (one round trip a row, through a remote pooler).
+    /// `lock_timeout` sooner (one round trip a row, through a remote pooler). Another instance's
+    /// flush still queues behind this one on the rows both write (the current hour's callers of
+    /// a client that calls every instance, then its keys), for as long as this one's round trips
+    /// take: the transaction waits for a lock up to [`postgres::USAGE_FLUSH_LOCK_TIMEOUT`], not
+    /// the pooled sessions' 3 s, which is there to answer a request promptly; a flush answers
+    /// none.
     pub async fn add_usage(
         &self,
         keys: &[KeyUsage],
@@ -629,8 +634,14 @@ impl Store {
             (caller_sql.as_str(), caller_rows.as_slice()),
             (key_sql.as_str(), key_rows.as_slice()),
         ];
-        with_pool!(self, |pool| engine::run_batches(pool, &batches).await)
-            .context("recording key and caller usage")
+        match &self.backend {
+            Backend::Sqlite(pool) => engine::run_batches(pool, None, &batches).await,
+            Backend::Postgres(pool) => {
+                let bounds = postgres::usage_flush_bounds();
+                engine::run_batches(pool, Some(&bounds), &batches).await
+            }
+        }
+        .context("recording key and caller usage")
     }
 
     /// Usage per key summed over the hours starting at or after `since_ms`.

@@ -334,9 +334,27 @@ pub(super) const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
 /// what any of edgegate's statements takes.
 pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a usage flush's transaction ([`super::Store::add_usage`]) waits for a row another
+/// instance's flush holds, and how long any one of its statements may run, lock wait included
+/// (`SET LOCAL`, in that transaction alone). Every instance writes the same current hour's rows,
+/// and a flush holds each until its commit, one round trip a row later: hundreds of rows through
+/// a pooler 40 ms away is seconds, past the pooled sessions' [`LOCK_TIMEOUT`], and a flush that
+/// failed on it was retried 5 s later, or, the last one of a stopping instance, lost. A flush
+/// answers no request, and a stop bounds its last one by the shutdown's deadline.
+pub(super) const USAGE_FLUSH_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `SET LOCAL` statements that give a usage flush's transaction its bounds.
+pub(super) fn usage_flush_bounds() -> String {
+    format!(
+        "SET LOCAL lock_timeout = '{ms}ms'; SET LOCAL statement_timeout = '{ms}ms'",
+        ms = USAGE_FLUSH_LOCK_TIMEOUT.as_millis()
+    )
+}
+
 /// The bounds set on every pooled session as it connects. Sessions that must wait longer set
 /// their own: the migration (its lock wait unbounded, its statements under
-/// `MIGRATION_LOCK_TIMEOUT`) and the SMS reservation (`SET LOCAL`, in its transaction).
+/// `MIGRATION_LOCK_TIMEOUT`), the SMS reservation and the usage flush (`SET LOCAL`, in their
+/// transactions).
 fn session_bounds() -> String {
     format!(
         "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms'",
