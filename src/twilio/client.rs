@@ -59,18 +59,49 @@ fn error_message<'de, D: serde::Deserializer<'de>>(
 pub const MAX_TWILIO_TEXT_CHARS: usize = 256;
 
 /// A text from Twilio (a message's `error_message`, an error's `message`) as edgegate stores
-/// and shows it: without control characters (a U+0000, which PostgreSQL cannot store, made the
-/// row's write fail; an escape sequence would reach an operator's terminal), trimmed, its first
-/// [`MAX_TWILIO_TEXT_CHARS`] characters; none when nothing is left.
+/// and shows it: one line of words. Whitespace and control characters (a U+0000, which
+/// PostgreSQL cannot store, made the row's write fail; an escape sequence would reach an
+/// operator's terminal; a line break would join two words) read as a space, runs of them as
+/// one, trimmed; invisible formatting characters (bidi overrides, zero-width ones) are dropped.
+/// A longer text is cut to [`MAX_TWILIO_TEXT_CHARS`] characters ending in "…", without an
+/// accent (combining mark) or a space left before it. None when nothing is left.
 pub fn twilio_text(text: &str) -> Option<String> {
-    let printable: String = text.chars().filter(|c| !c.is_control()).collect();
-    let kept: String = printable
-        .trim()
+    let spaced: String = text
         .chars()
-        .take(MAX_TWILIO_TEXT_CHARS)
+        .filter(|&c| !crate::auth::keys::is_format_char(c))
+        .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    let kept = kept.trim_end();
-    (!kept.is_empty()).then(|| kept.to_owned())
+    let line = spaced.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        return None;
+    }
+    if line.chars().count() <= MAX_TWILIO_TEXT_CHARS {
+        return Some(line);
+    }
+    let mut kept: String = line.chars().take(MAX_TWILIO_TEXT_CHARS - 1).collect();
+    let end = kept
+        .trim_end_matches(|c: char| is_combining_mark(c) || c.is_whitespace())
+        .len();
+    kept.truncate(end);
+    kept.push('…');
+    Some(kept)
+}
+
+/// A character that marks the one before it: combining diacritical marks (their blocks for
+/// Latin, Greek, Cyrillic and symbols, the kana voicing marks) and variation selectors.
+fn is_combining_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0300}'..='\u{036F}'
+            | '\u{0483}'..='\u{0489}'
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{3099}'..='\u{309A}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FE20}'..='\u{FE2F}'
+            | '\u{E0100}'..='\u{E01EF}'
+    )
 }
 
 /// The fields of Twilio's Account resource that `check` shows.
@@ -323,15 +354,46 @@ mod tests {
         ] {
             assert_eq!(read(odd), None);
         }
-        // Control characters dropped, trimmed, cut on a character boundary.
+        // Line breaks, tabs and other control characters read as a space between words (runs of
+        // them as one), trimmed; invisible formatting ones (bidi overrides, zero-width) dropped.
         assert_eq!(
             read("\tNo\u{0} route\u{1b}[0m\n ".into()).as_deref(),
-            Some("No route[0m")
+            Some("No route [0m")
         );
-        let cut = read(format!("{}€ and more", "a".repeat(MAX_TWILIO_TEXT_CHARS - 1)).into());
+        assert_eq!(
+            read("The number\nis not valid".into()).as_deref(),
+            Some("The number is not valid")
+        );
+        assert_eq!(
+            read("Un\u{202E}known\u{200B} de\u{200D}stination\u{2028}\r\nhandset\u{85}.".into())
+                .as_deref(),
+            Some("Unknown destination handset .")
+        );
+        assert_eq!(read("\u{202E}\u{200B} \u{2028}".into()), None);
+        // At most MAX_TWILIO_TEXT_CHARS characters, on a character boundary, "…" ending one cut.
+        let whole = format!("{}€", "a".repeat(MAX_TWILIO_TEXT_CHARS - 1));
+        assert_eq!(read(whole.clone().into()), Some(whole));
+        let cut = read(format!("{}€ and more", "a".repeat(MAX_TWILIO_TEXT_CHARS - 2)).into());
         assert_eq!(
             cut,
-            Some(format!("{}€", "a".repeat(MAX_TWILIO_TEXT_CHARS - 1)))
+            Some(format!("{}€…", "a".repeat(MAX_TWILIO_TEXT_CHARS - 2)))
+        );
+        // A cut between a letter and its accent drops the accent rather than leave it over "…";
+        // a cut after a space drops the space.
+        let accent =
+            read(format!("{}e\u{301}\u{301}z", "a".repeat(MAX_TWILIO_TEXT_CHARS - 3)).into());
+        assert_eq!(
+            accent,
+            Some(format!("{}e…", "a".repeat(MAX_TWILIO_TEXT_CHARS - 3)))
+        );
+        let space = read(format!("{} bc", "a".repeat(MAX_TWILIO_TEXT_CHARS - 2)).into());
+        assert_eq!(
+            space,
+            Some(format!("{}…", "a".repeat(MAX_TWILIO_TEXT_CHARS - 2)))
+        );
+        assert_eq!(
+            read("é".repeat(5_000).into()).unwrap().chars().count(),
+            MAX_TWILIO_TEXT_CHARS
         );
         let resource: MessageResource =
             serde_json::from_str(r#"{"sid":"SM1","status":"sent"}"#).unwrap();
