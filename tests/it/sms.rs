@@ -1056,7 +1056,8 @@ async fn sms_refusal_words_are_stored_as_one_short_printable_line() {
         code: 21211,
         message: words,
     }]);
-    let answer = send(&app, json!({"to": "+12025550123", "body": "hi"})).await;
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "refused-words"});
+    let answer = send(&app, message.clone()).await;
     assert_error(&answer, 422, "VALIDATION_FAILED");
     // One line of words, its control characters a space; cut to 256 characters, the last "…".
     let kept = format!("The 'To' number is not valid [2J {}…", "é".repeat(222));
@@ -1069,6 +1070,11 @@ async fn sms_refusal_words_are_stored_as_one_short_printable_line() {
     );
     assert_eq!(row.error_message.as_deref(), Some(detail.as_str()));
     assert_eq!(answer.body["message"], format!("to: {detail}"));
+    // A retry with the key is answered from the stored row, as the first answer was.
+    let requests = fake.requests().len();
+    let retry = send(&app, message).await;
+    assert_eq!((retry.status, &retry.body), (answer.status, &answer.body));
+    assert_eq!(fake.requests().len(), requests, "the retry reached Twilio");
 }
 
 /// Twilio measures a body in segments (a character outside GSM-7 takes two bytes of UCS-2), so a
