@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::config::{Config, DatabaseUrl};
-use crate::store::{BackendKind, Store};
+use crate::store::{BackendKind, SqliteServerAccess, Store};
 use crate::twilio::client::TwilioApi;
 
 /// `edgegate openapi`: the OpenAPI 3.1 document, as `GET /openapi.json` serves it.
@@ -150,6 +150,13 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             quick_check,
         })
     };
+    let access = sqlite_files_not_read_writable(&config.database_url);
+    let unjudged = |mut line: CheckLine| {
+        if let SqliteServerAccess::CannotTell(note) = &access {
+            line.detail = format!("{}; {note}", line.detail);
+        }
+        line
+    };
     lines.push(match sqlite_file(&config.database_url) {
         // Failed: a new deployment has no file at all (ok above), so an empty one is a restore or
         // a copy gone wrong, which serve would set up as a new database over it, and the data
@@ -174,24 +181,22 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 }
             }
             // A -wal or -shm of another user's left behind, which serve stops on.
-            None if let Some(problem) = sqlite_files_not_read_writable(&config.database_url) => {
-                CheckLine {
-                    item: "database",
-                    ok: false,
-                    detail: format!(
-                        "{}: not there, and {problem}",
-                        config.database_url.redacted()
-                    ),
-                }
-            }
-            None => CheckLine {
+            None if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!(
+                    "{}: not there, and {problem}",
+                    config.database_url.redacted()
+                ),
+            },
+            None => unjudged(CheckLine {
                 item: "database",
                 ok: true,
                 detail: format!(
                     "{}: not there yet; serve creates it and migrates it at start",
                     config.database_url.redacted()
                 ),
-            },
+            }),
             Some(problem) => CheckLine {
                 item: "database",
                 ok: false,
@@ -203,16 +208,12 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             },
         },
         // Judged for serve's user: `check` run as root may open what serve cannot.
-        SqliteFile::Usable
-            if let Some(problem) = sqlite_files_not_read_writable(&config.database_url) =>
-        {
-            CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!("{}: {problem}", config.database_url.redacted()),
-            }
-        }
-        SqliteFile::Usable => database_line(&config.database_url, database.await),
+        SqliteFile::Usable if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
+            item: "database",
+            ok: false,
+            detail: format!("{}: {problem}", config.database_url.redacted()),
+        },
+        SqliteFile::Usable => unjudged(database_line(&config.database_url, database.await)),
     });
     lines.extend(jwt_check::lines(config).await);
     lines.push(check_twilio(config, check_client(&config.twilio.api_base)).await);
@@ -480,14 +481,18 @@ fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
 }
 
 /// What keeps serve, as the user it runs as, from reading and writing the SQLite file `url`
-/// names and the files beside it (see `store::sqlite_files_not_read_writable_by_server`); `None`
-/// for PostgreSQL, or a URL SQLite cannot use.
-fn sqlite_files_not_read_writable(url: &DatabaseUrl) -> Option<String> {
+/// names and the files beside it (see `store::sqlite_files_not_read_writable_by_server`);
+/// allowed for PostgreSQL, or a URL SQLite cannot use.
+fn sqlite_files_not_read_writable(url: &DatabaseUrl) -> SqliteServerAccess {
     if url.is_postgres() {
-        return None;
+        return SqliteServerAccess::Allowed;
     }
-    let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
-    crate::store::sqlite_files_not_read_writable_by_server(options.get_filename())
+    match SqliteConnectOptions::from_str(url.expose()) {
+        Ok(options) => {
+            crate::store::sqlite_files_not_read_writable_by_server(options.get_filename())
+        }
+        Err(_) => SqliteServerAccess::Allowed,
+    }
 }
 
 /// The HTTP client `check` reaches the dependency at `target` with.

@@ -290,57 +290,107 @@ fn refused_file(path: &Path, opening: &str, refusal: &dyn std::fmt::Display) -> 
 struct Server {
     uid: u32,
     gid: u32,
-    /// The directory `serve` makes the files in, when the user is its owner and not this
-    /// process's: `None` for this process's own user.
-    owning: Option<std::path::PathBuf>,
+    /// Why `check` takes this user for serve's (the owner of the database file, or of its
+    /// directory): `None` for this process's own user.
+    whose: Option<String>,
 }
 
-/// Who `serve` runs as for the database `file`: the owner of the file's directory, where it
-/// creates the database and its -wal and -shm (the image's /data is uid 10001's), when this
-/// process is root or another user than that owner (`check` run through `fly ssh console`, as
-/// root); else, or where root owns the directory, this process's user.
-fn server(file: &Path) -> Server {
+impl Server {
+    /// This process's user: the one `serve` and `migrate` judge files for, and name in their
+    /// advice.
+    fn this_process() -> Self {
+        Self {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            whose: None,
+        }
+    }
+}
+
+/// Who `check` judges the database `file` for. Run as root (`fly ssh console -C "edgegate
+/// check"`), which may open any file: the database file's owner when that is not root, else
+/// its directory's owner when that is not root (the image's /data is uid 10001's), else root.
+/// Run as any other user, that user: the serve user itself, most likely, in a directory that
+/// may be another's (a bind mount open to all), where the directory's owner was taken for
+/// serve's user and `check` advised a chown that stopped serve.
+fn judged_server(file: &Path) -> Server {
     use std::os::unix::fs::MetadataExt as _;
-    let euid = rustix::process::geteuid().as_raw();
-    let egid = rustix::process::getegid().as_raw();
-    let this_process = Server {
-        uid: euid,
-        gid: egid,
-        owning: None,
-    };
+    if !rustix::process::geteuid().is_root() {
+        return Server::this_process();
+    }
     let file = resolved(file);
     let directory = match file.parent() {
         Some(directory) if !directory.as_os_str().is_empty() => directory,
         _ => Path::new("."),
     };
-    match std::fs::metadata(directory) {
-        Ok(meta) if meta.uid() != 0 && meta.uid() != euid => Server {
-            uid: meta.uid(),
-            gid: meta.gid(),
-            owning: Some(std::path::absolute(directory).unwrap_or_else(|_| directory.into())),
-        },
-        _ => this_process,
+    for (path, what) in [
+        (file.as_path(), "the owner of"),
+        (directory, "the owner of"),
+    ] {
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.uid() != 0
+        {
+            return Server {
+                uid: meta.uid(),
+                gid: meta.gid(),
+                whose: Some(format!("{what} {}", shell_quoted(path))),
+            };
+        }
     }
+    Server::this_process()
 }
 
-/// Why the mode of the file `meta` describes keeps `server` from reading and writing it, from
-/// its owner, group and mode bits alone (no ACL, no supplementary group); `None` when it does
-/// not.
-fn mode_refuses(meta: &std::fs::Metadata, server: &Server) -> Option<String> {
+/// What the owner, group and mode bits of the file `meta` describes say of `server` reading
+/// and writing it.
+enum ModeSays {
+    Allowed,
+    /// Why not.
+    Refused(String),
+    /// Why they cannot say: the file has an ACL, or only its group may read and write it and
+    /// `server`'s supplementary groups are not known here.
+    CannotTell(String),
+}
+
+/// Whether the file at `path` (described by `meta`) lets `server` read and write it, from its
+/// owner, group and mode bits; [`ModeSays::CannotTell`] where those do not decide it.
+fn mode_says(path: &Path, meta: &std::fs::Metadata, server: &Server) -> ModeSays {
     use std::os::unix::fs::MetadataExt as _;
+    if rustix::fs::getxattr(path, "system.posix_acl_access", &mut [0u8; 0][..]).is_ok() {
+        return ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned());
+    }
+    let rw = |bits: u32| bits & 0o6 == 0o6;
     let (bits, whose) = if meta.uid() == server.uid {
         (meta.mode() >> 6, "its owner's")
     } else if meta.gid() == server.gid {
         (meta.mode() >> 3, "its group's")
+    } else if rw(meta.mode() >> 3) && !rw(meta.mode()) {
+        return ModeSays::CannotTell(format!(
+            "only its group (gid {}) may read and write it, and uid {}'s supplementary groups \
+             are not known here",
+            meta.gid(),
+            server.uid
+        ));
     } else {
         (meta.mode(), "others'")
     };
-    (bits & 0o6 != 0o6).then(|| {
-        format!(
+    if rw(bits) {
+        ModeSays::Allowed
+    } else {
+        ModeSays::Refused(format!(
             "uid {} may not: {whose} permissions in its mode do not give reading and writing",
             server.uid
-        )
-    })
+        ))
+    }
+}
+
+/// What `check` makes of the user `serve` runs as reading and writing the database's files.
+pub(crate) enum ServerAccess {
+    /// They may be read and written.
+    Allowed,
+    /// What keeps serve from them, and the commands that give them back.
+    Refused(String),
+    /// Which files `check` could not judge, and why: said, not failed.
+    CannotTell(String),
 }
 
 /// What keeps edgegate from reading and writing the database `file` or the files beside it
@@ -353,8 +403,13 @@ fn mode_refuses(meta: &std::fs::Metadata, server: &Server) -> Option<String> {
 /// rights), not by opening them: closing a descriptor on a file lets go of every POSIX lock
 /// this process holds on it, SQLite's among them.
 pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
+    refusals(file, &Server::this_process(), access_refusal)
+}
+
+/// Why `access` refuses this process reading and writing `path`, if it does.
+fn access_refusal(path: &Path) -> Option<Refusal> {
     use rustix::fs::{Access, AtFlags, CWD, accessat};
-    refusals(file, |path| {
+    {
         let refusal = accessat(
             CWD,
             path,
@@ -367,7 +422,7 @@ pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
             why: std::io::Error::from(refusal).to_string(),
             read_only: refusal == rustix::io::Errno::ROFS,
         })
-    })
+    }
 }
 
 /// Whether `access` answering `errno` says the file may not be read and written: EACCES (its
@@ -381,27 +436,57 @@ fn is_refusal(errno: rustix::io::Errno) -> bool {
     errno == Errno::ACCESS || errno == Errno::ROFS
 }
 
-/// As [`files_not_read_writable`], for the user `serve` runs as ([`server`]) rather than this
-/// process's, for `check`: run as root (`fly ssh console -C "edgegate check"`), which may open
-/// any file, it said ok of root's files, mode 0600, that `serve` (uid 10001) then could not
-/// open. Judged from the files' owners and modes when that user is another than this process's.
-pub(crate) fn files_not_read_writable_by_server(file: &Path) -> Option<String> {
-    let server = server(file);
-    if server.owning.is_none() {
-        return files_not_read_writable(file);
+/// As [`files_not_read_writable`], for the user `serve` runs as, for `check`: run as root
+/// (`fly ssh console -C "edgegate check"`), which may open any file, it said ok of root's
+/// files, mode 0600, that `serve` (uid 10001) then could not open. Run as root, judged for
+/// [`judged_server`]'s user from the files' owners and modes, and not failed where those cannot
+/// decide it (an ACL, a group of which that user may be a supplementary member).
+pub(crate) fn files_not_read_writable_by_server(file: &Path) -> ServerAccess {
+    let server = judged_server(file);
+    if server.whose.is_none() {
+        return files_not_read_writable(file).map_or(ServerAccess::Allowed, ServerAccess::Refused);
     }
-    refusals(file, |path| {
-        let why = mode_refuses(&std::fs::metadata(path).ok()?, &server)?;
-        Some(Refusal {
+    let judged = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|meta| mode_says(path, &meta, &server))
+    };
+    let refused = refusals(file, &server, |path| match judged(path)? {
+        ModeSays::Refused(why) => Some(Refusal {
             why,
             read_only: false,
+        }),
+        _ => None,
+    });
+    if let Some(problem) = refused {
+        return ServerAccess::Refused(problem);
+    }
+    let unjudged: Vec<String> = files_sqlite_opens(file)
+        .iter()
+        .filter_map(|path| match judged(path)? {
+            ModeSays::CannotTell(why) => Some(format!("{} ({why})", path.display())),
+            _ => None,
         })
-    })
+        .collect();
+    if unjudged.is_empty() {
+        return ServerAccess::Allowed;
+    }
+    ServerAccess::CannotTell(format!(
+        "cannot tell whether uid {} ({}, taken for the user serve runs as) may read and write {}; \
+         not judged here",
+        server.uid,
+        server.whose.as_deref().unwrap_or_default(),
+        unjudged.join(", ")
+    ))
 }
 
 /// The files of the database `file` that `refusal` finds something against, with the advice
 /// that gives them back.
-fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<Refusal>) -> Option<String> {
+fn refusals(
+    file: &Path,
+    server: &Server,
+    refusal: impl Fn(&Path) -> Option<Refusal>,
+) -> Option<String> {
     let resolved = resolved(file);
     // SQLite said only "unable to open database file", and the advice was to chmod it.
     if resolved.is_dir() {
@@ -431,7 +516,7 @@ fn refusals(file: &Path, refusal: impl Fn(&Path) -> Option<Refusal>) -> Option<S
             .to_owned()
     } else {
         give_back(
-            file,
+            server,
             "must read and write the database and the files beside it",
             &present,
         )
@@ -460,16 +545,14 @@ fn shell_quoted(path: &Path) -> String {
     }
 }
 
-/// What to run to give `paths` (the database `file`'s) back to the user `serve` runs as
-/// ([`server`]), which `needs` them.
-fn give_back(file: &Path, needs: &str, paths: &[std::path::PathBuf]) -> String {
-    let server = server(file);
+/// What to run to give `paths` (the database's) back to `server`, the user that `needs` them:
+/// this process's for serve and migrate, [`judged_server`]'s for `check`.
+fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> String {
     let uid = server.uid;
-    let who = match &server.owning {
+    let who = match &server.whose {
         None => format!("edgegate runs as uid {uid}"),
-        Some(directory) => format!(
-            "serve runs as uid {uid}, the owner of {} (this command runs as uid {})",
-            shell_quoted(directory),
+        Some(whose) => format!(
+            "serve runs as uid {uid}, {whose} (this command runs as uid {})",
             rustix::process::geteuid().as_raw()
         ),
     };
@@ -525,7 +608,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
                     "{}: {}",
                     refused_file(&path, "writing", &err),
                     give_back(
-                        pool.connect_options().get_filename(),
+                        &Server::this_process(),
                         "takes this lock to migrate",
                         std::slice::from_ref(&path)
                     )

@@ -727,3 +727,47 @@ async fn check_fails_a_sqlite_file_with_a_damaged_page() {
         "{line}"
     );
 }
+
+/// A volume owned by another uid (1000, a bind mount) and open to all (mode 777), where serve
+/// runs as uid 10001 and its own `migrate` made the files (10001's, mode 0600): `check` run as
+/// that user passes and advises nothing. It judged the files for the directory's owner and
+/// said to chown them to uid 1000, which would have stopped serve.
+#[tokio::test]
+async fn check_run_as_the_serve_user_judges_for_itself_in_another_users_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return;
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, 1000);
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = data.join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let migrated = output(as_image_user(dir.path(), &bin, &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok") && !line.contains("chown") && !line.contains("uid 1000"),
+        "{line}"
+    );
+    // Root's `check` judges them for their owner, uid 10001: ok too.
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(line.starts_with("ok") && !line.contains("chown"), "{line}");
+    // Root's file, which only its group (2000) may read and write: root's `check` judges it for
+    // the directory's owner, uid 1000, whose supplementary groups it cannot know; said, not
+    // failed.
+    std::os::unix::fs::chown(&file, Some(0), Some(2000)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok") && line.contains("cannot tell whether uid 1000"),
+        "{line}"
+    );
+}
