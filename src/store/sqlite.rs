@@ -594,15 +594,17 @@ fn is_busy(err: &sqlx::Error) -> bool {
 pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
     let _guard = if let Some(lock_path) = migration_lock_path(pool.connect_options().get_filename())
     {
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-        {
-            Ok(file) => file,
+        let options = pool.connect_options();
+        let database = options.get_filename();
+        let file = match open_migration_lock(Path::new(&lock_path)) {
+            Ok((file, made)) => {
+                if made {
+                    give_lock_to_database_owner(&file, database);
+                }
+                file
+            }
             // A lock another user's `migrate` left (root's, mode 0644).
-            Err(err) if Path::new(&lock_path).exists() => {
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
                 let path = std::path::PathBuf::from(&lock_path);
                 anyhow::bail!(
                     "{}: {}",
@@ -614,9 +616,15 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
                     )
                 );
             }
-            Err(err) => return Err(err).context("opening the SQLite migration lock file"),
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!(
+                        "opening the SQLite migration lock file {}",
+                        Path::new(&lock_path).display()
+                    )
+                });
+            }
         };
-        give_lock_to_database_owner(&file, pool.connect_options().get_filename());
         // Polled, not waited for on a blocking thread: a start-up stopped while waiting ends at
         // once, with no thread left behind holding the process open.
         super::wait_for_migration_lock(async {
@@ -643,10 +651,43 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
     Ok(before)
 }
 
-/// Gives the migration lock `lock`, opened by root, to the owner of the `database` file, as
+/// Opens the migration lock at `path` for writing, and whether this call made it: never through
+/// a symbolic link (one planted there would have had root's `migrate` open, and give away, the
+/// file it names), and made only where no file was (`O_EXCL`).
+fn open_migration_lock(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let nofollow = rustix::fs::OFlags::NOFOLLOW.bits().cast_signed();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nofollow)
+            .open(path);
+        match made {
+            Ok(file) => return Ok((file, true)),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err),
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nofollow)
+            .open(path)
+        {
+            Ok(file) => return Ok((file, false)),
+            // Removed between the two: made again, a few times at most.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Gives the migration lock `lock`, which root's `migrate` has just made, to the owner of the `database` file, as
 /// SQLite gives its -wal and -shm files: one root's `migrate` (a restore's, a console's) left
 /// root's, mode 0644, stopped every later migration run as the image's user. Nothing for
-/// anyone else, who cannot give a file away, or for a lock its owner already has.
+/// anyone else, who cannot give a file away, or for a lock its owner already has; never for a
+/// lock that was there ([`open_migration_lock`]).
 fn give_lock_to_database_owner(lock: &std::fs::File, database: &Path) {
     use std::os::unix::fs::MetadataExt as _;
     if !rustix::process::geteuid().is_root() {

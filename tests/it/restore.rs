@@ -229,7 +229,7 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
 /// The migration lock a `migrate` run as root left (root's, mode 0644) beside a database given
 /// back to uid 10001: what never opens it (`serve --no-migrate`, `check`, `keys report`) works
 /// as that user, where all three refused the lock; a migration names it with the chown that
-/// gives it back. A `migrate` run as root now gives the lock it makes (or finds root's) to the
+/// gives it back. A `migrate` run as root now gives the lock it makes (not one it finds) to the
 /// database file's owner, as SQLite does its -wal and -shm, and uid 10001 migrates again.
 #[tokio::test]
 async fn a_migration_lock_root_left_stops_only_a_migration() {
@@ -284,17 +284,16 @@ async fn a_migration_lock_root_left_stops_only_a_migration() {
         "{stderr}"
     );
 
-    // Root's migrate, on the lock root left and on none at all.
+    // Root's migrate leaves a lock that was there as it was (giving away a file it did not make
+    // could give away whatever a link planted there names), and gives the one it makes.
     use std::os::unix::fs::MetadataExt as _;
-    for _ in 0..2 {
-        let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
-        assert!(migrated.status.success(), "{migrated:?}");
-        let owner = std::fs::metadata(&lock).unwrap().uid();
-        assert_eq!(owner, IMAGE_UID, "the lock root's migrate left");
-        std::fs::remove_file(&lock).unwrap();
-    }
     let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
     assert!(migrated.status.success(), "{migrated:?}");
+    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0);
+    std::fs::remove_file(&lock).unwrap();
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), IMAGE_UID);
     let (code, _, stderr) = run(&["migrate"]);
     assert_eq!(code, Some(0), "{stderr}");
 }
@@ -770,4 +769,38 @@ async fn check_run_as_the_serve_user_judges_for_itself_in_another_users_director
         line.starts_with("ok") && line.contains("cannot tell whether uid 1000"),
         "{line}"
     );
+}
+
+/// A symbolic link planted as the migration lock by the user that owns the database (uid 10001)
+/// towards a file of root's: root's `migrate` leaves that file root's. It opened the link's
+/// target and gave it to the database file's owner, so any file could be given to uid 10001.
+#[tokio::test]
+async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    // Root's, which may give files away (and as `image_user_can_run` tells).
+    if !image_user_can_run(&binary_for_anyone(dir.path())) {
+        return;
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let file = data.join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let lock = data.join("edgegate.db.migrate-lock");
+    let _ = std::fs::remove_file(&lock);
+    let target = dir.path().join("roots-secret");
+    std::fs::write(&target, b"root's").unwrap();
+    let owner = std::fs::metadata(&target).unwrap().uid();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    chown(&data, IMAGE_UID);
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    let _ = output(edgegate(dir.path(), &vars).arg("migrate"));
+    let after = std::fs::metadata(&target).unwrap().uid();
+    assert_eq!(after, owner, "root's migrate gave the link's target away");
 }
