@@ -47,14 +47,28 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         }
         // Before the file is made: one made here is new on purpose. `check` and `keys report`
         // refuse an empty file before they get here (`commands::absent_sqlite_database`).
+        // SQLite would delete the -wal on opening the file, and with it what a restore put
+        // there: nothing starts on it.
+        if is_empty_database(file)
+            && let Some((wal, size)) = discarded_wal(file)
+        {
+            anyhow::bail!(
+                "{} exists but is empty (0 bytes), and {} holds {size} bytes, which SQLite \
+                 discards (deletes) when it opens a database file with no pages: not started on \
+                 them. If a restore left them so (a copy of nothing, a truncated copy), restore \
+                 again, the database file and its -wal together (docs/OPERATIONS.md, Backup and \
+                 restore); if this is a new deployment, delete both files",
+                file.display(),
+                wal.display()
+            );
+        }
         if is_empty_database(file) {
             tracing::warn!(
-                "{} exists but is empty (0 bytes){}: it is set up as a new database, with no \
+                "{} exists but is empty (0 bytes): it is set up as a new database, with no \
                  data. If a restore left it empty (a copy of nothing, a truncated copy), what the \
                  backup held is not in it: stop edgegate and restore again (docs/OPERATIONS.md, \
                  Backup and restore)",
-                file.display(),
-                empty_database_wal_note(file)
+                file.display()
             );
         }
         create_private(file);

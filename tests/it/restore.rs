@@ -616,6 +616,26 @@ async fn an_empty_database_file_is_warned_of_and_failed_by_check() {
         vec![0x37; 4096],
         "check changed the -wal"
     );
+    // serve and migrate refuse to start on it: they warned to copy the -wal aside, and SQLite
+    // deleted it in the same run.
+    for command in ["migrate", "serve"] {
+        let out = output(edgegate(dir.path(), &vars).arg(command));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string())
+                && stderr.contains(&format!("{wal} holds 4096 bytes"))
+                && stderr.contains("restore again")
+                && stderr.contains("delete both"),
+            "{command}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&wal).unwrap(),
+            vec![0x37; 4096],
+            "{command} changed the -wal"
+        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "{command}");
+    }
     std::fs::remove_file(&wal).unwrap();
 
     for command in ["migrate", "serve"] {
