@@ -134,10 +134,14 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     (BackendKind::Sqlite, Ok(Some(complaint))) => {
                         Some(QuickCheck::Damaged(complaint))
                     }
-                    // SQLite's answer to the check an error (SQLITE_CORRUPT, "database disk
-                    // image is malformed"; SQLITE_IOERR): the file is damaged as much.
-                    (BackendKind::Sqlite, Err(err)) => {
+                    // SQLite's answer to the check an error that says the file is damaged
+                    // (SQLITE_CORRUPT, "database disk image is malformed"; SQLITE_NOTADB).
+                    (BackendKind::Sqlite, Err(err)) if crate::store::is_sqlite_damage(&err) => {
                         Some(QuickCheck::Damaged(crate::error::causes(&err)))
+                    }
+                    // Any other (busy, a timeout, an I/O error) says nothing of the file.
+                    (BackendKind::Sqlite, Err(err)) => {
+                        Some(QuickCheck::Failed(crate::error::causes(&err)))
                     }
                 }
             }
@@ -250,6 +254,8 @@ enum QuickCheck {
     Damaged(String),
     /// Not within [`QUICK_CHECK_WITHIN`].
     Unfinished,
+    /// An error that says nothing of the file (busy, a timeout, an I/O error).
+    Failed(String),
 }
 
 /// `check`'s database line for a database it opened.
@@ -269,6 +275,16 @@ fn database_line(url: &DatabaseUrl, read: anyhow::Result<DatabaseRead>) -> Check
                  {complaint}; edgegate serves it until a query reads what is damaged, and fails \
                  that query: restore the last good backup (docs/OPERATIONS.md, Backup and \
                  restore)"
+            ),
+        ),
+        Ok(DatabaseRead {
+            quick_check: Some(QuickCheck::Failed(error)),
+            ..
+        }) => (
+            false,
+            format!(
+                "{shown} answers, but SQLite's PRAGMA quick_check failed: {error}; the file is \
+                 not checked: run check again"
             ),
         ),
         // serve would migrate it, unless --no-migrate: then every query fails.
@@ -329,7 +345,7 @@ fn database_line(url: &DatabaseUrl, read: anyhow::Result<DatabaseRead>) -> Check
                      it)",
                     QUICK_CHECK_WITHIN.as_secs()
                 ),
-                Some(QuickCheck::Damaged(_)) | None => String::new(),
+                Some(QuickCheck::Damaged(_) | QuickCheck::Failed(_)) | None => String::new(),
             };
             (
                 true,

@@ -47,6 +47,7 @@ pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChan
 pub(crate) use sqlite::ServerAccess as SqliteServerAccess;
 pub(crate) use sqlite::empty_database_wal_note as empty_sqlite_database_wal_note;
 pub(crate) use sqlite::files_not_read_writable_by_server as sqlite_files_not_read_writable_by_server;
+pub(crate) use sqlite::is_damage as is_sqlite_damage;
 pub(crate) use sqlite::is_empty_database as is_empty_sqlite_database;
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;

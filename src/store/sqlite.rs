@@ -592,6 +592,26 @@ fn is_in_memory(file: &Path) -> bool {
 /// Attempts at opening a file that another process is switching to WAL, before the last one.
 const OPEN_RETRIES: usize = 5;
 
+/// Whether `err` is SQLite saying the file is damaged: SQLITE_CORRUPT (11) with any extended
+/// code, or SQLITE_NOTADB (26). Not a busy database, a timeout or an I/O error, which say
+/// nothing of what the file holds.
+pub(crate) fn is_damage(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() else {
+            return false;
+        };
+        match db.code().and_then(|code| code.parse::<i32>().ok()) {
+            Some(code) => matches!(code & 0xff, 11 | 26),
+            // Without a code, SQLite's own words for the two.
+            None => {
+                let message = db.message();
+                message.contains("database disk image is malformed")
+                    || message.contains("file is not a database")
+            }
+        }
+    })
+}
+
 fn is_busy(err: &sqlx::Error) -> bool {
     // The primary result code SQLITE_BUSY (5), whatever its extended code.
     let code = match err {
@@ -788,6 +808,36 @@ mod tests {
         );
         let relative = shell_quoted(Path::new("edgegate.db"));
         assert!(Path::new(&relative).is_absolute(), "{relative}");
+    }
+
+    /// Only SQLite's SQLITE_CORRUPT family and SQLITE_NOTADB say that a file is damaged: any
+    /// other error of `check`'s quick_check (a syntax error here standing for a busy database,
+    /// a timeout or an I/O error) was reported as damage, with the advice to restore a backup.
+    #[tokio::test]
+    async fn only_corrupt_and_notadb_are_damage() {
+        use anyhow::Context as _;
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+        let pool = SqlitePool::connect(&format!("sqlite://{}", garbage.display()))
+            .await
+            .unwrap();
+        let err = sqlx::query("PRAGMA quick_check(1)")
+            .fetch_one(&pool)
+            .await
+            .context("running PRAGMA quick_check")
+            .unwrap_err();
+        assert!(is_damage(&err), "{err:#}");
+        pool.close().await;
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        let err = sqlx::query("PRAGMA quick_check(")
+            .fetch_one(&pool)
+            .await
+            .context("running PRAGMA quick_check")
+            .unwrap_err();
+        assert!(!is_damage(&err), "{err:#}");
+        pool.close().await;
+        assert!(!is_damage(&anyhow::Error::new(sqlx::Error::PoolTimedOut)));
     }
 
     #[test]
