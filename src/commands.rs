@@ -241,7 +241,7 @@ struct DatabaseRead {
     applied: usize,
     /// Applied from another copy of a migration's file ([`Store::migrations_differing`]).
     differing: Vec<i64>,
-    /// Applied and newer than any this binary ships ([`Store::migrations_unknown`]).
+    /// Applied and not shipped by this binary ([`Store::migrations_unknown`]).
     unknown: Vec<i64>,
     /// SQLite's only.
     quick_check: Option<QuickCheck>,

@@ -48,6 +48,11 @@ pub(crate) use sqlite::ServerAccess as SqliteServerAccess;
 pub(crate) use sqlite::empty_database_wal_note as empty_sqlite_database_wal_note;
 pub(crate) use sqlite::files_not_read_writable_by_server as sqlite_files_not_read_writable_by_server;
 pub(crate) use sqlite::is_damage as is_sqlite_damage;
+
+/// Migrations an earlier build shipped and a later one retired, which a database may have
+/// applied and no release will ship again: not a newer release's
+/// ([`Store::migrations_unknown`]). 20261210000001: shipped in 3eb0f9e, deleted in 0552c88.
+const RETIRED_MIGRATIONS: [i64; 1] = [20261210000001];
 pub(crate) use sqlite::is_empty_database as is_empty_sqlite_database;
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;
@@ -381,21 +386,23 @@ impl Store {
         Ok((first != "ok").then_some(first))
     }
 
-    /// The applied migrations newer than the newest this binary ships, oldest first: a newer
-    /// release's, on a database that release migrated before this one was started on it (a
-    /// rollback, DEPLOY.md §6, or a backup restored into an older build). `migrate` accepts
-    /// them. Not an older version this binary lacks: an earlier build's migration a later one
-    /// retired (20261210000001), which no newer release will ever stop applying.
+    /// The applied migrations this binary does not ship, oldest first: a newer release's, on a
+    /// database that release migrated before this one was started on it (a rollback, DEPLOY.md
+    /// §6, or a backup restored into an older build), whether it sorts above this binary's
+    /// newest or between its own (a fix made on a branch). `migrate` accepts them. Not one of
+    /// [`RETIRED_MIGRATIONS`], which an earlier build shipped and a later one retired.
     pub async fn migrations_unknown(&self) -> anyhow::Result<Vec<i64>> {
         let applied = self.applied_migrations().await?;
         let migrator = match self.backend {
             Backend::Sqlite(_) => sqlite::migrator(),
             Backend::Postgres(_) => postgres::migrator(),
         };
-        let newest_shipped = migrator.iter().map(|shipped| shipped.version).max();
         Ok(applied
             .into_iter()
-            .filter(|version| newest_shipped.is_none_or(|newest| *version > newest))
+            .filter(|version| {
+                !RETIRED_MIGRATIONS.contains(version)
+                    && !migrator.iter().any(|shipped| shipped.version == *version)
+            })
             .collect())
     }
 

@@ -455,7 +455,8 @@ async fn apply_later_migrations(db: &TestDb, versions: &[i64]) {
 /// the newest, and `check`'s database line says it (still ok). Both engines. A migration an
 /// earlier build shipped and a later one retired (20261210000001, shipped in 3eb0f9e and
 /// deleted in 0552c88), older than this build's newest, is no newer release's: it was counted,
-/// and warned of on every start for good.
+/// and warned of on every start for good. A newer release's migration that sorts below this
+/// build's newest (20261211000002, a fix made on a branch) is one: it went unwarned.
 #[tokio::test]
 async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
     let Some(db) = TestDb::new().await else {
@@ -463,7 +464,8 @@ async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
     };
     db.store().await.close().await;
     let retired = 20261210000001;
-    apply_later_migrations(&db, &[retired, 99990101000000, 99990102000000]).await;
+    let interleaved = 20261211000002;
+    apply_later_migrations(&db, &[retired, interleaved, 99990101000000, 99990102000000]).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
     let vars = [("DATABASE_URL", db.url.as_str()), ("PORT", port.as_str())];
@@ -472,7 +474,7 @@ async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
     let line = database_line(&String::from_utf8_lossy(&out.stdout));
     assert!(
         line.starts_with("ok")
-            && line.contains("2 of them unknown to this build (the newest 99990102000000)")
+            && line.contains("3 of them unknown to this build (the newest 99990102000000)")
             && line.contains("DEPLOY.md"),
         "{line}"
     );
@@ -493,7 +495,7 @@ async fn a_database_a_newer_build_migrated_is_served_with_a_warning() {
         assert!(
             warned.len() == 1
                 && warned[0].contains("WARN")
-                && warned[0].contains("2 applied migrations this build does not know")
+                && warned[0].contains("3 applied migrations this build does not know")
                 && warned[0].contains("99990102000000")
                 && warned[0].contains("DEPLOY.md"),
             "{args:?}: {log}"
