@@ -198,9 +198,7 @@ impl Started {
             // process (`edgegate migrate`, the next release's release_command) catches it up.
             None => {
                 let checked = store.check_migrations().await;
-                if checked.is_ok() {
-                    report_unknown_migrations(&store).await;
-                }
+                let unknown_reported = checked.is_ok() && report_unknown_migrations(&store).await;
                 let reported = match checked {
                     Ok(0) => None,
                     Ok(missing) => {
@@ -218,7 +216,11 @@ impl Started {
                     }
                 };
                 if let Some(reported) = reported {
-                    background.push(spawn_schema_watch(store.clone(), reported));
+                    background.push(spawn_schema_watch(
+                        store.clone(),
+                        reported,
+                        unknown_reported,
+                    ));
                 }
             }
             Some(cause) => {
@@ -230,7 +232,7 @@ impl Started {
                     spawn_migration_retry(store.clone())
                 } else {
                     store.migrations_unread();
-                    spawn_schema_watch(store.clone(), false)
+                    spawn_schema_watch(store.clone(), false, false)
                 });
             }
         }
@@ -489,10 +491,11 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
 /// purpose, since a rollback must start on the newer schema, but the operator should know it is
 /// one, and that it is safe only while the newer release's migrations were additive. Said once,
 /// at start or, where the database did not answer then, once it does; a reading that fails is
-/// left to the routes that need the database, which say so.
-async fn report_unknown_migrations(store: &Store) {
+/// left to the routes that need the database, which say so. Whether they were read (and so
+/// warned of, if there were any).
+async fn report_unknown_migrations(store: &Store) -> bool {
     let Ok(unknown) = store.migrations_unknown().await else {
-        return;
+        return false;
     };
     if let Some(newest) = unknown.last() {
         let count = unknown.len();
@@ -512,6 +515,7 @@ async fn report_unknown_migrations(store: &Store) {
              back); otherwise deploy the newer release again, or fix forward"
         );
     }
+    true
 }
 
 /// How often `serve --no-migrate` reads the applied migrations again while the database lacks
@@ -532,29 +536,32 @@ fn report_missing_migrations(store: &Store, missing: usize) {
 
 /// For `serve --no-migrate`: reads the applied migrations every [`SCHEMA_RECHECK`] until the
 /// database has all of this binary's (migrated by another process); the store is ready from
-/// then on. `reported` when start-up has already said that it lacks some. Aborted at shutdown
-/// with the other background tasks.
-fn spawn_schema_watch(store: Store, mut reported: bool) -> tokio::task::JoinHandle<()> {
+/// then on. `reported` when start-up has already said that it lacks some; `unknown_reported`
+/// when it has read (and warned of) the applied migrations this build does not know. Aborted at
+/// shutdown with the other background tasks.
+fn spawn_schema_watch(
+    store: Store,
+    mut reported: bool,
+    mut unknown_reported: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_warned = None::<std::time::Instant>;
-        // Start-up reads the unknown ones whenever it reads the applied migrations at all,
-        // which it has when it reported missing ones; else (the database did not answer, or
-        // the reading failed) the first reading here does.
-        let mut unknown_reported = reported;
         loop {
             tokio::time::sleep(SCHEMA_RECHECK).await;
             let checked = store.check_migrations().await;
+            // Read again at the next reading when this one fails.
             if checked.is_ok() && !unknown_reported {
-                report_unknown_migrations(&store).await;
-                unknown_reported = true;
+                unknown_reported = report_unknown_migrations(&store).await;
             }
             match checked {
-                Ok(0) => {
+                Ok(0) if unknown_reported => {
                     if reported {
                         tracing::info!("the database has this binary's migrations now; serving it");
                     }
                     return;
                 }
+                // Until the unknown ones are read.
+                Ok(0) => {}
                 Ok(missing) if !reported => {
                     report_missing_migrations(&store, missing);
                     reported = true;
