@@ -139,6 +139,8 @@ async fn leave_no_transaction_open(conn: &mut sqlx::SqliteConnection) -> sqlx::R
 /// here (no such directory, no permission) is left for SQLite to open and report.
 fn create_private(file: &Path) {
     use std::os::unix::fs::OpenOptionsExt as _;
+    // At a link's target, which `create_new` does not follow.
+    let file = &resolved(file);
     let _ = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -237,10 +239,32 @@ pub(crate) fn empty_database_wal_note(file: &Path) -> String {
     })
 }
 
-/// The database `file` with every symbolic link on its way resolved, when it is there: SQLite
-/// opens the link's target and makes the -wal and -shm beside it, in its directory.
+/// How many symbolic links [`resolved`] follows, as SQLite's `SQLITE_MAX_SYMLINK`.
+const MAX_SYMLINKS: usize = 100;
+
+/// The database `file` with every symbolic link on its way resolved, as SQLite resolves it: its
+/// directory canonicalized, and a link in its last component followed (relative to the
+/// directory it is in) to a file that need not be there yet, which SQLite creates at the target.
+/// SQLite makes the -wal and -shm beside the target, in its directory. `file` as it is where its
+/// directory is not there, or past [`MAX_SYMLINKS`] links (SQLite fails to open it).
 fn resolved(file: &Path) -> std::path::PathBuf {
-    std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned())
+    let mut path = file.to_owned();
+    for _ in 0..MAX_SYMLINKS {
+        let directory = match path.parent() {
+            Some(directory) if !directory.as_os_str().is_empty() => directory,
+            _ => Path::new("."),
+        };
+        let (Some(name), Ok(directory)) = (path.file_name(), std::fs::canonicalize(directory))
+        else {
+            return path;
+        };
+        let joined = directory.join(name);
+        match std::fs::read_link(&joined) {
+            Ok(target) => path = directory.join(target),
+            Err(_) => return joined,
+        }
+    }
+    path
 }
 
 /// The files SQLite reads and writes for the database `file` (beside its target, for a
@@ -745,14 +769,15 @@ fn give_lock_to_database_owner(lock: &std::fs::File, database: &Path) {
     }
 }
 
-/// The migration lock's file, beside the database's; none for a database in memory, which no
+/// The migration lock's file, beside the database's (a link's target's, [`resolved`]); none for a database in memory, which no
 /// other process can open (sqlx names one `file:sqlx-in-memory-N`: a lock file of that name was
 /// left in the working directory).
 fn migration_lock_path(database: &Path) -> Option<std::ffi::OsString> {
     if is_in_memory(database) {
         return None;
     }
-    let mut lock_path = database.as_os_str().to_owned();
+    // Beside the file SQLite opens: two links to one file take one lock.
+    let mut lock_path = resolved(database).into_os_string();
     lock_path.push(".migrate-lock");
     Some(lock_path)
 }

@@ -826,3 +826,35 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     let after = std::fs::metadata(&target).unwrap().uid();
     assert_eq!(after, owner, "root's migrate gave the link's target away");
 }
+
+/// A DATABASE_URL naming a symbolic link to a file not there yet: SQLite creates the file at the
+/// link's target and its -wal and -shm beside it, and the migration lock is taken there too, and
+/// the new file is private to its owner. The lock was made beside the link (another lock for
+/// a second link to the same file), and the file with the umask's mode.
+#[tokio::test]
+async fn a_link_to_a_database_not_there_yet_is_resolved_as_sqlite_resolves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let links = dir.path().join("links");
+    let real = dir.path().join("real");
+    std::fs::create_dir(&links).unwrap();
+    std::fs::create_dir(&real).unwrap();
+    let link = links.join("edgegate.db");
+    // A link to a link, relative, to a file not there yet.
+    std::os::unix::fs::symlink("../real/middle.db", &link).unwrap();
+    std::os::unix::fs::symlink("edgegate.db", real.join("middle.db")).unwrap();
+    let target = real.join("edgegate.db");
+    let url = format!("sqlite://{}", link.display());
+    let out = output(edgegate(dir.path(), &[("DATABASE_URL", url.as_str())]).arg("migrate"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(target.is_file(), "no database at the link's target");
+    assert!(
+        real.join("edgegate.db.migrate-lock").exists(),
+        "no lock beside the target"
+    );
+    assert!(
+        !links.join("edgegate.db.migrate-lock").exists(),
+        "a lock beside the link"
+    );
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
