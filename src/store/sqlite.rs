@@ -48,9 +48,11 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         // Before the file is made: one made here is new on purpose. `check` and `keys report`
         // refuse an empty file before they get here (`commands::absent_sqlite_database`).
         // SQLite would delete the -wal on opening the file, and with it what a restore put
-        // there: nothing starts on it.
-        if is_empty_database(file)
-            && let Some((wal, size)) = discarded_wal(file)
+        // there: nothing starts on it. The -wal is read first: a process starting beside this
+        // one on a new file gives the file its first page before its -wal holds anything, so
+        // read in this order they are never seen as an empty file beside a -wal in use.
+        if let Some((wal, size)) = discarded_wal(file)
+            && is_empty_database(file)
         {
             anyhow::bail!(
                 "{} exists but is empty (0 bytes), and {} holds {size} bytes, which SQLite \
@@ -599,10 +601,26 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
         .map(|path| shell_quoted(path))
         .collect::<Vec<_>>()
         .join(" ");
+    // Files of one other user than root: maybe serve's own, with `check` or `keys report` run
+    // by someone else, who must not take them from it.
+    let owners: std::collections::BTreeSet<u32> = paths
+        .iter()
+        .filter_map(|path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(path).ok().map(|meta| meta.uid())
+        })
+        .collect();
+    let other = match owners.iter().collect::<Vec<_>>()[..] {
+        [&owner] if owner != 0 && owner != uid && server.whose.is_none() => format!(
+            "they are uid {owner}'s: if edgegate serve runs as uid {owner}, run this command as \
+             that user instead and change nothing (fly ssh console --user edgegate); otherwise, "
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{who} and {needs}; make them readable and writable by the user edgegate runs as (uid \
-         10001 in the image; a restore run as root leaves them root's): chown {uid} {listed}; \
-         chmod 600 {listed}"
+        "{who} and {needs}; {other}make them readable and writable by the user edgegate runs as \
+         (uid 10001 in the image; a restore run as root leaves them root's): chown {uid} \
+         {listed}; chmod 600 {listed}"
     )
 }
 

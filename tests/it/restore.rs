@@ -72,6 +72,24 @@ fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Command {
     command
 }
 
+/// A temporary folder holding a copy of the binary the image's user may run, and in it a folder
+/// `name` owned by `owner`; `None` (the test skips, loudly, or fails under `CI=true`) where this
+/// process cannot run a command as that user.
+fn folder_for_the_image_user(
+    name: &str,
+    owner: u32,
+) -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = binary_for_anyone(dir.path());
+    if !image_user_can_run(&bin) {
+        return None;
+    }
+    let data = dir.path().join(name);
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, owner);
+    Some((dir, bin, data))
+}
+
 fn chown(path: &Path, uid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
 }
@@ -93,14 +111,9 @@ fn database_line(stdout: &str) -> String {
 /// write failing with "attempt to write a readonly database".
 #[tokio::test]
 async fn files_of_another_user_are_named_with_the_command_that_gives_them_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for_anyone(dir.path());
-    if !image_user_can_run(&bin) {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
         return;
-    }
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    chown(&data, IMAGE_UID);
+    };
     let file = data.join("edgegate.db");
     let url = format!("sqlite://{}", file.display());
     let port = free_port().to_string();
@@ -233,14 +246,9 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
 /// database file's owner, as SQLite does its -wal and -shm, and uid 10001 migrates again.
 #[tokio::test]
 async fn a_migration_lock_root_left_stops_only_a_migration() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for_anyone(dir.path());
-    if !image_user_can_run(&bin) {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
         return;
-    }
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    chown(&data, IMAGE_UID);
+    };
     let file = data.join("edgegate.db");
     let lock = data.join("edgegate.db.migrate-lock");
     let url = format!("sqlite://{}", file.display());
@@ -304,14 +312,9 @@ async fn a_migration_lock_root_left_stops_only_a_migration() {
 /// target fails `check`, and an empty target's -wal is named there.
 #[tokio::test]
 async fn a_symlinked_database_is_judged_beside_its_target() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for_anyone(dir.path());
-    if !image_user_can_run(&bin) {
+    let Some((dir, _bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
         return;
-    }
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    chown(&data, IMAGE_UID);
+    };
     let target = data.join("edgegate.db");
     let link = dir.path().join("link.db");
     std::os::unix::fs::symlink(&target, &link).unwrap();
@@ -355,14 +358,9 @@ async fn a_symlinked_database_is_judged_beside_its_target() {
 /// be what they are: `chmod 600` was advised for both.
 #[tokio::test]
 async fn the_advice_fits_the_file_and_names_it_as_a_shell_takes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for_anyone(dir.path());
-    if !image_user_can_run(&bin) {
+    let Some((dir, _bin, data)) = folder_for_the_image_user("my data", IMAGE_UID) else {
         return;
-    }
-    let data = dir.path().join("my data");
-    std::fs::create_dir(&data).unwrap();
-    chown(&data, IMAGE_UID);
+    };
     let vars = [("DATABASE_URL", "sqlite://my data/edgegate.db")];
     let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
     assert!(migrated.status.success(), "{migrated:?}");
@@ -755,14 +753,9 @@ async fn check_fails_a_sqlite_file_with_a_damaged_page() {
 /// said to chown them to uid 1000, which would have stopped serve.
 #[tokio::test]
 async fn check_run_as_the_serve_user_judges_for_itself_in_another_users_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = binary_for_anyone(dir.path());
-    if !image_user_can_run(&bin) {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", 1000) else {
         return;
-    }
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    chown(&data, 1000);
+    };
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
     let file = data.join("edgegate.db");
     let url = format!("sqlite://{}", file.display());
@@ -857,4 +850,32 @@ async fn a_link_to_a_database_not_there_yet_is_resolved_as_sqlite_resolves_it() 
     );
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+/// `check` (or `keys report`) run as a user that is neither root nor the files' owner, where the
+/// files are another user's, maybe serve's own (uid 1000 here, mode 0600): the advice said the
+/// user running it was serve's and to chown the files to it, which would stop serve. It now
+/// says whose they are and to run the command as that user if serve is it.
+#[tokio::test]
+async fn check_run_by_another_user_does_not_advise_taking_serves_files() {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
+        return;
+    };
+    let file = data.join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        chown(&path, 1000);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("they are uid 1000's: if edgegate serve runs as uid 1000, run this command as that user instead"),
+        "{line}"
+    );
 }
