@@ -451,15 +451,26 @@ fn sqlite_file(url: &DatabaseUrl) -> SqliteFile {
 
 /// What `check`'s database line and `keys report` say of an empty SQLite file.
 fn empty_sqlite_file(url: &DatabaseUrl) -> String {
-    let wal = SqliteConnectOptions::from_str(url.expose()).map_or_else(
-        |_| String::new(),
-        |options| crate::store::empty_sqlite_database_wal_note(options.get_filename()),
-    );
+    let Ok(options) = SqliteConnectOptions::from_str(url.expose()) else {
+        return format!(
+            "{}: exists but is empty (0 bytes), no database",
+            url.redacted()
+        );
+    };
+    let file = options.get_filename();
+    // The -wal read, then the file again: one that serve or migrate began setting up since it
+    // was found empty has its first page before its -wal holds anything, and is not taken for
+    // an empty file beside a -wal (whose deletion this would advise).
+    let advice = crate::store::empty_sqlite_database_advice(file);
+    if !crate::store::is_empty_sqlite_database(file) {
+        return format!(
+            "{}: was empty (0 bytes) as this command began, and holds pages now (serve or \
+             migrate setting it up beside it?): run it again",
+            url.redacted()
+        );
+    }
     format!(
-        "{}: exists but is empty (0 bytes), no database{wal}: serve and migrate would set it up \
-         as a new one with no data; if a restore left it empty (a copy of nothing, a truncated \
-         copy), restore again before starting (docs/OPERATIONS.md, Backup and restore); if this \
-         is a new deployment, delete the empty file (serve creates the database)",
+        "{}: exists but is empty (0 bytes), no database{advice}",
         url.redacted()
     )
 }

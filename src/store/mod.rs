@@ -45,7 +45,7 @@ pub use stripe::{
 pub use callers::{CallerSums, CallerUsage, HourlyTable};
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::ServerAccess as SqliteServerAccess;
-pub(crate) use sqlite::empty_database_wal_note as empty_sqlite_database_wal_note;
+pub(crate) use sqlite::empty_database_advice as empty_sqlite_database_advice;
 pub(crate) use sqlite::files_not_read_writable_by_server as sqlite_files_not_read_writable_by_server;
 pub(crate) use sqlite::is_damage as is_sqlite_damage;
 

@@ -229,16 +229,24 @@ pub(crate) fn discarded_wal(file: &Path) -> Option<(std::path::PathBuf, u64)> {
     (size > 0).then_some((wal, size))
 }
 
-/// What is said of the empty database `file` ([`is_empty_database`]) and the `-wal` SQLite
-/// discards beside it, after "exists but is empty (0 bytes)".
-pub(crate) fn empty_database_wal_note(file: &Path) -> String {
-    discarded_wal(file).map_or_else(String::new, |(wal, size)| {
-        format!(
+/// What is said of the empty database `file` ([`is_empty_database`]) after "exists but is empty
+/// (0 bytes), no database": what serve and migrate do with it, and what to do, which differs
+/// when a `-wal` SQLite would discard lies beside it (they refuse to start on it).
+pub(crate) fn empty_database_advice(file: &Path) -> String {
+    match discarded_wal(file) {
+        Some((wal, size)) => format!(
             "; {} holds {size} bytes, which SQLite discards (deletes) when it opens a database \
-             file with no pages: copy them aside before anything starts on it",
+             file with no pages: serve and migrate refuse to start on them; restore again, the \
+             database file and its -wal together (docs/OPERATIONS.md, Backup and restore); if \
+             this is a new deployment, delete both files",
             wal.display()
-        )
-    })
+        ),
+        None => ": serve and migrate would set it up as a new one with no data; if a restore left \
+                 it empty (a copy of nothing, a truncated copy), restore again before starting \
+                 (docs/OPERATIONS.md, Backup and restore); if this is a new deployment, delete the \
+                 empty file (serve creates the database)"
+            .to_owned(),
+    }
 }
 
 /// How many symbolic links [`resolved`] follows, as SQLite's `SQLITE_MAX_SYMLINK`.
@@ -589,19 +597,12 @@ fn shell_quoted(path: &Path) -> String {
 /// this process's for serve and migrate, [`judged_server`]'s for `check`.
 fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> String {
     let uid = server.uid;
-    let who = match &server.whose {
-        None => format!("edgegate runs as uid {uid}"),
-        Some(whose) => format!(
-            "serve runs as uid {uid}, {whose} (this command runs as uid {})",
-            rustix::process::geteuid().as_raw()
-        ),
-    };
     let listed = paths
         .iter()
         .map(|path| shell_quoted(path))
         .collect::<Vec<_>>()
         .join(" ");
-    // Files of one other user than root: maybe serve's own, with `check` or `keys report` run
+    // Files of one user other than root and this one: maybe serve's own, with this command run
     // by someone else, who must not take them from it.
     let owners: std::collections::BTreeSet<u32> = paths
         .iter()
@@ -610,19 +611,41 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
             std::fs::metadata(path).ok().map(|meta| meta.uid())
         })
         .collect();
-    let other = match owners.iter().collect::<Vec<_>>()[..] {
-        [&owner] if owner != 0 && owner != uid && server.whose.is_none() => format!(
-            "they are uid {owner}'s: if edgegate serve runs as uid {owner}, run this command as \
-             that user instead and change nothing (fly ssh console --user edgegate); otherwise, "
+    let other_owner = match owners.iter().collect::<Vec<_>>()[..] {
+        [&owner] if owner != 0 && owner != uid && server.whose.is_none() => Some(owner),
+        _ => None,
+    };
+    let (who, other) = match (&server.whose, other_owner) {
+        (Some(whose), _) => (
+            format!(
+                "serve runs as uid {uid}, {whose} (this command runs as uid {})",
+                rustix::process::geteuid().as_raw()
+            ),
+            String::new(),
         ),
-        _ => String::new(),
+        (None, Some(owner)) => (
+            format!("this command runs as uid {uid}"),
+            format!(
+                "they are uid {owner}'s: if edgegate runs as uid {owner}, run this command as \
+                 that user instead and change nothing{}; otherwise, ",
+                if owner == IMAGE_UID {
+                    " (fly ssh console --user edgegate)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        (None, None) => (format!("edgegate runs as uid {uid}"), String::new()),
     };
     format!(
         "{who} and {needs}; {other}make them readable and writable by the user edgegate runs as \
-         (uid 10001 in the image; a restore run as root leaves them root's): chown {uid} \
+         (uid {IMAGE_UID} in the image; a restore run as root leaves them root's): chown {uid} \
          {listed}; chmod 600 {listed}"
     )
 }
+
+/// The image's user (`USER edgegate` in the Dockerfile).
+const IMAGE_UID: u32 = 10001;
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a
 /// database `file:sqlx-in-memory-N`.

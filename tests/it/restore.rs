@@ -875,7 +875,12 @@ async fn check_run_by_another_user_does_not_advise_taking_serves_files() {
     let line = database_line(&String::from_utf8_lossy(&out.stdout));
     assert!(
         line.starts_with("FAIL")
-            && line.contains("they are uid 1000's: if edgegate serve runs as uid 1000, run this command as that user instead"),
+            && line.contains(&format!("this command runs as uid {IMAGE_UID}"))
+            && line.contains(
+                "they are uid 1000's: if edgegate runs as uid 1000, run this command as that user \
+                 instead and change nothing; otherwise,"
+            )
+            && !line.contains("fly ssh console"),
         "{line}"
     );
 }
