@@ -756,6 +756,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
 fn open_migration_lock(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let nofollow = rustix::fs::OFlags::NOFOLLOW.bits().cast_signed();
+    let nonblock = rustix::fs::OFlags::NONBLOCK.bits().cast_signed();
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -769,17 +770,37 @@ fn open_migration_lock(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(err) => return Err(err),
         }
+        // Not blocking: a FIFO planted there would hold the open until a reader came. Not a
+        // regular file (a FIFO, a device): refused.
         match std::fs::OpenOptions::new()
             .write(true)
-            .custom_flags(nofollow)
+            .custom_flags(nofollow | nonblock)
             .open(path)
         {
-            Ok(file) => return Ok((file, false)),
+            Ok(file) if file.metadata()?.is_file() => return Ok((file, false)),
+            Ok(_) => return Err(not_a_lock_file(path)),
+            // A FIFO with no reader (ENXIO), a symbolic link (ELOOP): said as what they are.
+            Err(_)
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|meta| !meta.file_type().is_file()) =>
+            {
+                return Err(not_a_lock_file(path));
+            }
             // Removed between the two: made again, a few times at most.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {}
             Err(err) => return Err(err),
         }
     }
+}
+
+/// The migration lock's path names something other than a regular file (a symbolic link, a
+/// FIFO, a device), which edgegate does not open or write through.
+fn not_a_lock_file(path: &Path) -> std::io::Error {
+    std::io::Error::other(format!(
+        "{} is not a regular file (a symbolic link, a FIFO, a device): remove it, and edgegate \
+         makes the migration lock again",
+        shell_quoted(path)
+    ))
 }
 
 /// Gives the migration lock `lock`, which root's `migrate` has just made, to the owner of the `database` file, as

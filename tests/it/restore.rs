@@ -52,10 +52,11 @@ fn image_user_can_run(bin: &Path) -> bool {
 }
 
 /// `bin` run as [`IMAGE_UID`] (see [`image_user_can_run`]), with a clean environment plus
-/// `vars`, and killed after 30 s (a `serve` that starts by mistake ends).
+/// `vars`, and stopped after 30 s, killed 5 s later (a `serve` that starts by mistake ends, and
+/// so does one held in a system call, which a TERM does not end).
 fn as_image_user(dir: &Path, bin: &Path, vars: &[(&str, &str)]) -> Command {
     let mut command = Command::new("timeout");
-    command.args(["30", "setpriv"]);
+    command.args(["--kill-after=5", "30", "setpriv"]);
     setpriv_as_image_user(&mut command);
     command.arg(bin);
     let template = edgegate(dir, vars);
@@ -818,6 +819,31 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     let _ = output(edgegate(dir.path(), &vars).arg("migrate"));
     let after = std::fs::metadata(&target).unwrap().uid();
     assert_eq!(after, owner, "root's migrate gave the link's target away");
+}
+
+/// A FIFO planted as the migration lock (by anyone who may write in the database's folder):
+/// `migrate`, and `serve` with it, waited in `open` for a reader that never came. Now refused
+/// at once, saying what is there and to remove it.
+#[tokio::test]
+async fn a_migration_lock_planted_as_a_fifo_is_refused_not_waited_on() {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
+        return;
+    };
+    let lock = data.join("edgegate.db.migrate-lock");
+    let made = Command::new("mkfifo").arg(&lock).status().unwrap();
+    assert!(made.success());
+    chown(&lock, IMAGE_UID);
+    let url = format!("sqlite://{}", data.join("edgegate.db").display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    // Bounded at 35 s by `as_image_user`'s `timeout` (killed, 137, where it waited in `open`).
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is not a regular file", lock.display()))
+            && stderr.contains("remove it"),
+        "{stderr}"
+    );
 }
 
 /// A DATABASE_URL naming a symbolic link to a file not there yet: SQLite creates the file at the
