@@ -37,9 +37,9 @@ mod stripe;
 mod writers;
 
 pub use stripe::{
-    CatalogueObject, CheckoutSessionRow, CustomerRow, Deletion, EventReceipt, InvoiceRow, Job,
-    LedgerEvent, LockHeld, LockLost, PriceRow, ProductRow, ReconcileCounts, SameSecond,
-    StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun, Tombstone,
+    CatalogueObject, CheckoutSessionRow, CustomerRow, Deletion, EarlierBuildsAsOf, EventReceipt,
+    InvoiceRow, Job, LedgerEvent, LockHeld, LockLost, PriceRow, ProductRow, ReconcileCounts,
+    SameSecond, StripeEffect, SubscriptionRow, SyncCounts, SyncLock, SyncRun, Tombstone,
 };
 
 pub use callers::{CallerSums, CallerUsage, HourlyTable};

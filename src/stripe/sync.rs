@@ -194,6 +194,14 @@ fn until_listed_as_of(as_of: i64, now_ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0))
 }
 
+/// The newest as-of that a listing asked for within `REWRITE_AS_OF_WAIT_MAX` of `now_ms`
+/// counts as of (`page_as_of`): the newest state of a row that the wait for it covers
+/// (`until_listed_as_of` at most the cap).
+fn newest_covered_by_the_wait(now_ms: i64) -> i64 {
+    let max_wait_ms = i64::try_from(REWRITE_AS_OF_WAIT_MAX.as_millis()).unwrap_or(i64::MAX);
+    page_as_of(now_ms.saturating_add(max_wait_ms))
+}
+
 /// Why a sync of rows of earlier builds failed, for when it is tried again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RewriteFailure {
@@ -326,28 +334,33 @@ impl RewriteOfEarlierBuilds {
         // A page counts as of the second before it was asked for (`page_as_of`), and leaves a
         // row holding newer state as it is: a row the earlier build wrote for an event of this
         // second or the last, just before this check, would be left for the next one, an
-        // interval later. So the listing starts once it counts as of the newest of them. The
-        // guard is kept whole: the wait only lets the sync ask Stripe after those events.
-        match store.newest_as_of_by_earlier_builds().await {
-            Ok(Some(newest)) => {
-                let now_ms = clock.now_ms();
-                let wait = until_listed_as_of(newest, now_ms);
-                if wait > REWRITE_AS_OF_WAIT_MAX {
-                    // Stamped ahead of this host's clock (the earlier build's ran ahead, or this
-                    // one's runs behind): no listing is newer before the clock passes it, so no
-                    // wait helps; the sync rewrites the other rows now.
-                    if self.warned_ahead != Some(newest) {
-                        self.warned_ahead = Some(newest);
-                        tracing::warn!(
-                            ahead_s = newest.saturating_sub(now_ms).saturating_add(999) / 1000,
-                            "catalogue rows of earlier builds hold state stamped up to ahead_s ahead of \
-                             this host's clock, newer than any listing from Stripe until the clock \
-                             passes it: they stay as that build wrote them until then, and a sync \
-                             after it (a periodic check, or run the sync) rewrites them; check the \
-                             clocks of the hosts (NTP) of both builds"
-                        );
-                    }
-                } else if !wait.is_zero() {
+        // interval later. So the listing starts once it counts as of the newest of them that a
+        // wait of at most `REWRITE_AS_OF_WAIT_MAX` covers. The guard is kept whole: the wait only
+        // lets the sync ask Stripe after those events.
+        let now_ms = clock.now_ms();
+        let covered = newest_covered_by_the_wait(now_ms);
+        match store.newest_as_of_by_earlier_builds(covered).await {
+            Ok(as_of) => {
+                // Stamped ahead of this host's clock (the earlier build's ran ahead, or this
+                // one's runs behind): no listing is newer before the clock passes it, so no wait
+                // helps; the sync waits for the other rows only, and rewrites them.
+                if let Some(newest) = as_of.newest.filter(|&newest| newest > covered)
+                    && self.warned_ahead != Some(newest)
+                {
+                    self.warned_ahead = Some(newest);
+                    tracing::warn!(
+                        ahead_s = newest.saturating_sub(now_ms).saturating_add(999) / 1000,
+                        "catalogue rows of earlier builds hold state stamped up to ahead_s ahead of \
+                         this host's clock, newer than any listing from Stripe until the clock \
+                         passes it: they stay as that build wrote them until then, and a sync \
+                         after it (a periodic check, or run the sync) rewrites them; check the \
+                         clocks of the hosts (NTP) of both builds"
+                    );
+                }
+                let wait = as_of.newest_up_to.map_or(Duration::ZERO, |newest| {
+                    until_listed_as_of(newest, clock.now_ms()).min(REWRITE_AS_OF_WAIT_MAX)
+                });
+                if !wait.is_zero() {
                     tracing::debug!(
                         wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                         "catalogue sync for rows of earlier builds waits for Stripe's listing to \
@@ -356,7 +369,6 @@ impl RewriteOfEarlierBuilds {
                     tokio::time::sleep(wait).await;
                 }
             }
-            Ok(None) => {}
             // The sync rewrites what it can without it; the rest waits for the next check.
             Err(err) => tracing::warn!(
                 error = crate::error::causes(&err),
@@ -806,6 +818,12 @@ mod tests {
                         "as_of {as_of}, now {now}"
                     );
                 }
+                // The rows a wait of at most the cap covers: those up to this bound.
+                assert_eq!(
+                    wait <= 3_000,
+                    as_of <= newest_covered_by_the_wait(now),
+                    "as_of {as_of}, now {now}"
+                );
             }
         }
         // An event of this second: up to 2 s.

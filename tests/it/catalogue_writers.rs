@@ -282,6 +282,81 @@ async fn a_row_stamped_ahead_of_this_hosts_clock_is_warned_of_once_and_not_waite
     assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 1);
 }
 
+/// Rows an earlier build wrote for events of the last second are waited for even while another
+/// of its rows holds state stamped ahead of this host's clock. The check did not wait at all once
+/// one row was stamped past what a wait of 3 s covers, so those recent rows, which the wait would
+/// have covered, were left for the next check, an interval later; it now waits for the newest row
+/// a wait can cover and warns of the one ahead.
+#[tokio::test]
+async fn a_row_stamped_ahead_does_not_keep_the_check_from_waiting_for_recent_ones() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 2, 6).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    assert_eq!(sync(&app.server).await.0, 200);
+    let store = &app.state.store;
+    let (ahead, recent) = (fake_stripe::product_id(0), fake_stripe::product_id(1));
+    let current = product_columns(&db, &recent).await;
+    // The earlier build applied an event an hour ahead (its clock ran ahead then) and one Stripe
+    // stamped this second (whole seconds, in ms).
+    let hour_ms = 3_600_000;
+    for (product, event_created) in [
+        (&ahead, now_ms() + hour_ms),
+        (&recent, now_ms() / 1000 * 1000),
+    ] {
+        write_as_an_earlier_build(
+            &db,
+            &format!(
+                "UPDATE stripe_products SET name = 'Renamed by the earlier build', \
+                 url = 'https://old.example/a', last_event_created = {event_created}, \
+                 synced_at = synced_at + 5 WHERE id = '{product}' RETURNING 1"
+            ),
+        )
+        .await;
+    }
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 2);
+
+    let logs = Captured::default();
+    let _capture = logs.start();
+    // An hour's interval: the check at start is the only one within the test.
+    let closing = "catalogue rows of earlier builds rewritten";
+    let task = spawn_periodic(&app, Duration::from_secs(3600));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logs.lines(closing).is_empty() {
+        assert!(Instant::now() < deadline, "no sync 20 s after start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(
+        product_columns(&db, &recent).await,
+        current,
+        "the check at start left the recent row of an earlier build for the next check"
+    );
+    let lines = logs.lines(closing);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        lines[0]["rows_left"], 1,
+        "only the row ahead is left: {lines:?}"
+    );
+    let left = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{ahead}' \
+         AND name = 'Renamed by the earlier build'"
+    );
+    assert_eq!(
+        count(&db, &left).await,
+        1,
+        "the row ahead is left as written"
+    );
+    let warned = logs.lines("catalogue rows of earlier builds hold state stamped");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(warned[0]["level"], "WARN", "{:?}", warned[0]);
+    let ahead_s = warned[0]["ahead_s"].as_i64().unwrap();
+    assert!(
+        (hour_ms / 1000 - 30..=hour_ms / 1000).contains(&ahead_s),
+        "ahead_s {ahead_s}"
+    );
+}
+
 /// A sync's stamp of the rows it found unchanged keeps them this build's (else every sync would
 /// call for the next); rows from before the columns count as an earlier build's until synced.
 #[tokio::test]

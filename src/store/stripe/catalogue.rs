@@ -106,6 +106,17 @@ pub enum Tombstone {
     Price(Box<PriceRow>),
 }
 
+/// How new the state is that the products and prices an earlier build wrote last hold (their
+/// `last_event_created`, ms), for the sync that rewrites them to wait for (`None`: no such row
+/// has one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EarlierBuildsAsOf {
+    /// The newest of all.
+    pub newest: Option<i64>,
+    /// The newest at or before the bound asked for.
+    pub newest_up_to: Option<i64>,
+}
+
 /// The set of catalogue columns this build writes, stored in each row it writes
 /// (`written_rev`, beside `written_synced_at`: the `synced_at` it wrote with). A build that
 /// writes more columns than the one before it counts one up, so rows the earlier build wrote
@@ -434,22 +445,37 @@ impl Store {
     }
 
     /// The newest `last_event_created` (the as-of of the state they hold) of the products and
-    /// prices an earlier build wrote last ([`EARLIER_WRITER`]); `None` when there are none.
-    pub async fn newest_as_of_by_earlier_builds(&self) -> anyhow::Result<Option<i64>> {
+    /// prices an earlier build wrote last ([`EARLIER_WRITER`]), of all of them and of those at or
+    /// before `up_to`.
+    pub async fn newest_as_of_by_earlier_builds(
+        &self,
+        up_to: i64,
+    ) -> anyhow::Result<EarlierBuildsAsOf> {
+        let newest = |table: &str| {
+            format!(
+                "SELECT MAX(last_event_created) AS newest, \
+                 MAX(CASE WHEN last_event_created <= $2 THEN last_event_created END) AS newest_up_to \
+                 FROM {table} WHERE {EARLIER_WRITER}"
+            )
+        };
         let sql = format!(
-            "SELECT MAX(newest) FROM (\
-             SELECT MAX(last_event_created) AS newest FROM stripe_products WHERE {EARLIER_WRITER} \
-             UNION ALL \
-             SELECT MAX(last_event_created) AS newest FROM stripe_prices WHERE {EARLIER_WRITER}\
-             ) AS earlier"
+            "SELECT MAX(newest), MAX(newest_up_to) FROM ({} UNION ALL {}) AS earlier",
+            newest("stripe_products"),
+            newest("stripe_prices")
         );
-        let newest: Result<Option<i64>, sqlx::Error> = with_pool!(self, |pool| {
-            sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+        let newest: Result<(Option<i64>, Option<i64>), sqlx::Error> = with_pool!(self, |pool| {
+            sqlx::query_as(AssertSqlSafe(sql.as_str()))
                 .bind(WRITTEN_REV)
+                .bind(up_to)
                 .fetch_one(pool)
                 .await
         });
-        newest.context("reading the newest catalogue row earlier builds wrote")
+        let (newest, newest_up_to) =
+            newest.context("reading the newest catalogue row earlier builds wrote")?;
+        Ok(EarlierBuildsAsOf {
+            newest,
+            newest_up_to,
+        })
     }
 
     /// The ids of prices not deactivated yet whose last stamp is older than `since`: those a

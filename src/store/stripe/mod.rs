@@ -6,7 +6,9 @@ mod catalogue;
 mod ledger;
 mod runs;
 
-pub use catalogue::{CatalogueObject, Deletion, PriceRow, ProductRow, Tombstone};
+pub use catalogue::{
+    CatalogueObject, Deletion, EarlierBuildsAsOf, PriceRow, ProductRow, Tombstone,
+};
 pub use ledger::{
     CheckoutSessionRow, CustomerRow, EventReceipt, InvoiceRow, LedgerEvent, SameSecond,
     StripeEffect, SubscriptionRow,
