@@ -19,6 +19,8 @@ enum Inner {
         offset_ms: AtomicU64,
         /// How far the wall clock was stepped (`Clock::step_wall`), monotonic time unmoved.
         wall_step_ms: AtomicI64,
+        /// How far each [`Clock::now_ms`] read moves the clock on (`Clock::manual_ticking`).
+        tick_ms: u64,
     },
 }
 
@@ -36,11 +38,19 @@ impl Clock {
 
     /// A clock that stands still until [`Clock::advance`] moves it.
     pub fn manual() -> Self {
+        Self::manual_ticking(Duration::ZERO)
+    }
+
+    /// A manual clock that also moves on by `step` after each [`Clock::now_ms`] read, so two
+    /// reads in one request see different times (an hour's turn between them, for a `step` of
+    /// an hour): a test of what must be read once.
+    pub fn manual_ticking(step: Duration) -> Self {
         Self(Arc::new(Inner::Manual {
             base: Instant::now(),
             base_wall: SystemTime::now(),
             offset_ms: AtomicU64::new(0),
             wall_step_ms: AtomicI64::new(0),
+            tick_ms: u64::try_from(step.as_millis()).unwrap_or(u64::MAX),
         }))
     }
 
@@ -106,11 +116,26 @@ impl Clock {
 
     /// Wall-clock now in milliseconds since the Unix epoch, the unit of every time column.
     pub fn now_ms(&self) -> i64 {
-        self.wall()
-            .duration_since(UNIX_EPOCH)
-            .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
+        match &*self.0 {
+            Inner::System => epoch_ms(SystemTime::now()),
+            Inner::Manual {
+                offset_ms, tick_ms, ..
+            } => {
+                let now = epoch_ms(self.wall());
+                if *tick_ms > 0 {
+                    offset_ms.fetch_add(*tick_ms, Ordering::SeqCst);
+                }
+                now
+            }
+        }
     }
+}
+
+/// Milliseconds since the Unix epoch; 0 before it.
+fn epoch_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Refuses a wall clock before the Unix epoch, which a host whose clock was never set can read:

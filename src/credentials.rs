@@ -144,8 +144,9 @@ fn apikey_beside<'a>(headers: &'a HeaderMap, presented: &Presented<'_>) -> Optio
 /// has moved to the new keys, whatever its users' sessions are signed with. With no legacy secret
 /// configured, a legacy API key there cannot be verified: it is counted as unverifiable
 /// ([`record_unverifiable_beside`]). Anything else held there (a wrong or unknown key, a session
-/// token) is not looked at further: it let nothing in.
-fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
+/// token) is not looked at further: it let nothing in. Counted at `now_ms`, the request's one
+/// reading of the clock.
+fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>, now_ms: i64) {
     let Some(key) = apikey_beside(&parts.headers, presented) else {
         return;
     };
@@ -155,15 +156,15 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
     } else {
         // With no legacy secret nothing can verify it: read once, for what it claims to be.
         if let Some(kind) = state.auth.unverifiable_legacy_beside(key) {
-            record_unverifiable_beside(parts, state, kind);
+            record_unverifiable_beside(parts, state, kind, now_ms);
             None
         } else {
             state.auth.verify_legacy_beside(key)
         }
     };
     if let Some(verified) = verified {
-        state.usage.record(&verified, state.clock.now_ms());
-        record_caller(parts, state, &verified);
+        state.usage.record(&verified, now_ms);
+        record_caller(parts, state, &verified, now_ms);
         state.auth.count_verified(&verified);
     }
 }
@@ -175,9 +176,9 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>) {
 /// `kid="apikey_beside"`) and by caller (`anon_key_unverified`, `service_role_key_unverified`),
 /// never as a verified use: not in the key usage the verdict reads, nor in
 /// `edgegate_legacy_verifications`. Nothing of the key is kept.
-fn record_unverifiable_beside(parts: &Parts, state: &AppState, kind: LegacyKind) {
+fn record_unverifiable_beside(parts: &Parts, state: &AppState, kind: LegacyKind, now_ms: i64) {
     state.auth.count_unverifiable_beside();
-    record_caller_as(parts, state, CallerKind::UnverifiedLegacy(kind));
+    record_caller_as(parts, state, CallerKind::UnverifiedLegacy(kind), now_ms);
 }
 
 /// The source a failed credential would have had, for metrics.
@@ -233,24 +234,23 @@ fn record_credential(source: &str, kid: Option<&str>) {
 }
 
 /// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
-/// path, which the caller chooses).
-fn record_caller(parts: &Parts, state: &AppState, verified: &Verified) {
+/// path, which the caller chooses), at `now_ms`: the time its key was counted at, so both land
+/// in one hour (read twice, an hour's turn between the reads put the key in one hour and its
+/// caller in the next, listed as legacy use with no caller recorded).
+fn record_caller(parts: &Parts, state: &AppState, verified: &Verified, now_ms: i64) {
     if let Some(kind) = CallerKind::of(verified) {
-        record_caller_as(parts, state, kind);
+        record_caller_as(parts, state, kind, now_ms);
     }
 }
 
-/// Counts the request's caller as `kind`, under the route pattern.
-fn record_caller_as(parts: &Parts, state: &AppState, kind: CallerKind<'_>) {
+/// Counts the request's caller as `kind`, under the route pattern, at `now_ms`.
+fn record_caller_as(parts: &Parts, state: &AppState, kind: CallerKind<'_>, now_ms: i64) {
     let route = parts
         .extensions
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str);
     let client = client_name(&parts.headers);
-    state
-        .usage
-        .callers
-        .record(kind, route, &client, state.clock.now_ms());
+    state.usage.callers.record(kind, route, &client, now_ms);
 }
 
 impl FromRequestParts<AppState> for User {
@@ -268,8 +268,10 @@ impl FromRequestParts<AppState> for User {
         };
         match result {
             Ok(verified) => {
-                state.usage.record(&verified, state.clock.now_ms());
-                record_caller(parts, state, &verified);
+                // One reading for the key's count, its caller and the key beside.
+                let now_ms = state.clock.now_ms();
+                state.usage.record(&verified, now_ms);
+                record_caller(parts, state, &verified, now_ms);
                 let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.
                 record_credential(
@@ -278,7 +280,7 @@ impl FromRequestParts<AppState> for User {
                 );
                 state.auth.count_verified(&verified);
                 if let Ok(presented) = &presented {
-                    record_beside(parts, state, presented);
+                    record_beside(parts, state, presented, now_ms);
                 }
                 let request_id = parts.headers.get(&REQUEST_ID).cloned();
                 Ok(User(Principal {

@@ -43,10 +43,10 @@ pub struct CallerRow {
 /// one from before 2026-12-07 (it wrote the callers in a transaction of their own, after the key
 /// counts) whose caller write failed (the callers lost at a stop, or written at a retry, seconds
 /// later), or left out of the per-caller counts in a long database outage
-/// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as an hour ended (its key
-/// counted in that hour, its caller in the next) or a flush began (its key in that flush, its
-/// caller in the next, up to a minute later). Their kind, route and client are not known, so they
-/// are no `legacy_usage` row.
+/// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as a flush began (its key in
+/// that flush, its caller in the next, up to a minute later), or by one from before 2026-12-08
+/// just as an hour ended (its key counted in that hour, its caller in the next). Their kind,
+/// route and client are not known, so they are no `legacy_usage` row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WithoutCaller {
     pub count: i64,
@@ -536,7 +536,7 @@ fn summarize_sums(keys: &[KeyUsage], callers: &CallerSums, window: Duration, now
 /// What the legacy key counts per hour (`legacy_per_hour`: count, last use) hold beyond every
 /// legacy caller row of that hour: counted by an edgegate from before caller counts (it wrote
 /// the key counts alone) or by an earlier one whose caller write failed after its key counts,
-/// or left out of the per-caller counts, or counted just as an hour ended or a flush began
+/// or left out of the per-caller counts, or counted just as a flush began (or an hour ended)
 /// ([`WithoutCaller`]). Each hour against all of its callers (`legacy_hours`, and
 /// `legacy_before_start` for the first), their use before the window's start included, as an
 /// hour's key count holds it; an hour with more callers than key counts (a flush committed
@@ -610,8 +610,8 @@ pub fn thousands(count: i64) -> String {
 const NO_CALLER_RECORDED: &str = "(counted by an edgegate from before caller counts, or by a later \
                                   one from before 2026-12-07 whose caller write failed after its \
                                   key counts were written, or left out of the per-caller counts \
-                                  in a long database outage, or, rarely, counted just as an hour \
-                                  ended or a flush began)";
+                                  in a long database outage, or, rarely, counted just as a flush \
+                                  began, or by one from before 2026-12-08 just as an hour ended)";
 
 /// When revoking is not safe because the legacy secret is still used, the reason names the top
 /// caller, so the operator knows whom to fix first. `other` is no caller: it holds every client

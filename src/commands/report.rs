@@ -362,8 +362,8 @@ pub fn render(view: &ReportView, now_ms: i64) -> String {
              before caller counts (before 2026-12-01), or by a later one from before 2026-12-07 \
              whose caller write failed after its key counts were written, or left out of the \
              per-caller counts in a long database outage (edgegate_caller_usage_dropped_total), \
-             or, rarely, counted just as an hour ended or a flush began; their last use is that \
-             of the hours holding them."
+             or, rarely, counted just as a flush began, or by one from before 2026-12-08 just as \
+             an hour ended; their last use is that of the hours holding them."
         );
     }
     out.push('\n');

@@ -568,9 +568,9 @@ pub struct SigningKeys {
     /// an edgegate from before caller counts (before 2026-12-01), which recorded no caller, or by
     /// a later one from before 2026-12-07 whose caller write failed after its key counts were
     /// written, or left out of the per-caller counts in a long database outage
-    /// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as an hour ended or a
-    /// flush began (its caller counted in the next hour, or written with the next flush, up to a
-    /// minute later). `last_seen` is
+    /// (`edgegate_caller_usage_dropped_total`), or, rarely, counted just as a flush began (its
+    /// caller written with the next flush, up to a minute later), or by one from before
+    /// 2026-12-08 just as an hour ended (its caller counted in the next hour). `last_seen` is
     /// the latest last use of the hours holding them. `null` when every one has its caller. In
     /// the verdict's `reason` total.
     legacy_usage_without_caller: Option<crate::auth::legacy_report::WithoutCaller>,

@@ -1470,7 +1470,8 @@ async fn legacy_use_counted_before_caller_counts_is_in_the_report_without_a_call
              {not_recorded} with no caller recorded (counted by an edgegate from before caller \
              counts, or by a later one from before 2026-12-07 whose caller write failed after its \
              key counts were written, or left out of the per-caller counts in a long database \
-             outage, or, rarely, counted just as an hour ended or a flush began)"
+             outage, or, rarely, counted just as a flush began, or by one from before 2026-12-08 \
+             just as an hour ended)"
         ),
     );
     // The contract's rows are callers, each of a known kind: the rest is listed apart.
@@ -1569,6 +1570,82 @@ async fn a_failed_caller_write_leaves_no_legacy_count_without_its_caller() {
         callers(&elsewhere),
         [json!({"kind": "service_role_key", "route": SYNC,
             "client": "nightly-export/1.0", "count": 1})]
+    );
+}
+
+/// A verification's key count and its caller are counted at one time, read once per request: on
+/// a clock that moves an hour at each read, a legacy key let in (the Bearer) and one beside a
+/// signing-key session each have their caller in their key count's hour, so the report lists no
+/// legacy use without a caller. Read twice, the key was counted in one hour and its caller in the
+/// next, and the report listed it under no caller recorded.
+#[tokio::test]
+async fn a_verification_counts_its_key_and_its_caller_in_the_same_hour() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let jwks = es.public_jwks().to_string();
+    let secret_keys = format!(r#"{{"backend":"{SECRET_KEY}"}}"#);
+    let (server, state) = spawn_app_with_clock(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            (
+                "JWT_ISSUERS",
+                "https://abcdefghijklmnop.supabase.co/auth/v1,supabase",
+            ),
+            ("SUPABASE_SECRET_KEYS", &secret_keys),
+            ("SUPABASE_JWKS", &jwks),
+        ],
+        Clock::manual_ticking(Duration::from_millis(HOUR as u64)),
+    )
+    .await;
+    // Valid for as long as the clock's hours run on in this test.
+    const MONTH: i64 = 30 * 24 * 3600;
+    let now = now_ms() / 1000;
+    let anon = legacy_token(
+        SECRET.as_bytes(),
+        &api_key_claims("abcdefghijklmnop", "anon", now, MONTH),
+        None,
+    );
+    let session = es
+        .token(&user_claims(ISSUER, "authenticated", USER_ID, now, MONTH))
+        .unwrap();
+    for bearer in [&anon, &session] {
+        let response = server
+            .client
+            .get(server.url(JWT_TEST))
+            .header("apikey", &anon)
+            .bearer_auth(bearer)
+            .header("x-client-info", "supabase-js/2.47.0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    let held = state.usage.unflushed_since(0);
+    let mut keys: Vec<(i64, i64)> = held
+        .keys
+        .iter()
+        .filter(|row| row.source == "legacy_secret")
+        .map(|row| (row.hour_start_ms, row.verified_count))
+        .collect();
+    let mut callers: Vec<(i64, i64)> = held
+        .callers
+        .iter()
+        .filter(|row| row.source == "legacy_secret")
+        .map(|row| (row.hour_start_ms, row.verified_count))
+        .collect();
+    keys.sort_unstable();
+    callers.sort_unstable();
+    assert_eq!(keys.iter().map(|(_, n)| n).sum::<i64>(), 2, "{keys:?}");
+    assert_eq!(keys, callers, "each key count's hour and its caller's");
+
+    let report = admin(&server, "").await;
+    assert_eq!(report["legacy_secret"]["verified_count"], 2, "{report:#}");
+    assert_eq!(
+        report["legacy_usage_without_caller"],
+        Value::Null,
+        "{report:#}"
     );
 }
 

@@ -167,8 +167,8 @@ async fn a_thirty_day_window_still_sees_a_monthly_job() {
         "3 verification(s) with the legacy secret in the last 720 h, none with its caller \
          recorded (counted by an edgegate from before caller counts, or by a later one from \
          before 2026-12-07 whose caller write failed after its key counts were written, or left \
-         out of the per-caller counts in a long database outage, or, rarely, counted just as an \
-         hour ended or a flush began)",
+         out of the per-caller counts in a long database outage, or, rarely, counted just as a \
+         flush began, or by one from before 2026-12-08 just as an hour ended)",
         "{report}"
     );
     assert_eq!(report["legacy_secret"]["verified_count"], 3);

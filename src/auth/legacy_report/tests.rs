@@ -210,7 +210,7 @@ fn legacy_use_with_no_caller_recorded_is_counted_apart() {
     );
     assert_eq!(
         verdict.reason,
-        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 335 verifications with the legacy secret in all, 26 from 2 named clients, 300 from clients not named (counted as other) and 9 with no caller recorded (counted by an edgegate from before caller counts, or by a later one from before 2026-12-07 whose caller write failed after its key counts were written, or left out of the per-caller counts in a long database outage, or, rarely, counted just as an hour ended or a flush began)"
+        "legacy anon_key still used by supabase-js/2.47.0 on /functions/v1/jwt-test, 20 times in the last 24 h; 335 verifications with the legacy secret in all, 26 from 2 named clients, 300 from clients not named (counted as other) and 9 with no caller recorded (counted by an edgegate from before caller counts, or by a later one from before 2026-12-07 whose caller write failed after its key counts were written, or left out of the per-caller counts in a long database outage, or, rarely, counted just as a flush began, or by one from before 2026-12-08 just as an hour ended)"
     );
 
     // No caller at all: the verdict's own count, none with its caller.
@@ -228,7 +228,7 @@ fn legacy_use_with_no_caller_recorded_is_counted_apart() {
     );
     assert_eq!(
         verdict.reason,
-        "4 verification(s) with the legacy secret in the last 24 h, none with its caller recorded (counted by an edgegate from before caller counts, or by a later one from before 2026-12-07 whose caller write failed after its key counts were written, or left out of the per-caller counts in a long database outage, or, rarely, counted just as an hour ended or a flush began)"
+        "4 verification(s) with the legacy secret in the last 24 h, none with its caller recorded (counted by an edgegate from before caller counts, or by a later one from before 2026-12-07 whose caller write failed after its key counts were written, or left out of the per-caller counts in a long database outage, or, rarely, counted just as a flush began, or by one from before 2026-12-08 just as an hour ended)"
     );
 
     // Every verification with its caller: nothing apart.
