@@ -536,6 +536,11 @@ impl JwksFetcher {
                 if report.not_modified {
                     report.dropped.clone_from(&state.dropped);
                 } else {
+                    // Warned of once while the set holds it: a key the last set dropped too
+                    // (same kid, reason and origin) is logged at DEBUG.
+                    for dropped in &report.dropped {
+                        crate::auth::keys::log_dropped(dropped, !state.dropped.contains(dropped));
+                    }
                     state.dropped.clone_from(&report.dropped);
                 }
                 let stats = &self.inner.stats;

@@ -14,7 +14,9 @@
 //!   §4, §5); a member name twice outside the keys refuses the whole document. The inline set
 //!   with a member name twice anywhere stops start-up (the configuration refuses it).
 //!
-//! Every drop is logged with the kid and the reason and returned as a [`DroppedKey`].
+//! Every drop is returned as a [`DroppedKey`] and logged with the kid and the reason: an inline
+//! key's at WARN as it is parsed; a fetched key's by the fetcher, at WARN when a fetch first finds
+//! it and at DEBUG at each refetch that finds it still published ([`log_dropped`]).
 
 use crate::auth::metrics::OkCounter;
 use aws_lc_rs::signature::{
@@ -312,19 +314,30 @@ fn parse_keys<'a>(
     out
 }
 
+/// Drops a key; an inline key's drop is warned of here, once at start. A fetched key's is logged
+/// by the fetcher, which knows whether the set held it before.
 fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: KeyOrigin) {
-    out.dropped.push(dropped_key(kid, reason, origin));
+    let dropped = dropped_key(kid, reason, origin);
+    if origin == KeyOrigin::Inline {
+        log_dropped(&dropped, true);
+    }
+    out.dropped.push(dropped);
 }
 
-/// A key that is not taken, logged with its kid (as text, and no field when it has none) and
-/// the reason.
+/// Logs a key not taken with its kid (as text, and no field when it has none), the reason and
+/// the origin: at WARN, or at DEBUG when `warn` is false (a refetched set that still holds a key
+/// warned of before: the same WARN at every refetch would say nothing new).
+pub(crate) fn log_dropped(key: &DroppedKey, warn: bool) {
+    let (kid, reason, origin) = (key.kid.as_deref(), key.reason.as_str(), key.origin.as_str());
+    if warn {
+        tracing::warn!(kid, reason, origin, "JWK dropped");
+    } else {
+        tracing::debug!(kid, reason, origin, "JWK dropped");
+    }
+}
+
+/// A key that is not taken, with its kid and the reason; logged by the caller ([`log_dropped`]).
 pub(crate) fn dropped_key(kid: Option<String>, reason: &str, origin: KeyOrigin) -> DroppedKey {
-    tracing::warn!(
-        kid = kid.as_deref(),
-        reason,
-        origin = origin.as_str(),
-        "JWK dropped"
-    );
     DroppedKey {
         kid,
         reason: reason.to_owned(),

@@ -933,3 +933,65 @@ async fn a_key_with_a_duplicate_member_is_dropped_alone_and_a_removal_beside_it_
     );
     assert!(auth.verify_bearer(&t2).await.is_err());
 }
+
+/// The scheduled refetch of `fetcher`, once the set is due.
+async fn refetch_when_due(fetcher: &crate::auth::jwks::JwksFetcher, clock: &Clock) {
+    clock.advance(fetcher.time_until_due() + Duration::from_millis(1));
+    fetcher
+        .refresh_if_due()
+        .await
+        .expect("due")
+        .expect("the host answers");
+}
+
+/// The kids of the `JWK dropped` lines logged at `level`, in order.
+fn dropped_logged(lines: &crate::telemetry::LogLines, level: &str) -> Vec<String> {
+    lines
+        .text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["level"] == level && line["message"] == "JWK dropped")
+        .map(|line| line["kid"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A key the host publishes and edgegate drops (an `oct` key) is warned of once while it stays
+/// published: each refetch (every `JWKS_CACHE_TTL`) found it again and warned again. Found again,
+/// it is logged at DEBUG and still reported as dropped; a key newly dropped is warned of, and so
+/// is one published again after it was gone.
+#[tokio::test]
+async fn a_fetched_key_dropped_is_warned_of_once_while_it_stays_published() {
+    let lines = crate::telemetry::LogLines::default();
+    let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+    let k1 = TestKey::es256("k1");
+    let oct =
+        |kid: &str| json!({"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "kid": kid});
+    let publish = |keys: &[Value]| json!({ "keys": keys }).to_string();
+    let host = JwksHost::start(&[k1.public_jwk(), oct("hs")]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    let fetcher = auth.fetcher().expect("fetcher");
+
+    fetcher.refresh_now().await.expect("the host answers");
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(host.hits(), 2, "two whole fetches");
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs"]);
+    assert_eq!(dropped_logged(&lines, "DEBUG"), ["hs"]);
+    let status = fetcher.status();
+    assert_eq!(
+        status.dropped.len(),
+        1,
+        "still reported: {:?}",
+        status.dropped
+    );
+
+    host.update(|r| r.body = publish(&[k1.public_jwk(), oct("hs"), oct("hs2")]));
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "hs2"]);
+
+    host.update(|r| r.body = publish(&[k1.public_jwk()]));
+    refetch_when_due(fetcher, &clock).await;
+    host.update(|r| r.body = publish(&[k1.public_jwk(), oct("hs")]));
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "hs2", "hs"]);
+}
