@@ -591,7 +591,7 @@ async fn the_server_runs_without_transparent_huge_pages() {
             !crate::support::in_ci(),
             "CI=true and this kernel's /proc/PID/status has no THP_enabled line"
         );
-        eprintln!("SKIPPED: this kernel's /proc/PID/status has no THP_enabled line");
+        crate::support::skipped("this kernel's /proc/PID/status has no THP_enabled line");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1993,7 +1993,7 @@ async fn serve_without_migrating_is_ready_on_a_database_ahead_of_the_binary() {
 async fn serve_says_it_waits_for_another_process_s_migrations() {
     use futures_util::FutureExt as _;
     let Some(db) = TestDb::postgres_database().await else {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        crate::support::skipped("PostgreSQL only (TEST_POSTGRES_URL)");
         return;
     };
     let outcome = std::panic::AssertUnwindSafe(wait_behind_the_migration_lock(&db))
@@ -2160,7 +2160,7 @@ async fn a_file_size_limit_reached_fails_the_write_instead_of_killing_the_proces
         .env("DATABASE_URL", "sqlite://edgegate.db");
     let Ok(migrated) = command.output() else {
         assert!(!crate::support::in_ci(), "CI=true and prlimit cannot run");
-        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        crate::support::skipped("prlimit (util-linux) is not installed");
         return;
     };
     let stderr = String::from_utf8_lossy(&migrated.stderr);

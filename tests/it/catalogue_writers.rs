@@ -162,53 +162,6 @@ async fn a_row_an_earlier_build_wrote_just_before_the_check_is_rewritten_by_it()
     assert_eq!(count(&db, upserted).await, 1, "the rewrite wrote the row");
 }
 
-/// Log lines of this thread, as JSON: those of a current-thread test's tasks (the periodic one).
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    /// Captures until the guard is dropped.
-    fn start(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(self.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    /// The lines whose message starts with `start`.
-    fn lines(&self, start: &str) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .filter(|line| {
-                line["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(start))
-            })
-            .collect()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Self;
-    fn make_writer(&'a self) -> Self {
-        self.clone()
-    }
-}
-
 /// A row an earlier build wrote with state stamped ahead of this host's clock (that build's
 /// clock ran ahead) is newer than any listing until the clock passes it: no wait capped at 3 s
 /// lets a sync overwrite it. The check waited those 3 s at every check for nothing and said
@@ -236,7 +189,7 @@ async fn a_row_stamped_ahead_of_this_hosts_clock_is_warned_of_once_and_not_waite
     )
     .await;
 
-    let logs = Captured::default();
+    let logs = crate::support::JsonLogs::default();
     let _capture = logs.start();
     // Checks after every run, 50 ms apart: each syncs, as the row is left. Counted by the line
     // closing each check (written after its sync_runs row and the count of rows left).

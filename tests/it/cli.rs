@@ -751,10 +751,10 @@ fn supabase_cli() -> Option<PathBuf> {
         "CI=true and the Supabase CLI is not installed at {}",
         cli.display()
     );
-    eprintln!(
-        "SKIPPED: the Supabase CLI is not installed at {}",
+    crate::support::skipped(&format!(
+        "the Supabase CLI is not installed at {}",
         cli.display()
-    );
+    ));
     None
 }
 

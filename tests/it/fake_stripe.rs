@@ -50,7 +50,7 @@ pub fn fixtures() -> Option<Arc<Value>> {
             serde_json::from_slice(&bytes).expect("fixtures3.json is JSON"),
         )),
         Err(err) if !in_ci() => {
-            eprintln!("SKIPPED: {} is not readable ({err})", path.display());
+            crate::support::skipped(&format!("{} is not readable ({err})", path.display()));
             None
         }
         Err(err) => panic!("CI=true and {} is not readable: {err}", path.display()),

@@ -530,7 +530,7 @@ fn prlimit_available() -> bool {
             !crate::support::in_ci(),
             "CI=true and prlimit (util-linux) is missing"
         );
-        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        crate::support::skipped("prlimit (util-linux) is not installed");
     }
     available
 }

@@ -441,11 +441,11 @@ print(json.dumps([[f.name, f.type, len(f.samples)] for f in parse(sys.stdin.read
     match output {
         Ok(out) if out.status.success() => Some(serde_json::from_slice(&out.stdout).unwrap()),
         Ok(out) if out.status.code() == Some(3) && !in_ci => {
-            eprintln!("SKIPPED: the Python package prometheus_client is not installed");
+            crate::support::skipped("the Python package prometheus_client is not installed");
             None
         }
         Err(err) if !in_ci => {
-            eprintln!("SKIPPED: python3 cannot run ({err})");
+            crate::support::skipped(&format!("python3 cannot run ({err})"));
             None
         }
         other => panic!("prometheus_client could not parse:\n{text}\n{other:?}"),

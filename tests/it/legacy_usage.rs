@@ -1831,13 +1831,8 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
 async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
     const DAY: i64 = 24 * HOUR;
     // The flusher's log lines: its tasks run on this thread (a current-thread runtime).
-    let logs = LogLines::default();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(logs.clone())
-        .finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    let logs = crate::support::JsonLogs::default();
+    let _logging = logs.start();
     let db = test_db!();
     let (store, clock, state) = on_a_manual_clock(&db, "2592000").await;
     let now = clock.now_ms();
@@ -1924,16 +1919,7 @@ async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
     // What it deleted before the stop is logged, said stopped: rows, two key rows an hour.
     let (keys_left, callers_left, _) = stored_hours(&store, cutoff).await;
     let rows_gone = 2 * (100 - keys_left) + (100 - callers_left);
-    let pruned: Vec<Value> = logs
-        .text()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| {
-            line["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("deleted hourly usage rows older than 31 days"))
-        })
-        .collect();
+    let pruned = logs.lines("deleted hourly usage rows older than 31 days");
     assert_eq!(
         pruned
             .iter()
@@ -1942,33 +1928,6 @@ async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
         [(json!(rows_gone), json!(true))],
         "{pruned:?}"
     );
-}
-
-/// Log output kept in memory: what a test's subscriber wrote.
-#[derive(Clone, Default)]
-struct LogLines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl LogLines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for LogLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
-    type Writer = LogLines;
-    fn make_writer(&'a self) -> LogLines {
-        self.clone()
-    }
 }
 
 /// A wall clock running weeks ahead prunes hours that are still inside the window once it is set

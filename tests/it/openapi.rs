@@ -32,7 +32,7 @@ fn contract_routes() -> Option<Vec<ContractRoute>> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(err) if !in_ci() => {
-            eprintln!("SKIPPED: {} is not readable ({err})", path.display());
+            crate::support::skipped(&format!("{} is not readable ({err})", path.display()));
             return None;
         }
         Err(err) => panic!("CI=true and {} is not readable: {err}", path.display()),

@@ -774,7 +774,7 @@ async fn an_abandoned_readiness_probe_is_not_reused_after_the_database_is_back()
 async fn a_postgres_database_refusing_connections_is_not_ready_for_sync_and_reconcile() {
     use futures_util::FutureExt as _;
     let Some(db) = TestDb::postgres_database().await else {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        crate::support::skipped("PostgreSQL only (TEST_POSTGRES_URL)");
         return;
     };
     let outcome = std::panic::AssertUnwindSafe(refuse_connections_under_the_app(&db))
@@ -948,7 +948,9 @@ impl Tmpfs {
             other => {
                 let why = format!("{other:?}");
                 assert!(!in_ci(), "CI=true and a tmpfs cannot be mounted: {why}");
-                eprintln!("SKIPPED: a tmpfs cannot be mounted here (needs root): {why}");
+                crate::support::skipped(&format!(
+                    "a tmpfs cannot be mounted here (needs root): {why}"
+                ));
                 None
             }
         }

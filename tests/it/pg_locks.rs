@@ -140,7 +140,7 @@ async fn signing_keys_answers_while_the_audit_log_is_locked() {
 async fn a_reservation_waits_at_most_its_one_budget_for_permit_and_lock_together() {
     use edgegate::store::{NewSms, SmsLimits};
     let Some(db) = TestDb::postgres_database().await else {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        crate::support::skipped("PostgreSQL only (TEST_POSTGRES_URL)");
         return;
     };
     let store = db.store().await;

@@ -1167,7 +1167,7 @@ async fn a_reconcile_that_lost_its_lock_session_says_so() {
     use futures_util::FutureExt as _;
     let fixtures = stripe_fixtures!();
     let Some(db) = TestDb::postgres_database().await else {
-        eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+        crate::support::skipped("PostgreSQL only (TEST_POSTGRES_URL)");
         return;
     };
     let outcome = std::panic::AssertUnwindSafe(async {

@@ -721,7 +721,7 @@ async fn sms_a_sid_write_the_database_refuses_is_retried_until_it_is_stored() {
     use sqlx::Connection as _;
     let db = test_db!();
     if db.is_postgres() {
-        eprintln!("SKIPPED: needs SQLite (a write lock another connection holds)");
+        crate::support::skipped("needs SQLite (a write lock another connection holds)");
         return;
     }
     let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
@@ -1740,11 +1740,11 @@ print(RequestValidator(token).compute_signature(url, params))\n";
             Some(String::from_utf8(out.stdout).unwrap().trim().to_owned())
         }
         Ok(out) if out.status.code() == Some(3) && !in_ci => {
-            eprintln!("SKIPPED: the Python package twilio is not installed");
+            crate::support::skipped("the Python package twilio is not installed");
             None
         }
         Err(err) if !in_ci => {
-            eprintln!("SKIPPED: python3 cannot run ({err})");
+            crate::support::skipped(&format!("python3 cannot run ({err})"));
             None
         }
         other => panic!("Twilio's Python library could not sign: {other:?}"),

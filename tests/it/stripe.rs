@@ -659,7 +659,7 @@ async fn a_lock_row_stamped_while_the_clock_was_ahead_holds_for_one_lease_at_mos
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     if db.is_postgres() {
-        eprintln!("SKIPPED: SQLite only (PostgreSQL's lock is its session's, not a row)");
+        crate::support::skipped("SQLite only (PostgreSQL's lock is its session's, not a row)");
         return;
     }
     let fake = FakeStripe::start(&fixtures, 1, 1).await;
@@ -702,7 +702,7 @@ async fn a_run_whose_sqlite_lease_a_forward_clock_step_let_be_taken_answers_503(
     let fixtures = stripe_fixtures!();
     let db = test_db!();
     if db.is_postgres() {
-        eprintln!("SKIPPED: SQLite only (PostgreSQL's lock is its session's, not a lease)");
+        crate::support::skipped("SQLite only (PostgreSQL's lock is its session's, not a lease)");
         return;
     }
     let other = db.store().await;
@@ -846,7 +846,7 @@ macro_rules! stripe_sdk {
                 !in_ci(),
                 "CI=true and Python's stripe package is missing (python3 -m pip install stripe)"
             );
-            eprintln!("SKIPPED: Python's stripe package is not installed");
+            $crate::support::skipped("Python's stripe package is not installed");
             return;
         }
     };

@@ -70,7 +70,9 @@ impl TestDb {
         match sqlx::PgPool::connect(base).await {
             Ok(pool) => Some(pool),
             Err(err) if !in_ci() => {
-                eprintln!("SKIPPED: PostgreSQL at TEST_POSTGRES_URL does not answer ({err})");
+                crate::support::skipped(&format!(
+                    "PostgreSQL at TEST_POSTGRES_URL does not answer ({err})"
+                ));
                 None
             }
             Err(err) => {
@@ -176,7 +178,7 @@ macro_rules! postgres_db {
     () => {{
         let db = $crate::test_db!();
         if !db.is_postgres() {
-            eprintln!("SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)");
+            $crate::support::skipped("PostgreSQL only (TEST_POSTGRES_URL)");
             return;
         }
         db
@@ -493,4 +495,53 @@ pub fn trusting(certified: &rcgen::CertifiedKey<rcgen::KeyPair>) -> rustls::Clie
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
+}
+
+/// Log lines of this thread, as JSON (each event's fields at its top level), kept in memory: those
+/// of a current-thread test's tasks. Captures from [`JsonLogs::start`] until its guard drops, at
+/// DEBUG and above.
+#[derive(Clone, Default)]
+pub struct JsonLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl JsonLogs {
+    /// Captures until the guard is dropped.
+    pub fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(self.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The lines whose message starts with `start`.
+    pub fn lines(&self, start: &str) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(start))
+            })
+            .collect()
+    }
+}
+
+impl std::io::Write for JsonLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JsonLogs {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
 }
