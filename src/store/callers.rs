@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 
-use super::engine::Arg;
+use super::engine::Upsert;
 use super::{HourlyCount, KeyUsage, Store, hourly_batch};
 
 /// A table of hourly counts that [`Store::prune_usage_day`] deletes old hours from.
@@ -87,7 +87,7 @@ impl CallerSums {
 }
 
 /// The statement of [`Store::add_caller_usage`] and its rows.
-pub(super) fn caller_usage_batch(rows: &[CallerUsage]) -> (String, Vec<Vec<Arg<'_>>>) {
+pub(super) fn caller_usage_batch(rows: &[CallerUsage]) -> anyhow::Result<Upsert<'_>> {
     let rows = rows.iter().map(|row| HourlyCount {
         hour_start_ms: row.hour_start_ms,
         key: vec![&row.source, &row.kind, &row.route, &row.client],
@@ -111,8 +111,8 @@ struct SummedRow {
 impl Store {
     /// Adds counted callers; rows of the same hour and caller from every instance are summed.
     pub async fn add_caller_usage(&self, rows: &[CallerUsage]) -> anyhow::Result<()> {
-        let (sql, rows) = caller_usage_batch(rows);
-        self.execute_each(&sql, &rows)
+        let upsert = caller_usage_batch(rows).context("recording caller usage")?;
+        self.execute_upserts(&[upsert])
             .await
             .context("recording caller usage")
     }

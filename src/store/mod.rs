@@ -12,7 +12,7 @@ use futures_util::future::{BoxFuture, Shared};
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
-use engine::{Arg, BindExt as _};
+use engine::{Arg, BindExt as _, Upsert};
 
 /// Runs `$body` with `$pool` bound to whichever pool the store holds: the one place the store
 /// picks an engine. The body is compiled once per backend, so it may only use SQL that both SQLite
@@ -608,8 +608,8 @@ impl Store {
 
     /// Adds counted verifications; rows of the same hour and key from every instance are summed.
     pub async fn add_key_usage(&self, rows: &[KeyUsage]) -> anyhow::Result<()> {
-        let (sql, rows) = key_usage_batch(rows);
-        self.execute_each(&sql, &rows)
+        let upsert = key_usage_batch(rows).context("recording key usage")?;
+        self.execute_upserts(&[upsert])
             .await
             .context("recording key usage")
     }
@@ -626,10 +626,12 @@ impl Store {
     /// table in a transaction of its own). The key rows come last because every instance writes
     /// the current hour's: they are held for the key rows' round trips and the commit only, not
     /// for the caller rows' too, which would make another instance's flush wait on them past the
-    /// `lock_timeout` sooner (one round trip a row, through a remote pooler). Another instance's
-    /// flush still queues behind this one on the rows both write (the current hour's callers of
-    /// a client that calls every instance, then its keys), for as long as this one's round trips
-    /// take: the transaction waits for a lock up to [`postgres::USAGE_FLUSH_LOCK_TIMEOUT`], not
+    /// `lock_timeout` sooner. Each table's rows are written dozens to a statement
+    /// ([`engine::run_upserts`]), so a flush of thousands of rows is dozens of round trips, not one a
+    /// row (2,000 key and 2,000 caller rows: see BENCHMARKS.md, "The usage flush"). Another
+    /// instance's flush still queues behind this one on the rows both write (the current hour's
+    /// callers of a client that calls every instance, then its keys), for as long as this one's
+    /// statements take: the transaction waits for a lock up to [`postgres::USAGE_FLUSH_LOCK_TIMEOUT`], not
     /// the pooled sessions' 3 s, which is there to answer a request promptly; a flush answers
     /// none.
     pub async fn add_usage(
@@ -637,20 +639,19 @@ impl Store {
         keys: &[KeyUsage],
         callers: &[CallerUsage],
     ) -> anyhow::Result<()> {
-        let (key_sql, key_rows) = key_usage_batch(keys);
-        let (caller_sql, caller_rows) = callers::caller_usage_batch(callers);
-        let batches = [
-            (caller_sql.as_str(), caller_rows.as_slice()),
-            (key_sql.as_str(), key_rows.as_slice()),
+        let context = "recording key and caller usage";
+        let upserts = [
+            callers::caller_usage_batch(callers).context(context)?,
+            key_usage_batch(keys).context(context)?,
         ];
         match &self.backend {
-            Backend::Sqlite(pool) => engine::run_batches(pool, None, &batches).await,
+            Backend::Sqlite(pool) => engine::run_upserts(pool, None, &upserts).await,
             Backend::Postgres(pool) => {
                 let bounds = postgres::usage_flush_bounds();
-                engine::run_batches(pool, Some(&bounds), &batches).await
+                engine::run_upserts(pool, Some(&bounds), &upserts).await
             }
         }
-        .context("recording key and caller usage")
+        .context(context)
     }
 
     /// Usage per key summed over the hours starting at or after `since_ms`.
@@ -774,10 +775,10 @@ impl Store {
         with_pool!(self, |pool| engine::run(pool, sql, args).await)
     }
 
-    /// Runs one of the store's statements once per entry of `rows`, in one transaction, in the
-    /// order given: rows that statement locks must come in one fixed order (see `add_hourly`).
-    async fn execute_each(&self, sql: &str, rows: &[Vec<Arg<'_>>]) -> Result<(), sqlx::Error> {
-        with_pool!(self, |pool| engine::run_each(pool, sql, rows).await)
+    /// Writes `upserts` in one transaction, each one's rows in the order given: rows a
+    /// statement locks must come in one fixed order (see [`hourly_batch`]).
+    async fn execute_upserts(&self, upserts: &[Upsert<'_>]) -> Result<(), sqlx::Error> {
+        with_pool!(self, |pool| engine::run_upserts(pool, None, upserts).await)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
@@ -787,7 +788,7 @@ impl Store {
 }
 
 /// The statement of [`Store::add_key_usage`] and its rows.
-fn key_usage_batch(rows: &[KeyUsage]) -> (String, Vec<Vec<Arg<'_>>>) {
+fn key_usage_batch(rows: &[KeyUsage]) -> anyhow::Result<Upsert<'_>> {
     let rows = rows.iter().map(|row| HourlyCount {
         hour_start_ms: row.hour_start_ms,
         key: vec![&row.source, &row.kid, &row.alg],
@@ -799,31 +800,46 @@ fn key_usage_batch(rows: &[KeyUsage]) -> (String, Vec<Vec<Arg<'_>>>) {
 
 /// The statement that adds `rows` to the hourly counts of `table`, keyed by the hour and
 /// `key_columns` (the counts are summed and the latest verification kept, whichever instance
-/// wrote first), and its rows, in the order of their keys whatever order they come in.
+/// wrote first), and its rows, in the order of their keys whatever order they come in. Rows of
+/// the same hour and key are summed into one first, as writing them one after the other would
+/// leave them: one statement may not update a row twice on PostgreSQL (21000, "ON CONFLICT DO
+/// UPDATE command cannot affect row a second time"). A sum past `i64::MAX` is refused, as
+/// PostgreSQL refuses it in the table ("bigint out of range").
 fn hourly_batch<'a>(
     table: &str,
     key_columns: &[&str],
     rows: impl Iterator<Item = HourlyCount<'a>>,
-) -> (String, Vec<Vec<Arg<'a>>>) {
+) -> anyhow::Result<Upsert<'a>> {
     let keys = key_columns.join(", ");
-    let params: Vec<String> = (1..=key_columns.len() + 3)
-        .map(|i| format!("${i}"))
-        .collect();
-    let sql = format!(
-        "INSERT INTO {table} (hour_start, {keys}, verified_count, last_verified_at) \
-         VALUES ({}) ON CONFLICT (hour_start, {keys}) DO UPDATE SET \
+    let head =
+        format!("INSERT INTO {table} (hour_start, {keys}, verified_count, last_verified_at)");
+    let tail = format!(
+        "ON CONFLICT (hour_start, {keys}) DO UPDATE SET \
          verified_count = {table}.verified_count + excluded.verified_count, \
          last_verified_at = CASE WHEN excluded.last_verified_at > {table}.last_verified_at \
-         THEN excluded.last_verified_at ELSE {table}.last_verified_at END",
-        params.join(", ")
+         THEN excluded.last_verified_at ELSE {table}.last_verified_at END"
     );
-    // PostgreSQL locks each row as the batch's one transaction upserts it: two instances
-    // flushing the same keys, each in the order its own map held them, would lock them in
-    // opposite orders and deadlock (40P01): one batch refused, and at a stop its counts lost.
-    // With one order for every batch, whoever writes it, they queue instead.
+    // PostgreSQL locks each row as the batch's one transaction upserts it (in the order of a
+    // statement's `VALUES`, the statements in turn): two instances flushing the same keys, each
+    // in the order its own map held them, would lock them in opposite orders and deadlock
+    // (40P01): one batch refused, and at a stop its counts lost. With one order for every
+    // batch, whoever writes it, they queue instead.
     let mut rows: Vec<HourlyCount<'a>> = rows.collect();
     rows.sort_unstable_by(|a, b| (a.hour_start_ms, &a.key).cmp(&(b.hour_start_ms, &b.key)));
-    let rows: Vec<Vec<Arg<'_>>> = rows
+    let mut merged: Vec<HourlyCount<'a>> = Vec::with_capacity(rows.len());
+    for row in rows {
+        match merged.last_mut() {
+            Some(last) if (last.hour_start_ms, &last.key) == (row.hour_start_ms, &row.key) => {
+                last.verified_count = last
+                    .verified_count
+                    .checked_add(row.verified_count)
+                    .with_context(|| format!("{table}: a count past the largest integer"))?;
+                last.last_verified_at_ms = last.last_verified_at_ms.max(row.last_verified_at_ms);
+            }
+            _ => merged.push(row),
+        }
+    }
+    let rows: Vec<Vec<Arg<'_>>> = merged
         .into_iter()
         .map(|row| {
             let mut args = vec![row.hour_start_ms.into()];
@@ -835,7 +851,7 @@ fn hourly_batch<'a>(
             args
         })
         .collect();
-    (sql, rows)
+    Ok(Upsert { head, tail, rows })
 }
 
 /// One row for [`hourly_batch`]: an hour, the values of the table's key columns, and the counts.

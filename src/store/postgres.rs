@@ -337,9 +337,11 @@ pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a usage flush's transaction ([`super::Store::add_usage`]) waits for a row another
 /// instance's flush holds, and how long any one of its statements may run, lock wait included
 /// (`SET LOCAL`, in that transaction alone). Every instance writes the same current hour's rows,
-/// and a flush holds each until its commit, one round trip a row later: hundreds of rows through
-/// a pooler 40 ms away is seconds, past the pooled sessions' [`LOCK_TIMEOUT`], and a flush that
-/// failed on it was retried 5 s later, or, the last one of a stopping instance, lost. A flush
+/// and a flush holds each until its commit: when that was one round trip a row later, hundreds
+/// of rows through a pooler 40 ms away were seconds, past the pooled sessions' [`LOCK_TIMEOUT`],
+/// and a flush that failed on it was retried 5 s later, or, the last one of a stopping instance,
+/// lost. A few hundred rows now go in one statement, but a flush of many thousands, a slow
+/// pooler or a busy server can still take longer than that. A flush
 /// answers no request, and a stop bounds its last one by the shutdown's deadline.
 pub(super) const USAGE_FLUSH_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -587,9 +587,9 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
 }
 
 /// Every instance's flush writes the current hour's rows (the key row, the callers of a client
-/// that calls every instance), and holds each until its commit, one round trip a row later:
-/// another instance's flush queues behind it. Here a session stands in for a flush that holds
-/// those rows for 4 s (a few hundred rows through a remote pooler): the queued flush waits and
+/// that calls every instance), and holds each until its commit, its statements later: another
+/// instance's flush queues behind it. Here a session stands in for a flush that holds those
+/// rows for 4 s (many thousands of rows through a slow pooler): the queued flush waits and
 /// writes them once they are free, where the pooled sessions' 3 s `lock_timeout` failed it
 /// (55P03, retried 5 s later, or, the last flush of a stopping instance, lost).
 #[tokio::test]
@@ -663,6 +663,204 @@ async fn a_usage_flush_waits_for_another_instances_flush_past_the_pooled_lock_wa
     let callers = a.caller_usage_hours_since(hour).await.unwrap();
     assert_eq!(callers.len(), 1, "{callers:?}");
     assert_eq!(callers[0].verified_count, 4, "{callers:?}");
+}
+
+/// What the hourly tables should hold after adding `rows` (keyed by their hour and key columns)
+/// one at a time: the counts summed, the latest verification kept.
+fn summed_model<K: Ord>(
+    rows: impl IntoIterator<Item = (K, i64, i64)>,
+) -> std::collections::BTreeMap<K, (i64, i64)> {
+    let mut model = std::collections::BTreeMap::new();
+    for (key, count, last) in rows {
+        let entry = model.entry(key).or_insert((0, i64::MIN));
+        entry.0 += count;
+        entry.1 = entry.1.max(last);
+    }
+    model
+}
+
+fn caller(hour: i64, i: i64, count: i64, last: i64) -> CallerUsage {
+    CallerUsage {
+        hour_start_ms: hour,
+        source: if i % 2 == 0 {
+            "legacy_secret"
+        } else {
+            "api_key"
+        }
+        .into(),
+        kind: if i % 3 == 0 { "anon_key" } else { "secret:ops" }.into(),
+        route: format!("/functions/v1/f-{}", i % 7),
+        // Quotes, a comma and a parenthesis, and characters beyond ASCII: bound, never spliced.
+        client: format!("client-{i:04} 'it''s', (β) ✓"),
+        verified_count: count,
+        last_verified_at_ms: last,
+    }
+}
+
+/// A flush of thousands of rows (more than one statement's worth, however the rows are
+/// grouped), in no particular order, onto a database that already holds some of them, with
+/// rows of the same hour and key given more than once in one batch (the store is given rows,
+/// not a map): every row ends as adding the batch's rows one by one would leave it, the counts
+/// summed and the latest verification kept (an earlier one in the batch leaves a later stored
+/// one), on both tables, through `add_usage` and through each table's own write.
+#[tokio::test]
+async fn a_usage_flush_of_thousands_of_rows_adds_each_to_what_is_stored() {
+    let db = test_db!();
+    let store = db.store().await;
+    const HOUR: i64 = 3_600_000;
+    let hours = [3_000 * HOUR, 3_001 * HOUR];
+    let key = |hour: i64, i: i64, count: i64, last: i64| {
+        let source = ["signing_key", "api_key", "legacy_secret"][(i % 3) as usize];
+        usage(hour, source, &format!("kid-{i:04} 'q', (x)"), count, last)
+    };
+    // Already stored: every third row of the first hour, their last verification at the middle
+    // of the hour, and one row of another hour the batch does not touch.
+    let stored_keys: Vec<KeyUsage> = (0..1_300)
+        .step_by(3)
+        .map(|i| key(hours[0], i, 7, hours[0] + 1_800_000))
+        .chain([key(5 * HOUR, 1, 4, 5 * HOUR + 9)])
+        .collect();
+    let stored_callers: Vec<CallerUsage> = (0..1_100)
+        .step_by(3)
+        .map(|i| caller(hours[0], i, 7, hours[0] + 1_800_000))
+        .chain([caller(5 * HOUR, 1, 4, 5 * HOUR + 9)])
+        .collect();
+    store
+        .add_usage(&stored_keys, &stored_callers)
+        .await
+        .unwrap();
+
+    // The batch: both hours, last verifications before and after the stored ones, in an order
+    // of their own (not the keys'), and every 50th row given again with its own count and time.
+    let mut keys: Vec<KeyUsage> = Vec::new();
+    let mut callers: Vec<CallerUsage> = Vec::new();
+    for hour in hours {
+        for i in (0..1_300).rev() {
+            keys.push(key(hour, i, 1 + i % 5, hour + (i * 2_741) % HOUR));
+        }
+        for i in (0..1_100).rev() {
+            callers.push(caller(hour, i, 1 + i % 4, hour + (i * 1_933) % HOUR));
+        }
+        for i in (0..1_300).step_by(50) {
+            keys.push(key(hour, i, 100, hour + 1_800_000 + i));
+            keys.push(key(hour, i, 1_000, hour + 10));
+        }
+        for i in (0..1_100).step_by(50) {
+            callers.push(caller(hour, i, 100, hour + 1_800_000 + i));
+        }
+    }
+    store.add_usage(&keys, &callers).await.unwrap();
+    // Each table's own write, with a duplicate too.
+    let more_keys = [
+        key(hours[1], 7, 2, hours[1] + 5),
+        key(hours[1], 7, 3, hours[1] + HOUR - 1),
+    ];
+    let more_callers = [
+        caller(hours[1], 8, 2, hours[1] + HOUR - 1),
+        caller(hours[1], 8, 3, hours[1] + 5),
+    ];
+    store.add_key_usage(&more_keys).await.unwrap();
+    store.add_caller_usage(&more_callers).await.unwrap();
+
+    let key_model = summed_model(
+        stored_keys
+            .iter()
+            .chain(&keys)
+            .chain(&more_keys)
+            .map(|row| {
+                let id = (
+                    row.hour_start_ms,
+                    row.source.clone(),
+                    row.kid.clone(),
+                    row.alg.clone(),
+                );
+                (id, row.verified_count, row.last_verified_at_ms)
+            }),
+    );
+    let stored = store.key_usage_hours_since(0).await.unwrap();
+    let mut stored: Vec<_> = stored
+        .into_iter()
+        .map(|row| {
+            let id = (row.hour_start_ms, row.source, row.kid, row.alg);
+            (id, (row.verified_count, row.last_verified_at_ms))
+        })
+        .collect();
+    // The database's collation need not order text as Rust does.
+    stored.sort();
+    assert_eq!(stored.len(), 2 * 1_300 + 1);
+    let expected: Vec<_> = key_model.into_iter().collect();
+    for (got, want) in stored.iter().zip(&expected) {
+        assert_eq!(got, want);
+    }
+    assert_eq!(stored, expected);
+
+    let caller_model = summed_model(
+        stored_callers
+            .iter()
+            .chain(&callers)
+            .chain(&more_callers)
+            .map(|row| {
+                let id = (
+                    row.hour_start_ms,
+                    row.source.clone(),
+                    row.kind.clone(),
+                    row.route.clone(),
+                    row.client.clone(),
+                );
+                (id, row.verified_count, row.last_verified_at_ms)
+            }),
+    );
+    let stored = store.caller_usage_hours_since(0).await.unwrap();
+    let mut stored: Vec<_> = stored
+        .into_iter()
+        .map(|row| {
+            let id = (
+                row.hour_start_ms,
+                row.source,
+                row.kind,
+                row.route,
+                row.client,
+            );
+            (id, (row.verified_count, row.last_verified_at_ms))
+        })
+        .collect();
+    // The database's collation need not order text as Rust does.
+    stored.sort();
+    assert_eq!(stored.len(), 2 * 1_100 + 1);
+    let expected: Vec<_> = caller_model.into_iter().collect();
+    for (got, want) in stored.iter().zip(&expected) {
+        assert_eq!(got, want);
+    }
+    assert_eq!(stored, expected);
+}
+
+/// A flush is one transaction whatever its size: a row PostgreSQL refuses (a NUL in a text, which
+/// its `TEXT` cannot hold) among the last callers of a batch of thousands fails the flush, and
+/// neither the callers before it nor any key is written.
+#[tokio::test]
+async fn a_usage_flush_refused_at_its_last_row_writes_nothing() {
+    let db = postgres_db!();
+    let store = db.store().await;
+    let hour = 3_000 * 3_600_000;
+    let keys: Vec<KeyUsage> = (0..1_500)
+        .map(|i| usage(hour, "signing_key", &format!("kid-{i:04}"), 1, hour + i))
+        .collect();
+    let mut callers: Vec<CallerUsage> = (0..1_500).map(|i| caller(hour, i, 1, hour + i)).collect();
+    callers.push(CallerUsage {
+        // Sorts after every other row: written last.
+        source: "legacy_secret".into(),
+        kind: "secret:ops".into(),
+        route: "/zz".into(),
+        client: "zz\0".into(),
+        ..caller(hour, 1, 1, hour)
+    });
+    let err = store.add_usage(&keys, &callers).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("recording key and caller usage"),
+        "{err:#}"
+    );
+    assert_eq!(store.key_usage_hours_since(0).await.unwrap(), vec![]);
+    assert_eq!(store.caller_usage_hours_since(0).await.unwrap(), vec![]);
 }
 
 /// Runs `body` on a PostgreSQL database of its own (a test that holds a lock every migration
@@ -1065,4 +1263,48 @@ async fn a_postgres_migration_applied_from_an_unknown_copy_is_still_refused() {
     );
     pool.close().await;
     store.close().await;
+}
+
+/// A measurement, not a check (run by hand, see BENCHMARKS.md, "The usage flush"): how long
+/// `add_usage` takes to write 2,000 key rows and 2,000 caller rows, first inserting them, then
+/// five times adding to them (what a busy instance's flush does each minute).
+#[tokio::test]
+#[ignore = "a measurement: cargo test --test it measure_usage_flush -- --ignored --nocapture"]
+async fn measure_usage_flush_of_2000_keys_and_2000_callers() {
+    let db = test_db!();
+    let store = db.store().await;
+    let hour = 4_000 * 3_600_000;
+    let keys: Vec<KeyUsage> = (0..2_000)
+        .map(|i| usage(hour, "api_key", &format!("secret:key-{i:04}"), 1, hour + i))
+        .collect();
+    let callers: Vec<CallerUsage> = (0..2_000).map(|i| caller(hour, i, 1, hour + i)).collect();
+    let mut updates = Vec::new();
+    for round in 0..6 {
+        let started = std::time::Instant::now();
+        store.add_usage(&keys, &callers).await.unwrap();
+        let took = started.elapsed();
+        eprintln!(
+            "{} round {round} ({}): {:.1} ms",
+            if db.is_postgres() {
+                "postgres"
+            } else {
+                "sqlite"
+            },
+            if round == 0 { "insert" } else { "update" },
+            took.as_secs_f64() * 1e3
+        );
+        if round > 0 {
+            updates.push(took);
+        }
+    }
+    updates.sort();
+    eprintln!(
+        "update rounds: median {:.1} ms (min {:.1}, max {:.1})",
+        updates[updates.len() / 2].as_secs_f64() * 1e3,
+        updates[0].as_secs_f64() * 1e3,
+        updates[updates.len() - 1].as_secs_f64() * 1e3
+    );
+    let stored = store.key_usage_hours_since(hour).await.unwrap();
+    assert_eq!(stored.len(), 2_000);
+    assert!(stored.iter().all(|row| row.verified_count == 6));
 }
