@@ -809,7 +809,7 @@ mod tests {
             -1_000,
             -1_001,
         ] {
-            for now in (as_of - 4_000..as_of + 4_000).step_by(7) {
+            for now in as_of - 4_000..as_of + 4_000 {
                 let wait = i64::try_from(until_listed_as_of(as_of, now).as_millis()).unwrap();
                 assert!(page_as_of(now + wait) >= as_of, "as_of {as_of}, now {now}");
                 if wait > 0 {
@@ -826,6 +826,9 @@ mod tests {
                 );
             }
         }
+        // The bound's edges: a wait of exactly the cap is covered, a millisecond more is not.
+        assert_eq!(newest_covered_by_the_wait(3_999), 4_999);
+        assert_eq!(newest_covered_by_the_wait(4_000), 5_999);
         // An event of this second: up to 2 s.
         assert_eq!(until_listed_as_of(5_000, 5_000), Duration::from_secs(2));
         assert_eq!(until_listed_as_of(5_000, 6_999), Duration::from_millis(1));
