@@ -697,9 +697,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
         let database = options.get_filename();
         let file = match open_migration_lock(Path::new(&lock_path)) {
             Ok((file, made)) => {
-                if made {
-                    give_lock_to_database_owner(&file, database);
-                }
+                give_lock_to_database_owner(&file, made, database);
                 file
             }
             // A lock another user's `migrate` left (root's, mode 0644).
@@ -803,12 +801,17 @@ fn not_a_lock_file(path: &Path) -> std::io::Error {
     ))
 }
 
-/// Gives the migration lock `lock`, which root's `migrate` has just made, to the owner of the `database` file, as
-/// SQLite gives its -wal and -shm files: one root's `migrate` (a restore's, a console's) left
-/// root's, mode 0644, stopped every later migration run as the image's user. Nothing for
-/// anyone else, who cannot give a file away, or for a lock its owner already has; never for a
-/// lock that was there ([`open_migration_lock`]).
-fn give_lock_to_database_owner(lock: &std::fs::File, database: &Path) {
+/// Gives the migration lock `lock` to the owner of the `database` file, as SQLite gives its
+/// -wal and -shm files, when this is root's `migrate` (a restore's, a console's) and the lock
+/// is one it has just `made`, or one root left: a `migrate` run as root left it root's, mode
+/// 0644 (0600 under another umask), which stopped every later migration run as the image's user,
+/// and an earlier release's left it so whatever this one does. Nothing for anyone else, who
+/// cannot give a file away, or for a lock its owner already has. A lock that was there is
+/// judged on the descriptor [`open_migration_lock`] opened (never a symbolic link, never
+/// anything but a regular file), and given only when it is root's, empty, and has no other
+/// link: never another user's file, and never a file of root's linked in from elsewhere (a
+/// hard link planted there would have had root give that file away).
+fn give_lock_to_database_owner(lock: &std::fs::File, made: bool, database: &Path) {
     use std::os::unix::fs::MetadataExt as _;
     if !rustix::process::geteuid().is_root() {
         return;
@@ -817,6 +820,10 @@ fn give_lock_to_database_owner(lock: &std::fs::File, database: &Path) {
         return;
     };
     if (held.uid(), held.gid()) == (database.uid(), database.gid()) {
+        return;
+    }
+    let left_by_root = held.is_file() && held.uid() == 0 && held.nlink() == 1 && held.len() == 0;
+    if !made && !left_by_root {
         return;
     }
     let owner = rustix::process::Uid::from_raw(database.uid());

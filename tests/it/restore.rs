@@ -243,8 +243,9 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
 /// The migration lock a `migrate` run as root left (root's, mode 0644) beside a database given
 /// back to uid 10001: what never opens it (`serve --no-migrate`, `check`, `keys report`) works
 /// as that user, where all three refused the lock; a migration names it with the chown that
-/// gives it back. A `migrate` run as root now gives the lock it makes (not one it finds) to the
-/// database file's owner, as SQLite does its -wal and -shm, and uid 10001 migrates again.
+/// gives it back. A `migrate` run as root gives the lock it makes, and one of root's it finds
+/// (see [`a_migration_lock_an_older_root_migrate_left_is_given_back`]), to the database file's
+/// owner, as SQLite does its -wal and -shm, and uid 10001 migrates again.
 #[tokio::test]
 async fn a_migration_lock_root_left_stops_only_a_migration() {
     let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
@@ -293,12 +294,14 @@ async fn a_migration_lock_root_left_stops_only_a_migration() {
         "{stderr}"
     );
 
-    // Root's migrate leaves a lock that was there as it was (giving away a file it did not make
-    // could give away whatever a link planted there names), and gives the one it makes.
+    // Root's migrate gives the lock root left (a regular file of root's, one link) to the
+    // database file's owner, as it gives the one it makes.
     use std::os::unix::fs::MetadataExt as _;
     let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
     assert!(migrated.status.success(), "{migrated:?}");
-    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0);
+    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), IMAGE_UID);
+    let (code, _, stderr) = run(&["migrate"]);
+    assert_eq!(code, Some(0), "{stderr}");
     std::fs::remove_file(&lock).unwrap();
     let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
     assert!(migrated.status.success(), "{migrated:?}");
@@ -816,9 +819,89 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     }
     chown(&data, IMAGE_UID);
     std::os::unix::fs::symlink(&target, &lock).unwrap();
-    let _ = output(edgegate(dir.path(), &vars).arg("migrate"));
+    let out = output(edgegate(dir.path(), &vars).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is not a regular file", lock.display())),
+        "{stderr}"
+    );
     let after = std::fs::metadata(&target).unwrap().uid();
     assert_eq!(after, owner, "root's migrate gave the link's target away");
+}
+
+/// The migration lock a `migrate` of an earlier release run as root left (root's, mode 0600,
+/// empty) beside files a restore gave back to uid 10001: root's `migrate` (a restore's, a
+/// console's) gives it to the database file's owner, and `serve` as uid 10001 migrates and
+/// starts. It left such a lock root's (only a lock it made was given), and every later migration
+/// as uid 10001 stopped on it. Not a file with another link (one planted as a hard link to a file
+/// of root's), nor another user's lock: those stay as they were.
+#[tokio::test]
+async fn a_migration_lock_an_older_root_migrate_left_is_given_back() {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", IMAGE_UID) else {
+        return;
+    };
+    let file = data.join("edgegate.db");
+    let lock = data.join("edgegate.db.migrate-lock");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    let fresh_root_lock = || {
+        std::fs::remove_file(&lock).unwrap();
+        std::fs::write(&lock, b"").unwrap();
+        chown(&lock, 0);
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+
+    // A second link to the lock (a file of root's elsewhere, linked in): left root's.
+    fresh_root_lock();
+    let other_link = dir.path().join("roots-file");
+    std::fs::hard_link(&lock, &other_link).unwrap();
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert_eq!(
+        std::fs::metadata(&other_link).unwrap().uid(),
+        0,
+        "a linked file given away"
+    );
+    std::fs::remove_file(&other_link).unwrap();
+
+    // Another user's lock: left that user's.
+    chown(&lock, 1000);
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert_eq!(
+        std::fs::metadata(&lock).unwrap().uid(),
+        1000,
+        "uid 1000's lock taken"
+    );
+
+    // Root's own lock, one link: given to the database file's owner, its mode kept.
+    fresh_root_lock();
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let meta = std::fs::metadata(&lock).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (IMAGE_UID, IMAGE_UID, 0o600),
+        "root's lock not given back"
+    );
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("migrate"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut serve = as_image_user(dir.path(), &bin, &vars);
+    serve.arg("serve");
+    let mut server = crate::process::spawn_logged(serve, dir.path(), "server.log");
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    signal(&server, "TERM");
+    wait_exit(&mut server).await;
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "serve as uid {IMAGE_UID} did not start: {log}");
 }
 
 /// A FIFO planted as the migration lock (by anyone who may write in the database's folder):
