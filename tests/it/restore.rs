@@ -751,6 +751,48 @@ async fn check_fails_a_sqlite_file_with_a_damaged_page() {
     );
 }
 
+/// `check`'s quick_check answered with an error that says nothing of the file being damaged:
+/// here a table whose CHECK constraint calls a function this SQLite lacks (an extension's, or a
+/// newer SQLite's), which every other query edgegate makes leaves alone. The database line fails
+/// with SQLite's words and says the file is not checked, not that it is damaged or to restore a
+/// backup.
+#[tokio::test]
+async fn check_says_a_quick_check_error_that_is_not_damage_as_such() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    for sql in [
+        "CREATE TABLE added (x INTEGER CHECK (abs(x) >= 0))",
+        "INSERT INTO added VALUES (1)",
+        "PRAGMA writable_schema = ON",
+        "UPDATE sqlite_schema SET sql = replace(sql, 'abs(', 'extension_fn(') \
+         WHERE name = 'added'",
+        "PRAGMA writable_schema = OFF",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = database_line(&stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("answers, but SQLite's PRAGMA quick_check failed")
+            && line.contains("unknown function: extension_fn()")
+            && line.contains("the file is not checked")
+            && !line.contains("damaged")
+            && !line.contains("restore"),
+        "{line}"
+    );
+}
+
 /// A volume owned by another uid (1000, a bind mount) and open to all (mode 777), where serve
 /// runs as uid 10001 and its own `migrate` made the files (10001's, mode 0600): `check` run as
 /// that user passes and advises nothing. It judged the files for the directory's owner and
