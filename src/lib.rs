@@ -197,13 +197,18 @@ impl Started {
             // column it lacks, so it is found now, said loudly, and watched until another
             // process (`edgegate migrate`, the next release's release_command) catches it up.
             None => {
-                let checked = store.check_migrations().await;
-                let unknown_reported = checked.is_ok() && report_unknown_migrations(&store).await;
+                // One reading for both: a second, of the unknown ones, could fail after a
+                // first that found none missing, and nothing read them again.
+                let checked = store.read_migrations().await;
                 let reported = match checked {
-                    Ok(0) => None,
-                    Ok(missing) => {
-                        report_missing_migrations(&store, missing);
-                        Some(true)
+                    Ok(read) => {
+                        warn_unknown_migrations(&read.unknown);
+                        if read.missing == 0 {
+                            None
+                        } else {
+                            report_missing_migrations(&store, read.missing);
+                            Some(true)
+                        }
                     }
                     Err(err) => {
                         tracing::warn!(
@@ -215,12 +220,8 @@ impl Started {
                         Some(false)
                     }
                 };
-                if let Some(reported) = reported {
-                    background.push(spawn_schema_watch(
-                        store.clone(),
-                        reported,
-                        unknown_reported,
-                    ));
+                if let Some(read) = reported {
+                    background.push(spawn_schema_watch(store.clone(), read));
                 }
             }
             Some(cause) => {
@@ -232,7 +233,7 @@ impl Started {
                     spawn_migration_retry(store.clone())
                 } else {
                     store.migrations_unread();
-                    spawn_schema_watch(store.clone(), false, false)
+                    spawn_schema_watch(store.clone(), false)
                 });
             }
         }
@@ -491,12 +492,17 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
 /// purpose, since a rollback must start on the newer schema, but the operator should know it is
 /// one, and that it is safe only while the newer release's migrations were additive. Said once,
 /// at start or, where the database did not answer then, once it does; a reading that fails is
-/// left to the routes that need the database, which say so. Whether they were read (and so
-/// warned of, if there were any).
-async fn report_unknown_migrations(store: &Store) -> bool {
-    let Ok(unknown) = store.migrations_unknown().await else {
-        return false;
-    };
+/// left to the routes that need the database, which say so. After a migration; `serve
+/// --no-migrate` warns from its own reading ([`Store::read_migrations`]).
+async fn report_unknown_migrations(store: &Store) {
+    if let Ok(unknown) = store.migrations_unknown().await {
+        warn_unknown_migrations(&unknown);
+    }
+}
+
+/// Warns of the applied migrations this build does not know, `unknown` (oldest first), if any
+/// ([`report_unknown_migrations`]).
+fn warn_unknown_migrations(unknown: &[i64]) {
     if let Some(newest) = unknown.last() {
         let count = unknown.len();
         let migrations = if count == 1 {
@@ -515,7 +521,6 @@ async fn report_unknown_migrations(store: &Store) -> bool {
              back); otherwise deploy the newer release again, or fix forward"
         );
     }
-    true
 }
 
 /// How often `serve --no-migrate` reads the applied migrations again while the database lacks
@@ -536,37 +541,32 @@ fn report_missing_migrations(store: &Store, missing: usize) {
 
 /// For `serve --no-migrate`: reads the applied migrations every [`SCHEMA_RECHECK`] until the
 /// database has all of this binary's (migrated by another process); the store is ready from
-/// then on. `reported` when start-up has already said that it lacks some; `unknown_reported`
-/// when it has read (and warned of) the applied migrations this build does not know. Aborted at
+/// then on. `read` when start-up has read them (and said that it lacks some, and warned of the
+/// ones this build does not know): else the first reading that succeeds does both. Aborted at
 /// shutdown with the other background tasks.
-fn spawn_schema_watch(
-    store: Store,
-    mut reported: bool,
-    mut unknown_reported: bool,
-) -> tokio::task::JoinHandle<()> {
+fn spawn_schema_watch(store: Store, mut read: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_warned = None::<std::time::Instant>;
         loop {
             tokio::time::sleep(SCHEMA_RECHECK).await;
-            let checked = store.check_migrations().await;
-            // Read again at the next reading when this one fails.
-            if checked.is_ok() && !unknown_reported {
-                unknown_reported = report_unknown_migrations(&store).await;
-            }
-            match checked {
-                Ok(0) if unknown_reported => {
-                    if reported {
-                        tracing::info!("the database has this binary's migrations now; serving it");
+            match store.read_migrations().await {
+                Ok(now) => {
+                    if !read {
+                        warn_unknown_migrations(&now.unknown);
                     }
-                    return;
+                    if now.missing == 0 {
+                        if read {
+                            tracing::info!(
+                                "the database has this binary's migrations now; serving it"
+                            );
+                        }
+                        return;
+                    }
+                    if !read {
+                        report_missing_migrations(&store, now.missing);
+                        read = true;
+                    }
                 }
-                // Until the unknown ones are read.
-                Ok(0) => {}
-                Ok(missing) if !reported => {
-                    report_missing_migrations(&store, missing);
-                    reported = true;
-                }
-                Ok(_) => {}
                 // Warned at most every minute (the reading is tried every 3 s).
                 Err(err) if last_warned.is_none_or(|at| at.elapsed() >= SCHEMA_WARN_EVERY) => {
                     tracing::warn!(

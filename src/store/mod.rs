@@ -313,6 +313,14 @@ impl Store {
     /// database ahead of the binary (a release rolled back after its migrations ran) lacks
     /// none: `migrate` accepts it too. One small query on `_sqlx_migrations`.
     pub async fn check_migrations(&self) -> anyhow::Result<usize> {
+        Ok(self.read_migrations().await?.missing)
+    }
+
+    /// As [`Store::check_migrations`], with the applied migrations this binary does not know
+    /// ([`Store::migrations_unknown`]) from the same reading: `serve --no-migrate` read them
+    /// apart, and a second reading that failed after a first that found none missing was never
+    /// made again, so a newer build's migrations went unwarned.
+    pub async fn read_migrations(&self) -> anyhow::Result<MigrationsRead> {
         let applied = applied_before(with_pool!(self, |pool| sqlx::query_scalar(APPLIED_SQL)
             .fetch_all(pool)
             .await))?;
@@ -325,7 +333,9 @@ impl Store {
             .filter(|migration| !applied.contains(&migration.version))
             .count();
         self.migrations_missing.store(missing, Ordering::Release);
-        Ok(missing)
+        let mut unknown = self.not_shipped(applied);
+        unknown.sort_unstable();
+        Ok(MigrationsRead { missing, unknown })
     }
 
     /// How many migrations this binary ships for the store's engine.
@@ -393,17 +403,23 @@ impl Store {
     /// [`RETIRED_MIGRATIONS`], which an earlier build shipped and a later one retired.
     pub async fn migrations_unknown(&self) -> anyhow::Result<Vec<i64>> {
         let applied = self.applied_migrations().await?;
+        Ok(self.not_shipped(applied))
+    }
+
+    /// Of the `applied` versions, those this binary does not ship, in their order; not one of
+    /// [`RETIRED_MIGRATIONS`].
+    fn not_shipped(&self, applied: Vec<i64>) -> Vec<i64> {
         let migrator = match self.backend {
             Backend::Sqlite(_) => sqlite::migrator(),
             Backend::Postgres(_) => postgres::migrator(),
         };
-        Ok(applied
+        applied
             .into_iter()
             .filter(|version| {
                 !RETIRED_MIGRATIONS.contains(version)
                     && !migrator.iter().any(|shipped| shipped.version == *version)
             })
-            .collect())
+            .collect()
     }
 
     /// The applied migrations whose stored checksum is neither this binary's copy's nor an
@@ -1103,6 +1119,15 @@ fn applied_before(read: Result<Vec<i64>, sqlx::Error>) -> anyhow::Result<Vec<i64
         Err(err) if is_undefined_table(&err) => Ok(Vec::new()),
         Err(err) => Err(err).context("reading applied migrations"),
     }
+}
+
+/// One reading of the applied migrations ([`Store::read_migrations`]).
+#[derive(Debug)]
+pub struct MigrationsRead {
+    /// How many of this binary's migrations the database lacks.
+    pub missing: usize,
+    /// The applied ones this binary does not ship, oldest first ([`Store::migrations_unknown`]).
+    pub unknown: Vec<i64>,
 }
 
 /// What [`applied_before`] reads.

@@ -551,6 +551,72 @@ async fn serve_no_migrate_warns_of_a_newer_build_once_the_database_answers() {
     assert_eq!(warned(&log), 1, "{log}");
 }
 
+/// `serve --no-migrate` whose reading of the applied migrations succeeds at start warns of a
+/// newer build's, even where a second reading of them would fail: it read them twice (how many
+/// of its own are missing, then which it does not know), and a failure of the second after a
+/// first that found none missing left nothing to read them again, so the warning never came.
+/// Here the second reading (in version order, through the table's index) fails for good on a
+/// damaged index page that the first (a scan of the table) never reads; a passing failure (a
+/// dropped connection, a busy file) met the same end. One reading now says both. SQLite only:
+/// PostgreSQL offers no such difference to provoke.
+#[tokio::test]
+async fn serve_no_migrate_warns_of_a_newer_build_from_the_reading_that_found_none_missing() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let port = free_port().to_string();
+    let vars = [("DATABASE_URL", url.as_str()), ("PORT", port.as_str())];
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+         execution_time) VALUES (99990101000000, 'a later release', TRUE, X'00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let index_page: i64 = sqlx::query_scalar(
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'sqlite_autoindex__sqlx_migrations_1'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = usize::try_from((index_page - 1) * page_size).unwrap();
+    bytes[at..at + 12].fill(0xff);
+    std::fs::write(&file, &bytes).unwrap();
+
+    let mut command = edgegate(dir.path(), &vars);
+    command.args(["serve", "--no-migrate"]);
+    let mut server = crate::process::spawn_logged(command, dir.path(), "server.log");
+    let healthy = wait_healthy(port.parse().unwrap()).await;
+    let log = || std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(healthy, "{}", log());
+    // Said before it listens (read at start, not by a watch).
+    signal(&server, "TERM");
+    wait_exit(&mut server).await;
+    let log = log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("this build does not know"))
+        .collect();
+    assert!(
+        warned.len() == 1 && warned[0].contains("99990101000000"),
+        "{log}"
+    );
+}
+
 /// An existing empty SQLite file (a restore that copied nothing, a truncated copy) is no longer
 /// taken for a new database without a word: `serve` and `migrate` (Fly's release command, which
 /// runs first) warn, naming the file, that it is set up as a new database; `check` fails its
