@@ -36,6 +36,8 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
             file.display()
         );
     }
+    // Held until the pool has given a new file its first page (to the end).
+    let mut _setting_up = None;
     // Not for `mode=ro`, which opens an existing file or fails (`create_if_missing` below makes
     // every other mode create it).
     if !url.contains("mode=ro") && !is_in_memory(file) {
@@ -44,6 +46,14 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         }
         if let Some(problem) = files_not_read_writable(file) {
             anyhow::bail!(problem);
+        }
+        // A file not there or with no pages yet is judged, made and given its first page (the
+        // pool's switch to WAL writes it) under the migration lock: another process starting
+        // beside this one may have just made it, and holds the lock until it has its first
+        // page. Judged without it where the lock cannot be opened (the lock's own refusal is a
+        // migration's to name).
+        if !std::fs::metadata(file).is_ok_and(|meta| meta.len() > 0) {
+            _setting_up = set_up_lock(file).await;
         }
         // Before the file is made: one made here is new on purpose. `check` and `keys report`
         // refuse an empty file before they get here (`commands::absent_sqlite_database`).
@@ -107,6 +117,36 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
         }
     }
     pool().await.context("opening the SQLite database")
+}
+
+/// The migration lock of the database `file`, taken (waited for as a migration waits for it),
+/// for setting up a file not there yet or with no pages: `None` where it cannot be opened or
+/// taken, and the file is judged without it.
+async fn set_up_lock(file: &Path) -> Option<std::fs::File> {
+    let path = migration_lock_path(file)?;
+    let (lock, made) = open_migration_lock(Path::new(&path)).ok()?;
+    give_lock_to_database_owner(&lock, made, file);
+    super::wait_for_migration_lock(take_lock(&lock))
+        .await
+        .ok()?;
+    Some(lock)
+}
+
+/// Takes the lock on `file`, trying again every [`MIGRATION_LOCK_POLL`]: polled, not waited
+/// for on a blocking thread, so that a start-up stopped while waiting ends at once, with no
+/// thread left behind holding the process open.
+async fn take_lock(file: &std::fs::File) -> anyhow::Result<()> {
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+            }
+            Err(std::fs::TryLockError::Error(err)) => {
+                return Err(err).context("taking the SQLite migration lock");
+            }
+        }
+    }
 }
 
 /// Whether a connection given back to the pool may be used again: not when sqlx still counts
@@ -722,22 +762,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
                 });
             }
         };
-        // Polled, not waited for on a blocking thread: a start-up stopped while waiting ends at
-        // once, with no thread left behind holding the process open.
-        super::wait_for_migration_lock(async {
-            loop {
-                match file.try_lock() {
-                    Ok(()) => return Ok(()),
-                    Err(std::fs::TryLockError::WouldBlock) => {
-                        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
-                    }
-                    Err(std::fs::TryLockError::Error(err)) => {
-                        return Err(err).context("taking the SQLite migration lock");
-                    }
-                }
-            }
-        })
-        .await?;
+        super::wait_for_migration_lock(take_lock(&file)).await?;
         Some(file)
     } else {
         None

@@ -755,6 +755,46 @@ async fn an_empty_database_file_is_warned_of_and_failed_by_check() {
     );
 }
 
+/// A second process starting on a new database file that another is setting up (made, 0 bytes,
+/// not given its first page yet) waits for that one and does not warn of an empty file: it
+/// warned ("exists but is empty ... set up as a new database") for a file that was not empty a
+/// moment later. The other process is this test, which holds the migration lock, as a process
+/// setting the file up now does, until it has given the file its first page.
+#[tokio::test]
+async fn a_new_file_another_process_is_setting_up_is_not_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    std::fs::write(&file, b"").unwrap();
+    let lock = std::fs::File::create(dir.path().join("edgegate.db.migrate-lock")).unwrap();
+    lock.lock().unwrap();
+    let mut second = edgegate(dir.path(), &vars);
+    second.arg("migrate");
+    let mut second = crate::process::spawn_logged(second, dir.path(), "second.log");
+    let log = || std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    // It says that it waits after 2 s.
+    for _ in 0..150 {
+        if log().contains("the migration lock is held") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(log().contains("the migration lock is held"), "{}", log());
+    // Set up as serve sets it up: its first page, in WAL mode.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    pool.close().await;
+    assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    drop(lock);
+    let status = wait_exit(&mut second).await;
+    let log = log();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("exists but is empty"), "{log}");
+}
+
 /// A SQLite file with a damaged page far from anything start-up reads (here, in the middle of
 /// the audit log) is served; `check` runs SQLite's `PRAGMA quick_check` and fails its database
 /// line naming SQLite's first complaint. It said `ok … answers; N migrations applied`.
