@@ -1308,3 +1308,47 @@ async fn measure_usage_flush_of_2000_keys_and_2000_callers() {
     assert_eq!(stored.len(), 2_000);
     assert!(stored.iter().all(|row| row.verified_count == 6));
 }
+
+/// The pool's connections to PostgreSQL are made with Nagle's algorithm off (`TCP_NODELAY`),
+/// as libpq's are: with it on, a statement's message larger than one write (a multi-row upsert,
+/// a catalogue page's rows) sent its tail only once the server acknowledged the rest, which it
+/// delays by 40 ms (sqlx 0.9.0 stopped setting it, transact-rs/sqlx#4335; 0.9.1 sets it again).
+/// Read from the sockets themselves: each of this process's connections to the test server is
+/// taken (a duplicate, through a pidfd of this process) and asked.
+#[tokio::test]
+async fn connections_to_postgres_are_made_with_nagle_off() {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
+
+    let db = postgres_db!();
+    let store = db.store().await;
+    store.add_usage(&[], &[]).await.unwrap();
+    let url = reqwest::Url::parse(&db.url).unwrap();
+    let server = url.port().unwrap_or(5432);
+    let this = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
+    let mut connections = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // Closed since it was listed (another test's), or not a socket: not one to ask.
+        let Ok(duplicate) = pidfd_getfd(&this, fd, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let stream = std::net::TcpStream::from(duplicate);
+        if let Ok(peer) = stream.peer_addr()
+            && peer.ip().is_loopback()
+            && peer.port() == server
+        {
+            connections.push((fd, stream.nodelay().unwrap()));
+        }
+    }
+    assert!(
+        !connections.is_empty(),
+        "no connection to the test server on port {server} found"
+    );
+    assert!(
+        connections.iter().all(|(_, nodelay)| *nodelay),
+        "connections to PostgreSQL with Nagle's algorithm on (fd, TCP_NODELAY): {connections:?}"
+    );
+    drop(store);
+}
