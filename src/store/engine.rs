@@ -181,12 +181,13 @@ const MAX_BINDS_PER_STATEMENT: usize = 4_000;
 /// thousands is a few dozen statements, each of a size both engines parse and plan at once.
 const MAX_ROWS_PER_STATEMENT: usize = 250;
 
-/// The most bytes of values one statement of [`run_upserts`] sends, about: sqlx 0.9 leaves
-/// Nagle's algorithm on (it no longer sets `TCP_NODELAY`), so a message larger than the
-/// socket takes in one write (16 KiB to start with on Linux) sends its tail only once the
-/// server acknowledges the rest, which it delays by 40 ms: on PostgreSQL, 250 caller rows (34
-/// KiB) to a statement made a 4,000-row flush take 0.8 s instead of 0.1 s.
-const MAX_BYTES_PER_STATEMENT: usize = 8 * 1024;
+/// The most bytes of values one statement of [`run_upserts`] sends, about: a bound on one
+/// message's size whatever the values' lengths (250 caller rows with long client names and
+/// routes are some 40 KiB). It was 8 KiB while sqlx 0.9.0 left Nagle's algorithm on, which
+/// held a larger message's tail for the server's delayed acknowledgement (40 ms a statement);
+/// with `TCP_NODELAY` set again (0.9.1), 8 KiB and no bound measured the same on loopback
+/// (BENCHMARKS.md), and fewer statements are fewer round trips through a distant pooler.
+const MAX_BYTES_PER_STATEMENT: usize = 64 * 1024;
 
 /// Rows written by [`run_upserts`]: `{head} VALUES (…), (…), … {tail}`, as many rows to a
 /// statement as fit its bounds, each row's values bound in the order of `head`'s columns.
@@ -264,9 +265,70 @@ pub(crate) async fn run_upserts<DB: Engine>(
             let width = rows[0].len();
             debug_assert!(rows.iter().all(|row| row.len() == width));
             let sql = upsert.statement::<DB>(rows.len(), width);
-            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), &rows.concat());
+            // Only a full statement's text comes back flush after flush: one of any other
+            // count of rows (a flush's last, one cut short by long values) is not kept
+            // prepared, where it would push out of each connection's cache (100 statements)
+            // those the store runs all the time, and be prepared again itself next time.
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), &rows.concat())
+                .persistent(rows.len() == MAX_ROWS_PER_STATEMENT);
             query.execute(tx.executor()).await?;
         }
     }
     tx.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(rows: Vec<Vec<Arg<'static>>>) -> Upsert<'static> {
+        Upsert {
+            head: "INSERT INTO t (a, b)".into(),
+            tail: "ON CONFLICT (a) DO NOTHING".into(),
+            rows,
+        }
+    }
+
+    fn sizes(upsert: &Upsert<'_>) -> Vec<usize> {
+        upsert.statements().map(<[_]>::len).collect()
+    }
+
+    #[test]
+    fn rows_go_to_statements_up_to_each_bound_in_order() {
+        let row = || vec![Arg::Int(Some(1)), Arg::Text(Some("a"))];
+        let rows = |n: usize| (0..n).map(|_| row()).collect::<Vec<_>>();
+        assert_eq!(sizes(&upsert(rows(0))), Vec::<usize>::new());
+        assert_eq!(sizes(&upsert(rows(1))), [1]);
+        assert_eq!(sizes(&upsert(rows(250))), [250]);
+        assert_eq!(sizes(&upsert(rows(251))), [250, 1]);
+        assert_eq!(sizes(&upsert(rows(501))), [250, 250, 1]);
+        // The values' bound: rows of 20 values, 200 to a statement.
+        let wide = (0..450)
+            .map(|_| vec![Arg::Bool(true); 20])
+            .collect::<Vec<_>>();
+        assert_eq!(sizes(&upsert(wide)), [200, 200, 50]);
+        // The bytes' bound: rows of about 20 KiB, three to a statement; a row larger than the
+        // bound goes alone rather than not at all.
+        let long: &'static str = Box::leak("x".repeat(20 * 1024).into_boxed_str());
+        let huge: &'static str = Box::leak("x".repeat(100 * 1024).into_boxed_str());
+        let mixed = vec![
+            vec![Arg::Text(Some(long))],
+            vec![Arg::Text(Some(long))],
+            vec![Arg::Text(Some(long))],
+            vec![Arg::Text(Some(long))],
+            vec![Arg::Text(Some(huge))],
+            vec![Arg::Text(Some(long))],
+        ];
+        assert_eq!(sizes(&upsert(mixed)), [3, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_statement_has_a_placeholder_for_each_value() {
+        let rows = vec![vec![Arg::Int(Some(1)), Arg::Int(Some(2))]; 3];
+        let sql = upsert(rows).statement::<sqlx::Postgres>(3, 2);
+        assert_eq!(
+            sql,
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6) ON CONFLICT (a) DO NOTHING"
+        );
+    }
 }

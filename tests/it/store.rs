@@ -522,16 +522,18 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
     const HOUR: i64 = 3_600_000;
     const ROUNDS: i64 = 5;
     let hour = 2_000 * HOUR;
-    let keys: Vec<KeyUsage> = (0..50)
-        .map(|i| usage(hour, "signing_key", &format!("kid-{i:02}"), 1, hour + i))
+    // More rows than one statement writes (250), so each batch is several statements, one
+    // transaction holding the rows of the first while the next are written.
+    let keys: Vec<KeyUsage> = (0..600)
+        .map(|i| usage(hour, "signing_key", &format!("kid-{i:03}"), 1, hour + i))
         .collect();
-    let callers: Vec<CallerUsage> = (0..50)
+    let callers: Vec<CallerUsage> = (0..600)
         .map(|i| CallerUsage {
             hour_start_ms: hour,
             source: "legacy_secret".into(),
             kind: "anon_key".into(),
             route: "/functions/v1/jwt-test".into(),
-            client: format!("client-{i:02}"),
+            client: format!("client-{i:03}"),
             verified_count: 1,
             last_verified_at_ms: hour + i,
         })
@@ -571,7 +573,7 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
         }
     }
     let summed = a.key_usage_since(hour).await.unwrap();
-    assert_eq!(summed.len(), 50);
+    assert_eq!(summed.len(), 600);
     assert!(
         summed
             .iter()
@@ -579,7 +581,7 @@ async fn usage_batches_written_at_once_in_opposite_orders_all_succeed() {
         "{summed:?}"
     );
     let rows = a.caller_usage_hours_since(hour).await.unwrap();
-    assert_eq!(rows.len(), 50);
+    assert_eq!(rows.len(), 600);
     assert!(
         rows.iter().all(|row| row.verified_count == 1 + 4 * ROUNDS),
         "{rows:?}"
