@@ -537,9 +537,16 @@ impl JwksFetcher {
                     report.dropped.clone_from(&state.dropped);
                 } else {
                     // Warned of once while the set holds it: a key the last set dropped too
-                    // (same kid, reason and origin) is logged at DEBUG.
+                    // (same kid, reason and origin) is logged at DEBUG. Each of the last set's
+                    // answers for one key only, so keys alike (no kid, the same reason) are told
+                    // apart by how many there are: one more is warned of.
+                    let mut before: Vec<&DroppedKey> = state.dropped.iter().collect();
                     for dropped in &report.dropped {
-                        crate::auth::keys::log_dropped(dropped, !state.dropped.contains(dropped));
+                        let known = before.iter().position(|seen| *seen == dropped);
+                        if let Some(at) = known {
+                            before.swap_remove(at);
+                        }
+                        crate::auth::keys::log_dropped(dropped, known.is_none());
                     }
                     state.dropped.clone_from(&report.dropped);
                 }

@@ -994,4 +994,15 @@ async fn a_fetched_key_dropped_is_warned_of_once_while_it_stays_published() {
     host.update(|r| r.body = publish(&[k1.public_jwk(), oct("hs")]));
     refetch_when_due(fetcher, &clock).await;
     assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "hs2", "hs"]);
+
+    // Keys with no kid, dropped for the same reason, are told apart by how many the set
+    // holds: a second one published beside the first is warned of.
+    let unnamed = json!({"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"});
+    host.update(|r| r.body = publish(&[k1.public_jwk(), oct("hs"), unnamed.clone()]));
+    refetch_when_due(fetcher, &clock).await;
+    host.update(|r| {
+        r.body = publish(&[k1.public_jwk(), oct("hs"), unnamed.clone(), unnamed.clone()]);
+    });
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "hs2", "hs", "", ""]);
 }
