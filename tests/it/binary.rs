@@ -53,72 +53,104 @@ async fn sigint_also_shuts_down_cleanly() {
     serve_then_signal("INT").await;
 }
 
+/// `held.db` in `dir` made and migrated, so that a process started on it waits for the lock
+/// inside its migration (`sqlite::migrate`), not before it makes the file: a process starting
+/// on a file not there yet (or with no pages) takes the lock first to set the file up.
+fn migrated_held_db(dir: &std::path::Path) {
+    let migrated = output(edgegate(dir, &[("DATABASE_URL", "sqlite://held.db")]).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert!(std::fs::metadata(dir.join("held.db")).unwrap().len() > 0);
+}
+
+/// Waits (at most 10 s) for `log` in `dir` to contain `said`; whether it did.
+async fn log_says(dir: &std::path::Path, log: &str, said: &str) -> bool {
+    for _ in 0..100 {
+        if std::fs::read_to_string(dir.join(log))
+            .unwrap_or_default()
+            .contains(said)
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// What the migration wait (inside `sqlite::migrate`) says after 2 s.
+const MIGRATION_WAIT_SAID: &str = "waiting for another process's migrations";
+/// What the wait to set up a new database file says after 2 s.
+const SET_UP_WAIT_SAID: &str = "the migration lock is held";
+
 /// A stop asked for while start-up waits (here for another process's SQLite migration lock)
 /// ends the process at once, cleanly: as PID 1 in a container, a SIGTERM that comes before a
 /// handler is set is dropped by the kernel, and the instance is killed later with no drain.
+/// Both waits: inside the migration, on a database set up already, and before a new file is
+/// made (no `held.db` yet).
 #[tokio::test]
 async fn sigterm_during_start_up_stops_it_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
-    lock.lock().unwrap();
-    let port = free_port().to_string();
-    let vars = [
-        ("DATABASE_URL", "sqlite://held.db"),
-        ("PORT", port.as_str()),
-        ("RUST_LOG", "info"),
-    ];
-    let mut child = spawn_server(dir.path(), "server.log", &vars);
-    // The database file is created before the migrations wait for the lock.
-    for _ in 0..250 {
-        if dir.path().join("held.db").exists() {
-            break;
+    for (set_up, said) in [(true, MIGRATION_WAIT_SAID), (false, SET_UP_WAIT_SAID)] {
+        let dir = tempfile::tempdir().unwrap();
+        if set_up {
+            migrated_held_db(dir.path());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "it did not wait for the lock"
-    );
+        let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+        lock.lock().unwrap();
+        let port = free_port().to_string();
+        let vars = [
+            ("DATABASE_URL", "sqlite://held.db"),
+            ("PORT", port.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        let mut child = spawn_server(dir.path(), "server.log", &vars);
+        let log = || std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+        // Said after 2 s of waiting.
+        assert!(log_says(dir.path(), "server.log", said).await, "{}", log());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "it did not wait for the lock"
+        );
+        assert_eq!(dir.path().join("held.db").exists(), set_up, "{}", log());
 
-    signal(&child, "TERM");
-    let status = wait_exit(&mut child).await;
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}: {log}");
-    assert!(log.contains("stopped before serving"), "{log}");
-    drop(lock);
+        signal(&child, "TERM");
+        let status = wait_exit(&mut child).await;
+        let log = log();
+        assert_eq!(status.code(), Some(0), "{status:?}: {log}");
+        assert!(log.contains("stopped before serving"), "{log}");
+        drop(lock);
+    }
 }
 
 /// `migrate` (Fly's release command) waiting for another process's migration lock stops at a
 /// SIGTERM or SIGINT and says so, exit 1: it set no handler, so as PID 1 in a container (the
 /// image's entrypoint) both signals were ignored, Ctrl-C did nothing and `docker stop` killed it
-/// after its timeout.
+/// after its timeout. Both waits, as for `serve` above.
 #[tokio::test]
 async fn a_signal_stops_migrate_waiting_for_the_lock() {
     use crate::process::spawn_logged;
     for name in ["TERM", "INT"] {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
-        lock.lock().unwrap();
-        let vars = [("DATABASE_URL", "sqlite://held.db")];
-        let mut command = edgegate(dir.path(), &vars);
-        command.arg("migrate");
-        let mut child = spawn_logged(command, dir.path(), "migrate.log");
-        for _ in 0..250 {
-            if dir.path().join("held.db").exists() {
-                break;
+        for (set_up, said) in [(true, MIGRATION_WAIT_SAID), (false, SET_UP_WAIT_SAID)] {
+            let dir = tempfile::tempdir().unwrap();
+            if set_up {
+                migrated_held_db(dir.path());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(child.try_wait().unwrap().is_none(), "it did not wait");
+            let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+            lock.lock().unwrap();
+            let vars = [("DATABASE_URL", "sqlite://held.db")];
+            let mut command = edgegate(dir.path(), &vars);
+            command.arg("migrate");
+            let mut child = spawn_logged(command, dir.path(), "migrate.log");
+            let log = || std::fs::read_to_string(dir.path().join("migrate.log")).unwrap();
+            assert!(log_says(dir.path(), "migrate.log", said).await, "{}", log());
+            assert!(child.try_wait().unwrap().is_none(), "it did not wait");
+            assert_eq!(dir.path().join("held.db").exists(), set_up, "{}", log());
 
-        signal(&child, name);
-        let status = wait_exit(&mut child).await;
-        let log = std::fs::read_to_string(dir.path().join("migrate.log")).unwrap();
-        assert_eq!(status.code(), Some(1), "SIG{name}: {status:?}: {log}");
-        assert!(log.contains("stopped by SIG"), "{log}");
-        drop(lock);
+            signal(&child, name);
+            let status = wait_exit(&mut child).await;
+            let log = log();
+            assert_eq!(status.code(), Some(1), "SIG{name}: {status:?}: {log}");
+            assert!(log.contains("stopped by SIG"), "{log}");
+            drop(lock);
+        }
     }
 }
 
@@ -2023,6 +2055,9 @@ async fn wait_behind_the_migration_lock(db: &TestDb) {
 #[tokio::test]
 async fn serve_says_it_waits_for_another_process_s_sqlite_migrations() {
     let dir = tempfile::tempdir().unwrap();
+    // Set up first: on a file not there yet, the lock is waited for before the file is made
+    // (and that wait is not the migration's).
+    migrated_held_db(dir.path());
     let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
     lock.lock().unwrap();
     says_it_waits_then_serves(dir.path(), "sqlite://held.db", async move { drop(lock) }).await;
