@@ -1076,12 +1076,23 @@ fn refused_by_database(db: &dyn sqlx::error::DatabaseError) -> bool {
 const LOCK_WAIT_SAID_AFTER: Duration = Duration::from_secs(2);
 const LOCK_WAIT_SAID_EVERY: Duration = Duration::from_secs(30);
 
+/// What a process waits for the migration lock to do.
+#[derive(Clone, Copy)]
+enum LockWait {
+    /// Apply the migrations.
+    Migration,
+    /// Set up a new SQLite database file (not there yet or with no pages): any process starting
+    /// on one, `serve --no-migrate` too, which applies nothing.
+    SetUp,
+}
+
 /// Waits for `lock` (the migration lock, which another process may hold), however long, saying
 /// so while it waits: `serve` answers nothing until its migrations are applied, /healthz
 /// included, and an `edgegate migrate` on another Machine can hold the lock for minutes. Both
 /// engines' locks: PostgreSQL's advisory lock, SQLite's file beside the database.
 async fn wait_for_migration_lock(
     lock: impl Future<Output = anyhow::Result<()>>,
+    what: LockWait,
 ) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     tokio::pin!(lock);
@@ -1093,20 +1104,36 @@ async fn wait_for_migration_lock(
                 break;
             }
             Err(_) => {
-                tracing::warn!(
-                    waited_s = started.elapsed().as_secs(),
-                    "waiting for another process's migrations (the migration lock is held); \
-                     nothing that needs the database is served until they are applied"
-                );
+                let waited_s = started.elapsed().as_secs();
+                match what {
+                    LockWait::Migration => tracing::warn!(
+                        waited_s,
+                        "waiting for another process's migrations (the migration lock is held); \
+                         nothing that needs the database is served until they are applied"
+                    ),
+                    LockWait::SetUp => tracing::warn!(
+                        waited_s,
+                        "waiting to set up the new database file: another process holds the \
+                         migration lock (setting the file up or migrating it); nothing that \
+                         needs the database is served until then"
+                    ),
+                }
                 say_at += LOCK_WAIT_SAID_EVERY;
             }
         }
     }
     if started.elapsed() >= LOCK_WAIT_SAID_AFTER {
-        tracing::info!(
-            waited_s = started.elapsed().as_secs(),
-            "the migration lock is taken; applying what is left"
-        );
+        let waited_s = started.elapsed().as_secs();
+        match what {
+            LockWait::Migration => tracing::info!(
+                waited_s,
+                "the migration lock is taken; applying what is left"
+            ),
+            LockWait::SetUp => tracing::info!(
+                waited_s,
+                "the migration lock is taken; setting up the database file"
+            ),
+        }
     }
     Ok(())
 }

@@ -126,7 +126,7 @@ async fn set_up_lock(file: &Path) -> Option<std::fs::File> {
     let path = migration_lock_path(file)?;
     let (lock, made) = open_migration_lock(Path::new(&path)).ok()?;
     give_lock_to_database_owner(&lock, made, file);
-    super::wait_for_migration_lock(take_lock(&lock))
+    super::wait_for_migration_lock(take_lock(&lock), super::LockWait::SetUp)
         .await
         .ok()?;
     Some(lock)
@@ -762,7 +762,7 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
                 });
             }
         };
-        super::wait_for_migration_lock(take_lock(&file)).await?;
+        super::wait_for_migration_lock(take_lock(&file), super::LockWait::Migration).await?;
         Some(file)
     } else {
         None

@@ -78,8 +78,9 @@ async fn log_says(dir: &std::path::Path, log: &str, said: &str) -> bool {
 
 /// What the migration wait (inside `sqlite::migrate`) says after 2 s.
 const MIGRATION_WAIT_SAID: &str = "waiting for another process's migrations";
-/// What the wait to set up a new database file says after 2 s.
-const SET_UP_WAIT_SAID: &str = "the migration lock is held";
+/// What the wait to set up a new database file says after 2 s: not the migration wait's words
+/// (a `--no-migrate` process waits there too, which applies none).
+const SET_UP_WAIT_SAID: &str = "waiting to set up the new database file";
 
 /// A stop asked for while start-up waits (here for another process's SQLite migration lock)
 /// ends the process at once, cleanly: as PID 1 in a container, a SIGTERM that comes before a
@@ -110,6 +111,7 @@ async fn sigterm_during_start_up_stops_it_cleanly() {
             "it did not wait for the lock"
         );
         assert_eq!(dir.path().join("held.db").exists(), set_up, "{}", log());
+        assert_eq!(log().contains(MIGRATION_WAIT_SAID), set_up, "{}", log());
 
         signal(&child, "TERM");
         let status = wait_exit(&mut child).await;
@@ -143,6 +145,7 @@ async fn a_signal_stops_migrate_waiting_for_the_lock() {
             assert!(log_says(dir.path(), "migrate.log", said).await, "{}", log());
             assert!(child.try_wait().unwrap().is_none(), "it did not wait");
             assert_eq!(dir.path().join("held.db").exists(), set_up, "{}", log());
+            assert_eq!(log().contains(MIGRATION_WAIT_SAID), set_up, "{}", log());
 
             signal(&child, name);
             let status = wait_exit(&mut child).await;
