@@ -190,8 +190,7 @@ impl Started {
         let mut background = Vec::new();
         match unreachable {
             None if options.migrate => {
-                store.migrate().await?;
-                report_unknown_migrations(&store).await;
+                warn_unknown_migrations(&store.migrate_reading_unknown().await?);
             }
             // `--no-migrate`: a database behind this binary would fail every query on a table or
             // column it lacks, so it is found now, said loudly, and watched until another
@@ -463,10 +462,10 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
             let pause =
                 backoff::exponential(Duration::from_millis(500), attempt, MIGRATION_RETRY_MAX);
             tokio::time::sleep(backoff::equal_jitter(pause)).await;
-            match store.migrate().await {
-                Ok(()) => {
+            match store.migrate_reading_unknown().await {
+                Ok(unknown) => {
                     tracing::info!("the database answers; migrations applied, serving it");
-                    report_unknown_migrations(&store).await;
+                    warn_unknown_migrations(&unknown);
                     return;
                 }
                 // Still away: expected during an outage. Anything else (a refused password, a
@@ -488,20 +487,13 @@ fn spawn_migration_retry(store: Store) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Warns of the applied migrations this build does not know (a newer release's): served on
-/// purpose, since a rollback must start on the newer schema, but the operator should know it is
-/// one, and that it is safe only while the newer release's migrations were additive. Said once,
-/// at start or, where the database did not answer then, once it does; a reading that fails is
-/// left to the routes that need the database, which say so. After a migration; `serve
-/// --no-migrate` warns from its own reading ([`Store::read_migrations`]).
-async fn report_unknown_migrations(store: &Store) {
-    if let Ok(unknown) = store.migrations_unknown().await {
-        warn_unknown_migrations(&unknown);
-    }
-}
-
 /// Warns of the applied migrations this build does not know, `unknown` (oldest first), if any
-/// ([`report_unknown_migrations`]).
+/// (a newer release's): served on purpose, since a rollback must start on the newer schema, but
+/// the operator should know it is one, and that it is safe only while the newer release's
+/// migrations were additive. Said once, at start or, where the database did not answer then,
+/// once it does: from the versions a migration read under its lock
+/// ([`Store::migrate_reading_unknown`]), or `serve --no-migrate`'s own reading
+/// ([`Store::read_migrations`]).
 fn warn_unknown_migrations(unknown: &[i64]) {
     if let Some(newest) = unknown.last() {
         let count = unknown.len();

@@ -372,6 +372,16 @@ impl Store {
         Ok(before)
     }
 
+    /// As [`Store::migrate`], returning the applied migrations this binary does not ship
+    /// ([`Store::migrations_unknown`]), oldest first, from the versions read under the lock
+    /// before the run: this binary applies only its own, so every one it does not know was
+    /// there. No second reading after the migration, whose failure lost the warning for the run.
+    pub async fn migrate_reading_unknown(&self) -> anyhow::Result<Vec<i64>> {
+        let mut unknown = self.not_shipped(self.migrate_counting().await?);
+        unknown.sort_unstable();
+        Ok(unknown)
+    }
+
     /// The versions the database has applied, oldest first.
     pub async fn applied_migrations(&self) -> anyhow::Result<Vec<i64>> {
         let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version";
