@@ -775,18 +775,23 @@ pub(super) async fn migrate(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
 
 /// Opens the migration lock at `path` for writing, and whether this call made it: never through
 /// a symbolic link (one planted there would have had root's `migrate` open, and give away, the
-/// file it names), and made only where no file was (`O_EXCL`).
+/// file it names), and made only where no file was (`O_EXCL`). Anything but a regular file is
+/// refused: a FIFO with a reader or a device node is opened (not blocking, never as the
+/// controlling terminal) and refused once `fstat` says what it is.
 fn open_migration_lock(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let nofollow = rustix::fs::OFlags::NOFOLLOW.bits().cast_signed();
     let nonblock = rustix::fs::OFlags::NONBLOCK.bits().cast_signed();
+    // A terminal's device planted there is opened before it is refused: never made the
+    // process's controlling terminal (root's `migrate` with none, say, in a container).
+    let noctty = rustix::fs::OFlags::NOCTTY.bits().cast_signed();
     let mut attempts = 0;
     loop {
         attempts += 1;
         let made = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .custom_flags(nofollow)
+            .custom_flags(nofollow | noctty)
             .open(path);
         match made {
             Ok(file) => return Ok((file, true)),
@@ -794,10 +799,10 @@ fn open_migration_lock(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
             Err(err) => return Err(err),
         }
         // Not blocking: a FIFO planted there would hold the open until a reader came. Not a
-        // regular file (a FIFO, a device): refused.
+        // regular file (a FIFO with a reader, a device): opened, then refused, written nothing.
         match std::fs::OpenOptions::new()
             .write(true)
-            .custom_flags(nofollow | nonblock)
+            .custom_flags(nofollow | nonblock | noctty)
             .open(path)
         {
             Ok(file) if file.metadata()?.is_file() => return Ok((file, false)),
@@ -832,9 +837,9 @@ fn not_a_lock_file(path: &Path) -> std::io::Error {
 /// 0644 (0600 under another umask), which stopped every later migration run as the image's user,
 /// and an earlier release's left it so whatever this one does. Nothing for anyone else, who
 /// cannot give a file away, or for a lock its owner already has. A lock that was there is
-/// judged on the descriptor [`open_migration_lock`] opened (never a symbolic link, never
-/// anything but a regular file), and given only when it is root's, empty, and has no other
-/// link: never another user's file, and never a file of root's linked in from elsewhere (a
+/// judged on the descriptor [`open_migration_lock`] opened (never a symbolic link, and
+/// refused when anything but a regular file), and given only when it is root's, empty, and has
+/// no other link: never another user's file, and never a file of root's linked in from elsewhere (a
 /// hard link planted there would have had root give that file away).
 fn give_lock_to_database_owner(lock: &std::fs::File, made: bool, database: &Path) {
     use std::os::unix::fs::MetadataExt as _;
