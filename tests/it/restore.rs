@@ -945,6 +945,8 @@ async fn check_run_as_the_serve_user_judges_for_itself_in_another_users_director
 /// A symbolic link planted as the migration lock by the user that owns the database (uid 10001)
 /// towards a file of root's: root's `migrate` leaves that file root's. It opened the link's
 /// target and gave it to the database file's owner, so any file could be given to uid 10001.
+/// The target is empty with one link, as a lock root left is, so that only the link not being
+/// followed (`O_NOFOLLOW`) keeps it root's.
 #[tokio::test]
 async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     use std::os::unix::fs::MetadataExt as _;
@@ -964,8 +966,11 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     let lock = data.join("edgegate.db.migrate-lock");
     let _ = std::fs::remove_file(&lock);
     let target = dir.path().join("roots-secret");
-    std::fs::write(&target, b"root's").unwrap();
+    // Empty, one link, root's: what root's migrate gives away when it opens it (a lock root
+    // left), so that only the link not being followed keeps it root's.
+    std::fs::write(&target, b"").unwrap();
     let owner = std::fs::metadata(&target).unwrap().uid();
+    assert_eq!(owner, 0);
     for entry in std::fs::read_dir(&data).unwrap() {
         chown(&entry.unwrap().path(), IMAGE_UID);
     }
@@ -973,13 +978,16 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
     std::os::unix::fs::symlink(&target, &lock).unwrap();
     let out = output(edgegate(dir.path(), &vars).arg("migrate"));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let after = std::fs::metadata(&target).unwrap().uid();
+    assert_eq!(
+        after, owner,
+        "root's migrate gave the link's target away: {stderr}"
+    );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("{} is not a regular file", lock.display())),
         "{stderr}"
     );
-    let after = std::fs::metadata(&target).unwrap().uid();
-    assert_eq!(after, owner, "root's migrate gave the link's target away");
 }
 
 /// The migration lock a `migrate` of an earlier release run as root left (root's, mode 0600,
@@ -987,7 +995,8 @@ async fn a_migration_lock_planted_as_a_link_gives_nothing_away() {
 /// console's) gives it to the database file's owner, and `serve` as uid 10001 migrates and
 /// starts. It left such a lock root's (only a lock it made was given), and every later migration
 /// as uid 10001 stopped on it. Not a file with another link (one planted as a hard link to a file
-/// of root's), nor another user's lock: those stay as they were.
+/// of root's), nor another user's lock, nor a file of root's with content (no lock edgegate made
+/// holds any): those stay as they were, and uid 10001's `migrate` names the root-owned one.
 #[tokio::test]
 async fn a_migration_lock_an_older_root_migrate_left_is_given_back() {
     use std::os::unix::fs::MetadataExt as _;
@@ -1033,6 +1042,27 @@ async fn a_migration_lock_an_older_root_migrate_left_is_given_back() {
         1000,
         "uid 1000's lock taken"
     );
+
+    // Root's, one link, with content (not a lock edgegate left, which is empty): left root's,
+    // and the image user's migrate stops on it, naming it and the chown to run.
+    fresh_root_lock();
+    std::fs::write(&lock, b"root's").unwrap();
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert_eq!(
+        std::fs::metadata(&lock).unwrap().uid(),
+        0,
+        "root's file with content given away"
+    );
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("migrate"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is owned by uid 0", lock.display()))
+            && stderr.contains(&format!("chown {IMAGE_UID} ")),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&lock).unwrap(), b"root's");
 
     // Root's own lock, one link: given to the database file's owner, its mode kept.
     fresh_root_lock();
