@@ -1311,46 +1311,58 @@ async fn measure_usage_flush_of_2000_keys_and_2000_callers() {
     assert!(stored.iter().all(|row| row.verified_count == 6));
 }
 
-/// The pool's connections to PostgreSQL are made with Nagle's algorithm off (`TCP_NODELAY`),
-/// as libpq's are: with it on, a statement's message larger than one write (a multi-row upsert,
-/// a catalogue page's rows) sent its tail only once the server acknowledged the rest, which it
+/// Connections to PostgreSQL are made with Nagle's algorithm off (`TCP_NODELAY`), as libpq's
+/// are: with it on, a statement's message larger than one write (a multi-row upsert, a
+/// catalogue page's rows) sent its tail only once the server acknowledged the rest, which it
 /// delays by 40 ms (sqlx 0.9.0 stopped setting it, transact-rs/sqlx#4335; 0.9.1 sets it again).
-/// Read from the sockets themselves: each of this process's connections to the test server is
-/// taken (a duplicate, through a pidfd of this process) and asked.
+/// Read from the socket itself: a connection made as the store's pool makes them (sqlx's own
+/// connect) asks the server which port it has, and this process's socket of that port is taken
+/// (a duplicate, through a pidfd of this process) and asked. Only sockets are duplicated:
+/// closing a duplicate of a file's descriptor would release every POSIX lock this process holds
+/// on it (other tests' SQLite locks).
 #[tokio::test]
 async fn connections_to_postgres_are_made_with_nagle_off() {
+    use rustix::fs::{FileType, fstat};
     use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 
     let db = postgres_db!();
-    let store = db.store().await;
-    store.add_usage(&[], &[]).await.unwrap();
-    let url = reqwest::Url::parse(&db.url).unwrap();
-    let server = url.port().unwrap_or(5432);
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let port: i32 = sqlx::query_scalar("SELECT inet_client_port()")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
     let this = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
-    let mut connections = Vec::new();
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+        let entry = entry.unwrap();
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        // Closed since it was listed (another test's), or not a socket: not one to ask.
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:["));
+        if !is_socket {
+            continue;
+        }
         let Ok(duplicate) = pidfd_getfd(&this, fd, PidfdGetfdFlags::empty()) else {
             continue;
         };
+        // Closed and its number taken by a file since it was read: kept open, never closed.
+        if !fstat(&duplicate).is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode).is_socket()) {
+            std::mem::forget(duplicate);
+            continue;
+        }
         let stream = std::net::TcpStream::from(duplicate);
-        if let Ok(peer) = stream.peer_addr()
-            && peer.ip().is_loopback()
-            && peer.port() == server
+        if stream
+            .local_addr()
+            .is_ok_and(|local| i32::from(local.port()) == port)
         {
-            connections.push((fd, stream.nodelay().unwrap()));
+            found.push(stream.nodelay().unwrap());
         }
     }
-    assert!(
-        !connections.is_empty(),
-        "no connection to the test server on port {server} found"
+    assert_eq!(
+        found,
+        [true],
+        "the connection's socket (port {port}): TCP_NODELAY as found"
     );
-    assert!(
-        connections.iter().all(|(_, nodelay)| *nodelay),
-        "connections to PostgreSQL with Nagle's algorithm on (fd, TCP_NODELAY): {connections:?}"
-    );
-    drop(store);
+    connection.close().await.unwrap();
 }
