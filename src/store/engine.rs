@@ -265,10 +265,13 @@ pub(crate) async fn run_upserts<DB: Engine>(
             let width = rows[0].len();
             debug_assert!(rows.iter().all(|row| row.len() == width));
             let sql = upsert.statement::<DB>(rows.len(), width);
-            // Only a full statement's text comes back flush after flush: one of any other
-            // count of rows (a flush's last, one cut short by long values) is not kept
-            // prepared, where it would push out of each connection's cache (100 statements)
-            // those the store runs all the time, and be prepared again itself next time.
+            // Only a full statement's text surely comes back flush after flush: one of any
+            // other count of rows (a flush's last, one cut short by long values) is not kept
+            // prepared, where each count would take a place in each connection's cache (100
+            // statements) and push out those the store runs all the time. On PostgreSQL it
+            // costs a round trip more than a kept statement found in the cache (parse, then
+            // run), one fewer than a kept one that is new (parse, close the one pushed out,
+            // run); a deployment whose flushes keep the same small count pays the one more.
             let query = bind_all(sqlx::query(AssertSqlSafe(sql)), &rows.concat())
                 .persistent(rows.len() == MAX_ROWS_PER_STATEMENT);
             query.execute(tx.executor()).await?;

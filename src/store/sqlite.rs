@@ -151,8 +151,10 @@ async fn take_lock(file: &std::fs::File) -> anyhow::Result<()> {
 
 /// Whether a connection given back to the pool may be used again: not when sqlx still counts
 /// it inside a transaction. A COMMIT that fails on a full disk or an I/O error ends the
-/// transaction in SQLite (its rollback), while sqlx counts it open, and its ROLLBACK on drop then
-/// fails; used again, the connection would take each later transaction as a savepoint of one
+/// transaction in SQLite (its rollback), while sqlx 0.9.0 counted it open, and its ROLLBACK on
+/// drop then failed (0.9.1 reads SQLite's autocommit state and sets its count back itself,
+/// transact-rs/sqlx#4473; this stays for any other way a connection comes back counted inside
+/// one, a ROLLBACK that fails with the transaction still open); used again, the connection would take each later transaction as a savepoint of one
 /// that is no longer there (the first savepoint rolled back to would open it for good, with the
 /// write lock), and their commits would reach no file. Closed instead (SQLite ends whatever it
 /// still holds), and the pool opens another. A transaction dropped on an error queues its
@@ -1074,9 +1076,11 @@ mod tests {
 
     /// A transaction SQLite ended by itself leaves no connection inside it. A COMMIT that fails
     /// for want of space ("database or disk is full", seen on a full disk) or on an I/O error
-    /// rolls the transaction back in SQLite, while sqlx still counts it open: its ROLLBACK on
-    /// drop then fails ("no transaction is active"), and the connection went back to the pool
-    /// counted inside a transaction. Each later transaction on it was a savepoint instead (of an
+    /// rolls the transaction back in SQLite, while sqlx 0.9.0 still counted it open: its
+    /// ROLLBACK on drop then failed ("no transaction is active"), and the connection went back
+    /// to the pool counted inside a transaction (sqlx 0.9.1 sets its count back itself,
+    /// transact-rs/sqlx#4473, so this test now holds with or without
+    /// `leave_no_transaction_open`: it pins the behaviour, whichever part gives it). Each later transaction on it was a savepoint instead (of an
     /// outer one that the first rollback to a savepoint left open for ever, holding the write
     /// lock), whose commit reached no file: webhooks answered 200 were lost, and `BEGIN
     /// IMMEDIATE` (the SMS reservation, the readiness probe) failed. Here SQLite's own ending of
