@@ -324,25 +324,26 @@ impl Store {
         let applied = applied_before(with_pool!(self, |pool| sqlx::query_scalar(APPLIED_SQL)
             .fetch_all(pool)
             .await))?;
-        let migrator = match self.backend {
-            Backend::Sqlite(_) => sqlite::migrator(),
-            Backend::Postgres(_) => postgres::migrator(),
-        };
-        let missing = migrator
+        let missing = self
+            .migrator()
             .iter()
             .filter(|migration| !applied.contains(&migration.version))
             .count();
         self.migrations_missing.store(missing, Ordering::Release);
-        let mut unknown = self.not_shipped(applied);
-        unknown.sort_unstable();
+        let unknown = self.not_shipped(applied);
         Ok(MigrationsRead { missing, unknown })
     }
 
     /// How many migrations this binary ships for the store's engine.
     pub fn shipped_migration_count(&self) -> usize {
+        self.migrator().iter().count()
+    }
+
+    /// The migrations this binary ships for the store's engine.
+    fn migrator(&self) -> sqlx::migrate::Migrator {
         match self.backend {
-            Backend::Sqlite(_) => sqlite::migrator().iter().count(),
-            Backend::Postgres(_) => postgres::migrator().iter().count(),
+            Backend::Sqlite(_) => sqlite::migrator(),
+            Backend::Postgres(_) => postgres::migrator(),
         }
     }
 
@@ -377,9 +378,7 @@ impl Store {
     /// before the run: this binary applies only its own, so every one it does not know was
     /// there. No second reading after the migration, whose failure lost the warning for the run.
     pub async fn migrate_reading_unknown(&self) -> anyhow::Result<Vec<i64>> {
-        let mut unknown = self.not_shipped(self.migrate_counting().await?);
-        unknown.sort_unstable();
-        Ok(unknown)
+        Ok(self.not_shipped(self.migrate_counting().await?))
     }
 
     /// The versions the database has applied, oldest first.
@@ -416,20 +415,19 @@ impl Store {
         Ok(self.not_shipped(applied))
     }
 
-    /// Of the `applied` versions, those this binary does not ship, in their order; not one of
+    /// Of the `applied` versions, those this binary does not ship, oldest first; not one of
     /// [`RETIRED_MIGRATIONS`].
     fn not_shipped(&self, applied: Vec<i64>) -> Vec<i64> {
-        let migrator = match self.backend {
-            Backend::Sqlite(_) => sqlite::migrator(),
-            Backend::Postgres(_) => postgres::migrator(),
-        };
-        applied
+        let migrator = self.migrator();
+        let mut unknown: Vec<i64> = applied
             .into_iter()
             .filter(|version| {
                 !RETIRED_MIGRATIONS.contains(version)
                     && !migrator.iter().any(|shipped| shipped.version == *version)
             })
-            .collect()
+            .collect();
+        unknown.sort_unstable();
+        unknown
     }
 
     /// The applied migrations whose stored checksum is neither this binary's copy's nor an
