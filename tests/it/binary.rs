@@ -62,6 +62,18 @@ fn migrated_held_db(dir: &std::path::Path) {
     assert!(std::fs::metadata(dir.join("held.db")).unwrap().len() > 0);
 }
 
+/// A new folder with `held.db`'s migration lock held in it (drop the file to free it), the
+/// database made and migrated first when `set_up` ([`migrated_held_db`]), else not there.
+fn held_migration_lock(set_up: bool) -> (tempfile::TempDir, std::fs::File) {
+    let dir = tempfile::tempdir().unwrap();
+    if set_up {
+        migrated_held_db(dir.path());
+    }
+    let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
+    lock.lock().unwrap();
+    (dir, lock)
+}
+
 /// Waits (at most 10 s) for `log` in `dir` to contain `said`; whether it did.
 async fn log_says(dir: &std::path::Path, log: &str, said: &str) -> bool {
     for _ in 0..100 {
@@ -90,12 +102,7 @@ const SET_UP_WAIT_SAID: &str = "waiting to set up the new database file";
 #[tokio::test]
 async fn sigterm_during_start_up_stops_it_cleanly() {
     for (set_up, said) in [(true, MIGRATION_WAIT_SAID), (false, SET_UP_WAIT_SAID)] {
-        let dir = tempfile::tempdir().unwrap();
-        if set_up {
-            migrated_held_db(dir.path());
-        }
-        let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
-        lock.lock().unwrap();
+        let (dir, lock) = held_migration_lock(set_up);
         let port = free_port().to_string();
         let vars = [
             ("DATABASE_URL", "sqlite://held.db"),
@@ -131,12 +138,7 @@ async fn a_signal_stops_migrate_waiting_for_the_lock() {
     use crate::process::spawn_logged;
     for name in ["TERM", "INT"] {
         for (set_up, said) in [(true, MIGRATION_WAIT_SAID), (false, SET_UP_WAIT_SAID)] {
-            let dir = tempfile::tempdir().unwrap();
-            if set_up {
-                migrated_held_db(dir.path());
-            }
-            let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
-            lock.lock().unwrap();
+            let (dir, lock) = held_migration_lock(set_up);
             let vars = [("DATABASE_URL", "sqlite://held.db")];
             let mut command = edgegate(dir.path(), &vars);
             command.arg("migrate");
@@ -2057,12 +2059,9 @@ async fn wait_behind_the_migration_lock(db: &TestDb) {
 /// health check failed had no line to tell why.
 #[tokio::test]
 async fn serve_says_it_waits_for_another_process_s_sqlite_migrations() {
-    let dir = tempfile::tempdir().unwrap();
     // Set up first: on a file not there yet, the lock is waited for before the file is made
     // (and that wait is not the migration's).
-    migrated_held_db(dir.path());
-    let lock = std::fs::File::create(dir.path().join("held.db.migrate-lock")).unwrap();
-    lock.lock().unwrap();
+    let (dir, lock) = held_migration_lock(true);
     says_it_waits_then_serves(dir.path(), "sqlite://held.db", async move { drop(lock) }).await;
 }
 
