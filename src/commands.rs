@@ -105,7 +105,10 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
         let read = async {
             let store = Store::connect(&config.database_url).await?;
             store.ping().await?;
-            let applied = store.applied_migrations().await.unwrap_or_default();
+            // None where the table of migrations is not there yet; any other error reading
+            // them (a grant left out, a damaged file) fails the line with its reason, where it
+            // was shown as "0 migrations applied".
+            let applied = store.applied_migrations().await?;
             let (differing, unknown) = if applied.is_empty() {
                 (Vec::new(), Vec::new())
             } else {

@@ -381,12 +381,14 @@ impl Store {
         Ok(self.not_shipped(self.migrate_counting().await?))
     }
 
-    /// The versions the database has applied, oldest first.
+    /// The versions the database has applied, oldest first: none where the table of migrations
+    /// is not there yet (a database never migrated). Any other error reading them is returned
+    /// (a role not granted SELECT on the table, a damaged file, a connection dropped).
     pub async fn applied_migrations(&self) -> anyhow::Result<Vec<i64>> {
         let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version";
-        let versions = with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await)
-            .context("reading applied migrations")?;
-        Ok(versions)
+        applied_before(with_pool!(self, |pool| sqlx::query_scalar(sql)
+            .fetch_all(pool)
+            .await))
     }
 
     /// SQLite's `PRAGMA quick_check` of the whole file: `None` when it answers `ok`, else its
@@ -1146,8 +1148,8 @@ async fn wait_for_migration_lock(
     Ok(())
 }
 
-/// The versions applied so far, for a migration that holds the lock: none when the table of
-/// migrations is not there yet.
+/// The versions applied so far (for a migration, read once it holds the lock): none when the
+/// table of migrations is not there yet.
 fn applied_before(read: Result<Vec<i64>, sqlx::Error>) -> anyhow::Result<Vec<i64>> {
     match read {
         Ok(applied) => Ok(applied),

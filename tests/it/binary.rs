@@ -960,6 +960,76 @@ async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
     );
 }
 
+/// `check` fails the database line with the reason when the applied migrations cannot be read:
+/// every error reading them was shown as "0 migrations applied" (serve would migrate it), which
+/// only a database never migrated, with no table of migrations, is. Here on PostgreSQL a role
+/// that may not read the table ("permission denied", a grant left out), on SQLite a table of
+/// migrations that is not sqlx's (no `success` column).
+#[tokio::test]
+async fn check_fails_with_the_reason_when_the_applied_migrations_cannot_be_read() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    db.store().await.close().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (out, reason) = if db.is_postgres() {
+        let role = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        // Made for this test and dropped after it: USAGE on the schema, nothing on its tables.
+        for sql in [
+            format!("CREATE ROLE {role} NOLOGIN"),
+            format!(
+                "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', \
+                 current_schema()); END $$"
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut admin)
+                .await
+                .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        }
+        let as_role = db.url.replace(
+            "options=-c%20search_path",
+            &format!("options=-c%20role%3D{role}%20-c%20search_path"),
+        );
+        assert_ne!(as_role, db.url, "the role is not in the URL");
+        let out = output(edgegate(dir.path(), &[("DATABASE_URL", as_role.as_str())]).arg("check"));
+        for sql in [
+            "DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$"
+                .to_owned(),
+            format!("DROP ROLE {role}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut admin)
+                .await
+                .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        }
+        admin.close().await.unwrap();
+        (out, "permission denied for table _sqlx_migrations")
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql(
+            "ALTER TABLE _sqlx_migrations RENAME TO sqlx_migrations_kept; \
+             CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        let out = output(edgegate(dir.path(), &[("DATABASE_URL", db.url.as_str())]).arg("check"));
+        (out, "no such column: success")
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let database = database_line(&stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(database.starts_with("FAIL"), "{database}");
+    assert!(
+        database.contains("reading applied migrations") && database.contains(reason),
+        "{database}"
+    );
+    assert!(!database.contains("0 migrations applied"), "{database}");
+}
+
 /// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
 /// check says serve would, report fails naming it; and check fails a database no migration has
 /// prepared.
