@@ -27,8 +27,8 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     // Read under the migration lock: what another run applied while this one waited for it
     // is not counted as new here.
     let before = store.migrate_counting().await?;
-    let applied = store.applied_migrations().await?;
     store.close().await;
+    let applied = store.applied_once_migrated(&before);
     let new = applied
         .iter()
         .filter(|version| !before.contains(version))

@@ -381,6 +381,23 @@ impl Store {
         Ok(self.not_shipped(self.migrate_counting().await?))
     }
 
+    /// The versions applied once a migration that found `before` applied (read under its lock,
+    /// [`Store::migrate_counting`]) has succeeded, oldest first: those and every one this binary
+    /// ships, which the migration applied (it fails otherwise). Not read from the database
+    /// again: a failure of that reading made `migrate` exit 1 after its migrations were applied.
+    pub fn applied_once_migrated(&self, before: &[i64]) -> Vec<i64> {
+        let mut applied = before.to_vec();
+        applied.extend(
+            self.migrator()
+                .iter()
+                .filter(|migration| !migration.migration_type.is_down_migration())
+                .map(|migration| migration.version),
+        );
+        applied.sort_unstable();
+        applied.dedup();
+        applied
+    }
+
     /// The versions the database has applied, oldest first: none where the table of migrations
     /// is not there yet (a database never migrated). Any other error reading them is returned
     /// (a role not granted SELECT on the table, a damaged file, a connection dropped).
