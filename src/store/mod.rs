@@ -1149,18 +1149,13 @@ async fn wait_for_migration_lock(
             }
         }
     }
-    if started.elapsed() >= LOCK_WAIT_SAID_AFTER {
-        let waited_s = started.elapsed().as_secs();
-        match what {
-            LockWait::Migration => tracing::info!(
-                waited_s,
-                "the migration lock is taken; applying what is left"
-            ),
-            LockWait::SetUp => tracing::info!(
-                waited_s,
-                "the migration lock is taken; setting up the database file"
-            ),
-        }
+    // The set-up wait's caller says what it does once it has the lock: the process that held
+    // it may have set the file up meanwhile (`sqlite::set_up_lock`).
+    if started.elapsed() >= LOCK_WAIT_SAID_AFTER && matches!(what, LockWait::Migration) {
+        tracing::info!(
+            waited_s = started.elapsed().as_secs(),
+            "the migration lock is taken; applying what is left"
+        );
     }
     Ok(())
 }

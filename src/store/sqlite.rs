@@ -121,15 +121,33 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
 
 /// The migration lock of the database `file`, taken (waited for as a migration waits for it),
 /// for setting up a file not there yet or with no pages: `None` where it cannot be opened or
-/// taken, and the file is judged without it.
+/// taken, and the file is judged without it, or where the process that held it set the file up
+/// meanwhile (it has pages now), and there is nothing to set up.
 async fn set_up_lock(file: &Path) -> Option<std::fs::File> {
     let path = migration_lock_path(file)?;
     let (lock, made) = open_migration_lock(Path::new(&path)).ok()?;
     give_lock_to_database_owner(&lock, made, file);
+    let started = std::time::Instant::now();
     super::wait_for_migration_lock(take_lock(&lock), super::LockWait::SetUp)
         .await
         .ok()?;
-    Some(lock)
+    let set_up_meanwhile = std::fs::metadata(file).is_ok_and(|meta| meta.len() > 0);
+    // After the wait was said, what this process does now: it said it waits to set the file up.
+    if started.elapsed() >= super::LOCK_WAIT_SAID_AFTER {
+        let waited_s = started.elapsed().as_secs();
+        if set_up_meanwhile {
+            tracing::info!(
+                waited_s,
+                "the migration lock is taken; the process that held it set the database file up"
+            );
+        } else {
+            tracing::info!(
+                waited_s,
+                "the migration lock is taken; setting up the database file"
+            );
+        }
+    }
+    (!set_up_meanwhile).then_some(lock)
 }
 
 /// Takes the lock on `file`, trying again every [`MIGRATION_LOCK_POLL`]: polled, not waited

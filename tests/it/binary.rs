@@ -159,6 +159,53 @@ async fn a_signal_stops_migrate_waiting_for_the_lock() {
     }
 }
 
+/// A process that waited 2 s or more to set up a new database file says, once it has the lock,
+/// that it sets the file up only when it does: when the process that held the lock set the file
+/// up meanwhile (this test, as serve or migrate would: the file given its first page), it says
+/// that one did. It said "setting up the database file" either way.
+#[tokio::test]
+async fn after_the_set_up_wait_it_says_whether_it_sets_the_file_up() {
+    use crate::process::spawn_logged;
+    for set_up_meanwhile in [true, false] {
+        let (dir, lock) = held_migration_lock(false);
+        let vars = [("DATABASE_URL", "sqlite://held.db"), ("RUST_LOG", "info")];
+        let mut command = edgegate(dir.path(), &vars);
+        command.arg("migrate");
+        let mut child = spawn_logged(command, dir.path(), "migrate.log");
+        let log = || std::fs::read_to_string(dir.path().join("migrate.log")).unwrap();
+        assert!(
+            log_says(dir.path(), "migrate.log", SET_UP_WAIT_SAID).await,
+            "{}",
+            log()
+        );
+        if set_up_meanwhile {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(dir.path().join("held.db"))
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            pool.close().await;
+            assert!(std::fs::metadata(dir.path().join("held.db")).unwrap().len() > 0);
+        }
+        drop(lock);
+        let status = wait_exit(&mut child).await;
+        let log = log();
+        assert!(status.success(), "{log}");
+        assert_eq!(
+            log.contains("the migration lock is taken; setting up the database file"),
+            !set_up_meanwhile,
+            "{log}"
+        );
+        assert_eq!(
+            log.contains(
+                "the migration lock is taken; the process that held it set the database file up"
+            ),
+            set_up_meanwhile,
+            "{log}"
+        );
+    }
+}
+
 /// One request to jwt-test with a user session signed by the legacy `secret`, answered 200: a
 /// use of the legacy secret, counted in memory until the next flush.
 async fn use_legacy_secret(port: u16, secret: &str) {
