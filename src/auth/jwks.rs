@@ -537,7 +537,8 @@ impl JwksFetcher {
                     report.dropped.clone_from(&state.dropped);
                 } else {
                     // Warned of once while the set holds it: a key the last set dropped too
-                    // (same kid, reason and origin) is logged at DEBUG. Each of the last set's
+                    // (same kid, reason, origin and key material) is logged at DEBUG; another
+                    // key under a dropped key's kid is warned of. Each of the last set's
                     // answers for one key only, so keys alike (no kid, the same reason) are told
                     // apart by how many there are: one more is warned of.
                     let mut before: Vec<&DroppedKey> = state.dropped.iter().collect();

@@ -4,7 +4,9 @@
 //! the JWKS fetcher builds a new snapshot and swaps it in, bumping the generation so that
 //! caches keyed on it (the verified-token cache) drop what the old keys vouched for.
 
-use crate::auth::keys::{DroppedKey, KeyOrigin, LegacySecret, VerifyingKey, dropped_key};
+use crate::auth::keys::{
+    DroppedKey, KeyMaterial, KeyOrigin, LegacySecret, VerifyingKey, dropped_key,
+};
 use crate::auth::metrics::OkCounter;
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -177,7 +179,9 @@ impl KeyRing {
                         inline.alg.as_str()
                     )
                 };
-                let mut dropped = dropped_key(Some(key.kid.to_string()), &reason, key.origin);
+                let material = KeyMaterial::of_key(key);
+                let mut dropped =
+                    dropped_key(Some(key.kid.to_string()), &reason, key.origin, material);
                 dropped.same_as_inline = same;
                 overridden.push(dropped);
                 false

@@ -16,9 +16,12 @@
 //!
 //! Every drop is returned as a [`DroppedKey`] and logged with the kid and the reason: an inline
 //! key's at WARN as it is parsed; a fetched key's by the fetcher, at WARN when a fetch first finds
-//! it and at DEBUG at each refetch that finds it still published ([`log_dropped`]).
+//! it and at DEBUG at each refetch that finds it still published ([`log_dropped`]): the same kid,
+//! reason and key material ([`KeyMaterial`]), so another key put under a dropped key's kid is
+//! warned of too.
 
 use crate::auth::metrics::OkCounter;
+use aws_lc_rs::digest;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
     RsaPublicKeyComponents,
@@ -192,6 +195,65 @@ pub struct DroppedKey {
     /// verifies its tokens, so it is not a key lost.
     #[serde(skip)]
     pub same_as_inline: bool,
+    /// Which key it was, to tell a key republished under the same kid from the one dropped
+    /// before (never shown).
+    #[serde(skip)]
+    pub material: KeyMaterial,
+}
+
+/// A SHA-256 of a dropped key's material, to tell two keys with one kid apart: of the JWK's key
+/// members as published, or of an accepted key's algorithm and canonical public key. Kept in
+/// memory only, and never shown (Debug included): an inline `oct` key's `k` is a secret.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyMaterial([u8; 32]);
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyMaterial([redacted])")
+    }
+}
+
+impl KeyMaterial {
+    /// The members that say which key a JWK is (RFC 7638's: `kty` and the public key, or `k`
+    /// for an `oct` key), in that order, each as its name and JSON text whatever its type, so a
+    /// key that has one wrong is still told apart; `kid`, `alg`, `use` and the rest are not the
+    /// key. A JWK that is no object is taken whole.
+    const JWK_MEMBERS: [&'static str; 7] = ["crv", "e", "k", "kty", "n", "x", "y"];
+
+    /// Of a JWK as published.
+    pub(crate) fn of_jwk(jwk: &Value) -> Self {
+        let mut hash = digest::Context::new(&digest::SHA256);
+        match jwk.as_object() {
+            Some(members) => {
+                for name in Self::JWK_MEMBERS {
+                    if let Some(value) = members.get(name) {
+                        // JSON text holds no NUL byte: each part ends where its NUL is.
+                        hash.update(name.as_bytes());
+                        hash.update(b"\0");
+                        hash.update(value.to_string().as_bytes());
+                        hash.update(b"\0");
+                    }
+                }
+            }
+            None => hash.update(jwk.to_string().as_bytes()),
+        }
+        Self::from_digest(&hash.finish())
+    }
+
+    /// Of a key that was parsed and accepted (then overridden): its algorithm and public key.
+    pub(crate) fn of_key(key: &VerifyingKey) -> Self {
+        let mut hash = digest::Context::new(&digest::SHA256);
+        hash.update(key.alg.as_str().as_bytes());
+        hash.update(b"\0");
+        hash.update(&key.fingerprint);
+        Self::from_digest(&hash.finish())
+    }
+
+    fn from_digest(digest: &digest::Digest) -> Self {
+        let mut bytes = [0; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        Self(bytes)
+    }
 }
 
 /// A JWKS document that cannot be used at all.
@@ -291,7 +353,7 @@ fn parse_keys<'a>(
             // RFC 7517 §4: a JWK with a member name twice is rejected; §5: the rest of the set
             // is still used. The name is shown as a kid is, escaped and shortened.
             let reason = format!("duplicate member `{}`", short_kid(name));
-            drop_key(&mut out, kid, &reason, origin);
+            drop_key(&mut out, jwk, kid, &reason, origin);
             continue;
         }
         match parse_one(jwk, origin) {
@@ -299,6 +361,7 @@ fn parse_keys<'a>(
                 if out.keys.iter().any(|k| k.kid == key.kid) {
                     drop_key(
                         &mut out,
+                        jwk,
                         kid,
                         "duplicate kid (the first key with it is kept)",
                         origin,
@@ -308,7 +371,7 @@ fn parse_keys<'a>(
                 }
             }
             Ok(Parsed::Legacy(secret)) => out.legacy.push(secret),
-            Err(reason) => drop_key(&mut out, kid, &reason, origin),
+            Err(reason) => drop_key(&mut out, jwk, kid, &reason, origin),
         }
     }
     out
@@ -316,8 +379,14 @@ fn parse_keys<'a>(
 
 /// Drops a key; an inline key's drop is warned of here, once at start. A fetched key's is logged
 /// by the fetcher, which knows whether the set held it before.
-fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: KeyOrigin) {
-    let dropped = dropped_key(kid, reason, origin);
+fn drop_key(
+    out: &mut ParsedKeys,
+    jwk: &Value,
+    kid: Option<String>,
+    reason: &str,
+    origin: KeyOrigin,
+) {
+    let dropped = dropped_key(kid, reason, origin, KeyMaterial::of_jwk(jwk));
     if origin == KeyOrigin::Inline {
         log_dropped(&dropped, true);
     }
@@ -326,7 +395,8 @@ fn drop_key(out: &mut ParsedKeys, kid: Option<String>, reason: &str, origin: Key
 
 /// Logs a key not taken with its kid (as text, and no field when it has none), the reason and
 /// the origin: at WARN, or at DEBUG when `warn` is false (a refetched set that still holds a key
-/// warned of before: the same WARN at every refetch would say nothing new).
+/// warned of before, the same key material under the same kid: the same WARN at every refetch
+/// would say nothing new). The key material is never logged.
 pub(crate) fn log_dropped(key: &DroppedKey, warn: bool) {
     let (kid, reason, origin) = (key.kid.as_deref(), key.reason.as_str(), key.origin.as_str());
     if warn {
@@ -337,12 +407,18 @@ pub(crate) fn log_dropped(key: &DroppedKey, warn: bool) {
 }
 
 /// A key that is not taken, with its kid and the reason; logged by the caller ([`log_dropped`]).
-pub(crate) fn dropped_key(kid: Option<String>, reason: &str, origin: KeyOrigin) -> DroppedKey {
+pub(crate) fn dropped_key(
+    kid: Option<String>,
+    reason: &str,
+    origin: KeyOrigin,
+    material: KeyMaterial,
+) -> DroppedKey {
     DroppedKey {
         kid,
         reason: reason.to_owned(),
         origin,
         same_as_inline: false,
+        material,
     }
 }
 

@@ -184,6 +184,7 @@ mod tests {
             reason: "use is not sig".to_owned(),
             origin: KeyOrigin::Jwks,
             same_as_inline: false,
+            material: Default::default(),
         };
         assert_eq!(
             describe(

@@ -1006,3 +1006,50 @@ async fn a_fetched_key_dropped_is_warned_of_once_while_it_stays_published() {
     refetch_when_due(fetcher, &clock).await;
     assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "hs2", "hs", "", ""]);
 }
+
+/// A dropped key republished under the same kid with other key material, dropped for the same
+/// reason, is a new bad key and is warned of again: kid, reason and origin alike named the first
+/// one, so it was logged at DEBUG and the operator never saw it. The same material with other
+/// members beside it is the same key (DEBUG), and no line carries an `oct` key's `k`.
+#[tokio::test]
+async fn a_key_republished_under_its_kid_with_other_material_is_warned_of_again() {
+    let lines = crate::telemetry::LogLines::default();
+    let _default = tracing::subscriber::set_default(lines.tracing_subscribers_json());
+    let k1 = TestKey::es256("k1");
+    let (first_k, second_k) = (b64(&[0x5a; 32]), b64(&[0xa5; 32]));
+    let oct = |k: &str| json!({"kty": "oct", "k": k, "kid": "hs"});
+    // The same kid, dropped for the same reason (`use` is not `sig`), each time another EC key.
+    let enc = |key: &TestKey| {
+        let mut jwk = key.public_jwk();
+        jwk["kid"] = json!("ec");
+        jwk["use"] = json!("enc");
+        jwk
+    };
+    let (ec1, ec2) = (TestKey::es256("ec"), TestKey::es256("ec"));
+    let publish = |keys: &[Value]| json!({ "keys": keys }).to_string();
+    let host = JwksHost::start(&[k1.public_jwk(), oct(&first_k), enc(&ec1)]).await;
+    let clock = Clock::manual();
+    let auth = auth_for(&host, &clock, false);
+    let fetcher = auth.fetcher().expect("fetcher");
+
+    fetcher.refresh_now().await.expect("the host answers");
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "ec"]);
+
+    host.update(|r| r.body = publish(&[k1.public_jwk(), oct(&second_k), enc(&ec2)]));
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "ec", "hs", "ec"]);
+    assert_eq!(dropped_logged(&lines, "DEBUG"), Vec::<String>::new());
+
+    let mut described = enc(&ec2);
+    described["x5t"] = json!("not key material");
+    host.update(|r| r.body = publish(&[k1.public_jwk(), oct(&second_k), described]));
+    refetch_when_due(fetcher, &clock).await;
+    assert_eq!(dropped_logged(&lines, "WARN"), ["hs", "ec", "hs", "ec"]);
+    assert_eq!(dropped_logged(&lines, "DEBUG"), ["hs", "ec"]);
+
+    let text = lines.text();
+    assert!(
+        !text.contains(&first_k) && !text.contains(&second_k),
+        "an oct key's k is logged: {text}"
+    );
+}
