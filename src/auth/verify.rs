@@ -457,28 +457,35 @@ fn optional_string<'a>(value: Option<&Shallow<'a>>) -> Result<Option<Cow<'a, str
     }
 }
 
-/// A NumericDate must be a JSON number (a string is not accepted); fractions are floored.
-fn numeric_date(value: Option<&Shallow<'_>>) -> Result<Option<i64>, Failure> {
+/// A NumericDate must be a JSON number (a string is not accepted). It may have a fraction (RFC
+/// 7519 §2), which `round` takes to whole seconds: down for `exp`, up for `nbf` and `iat`, so a
+/// token is never taken as valid sooner or longer than it says (floored, `nbf` n + 0.5 passed
+/// at n, before it was valid).
+fn numeric_date(
+    value: Option<&Shallow<'_>>,
+    round: fn(f64) -> f64,
+) -> Result<Option<i64>, Failure> {
     match value {
         None => Ok(None),
         Some(Shallow::Int(i)) => Ok(Some(*i)),
-        // Bounded above, so the cast cannot saturate in a surprising way.
-        Some(Shallow::Float(f)) if f.is_finite() && f.abs() < 1e15 => Ok(Some(f.floor() as i64)),
+        // Bounded, so the cast of the rounded value is exact (never saturated).
+        Some(Shallow::Float(f)) if f.is_finite() && f.abs() < 1e15 => Ok(Some(round(*f) as i64)),
         Some(_) => Err(Failure::MalformedClaims),
     }
 }
 
 /// Checks time, issuer and audience claims; returns `exp` and the time before which the token
-/// is not valid: `nbf` or `iat`, whichever is later (the same leeway applies to both).
+/// is not valid: `nbf` or `iat`, whichever is later (the same leeway applies to both), each in
+/// whole seconds rounded as [`numeric_date`] does, so a cache hit re-checks the same times.
 fn check_claims(
     claims: &ClaimSet<'_>,
     settings: &VerifySettings,
     now: i64,
 ) -> Result<(i64, Option<i64>), Failure> {
     let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
-    let exp = numeric_date(claims.exp.as_ref())?.ok_or(Failure::MissingExp)?;
-    let nbf = numeric_date(claims.nbf.as_ref())?;
-    let iat = numeric_date(claims.iat.as_ref())?;
+    let exp = numeric_date(claims.exp.as_ref(), f64::floor)?.ok_or(Failure::MissingExp)?;
+    let nbf = numeric_date(claims.nbf.as_ref(), f64::ceil)?;
+    let iat = numeric_date(claims.iat.as_ref(), f64::ceil)?;
     check_times(exp, nbf, now, leeway)?;
     if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
         return Err(Failure::IssuedInFuture);

@@ -634,6 +634,83 @@ async fn a_cached_tokens_signature_under_another_header_or_payload_is_refused() 
     );
 }
 
+/// A NumericDate may be fractional (RFC 7519 §2). Flooring every one made `nbf` (and `iat`, a
+/// token's start as well) of n + 0.5 read as n, so with no leeway the token passed at n, up to a
+/// second before it is valid. `nbf` and `iat` are rounded up and `exp` down: no fraction makes a
+/// token valid sooner or longer than it says, afresh or from the cache (which keeps the rounded
+/// start). Values out of range stay malformed claims.
+#[test]
+fn a_fractional_time_never_makes_a_token_valid_sooner_or_longer() {
+    let f = fixture();
+    let n = f.now;
+    let exact = crate::auth::verify::VerifySettings {
+        leeway: std::time::Duration::ZERO,
+        ..settings()
+    };
+    let token = |patch: Value| {
+        let mut c = claims(n - 100);
+        for (k, v) in patch.as_object().cloned().unwrap_or_default() {
+            c[k] = v;
+        }
+        f.es.token(&c)
+    };
+    let at = |token: &str, now| verify(&f.ring, &exact, token, now);
+    let half = |t: i64| t as f64 + 0.5;
+
+    let not_before = token(json!({"nbf": half(n)}));
+    assert_eq!(
+        at(&not_before, n),
+        Err(AuthError::Asymmetric(Failure::NotYetValid)),
+        "nbf n + 0.5 at n"
+    );
+    let issued = token(json!({"iat": half(n)}));
+    assert_eq!(
+        at(&issued, n),
+        Err(AuthError::Asymmetric(Failure::IssuedInFuture)),
+        "iat n + 0.5 at n"
+    );
+    let cache = crate::auth::cache::TokenCache::new(100);
+    for token in [&not_before, &issued] {
+        let verified = at(token, n + 1).expect("valid from n + 1");
+        assert_eq!(verified.nbf, Some(n + 1));
+        let key = cache.key(token).expect("a key");
+        cache.insert(&key, 1, &verified, n + 1);
+        assert!(cache.get(&key, 1, n + 1, 0).is_some());
+        assert!(
+            cache.get(&key, 1, n, 0).is_none(),
+            "served from the cache at n"
+        );
+    }
+    let ending = token(json!({"exp": half(n)}));
+    assert!(at(&ending, n - 1).is_ok());
+    assert_eq!(
+        at(&ending, n),
+        Err(AuthError::Asymmetric(Failure::Expired)),
+        "exp n + 0.5 at n"
+    );
+    // Negative and whole fractions round as numbers do; values out of range are refused.
+    assert!(at(&token(json!({"nbf": -0.5, "iat": -1.5})), n).is_ok());
+    assert_eq!(
+        at(&token(json!({"nbf": half(n) - 1.0})), n).map(|v| v.nbf),
+        Ok(Some(n))
+    );
+    for name in ["exp", "nbf", "iat"] {
+        for value in [
+            json!(1e15),
+            json!(-1e15),
+            json!(1e300),
+            json!(-1e300),
+            json!(u64::MAX),
+        ] {
+            assert_eq!(
+                at(&token(json!({ name: value })), n),
+                Err(AuthError::Asymmetric(Failure::MalformedClaims)),
+                "{name}: {value}"
+            );
+        }
+    }
+}
+
 /// A cached token is served only while a fresh check would pass: `iat` as well as `exp` and
 /// `nbf`. A token issued "in the future" by a clock that was ahead (accepted then, within the
 /// leeway of that clock) was still answered from the cache after the clock was set back, while

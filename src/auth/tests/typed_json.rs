@@ -61,6 +61,8 @@ fn optional_string(claims: &Map<String, Value>, name: &str) -> Result<Option<Str
     }
 }
 
+/// Fractions are rounded down for `exp` and up for `nbf` and `iat` (the reference floored all
+/// three once: a token was valid up to a second before its `nbf`).
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Failure> {
     match claims.get(name) {
         None => Ok(None),
@@ -68,7 +70,8 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, 
             if let Some(i) = n.as_i64() {
                 Ok(Some(i))
             } else if let Some(f) = n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15) {
-                Ok(Some(f.floor() as i64))
+                let whole = if name == "exp" { f.floor() } else { f.ceil() };
+                Ok(Some(whole as i64))
             } else {
                 Err(Failure::MalformedClaims)
             }
@@ -134,6 +137,7 @@ const VALUES: &[&str] = &[
     "1700000100",
     "1699999000",
     "1700000029.5",
+    "1700000030.5",
     "1700001000",
     "-5",
     "0",
