@@ -163,8 +163,7 @@ fn record_beside(parts: &Parts, state: &AppState, presented: &Presented<'_>, now
         }
     };
     if let Some(verified) = verified {
-        state.usage.record(&verified, now_ms);
-        record_caller(parts, state, &verified, now_ms);
+        record_usage(parts, state, &verified, now_ms);
         state.auth.count_verified(&verified);
     }
 }
@@ -233,24 +232,41 @@ fn record_credential(source: &str, kid: Option<&str>) {
     });
 }
 
-/// Counts who presented a legacy or API-key credential, under the route pattern (never the raw
-/// path, which the caller chooses), at `now_ms`: the time its key was counted at, so both land
+/// Counts the verification's key and, for a legacy or API-key credential, who presented it, under
+/// the route pattern (never the raw path, which the caller chooses), at `now_ms`: the time its key was counted at, so both land
 /// in one hour (read twice, an hour's turn between the reads put the key in one hour and its
 /// caller in the next, listed as legacy use with no caller recorded).
-fn record_caller(parts: &Parts, state: &AppState, verified: &Verified, now_ms: i64) {
-    if let Some(kind) = CallerKind::of(verified) {
-        record_caller_as(parts, state, kind, now_ms);
+/// The key's count and the caller's are written together, so a flush takes both or neither
+/// ([`crate::auth::usage::UsageTracker::record_with_caller`]). A signing key's verification
+/// counts its key alone.
+fn record_usage(parts: &Parts, state: &AppState, verified: &Verified, now_ms: i64) {
+    match CallerKind::of(verified) {
+        Some(kind) => {
+            let client = client_name(&parts.headers);
+            let route = route_of(parts);
+            state
+                .usage
+                .record_with_caller(verified, kind, route, &client, now_ms);
+        }
+        None => state.usage.record(verified, now_ms),
     }
 }
 
 /// Counts the request's caller as `kind`, under the route pattern, at `now_ms`.
 fn record_caller_as(parts: &Parts, state: &AppState, kind: CallerKind<'_>, now_ms: i64) {
-    let route = parts
+    let client = client_name(&parts.headers);
+    state
+        .usage
+        .callers
+        .record(kind, route_of(parts), &client, now_ms);
+}
+
+/// The request's route pattern, never its raw path (which the caller chooses).
+fn route_of(parts: &Parts) -> &str {
+    parts
         .extensions
         .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
-    let client = client_name(&parts.headers);
-    state.usage.callers.record(kind, route, &client, now_ms);
+        .map_or("unmatched", MatchedPath::as_str)
 }
 
 impl FromRequestParts<AppState> for User {
@@ -270,8 +286,7 @@ impl FromRequestParts<AppState> for User {
             Ok(verified) => {
                 // One reading for the key's count, its caller and the key beside.
                 let now_ms = state.clock.now_ms();
-                state.usage.record(&verified, now_ms);
-                record_caller(parts, state, &verified, now_ms);
+                record_usage(parts, state, &verified, now_ms);
                 let kid = credential_name(&verified);
                 // Names of the credential for the request's log lines, never the credential.
                 record_credential(

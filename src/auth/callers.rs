@@ -474,7 +474,7 @@ pub struct Footprint {
 
 /// What a tracker holds until the database has it.
 #[derive(Debug, Default)]
-struct Held {
+pub(crate) struct Held {
     hours: Map<i64, HourTable>,
     /// The rows a flush is writing: still this instance's to report until the write commits or
     /// fails (then they are back in `hours`).
@@ -548,6 +548,12 @@ impl CallerTracker {
 
     /// Counts one verification of `kind` on `route` (a route pattern, never a raw path) by `client`.
     pub fn record(&self, kind: CallerKind<'_>, route: &str, client: &str, at_ms: i64) {
+        self.count_kind(kind);
+        Self::record_in(&mut self.held(), kind, route, client, at_ms);
+    }
+
+    /// Counts a legacy verification in `edgegate_legacy_verifications_total` by its kind.
+    pub(crate) fn count_kind(&self, kind: CallerKind<'_>) {
         if let CallerKind::Legacy(legacy) = kind {
             self.legacy_series[legacy.index()]
                 .get_or_init(|| {
@@ -558,12 +564,35 @@ impl CallerTracker {
                 })
                 .inc();
         }
+    }
+
+    /// The counts, locked: by a request counting its key's verification (then its caller), and
+    /// by a flush taking the key counts (then the callers), each while it holds the key counts'
+    /// lock ([`crate::auth::usage::UsageTracker::record_with_caller`]), so never the other way
+    /// round.
+    pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`CallerTracker::held`], or `None` where it would wait.
+    #[cfg(test)]
+    pub(crate) fn try_held(&self) -> Option<std::sync::MutexGuard<'_, Held>> {
+        self.held.try_lock().ok()
+    }
+
+    /// Counts one verification of `kind` on `route` by `client` in `held`.
+    pub(crate) fn record_in(
+        held: &mut Held,
+        kind: CallerKind<'_>,
+        route: &str,
+        client: &str,
+        at_ms: i64,
+    ) {
         let place = PlaceRef {
             source: kind.source(),
             kind: kind.name(),
             route,
         };
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.hours
             .entry(hour_of(at_ms))
             .or_default()
@@ -579,7 +608,11 @@ impl CallerTracker {
     /// Settles every hour and takes its rows, kept as the batch in flight; only the newest hour's
     /// named clients are kept, since naming starts over each hour.
     pub(crate) fn take(&self) -> Vec<CallerUsage> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        Self::take_from(&mut self.held())
+    }
+
+    /// [`CallerTracker::take`] from counts already locked.
+    pub(crate) fn take_from(held: &mut Held) -> Vec<CallerUsage> {
         let newest = held.hours.keys().copied().max();
         let rows: Vec<CallerUsage> = held
             .hours

@@ -13,10 +13,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::callers::CallerTracker;
+use crate::auth::callers::{CallerKind, CallerTracker};
 use crate::auth::{KeySource, Verified};
 use crate::clock::Clock;
-use crate::store::{HourlyTable, KeyUsage, Store};
+use crate::store::{CallerUsage, HourlyTable, KeyUsage, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -76,6 +76,9 @@ pub struct UsageTracker {
     flush_failures: Counter,
     /// Who the legacy and API-key verifications came from, flushed with these counts.
     pub callers: CallerTracker,
+    /// Run by [`UsageTracker::record_with_caller`] between the key's count and its caller's.
+    #[cfg(test)]
+    between_writes: std::sync::OnceLock<fn(&UsageTracker)>,
 }
 
 impl Default for UsageTracker {
@@ -115,6 +118,8 @@ impl UsageTracker {
             dropped: Counter::default(),
             flush_failures: Counter::default(),
             callers: CallerTracker::default(),
+            #[cfg(test)]
+            between_writes: std::sync::OnceLock::new(),
         }
     }
 
@@ -138,20 +143,39 @@ impl UsageTracker {
         self.dropped.get()
     }
 
+    /// Counts a verification whose caller is not counted (a signing key's).
     pub fn record(&self, verified: &Verified, at_ms: i64) {
-        let bucket = Bucket {
-            hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
-            source: verified.source,
-            kid: usage_kid(verified),
-            alg: verified.alg,
-        };
-        let count = Count {
-            verified: 1,
-            first_ms: at_ms,
-            last_ms: at_ms,
-        };
+        let (bucket, count) = one_verification(verified, at_ms);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         self.add(&mut held, bucket, count);
+    }
+
+    /// Counts a legacy or API-key verification and its caller (`kind`, on the route pattern
+    /// `route`, by `client`), so that a flush takes both or neither: the callers' lock is taken
+    /// before the key counts' is let go, and a flush holds both, taken in the same order
+    /// ([`UsageTracker::take_batch`]). Each taken and let go on its own, a flush that took the
+    /// counts between the two writes took the key into its batch and left the caller to the
+    /// next, a legacy count under "no caller recorded" for up to a minute. The same two locks
+    /// as before, each held no longer but for the other's taking.
+    pub fn record_with_caller(
+        &self,
+        verified: &Verified,
+        kind: CallerKind<'_>,
+        route: &str,
+        client: &str,
+        at_ms: i64,
+    ) {
+        self.callers.count_kind(kind);
+        let (bucket, count) = one_verification(verified, at_ms);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        self.add(&mut held, bucket, count);
+        let mut callers = self.callers.held();
+        drop(held);
+        #[cfg(test)]
+        if let Some(between) = self.between_writes.get() {
+            between(self);
+        }
+        CallerTracker::record_in(&mut callers, kind, route, client, at_ms);
     }
 
     /// Adds `count` to its bucket, or drops and counts it when a new bucket would not fit.
@@ -178,10 +202,30 @@ impl UsageTracker {
         }
     }
 
-    /// Moves the pending counts into the batch being flushed; returns them as rows, and the
-    /// earliest verification among them.
-    fn take(&self) -> (Vec<KeyUsage>, Option<i64>) {
+    /// Moves the pending key counts and callers into the batch being flushed, with both locks
+    /// held, taken in the order a request takes them ([`UsageTracker::record_with_caller`]):
+    /// a verification's key and its caller are in the same batch. Returns the key counts as
+    /// rows, the earliest verification among them, and the callers.
+    fn take_batch(&self) -> (Vec<KeyUsage>, Option<i64>, Vec<CallerUsage>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut callers = self.callers.held();
+        let (rows, first) = Self::take_keys(&mut held);
+        (rows, first, CallerTracker::take_from(&mut callers))
+    }
+
+    /// What a flush beginning now would take ([`UsageTracker::take_batch`]), or `None` where it
+    /// would wait for a lock.
+    #[cfg(test)]
+    fn try_take_batch(&self) -> Option<(Vec<KeyUsage>, Vec<CallerUsage>)> {
+        let mut held = self.held.try_lock().ok()?;
+        let mut callers = self.callers.try_held()?;
+        let (rows, _) = Self::take_keys(&mut held);
+        Some((rows, CallerTracker::take_from(&mut callers)))
+    }
+
+    /// Moves the pending key counts into the batch being flushed; returns them as rows, and the
+    /// earliest verification among them.
+    fn take_keys(held: &mut Held) -> (Vec<KeyUsage>, Option<i64>) {
         // `flushing` is empty here unless a flush was cut off mid-write. Whether that batch
         // reached the database is not known, so it is not written again: it is replaced, lost
         // as a cut-off flush's counts always were.
@@ -234,16 +278,11 @@ impl UsageTracker {
     /// counts whose callers are still on their way (it would list them as having no caller
     /// recorded, and an operator dismiss a live client), not even when the callers' write fails
     /// or a stop's deadline cuts the flush off. On failure both are kept for the next flush.
-    ///
-    /// One case is left: a request counts its key, then its caller, each under its own lock, so
-    /// one that counts its key before the keys are taken below and its caller after the callers
-    /// are has its key in this batch and its caller in the next (listed with no caller recorded
-    /// until then, up to a minute). Keys are taken first, right before the callers: taken the
-    /// other way round, a request counting its key between the two takes would be split too.
+    /// A verification's key and its caller are taken in one step ([`UsageTracker::take_batch`]),
+    /// so they are in the same batch too.
     async fn flush_counts(&self, store: &Store) -> anyhow::Result<()> {
         let _callers_turn = self.callers.turn().await;
-        let (rows, first) = self.take();
-        let callers = self.callers.take();
+        let (rows, first, callers) = self.take_batch();
         if rows.is_empty() && callers.is_empty() {
             return Ok(());
         }
@@ -367,6 +406,22 @@ impl DroppedUsage {
             (a, b) => a.or(b),
         }
     }
+}
+
+/// One verification of `verified`'s key at `at_ms`: its bucket and its count.
+fn one_verification(verified: &Verified, at_ms: i64) -> (Bucket, Count) {
+    let bucket = Bucket {
+        hour_start_ms: at_ms - at_ms.rem_euclid(HOUR_MS),
+        source: verified.source,
+        kid: usage_kid(verified),
+        alg: verified.alg,
+    };
+    let count = Count {
+        verified: 1,
+        first_ms: at_ms,
+        last_ms: at_ms,
+    };
+    (bucket, count)
 }
 
 /// One bucket's count as the store keeps it.
@@ -1036,6 +1091,43 @@ mod tests {
              not show; wait until 1970-01-05 04:00 UTC"
         );
         assert!(judge(now - HOUR_MS - 1).legacy_revocation_safe);
+    }
+
+    /// A legacy or API-key verification counts its key, then its caller. A flush that began
+    /// between the two took the key into its batch and left the caller to the next, so the
+    /// database held a legacy count under "no caller recorded" until then (up to a minute). A
+    /// flush beginning there now waits, and takes both in one batch.
+    #[test]
+    fn a_flush_between_a_keys_count_and_its_callers_takes_both_or_neither() {
+        static BATCHES: Mutex<Vec<(i64, i64)>> = Mutex::new(Vec::new());
+        fn flush_now(tracker: &UsageTracker) {
+            if let Some(batch) = tracker.try_take_batch() {
+                BATCHES.lock().unwrap().push(counts(&batch));
+            }
+        }
+        fn counts((keys, callers): &(Vec<KeyUsage>, Vec<CallerUsage>)) -> (i64, i64) {
+            let keys = keys.iter().map(|row| row.verified_count).sum();
+            let callers = callers.iter().map(|row| row.verified_count).sum();
+            (keys, callers)
+        }
+        let tracker = UsageTracker::default();
+        tracker.between_writes.set(flush_now).expect("set once");
+        let legacy = Verified {
+            source: KeySource::LegacySecret,
+            kid: None,
+            alg: "HS256",
+            role: Some("anon".into()),
+            ..signing_key("")
+        };
+        let kind = CallerKind::of(&legacy).expect("a legacy caller");
+        tracker.record_with_caller(&legacy, kind, "/rest/v1/{table}", "supabase-js", HOUR_MS);
+        let after = tracker.try_take_batch().expect("no lock is held now");
+        BATCHES.lock().unwrap().push(counts(&after));
+        assert_eq!(
+            *BATCHES.lock().unwrap(),
+            [(1, 1)],
+            "verifications of the key and of its caller in each batch"
+        );
     }
 
     #[test]
