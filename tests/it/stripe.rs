@@ -249,6 +249,119 @@ async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
     assert_eq!(count(&db, &back).await, 1);
 }
 
+/// An event applied while a sync lists (its same-second tie settled by a fetch from Stripe, or
+/// its write waiting on the write lock) is written with the time it was received, which can be
+/// before the sync started, over the row the sync's page wrote: the row then looked unseen by
+/// the complete listing and was deactivated, live in Stripe, until its next event or sync. The
+/// event's state is newer than the listing's start, so the row is left as the event wrote it.
+#[tokio::test]
+async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
+    use edgegate::store::{
+        EventReceipt, LedgerEvent, PriceRow, ProductRow, SameSecond, StripeEffect,
+    };
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 9).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let store = &app.state.store;
+    let started = now_ms();
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // The page stamp (`sync::page_as_of`) of the listing's start.
+    let listing_as_of = (started.div_euclid(1000) - 1) * 1000 - 1;
+    let (product, price) = (product_id(1), fake_stripe::price_id(4));
+    let page_as_of =
+        |table: &str, id: &str| format!("SELECT last_event_created FROM {table} WHERE id = '{id}'");
+    // Each event is of the second after the one its page counts as of (so newer than the
+    // listing's start), received 100 ms before the sync started and written after its page.
+    let received_at = started - 100;
+    let product_as_of = scalar!(db, i64, page_as_of("stripe_products", &product)) + 1;
+    let price_as_of = scalar!(db, i64, page_as_of("stripe_prices", &price)) + 1;
+    assert!(product_as_of > listing_as_of && price_as_of > listing_as_of);
+    let ledger = |id: &str, event_type: &str, created_ms: i64| LedgerEvent {
+        id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        created_ms,
+        livemode: false,
+        received_at,
+    };
+    let product_row = ProductRow {
+        id: product.clone(),
+        active: true,
+        name: "Renamed".to_owned(),
+        description: None,
+        default_price_id: Some(fake_stripe::price_id(3)),
+        images: None,
+        marketing_features: None,
+        unit_label: None,
+        url: None,
+        metadata: "{}".to_owned(),
+        livemode: false,
+        stripe_created: 1_234_567_890_000,
+        stripe_updated: Some(product_as_of),
+        as_of: product_as_of,
+        deactivated_at: None,
+    };
+    let price_row = PriceRow {
+        id: price.clone(),
+        product_id: product.clone(),
+        active: true,
+        currency: "usd".to_owned(),
+        unit_amount: Some(404),
+        unit_amount_decimal: Some("404".to_owned()),
+        billing_scheme: Some("per_unit".to_owned()),
+        tiers_mode: None,
+        tiers: None,
+        transform_quantity: None,
+        custom_unit_amount: None,
+        currency_options: None,
+        tax_behavior: None,
+        price_type: "one_time".to_owned(),
+        recurring_interval: None,
+        recurring_interval_count: None,
+        recurring_usage_type: None,
+        recurring_meter: None,
+        recurring_trial_period_days: None,
+        lookup_key: None,
+        nickname: None,
+        metadata: "{}".to_owned(),
+        livemode: false,
+        stripe_created: 1_234_567_890_000,
+        as_of: price_as_of,
+        deactivated_at: None,
+    };
+    for (event, effect) in [
+        (
+            ledger("evt_late_product", "product.updated", product_as_of),
+            StripeEffect::Product(product_row),
+        ),
+        (
+            ledger("evt_late_price", "price.updated", price_as_of),
+            StripeEffect::Price(price_row),
+        ),
+    ] {
+        let receipt = store.apply_stripe_event(&event, &effect, SameSecond::Overwrite);
+        assert_eq!(receipt.await.unwrap(), EventReceipt::Applied);
+    }
+    let stamped_before = format!(
+        "SELECT (SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' AND synced_at < {started}) \
+         + (SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND synced_at < {started})"
+    );
+    assert_eq!(count(&db, &stamped_before).await, 2);
+
+    let deactivated = store.deactivate_unseen(started, started, now_ms(), listing_as_of);
+    assert_eq!(deactivated.await.unwrap(), (0, 0));
+    let live = format!(
+        "SELECT (SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' AND active = TRUE \
+         AND deactivated_at IS NULL AND name = 'Renamed') \
+         + (SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND active = TRUE \
+         AND deactivated_at IS NULL AND unit_amount = 404)"
+    );
+    assert_eq!(count(&db, &live).await, 2);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
+    assert_eq!(count(&db, PRICES_DEACTIVATED).await, 0);
+}
+
 /// Stripe lists only active prices unless asked for inactive ones; an archived price is still
 /// one that subscriptions use, and must be synced, never marked deleted.
 #[tokio::test]

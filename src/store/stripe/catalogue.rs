@@ -493,7 +493,12 @@ impl Store {
     /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted),
     /// as of `as_of` (ms, in the unit of webhook events' `created`): its `last_event_created`
     /// is raised to it, so an older event delivered late (Stripe retries for days) does not
-    /// bring back what the listing found gone. Returns (products, prices) deactivated.
+    /// bring back what the listing found gone. A row holding an event's state newer than
+    /// `as_of` is left: the object was there after the listing began (an event applied while it
+    /// ran can be written with the earlier time it was received, its write having waited on a
+    /// fetch from Stripe or on the write lock, so its stamp says nothing of the listing), and
+    /// a deletion since then comes as an event of its own. Returns (products, prices)
+    /// deactivated.
     pub async fn deactivate_unseen(
         &self,
         products_since: i64,
@@ -502,13 +507,13 @@ impl Store {
         as_of: i64,
     ) -> anyhow::Result<(u64, u64)> {
         let products = "UPDATE stripe_products SET active = FALSE, deactivated_at = $1, \
-                        last_event_created = CASE WHEN last_event_created IS NULL \
-                        OR last_event_created < $3 THEN $3 ELSE last_event_created END \
-                        WHERE deactivated_at IS NULL AND synced_at < $2";
+                        last_event_created = $3 \
+                        WHERE deactivated_at IS NULL AND synced_at < $2 \
+                        AND (last_event_created IS NULL OR last_event_created <= $3)";
         let prices = "UPDATE stripe_prices SET active = FALSE, deactivated_at = $1, \
-                      last_event_created = CASE WHEN last_event_created IS NULL \
-                      OR last_event_created < $3 THEN $3 ELSE last_event_created END \
-                      WHERE deactivated_at IS NULL AND synced_at < $2";
+                      last_event_created = $3 \
+                      WHERE deactivated_at IS NULL AND synced_at < $2 \
+                      AND (last_event_created IS NULL OR last_event_created <= $3)";
         let counts: Result<(u64, u64), sqlx::Error> = with_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let products = sqlx::query(products)
