@@ -340,17 +340,21 @@ struct Progress {
     answered: bool,
 }
 
-/// Why applying a listed event failed, when the reason is the event's own: Stripe refused the
-/// fetch of its object (a 4xx it did not ask to retry, other than the key's 401 or 403), or the
-/// database refused its values (a value out of what a column takes; U+0000, which PostgreSQL
-/// stores nowhere in text, never gets this far: `objects::without_nul`). Stopping there would
-/// stop every later run there too, short of every older event; skipped, it is left for a later
-/// run, which may apply it once the cause is fixed. `None` for anything else, which would fail
-/// every event after it too and ends the run: an outage (the database away, Stripe not
-/// answering after retries), or a key Stripe refuses (a restricted key without a permission
-/// would otherwise have every event of that kind skipped, run after run, each run answered 200).
+/// Why applying a listed event failed, when the reason is the event's own: its object could
+/// not be read (a later build may read it), Stripe refused the fetch of its object (a 4xx it
+/// did not ask to retry, other than the key's 401 or 403), or the database refused its values
+/// (a value out of what a column takes; U+0000, which PostgreSQL stores nowhere in text, never
+/// gets this far: `objects::without_nul`). Stopping there would stop every later run there too,
+/// short of every older event; skipped, it is left for a later run, which may apply it once the
+/// cause is fixed: the window holds back to it until then, for at most the 30 days Stripe lists
+/// an event, so no event keeps every run from covering for longer. `None` for anything else,
+/// which would fail every event after it too and ends the run: an outage (the database away,
+/// Stripe not answering after retries), or a key Stripe refuses (a restricted key without a
+/// permission would otherwise have every event of that kind skipped, run after run, each run
+/// answered 200).
 fn own_failure(err: &WebhookError) -> Option<String> {
     match err {
+        WebhookError::Unreadable(reason) => Some(reason.clone()),
         WebhookError::Upstream { error, .. }
             if !matches!(
                 error,
@@ -474,11 +478,6 @@ async fn walk_pages(
                 Ok(Outcome::Applied) => counts.applied += 1,
                 Ok(Outcome::Ignored | Outcome::Foreign(_)) => counts.ignored += 1,
                 Ok(Outcome::Duplicate) => counts.already_applied += 1,
-                // Signed by Stripe's own API yet unreadable: skipping it is all a rerun could do.
-                Err(WebhookError::Unreadable(reason)) => {
-                    tracing::warn!(event = event.id, reason, "listed event skipped");
-                    counts.ignored += 1;
-                }
                 Err(err) => {
                     let Some(reason) = own_failure(&err) else {
                         return Err(match err {

@@ -1037,6 +1037,54 @@ async fn a_listed_event_whose_object_stripe_refuses_is_skipped_and_listed_again_
     assert!(body["since"].as_i64().unwrap() >= t - 3600, "{body}");
 }
 
+/// An event whose object cannot be read (here `active` a string) is skipped as one refused for a
+/// reason of its own is: the run goes on to the older events, and does not count as covering its
+/// window, so the next run lists it again (a later build may read it; Stripe lists it for 30
+/// days). Skipped as merely ignored, the run covered its window and the event was never listed
+/// again by a default run.
+#[tokio::test]
+async fn a_listed_event_whose_object_cannot_be_read_is_listed_again_by_the_next_run() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 0, 0).await;
+    let app = full_app(&db, &fake).await;
+    let t = now();
+    covered_up_to(&app, &db, t - 3 * 3600).await;
+    fake.add_events(history(&fixtures, 10, t - 9000, 600));
+    let mut unreadable: Value = serde_json::from_str(&product_event(
+        &fixtures,
+        "evt_Unreadable",
+        "product.updated",
+        t - 5000,
+        50,
+        "Unread",
+    ))
+    .unwrap();
+    unreadable["data"]["object"]["active"] = json!("yes");
+    fake.add_events([unreadable]);
+    let skipped = "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_Unreadable'";
+    let covering = "SELECT COUNT(*) FROM reconcile_runs WHERE outcome = 'ok' AND continuous";
+    let covered_before = count(&db, covering).await;
+
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (10, 9, 0, 1), "{body}");
+    assert_eq!(count(&db, skipped).await, 0);
+    // The events listed after it (older) were applied.
+    for n in [0, 6] {
+        assert_eq!(product_name(&db, n).await, format!("Name {n}"));
+    }
+    assert_eq!(count(&db, covering).await, covered_before);
+
+    // The next run lists the same window again, and skips it again.
+    let (status, body) = reconcile(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["since"], json!(t - 4 * 3600), "{body}");
+    assert_eq!(events(&body), (10, 0, 9, 1), "{body}");
+    assert_eq!(count(&db, covering).await, covered_before);
+}
+
 /// PostgreSQL stores no U+0000 in text (SQLite does): an event carrying one is stored with
 /// U+FFFD in its place on both engines, applied like any other, and the run covers its window
 /// (it was skipped on PostgreSQL alone, run after run, and no run covered anything).
