@@ -1530,6 +1530,61 @@ async fn webhook_billing_events_leave_what_access_needs() {
     assert_eq!(count(&db, other).await, 1);
 }
 
+/// `invoice.payment_failed` delivered after the `invoice.paid` that followed it (Stripe does not
+/// deliver in order; reconciliation lists newest first) still records when the payment failed:
+/// the newer row refuses the older event's state, yet not the time only that event carries. It
+/// wrote nothing, and `payment_failed_at` stayed null for good.
+#[tokio::test]
+async fn an_invoice_payment_failure_delivered_after_its_payment_is_kept() {
+    stripe_sdk!();
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let t = now();
+    let mut invoice = resource(&fixtures, "invoice");
+    invoice["id"] = json!("in_R1");
+    invoice["customer"] = json!("cus_R1");
+    invoice["status"] = json!("paid");
+    let mut open = invoice.clone();
+    open["status"] = json!("open");
+    let deliveries = [
+        event(&fixtures, "evt_R_paid", "invoice.paid", t - 47, invoice),
+        event(
+            &fixtures,
+            "evt_R_failed",
+            "invoice.payment_failed",
+            t - 48,
+            open,
+        ),
+    ];
+    for body in &deliveries {
+        let (status, answer) = deliver_signed(&app.server, body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["duplicate"], false);
+    }
+    let failed = "SELECT payment_failed_at FROM stripe_invoices WHERE id = 'in_R1'";
+    assert_eq!(scalar!(db, Option<i64>, failed), Some((t - 48) * 1000));
+    // The rest is the newer event's.
+    let kept = "SELECT COUNT(*) FROM stripe_invoices WHERE id = 'in_R1' AND status = 'paid' \
+                AND paid_at IS NOT NULL AND last_event_created = ";
+    assert_eq!(count(&db, &format!("{kept}{}", (t - 47) * 1000)).await, 1);
+
+    // An older failure still, delivered last, leaves the latest one.
+    let mut open = resource(&fixtures, "invoice");
+    open["id"] = json!("in_R1");
+    open["status"] = json!("open");
+    let earliest = event(
+        &fixtures,
+        "evt_R_failed_0",
+        "invoice.payment_failed",
+        t - 49,
+        open,
+    );
+    assert_eq!(deliver_signed(&app.server, &earliest).await.0, 200);
+    assert_eq!(scalar!(db, Option<i64>, failed), Some((t - 48) * 1000));
+    assert_eq!(count(&db, &format!("{kept}{}", (t - 47) * 1000)).await, 1);
+}
+
 #[tokio::test]
 async fn webhook_failing_to_apply_answers_500_and_leaves_no_ledger_row() {
     stripe_sdk!();

@@ -175,6 +175,17 @@ const INVOICE_UPSERT: &str = "INSERT INTO stripe_invoices (id, customer_id, subs
     WHERE stripe_invoices.last_event_created IS NULL \
     OR stripe_invoices.last_event_created <= excluded.last_event_created";
 
+/// What an invoice event older than its row still brings: the time its payment was made or
+/// failed, which only that event carries. `paid_at` is kept when set (one payment per invoice);
+/// `payment_failed_at` is the latest failure. Only where the row is strictly newer: a row of the
+/// same second takes the event whole (or, with `strict`, is settled by asking Stripe).
+const INVOICE_MERGE: &str = "UPDATE stripe_invoices SET \
+    paid_at = COALESCE(stripe_invoices.paid_at, $2), \
+    payment_failed_at = CASE WHEN stripe_invoices.payment_failed_at IS NULL \
+    OR stripe_invoices.payment_failed_at < $3 THEN $3 \
+    ELSE stripe_invoices.payment_failed_at END \
+    WHERE id = $1 AND stripe_invoices.last_event_created > $4";
+
 /// The main row an effect wrote: its table, id and `as_of`, and how many rows the upsert wrote
 /// (0 when the stored state was newer, or as new under `strict`).
 type Written<'e> = (&'static str, &'e str, i64, u64);
@@ -284,12 +295,19 @@ async fn apply_effect<'e, DB: Engine>(
                 .bind_value(row.as_of)
                 .bind_value(now);
             let done = query.execute(tx.executor()).await?;
-            (
-                "stripe_invoices",
-                row.id.as_str(),
-                row.as_of,
-                DB::rows_affected(&done),
-            )
+            let written = DB::rows_affected(&done);
+            if written == 0 && (row.paid_at.is_some() || row.payment_failed_at.is_some()) {
+                // Refused as older: its payment's time is still news. Not counted as written, so
+                // a refusal still reads as one.
+                sqlx::query::<DB>(INVOICE_MERGE)
+                    .bind_value(&row.id)
+                    .bind_value(row.paid_at)
+                    .bind_value(row.payment_failed_at)
+                    .bind_value(row.as_of)
+                    .execute(tx.executor())
+                    .await?;
+            }
+            ("stripe_invoices", row.id.as_str(), row.as_of, written)
         }
     };
     Ok(Some(written))
