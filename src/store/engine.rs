@@ -153,7 +153,7 @@ impl From<bool> for Arg<'_> {
     }
 }
 
-fn bind_all<'q, DB: Engine>(query: Query<'q, DB>, args: &[Arg<'_>]) -> Query<'q, DB> {
+pub(super) fn bind_all<'q, DB: Engine>(query: Query<'q, DB>, args: &[Arg<'_>]) -> Query<'q, DB> {
     args.iter().fold(query, |query, arg| match *arg {
         Arg::Text(Some(text)) => query.bind_value(text),
         Arg::Text(None) => query.bind_value(None::<String>),

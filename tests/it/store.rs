@@ -57,6 +57,7 @@ fn shipped_migrations_are_never_edited() {
         (20261212000001, "d3dac0495c375688"),
         (20261213000001, "97830cd4e8d01678"),
         (20261213000002, "559d783d176f1d46"),
+        (20261214000001, "95edda77bd7e5d52"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -76,6 +77,7 @@ fn shipped_migrations_are_never_edited() {
         (20261212000001, "e494bd29a1149793"),
         (20261213000001, "3138c9d53bbd04fe"),
         (20261213000002, "405426023760c410"),
+        (20261214000001, "4f95e859a4338a73"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -1177,6 +1179,8 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         "ALTER TABLE stripe_prices DROP COLUMN written_rev, DROP COLUMN written_synced_at",
         "ALTER TABLE usage_evidence DROP COLUMN complete_since",
         "DROP TABLE usage_writers",
+        // 20261214000001's indexes (reconcile_runs_coverage went with covered_until).
+        "DROP INDEX IF EXISTS reconcile_runs_running, sync_runs_running, reconcile_runs_coverage",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }

@@ -517,6 +517,31 @@ type SyncRunRow = (
     Option<String>,
 );
 
+/// [`Store::mark_interrupted_runs`] of `job`: reads the runs still `running` alone, from the
+/// partial index `reconcile_runs_running` or `sync_runs_running`, not every run ever kept.
+fn mark_interrupted_sql(job: Job) -> String {
+    format!(
+        "UPDATE {} SET outcome = 'interrupted', finished_at = $1, error = $2 \
+         WHERE outcome = 'running' RETURNING id, started_at",
+        job.runs_table()
+    )
+}
+
+/// [`Store::disown_coverage_after`]: both of its conditions put a run's coverage
+/// (`COALESCE(covered_until, started_at)`) after the earlier of `$1` and `$3`, which `$4` is, so
+/// the statement reads the runs covering past it from the partial index `reconcile_runs_coverage`
+/// (none, unless a clock ran ahead), not every run ever kept.
+const DISOWN: &str = "UPDATE reconcile_runs SET continuous = $2 \
+                      WHERE outcome = 'ok' AND continuous \
+                      AND COALESCE(covered_until, started_at) > $4 \
+                      AND ((covered_until IS NULL AND started_at > $1) OR covered_until > $3) \
+                      RETURNING id, COALESCE(covered_until, started_at)";
+
+/// [`Store::reconcile_coverage`]: the newest entry of the partial index
+/// `reconcile_runs_coverage`, not a scan of every run ever kept.
+const COVERAGE: &str = "SELECT MAX(COALESCE(covered_until, started_at)) FROM reconcile_runs \
+                        WHERE outcome = 'ok' AND continuous";
+
 impl Store {
     /// Runs `body` holding `job`'s lock, then releases it: `Err` (and `body` not run) with
     /// what is known of the holder while that job runs elsewhere. A failed release is logged;
@@ -644,11 +669,7 @@ impl Store {
     /// (killed, or its run cut by a stop). Each is logged once, as a WARN: it is then no longer
     /// `running`. Returns their ids.
     pub async fn mark_interrupted_runs(&self, job: Job, now: i64) -> anyhow::Result<Vec<String>> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET outcome = 'interrupted', finished_at = $1, error = $2 \
-             WHERE outcome = 'running' RETURNING id, started_at",
-            job.runs_table()
-        ));
+        let sql = sqlx::AssertSqlSafe(mark_interrupted_sql(job));
         let marked: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
             .bind(now)
             .bind(INTERRUPTED)
@@ -829,14 +850,11 @@ impl Store {
         stamped_after: i64,
         covered_after: i64,
     ) -> anyhow::Result<Vec<(String, i64)>> {
-        let sql = "UPDATE reconcile_runs SET continuous = $2 \
-                   WHERE outcome = 'ok' AND continuous \
-                   AND ((covered_until IS NULL AND started_at > $1) OR covered_until > $3) \
-                   RETURNING id, COALESCE(covered_until, started_at)";
-        let disowned: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(sql)
+        let disowned: Vec<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(DISOWN)
             .bind(stamped_after)
             .bind(false)
             .bind(covered_after)
+            .bind(stamped_after.min(covered_after))
             .fetch_all(pool)
             .await)
         .context("reading earlier reconcile runs")?;
@@ -848,11 +866,119 @@ impl Store {
     /// it, and it left no listed event for a later run), which applied every event listed up to
     /// then: its `covered_until`, or for a run without it (an earlier build's) its start.
     pub async fn reconcile_coverage(&self) -> anyhow::Result<Option<i64>> {
-        let sql = "SELECT MAX(COALESCE(covered_until, started_at)) FROM reconcile_runs \
-                   WHERE outcome = 'ok' AND continuous";
-        let covered: Option<i64> =
-            with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
-                .context("reading earlier reconcile runs")?;
+        let covered: Option<i64> = with_pool!(self, |pool| sqlx::query_scalar(COVERAGE)
+            .fetch_one(pool)
+            .await)
+        .context("reading earlier reconcile runs")?;
         Ok(covered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    use crate::store::engine::{Arg, bind_all};
+
+    /// The statements every reconciliation and catalogue sync starts with, each with arguments
+    /// of its types and the index it must read: with none, each read every run ever kept (the
+    /// tables only grow), 1-9 ms a run at 10,000-20,000 rows, and more as they grow.
+    fn run_scans() -> Vec<(String, Vec<Arg<'static>>, &'static str)> {
+        let marking = |job: Job, index| {
+            let args = vec![Arg::from(0_i64), Arg::from(INTERRUPTED)];
+            (mark_interrupted_sql(job), args, index)
+        };
+        let disowning = [1_i64.into(), false.into(), 2_i64.into(), 1_i64.into()];
+        vec![
+            marking(Job::Reconcile, "reconcile_runs_running"),
+            marking(Job::CatalogueSync, "sync_runs_running"),
+            (
+                DISOWN.to_owned(),
+                disowning.to_vec(),
+                "reconcile_runs_coverage",
+            ),
+            (COVERAGE.to_owned(), Vec::new(), "reconcile_runs_coverage"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn the_runs_scans_read_their_index_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("edgegate.db").display());
+        let pool = crate::store::sqlite::connect(&url).await.unwrap();
+        crate::store::sqlite::migrate(&pool).await.unwrap();
+        let mut missed = Vec::new();
+        for (sql, args, index) in run_scans() {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let query = bind_all(sqlx::query(sqlx::AssertSqlSafe(explain)), &args);
+            let rows = query.fetch_all(&pool).await.unwrap();
+            // Each row of the plan: id, parent, unused, detail.
+            let plan = rows
+                .iter()
+                .map(|row| sqlx::Row::get::<String, _>(row, 3))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !plan.contains(&format!("INDEX {index}")) {
+                missed.push(format!("{sql}: {plan}"));
+            }
+        }
+        pool.close().await;
+        assert!(missed.is_empty(), "plans without their index: {missed:#?}");
+    }
+
+    /// On PostgreSQL, with sequential scans priced out (the test's tables are empty, where a
+    /// scan is cheapest): a plan that can read the index does, one that cannot still scans.
+    #[tokio::test]
+    async fn the_runs_scans_read_their_index_on_postgres() {
+        let Some(base) = std::env::var("TEST_POSTGRES_URL")
+            .ok()
+            .filter(|url| !url.is_empty())
+        else {
+            // Past the harness's capture, which hides a passing test's `eprintln!`.
+            let skip = "SKIPPED: PostgreSQL only (TEST_POSTGRES_URL)";
+            let _ = writeln!(std::io::stderr().lock(), "{skip}");
+            return;
+        };
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let create = format!("CREATE DATABASE {name}");
+        sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let mut url = url::Url::parse(&base).unwrap();
+        url.set_path(&name);
+        let pool = crate::store::postgres::connect(url.as_str()).await.unwrap();
+        crate::store::postgres::migrate(&pool).await.unwrap();
+        let mut missed = Vec::new();
+        for (sql, args, index) in run_scans() {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SET LOCAL enable_seqscan = off")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let explain = format!("EXPLAIN {sql}");
+            let query = bind_all(sqlx::query(sqlx::AssertSqlSafe(explain)), &args);
+            let rows = query.fetch_all(&mut *tx).await.unwrap();
+            let plan = rows
+                .iter()
+                .map(|row| sqlx::Row::get::<String, _>(row, 0))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tx.rollback().await.unwrap();
+            // `Index Scan using`, `Bitmap Index Scan on`: named either way.
+            if !plan.contains(index) {
+                missed.push(format!("{sql}: {plan}"));
+            }
+        }
+        pool.close().await;
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        assert!(missed.is_empty(), "plans without their index: {missed:#?}");
     }
 }
