@@ -225,3 +225,176 @@ async fn a_migrations_postgres_error_is_described_without_the_servers_source_lin
     assert!(!said.contains(" at line "), "{said}");
     conn.close().await.unwrap();
 }
+
+/// A product row as a `product.created` of `as_of` writes it.
+fn created_product(id: &str, as_of: i64) -> edgegate::store::ProductRow {
+    edgegate::store::ProductRow {
+        id: id.to_owned(),
+        active: true,
+        name: "Created".to_owned(),
+        description: None,
+        default_price_id: None,
+        images: None,
+        marketing_features: None,
+        unit_label: None,
+        url: None,
+        metadata: "{}".to_owned(),
+        livemode: false,
+        stripe_created: as_of,
+        stripe_updated: None,
+        as_of,
+        deactivated_at: None,
+    }
+}
+
+/// A `product.deleted` of `as_of` whose object is Stripe's stub, as `effect_of` makes it.
+fn stub_deletion(id: &str, as_of: i64, now: i64) -> edgegate::store::StripeEffect {
+    use edgegate::store::{CatalogueObject, Deletion, StripeEffect, Tombstone};
+    let mut tombstone = created_product(id, as_of);
+    tombstone.active = false;
+    tombstone.name = String::new();
+    tombstone.stripe_created = 0;
+    tombstone.deactivated_at = Some(now);
+    StripeEffect::Deletion(Deletion {
+        object: CatalogueObject::Product,
+        id: id.to_owned(),
+        as_of,
+        deactivated_at: now,
+        tombstone: Tombstone::Product(Box::new(tombstone)),
+    })
+}
+
+fn ledger_event(id: &str, event_type: &str, created_ms: i64) -> edgegate::store::LedgerEvent {
+    edgegate::store::LedgerEvent {
+        id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        created_ms,
+        livemode: false,
+        received_at: now_ms(),
+    }
+}
+
+/// Waits (bounded) until a session waits on a lock held by the session of `holder_pid`, or
+/// `task` ends. Asked on a session of its own: inside the holder's transaction, the activity
+/// view would stay as its first read.
+async fn until_a_session_waits<T>(db: &TestDb, holder_pid: i32, task: &tokio::task::JoinHandle<T>) {
+    let mut observer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for _ in 0..500 {
+        assert!(
+            !task.is_finished(),
+            "it ended without waiting on the lock: the interleaving was not exercised"
+        );
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            observer.close().await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no session came to wait on the lock");
+}
+
+/// A `product.created` and a stub `product.deleted` of an id no row holds, at the same time, in
+/// both orders: the deletion whose first mark found no row (the creation not committed) writes
+/// its tombstone, which waits for the creation and, finding its row, marks that deleted; the
+/// creation waiting on the tombstone finds it newer and leaves it. The product ends deleted
+/// either way.
+#[tokio::test]
+async fn a_creation_and_a_stub_deletion_at_the_same_time_leave_the_product_deleted() {
+    use edgegate::store::{EventReceipt, SameSecond, StripeEffect};
+    let db = postgres_db!();
+    let store = db.store().await;
+    let created = now_ms() / 1000 * 1000 - 60_000;
+    let deleted = created + 30_000;
+    let insert = "INSERT INTO stripe_products (id, active, name, metadata, livemode, \
+                  stripe_created, last_event_created, synced_at, deactivated_at) \
+                  VALUES ($1, $2, $3, '{}', FALSE, $4, $5, $6, $7)";
+    let deleted_rows = "SELECT count(*) FROM stripe_products WHERE id = $1 AND active = FALSE \
+                        AND deactivated_at IS NOT NULL AND last_event_created = $2";
+
+    // The creation's row not committed yet when the deletion comes.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(insert)
+        .bind("prod_race_1")
+        .bind(true)
+        .bind("Created")
+        .bind(created)
+        .bind(created)
+        .bind(now_ms())
+        .bind(None::<i64>)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let deletion = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let effect = stub_deletion("prod_race_1", deleted, now_ms());
+            let event = ledger_event("evt_race_d1", "product.deleted", deleted);
+            store
+                .apply_stripe_event(&event, &effect, SameSecond::Detect)
+                .await
+        })
+    };
+    until_a_session_waits(&db, holder_pid, &deletion).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(deletion.await.unwrap().unwrap(), EventReceipt::Applied);
+    let marked: i64 = sqlx::query_scalar(deleted_rows)
+        .bind("prod_race_1")
+        .bind(deleted)
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(marked, 1, "the created row, not marked deleted");
+    let name: String = sqlx::query_scalar("SELECT name FROM stripe_products WHERE id = $1")
+        .bind("prod_race_1")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(name, "Created");
+
+    // The tombstone not committed yet when the creation comes.
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(insert)
+        .bind("prod_race_2")
+        .bind(false)
+        .bind("")
+        .bind(0_i64)
+        .bind(deleted)
+        .bind(now_ms())
+        .bind(Some(now_ms()))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let creation = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let effect = StripeEffect::Product(created_product("prod_race_2", created));
+            let event = ledger_event("evt_race_c2", "product.created", created);
+            store
+                .apply_stripe_event(&event, &effect, SameSecond::Detect)
+                .await
+        })
+    };
+    until_a_session_waits(&db, holder_pid, &creation).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(creation.await.unwrap().unwrap(), EventReceipt::Applied);
+    let marked: i64 = sqlx::query_scalar(deleted_rows)
+        .bind("prod_race_2")
+        .bind(deleted)
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(marked, 1, "the creation brought the product back");
+    holder.close().await.unwrap();
+}
