@@ -936,6 +936,17 @@ async fn write_space_check_row<DB: engine::Engine>(
     Ok(())
 }
 
+/// The longest one write of the store's runs before it succeeds or fails, on either engine:
+/// the wait for a pool connection (connecting included), then the statement's own bound
+/// (SQLite's busy timeout, the wait for another connection's write lock; PostgreSQL's
+/// `statement_timeout`, its lock waits included). 18 s, PostgreSQL's. Only a server that stops
+/// answering mid-statement, its connection left open, is bounded by neither.
+pub const LONGEST_WRITE_TRY: Duration = {
+    let sqlite = sqlite::ACQUIRE_TIMEOUT.as_secs() + sqlite::BUSY_TIMEOUT.as_secs();
+    let postgres = postgres::ACQUIRE_TIMEOUT.as_secs() + postgres::STATEMENT_TIMEOUT.as_secs();
+    Duration::from_secs(if sqlite > postgres { sqlite } else { postgres })
+};
+
 /// Whether `err` says the database could not be reached or written at all (connection lost or
 /// refused, pool exhausted, file locked by another process, no space left), as opposed to a
 /// failed statement. Nothing was written then, so the caller may answer 503 and be retried. A

@@ -318,7 +318,7 @@ async fn take_migration_lock(conn: &mut PgConnection) -> anyhow::Result<()> {
 }
 
 /// The longest a query waits for a connection, connecting included.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a pooled session's statement waits for a lock another session holds
 /// (`lock_timeout`): a table locked by a migration, a `pg_dump` or a transaction left open.

@@ -17,7 +17,9 @@ pub(super) fn migrator() -> sqlx::migrate::Migrator {
 }
 
 /// How long a statement waits for another connection's write lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a query waits for one of the pool's connections.
+pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The readiness probe's wait for the write lock: short, so `/readyz` answers promptly.
 const PROBE_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a start-up waiting for another process's migration lock tries it again.
@@ -100,7 +102,7 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
             .max_connections(8)
             // A file locked by another process shows as SQLITE_BUSY after the busy timeout; the
             // acquire timeout only bounds waiting for one of our own connections.
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_release(|conn, _| Box::pin(leave_no_transaction_open(conn)))
             .connect_with(options.clone())
     };

@@ -538,12 +538,21 @@ struct Progress {
 /// How often rows left `accepted` by a crash or an outage are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The longest one send can take after its row was reserved, every attempt and pause included,
-/// with room to record the answer and for clocks that differ between instances: a row still
-/// `accepted` after this has no sender left.
+/// The longest a send may still store Twilio's answer after its row was reserved: every call to
+/// Twilio ends within the send's budget (counted from before the reservation), the answer's
+/// write is then tried for `RECORD_RETRY_FOR` while the database refuses it, and its last try
+/// takes at most `LONGEST_WRITE_TRY`; with room for clocks that differ between instances. A row
+/// still `accepted` after this has no sender left: a retry with its key is answered `unknown`
+/// instead of 409, and the sweep marks it so. Any sooner, a failure the database took late (its
+/// caller answered 502, the text never sent) would have been answered `unknown` to a retry, and
+/// the caller would have stopped there.
 fn send_deadline(send_budget: Duration) -> Duration {
-    send_budget + AFTER_BUDGET + Duration::from_secs(20)
+    send_budget + RECORD_RETRY_FOR + crate::store::LONGEST_WRITE_TRY + CLOCKS_APART
 }
+
+/// How far apart two instances' clocks may be for `send_deadline`: a row stamped by one is aged
+/// by another's.
+const CLOCKS_APART: Duration = Duration::from_secs(20);
 
 /// Marks messages whose sender died mid-send (SIGKILL, a crash, the database lost before the
 /// answer was stored) as `unknown`, so no row claims a send is still to come: every
@@ -677,7 +686,8 @@ async fn deliver(
 /// How long the write of Twilio's answer is tried again while the database refuses it (no pool
 /// connection within its acquire timeout, a SQLite file locked past its busy timeout): a SID
 /// stored nowhere else would be lost, its row marked `unknown` and a retry with its key answered
-/// without it. A stop waits for it as for the send, within the stop's own deadline.
+/// without it. A stop waits for it as for the send, within the stop's own deadline. A row is
+/// taken for one whose sender is gone only once this has passed (`send_deadline`).
 const RECORD_RETRY_FOR: Duration = Duration::from_secs(60);
 /// The first pause between two tries of that write; it doubles up to `RECORD_RETRY_MAX_PAUSE`.
 const RECORD_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(250);
@@ -966,6 +976,22 @@ mod tests {
         assert!(
             twilio.send_budget + AFTER_BUDGET < crate::server::middleware::REQUEST_TIMEOUT,
             "a send could be answered 504 while it goes on"
+        );
+    }
+
+    /// A row still `accepted` is taken for one whose sender is gone (a retry with its key
+    /// answered `unknown`, the sweep marking it so) only once no sender can still store its
+    /// answer: the send's budget, then Twilio's answer tried for `RECORD_RETRY_FOR` while the
+    /// database refuses it, its last try as long as a write can take, and the clocks' margin.
+    /// At 48 s, a failure stored 70 s in turned a retry's 202 `unknown` into a text never sent.
+    #[test]
+    fn a_row_is_taken_for_abandoned_only_after_its_sender_can_no_longer_store_its_answer() {
+        let budget = Config::defaults().twilio.send_budget;
+        let last_write_ends = budget + RECORD_RETRY_FOR + crate::store::LONGEST_WRITE_TRY;
+        assert!(
+            send_deadline(budget) >= last_write_ends + Duration::from_secs(20),
+            "{:?} < {last_write_ends:?} and the clocks' margin",
+            send_deadline(budget)
         );
     }
 

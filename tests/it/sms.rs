@@ -712,6 +712,96 @@ async fn sms_a_database_stalled_after_twilio_answered_still_answers_202_with_the
     pool.close().await;
 }
 
+/// A send whose failure the database refused at first (its row locked past `lock_timeout`, the
+/// pool spent) keeps trying to store it for a minute after the caller's 502. A retry with the
+/// key meanwhile found the row still `accepted`, past the 48 s after which a row was taken for
+/// one whose sender is gone, and was answered 202 `"status":"unknown"`: for a text never sent,
+/// which the write then marked `failed`, and the client, told it may have gone, stopped. The
+/// row is a send in progress as long as its sender may still store its answer: 409, and a retry
+/// once the failure is stored sends it. On PostgreSQL, whose row lock holds back the failure's
+/// write and not the retry's reservation (SQLite's write lock would hold back both).
+#[tokio::test]
+async fn sms_a_repeat_while_the_senders_failure_is_still_being_stored_is_409_not_unknown() {
+    let db = crate::postgres_db!();
+    let fake = FakeTwilio::start(ACCOUNT, TOKEN).await;
+    let clock = edgegate::clock::Clock::manual();
+    let app = instance_on_clock(&db, &fake, &[], clock.clone()).await;
+    // A refusal of our credentials: Twilio created nothing, the row is `failed` and a retry with
+    // the key sends. Late enough to lock the row before it comes.
+    fake.script([Reply::Error {
+        http: 401,
+        code: 20003,
+        message: "Authenticate",
+    }]);
+    fake.set_latency(Duration::from_secs(1));
+    let message = json!({"to": "+12025550123", "body": "hi", "idempotency_key": "late-failure"});
+    let sending = send(&app, message.clone());
+    let stall = async {
+        // Twilio has the request, so its row is reserved: lock it until the test says.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fake.requests().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the send never reached Twilio");
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let (status,): (String,) =
+            sqlx::query_as("SELECT status FROM sms_messages WHERE idempotency_key = $1 FOR UPDATE")
+                .bind("late-failure")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert_eq!(
+            status, "accepted",
+            "the row was locked after Twilio answered"
+        );
+        (pool, tx)
+    };
+    let (first, (pool, tx)) = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join(sending, stall),
+    )
+    .await
+    .expect("the send hung");
+    assert_error(&first, 502, "UPSTREAM_UNAVAILABLE");
+    let id = last_audited_sms_id(&app).await;
+
+    // 50 s after the reservation, the sender still trying to store the failure.
+    clock.advance(Duration::from_secs(50));
+    let repeat = tokio::time::timeout(Duration::from_secs(20), send(&app, message.clone()))
+        .await
+        .expect("the repeat hung");
+    assert_error(&repeat, 409, "CONFLICT");
+
+    // The database answers again: the failure is stored, and a retry sends the text.
+    tx.rollback().await.unwrap();
+    let mut status = String::new();
+    for _ in 0..200 {
+        status = app
+            .state
+            .store
+            .sms_message(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status;
+        if status != "accepted" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "failed");
+    let retry = tokio::time::timeout(Duration::from_secs(20), send(&app, message))
+        .await
+        .expect("the retry hung");
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert!(retry.body["sid"].is_string(), "{}", retry.body);
+    assert_eq!(fake.requests().len(), 2);
+    pool.close().await;
+}
+
 /// Twilio took the message while the database refused writes for longer than a write waits for
 /// it (SQLite's 5 s busy timeout; PostgreSQL's 3 s pool acquire): the write of the SID is tried
 /// again until the database takes it, instead of leaving the row without it (marked `unknown`
