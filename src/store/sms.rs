@@ -85,7 +85,7 @@ const UNANSWERED_SWEEP: &str = "UPDATE sms_messages SET status = 'unknown', \
     WHERE status = 'accepted' AND (twilio_sid || '') IS NULL AND created_at < $3";
 
 const COLUMNS: &str = "id, idempotency_key, to_number, body, status, twilio_sid, error_code, \
-                       error_message, created_at, updated_at";
+                       error_message, created_at, updated_at, attempt";
 
 /// One stored message.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -102,6 +102,10 @@ pub struct SmsMessage {
     pub created_at_ms: i64,
     #[sqlx(rename = "updated_at")]
     pub updated_at_ms: i64,
+    /// Which reservation of the message this is: 1 when it was written, one more each time it
+    /// was reopened ([`Reservation::Reopened`]). What Twilio answered is stored for the
+    /// reservation that asked it alone (`Store::record_sms_send`).
+    pub attempt: i64,
 }
 
 /// A message to reserve before it is handed to Twilio.
@@ -251,10 +255,11 @@ where
     }
     if let Some(message) = reopened {
         // Stamped anew: the send is counted in the windows from now, and the sweep of rows
-        // left `accepted` measures its age from now.
+        // left `accepted` measures its age from now. Numbered anew: a write of the earlier
+        // send's answer, tried again, no longer applies to the row.
         sqlx::query::<DB>(
             "UPDATE sms_messages SET status = $1, error_code = NULL, error_message = NULL, \
-             created_at = $2, updated_at = $2 WHERE id = $3",
+             created_at = $2, updated_at = $2, attempt = attempt + 1 WHERE id = $3",
         )
         .bind_value(new.status)
         .bind_value(now)
@@ -267,6 +272,7 @@ where
             error_message: None,
             created_at_ms: now,
             updated_at_ms: now,
+            attempt: message.attempt + 1,
             ..message
         }));
     }
@@ -293,6 +299,7 @@ where
         error_message: None,
         created_at_ms: now,
         updated_at_ms: now,
+        attempt: 1,
     }))
 }
 
@@ -389,11 +396,15 @@ impl Store {
         reserved.context("reserving the SMS")
     }
 
-    /// Records what handing the message to Twilio came to: its SID and status, or why it was
-    /// not sent.
+    /// Records what handing message `id` to Twilio came to, for its reservation `attempt`
+    /// ([`SmsMessage::attempt`]): its SID and status, or why it was not sent. Nothing changes
+    /// once the row was reserved again: a send's write tried again after its failure was stored
+    /// and the row reopened would set the new send's row back to `failed`, and the next request
+    /// with its key would text again. Repeating the write is otherwise harmless: it only fills
+    /// in the row.
     pub async fn record_sms_send(
         &self,
-        id: &str,
+        (id, attempt): (&str, i64),
         result: SendResult<'_>,
         now_ms: i64,
     ) -> anyhow::Result<()> {
@@ -403,7 +414,8 @@ impl Store {
                    status = CASE WHEN twilio_sid IS NULL THEN $1 ELSE status END, \
                    error_code = CASE WHEN twilio_sid IS NULL THEN $3 ELSE error_code END, \
                    error_message = CASE WHEN twilio_sid IS NULL THEN $4 ELSE error_message END, \
-                   twilio_sid = COALESCE(twilio_sid, $2), updated_at = $5 WHERE id = $6";
+                   twilio_sid = COALESCE(twilio_sid, $2), updated_at = $5 \
+                   WHERE id = $6 AND attempt = $7";
         let args = [
             result.status.into(),
             result.twilio_sid.into(),
@@ -411,6 +423,7 @@ impl Store {
             result.error_message.into(),
             now_ms.into(),
             id.into(),
+            attempt.into(),
         ];
         self.execute(sql, &args)
             .await

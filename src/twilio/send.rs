@@ -522,7 +522,8 @@ async fn send_once(
         call_timeout: config.twilio.request_timeout,
         deadline,
     };
-    let (outcome, counted) = deliver(store, clock, tasks, &api, &form, &message.id, attempts).await;
+    let reservation = (message.id.as_str(), message.attempt);
+    let (outcome, counted) = deliver(store, clock, tasks, &api, &form, reservation, attempts).await;
     progress.outcome = Some(counted);
     outcome
 }
@@ -624,15 +625,15 @@ struct NotCreated {
     calls: u32,
 }
 
-/// Hands the reserved message `id` to Twilio and records what came of it; returns the answer
-/// and what the send came to.
+/// Hands the reserved message `id` to Twilio and records what came of it for that reservation
+/// (`attempt`, [`SmsMessage::attempt`]); returns the answer and what the send came to.
 async fn deliver(
     store: &Store,
     clock: &Clock,
     tasks: &SendTasks,
     api: &TwilioApi,
     form: &[(&str, &str)],
-    id: &str,
+    (id, attempt): (&str, i64),
     attempts: Attempts,
 ) -> (Result<Sent, SmsError>, SendOutcome) {
     match create_with_retries(api, form, attempts).await {
@@ -655,7 +656,9 @@ async fn deliver(
                         error_code: None,
                         error_message: None,
                     };
-                    if let Err(err) = record_answer(&store, &id, result, now).await {
+                    if let Err(err) =
+                        record_answer(&store, (id.as_str(), attempt), result, now).await
+                    {
                         tracing::error!(%id, sid = %created.sid, error = crate::error::causes(&err),
                             "SMS sent but its SID was not stored");
                     }
@@ -677,7 +680,8 @@ async fn deliver(
             (Ok(sent), SendOutcome::Accepted)
         }
         Err(failure) => {
-            let (answer, outcome) = record_failure(store, clock, tasks, id, failure).await;
+            let (answer, outcome) =
+                record_failure(store, clock, tasks, (id, attempt), failure).await;
             (Err(answer), outcome)
         }
     }
@@ -693,19 +697,24 @@ const RECORD_RETRY_FOR: Duration = Duration::from_secs(60);
 const RECORD_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(250);
 const RECORD_RETRY_MAX_PAUSE: Duration = Duration::from_secs(5);
 
-/// Stores what Twilio answered for message `id`, trying again with jittered, doubling pauses
-/// while the database is unavailable, for at most `RECORD_RETRY_FOR`. The write may be repeated:
-/// it only fills in the row (a status callback that stored the SID first is kept).
+/// Stores what Twilio answered for reservation `reservation` of message `id`, trying again with
+/// jittered, doubling pauses while the database is unavailable, for at most `RECORD_RETRY_FOR`.
+/// The write may be repeated (a try that committed but whose answer was lost): it only fills in
+/// the row (a status callback that stored the SID first is kept), and changes nothing once the
+/// row was reserved again.
 async fn record_answer(
     store: &Store,
-    id: &str,
+    (id, reservation): (&str, i64),
     result: SendResult<'_>,
     now_ms: i64,
 ) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     let mut attempt = 1;
     loop {
-        let err = match store.record_sms_send(id, result, now_ms).await {
+        let err = match store
+            .record_sms_send((id, reservation), result, now_ms)
+            .await
+        {
             Ok(()) => return Ok(()),
             Err(err) => err,
         };
@@ -819,12 +828,13 @@ fn earlier_refusal(message: &SmsMessage) -> Option<SmsError> {
     })
 }
 
-/// Stores why the send failed and maps it to the answer and to what the send came to.
+/// Stores why the send failed (for reservation `attempt` of message `id`) and maps it to the
+/// answer and to what the send came to.
 async fn record_failure(
     store: &Store,
     clock: &Clock,
     tasks: &SendTasks,
-    id: &str,
+    (id, attempt): (&str, i64),
     failure: NotCreated,
 ) -> (SmsError, SendOutcome) {
     let NotCreated { err, calls } = failure;
@@ -890,7 +900,8 @@ async fn record_failure(
                 error_code: code,
                 error_message: Some(&detail),
             };
-            if let Err(store_err) = record_answer(&store, &id, result, now).await {
+            if let Err(store_err) = record_answer(&store, (id.as_str(), attempt), result, now).await
+            {
                 tracing::error!(
                     id,
                     error = crate::error::causes(&store_err),
@@ -1037,7 +1048,7 @@ mod tests {
             &store,
             &Clock::manual(),
             &SendTasks::default(),
-            "sms-1",
+            ("sms-1", 1),
             refusal,
         )
         .await;

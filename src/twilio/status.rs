@@ -294,7 +294,7 @@ mod tests {
             error_message: None,
         };
         store
-            .record_sms_send("sms-1", sent, clock.now_ms())
+            .record_sms_send(("sms-1", 1), sent, clock.now_ms())
             .await
             .unwrap();
 

@@ -355,7 +355,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
         error_message: None,
     };
     store
-        .record_sms_send("sent", answered, t0 + 1)
+        .record_sms_send(("sent", 1), answered, t0 + 1)
         .await
         .unwrap();
     // Through a Messaging Service Twilio answers `accepted` too: answered all the same.
@@ -365,7 +365,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
         ..answered
     };
     store
-        .record_sms_send("service", by_service, t0 + 1)
+        .record_sms_send(("service", 1), by_service, t0 + 1)
         .await
         .unwrap();
 
@@ -388,7 +388,7 @@ async fn the_sweep_marks_only_old_unanswered_sends_and_a_late_answer_still_lands
         ..answered
     };
     store
-        .record_sms_send("old", late, t0 + 30_000)
+        .record_sms_send(("old", 1), late, t0 + 30_000)
         .await
         .unwrap();
     assert_eq!(status("old").await, "queued");

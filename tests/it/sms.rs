@@ -599,7 +599,58 @@ async fn record_sent_at(store: &edgegate::store::Store, id: &str, sid: &str, at:
         error_code: None,
         error_message: None,
     };
-    store.record_sms_send(id, sent, at).await.unwrap();
+    store.record_sms_send((id, 1), sent, at).await.unwrap();
+}
+
+/// A failure's write repeated after its row was reopened (the first write committed, its answer
+/// lost on the way back, so it was tried again while the caller's retry reserved the row anew
+/// and called Twilio) set the row back to `failed`: a third request with the key reopened it and
+/// texted again, two texts for one key. A send's write now applies only to its own reservation.
+#[tokio::test]
+async fn sms_a_failure_written_again_after_its_row_was_reopened_leaves_the_new_send_alone() {
+    use edgegate::store::{NewSms, Reservation, SendResult, SmsLimits};
+    let db = test_db!();
+    let store = db.store().await;
+    let new = NewSms {
+        id: "twice",
+        idempotency_key: Some("twice"),
+        to_number: "+12025550123",
+        body: "hi",
+        status: "accepted",
+        replayed_error_codes: &[],
+    };
+    let limits = SmsLimits {
+        per_recipient_per_hour: 1_000,
+        per_minute: 1_000,
+    };
+    let failed = SendResult {
+        status: "failed",
+        twilio_sid: None,
+        error_code: None,
+        error_message: Some("Twilio did not take the message after 1 attempt"),
+    };
+    let t0 = 1_800_000_000_000;
+    let first = store.reserve_sms(new, limits, || t0).await.unwrap();
+    assert!(matches!(first, Reservation::Created(_)), "{first:?}");
+    store
+        .record_sms_send(("twice", 1), failed, t0 + 1)
+        .await
+        .unwrap();
+    let second = store.reserve_sms(new, limits, || t0 + 2).await.unwrap();
+    let Reservation::Reopened(reopened) = second else {
+        panic!("not reopened: {second:?}");
+    };
+    assert_eq!(reopened.attempt, 2);
+    // The first send's write again, after the second send reserved the row.
+    store
+        .record_sms_send(("twice", 1), failed, t0 + 3)
+        .await
+        .unwrap();
+    let third = store.reserve_sms(new, limits, || t0 + 4).await.unwrap();
+    match third {
+        Reservation::Existing(message) => assert_eq!(message.status, "accepted"),
+        other => panic!("the second send's row was reserved again: {other:?}"),
+    }
 }
 
 /// Rows stamped over an hour ahead by a clock since set back are restamped an hour before now by
@@ -2645,7 +2696,10 @@ async fn sms_recovery_is_bounded_backs_off_and_never_regresses() {
             error_code: None,
             error_message: None,
         };
-        store.record_sms_send(&id, result, at).await.unwrap();
+        store
+            .record_sms_send((id.as_str(), 1), result, at)
+            .await
+            .unwrap();
     };
     // Reserved in the order of their times: one reserved earlier than the newest row by more
     // than an hour reads as a clock set back, and restamps the rows ahead of it.

@@ -58,6 +58,7 @@ fn shipped_migrations_are_never_edited() {
         (20261213000001, "97830cd4e8d01678"),
         (20261213000002, "559d783d176f1d46"),
         (20261214000001, "95edda77bd7e5d52"),
+        (20261214000002, "3a77a0be292ba58d"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -78,6 +79,7 @@ fn shipped_migrations_are_never_edited() {
         (20261213000001, "3138c9d53bbd04fe"),
         (20261213000002, "405426023760c410"),
         (20261214000001, "4f95e859a4338a73"),
+        (20261214000002, "3a77a0be292ba58d"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -1181,6 +1183,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         "DROP TABLE usage_writers",
         // 20261214000001's indexes (reconcile_runs_coverage went with covered_until).
         "DROP INDEX IF EXISTS reconcile_runs_running, sync_runs_running, reconcile_runs_coverage",
+        "ALTER TABLE sms_messages DROP COLUMN attempt",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
