@@ -25,10 +25,12 @@ const MAX_ATTEMPTS: u32 = 3;
 /// waited for at most `WRITE_WAIT`.
 const AFTER_BUDGET: Duration = Duration::from_secs(10);
 /// How long the answer waits for one write after Twilio's call (its answer, the audit row).
-/// SQLite's busy timeout and PostgreSQL's pool acquire (3 s) bound one try of a write, but
-/// nothing bounds a PostgreSQL statement that waits on a lock or a stalled server, and Twilio's
-/// answer is tried again when the database refuses it: past this, the write goes on in its own
-/// task and the caller is answered without waiting for it.
+/// One try of a write can take longer: the pool's wait for a connection, then SQLite's busy
+/// timeout, or PostgreSQL's `lock_timeout` (3 s) within its `statement_timeout` (15 s), every
+/// pooled session's (`store::LONGEST_WRITE_TRY` in all; a server that stalls with the connection
+/// open is bounded by neither), and Twilio's answer is tried again when the database refuses it:
+/// past this, the write goes on in its own task and the caller is answered without waiting for
+/// it.
 const WRITE_WAIT: Duration = Duration::from_secs(5);
 const _: () = assert!(2 * WRITE_WAIT.as_secs() <= AFTER_BUDGET.as_secs());
 // A send with the default budget is answered inside the route's timeout, with a little to spare
