@@ -233,12 +233,12 @@ fn record_credential(source: &str, kid: Option<&str>) {
 }
 
 /// Counts the verification's key and, for a legacy or API-key credential, who presented it, under
-/// the route pattern (never the raw path, which the caller chooses), at `now_ms`: the time its key was counted at, so both land
-/// in one hour (read twice, an hour's turn between the reads put the key in one hour and its
-/// caller in the next, listed as legacy use with no caller recorded).
-/// The key's count and the caller's are written together, so a flush takes both or neither
+/// the route pattern (never the raw path, which the caller chooses), both at `now_ms`, so both
+/// land in one hour (read twice, an hour's turn between the reads put the key in one hour and its
+/// caller in the next, listed as legacy use with no caller recorded). The key's count and the
+/// caller's are written together, so a flush takes both or neither
 /// ([`crate::auth::usage::UsageTracker::record_with_caller`]). A signing key's verification
-/// counts its key alone.
+/// counts its key alone, never waiting on caller bookkeeping.
 fn record_usage(parts: &Parts, state: &AppState, verified: &Verified, now_ms: i64) {
     match CallerKind::of(verified) {
         Some(kind) => {

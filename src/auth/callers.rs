@@ -566,18 +566,17 @@ impl CallerTracker {
         }
     }
 
-    /// The counts, locked: by a request counting its key's verification (then its caller), and
-    /// by a flush taking the key counts (then the callers), each while it holds the key counts'
-    /// lock ([`crate::auth::usage::UsageTracker::record_with_caller`]), so never the other way
-    /// round.
-    pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+    /// The counts, locked.
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// [`CallerTracker::held`], or `None` where it would wait.
-    #[cfg(test)]
-    pub(crate) fn try_held(&self) -> Option<std::sync::MutexGuard<'_, Held>> {
-        self.held.try_lock().ok()
+    /// The counts' lock, for a request counting its caller (then its key's verification) and a
+    /// flush taking the callers (then the key counts): each takes the key counts' lock while it
+    /// holds this one ([`crate::auth::usage::UsageTracker::record_with_caller`]), never the
+    /// other way round, and the key counts' lock is not held while this one is waited for.
+    pub(crate) fn counts(&self) -> &Mutex<Held> {
+        &self.held
     }
 
     /// Counts one verification of `kind` on `route` by `client` in `held`.

@@ -6,7 +6,7 @@
 //! deleted hourly, by a pass the flusher runs beside its flushes ([`prune_usage`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -64,6 +64,41 @@ struct Held {
     dropped: Option<DroppedUsage>,
 }
 
+/// A flush's batch: the key counts as rows, the earliest verification among them, the callers.
+type Batch = (Vec<KeyUsage>, Option<i64>, Vec<CallerUsage>);
+
+/// How [`UsageTracker`] takes its two locks: the service waits for them ([`Wait`]); a test models
+/// a flush or a request beginning at a given point with [`Try`], `None` where it would wait.
+trait Locking: Copy {
+    fn lock<T>(self, mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>>;
+}
+
+/// Waits for the lock; never `None`.
+#[derive(Clone, Copy)]
+struct Wait;
+
+impl Locking for Wait {
+    fn lock<T>(self, mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+        Some(mutex.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Takes the lock only if it is free.
+#[cfg(test)]
+#[derive(Clone, Copy)]
+struct Try;
+
+#[cfg(test)]
+impl Locking for Try {
+    fn lock<T>(self, mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+        match mutex.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 /// Counts verifications since the last flush.
 #[derive(Debug)]
 pub struct UsageTracker {
@@ -76,9 +111,12 @@ pub struct UsageTracker {
     flush_failures: Counter,
     /// Who the legacy and API-key verifications came from, flushed with these counts.
     pub callers: CallerTracker,
-    /// Run by [`UsageTracker::record_with_caller`] between the key's count and its caller's.
+    /// Run by [`UsageTracker::record_with_caller`] between the caller's count and its key's.
     #[cfg(test)]
     between_writes: std::sync::OnceLock<fn(&UsageTracker)>,
+    /// Run by [`UsageTracker::take_batch`] once it has taken the callers, before the key counts.
+    #[cfg(test)]
+    after_taking_callers: std::sync::OnceLock<fn(&UsageTracker)>,
 }
 
 impl Default for UsageTracker {
@@ -120,6 +158,8 @@ impl UsageTracker {
             callers: CallerTracker::default(),
             #[cfg(test)]
             between_writes: std::sync::OnceLock::new(),
+            #[cfg(test)]
+            after_taking_callers: std::sync::OnceLock::new(),
         }
     }
 
@@ -151,12 +191,13 @@ impl UsageTracker {
     }
 
     /// Counts a legacy or API-key verification and its caller (`kind`, on the route pattern
-    /// `route`, by `client`), so that a flush takes both or neither: the callers' lock is taken
-    /// before the key counts' is let go, and a flush holds both, taken in the same order
-    /// ([`UsageTracker::take_batch`]). Each taken and let go on its own, a flush that took the
-    /// counts between the two writes took the key into its batch and left the caller to the
-    /// next, a legacy count under "no caller recorded" for up to a minute. The same two locks
-    /// as before, each held no longer but for the other's taking.
+    /// `route`, by `client`), so that a flush takes both or neither: the caller first, then the
+    /// key counts' lock is taken before the callers' is let go, and a flush takes them in the
+    /// same order ([`UsageTracker::take_batch`]). Each taken and let go on its own, a flush that
+    /// took the counts between the two writes took one into its batch and left the other to the
+    /// next, a legacy count under "no caller recorded" for up to a minute. The key counts' lock
+    /// is taken last and held only to add the key, never while caller bookkeeping runs, so a
+    /// signing key's verification ([`UsageTracker::record`]) never waits on it.
     pub fn record_with_caller(
         &self,
         verified: &Verified,
@@ -166,16 +207,32 @@ impl UsageTracker {
         at_ms: i64,
     ) {
         self.callers.count_kind(kind);
+        let _ = self.record_with_caller_by(Wait, verified, kind, route, client, at_ms);
+    }
+
+    /// [`UsageTracker::record_with_caller`] past its metric, taking the locks by `lock`: `None`
+    /// where it would wait for one. Only the callers' lock is ever held alone for long, so a
+    /// model of a request ([`Try`]) is `None` there, before it wrote anything.
+    fn record_with_caller_by(
+        &self,
+        lock: impl Locking,
+        verified: &Verified,
+        kind: CallerKind<'_>,
+        route: &str,
+        client: &str,
+        at_ms: i64,
+    ) -> Option<()> {
         let (bucket, count) = one_verification(verified, at_ms);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        self.add(&mut held, bucket, count);
-        let mut callers = self.callers.held();
-        drop(held);
+        let mut callers = lock.lock(self.callers.counts())?;
+        CallerTracker::record_in(&mut callers, kind, route, client, at_ms);
         #[cfg(test)]
         if let Some(between) = self.between_writes.get() {
             between(self);
         }
-        CallerTracker::record_in(&mut callers, kind, route, client, at_ms);
+        let mut held = lock.lock(&self.held)?;
+        drop(callers);
+        self.add(&mut held, bucket, count);
+        Some(())
     }
 
     /// Adds `count` to its bucket, or drops and counts it when a new bucket would not fit.
@@ -202,25 +259,30 @@ impl UsageTracker {
         }
     }
 
-    /// Moves the pending key counts and callers into the batch being flushed, with both locks
-    /// held, taken in the order a request takes them ([`UsageTracker::record_with_caller`]):
-    /// a verification's key and its caller are in the same batch. Returns the key counts as
-    /// rows, the earliest verification among them, and the callers.
-    fn take_batch(&self) -> (Vec<KeyUsage>, Option<i64>, Vec<CallerUsage>) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let mut callers = self.callers.held();
-        let (rows, first) = Self::take_keys(&mut held);
-        (rows, first, CallerTracker::take_from(&mut callers))
+    /// Moves the pending callers and key counts into the batch being flushed, the locks taken in
+    /// the order a request takes them ([`UsageTracker::record_with_caller`]): the callers are
+    /// taken under their lock, which is let go only once the key counts' is held, so a
+    /// verification's key and its caller are in the same batch, and the key counts' lock is not
+    /// held while the callers are settled. Returns the key counts as rows, the earliest
+    /// verification among them, and the callers.
+    fn take_batch(&self) -> Batch {
+        self.take_batch_by(Wait).unwrap_or_default()
     }
 
-    /// What a flush beginning now would take ([`UsageTracker::take_batch`]), or `None` where it
-    /// would wait for a lock.
-    #[cfg(test)]
-    fn try_take_batch(&self) -> Option<(Vec<KeyUsage>, Vec<CallerUsage>)> {
-        let mut held = self.held.try_lock().ok()?;
-        let mut callers = self.callers.try_held()?;
-        let (rows, _) = Self::take_keys(&mut held);
-        Some((rows, CallerTracker::take_from(&mut callers)))
+    /// [`UsageTracker::take_batch`], taking the locks by `lock`: `None` where it would wait for
+    /// one. Only the callers' lock is ever held alone for long, so a model of a flush ([`Try`])
+    /// is `None` there, before it took anything.
+    fn take_batch_by(&self, lock: impl Locking) -> Option<Batch> {
+        let mut callers = lock.lock(self.callers.counts())?;
+        let caller_rows = CallerTracker::take_from(&mut callers);
+        #[cfg(test)]
+        if let Some(after) = self.after_taking_callers.get() {
+            after(self);
+        }
+        let mut held = lock.lock(&self.held)?;
+        drop(callers);
+        let (rows, first) = Self::take_keys(&mut held);
+        Some((rows, first, caller_rows))
     }
 
     /// Moves the pending key counts into the batch being flushed; returns them as rows, and the
@@ -1093,41 +1155,115 @@ mod tests {
         assert!(judge(now - HOUR_MS - 1).legacy_revocation_safe);
     }
 
-    /// A legacy or API-key verification counts its key, then its caller. A flush that began
-    /// between the two took the key into its batch and left the caller to the next, so the
-    /// database held a legacy count under "no caller recorded" until then (up to a minute). A
-    /// flush beginning there now waits, and takes both in one batch.
+    /// The key and caller verifications in a batch.
+    fn batch_counts((keys, _, callers): &Batch) -> (i64, i64) {
+        let keys = keys.iter().map(|row| row.verified_count).sum();
+        let callers = callers.iter().map(|row| row.verified_count).sum();
+        (keys, callers)
+    }
+
+    /// A legacy or API-key verification counts its caller, then its key. A flush that began
+    /// between the two took one into its batch and left the other to the next, so the database
+    /// held a legacy count under "no caller recorded" until then (up to a minute). A flush
+    /// beginning there now waits, and takes both in one batch. The flush is the service's
+    /// ([`UsageTracker::take_batch_by`]), its locks tried instead of waited for.
     #[test]
     fn a_flush_between_a_keys_count_and_its_callers_takes_both_or_neither() {
         static BATCHES: Mutex<Vec<(i64, i64)>> = Mutex::new(Vec::new());
         fn flush_now(tracker: &UsageTracker) {
-            if let Some(batch) = tracker.try_take_batch() {
-                BATCHES.lock().unwrap().push(counts(&batch));
+            if let Some(batch) = tracker.take_batch_by(Try) {
+                BATCHES.lock().unwrap().push(batch_counts(&batch));
             }
-        }
-        fn counts((keys, callers): &(Vec<KeyUsage>, Vec<CallerUsage>)) -> (i64, i64) {
-            let keys = keys.iter().map(|row| row.verified_count).sum();
-            let callers = callers.iter().map(|row| row.verified_count).sum();
-            (keys, callers)
         }
         let tracker = UsageTracker::default();
         tracker.between_writes.set(flush_now).expect("set once");
-        let legacy = Verified {
-            source: KeySource::LegacySecret,
-            kid: None,
-            alg: "HS256",
-            role: Some("anon".into()),
-            ..signing_key("")
-        };
+        let legacy = legacy_verification();
         let kind = CallerKind::of(&legacy).expect("a legacy caller");
         tracker.record_with_caller(&legacy, kind, "/rest/v1/{table}", "supabase-js", HOUR_MS);
-        let after = tracker.try_take_batch().expect("no lock is held now");
-        BATCHES.lock().unwrap().push(counts(&after));
+        let after = tracker.take_batch_by(Try).expect("no lock is held now");
+        BATCHES.lock().unwrap().push(batch_counts(&after));
         assert_eq!(
             *BATCHES.lock().unwrap(),
             [(1, 1)],
             "verifications of the key and of its caller in each batch"
         );
+    }
+
+    /// The other way round: a legacy verification counted while a flush is between taking the
+    /// callers and taking the key counts waits for it, and lands in the next batch whole. The
+    /// flush is the service's ([`UsageTracker::take_batch`]); the request is its locks tried.
+    #[test]
+    fn a_verification_during_a_flush_lands_in_one_batch() {
+        static WAITED: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+        fn verify_now(tracker: &UsageTracker) {
+            if !WAITED.lock().unwrap().is_empty() {
+                return;
+            }
+            let legacy = legacy_verification();
+            let kind = CallerKind::of(&legacy).expect("a legacy caller");
+            let counted = tracker
+                .record_with_caller_by(Try, &legacy, kind, "/rest/v1/{table}", "supabase-js", 5)
+                .is_some();
+            WAITED.lock().unwrap().push(!counted);
+        }
+        let tracker = UsageTracker::default();
+        tracker
+            .after_taking_callers
+            .set(verify_now)
+            .expect("set once");
+        let mut batches = vec![batch_counts(&tracker.take_batch())];
+        if WAITED.lock().unwrap().iter().all(|waited| *waited) {
+            // It waited for the flush: it is counted once the flush let go.
+            let legacy = legacy_verification();
+            let kind = CallerKind::of(&legacy).expect("a legacy caller");
+            tracker.record_with_caller(&legacy, kind, "/rest/v1/{table}", "supabase-js", 5);
+        }
+        batches.push(batch_counts(&tracker.take_batch()));
+        assert_eq!(
+            batches,
+            [(0, 0), (1, 1)],
+            "verifications of the key and of its caller in each batch"
+        );
+    }
+
+    /// A signing key's verification takes the key counts' lock alone: it never waits for
+    /// caller bookkeeping (a flush settling the callers, a request counting its caller), which
+    /// is done with the key counts' lock free.
+    #[test]
+    fn a_signing_keys_count_never_waits_on_caller_work() {
+        static FREE: Mutex<Vec<(&str, bool)>> = Mutex::new(Vec::new());
+        fn free_at(tracker: &UsageTracker, step: &'static str) {
+            let free = tracker.held.try_lock().is_ok();
+            FREE.lock().unwrap().push((step, free));
+        }
+        let tracker = UsageTracker::default();
+        tracker
+            .between_writes
+            .set(|tracker| free_at(tracker, "request"))
+            .expect("set once");
+        tracker
+            .after_taking_callers
+            .set(|tracker| free_at(tracker, "flush"))
+            .expect("set once");
+        let legacy = legacy_verification();
+        let kind = CallerKind::of(&legacy).expect("a legacy caller");
+        tracker.record_with_caller(&legacy, kind, "/rest/v1/{table}", "supabase-js", HOUR_MS);
+        tracker.take_batch();
+        assert_eq!(
+            *FREE.lock().unwrap(),
+            [("request", true), ("flush", true)],
+            "the key counts' lock free while the callers are counted or taken"
+        );
+    }
+
+    fn legacy_verification() -> Verified {
+        Verified {
+            source: KeySource::LegacySecret,
+            kid: None,
+            alg: "HS256",
+            role: Some("anon".into()),
+            ..signing_key("")
+        }
     }
 
     #[test]
