@@ -400,12 +400,20 @@ impl Store {
 
     /// The versions the database has applied, oldest first: none where the table of migrations
     /// is not there yet (a database never migrated). Any other error reading them is returned
-    /// (a role not granted SELECT on the table, a damaged file, a connection dropped).
+    /// (a role not granted SELECT on the table, a damaged file, a connection dropped), and on
+    /// PostgreSQL a table not found because the role may use no schema on its search path
+    /// ([`postgres::schema_usable`]).
     pub async fn applied_migrations(&self) -> anyhow::Result<Vec<i64>> {
         let sql = "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version";
-        applied_before(with_pool!(self, |pool| sqlx::query_scalar(sql)
-            .fetch_all(pool)
-            .await))
+        let read = with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_all(pool).await);
+        if let (Err(err), Backend::Postgres(pool)) = (&read, &self.backend)
+            && is_undefined_table(err)
+        {
+            postgres::schema_usable(pool)
+                .await
+                .context("reading applied migrations")?;
+        }
+        applied_before(read)
     }
 
     /// SQLite's `PRAGMA quick_check` of the whole file: `None` when it answers `ok`, else its

@@ -117,6 +117,23 @@ async fn migrate_on(conn: &mut PgConnection) -> anyhow::Result<Vec<i64>> {
     Ok(before)
 }
 
+/// Fails where the role may use no schema on its search path: PostgreSQL leaves a schema the role
+/// has no USAGE on off the path, so its tables read as not there (42P01), as in a database never
+/// migrated, where the reason is the grant left out.
+pub(super) async fn schema_usable(pool: &PgPool) -> anyhow::Result<()> {
+    let (schema, path): (Option<String>, String) =
+        sqlx::query_as("SELECT current_schema(), current_setting('search_path')")
+            .fetch_one(pool)
+            .await?;
+    if schema.is_none() {
+        anyhow::bail!(
+            "this role may use no schema on its search_path ({path}): is it granted USAGE on \
+             the schema?"
+        );
+    }
+    Ok(())
+}
+
 /// What a run whose migration `failed` on the lock timeout says, given the migrations it had
 /// applied before it (`None` when they could not be read).
 fn lock_timeout_said(failed: i64, applied_by_run: Option<Vec<i64>>) -> String {

@@ -1077,6 +1077,55 @@ async fn check_fails_with_the_reason_when_the_applied_migrations_cannot_be_read(
     assert!(!database.contains("0 migrations applied"), "{database}");
 }
 
+/// On PostgreSQL a role not granted USAGE on the schema never finds it on its search_path, so
+/// its reading of the migrations table fails as for a table not there (42P01): `check` said "0
+/// migrations applied" (serve would migrate it), where the reason is the grant left out. It
+/// fails the database line with that reason now.
+#[tokio::test]
+async fn check_fails_with_the_reason_when_the_role_may_not_use_the_schema() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    if !db.is_postgres() {
+        return;
+    }
+    db.store().await.close().await;
+    let dir = tempfile::tempdir().unwrap();
+    let role = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // Made for this test and dropped after it: nothing granted, not even USAGE on the schema.
+    let sql = format!("CREATE ROLE {role} NOLOGIN");
+    sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    let as_role = db.url.replace(
+        "options=-c%20search_path",
+        &format!("options=-c%20role%3D{role}%20-c%20search_path"),
+    );
+    assert_ne!(as_role, db.url, "the role is not in the URL");
+    let out = output(edgegate(dir.path(), &[("DATABASE_URL", as_role.as_str())]).arg("check"));
+    for sql in [
+        "DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$".to_owned(),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    }
+    admin.close().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let database = database_line(&stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(database.starts_with("FAIL"), "{database}");
+    assert!(
+        database.contains("reading applied migrations") && database.contains("USAGE"),
+        "{database}"
+    );
+    assert!(!database.contains("0 migrations applied"), "{database}");
+}
+
 /// `check` and `keys report` do not create a SQLite file that is not there (a mistyped path):
 /// check says serve would, report fails naming it; and check fails a database no migration has
 /// prepared.
