@@ -1135,14 +1135,18 @@ enum LockWait {
 /// Waits for `lock` (the migration lock, which another process may hold), however long, saying
 /// so while it waits: `serve` answers nothing until its migrations are applied, /healthz
 /// included, and an `edgegate migrate` on another Machine can hold the lock for minutes. Both
-/// engines' locks: PostgreSQL's advisory lock, SQLite's file beside the database.
+/// engines' locks: PostgreSQL's advisory lock, SQLite's file beside the database. Returns
+/// whether it said it waits: the caller's line on what it does once it has the lock follows that
+/// line, and only it (judged again on another clock, a lock taken just under
+/// [`LOCK_WAIT_SAID_AFTER`] could print it with no wait said before it).
 async fn wait_for_migration_lock(
     lock: impl Future<Output = anyhow::Result<()>>,
     what: LockWait,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let started = tokio::time::Instant::now();
     tokio::pin!(lock);
     let mut say_at = started + LOCK_WAIT_SAID_AFTER;
+    let mut said = false;
     loop {
         match tokio::time::timeout_at(say_at, &mut lock).await {
             Ok(locked) => {
@@ -1164,19 +1168,20 @@ async fn wait_for_migration_lock(
                          needs the database is served until then"
                     ),
                 }
+                said = true;
                 say_at += LOCK_WAIT_SAID_EVERY;
             }
         }
     }
     // The set-up wait's caller says what it does once it has the lock: the process that held
     // it may have set the file up meanwhile (`sqlite::set_up_lock`).
-    if started.elapsed() >= LOCK_WAIT_SAID_AFTER && matches!(what, LockWait::Migration) {
+    if said && matches!(what, LockWait::Migration) {
         tracing::info!(
             waited_s = started.elapsed().as_secs(),
             "the migration lock is taken; applying what is left"
         );
     }
-    Ok(())
+    Ok(said)
 }
 
 /// The versions applied so far (for a migration, read once it holds the lock): none when the

@@ -331,7 +331,8 @@ async fn probe_connection(
 async fn take_migration_lock(conn: &mut PgConnection) -> anyhow::Result<()> {
     use sqlx::migrate::Migrate as _;
     super::wait_for_migration_lock(async { Ok(conn.lock().await?) }, super::LockWait::Migration)
-        .await
+        .await?;
+    Ok(())
 }
 
 /// The longest a query waits for a connection, connecting included.

@@ -130,12 +130,12 @@ async fn set_up_lock(file: &Path) -> Option<std::fs::File> {
     let (lock, made) = open_migration_lock(Path::new(&path)).ok()?;
     give_lock_to_database_owner(&lock, made, file);
     let started = std::time::Instant::now();
-    super::wait_for_migration_lock(take_lock(&lock), super::LockWait::SetUp)
+    let said = super::wait_for_migration_lock(take_lock(&lock), super::LockWait::SetUp)
         .await
         .ok()?;
     let set_up_meanwhile = std::fs::metadata(file).is_ok_and(|meta| meta.len() > 0);
     // After the wait was said, what this process does now: it said it waits to set the file up.
-    if started.elapsed() >= super::LOCK_WAIT_SAID_AFTER {
+    if said {
         let waited_s = started.elapsed().as_secs();
         if set_up_meanwhile {
             tracing::info!(
