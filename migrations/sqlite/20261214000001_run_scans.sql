@@ -1,6 +1,6 @@
 -- The statements every reconciliation and catalogue sync starts with read these instead of every
--- run ever kept (sqlite); the run tables only grow. Marking the runs a stopped process left
--- `running` reads those alone; the coverage (the newest successful continuous run's
+-- run ever kept (sqlite); the run tables grow until pruned by hand. Marking the runs a stopped
+-- process left `running` reads those alone; the coverage (the newest successful continuous run's
 -- `covered_until`, or its `started_at`) is the newest entry of its index, and the runs whose
 -- coverage lies ahead of now are read from it by that same expression.
 -- migrations/sqlite and migrations/postgres hold the same version and name.
