@@ -560,16 +560,19 @@ async fn walk(
     let prices_since = prices.await?;
     recheck_unseen_prices(store, client, clock, lock, run_id, prices_since, counts).await?;
     // Only here is the listing known to be complete; an interrupted one deactivates nothing.
-    // Every page was asked for after `started_at`: the absence holds as of the page stamp of
-    // that moment, so only an event newer than that may bring a row back (one of that very
-    // second may, until the deletion's own event, of that second or later, is applied), and a
-    // sync run again within that second, which lists the row again, does.
+    // Every page of the complete pass of a resource was asked for after its `since` (the sync's
+    // start, or the last start over): the absence holds as of the page stamp of that moment, so
+    // only an event newer than that may bring a row back (one of that very second may, until
+    // the deletion's own event, of that second or later, is applied), and a sync run again
+    // within that second, which lists the row again, does. Not the sync's start for a listing
+    // started over: what only its abandoned pass wrote is as of a later page, and would be left.
     let (products, prices) = store
         .deactivate_unseen(
             products_since,
             prices_since,
             clock.now_ms(),
-            page_as_of(started_at),
+            page_as_of(products_since),
+            page_as_of(prices_since),
         )
         .await?;
     counts.products_deactivated = count(products);

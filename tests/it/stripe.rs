@@ -251,9 +251,11 @@ async fn sync_deactivates_what_stripe_no_longer_lists_and_never_deletes() {
 
 /// An event applied while a sync lists (its same-second tie settled by a fetch from Stripe, or
 /// its write waiting on the write lock) is written with the time it was received, which can be
-/// before the sync started, over the row the sync's page wrote: the row then looked unseen by
-/// the complete listing and was deactivated, live in Stripe, until its next event or sync. The
-/// event's state is newer than the listing's start, so the row is left as the event wrote it.
+/// before the sync started. Over a row the sync's page stamped, it moved the stamp back: the row
+/// then looked unseen by the complete listing and was deactivated, live in Stripe, until its next
+/// event or sync; the stamp now stays. A row the listing did not return, holding an event's
+/// state newer than the listing's start (an object that new may be missing from it), is left
+/// as the event wrote it too.
 #[tokio::test]
 async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
     use edgegate::store::{
@@ -270,10 +272,13 @@ async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
     // The page stamp (`sync::page_as_of`) of the listing's start.
     let listing_as_of = (started.div_euclid(1000) - 1) * 1000 - 1;
     let (product, price) = (product_id(1), fake_stripe::price_id(4));
+    // Not in the fake's catalogue: created after the listing's page stamp.
+    let (new_product, new_price) = (product_id(7), fake_stripe::price_id(30));
     let page_as_of =
         |table: &str, id: &str| format!("SELECT last_event_created FROM {table} WHERE id = '{id}'");
-    // Each event is of the second after the one its page counts as of (so newer than the
-    // listing's start), received 100 ms before the sync started and written after its page.
+    // Each event of a listed object is of the second after the one its page counts as of (so
+    // newer than the listing's start), received 100 ms before the sync started and written
+    // after its page; those of the new ones are of the second after the listing's page stamp.
     let received_at = started - 100;
     let product_as_of = scalar!(db, i64, page_as_of("stripe_products", &product)) + 1;
     let price_as_of = scalar!(db, i64, page_as_of("stripe_prices", &price)) + 1;
@@ -285,8 +290,8 @@ async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
         livemode: false,
         received_at,
     };
-    let product_row = ProductRow {
-        id: product.clone(),
+    let product_row = |id: &str, as_of: i64| ProductRow {
+        id: id.to_owned(),
         active: true,
         name: "Renamed".to_owned(),
         description: None,
@@ -298,13 +303,13 @@ async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
         metadata: "{}".to_owned(),
         livemode: false,
         stripe_created: 1_234_567_890_000,
-        stripe_updated: Some(product_as_of),
-        as_of: product_as_of,
+        stripe_updated: Some(as_of),
+        as_of,
         deactivated_at: None,
     };
-    let price_row = PriceRow {
-        id: price.clone(),
-        product_id: product.clone(),
+    let price_row = |id: &str, product: &str, as_of: i64| PriceRow {
+        id: id.to_owned(),
+        product_id: product.to_owned(),
         active: true,
         currency: "usd".to_owned(),
         unit_amount: Some(404),
@@ -327,39 +332,112 @@ async fn a_row_an_event_wrote_late_during_a_sync_is_not_deactivated() {
         metadata: "{}".to_owned(),
         livemode: false,
         stripe_created: 1_234_567_890_000,
-        as_of: price_as_of,
+        as_of,
         deactivated_at: None,
     };
     for (event, effect) in [
         (
             ledger("evt_late_product", "product.updated", product_as_of),
-            StripeEffect::Product(product_row),
+            StripeEffect::Product(product_row(&product, product_as_of)),
         ),
         (
             ledger("evt_late_price", "price.updated", price_as_of),
-            StripeEffect::Price(price_row),
+            StripeEffect::Price(price_row(&price, &product, price_as_of)),
+        ),
+        (
+            ledger("evt_new_product", "product.created", listing_as_of + 1),
+            StripeEffect::Product(product_row(&new_product, listing_as_of + 1)),
+        ),
+        (
+            ledger("evt_new_price", "price.created", listing_as_of + 1),
+            StripeEffect::Price(price_row(&new_price, &new_product, listing_as_of + 1)),
         ),
     ] {
         let receipt = store.apply_stripe_event(&event, &effect, SameSecond::Overwrite);
         assert_eq!(receipt.await.unwrap(), EventReceipt::Applied);
     }
-    let stamped_before = format!(
-        "SELECT (SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' AND synced_at < {started}) \
-         + (SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND synced_at < {started})"
+    let stamped_before = |product: &str, price: &str| {
+        format!(
+            "SELECT (SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' \
+             AND synced_at < {started}) \
+             + (SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND synced_at < {started})"
+        )
+    };
+    assert_eq!(count(&db, &stamped_before(&product, &price)).await, 0);
+    assert_eq!(
+        count(&db, &stamped_before(&new_product, &new_price)).await,
+        2
     );
-    assert_eq!(count(&db, &stamped_before).await, 2);
 
-    let deactivated = store.deactivate_unseen(started, started, now_ms(), listing_as_of);
+    let as_of = listing_as_of;
+    let deactivated = store.deactivate_unseen(started, started, now_ms(), as_of, as_of);
     assert_eq!(deactivated.await.unwrap(), (0, 0));
-    let live = format!(
-        "SELECT (SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' AND active = TRUE \
-         AND deactivated_at IS NULL AND name = 'Renamed') \
-         + (SELECT COUNT(*) FROM stripe_prices WHERE id = '{price}' AND active = TRUE \
-         AND deactivated_at IS NULL AND unit_amount = 404)"
-    );
-    assert_eq!(count(&db, &live).await, 2);
+    let live = "SELECT (SELECT COUNT(*) FROM stripe_products WHERE active = TRUE \
+                AND deactivated_at IS NULL AND name = 'Renamed') \
+                + (SELECT COUNT(*) FROM stripe_prices WHERE active = TRUE \
+                AND deactivated_at IS NULL AND unit_amount = 404)";
+    assert_eq!(count(&db, live).await, 4);
     assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
     assert_eq!(count(&db, PRICES_DEACTIVATED).await, 0);
+}
+
+/// A same-second event whose fetch from Stripe outlasts the start of a sync: event A applied
+/// before the sync, the sync's page (as A left the row, so only stamped), then event B of A's
+/// second, received before the sync started and written after its page, ties with A and
+/// overwrites. It wrote the time it was received as the row's stamp, moving it back before the
+/// sync's start; A's second being older than the listing's, the complete listing then took the
+/// row for unseen and deactivated the product, live in Stripe. A stamp never moves back.
+#[tokio::test]
+async fn a_same_second_event_written_late_does_not_move_a_syncs_stamp_back() {
+    use edgegate::store::{EventReceipt, LedgerEvent, SameSecond, StripeEffect};
+    use edgegate::stripe::objects::Product;
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 3, 9).await;
+    let app = sync_app(&db, &fake, fast_retry()).await;
+    let store = &app.state.store;
+    let product = product_id(1);
+    // Event A, of a whole second well before the sync, with the product as Stripe lists it.
+    let before = now_ms();
+    let created = (before.div_euclid(1000) - 10) * 1000;
+    let object: Product = serde_json::from_value(fake_stripe::product(&fixtures, 1)).unwrap();
+    let ledger = |id: &str, received_at: i64| LedgerEvent {
+        id: id.to_owned(),
+        event_type: "product.updated".to_owned(),
+        created_ms: created,
+        livemode: false,
+        received_at,
+    };
+    let effect = StripeEffect::Product(object.row(created, None));
+    let a = ledger("evt_a", before);
+    let receipt = store.apply_stripe_event(&a, &effect, SameSecond::Overwrite);
+    assert_eq!(receipt.await.unwrap(), EventReceipt::Applied);
+
+    let started = now_ms();
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // The page found the row as A left it: stamped, not written.
+    let as_a_left_it = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{product}' \
+         AND last_event_created = {created} AND synced_at >= {started}"
+    );
+    assert_eq!(count(&db, &as_a_left_it).await, 1);
+
+    // B: A's second, received 100 ms before the sync started, written now.
+    let b = ledger("evt_b", started - 100);
+    let receipt = store.apply_stripe_event(&b, &effect, SameSecond::Overwrite);
+    assert_eq!(receipt.await.unwrap(), EventReceipt::Applied);
+    assert_eq!(count(&db, &as_a_left_it).await, 1);
+
+    // The sync's end, after B: the listing's start and its page stamp (`sync::page_as_of`).
+    let listing_as_of = (started.div_euclid(1000) - 1) * 1000 - 1;
+    assert!(created <= listing_as_of);
+    let as_of = listing_as_of;
+    let deactivated = store.deactivate_unseen(started, started, now_ms(), as_of, as_of);
+    assert_eq!(deactivated.await.unwrap(), (0, 0));
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 0);
+    // Written by this build, as before: no earlier build's row for a sync to rewrite.
+    assert_eq!(store.catalogue_rows_by_earlier_builds().await.unwrap(), 0);
 }
 
 /// Stripe lists only active prices unless asked for inactive ones; an archived price is still
@@ -421,6 +499,52 @@ async fn sync_starts_a_listing_over_when_its_cursor_object_was_deleted() {
     let run = "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'ok' AND products_seen = 249 \
                AND products_deactivated = 1";
     assert_eq!(count(&db, run).await, 1);
+}
+
+/// A listing started over leaves behind what only its abandoned pass saw: a product that pass
+/// wrote (changed in Stripe), asked for seconds after the sync started, then deleted, is not
+/// returned by the complete pass and is deactivated in that run. The pass had written it as of
+/// its page, newer than the sync's start, and rows newer than that were left.
+#[tokio::test]
+async fn a_product_only_an_abandoned_pass_wrote_is_deactivated() {
+    let fixtures = stripe_fixtures!();
+    let db = test_db!();
+    let fake = FakeStripe::start(&fixtures, 350, 6).await;
+    let clock = Clock::manual();
+    let app = sync_app_on_clock(&db, &fake, fast_retry(), clock.clone()).await;
+    let (status, body) = sync(&app.server).await;
+    assert_eq!(status, 200, "{body}");
+    // Products in pages 0-3, active prices 4, archived prices 5.
+    assert_eq!(fake.requests(), 6);
+
+    // The next run's third products page (asked for 3 s after its start, the second one held
+    // meanwhile) writes product 299, changed; the fourth, after it, finds it deleted.
+    clock.advance(Duration::from_secs(1));
+    fake.edit_product(&product_id(299), |product| {
+        product["name"] = json!("Changed")
+    });
+    fake.fault_at(7, Fault::Hold);
+    fake.fault_at(9, Fault::Hold);
+    let running = tokio::spawn(async move {
+        let result = sync(&app.server).await;
+        (result, app)
+    });
+    fake.arrived().await;
+    clock.advance(Duration::from_secs(3));
+    fake.release();
+    fake.arrived().await;
+    let changed = format!(
+        "SELECT COUNT(*) FROM stripe_products WHERE id = '{}' AND name = 'Changed'",
+        product_id(299)
+    );
+    assert_eq!(count(&db, &changed).await, 1);
+    fake.remove_product(&product_id(299));
+    fake.release();
+    let ((status, body), _app) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body, "products"), (349, 1, 1));
+    assert_eq!(count(&db, &deactivated_product(299)).await, 1);
+    assert_eq!(count(&db, PRODUCTS_DEACTIVATED).await, 1);
 }
 
 /// A cursor that keeps vanishing starts the listing over a bounded number of times, then fails

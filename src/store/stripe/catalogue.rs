@@ -139,16 +139,23 @@ const PRODUCT_COLUMNS: (&str, usize) = (
      images, marketing_features, unit_label, url, written_rev, written_synced_at) VALUES ",
     18,
 );
+// `synced_at` never moves back, and `written_synced_at` follows it (the row stays this build's):
+// an event is written with the time it was received, which can be before the start of a sync
+// that stamped the row meanwhile (the event's same-second fetch from Stripe, or the write lock,
+// came first), and the complete listing would take a row stamped before it for unseen.
 const PRODUCT_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET active = excluded.active, name = excluded.name, \
     description = excluded.description, default_price_id = excluded.default_price_id, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, stripe_updated = excluded.stripe_updated, \
-    last_event_created = excluded.last_event_created, synced_at = excluded.synced_at, \
+    last_event_created = excluded.last_event_created, \
+    synced_at = CASE WHEN stripe_products.synced_at > excluded.synced_at \
+    THEN stripe_products.synced_at ELSE excluded.synced_at END, \
     deactivated_at = excluded.deactivated_at, images = excluded.images, \
     marketing_features = COALESCE(excluded.marketing_features, stripe_products.marketing_features), \
     unit_label = excluded.unit_label, \
     url = excluded.url, written_rev = excluded.written_rev, \
-    written_synced_at = excluded.written_synced_at \
+    written_synced_at = CASE WHEN stripe_products.synced_at > excluded.synced_at \
+    THEN stripe_products.synced_at ELSE excluded.synced_at END \
     WHERE (stripe_products.last_event_created IS NULL \
     OR stripe_products.last_event_created <= excluded.last_event_created)";
 const PRODUCT_CHANGED: &str = " AND (stripe_products.deactivated_at IS NOT NULL \
@@ -197,8 +204,11 @@ const PRICE_CONFLICT: &str = " ON CONFLICT (id) DO UPDATE SET product_id = exclu
     lookup_key = excluded.lookup_key, nickname = excluded.nickname, \
     metadata = excluded.metadata, livemode = excluded.livemode, \
     stripe_created = excluded.stripe_created, last_event_created = excluded.last_event_created, \
-    synced_at = excluded.synced_at, deactivated_at = excluded.deactivated_at, \
-    written_rev = excluded.written_rev, written_synced_at = excluded.written_synced_at \
+    synced_at = CASE WHEN stripe_prices.synced_at > excluded.synced_at \
+    THEN stripe_prices.synced_at ELSE excluded.synced_at END, \
+    deactivated_at = excluded.deactivated_at, written_rev = excluded.written_rev, \
+    written_synced_at = CASE WHEN stripe_prices.synced_at > excluded.synced_at \
+    THEN stripe_prices.synced_at ELSE excluded.synced_at END \
     WHERE (stripe_prices.last_event_created IS NULL \
     OR stripe_prices.last_event_created <= excluded.last_event_created)";
 const PRICE_CHANGED: &str = " AND (stripe_prices.deactivated_at IS NOT NULL \
@@ -491,20 +501,21 @@ impl Store {
 
     /// After a complete listing whose products were stamped from `products_since` and prices
     /// from `prices_since` on: marks every row stamped earlier as deactivated (never deleted),
-    /// as of `as_of` (ms, in the unit of webhook events' `created`): its `last_event_created`
-    /// is raised to it, so an older event delivered late (Stripe retries for days) does not
-    /// bring back what the listing found gone. A row holding an event's state newer than
-    /// `as_of` is left: the object was there after the listing began (an event applied while it
-    /// ran can be written with the earlier time it was received, its write having waited on a
-    /// fetch from Stripe or on the write lock, so its stamp says nothing of the listing), and
-    /// a deletion since then comes as an event of its own. Returns (products, prices)
-    /// deactivated.
+    /// as of `products_as_of` and `prices_as_of` (ms, in the unit of webhook events' `created`:
+    /// the page stamp of the time each complete listing began): its `last_event_created` is
+    /// raised to it, so an older event delivered late (Stripe retries for days) does not bring
+    /// back what the listing found gone. A row holding state newer than that is left: an event
+    /// said the object was there after the listing began, which may not have returned an object
+    /// that new, and a deletion since then comes as an event of its own. (An event written late
+    /// over a row the listing stamped keeps the stamp: `synced_at` never moves back.) Returns
+    /// (products, prices) deactivated.
     pub async fn deactivate_unseen(
         &self,
         products_since: i64,
         prices_since: i64,
         now: i64,
-        as_of: i64,
+        products_as_of: i64,
+        prices_as_of: i64,
     ) -> anyhow::Result<(u64, u64)> {
         let products = "UPDATE stripe_products SET active = FALSE, deactivated_at = $1, \
                         last_event_created = $3 \
@@ -519,14 +530,14 @@ impl Store {
             let products = sqlx::query(products)
                 .bind(now)
                 .bind(products_since)
-                .bind(as_of)
+                .bind(products_as_of)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
             let prices = sqlx::query(prices)
                 .bind(now)
                 .bind(prices_since)
-                .bind(as_of)
+                .bind(prices_as_of)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
