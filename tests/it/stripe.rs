@@ -1709,6 +1709,80 @@ async fn an_invoice_payment_failure_delivered_after_its_payment_is_kept() {
     assert_eq!(count(&db, &format!("{kept}{}", (t - 47) * 1000)).await, 1);
 }
 
+/// An invoice event older than its row still merges the time its payment was made or failed;
+/// that merge changes the row as any write does, so it moves `updated_at`, and one that brings
+/// nothing new writes nothing. It left the newer event's `updated_at`, and rewrote the row
+/// every time.
+#[tokio::test]
+async fn an_invoice_merge_moves_updated_at_only_when_it_changes_the_row() {
+    use edgegate::store::{EventReceipt, InvoiceRow, LedgerEvent, SameSecond, StripeEffect};
+    let db = test_db!();
+    let app = webhook_app(&db, WHSEC).await;
+    let store = &app.state.store;
+    let t = now_ms().div_euclid(1000) * 1000;
+    let row = |status: &str, paid_at, payment_failed_at, as_of| InvoiceRow {
+        id: "in_M1".to_owned(),
+        customer_id: Some("cus_M1".to_owned()),
+        subscription_id: None,
+        status: Some(status.to_owned()),
+        amount_due: Some(500),
+        amount_paid: Some(0),
+        currency: Some("usd".to_owned()),
+        paid_at,
+        payment_failed_at,
+        attempt_count: Some(1),
+        livemode: false,
+        stripe_created: t - 60_000,
+        as_of,
+    };
+    let events = [
+        (
+            "evt_M_paid",
+            "invoice.paid",
+            row("paid", Some(t - 47_000), None, t - 47_000),
+            t,
+        ),
+        // Older, delivered later: its failure is news.
+        (
+            "evt_M_failed",
+            "invoice.payment_failed",
+            row("open", None, Some(t - 48_000), t - 48_000),
+            t + 1_000,
+        ),
+        // Older still: nothing new.
+        (
+            "evt_M_failed_0",
+            "invoice.payment_failed",
+            row("open", None, Some(t - 49_000), t - 49_000),
+            t + 2_000,
+        ),
+    ];
+    let updated = "SELECT updated_at FROM stripe_invoices WHERE id = 'in_M1'";
+    let mut seen = Vec::new();
+    for (id, event_type, row, received_at) in events {
+        let event = LedgerEvent {
+            id: id.to_owned(),
+            event_type: event_type.to_owned(),
+            created_ms: row.as_of,
+            livemode: false,
+            received_at,
+        };
+        let effect = StripeEffect::Invoice(row);
+        let receipt = store.apply_stripe_event(&event, &effect, SameSecond::Overwrite);
+        assert_eq!(receipt.await.unwrap(), EventReceipt::Applied);
+        seen.push(scalar!(db, i64, updated));
+    }
+    assert_eq!(seen, [t, t + 1_000, t + 1_000]);
+    let merged = format!(
+        "SELECT COUNT(*) FROM stripe_invoices WHERE id = 'in_M1' AND status = 'paid' \
+         AND paid_at = {} AND payment_failed_at = {} AND last_event_created = {}",
+        t - 47_000,
+        t - 48_000,
+        t - 47_000
+    );
+    assert_eq!(count(&db, &merged).await, 1);
+}
+
 #[tokio::test]
 async fn webhook_failing_to_apply_answers_500_and_leaves_no_ledger_row() {
     stripe_sdk!();

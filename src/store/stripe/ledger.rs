@@ -178,13 +178,16 @@ const INVOICE_UPSERT: &str = "INSERT INTO stripe_invoices (id, customer_id, subs
 /// What an invoice event older than its row still brings: the time its payment was made or
 /// failed, which only that event carries. `paid_at` is kept when set (one payment per invoice);
 /// `payment_failed_at` is the latest failure. Only where the row is strictly newer: a row of the
-/// same second takes the event whole (or, with `strict`, is settled by asking Stripe).
+/// same second takes the event whole (or, with `strict`, is settled by asking Stripe). Written,
+/// with `updated_at`, only when it changes one of the two.
 const INVOICE_MERGE: &str = "UPDATE stripe_invoices SET \
     paid_at = COALESCE(stripe_invoices.paid_at, $2), \
     payment_failed_at = CASE WHEN stripe_invoices.payment_failed_at IS NULL \
     OR stripe_invoices.payment_failed_at < $3 THEN $3 \
-    ELSE stripe_invoices.payment_failed_at END \
-    WHERE id = $1 AND stripe_invoices.last_event_created > $4";
+    ELSE stripe_invoices.payment_failed_at END, updated_at = $5 \
+    WHERE id = $1 AND stripe_invoices.last_event_created > $4 \
+    AND ((stripe_invoices.paid_at IS NULL AND $2 IS NOT NULL) OR ($3 IS NOT NULL \
+    AND (stripe_invoices.payment_failed_at IS NULL OR stripe_invoices.payment_failed_at < $3)))";
 
 /// The main row an effect wrote: its table, id and `as_of`, and how many rows the upsert wrote
 /// (0 when the stored state was newer, or as new under `strict`).
@@ -304,6 +307,7 @@ async fn apply_effect<'e, DB: Engine>(
                     .bind_value(row.paid_at)
                     .bind_value(row.payment_failed_at)
                     .bind_value(row.as_of)
+                    .bind_value(now)
                     .execute(tx.executor())
                     .await?;
             }
