@@ -207,12 +207,14 @@ impl UsageTracker {
         at_ms: i64,
     ) {
         self.callers.count_kind(kind);
-        let _ = self.record_with_caller_by(Wait, verified, kind, route, client, at_ms);
+        self.record_with_caller_by(Wait, verified, kind, route, client, at_ms)
+            .expect("Wait never fails");
     }
 
     /// [`UsageTracker::record_with_caller`] past its metric, taking the locks by `lock`: `None`
-    /// where it would wait for one. Only the callers' lock is ever held alone for long, so a
-    /// model of a request ([`Try`]) is `None` there, before it wrote anything.
+    /// where it would wait for one. With [`Wait`] never `None`; a model of a request ([`Try`])
+    /// is `None` before it wrote anything only where the callers' lock is busy (the tests hold
+    /// no other), and would leave its caller counted without its key if the key counts' were.
     fn record_with_caller_by(
         &self,
         lock: impl Locking,
@@ -270,8 +272,9 @@ impl UsageTracker {
     }
 
     /// [`UsageTracker::take_batch`], taking the locks by `lock`: `None` where it would wait for
-    /// one. Only the callers' lock is ever held alone for long, so a model of a flush ([`Try`])
-    /// is `None` there, before it took anything.
+    /// one. With [`Wait`] never `None`; a model of a flush ([`Try`]) is `None` before it took
+    /// anything only where the callers' lock is busy (the tests hold no other), and would drop
+    /// the callers it took if the key counts' were.
     fn take_batch_by(&self, lock: impl Locking) -> Option<Batch> {
         let mut callers = lock.lock(self.callers.counts())?;
         let caller_rows = CallerTracker::take_from(&mut callers);
@@ -1220,9 +1223,55 @@ mod tests {
         }
         batches.push(batch_counts(&tracker.take_batch()));
         assert_eq!(
+            *WAITED.lock().unwrap(),
+            [true],
+            "the request waited for the flush"
+        );
+        assert_eq!(
             batches,
             [(0, 0), (1, 1)],
             "verifications of the key and of its caller in each batch"
+        );
+    }
+
+    /// Both or neither holds only while the callers' lock is kept until the key counts' is
+    /// taken, by a request and by a flush alike: let go a step earlier, a flush between the
+    /// two took a caller without its key (or a key without its caller). Each taking of the key
+    /// counts' lock says whether the callers' was held then.
+    #[test]
+    fn the_key_counts_lock_is_taken_with_the_callers_still_held() {
+        #[derive(Clone, Copy)]
+        struct Watch<'a> {
+            tracker: &'a UsageTracker,
+            seen: &'a Mutex<Vec<bool>>,
+        }
+        impl Locking for Watch<'_> {
+            fn lock<T>(self, mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+                let key_counts = std::ptr::from_ref(&self.tracker.held).cast::<()>();
+                if std::ptr::from_ref(mutex).cast::<()>() == key_counts {
+                    let callers_held = self.tracker.callers.counts().try_lock().is_err();
+                    self.seen.lock().unwrap().push(callers_held);
+                }
+                Wait.lock(mutex)
+            }
+        }
+        let tracker = UsageTracker::default();
+        let seen = Mutex::new(Vec::new());
+        let watch = Watch {
+            tracker: &tracker,
+            seen: &seen,
+        };
+        let legacy = legacy_verification();
+        let kind = CallerKind::of(&legacy).expect("a legacy caller");
+        tracker
+            .record_with_caller_by(watch, &legacy, kind, "/rest/v1/{table}", "supabase-js", 5)
+            .expect("Wait never fails");
+        let batch = tracker.take_batch_by(watch).expect("Wait never fails");
+        assert_eq!(batch_counts(&batch), (1, 1));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [true, true],
+            "the callers' lock held when the request, then the flush, took the key counts'"
         );
     }
 
