@@ -139,7 +139,8 @@ const PRODUCT_COLUMNS: (&str, usize) = (
      images, marketing_features, unit_label, url, written_rev, written_synced_at) VALUES ",
     18,
 );
-// `synced_at` never moves back, and `written_synced_at` follows it (the row stays this build's):
+// No upsert moves `synced_at` back (a page's seen stamp may, never below its listing's start),
+// and `written_synced_at` follows it (the row stays this build's):
 // an event is written with the time it was received, which can be before the start of a sync
 // that stamped the row meanwhile (the event's same-second fetch from Stripe, or the write lock,
 // came first), and the complete listing would take a row stamped before it for unseen.
@@ -507,7 +508,7 @@ impl Store {
     /// back what the listing found gone. A row holding state newer than that is left: an event
     /// said the object was there after the listing began, which may not have returned an object
     /// that new, and a deletion since then comes as an event of its own. (An event written late
-    /// over a row the listing stamped keeps the stamp: `synced_at` never moves back.) Returns
+    /// over a row the listing stamped keeps the stamp: no upsert moves `synced_at` back.) Returns
     /// (products, prices) deactivated.
     pub async fn deactivate_unseen(
         &self,
