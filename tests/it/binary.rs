@@ -1007,6 +1007,39 @@ async fn check_fails_a_database_that_applied_another_copy_of_a_migration() {
     );
 }
 
+/// `edgegate check` run as a role made for it (PostgreSQL), granted `grants` (`{role}` names it),
+/// and the test's schema and the role dropped after it.
+async fn check_as_a_new_role(
+    db: &TestDb,
+    dir: &std::path::Path,
+    grants: &[&str],
+) -> std::process::Output {
+    let role = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let run = async |admin: &mut sqlx::PgConnection, sql: String| {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(admin)
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    };
+    run(&mut admin, format!("CREATE ROLE {role} NOLOGIN")).await;
+    for grant in grants {
+        run(&mut admin, grant.replace("{role}", &role)).await;
+    }
+    let as_role = db.url.replace(
+        "options=-c%20search_path",
+        &format!("options=-c%20role%3D{role}%20-c%20search_path"),
+    );
+    assert_ne!(as_role, db.url, "the role is not in the URL");
+    let out = output(edgegate(dir, &[("DATABASE_URL", as_role.as_str())]).arg("check"));
+    let drop_schema =
+        "DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$";
+    run(&mut admin, drop_schema.to_owned()).await;
+    run(&mut admin, format!("DROP ROLE {role}")).await;
+    admin.close().await.unwrap();
+    out
+}
+
 /// `check` fails the database line with the reason when the applied migrations cannot be read:
 /// every error reading them was shown as "0 migrations applied" (serve would migrate it), which
 /// only a database never migrated, with no table of migrations, is. Here on PostgreSQL a role
@@ -1020,38 +1053,10 @@ async fn check_fails_with_the_reason_when_the_applied_migrations_cannot_be_read(
     db.store().await.close().await;
     let dir = tempfile::tempdir().unwrap();
     let (out, reason) = if db.is_postgres() {
-        let role = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        // Made for this test and dropped after it: USAGE on the schema, nothing on its tables.
-        for sql in [
-            format!("CREATE ROLE {role} NOLOGIN"),
-            format!(
-                "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', \
-                 current_schema()); END $$"
-            ),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut admin)
-                .await
-                .unwrap_or_else(|err| panic!("{sql}: {err}"));
-        }
-        let as_role = db.url.replace(
-            "options=-c%20search_path",
-            &format!("options=-c%20role%3D{role}%20-c%20search_path"),
-        );
-        assert_ne!(as_role, db.url, "the role is not in the URL");
-        let out = output(edgegate(dir.path(), &[("DATABASE_URL", as_role.as_str())]).arg("check"));
-        for sql in [
-            "DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$"
-                .to_owned(),
-            format!("DROP ROLE {role}"),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut admin)
-                .await
-                .unwrap_or_else(|err| panic!("{sql}: {err}"));
-        }
-        admin.close().await.unwrap();
+        // USAGE on the schema, nothing on its tables.
+        let usage = "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', \
+                     current_schema()); END $$";
+        let out = check_as_a_new_role(&db, dir.path(), &[usage]).await;
         (out, "permission denied for table _sqlx_migrations")
     } else {
         let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
@@ -1083,38 +1088,11 @@ async fn check_fails_with_the_reason_when_the_applied_migrations_cannot_be_read(
 /// fails the database line with that reason now.
 #[tokio::test]
 async fn check_fails_with_the_reason_when_the_role_may_not_use_the_schema() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
-    if !db.is_postgres() {
-        return;
-    }
+    let db = crate::postgres_db!();
     db.store().await.close().await;
     let dir = tempfile::tempdir().unwrap();
-    let role = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    // Made for this test and dropped after it: nothing granted, not even USAGE on the schema.
-    let sql = format!("CREATE ROLE {role} NOLOGIN");
-    sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|err| panic!("{sql}: {err}"));
-    let as_role = db.url.replace(
-        "options=-c%20search_path",
-        &format!("options=-c%20role%3D{role}%20-c%20search_path"),
-    );
-    assert_ne!(as_role, db.url, "the role is not in the URL");
-    let out = output(edgegate(dir.path(), &[("DATABASE_URL", as_role.as_str())]).arg("check"));
-    for sql in [
-        "DO $$ BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', current_schema()); END $$".to_owned(),
-        format!("DROP ROLE {role}"),
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(&mut admin)
-            .await
-            .unwrap_or_else(|err| panic!("{sql}: {err}"));
-    }
-    admin.close().await.unwrap();
+    // Nothing granted, not even USAGE on the schema.
+    let out = check_as_a_new_role(&db, dir.path(), &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let database = database_line(&stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
