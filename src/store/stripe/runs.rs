@@ -955,8 +955,9 @@ mod tests {
         assert!(missed.is_empty(), "plans without their index: {missed:#?}");
     }
 
-    /// On PostgreSQL, with sequential scans priced out (the test's tables are empty, where a
-    /// scan is cheapest): a plan that can read the index does, one that cannot still scans.
+    /// On PostgreSQL, with sequential scans priced out (in a test's small tables a scan is
+    /// cheapest: `sync_runs` is empty, `reconcile_runs` holds 5,000 analysed runs): a plan that
+    /// can read the index does, one that cannot still scans.
     #[tokio::test]
     async fn the_runs_scans_read_their_index_on_postgres() {
         let Some(base) = std::env::var("TEST_POSTGRES_URL")
