@@ -268,7 +268,7 @@ impl UsageTracker {
     /// held while the callers are settled. Returns the key counts as rows, the earliest
     /// verification among them, and the callers.
     fn take_batch(&self) -> Batch {
-        self.take_batch_by(Wait).unwrap_or_default()
+        self.take_batch_by(Wait).expect("Wait never fails")
     }
 
     /// [`UsageTracker::take_batch`], taking the locks by `lock`: `None` where it would wait for
