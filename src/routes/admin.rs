@@ -113,7 +113,11 @@ pub async fn refresh(
         }
         Err(err) => {
             audit(&state, &principal, "refresh_signing_keys", "upstream_error").await;
-            let kept = if fetcher.status().stats.last_success_unix.is_some() {
+            let stats = fetcher.status().stats;
+            let kept = if stats.expired {
+                "the last good key set went stale for more than 24 h past its freshness and its \
+                 keys were dropped, so tokens signed by signing keys are refused"
+            } else if stats.last_success_unix.is_some() {
                 "the last good key set stays in use"
             } else {
                 "no key set has been fetched yet, so tokens signed by signing keys are refused"

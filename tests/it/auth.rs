@@ -1041,3 +1041,58 @@ async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
         "{metrics}"
     );
 }
+
+/// A set that went stale beyond 24 h past its freshness had its keys dropped: a forced refresh
+/// that fails then says so, not that "the last good key set stays in use", while every
+/// signing-key token is refused.
+#[tokio::test]
+async fn a_refresh_that_fails_after_the_set_expired_says_its_keys_were_dropped() {
+    let db = test_db!();
+    let es = SigningKey::generate(Alg::ES256).unwrap();
+    let host = JwksHost::start(json!([es.public_jwk()])).await;
+    let clock = Clock::manual();
+    let server = app_with_clock(&db, &host, &[], clock.clone()).await;
+    force_refresh(&server).await;
+    assert_eq!(bearer(&server, &user_token(&es)).await.0, 200);
+
+    // Past the set's freshness (max-age 600, jittered up to 10 %) and 24 h more; the host now
+    // serves what is no key set.
+    clock.advance(Duration::from_secs(660 + 86_400 + 60));
+    host.set_keys(json!("garbage"));
+    let response = server
+        .client
+        .post(server.url("/admin/signing-keys/refresh"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("stays in use"), "{body}");
+    assert!(
+        message.contains("stale for more than 24 h") && message.contains("keys were dropped"),
+        "{body}"
+    );
+    // A token live by the app's clock: refused because no fetched key is left.
+    let token = es
+        .token(&user_claims(
+            ISSUER,
+            "authenticated",
+            "user-1",
+            clock.unix_now(),
+            3600,
+        ))
+        .unwrap();
+    let (status, body) = bearer(&server, &token).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &json!("UNAUTHORIZED_ASYMMETRIC_JWT")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no signing key matches the token's kid"),
+        "{body}"
+    );
+}
