@@ -560,12 +560,15 @@ impl JwksFetcher {
                 stats.expired.store(false, Ordering::Relaxed);
             }
             Err(e) => {
+                let ring = self.inner.ring.load();
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
                 state.last_error = Some(e.to_string());
-                state.next_delay = self.backoff(state.consecutive_failures);
+                state.next_delay = self.backoff(
+                    state.consecutive_failures,
+                    ring.fetched_info().map(|info| info.ttl),
+                );
                 let stats = &self.inner.stats;
                 stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
-                let ring = self.inner.ring.load();
                 if state.last_success.is_none() {
                     // No set was ever fetched: every signing-key token is refused, as with a
                     // set gone stale, and it reads so (the runbook alerts on stale).
@@ -594,8 +597,16 @@ impl JwksFetcher {
         result
     }
 
-    fn backoff(&self, failures: u32) -> Duration {
-        let step = backoff::exponential(BACKOFF_START, failures, self.inner.cfg.ttl);
+    /// The wait after `failures` failed fetches in a row: 5 s doubling, never longer than the
+    /// schedule would wait: the held set's freshness (`held`, its `max-age`), the configured TTL,
+    /// and [`MAX_AGE_BOUNDS`]'s ceiling. Capped by the configured TTL alone, a day-long
+    /// `JWKS_CACHE_TTL_SECONDS` (which a `max-age` overrides) let an outage of hours put the next
+    /// fetch hours after the host came back.
+    fn backoff(&self, failures: u32, held: Option<Duration>) -> Duration {
+        let cap = held
+            .map_or(self.inner.cfg.ttl, |ttl| ttl.min(self.inner.cfg.ttl))
+            .min(MAX_AGE_BOUNDS.1);
+        let step = backoff::exponential(BACKOFF_START, failures, cap);
         backoff::jitter(step).max(self.inner.cfg.min_refresh)
     }
 

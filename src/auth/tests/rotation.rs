@@ -560,7 +560,8 @@ async fn cache_control_etag_and_backoff() {
             .is_ok()
     );
 
-    // Failures back off exponentially from 5 s, never under min_refresh (30 s), capped at the TTL (600 s).
+    // Failures back off exponentially from 5 s, never under min_refresh (30 s), capped at the
+    // held set's freshness (max-age=45 ±10 %), below the TTL (600 s).
     host.update(|r| {
         r.status = 500;
         r.etag = None;
@@ -575,8 +576,13 @@ async fn cache_control_etag_and_backoff() {
         "{dues:?}"
     );
     assert!((36.0..=44.0).contains(&dues[3]), "{dues:?}");
-    assert!((72.0..=88.0).contains(&dues[4]), "{dues:?}");
-    assert!(dues[9] <= 660.0 && dues[9] >= 540.0, "{dues:?}");
+    let held = whole.ttl.as_secs_f64();
+    assert!(
+        dues[4..]
+            .iter()
+            .all(|d| (held * 0.9 - 0.01..=held * 1.1 + 0.01).contains(d)),
+        "{held}: {dues:?}"
+    );
 }
 
 #[tokio::test]
@@ -787,6 +793,40 @@ async fn a_long_ttl_keeps_the_set_for_max_stale_after_it_goes_stale() {
     assert!(matches!(fetcher.refresh_if_due().await, Some(Err(_))));
     assert!(fetcher.status().stats.expired);
     assert_eq!(auth.key_ring().load().fetched_len(), 0);
+}
+
+/// The failure back-off is capped by the held set's own freshness (its `max-age`), not only by
+/// `JWKS_CACHE_TTL_SECONDS`: a day-long setting, which does nothing against Supabase's
+/// `max-age=600`, let a six-hour outage grow the back-off to about 10 h, so after the host came
+/// back the set was not refetched for hours (a removed key kept verifying).
+#[tokio::test]
+async fn the_failure_backoff_is_capped_by_the_held_sets_freshness() {
+    let k1 = TestKey::es256("k1");
+    let host = JwksHost::start(&[k1.public_jwk()]).await;
+    host.update(|r| r.cache_control = Some("public, max-age=600".into()));
+    let clock = Clock::manual();
+    let settings = AuthSettings {
+        jwks_url: Some(host.url.clone()),
+        issuers: Some(vec![ISS.to_owned()]),
+        min_refresh: Duration::from_secs(30),
+        cache_ttl: Duration::from_secs(86_400),
+        ..AuthSettings::default()
+    };
+    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let fetcher = auth.fetcher().expect("fetcher");
+    let ttl = fetcher.refresh_now().await.expect("fetch").ttl;
+    assert!(ttl <= Duration::from_secs(660), "{ttl:?}");
+
+    host.update(|r| r.status = 503);
+    let mut dues = Vec::new();
+    for _ in 0..15 {
+        // The manual clock counts whole milliseconds: one more makes the fetch due.
+        clock.advance(fetcher.time_until_due() + Duration::from_millis(1));
+        assert!(matches!(fetcher.refresh_if_due().await, Some(Err(_))));
+        dues.push(fetcher.time_until_due().as_secs());
+    }
+    // At most the set's freshness (600 s ±10 %), with the back-off's own ±10 % jitter on it.
+    assert!(dues.iter().all(|due| *due <= 726), "{dues:?}");
 }
 
 /// A fetch that ends between a request's look at the ring and its refetch request puts that
