@@ -435,12 +435,20 @@ impl Authenticator {
     /// session. A signing key's token is refused before any key is looked up (an unknown `kid`
     /// there costs no JWKS fetch); a session, or what another key verified, after: both
     /// [`AuthError::InvalidApiKey`]. A legacy key the legacy secret does not verify (a wrong or
-    /// revoked secret, expired) keeps its legacy code, the one the runbook counts.
+    /// revoked secret, expired) keeps its legacy code, the one the runbook counts. Anything else
+    /// that fails matches no configured key either, [`AuthError::InvalidApiKey`] too: three
+    /// parts that are no JWT, an `alg` outside the four (`none` included), a signing key's token
+    /// whose header is refused (`jku`, `crit`, a malformed `kid`), which answered the Bearer's
+    /// codes (`UNAUTHORIZED_INVALID_JWT_FORMAT`, `…_UNSUPPORTED_TOKEN_ALGORITHM`,
+    /// `…_ASYMMETRIC_JWT`, counted under `source="signing_key"`).
     pub async fn verify_legacy_key(&self, token: &str) -> Result<Verified, AuthError> {
         if unverified_alg(token).is_some_and(|alg| alg != Alg::HS256) {
             return Err(AuthError::InvalidApiKey);
         }
-        let verified = self.verify_bearer(token).await?;
+        let verified = self.verify_bearer(token).await.map_err(|err| match err {
+            AuthError::Legacy(_) | AuthError::LegacyRevoked => err,
+            _ => AuthError::InvalidApiKey,
+        })?;
         if verified.source == KeySource::LegacySecret
             && LegacyKind::of(&verified) != LegacyKind::UserSession
         {

@@ -339,6 +339,39 @@ async fn apikey_counts_only_an_api_key_never_a_session_or_a_signing_keys_token()
             "{what}: {body}"
         );
     }
+    // JWT-shaped values whose header is refused, or that are no JWT at all, match no key
+    // either: they answered the Bearer codes (`UNAUTHORIZED_ASYMMETRIC_JWT`,
+    // `UNAUTHORIZED_INVALID_JWT_FORMAT`, `UNAUTHORIZED_UNSUPPORTED_TOKEN_ALGORITHM`).
+    let b64 = |value: &Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    let signed = user_token(&es);
+    let rest = signed.split_once('.').unwrap().1;
+    let kid = es.public_jwk()["kid"].clone();
+    let with_header = |header: Value| format!("{}.{rest}", b64(&header));
+    for (what, token) in [
+        (
+            "a signing key's token with jku",
+            with_header(json!({"alg": "ES256", "kid": kid, "jku": "https://example.com/jwks"})),
+        ),
+        (
+            "a signing key's token with a kid of 300 bytes",
+            with_header(json!({"alg": "ES256", "kid": "k".repeat(300)})),
+        ),
+        ("three parts that are no JWT", "x.y.z".to_owned()),
+        (
+            "alg none",
+            with_header(json!({"alg": "none", "typ": "JWT"})),
+        ),
+    ] {
+        let (status, _, body) = call(&server, &[("apikey", &token)]).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("UNAUTHORIZED_INVALID_API_KEY")),
+            "{what}: {body}"
+        );
+    }
     let (status, _, body) = call(&server, &[("apikey", &legacy_key("anon"))]).await;
     assert_eq!((status, &body["role"]), (200, &json!("anon")), "{body}");
 
