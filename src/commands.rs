@@ -187,6 +187,19 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     ),
                 }
             }
+            // Run as root, which may create files anywhere: judged for serve's user.
+            None if let SqliteServerAccess::Refused(problem) =
+                sqlite_directory_not_writable(&config.database_url) =>
+            {
+                CheckLine {
+                    item: "database",
+                    ok: false,
+                    detail: format!(
+                        "{}: not there, and {problem}",
+                        config.database_url.redacted()
+                    ),
+                }
+            }
             // A -wal or -shm of another user's left behind, which serve stops on.
             None if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
                 item: "database",
@@ -196,14 +209,22 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     config.database_url.redacted()
                 ),
             },
-            None => unjudged(CheckLine {
-                item: "database",
-                ok: true,
-                detail: format!(
-                    "{}: not there yet; serve creates it and migrates it at start",
-                    config.database_url.redacted()
-                ),
-            }),
+            None => {
+                let mut line = unjudged(CheckLine {
+                    item: "database",
+                    ok: true,
+                    detail: format!(
+                        "{}: not there yet; serve creates it and migrates it at start",
+                        config.database_url.redacted()
+                    ),
+                });
+                if let SqliteServerAccess::CannotTell(note) =
+                    sqlite_directory_not_writable(&config.database_url)
+                {
+                    line.detail = format!("{}; {note}", line.detail);
+                }
+                line
+            }
             Some(problem) => CheckLine {
                 item: "database",
                 ok: false,
@@ -508,6 +529,22 @@ fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     }
     let options = SqliteConnectOptions::from_str(url.expose()).ok()?;
     crate::store::unwritable_sqlite_directory(options.get_filename())
+}
+
+/// What keeps serve, as the user it runs as, from creating the missing SQLite file `url` names
+/// in its directory, which exists, for `check` run as root (see
+/// `store::sqlite_directory_not_writable_by_server`); allowed for PostgreSQL, or a URL SQLite
+/// cannot use.
+fn sqlite_directory_not_writable(url: &DatabaseUrl) -> SqliteServerAccess {
+    if url.is_postgres() {
+        return SqliteServerAccess::Allowed;
+    }
+    match SqliteConnectOptions::from_str(url.expose()) {
+        Ok(options) => {
+            crate::store::sqlite_directory_not_writable_by_server(options.get_filename())
+        }
+        Err(_) => SqliteServerAccess::Allowed,
+    }
 }
 
 /// What keeps serve, as the user it runs as, from reading and writing the SQLite file `url`

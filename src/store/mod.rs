@@ -53,6 +53,7 @@ pub(crate) use sqlite::is_damage as is_sqlite_damage;
 /// applied and no release will ship again: not a newer release's
 /// ([`Store::migrations_unknown`]). 20261210000001: shipped in 3eb0f9e, deleted in 0552c88.
 const RETIRED_MIGRATIONS: [i64; 1] = [20261210000001];
+pub(crate) use sqlite::directory_not_writable_by_server as sqlite_directory_not_writable_by_server;
 pub(crate) use sqlite::is_empty_database as is_empty_sqlite_database;
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;

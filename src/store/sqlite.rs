@@ -465,31 +465,159 @@ enum ModeSays {
 /// owner, group and mode bits; [`ModeSays::CannotTell`] where those do not decide it.
 fn mode_says(path: &Path, meta: &std::fs::Metadata, server: &Server) -> ModeSays {
     use std::os::unix::fs::MetadataExt as _;
-    if rustix::fs::getxattr(path, "system.posix_acl_access", &mut [0u8; 0][..]).is_ok() {
+    if has_acl(path) {
         return ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned());
     }
-    let rw = |bits: u32| bits & 0o6 == 0o6;
-    let (bits, whose) = if meta.uid() == server.uid {
-        (meta.mode() >> 6, "its owner's")
-    } else if meta.gid() == server.gid {
-        (meta.mode() >> 3, "its group's")
-    } else if rw(meta.mode() >> 3) && !rw(meta.mode()) {
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode(),
+    };
+    bits_say(&owner, server, &READ_WRITE)
+}
+
+/// Whether `path` has an access ACL, which its mode does not show.
+fn has_acl(path: &Path) -> bool {
+    rustix::fs::getxattr(path, "system.posix_acl_access", &mut [0u8; 0][..]).is_ok()
+}
+
+/// A file's owner, group and mode, as its metadata gives them.
+struct Owner {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+/// The permission bits [`bits_say`] looks for, and how its answers name them.
+struct Wanted {
+    /// In the "others" position: `0o6` for reading and writing.
+    bits: u32,
+    /// As "only its group (gid …) may {verb} it".
+    verb: &'static str,
+    /// As "permissions in its mode do not give {noun}".
+    noun: &'static str,
+}
+
+/// A database file's: reading and writing.
+const READ_WRITE: Wanted = Wanted {
+    bits: 0o6,
+    verb: "read and write",
+    noun: "reading and writing",
+};
+
+/// A directory SQLite creates the database and its -wal and -shm files in: writing and
+/// searching.
+const CREATE_IN: Wanted = Wanted {
+    bits: 0o3,
+    verb: "create files in",
+    noun: "writing and searching",
+};
+
+/// What `owner`'s owner, group and mode bits say of `server` having the permissions `wanted`
+/// names; [`ModeSays::CannotTell`] where only its group has them (`server`'s supplementary
+/// groups are not known here).
+fn bits_say(owner: &Owner, server: &Server, wanted: &Wanted) -> ModeSays {
+    let has = |bits: u32| bits & wanted.bits == wanted.bits;
+    let (bits, whose) = if owner.uid == server.uid {
+        (owner.mode >> 6, "its owner's")
+    } else if owner.gid == server.gid {
+        (owner.mode >> 3, "its group's")
+    } else if has(owner.mode >> 3) && !has(owner.mode) {
         return ModeSays::CannotTell(format!(
-            "only its group (gid {}) may read and write it, and uid {}'s supplementary groups \
-             are not known here",
-            meta.gid(),
-            server.uid
+            "only its group (gid {}) may {} it, and uid {}'s supplementary groups are not known \
+             here",
+            owner.gid, wanted.verb, server.uid
         ));
     } else {
-        (meta.mode(), "others'")
+        (owner.mode, "others'")
     };
-    if rw(bits) {
+    if has(bits) {
         ModeSays::Allowed
     } else {
         ModeSays::Refused(format!(
-            "uid {} may not: {whose} permissions in its mode do not give reading and writing",
-            server.uid
+            "uid {} may not: {whose} permissions in its mode do not give {}",
+            server.uid, wanted.noun
         ))
+    }
+}
+
+/// The image's user (`USER 10001:10001` in the Dockerfile): the user `check` run as root
+/// names when nothing it finds tells it which user serve runs as.
+const IMAGE_USER: u32 = 10_001;
+
+/// What `check`, run as root, makes of the user serve runs as creating the missing database
+/// `file` in its directory, which exists: root may create files anywhere, so the probe of
+/// [`unwritable_directory`] said ok of a directory of root's, mode 0755, where serve (uid 10001)
+/// then stopped ("its directory … cannot be written to"). Judged for [`judged_server`]'s user
+/// from the directory's owner, group and mode. Allowed when not run as root (the probe judged
+/// it for this user).
+pub(crate) fn directory_not_writable_by_server(file: &Path) -> ServerAccess {
+    use std::os::unix::fs::MetadataExt as _;
+    if !rustix::process::geteuid().is_root() {
+        return ServerAccess::Allowed;
+    }
+    let resolved = resolved(file);
+    let directory = match resolved.parent() {
+        Some(directory) if !directory.as_os_str().is_empty() => directory,
+        _ => Path::new("."),
+    };
+    let Ok(meta) = std::fs::metadata(directory) else {
+        return ServerAccess::Allowed;
+    };
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode(),
+    };
+    directory_verdict(directory, &owner, has_acl(directory), &judged_server(file))
+}
+
+/// [`directory_not_writable_by_server`]'s verdict on `directory` (its `owner`, group and mode,
+/// and whether it has an ACL) for `server`, the user [`judged_server`] took for serve's. Where
+/// that is root for want of another owner (`whose` is `None`: the directory is root's), serve's
+/// user is not known: judged for the image's user (uid 10001), and a refusal is said, not
+/// failed (serve may run as root).
+fn directory_verdict(directory: &Path, owner: &Owner, acl: bool, server: &Server) -> ServerAccess {
+    let shown = shell_quoted(directory);
+    let image_user = Server {
+        uid: IMAGE_USER,
+        gid: IMAGE_USER,
+        whose: Some("the image's user".to_owned()),
+    };
+    let (judged, guessed) = match server.whose {
+        Some(_) => (server, false),
+        None => (&image_user, true),
+    };
+    let whose = judged.whose.as_deref().unwrap_or_default();
+    let says = if acl {
+        ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned())
+    } else {
+        bits_say(owner, judged, &CREATE_IN)
+    };
+    match says {
+        ModeSays::Allowed => ServerAccess::Allowed,
+        ModeSays::Refused(why) if guessed => ServerAccess::CannotTell(format!(
+            "cannot tell which user serve runs as: its directory {shown} is root's with mode \
+             {:o}, and {why}; serve run as uid {} ({whose}) cannot create the database there: \
+             make the directory writable by that user, or run check as it (fly ssh console \
+             --user edgegate)",
+            owner.mode & 0o7777,
+            judged.uid
+        )),
+        ModeSays::Refused(why) => ServerAccess::Refused(format!(
+            "its directory {shown} (uid {}, mode {:o}) cannot be written to by uid {} ({whose}, \
+             taken for the user serve runs as): {why}; edgegate creates the database and its \
+             -wal and -shm files there; make it writable by uid {}",
+            owner.uid,
+            owner.mode & 0o7777,
+            judged.uid,
+            judged.uid
+        )),
+        ModeSays::CannotTell(why) => ServerAccess::CannotTell(format!(
+            "cannot tell whether uid {} ({whose}, taken for the user serve runs as) may create \
+             the database in its directory {shown} ({why}); not judged here",
+            judged.uid
+        )),
     }
 }
 
@@ -984,6 +1112,78 @@ mod tests {
         assert!(!is_damage(&err), "{err:#}");
         pool.close().await;
         assert!(!is_damage(&anyhow::Error::new(sqlx::Error::PoolTimedOut)));
+    }
+
+    /// `check` run as root judges a missing database's directory for the user serve runs as:
+    /// root may create files in any directory, so it said "ok … not there yet; serve creates
+    /// it" of a directory of root's with mode 0755, where serve (uid 10001) then stopped.
+    #[test]
+    fn a_missing_databases_directory_is_judged_for_the_serve_user() {
+        let directory = Path::new("/data");
+        let owned = |uid: u32, gid: u32, mode: u32| Owner { uid, gid, mode };
+        let serve = |uid: u32| Server {
+            uid,
+            gid: uid,
+            whose: Some("the owner of /data".to_owned()),
+        };
+        // Root, for want of another owner: serve's user is not known.
+        let root = Server {
+            uid: 0,
+            gid: 0,
+            whose: None,
+        };
+        let verdict = |owner: &Owner, acl: bool, server: &Server| {
+            directory_verdict(directory, owner, acl, server)
+        };
+
+        // Judged for uid 10001: a directory of root's, mode 0755, is not ok.
+        let ServerAccess::Refused(problem) = verdict(&owned(0, 0, 0o40755), false, &serve(10_001))
+        else {
+            panic!("a directory of root's, mode 0755, is no place uid 10001 can create files in");
+        };
+        assert!(
+            problem.contains("/data") && problem.contains("uid 10001"),
+            "{problem}"
+        );
+        // Its owner's and mode 0755: ok; its owner's without write: not ok.
+        assert!(matches!(
+            verdict(&owned(10_001, 10_001, 0o40755), false, &serve(10_001)),
+            ServerAccess::Allowed
+        ));
+        assert!(matches!(
+            verdict(&owned(10_001, 10_001, 0o40555), false, &serve(10_001)),
+            ServerAccess::Refused(_)
+        ));
+        // A group of which uid 10001 may be a supplementary member, or an ACL: not judged.
+        assert!(matches!(
+            verdict(&owned(0, 50, 0o40775), false, &serve(10_001)),
+            ServerAccess::CannotTell(_)
+        ));
+        assert!(matches!(
+            verdict(&owned(0, 0, 0o40755), true, &serve(10_001)),
+            ServerAccess::CannotTell(_)
+        ));
+
+        // Root's directory, and no other owner to take for serve's: said for the image's user
+        // (uid 10001), not failed (serve may run as root).
+        let ServerAccess::CannotTell(note) = verdict(&owned(0, 0, 0o40755), false, &root) else {
+            panic!("a directory of root's, mode 0755, said ok of, run as root");
+        };
+        assert!(
+            note.contains("cannot tell") && note.contains("uid 10001") && note.contains("/data"),
+            "{note}"
+        );
+        // One uid 10001 may create files in: ok.
+        for mode in [0o40777, 0o41777] {
+            assert!(matches!(
+                verdict(&owned(0, 0, mode), false, &root),
+                ServerAccess::Allowed
+            ));
+        }
+        assert!(matches!(
+            verdict(&owned(0, 10_001, 0o40775), false, &root),
+            ServerAccess::Allowed
+        ));
     }
 
     #[test]
