@@ -25,7 +25,11 @@
 //!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
 //!   other HTTP/2 streams come and go. Every answer is small and buffered whole, so a client that
 //!   reads at all has it well within that. An answer counts as sent when hyper drops its body
-//!   ([`Answer`]): after writing its end, or when the stream is reset.
+//!   ([`Answer`]): after writing its end, or when the stream is reset;
+//! - a connection whose answer is being written (an HTTP/1 answer from its handler's end until
+//!   hyper's flush of it ends, and any connection while a write finds the socket full) is not
+//!   idle for a client waiting for a connection slot, so its answer is not cut; its deadline is
+//!   the same.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read and a lazily allocated timer per connection.
@@ -120,6 +124,12 @@ pub(crate) struct ConnState {
     /// The last HTTP/1 request's body has not been read to its end (yet): closing the connection
     /// now would reset it while the client may still be sending.
     body_unread: AtomicBool,
+    /// An answer is being written: set when an HTTP/1 handler answers (before the connection
+    /// counts as idle, so no waiting client can take its slot before hyper writes) and when a
+    /// write or flush finds the socket full, cleared when a flush ends (everything hyper had is
+    /// then in the kernel's buffer). A connection whose client is still taking its answer is not
+    /// idle; its deadline stays the idle timeout. A store on the write path, no lock.
+    writing: AtomicBool,
     /// The IO task, woken when an idle deadline is set from another task (an HTTP/2 stream).
     waker: AtomicWaker,
 }
@@ -135,6 +145,7 @@ impl ConnState {
             deadline_ms: AtomicU64::new(NO_DEADLINE),
             http1: AtomicBool::new(false),
             body_unread: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         };
         state.deadline_ms.store(
@@ -192,17 +203,23 @@ impl ConnState {
     }
 
     /// Whether nothing is under way on a connection that has served a request: an idle
-    /// keep-alive connection, which the client is not waiting on, nor sending a request on.
-    fn idle(work: &Work) -> bool {
+    /// keep-alive connection, which the client is not waiting on (no request in flight, no answer
+    /// unsent nor being written), nor sending a request on. A lingering one is idle: its answer
+    /// is written.
+    fn idle(&self, work: &Work) -> bool {
         work.lingering
-            || work.served && work.in_flight == 0 && work.unsent.is_empty() && !work.head_begun
+            || work.served
+                && work.in_flight == 0
+                && work.unsent.is_empty()
+                && !work.head_begun
+                && !self.writing.load(Ordering::Relaxed)
     }
 
     /// Since when the connection has been idle, when it is an idle keep-alive one. (Not its
     /// deadline: a head begun on it moves that earlier.)
     pub(crate) fn idle_since(&self) -> Option<Instant> {
         let work = self.work();
-        if Self::idle(&work) {
+        if self.idle(&work) {
             work.idle_since
         } else {
             None
@@ -213,7 +230,7 @@ impl ConnState {
     /// poll, as at its idle deadline); whether it was.
     pub(crate) fn close_if_idle(&self) -> bool {
         let work = self.work();
-        if !Self::idle(&work) {
+        if !self.idle(&work) {
             return false;
         }
         self.deadline_ms.store(0, Ordering::Release);
@@ -507,6 +524,13 @@ impl<T> TimedIo<T> {
         Poll::Ready(Err(timed_out()))
     }
 
+    /// Called when a write or flush is not ready: the client is taking an answer (so the
+    /// connection is not idle) until a flush ends.
+    fn write_pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        self.state.writing.store(true, Ordering::Relaxed);
+        self.pending_or_expired(cx)
+    }
+
     fn expired(&self) -> bool {
         self.state
             .deadline()
@@ -615,7 +639,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Pending => this.pending_or_expired(cx),
+            Poll::Pending => this.write_pending(cx),
             ready => ready,
         }
     }
@@ -627,7 +651,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.pending_or_expired(cx),
+            Poll::Pending => this.write_pending(cx),
             ready => ready,
         }
     }
@@ -639,7 +663,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => this.pending_or_expired(cx),
+            Poll::Pending => this.write_pending(cx),
+            Poll::Ready(Ok(())) => {
+                // What hyper (or TLS above it) had to write is in the kernel's buffer.
+                this.state.writing.store(false, Ordering::Relaxed);
+                Poll::Ready(Ok(()))
+            }
             ready => ready,
         }
     }
@@ -703,8 +732,13 @@ where
             // The handler is done: its answer must be sent within the idle timeout (an HTTP/2
             // client that never opens its window must not hold it for ever). An HTTP/1
             // connection reads no next request while an answer is being written, so the idle
-            // deadline its handler's end sets already covers that answer.
+            // deadline its handler's end sets already covers that answer; the connection is not
+            // idle for a waiting client, though, until the answer is written (`writing`, set
+            // before the request ends: hyper writes it in this task, after this future).
             let unsent = hold_back.then(|| state.answer_unsent());
+            if !hold_back {
+                state.writing.store(true, Ordering::Relaxed);
+            }
             drop(in_flight);
             Ok(response.map(|inner| Answer {
                 inner,
@@ -805,6 +839,50 @@ mod tests {
         assert!(state.close_if_idle());
         assert!(state.deadline().unwrap() <= Instant::now());
         assert!(!state.linger_begins(), "once");
+    }
+
+    /// An HTTP/1 handler's answer is written after it returns: the connection is not idle for a
+    /// waiting client until hyper's flush ends, nor while a write finds the socket full.
+    #[tokio::test]
+    async fn a_connection_writing_its_answer_is_not_idle_until_its_flush_ends() {
+        use futures_util::FutureExt as _;
+        use http_body_util::Empty;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let state = ConnState::new(&limits());
+        let service = Tracked::new(
+            hyper::service::service_fn(|_: Request<Received<Empty<Bytes>>>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+            }),
+            state.clone(),
+        );
+        let request = Request::new(Empty::<Bytes>::new());
+        let answer = hyper::service::Service::call(&service, request)
+            .await
+            .unwrap();
+        assert!(state.idle_since().is_none(), "answered, not written yet");
+        assert!(!state.close_if_idle());
+
+        let (mut client, server) = tokio::io::duplex(16);
+        let mut io = TimedIo::new(server, state.clone());
+        io.flush().await.unwrap();
+        assert!(state.idle_since().is_some(), "written");
+
+        // The client's side is full: the write waits, and the connection is not idle.
+        io.write_all(&[0; 16]).await.unwrap();
+        assert!(io.write(&[0; 16]).now_or_never().is_none());
+        assert!(state.idle_since().is_none(), "still writing");
+        assert!(!state.close_if_idle());
+        assert!(
+            due_in(&state).unwrap() > Duration::from_secs(70),
+            "idle deadline stands"
+        );
+
+        client.read_exact(&mut [0; 16]).await.unwrap();
+        io.write_all(&[0; 16]).await.unwrap();
+        io.flush().await.unwrap();
+        assert!(state.close_if_idle(), "written: its slot may be taken");
+        drop(answer);
     }
 
     #[test]

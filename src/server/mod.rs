@@ -204,8 +204,9 @@ pub async fn serve_with_limits(
 
 /// A slot for a client accepted while every slot was taken (it waits for no more than that one
 /// accept; the clients after it wait in the kernel's backlog): an idle keep-alive connection,
-/// nothing under way and its client not waiting on it, gives its slot up, as nginx closes its
-/// idle connections, rather than keep the new client waiting up to the idle timeout. Looked for
+/// nothing under way and its client not waiting on it (no answer still being written to it),
+/// gives its slot up, as nginx closes its idle connections, rather than keep the new client
+/// waiting up to the idle timeout. Looked for
 /// again while waiting: a connection busy now may be idle later. `None` at shutdown.
 async fn slot_for_waiting_client(
     slots: &Arc<Semaphore>,

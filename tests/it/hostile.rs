@@ -269,6 +269,100 @@ async fn hostile_at_the_connection_cap_a_connection_receiving_a_head_keeps_its_s
         .expect("the connection idle the longest was closed");
 }
 
+/// A keep-alive connection whose answer is still being written is not idle, though its handler
+/// has returned: at the cap it keeps its slot, and a waiting client waits for one that is (here,
+/// the slot of a silent connection, at its header timeout), rather than the answer be cut. The
+/// answer, 16 MiB, is more than the loopback socket buffers hold, so it is still being written
+/// while its client reads nothing.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keeps_its_slot() {
+    const BIG: usize = 16 * 1024 * 1024;
+    let db = TestDb::sqlite();
+    let state = edgegate::AppState::new(db.config(&[]), db.store().await);
+    let router = axum::Router::new()
+        .route(
+            "/test/big",
+            axum::routing::get(|| async { vec![b'x'; BIG] }),
+        )
+        .route("/test/small", axum::routing::get(|| async { "small" }));
+    let app = edgegate::server::middleware::apply(router, &state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(edgegate::server::serve_with_limits(
+        app,
+        listener,
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+        std::future::pending(),
+        Duration::from_secs(1),
+        edgegate::server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 2,
+            max_connections_set: true,
+        },
+    ));
+
+    let mut taking = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    taking
+        .write_all(b"GET /test/big HTTP/1.1\r\nHost: edgegate\r\n\r\n")
+        .await
+        .unwrap();
+    // Its handler returns; hyper writes until the sockets' buffers are full.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    waiting
+        .write_all(b"GET /test/small HTTP/1.1\r\nHost: edgegate\r\n\r\n")
+        .await
+        .unwrap();
+    // The accept loop looks for an idle connection every 100 ms meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Now the client reads its answer: all of it.
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut length = None;
+    let started = Instant::now();
+    loop {
+        if length.is_none()
+            && let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            let head = String::from_utf8_lossy(&data[..at + 4]).into_owned();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            length = Some((at + 4, content_length(&head).expect("a content-length")));
+        }
+        if let Some((head_end, length)) = length
+            && data.len() >= head_end + length
+        {
+            break;
+        }
+        let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+        let n = tokio::time::timeout(left, taking.read(&mut buf))
+            .await
+            .expect("the answer within 10 s")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    let (head_end, length) = length.expect("the answer's head");
+    assert_eq!(length, BIG);
+    assert_eq!(
+        data.len() - head_end,
+        length,
+        "the answer was cut: the connection still taking it gave its slot up"
+    );
+    // The waiting client is served once the silent connection's header timeout frees a slot.
+    assert_eq!(read_response(&mut waiting).await.0, 200);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
 #[tokio::test]
 async fn hostile_unfinished_head_after_a_tls_handshake_is_closed_within_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
