@@ -31,9 +31,13 @@ pub use tls::load_tls;
 use conn::{ConnState, Received, TimedIo, Tracked};
 
 /// The largest request head (request line and headers) read over HTTP/1: what a connection may
-/// make the server buffer before it has a request. Over it, hyper answers 431. HTTP/2's header
-/// list (names and values, and 32 bytes a header) keeps h2's default, 16 KiB: each of a
-/// connection's [`MAX_CONCURRENT_STREAMS`] streams holds its headers while its request runs.
+/// make the server buffer before it has a request. Over it, hyper answers 431. hyper's
+/// `max_buf_size`, which this sets, caps the HTTP/1 write buffer too (its default, about 400 KB,
+/// for both): once this much of a connection's answers waits to be written (a client that does
+/// not read), hyper takes no more of them (the one that crossed it is held whole) and reads no
+/// next request until the client reads. HTTP/2's header list (names and values, and 32 bytes a
+/// header) keeps h2's default, 16 KiB: each of a connection's [`MAX_CONCURRENT_STREAMS`] streams
+/// holds its headers while its request runs.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams one connection may have open at once; a stream past it is refused
 /// (`REFUSED_STREAM`, which a client may retry). Each stream is a request that may hold a body
