@@ -426,8 +426,36 @@ pub(super) async fn connect_or_wait(url: &str) -> anyhow::Result<(PgPool, Option
                 Ok(())
             })
         })
+        .after_release(|conn, _| Box::pin(answers_on_release(conn)))
         .connect_lazy_with(options);
     Ok((pool, unreachable))
+}
+
+/// How long a connection coming back to the pool may take to answer before it is closed instead.
+const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether a connection coming back to the pool answers within [`RELEASE_PING_TIMEOUT`]. sqlx
+/// pings every connection it takes back, with no time limit, before the slot is free again: that
+/// ping first waits for whatever the connection's last user left in flight (a query whose caller
+/// was dropped at its timeout), and from a server that stopped answering with the connection
+/// left open (a host lost, or failed over to another address, without a reset) nothing comes,
+/// so the slot was held until the kernel gave up on the link (about 15 minutes). This ping runs
+/// just before sqlx's (which then costs one more round trip on a connection that answered); one
+/// that does not answer in time is closed and the slot freed, and the next acquire opens a new
+/// connection.
+async fn answers_on_release(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
+    use sqlx::Connection as _;
+    match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
+        Ok(answered) => answered.map(|()| true),
+        Err(_) => {
+            tracing::warn!(
+                "a database connection did not answer within {} s when given back to the pool \
+                 (the server stopped answering mid-query?); closing it",
+                RELEASE_PING_TIMEOUT.as_secs()
+            );
+            Ok(false)
+        }
+    }
 }
 
 /// Why the first connection failed, and whether only because the server did not answer (yet).

@@ -39,6 +39,8 @@ pub(crate) struct PgProxy {
     pub(crate) addr: SocketAddr,
     open: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Links to stop copying on while their sockets stay open (see [`PgProxy::freeze`]).
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
     accept: JoinHandle<()>,
 }
 
@@ -48,8 +50,9 @@ impl PgProxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let frozen = Arc::new(tokio::sync::watch::Sender::new(false));
         let accept = tokio::spawn({
-            let (open, links) = (open.clone(), links.clone());
+            let (open, links, frozen) = (open.clone(), links.clone(), frozen.clone());
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if !open.load(Ordering::SeqCst) {
@@ -58,10 +61,19 @@ impl PgProxy {
                         drop(inbound);
                         continue;
                     }
+                    // Frozen from the next freeze on; a link opened after it forwards.
+                    let mut freeze = frozen.subscribe();
+                    freeze.mark_unchanged();
                     let link = tokio::spawn(async move {
                         if let Ok(mut upstream) = TcpStream::connect(target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => {}
+                                _ = freeze.changed() => {
+                                    // Silent from now on, its sockets open: a host that stopped
+                                    // answering without closing anything.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
                         }
                     });
                     links.lock().unwrap().push(link);
@@ -72,8 +84,16 @@ impl PgProxy {
             addr,
             open,
             links,
+            frozen,
             accept,
         }
+    }
+
+    /// Stops every open link copying either way, its sockets left open (nothing sent, nothing
+    /// closed: a host lost, or failed over to another address, without a reset); links opened
+    /// after it forward as before.
+    pub(crate) fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 
     /// Drops every open connection and closes every new one until `restore`.
@@ -763,6 +783,61 @@ async fn an_abandoned_readiness_probe_is_not_reused_after_the_database_is_back()
         .ping()
         .await
         .expect("ready once the database is back, not the abandoned probe's failure");
+}
+
+/// A PostgreSQL host that goes silent mid-query (lost, or failed over to another address,
+/// without a reset) does not keep the pool's connections: each request whose query was in flight
+/// is dropped at its timeout, and its connection, whose answer will never come, is closed within
+/// a second rather than held until the kernel gives up on it (about 15 minutes), so the next
+/// query gets a new connection (to the host that now answers) instead of `PoolTimedOut`.
+#[tokio::test]
+async fn a_postgres_host_gone_silent_mid_query_does_not_hold_the_pool() {
+    let db = postgres_db!();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let target = SocketAddr::new(
+        url.host_str().unwrap().parse().expect("an IP address"),
+        url.port().unwrap_or(5432),
+    );
+    let proxy = PgProxy::start(target).await;
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let config = config(url.as_str(), &[]);
+    let store = Arc::new(Store::connect(&config.database_url).await.unwrap());
+    store.migrate().await.unwrap();
+    // Holds every query on audit_log (directly, not through the proxy) until the proxy is frozen.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // As many queries in flight as the pool has connections, each dropped after 2 s as a
+    // request is at its timeout.
+    let callers: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(2), store.recent_audit(1))
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.freeze();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    for caller in callers {
+        assert!(
+            caller.await.unwrap(),
+            "a query answered through the frozen proxy"
+        );
+    }
+    let next = tokio::time::timeout(Duration::from_secs(10), store.recent_audit(1)).await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "the next query after the host went silent: {next:?}"
+    );
 }
 
 /// A PostgreSQL database that refuses connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
