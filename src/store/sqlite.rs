@@ -1032,7 +1032,9 @@ fn migration_lock_path(database: &Path) -> Option<std::ffi::OsString> {
 }
 
 /// Takes and releases the write lock on a pooled connection, waiting `PROBE_BUSY_TIMEOUT` at
-/// most; the connection's own busy timeout is restored whatever the probe came to. With
+/// most; the connection's own busy timeout is restored whatever the probe came to, or, when it
+/// could not be (the probe dropped at its caller's timeout meanwhile, or the restore failed),
+/// the connection is closed rather than given back to the pool with the probe's. With
 /// `write_a_row`, the transaction writes and deletes the probe's row and commits, which needs
 /// space on the disk (taking the lock needs none).
 pub(super) async fn probe_write(pool: &SqlitePool, write_a_row: bool) -> Result<(), sqlx::Error> {
@@ -1040,9 +1042,10 @@ pub(super) async fn probe_write(pool: &SqlitePool, write_a_row: bool) -> Result<
     let busy = |timeout: Duration| {
         sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", timeout.as_millis()))
     };
-    let mut conn = pool.acquire().await?;
+    let mut guard = CloseUnlessRestored(Some(pool.acquire().await?));
+    let conn = guard.0.as_mut().expect("set above");
     sqlx::query(busy(PROBE_BUSY_TIMEOUT))
-        .execute(&mut *conn)
+        .execute(&mut **conn)
         .await?;
     let probed = match conn.begin_with("BEGIN IMMEDIATE").await {
         Ok(mut tx) if write_a_row => {
@@ -1054,9 +1057,27 @@ pub(super) async fn probe_write(pool: &SqlitePool, write_a_row: bool) -> Result<
         Ok(tx) => tx.rollback().await,
         Err(err) => Err(err),
     };
-    let restored = sqlx::query(busy(BUSY_TIMEOUT)).execute(&mut *conn).await;
+    let restored = sqlx::query(busy(BUSY_TIMEOUT)).execute(&mut **conn).await;
+    if restored.is_ok() {
+        // Its own busy timeout again: back to the pool as any other.
+        guard.0 = None;
+    }
     probed?;
     restored.map(|_| ())
+}
+
+/// A pooled connection whose busy timeout is the probe's until taken out (`None`) once restored:
+/// dropped holding it (the probe's future dropped mid-wait, or the restore failed), the
+/// connection is closed, not returned to the pool where writes on it would give up on another
+/// connection's lock after `PROBE_BUSY_TIMEOUT` instead of `BUSY_TIMEOUT`.
+struct CloseUnlessRestored(Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>);
+
+impl Drop for CloseUnlessRestored {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.0 {
+            conn.close_on_drop();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1339,6 +1360,47 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 4, "commits on the pool that no other connection sees");
         reader.close().await;
+        pool.close().await;
+    }
+
+    /// A readiness probe dropped at its caller's timeout while it waited for the write lock
+    /// (after setting the probe's 1 s busy timeout, before restoring the pool's 5 s) does not
+    /// hand its connection back to the pool with the probe's timeout: writes on it would fail
+    /// with SQLITE_BUSY after 1 s instead of 5 for the connection's life.
+    #[tokio::test]
+    async fn a_probe_dropped_mid_wait_leaves_no_connection_with_its_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("edgegate.db").display());
+        let pool = connect(&url).await.unwrap();
+        let holder = connect(&url).await.unwrap();
+        let mut lock = holder.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        let probe = tokio::time::timeout(Duration::from_millis(300), probe_write(&pool, false));
+        assert!(
+            probe.await.is_err(),
+            "the probe took the lock another holds"
+        );
+        // Past the probe's busy timeout, so its BEGIN has failed and its connection is back.
+        tokio::time::sleep(PROBE_BUSY_TIMEOUT + Duration::from_millis(500)).await;
+        sqlx::query("SELECT 1").execute(&mut *lock).await.unwrap();
+        lock.rollback().await.unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..pool.size() {
+            let acquired = tokio::time::timeout(Duration::from_secs(2), pool.acquire()).await;
+            conns.push(acquired.expect("acquired within 2 s").unwrap());
+        }
+        for conn in &mut conns {
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(
+                busy,
+                BUSY_TIMEOUT.as_millis() as i64,
+                "a pooled connection's busy timeout"
+            );
+        }
+        drop(conns);
+        holder.close().await;
         pool.close().await;
     }
 }
