@@ -311,7 +311,12 @@ impl UsageTracker {
         // and their callers, in one transaction.
         let dropped = self.flush_dropped(store).await;
         let counts = self.flush_counts(store).await;
-        dropped.and(counts)
+        let flushed = dropped.and(counts);
+        // One flush, one failure, whichever of its writes failed.
+        if flushed.is_err() {
+            self.flush_failures.inc();
+        }
+        flushed
     }
 
     /// Records the verifications dropped since the last flush, so every instance's report (and
@@ -322,13 +327,9 @@ impl UsageTracker {
         let Some(dropped) = held else {
             return Ok(());
         };
-        if let Err(err) = store
+        store
             .note_dropped_usage(dropped.count, dropped.last_dropped_at_ms)
-            .await
-        {
-            self.flush_failures.inc();
-            return Err(err);
-        }
+            .await?;
         // Drops counted during the write stay for the next flush.
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.dropped = held.dropped.and_then(|now| {
@@ -370,7 +371,6 @@ impl UsageTracker {
             self.callers.written();
             return Ok(());
         };
-        self.flush_failures.inc();
         self.callers.restore(callers);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         // Back in `pending`, in the same step as they stop being in flight.
@@ -1313,6 +1313,28 @@ mod tests {
             role: Some("anon".into()),
             ..signing_key("")
         }
+    }
+
+    /// One flush that fails is one failure, whatever it failed to write: with verifications
+    /// dropped, both the note of the drop and the counts failed, and it was counted twice.
+    #[tokio::test]
+    async fn a_failed_flush_is_counted_once() {
+        let config = crate::config::Config::from_lookup(|name| {
+            (name == "DATABASE_URL").then(|| "sqlite::memory:".to_owned())
+        })
+        .unwrap();
+        let store = Store::connect(&config.database_url).await.unwrap();
+        store.close().await;
+        let tracker = UsageTracker::with_max_buckets(1);
+        tracker.record(&signing_key("a"), HOUR_MS);
+        tracker.record(&signing_key("b"), HOUR_MS);
+        assert_eq!(tracker.dropped(), 1);
+        assert!(tracker.flush(&store).await.is_err());
+        assert_eq!(
+            tracker.flush_failures.get(),
+            1,
+            "failures counted for one flush"
+        );
     }
 
     #[test]
