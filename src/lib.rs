@@ -280,6 +280,7 @@ impl Started {
         let store = self.state.store.clone();
         let usage = self.state.usage.clone();
         let sms_sends = self.state.sms_sends.clone();
+        let clock = self.state.clock.clone();
         let config = &self.state.config;
         let (drain, connections) = (config.shutdown_drain, config.connections);
         tracing::info!(
@@ -352,7 +353,7 @@ impl Started {
                     // Every count written: no hole for another instance to take this one's row
                     // for. Kept when they are lost, so the verdict heeds the hole.
                     if flushed.is_ok()
-                        && let Err(err) = store.retire_usage_writer(&writer).await
+                        && let Err(err) = store.retire_usage_writer(&writer, clock.now_ms()).await
                     {
                         tracing::warn!(
                             error = crate::error::causes(&err),

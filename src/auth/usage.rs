@@ -792,7 +792,9 @@ pub const WRITER_GONE_FOR_GOOD: Duration = Duration::from_secs(3600);
 /// counts since are gone: the counts have a hole the verdict cannot see. While such a row stays
 /// unnoted past [`WRITER_GONE_AFTER`], every flush of this instance moves the evidence's start
 /// to its own time ([`Store::raise_usage_evidence`]), so revocation is not called safe before a
-/// whole window after the last of them; after [`WRITER_GONE_FOR_GOOD`] the row is deleted.
+/// whole window after the last of them; after [`WRITER_GONE_FOR_GOOD`] the row is deleted. A
+/// clean stop leaves no row: the time no instance ran is found at the next start from the
+/// fleet's last note ([`Writer::after_silence`]).
 #[derive(Debug)]
 struct Writer {
     id: String,
@@ -820,11 +822,49 @@ impl Writer {
     }
 
     /// Writes this instance's row, with a value other than the last one (a wall clock that
-    /// stands or steps back still shows the instance alive).
+    /// stands or steps back still shows the instance alive), and the fleet's last note. The
+    /// first time, it first looks for a time when no instance ran ([`Writer::after_silence`]).
     async fn note(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
         let value = self.noted.map_or(now_ms, |last| now_ms.max(last + 1));
+        if self.noted.is_none() {
+            self.after_silence(store, value).await?;
+        }
         store.note_usage_writer(&self.id, value).await?;
+        store.note_usage_fleet(&self.id, value).await?;
         self.noted = Some(value);
+        Ok(())
+    }
+
+    /// At this instance's start, before it notes itself: a clean stop deletes its row, so with
+    /// no instance left running nothing else tells of the time none counted (legacy use then
+    /// was refused, never counted). The fleet's last note ([`Store::note_usage_fleet`]) more
+    /// than [`WRITER_GONE_AFTER`] before `now_ms`, written by an instance that has no row any
+    /// more, says none ran since: the evidence's start moves to `now_ms`. One whose writer still
+    /// has a row says nothing: it runs (the fleet did not stop), or ended holding counts, which
+    /// [`Writer::beat`] finds. A gap read across two machines' wall clocks: a clock set wrong by
+    /// minutes takes a restart for a gap (a window waited for nothing), never the reverse
+    /// unless it is behind by more than the gap.
+    async fn after_silence(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
+        let Some(last) = store.usage_fleet_last_note().await? else {
+            return Ok(());
+        };
+        let silent_ms = now_ms.saturating_sub(last.noted_at_ms);
+        let gone_after_ms = i64::try_from(WRITER_GONE_AFTER.as_millis()).unwrap_or(i64::MAX);
+        if silent_ms < gone_after_ms {
+            return Ok(());
+        }
+        let rows = store.usage_writers_seen_before(&self.id, i64::MAX).await?;
+        if rows.iter().any(|row| row.id == last.noted_by) {
+            return Ok(());
+        }
+        store.raise_usage_evidence(now_ms).await?;
+        tracing::warn!(
+            silent_for_seconds = silent_ms / 1000,
+            since = %crate::auth::legacy_report::utc(last.noted_at_ms),
+            "no instance counted key usage for over 5 minutes (none ran: legacy use then was \
+             never counted): the usage evidence starts again now, and revoking the legacy \
+             secret is not called safe before a whole window after that"
+        );
         Ok(())
     }
 
@@ -930,8 +970,8 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// This instance's id in `usage_writers`: a clean stop deletes it
-    /// ([`Store::retire_usage_writer`]) once its last counts are written.
+    /// This instance's id in `usage_writers`: a clean stop deletes it, and stamps the fleet's
+    /// last note with the time ([`Store::retire_usage_writer`]), once its last counts are written.
     pub fn writer_id(&self) -> &str {
         &self.writer_id
     }

@@ -57,7 +57,7 @@ pub(crate) use sqlite::directory_not_writable_by_server as sqlite_directory_not_
 pub(crate) use sqlite::is_empty_database as is_empty_sqlite_database;
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;
-pub use writers::UsageWriter;
+pub use writers::{LastNote, UsageWriter};
 
 #[derive(Clone, Debug)]
 enum Backend {

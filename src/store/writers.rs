@@ -1,10 +1,18 @@
 //! The instances counting key usage (`usage_writers`): each notes itself after every flush and
 //! deletes its row at a clean stop, so a row left behind tells of counts that never reached the
-//! database (`auth::usage::Writer`).
+//! database (`auth::usage::Writer`); the last note of any of them (`usage_evidence.last_noted_at`)
+//! tells how long none ran.
 
 use anyhow::Context as _;
 
 use super::Store;
+
+/// The last note of any instance counting key usage: when, on its wall clock, and which.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct LastNote {
+    pub noted_at_ms: i64,
+    pub noted_by: String,
+}
 
 /// An instance whose row was last noted at `seen_at_ms`, on its clock.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -22,6 +30,29 @@ impl Store {
             .await
             .context("noting this instance among those counting key usage")?;
         Ok(())
+    }
+
+    /// Records the last note of any instance: `id`'s, at `now_ms`. The last written wins, so a
+    /// stamp from a wall clock since set back is replaced at the next note. Written only where
+    /// `usage_evidence` has its row: with none, no evidence is recorded for a hole to spoil.
+    pub async fn note_usage_fleet(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
+        let sql = "UPDATE usage_evidence SET last_noted_at = $2, last_noted_by = $1 WHERE id = 1";
+        self.execute(sql, &[id.into(), now_ms.into()])
+            .await
+            .context("noting the last note of the instances counting key usage")?;
+        Ok(())
+    }
+
+    /// The last note of any instance ([`Store::note_usage_fleet`]), if one was written.
+    pub async fn usage_fleet_last_note(&self) -> anyhow::Result<Option<LastNote>> {
+        let sql = "SELECT last_noted_at AS noted_at_ms, last_noted_by AS noted_by \
+                   FROM usage_evidence WHERE id = 1 \
+                   AND last_noted_at IS NOT NULL AND last_noted_by IS NOT NULL";
+        let note = with_pool!(self, |pool| {
+            sqlx::query_as(sql).fetch_optional(pool).await
+        })
+        .context("reading the last note of the instances counting key usage")?;
+        Ok(note)
     }
 
     /// The instances other than `id` last noted before `before_ms`.
@@ -52,8 +83,11 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes instance `id`'s row: a clean stop wrote all its counts.
-    pub async fn retire_usage_writer(&self, id: &str) -> anyhow::Result<()> {
+    /// Deletes instance `id`'s row: a clean stop wrote all its counts, until `now_ms`. That is
+    /// the fleet's last note first ([`Store::note_usage_fleet`]): with no instance left running,
+    /// the one started next reads from it how long none counted.
+    pub async fn retire_usage_writer(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.note_usage_fleet(id, now_ms).await?;
         let sql = "DELETE FROM usage_writers WHERE id = $1";
         self.execute(sql, &[id.into()])
             .await

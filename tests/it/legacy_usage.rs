@@ -2536,3 +2536,94 @@ async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_after_a_short_watch() 
     other.stop().await;
     flusher.stop().await;
 }
+
+/// The state of an instance started anew on `store` and `clock`, configured as
+/// [`on_a_manual_clock`] configures it.
+fn restarted_on(
+    db: &crate::support::TestDb,
+    store: &edgegate::store::Store,
+    clock: &Clock,
+    window_seconds: &str,
+) -> AppState {
+    let config = db.config(&[
+        ("SUPABASE_JWT_SECRET", SECRET),
+        ("LEGACY_REVOCATION_WINDOW_SECONDS", window_seconds),
+    ]);
+    AppState::with_clock(config, store.clone(), clock.clone())
+}
+
+/// A signing-key verification counted at `at_ms`, as one ES256 request leaves it.
+async fn one_signing_key_request(store: &edgegate::store::Store, at_ms: i64) {
+    let signing = KeyUsage {
+        hour_start_ms: at_ms - at_ms % HOUR,
+        source: "signing_key".into(),
+        kid: "2b9f0c1e".into(),
+        alg: "ES256".into(),
+        verified_count: 1,
+        last_verified_at_ms: at_ms,
+    };
+    store.add_key_usage(&[signing]).await.unwrap();
+}
+
+/// Stops the instance of `flusher` and `state` as `serve` does: the flusher, the last flush, then
+/// its row in `usage_writers` retired.
+async fn stop_cleanly(
+    flusher: edgegate::auth::usage::Flusher,
+    state: &AppState,
+    store: &edgegate::store::Store,
+) {
+    let writer = flusher.writer_id().to_owned();
+    flusher.stop().await;
+    state.usage.flush(store).await.unwrap();
+    store
+        .retire_usage_writer(&writer, state.clock.now_ms())
+        .await
+        .unwrap();
+}
+
+/// A clean stop leaves no row in `usage_writers`. With no instance running for two days, a
+/// legacy client that failed meanwhile was never counted: the instance started next finds the
+/// fleet silent since the last note, starts the evidence again at its own time, and the verdict
+/// waits a whole window, as after a crash (it read `true` minutes after the start).
+#[tokio::test]
+async fn a_stop_with_no_instance_running_is_a_hole_in_the_evidence() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let first = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    stop_cleanly(first, &state, &store).await;
+    writers_noted(&store, 0).await;
+
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let restart_ms = clock.now_ms();
+    let restarted = restarted_on(&db, &store, &clock, "86400");
+    let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    one_signing_key_request(&store, restart_ms).await;
+    clock.advance(Duration::from_secs(600));
+    waits_a_window_from(&key_report(&restarted, &restarted.usage).await, restart_ms);
+    flusher.stop().await;
+}
+
+/// A stop and a start seconds apart (a deploy replacing the only instance) is no hole: the
+/// evidence keeps its start.
+#[tokio::test]
+async fn a_restart_seconds_after_a_clean_stop_keeps_the_evidence() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    let first = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    clock.advance(Duration::from_secs(59));
+    stop_cleanly(first, &state, &store).await;
+
+    clock.advance(Duration::from_secs(30));
+    let restarted = restarted_on(&db, &store, &clock, "86400");
+    let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = key_report(&restarted, &restarted.usage).await;
+    assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
+    flusher.stop().await;
+}

@@ -59,6 +59,7 @@ fn shipped_migrations_are_never_edited() {
         (20261213000002, "559d783d176f1d46"),
         (20261214000001, "e8d28b72a4896fc9"),
         (20261214000002, "3a77a0be292ba58d"),
+        (20261215000002, "8ee87dc405555c6a"),
     ];
     const POSTGRES: &[(i64, &str)] = &[
         (20261126000001, "fe6d0e228eb08d41"),
@@ -80,6 +81,7 @@ fn shipped_migrations_are_never_edited() {
         (20261213000002, "405426023760c410"),
         (20261214000001, "f5c8eed04334a626"),
         (20261214000002, "3a77a0be292ba58d"),
+        (20261215000002, "b4e26cd1700e0c07"),
     ];
     let [(_, sqlite), (_, postgres)] = edgegate::store::shipped_checksums();
     for (engine, shipped, pinned) in [("sqlite", sqlite, SQLITE), ("postgres", postgres, POSTGRES)]
@@ -1184,6 +1186,7 @@ async fn a_postgres_database_migrated_with_earlier_copies_of_edited_migrations_m
         // 20261214000001's indexes (reconcile_runs_coverage went with covered_until).
         "DROP INDEX IF EXISTS reconcile_runs_running, sync_runs_running, reconcile_runs_coverage",
         "ALTER TABLE sms_messages DROP COLUMN attempt",
+        "ALTER TABLE usage_evidence DROP COLUMN last_noted_at, DROP COLUMN last_noted_by",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
