@@ -187,44 +187,41 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     ),
                 }
             }
-            // Run as root, which may create files anywhere: judged for serve's user.
-            None if let SqliteServerAccess::Refused(problem) =
-                sqlite_directory_not_writable(&config.database_url) =>
-            {
-                CheckLine {
+            // Run as root, which may create files anywhere: judged for serve's user (refused),
+            // and for the image's where that is not known (said in a note). Then a -wal or -shm
+            // of another user's left behind, which serve stops on.
+            None => match sqlite_directory_not_writable(&config.database_url) {
+                SqliteServerAccess::Refused(problem) => CheckLine {
                     item: "database",
                     ok: false,
                     detail: format!(
                         "{}: not there, and {problem}",
                         config.database_url.redacted()
                     ),
-                }
-            }
-            // A -wal or -shm of another user's left behind, which serve stops on.
-            None if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
-                item: "database",
-                ok: false,
-                detail: format!(
-                    "{}: not there, and {problem}",
-                    config.database_url.redacted()
-                ),
-            },
-            None => {
-                let mut line = unjudged(CheckLine {
+                },
+                _ if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
                     item: "database",
-                    ok: true,
+                    ok: false,
                     detail: format!(
-                        "{}: not there yet; serve creates it and migrates it at start",
+                        "{}: not there, and {problem}",
                         config.database_url.redacted()
                     ),
-                });
-                if let SqliteServerAccess::CannotTell(note) =
-                    sqlite_directory_not_writable(&config.database_url)
-                {
-                    line.detail = format!("{}; {note}", line.detail);
+                },
+                directory => {
+                    let mut line = unjudged(CheckLine {
+                        item: "database",
+                        ok: true,
+                        detail: format!(
+                            "{}: not there yet; serve creates it and migrates it at start",
+                            config.database_url.redacted()
+                        ),
+                    });
+                    if let SqliteServerAccess::CannotTell(note) = directory {
+                        line.detail = format!("{}; {note}", line.detail);
+                    }
+                    line
                 }
-                line
-            }
+            },
             Some(problem) => CheckLine {
                 item: "database",
                 ok: false,

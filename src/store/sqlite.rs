@@ -541,16 +541,18 @@ fn bits_say(owner: &Owner, server: &Server, wanted: &Wanted) -> ModeSays {
     }
 }
 
-/// The image's user (`USER 10001:10001` in the Dockerfile): the user `check` run as root
-/// names when nothing it finds tells it which user serve runs as.
+/// The image's user (`USER 10001:10001` in the Dockerfile): the user `check` run as root also
+/// judges a missing database's directory for, since nothing it finds tells it which user serve
+/// runs as.
 const IMAGE_USER: u32 = 10_001;
 
 /// What `check`, run as root, makes of the user serve runs as creating the missing database
 /// `file` in its directory, which exists: root may create files anywhere, so the probe of
 /// [`unwritable_directory`] said ok of a directory of root's, mode 0755, where serve (uid 10001)
 /// then stopped ("its directory … cannot be written to"). Judged for [`judged_server`]'s user
-/// from the directory's owner, group and mode. Allowed when not run as root (the probe judged
-/// it for this user).
+/// (the directory's owner) and for the image's, from the directory's owner, group and mode
+/// (see [`directory_verdict`]). Allowed when not run as root (the probe judged it for this
+/// user).
 pub(crate) fn directory_not_writable_by_server(file: &Path) -> ServerAccess {
     use std::os::unix::fs::MetadataExt as _;
     if !rustix::process::geteuid().is_root() {
@@ -573,10 +575,12 @@ pub(crate) fn directory_not_writable_by_server(file: &Path) -> ServerAccess {
 }
 
 /// [`directory_not_writable_by_server`]'s verdict on `directory` (its `owner`, group and mode,
-/// and whether it has an ACL) for `server`, the user [`judged_server`] took for serve's. Where
-/// that is root for want of another owner (`whose` is `None`: the directory is root's), serve's
-/// user is not known: judged for the image's user (uid 10001), and a refusal is said, not
-/// failed (serve may run as root).
+/// and whether it has an ACL) for `server`, the user [`judged_server`] took for serve's: the
+/// directory's owner (the database file is not there), or root for want of another owner
+/// (`whose` is `None`: the directory is root's). Serve's user is not known either way, and the
+/// image runs serve as uid 10001: judged for the image's user too, and its refusal said, not
+/// failed (serve may run as root, or as the directory's owner, `--user 1000`). A refusal for
+/// the directory's owner fails.
 fn directory_verdict(directory: &Path, owner: &Owner, acl: bool, server: &Server) -> ServerAccess {
     let shown = shell_quoted(directory);
     let image_user = Server {
@@ -584,39 +588,54 @@ fn directory_verdict(directory: &Path, owner: &Owner, acl: bool, server: &Server
         gid: IMAGE_USER,
         whose: Some("the image's user".to_owned()),
     };
-    let (judged, guessed) = match server.whose {
-        Some(_) => (server, false),
-        None => (&image_user, true),
+    let says = |judged: &Server| {
+        if acl {
+            ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned())
+        } else {
+            bits_say(owner, judged, &CREATE_IN)
+        }
     };
-    let whose = judged.whose.as_deref().unwrap_or_default();
-    let says = if acl {
-        ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned())
-    } else {
-        bits_say(owner, judged, &CREATE_IN)
+    let mode = owner.mode & 0o7777;
+    if let Some(taken) = &server.whose {
+        match says(server) {
+            ModeSays::Allowed if server.uid == IMAGE_USER => return ServerAccess::Allowed,
+            ModeSays::Allowed => {}
+            ModeSays::Refused(why) => {
+                return ServerAccess::Refused(format!(
+                    "its directory {shown} (uid {}, mode {mode:o}) cannot be written to by uid \
+                     {} ({taken}, taken for the user serve runs as): {why}; edgegate creates the \
+                     database and its -wal and -shm files there; make it writable by uid {}",
+                    owner.uid, server.uid, server.uid
+                ));
+            }
+            ModeSays::CannotTell(why) => {
+                return ServerAccess::CannotTell(format!(
+                    "cannot tell whether uid {} ({taken}, taken for the user serve runs as) may \
+                     create the database in its directory {shown} ({why}); not judged here",
+                    server.uid
+                ));
+            }
+        }
+    }
+    // Root's directory, or one its owner may create the database in: what of the image's user?
+    let (whose, may) = match server.whose {
+        Some(_) => (
+            format!("uid {}'s", owner.uid),
+            format!(" (which uid {} may create the database in)", owner.uid),
+        ),
+        None => ("root's".to_owned(), String::new()),
     };
-    match says {
+    match says(&image_user) {
         ModeSays::Allowed => ServerAccess::Allowed,
-        ModeSays::Refused(why) if guessed => ServerAccess::CannotTell(format!(
-            "cannot tell which user serve runs as: its directory {shown} is root's with mode \
-             {:o}, and {why}; serve run as uid {} ({whose}) cannot create the database there: \
-             make the directory writable by that user, or run check as it (fly ssh console \
-             --user edgegate)",
-            owner.mode & 0o7777,
-            judged.uid
-        )),
-        ModeSays::Refused(why) => ServerAccess::Refused(format!(
-            "its directory {shown} (uid {}, mode {:o}) cannot be written to by uid {} ({whose}, \
-             taken for the user serve runs as): {why}; edgegate creates the database and its \
-             -wal and -shm files there; make it writable by uid {}",
-            owner.uid,
-            owner.mode & 0o7777,
-            judged.uid,
-            judged.uid
+        ModeSays::Refused(why) => ServerAccess::CannotTell(format!(
+            "cannot tell which user serve runs as: its directory {shown} is {whose} with mode \
+             {mode:o}{may}, and {why}; serve run as uid {IMAGE_USER} (the image's user) cannot \
+             create the database there: make the directory writable by that user, or run check \
+             as the user serve runs as (fly ssh console --user edgegate)"
         )),
         ModeSays::CannotTell(why) => ServerAccess::CannotTell(format!(
-            "cannot tell whether uid {} ({whose}, taken for the user serve runs as) may create \
-             the database in its directory {shown} ({why}); not judged here",
-            judged.uid
+            "cannot tell whether uid {IMAGE_USER} (the image's user, as serve runs in the image) \
+             may create the database in its directory {shown} ({why}); not judged here"
         )),
     }
 }
@@ -1183,6 +1202,31 @@ mod tests {
         assert!(matches!(
             verdict(&owned(0, 0, 0o40755), true, &serve(10_001)),
             ServerAccess::CannotTell(_)
+        ));
+
+        // Another user's (a bind mount of uid 1000's), which that user may create files in but
+        // the image's user (uid 10001, as serve runs in the image) may not: said, not failed
+        // (serve may run as uid 1000); nothing said where uid 10001 may too.
+        let ServerAccess::CannotTell(note) =
+            verdict(&owned(1000, 1000, 0o40755), false, &serve(1000))
+        else {
+            panic!("a directory of uid 1000's, mode 0755, said ok of for the image's user");
+        };
+        assert!(
+            note.contains("uid 10001") && note.contains("/data") && note.contains("uid 1000's"),
+            "{note}"
+        );
+        assert!(matches!(
+            verdict(&owned(1000, 1000, 0o40777), false, &serve(1000)),
+            ServerAccess::Allowed
+        ));
+        assert!(matches!(
+            verdict(&owned(1000, 10_001, 0o40775), false, &serve(1000)),
+            ServerAccess::Allowed
+        ));
+        assert!(matches!(
+            verdict(&owned(1000, 1000, 0o40555), false, &serve(1000)),
+            ServerAccess::Refused(_)
         ));
 
         // Root's directory, and no other owner to take for serve's: said for the image's user

@@ -942,6 +942,60 @@ async fn check_run_as_the_serve_user_judges_for_itself_in_another_users_director
     );
 }
 
+/// A database not there yet in a bind mount of another user's (uid 1000, mode 0755), which the
+/// image's user (uid 10001, as serve runs in the image) may not create files in: `check` run as
+/// uid 10001 fails, naming the directory; run as root, which cannot tell which user serve runs
+/// as, it took the directory's owner for serve's user and said a plain "ok … not there yet",
+/// while serve in the image stopped. It now says so of uid 10001 in a note, without failing
+/// (serve may run as uid 1000), and says nothing where uid 10001 may create files there.
+#[tokio::test]
+async fn check_run_as_root_names_the_image_user_for_a_directory_of_another_users() {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", 1000) else {
+        return;
+    };
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let url = format!("sqlite://{}", data.join("edgegate.db").display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let shown = std::fs::canonicalize(&data).unwrap();
+    // As serve in the image runs: refused, and the directory named.
+    let out = output(as_image_user(dir.path(), &bin, &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL") && line.contains(&*data.to_string_lossy()),
+        "{line}"
+    );
+    // As root: not failed (uid 1000 may create it), but uid 10001's refusal said.
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok")
+            && line.contains("not there yet")
+            && line.contains(&format!("uid {IMAGE_UID}"))
+            && line.contains(&*shown.to_string_lossy()),
+        "{line}"
+    );
+    assert!(
+        !data.join("edgegate.db").exists(),
+        "check created the database"
+    );
+    // One uid 10001 may create files in: nothing to say.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("ok") && !line.contains(&format!("uid {IMAGE_UID}")),
+        "{line}"
+    );
+    // One uid 1000 may not create files in: failed, for uid 1000.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let out = output(edgegate(dir.path(), &vars).arg("check"));
+    let line = database_line(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        line.starts_with("FAIL") && line.contains("uid 1000"),
+        "{line}"
+    );
+}
+
 /// A symbolic link planted as the migration lock by the user that owns the database (uid 10001)
 /// towards a file of root's: root's `migrate` leaves that file root's. It opened the link's
 /// target and gave it to the database file's owner, so any file could be given to uid 10001.
