@@ -350,7 +350,23 @@ async fn apikey_counts_only_an_api_key_never_a_session_or_a_signing_keys_token()
     let rest = signed.split_once('.').unwrap().1;
     let kid = es.public_jwk()["kid"].clone();
     let with_header = |header: Value| format!("{}.{rest}", b64(&header));
-    for (what, token) in [
+    // Counted where a refused apikey is counted (source "none" for a JWT, as for the sessions
+    // above), never as a signing key's refusal, which the runbook reads as a key problem.
+    let refusals = async |source: &str, outcome: &str| -> u64 {
+        let text = server.get("/metrics").await.text().await.unwrap();
+        let (source, outcome) = (
+            format!(r#"source="{source}""#),
+            format!(r#"outcome="{outcome}"}} "#),
+        );
+        text.lines()
+            .filter(|line| line.starts_with("edgegate_credential_verifications_total{"))
+            .filter(|line| line.contains(&source) && line.contains(&outcome))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let none_before = refusals("none", "UNAUTHORIZED_INVALID_API_KEY").await;
+    let signing_before = refusals("signing_key", "UNAUTHORIZED_ASYMMETRIC_JWT").await;
+    let cases = [
         (
             "a signing key's token with jku",
             with_header(json!({"alg": "ES256", "kid": kid, "jku": "https://example.com/jwks"})),
@@ -364,7 +380,9 @@ async fn apikey_counts_only_an_api_key_never_a_session_or_a_signing_keys_token()
             "alg none",
             with_header(json!({"alg": "none", "typ": "JWT"})),
         ),
-    ] {
+    ];
+    let count = cases.len() as u64;
+    for (what, token) in cases {
         let (status, _, body) = call(&server, &[("apikey", &token)]).await;
         assert_eq!(
             (status, body["code"].as_str()),
@@ -372,6 +390,16 @@ async fn apikey_counts_only_an_api_key_never_a_session_or_a_signing_keys_token()
             "{what}: {body}"
         );
     }
+    assert_eq!(
+        refusals("none", "UNAUTHORIZED_INVALID_API_KEY").await,
+        none_before + count,
+        "each refused apikey counted under source=\"none\""
+    );
+    assert_eq!(
+        refusals("signing_key", "UNAUTHORIZED_ASYMMETRIC_JWT").await,
+        signing_before,
+        "no apikey counted as a signing key's refusal"
+    );
     let (status, _, body) = call(&server, &[("apikey", &legacy_key("anon"))]).await;
     assert_eq!((status, &body["role"]), (200, &json!("anon")), "{body}");
 
