@@ -11,7 +11,8 @@
 //!   that revoked every signing key publishes.
 //! - Freshness: `Cache-Control: max-age` less the answer's `Age`, clamped to [30 s, 1 h], else
 //!   the configured TTL, with ±10 % jitter so a fleet does not fetch in lockstep. Failures back
-//!   off exponentially from 5 s, capped at the TTL and never below `min_refresh`.
+//!   off exponentially from 5 s, capped at the least of the held set's freshness, the TTL and
+//!   1 h, then jittered ±10 % (so up to 10 % past the cap), and never below `min_refresh`.
 //! - `on_unknown_kid` refetches at most once per `min_refresh`; a caller during the cool-down is
 //!   refused at once, and one that arrives while a fetch is running shares that fetch.
 //! - `refresh_now` (the admin refresh) ignores the cool-down and the ETag (no `If-None-Match`),
@@ -597,9 +598,9 @@ impl JwksFetcher {
         result
     }
 
-    /// The wait after `failures` failed fetches in a row: 5 s doubling, never longer than the
-    /// schedule would wait: the held set's freshness (`held`, its `max-age`), the configured TTL,
-    /// and [`MAX_AGE_BOUNDS`]'s ceiling. Capped by the configured TTL alone, a day-long
+    /// The wait after `failures` failed fetches in a row: 5 s doubling, capped at the least of
+    /// the held set's freshness (`held`, its `max-age`), the configured TTL and
+    /// [`MAX_AGE_BOUNDS`]'s ceiling, then jittered ±10 % as the schedule is. Capped by the configured TTL alone, a day-long
     /// `JWKS_CACHE_TTL_SECONDS` (which a `max-age` overrides) let an outage of hours put the next
     /// fetch hours after the host came back.
     fn backoff(&self, failures: u32, held: Option<Duration>) -> Duration {

@@ -116,11 +116,12 @@ pub async fn refresh(
             let stats = fetcher.status().stats;
             let kept = if stats.expired {
                 "the last good key set went stale for more than 24 h past its freshness and its \
-                 keys were dropped, so tokens signed by signing keys are refused"
+                 keys were dropped, so tokens of the fetched signing keys are refused"
             } else if stats.last_success_unix.is_some() {
                 "the last good key set stays in use"
             } else {
-                "no key set has been fetched yet, so tokens signed by signing keys are refused"
+                "no key set has been fetched yet, so tokens of signing keys other than \
+                 SUPABASE_JWKS's are refused"
             };
             Err(ApiError::UpstreamUnavailable(format!(
                 "the JWKS could not be fetched ({err}); {kept}"
