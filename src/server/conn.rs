@@ -28,11 +28,20 @@
 //!   ([`Answer`]): after writing its end, or when the stream is reset;
 //! - a connection whose answer is being written (an HTTP/1 answer from its handler's end until
 //!   hyper's flush of it ends, and any connection while a write finds the socket full) is not
-//!   idle for a client waiting for a connection slot, so its answer is not cut; its deadline is
-//!   the same.
+//!   idle for a client waiting for a connection slot, so its answer is not cut, as long as its
+//!   writes make progress: once they have found the socket full for `header_read_timeout` without
+//!   a byte taken (a client that stopped reading), it is idle again (as nginx's `send_timeout`,
+//!   but only for a waiting client), so connections that never read cannot keep others out for
+//!   the idle timeout. Its deadline is the same, and it counts as idle since its last flush ended
+//!   (for an HTTP/1 answer, once it is written, not from its handler's end). This assumes an
+//!   answer's body is one frame, as every edgegate answer is (buffered whole): hyper flushes
+//!   mid-body when a body has a frame still to come, which would clear the mark while hyper
+//!   still holds part of that body.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
-//! connection. The cost is an atomic load per read and a lazily allocated timer per connection.
+//! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
+//! and flush (a clock read only when a write finds the socket full, a lock only when a flush ends
+//! an answer's writing), and a lazily allocated timer per connection.
 //!
 //! ## Lingering close
 //!
@@ -128,8 +137,16 @@ pub(crate) struct ConnState {
     /// counts as idle, so no waiting client can take its slot before hyper writes) and when a
     /// write or flush finds the socket full, cleared when a flush ends (everything hyper had is
     /// then in the kernel's buffer). A connection whose client is still taking its answer is not
-    /// idle; its deadline stays the idle timeout. A store on the write path, no lock.
+    /// idle, unless its writes are stuck (`write_stuck_since`); its deadline stays the idle
+    /// timeout. A store on the write path, no lock. (An answer's body is assumed to be one frame:
+    /// see the module's documentation.)
     writing: AtomicBool,
+    /// When a write first found the socket full with no write making progress since
+    /// (milliseconds since `epoch`, plus one), or 0: reset by a write that makes progress and by
+    /// the end of a flush. A connection whose writes have been stuck for `header_read_timeout`
+    /// (a client that takes nothing holds its slot no longer than one that sends nothing) is idle
+    /// though `writing`.
+    write_stuck_since: AtomicU64,
     /// The IO task, woken when an idle deadline is set from another task (an HTTP/2 stream).
     waker: AtomicWaker,
 }
@@ -146,6 +163,7 @@ impl ConnState {
             http1: AtomicBool::new(false),
             body_unread: AtomicBool::new(false),
             writing: AtomicBool::new(false),
+            write_stuck_since: AtomicU64::new(0),
             waker: AtomicWaker::new(),
         };
         state.deadline_ms.store(
@@ -158,6 +176,11 @@ impl ConnState {
     fn ms_after_now(&self, timeout: Duration) -> u64 {
         let at = self.epoch.elapsed().saturating_add(timeout).as_millis();
         u64::try_from(at).unwrap_or(NO_DEADLINE - 1)
+    }
+
+    /// Milliseconds since `epoch`.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NO_DEADLINE - 1)
     }
 
     fn work(&self) -> std::sync::MutexGuard<'_, Work> {
@@ -204,15 +227,50 @@ impl ConnState {
 
     /// Whether nothing is under way on a connection that has served a request: an idle
     /// keep-alive connection, which the client is not waiting on (no request in flight, no answer
-    /// unsent nor being written), nor sending a request on. A lingering one is idle: its answer
-    /// is written.
+    /// unsent nor being written, unless its client has stopped taking it), nor sending a request
+    /// on. A lingering one is idle: its answer is written.
     fn idle(&self, work: &Work) -> bool {
         work.lingering
             || work.served
                 && work.in_flight == 0
                 && work.unsent.is_empty()
                 && !work.head_begun
-                && !self.writing.load(Ordering::Relaxed)
+                && (!self.writing.load(Ordering::Relaxed) || self.write_stuck())
+    }
+
+    /// Whether the connection's writes have found the socket full, none making progress, for
+    /// `header_read_timeout`.
+    fn write_stuck(&self) -> bool {
+        let since = self.write_stuck_since.load(Ordering::Relaxed);
+        let bound = u64::try_from(self.header_read_timeout.as_millis()).unwrap_or(NO_DEADLINE);
+        since != 0 && self.now_ms().saturating_add(1) >= since.saturating_add(bound)
+    }
+
+    /// A write found the socket full: the connection is writing, and stuck from now unless it
+    /// already was.
+    fn write_blocked(&self) {
+        self.writing.store(true, Ordering::Relaxed);
+        if self.write_stuck_since.load(Ordering::Relaxed) == 0 {
+            self.write_stuck_since
+                .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// A write made progress (the client takes its answer), or a flush ended.
+    fn write_progressed(&self) {
+        if self.write_stuck_since.load(Ordering::Relaxed) != 0 {
+            self.write_stuck_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A flush ended: what hyper had to write is in the kernel's buffer. A connection that was
+    /// writing an answer is idle from now, not from its handler's end: a client that took a
+    /// minute to take its answer has not been idle for that minute.
+    fn flushed(&self) {
+        self.write_progressed();
+        if self.writing.load(Ordering::Relaxed) && self.writing.swap(false, Ordering::Relaxed) {
+            self.work().idle_since = Some(Instant::now());
+        }
     }
 
     /// Since when the connection has been idle, when it is an idle keep-alive one. (Not its
@@ -525,9 +583,9 @@ impl<T> TimedIo<T> {
     }
 
     /// Called when a write or flush is not ready: the client is taking an answer (so the
-    /// connection is not idle) until a flush ends.
+    /// connection is not idle, while its writes make progress) until a flush ends.
     fn write_pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        self.state.writing.store(true, Ordering::Relaxed);
+        self.state.write_blocked();
         self.pending_or_expired(cx)
     }
 
@@ -640,6 +698,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Pending => this.write_pending(cx),
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.state.write_progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
             ready => ready,
         }
     }
@@ -652,6 +716,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Pending => this.write_pending(cx),
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.state.write_progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
             ready => ready,
         }
     }
@@ -666,7 +736,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
             Poll::Pending => this.write_pending(cx),
             Poll::Ready(Ok(())) => {
                 // What hyper (or TLS above it) had to write is in the kernel's buffer.
-                this.state.writing.store(false, Ordering::Relaxed);
+                this.state.flushed();
                 Poll::Ready(Ok(()))
             }
             ready => ready,
@@ -865,8 +935,14 @@ mod tests {
 
         let (mut client, server) = tokio::io::duplex(16);
         let mut io = TimedIo::new(server, state.clone());
+        std::thread::sleep(Duration::from_millis(5));
+        let flushing = Instant::now();
         io.flush().await.unwrap();
-        assert!(state.idle_since().is_some(), "written");
+        let since = state.idle_since().expect("written");
+        assert!(
+            since >= flushing,
+            "idle from its flush's end, not its handler's"
+        );
 
         // The client's side is full: the write waits, and the connection is not idle.
         io.write_all(&[0; 16]).await.unwrap();
@@ -883,6 +959,42 @@ mod tests {
         io.flush().await.unwrap();
         assert!(state.close_if_idle(), "written: its slot may be taken");
         drop(answer);
+    }
+
+    /// A connection whose writes find the socket full is protected while they make progress, and
+    /// idle again once they have made none for the header timeout (the client stopped reading).
+    #[tokio::test]
+    async fn a_connection_whose_writes_are_stuck_for_the_header_timeout_is_idle() {
+        use futures_util::FutureExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let state = ConnState::new(&ConnectionLimits {
+            header_read_timeout: Duration::from_secs(1),
+            ..limits()
+        });
+        drop(state.request_started(Version::HTTP_11));
+        let (mut client, server) = tokio::io::duplex(16);
+        let mut io = TimedIo::new(server, state.clone());
+        io.write_all(&[0; 16]).await.unwrap();
+        assert!(io.write(&[0; 16]).now_or_never().is_none());
+        assert!(state.idle_since().is_none(), "writing");
+
+        // The client takes some: the write makes progress, and the clock starts again.
+        std::thread::sleep(Duration::from_millis(700));
+        client.read_exact(&mut [0; 16]).await.unwrap();
+        io.write_all(&[0; 16]).await.unwrap();
+        assert!(io.write(&[0; 16]).now_or_never().is_none());
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            state.idle_since().is_none(),
+            "progress 500 ms ago (1.2 s after the first stall)"
+        );
+
+        // Nothing taken for the header timeout: a waiting client may take its slot.
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(state.idle_since().is_some(), "stuck for 1.2 s");
+        assert!(state.close_if_idle());
+        assert!(io.write(&[0; 16]).await.is_err(), "closed");
     }
 
     #[test]

@@ -208,10 +208,10 @@ pub async fn serve_with_limits(
 
 /// A slot for a client accepted while every slot was taken (it waits for no more than that one
 /// accept; the clients after it wait in the kernel's backlog): an idle keep-alive connection,
-/// nothing under way and its client not waiting on it (no answer still being written to it),
-/// gives its slot up, as nginx closes its idle connections, rather than keep the new client
-/// waiting up to the idle timeout. Looked for
-/// again while waiting: a connection busy now may be idle later. `None` at shutdown.
+/// nothing under way and its client not waiting on it (no answer still being written to it,
+/// unless its client has taken none of it for the header timeout), gives its slot up, as nginx
+/// closes its idle connections, rather than keep the new client waiting up to the idle timeout.
+/// Looked for again while waiting: a connection busy now may be idle later. `None` at shutdown.
 async fn slot_for_waiting_client(
     slots: &Arc<Semaphore>,
     open: &OpenConnections,

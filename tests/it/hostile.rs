@@ -269,14 +269,20 @@ async fn hostile_at_the_connection_cap_a_connection_receiving_a_head_keeps_its_s
         .expect("the connection idle the longest was closed");
 }
 
-/// A keep-alive connection whose answer is still being written is not idle, though its handler
-/// has returned: at the cap it keeps its slot, and a waiting client waits for one that is (here,
-/// the slot of a silent connection, at its header timeout), rather than the answer be cut. The
-/// answer, 16 MiB, is more than the loopback socket buffers hold, so it is still being written
-/// while its client reads nothing.
-#[tokio::test]
-async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keeps_its_slot() {
-    const BIG: usize = 16 * 1024 * 1024;
+/// An answer of 16 MiB, more than the loopback socket buffers hold (the client's receive buffer
+/// kept small besides): served at `/test/big`, next to a small one at `/test/small`, with a cap of
+/// `max_connections`, a header timeout (and so a stalled answer's bound) of 2 s, and an idle
+/// timeout of 60 s. Returns the port and what stops the server.
+const BIG: usize = 16 * 1024 * 1024;
+
+async fn serve_a_big_answer(
+    max_connections: usize,
+) -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<edgegate::server::Drained>>,
+    TestDb,
+) {
     let db = TestDb::sqlite();
     let state = edgegate::AppState::new(db.config(&[]), db.store().await);
     let router = axum::Router::new()
@@ -301,17 +307,47 @@ async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keep
         edgegate::server::ConnectionLimits {
             header_read_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
-            max_connections: 2,
+            max_connections,
             max_connections_set: true,
         },
     ));
+    (port, stop, served, db)
+}
 
-    let mut taking = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    taking
-        .write_all(b"GET /test/big HTTP/1.1\r\nHost: edgegate\r\n\r\n")
+/// Connects with a small receive buffer (the kernel's least, a few KiB), so that an answer the
+/// client does not read fills the sockets' buffers after a few hundred KiB at most, whatever the
+/// host's buffer sizes; sends `GET path` and waits until the answer begins (its handler has
+/// returned and hyper is writing it), reading none of it.
+async fn ask_and_read_nothing(port: u16, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await
         .unwrap();
-    // Its handler returns; hyper writes until the sockets' buffers are full.
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: edgegate\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut [0u8; 16]))
+        .await
+        .expect("the answer begins within 10 s")
+        .unwrap();
+    assert!(n > 0, "closed before its answer");
+    stream
+}
+
+/// A keep-alive connection whose answer is still being written is not idle, though its handler
+/// has returned: at the cap it keeps its slot, and a waiting client waits for one that is (here,
+/// the slot of a silent connection, at its header timeout), rather than the answer be cut. The
+/// client reads nothing for 800 ms, less than the 2 s a stalled answer is protected for
+/// (`hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_gives_its_slot_up`),
+/// then reads it all.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keeps_its_slot() {
+    let (port, stop, served, _db) = serve_a_big_answer(2).await;
+    let mut taking = ask_and_read_nothing(port, "/test/big").await;
+    // hyper writes until the sockets' buffers are full.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -323,6 +359,54 @@ async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keep
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Now the client reads its answer: all of it.
+    let (head_end, length, data) = read_big_answer(&mut taking).await;
+    assert_eq!(length, BIG);
+    assert_eq!(
+        data.len() - head_end,
+        length,
+        "the answer was cut: the connection still taking it gave its slot up"
+    );
+    // The waiting client is served once the silent connection's header timeout frees a slot.
+    assert_eq!(read_response(&mut waiting).await.0, 200);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
+/// A client that asks for an answer and takes none of it (a few KiB of receive buffer, never
+/// read) is protected no longer than the header timeout after its writes stopped making progress:
+/// at the cap, a waiting client then takes its slot, well before the idle timeout (60 s here),
+/// so connections that never read cannot keep others out for the idle timeout.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_gives_its_slot_up() {
+    let (port, stop, served, _db) = serve_a_big_answer(1).await;
+    let mut stuck = ask_and_read_nothing(port, "/test/big").await;
+    let asked = Instant::now();
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    waiting
+        .write_all(b"GET /test/small HTTP/1.1\r\nHost: edgegate\r\n\r\n")
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), read_response(&mut waiting))
+        .await
+        .expect("the waiting client served within 15 s (the idle timeout is 60 s)")
+        .0;
+    assert_eq!(status, 200);
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "a stalled answer keeps its slot for the header timeout (2 s): {waited:?}"
+    );
+    // The stuck connection was closed: its answer is cut.
+    let (head_end, length, data) = read_big_answer(&mut stuck).await;
+    assert_eq!(length, BIG);
+    assert!(data.len() - head_end < length, "closed mid-answer");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
+/// Reads a `content-length` answer until it is whole or the connection closes (10 s at most):
+/// where its body begins, its declared length, and what came.
+async fn read_big_answer(stream: &mut TcpStream) -> (usize, usize, Vec<u8>) {
     let mut data = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut length = None;
@@ -341,7 +425,7 @@ async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keep
             break;
         }
         let left = Duration::from_secs(10).saturating_sub(started.elapsed());
-        let n = tokio::time::timeout(left, taking.read(&mut buf))
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
             .await
             .expect("the answer within 10 s")
             .unwrap_or(0);
@@ -351,16 +435,7 @@ async fn hostile_at_the_connection_cap_a_connection_still_taking_its_answer_keep
         data.extend_from_slice(&buf[..n]);
     }
     let (head_end, length) = length.expect("the answer's head");
-    assert_eq!(length, BIG);
-    assert_eq!(
-        data.len() - head_end,
-        length,
-        "the answer was cut: the connection still taking it gave its slot up"
-    );
-    // The waiting client is served once the silent connection's header timeout frees a slot.
-    assert_eq!(read_response(&mut waiting).await.0, 200);
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+    (head_end, length, data)
 }
 
 #[tokio::test]
