@@ -33,9 +33,10 @@ use conn::{ConnState, Received, TimedIo, Tracked};
 /// The largest request head (request line and headers) read over HTTP/1: what a connection may
 /// make the server buffer before it has a request. Over it, hyper answers 431. hyper's
 /// `max_buf_size`, which this sets, caps the HTTP/1 write buffer too (its default, about 400 KB,
-/// for both): once this much of a connection's answers waits to be written (a client that does
-/// not read), hyper takes no more of them (the one that crossed it is held whole) and reads no
-/// next request until the client reads. HTTP/2's header list (names and values, and 32 bytes a
+/// for both), which bounds only a body written in several chunks: hyper reads a connection's
+/// next request only once the answer before it is written whole to the socket, so a client that
+/// pipelines requests and reads none of the answers makes the server hold one answer and what
+/// it has read of the requests behind it (this much at most). HTTP/2's header list (names and values, and 32 bytes a
 /// header) keeps h2's default, 16 KiB: each of a connection's [`MAX_CONCURRENT_STREAMS`] streams
 /// holds its headers while its request runs.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;

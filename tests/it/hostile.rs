@@ -995,11 +995,12 @@ impl Responses {
     }
 }
 
-/// A client may pipeline requests and read none of the answers. hyper then stops reading once
-/// its answers cannot be written (its write buffer is capped at 64 KiB, `MAX_HEAD_BYTES`, which
-/// the answer that crosses it may pass), so the answers wait in the kernel's socket buffers and
-/// the requests behind them in the client's, not in the server's memory; and once the client
-/// reads, every answer comes, in order.
+/// A client may pipeline requests and read none of the answers. hyper reads a connection's next
+/// request only once the answer before it is written whole to the socket, so the server holds
+/// one answer and what it has read of the requests behind it (its read buffer, 64 KiB,
+/// `MAX_HEAD_BYTES`); the answers wait in the kernel's socket buffers and the requests behind
+/// them in the client's, not in the server's memory; and once the client reads, every answer
+/// comes, in order.
 /// (hyper's experimental `pipeline_flush` lifts that cap: the answers then pile up in the
 /// server until the client reads. This test fails with it.)
 #[tokio::test]
