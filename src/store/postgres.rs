@@ -426,32 +426,46 @@ pub(super) async fn connect_or_wait(url: &str) -> anyhow::Result<(PgPool, Option
                 Ok(())
             })
         })
-        .after_release(|conn, _| Box::pin(answers_on_release(conn)))
+        .after_release(|conn, _| Box::pin(ready_on_release(conn)))
         .connect_lazy_with(options);
     Ok((pool, unreachable))
 }
 
-/// How long a connection coming back to the pool may take to answer before it is closed instead.
-const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection coming back to the pool may wait for what its last user left in flight
+/// before it is closed instead: [`STATEMENT_TIMEOUT`], past which the server cancels a pooled
+/// session's statement itself, plus 2 s for that cancellation's answer to come back (a round
+/// trip through a pooler tens of milliseconds away, on a loaded server) and for a rollback sqlx
+/// queued behind it (a transaction dropped with its statement). The statement's clock started
+/// when the server received it, before its caller gave up, so a server that still answers has
+/// answered by then.
+const RELEASE_FLUSH_TIMEOUT: Duration = STATEMENT_TIMEOUT.saturating_add(Duration::from_secs(2));
 
-/// Whether a connection coming back to the pool answers within [`RELEASE_PING_TIMEOUT`]. sqlx
-/// pings every connection it takes back, with no time limit, before the slot is free again: that
-/// ping first waits for whatever the connection's last user left in flight (a query whose caller
-/// was dropped at its timeout), and from a server that stopped answering with the connection
-/// left open (a host lost, or failed over to another address, without a reset) nothing comes,
-/// so the slot was held until the kernel gave up on the link (about 15 minutes). This ping runs
-/// just before sqlx's (which then costs one more round trip on a connection that answered); one
-/// that does not answer in time is closed and the slot freed, and the next acquire opens a new
-/// connection.
-async fn answers_on_release(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
+/// Whether a connection coming back to the pool is ready for its next user within
+/// [`RELEASE_FLUSH_TIMEOUT`]. sqlx pings every connection it takes back, with no time limit,
+/// before the slot is free again: that ping first waits for whatever the connection's last user
+/// left in flight (a query whose caller was dropped at its timeout), and from a server that
+/// stopped answering with the connection left open (a host lost, or failed over to another
+/// address, without a reset) nothing comes, so the slot was held until the kernel gave up on
+/// the link (about 15 minutes). This waits for that dropped work alone, bounded: with nothing
+/// in flight (every request that ran to its end) it does no I/O at all, so sqlx's ping stays
+/// the only round trip of a release; a slow server that answers in time keeps its connection
+/// (closing it would leave the server running the dropped statement, holding its locks and a
+/// connection slot, while the pool opens another); one that does not answer in time is closed
+/// and its slot freed, and the next acquire opens a new connection. A dropped statement that
+/// ended in an error (its own timeout, say) is an error here too, and sqlx closes the connection.
+///
+/// `Connection::flush` is doc-hidden in sqlx (for `PgConnection` it is `wait_until_ready`:
+/// sends what is buffered, then reads until every `ReadyForQuery` owed has come); the version
+/// is pinned by Cargo.lock, and an upgrade that removes it fails to compile here.
+async fn ready_on_release(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
     use sqlx::Connection as _;
-    match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
-        Ok(answered) => answered.map(|()| true),
+    match tokio::time::timeout(RELEASE_FLUSH_TIMEOUT, conn.flush()).await {
+        Ok(ready) => ready.map(|()| true),
         Err(_) => {
             tracing::warn!(
-                "a database connection did not answer within {} s when given back to the pool \
-                 (the server stopped answering mid-query?); closing it",
-                RELEASE_PING_TIMEOUT.as_secs()
+                "a database connection given back to the pool did not finish its dropped query \
+                 within {} s (the server stopped answering mid-query?); closing it",
+                RELEASE_FLUSH_TIMEOUT.as_secs()
             );
             Ok(false)
         }
