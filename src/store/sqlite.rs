@@ -1428,7 +1428,8 @@ mod tests {
         sqlx::query("SELECT 1").execute(&mut *lock).await.unwrap();
         lock.rollback().await.unwrap();
         let mut conns = Vec::new();
-        for _ in 0..pool.size() {
+        // Every connection the pool may hold: the probe's slot came back, closed or not.
+        for _ in 0..pool.options().get_max_connections() {
             let acquired = tokio::time::timeout(Duration::from_secs(2), pool.acquire()).await;
             conns.push(acquired.expect("acquired within 2 s").unwrap());
         }
