@@ -571,8 +571,9 @@ impl JwksFetcher {
                 let stats = &self.inner.stats;
                 stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
                 if state.last_success.is_none() {
-                    // No set was ever fetched: every signing-key token is refused, as with a
-                    // set gone stale, and it reads so (the runbook alerts on stale).
+                    // No set was ever fetched: every token of a fetched signing key (all but
+                    // SUPABASE_JWKS's) is refused, as with a set gone stale, and it reads so (the
+                    // runbook alerts on stale).
                     stats.stale.store(true, Ordering::Relaxed);
                 }
                 if let (Some(info), Some(last)) = (ring.fetched_info(), state.last_success) {
@@ -599,8 +600,9 @@ impl JwksFetcher {
     }
 
     /// The wait after `failures` failed fetches in a row: 5 s doubling, capped at the least of
-    /// the held set's freshness (`held`, its `max-age`), the configured TTL and
-    /// [`MAX_AGE_BOUNDS`]'s ceiling, then jittered ±10 % as the schedule is. Capped by the configured TTL alone, a day-long
+    /// the held set's freshness (`held`: its `max-age`, already jittered ±10 % when it was
+    /// fetched), the configured TTL and [`MAX_AGE_BOUNDS`]'s ceiling, then jittered ±10 % as the
+    /// schedule is. Capped by the configured TTL alone, a day-long
     /// `JWKS_CACHE_TTL_SECONDS` (which a `max-age` overrides) let an outage of hours put the next
     /// fetch hours after the host came back.
     fn backoff(&self, failures: u32, held: Option<Duration>) -> Duration {

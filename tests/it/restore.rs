@@ -961,7 +961,7 @@ async fn check_run_as_root_names_the_image_user_for_a_directory_of_another_users
     let out = output(as_image_user(dir.path(), &bin, &vars).arg("check"));
     let line = database_line(&String::from_utf8_lossy(&out.stdout));
     assert!(
-        line.starts_with("FAIL") && line.contains(&*data.to_string_lossy()),
+        line.starts_with("FAIL") && line.contains(&*shown.to_string_lossy()),
         "{line}"
     );
     // As root: not failed (uid 1000 may create it), but uid 10001's refusal said.
@@ -991,7 +991,9 @@ async fn check_run_as_root_names_the_image_user_for_a_directory_of_another_users
     let out = output(edgegate(dir.path(), &vars).arg("check"));
     let line = database_line(&String::from_utf8_lossy(&out.stdout));
     assert!(
-        line.starts_with("FAIL") && line.contains("uid 1000"),
+        line.starts_with("FAIL")
+            && line.contains("uid 1000")
+            && !line.contains(&format!("uid {IMAGE_UID}")),
         "{line}"
     );
 }
