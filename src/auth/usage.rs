@@ -803,6 +803,10 @@ struct Writer {
     /// Every other row seen: its value, and when (this instance's steady clock) that value was
     /// first read. A value that stays is a row not noted since.
     watched: HashMap<String, Watched>,
+    /// Whether [`Writer::after_silence`] has run to its end (retried at every note until then).
+    silence_checked: bool,
+    /// Whether a failure to read or write the fleet's last note was logged.
+    fleet_note_warned: bool,
 }
 
 #[derive(Debug)]
@@ -818,21 +822,46 @@ impl Writer {
             id: uuid::Uuid::new_v4().to_string(),
             noted: None,
             watched: HashMap::new(),
+            silence_checked: false,
+            fleet_note_warned: false,
         }
     }
 
     /// Writes this instance's row, with a value other than the last one (a wall clock that
-    /// stands or steps back still shows the instance alive), and the fleet's last note. The
-    /// first time, it first looks for a time when no instance ran ([`Writer::after_silence`]).
+    /// stands or steps back still shows the instance alive), and the fleet's last note. Until
+    /// it has once looked for a time when no instance ran ([`Writer::after_silence`]), it looks
+    /// first, and stamps the fleet's last note only once it has (a stamp first would hide the
+    /// gap). Neither failing keeps the row from being written (`serve --no-migrate` on a
+    /// database without the last note's columns): a crash of this instance is still seen.
     async fn note(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
         let value = self.noted.map_or(now_ms, |last| now_ms.max(last + 1));
-        if self.noted.is_none() {
-            self.after_silence(store, value).await?;
+        if !self.silence_checked {
+            match self.after_silence(store, value).await {
+                Ok(()) => self.silence_checked = true,
+                Err(err) => self.fleet_note_failed(&err),
+            }
         }
         store.note_usage_writer(&self.id, value).await?;
-        store.note_usage_fleet(&self.id, value).await?;
+        if self.silence_checked
+            && let Err(err) = store.note_usage_fleet(&self.id, value).await
+        {
+            self.fleet_note_failed(&err);
+        }
         self.noted = Some(value);
         Ok(())
+    }
+
+    /// Logs, once, that the fleet's last note could not be read or written.
+    fn fleet_note_failed(&mut self, err: &anyhow::Error) {
+        if std::mem::replace(&mut self.fleet_note_warned, true) {
+            return;
+        }
+        tracing::warn!(
+            error = crate::error::causes(err),
+            "cannot read or write the last note of the instances counting key usage (a \
+             database not migrated to this build?): a time when no instance ran is not found \
+             at this start; this instance still notes itself, and retries at every note"
+        );
     }
 
     /// At this instance's start, before it notes itself: a clean stop deletes its row, so with

@@ -2627,3 +2627,34 @@ async fn a_restart_seconds_after_a_clean_stop_keeps_the_evidence() {
     assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
     flusher.stop().await;
 }
+
+/// Runs `sql` on `db` with a connection of its own (a test changing what the store would not).
+async fn run_sql(db: &crate::support::TestDb, sql: &'static str) {
+    use sqlx::Connection as _;
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    }
+}
+
+/// `serve --no-migrate` on a database without the fleet's last note (its columns missing):
+/// reading and stamping it fail, and the instance still notes itself in `usage_writers`, so a
+/// crash of it is seen.
+#[tokio::test]
+async fn an_instance_notes_itself_when_the_last_note_cannot_be_read() {
+    let db = TestDb::sqlite();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    run_sql(&db, "ALTER TABLE usage_evidence DROP COLUMN last_noted_at").await;
+    run_sql(&db, "ALTER TABLE usage_evidence DROP COLUMN last_noted_by").await;
+    assert!(store.usage_fleet_last_note().await.is_err());
+
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    flusher.stop().await;
+}
