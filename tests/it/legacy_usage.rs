@@ -2583,17 +2583,38 @@ async fn stop_cleanly(
 
 /// A clean stop leaves no row in `usage_writers`. With no instance running for two days, a
 /// legacy client that failed meanwhile was never counted: the instance started next finds the
-/// fleet silent since the last note, starts the evidence again at its own time, and the verdict
-/// waits a whole window, as after a crash (it read `true` minutes after the start).
+/// fleet silent since the last note (the one the stop wrote), starts the evidence again at its
+/// own time, and the verdict waits a whole window, as after a crash (it read `true` minutes
+/// after the start).
 #[tokio::test]
 async fn a_stop_with_no_instance_running_is_a_hole_in_the_evidence() {
     let db = test_db!();
-    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    let clock = Clock::manual();
+    let (mut server, state) = spawn_app_with_clock(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            ("LEGACY_REVOCATION_WINDOW_SECONDS", "86400"),
+        ],
+        clock.clone(),
+    )
+    .await;
+    let store = db.store().await;
     evidence_that_says_safe(&state).await;
-    let first = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 1).await;
-    stop_cleanly(first, &state, &store).await;
+    let rows = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
+    let writer = rows[0].id.clone();
+    clock.advance(Duration::from_secs(59));
+    let stopped_ms = clock.now_ms();
+    server.begin_shutdown();
+    (&mut server.task)
+        .await
+        .expect("the service task")
+        .expect("a clean stop");
     writers_noted(&store, 0).await;
+    let last = store.usage_fleet_last_note().await.unwrap().unwrap();
+    assert_eq!(last.noted_by, writer);
+    assert_eq!(last.noted_at_ms, stopped_ms);
 
     clock.advance(Duration::from_secs(2 * 86_400));
     let restart_ms = clock.now_ms();
@@ -2622,7 +2643,6 @@ async fn a_restart_seconds_after_a_clean_stop_keeps_the_evidence() {
     let restarted = restarted_on(&db, &store, &clock, "86400");
     let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
     writers_noted(&store, 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let report = key_report(&restarted, &restarted.usage).await;
     assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
     flusher.stop().await;
