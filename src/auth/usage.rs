@@ -773,7 +773,9 @@ pub fn spawn_flusher_pruning(
 
 /// How long another instance's row in `usage_writers` may stay unnoted, timed on this
 /// instance's own steady clock (never against the wall clock another machine stamped), before
-/// its counts are taken for lost: five flushes.
+/// its counts are taken for lost: five flushes. Also how old the fleet's last note may be at a
+/// start before the time since is taken for one with no instance running
+/// (`Writer::after_silence`): that one is read against another machine's wall clock.
 pub const WRITER_GONE_AFTER: Duration = Duration::from_secs(300);
 
 /// How long a row stays unnoted before its instance is taken for gone for good and the row is
@@ -872,7 +874,7 @@ impl Writer {
     /// has a row says nothing: it runs (the fleet did not stop), or ended holding counts, which
     /// [`Writer::beat`] finds. A gap read across two machines' wall clocks: a clock set wrong by
     /// minutes takes a restart for a gap (a window waited for nothing), never the reverse
-    /// unless it is behind by more than the gap.
+    /// unless it is behind by more than the gap less [`WRITER_GONE_AFTER`].
     async fn after_silence(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
         let Some(last) = store.usage_fleet_last_note().await? else {
             return Ok(());

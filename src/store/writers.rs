@@ -34,7 +34,10 @@ impl Store {
 
     /// Records the last note of any instance: `id`'s, at `now_ms`. The last written wins, so a
     /// stamp from a wall clock since set back is replaced at the next note. Written only where
-    /// `usage_evidence` has its row: with none, no evidence is recorded for a hole to spoil.
+    /// `usage_evidence` has its row. With none, either nothing is recorded yet, or
+    /// `key_usage_hourly` holds counts from before `usage_evidence` existed (the evidence is
+    /// then read from the oldest hour) and the row is written by the first pruning pass after
+    /// the first flush: notes before it are not stamped.
     pub async fn note_usage_fleet(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
         let sql = "UPDATE usage_evidence SET last_noted_at = $2, last_noted_by = $1 WHERE id = 1";
         self.execute(sql, &[id.into(), now_ms.into()])
