@@ -452,14 +452,28 @@ const RELEASE_FLUSH_TIMEOUT: Duration = STATEMENT_TIMEOUT.saturating_add(Duratio
 /// (closing it would leave the server running the dropped statement, holding its locks and a
 /// connection slot, while the pool opens another); one that does not answer in time is closed
 /// and its slot freed, and the next acquire opens a new connection. A dropped statement that
-/// ended in an error (its own timeout, say) is an error here too, and sqlx closes the connection.
+/// ended in an error the server sent (its own timeout or lock timeout, a cancel) has ended: the
+/// wait reads on to the server's `ReadyForQuery` and keeps the connection; an error of the link
+/// (an end of file, as after a FATAL one) closes it. The usage flush's statements may run 60 s
+/// (`SET LOCAL`), longer than this bound; only the stop's deadline drops one, and the process
+/// then ends.
 ///
 /// `Connection::flush` is doc-hidden in sqlx (for `PgConnection` it is `wait_until_ready`:
 /// sends what is buffered, then reads until every `ReadyForQuery` owed has come); the version
 /// is pinned by Cargo.lock, and an upgrade that removes it fails to compile here.
 async fn ready_on_release(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
     use sqlx::Connection as _;
-    match tokio::time::timeout(RELEASE_FLUSH_TIMEOUT, conn.flush()).await {
+    let ready = async {
+        loop {
+            // Each error the server sent is one message read; the `ReadyForQuery` owed is still
+            // counted, so the next call reads on to it.
+            match conn.flush().await {
+                Err(sqlx::Error::Database(_)) => continue,
+                done => break done,
+            }
+        }
+    };
+    match tokio::time::timeout(RELEASE_FLUSH_TIMEOUT, ready).await {
         Ok(ready) => ready.map(|()| true),
         Err(_) => {
             tracing::warn!(

@@ -909,6 +909,46 @@ async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
     assert!(store.recent_audit(1).await.is_ok());
 }
 
+/// A dropped statement that the server ended with an error (here its lock timeout, 3 s, while
+/// the lock is held on) has ended: its connection is kept as well, not closed as after an error
+/// of the link.
+#[tokio::test]
+async fn a_dropped_statement_the_server_ended_with_an_error_keeps_its_connection() {
+    let db = postgres_db!();
+    let config = config(&db.url, &[]);
+    let store = Store::connect(&config.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let caller = tokio::time::timeout(Duration::from_millis(500), store.recent_audit(1));
+    assert!(caller.await.is_err(), "a query answered through the lock");
+    let waiting = "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'audit_log'::regclass";
+    let pid: i32 = sqlx::query_scalar(waiting)
+        .fetch_one(&mut holder)
+        .await
+        .expect("the dropped query still waits on the lock");
+    // Past the session's lock_timeout (3 s from the statement's start), with the lock still held.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let alive: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+            .bind(pid)
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert!(
+        alive,
+        "the connection whose statement the server ended with an error was closed"
+    );
+    assert!(store.recent_audit(1).await.is_ok());
+}
+
 /// A PostgreSQL database that refuses connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
 /// as for maintenance: PostgreSQL ends each new session with a FATAL 55000, "not currently
 /// accepting connections") is an outage like any other: the sync and the reconciliation answer
