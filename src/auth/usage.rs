@@ -872,12 +872,16 @@ impl Writer {
     /// than [`WRITER_GONE_AFTER`] before `now_ms`, written by an instance that has no row any
     /// more, says none ran since: the evidence's start moves to `now_ms`. One whose writer still
     /// has a row says nothing: it runs (the fleet did not stop), or ended holding counts, which
-    /// [`Writer::beat`] finds. A gap read across two machines' wall clocks: a clock set wrong by
-    /// minutes takes a restart for a gap (a window waited for nothing), never the reverse
-    /// unless it is behind by more than the gap less [`WRITER_GONE_AFTER`].
+    /// [`Writer::beat`] finds. No last note with a `usage_evidence` row (the first start of this
+    /// build after an older one that has the table: the migration leaves the note NULL) and no
+    /// other instance's row (the restore's mark aside) is taken for a gap too, of unknown length
+    /// (the older build may have been stopped for days). A gap read across two machines' wall
+    /// clocks: a clock set wrong by minutes takes a restart for a gap (a window waited for
+    /// nothing), never the reverse unless it is behind by more than the gap less
+    /// [`WRITER_GONE_AFTER`].
     async fn after_silence(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
         let Some(last) = store.usage_fleet_last_note().await? else {
-            return Ok(());
+            return self.after_unknown_silence(store, now_ms).await;
         };
         let silent_ms = now_ms.saturating_sub(last.noted_at_ms);
         let gone_after_ms = i64::try_from(WRITER_GONE_AFTER.as_millis()).unwrap_or(i64::MAX);
@@ -895,6 +899,30 @@ impl Writer {
             "no instance counted key usage for over 5 minutes (none ran: legacy use then was \
              never counted): the usage evidence starts again now, and revoking the legacy \
              secret is not called safe before a whole window after that"
+        );
+        Ok(())
+    }
+
+    /// [`Writer::after_silence`] with no last note: a gap unless another instance runs (a
+    /// rolling deploy from a build that notes itself in `usage_writers`) or `usage_evidence` has
+    /// no row. Without one nothing is recorded yet, or only counts from a build before that
+    /// table, whose stops no build recorded anywhere (not taken for a gap: docs/MIGRATION.md).
+    async fn after_unknown_silence(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
+        let rows = store.usage_writers_seen_before(&self.id, i64::MAX).await?;
+        // The restore's mark is no instance: no instance writes 0 or less.
+        if rows.iter().any(|row| row.seen_at_ms > 0) {
+            return Ok(());
+        }
+        if !store.usage_evidence_row_exists().await? {
+            return Ok(());
+        }
+        store.raise_usage_evidence(now_ms).await?;
+        tracing::warn!(
+            "no record of when an instance last counted key usage (the first start of this \
+             build) and no other instance running: the instances before it may have been \
+             stopped for any time (legacy use then was never counted), so the usage evidence \
+             starts again now, and revoking the legacy secret is not called safe before a \
+             whole window after that"
         );
         Ok(())
     }

@@ -58,6 +58,15 @@ impl Store {
         Ok(note)
     }
 
+    /// Whether `usage_evidence` has its row: written by the first pruning pass after the first
+    /// flush of a build that has the table, never deleted.
+    pub async fn usage_evidence_row_exists(&self) -> anyhow::Result<bool> {
+        let sql = "SELECT COUNT(*) FROM usage_evidence WHERE id = 1";
+        let rows: i64 = with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)
+            .context("reading key usage")?;
+        Ok(rows > 0)
+    }
+
     /// The instances other than `id` last noted before `before_ms`.
     pub async fn usage_writers_seen_before(
         &self,

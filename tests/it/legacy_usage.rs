@@ -1060,12 +1060,18 @@ async fn key_report(state: &AppState, tracker: &UsageTracker) -> Value {
 }
 
 /// Stored evidence that says revoking is safe unless something else shows legacy use: a whole
-/// window observed and signing keys in use in it.
+/// window observed, signing keys in use in it, and an instance counting until now (the fleet's
+/// last note, by one that has since stopped cleanly).
 async fn evidence_that_says_safe(state: &AppState) {
     let now = now_ms();
     state
         .store
         .note_usage_evidence(now - 48 * HOUR)
+        .await
+        .unwrap();
+    state
+        .store
+        .note_usage_fleet("an-instance-stopped-cleanly", now)
         .await
         .unwrap();
     let signing = KeyUsage {
@@ -2676,5 +2682,29 @@ async fn an_instance_notes_itself_when_the_last_note_cannot_be_read() {
 
     let flusher = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 1).await;
+    flusher.stop().await;
+}
+
+/// The first start of this build after a stop of an older one (no last note: the migration
+/// leaves it NULL) with no instance running: nothing tells how long none ran, so the evidence
+/// starts again at the start (it read `true` minutes after it).
+#[tokio::test]
+async fn a_first_start_with_no_last_note_and_no_instance_running_restarts_the_evidence() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    run_sql(
+        &db,
+        "UPDATE usage_evidence SET last_noted_at = NULL, last_noted_by = NULL",
+    )
+    .await;
+    writers_noted(&store, 0).await;
+
+    let start_ms = clock.now_ms();
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    one_signing_key_request(&store, start_ms).await;
+    clock.advance(Duration::from_secs(600));
+    waits_a_window_from(&key_report(&state, &state.usage).await, start_ms);
     flusher.stop().await;
 }
