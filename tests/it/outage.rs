@@ -869,13 +869,10 @@ async fn a_postgres_host_gone_silent_mid_query_does_not_hold_the_pool() {
     );
 }
 
-/// A connection whose caller gave up while a slow server, still answering, had its statement
-/// (here waiting on a lock) left to run is given back to the pool once the statement is done,
-/// not closed: closed, the server ran the statement on, holding its locks and a connection slot,
-/// while the pool opened another in its place.
-#[tokio::test]
-async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
-    let db = postgres_db!();
+/// A store on `db` whose query (reading the audit log) was dropped by its caller after 500 ms
+/// while it waited on a table lock; the connection holding that lock, in its transaction; and
+/// the server process of the dropped query's connection.
+async fn a_query_dropped_behind_a_lock(db: &TestDb) -> (Store, sqlx::PgConnection, i32) {
     let config = config(&db.url, &[]);
     let store = Store::connect(&config.database_url).await.unwrap();
     store.migrate().await.unwrap();
@@ -891,6 +888,27 @@ async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
         .fetch_one(&mut holder)
         .await
         .expect("the dropped query still waits on the lock");
+    (store, holder, pid)
+}
+
+/// Whether the server process `pid` still runs (a closed connection's ends as soon as its
+/// statement is done).
+async fn backend_alive(conn: &mut sqlx::PgConnection, pid: i32) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+        .bind(pid)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// A connection whose caller gave up while a slow server, still answering, had its statement
+/// (here waiting on a lock) left to run is given back to the pool once the statement is done,
+/// not closed: closed, the server ran the statement on, holding its locks and a connection slot,
+/// while the pool opened another in its place.
+#[tokio::test]
+async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
+    let db = postgres_db!();
+    let (store, mut holder, pid) = a_query_dropped_behind_a_lock(&db).await;
     // The server's work left outlasts a second from the caller's drop: 1.5 s.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sqlx::raw_sql("ROLLBACK")
@@ -899,12 +917,7 @@ async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
         .unwrap();
     // A closed connection's server process ends as soon as its statement is done.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let alive: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
-            .bind(pid)
-            .fetch_one(&mut holder)
-            .await
-            .unwrap();
+    let alive = backend_alive(&mut holder, pid).await;
     assert!(alive, "the connection whose caller gave up was closed");
     assert!(store.recent_audit(1).await.is_ok());
 }
@@ -915,29 +928,10 @@ async fn a_slow_servers_connection_whose_caller_gave_up_is_kept() {
 #[tokio::test]
 async fn a_dropped_statement_the_server_ended_with_an_error_keeps_its_connection() {
     let db = postgres_db!();
-    let config = config(&db.url, &[]);
-    let store = Store::connect(&config.database_url).await.unwrap();
-    store.migrate().await.unwrap();
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    let caller = tokio::time::timeout(Duration::from_millis(500), store.recent_audit(1));
-    assert!(caller.await.is_err(), "a query answered through the lock");
-    let waiting = "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'audit_log'::regclass";
-    let pid: i32 = sqlx::query_scalar(waiting)
-        .fetch_one(&mut holder)
-        .await
-        .expect("the dropped query still waits on the lock");
+    let (store, mut holder, pid) = a_query_dropped_behind_a_lock(&db).await;
     // Past the session's lock_timeout (3 s from the statement's start), with the lock still held.
     tokio::time::sleep(Duration::from_millis(4000)).await;
-    let alive: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
-            .bind(pid)
-            .fetch_one(&mut holder)
-            .await
-            .unwrap();
+    let alive = backend_alive(&mut holder, pid).await;
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut holder)
         .await
