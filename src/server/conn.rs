@@ -25,7 +25,11 @@
 //!   HTTP/2 client that never opens a stream's flow-control window) is closed then, even while
 //!   other HTTP/2 streams come and go. Every answer is small and buffered whole, so a client that
 //!   reads at all has it well within that. An answer counts as sent when hyper drops its body
-//!   ([`Answer`]): after writing its end, or when the stream is reset;
+//!   ([`Answer`]): after writing its end, or when the stream is reset. An HTTP/1 answer keeps
+//!   that deadline until hyper's flush of it ends, though hyper may parse the next pipelined
+//!   request before then (it does when a handler answered without reading its request's body:
+//!   hyper reads that body after buffering the answer), a request whose handler waits for the
+//!   flush;
 //! - a connection whose answer is being written (an HTTP/1 answer from its handler's end until
 //!   hyper's flush of it ends, and any connection while a write finds the socket full) is not
 //!   idle for a client waiting for a connection slot, so its answer is not cut, as long as its
@@ -114,6 +118,12 @@ struct Work {
     head_begun: bool,
     /// When the connection last became idle.
     idle_since: Option<Instant>,
+    /// When the HTTP/1 answer hyper has not flushed yet is due (milliseconds since `epoch`): set
+    /// at its handler's end, cleared when a flush ends. hyper may parse the next pipelined
+    /// request before then (when it reads the body a handler left unread after buffering the
+    /// answer), and that request's handler may not run until the flush ends, so the deadline
+    /// stays this one while it is set, though a request is in flight.
+    answer_due: Option<u64>,
     /// The connection is closing in stages: its answers are sent, its write side shut, and what
     /// the client still sends is read and thrown away (see the module's documentation).
     lingering: bool,
@@ -188,12 +198,13 @@ impl ConnState {
         self.work.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the deadline after `work` changed: the oldest unsent answer's, else none while a
-    /// request runs, else the idle timeout from now (the connection has just become idle).
+    /// Sets the deadline after `work` changed: the oldest unsent answer's, else, while a
+    /// request runs, the unflushed HTTP/1 answer's or none, else the idle timeout from now (the
+    /// connection has just become idle).
     fn work_changed(&self, mut work: std::sync::MutexGuard<'_, Work>) {
         let deadline = match work.unsent.first_key_value() {
             Some((&due, _)) => due,
-            None if work.in_flight > 0 => NO_DEADLINE,
+            None if work.in_flight > 0 => work.answer_due.unwrap_or(NO_DEADLINE),
             None => {
                 work.idle_since = Some(Instant::now());
                 self.ms_after_now(self.idle_timeout)
@@ -222,7 +233,10 @@ impl ConnState {
         work.head_begun = false;
         work.in_flight += 1;
         self.work_changed(work);
-        InFlight(self.clone())
+        InFlight {
+            state: self.clone(),
+            http1_answered: false,
+        }
     }
 
     /// Whether nothing is under way on a connection that has served a request: an idle
@@ -266,10 +280,20 @@ impl ConnState {
     /// A flush ended: what hyper had to write is in the kernel's buffer. A connection that was
     /// writing an answer is idle from now, not from its handler's end: a client that took a
     /// minute to take its answer has not been idle for that minute.
+    /// The mark is cleared under the lock, so `idle_since` cannot see the connection idle with
+    /// the time its handler ended. A request hyper parsed before the flush has no deadline
+    /// from now (its handler can run; the route's timeout applies).
     fn flushed(&self) {
         self.write_progressed();
-        if self.writing.load(Ordering::Relaxed) && self.writing.swap(false, Ordering::Relaxed) {
-            self.work().idle_since = Some(Instant::now());
+        if !self.writing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut work = self.work();
+        if self.writing.swap(false, Ordering::Relaxed) {
+            work.idle_since = Some(Instant::now());
+            if work.answer_due.take().is_some() && work.in_flight > 0 && work.unsent.is_empty() {
+                self.deadline_ms.store(NO_DEADLINE, Ordering::Release);
+            }
         }
     }
 
@@ -320,9 +344,16 @@ impl ConnState {
         self.work().in_flight
     }
 
-    fn request_finished(&self) {
+    /// A request's handler ended (or its future was dropped). When an HTTP/1 handler answered,
+    /// the connection is writing from now (before it counts as idle, so no waiting client can
+    /// take its slot before hyper writes), and the answer is due within the idle timeout.
+    fn request_finished(&self, http1_answered: bool) {
         let mut work = self.work();
         work.in_flight = work.in_flight.saturating_sub(1);
+        if http1_answered {
+            self.writing.store(true, Ordering::Relaxed);
+            work.answer_due = Some(self.ms_after_now(self.idle_timeout));
+        }
         self.work_changed(work);
     }
 
@@ -382,11 +413,15 @@ impl ConnState {
 /// Marks one request in flight until dropped (when its handler has answered, or with the
 /// request's future if the connection ends first).
 #[derive(Debug)]
-struct InFlight(Arc<ConnState>);
+struct InFlight {
+    state: Arc<ConnState>,
+    /// Its HTTP/1 handler answered: hyper is to write the answer.
+    http1_answered: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.request_finished();
+        self.state.request_finished(self.http1_answered);
     }
 }
 
@@ -788,7 +823,7 @@ where
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
         let hold_back = req.version() >= Version::HTTP_2;
         let state = self.state.clone();
-        let in_flight = state.request_started(req.version());
+        let mut in_flight = state.request_started(req.version());
         // An HTTP/1 body not read to its end when the connection closes makes it linger.
         let unread = !hold_back && !req.body().is_end_stream();
         state.body_unread.store(unread, Ordering::Release);
@@ -800,15 +835,13 @@ where
         Box::pin(async move {
             let response = response.await?;
             // The handler is done: its answer must be sent within the idle timeout (an HTTP/2
-            // client that never opens its window must not hold it for ever). An HTTP/1
-            // connection reads no next request while an answer is being written, so the idle
-            // deadline its handler's end sets already covers that answer; the connection is not
-            // idle for a waiting client, though, until the answer is written (`writing`, set
-            // before the request ends: hyper writes it in this task, after this future).
+            // client that never opens its window must not hold it for ever). An HTTP/1 answer is
+            // due from now until hyper's flush of it ends (`answer_due`,
+            // kept even if hyper parses the next request meanwhile), and the connection is not
+            // idle for a waiting client until then (`writing`): both set as the request ends
+            // (hyper writes the answer in this task, after this future).
             let unsent = hold_back.then(|| state.answer_unsent());
-            if !hold_back {
-                state.writing.store(true, Ordering::Relaxed);
-            }
+            in_flight.http1_answered = !hold_back;
             drop(in_flight);
             Ok(response.map(|inner| Answer {
                 inner,
@@ -858,6 +891,25 @@ mod tests {
         state.bytes_read();
         let head = due_in(&state).unwrap();
         assert!(head <= Duration::from_secs(10), "next head: {head:?}");
+    }
+
+    #[test]
+    fn an_unflushed_http1_answer_keeps_its_deadline_while_the_next_request_is_parsed() {
+        let state = ConnState::new(&limits());
+        let mut first = state.request_started(Version::HTTP_11);
+        first.http1_answered = true;
+        drop(first);
+        let due = state.deadline().expect("the answer is due");
+        assert!(state.idle_since().is_none(), "writing its answer");
+
+        // hyper parses the next request before the answer is flushed: the deadline stands.
+        let second = state.request_started(Version::HTTP_11);
+        assert_eq!(state.deadline(), Some(due), "while the answer is unflushed");
+        // Once it is flushed, the request's handler can run: no deadline here.
+        state.flushed();
+        assert_eq!(state.deadline(), None, "after the flush");
+        drop(second);
+        assert!(state.deadline().is_some());
     }
 
     #[test]

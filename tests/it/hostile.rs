@@ -283,6 +283,24 @@ async fn serve_a_big_answer(
     tokio::task::JoinHandle<std::io::Result<edgegate::server::Drained>>,
     TestDb,
 ) {
+    serve_a_big_answer_with(edgegate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(60),
+        max_connections,
+        max_connections_set: true,
+    })
+    .await
+}
+
+/// As [`serve_a_big_answer`], with the given limits.
+async fn serve_a_big_answer_with(
+    limits: edgegate::server::ConnectionLimits,
+) -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<edgegate::server::Drained>>,
+    TestDb,
+) {
     let db = TestDb::sqlite();
     let state = edgegate::AppState::new(db.config(&[]), db.store().await);
     let router = axum::Router::new()
@@ -304,12 +322,7 @@ async fn serve_a_big_answer(
         },
         std::future::pending(),
         Duration::from_secs(1),
-        edgegate::server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_connections,
-            max_connections_set: true,
-        },
+        limits,
     ));
     (port, stop, served, db)
 }
@@ -395,6 +408,58 @@ async fn hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_g
     assert!(
         waited >= Duration::from_secs(1),
         "a stalled answer keeps its slot for the header timeout (2 s): {waited:?}"
+    );
+    // The stuck connection was closed: its answer is cut.
+    let (head_end, length, data) = read_big_answer(&mut stuck).await;
+    assert_eq!(length, BIG);
+    assert!(data.len() - head_end < length, "closed mid-answer");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
+/// A handler may answer without reading the request's body (as `/test/big` does here, and
+/// `/healthz`, a 404 or a refused webhook): hyper then reads that body to its end after the
+/// answer is buffered and before it is flushed, and goes on to parse the next pipelined request
+/// while the answer still waits to be written. A client that sends such a request and another
+/// behind it, and reads nothing, must not hold its connection (and a slot at the cap) for ever:
+/// the unflushed answer keeps its deadline, the idle timeout (3 s here) from its handler's end,
+/// though the next request has started; at the cap, a waiting client then gets in.
+#[tokio::test]
+async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_after_the_idle_timeout()
+{
+    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(3),
+        max_connections: 1,
+        max_connections_set: true,
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    stuck
+        .write_all(
+            b"GET /test/big HTTP/1.1\r\nHost: edgegate\r\nExpect: 100-continue\r\n\
+              Content-Length: 1\r\n\r\nx\
+              GET /test/small HTTP/1.1\r\nHost: edgegate\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    waiting
+        .write_all(b"GET /test/small HTTP/1.1\r\nHost: edgegate\r\n\r\n")
+        .await
+        .unwrap();
+    // Served within 5 s (`read_response`'s bound), the idle timeout being 3 s.
+    assert_eq!(read_response(&mut waiting).await.0, 200);
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the answer keeps its slot until the idle timeout (3 s): {waited:?}"
     );
     // The stuck connection was closed: its answer is cut.
     let (head_end, length, data) = read_big_answer(&mut stuck).await;
