@@ -34,11 +34,13 @@ use conn::{ConnState, Received, TimedIo, Tracked};
 /// make the server buffer before it has a request. Over it, hyper answers 431. hyper's
 /// `max_buf_size`, which this sets, caps the HTTP/1 write buffer too (its default, about 400 KB,
 /// for both), which bounds only a body written in several chunks: hyper reads a connection's
-/// next request only once the answer before it is written whole to the socket, so a client that
-/// pipelines requests and reads none of the answers makes the server hold one answer and what
-/// it has read of the requests behind it (this much at most). HTTP/2's header list (names and values, and 32 bytes a
-/// header) keeps h2's default, 16 KiB: each of a connection's [`MAX_CONCURRENT_STREAMS`] streams
-/// holds its headers while its request runs.
+/// next request only once the answer before it is written whole to the socket (or once it has
+/// read the body of a request whose handler answered without reading it: the next request then
+/// waits for the flush, under the answer's deadline, see `conn`), so a client that pipelines
+/// requests and reads none of the answers makes the server hold one answer and what it has read
+/// of the requests behind it (this much at most). HTTP/2's header list (names and values, and 32
+/// bytes a header) keeps h2's default, 16 KiB: each of a connection's [`MAX_CONCURRENT_STREAMS`]
+/// streams holds its headers while its request runs.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams one connection may have open at once; a stream past it is refused
 /// (`REFUSED_STREAM`, which a client may retry). Each stream is a request that may hold a body

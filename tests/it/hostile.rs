@@ -328,9 +328,10 @@ async fn serve_a_big_answer_with(
 }
 
 /// Connects with a small receive buffer (the kernel's least, a few KiB), so that an answer the
-/// client does not read fills the sockets' buffers after a few hundred KiB at most, whatever the
-/// host's buffer sizes; sends `GET path` and waits until the answer begins (its handler has
-/// returned and hyper is writing it), reading none of it.
+/// client does not read fills the sockets' buffers once past the server's send buffer (about
+/// 2.6 MiB from the start on loopback; the 16 MiB answer exceeds it); sends `GET path` and waits
+/// until the answer begins (its handler has returned and hyper is writing it), reading none of
+/// it.
 async fn ask_and_read_nothing(port: u16, path: &str) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -1066,8 +1067,8 @@ impl Responses {
 /// `MAX_HEAD_BYTES`); the answers wait in the kernel's socket buffers and the requests behind
 /// them in the client's, not in the server's memory; and once the client reads, every answer
 /// comes, in order.
-/// (hyper's experimental `pipeline_flush` lifts that cap: the answers then pile up in the
-/// server until the client reads. This test fails with it.)
+/// (With hyper's experimental `pipeline_flush` the answers pile up in the server until the
+/// client reads. This test fails with it.)
 #[tokio::test]
 async fn hostile_pipelined_requests_never_read_hold_no_server_memory_and_are_answered_in_order() {
     // Of the largest answer, the OpenAPI document (about 95 KB): about 36 MiB of answers.
