@@ -903,26 +903,24 @@ impl Writer {
         Ok(())
     }
 
-    /// [`Writer::after_silence`] with no last note: a gap unless another instance runs (a
-    /// rolling deploy from a build that notes itself in `usage_writers`) or `usage_evidence` has
-    /// no row. Without one nothing is recorded yet, or only counts from a build before that
-    /// table, whose stops no build recorded anywhere (not taken for a gap: docs/MIGRATION.md).
+    /// [`Writer::after_silence`] with no last note: a gap unless `usage_evidence` has no row.
+    /// Without one nothing is recorded yet, or only counts from a build before that table, whose
+    /// stops no build recorded anywhere (not taken for a gap: docs/MIGRATION.md). Live rows of
+    /// other instances in `usage_writers` prove nothing here: during a rolling deploy from an
+    /// earlier build they show the fleet runs now, not that it ran during the time before (that
+    /// fleet may have been stopped for days and started again, seeing no gap), and a row written
+    /// by an instance whose own check has not completed yet proves nothing either. So the first
+    /// start of this build waits a window once, and the note exists from then on.
     async fn after_unknown_silence(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
-        let rows = store.usage_writers_seen_before(&self.id, i64::MAX).await?;
-        // The restore's mark is no instance: no instance writes 0 or less.
-        if rows.iter().any(|row| row.seen_at_ms > 0) {
-            return Ok(());
-        }
         if !store.usage_evidence_row_exists().await? {
             return Ok(());
         }
         store.raise_usage_evidence(now_ms).await?;
         tracing::warn!(
             "no record of when an instance last counted key usage (the first start of this \
-             build) and no other instance running: the instances before it may have been \
-             stopped for any time (legacy use then was never counted), so the usage evidence \
-             starts again now, and revoking the legacy secret is not called safe before a \
-             whole window after that"
+             build): the instances before it may have been stopped for any time (legacy use \
+             then was never counted), so the usage evidence starts again now, and revoking the \
+             legacy secret is not called safe before a whole window after that"
         );
         Ok(())
     }

@@ -36,8 +36,8 @@ impl Store {
     /// stamp from a wall clock since set back is replaced at the next note. Written only where
     /// `usage_evidence` has its row. With none, either nothing is recorded yet, or
     /// `key_usage_hourly` holds counts from before `usage_evidence` existed (the evidence is
-    /// then read from the oldest hour) and the row is written by the first pruning pass after
-    /// the first flush: notes before it are not stamped.
+    /// then read from the oldest hour) and the row is written by the first flush that writes
+    /// counts or a drop, or by a raise of the evidence's start: notes before it are not stamped.
     pub async fn note_usage_fleet(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
         let sql = "UPDATE usage_evidence SET last_noted_at = $2, last_noted_by = $1 WHERE id = 1";
         self.execute(sql, &[id.into(), now_ms.into()])
@@ -58,8 +58,8 @@ impl Store {
         Ok(note)
     }
 
-    /// Whether `usage_evidence` has its row: written by the first pruning pass after the first
-    /// flush of a build that has the table, never deleted.
+    /// Whether `usage_evidence` has its row: written by the first flush of counts or of a drop,
+    /// or a raise of the evidence's start, by a build that has the table; never deleted.
     pub async fn usage_evidence_row_exists(&self) -> anyhow::Result<bool> {
         let sql = "SELECT COUNT(*) FROM usage_evidence WHERE id = 1";
         let rows: i64 = with_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await)

@@ -2685,6 +2685,40 @@ async fn an_instance_notes_itself_when_the_last_note_cannot_be_read() {
     flusher.stop().await;
 }
 
+/// The first start of this build during a rolling deploy from an older one (no last note, an
+/// instance of that build running, its row live): that row says the fleet runs now, not that it
+/// ran before (that fleet may have been stopped for days and started again, which it could not
+/// see), so the evidence starts again at the start too.
+#[tokio::test]
+async fn a_first_start_beside_an_older_running_instance_restarts_the_evidence_too() {
+    let db = test_db!();
+    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe(&state).await;
+    run_sql(
+        &db,
+        "UPDATE usage_evidence SET last_noted_at = NULL, last_noted_by = NULL",
+    )
+    .await;
+    let start_ms = clock.now_ms();
+    run_sql(
+        &db,
+        Box::leak(
+            format!(
+                "INSERT INTO usage_writers (id, seen_at) VALUES ('an-older-build', {start_ms})"
+            )
+            .into_boxed_str(),
+        ),
+    )
+    .await;
+
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 2).await;
+    one_signing_key_request(&store, start_ms).await;
+    clock.advance(Duration::from_secs(60));
+    waits_a_window_from(&key_report(&state, &state.usage).await, start_ms);
+    flusher.stop().await;
+}
+
 /// The first start of this build after a stop of an older one (no last note: the migration
 /// leaves it NULL) with no instance running: nothing tells how long none ran, so the evidence
 /// starts again at the start (it read `true` minutes after it).
