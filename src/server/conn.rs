@@ -29,7 +29,8 @@
 //!   that deadline until hyper's flush of it ends, though hyper may parse the next pipelined
 //!   request before then (it does when a handler answered without reading its request's body:
 //!   hyper reads that body after buffering the answer), a request whose handler waits for the
-//!   flush;
+//!   flush when that answer has a body (after one with none, it runs, and its answer's head is
+//!   buffered behind: an open issue);
 //! - a connection whose answer is being written (an HTTP/1 answer from its handler's end until
 //!   hyper's flush of it ends, and any connection while a write finds the socket full) is not
 //!   idle for a client waiting for a connection slot, so its answer is not cut, as long as its
