@@ -837,13 +837,20 @@ impl Writer {
     /// database without the last note's columns): a crash of this instance is still seen.
     async fn note(&mut self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
         let value = self.noted.map_or(now_ms, |last| now_ms.max(last + 1));
+        let mut unchecked = None;
         if !self.silence_checked {
             match self.after_silence(store, value).await {
                 Ok(()) => self.silence_checked = true,
-                Err(err) => self.fleet_note_failed(&err),
+                Err(err) => unchecked = Some(err),
             }
         }
         store.note_usage_writer(&self.id, value).await?;
+        // Said only once the database took this instance's row: a database away, or a schema
+        // not there at all (`serve --no-migrate` before `migrate`, which start-up has named),
+        // fails that write too, and is no news here.
+        if let Some(err) = unchecked {
+            self.fleet_note_failed(&err);
+        }
         if self.silence_checked
             && let Err(err) = store.note_usage_fleet(&self.id, value).await
         {
