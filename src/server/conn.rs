@@ -28,9 +28,8 @@
 //!   ([`Answer`]): after writing its end, or when the stream is reset. An HTTP/1 answer keeps
 //!   that deadline until hyper's flush of it ends, though hyper may parse the next pipelined
 //!   request before then (it does when a handler answered without reading its request's body:
-//!   hyper reads that body after buffering the answer), a request whose handler waits for the
-//!   flush when that answer has a body (after one with none, it runs, and its answer's head is
-//!   buffered behind: an open issue);
+//!   hyper reads that body after buffering the answer), a request whose handler waits for that
+//!   flush ([`Tracked`]): hyper would buffer an answer with no body behind the unflushed one;
 //! - a connection whose answer is being written (an HTTP/1 answer from its handler's end until
 //!   hyper's flush of it ends, and any connection while a write finds the socket full) is not
 //!   idle for a client waiting for a connection slot, so its answer is not cut, as long as its
@@ -73,6 +72,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{Request, Response, Version};
 use bytes::Bytes;
+use futures_util::future::Either;
 use futures_util::task::AtomicWaker;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -160,6 +160,9 @@ pub(crate) struct ConnState {
     write_stuck_since: AtomicU64,
     /// The IO task, woken when an idle deadline is set from another task (an HTTP/2 stream).
     waker: AtomicWaker,
+    /// An HTTP/1 request that started while the answer before it was not flushed yet, waiting
+    /// for that flush before its handler runs ([`Tracked`]); woken when a flush ends it.
+    flush_waiter: AtomicWaker,
 }
 
 impl ConnState {
@@ -176,6 +179,7 @@ impl ConnState {
             writing: AtomicBool::new(false),
             write_stuck_since: AtomicU64::new(0),
             waker: AtomicWaker::new(),
+            flush_waiter: AtomicWaker::new(),
         };
         state.deadline_ms.store(
             state.ms_after_now(limits.header_read_timeout),
@@ -201,14 +205,15 @@ impl ConnState {
 
     /// Sets the deadline after `work` changed: the oldest unsent answer's, else, while a
     /// request runs, the unflushed HTTP/1 answer's or none, else the idle timeout from now (the
-    /// connection has just become idle).
+    /// connection has just become idle), or the unflushed answer's due time if that is sooner.
     fn work_changed(&self, mut work: std::sync::MutexGuard<'_, Work>) {
         let deadline = match work.unsent.first_key_value() {
             Some((&due, _)) => due,
             None if work.in_flight > 0 => work.answer_due.unwrap_or(NO_DEADLINE),
             None => {
                 work.idle_since = Some(Instant::now());
-                self.ms_after_now(self.idle_timeout)
+                let idle = self.ms_after_now(self.idle_timeout);
+                work.answer_due.map_or(idle, |due| due.min(idle))
             }
         };
         self.deadline_ms.store(deadline, Ordering::Release);
@@ -225,18 +230,35 @@ impl ConnState {
         }
     }
 
-    fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
-        if version < Version::HTTP_2 {
+    /// A request started; with whether it is an HTTP/1 one that must wait for the flush of the
+    /// answer before it ([`ConnState::answer_flushed`]) before its handler runs.
+    fn request_started(self: &Arc<Self>, version: Version) -> (InFlight, bool) {
+        let http1 = version < Version::HTTP_2;
+        if http1 {
             self.http1.store(true, Ordering::Relaxed);
         }
         let mut work = self.work();
         work.served = true;
         work.head_begun = false;
         work.in_flight += 1;
+        let wait = http1 && work.answer_due.is_some();
         self.work_changed(work);
-        InFlight {
+        let in_flight = InFlight {
             state: self.clone(),
             http1_answered: false,
+        };
+        (in_flight, wait)
+    }
+
+    /// Ready once no HTTP/1 answer waits to be flushed: what a request hyper parsed before the
+    /// flush of the answer before it waits for (see [`Tracked`]). Registers first, then looks,
+    /// so a flush ending in between is not missed.
+    fn answer_flushed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.flush_waiter.register(cx.waker());
+        if self.work().answer_due.is_some() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
         }
     }
 
@@ -292,8 +314,12 @@ impl ConnState {
         let mut work = self.work();
         if self.writing.swap(false, Ordering::Relaxed) {
             work.idle_since = Some(Instant::now());
-            if work.answer_due.take().is_some() && work.in_flight > 0 && work.unsent.is_empty() {
-                self.deadline_ms.store(NO_DEADLINE, Ordering::Release);
+            if work.answer_due.take().is_some() {
+                if work.in_flight > 0 && work.unsent.is_empty() {
+                    self.deadline_ms.store(NO_DEADLINE, Ordering::Release);
+                }
+                drop(work);
+                self.flush_waiter.wake();
             }
         }
     }
@@ -353,7 +379,10 @@ impl ConnState {
         work.in_flight = work.in_flight.saturating_sub(1);
         if http1_answered {
             self.writing.store(true, Ordering::Relaxed);
-            work.answer_due = Some(self.ms_after_now(self.idle_timeout));
+            // An answer still unflushed before this one (none: requests wait for its flush)
+            // keeps its due time.
+            let due = self.ms_after_now(self.idle_timeout);
+            work.answer_due.get_or_insert(due);
         }
         self.work_changed(work);
     }
@@ -813,8 +842,11 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for Tracked<S>
 where
-    ReqBody: Body,
-    S: hyper::service::Service<Request<Received<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body + Send + 'static,
+    S: hyper::service::Service<Request<Received<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Answer<ResBody>>;
@@ -824,7 +856,7 @@ where
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
         let hold_back = req.version() >= Version::HTTP_2;
         let state = self.state.clone();
-        let mut in_flight = state.request_started(req.version());
+        let (mut in_flight, wait) = state.request_started(req.version());
         // An HTTP/1 body not read to its end when the connection closes makes it linger.
         let unread = !hold_back && !req.body().is_end_stream();
         state.body_unread.store(unread, Ordering::Release);
@@ -832,7 +864,24 @@ where
             inner,
             unread: unread.then(|| state.clone()),
         });
-        let response = self.inner.call(req);
+        // A request hyper parsed before the answer before it was flushed (it reads the body a
+        // handler left unread after buffering the answer, and the next head with it) waits for
+        // that flush, under that answer's deadline, before its handler runs: hyper buffers an
+        // answer with no body (a HEAD's, a 204) behind an unflushed one, so a client that
+        // pipelines such requests and never reads would otherwise have them all read, run and
+        // buffered, each handler's end moving the deadline on. Waiting, it holds one answer and
+        // one request, and is closed at that deadline. (A request behind an answer with a body
+        // waits anyway: hyper polls its handler only once that body is written.)
+        let response = if wait {
+            let inner = self.inner.clone();
+            let state = state.clone();
+            Either::Left(async move {
+                std::future::poll_fn(|cx| state.answer_flushed(cx)).await;
+                inner.call(req).await
+            })
+        } else {
+            Either::Right(self.inner.call(req))
+        };
         Box::pin(async move {
             let response = response.await?;
             // The handler is done: its answer must be sent within the idle timeout (an HTTP/2
@@ -879,9 +928,9 @@ mod tests {
         let head = due_in(&state).unwrap();
         assert!(head <= Duration::from_secs(10) && head > Duration::from_secs(9));
 
-        let first = state.request_started(Version::HTTP_11);
+        let first = state.request_started(Version::HTTP_11).0;
         assert_eq!(state.deadline(), None, "no deadline while a request runs");
-        let second = state.request_started(Version::HTTP_11);
+        let second = state.request_started(Version::HTTP_11).0;
         drop(first);
         assert_eq!(state.deadline(), None, "one request still runs");
         drop(second);
@@ -894,17 +943,54 @@ mod tests {
         assert!(head <= Duration::from_secs(10), "next head: {head:?}");
     }
 
+    /// A waker counting its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_request_parsed_before_the_answer_before_it_is_flushed_waits_for_the_flush() {
+        let state = ConnState::new(&limits());
+        let (mut first, wait) = state.request_started(Version::HTTP_11);
+        assert!(!wait, "nothing unflushed before the first request");
+        first.http1_answered = true;
+        drop(first);
+        let (second, wait) = state.request_started(Version::HTTP_11);
+        assert!(wait, "the answer before it is not flushed");
+        let wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(state.answer_flushed(&mut cx).is_pending());
+        state.flushed();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the flush wakes it");
+        assert!(state.answer_flushed(&mut cx).is_ready());
+        drop(second);
+        // With every answer flushed, the next request runs at once; HTTP/2 streams never wait.
+        let (third, wait) = state.request_started(Version::HTTP_11);
+        assert!(!wait);
+        drop(third);
+        let fresh = ConnState::new(&limits());
+        let (mut answered, _) = fresh.request_started(Version::HTTP_11);
+        answered.http1_answered = true;
+        drop(answered);
+        assert!(!fresh.request_started(Version::HTTP_2).1);
+    }
+
     #[test]
     fn an_unflushed_http1_answer_keeps_its_deadline_while_the_next_request_is_parsed() {
         let state = ConnState::new(&limits());
-        let mut first = state.request_started(Version::HTTP_11);
+        let mut first = state.request_started(Version::HTTP_11).0;
         first.http1_answered = true;
         drop(first);
         let due = state.deadline().expect("the answer is due");
         assert!(state.idle_since().is_none(), "writing its answer");
 
         // hyper parses the next request before the answer is flushed: the deadline stands.
-        let second = state.request_started(Version::HTTP_11);
+        let second = state.request_started(Version::HTTP_11).0;
         assert_eq!(state.deadline(), Some(due), "while the answer is unflushed");
         // Once it is flushed, the request's handler can run: no deadline here.
         state.flushed();
@@ -916,13 +1002,13 @@ mod tests {
     #[test]
     fn an_unsent_answer_keeps_its_deadline_while_other_requests_come_and_go() {
         let state = ConnState::new(&limits());
-        let first = state.request_started(Version::HTTP_2);
+        let first = state.request_started(Version::HTTP_2).0;
         let unsent = state.answer_unsent();
         drop(first);
         let due = state.deadline().expect("the unsent answer is due");
 
         // Another stream's request runs and finishes: the unsent answer's deadline stands.
-        let second = state.request_started(Version::HTTP_2);
+        let second = state.request_started(Version::HTTP_2).0;
         assert_eq!(state.deadline(), Some(due), "while another request runs");
         std::thread::sleep(Duration::from_millis(5));
         drop(second);
@@ -947,7 +1033,7 @@ mod tests {
         drop(state.request_started(Version::HTTP_11));
         assert!(!state.linger_begins(), "every body was read");
 
-        let in_flight = state.request_started(Version::HTTP_11);
+        let in_flight = state.request_started(Version::HTTP_11).0;
         state.body_unread.store(true, Ordering::Release);
         drop(in_flight);
         // As hyper drains a little of the body, the next head's deadline is set.
@@ -1053,7 +1139,7 @@ mod tests {
     #[test]
     fn only_a_connection_with_no_request_yet_is_closed_as_unstarted() {
         let state = ConnState::new(&limits());
-        let in_flight = state.request_started(Version::HTTP_11);
+        let in_flight = state.request_started(Version::HTTP_11).0;
         assert!(!state.close_if_unstarted(), "a request runs");
         assert_eq!(state.deadline(), None, "and keeps no deadline");
         drop(in_flight);
@@ -1067,7 +1153,7 @@ mod tests {
         let due = due_in(&fresh).unwrap();
         assert!(due <= UNSTARTED_GRACE && due > Duration::ZERO, "{due:?}");
         // Its head comes whole within the grace: the request runs with no deadline here.
-        let in_flight = fresh.request_started(Version::HTTP_11);
+        let in_flight = fresh.request_started(Version::HTTP_11).0;
         assert_eq!(fresh.deadline(), None);
         drop(in_flight);
     }

@@ -36,8 +36,7 @@ use conn::{ConnState, Received, TimedIo, Tracked};
 /// for both), which bounds only a body written in several chunks: hyper reads a connection's
 /// next request only once the answer before it is written whole to the socket (or once it has
 /// read the body of a request whose handler answered without reading it: the next request then
-/// waits for the flush, under the answer's deadline, see `conn`, unless the answer before it
-/// has no body, an open issue), so a client that pipelines
+/// waits for the flush, under the answer's deadline, see `conn`), so a client that pipelines
 /// requests and reads none of the answers makes the server hold one answer and what it has read
 /// of the requests behind it (this much at most). HTTP/2's header list (names and values, and 32
 /// bytes a header) keeps h2's default, 16 KiB: each of a connection's [`MAX_CONCURRENT_STREAMS`]

@@ -470,6 +470,61 @@ async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_afte
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
 }
 
+/// Answers with no body (to `HEAD`; a 204, a 304, a preflight are the same) are heads only, and
+/// hyper buffers the next one behind an unflushed one without waiting for the flush, once it has
+/// read the body of a request whose handler answered without reading it. A client that
+/// pipelines such requests without end and never reads must not have the server read and
+/// answer them for as long as it sends (each answer buffered, each handler's end moving the
+/// deadline on): once the socket takes no more, the next request waits for the flush, nothing
+/// more is read, and the connection is closed at the idle timeout (3 s here) after the last
+/// answer; the client's writes then fail.
+#[tokio::test]
+async fn hostile_pipelined_answers_without_a_body_never_taken_are_closed_after_the_idle_timeout() {
+    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(3),
+        max_connections: 8,
+        max_connections_set: true,
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    // Each with a body its handler does not read (`Expect: 100-continue`): hyper reads it after
+    // buffering the answer, and with it the next request's head before the flush.
+    let batch = b"HEAD /test/small HTTP/1.1\r\nHost: edgegate\r\nExpect: 100-continue\r\n\
+                  Content-Length: 1\r\n\r\nx"
+        .repeat(256);
+    let started = Instant::now();
+    let bound = Duration::from_secs(20);
+    let mut sent = 0usize;
+    let failed = loop {
+        let left = bound.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break None;
+        }
+        match tokio::time::timeout(left, stuck.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(err)) => break Some(err),
+            Err(_) => break None,
+        }
+    };
+    let took = started.elapsed();
+    let err = failed.unwrap_or_else(|| {
+        panic!("still taking requests after {took:?} ({sent} bytes of them), never read")
+    });
+    // The server's send buffer fills within a second or two on loopback, then the idle timeout.
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_secs(5) + SLACK,
+        "closed only after {took:?} ({sent} bytes sent): {err}"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
 /// Reads a `content-length` answer until it is whole or the connection closes (10 s at most):
 /// where its body begins, its declared length, and what came.
 async fn read_big_answer(stream: &mut TcpStream) -> (usize, usize, Vec<u8>) {
