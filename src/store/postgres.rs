@@ -460,7 +460,9 @@ const RELEASE_FLUSH_TIMEOUT: Duration = STATEMENT_TIMEOUT.saturating_add(Duratio
 ///
 /// `Connection::flush` is doc-hidden in sqlx (for `PgConnection` it is `wait_until_ready`:
 /// sends what is buffered, then reads until every `ReadyForQuery` owed has come); the version
-/// is pinned by Cargo.lock, and an upgrade that removes it fails to compile here.
+/// is pinned exactly in Cargo.toml (an upgrade that removes it fails to compile here; one
+/// that changes what it does fails the tests in tests/it/outage.rs from
+/// `a_postgres_host_gone_silent_mid_query_does_not_hold_the_pool` on).
 async fn ready_on_release(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
     use sqlx::Connection as _;
     let ready = async {
