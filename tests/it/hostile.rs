@@ -525,6 +525,57 @@ async fn hostile_pipelined_answers_without_a_body_never_taken_are_closed_after_t
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
 }
 
+/// A request hyper parses before the answer before it is flushed (that answer's handler did not
+/// read its `Expect: 100-continue` body, which hyper reads after buffering the answer, and the
+/// next head with it) waits for that flush, and runs as soon as the client has taken the answer:
+/// not at the next wake-up of the connection, which might be its idle timeout (30 s here). (Its
+/// wait was seen: with the wait never ending, this test fails.)
+#[tokio::test]
+async fn hostile_a_request_pipelined_behind_an_unflushed_answer_runs_once_it_is_taken() {
+    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        max_connections: 8,
+        max_connections_set: true,
+    })
+    .await;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(
+            b"GET /test/big HTTP/1.1\r\nHost: edgegate\r\nExpect: 100-continue\r\n\
+              Content-Length: 1\r\n\r\nx\
+              GET /test/small HTTP/1.1\r\nHost: edgegate\r\nX-Request-Id: second\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The big answer (16 MiB) fills the sockets' buffers: its flush is under way when hyper
+    // parses the second request. Then the client reads.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    // Both answers, the second's body `small`, within 5 s.
+    while !data.ends_with(b"small") {
+        let left = Duration::from_secs(5).saturating_sub(started.elapsed());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the second answer not within 5 s; had {} bytes ending {:?}",
+                    data.len(),
+                    String::from_utf8_lossy(&data[data.len().saturating_sub(200)..])
+                )
+            })
+            .unwrap();
+        assert!(n > 0, "closed after {} bytes", data.len());
+        data.extend_from_slice(&buf[..n]);
+    }
+    let tail = String::from_utf8_lossy(&data[data.len().saturating_sub(1000)..]).into_owned();
+    assert!(tail.contains("x-request-id: second"), "{tail}");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
 /// Reads a `content-length` answer until it is whole or the connection closes (10 s at most):
 /// where its body begins, its declared length, and what came.
 async fn read_big_answer(stream: &mut TcpStream) -> (usize, usize, Vec<u8>) {
