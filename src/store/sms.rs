@@ -401,13 +401,13 @@ impl Store {
     /// once the row was reserved again: a send's write tried again after its failure was stored
     /// and the row reopened would set the new send's row back to `failed`, and the next request
     /// with its key would text again. Repeating the write is otherwise harmless: it only fills
-    /// in the row.
+    /// in the row. Whether the row was still this reservation's (false: nothing was written).
     pub async fn record_sms_send(
         &self,
         (id, attempt): (&str, i64),
         result: SendResult<'_>,
         now_ms: i64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         // A status callback that came first (it found the row by id and stored the SID) is
         // newer than the create answer: the answer then only fills in what is missing.
         let sql = "UPDATE sms_messages SET \
@@ -427,7 +427,7 @@ impl Store {
         ];
         self.execute(sql, &args)
             .await
-            .map(|_| ())
+            .map(|rows| rows > 0)
             .context("recording the SMS send")
     }
 

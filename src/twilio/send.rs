@@ -717,7 +717,19 @@ async fn record_answer(
             .record_sms_send((id, reservation), result, now_ms)
             .await
         {
-            Ok(()) => return Ok(()),
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                // Not lost silently: the row shows the later send's state, not this one's.
+                tracing::warn!(
+                    id,
+                    reservation,
+                    sid = result.twilio_sid,
+                    status = result.status,
+                    "Twilio's answer to this send was not stored: its row was reserved again \
+                     meanwhile (a retry with the same idempotency key) or no longer exists"
+                );
+                return Ok(());
+            }
             Err(err) => err,
         };
         let pause = backoff::equal_jitter(backoff::exponential(

@@ -632,20 +632,26 @@ async fn sms_a_failure_written_again_after_its_row_was_reopened_leaves_the_new_s
     let t0 = 1_800_000_000_000;
     let first = store.reserve_sms(new, limits, || t0).await.unwrap();
     assert!(matches!(first, Reservation::Created(_)), "{first:?}");
-    store
-        .record_sms_send(("twice", 1), failed, t0 + 1)
-        .await
-        .unwrap();
+    assert!(
+        store
+            .record_sms_send(("twice", 1), failed, t0 + 1)
+            .await
+            .unwrap(),
+        "its own reservation's"
+    );
     let second = store.reserve_sms(new, limits, || t0 + 2).await.unwrap();
     let Reservation::Reopened(reopened) = second else {
         panic!("not reopened: {second:?}");
     };
     assert_eq!(reopened.attempt, 2);
-    // The first send's write again, after the second send reserved the row.
-    store
-        .record_sms_send(("twice", 1), failed, t0 + 3)
-        .await
-        .unwrap();
+    // The first send's write again, after the second send reserved the row: said not stored.
+    assert!(
+        !store
+            .record_sms_send(("twice", 1), failed, t0 + 3)
+            .await
+            .unwrap(),
+        "the row is the second send's"
+    );
     let third = store.reserve_sms(new, limits, || t0 + 4).await.unwrap();
     match third {
         Reservation::Existing(message) => assert_eq!(message.status, "accepted"),
