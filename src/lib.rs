@@ -340,8 +340,7 @@ impl Started {
             for task in self.background {
                 task.abort();
             }
-            let writer = self.flusher.writer_id().to_owned();
-            self.flusher.stop().await;
+            let retiring = self.flusher.stop().await;
             // A send the drain cut its caller off from still records Twilio's answer (at most
             // the send's budget and its writes; the deadline bounds it in any case), at the same
             // time as the counts are written: neither waits for the other on a slow database.
@@ -353,7 +352,7 @@ impl Started {
                     // Every count written: no hole for another instance to take this one's row
                     // for. Kept when they are lost, so the verdict heeds the hole.
                     if flushed.is_ok()
-                        && let Err(err) = store.retire_usage_writer(&writer, clock.now_ms()).await
+                        && let Err(err) = retiring.retire(&store, clock.now_ms()).await
                     {
                         tracing::warn!(
                             error = crate::error::causes(&err),

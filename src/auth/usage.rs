@@ -724,7 +724,7 @@ pub fn spawn_flusher_pruning(
                     while let Some(ended) = pruning_pass.join_next().await {
                         pass_ended(ended, &passes);
                     }
-                    return;
+                    return writer.silence_checked;
                 }
             }
             let flushed = match tracker.flush(&store).await {
@@ -796,7 +796,8 @@ pub const WRITER_GONE_FOR_GOOD: Duration = Duration::from_secs(3600);
 /// to its own time ([`Store::raise_usage_evidence`]), so revocation is not called safe before a
 /// whole window after the last of them; after [`WRITER_GONE_FOR_GOOD`] the row is deleted. A
 /// clean stop leaves no row: the time no instance ran is found at the next start from the
-/// fleet's last note ([`Writer::after_silence`]).
+/// fleet's last note ([`Writer::after_silence`]), which the stop stamps only if this instance
+/// looked for such a time at its start ([`Retiring::retire`]).
 #[derive(Debug)]
 struct Writer {
     id: String,
@@ -1028,14 +1029,15 @@ impl Writer {
 #[derive(Debug)]
 pub struct Flusher {
     stop: tokio::sync::watch::Sender<bool>,
-    join: tokio::task::JoinHandle<()>,
+    /// Ends with whether this instance looked for a time when no instance ran before its start.
+    join: tokio::task::JoinHandle<bool>,
     prune_passes: tokio::sync::watch::Receiver<u64>,
     writer_id: String,
 }
 
 impl Flusher {
-    /// This instance's id in `usage_writers`: a clean stop deletes it, and stamps the fleet's
-    /// last note with the time ([`Store::retire_usage_writer`]), once its last counts are written.
+    /// This instance's id in `usage_writers`: a clean stop deletes it once its last counts are
+    /// written ([`Retiring::retire`]).
     pub fn writer_id(&self) -> &str {
         &self.writer_id
     }
@@ -1051,15 +1053,53 @@ impl Flusher {
     /// stops between two of its statements: this waits for the one it runs, if any (a day of
     /// hours; the pool's acquire timeout and SQLite's busy timeout or PostgreSQL's statement
     /// timeout bound it), not for the rest, which goes at the next start's pass. Nothing is
-    /// deleted once it returns.
-    pub async fn stop(self) {
+    /// deleted once it returns. Returns this instance as it is to leave `usage_writers` once a
+    /// clean stop has written its last counts.
+    pub async fn stop(self) -> Retiring {
         let _ = self.stop.send(true);
-        let _ = self.join.await;
+        // A task that panicked or was aborted is taken for one that never looked.
+        let looked_for_a_gap = self.join.await.unwrap_or(false);
+        Retiring {
+            writer_id: self.writer_id,
+            looked_for_a_gap,
+        }
     }
 
     /// Stops it at once, mid-flush or not (tests that look at what a dead instance leaves).
     pub fn abort(&self) {
         self.join.abort();
+    }
+}
+
+/// An instance whose flusher has stopped, still in `usage_writers` until its last counts are
+/// written ([`Retiring::retire`]).
+#[derive(Debug)]
+pub struct Retiring {
+    writer_id: String,
+    /// Whether [`Writer::after_silence`] ran to its end while the flusher ran.
+    looked_for_a_gap: bool,
+}
+
+impl Retiring {
+    /// Deletes this instance's row: a clean stop wrote all its counts, until `now_ms`. The
+    /// fleet's last note is stamped first, with `now_ms`, only if this instance looked for a time
+    /// when no instance ran before its start ([`Writer::after_silence`]): with none left running
+    /// the next start reads from that note how long none counted. One that never looked (the
+    /// database away at its start and back only for its stop, before its next note; a database
+    /// without the note, `serve --no-migrate` on a release before it) would stamp away a gap
+    /// before its start, the next start finding the note fresh: the note is left as it was (an
+    /// earlier instance's, or a later one's that looked), so the next start finds the gap, and
+    /// the row is deleted all the same: kept, it would tell of counts lost that were written.
+    pub async fn retire(&self, store: &Store, now_ms: i64) -> anyhow::Result<()> {
+        if !self.looked_for_a_gap {
+            tracing::info!(
+                "this instance never looked for a time when no instance ran before its start \
+                 (the database was away, or has no record of the last note): its stop leaves \
+                 the last note as it was, so the next start looks for that time"
+            );
+        }
+        let stamp = self.looked_for_a_gap.then_some(now_ms);
+        store.retire_usage_writer(&self.writer_id, stamp).await
     }
 }
 

@@ -95,11 +95,14 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes instance `id`'s row: a clean stop wrote all its counts, until `now_ms`. That is
-    /// the fleet's last note first ([`Store::note_usage_fleet`]): with no instance left running,
-    /// the one started next reads from it how long none counted.
-    pub async fn retire_usage_writer(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
-        self.note_usage_fleet(id, now_ms).await?;
+    /// Deletes instance `id`'s row: a clean stop wrote all its counts. With `stamp`, the time
+    /// until which it did, that is the fleet's last note first ([`Store::note_usage_fleet`]):
+    /// with no instance left running, the one started next reads from it how long none counted.
+    /// Without, the note is left as it was (`auth::usage::Retiring::retire` says when).
+    pub async fn retire_usage_writer(&self, id: &str, stamp: Option<i64>) -> anyhow::Result<()> {
+        if let Some(now_ms) = stamp {
+            self.note_usage_fleet(id, now_ms).await?;
+        }
         let sql = "DELETE FROM usage_writers WHERE id = $1";
         self.execute(sql, &[id.into()])
             .await

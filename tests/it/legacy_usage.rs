@@ -2578,13 +2578,9 @@ async fn stop_cleanly(
     state: &AppState,
     store: &edgegate::store::Store,
 ) {
-    let writer = flusher.writer_id().to_owned();
-    flusher.stop().await;
+    let retiring = flusher.stop().await;
     state.usage.flush(store).await.unwrap();
-    store
-        .retire_usage_writer(&writer, state.clock.now_ms())
-        .await
-        .unwrap();
+    retiring.retire(store, state.clock.now_ms()).await.unwrap();
 }
 
 /// A clean stop leaves no row in `usage_writers`. With no instance running for two days, a
@@ -2668,6 +2664,100 @@ async fn run_sql(db: &crate::support::TestDb, sql: &'static str) {
     }
 }
 
+/// Makes every write to `usage_evidence` fail, or lets them through again (`refused` false): the
+/// write that starts the evidence again then fails as it does when the database goes away between
+/// an instance's read of the fleet's last note and that write (or, with the database away at the
+/// start, every statement fails), while `usage_writers` still takes the instance's row, so the
+/// test sees when its look for a gap has ended.
+async fn refuse_usage_evidence_writes(db: &crate::support::TestDb, refused: bool) {
+    let statements: &[&'static str] = match (db.is_postgres(), refused) {
+        (true, true) => &[
+            "CREATE FUNCTION refuse_a_write() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'the database is away'; END $$",
+            "CREATE TRIGGER refuse_usage_evidence BEFORE INSERT OR UPDATE ON usage_evidence \
+             FOR EACH ROW EXECUTE FUNCTION refuse_a_write()",
+        ],
+        (true, false) => &["DROP TRIGGER refuse_usage_evidence ON usage_evidence"],
+        (false, true) => &[
+            "CREATE TRIGGER refuse_usage_evidence_insert BEFORE INSERT ON usage_evidence \
+             BEGIN SELECT RAISE(ABORT, 'the database is away'); END",
+            "CREATE TRIGGER refuse_usage_evidence_update BEFORE UPDATE ON usage_evidence \
+             BEGIN SELECT RAISE(ABORT, 'the database is away'); END",
+        ],
+        (false, false) => &[
+            "DROP TRIGGER refuse_usage_evidence_insert",
+            "DROP TRIGGER refuse_usage_evidence_update",
+        ],
+    };
+    for &sql in statements {
+        run_sql(db, sql).await;
+    }
+}
+
+/// An instance whose look for a gap at its start never completed (the database away then) and
+/// that then stops cleanly, its counts written, before its next note (a minute on): the gap
+/// before its start was never looked at, so its stop leaves the fleet's last note as it was, and
+/// the instance started next finds the gap there and starts the evidence again. The stop stamped
+/// the note, and the next start, seconds later, found no gap: the verdict read `true` after two
+/// days with no instance running.
+#[tokio::test]
+async fn a_clean_stop_before_the_gap_at_its_start_was_looked_at_keeps_the_gap() {
+    let db = test_db!();
+    let clock = Clock::manual();
+    let store = db.store().await;
+    // The evidence says safe but for the two days no instance ran since the last note.
+    let start_ms = clock.now_ms();
+    let last_noted_ms = start_ms - 2 * 86_400_000;
+    store
+        .note_usage_evidence(start_ms - 4 * 86_400_000)
+        .await
+        .unwrap();
+    store
+        .note_usage_fleet("an-instance-stopped-two-days-ago", last_noted_ms)
+        .await
+        .unwrap();
+    one_signing_key_request(&store, start_ms - 60_000).await;
+    let evidence_since = store.usage_evidence_since().await.unwrap();
+
+    refuse_usage_evidence_writes(&db, true).await;
+    let (mut server, _state) = spawn_app_with_clock(
+        &db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            ("LEGACY_REVOCATION_WINDOW_SECONDS", "86400"),
+        ],
+        clock.clone(),
+    )
+    .await;
+    // Its row is written once its look for a gap has failed (the evidence's start unmoved).
+    writers_noted(&store, 1).await;
+    assert_eq!(store.usage_evidence_since().await.unwrap(), evidence_since);
+    refuse_usage_evidence_writes(&db, false).await;
+    clock.advance(Duration::from_secs(30));
+    server.begin_shutdown();
+    (&mut server.task)
+        .await
+        .expect("the service task")
+        .expect("a clean stop");
+    writers_noted(&store, 0).await;
+    let last = store.usage_fleet_last_note().await.unwrap().unwrap();
+    assert_eq!(
+        (last.noted_by.as_str(), last.noted_at_ms),
+        ("an-instance-stopped-two-days-ago", last_noted_ms),
+        "the fleet's last note after a stop that never looked for the gap at its start"
+    );
+
+    clock.advance(Duration::from_secs(30));
+    let restart_ms = clock.now_ms();
+    let restarted = restarted_on(&db, &store, &clock, "86400");
+    let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    one_signing_key_request(&store, restart_ms).await;
+    clock.advance(Duration::from_secs(600));
+    waits_a_window_from(&key_report(&restarted, &restarted.usage).await, restart_ms);
+    flusher.stop().await;
+}
+
 /// `serve --no-migrate` on a database without the fleet's last note (its columns missing):
 /// reading and stamping it fail, and the instance still notes itself in `usage_writers`, so a
 /// crash of it is seen.
@@ -2683,6 +2773,48 @@ async fn an_instance_notes_itself_when_the_last_note_cannot_be_read() {
     let flusher = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 1).await;
     flusher.stop().await;
+}
+
+/// The schema version before the fleet's last note (`usage_evidence.last_noted_at`, 20261215000002).
+const BEFORE_THE_LAST_NOTE: i64 = 20261214000002;
+
+/// `serve --no-migrate` on a database of the release before the fleet's last note: the instance
+/// notes itself in `usage_writers` (its crash would be seen), cannot look for a gap at its start
+/// (nothing to read it from), and a clean stop deletes its row, its counts written. The stop
+/// stamped the note first, which failed on the missing column, and the row stayed (other
+/// instances then took it for one that ended holding counts, and the verdict waited a window).
+#[tokio::test]
+async fn a_clean_stop_on_a_schema_without_the_last_note_deletes_its_row() {
+    let db = test_db!();
+    if db.is_postgres() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::migrate!("./migrations/postgres")
+            .run_to(BEFORE_THE_LAST_NOTE, &mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    } else {
+        let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
+        let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+            .await
+            .unwrap();
+        sqlx::migrate!("./migrations/sqlite")
+            .run_to(BEFORE_THE_LAST_NOTE, &mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+    // As `serve --no-migrate` opens it: not migrated.
+    let store = edgegate::Store::connect(&db.config(&[]).database_url)
+        .await
+        .unwrap();
+    assert!(store.usage_fleet_last_note().await.is_err());
+    let clock = Clock::manual();
+    let state = restarted_on(&db, &store, &clock, "86400");
+    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
+    writers_noted(&store, 1).await;
+    stop_cleanly(flusher, &state, &store).await;
+    writers_noted(&store, 0).await;
 }
 
 /// The first start of this build during a rolling deploy from an older one (no last note, an
