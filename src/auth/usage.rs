@@ -1058,7 +1058,16 @@ impl Flusher {
     pub async fn stop(self) -> Retiring {
         let _ = self.stop.send(true);
         // A task that panicked or was aborted is taken for one that never looked.
-        let looked_for_a_gap = self.join.await.unwrap_or(false);
+        let looked_for_a_gap = match self.join.await {
+            Ok(looked) => looked,
+            Err(err) => {
+                tracing::error!(
+                    panicked = err.is_panic(),
+                    "the key usage flusher ended early; this stop leaves the last note as it was"
+                );
+                false
+            }
+        };
         Retiring {
             writer_id: self.writer_id,
             looked_for_a_gap,
