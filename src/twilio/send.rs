@@ -718,15 +718,28 @@ async fn record_answer(
             .await
         {
             Ok(true) => return Ok(()),
-            Ok(false) => {
-                // Not lost silently: the row shows the later send's state, not this one's.
+            // Not lost silently: the row shows the later send's state, not this one's. A
+            // message Twilio took (a SID) is worth a warning; a failure's write repeated after
+            // its first try committed (the row then reopened by the caller's retry) is not.
+            Ok(false) if result.twilio_sid.is_some() => {
                 tracing::warn!(
                     id,
                     reservation,
                     sid = result.twilio_sid,
                     status = result.status,
-                    "Twilio's answer to this send was not stored: its row was reserved again \
-                     meanwhile (a retry with the same idempotency key) or no longer exists"
+                    "Twilio took this message but its answer was not stored: its row was \
+                     reserved again meanwhile (a retry with the same idempotency key) or no \
+                     longer exists"
+                );
+                return Ok(());
+            }
+            Ok(false) => {
+                tracing::debug!(
+                    id,
+                    reservation,
+                    status = result.status,
+                    "this send's outcome was not written: its row was reserved again meanwhile \
+                     (an earlier try of this write may have committed) or no longer exists"
                 );
                 return Ok(());
             }
