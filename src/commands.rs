@@ -157,7 +157,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
             quick_check,
         })
     };
-    let access = sqlite_files_not_read_writable(&config.database_url);
+    let access = sqlite_not_usable_by_server(&config.database_url);
     let unjudged = |mut line: CheckLine| {
         if let SqliteServerAccess::CannotTell(note) = &access {
             line.detail = format!("{}; {note}", line.detail);
@@ -187,41 +187,26 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     ),
                 }
             }
-            // Run as root, which may create files anywhere: judged for serve's user (refused),
-            // and for the image's where that is not known (said in a note). Then a -wal or -shm
-            // of another user's left behind, which serve stops on.
-            None => match sqlite_directory_not_writable(&config.database_url) {
-                SqliteServerAccess::Refused(problem) => CheckLine {
-                    item: "database",
-                    ok: false,
-                    detail: format!(
-                        "{}: not there, and {problem}",
-                        config.database_url.redacted()
-                    ),
-                },
-                _ if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
-                    item: "database",
-                    ok: false,
-                    detail: format!(
-                        "{}: not there, and {problem}",
-                        config.database_url.redacted()
-                    ),
-                },
-                directory => {
-                    let mut line = unjudged(CheckLine {
-                        item: "database",
-                        ok: true,
-                        detail: format!(
-                            "{}: not there yet; serve creates it and migrates it at start",
-                            config.database_url.redacted()
-                        ),
-                    });
-                    if let SqliteServerAccess::CannotTell(note) = directory {
-                        line.detail = format!("{}; {note}", line.detail);
-                    }
-                    line
-                }
+            // Run as root, which may create files anywhere: judged for the user it takes for
+            // serve's and the image's (failed where neither may create it, said in a note where
+            // only one may), as is a -wal or -shm of another user's left behind, which serve
+            // stops on.
+            None if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
+                item: "database",
+                ok: false,
+                detail: format!(
+                    "{}: not there, and {problem}",
+                    config.database_url.redacted()
+                ),
             },
+            None => unjudged(CheckLine {
+                item: "database",
+                ok: true,
+                detail: format!(
+                    "{}: not there yet; serve creates it and migrates it at start",
+                    config.database_url.redacted()
+                ),
+            }),
             Some(problem) => CheckLine {
                 item: "database",
                 ok: false,
@@ -232,7 +217,9 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ),
             },
         },
-        // Judged for serve's user: `check` run as root may open what serve cannot.
+        // Judged for serve's user: `check` run as root may open what serve cannot, and create
+        // the -wal and -shm where serve cannot (for the user it takes for serve's and the
+        // image's, as a missing file's directory above).
         SqliteFile::Usable if let SqliteServerAccess::Refused(problem) = &access => CheckLine {
             item: "database",
             ok: false,
@@ -528,33 +515,15 @@ fn unwritable_sqlite_directory(url: &DatabaseUrl) -> Option<String> {
     crate::store::unwritable_sqlite_directory(options.get_filename())
 }
 
-/// What keeps serve, as the user it runs as, from creating the missing SQLite file `url` names
-/// in its directory, which exists, for `check` run as root (see
-/// `store::sqlite_directory_not_writable_by_server`); allowed for PostgreSQL, or a URL SQLite
-/// cannot use.
-fn sqlite_directory_not_writable(url: &DatabaseUrl) -> SqliteServerAccess {
-    if url.is_postgres() {
-        return SqliteServerAccess::Allowed;
-    }
-    match SqliteConnectOptions::from_str(url.expose()) {
-        Ok(options) => {
-            crate::store::sqlite_directory_not_writable_by_server(options.get_filename())
-        }
-        Err(_) => SqliteServerAccess::Allowed,
-    }
-}
-
 /// What keeps serve, as the user it runs as, from reading and writing the SQLite file `url`
-/// names and the files beside it (see `store::sqlite_files_not_read_writable_by_server`);
-/// allowed for PostgreSQL, or a URL SQLite cannot use.
-fn sqlite_files_not_read_writable(url: &DatabaseUrl) -> SqliteServerAccess {
+/// names and the files beside it, and from creating files in its directory (see
+/// `store::sqlite_not_usable_by_server`); allowed for PostgreSQL, or a URL SQLite cannot use.
+fn sqlite_not_usable_by_server(url: &DatabaseUrl) -> SqliteServerAccess {
     if url.is_postgres() {
         return SqliteServerAccess::Allowed;
     }
     match SqliteConnectOptions::from_str(url.expose()) {
-        Ok(options) => {
-            crate::store::sqlite_files_not_read_writable_by_server(options.get_filename())
-        }
+        Ok(options) => crate::store::sqlite_not_usable_by_server(options.get_filename()),
         Err(_) => SqliteServerAccess::Allowed,
     }
 }

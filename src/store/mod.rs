@@ -46,14 +46,13 @@ pub use callers::{CallerSums, CallerUsage, HourlyTable};
 pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChange};
 pub(crate) use sqlite::ServerAccess as SqliteServerAccess;
 pub(crate) use sqlite::empty_database_advice as empty_sqlite_database_advice;
-pub(crate) use sqlite::files_not_read_writable_by_server as sqlite_files_not_read_writable_by_server;
 pub(crate) use sqlite::is_damage as is_sqlite_damage;
+pub(crate) use sqlite::not_usable_by_server as sqlite_not_usable_by_server;
 
 /// Migrations an earlier build shipped and a later one retired, which a database may have
 /// applied and no release will ship again: not a newer release's
 /// ([`Store::migrations_unknown`]). 20261210000001: shipped in 3eb0f9e, deleted in 0552c88.
 const RETIRED_MIGRATIONS: [i64; 1] = [20261210000001];
-pub(crate) use sqlite::directory_not_writable_by_server as sqlite_directory_not_writable_by_server;
 pub(crate) use sqlite::is_empty_database as is_empty_sqlite_database;
 pub(crate) use sqlite::missing_directory as missing_sqlite_directory;
 pub(crate) use sqlite::unwritable_directory as unwritable_sqlite_directory;

@@ -401,7 +401,7 @@ struct Server {
     uid: u32,
     gid: u32,
     /// Why `check` takes this user for serve's (the owner of the database file, or of its
-    /// directory): `None` for this process's own user.
+    /// directory), or [`THE_IMAGE_USER`]: `None` for this process's own user.
     whose: Option<String>,
 }
 
@@ -459,21 +459,6 @@ enum ModeSays {
     /// Why they cannot say: the file has an ACL, or only its group may read and write it and
     /// `server`'s supplementary groups are not known here.
     CannotTell(String),
-}
-
-/// Whether the file at `path` (described by `meta`) lets `server` read and write it, from its
-/// owner, group and mode bits; [`ModeSays::CannotTell`] where those do not decide it.
-fn mode_says(path: &Path, meta: &std::fs::Metadata, server: &Server) -> ModeSays {
-    use std::os::unix::fs::MetadataExt as _;
-    if has_acl(path) {
-        return ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned());
-    }
-    let owner = Owner {
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mode: meta.mode(),
-    };
-    bits_say(&owner, server, &READ_WRITE)
 }
 
 /// Whether `path` has an access ACL, which its mode does not show.
@@ -541,106 +526,277 @@ fn bits_say(owner: &Owner, server: &Server, wanted: &Wanted) -> ModeSays {
     }
 }
 
-/// The image's user (`USER 10001:10001` in the Dockerfile): the user `check` run as root also
-/// judges a missing database's directory for, since nothing it finds tells it which user serve
-/// runs as.
+/// A directory's permissions to search it: the ones above the database's.
+const SEARCH: Wanted = Wanted {
+    bits: 0o1,
+    verb: "search",
+    noun: "searching",
+};
+
+/// The image's user (`USER 10001:10001` in the Dockerfile): the user `check` run as root judges
+/// the database for beside the one it takes for serve's, since nothing it finds tells it which
+/// user serve runs as.
 const IMAGE_USER: u32 = 10_001;
 
-/// What `check`, run as root, makes of the user serve runs as creating the missing database
-/// `file` in its directory, which exists: root may create files anywhere, so the probe of
-/// [`unwritable_directory`] said ok of a directory of root's, mode 0755, where serve (uid 10001)
-/// then stopped ("its directory … cannot be written to"). Judged for [`judged_server`]'s user
-/// (the directory's owner) and for the image's, from the directory's owner, group and mode
-/// (see [`directory_verdict`]). Allowed when not run as root (the probe judged it for this
-/// user).
-pub(crate) fn directory_not_writable_by_server(file: &Path) -> ServerAccess {
-    use std::os::unix::fs::MetadataExt as _;
-    if !rustix::process::geteuid().is_root() {
-        return ServerAccess::Allowed;
+/// How `check` names the image's user ([`Server::whose`]).
+const THE_IMAGE_USER: &str = "the image's user";
+
+/// How `check`'s answers name `server`: the image's user, or the user taken for serve's and why.
+fn described(server: &Server) -> String {
+    match server.whose.as_deref() {
+        Some(THE_IMAGE_USER) => THE_IMAGE_USER.to_owned(),
+        Some(whose) => format!("{whose}, taken for the user serve runs as"),
+        None => "this command's user".to_owned(),
     }
-    let resolved = resolved(file);
-    let directory = match resolved.parent() {
-        Some(directory) if !directory.as_os_str().is_empty() => directory,
-        _ => Path::new("."),
-    };
-    let Ok(meta) = std::fs::metadata(directory) else {
-        return ServerAccess::Allowed;
-    };
-    let owner = Owner {
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mode: meta.mode(),
-    };
-    directory_verdict(directory, &owner, has_acl(directory), &judged_server(file))
 }
 
-/// [`directory_not_writable_by_server`]'s verdict on `directory` (its `owner`, group and mode,
-/// and whether it has an ACL) for `server`, the user [`judged_server`] took for serve's: the
-/// directory's owner (the database file is not there), or root for want of another owner
-/// (`whose` is `None`: the directory is root's). Serve's user is not known either way, and the
-/// image runs serve as uid 10001: judged for the image's user too, and its refusal said, not
-/// failed (serve may run as root, or as the directory's owner, `--user 1000`). A refusal for
-/// the directory's owner fails.
-fn directory_verdict(directory: &Path, owner: &Owner, acl: bool, server: &Server) -> ServerAccess {
-    let shown = shell_quoted(directory);
+/// A file or directory `check` judges, as its metadata gave it.
+struct Entry {
+    path: std::path::PathBuf,
+    owner: Owner,
+    /// Whether it has an access ACL, which its mode does not show.
+    acl: bool,
+}
+
+impl Entry {
+    /// `path`'s, where its metadata can be read.
+    fn read(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            path: path.to_owned(),
+            owner: Owner {
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mode: meta.mode(),
+            },
+            acl: has_acl(path),
+        })
+    }
+
+    /// Whether its owner, group and mode give `server` the permissions `wanted` names.
+    fn says(&self, server: &Server, wanted: &Wanted) -> ModeSays {
+        if self.acl {
+            return ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned());
+        }
+        bits_say(&self.owner, server, wanted)
+    }
+
+    /// As answers name it: its path for a shell, its owner and mode.
+    fn shown(&self) -> String {
+        format!(
+            "{} (uid {}, mode {:o})",
+            shell_quoted(&self.path),
+            self.owner.uid,
+            self.owner.mode & 0o7777
+        )
+    }
+}
+
+/// What `check` run as root finds of the database: the directories serve's user goes through
+/// to it, the one it creates files in, and the files SQLite opens.
+struct Found {
+    /// The directories above the database's, from the root down, which serve's user searches.
+    above: Vec<Entry>,
+    /// The database's directory, where SQLite creates the database, its -wal and -shm, and a
+    /// migration its lock.
+    directory: Entry,
+    /// The files SQLite opens that are there ([`files_sqlite_opens`]).
+    files: Vec<Entry>,
+    /// The database file's mode, where it is there, and its -wal and -shm not there: SQLite
+    /// creates them with that mode, owned by the user that creates them (given to the
+    /// database file's owner when that is root).
+    created: Option<(u32, Vec<std::path::PathBuf>)>,
+}
+
+impl Found {
+    /// What is there of the database `file` (beside its target, for a symbolic link); `None`
+    /// where its directory is not there (said by [`missing_directory`]).
+    fn of(file: &Path) -> Option<Self> {
+        let file = resolved(file);
+        let directory = match file.parent() {
+            Some(directory) if !directory.as_os_str().is_empty() => directory,
+            _ => Path::new("."),
+        };
+        let directory = std::fs::canonicalize(directory).ok()?;
+        let mut above: Vec<Entry> = directory
+            .ancestors()
+            .skip(1)
+            .filter_map(Entry::read)
+            .collect();
+        above.reverse();
+        let [database, wal, shm] = database_files(&file);
+        let created = std::fs::metadata(&database).ok().map(|meta| {
+            use std::os::unix::fs::MetadataExt as _;
+            let missing = [wal, shm]
+                .into_iter()
+                .filter(|path| !path.exists())
+                .collect();
+            (meta.mode(), missing)
+        });
+        Some(Self {
+            above,
+            directory: Entry::read(&directory)?,
+            files: files_sqlite_opens(&file)
+                .iter()
+                .filter_map(|path| Entry::read(path))
+                .collect(),
+            created,
+        })
+    }
+}
+
+/// What `found` says of `server` (not root) using the database: what refuses it (a directory
+/// above it may not search, its directory it may not create files in, the files it may not
+/// read and write, a -wal or -shm SQLite would create for it with the database file's mode,
+/// which it could not open again), or what cannot be told.
+fn found_says(found: &Found, server: &Server) -> ServerAccess {
+    let uid = server.uid;
+    let who = described(server);
+    let mut unsure = Vec::new();
+    let mut problems = Vec::new();
+    for directory in &found.above {
+        match directory.says(server, &SEARCH) {
+            ModeSays::Allowed => {}
+            ModeSays::Refused(why) => problems.push(format!(
+                "{}, a directory above the database's, cannot be searched by uid {uid} ({who}): \
+                 {why}; make it searchable by uid {uid}",
+                directory.shown()
+            )),
+            ModeSays::CannotTell(why) => {
+                unsure.push(format!("search {} ({why})", shell_quoted(&directory.path)))
+            }
+        }
+    }
+    match found.directory.says(server, &CREATE_IN) {
+        ModeSays::Allowed => {}
+        ModeSays::Refused(why) => problems.push(format!(
+            "its directory {} cannot be written to by uid {uid} ({who}): {why}; edgegate creates \
+             the database and its -wal and -shm files there; make it writable by uid {uid}",
+            found.directory.shown()
+        )),
+        ModeSays::CannotTell(why) => unsure.push(format!(
+            "create the database in its directory {} ({why})",
+            shell_quoted(&found.directory.path)
+        )),
+    }
+    let mut refused = Vec::new();
+    for file in &found.files {
+        match file.says(server, &READ_WRITE) {
+            ModeSays::Allowed => {}
+            ModeSays::Refused(why) => refused.push(format!(
+                "{} is owned by uid {} with mode {:o}, and cannot be opened for reading and \
+                 writing ({why})",
+                file.path.display(),
+                file.owner.uid,
+                file.owner.mode & 0o7777
+            )),
+            ModeSays::CannotTell(why) => {
+                unsure.push(format!("read and write {} ({why})", file.path.display()));
+            }
+        }
+    }
+    // Not said again of a database file already refused for its mode.
+    if let Some((mode, missing)) = &found.created
+        && refused.is_empty()
+    {
+        let theirs = Owner {
+            uid,
+            gid: server.gid,
+            mode: *mode,
+        };
+        if let ModeSays::Refused(why) = bits_say(&theirs, server, &READ_WRITE) {
+            refused.extend(missing.iter().map(|path| {
+                format!(
+                    "{} is not there, and SQLite creates it with the database file's mode {:o}, \
+                     owned by uid {uid}, which then cannot open it again for reading and \
+                     writing ({why})",
+                    path.display(),
+                    mode & 0o7777
+                )
+            }));
+        }
+    }
+    if !refused.is_empty() {
+        let paths: Vec<std::path::PathBuf> =
+            found.files.iter().map(|file| file.path.clone()).collect();
+        problems.push(format!(
+            "{}: {}",
+            refused.join("; "),
+            give_back(
+                server,
+                "must read and write the database and the files beside it",
+                &paths
+            )
+        ));
+    }
+    if !problems.is_empty() {
+        return ServerAccess::Refused(problems.join("; "));
+    }
+    if unsure.is_empty() {
+        return ServerAccess::Allowed;
+    }
+    ServerAccess::CannotTell(format!(
+        "cannot tell whether uid {uid} ({who}) may {}; not judged here",
+        unsure.join(", ")
+    ))
+}
+
+/// `check`'s verdict, run as root, on the database `found` for `taken`, the user
+/// [`judged_server`] took for serve's (the database file's owner, or its directory's, or root
+/// where both are root's), and for the image's user (uid 10001), as serve runs in the image.
+/// Which of them serve runs as is not known here: failed only where neither may use the
+/// database (named for `taken`), and said in a note, not failed, where only one may (serve may
+/// run as root, or as the owner, `--user 1000`; or in the image, where the owner is another
+/// user whose permissions the image's user has through its group). Judged for `taken` alone
+/// where that is the image's user.
+fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
     let image_user = Server {
         uid: IMAGE_USER,
         gid: IMAGE_USER,
-        whose: Some("the image's user".to_owned()),
+        whose: Some(THE_IMAGE_USER.to_owned()),
     };
-    let says = |judged: &Server| {
-        if acl {
-            ModeSays::CannotTell("it has an ACL, which its mode does not show".to_owned())
-        } else {
-            bits_say(owner, judged, &CREATE_IN)
-        }
+    // Root may use any file.
+    let taken_says = match taken.whose {
+        Some(_) => found_says(found, taken),
+        None => ServerAccess::Allowed,
     };
-    let mode = owner.mode & 0o7777;
-    if let Some(taken) = &server.whose {
-        match says(server) {
-            ModeSays::Allowed if server.uid == IMAGE_USER => return ServerAccess::Allowed,
-            ModeSays::Allowed => {}
-            ModeSays::Refused(why) => {
-                return ServerAccess::Refused(format!(
-                    "its directory {shown} (uid {}, mode {mode:o}) cannot be written to by uid \
-                     {} ({taken}, taken for the user serve runs as): {why}; edgegate creates the \
-                     database and its -wal and -shm files there; make it writable by uid {}",
-                    owner.uid, server.uid, server.uid
-                ));
-            }
-            ModeSays::CannotTell(why) => {
-                return ServerAccess::CannotTell(format!(
-                    "cannot tell whether uid {} ({taken}, taken for the user serve runs as) may \
-                     create the database in its directory {shown} ({why}); not judged here",
-                    server.uid
-                ));
-            }
-        }
+    if taken.whose.is_some() && taken.uid == IMAGE_USER {
+        return taken_says;
     }
-    // Root's directory, or one its owner may create the database in: what of the image's user?
-    let (whose, may) = match server.whose {
-        Some(_) => (
-            format!("uid {}'s", owner.uid),
-            format!(" (which uid {} may create the database in)", owner.uid),
-        ),
-        None => ("root's".to_owned(), String::new()),
-    };
-    match says(&image_user) {
-        ModeSays::Allowed => ServerAccess::Allowed,
-        ModeSays::Refused(why) => ServerAccess::CannotTell(format!(
-            "cannot tell which user serve runs as: its directory {shown} is {whose} with mode \
-             {mode:o}{may}, and {why}; serve run as uid {IMAGE_USER} (the image's user) cannot \
-             create the database there: make the directory writable by that user, or run check \
-             as the user serve runs as (fly ssh console --user edgegate)"
-        )),
-        ModeSays::CannotTell(why) => ServerAccess::CannotTell(format!(
-            "cannot tell whether uid {IMAGE_USER} (the image's user, as serve runs in the image) \
-             may create the database in its directory {shown} ({why}); not judged here"
+    let image_says = found_says(found, &image_user);
+    if let (ServerAccess::Refused(problem), ServerAccess::Refused(_)) = (&taken_says, &image_says) {
+        return ServerAccess::Refused(problem.clone());
+    }
+    let mut parts = Vec::new();
+    for (server, says) in [(taken, taken_says), (&image_user, image_says)] {
+        let who = format!("uid {} ({})", server.uid, described(server));
+        parts.push(match says {
+            ServerAccess::Allowed if server.whose.is_none() => continue,
+            ServerAccess::Allowed => (true, format!("{who} may use the database there")),
+            ServerAccess::Refused(problem) => {
+                (false, format!("serve run as {who} cannot: {problem}"))
+            }
+            ServerAccess::CannotTell(note) => (false, note),
+        });
+    }
+    match &parts[..] {
+        [] | [(true, _)] | [(true, _), (true, _)] => ServerAccess::Allowed,
+        _ => ServerAccess::CannotTell(format!(
+            "cannot tell which user serve runs as, and not every user it may run as may use the \
+             database: {}; run check as the user serve runs as to judge it for that user (fly \
+             ssh console --user edgegate runs it as the image's)",
+            parts
+                .into_iter()
+                .map(|(_, part)| part)
+                .collect::<Vec<_>>()
+                .join("; ")
         )),
     }
 }
 
-/// What `check` makes of the user `serve` runs as reading and writing the database's files.
+/// What `check` makes of the user `serve` runs as reading and writing the database's files and
+/// creating files in its directory.
 pub(crate) enum ServerAccess {
     /// They may be read and written.
     Allowed,
@@ -694,47 +850,47 @@ fn is_refusal(errno: rustix::io::Errno) -> bool {
 }
 
 /// As [`files_not_read_writable`], for the user `serve` runs as, for `check`: run as root
-/// (`fly ssh console -C "edgegate check"`), which may open any file, it said ok of root's
-/// files, mode 0600, that `serve` (uid 10001) then could not open. Run as root, judged for
-/// [`judged_server`]'s user from the files' owners and modes, and not failed where those cannot
-/// decide it (an ACL, a group of which that user may be a supplementary member).
-pub(crate) fn files_not_read_writable_by_server(file: &Path) -> ServerAccess {
-    let server = judged_server(file);
-    if server.whose.is_none() {
+/// (`fly ssh console -C "edgegate check"`), which may open any file and create files anywhere,
+/// it said ok of root's files, mode 0600, that `serve` (uid 10001) then could not open, and of
+/// a directory of root's that serve could not create the database, or its -wal and -shm, in.
+/// Run as root, judged from the owners and modes of the files, the database's directory and
+/// the directories above it, for [`judged_server`]'s user and the image's (see
+/// [`found_verdict`]), and not failed where those cannot decide it (an ACL, a group of which
+/// that user may be a supplementary member). Run as another user, the files judged for it (its
+/// `Store::connect` judges the directory).
+pub(crate) fn not_usable_by_server(file: &Path) -> ServerAccess {
+    if !rustix::process::geteuid().is_root() {
         return files_not_read_writable(file).map_or(ServerAccess::Allowed, ServerAccess::Refused);
     }
-    let judged = |path: &Path| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|meta| mode_says(path, &meta, &server))
-    };
-    let refused = refusals(file, &server, |path| match judged(path)? {
-        ModeSays::Refused(why) => Some(Refusal {
-            why,
-            read_only: false,
-        }),
-        _ => None,
-    });
-    if let Some(problem) = refused {
+    if let Some(problem) = not_a_file(&resolved(file)) {
         return ServerAccess::Refused(problem);
     }
-    let unjudged: Vec<String> = files_sqlite_opens(file)
-        .iter()
-        .filter_map(|path| match judged(path)? {
-            ModeSays::CannotTell(why) => Some(format!("{} ({why})", path.display())),
-            _ => None,
-        })
-        .collect();
-    if unjudged.is_empty() {
-        return ServerAccess::Allowed;
+    match Found::of(file) {
+        // On a filesystem mounted read-only no chown or chmod helps: root's own opening of the
+        // database (or its probe of the directory) says so.
+        Some(found) if is_read_only(&found.directory.path) => ServerAccess::Allowed,
+        Some(found) => found_verdict(&found, &judged_server(file)),
+        None => ServerAccess::Allowed,
     }
-    ServerAccess::CannotTell(format!(
-        "cannot tell whether uid {} ({}, taken for the user serve runs as) may read and write {}; \
-         not judged here",
-        server.uid,
-        server.whose.as_deref().unwrap_or_default(),
-        unjudged.join(", ")
-    ))
+}
+
+/// Whether the filesystem holding `path` is mounted read-only.
+fn is_read_only(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .is_ok_and(|stat| stat.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// What is said of a database `file` (resolved) that is a directory: SQLite said only "unable
+/// to open database file", and the advice was to chmod it.
+fn not_a_file(resolved: &Path) -> Option<String> {
+    resolved.is_dir().then(|| {
+        format!(
+            "{} is a directory, not a SQLite database file: DATABASE_URL must name a file (such \
+             as sqlite://{}/edgegate.db), or move the directory away",
+            shell_quoted(resolved),
+            resolved.display()
+        )
+    })
 }
 
 /// The files of the database `file` that `refusal` finds something against, with the advice
@@ -744,15 +900,8 @@ fn refusals(
     server: &Server,
     refusal: impl Fn(&Path) -> Option<Refusal>,
 ) -> Option<String> {
-    let resolved = resolved(file);
-    // SQLite said only "unable to open database file", and the advice was to chmod it.
-    if resolved.is_dir() {
-        return Some(format!(
-            "{} is a directory, not a SQLite database file: DATABASE_URL must name a file (such \
-             as sqlite://{}/edgegate.db), or move the directory away",
-            shell_quoted(&resolved),
-            resolved.display()
-        ));
+    if let Some(problem) = not_a_file(&resolved(file)) {
+        return Some(problem);
     }
     let present = files_sqlite_opens(file);
     let mut read_only = false;
@@ -1154,31 +1303,74 @@ mod tests {
         assert!(!is_damage(&anyhow::Error::new(sqlx::Error::PoolTimedOut)));
     }
 
+    /// What `check` run as root found, for [`found_verdict`]: /data (its `owner`, group and
+    /// mode, and whether it has an ACL) under / (root's, mode 0755), and `files` in it.
+    fn found(directory: (u32, u32, u32, bool), files: &[(&str, u32, u32, u32)]) -> Found {
+        let entry = |path: &str, (uid, gid, mode, acl): (u32, u32, u32, bool)| Entry {
+            path: std::path::PathBuf::from(path),
+            owner: Owner { uid, gid, mode },
+            acl,
+        };
+        let database = files.iter().find(|(name, ..)| *name == "edgegate.db");
+        Found {
+            above: vec![entry("/", (0, 0, 0o40755, false))],
+            directory: entry("/data", directory),
+            files: files
+                .iter()
+                .map(|&(name, uid, gid, mode)| {
+                    entry(&format!("/data/{name}"), (uid, gid, mode, false))
+                })
+                .collect(),
+            created: database.map(|&(_, _, _, mode)| {
+                let missing = ["-wal", "-shm"]
+                    .into_iter()
+                    .filter(|suffix| {
+                        !files
+                            .iter()
+                            .any(|(name, ..)| *name == format!("edgegate.db{suffix}"))
+                    })
+                    .map(|suffix| std::path::PathBuf::from(format!("/data/edgegate.db{suffix}")))
+                    .collect();
+                (mode, missing)
+            }),
+        }
+    }
+
+    /// The user [`judged_server`] takes for serve's: `uid`, the owner of /data.
+    fn serve(uid: u32) -> Server {
+        Server {
+            uid,
+            gid: uid,
+            whose: Some("the owner of /data".to_owned()),
+        }
+    }
+
+    /// What `access` says, for an assertion's message.
+    fn said(access: &ServerAccess) -> &str {
+        match access {
+            ServerAccess::Allowed => "allowed",
+            ServerAccess::Refused(said) | ServerAccess::CannotTell(said) => said,
+        }
+    }
+
+    /// Root, for want of another owner: serve's user is not known.
+    const ROOT: Server = Server {
+        uid: 0,
+        gid: 0,
+        whose: None,
+    };
+
     /// `check` run as root judges a missing database's directory for the user serve runs as:
     /// root may create files in any directory, so it said "ok … not there yet; serve creates
     /// it" of a directory of root's with mode 0755, where serve (uid 10001) then stopped.
     #[test]
     fn a_missing_databases_directory_is_judged_for_the_serve_user() {
-        let directory = Path::new("/data");
-        let owned = |uid: u32, gid: u32, mode: u32| Owner { uid, gid, mode };
-        let serve = |uid: u32| Server {
-            uid,
-            gid: uid,
-            whose: Some("the owner of /data".to_owned()),
-        };
-        // Root, for want of another owner: serve's user is not known.
-        let root = Server {
-            uid: 0,
-            gid: 0,
-            whose: None,
-        };
-        let verdict = |owner: &Owner, acl: bool, server: &Server| {
-            directory_verdict(directory, owner, acl, server)
+        let verdict = |uid: u32, gid: u32, mode: u32, acl: bool, server: &Server| -> ServerAccess {
+            found_verdict(&found((uid, gid, mode, acl), &[]), server)
         };
 
         // Judged for uid 10001: a directory of root's, mode 0755, is not ok.
-        let ServerAccess::Refused(problem) = verdict(&owned(0, 0, 0o40755), false, &serve(10_001))
-        else {
+        let ServerAccess::Refused(problem) = verdict(0, 0, 0o40755, false, &serve(10_001)) else {
             panic!("a directory of root's, mode 0755, is no place uid 10001 can create files in");
         };
         assert!(
@@ -1187,51 +1379,65 @@ mod tests {
         );
         // Its owner's and mode 0755: ok; its owner's without write: not ok.
         assert!(matches!(
-            verdict(&owned(10_001, 10_001, 0o40755), false, &serve(10_001)),
+            verdict(10_001, 10_001, 0o40755, false, &serve(10_001)),
             ServerAccess::Allowed
         ));
         assert!(matches!(
-            verdict(&owned(10_001, 10_001, 0o40555), false, &serve(10_001)),
+            verdict(10_001, 10_001, 0o40555, false, &serve(10_001)),
             ServerAccess::Refused(_)
         ));
         // A group of which uid 10001 may be a supplementary member, or an ACL: not judged.
         assert!(matches!(
-            verdict(&owned(0, 50, 0o40775), false, &serve(10_001)),
+            verdict(0, 50, 0o40775, false, &serve(10_001)),
             ServerAccess::CannotTell(_)
         ));
         assert!(matches!(
-            verdict(&owned(0, 0, 0o40755), true, &serve(10_001)),
+            verdict(0, 0, 0o40755, true, &serve(10_001)),
             ServerAccess::CannotTell(_)
         ));
 
         // Another user's (a bind mount of uid 1000's), which that user may create files in but
         // the image's user (uid 10001, as serve runs in the image) may not: said, not failed
         // (serve may run as uid 1000); nothing said where uid 10001 may too.
-        let ServerAccess::CannotTell(note) =
-            verdict(&owned(1000, 1000, 0o40755), false, &serve(1000))
+        let ServerAccess::CannotTell(note) = verdict(1000, 1000, 0o40755, false, &serve(1000))
         else {
             panic!("a directory of uid 1000's, mode 0755, said ok of for the image's user");
         };
         assert!(
-            note.contains("uid 10001") && note.contains("/data") && note.contains("uid 1000's"),
+            note.contains("uid 10001") && note.contains("/data") && note.contains("uid 1000 "),
             "{note}"
         );
         assert!(matches!(
-            verdict(&owned(1000, 1000, 0o40777), false, &serve(1000)),
+            verdict(1000, 1000, 0o40777, false, &serve(1000)),
             ServerAccess::Allowed
         ));
         assert!(matches!(
-            verdict(&owned(1000, 10_001, 0o40775), false, &serve(1000)),
+            verdict(1000, 10_001, 0o40775, false, &serve(1000)),
             ServerAccess::Allowed
         ));
-        assert!(matches!(
-            verdict(&owned(1000, 1000, 0o40555), false, &serve(1000)),
-            ServerAccess::Refused(_)
-        ));
+        // Neither uid 1000 nor uid 10001 may: failed, for uid 1000.
+        let ServerAccess::Refused(problem) = verdict(1000, 1000, 0o40555, false, &serve(1000))
+        else {
+            panic!("a directory of uid 1000's, mode 0555, said ok of");
+        };
+        assert!(
+            problem.contains("uid 1000 ") && !problem.contains("uid 10001"),
+            "{problem}"
+        );
+        // Only its group, the image's (10001), may: it failed for uid 1000 though serve in the
+        // image creates the database there; said, not failed (serve may run as uid 1000).
+        let ServerAccess::CannotTell(note) = verdict(1000, 10_001, 0o40575, false, &serve(1000))
+        else {
+            panic!("a directory uid 10001 may write through its group failed");
+        };
+        assert!(
+            note.contains("uid 1000 ") && note.contains("uid 10001 (the image's user) may"),
+            "{note}"
+        );
 
         // Root's directory, and no other owner to take for serve's: said for the image's user
         // (uid 10001), not failed (serve may run as root).
-        let ServerAccess::CannotTell(note) = verdict(&owned(0, 0, 0o40755), false, &root) else {
+        let ServerAccess::CannotTell(note) = verdict(0, 0, 0o40755, false, &ROOT) else {
             panic!("a directory of root's, mode 0755, said ok of, run as root");
         };
         assert!(
@@ -1241,14 +1447,124 @@ mod tests {
         // One uid 10001 may create files in: ok.
         for mode in [0o40777, 0o41777] {
             assert!(matches!(
-                verdict(&owned(0, 0, mode), false, &root),
+                verdict(0, 0, mode, false, &ROOT),
                 ServerAccess::Allowed
             ));
         }
         assert!(matches!(
-            verdict(&owned(0, 10_001, 0o40775), false, &root),
+            verdict(0, 10_001, 0o40775, false, &ROOT),
             ServerAccess::Allowed
         ));
+
+        // A directory above that uid 10001 may not search: refused, naming it.
+        let mut above = found((10_001, 10_001, 0o40755, false), &[]);
+        above.above.push(Entry {
+            path: std::path::PathBuf::from("/srv"),
+            owner: Owner {
+                uid: 0,
+                gid: 0,
+                mode: 0o40700,
+            },
+            acl: false,
+        });
+        let ServerAccess::Refused(problem) = found_verdict(&above, &serve(10_001)) else {
+            panic!("a directory above of root's, mode 0700, said ok of for uid 10001");
+        };
+        assert!(
+            problem.contains("/srv (uid 0, mode 700)") && problem.contains("searched"),
+            "{problem}"
+        );
+    }
+
+    /// An existing database, judged by `check` run as root: it judged the files for their
+    /// owner (or the directory's, where root owns them) and not the directory, so a file of
+    /// root's in a directory of root's passed, and so did uid 10001's file in root's directory,
+    /// mode 0755, where serve (uid 10001) stops, unable to create the -wal and -shm.
+    #[test]
+    fn an_existing_database_is_judged_for_the_serve_user_and_the_image_user() {
+        let db = "edgegate.db";
+        // Root's file in root's directory: serve may run as root; uid 10001's refusal said.
+        let ServerAccess::CannotTell(note) = found_verdict(
+            &found((0, 0, 0o40755, false), &[(db, 0, 0, 0o100600)]),
+            &ROOT,
+        ) else {
+            panic!("root's file in root's directory said ok of for the image's user");
+        };
+        assert!(
+            note.contains("uid 10001") && note.contains("/data/edgegate.db"),
+            "{note}"
+        );
+        // uid 10001's file in root's directory, mode 0755: failed, naming the directory.
+        let ServerAccess::Refused(problem) = found_verdict(
+            &found((0, 0, 0o40755, false), &[(db, 10_001, 10_001, 0o100600)]),
+            &serve(10_001),
+        ) else {
+            panic!("uid 10001's file in root's directory said ok of");
+        };
+        assert!(
+            problem.contains("its directory /data (uid 0, mode 755)")
+                && problem.contains("uid 10001"),
+            "{problem}"
+        );
+        // Both uid 10001's: ok.
+        assert!(matches!(
+            found_verdict(
+                &found(
+                    (10_001, 10_001, 0o40755, false),
+                    &[(db, 10_001, 10_001, 0o100600)]
+                ),
+                &serve(10_001)
+            ),
+            ServerAccess::Allowed
+        ));
+        // uid 1000's, in a directory of uid 1000's: said for uid 10001, not failed.
+        let ServerAccess::CannotTell(note) = found_verdict(
+            &found((1000, 1000, 0o40755, false), &[(db, 1000, 1000, 0o100600)]),
+            &serve(1000),
+        ) else {
+            panic!("uid 1000's file and directory said ok of for the image's user");
+        };
+        assert!(note.contains("uid 10001"), "{note}");
+        // uid 1000's, mode 0575, group 10001: neither may use it, uid 1000 (its owner) not
+        // writing it, uid 10001 not opening again the -wal and -shm SQLite creates for it with
+        // that mode (owned by uid 10001, which mode 0575 gives no writing): failed.
+        let ServerAccess::Refused(problem) = found_verdict(
+            &found(
+                (10_001, 10_001, 0o40755, false),
+                &[(db, 1000, 10_001, 0o100575)],
+            ),
+            &serve(1000),
+        ) else {
+            panic!("a database file of mode 0575 said ok of");
+        };
+        assert!(problem.contains("chmod 600 /data/edgegate.db"), "{problem}");
+        let ServerAccess::Refused(problem) = found_says(
+            &found(
+                (10_001, 10_001, 0o40755, false),
+                &[(db, 1000, 10_001, 0o100575)],
+            ),
+            &serve(10_001),
+        ) else {
+            panic!("uid 10001 said to use a database file of mode 0575 it reads through its group");
+        };
+        assert!(
+            problem.contains("/data/edgegate.db-wal is not there") && problem.contains("575"),
+            "{problem}"
+        );
+        // Mode 0660, group 10001, in a directory group 10001 may write: uid 1000 may, and
+        // uid 10001 through its group: ok.
+        let group = found(
+            (10_001, 10_001, 0o40775, false),
+            &[(db, 1000, 10_001, 0o100660)],
+        );
+        let mut uid_1000 = serve(1000);
+        uid_1000.gid = 10_001;
+        let verdict = found_verdict(&group, &uid_1000);
+        assert!(
+            matches!(verdict, ServerAccess::Allowed),
+            "{}",
+            said(&verdict)
+        );
     }
 
     #[test]

@@ -898,7 +898,7 @@ async fn check_says_a_quick_check_error_that_is_not_damage_as_such() {
             && line.contains("unknown function: extension_fn()")
             && line.contains("the file is not checked")
             && !line.contains("damaged")
-            && !line.contains("restore"),
+            && !line.contains("restore the last good backup"),
         "{line}"
     );
 }
@@ -996,6 +996,95 @@ async fn check_run_as_root_names_the_image_user_for_a_directory_of_another_users
             && !line.contains(&format!("uid {IMAGE_UID}")),
         "{line}"
     );
+}
+
+/// An existing database, with `check` run as root (as `fly ssh console` runs it): it judged the
+/// file for its owner only, or for its directory's where root owns the file, and a file of
+/// root's in a directory of root's passed, as did uid 10001's file in a directory of root's,
+/// mode 0755, where serve (uid 10001) stops: it creates the -wal and -shm there. It now judges
+/// the file and its directory for the image's user too, saying in a note, not failing, what
+/// uid 10001 may not where the owner may, and failing where the owner may not either; and it
+/// judges the directories above for searching. A directory of uid 1000's that only its group
+/// 10001 may write (mode 0575) failed a database not there yet, though uid 10001 creates it.
+#[tokio::test]
+async fn check_run_as_root_judges_an_existing_database_for_the_image_user() {
+    let Some((dir, bin, data)) = folder_for_the_image_user("data", 0) else {
+        return;
+    };
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = data.join("edgegate.db");
+    let url = format!("sqlite://{}", file.display());
+    let vars = [("DATABASE_URL", url.as_str())];
+    let check = || {
+        let out = output(edgegate(dir.path(), &vars).arg("check"));
+        database_line(&String::from_utf8_lossy(&out.stdout))
+    };
+    let as_image_user_migrates = || {
+        output(as_image_user(dir.path(), &bin, &vars).arg("migrate"))
+            .status
+            .success()
+    };
+    let migrated = output(edgegate(dir.path(), &vars).arg("migrate"));
+    assert!(migrated.status.success(), "{migrated:?}");
+    let shown = std::fs::canonicalize(&data).unwrap();
+    let shown = shown.to_string_lossy();
+
+    // Root's file in root's directory: serve may run as root; uid 10001's refusal said.
+    assert!(!as_image_user_migrates());
+    let line = check();
+    assert!(
+        line.starts_with("ok")
+            && line.contains(&format!("uid {IMAGE_UID}"))
+            && line.contains(&*file.to_string_lossy()),
+        "root's file in root's directory: {line}"
+    );
+
+    // uid 10001's file in root's directory, mode 0755: uid 10001 may not create its -wal and
+    // -shm there, and serve stops.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        chown(&entry.unwrap().path(), IMAGE_UID);
+    }
+    assert!(!as_image_user_migrates());
+    let line = check();
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains(&format!("uid {IMAGE_UID}"))
+            && line.contains(&*shown),
+        "uid 10001's file in root's directory: {line}"
+    );
+
+    // The directory given to uid 10001 too: ok, nothing said.
+    chown(&data, IMAGE_UID);
+    assert!(as_image_user_migrates());
+    let line = check();
+    assert!(
+        line.starts_with("ok") && !line.contains("cannot tell"),
+        "{line}"
+    );
+
+    // A directory above it that uid 10001 may not search: failed, naming it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let line = check();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let above = std::fs::canonicalize(dir.path()).unwrap();
+    assert!(
+        line.starts_with("FAIL") && line.contains(&format!("{} ", above.to_string_lossy())),
+        "a directory above of root's, mode 0700: {line}"
+    );
+
+    // Not there yet, in a directory of uid 1000's that only its group, 10001, may write: uid
+    // 10001 creates it.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    std::os::unix::fs::chown(&data, Some(1000), Some(IMAGE_UID)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o575)).unwrap();
+    let line = check();
+    assert!(
+        line.starts_with("ok") && line.contains("not there yet"),
+        "a directory uid 10001 may write through its group: {line}"
+    );
+    assert!(as_image_user_migrates());
 }
 
 /// A symbolic link planted as the migration lock by the user that owns the database (uid 10001)
