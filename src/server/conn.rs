@@ -40,12 +40,22 @@
 //!   (for an HTTP/1 answer, once it is written, not from its handler's end). This assumes an
 //!   answer's body is one frame, as every edgegate answer is (buffered whole): hyper flushes
 //!   mid-body when a body has a frame still to come, which would clear the mark while hyper
-//!   still holds part of that body.
+//!   still holds part of that body;
+//! - likewise an HTTP/2 answer not sent yet keeps its connection from being idle for a waiting
+//!   client only while it makes progress: its handler's answer counts as progress, and so does
+//!   each poll of its body ([`Answer`]), which hyper makes only once the chunk before is written,
+//!   so a connection with no request in flight whose unsent answers have made none for
+//!   `header_read_timeout` (a client that announces a window of 0, or never opens it) is idle,
+//!   since their last progress. Its deadline stays the oldest unsent answer's due time.
+//!   Progress is counted a chunk at a time, and an answer's chunk is its whole body but its
+//!   last byte: a client that takes it but needs longer than `header_read_timeout` for it counts
+//!   as stalled too (only at the cap).
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
 //! and flush (a clock read only when a write finds the socket full, a lock only when a flush ends
-//! an answer's writing), and a lazily allocated timer per connection.
+//! an answer's writing), a clock read and a relaxed store per poll of an HTTP/2 answer's body,
+//! and a lazily allocated timer per connection.
 //!
 //! ## Lingering close
 //!
@@ -152,6 +162,13 @@ pub(crate) struct ConnState {
     /// timeout. A store on the write path, no lock. (An answer's body is assumed to be one frame:
     /// see the module's documentation.)
     writing: AtomicBool,
+    /// When an unsent (HTTP/2) answer last made progress (milliseconds since `epoch`): set as a
+    /// handler answers and whenever hyper polls an unsent answer's body, which it does only once
+    /// the chunk before is written (see [`Answer`]). A connection with no request in flight whose
+    /// unsent answers have made none for `header_read_timeout` (a client that never opens its
+    /// window) is idle for a waiting client, as one whose HTTP/1 writes are stuck. A relaxed
+    /// store on the body's path, no lock.
+    answer_progress: AtomicU64,
     /// When a write first found the socket full with no write making progress since
     /// (milliseconds since `epoch`, plus one), or 0: reset by a write that makes progress and by
     /// the end of a flush. A connection whose writes have been stuck for `header_read_timeout`
@@ -178,6 +195,7 @@ impl ConnState {
             body_unread: AtomicBool::new(false),
             writing: AtomicBool::new(false),
             write_stuck_since: AtomicU64::new(0),
+            answer_progress: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             flush_waiter: AtomicWaker::new(),
         };
@@ -270,17 +288,32 @@ impl ConnState {
         work.lingering
             || work.served
                 && work.in_flight == 0
-                && work.unsent.is_empty()
+                && (work.unsent.is_empty() || self.answers_stalled())
                 && !work.head_begun
                 && (!self.writing.load(Ordering::Relaxed) || self.write_stuck())
+    }
+
+    /// `header_read_timeout` in milliseconds: how long an answer is protected without progress.
+    fn stall_ms(&self) -> u64 {
+        u64::try_from(self.header_read_timeout.as_millis()).unwrap_or(NO_DEADLINE)
     }
 
     /// Whether the connection's writes have found the socket full, none making progress, for
     /// `header_read_timeout`.
     fn write_stuck(&self) -> bool {
         let since = self.write_stuck_since.load(Ordering::Relaxed);
-        let bound = u64::try_from(self.header_read_timeout.as_millis()).unwrap_or(NO_DEADLINE);
-        since != 0 && self.now_ms().saturating_add(1) >= since.saturating_add(bound)
+        since != 0 && self.now_ms().saturating_add(1) >= since.saturating_add(self.stall_ms())
+    }
+
+    /// Whether the unsent answers have made no progress for `header_read_timeout`.
+    fn answers_stalled(&self) -> bool {
+        let last = self.answer_progress.load(Ordering::Relaxed);
+        self.now_ms() >= last.saturating_add(self.stall_ms())
+    }
+
+    /// hyper polls an unsent answer's body: the chunk before is written.
+    fn answer_progressed(&self) {
+        self.answer_progress.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// A write found the socket full: the connection is writing, and stuck from now unless it
@@ -324,15 +357,20 @@ impl ConnState {
         }
     }
 
-    /// Since when the connection has been idle, when it is an idle keep-alive one. (Not its
+    /// Since when the connection has been idle, when it is an idle keep-alive one (with answers
+    /// unsent, whose progress has stalled: since their last progress, or later). (Not its
     /// deadline: a head begun on it moves that earlier.)
     pub(crate) fn idle_since(&self) -> Option<Instant> {
         let work = self.work();
-        if self.idle(&work) {
-            work.idle_since
-        } else {
-            None
+        if !self.idle(&work) {
+            return None;
         }
+        if work.lingering || work.unsent.is_empty() {
+            return work.idle_since;
+        }
+        let last = Duration::from_millis(self.answer_progress.load(Ordering::Relaxed));
+        let stalled = self.epoch + last;
+        Some(work.idle_since.map_or(stalled, |since| since.max(stalled)))
     }
 
     /// Closes the connection now if it is an idle keep-alive one (its IO fails at its next
@@ -387,10 +425,12 @@ impl ConnState {
         self.work_changed(work);
     }
 
-    /// A handler answered: its answer is due within the idle timeout from now.
+    /// A handler answered: its answer is due within the idle timeout from now, and the
+    /// connection's answers have made progress (one more is under way).
     fn answer_unsent(self: &Arc<Self>) -> Unsent {
         let mut work = self.work();
         let due = self.ms_after_now(self.idle_timeout);
+        self.answer_progressed();
         *work.unsent.entry(due).or_default() += 1;
         self.work_changed(work);
         Unsent {
@@ -519,6 +559,8 @@ pin_project_lite::pin_project! {
     /// what h2 keeps, that is once the previous chunk is all written. So the body ends, and the
     /// answer counts as sent, only when the client has taken all but its last byte: a client
     /// that opens its window by one byte cannot have hyper drop the body while h2 keeps it.
+    /// Each poll is the answer's progress ([`ConnState`]'s `answer_progress`): a connection whose
+    /// unsent answers are not polled for the header timeout is idle for a waiting client.
     pub(crate) struct Answer<B> {
         #[pin]
         inner: B,
@@ -540,6 +582,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
+        if let Some(unsent) = this.unsent {
+            // HTTP/2: hyper asks for the next chunk once the one before is written.
+            unsent.state.answer_progressed();
+        }
         if let Some(last) = this.held.take() {
             return Poll::Ready(Some(Ok(Frame::data(last))));
         }
@@ -1134,6 +1180,59 @@ mod tests {
         assert!(state.idle_since().is_some(), "stuck for 1.2 s");
         assert!(state.close_if_idle());
         assert!(io.write(&[0; 16]).await.is_err(), "closed");
+    }
+
+    /// An HTTP/2 answer hyper does not poll (its client never opens the stream's window) is
+    /// protected for the header timeout from its last progress, as stuck HTTP/1 writes are: then
+    /// the connection is idle for a waiting client, its deadline still the answer's due time.
+    #[test]
+    fn a_connection_whose_unsent_answers_make_no_progress_for_the_header_timeout_is_idle() {
+        use futures_util::FutureExt as _;
+        use http_body_util::{BodyExt as _, Full};
+
+        let state = ConnState::new(&ConnectionLimits {
+            header_read_timeout: Duration::from_millis(400),
+            ..limits()
+        });
+        let in_flight = state.request_started(Version::HTTP_2).0;
+        let mut answer = Answer {
+            inner: Full::new(Bytes::from_static(b"answer")),
+            hold_back: true,
+            held: None,
+            unsent: Some(state.answer_unsent()),
+        };
+        drop(in_flight);
+        let due = state.deadline().expect("the answer is due");
+        assert!(state.idle_since().is_none(), "answered just now");
+
+        // hyper polls its body (the stream has window): progress, the clock starts again.
+        std::thread::sleep(Duration::from_millis(300));
+        let first = answer.frame().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "answe");
+        let polled = Instant::now();
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            state.idle_since().is_none(),
+            "progress 250 ms ago (550 ms after the answer)"
+        );
+
+        // A request in flight keeps it busy, stalled or not.
+        std::thread::sleep(Duration::from_millis(250));
+        let other = state.request_started(Version::HTTP_2).0;
+        assert!(state.idle_since().is_none(), "a request runs");
+        assert!(!state.close_if_idle());
+        drop(other);
+        assert_eq!(state.deadline(), Some(due), "the answer's due time stands");
+
+        // No progress for the header timeout: idle since its last progress, or later.
+        let since = state.idle_since().expect("stalled for 500 ms");
+        assert!(
+            since >= polled - Duration::from_millis(5),
+            "{since:?} {polled:?}"
+        );
+        assert!(state.close_if_idle());
+        assert!(state.deadline().unwrap() <= Instant::now(), "closed now");
+        drop(answer);
     }
 
     #[test]

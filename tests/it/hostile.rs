@@ -1335,6 +1335,72 @@ async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_s
     }
 }
 
+/// An HTTP/2 client that announces a stream window of 0 and asks for an answer keeps that
+/// answer unsent (hyper never polls its body); it acknowledges every ping, so the connection
+/// looks alive. At the cap, it is protected no longer than an HTTP/1 client that takes nothing
+/// (`hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_gives_its_slot_up`):
+/// once its answer has made no progress for the header timeout (2 s here), a waiting client
+/// takes its slot, well before the idle timeout (30 s), when the answer is due.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_window_gives_its_slot_up()
+ {
+    use crate::h2c::{self, H2};
+    let server = run(&[
+        ("HTTP_MAX_CONNECTIONS", "1"),
+        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "30"),
+    ])
+    .await;
+    let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    conn.request(1, "GET", "/healthz", &[], true).await;
+    let head_by = Instant::now() + Duration::from_secs(5);
+    loop {
+        let frame = conn
+            .read_frame_until(head_by)
+            .await
+            .expect("the response's head within 5 s");
+        if frame.kind == h2c::HEADERS && frame.stream == 1 {
+            break;
+        }
+    }
+
+    let asked = Instant::now();
+    let port = server.port;
+    let waiting = tokio::spawn(async move {
+        let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        waiting.write_all(HEALTHZ).await.unwrap();
+        let status = read_response(&mut waiting).await.0;
+        (status, asked.elapsed())
+    });
+    // The stalled client meanwhile: acknowledges pings, opens no window, until it is closed.
+    let give_up = asked + Duration::from_secs(2) + SLACK + SLACK;
+    let closed = loop {
+        match conn.read_frame_until(give_up).await {
+            None if Instant::now() >= give_up => break None,
+            None => break Some(asked.elapsed()),
+            Some(frame) if frame.kind == h2c::GOAWAY => break Some(asked.elapsed()),
+            Some(frame) if frame.kind == h2c::PING && frame.flags & h2c::ACK == 0 => {
+                conn.write_frame(h2c::PING, h2c::ACK, 0, &frame.payload)
+                    .await;
+            }
+            Some(_) => {}
+        }
+    };
+    let (status, waited) = tokio::time::timeout(Duration::from_secs(2) + SLACK, waiting)
+        .await
+        .expect("the waiting client served within 4 s (the idle timeout is 30 s)")
+        .expect("the waiting client got a response");
+    assert_eq!(status, 200);
+    assert!(
+        waited >= Duration::from_secs(1),
+        "a stalled answer keeps its slot for the header timeout (2 s): {waited:?}"
+    );
+    let closed = closed.expect("the zero-window HTTP/2 connection was still open");
+    eprintln!(
+        "zero-window HTTP/2 connection closed after {closed:?}, waiting client served after {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn hostile_http2_streams_past_32_on_one_connection_are_refused() {
     use crate::h2c::{self, H2};
