@@ -42,9 +42,10 @@
 //!   mid-body when a body has a frame still to come, which would clear the mark while hyper
 //!   still holds part of that body;
 //! - likewise an HTTP/2 answer not sent yet keeps its connection from being idle for a waiting
-//!   client only while it makes progress: its handler's answer counts as progress, and so does
-//!   each poll of its body ([`Answer`]), which hyper makes only once the chunk before is written,
-//!   so a connection with no request in flight whose unsent answers have made none for
+//!   client only while it makes progress: its handler's answer counts as progress when no other
+//!   is unsent, and so does each poll of its body but the first ([`Answer`]): hyper polls the
+//!   first chunk at once, window or not, and the next once it has handed h2 the one before (the
+//!   stream had window for it); so a connection with no request in flight whose unsent answers have made none for
 //!   `header_read_timeout` (a client that announces a window of 0, or never opens it) is idle,
 //!   since their last progress. Its deadline stays the oldest unsent answer's due time.
 //!   Progress is counted a chunk at a time, and an answer's chunk is its whole body but its
@@ -54,7 +55,8 @@
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
 //! and flush (a clock read only when a write finds the socket full, a lock only when a flush ends
-//! an answer's writing), a clock read and a relaxed store per poll of an HTTP/2 answer's body,
+//! an answer's writing), a clock read and a relaxed `fetch_max` per poll of an HTTP/2 answer's
+//! body,
 //! and a lazily allocated timer per connection.
 //!
 //! ## Lingering close
@@ -163,11 +165,12 @@ pub(crate) struct ConnState {
     /// see the module's documentation.)
     writing: AtomicBool,
     /// When an unsent (HTTP/2) answer last made progress (milliseconds since `epoch`): set as a
-    /// handler answers and whenever hyper polls an unsent answer's body, which it does only once
-    /// the chunk before is written (see [`Answer`]). A connection with no request in flight whose
-    /// unsent answers have made none for `header_read_timeout` (a client that never opens its
-    /// window) is idle for a waiting client, as one whose HTTP/1 writes are stuck. A relaxed
-    /// store on the body's path, no lock.
+    /// handler answers with no other answer unsent, and whenever hyper polls an unsent answer's
+    /// body again, which it does once it has handed h2 the chunk before (see [`Answer`]). A
+    /// connection with no request in flight whose unsent answers have made none for
+    /// `header_read_timeout` (a client that never opens its window) is idle for a waiting
+    /// client, as one whose HTTP/1 writes are stuck. A relaxed `fetch_max` on the body's path,
+    /// no lock.
     answer_progress: AtomicU64,
     /// When a write first found the socket full with no write making progress since
     /// (milliseconds since `epoch`, plus one), or 0: reset by a write that makes progress and by
@@ -311,9 +314,11 @@ impl ConnState {
         self.now_ms() >= last.saturating_add(self.stall_ms())
     }
 
-    /// hyper polls an unsent answer's body: the chunk before is written.
+    /// An unsent answer made progress: hyper handed h2 a chunk of it. (`fetch_max`: HTTP/2
+    /// streams run on several threads, and a later time is never taken back.)
     fn answer_progressed(&self) {
-        self.answer_progress.store(self.now_ms(), Ordering::Relaxed);
+        self.answer_progress
+            .fetch_max(self.now_ms(), Ordering::Relaxed);
     }
 
     /// A write found the socket full: the connection is writing, and stuck from now unless it
@@ -425,12 +430,16 @@ impl ConnState {
         self.work_changed(work);
     }
 
-    /// A handler answered: its answer is due within the idle timeout from now, and the
-    /// connection's answers have made progress (one more is under way).
+    /// A handler answered: its answer is due within the idle timeout from now. With no other
+    /// answer unsent, its stall is counted from now; behind answers unsent, it is no progress
+    /// of theirs (a client that asks again and again, taking nothing, must not keep them from
+    /// stalling).
     fn answer_unsent(self: &Arc<Self>) -> Unsent {
         let mut work = self.work();
         let due = self.ms_after_now(self.idle_timeout);
-        self.answer_progressed();
+        if work.unsent.is_empty() {
+            self.answer_progressed();
+        }
         *work.unsent.entry(due).or_default() += 1;
         self.work_changed(work);
         Unsent {
@@ -555,17 +564,21 @@ pin_project_lite::pin_project! {
     ///
     /// On HTTP/2 the last byte of each chunk is held back and given as a chunk of its own.
     /// hyper hands h2 a chunk, whole, once the stream has any send window, and h2 keeps what the
-    /// window does not cover; it asks for the next chunk only when the stream has window beyond
-    /// what h2 keeps, that is once the previous chunk is all written. So the body ends, and the
+    /// window does not cover; hyper then polls the next chunk but hands it over only when the
+    /// stream has window beyond what h2 keeps, that is once the previous chunk is all written,
+    /// and drops the body only after its last chunk is handed over. So the body ends, and the
     /// answer counts as sent, only when the client has taken all but its last byte: a client
     /// that opens its window by one byte cannot have hyper drop the body while h2 keeps it.
-    /// Each poll is the answer's progress ([`ConnState`]'s `answer_progress`): a connection whose
-    /// unsent answers are not polled for the header timeout is idle for a waiting client.
+    /// Each poll but the first (which hyper makes at once, window or not) is the answer's
+    /// progress ([`ConnState`]'s `answer_progress`): a connection whose unsent answers are not
+    /// polled again for the header timeout is idle for a waiting client.
     pub(crate) struct Answer<B> {
         #[pin]
         inner: B,
         hold_back: bool,
         held: Option<Bytes>,
+        // Whether hyper has polled the body (HTTP/2): its first poll is no progress.
+        polled: bool,
         unsent: Option<Unsent>,
     }
 }
@@ -583,8 +596,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         if let Some(unsent) = this.unsent {
-            // HTTP/2: hyper asks for the next chunk once the one before is written.
-            unsent.state.answer_progressed();
+            // HTTP/2: hyper polls the first chunk at once, window or not, and the next once it
+            // has handed the one before to h2 (the stream had window for it).
+            if *this.polled {
+                unsent.state.answer_progressed();
+            }
+            *this.polled = true;
         }
         if let Some(last) = this.held.take() {
             return Poll::Ready(Some(Ok(Frame::data(last))));
@@ -943,6 +960,7 @@ where
                 inner,
                 hold_back,
                 held: None,
+                polled: false,
                 unsent,
             }))
         })
@@ -1190,51 +1208,72 @@ mod tests {
         use futures_util::FutureExt as _;
         use http_body_util::{BodyExt as _, Full};
 
+        // (Wide margins throughout: a loaded machine's sleeps overshoot.)
         let state = ConnState::new(&ConnectionLimits {
             header_read_timeout: Duration::from_millis(1000),
             ..limits()
         });
-        let in_flight = state.request_started(Version::HTTP_2).0;
-        let mut answer = Answer {
+        let answer_of = |state: &Arc<ConnState>| Answer {
             inner: Full::new(Bytes::from_static(b"answer")),
             hold_back: true,
             held: None,
+            polled: false,
             unsent: Some(state.answer_unsent()),
         };
+        let in_flight = state.request_started(Version::HTTP_2).0;
+        let mut answer = answer_of(&state);
         drop(in_flight);
         let due = state.deadline().expect("the answer is due");
         assert!(state.idle_since().is_none(), "answered just now");
 
-        // hyper polls its body (the stream has window): progress, the clock starts again.
-        std::thread::sleep(Duration::from_millis(300));
+        // hyper polls the first chunk at once, window or not: no progress.
         let first = answer.frame().now_or_never().unwrap().unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "answe");
-        let polled = Instant::now();
-        std::thread::sleep(Duration::from_millis(250));
-        // (Wide margins: a loaded machine's sleeps overshoot.)
+        std::thread::sleep(Duration::from_millis(1100));
         assert!(
-            state.idle_since().is_none(),
-            "progress 250 ms ago (550 ms after the answer)"
+            state.idle_since().is_some(),
+            "stalled: the first poll is no progress"
+        );
+        // Nor is another answer behind it (a client asking again, taking nothing).
+        let asked = state.request_started(Version::HTTP_2).0;
+        let mut again = answer_of(&state);
+        drop(asked);
+        assert!(
+            state.idle_since().is_some(),
+            "a new answer is no progress of the stalled one"
         );
 
-        // A request in flight keeps it busy, stalled or not.
+        // The next poll: hyper handed h2 the first chunk (the stream had window): progress.
+        let before = Instant::now();
+        let last = answer.frame().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(last.into_data().unwrap(), "r");
+        assert!(state.idle_since().is_none(), "progress just now");
         std::thread::sleep(Duration::from_millis(250));
+        assert!(state.idle_since().is_none(), "progress 250 ms ago");
+
+        // A request in flight keeps it busy, stalled or not.
         let other = state.request_started(Version::HTTP_2).0;
         assert!(state.idle_since().is_none(), "a request runs");
         assert!(!state.close_if_idle());
         drop(other);
-        assert_eq!(state.deadline(), Some(due), "the answer's due time stands");
+        assert_eq!(
+            state.deadline(),
+            Some(due),
+            "the first answer's due time stands"
+        );
 
         // No progress for the header timeout: idle since its last progress, or later.
-        std::thread::sleep(Duration::from_millis(600));
-        let since = state.idle_since().expect("stalled for 1,100 ms");
+        std::thread::sleep(Duration::from_millis(1000));
+        let since = state.idle_since().expect("stalled for 1,250 ms");
         assert!(
-            since >= polled - Duration::from_millis(5),
-            "{since:?} {polled:?}"
+            since + Duration::from_millis(1) >= before,
+            "{since:?} {before:?}"
         );
         assert!(state.close_if_idle());
         assert!(state.deadline().unwrap() <= Instant::now(), "closed now");
         drop(answer);
+        assert!(again.frame().now_or_never().is_some());
+        drop(again);
     }
 
     #[test]

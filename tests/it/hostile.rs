@@ -1336,14 +1336,30 @@ async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_s
 }
 
 /// An HTTP/2 client that announces a stream window of 0 and asks for an answer keeps that
-/// answer unsent (hyper never polls its body); it acknowledges every ping, so the connection
-/// looks alive. At the cap, it is protected no longer than an HTTP/1 client that takes nothing
+/// answer unsent (hyper polls its body once, at once, and hands h2 nothing of it); it
+/// acknowledges every ping, so the connection looks alive. At the cap, it is protected no longer
+/// than an HTTP/1 client that takes nothing
 /// (`hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_gives_its_slot_up`):
 /// once its answer has made no progress for the header timeout (2 s here), a waiting client
 /// takes its slot, well before the idle timeout (30 s), when the answer is due.
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_window_gives_its_slot_up()
  {
+    zero_window_client_at_the_cap(None).await;
+}
+
+/// The same client asking for a new answer every 700 ms (never taking one) does not keep its
+/// answers from stalling: a new answer is no progress of the ones before it.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_nothing_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700))).await;
+}
+
+/// A client at cap 1 with a stream window of 0 asks for `/healthz` (and again every `again`,
+/// on a new stream, if given), taking nothing; a waiting HTTP/1 client must be served once the
+/// answers have made no progress for the header timeout (2 s), not at the idle timeout (30 s).
+async fn zero_window_client_at_the_cap(again: Option<Duration>) {
     use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "1"),
@@ -1352,6 +1368,8 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
     ])
     .await;
     let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    // The stall cannot end before the header timeout from here (the answer comes after).
+    let requested = Instant::now();
     conn.request(1, "GET", "/healthz", &[], true).await;
     let head_by = Instant::now() + Duration::from_secs(5);
     loop {
@@ -1364,21 +1382,29 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
         }
     }
 
-    let asked = Instant::now();
     let port = server.port;
     let waiting = tokio::spawn(async move {
         let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         waiting.write_all(HEALTHZ).await.unwrap();
         let status = read_response(&mut waiting).await.0;
-        (status, asked.elapsed())
+        (status, requested.elapsed())
     });
-    // The stalled client meanwhile: acknowledges pings, opens no window, until it is closed.
-    let give_up = asked + Duration::from_secs(2) + SLACK + SLACK;
+    // The stalled client meanwhile: acknowledges pings, opens no window, asks again if told
+    // to, until it is closed.
+    let give_up = requested + Duration::from_secs(2) + SLACK + SLACK;
+    let mut stream = 1;
+    let mut next_ask = again.map(|every| Instant::now() + every);
     let closed = loop {
-        match conn.read_frame_until(give_up).await {
+        let until = next_ask.map_or(give_up, |at| at.min(give_up));
+        match conn.read_frame_until(until).await {
             None if Instant::now() >= give_up => break None,
-            None => break Some(asked.elapsed()),
-            Some(frame) if frame.kind == h2c::GOAWAY => break Some(asked.elapsed()),
+            None if next_ask.is_some_and(|at| Instant::now() >= at) => {
+                stream += 2;
+                conn.request(stream, "GET", "/healthz", &[], true).await;
+                next_ask = again.map(|every| Instant::now() + every);
+            }
+            None => break Some(requested.elapsed()),
+            Some(frame) if frame.kind == h2c::GOAWAY => break Some(requested.elapsed()),
             Some(frame) if frame.kind == h2c::PING && frame.flags & h2c::ACK == 0 => {
                 conn.write_frame(h2c::PING, h2c::ACK, 0, &frame.payload)
                     .await;
@@ -1392,12 +1418,13 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
         .expect("the waiting client got a response");
     assert_eq!(status, 200);
     assert!(
-        waited >= Duration::from_secs(1),
+        waited >= Duration::from_millis(1990),
         "a stalled answer keeps its slot for the header timeout (2 s): {waited:?}"
     );
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
     eprintln!(
-        "zero-window HTTP/2 connection closed after {closed:?}, waiting client served after {waited:?}"
+        "zero-window HTTP/2 connection (asking again: {again:?}, last stream {stream}) closed after \
+         {closed:?}, waiting client served after {waited:?}"
     );
 }
 
