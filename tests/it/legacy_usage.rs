@@ -1074,15 +1074,21 @@ async fn evidence_that_says_safe(state: &AppState) {
         .note_usage_fleet("an-instance-stopped-cleanly", now)
         .await
         .unwrap();
+    signing_key_requests(&state.store, now, 900).await;
+}
+
+/// `count` signing-key verifications counted, the last at `at_ms`, as that many ES256 requests
+/// leave them.
+async fn signing_key_requests(store: &edgegate::store::Store, at_ms: i64, count: i64) {
     let signing = KeyUsage {
-        hour_start_ms: now - now % HOUR,
+        hour_start_ms: at_ms - at_ms % HOUR,
         source: "signing_key".into(),
         kid: "2b9f0c1e".into(),
         alg: "ES256".into(),
-        verified_count: 900,
-        last_verified_at_ms: now,
+        verified_count: count,
+        last_verified_at_ms: at_ms,
     };
-    state.store.add_key_usage(&[signing]).await.unwrap();
+    store.add_key_usage(&[signing]).await.unwrap();
 }
 
 /// A flush takes the counts out of memory before it writes them; while the write waits (here
@@ -1409,19 +1415,26 @@ const BEFORE_CALLER_COUNTS: i64 = 20261201000002;
 /// [`BEFORE_CALLER_COUNTS`], with legacy verifications counted per key only, each row an hour's
 /// `(hour_start, count, last use)`.
 async fn counted_before_caller_counts(db: &TestDb, legacy_hours: &[(i64, i64, i64)]) {
-    let insert = "INSERT INTO key_usage_hourly \
-                  (hour_start, source, kid, alg, verified_count, last_verified_at) \
-                  VALUES ($1, 'legacy_secret', '', 'HS256', $2, $3)";
+    migrated_to(db, BEFORE_CALLER_COUNTS).await;
+    for &(hour, count, last) in legacy_hours {
+        let insert = format!(
+            "INSERT INTO key_usage_hourly \
+             (hour_start, source, kid, alg, verified_count, last_verified_at) \
+             VALUES ({hour}, 'legacy_secret', '', 'HS256', {count}, {last})"
+        );
+        run_sql(db, &insert).await;
+    }
+}
+
+/// A database created and migrated up to schema `version` alone, as the last release of that
+/// schema left it.
+async fn migrated_to(db: &TestDb, version: i64) {
     if db.is_postgres() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
         sqlx::migrate!("./migrations/postgres")
-            .run_to(BEFORE_CALLER_COUNTS, &mut conn)
+            .run_to(version, &mut conn)
             .await
             .unwrap();
-        for &(hour, count, last) in legacy_hours {
-            let query = sqlx::query(insert).bind(hour).bind(count).bind(last);
-            query.execute(&mut conn).await.unwrap();
-        }
         conn.close().await.unwrap();
     } else {
         let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
@@ -1429,13 +1442,9 @@ async fn counted_before_caller_counts(db: &TestDb, legacy_hours: &[(i64, i64, i6
             .await
             .unwrap();
         sqlx::migrate!("./migrations/sqlite")
-            .run_to(BEFORE_CALLER_COUNTS, &mut conn)
+            .run_to(version, &mut conn)
             .await
             .unwrap();
-        for &(hour, count, last) in legacy_hours {
-            let query = sqlx::query(insert).bind(hour).bind(count).bind(last);
-            query.execute(&mut conn).await.unwrap();
-        }
         conn.close().await.unwrap();
     }
 }
@@ -2558,19 +2567,6 @@ fn restarted_on(
     AppState::with_clock(config, store.clone(), clock.clone())
 }
 
-/// A signing-key verification counted at `at_ms`, as one ES256 request leaves it.
-async fn one_signing_key_request(store: &edgegate::store::Store, at_ms: i64) {
-    let signing = KeyUsage {
-        hour_start_ms: at_ms - at_ms % HOUR,
-        source: "signing_key".into(),
-        kid: "2b9f0c1e".into(),
-        alg: "ES256".into(),
-        verified_count: 1,
-        last_verified_at_ms: at_ms,
-    };
-    store.add_key_usage(&[signing]).await.unwrap();
-}
-
 /// Stops the instance of `flusher` and `state` as `serve` does: the flusher, the last flush, then
 /// its row in `usage_writers` retired.
 async fn stop_cleanly(
@@ -2583,6 +2579,53 @@ async fn stop_cleanly(
     retiring.retire(store, state.clock.now_ms()).await.unwrap();
 }
 
+/// `serve` on `db` and `clock`, configured as [`on_a_manual_clock`] configures an instance (the
+/// legacy secret, a revocation window of a day).
+async fn serving_on(db: &TestDb, clock: &Clock) -> (TestServer, AppState) {
+    spawn_app_with_clock(
+        db,
+        &[
+            ("SUPABASE_JWT_SECRET", SECRET),
+            ("LEGACY_REVOCATION_WINDOW_SECONDS", "86400"),
+        ],
+        clock.clone(),
+    )
+    .await
+}
+
+/// Stops `server` as `serve` stops on a signal (its clean stop), waits until its row in
+/// `usage_writers` is gone, and returns the fleet's last note after the stop.
+async fn served_until_a_clean_stop(
+    server: &mut TestServer,
+    store: &edgegate::store::Store,
+) -> edgegate::store::LastNote {
+    server.begin_shutdown();
+    (&mut server.task)
+        .await
+        .expect("the service task")
+        .expect("a clean stop");
+    writers_noted(store, 0).await;
+    store.usage_fleet_last_note().await.unwrap().unwrap()
+}
+
+/// Starts `state`'s instance (its flusher) at `clock`'s now and checks that its start begins the
+/// evidence again: once `usage_writers` holds `writers` rows (its own among them), with a
+/// signing-key request counted at the start, the verdict `after` it waits a whole window from it.
+async fn starts_the_evidence_again(
+    state: &AppState,
+    clock: &Clock,
+    writers: usize,
+    after: Duration,
+) {
+    let start_ms = clock.now_ms();
+    let flusher = fast_flusher(state.usage.clone(), &state.store, clock);
+    writers_noted(&state.store, writers).await;
+    signing_key_requests(&state.store, start_ms, 1).await;
+    clock.advance(after);
+    waits_a_window_from(&key_report(state, &state.usage).await, start_ms);
+    flusher.stop().await;
+}
+
 /// A clean stop leaves no row in `usage_writers`. With no instance running for two days, a
 /// legacy client that failed meanwhile was never counted: the instance started next finds the
 /// fleet silent since the last note (the one the stop wrote), starts the evidence again at its
@@ -2592,15 +2635,7 @@ async fn stop_cleanly(
 async fn a_stop_with_no_instance_running_is_a_hole_in_the_evidence() {
     let db = test_db!();
     let clock = Clock::manual();
-    let (mut server, state) = spawn_app_with_clock(
-        &db,
-        &[
-            ("SUPABASE_JWT_SECRET", SECRET),
-            ("LEGACY_REVOCATION_WINDOW_SECONDS", "86400"),
-        ],
-        clock.clone(),
-    )
-    .await;
+    let (mut server, state) = serving_on(&db, &clock).await;
     let store = db.store().await;
     evidence_that_says_safe(&state).await;
     writers_noted(&store, 1).await;
@@ -2608,25 +2643,13 @@ async fn a_stop_with_no_instance_running_is_a_hole_in_the_evidence() {
     let writer = rows[0].id.clone();
     clock.advance(Duration::from_secs(59));
     let stopped_ms = clock.now_ms();
-    server.begin_shutdown();
-    (&mut server.task)
-        .await
-        .expect("the service task")
-        .expect("a clean stop");
-    writers_noted(&store, 0).await;
-    let last = store.usage_fleet_last_note().await.unwrap().unwrap();
+    let last = served_until_a_clean_stop(&mut server, &store).await;
     assert_eq!(last.noted_by, writer);
     assert_eq!(last.noted_at_ms, stopped_ms);
 
     clock.advance(Duration::from_secs(2 * 86_400));
-    let restart_ms = clock.now_ms();
     let restarted = restarted_on(&db, &store, &clock, "86400");
-    let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
-    writers_noted(&store, 1).await;
-    one_signing_key_request(&store, restart_ms).await;
-    clock.advance(Duration::from_secs(600));
-    waits_a_window_from(&key_report(&restarted, &restarted.usage).await, restart_ms);
-    flusher.stop().await;
+    starts_the_evidence_again(&restarted, &clock, 1, Duration::from_secs(600)).await;
 }
 
 /// A stop and a start seconds apart (a deploy replacing the only instance) is no hole: the
@@ -2651,8 +2674,8 @@ async fn a_restart_seconds_after_a_clean_stop_keeps_the_evidence() {
 }
 
 /// Runs `sql` on `db` with a connection of its own (a test changing what the store would not).
-async fn run_sql(db: &crate::support::TestDb, sql: &'static str) {
-    use sqlx::Connection as _;
+async fn run_sql(db: &crate::support::TestDb, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql);
     if db.is_postgres() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
         sqlx::query(sql).execute(&mut conn).await.unwrap();
@@ -2716,31 +2739,17 @@ async fn a_clean_stop_before_the_gap_at_its_start_was_looked_at_keeps_the_gap() 
         .note_usage_fleet("an-instance-stopped-two-days-ago", last_noted_ms)
         .await
         .unwrap();
-    one_signing_key_request(&store, start_ms - 60_000).await;
+    signing_key_requests(&store, start_ms - 60_000, 1).await;
     let evidence_since = store.usage_evidence_since().await.unwrap();
 
     refuse_usage_evidence_writes(&db, true).await;
-    let (mut server, _state) = spawn_app_with_clock(
-        &db,
-        &[
-            ("SUPABASE_JWT_SECRET", SECRET),
-            ("LEGACY_REVOCATION_WINDOW_SECONDS", "86400"),
-        ],
-        clock.clone(),
-    )
-    .await;
+    let (mut server, _state) = serving_on(&db, &clock).await;
     // Its row is written once its look for a gap has failed (the evidence's start unmoved).
     writers_noted(&store, 1).await;
     assert_eq!(store.usage_evidence_since().await.unwrap(), evidence_since);
     refuse_usage_evidence_writes(&db, false).await;
     clock.advance(Duration::from_secs(30));
-    server.begin_shutdown();
-    (&mut server.task)
-        .await
-        .expect("the service task")
-        .expect("a clean stop");
-    writers_noted(&store, 0).await;
-    let last = store.usage_fleet_last_note().await.unwrap().unwrap();
+    let last = served_until_a_clean_stop(&mut server, &store).await;
     assert_eq!(
         (last.noted_by.as_str(), last.noted_at_ms),
         ("an-instance-stopped-two-days-ago", last_noted_ms),
@@ -2748,14 +2757,8 @@ async fn a_clean_stop_before_the_gap_at_its_start_was_looked_at_keeps_the_gap() 
     );
 
     clock.advance(Duration::from_secs(30));
-    let restart_ms = clock.now_ms();
     let restarted = restarted_on(&db, &store, &clock, "86400");
-    let flusher = fast_flusher(restarted.usage.clone(), &store, &clock);
-    writers_noted(&store, 1).await;
-    one_signing_key_request(&store, restart_ms).await;
-    clock.advance(Duration::from_secs(600));
-    waits_a_window_from(&key_report(&restarted, &restarted.usage).await, restart_ms);
-    flusher.stop().await;
+    starts_the_evidence_again(&restarted, &clock, 1, Duration::from_secs(600)).await;
 }
 
 /// `serve --no-migrate` on a database without the fleet's last note (its columns missing):
@@ -2786,24 +2789,7 @@ const BEFORE_THE_LAST_NOTE: i64 = 20261214000002;
 #[tokio::test]
 async fn a_clean_stop_on_a_schema_without_the_last_note_deletes_its_row() {
     let db = test_db!();
-    if db.is_postgres() {
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::migrate!("./migrations/postgres")
-            .run_to(BEFORE_THE_LAST_NOTE, &mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-    } else {
-        let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
-        let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
-            .await
-            .unwrap();
-        sqlx::migrate!("./migrations/sqlite")
-            .run_to(BEFORE_THE_LAST_NOTE, &mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-    }
+    migrated_to(&db, BEFORE_THE_LAST_NOTE).await;
     // As `serve --no-migrate` opens it: not migrated.
     let store = edgegate::Store::connect(&db.config(&[]).database_url)
         .await
@@ -2817,6 +2803,17 @@ async fn a_clean_stop_on_a_schema_without_the_last_note_deletes_its_row() {
     writers_noted(&store, 0).await;
 }
 
+/// Evidence that says safe ([`evidence_that_says_safe`]) but for the fleet's last note, which is
+/// as the migration that added it leaves it (NULL): no instance of this build has run yet.
+async fn evidence_that_says_safe_with_no_last_note(db: &TestDb, state: &AppState) {
+    evidence_that_says_safe(state).await;
+    run_sql(
+        db,
+        "UPDATE usage_evidence SET last_noted_at = NULL, last_noted_by = NULL",
+    )
+    .await;
+}
+
 /// The first start of this build during a rolling deploy from an older one (no last note, an
 /// instance of that build running, its row live): that row says the fleet runs now, not that it
 /// ran before (that fleet may have been stopped for days and started again, which it could not
@@ -2824,31 +2821,16 @@ async fn a_clean_stop_on_a_schema_without_the_last_note_deletes_its_row() {
 #[tokio::test]
 async fn a_first_start_beside_an_older_running_instance_restarts_the_evidence_too() {
     let db = test_db!();
-    let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
-    evidence_that_says_safe(&state).await;
-    run_sql(
-        &db,
-        "UPDATE usage_evidence SET last_noted_at = NULL, last_noted_by = NULL",
-    )
-    .await;
+    let (_store, clock, state) = on_a_manual_clock(&db, "86400").await;
+    evidence_that_says_safe_with_no_last_note(&db, &state).await;
     let start_ms = clock.now_ms();
     run_sql(
         &db,
-        Box::leak(
-            format!(
-                "INSERT INTO usage_writers (id, seen_at) VALUES ('an-older-build', {start_ms})"
-            )
-            .into_boxed_str(),
-        ),
+        &format!("INSERT INTO usage_writers (id, seen_at) VALUES ('an-older-build', {start_ms})"),
     )
     .await;
 
-    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
-    writers_noted(&store, 2).await;
-    one_signing_key_request(&store, start_ms).await;
-    clock.advance(Duration::from_secs(60));
-    waits_a_window_from(&key_report(&state, &state.usage).await, start_ms);
-    flusher.stop().await;
+    starts_the_evidence_again(&state, &clock, 2, Duration::from_secs(60)).await;
 }
 
 /// The first start of this build after a stop of an older one (no last note: the migration
@@ -2858,19 +2840,8 @@ async fn a_first_start_beside_an_older_running_instance_restarts_the_evidence_to
 async fn a_first_start_with_no_last_note_and_no_instance_running_restarts_the_evidence() {
     let db = test_db!();
     let (store, clock, state) = on_a_manual_clock(&db, "86400").await;
-    evidence_that_says_safe(&state).await;
-    run_sql(
-        &db,
-        "UPDATE usage_evidence SET last_noted_at = NULL, last_noted_by = NULL",
-    )
-    .await;
+    evidence_that_says_safe_with_no_last_note(&db, &state).await;
     writers_noted(&store, 0).await;
 
-    let start_ms = clock.now_ms();
-    let flusher = fast_flusher(state.usage.clone(), &store, &clock);
-    writers_noted(&store, 1).await;
-    one_signing_key_request(&store, start_ms).await;
-    clock.advance(Duration::from_secs(600));
-    waits_a_window_from(&key_report(&state, &state.usage).await, start_ms);
-    flusher.stop().await;
+    starts_the_evidence_again(&state, &clock, 1, Duration::from_secs(600)).await;
 }
