@@ -166,7 +166,19 @@ fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// An authenticator as [`auth_with_ttl`] makes it, with the 600 s TTL most tests here use.
 fn auth_for(host: &JwksHost, clock: &Clock, legacy: bool) -> Authenticator {
+    auth_with_ttl(host, clock, legacy, Duration::from_secs(600))
+}
+
+/// An authenticator on `clock` fetching `host`'s set (issuer `ISS`, refetches at least 30 s
+/// apart) with `JWKS_CACHE_TTL_SECONDS` at `cache_ttl`, and the legacy secret if `legacy`.
+fn auth_with_ttl(
+    host: &JwksHost,
+    clock: &Clock,
+    legacy: bool,
+    cache_ttl: Duration,
+) -> Authenticator {
     let settings = AuthSettings {
         legacy_secrets: if legacy {
             vec![SecretString::from(
@@ -178,7 +190,7 @@ fn auth_for(host: &JwksHost, clock: &Clock, legacy: bool) -> Authenticator {
         jwks_url: Some(host.url.clone()),
         issuers: Some(vec![ISS.to_owned()]),
         min_refresh: Duration::from_secs(30),
-        cache_ttl: Duration::from_secs(600),
+        cache_ttl,
         ..AuthSettings::default()
     };
     Authenticator::with_clock(settings, client(), clock.clone())
@@ -756,14 +768,7 @@ async fn a_long_ttl_keeps_the_set_for_max_stale_after_it_goes_stale() {
     let k1 = TestKey::es256("k1");
     let host = JwksHost::start(&[k1.public_jwk()]).await;
     let clock = Clock::manual();
-    let settings = AuthSettings {
-        jwks_url: Some(host.url.clone()),
-        issuers: Some(vec![ISS.to_owned()]),
-        min_refresh: Duration::from_secs(30),
-        cache_ttl: Duration::from_secs(86_400),
-        ..AuthSettings::default()
-    };
-    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let auth = auth_with_ttl(&host, &clock, false, Duration::from_secs(86_400));
     let fetcher = auth.fetcher().expect("fetcher");
     let ttl = fetcher.refresh_now().await.expect("fetch").ttl;
     let max_stale = crate::auth::jwks::MAX_STALE;
@@ -805,14 +810,7 @@ async fn the_failure_backoff_is_capped_by_the_held_sets_freshness() {
     let host = JwksHost::start(&[k1.public_jwk()]).await;
     host.update(|r| r.cache_control = Some("public, max-age=600".into()));
     let clock = Clock::manual();
-    let settings = AuthSettings {
-        jwks_url: Some(host.url.clone()),
-        issuers: Some(vec![ISS.to_owned()]),
-        min_refresh: Duration::from_secs(30),
-        cache_ttl: Duration::from_secs(86_400),
-        ..AuthSettings::default()
-    };
-    let auth = Authenticator::with_clock(settings, client(), clock.clone());
+    let auth = auth_with_ttl(&host, &clock, false, Duration::from_secs(86_400));
     let fetcher = auth.fetcher().expect("fetcher");
     let ttl = fetcher.refresh_now().await.expect("fetch").ttl;
     assert!(ttl <= Duration::from_secs(660), "{ttl:?}");
