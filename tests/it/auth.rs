@@ -1021,6 +1021,32 @@ async fn a_cached_answer_is_the_verified_answer_byte_for_byte() {
     assert_eq!(body["claims"], claims);
 }
 
+/// A forced refresh (`POST /admin/signing-keys/refresh` with a secret key) that must fail: it
+/// answers 502; its body.
+async fn failed_refresh(server: &TestServer) -> Value {
+    let response = server
+        .client
+        .post(server.url("/admin/signing-keys/refresh"))
+        .header("apikey", SECRET_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    response.json().await.unwrap()
+}
+
+/// `token` as a Bearer credential, which must be refused as a signing-key token (401
+/// `UNAUTHORIZED_ASYMMETRIC_JWT`); the answer's body.
+async fn refused_signing_key_token(server: &TestServer, token: &str) -> Value {
+    let (status, body) = bearer(server, token).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &json!("UNAUTHORIZED_ASYMMETRIC_JWT")),
+        "{body}"
+    );
+    body
+}
+
 /// A JWKS URL on a loopback port nothing listens on: the key set never arrives.
 fn unanswered_jwks_url() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1062,15 +1088,7 @@ async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
         ],
     )
     .await;
-    let response = server
-        .client
-        .post(server.url("/admin/signing-keys/refresh"))
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 502);
-    let body: Value = response.json().await.unwrap();
+    let body = failed_refresh(&server).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("no key set has been fetched yet"),
@@ -1079,12 +1097,7 @@ async fn a_jwks_that_never_arrives_reads_as_stale_beside_a_legacy_secret() {
 
     // A signing-key token's refusal says why no key matched: none was ever fetched.
     let es = SigningKey::generate(Alg::ES256).unwrap();
-    let (status, body) = bearer(&server, &user_token(&es)).await;
-    assert_eq!(
-        (status, &body["code"]),
-        (401, &json!("UNAUTHORIZED_ASYMMETRIC_JWT")),
-        "{body}"
-    );
+    let body = refused_signing_key_token(&server, &user_token(&es)).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("no signing key matches the token's kid")
@@ -1120,15 +1133,7 @@ async fn a_refresh_that_fails_after_the_set_expired_says_its_keys_were_dropped()
     // serves what is no key set.
     clock.advance(Duration::from_secs(660 + 86_400 + 60));
     host.set_keys(json!("garbage"));
-    let response = server
-        .client
-        .post(server.url("/admin/signing-keys/refresh"))
-        .header("apikey", SECRET_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 502);
-    let body: Value = response.json().await.unwrap();
+    let body = failed_refresh(&server).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(!message.contains("stays in use"), "{body}");
     assert!(
@@ -1145,12 +1150,7 @@ async fn a_refresh_that_fails_after_the_set_expired_says_its_keys_were_dropped()
             3600,
         ))
         .unwrap();
-    let (status, body) = bearer(&server, &token).await;
-    assert_eq!(
-        (status, &body["code"]),
-        (401, &json!("UNAUTHORIZED_ASYMMETRIC_JWT")),
-        "{body}"
-    );
+    let body = refused_signing_key_token(&server, &token).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("no signing key matches the token's kid"),
