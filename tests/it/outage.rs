@@ -91,6 +91,14 @@ impl PgProxy {
         }
     }
 
+    /// A proxy in front of `db`'s PostgreSQL server, and `db`'s URL through it.
+    async fn in_front_of(db: &TestDb) -> (Self, url::Url) {
+        let (mut url, target) = postgres_server(db);
+        let proxy = Self::start(target).await;
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        (proxy, url)
+    }
+
     /// Stops every open link copying either way, its sockets left open (nothing sent, nothing
     /// closed: a host lost, or failed over to another address, without a reset); links opened
     /// after it forward as before.
@@ -118,6 +126,17 @@ impl Drop for PgProxy {
     }
 }
 
+/// `db`'s URL, parsed for a test to point it elsewhere, and the address of its PostgreSQL server
+/// (an IP address in the tests).
+fn postgres_server(db: &TestDb) -> (url::Url, SocketAddr) {
+    let url = url::Url::parse(&db.url).unwrap();
+    let target = SocketAddr::new(
+        url.host_str().unwrap().parse().expect("an IP address"),
+        url.port().unwrap_or(5432),
+    );
+    (url, target)
+}
+
 /// How the test takes the database away from edgegate.
 enum Outage {
     Proxy(PgProxy),
@@ -132,13 +151,7 @@ impl Outage {
     /// The outage for `db`, and the `DATABASE_URL` edgegate must use so the test can cut it.
     async fn new(db: &TestDb) -> (Self, String) {
         if db.is_postgres() {
-            let mut url = url::Url::parse(&db.url).unwrap();
-            let target = SocketAddr::new(
-                url.host_str().unwrap().parse().expect("an IP address"),
-                url.port().unwrap_or(5432),
-            );
-            let proxy = PgProxy::start(target).await;
-            url.set_port(Some(proxy.addr.port())).unwrap();
+            let (proxy, url) = PgProxy::in_front_of(db).await;
             (Self::Proxy(proxy), url.to_string())
         } else {
             let outage = Self::Lock {
@@ -559,11 +572,7 @@ async fn outage_under_webhook_traffic_refuses_writes_keeps_credentials_and_recov
 #[tokio::test]
 async fn serve_starts_while_postgres_is_down_and_migrates_once_it_answers() {
     let db = postgres_db!();
-    let mut url = url::Url::parse(&db.url).unwrap();
-    let target = SocketAddr::new(
-        url.host_str().unwrap().parse().expect("an IP address"),
-        url.port().unwrap_or(5432),
-    );
+    let (mut url, target) = postgres_server(&db);
     // A port nothing listens on yet: connections to it are refused until the test opens it.
     let port = crate::process::free_port();
     url.set_port(Some(port)).unwrap();
@@ -796,22 +805,12 @@ async fn an_abandoned_readiness_probe_is_not_reused_after_the_database_is_back()
 #[tokio::test]
 async fn a_postgres_host_gone_silent_mid_query_does_not_hold_the_pool() {
     let db = postgres_db!();
-    let mut url = url::Url::parse(&db.url).unwrap();
-    let target = SocketAddr::new(
-        url.host_str().unwrap().parse().expect("an IP address"),
-        url.port().unwrap_or(5432),
-    );
-    let proxy = PgProxy::start(target).await;
-    url.set_port(Some(proxy.addr.port())).unwrap();
+    let (proxy, url) = PgProxy::in_front_of(&db).await;
     let config = config(url.as_str(), &[]);
     let store = Arc::new(Store::connect(&config.database_url).await.unwrap());
     store.migrate().await.unwrap();
     // Holds every query on audit_log (directly, not through the proxy) until the proxy is frozen.
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = audit_log_locked(&db).await;
     // As many queries in flight as the pool has connections, each dropped after 2 s as a
     // request is at its timeout.
     let callers: Vec<_> = (0..10)
@@ -869,6 +868,17 @@ async fn a_postgres_host_gone_silent_mid_query_does_not_hold_the_pool() {
     );
 }
 
+/// A connection of its own to `db` holding `audit_log` locked (ACCESS EXCLUSIVE) in its open
+/// transaction: every query on the table waits until it rolls back.
+async fn audit_log_locked(db: &TestDb) -> sqlx::PgConnection {
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// A store on `db` whose query (reading the audit log) was dropped by its caller after 500 ms
 /// while it waited on a table lock; the connection holding that lock, in its transaction; and
 /// the server process of the dropped query's connection.
@@ -876,11 +886,7 @@ async fn a_query_dropped_behind_a_lock(db: &TestDb) -> (Store, sqlx::PgConnectio
     let config = config(&db.url, &[]);
     let store = Store::connect(&config.database_url).await.unwrap();
     store.migrate().await.unwrap();
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = audit_log_locked(db).await;
     let caller = tokio::time::timeout(Duration::from_millis(500), store.recent_audit(1));
     assert!(caller.await.is_err(), "a query answered through the lock");
     let waiting = "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'audit_log'::regclass";
