@@ -1083,6 +1083,7 @@ impl Flusher {
 /// An instance whose flusher has stopped, still in `usage_writers` until its last counts are
 /// written ([`Retiring::retire`]).
 #[derive(Debug)]
+#[must_use = "retire() it once its last counts are written: a row left behind reads as counts lost"]
 pub struct Retiring {
     writer_id: String,
     /// Whether [`Writer::after_silence`] ran to its end while the flusher ran.

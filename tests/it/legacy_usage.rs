@@ -1810,7 +1810,7 @@ async fn the_flusher_deletes_usage_hours_older_than_31_days_a_day_per_statement(
         stored_hours(&store, cutoff).await,
         (240 - 144, 240 - 144, 4)
     );
-    flusher.stop().await;
+    let _ = flusher.stop().await;
 
     // A whole pass deletes what is left before the cutoff, and nothing of the 29-day-old hour.
     let deleted = prune_usage(
@@ -1919,7 +1919,7 @@ async fn flushes_and_notes_keep_their_interval_during_a_long_pruning_pass() {
     assert!(left > 0, "the pass ended before the test could stop it");
 
     // A stop mid-pass ends it: nothing more is deleted after it.
-    tokio::time::timeout(Duration::from_secs(5), flusher.stop())
+    let _ = tokio::time::timeout(Duration::from_secs(5), flusher.stop())
         .await
         .expect("a stop does not wait for the rest of the pass");
     let after_stop = old_hours().await;
@@ -2225,7 +2225,7 @@ async fn an_instance_that_ended_holding_counts_keeps_revocation_unsafe_for_a_win
         report["evidence_since_ms"].as_i64().unwrap() < clock.now_ms(),
         "{report}"
     );
-    alive.stop().await;
+    let _ = alive.stop().await;
 }
 
 /// A live instance is never taken for lost while it writes, whatever its wall clock says: rows
@@ -2271,8 +2271,8 @@ async fn an_instance_whose_wall_clock_runs_behind_is_not_taken_for_lost() {
     }
     let report = key_report(&state, &state.usage).await;
     assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
-    other.stop().await;
-    watcher.stop().await;
+    let _ = other.stop().await;
+    let _ = watcher.stop().await;
 }
 
 /// docs/OPERATIONS.md ("Backup and restore") has the operator run a statement on a restored
@@ -2295,7 +2295,7 @@ async fn the_statement_run_after_a_restore_keeps_revocation_unsafe_for_a_window(
     let own = flusher.writer_id().to_owned();
     writers_until(&store, |ids| ids == [own.as_str()]).await;
     waits_a_window_from(&key_report(&state, &state.usage).await, started_at);
-    flusher.stop().await;
+    let _ = flusher.stop().await;
 }
 
 /// Every number the report shows of its callers, from the database and from an instance
@@ -2548,8 +2548,8 @@ async fn a_row_unnoted_for_over_an_hour_is_taken_for_gone_after_a_short_watch() 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ids = store.usage_writers_seen_before("", i64::MAX).await.unwrap();
     assert!(ids.iter().any(|row| row.id == live), "{ids:?}");
-    other.stop().await;
-    flusher.stop().await;
+    let _ = other.stop().await;
+    let _ = flusher.stop().await;
 }
 
 /// The state of an instance started anew on `store` and `clock`, configured as
@@ -2623,7 +2623,7 @@ async fn starts_the_evidence_again(
     signing_key_requests(&state.store, start_ms, 1).await;
     clock.advance(after);
     waits_a_window_from(&key_report(state, &state.usage).await, start_ms);
-    flusher.stop().await;
+    let _ = flusher.stop().await;
 }
 
 /// A clean stop leaves no row in `usage_writers`. With no instance running for two days, a
@@ -2670,7 +2670,7 @@ async fn a_restart_seconds_after_a_clean_stop_keeps_the_evidence() {
     writers_noted(&store, 1).await;
     let report = key_report(&restarted, &restarted.usage).await;
     assert_eq!(report["legacy_revocation_safe"], json!(true), "{report}");
-    flusher.stop().await;
+    let _ = flusher.stop().await;
 }
 
 /// Runs `sql` on `db` with a connection of its own (a test changing what the store would not).
@@ -2775,7 +2775,7 @@ async fn an_instance_notes_itself_when_the_last_note_cannot_be_read() {
 
     let flusher = fast_flusher(state.usage.clone(), &store, &clock);
     writers_noted(&store, 1).await;
-    flusher.stop().await;
+    let _ = flusher.stop().await;
 }
 
 /// The schema version before the fleet's last note (`usage_evidence.last_noted_at`, 20261215000002).
