@@ -749,7 +749,9 @@ fn found_says(found: &Found, server: &Server) -> ServerAccess {
 /// database (named for `taken`), and said in a note, not failed, where only one may (serve may
 /// run as root, or as the owner, `--user 1000`; or in the image, where the owner is another
 /// user whose permissions the image's user has through its group). Judged for `taken` alone
-/// where that is the image's user.
+/// where that is the image's user with the image's group (uid 10001 with the database file's
+/// group, after a `chown 10001` of uid 1000's file, may write a directory of group 1000's that
+/// the image's user, without that group, may not).
 fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
     let image_user = Server {
         uid: IMAGE_USER,
@@ -761,7 +763,9 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
         Some(_) => found_says(found, taken),
         None => ServerAccess::Allowed,
     };
-    if taken.whose.is_some() && taken.uid == IMAGE_USER {
+    // The image's user judged with another group (the database file's, after a chown 10001)
+    // is not the image's: judged for both.
+    if taken.whose.is_some() && taken.uid == IMAGE_USER && taken.gid == IMAGE_USER {
         return taken_says;
     }
     let image_says = found_says(found, &image_user);
@@ -770,7 +774,16 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
     }
     let mut parts = Vec::new();
     for (server, says) in [(taken, taken_says), (&image_user, image_says)] {
-        let who = format!("uid {} ({})", server.uid, described(server));
+        let who = if taken.uid == IMAGE_USER {
+            format!(
+                "uid {} gid {} ({})",
+                server.uid,
+                server.gid,
+                described(server)
+            )
+        } else {
+            format!("uid {} ({})", server.uid, described(server))
+        };
         parts.push(match says {
             ServerAccess::Allowed if server.whose.is_none() => continue,
             ServerAccess::Allowed => (true, format!("{who} may use the database there")),
@@ -995,9 +1008,16 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
         ),
         (None, None) => (format!("edgegate runs as uid {uid}"), String::new()),
     };
+    // The image's user with its group: the file's group is not the image's user's after a
+    // chown of its uid alone.
+    let chown = if server.whose.as_deref() == Some(THE_IMAGE_USER) {
+        format!("{uid}:{}", server.gid)
+    } else {
+        uid.to_string()
+    };
     format!(
         "{who} and {needs}; {other}make them readable and writable by the user edgegate runs as \
-         (uid {IMAGE_UID} in the image; a restore run as root leaves them root's): chown {uid} \
+         (uid {IMAGE_UID} in the image; a restore run as root leaves them root's): chown {chown} \
          {listed}; chmod 600 {listed}"
     )
 }
@@ -1565,6 +1585,49 @@ mod tests {
             "{}",
             said(&verdict)
         );
+
+        // uid 10001's file, group 1000 (a chown 10001 of uid 1000's file), in a directory of
+        // uid 1000's, mode 0775: uid 10001 was judged with the file's group, which may write
+        // the directory, and said ok, where the image's user (10001:10001, no other groups)
+        // has only others' r-x and serve in the image stops; said (its supplementary groups
+        // are not known here).
+        let chowned = found(
+            (1000, 1000, 0o40775, false),
+            &[(db, 10_001, 1000, 0o100600)],
+        );
+        let owner = Server {
+            uid: 10_001,
+            gid: 1000,
+            whose: Some("the owner of /data/edgegate.db".to_owned()),
+        };
+        let ServerAccess::CannotTell(note) = found_verdict(&chowned, &owner) else {
+            panic!("uid 10001's file in uid 1000's directory, mode 0775, said ok of");
+        };
+        assert!(
+            note.contains("uid 10001 (the image's user) may create the database in its directory /data (only its group (gid 1000)"),
+            "{note}"
+        );
+        // Mode 0755: refused to both.
+        let ServerAccess::Refused(problem) = found_verdict(
+            &found(
+                (1000, 1000, 0o40755, false),
+                &[(db, 10_001, 1000, 0o100600)],
+            ),
+            &owner,
+        ) else {
+            panic!("uid 10001's file in uid 1000's directory, mode 0755, said ok of");
+        };
+        assert!(
+            problem.contains("its directory /data (uid 1000, mode 755)"),
+            "{problem}"
+        );
+        // Taken with the image's group: judged for it alone, the same.
+        let mut image = owner;
+        image.gid = 10_001;
+        let ServerAccess::CannotTell(note) = found_verdict(&chowned, &image) else {
+            panic!("uid 10001:10001's file in uid 1000's directory, mode 0775, said ok of");
+        };
+        assert!(note.contains("only its group (gid 1000)"), "{note}");
     }
 
     #[test]
