@@ -772,6 +772,7 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
     if let (ServerAccess::Refused(problem), ServerAccess::Refused(_)) = (&taken_says, &image_says) {
         return ServerAccess::Refused(problem.clone());
     }
+    // What each says: `Some(true)` may use it, `Some(false)` may not, `None` cannot tell.
     let mut parts = Vec::new();
     for (server, says) in [(taken, taken_says), (&image_user, image_says)] {
         let who = if taken.uid == IMAGE_USER {
@@ -786,26 +787,31 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
         };
         parts.push(match says {
             ServerAccess::Allowed if server.whose.is_none() => continue,
-            ServerAccess::Allowed => (true, format!("{who} may use the database there")),
+            ServerAccess::Allowed => (Some(true), format!("{who} may use the database there")),
             ServerAccess::Refused(problem) => {
-                (false, format!("serve run as {who} cannot: {problem}"))
+                (Some(false), format!("serve run as {who} cannot: {problem}"))
             }
-            ServerAccess::CannotTell(note) => (false, note),
+            ServerAccess::CannotTell(note) => (None, note),
         });
     }
-    match &parts[..] {
-        [] | [(true, _)] | [(true, _), (true, _)] => ServerAccess::Allowed,
-        _ => ServerAccess::CannotTell(format!(
-            "cannot tell which user serve runs as, and not every user it may run as may use the \
-             database: {}; run check as the user serve runs as to judge it for that user (fly \
-             ssh console --user edgegate runs it as the image's)",
-            parts
-                .into_iter()
-                .map(|(_, part)| part)
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
+    if parts.iter().all(|(may, _)| *may == Some(true)) {
+        return ServerAccess::Allowed;
     }
+    // "Not every user" only where one is refused, not where it cannot be told (an ACL, a group).
+    let which = if parts.iter().any(|(may, _)| *may == Some(false)) {
+        "and not every user it may run as may use the database"
+    } else {
+        "nor whether every user it may run as may use the database"
+    };
+    ServerAccess::CannotTell(format!(
+        "cannot tell which user serve runs as, {which}: {}; run check as the user serve runs as \
+         to judge it for that user (fly ssh console --user edgegate runs it as the image's)",
+        parts
+            .into_iter()
+            .map(|(_, part)| part)
+            .collect::<Vec<_>>()
+            .join("; ")
+    ))
 }
 
 /// What `check` makes of the user `serve` runs as reading and writing the database's files and
@@ -1511,7 +1517,9 @@ mod tests {
             panic!("root's file in root's directory said ok of for the image's user");
         };
         assert!(
-            note.contains("uid 10001") && note.contains("/data/edgegate.db"),
+            note.contains("uid 10001")
+                && note.contains("/data/edgegate.db")
+                && note.contains("not every user it may run as may use the database"),
             "{note}"
         );
         // uid 10001's file in root's directory, mode 0755: failed, naming the directory.
@@ -1605,6 +1613,11 @@ mod tests {
         };
         assert!(
             note.contains("uid 10001 (the image's user) may create the database in its directory /data (only its group (gid 1000)"),
+            "{note}"
+        );
+        // Nothing refused: not said to be refused to any user.
+        assert!(
+            !note.contains("not every user") && note.contains("nor whether every user"),
             "{note}"
         );
         // Mode 0755: refused to both.
