@@ -748,7 +748,9 @@ fn found_says(found: &Found, server: &Server) -> ServerAccess {
 /// Which of them serve runs as is not known here: failed only where neither may use the
 /// database (named for `taken`), and said in a note, not failed, where only one may (serve may
 /// run as root, or as the owner, `--user 1000`; or in the image, where the owner is another
-/// user whose permissions the image's user has through its group). Judged for `taken` alone
+/// user whose permissions the image's user has through its group), each refusal and its chown
+/// on the condition that serve runs as that user (the one who may needs none, and a chown
+/// would stop it). Judged for `taken` alone
 /// where that is the image's user with the image's group (uid 10001 with the database file's
 /// group, after a `chown 10001` of uid 1000's file, may write a directory of group 1000's that
 /// the image's user, without that group, may not).
@@ -787,10 +789,15 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
         };
         parts.push(match says {
             ServerAccess::Allowed if server.whose.is_none() => continue,
-            ServerAccess::Allowed => (Some(true), format!("{who} may use the database there")),
-            ServerAccess::Refused(problem) => {
-                (Some(false), format!("serve run as {who} cannot: {problem}"))
-            }
+            ServerAccess::Allowed => (
+                Some(true),
+                format!("{who} may use the database there: change nothing if serve runs as it"),
+            ),
+            // On a condition: the other may be serve's user, which its chown would stop.
+            ServerAccess::Refused(problem) => (
+                Some(false),
+                format!("if serve runs as {who}, it cannot use the database: {problem}"),
+            ),
             ServerAccess::CannotTell(note) => (None, note),
         });
     }
@@ -1522,6 +1529,15 @@ mod tests {
                 && note.contains("not every user it may run as may use the database"),
             "{note}"
         );
+        // Its chown advised on a condition, not as the fix: serve as root needs none.
+        assert!(
+            note.contains(
+                "if serve runs as uid 10001 (the image's user), it cannot use the database: its \
+                 directory /data (uid 0, mode 755)"
+            ) && note.contains("chown 10001:10001 /data/edgegate.db")
+                && !note.contains("serve run as"),
+            "{note}"
+        );
         // uid 10001's file in root's directory, mode 0755: failed, naming the directory.
         let ServerAccess::Refused(problem) = found_verdict(
             &found((0, 0, 0o40755, false), &[(db, 10_001, 10_001, 0o100600)]),
@@ -1552,7 +1568,16 @@ mod tests {
         ) else {
             panic!("uid 1000's file and directory said ok of for the image's user");
         };
-        assert!(note.contains("uid 10001"), "{note}");
+        // A chown to uid 10001 stops serve run as uid 1000, which may use it: said on a
+        // condition, with what to leave alone otherwise.
+        assert!(
+            note.contains(
+                "uid 1000 (the owner of /data, taken for the user serve runs as) may use the \
+                 database there: change nothing if serve runs as it"
+            ) && note.contains("if serve runs as uid 10001 (the image's user), it cannot use")
+                && !note.contains("serve run as"),
+            "{note}"
+        );
         // uid 1000's, mode 0575, group 10001: neither may use it, uid 1000 (its owner) not
         // writing it, uid 10001 not opening again the -wal and -shm SQLite creates for it with
         // that mode (owned by uid 10001, which mode 0575 gives no writing): failed.
