@@ -1032,10 +1032,16 @@ async fn check_run_as_root_judges_an_existing_database_for_the_image_user() {
     // Root's file in root's directory: serve may run as root; uid 10001's refusal said.
     assert!(!as_image_user_migrates());
     let line = check();
+    // Named by the phrases, not the paths alone, which the URL at the line's start holds.
     assert!(
         line.starts_with("ok")
-            && line.contains(&format!("uid {IMAGE_UID}"))
-            && line.contains(&*file.to_string_lossy()),
+            && line.contains(&format!(
+                "if serve runs as uid {IMAGE_UID} (the image's user), it cannot use the database: \
+                 its directory {shown} (uid 0, mode 755) cannot be written to"
+            ))
+            && line.contains(&format!(
+                "{shown}/edgegate.db is owned by uid 0 with mode 6"
+            )),
         "root's file in root's directory: {line}"
     );
 
@@ -1048,8 +1054,9 @@ async fn check_run_as_root_judges_an_existing_database_for_the_image_user() {
     let line = check();
     assert!(
         line.starts_with("FAIL")
-            && line.contains(&format!("uid {IMAGE_UID}"))
-            && line.contains(&*shown),
+            && line.contains(&format!(
+                "its directory {shown} (uid 0, mode 755) cannot be written to by uid {IMAGE_UID}"
+            )),
         "uid 10001's file in root's directory: {line}"
     );
 
@@ -1068,7 +1075,11 @@ async fn check_run_as_root_judges_an_existing_database_for_the_image_user() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let above = std::fs::canonicalize(dir.path()).unwrap();
     assert!(
-        line.starts_with("FAIL") && line.contains(&format!("{} ", above.to_string_lossy())),
+        line.starts_with("FAIL")
+            && line.contains(&format!(
+                "{} (uid 0, mode 700), a directory above the database's, cannot be searched",
+                above.to_string_lossy()
+            )),
         "a directory above of root's, mode 0700: {line}"
     );
 
