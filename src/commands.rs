@@ -446,7 +446,7 @@ fn sqlite_file(url: &DatabaseUrl) -> SqliteFile {
         return SqliteFile::Usable;
     };
     let file = options.get_filename();
-    if file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:") {
+    if crate::store::is_in_memory_sqlite(file) {
         SqliteFile::Usable
     } else if !file.exists() {
         SqliteFile::Missing
@@ -754,5 +754,29 @@ fn shown_health_url(url: &str) -> String {
     match (had_user, shown.split_once("://")) {
         (true, Some((scheme, rest))) => format!("{scheme}://…@{rest}"),
         _ => shown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database in memory is no file: sqlx names `sqlite::memory:` `file:sqlx-in-memory-N`,
+    /// which was looked for in the working directory and found missing.
+    #[test]
+    fn a_database_in_memory_is_no_missing_file() {
+        for url in ["sqlite::memory:", "sqlite://:memory:"] {
+            assert_eq!(
+                sqlite_file(&DatabaseUrl::unchecked(url)),
+                SqliteFile::Usable,
+                "{url}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let missing = format!("sqlite://{}/edgegate.db", dir.path().display());
+        assert_eq!(
+            sqlite_file(&DatabaseUrl::unchecked(&missing)),
+            SqliteFile::Missing
+        );
     }
 }

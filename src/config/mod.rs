@@ -1148,3 +1148,11 @@ impl Config {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+impl DatabaseUrl {
+    /// `raw`, unchecked, for tests of what takes a URL.
+    pub(crate) fn unchecked(raw: &str) -> Self {
+        Self(SecretString::from(raw.to_owned()))
+    }
+}

@@ -47,6 +47,7 @@ pub use sms::{NewSms, Reservation, SendResult, SmsLimits, SmsMessage, StatusChan
 pub(crate) use sqlite::ServerAccess as SqliteServerAccess;
 pub(crate) use sqlite::empty_database_advice as empty_sqlite_database_advice;
 pub(crate) use sqlite::is_damage as is_sqlite_damage;
+pub(crate) use sqlite::is_in_memory as is_in_memory_sqlite;
 pub(crate) use sqlite::not_usable_by_server as sqlite_not_usable_by_server;
 
 /// Migrations an earlier build shipped and a later one retired, which a database may have

@@ -1040,7 +1040,7 @@ const IMAGE_UID: u32 = 10001;
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a
 /// database `file:sqlx-in-memory-N`.
-fn is_in_memory(file: &Path) -> bool {
+pub(crate) fn is_in_memory(file: &Path) -> bool {
     let name = file.to_string_lossy();
     name.is_empty() || name.contains(":memory:") || name.starts_with("file:sqlx-in-memory-")
 }
