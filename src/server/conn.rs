@@ -172,6 +172,9 @@ pub(crate) struct ConnState {
     /// client, as one whose HTTP/1 writes are stuck. A relaxed `fetch_max` on the body's path,
     /// no lock.
     answer_progress: AtomicU64,
+    /// An HTTP/2 answer was given up unsent (its stream reset) since the last progress, so the
+    /// next answer does not count as progress though no other is unsent.
+    abandoned: AtomicBool,
     /// When a write first found the socket full with no write making progress since
     /// (milliseconds since `epoch`, plus one), or 0: reset by a write that makes progress and by
     /// the end of a flush. A connection whose writes have been stuck for `header_read_timeout`
@@ -199,6 +202,7 @@ impl ConnState {
             writing: AtomicBool::new(false),
             write_stuck_since: AtomicU64::new(0),
             answer_progress: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             flush_waiter: AtomicWaker::new(),
         };
@@ -319,6 +323,9 @@ impl ConnState {
     fn answer_progressed(&self) {
         self.answer_progress
             .fetch_max(self.now_ms(), Ordering::Relaxed);
+        if self.abandoned.load(Ordering::Relaxed) {
+            self.abandoned.store(false, Ordering::Relaxed);
+        }
     }
 
     /// A write found the socket full: the connection is writing, and stuck from now unless it
@@ -431,13 +438,15 @@ impl ConnState {
     }
 
     /// A handler answered: its answer is due within the idle timeout from now. With no other
-    /// answer unsent, its stall is counted from now; behind answers unsent, it is no progress
-    /// of theirs (a client that asks again and again, taking nothing, must not keep them from
-    /// stalling).
+    /// answer unsent (and none given up unsent since the last progress), its stall is counted
+    /// from now; behind answers unsent, it is no progress of theirs (a client that asks again
+    /// and again, taking nothing, must not keep them from stalling).
     fn answer_unsent(self: &Arc<Self>) -> Unsent {
         let mut work = self.work();
         let due = self.ms_after_now(self.idle_timeout);
-        if work.unsent.is_empty() {
+        // Nor after an answer given up unsent (a client resetting each stalled stream as it
+        // asks again would otherwise have no other answer unsent at each new one).
+        if work.unsent.is_empty() && !self.abandoned.swap(false, Ordering::Relaxed) {
             self.answer_progressed();
         }
         *work.unsent.entry(due).or_default() += 1;
@@ -445,10 +454,16 @@ impl ConnState {
         Unsent {
             state: self.clone(),
             due,
+            finished: false,
         }
     }
 
-    fn answer_sent(&self, due: u64) {
+    /// An answer's body was dropped: sent, or (not `finished`) given up unsent, its stream
+    /// reset, which is no progress: the next answer does not count as progress either.
+    fn answer_sent(&self, due: u64, finished: bool) {
+        if !finished {
+            self.abandoned.store(true, Ordering::Relaxed);
+        }
         let mut work = self.work();
         if let Some(count) = work.unsent.get_mut(&due) {
             *count -= 1;
@@ -509,11 +524,13 @@ impl Drop for InFlight {
 struct Unsent {
     state: Arc<ConnState>,
     due: u64,
+    /// Its body came to its end (or had none): dropped, it is sent, not given up.
+    finished: bool,
 }
 
 impl Drop for Unsent {
     fn drop(&mut self) {
-        self.state.answer_sent(self.due);
+        self.state.answer_sent(self.due, self.finished);
     }
 }
 
@@ -591,6 +608,44 @@ where
     type Error = B::Error;
 
     fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = self.as_mut().poll_answer(cx);
+        // HTTP/2: an answer whose body came to its end is sent, not given up, when dropped.
+        if self.unsent.is_some()
+            && let Poll::Ready(frame) = &polled
+            && (frame.is_none() || self.is_end_stream())
+            && let Some(unsent) = self.as_mut().project().unsent
+        {
+            unsent.finished = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        if let Some(held) = &self.held {
+            let held = held.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + held);
+            }
+            hint.set_lower(hint.lower() + held);
+        }
+        hint
+    }
+}
+
+impl<B> Answer<B>
+where
+    B: Body<Data = Bytes>,
+{
+    /// The body's next frame, the last byte of each chunk held back on HTTP/2.
+    fn poll_answer(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
@@ -618,22 +673,6 @@ where
             Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Err(frame) => Poll::Ready(Some(Ok(frame))),
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        if let Some(held) = &self.held {
-            let held = held.len() as u64;
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + held);
-            }
-            hint.set_lower(hint.lower() + held);
-        }
-        hint
     }
 }
 
@@ -906,6 +945,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for Tracked<S>
 where
     ReqBody: Body + Send + 'static,
+    ResBody: Body,
     S: hyper::service::Service<Request<Received<ReqBody>>, Response = Response<ResBody>>
         + Clone
         + Send
@@ -953,15 +993,21 @@ where
             // kept even if hyper parses the next request meanwhile), and the connection is not
             // idle for a waiting client until then (`writing`): both set as the request ends
             // (hyper writes the answer in this task, after this future).
-            let unsent = hold_back.then(|| state.answer_unsent());
+            let mut unsent = hold_back.then(|| state.answer_unsent());
             in_flight.http1_answered = !hold_back;
             drop(in_flight);
-            Ok(response.map(|inner| Answer {
-                inner,
-                hold_back,
-                held: None,
-                polled: false,
-                unsent,
+            Ok(response.map(|inner| {
+                // A body with nothing to send (a 204, a HEAD's) is sent with its head.
+                if let Some(unsent) = &mut unsent {
+                    unsent.finished = inner.is_end_stream();
+                }
+                Answer {
+                    inner,
+                    hold_back,
+                    held: None,
+                    polled: false,
+                    unsent,
+                }
             }))
         })
     }

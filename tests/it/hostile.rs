@@ -1345,7 +1345,7 @@ async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_s
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_window_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(None).await;
+    zero_window_client_at_the_cap(None, false).await;
 }
 
 /// The same client asking for a new answer every 700 ms (never taking one) does not keep its
@@ -1353,13 +1353,22 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_nothing_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700))).await;
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), false).await;
+}
+
+/// Nor does it by resetting each stalled stream as it asks again (then no other answer is
+/// unsent when the new one comes): an answer given up unsent is no progress either.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_again_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), true).await;
 }
 
 /// A client at cap 1 with a stream window of 0 asks for `/healthz` (and again every `again`,
-/// on a new stream, if given), taking nothing; a waiting HTTP/1 client must be served once the
-/// answers have made no progress for the header timeout (2 s), not at the idle timeout (30 s).
-async fn zero_window_client_at_the_cap(again: Option<Duration>) {
+/// on a new stream, if given, resetting the stream before it if `reset`), taking nothing; a
+/// waiting HTTP/1 client must be served once the answers have made no progress for the header
+/// timeout (2 s), not at the idle timeout (30 s).
+async fn zero_window_client_at_the_cap(again: Option<Duration>, reset: bool) {
     use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "1"),
@@ -1401,6 +1410,11 @@ async fn zero_window_client_at_the_cap(again: Option<Duration>) {
             None if next_ask.is_some_and(|at| Instant::now() >= at) => {
                 stream += 2;
                 conn.request(stream, "GET", "/healthz", &[], true).await;
+                if reset {
+                    let cancel = h2c::CANCEL.to_be_bytes();
+                    conn.write_frame(h2c::RST_STREAM, 0, stream - 2, &cancel)
+                        .await;
+                }
                 next_ask = again.map(|every| Instant::now() + every);
             }
             None => break Some(requested.elapsed()),
@@ -1423,7 +1437,7 @@ async fn zero_window_client_at_the_cap(again: Option<Duration>) {
     );
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
     eprintln!(
-        "zero-window HTTP/2 connection (asking again: {again:?}, last stream {stream}) closed after \
+        "zero-window HTTP/2 connection (asking again: {again:?}, resetting: {reset}, last stream {stream}) closed after \
          {closed:?}, waiting client served after {waited:?}"
     );
 }
