@@ -842,6 +842,9 @@ pub(crate) enum ServerAccess {
 /// rights), not by opening them: closing a descriptor on a file lets go of every POSIX lock
 /// this process holds on it, SQLite's among them.
 pub(crate) fn files_not_read_writable(file: &Path) -> Option<String> {
+    if is_in_memory(file) {
+        return None;
+    }
     refusals(file, &Server::this_process(), access_refusal)
 }
 
@@ -885,6 +888,10 @@ fn is_refusal(errno: rustix::io::Errno) -> bool {
 /// that user may be a supplementary member). Run as another user, the files judged for it (its
 /// `Store::connect` judges the directory).
 pub(crate) fn not_usable_by_server(file: &Path) -> ServerAccess {
+    // A database in memory has no file nor directory to judge.
+    if is_in_memory(file) {
+        return ServerAccess::Allowed;
+    }
     if !rustix::process::geteuid().is_root() {
         return files_not_read_writable(file).map_or(ServerAccess::Allowed, ServerAccess::Refused);
     }
@@ -1283,6 +1290,20 @@ impl Drop for CloseUnlessRestored {
 
 #[cfg(test)]
 mod tests {
+    /// A database in memory (sqlx names it `file:sqlx-in-memory-N`) is judged as no file in
+    /// the working directory: run as root, check judged that directory for uid 10001.
+    #[test]
+    fn a_database_in_memory_is_no_file_to_judge() {
+        for name in ["file:sqlx-in-memory-7", ":memory:"] {
+            let file = Path::new(name);
+            assert!(
+                matches!(not_usable_by_server(file), ServerAccess::Allowed),
+                "{name}"
+            );
+            assert_eq!(files_not_read_writable(file), None, "{name}");
+        }
+    }
+
     use super::*;
 
     /// Only the answers that mean "not for you" refuse a file: `access` with the effective
