@@ -165,16 +165,17 @@ pub(crate) struct ConnState {
     /// see the module's documentation.)
     writing: AtomicBool,
     /// When an unsent (HTTP/2) answer last made progress (milliseconds since `epoch`): set as a
-    /// handler answers with no other answer unsent, and whenever hyper polls an unsent answer's
-    /// body again, which it does once it has handed h2 the chunk before (see [`Answer`]). A
+    /// handler answers with a body, no other answer unsent and none given up unsent within the
+    /// header timeout (`abandoned_at`), and whenever hyper polls an unsent answer's body again, which it does once it has handed h2 the chunk before (see [`Answer`]). A
     /// connection with no request in flight whose unsent answers have made none for
     /// `header_read_timeout` (a client that never opens its window) is idle for a waiting
     /// client, as one whose HTTP/1 writes are stuck. A relaxed `fetch_max` on the body's path,
     /// no lock.
     answer_progress: AtomicU64,
-    /// An HTTP/2 answer was given up unsent (its stream reset) since the last progress, so the
-    /// next answer does not count as progress though no other is unsent.
-    abandoned: AtomicBool,
+    /// When an HTTP/2 answer was last given up unsent (its stream reset) since the last progress
+    /// (milliseconds since `epoch`, plus one), or 0: the next answer, if it comes within
+    /// `header_read_timeout` of it, does not count as progress though no other is unsent.
+    abandoned_at: AtomicU64,
     /// When a write first found the socket full with no write making progress since
     /// (milliseconds since `epoch`, plus one), or 0: reset by a write that makes progress and by
     /// the end of a flush. A connection whose writes have been stuck for `header_read_timeout`
@@ -202,7 +203,7 @@ impl ConnState {
             writing: AtomicBool::new(false),
             write_stuck_since: AtomicU64::new(0),
             answer_progress: AtomicU64::new(0),
-            abandoned: AtomicBool::new(false),
+            abandoned_at: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             flush_waiter: AtomicWaker::new(),
         };
@@ -323,8 +324,8 @@ impl ConnState {
     fn answer_progressed(&self) {
         self.answer_progress
             .fetch_max(self.now_ms(), Ordering::Relaxed);
-        if self.abandoned.load(Ordering::Relaxed) {
-            self.abandoned.store(false, Ordering::Relaxed);
+        if self.abandoned_at.load(Ordering::Relaxed) != 0 {
+            self.abandoned_at.store(0, Ordering::Relaxed);
         }
     }
 
@@ -438,23 +439,28 @@ impl ConnState {
     }
 
     /// A handler answered: its answer is due within the idle timeout from now. With no other
-    /// answer unsent (and none given up unsent since the last progress), its stall is counted
+    /// answer unsent (and none given up unsent within the header timeout), its stall is counted
     /// from now; behind answers unsent, it is no progress of theirs (a client that asks again
-    /// and again, taking nothing, must not keep them from stalling).
-    fn answer_unsent(self: &Arc<Self>) -> Unsent {
+    /// and again, taking nothing, must not keep them from stalling). An answer `ended` already
+    /// (no body: a HEAD's, a 204) is sent with its head, window or not: no progress, and it
+    /// leaves an answer given up as it was.
+    fn answer_unsent(self: &Arc<Self>, ended: bool) -> Unsent {
         let mut work = self.work();
         let due = self.ms_after_now(self.idle_timeout);
         // Nor after an answer given up unsent (a client resetting each stalled stream as it
         // asks again would otherwise have no other answer unsent at each new one).
-        if work.unsent.is_empty() && !self.abandoned.swap(false, Ordering::Relaxed) {
-            self.answer_progressed();
+        if !ended && work.unsent.is_empty() {
+            let given_up = self.abandoned_at.swap(0, Ordering::Relaxed);
+            if given_up == 0 || self.now_ms() >= given_up.saturating_add(self.stall_ms()) {
+                self.answer_progressed();
+            }
         }
         *work.unsent.entry(due).or_default() += 1;
         self.work_changed(work);
         Unsent {
             state: self.clone(),
             due,
-            finished: false,
+            finished: ended,
         }
     }
 
@@ -462,7 +468,8 @@ impl ConnState {
     /// reset, which is no progress: the next answer does not count as progress either.
     fn answer_sent(&self, due: u64, finished: bool) {
         if !finished {
-            self.abandoned.store(true, Ordering::Relaxed);
+            self.abandoned_at
+                .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
         }
         let mut work = self.work();
         if let Some(count) = work.unsent.get_mut(&due) {
@@ -612,10 +619,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = self.as_mut().poll_answer(cx);
-        // HTTP/2: an answer whose body came to its end is sent, not given up, when dropped.
+        // HTTP/2: an answer whose body came to its end (or failed: hyper resets the stream
+        // itself) is not given up by its client when dropped.
         if self.unsent.is_some()
             && let Poll::Ready(frame) = &polled
-            && (frame.is_none() || self.is_end_stream())
+            && match frame {
+                None | Some(Err(_)) => true,
+                Some(Ok(frame)) => frame.is_trailers() || self.is_end_stream(),
+            }
             && let Some(unsent) = self.as_mut().project().unsent
         {
             unsent.finished = true;
@@ -993,21 +1004,17 @@ where
             // kept even if hyper parses the next request meanwhile), and the connection is not
             // idle for a waiting client until then (`writing`): both set as the request ends
             // (hyper writes the answer in this task, after this future).
-            let mut unsent = hold_back.then(|| state.answer_unsent());
+            // A body with nothing to send (a 204, a HEAD's) is sent with its head.
+            let ended = response.body().is_end_stream();
+            let unsent = hold_back.then(|| state.answer_unsent(ended));
             in_flight.http1_answered = !hold_back;
             drop(in_flight);
-            Ok(response.map(|inner| {
-                // A body with nothing to send (a 204, a HEAD's) is sent with its head.
-                if let Some(unsent) = &mut unsent {
-                    unsent.finished = inner.is_end_stream();
-                }
-                Answer {
-                    inner,
-                    hold_back,
-                    held: None,
-                    polled: false,
-                    unsent,
-                }
+            Ok(response.map(|inner| Answer {
+                inner,
+                hold_back,
+                held: None,
+                polled: false,
+                unsent,
             }))
         })
     }
@@ -1113,7 +1120,7 @@ mod tests {
     fn an_unsent_answer_keeps_its_deadline_while_other_requests_come_and_go() {
         let state = ConnState::new(&limits());
         let first = state.request_started(Version::HTTP_2).0;
-        let unsent = state.answer_unsent();
+        let unsent = state.answer_unsent(false);
         drop(first);
         let due = state.deadline().expect("the unsent answer is due");
 
@@ -1264,7 +1271,7 @@ mod tests {
             hold_back: true,
             held: None,
             polled: false,
-            unsent: Some(state.answer_unsent()),
+            unsent: Some(state.answer_unsent(false)),
         };
         let in_flight = state.request_started(Version::HTTP_2).0;
         let mut answer = answer_of(&state);

@@ -90,13 +90,16 @@ impl H2 {
     }
 
     pub async fn write_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
-        let mut frame = Vec::with_capacity(9 + payload.len());
-        frame.extend_from_slice(&length[1..]);
-        frame.extend_from_slice(&[kind, flags]);
-        frame.extend_from_slice(&stream.to_be_bytes());
-        frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).await.unwrap();
+        self.stream
+            .write_all(&frame(kind, flags, stream, payload))
+            .await
+            .unwrap();
+    }
+
+    /// Writes frames made with [`frame`] and [`request_frame`] in one write: the server reads
+    /// them together.
+    pub async fn write_frames(&mut self, frames: &[Vec<u8>]) {
+        self.stream.write_all(&frames.concat()).await.unwrap();
     }
 
     /// Opens `stream` with a request head; `END_STREAM` when `finished`.
@@ -141,14 +144,40 @@ impl H2 {
     }
 }
 
+/// A frame's bytes.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&length[1..]);
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The bytes of a request with no body on `stream`: its HEADERS frame, `END_STREAM` set.
+pub fn request_frame(stream: u32, method: &str, path: &str) -> Vec<u8> {
+    frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        stream,
+        &header_block(method, path, &[]),
+    )
+}
+
 /// An HPACK block: `:method`, `:scheme` from the static table, the rest as literals without
 /// indexing.
 fn header_block(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut block = vec![match method {
-        "GET" => 0x82,
-        "POST" => 0x83,
-        other => panic!("no static entry for {other}"),
-    }];
+    let mut block = Vec::new();
+    match method {
+        "GET" => block.push(0x82),
+        "POST" => block.push(0x83),
+        // Literal without indexing, indexed name :method (2).
+        other => {
+            block.push(0x02);
+            push_string(&mut block, other);
+        }
+    }
     block.push(0x86); // :scheme http
     // Literal without indexing, indexed name: :path (4), :authority (1).
     block.push(0x04);

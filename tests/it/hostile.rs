@@ -1345,7 +1345,7 @@ async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_s
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_window_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(None, false).await;
+    zero_window_client_at_the_cap(None, Again::Not).await;
 }
 
 /// The same client asking for a new answer every 700 ms (never taking one) does not keep its
@@ -1353,7 +1353,7 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_nothing_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), false).await;
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::Asking).await;
 }
 
 /// Nor does it by resetting each stalled stream as it asks again (then no other answer is
@@ -1361,14 +1361,35 @@ async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_n
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_again_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), true).await;
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::Resetting).await;
 }
 
-/// A client at cap 1 with a stream window of 0 asks for `/healthz` (and again every `again`,
-/// on a new stream, if given, resetting the stream before it if `reset`), taking nothing; a
-/// waiting HTTP/1 client must be served once the answers have made no progress for the header
-/// timeout (2 s), not at the idle timeout (30 s).
-async fn zero_window_client_at_the_cap(again: Option<Duration>, reset: bool) {
+/// Nor by asking for answers with no body (`HEAD`), sent with their heads whatever the window,
+/// between the reset and the next stalled answer: they are no progress either.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_heads_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::ResettingWithHeads)
+        .await;
+}
+
+/// What [`zero_window_client_at_the_cap`]'s client does every tick.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Again {
+    Not,
+    /// Asks for another answer.
+    Asking,
+    /// Asks for another answer and resets the stream of the one before.
+    Resetting,
+    /// Resets the stream of the answer before, asks for two `HEAD`s, then another answer.
+    ResettingWithHeads,
+}
+
+/// A client at cap 1 with a stream window of 0 asks for `/healthz` (and every `every` does
+/// what `again` says, on new streams), taking nothing; a waiting HTTP/1 client must be served
+/// once the answers have made no progress for the header timeout (2 s), not at the idle
+/// timeout (30 s).
+async fn zero_window_client_at_the_cap(every: Option<Duration>, again: Again) {
     use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "1"),
@@ -1402,20 +1423,33 @@ async fn zero_window_client_at_the_cap(again: Option<Duration>, reset: bool) {
     // to, until it is closed.
     let give_up = requested + Duration::from_secs(2) + SLACK + SLACK;
     let mut stream = 1;
-    let mut next_ask = again.map(|every| Instant::now() + every);
+    let mut next_ask = every.map(|every| Instant::now() + every);
     let closed = loop {
         let until = next_ask.map_or(give_up, |at| at.min(give_up));
         match conn.read_frame_until(until).await {
             None if Instant::now() >= give_up => break None,
             None if next_ask.is_some_and(|at| Instant::now() >= at) => {
-                stream += 2;
-                conn.request(stream, "GET", "/healthz", &[], true).await;
-                if reset {
-                    let cancel = h2c::CANCEL.to_be_bytes();
-                    conn.write_frame(h2c::RST_STREAM, 0, stream - 2, &cancel)
-                        .await;
+                let stalled = stream;
+                let cancel = h2c::CANCEL.to_be_bytes();
+                if again == Again::ResettingWithHeads {
+                    // In one write, so the new streams are under way before the reset ends
+                    // the stalled one's answer.
+                    let frames = [
+                        h2c::frame(h2c::RST_STREAM, 0, stalled, &cancel),
+                        h2c::request_frame(stream + 2, "HEAD", "/healthz"),
+                        h2c::request_frame(stream + 4, "HEAD", "/healthz"),
+                        h2c::request_frame(stream + 6, "GET", "/healthz"),
+                    ];
+                    conn.write_frames(&frames).await;
+                    stream += 6;
+                } else {
+                    stream += 2;
+                    conn.request(stream, "GET", "/healthz", &[], true).await;
                 }
-                next_ask = again.map(|every| Instant::now() + every);
+                if again == Again::Resetting {
+                    conn.write_frame(h2c::RST_STREAM, 0, stalled, &cancel).await;
+                }
+                next_ask = every.map(|every| Instant::now() + every);
             }
             None => break Some(requested.elapsed()),
             Some(frame) if frame.kind == h2c::GOAWAY => break Some(requested.elapsed()),
@@ -1437,7 +1471,7 @@ async fn zero_window_client_at_the_cap(again: Option<Duration>, reset: bool) {
     );
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
     eprintln!(
-        "zero-window HTTP/2 connection (asking again: {again:?}, resetting: {reset}, last stream {stream}) closed after \
+        "zero-window HTTP/2 connection (every {every:?}: {again:?}, last stream {stream}) closed after \
          {closed:?}, waiting client served after {waited:?}"
     );
 }
