@@ -327,18 +327,24 @@ async fn serve_a_big_answer_with(
     (port, stop, served, db)
 }
 
+/// A connection to `port` with a small receive buffer (the kernel's least, a few KiB): what the
+/// client does not read fills the sockets' buffers soon.
+async fn connect_reading_little(port: u16) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap()
+}
+
 /// Connects with a small receive buffer (the kernel's least, a few KiB), so that an answer the
 /// client does not read fills the sockets' buffers once past the server's send buffer (about
 /// 2.6 MiB from the start on loopback; the 16 MiB answer exceeds it); sends `GET path` and waits
 /// until the answer begins (its handler has returned and hyper is writing it), reading none of
 /// it.
 async fn ask_and_read_nothing(port: u16, path: &str) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .unwrap();
+    let mut stream = connect_reading_little(port).await;
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: edgegate\r\n\r\n").as_bytes())
         .await
@@ -435,12 +441,7 @@ async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_afte
         max_connections_set: true,
     })
     .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stuck = socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .unwrap();
+    let mut stuck = connect_reading_little(port).await;
     stuck
         .write_all(
             b"GET /test/big HTTP/1.1\r\nHost: edgegate\r\nExpect: 100-continue\r\n\
@@ -487,12 +488,7 @@ async fn hostile_pipelined_answers_without_a_body_never_taken_are_closed_after_t
         max_connections_set: true,
     })
     .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stuck = socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .unwrap();
+    let mut stuck = connect_reading_little(port).await;
     // Each with a body its handler does not read (`Expect: 100-continue`): hyper reads it after
     // buffering the answer, and with it the next request's head before the flush.
     let batch = b"HEAD /test/small HTTP/1.1\r\nHost: edgegate\r\nExpect: 100-continue\r\n\
