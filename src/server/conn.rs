@@ -43,9 +43,13 @@
 //!   still holds part of that body;
 //! - likewise an HTTP/2 answer not sent yet keeps its connection from being idle for a waiting
 //!   client only while it makes progress: its handler's answer counts as progress when no other
-//!   is unsent, and so does each poll of its body but the first ([`Answer`]): hyper polls the
-//!   first chunk at once, window or not, and the next once it has handed h2 the one before (the
-//!   stream had window for it); so a connection with no request in flight whose unsent answers have made none for
+//!   is unsent and none was given up unsent (its stream reset) within `header_read_timeout`,
+//!   and so does each poll of its body but the first ([`Answer`]): hyper polls the first chunk
+//!   at once, window or not, and the next once it has handed h2 the one before (the stream had
+//!   window for it; one byte of window will do, so a client opening its windows a byte at a
+//!   time still counts as taking its answers). An answer with no body (a `HEAD`'s, a 204) is
+//!   sent with its head whatever the window, and is not tracked. So a connection with no
+//!   request in flight whose unsent answers have made no progress for
 //!   `header_read_timeout` (a client that announces a window of 0, or never opens it) is idle,
 //!   since their last progress. Its deadline stays the oldest unsent answer's due time.
 //!   Progress is counted a chunk at a time, and an answer's chunk is its whole body but its
@@ -166,7 +170,8 @@ pub(crate) struct ConnState {
     writing: AtomicBool,
     /// When an unsent (HTTP/2) answer last made progress (milliseconds since `epoch`): set as a
     /// handler answers with a body, no other answer unsent and none given up unsent within the
-    /// header timeout (`abandoned_at`), and whenever hyper polls an unsent answer's body again, which it does once it has handed h2 the chunk before (see [`Answer`]). A
+    /// header timeout (`abandoned_at`), and whenever hyper polls an unsent answer's body again,
+    /// which it does once it has handed h2 the chunk before (see [`Answer`]). A
     /// connection with no request in flight whose unsent answers have made none for
     /// `header_read_timeout` (a client that never opens its window) is idle for a waiting
     /// client, as one whose HTTP/1 writes are stuck. A relaxed `fetch_max` on the body's path,
@@ -438,18 +443,17 @@ impl ConnState {
         self.work_changed(work);
     }
 
-    /// A handler answered: its answer is due within the idle timeout from now. With no other
-    /// answer unsent (and none given up unsent within the header timeout), its stall is counted
-    /// from now; behind answers unsent, it is no progress of theirs (a client that asks again
-    /// and again, taking nothing, must not keep them from stalling). An answer `ended` already
-    /// (no body: a HEAD's, a 204) is sent with its head, window or not: no progress, and it
-    /// leaves an answer given up as it was.
-    fn answer_unsent(self: &Arc<Self>, ended: bool) -> Unsent {
+    /// A handler answered with a body: its answer is due within the idle timeout from now. With
+    /// no other answer unsent (and none given up unsent within the header timeout), its stall
+    /// is counted from now; behind answers unsent, it is no progress of theirs (a client that
+    /// asks again and again, taking nothing, must not keep them from stalling). (An answer with
+    /// no body, a HEAD's or a 204, is sent with its head whatever the window: not tracked.)
+    fn answer_unsent(self: &Arc<Self>) -> Unsent {
         let mut work = self.work();
         let due = self.ms_after_now(self.idle_timeout);
         // Nor after an answer given up unsent (a client resetting each stalled stream as it
         // asks again would otherwise have no other answer unsent at each new one).
-        if !ended && work.unsent.is_empty() {
+        if work.unsent.is_empty() {
             let given_up = self.abandoned_at.swap(0, Ordering::Relaxed);
             if given_up == 0 || self.now_ms() >= given_up.saturating_add(self.stall_ms()) {
                 self.answer_progressed();
@@ -460,12 +464,13 @@ impl ConnState {
         Unsent {
             state: self.clone(),
             due,
-            finished: ended,
+            finished: false,
         }
     }
 
     /// An answer's body was dropped: sent, or (not `finished`) given up unsent, its stream
-    /// reset, which is no progress: the next answer does not count as progress either.
+    /// reset, which is no progress: the next answer, within `header_read_timeout`, does not
+    /// count as progress either.
     fn answer_sent(&self, due: u64, finished: bool) {
         if !finished {
             self.abandoned_at
@@ -1004,9 +1009,11 @@ where
             // kept even if hyper parses the next request meanwhile), and the connection is not
             // idle for a waiting client until then (`writing`): both set as the request ends
             // (hyper writes the answer in this task, after this future).
-            // A body with nothing to send (a 204, a HEAD's) is sent with its head.
+            // A body with nothing to send (a 204, a HEAD's) is sent with its head, whatever the
+            // window: nothing to track (tracked, it would be no progress, and could make a
+            // connection whose last progress is old look stalled until hyper drops it).
             let ended = response.body().is_end_stream();
-            let unsent = hold_back.then(|| state.answer_unsent(ended));
+            let unsent = (hold_back && !ended).then(|| state.answer_unsent());
             in_flight.http1_answered = !hold_back;
             drop(in_flight);
             Ok(response.map(|inner| Answer {
@@ -1120,7 +1127,7 @@ mod tests {
     fn an_unsent_answer_keeps_its_deadline_while_other_requests_come_and_go() {
         let state = ConnState::new(&limits());
         let first = state.request_started(Version::HTTP_2).0;
-        let unsent = state.answer_unsent(false);
+        let unsent = state.answer_unsent();
         drop(first);
         let due = state.deadline().expect("the unsent answer is due");
 
@@ -1271,7 +1278,7 @@ mod tests {
             hold_back: true,
             held: None,
             polled: false,
-            unsent: Some(state.answer_unsent(false)),
+            unsent: Some(state.answer_unsent()),
         };
         let in_flight = state.request_started(Version::HTTP_2).0;
         let mut answer = answer_of(&state);
