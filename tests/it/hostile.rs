@@ -283,13 +283,17 @@ async fn serve_a_big_answer(
     tokio::task::JoinHandle<std::io::Result<edgegate::server::Drained>>,
     TestDb,
 ) {
-    serve_a_big_answer_with(edgegate::server::ConnectionLimits {
-        header_read_timeout: Duration::from_secs(2),
-        idle_timeout: Duration::from_secs(60),
-        max_connections,
+    serve_a_big_answer_with(limits(2, 60, max_connections)).await
+}
+
+/// Connection limits: a header timeout and an idle timeout in seconds, and a cap.
+fn limits(header_secs: u64, idle_secs: u64, cap: usize) -> edgegate::server::ConnectionLimits {
+    edgegate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(header_secs),
+        idle_timeout: Duration::from_secs(idle_secs),
+        max_connections: cap,
         max_connections_set: true,
-    })
-    .await
+    }
 }
 
 /// As [`serve_a_big_answer`], with the given limits.
@@ -417,9 +421,7 @@ async fn hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_g
         "a stalled answer keeps its slot for the header timeout (2 s): {waited:?}"
     );
     // The stuck connection was closed: its answer is cut.
-    let (head_end, length, data) = read_big_answer(&mut stuck).await;
-    assert_eq!(length, BIG);
-    assert!(data.len() - head_end < length, "closed mid-answer");
+    assert_cut_mid_answer(&mut stuck).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
 }
@@ -434,13 +436,7 @@ async fn hostile_at_the_connection_cap_a_connection_whose_client_takes_nothing_g
 #[tokio::test]
 async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_after_the_idle_timeout()
 {
-    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
-        header_read_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(3),
-        max_connections: 1,
-        max_connections_set: true,
-    })
-    .await;
+    let (port, stop, served, _db) = serve_a_big_answer_with(limits(30, 3, 1)).await;
     let mut stuck = connect_reading_little(port).await;
     stuck
         .write_all(
@@ -464,9 +460,7 @@ async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_afte
         "the answer keeps its slot until the idle timeout (3 s): {waited:?}"
     );
     // The stuck connection was closed: its answer is cut.
-    let (head_end, length, data) = read_big_answer(&mut stuck).await;
-    assert_eq!(length, BIG);
-    assert!(data.len() - head_end < length, "closed mid-answer");
+    assert_cut_mid_answer(&mut stuck).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
 }
@@ -481,13 +475,7 @@ async fn hostile_an_answer_never_taken_before_a_pipelined_request_is_closed_afte
 /// answer; the client's writes then fail.
 #[tokio::test]
 async fn hostile_pipelined_answers_without_a_body_never_taken_are_closed_after_the_idle_timeout() {
-    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
-        header_read_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(3),
-        max_connections: 8,
-        max_connections_set: true,
-    })
-    .await;
+    let (port, stop, served, _db) = serve_a_big_answer_with(limits(30, 3, 8)).await;
     let mut stuck = connect_reading_little(port).await;
     // Each with a body its handler does not read (`Expect: 100-continue`): hyper reads it after
     // buffering the answer, and with it the next request's head before the flush.
@@ -528,13 +516,7 @@ async fn hostile_pipelined_answers_without_a_body_never_taken_are_closed_after_t
 /// wait was seen: with the wait never ending, this test fails.)
 #[tokio::test]
 async fn hostile_a_request_pipelined_behind_an_unflushed_answer_runs_once_it_is_taken() {
-    let (port, stop, served, _db) = serve_a_big_answer_with(edgegate::server::ConnectionLimits {
-        header_read_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(30),
-        max_connections: 8,
-        max_connections_set: true,
-    })
-    .await;
+    let (port, stop, served, _db) = serve_a_big_answer_with(limits(30, 30, 8)).await;
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream
         .write_all(
@@ -570,6 +552,13 @@ async fn hostile_a_request_pipelined_behind_an_unflushed_answer_runs_once_it_is_
     assert!(tail.contains("x-request-id: second"), "{tail}");
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
+
+/// Reads the big answer on `stream` and asserts the connection was closed before its end.
+async fn assert_cut_mid_answer(stream: &mut TcpStream) {
+    let (head_end, length, data) = read_big_answer(stream).await;
+    assert_eq!(length, BIG);
+    assert!(data.len() - head_end < length, "closed mid-answer");
 }
 
 /// Reads a `content-length` answer until it is whole or the connection closes (10 s at most):
