@@ -60,8 +60,7 @@
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
 //! and flush (a clock read only when a write finds the socket full, a lock only when a flush ends
 //! an answer's writing), a clock read and a relaxed `fetch_max` per poll of an HTTP/2 answer's
-//! body,
-//! and a lazily allocated timer per connection.
+//! body, and a lazily allocated timer per connection.
 //!
 //! ## Lingering close
 //!
