@@ -44,17 +44,16 @@
 //! - likewise an HTTP/2 answer not sent yet keeps its connection from being idle for a waiting
 //!   client only while it makes progress: its handler's answer counts as progress when no other
 //!   is unsent and none was given up unsent (its stream reset) within `header_read_timeout`,
-//!   and so does each poll of its body but the first ([`Answer`]): hyper polls the first chunk
-//!   at once, window or not, and the next once it has handed h2 the one before (the stream had
-//!   window for it; one byte of window will do, so a client opening its windows a byte at a
-//!   time still counts as taking its answers). An answer with no body (a `HEAD`'s, a 204) is
-//!   sent with its head whatever the window, and is not tracked. So a connection with no
-//!   request in flight whose unsent answers have made no progress for
-//!   `header_read_timeout` (a client that announces a window of 0, or never opens it) is idle,
-//!   since their last progress. Its deadline stays the oldest unsent answer's due time.
-//!   Progress is counted a chunk at a time, and an answer's chunk is its whole body but its
-//!   last byte: a client that takes it but needs longer than `header_read_timeout` for it counts
-//!   as stalled too (only at the cap).
+//!   and so does each poll of its body from the third on ([`Answer`]): its body is given in
+//!   pieces of 16 KiB at most, its last two bytes apart, and hyper polls the first piece at
+//!   once, window or not, the second as soon as it has handed h2 the first (one byte of window
+//!   will do), and each next one only once the piece two before it is covered by the client's
+//!   window. An answer with no body (a `HEAD`'s, a 204) is sent with its head whatever the
+//!   window, and is not tracked. So a connection with no request in flight whose unsent
+//!   answers have made no progress for `header_read_timeout` (a client that announces a window
+//!   of 0, never opens it, or opens it a byte at a time) is idle, since their last progress. Its
+//!   deadline stays the oldest unsent answer's due time. A client taking a large answer on a
+//!   slow link makes progress at every 16 KiB it takes.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
@@ -590,26 +589,35 @@ impl<B: Body> Body for Received<B> {
 pin_project_lite::pin_project! {
     /// An answer's body, holding its [`Unsent`] mark until hyper drops it.
     ///
-    /// On HTTP/2 the last byte of each chunk is held back and given as a chunk of its own.
-    /// hyper hands h2 a chunk, whole, once the stream has any send window, and h2 keeps what the
-    /// window does not cover; hyper then polls the next chunk but hands it over only when the
-    /// stream has window beyond what h2 keeps, that is once the previous chunk is all written,
-    /// and drops the body only after its last chunk is handed over. So the body ends, and the
-    /// answer counts as sent, only when the client has taken all but its last byte: a client
-    /// that opens its window by one byte cannot have hyper drop the body while h2 keeps it.
-    /// Each poll but the first (which hyper makes at once, window or not) is the answer's
-    /// progress ([`ConnState`]'s `answer_progress`): a connection whose unsent answers are not
-    /// polled again for the header timeout is idle for a waiting client.
+    /// On HTTP/2 each chunk is given in pieces of [`ANSWER_PIECE`] bytes at most, its last two
+    /// bytes as pieces of their own. hyper polls a body's first piece at once, window or not,
+    /// hands it to h2, whole, once the stream has any send window (h2 keeps what the window
+    /// does not cover), and polls the next piece at once. That one it hands over only once the
+    /// stream has window beyond what h2 keeps, that is once the piece before it is all covered
+    /// by the client's window, and then polls the next. So each poll from the third on means
+    /// the client has opened its window for the piece two before: that is the answer's
+    /// progress ([`ConnState`]'s `answer_progress`), however many bytes of window the client
+    /// gives at a time; a connection whose unsent answers are not polled so for the header
+    /// timeout is idle for a waiting client. hyper drops the body only after its last piece
+    /// is handed over, so the answer counts as sent only once the client has opened its window
+    /// for all but its last byte; and as finished (not given up if its stream is reset then)
+    /// only when its last piece came at a poll that was progress.
     pub(crate) struct Answer<B> {
         #[pin]
         inner: B,
         hold_back: bool,
+        // What is left of the chunk being given in pieces (HTTP/2).
         held: Option<Bytes>,
-        // Whether hyper has polled the body (HTTP/2): its first poll is no progress.
-        polled: bool,
+        // How many times hyper has had a piece of the body (HTTP/2), counted up to 2: the first
+        // two are no progress.
+        polls: u8,
         unsent: Option<Unsent>,
     }
 }
+
+/// The largest piece of an HTTP/2 answer's chunk given to hyper at a time: h2's largest frame
+/// by default, so a client taking a large answer on a slow link makes progress every 16 KiB.
+const ANSWER_PIECE: usize = 16 * 1024;
 
 impl<B> Body for Answer<B>
 where
@@ -623,18 +631,28 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = self.as_mut().poll_answer(cx);
-        // HTTP/2: an answer whose body came to its end (or failed: hyper resets the stream
-        // itself) is not given up by its client when dropped.
-        if self.unsent.is_some()
-            && let Poll::Ready(frame) = &polled
-            && match frame {
-                None | Some(Err(_)) => true,
-                Some(Ok(frame)) => frame.is_trailers() || self.is_end_stream(),
-            }
-            && let Some(unsent) = self.as_mut().project().unsent
-        {
-            unsent.finished = true;
+        let ended = self.is_end_stream();
+        let this = self.project();
+        // HTTP/2 answers with a body only.
+        let (Some(unsent), Poll::Ready(frame)) = (this.unsent, &polled) else {
+            return polled;
+        };
+        // hyper polls the first piece at once, window or not, the second as soon as it has
+        // handed h2 the first, and each next one once the one before that is covered by the
+        // client's window.
+        let progress = *this.polls >= 2;
+        if progress {
+            unsent.state.answer_progressed();
+        } else {
+            *this.polls += 1;
         }
+        // An answer whose body came to its end at a poll that was progress (or failed: hyper
+        // resets the stream itself) is not given up by its client when dropped.
+        unsent.finished = match frame {
+            Some(Err(_)) => true,
+            None => progress,
+            Some(Ok(frame)) => progress && (frame.is_trailers() || ended),
+        };
         polled
     }
 
@@ -659,35 +677,48 @@ impl<B> Answer<B>
 where
     B: Body<Data = Bytes>,
 {
-    /// The body's next frame, the last byte of each chunk held back on HTTP/2.
+    /// The body's next frame, each chunk given in pieces on HTTP/2.
     fn poll_answer(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        if let Some(unsent) = this.unsent {
-            // HTTP/2: hyper polls the first chunk at once, window or not, and the next once it
-            // has handed the one before to h2 (the stream had window for it).
-            if *this.polled {
-                unsent.state.answer_progressed();
+        let mut this = self.project();
+        if let Some(rest) = this.held {
+            let piece = next_piece(rest);
+            if rest.is_empty() {
+                *this.held = None;
             }
-            *this.polled = true;
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
-        if let Some(last) = this.held.take() {
-            return Poll::Ready(Some(Ok(Frame::data(last))));
+        loop {
+            let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) if *this.hold_back => frame,
+                other => return Poll::Ready(other),
+            };
+            return match frame.into_data() {
+                // hyper would send it without window and poll again at once: no progress.
+                Ok(data) if data.is_empty() => continue,
+                Ok(mut data) => {
+                    let piece = next_piece(&mut data);
+                    if !data.is_empty() {
+                        *this.held = Some(data);
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(piece))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            };
         }
-        let frame = match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) if *this.hold_back => frame,
-            other => return Poll::Ready(other),
-        };
-        match frame.into_data() {
-            Ok(mut data) if data.len() > 1 => {
-                *this.held = Some(data.split_off(data.len() - 1));
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-            Err(frame) => Poll::Ready(Some(Ok(frame))),
-        }
+    }
+}
+
+/// The next piece of an HTTP/2 answer's chunk, taken off `rest`: at most [`ANSWER_PIECE`]
+/// bytes, and the last two bytes one at a time.
+fn next_piece(rest: &mut Bytes) -> Bytes {
+    let len = rest.len();
+    if len > 2 {
+        rest.split_to((len - 2).min(ANSWER_PIECE))
+    } else {
+        rest.split_to(len.min(1))
     }
 }
 
@@ -1019,7 +1050,7 @@ where
                 inner,
                 hold_back,
                 held: None,
-                polled: false,
+                polls: 0,
                 unsent,
             }))
         })
@@ -1276,7 +1307,7 @@ mod tests {
             inner: Full::new(Bytes::from_static(b"answer")),
             hold_back: true,
             held: None,
-            polled: false,
+            polls: 0,
             unsent: Some(state.answer_unsent()),
         };
         let in_flight = state.request_started(Version::HTTP_2).0;
@@ -1285,13 +1316,21 @@ mod tests {
         let due = state.deadline().expect("the answer is due");
         assert!(state.idle_since().is_none(), "answered just now");
 
-        // hyper polls the first chunk at once, window or not: no progress.
+        // hyper polls the first piece at once, window or not: no progress.
         let first = answer.frame().now_or_never().unwrap().unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap(), "answe");
+        assert_eq!(first.into_data().unwrap(), "answ");
         std::thread::sleep(Duration::from_millis(1100));
         assert!(
             state.idle_since().is_some(),
             "stalled: the first poll is no progress"
+        );
+        // Nor the second, which hyper makes as soon as it has handed h2 the first (one byte of
+        // window will do).
+        let second = answer.frame().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(second.into_data().unwrap(), "e");
+        assert!(
+            state.idle_since().is_some(),
+            "stalled: the second poll is no progress"
         );
         // Nor is another answer behind it (a client asking again, taking nothing).
         let asked = state.request_started(Version::HTTP_2).0;
@@ -1302,7 +1341,7 @@ mod tests {
             "a new answer is no progress of the stalled one"
         );
 
-        // The next poll: hyper handed h2 the first chunk (the stream had window): progress.
+        // The third: the first piece is covered by the client's window: progress.
         let before = Instant::now();
         let last = answer.frame().now_or_never().unwrap().unwrap().unwrap();
         assert_eq!(last.into_data().unwrap(), "r");
@@ -1333,6 +1372,46 @@ mod tests {
         drop(answer);
         assert!(again.frame().now_or_never().is_some());
         drop(again);
+    }
+
+    #[test]
+    fn an_http2_answer_is_given_in_pieces_and_finished_only_at_a_poll_that_was_progress() {
+        use futures_util::FutureExt as _;
+        use http_body_util::{BodyExt as _, Full};
+
+        let state = ConnState::new(&limits());
+        let answer_of = |len: usize, hold_back: bool| Answer {
+            inner: Full::new(Bytes::from(vec![b'a'; len])),
+            hold_back,
+            held: None,
+            polls: 0,
+            unsent: hold_back.then(|| state.answer_unsent()),
+        };
+        // Polled as hyper does, until the body says it has ended.
+        let pieces = |answer: &mut Answer<Full<Bytes>>| {
+            let mut pieces = Vec::new();
+            while !answer.is_end_stream() {
+                let frame = answer.frame().now_or_never().unwrap().unwrap().unwrap();
+                pieces.push(frame.into_data().unwrap().len());
+            }
+            pieces
+        };
+        let finished = |answer: &Answer<Full<Bytes>>| answer.unsent.as_ref().unwrap().finished;
+
+        let mut large = answer_of(40_000, true);
+        assert_eq!(pieces(&mut large), [16_384, 16_384, 7_230, 1, 1]);
+        assert!(finished(&large), "its last piece came at the fifth poll");
+        let mut small = answer_of(3, true);
+        assert_eq!(pieces(&mut small), [1, 1, 1]);
+        assert!(finished(&small), "its last piece came at the third poll");
+        // Its last piece comes at the second poll, which hyper makes as soon as it has handed
+        // h2 the first, whatever the window: reset then, it is given up.
+        let mut two = answer_of(2, true);
+        assert_eq!(pieces(&mut two), [1, 1]);
+        assert!(!finished(&two), "its last piece came at the second poll");
+        // HTTP/1: whole.
+        let mut whole = answer_of(40_000, false);
+        assert_eq!(pieces(&mut whole), [40_000]);
     }
 
     #[test]

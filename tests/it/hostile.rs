@@ -1330,7 +1330,7 @@ async fn hostile_an_http2_answer_never_taken_closes_the_connection_while_other_s
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_window_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(None, Again::Not).await;
+    zero_window_client_at_the_cap(0, None, Again::Not).await;
 }
 
 /// The same client asking for a new answer every 700 ms (never taking one) does not keep its
@@ -1338,7 +1338,7 @@ async fn hostile_at_the_connection_cap_an_http2_client_that_never_opens_its_wind
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_nothing_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::Asking).await;
+    zero_window_client_at_the_cap(0, Some(Duration::from_millis(700)), Again::Asking).await;
 }
 
 /// Nor does it by resetting each stalled stream as it asks again (then no other answer is
@@ -1346,7 +1346,7 @@ async fn hostile_at_the_connection_cap_an_http2_client_asking_again_and_taking_n
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_again_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::Resetting).await;
+    zero_window_client_at_the_cap(0, Some(Duration::from_millis(700)), Again::Resetting).await;
 }
 
 /// Nor by asking for answers with no body (`HEAD`), sent with their heads whatever the window,
@@ -1354,8 +1354,126 @@ async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_agai
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_resetting_and_asking_heads_gives_its_slot_up()
  {
-    zero_window_client_at_the_cap(Some(Duration::from_millis(700)), Again::ResettingWithHeads)
-        .await;
+    zero_window_client_at_the_cap(
+        0,
+        Some(Duration::from_millis(700)),
+        Again::ResettingWithHeads,
+    )
+    .await;
+}
+
+/// Nor by giving each stream one byte of window (hyper hands h2 a chunk once the stream has any
+/// window, and polls the body again at once), asking again: one byte taken of an answer is not
+/// taking it.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_opening_one_byte_and_asking_again_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(1, Some(Duration::from_millis(700)), Again::Asking).await;
+}
+
+/// Nor by giving each stream one byte of window, resetting it and asking again.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_opening_one_byte_resetting_and_asking_again_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(1, Some(Duration::from_millis(700)), Again::Resetting).await;
+}
+
+/// An HTTP/2 client on a slow link taking a large answer (`/openapi.json`) a little at a time,
+/// 8 KiB of window every 400 ms, keeps its slot at the cap for as long as it takes it, though
+/// that is longer than the header timeout (1 s): its answer makes progress all along. A waiting
+/// client is served once the answer is taken whole, and not by cutting it.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_taking_a_large_answer_slowly_keeps_its_slot()
+{
+    use crate::h2c::{self, H2};
+    let server = run(&[
+        ("HTTP_MAX_CONNECTIONS", "1"),
+        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "1"),
+        ("HTTP_IDLE_TIMEOUT_SECONDS", "30"),
+    ])
+    .await;
+    let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    let started = Instant::now();
+    conn.request(1, "GET", "/openapi.json", &[], true).await;
+    let head_by = started + Duration::from_secs(5);
+    loop {
+        let frame = conn
+            .read_frame_until(head_by)
+            .await
+            .expect("the response's head within 5 s");
+        if frame.kind == h2c::HEADERS && frame.stream == 1 {
+            break;
+        }
+    }
+
+    let port = server.port;
+    let waiting = tokio::spawn(async move {
+        let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        waiting.write_all(HEALTHZ).await.unwrap();
+        // Served once the slow answer is taken, which takes longer than `read_response` waits.
+        tokio::time::timeout(Duration::from_secs(20), waiting.readable())
+            .await
+            .expect("the waiting client answered within 20 s")
+            .unwrap();
+        let status = read_response(&mut waiting).await.0;
+        (status, Instant::now())
+    });
+    const STEP: u32 = 8 * 1024;
+    let give_up = started + Duration::from_secs(20);
+    let mut next_step = Instant::now();
+    let mut body = 0usize;
+    let taken = loop {
+        match conn.read_frame_until(next_step.min(give_up)).await {
+            None if Instant::now() >= give_up => break None,
+            None if Instant::now() >= next_step => {
+                // The connection's window (65,535 bytes) and the stream's, together.
+                let step = STEP.to_be_bytes();
+                let frames = [
+                    h2c::frame(h2c::WINDOW_UPDATE, 0, 0, &step),
+                    h2c::frame(h2c::WINDOW_UPDATE, 0, 1, &step),
+                ];
+                conn.write_frames(&frames).await;
+                next_step += Duration::from_millis(400);
+            }
+            None => panic!("the connection was closed after {body} bytes of the answer"),
+            Some(frame) if frame.kind == h2c::GOAWAY => {
+                panic!("GOAWAY after {body} bytes of the answer")
+            }
+            Some(frame) if frame.kind == h2c::RST_STREAM => {
+                panic!("the answer's stream reset after {body} bytes")
+            }
+            Some(frame) if frame.kind == h2c::DATA && frame.stream == 1 => {
+                body += frame.payload.len();
+                if frame.flags & h2c::END_STREAM != 0 {
+                    break Some(Instant::now());
+                }
+            }
+            Some(frame) if frame.kind == h2c::PING && frame.flags & h2c::ACK == 0 => {
+                conn.write_frame(h2c::PING, h2c::ACK, 0, &frame.payload)
+                    .await;
+            }
+            Some(_) => {}
+        }
+    };
+    let taken = taken.unwrap_or_else(|| panic!("{body} bytes of the answer taken in 20 s"));
+    let took = taken - started;
+    assert!(
+        body > 5 * STEP as usize && took > Duration::from_secs(2),
+        "the answer ({body} bytes, taken in {took:?}) must take longer than the header timeout"
+    );
+    let (status, served) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting client served within 5 s of the answer's end")
+        .expect("the waiting client got a response");
+    assert_eq!(status, 200);
+    assert!(
+        served >= taken,
+        "the waiting client was served before the answer was taken"
+    );
+    eprintln!(
+        "{body} bytes taken in {took:?}, the waiting client served {:?} later",
+        served - taken
+    );
 }
 
 /// What [`zero_window_client_at_the_cap`]'s client does every tick.
@@ -1370,11 +1488,11 @@ enum Again {
     ResettingWithHeads,
 }
 
-/// A client at cap 1 with a stream window of 0 asks for `/healthz` (and every `every` does
-/// what `again` says, on new streams), taking nothing; a waiting HTTP/1 client must be served
-/// once the answers have made no progress for the header timeout (2 s), not at the idle
-/// timeout (30 s).
-async fn zero_window_client_at_the_cap(every: Option<Duration>, again: Again) {
+/// A client at cap 1 with a stream window of `window` bytes (0 or 1) asks for `/healthz` (and
+/// every `every` does what `again` says, on new streams), taking nothing more; a waiting HTTP/1
+/// client must be served once the answers have made no progress for the header timeout (2 s),
+/// not at the idle timeout (30 s).
+async fn zero_window_client_at_the_cap(window: u32, every: Option<Duration>, again: Again) {
     use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "1"),
@@ -1382,7 +1500,8 @@ async fn zero_window_client_at_the_cap(every: Option<Duration>, again: Again) {
         ("HTTP_IDLE_TIMEOUT_SECONDS", "30"),
     ])
     .await;
-    let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    let mut conn =
+        H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, window)]).await;
     // The stall cannot end before the header timeout from here (the answer comes after).
     let requested = Instant::now();
     conn.request(1, "GET", "/healthz", &[], true).await;
@@ -1456,8 +1575,8 @@ async fn zero_window_client_at_the_cap(every: Option<Duration>, again: Again) {
     );
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
     eprintln!(
-        "zero-window HTTP/2 connection (every {every:?}: {again:?}, last stream {stream}) closed after \
-         {closed:?}, waiting client served after {waited:?}"
+        "HTTP/2 connection of window {window} (every {every:?}: {again:?}, last stream {stream}) \
+         closed after {closed:?}, waiting client served after {waited:?}"
     );
 }
 
