@@ -1028,10 +1028,12 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
         ),
         (None, None) => (format!("edgegate runs as uid {uid}"), String::new()),
     };
-    // The image's user with its group: the file's group is not the image's user's after a
-    // chown of its uid alone.
-    let chown = if server.whose.as_deref() == Some(THE_IMAGE_USER) {
-        format!("{uid}:{}", server.gid)
+    // The image's uid with its group, whoever the advice is for (the image's user, the owner
+    // of /data taken for serve's, serve itself): after a chown of its uid alone the file's
+    // group is another's (root's, after a restore), and check run as root judges the file's
+    // owner with that group, not as the image's user.
+    let chown = if uid == IMAGE_UID {
+        format!("{IMAGE_UID}:{IMAGE_UID}")
     } else {
         uid.to_string()
     };
@@ -1687,6 +1689,41 @@ mod tests {
             panic!("uid 10001:10001's file in uid 1000's directory, mode 0775, said ok of");
         };
         assert!(note.contains("only its group (gid 1000)"), "{note}");
+    }
+
+    /// The common restore: root's file in the image user's directory. The refusal advised
+    /// `chown 10001` (for check run as root, taking the directory's owner for serve's, and for
+    /// serve and migrate run as uid 10001), leaving the file in root's group, where the note on
+    /// the image's user advised `chown 10001:10001`: the image's uid gets its group too,
+    /// whoever the advice is for; another uid, its own alone.
+    #[test]
+    fn the_image_users_chown_gives_its_group_too() {
+        let restored = found(
+            (10_001, 10_001, 0o40755, false),
+            &[("edgegate.db", 0, 0, 0o100600)],
+        );
+        let ServerAccess::Refused(problem) = found_verdict(&restored, &serve(10_001)) else {
+            panic!("root's file in uid 10001's directory said ok of");
+        };
+        assert!(
+            problem.contains("chown 10001:10001 /data/edgegate.db;"),
+            "{problem}"
+        );
+        let paths = [std::path::PathBuf::from("/data/edgegate.db")];
+        for gid in [10_001, 0] {
+            let this_process = Server {
+                uid: 10_001,
+                gid,
+                whose: None,
+            };
+            let advice = give_back(&this_process, "must read and write it", &paths);
+            assert!(
+                advice.contains("chown 10001:10001 /data/edgegate.db;"),
+                "gid {gid}: {advice}"
+            );
+        }
+        let advice = give_back(&serve(1000), "must read and write it", &paths);
+        assert!(advice.contains("chown 1000 /data/edgegate.db;"), "{advice}");
     }
 
     #[test]

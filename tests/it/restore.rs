@@ -139,7 +139,7 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
             line.starts_with("FAIL")
                 && line.contains(&format!("{} is owned by uid 0", file.display()))
                 && line.contains(&format!("uid {IMAGE_UID}"))
-                && line.contains(&format!("chown {IMAGE_UID} {}", file.display())),
+                && line.contains(&format!("chown {IMAGE_UID}:{IMAGE_UID} {}", file.display())),
             "root, mode {mode:o}: {line}"
         );
         for command in ["serve", "migrate"] {
@@ -153,7 +153,8 @@ async fn files_of_another_user_are_named_with_the_command_that_gives_them_back()
             assert!(
                 stderr.contains(&format!("{} is owned by uid 0", file.display()))
                     && stderr.contains("Permission denied")
-                    && stderr.contains(&format!("chown {IMAGE_UID} {}", file.display())),
+                    && stderr
+                        .contains(&format!("chown {IMAGE_UID}:{IMAGE_UID} {}", file.display())),
                 "{command}, mode {mode:o}: {stderr}"
             );
         }
@@ -290,7 +291,7 @@ async fn a_migration_lock_root_left_stops_only_a_migration() {
     assert!(
         stderr.contains(&format!("{} is owned by uid 0", lock.display()))
             && stderr.contains("Permission denied")
-            && stderr.contains(&format!("chown {IMAGE_UID} ")),
+            && stderr.contains(&format!("chown {IMAGE_UID}:{IMAGE_UID} ")),
         "{stderr}"
     );
 
@@ -337,7 +338,7 @@ async fn a_symlinked_database_is_judged_beside_its_target() {
     assert!(
         line.starts_with("FAIL")
             && line.contains(&format!("{} is owned by uid 0", shm.display()))
-            && line.contains(&format!("chown {IMAGE_UID} ")),
+            && line.contains(&format!("chown {IMAGE_UID}:{IMAGE_UID} ")),
         "{line}"
     );
     std::fs::remove_file(&shm).unwrap();
@@ -356,7 +357,7 @@ async fn a_symlinked_database_is_judged_beside_its_target() {
 }
 
 /// The advice names each file by its absolute path, quoted for a shell: the image's default
-/// `sqlite://edgegate.db` is relative to /data, and `chown 10001 edgegate.db` run from another
+/// `sqlite://edgegate.db` is relative to /data, and `chown 10001:10001 edgegate.db` run from another
 /// directory (a console's) gives nothing back, or a path with a space in it two wrong ones. A
 /// directory where the database file should be, and a filesystem mounted read-only, are said to
 /// be what they are: `chmod 600` was advised for both.
@@ -374,7 +375,10 @@ async fn the_advice_fits_the_file_and_names_it_as_a_shell_takes_it() {
     let absolute = std::fs::canonicalize(&data).unwrap().join("edgegate.db");
     assert!(
         line.starts_with("FAIL")
-            && line.contains(&format!("chown {IMAGE_UID} '{}'", absolute.display()))
+            && line.contains(&format!(
+                "chown {IMAGE_UID}:{IMAGE_UID} '{}'",
+                absolute.display()
+            ))
             && line.contains(&format!("chmod 600 '{}'", absolute.display())),
         "{line}"
     );
@@ -1215,7 +1219,7 @@ async fn a_migration_lock_an_older_root_migrate_left_is_given_back() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("{} is owned by uid 0", lock.display()))
-            && stderr.contains(&format!("chown {IMAGE_UID} ")),
+            && stderr.contains(&format!("chown {IMAGE_UID}:{IMAGE_UID} ")),
         "{stderr}"
     );
     assert_eq!(std::fs::read(&lock).unwrap(), b"root's");
