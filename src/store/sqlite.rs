@@ -546,6 +546,7 @@ fn described(server: &Server) -> String {
     match server.whose.as_deref() {
         Some(THE_IMAGE_USER) => THE_IMAGE_USER.to_owned(),
         Some(whose) => format!("{whose}, taken for the user serve runs as"),
+        None if server.uid == 0 => "root, this command's user".to_owned(),
         None => "this command's user".to_owned(),
     }
 }
@@ -749,11 +750,11 @@ fn found_says(found: &Found, server: &Server) -> ServerAccess {
 /// database (named for `taken`), and said in a note, not failed, where only one may (serve may
 /// run as root, or as the owner, `--user 1000`; or in the image, where the owner is another
 /// user whose permissions the image's user has through its group), each refusal and its chown
-/// on the condition that serve runs as that user (the one who may needs none, and a chown
-/// would stop it). Judged for `taken` alone
-/// where that is the image's user with the image's group (uid 10001 with the database file's
-/// group, after a `chown 10001` of uid 1000's file, may write a directory of group 1000's that
-/// the image's user, without that group, may not).
+/// on the condition that serve runs as that user, and the one who may, root too, told to
+/// change nothing if serve runs as it (it needs no chown, and one would stop it). Judged for
+/// `taken` alone where that is the image's user with the image's group (uid 10001 with the
+/// database file's group, after a `chown 10001` of uid 1000's file, may write a directory of
+/// group 1000's that the image's user, without that group, may not).
 fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
     let image_user = Server {
         uid: IMAGE_USER,
@@ -788,7 +789,7 @@ fn found_verdict(found: &Found, taken: &Server) -> ServerAccess {
             format!("uid {} ({})", server.uid, described(server))
         };
         parts.push(match says {
-            ServerAccess::Allowed if server.whose.is_none() => continue,
+            // Root too, when taken for serve's: it may, and a chown would stop it.
             ServerAccess::Allowed => (
                 Some(true),
                 format!("{who} may use the database there: change nothing if serve runs as it"),
@@ -1497,7 +1498,13 @@ mod tests {
             panic!("a directory of root's, mode 0755, said ok of, run as root");
         };
         assert!(
-            note.contains("cannot tell") && note.contains("uid 10001") && note.contains("/data"),
+            note.contains("cannot tell")
+                && note.contains("uid 10001")
+                && note.contains("/data")
+                && note.contains(
+                    "uid 0 (root, this command's user) may use the database there: change \
+                     nothing if serve runs as it"
+                ),
             "{note}"
         );
         // One uid 10001 may create files in: ok.
@@ -1552,11 +1559,13 @@ mod tests {
                 && note.contains("not every user it may run as may use the database"),
             "{note}"
         );
-        // Its chown advised on a condition, not as the fix: serve as root needs none.
+        // Its chown advised on a condition, not as the fix: serve as root needs none, and root
+        // is told to change nothing if serve runs as it, as any other user that may is.
         assert!(
             note.contains(
-                "if serve runs as uid 10001 (the image's user), it cannot use the database: its \
-                 directory /data (uid 0, mode 755)"
+                "uid 0 (root, this command's user) may use the database there: change nothing if \
+                 serve runs as it; if serve runs as uid 10001 (the image's user), it cannot use \
+                 the database: its directory /data (uid 0, mode 755)"
             ) && note.contains("chown 10001:10001 /data/edgegate.db")
                 && !note.contains("serve run as"),
             "{note}"

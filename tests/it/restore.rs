@@ -1033,15 +1033,17 @@ async fn check_run_as_root_judges_an_existing_database_for_the_image_user() {
     let shown = std::fs::canonicalize(&data).unwrap();
     let shown = shown.to_string_lossy();
 
-    // Root's file in root's directory: serve may run as root; uid 10001's refusal said.
+    // Root's file in root's directory: serve may run as root, which is told to change nothing
+    // if it does; uid 10001's refusal said.
     assert!(!as_image_user_migrates());
     let line = check();
     // Named by the phrases, not the paths alone, which the URL at the line's start holds.
     assert!(
         line.starts_with("ok")
             && line.contains(&format!(
-                "if serve runs as uid {IMAGE_UID} (the image's user), it cannot use the database: \
-                 its directory {shown} (uid 0, mode 755) cannot be written to"
+                "uid 0 (root, this command's user) may use the database there: change nothing if \
+                 serve runs as it; if serve runs as uid {IMAGE_UID} (the image's user), it cannot \
+                 use the database: its directory {shown} (uid 0, mode 755) cannot be written to"
             ))
             && line.contains(&format!(
                 "{shown}/edgegate.db is owned by uid 0 with mode 6"
