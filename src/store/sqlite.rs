@@ -1020,7 +1020,7 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
             format!(
                 "they are uid {owner}'s: if edgegate runs as uid {owner}, run this command as \
                  that user instead and change nothing{}; otherwise, ",
-                if owner == IMAGE_UID {
+                if owner == IMAGE_USER {
                     " (fly ssh console --user edgegate)"
                 } else {
                     ""
@@ -1033,20 +1033,17 @@ fn give_back(server: &Server, needs: &str, paths: &[std::path::PathBuf]) -> Stri
     // of /data taken for serve's, serve itself): after a chown of its uid alone the file's
     // group is another's (root's, after a restore), and check run as root judges the file's
     // owner with that group, not as the image's user.
-    let chown = if uid == IMAGE_UID {
-        format!("{IMAGE_UID}:{IMAGE_UID}")
+    let chown = if uid == IMAGE_USER {
+        format!("{IMAGE_USER}:{IMAGE_USER}")
     } else {
         uid.to_string()
     };
     format!(
         "{who} and {needs}; {other}make them readable and writable by the user edgegate runs as \
-         (uid {IMAGE_UID} in the image; a restore run as root leaves them root's): chown {chown} \
+         (uid {IMAGE_USER} in the image; a restore run as root leaves them root's): chown {chown} \
          {listed}; chmod 600 {listed}"
     )
 }
-
-/// The image's user (`USER edgegate` in the Dockerfile).
-const IMAGE_UID: u32 = 10001;
 
 /// `sqlite::memory:` (and a URL with no file) names no file on disk; sqlx renames such a
 /// database `file:sqlx-in-memory-N`.
