@@ -373,20 +373,35 @@ impl ConnState {
         }
     }
 
-    /// Since when the connection has been idle, when it is an idle keep-alive one (with answers
-    /// unsent, whose progress has stalled: since their last progress, or later). (Not its
-    /// deadline: a head begun on it moves that earlier.)
-    pub(crate) fn idle_since(&self) -> Option<Instant> {
+    /// Since when the connection has been idle, when it is an idle keep-alive one.
+    #[cfg(test)]
+    fn idle_since(&self) -> Option<Instant> {
+        self.idle_rank().map(|(_, since)| since)
+    }
+
+    /// Where the connection stands among the idle ones a waiting client may take the slot of,
+    /// if it is one, the least first: whether it still holds an answer its client has not
+    /// taken (unsent, or being written with its writes stuck: closing it cuts that answer), or
+    /// lingering (closing it may reset its answer before the client reads it), where closing
+    /// one with nothing under way costs its client a reconnect alone; then since when it has
+    /// been idle (with answers unsent whose progress has stalled: since their last progress,
+    /// or later). (Not its deadline: a head begun on it moves that earlier.)
+    pub(crate) fn idle_rank(&self) -> Option<(bool, Instant)> {
         let work = self.work();
         if !self.idle(&work) {
             return None;
         }
+        let holding =
+            work.lingering || !work.unsent.is_empty() || self.writing.load(Ordering::Relaxed);
         if work.lingering || work.unsent.is_empty() {
-            return work.idle_since;
+            return work.idle_since.map(|since| (holding, since));
         }
         let last = Duration::from_millis(self.answer_progress.load(Ordering::Relaxed));
         let stalled = self.epoch + last;
-        Some(work.idle_since.map_or(stalled, |since| since.max(stalled)))
+        Some((
+            holding,
+            work.idle_since.map_or(stalled, |since| since.max(stalled)),
+        ))
     }
 
     /// Closes the connection now if it is an idle keep-alive one (its IO fails at its next
@@ -1412,6 +1427,40 @@ mod tests {
         // HTTP/1: whole.
         let mut whole = answer_of(40_000, false);
         assert_eq!(pieces(&mut whole), [40_000]);
+    }
+
+    #[test]
+    fn a_truly_idle_connection_gives_its_slot_up_before_one_whose_answer_is_stuck() {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..limits()
+        };
+        // Its HTTP/1 answer written to a socket that stays full: idle for a waiting client
+        // once stuck for the header timeout, since its handler's end.
+        let stuck = ConnState::new(&limits);
+        drop(stuck.request_started(Version::HTTP_11));
+        stuck.writing.store(true, Ordering::Relaxed);
+        stuck.write_blocked();
+        // An HTTP/2 answer its client never takes a piece of.
+        let stalled = ConnState::new(&limits);
+        let in_flight = stalled.request_started(Version::HTTP_2).0;
+        let unsent = stalled.answer_unsent();
+        drop(in_flight);
+        std::thread::sleep(Duration::from_millis(500));
+        // Then a keep-alive connection goes idle, answers sent: idle for less time.
+        let idle = ConnState::new(&limits);
+        drop(idle.request_started(Version::HTTP_11));
+        std::thread::sleep(Duration::from_millis(10));
+
+        let rank = |state: &ConnState| state.idle_rank().expect("idle for a waiting client");
+        let (stuck, stalled, idle) = (rank(&stuck), rank(&stalled), rank(&idle));
+        assert!(stuck.1 < idle.1 && stalled.1 < idle.1, "idle the longest");
+        // Closing it costs its client a reconnect; closing the others cuts an answer.
+        assert!(
+            idle < stuck && idle < stalled,
+            "{idle:?} {stuck:?} {stalled:?}"
+        );
+        drop(unsent);
     }
 
     #[test]

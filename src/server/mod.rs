@@ -278,15 +278,16 @@ impl OpenConnections {
             .sum()
     }
 
-    /// Closes the keep-alive connection idle the longest, if one is.
+    /// Closes the keep-alive connection idle the longest, if one is, one holding no answer
+    /// its client has not taken first ([`ConnState::idle_rank`]).
     fn close_longest_idle(&self) {
         let longest = {
             let mut list = self.list();
             list.retain(|state| state.strong_count() > 0);
             list.iter()
                 .filter_map(std::sync::Weak::upgrade)
-                .filter_map(|state| state.idle_since().map(|since| (since, state)))
-                .min_by_key(|(since, _)| *since)
+                .filter_map(|state| state.idle_rank().map(|rank| (rank, state)))
+                .min_by_key(|(rank, _)| *rank)
         };
         if let Some((_, state)) = longest {
             state.close_if_idle();
