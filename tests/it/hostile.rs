@@ -1162,7 +1162,7 @@ impl Responses {
 /// client reads. This test fails with it.)
 #[tokio::test]
 async fn hostile_pipelined_requests_never_read_hold_no_server_memory_and_are_answered_in_order() {
-    // Of the largest answer, the OpenAPI document (about 95 KB): about 36 MiB of answers.
+    // Of the largest answer, the OpenAPI document (about 131 KB): about 50 MiB of answers.
     const REQUESTS: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
