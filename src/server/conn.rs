@@ -646,12 +646,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = self.as_mut().poll_answer(cx);
-        let ended = self.is_end_stream();
         let this = self.project();
         // HTTP/2 answers with a body only.
         let (Some(unsent), Poll::Ready(frame)) = (this.unsent, &polled) else {
             return polled;
         };
+        let ended = this.held.is_none() && this.inner.is_end_stream();
         // hyper polls the first piece at once, window or not, the second as soon as it has
         // handed h2 the first, and each next one once the one before that is covered by the
         // client's window.
