@@ -38,6 +38,9 @@ pub struct H2 {
     buffered: Vec<u8>,
     /// The server's first SETTINGS frame: (identifier, value) pairs.
     pub settings: Vec<(u16, u32)>,
+    /// The server closed the connection (or it failed): a `None` from
+    /// [`H2::read_frame_until`] is that, not its deadline.
+    pub closed: bool,
 }
 
 impl H2 {
@@ -54,6 +57,7 @@ impl H2 {
             stream,
             buffered: Vec::new(),
             settings: Vec::new(),
+            closed: false,
         };
         h2.stream.write_all(PREFACE).await.unwrap();
         let ours: Vec<u8> = settings
@@ -118,7 +122,8 @@ impl H2 {
         self.write_frame(HEADERS, flags, stream, &block).await;
     }
 
-    /// The next frame, or `None` at `deadline` or when the server closed the connection.
+    /// The next frame, or `None` at `deadline` or when the server closed the connection
+    /// ([`H2::closed`]).
     pub async fn read_frame_until(&mut self, deadline: Instant) -> Option<Frame> {
         loop {
             if self.buffered.len() >= 9 {
@@ -140,7 +145,11 @@ impl H2 {
             let mut buf = [0u8; 16 * 1024];
             match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => self.buffered.extend_from_slice(&buf[..n]),
-                _ => return None,
+                Ok(_) => {
+                    self.closed = true;
+                    return None;
+                }
+                Err(_) => return None,
             }
         }
     }
