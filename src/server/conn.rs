@@ -44,16 +44,18 @@
 //! - likewise an HTTP/2 answer not sent yet keeps its connection from being idle for a waiting
 //!   client only while it makes progress: its handler's answer counts as progress when no other
 //!   is unsent and none was given up unsent (its stream reset) within `header_read_timeout`,
-//!   and so does each poll of its body from the third on ([`Answer`]): its body is given in
-//!   pieces of 16 KiB at most, its last two bytes apart, and hyper polls the first piece at
-//!   once, window or not, the second as soon as it has handed h2 the first (one byte of window
-//!   will do), and each next one only once the piece two before it is covered by the client's
-//!   window. An answer with no body (a `HEAD`'s, a 204) is sent with its head whatever the
-//!   window, and is not tracked. So a connection with no request in flight whose unsent
-//!   answers have made no progress for `header_read_timeout` (a client that announces a window
-//!   of 0, never opens it, or opens it a byte at a time) is idle, since their last progress. Its
-//!   deadline stays the oldest unsent answer's due time. A client taking a large answer on a
-//!   slow link makes progress at every 16 KiB it takes.
+//!   and so does a poll of its body that shows the client has opened its window for another
+//!   16 KiB of it, or for all of it ([`Answer`]): its body is given in pieces of 16 KiB at most,
+//!   its last byte apart, and hyper polls the first piece at once, window or not, the second as
+//!   soon as it has handed h2 the first (one byte of window will do), and each next one, and
+//!   the end past the last, only once the pieces before the one it handed over last are
+//!   covered by the client's window. An answer with no body (a `HEAD`'s, a 204) is sent with its
+//!   head whatever the window, and is not tracked. So a connection with no request in flight
+//!   whose unsent answers have made no progress for `header_read_timeout` (a client that
+//!   announces a window of 0, never opens it, opens it a few bytes at a time, or for all of an
+//!   answer but its last byte) is idle, since their last progress. Its deadline stays the
+//!   oldest unsent answer's due time. A client taking a large answer on a slow link makes
+//!   progress at every 16 KiB it takes.
 //!
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
@@ -168,8 +170,8 @@ pub(crate) struct ConnState {
     writing: AtomicBool,
     /// When an unsent (HTTP/2) answer last made progress (milliseconds since `epoch`): set as a
     /// handler answers with a body, no other answer unsent and none given up unsent within the
-    /// header timeout (`abandoned_at`), and whenever hyper polls an unsent answer's body again,
-    /// which it does once it has handed h2 the chunk before (see [`Answer`]). A
+    /// header timeout (`abandoned_at`), and whenever hyper polls an unsent answer's body once
+    /// the client's window covers another whole piece of it, or all of it (see [`Answer`]). A
     /// connection with no request in flight whose unsent answers have made none for
     /// `header_read_timeout` (a client that never opens its window) is idle for a waiting
     /// client, as one whose HTTP/1 writes are stuck. A relaxed `fetch_max` on the body's path,
@@ -604,28 +606,33 @@ impl<B: Body> Body for Received<B> {
 pin_project_lite::pin_project! {
     /// An answer's body, holding its [`Unsent`] mark until hyper drops it.
     ///
-    /// On HTTP/2 each chunk is given in pieces of [`ANSWER_PIECE`] bytes at most, its last two
-    /// bytes as pieces of their own. hyper polls a body's first piece at once, window or not,
+    /// On HTTP/2 each chunk is given in pieces of [`ANSWER_PIECE`] bytes at most, its last byte
+    /// as a piece of its own, and a tracked answer's body says it has ended only once hyper has
+    /// polled it past its last piece. hyper polls a body's first piece at once, window or not,
     /// hands it to h2, whole, once the stream has any send window (h2 keeps what the window
     /// does not cover), and polls the next piece at once. That one it hands over only once the
-    /// stream has window beyond what h2 keeps, that is once the piece before it is all covered
-    /// by the client's window, and then polls the next. So each poll from the third on means
-    /// the client has opened its window for the piece two before: that is the answer's
-    /// progress ([`ConnState`]'s `answer_progress`), however many bytes of window the client
-    /// gives at a time; a connection whose unsent answers are not polled so for the header
-    /// timeout is idle for a waiting client. hyper drops the body only after its last piece
-    /// is handed over, so the answer counts as sent only once the client has opened its window
-    /// for all but its last byte; and as finished (not given up if its stream is reset then)
-    /// only when its last piece came at a poll that was progress.
+    /// stream has window beyond what h2 keeps, that is once the pieces before it are all
+    /// covered by the client's window, and then polls the next. So a poll from the third on
+    /// means the client has opened its window for the piece two before, and the poll past the
+    /// last piece (a byte of its own) that it has opened it for the whole answer; hyper then
+    /// ends the stream with an empty frame, which takes no window. Those polls are the
+    /// answer's progress ([`ConnState`]'s `answer_progress`) when the piece two before was a
+    /// whole [`ANSWER_PIECE`], or at the end: a client cannot make progress by opening its
+    /// window a few bytes at a time, nor for all of a small answer but its last byte; a
+    /// connection whose unsent answers make none for the header timeout is idle for a waiting
+    /// client. The answer is finished (sent, not given up, when hyper drops the body) only at
+    /// that end, or when the body fails (hyper resets the stream itself).
     pub(crate) struct Answer<B> {
         #[pin]
         inner: B,
         hold_back: bool,
         // What is left of the chunk being given in pieces (HTTP/2).
         held: Option<Bytes>,
-        // How many times hyper has had a piece of the body (HTTP/2), counted up to 2: the first
-        // two are no progress.
-        polls: u8,
+        // Whether the last two pieces given (HTTP/2) were whole `ANSWER_PIECE`s: bit 0 the
+        // last, bit 1 the one before it.
+        whole: u8,
+        // hyper has polled a tracked answer past its last piece (or it failed).
+        ended: bool,
         unsent: Option<Unsent>,
     }
 }
@@ -651,27 +658,38 @@ where
         let (Some(unsent), Poll::Ready(frame)) = (this.unsent, &polled) else {
             return polled;
         };
-        let ended = this.held.is_none() && this.inner.is_end_stream();
-        // hyper polls the first piece at once, window or not, the second as soon as it has
-        // handed h2 the first, and each next one once the one before that is covered by the
-        // client's window.
-        let progress = *this.polls >= 2;
+        let (progress, end) = match frame {
+            // hyper resets the stream itself: not given up by the client.
+            Some(Err(_)) => (false, true),
+            Some(Ok(frame)) => match frame.data_ref() {
+                // Polled once the piece two before is covered by the client's window.
+                Some(piece) => {
+                    let progress = *this.whole & 0b10 != 0;
+                    *this.whole = (*this.whole << 1 | u8::from(piece.len() == ANSWER_PIECE)) & 0b11;
+                    (progress, false)
+                }
+                // Past the last piece, as the end is.
+                None if frame.is_trailers() => (true, true),
+                None => (false, false),
+            },
+            // Polled once the last piece (a byte) is covered: the whole answer is.
+            None => (true, true),
+        };
         if progress {
             unsent.state.answer_progressed();
-        } else {
-            *this.polls += 1;
         }
-        // An answer whose body came to its end at a poll that was progress (or failed: hyper
-        // resets the stream itself) is not given up by its client when dropped.
-        unsent.finished = match frame {
-            Some(Err(_)) => true,
-            None => progress,
-            Some(Ok(frame)) => progress && (frame.is_trailers() || ended),
-        };
+        if end {
+            unsent.finished = true;
+            *this.ended = true;
+        }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.unsent.is_some() {
+            // Polled past its last piece: see the type's documentation.
+            return self.ended;
+        }
         self.held.is_none() && self.inner.is_end_stream()
     }
 
@@ -727,14 +745,10 @@ where
 }
 
 /// The next piece of an HTTP/2 answer's chunk, taken off `rest`: at most [`ANSWER_PIECE`]
-/// bytes, and the last two bytes one at a time.
+/// bytes, and the last byte alone.
 fn next_piece(rest: &mut Bytes) -> Bytes {
     let len = rest.len();
-    if len > 2 {
-        rest.split_to((len - 2).min(ANSWER_PIECE))
-    } else {
-        rest.split_to(len.min(1))
-    }
+    rest.split_to(len.saturating_sub(1).clamp(1, ANSWER_PIECE).min(len))
 }
 
 /// The connection's IO, failing with `TimedOut` once the connection's deadline has passed.
@@ -1065,7 +1079,8 @@ where
                 inner,
                 hold_back,
                 held: None,
-                polls: 0,
+                whole: 0,
+                ended: false,
                 unsent,
             }))
         })
@@ -1322,7 +1337,8 @@ mod tests {
             inner: Full::new(Bytes::from_static(b"answer")),
             hold_back: true,
             held: None,
-            polls: 0,
+            whole: 0,
+            ended: false,
             unsent: Some(state.answer_unsent()),
         };
         let in_flight = state.request_started(Version::HTTP_2).0;
@@ -1333,16 +1349,16 @@ mod tests {
 
         // hyper polls the first piece at once, window or not: no progress.
         let first = answer.frame().now_or_never().unwrap().unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap(), "answ");
+        assert_eq!(first.into_data().unwrap(), "answe");
         std::thread::sleep(Duration::from_millis(1100));
         assert!(
             state.idle_since().is_some(),
             "stalled: the first poll is no progress"
         );
-        // Nor the second, which hyper makes as soon as it has handed h2 the first (one byte of
-        // window will do).
+        // Nor the second, its last byte, which hyper polls as soon as it has handed h2 the
+        // first (one byte of window will do).
         let second = answer.frame().now_or_never().unwrap().unwrap().unwrap();
-        assert_eq!(second.into_data().unwrap(), "e");
+        assert_eq!(second.into_data().unwrap(), "r");
         assert!(
             state.idle_since().is_some(),
             "stalled: the second poll is no progress"
@@ -1356,10 +1372,15 @@ mod tests {
             "a new answer is no progress of the stalled one"
         );
 
-        // The third: the first piece is covered by the client's window: progress.
+        // The third, past the last piece: the whole answer is covered by the client's window:
+        // progress.
         let before = Instant::now();
-        let last = answer.frame().now_or_never().unwrap().unwrap().unwrap();
-        assert_eq!(last.into_data().unwrap(), "r");
+        assert!(
+            !answer.is_end_stream(),
+            "not ended before hyper polls past its last piece"
+        );
+        assert!(answer.frame().now_or_never().unwrap().is_none());
+        assert!(answer.is_end_stream());
         assert!(state.idle_since().is_none(), "progress just now");
         std::thread::sleep(Duration::from_millis(250));
         assert!(state.idle_since().is_none(), "progress 250 ms ago");
@@ -1390,43 +1411,73 @@ mod tests {
     }
 
     #[test]
-    fn an_http2_answer_is_given_in_pieces_and_finished_only_at_a_poll_that_was_progress() {
+    fn an_http2_answer_is_given_in_pieces_and_makes_progress_by_whole_pieces_and_at_its_end() {
         use futures_util::FutureExt as _;
         use http_body_util::{BodyExt as _, Full};
 
-        let state = ConnState::new(&limits());
+        let state = ConnState::new(&ConnectionLimits {
+            header_read_timeout: Duration::from_millis(200),
+            ..limits()
+        });
         let answer_of = |len: usize, hold_back: bool| Answer {
             inner: Full::new(Bytes::from(vec![b'a'; len])),
             hold_back,
             held: None,
-            polls: 0,
+            whole: 0,
+            ended: false,
             unsent: hold_back.then(|| state.answer_unsent()),
         };
-        // Polled as hyper does, until the body says it has ended.
-        let pieces = |answer: &mut Answer<Full<Bytes>>| {
-            let mut pieces = Vec::new();
+        // Polled as hyper does, until the body says it has ended (past its last piece on
+        // HTTP/2): each piece's length, and whether its poll was progress (the last stall, made
+        // old, is gone). `None` for the poll past the last piece.
+        let polls = |answer: &mut Answer<Full<Bytes>>| {
+            let mut polls = Vec::new();
             while !answer.is_end_stream() {
-                let frame = answer.frame().now_or_never().unwrap().unwrap().unwrap();
-                pieces.push(frame.into_data().unwrap().len());
+                std::thread::sleep(Duration::from_millis(250));
+                assert!(state.answers_stalled());
+                let frame = answer.frame().now_or_never().unwrap();
+                let piece = frame.map(|frame| frame.unwrap().into_data().unwrap().len());
+                polls.push((piece, !state.answers_stalled()));
             }
-            pieces
+            polls
         };
         let finished = |answer: &Answer<Full<Bytes>>| answer.unsent.as_ref().unwrap().finished;
 
         let mut large = answer_of(40_000, true);
-        assert_eq!(pieces(&mut large), [16_384, 16_384, 7_230, 1, 1]);
-        assert!(finished(&large), "its last piece came at the fifth poll");
-        let mut small = answer_of(3, true);
-        assert_eq!(pieces(&mut small), [1, 1, 1]);
-        assert!(finished(&small), "its last piece came at the third poll");
-        // Its last piece comes at the second poll, which hyper makes as soon as it has handed
-        // h2 the first, whatever the window: reset then, it is given up.
-        let mut two = answer_of(2, true);
-        assert_eq!(pieces(&mut two), [1, 1]);
-        assert!(!finished(&two), "its last piece came at the second poll");
+        assert_eq!(
+            polls(&mut large),
+            [
+                (Some(16_384), false),
+                (Some(16_384), false),
+                // The first whole piece is covered.
+                (Some(7_231), true),
+                // The second.
+                (Some(1), true),
+                // Not the third (not a whole piece): two before the end.
+                (None, true),
+            ]
+        );
+        assert!(finished(&large));
+        // A small one makes progress only when it is covered whole.
+        let mut small = answer_of(15, true);
+        assert_eq!(
+            polls(&mut small),
+            [(Some(14), false), (Some(1), false), (None, true)]
+        );
+        assert!(finished(&small));
+        let mut one = answer_of(1, true);
+        assert_eq!(polls(&mut one), [(Some(1), false), (None, true)]);
+        assert!(finished(&one));
+        // Dropped before it is polled past its last piece (its stream reset): given up.
+        let mut cut = answer_of(15, true);
+        cut.frame().now_or_never().unwrap().unwrap().unwrap();
+        cut.frame().now_or_never().unwrap().unwrap().unwrap();
+        assert!(!finished(&cut) && !cut.is_end_stream());
         // HTTP/1: whole.
         let mut whole = answer_of(40_000, false);
-        assert_eq!(pieces(&mut whole), [40_000]);
+        let frame = whole.frame().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap().len(), 40_000);
+        assert!(whole.is_end_stream());
     }
 
     #[test]

@@ -1380,17 +1380,33 @@ async fn hostile_at_the_connection_cap_an_http2_client_opening_one_byte_resettin
     zero_window_client_at_the_cap(1, Some(Duration::from_millis(700)), Again::Resetting).await;
 }
 
-/// An HTTP/2 client on a slow link taking a large answer (`/openapi.json`) a little at a time,
-/// 8 KiB of window every 400 ms, keeps its slot at the cap for as long as it takes it, though
-/// that is longer than the header timeout (1 s): its answer makes progress all along. A waiting
-/// client is served once the answer is taken whole, and not by cutting it.
+/// Nor by opening each stream's window to all of `/healthz`'s answer (15 bytes) but its last
+/// byte, resetting it and asking again: an answer all but taken is not taken.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_taking_all_but_the_last_byte_resetting_and_asking_again_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(14, Some(Duration::from_millis(700)), Again::Resetting).await;
+}
+
+/// Nor by opening each stream's window to all but the last byte, asking again.
+#[tokio::test]
+async fn hostile_at_the_connection_cap_an_http2_client_taking_all_but_the_last_byte_and_asking_again_gives_its_slot_up()
+ {
+    zero_window_client_at_the_cap(14, Some(Duration::from_millis(700)), Again::Asking).await;
+}
+
+/// An HTTP/2 client on a slow link taking a large answer (`/openapi.json`, 131 KB) a little at a
+/// time, 8 KiB of window every 400 ms, keeps its slot at the cap for as long as it takes it,
+/// though that is longer than the header timeout (2 s): its answer makes progress all along
+/// (at each 16 KiB, every 800 ms). A waiting client is served once the answer is taken whole,
+/// and not by cutting it.
 #[tokio::test]
 async fn hostile_at_the_connection_cap_an_http2_client_taking_a_large_answer_slowly_keeps_its_slot()
 {
     use crate::h2c::{self, H2};
     let server = run(&[
         ("HTTP_MAX_CONNECTIONS", "1"),
-        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "1"),
+        ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"),
         ("HTTP_IDLE_TIMEOUT_SECONDS", "30"),
     ])
     .await;
