@@ -1413,29 +1413,9 @@ async fn hostile_at_the_connection_cap_an_http2_client_taking_a_large_answer_slo
     let mut conn = H2::connect_with(server.port, &[(h2c::SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
     let started = Instant::now();
     conn.request(1, "GET", "/openapi.json", &[], true).await;
-    let head_by = started + Duration::from_secs(5);
-    loop {
-        let frame = conn
-            .read_frame_until(head_by)
-            .await
-            .expect("the response's head within 5 s");
-        if frame.kind == h2c::HEADERS && frame.stream == 1 {
-            break;
-        }
-    }
-
-    let port = server.port;
-    let waiting = tokio::spawn(async move {
-        let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        waiting.write_all(HEALTHZ).await.unwrap();
-        // Served once the slow answer is taken, which takes longer than `read_response` waits.
-        tokio::time::timeout(Duration::from_secs(20), waiting.readable())
-            .await
-            .expect("the waiting client answered within 20 s")
-            .unwrap();
-        let status = read_response(&mut waiting).await.0;
-        (status, Instant::now())
-    });
+    await_head(&mut conn, 1).await;
+    // Served once the slow answer is taken.
+    let waiting = waiting_client(server.port);
     const STEP: u32 = 8 * 1024;
     let give_up = started + Duration::from_secs(20);
     let mut next_step = Instant::now();
@@ -1498,6 +1478,36 @@ async fn hostile_at_the_connection_cap_an_http2_client_taking_a_large_answer_slo
     );
 }
 
+/// Reads `conn`'s frames until the head of `stream`'s answer, which must come within 5 s.
+async fn await_head(conn: &mut crate::h2c::H2, stream: u32) {
+    let head_by = Instant::now() + Duration::from_secs(5);
+    loop {
+        let frame = conn
+            .read_frame_until(head_by)
+            .await
+            .expect("the response's head within 5 s");
+        if frame.kind == crate::h2c::HEADERS && frame.stream == stream {
+            return;
+        }
+    }
+}
+
+/// A client asking for `/healthz` over HTTP/1.1, waiting for a connection slot (up to 20 s for
+/// its answer to begin): the answer's status, and when it came.
+fn waiting_client(port: u16) -> tokio::task::JoinHandle<(u16, Instant)> {
+    tokio::spawn(async move {
+        let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        waiting.write_all(HEALTHZ).await.unwrap();
+        // Longer than `read_response` waits.
+        tokio::time::timeout(Duration::from_secs(20), waiting.readable())
+            .await
+            .expect("the waiting client answered within 20 s")
+            .unwrap();
+        let status = read_response(&mut waiting).await.0;
+        (status, Instant::now())
+    })
+}
+
 /// What [`zero_window_client_at_the_cap`]'s client does every tick.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Again {
@@ -1527,24 +1537,8 @@ async fn zero_window_client_at_the_cap(window: u32, every: Option<Duration>, aga
     // The stall cannot end before the header timeout from here (the answer comes after).
     let requested = Instant::now();
     conn.request(1, "GET", "/healthz", &[], true).await;
-    let head_by = Instant::now() + Duration::from_secs(5);
-    loop {
-        let frame = conn
-            .read_frame_until(head_by)
-            .await
-            .expect("the response's head within 5 s");
-        if frame.kind == h2c::HEADERS && frame.stream == 1 {
-            break;
-        }
-    }
-
-    let port = server.port;
-    let waiting = tokio::spawn(async move {
-        let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        waiting.write_all(HEALTHZ).await.unwrap();
-        let status = read_response(&mut waiting).await.0;
-        (status, requested.elapsed())
-    });
+    await_head(&mut conn, 1).await;
+    let waiting = waiting_client(server.port);
     // The stalled client meanwhile: acknowledges pings, opens no window, asks again if told
     // to, until it is closed.
     let give_up = requested + Duration::from_secs(2) + SLACK + SLACK;
@@ -1587,10 +1581,11 @@ async fn zero_window_client_at_the_cap(window: u32, every: Option<Duration>, aga
             Some(_) => {}
         }
     };
-    let (status, waited) = tokio::time::timeout(Duration::from_secs(2) + SLACK, waiting)
+    let (status, served) = tokio::time::timeout(Duration::from_secs(2) + SLACK, waiting)
         .await
         .expect("the waiting client served within 4 s (the idle timeout is 30 s)")
         .expect("the waiting client got a response");
+    let waited = served - requested;
     assert_eq!(status, 200);
     assert!(
         waited >= Duration::from_millis(1990),
