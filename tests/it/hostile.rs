@@ -1261,6 +1261,11 @@ async fn hostile_an_http2_client_that_never_opens_its_window_is_closed_after_the
     };
     assert!(answered, "the response's head never came");
     let closed = closed.expect("the zero-window HTTP/2 connection was still open");
+    // At the idle timeout (2 s) from its answer, not at the header timeout (1 s).
+    assert!(
+        closed >= Duration::from_millis(1900),
+        "closed after {closed:?}, before the idle timeout"
+    );
     eprintln!("zero-window HTTP/2 connection closed after {closed:?}");
 }
 
