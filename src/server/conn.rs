@@ -60,8 +60,9 @@
 //! An expired deadline makes the next read or write fail with `TimedOut`, and hyper closes the
 //! connection. The cost is an atomic load per read, relaxed atomic loads and stores per write
 //! and flush (a clock read only when a write finds the socket full, a lock only when a flush ends
-//! an answer's writing), a clock read and a relaxed `fetch_max` per poll of an HTTP/2 answer's
-//! body, and a lazily allocated timer per connection.
+//! an answer's writing), on HTTP/2 a poll of each 16 KiB piece of an answer's body and of its
+//! end (an empty END_STREAM frame), with a clock read and a relaxed `fetch_max` at each poll
+//! that is progress, and a lazily allocated timer per connection.
 //!
 //! ## Lingering close
 //!
